@@ -7,6 +7,7 @@ plus at worst a ``*.tmp-*`` file that ``list`` ignores and ``cleanup_temporary``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -74,10 +75,8 @@ class LocalBackend(Backend):
             finally:
                 os.close(dfd)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             raise self._error(exc, "write", name) from exc
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-__all__ = ["DiskImage", "DiskWriter", "Extent", "ExtentKind", "coalesce", "clip_extents"]
+__all__ = ["DiskImage", "DiskWriter", "Extent", "ExtentKind", "clip_extents", "coalesce"]
 
 
 class ExtentKind(enum.Enum):

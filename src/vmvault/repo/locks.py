@@ -1,0 +1,155 @@
+"""Repository locks: shared for backups, exclusive for prune.
+
+A lock is an object ``locks/<random id>`` holding sealed JSON (host, pid, time, kind). To
+take a lock a process writes its own lock object first, then lists ``locks/``: a backup
+(shared) backs off if any live exclusive lock exists; prune (exclusive) backs off if any
+other live lock exists. Because both sides write before they look, two conflicting
+processes can both back off, but never both proceed. Holders refresh their lock every
+``REFRESH_SECONDS``; a lock not refreshed for ``STALE_SECONDS``, or one held by a dead
+process on this host, is stale and ignored (and removed by the next exclusive locker).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from vmvault.backends.base import Backend
+from vmvault.errors import IntegrityError, LockedError, ObjectNotFoundError
+from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
+
+__all__ = ["LockInfo", "RepositoryLock", "list_locks"]
+
+REFRESH_SECONDS = 300
+STALE_SECONDS = 1800
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    name: str
+    hostname: str
+    pid: int
+    time: float
+    exclusive: bool
+    operation: str
+
+    def describe(self) -> str:
+        when = dt.datetime.fromtimestamp(self.time, dt.UTC).isoformat(timespec="seconds")
+        kind = "exclusive" if self.exclusive else "shared"
+        return f"{kind} lock for {self.operation} by pid {self.pid} on {self.hostname} (refreshed {when})"
+
+    def is_stale(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        if now - self.time > STALE_SECONDS:
+            return True
+        if self.hostname == socket.gethostname():
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+
+def _aad(name: str) -> bytes:
+    return b"lock " + name.encode()
+
+
+def list_locks(backend: Backend, key: MasterKey) -> list[LockInfo]:
+    out = []
+    for obj in backend.list("locks/"):
+        try:
+            doc = json.loads(open_envelope(key, backend.get(obj.name), _aad(obj.name), what=obj.name))
+            out.append(
+                LockInfo(
+                    obj.name,
+                    str(doc["hostname"]),
+                    int(doc["pid"]),
+                    float(doc["time"]),
+                    bool(doc["exclusive"]),
+                    str(doc.get("operation", "?")),
+                )
+            )
+        except ObjectNotFoundError:
+            continue  # removed while we listed
+        except (IntegrityError, ValueError, KeyError, TypeError):
+            # unreadable lock: treat as a stale one from an unknown process
+            out.append(LockInfo(obj.name, "?", 0, 0.0, True, "unreadable"))
+    return out
+
+
+class RepositoryLock:
+    """Take with ``with RepositoryLock(...):``; refreshed in the background while held."""
+
+    def __init__(self, backend: Backend, key: MasterKey, *, exclusive: bool, operation: str) -> None:
+        self.backend = backend
+        self.key = key
+        self.exclusive = exclusive
+        self.operation = operation
+        self.name = f"locks/{secrets.token_hex(16)}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        doc = {
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),
+            "exclusive": self.exclusive,
+            "operation": self.operation,
+        }
+        self.backend.put(self.name, seal_envelope(self.key, json.dumps(doc).encode(), _aad(self.name)))
+
+    def acquire(self) -> None:
+        self._write()
+        conflicts = []
+        for lock in list_locks(self.backend, self.key):
+            if lock.name == self.name:
+                continue
+            if lock.is_stale():
+                if self.exclusive:
+                    self.backend.delete(lock.name)
+                continue
+            if self.exclusive or lock.exclusive:
+                conflicts.append(lock)
+        if conflicts:
+            self.backend.delete(self.name)
+            text = "; ".join(c.describe() for c in conflicts)
+            raise LockedError(
+                f"the repository is locked: {text}. Wait for it to finish; a lock from a process that died "
+                f"is ignored after {STALE_SECONDS // 60} minutes (or at once on the same host)."
+            )
+        self._thread = threading.Thread(target=self._refresh_loop, name="vmvault-lock", daemon=True)
+        self._thread.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(REFRESH_SECONDS):
+            with contextlib.suppress(Exception):  # a failed refresh is retried at the next interval
+                self._write()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        with contextlib.suppress(Exception):  # the lock goes stale on its own; never mask the real outcome
+            self.backend.delete(self.name)
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
