@@ -1,0 +1,866 @@
+"""qcow2 images, versions 2 and 3 (read), version 3 (write).
+
+Reference: qemu ``docs/interop/qcow2.txt``; layout in ``_qcow2_layout``. A guest offset maps
+through a two-level table: the L1 table (in the header) points at L2 tables, whose entries
+point at host clusters (or mark them compressed, zero, or unallocated). Unallocated clusters
+read from the backing file if there is one, else as zeros. Refcounts only matter to writers.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import zlib
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Final
+
+from vmvault.disk._qcow2_layout import (
+    HEADER_V2_SIZE,
+    HEADER_V3_SIZE,
+    L1_OFFSET_MASK,
+    L2_COMPRESSED,
+    L2_COPIED,
+    L2_OFFSET_MASK,
+    L2_ZERO,
+    MAGIC,
+    MAX_BACKING_NAME,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+    AutoclearFeature,
+    BitmapDirectoryEntry,
+    BitmapsExtension,
+    CompatibleFeature,
+    CompressionType,
+    ExtensionType,
+    Header,
+    IncompatibleFeature,
+    pack_extension,
+    unpack_extension_header,
+    unpack_feature_names,
+)
+from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, coalesce
+from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
+
+__all__ = ["Qcow2Image", "Qcow2Writer", "create_qcow2", "open_qcow2"]
+
+#: qemu's own limit on the L1 table (QCOW_MAX_L1_SIZE); bounds memory for absurd virtual sizes
+MAX_L1_BYTES = 32 * 1024 * 1024
+#: how many L2 tables a reader keeps in memory (64 KiB each at the default cluster size)
+L2_CACHE_TABLES = 256
+#: qemu names these formats in the backing-format extension; vmvault calls "vpc" "vhd"
+_FORMAT_NAMES = {"qcow2": "qcow2", "raw": "raw", "vpc": "vhd", "vhd": "vhd", "vhdx": "vhdx", "file": "raw"}
+_KNOWN_INCOMPATIBLE = (
+    IncompatibleFeature.DIRTY
+    | IncompatibleFeature.CORRUPT
+    | IncompatibleFeature.EXTERNAL_DATA_FILE
+    | IncompatibleFeature.COMPRESSION_TYPE
+    | IncompatibleFeature.EXTENDED_L2
+)
+
+# run kinds produced by the mapper (ExtentKind plus "compressed" and "unallocated")
+_DATA: Final = 0
+_ZERO: Final = 1
+_UNALLOC: Final = 2
+_COMPRESSED: Final = 3
+
+
+def _pread(fd: int, path: str, offset: int, length: int, structure: str) -> bytes:
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise SourceError(f"{path}: read of {structure} at offset {offset:#x} failed: {exc.strerror}") from exc
+    if len(data) != length:
+        raise FormatError(
+            f"file ends inside this structure ({len(data)} of {length} bytes)",
+            path=path,
+            offset=offset,
+            structure=structure,
+        )
+    return data
+
+
+class Qcow2Image(DiskImage):
+    """One qcow2 layer. Reads are positional; the L2 cache is guarded by a lock."""
+
+    format = "qcow2"
+
+    def __init__(
+        self,
+        path: str,
+        fd: int,
+        file_size: int,
+        header: Header,
+        l1: array[int],
+        backing: DiskImage | None,
+        facts: dict[str, object],
+        notes: list[str],
+    ) -> None:
+        self._path = path
+        self._fd = fd
+        self._file_size = file_size
+        self.header = header
+        self._l1 = l1
+        self._backing = backing
+        self._facts = facts
+        self._notes = notes
+        self._cbits = header.cluster_bits
+        self._cs = 1 << header.cluster_bits
+        self._extended = bool(header.incompatible_features & IncompatibleFeature.EXTENDED_L2)
+        # an L2 entry is 8 bytes, or 16 with extended L2 (spec "Extended L2 Entries")
+        self._l2_entries = self._cs // (16 if self._extended else 8)
+        self._sub = self._cs // 32 if self._extended else self._cs
+        self._v3 = header.version >= 3
+        self._zstd = header.compression_type == CompressionType.ZSTD
+        # compressed descriptor: bits 0..x-1 host offset, x..61 extra sectors (spec "Compressed Clusters")
+        self._cx = 62 - (self._cbits - 8)
+        self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- DiskImage ---------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def parent(self) -> DiskImage | None:
+        return self._backing
+
+    @property
+    def cluster_size(self) -> int:
+        return self._cs
+
+    def info(self) -> dict[str, object]:
+        out = super().info()
+        out.update(self._facts)
+        out["file_size"] = self._file_size
+        if self._notes:
+            out["warnings"] = list(self._notes)
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        super().close()
+
+    # -- tables ------------------------------------------------------------------------------------
+    def _l2(self, l1_index: int) -> array[int] | None:
+        """The L2 table for ``l1_index`` as host-order integers, or None when it is unallocated."""
+        entry = self._l1[l1_index]
+        off = entry & L1_OFFSET_MASK
+        if off == 0:
+            return None
+        with self._lock:
+            table = self._l2_cache.get(off)
+            if table is not None:
+                self._l2_cache.move_to_end(off)
+                return table
+        where = self.header.l1_table_offset + 8 * l1_index
+        if off & (self._cs - 1) or off + self._cs > self._file_size:
+            raise FormatError(
+                f"L1 entry {l1_index} points at {off:#x}, which is unaligned or past the end of the file "
+                f"({self._file_size} bytes)",
+                path=self._path,
+                offset=where,
+                structure="qcow2 L1 table",
+            )
+        table = array("Q", _pread(self._fd, self._path, off, self._cs, "qcow2 L2 table"))
+        if table.itemsize != 8:  # pragma: no cover - every supported platform has 8-byte "Q"
+            raise UnsupportedFormatError("platform lacks 64-bit arrays", path=self._path)
+        if _LITTLE:
+            table.byteswap()
+        self._check_l2(table, off)
+        with self._lock:
+            self._l2_cache[off] = table
+            if len(self._l2_cache) > L2_CACHE_TABLES:
+                self._l2_cache.popitem(last=False)
+        return table
+
+    def _check_l2(self, table: array[int], table_off: int) -> None:
+        step = 2 if self._extended else 1
+        cs, fsize, cmask = self._cs, self._file_size, (1 << self._cx) - 1
+        for i in range(0, len(table), step):
+            e = table[i]
+            if e & L2_COMPRESSED:
+                host = e & cmask
+                if host >= fsize:
+                    raise FormatError(
+                        f"compressed cluster at {host:#x} lies past the end of the file ({fsize} bytes)",
+                        path=self._path,
+                        offset=table_off + 8 * i,
+                        structure="qcow2 L2 table",
+                    )
+                continue
+            host = e & L2_OFFSET_MASK
+            if host and (host & (cs - 1) or host + cs > fsize):
+                raise FormatError(
+                    f"data cluster at {host:#x} is unaligned or past the end of the file ({fsize} bytes)",
+                    path=self._path,
+                    offset=table_off + 8 * i,
+                    structure="qcow2 L2 table",
+                )
+
+    def _runs(self, offset: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        """Coalesced (guest offset, length, kind, host) runs covering ``[offset, end)``.
+
+        For _DATA runs ``host`` is the file offset of the run's first byte and runs are merged
+        only when their host bytes are contiguous too; for _COMPRESSED it is the L2 descriptor.
+        """
+        pend: list[int] | None = None
+        for pos, n, kind, host in self._clusters(offset, end):
+            if (
+                pend is not None
+                and kind == pend[2]
+                and kind != _COMPRESSED
+                and pend[0] + pend[1] == pos
+                and (kind != _DATA or pend[3] + pend[1] == host)
+            ):
+                pend[1] += n
+                continue
+            if pend is not None:
+                yield pend[0], pend[1], pend[2], pend[3]
+            pend = [pos, n, kind, host]
+        if pend is not None:
+            yield pend[0], pend[1], pend[2], pend[3]
+
+    def _clusters(self, offset: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+        cs, cbits, l2n = self._cs, self._cbits, self._l2_entries
+        span = l2n * cs  # guest bytes one L2 table maps
+        v3, extended = self._v3, self._extended
+        pos = offset
+        while pos < end:
+            l1i = pos // span
+            table = self._l2(l1i)
+            stop = min(end, (l1i + 1) * span)
+            if table is None:
+                yield pos, stop - pos, _UNALLOC, 0
+                pos = stop
+                continue
+            while pos < stop:
+                ci = pos >> cbits
+                cstart = ci << cbits
+                cend = min(cstart + cs, stop)
+                idx = ci - l1i * l2n
+                if extended:
+                    yield from self._subclusters(table[2 * idx], table[2 * idx + 1], pos, cstart, cend)
+                else:
+                    e = table[idx]
+                    if e & L2_COMPRESSED:
+                        yield pos, cend - pos, _COMPRESSED, e
+                    elif v3 and e & L2_ZERO:
+                        yield pos, cend - pos, _ZERO, 0
+                    else:
+                        host = e & L2_OFFSET_MASK
+                        if host:
+                            yield pos, cend - pos, _DATA, host + pos - cstart
+                        else:
+                            yield pos, cend - pos, _UNALLOC, 0
+                pos = cend
+
+    def _subclusters(
+        self, e: int, bitmap: int, pos: int, cstart: int, cend: int
+    ) -> Iterator[tuple[int, int, int, int]]:
+        if e & L2_COMPRESSED:
+            yield pos, cend - pos, _COMPRESSED, e
+            return
+        host = e & L2_OFFSET_MASK
+        sub = self._sub
+        while pos < cend:
+            si = (pos - cstart) // sub
+            send = min(cstart + (si + 1) * sub, cend)
+            if bitmap >> (32 + si) & 1:
+                yield pos, send - pos, _ZERO, 0
+            elif bitmap >> si & 1:
+                if not host:
+                    raise FormatError(
+                        f"subcluster {si} of the cluster at guest offset {cstart:#x} is allocated but the "
+                        "entry has no host offset",
+                        path=self._path,
+                        structure="qcow2 extended L2 entry",
+                    )
+                yield pos, send - pos, _DATA, host + pos - cstart
+            else:
+                yield pos, send - pos, _UNALLOC, 0
+            pos = send
+
+    # -- reading -----------------------------------------------------------------------------------
+    def extents(self) -> Iterator[Extent]:
+        backing_end = self._backing.size if self._backing is not None else 0
+        out: list[Extent] = []
+        for pos, n, kind, _host in self._runs(0, self.size):
+            if kind in (_DATA, _COMPRESSED):
+                out.append(Extent(pos, n, ExtentKind.DATA))
+            elif kind == _ZERO:
+                out.append(Extent(pos, n, ExtentKind.ZERO))
+            else:
+                # unallocated: the backing file supplies the bytes, and zeros past its end
+                cut = min(max(backing_end, pos), pos + n)
+                out.append(Extent(pos, cut - pos, ExtentKind.PARENT))
+                out.append(Extent(cut, pos + n - cut, ExtentKind.ZERO))
+        yield from coalesce(out)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        buf = bytearray(end - offset)
+        view = memoryview(buf)
+        for pos, n, kind, host in self._runs(offset, end):
+            lo = pos - offset
+            if kind == _DATA:
+                self._read_into(view[lo : lo + n], host)
+            elif kind == _UNALLOC and self._backing is not None:
+                data = self._backing.read(pos, n)
+                view[lo : lo + len(data)] = data  # past the backing file's end stays zero
+            elif kind == _COMPRESSED:
+                cstart = pos >> self._cbits << self._cbits
+                cluster = self._decompress(host, cstart)
+                view[lo : lo + n] = cluster[pos - cstart : pos - cstart + n]
+        return bytes(buf)
+
+    def _read_into(self, target: memoryview, host: int) -> None:
+        done = 0
+        while done < len(target):
+            try:
+                got = os.preadv(self._fd, [target[done:]], host + done)
+            except OSError as exc:
+                raise SourceError(f"{self._path}: read at offset {host + done:#x} failed: {exc.strerror}") from exc
+            if got <= 0:
+                raise SourceError(
+                    f"{self._path}: file ended at {host + done:#x} while reading data "
+                    "(did it change size during the backup?)"
+                )
+            done += got
+
+    def _decompress(self, desc: int, cstart: int) -> bytes:
+        host = desc & ((1 << self._cx) - 1)
+        sectors = (desc >> self._cx) & ((1 << (62 - self._cx)) - 1)
+        nbytes = min((sectors + 1) * 512 - (host & 511), self._file_size - host)
+        raw = _pread(self._fd, self._path, host, nbytes, "qcow2 compressed cluster")
+        try:
+            if self._zstd:
+                import zstandard
+
+                # the descriptor counts whole sectors, so the zstd frame may be followed by padding
+                out = zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+            else:
+                # raw deflate (no zlib header), as qemu writes it
+                out = zlib.decompressobj(-15).decompress(raw, self._cs)
+        except Exception as exc:  # zlib.error, zstandard.ZstdError
+            raise FormatError(
+                f"compressed cluster for guest offset {cstart:#x} does not decompress: {exc}",
+                path=self._path,
+                offset=host,
+                structure="qcow2 compressed cluster",
+            ) from exc
+        if len(out) < self._cs:
+            raise FormatError(
+                f"compressed cluster for guest offset {cstart:#x} holds {len(out)} bytes, not {self._cs}",
+                path=self._path,
+                offset=host,
+                structure="qcow2 compressed cluster",
+            )
+        return out[: self._cs]
+
+
+_LITTLE = array("H", [1]).tobytes() == b"\x01\x00"
+
+
+# -- opening --------------------------------------------------------------------------------------
+
+
+def _parse_extensions(
+    fd: int, path: str, start: int, limit: int, facts: dict[str, object], notes: list[str], file_size: int
+) -> tuple[str | None, BitmapsExtension | None]:
+    """Walk the header extensions (spec "Header extensions"); returns (backing format, bitmaps ext)."""
+    backing_format: str | None = None
+    bitmaps: BitmapsExtension | None = None
+    raw = _pread(fd, path, 0, min(limit, file_size), "qcow2 header extensions") if start < limit else b""
+    pos = start
+    seen_types: list[str] = []
+    while pos + 8 <= len(raw):
+        ext_type, length = unpack_extension_header(raw[pos : pos + 8])
+        if ext_type == ExtensionType.END:
+            break
+        data_end = pos + 8 + length
+        if data_end > len(raw):
+            raise FormatError(
+                f"header extension {ext_type:#010x} of {length} bytes runs past the header cluster",
+                path=path,
+                offset=pos,
+                structure="qcow2 header extension",
+            )
+        data = raw[pos + 8 : data_end]
+        if ext_type == ExtensionType.BACKING_FORMAT:
+            backing_format = data.rstrip(b"\0").decode("utf-8", errors="replace")
+            seen_types.append("backing_format")
+        elif ext_type == ExtensionType.FEATURE_NAME_TABLE:
+            facts["feature_names"] = [
+                {"type": ("incompatible", "compatible", "autoclear")[t] if t < 3 else str(t), "bit": b, "name": n}
+                for t, b, n in unpack_feature_names(data)
+            ]
+            seen_types.append("feature_names")
+        elif ext_type == ExtensionType.BITMAPS:
+            if length < 24:
+                raise FormatError(
+                    f"bitmaps extension is {length} bytes, expected 24",
+                    path=path,
+                    offset=pos,
+                    structure="qcow2 bitmaps extension",
+                )
+            bitmaps = BitmapsExtension.unpack(data)
+            seen_types.append("bitmaps")
+        elif ext_type == ExtensionType.FULL_DISK_ENCRYPTION:
+            raise UnsupportedFormatError(
+                "encrypted qcow2 images are not supported", path=path, offset=pos, structure="qcow2 header extension"
+            )
+        elif ext_type == ExtensionType.EXTERNAL_DATA_FILE:
+            raise UnsupportedFormatError(
+                "qcow2 images with an external data file are not supported",
+                path=path,
+                offset=pos,
+                structure="qcow2 header extension",
+            )
+        else:
+            seen_types.append(f"{ext_type:#010x}")  # unknown extensions may be ignored (spec)
+        pos = data_end + (-length % 8)
+    facts["header_extensions"] = seen_types
+    return backing_format, bitmaps
+
+
+def _read_bitmap_names(
+    fd: int,
+    path: str,
+    ext: BitmapsExtension,
+    file_size: int,
+    autoclear: int,
+    facts: dict[str, object],
+    notes: list[str],
+) -> None:
+    if not autoclear & AutoclearFeature.BITMAPS:
+        # a program that does not know bitmaps wrote the image: the directory is stale (spec "Bitmaps")
+        notes.append("bitmaps extension present but the autoclear bitmaps bit is clear: bitmaps are stale")
+    if ext.directory_size > 64 * 1024 * 1024 or ext.directory_offset + ext.directory_size > file_size:
+        raise FormatError(
+            f"bitmap directory ({ext.directory_size} bytes at {ext.directory_offset:#x}) lies outside the file",
+            path=path,
+            offset=ext.directory_offset,
+            structure="qcow2 bitmap directory",
+        )
+    raw = _pread(fd, path, ext.directory_offset, ext.directory_size, "qcow2 bitmap directory")
+    names: list[str] = []
+    pos = 0
+    for _ in range(ext.nb_bitmaps):
+        try:
+            entry, pos = BitmapDirectoryEntry.unpack(raw, pos)
+        except (ValueError, IndexError) as exc:
+            raise FormatError(
+                f"bitmap directory entry {len(names)} is damaged: {exc}",
+                path=path,
+                offset=ext.directory_offset + pos,
+                structure="qcow2 bitmap directory",
+            ) from exc
+        names.append(entry.name)
+    facts["bitmaps"] = names
+
+
+def _open_backing(path: str, name: str, fmt: str | None, override: str | None, seen: frozenset[str]) -> DiskImage:
+    if override is not None:
+        target = override
+    else:
+        if ":" in name.split("/", 1)[0] and not os.path.exists(name):
+            raise UnsupportedFormatError(
+                f"backing file {name!r} uses a protocol vmvault cannot open", path=path, structure="qcow2 backing file"
+            )
+        target = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    if not os.path.exists(target):
+        raise ParentError(
+            f"backing file {target} (named {name!r}) does not exist", path=path, structure="qcow2 backing file"
+        )
+    if os.path.realpath(target) in seen:
+        raise ParentError(
+            f"backing chain is cyclic: {target} is already in the chain", path=path, structure="qcow2 backing file"
+        )
+    from vmvault.disk import detect_format, open_image
+
+    kind = _FORMAT_NAMES.get(fmt, fmt) if fmt else detect_format(target)
+    if kind == "qcow2":
+        return _open(target, None, seen)
+    return open_image(target, format=kind)
+
+
+def _open(path: str, parent: str | None, seen: frozenset[str]) -> Qcow2Image:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        return _open_fd(path, fd, parent, seen | {os.path.realpath(path)})
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_fd(path: str, fd: int, parent: str | None, seen: frozenset[str]) -> Qcow2Image:
+    file_size = os.fstat(fd).st_size
+    raw = _pread(fd, path, 0, HEADER_V2_SIZE, "qcow2 header")
+    if raw[:4] != MAGIC:
+        raise FormatError(f"bad magic {raw[:4]!r}", path=path, offset=0, structure="qcow2 header")
+    version = int.from_bytes(raw[4:8], "big")
+    if version not in (2, 3):
+        raise UnsupportedFormatError(
+            f"qcow2 version {version} is not supported (only 2 and 3)", path=path, offset=4, structure="qcow2 header"
+        )
+    if version == 3:
+        hlen = int.from_bytes(_pread(fd, path, 100, 4, "qcow2 header"), "big")
+        if hlen < 104 or hlen % 8 or hlen > 4096:
+            raise FormatError(
+                f"header_length {hlen} is not a multiple of 8 between 104 and 4096",
+                path=path,
+                offset=100,
+                structure="qcow2 header",
+            )
+        raw = _pread(fd, path, 0, hlen, "qcow2 header")
+    h = Header.unpack(raw)
+    notes: list[str] = []
+    facts: dict[str, object] = {"version": version}
+
+    def bad(msg: str, off: int, cls: type[FormatError] = FormatError) -> FormatError:
+        return cls(msg, path=path, offset=off, structure="qcow2 header")
+
+    if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
+        raise bad(f"cluster_bits {h.cluster_bits} is outside {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}", 20)
+    cs = 1 << h.cluster_bits
+    if h.crypt_method != 0:
+        raise bad(f"encrypted images (crypt_method {h.crypt_method}) are not supported", 32, UnsupportedFormatError)
+    unknown = h.incompatible_features & ~int(_KNOWN_INCOMPATIBLE)
+    if unknown:
+        raise bad(f"unknown incompatible feature bits {unknown:#x}", 72, UnsupportedFormatError)
+    incompat = IncompatibleFeature(h.incompatible_features)
+    if incompat & IncompatibleFeature.EXTERNAL_DATA_FILE:
+        raise bad("images with an external data file are not supported", 72, UnsupportedFormatError)
+    if incompat & IncompatibleFeature.DIRTY:
+        notes.append("image is marked dirty (not closed cleanly); refcounts may be stale, data is readable")
+    if incompat & IncompatibleFeature.CORRUPT:
+        notes.append("image is marked corrupt by qemu; data is read as the tables describe it")
+    if h.compression_type not in (0, 1):
+        raise bad(f"unknown compression type {h.compression_type}", 104, UnsupportedFormatError)
+    if h.compression_type and not incompat & IncompatibleFeature.COMPRESSION_TYPE:
+        raise bad("compression type set without the compression-type feature bit", 104)
+    if incompat & IncompatibleFeature.EXTENDED_L2 and h.cluster_bits < 14:
+        raise bad("extended L2 entries need clusters of at least 16 KiB", 20)
+    if h.refcount_order > 6:
+        raise bad(f"refcount_order {h.refcount_order} exceeds 6", 96)
+    extended = bool(incompat & IncompatibleFeature.EXTENDED_L2)
+    l2_entries = cs // (16 if extended else 8)
+    if h.size >= 1 << 63:
+        raise bad(f"virtual size {h.size} is absurd", 24)
+    need_l1 = -(-h.size // (l2_entries * cs))
+    if h.l1_size < need_l1:
+        raise bad(f"l1_size {h.l1_size} is too small for {h.size} bytes (needs {need_l1})", 36)
+    if h.l1_size * 8 > MAX_L1_BYTES:
+        raise bad(f"L1 table of {h.l1_size} entries exceeds qemu's 32 MiB limit", 36)
+    if h.l1_table_offset & (cs - 1) or h.l1_table_offset + 8 * h.l1_size > file_size:
+        raise bad(f"L1 table ({h.l1_size} entries at {h.l1_table_offset:#x}) is unaligned or past EOF", 40)
+    facts.update(
+        {
+            "cluster_size": cs,
+            "compression_type": CompressionType(h.compression_type).name.lower(),
+            "extended_l2": extended,
+            "dirty": bool(incompat & IncompatibleFeature.DIRTY),
+            "corrupt": bool(incompat & IncompatibleFeature.CORRUPT),
+            "lazy_refcounts": bool(h.compatible_features & CompatibleFeature.LAZY_REFCOUNTS),
+            "refcount_bits": 1 << h.refcount_order,
+            "snapshots": h.nb_snapshots,
+        }
+    )
+    ext_start = h.header_length if version == 3 else HEADER_V2_SIZE
+    # extensions end at the backing file name or at the end of the first cluster
+    limit = cs
+    if h.backing_file_offset and h.backing_file_offset > ext_start:
+        limit = min(limit, h.backing_file_offset)
+    backing_format, bitmaps = _parse_extensions(fd, path, ext_start, limit, facts, notes, file_size)
+    if bitmaps is not None:
+        _read_bitmap_names(fd, path, bitmaps, file_size, h.autoclear_features, facts, notes)
+    l1 = array("Q", _pread(fd, path, h.l1_table_offset, 8 * h.l1_size, "qcow2 L1 table"))
+    if _LITTLE:
+        l1.byteswap()
+    backing: DiskImage | None = None
+    if h.backing_file_offset:
+        if h.backing_file_size == 0 or h.backing_file_size > MAX_BACKING_NAME:
+            raise bad(f"backing file name length {h.backing_file_size} is not 1..{MAX_BACKING_NAME}", 16)
+        if h.backing_file_offset + h.backing_file_size > file_size:
+            raise bad(f"backing file name at {h.backing_file_offset:#x} lies past the end of the file", 8)
+        name_raw = _pread(fd, path, h.backing_file_offset, h.backing_file_size, "qcow2 backing file name")
+        try:
+            name = name_raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise bad("backing file name is not UTF-8", h.backing_file_offset) from exc
+        facts["backing_file"] = name
+        if backing_format:
+            facts["backing_format"] = backing_format
+        backing = _open_backing(path, name, backing_format, parent, seen)
+        facts["backing_path"] = backing.path
+    elif parent is not None:
+        raise ParentError(
+            f"parent {parent} given but the image has no backing file", path=path, structure="qcow2 header"
+        )
+    return Qcow2Image(path, fd, file_size, h, l1, backing, facts, notes)
+
+
+def open_qcow2(path: str, *, parent: str | None = None) -> Qcow2Image:
+    """Open a qcow2 image read-only, with its backing chain.
+
+    The backing file is resolved relative to the image's folder; ``parent`` overrides it.
+    Encrypted images and external data files raise UnsupportedFormatError.
+    """
+    return _open(path, parent, frozenset())
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+class Qcow2Writer(DiskWriter):
+    """Writes a new qcow2 v3 image: clusters are appended at EOF; tables and refcounts at close.
+
+    Nothing is ever freed, so every cluster below the refcount structures has refcount 1 and
+    the refcount table written at close describes exactly the clusters in use (no leaks).
+    """
+
+    format = "qcow2"
+
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        cluster_size: int,
+        backing: str | None,
+        backing_format: str | None,
+    ) -> None:
+        if cluster_size < 512 or cluster_size & (cluster_size - 1) or cluster_size > 2 * 1024 * 1024:
+            raise FormatError(f"cluster size {cluster_size} must be a power of two from 512 B to 2 MiB", path=path)
+        if size < 0 or size >= 1 << 56:
+            raise FormatError(f"size {size} is out of range", path=path)
+        self._path = path
+        self._size = size
+        self._cs = cluster_size
+        self._cbits = cluster_size.bit_length() - 1
+        self._l2n = cluster_size // 8
+        self._l1_size = max(1, -(-size // (self._l2n * cluster_size)))
+        if self._l1_size * 8 > MAX_L1_BYTES:
+            raise FormatError(f"size {size} needs an L1 table larger than 32 MiB; use bigger clusters", path=path)
+        self._backing: DiskImage | None = None
+        self._backing_name = backing
+        self._backing_format = backing_format
+        name_raw = backing.encode("utf-8") if backing else b""
+        if len(name_raw) > MAX_BACKING_NAME:
+            raise FormatError(f"backing file name longer than {MAX_BACKING_NAME} bytes", path=path)
+        if backing is not None:
+            # resolve like a reader will, so partial-cluster writes can copy the backing data
+            target = (
+                backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
+            )
+            from vmvault.disk import detect_format, open_image
+
+            fmt = _FORMAT_NAMES.get(backing_format, backing_format) if backing_format else detect_format(target)
+            if not os.path.exists(target):
+                raise ParentError(f"backing file {target} does not exist", path=path, structure="qcow2 backing file")
+            self._backing = open_qcow2(target) if fmt == "qcow2" else open_image(target, format=fmt)
+        exts = b""
+        if backing_format:
+            exts += pack_extension(ExtensionType.BACKING_FORMAT, backing_format.encode("utf-8"))
+        exts += pack_extension(ExtensionType.END, b"")
+        self._backing_off = HEADER_V3_SIZE + len(exts) if backing else 0
+        header_bytes = HEADER_V3_SIZE + len(exts) + len(name_raw)
+        self._head = exts + name_raw
+        header_clusters = -(-header_bytes // cluster_size)
+        self._l1_off = header_clusters * cluster_size
+        l1_clusters = -(-(8 * self._l1_size) // cluster_size)
+        self._eof = self._l1_off + l1_clusters * cluster_size
+        self._l1 = [0] * self._l1_size
+        self._l2: dict[int, list[int]] = {}
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            if self._backing is not None:
+                self._backing.close()
+            raise FormatError(f"cannot create: {exc.strerror}", path=path) from exc
+        try:
+            self._write_header(0, 0)
+            os.ftruncate(self._fd, self._eof)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        os.close(self._fd)
+        self._fd = -1
+        if self._backing is not None:
+            self._backing.close()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        try:
+            written = os.pwrite(self._fd, data, offset)
+        except OSError as exc:
+            raise FormatError(f"write at offset {offset:#x} failed: {exc.strerror}", path=self._path) from exc
+        if written != len(data):
+            raise FormatError(f"short write at offset {offset:#x}", path=self._path)
+
+    def _write_header(self, rt_off: int, rt_clusters: int) -> None:
+        h = Header(
+            version=3,
+            backing_file_offset=self._backing_off,
+            backing_file_size=len(self._backing_name.encode("utf-8")) if self._backing_name else 0,
+            cluster_bits=self._cbits,
+            size=self._size,
+            crypt_method=0,
+            l1_size=self._l1_size,
+            l1_table_offset=self._l1_off,
+            refcount_table_offset=rt_off,
+            refcount_table_clusters=rt_clusters,
+            nb_snapshots=0,
+            snapshots_offset=0,
+            refcount_order=4,
+            header_length=HEADER_V3_SIZE,
+        )
+        self._pwrite(h.pack() + self._head, 0)
+
+    def _alloc(self, nclusters: int = 1) -> int:
+        off = self._eof
+        self._eof += nclusters * self._cs
+        return off
+
+    def _table(self, l1i: int) -> list[int]:
+        table = self._l2.get(l1i)
+        if table is None:
+            table = [0] * self._l2n
+            self._l2[l1i] = table
+            self._l1[l1i] = self._alloc() | L2_COPIED
+        return table
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self._size:
+            raise ValueError(f"write of {len(data)} bytes at {offset} is outside the {self._size}-byte disk")
+        view = memoryview(data)
+        cs, pos, end = self._cs, offset, offset + len(data)
+        while pos < end:
+            ci = pos >> self._cbits
+            cstart = ci << self._cbits
+            cend = min(cstart + cs, end)
+            chunk = view[pos - offset : cend - offset]
+            l1i, l2i = divmod(ci, self._l2n)
+            table = self._l2.get(l1i)
+            entry = table[l2i] if table is not None else 0
+            host = entry & L2_OFFSET_MASK
+            if host:
+                self._pwrite(chunk, host + pos - cstart)
+            elif not any(chunk):
+                whole = pos == cstart and cend - cstart == min(cs, self._size - cstart)
+                if self._backing is not None and whole:
+                    # a zero write over backing data must hide it: a v3 zero cluster needs no space
+                    self._table(l1i)[l2i] = L2_ZERO
+                elif self._backing is not None and not entry & L2_ZERO:
+                    self._fill(l1i, l2i, cstart, pos, chunk)
+                # else: already reads as zeros
+            else:
+                self._fill(l1i, l2i, cstart, pos, chunk)
+            pos = cend
+
+    def _fill(self, l1i: int, l2i: int, cstart: int, pos: int, chunk: memoryview) -> None:
+        """Allocate a cluster for a partial or new write, copying what the guest sees around it."""
+        table = self._table(l1i)
+        was_zero = bool(table[l2i] & L2_ZERO)
+        host = self._alloc()
+        cs = self._cs
+        if len(chunk) == cs:
+            self._pwrite(chunk, host)
+        else:
+            buf = bytearray(cs)
+            if self._backing is not None and not was_zero:
+                old = self._backing.read(cstart, cs)
+                buf[: len(old)] = old
+            buf[pos - cstart : pos - cstart + len(chunk)] = chunk
+            self._pwrite(buf, host)
+        table[l2i] = host | L2_COPIED
+
+    def _write_tables(self) -> None:
+        cs = self._cs
+        for l1i, table in self._l2.items():
+            raw = array("Q", table)
+            if _LITTLE:
+                raw.byteswap()
+            self._pwrite(raw.tobytes(), self._l1[l1i] & L1_OFFSET_MASK)
+        l1 = array("Q", self._l1)
+        if _LITTLE:
+            l1.byteswap()
+        self._pwrite(l1.tobytes(), self._l1_off)
+        # Refcounts (spec "Host cluster management"): every cluster in [0, used) has refcount 1, and
+        # the refcount table and blocks, appended after them, must count themselves as well.
+        used = -(-self._eof // cs)
+        per_block = cs * 8 // 16
+        blocks, table_clusters = 0, 0
+        while True:
+            total = used + blocks + table_clusters
+            need_blocks = -(-total // per_block)
+            need_table = -(-(need_blocks * 8) // cs)
+            if (need_blocks, need_table) == (blocks, table_clusters):
+                break
+            blocks, table_clusters = need_blocks, need_table
+        rt_off = used * cs
+        first_block = used + table_clusters
+        rtable = array("Q", [(first_block + i) * cs for i in range(blocks)])
+        rtable.extend([0] * (table_clusters * cs // 8 - blocks))
+        if _LITTLE:
+            rtable.byteswap()
+        self._pwrite(rtable.tobytes(), rt_off)
+        total = used + blocks + table_clusters
+        counts = array("H", [1]) * total
+        counts.extend([0] * (blocks * per_block - total))
+        if _LITTLE:
+            counts.byteswap()
+        self._pwrite(counts.tobytes(), first_block * cs)
+        self._eof = total * cs
+        os.ftruncate(self._fd, self._eof)
+        self._write_header(rt_off, table_clusters)
+        # the refcount structures sit at EOF; later writes allocate from their start again
+        self._eof = used * cs
+
+    def flush(self) -> None:
+        self._write_tables()
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            self._write_tables()
+            os.fsync(self._fd)
+        finally:
+            self._abort()
+
+
+def create_qcow2(
+    path: str,
+    size: int,
+    *,
+    cluster_size: int = 64 * 1024,
+    backing: str | None = None,
+    backing_format: str | None = None,
+) -> Qcow2Writer:
+    """A new qcow2 v3 image; with ``backing`` an overlay whose unwritten clusters read the backing file.
+
+    ``backing`` is stored as given (relative names resolve against the new image's folder).
+    """
+    return Qcow2Writer(path, size, cluster_size, backing, backing_format)
