@@ -1,0 +1,438 @@
+"""An S3 bucket (AWS, MinIO, Ceph RGW, Backblaze B2, any S3-compatible store).
+
+Location: ``s3://bucket/prefix`` (AWS, the usual endpoint resolution) or
+``s3://host:port/bucket/prefix`` (a custom endpoint). The first component is taken as an
+endpoint when it carries a port, is ``localhost`` or is an IP address; otherwise it is the
+bucket (bucket names may contain dots, so a bare dotted host is not guessed: write its port,
+e.g. ``s3://s3.example.com:443/bucket``, or set ``VMVAULT_S3_ENDPOINT``). A custom endpoint
+speaks http on loopback or when ``VMVAULT_S3_INSECURE=1``, https otherwise.
+``VMVAULT_S3_ENDPOINT`` may be a full URL and wins over the location's host.
+Query: ``immutable-days=N`` (Object Lock retention), ``multipart-threshold=BYTES``,
+``part-size=BYTES``, ``connections=N``. Credentials come from boto3's usual chain.
+
+Atomic put: an object appears only when its PUT or CompleteMultipartUpload succeeds (S3 API
+reference, PutObject and CompleteMultipartUpload), so a reader never sees part of one. A
+multipart upload that fails for good is aborted so it does not keep costing storage.
+
+Retries: botocore's "standard" mode retries throttling, 5xx and connection errors with
+backoff; on top of that a bounded loop of our own retries connection drops (including a body
+that stops half-way) and restarts a multipart upload the server forgot (NoSuchUpload, as
+after a server restart). What still fails becomes a ``BackendError`` subclass.
+
+Object Lock: with ``retention_days`` every put sets ``ObjectLockMode=COMPLIANCE`` and
+``ObjectLockRetainUntilDate``; the bucket must have Object Lock enabled (checked at open),
+and then ``enforces_immutability`` is True. A delete in such a (versioned) bucket only adds a
+delete marker; the locked version stays until its retention ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry
+from vmvault.backends.base import Backend, ObjectInfo
+from vmvault.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendPermissionError,
+    ConfigError,
+    ObjectNotFoundError,
+    StorageFullError,
+)
+
+__all__ = ["S3Backend", "open_s3"]
+
+T = TypeVar("T")
+
+MiB = 1 << 20
+DEFAULT_MULTIPART_THRESHOLD = 64 * MiB
+DEFAULT_PART_SIZE = 16 * MiB
+#: S3's limits on parts (S3 API reference, UploadPart): 5 MiB minimum except the last, 10,000 parts
+MIN_PART_SIZE = 5 * MiB
+MAX_PARTS = 10_000
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+}
+_FULL = {"QuotaExceeded", "XMinioStorageFull", "StorageFull", "InsufficientStorage", "StorageQuotaExceeded"}
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    return isinstance(
+        exc,
+        botocore.exceptions.ConnectionError
+        | botocore.exceptions.HTTPClientError
+        | botocore.exceptions.IncompleteReadError
+        | ConnectionError,
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+class S3Backend(Backend):
+    """Objects under ``prefix`` in one bucket. See the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        retention_days: int | None = None,
+        multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
+        part_size: int = DEFAULT_PART_SIZE,
+        connections: int = 16,
+        retry: RetryPolicy | None = None,
+        botocore_attempts: int = 5,
+        timeout: float = 60.0,
+        session: boto3.session.Session | None = None,
+    ) -> None:
+        if not bucket:
+            raise ConfigError("s3: no bucket given (expected s3://[host:port/]bucket/prefix)")
+        if part_size < MIN_PART_SIZE:
+            raise ConfigError(f"s3: part size {part_size} is below S3's minimum of {MIN_PART_SIZE} bytes")
+        if multipart_threshold < part_size:
+            raise ConfigError("s3: the multipart threshold must not be smaller than the part size")
+        if retention_days is not None and retention_days < 1:
+            raise ConfigError("s3: immutable-days must be at least 1")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.retention_days = retention_days
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self.retry = retry or RetryPolicy()
+        where = endpoint_url.split("://", 1)[-1] + "/" if endpoint_url else ""
+        self.url = f"s3://{where}{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        session = session or boto3.session.Session()
+        config = Config(
+            # botocore's own backoff for throttling (SlowDown, 503) and 5xx answers
+            retries={"mode": "standard", "max_attempts": botocore_attempts},
+            # one pooled HTTP connection per concurrent request: uploads + a few reads
+            max_pool_connections=connections,
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            # custom endpoints (MinIO, RGW, moto) rarely have wildcard DNS for virtual hosts
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        )
+        self._client: Any = session.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region or session.region_name or ("us-east-1" if endpoint_url else None),
+            config=config,
+        )
+        self._check_bucket()
+        self.enforces_immutability = retention_days is not None
+
+    # --- calls and errors --------------------------------------------------------------
+
+    def _call(self, describe: str, name: str | None, op: Callable[[], T]) -> T:
+        def attempt() -> T:
+            try:
+                return op()
+            except botocore.exceptions.ClientError as exc:
+                raise self._translate(exc, describe, name) from exc
+            except botocore.exceptions.NoCredentialsError as exc:
+                raise BackendPermissionError(
+                    f"{self.url}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                    f"AWS_PROFILE, or an instance role)",
+                    name=name,
+                ) from exc
+            except Exception as exc:
+                if _is_connection_failure(exc):
+                    raise TransientError(exc) from exc
+                raise
+
+        return call_with_retry(
+            attempt,
+            policy=self.retry,
+            is_transient=lambda exc: isinstance(exc, TransientError),
+            describe=f"{self.url}: {describe}",
+            name=name,
+        )
+
+    def _translate(self, exc: botocore.exceptions.ClientError, describe: str, name: str | None) -> BackendError:
+        code, status = _code(exc), _status(exc)
+        message = exc.response.get("Error", {}).get("Message") or code
+        if code in _NOT_FOUND:
+            return ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
+        if code == "NoSuchBucket":
+            return BackendError(f"{self.url}: the bucket {self.bucket} does not exist", name=name)
+        if code in _DENIED or status == 403:
+            return BackendPermissionError(
+                f"{self.url}: access denied to {describe} ({code}: {message}); check the credentials "
+                f"(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket policy",
+                name=name,
+            )
+        if code in _FULL or status == 507:
+            return StorageFullError(f"{self.url}: the storage is full or over quota ({describe})", name=name)
+        if status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"):
+            return BackendConnectionError(
+                f"{self.url}: the server kept failing to {describe} after retries ({code}: {message})", name=name
+            )
+        return BackendError(f"{self.url}: cannot {describe} ({code}: {message})", name=name)
+
+    def _check_bucket(self) -> None:
+        try:
+            self._call("open the bucket", None, lambda: self._client.head_bucket(Bucket=self.bucket))
+        except ObjectNotFoundError as exc:
+            # HeadBucket answers a bare 404 for a missing bucket
+            raise BackendError(
+                f"{self.url}: the bucket {self.bucket} does not exist"
+                + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+                + f"; create it first (for example: aws s3 mb s3://{self.bucket})"
+            ) from exc
+        if self.retention_days is None:
+            return
+        try:
+            lock = self._call(
+                "read the bucket's Object Lock configuration",
+                None,
+                lambda: self._client.get_object_lock_configuration(Bucket=self.bucket),
+            )
+            enabled = lock.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        except BackendPermissionError:
+            raise
+        except BackendError:
+            enabled = False
+        if not enabled:
+            raise ConfigError(
+                f"{self.url}: immutable-days={self.retention_days} needs a bucket with Object Lock enabled, "
+                f"and {self.bucket} has none (Object Lock can only be chosen when a bucket is created)"
+            )
+
+    def _key(self, name: str) -> str:
+        if not name or name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"bad object name {name!r}")
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _lock_args(self) -> dict[str, Any]:
+        if self.retention_days is None:
+            return {}
+        until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.retention_days)
+        return {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
+
+    # --- the Backend interface -----------------------------------------------------------
+
+    def put(self, name: str, data: bytes) -> None:
+        key = self._key(name)
+        if len(data) <= self.multipart_threshold:
+            self._call(
+                f"write {name}",
+                name,
+                lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **self._lock_args()),
+            )
+            return
+        self._put_multipart(name, key, data)
+
+    def _part_size_for(self, size: int) -> int:
+        part = self.part_size
+        while -(-size // part) > MAX_PARTS:
+            part *= 2
+        return part
+
+    def _put_multipart(self, name: str, key: str, data: bytes) -> None:
+        view = memoryview(data)
+        part_size = self._part_size_for(len(data))
+        # A server that restarts forgets unfinished uploads (NoSuchUpload); start again then.
+        for _restart in range(3):
+            created = self._call(
+                f"start the upload of {name}",
+                name,
+                lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **self._lock_args()),
+            )
+            upload_id: str = created["UploadId"]
+            try:
+                self._upload_parts(name, key, upload_id, view, part_size)
+                return
+            except BackendError as exc:
+                if isinstance(exc.__cause__, botocore.exceptions.ClientError) and (
+                    _code(exc.__cause__) == "NoSuchUpload"
+                ):
+                    continue
+                self._abort(key, upload_id)
+                raise
+            except BaseException:
+                self._abort(key, upload_id)
+                raise
+        raise BackendConnectionError(f"{self.url}: the server lost the upload of {name} three times", name=name)
+
+    def _upload_parts(self, name: str, key: str, upload_id: str, view: memoryview, part_size: int) -> None:
+        parts = []
+        for number, start in enumerate(range(0, len(view), part_size), start=1):
+            body = bytes(view[start : start + part_size])
+
+            def send(number: int = number, body: bytes = body) -> Any:
+                return self._client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                )
+
+            answer = self._call(f"upload part {number} of {name}", name, send)
+            parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+        self._call(
+            f"complete the upload of {name}",
+            name,
+            lambda: self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            ),
+        )
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        """Best effort: the parts of a failed upload cost storage until aborted (or a lifecycle
+        rule removes them); a dead server cannot be asked, so errors here are swallowed."""
+        with contextlib.suppress(Exception):
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        key = self._key(name)
+        if length == 0:
+            if not self.exists(name):
+                raise ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
+            return b""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if offset or length is not None:
+            last = "" if length is None else str(offset + length - 1)
+            args["Range"] = f"bytes={offset}-{last}"
+
+        def op() -> bytes:
+            try:
+                answer = self._client.get_object(**args)
+            except botocore.exceptions.ClientError as exc:
+                # a range that starts at or past the end (also of an empty object) is a 416
+                if _code(exc) == "InvalidRange" or _status(exc) == 416:
+                    return b""
+                raise
+            # read inside the retried call: a body that stops half-way is retried whole
+            return bytes(answer["Body"].read())
+
+        return self._call(f"read {name}", name, op)
+
+    def exists(self, name: str) -> bool:
+        key = self._key(name)
+        try:
+            self._call(f"look up {name}", name, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError(f"bad prefix {prefix!r}")
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        strip = len(self.prefix) + 1 if self.prefix else 0
+
+        def op() -> list[ObjectInfo]:
+            found = []
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for item in page.get("Contents", []):
+                    found.append(ObjectInfo(item["Key"][strip:], int(item["Size"])))
+            return sorted(found, key=lambda o: o.name)
+
+        yield from self._call(f"list {prefix or 'everything'}", None, op)
+
+    def delete(self, name: str) -> None:
+        key = self._key(name)
+        # DeleteObject of a missing key succeeds (204), as the contract wants
+        self._call(f"delete {name}", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _int_option(query: dict[str, list[str]], key: str, url: str) -> int | None:
+    if key not in query:
+        return None
+    try:
+        return int(query[key][0])
+    except ValueError as exc:
+        raise ConfigError(f"{key} must be a whole number in {url!r}") from exc
+
+
+def open_s3(url: str, **options: Any) -> S3Backend:
+    """Open ``s3://[host:port/]bucket/prefix[?immutable-days=N&multipart-threshold=B&part-size=B]``.
+
+    ``options`` go to :class:`S3Backend` and override what the URL and environment say.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ConfigError(f"not an S3 location: {url!r} (expected s3://[host:port/]bucket/prefix)")
+    if parts.username or parts.password:
+        raise ConfigError("s3: credentials do not belong in the URL; use AWS_ACCESS_KEY_ID or AWS_PROFILE")
+    first = parts.netloc
+    path = [p for p in unquote(parts.path).split("/") if p]
+    host = first.rsplit(":", 1)[0] if ":" in first and not first.endswith("]") else first
+    env_endpoint = os.environ.get("VMVAULT_S3_ENDPOINT")
+    endpoint: str | None = None
+    if ":" in first or host == "localhost" or _is_ip(host):
+        if not path:
+            raise ConfigError(f"no bucket in {url!r} (expected s3://{first}/bucket/prefix)")
+        insecure = _is_loopback(host) or os.environ.get("VMVAULT_S3_INSECURE") == "1"
+        endpoint = f"{'http' if insecure else 'https'}://{first}"
+        bucket, rest = path[0], path[1:]
+    else:
+        bucket, rest = first, path
+    if env_endpoint:
+        endpoint = env_endpoint if "://" in env_endpoint else f"https://{env_endpoint}"
+    query = parse_qs(parts.query)
+    known = {"immutable-days", "multipart-threshold", "part-size", "connections"}
+    unknown = set(query) - known
+    if unknown:
+        raise ConfigError(f"unknown S3 option(s) {', '.join(sorted(unknown))} in {url!r}")
+    settings: dict[str, Any] = {"endpoint_url": endpoint}
+    for key, arg in (
+        ("immutable-days", "retention_days"),
+        ("multipart-threshold", "multipart_threshold"),
+        ("part-size", "part_size"),
+        ("connections", "connections"),
+    ):
+        value = _int_option(query, key, url)
+        if value is not None:
+            settings[arg] = value
+    settings.update(options)
+    return S3Backend(bucket, "/".join(rest), **settings)

@@ -1,0 +1,527 @@
+"""A directory on another machine, reached over SFTP (SSH File Transfer Protocol v3).
+
+Location: ``sftp://[user@]host[:port]/absolute/path`` or ``sftp://host/~/relative/to/home``.
+Query parameters: ``key=PATH`` (private key file), ``known-hosts=PATH``, ``connections=N``.
+Environment: ``VMVAULT_SFTP_KEY`` and ``VMVAULT_SFTP_KNOWN_HOSTS`` (the URL wins).
+
+Security: only key authentication (an explicit key file, the SSH agent, ``~/.ssh/id_*``).
+The server's host key must already be in known_hosts; an unknown or changed key is refused
+with a message that tells the user how to check and add it. Nothing is ever trusted silently.
+
+Atomic put (draft-ietf-secsh-filexfer-02 section 6.5 gives no atomic overwrite, so):
+write ``NAME.tmp-RANDOM``, ``fsync@openssh.com`` it, then ``posix-rename@openssh.com`` it
+over ``NAME`` (OpenSSH PROTOCOL section 4.3: rename(2) semantics). Servers without that
+extension get remove + rename, which leaves a short window with no object at all but never
+a partial one. ``list`` ignores temporary names; an attempt that lost its connection removes
+its temporary file when it retries.
+
+Concurrency: a small pool of SSH connections, one SFTP session each, so that uploads from
+several threads do not queue behind one channel's window.
+
+Errors: SFTP v3 has few status codes (section 7). NO_SUCH_FILE and PERMISSION_DENIED map
+directly; a full disk arrives as the generic SSH_FX_FAILURE, so a failed write is followed by
+a ``statvfs@openssh.com`` query (OpenSSH PROTOCOL section 4.4) to tell "disk full" apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import getpass
+import hashlib
+import os
+import posixpath
+import secrets
+import socket
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import paramiko
+
+from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry
+from vmvault.backends.base import Backend, ObjectInfo
+from vmvault.errors import (
+    BackendError,
+    BackendPermissionError,
+    ConfigError,
+    ObjectNotFoundError,
+    StorageFullError,
+)
+
+__all__ = ["SftpBackend", "open_sftp"]
+
+T = TypeVar("T")
+
+_TMP_MARK = ".tmp-"
+
+# SFTP packet types and the OpenSSH extension replies we read ourselves (filexfer-02 section 3).
+_CMD_EXTENDED = 200
+_CMD_EXTENDED_REPLY = 201
+
+#: the largest read OpenSSH's sftp-server answers in full (sftp-server.c, SFTP_MAX_READ_LENGTH is
+#: larger, but paramiko splits requests at 32 KiB anyway)
+_READ_SIZE = 32768
+
+#: a write that fails with SSH_FX_FAILURE is "disk full" when less than this remains free
+_FULL_MARGIN = 1 << 20
+
+
+def _fingerprint(key: paramiko.PKey) -> str:
+    """The SHA256 fingerprint in OpenSSH's notation, as ``ssh-keygen -lf`` prints it."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+class _RefuseUnknownHost(paramiko.MissingHostKeyPolicy):
+    """Refuse a host whose key is not in known_hosts, saying how to add it."""
+
+    def __init__(self, backend: SftpBackend) -> None:
+        self._backend = backend
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        b = self._backend
+        raise BackendPermissionError(
+            f"{b.url}: the host key of {hostname} is not in {b.known_hosts} "
+            f"({key.get_name()} {_fingerprint(key)}); vmvault never trusts an unknown host. "
+            f"Check the fingerprint with the server's administrator, then add it with: "
+            f"{b.keyscan_command()} >> {b.known_hosts}"
+        )
+
+
+class _Connection:
+    """One SSH connection with one SFTP session on it."""
+
+    def __init__(self, client: paramiko.SSHClient, sftp: paramiko.SFTPClient) -> None:
+        self.client = client
+        self.sftp = sftp
+
+    def alive(self) -> bool:
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active() and not self.sftp.sock.closed
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sftp.close()
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+class _Pool:
+    """At most ``size`` connections; idle ones are reused, broken ones are dropped."""
+
+    def __init__(self, factory: Callable[[], _Connection], size: int) -> None:
+        self._factory = factory
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._idle: list[_Connection] = []
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[_Connection]:
+        with self._slots:
+            conn: _Connection | None = None
+            with self._lock:
+                while self._idle and conn is None:
+                    candidate = self._idle.pop()
+                    if candidate.alive():
+                        conn = candidate
+                    else:
+                        candidate.close()
+            if conn is None:
+                conn = self._factory()
+            try:
+                yield conn
+            finally:
+                if conn.alive():
+                    with self._lock:
+                        self._idle.append(conn)
+                else:
+                    conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """True for errors of the transport, not of the file operation."""
+    if isinstance(exc, paramiko.AuthenticationException | paramiko.BadHostKeyException):
+        return False
+    if isinstance(exc, EOFError | paramiko.SSHException | ConnectionError | socket.timeout):
+        return True
+    # paramiko reports a closed channel as a bare socket.error
+    return isinstance(exc, OSError) and exc.errno is None and "closed" in str(exc).lower()
+
+
+class SftpBackend(Backend):
+    """A repository directory on an SFTP server. See the module docstring for the guarantees."""
+
+    def __init__(
+        self,
+        host: str,
+        root: str,
+        *,
+        user: str | None = None,
+        port: int = 22,
+        key_filename: str | None = None,
+        known_hosts: str | None = None,
+        use_agent: bool = True,
+        look_for_keys: bool = True,
+        connections: int = 4,
+        retry: RetryPolicy | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        if not root or root == "/":
+            raise ConfigError(f"sftp://{host}: give a directory for the repository, not the server's root")
+        if key_filename is not None and not os.path.isfile(key_filename):
+            raise ConfigError(f"SSH key file {key_filename} does not exist")
+        if connections < 1:
+            raise ConfigError("sftp: connections must be at least 1")
+        self.host = host
+        self.port = port
+        self.user = user or getpass.getuser()
+        self.root = root.rstrip("/")
+        self.key_filename = key_filename
+        self.known_hosts = known_hosts or os.path.expanduser("~/.ssh/known_hosts")
+        self.use_agent = use_agent
+        self.look_for_keys = look_for_keys
+        self.retry = retry or RetryPolicy()
+        self.timeout = timeout
+        shown_path = self.root if self.root.startswith("/") else "/~/" + self.root
+        self.url = f"sftp://{self.user}@{host}{'' if port == 22 else f':{port}'}{shown_path}"
+        self._pool = _Pool(self._connect, connections)
+        self._known_dirs: set[str] = set()
+        self._dirs_lock = threading.Lock()
+        self._posix_rename = True
+        self._fsync = True
+
+    # --- connections -------------------------------------------------------------------
+
+    def keyscan_command(self) -> str:
+        port = "" if self.port == 22 else f"-p {self.port} "
+        return f"ssh-keyscan {port}{self.host}"
+
+    def _connect(self) -> _Connection:
+        client = paramiko.SSHClient()
+        try:
+            if os.path.isfile(self.known_hosts):
+                # "system" host keys are only read, never written back
+                client.load_system_host_keys(self.known_hosts)
+            client.set_missing_host_key_policy(_RefuseUnknownHost(self))
+            client.connect(
+                self.host,
+                self.port,
+                username=self.user,
+                key_filename=self.key_filename,
+                allow_agent=self.use_agent,
+                look_for_keys=self.look_for_keys,
+                timeout=self.timeout,
+                banner_timeout=self.timeout,
+                auth_timeout=self.timeout,
+                channel_timeout=self.timeout,
+            )
+            sftp = client.open_sftp()
+            sftp.get_channel().settimeout(self.timeout)  # type: ignore[union-attr]
+        except BackendError:
+            client.close()
+            raise
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise BackendPermissionError(
+                f"{self.url}: the host key of {exc.hostname} has CHANGED: the server offers "
+                f"{exc.key.get_name()} {_fingerprint(exc.key)} but {self.known_hosts} holds "
+                f"{exc.expected_key.get_name()} {_fingerprint(exc.expected_key)}. This may be an attack "
+                f"or a reinstalled server. If the administrator confirms the new key, replace the old "
+                f"line with: ssh-keygen -R {self._known_hosts_name()} -f {self.known_hosts} && "
+                f"{self.keyscan_command()} >> {self.known_hosts}"
+            ) from exc
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise BackendPermissionError(self._auth_message(exc)) from exc
+        except paramiko.SSHException as exc:
+            client.close()
+            if "no authentication methods" in str(exc).lower():
+                raise BackendPermissionError(self._auth_message(exc)) from exc
+            raise TransientError(exc) from exc
+        except OSError as exc:
+            client.close()
+            raise TransientError(exc) from exc
+        return _Connection(client, sftp)
+
+    def _known_hosts_name(self) -> str:
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+    def _auth_message(self, exc: BaseException) -> str:
+        tried = []
+        if self.key_filename:
+            tried.append(f"key file {self.key_filename}")
+        if self.use_agent:
+            tried.append("the SSH agent")
+        if self.look_for_keys:
+            tried.append("~/.ssh/id_*")
+        return (
+            f"{self.url}: the server refused key authentication for user {self.user} "
+            f"(tried {', '.join(tried) or 'no keys'}: {exc}). Add your public key to "
+            f"~{self.user}/.ssh/authorized_keys on {self.host}, or name the key with "
+            f"VMVAULT_SFTP_KEY or ?key=PATH"
+        )
+
+    def _call(self, describe: str, name: str | None, op: Callable[[paramiko.SFTPClient], T]) -> T:
+        """Run ``op`` on a pooled connection, reconnecting and retrying when it drops."""
+
+        def attempt() -> T:
+            with self._pool.connection() as conn:
+                try:
+                    return op(conn.sftp)
+                except BackendError:
+                    raise
+                except Exception as exc:
+                    if not conn.alive() or _is_connection_failure(exc):
+                        conn.close()
+                        raise TransientError(exc) from exc
+                    raise self._translate(exc, describe, name, conn.sftp) from exc
+
+        return call_with_retry(
+            attempt,
+            policy=self.retry,
+            is_transient=lambda exc: isinstance(exc, TransientError),
+            describe=f"{self.url}: {describe}",
+            name=name,
+        )
+
+    # --- errors ------------------------------------------------------------------------
+
+    def _translate(
+        self, exc: BaseException, describe: str, name: str | None, sftp: paramiko.SFTPClient
+    ) -> BackendError:
+        text = f"{self.url}: cannot {describe}: {exc}"
+        if isinstance(exc, OSError):
+            if exc.errno == errno.ENOENT:
+                return ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                return BackendPermissionError(f"{text} (permission denied on the server)", name=name)
+            lowered = str(exc).lower()
+            if "quota" in lowered or "space" in lowered or self._nearly_full(sftp):
+                return StorageFullError(f"{self.url}: the server's disk is full or over quota ({describe})", name=name)
+        return BackendError(text, name=name)
+
+    def _nearly_full(self, sftp: paramiko.SFTPClient) -> bool:
+        """Ask ``statvfs@openssh.com`` how much room is left under the repository."""
+        try:
+            kind, msg = sftp._request(_CMD_EXTENDED, "statvfs@openssh.com", self.root or ".")  # type: ignore[attr-defined]
+        except Exception:
+            return False
+        if kind != _CMD_EXTENDED_REPLY:
+            return False
+        # f_bsize, f_frsize, f_blocks, f_bfree, f_bavail, ... (OpenSSH PROTOCOL 4.4)
+        _bsize, frsize, _blocks, _bfree, bavail = (msg.get_int64() for _ in range(5))
+        return bool(frsize * bavail < _FULL_MARGIN)
+
+    # --- paths -------------------------------------------------------------------------
+
+    def _path(self, name: str) -> str:
+        if not name or name.startswith("/") or ".." in name.split("/") or _TMP_MARK in name:
+            raise ValueError(f"bad object name {name!r}")
+        return f"{self.root}/{name}"
+
+    def _makedirs(self, sftp: paramiko.SFTPClient, directory: str) -> None:
+        """``mkdir -p``, tolerant of another thread or host creating the same directory."""
+        missing: list[str] = []
+        current = directory
+        while current and current not in ("/", "."):
+            try:
+                if stat.S_ISDIR(sftp.stat(current).st_mode or 0):
+                    break
+                raise BackendError(f"{self.url}: {current} exists and is not a directory")
+            except FileNotFoundError:
+                missing.append(current)
+                current = posixpath.dirname(current)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                missing.append(current)
+                current = posixpath.dirname(current)
+        for path in reversed(missing):
+            try:
+                sftp.mkdir(path)
+            except OSError:
+                # lost a race with another writer, or a real failure: stat tells which
+                if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+                    raise
+        with self._dirs_lock:
+            self._known_dirs.add(directory)
+
+    def _open_new(self, sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPFile:
+        directory = posixpath.dirname(path)
+        try:
+            return sftp.open(path, "wxb")
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        # directories are created lazily, on the first put that needs them
+        self._makedirs(sftp, directory)
+        return sftp.open(path, "wxb")
+
+    def _rename_over(self, sftp: paramiko.SFTPClient, tmp: str, path: str) -> None:
+        if self._posix_rename:
+            try:
+                sftp.posix_rename(tmp, path)
+                return
+            except OSError as exc:
+                if exc.errno is not None or "unsupported" not in str(exc).lower():
+                    raise
+                self._posix_rename = False
+        with contextlib.suppress(FileNotFoundError):
+            sftp.remove(path)
+        sftp.rename(tmp, path)
+
+    def _fsync_file(self, sftp: paramiko.SFTPClient, handle: paramiko.SFTPFile) -> None:
+        if not self._fsync:
+            return
+        try:
+            sftp._request(_CMD_EXTENDED, "fsync@openssh.com", handle.handle)  # type: ignore[attr-defined]
+        except OSError as exc:
+            if exc.errno is not None or "unsupported" not in str(exc).lower():
+                raise
+            self._fsync = False
+
+    # --- the Backend interface -----------------------------------------------------------
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        leftovers: list[str] = []
+
+        def op(sftp: paramiko.SFTPClient) -> None:
+            # a previous attempt lost its connection mid-upload: remove its temporary file
+            for stale in leftovers:
+                with contextlib.suppress(OSError):
+                    sftp.remove(stale)
+            leftovers.clear()
+            tmp = f"{path}{_TMP_MARK}{secrets.token_hex(6)}"
+            leftovers.append(tmp)
+            try:
+                with self._open_new(sftp, tmp) as fh:
+                    # pipelined: do not wait for each 32 KiB write's status; close() checks them all
+                    fh.set_pipelined(True)
+                    fh.write(data)
+                    fh.flush()
+                    self._fsync_file(sftp, fh)
+                self._rename_over(sftp, tmp, path)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sftp.remove(tmp)
+                raise
+            leftovers.clear()
+
+        self._call(f"write {name}", name, op)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        path = self._path(name)
+
+        def op(sftp: paramiko.SFTPClient) -> bytes:
+            with sftp.open(path, "rb") as fh:
+                size = fh.stat().st_size or 0
+                start = min(offset, size)
+                end = size if length is None else min(size, offset + length)
+                if end <= start:
+                    return b""
+                # readv pipelines the reads instead of waiting for each in turn; asking for
+                # request-sized pieces avoids paramiko re-slicing one large buffer (quadratic)
+                step = _READ_SIZE
+                pieces = [(pos, min(step, end - pos)) for pos in range(start, end, step)]
+                return b"".join(fh.readv(pieces))
+
+        return self._call(f"read {name}", name, op)
+
+    def exists(self, name: str) -> bool:
+        path = self._path(name)
+
+        def op(sftp: paramiko.SFTPClient) -> bool:
+            try:
+                return stat.S_ISREG(sftp.stat(path).st_mode or 0)
+            except FileNotFoundError:
+                return False
+
+        return self._call(f"look up {name}", name, op)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise ValueError(f"bad prefix {prefix!r}")
+        start = prefix.rstrip("/") if prefix.endswith("/") else posixpath.dirname(prefix)
+
+        def op(sftp: paramiko.SFTPClient) -> list[ObjectInfo]:
+            found: list[ObjectInfo] = []
+            pending = [start]
+            while pending:
+                rel_dir = pending.pop()
+                full = f"{self.root}/{rel_dir}" if rel_dir else self.root
+                try:
+                    entries = sftp.listdir_attr(full)
+                except FileNotFoundError:
+                    continue
+                for entry in entries:
+                    rel = f"{rel_dir}/{entry.filename}" if rel_dir else entry.filename
+                    mode = entry.st_mode or 0
+                    if stat.S_ISDIR(mode):
+                        if (rel + "/").startswith(prefix) or prefix.startswith(rel + "/"):
+                            pending.append(rel)
+                    elif stat.S_ISREG(mode) and _TMP_MARK not in entry.filename and rel.startswith(prefix):
+                        found.append(ObjectInfo(rel, entry.st_size or 0))
+            return sorted(found, key=lambda o: o.name)
+
+        yield from self._call(f"list {prefix or 'everything'}", None, op)
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+
+        def op(sftp: paramiko.SFTPClient) -> None:
+            with contextlib.suppress(FileNotFoundError):
+                sftp.remove(path)
+
+        self._call(f"delete {name}", name, op)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_sftp(url: str, **options: Any) -> SftpBackend:
+    """Open ``sftp://[user@]host[:port]/path[?key=PATH&known-hosts=PATH&connections=N]``.
+
+    ``options`` go to :class:`SftpBackend` and override what the URL and environment say.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "sftp" or not parts.hostname:
+        raise ConfigError(f"not an SFTP location: {url!r} (expected sftp://user@host[:port]/path)")
+    if parts.password:
+        raise ConfigError(f"{parts.hostname}: passwords in the URL are not supported; use an SSH key")
+    try:
+        port = parts.port or 22
+    except ValueError as exc:
+        raise ConfigError(f"bad port in {url!r}") from exc
+    path = unquote(parts.path)
+    # sftp://host/~/dir is relative to the login directory, sftp://host/dir is absolute
+    root = path[3:] if path.startswith("/~/") else path
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"key", "known-hosts", "connections"}
+    if unknown:
+        raise ConfigError(f"unknown SFTP option(s) {', '.join(sorted(unknown))} in {url!r}")
+    settings: dict[str, Any] = {
+        "user": unquote(parts.username) if parts.username else None,
+        "port": port,
+        "key_filename": query.get("key", [os.environ.get("VMVAULT_SFTP_KEY")])[0] or None,
+        "known_hosts": query.get("known-hosts", [os.environ.get("VMVAULT_SFTP_KNOWN_HOSTS")])[0] or None,
+    }
+    if "connections" in query:
+        try:
+            settings["connections"] = int(query["connections"][0])
+        except ValueError as exc:
+            raise ConfigError(f"connections must be a number in {url!r}") from exc
+    settings.update(options)
+    return SftpBackend(parts.hostname, root, **settings)

@@ -1,0 +1,340 @@
+"""Real servers on loopback for tests: OpenSSH ``sshd`` and moto's S3 server.
+
+Each server runs as a child process on 127.0.0.1 and a free port, in its own temporary
+directory, and can be killed (with its session processes) and restarted on the same port
+for fault tests. Use the context managers (``running_sshd``, ``running_s3``) or the pytest
+fixtures at the end (session-scoped ``sshd_server`` / ``s3_server``; import them into a
+``conftest.py``).
+
+Debian packages: ``openssh-server`` (sshd, sftp-server), ``openssh-client`` (ssh-keygen).
+Python: ``moto[server]`` (flask), ``boto3``, ``paramiko``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+__all__ = [
+    "S3Server",
+    "SshServer",
+    "free_port",
+    "process_tree",
+    "running_s3",
+    "running_sshd",
+    "s3_server",
+    "sshd_server",
+]
+
+SSHD = "/usr/sbin/sshd"
+SFTP_SERVER_CANDIDATES = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop(0)
+        tree.append(current)
+        pending.extend(children.get(current, []))
+    return tree
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    # collect the tree before killing: orphans are re-parented and could no longer be found
+    for pid in process_tree(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def _wait_for(check: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up within {timeout:.0f} s (last error: {last})")
+
+
+class SshServer:
+    """An OpenSSH server on 127.0.0.1 with its own host key, serving SFTP to one client key."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        for tool in (SSHD, shutil.which("ssh-keygen")):
+            if tool is None or not os.path.exists(tool):
+                pytest.skip("OpenSSH is not installed (apt-get install openssh-server openssh-client)")
+        sftp_server = next((p for p in SFTP_SERVER_CANDIDATES if os.path.exists(p)), None)
+        if sftp_server is None:
+            pytest.skip("sftp-server is not installed (apt-get install openssh-server)")
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.user = getpass.getuser()
+        self.host_key = workdir / "ssh_host_ed25519_key"
+        self.client_key = workdir / "id_ed25519"
+        self.known_hosts = workdir / "known_hosts"
+        self.authorized_keys = workdir / "authorized_keys"
+        self.config = workdir / "sshd_config"
+        self.log = workdir / "sshd.log"
+        #: the directory tests put repositories in (absolute, on this machine's file system)
+        self.root = workdir / "data"
+        self.root.mkdir(exist_ok=True)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._keygen(self.host_key)
+        self._keygen(self.client_key)
+        shutil.copy(f"{self.client_key}.pub", self.authorized_keys)
+        self.write_known_hosts()
+        self.config.write_text(
+            "\n".join(
+                [
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {self.host_key}",
+                    f"AuthorizedKeysFile {self.authorized_keys}",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    # tests run as root in CI containers
+                    "PermitRootLogin prohibit-password",
+                    "StrictModes no",
+                    "UsePAM no",
+                    f"PidFile {workdir / 'sshd.pid'}",
+                    f"Subsystem sftp {sftp_server}",
+                    "MaxStartups 100",
+                    "MaxSessions 100",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+
+    @staticmethod
+    def _keygen(path: Path) -> None:
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmvault-test", "-f", str(path)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def write_known_hosts(self, key_file: Path | None = None) -> None:
+        """known_hosts naming ``key_file`` (default: the real host key) for this host:port."""
+        public = Path(f"{key_file or self.host_key}.pub").read_text().split()
+        self.known_hosts.write_text(f"[{self.host}]:{self.port} {public[0]} {public[1]}\n")
+
+    def url(self, path: str) -> str:
+        """An sftp:// URL for ``path`` under :attr:`root`."""
+        return f"sftp://{self.user}@{self.host}:{self.port}{self.root / path}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for a client process: which key and known_hosts to use."""
+        return {"VMVAULT_SFTP_KEY": str(self.client_key), "VMVAULT_SFTP_KNOWN_HOSTS": str(self.known_hosts)}
+
+    def open_backend(self, path: str, **options: object) -> object:
+        from vmvault.backends.sftp import open_sftp
+
+        defaults: dict[str, object] = {
+            "key_filename": str(self.client_key),
+            "known_hosts": str(self.known_hosts),
+            "use_agent": False,
+            "look_for_keys": False,
+        }
+        defaults.update(options)
+        return open_sftp(self.url(path), **defaults)
+
+    def _answers(self) -> bool:
+        with socket.create_connection((self.host, self.port), timeout=1) as sock:
+            return sock.recv(64).startswith(b"SSH-")
+
+    def start(self) -> None:
+        # sshd refuses to start without its privilege separation directory
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(self.config), "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"sshd exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+            return self._answers()
+
+        _wait_for(ready, f"sshd on port {self.port}")
+
+    def kill(self) -> None:
+        """Kill sshd and every session process under it (as a crash or power cut would)."""
+        if self.process is not None and self.process.poll() is None:
+            _kill_tree(self.process)
+        self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+
+
+class S3Server:
+    """moto's S3 server in its own process on 127.0.0.1 (state lives in memory only)."""
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        try:
+            import flask  # noqa: F401
+            import moto.server  # noqa: F401
+        except ImportError:
+            pytest.skip("moto's server is not installed (pip install 'moto[server]')")
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self.log = workdir / "moto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, bucket: str, prefix: str = "") -> str:
+        return f"s3://{self.host}:{self.port}/{bucket}/{prefix}".rstrip("/")
+
+    @staticmethod
+    def client_env() -> dict[str, str]:
+        """Dummy credentials and no user configuration, for the backend and for boto3."""
+        return {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def client(self) -> object:
+        """A plain boto3 client for setting up buckets and checking what the server holds."""
+        import boto3
+
+        env = self.client_env()
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env["AWS_DEFAULT_REGION"],
+        )
+
+    def _answers(self) -> bool:
+        with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2) as resp:
+            return int(resp.status) == 200
+
+    def start(self) -> None:
+        env = {**os.environ, **self.client_env()}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moto exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+            return self._answers()
+
+        _wait_for(ready, f"moto S3 server on port {self.port}", timeout=60)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            _kill_tree(self.process)
+        self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+
+
+@contextlib.contextmanager
+def running_sshd(workdir: Path) -> Iterator[SshServer]:
+    server = SshServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def running_s3(workdir: Path) -> Iterator[S3Server]:
+    server = S3Server(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def s3_client_environment() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in S3Server.client_env().items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(key, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def sshd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """One OpenSSH server for the session; tests use distinct directories under its root."""
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One moto S3 server for the session, with dummy credentials in the environment."""
+    with s3_client_environment(), running_s3(tmp_path_factory.mktemp("moto")) as server:
+        yield server
