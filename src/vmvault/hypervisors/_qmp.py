@@ -1,0 +1,248 @@
+"""A small synchronous client for QEMU's JSON line protocols: QMP and the guest agent.
+
+Both speak one JSON object per line over a unix socket (QEMU docs/interop/qmp-spec.rst).
+QMP opens with a greeting and needs ``qmp_capabilities`` before anything else; replies
+carry the ``id`` we sent, and asynchronous events (``{"event": ...}``) may arrive between
+them. Events are queued so that a caller can wait for one (``BLOCK_JOB_CANCELLED``, ...)
+after the command that triggers it returned. The guest agent has no greeting and no
+events; ``guest-sync`` flushes stale replies from an earlier client (qemu-ga docs).
+
+Every failure becomes a ``HypervisorError``; a QMP error reply keeps its class and
+description on ``QmpError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import os
+import random
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, Self
+
+from vmvault.errors import HypervisorError
+
+__all__ = ["GuestAgentClient", "QmpClient", "QmpError"]
+
+#: struct ucred from <sys/socket.h>: pid, uid, gid (native int layout on Linux)
+_UCRED = struct.Struct("=iII")
+assert _UCRED.size == 12
+
+
+class QmpError(HypervisorError):
+    """QEMU answered a command with an error reply."""
+
+    def __init__(self, command: str, error_class: str, desc: str, *, socket_path: str | None = None) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+        self.socket_path = socket_path
+        where = f"{socket_path}: " if socket_path else ""
+        super().__init__(f"{where}{command} failed: {error_class}: {desc}")
+
+
+class _JsonLineSocket:
+    """A unix socket carrying one JSON object per line, read with a deadline."""
+
+    def __init__(self, path: str, *, timeout: float, what: str) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.what = what
+        self._sock: socket.socket | None = None
+        self._buf = b""
+        self._lock = threading.RLock()
+
+    def _open(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except OSError as exc:
+            sock.close()
+            raise HypervisorError(f"{self.path}: cannot connect to {self.what}: {exc.strerror or exc}") from exc
+        self._sock = sock
+        self._buf = b""
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def peer_pid(self) -> int | None:
+        """The PID of the process at the other end (Linux SO_PEERCRED), if known."""
+        if self._sock is None or not hasattr(socket, "SO_PEERCRED"):
+            return None
+        try:
+            raw = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        except OSError:
+            return None
+        pid = int(_UCRED.unpack(raw)[0])
+        return pid if pid > 0 else None
+
+    def _send(self, obj: Mapping[str, Any]) -> None:
+        if self._sock is None:
+            raise HypervisorError(f"{self.path}: {self.what} connection is closed")
+        try:
+            self._sock.sendall(json.dumps(obj).encode() + b"\n")
+        except OSError as exc:
+            self._drop()
+            raise HypervisorError(f"{self.path}: {self.what} connection lost while sending: {exc}") from exc
+
+    def _recv(self, deadline: float) -> dict[str, Any]:
+        """The next JSON object, waiting at most until ``deadline`` (time.monotonic())."""
+        while b"\n" not in self._buf:
+            if self._sock is None:
+                raise HypervisorError(f"{self.path}: {self.what} connection is closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HypervisorError(f"{self.path}: no answer from {self.what} within {self.timeout:g} s")
+            self._sock.settimeout(left)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError as exc:
+                raise HypervisorError(f"{self.path}: no answer from {self.what} within {self.timeout:g} s") from exc
+            except OSError as exc:
+                self._drop()
+                raise HypervisorError(f"{self.path}: {self.what} connection lost: {exc}") from exc
+            if not chunk:
+                self._drop()
+                raise HypervisorError(f"{self.path}: {self.what} closed the connection")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise HypervisorError(f"{self.path}: {self.what} sent a line that is not JSON: {line[:200]!r}") from exc
+        if not isinstance(obj, dict):
+            raise HypervisorError(f"{self.path}: {self.what} sent a non-object: {line[:200]!r}")
+        return obj
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class QmpClient(_JsonLineSocket):
+    """Synchronous QMP: ``execute`` waits for the reply with our id; events are queued."""
+
+    def __init__(self, path: str, *, timeout: float = 30.0) -> None:
+        super().__init__(path, timeout=timeout, what="QMP")
+        self.greeting: dict[str, Any] = {}
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=10000)
+        self._ids = itertools.count(1)
+
+    def connect(self) -> Self:
+        with self._lock:
+            self._open()
+            try:
+                greeting = self._recv(time.monotonic() + self.timeout)
+                if "QMP" not in greeting:
+                    raise HypervisorError(f"{self.path}: not a QMP socket (greeting {str(greeting)[:200]})")
+                self.greeting = greeting["QMP"]
+                self.execute("qmp_capabilities")
+            except BaseException:
+                self._drop()
+                raise
+        return self
+
+    def execute(self, command: str, arguments: Mapping[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Run ``command``; its ``return`` value, or ``QmpError`` with QEMU's error class."""
+        with self._lock:
+            ident = f"vmvault-{next(self._ids)}"
+            msg: dict[str, Any] = {"execute": command, "id": ident}
+            if arguments:
+                msg["arguments"] = dict(arguments)
+            self._send(msg)
+            deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+            while True:
+                obj = self._recv(deadline)
+                if "event" in obj:
+                    self.events.append(obj)
+                    continue
+                if obj.get("id") != ident:
+                    continue  # a reply to somebody else's id cannot happen on our own connection; ignore
+                if "error" in obj:
+                    err = obj["error"]
+                    raise QmpError(
+                        command, str(err.get("class", "?")), str(err.get("desc", "?")), socket_path=self.path
+                    )
+                return obj.get("return")
+
+    def wait_event(
+        self,
+        name: str,
+        match: Callable[[dict[str, Any]], bool] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Take the first queued or arriving event called ``name`` for which ``match`` holds."""
+        with self._lock:
+            for ev in list(self.events):
+                if ev.get("event") == name and (match is None or match(ev.get("data", {}))):
+                    self.events.remove(ev)
+                    return ev
+            deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
+            while True:
+                obj = self._recv(deadline)
+                if "event" not in obj:
+                    continue
+                if obj.get("event") == name and (match is None or match(obj.get("data", {}))):
+                    return obj
+                self.events.append(obj)
+
+
+class GuestAgentClient(_JsonLineSocket):
+    """The QEMU guest agent (qemu-ga) over its virtio-serial unix socket on the host."""
+
+    def __init__(self, path: str, *, timeout: float = 10.0) -> None:
+        super().__init__(path, timeout=timeout, what="guest agent")
+
+    def connect(self) -> Self:
+        with self._lock:
+            self._open()
+            try:
+                # guest-sync with a fresh id: replies queued for an earlier client are skipped until
+                # ours comes back, so the stream is in step (qemu-ga "guest-sync" documentation).
+                token = random.randrange(1, 2**31) ^ os.getpid()
+                self._send({"execute": "guest-sync", "arguments": {"id": token}})
+                deadline = time.monotonic() + self.timeout
+                while True:
+                    obj = self._recv(deadline)
+                    if obj.get("return") == token:
+                        break
+            except BaseException:
+                self._drop()
+                raise
+        return self
+
+    def execute(self, command: str, arguments: Mapping[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        with self._lock:
+            msg: dict[str, Any] = {"execute": command}
+            if arguments:
+                msg["arguments"] = dict(arguments)
+            self._send(msg)
+            obj = self._recv(time.monotonic() + (timeout if timeout is not None else self.timeout))
+            if "error" in obj:
+                err = obj["error"]
+                raise QmpError(command, str(err.get("class", "?")), str(err.get("desc", "?")), socket_path=self.path)
+            return obj.get("return")
