@@ -256,7 +256,17 @@ class Qcow2Image(DiskImage):
                     elif v3 and e & L2_ZERO:
                         yield pos, cend - pos, _ZERO, 0
                     else:
+                        # extend over following entries with contiguous host clusters (or that are
+                        # also unallocated) here, which is much cheaper than merging per cluster later
                         host = e & L2_OFFSET_MASK
+                        last = min(l2n, ((stop - 1) >> cbits) - l1i * l2n + 1)
+                        j = idx + 1
+                        want = (host + cs) if host else 0
+                        while j < last and table[j] & ~L2_COPIED == want:
+                            j += 1
+                            if host:
+                                want += cs
+                        cend = min(stop, (l1i * l2n + j) << cbits)
                         if host:
                             yield pos, cend - pos, _DATA, host + pos - cstart
                         else:
@@ -311,34 +321,34 @@ class Qcow2Image(DiskImage):
         end = min(offset + length, self.size)
         if offset >= end:
             return b""
-        buf = bytearray(end - offset)
-        view = memoryview(buf)
+        # Contiguous host clusters were merged into one run by _runs, so a request over a
+        # sequentially allocated area costs one pread, as for a raw file.
+        pieces: list[bytes] = []
         for pos, n, kind, host in self._runs(offset, end):
-            lo = pos - offset
             if kind == _DATA:
-                self._read_into(view[lo : lo + n], host)
+                pieces.append(self._pread_data(host, n))
             elif kind == _UNALLOC and self._backing is not None:
                 data = self._backing.read(pos, n)
-                view[lo : lo + len(data)] = data  # past the backing file's end stays zero
+                pieces.append(data if len(data) == n else data + bytes(n - len(data)))  # past its end: zeros
             elif kind == _COMPRESSED:
                 cstart = pos >> self._cbits << self._cbits
                 cluster = self._decompress(host, cstart)
-                view[lo : lo + n] = cluster[pos - cstart : pos - cstart + n]
-        return bytes(buf)
+                pieces.append(cluster[pos - cstart : pos - cstart + n])
+            else:
+                pieces.append(bytes(n))
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    def _read_into(self, target: memoryview, host: int) -> None:
-        done = 0
-        while done < len(target):
-            try:
-                got = os.preadv(self._fd, [target[done:]], host + done)
-            except OSError as exc:
-                raise SourceError(f"{self._path}: read at offset {host + done:#x} failed: {exc.strerror}") from exc
-            if got <= 0:
-                raise SourceError(
-                    f"{self._path}: file ended at {host + done:#x} while reading data "
-                    "(did it change size during the backup?)"
-                )
-            done += got
+    def _pread_data(self, host: int, n: int) -> bytes:
+        try:
+            data = os.pread(self._fd, n, host)
+        except OSError as exc:
+            raise SourceError(f"{self._path}: read at offset {host:#x} failed: {exc.strerror}") from exc
+        if len(data) != n:
+            raise SourceError(
+                f"{self._path}: file ended at {host + len(data):#x} while reading data "
+                "(did it change size during the backup?)"
+            )
+        return data
 
     def _decompress(self, desc: int, cstart: int) -> bytes:
         host = desc & ((1 << self._cx) - 1)
