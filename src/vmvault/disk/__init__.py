@@ -13,6 +13,7 @@ from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, clip_ex
 from vmvault.errors import FormatError, SourceError, UnsupportedFormatError
 
 __all__ = [
+    "DIFFERENCING_FORMATS",
     "FORMATS",
     "DiskImage",
     "DiskWriter",
@@ -79,8 +80,17 @@ def open_image(path: str, *, format: str | None = None, parent: str | None = Non
     raise UnsupportedFormatError(f"unknown disk format {fmt!r}", path=path)
 
 
-def create_image(path: str, format: str, size: int) -> DiskWriter:
-    """A new, empty, sparse image of ``size`` virtual bytes in ``format``."""
+#: formats that can hold a differencing child (a checkpoint layer)
+DIFFERENCING_FORMATS = ("vhdx", "vhd", "qcow2")
+
+
+def create_image(path: str, format: str, size: int, *, parent: str | None = None) -> DiskWriter:
+    """A new, empty, sparse image of ``size`` virtual bytes in ``format``.
+
+    With ``parent``, a differencing child of that image: unwritten ranges read from the parent.
+    """
+    if parent is not None and format not in DIFFERENCING_FORMATS:
+        raise FormatError(f"format {format!r} cannot hold a differencing child", path=path)
     if format == "raw":
         from vmvault.disk.raw import create_raw
 
@@ -88,13 +98,13 @@ def create_image(path: str, format: str, size: int) -> DiskWriter:
     if format == "vhdx":
         from vmvault.disk.vhdx import create_vhdx
 
-        return create_vhdx(path, size)
+        return create_vhdx(path, size, parent=parent)
     if format == "vhd":
         from vmvault.disk.vhd import create_vhd
 
-        return create_vhd(path, size)
+        return create_vhd(path, size, parent=parent)
     if format == "qcow2":
         from vmvault.disk.qcow2 import create_qcow2
 
-        return create_qcow2(path, size)
+        return create_qcow2(path, size, backing=parent)
     raise FormatError(f"cannot create format {format!r}; choose one of {', '.join(FORMATS)}", path=path)

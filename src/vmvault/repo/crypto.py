@@ -25,7 +25,7 @@ from vmvault.repo._layout import ENVELOPE_HEADER, ENVELOPE_VERSION, TAG_SIZE, En
 
 __all__ = ["MasterKey", "derive_passphrase_key", "open_envelope", "seal_envelope"]
 
-_ZSTD_LEVEL = 3
+_ZSTD_LEVEL = 1
 #: store uncompressed when compression saves less than this fraction
 _MIN_SAVING = 1 / 32
 

@@ -1,0 +1,5 @@
+import sys
+
+from vmvault.cli import main
+
+sys.exit(main())

@@ -1,0 +1,133 @@
+"""Progress on a terminal: one bar per phase with throughput and ETA; silent otherwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import threading
+import time
+from typing import TextIO
+
+__all__ = ["JsonProgress", "TerminalProgress", "make_progress"]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_seconds(s: float) -> str:
+    s = int(s)
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}:{s % 60:02d}"
+
+
+class TerminalProgress:
+    """Redraws at most 10 times a second on stderr; warnings are printed above the bar."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.label = ""
+        self.total = 0
+        self.done = 0
+        self.started = 0.0
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self._drawn = False
+
+    def start(self, label: str, total: int) -> None:
+        with self._lock:
+            self.label, self.total, self.done = label, total, 0
+            self.started = time.monotonic()
+            self._last = 0.0
+            self._draw(force=True)
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            self._draw()
+
+    def finish(self) -> None:
+        with self._lock:
+            self._draw(force=True)
+            if self._drawn:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._drawn = False
+
+    def warn(self, text: str) -> None:
+        with self._lock:
+            if self._drawn:
+                self.stream.write("\r\x1b[K")
+            self.stream.write(f"warning: {text}\n")
+            self._drawn = False
+            self._draw(force=True)
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        if not self.label:
+            return
+        self._last = now
+        elapsed = max(now - self.started, 1e-6)
+        rate = self.done / elapsed
+        width = shutil.get_terminal_size((80, 20)).columns
+        if self.total > 0:
+            frac = min(1.0, self.done / self.total)
+            eta = (self.total - self.done) / rate if rate > 0 else 0.0
+            tail = (
+                f" {frac * 100:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)}"
+                f" {human_bytes(rate)}/s ETA {human_seconds(eta)}"
+            )
+        else:
+            frac = 0.0
+            tail = f" {human_bytes(self.done)} {human_bytes(rate)}/s"
+        label = self.label if len(self.label) <= 24 else "…" + self.label[-23:]
+        bar_width = max(10, width - len(label) - len(tail) - 4)
+        filled = int(bar_width * frac)
+        bar = "█" * filled + "░" * (bar_width - filled)
+        self.stream.write(f"\r\x1b[K{label} {bar}{tail}"[: width + 8])
+        self.stream.flush()
+        self._drawn = True
+
+
+class QuietProgress:
+    """No bars (not a terminal, or --quiet); warnings still reach stderr."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+
+    def start(self, label: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def warn(self, text: str) -> None:
+        self.stream.write(f"warning: {text}\n")
+        self.stream.flush()
+
+
+class JsonProgress(QuietProgress):
+    """``--json``: warnings as JSON lines on stderr so stdout holds only the result document."""
+
+    def warn(self, text: str) -> None:
+        self.stream.write(json.dumps({"warning": text}) + "\n")
+        self.stream.flush()
+
+
+def make_progress(*, quiet: bool, as_json: bool) -> TerminalProgress | QuietProgress:
+    if as_json:
+        return JsonProgress()
+    if quiet or not sys.stderr.isatty():
+        return QuietProgress()
+    return TerminalProgress()
