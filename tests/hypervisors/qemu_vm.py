@@ -23,7 +23,9 @@ from typing import Any
 
 import pytest
 
+from vmvault.disk.base import ExtentKind
 from vmvault.hypervisors._qmp import QmpClient
+from vmvault.hypervisors.base import BackupSession, PreviousBackup, SourceDisk
 
 MiB = 1024 * 1024
 
@@ -184,11 +186,15 @@ class QemuVM:
         self.start()
 
     def verify_model(self) -> None:
-        """The images on disk hold exactly the modelled writes (read with ``-U`` while running)."""
+        """Quit QEMU, then check that the images hold exactly the modelled writes.
+
+        (Reading a live qcow2 from outside may see metadata QEMU has not written back yet.)
+        """
+        self.quit()
         for d in self.specs:
             out = self.workdir / f"verify-{d.device}.raw"
             subprocess.run(
-                ["qemu-img", "convert", "-U", "-f", d.format, "-O", "raw", self.paths[d.device], str(out)], check=True
+                ["qemu-img", "convert", "-f", d.format, "-O", "raw", self.paths[d.device], str(out)], check=True
             )
             assert out.read_bytes() == self.model[d.device], f"{d.device}: disk differs from the model"
             out.unlink()
@@ -224,3 +230,53 @@ def make_vm(tmp_path: Path) -> Iterator[Callable[..., QemuVM]]:
     yield make
     for vm in vms:
         vm.quit()
+
+
+# -- checks shared by the tests ------------------------------------------------------------------
+
+
+def read_disk(disk: SourceDisk, between: Callable[[int], None] | None = None, step: int = 4 * MiB) -> bytes:
+    """The whole disk as the engine reads it: DATA extents read, ZERO extents never read.
+
+    ``between(pos)`` runs after every piece read, so a test can write to the VM meanwhile.
+    """
+    out = bytearray(disk.image.size)
+    for ext in disk.image.extents():
+        if ext.kind is not ExtentKind.DATA:
+            continue
+        pos = ext.offset
+        while pos < ext.end:
+            n = min(step, ext.end - pos)
+            out[pos : pos + n] = disk.image.read(pos, n)
+            pos += n
+            if between is not None:
+                between(pos)
+    return bytes(out)
+
+
+def previous_of(session: BackupSession, snapshot_id: str) -> PreviousBackup:
+    return PreviousBackup(snapshot_id, {d.name: dict(d.cbt or {}) for d in session.disks})
+
+
+def assert_nothing_left(vm: QemuVM, baseline_nodes: set[str], scratch: Path) -> None:
+    """Only the VM's own nodes, no job, no export, no scratch file; device roots unchanged."""
+    assert vm.node_names() == baseline_nodes
+    assert vm.q("query-block-jobs") == []
+    assert vm.q("query-block-exports") == []
+    assert vm.root_nodes() == {d.device: f"disk{i}" for i, d in enumerate(vm.specs)}
+    assert list(scratch.iterdir()) == [], f"left in the scratch folder: {list(scratch.iterdir())}"
+    for i, _ in enumerate(vm.specs):
+        bitmaps = vm.bitmaps(f"disk{i}")
+        assert len([b for b in bitmaps if b.startswith("vmvault-")]) <= 1, bitmaps
+        assert all(b["recording"] for b in bitmaps.values()), bitmaps
+
+
+def covers(changed: list[tuple[int, int]], offset: int, length: int) -> bool:
+    """Whether the ranges in ``changed`` cover ``[offset, offset + length)`` completely."""
+    pos, end = offset, offset + length
+    for off, n in sorted(changed):
+        if off <= pos < off + n:
+            pos = off + n
+        if pos >= end:
+            return True
+    return pos >= end

@@ -1,0 +1,285 @@
+"""Live backup sessions against a real QEMU (TCG), with guest writes during the backup."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.hypervisors.qemu_vm import (
+    DiskSpec,
+    MiB,
+    QemuVM,
+    assert_nothing_left,
+    covers,
+    make_vm,
+    previous_of,
+    read_disk,
+)
+from vmvault.hypervisors import open_source
+from vmvault.hypervisors.qemu import QemuSource
+
+__all__ = ["make_vm"]
+
+pytestmark = pytest.mark.integration
+
+KiB = 1024
+
+
+def source_for(vm: QemuVM, scratch: Path, **kw: object) -> QemuSource:
+    scratch.mkdir(exist_ok=True)
+    return QemuSource(f"{vm.location}?scratch={scratch}", **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("fmt", "size"), [("qcow2", 128 * MiB), ("raw", 64 * MiB)])
+def test_full_session_is_point_in_time(make_vm: Callable[..., QemuVM], tmp_path: Path, fmt: str, size: int) -> None:
+    vm = make_vm([DiskSpec("vda", fmt, size)])
+    baseline = vm.node_names()
+    vm.write("vda", 0, 3 * MiB, 0xA1)
+    vm.write("vda", 20 * MiB + 512, 700 * KiB, 0xA2)
+    vm.write("vda", size - MiB, MiB, 0xA3)
+    vm.write("vda", 40 * MiB, 5 * MiB, 0xA4)
+    scratch = tmp_path / "scratch"
+    source = source_for(vm, scratch)
+    assert source.kind == "qemu" and source.location == vm.location
+
+    with source.open_session(None) as session:
+        at_start = vm.snapshot_model()
+        (disk,) = session.disks
+        assert disk.name == "vda" and disk.format == fmt and disk.image.format == "nbd"
+        assert disk.image.size == size
+        assert disk.changed is None
+        assert session.consistency == "crash-consistent"
+        assert any("no previous snapshot" in w for w in session.warnings)
+        assert disk.cbt is not None and disk.cbt["persistent"] is (fmt == "qcow2")
+        assert disk.cbt["bitmap"].startswith("vmvault-") and disk.cbt["granularity"] == 64 * KiB
+        # holes are reported, so only the written areas are read
+        data_bytes = sum(e.length for e in disk.image.extents() if e.kind.value == "data")
+        assert 9 * MiB <= data_bytes <= 11 * MiB
+
+        written: list[int] = []
+
+        def guest_writes(pos: int) -> None:
+            # behind the reader (already read), ahead of it (data not yet read), and into a hole
+            if len(written) < 6:
+                vm.write("vda", max(0, pos - MiB), 64 * KiB, 0xB0 + len(written))
+                vm.write("vda", 40 * MiB + len(written) * MiB, 4 * KiB, 0xC0)
+                vm.write("vda", 60 * MiB + len(written) * 128 * KiB, 8 * KiB, 0xD0)
+                written.append(pos)
+
+        got = read_disk(disk, guest_writes, step=MiB)
+        assert written, "no guest write happened during the read"
+        assert vm.snapshot_model()["vda"] != at_start["vda"], "the guest writes changed nothing"
+        assert got == at_start["vda"]
+        # one read larger than the 32 MiB NBD limit, split inside the reader
+        assert disk.image.read(0, 48 * MiB) == at_start["vda"][: 48 * MiB]
+        assert disk.image.read(size - 100, 4096) == at_start["vda"][size - 100 :]
+        # the VM facts
+        assert session.vm["name"] == "testvm" and session.vm["uuid"] == vm.uuid
+        assert session.vm["hypervisor"] == "qemu" and session.vm["qemu_version"].startswith("7.")
+        assert session.vm["machine"].startswith("pc-q35")
+        assert session.vm["disks"] == [
+            {
+                "device": "vda",
+                "qdev": "/machine/peripheral/vda/virtio-backend",
+                "node": "disk0",
+                "format": fmt,
+                "file": vm.paths["vda"],
+                "size": size,
+            }
+        ]
+        assert "-uuid" in session.vm["cmdline"]
+        assert vm.node_names() != baseline  # the fleecing node exists while the session is open
+    assert_nothing_left(vm, baseline, scratch)
+    # the new bitmap stays only when the backup completed; this one did not call complete()
+    assert vm.vmvault_bitmaps("disk0") == []
+    vm.verify_model()
+
+
+def test_reads_from_two_threads(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    vm = make_vm([DiskSpec("vda", "qcow2", 64 * MiB)])
+    for i in range(8):
+        vm.write("vda", i * 8 * MiB, 6 * MiB, 0x10 + i)
+    at_start = vm.snapshot_model()["vda"]
+    with source_for(vm, tmp_path / "scratch").open_session(None) as session:
+        image = session.disks[0].image
+        results: dict[int, bytes] = {}
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(2)
+
+        def reader(half: int) -> None:
+            try:
+                barrier.wait()
+                lo = half * 32 * MiB
+                results[half] = b"".join(image.read(lo + k * MiB, MiB) for k in range(32))
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader, args=(h,)) for h in (0, 1)]
+        for t in threads:
+            t.start()
+        vm.write("vda", 0, 16 * MiB, 0xEE)  # writes while both threads read
+        for t in threads:
+            t.join()
+        assert not errors
+        assert results[0] + results[1] == at_start
+        assert image.connections >= 2  # type: ignore[attr-defined]
+
+
+def test_incremental_and_complete(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    vm = make_vm([DiskSpec("vda", "qcow2", 64 * MiB), DiskSpec("vdb", "raw", 32 * MiB)])
+    baseline = vm.node_names()
+    scratch = tmp_path / "scratch"
+    source = source_for(vm, scratch)
+    vm.write("vda", 0, 8 * MiB, 0x11)
+    vm.write("vdb", 0, 8 * MiB, 0x22)
+    with source.open_session(None) as s1:
+        vm.write("vda", 30 * MiB, 4 * KiB, 0x33)  # after the freeze: belongs to the next backup
+        read_disk(s1.disks[0])
+        s1.complete("snap-1")
+        prev = previous_of(s1, "snap-1")
+    assert_nothing_left(vm, baseline, scratch)
+    assert vm.vmvault_bitmaps("disk0") == [prev.disks["vda"]["bitmap"]]
+    assert vm.vmvault_bitmaps("disk1") == [prev.disks["vdb"]["bitmap"]]
+
+    writes = {
+        "vda": [(30 * MiB, 4 * KiB), (5 * MiB + 100, 300), (63 * MiB, MiB), (17 * MiB, 200 * KiB)],
+        "vdb": [(31 * MiB, 512), (MiB, 64 * KiB)],
+    }
+    for dev, ranges in writes.items():
+        for off, n in ranges:
+            if (dev, off) != ("vda", 30 * MiB):
+                vm.write(dev, off, n, 0x44)
+    with source.open_session(prev) as s2:
+        at_start = vm.snapshot_model()
+        vm.write("vda", 5 * MiB, MiB, 0x55)  # after the freeze: must not show
+        assert not [w for w in s2.warnings if "whole disk" in w]
+        for disk in s2.disks:
+            assert disk.changed is not None
+            gran = disk.cbt["granularity"] if disk.cbt else 0
+            for off, n in writes[disk.name]:
+                assert covers(disk.changed, off, n), (disk.name, off, n, disk.changed)
+            # not much more than the writes rounded out to the granularity
+            rounded = {(k * gran) for off, n in writes[disk.name] for k in range(off // gran, -(-(off + n) // gran))}
+            assert sum(n for _, n in disk.changed) == len(rounded) * gran
+            for off, n in disk.changed:
+                assert disk.image.read(off, n) == at_start[disk.name][off : off + n]
+        s2.complete("snap-2")
+        prev2 = previous_of(s2, "snap-2")
+    assert_nothing_left(vm, baseline, scratch)
+    # the previous bitmap is gone, the new one tracks
+    assert vm.vmvault_bitmaps("disk0") == [prev2.disks["vda"]["bitmap"]]
+    assert vm.vmvault_bitmaps("disk1") == [prev2.disks["vdb"]["bitmap"]]
+    with source.open_session(prev2) as s3:
+        assert s3.disks[0].changed == [(5 * MiB, MiB)]
+        assert s3.disks[1].changed == []
+    vm.verify_model()
+
+
+def test_qemu_restart_qcow2_keeps_tracking_raw_loses_it(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    vm = make_vm([DiskSpec("vda", "qcow2", 32 * MiB), DiskSpec("vdb", "raw", 32 * MiB)])
+    scratch = tmp_path / "scratch"
+    source = source_for(vm, scratch)
+    with source.open_session(None) as s1:
+        s1.complete("snap-1")
+        prev = previous_of(s1, "snap-1")
+    vm.write("vda", 2 * MiB, 4 * KiB, 0x61)
+    vm.write("vdb", 2 * MiB, 4 * KiB, 0x61)
+    vm.restart()
+    assert vm.image_bitmaps("vda") == [prev.disks["vda"]["bitmap"]]  # persisted by QEMU on quit
+    vm.write("vda", 9 * MiB, 4 * KiB, 0x62)
+    vm.write("vdb", 9 * MiB, 4 * KiB, 0x62)
+    with source.open_session(prev) as s2:
+        at_start = vm.snapshot_model()
+        vda, vdb = s2.disks
+        assert vda.changed == [(2 * MiB, 64 * KiB), (9 * MiB, 64 * KiB)]
+        assert vdb.changed is None
+        (warning,) = [w for w in s2.warnings if w.startswith("vdb:")]
+        assert "missing" in warning and "lost when QEMU restarts" in warning
+        assert read_disk(vdb) == at_start["vdb"]
+        s2.complete("snap-2")
+    assert_nothing_left(vm, vm.node_names(), scratch)
+    vm.verify_model()
+
+
+def test_disks_freeze_at_the_same_instant(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    vm = make_vm([DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "raw", 16 * MiB)])
+    vm.write("vda", 0, 4 * KiB, 0x01)
+    vm.write("vdb", 0, 4 * KiB, 0x01)
+    source = source_for(vm, tmp_path / "scratch")
+    stop = threading.Event()
+    counter = [1]
+
+    def writer() -> None:
+        # a "transaction" in the guest: marker i goes to vda, then to vdb
+        while not stop.is_set() and counter[0] < 250:
+            i = counter[0] + 1
+            vm.write("vda", 0, 4 * KiB, i)
+            vm.write("vdb", 0, 4 * KiB, i)
+            counter[0] = i
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        while counter[0] < 5:
+            threading.Event().wait(0.005)
+        with source.open_session(None) as session:
+            before = counter[0]
+            threading.Event().wait(0.05)
+            vda, vdb = (d.image.read(0, 4 * KiB) for d in session.disks)
+    finally:
+        stop.set()
+        thread.join()
+    assert len(set(vda)) == 1 and len(set(vdb)) == 1
+    a, b = vda[0], vdb[0]
+    # one instant: either both have marker i, or vda has i and vdb still i-1
+    assert a - b in (0, 1), (a, b)
+    assert counter[0] > before, "the writes did not continue during the session"
+    assert a <= before + 1
+    vm.verify_model()
+
+
+def test_guards_against_wrong_incrementals(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    vm = make_vm([DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "qcow2", 16 * MiB)])
+    source = source_for(vm, tmp_path / "scratch")
+    with source.open_session(None) as s1:
+        s1.complete("snap-1")
+        prev = previous_of(s1, "snap-1")
+    # another tool renames vdb's bitmap away; vda is resized; a stale vmvault bitmap appears
+    vm.q("block-dirty-bitmap-remove", node="disk1", name=prev.disks["vdb"]["bitmap"])
+    vm.q("block_resize", **{"node-name": "disk0", "size": 32 * MiB})
+    vm.q("block-dirty-bitmap-add", node="disk1", name="vmvault-stale", persistent=True)
+    vm.q("block-dirty-bitmap-add", node="disk1", name="other-tool")
+    with source.open_session(prev) as s2:
+        vda, vdb = s2.disks
+        assert vda.changed is None and vdb.changed is None
+        assert any("vda:" in w and "resized" in w for w in s2.warnings)
+        assert any("vdb:" in w and "missing" in w and "outside vmvault" in w for w in s2.warnings)
+        assert any("vmvault-stale" in w for w in s2.warnings)
+        assert vda.image.size == 32 * MiB
+        s2.complete("snap-2")
+        prev2 = previous_of(s2, "snap-2")
+    assert sorted(vm.bitmaps("disk1")) == sorted(["other-tool", prev2.disks["vdb"]["bitmap"]])
+    # a snapshot of another VM (same socket path, new VM) is never used as a base
+    foreign = previous_of(s2, "snap-x")
+    for rec in foreign.disks.values():
+        rec["vm_uuid"] = "00000000-0000-0000-0000-000000000001"
+    with source.open_session(foreign) as s3:
+        assert all(d.changed is None for d in s3.disks)
+        assert any("is of VM" in w for w in s3.warnings)
+
+
+def test_open_source_dispatch_and_location_errors(tmp_path: Path) -> None:
+    from vmvault.errors import ConfigError, HypervisorError
+
+    src = open_source(f"qemu+unix://{tmp_path}/absent.sock?qga={tmp_path}/qga.sock")
+    assert isinstance(src, QemuSource) and src.qga == f"{tmp_path}/qga.sock"
+    assert src.location == f"qemu+unix://{tmp_path}/absent.sock"
+    with pytest.raises(HypervisorError, match="cannot connect to QMP"):
+        src.open_session(None)
+    with pytest.raises(ConfigError):
+        QemuSource("qemu+unix://host/x.sock")
+    with pytest.raises(ConfigError, match="unknown option"):
+        QemuSource("qemu+unix:///x.sock?bogus=1")
