@@ -1,0 +1,151 @@
+"""Fixtures: every backend behind one ``store`` fixture, real servers for the remote ones.
+
+``store`` is parametrised over memory, local, sftp (a real OpenSSH server on loopback) and
+s3 (moto's S3 server on loopback); the contract suite in ``contract.py`` runs against each.
+Every test gets its own empty directory / prefix on the session's servers.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import S3Server, SshServer, s3_server, sshd_server
+from vmvault.backends.base import Backend
+from vmvault.backends.local import LocalBackend
+from vmvault.backends.memory import MemoryBackend
+
+__all__ = ["StoreUnderTest", "s3_server", "sshd_server"]
+
+MiB = 1 << 20
+CONTRACT_BUCKET = "vmvault-contract"
+#: small multipart settings so that the contract's 20+ MiB objects take the multipart path
+S3_MULTIPART = {"multipart_threshold": 8 * MiB, "part_size": 5 * MiB}
+
+
+@dataclass
+class StoreUnderTest:
+    """A backend plus what the contract needs to look behind it."""
+
+    kind: str
+    backend: Backend
+    #: a second, independent client on the same storage (None for memory: no shared storage)
+    open_again: Callable[[], Backend] | None = None
+    #: a location another process can open with ``open_backend`` (None for memory)
+    location: str | None = None
+    #: environment that process needs (key files, credentials)
+    env: dict[str, str] = field(default_factory=dict)
+    #: whether an upload is under way, as the storage itself shows it (temporary file, open
+    #: multipart upload): lets a test kill a writer provably mid-put
+    upload_in_progress: Callable[[], bool] | None = None
+    #: closed at teardown
+    extra: list[Backend] = field(default_factory=list)
+
+
+def _tmp_file_growing(directory: Path) -> bool:
+    for dirpath, _dirs, files in os.walk(directory):
+        for name in files:
+            if ".tmp-" in name:
+                try:
+                    if os.path.getsize(os.path.join(dirpath, name)) > 0:
+                        return True
+                except FileNotFoundError:
+                    continue
+    return False
+
+
+def _memory(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+    return StoreUnderTest("memory", MemoryBackend())
+
+
+def _local(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+    root = tmp_path / "repo"
+    return StoreUnderTest(
+        "local",
+        LocalBackend(str(root)),
+        open_again=lambda: LocalBackend(str(root)),
+        location=str(root),
+        upload_in_progress=lambda: _tmp_file_growing(root),
+    )
+
+
+def _sftp(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+    server: SshServer = request.getfixturevalue("sshd_server")
+    sub = f"contract-{uuid.uuid4().hex[:12]}"
+    directory = server.root / sub
+
+    def make() -> Backend:
+        backend = server.open_backend(sub)
+        assert isinstance(backend, Backend)
+        return backend
+
+    return StoreUnderTest(
+        "sftp",
+        make(),
+        open_again=make,
+        location=server.url(sub),
+        env=server.env,
+        upload_in_progress=lambda: _tmp_file_growing(directory),
+    )
+
+
+def _s3(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+    from vmvault.backends.s3 import open_s3
+
+    server: S3Server = request.getfixturevalue("s3_server")
+    client: Any = server.client()
+    if CONTRACT_BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=CONTRACT_BUCKET)
+    prefix = f"contract-{uuid.uuid4().hex[:12]}"
+
+    def make() -> Backend:
+        return open_s3(server.url(CONTRACT_BUCKET, prefix), **S3_MULTIPART)
+
+    def in_progress() -> bool:
+        answer = client.list_multipart_uploads(Bucket=CONTRACT_BUCKET, Prefix=prefix + "/")
+        return any(
+            client.list_parts(Bucket=CONTRACT_BUCKET, Key=u["Key"], UploadId=u["UploadId"]).get("Parts")
+            for u in answer.get("Uploads", [])
+        )
+
+    return StoreUnderTest(
+        "s3",
+        make(),
+        open_again=make,
+        location=server.url(CONTRACT_BUCKET, prefix)
+        + f"?multipart-threshold={S3_MULTIPART['multipart_threshold']}&part-size={S3_MULTIPART['part_size']}",
+        env=S3Server.client_env(),
+        upload_in_progress=in_progress,
+    )
+
+
+_FACTORIES: dict[str, Callable[[Path, pytest.FixtureRequest], StoreUnderTest]] = {
+    "memory": _memory,
+    "local": _local,
+    "sftp": _sftp,
+    "s3": _s3,
+}
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "local",
+        pytest.param("sftp", marks=pytest.mark.integration),
+        pytest.param("s3", marks=pytest.mark.integration),
+    ]
+)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
+    under_test = _FACTORIES[request.param](tmp_path, request)
+    try:
+        yield under_test
+    finally:
+        under_test.backend.close()
+        for other in under_test.extra:
+            other.close()

@@ -1,0 +1,299 @@
+"""The backend contract: what ``vmvault.backends.base.Backend`` promises, checked on a backend.
+
+Subclass :class:`BackendContract` in a test module; it needs a ``store`` fixture yielding a
+:class:`tests.backends.conftest.StoreUnderTest`. ``tests/backends/test_contract.py`` runs it
+against memory, local, sftp and s3.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.backends.conftest import StoreUnderTest
+from vmvault.backends.base import Backend, ObjectInfo
+from vmvault.errors import ObjectNotFoundError
+
+MiB = 1 << 20
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Incompressible bytes that differ per seed, so a mixed-up object cannot pass."""
+    return random.Random(seed).randbytes(size)
+
+
+def names(backend: Backend, prefix: str = "") -> list[str]:
+    return [info.name for info in backend.list(prefix)]
+
+
+class BackendContract:
+    # --- put / get / exists / delete ------------------------------------------------------
+
+    def test_round_trip(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        data = payload(1000, seed=1)
+        b.put("config", data)
+        assert b.get("config") == data
+        assert b.exists("config")
+        assert not b.exists("conf")
+
+    def test_get_missing_raises_object_not_found(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        with pytest.raises(ObjectNotFoundError) as info:
+            b.get("data/00/missing")
+        assert info.value.name == "data/00/missing"
+        assert "data/00/missing" in str(info.value)
+        with pytest.raises(ObjectNotFoundError):
+            b.get("data/00/missing", 10, 10)
+
+    def test_delete(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        b.put("locks/a", b"lock")
+        b.delete("locks/a")
+        assert not b.exists("locks/a")
+        assert names(b) == []
+        with pytest.raises(ObjectNotFoundError):
+            b.get("locks/a")
+        # deleting what is not there is not an error, twice over
+        b.delete("locks/a")
+        b.delete("never/was")
+
+    def test_overwrite_replaces_whole(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        b.put("locks/host", payload(5000, seed=2))
+        shorter = payload(100, seed=3)
+        b.put("locks/host", shorter)
+        assert b.get("locks/host") == shorter
+        assert list(b.list("locks/")) == [ObjectInfo("locks/host", 100)]
+        longer = payload(9000, seed=4)
+        b.put("locks/host", longer)
+        assert b.get("locks/host") == longer
+
+    def test_empty_object(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        b.put("keys/empty", b"")
+        assert b.exists("keys/empty")
+        assert b.get("keys/empty") == b""
+        assert b.get("keys/empty", 0, 10) == b""
+        assert b.get("keys/empty", 5) == b""
+        assert list(b.list("keys/")) == [ObjectInfo("keys/empty", 0)]
+
+    # --- ranged get -----------------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        ("offset", "length", "expected"),
+        [
+            (0, None, slice(0, 1000)),
+            (0, 1000, slice(0, 1000)),
+            (10, 20, slice(10, 30)),
+            (999, 1, slice(999, 1000)),
+            (500, None, slice(500, 1000)),
+            (990, 50, slice(990, 1000)),  # short read at the end
+            (1000, 10, slice(0, 0)),  # starts at the end
+            (5000, 10, slice(0, 0)),  # starts past the end
+            (1000, None, slice(0, 0)),
+            (7, 0, slice(0, 0)),
+        ],
+    )
+    def test_ranged_get(self, store: StoreUnderTest, offset: int, length: int | None, expected: slice) -> None:
+        data = payload(1000, seed=5)
+        store.backend.put("data/ab/range", data)
+        assert store.backend.get("data/ab/range", offset, length) == data[expected]
+
+    # --- list -----------------------------------------------------------------------------
+
+    def test_list_prefixes(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        objects = {
+            "config": 11,
+            "keys/key-1": 12,
+            "keys/key-2": 13,
+            "data/ab/ab01": 14,
+            "data/ab/ab02": 15,
+            "data/ac/ac01": 16,
+            "data/ff/ff01": 0,
+            "snapshots/s1": 17,
+            "index/ab/cd/ef": 18,
+        }
+        for name, size in objects.items():
+            b.put(name, payload(size, seed=size))
+        assert list(b.list()) == sorted((ObjectInfo(n, s) for n, s in objects.items()), key=lambda o: o.name)
+        assert names(b, "keys/") == ["keys/key-1", "keys/key-2"]
+        assert list(b.list("data/")) == [
+            ObjectInfo("data/ab/ab01", 14),
+            ObjectInfo("data/ab/ab02", 15),
+            ObjectInfo("data/ac/ac01", 16),
+            ObjectInfo("data/ff/ff01", 0),
+        ]
+        assert names(b, "data/ab/") == ["data/ab/ab01", "data/ab/ab02"]
+        assert names(b, "data/a") == ["data/ab/ab01", "data/ab/ab02", "data/ac/ac01"]
+        assert names(b, "index/") == ["index/ab/cd/ef"]
+        assert names(b, "nothing/") == []
+        assert names(b, "data/zz/") == []
+        # "keys/" must not match a sibling that merely starts the same way
+        b.put("keysmith", b"x")
+        assert names(b, "keys/") == ["keys/key-1", "keys/key-2"]
+
+    def test_list_sees_a_deleted_object_gone(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        b.put("data/00/a", b"a")
+        b.put("data/00/b", b"b")
+        b.delete("data/00/a")
+        assert names(b, "data/") == ["data/00/b"]
+
+    def test_many_levels(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        deep = "/".join(f"level{i}" for i in range(12)) + "/object"
+        data = payload(321, seed=6)
+        b.put(deep, data)
+        assert b.get(deep) == data
+        assert names(b, "level0/") == [deep]
+        assert names(b, "level0/level1/level2/") == [deep]
+
+    def test_second_client_sees_the_same_objects(self, store: StoreUnderTest) -> None:
+        if store.open_again is None:
+            pytest.skip(f"{store.kind}: storage lives in one object only")
+        store.backend.put("snapshots/shared", b"seen by both")
+        other = store.open_again()
+        try:
+            assert other.get("snapshots/shared") == b"seen by both"
+            other.delete("snapshots/shared")
+        finally:
+            other.close()
+        assert not store.backend.exists("snapshots/shared")
+
+    # --- size -----------------------------------------------------------------------------
+
+    @pytest.mark.slow
+    def test_large_object(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        data = payload(21 * MiB + 12345, seed=7)
+        b.put("data/big/object", data)
+        assert list(b.list("data/big/")) == [ObjectInfo("data/big/object", len(data))]
+        assert b.get("data/big/object") == data
+        # ranges that cross 5 MiB (S3 part) and 32 KiB (SFTP request) boundaries
+        for offset, length in ((5 * MiB - 3, 7), (MiB - 100, 3 * MiB), (21 * MiB, 1 << 20)):
+            assert b.get("data/big/object", offset, length) == data[offset : offset + length]
+
+    # --- concurrency and atomicity -------------------------------------------------------------
+
+    @pytest.mark.slow
+    def test_concurrent_puts(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        jobs = {f"data/{i % 7:02x}/obj{i:03d}": payload(64 * 1024 + i * 4099, seed=100 + i) for i in range(48)}
+        jobs["data/big/one"] = payload(9 * MiB, seed=99)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda item: b.put(*item), jobs.items()))
+        assert names(b, "data/") == sorted(jobs)
+        for name, data in jobs.items():
+            assert b.get(name) == data, name
+
+    def test_concurrent_puts_of_one_name(self, store: StoreUnderTest) -> None:
+        """Writers racing on one name (lock files): the survivor is one of them, whole."""
+        b = store.backend
+        versions = [payload(200_000 + i * 1000, seed=200 + i) for i in range(6)]
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(lambda data: b.put("locks/race", data), versions))
+        assert b.get("locks/race") in versions
+        assert names(b) == ["locks/race"]
+
+    @pytest.mark.slow
+    def test_reader_never_sees_a_partial_object(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        reader = store.open_again() if store.open_again else b
+        versions = [payload(6 * MiB, seed=300), payload(9 * MiB, seed=301)]
+        b.put("snapshots/current", versions[0])
+        seen: list[int] = []
+        bad: list[int] = []
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                data = reader.get("snapshots/current")
+                if data in versions:
+                    seen.append(versions.index(data))
+                else:
+                    bad.append(len(data))
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            for i in range(6):
+                b.put("snapshots/current", versions[(i + 1) % 2])
+        finally:
+            stop.set()
+            thread.join()
+            if reader is not b:
+                reader.close()
+        assert not bad, f"saw partial objects of sizes {bad}"
+        assert seen
+        assert names(b) == ["snapshots/current"]
+
+    @pytest.mark.slow
+    def test_killed_writer_leaves_the_old_object(self, store: StoreUnderTest) -> None:
+        """Kill a writer process mid-put of a big object: the old object stays, whole, and no
+        temporary object shows in ``list``."""
+        if store.location is None or store.upload_in_progress is None:
+            pytest.skip(f"{store.kind}: no storage outside this process to survive a killed writer")
+        b = store.backend
+        old = payload(MiB, seed=400)
+        b.put("data/ab/victim", old)
+        b.put("data/ab/bystander", b"still here")
+        script = textwrap.dedent(
+            """
+            import sys
+            from vmvault.backends import open_backend
+            backend = open_backend(sys.argv[1])
+            data = bytes([0x5A]) * int(sys.argv[2])
+            print("writing", flush=True)
+            backend.put("data/ab/victim", data)
+            print("done", flush=True)
+            """
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, store.location, str(512 * MiB)],
+            env={**os.environ, **store.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"writing\n", proc.stderr.read() if proc.stderr else ""
+            deadline = time.monotonic() + 60
+            while not store.upload_in_progress():
+                assert proc.poll() is None, "the writer finished before it could be caught mid-put"
+                assert time.monotonic() < deadline, "no upload in progress was ever visible"
+                time.sleep(0.005)
+            # while the upload runs, readers still see the old object
+            assert b.get("data/ab/victim") == old
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        assert b.get("data/ab/victim") == old
+        assert list(b.list()) == [ObjectInfo("data/ab/bystander", 10), ObjectInfo("data/ab/victim", MiB)]
+        # and the name can be written again afterwards
+        b.put("data/ab/victim", b"new")
+        assert b.get("data/ab/victim") == b"new"
+
+    def test_url_names_the_store_without_secrets(self, store: StoreUnderTest) -> None:
+        url = store.backend.url
+        assert url and url != "?"
+        for secret in store.env.values():
+            if secret and os.path.sep not in secret and len(secret) > 4:
+                assert secret not in url
+        for key in ("VMVAULT_SFTP_KEY", "AWS_SECRET_ACCESS_KEY"):
+            if key in store.env:
+                assert store.env[key] not in url
