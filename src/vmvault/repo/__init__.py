@@ -1,0 +1,38 @@
+"""The repository: packs of encrypted chunks, index files, snapshots, and their maintenance.
+
+Public surface (see docs/design/repository-format.md for the format)::
+
+    Repository.init / Repository.open     create or open a repository
+    Snapshot, DiskRecord, FileRecord      snapshot manifests
+    RetentionPolicy, apply_policy         which snapshots a GFS policy keeps (pure)
+    forget, prune                         remove snapshots, garbage-collect data (exclusive lock)
+    check                                 verify structure and, with read_data, every byte
+"""
+
+from __future__ import annotations
+
+from vmvault.repo.check import Affected, CheckReport, Problem, check
+from vmvault.repo.prune import ForgetReport, PruneReport, forget, prune
+from vmvault.repo.repository import BlobWriter, RepoConfig, Repository
+from vmvault.repo.retention import RetentionPolicy, RetentionResult, apply_policy
+from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
+
+__all__ = [
+    "Affected",
+    "BlobWriter",
+    "CheckReport",
+    "DiskRecord",
+    "FileRecord",
+    "ForgetReport",
+    "Problem",
+    "PruneReport",
+    "RepoConfig",
+    "Repository",
+    "RetentionPolicy",
+    "RetentionResult",
+    "Snapshot",
+    "apply_policy",
+    "check",
+    "forget",
+    "prune",
+]

@@ -1,0 +1,355 @@
+"""Forget snapshots by retention policy; prune (garbage-collect) what no snapshot needs.
+
+Both run under the repository's EXCLUSIVE lock, so no backup is writing meanwhile: every
+pack in storage that no index file names was left by a killed writer and may go.
+
+Prune's order of work (docs/design/repository-format.md, "Prune") is what makes a
+``kill -9`` at any instant harmless. Every step either only adds objects, or removes
+objects that nothing live refers to any more:
+
+1. Read every index file and every snapshot; refuse to go on if any is unreadable, if an
+   index block a snapshot needs is unreadable, or if a blob a snapshot needs is in no
+   index or only in packs missing from storage (deleting on a partial view could delete
+   data a snapshot needs; ``check`` says what is damaged).
+2. Mark every blob the remaining snapshots reference: each disk's INDEX blobs and every
+   DATA chunk they name, and every file chunk.
+3. Copy the used blobs of packs whose unused share is above ``max_unused`` into new packs
+   (BlobWriter: packs first, then an index file naming them). Killed here: the old packs
+   and index files are untouched; the new packs are duplicates.
+4. Write ONE consolidated index file naming every pack that stays and every new pack, and
+   superseding every index file that existed (superseded ones too: a file superseded by a
+   file that is then deleted must not come back to life). Readers ignore superseded files
+   from this moment on, so the packs below are unreferenced from here.
+5. Delete the superseded index files. Killed here: leftovers are superseded (a warning).
+6. Delete unreferenced packs: unused, repacked, duplicates and orphans. Killed here:
+   leftovers are orphans (a warning), deleted by the next prune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vmvault.errors import IntegrityError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
+from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
+from vmvault.repo.index import IndexFile
+from vmvault.repo.pack import BlobEntry, open_blob, pack_name
+from vmvault.repo.repository import Repository
+from vmvault.repo.retention import RetentionPolicy, RetentionResult, apply_policy
+from vmvault.repo.snapshot import Snapshot
+
+__all__ = ["DEFAULT_MAX_UNUSED", "ForgetReport", "PruneReport", "forget", "prune", "referenced_blobs"]
+
+#: repack a pack when more than this share of its bytes is unused
+DEFAULT_MAX_UNUSED = 0.1
+
+Progress = Callable[[str, int, int], None]
+
+
+# ---- forget ------------------------------------------------------------------------------
+
+
+@dataclass
+class ForgetReport:
+    dry_run: bool
+    policy: RetentionPolicy
+    result: RetentionResult
+    removed: list[str] = field(default_factory=list)
+    #: snapshots that could not be read, so the policy did not consider them (id, error)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def kept(self) -> list[str]:
+        return [s.id for s in self.result.keep]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "policy": self.policy.to_dict(),
+            "groups": self.result.to_dict()["groups"],
+            "kept": self.kept,
+            "removed": [s.id for s in self.result.remove] if self.dry_run else self.removed,
+            "unreadable": [{"id": i, "error": e} for i, e in self.unreadable],
+        }
+
+
+def forget(repo: Repository, policy: RetentionPolicy, *, dry_run: bool = False) -> ForgetReport:
+    """Delete the snapshot manifests ``policy`` does not keep (their data stays until ``prune``)."""
+    with repo.lock(exclusive=True, operation="forget"):
+        unreadable: list[tuple[str, str]] = []
+        snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))))
+        result = apply_policy(snaps, policy)
+        report = ForgetReport(dry_run=dry_run, policy=policy, result=result, unreadable=unreadable)
+        if not dry_run:
+            for snap in result.remove:
+                repo.delete_snapshot(snap.id)
+                report.removed.append(snap.id)
+        return report
+
+
+# ---- reachability ------------------------------------------------------------------------
+
+
+def iter_index_entries(raw: bytes) -> Iterable[bytes]:
+    return (raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE))
+
+
+def referenced_blobs(repo: Repository, snapshots: Iterable[Snapshot]) -> set[bytes]:
+    """Every blob id the snapshots need: INDEX blobs, the DATA chunks they name, file chunks.
+
+    Each distinct INDEX blob is read once (unchanged index blocks are shared between
+    snapshots). Raises IntegrityError when an index block cannot be read.
+    """
+    used: set[bytes] = set()
+    for snap in snapshots:
+        for disk in snap.disks:
+            for block in disk.index:
+                if block is None:
+                    continue
+                block_id = bytes.fromhex(block)
+                if block_id in used:
+                    continue
+                raw = repo.get_blob(BlobType.INDEX, block_id)
+                used.add(block_id)
+                used.update(e for e in iter_index_entries(raw) if e != ZERO_ID and e != PARENT_ID)
+        for f in snap.files:
+            used.update(bytes.fromhex(c) for c in f.chunks)
+    return used
+
+
+# ---- prune -------------------------------------------------------------------------------
+
+
+@dataclass
+class PruneReport:
+    dry_run: bool
+    max_unused: float
+    snapshots: int = 0
+    index_files_before: int = 0
+    packs_before: int = 0
+    bytes_before: int = 0
+    blobs_used: int = 0
+    blobs_removed: int = 0
+    bytes_removed: int = 0  # sealed bytes of removed blobs
+    packs_deleted: int = 0  # wholly unused, repacked, orphan and duplicate-only packs
+    orphan_packs: int = 0  # packs in storage that no index names (left by killed writers)
+    missing_packs: int = 0  # indexed packs absent from storage, holding nothing needed
+    packs_repacked: int = 0
+    blobs_repacked: int = 0
+    bytes_repacked: int = 0
+    packs_written: int = 0
+    index_files_removed: int = 0
+    index_files_written: int = 0
+    packs_after: int = 0
+    bytes_after: int = 0
+    actions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Pack:
+    id: bytes
+    entries: list[BlobEntry]
+    size: int | None  # in storage; None: missing
+    keep: list[BlobEntry] = field(default_factory=list)  # the copies of used blobs chosen here
+
+    @property
+    def blob_bytes(self) -> int:
+        return sum(e.length for e in self.entries)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.length for e in self.keep)
+
+
+def _read_index_files(repo: Repository) -> dict[bytes, IndexFile]:
+    files: dict[bytes, IndexFile] = {}
+    for obj in repo.backend.list("index/"):
+        file_id = bytes.fromhex(obj.name.removeprefix("index/"))
+        try:
+            files[file_id] = repo.read_index_file(file_id)
+        except ObjectNotFoundError:
+            continue
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"prune stopped, nothing was changed: {exc}. Without every index file prune cannot tell "
+                "which packs are in use; run `vmvault check` and repair the index first.",
+                name=obj.name,
+            ) from exc
+    return files
+
+
+def prune(
+    repo: Repository,
+    *,
+    dry_run: bool = False,
+    max_unused: float = DEFAULT_MAX_UNUSED,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Remove every blob no snapshot references; see the module docstring for the order.
+
+    ``max_unused`` (0..1): a pack holding used blobs is rewritten when more than this share
+    of its blob bytes is unused; wholly unused packs are always deleted.
+    """
+    if not 0.0 <= max_unused <= 1.0:
+        raise RepositoryError(f"max_unused must be between 0 and 1, not {max_unused}")
+    with repo.lock(exclusive=True, operation="prune"):
+        try:
+            return _prune_locked(repo, dry_run, max_unused, progress)
+        finally:
+            # whatever happened, the in-memory index must describe the repository as it now is
+            repo.load_index()
+
+
+def _prune_locked(repo: Repository, dry_run: bool, max_unused: float, progress: Progress | None) -> PruneReport:
+    report = PruneReport(dry_run=dry_run, max_unused=max_unused)
+    backend = repo.backend
+
+    # 1. everything that exists
+    files = _read_index_files(repo)
+    problems = repo.load_index()
+    if problems:  # an index file changed under us: give up rather than guess
+        raise IntegrityError(f"prune stopped, nothing was changed: {'; '.join(problems)}")
+    report.index_files_before = len(files)
+    superseded = {s for f in files.values() for s in f.supersedes}
+    stored = {bytes.fromhex(o.name.rsplit("/", 1)[1]): o.size for o in backend.list("data/")}
+    report.packs_before = len(stored)
+    report.bytes_before = sum(stored.values())
+
+    packs: dict[bytes, _Pack] = {}
+    for file_id, f in files.items():
+        if file_id in superseded:
+            continue
+        for pack_id, entries in f.packs.items():
+            p = packs.setdefault(pack_id, _Pack(pack_id, [], stored.get(pack_id)))
+            have = {(e.id, e.offset) for e in p.entries}
+            p.entries.extend(e for e in entries if (e.id, e.offset) not in have)
+
+    unreadable: list[str] = []
+    snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append(f"{sid[:8]}: {exc}"))
+    if unreadable:
+        raise IntegrityError(
+            "prune stopped, nothing was changed: unreadable snapshots (" + "; ".join(unreadable) + "). "
+            "Prune cannot tell which data they need; run `vmvault check`, then forget them."
+        )
+    report.snapshots = len(snaps)
+
+    # 2. what the snapshots need
+    try:
+        used = referenced_blobs(repo, snaps)
+    except (IntegrityError, SnapshotNotFoundError) as exc:
+        raise IntegrityError(
+            f"prune stopped, nothing was changed: {exc}. Run `vmvault check` to see which snapshots are affected."
+        ) from exc
+    report.blobs_used = len(used)
+
+    # choose one stored copy of each used blob; prefer packs that are mostly used, so
+    # duplicates left by concurrent backups end up in packs that go away
+    order = sorted(
+        (p for p in packs.values() if p.size is not None),
+        key=lambda p: (-sum(1 for e in p.entries if e.id in used) / max(1, len(p.entries)), p.id),
+    )
+    placed: set[bytes] = set()
+    for p in order:
+        for e in p.entries:
+            if e.id in used and e.id not in placed:
+                p.keep.append(e)
+                placed.add(e.id)
+    missing = used - placed
+    if missing:
+        sample = ", ".join(sorted(m.hex() for m in missing)[:5])
+        raise IntegrityError(
+            f"prune stopped, nothing was changed: {len(missing)} blobs the snapshots need are in no index "
+            f"or only in missing packs (e.g. {sample}). Run `vmvault check` to see which snapshots are affected."
+        )
+
+    delete: list[bytes] = []
+    repack: list[_Pack] = []
+    keep: list[_Pack] = []
+    for p in sorted(packs.values(), key=lambda p: p.id):
+        if p.size is None:
+            report.missing_packs += 1
+            report.actions.append(f"drop missing pack {p.id.hex()} from the index (it held nothing needed)")
+            continue
+        if not p.keep:
+            delete.append(p.id)
+        elif p.blob_bytes and (p.blob_bytes - p.used_bytes) / p.blob_bytes > max_unused:
+            repack.append(p)
+        else:
+            keep.append(p)
+            continue
+        kept_ids = {e.id for e in p.keep}
+        report.blobs_removed += sum(1 for e in p.entries if e.id not in kept_ids)
+        report.bytes_removed += sum(e.length for e in p.entries if e.id not in kept_ids)
+    orphans = sorted(set(stored) - set(packs))
+    report.orphan_packs = len(orphans)
+    report.packs_repacked = len(repack)
+    report.blobs_repacked = sum(len(p.keep) for p in repack)
+    report.bytes_repacked = sum(p.used_bytes for p in repack)
+    doomed = delete + [p.id for p in repack] + orphans
+    report.packs_deleted = len(doomed)
+
+    nothing_to_do = not doomed and not report.missing_packs and len(files) <= 1 and not superseded & set(files)
+    if dry_run or nothing_to_do:
+        report.index_files_written = 0
+        # for a dry run: an estimate (repacked blobs are counted at their current size)
+        report.packs_after = report.packs_before - len(doomed) if dry_run else report.packs_before
+        removed = sum(stored[i] for i in doomed) - report.bytes_repacked
+        report.bytes_after = report.bytes_before - removed if dry_run else report.bytes_before
+        return report
+
+    # 3. repack: new packs (and an index file naming them) before anything is removed
+    new_entries: dict[bytes, list[BlobEntry]] = {}
+    written_index: set[bytes] = set()
+    if repack:
+        scratch = Repository(backend, repo.config, repo.key, repo.key_id)  # empty index: copy everything given
+        writer = scratch.writer(upload_threads=2, index_every=1 << 30)
+        try:
+            for n, p in enumerate(repack):
+                if progress is not None:
+                    progress("repack", n, len(repack))
+                name = pack_name(p.id)
+                data = backend.get(name)
+                if hashlib.sha256(data).digest() != p.id:
+                    raise IntegrityError(
+                        f"prune stopped before removing anything: pack {p.id.hex()} does not match its name "
+                        "(damaged); run `vmvault check --read-data`",
+                        name=name,
+                    )
+                for e in p.keep:
+                    plain = open_blob(repo.key, e.type, e.id, data[e.offset : e.offset + e.length])
+                    writer.add(e.type, e.id, plain)
+            writer.flush()
+        finally:
+            writer.close(flush=False)
+        new_entries = {pid: sorted(es, key=lambda e: e.offset) for pid, es in scratch.index.packs().items()}
+        written_index = scratch.index_file_ids()
+        report.packs_written = len(new_entries)
+        report.actions.append(f"repacked {len(repack)} packs into {len(new_entries)}")
+
+    # 4. one index file that names everything that stays and supersedes every other index file
+    consolidated = IndexFile(
+        packs={p.id: sorted(p.entries, key=lambda e: e.offset) for p in keep} | new_entries,
+        supersedes=sorted(set(files) | written_index),
+    )
+    new_id = repo.write_index_file(consolidated)
+    report.index_files_written = 1
+
+    # 5. superseded index files, then 6. unreferenced packs
+    for file_id in sorted(set(files) | written_index):
+        if file_id != new_id:
+            backend.delete(f"index/{file_id.hex()}")
+            report.index_files_removed += 1
+    for n, pack_id in enumerate(doomed):
+        if progress is not None:
+            progress("delete", n, len(doomed))
+        backend.delete(pack_name(pack_id))
+
+    after = [o.size for o in backend.list("data/")]
+    report.packs_after = len(after)
+    report.bytes_after = sum(after)
+    return report

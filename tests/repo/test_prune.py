@@ -1,0 +1,145 @@
+"""forget + prune: what remains restores identically, what is gone is gone, dry runs change nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from tests.repo.builders import Content, backup, disk_image, make_repo, reopen, restore_all, storage_bytes
+from vmvault.backends.memory import MemoryBackend
+from vmvault.errors import IntegrityError, LockedError
+from vmvault.repo import RetentionPolicy, check, forget, prune
+from vmvault.repo.repository import Repository
+
+T0 = dt.datetime(2025, 3, 1, 12, tzinfo=dt.UTC)
+
+
+def state(repo: Repository) -> dict[str, bytes]:
+    """Every object but locks, with its bytes."""
+    return {o.name: repo.backend.get(o.name) for o in repo.backend.list("") if not o.name.startswith("locks/")}
+
+
+def history(repo: Repository, n: int = 5) -> list[tuple[str, Content]]:
+    """n daily snapshots of one VM; each day changes some chunks and shares the rest."""
+    base = disk_image(1, 40)
+    out = []
+    for day in range(n):
+        disk = bytearray(base)
+        changed = disk_image(100 + day, 8, zero_every=0)
+        disk[day * 8 * 4096 : (day + 1) * 8 * 4096] = changed
+        content = Content(disks={"sda": bytes(disk)}, files={"vm.conf": f"day {day}\n".encode() * 50})
+        snap = backup(repo, content, time=T0 + dt.timedelta(days=day))
+        out.append((snap.id, content))
+    return out
+
+
+def test_forget_prune_keeps_remaining_identical_and_shrinks(local_repo: Repository) -> None:
+    repo = local_repo
+    hist = history(repo)
+    other = backup(repo, Content(disks={"hda": disk_image(7, 12)}), location="vm2", time=T0)
+    before = storage_bytes(repo.backend, "data/")
+
+    fr = forget(repo, RetentionPolicy(last=2))
+    assert set(fr.removed) == {sid for sid, _c in hist[:3]}
+    assert set(fr.kept) == {hist[3][0], hist[4][0], other.id}
+
+    report = prune(repo, max_unused=0.0)
+    assert report.blobs_removed > 0 and report.packs_deleted > 0
+    after = storage_bytes(repo.backend, "data/")
+    assert after < before and report.bytes_after == after
+
+    fresh = reopen(repo)
+    for sid, content in hist[3:]:
+        assert restore_all(fresh, fresh.load_snapshot(sid)) == content
+    assert restore_all(fresh, fresh.load_snapshot(other.id)).disks == {"hda": disk_image(7, 12)}
+    # every blob left is one the remaining snapshots use (max_unused=0 repacks everything partial)
+    from vmvault.repo.prune import referenced_blobs
+
+    used = referenced_blobs(fresh, fresh.list_snapshots())
+    assert {b for b, _loc in fresh.index.items()} == used
+    result = check(fresh, read_data=True)
+    assert result.ok and not result.warnings, result.to_dict()
+    # a second prune has nothing to do
+    again = prune(fresh)
+    assert again.packs_deleted == 0 and again.index_files_written == 0
+
+
+def test_dry_run_changes_nothing(local_repo: Repository) -> None:
+    repo = local_repo
+    history(repo, 3)
+    listing = state(repo)
+    fr = forget(repo, RetentionPolicy(last=1), dry_run=True)
+    assert len(fr.to_dict()["removed"]) == 2 and not fr.removed
+    pr = prune(repo, dry_run=True)
+    assert pr.dry_run and pr.packs_deleted == 0  # nothing is unused before forget
+    assert state(repo) == listing
+    forget(repo, RetentionPolicy(last=1))
+    listing = state(repo)
+    pr = prune(repo, dry_run=True, max_unused=0.0)
+    assert pr.packs_deleted > 0 and pr.blobs_removed > 0
+    assert state(repo) == listing
+
+
+def test_forget_everything_then_prune_empties_data() -> None:
+    repo = make_repo(MemoryBackend())
+    history(repo, 2)
+    forget(repo, RetentionPolicy(last=1, group_by=("location", "host")))
+    for s in repo.list_snapshots():
+        repo.delete_snapshot(s.id)
+    report = prune(repo)
+    assert report.packs_after == 0 and report.bytes_after == 0
+    assert list(repo.backend.list("data/")) == []
+    assert len(list(repo.backend.list("index/"))) == 1
+    assert check(repo).ok
+
+
+def test_orphan_packs_and_duplicates_are_removed() -> None:
+    repo = make_repo(MemoryBackend())
+    hist = history(repo, 2)
+    # a killed backup: a pack uploaded, its index never written
+    writer = repo.writer(index_every=1 << 20)
+    from vmvault.repo._layout import BlobType
+
+    payload = b"orphan" * 1000
+    writer.add(BlobType.DATA, repo.key.chunk_id(payload), payload)
+    with writer._lock:  # upload the pack but skip the index file
+        builder = writer._builder
+    pack_id, data = builder.finish(repo.key)
+    from vmvault.repo.pack import pack_name
+
+    repo.backend.put(pack_name(pack_id), data)
+    writer.close(flush=False)
+    # a concurrent backup stored the same chunks again (dedup raced): duplicate packs
+    dup = Repository(repo.backend, repo.config, repo.key, repo.key_id)  # empty index: stores everything again
+    backup(dup, hist[1][1], time=T0 + dt.timedelta(days=9))
+    res = check(reopen(repo))
+    assert res.ok and [p.kind for p in res.warnings] == ["orphan-pack"]
+    report = prune(repo)
+    assert report.orphan_packs == 1
+    res = check(reopen(repo), read_data=True)
+    assert res.ok and not res.warnings
+    fresh = reopen(repo)
+    for sid, content in hist:
+        assert restore_all(fresh, fresh.load_snapshot(sid)) == content
+
+
+def test_prune_refuses_when_an_index_file_is_damaged() -> None:
+    repo = make_repo(MemoryBackend())
+    history(repo, 2)
+    forget(repo, RetentionPolicy(last=1))
+    name = next(iter(repo.backend.list("index/"))).name
+    raw = bytearray(repo.backend.get(name))
+    raw[20] ^= 1
+    repo.backend.put(name, bytes(raw))
+    listing = sorted(o.name for o in repo.backend.list("data/"))
+    with pytest.raises(IntegrityError, match="prune stopped"):
+        prune(repo)
+    assert sorted(o.name for o in repo.backend.list("data/")) == listing
+
+
+def test_prune_refuses_while_another_process_holds_a_lock() -> None:
+    repo = make_repo(MemoryBackend())
+    history(repo, 1)
+    with repo.lock(exclusive=False, operation="backup"), pytest.raises(LockedError):
+        prune(repo)
