@@ -27,19 +27,22 @@ def _percent(text: str) -> float:
     return value
 
 
-def _check_progress(bar: TerminalProgress | QuietProgress) -> Any:
-    state = {"label": None, "done": 0}
+class _CheckBars:
+    """Adapts check's ``(label, done, total)`` callbacks to one bar per phase."""
 
-    def report(label: str, done: int, total: int) -> None:
-        if state["label"] != label:
-            if state["label"] is not None:
-                bar.finish()
-            bar.start(label, total)
-            state["label"], state["done"] = label, 0
-        bar.advance(done - int(state["done"] or 0))
-        state["done"] = done
+    def __init__(self, bar: TerminalProgress | QuietProgress) -> None:
+        self.bar = bar
+        self.label: str | None = None
+        self.done = 0
 
-    return report, bar
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if self.label != label:
+            if self.label is not None:
+                self.bar.finish()
+            self.bar.start(label, total)
+            self.label, self.done = label, 0
+        self.bar.advance(done - self.done)
+        self.done = done
 
 
 def _render_check(report: CheckReport) -> str:
@@ -62,8 +65,9 @@ def _render_check(report: CheckReport) -> str:
         lines.append("no errors found" + (f" ({len(report.warnings)} warnings)" if report.warnings else ""))
     else:
         lines.append(
-            f"{len(report.errors)} errors; damaged snapshots: {', '.join(s[:8] for s in report.damaged_snapshots) or '-'};"
-            f" intact snapshots: {len(report.intact_snapshots)}"
+            f"{len(report.errors)} errors; damaged snapshots: "
+            f"{', '.join(s[:8] for s in report.damaged_snapshots) or '-'}; "
+            f"intact snapshots: {len(report.intact_snapshots)}"
         )
     return "\n".join(lines)
 
@@ -73,9 +77,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     if args.subset is not None and not args.read_data:
         args.read_data = True
-    report_fn, bar = _check_progress(out.progress())
-    report = check(repo, read_data=args.read_data, subset=args.subset, progress=report_fn, seed=args.seed)
-    bar.finish()
+    bars = _CheckBars(out.progress())
+    report = check(repo, read_data=args.read_data, subset=args.subset, progress=bars, seed=args.seed)
+    bars.bar.finish()
     out.result(report.to_dict(), _render_check(report))
     return EXIT["ok"] if report.ok else EXIT["problems"]
 
