@@ -482,9 +482,9 @@ def _open_fd(path: str, fd: int, parent_override: str | None, seen: frozenset[st
             structure="VHD dynamic header",
         )
     toff = header.table_offset
-    if toff + 4 * nblocks > file_size:
+    if toff + 4 * entries > file_size:
         raise FormatError(
-            f"BAT ({nblocks} entries at {toff:#x}) lies outside the file",
+            f"BAT ({entries} entries at {toff:#x}) lies outside the file",
             path=path,
             offset=hoff + 16,
             structure="VHD dynamic header",
