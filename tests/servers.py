@@ -92,7 +92,9 @@ def _wait_for(check: object, what: str, timeout: float = 20.0) -> None:
 class SshServer:
     """An OpenSSH server on 127.0.0.1 with its own host key, serving SFTP to one client key."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, sftp_options: str = "") -> None:
+        """``sftp_options`` are added to the sftp-server command line, e.g. ``-R`` (read-only)
+        or ``-P posix-rename`` (refuse that request)."""
         for tool in (SSHD, shutil.which("ssh-keygen")):
             if tool is None or not os.path.exists(tool):
                 pytest.skip("OpenSSH is not installed (apt-get install openssh-server openssh-client)")
@@ -132,7 +134,7 @@ class SshServer:
                     "StrictModes no",
                     "UsePAM no",
                     f"PidFile {workdir / 'sshd.pid'}",
-                    f"Subsystem sftp {sftp_server}",
+                    f"Subsystem sftp {sftp_server} {sftp_options}".rstrip(),
                     "MaxStartups 100",
                     "MaxSessions 100",
                     "LogLevel ERROR",
@@ -297,8 +299,8 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def running_sshd(workdir: Path) -> Iterator[SshServer]:
-    server = SshServer(workdir)
+def running_sshd(workdir: Path, sftp_options: str = "") -> Iterator[SshServer]:
+    server = SshServer(workdir, sftp_options=sftp_options)
     server.start()
     try:
         yield server

@@ -21,7 +21,7 @@ from vmvault.backends.base import Backend
 from vmvault.backends.local import LocalBackend
 from vmvault.backends.memory import MemoryBackend
 
-__all__ = ["StoreUnderTest", "s3_server", "sshd_server"]
+__all__ = ["StoreUnderTest", "s3_server", "sshd_server", "upload_in_progress"]
 
 MiB = 1 << 20
 CONTRACT_BUCKET = "vmvault-contract"
@@ -48,7 +48,8 @@ class StoreUnderTest:
     extra: list[Backend] = field(default_factory=list)
 
 
-def _tmp_file_growing(directory: Path) -> bool:
+def upload_in_progress(directory: Path) -> bool:
+    """A temporary file with data in it exists somewhere under ``directory``."""
     for dirpath, _dirs, files in os.walk(directory):
         for name in files:
             if ".tmp-" in name:
@@ -71,7 +72,7 @@ def _local(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
         LocalBackend(str(root)),
         open_again=lambda: LocalBackend(str(root)),
         location=str(root),
-        upload_in_progress=lambda: _tmp_file_growing(root),
+        upload_in_progress=lambda: upload_in_progress(root),
     )
 
 
@@ -91,7 +92,7 @@ def _sftp(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
         open_again=make,
         location=server.url(sub),
         env=server.env,
-        upload_in_progress=lambda: _tmp_file_growing(directory),
+        upload_in_progress=lambda: upload_in_progress(directory),
     )
 
 

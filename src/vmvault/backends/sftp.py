@@ -66,7 +66,11 @@ _CMD_EXTENDED_REPLY = 201
 #: larger, but paramiko splits requests at 32 KiB anyway)
 _READ_SIZE = 32768
 
-#: a write that fails with SSH_FX_FAILURE is "disk full" when less than this remains free
+#: statvfs@openssh.com f_flag bit for a read-only mount (OpenSSH PROTOCOL section 4.4)
+_ST_RDONLY = 0x1
+
+#: a write that fails with SSH_FX_FAILURE is "disk full" when less than the object's size plus
+#: this remains free
 _FULL_MARGIN = 1 << 20
 
 
@@ -156,6 +160,12 @@ def _is_connection_failure(exc: BaseException) -> bool:
         return True
     # paramiko reports a closed channel as a bare socket.error
     return isinstance(exc, OSError) and exc.errno is None and "closed" in str(exc).lower()
+
+
+def _not_offered(exc: OSError) -> bool:
+    """An extension the server lacks (OP_UNSUPPORTED) or its administrator banned
+    (``sftp-server -P``, answered with PERMISSION_DENIED)."""
+    return exc.errno == errno.EACCES or (exc.errno is None and "unsupported" in str(exc).lower())
 
 
 class SftpBackend(Backend):
@@ -271,8 +281,10 @@ class SftpBackend(Backend):
             f"VMVAULT_SFTP_KEY or ?key=PATH"
         )
 
-    def _call(self, describe: str, name: str | None, op: Callable[[paramiko.SFTPClient], T]) -> T:
-        """Run ``op`` on a pooled connection, reconnecting and retrying when it drops."""
+    def _call(self, describe: str, name: str | None, op: Callable[[paramiko.SFTPClient], T], *, needed: int = 0) -> T:
+        """Run ``op`` on a pooled connection, reconnecting and retrying when it drops.
+
+        ``needed``: bytes the operation writes, to recognise a full disk behind SSH_FX_FAILURE."""
 
         def attempt() -> T:
             with self._pool.connection() as conn:
@@ -284,7 +296,7 @@ class SftpBackend(Backend):
                     if not conn.alive() or _is_connection_failure(exc):
                         conn.close()
                         raise TransientError(exc) from exc
-                    raise self._translate(exc, describe, name, conn.sftp) from exc
+                    raise self._translate(exc, describe, name, conn.sftp, needed) from exc
 
         return call_with_retry(
             attempt,
@@ -297,7 +309,7 @@ class SftpBackend(Backend):
     # --- errors ------------------------------------------------------------------------
 
     def _translate(
-        self, exc: BaseException, describe: str, name: str | None, sftp: paramiko.SFTPClient
+        self, exc: BaseException, describe: str, name: str | None, sftp: paramiko.SFTPClient, needed: int
     ) -> BackendError:
         text = f"{self.url}: cannot {describe}: {exc}"
         if isinstance(exc, OSError):
@@ -306,21 +318,25 @@ class SftpBackend(Backend):
             if exc.errno in (errno.EACCES, errno.EPERM):
                 return BackendPermissionError(f"{text} (permission denied on the server)", name=name)
             lowered = str(exc).lower()
-            if "quota" in lowered or "space" in lowered or self._nearly_full(sftp):
+            room = self._statvfs(sftp)
+            if room is not None and room[1] & _ST_RDONLY:
+                return BackendPermissionError(f"{text} (the server's file system is read-only)", name=name)
+            if "quota" in lowered or "space" in lowered or (room is not None and room[0] < needed + _FULL_MARGIN):
                 return StorageFullError(f"{self.url}: the server's disk is full or over quota ({describe})", name=name)
         return BackendError(text, name=name)
 
-    def _nearly_full(self, sftp: paramiko.SFTPClient) -> bool:
-        """Ask ``statvfs@openssh.com`` how much room is left under the repository."""
+    def _statvfs(self, sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
+        """Free bytes and mount flags under the repository, from ``statvfs@openssh.com``."""
         try:
             kind, msg = sftp._request(_CMD_EXTENDED, "statvfs@openssh.com", self.root or ".")  # type: ignore[attr-defined]
         except Exception:
-            return False
+            return None
         if kind != _CMD_EXTENDED_REPLY:
-            return False
-        # f_bsize, f_frsize, f_blocks, f_bfree, f_bavail, ... (OpenSSH PROTOCOL 4.4)
-        _bsize, frsize, _blocks, _bfree, bavail = (msg.get_int64() for _ in range(5))
-        return bool(frsize * bavail < _FULL_MARGIN)
+            return None
+        # f_bsize f_frsize f_blocks f_bfree f_bavail f_files f_ffree f_favail f_fsid f_flag
+        # f_namemax, all uint64 (OpenSSH PROTOCOL section 4.4)
+        fields = [msg.get_int64() for _ in range(11)]
+        return fields[1] * fields[4], fields[9]
 
     # --- paths -------------------------------------------------------------------------
 
@@ -373,12 +389,26 @@ class SftpBackend(Backend):
                 sftp.posix_rename(tmp, path)
                 return
             except OSError as exc:
-                if exc.errno is not None or "unsupported" not in str(exc).lower():
+                if not _not_offered(exc):
                     raise
                 self._posix_rename = False
-        with contextlib.suppress(FileNotFoundError):
-            sftp.remove(path)
+        # SFTP v3 rename refuses to replace (filexfer-02 section 6.5): only when the name is
+        # taken, remove it first. Between the two calls the name is briefly absent, never partial.
+        try:
+            sftp.rename(tmp, path)
+            return
+        except OSError:
+            if not self._is_file(sftp, path):
+                raise
+        sftp.remove(path)
         sftp.rename(tmp, path)
+
+    @staticmethod
+    def _is_file(sftp: paramiko.SFTPClient, path: str) -> bool:
+        try:
+            return stat.S_ISREG(sftp.stat(path).st_mode or 0)
+        except FileNotFoundError:
+            return False
 
     def _fsync_file(self, sftp: paramiko.SFTPClient, handle: paramiko.SFTPFile) -> None:
         if not self._fsync:
@@ -386,8 +416,9 @@ class SftpBackend(Backend):
         try:
             sftp._request(_CMD_EXTENDED, "fsync@openssh.com", handle.handle)  # type: ignore[attr-defined]
         except OSError as exc:
-            if exc.errno is not None or "unsupported" not in str(exc).lower():
+            if not _not_offered(exc):
                 raise
+            # durability then rests on the server's own flushing; the rename is still atomic
             self._fsync = False
 
     # --- the Backend interface -----------------------------------------------------------
@@ -418,7 +449,9 @@ class SftpBackend(Backend):
                 raise
             leftovers.clear()
 
-        self._call(f"write {name}", name, op)
+        # the failed attempt's temporary file is gone before the error is examined, so
+        # "full" means: less room than this object needs
+        self._call(f"write {name}", name, op, needed=len(data))
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         if offset < 0 or (length is not None and length < 0):
@@ -443,13 +476,7 @@ class SftpBackend(Backend):
     def exists(self, name: str) -> bool:
         path = self._path(name)
 
-        def op(sftp: paramiko.SFTPClient) -> bool:
-            try:
-                return stat.S_ISREG(sftp.stat(path).st_mode or 0)
-            except FileNotFoundError:
-                return False
-
-        return self._call(f"look up {name}", name, op)
+        return self._call(f"look up {name}", name, lambda sftp: self._is_file(sftp, path))
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if prefix.startswith("/") or ".." in prefix.split("/"):

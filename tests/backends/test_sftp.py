@@ -1,0 +1,371 @@
+"""SFTP backend against a real OpenSSH server on loopback: trust, authentication, faults."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.backends.conftest import upload_in_progress
+from tests.servers import SshServer, process_tree, running_sshd
+from vmvault.backends import open_backend
+from vmvault.backends._retry import RetryPolicy
+from vmvault.backends.sftp import SftpBackend, open_sftp
+from vmvault.errors import (
+    BackendConnectionError,
+    BackendPermissionError,
+    ConfigError,
+    StorageFullError,
+)
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+QUICK = RetryPolicy(attempts=3, initial_delay=0.05, max_delay=0.2)
+
+
+def backend(server: SshServer, path: str, **options: object) -> SftpBackend:
+    b = server.open_backend(path, **options)
+    assert isinstance(b, SftpBackend)
+    return b
+
+
+@pytest.fixture
+def own_sshd(tmp_path: Path) -> Iterator[SshServer]:
+    """A server this test alone may kill and restart."""
+    with running_sshd(tmp_path / "sshd") as server:
+        yield server
+
+
+def temporaries(directory: Path) -> list[str]:
+    return [name for _d, _s, files in os.walk(directory) for name in files if ".tmp-" in name]
+
+
+# --- host keys -----------------------------------------------------------------------------
+
+
+def test_unknown_host_is_refused_with_keyscan_advice(sshd_server: SshServer, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    b = backend(sshd_server, "unknown-host", known_hosts=str(known), retry=QUICK)
+    with pytest.raises(BackendPermissionError) as info:
+        b.put("config", b"x")
+    message = str(info.value)
+    assert "not in" in message and str(known) in message
+    assert f"ssh-keyscan -p {sshd_server.port} 127.0.0.1 >> {known}" in message
+    fingerprint = subprocess.run(
+        ["ssh-keygen", "-lf", f"{sshd_server.host_key}.pub"], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
+    assert fingerprint in message
+    # refused, not learnt: nothing was written to known_hosts, nothing to the server
+    assert known.read_text() == ""
+    assert not (sshd_server.root / "unknown-host").exists()
+
+
+def test_missing_known_hosts_file_is_refused_not_created(sshd_server: SshServer, tmp_path: Path) -> None:
+    known = tmp_path / "nowhere" / "known_hosts"
+    b = backend(sshd_server, "no-known-hosts", known_hosts=str(known), retry=QUICK)
+    with pytest.raises(BackendPermissionError, match="ssh-keyscan"):
+        b.exists("config")
+    assert not known.exists()
+
+
+def test_changed_host_key_is_refused(sshd_server: SshServer, tmp_path: Path) -> None:
+    impostor = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    public = Path(f"{impostor}.pub").read_text().split()
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{sshd_server.port} {public[0]} {public[1]}\n")
+    b = backend(sshd_server, "changed-key", known_hosts=str(known), retry=QUICK)
+    started = time.monotonic()
+    with pytest.raises(BackendPermissionError) as info:
+        b.put("config", b"x")
+    assert time.monotonic() - started < 5, "a refused host key must not be retried"
+    message = str(info.value)
+    assert "CHANGED" in message
+    assert f"ssh-keygen -R [127.0.0.1]:{sshd_server.port}" in message
+    assert not (sshd_server.root / "changed-key").exists()
+
+
+def test_hashed_known_hosts_entry_is_accepted(sshd_server: SshServer, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text(sshd_server.known_hosts.read_text())
+    subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
+    assert "|1|" in known.read_text()
+    with backend(sshd_server, "hashed", known_hosts=str(known)) as b:
+        b.put("config", b"ok")
+        assert b.get("config") == b"ok"
+
+
+# --- authentication ------------------------------------------------------------------------
+
+
+def test_wrong_key_gives_permission_error(sshd_server: SshServer, tmp_path: Path) -> None:
+    stranger = tmp_path / "id_stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    b = backend(sshd_server, "wrong-key", key_filename=str(stranger), retry=QUICK)
+    started = time.monotonic()
+    with pytest.raises(BackendPermissionError) as info:
+        b.put("config", b"x")
+    assert time.monotonic() - started < 5, "refused credentials must not be retried"
+    message = str(info.value)
+    assert f"user {sshd_server.user}" in message
+    assert str(stranger) in message and "authorized_keys" in message
+
+
+def test_no_key_at_all_gives_permission_error(sshd_server: SshServer) -> None:
+    b = backend(sshd_server, "no-key", key_filename=None, retry=QUICK)
+    with pytest.raises(BackendPermissionError, match="authorized_keys"):
+        b.exists("x")
+
+
+def test_key_and_known_hosts_from_environment(
+    sshd_server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an empty home: no ~/.ssh keys or known_hosts, no agent: only the environment can help
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    for key, value in sshd_server.env.items():
+        monkeypatch.setenv(key, value)
+    with open_backend(sshd_server.url("from-env")) as b:
+        b.put("data/00/x", b"env")
+        assert b.get("data/00/x") == b"env"
+    monkeypatch.delenv("VMVAULT_SFTP_KNOWN_HOSTS")
+    with open_backend(sshd_server.url("from-env")) as b, pytest.raises(BackendPermissionError, match="not in"):
+        b.exists("data/00/x")
+
+
+def test_key_from_url_query(sshd_server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    monkeypatch.delenv("VMVAULT_SFTP_KEY", raising=False)
+    url = f"{sshd_server.url('from-query')}?key={sshd_server.client_key}&known-hosts={sshd_server.known_hosts}"
+    with open_sftp(url) as b:
+        b.put("config", b"query")
+        assert b.get("config") == b"query"
+        assert str(sshd_server.client_key) not in b.url
+
+
+def test_location_parsing(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_text("not used")
+    b = open_sftp(f"sftp://backup@nas.example:2222/srv/vm%20backups?key={key}&connections=2")
+    assert (b.user, b.host, b.port, b.root, b.key_filename) == (
+        "backup",
+        "nas.example",
+        2222,
+        "/srv/vm backups",
+        str(key),
+    )
+    assert b.url == "sftp://backup@nas.example:2222/srv/vm backups"
+    home = open_sftp("sftp://nas.example/~/backups")
+    assert home.root == "backups" and home.port == 22
+    for bad, why in [
+        ("sftp://user:secret@nas/x", "passwords"),
+        ("sftp://nas/x?colour=blue", "unknown SFTP option"),
+        ("sftp://nas/x?key=/nonexistent/key", "does not exist"),
+        ("sftp://nas/", "not the server's root"),
+        ("sftp://nas:port/x", "bad port"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            open_sftp(bad)
+
+
+# --- server-side refusals --------------------------------------------------------------------
+
+
+def test_read_only_server_gives_permission_error(tmp_path: Path) -> None:
+    with running_sshd(tmp_path / "sshd", sftp_options="-R") as server:
+        (server.root / "ro" / "data").mkdir(parents=True)
+        (server.root / "ro" / "data" / "old").write_bytes(b"readable")
+        with backend(server, "ro") as b:
+            assert b.get("data/old") == b"readable"
+            assert [o.name for o in b.list()] == ["data/old"]
+            with pytest.raises(BackendPermissionError, match="permission denied"):
+                b.put("data/new", b"x")
+            with pytest.raises(BackendPermissionError):
+                b.delete("data/old")
+        assert (server.root / "ro" / "data" / "old").read_bytes() == b"readable"
+
+
+def test_without_posix_rename_and_fsync(tmp_path: Path) -> None:
+    """A server that refuses the OpenSSH extensions still gets whole objects and overwrites."""
+    with running_sshd(tmp_path / "sshd", sftp_options="-P posix-rename,fsync") as server, backend(server, "plain") as b:
+        b.put("locks/l", b"first")
+        b.put("locks/l", b"second, longer")
+        b.put("locks/l", b"3rd")
+        assert b.get("locks/l") == b"3rd"
+        assert [o.name for o in b.list()] == ["locks/l"]
+        assert temporaries(server.root / "plain") == []
+
+
+@pytest.fixture
+def small_disk(sshd_server: SshServer) -> Iterator[Path]:
+    """A 4 MiB tmpfs under the server's root (needs root and mount rights)."""
+    mountpoint = sshd_server.root / "small-disk"
+    mountpoint.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "vmvault-test", str(mountpoint)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs to fill ({result.stderr.strip()}); needs root in a privileged container"
+        )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_full_disk_gives_storage_full(sshd_server: SshServer, small_disk: Path) -> None:
+    with backend(sshd_server, "small-disk/repo") as b:
+        b.put("data/00/fits", b"x" * MiB)
+        with pytest.raises(StorageFullError, match="full"):
+            b.put("data/00/too-big", b"y" * (5 * MiB))
+        assert [o.name for o in b.list()] == ["data/00/fits"]
+        assert temporaries(small_disk) == []
+        # the space the failed upload took is free again
+        b.put("data/00/fits-again", b"z" * MiB)
+
+
+# --- pooling -----------------------------------------------------------------------------
+
+
+def test_concurrent_uploads_use_several_connections(own_sshd: SshServer) -> None:
+    assert own_sshd.process is not None
+
+    def sftp_servers() -> int:
+        assert own_sshd.process is not None
+        count = 0
+        for pid in process_tree(own_sshd.process.pid):
+            try:
+                with open(f"/proc/{pid}/comm") as fh:
+                    count += fh.read().strip() == "sftp-server"
+            except OSError:
+                continue
+        return count
+
+    with backend(own_sshd, "pool", connections=3) as b:
+        barrier = threading.Barrier(6)
+
+        def upload(i: int) -> None:
+            barrier.wait()
+            b.put(f"data/{i:02x}/obj", os.urandom(4 * MiB))
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(list(b.list("data/"))) == 6
+        # three sessions were opened for six concurrent uploads, and kept for reuse
+        assert sftp_servers() == 3
+    deadline = time.monotonic() + 5
+    while sftp_servers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sftp_servers() == 0, "close() left sessions open"
+
+
+# --- dropped connections ---------------------------------------------------------------------
+
+
+def _watch_final_name(path: Path, size: int, stop: threading.Event, wrong: list[int]) -> None:
+    """Record any moment at which ``path`` exists with a size other than the whole object."""
+    while not stop.is_set():
+        try:
+            seen = path.stat().st_size
+        except FileNotFoundError:
+            seen = size
+        if seen != size:
+            wrong.append(seen)
+        time.sleep(0.002)
+
+
+@pytest.mark.slow
+def test_server_killed_mid_upload_then_back(own_sshd: SshServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="vmvault.backends._retry")
+    data = os.urandom(96 * MiB)
+    directory = own_sshd.root / "fault"
+    final = directory / "data" / "big"
+    patient = RetryPolicy(attempts=8, initial_delay=0.2, max_delay=1.0)
+    with backend(own_sshd, "fault", retry=patient, timeout=10) as b:
+        b.put("data/small", b"before")
+        errors: list[BaseException] = []
+        wrong: list[int] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch_final_name, args=(final, len(data), stop, wrong))
+        watcher.start()
+
+        def upload() -> None:
+            try:
+                b.put("data/big", data)
+            except BaseException as exc:
+                errors.append(exc)
+
+        writer = threading.Thread(target=upload)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while not upload_in_progress(directory):
+            assert time.monotonic() < deadline and writer.is_alive(), "never caught the upload in flight"
+            time.sleep(0.002)
+        own_sshd.kill()
+        assert not final.exists()
+        time.sleep(0.5)
+        own_sshd.start()
+        writer.join(timeout=120)
+        stop.set()
+        watcher.join()
+        assert not writer.is_alive()
+        assert not errors, errors
+        assert not wrong, f"the final name showed partial sizes {wrong}"
+        assert final.read_bytes() == data
+        assert b.get("data/small") == b"before"
+        assert [o.name for o in b.list()] == ["data/big", "data/small"]
+        assert any("retrying" in r.getMessage() for r in caplog.records), "the kill caused no retry"
+        # the attempt cut off by the kill removed its temporary file when it retried
+        assert temporaries(directory) == []
+
+
+@pytest.mark.slow
+def test_server_gone_for_good_gives_connection_error(own_sshd: SshServer) -> None:
+    data = os.urandom(64 * MiB)
+    directory = own_sshd.root / "gone"
+    policy = RetryPolicy(attempts=4, initial_delay=0.1, max_delay=0.3)
+    with backend(own_sshd, "gone", retry=policy, timeout=5) as b:
+        b.put("data/small", b"before")
+        errors: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                b.put("data/big", data)
+            except BaseException as exc:
+                errors.append(exc)
+
+        writer = threading.Thread(target=upload)
+        writer.start()
+        deadline = time.monotonic() + 30
+        while not upload_in_progress(directory):
+            assert time.monotonic() < deadline and writer.is_alive(), "never caught the upload in flight"
+            time.sleep(0.002)
+        own_sshd.kill()
+        started = time.monotonic()
+        writer.join(timeout=60)
+        assert not writer.is_alive()
+        assert time.monotonic() - started < 15, "retries must be bounded"
+        assert len(errors) == 1 and isinstance(errors[0], BackendConnectionError), errors
+        assert "gave up on" in str(errors[0]) and "data/big" in str(errors[0])
+        assert not (directory / "data" / "big").exists()
+        with pytest.raises(BackendConnectionError):
+            b.get("data/small")
+        with pytest.raises(BackendConnectionError):
+            list(b.list())
+        # once the server is back, the same backend object carries on
+        own_sshd.start()
+        assert b.get("data/small") == b"before"
+        assert [o.name for o in b.list()] == ["data/small"]
