@@ -24,6 +24,7 @@ See docs/design/qemu-live-backup.md for why pull mode, and the QMP sequence in f
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from vmvault.errors import ConfigError, HypervisorError, VmvaultError
+from vmvault.errors import ConfigError, HypervisorError, SourceError, VmvaultError
 from vmvault.hypervisors._nbd import NbdImage
 from vmvault.hypervisors._qmp import GuestAgentClient, QmpClient, QmpError
 from vmvault.hypervisors.base import BackupSession, PreviousBackup, Source, SourceDisk, SourceFile
@@ -103,6 +104,17 @@ class _Plan:
 def _bitmaps_of(nodes: dict[str, dict[str, Any]], node: str) -> dict[str, dict[str, Any]]:
     """The named dirty bitmaps of ``node`` (jobs add anonymous ones, which are skipped)."""
     return {b["name"]: b for b in nodes.get(node, {}).get("dirty-bitmaps") or [] if b.get("name")}
+
+
+def _scratch_path(filename: str) -> str:
+    """The scratch file of a fleecing node; QEMU names an overlay with an overridden backing
+    ``json:{..., "file": {"filename": ...}}``."""
+    if not filename.startswith("json:"):
+        return filename
+    try:
+        return str(json.loads(filename[5:])["file"]["filename"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _device_id(block: dict[str, Any]) -> str:
@@ -292,7 +304,7 @@ class QemuBackupSession(BackupSession):
             if name.startswith(_OBJ_PREFIX + "fl"):
                 self._warn(f"removing node {name} ({node.get('file')}) left by an interrupted vmvault backup")
                 qmp.execute("blockdev-del", {"node-name": name})
-                path = str(node.get("file") or "")
+                path = _scratch_path(str(node.get("file") or ""))
                 if os.path.basename(os.path.dirname(path)).startswith(_TEMP_PREFIX):
                     shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
@@ -346,7 +358,7 @@ class QemuBackupSession(BackupSession):
             why = (
                 "a bitmap kept only in QEMU's memory (raw disk) is lost when QEMU restarts"
                 if not record.get("persistent")
-                else "it was removed or renamed outside vmvault"
+                else "it was removed or renamed outside vmvault, or QEMU was killed before it could save it"
             )
             return f"tracking bitmap {name} is missing from node {disk.node} ({why})"
         if not info.get("recording", False):
@@ -579,22 +591,23 @@ class QemuBackupSession(BackupSession):
         failures: list[str] = []
 
         def step(what: str, fn: Callable[[], object]) -> None:
+            # A refused command or a file error is recorded and the teardown goes on; a lost
+            # QMP connection propagates to _teardown_or_confirm_gone, which reconnects.
             try:
                 fn()
-            except (VmvaultError, OSError) as exc:
+            except (QmpError, SourceError, OSError) as exc:
                 failures.append(f"{what}: {exc}")
 
         for image in self._images:
             step("closing NBD connections", image.close)
         if self._guest_frozen:
             self._thaw()
-        qmp_alive = self._qmp is not None and self._qmp.connected
-        if qmp_alive:
+        if self._qmp is not None:  # None: the QMP connection never opened, nothing was added
             try:
-                self._teardown_qemu(step)
-            except HypervisorError as exc:  # connection to QEMU lost: nothing more can be done there
+                self._teardown_or_confirm_gone(step)
+            except HypervisorError as exc:
                 failures.append(str(exc))
-        if self.tempdir is not None:
+        if self.tempdir is not None and os.path.exists(self.tempdir):
             step("removing the scratch folder", lambda: shutil.rmtree(str(self.tempdir)))
         if self._qmp is not None:
             self._qmp.close()
@@ -605,6 +618,32 @@ class QemuBackupSession(BackupSession):
             raise HypervisorError(
                 f"{self.source.location}: the backup session left things behind: " + "; ".join(failures)
             )
+
+    def _teardown_or_confirm_gone(self, step: Callable[[str, Callable[[], object]], None]) -> None:
+        """Undo the session in QEMU; when the QMP connection dropped, reconnect once and retry.
+
+        If QEMU cannot be reached again it has exited, and everything the session added
+        lived in that process (a persistent bitmap QEMU stored on the way out is removed by
+        the next session as a leftover). The teardown looks at what is present before each
+        removal, so running it again after a partial run is safe.
+        """
+        assert self._qmp is not None
+        for attempt in (1, 2):
+            if attempt == 2 or not self._qmp.connected:
+                self._qmp.close()
+                try:
+                    self._qmp = QmpClient(self.source.socket_path, timeout=self.source.timeout).connect()
+                except HypervisorError as exc:
+                    self._warn(f"QEMU is no longer reachable, so nothing of this session remains in it ({exc})")
+                    return
+            try:
+                self._teardown_qemu(step)
+                return
+            except QmpError:
+                raise
+            except HypervisorError:
+                if attempt == 2:
+                    raise
 
     def _teardown_qemu(self, step: Callable[[str, Callable[[], object]], None]) -> None:
         qmp = self.qmp

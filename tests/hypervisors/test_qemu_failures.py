@@ -1,0 +1,315 @@
+"""Failures at every step of a live backup leave nothing behind and keep change tracking right."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.hypervisors.qemu_vm import (
+    DiskSpec,
+    MiB,
+    QemuVM,
+    assert_nothing_left,
+    covers,
+    make_vm,
+    previous_of,
+    read_disk,
+)
+from vmvault.errors import HypervisorError, SourceError
+from vmvault.hypervisors import qemu as qemu_mod
+from vmvault.hypervisors._qmp import QmpClient, QmpError
+from vmvault.hypervisors.base import PreviousBackup
+from vmvault.hypervisors.qemu import QemuBackupSession, QemuSource
+
+__all__ = ["make_vm"]
+
+pytestmark = pytest.mark.integration
+
+KiB = 1024
+
+
+class Tracked:
+    """A VM with a completed first backup and writes made since, for checking the next incremental."""
+
+    def __init__(self, vm: QemuVM, scratch: Path) -> None:
+        self.vm = vm
+        self.scratch = scratch
+        scratch.mkdir(exist_ok=True)
+        self.source = QemuSource(f"{vm.location}?scratch={scratch}")
+        vm.write("vda", 0, 2 * MiB, 0x10)
+        vm.write("vdb", 0, 2 * MiB, 0x20)
+        with self.source.open_session(None) as s:
+            s.complete("snap-1")
+            self.prev: PreviousBackup = previous_of(s, "snap-1")
+        self.baseline = vm.node_names()
+        self.since: dict[str, list[tuple[int, int]]] = {"vda": [], "vdb": []}
+        self.write("vda", 3 * MiB, 4 * KiB, 0x11)
+        self.write("vdb", 7 * MiB, 100 * KiB, 0x21)
+
+    def write(self, dev: str, off: int, n: int, pattern: int) -> None:
+        self.vm.write(dev, off, n, pattern)
+        self.since[dev].append((off, n))
+
+    def assert_clean_and_tracking(self) -> None:
+        """Nothing left, the first backup's bitmaps still track, and the next incremental is right."""
+        assert_nothing_left(self.vm, self.baseline, self.scratch)
+        for i, dev in enumerate(("vda", "vdb")):
+            assert self.vm.vmvault_bitmaps(f"disk{i}") == [self.prev.disks[dev]["bitmap"]]
+        with self.source.open_session(self.prev) as s:
+            at_start = self.vm.snapshot_model()
+            for disk in s.disks:
+                assert disk.changed is not None, s.warnings
+                for off, n in self.since[disk.name]:
+                    assert covers(disk.changed, off, n), (disk.name, off, n, disk.changed)
+                for off, n in disk.changed:
+                    assert disk.image.read(off, n) == at_start[disk.name][off : off + n]
+        assert_nothing_left(self.vm, self.baseline, self.scratch)
+
+
+@pytest.fixture
+def tracked(make_vm: Callable[..., QemuVM], tmp_path: Path) -> Tracked:
+    vm = make_vm([DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "raw", 16 * MiB)])
+    return Tracked(vm, tmp_path / "scratch")
+
+
+def fail_on(monkeypatch: pytest.MonkeyPatch, sock: str, command: str, nth: int) -> list[str]:
+    """Make vmvault's QMP connection fail the ``nth`` ``command`` (the test's own is untouched)."""
+    real = QmpClient.execute
+    seen: list[str] = []
+
+    def execute(self: QmpClient, cmd: str, arguments: Any = None, **kw: Any) -> Any:
+        if self.path == sock:
+            seen.append(cmd)
+            if cmd == command and seen.count(cmd) == nth:
+                raise HypervisorError(f"injected failure of {cmd}")
+        return real(self, cmd, arguments, **kw)
+
+    monkeypatch.setattr(QmpClient, "execute", execute)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("command", "nth"),
+    [
+        ("blockdev-add", 2),  # the second disk's scratch overlay
+        ("transaction", 1),
+        ("nbd-server-start", 1),
+        ("block-export-add", 2),  # after the first export exists
+    ],
+)
+def test_qmp_failure_during_setup(tracked: Tracked, monkeypatch: pytest.MonkeyPatch, command: str, nth: int) -> None:
+    seen = fail_on(monkeypatch, tracked.vm.vmvault_sock, command, nth)
+    with pytest.raises(HypervisorError, match=f"injected failure of {command}"):
+        tracked.source.open_session(tracked.prev)
+    assert seen.count(command) == nth
+    monkeypatch.undo()
+    tracked.write("vda", 9 * MiB, 4 * KiB, 0x12)
+    tracked.assert_clean_and_tracking()
+
+
+def test_failing_action_inside_the_transaction(tracked: Tracked, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = QemuBackupSession._freeze_actions
+
+    def with_bogus(self: QemuBackupSession) -> list[dict[str, Any]]:
+        actions = real(self)
+        # a second action that QEMU rejects: the whole transaction must roll back
+        actions.insert(1, {"type": "block-dirty-bitmap-add", "data": {"node": "no-such-node", "name": "x"}})
+        return actions
+
+    monkeypatch.setattr(QemuBackupSession, "_freeze_actions", with_bogus)
+    with pytest.raises(QmpError) as info:
+        tracked.source.open_session(tracked.prev)
+    assert info.value.command == "transaction" and "no-such-node" in info.value.desc
+    monkeypatch.undo()
+    tracked.assert_clean_and_tracking()
+
+
+def test_nbd_failure_while_opening_disks(tracked: Tracked, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = qemu_mod.NbdImage
+    opened: list[Any] = []
+
+    def second_fails(*args: Any, **kw: Any) -> Any:
+        if opened:
+            raise SourceError("injected: NBD connect failed")
+        opened.append(real(*args, **kw))
+        return opened[-1]
+
+    monkeypatch.setattr(qemu_mod, "NbdImage", second_fails)
+    with pytest.raises(SourceError, match="injected"):
+        tracked.source.open_session(tracked.prev)
+    monkeypatch.undo()
+    tracked.assert_clean_and_tracking()
+
+
+def test_exception_while_reading(tracked: Tracked) -> None:
+    with pytest.raises(RuntimeError, match="engine failed"), tracked.source.open_session(tracked.prev) as s:
+        tracked.write("vda", 12 * MiB, 4 * KiB, 0x13)  # after this session's freeze
+        s.disks[0].image.read(0, MiB)
+        raise RuntimeError("engine failed")
+    tracked.assert_clean_and_tracking()
+
+
+def test_nbd_connection_dropped_reconnects(tracked: Tracked) -> None:
+    with tracked.source.open_session(tracked.prev) as s:
+        at_start = tracked.vm.snapshot_model()
+        image = s.disks[0].image
+        assert image.read(0, MiB) == at_start["vda"][:MiB]
+        for conn in image._idle:  # type: ignore[attr-defined]
+            conn._sock.shutdown(socket.SHUT_RDWR)  # the connection dies under the reader
+        assert image.read(0, 2 * MiB) == at_start["vda"][: 2 * MiB]
+    tracked.assert_clean_and_tracking()
+
+
+def test_export_removed_under_the_reader(tracked: Tracked) -> None:
+    with tracked.source.open_session(tracked.prev) as s:
+        read_disk(s.disks[0])
+        for export in tracked.vm.q("query-block-exports"):  # QEMU drops the export and its clients
+            tracked.vm.q("block-export-del", id=export["id"], mode="hard")
+        with pytest.raises(SourceError):
+            read_disk(s.disks[0])
+    tracked.assert_clean_and_tracking()
+
+
+def test_vmvault_crash_leftovers_are_swept(tracked: Tracked) -> None:
+    s = tracked.source.open_session(tracked.prev)
+    crashed_dir = s.tempdir
+    assert crashed_dir is not None and os.path.isdir(crashed_dir)
+    # the process dies: no close(); its QMP and NBD connections drop
+    for d in s.disks:
+        d.image.close()
+    assert s._qmp is not None
+    s._qmp.close()
+    tracked.write("vda", 14 * MiB, 4 * KiB, 0x14)
+    with tracked.source.open_session(tracked.prev) as s2:
+        assert any("interrupted vmvault backup" in w for w in s2.warnings)
+        assert any("left by an earlier, unfinished backup" in w for w in s2.warnings)
+    assert not os.path.exists(crashed_dir)
+    tracked.assert_clean_and_tracking()
+
+
+def test_qemu_killed_during_session_then_restarted(tracked: Tracked) -> None:
+    vm = tracked.vm
+    s = tracked.source.open_session(tracked.prev)
+    tempdir = s.tempdir
+    vm.kill()
+    with pytest.raises(SourceError):
+        read_disk(s.disks[0])
+    s.close()  # QEMU is gone: nothing remains in it; the scratch folder goes
+    assert any("no longer reachable" in w for w in s.warnings)
+    assert tempdir is not None and not os.path.exists(tempdir)
+    assert list(tracked.scratch.iterdir()) == []
+    vm.start()
+    # QEMU stores persistent bitmaps only when it closes the image: killed, it never did, so
+    # the qcow2 bitmap is gone as well and both disks are read whole
+    with tracked.source.open_session(tracked.prev) as s2:
+        vda, vdb = s2.disks
+        assert vda.changed is None and vdb.changed is None
+        assert any("vda:" in w and "QEMU was killed" in w for w in s2.warnings), s2.warnings
+        assert any("vdb:" in w and "lost when QEMU restarts" in w for w in s2.warnings), s2.warnings
+        s2.complete("snap-2")
+    # one tracking bitmap per disk remains
+    assert vda.cbt is not None and vdb.cbt is not None
+    assert vm.vmvault_bitmaps("disk0") == [vda.cbt["bitmap"]]
+    assert vm.vmvault_bitmaps("disk1") == [vdb.cbt["bitmap"]]
+
+
+# -- guest agent ----------------------------------------------------------------------------------
+
+
+class FakeAgent:
+    """A unix socket speaking the guest agent's JSON protocol, like qemu-ga behind virtio-serial."""
+
+    def __init__(self, path: str, vm: QemuVM, fail_freeze: bool = False) -> None:
+        self.path = path
+        self.vm = vm
+        self.fail_freeze = fail_freeze
+        self.log: list[tuple[str, int]] = []  # (command, number of block jobs at that moment)
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(4)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rwb") as f:
+                for line in f:
+                    req = json.loads(line)
+                    cmd = req["execute"]
+                    jobs = len(self.vm.q("query-block-jobs"))
+                    self.log.append((cmd, jobs))
+                    reply: dict[str, Any]
+                    if cmd == "guest-sync":
+                        reply = {"return": req["arguments"]["id"]}
+                    elif cmd == "guest-fsfreeze-freeze" and self.fail_freeze:
+                        reply = {"error": {"class": "GenericError", "desc": "failed to freeze /: busy"}}
+                    elif cmd in ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw"):
+                        reply = {"return": 2}
+                    else:
+                        reply = {"error": {"class": "CommandNotFound", "desc": f"{cmd} not found"}}
+                    f.write(json.dumps(reply).encode() + b"\n")
+                    f.flush()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.fixture
+def agent_vm(make_vm: Callable[..., QemuVM], tmp_path: Path) -> Iterator[tuple[QemuVM, Path]]:
+    vm = make_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    yield vm, tmp_path
+
+
+def test_guest_agent_freezes_around_the_transaction(agent_vm: tuple[QemuVM, Path]) -> None:
+    vm, tmp = agent_vm
+    agent = FakeAgent(str(tmp / "qga.sock"), vm)
+    try:
+        with QemuSource(f"{vm.location}?qga={tmp}/qga.sock").open_session(None) as s:
+            assert s.consistency == "filesystem-consistent"
+        cmds = [c for c, _ in agent.log if c != "guest-sync"]
+        assert cmds == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+        jobs = dict((c, j) for c, j in agent.log if c != "guest-sync")
+        # frozen before the backup job existed, thawed once it did
+        assert jobs["guest-fsfreeze-freeze"] == 0 and jobs["guest-fsfreeze-thaw"] == 1
+    finally:
+        agent.close()
+
+
+def test_failing_freeze_falls_back_to_crash_consistent(agent_vm: tuple[QemuVM, Path]) -> None:
+    vm, tmp = agent_vm
+    agent = FakeAgent(str(tmp / "qga.sock"), vm, fail_freeze=True)
+    try:
+        with QemuSource(f"{vm.location}?qga={tmp}/qga.sock").open_session(None) as s:
+            assert s.consistency == "crash-consistent"
+            assert any("crash-consistent" in w and "busy" in w for w in s.warnings)
+        # a freeze that failed half-way is thawed anyway
+        assert [c for c, _ in agent.log if c != "guest-sync"] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    finally:
+        agent.close()
+    # no agent listening at all: same fallback
+    with QemuSource(f"{vm.location}?qga={tmp}/absent.sock").open_session(None) as s:
+        assert s.consistency == "crash-consistent"
+        assert any("cannot connect to guest agent" in w for w in s.warnings)
+
+
+def test_thaw_after_failed_transaction(agent_vm: tuple[QemuVM, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    vm, tmp = agent_vm
+    agent = FakeAgent(str(tmp / "qga.sock"), vm)
+    fail_on(monkeypatch, vm.vmvault_sock, "transaction", 1)
+    try:
+        with pytest.raises(HypervisorError, match="injected"):
+            QemuSource(f"{vm.location}?qga={tmp}/qga.sock").open_session(None)
+        assert [c for c, _ in agent.log if c != "guest-sync"] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    finally:
+        agent.close()
