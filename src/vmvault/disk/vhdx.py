@@ -955,6 +955,7 @@ class VhdxWriter(DiskWriter):
         self._log_active = False
         self._log_pos = 0
         self._log_seq = 0
+        self._log_guid = L.ZERO_GUID
         self._closed = False
         size = os.fstat(self._fd).st_size
         self._file_end = (size + MIB - 1) // MIB * MIB
@@ -1140,8 +1141,7 @@ class VhdxWriter(DiskWriter):
         if not self._log_active:
             self._log_pos = 0
             self._log_seq = 0
-            self._write_header(log_guid=uuid.uuid4())
-            self._log_active = True
+            self._log_guid = uuid.uuid4()
         h = img._header
         for i in range(0, len(sectors), MAX_SECTORS_PER_ENTRY):
             batch = sectors[i : i + MAX_SECTORS_PER_ENTRY]
@@ -1152,13 +1152,18 @@ class VhdxWriter(DiskWriter):
             entry = L.LogEntry.build(
                 tail=self._log_pos,
                 sequence_number=self._log_seq,
-                log_guid=h.log_guid,
+                log_guid=self._log_guid,
                 flushed_file_offset=self._file_end,
                 last_file_offset=self._file_end,
                 writes=batch,
             )
             self._pwrite(entry.pack(), h.log_offset + self._log_pos)
             self._fsync()
+            if not self._log_active:
+                # Only now may the header name the log: a header naming a log that holds no
+                # complete entry would make the file unreadable (section 2.3.3).
+                self._write_header(log_guid=self._log_guid)
+                self._log_active = True
             for off, data in batch:
                 self._pwrite(data, off)
             self._fsync()
