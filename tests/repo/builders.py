@@ -7,12 +7,19 @@ a reader written here from the format rules checks the format, not the engine's 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import random
+import secrets
+import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 
 from vmvault.backends.base import Backend
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
+from vmvault.repo.crypto import seal_envelope
 from vmvault.repo.repository import BlobWriter, Repository
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 
@@ -150,3 +157,24 @@ def restore_all(repo: Repository, snap: Snapshot) -> Content:
 
 def storage_bytes(backend: Backend, prefix: str = "") -> int:
     return sum(o.size for o in backend.list(prefix))
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_dead_lock(repo: Repository, *, exclusive: bool) -> str:
+    """A lock object as a process on this host that died holding it would leave."""
+    name = f"locks/{secrets.token_hex(16)}"
+    doc = {
+        "hostname": socket.gethostname(),
+        "pid": dead_pid(),
+        "time": time.time(),
+        "exclusive": exclusive,
+        "operation": "prune" if exclusive else "backup",
+    }
+    repo.backend.put(name, seal_envelope(repo.key, json.dumps(doc).encode(), b"lock " + name.encode()))
+    return name

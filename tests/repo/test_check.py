@@ -1,0 +1,246 @@
+"""check: a clean repository passes; each kind of damage is found and traced to what it affects."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.repo.builders import (
+    CHUNK,
+    SPAN,
+    Content,
+    backup,
+    disk_image,
+    make_repo,
+    reopen,
+    restore_all,
+    write_dead_lock,
+)
+from vmvault.backends.local import LocalBackend
+from vmvault.errors import IntegrityError
+from vmvault.repo import check
+from vmvault.repo._layout import ZERO_ID, BlobType
+from vmvault.repo.check import select_subset
+from vmvault.repo.pack import pack_name
+from vmvault.repo.repository import Repository
+from vmvault.repo.snapshot import Snapshot
+
+T0 = dt.datetime(2025, 5, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def two_vms(tmp_path: Path) -> tuple[Repository, Snapshot, Snapshot, Content, Content]:
+    repo = make_repo(LocalBackend(str(tmp_path / "repo")))
+    a = Content(disks={"sda": disk_image(1, 30), "sdb": disk_image(2, 9)}, files={"a.conf": os.urandom(3 * CHUNK + 7)})
+    b = Content(disks={"vda": disk_image(3, 20)}, files={"b.conf": b"b" * 100})
+    snap_a = backup(repo, a, location="vmA", time=T0)
+    snap_b = backup(repo, b, location="vmB", time=T0 + dt.timedelta(hours=1))
+    return reopen(repo), snap_a, snap_b, a, b
+
+
+def chunk_id_at(repo: Repository, snap: Snapshot, disk: str, k: int) -> bytes:
+    rec = next(d for d in snap.disks if d.name == disk)
+    block_id = rec.index[k // SPAN]
+    assert block_id is not None
+    raw = repo.get_blob(BlobType.INDEX, bytes.fromhex(block_id))
+    entry = raw[(k % SPAN) * 32 : (k % SPAN + 1) * 32]
+    assert entry != ZERO_ID
+    return entry
+
+
+def pack_path(repo: Repository, pack_id: bytes) -> Path:
+    assert isinstance(repo.backend, LocalBackend)
+    return Path(repo.backend.root) / pack_name(pack_id)
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_clean_repository(two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content]) -> None:
+    repo, a, b, _ca, _cb = two_vms
+    seen: list[tuple[str, int, int]] = []
+    report = check(repo, read_data=True, progress=lambda phase, done, total: seen.append((phase, done, total)))
+    assert report.ok and not report.problems, report.to_dict()
+    assert report.intact_snapshots == sorted([a.id, b.id])
+    assert report.stats["packs_read"] == report.stats["packs_indexed"] > 1
+    assert ("read-data", report.stats["packs_read"], report.stats["packs_read"]) in seen
+    json.dumps(report.to_dict())
+
+
+def test_flipped_byte_in_a_chunk_names_snapshot_disk_and_offset(
+    two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content],
+) -> None:
+    repo, a, b, _ca, cb = two_vms
+    k = 13  # chunk 13 of sda: bytes 13*4096 .. 14*4096
+    cid = chunk_id_at(repo, a, "sda", k)
+    loc = repo.index.lookup(cid)
+    assert loc is not None
+    flip(pack_path(repo, loc.pack_id), loc.entry.offset + loc.entry.length // 2)
+
+    assert check(repo).ok  # structure is intact: only reading the data finds it
+    report = check(repo, read_data=True)
+    assert not report.ok
+    doc = report.to_dict()
+    json.dumps(doc)
+    blob = [p for p in report.errors if p.kind == "blob-damaged"]
+    assert len(blob) == 1 and blob[0].object_id == cid.hex()
+    assert [x.to_dict() for x in blob[0].affects] == [
+        {
+            "snapshot": a.id,
+            "time": a.time,
+            "source": a.source,
+            "kind": "disk",
+            "name": "sda",
+            "ranges": [[k * CHUNK, (k + 1) * CHUNK]],
+            "bytes": CHUNK,
+        }
+    ]
+    assert {p.kind for p in report.errors} == {"blob-damaged", "pack-damaged"}
+    assert report.damaged_snapshots == [a.id] and report.intact_snapshots == [b.id]
+    # the unaffected snapshot still restores
+    assert restore_all(repo, b) == cb
+    with pytest.raises(IntegrityError, match=cid.hex()):
+        repo.get_blob(BlobType.DATA, cid)
+
+
+def test_flipped_byte_in_an_index_block_affects_its_whole_span(
+    two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content],
+) -> None:
+    repo, a, _b, _ca, _cb = two_vms
+    sda = next(d for d in a.disks if d.name == "sda")
+    block = 2
+    assert sda.index[block] is not None
+    bid = bytes.fromhex(sda.index[block] or "")
+    loc = repo.index.lookup(bid)
+    assert loc is not None
+    flip(pack_path(repo, loc.pack_id), loc.entry.offset + 30)
+    report = check(repo)  # index blocks are read by the structural check already
+    assert not report.ok
+    (p,) = [p for p in report.errors if p.object_id == bid.hex()]
+    (aff,) = p.affects
+    span = SPAN * CHUNK
+    assert (aff.snapshot, aff.kind, aff.name, aff.ranges) == (a.id, "disk", "sda", [[block * span, (block + 1) * span]])
+
+
+def test_damaged_file_chunk_names_the_file(two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content]) -> None:
+    repo, a, _b, ca, _cb = two_vms
+    rec = a.files[0]
+    cid = bytes.fromhex(rec.chunks[3])  # the 7-byte tail
+    loc = repo.index.lookup(cid)
+    assert loc is not None
+    flip(pack_path(repo, loc.pack_id), loc.entry.offset + 3)
+    report = check(repo, read_data=True)
+    (p,) = [p for p in report.errors if p.kind == "blob-damaged"]
+    assert [(x.kind, x.name, x.ranges) for x in p.affects] == [("file", "a.conf", [[3 * CHUNK, 3 * CHUNK + 7]])]
+    assert len(ca.files["a.conf"]) == 3 * CHUNK + 7
+
+
+def test_missing_pack(two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content]) -> None:
+    repo, a, b, _ca, cb = two_vms
+    cid = chunk_id_at(repo, a, "sdb", 1)
+    loc = repo.index.lookup(cid)
+    assert loc is not None
+    pack_path(repo, loc.pack_id).unlink()
+    report = check(repo)
+    (p,) = [p for p in report.errors if p.kind == "pack-missing"]
+    assert p.object_id == loc.pack_id.hex()
+    assert a.id in {x.snapshot for x in p.affects}
+    sdb = [x for x in p.affects if x.name == "sdb"]
+    assert sdb and any(r[0] <= CHUNK < r[1] for r in sdb[0].ranges)
+    if b.id not in report.damaged_snapshots:
+        assert restore_all(repo, b) == cb
+
+
+def test_truncated_pack(two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content]) -> None:
+    repo, a, _b, _ca, _cb = two_vms
+    cid = chunk_id_at(repo, a, "sda", 0)
+    loc = repo.index.lookup(cid)
+    assert loc is not None
+    entries = repo.index.packs()[loc.pack_id]
+    last = max(entries, key=lambda e: e.offset)
+    path = pack_path(repo, loc.pack_id)
+    os.truncate(path, last.offset + 5)  # the last blob, the header and the trailer are gone
+    report = check(repo)
+    (p,) = [p for p in report.errors if p.kind == "pack-truncated"]
+    assert p.blob_ids == {last.id}
+    # a blob that is not the last one is still readable and not reported
+    report = check(repo, read_data=True)
+    kinds = {p.kind for p in report.errors}
+    assert {"pack-truncated", "pack-damaged", "pack-header-damaged"} <= kinds
+    assert not [p for p in report.errors if p.kind == "blob-damaged" and p.object_id != last.id.hex()]
+
+
+def test_damaged_index_file_reports_missing_blobs_and_their_snapshots(
+    two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content],
+) -> None:
+    repo, a, b, _ca, _cb = two_vms
+    assert isinstance(repo.backend, LocalBackend)
+    names = [o.name for o in repo.backend.list("index/")]
+    victim = names[0]
+    flip(Path(repo.backend.root) / victim, 40)
+    report = check(reopen(repo))
+    kinds = [p.kind for p in report.errors]
+    assert "index-file-damaged" in kinds
+    missing = [p for p in report.errors if p.kind == "blob-missing"]
+    assert missing and all(p.affects for p in missing)
+    assert set(report.damaged_snapshots) <= {a.id, b.id} and report.damaged_snapshots
+    assert any(w.kind == "orphan-pack" for w in report.warnings)
+
+
+def test_damaged_snapshot_and_key_file(two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content]) -> None:
+    repo, a, b, _ca, _cb = two_vms
+    assert isinstance(repo.backend, LocalBackend)
+    root = Path(repo.backend.root)
+    flip(root / f"snapshots/{a.id}", 25)
+    (root / "keys" / ("0" * 64)).write_bytes(b"{not json")
+    report = check(repo)
+    by_kind = {p.kind: p for p in report.errors}
+    assert by_kind["snapshot-damaged"].object_id == a.id
+    assert by_kind["snapshot-damaged"].affects[0].snapshot == a.id
+    assert "key-damaged" in by_kind
+    assert report.intact_snapshots == [b.id]
+
+
+def test_subset_is_deterministic_and_sized() -> None:
+    ids = [bytes([i]) * 32 for i in range(50)]
+    one = select_subset(ids, 0.1, 0)
+    assert len(one) == 5 and one == select_subset(list(reversed(ids)), 0.1, 0)
+    assert select_subset(ids, 0.1, 1) != one
+    assert select_subset(ids, 1.0, 7) == sorted(ids)
+    assert len(select_subset(ids, 0.001, 0)) == 1
+
+
+def test_read_data_subset_reads_only_that_share(
+    two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content],
+) -> None:
+    repo, *_ = two_vms
+    report = check(repo, read_data=True, subset=0.5)
+    assert report.ok
+    assert report.stats["packs_read"] == -(-report.stats["packs_indexed"] // 2)
+
+
+def test_stale_lock_is_a_warning_not_an_error(two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content]) -> None:
+    repo, *_ = two_vms
+    name = write_dead_lock(repo, exclusive=True)
+    report = check(repo)
+    assert report.ok and [(p.kind, p.object) for p in report.warnings] == [("lock-stale", name)]
+
+
+def test_live_lock_is_reported(two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content]) -> None:
+    repo, *_ = two_vms
+    with repo.lock(exclusive=False, operation="backup") as held:
+        report = check(repo)
+    assert report.ok and [(p.kind, p.object) for p in report.warnings] == [("lock-held", held.name)]
+
+
+def test_unencrypted_repository_checks_clean(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path / "plain")), encrypted=False)
+    backup(repo, Content(disks={"d": disk_image(5, 10)}))
+    assert check(reopen(repo), read_data=True).ok
