@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 import uuid
@@ -26,7 +27,7 @@ def libvhdi_read(chain: list[Path], size: int) -> bytes:
         f = pyvhdi.file()
         f.open(str(p))
         files.append(f)
-    for child, parent in zip(files, files[1:], strict=False):
+    for child, parent in itertools.pairwise(files):
         child.set_parent(parent)
     try:
         assert files[0].get_media_size() == size

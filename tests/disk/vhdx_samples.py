@@ -106,7 +106,11 @@ def write_log(path: Path, entries: list[tuple[int, L.LogEntry]], *, header_log_g
     """Place (log offset, entry) pairs in the log and point the headers at ``header_log_guid``."""
     _slot, h = current_header(path)
     for pos, entry in entries:
-        patch(path, h.log_offset + pos, entry.pack())
+        raw = entry.pack()
+        first = raw[: h.log_length - pos]  # the log is circular: an entry may wrap to its start
+        patch(path, h.log_offset + pos, first)
+        if len(first) < len(raw):
+            patch(path, h.log_offset, raw[len(first) :])
     set_header(path, log_guid=header_log_guid or L.ZERO_GUID)
 
 
