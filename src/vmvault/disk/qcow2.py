@@ -198,7 +198,9 @@ class Qcow2Image(DiskImage):
                     )
                 continue
             host = e & L2_OFFSET_MASK
-            if host and (host & (cs - 1) or host + cs > fsize):
+            # the last cluster may end past EOF: with subclusters qemu writes only the allocated ones,
+            # and qemu reads the rest of a cluster past EOF as zeros
+            if host and (host & (cs - 1) or host >= fsize):
                 raise FormatError(
                     f"data cluster at {host:#x} is unaligned or past the end of the file ({fsize} bytes)",
                     path=self._path,
@@ -339,10 +341,13 @@ class Qcow2Image(DiskImage):
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _pread_data(self, host: int, n: int) -> bytes:
+        want = max(0, min(n, self._file_size - host))
         try:
-            data = os.pread(self._fd, n, host)
+            data = os.pread(self._fd, want, host)
         except OSError as exc:
             raise SourceError(f"{self._path}: read at offset {host:#x} failed: {exc.strerror}") from exc
+        if len(data) == want < n:
+            return data + bytes(n - want)  # the part of the last cluster past EOF (see _check_l2)
         if len(data) != n:
             raise SourceError(
                 f"{self._path}: file ended at {host + len(data):#x} while reading data "
@@ -680,9 +685,9 @@ class Qcow2Writer(DiskWriter):
             )
             from vmvault.disk import detect_format, open_image
 
-            fmt = _FORMAT_NAMES.get(backing_format, backing_format) if backing_format else detect_format(target)
             if not os.path.exists(target):
                 raise ParentError(f"backing file {target} does not exist", path=path, structure="qcow2 backing file")
+            fmt = _FORMAT_NAMES.get(backing_format, backing_format) if backing_format else detect_format(target)
             self._backing = open_qcow2(target) if fmt == "qcow2" else open_image(target, format=fmt)
         exts = b""
         if backing_format:
