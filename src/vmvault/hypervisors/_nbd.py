@@ -559,6 +559,7 @@ class NbdImage(DiskImage):
         self._closed = False
         first = self._connect()
         self._size = first.size
+        self._align = max(1, int(getattr(first, "min_block", 1)))
         self._idle.append(first)
 
     @property
@@ -673,9 +674,7 @@ class NbdImage(DiskImage):
     def _read_aligned(self, offset: int, length: int) -> bytes:
         # An export may announce a minimum block size (NBD_INFO_BLOCK_SIZE); widen the request
         # to it and cut the answer back, so callers may read at any offset.
-        conn = self._acquire()
-        align = getattr(conn, "min_block", 1)
-        self._release(conn)
+        align = self._align
         lo = offset - offset % align
         hi = min(self._size, -(-(offset + length) // align) * align)
         try:
