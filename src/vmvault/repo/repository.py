@@ -15,6 +15,7 @@ everything it refers to is durable (packs, then index files, then the snapshot).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import hashlib
@@ -23,6 +24,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -267,7 +269,7 @@ class Repository:
             raise IntegrityError(f"blob {blob_id.hex()} has the wrong length", object_id=blob_id.hex(), name=name)
         return data
 
-    def writer(self, *, upload_threads: int = 4, index_every: int = 32) -> BlobWriter:
+    def writer(self, *, upload_threads: int = 3, index_every: int = 8) -> BlobWriter:
         return BlobWriter(self, upload_threads=upload_threads, index_every=index_every)
 
     # ---- snapshots ---------------------------------------------------------------------
@@ -364,6 +366,7 @@ class BlobWriter:
         self._futures: list[Future[None]] = []
         self._unindexed: dict[bytes, list[BlobEntry]] = {}
         self._index_every = index_every
+        self._last_index = time.monotonic()
         self._error: BaseException | None = None
         self.new_blobs = 0
         self.new_bytes = 0  # sealed bytes added
@@ -415,7 +418,8 @@ class BlobWriter:
                     self._pending.discard(e.id)
                 self._unindexed[pack_id] = builder.entries
                 self.packs_written += 1
-                if len(self._unindexed) >= self._index_every:
+                if len(self._unindexed) >= self._index_every or time.monotonic() - self._last_index > 30:
+                    self._last_index = time.monotonic()
                     write_index, self._unindexed = self._unindexed, {}
             if write_index is not None:
                 self.repo.write_index_file(IndexFile(packs=write_index))
@@ -442,11 +446,18 @@ class BlobWriter:
             self.repo.write_index_file(IndexFile(packs=write_index))
 
     def close(self, *, flush: bool = True) -> None:
+        """Finish; without ``flush`` (a failed backup) still index every pack already uploaded,
+        so the next run reuses them instead of uploading them again."""
         try:
             if flush and self._error is None:
                 self.flush()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=not flush)
+            with self._lock:
+                leftover, self._unindexed = self._unindexed, {}
+            if leftover:
+                with contextlib.suppress(Exception):  # best effort: the storage may be what failed
+                    self.repo.write_index_file(IndexFile(packs=leftover))
 
 
 def iter_chunk_ids(index_block: bytes) -> Iterator[bytes]:

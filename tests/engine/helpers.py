@@ -1,0 +1,87 @@
+"""Test doubles for the engine: in-memory disks and sources with scripted change tracking."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from vmvault.disk.base import DiskImage, Extent, ExtentKind, coalesce
+from vmvault.hypervisors.base import BackupSession, PreviousBackup, Source, SourceDisk
+
+
+class MemoryDisk(DiskImage):
+    """A disk held in a bytearray; ``allocated`` lists DATA ranges (the rest is ZERO).
+
+    Counts the bytes read so tests can assert what an incremental touched.
+    """
+
+    format = "raw"
+
+    def __init__(self, data: bytearray, allocated: list[tuple[int, int]] | None = None) -> None:
+        self.data = data
+        self.allocated = allocated if allocated is not None else [(0, len(data))]
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def extents(self) -> Iterator[Extent]:
+        pos = 0
+        out = []
+        for off, length in sorted(self.allocated):
+            if off > pos:
+                out.append(Extent(pos, off - pos, ExtentKind.ZERO))
+            out.append(Extent(off, length, ExtentKind.DATA))
+            pos = off + length
+        if pos < self.size:
+            out.append(Extent(pos, self.size - pos, ExtentKind.ZERO))
+        return coalesce(out)
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            self.bytes_read += length
+        return bytes(self.data[offset : offset + length])
+
+
+class ScriptedSession(BackupSession):
+    def __init__(self, disks: list[SourceDisk]) -> None:
+        self.vm = {"name": "test-vm", "hypervisor": "test"}
+        self.disks = disks
+        self.files = []
+        self.consistency = "crash-consistent"
+        self.warnings = []
+        self.extra = {}
+        self.completed: str | None = None
+        self.closed = False
+
+    def complete(self, snapshot_id: str) -> None:
+        self.completed = snapshot_id
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ScriptedSource(Source):
+    """Hands out the given disk; ``changed`` (when set) is reported as change tracking."""
+
+    kind = "test"
+
+    def __init__(self, disk: MemoryDisk, location: str = "test://vm") -> None:
+        self.disk = disk
+        self.location = location
+        self.changed: list[tuple[int, int]] | None = None
+        self.token = 0
+        self.last_previous: PreviousBackup | None = None
+        self.sessions: list[ScriptedSession] = []
+
+    def open_session(self, previous: PreviousBackup | None) -> BackupSession:
+        self.last_previous = previous
+        self.token += 1
+        cbt: dict[str, Any] = {"kind": "test", "token": self.token}
+        changed = self.changed if previous is not None else None
+        session = ScriptedSession([SourceDisk("vda", self.disk, "raw", changed=changed, cbt=cbt)])
+        self.sessions.append(session)
+        return session

@@ -1,0 +1,273 @@
+"""Backup and restore engine: round trips, sparseness, dedup, change tracking, faults."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.engine.helpers import MemoryDisk, ScriptedSource
+from vmvault.backends.base import Backend, ObjectInfo
+from vmvault.backends.local import LocalBackend
+from vmvault.backends.memory import MemoryBackend
+from vmvault.disk.base import Extent, ExtentKind
+from vmvault.engine.backup import backup, chunk_runs
+from vmvault.engine.restore import restore
+from vmvault.errors import SourceError, StorageFullError
+from vmvault.hypervisors.files import FilesSource
+from vmvault.repo.check import check
+from vmvault.repo.repository import Repository
+
+CS = 64 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+
+
+def new_repo(backend: Backend | None = None, chunk_size: int = CS) -> Repository:
+    return Repository.init(backend or MemoryBackend(), b"passphrase", chunk_size=chunk_size)
+
+
+def sample_bytes(size: int, seed: int) -> bytearray:
+    rng = random.Random(seed)
+    data = bytearray(size)
+    for off in range(0, size, 16 * 1024):
+        kind = rng.random()
+        if kind < 0.4:
+            data[off : off + 16 * 1024] = rng.randbytes(16 * 1024)
+        elif kind < 0.7:
+            data[off : off + 16 * 1024] = (b"text %d " % off) * (16 * 1024 // len(b"text %d " % off)) + bytes(
+                16 * 1024 % len(b"text %d " % off)
+            )
+    return data
+
+
+# ---- chunk planning ---------------------------------------------------------------------
+
+
+def _brute_force(extents: list[Extent], size: int, cs: int) -> list[str]:
+    kinds = []
+    for c in range(-(-size // cs)):
+        lo, hi = c * cs, min((c + 1) * cs, size)
+        seen = {e.kind for e in extents if e.offset < hi and e.end > lo}
+        if seen == {ExtentKind.ZERO}:
+            kinds.append("zero")
+        elif seen == {ExtentKind.PARENT}:
+            kinds.append("parent")
+        else:
+            kinds.append("data")
+    return kinds
+
+
+@given(
+    pieces=st.lists(st.tuples(st.integers(1, 5 * 4096), st.sampled_from(list(ExtentKind))), min_size=1, max_size=30),
+    cs_pow=st.integers(12, 14),
+)
+@settings(max_examples=300, deadline=None)
+def test_chunk_runs_match_a_brute_force_model(pieces: list[tuple[int, ExtentKind]], cs_pow: int) -> None:
+    cs = 1 << cs_pow
+    extents, pos = [], 0
+    for length, kind in pieces:
+        extents.append(Extent(pos, length, kind))
+        pos += length
+    runs = list(chunk_runs(extents, pos, cs))
+    flat = [k for first, end, k in runs for _ in range(first, end)]
+    assert flat == _brute_force(extents, pos, cs)
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))
+
+
+# ---- round trips ------------------------------------------------------------------------
+
+
+def test_sparse_image_round_trip_keeps_holes(tmp_path: Path) -> None:
+    img = tmp_path / "vm" / "disk.raw"
+    img.parent.mkdir()
+    size = 8 << 20
+    with open(img, "wb") as f:
+        f.truncate(size)
+        f.seek(1 << 20)
+        f.write(os.urandom(300_000))
+        f.seek(5 << 20)
+        f.write(b"x" * 100_000)
+    (tmp_path / "vm" / "vm.conf").write_text("name = t\n")
+    os.chmod(tmp_path / "vm" / "vm.conf", 0o640)
+    repo = new_repo()
+    result = backup(repo, FilesSource(str(tmp_path / "vm")))
+    # only the allocated extents are read (SEEK_DATA/SEEK_HOLE), rounded to chunks
+    assert result.bytes_read < 1 << 20
+    out = tmp_path / "out"
+    restore(repo, result.snapshot, str(out))
+    assert (out / "disk.raw").read_bytes() == img.read_bytes()
+    assert os.stat(out / "disk.raw").st_blocks * 512 < 1 << 20, "restored image must stay sparse"
+    conf = out / "vm.conf"
+    assert conf.read_text() == "name = t\n"
+    assert os.stat(conf).st_mode & 0o777 == 0o640
+    assert os.stat(conf).st_mtime_ns == os.stat(tmp_path / "vm" / "vm.conf").st_mtime_ns
+
+
+def test_second_backup_of_unchanged_data_stores_nothing_and_zero_chunks_are_never_stored() -> None:
+    data = sample_bytes(4 << 20, 1)
+    data[1 << 20 : 2 << 20] = bytes(1 << 20)  # allocated but zero
+    disk = MemoryDisk(data)
+    repo = new_repo()
+    first = backup(repo, ScriptedSource(disk))
+    stored = first.raw_new
+    assert stored <= len(data) - (1 << 20) + 64 * 1024  # the zero MiB is not stored
+    second = backup(repo, ScriptedSource(disk, location="test://other"))
+    assert second.chunks_new == 0 and second.bytes_new == 0
+
+
+def test_restore_refuses_to_overwrite(tmp_path: Path) -> None:
+    disk = MemoryDisk(sample_bytes(1 << 20, 2))
+    repo = new_repo()
+    snap = backup(repo, ScriptedSource(disk)).snapshot
+    restore(repo, snap, str(tmp_path / "out"))
+    with pytest.raises(Exception, match="exists"):
+        restore(repo, snap, str(tmp_path / "out"))
+
+
+# ---- change tracking --------------------------------------------------------------------
+
+
+def test_incremental_reads_only_changed_chunks_and_restores_the_new_state(tmp_path: Path) -> None:
+    size = 64 << 20  # 1024 chunks of 64 KiB: index blocks of 4096 chunks -> 1 block; use more
+    data = sample_bytes(size, 3)
+    disk = MemoryDisk(data)
+    repo = new_repo()
+    source = ScriptedSource(disk)
+    first = backup(repo, source)
+    assert first.snapshot.disks[0].stats["incremental"] == 0
+    # the guest writes 3 small ranges
+    writes = [(100_000, 5000), (30 << 20, 70_000), (size - 10, 10)]
+    for off, length in writes:
+        data[off : off + length] = os.urandom(length)
+    source.changed = writes
+    disk.bytes_read = 0
+    second = backup(repo, source)
+    assert source.last_previous is not None and source.last_previous.snapshot_id == first.snapshot.id
+    assert source.last_previous.disks["vda"] == {"kind": "test", "token": 1}
+    assert second.snapshot.disks[0].stats["incremental"] == 1
+    touched_chunks = {o // CS for o, n in writes} | {(o + n - 1) // CS for o, n in writes}
+    assert disk.bytes_read == len(touched_chunks) * CS
+    assert source.sessions[-1].completed == second.snapshot.id and source.sessions[-1].closed
+    out = tmp_path / "out"
+    restore(repo, second.snapshot, str(out))
+    assert (out / "vda").read_bytes() == bytes(data)
+
+
+def test_incremental_reuses_unchanged_index_blocks_without_reading_them() -> None:
+    size = 3 * 4096 * 4096 + 5000  # 3 index blocks of 4 KiB chunks plus a partial one
+    data = bytearray(size)
+    data[0:4096] = b"a" * 4096
+    data[-5000:] = b"b" * 5000
+    disk = MemoryDisk(data, allocated=[(0, 4096), (size - 5000, 5000)])
+    repo = new_repo(chunk_size=4096)
+    source = ScriptedSource(disk)
+    first = backup(repo, source)
+    data[0:10] = b"0123456789"
+    source.changed = [(0, 10)]
+    disk.bytes_read = 0
+    second = backup(repo, source)
+    assert disk.bytes_read == 4096
+    a, b = first.snapshot.disks[0].index, second.snapshot.disks[0].index
+    assert a[0] != b[0] and a[1:] == b[1:]
+
+
+def test_full_flag_ignores_change_tracking() -> None:
+    disk = MemoryDisk(sample_bytes(2 << 20, 4))
+    repo = new_repo()
+    source = ScriptedSource(disk)
+    backup(repo, source)
+    source.changed = []
+    disk.bytes_read = 0
+    assert backup(repo, source).bytes_read == 0
+    assert backup(repo, source, full=True).bytes_read == 2 << 20
+
+
+# ---- faults -----------------------------------------------------------------------------
+
+
+class FillingBackend(MemoryBackend):
+    """Refuses pack writes once ``budget`` bytes of packs are stored, like a full disk."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget = budget
+
+    def put(self, name: str, data: bytes) -> None:
+        if name.startswith("data/"):
+            used = sum(o.size for o in self.list("data/"))
+            if used + len(data) > self.budget:
+                raise StorageFullError("the repository's disk is full", name=name)
+        super().put(name, data)
+
+
+def test_full_storage_fails_cleanly_keeps_old_snapshots_and_recovers() -> None:
+    backend = FillingBackend(budget=1 << 60)
+    repo = Repository.init(backend, b"pw", chunk_size=CS, pack_size=1 << 20)
+    small = MemoryDisk(sample_bytes(1 << 20, 5))
+    keep = backup(repo, ScriptedSource(small, location="test://small")).snapshot
+    big = MemoryDisk(bytearray(os.urandom(8 << 20)))
+    backend.budget = sum(o.size for o in backend.list("data/")) + (3 << 20)
+    with pytest.raises(StorageFullError):
+        backup(repo, ScriptedSource(big, location="test://big"))
+    assert [s.id for s in repo.list_snapshots()] == [keep.id], "no half-written snapshot may appear"
+    assert check(repo, read_data=True).ok
+    backend.budget = 1 << 60  # space freed
+    uploaded_before = sum(o.size for o in backend.list("data/"))
+    again = backup(repo, ScriptedSource(big, location="test://big"))
+    assert again.bytes_new < 8 << 20, "packs uploaded before the failure are reused"
+    assert sum(o.size for o in backend.list("data/")) - uploaded_before >= again.bytes_new
+    assert check(repo, read_data=True).ok
+
+
+class ShrinkingDisk(MemoryDisk):
+    def read(self, offset: int, length: int) -> bytes:
+        limit = 1 << 20  # the file was truncated to 1 MiB under us
+        return super().read(offset, max(0, min(length, limit - offset)))
+
+
+def test_source_shrinking_mid_read_is_a_clear_source_error() -> None:
+    repo = new_repo()
+    with pytest.raises(SourceError, match="changed size"):
+        backup(repo, ScriptedSource(ShrinkingDisk(sample_bytes(4 << 20, 6))))
+    assert repo.list_snapshots() == []
+
+
+def test_vanished_source_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no such file"):
+        FilesSource(str(tmp_path / "gone"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="reading a mode-000 file as root succeeds; needs a non-root user")
+def test_permission_denied_is_a_clear_error_for_non_root() -> None:  # pragma: no cover - CI runs as root
+    pass
+
+
+def test_permission_denied_on_the_repository(tmp_path: Path) -> None:
+    repo_dir = tmp_path / "repo"
+    repo = Repository.init(LocalBackend(str(repo_dir)), b"pw", chunk_size=CS)
+    disk = MemoryDisk(sample_bytes(1 << 20, 7))
+
+    class ReadOnly(LocalBackend):
+        def put(self, name: str, data: bytes) -> None:
+            raise PermissionError(13, "Permission denied")
+
+    ro = Repository.open(ReadOnly(str(repo_dir)), b"pw")
+    with pytest.raises(Exception) as info:
+        backup(ro, ScriptedSource(disk))
+    assert "Permission denied" in str(info.value)
+    assert repo.list_snapshots() == []
+
+
+def test_list_objects_ignore_temporary_files(tmp_path: Path) -> None:
+    backend = LocalBackend(str(tmp_path))
+    backend.put("data/ab/abc", b"x")
+    (tmp_path / "data" / "ab" / "abd.tmp-123").write_bytes(b"partial")
+    assert list(backend.list("data/")) == [ObjectInfo("data/ab/abc", 1)]
