@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from pathlib import Path
@@ -79,7 +80,7 @@ def test_chunk_runs_match_a_brute_force_model(pieces: list[tuple[int, ExtentKind
     runs = list(chunk_runs(extents, pos, cs))
     flat = [k for first, end, k in runs for _ in range(first, end)]
     assert flat == _brute_force(extents, pos, cs)
-    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
 
 
 # ---- round trips ------------------------------------------------------------------------
