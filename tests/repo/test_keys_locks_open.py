@@ -1,0 +1,175 @@
+"""Keys (passphrases change without touching data), locks, and opening what is not (yet) ours."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.repo.builders import PASS, Content, backup, disk_image, make_repo, restore_all, write_dead_lock
+from vmvault.backends.local import LocalBackend
+from vmvault.backends.memory import MemoryBackend
+from vmvault.errors import (
+    IntegrityError,
+    LockedError,
+    NotARepositoryError,
+    PasswordError,
+    RepositoryError,
+    RepositoryExistsError,
+    UnsupportedVersionError,
+)
+from vmvault.repo import Repository, check
+from vmvault.repo import keys as repo_keys
+from vmvault.repo._layout import FORMAT_VERSION
+from vmvault.repo.crypto import seal_envelope
+from vmvault.repo.locks import STALE_SECONDS, list_locks
+
+
+def data_objects(repo: Repository) -> dict[str, bytes]:
+    """Everything a key change must leave byte-identical."""
+    out = {}
+    for prefix in ("config", "data/", "index/", "snapshots/"):
+        for o in repo.backend.list(prefix):
+            out[o.name] = repo.backend.get(o.name)
+    return out
+
+
+def test_wrong_passphrase(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path)))
+    with pytest.raises(PasswordError):
+        Repository.open(repo.backend, b"wrong")
+    with pytest.raises(RepositoryError, match="encrypted"):
+        Repository.open(repo.backend, None)
+    asked: list[int] = []
+    opened = Repository.open(repo.backend, lambda: asked.append(1) or PASS)
+    assert asked == [1] and opened.key == repo.key
+
+
+def test_add_change_remove_keys_without_rewriting_data(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path)))
+    content = Content(disks={"d": disk_image(9, 10)})
+    snap = backup(repo, content)
+    before = data_objects(repo)
+    first = repo.key_id
+
+    second = repo_keys.add_key(repo.backend, repo.key, b"second passphrase")
+    keyfile_secret = bytes(range(32))
+    third = repo_keys.add_key(repo.backend, repo.key, keyfile_secret, kind="keyfile")
+    assert {k.id for k in repo_keys.list_keys(repo.backend)} == {first, second, third}
+    assert {k.kind for k in repo_keys.list_keys(repo.backend)} == {"passphrase", "keyfile"}
+
+    via_second = Repository.open(repo.backend, b"second passphrase")
+    assert via_second.key_id == second
+    assert Repository.open(repo.backend, keyfile_secret).key_id == third
+
+    # "change passphrase" = add the new one, remove the old one
+    with pytest.raises(RepositoryError, match="this session is using"):
+        repo_keys.remove_key(repo.backend, first, current=first)
+    repo_keys.remove_key(repo.backend, first, current=second)
+    with pytest.raises(PasswordError):
+        Repository.open(repo.backend, PASS)
+    repo_keys.remove_key(repo.backend, third, current=second)
+    with pytest.raises(RepositoryError, match="last key"):
+        repo_keys.remove_key(repo.backend, second, current="someone else")
+
+    assert data_objects(repo) == before
+    reopened = Repository.open(repo.backend, b"second passphrase")
+    assert restore_all(reopened, reopened.load_snapshot(snap.id)) == content
+    assert check(reopened, read_data=True).ok
+
+
+def test_damaged_key_file_does_not_hide_a_good_one(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path)))
+    repo.backend.put("keys/" + "0" * 64, b"not json")
+    assert Repository.open(repo.backend, PASS).key == repo.key
+    with pytest.raises(PasswordError, match="damaged key files"):
+        Repository.open(repo.backend, b"wrong")
+
+
+def test_tampered_config_is_refused(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path)))
+    doc = json.loads(repo.backend.get("config"))
+    doc["chunk_size"] = 8192
+    repo.backend.put("config", json.dumps(doc).encode())
+    with pytest.raises(IntegrityError, match="MAC"):
+        Repository.open(repo.backend, PASS)
+
+
+def test_newer_format_version_is_refused(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path)))
+    doc = json.loads(repo.backend.get("config"))
+    doc["version"] = FORMAT_VERSION + 1
+    repo.backend.put("config", json.dumps(doc).encode())
+    with pytest.raises(UnsupportedVersionError, match="Upgrade"):
+        Repository.open(repo.backend, PASS)
+
+
+@pytest.mark.parametrize("config", [None, b"", b"{}", b"[1, 2]", b"\xff\xfe", b'{"format": "restic"}'])
+def test_not_a_repository(tmp_path: Path, config: bytes | None) -> None:
+    backend = LocalBackend(str(tmp_path))
+    if config is not None:
+        backend.put("config", config)
+    with pytest.raises(NotARepositoryError):
+        Repository.open(backend, PASS)
+
+
+def test_init_twice_is_refused(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path)))
+    with pytest.raises(RepositoryExistsError):
+        Repository.init(repo.backend, PASS)
+
+
+# ---- locks -------------------------------------------------------------------------------
+
+
+def test_shared_locks_coexist_exclusive_conflicts() -> None:
+    repo = make_repo(MemoryBackend())
+    with repo.lock(exclusive=False, operation="backup"), repo.lock(exclusive=False, operation="backup"):
+        assert len(list_locks(repo.backend, repo.key)) == 2
+        with pytest.raises(LockedError, match="shared lock for backup"):
+            repo.lock(exclusive=True, operation="prune").acquire()
+        assert len(list_locks(repo.backend, repo.key)) == 2  # the refused locker cleaned up after itself
+    with repo.lock(exclusive=True, operation="prune"):
+        with pytest.raises(LockedError, match="exclusive lock for prune"):
+            repo.lock(exclusive=False, operation="backup").acquire()
+        with pytest.raises(LockedError):
+            repo.lock(exclusive=True, operation="prune").acquire()
+    assert list_locks(repo.backend, repo.key) == []
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+def test_stale_lock_of_a_dead_pid_is_ignored(exclusive: bool) -> None:
+    repo = make_repo(MemoryBackend())
+    dead = write_dead_lock(repo, exclusive=True)
+    with repo.lock(exclusive=exclusive, operation="x"):
+        names = {lock.name for lock in list_locks(repo.backend, repo.key)}
+    # an exclusive locker also removes it; a shared one leaves it
+    assert (dead in names) is not exclusive
+
+
+def test_lock_from_another_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(MemoryBackend())
+
+    def foreign(age: float) -> str:
+        name = f"locks/foreign{int(age)}"
+        doc = {"hostname": "elsewhere", "pid": 1, "time": time.time() - age, "exclusive": True, "operation": "prune"}
+        repo.backend.put(name, seal_envelope(repo.key, json.dumps(doc).encode(), b"lock " + name.encode()))
+        return name
+
+    recent = foreign(10)
+    with pytest.raises(LockedError, match="elsewhere"):
+        repo.lock(exclusive=False, operation="backup").acquire()
+    repo.backend.delete(recent)
+    foreign(STALE_SECONDS + 60)  # not refreshed for too long: its holder is gone
+    with repo.lock(exclusive=False, operation="backup"):
+        pass
+
+
+def test_unreadable_lock_is_treated_as_stale() -> None:
+    repo = make_repo(MemoryBackend())
+    repo.backend.put("locks/garbage", b"\x00" * 40)
+    with repo.lock(exclusive=True, operation="prune"):
+        pass
+    assert not repo.backend.exists("locks/garbage")
