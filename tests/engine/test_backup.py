@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -272,3 +274,36 @@ def test_list_objects_ignore_temporary_files(tmp_path: Path) -> None:
     backend.put("data/ab/abc", b"x")
     (tmp_path / "data" / "ab" / "abd.tmp-123").write_bytes(b"partial")
     assert list(backend.list("data/")) == [ObjectInfo("data/ab/abc", 1)]
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.integration
+def test_real_disk_full_on_a_small_tmpfs(small_tmpfs: Path, tmp_path: Path) -> None:
+    repo = Repository.init(LocalBackend(str(small_tmpfs / "repo")), b"pw", chunk_size=CS, pack_size=2 << 20)
+    small = MemoryDisk(sample_bytes(2 << 20, 8))
+    keep = backup(repo, ScriptedSource(small, location="test://small")).snapshot
+    big = MemoryDisk(bytearray(os.urandom(48 << 20)))
+    with pytest.raises(StorageFullError, match="full"):
+        backup(repo, ScriptedSource(big, location="test://big"))
+    repo = Repository.open(LocalBackend(str(small_tmpfs / "repo")), b"pw")
+    assert [s.id for s in repo.list_snapshots()] == [keep.id]
+    assert check(repo, read_data=True).ok
+    # the administrator frees space (here: grows the file system); the next run succeeds
+    subprocess.run(["mount", "-o", "remount,size=128m", str(small_tmpfs)], check=True)
+    again = backup(repo, ScriptedSource(big, location="test://big"))
+    assert again.bytes_new < 48 << 20
+    out = tmp_path / "out"
+    restore(repo, again.snapshot, str(out))
+    assert (out / "vda").read_bytes() == bytes(big.data)
