@@ -59,10 +59,10 @@ def test_init_backup_snapshots_show_restore(vm: Path, env: Path, capsys: pytest.
     assert code == 0 and isinstance(shown, dict) and shown["disks"][0]["name"] == "disk0.raw"
     assert main(["snapshots"]) == 0
     assert "2 snapshots" in capsys.readouterr().out
-    code, res = run_json(capsys, "restore", "latest", "--target", str(env / "out"))
+    code, _ = run_json(capsys, "restore", "latest", "--target", str(env / "out"))
     assert code == 0
     assert (env / "out" / "disk0.raw").read_bytes() == (vm / "disk0.raw").read_bytes()
-    code, res = run_json(capsys, "restore", "latest", "--target", str(env / "clones"), "--as-clone", "vm2")
+    code, _res = run_json(capsys, "restore", "latest", "--target", str(env / "clones"), "--as-clone", "vm2")
     assert code == 0 and (env / "clones" / "vm2" / "disk0.raw").exists()
     assert main(["check", "--read-data"]) == 0
 
