@@ -88,8 +88,10 @@ def test_full_session_is_point_in_time(make_vm: Callable[..., QemuVM], tmp_path:
                 "format": fmt,
                 "file": vm.paths["vda"],
                 "size": size,
+                "model": "virtio-blk-pci",
             }
         ]
+        assert session.vm["memory"] == 64 * MiB and session.vm["cpus"] == 1 and session.vm["nics"] == []
         assert "-uuid" in session.vm["cmdline"]
         assert vm.node_names() != baseline  # the fleecing node exists while the session is open
     assert_nothing_left(vm, baseline, scratch)

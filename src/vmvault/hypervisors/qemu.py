@@ -243,6 +243,11 @@ class QemuBackupSession(BackupSession):
                 "status": qmp.execute("query-status").get("status"),
             }
         )
+        with contextlib.suppress(QmpError):
+            self.vm["memory"] = int(qmp.execute("query-memory-size-summary")["base-memory"])
+        with contextlib.suppress(QmpError):
+            self.vm["cpus"] = len(qmp.execute("query-cpus-fast"))
+        models = self._peripherals()
         pid = qmp.peer_pid()
         if pid is not None:
             # The command line is a cheap recipe to rebuild the VM (restore as a clone).
@@ -278,11 +283,40 @@ class QemuBackupSession(BackupSession):
                 )
             )
         self.vm["disks"] = [
-            {"device": d.device, "qdev": d.qdev, "node": d.node, "format": d.format, "file": d.file, "size": d.size}
+            {
+                "device": d.device,
+                "qdev": d.qdev,
+                "node": d.node,
+                "format": d.format,
+                "file": d.file,
+                "size": d.size,
+                "model": models.get(d.device, ""),
+            }
             for d in disks
         ]
         self.vm["media"] = media
         return disks
+
+    def _peripherals(self) -> dict[str, str]:
+        """Device id -> QOM type of every device with an id; records NICs and their MACs."""
+        models: dict[str, str] = {}
+        nics: list[dict[str, str]] = []
+        try:
+            children = self.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+        except QmpError:
+            return models
+        for child in children:
+            kind = str(child.get("type", ""))
+            if not kind.startswith("child<"):
+                continue
+            models[child["name"]] = kind[6:-1]
+            try:
+                mac = self.qmp.execute("qom-get", {"path": f"/machine/peripheral/{child['name']}", "property": "mac"})
+            except QmpError:
+                continue  # not a network card
+            nics.append({"id": child["name"], "model": kind[6:-1], "mac": str(mac)})
+        self.vm["nics"] = nics
+        return models
 
     def _sweep_leftover_objects(self) -> None:
         """Remove exports, jobs and nodes a crashed vmvault run left in this QEMU."""
