@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import require_tool
 from vmvault.disk import ExtentKind, detect_format, open_image
-from vmvault.disk.qcow2 import Qcow2Image, create_qcow2, open_qcow2
+from vmvault.disk.qcow2 import Qcow2Image, create_qcow2, open_qcow2, open_qcow2_for_write
 from vmvault.disk.raw import open_raw
 from vmvault.errors import FormatError, ParentError, UnsupportedFormatError
 
@@ -378,6 +378,67 @@ def test_writer_refuses_bad_arguments(tmp_path: Path) -> None:
         create_qcow2(str(tmp_path / "no" / "dir" / "x.qcow2"), MIB)
     with create_qcow2(str(tmp_path / "y.qcow2"), MIB) as w, pytest.raises(ValueError):
         w.write(MIB - 1, b"ab")
+
+
+def dirty_bit(path: Path) -> bool:
+    return bool(int.from_bytes(path.read_bytes()[72:80], "big") & 1)
+
+
+@pytest.mark.parametrize("kind", ["plain", "compressed", "overlay"])
+def test_write_in_place(tmp_path: Path, kind: str) -> None:
+    size = 16 * MIB
+    path = tmp_path / "img.qcow2"
+    if kind == "overlay":
+        base = tmp_path / "base.qcow2"
+        run("qemu-img", "create", "-f", "qcow2", str(base), str(size))
+        qemu_io(base, "write -P 0x41 0 12M")
+        run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=16k", "-b", "base.qcow2", "-F", "qcow2", str(path))
+        qemu_io(path, "write -P 0x42 1M 1M", "write -z 3M 512k")
+    else:
+        src = tmp_path / "src.qcow2"
+        run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4k", str(src), str(size))
+        qemu_io(src, "write -P 0x43 0 6M", "write -P 0x44 9M 2M", "write -z 2M 64k")
+        if kind == "compressed":
+            run("qemu-img", "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", str(src), str(path))
+        else:
+            shutil.copy(src, path)
+    ref = bytearray(qemu_raw(path, tmp_path))
+    with open_qcow2_for_write(str(path)) as w:
+        assert dirty_bit(path)  # marked before any data is written
+        random_writes(w, ref, seed=21, count=30, maxlen=100_000)
+        w.write(2 * MIB + 100, b"\x07" * 50)  # partial write into a zero cluster
+        ref[2 * MIB + 100 : 2 * MIB + 150] = b"\x07" * 50
+        w.write(5 * MIB, bytes(64 * KIB))  # zeros over data
+        ref[5 * MIB : 5 * MIB + 64 * KIB] = bytes(64 * KIB)
+    assert not dirty_bit(path)
+    check_clean(path)
+    rawp = tmp_path / "ref.raw"
+    rawp.write_bytes(ref)
+    assert "identical" in run("qemu-img", "compare", "-F", "raw", str(path), str(rawp)).stdout
+    with open_qcow2(str(path)) as img:
+        assert img.read(0, size) == bytes(ref)
+    # a second session over our own output
+    with open_qcow2_for_write(str(path)) as w:
+        w.write(0, b"\x09" * 4096)
+        ref[:4096] = b"\x09" * 4096
+    check_clean(path)
+    assert qemu_raw(path, tmp_path) == bytes(ref)
+
+
+def test_write_in_place_refusals(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "compat=0.10", str(v2), "1M")
+    snap = tmp_path / "snap.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(snap), "1M")
+    run("qemu-img", "snapshot", "-c", "s1", str(snap))
+    bm = tmp_path / "bm.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(bm), "1M")
+    run("qemu-img", "bitmap", "--add", str(bm), "b")
+    for path, why in ((v2, "version 2"), (snap, "snapshots"), (bm, "bitmaps")):
+        before = path.read_bytes()
+        with pytest.raises(UnsupportedFormatError, match=why):
+            open_qcow2_for_write(str(path))
+        assert path.read_bytes() == before  # a refused image is left untouched
 
 
 # -- damage ----------------------------------------------------------------------------------------

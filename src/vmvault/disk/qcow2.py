@@ -43,7 +43,7 @@ from vmvault.disk._qcow2_layout import (
 from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, coalesce
 from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
 
-__all__ = ["Qcow2Image", "Qcow2Writer", "create_qcow2", "open_qcow2"]
+__all__ = ["Qcow2Image", "Qcow2Writer", "create_qcow2", "open_qcow2", "open_qcow2_for_write"]
 
 #: qemu's own limit on the L1 table (QCOW_MAX_L1_SIZE); bounds memory for absurd virtual sizes
 MAX_L1_BYTES = 32 * 1024 * 1024
@@ -644,10 +644,13 @@ def open_qcow2(path: str, *, parent: str | None = None) -> Qcow2Image:
 
 
 class Qcow2Writer(DiskWriter):
-    """Writes a new qcow2 v3 image: clusters are appended at EOF; tables and refcounts at close.
+    """Writes a qcow2 v3 image: a new one (``create_qcow2``) or an existing one in place.
 
-    Nothing is ever freed, so every cluster below the refcount structures has refcount 1 and
-    the refcount table written at close describes exactly the clusters in use (no leaks).
+    New clusters are appended at EOF. While the writer is open the header carries the dirty bit
+    (spec "incompatible_features" bit 0: refcounts may be stale; qemu repairs them on open), and
+    ``flush``/``close`` write the tables, rebuild every refcount from the L1/L2 tables (so a
+    cluster that nothing references any more simply gets refcount 0, never a leak), and then
+    clear the bit.
     """
 
     format = "qcow2"
@@ -655,76 +658,34 @@ class Qcow2Writer(DiskWriter):
     def __init__(
         self,
         path: str,
-        size: int,
-        cluster_size: int,
-        backing: str | None,
-        backing_format: str | None,
+        fd: int,
+        header: Header,
+        head_end: int,
+        l1: list[int],
+        backing: DiskImage | None,
+        reader: Qcow2Image | None,
     ) -> None:
-        if cluster_size < 512 or cluster_size & (cluster_size - 1) or cluster_size > 2 * 1024 * 1024:
-            raise FormatError(f"cluster size {cluster_size} must be a power of two from 512 B to 2 MiB", path=path)
-        if size < 0 or size >= 1 << 56:
-            raise FormatError(f"size {size} is out of range", path=path)
         self._path = path
-        self._size = size
-        self._cs = cluster_size
-        self._cbits = cluster_size.bit_length() - 1
-        self._l2n = cluster_size // 8
-        self._l1_size = max(1, -(-size // (self._l2n * cluster_size)))
-        if self._l1_size * 8 > MAX_L1_BYTES:
-            raise FormatError(f"size {size} needs an L1 table larger than 32 MiB; use bigger clusters", path=path)
-        self._backing: DiskImage | None = None
-        self._backing_name = backing
-        self._backing_format = backing_format
-        name_raw = backing.encode("utf-8") if backing else b""
-        if len(name_raw) > MAX_BACKING_NAME:
-            raise FormatError(f"backing file name longer than {MAX_BACKING_NAME} bytes", path=path)
-        if backing is not None:
-            # resolve like a reader will, so partial-cluster writes can copy the backing data
-            target = (
-                backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
-            )
-            from vmvault.disk import detect_format, open_image
-
-            if not os.path.exists(target):
-                raise ParentError(f"backing file {target} does not exist", path=path, structure="qcow2 backing file")
-            fmt = _FORMAT_NAMES.get(backing_format, backing_format) if backing_format else detect_format(target)
-            self._backing = open_qcow2(target) if fmt == "qcow2" else open_image(target, format=fmt)
-        exts = b""
-        if backing_format:
-            exts += pack_extension(ExtensionType.BACKING_FORMAT, backing_format.encode("utf-8"))
-        exts += pack_extension(ExtensionType.END, b"")
-        self._backing_off = HEADER_V3_SIZE + len(exts) if backing else 0
-        header_bytes = HEADER_V3_SIZE + len(exts) + len(name_raw)
-        self._head = exts + name_raw
-        header_clusters = -(-header_bytes // cluster_size)
-        self._l1_off = header_clusters * cluster_size
-        l1_clusters = -(-(8 * self._l1_size) // cluster_size)
-        self._eof = self._l1_off + l1_clusters * cluster_size
-        self._l1 = [0] * self._l1_size
+        self._fd = fd
+        self._hdr = header
+        self._size = header.size
+        self._cbits = header.cluster_bits
+        self._cs = 1 << header.cluster_bits
+        self._l2n = self._cs // 8
+        self._head_end = head_end  # header, extensions and backing name end here
+        self._l1 = l1
+        self._l1_dirty = False
         self._l2: dict[int, list[int]] = {}
-        try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as exc:
-            if self._backing is not None:
-                self._backing.close()
-            raise FormatError(f"cannot create: {exc.strerror}", path=path) from exc
-        try:
-            self._write_header(0, 0)
-            os.ftruncate(self._fd, self._eof)
-        except BaseException:
-            self._abort()
-            raise
-
-    def _abort(self) -> None:
-        os.close(self._fd)
-        self._fd = -1
-        if self._backing is not None:
-            self._backing.close()
+        self._l2_dirty: set[int] = set()
+        self._backing = backing
+        self._reader = reader  # an existing image's reader: decompresses old compressed clusters
+        self._eof = -(-os.fstat(fd).st_size // self._cs) * self._cs
 
     @property
     def size(self) -> int:
         return self._size
 
+    # -- low level -----------------------------------------------------------------------------------
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         try:
             written = os.pwrite(self._fd, data, offset)
@@ -733,137 +694,244 @@ class Qcow2Writer(DiskWriter):
         if written != len(data):
             raise FormatError(f"short write at offset {offset:#x}", path=self._path)
 
-    def _write_header(self, rt_off: int, rt_clusters: int) -> None:
-        h = Header(
+    def _write_header(self, *, dirty: bool, rt_off: int, rt_clusters: int) -> None:
+        incompat = self._hdr.incompatible_features & ~int(IncompatibleFeature.DIRTY)
+        if dirty:
+            incompat |= IncompatibleFeature.DIRTY
+        self._hdr = Header(
             version=3,
-            backing_file_offset=self._backing_off,
-            backing_file_size=len(self._backing_name.encode("utf-8")) if self._backing_name else 0,
-            cluster_bits=self._cbits,
-            size=self._size,
+            backing_file_offset=self._hdr.backing_file_offset,
+            backing_file_size=self._hdr.backing_file_size,
+            cluster_bits=self._hdr.cluster_bits,
+            size=self._hdr.size,
             crypt_method=0,
-            l1_size=self._l1_size,
-            l1_table_offset=self._l1_off,
+            l1_size=self._hdr.l1_size,
+            l1_table_offset=self._hdr.l1_table_offset,
             refcount_table_offset=rt_off,
             refcount_table_clusters=rt_clusters,
             nb_snapshots=0,
             snapshots_offset=0,
+            incompatible_features=incompat,
+            compatible_features=self._hdr.compatible_features,
+            autoclear_features=self._hdr.autoclear_features,
             refcount_order=4,
-            header_length=HEADER_V3_SIZE,
+            header_length=self._hdr.header_length,
+            compression_type=self._hdr.compression_type,
         )
-        self._pwrite(h.pack() + self._head, 0)
+        self._pwrite(self._hdr.pack(), 0)
 
-    def _alloc(self, nclusters: int = 1) -> int:
+    def _sync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise FormatError(f"fsync failed: {exc.strerror}", path=self._path) from exc
+
+    def _alloc(self) -> int:
         off = self._eof
-        self._eof += nclusters * self._cs
+        self._eof += self._cs
         return off
 
-    def _table(self, l1i: int) -> list[int]:
+    def _load_l2(self, off: int) -> list[int]:
+        raw = array("Q", _pread(self._fd, self._path, off, self._cs, "qcow2 L2 table"))
+        if _LITTLE:
+            raw.byteswap()
+        return raw.tolist()
+
+    def _table(self, l1i: int, create: bool) -> list[int] | None:
         table = self._l2.get(l1i)
-        if table is None:
+        if table is not None:
+            return table
+        off = self._l1[l1i] & L1_OFFSET_MASK
+        if off:
+            table = self._load_l2(off)
+        elif not create:
+            return None
+        else:
             table = [0] * self._l2n
-            self._l2[l1i] = table
             self._l1[l1i] = self._alloc() | L2_COPIED
+            self._l1_dirty = True
+            self._l2_dirty.add(l1i)
+        self._l2[l1i] = table
         return table
 
+    def _current(self, entry: int, cstart: int) -> bytes:
+        """What the guest sees in the cluster at ``cstart`` now (before a partial overwrite)."""
+        cs = self._cs
+        if entry & L2_COMPRESSED:
+            assert self._reader is not None  # only existing images hold compressed clusters
+            return self._reader._decompress(entry, cstart)
+        if entry & L2_ZERO:
+            return bytes(cs)
+        host = entry & L2_OFFSET_MASK
+        if host:
+            data = os.pread(self._fd, cs, host)
+            return data + bytes(cs - len(data))
+        if self._backing is not None:
+            data = self._backing.read(cstart, cs)
+            return data + bytes(cs - len(data))
+        return bytes(cs)
+
+    def _reads_zero(self, entry: int) -> bool:
+        if entry & L2_COMPRESSED:
+            return False
+        if entry & L2_ZERO:
+            return True
+        return not entry & L2_OFFSET_MASK and self._backing is None
+
+    # -- writing -------------------------------------------------------------------------------------
     def write(self, offset: int, data: bytes) -> None:
+        if self._fd < 0:
+            raise ValueError(f"{self._path} is closed")
         if offset < 0 or offset + len(data) > self._size:
             raise ValueError(f"write of {len(data)} bytes at {offset} is outside the {self._size}-byte disk")
         view = memoryview(data)
         cs, pos, end = self._cs, offset, offset + len(data)
         while pos < end:
-            ci = pos >> self._cbits
-            cstart = ci << self._cbits
+            cstart = pos >> self._cbits << self._cbits
             cend = min(cstart + cs, end)
-            chunk = view[pos - offset : cend - offset]
-            l1i, l2i = divmod(ci, self._l2n)
-            table = self._l2.get(l1i)
-            entry = table[l2i] if table is not None else 0
-            host = entry & L2_OFFSET_MASK
-            if host:
-                self._pwrite(chunk, host + pos - cstart)
-            elif not any(chunk):
-                whole = pos == cstart and cend - cstart == min(cs, self._size - cstart)
-                if self._backing is not None and whole:
-                    # a zero write over backing data must hide it: a v3 zero cluster needs no space
-                    self._table(l1i)[l2i] = L2_ZERO
-                elif self._backing is not None and not entry & L2_ZERO:
-                    self._fill(l1i, l2i, cstart, pos, chunk)
-                # else: already reads as zeros
-            else:
-                self._fill(l1i, l2i, cstart, pos, chunk)
+            self._write_cluster(cstart, pos, view[pos - offset : cend - offset])
             pos = cend
 
-    def _fill(self, l1i: int, l2i: int, cstart: int, pos: int, chunk: memoryview) -> None:
-        """Allocate a cluster for a partial or new write, copying what the guest sees around it."""
-        table = self._table(l1i)
-        was_zero = bool(table[l2i] & L2_ZERO)
-        host = self._alloc()
-        cs = self._cs
-        if len(chunk) == cs:
-            self._pwrite(chunk, host)
+    def _write_cluster(self, cstart: int, pos: int, chunk: memoryview) -> None:
+        l1i, l2i = divmod(cstart >> self._cbits, self._l2n)
+        table = self._table(l1i, create=False)
+        entry = table[l2i] if table is not None else 0
+        host = entry & L2_OFFSET_MASK
+        owned = host and entry & L2_COPIED and not entry & L2_COMPRESSED  # refcount 1: write in place
+        whole = pos == cstart and len(chunk) == min(self._cs, self._size - cstart)
+        if owned and not entry & L2_ZERO:
+            self._pwrite(chunk, host + pos - cstart)
+            return
+        zero = not any(chunk)
+        if zero and self._reads_zero(entry):
+            return  # already reads as zeros
+        if zero and whole:
+            # a v3 zero cluster needs no space and hides the backing file (spec "Standard Cluster Descriptor")
+            self._set(l1i, l2i, L2_ZERO)
+            return
+        # a preallocated zero cluster we own is filled in place; anything else gets a new cluster
+        target = host if owned else self._alloc()
+        if whole:
+            self._pwrite(chunk, target)
         else:
-            buf = bytearray(cs)
-            if self._backing is not None and not was_zero:
-                old = self._backing.read(cstart, cs)
-                buf[: len(old)] = old
+            buf = bytearray(self._current(entry, cstart))
             buf[pos - cstart : pos - cstart + len(chunk)] = chunk
-            self._pwrite(buf, host)
-        table[l2i] = host | L2_COPIED
+            self._pwrite(buf, target)
+        self._set(l1i, l2i, target | L2_COPIED)
 
+    def _set(self, l1i: int, l2i: int, entry: int) -> None:
+        table = self._table(l1i, create=True)
+        assert table is not None
+        table[l2i] = entry
+        self._l2_dirty.add(l1i)
+
+    # -- tables and refcounts --------------------------------------------------------------------------
     def _write_tables(self) -> None:
-        cs = self._cs
-        for l1i, table in self._l2.items():
-            raw = array("Q", table)
+        for l1i in sorted(self._l2_dirty):
+            raw = array("Q", self._l2[l1i])
             if _LITTLE:
                 raw.byteswap()
             self._pwrite(raw.tobytes(), self._l1[l1i] & L1_OFFSET_MASK)
-        l1 = array("Q", self._l1)
-        if _LITTLE:
-            l1.byteswap()
-        self._pwrite(l1.tobytes(), self._l1_off)
-        # Refcounts (spec "Host cluster management"): every cluster in [0, used) has refcount 1, and
-        # the refcount table and blocks, appended after them, must count themselves as well.
-        used = -(-self._eof // cs)
+        self._l2_dirty.clear()
+        if self._l1_dirty:
+            l1 = array("Q", self._l1)
+            if _LITTLE:
+                l1.byteswap()
+            self._pwrite(l1.tobytes(), self._hdr.l1_table_offset)
+            self._l1_dirty = False
+        # keep memory bounded on big restores: tables already written can be read back when needed
+        if len(self._l2) > L2_CACHE_TABLES:
+            self._l2.clear()
+
+    def _write_refcounts(self) -> tuple[int, int]:
+        """Count every reference from the tables, then append refcount table and blocks at EOF."""
+        cs, cbits = self._cs, self._cbits
+        used = self._eof >> cbits
+        counts = array("H", bytes(2 * used))
+
+        def mark(start: int, nbytes: int) -> None:
+            for c in range(start >> cbits, (start + nbytes - 1 >> cbits) + 1):
+                if counts[c] == 0xFFFF:
+                    raise FormatError(f"refcount overflow at cluster {c}", path=self._path)
+                counts[c] += 1
+
+        mark(0, max(self._head_end, 1))
+        mark(self._hdr.l1_table_offset, 8 * len(self._l1))
+        cx = 62 - (cbits - 8)
+        for l1i, l1e in enumerate(self._l1):
+            off = l1e & L1_OFFSET_MASK
+            if not off:
+                continue
+            mark(off, cs)
+            table = self._l2.get(l1i)
+            for e in table if table is not None else self._load_l2(off):
+                if e & L2_COMPRESSED:
+                    host = e & ((1 << cx) - 1)
+                    sectors = (e >> cx) & ((1 << (62 - cx)) - 1)
+                    mark(host, (sectors + 1) * 512 - (host & 511))
+                elif e & L2_OFFSET_MASK:
+                    mark(e & L2_OFFSET_MASK, cs)
+        # the refcount structures count themselves too (spec "Host cluster management")
         per_block = cs * 8 // 16
         blocks, table_clusters = 0, 0
         while True:
             total = used + blocks + table_clusters
-            need_blocks = -(-total // per_block)
-            need_table = -(-(need_blocks * 8) // cs)
-            if (need_blocks, need_table) == (blocks, table_clusters):
+            need = (-(-total // per_block), -(-(-(-total // per_block) * 8) // cs))
+            if need == (blocks, table_clusters):
                 break
-            blocks, table_clusters = need_blocks, need_table
+            blocks, table_clusters = need
         rt_off = used * cs
         first_block = used + table_clusters
+        counts.extend([1] * (blocks + table_clusters))
+        counts.extend([0] * (blocks * per_block - len(counts)))
         rtable = array("Q", [(first_block + i) * cs for i in range(blocks)])
         rtable.extend([0] * (table_clusters * cs // 8 - blocks))
         if _LITTLE:
             rtable.byteswap()
-        self._pwrite(rtable.tobytes(), rt_off)
-        total = used + blocks + table_clusters
-        counts = array("H", [1]) * total
-        counts.extend([0] * (blocks * per_block - total))
-        if _LITTLE:
             counts.byteswap()
+        self._pwrite(rtable.tobytes(), rt_off)
         self._pwrite(counts.tobytes(), first_block * cs)
-        self._eof = total * cs
-        os.ftruncate(self._fd, self._eof)
-        self._write_header(rt_off, table_clusters)
-        # the refcount structures sit at EOF; later writes allocate from their start again
-        self._eof = used * cs
+        # later allocations go after these; at the next flush nothing references them (refcount 0)
+        self._eof = (used + blocks + table_clusters) * cs
+        return rt_off, table_clusters
+
+    def _commit(self, *, dirty: bool) -> None:
+        self._write_tables()
+        rt_off, rt_clusters = self._write_refcounts()
+        self._sync()  # tables and refcounts are durable before the header points at them
+        self._write_header(dirty=dirty, rt_off=rt_off, rt_clusters=rt_clusters)
+        self._sync()
 
     def flush(self) -> None:
-        self._write_tables()
-        os.fsync(self._fd)
+        self._commit(dirty=True)
 
     def close(self) -> None:
         if self._fd < 0:
             return
         try:
-            self._write_tables()
-            os.fsync(self._fd)
+            self._commit(dirty=False)
         finally:
-            self._abort()
+            self._release()
+
+    def _release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._reader is not None:
+            self._reader.close()  # closes the backing chain too
+        elif self._backing is not None:
+            self._backing.close()
+
+
+def _open_backing_for_write(path: str, backing: str, backing_format: str | None) -> DiskImage:
+    # resolve like a reader will, so partial-cluster writes can copy the backing data
+    target = backing if os.path.isabs(backing) else os.path.join(os.path.dirname(os.path.abspath(path)), backing)
+    if not os.path.isfile(target):
+        raise ParentError(f"backing file {target} does not exist", path=path, structure="qcow2 backing file")
+    from vmvault.disk import detect_format, open_image
+
+    fmt = _FORMAT_NAMES.get(backing_format, backing_format) if backing_format else detect_format(target)
+    return open_qcow2(target) if fmt == "qcow2" else open_image(target, format=fmt)
 
 
 def create_qcow2(
@@ -878,4 +946,102 @@ def create_qcow2(
 
     ``backing`` is stored as given (relative names resolve against the new image's folder).
     """
-    return Qcow2Writer(path, size, cluster_size, backing, backing_format)
+    if cluster_size < 512 or cluster_size & (cluster_size - 1) or cluster_size > 2 * 1024 * 1024:
+        raise FormatError(f"cluster size {cluster_size} must be a power of two from 512 B to 2 MiB", path=path)
+    if size < 0 or size >= 1 << 56:
+        raise FormatError(f"size {size} is out of range", path=path)
+    l2n = cluster_size // 8
+    l1_size = max(1, -(-size // (l2n * cluster_size)))
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise FormatError(f"size {size} needs an L1 table larger than 32 MiB; use bigger clusters", path=path)
+    name_raw = backing.encode("utf-8") if backing else b""
+    if len(name_raw) > MAX_BACKING_NAME:
+        raise FormatError(f"backing file name longer than {MAX_BACKING_NAME} bytes", path=path)
+    exts = b""
+    if backing_format:
+        exts += pack_extension(ExtensionType.BACKING_FORMAT, backing_format.encode("utf-8"))
+    exts += pack_extension(ExtensionType.END, b"")
+    head_end = HEADER_V3_SIZE + len(exts) + len(name_raw)
+    l1_off = -(-head_end // cluster_size) * cluster_size
+    header = Header(
+        version=3,
+        backing_file_offset=HEADER_V3_SIZE + len(exts) if backing else 0,
+        backing_file_size=len(name_raw),
+        cluster_bits=cluster_size.bit_length() - 1,
+        size=size,
+        crypt_method=0,
+        l1_size=l1_size,
+        l1_table_offset=l1_off,
+        refcount_table_offset=0,
+        refcount_table_clusters=0,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        header_length=HEADER_V3_SIZE,
+    )
+    backing_img = _open_backing_for_write(path, backing, backing_format) if backing is not None else None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    except OSError as exc:
+        if backing_img is not None:
+            backing_img.close()
+        raise FormatError(f"cannot create: {exc.strerror}", path=path) from exc
+    writer = Qcow2Writer(path, fd, header, head_end, [0] * l1_size, backing_img, None)
+    try:
+        os.pwrite(fd, header.pack() + exts + name_raw, 0)
+        os.ftruncate(fd, l1_off + -(-(8 * l1_size) // cluster_size) * cluster_size)
+        writer._eof = os.fstat(fd).st_size
+        writer._l1_dirty = True
+        # a valid (dirty) image from the start, so an interrupted restore is still repairable by qemu
+        writer._commit(dirty=True)
+    except OSError as exc:
+        writer._release()
+        raise FormatError(f"cannot write: {exc.strerror}", path=path) from exc
+    except BaseException:
+        writer._release()
+        raise
+    return writer
+
+
+def open_qcow2_for_write(path: str) -> Qcow2Writer:
+    """Open an existing qcow2 v3 image to write into it in place (merges, restores into a copy).
+
+    Images with internal snapshots, persistent bitmaps, extended L2 entries, or that are already
+    dirty or corrupt are refused (UnsupportedFormatError): writing would need their bookkeeping.
+    """
+    reader = open_qcow2(path)
+    try:
+        h = reader.header
+        why = None
+        if h.version < 3:
+            why = "version 2 images (no zero clusters); convert to v3 first"
+        elif h.nb_snapshots:
+            why = f"{h.nb_snapshots} internal snapshots"
+        elif "bitmaps" in reader._facts:
+            why = "persistent bitmaps"
+        elif h.incompatible_features & (
+            IncompatibleFeature.EXTENDED_L2 | IncompatibleFeature.DIRTY | IncompatibleFeature.CORRUPT
+        ):
+            why = "extended L2 entries, or the dirty/corrupt flag"
+        elif h.header_length > HEADER_V3_SIZE:
+            why = f"a {h.header_length}-byte header"
+        if why is not None:
+            raise UnsupportedFormatError(
+                f"cannot write in place into an image with {why}", path=path, structure="qcow2 header"
+            )
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise FormatError(f"cannot open for writing: {exc.strerror}", path=path) from exc
+    except BaseException:
+        reader.close()
+        raise
+    head_end = max(HEADER_V3_SIZE, h.backing_file_offset + h.backing_file_size)
+    writer = Qcow2Writer(path, fd, h, head_end, list(reader._l1), reader.parent, reader)
+    try:
+        # mark dirty before the first data write, so a crash leaves an image qemu knows to repair
+        writer._write_header(dirty=True, rt_off=h.refcount_table_offset, rt_clusters=h.refcount_table_clusters)
+        writer._sync()
+    except BaseException:
+        writer._release()
+        raise
+    return writer
