@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -244,3 +245,26 @@ def test_unencrypted_repository_checks_clean(tmp_path: Path) -> None:
     repo = make_repo(LocalBackend(str(tmp_path / "plain")), encrypted=False)
     backup(repo, Content(disks={"d": disk_image(5, 10)}))
     assert check(reopen(repo), read_data=True).ok
+
+
+def test_inconsistent_manifest_is_reported(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path)))
+    good = backup(repo, Content(disks={"sda": disk_image(4, 10)}, files={"f": b"z" * (CHUNK + 1)}))
+    disk, f = good.disks[0], good.files[0]
+    assert len(disk.index) == 3  # 10 chunks, 4 per block
+    bad = Snapshot(
+        time=good.time,
+        hostname="h",
+        username="u",
+        source={"location": "vmX"},
+        disks=[dataclasses.replace(disk, size=disk.size + 8 * CHUNK)],  # claims 2 more blocks than it lists
+        files=[dataclasses.replace(f, size=f.size + 5)],  # the last chunk's length does not match
+    )
+    repo.save_snapshot(bad)
+    report = check(repo)
+    found = [p for p in report.errors if p.kind == "snapshot-inconsistent"]
+    assert {(p.object_id, p.affects[0].kind, p.affects[0].name) for p in found} == {
+        (bad.id, "disk", "sda"),
+        (bad.id, "file", "f"),
+    }
+    assert report.intact_snapshots == [good.id] and report.damaged_snapshots == [bad.id]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
 from tests.repo.builders import Content, backup, disk_image, make_repo, reopen, restore_all, storage_bytes
+from vmvault.backends.local import LocalBackend
 from vmvault.backends.memory import MemoryBackend
-from vmvault.errors import IntegrityError, LockedError
-from vmvault.repo import RetentionPolicy, check, forget, prune
+from vmvault.errors import IntegrityError, LockedError, SnapshotNotFoundError
+from vmvault.repo import RetentionPolicy, check, forget, forget_ids, prune, repair_index
 from vmvault.repo.repository import Repository
 
 T0 = dt.datetime(2025, 3, 1, 12, tzinfo=dt.UTC)
@@ -143,3 +145,70 @@ def test_prune_refuses_while_another_process_holds_a_lock() -> None:
     history(repo, 1)
     with repo.lock(exclusive=False, operation="backup"), pytest.raises(LockedError):
         prune(repo)
+
+
+def test_damaged_index_file_repair_then_prune(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path)))
+    hist = history(repo, 4)
+    for name in [o.name for o in repo.backend.list("index/")][:2]:
+        raw = bytearray(repo.backend.get(name))
+        raw[-3] ^= 0x10
+        repo.backend.put(name, bytes(raw))
+    repo = reopen(repo)
+    assert not check(repo).ok
+    with pytest.raises(IntegrityError, match="prune stopped"):
+        prune(repo)
+    dry = repair_index(repo, dry_run=True)
+    assert len(dry.index_files_damaged) == 2 and dry.packs_recovered > 0 and dry.index_files_written == 0
+    report = repair_index(repo)
+    assert report.packs_recovered == dry.packs_recovered and not report.packs_unreadable
+    assert len(list(repo.backend.list("index/"))) == 1
+    result = check(reopen(repo), read_data=True)
+    assert result.ok and not result.warnings, result.to_dict()
+    forget(repo, RetentionPolicy(last=2))
+    prune(repo, max_unused=0.0)
+    fresh = reopen(repo)
+    for sid, content in hist[2:]:
+        assert restore_all(fresh, fresh.load_snapshot(sid)) == content
+    assert check(fresh, read_data=True).ok
+
+
+def test_repair_drops_missing_packs_so_nothing_dedups_against_them() -> None:
+    repo = make_repo(MemoryBackend())
+    hist = history(repo, 2)
+    victim = next(iter(repo.backend.list("data/"))).name
+    repo.backend.delete(victim)
+    repo = reopen(repo)
+    pack_hex = victim.rsplit("/", 1)[1]
+    report = repair_index(repo)
+    assert report.packs_dropped == [pack_hex]
+    assert all(loc.pack_id.hex() != pack_hex for _b, loc in repo.index.items())
+    result = check(repo)
+    assert not result.ok and result.damaged_snapshots  # the data is gone, and check says where
+    assert {p.kind for p in result.errors} == {"blob-missing"}
+    # the damaged snapshots can be forgotten, then prune runs again
+    forget_ids(repo, [s[:12] for s in result.damaged_snapshots])
+    prune(repo)
+    fresh = reopen(repo)
+    assert check(fresh, read_data=True).ok
+    for sid, content in hist:
+        if sid not in result.damaged_snapshots:
+            assert restore_all(fresh, fresh.load_snapshot(sid)) == content
+
+
+def test_forget_ids_removes_an_unreadable_snapshot_so_prune_can_run() -> None:
+    repo = make_repo(MemoryBackend())
+    hist = history(repo, 2)
+    name = f"snapshots/{hist[0][0]}"
+    raw = bytearray(repo.backend.get(name))
+    raw[30] ^= 1
+    repo.backend.put(name, bytes(raw))
+    with pytest.raises(IntegrityError, match="unreadable snapshots"):
+        prune(repo)
+    with pytest.raises(SnapshotNotFoundError):
+        forget_ids(repo, [""])
+    assert forget_ids(repo, [hist[0][0][:10]], dry_run=True) == [hist[0][0]]
+    assert repo.backend.exists(name)
+    forget_ids(repo, [hist[0][0][:10]])
+    prune(repo)
+    assert check(reopen(repo), read_data=True).ok

@@ -5,14 +5,15 @@ Public surface (see docs/design/repository-format.md for the format)::
     Repository.init / Repository.open     create or open a repository
     Snapshot, DiskRecord, FileRecord      snapshot manifests
     RetentionPolicy, apply_policy         which snapshots a GFS policy keeps (pure)
-    forget, prune                         remove snapshots, garbage-collect data (exclusive lock)
+    forget, forget_ids, prune             remove snapshots, garbage-collect data (exclusive lock)
+    repair_index                          rebuild the index from the packs (exclusive lock)
     check                                 verify structure and, with read_data, every byte
 """
 
 from __future__ import annotations
 
 from vmvault.repo.check import Affected, CheckReport, Problem, check
-from vmvault.repo.prune import ForgetReport, PruneReport, forget, prune
+from vmvault.repo.prune import ForgetReport, PruneReport, RepairReport, forget, forget_ids, prune, repair_index
 from vmvault.repo.repository import BlobWriter, RepoConfig, Repository
 from vmvault.repo.retention import RetentionPolicy, RetentionResult, apply_policy
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
@@ -26,6 +27,7 @@ __all__ = [
     "ForgetReport",
     "Problem",
     "PruneReport",
+    "RepairReport",
     "RepoConfig",
     "Repository",
     "RetentionPolicy",
@@ -34,5 +36,7 @@ __all__ = [
     "apply_policy",
     "check",
     "forget",
+    "forget_ids",
     "prune",
+    "repair_index",
 ]

@@ -34,7 +34,7 @@ from vmvault.repo.index import IndexFile
 from vmvault.repo.locks import list_locks
 from vmvault.repo.pack import BlobEntry, open_blob, pack_name, parse_pack_header
 from vmvault.repo.repository import Repository
-from vmvault.repo.snapshot import Snapshot
+from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 
 __all__ = ["Affected", "CheckReport", "Problem", "check"]
 
@@ -401,46 +401,15 @@ class _Checker:
         self.stats["snapshots"] = len(ids)
 
     def walk_snapshots(self) -> None:
-        """Every index block must open; every blob a snapshot needs must be indexed."""
-        seen_blocks: set[bytes] = set()
+        """Every index block must open and fit its disk; every blob a snapshot needs must be indexed."""
+        blocks: dict[bytes, tuple[int, bool] | None] = {}  # index block -> (entries, has PARENT_ID); None: unreadable
         needed_data: set[bytes] = set()
         for n, snap in enumerate(self.snapshots):
             self.tick("snapshots", n, len(self.snapshots))
             for disk in snap.disks:
-                for block in disk.index:
-                    if block is None:
-                        continue
-                    block_id = bytes.fromhex(block)
-                    if block_id in seen_blocks:
-                        continue
-                    seen_blocks.add(block_id)
-                    try:
-                        raw = self.repo.get_blob(BlobType.INDEX, block_id)
-                    except IntegrityError as exc:
-                        if block_id not in self.covered:
-                            kind = "blob-missing" if block_id not in self.repo.index else "blob-damaged"
-                            self.add(
-                                ERROR,
-                                kind,
-                                f"blob {block_id.hex()}",
-                                str(exc),
-                                object_id=block_id.hex(),
-                                blobs={block_id},
-                            )
-                        continue
-                    if len(raw) % ID_SIZE:
-                        self.add(
-                            ERROR,
-                            "index-block-damaged",
-                            f"blob {block_id.hex()}",
-                            f"index block of {len(raw)} bytes is not a whole number of entries",
-                            object_id=block_id.hex(),
-                            blobs={block_id},
-                        )
-                        continue
-                    needed_data.update(raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE))
+                self._walk_disk(snap, disk, blocks, needed_data)
             for f in snap.files:
-                needed_data.update(bytes.fromhex(c) for c in f.chunks)
+                self._walk_file(snap, f, needed_data)
         needed_data.discard(ZERO_ID)
         needed_data.discard(PARENT_ID)
         missing = sorted(b for b in needed_data if b not in self.repo.index and b not in self.covered)
@@ -453,8 +422,109 @@ class _Checker:
                 object_id=blob_id.hex(),
                 blobs={blob_id},
             )
-        self.stats["index_blocks"] = len(seen_blocks)
+        self.stats["index_blocks"] = len(blocks)
         self.stats["data_blobs_referenced"] = len(needed_data)
+
+    def _inconsistent(self, snap: Snapshot, kind: str, name: str, start: int, end: int, message: str) -> None:
+        p = self.add(ERROR, "snapshot-inconsistent", f"snapshots/{snap.id}", message, object_id=snap.id)
+        p.affects.append(Affected(snap.id, snap.time, dict(snap.source), kind, name, [[start, end]]))
+
+    def _read_block(self, block_id: bytes) -> bytes | None:
+        try:
+            raw = self.repo.get_blob(BlobType.INDEX, block_id)
+        except IntegrityError as exc:
+            if block_id not in self.covered:
+                kind = "blob-missing" if block_id not in self.repo.index else "blob-damaged"
+                self.add(ERROR, kind, f"blob {block_id.hex()}", str(exc), object_id=block_id.hex(), blobs={block_id})
+            return None
+        if len(raw) % ID_SIZE:
+            self.add(
+                ERROR,
+                "index-block-damaged",
+                f"blob {block_id.hex()}",
+                f"index block of {len(raw)} bytes is not a whole number of entries",
+                object_id=block_id.hex(),
+                blobs={block_id},
+            )
+            return None
+        return raw
+
+    def _walk_disk(
+        self, snap: Snapshot, disk: DiskRecord, blocks: dict[bytes, tuple[int, bool] | None], needed: set[bytes]
+    ) -> None:
+        cs, span = disk.chunk_size, disk.index_span
+        if cs <= 0 or span <= 0 or disk.size < 0:
+            self._inconsistent(snap, "disk", disk.name, 0, max(0, disk.size), "impossible chunk or index geometry")
+            return
+        n_chunks = -(-disk.size // cs)
+        if len(disk.index) != -(-n_chunks // span):
+            self._inconsistent(
+                snap,
+                "disk",
+                disk.name,
+                0,
+                disk.size,
+                f"disk {disk.name}: {len(disk.index)} index blocks for {n_chunks} chunks of {cs} bytes "
+                f"({span} per block)",
+            )
+        for b, block in enumerate(disk.index):
+            if block is None:
+                continue
+            start, end = b * span * cs, min(disk.size, (b + 1) * span * cs)
+            try:
+                block_id = bytes.fromhex(block)
+            except ValueError:
+                self._inconsistent(snap, "disk", disk.name, start, end, f"index block id {block!r} is not hex")
+                continue
+            if block_id not in blocks:
+                # each distinct block is read once: unchanged blocks are shared between snapshots
+                raw = self._read_block(block_id)
+                if raw is None:
+                    blocks[block_id] = None
+                else:
+                    entries = [raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE)]
+                    needed.update(entries)
+                    blocks[block_id] = (len(entries), PARENT_ID in entries)
+            meta = blocks[block_id]
+            if meta is None:
+                continue
+            count, defers = meta
+            if count != min(span, n_chunks - b * span):
+                self._inconsistent(
+                    snap, "disk", disk.name, start, end, f"disk {disk.name}: index block {b} has {count} entries"
+                )
+            if defers and not disk.layer:
+                self._inconsistent(
+                    snap, "disk", disk.name, start, end, f"disk {disk.name} is not a layer but defers to a parent"
+                )
+
+    def _walk_file(self, snap: Snapshot, f: FileRecord, needed: set[bytes]) -> None:
+        cs = self.repo.config.chunk_size
+        if len(f.chunks) != -(-f.size // cs):
+            self._inconsistent(
+                snap, "file", f.name, 0, f.size, f"file {f.name}: {len(f.chunks)} chunks for {f.size} bytes"
+            )
+            return
+        for k, c in enumerate(f.chunks):
+            try:
+                blob_id = bytes.fromhex(c)
+            except ValueError:
+                self._inconsistent(
+                    snap, "file", f.name, k * cs, min(f.size, (k + 1) * cs), f"chunk id {c!r} is not hex"
+                )
+                continue
+            needed.add(blob_id)
+            loc = self.repo.index.lookup(blob_id)
+            want = min(cs, f.size - k * cs)
+            if loc is not None and loc.entry.raw_length != want:
+                self._inconsistent(
+                    snap,
+                    "file",
+                    f.name,
+                    k * cs,
+                    k * cs + want,
+                    f"file {f.name}: chunk {k} is {loc.entry.raw_length} bytes, the file's size implies {want}",
+                )
 
     def read_packs(self, subset: float | None, seed: int) -> None:
         candidates = sorted(p for p in self.packs if p in self.stored)

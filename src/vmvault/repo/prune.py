@@ -35,12 +35,22 @@ from typing import Any
 from vmvault.errors import IntegrityError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
 from vmvault.repo.index import IndexFile
-from vmvault.repo.pack import BlobEntry, open_blob, pack_name
+from vmvault.repo.pack import BlobEntry, open_blob, pack_name, parse_pack_header
 from vmvault.repo.repository import Repository
 from vmvault.repo.retention import RetentionPolicy, RetentionResult, apply_policy
 from vmvault.repo.snapshot import Snapshot
 
-__all__ = ["DEFAULT_MAX_UNUSED", "ForgetReport", "PruneReport", "forget", "prune", "referenced_blobs"]
+__all__ = [
+    "DEFAULT_MAX_UNUSED",
+    "ForgetReport",
+    "PruneReport",
+    "RepairReport",
+    "forget",
+    "forget_ids",
+    "prune",
+    "referenced_blobs",
+    "repair_index",
+]
 
 #: repack a pack when more than this share of its bytes is unused
 DEFAULT_MAX_UNUSED = 0.1
@@ -87,6 +97,28 @@ def forget(repo: Repository, policy: RetentionPolicy, *, dry_run: bool = False) 
                 repo.delete_snapshot(snap.id)
                 report.removed.append(snap.id)
         return report
+
+
+def forget_ids(repo: Repository, refs: Iterable[str], *, dry_run: bool = False) -> list[str]:
+    """Delete the snapshots named by full ids or unique prefixes, readable or not.
+
+    The way out when ``check`` reports a damaged snapshot manifest: prune refuses to run
+    while one exists, because it cannot tell which data that snapshot needs.
+    """
+    with repo.lock(exclusive=True, operation="forget"):
+        known = repo.snapshot_ids()
+        chosen: list[str] = []
+        for ref in refs:
+            matches = [s for s in known if s.startswith(ref)] if ref else []
+            if len(matches) != 1:
+                raise SnapshotNotFoundError(
+                    f"{ref!r} matches {len(matches)} snapshots" + ("; give more characters" if matches else "")
+                )
+            chosen.append(matches[0])
+        if not dry_run:
+            for snap_id in chosen:
+                repo.delete_snapshot(snap_id)
+        return chosen
 
 
 # ---- reachability ------------------------------------------------------------------------
@@ -352,4 +384,98 @@ def _prune_locked(repo: Repository, dry_run: bool, max_unused: float, progress: 
     after = [o.size for o in backend.list("data/")]
     report.packs_after = len(after)
     report.bytes_after = sum(after)
+    return report
+
+
+# ---- repair ------------------------------------------------------------------------------
+
+
+@dataclass
+class RepairReport:
+    dry_run: bool
+    index_files_before: int = 0
+    index_files_damaged: list[str] = field(default_factory=list)
+    packs_kept: int = 0  # listed by a readable index file and present
+    packs_recovered: int = 0  # present, listed by no readable index file, header read
+    packs_unreadable: list[str] = field(default_factory=list)  # header damaged: not indexed
+    packs_dropped: list[str] = field(default_factory=list)  # indexed but missing from storage
+    index_files_written: int = 0
+    index_files_removed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def repair_index(repo: Repository, *, dry_run: bool = False, from_scratch: bool = False) -> RepairReport:
+    """Rebuild the index from the packs in storage, under the exclusive lock.
+
+    Packs named by a readable index file keep their entries (``from_scratch`` re-reads
+    every pack's header instead); every other pack's header is read from the pack. One
+    new index file supersedes every index file present, damaged ones included; only then
+    are the old files deleted, so a kill at any point leaves a usable index. Packs whose
+    header cannot be read are left out (prune deletes them; ``check`` then names what
+    they held). Indexed packs missing from storage are dropped from the index, so no
+    backup deduplicates against blobs that are gone.
+    """
+    with repo.lock(exclusive=True, operation="repair-index"):
+        try:
+            return _repair_locked(repo, dry_run, from_scratch)
+        finally:
+            repo.load_index()
+
+
+def _repair_locked(repo: Repository, dry_run: bool, from_scratch: bool) -> RepairReport:
+    backend = repo.backend
+    report = RepairReport(dry_run=dry_run)
+    present: list[bytes] = []
+    readable: dict[bytes, IndexFile] = {}
+    for obj in backend.list("index/"):
+        try:
+            file_id = bytes.fromhex(obj.name.removeprefix("index/"))
+        except ValueError:
+            continue
+        present.append(file_id)
+        try:
+            readable[file_id] = repo.read_index_file(file_id)
+        except ObjectNotFoundError:
+            present.pop()
+        except IntegrityError:
+            report.index_files_damaged.append(obj.name)
+    report.index_files_before = len(present)
+    superseded = {s for f in readable.values() for s in f.supersedes}
+    stored = {bytes.fromhex(o.name.rsplit("/", 1)[1]): o.size for o in backend.list("data/")}
+
+    packs: dict[bytes, list[BlobEntry]] = {}
+    if not from_scratch:
+        for file_id, f in readable.items():
+            if file_id in superseded:
+                continue
+            for pack_id, entries in f.packs.items():
+                if pack_id not in stored:
+                    if pack_id.hex() not in report.packs_dropped:
+                        report.packs_dropped.append(pack_id.hex())
+                    continue
+                have = packs.setdefault(pack_id, [])
+                seen = {(e.id, e.offset) for e in have}
+                have.extend(e for e in entries if (e.id, e.offset) not in seen)
+        report.packs_kept = len(packs)
+    for pack_id in sorted(set(stored) - set(packs)):
+        name = pack_name(pack_id)
+        try:
+            packs[pack_id] = parse_pack_header(repo.key, backend.get(name), name=name)
+            report.packs_recovered += 1
+        except (IntegrityError, ObjectNotFoundError):
+            report.packs_unreadable.append(pack_id.hex())
+    if dry_run:
+        return report
+    new_index = IndexFile(
+        packs={p: sorted(es, key=lambda e: e.offset) for p, es in sorted(packs.items())},
+        supersedes=sorted(present),
+    )
+    new_id = repo.write_index_file(new_index)
+    report.index_files_written = 1
+    for file_id in sorted(present):
+        if file_id != new_id:
+            backend.delete(f"index/{file_id.hex()}")
+            report.index_files_removed += 1
     return report
