@@ -214,6 +214,22 @@ def test_raw_backing_and_parent_override(tmp_path: Path) -> None:
         open_qcow2(str(plain), parent=str(other))
 
 
+def test_parent_override_is_probed_by_content(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(base), "1M")
+    ov = tmp_path / "ov.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(ov))
+    flat = tmp_path / "flat.raw"
+    flat.write_bytes(b"\x5e" * MIB)
+    with open_qcow2(str(ov), parent=str(flat)) as img:
+        assert img.parent is not None and img.parent.format == "raw"
+        assert img.read(MIB - 2, 2) == b"\x5e\x5e"
+    os.unlink(base)
+    os.mkdir(base)  # a folder where the backing file should be
+    with pytest.raises(ParentError, match="not a file"):
+        open_qcow2(str(ov))
+
+
 def test_cyclic_backing_chain(tmp_path: Path) -> None:
     a, b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     run("qemu-img", "create", "-f", "qcow2", str(b), "1M")

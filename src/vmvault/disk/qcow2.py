@@ -496,9 +496,11 @@ def _open_backing(path: str, name: str, fmt: str | None, override: str | None, s
                 f"backing file {name!r} uses a protocol vmvault cannot open", path=path, structure="qcow2 backing file"
             )
         target = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(path)), name)
-    if not os.path.exists(target):
+    if not os.path.exists(target) or os.path.isdir(target):
         raise ParentError(
-            f"backing file {target} (named {name!r}) does not exist", path=path, structure="qcow2 backing file"
+            f"backing file {target} (named {name!r}) does not exist or is not a file",
+            path=path,
+            structure="qcow2 backing file",
         )
     if os.path.realpath(target) in seen:
         raise ParentError(
@@ -506,7 +508,8 @@ def _open_backing(path: str, name: str, fmt: str | None, override: str | None, s
         )
     from vmvault.disk import detect_format, open_image
 
-    kind = _FORMAT_NAMES.get(fmt, fmt) if fmt else detect_format(target)
+    # an override is probed by content: the recorded backing format describes the recorded file
+    kind = _FORMAT_NAMES.get(fmt, fmt) if fmt and override is None else detect_format(target)
     if kind == "qcow2":
         return _open(target, None, seen)
     return open_image(target, format=kind)
