@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -285,3 +286,45 @@ def test_open_source_dispatch_and_location_errors(tmp_path: Path) -> None:
         QemuSource("qemu+unix://host/x.sock")
     with pytest.raises(ConfigError, match="unknown option"):
         QemuSource("qemu+unix:///x.sock?bogus=1")
+
+
+def test_inconsistent_bitmap_after_qemu_was_killed(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    vm = make_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    source = source_for(vm, tmp_path / "scratch")
+    with source.open_session(None) as s1:
+        s1.complete("snap-1")
+        prev = previous_of(s1, "snap-1")
+    vm.restart()  # QEMU stores the bitmap in the image on quit and marks it in use on open
+    vm.write("vda", 0, 4 * KiB, 0x71)
+    vm.kill()  # QEMU dies with the bitmap marked in use: writes may be missing from it
+    vm.start()
+    assert vm.bitmaps("disk0")[prev.disks["vda"]["bitmap"]]["inconsistent"] is True
+    with source.open_session(prev) as s2:
+        assert s2.disks[0].changed is None
+        assert any("inconsistent" in w for w in s2.warnings), s2.warnings
+        s2.complete("snap-2")
+        new = s2.disks[0].cbt["bitmap"] if s2.disks[0].cbt else None
+    assert vm.vmvault_bitmaps("disk0") == [new]  # the inconsistent one is removed on complete
+
+
+def test_legacy_drive_and_empty_cdrom(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    image = tmp_path / "legacy.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(8 * MiB)], check=True)
+    drives = [
+        *("-drive", f"file={image},if=none,id=drive0,format=qcow2", "-device", "virtio-blk-pci,drive=drive0,id=vda"),
+        *("-drive", "if=none,id=cd,media=cdrom", "-device", "ide-cd,drive=cd,id=cd0"),
+    ]
+    vm = make_vm([], extra_args=drives)
+    hmp = 'qemu-io -d /machine/peripheral/vda/virtio-backend "write -P 0x42 {} 65536"'
+    vm.q("human-monitor-command", **{"command-line": hmp.format(0)})
+    source = source_for(vm, tmp_path / "scratch")
+    with source.open_session(None) as s1:
+        (disk,) = s1.disks  # the empty CD-ROM is skipped
+        assert disk.name == "vda" and disk.format == "qcow2"
+        assert disk.cbt is not None and disk.cbt["node"].startswith("#block")  # QEMU-generated node name
+        assert disk.image.read(0, 65536) == b"\x42" * 65536
+        s1.complete("snap-1")
+        prev = previous_of(s1, "snap-1")
+    vm.q("human-monitor-command", **{"command-line": hmp.format(MiB)})
+    with source.open_session(prev) as s2:
+        assert s2.disks[0].changed == [(MiB, 65536)]

@@ -395,10 +395,10 @@ class QemuBackupSession(BackupSession):
                 else "it was removed or renamed outside vmvault, or QEMU was killed before it could save it"
             )
             return f"tracking bitmap {name} is missing from node {disk.node} ({why})"
-        if not info.get("recording", False):
-            return f"tracking bitmap {name} is disabled, so it missed writes"
         if info.get("inconsistent"):
             return f"tracking bitmap {name} is inconsistent (QEMU stopped without saving it)"
+        if not info.get("recording", False):
+            return f"tracking bitmap {name} is disabled, so it missed writes"
         if info.get("busy"):
             return f"tracking bitmap {name} is in use by another operation"
         if info.get("granularity") != record.get("granularity"):
