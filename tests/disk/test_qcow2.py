@@ -160,7 +160,7 @@ def test_compressed_clusters(tmp_path: Path, ctype: str, cluster: str) -> None:
         assert data_ranges(img) == qemu_data_ranges(path)
 
 
-def test_backing_chain(tmp_path: Path) -> None:
+def test_backing_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     base = tmp_path / "base" / "base.qcow2"
     base.parent.mkdir()
     run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4096", str(base), "16M")
@@ -172,7 +172,7 @@ def test_backing_chain(tmp_path: Path) -> None:
     top = tmp_path / "vm" / "top.qcow2"
     run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=2M", "-b", "mid.qcow2", "-F", "qcow2", str(top))
     qemu_io(top, "write -P 0x64 4M 4k", "write -z 8M 2M")
-    os.chdir(tmp_path / "base")  # relative names resolve against the image's folder, not the cwd
+    monkeypatch.chdir(tmp_path / "base")  # relative names resolve against the image's folder, not the cwd
     expected = assert_same_as_qemu(top, tmp_path)
     with open_image(str(top)) as img:
         assert isinstance(img, Qcow2Image)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -157,7 +158,7 @@ def samples() -> Iterator[Path]:
     shutil.rmtree(d)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     name=st.sampled_from(["v2.qcow2", "v3.qcow2", "comp.qcow2", "ext.qcow2"]),
     data=st.data(),
