@@ -1,0 +1,145 @@
+"""Shared pieces of the benchmarks: test images, timing child processes, machine facts.
+
+Benchmarks run on demand (never as timed tests). Images come from the developers'
+``../shared/bench/make_vm_disk.py`` when it is there (so numbers are comparable across
+runs and machines), else from vmvault's own sample generator.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_MAKER = ROOT.parent / "shared" / "bench" / "make_vm_disk.py"
+OUT = ROOT / "bench" / "out"
+
+
+@dataclass
+class Run:
+    seconds: float
+    max_rss_mib: float
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None, check: bool = True) -> Run:
+    """Run a command; wall time and the child's peak RSS (from wait4, so only that process tree's)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate()
+    seconds = time.monotonic() - start
+    # the peak RSS of the largest child waited for so far: measure one command per process tree
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result = Run(seconds, rss, proc.returncode, out, err)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-4000:]}")
+    return result
+
+
+def timed_child(cmd: list[str], *, env: dict[str, str] | None = None, check: bool = True) -> Run:
+    """Like ``run`` but in a fresh helper process, so peak RSS belongs to this command alone."""
+    helper = [sys.executable, str(Path(__file__).with_name("_rss.py")), *cmd]
+    r = run(helper, env=env, check=check)
+    lines = r.stderr.strip().splitlines()
+    rss = float(lines[-1].split()[-1]) if lines and lines[-1].startswith("max_rss_mib") else r.max_rss_mib
+    return Run(r.seconds, rss, r.returncode, r.stdout, "\n".join(lines[:-1]))
+
+
+def make_image(path: Path, size: str, seed: int = 1) -> None:
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if SHARED_MAKER.exists():
+        subprocess.run(
+            [sys.executable, str(SHARED_MAKER), "create", str(path), "--size", size, "--seed", str(seed)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    else:
+        from vmvault.sample_vm import make_disk
+
+        units = {"M": 1 << 20, "G": 1 << 30}
+        make_disk(str(path), int(float(size[:-1]) * units[size[-1].upper()]), seed=seed, fill=0.6)
+
+
+def mutate(path: Path, percent: float, seed: int = 2) -> int:
+    if SHARED_MAKER.exists():
+        out = subprocess.run(
+            [sys.executable, str(SHARED_MAKER), "mutate", str(path), "--percent", str(percent), "--seed", str(seed)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return int(out.split("overwrote")[1].split()[0])
+    from vmvault.sample_vm import guest_writes
+
+    return guest_writes(str(path), percent=percent, seed=seed)
+
+
+def du(path: Path) -> int:
+    """Bytes allocated on disk (holes not counted), for a file or a whole folder."""
+    if path.is_file():
+        return path.stat().st_blocks * 512
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def count_files(path: Path) -> int:
+    return sum(len(files) for _d, _s, files in os.walk(path))
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def drop_caches() -> None:
+    """Drop the page cache when allowed (root), so every tool reads from disk alike."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, Python {platform.python_version()}"
+    )
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"

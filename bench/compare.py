@@ -1,0 +1,182 @@
+"""vmvault against borg and restic on the same VM disk image, in one run.
+
+    python bench/compare.py --size 4G --write docs/benchmarks.md
+
+For each tool, with its default settings and encryption on: full backup of the image, a
+second backup after the guest changed ~1 % of it (no change tracking: every tool sees a
+file whose content changed), restore, repository size and growth, peak RSS. The image
+lives at one path for all tools; the page cache is dropped before every timed step (when
+run as root) so each tool reads from disk alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from _common import OUT, drop_caches, du, fresh, machine, make_image, mib, mutate, timed_child
+
+PASSWORD = "benchmark passphrase"
+
+
+def tool_commands(tool: str, repo: Path, src: Path, target: Path) -> dict[str, list[str]]:
+    if tool == "vmvault":
+        base = [sys.executable, "-m", "vmvault", "-r", str(repo), "-q"]
+        return {
+            "init": [*base, "init"],
+            "backup": [*base, "backup", str(src)],
+            "restore": [*base, "restore", "latest", "--target", str(target)],
+        }
+    if tool == "borg":
+        return {
+            "init": ["borg", "init", "--encryption=repokey", str(repo)],
+            "backup": ["borg", "create", f"{repo}::{{now:%Y%m%dT%H%M%S.%f}}", str(src)],
+            "restore": ["sh", "-c", f"cd {target} && borg extract {repo}::$(borg list --last 1 --short {repo})"],
+        }
+    if tool == "restic":
+        return {
+            "init": ["restic", "-r", str(repo), "init"],
+            "backup": ["restic", "-r", str(repo), "backup", "--quiet", str(src)],
+            "restore": ["restic", "-r", str(repo), "restore", "latest", "--target", str(target)],
+        }
+    raise SystemExit(f"unknown tool {tool}")
+
+
+ENV = {
+    "VMVAULT_PASSWORD": PASSWORD,
+    "BORG_PASSPHRASE": PASSWORD,
+    "RESTIC_PASSWORD": PASSWORD,
+    "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+    "BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK": "yes",
+}
+
+
+def place(image: Path, work: Path) -> None:
+    """Copy an image to the work path, keeping holes (a new mtime, as after a guest ran)."""
+    work.unlink(missing_ok=True)
+    subprocess.run(["cp", "--sparse=always", str(image), str(work)], check=True)
+
+
+def bench_tool(tool: str, base: Path, changed: Path, scratch: Path) -> dict[str, float]:
+    repo = scratch / f"{tool}-repo"
+    target = scratch / f"{tool}-restore"
+    shutil.rmtree(repo, ignore_errors=True)
+    fresh(target)
+    src = scratch / "src" / "vm-disk.raw"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    cmds = tool_commands(tool, repo, src, target)
+    timed_child(cmds["init"], env=ENV)
+    place(base, src)
+    drop_caches()
+    full = timed_child(cmds["backup"], env=ENV)
+    size1 = du(repo)
+    place(changed, src)
+    drop_caches()
+    second = timed_child(cmds["backup"], env=ENV)
+    size2 = du(repo)
+    drop_caches()
+    rest = timed_child(cmds["restore"], env=ENV)
+    restored = next(p for p in target.rglob("vm-disk.raw"))
+    identical = subprocess.run(["cmp", "-s", str(restored), str(changed)]).returncode == 0
+    result = {
+        "full_s": full.seconds,
+        "incr_s": second.seconds,
+        "restore_s": rest.seconds,
+        "repo_bytes": size2,
+        "repo_after_full": size1,
+        "growth": size2 - size1,
+        "rss_mib": max(full.max_rss_mib, second.max_rss_mib, rest.max_rss_mib),
+        "identical": float(identical),
+    }
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(repo, ignore_errors=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="4G")
+    ap.add_argument("--percent", type=float, default=1.0)
+    ap.add_argument("--tools", default="vmvault,borg,restic")
+    ap.add_argument("--scratch", default=str(OUT / "compare"))
+    ap.add_argument("--write", help="write the results section into this markdown file")
+    args = ap.parse_args()
+    scratch = Path(args.scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    base = OUT / f"vm-{args.size}.raw"
+    make_image(base, args.size, seed=1)
+    changed = OUT / f"vm-{args.size}-changed.raw"
+    if not changed.exists():
+        place(base, changed)
+        changed_bytes = mutate(changed, args.percent, seed=2)
+        (OUT / f"vm-{args.size}-changed.bytes").write_text(str(changed_bytes))
+    changed_bytes = int((OUT / f"vm-{args.size}-changed.bytes").read_text())
+    results = {}
+    for tool in args.tools.split(","):
+        if tool != "vmvault" and shutil.which(tool) is None:
+            print(f"skipping {tool}: not installed (apt-get install borgbackup restic)", file=sys.stderr)
+            continue
+        print(f"== {tool}", file=sys.stderr)
+        results[tool] = bench_tool(tool, base, changed, scratch)
+        print(results[tool], file=sys.stderr)
+    text = render(results, args, changed_bytes, du(base), base.stat().st_size)
+    print(text)
+    if args.write:
+        write_section(Path(args.write), "comparison", text)
+
+
+def render(
+    results: dict[str, dict[str, float]], args: argparse.Namespace, changed: int, allocated: int, size: int
+) -> str:
+    v = results.get("vmvault")
+    rows = []
+    for tool, r in results.items():
+        rows.append(
+            f"| {tool} | {r['full_s']:.1f} | {r['incr_s']:.1f} | {r['restore_s']:.1f} | {mib(r['repo_after_full'])} | "
+            f"{mib(r['growth'])} ({r['growth'] / max(1, changed):.2f}× changed) | {r['rss_mib']:.0f} | "
+            f"{'yes' if r['identical'] else 'NO'} |"
+        )
+    lines = [
+        f"Command: `python bench/compare.py --size {args.size} --percent {args.percent} --tools {args.tools}`",
+        "",
+        f"Machine: {machine()}",
+        "",
+        f"Image: {size / 2**30:.1f} GiB virtual, {mib(allocated)} allocated (make_vm_disk.py, seed 1); "
+        f"the guest then overwrote {mib(changed)} ({args.percent} %).",
+        "",
+        "| tool | full backup (s) | backup after change (s) | restore (s) | repository after full | growth | peak RSS (MiB) "
+        "| restore identical |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+    if v:
+        lines += ["", "Ratios (other tool's time / vmvault's time; higher is better for vmvault):", ""]
+        for tool, r in results.items():
+            if tool == "vmvault":
+                continue
+            lines.append(
+                f"- {tool}: full backup {r['full_s'] / v['full_s']:.1f}×, backup after change "
+                f"{r['incr_s'] / v['incr_s']:.1f}×, restore {r['restore_s'] / v['restore_s']:.1f}×"
+            )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace the block between ``<!-- bench:NAME -->`` markers (or append it)."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text}\n{end}"
+    if start in doc and end in doc:
+        before, rest = doc.split(start, 1)
+        _old, after = rest.split(end, 1)
+        doc = before + block + after
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()
