@@ -7,6 +7,7 @@ runs and machines), else from vmvault's own sample generator.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import resource
@@ -99,10 +100,8 @@ def du(path: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for f in files:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 total += os.stat(os.path.join(dirpath, f)).st_blocks * 512
-            except FileNotFoundError:
-                pass
     return total
 
 
@@ -129,10 +128,11 @@ def drop_caches() -> None:
 def machine() -> str:
     cpu = "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

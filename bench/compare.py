@@ -147,8 +147,8 @@ def render(
         f"Image: {size / 2**30:.1f} GiB virtual, {mib(allocated)} allocated (make_vm_disk.py, seed 1); "
         f"the guest then overwrote {mib(changed)} ({args.percent} %).",
         "",
-        "| tool | full backup (s) | backup after change (s) | restore (s) | repository after full | growth | peak RSS (MiB) "
-        "| restore identical |",
+        "| tool | full backup (s) | backup after change (s) | restore (s) | repository after full | growth "
+        "| peak RSS (MiB) | restore identical |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
