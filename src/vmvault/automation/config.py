@@ -1,0 +1,695 @@
+"""The automation configuration file (``vmvault.toml``): repositories, sources, jobs, notifications.
+
+Every problem is reported as ``ConfigError(path=, line=)``: syntax errors with the line
+``tomllib`` names, semantic ones with the line of the offending key (found by a small
+scan of the file's table headers and keys, since ``tomllib`` keeps no positions).
+docs/automation.md is the reference for every key; ``EXAMPLE`` below is a complete file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tomllib
+import zoneinfo
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vmvault.automation.cron import CronExpr, parse_cron
+from vmvault.errors import ConfigError
+from vmvault.repo.retention import RetentionPolicy
+
+__all__ = [
+    "AutomationConfig",
+    "BackupJob",
+    "CopyJob",
+    "DaemonSettings",
+    "Job",
+    "NotifierConfig",
+    "RepositoryConfig",
+    "SourceConfig",
+    "TimeWindow",
+    "VerifyJob",
+    "load_config",
+    "parse_duration",
+]
+
+JOB_TYPES = ("backup", "verify", "copy")
+
+
+# ---- values ---------------------------------------------------------------------------------
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|m|s)")
+_UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"5m"``, ``"26h"``, ``"1d12h"``, ``"2w"`` -> seconds."""
+    t = text.strip().lower().replace(" ", "")
+    if not t:
+        raise ValueError("empty duration")
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(t):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(t):
+        raise ValueError(f"{text!r} is not a duration (use e.g. 90s, 5m, 26h, 1d12h, 2w)")
+    return total
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    """Daily wall-clock window ``start``-``end``; ``end`` before ``start`` wraps past midnight."""
+
+    start: dt.time
+    end: dt.time
+    text: str
+
+    def contains(self, when: dt.datetime) -> bool:
+        t = when.time().replace(tzinfo=None)
+        if self.start <= self.end:
+            return self.start <= t < self.end
+        return t >= self.start or t < self.end
+
+    def next_open(self, when: dt.datetime) -> dt.datetime:
+        """``when`` if inside the window, else the next moment the window opens (same tz)."""
+        if self.contains(when):
+            return when
+        opening = when.replace(hour=self.start.hour, minute=self.start.minute, second=0, microsecond=0)
+        if opening <= when:
+            opening += dt.timedelta(days=1)
+        return opening
+
+    def closes_after(self, when: dt.datetime) -> dt.datetime:
+        """For ``when`` inside the window: when this opening of the window closes."""
+        closing = when.replace(hour=self.end.hour, minute=self.end.minute, second=0, microsecond=0)
+        if closing <= when:
+            closing += dt.timedelta(days=1)
+        return closing
+
+
+def parse_window(text: str) -> TimeWindow:
+    m = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    if not m:
+        raise ValueError(f"window {text!r} must look like 22:00-06:00")
+    h1, m1, h2, m2 = (int(g) for g in m.groups())
+    if h2 == 24 and m2 == 0:
+        h2, m2 = 0, 0
+    if not (0 <= h1 < 24 and 0 <= m1 < 60 and 0 <= h2 < 24 and 0 <= m2 < 60):
+        raise ValueError(f"window {text!r} has a time out of range")
+    if (h1, m1) == (h2, m2):
+        raise ValueError(f"window {text!r} is empty (start equals end); leave it out to allow any time")
+    return TimeWindow(dt.time(h1, m1), dt.time(h2, m2), text.strip())
+
+
+# ---- sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    name: str
+    location: str
+    password_file: str | None = None
+    password_env: str | None = None
+    key_file: str | None = None
+    #: at most this many jobs use the repository at once (0 = no limit)
+    max_jobs: int = 0
+
+    def secret(self) -> bytes | None:
+        """The passphrase or key-file secret; None when none is configured (unencrypted)."""
+        if self.key_file:
+            return _read_secret_file(self.key_file, "key file", strip=True)
+        if self.password_file:
+            return _read_secret_file(self.password_file, "password file", strip=False)
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if not value:
+                raise ConfigError(f"repository {self.name}: environment variable {self.password_env} is not set")
+            return value.encode()
+        return None
+
+
+def _read_secret_file(path: str, what: str, *, strip: bool) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    secret = raw.strip() if strip else raw.rstrip(b"\r\n")
+    if not secret:
+        raise ConfigError(f"{what} {path} is empty")
+    return secret
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    location: str  # anything ``vmvault backup`` accepts
+
+
+@dataclass(frozen=True)
+class Retention:
+    policy: RetentionPolicy
+    #: never leave fewer than this many good snapshots of the source
+    min_good: int = 1
+    prune: bool = False
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    type: str
+    schedule: CronExpr | None
+    window: TimeWindow | None
+    retries: int
+    retry_delay: float  # seconds before the first retry; doubles each time
+    repositories: tuple[str, ...]  # every repository the job uses (for per-repository limits)
+    notify: tuple[str, ...]  # notifier names; empty = all
+
+
+@dataclass(frozen=True)
+class BackupJob(Job):
+    source: str = ""
+    repository: str = ""
+    tags: tuple[str, ...] = ()
+    retention: Retention | None = None
+    #: alert when the source has had no successful backup for longer than this (seconds)
+    max_age: float | None = None
+
+
+@dataclass(frozen=True)
+class VerifyJob(Job):
+    repository: str = ""
+    read_data: bool = False
+    subset: float | None = None
+
+
+@dataclass(frozen=True)
+class CopyJob(Job):
+    source_repository: str = ""
+    target_repository: str = ""
+    sources: tuple[str, ...] = ()  # source names or locations to copy (empty: all)
+    tags: tuple[str, ...] = ()
+    latest: int = 0
+
+
+@dataclass(frozen=True)
+class NotifierConfig:
+    name: str
+    type: str  # smtp | webhook
+    on: str  # always | failure
+    # smtp
+    host: str = ""
+    port: int = 25
+    security: str = "none"  # none | starttls | ssl
+    username: str | None = None
+    password_file: str | None = None
+    sender: str = ""
+    recipients: tuple[str, ...] = ()
+    # webhook
+    url: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    concurrency: int = 1
+    history: str = ""
+    timezone: str | None = None  # None = the host's local time
+    #: how often the daemon re-checks backup ages for alerts (seconds)
+    alert_interval: float = 3600.0
+
+    def tz(self) -> dt.tzinfo | None:
+        return zoneinfo.ZoneInfo(self.timezone) if self.timezone else None
+
+
+@dataclass
+class AutomationConfig:
+    path: str
+    daemon: DaemonSettings
+    repositories: dict[str, RepositoryConfig] = field(default_factory=dict)
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    notifiers: dict[str, NotifierConfig] = field(default_factory=dict)
+
+    def job(self, name: str) -> Job:
+        try:
+            return self.jobs[name]
+        except KeyError:
+            raise ConfigError(
+                f"no job {name!r} in {self.path}; configured jobs: {', '.join(self.jobs) or '(none)'}"
+            ) from None
+
+    def source_location(self, name: str) -> str:
+        src = self.sources.get(name)
+        return src.location if src is not None else name
+
+
+# ---- locating keys --------------------------------------------------------------------------
+
+
+_HEADER = re.compile(r"^\s*\[\[?\s*(.+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*=""")
+
+
+def _split_dotted(text: str) -> tuple[str, ...]:
+    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)
+    return tuple(p[1:-1] if p[:1] in "\"'" else p for p in parts)
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The first line of every table header and key, by dotted path (best effort: enough to
+    point a user at the right place; multi-line strings may confuse it)."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    for number, line in enumerate(text.splitlines(), start=1):
+        m = _HEADER.match(line)
+        if m and not _KEY.match(line):
+            table = _split_dotted(m.group(1))
+            lines.setdefault(table, number)
+            continue
+        k = _KEY.match(line)
+        if k:
+            lines.setdefault(table + _split_dotted(k.group(1)), number)
+    return lines
+
+
+class _Ctx:
+    """Raises ConfigErrors pointing at the file and line of a key."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = _key_lines(text)
+
+    def line(self, keys: tuple[str, ...]) -> int | None:
+        while keys:
+            if keys in self.lines:
+                return self.lines[keys]
+            keys = keys[:-1]
+        return None
+
+    def error(self, keys: tuple[str, ...], message: str) -> ConfigError:
+        return ConfigError(message, path=self.path, line=self.line(keys))
+
+
+class _Table:
+    """A TOML table being read: typed getters, and unknown keys refused (typos are errors)."""
+
+    def __init__(self, ctx: _Ctx, keys: tuple[str, ...], data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ctx.error(keys, f"{'.'.join(keys)} must be a table")
+        self.ctx = ctx
+        self.keys = keys
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    @property
+    def where(self) -> str:
+        return ".".join(self.keys)
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        return self.ctx.error(self.keys + ((key,) if key else ()), message)
+
+    def _get(self, key: str, kinds: tuple[type, ...], what: str, default: Any, required: bool) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                raise self.error(None, f"[{self.where}] needs {key} ({what})")
+            return default
+        value = self.data[key]
+        if isinstance(value, bool) and bool not in kinds:
+            raise self.error(key, f"{self.where}.{key} must be {what}, not {value!r}")
+        if not isinstance(value, kinds):
+            raise self.error(key, f"{self.where}.{key} must be {what}, not {value!r}")
+        return value
+
+    def text(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
+        return self._get(key, (str,), "a string", default, required)
+
+    def integer(self, key: str, default: int = 0, *, minimum: int | None = 0) -> int:
+        value: int = self._get(key, (int,), "a whole number", default, False)
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"{self.where}.{key} must be at least {minimum}, not {value}")
+        return value
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        value: bool = self._get(key, (bool,), "true or false", default, False)
+        return value
+
+    def strs(self, key: str) -> tuple[str, ...]:
+        value = self._get(key, (list, str), "a list of strings", [], False)
+        if isinstance(value, str):
+            value = [value]
+        if not all(isinstance(v, str) for v in value):
+            raise self.error(key, f"{self.where}.{key} must be a list of strings")
+        return tuple(value)
+
+    def duration(self, key: str, default: float | None = None) -> float | None:
+        value = self._get(key, (str, int), "a duration such as 26h or 90m (or seconds)", None, False)
+        if value is None:
+            return default
+        if isinstance(value, int):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise self.error(key, f"{self.where}.{key}: {exc}") from None
+
+    def table(self, key: str) -> _Table | None:
+        self.used.add(key)
+        if key not in self.data:
+            return None
+        return _Table(self.ctx, (*self.keys, key), self.data[key])
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                raise self.error(key, f"unknown key {key!r} in [{self.where}]")
+
+    def items(self) -> Iterator[tuple[str, _Table]]:
+        for key in self.data:
+            self.used.add(key)
+            yield key, _Table(self.ctx, (*self.keys, key), self.data[key])
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> AutomationConfig:
+    """Read and validate ``path``; raises ConfigError naming the file and line of any problem."""
+    p = str(path)
+    try:
+        raw = Path(p).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the configuration: {exc.strerror}", path=p) from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError("not UTF-8 text", path=p, line=line) from exc
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # Python 3.14 adds lineno/msg; older versions only say "(at line N, column M)"
+        at: int | None = getattr(exc, "lineno", None)
+        msg = getattr(exc, "msg", None) or str(exc)
+        if at is None:
+            m = re.search(r"at line (\d+)", str(exc))
+            at = int(m.group(1)) if m else None
+            msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise ConfigError(f"TOML syntax error: {msg}", path=p, line=at) from exc
+    ctx = _Ctx(p, text)
+    root = _Table(ctx, (), doc)
+    cfg = AutomationConfig(path=p, daemon=_daemon(root.table("daemon"), p))
+    repos = root.table("repositories")
+    if repos is not None:
+        for name, t in repos.items():
+            cfg.repositories[name] = _repository(name, t)
+    sources = root.table("sources")
+    if sources is not None:
+        for name, t in sources.items():
+            location = t.text("location", required=True)
+            if not location:
+                raise t.error("location", f"sources.{name}.location is empty")
+            cfg.sources[name] = SourceConfig(name, location)
+            t.finish()
+    notifiers = root.table("notifications")
+    if notifiers is not None:
+        for name, t in notifiers.items():
+            cfg.notifiers[name] = _notifier(name, t)
+    jobs = root.table("jobs")
+    if jobs is not None:
+        for name, t in jobs.items():
+            cfg.jobs[name] = _job(name, t, cfg)
+    root.finish()
+    if not cfg.jobs:
+        raise ConfigError("no jobs are configured (add a [jobs.NAME] table)", path=p)
+    return cfg
+
+
+def _daemon(t: _Table | None, path: str) -> DaemonSettings:
+    default_history = str(Path(path).resolve().with_name(Path(path).stem + "-history.sqlite"))
+    if t is None:
+        return DaemonSettings(history=default_history)
+    concurrency = t.integer("concurrency", 1, minimum=1)
+    history = t.text("history", default_history)
+    tz = t.text("timezone")
+    if tz is not None:
+        try:
+            zoneinfo.ZoneInfo(tz)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise t.error("timezone", f"unknown time zone {tz!r} (use an IANA name such as Europe/Berlin)") from None
+    alert_interval = t.duration("alert_interval", 3600.0)
+    t.finish()
+    assert alert_interval is not None
+    return DaemonSettings(concurrency=concurrency, history=history, timezone=tz, alert_interval=alert_interval)
+
+
+def _repository(name: str, t: _Table) -> RepositoryConfig:
+    location = t.text("location", required=True)
+    password_file = t.text("password_file")
+    password_env = t.text("password_env")
+    key_file = t.text("key_file")
+    given = [
+        k for k, v in (("password_file", password_file), ("password_env", password_env), ("key_file", key_file)) if v
+    ]
+    if len(given) > 1:
+        raise t.error(given[1], f"repository {name}: give only one of password_file, password_env, key_file")
+    max_jobs = t.integer("max_jobs", 0)
+    t.finish()
+    return RepositoryConfig(name, location, password_file, password_env, key_file, max_jobs)
+
+
+def _notifier(name: str, t: _Table) -> NotifierConfig:
+    kind = t.text("type", required=True)
+    on = t.text("on", "failure")
+    if on not in ("always", "failure"):
+        raise t.error("on", f'notifications.{name}.on must be "always" or "failure", not {on!r}')
+    timeout = t.duration("timeout", 10.0)
+    assert timeout is not None
+    if kind == "smtp":
+        host = t.text("host", required=True)
+        security = t.text("security", "none")
+        if security not in ("none", "starttls", "ssl"):
+            raise t.error("security", f"notifications.{name}.security must be none, starttls or ssl")
+        port = t.integer("port", 465 if security == "ssl" else 587 if security == "starttls" else 25, minimum=1)
+        sender = t.text("from", required=True)
+        recipients = t.strs("to")
+        if not recipients:
+            raise t.error("to", f"notifications.{name} needs at least one recipient in to")
+        username = t.text("username")
+        password_file = t.text("password_file")
+        if username and not password_file:
+            raise t.error("username", f"notifications.{name}: a username needs a password_file")
+        t.finish()
+        return NotifierConfig(
+            name, kind, on, host=host, port=port, security=security, username=username,
+            password_file=password_file, sender=sender, recipients=recipients, timeout=timeout,
+        )  # fmt: skip
+    if kind == "webhook":
+        url = t.text("url", required=True)
+        if not re.match(r"https?://", url):
+            raise t.error("url", f"notifications.{name}.url must start with http:// or https://")
+        headers_t = t.table("headers")
+        headers: list[tuple[str, str]] = []
+        if headers_t is not None:
+            for hk in list(headers_t.data):
+                headers.append((hk, headers_t.text(hk, required=True)))
+            headers_t.finish()
+        t.finish()
+        return NotifierConfig(name, kind, on, url=url, headers=tuple(headers), timeout=timeout)
+    raise t.error("type", f'notifications.{name}.type must be "smtp" or "webhook", not {kind!r}')
+
+
+def _percent(t: _Table, key: str) -> float | None:
+    value = t._get(key, (str, int, float), 'a share such as "10%"', None, False)
+    if value is None:
+        return None
+    try:
+        share = float(value.strip().rstrip("%")) / 100 if isinstance(value, str) else float(value) / 100
+    except ValueError:
+        raise t.error(key, f'{t.where}.{key} must be a percentage such as "10%", not {value!r}') from None
+    if not 0 < share <= 1:
+        raise t.error(key, f"{t.where}.{key} must be more than 0% and at most 100%")
+    return share
+
+
+def _retention(t: _Table) -> Retention:
+    counts = {
+        unit: t.integer(f"keep_{unit}", 0, minimum=-1)
+        for unit in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+    }
+    keep_tags = t.strs("keep_tags")
+    min_good = t.integer("min_good", 1, minimum=1)
+    prune = t.flag("prune", False)
+    t.finish()
+    policy = RetentionPolicy(
+        last=counts["last"], hourly=counts["hourly"], daily=counts["daily"], weekly=counts["weekly"],
+        monthly=counts["monthly"], yearly=counts["yearly"], keep_tags=keep_tags,
+    )  # fmt: skip
+    if policy.empty():
+        raise t.error(None, f"[{t.where}] gives no keep_* rule; without one nothing would ever be forgotten")
+    return Retention(policy=policy, min_good=min_good, prune=prune)
+
+
+def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
+    kind = t.text("type", required=True)
+    if kind not in JOB_TYPES:
+        raise t.error("type", f"jobs.{name}.type must be one of {', '.join(JOB_TYPES)}, not {kind!r}")
+    schedule_text = t.text("schedule")
+    schedule = None
+    if schedule_text is not None:
+        try:
+            schedule = parse_cron(schedule_text)
+        except ConfigError as exc:
+            raise t.error("schedule", f"jobs.{name}.schedule: {exc}") from None
+    window = None
+    window_text = t.text("window")
+    if window_text is not None:
+        try:
+            window = parse_window(window_text)
+        except ValueError as exc:
+            raise t.error("window", f"jobs.{name}.window: {exc}") from None
+    retries = t.integer("retries", 0)
+    retry_delay = t.duration("retry_delay", 300.0)
+    assert retry_delay is not None
+    notify = t.strs("notify")
+    for n in notify:
+        if n not in cfg.notifiers:
+            raise t.error("notify", f"jobs.{name}.notify names {n!r}, which is not in [notifications]")
+
+    def repo(key: str) -> str:
+        ref = t.text(key, required=True)
+        if ref not in cfg.repositories:
+            raise t.error(key, f"jobs.{name}.{key} names {ref!r}, which is not in [repositories]")
+        return str(ref)
+
+    common: dict[str, Any] = dict(
+        name=name, type=kind, schedule=schedule, window=window, retries=retries, retry_delay=retry_delay, notify=notify
+    )
+    job: Job
+    if kind == "backup":
+        source = t.text("source", required=True)
+        if source not in cfg.sources and "://" not in source and not os.path.isabs(source):
+            raise t.error(
+                "source",
+                f"jobs.{name}.source names {source!r}, which is not in [sources] (nor an absolute path or URL)",
+            )
+        repository = repo("repository")
+        tags = t.strs("tags")
+        max_age = t.duration("max_age")
+        ret_t = t.table("retention")
+        retention = _retention(ret_t) if ret_t is not None else None
+        job = BackupJob(
+            **common, repositories=(repository,), source=source, repository=repository, tags=tags,
+            retention=retention, max_age=max_age,
+        )  # fmt: skip
+    elif kind == "verify":
+        repository = repo("repository")
+        subset = _percent(t, "subset")
+        read_data = t.flag("read_data", subset is not None)
+        if subset is not None and not read_data:
+            raise t.error("read_data", f"jobs.{name}: subset reads data; read_data = false contradicts it")
+        job = VerifyJob(**common, repositories=(repository,), repository=repository, read_data=read_data, subset=subset)
+    else:
+        src = repo("from")
+        dst = repo("to")
+        if src == dst:
+            raise t.error("to", f"jobs.{name}: from and to are the same repository")
+        sources = t.strs("sources")
+        tags = t.strs("tags")
+        latest = t.integer("latest", 0)
+        job = CopyJob(
+            **common, repositories=(src, dst), source_repository=src, target_repository=dst,
+            sources=sources, tags=tags, latest=latest,
+        )  # fmt: skip
+    t.finish()
+    return job
+
+
+EXAMPLE = """\
+# vmvault automation: see docs/automation.md
+[daemon]
+concurrency = 2                     # jobs running at once
+history = "/var/lib/vmvault/history.sqlite"
+# timezone = "Europe/Berlin"        # schedules and windows; default: the host's local time
+
+[repositories.local]
+location = "/srv/vmvault"
+password_file = "/etc/vmvault/local.pass"
+max_jobs = 2
+
+[repositories.offsite]
+location = "s3://minio.example.net:9000/vmvault/prod"
+password_file = "/etc/vmvault/offsite.pass"
+
+[sources.web01]
+location = "hyperv://hv01/web01"
+
+[sources.db01]
+location = "qemu+unix:///run/qemu/db01.qmp"
+
+[jobs.web01-nightly]
+type = "backup"
+source = "web01"
+repository = "local"
+schedule = "30 1 * * *"
+window = "22:00-06:00"
+retries = 3
+retry_delay = "10m"
+max_age = "26h"
+tags = ["nightly"]
+
+[jobs.web01-nightly.retention]
+keep_daily = 7
+keep_weekly = 4
+keep_monthly = 6
+min_good = 3
+prune = true
+
+[jobs.db01-hourly]
+type = "backup"
+source = "db01"
+repository = "local"
+schedule = "0 * * * *"
+max_age = "3h"
+
+[jobs.db01-hourly.retention]
+keep_hourly = 24
+keep_daily = 14
+min_good = 2
+
+[jobs.verify-weekly]
+type = "verify"
+repository = "local"
+schedule = "0 3 * * sun"
+read_data = true
+subset = "10%"
+
+[jobs.offsite]
+type = "copy"
+from = "local"
+to = "offsite"
+schedule = "0 5 * * *"
+retries = 2
+
+[notifications.admins]
+type = "smtp"
+host = "mail.example.net"
+security = "starttls"
+from = "vmvault@example.net"
+to = ["ops@example.net"]
+on = "failure"
+
+[notifications.chat]
+type = "webhook"
+url = "https://hooks.example.net/vmvault"
+on = "always"
+"""

@@ -1,0 +1,365 @@
+"""Copy snapshots from one repository to another (replication, e.g. local -> off-site).
+
+The two repositories have their own keys, so the same plaintext has a different chunk id in
+each (ids are keyed HMACs). Each chunk the target lacks is read from the source (decrypted
+and verified against its source id), given its target id, sealed with the target key and
+packed by the target's BlobWriter; each index block is rewritten with target ids. Chunk
+boundaries must match, so both repositories must use the same chunk size (otherwise
+nothing could be deduplicated and every index would have to be re-cut; we refuse).
+
+Order of writes is the backup's (repository.py): packs, then index files, then the target
+snapshot last. So:
+
+* an interrupted copy leaves only packs, which are indexed every few packs and when the
+  copy fails with an exception; the next run finds those chunks in the target's index and
+  does not upload them again;
+* a copied snapshot records ``extra["copied_from"] = {"repository", "snapshot"}``; a source
+  snapshot already recorded in the target is skipped, so running the same copy twice
+  uploads nothing;
+* for snapshots already copied, the pairing of their index blocks (source block id ->
+  target block id) is learnt from the two manifests, so an index block unchanged since the
+  last copied snapshot is taken over without reading any of its chunks.
+
+Both repositories are held under a shared lock, like a backup: a prune of either waits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmvault.errors import IntegrityError, RepositoryError, SnapshotNotFoundError
+from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
+from vmvault.repo.repository import BlobWriter, Repository
+from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
+
+__all__ = ["COPIED_FROM", "CopyFilter", "CopyReport", "copy_snapshots", "select_snapshots"]
+
+#: key in ``Snapshot.extra`` naming the repository and snapshot a copy came from
+COPIED_FROM = "copied_from"
+
+#: (label, done, total) callbacks, like check's
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CopyFilter:
+    """Which source snapshots to copy. Empty fields select everything."""
+
+    #: full ids or unique prefixes
+    snapshots: tuple[str, ...] = ()
+    #: source locations (exact)
+    sources: tuple[str, ...] = ()
+    #: a snapshot must carry every one of these tags
+    tags: tuple[str, ...] = ()
+    #: only the N newest snapshots of each source location (0 = all)
+    latest: int = 0
+
+
+@dataclass
+class CopiedSnapshot:
+    source_id: str
+    target_id: str
+    location: str
+    time: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"source": self.source_id, "target": self.target_id, "location": self.location, "time": self.time}
+
+
+@dataclass
+class CopyReport:
+    source: str
+    target: str
+    copied: list[CopiedSnapshot] = field(default_factory=list)
+    #: source snapshot ids already present in the target
+    skipped: list[str] = field(default_factory=list)
+    chunks_read: int = 0  # chunks downloaded from the source and decrypted
+    bytes_read: int = 0  # their plaintext bytes
+    chunks_added: int = 0  # data chunks uploaded to the target
+    raw_bytes_added: int = 0  # their plaintext bytes
+    blobs_added: int = 0  # every blob uploaded (data chunks and index blocks)
+    bytes_added: int = 0  # sealed bytes uploaded (what the target's storage grew by, before pack overhead)
+    packs_added: int = 0
+    index_blocks_reused: int = 0  # index blocks taken over from earlier copies without reading
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from": self.source,
+            "to": self.target,
+            "copied": [c.to_dict() for c in self.copied],
+            "skipped": list(self.skipped),
+            "chunks_read": self.chunks_read,
+            "bytes_read": self.bytes_read,
+            "chunks_added": self.chunks_added,
+            "raw_bytes_added": self.raw_bytes_added,
+            "blobs_added": self.blobs_added,
+            "bytes_added": self.bytes_added,
+            "packs_added": self.packs_added,
+            "index_blocks_reused": self.index_blocks_reused,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def select_snapshots(snaps: Sequence[Snapshot], filters: CopyFilter) -> list[Snapshot]:
+    """The snapshots ``filters`` selects, oldest first. Raises SnapshotNotFoundError for an
+    id that matches nothing or more than one snapshot."""
+    chosen = list(snaps)
+    if filters.snapshots:
+        wanted: dict[str, Snapshot] = {}
+        for ref in filters.snapshots:
+            matches = [s for s in snaps if s.id.startswith(ref)]
+            if not matches:
+                raise SnapshotNotFoundError(f"no snapshot in the source repository matches {ref!r}")
+            if len(matches) > 1:
+                raise SnapshotNotFoundError(f"{ref!r} matches {len(matches)} snapshots; give more characters")
+            wanted[matches[0].id] = matches[0]
+        chosen = [s for s in chosen if s.id in wanted]
+    if filters.sources:
+        chosen = [s for s in chosen if s.source.get("location") in filters.sources]
+    if filters.tags:
+        chosen = [s for s in chosen if set(filters.tags).issubset(s.tags)]
+    if filters.latest > 0:
+        by_location: dict[str, list[Snapshot]] = {}
+        for s in chosen:
+            by_location.setdefault(s.source.get("location", ""), []).append(s)
+        keep = {s.id for group in by_location.values() for s in group[-filters.latest :]}
+        chosen = [s for s in chosen if s.id in keep]
+    return chosen
+
+
+def _origin(snap: Snapshot) -> tuple[str, str] | None:
+    doc = snap.extra.get(COPIED_FROM)
+    if isinstance(doc, dict) and isinstance(doc.get("snapshot"), str):
+        return str(doc.get("repository", "")), str(doc["snapshot"])
+    return None
+
+
+class _Translator:
+    """Maps source blob ids to target blob ids, copying what the target lacks."""
+
+    def __init__(self, src: Repository, dst: Repository, writer: BlobWriter, report: CopyReport, workers: int) -> None:
+        self.src = src
+        self.dst = dst
+        self.writer = writer
+        self.report = report
+        self.workers = workers
+        self.chunks: dict[bytes, bytes] = {}
+        self.blocks: dict[bytes, bytes] = {}
+        self._lock = threading.Lock()
+        # unencrypted repositories (or ones sharing an id key) give a chunk the same id in both:
+        # then a chunk the target holds needs no download to learn its target id
+        probe = b"vmvault copy: are chunk ids keyed alike?"
+        self.same_ids = src.key.chunk_id(probe) == dst.key.chunk_id(probe)
+
+    def learn(self, src_snap: Snapshot, dst_snap: Snapshot, *, chunks: bool) -> None:
+        """Pair the blobs of a source snapshot and its earlier copy, position by position.
+
+        Index blocks pair from the manifests alone. With ``chunks``, the two sides' index
+        blocks are read (small: ID_SIZE bytes per chunk) to pair chunk ids too, so a changed
+        index block costs downloads only for the chunks that really changed."""
+        dst_disks = {d.name: d for d in dst_snap.disks}
+        for d in src_snap.disks:
+            other = dst_disks.get(d.name)
+            if other is None or len(other.index) != len(d.index) or other.chunk_size != d.chunk_size:
+                continue
+            for a, b in zip(d.index, other.index, strict=True):
+                if a is None or b is None:
+                    continue
+                a_id, b_id = bytes.fromhex(a), bytes.fromhex(b)
+                self.blocks[a_id] = b_id
+                if chunks and a_id in self.src.index and b_id in self.dst.index:
+                    a_raw = self.src.get_blob(BlobType.INDEX, a_id)
+                    b_raw = self.dst.get_blob(BlobType.INDEX, b_id)
+                    if len(a_raw) != len(b_raw):
+                        continue
+                    for i in range(0, len(a_raw), ID_SIZE):
+                        self.chunks[a_raw[i : i + ID_SIZE]] = b_raw[i : i + ID_SIZE]
+        dst_files = {f.name: f for f in dst_snap.files}
+        for f in src_snap.files:
+            of = dst_files.get(f.name)
+            if of is None or len(of.chunks) != len(f.chunks):
+                continue
+            for a, b in zip(f.chunks, of.chunks, strict=True):
+                self.chunks[bytes.fromhex(a)] = bytes.fromhex(b)
+
+    def chunk(self, src_id: bytes) -> bytes:
+        with self._lock:
+            known = self.chunks.get(src_id)
+        if known is not None and self.writer.known(known):
+            return known
+        if self.same_ids and self.writer.known(src_id):
+            return src_id
+        data = self.src.get_blob(BlobType.DATA, src_id)
+        dst_id = self.dst.key.chunk_id(data)
+        added = self.writer.add(BlobType.DATA, dst_id, data)
+        with self._lock:
+            self.report.chunks_read += 1
+            self.report.bytes_read += len(data)
+            if added:
+                self.report.chunks_added += 1
+                self.report.raw_bytes_added += len(data)
+            self.chunks[src_id] = dst_id
+        return dst_id
+
+    def chunks_of(self, ids: Iterable[bytes], pool: ThreadPoolExecutor) -> list[bytes]:
+        ids = list(ids)
+        todo = sorted({i for i in ids if i != ZERO_ID and i != PARENT_ID})
+        mapped = dict(zip(todo, pool.map(self.chunk, todo), strict=True))
+        return [mapped.get(i, i) for i in ids]
+
+    def index_block(self, src_block: bytes, expected: int, what: str, pool: ThreadPoolExecutor) -> bytes:
+        known = self.blocks.get(src_block)
+        if known is not None and self.writer.known(known):
+            self.report.index_blocks_reused += 1
+            return known
+        raw = self.src.get_blob(BlobType.INDEX, src_block)
+        entries = [raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE)]
+        if len(entries) != expected:
+            raise IntegrityError(
+                f"{what}: index block {src_block.hex()} has {len(entries)} entries, expected {expected}",
+                object_id=src_block.hex(),
+            )
+        new_raw = b"".join(self.chunks_of(entries, pool))
+        dst_block = self.dst.key.chunk_id(new_raw)
+        self.writer.add(BlobType.INDEX, dst_block, new_raw)
+        self.blocks[src_block] = dst_block
+        return dst_block
+
+    def disk(self, d: DiskRecord, what: str, pool: ThreadPoolExecutor) -> DiskRecord:
+        n_chunks = -(-d.size // d.chunk_size)
+        index: list[str | None] = []
+        for block, block_id in enumerate(d.index):
+            if block_id is None:
+                index.append(None)
+                continue
+            expected = min(d.index_span, n_chunks - block * d.index_span)
+            index.append(self.index_block(bytes.fromhex(block_id), expected, f"{what} disk {d.name}", pool).hex())
+        # change-tracking state describes the source repository's chain; a backup into the
+        # target must not trust it, so the copy carries none (the next backup there reads fully)
+        return DiskRecord(
+            name=d.name,
+            format=d.format,
+            size=d.size,
+            chunk_size=d.chunk_size,
+            index_span=d.index_span,
+            index=index,
+            layer=d.layer,
+            parent=d.parent,
+            layer_map=d.layer_map,
+            cbt=None,
+            meta=dict(d.meta),
+            stats=dict(d.stats),
+        )
+
+    def file(self, f: FileRecord, pool: ThreadPoolExecutor) -> FileRecord:
+        chunks = self.chunks_of((bytes.fromhex(c) for c in f.chunks), pool)
+        return FileRecord(name=f.name, size=f.size, mode=f.mode, mtime_ns=f.mtime_ns, chunks=[c.hex() for c in chunks])
+
+
+def copy_snapshots(
+    src_repo: Repository,
+    dst_repo: Repository,
+    *,
+    filters: CopyFilter | None = None,
+    progress: Progress | None = None,
+    workers: int = 4,
+    index_every: int = 4,
+) -> CopyReport:
+    """Copy the snapshots ``filters`` selects from ``src_repo`` to ``dst_repo``; see the module
+    docstring. Returns what was copied, skipped, read and uploaded."""
+    started = dt.datetime.now(dt.UTC)
+    filters = filters or CopyFilter()
+    if src_repo.config.id == dst_repo.config.id:
+        raise RepositoryError("the source and the target are the same repository")
+    if src_repo.config.chunk_size != dst_repo.config.chunk_size:
+        raise RepositoryError(
+            f"cannot copy: the source repository cuts {src_repo.config.chunk_size}-byte chunks and the "
+            f"target {dst_repo.config.chunk_size}-byte chunks; copies need the same chunk size to "
+            f"deduplicate (create the target with `vmvault init --chunk-size {src_repo.config.chunk_size}`)"
+        )
+    report = CopyReport(source=src_repo.backend.url, target=dst_repo.backend.url)
+    with (
+        src_repo.lock(exclusive=False, operation="copy (source)"),
+        dst_repo.lock(exclusive=False, operation="copy"),
+    ):
+        # a prune may have run since the repositories were opened
+        src_repo.load_index()
+        dst_repo.load_index()
+        chosen = select_snapshots(src_repo.list_snapshots(), filters)
+        src_by_id = {s.id: s for s in src_repo.list_snapshots()} if chosen else {}
+        copies: dict[str, Snapshot] = {}  # source snapshot id -> its copy in the target
+        for t in dst_repo.list_snapshots():
+            origin = _origin(t)
+            if origin is not None:
+                copies.setdefault(origin[1], t)
+        writer = dst_repo.writer(index_every=index_every)
+        translator = _Translator(src_repo, dst_repo, writer, report, workers)
+        # chunk-level pairs come from the newest copied snapshot of each source: the likeliest
+        # parent of what is copied now (older copies still give index-block pairs)
+        newest: dict[str, Snapshot] = {}
+        for src_id in copies:
+            earlier = src_by_id.get(src_id)
+            if earlier is not None:
+                loc = earlier.source.get("location", "")
+                if loc not in newest or (newest[loc].time, newest[loc].id) < (earlier.time, earlier.id):
+                    newest[loc] = earlier
+        pending = [s for s in chosen if s.id not in copies]
+        for src_id, dst_snap in copies.items():
+            earlier = src_by_id.get(src_id)
+            if earlier is not None:
+                loc = earlier.source.get("location", "")
+                translator.learn(earlier, dst_snap, chunks=bool(pending) and newest[loc].id == src_id)
+        ok = False
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-copy") as pool:
+                for n, snap in enumerate(chosen):
+                    if progress is not None:
+                        progress("copy", n, len(chosen))
+                    if snap.id in copies:
+                        report.skipped.append(snap.id)
+                        continue
+                    what = f"snapshot {snap.short_id}"
+                    disks = [translator.disk(d, what, pool) for d in snap.disks]
+                    files = [translator.file(f, pool) for f in snap.files]
+                    # every blob the new snapshot names must be durable before the snapshot is
+                    writer.flush()
+                    parent = copies.get(snap.parent) if snap.parent else None
+                    extra = dict(snap.extra)
+                    extra[COPIED_FROM] = {"repository": src_repo.config.id, "snapshot": snap.id}
+                    new = Snapshot(
+                        time=snap.time,
+                        hostname=snap.hostname,
+                        username=snap.username,
+                        source=dict(snap.source),
+                        tags=list(snap.tags),
+                        parent=parent.id if parent is not None else None,
+                        vm=dict(snap.vm),
+                        consistency=snap.consistency,
+                        warnings=list(snap.warnings),
+                        disks=disks,
+                        files=files,
+                        extra=extra,
+                        stats=dict(snap.stats),
+                        program=snap.program,
+                    )
+                    dst_repo.save_snapshot(new)
+                    copies[snap.id] = new
+                    report.copied.append(CopiedSnapshot(snap.id, new.id, snap.source.get("location", ""), snap.time))
+                if progress is not None:
+                    progress("copy", len(chosen), len(chosen))
+            writer.flush()
+            ok = True
+        finally:
+            # failed or interrupted: still index the packs already uploaded, so they are reused
+            writer.close(flush=ok)
+            report.blobs_added = writer.new_blobs
+            report.bytes_added = writer.new_bytes
+            report.packs_added = writer.packs_written
+            report.seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
+    return report
