@@ -1,0 +1,317 @@
+"""checkpoint / apply / merge / convert / compare on real files of every format."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_tool
+from vmvault.disk import DiskWriter, ExtentKind, create_image, detect_format, open_image
+from vmvault.disk.chain import (
+    MERGE_JOURNAL_SUFFIX,
+    apply,
+    checkpoint,
+    children,
+    compare,
+    convert,
+    merge,
+    open_chain,
+)
+from vmvault.disk.qcow2 import open_qcow2_for_write
+from vmvault.disk.vhdx import open_vhdx, open_vhdx_for_write
+from vmvault.errors import ConfigError, ParentError, SourceError
+
+MIB = 1024 * 1024
+SIZE = 64 * MIB
+FORMATS = ("vhdx", "vhd", "qcow2", "raw")
+_GUID = r"[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}"
+
+
+def writer_for(path: str) -> DiskWriter | None:
+    """An in-place writer for a checkpoint layer (VHD has none: its layers are written at creation)."""
+    fmt = detect_format(path)
+    if fmt == "vhdx":
+        return open_vhdx_for_write(path)
+    if fmt == "qcow2":
+        return open_qcow2_for_write(path)
+    return None
+
+
+def write(path: str, model: bytearray, offset: int, data: bytes) -> None:
+    w = writer_for(path)
+    assert w is not None
+    with w:
+        w.write(offset, data)
+    model[offset : offset + len(data)] = data
+
+
+def read_all(path: str) -> bytes:
+    with open_image(path) as img:
+        return img.read(0, img.size)
+
+
+def make_base(tmp_path: Path, fmt: str, model: bytearray) -> str:
+    base = str(tmp_path / f"disk.{fmt}")
+    with create_image(base, fmt, len(model)) as w:
+        w.write(0, b"A" * MIB)
+        w.write(10 * MIB, b"B" * 4096)
+    model[0:MIB] = b"A" * MIB
+    model[10 * MIB : 10 * MIB + 4096] = b"B" * 4096
+    return base
+
+
+@pytest.fixture
+def model() -> bytearray:
+    return bytearray(SIZE)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_checkpoint_names_and_reads_like_parent(tmp_path: Path, fmt: str, model: bytearray) -> None:
+    base = make_base(tmp_path, fmt, model)
+    before = os.stat(base)
+    with open(base, "rb") as f:
+        base_bytes = f.read()
+    child = checkpoint(base)
+    ext = {"vhdx": ".avhdx", "vhd": ".avhd"}.get(fmt, ".qcow2")
+    assert re.fullmatch(rf"disk_{_GUID}{re.escape(ext)}", os.path.basename(child)), child
+    assert os.path.dirname(child) == str(tmp_path)
+    assert read_all(child) == model
+    with open_image(child) as img:
+        assert img.parent is not None and os.path.samefile(img.parent.path, base)
+        assert all(e.kind is ExtentKind.PARENT for e in img.extents())
+    # the parent was only read
+    with open(base, "rb") as f:
+        assert f.read() == base_bytes
+    assert os.stat(base).st_mtime_ns == before.st_mtime_ns
+    # a checkpoint of a checkpoint keeps the disk's stem (no GUID pile-up)
+    grand = checkpoint(child)
+    assert re.fullmatch(rf"disk_{_GUID}{re.escape(ext)}", os.path.basename(grand)), grand
+    assert children(base) == [child] and children(child) == [grand]
+    assert open_chain(grand).depth == 3
+
+
+def test_checkpoint_name_option_and_refusals(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    child = checkpoint(base, name="Before update")
+    assert child == str(tmp_path / "Before update.avhdx")
+    with pytest.raises(ConfigError):
+        checkpoint(base, name="Before update")
+    with pytest.raises(ConfigError):
+        checkpoint(base, name="../escape")
+    with pytest.raises(SourceError):
+        checkpoint(str(tmp_path / "missing.vhdx"))
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "qcow2", "raw"])
+def test_writes_go_to_the_child_and_apply_discards_them(tmp_path: Path, fmt: str, model: bytearray) -> None:
+    base = make_base(tmp_path, fmt, model)
+    saved = bytes(model)
+    child = checkpoint(base)
+    write(child, model, 512, b"C" * 1000)
+    write(child, model, 20 * MIB, b"D" * MIB)
+    assert read_all(child) == model
+    assert read_all(base) == saved
+    assert apply(child) == base
+    assert not os.path.exists(child)
+    assert read_all(base) == saved
+
+
+def test_apply_refuses_a_child_with_children_unless_subtree(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    c1 = checkpoint(base)
+    c2 = checkpoint(c1)
+    c3 = checkpoint(c2)
+    with pytest.raises(ConfigError, match="below it"):
+        apply(c1)
+    assert all(os.path.exists(p) for p in (c1, c2, c3))
+    assert apply(c1, discard_subtree=True) == base
+    assert not any(os.path.exists(p) for p in (c1, c2, c3))
+    with pytest.raises(ConfigError, match="no parent"):
+        apply(base)
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "qcow2", "raw"])
+def test_merge_leaf_into_parent(tmp_path: Path, fmt: str, model: bytearray) -> None:
+    base = make_base(tmp_path, fmt, model)
+    child = checkpoint(base)
+    write(child, model, 512, b"C" * 1000)
+    write(child, model, 20 * MIB, b"D" * MIB)
+    assert merge(child) == os.path.abspath(base)
+    assert not os.path.exists(child)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(base)]  # no scratch or journal left
+    assert read_all(base) == model
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "qcow2"])
+def test_merge_middle_layer_repoints_grandchild(tmp_path: Path, fmt: str, model: bytearray) -> None:
+    base = make_base(tmp_path, fmt, model)
+    c1 = checkpoint(base)
+    write(c1, model, 512, b"C" * 1000)
+    write(c1, model, 20 * MIB, b"D" * MIB)
+    at_c1 = bytes(model)
+    c2 = checkpoint(c1)
+    write(c2, model, 30 * MIB, b"E" * 512)
+    write(c2, model, 0, b"F" * 4096)
+    assert merge(c1) == os.path.abspath(base)
+    assert not os.path.exists(c1)
+    assert read_all(c2) == model
+    assert read_all(base) == at_c1
+    with open_image(c2) as img:
+        assert img.parent is not None and os.path.samefile(img.parent.path, base)
+    # and the chain keeps working: write, checkpoint, merge again
+    write(c2, model, 40 * MIB, b"G" * MIB)
+    assert merge(c2) == os.path.abspath(base)
+    assert read_all(base) == model
+
+
+def test_merge_vhdx_linkage_is_hyperv_like(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    c1 = checkpoint(base)
+    write(c1, model, 0, b"x" * 4096)
+    c2 = checkpoint(c1)
+    with open_vhdx(base) as img:
+        old_guid, disk_id, block = img.data_write_guid, img.virtual_disk_id, img.block_size
+    merge(c1)
+    with open_vhdx(base) as img:
+        # new data => new DataWriteGuid; the disk's identity and layout stay
+        assert img.data_write_guid != old_guid
+        assert img.virtual_disk_id == disk_id and img.block_size == block
+        new_guid = img.data_write_guid
+    with open_vhdx(c2) as img:
+        loc = img.parent_locator
+        assert loc["parent_linkage"] == "{" + str(new_guid) + "}"
+        assert loc["relative_path"] == ".\\disk.vhdx"
+        assert "parent_linkage2" not in loc
+        assert img.info()["parent_linkage_checked"] is True
+
+
+def test_merge_vhd_chain(tmp_path: Path, model: bytearray) -> None:
+    """VHD layers are written at creation only: build the chain with create_image(parent=...)."""
+    base = make_base(tmp_path, "vhd", model)
+    c1 = str(tmp_path / "disk_1.avhd")
+    with create_image(c1, "vhd", SIZE, parent=base) as w:
+        w.write(512, b"C" * 1000)
+        w.write(20 * MIB, b"D" * MIB)
+    model[512:1512] = b"C" * 1000
+    model[20 * MIB : 21 * MIB] = b"D" * MIB
+    at_c1 = bytes(model)
+    c2 = str(tmp_path / "disk_2.avhd")
+    with create_image(c2, "vhd", SIZE, parent=c1) as w:
+        w.write(30 * MIB, b"E" * 512)
+    model[30 * MIB : 30 * MIB + 512] = b"E" * 512
+    assert merge(c1) == os.path.abspath(base)
+    assert read_all(base) == at_c1
+    assert read_all(c2) == model
+    with open_image(c2) as img:
+        info = img.info()
+        assert info["parent_name"] == "disk.vhd"
+        assert img.parent is not None and os.path.samefile(img.parent.path, base)
+
+
+def test_merge_refuses_when_parent_has_other_children(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    a = checkpoint(base)
+    b = checkpoint(base)
+    with pytest.raises(ConfigError, match="other children"):
+        merge(a)
+    assert os.path.exists(a) and os.path.exists(b)
+    with pytest.raises(ConfigError, match="no parent"):
+        merge(base)
+
+
+def test_merge_resumes_after_child_deleted(tmp_path: Path, model: bytearray) -> None:
+    """A crash between deleting the child and the journal: merge again just tidies up."""
+    base = make_base(tmp_path, "vhdx", model)
+    child = checkpoint(base)
+    journal = child + MERGE_JOURNAL_SUFFIX
+    with open(journal, "w") as f:
+        json.dump({"parent": base, "child": child, "grandchildren": []}, f)
+    os.unlink(child)
+    assert merge(child) == base
+    assert not os.path.exists(journal)
+
+
+def test_convert_flattens_any_chain_to_any_format(tmp_path: Path) -> None:
+    model = bytearray(4 * SIZE)
+    base = make_base(tmp_path, "vhdx", model)
+    c1 = checkpoint(base)
+    write(c1, model, 20 * MIB, b"D" * MIB)
+    write(c1, model, 33 * MIB + 7, b"odd")
+    for fmt in FORMATS:
+        dest = str(tmp_path / f"flat.{fmt}.out")
+        convert(c1, dest, fmt)
+        assert detect_format(dest) == fmt
+        assert read_all(dest) == model
+        assert compare(c1, dest) == []
+        with open_image(dest) as img:
+            assert img.parent is None
+            stored = sum(e.length for e in img.extents() if e.kind is ExtentKind.DATA)
+            # data lies in the first 34 MiB: at most two 32 MiB VHDX blocks
+            assert stored <= SIZE, f"{fmt}: {stored} bytes stored, not sparse"
+    with pytest.raises(ConfigError, match="exists"):
+        convert(c1, str(tmp_path / "flat.raw.out"), "raw")
+    with pytest.raises(ConfigError, match="unknown format"):
+        convert(c1, str(tmp_path / "x"), "vmdk")
+
+
+@pytest.mark.integration
+def test_convert_output_passes_qemu(tmp_path: Path, model: bytearray) -> None:
+    require_tool("qemu-img")
+    base = make_base(tmp_path, "qcow2", model)
+    c1 = checkpoint(base)
+    write(c1, model, 20 * MIB, b"D" * MIB)
+    for fmt in ("qcow2", "vhdx"):
+        dest = str(tmp_path / f"flat.{fmt}")
+        convert(c1, dest, fmt)
+        subprocess.run(["qemu-img", "check", dest], check=True, capture_output=True)
+        out = subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", dest, str(tmp_path / "q.raw")], check=True, capture_output=True
+        )
+        assert out.returncode == 0
+        assert (tmp_path / "q.raw").read_bytes() == model
+
+
+def test_compare_reports_sector_ranges(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    c1 = checkpoint(base)
+    assert compare(base, c1) == []
+    write(c1, model, 5 * MIB + 100, b"z" * 10)
+    write(c1, model, 40 * MIB, b"q" * 1024)
+    assert compare(base, c1) == [(5 * MIB, 512), (40 * MIB, 1024)]
+    other = str(tmp_path / "small.raw")
+    with create_image(other, "raw", SIZE - MIB):
+        pass
+    diffs = compare(base, other)
+    assert diffs[-1] == (SIZE - MIB, MIB)
+    assert diffs[0] == (0, MIB)
+
+
+def test_chain_view(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    c1 = checkpoint(base)
+    write(c1, model, 20 * MIB, b"D" * MIB)
+    chain = open_chain(c1)
+    assert [layer.path for layer in chain.layers] == [c1, base]
+    assert chain.leaf.subtype == "differencing" and chain.base.subtype == "dynamic"
+    assert chain.leaf.allocated_bytes == MIB
+    assert chain.base.allocated_bytes == 32 * MIB  # one 32 MiB block holds both writes
+    assert set(chain.leaf.guids) >= {"virtual_disk_id", "data_write_guid", "file_write_guid"}
+    assert chain.leaf.guids["virtual_disk_id"] == chain.base.guids["virtual_disk_id"]
+    doc = chain.as_dict()
+    json.dumps(doc, default=str)
+    assert doc["depth"] == 2
+
+
+def test_missing_parent_is_a_parent_error(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    c1 = checkpoint(base)
+    os.rename(base, str(tmp_path / "elsewhere.vhdx"))
+    with pytest.raises(ParentError):
+        merge(c1)
+    with pytest.raises(ParentError):
+        checkpoint(c1)
