@@ -200,7 +200,7 @@ class NbdConnectionLost(SourceError):
 class _Connection(Protocol):
     size: int
 
-    def read(self, offset: int, length: int) -> bytes: ...
+    def read_into(self, offset: int, view: memoryview) -> None: ...
 
     def block_status(self, context: str, offset: int, length: int) -> list[tuple[int, int, int]]: ...
 
@@ -236,10 +236,9 @@ class NbdConnection:
             raise
 
     # -- low level ----------------------------------------------------------------------
-    def _recv_exact(self, n: int) -> bytes:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
+    def _recv_into(self, view: memoryview) -> None:
+        """Fill ``view`` from the socket (straight into the caller's buffer: no copies)."""
+        got, n = 0, len(view)
         while got < n:
             try:
                 k = self._sock.recv_into(view[got:], n - got)
@@ -248,6 +247,10 @@ class NbdConnection:
             if k == 0:
                 raise NbdConnectionLost(f"{self.url}: NBD server closed the connection")
             got += k
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self._recv_into(memoryview(buf))
         return bytes(buf)
 
     def _send(self, data: bytes) -> None:
@@ -331,8 +334,13 @@ class NbdConnection:
         self._send(REQUEST.pack(REQUEST_MAGIC, 0, cmd, cookie, offset, length))
         return cookie
 
-    def _chunks(self, cookie: int) -> Iterator[tuple[int, bytes]]:
-        """(reply type, payload) of every chunk answering ``cookie``; raises on an error chunk."""
+    def _chunks(self, cookie: int, target: tuple[int, memoryview] | None = None) -> Iterator[tuple[int, bytes, int]]:
+        """(reply type, payload, data bytes) of every chunk answering ``cookie``.
+
+        With ``target`` = (request offset, buffer), the data of NBD_REPLY_TYPE_OFFSET_DATA
+        chunks goes straight into the buffer and only its length is reported. An error chunk
+        raises once the reply is complete, so the stream stays in step.
+        """
         error: str | None = None
         while True:
             head = self._recv_exact(4)
@@ -343,20 +351,29 @@ class NbdConnection:
                     raise NbdConnectionLost(f"{self.url}: reply for unknown request {rcookie}")
                 if err:
                     raise SourceError(f"{self.url}: NBD server error {NBD_ERRNO.get(err, err)}")
-                yield ReplyType.NONE, b""
+                yield ReplyType.NONE, b"", 0
                 return
             if magic != STRUCTURED_REPLY_MAGIC:
                 raise NbdConnectionLost(f"{self.url}: bad NBD reply magic {magic:#x}")
             chunk = ReplyChunk.unpack(head + self._recv_exact(STRUCTURED_REPLY.size - 4))
             if chunk.cookie != cookie:
                 raise NbdConnectionLost(f"{self.url}: reply for unknown request {chunk.cookie}")
-            payload = self._recv_exact(chunk.length) if chunk.length else b""
-            if chunk.type in (ReplyType.ERROR, ReplyType.ERROR_OFFSET) or chunk.type & (1 << 15):
-                err, mlen = struct.unpack_from(">IH", payload) if len(payload) >= 6 else (0, 0)
-                msg = payload[6 : 6 + mlen].decode("utf-8", "replace")
-                error = f"NBD server error {NBD_ERRNO.get(err, err)}{': ' + msg if msg else ''}"
+            if chunk.type == ReplyType.OFFSET_DATA and target is not None and chunk.length >= 8:
+                (off,) = struct.unpack(">Q", self._recv_exact(8))
+                start, view = target
+                rel, n = off - start, chunk.length - 8
+                if rel < 0 or rel + n > len(view):
+                    raise NbdConnectionLost(f"{self.url}: data chunk at {off:#x} outside the request")
+                self._recv_into(view[rel : rel + n])
+                yield chunk.type, b"", n
             else:
-                yield chunk.type, payload
+                payload = self._recv_exact(chunk.length) if chunk.length else b""
+                if chunk.type in (ReplyType.ERROR, ReplyType.ERROR_OFFSET) or chunk.type & (1 << 15):
+                    err, mlen = struct.unpack_from(">IH", payload) if len(payload) >= 6 else (0, 0)
+                    msg = payload[6 : 6 + mlen].decode("utf-8", "replace")
+                    error = f"NBD server error {NBD_ERRNO.get(err, err)}{': ' + msg if msg else ''}"
+                else:
+                    yield chunk.type, payload, 0
             if chunk.done:
                 break
         if error is not None:
@@ -364,36 +381,34 @@ class NbdConnection:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``; the caller keeps ``length`` within ``max_block``."""
+        buf = bytearray(length)
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes at ``offset`` (holes are written as zeros)."""
+        length = len(view)
         if length == 0:
-            return b""
+            return
         cookie = self._request(Cmd.READ, offset, length)
         if not self.structured:
-            (magic,) = struct.unpack(">I", self._recv_exact(4))
-            if magic != SIMPLE_REPLY_MAGIC:
-                raise NbdConnectionLost(f"{self.url}: bad NBD reply magic {magic:#x}")
-            _, err, _rcookie = SIMPLE_REPLY.unpack(struct.pack(">I", magic) + self._recv_exact(12))
+            _, err, _rcookie = SIMPLE_REPLY.unpack(self._recv_exact(SIMPLE_REPLY.size))
             if err:
                 raise SourceError(f"{self.url}: read at offset {offset:#x} failed: {NBD_ERRNO.get(err, err)}")
-            return self._recv_exact(length)
-        buf = bytearray(length)  # holes stay zero
+            self._recv_into(view)
+            return
         covered = 0
-        for rtype, payload in self._chunks(cookie):
+        for rtype, payload, n in self._chunks(cookie, (offset, view)):
             if rtype == ReplyType.OFFSET_DATA:
-                (off,) = struct.unpack_from(">Q", payload)
-                data = memoryview(payload)[8:]
-                rel = off - offset
-                if rel < 0 or rel + len(data) > length:
-                    raise NbdConnectionLost(f"{self.url}: data chunk at {off:#x} outside the request")
-                buf[rel : rel + len(data)] = data
-                covered += len(data)
+                covered += n
             elif rtype == ReplyType.OFFSET_HOLE:
                 off, hole = struct.unpack_from(">QI", payload)
                 if off < offset or off + hole > offset + length:
                     raise NbdConnectionLost(f"{self.url}: hole chunk at {off:#x} outside the request")
+                view[off - offset : off - offset + hole] = bytes(hole)
                 covered += hole
         if covered != length:
             raise NbdConnectionLost(f"{self.url}: read at {offset:#x} answered {covered} of {length} bytes")
-        return bytes(buf)
 
     def block_status(self, context: str, offset: int, length: int) -> list[tuple[int, int, int]]:
         """(offset, length, flags) descriptors of ``context`` from ``offset``; may stop short."""
@@ -402,7 +417,7 @@ class NbdConnection:
             raise SourceError(f"{self.url}: metadata context {context} was not negotiated")
         cookie = self._request(Cmd.BLOCK_STATUS, offset, length)
         out: list[tuple[int, int, int]] = []
-        for rtype, payload in self._chunks(cookie):
+        for rtype, payload, _ in self._chunks(cookie):
             if rtype != ReplyType.BLOCK_STATUS or len(payload) < 4:
                 continue
             (rid,) = struct.unpack_from(">I", payload)
@@ -486,9 +501,9 @@ class LibnbdConnection:
         except nbd.Error as exc:
             raise SourceError(f"{self.url}: cannot connect with libnbd: {exc}") from exc
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read_into(self, offset: int, view: memoryview) -> None:
         try:
-            return bytes(self._h.pread(length, offset))
+            view[:] = self._h.pread(len(view), offset)
         except self._nbd.Error as exc:
             raise NbdConnectionLost(f"{self.url}: read at offset {offset:#x} failed: {exc}") from exc
 
@@ -663,25 +678,25 @@ class NbdImage(DiskImage):
         length = max(0, min(length, self._size - offset))
         if length == 0:
             return b""
-        parts: list[bytes] = []
-        pos, end = offset, offset + length
-        while pos < end:
-            n = min(MAX_READ, end - pos)
-            parts.append(self._read_aligned(pos, n))
-            pos += n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _read_aligned(self, offset: int, length: int) -> bytes:
-        # An export may announce a minimum block size (NBD_INFO_BLOCK_SIZE); widen the request
+        # An export may announce a minimum block size (NBD_INFO_BLOCK_SIZE): widen the request
         # to it and cut the answer back, so callers may read at any offset.
         align = self._align
         lo = offset - offset % align
         hi = min(self._size, -(-(offset + length) // align) * align)
-        try:
-            data: bytes = self._call("read", lo, hi - lo)
-        except NbdConnectionLost as exc:
-            raise SourceError(f"{self.path}: read at offset {offset:#x} failed: {exc}") from exc
-        return data[offset - lo : offset - lo + length] if (lo, hi) != (offset, offset + length) else data
+        buf = bytearray(hi - lo)
+        view = memoryview(buf)
+        pos = lo
+        while pos < hi:  # QEMU serves at most 32 MiB per request
+            n = min(MAX_READ, hi - pos)
+            try:
+                self._call("read_into", pos, view[pos - lo : pos - lo + n])
+            except NbdConnectionLost as exc:
+                raise SourceError(f"{self.path}: read at offset {pos:#x} failed: {exc}") from exc
+            pos += n
+        view.release()
+        if (lo, hi) != (offset, offset + length):
+            return bytes(buf[offset - lo : offset - lo + length])
+        return bytes(buf)
 
     @property
     def connections(self) -> int:
