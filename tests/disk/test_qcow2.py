@@ -457,6 +457,28 @@ def test_write_in_place_refusals(tmp_path: Path) -> None:
         assert path.read_bytes() == before  # a refused image is left untouched
 
 
+def test_concurrent_reads(tmp_path: Path) -> None:
+    """Readers share one image from several threads (the engine's pool); the L2 cache must hold up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "c.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4k", str(path), "64M")
+    qemu_io(path, *(f"write -P {i + 1} {i * 3}M 1M" for i in range(20)))
+    expected = qemu_raw(path, tmp_path)
+    with open_qcow2(str(path)) as img:
+        import vmvault.disk.qcow2 as q
+
+        old, q.L2_CACHE_TABLES = q.L2_CACHE_TABLES, 2  # force evictions while threads read
+        try:
+            offsets = [random.Random(i).randrange(0, 64 * MIB - MIB) for i in range(400)]
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(lambda off: (off, img.read(off, MIB)), offsets))
+        finally:
+            q.L2_CACHE_TABLES = old
+    for off, data in results:
+        assert data == expected[off : off + MIB]
+
+
 # -- damage ----------------------------------------------------------------------------------------
 
 
