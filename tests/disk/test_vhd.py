@@ -344,6 +344,29 @@ def test_parent_found_by_w2ku_file_name(tmp_path: Path) -> None:
         assert img.read(0, 8192) == b"\x07" * 4096 + b"\x08" * 4096
 
 
+def test_three_level_chain_and_merged_map(tmp_path: Path) -> None:
+    size = 8 * MIB
+    ref = bytearray(size)
+    with create_vhd(str(tmp_path / "l0.vhd"), size, fixed=True) as w:
+        w.write(0, b"\x10" * MIB)
+        ref[:MIB] = b"\x10" * MIB
+    with create_vhd(str(tmp_path / "l1.vhd"), size, parent=str(tmp_path / "l0.vhd")) as w:
+        w.write(MIB // 2, b"\x11" * MIB)
+        ref[MIB // 2 : MIB // 2 + MIB] = b"\x11" * MIB
+    with create_vhd(str(tmp_path / "l2.vhd"), size, parent=str(tmp_path / "l1.vhd")) as w:
+        w.write(5000, b"\x12" * 3000)
+        ref[5000:8000] = b"\x12" * 3000
+    with open_image(str(tmp_path / "l2.vhd")) as img:
+        assert [Path(x.path).name for x in img.chain()] == ["l2.vhd", "l1.vhd", "l0.vhd"]
+        assert img.read(0, size) == bytes(ref)
+        merged = list(img.merged_extents())
+        assert sum(e.length for e in merged) == size
+        # the base is fixed, so the whole merged view is DATA
+        assert {e.kind for e in merged} == {ExtentKind.DATA}
+    with pytest.raises(ParentError, match="cyclic"):
+        open_vhd(str(tmp_path / "l1.vhd"), parent=str(tmp_path / "l1.vhd"))
+
+
 # -- damage ----------------------------------------------------------------------------------------
 
 
