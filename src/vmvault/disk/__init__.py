@@ -14,6 +14,7 @@ from vmvault.errors import FormatError, SourceError, UnsupportedFormatError
 
 __all__ = [
     "DIFFERENCING_FORMATS",
+    "DISK_SUFFIXES",
     "FORMATS",
     "DiskImage",
     "DiskWriter",

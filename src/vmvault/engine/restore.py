@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault.disk import FORMATS, create_image
+from vmvault.disk import DISK_SUFFIXES, FORMATS, create_image
 from vmvault.disk.base import DiskWriter
 from vmvault.errors import ConfigError, IntegrityError
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
@@ -210,9 +210,16 @@ def _ordered(snap: Snapshot) -> list[DiskRecord]:
 
 
 def _target_name(name: str, fmt: str, original: str) -> str:
+    """The restored file's name: the stored name, with the suffix of the format written.
+
+    Names from connectors (``vda``) get a suffix; a converted image's suffix changes
+    (``web.vhdx`` restored as qcow2 is ``web.qcow2``); an unconverted file keeps its name.
+    """
+    base, ext = os.path.splitext(name)
+    if ext.lower() not in DISK_SUFFIXES:
+        return name + _SUFFIX[fmt]
     if fmt == original:
         return name
-    base, _ext = os.path.splitext(name)
     return base + _SUFFIX[fmt]
 
 
