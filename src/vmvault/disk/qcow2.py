@@ -66,6 +66,11 @@ _UNALLOC: Final = 2
 _COMPRESSED: Final = 3
 
 
+def _is_zero(data: memoryview) -> bool:
+    """All bytes zero? (bytes equality is a memcmp; ``any()`` over a memoryview is ~50x slower)."""
+    return data.tobytes() == bytes(len(data))
+
+
 def _pread(fd: int, path: str, offset: int, length: int, structure: str) -> bytes:
     try:
         data = os.pread(fd, length, offset)
@@ -805,7 +810,7 @@ class Qcow2Writer(DiskWriter):
         if owned and not entry & L2_ZERO:
             self._pwrite(chunk, host + pos - cstart)
             return
-        zero = not any(chunk)
+        zero = _is_zero(chunk)
         if zero and self._reads_zero(entry):
             return  # already reads as zeros
         if zero and whole:

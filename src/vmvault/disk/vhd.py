@@ -56,6 +56,11 @@ def _bitmap_bytes(sectors_per_block: int) -> int:
     return (sectors_per_block + 8 * SECTOR - 1) // (8 * SECTOR) * SECTOR
 
 
+def _is_zero(data: memoryview) -> bool:
+    """All bytes zero? (bytes equality is a memcmp; ``any()`` over a memoryview is ~50x slower)."""
+    return data.tobytes() == bytes(len(data))
+
+
 def _pread(fd: int, path: str, offset: int, length: int, structure: str) -> bytes:
     try:
         data = os.pread(fd, length, offset)
@@ -684,7 +689,7 @@ class VhdWriter(DiskWriter):
         entry = self._bat[block]
         diff = self._type is DiskType.DIFFERENCING
         if entry == BAT_UNUSED:
-            if not diff and not any(chunk):
+            if not diff and _is_zero(chunk):
                 return  # unallocated blocks of a dynamic disk already read as zeros
             start = self._allocate(block)
         else:
