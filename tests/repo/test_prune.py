@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from vmvault.backends.local import LocalBackend
 from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import IntegrityError, LockedError, SnapshotNotFoundError
 from vmvault.repo import RetentionPolicy, check, forget, forget_ids, prune, repair_index
+from vmvault.repo.crypto import seal_envelope
 from vmvault.repo.repository import Repository
 
 T0 = dt.datetime(2025, 3, 1, 12, tzinfo=dt.UTC)
@@ -212,3 +215,68 @@ def test_forget_ids_removes_an_unreadable_snapshot_so_prune_can_run() -> None:
     forget_ids(repo, [hist[0][0][:10]])
     prune(repo)
     assert check(reopen(repo), read_data=True).ok
+
+
+def foreign_lock(repo: Repository, *, exclusive: bool = False) -> str:
+    """A live lock of a process on another host (recently refreshed)."""
+    name = "locks/" + "ab" * 16
+    doc = {"hostname": "other-host", "pid": 4242, "time": time.time(), "exclusive": exclusive, "operation": "backup"}
+    repo.backend.put(name, seal_envelope(repo.key, json.dumps(doc).encode(), b"lock " + name.encode()))
+    return name
+
+
+def test_prune_stops_when_another_lock_appears_midway() -> None:
+    """As after a suspension longer than the stale time: a backup started meanwhile."""
+    repo = make_repo(MemoryBackend())
+    hist = history(repo, 4)
+    forget(repo, RetentionPolicy(last=1))
+    before = state(repo)
+    appeared: list[str] = []
+
+    def sneak_in(phase: str, done: int, total: int) -> None:
+        if phase == "repack" and not appeared:
+            appeared.append(foreign_lock(repo))
+
+    with pytest.raises(LockedError, match="another process took a lock"):
+        prune(repo, max_unused=0.0, progress=sneak_in)
+    after = state(repo)
+    # nothing was deleted or superseded: only new (duplicate) packs and their index file were added
+    assert set(before) <= set(after)
+    assert all(after[n] == before[n] for n in before if not n.startswith("locks/"))
+    repo.backend.delete(appeared[0])
+    fresh = reopen(repo)
+    assert check(fresh, read_data=True).ok
+    assert restore_all(fresh, fresh.load_snapshot(hist[-1][0])) == hist[-1][1]
+    prune(fresh, max_unused=0.0)
+    result = check(reopen(repo), read_data=True)
+    assert result.ok and not result.warnings
+
+
+def test_prune_stops_when_its_own_lock_was_removed() -> None:
+    repo = make_repo(MemoryBackend())
+    history(repo, 3)
+    forget(repo, RetentionPolicy(last=1))
+
+    def drop_mine(phase: str, done: int, total: int) -> None:
+        for o in list(repo.backend.list("locks/")):
+            repo.backend.delete(o.name)
+
+    with pytest.raises(LockedError, match="went stale or was removed"):
+        prune(repo, max_unused=0.0, progress=drop_mine)
+    assert check(reopen(repo), read_data=True).ok
+
+
+def test_objects_that_are_not_ours_are_left_alone() -> None:
+    repo = make_repo(MemoryBackend())
+    hist = history(repo, 2)
+    repo.backend.put("data/README", b"not a pack")
+    repo.backend.put("data/zz/nothex", b"x")
+    repo.backend.put("index/notes.txt", b"x")
+    forget(repo, RetentionPolicy(last=1))
+    prune(repo, max_unused=0.0)
+    assert repo.backend.exists("data/README") and repo.backend.exists("index/notes.txt")
+    result = check(reopen(repo), read_data=True)
+    assert result.ok
+    assert sorted(p.object for p in result.warnings) == ["data/README", "data/zz/nothex", "index/notes.txt"]
+    fresh = reopen(repo)
+    assert restore_all(fresh, fresh.load_snapshot(hist[-1][0])) == hist[-1][1]

@@ -28,13 +28,15 @@ objects that nothing live refers to any more:
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vmvault.errors import IntegrityError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
+from vmvault.errors import IntegrityError, LockedError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
 from vmvault.repo.index import IndexFile
+from vmvault.repo.locks import REFRESH_SECONDS, STALE_SECONDS, RepositoryLock, list_locks
 from vmvault.repo.pack import BlobEntry, open_blob, pack_name, parse_pack_header
 from vmvault.repo.repository import Repository
 from vmvault.repo.retention import RetentionPolicy, RetentionResult, apply_policy
@@ -56,6 +58,57 @@ __all__ = [
 DEFAULT_MAX_UNUSED = 0.1
 
 Progress = Callable[[str, int, int], None]
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def _object_id(name: str, prefix: str) -> bytes | None:
+    """The id in ``index/<hex>`` or ``data/<xx>/<hex>``; None for any other name (left alone)."""
+    try:
+        obj_id = bytes.fromhex(name.rsplit("/", 1)[1])
+    except ValueError:
+        return None
+    if len(obj_id) != ID_SIZE:
+        return None
+    if prefix == "data/" and name != pack_name(obj_id):
+        return None
+    return obj_id
+
+
+def _stored_packs(repo: Repository) -> dict[bytes, int]:
+    out = {}
+    for o in repo.backend.list("data/"):
+        pack_id = _object_id(o.name, "data/")
+        if pack_id is not None:
+            out[pack_id] = o.size
+    return out
+
+
+def _still_exclusive(repo: Repository, lock: RepositoryLock, what: str) -> None:
+    """Refuse to go on unless our lock is still there and fresh and nobody else holds one.
+
+    Holding the lock object is not enough: a process suspended for longer than
+    STALE_SECONDS (a paused VM, SIGSTOP) looks dead to others, and a backup may have started
+    meanwhile and deduplicated against blobs this prune is about to delete. So every
+    destructive step is preceded by this check.
+    """
+    now = time.time()
+    mine = None
+    others = []
+    for info in list_locks(repo.backend, repo.key):
+        if info.name == lock.name:
+            mine = info
+        elif not info.is_stale(now):
+            others.append(info)
+    if mine is None or now - mine.time > STALE_SECONDS - REFRESH_SECONDS:
+        raise LockedError(
+            f"prune stopped before {what}: its exclusive lock went stale or was removed (was the process "
+            "suspended?). The repository is consistent; run prune again."
+        )
+    if others:
+        text = "; ".join(o.describe() for o in others)
+        raise LockedError(f"prune stopped before {what}: another process took a lock meanwhile ({text})")
 
 
 # ---- forget ------------------------------------------------------------------------------
@@ -136,19 +189,26 @@ def referenced_blobs(repo: Repository, snapshots: Iterable[Snapshot]) -> set[byt
     """
     used: set[bytes] = set()
     for snap in snapshots:
-        for disk in snap.disks:
-            for block in disk.index:
-                if block is None:
-                    continue
-                block_id = bytes.fromhex(block)
-                if block_id in used:
-                    continue
-                raw = repo.get_blob(BlobType.INDEX, block_id)
-                used.add(block_id)
-                used.update(e for e in iter_index_entries(raw) if e != ZERO_ID and e != PARENT_ID)
-        for f in snap.files:
-            used.update(bytes.fromhex(c) for c in f.chunks)
+        try:
+            _mark_snapshot(repo, snap, used)
+        except ValueError as exc:  # a manifest that authenticates but names an id that is not hex
+            raise IntegrityError(f"snapshot {snap.short_id}: malformed blob id: {exc}", object_id=snap.id) from exc
     return used
+
+
+def _mark_snapshot(repo: Repository, snap: Snapshot, used: set[bytes]) -> None:
+    for disk in snap.disks:
+        for block in disk.index:
+            if block is None:
+                continue
+            block_id = bytes.fromhex(block)
+            if block_id in used:
+                continue
+            raw = repo.get_blob(BlobType.INDEX, block_id)
+            used.add(block_id)
+            used.update(e for e in iter_index_entries(raw) if e != ZERO_ID and e != PARENT_ID)
+    for f in snap.files:
+        used.update(bytes.fromhex(c) for c in f.chunks)
 
 
 # ---- prune -------------------------------------------------------------------------------
@@ -201,7 +261,9 @@ class _Pack:
 def _read_index_files(repo: Repository) -> dict[bytes, IndexFile]:
     files: dict[bytes, IndexFile] = {}
     for obj in repo.backend.list("index/"):
-        file_id = bytes.fromhex(obj.name.removeprefix("index/"))
+        file_id = _object_id(obj.name, "index/")
+        if file_id is None:
+            continue  # not ours: left alone
         try:
             files[file_id] = repo.read_index_file(file_id)
         except ObjectNotFoundError:
@@ -229,15 +291,17 @@ def prune(
     """
     if not 0.0 <= max_unused <= 1.0:
         raise RepositoryError(f"max_unused must be between 0 and 1, not {max_unused}")
-    with repo.lock(exclusive=True, operation="prune"):
+    with repo.lock(exclusive=True, operation="prune") as lock:
         try:
-            return _prune_locked(repo, dry_run, max_unused, progress)
+            return _prune_locked(repo, lock, dry_run, max_unused, progress)
         finally:
             # whatever happened, the in-memory index must describe the repository as it now is
             repo.load_index()
 
 
-def _prune_locked(repo: Repository, dry_run: bool, max_unused: float, progress: Progress | None) -> PruneReport:
+def _prune_locked(
+    repo: Repository, lock: RepositoryLock, dry_run: bool, max_unused: float, progress: Progress | None
+) -> PruneReport:
     report = PruneReport(dry_run=dry_run, max_unused=max_unused)
     backend = repo.backend
 
@@ -248,7 +312,7 @@ def _prune_locked(repo: Repository, dry_run: bool, max_unused: float, progress: 
         raise IntegrityError(f"prune stopped, nothing was changed: {'; '.join(problems)}")
     report.index_files_before = len(files)
     superseded = {s for f in files.values() for s in f.supersedes}
-    stored = {bytes.fromhex(o.name.rsplit("/", 1)[1]): o.size for o in backend.list("data/")}
+    stored = _stored_packs(repo)
     report.packs_before = len(stored)
     report.bytes_before = sum(stored.values())
 
@@ -353,7 +417,15 @@ def _prune_locked(repo: Repository, dry_run: bool, max_unused: float, progress: 
                         name=name,
                     )
                 for e in p.keep:
-                    plain = open_blob(repo.key, e.type, e.id, data[e.offset : e.offset + e.length])
+                    try:
+                        plain = open_blob(repo.key, e.type, e.id, data[e.offset : e.offset + e.length])
+                    except IntegrityError as exc:
+                        raise IntegrityError(
+                            f"prune stopped before removing anything: {exc} (in pack {p.id.hex()}); "
+                            "run `vmvault check --read-data` to see which snapshots it affects",
+                            object_id=e.id.hex(),
+                            name=name,
+                        ) from exc
                     writer.add(e.type, e.id, plain)
             writer.flush()
         finally:
@@ -368,6 +440,7 @@ def _prune_locked(repo: Repository, dry_run: bool, max_unused: float, progress: 
         packs={p.id: sorted(p.entries, key=lambda e: e.offset) for p in keep} | new_entries,
         supersedes=sorted(set(files) | written_index),
     )
+    _still_exclusive(repo, lock, "writing the new index")
     new_id = repo.write_index_file(consolidated)
     report.index_files_written = 1
 
@@ -379,6 +452,8 @@ def _prune_locked(repo: Repository, dry_run: bool, max_unused: float, progress: 
     for n, pack_id in enumerate(doomed):
         if progress is not None:
             progress("delete", n, len(doomed))
+        if n % 256 == 0:
+            _still_exclusive(repo, lock, "deleting packs")
         backend.delete(pack_name(pack_id))
 
     after = [o.size for o in backend.list("data/")]
@@ -417,22 +492,21 @@ def repair_index(repo: Repository, *, dry_run: bool = False, from_scratch: bool 
     they held). Indexed packs missing from storage are dropped from the index, so no
     backup deduplicates against blobs that are gone.
     """
-    with repo.lock(exclusive=True, operation="repair-index"):
+    with repo.lock(exclusive=True, operation="repair-index") as lock:
         try:
-            return _repair_locked(repo, dry_run, from_scratch)
+            return _repair_locked(repo, lock, dry_run, from_scratch)
         finally:
             repo.load_index()
 
 
-def _repair_locked(repo: Repository, dry_run: bool, from_scratch: bool) -> RepairReport:
+def _repair_locked(repo: Repository, lock: RepositoryLock, dry_run: bool, from_scratch: bool) -> RepairReport:
     backend = repo.backend
     report = RepairReport(dry_run=dry_run)
     present: list[bytes] = []
     readable: dict[bytes, IndexFile] = {}
     for obj in backend.list("index/"):
-        try:
-            file_id = bytes.fromhex(obj.name.removeprefix("index/"))
-        except ValueError:
+        file_id = _object_id(obj.name, "index/")
+        if file_id is None:
             continue
         present.append(file_id)
         try:
@@ -443,7 +517,7 @@ def _repair_locked(repo: Repository, dry_run: bool, from_scratch: bool) -> Repai
             report.index_files_damaged.append(obj.name)
     report.index_files_before = len(present)
     superseded = {s for f in readable.values() for s in f.supersedes}
-    stored = {bytes.fromhex(o.name.rsplit("/", 1)[1]): o.size for o in backend.list("data/")}
+    stored = _stored_packs(repo)
 
     packs: dict[bytes, list[BlobEntry]] = {}
     if not from_scratch:
@@ -472,6 +546,7 @@ def _repair_locked(repo: Repository, dry_run: bool, from_scratch: bool) -> Repai
         packs={p: sorted(es, key=lambda e: e.offset) for p, es in sorted(packs.items())},
         supersedes=sorted(present),
     )
+    _still_exclusive(repo, lock, "writing the new index")
     new_id = repo.write_index_file(new_index)
     report.index_files_written = 1
     for file_id in sorted(present):

@@ -200,7 +200,10 @@ class Repository:
         self.index = MasterIndex()
         files: dict[bytes, IndexFile] = {}
         for obj in self.backend.list("index/"):
-            file_id = bytes.fromhex(obj.name.removeprefix("index/"))
+            try:
+                file_id = bytes.fromhex(obj.name.removeprefix("index/"))
+            except ValueError:
+                continue  # not an index file (check warns about it); never fail opening over it
             try:
                 files[file_id] = self.read_index_file(file_id)
             except ObjectNotFoundError:
