@@ -158,6 +158,7 @@ def samples() -> Iterator[Path]:
     shutil.rmtree(d)
 
 
+@pytest.mark.integration
 @settings(max_examples=300, deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     name=st.sampled_from(["v2.qcow2", "v3.qcow2", "comp.qcow2", "ext.qcow2"]),
