@@ -24,6 +24,8 @@ def test_commands_errors_and_events(make_vm: Callable[..., QemuVM]) -> None:
         assert qmp.greeting["version"]["qemu"]["major"] >= 7
         assert qmp.peer_pid() == (vm.proc.pid if vm.proc else None)
         assert qmp.execute("query-status")["status"] == "running"
+        with pytest.raises(HypervisorError, match="one client at a time"):
+            QmpClient(vm.vmvault_sock, timeout=0.3).connect()  # the socket is busy with ``qmp``
         with pytest.raises(QmpError) as info:
             qmp.execute("no-such-command")
         assert info.value.error_class == "CommandNotFound" and info.value.command == "no-such-command"

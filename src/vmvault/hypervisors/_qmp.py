@@ -155,7 +155,16 @@ class QmpClient(_JsonLineSocket):
         with self._lock:
             self._open()
             try:
-                greeting = self._recv(time.monotonic() + self.timeout)
+                try:
+                    greeting = self._recv(time.monotonic() + self.timeout)
+                except HypervisorError as exc:
+                    if not self.connected:
+                        raise
+                    # QEMU serves one client per QMP socket; others wait in the backlog unanswered.
+                    raise HypervisorError(
+                        f"{exc} (a QMP socket serves one client at a time: is libvirt, another backup "
+                        "or another tool connected to it?)"
+                    ) from exc
                 if "QMP" not in greeting:
                     raise HypervisorError(f"{self.path}: not a QMP socket (greeting {str(greeting)[:200]})")
                 self.greeting = greeting["QMP"]

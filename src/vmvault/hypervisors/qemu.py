@@ -53,6 +53,8 @@ CBT_KIND = "qemu-dirty-bitmap"
 BITMAP_PREFIX = "vmvault-"
 _OBJ_PREFIX = "vmvault-"
 _TEMP_PREFIX = "vmvault-qemu-"
+#: the oldest QEMU whose QMP has everything the session uses
+MIN_QEMU = (6, 0)
 
 
 def parse_location(location: str) -> tuple[str, dict[str, str]]:
@@ -233,6 +235,12 @@ class QemuBackupSession(BackupSession):
             machine = str(qmp.execute("qom-get", {"path": "/machine", "property": "type"}))
             machine = machine.removesuffix("-machine")
         qv = version.get("qemu", {})
+        if (qv.get("major", 0), qv.get("minor", 0)) < MIN_QEMU:
+            # block-export-add with a list of bitmaps (and the rest of the sequence) needs 6.0
+            raise HypervisorError(
+                f"{self.source.location}: QEMU {qv.get('major')}.{qv.get('minor')} is too old for live "
+                f"backup; vmvault needs QEMU {MIN_QEMU[0]}.{MIN_QEMU[1]} or newer (tested with 7.2)"
+            )
         self.vm.update(
             {
                 "name": name,
@@ -282,6 +290,9 @@ class QemuBackupSession(BackupSession):
                     bitmaps=_bitmaps_of(nodes, node),
                 )
             )
+        names = [d.device for d in disks]
+        if len(set(names)) != len(names):
+            raise HypervisorError(f"{self.source.location}: two disks share a name in {names}; give each device an id")
         self.vm["disks"] = [
             {
                 "device": d.device,
