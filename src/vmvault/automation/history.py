@@ -112,6 +112,7 @@ class History:
         db = sqlite3.connect(self.path, timeout=30)
         try:
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a crash may lose the last row, never corrupt
             with db:
                 yield db
         finally:

@@ -61,12 +61,16 @@ class SystemClock:
 
 
 class FakeClock:
-    """A clock tests move by hand; ``sleep`` advances it at once (no real waiting)."""
+    """A clock tests move by hand; ``sleep`` advances it at once (no real waiting).
+
+    ``busy`` (when set) says jobs are running: ``sleep`` then first waits, in real time, for
+    them to finish, as if they took no time; so a test of the loop is deterministic."""
 
     def __init__(self, start: dt.datetime) -> None:
         self._now = start
         self._lock = threading.Lock()
         self.sleeps: list[float] = []
+        self.busy: Callable[[], bool] | None = None
 
     def now(self) -> dt.datetime:
         with self._lock:
@@ -79,6 +83,8 @@ class FakeClock:
 
     def sleep(self, seconds: float, wake: threading.Event) -> None:
         self.sleeps.append(seconds)
+        while self.busy is not None and self.busy() and not wake.is_set():
+            wake.wait(0.01)
         if not wake.is_set():
             self.advance(seconds)
 
