@@ -1,6 +1,6 @@
 """Run forget + prune in a child process that SIGKILLs itself before its Nth storage write.
 
-Usage: python -m tests.repo._prune_child REPO_DIR KILL_AT
+Usage: python -m tests.repo._prune_child REPO_DIR KILL_AT [prune|repair]
 ``KILL_AT`` = 0 runs to the end and prints how many writes (put/delete) it made and
 how long forget + prune took.
 The kill point is in the test's backend wrapper, not in the code under test.
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from tests.repo.builders import PASS
 from vmvault.backends.base import Backend, ObjectInfo
 from vmvault.backends.local import LocalBackend
-from vmvault.repo import Repository, RetentionPolicy, forget, prune
+from vmvault.repo import Repository, RetentionPolicy, forget, prune, repair_index
 
 
 class KillingBackend(Backend):
@@ -52,12 +52,16 @@ class KillingBackend(Backend):
 
 def main() -> None:
     root, kill_at = sys.argv[1], int(sys.argv[2])
+    mode = sys.argv[3] if len(sys.argv) > 3 else "prune"
     backend = KillingBackend(LocalBackend(root), kill_at)
     repo = Repository.open(backend, PASS)
     print("start", flush=True)  # the parent times its kill from here
     began = time.monotonic()
-    forget(repo, RetentionPolicy(last=2))
-    prune(repo, max_unused=0.0)
+    if mode == "repair":
+        repair_index(repo, from_scratch=True)
+    else:
+        forget(repo, RetentionPolicy(last=2))
+        prune(repo, max_unused=0.0)
     print(backend.writes, time.monotonic() - began)
 
 

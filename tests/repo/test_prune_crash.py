@@ -53,10 +53,10 @@ def build_template(path: Path) -> dict[str, Content]:
     return contents
 
 
-def run_child(repo_dir: Path, kill_at: int) -> subprocess.CompletedProcess[str]:
+def run_child(repo_dir: Path, kill_at: int, mode: str = "prune") -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "tests.repo._prune_child", str(repo_dir), str(kill_at)],
+        [sys.executable, "-m", "tests.repo._prune_child", str(repo_dir), str(kill_at), mode],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -65,14 +65,14 @@ def run_child(repo_dir: Path, kill_at: int) -> subprocess.CompletedProcess[str]:
     )
 
 
-def assert_consistent(repo_dir: Path, contents: dict[str, Content]) -> None:
+def assert_consistent(repo_dir: Path, contents: dict[str, Content], *, min_snapshots: int = 3) -> None:
     repo = Repository.open(LocalBackend(str(repo_dir)), b"correct horse")
     report = check(repo, read_data=True)
     assert report.ok, report.to_dict()
     # what a crash may leave: orphan packs, superseded index files, the dead process's lock
     assert {w.kind for w in report.warnings} <= {"orphan-pack", "index-file-superseded", "lock-stale"}
     remaining = repo.snapshot_ids()
-    assert len(remaining) >= 3
+    assert len(remaining) >= min_snapshots
     for sid in remaining:
         assert restore_all(repo, repo.load_snapshot(sid)) == contents[sid]
     prune(repo, max_unused=0.0)
@@ -145,3 +145,22 @@ def test_kill_after_random_delays(template: tuple[Path, dict[str, Content]], tmp
         assert_consistent(work, contents)
         shutil.rmtree(work)
     assert killed >= 5, f"only {killed} of 10 runs were cut short"
+
+
+@pytest.mark.slow
+def test_kill_repair_index_at_every_write(template: tuple[Path, dict[str, Content]], tmp_path: Path) -> None:
+    tpl, contents = template
+    full = tmp_path / "full"
+    shutil.copytree(tpl, full)
+    done = run_child(full, 0, "repair")
+    assert done.returncode == 0, done.stderr
+    writes = int(done.stdout.split()[-2])
+    assert writes >= 4  # lock, the new index, old index deletes, unlock
+    assert_consistent(full, contents, min_snapshots=len(contents))
+    for n in range(1, writes + 1):
+        work = tmp_path / f"kill{n}"
+        shutil.copytree(tpl, work)
+        res = run_child(work, n, "repair")
+        assert res.returncode == -signal.SIGKILL, (n, res.returncode, res.stderr)
+        assert_consistent(work, contents, min_snapshots=len(contents))
+        shutil.rmtree(work)
