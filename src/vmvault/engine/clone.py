@@ -8,6 +8,7 @@ add their own step through ``CLONE_HOOKS``.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,6 +24,8 @@ __all__ = ["CLONE_HOOKS", "restore_clone"]
 
 #: source kind -> function(result, snapshot, clone name) that gives the clone its identity
 CLONE_HOOKS: dict[str, Callable[[RestoreResult, Snapshot, str], None]] = {}
+#: connectors whose module registers a hook when imported
+_HOOK_MODULES = {"hyperv-lab": "vmvault.hypervisors.hyperv_lab", "hyperv": "vmvault.hypervisors.hyperv"}
 
 
 def _renamed(name: str, old: str, new: str) -> str:
@@ -59,7 +62,10 @@ def restore_clone(
     )
     folder = os.path.join(target, clone_name)
     result = restore(repo, clone, folder, format=format, flatten=flatten, progress=progress)
-    hook = CLONE_HOOKS.get(str(snap.source.get("kind")))
+    kind = str(snap.source.get("kind"))
+    if kind in _HOOK_MODULES and kind not in CLONE_HOOKS:
+        importlib.import_module(_HOOK_MODULES[kind])
+    hook = CLONE_HOOKS.get(kind)
     if hook is not None:
         hook(result, clone, clone_name)
     return result

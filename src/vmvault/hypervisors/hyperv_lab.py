@@ -175,6 +175,8 @@ class RunningVm:
         self.leaves = dict(vm.current)
         self.rct = {slot: host._rct(vm, slot) for slot in vm.current}
         self.models: dict[str, bytearray] = {}
+        #: recovery checkpoint id -> what each disk held when it was taken
+        self.frozen: dict[str, dict[str, bytes]] = {}
         for slot, path in self.leaves.items():
             with open_image(path) as img:
                 self.models[slot] = bytearray(img.read(0, img.size))
@@ -541,8 +543,11 @@ class LabHost:
     # ---- backup operations (what the WMI snapshot service does for a backup application) ---
 
     def create_recovery_checkpoint(self, name: str, marker: str) -> str:
-        with self._quiesced(name):
-            return self._checkpoint(name, marker, "recovery")
+        with self._quiesced(name) as running:
+            cp_id = self._checkpoint(name, marker, "recovery")
+            if running is not None:  # what the frozen disks hold, for tests to compare with
+                running.frozen[cp_id] = {slot: bytes(m) for slot, m in running.models.items()}
+            return cp_id
 
     def convert_to_reference_point(self, name: str, cp_id: str) -> str:
         """Merge the recovery checkpoint back and keep its reference point; returns its id."""

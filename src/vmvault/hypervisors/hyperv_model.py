@@ -162,16 +162,17 @@ def resolve_pathname(
 ) -> str | None:
     """A configuration's (often Windows) disk path as a file here.
 
-    Tried in order: the path as is; then the file of the same name inside the VM folder
-    (``index``: lower-case basename -> path), which is where an exported or restored VM
-    keeps it.
+    The file of that name inside the VM folder (``index``: lower-case basename -> path) comes
+    first: an exported, restored or cloned VM keeps its disks there while its configuration
+    still names the old location. Then (``renamed=(old, new)``) the name with the VM's old
+    name replaced, then the path as it is.
     """
-    if pathname and os.path.isfile(pathname):
-        return os.path.abspath(pathname)
     base = _basename(pathname)
     found = index.get(base.lower())
     if found is None and renamed is not None and renamed[0]:
         found = index.get(base.replace(renamed[0], renamed[1]).lower())
+    if found is None and pathname and os.path.isfile(pathname):
+        found = os.path.abspath(pathname)
     return found
 
 
