@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,7 +79,7 @@ def has_own_data(path: str) -> bool:
 def pyvhdi_read(chain: list[str]) -> bytes:
     """Read the leaf of ``chain`` (base first) with libvhdi, each parent set explicitly."""
     pyvhdi = pytest.importorskip("pyvhdi", reason="libvhdi-python (PyPI) is the independent VHDX oracle")
-    files = []
+    files: list[Any] = []
     for path in chain:
         f = pyvhdi.file()
         f.open(path)
@@ -133,7 +134,7 @@ def test_live_backup_restores_every_layer(host: LabHost, repo: Repository, tmp_p
     target = tmp_path / "restored" / "web"
     restore(repo, snap, str(target))
     restored = discover(str(target))
-    assert sorted(restored.structure()["disks"].items()) == sorted(before.structure()["disks"].items())  # type: ignore[union-attr]
+    assert sorted(restored.structure()["disks"].items()) == sorted(before.structure()["disks"].items())
     for path, disk in before.disks.items():
         new_path = os.path.join(str(target), disk.rel)
         chain_new = [os.path.join(str(target), before.disks[p].rel) for p in before.chain(path)]

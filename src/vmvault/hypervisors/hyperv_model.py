@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Any
 
 from vmvault.disk import detect_format, open_image
 from vmvault.errors import FormatError, SourceError, VmvaultError
@@ -138,7 +139,7 @@ class HyperVVm:
         """Differencing levels under the current state (0 = no checkpoint)."""
         return max((len(self.chain(p)) - 1 for p in self.current.values()), default=0)
 
-    def structure(self) -> dict[str, object]:
+    def structure(self) -> dict[str, Any]:
         """A comparable description: files, disk parents, checkpoints (for tests and audits)."""
         return {
             "disks": {
