@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from vmvault.disk.base import ExtentKind
+from vmvault.errors import HypervisorError
 from vmvault.hypervisors._qmp import QmpClient
 from vmvault.hypervisors.base import BackupSession, PreviousBackup, SourceDisk
 
@@ -117,7 +118,7 @@ class QemuVM:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"QEMU did not start: {(self.workdir / 'qemu.log').read_text()[-2000:]}")
             time.sleep(0.01)
-        self.qmp = QmpClient(self.test_sock).connect()
+        self.qmp = connect_when_listening(self.test_sock, self.proc)
         self.qmp.execute("cont")
         return self
 
@@ -207,6 +208,18 @@ class QemuVM:
             ).stdout
         )
         return [b["name"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])]
+
+
+def connect_when_listening(sock: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> QmpClient:
+    """A QMP client for ``sock`` once QEMU listens on it (the file appears just before listen())."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return QmpClient(sock).connect()
+        except HypervisorError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def qemu_available() -> bool:

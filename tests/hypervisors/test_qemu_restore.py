@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.hypervisors.qemu_vm import DiskSpec, MiB, QemuVM, make_vm, read_disk
-from vmvault.errors import ConfigError
+from tests.hypervisors.qemu_vm import DiskSpec, MiB, QemuVM, connect_when_listening, make_vm, read_disk
+from vmvault.errors import ConfigError, HypervisorError
 from vmvault.hypervisors._qmp import QmpClient
 from vmvault.hypervisors.qemu import QemuSource
 from vmvault.hypervisors.qemu_restore import write_restore_files
@@ -39,12 +38,10 @@ def start_script(script: str, sock: str, procs: list[subprocess.Popen[bytes]], *
     proc = subprocess.Popen([script, *extra], stdout=log, stderr=subprocess.STDOUT)
     log.close()
     procs.append(proc)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(sock):
-        assert proc.poll() is None, Path(os.path.dirname(script), "qemu.log").read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return QmpClient(sock).connect()
+    try:
+        return connect_when_listening(sock, proc)
+    except HypervisorError:
+        raise AssertionError(Path(os.path.dirname(script), "qemu.log").read_text()) from None
 
 
 def test_restored_clone_runs_beside_the_original(
