@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from tests.repo.builders import PASS
 from vmvault.backends.local import LocalBackend
 from vmvault.engine.backup import backup
@@ -73,3 +75,25 @@ def test_forget_prune_check_on_engine_backups(tmp_path: Path) -> None:
     assert [(a.snapshot, a.name, a.ranges) for a in p.affects] == [(newest.id, "disk.raw", [[k * CS, (k + 1) * CS]])]
     assert result.damaged_snapshots == [newest.id]
     assert len(result.intact_snapshots) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine.backup deduplicates against the index loaded when the Repository was opened; it must "
+    "call repo.load_index() after taking its shared lock, or a prune that ran in between makes it "
+    "reference deleted blobs (docs/design/repository-format.md, section 7, backup rule 4)",
+)
+def test_backup_with_an_index_loaded_before_a_prune(tmp_path: Path) -> None:
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "disk.raw").write_bytes(random.Random(9).randbytes(256 * 1024))
+    backend = LocalBackend(str(tmp_path / "repo"))
+    repo = Repository.init(backend, PASS, chunk_size=CS)
+    first = backup(repo, FilesSource(str(vm))).snapshot
+    long_lived = Repository.open(backend, PASS)  # e.g. a daemon's handle, opened hours earlier
+    other = Repository.open(backend, PASS)  # another host forgets everything and prunes
+    other.delete_snapshot(first.id)
+    prune(other)
+    assert list(backend.list("data/")) == []
+    backup(long_lived, FilesSource(str(vm)))  # the same data again
+    assert check(Repository.open(backend, PASS)).ok
