@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import email
+import email.message
+import email.policy
+import http.server
+import json
+import socket
 import textwrap
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,3 +56,74 @@ class RecordingNotifier(Notifier):
 
     def send(self, summary: Summary) -> None:
         self.sent.append(summary)
+
+
+# ---- real servers on loopback ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class MailSink:
+    """aiosmtpd handler keeping every message it receives."""
+
+    def __init__(self) -> None:
+        self.messages: list[email.message.Message] = []
+        self.envelopes: list[tuple[str, list[str]]] = []
+        self.received = threading.Event()
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        self.received.set()
+        return "250 Message accepted for delivery"
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[int, MailSink]]:
+    """A real SMTP server (aiosmtpd) on 127.0.0.1, stopped after the test."""
+    from aiosmtpd.controller import Controller
+
+    sink = MailSink()
+    port = free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield port, sink
+    finally:
+        controller.stop()
+
+
+class WebhookSink:
+    def __init__(self) -> None:
+        self.posts: list[tuple[dict[str, str], Any]] = []
+        self.status = 204
+
+
+@pytest.fixture
+def webhook_server() -> Iterator[tuple[str, WebhookSink]]:
+    """A real HTTP server (http.server in a thread) recording JSON POSTs."""
+    sink = WebhookSink()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            sink.posts.append((dict(self.headers.items()), json.loads(body)))
+            self.send_response(sink.status)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", sink
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

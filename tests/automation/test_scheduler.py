@@ -226,7 +226,7 @@ def test_stop_waits_for_the_running_job(tmp_path: Path) -> None:
         finished.append(job.name)
         return JobOutcome(SUCCESS)
 
-    sched, clock, _rec = make(tmp_path, verify_job("j", "4 10 * * *"), execute)
+    sched, _clock, _rec = make(tmp_path, verify_job("j", "4 10 * * *"), execute)
     loop = threading.Thread(target=sched.run)
     loop.start()
     assert entered.wait(10)

@@ -352,9 +352,12 @@ class Scheduler:
 
     def check_alerts(self, now: dt.datetime) -> None:
         """Notify each alert once when it starts; clear alerts that no longer hold."""
-        alerts = {a.job: a for a in max_age_alerts(self.config, self.history, now)}
+        with self._lock:
+            # a job running or about to run settles its alert itself when it ends
+            busy = set(self.running) | {a.job.name for a in self.queue if a.due <= now}
+        alerts = {a.job: a for a in max_age_alerts(self.config, self.history, now) if a.job not in busy}
         for job in self.config.jobs.values():
-            if job.name not in alerts:
+            if job.name not in alerts and job.name not in busy:
                 self.history.close_alert(job.name)
         for name, alert in alerts.items():
             if self.history.open_alert(name, now, alert.message):
