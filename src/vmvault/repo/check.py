@@ -413,12 +413,14 @@ class _Checker:
         needed_data.discard(ZERO_ID)
         needed_data.discard(PARENT_ID)
         missing = sorted(b for b in needed_data if b not in self.repo.index and b not in self.covered)
+        orphans = len(set(self.stored) - set(self.packs))
+        hint = f"; {orphans} packs are in no index, `repair_index` may find it there" if orphans else ""
         for blob_id in missing:
             self.add(
                 ERROR,
                 "blob-missing",
                 f"blob {blob_id.hex()}",
-                f"chunk {blob_id.hex()} is in no index",
+                f"chunk {blob_id.hex()} is in no index{hint}",
                 object_id=blob_id.hex(),
                 blobs={blob_id},
             )
