@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -313,3 +314,35 @@ def test_thaw_after_failed_transaction(agent_vm: tuple[QemuVM, Path], monkeypatc
         assert [c for c, _ in agent.log if c != "guest-sync"] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
     finally:
         agent.close()
+
+
+@pytest.fixture
+def tiny_scratch(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs as scratch folder (needs root to mount; skipped otherwise)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_scratch_folder_too_small(make_vm: Callable[..., QemuVM], tiny_scratch: Path) -> None:
+    vm = make_vm([DiskSpec("vda", "qcow2", 32 * MiB)])
+    baseline = vm.node_names()
+    vm.write("vda", 0, 8 * MiB, 0x11)
+    with QemuSource(f"{vm.location}?scratch={tiny_scratch}").open_session(None) as s:
+        assert any("guest writes fail once it is full" in w for w in s.warnings)
+        at_start = vm.snapshot_model()
+        # QEMU 7.2 cannot copy 8 MiB out into 3 MiB: it fails the guest's write (documented)
+        vm.q(
+            "human-monitor-command",
+            **{"command-line": 'qemu-io -d /machine/peripheral/vda/virtio-backend "write -P 0x22 0 8M"'},
+        )
+        assert "write failed: No space left on device" in (vm.workdir / "qemu.log").read_text()
+        assert read_disk(s.disks[0]) == at_start["vda"]  # the frozen view is still right
+    assert_nothing_left(vm, baseline, tiny_scratch)
+    vm.verify_model()  # the failed guest write changed nothing

@@ -219,11 +219,29 @@ class QemuBackupSession(BackupSession):
             raise HypervisorError(f"{src.location}: the VM has no disk with a medium to back up")
         self._plan(disks, previous)
         self.tempdir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=src.scratch_dir)
+        self._check_scratch_space(disks)
         for plan in self._plans:
             self._add_fleece_node(plan)
         self._freeze(self._freeze_actions())
         self._start_exports()
         self._open_disks()
+
+    def _check_scratch_space(self, disks: list[_Disk]) -> None:
+        """Warn when the scratch folder could fill up during the backup.
+
+        The overlays receive the old contents of every block the guest overwrites while the
+        session is open, at worst the whole disks. QEMU's backup job (7.2) fails the *guest's*
+        write when it cannot copy a block out (ENOSPC), so a full scratch folder hurts the VM.
+        """
+        assert self.tempdir is not None
+        free = shutil.disk_usage(self.tempdir).free
+        worst = sum(d.size for d in disks)
+        if free < worst:
+            self._warn(
+                f"the scratch folder {os.path.dirname(self.tempdir)} has {free >> 20} MiB free, less than the "
+                f"{worst >> 20} MiB the disks could need if the guest rewrites them during the backup; "
+                "guest writes fail once it is full (choose another with ?scratch=/dir)"
+            )
 
     def _discover(self) -> list[_Disk]:
         qmp = self.qmp
