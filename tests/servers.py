@@ -28,12 +28,14 @@ from pathlib import Path
 import pytest
 
 __all__ = [
+    "FaultyHttpProxy",
     "S3Server",
     "SshServer",
     "free_port",
     "process_tree",
     "running_s3",
     "running_sshd",
+    "s3_client_environment",
     "s3_server",
     "sshd_server",
 ]
@@ -214,10 +216,42 @@ class SshServer:
         self.kill()
 
 
-class S3Server:
-    """moto's S3 server in its own process on 127.0.0.1 (state lives in memory only)."""
+_MOTO_LAUNCHER = """
+import sys
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.s3.models import s3_backends
+from moto.server import main
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+host, port, buckets = sys.argv[1], sys.argv[2], sys.argv[3]
+backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+for spec in filter(None, buckets.split(",")):
+    name, _, flag = spec.partition(":")
+    bucket = backend.create_bucket(name, "us-east-1")
+    if flag == "locked":
+        bucket.object_lock_enabled = True
+        bucket.versioning_status = "Enabled"
+main(["-H", host, "-p", port])
+"""
+
+
+class S3Server:
+    """moto's S3 server in its own process on 127.0.0.1 (state lives in memory only).
+
+    moto forgets everything when killed; the ``buckets`` given here are created again inside
+    the server process *before* it listens, so that after a restart it looks like a real
+    server that kept its buckets (objects and unfinished uploads are still lost, which a
+    client must survive anyway). A bucket spec ``NAME:locked`` has Object Lock enabled.
+    ``extra_env`` is passed to the server (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT=0`` to make it
+    check credentials).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        buckets: tuple[str, ...] = (),
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         try:
             import flask  # noqa: F401
             import moto.server  # noqa: F401
@@ -228,6 +262,8 @@ class S3Server:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self.log = workdir / "moto.log"
+        self.buckets = buckets
+        self.extra_env = extra_env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -267,10 +303,10 @@ class S3Server:
             return int(resp.status) == 200
 
     def start(self) -> None:
-        env = {**os.environ, **self.client_env()}
+        env = {**os.environ, **self.client_env(), **self.extra_env}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+                [sys.executable, "-c", _MOTO_LAUNCHER, self.host, str(self.port), ",".join(self.buckets)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -298,6 +334,119 @@ class S3Server:
         self.kill()
 
 
+class FaultyHttpProxy:
+    """An HTTP/1.1 proxy in front of a server (moto) that can answer the next requests with an
+    S3 error (503 SlowDown, 500 InternalError ...) instead of forwarding them: the server-side
+    throttling and failures that a real store produces and moto does not."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+        import http.client
+        import http.server
+        import threading
+
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.host = "127.0.0.1"
+        self.failed = 0
+        self.forwarded = 0
+        self._failures_left = 0
+        self._status = 503
+        self._code = "SlowDown"
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            def _handle(self) -> None:
+                body = self._body()
+                failure = proxy._take_failure()
+                if failure is not None:
+                    status, code = failure
+                    answer = (
+                        '<?xml version="1.0" encoding="UTF-8"?>'
+                        f"<Error><Code>{code}</Code><Message>injected by the test proxy</Message>"
+                        "<RequestId>test</RequestId></Error>"
+                    ).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(answer)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                headers["Content-Length"] = str(len(body))
+                upstream = http.client.HTTPConnection(*proxy.target, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream.getresponse()
+                    data = response.read()
+                finally:
+                    upstream.close()
+                with proxy._lock:
+                    proxy.forwarded += 1
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                        self.send_header(key, value)
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self._server = http.server.ThreadingHTTPServer((self.host, self.port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def url(self, bucket: str, prefix: str = "") -> str:
+        return f"s3://{self.host}:{self.port}/{bucket}/{prefix}".rstrip("/")
+
+    def fail_next(self, count: int, status: int = 503, code: str = "SlowDown") -> None:
+        with self._lock:
+            self._failures_left, self._status, self._code = count, status, code
+
+    def _take_failure(self) -> tuple[int, str] | None:
+        with self._lock:
+            if self._failures_left <= 0:
+                return None
+            self._failures_left -= 1
+            self.failed += 1
+            return self._status, self._code
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
 @contextlib.contextmanager
 def running_sshd(workdir: Path, sftp_options: str = "") -> Iterator[SshServer]:
     server = SshServer(workdir, sftp_options=sftp_options)
@@ -309,8 +458,10 @@ def running_sshd(workdir: Path, sftp_options: str = "") -> Iterator[SshServer]:
 
 
 @contextlib.contextmanager
-def running_s3(workdir: Path) -> Iterator[S3Server]:
-    server = S3Server(workdir)
+def running_s3(
+    workdir: Path, buckets: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+) -> Iterator[S3Server]:
+    server = S3Server(workdir, buckets=buckets, extra_env=extra_env)
     server.start()
     try:
         yield server

@@ -50,7 +50,7 @@ from vmvault.errors import (
     StorageFullError,
 )
 
-__all__ = ["S3Backend", "open_s3"]
+__all__ = ["S3Backend", "open_s3", "parse_s3_location"]
 
 T = TypeVar("T")
 
@@ -125,6 +125,7 @@ class S3Backend(Backend):
         multipart_threshold: int = DEFAULT_MULTIPART_THRESHOLD,
         part_size: int = DEFAULT_PART_SIZE,
         connections: int = 16,
+        list_page_size: int = 1000,
         retry: RetryPolicy | None = None,
         botocore_attempts: int = 5,
         timeout: float = 60.0,
@@ -144,13 +145,14 @@ class S3Backend(Backend):
         self.retention_days = retention_days
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
+        self.list_page_size = list_page_size
         self.retry = retry or RetryPolicy()
         where = endpoint_url.split("://", 1)[-1] + "/" if endpoint_url else ""
         self.url = f"s3://{where}{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         session = session or boto3.session.Session()
         config = Config(
             # botocore's own backoff for throttling (SlowDown, 503) and 5xx answers
-            retries={"mode": "standard", "max_attempts": botocore_attempts},
+            retries={"mode": "standard", "total_max_attempts": botocore_attempts},
             # one pooled HTTP connection per concurrent request: uploads + a few reads
             max_pool_connections=connections,
             connect_timeout=timeout,
@@ -175,10 +177,14 @@ class S3Backend(Backend):
                 return op()
             except botocore.exceptions.ClientError as exc:
                 raise self._translate(exc, describe, name) from exc
-            except botocore.exceptions.NoCredentialsError as exc:
+            except (
+                botocore.exceptions.NoCredentialsError,
+                botocore.exceptions.PartialCredentialsError,
+                botocore.exceptions.CredentialRetrievalError,
+            ) as exc:
                 raise BackendPermissionError(
-                    f"{self.url}: no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                    f"AWS_PROFILE, or an instance role)",
+                    f"{self.url}: no usable S3 credentials ({exc}); set AWS_ACCESS_KEY_ID and "
+                    f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or give the host an instance role",
                     name=name,
                 ) from exc
             except Exception as exc:
@@ -277,8 +283,11 @@ class S3Backend(Backend):
     def _put_multipart(self, name: str, key: str, data: bytes) -> None:
         view = memoryview(data)
         part_size = self._part_size_for(len(data))
-        # A server that restarts forgets unfinished uploads (NoSuchUpload); start again then.
-        for _restart in range(3):
+        # A server that restarts may forget unfinished uploads: it answers NoSuchUpload (AWS)
+        # or an internal error (others). After a connection failure or such an answer the
+        # upload is started again from the first part, a bounded number of times.
+        last: BackendError | None = None
+        for _round in range(3):
             created = self._call(
                 f"start the upload of {name}",
                 name,
@@ -289,16 +298,18 @@ class S3Backend(Backend):
                 self._upload_parts(name, key, upload_id, view, part_size)
                 return
             except BackendError as exc:
-                if isinstance(exc.__cause__, botocore.exceptions.ClientError) and (
-                    _code(exc.__cause__) == "NoSuchUpload"
-                ):
-                    continue
                 self._abort(key, upload_id)
-                raise
+                lost = isinstance(exc.__cause__, botocore.exceptions.ClientError) and (
+                    _code(exc.__cause__) == "NoSuchUpload"
+                )
+                if not (lost or isinstance(exc, BackendConnectionError)):
+                    raise
+                last = exc
             except BaseException:
                 self._abort(key, upload_id)
                 raise
-        raise BackendConnectionError(f"{self.url}: the server lost the upload of {name} three times", name=name)
+        assert last is not None
+        raise last
 
     def _upload_parts(self, name: str, key: str, upload_id: str, view: memoryview, part_size: int) -> None:
         parts = []
@@ -312,11 +323,36 @@ class S3Backend(Backend):
 
             answer = self._call(f"upload part {number} of {name}", name, send)
             parts.append({"PartNumber": number, "ETag": answer["ETag"]})
-        self._call(
+        done = self._call(
             f"complete the upload of {name}",
             name,
             lambda: self._client.complete_multipart_upload(
                 Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            ),
+        )
+        if self.retention_days is not None:
+            self._ensure_retention(name, key, done.get("VersionId"))
+
+    def _ensure_retention(self, name: str, key: str, version: str | None) -> None:
+        """Some S3-compatible servers ignore the lock headers of CreateMultipartUpload; check the
+        finished object and set its retention explicitly (PutObjectRetention) when missing."""
+        version_args = {"VersionId": version} if version else {}
+        head = self._call(
+            f"check the retention of {name}",
+            name,
+            lambda: self._client.head_object(Bucket=self.bucket, Key=key, **version_args),
+        )
+        if head.get("ObjectLockMode") == "COMPLIANCE":
+            return
+        lock = self._lock_args()
+        self._call(
+            f"set the retention of {name}",
+            name,
+            lambda: self._client.put_object_retention(
+                Bucket=self.bucket,
+                Key=key,
+                Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]},
+                **version_args,
             ),
         )
 
@@ -369,7 +405,10 @@ class S3Backend(Backend):
         def op() -> list[ObjectInfo]:
             found = []
             paginator = self._client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            pages = paginator.paginate(
+                Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": self.list_page_size}
+            )
+            for page in pages:
                 for item in page.get("Contents", []):
                     found.append(ObjectInfo(item["Key"][strip:], int(item["Size"])))
             return sorted(found, key=lambda o: o.name)
@@ -394,11 +433,9 @@ def _int_option(query: dict[str, list[str]], key: str, url: str) -> int | None:
         raise ConfigError(f"{key} must be a whole number in {url!r}") from exc
 
 
-def open_s3(url: str, **options: Any) -> S3Backend:
-    """Open ``s3://[host:port/]bucket/prefix[?immutable-days=N&multipart-threshold=B&part-size=B]``.
-
-    ``options`` go to :class:`S3Backend` and override what the URL and environment say.
-    """
+def parse_s3_location(url: str) -> tuple[str, str, dict[str, Any]]:
+    """``(bucket, prefix, settings)`` for an s3:// location and the environment, without
+    contacting anything; ``settings`` are keyword arguments for :class:`S3Backend`."""
     parts = urlsplit(url)
     if parts.scheme != "s3" or not parts.netloc:
         raise ConfigError(f"not an S3 location: {url!r} (expected s3://[host:port/]bucket/prefix)")
@@ -434,5 +471,14 @@ def open_s3(url: str, **options: Any) -> S3Backend:
         value = _int_option(query, key, url)
         if value is not None:
             settings[arg] = value
+    return bucket, "/".join(rest), settings
+
+
+def open_s3(url: str, **options: Any) -> S3Backend:
+    """Open ``s3://[host:port/]bucket/prefix[?immutable-days=N&multipart-threshold=B&part-size=B]``.
+
+    ``options`` go to :class:`S3Backend` and override what the URL and environment say.
+    """
+    bucket, prefix, settings = parse_s3_location(url)
     settings.update(options)
-    return S3Backend(bucket, "/".join(rest), **settings)
+    return S3Backend(bucket, prefix, **settings)

@@ -1,0 +1,341 @@
+"""S3 backend against moto's S3 server on loopback: locations, multipart, pagination, Object
+Lock, credentials, throttling and a server killed mid-upload."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import FaultyHttpProxy, S3Server, free_port, running_s3
+from vmvault.backends import open_backend
+from vmvault.backends._retry import RetryPolicy
+from vmvault.backends.s3 import DEFAULT_MULTIPART_THRESHOLD, S3Backend, open_s3, parse_s3_location
+from vmvault.errors import (
+    BackendConnectionError,
+    BackendError,
+    BackendPermissionError,
+    ConfigError,
+    ObjectNotFoundError,
+)
+
+MiB = 1 << 20
+QUICK = RetryPolicy(attempts=3, initial_delay=0.05, max_delay=0.2)
+SMALL_PARTS: dict[str, Any] = {"multipart_threshold": 8 * MiB, "part_size": 5 * MiB}
+
+
+# --- locations (no server) -----------------------------------------------------------------
+
+
+def test_location_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VMVAULT_S3_ENDPOINT", raising=False)
+    monkeypatch.delenv("VMVAULT_S3_INSECURE", raising=False)
+    assert parse_s3_location("s3://my.bucket/vm/backups") == ("my.bucket", "vm/backups", {"endpoint_url": None})
+    assert parse_s3_location("s3://bucket") == ("bucket", "", {"endpoint_url": None})
+    assert parse_s3_location("s3://127.0.0.1:9000/b/p") == ("b", "p", {"endpoint_url": "http://127.0.0.1:9000"})
+    assert parse_s3_location("s3://localhost:9000/b")[2] == {"endpoint_url": "http://localhost:9000"}
+    assert parse_s3_location("s3://minio.lan:9000/b/a/b/c") == (
+        "b",
+        "a/b/c",
+        {"endpoint_url": "https://minio.lan:9000"},
+    )
+    _bucket, _prefix, settings = parse_s3_location(
+        "s3://10.0.0.5:9000/b/p?immutable-days=30&multipart-threshold=33554432&part-size=8388608&connections=4"
+    )
+    assert settings == {
+        "endpoint_url": "https://10.0.0.5:9000",
+        "retention_days": 30,
+        "multipart_threshold": 32 * MiB,
+        "part_size": 8 * MiB,
+        "connections": 4,
+    }
+    monkeypatch.setenv("VMVAULT_S3_INSECURE", "1")
+    assert parse_s3_location("s3://minio.lan:9000/b")[2]["endpoint_url"] == "http://minio.lan:9000"
+    monkeypatch.setenv("VMVAULT_S3_ENDPOINT", "https://s3.eu-central-003.backblazeb2.com")
+    assert parse_s3_location("s3://bucket/p") == (
+        "bucket",
+        "p",
+        {"endpoint_url": "https://s3.eu-central-003.backblazeb2.com"},
+    )
+    for bad, why in [
+        ("s3://key:secret@bucket/p", "credentials do not belong"),
+        ("s3://127.0.0.1:9000", "no bucket"),
+        ("s3://bucket/p?colour=blue", "unknown S3 option"),
+        ("s3://bucket/p?immutable-days=soon", "whole number"),
+        ("s3:///p", "not an S3 location"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            parse_s3_location(bad)
+
+
+def test_bad_settings_are_refused_before_connecting() -> None:
+    with pytest.raises(ConfigError, match="minimum"):
+        S3Backend("b", part_size=MiB, endpoint_url="http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="at least 1"):
+        S3Backend("b", retention_days=0, endpoint_url="http://127.0.0.1:1")
+
+
+def test_default_multipart_threshold() -> None:
+    assert 64 * MiB == DEFAULT_MULTIPART_THRESHOLD
+
+
+# --- against the server ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_buckets(s3_server: S3Server) -> S3Server:
+    client: Any = s3_server.client()
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if "plain-bucket" not in existing:
+        client.create_bucket(Bucket="plain-bucket")
+    if "locked-bucket" not in existing:
+        client.create_bucket(Bucket="locked-bucket", ObjectLockEnabledForBucket=True)
+    return s3_server
+
+
+@pytest.mark.integration
+def test_missing_bucket_is_a_clear_error_at_open(s3_buckets: S3Server) -> None:
+    with pytest.raises(BackendError, match=r"bucket no-such-bucket does not exist .*aws s3 mb s3://no-such-bucket"):
+        open_s3(s3_buckets.url("no-such-bucket", "p"))
+
+
+@pytest.mark.integration
+def test_no_server_is_a_connection_error_at_open(s3_buckets: S3Server) -> None:
+    started = time.monotonic()
+    with pytest.raises(BackendConnectionError, match=r"gave up on .*open the bucket"):
+        open_s3(f"s3://127.0.0.1:{free_port()}/b/p", retry=QUICK, botocore_attempts=2)
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.integration
+def test_open_backend_dispatches_to_s3(s3_buckets: S3Server) -> None:
+    with open_backend(s3_buckets.url("plain-bucket", "dispatch")) as b:
+        assert isinstance(b, S3Backend)
+        b.put("config", b"c")
+        assert b.get("config") == b"c"
+
+
+@pytest.mark.integration
+def test_multipart_above_threshold_only(s3_buckets: S3Server) -> None:
+    client: Any = s3_buckets.client()
+    with open_s3(s3_buckets.url("plain-bucket", "multipart"), multipart_threshold=16 * MiB, part_size=5 * MiB) as b:
+        at_threshold = os.urandom(16 * MiB)
+        above = os.urandom(16 * MiB + 1)
+        b.put("data/at", at_threshold)
+        b.put("data/above", above)
+        assert b.get("data/at") == at_threshold
+        assert b.get("data/above") == above
+    # S3 marks a multipart object's ETag with "-<number of parts>"
+    assert "-" not in client.head_object(Bucket="plain-bucket", Key="multipart/data/at")["ETag"]
+    assert client.head_object(Bucket="plain-bucket", Key="multipart/data/above")["ETag"].endswith('-4"')
+    assert client.list_multipart_uploads(Bucket="plain-bucket", Prefix="multipart/").get("Uploads", []) == []
+
+
+@pytest.mark.integration
+def test_list_paginates(s3_buckets: S3Server) -> None:
+    # pages of 50 keys (MaxKeys); S3 and moto default to 1000
+    with open_s3(s3_buckets.url("plain-bucket", "pages"), list_page_size=50) as b:
+        names = [f"data/{i % 16:02x}/{i:05d}" for i in range(234)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: b.put(n, n.encode()), names))
+        listed = list(b.list("data/"))
+        assert [o.name for o in listed] == sorted(names)
+        assert all(o.size == len(o.name) for o in listed)
+
+
+@pytest.mark.integration
+def test_object_lock_sets_compliance_retention(s3_buckets: S3Server) -> None:
+    client: Any = s3_buckets.client()
+    with open_s3(s3_buckets.url("locked-bucket", "locked?immutable-days=7"), **SMALL_PARTS) as b:
+        assert b.enforces_immutability
+        b.put("data/small", b"keep me")
+        b.put("data/big", os.urandom(11 * MiB))  # multipart
+        now = datetime.datetime.now(datetime.UTC)
+        for key in ("locked/data/small", "locked/data/big"):
+            head = client.head_object(Bucket="locked-bucket", Key=key)
+            assert head["ObjectLockMode"] == "COMPLIANCE", key
+            until = head["ObjectLockRetainUntilDate"]
+            assert datetime.timedelta(days=6, hours=23) < until - now <= datetime.timedelta(days=7), key
+        version = client.head_object(Bucket="locked-bucket", Key="locked/data/small")["VersionId"]
+        # the storage itself refuses to remove the locked version ...
+        with pytest.raises(client.exceptions.ClientError, match="AccessDenied"):
+            client.delete_object(Bucket="locked-bucket", Key="locked/data/small", VersionId=version)
+        # ... and the backend's delete only hides it behind a delete marker
+        b.delete("data/small")
+        assert not b.exists("data/small")
+        kept = client.get_object(Bucket="locked-bucket", Key="locked/data/small", VersionId=version)
+        assert kept["Body"].read() == b"keep me"
+
+
+@pytest.mark.integration
+def test_object_lock_needs_a_locking_bucket(s3_buckets: S3Server) -> None:
+    with pytest.raises(ConfigError, match="Object Lock"):
+        open_s3(s3_buckets.url("plain-bucket", "x?immutable-days=7"))
+    with open_s3(s3_buckets.url("plain-bucket", "x")) as b:
+        assert not b.enforces_immutability
+
+
+@pytest.mark.integration
+def test_missing_credentials_give_permission_error(
+    s3_buckets: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(BackendPermissionError, match="no usable S3 credentials"):
+        open_s3(s3_buckets.url("plain-bucket", "p"), retry=QUICK)
+
+
+@pytest.mark.integration
+def test_wrong_credentials_give_permission_error(tmp_path: Path) -> None:
+    # a server that checks credentials: every request must be signed by a known IAM key
+    with running_s3(tmp_path / "moto", buckets=("auth-bucket",), extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as s:
+        started = time.monotonic()
+        with pytest.raises(BackendPermissionError) as info:
+            open_s3(s.url("auth-bucket", "p"), retry=QUICK)
+        assert time.monotonic() - started < 10, "refused credentials must not be retried"
+        assert "check the credentials" in str(info.value)
+        assert "testing" not in str(info.value)
+
+
+# --- server-side failures through a fault-injecting proxy ---------------------------------------
+
+
+@pytest.fixture
+def proxy(s3_buckets: S3Server) -> Iterator[FaultyHttpProxy]:
+    p = FaultyHttpProxy(s3_buckets.port)
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.mark.integration
+def test_throttling_is_retried(proxy: FaultyHttpProxy) -> None:
+    with open_s3(proxy.url("plain-bucket", "throttled")) as b:
+        proxy.fail_next(3, 503, "SlowDown")
+        b.put("data/x", b"after three refusals")
+        assert proxy.failed == 3
+        proxy.fail_next(2, 500, "InternalError")
+        assert b.get("data/x") == b"after three refusals"
+        assert proxy.failed == 5
+
+
+@pytest.mark.integration
+def test_persistent_server_errors_give_up_cleanly(proxy: FaultyHttpProxy) -> None:
+    with open_s3(proxy.url("plain-bucket", "broken"), botocore_attempts=4, retry=QUICK) as b:
+        proxy.fail_next(1000, 500, "InternalError")
+        started = time.monotonic()
+        with pytest.raises(BackendConnectionError, match=r"kept failing to write data/x .*InternalError"):
+            b.put("data/x", b"never")
+        assert time.monotonic() - started < 30
+        assert proxy.failed == 4, "botocore's standard mode makes exactly total_max_attempts tries"
+        proxy.fail_next(0)
+        with pytest.raises(ObjectNotFoundError):
+            b.get("data/x")
+
+
+# --- the server killed mid-upload ------------------------------------------------------------
+
+
+@pytest.fixture
+def own_s3(tmp_path: Path, s3_server: S3Server) -> Iterator[S3Server]:
+    """A server this test alone may kill; it keeps (re-creates) its bucket across restarts."""
+    with running_s3(tmp_path / "moto", buckets=("fault-bucket",)) as server:
+        yield server
+
+
+def _wait_for_parts(server: S3Server, writer: threading.Thread) -> None:
+    client: Any = server.client()
+    deadline = time.monotonic() + 60
+    while True:
+        uploads = client.list_multipart_uploads(Bucket="fault-bucket").get("Uploads", [])
+        if any(
+            client.list_parts(Bucket="fault-bucket", Key=u["Key"], UploadId=u["UploadId"]).get("Parts") for u in uploads
+        ):
+            return
+        assert writer.is_alive() and time.monotonic() < deadline, "never caught the multipart upload in flight"
+        time.sleep(0.01)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_server_killed_mid_multipart_then_back(own_s3: S3Server, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="vmvault.backends._retry")
+    data = os.urandom(60 * MiB)
+    patient = RetryPolicy(attempts=10, initial_delay=0.3, max_delay=1.5)
+    with open_s3(own_s3.url("fault-bucket", "repo"), retry=patient, botocore_attempts=2, **SMALL_PARTS) as b:
+        errors: list[BaseException] = []
+        partial: list[int] = []
+
+        def upload() -> None:
+            try:
+                b.put("data/big", data)
+            except BaseException as exc:
+                errors.append(exc)
+
+        writer = threading.Thread(target=upload)
+        writer.start()
+        _wait_for_parts(own_s3, writer)
+        client: Any = own_s3.client()
+        with pytest.raises(client.exceptions.ClientError):
+            client.head_object(Bucket="fault-bucket", Key="repo/data/big")
+        own_s3.kill()
+        time.sleep(0.5)
+        own_s3.start()
+        # from the restart on, the name shows nothing or the whole object, never a part
+        while writer.is_alive():
+            try:
+                size = client.head_object(Bucket="fault-bucket", Key="repo/data/big")["ContentLength"]
+                if size != len(data):
+                    partial.append(size)
+            except client.exceptions.ClientError:
+                pass
+            time.sleep(0.01)
+        writer.join()
+        assert not errors, errors
+        assert not partial, partial
+        assert b.get("data/big") == data
+        assert [o.name for o in b.list()] == ["data/big"]
+        assert client.list_multipart_uploads(Bucket="fault-bucket").get("Uploads", []) == []
+    assert any("retrying" in r.getMessage() for r in caplog.records), "the kill caused no retry"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_server_gone_mid_multipart_gives_connection_error(own_s3: S3Server) -> None:
+    data = os.urandom(60 * MiB)
+    policy = RetryPolicy(attempts=3, initial_delay=0.1, max_delay=0.3)
+    with open_s3(own_s3.url("fault-bucket", "repo"), retry=policy, botocore_attempts=2, **SMALL_PARTS) as b:
+        errors: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                b.put("data/big", data)
+            except BaseException as exc:
+                errors.append(exc)
+
+        writer = threading.Thread(target=upload)
+        writer.start()
+        _wait_for_parts(own_s3, writer)
+        own_s3.kill()
+        started = time.monotonic()
+        writer.join(timeout=90)
+        assert not writer.is_alive()
+        assert time.monotonic() - started < 30, "retries must be bounded"
+        assert len(errors) == 1 and isinstance(errors[0], BackendConnectionError), errors
+        assert "gave up on" in str(errors[0]) and "data/big" in str(errors[0])
+        with pytest.raises(BackendConnectionError):
+            b.exists("data/big")
