@@ -5,8 +5,6 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import pytest
-
 from tests.repo.builders import PASS
 from vmvault.backends.local import LocalBackend
 from vmvault.engine.backup import backup
@@ -77,13 +75,8 @@ def test_forget_prune_check_on_engine_backups(tmp_path: Path) -> None:
     assert len(result.intact_snapshots) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine.backup deduplicates against the index loaded when the Repository was opened; it must "
-    "call repo.load_index() after taking its shared lock, or a prune that ran in between makes it "
-    "reference deleted blobs (docs/design/repository-format.md, section 7, backup rule 4)",
-)
 def test_backup_with_an_index_loaded_before_a_prune(tmp_path: Path) -> None:
+    """A backup reloads the index under its shared lock (repository-format.md, section 7, backup rule 4)."""
     vm = tmp_path / "vm"
     vm.mkdir()
     (vm / "disk.raw").write_bytes(random.Random(9).randbytes(256 * 1024))

@@ -362,6 +362,9 @@ def backup(
     workers = workers or max(2, os.cpu_count() or 2)
     started = time.monotonic()
     with repo.lock(exclusive=False, operation="backup"):
+        # dedup only against what exists now: a prune may have run since the index was loaded,
+        # and no prune can start while this shared lock is held
+        repo.load_index()
         prev_snap = _previous(repo, source.location)
         previous = None
         if prev_snap is not None and not full:
