@@ -139,6 +139,10 @@ class QemuVM:
         self.model[device][offset : offset + length] = bytes([pattern]) * length
         self.writes += 1
 
+    def wait_export_gone(self, export: str) -> None:
+        assert self.qmp is not None
+        self.qmp.wait_event("BLOCK_EXPORT_DELETED", lambda d: d.get("id") == export, timeout=10)
+
     def snapshot_model(self) -> dict[str, bytes]:
         return {k: bytes(v) for k, v in self.model.items()}
 

@@ -346,3 +346,28 @@ def test_scratch_folder_too_small(make_vm: Callable[..., QemuVM], tiny_scratch: 
         assert read_disk(s.disks[0]) == at_start["vda"]  # the frozen view is still right
     assert_nothing_left(vm, baseline, tiny_scratch)
     vm.verify_model()  # the failed guest write changed nothing
+
+
+def test_idle_nbd_server_of_an_interrupted_run_is_replaced(tracked: Tracked, tmp_path: Path) -> None:
+    stale = str(tmp_path / "stale-nbd.sock")
+    tracked.vm.q("nbd-server-start", addr={"type": "unix", "data": {"path": stale}})
+    with tracked.source.open_session(tracked.prev) as s:
+        assert any("NBD server without exports" in w for w in s.warnings)
+        assert s.disks[0].changed is not None
+    # no NBD server is left: a new one can start
+    tracked.vm.q("nbd-server-start", addr={"type": "unix", "data": {"path": stale}})
+    tracked.vm.q("nbd-server-stop")
+    tracked.assert_clean_and_tracking()
+
+
+def test_busy_nbd_server_of_another_tool_is_left_alone(tracked: Tracked, tmp_path: Path) -> None:
+    other = str(tmp_path / "other-nbd.sock")
+    tracked.vm.q("nbd-server-start", addr={"type": "unix", "data": {"path": other}})
+    tracked.vm.q("block-export-add", type="nbd", id="theirs", **{"node-name": "disk0"}, writable=False)
+    with pytest.raises(QmpError, match="already running"):
+        tracked.source.open_session(tracked.prev)
+    assert [e["id"] for e in tracked.vm.q("query-block-exports")] == ["theirs"]
+    tracked.vm.q("block-export-del", id="theirs")
+    tracked.vm.wait_export_gone("theirs")
+    tracked.vm.q("nbd-server-stop")
+    tracked.assert_clean_and_tracking()

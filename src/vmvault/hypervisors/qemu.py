@@ -556,7 +556,17 @@ class QemuBackupSession(BackupSession):
         assert self.tempdir is not None
         qmp = self.qmp
         self.nbd_socket = os.path.join(self.tempdir, "nbd.sock")
-        qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.nbd_socket}}})
+        addr = {"addr": {"type": "unix", "data": {"path": self.nbd_socket}}}
+        try:
+            qmp.execute("nbd-server-start", addr)
+        except QmpError as exc:
+            # One NBD server per QEMU. A server without any export serves nobody: it is what a
+            # backup interrupted between nbd-server-start and block-export-add leaves behind.
+            if "already running" not in exc.desc or qmp.execute("query-block-exports"):
+                raise
+            self._warn("stopping an NBD server without exports, left by an interrupted backup")
+            qmp.execute("nbd-server-stop")
+            qmp.execute("nbd-server-start", addr)
         self._nbd_started = True
         for plan in self._plans:
             args: dict[str, Any] = {
