@@ -304,7 +304,14 @@ def merge(child_path: str, *, progress: ProgressFn | None = None) -> str:
     fmt = detect_format(parent_abs)
     for g in grandchildren:
         _check_repointable(g, fmt)
-    _write_json_atomically(journal_path, {"parent": parent_abs, "child": child_abs, "grandchildren": grandchildren})
+    doc: dict[str, object] = {"parent": parent_abs, "child": child_abs, "grandchildren": grandchildren}
+    if journal is not None and journal[2] == "replaced":
+        # the merged parent is already in place and grandchildren may already point at it:
+        # building another would change its DataWriteGuid under them, so only finish the moves
+        _finish_moves(parent_abs, grandchildren, child_abs)
+        _unlink_child_and_journal(child_abs, journal_path)
+        return parent_abs
+    _write_json_atomically(journal_path, {**doc, "stage": "prepared"})
 
     tmp = parent_abs + MERGE_TMP_SUFFIX
     _unlink_quietly(tmp)
@@ -331,18 +338,24 @@ def merge(child_path: str, *, progress: ProgressFn | None = None) -> str:
     except OSError as exc:
         raise SourceError(f"{parent_abs}: cannot replace with the merged file: {exc.strerror}") from exc
     _fsync_dir(os.path.dirname(parent_abs))
+    # from here on a re-run must not build another parent (see the "replaced" case above)
+    _write_json_atomically(journal_path, {**doc, "stage": "replaced"})
     _finish_moves(parent_abs, grandchildren, child_abs)
+    _unlink_child_and_journal(child_abs, journal_path)
+    return parent_abs
+
+
+def _unlink_child_and_journal(child_abs: str, journal_path: str) -> None:
     try:
         os.unlink(child_abs)
     except OSError as exc:
         raise SourceError(f"{child_abs}: cannot delete the merged child: {exc.strerror}") from exc
     _fsync_dir(os.path.dirname(child_abs))
     _unlink_quietly(journal_path)
-    return parent_abs
 
 
-def _read_journal(path: str) -> tuple[str, list[str]] | None:
-    """(parent, grandchildren) from an unfinished merge's journal, or None."""
+def _read_journal(path: str) -> tuple[str, list[str], str] | None:
+    """(parent, grandchildren, stage) from an unfinished merge's journal, or None."""
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)
@@ -356,7 +369,7 @@ def _read_journal(path: str) -> tuple[str, list[str]] | None:
         or not isinstance(doc.get("grandchildren"), list)
     ):
         raise SourceError(f"{path}: merge journal is not what vmvault writes")
-    return doc["parent"], [str(g) for g in doc["grandchildren"]]
+    return doc["parent"], [str(g) for g in doc["grandchildren"]], str(doc.get("stage", "prepared"))
 
 
 def _write_json_atomically(path: str, doc: dict[str, object]) -> None:
