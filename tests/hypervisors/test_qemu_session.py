@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -328,3 +332,27 @@ def test_legacy_drive_and_empty_cdrom(make_vm: Callable[..., QemuVM], tmp_path: 
     vm.q("human-monitor-command", **{"command-line": hmp.format(MiB)})
     with source.open_session(prev) as s2:
         assert s2.disks[0].changed == [(MiB, 65536)]
+
+
+def test_qemu_running_as_another_user(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    """Like libvirt's qemu user: the scratch folder and files are handed to QEMU's uid."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start QEMU with -runas and to hand files to another user")
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' to run QEMU as")
+    vm = make_vm([DiskSpec("vda", "qcow2", 16 * MiB)], extra_args=["-runas", "nobody"])
+    vm.write("vda", 0, MiB, 0x31)
+    # a scratch folder QEMU can reach (pytest's tmp_path is private to root)
+    scratch = Path(tempfile.mkdtemp(prefix="vmvault-test-scratch-"))
+    try:
+        scratch.chmod(0o755)
+        with QemuSource(f"{vm.location}?scratch={scratch}").open_session(None) as s:
+            assert s.vm["pid"] == (vm.proc.pid if vm.proc else None)
+            at_start = vm.snapshot_model()
+            vm.write("vda", 0, 4096, 0x32)
+            assert read_disk(s.disks[0]) == at_start["vda"]
+        assert list(scratch.iterdir()) == []
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

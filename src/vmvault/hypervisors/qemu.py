@@ -219,12 +219,41 @@ class QemuBackupSession(BackupSession):
             raise HypervisorError(f"{src.location}: the VM has no disk with a medium to back up")
         self._plan(disks, previous)
         self.tempdir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=src.scratch_dir)
+        self._share_with_qemu(self.tempdir)
         self._check_scratch_space(disks)
         for plan in self._plans:
             self._add_fleece_node(plan)
         self._freeze(self._freeze_actions())
         self._start_exports()
         self._open_disks()
+
+    def _qemu_ids(self) -> tuple[int, int] | None:
+        """The effective uid and gid QEMU runs as now (libvirt and ``-runas`` drop root after
+        start-up, so the credentials of the socket are not the ones to trust)."""
+        pid = self.vm.get("pid")
+        if not isinstance(pid, int):
+            return None
+        ids: dict[str, int] = {}
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in ("Uid", "Gid"):
+                        ids[key] = int(rest.split()[1])  # real, effective, saved, fs
+        except (OSError, ValueError, IndexError):
+            return None
+        return (ids["Uid"], ids["Gid"]) if len(ids) == 2 else None
+
+    def _share_with_qemu(self, path: str) -> None:
+        """Give QEMU the scratch folder and files when it runs as another user (libvirt's
+        qemu user): it opens the overlay and creates the NBD socket there."""
+        ids = self._qemu_ids()
+        if ids is None or ids[0] == os.geteuid():
+            return
+        try:
+            os.chown(path, *ids)
+        except OSError as exc:
+            self._warn(f"QEMU runs as uid {ids[0]} and cannot use {path} ({exc.strerror}); run vmvault as root")
 
     def _check_scratch_space(self, disks: list[_Disk]) -> None:
         """Warn when the scratch folder could fill up during the backup.
@@ -276,6 +305,7 @@ class QemuBackupSession(BackupSession):
         models = self._peripherals()
         pid = qmp.peer_pid()
         if pid is not None:
+            self.vm["pid"] = pid
             # The command line is a cheap recipe to rebuild the VM (restore as a clone).
             with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as f:
                 self.vm["cmdline"] = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
@@ -454,6 +484,7 @@ class QemuBackupSession(BackupSession):
             raise HypervisorError("qemu-img is not installed (Debian package qemu-utils)") from exc
         except subprocess.CalledProcessError as exc:
             raise HypervisorError(f"{plan.scratch}: qemu-img create failed: {exc.stderr.strip()}") from exc
+        self._share_with_qemu(plan.scratch)
         self.qmp.execute(
             "blockdev-add",
             {
