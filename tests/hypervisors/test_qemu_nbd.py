@@ -13,13 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import require_tool
 from vmvault.disk.base import Extent, ExtentKind
 from vmvault.errors import SourceError
-from vmvault.hypervisors._nbd import MAX_READ, NbdImage, import_libnbd
-
-pytestmark = pytest.mark.integration
+from vmvault.hypervisors._nbd import (
+    BASE_ALLOCATION,
+    MAX_READ,
+    STRUCTURED_REPLY,
+    NbdConnection,
+    NbdImage,
+    ReplyChunk,
+    import_libnbd,
+)
 
 MiB = 1024 * 1024
 SIZE = 40 * MiB + 4096  # not a multiple of the cluster size: the last extent is short
@@ -71,6 +79,7 @@ def dirty_expected() -> list[tuple[int, int]]:
     return [(o, min(n, SIZE - o)) for o, n in out]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("backend", ["python", "libnbd"])
 def test_reader_matches_the_image(export: tuple[str, bytes], backend: str) -> None:
     sock, content = export
@@ -93,6 +102,7 @@ def test_reader_matches_the_image(export: tuple[str, bytes], backend: str) -> No
         assert img.read(SIZE, 10) == b""
 
 
+@pytest.mark.integration
 def test_parity_with_nbdinfo(export: tuple[str, bytes]) -> None:
     sock, _ = export
     nbdinfo = require_tool("nbdinfo")
@@ -112,6 +122,7 @@ def test_parity_with_nbdinfo(export: tuple[str, bytes]) -> None:
         assert img.dirty_extents() == dirty
 
 
+@pytest.mark.integration
 def test_errors_are_source_errors(export: tuple[str, bytes], tmp_path: Path) -> None:
     sock, _ = export
     with pytest.raises(SourceError, match="unknown export"):
@@ -148,6 +159,7 @@ def test_errors_are_source_errors(export: tuple[str, bytes], tmp_path: Path) -> 
         server.close()
 
 
+@pytest.mark.integration
 def test_connection_pool_under_threads(export: tuple[str, bytes]) -> None:
     sock, content = export
     with NbdImage(sock, "disk") as img:
@@ -176,3 +188,34 @@ def test_import_libnbd_leaves_no_folder() -> None:
     with contextlib.suppress(Exception):
         import_libnbd()
     assert {p for p in os.listdir("/tmp") if p.startswith("vmvault-libnbd-")} <= before
+
+
+@pytest.mark.integration
+def test_server_error_keeps_the_connection_in_step(export: tuple[str, bytes]) -> None:
+    sock, content = export
+    conn = NbdConnection(sock, "disk", (BASE_ALLOCATION,))
+    try:
+        assert conn.structured and conn.size == SIZE and BASE_ALLOCATION in conn.context_ids
+        with pytest.raises(SourceError, match="NBD server error"):
+            conn.read(SIZE - 512, 4096)  # past the end: QEMU answers with an error chunk
+        assert conn.read(0, 4096) == content[:4096]  # the next reply is read correctly
+        with pytest.raises(SourceError, match="not negotiated"):
+            conn.block_status("qemu:dirty-bitmap:b0", 0, 4096)
+    finally:
+        conn.close()
+
+
+@given(
+    flags=st.integers(0, 0xFFFF),
+    rtype=st.integers(0, 0xFFFF),
+    cookie=st.integers(0, 2**64 - 1),
+    length=st.integers(0, 2**32 - 1),
+)
+def test_reply_chunk_round_trip(flags: int, rtype: int, cookie: int, length: int) -> None:
+    chunk = ReplyChunk(flags, rtype, cookie, length)
+    raw = chunk.pack()
+    assert len(raw) == STRUCTURED_REPLY.size
+    assert ReplyChunk.unpack(raw) == chunk
+    assert chunk.done is bool(flags & 1)
+    with pytest.raises(ValueError, match="magic"):
+        ReplyChunk.unpack(b"\0" + raw[1:])
