@@ -24,6 +24,7 @@ from tests.hypervisors.qemu_vm import (
     read_disk,
 )
 from vmvault.hypervisors import open_source
+from vmvault.hypervisors._nbd import import_libnbd
 from vmvault.hypervisors.qemu import QemuSource
 
 __all__ = ["make_vm"]
@@ -105,12 +106,16 @@ def test_full_session_is_point_in_time(make_vm: Callable[..., QemuVM], tmp_path:
     vm.verify_model()
 
 
-def test_reads_from_two_threads(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["python", "libnbd"])
+def test_reads_from_two_threads(make_vm: Callable[..., QemuVM], tmp_path: Path, backend: str) -> None:
+    if backend == "libnbd" and import_libnbd() is None:
+        pytest.skip("libnbd's Python bindings do not load for this Python (Debian: python3-libnbd)")
     vm = make_vm([DiskSpec("vda", "qcow2", 64 * MiB)])
     for i in range(8):
         vm.write("vda", i * 8 * MiB, 6 * MiB, 0x10 + i)
     at_start = vm.snapshot_model()["vda"]
-    with source_for(vm, tmp_path / "scratch").open_session(None) as session:
+    with source_for(vm, tmp_path / "scratch", nbd_backend=backend).open_session(None) as session:
+        assert session.disks[0].image.info()["backend"] == backend
         image = session.disks[0].image
         results: dict[int, bytes] = {}
         errors: list[BaseException] = []
