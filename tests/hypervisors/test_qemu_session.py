@@ -361,3 +361,34 @@ def test_qemu_running_as_another_user(make_vm: Callable[..., QemuVM], tmp_path: 
         assert list(scratch.iterdir()) == []
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_disk_on_a_backing_chain(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
+    """A linked clone (qcow2 overlay on a base image): the backup is the merged disk."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(16 * MiB)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xab 0 2M", str(base)], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top)], check=True)
+    args = ["-blockdev", f"driver=qcow2,node-name=top0,file.driver=file,file.filename={top}"]
+    vm = make_vm([], extra_args=[*args, "-device", "virtio-blk-pci,drive=top0,id=vda"])
+    baseline = vm.node_names()
+    hmp = 'qemu-io -d /machine/peripheral/vda/virtio-backend "write -P 0x{:x} {} 65536"'
+    vm.q("human-monitor-command", **{"command-line": hmp.format(0xCD, MiB)})
+    scratch = tmp_path / "scratch"
+    source = source_for(vm, scratch)
+    expected = bytearray(16 * MiB)
+    expected[: 2 * MiB] = b"\xab" * (2 * MiB)
+    expected[MiB : MiB + 65536] = b"\xcd" * 65536
+    with source.open_session(None) as s1:
+        (disk,) = s1.disks
+        assert disk.cbt is not None and disk.cbt["node"] == "top0" and disk.cbt["persistent"] is True
+        vm.q("human-monitor-command", **{"command-line": hmp.format(0xEF, 0)})  # after the freeze
+        assert read_disk(disk) == bytes(expected)
+        data = sum(e.length for e in disk.image.extents() if e.kind.value == "data")
+        assert data == 2 * MiB  # the base's data is seen through the chain; the rest is a hole
+        s1.complete("snap-1")
+        prev = previous_of(s1, "snap-1")
+    assert vm.node_names() == baseline and list(scratch.iterdir()) == []
+    with source.open_session(prev) as s2:
+        assert s2.disks[0].changed == [(0, 65536)]
+        assert s2.disks[0].image.read(0, 65536) == b"\xef" * 65536
