@@ -227,10 +227,14 @@ def test_qemu_killed_during_session_then_restarted(tracked: Tracked) -> None:
 class FakeAgent:
     """A unix socket speaking the guest agent's JSON protocol, like qemu-ga behind virtio-serial."""
 
-    def __init__(self, path: str, vm: QemuVM, fail_freeze: bool = False) -> None:
+    def __init__(
+        self, path: str, vm: QemuVM, fail_freeze: bool = False, fail_thaw: bool = False, frozen: int = 2
+    ) -> None:
         self.path = path
         self.vm = vm
         self.fail_freeze = fail_freeze
+        self.fail_thaw = fail_thaw
+        self.frozen = frozen
         self.log: list[tuple[str, int]] = []  # (command, number of block jobs at that moment)
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
@@ -255,8 +259,10 @@ class FakeAgent:
                         reply = {"return": req["arguments"]["id"]}
                     elif cmd == "guest-fsfreeze-freeze" and self.fail_freeze:
                         reply = {"error": {"class": "GenericError", "desc": "failed to freeze /: busy"}}
+                    elif cmd == "guest-fsfreeze-thaw" and self.fail_thaw:
+                        reply = {"error": {"class": "GenericError", "desc": "thaw failed"}}
                     elif cmd in ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw"):
-                        reply = {"return": 2}
+                        reply = {"return": self.frozen}
                     else:
                         reply = {"error": {"class": "CommandNotFound", "desc": f"{cmd} not found"}}
                     f.write(json.dumps(reply).encode() + b"\n")
@@ -371,3 +377,28 @@ def test_busy_nbd_server_of_another_tool_is_left_alone(tracked: Tracked, tmp_pat
     tracked.vm.wait_export_gone("theirs")
     tracked.vm.q("nbd-server-stop")
     tracked.assert_clean_and_tracking()
+
+
+def test_failed_thaw_is_retried_and_reported(agent_vm: tuple[QemuVM, Path]) -> None:
+    vm, tmp = agent_vm
+    agent = FakeAgent(str(tmp / "qga.sock"), vm, fail_thaw=True)
+    try:
+        with QemuSource(f"{vm.location}?qga={tmp}/qga.sock").open_session(None) as s:
+            # frozen while the transaction ran: the snapshot is file-system consistent
+            assert s.consistency == "filesystem-consistent"
+            assert any("could not thaw" in w for w in s.warnings)
+        cmds = [c for c, _ in agent.log if c != "guest-sync"]
+        assert cmds == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-thaw"]  # again in close
+    finally:
+        agent.close()
+
+
+def test_agent_that_freezes_nothing(agent_vm: tuple[QemuVM, Path]) -> None:
+    vm, tmp = agent_vm
+    agent = FakeAgent(str(tmp / "qga.sock"), vm, frozen=0)
+    try:
+        with QemuSource(f"{vm.location}?qga={tmp}/qga.sock").open_session(None) as s:
+            assert s.consistency == "crash-consistent"
+            assert any("froze no file system" in w for w in s.warnings)
+    finally:
+        agent.close()

@@ -541,10 +541,11 @@ class QemuBackupSession(BackupSession):
 
     def _freeze(self, actions: list[dict[str, Any]]) -> None:
         agent: GuestAgentClient | None = None
+        frozen_fs = 0
         if self.source.qga:
             try:
                 agent = GuestAgentClient(self.source.qga).connect()
-                agent.execute("guest-fsfreeze-freeze", timeout=60)
+                frozen_fs = agent.execute("guest-fsfreeze-freeze", timeout=60)
                 self._guest_frozen = True
             except HypervisorError as exc:
                 self._warn(f"guest file systems not frozen, the backup is crash-consistent: {exc}")
@@ -556,10 +557,15 @@ class QemuBackupSession(BackupSession):
             self.qmp.execute("transaction", {"actions": actions})
         finally:
             if agent is not None:
-                thawed = self._thaw(agent)
+                self._thaw(agent)
                 agent.close()
-                if thawed:
-                    self.consistency = "filesystem-consistent"
+        if agent is not None:
+            # The freeze held while the transaction ran; a failed thaw is warned about (and
+            # retried in close) but does not change what the snapshot is.
+            if isinstance(frozen_fs, int) and frozen_fs > 0:
+                self.consistency = "filesystem-consistent"
+            else:
+                self._warn("the guest agent froze no file system; the backup is crash-consistent")
         for plan in self._plans:
             self._jobs.append(plan.job)
             self._new.append((plan.disk.node, plan.new_bitmap))
