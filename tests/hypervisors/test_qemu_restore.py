@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -118,3 +121,46 @@ def test_restored_clone_runs_beside_the_original(
 
     with pytest.raises(ConfigError, match="no restored file"):
         write_restore_files(record, {"vda": files["vda"]}, str(tmp_path / "x"))
+
+
+def test_command_line_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vmvault.hypervisors.qemu_restore import main
+
+    record = {
+        "name": "web",
+        "uuid": "5f0c1b3e-8a62-4c1e-9d7a-1a2b3c4d5e6f",
+        "machine": "pc-q35-7.2",
+        "memory": 256 * MiB,
+        "cpus": 2,
+        "disks": [
+            {"device": "vda", "node": "disk0", "format": "qcow2", "file": "/vm/web.qcow2", "model": "virtio-blk-pci"}
+        ],
+        "nics": [{"id": "nic0", "model": "virtio-net-pci", "mac": "52:54:00:12:34:56"}],
+        "cmdline": [
+            "qemu-system-x86_64", "-name", "guest=web,debug-threads=on",
+            "-uuid", "5f0c1b3e-8a62-4c1e-9d7a-1a2b3c4d5e6f",
+            "-blockdev", '{"driver":"file","filename":"/vm/web.qcow2","node-name":"f0"}',
+            "-blockdev", '{"driver":"qcow2","file":"f0","node-name":"disk0"}',
+            "-device", "virtio-blk-pci,drive=disk0,id=vda",
+            "-netdev", "tap,id=n0", "-device", "virtio-net-pci,netdev=n0,id=nic0,mac=52:54:00:12:34:56",
+            "-chardev", "socket,id=mon,path=/run/web/qmp.sock,server=on,wait=off", "-mon", "chardev=mon,mode=control",
+            "-vnc", ":1", "-incoming", "defer", "-S",
+        ],
+    }  # fmt: skip
+    (tmp_path / "vm.json").write_text(json.dumps(record))
+    out = tmp_path / "out"
+    assert main(["--vm", str(tmp_path / "vm.json"), "--disk", "vda=/restore/web.raw", "--format", "vda=raw",
+                 "--as-clone", "web-copy", str(out)]) == 0  # fmt: skip
+    assert "web-copy" in capsys.readouterr().out
+    script = (out / "run-web-copy.sh").read_text()
+    argv = shlex.split(script.split("exec ", 1)[1].replace("\\\n", " "))[:-1]
+    assert argv[argv.index("-name") + 1] == "guest=web-copy,debug-threads=on"
+    assert argv[argv.index("-uuid") + 1] != record["uuid"]
+    assert '{"driver":"file","filename":"/restore/web.raw","node-name":"f0"}' in argv
+    assert '{"driver":"raw","file":"f0","node-name":"disk0"}' in argv
+    nic = next(a for a in argv if a.startswith("virtio-net-pci"))
+    assert "mac=52:54:00:12:34:56" not in nic and re.search(r"mac=52:54:00(:[0-9a-f]{2}){3}$", nic)
+    assert f"socket,id=mon,path={out}/qmp.sock,server=on,wait=off" in argv
+    assert argv[argv.index("-vnc") + 1] == f"unix:{out}/vnc.sock" and "-incoming" not in argv and "-S" in argv
+    with pytest.raises(ConfigError, match="DEVICE=VALUE"):
+        main(["--vm", str(tmp_path / "vm.json"), "--disk", "vda", str(out)])

@@ -384,3 +384,43 @@ def write_restore_files(
     with open(xml_path, "w", encoding="utf-8") as f:
         f.write(_domain_xml(vm, name, uuid, disk_facts, nics, emulator))
     return RestoredVM(name, uuid, argv, script, xml_path, macs, rw.qmp_socket)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vmvault.hypervisors.qemu_restore --vm VM.json --disk vda=PATH [--as-clone NAME] OUT``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vmvault.hypervisors.qemu_restore",
+        description="Write a QEMU script and a libvirt domain for restored disks of a QEMU VM.",
+    )
+    parser.add_argument("--vm", required=True, help="the snapshot's VM record (JSON file)")
+    parser.add_argument("--disk", action="append", default=[], metavar="DEVICE=PATH", help="a restored disk")
+    parser.add_argument("--format", action="append", default=[], metavar="DEVICE=FORMAT", help="its format")
+    parser.add_argument("--as-clone", metavar="NAME", help="new name, UUID and MAC addresses")
+    parser.add_argument("out", help="folder for the script and the XML")
+    args = parser.parse_args(argv)
+
+    def pairs(items: list[str], what: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key or not value:
+                raise ConfigError(f"--{what} wants DEVICE=VALUE, not {item!r}")
+            out[key] = value
+        return out
+
+    try:
+        with open(args.vm, encoding="utf-8") as f:
+            vm = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the VM record: {exc}", path=args.vm) from exc
+    rv = write_restore_files(
+        vm, pairs(args.disk, "disk"), args.out, as_clone=args.as_clone, formats=pairs(args.format, "format")
+    )
+    print(f"{rv.name} ({rv.uuid})\n  run:     {rv.script}\n  libvirt: virsh define {rv.xml}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
