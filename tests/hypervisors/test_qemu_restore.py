@@ -162,5 +162,7 @@ def test_command_line_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "mac=52:54:00:12:34:56" not in nic and re.search(r"mac=52:54:00(:[0-9a-f]{2}){3}$", nic)
     assert f"socket,id=mon,path={out}/qmp.sock,server=on,wait=off" in argv
     assert argv[argv.index("-vnc") + 1] == f"unix:{out}/vnc.sock" and "-incoming" not in argv and "-S" in argv
-    with pytest.raises(ConfigError, match="DEVICE=VALUE"):
-        main(["--vm", str(tmp_path / "vm.json"), "--disk", "vda", str(out)])
+    assert main(["--vm", str(tmp_path / "vm.json"), "--disk", "vda", str(out)]) == 2
+    assert "DEVICE=VALUE" in capsys.readouterr().err
+    assert main(["--vm", str(tmp_path / "absent.json"), "--disk", "vda=x", str(out)]) == 2
+    assert "cannot read the VM record" in capsys.readouterr().err

@@ -21,13 +21,14 @@ import os
 import random
 import re
 import shlex
+import sys
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault.errors import ConfigError
+from vmvault.errors import ConfigError, VmvaultError
 
 __all__ = ["RestoredVM", "new_mac", "write_restore_files"]
 
@@ -411,13 +412,17 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     try:
-        with open(args.vm, encoding="utf-8") as f:
-            vm = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the VM record: {exc}", path=args.vm) from exc
-    rv = write_restore_files(
-        vm, pairs(args.disk, "disk"), args.out, as_clone=args.as_clone, formats=pairs(args.format, "format")
-    )
+        try:
+            with open(args.vm, encoding="utf-8") as f:
+                vm = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the VM record: {exc}", path=args.vm) from exc
+        rv = write_restore_files(
+            vm, pairs(args.disk, "disk"), args.out, as_clone=args.as_clone, formats=pairs(args.format, "format")
+        )
+    except (VmvaultError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{rv.name} ({rv.uuid})\n  run:     {rv.script}\n  libvirt: virsh define {rv.xml}")
     return 0
 
