@@ -392,3 +392,22 @@ def test_disk_on_a_backing_chain(make_vm: Callable[..., QemuVM], tmp_path: Path)
     with source.open_session(prev) as s2:
         assert s2.disks[0].changed == [(0, 65536)]
         assert s2.disks[0].image.read(0, 65536) == b"\xef" * 65536
+
+
+def test_firmware_variables_are_a_disk_and_firmware_code_is_media(
+    make_vm: Callable[..., QemuVM], tmp_path: Path
+) -> None:
+    code, nvram = tmp_path / "code.fd", tmp_path / "vars.fd"
+    code.write_bytes(b"\x90" * (2 * MiB))
+    nvram.write_bytes(b"VARS" * (128 * KiB // 4))
+    flash = [
+        *("-drive", f"if=pflash,format=raw,unit=0,file={code},readonly=on"),
+        *("-drive", f"if=pflash,format=raw,unit=1,file={nvram}"),
+    ]
+    vm = make_vm([DiskSpec("vda", "raw", MiB)], extra_args=flash)
+    with source_for(vm, tmp_path / "scratch").open_session(None) as s:
+        disks = {d.name: d for d in s.disks}
+        assert sorted(disks) == ["pflash1", "vda"]
+        assert disks["pflash1"].image.read(0, 128 * KiB) == nvram.read_bytes()
+        assert s.vm["media"] == [{"device": "pflash0", "file": str(code), "format": "raw", "size": 2 * MiB}]
+        assert any("pflash0: read-only medium" in w for w in s.warnings)
