@@ -24,6 +24,7 @@ See docs/design/qemu-live-backup.md for why pull mode, and the QMP sequence in f
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -760,7 +761,7 @@ class QemuBackupSession(BackupSession):
         present_exports = {e["id"] for e in qmp.execute("query-block-exports")}
         for exp in self._exports:
             if exp in present_exports:
-                step(f"block-export-del {exp}", lambda e=exp: self._del_export(e))  # type: ignore[misc]
+                step(f"block-export-del {exp}", functools.partial(self._del_export, exp))
         if self._nbd_started:
 
             def stop() -> None:
@@ -775,16 +776,14 @@ class QemuBackupSession(BackupSession):
         present_jobs = {j["device"] for j in qmp.execute("query-block-jobs")}
         for job in self._jobs:
             if job in present_jobs:
-                step(f"block-job-cancel {job}", lambda j=job: self._cancel_job(j))  # type: ignore[misc]
+                step(f"block-job-cancel {job}", functools.partial(self._cancel_job, job))
         nodes = self._named_nodes()
         for node in self._fleece_added:
             if node in nodes:
-                step(f"blockdev-del {node}", lambda n=node: qmp.execute("blockdev-del", {"node-name": n}))  # type: ignore[misc]
+                step(f"blockdev-del {node}", functools.partial(qmp.execute, "blockdev-del", {"node-name": node}))
         remove = list(self._frozen) + ([] if self._completed else list(self._new))
         for node, name in remove:
             present = _bitmaps_of(nodes, node)
             if name in present:
-                step(
-                    f"block-dirty-bitmap-remove {name}",
-                    lambda n=node, b=name: qmp.execute("block-dirty-bitmap-remove", {"node": n, "name": b}),  # type: ignore[misc]
-                )
+                cmd = "block-dirty-bitmap-remove"
+                step(f"{cmd} {name}", functools.partial(qmp.execute, cmd, {"node": node, "name": name}))
