@@ -50,6 +50,10 @@ __all__ = [
 
 #: copy granularity: large enough for few syscalls, small enough to skip zero runs
 COPY_CHUNK: Final = 1024 * 1024
+#: allocation units of a new checkpoint when the parent does not tell (the writers' defaults)
+DEFAULT_VHDX_BLOCK: Final = 32 * 1024 * 1024
+DEFAULT_VHD_BLOCK: Final = 2 * 1024 * 1024
+DEFAULT_QCOW2_CLUSTER: Final = 64 * 1024
 #: compare() reports differences in whole sectors
 COMPARE_GRAIN: Final = 512
 #: the new parent is built under this name beside the parent, then renamed over it
@@ -208,16 +212,26 @@ def checkpoint(image_path: str, *, name: str | None = None) -> str:
     # opening checks the whole chain now, so a broken chain is refused before a file is made
     with open_image(image_path, format=fmt) as img:
         size = img.size
+        # the child keeps the parent's allocation unit, so a merge copies whole units
+        unit = int(str(img.info().get("block_size") or img.info().get("cluster_size") or 0))
     child = _checkpoint_name(image_path, fmt, name)
     if os.path.lexists(child):
         raise ConfigError(f"{child} already exists")
-    if fmt in ("vhdx", "vhd"):
-        writer = create_image(child, fmt, size, parent=image_path)
+    writer: DiskWriter
+    if fmt == "vhdx":
+        from vmvault.disk.vhdx import create_vhdx
+
+        writer = create_vhdx(child, size, parent=image_path, block_size=unit or DEFAULT_VHDX_BLOCK)
+    elif fmt == "vhd":
+        from vmvault.disk.vhd import create_vhd
+
+        writer = create_vhd(child, size, parent=image_path, block_size=unit or DEFAULT_VHD_BLOCK)
     else:
         from vmvault.disk.qcow2 import create_qcow2
 
         backing = os.path.relpath(os.path.abspath(image_path), os.path.dirname(child))
-        writer = create_qcow2(child, size, backing=backing, backing_format=fmt)
+        cluster = unit if fmt == "qcow2" and unit else DEFAULT_QCOW2_CLUSTER
+        writer = create_qcow2(child, size, backing=backing, backing_format=fmt, cluster_size=cluster)
     try:
         writer.close()
     except BaseException:
