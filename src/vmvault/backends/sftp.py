@@ -205,8 +205,6 @@ class SftpBackend(Backend):
         shown_path = self.root if self.root.startswith("/") else "/~/" + self.root
         self.url = f"sftp://{self.user}@{host}{'' if port == 22 else f':{port}'}{shown_path}"
         self._pool = _Pool(self._connect, connections)
-        self._known_dirs: set[str] = set()
-        self._dirs_lock = threading.Lock()
         self._posix_rename = True
         self._fsync = True
 
@@ -357,20 +355,13 @@ class SftpBackend(Backend):
             except FileNotFoundError:
                 missing.append(current)
                 current = posixpath.dirname(current)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                missing.append(current)
-                current = posixpath.dirname(current)
         for path in reversed(missing):
             try:
                 sftp.mkdir(path)
             except OSError:
                 # lost a race with another writer, or a real failure: stat tells which
-                if not stat.S_ISDIR(sftp.stat(path).st_mode or 0):
+                if not self._is_directory(sftp, path):
                     raise
-        with self._dirs_lock:
-            self._known_dirs.add(directory)
 
     def _open_new(self, sftp: paramiko.SFTPClient, path: str) -> paramiko.SFTPFile:
         directory = posixpath.dirname(path)
@@ -402,6 +393,13 @@ class SftpBackend(Backend):
                 raise
         sftp.remove(path)
         sftp.rename(tmp, path)
+
+    @staticmethod
+    def _is_directory(sftp: paramiko.SFTPClient, path: str) -> bool:
+        try:
+            return stat.S_ISDIR(sftp.stat(path).st_mode or 0)
+        except FileNotFoundError:
+            return False
 
     @staticmethod
     def _is_file(sftp: paramiko.SFTPClient, path: str) -> bool:
@@ -460,7 +458,11 @@ class SftpBackend(Backend):
 
         def op(sftp: paramiko.SFTPClient) -> bytes:
             with sftp.open(path, "rb") as fh:
-                size = fh.stat().st_size or 0
+                attrs = fh.stat()
+                if not stat.S_ISREG(attrs.st_mode or 0):
+                    # a directory opens for reading but is no object
+                    raise ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
+                size = attrs.st_size or 0
                 start = min(offset, size)
                 end = size if length is None else min(size, offset + length)
                 if end <= start:
@@ -509,8 +511,14 @@ class SftpBackend(Backend):
         path = self._path(name)
 
         def op(sftp: paramiko.SFTPClient) -> None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 sftp.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                # a directory of that name is no object, so there is nothing to delete
+                if not self._is_directory(sftp, path):
+                    raise
 
         self._call(f"delete {name}", name, op)
 
