@@ -62,9 +62,11 @@ _TMP_MARK = ".tmp-"
 _CMD_EXTENDED = 200
 _CMD_EXTENDED_REPLY = 201
 
-#: the largest read OpenSSH's sftp-server answers in full (sftp-server.c, SFTP_MAX_READ_LENGTH is
-#: larger, but paramiko splits requests at 32 KiB anyway)
-_READ_SIZE = 32768
+#: the request size every SFTP server must accept (filexfer-02 section 3: 32768-byte packets)
+_BASE_REQUEST = 32768
+#: the largest request we send where the server allows it (OpenSSH answers up to 256 KiB);
+#: fewer, larger requests spend less of paramiko's per-packet Python time
+_LARGE_REQUEST = 128 * 1024
 
 #: statvfs@openssh.com f_flag bit for a read-only mount (OpenSSH PROTOCOL section 4.4)
 _ST_RDONLY = 0x1
@@ -206,6 +208,8 @@ class SftpBackend(Backend):
         self.url = f"sftp://{self.user}@{host}{'' if port == 22 else f':{port}'}{shown_path}"
         self._pool = _Pool(self._connect, connections)
         self._posix_rename = True
+        #: bytes per SFTP read/write request, settled on the first connection
+        self._request_size: int | None = None
         self._fsync = True
 
     # --- connections -------------------------------------------------------------------
@@ -234,6 +238,8 @@ class SftpBackend(Backend):
                 channel_timeout=self.timeout,
             )
             sftp = client.open_sftp()
+            if self._request_size is None:
+                self._request_size = self._negotiate_request_size(sftp)
             sftp.get_channel().settimeout(self.timeout)  # type: ignore[union-attr]
         except BackendError:
             client.close()
@@ -260,6 +266,21 @@ class SftpBackend(Backend):
             client.close()
             raise TransientError(exc) from exc
         return _Connection(client, sftp)
+
+    @staticmethod
+    def _negotiate_request_size(sftp: paramiko.SFTPClient) -> int:
+        """Ask ``limits@openssh.com`` (OpenSSH PROTOCOL section 4.8) how large a read or write
+        may be; servers without it get the size every server must accept."""
+        try:
+            kind, msg = sftp._request(_CMD_EXTENDED, "limits@openssh.com")  # type: ignore[attr-defined]
+        except Exception:
+            return _BASE_REQUEST
+        if kind != _CMD_EXTENDED_REPLY:
+            return _BASE_REQUEST
+        # max-packet-length, max-read-length, max-write-length, max-open-handles (0 = no limit)
+        _packet, max_read, max_write = (int(msg.get_int64()) for _ in range(3))
+        limits = [limit for limit in (max_read, max_write) if limit > 0]
+        return max(_BASE_REQUEST, min([_LARGE_REQUEST, *limits]))
 
     def _known_hosts_name(self) -> str:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
@@ -437,6 +458,7 @@ class SftpBackend(Backend):
                 with self._open_new(sftp, tmp) as fh:
                     # pipelined: do not wait for each 32 KiB write's status; close() checks them all
                     fh.set_pipelined(True)
+                    fh.MAX_REQUEST_SIZE = self._request_size or _BASE_REQUEST
                     fh.write(data)
                     fh.flush()
                     self._fsync_file(sftp, fh)
@@ -469,7 +491,8 @@ class SftpBackend(Backend):
                     return b""
                 # readv pipelines the reads instead of waiting for each in turn; asking for
                 # request-sized pieces avoids paramiko re-slicing one large buffer (quadratic)
-                step = _READ_SIZE
+                step = self._request_size or _BASE_REQUEST
+                fh.MAX_REQUEST_SIZE = step
                 pieces = [(pos, min(step, end - pos)) for pos in range(start, end, step)]
                 return b"".join(fh.readv(pieces))
 
