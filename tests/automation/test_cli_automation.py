@@ -1,0 +1,159 @@
+"""The automation commands: run, jobs, history (--json), copy, and the daemon under SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.automation.conftest import make_config
+from vmvault.backends.local import LocalBackend
+from vmvault.cli import main
+from vmvault.repo.repository import Repository
+
+CS = 64 * 1024
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    monkeypatch.setenv("VMVAULT_TEST_REPO_PW", "repo pass")
+    Repository.init(LocalBackend(str(tmp_path / "repo")), b"repo pass", chunk_size=CS)
+    vm = tmp_path / "vms" / "web01"
+    vm.mkdir(parents=True)
+    (vm / "disk.raw").write_bytes(random.Random(3).randbytes(3 * CS))
+    make_config(
+        tmp_path,
+        f"""
+        [sources.web01]
+        location = "{vm}"
+
+        [jobs.web01]
+        type = "backup"
+        source = "web01"
+        repository = "r"
+        schedule = "30 1 * * *"
+        max_age = "26h"
+
+        [jobs.verify]
+        type = "verify"
+        repository = "r"
+        schedule = "0 3 * * sun"
+        subset = "50%"
+        """,
+    )
+    return tmp_path / "vmvault.toml", vm
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, object]:
+    code = main([*argv, "--json"])
+    out = capsys.readouterr().out
+    return code, json.loads(out)
+
+
+def test_run_jobs_and_history(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    config, vm = setup
+    code, doc = run_json(capsys, "run", "web01", "--config", str(config))
+    assert code == 0
+    assert isinstance(doc, dict) and doc["status"] == "success" and len(doc["snapshot"]) == 64
+
+    vm.rename(vm.with_name("gone"))
+    code, doc = run_json(capsys, "run", "web01", "--config", str(config))
+    assert code == 13  # a source error, as for `vmvault backup`
+    assert isinstance(doc, dict) and doc["status"] == "failed" and "no such file or folder" in doc["error"]
+
+    code, doc = run_json(capsys, "jobs", "--config", str(config))
+    assert code == 0 and isinstance(doc, dict)
+    jobs = {j["job"]: j for j in doc["jobs"]}
+    assert jobs["web01"]["status"] == "failed"  # the last run, not the last success
+    assert "no such file or folder" in jobs["web01"]["last_run"]["error"]
+    assert jobs["web01"]["last_success"] is not None
+    assert jobs["web01"]["schedule"] == "30 1 * * *" and jobs["web01"]["next_run"].endswith(":30:00+00:00")
+    assert jobs["verify"]["status"] == "never run" and jobs["verify"]["last_run"] is None
+
+    code, doc = run_json(capsys, "history", "--config", str(config), "--job", "web01")
+    assert code == 0 and isinstance(doc, dict)
+    assert [r["status"] for r in doc["runs"]] == ["failed", "success"]
+    assert doc["runs"][1]["bytes"] > 0 and doc["runs"][1]["end"] is not None
+    code, doc = run_json(capsys, "history", "--config", str(config), "--limit", "1")
+    assert isinstance(doc, dict) and len(doc["runs"]) == 1
+
+    # the human table names the failure too
+    assert main(["jobs", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "web01" in text and "failed" in text and "never run" in text
+
+
+def test_unknown_job_and_bad_config_are_usage_errors(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    config, _vm = setup
+    assert main(["history", "--config", str(config), "--job", "nope"]) == 2
+    assert "no job 'nope'" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[jobs.x]\ntype = "backup"\nsource = "/vm"\nrepository = "missing"\n')
+    assert main(["jobs", "--config", str(bad)]) == 2
+    assert f"{bad}:4: " in capsys.readouterr().err
+
+
+def test_copy_command(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+    src = Repository.init(LocalBackend(str(tmp_path / "a")), b"pass a", chunk_size=CS)
+    Repository.init(LocalBackend(str(tmp_path / "b")), b"pass b", chunk_size=CS)
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "disk.raw").write_bytes(random.Random(4).randbytes(2 * CS))
+    from vmvault.engine.backup import backup
+    from vmvault.hypervisors.files import FilesSource
+
+    snap = backup(src, FilesSource(str(vm)), tags=["x"]).snapshot
+    pw_a = tmp_path / "a.pass"
+    pw_a.write_text("pass a\n")
+    monkeypatch.setenv("VMVAULT_PASSWORD", "pass b")
+    argv = ["copy", "--from", str(tmp_path / "a"), "--to", str(tmp_path / "b"), "--from-password-file", str(pw_a)]
+    code, doc = run_json(capsys, *argv, "--tag", "x")
+    assert code == 0 and isinstance(doc, dict)
+    assert [c["source"] for c in doc["copied"]] == [snap.id] and doc["chunks_added"] == 2
+    code, doc = run_json(capsys, *argv)
+    assert code == 0 and isinstance(doc, dict) and doc["skipped"] == [snap.id] and doc["blobs_added"] == 0
+    # the source's passphrase is required and never taken from the target's
+    assert main(["copy", "--from", str(tmp_path / "a"), "--to", str(tmp_path / "b")]) == 2
+    assert "source repository needs its own passphrase" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_daemon_stops_cleanly_on_sigterm(setup: tuple[Path, Path]) -> None:
+    config, _vm = setup
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmvault", "daemon", "--config", str(config)],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if "next run" in line and "verify" in line:
+                break
+        assert any("vmvault daemon: 2 jobs" in x for x in lines), lines
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest
+    assert "SIGTERM received" in rest and "stopped" in rest
