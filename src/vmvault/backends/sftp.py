@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import paramiko
+from paramiko.sftp import CMD_STATUS, CMD_WRITE, SFTPError, int64
 
 from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry
 from vmvault.backends.base import Backend, ObjectInfo
@@ -67,6 +68,10 @@ _BASE_REQUEST = 32768
 #: the largest request we send where the server allows it (OpenSSH answers up to 256 KiB);
 #: fewer, larger requests spend less of paramiko's per-packet Python time
 _LARGE_REQUEST = 128 * 1024
+
+#: write requests in flight per upload: enough to cover loopback and LAN round trips
+#: (64 x 128 KiB = 8 MiB), few enough to notice an error soon
+_WINDOW = 64
 
 #: statvfs@openssh.com f_flag bit for a read-only mount (OpenSSH PROTOCOL section 4.4)
 _ST_RDONLY = 0x1
@@ -162,6 +167,30 @@ def _is_connection_failure(exc: BaseException) -> bool:
         return True
     # paramiko reports a closed channel as a bare socket.error
     return isinstance(exc, OSError) and exc.errno is None and "closed" in str(exc).lower()
+
+
+class _WriteAcks:
+    """Collects the status answers to our write requests (paramiko hands each answer to the
+    object given with the request, via ``_async_response``)."""
+
+    def __init__(self, sftp: paramiko.SFTPClient) -> None:
+        self._sftp = sftp
+        self.pending: set[int] = set()
+        self.error: BaseException | None = None
+
+    def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
+        self.pending.discard(num)
+        if kind != CMD_STATUS:
+            self.error = self.error or SFTPError(f"expected a status for write request {num}, got type {kind}")
+            return
+        try:
+            self._sftp._convert_status(msg)  # type: ignore[attr-defined]
+        except (OSError, EOFError) as exc:
+            self.error = self.error or exc
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def _not_offered(exc: OSError) -> bool:
@@ -429,6 +458,28 @@ class SftpBackend(Backend):
         except FileNotFoundError:
             return False
 
+    def _write_all(self, sftp: paramiko.SFTPClient, fh: paramiko.SFTPFile, data: bytes) -> None:
+        """Write ``data`` with up to ``_WINDOW`` requests in flight, checking every status.
+
+        Not paramiko's pipelined mode: it drops the status of a write whose answer arrives
+        while it waits for something else, so a full disk could go unnoticed and leave a
+        short file that is then renamed into place as if it were whole.
+        """
+        step = self._request_size or _BASE_REQUEST
+        acks = _WriteAcks(sftp)
+        view = memoryview(data)
+        for pos in range(0, len(data), step):
+            while len(acks.pending) >= _WINDOW:
+                sftp._read_response()  # type: ignore[attr-defined]
+            acks.raise_error()
+            num = sftp._async_request(  # type: ignore[attr-defined]
+                acks, CMD_WRITE, fh.handle, int64(pos), bytes(view[pos : pos + step])
+            )
+            acks.pending.add(num)
+        while acks.pending:
+            sftp._read_response()  # type: ignore[attr-defined]
+        acks.raise_error()
+
     def _fsync_file(self, sftp: paramiko.SFTPClient, handle: paramiko.SFTPFile) -> None:
         if not self._fsync:
             return
@@ -456,11 +507,7 @@ class SftpBackend(Backend):
             leftovers.append(tmp)
             try:
                 with self._open_new(sftp, tmp) as fh:
-                    # pipelined: do not wait for each 32 KiB write's status; close() checks them all
-                    fh.set_pipelined(True)
-                    fh.MAX_REQUEST_SIZE = self._request_size or _BASE_REQUEST
-                    fh.write(data)
-                    fh.flush()
+                    self._write_all(sftp, fh, data)
                     self._fsync_file(sftp, fh)
                 self._rename_over(sftp, tmp, path)
             except BaseException:
