@@ -6,6 +6,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,8 @@ from vmvault.disk.chain import (
     open_chain,
 )
 from vmvault.disk.qcow2 import open_qcow2_for_write
-from vmvault.disk.vhdx import open_vhdx, open_vhdx_for_write
-from vmvault.errors import ConfigError, ParentError, SourceError
+from vmvault.disk.vhdx import create_vhdx, open_vhdx, open_vhdx_for_write
+from vmvault.errors import ConfigError, ParentError, SourceError, VmvaultError
 
 MIB = 1024 * 1024
 SIZE = 64 * MIB
@@ -315,3 +316,38 @@ def test_missing_parent_is_a_parent_error(tmp_path: Path, model: bytearray) -> N
         merge(c1)
     with pytest.raises(ParentError):
         checkpoint(c1)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs (needs root to mount; skipped otherwise)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_merge_on_a_full_disk_leaves_the_chain_as_it_was(small_tmpfs: Path) -> None:
+    base = str(small_tmpfs / "disk.vhdx")
+    model = bytearray(16 * MIB)
+    with create_vhdx(base, 16 * MIB, block_size=MIB) as w:
+        w.write(0, os.urandom(11 * MIB))
+    model[: 11 * MIB] = read_all(base)[: 11 * MIB]
+    child = checkpoint(base)
+    write(child, model, 12 * MIB, b"c" * (2 * MIB))
+    before = {p: Path(p).read_bytes() for p in (base, child)}
+    # rebuilding the 11 MiB parent does not fit in what is left of 24 MiB
+    with pytest.raises(VmvaultError, match="No space left"):
+        merge(child)
+    assert {p: Path(p).read_bytes() for p in (base, child)} == before
+    assert sorted(os.listdir(small_tmpfs)) == sorted(os.path.basename(p) for p in (base, child))
+    assert read_all(child) == model
+    # with room, the same merge succeeds
+    subprocess.run(["mount", "-o", "remount,size=96m", str(small_tmpfs)], check=True)
+    assert merge(child) == base
+    assert read_all(base) == model and not os.path.exists(child)

@@ -328,6 +328,24 @@ def merge(child_path: str, *, progress: ProgressFn | None = None) -> str:
     _write_json_atomically(journal_path, {**doc, "stage": "prepared"})
 
     tmp = parent_abs + MERGE_TMP_SUFFIX
+    try:
+        _build_and_swap(child_abs, parent_abs, fmt, tmp, progress)
+    except BaseException:
+        # nothing was re-pointed yet (that starts at stage "replaced"): a failed merge (disk
+        # full, permission denied, damaged data) leaves the chain exactly as it was
+        _unlink_quietly(tmp)
+        _unlink_quietly(journal_path)
+        raise
+    _fsync_dir(os.path.dirname(parent_abs))
+    # from here on a re-run must not build another parent (see the "replaced" case above)
+    _write_json_atomically(journal_path, {**doc, "stage": "replaced"})
+    _finish_moves(parent_abs, grandchildren, child_abs)
+    _unlink_child_and_journal(child_abs, journal_path)
+    return parent_abs
+
+
+def _build_and_swap(child_abs: str, parent_abs: str, fmt: str, tmp: str, progress: ProgressFn | None) -> None:
+    """Steps 2-4 of ``merge``: build the merged parent beside the parent and rename it over it."""
     _unlink_quietly(tmp)
     with open_image(child_abs) as child:
         parent = child.parent
@@ -351,12 +369,6 @@ def merge(child_path: str, *, progress: ProgressFn | None = None) -> str:
         os.replace(tmp, parent_abs)
     except OSError as exc:
         raise SourceError(f"{parent_abs}: cannot replace with the merged file: {exc.strerror}") from exc
-    _fsync_dir(os.path.dirname(parent_abs))
-    # from here on a re-run must not build another parent (see the "replaced" case above)
-    _write_json_atomically(journal_path, {**doc, "stage": "replaced"})
-    _finish_moves(parent_abs, grandchildren, child_abs)
-    _unlink_child_and_journal(child_abs, journal_path)
-    return parent_abs
 
 
 def _unlink_child_and_journal(child_abs: str, journal_path: str) -> None:
