@@ -71,12 +71,14 @@ class MailSink:
     """aiosmtpd handler keeping every message it receives."""
 
     def __init__(self) -> None:
-        self.messages: list[email.message.Message] = []
+        self.messages: list[email.message.EmailMessage] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.received = threading.Event()
 
     async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
-        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        assert isinstance(msg, email.message.EmailMessage)  # the default policy builds these
+        self.messages.append(msg)
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         self.received.set()
         return "250 Message accepted for delivery"
