@@ -22,10 +22,11 @@ from vmvault.disk.chain import (
     convert,
     merge,
     open_chain,
+    open_for_write,
 )
 from vmvault.disk.qcow2 import open_qcow2_for_write
 from vmvault.disk.vhdx import create_vhdx, open_vhdx, open_vhdx_for_write
-from vmvault.errors import ConfigError, ParentError, SourceError, VmvaultError
+from vmvault.errors import ConfigError, ParentError, SourceError, UnsupportedFormatError, VmvaultError
 
 MIB = 1024 * 1024
 SIZE = 64 * MIB
@@ -351,3 +352,20 @@ def test_merge_on_a_full_disk_leaves_the_chain_as_it_was(small_tmpfs: Path) -> N
     subprocess.run(["mount", "-o", "remount,size=96m", str(small_tmpfs)], check=True)
     assert merge(child) == base
     assert read_all(base) == model and not os.path.exists(child)
+
+
+def test_open_for_write_refuses_a_parent(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    with open_for_write(base) as w:  # no children yet: allowed
+        w.write(0, b"z" * 512)
+    model[:512] = b"z" * 512
+    child = checkpoint(base)
+    with pytest.raises(ConfigError, match="checkpoints below it"):
+        open_for_write(base)
+    with open_for_write(child) as w:
+        w.write(MIB, b"y" * 512)
+    model[MIB : MIB + 512] = b"y" * 512
+    assert read_all(child) == model
+    vhd = make_base(tmp_path, "vhd", bytearray(SIZE))
+    with pytest.raises(UnsupportedFormatError):
+        open_for_write(vhd)

@@ -46,6 +46,7 @@ __all__ = [
     "convert",
     "merge",
     "open_chain",
+    "open_for_write",
 ]
 
 #: copy granularity: large enough for few syscalls, small enough to skip zero runs
@@ -239,6 +240,30 @@ def checkpoint(image_path: str, *, name: str | None = None) -> str:
         raise
     _fsync_dir(os.path.dirname(child))
     return child
+
+
+def open_for_write(image_path: str) -> DiskWriter:
+    """A writer for the disk a VM runs on: refused while ``image_path`` has checkpoints below it.
+
+    Writing a parent would change what every child shows (and, for VHDX, its DataWriteGuid,
+    which breaks the children's linkage). VHDX and qcow2 only: VHD has no in-place writer.
+    """
+    below = children(image_path)
+    if below:
+        raise ConfigError(
+            f"{image_path} has checkpoints below it ({', '.join(below)}) and must not be written: "
+            "write to the newest checkpoint instead"
+        )
+    fmt = detect_format(image_path)
+    if fmt == "vhdx":
+        from vmvault.disk.vhdx import open_vhdx_for_write
+
+        return open_vhdx_for_write(image_path)
+    if fmt == "qcow2":
+        from vmvault.disk.qcow2 import open_qcow2_for_write
+
+        return open_qcow2_for_write(image_path)
+    raise UnsupportedFormatError(f"vmvault cannot write a {fmt} image in place", path=image_path)
 
 
 # ============================================================================================ apply
