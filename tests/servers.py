@@ -349,6 +349,8 @@ class FaultyHttpProxy:
         self.host = "127.0.0.1"
         self.failed = 0
         self.forwarded = 0
+        self.truncated = 0
+        self._truncations_left = 0
         self._failures_left = 0
         self._status = 503
         self._code = "SlowDown"
@@ -403,6 +405,7 @@ class FaultyHttpProxy:
                     upstream.close()
                 with proxy._lock:
                     proxy.forwarded += 1
+                cut = self.command == "GET" and len(data) > 1 and proxy._take_truncation()
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
@@ -410,7 +413,13 @@ class FaultyHttpProxy:
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if cut:
+                    # promise the whole body, send half, hang up: a connection dropped mid-read
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
@@ -429,6 +438,19 @@ class FaultyHttpProxy:
     def fail_next(self, count: int, status: int = 503, code: str = "SlowDown") -> None:
         with self._lock:
             self._failures_left, self._status, self._code = count, status, code
+
+    def truncate_next(self, count: int) -> None:
+        """Cut the body of the next ``count`` GET answers half-way and drop the connection."""
+        with self._lock:
+            self._truncations_left = count
+
+    def _take_truncation(self) -> bool:
+        with self._lock:
+            if self._truncations_left <= 0:
+                return False
+            self._truncations_left -= 1
+            self.truncated += 1
+            return True
 
     def _take_failure(self) -> tuple[int, str] | None:
         with self._lock:

@@ -234,6 +234,17 @@ def test_throttling_is_retried(proxy: FaultyHttpProxy) -> None:
 
 
 @pytest.mark.integration
+def test_body_cut_off_mid_read_is_retried(proxy: FaultyHttpProxy) -> None:
+    data = os.urandom(3 * MiB)
+    with open_s3(proxy.url("plain-bucket", "cut")) as b:
+        b.put("data/x", data)
+        proxy.truncate_next(2)
+        assert b.get("data/x") == data
+        assert b.get("data/x", 100, MiB) == data[100 : 100 + MiB]
+        assert proxy.truncated == 2
+
+
+@pytest.mark.integration
 def test_persistent_server_errors_give_up_cleanly(proxy: FaultyHttpProxy) -> None:
     with open_s3(proxy.url("plain-bucket", "broken"), botocore_attempts=4, retry=QUICK) as b:
         proxy.fail_next(1000, 500, "InternalError")

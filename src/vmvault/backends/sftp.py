@@ -541,7 +541,12 @@ class SftpBackend(Backend):
                 step = self._request_size or _BASE_REQUEST
                 fh.MAX_REQUEST_SIZE = step
                 pieces = [(pos, min(step, end - pos)) for pos in range(start, end, step)]
-                return b"".join(fh.readv(pieces))
+                out = b"".join(fh.readv(pieces))
+                if len(out) != end - start:
+                    raise BackendError(
+                        f"{self.url}: short read of {name}: {len(out)} of {end - start} bytes at {start}", name=name
+                    )
+                return out
 
         return self._call(f"read {name}", name, op)
 
