@@ -285,3 +285,18 @@ def test_notifier_filters_by_on(tmp_path: Path) -> None:
     assert failure_only.wants(Summary(kind="run", job="j", status=FAILED, message=""))
     assert failure_only.wants(Summary(kind="alert", job="j", status="alert", message=""))
     assert failure_only.wants(Summary(kind="run", job="j", status="warning", message=""))
+
+
+def test_retention_blocked_by_a_lock_makes_the_run_a_warning(tmp_path: Path, repo: Repository, vm: Path) -> None:
+    config = backup_config(tmp_path, vm)
+    job = config.jobs["web01"]
+    for _ in range(2):
+        assert execute_job(config, job).status == SUCCESS
+    before = snapshot_ids(tmp_path)
+    assert len(before) == 2
+    # another backup is writing (shared lock): the backup proceeds, forget cannot
+    with repo.lock(exclusive=False, operation="backup"):
+        out = execute_job(config, job)
+    assert out.status == "warning" and out.snapshot is not None
+    assert "retention failed" in " ".join(out.details["warnings"])
+    assert snapshot_ids(tmp_path) == before | {out.snapshot}  # nothing was forgotten
