@@ -76,17 +76,17 @@ def test_missing_known_hosts_file_is_refused_not_created(sshd_server: SshServer,
     assert not known.exists()
 
 
-def test_changed_host_key_is_refused(sshd_server: SshServer, tmp_path: Path) -> None:
+def test_changed_host_key_is_refused(sshd_server: SshServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="vmvault.backends._retry")
     impostor = tmp_path / "other_host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
     public = Path(f"{impostor}.pub").read_text().split()
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd_server.port} {public[0]} {public[1]}\n")
     b = backend(sshd_server, "changed-key", known_hosts=str(known), retry=QUICK)
-    started = time.monotonic()
     with pytest.raises(BackendPermissionError) as info:
         b.put("config", b"x")
-    assert time.monotonic() - started < 5, "a refused host key must not be retried"
+    assert not caplog.records, "a refused host key must not be retried"
     message = str(info.value)
     assert "CHANGED" in message
     assert f"ssh-keygen -R [127.0.0.1]:{sshd_server.port}" in message
@@ -106,14 +106,16 @@ def test_hashed_known_hosts_entry_is_accepted(sshd_server: SshServer, tmp_path: 
 # --- authentication ------------------------------------------------------------------------
 
 
-def test_wrong_key_gives_permission_error(sshd_server: SshServer, tmp_path: Path) -> None:
+def test_wrong_key_gives_permission_error(
+    sshd_server: SshServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vmvault.backends._retry")
     stranger = tmp_path / "id_stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     b = backend(sshd_server, "wrong-key", key_filename=str(stranger), retry=QUICK)
-    started = time.monotonic()
     with pytest.raises(BackendPermissionError) as info:
         b.put("config", b"x")
-    assert time.monotonic() - started < 5, "refused credentials must not be retried"
+    assert not caplog.records, "refused credentials must not be retried"
     message = str(info.value)
     assert f"user {sshd_server.user}" in message
     assert str(stranger) in message and "authorized_keys" in message
@@ -357,7 +359,7 @@ def test_server_gone_for_good_gives_connection_error(own_sshd: SshServer) -> Non
         started = time.monotonic()
         writer.join(timeout=60)
         assert not writer.is_alive()
-        assert time.monotonic() - started < 15, "retries must be bounded"
+        assert time.monotonic() - started < 30, "retries must be bounded"
         assert len(errors) == 1 and isinstance(errors[0], BackendConnectionError), errors
         assert "gave up on" in str(errors[0]) and "data/big" in str(errors[0])
         assert not (directory / "data" / "big").exists()
