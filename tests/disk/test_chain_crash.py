@@ -62,6 +62,11 @@ def build_chain(folder: Path, fmt: str) -> tuple[Path, Path, Path]:
     w2.write(6 * MIB, b"E" * 4096)  # type: ignore[attr-defined]
     w2.write(0, b"F" * 512)  # type: ignore[attr-defined]
     w2.close()  # type: ignore[attr-defined]
+    # a second checkpoint below c1 (a tree): both must be re-pointed, each on its own
+    sibling = Path(checkpoint(str(c1), name="disk_c2b"))
+    w3 = opener(str(sibling))
+    w3.write(7 * MIB, b"G" * 1024)  # type: ignore[attr-defined]
+    w3.close()  # type: ignore[attr-defined]
     return base, c1, c2
 
 
@@ -129,6 +134,7 @@ def test_merge_survives_sigkill_at_every_write(fast_dir: Path, fmt: str) -> None
     template.mkdir()
     base, c1, c2 = build_chain(template, fmt)
     leaf_view = read_all(c2)
+    leaves = {p.name: read_all(p) for p in template.iterdir() if p.name.startswith("disk_c2")}
     c1_view = read_all(c1)
     base_view = read_all(base)
     assert c1_view != base_view and leaf_view != c1_view
@@ -151,8 +157,9 @@ def test_merge_survives_sigkill_at_every_write(fast_dir: Path, fmt: str) -> None
         copy_tree(template, work)
         status = merge_in_child(work / c1.name, n, count_file)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"call {n}: {status}"
-        # the guest's view through the leaf never changes
-        assert read_all(work / c2.name) == leaf_view, f"{fmt}: leaf wrong after kill at call {n}/{total}"
+        # the guest's view through every leaf never changes
+        for name, view in leaves.items():
+            assert read_all(work / name) == view, f"{fmt}: {name} wrong after kill at call {n}/{total}"
         if (work / c1.name).exists():
             assert read_all(work / c1.name) == c1_view, f"{fmt}: checkpoint wrong after kill at {n}"
         parent_now = read_all(work / base.name)
@@ -164,6 +171,9 @@ def test_merge_survives_sigkill_at_every_write(fast_dir: Path, fmt: str) -> None
         # running merge again completes it
         assert merge(str(work / c1.name)) == str(work / base.name)
         assert read_all(work / base.name) == c1_view
-        assert read_all(work / c2.name) == leaf_view
-        assert sorted(p.name for p in work.iterdir()) == sorted([base.name, c2.name]), f"leftovers at {n}"
+        for name, view in leaves.items():
+            assert read_all(work / name) == view
+            with open_image(str(work / name)) as img:
+                assert img.parent is not None and os.path.samefile(img.parent.path, work / base.name)
+        assert sorted(p.name for p in work.iterdir()) == sorted([base.name, *leaves]), f"leftovers at {n}"
     assert outcomes["before"] and outcomes["after"], outcomes
