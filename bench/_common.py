@@ -54,9 +54,16 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = 
 
 
 def timed_child(cmd: list[str], *, env: dict[str, str] | None = None, check: bool = True) -> Run:
-    """Like ``run`` but in a fresh helper process, so peak RSS belongs to this command alone."""
+    """Like ``run`` but in a fresh helper process, so peak RSS belongs to this command alone.
+
+    The time includes a ``sync`` after the command: a backup (or restore) counts as done when
+    its data is durable, whether the tool fsyncs as it goes or leaves dirty pages behind.
+    """
     helper = [sys.executable, str(Path(__file__).with_name("_rss.py")), *cmd]
     r = run(helper, env=env, check=check)
+    start = time.monotonic()
+    os.sync()
+    r = Run(r.seconds + time.monotonic() - start, r.max_rss_mib, r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     rss = float(lines[-1].split()[-1]) if lines and lines[-1].startswith("max_rss_mib") else r.max_rss_mib
     return Run(r.seconds, rss, r.returncode, r.stdout, "\n".join(lines[:-1]))
