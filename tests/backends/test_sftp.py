@@ -371,3 +371,20 @@ def test_server_gone_for_good_gives_connection_error(own_sshd: SshServer) -> Non
         own_sshd.start()
         assert b.get("data/small") == b"before"
         assert [o.name for o in b.list()] == ["data/small"]
+
+
+def test_cleanup_removes_only_old_temporary_files(sshd_server: SshServer) -> None:
+    with backend(sshd_server, "cleanup") as b:
+        b.put("data/ab/object", b"kept")
+        directory = sshd_server.root / "cleanup" / "data" / "ab"
+        stale = directory / "object.tmp-0123456789ab"
+        fresh = directory / "other.tmp-ba9876543210"
+        stale.write_bytes(b"left by a killed writer")
+        fresh.write_bytes(b"an upload still running elsewhere")
+        two_days_ago = time.time() - 2 * 24 * 3600
+        os.utime(stale, (two_days_ago, two_days_ago))
+        assert b.cleanup_temporary() == 1
+        assert not stale.exists() and fresh.exists()
+        assert b.cleanup_temporary(older_than=0) == 1
+        assert temporaries(sshd_server.root / "cleanup") == []
+        assert b.get("data/ab/object") == b"kept"

@@ -36,6 +36,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -596,6 +597,33 @@ class SftpBackend(Backend):
                     raise
 
         self._call(f"delete {name}", name, op)
+
+    def cleanup_temporary(self, older_than: float = 24 * 3600) -> int:
+        """Remove temporary files that killed writers left behind, if older than
+        ``older_than`` seconds (younger ones may belong to an upload still running on another
+        host); returns how many were removed."""
+
+        def op(sftp: paramiko.SFTPClient) -> int:
+            cutoff = time.time() - older_than
+            removed = 0
+            pending = [self.root]
+            while pending:
+                directory = pending.pop()
+                try:
+                    entries = sftp.listdir_attr(directory)
+                except FileNotFoundError:
+                    continue
+                for entry in entries:
+                    path = f"{directory}/{entry.filename}"
+                    if stat.S_ISDIR(entry.st_mode or 0):
+                        pending.append(path)
+                    elif _TMP_MARK in entry.filename and (entry.st_mtime or 0) < cutoff:
+                        with contextlib.suppress(FileNotFoundError):
+                            sftp.remove(path)
+                            removed += 1
+            return removed
+
+        return self._call("remove stale temporary files", None, op)
 
     def close(self) -> None:
         self._pool.close()
