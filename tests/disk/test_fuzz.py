@@ -253,6 +253,7 @@ mutation = st.tuples(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     which=st.integers(0, 1000),
+    parent_too=st.integers(0, 3),
     edits=st.lists(mutation, min_size=1, max_size=4),
     fix=st.booleans(),
     cut=st.one_of(st.none(), st.integers(0, 2**24)),
@@ -260,6 +261,7 @@ mutation = st.tuples(
 def test_mutants_raise_only_format_errors(
     seeds: dict[str, dict[str, bytes]],
     which: int,
+    parent_too: int,
     edits: list[tuple[str, bool, int, int]],
     fix: bool,
     cut: int | None,
@@ -267,8 +269,10 @@ def test_mutants_raise_only_format_errors(
     name = sorted(seeds)[which % len(seeds)]
     files = seeds[name]
     target = next(iter(files))
-    buf = bytearray(files[target])
-    spots = hot_spots(target, bytes(buf))
+    # now and then damage the parent of a chain instead: the child is still what is opened
+    victim = list(files)[1] if parent_too == 0 and len(files) > 1 else target
+    buf = bytearray(files[victim])
+    spots = hot_spots(victim, bytes(buf))
     for kind, hot, where, value in edits:
         width = {"byte": 1, "u16le": 2, "u32le": 4, "u32be": 4, "u64le": 8, "u64be": 8}[kind]
         if hot and spots:
@@ -287,8 +291,8 @@ def test_mutants_raise_only_format_errors(
         folder = Path(d)
         for fname, data in files.items():
             (folder / fname).write_bytes(data)
-        (folder / target).write_bytes(buf)
-        open_mutant(folder, target, name)
+        (folder / victim).write_bytes(buf)
+        open_mutant(folder, target, name if victim == target else f"{name} (parent damaged)")
 
 
 def test_every_seed_opens_cleanly(seeds: dict[str, dict[str, bytes]], tmp_path: Path) -> None:
