@@ -176,6 +176,34 @@ SCRIPTS: dict[str, str] = {
     Wait-VmvaultJob ($svc.DestroySnapshot($snap))
     @{{ destroyed = $true }}
 """,
+    "inventory": """
+    $vhdRoot = (Get-VMHost).VirtualHardDiskPath
+    $referenced = @{{}}
+    $vms = @(Get-VM | ForEach-Object {{
+      $vm = $_
+      $chain = @()
+      foreach ($d in (Get-VMHardDiskDrive -VM $vm)) {{
+        $p = $d.Path
+        while ($p) {{ $v = Get-VHD -Path $p; $referenced[$p.ToLower()] = 1
+                     $chain += @{{ path = $p; size = $v.FileSize; parent = $v.ParentPath }}; $p = $v.ParentPath }}
+      }}
+      foreach ($s in (Get-VMSnapshot -VM $vm)) {{ foreach ($h in $s.HardDrives) {{
+        $p = $h.Path; while ($p) {{ $referenced[$p.ToLower()] = 1; $p = (Get-VHD -Path $p).ParentPath }} }} }}
+      $filter = "VirtualSystemIdentifier='$($vm.Id)' AND VirtualSystemType='Microsoft:Hyper-V:Snapshot:Recovery'"
+      @{{ id = "$($vm.Id)"; name = $vm.Name; path = $vm.Path; disks = $chain;
+         checkpoints = @(Get-VMSnapshot -VM $vm | ForEach-Object {{
+           @{{ id = "$($_.Id)"; name = $_.Name; parent = "$($_.ParentSnapshotId)"; type = "$($_.SnapshotType)";
+              created = $_.CreationTime.ToUniversalTime().ToString('o') }} }});
+         recovery = @(Get-WmiObject -Namespace $ns -Class Msvm_VirtualSystemSettingData -Filter $filter |
+                      ForEach-Object {{ $_.ElementName }}) }}
+    }})
+    $roots = @($vhdRoot) + @($vms | ForEach-Object {{ $_.path }}) | Sort-Object -Unique
+    $orphans = @(foreach ($r in $roots) {{
+      Get-ChildItem -LiteralPath $r -Recurse -File -Include *.vhdx,*.avhdx,*.vhd,*.avhd -ErrorAction SilentlyContinue |
+        Where-Object {{ -not $referenced.ContainsKey($_.FullName.ToLower()) }} |
+        ForEach-Object {{ @{{ path = $_.FullName; size = $_.Length }} }} }})
+    @{{ host = $env:COMPUTERNAME; vms = $vms; orphans = $orphans }}
+""",
     "compare_import": """
     $report = Compare-VM -Path {vmcx} -Copy -GenerateNewId -VirtualMachinePath {dest} -VhdDestinationPath {vhd_dest}
     $problems = @($report.Incompatibilities | ForEach-Object {{ @{{ id = $_.MessageId; message = $_.Message }} }})
@@ -589,3 +617,24 @@ def register_restored(source: HyperVSource, vmcx_host_path: str, dest_host_path:
         problems = "; ".join(f"{p.get('id')}: {p.get('message')}" for p in doc.get("incompatibilities") or [])
         raise HypervisorError(f"Import-VM refused {vmcx_host_path}: {problems}")
     return dict(doc)
+
+
+def inventory(spec: str, *, transport: Transport | None = None) -> dict[str, Any]:
+    """Every VM of ``hyperv://[HOST]`` with its disk chains, checkpoints and recovery
+    checkpoints, plus disk files under the host's VM paths that nothing references."""
+    parts = urlsplit(spec)
+    if parts.scheme != "hyperv":
+        raise ConfigError(f"{spec!r}: expected hyperv://[HOST]")
+    opts = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if transport is None:
+        transport = (
+            WinRmTransport(
+                parts.netloc, os.environ.get("VMVAULT_HYPERV_USER"), os.environ.get("VMVAULT_HYPERV_PASSWORD")
+            )
+            if parts.netloc
+            else LocalPowerShell()
+        )
+    doc = transport.run("inventory", render("inventory"), float(opts.get("timeout", DEFAULT_TIMEOUT)))
+    if not isinstance(doc, dict):
+        raise HypervisorError(f"inventory on {parts.netloc or 'this host'}: unexpected reply")
+    return doc
