@@ -111,3 +111,30 @@ def test_failed_backup_keeps_tracking_for_the_next_incremental(
     restore(repo, third.snapshot, str(out), format="raw")
     assert (out / "vda.raw").read_bytes() == at_start["vda"]
     assert os.path.getsize(out / "vda.raw") == size
+
+
+def test_cli_restore_writes_a_runnable_clone_definition(
+    make_vm: Callable[..., QemuVM],  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from vmvault.cli import main
+
+    vm = make_vm([DiskSpec("vda", "qcow2", 16 * MiB)])
+    vm.write("vda", 0, MiB, 0x5A)
+    monkeypatch.setenv("VMVAULT_REPO", str(tmp_path / "repo"))
+    monkeypatch.setenv("VMVAULT_PASSWORD", "pw for the test")
+    assert main(["init", "-q"]) == 0
+    assert main(["backup", vm.location, "-q"]) == 0
+    capsys.readouterr()
+    assert main(["restore", "latest", "--target", str(tmp_path / "out"), "--as-clone", "clone1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["vm"]["name"] == "clone1" and doc["vm"]["uuid"] != vm.uuid
+    script = Path(doc["vm"]["script"])
+    assert script.exists() and os.access(script, os.X_OK)
+    assert Path(doc["vm"]["libvirt_xml"]).read_text().count("clone1") >= 1
+    restored = Path(doc["disks"][0]["path"])
+    assert restored.exists() and str(restored) in script.read_text()

@@ -212,8 +212,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     text = [f"restored snapshot {snap.short_id} to {result.target} in {result.seconds:.1f} s"]
     for d in result.disks:
         text.append(f"  disk {d['path']} ({d['format']}, {human_bytes(d['size'])})")
+    doc = result.to_dict()
+    if snap.source.get("kind") == "qemu" and not args.include:
+        # a runnable definition beside the disks: a QEMU command line and a libvirt domain
+        from vmvault.hypervisors.qemu_restore import write_restore_files
+
+        vm = write_restore_files(
+            snap.vm,
+            {d["name"]: d["path"] for d in result.disks},
+            result.target,
+            as_clone=args.as_clone,
+            formats={d["name"]: d["format"] for d in result.disks},
+        )
+        doc["vm"] = {"name": vm.name, "uuid": vm.uuid, "script": vm.script, "libvirt_xml": vm.xml, "macs": vm.macs}
+        text.append(f"  start it with {vm.script} (or virsh define {vm.xml}); uuid {vm.uuid}")
     text.append(f"  {len(result.files)} files, {human_bytes(result.bytes_written)} written")
-    out.result(result.to_dict(), "\n".join(text))
+    out.result(doc, "\n".join(text))
     return 0
 
 
