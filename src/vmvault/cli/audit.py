@@ -60,8 +60,8 @@ def _vm_report(vm: HyperVVm, now: float) -> dict[str, Any]:
         leftovers.append(c.name)
         problems.append(f"recovery checkpoint {c.name!r} left behind by a failed backup")
     orphans = [{"path": p, "size": vm.disks[p].file_size} for p in vm.orphans()]
-    for o in orphans:
-        problems.append(f"orphaned disk file {os.path.relpath(o['path'], vm.folder)} ({human_bytes(o['size'])})")
+    for p in vm.orphans():
+        problems.append(f"orphaned disk file {vm.disks[p].rel} ({human_bytes(vm.disks[p].file_size)})")
     if vm.config_error is not None:
         problems.append(f"configuration unreadable: {vm.config_error}")
     for d in vm.disks.values():

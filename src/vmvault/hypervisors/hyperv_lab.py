@@ -34,6 +34,7 @@ import json
 import os
 import random
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -248,7 +249,7 @@ def _config_tree(
     generation: int,
     drives: dict[str, str],
     parent_snapshot_id: str,
-    created: int,
+    created: float,
     snapshot_type: str = "",
     vm_id: str = "",
 ) -> ConfigTree:
@@ -258,7 +259,8 @@ def _config_tree(
         "name": name,
         "global_id": global_id,
         "subtype": 1 if generation == 2 else 0,
-        "creation_time": created,
+        # FILETIME (100 ns since 1601), the form Hyper-V stores
+        "creation_time": struct.pack("<Q", int((created + 11_644_473_600) * 10_000_000)),
         "parent_snapshot_id": parent_snapshot_id,
     }
     if snapshot_type:
@@ -334,7 +336,7 @@ class LabHost:
 
     def _write_vm_config(self, vm: HyperVVm, drives: dict[str, str], parent_cp: str) -> None:
         assert vm.config_path is not None
-        created = int(os.stat(vm.config_path).st_mtime)
+        created = os.stat(vm.config_path).st_mtime
         tree = _config_tree(
             name=vm.name,
             global_id=vm.vm_id,
@@ -352,7 +354,7 @@ class LabHost:
             generation=vm.generation,
             drives=drives,
             parent_snapshot_id=cp.parent_id,
-            created=int(created),
+            created=created,
             snapshot_type=cp.type,
             vm_id=vm.vm_id,
         )
@@ -384,7 +386,7 @@ class LabHost:
             generation=generation,
             drives=drives,
             parent_snapshot_id="",
-            created=int(time.time()),
+            created=time.time(),
         )
         _atomic_write(os.path.join(folder, "Virtual Machines", f"{vm_id}.xml"), render_xml_config(tree))
         if generation == 2:  # the guest state file every gen-2 VM has (opaque to a backup)

@@ -305,13 +305,30 @@ def discover(folder: str, *, renamed: tuple[str, str] | None = None) -> HyperVVm
         generation=generation,
         config_path=config_path,
         config_error=config_error,
-        checkpoints=sorted(checkpoints, key=lambda c: (c.created or 0, c.id)),
+        checkpoints=_tree_order(checkpoints),
         current=current,
         parent_checkpoint_id=parent_cp,
         disks=disks,
         other_files=others,
         warnings=warnings,
     )
+
+
+def _tree_order(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """Parents before children; siblings by creation time."""
+    ids = {c.id for c in checkpoints}
+    out: list[Checkpoint] = []
+    pending = sorted(checkpoints, key=lambda c: (c.created or 0, c.id))
+    placed: set[str] = set()
+    while pending:
+        ready = [c for c in pending if not c.parent_id or c.parent_id not in ids or c.parent_id in placed]
+        if not ready:  # a cycle in damaged configurations: keep the rest in time order
+            ready = pending
+        for c in ready:
+            out.append(c)
+            placed.add(c.id)
+        pending = [c for c in pending if c.id not in placed]
+    return out
 
 
 def discover_all(root: str) -> list[HyperVVm]:
