@@ -307,3 +307,27 @@ def test_checkpoint_apply_delete_semantics(host: LabHost) -> None:
     assert vm.current["scsi0:0"] == base and not vm.checkpoints
     assert [p for p in vm.disks] == [base]  # the .avhdx is gone after the merge
     assert host.read_disk("vm", "scsi0:0")[:MIB] == b"C" * MIB
+
+
+def test_live_incremental_matches_the_frozen_view(host: LabHost, repo: Repository, tmp_path: Path) -> None:
+    size = 16 * MIB
+    host.create_vm("live", (size,))
+    host.write("live", "scsi0:0", 0, random.Random(2).randbytes(size))
+    running = host.start("live", seed=4, max_write=16 * 1024)
+    try:
+        source = LabSource(host.root, "live")
+        first = backup(repo, source)
+        time.sleep(0.1)
+        second = backup(repo, source)
+    finally:
+        running.stop()
+    disk = second.snapshot.disks[0]
+    assert disk.stats["incremental"] == 1
+    # only what the writer touched between the two checkpoints (64 KiB tracking blocks) is read
+    assert 0 < disk.stats["bytes_read"] < size // 4
+    assert first.snapshot.disks[0].stats["bytes_read"] == size
+    cp_first, cp_second = list(running.frozen)
+    for snap, cp in ((first.snapshot, cp_first), (second.snapshot, cp_second)):
+        out = restore(repo, snap, str(tmp_path / cp))
+        assert full_read(out.disks[0]["path"]) == running.frozen[cp]["scsi0:0"]
+    leaf_matches_writer(host, "live", running)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from vmvault.disk.vhdx import create_vhdx
-from vmvault.errors import HypervisorError
+from vmvault.errors import HypervisorError, SourceError
 from vmvault.hypervisors.base import PreviousBackup
 from vmvault.hypervisors.hyperv import (
     SCRIPTS,
@@ -229,7 +229,7 @@ def test_missing_disk_share_is_a_clear_error_and_cleans_up(tmp_path: Path) -> No
     src, t = source(
         tmp_path / "not-mounted", [*START, ("create_recovery", R["create_recovery"]), ("destroy", R["destroy"])]
     )
-    with pytest.raises(Exception, match="path_map"):
+    with pytest.raises(SourceError, match="path_map"):
         src.open_session(None)
     assert t.calls[-1] == "destroy"
 
