@@ -28,7 +28,7 @@ def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
 
 
-def make_config(tmp_path: Path, body: str, *, concurrency: int = 1) -> AutomationConfig:
+def make_config(tmp_path: Path, body: str, *, concurrency: int = 1, max_jobs: int = 0) -> AutomationConfig:
     """A config with a UTC daemon section and one repository ``r`` (plus what ``body`` adds)."""
     text = textwrap.dedent(
         f"""\
@@ -40,6 +40,7 @@ def make_config(tmp_path: Path, body: str, *, concurrency: int = 1) -> Automatio
             [repositories.r]
             location = "{tmp_path / "repo"}"
             password_env = "VMVAULT_TEST_REPO_PW"
+            max_jobs = {max_jobs}
             """
     ) + textwrap.dedent(body)
     path = tmp_path / "vmvault.toml"

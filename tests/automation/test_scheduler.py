@@ -22,9 +22,9 @@ def verify_job(name: str, schedule: str, extra: str = "") -> str:
 
 
 def make(
-    tmp_path: Path, body: str, execute: object, *, concurrency: int = 1, start: dt.datetime = T0
+    tmp_path: Path, body: str, execute: object, *, concurrency: int = 1, max_jobs: int = 0, start: dt.datetime = T0
 ) -> tuple[Scheduler, FakeClock, RecordingNotifier]:
-    config = make_config(tmp_path, body, concurrency=concurrency)
+    config = make_config(tmp_path, body, concurrency=concurrency, max_jobs=max_jobs)
     clock = FakeClock(start)
     rec = RecordingNotifier()
     sched = Scheduler(
@@ -96,10 +96,7 @@ def test_concurrency_limit_and_per_repository_limit(tmp_path: Path) -> None:
     limited = tmp_path / "limited"
     limited.mkdir()
     body = verify_job("a", "10 10 * * *") + verify_job("b", "10 10 * * *")
-    sched, clock, _rec = make(limited, body.replace("", ""), execute, concurrency=4)
-    sched.config.repositories["r"] = type(sched.config.repositories["r"])(
-        "r", str(limited / "repo"), password_env="X", max_jobs=1
-    )
+    sched, clock, _rec = make(limited, body, execute, concurrency=4, max_jobs=1)
     sched.start()
     clock.advance(to=at(10, 10))
     sched.tick()
