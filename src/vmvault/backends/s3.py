@@ -146,7 +146,9 @@ class S3Backend(Backend):
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.list_page_size = list_page_size
-        self.retry = retry or RetryPolicy()
+        # botocore already retries each request (with its own backoff); this outer loop only
+        # adds a few rounds for connections that drop, so the product stays around a minute
+        self.retry = retry or RetryPolicy(attempts=4, initial_delay=0.5, max_delay=8.0)
         where = endpoint_url.split("://", 1)[-1] + "/" if endpoint_url else ""
         self.url = f"s3://{where}{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         session = session or boto3.session.Session()

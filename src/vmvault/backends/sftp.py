@@ -232,7 +232,8 @@ class SftpBackend(Backend):
         self.known_hosts = known_hosts or os.path.expanduser("~/.ssh/known_hosts")
         self.use_agent = use_agent
         self.look_for_keys = look_for_keys
-        self.retry = retry or RetryPolicy()
+        # about 30 s of patience in all: a restarted server or a dropped link comes back
+        self.retry = retry or RetryPolicy(attempts=8, initial_delay=0.25, max_delay=15.0)
         self.timeout = timeout
         shown_path = self.root if self.root.startswith("/") else "/~/" + self.root
         self.url = f"sftp://{self.user}@{host}{'' if port == 22 else f':{port}'}{shown_path}"
