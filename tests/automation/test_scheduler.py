@@ -249,3 +249,13 @@ def test_an_executor_that_raises_is_a_failed_run_and_the_daemon_survives(tmp_pat
     runs = sched.history.runs()
     assert [r.status for r in runs] == [FAILED, FAILED] and runs[0].error == "RuntimeError: bug"
     assert len(rec.sent) == 2
+
+
+def test_runs_left_running_by_a_dead_daemon_are_marked_interrupted(tmp_path: Path) -> None:
+    config = make_config(tmp_path, verify_job("j", "0 1 * * *"))
+    history = History(config.daemon.history)
+    history.start("j", "verify", T0 - dt.timedelta(hours=1))
+    sched = Scheduler(config, clock=FakeClock(T0), history=history, notifiers=[])
+    sched.start()
+    run = history.runs()[0]
+    assert run.status == "interrupted" and run.end == T0 and run.error is not None

@@ -153,16 +153,19 @@ class History:
             )
             return cur.rowcount
 
-    def runs(self, *, job: str | None = None, limit: int | None = None, status: str | None = None) -> list[Run]:
-        """Newest first."""
-        sql = "SELECT id, job, type, attempt, start, end, status, snapshot, bytes, error, details FROM runs"
-        where, args = [], []
+    _COLUMNS = "id, job, type, attempt, start, end, status, snapshot, bytes, error, details"
+
+    def runs(self, *, job: str | None = None, limit: int | None = None, statuses: tuple[str, ...] = ()) -> list[Run]:
+        """Newest first (by start time)."""
+        sql = f"SELECT {self._COLUMNS} FROM runs"
+        where: list[str] = []
+        args: list[str] = []
         if job is not None:
             where.append("job = ?")
             args.append(job)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status)
+        if statuses:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args.extend(statuses)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY start DESC, id DESC"
@@ -170,28 +173,22 @@ class History:
             sql += f" LIMIT {int(limit)}"
         with self._connect() as db:
             rows = db.execute(sql, args).fetchall()
-        out = []
-        for r in rows:
-            start = _time(r[4])
-            assert start is not None
-            out.append(
-                Run(r[0], r[1], r[2], r[3], start, _time(r[5]), r[6], r[7], r[8], r[9], json.loads(r[10] or "{}"))
-            )
-        return out
+        return [self._run(r) for r in rows]
+
+    @staticmethod
+    def _run(r: tuple[Any, ...]) -> Run:
+        start = _time(r[4])
+        assert start is not None
+        return Run(r[0], r[1], r[2], r[3], start, _time(r[5]), r[6], r[7], r[8], r[9], json.loads(r[10] or "{}"))
 
     def last(self, job: str) -> Run | None:
         runs = self.runs(job=job, limit=1)
         return runs[0] if runs else None
 
     def last_success(self, job: str) -> Run | None:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT id FROM runs WHERE job = ? AND status IN (?, ?) ORDER BY end DESC, id DESC LIMIT 1",
-                (job, SUCCESS, WARNING),
-            ).fetchone()
-        if row is None:
-            return None
-        return next(r for r in self.runs(job=job) if r.id == row[0])
+        """The newest run that did its work (``success`` or ``warning``)."""
+        runs = self.runs(job=job, limit=1, statuses=(SUCCESS, WARNING))
+        return runs[0] if runs else None
 
     # ---- alerts: one row per job in alert, so each alert is notified once ------------------
 
