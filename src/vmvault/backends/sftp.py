@@ -15,6 +15,10 @@ extension get remove + rename, which leaves a short window with no object at all
 a partial one. ``list`` ignores temporary names; an attempt that lost its connection removes
 its temporary file when it retries.
 
+Transfers: up to 64 write requests in flight per upload, every status checked (a short
+object must never be renamed into place); requests of 128 KiB where ``limits@openssh.com``
+(OpenSSH PROTOCOL section 4.8) allows it, else 32 KiB; reads pipelined the same way.
+
 Concurrency: a small pool of SSH connections, one SFTP session each, so that uploads from
 several threads do not queue behind one channel's window.
 
@@ -64,7 +68,8 @@ _TMP_MARK = ".tmp-"
 _CMD_EXTENDED = 200
 _CMD_EXTENDED_REPLY = 201
 
-#: the request size every SFTP server must accept (filexfer-02 section 3: 32768-byte packets)
+#: the request size every SFTP server accepts (filexfer-02 section 3: servers should take
+#: packets of at least 34000 bytes, i.e. 32 KiB of data plus headers)
 _BASE_REQUEST = 32768
 #: the largest request we send where the server allows it (OpenSSH answers up to 256 KiB);
 #: fewer, larger requests spend less of paramiko's per-packet Python time
