@@ -331,3 +331,25 @@ def test_live_incremental_matches_the_frozen_view(host: LabHost, repo: Repositor
         out = restore(repo, snap, str(tmp_path / cp))
         assert full_read(out.disks[0]["path"]) == running.frozen[cp]["scsi0:0"]
     leaf_matches_writer(host, "live", running)
+
+
+def test_unreadable_configuration_falls_back_to_the_files(host: LabHost, repo: Repository, tmp_path: Path) -> None:
+    build_tree(host)
+    vm = host.model("web")
+    assert vm.config_path is not None
+    damaged = Path(vm.config_path).read_bytes()[:200]
+    Path(vm.config_path).write_bytes(damaged)
+    files_before = {p: Path(p).read_bytes() for p in [vm.config_path, *vm.disks]}
+    result = backup(repo, LabSource(host.root, "web"))
+    assert any("discovered from the files" in w for w in result.warnings)
+    assert result.snapshot.consistency == "offline"
+    assert {p: Path(p).read_bytes() for p in files_before} == files_before  # nothing was touched
+    # every disk file is stored, chained by its parent locator
+    stored = {d.name: d.parent for d in result.snapshot.disks}
+    assert stored == {d.rel: (vm.disks[d.parent].rel if d.parent else None) for d in vm.disks.values()}
+    running = host.start("web")
+    try:
+        with pytest.raises(VmvaultError, match="configuration is unreadable"):
+            backup(repo, LabSource(host.root, "web"))
+    finally:
+        running.stop()

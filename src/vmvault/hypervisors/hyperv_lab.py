@@ -335,7 +335,9 @@ class LabHost:
         rct.save()
 
     def _write_vm_config(self, vm: HyperVVm, drives: dict[str, str], parent_cp: str) -> None:
-        assert vm.config_path is not None
+        if vm.config_path is None or vm.config_error is not None:
+            # never overwrite a configuration we could not read
+            raise HypervisorError(f"lab VM {vm.name}: configuration unusable ({vm.config_error})")
         created = os.stat(vm.config_path).st_mtime
         tree = _config_tree(
             name=vm.name,
@@ -431,8 +433,8 @@ class LabHost:
 
     def _checkpoint(self, name: str, cp_name: str, kind: str) -> str:
         vm = self.model(name)
-        if vm.config_path is None:
-            raise HypervisorError(f"lab VM {name}: no configuration ({vm.config_error})")
+        if vm.config_path is None or vm.config_error is not None:
+            raise HypervisorError(f"lab VM {name}: configuration unusable ({vm.config_error})")
         cp_id = _new_id()
         cp = Checkpoint(
             cp_id,
@@ -764,21 +766,35 @@ class LabSession(BackupSession):
         host, name = self.host, self.source.name
         self.warnings += host.remove_stale_recovery_checkpoints(name)
         before = host.model(name)
-        if before.config_path is None:
-            raise HypervisorError(f"lab VM {name}: {before.config_error}")
-        with open(before.config_path, "rb") as f:
-            config_bytes = f.read()
         running = host.running(name) is not None
-        # the lab has no guest to quiesce: a running VM's view is crash-consistent
-        self.consistency = "crash-consistent" if running else "offline"
-        marker = f"{RECOVERY_MARKER} pid={os.getpid()} host={socket.gethostname()} t={int(time.time())}"
-        self._cp = host.create_recovery_checkpoint(name, marker)
-        if "hang-after-checkpoint" in host.faults:
-            time.sleep(3600)  # a test kills the process here
-        after = host.model(name)
-        cp = after.checkpoint(self._cp)
-        recovery_leaves = set(after.current.values())
-        frozen_leaf = {p: s for s, p in cp.disks.items()}
+        if before.config_error is not None:
+            # Nothing to ask the host to freeze: a stopped VM's files are read as they are,
+            # disks found from the files and their parent locators; the folder is not touched.
+            if running:
+                raise HypervisorError(
+                    f"lab VM {name} is running but its configuration is unreadable ({before.config_error}); "
+                    "cannot take a recovery checkpoint"
+                )
+            self.consistency = "offline"
+            self.warnings += before.warnings
+            after, recovery_leaves, frozen_leaf = before, set(), {p: s for s, p in before.current.items()}
+            config_bytes = None
+            skip: set[str] = set()
+        else:
+            assert before.config_path is not None
+            with open(before.config_path, "rb") as f:
+                config_bytes = f.read()
+            # the lab has no guest to quiesce: a running VM's view is crash-consistent
+            self.consistency = "crash-consistent" if running else "offline"
+            marker = f"{RECOVERY_MARKER} pid={os.getpid()} host={socket.gethostname()} t={int(time.time())}"
+            self._cp = host.create_recovery_checkpoint(name, marker)
+            if "hang-after-checkpoint" in host.faults:
+                time.sleep(3600)  # a test kills the process here
+            after = host.model(name)
+            cp = after.checkpoint(self._cp)
+            recovery_leaves = set(after.current.values())
+            frozen_leaf = {p: s for s, p in cp.disks.items()}
+            skip = {os.path.abspath(cp.config_path)}
         self.vm = {
             "hypervisor": "hyperv-lab",
             "name": after.name,
@@ -812,9 +828,10 @@ class LabSession(BackupSession):
             slot = frozen_leaf.get(path)
             if slot is not None:
                 disk.meta["slot"] = slot
-                disk.cbt = {"rct_id": self._cp, "slot": slot, "vm_id": after.vm_id}
+                if self._cp is not None:
+                    disk.cbt = {"rct_id": self._cp, "slot": slot, "vm_id": after.vm_id}
                 ref = prev_by_slot.get(slot)
-                if ref is not None:
+                if ref is not None and self._cp is not None:
                     disk.changed = host.changes(name, slot, ref)
                     if disk.changed is None:
                         self.warnings.append(
@@ -822,16 +839,17 @@ class LabSession(BackupSession):
                             "reading the whole disk, deduplication keeps the stored data small"
                         )
             self.disks.append(disk)
-        skip = {os.path.abspath(cp.config_path)}
         for rel in after.other_files:
             full = os.path.join(after.folder, rel)
             if os.path.abspath(full) in skip:
                 continue
             st = os.stat(full)
-            opener = _bytes_opener(config_bytes) if full == before.config_path else _file_opener(full)
-            size = len(config_bytes) if full == before.config_path else st.st_size
+            if config_bytes is not None and full == before.config_path:
+                opener, size = _bytes_opener(config_bytes), len(config_bytes)
+            else:
+                opener, size = _file_opener(full), st.st_size
             self.files.append(SourceFile(rel, size, st.st_mode & 0o7777, st.st_mtime_ns, opener))
-        self.extra = {"hyperv": checkpoint_record(after, {self._cp})}
+        self.extra = {"hyperv": checkpoint_record(after, {self._cp} if self._cp else set())}
 
     def complete(self, snapshot_id: str) -> None:
         if self._cp is None or self._converted:
