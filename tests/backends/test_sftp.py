@@ -388,3 +388,34 @@ def test_cleanup_removes_only_old_temporary_files(sshd_server: SshServer) -> Non
         assert b.cleanup_temporary(older_than=0) == 1
         assert temporaries(sshd_server.root / "cleanup") == []
         assert b.get("data/ab/object") == b"kept"
+
+
+@pytest.mark.slow
+def test_server_killed_mid_download_then_back(own_sshd: SshServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="vmvault.backends._retry")
+    data = os.urandom(192 * MiB)
+    (own_sshd.root / "read").mkdir()
+    (own_sshd.root / "read" / "big").write_bytes(data)
+    patient = RetryPolicy(attempts=8, initial_delay=0.2, max_delay=1.0)
+    with backend(own_sshd, "read", retry=patient, timeout=10) as b:
+        assert b.exists("big")
+        results: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def download() -> None:
+            try:
+                results.append(b.get("big"))
+            except BaseException as exc:
+                errors.append(exc)
+
+        reader = threading.Thread(target=download)
+        reader.start()
+        time.sleep(0.3)
+        assert reader.is_alive(), "the download finished before the server could be killed"
+        own_sshd.kill()
+        time.sleep(0.5)
+        own_sshd.start()
+        reader.join(timeout=120)
+        assert not errors, errors
+        assert len(results) == 1 and results[0] == data
+    assert any("read big failed" in r.getMessage() for r in caplog.records), "the kill caused no retry"
