@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import signal
 import struct
@@ -250,7 +251,11 @@ mutation = st.tuples(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+#: examples per run; raise it for a longer campaign (VMVAULT_FUZZ_EXAMPLES=5000)
+FUZZ_EXAMPLES = int(os.environ.get("VMVAULT_FUZZ_EXAMPLES", "300"))
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     which=st.integers(0, 1000),
     parent_too=st.integers(0, 3),
