@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -214,7 +215,14 @@ def test_qemu_made_vhd(tmp_path: Path, subformat: str, force_size: str) -> None:
         if subformat == "dynamic":
             assert data_ranges(img) == qemu_data_ranges(path)
         else:
-            assert data_ranges(img) == [(0, img.size)]
+            # a fixed disk maps holes in the file as ZERO: they must read as zeros, the rest is DATA
+            exts = list(img.extents())
+            assert exts[0].offset == 0 and exts[-1].end == img.size
+            for e in exts:
+                if e.kind is ExtentKind.ZERO:
+                    assert expected[e.offset : e.end].count(0) == e.length
+                else:
+                    assert e.kind is ExtentKind.DATA
     assert libvhdi_read(path)[: len(expected)] == expected
 
 
@@ -361,10 +369,30 @@ def test_three_level_chain_and_merged_map(tmp_path: Path) -> None:
         assert img.read(0, size) == bytes(ref)
         merged = list(img.merged_extents())
         assert sum(e.length for e in merged) == size
-        # the base is fixed, so the whole merged view is DATA
-        assert {e.kind for e in merged} == {ExtentKind.DATA}
+        # the base is a sparse fixed disk: its holes are ZERO in the merged view, and read as zeros
+        assert {e.kind for e in merged} <= {ExtentKind.DATA, ExtentKind.ZERO}
+        for e in merged:
+            if e.kind is ExtentKind.ZERO:
+                assert ref[e.offset : e.end].count(0) == e.length
+        assert any(e.kind is ExtentKind.DATA and e.offset <= 5000 and e.end >= 8000 for e in merged)
     with pytest.raises(ParentError, match="cyclic"):
         open_vhd(str(tmp_path / "l1.vhd"), parent=str(tmp_path / "l1.vhd"))
+
+
+def test_sparse_fixed_vhd_reports_holes(tmp_path: Path) -> None:
+    path = tmp_path / "fixed.vhd"
+    with create_vhd(str(path), 64 * MIB, fixed=True) as w:
+        w.write(10 * MIB, b"\x01" * MIB)
+    with open_vhd(str(path)) as img:
+        exts = list(img.extents())
+        assert exts[0].offset == 0 and exts[-1].end == img.size
+        assert all(a.end == b.offset for a, b in itertools.pairwise(exts))
+        data = [e for e in exts if e.kind is ExtentKind.DATA]
+        assert any(e.offset <= 10 * MIB and e.end >= 11 * MIB for e in data)
+        if len(exts) == 1:
+            pytest.skip("the file system under the temp folder does not report holes")
+        assert sum(e.length for e in data) < 8 * MIB  # the holes are not data
+        assert img.read(10 * MIB - 1, 2) == b"\x00\x01"
 
 
 # -- damage ----------------------------------------------------------------------------------------

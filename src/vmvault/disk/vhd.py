@@ -10,6 +10,7 @@ means "this sector is here", 0 means "read the parent".
 
 from __future__ import annotations
 
+import errno
 import ntpath
 import os
 import re
@@ -192,7 +193,7 @@ class VhdImage(DiskImage):
 
     def _extents(self) -> Iterator[Extent]:
         if self._type is DiskType.FIXED:
-            yield Extent(0, self._size, ExtentKind.DATA)
+            yield from self._fixed_extents()
             return
         diff = self._type is DiskType.DIFFERENCING
         empty = ExtentKind.PARENT if diff else ExtentKind.ZERO
@@ -214,6 +215,25 @@ class VhdImage(DiskImage):
                         break
                     kind = ExtentKind.DATA if m.group()[0] == "1" else ExtentKind.PARENT
                     yield Extent(lo, hi - lo, kind)
+
+    def _fixed_extents(self) -> Iterator[Extent]:
+        """A fixed disk is raw data: holes in the file (SEEK_HOLE) read as zeros and need no reading."""
+        pos, end = 0, self._size
+        while pos < end:
+            try:
+                data = min(os.lseek(self._fd, pos, os.SEEK_DATA), end)
+                hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end) if data < end else end
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only the footer (or nothing) after pos
+                    yield Extent(pos, end - pos, ExtentKind.ZERO)
+                    return
+                yield Extent(pos, end - pos, ExtentKind.DATA)  # no hole support: all data
+                return
+            if data > pos:
+                yield Extent(pos, data - pos, ExtentKind.ZERO)
+            if hole > data:
+                yield Extent(data, hole - data, ExtentKind.DATA)
+            pos = max(hole, data)
 
     def _data_pread(self, offset: int, length: int, what: str = "VHD data") -> bytes:
         try:
