@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from vmvault.hypervisors.base import PreviousBackup
 from vmvault.hypervisors.hyperv import (
     SCRIPTS,
     HyperVSource,
+    LocalPowerShell,
     _save_rct,
     decode_reply,
     ps_quote,
@@ -178,6 +181,7 @@ def test_stale_recovery_checkpoints_of_ours_are_removed(host_files: Path) -> Non
             ("enable_merge", R["enable_merge_suspended"]),
             ("list_recovery", R["list_recovery_stale"]),
             ("destroy", R["destroy"]),
+            ("describe", R["describe"]),
             ("create_recovery", R["create_recovery"]),
             ("destroy", R["destroy"]),
         ],
@@ -225,13 +229,38 @@ def test_timeout_at_convert_removes_the_checkpoint(host_files: Path) -> None:
     assert t.calls[-1] == "destroy" and not t.plan
 
 
-def test_missing_disk_share_is_a_clear_error_and_cleans_up(tmp_path: Path) -> None:
-    src, t = source(
-        tmp_path / "not-mounted", [*START, ("create_recovery", R["create_recovery"]), ("destroy", R["destroy"])]
-    )
+def test_missing_share_fails_before_any_checkpoint(tmp_path: Path) -> None:
+    src, t = source(tmp_path / "not-mounted", list(START))
     with pytest.raises(SourceError, match="path_map"):
         src.open_session(None)
-    assert t.calls[-1] == "destroy"
+    assert "create_recovery" not in t.calls
+
+
+def test_unreadable_disk_after_the_checkpoint_removes_it(host_files: Path) -> None:
+    for f in (host_files / "web" / "Virtual Hard Disks").iterdir():
+        f.unlink()
+    src, t = source(host_files, [*START, ("create_recovery", R["create_recovery"]), ("destroy", R["destroy"])])
+    with pytest.raises(SourceError, match="path_map"):
+        src.open_session(None)
+    assert t.calls[-1] == "destroy" and not t.plan
+
+
+def test_stored_configuration_is_the_one_from_before_the_checkpoint(host_files: Path) -> None:
+    vmcx = host_files / "web" / "Virtual Machines" / f"{RECORDED['vm_id']}.vmcx"
+    original = vmcx.read_bytes()
+
+    class Repointing(Replay):
+        def run(self, name: str, script: str, timeout: float) -> Any:
+            if name == "create_recovery":  # Hyper-V re-points the VM at the new .avhdx
+                vmcx.write_bytes(b"points at the recovery avhdx")
+            return super().run(name, script, timeout)
+
+    t = Repointing([*START, ("create_recovery", R["create_recovery"]), ("destroy", R["destroy"])])
+    src = HyperVSource(f"hyperv://HV01/web?path_map=C:\\Hyper-V\\={host_files}/", transport=t)
+    with src.open_session(None) as s:
+        (cfg,) = [f for f in s.files if f.name.endswith(".vmcx")]
+        with cfg.open() as fh:
+            assert fh.read() == original and cfg.size == len(original)
 
 
 def test_replies_that_are_not_ours() -> None:
@@ -278,3 +307,48 @@ def test_spec_parsing() -> None:
         HyperVSource("hyperv://HV01/", transport=Replay([]))
     s = HyperVSource("hyperv:///web", transport=Replay([]))
     assert s.location == "hyperv:///web" and s.host == ""
+
+
+# ---- the local transport, against a stand-in powershell.exe process ---------------------
+
+FAKE_PS = """#!{python}
+import os, sys, time
+assert sys.argv[1:] == ["-NoProfile", "-NonInteractive", "-Command", "-"], sys.argv
+script = sys.stdin.read()
+assert "ConvertTo-Json" in script
+mode = os.environ["FAKE_PS_MODE"]
+if mode == "reply":
+    sys.stdout.write("WARNING: noise before the reply\\n" + open(os.environ["FAKE_PS_REPLY"]).read())
+elif mode == "sleep":
+    time.sleep(30)
+else:
+    sys.stderr.write("powershell: access denied\\n")
+    sys.exit(1)
+"""
+
+
+@pytest.fixture
+def fake_ps(tmp_path: Path) -> Path:
+    exe = tmp_path / "powershell.exe"
+    exe.write_text(FAKE_PS.format(python=sys.executable))
+    exe.chmod(0o755)
+    return exe
+
+
+def test_local_powershell_process(fake_ps: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reply = tmp_path / "reply.json"
+    reply.write_text(R["host_of"])
+    monkeypatch.setenv("FAKE_PS_REPLY", str(reply))
+    ps = LocalPowerShell(str(fake_ps))
+    monkeypatch.setenv("FAKE_PS_MODE", "reply")
+    assert ps.run("host_of", render("host_of", vm_id="x"), 30)["host"] == "HV01"
+    monkeypatch.setenv("FAKE_PS_MODE", "sleep")
+    started = time.monotonic()
+    with pytest.raises(HypervisorError, match="within 1 s"):
+        ps.run("host_of", render("host_of", vm_id="x"), 1)
+    assert time.monotonic() - started < 10
+    monkeypatch.setenv("FAKE_PS_MODE", "fail")
+    with pytest.raises(HypervisorError, match="access denied"):
+        ps.run("host_of", render("host_of", vm_id="x"), 30)
+    with pytest.raises(HypervisorError, match="needs Windows"):
+        LocalPowerShell(str(tmp_path / "nope.exe")).run("host_of", "", 5)

@@ -40,6 +40,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from typing import IO, Any, Protocol
@@ -419,10 +420,17 @@ class HyperVSession(BackupSession):
         merge = src.call("enable_merge", vm_id=self._vm_id)
         if not merge.get("was_enabled", True):
             self.warnings.append("disk merging was suspended on this VM (left by an export); vmvault re-enabled it")
+        removed = 0
         for stale in src.call("list_recovery", vm_id=self._vm_id) or []:
             if str(stale.get("name", "")).startswith(RECOVERY_MARKER):
                 src.call("destroy", instance_id=str(stale["instance_id"]))
+                removed += 1
                 self.warnings.append(f"removed recovery checkpoint {stale['name']!r} left by an interrupted backup")
+        if removed:  # the merge changed the VM's disks and files: look again
+            desc = src.call("describe", vm=src.vm_name)
+        # Configurations are read now, before the checkpoint re-points the VM at a new .avhdx:
+        # the stored configuration then names the frozen disks it is restored with.
+        configs = self._read_configs(desc)
         marker = f"{RECOVERY_MARKER} host={socket.gethostname()} t={int(time.time())}"
         try:
             snap = src.call(
@@ -475,10 +483,29 @@ class HyperVSession(BackupSession):
                 st = os.stat(local)
             except OSError as exc:
                 raise SourceError(f"{f} (read as {local}): {exc.strerror}; check path_map") from exc
-            self.files.append(SourceFile(_rel(str(f)), st.st_size, st.st_mode & 0o7777, st.st_mtime_ns, _opener(local)))
+            data = configs.get(str(f))
+            if data is not None:
+                self.files.append(SourceFile(_rel(str(f)), len(data), 0o644, st.st_mtime_ns, _bytes_opener(data)))
+            else:
+                self.files.append(
+                    SourceFile(_rel(str(f)), st.st_size, st.st_mode & 0o7777, st.st_mtime_ns, _opener(local))
+                )
         self.extra = {
             "hyperv": {"vm_id": self._vm_id, "checkpoints": desc.get("checkpoints") or [], "disks": desc.get("disks")}
         }
+
+    def _read_configs(self, desc: dict[str, Any]) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        for f in desc.get("files") or []:
+            if not str(f).lower().endswith((".vmcx", ".xml")):
+                continue  # .vmgs/.vmrs are read later: large, and not re-pointed by a checkpoint
+            local = self.source.path_map(str(f))
+            try:
+                with open(local, "rb") as fh:
+                    out[str(f)] = fh.read(64 * 1024 * 1024)
+            except OSError as exc:
+                raise SourceError(f"{f} (read as {local}): {exc.strerror}; check path_map") from exc
+        return out
 
     def _add_chain(self, host_path: str, seen: dict[str, SourceDisk]) -> SourceDisk:
         local = self.source.path_map(host_path)
@@ -553,6 +580,17 @@ class HyperVSession(BackupSession):
                     f"the recovery checkpoint {self._snapshot} could not be removed ({exc}); "
                     "the next backup removes it, or remove it with Remove-VMSnapshot"
                 ) from exc
+
+
+def _bytes_opener(data: bytes) -> Callable[[], IO[bytes]]:
+    def opener() -> IO[bytes]:
+        # the engine fstat()s what it stores: an anonymous file, not a BytesIO
+        f = tempfile.TemporaryFile()  # noqa: SIM115 - returned open to the caller
+        f.write(data)
+        f.seek(0)
+        return f
+
+    return opener
 
 
 def _rel(host_path: str) -> str:
