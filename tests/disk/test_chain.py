@@ -369,3 +369,13 @@ def test_open_for_write_refuses_a_parent(tmp_path: Path, model: bytearray) -> No
     vhd = make_base(tmp_path, "vhd", bytearray(SIZE))
     with pytest.raises(UnsupportedFormatError):
         open_for_write(vhd)
+
+
+def test_merge_keeps_the_parent_file_mode(tmp_path: Path, model: bytearray) -> None:
+    base = make_base(tmp_path, "vhdx", model)
+    os.chmod(base, 0o600)
+    child = checkpoint(base)
+    write(child, model, 0, b"m" * 512)
+    merge(child)
+    assert os.stat(base).st_mode & 0o777 == 0o600
+    assert read_all(base) == model

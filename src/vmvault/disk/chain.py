@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Final
@@ -391,6 +392,11 @@ def _build_and_swap(child_abs: str, parent_abs: str, fmt: str, tmp: str, progres
         entries[:0] = [("parent_linkage", _braced(old_guid)), ("parent_linkage2", _braced(new_guid))]
         _vhdx_set_locator(child_abs, tuple(entries))
     try:
+        # the merged file takes the parent's place: it keeps its permissions and owner too
+        st = os.stat(parent_abs)
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        with contextlib.suppress(PermissionError):
+            os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, parent_abs)
     except OSError as exc:
         raise SourceError(f"{parent_abs}: cannot replace with the merged file: {exc.strerror}") from exc
