@@ -353,3 +353,23 @@ def test_unreadable_configuration_falls_back_to_the_files(host: LabHost, repo: R
             backup(repo, LabSource(host.root, "web"))
     finally:
         running.stop()
+
+
+def test_deleting_a_checkpoint_in_the_middle_of_a_chain(host: LabHost) -> None:
+    host.create_vm("mid", (4 * MIB,))
+    host.write("mid", "scsi0:0", 0, b"a" * MIB)
+    cp1 = host.checkpoint("mid", "cp1")
+    host.write("mid", "scsi0:0", MIB, b"b" * MIB)
+    cp2 = host.checkpoint("mid", "cp2")
+    host.write("mid", "scsi0:0", 2 * MIB, b"c" * MIB)
+    before = host.model("mid")
+    cp2_view = full_read(before.checkpoint(cp2).disks["scsi0:0"])
+    current = host.read_disk("mid", "scsi0:0")
+    host.delete_checkpoint("mid", cp1)
+    after = host.model("mid")
+    assert [c.name for c in after.checkpoints] == ["cp2"] and after.checkpoints[0].parent_id == ""
+    base = before.checkpoint(cp1).disks["scsi0:0"]
+    assert after.checkpoint(cp2).disks["scsi0:0"] == base  # cp2's layer was folded into the base file
+    assert len(after.disks) == 2 and after.chain(after.current["scsi0:0"])[0] == base
+    assert full_read(base) == cp2_view and host.read_disk("mid", "scsi0:0") == current
+    assert pyvhdi_read(after.chain(after.current["scsi0:0"])) == current

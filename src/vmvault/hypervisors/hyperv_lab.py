@@ -11,6 +11,7 @@ with our own VHDX engine, keeping the names, layout and parent locators Hyper-V 
   the checkpoint's frozen disks;
 * **delete** merges: the checkpoint's frozen file takes in its only child's data and the
   child file disappears (what is left after a Hyper-V merge: the parent's file name);
+  configurations that named the child now name the parent;
 * a **recovery checkpoint** (a backup's) is the same, marked ``recovery``; ``convert`` merges
   it back and keeps a change-tracking **reference point**, like ``ConvertToReferencePoint``;
 * **change tracking** (the analogue of RCT): every guest write is recorded, per disk, into
@@ -18,8 +19,9 @@ with our own VHDX engine, keeping the names, layout and parent locators Hyper-V 
 * a **running VM** is a thread writing random data into the leaf disks while a backup runs,
   keeping a model of what every disk must contain.
 
-Limits (said where they bite): deleting a checkpoint whose frozen layer has several children
-or a child with children of its own is refused (Hyper-V can; the lab does not need it).
+Merges go through ``disk.chain.merge`` (crash-safe; the merged child's own children are
+re-pointed). Limit (said where it bites): deleting a checkpoint whose frozen layer has several
+children is refused (Hyper-V can; the lab does not need it).
 
 ``open_lab_source("hyperv-lab://DIR/VMNAME")`` backs a lab VM up the way the Hyper-V
 connector backs up a real one: recovery checkpoint → read the frozen layers → changed ranges
@@ -42,7 +44,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from vmvault.disk import open_image
+from vmvault.disk import chain, open_image
 from vmvault.disk.base import DiskImage, Extent, ExtentKind
 from vmvault.disk.vhdx import VhdxWriter, create_vhdx, open_vhdx, open_vhdx_for_write
 from vmvault.errors import ChangeTrackingError, ConfigError, HypervisorError, SourceError, VmvaultError
@@ -517,12 +519,12 @@ class LabHost:
             in_use = frozen in vm.current.values() or any(frozen in c.disks.values() for c in others)
             if not kids:
                 plan.append((frozen, None) if not in_use else (frozen, frozen))
-            elif len(kids) == 1 and not vm.children(kids[0]):
+            elif len(kids) == 1:
                 plan.append((frozen, kids[0]))
             else:
                 raise HypervisorError(
                     f"lab host: deleting checkpoint {cp.name!r} needs a merge of "
-                    f"{os.path.basename(frozen)} with {len(kids)} children; the lab merges a single leaf child only"
+                    f"{os.path.basename(frozen)} with {len(kids)} children; the lab merges a single child only"
                 )
         renames: dict[str, str] = {}
         for frozen, child in plan:
@@ -541,8 +543,6 @@ class LabHost:
                     c.parent_id = cp.parent_id
                 self._write_cp_config(vm, c, drives, c.created or time.time())
         os.unlink(cp.config_path)
-        for child in renames:
-            os.unlink(child)
 
     # ---- backup operations (what the WMI snapshot service does for a backup application) ---
 
@@ -644,22 +644,22 @@ def _owner_alive(marker: str) -> bool:
 
 
 def _merge_into_parent(child: str, parent: str) -> None:
-    """Write the child's own data into its parent (the parent's DataWriteGuid changes)."""
+    """Fold ``child`` into ``parent`` (``disk.chain.merge``: crash-safe, grandchildren re-pointed).
+
+    A child with no data of its own and no children is simply deleted, so a recovery
+    checkpoint of a VM that wrote nothing leaves the parent byte-identical.
+    """
     with open_vhdx(child) as img:
-        # DATA, and explicit ZERO ranges of the differencing child; PARENT ranges stay as they are
-        runs = [(e.offset, e.length) for e in img.extents() if e.kind is not ExtentKind.PARENT]
-        if not runs:
-            return  # nothing written since the checkpoint: the parent stays byte-identical
-        w = open_vhdx_for_write(parent)
-        try:
-            for off, n in runs:
-                pos = off
-                while pos < off + n:
-                    take = min(4 * MIB, off + n - pos)
-                    w.write(pos, img.read(pos, take))
-                    pos += take
-        finally:
-            w.close()
+        empty = all(e.kind is ExtentKind.PARENT for e in img.extents())
+    if empty and not chain.children(child):
+        os.unlink(child)
+        return
+    try:
+        merged = chain.merge(child)
+    except ConfigError as exc:
+        raise HypervisorError(f"lab host: cannot merge {os.path.basename(child)}: {exc}") from exc
+    if os.path.realpath(merged) != os.path.realpath(parent):
+        raise HypervisorError(f"lab host: {child} merged into {merged}, expected {parent}")
 
 
 # ============================================================================ backup source
