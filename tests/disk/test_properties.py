@@ -269,3 +269,29 @@ def test_libvhdi_quirk_without_sector_bitmap(scratch: Path) -> None:
     with open(child, "rb") as f:
         f.seek(64 * 1024)
         assert theirs[64 * 1024 : 64 * 1024 + SECTOR] == f.read(SECTOR)  # the child's own header bytes
+
+
+def test_libvhdi_ignores_parent_linkage2(scratch: Path) -> None:
+    """A merge caught between the swap and deleting the checkpoint leaves a child that accepts its
+    parent through parent_linkage2 only ([MS-VHDX] 2.6.2.6). vmvault reads it; libvhdi refuses
+    ("mismatch in identifier"), so crash states are checked against the model, not libvhdi."""
+    import uuid
+
+    from vmvault.disk.chain import _vhdx_locator, _vhdx_set_locator
+
+    base = str(scratch / "disk.vhdx")
+    with create_vhdx(base, SIZE, block_size=MIB) as w:
+        w.write(0, b"A" * SECTOR)
+    child = checkpoint(base)
+    with open_vhdx_for_write(child) as cw:
+        cw.write(SECTOR, b"B" * SECTOR)
+    with open_image(base) as img:
+        guid = str(img.info()["data_write_guid"])
+    keep = [(k, v) for k, v in _vhdx_locator(child).entries if k not in ("parent_linkage", "parent_linkage2")]
+    _vhdx_set_locator(
+        child, (("parent_linkage", "{" + str(uuid.uuid4()) + "}"), ("parent_linkage2", "{" + guid + "}"), *keep)
+    )
+    with open_image(child) as img:
+        assert img.read(0, 2 * SECTOR) == b"A" * SECTOR + b"B" * SECTOR
+    with pytest.raises(OSError, match="mismatch in identifier"):
+        libvhdi_read([child, base])
