@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -15,7 +16,9 @@ from vmvault.disk.vhdx import open_vhdx
 
 pytestmark = pytest.mark.integration
 
-CASES = [
+Case = tuple[int, int, bool, tuple[tuple[int, int, int], ...]]
+
+CASES: list[Case] = [
     # (size, block size, fixed, writes as (pattern, offset, length))
     (16 * MIB, 1 * MIB, False, ((0xAB, 0, 4096), (0x11, 3 * MIB + 512, 70000), (0x22, 15 * MIB, MIB))),
     (100 * MIB, 8 * MIB, False, ((0xAB, MIB, 3 * MIB), (0x11, 50 * MIB, 100_000), (0x33, 99 * MIB, MIB))),
@@ -27,15 +30,13 @@ CASES = [
 ]
 
 
-def _ids(case: tuple[object, ...]) -> str:
-    size, bs, fixed, writes = case  # type: ignore[misc]
-    return f"{'fixed' if fixed else 'dynamic'}-{size}-{bs >> 20}M-{len(writes)}w"  # type: ignore[operator]
+def _ids(case: Case) -> str:
+    size, bs, fixed, writes = case
+    return f"{'fixed' if fixed else 'dynamic'}-{size}-{bs >> 20}M-{len(writes)}w"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
-def test_reads_equal_qemu_convert(
-    tmp_path: Path, case: tuple[int, int, bool, tuple[tuple[int, int, int], ...]]
-) -> None:
+def test_reads_equal_qemu_convert(tmp_path: Path, case: Case) -> None:
     require_tool("qemu-img")
     require_tool("qemu-io")
     size, bs, fixed, writes = case
@@ -59,7 +60,7 @@ def test_reads_equal_qemu_convert(
 
         extents = list(img.extents())
         assert extents[0].offset == 0 and extents[-1].end == size
-        assert all(a.end == b.offset and a.kind is not b.kind for a, b in zip(extents, extents[1:], strict=False))
+        assert all(a.end == b.offset and a.kind is not b.kind for a, b in itertools.pairwise(extents))
         assert all(e.kind is not ExtentKind.PARENT for e in extents)
         data_blocks = {b for e in extents if e.kind is ExtentKind.DATA for b in range(e.offset // bs, -(-e.end // bs))}
         if fixed:
@@ -80,7 +81,7 @@ def test_reads_equal_qemu_convert(
             if e.kind is ExtentKind.DATA:
                 assert any(a <= e.offset and e.end <= b for a, b in qdata)
         info = img.info()
-        assert info["log"] == "clean" and info["creator"].startswith("QEMU")  # type: ignore[union-attr]
+        assert info["log"] == "clean" and str(info["creator"]).startswith("QEMU")
         assert info["allocated_bytes"] == len(data_blocks) * bs
 
 

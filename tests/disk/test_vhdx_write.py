@@ -299,16 +299,16 @@ def test_killed_writer_leaves_a_consistent_file(tmp_path: Path, differencing: bo
         target.write_bytes(pristine)
         with pytest.MonkeyPatch.context() as mp:
             crash_after(mp, calls)
-            w: VhdxWriter | None = None
+            session: VhdxWriter | None = None
             try:
-                w = open_vhdx_for_write(str(target))
+                session = open_vhdx_for_write(str(target))
                 for off, data in ops:
-                    w.write(off, data)
-                w.close()
+                    session.write(off, data)
+                session.close()
                 finished = True
             except Crash:
-                if w is not None:
-                    w.image.close()
+                if session is not None:
+                    session.image.close()
                 finished = False
         with open_vhdx(str(target)) as img:
             got = img.read(0, size)
