@@ -37,6 +37,10 @@ def _layer_line(i: int, layer: chains.Layer) -> list[str]:
         lines.append(f"      {name.replace('_', ' ')} {value}")
     if info.get("log") is not None:
         lines.append(f"      log {info['log']}")
+    if info.get("parent_path"):
+        checked = info.get("parent_linkage_checked")
+        how = " (parent_linkage matches its DataWriteGuid)" if checked else ""
+        lines.append(f"      parent {info['parent_path']}{how}")
     for w in info.get("warnings") or []:  # type: ignore[attr-defined]
         lines.append(f"      warning: {w}")
     return lines
