@@ -139,6 +139,8 @@ def test_live_backup_restores_every_layer(host: LabHost, repo: Repository, tmp_p
         new_path = os.path.join(str(target), disk.rel)
         chain_new = [os.path.join(str(target), before.disks[p].rel) for p in before.chain(path)]
         ours = full_read(new_path)
+        with open_image(new_path) as img:  # the parent is found through the restored locator
+            assert img.parent is None or os.path.dirname(img.parent.path) == os.path.dirname(new_path)
         if has_own_data(new_path):
             assert pyvhdi_read(chain_new) == ours, disk.rel
         # else: libvhdi 20260901 reads a differencing file with no sector-bitmap block at all
