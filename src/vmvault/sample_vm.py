@@ -89,23 +89,44 @@ def make_disk(path: str, size: int, *, seed: int, fill: float = 0.5) -> int:
 
 
 def guest_writes(path: str, *, percent: float, seed: int) -> int:
-    """Overwrite about ``percent`` % of the disk in clustered 4 KiB-aligned bursts; returns bytes written."""
+    """Overwrite about ``percent`` % of the disk in clustered 4 KiB-aligned bursts; returns bytes written.
+
+    Raw files are written directly; VHDX and qcow2 images through vmvault's own writers, the
+    way the hypervisor would write them for a running guest.
+    """
+    from vmvault.disk import detect_format, open_image
+
     rng = random.Random(seed)
-    size = os.path.getsize(path)
+    fmt = detect_format(path)
+    if fmt == "raw":
+        size = os.path.getsize(path)
+    else:
+        with open_image(path) as img:
+            size = img.size
     budget = int(size * percent / 100)
     hot = [rng.randrange(0, max(1, size - (64 << 20))) for _ in range(4)]
+    writes = []
     done = 0
-    with open(path, "r+b") as f:
-        while done < budget:
-            length = min(4096 * rng.randint(1, 32), budget - done)
-            length = max(4096, length // 4096 * 4096)
-            base = rng.choice(hot) if rng.random() < 0.7 else rng.randrange(0, size - length)
-            offset = min(size - length, base + rng.randrange(0, 64 << 20)) // 4096 * 4096
-            f.seek(offset)
-            f.write(rng.randbytes(length))
-            done += length
-        f.flush()
-        os.fsync(f.fileno())
+    while done < budget:
+        length = min(4096 * rng.randint(1, 32), budget - done)
+        length = max(4096, length // 4096 * 4096)
+        base = rng.choice(hot) if rng.random() < 0.7 else rng.randrange(0, size - length)
+        offset = min(size - length, base + rng.randrange(0, 64 << 20)) // 4096 * 4096
+        writes.append((offset, rng.randbytes(length)))
+        done += length
+    if fmt == "raw":
+        with open(path, "r+b") as f:
+            for offset, data in writes:
+                f.seek(offset)
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        from vmvault.disk.chain import open_for_write
+
+        with open_for_write(path) as writer:
+            for offset, data in writes:
+                writer.write(offset, data)
     return done
 
 
@@ -117,14 +138,30 @@ class SampleVm:
 
 
 def make_sample_vm(
-    folder: str, *, name: str = "demo-vm", disk_sizes: tuple[int, ...] = (384 << 20, 128 << 20)
+    folder: str,
+    *,
+    name: str = "demo-vm",
+    disk_sizes: tuple[int, ...] = (384 << 20, 128 << 20),
+    formats: tuple[str, ...] = ("vhdx", "qcow2"),
 ) -> SampleVm:
-    """A VM folder: a small configuration file and sparse disks with realistic content."""
+    """A VM folder: a small configuration file and sparse disks with realistic content.
+
+    Disk ``i`` is written as ``formats[i]`` (raw, vhdx, vhd or qcow2) by vmvault's own writers.
+    """
+    from vmvault.disk.chain import convert
+
     os.makedirs(folder, exist_ok=True)
     disks = []
     for i, size in enumerate(disk_sizes):
-        path = os.path.join(folder, f"{name}-disk{i}.raw")
-        make_disk(path, size, seed=1000 + i, fill=0.55 if i == 0 else 0.35)
+        fmt = formats[i % len(formats)] if formats else "raw"
+        path = os.path.join(folder, f"{name}-disk{i}.{fmt}")
+        raw = path if fmt == "raw" else path + ".tmp-raw"
+        make_disk(raw, size, seed=1000 + i, fill=0.55 if i == 0 else 0.35)
+        if fmt != "raw":
+            try:
+                convert(raw, path, fmt)
+            finally:
+                os.unlink(raw)
         disks.append(path)
     config = os.path.join(folder, f"{name}.conf")
     with open(config, "w") as f:
