@@ -379,3 +379,15 @@ def test_merge_keeps_the_parent_file_mode(tmp_path: Path, model: bytearray) -> N
     merge(child)
     assert os.stat(base).st_mode & 0o777 == 0o600
     assert read_all(base) == model
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_convert_to_a_full_disk_is_a_clean_error(small_tmpfs: Path, tmp_path: Path, fmt: str) -> None:
+    src = str(tmp_path / "big.vhdx")
+    with create_vhdx(src, 32 * MIB, block_size=MIB) as w:
+        w.write(0, os.urandom(30 * MIB))
+    dest = small_tmpfs / f"out.{fmt}"
+    # (the VHD and qcow2 writers report a full disk as a "short write")
+    with pytest.raises(VmvaultError, match=r"No space left|cannot write|write failed|short write"):
+        convert(src, str(dest), fmt)
+    assert os.listdir(small_tmpfs) == []  # no half-written image, no .partial

@@ -550,10 +550,12 @@ def _build_merged_parent(child: DiskImage, parent: DiskImage, tmp: str, progress
                 if progress is not None:
                     progress(n)
         writer.close()
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(Exception):  # the original error matters more
             writer.close()
         _unlink_quietly(tmp)
+        if isinstance(exc, OSError):  # a writer that let a system error through
+            raise SourceError(f"{tmp}: cannot write the merged parent: {exc.strerror or exc}") from exc
         raise
 
 
@@ -898,10 +900,12 @@ def convert(src: str, dest: str, fmt: str, *, parent: str | None = None, progres
                     if progress is not None:
                         progress(n)
             writer.close()
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):  # the original error matters more
                 writer.close()
             _unlink_quietly(tmp)
+            if isinstance(exc, OSError):  # a writer that let a system error through
+                raise SourceError(f"{dest}: cannot write: {exc.strerror or exc}") from exc
             raise
     try:
         os.replace(tmp, dest)
