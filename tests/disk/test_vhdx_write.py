@@ -334,3 +334,52 @@ def test_killed_writer_leaves_a_consistent_file(tmp_path: Path, differencing: bo
     if not differencing:
         require_tool("qemu-img")
         check_with_qemu(target, tmp_path, bytes(new))
+
+
+def test_parent_locator_update_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "base.vhdx"
+    with create_vhdx(str(base), 4 * MIB, block_size=MIB) as w:
+        w.write(0, b"P" * MIB)
+    child = tmp_path / "child.avhdx"
+    with create_vhdx(str(child), 0, parent=str(base), block_size=MIB) as w:
+        w.write(4096, b"C" * 4096)
+    with open_vhdx(str(child)) as img:
+        old = img.parent_locator
+        expected = img.read(0, 4 * MIB)
+    new_entries = [
+        ("parent_linkage", old["parent_linkage"]),
+        ("parent_linkage2", "{" + str(uuid.uuid4()) + "}"),
+        ("relative_path", ".\\base.vhdx"),
+        ("volume_path", "\\\\?\\Volume{" + str(uuid.uuid4()) + "}\\vms\\" + "x" * 600 + "\\base.vhdx"),
+    ]
+    pristine = child.read_bytes()
+    calls = 0
+    seen = set()
+    while True:
+        calls += 1
+        child.write_bytes(pristine)
+        with pytest.MonkeyPatch.context() as mp:
+            crash_after(mp, calls)
+            session: VhdxWriter | None = None
+            try:
+                session = open_vhdx_for_write(str(child))
+                session.set_parent_locator(new_entries)
+                session.close()
+                finished = True
+            except Crash:
+                if session is not None:
+                    session.image.close()
+                finished = False
+        with open_vhdx(str(child)) as img:
+            assert img.parent_locator in (old, dict(new_entries)), f"crash at write {calls}"
+            seen.add(img.parent_locator == old)
+            assert img.read(0, 4 * MIB) == expected
+        if finished:
+            break
+    assert seen == {True, False}
+    assert libvhdi_read([child, base], 4 * MIB) == expected
+    with open_vhdx_for_write(str(child)) as w:
+        with pytest.raises(FormatError, match="parent_linkage"):
+            w.set_parent_locator([("relative_path", "x")])
+    with open_vhdx_for_write(str(base)) as w, pytest.raises(FormatError, match="only a differencing"):
+        w.set_parent_locator(new_entries)

@@ -25,7 +25,7 @@ import itertools
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from vmvault.disk import _vhdx_layout as L
@@ -952,6 +952,7 @@ class VhdxWriter(DiskWriter):
         self._data_guid_changed = fresh
         self._pending_bat: set[int] = set()
         self._pending_sb: set[int] = set()  # file offsets of 4 KiB sectors inside SB blocks
+        self._pending_raw: dict[int, bytes] = {}  # other metadata sectors: file offset -> 4 KiB
         self._log_active = False
         self._log_pos = 0
         self._log_seq = 0
@@ -1128,11 +1129,12 @@ class VhdxWriter(DiskWriter):
             bitmap = img._sb_cache[chunk]
             rel = sector_off - base
             out[sector_off] = bytes(bitmap[rel : rel + L.LOG_SECTOR])
+        out.update(self._pending_raw)
         return sorted(out.items())
 
     def _commit(self) -> None:
         """Make pending BAT/SB changes durable through the log (section 2.3)."""
-        if not self._pending_bat and not self._pending_sb:
+        if not self._pending_bat and not self._pending_sb and not self._pending_raw:
             return
         img = self.image
         # Payload first: the BAT must never point at data that is not on disk yet.
@@ -1170,6 +1172,63 @@ class VhdxWriter(DiskWriter):
             self._log_pos += length
         self._pending_bat.clear()
         self._pending_sb.clear()
+        self._pending_raw.clear()
+
+    def set_parent_locator(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Replace a differencing file's parent locator (e.g. after a merge or a move).
+
+        The new metadata table and locator item are journalled together in one log entry, so a
+        crash leaves either the old or the new locator in force (section 2.6.2.6, 2.3).
+        """
+        img = self.image
+        if not img.has_parent:
+            raise UnsupportedFormatError("only a differencing file has a parent locator", path=self._path)
+        loc = L.ParentLocator(L.VHDX_LOCATOR_TYPE, tuple(entries))
+        keys = loc.as_dict()
+        if len(keys) != len(loc.entries):
+            raise FormatError("parent locator keys must be unique", path=self._path, structure="parent locator")
+        if _parse_braced_guid(keys.get("parent_linkage", "")) is None:
+            raise FormatError(
+                "a parent locator needs a parent_linkage GUID", path=self._path, structure="parent locator"
+            )
+        if not {"relative_path", "volume_path", "absolute_win32_path"} & keys.keys():
+            raise FormatError("a parent locator needs a path", path=self._path, structure="parent locator")
+        blob = loc.pack()
+        region = img._regions[L.METADATA_REGION_GUID]
+        table = img._meta_table
+        idx = next(i for i, e in enumerate(table.entries) if e.item_id == L.PARENT_LOCATOR_GUID and not e.is_user)
+        # Place it where no other item lives; its own old place is fine (the log makes it atomic).
+        live = sorted((e.offset, e.offset + e.length) for i, e in enumerate(table.entries) if e.length and i != idx)
+        where = L.METADATA_TABLE_SIZE
+        for lo, hi in live:
+            if where + len(blob) <= lo:
+                break
+            where = max(where, hi)
+        if where + len(blob) > region.length:
+            raise UnsupportedFormatError(
+                "the metadata region has no room for the new parent locator", path=self._path, structure="metadata"
+            )
+        new_table = L.MetadataTable(
+            tuple(
+                dataclasses.replace(e, offset=where, length=len(blob)) if i == idx else e
+                for i, e in enumerate(table.entries)
+            )
+        )
+        base = region.file_offset
+        first = where // L.LOG_SECTOR * L.LOG_SECTOR
+        last = -(-(where + len(blob)) // L.LOG_SECTOR) * L.LOG_SECTOR
+        area = bytearray(img._pread(last - first, base + first, "metadata region"))
+        area[where - first : where - first + len(blob)] = blob
+        changes = {base + first + k: bytes(area[k : k + L.LOG_SECTOR]) for k in range(0, len(area), L.LOG_SECTOR)}
+        packed = new_table.pack()
+        old_packed = table.pack()
+        for k in range(0, L.METADATA_TABLE_SIZE, L.LOG_SECTOR):
+            if packed[k : k + L.LOG_SECTOR] != old_packed[k : k + L.LOG_SECTOR]:
+                changes[base + k] = packed[k : k + L.LOG_SECTOR]
+        self._pending_raw.update(changes)
+        self._commit()
+        img._meta_table = new_table
+        img._locator = loc
 
     def flush(self) -> None:
         self._commit()
