@@ -378,8 +378,7 @@ def test_parent_locator_update_is_atomic(tmp_path: Path, monkeypatch: pytest.Mon
             break
     assert seen == {True, False}
     assert libvhdi_read([child, base], 4 * MIB) == expected
-    with open_vhdx_for_write(str(child)) as w:
-        with pytest.raises(FormatError, match="parent_linkage"):
-            w.set_parent_locator([("relative_path", "x")])
+    with open_vhdx_for_write(str(child)) as w, pytest.raises(FormatError, match="parent_linkage"):
+        w.set_parent_locator([("relative_path", "x")])
     with open_vhdx_for_write(str(base)) as w, pytest.raises(FormatError, match="only a differencing"):
         w.set_parent_locator(new_entries)
