@@ -24,7 +24,8 @@ __all__ = ["CLONE_HOOKS", "restore_clone"]
 
 #: source kind -> function(result, snapshot, clone name) that gives the clone its identity
 CLONE_HOOKS: dict[str, Callable[[RestoreResult, Snapshot, str], None]] = {}
-#: connectors whose module registers a hook when imported
+#: connectors whose module may define ``clone_hook`` (same signature), looked up on use so
+#: connectors need not import the engine
 _HOOK_MODULES = {"hyperv-lab": "vmvault.hypervisors.hyperv_lab", "hyperv": "vmvault.hypervisors.hyperv"}
 
 
@@ -63,9 +64,9 @@ def restore_clone(
     folder = os.path.join(target, clone_name)
     result = restore(repo, clone, folder, format=format, flatten=flatten, progress=progress)
     kind = str(snap.source.get("kind"))
-    if kind in _HOOK_MODULES and kind not in CLONE_HOOKS:
-        importlib.import_module(_HOOK_MODULES[kind])
     hook = CLONE_HOOKS.get(kind)
+    if hook is None and kind in _HOOK_MODULES:
+        hook = getattr(importlib.import_module(_HOOK_MODULES[kind]), "clone_hook", None)
     if hook is not None:
         hook(result, clone, clone_name)
     return result

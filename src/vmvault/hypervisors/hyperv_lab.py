@@ -42,7 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from vmvault.disk import chain, open_image
 from vmvault.disk.base import DiskImage, Extent, ExtentKind
@@ -880,6 +880,14 @@ class LabSession(BackupSession):
                 ) from exc
 
 
+class RestoreResultLike(Protocol):
+    target: str
+
+
+class SnapshotLike(Protocol):
+    vm: dict[str, Any]
+
+
 class LabSource(Source):
     kind = "hyperv-lab"
 
@@ -914,7 +922,7 @@ def open_lab_source(spec: str) -> LabSource:
     return LabSource(root, name)
 
 
-def lab_clone_hook(result: Any, snap: Any, clone_name: str) -> None:
+def lab_clone_hook(result: RestoreResultLike, snap: SnapshotLike, clone_name: str) -> None:
     """Give a restored clone of a lab VM its own identity: new VM ID, configurations pointing
     at the clone's disk files (``Import-VM -Copy -GenerateNewId``)."""
     folder = result.target
@@ -922,10 +930,5 @@ def lab_clone_hook(result: Any, snap: Any, clone_name: str) -> None:
     LabHost(os.path.dirname(folder)).import_vm(os.path.basename(folder), new_id=True, renamed=(old, clone_name))
 
 
-def _register_clone_hook() -> None:
-    from vmvault.engine.clone import CLONE_HOOKS
-
-    CLONE_HOOKS.setdefault("hyperv-lab", lab_clone_hook)
-
-
-_register_clone_hook()
+#: found by ``vmvault.engine.clone`` for snapshots of kind "hyperv-lab"
+clone_hook = lab_clone_hook
