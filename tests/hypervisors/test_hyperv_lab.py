@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from vmvault.engine.clone import restore_clone
 from vmvault.engine.restore import restore
 from vmvault.errors import VmvaultError
 from vmvault.hypervisors import open_source
-from vmvault.hypervisors.hyperv_lab import LabHost, LabSource, RunningVm
+from vmvault.hypervisors.hyperv_lab import RECOVERY_MARKER, LabHost, LabSource, RunningVm
 from vmvault.hypervisors.hyperv_model import HyperVVm, discover
 from vmvault.repo.repository import Repository
 
@@ -375,3 +376,25 @@ def test_deleting_a_checkpoint_in_the_middle_of_a_chain(host: LabHost) -> None:
     assert len(after.disks) == 2 and after.chain(after.current["scsi0:0"])[0] == base
     assert full_read(base) == cp2_view and host.read_disk("mid", "scsi0:0") == current
     assert pyvhdi_read(after.chain(after.current["scsi0:0"])) == current
+
+
+def test_crash_between_merge_and_configuration_update(host: LabHost, repo: Repository) -> None:
+    """The process died after the recovery checkpoint was merged back but before the VM's
+    configuration named the parent again: the next backup finishes the job, losing nothing."""
+    from vmvault.disk import chain
+
+    host.create_vm("c", (4 * MIB,))
+    host.write("c", "scsi0:0", 0, b"1" * MIB)
+    before = host.model("c")
+    host.create_recovery_checkpoint("c", f"{RECOVERY_MARKER} pid=999999999 host={socket.gethostname()} t=1")
+    host.write("c", "scsi0:0", MIB, b"2" * MIB)  # lands in the recovery .avhdx
+    expected = host.read_disk("c", "scsi0:0")
+    chain.merge(host.model("c").current["scsi0:0"])  # ... and the process dies here
+    broken = host.model("c")
+    assert broken.missing and not broken.current
+    with pytest.raises(VmvaultError, match="missing disks"):
+        host.delete_checkpoint("c", broken.checkpoints[0].id)  # never deletes blindly
+    result = backup(repo, LabSource(host.root, "c"))
+    assert any("interrupted backup" in w for w in result.warnings)
+    assert_same_vm(before, host.model("c"))
+    assert host.read_disk("c", "scsi0:0") == expected

@@ -511,6 +511,12 @@ class LabHost:
     def _delete(self, name: str, cp_id: str) -> None:
         vm = self.model(name)
         cp = vm.checkpoint(cp_id)
+        if vm.missing:
+            # a file some configuration needs is gone: deleting anything now could lose data
+            raise HypervisorError(
+                f"lab VM {name}: its configuration names missing disks ({', '.join(vm.missing.values())}); "
+                "refusing to delete or merge checkpoint files"
+            )
         others = [c for c in vm.checkpoints if c.id != cp.id]
         # plan first, so a refusal changes nothing
         plan: list[tuple[str, str | None]] = []
@@ -575,6 +581,14 @@ class LabHost:
             vm = self.model(name)
             if not any(c.id == cp_id for c in vm.checkpoints):
                 return
+            cp = vm.checkpoint(cp_id)
+            finished = {
+                slot: frozen for slot, frozen in cp.disks.items() if slot in vm.missing and not vm.children(frozen)
+            }
+            if finished:
+                # A merge back completed but the configuration was not rewritten (the process
+                # died in between): the frozen file now holds the data; point the VM at it.
+                self._write_vm_config(vm, {**vm.current, **finished}, vm.parent_checkpoint_id)
             self._delete(name, cp_id)
             vm = self.model(name)
             for slot in vm.current:

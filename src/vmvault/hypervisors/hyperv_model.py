@@ -91,6 +91,8 @@ class HyperVVm:
     #: other files (configuration, NVRAM, saved state), relative to the folder
     other_files: list[str]
     warnings: list[str] = field(default_factory=list)
+    #: slot -> pathname the VM's configuration names but no file here matches
+    missing: dict[str, str] = field(default_factory=dict)
 
     # ---- the disk graph -------------------------------------------------------------------
 
@@ -256,11 +258,13 @@ def discover(folder: str, *, renamed: tuple[str, str] | None = None) -> HyperVVm
 
     checkpoints: list[Checkpoint] = []
     current: dict[str, str] = {}
+    missing: dict[str, str] = {}
     if config is not None:
         for drive in config.disks:
             found = resolve_pathname(drive.pathname, folder, index, renamed)
             if found is None:
                 warnings.append(f"{drive.slot}: disk {drive.pathname} not found")
+                missing[drive.slot] = drive.pathname
                 continue
             current[drive.slot] = found
         for cpath in _config_files(os.path.join(folder, "Snapshots")):
@@ -311,6 +315,7 @@ def discover(folder: str, *, renamed: tuple[str, str] | None = None) -> HyperVVm
         disks=disks,
         other_files=others,
         warnings=warnings,
+        missing=missing,
     )
 
 
