@@ -398,3 +398,65 @@ def test_crash_between_merge_and_configuration_update(host: LabHost, repo: Repos
     assert any("interrupted backup" in w for w in result.warnings)
     assert_same_vm(before, host.model("c"))
     assert host.read_disk("c", "scsi0:0") == expected
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_checkpoint_histories_back_up_and_restore(
+    host: LabHost, repo: Repository, tmp_path: Path, seed: int
+) -> None:
+    """Random writes, checkpoints, applies, deletes and backups against a model of every
+    checkpoint's content: backups change nothing, the last one restores every layer."""
+    from vmvault.errors import HypervisorError
+
+    rng = random.Random(seed)
+    size = 4 * MIB
+    host.create_vm("r", (size,))
+    current = bytearray(size)
+    at: dict[str, bytes] = {}  # checkpoint id -> content when taken
+    source = LabSource(host.root, "r")
+    done: dict[str, int] = {}
+    for _ in range(24):
+        op = rng.choice(["write", "write", "checkpoint", "apply", "delete", "backup"])
+        if op == "write":
+            off, n = rng.randrange(0, size // 4096) * 4096, rng.randrange(1, 64) * 4096
+            data = rng.randbytes(min(n, size - off))
+            host.write("r", "scsi0:0", off, data)
+            current[off : off + len(data)] = data
+        elif op == "checkpoint":
+            at[host.checkpoint("r", f"cp{len(at)}")] = bytes(current)
+        elif op == "apply" and at:
+            cp = rng.choice(sorted(at))
+            host.apply_checkpoint("r", cp)
+            current[:] = at[cp]
+        elif op == "delete" and at:
+            cp = rng.choice(sorted(at))
+            before = host.model("r").structure()
+            try:
+                host.delete_checkpoint("r", cp)
+                del at[cp]
+            except HypervisorError:  # a layer with several children: refused, nothing changed
+                assert host.model("r").structure() == before
+                op = "refused"
+        elif op == "backup":
+            before = host.model("r")
+            backup(repo, source)
+            assert_same_vm(before, host.model("r"))
+        else:
+            op = "nothing to do"
+        done[op] = done.get(op, 0) + 1
+        vm = host.model("r")
+        assert host.read_disk("r", "scsi0:0") == bytes(current)
+        assert {c.id for c in vm.checkpoints} == set(at)
+        for c in vm.checkpoints:
+            assert full_read(c.disks["scsi0:0"]) == at[c.id], c.name
+    assert {"checkpoint", "apply", "delete", "backup"} <= set(done), done
+    before = host.model("r")
+    snap = backup(repo, source).snapshot
+    assert_same_vm(before, host.model("r"))
+    target = tmp_path / "restored" / "r"
+    restore(repo, snap, str(target))
+    restored = LabHost(str(target.parent)).import_vm("r")
+    assert restored.structure()["disks"] == before.structure()["disks"]
+    assert LabHost(str(target.parent)).read_disk("r", "scsi0:0") == bytes(current)
+    for c in restored.checkpoints:
+        assert full_read(c.disks["scsi0:0"]) == at[c.id], c.name
