@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,8 +53,8 @@ def write(path: str, model: bytearray, offset: int, data: bytes) -> None:
     model[offset : offset + len(data)] = data
 
 
-def read_all(path: str) -> bytes:
-    with open_image(path) as img:
+def read_all(path: str | Path) -> bytes:
+    with open_image(str(path)) as img:
         return img.read(0, img.size)
 
 
@@ -400,3 +401,30 @@ def test_raw_writer_reports_a_full_disk_as_a_vmvault_error(small_tmpfs: Path) ->
     w = create_raw(str(small_tmpfs / "x.raw"), 64 * MIB)
     with pytest.raises(VmvaultError):
         w.write(0, b"\x01" * (32 * MIB))
+
+
+def test_real_vhd_files_checkpoint_merge_convert(shared_dir: Path, tmp_path: Path) -> None:
+    """The dfvfs VHDs of shared/testdata: a differencing VHD that names its parent by file name
+    only, merged; a checkpoint over a qemu-made VHD, written at creation and merged back."""
+    src = shared_dir / "testdata" / "vhd"
+    for name in ("image.vhd", "image-differential.vhd", "ext2.vhd"):
+        shutil.copy(src / name, tmp_path / name)
+    parent, child = tmp_path / "image.vhd", tmp_path / "image-differential.vhd"
+    view = read_all(child)
+    assert merge(str(child)) == str(parent)
+    assert read_all(parent) == view and not child.exists()
+    # a checkpoint of the ext2 disk, with data, merged back; the file keeps its identity
+    ext2 = tmp_path / "ext2.vhd"
+    with open_image(str(ext2)) as img:
+        uid, size = img.info()["unique_id"], img.size
+    snap = tmp_path / "ext2_snap.avhd"
+    with create_image(str(snap), "vhd", size, parent=str(ext2)) as w:
+        w.write(1024, b"superblock?" * 10)
+    want = read_all(snap)
+    assert merge(str(snap)) == str(ext2)
+    assert read_all(ext2) == want
+    with open_image(str(ext2)) as img:
+        assert img.info()["unique_id"] == uid
+    flat = tmp_path / "ext2.vhdx"
+    convert(str(ext2), str(flat), "vhdx")
+    assert compare(str(ext2), str(flat)) == []
