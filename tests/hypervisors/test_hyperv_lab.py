@@ -400,7 +400,7 @@ def test_crash_between_merge_and_configuration_update(host: LabHost, repo: Repos
     assert host.read_disk("c", "scsi0:0") == expected
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 4, 5])
 def test_random_checkpoint_histories_back_up_and_restore(
     host: LabHost, repo: Repository, tmp_path: Path, seed: int
 ) -> None:
@@ -415,8 +415,9 @@ def test_random_checkpoint_histories_back_up_and_restore(
     at: dict[str, bytes] = {}  # checkpoint id -> content when taken
     source = LabSource(host.root, "r")
     done: dict[str, int] = {}
-    for _ in range(24):
-        op = rng.choice(["write", "write", "checkpoint", "apply", "delete", "backup"])
+    ops = ["write"] * 3 + ["checkpoint"] * 2 + ["apply"] * 2 + ["delete", "backup"]
+    for _ in range(30):
+        op = rng.choice(ops)
         if op == "write":
             off, n = rng.randrange(0, size // 4096) * 4096, rng.randrange(1, 64) * 4096
             data = rng.randbytes(min(n, size - off))
@@ -430,17 +431,17 @@ def test_random_checkpoint_histories_back_up_and_restore(
             current[:] = at[cp]
         elif op == "delete" and at:
             cp = rng.choice(sorted(at))
-            before = host.model("r").structure()
+            shape = host.model("r").structure()
             try:
                 host.delete_checkpoint("r", cp)
                 del at[cp]
             except HypervisorError:  # a layer with several children: refused, nothing changed
-                assert host.model("r").structure() == before
+                assert host.model("r").structure() == shape
                 op = "refused"
         elif op == "backup":
-            before = host.model("r")
+            vm_before = host.model("r")
             backup(repo, source)
-            assert_same_vm(before, host.model("r"))
+            assert_same_vm(vm_before, host.model("r"))
         else:
             op = "nothing to do"
         done[op] = done.get(op, 0) + 1
@@ -450,13 +451,13 @@ def test_random_checkpoint_histories_back_up_and_restore(
         for c in vm.checkpoints:
             assert full_read(c.disks["scsi0:0"]) == at[c.id], c.name
     assert {"checkpoint", "apply", "delete", "backup"} <= set(done), done
-    before = host.model("r")
+    final = host.model("r")
     snap = backup(repo, source).snapshot
-    assert_same_vm(before, host.model("r"))
+    assert_same_vm(final, host.model("r"))
     target = tmp_path / "restored" / "r"
     restore(repo, snap, str(target))
     restored = LabHost(str(target.parent)).import_vm("r")
-    assert restored.structure()["disks"] == before.structure()["disks"]
+    assert restored.structure()["disks"] == final.structure()["disks"]
     assert LabHost(str(target.parent)).read_disk("r", "scsi0:0") == bytes(current)
     for c in restored.checkpoints:
         assert full_read(c.disks["scsi0:0"]) == at[c.id], c.name
