@@ -394,7 +394,6 @@ def test_convert_to_a_full_disk_is_a_clean_error(small_tmpfs: Path, tmp_path: Pa
     assert os.listdir(small_tmpfs) == []  # no half-written image, no .partial
 
 
-@pytest.mark.xfail(strict=True, reason="raw.RawWriter lets OSError through (reported to the raw.py owners)")
 def test_raw_writer_reports_a_full_disk_as_a_vmvault_error(small_tmpfs: Path) -> None:
     from vmvault.disk.raw import create_raw
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 
 from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind
-from vmvault.errors import FormatError, SourceError
+from vmvault.errors import FormatError, SourceError, StorageFullError, VmvaultError
 
 __all__ = ["RawImage", "RawWriter", "create_raw", "open_raw"]
 
@@ -101,18 +101,33 @@ class RawWriter(DiskWriter):
     def size(self) -> int:
         return self._size
 
+    def _failed(self, exc: OSError, offset: int) -> VmvaultError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StorageFullError(f"{self._path}: No space left on the target disk (writing at {offset:#x})")
+        return FormatError(f"write failed: {exc.strerror}", path=self._path, offset=offset)
+
     def write(self, offset: int, data: bytes) -> None:
         if offset + len(data) > self._size:
             raise ValueError(f"write past the end of {self._path}")
-        os.pwrite(self._fd, data, offset)
+        view = memoryview(data)
+        pos = offset
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, pos)
+                view, pos = view[n:], pos + n
+        except OSError as exc:
+            raise self._failed(exc, pos) from exc
 
     def flush(self) -> None:
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise self._failed(exc, 0) from exc
 
     def close(self) -> None:
         if self._fd >= 0:
             try:
-                os.fsync(self._fd)
+                self.flush()
             finally:
                 os.close(self._fd)
                 self._fd = -1
