@@ -223,6 +223,7 @@ def test_failures_leave_the_vm_as_it_was(host: LabHost, repo: Repository, fault:
     assert_same_vm(before, host.model("web"))
 
 
+@pytest.mark.integration
 def test_killed_backup_is_cleaned_up_by_the_next(host: LabHost, repo: Repository) -> None:
     build_tree(host)
     before = host.model("web")

@@ -335,6 +335,7 @@ def fake_ps(tmp_path: Path) -> Path:
     return exe
 
 
+@pytest.mark.integration
 def test_local_powershell_process(fake_ps: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reply = tmp_path / "reply.json"
     reply.write_text(R["host_of"])
