@@ -24,6 +24,7 @@ from vmvault.engine.clone import restore_clone
 from vmvault.engine.restore import restore
 from vmvault.errors import VmvaultError
 from vmvault.hypervisors import open_source
+from vmvault.hypervisors.base import PreviousBackup
 from vmvault.hypervisors.hyperv_lab import RECOVERY_MARKER, LabHost, LabSource, RunningVm
 from vmvault.hypervisors.hyperv_model import HyperVVm, discover
 from vmvault.repo.repository import Repository
@@ -462,3 +463,19 @@ def test_random_checkpoint_histories_back_up_and_restore(
     assert LabHost(str(target.parent)).read_disk("r", "scsi0:0") == bytes(current)
     for c in restored.checkpoints:
         assert full_read(c.disks["scsi0:0"]) == at[c.id], c.name
+
+
+def test_frozen_layers_are_reported_unchanged(host: LabHost, repo: Repository) -> None:
+    build_tree(host)
+    source = LabSource(host.root, "web")
+    first = backup(repo, source).snapshot
+    frozen = {d.name for d in first.disks if d.cbt and "data_write_guid" in d.cbt}
+    vm = host.model("web")
+    leaves = {slot: vm.disks[p].rel for slot, p in vm.current.items()}
+    assert frozen and not frozen & set(leaves.values())
+    host.write("web", "scsi0:0", 3 * MIB, b"z" * 4096)
+    with source.open_session(PreviousBackup(first.id, {d.name: d.cbt for d in first.disks if d.cbt})) as s:
+        by_name = {d.name: d for d in s.disks}
+        assert all(by_name[n].changed == [] for n in frozen)
+        assert by_name[leaves["scsi0:0"]].changed == [(3 * MIB, 64 * 1024)]  # the leaf's RCT ranges
+        assert by_name[leaves["scsi0:1"]].changed == []

@@ -829,6 +829,7 @@ class LabSession(BackupSession):
                 raise SourceError(f"{d.rel}: {d.error}")
             img: DiskImage = open_image(path)
             self._images.append(img)
+            guid = str(getattr(img, "data_write_guid", ""))
             if budget >= 0:
                 img = _FailingImage(img, budget)
             disk = SourceDisk(
@@ -852,6 +853,14 @@ class LabSession(BackupSession):
                             f"{d.rel}: change-tracking reference {ref} is gone (reset by apply or lost); "
                             "reading the whole disk, deduplication keeps the stored data small"
                         )
+            elif guid:
+                # A checkpoint's frozen layer never changes while it has children; its
+                # DataWriteGuid proves it is the same file as last time: nothing changed.
+                # (The engine reads layers whole for now; this is ready for layer incrementals.)
+                disk.cbt = {"vm_id": after.vm_id, "data_write_guid": guid}
+                prev = previous.disks.get(d.rel) if previous is not None else None
+                if prev is not None and prev.get("data_write_guid") == guid:
+                    disk.changed = []
             self.disks.append(disk)
         for rel in after.other_files:
             full = os.path.join(after.folder, rel)
