@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -248,9 +249,58 @@ def test_vanished_source_is_a_clear_error(tmp_path: Path) -> None:
         FilesSource(str(tmp_path / "gone"))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="reading a mode-000 file as root succeeds; needs a non-root user")
-def test_permission_denied_is_a_clear_error_for_non_root() -> None:  # pragma: no cover - CI runs as root
-    pass
+def _as_nobody(fn: Callable[[], str]) -> str:
+    """Run ``fn`` in a forked child that dropped root (root reads everything); returns its text."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+
+    def child() -> None:
+        os.setgid(65534)
+        os.setuid(65534)
+        try:
+            child_end.send(fn())
+        except Exception as exc:
+            child_end.send(f"{type(exc).__name__}: {exc}")
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    proc.join(60)
+    return str(parent_end.recv())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")
+def test_permission_denied_on_source_and_repository_are_clear_errors(tmp_path: Path) -> None:
+    import tempfile
+
+    # pytest's own temp folders are private to root: use one the unprivileged user can enter
+    tmp_path = Path(tempfile.mkdtemp(dir="/tmp"))
+    tmp_path.chmod(0o755)
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"x" * 4096)
+    secret.chmod(0o000)
+    repo_dir = tmp_path / "repo"
+    Repository.init(LocalBackend(str(repo_dir)), b"pw", chunk_size=CS)
+    for p in [repo_dir, *repo_dir.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)  # readable, not writable, by others
+    readable = tmp_path / "ok.raw"
+    readable.write_bytes(b"y" * 4096)
+    readable.chmod(0o644)
+
+    def backup_secret() -> str:
+        FilesSource(str(secret)).open_session(None)
+        return "no error"
+
+    def backup_into_readonly_repo() -> str:
+        repo = Repository.open(LocalBackend(str(repo_dir)), b"pw")
+        backup(repo, FilesSource(str(readable)))
+        return "no error"
+
+    assert _as_nobody(backup_secret).startswith("SourceError: ") and "Permission denied" in _as_nobody(backup_secret)
+    text = _as_nobody(backup_into_readonly_repo)
+    assert text.startswith("BackendPermissionError: ") and "Permission denied" in text, text
+    shutil.rmtree(tmp_path)
 
 
 def test_permission_denied_on_the_repository(tmp_path: Path) -> None:

@@ -134,8 +134,12 @@ class FilesSource(Source):
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self.location = self.path
-        if not os.path.exists(self.path):
-            raise SourceError(f"{path}: no such file or folder")
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            raise SourceError(f"{path}: no such file or folder") from None
+        except OSError as exc:
+            raise SourceError(f"{path}: {exc.strerror}") from exc
 
     def open_session(self, previous: PreviousBackup | None) -> BackupSession:
         # Offline files have no change tracking: every backup reads all allocated data and
