@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.disk.vhdx_samples import MIB, qemu_raw, qemu_vhdx, run
-from vmvault.disk import ExtentKind, open_image
+from vmvault.disk import Extent, ExtentKind, coalesce, open_image
 from vmvault.disk.vhdx import open_vhdx
 
 pytestmark = pytest.mark.integration
@@ -59,6 +59,8 @@ def test_reads_equal_qemu_convert(tmp_path: Path, case: Case) -> None:
         assert img.read(size, 10) == b""
 
         extents = list(img.extents())
+        # the fast BAT scan agrees with the per-block segment walk that reads use
+        assert extents == list(coalesce(Extent(v, n, k) for v, n, k, _ in img._segments(0, size)))
         assert extents[0].offset == 0 and extents[-1].end == size
         assert all(a.end == b.offset and a.kind is not b.kind for a, b in itertools.pairwise(extents))
         assert all(e.kind is not ExtentKind.PARENT for e in extents)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.disk.vhdx_samples import MIB, current_header, qemu_raw, read_at, region_table, run
-from vmvault.disk import ExtentKind, create_image
+from vmvault.disk import Extent, ExtentKind, coalesce, create_image
 from vmvault.disk import _vhdx_layout as L
 from vmvault.disk.vhdx import VhdxWriter, create_vhdx, open_vhdx, open_vhdx_for_write
 from vmvault.errors import FormatError, ParentError
@@ -167,6 +167,8 @@ def test_differencing_chain_matches_libvhdi(tmp_path: Path, sector: int) -> None
             ours = img.read(0, size)
             assert ours == models[depth]
             assert libvhdi_read(leaf_first, size) == ours
+            segs = coalesce(Extent(v, n, k) for v, n, k, _ in img._segments(0, size))
+            assert list(img.extents()) == list(segs)
             kinds = {e.kind for e in img.extents()}
             assert kinds == {ExtentKind.DATA, ExtentKind.PARENT}
             merged = list(img.merged_extents())

@@ -791,7 +791,49 @@ class VhdxImage(DiskImage):
 
     def extents(self) -> Iterator[Extent]:
         """This layer's own map; see ``DiskImage.extents``."""
-        return coalesce(Extent(v, n, kind) for v, n, kind, _ in self._segments(0, self._size))
+        return coalesce(self._extents())
+
+    def _extents(self) -> Iterator[Extent]:
+        g = self._geom
+        bs, cr, size = g.block_size, g.chunk_ratio, self._size
+        bat = self._bat
+        raw = bat.tobytes()  # for skipping runs of empty entries without a Python loop
+        unallocated = ExtentKind.PARENT if g.has_parent else ExtentKind.ZERO
+        run_start, run_kind = 0, unallocated
+        block, blocks = 0, g.payload_blocks
+        while block < blocks:
+            index = block + block // cr
+            state = bat[index] & 7
+            if bat[index] == 0:
+                # Skip every following all-zero entry (payload or sector bitmap) at once.
+                rest = raw[index * 8 :]
+                skipped = (len(rest) - len(rest.lstrip(b"\0"))) // 8
+                end_index = index + max(skipped, 1)
+                next_block = end_index - end_index // (cr + 1)
+                kind = unallocated
+            else:
+                next_block = block + 1
+                if state == L.PayloadState.FULLY_PRESENT:
+                    kind = ExtentKind.DATA
+                elif state == L.PayloadState.PARTIALLY_PRESENT:
+                    if run_start < block * bs:
+                        yield Extent(run_start, block * bs - run_start, run_kind)
+                    for v, n, k, _ in self._segments(block * bs, min(size, (block + 1) * bs)):
+                        yield Extent(v, n, k)
+                    block = next_block
+                    run_start, run_kind = block * bs, unallocated
+                    continue
+                elif state == L.PayloadState.NOT_PRESENT:
+                    kind = unallocated
+                else:
+                    kind = ExtentKind.ZERO
+            if kind is not run_kind:
+                if run_start < block * bs:
+                    yield Extent(run_start, block * bs - run_start, run_kind)
+                run_start, run_kind = block * bs, kind
+            block = next_block
+        if run_start < size:
+            yield Extent(run_start, size - run_start, run_kind)
 
     def allocated_bytes(self) -> int:
         """Bytes of payload and sector-bitmap blocks this file holds."""
