@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from vmvault.disk.vhdx import create_vhdx
+from vmvault.disk.vhdx import create_vhdx, open_vhdx
 from vmvault.errors import HypervisorError, SourceError
 from vmvault.hypervisors.base import PreviousBackup
 from vmvault.hypervisors.hyperv import (
@@ -119,9 +119,14 @@ def test_incremental_uses_rct_from_previous_backup(host_files: Path) -> None:
             ("convert", R["convert"]),
         ],
     )
-    with src.open_session(PreviousBackup("prev", {})) as s:
+    with open_vhdx(str(host_files / "web" / "Virtual Hard Disks" / "web.vhdx")) as base_img:
+        base_guid = str(base_img.data_write_guid)
+    prev = PreviousBackup("prev", {"Virtual Hard Disks/web.vhdx": {"data_write_guid": base_guid}})
+    with src.open_session(prev) as s:
         (leaf,) = [d for d in s.disks if d.meta.get("host_path")]
         assert leaf.changed == [(MIB, 65536), (8 * MIB, 131072)]
+        (base,) = [d for d in s.disks if d.name == "Virtual Hard Disks/web.vhdx"]
+        assert base.changed == []  # the frozen parent is the same file as last time
         assert "'rctX:1'" in t.scripts[4]
         s.complete("snap2")
     state = json.loads(Path(os.environ["VMVAULT_STATE_DIR"], "hyperv", f"{RECORDED['vm_id']}.json").read_text())

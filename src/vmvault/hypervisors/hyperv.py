@@ -399,6 +399,7 @@ class HyperVSession(BackupSession):
         self._vm_id = ""
         self._host = ""
         self._leaves: dict[str, str] = {}
+        self._previous = previous
         try:
             self._open(previous)
         except BaseException:
@@ -472,8 +473,7 @@ class HyperVSession(BackupSession):
             leaf.meta.update({"host_path": host_path, "slot": slot})
             self._leaves[host_path] = leaf.name
             rct = rct_ids.get(host_path.lower())
-            if rct:
-                leaf.changed = self._changes(host_path, rct)
+            leaf.changed = self._changes(host_path, rct) if rct else None
         for cp in desc.get("checkpoints") or []:
             for p in cp.get("disks") or []:
                 self._add_chain(str(p), seen)
@@ -528,6 +528,14 @@ class HyperVSession(BackupSession):
             layer=parent_disk is not None,
             parent_name=parent_disk.name if parent_disk is not None else None,
         )
+        guid = str(getattr(img, "data_write_guid", ""))
+        if guid:
+            # an unchanged DataWriteGuid means an unchanged file (a frozen checkpoint layer);
+            # a leaf's ``changed`` is replaced by its RCT answer
+            disk.cbt = {"vm_id": self._vm_id, "data_write_guid": guid}
+            prev = self._previous.disks.get(disk.name) if self._previous is not None else None
+            if prev is not None and prev.get("data_write_guid") == guid:
+                disk.changed = []
         seen[key] = disk
         self.disks.append(disk)
         return disk
