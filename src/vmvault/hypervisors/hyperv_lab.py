@@ -180,6 +180,8 @@ class RunningVm:
         self.models: dict[str, bytearray] = {}
         #: recovery checkpoint id -> what each disk held when it was taken
         self.frozen: dict[str, dict[str, bytes]] = {}
+        #: recovery checkpoint id -> guest writes made before it
+        self.writes_at: dict[str, int] = {}
         for slot, path in self.leaves.items():
             with open_image(path) as img:
                 self.models[slot] = bytearray(img.read(0, img.size))
@@ -557,6 +559,7 @@ class LabHost:
             cp_id = self._checkpoint(name, marker, "recovery")
             if running is not None:  # what the frozen disks hold, for tests to compare with
                 running.frozen[cp_id] = {slot: bytes(m) for slot, m in running.models.items()}
+                running.writes_at[cp_id] = running.writes
             return cp_id
 
     def convert_to_reference_point(self, name: str, cp_id: str) -> str:
