@@ -114,7 +114,9 @@ def test_live_backup_restores_every_layer(host: LabHost, repo: Repository, tmp_p
     build_tree(host)
     before = host.model("web")
     running = host.start("web", seed=3)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while running.writes == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     try:
         result = backup(repo, open_source(f"hyperv-lab://{host.root}/web"))
     finally:
@@ -176,7 +178,9 @@ def test_clone_runs_beside_the_original(host: LabHost, repo: Repository, tmp_pat
     for slot in orig.current:
         assert host.read_disk("web2", slot) == host.read_disk("web", slot)
     a, b = host.start("web", seed=1), host.start("web2", seed=2)
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while (a.writes == 0 or b.writes == 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
     a.stop()
     b.stop()
     leaf_matches_writer(host, "web", a)
