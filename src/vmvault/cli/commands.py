@@ -67,6 +67,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     progress = out.progress()
     results = []
+    if args.allow_crash_consistent:
+        # read by connectors that can fall back (Hyper-V when VSS in the guest fails)
+        os.environ["VMVAULT_HYPERV_ALLOW_CRASH_CONSISTENT"] = "1"
     for spec in args.source:
         source = open_source(spec)
         out.say(f"backing up {source.location}")
@@ -305,6 +308,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument("source", nargs="+", help="image file, VM folder, qemu+unix://SOCKET, hyperv://HOST/VM ...")
     p.add_argument("--tag", action="append", help="tag the snapshot (repeatable)")
     p.add_argument("--full", action="store_true", help="ignore change tracking; read every allocated byte")
+    p.add_argument(
+        "--allow-crash-consistent",
+        action="store_true",
+        help="if an application-consistent checkpoint fails, take a crash-consistent one (reported loudly)",
+    )
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("snapshots", parents=[common], help="list snapshots")
