@@ -162,7 +162,7 @@ def test_incremental_reads_only_changed_chunks_and_restores_the_new_state(tmp_pa
     assert source.sessions[-1].completed == second.snapshot.id and source.sessions[-1].closed
     out = tmp_path / "out"
     restore(repo, second.snapshot, str(out))
-    assert (out / "vda").read_bytes() == bytes(data)
+    assert (out / "vda.raw").read_bytes() == bytes(data)
 
 
 def test_incremental_reuses_unchanged_index_blocks_without_reading_them() -> None:
@@ -356,4 +356,79 @@ def test_real_disk_full_on_a_small_tmpfs(small_tmpfs: Path, tmp_path: Path) -> N
     assert again.bytes_new < 48 << 20
     out = tmp_path / "out"
     restore(repo, again.snapshot, str(out))
-    assert (out / "vda").read_bytes() == bytes(big.data)
+    assert (out / "vda.raw").read_bytes() == bytes(big.data)
+
+
+class LayerDisk(MemoryDisk):
+    """A checkpoint layer: ``own`` maps offset ranges to DATA or ZERO; the rest defers to ``base``."""
+
+    def __init__(self, base: MemoryDisk, own: list[tuple[int, int, ExtentKind]]) -> None:
+        super().__init__(bytearray(base.data))
+        self.base = base
+        self.own = own
+
+    @property
+    def parent(self) -> MemoryDisk:
+        return self.base
+
+    def extents(self) -> Iterator[Extent]:
+        pos, out = 0, []
+        for off, length, kind in sorted(self.own):
+            if off > pos:
+                out.append(Extent(pos, off - pos, ExtentKind.PARENT))
+            out.append(Extent(off, length, kind))
+            pos = off + length
+        if pos < self.size:
+            out.append(Extent(pos, self.size - pos, ExtentKind.PARENT))
+        return iter(out)
+
+    def write(self, off: int, data: bytes, kind: ExtentKind = ExtentKind.DATA) -> None:
+        self.data[off : off + len(data)] = data
+        self.own.append((off, len(data), kind))
+
+
+def test_layer_incrementals_read_only_changed_chunks_and_restore_the_chain(tmp_path: Path) -> None:
+    from vmvault.hypervisors.base import BackupSession, PreviousBackup, Source, SourceDisk
+
+    size = 4 << 20
+    base = MemoryDisk(sample_bytes(size, 9))
+    leaf = LayerDisk(base, [])
+    leaf.write(1 << 20, os.urandom(CS))
+
+    class ChainSource(Source):
+        kind, location = "test", "test://chain"
+        changed: list[tuple[int, int]] | None = None
+
+        def open_session(self, previous: PreviousBackup | None) -> BackupSession:
+            from tests.engine.helpers import ScriptedSession
+
+            frozen = [] if previous else None  # the base layer is frozen: nothing changed in it
+            disks = [
+                SourceDisk("base.vhdx", base, "raw", changed=frozen, cbt={"t": 1}),
+                SourceDisk(
+                    "leaf.avhdx",
+                    leaf,
+                    "raw",
+                    changed=self.changed if previous else None,
+                    cbt={"t": 1},
+                    layer=True,
+                    parent_name="base.vhdx",
+                ),
+            ]
+            return ScriptedSession(disks)
+
+    repo = new_repo()
+    source = ChainSource()
+    backup(repo, source)
+    # the guest writes into the leaf: new data, explicit zeros over parent data
+    leaf.write(2 << 20, os.urandom(100), ExtentKind.DATA)
+    leaf.write(3 << 20, bytes(CS), ExtentKind.ZERO)
+    source.changed = [(2 << 20, 100), (3 << 20, CS)]
+    base.bytes_read = leaf.bytes_read = 0
+    second = backup(repo, source)
+    assert base.bytes_read == 0, "a frozen layer is not read again"
+    assert leaf.bytes_read == CS, "only the changed data chunk is read (the zeroed one is not)"
+    assert all(d.stats["incremental"] == 1 for d in second.snapshot.disks)
+    out = tmp_path / "flat"
+    restore(repo, second.snapshot, str(out), flatten=True, format="raw")
+    assert (out / "leaf.avhdx").read_bytes() == bytes(leaf.data)

@@ -134,6 +134,20 @@ def _changed_chunks(changed: list[tuple[int, int]], size: int, chunk_size: int) 
     return out
 
 
+def _intersect(ranges: list[tuple[int, int]], runs: Iterable[tuple[int, int, str]]) -> Iterator[tuple[int, int, str]]:
+    """The parts of ordered chunk ``runs`` that fall inside the ordered chunk ``ranges``."""
+    i = 0
+    for first, end, kind in runs:
+        while i < len(ranges) and ranges[i][1] <= first:
+            i += 1
+        j = i
+        while j < len(ranges) and ranges[j][0] < end:
+            lo, hi = max(first, ranges[j][0]), min(end, ranges[j][1])
+            if lo < hi:
+                yield lo, hi, kind
+            j += 1
+
+
 def _layer_map(image: DiskImage) -> list[list[int]]:
     """A layer's own extents as ``[offset, length, kind]`` (1 = data, 0 = explicit zeros)."""
     return [
@@ -212,14 +226,21 @@ class _DiskBackup:
             and self.parent.size == self.size
             and self.parent.chunk_size == cs
             and self.parent.index_span == span
-            and not self.parent.layer
-            and not self.disk.layer
+            and self.parent.layer == self.disk.layer
+            and (not self.disk.layer or self.parent.parent == self.disk.parent_name)
         )
+        runs: Iterator[tuple[int, int, str]]
         if incremental:
             assert self.disk.changed is not None
             dirty = _changed_chunks(self.disk.changed, self.size, cs)
-            todo_bytes = sum(min(e * cs, self.size) - f * cs for f, e in dirty)
-            runs: Iterator[tuple[int, int, str]] = iter([(f, e, _KIND_DATA) for f, e in dirty])
+            if self.disk.layer:
+                # a changed chunk of a layer may now store data, explicit zeros, or defer to the
+                # parent: classify it from the layer's own map (metadata only, nothing is read)
+                dirty_runs = list(_intersect(dirty, self._plan_full()))
+            else:
+                dirty_runs = [(f, e, _KIND_DATA) for f, e in dirty]
+            todo_bytes = sum(min(e * cs, self.size) - f * cs for f, e, k in dirty_runs if k == _KIND_DATA)
+            runs = iter(dirty_runs)
         else:
             todo_bytes = sum(min(e * cs, self.size) - f * cs for f, e, k in self._plan_full() if k == _KIND_DATA)
             runs = self._plan_full()
@@ -267,6 +288,9 @@ class _DiskBackup:
                 first, end, kind = max(run[0], b_first), min(run[1], b_end), run[2]
                 if kind == _KIND_PARENT:
                     entries[first - b_first : end - b_first] = [PARENT_ID] * (end - first)
+                elif kind == _KIND_ZERO:
+                    # (a no-op on a fresh block; in an incremental it replaces the parent's entry)
+                    entries[first - b_first : end - b_first] = [ZERO_ID] * (end - first)
                 elif kind == _KIND_DATA:
                     per_batch = max(1, BATCH_BYTES // cs)
                     for f in range(first, end, per_batch):
