@@ -136,7 +136,9 @@ class SshServer:
                     "StrictModes no",
                     "UsePAM no",
                     f"PidFile {workdir / 'sshd.pid'}",
-                    f"Subsystem sftp {sftp_server} {sftp_options}".rstrip(),
+                    # internal-sftp runs inside sshd: no login shell, so nothing in the user's
+                    # shell start-up files (a slow or stuck ~/.bashrc) can hang a session
+                    f"Subsystem sftp internal-sftp {sftp_options}".rstrip(),
                     "MaxStartups 100",
                     "MaxSessions 100",
                     "LogLevel ERROR",
@@ -339,13 +341,14 @@ class FaultyHttpProxy:
     S3 error (503 SlowDown, 500 InternalError ...) instead of forwarding them: the server-side
     throttling and failures that a real store produces and moto does not."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", port: int | None = None) -> None:
+        """``port``: listen there (e.g. the port of a proxy that was stopped, to bring it back)."""
         import http.client
         import http.server
         import threading
 
         self.target = (target_host, target_port)
-        self.port = free_port()
+        self.port = port or free_port()
         self.host = "127.0.0.1"
         self.failed = 0
         self.forwarded = 0

@@ -243,12 +243,15 @@ def test_concurrent_uploads_use_several_connections(own_sshd: SshServer) -> None
     assert own_sshd.process is not None
 
     def sftp_servers() -> int:
+        """SSH connections being served: the listener's direct children (one per connection; SFTP
+        runs inside them as internal-sftp, below a privilege-separated child)."""
         assert own_sshd.process is not None
+        listener = own_sshd.process.pid
         count = 0
-        for pid in process_tree(own_sshd.process.pid):
+        for pid in process_tree(listener):
             try:
-                with open(f"/proc/{pid}/comm") as fh:
-                    count += fh.read().strip() == "sftp-server"
+                with open(f"/proc/{pid}/stat") as fh:
+                    count += int(fh.read().rsplit(")", 1)[1].split()[1]) == listener
             except OSError:
                 continue
         return count
@@ -419,3 +422,16 @@ def test_server_killed_mid_download_then_back(own_sshd: SshServer, caplog: pytes
         assert not errors, errors
         assert len(results) == 1 and results[0] == data
     assert any("read big failed" in r.getMessage() for r in caplog.records), "the kill caused no retry"
+
+
+def test_a_hanging_sftp_session_is_an_error_not_a_wait(own_sshd: SshServer) -> None:
+    """A server that accepts the login but never starts SFTP (e.g. a stuck login shell)."""
+    own_sshd.stop()
+    config = own_sshd.config.read_text().splitlines()
+    config = [line for line in config if not line.startswith("Subsystem")] + ["Subsystem sftp /bin/sleep 600"]
+    own_sshd.config.write_text("\n".join(config) + "\n")
+    own_sshd.start()
+    started = time.monotonic()
+    with pytest.raises(BackendConnectionError, match="did not answer"):
+        backend(own_sshd, "hang", timeout=2, retry=RetryPolicy(attempts=2, initial_delay=0.1)).put("x", b"y")
+    assert time.monotonic() - started < 60

@@ -51,6 +51,7 @@ from paramiko.sftp import CMD_STATUS, CMD_WRITE, SFTPError, int64
 from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry
 from vmvault.backends.base import Backend, ObjectInfo
 from vmvault.errors import (
+    BackendConnectionError,
     BackendError,
     BackendPermissionError,
     ConfigError,
@@ -273,10 +274,22 @@ class SftpBackend(Backend):
                 auth_timeout=self.timeout,
                 channel_timeout=self.timeout,
             )
-            sftp = client.open_sftp()
+            # open the subsystem by hand so the version handshake has a timeout too: a server whose
+            # session hangs (a stuck login shell, say) must give an error, not wait forever
+            transport = client.get_transport()
+            assert transport is not None
+            channel = transport.open_session(timeout=self.timeout)
+            channel.settimeout(self.timeout)
+            channel.invoke_subsystem("sftp")
+            try:
+                sftp = paramiko.SFTPClient(channel)
+            except TimeoutError as exc:
+                raise BackendConnectionError(
+                    f"{self.url}: the SFTP server on {self.host} did not answer within {self.timeout:.0f} s "
+                    "(is the sftp subsystem enabled, and does the login shell start cleanly?)"
+                ) from exc
             if self._request_size is None:
                 self._request_size = self._negotiate_request_size(sftp)
-            sftp.get_channel().settimeout(self.timeout)  # type: ignore[union-attr]
         except BackendError:
             client.close()
             raise
@@ -561,6 +574,14 @@ class SftpBackend(Backend):
         path = self._path(name)
 
         return self._call(f"look up {name}", name, lambda sftp: self._is_file(sftp, path))
+
+    def modified(self, name: str) -> float | None:
+        path = self._path(name)
+        try:
+            attrs = self._call(f"look up {name}", name, lambda sftp: sftp.stat(path))
+        except ObjectNotFoundError:
+            return None
+        return float(attrs.st_mtime) if attrs.st_mtime is not None else None
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if prefix.startswith("/") or ".." in prefix.split("/"):
