@@ -59,6 +59,13 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, name: str) -> None: ...
 
+    def modified(self, name: str) -> float | None:
+        """When ``name`` was last written (seconds since the epoch), None when unknown.
+
+        Used to tell whether an object is still under the repository's retention period
+        (``immutable_days``); unknown counts as still retained."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 

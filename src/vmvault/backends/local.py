@@ -106,6 +106,12 @@ class LocalBackend(Backend):
     def exists(self, name: str) -> bool:
         return os.path.exists(self._path(name))
 
+    def modified(self, name: str) -> float | None:
+        try:
+            return os.stat(self._path(name)).st_mtime
+        except FileNotFoundError:
+            return None
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self._path(prefix.rstrip("/")) if prefix.rstrip("/") else self.root
         if prefix and not prefix.endswith("/"):

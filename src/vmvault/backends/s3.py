@@ -209,14 +209,15 @@ class S3Backend(Backend):
             return ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
         if code == "NoSuchBucket":
             return BackendError(f"{self.url}: the bucket {self.bucket} does not exist", name=name)
+        # before the 403 test: Ceph RGW answers a full quota with 403 QuotaExceeded
+        if code in _FULL or status == 507:
+            return StorageFullError(f"{self.url}: the storage is full or over quota ({describe})", name=name)
         if code in _DENIED or status == 403:
             return BackendPermissionError(
                 f"{self.url}: access denied to {describe} ({code}: {message}); check the credentials "
                 f"(AWS_ACCESS_KEY_ID / AWS_PROFILE) and the bucket policy",
                 name=name,
             )
-        if code in _FULL or status == 507:
-            return StorageFullError(f"{self.url}: the storage is full or over quota ({describe})", name=name)
         if status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"):
             return BackendConnectionError(
                 f"{self.url}: the server kept failing to {describe} after retries ({code}: {message})", name=name
@@ -257,8 +258,25 @@ class S3Backend(Backend):
             raise ValueError(f"bad object name {name!r}")
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _lock_args(self) -> dict[str, Any]:
-        if self.retention_days is None:
+    def use_retention(self, days: int) -> bool:
+        """Give every later data, index and snapshot object ``days`` of COMPLIANCE retention
+        (the repository's ``immutable_days``); False, and nothing changes, when the bucket
+        has no Object Lock (then retention is only advisory: the client declines deletes)."""
+        if self.retention_days is not None:
+            return True
+        try:
+            self.retention_days = days
+            self._check_bucket()
+        except ConfigError:
+            self.retention_days = None
+            return False
+        self.enforces_immutability = True
+        return True
+
+    def _lock_args(self, name: str) -> dict[str, Any]:
+        # locks must be deletable (and are rewritten every few minutes) and keys must be
+        # removable when a passphrase leaks: neither gets retention
+        if self.retention_days is None or name.startswith(("locks/", "keys/")):
             return {}
         until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.retention_days)
         return {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
@@ -271,7 +289,7 @@ class S3Backend(Backend):
             self._call(
                 f"write {name}",
                 name,
-                lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **self._lock_args()),
+                lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **self._lock_args(name)),
             )
             return
         self._put_multipart(name, key, data)
@@ -293,7 +311,7 @@ class S3Backend(Backend):
             created = self._call(
                 f"start the upload of {name}",
                 name,
-                lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **self._lock_args()),
+                lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **self._lock_args(name)),
             )
             upload_id: str = created["UploadId"]
             try:
@@ -346,7 +364,7 @@ class S3Backend(Backend):
         )
         if head.get("ObjectLockMode") == "COMPLIANCE":
             return
-        lock = self._lock_args()
+        lock = self._lock_args(name)
         self._call(
             f"set the retention of {name}",
             name,
@@ -416,6 +434,15 @@ class S3Backend(Backend):
             return sorted(found, key=lambda o: o.name)
 
         yield from self._call(f"list {prefix or 'everything'}", None, op)
+
+    def modified(self, name: str) -> float | None:
+        key = self._key(name)
+        try:
+            head = self._call(f"look up {name}", name, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        except ObjectNotFoundError:
+            return None
+        stamp = head.get("LastModified")
+        return stamp.timestamp() if isinstance(stamp, datetime.datetime) else None
 
     def delete(self, name: str) -> None:
         key = self._key(name)

@@ -12,6 +12,7 @@ from vmvault.engine.restore import restore
 from vmvault.errors import ConfigError, RepositoryError
 from vmvault.hypervisors import open_source
 from vmvault.repo import keys
+from vmvault.repo.immutability import require_full_access
 from vmvault.repo.repository import DEFAULT_CHUNK_SIZE, Repository
 from vmvault.repo.snapshot import Snapshot
 
@@ -48,14 +49,27 @@ def cmd_init(args: argparse.Namespace) -> int:
     else:
         secret = read_secret(args, confirm=True)
         kind = "keyfile" if args.key_file else "passphrase"
-    repo = Repository.init(backend, secret, key_kind=kind, chunk_size=args.chunk_size)
-    doc = {"repository": backend.url, "id": repo.config.id, "encrypted": repo.config.encrypted}
+    repo = Repository.init(
+        backend, secret, key_kind=kind, chunk_size=args.chunk_size, immutable_days=args.immutable_days
+    )
+    doc: dict[str, Any] = {"repository": backend.url, "id": repo.config.id, "encrypted": repo.config.encrypted}
+    if args.immutable_days is not None:
+        how = (
+            "enforced by the storage (S3 Object Lock)"
+            if repo.retention_enforced
+            else "advisory: vmvault declines deletes, the storage does not refuse them (docs/storage.md)"
+        )
+        doc["immutable_days"] = args.immutable_days
+        doc["retention_enforced"] = repo.retention_enforced
+        warning_immutable = f"\nobjects are kept at least {args.immutable_days} days: {how}"
+    else:
+        warning_immutable = ""
     warning = (
         "Keep the passphrase (or key file) safe: without it the backups cannot be read by anyone, including you."
         if secret is not None
         else "WARNING: this repository is NOT encrypted."
     )
-    out.result(doc, f"created vmvault repository {repo.config.id[:8]} at {backend.url}\n{warning}")
+    out.result(doc, f"created vmvault repository {repo.config.id[:8]} at {backend.url}\n{warning}{warning_immutable}")
     return 0
 
 
@@ -272,19 +286,22 @@ def cmd_key(args: argparse.Namespace) -> int:
     if args.key_command == "list":
         infos = keys.list_keys(repo.backend)
         rows = [
-            [("*" if k.id == repo.key_id else " ") + k.id[:8], k.kind, k.username, k.hostname, k.created] for k in infos
+            [("*" if k.id == repo.key_id else " ") + k.id[:8], k.kind, k.role, k.username, k.hostname, k.created]
+            for k in infos
         ]
         out.result(
             [vars(k) | {"current": k.id == repo.key_id} for k in infos],
-            table(["ID", "Kind", "User", "Host", "Created"], rows),
+            table(["ID", "Kind", "Role", "User", "Host", "Created"], rows),
         )
         return 0
     if not repo.config.encrypted:
         raise RepositoryError("this repository is not encrypted; it has no keys")
+    require_full_access(repo, "key management")
     if args.key_command in ("add", "passwd"):
         secret = _new_secret(args)
         kind = "keyfile" if args.new_key_file else "passphrase"
-        new_id = keys.add_key(repo.backend, repo.key, secret, kind=kind)
+        role = getattr(args, "role", None) or keys.FULL
+        new_id = keys.add_key(repo.backend, repo.key, secret, kind=kind, role=role)
         if args.key_command == "passwd":
             repo.backend.delete(f"keys/{repo.key_id}")
             out.result({"added": new_id, "removed": repo.key_id}, f"changed: new key {new_id[:8]}, old key removed")
@@ -302,6 +319,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p = sub.add_parser("init", parents=[common], help="create a repository")
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, help="fixed chunk size (default 256K)")
     p.add_argument("--insecure-no-encryption", action="store_true", help="store data unencrypted (not recommended)")
+    p.add_argument(
+        "--immutable-days",
+        type=int,
+        metavar="N",
+        help="keep data, index and snapshot objects at least N days (S3 Object Lock enforces it; see docs/storage.md)",
+    )
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("backup", parents=[common], help="back up VMs, VM folders or disk images")
@@ -340,6 +363,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         kp = ks.add_parser(name, parents=[common], help=text)
         kp.add_argument("--new-password-file", help="read the new passphrase from this file")
         kp.add_argument("--new-key-file", help="use (or create) this key file as the new key")
+        kp.add_argument(
+            "--role",
+            choices=list(keys.ROLES),
+            default=keys.FULL,
+            help="backup-only: the key may back up and restore but not forget/prune (advisory; docs/storage.md)",
+        )
     kp = ks.add_parser("remove", parents=[common], help="remove a key")
     kp.add_argument("key_id")
     p.set_defaults(func=cmd_key)

@@ -100,11 +100,17 @@ def _policy(args: argparse.Namespace) -> RetentionPolicy:
 def _render_prune(r: Any) -> str:
     d = r.to_dict()
     verb = "would remove" if d["dry_run"] else "removed"
-    return (
+    text = (
         f"prune: {verb} {d['blobs_removed']} unused chunks ({human_bytes(d['bytes_removed'])}) "
         f"from {d['packs_deleted']} packs, repacked {d['packs_repacked']} packs; "
         f"repository {human_bytes(d['bytes_before'])} -> {human_bytes(d['bytes_after'])}"
     )
+    if d.get("packs_retained") or d.get("index_files_retained"):
+        text += (
+            f"\nretained (under the repository's retention period, kept): {d['packs_retained']} packs, "
+            f"{d['index_files_retained']} index files"
+        )
+    return text
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -120,7 +126,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
         for s in g.keep:
             rows.append([s.short_id, s.time[:19], "keep", "; ".join(g.reasons.get(s.id, []))])
         for s in g.remove:
-            rows.append([s.short_id, s.time[:19], "would remove" if args.dry_run else "removed", ""])
+            if s.id in report.retained:
+                rows.append([s.short_id, s.time[:19], "retained", "under the repository's retention period"])
+            else:
+                rows.append([s.short_id, s.time[:19], "would remove" if args.dry_run else "removed", ""])
     text = table(["ID", "Time", "Action", "Reason"], rows)
     if args.prune:
         pr = prune(repo, dry_run=args.dry_run, max_unused=args.max_unused)

@@ -25,7 +25,23 @@ from vmvault.backends.base import Backend
 from vmvault.errors import IntegrityError, PasswordError, RepositoryError
 from vmvault.repo.crypto import MasterKey, derive_passphrase_key
 
-__all__ = ["DEFAULT_KDF", "KeyInfo", "add_key", "list_keys", "remove_key", "unlock"]
+__all__ = [
+    "BACKUP_ONLY",
+    "DEFAULT_KDF",
+    "FULL",
+    "ROLES",
+    "KeyInfo",
+    "add_key",
+    "key_role",
+    "list_keys",
+    "remove_key",
+    "unlock",
+]
+
+#: key roles: what a client opened with the key agrees to do (advisory: docs/storage.md)
+FULL = "full"
+BACKUP_ONLY = "backup-only"
+ROLES = (FULL, BACKUP_ONLY)
 
 #: Argon2id cost: ~64 MiB and a fraction of a second on a small server
 DEFAULT_KDF: dict[str, int] = {"memory_kib": 65536, "iterations": 3, "lanes": 4}
@@ -35,6 +51,12 @@ CHEAP_KDF: dict[str, int] = {"memory_kib": 1024, "iterations": 1, "lanes": 1}
 _AAD = b"vmvault key"
 
 
+def _aad(role: str) -> bytes:
+    # a role other than full is bound to the wrapped key: editing or dropping the field makes
+    # the key unopenable rather than silently giving full rights back
+    return _AAD if role == FULL else _AAD + b" role " + role.encode()
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     id: str
@@ -42,6 +64,7 @@ class KeyInfo:
     hostname: str
     username: str
     kind: str  # "passphrase" or "keyfile"
+    role: str = FULL
 
 
 def _b64(data: bytes) -> str:
@@ -63,14 +86,16 @@ def kdf_params() -> dict[str, int]:
     return dict(CHEAP_KDF if os.environ.get("VMVAULT_TEST_CHEAP_KDF") == "1" else DEFAULT_KDF)
 
 
-def add_key(backend: Backend, master: MasterKey, secret: bytes, *, kind: str = "passphrase") -> str:
+def add_key(backend: Backend, master: MasterKey, secret: bytes, *, kind: str = "passphrase", role: str = FULL) -> str:
     """Wrap ``master`` with ``secret`` and store it as a new key; returns the key id."""
+    if role not in ROLES:
+        raise RepositoryError(f"unknown key role {role!r}; choose one of {', '.join(ROLES)}")
     salt = os.urandom(16)
     params = kdf_params()
     kek = _secret_kek(kind, secret, salt, params)
     nonce = os.urandom(12)
-    sealed = AESGCM(kek).encrypt(nonce, master.to_bytes(), _AAD)
-    doc = {
+    sealed = AESGCM(kek).encrypt(nonce, master.to_bytes(), _aad(role))
+    doc: dict[str, Any] = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(),
         "username": getpass.getuser(),
@@ -80,6 +105,8 @@ def add_key(backend: Backend, master: MasterKey, secret: bytes, *, kind: str = "
         "salt": _b64(salt),
         "data": _b64(nonce + sealed),
     }
+    if role != FULL:
+        doc["role"] = role
     raw = json.dumps(doc, indent=1).encode()
     key_id = hashlib.sha256(raw).hexdigest()
     backend.put(f"keys/{key_id}", raw)
@@ -108,11 +135,12 @@ def unlock(backend: Backend, secret: bytes) -> tuple[MasterKey, str]:
             salt = _unb64(doc["salt"])
             blob = _unb64(doc["data"])
             kek = _secret_kek(doc.get("kind", "passphrase"), secret, salt, doc["kdf_params"])
+            aad = _aad(str(doc.get("role", FULL)))
         except (IntegrityError, KeyError, ValueError, TypeError) as exc:
             damaged.append(f"{name}: {exc}")
             continue
         try:
-            raw = AESGCM(kek).decrypt(blob[:12], blob[12:], _AAD)
+            raw = AESGCM(kek).decrypt(blob[:12], blob[12:], aad)
         except InvalidTag:
             continue
         return MasterKey.from_bytes(raw), name.removeprefix("keys/")
@@ -131,9 +159,15 @@ def list_keys(backend: Backend) -> list[KeyInfo]:
                 hostname=str(doc.get("hostname", "?")),
                 username=str(doc.get("username", "?")),
                 kind=str(doc.get("kind", "passphrase")),
+                role=str(doc.get("role", FULL)),
             )
         )
     return out
+
+
+def key_role(backend: Backend, key_id: str) -> str:
+    """The role stored with key ``key_id`` (bound to it by ``_aad``: it opened, so it is genuine)."""
+    return str(_load(backend, f"keys/{key_id}").get("role", FULL))
 
 
 def remove_key(backend: Backend, key_id: str, *, current: str) -> None:

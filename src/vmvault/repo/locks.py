@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Self
 
 from vmvault.backends.base import Backend
-from vmvault.errors import IntegrityError, LockedError, ObjectNotFoundError
+from vmvault.errors import BackendError, IntegrityError, LockedError, ObjectNotFoundError
 from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
 
 __all__ = ["LockInfo", "RepositoryLock", "list_locks"]
@@ -123,7 +123,10 @@ class RepositoryLock:
             if self.exclusive or lock.exclusive:
                 conflicts.append(lock)
         if conflicts:
-            self.backend.delete(self.name)
+            # credentials without delete rights (a backup-only setup) cannot take the lock back:
+            # it then goes stale like a dead process's, and the conflict is still what to report
+            with contextlib.suppress(BackendError):
+                self.backend.delete(self.name)
             text = "; ".join(c.describe() for c in conflicts)
             raise LockedError(
                 f"the repository is locked: {text}. Wait for it to finish; a lock from a process that died "

@@ -35,6 +35,7 @@ from typing import Any
 
 from vmvault.errors import IntegrityError, LockedError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
+from vmvault.repo.immutability import require_full_access, retained
 from vmvault.repo.index import IndexFile
 from vmvault.repo.locks import REFRESH_SECONDS, STALE_SECONDS, RepositoryLock, list_locks
 from vmvault.repo.pack import BlobEntry, open_blob, pack_name, parse_pack_header
@@ -120,6 +121,8 @@ class ForgetReport:
     policy: RetentionPolicy
     result: RetentionResult
     removed: list[str] = field(default_factory=list)
+    #: snapshots the policy would remove but that are still under retention (kept)
+    retained: list[str] = field(default_factory=list)
     #: snapshots that could not be read, so the policy did not consider them (id, error)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
@@ -133,20 +136,28 @@ class ForgetReport:
             "policy": self.policy.to_dict(),
             "groups": self.result.to_dict()["groups"],
             "kept": self.kept,
-            "removed": [s.id for s in self.result.remove] if self.dry_run else self.removed,
+            "removed": [s.id for s in self.result.remove if s.id not in self.retained]
+            if self.dry_run
+            else self.removed,
+            "retained": list(self.retained),
             "unreadable": [{"id": i, "error": e} for i, e in self.unreadable],
         }
 
 
 def forget(repo: Repository, policy: RetentionPolicy, *, dry_run: bool = False) -> ForgetReport:
     """Delete the snapshot manifests ``policy`` does not keep (their data stays until ``prune``)."""
+    require_full_access(repo, "forget")
     with repo.lock(exclusive=True, operation="forget"):
         unreadable: list[tuple[str, str]] = []
         snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))))
         result = apply_policy(snaps, policy)
         report = ForgetReport(dry_run=dry_run, policy=policy, result=result, unreadable=unreadable)
+        held = retained(repo, [f"snapshots/{s.id}" for s in result.remove])
+        report.retained = [s.id for s in result.remove if f"snapshots/{s.id}" in held]
         if not dry_run:
             for snap in result.remove:
+                if f"snapshots/{snap.id}" in held:
+                    continue
                 repo.delete_snapshot(snap.id)
                 report.removed.append(snap.id)
         return report
@@ -158,6 +169,7 @@ def forget_ids(repo: Repository, refs: Iterable[str], *, dry_run: bool = False) 
     The way out when ``check`` reports a damaged snapshot manifest: prune refuses to run
     while one exists, because it cannot tell which data that snapshot needs.
     """
+    require_full_access(repo, "forget")
     with repo.lock(exclusive=True, operation="forget"):
         known = repo.snapshot_ids()
         chosen: list[str] = []
@@ -234,6 +246,9 @@ class PruneReport:
     packs_written: int = 0
     index_files_removed: int = 0
     index_files_written: int = 0
+    #: packs and index files prune would delete but that are under retention (kept)
+    packs_retained: int = 0
+    index_files_retained: int = 0
     packs_after: int = 0
     bytes_after: int = 0
     actions: list[str] = field(default_factory=list)
@@ -291,6 +306,7 @@ def prune(
     """
     if not 0.0 <= max_unused <= 1.0:
         raise RepositoryError(f"max_unused must be between 0 and 1, not {max_unused}")
+    require_full_access(repo, "prune")
     with repo.lock(exclusive=True, operation="prune") as lock:
         try:
             return _prune_locked(repo, lock, dry_run, max_unused, progress)
@@ -382,6 +398,20 @@ def _prune_locked(
         report.blobs_removed += sum(1 for e in p.entries if e.id not in kept_ids)
         report.bytes_removed += sum(e.length for e in p.entries if e.id not in kept_ids)
     orphans = sorted(set(stored) - set(packs))
+    # retention: a pack still inside it stays, indexed as it is (an orphan stays an orphan)
+    held = retained(repo, [pack_name(i) for i in delete + [p.id for p in repack] + orphans])
+    if held:
+        for p in [packs[i] for i in delete] + repack:
+            if pack_name(p.id) in held:
+                keep.append(p)
+                kept_ids = {e.id for e in p.keep}
+                report.blobs_removed -= sum(1 for e in p.entries if e.id not in kept_ids)
+                report.bytes_removed -= sum(e.length for e in p.entries if e.id not in kept_ids)
+        delete = [i for i in delete if pack_name(i) not in held]
+        repack = [p for p in repack if pack_name(p.id) not in held]
+        orphans = [i for i in orphans if pack_name(i) not in held]
+        report.packs_retained = len(held)
+        report.actions.append(f"kept {len(held)} packs still under retention ({repo.config.immutable_days} days)")
     report.orphan_packs = len(orphans)
     report.packs_repacked = len(repack)
     report.blobs_repacked = sum(len(p.keep) for p in repack)
@@ -445,9 +475,12 @@ def _prune_locked(
     report.index_files_written = 1
 
     # 5. superseded index files, then 6. unreferenced packs
-    for file_id in sorted(set(files) | written_index):
-        if file_id != new_id:
-            backend.delete(f"index/{file_id.hex()}")
+    old_index = [f"index/{i.hex()}" for i in sorted(set(files) | written_index) if i != new_id]
+    held_index = retained(repo, old_index)
+    report.index_files_retained = len(held_index)
+    for name in old_index:
+        if name not in held_index:  # a retained one stays, superseded: readers ignore it
+            backend.delete(name)
             report.index_files_removed += 1
     for n, pack_id in enumerate(doomed):
         if progress is not None:
@@ -492,6 +525,7 @@ def repair_index(repo: Repository, *, dry_run: bool = False, from_scratch: bool 
     they held). Indexed packs missing from storage are dropped from the index, so no
     backup deduplicates against blobs that are gone.
     """
+    require_full_access(repo, "index repair")
     with repo.lock(exclusive=True, operation="repair-index") as lock:
         try:
             return _repair_locked(repo, lock, dry_run, from_scratch)
@@ -549,8 +583,10 @@ def _repair_locked(repo: Repository, lock: RepositoryLock, dry_run: bool, from_s
     _still_exclusive(repo, lock, "writing the new index")
     new_id = repo.write_index_file(new_index)
     report.index_files_written = 1
-    for file_id in sorted(present):
-        if file_id != new_id:
-            backend.delete(f"index/{file_id.hex()}")
+    old_index = [f"index/{i.hex()}" for i in sorted(present) if i != new_id]
+    held_index = retained(repo, old_index)
+    for name in old_index:
+        if name not in held_index:
+            backend.delete(name)
             report.index_files_removed += 1
     return report

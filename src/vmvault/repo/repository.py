@@ -68,9 +68,13 @@ class RepoConfig:
     pack_size: int
     encrypted: bool
     created: str
+    #: data, index and snapshot objects are kept at least this many days (None: no retention)
+    immutable_days: int | None = None
 
     def body(self) -> dict[str, Any]:
-        return {
+        # immutable_days only when set, so the MAC of older configs stays what it was
+        extra: dict[str, Any] = {} if self.immutable_days is None else {"immutable_days": self.immutable_days}
+        return extra | {
             "format": _FORMAT_NAME,
             "version": self.version,
             "id": self.id,
@@ -117,6 +121,10 @@ class Repository:
         self.config = config
         self.key = key
         self.key_id = key_id
+        #: the opening key's role: "full" or "backup-only" (see repo/immutability.py)
+        self.role = keys.FULL
+        #: True when the storage itself refuses to delete retained objects (S3 Object Lock)
+        self.retention_enforced = False
         self.index = MasterIndex()
         self._index_files: set[bytes] = set()
         self._pack_cache: dict[str, bytes] = {}
@@ -133,12 +141,16 @@ class Repository:
         key_kind: str = "passphrase",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         pack_size: int = DEFAULT_PACK_SIZE,
+        immutable_days: int | None = None,
     ) -> Repository:
-        """Create a repository; ``secret=None`` makes an unencrypted one."""
+        """Create a repository; ``secret=None`` makes an unencrypted one. ``immutable_days``:
+        keep every data, index and snapshot object at least that long (docs/storage.md)."""
         if backend.exists("config"):
             raise RepositoryExistsError(f"{backend.url} already holds a repository")
         if chunk_size & (chunk_size - 1) or not 4096 <= chunk_size <= 64 << 20:
             raise RepositoryError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 64 MiB")
+        if immutable_days is not None and not 1 <= immutable_days <= 36500:
+            raise RepositoryError(f"immutable days must be from 1 to 36500, not {immutable_days}")
         config = RepoConfig(
             id=os.urandom(16).hex(),
             version=FORMAT_VERSION,
@@ -146,6 +158,7 @@ class Repository:
             pack_size=pack_size,
             encrypted=secret is not None,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            immutable_days=immutable_days,
         )
         key = MasterKey.generate() if secret is not None else MasterKey.unencrypted()
         key_id = ""
@@ -156,7 +169,9 @@ class Repository:
             body["mac"] = _config_mac(key, config.body())
         # config last: a repository without config is not a repository yet
         backend.put("config", json.dumps(body, indent=1).encode())
-        return cls(backend, config, key, key_id)
+        repo = cls(backend, config, key, key_id)
+        repo._apply_retention()
+        return repo
 
     @classmethod
     def open(cls, backend: Backend, secret: Callable[[], bytes] | bytes | None) -> Repository:
@@ -170,6 +185,7 @@ class Repository:
                 pack_size=int(doc.get("pack_size", DEFAULT_PACK_SIZE)),
                 encrypted=doc.get("encryption") != "none",
                 created=str(doc.get("created", "")),
+                immutable_days=int(doc["immutable_days"]) if doc.get("immutable_days") is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"{backend.url}: damaged config: {exc}", name="config") from exc
@@ -186,8 +202,20 @@ class Repository:
         else:
             key, key_id = MasterKey.unencrypted(), ""
         repo = cls(backend, config, key, key_id)
+        if key_id:
+            repo.role = keys.key_role(backend, key_id)
+        repo._apply_retention()
         repo.load_index()
         return repo
+
+    def _apply_retention(self) -> None:
+        """Ask the storage to enforce ``immutable_days`` where it can (S3 Object Lock)."""
+        days = self.config.immutable_days
+        use = getattr(self.backend, "use_retention", None)
+        if days is not None and callable(use):
+            self.retention_enforced = bool(use(days))
+        else:
+            self.retention_enforced = days is not None and self.backend.enforces_immutability
 
     def close(self) -> None:
         self.backend.close()

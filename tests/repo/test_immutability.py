@@ -1,0 +1,320 @@
+"""Retention (``immutable_days``) and backup-only keys: who refuses what.
+
+* S3 with Object Lock: every data, index and snapshot object carries COMPLIANCE retention
+  (the storage enforces it: moto refuses to delete a locked version), forget and prune
+  skip retained objects and report them (the client declines), locks and keys stay
+  deletable.
+* Local, SFTP, S3 without Object Lock: the client declines; once the period is over,
+  prune deletes as usual (object times moved back with ``os.utime``).
+* A backup-only key: the client refuses forget, prune and key management with it.
+* SFTP with ``internal-sftp -P remove``: the server refuses deletes; a backup succeeds
+  (its lock is left behind and goes stale), prune fails with a permission error and
+  removes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import S3Server, running_s3, running_sshd, s3_client_environment
+from vmvault.backends import open_backend
+from vmvault.backends.base import Backend
+from vmvault.backends.local import LocalBackend
+from vmvault.engine.backup import backup
+from vmvault.errors import ImmutableError, PasswordError
+from vmvault.hypervisors import open_source
+from vmvault.repo import keys
+from vmvault.repo._layout import BlobType
+from vmvault.repo.check import check
+from vmvault.repo.prune import forget, prune
+from vmvault.repo.repository import Repository
+from vmvault.repo.retention import RetentionPolicy
+
+PASSWORD = b"immutability-test-passphrase"
+CHUNK = 64 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+
+
+def _image(path: Path, seed: int) -> Path:
+    path.write_bytes(os.urandom(8 * CHUNK) + seed.to_bytes(4, "big") * (CHUNK // 4))
+    return path
+
+
+def _two_snapshots(repo: Repository, tmp_path: Path) -> tuple[str, str]:
+    """Two snapshots of one image whose content changed completely in between."""
+    img = tmp_path / "vm.img"
+    first = backup(repo, open_source(str(_image(img, 1)))).snapshot.id
+    second = backup(repo, open_source(str(_image(img, 2)))).snapshot.id
+    return first, second
+
+
+def _names(backend: Backend, *prefixes: str) -> set[str]:
+    return {o.name for p in prefixes for o in backend.list(p)}
+
+
+KEEP_ONE = RetentionPolicy(last=1)
+
+
+def _unreferenced_pack(repo: Repository) -> None:
+    """An indexed pack no snapshot needs (what a backup killed before its snapshot leaves)."""
+    writer = repo.writer()
+    data = os.urandom(CHUNK)
+    writer.add(BlobType.DATA, repo.key.chunk_id(data), data)
+    writer.flush()
+    writer.close()
+
+
+# ---- S3 with Object Lock -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with (
+        s3_client_environment(),
+        running_s3(tmp_path_factory.mktemp("moto"), buckets=("vault:locked", "plain")) as server,
+    ):
+        yield server
+
+
+@pytest.mark.integration
+def test_s3_object_lock_enforced_and_client_declines(moto: S3Server, tmp_path: Path) -> None:
+    url = moto.url("vault", "repo")
+    repo = Repository.init(open_backend(url), PASSWORD, chunk_size=CHUNK, immutable_days=1)
+    assert repo.retention_enforced and repo.backend.enforces_immutability
+    old, _new = _two_snapshots(repo, tmp_path)
+    repo.close()
+
+    client: Any = moto.client()
+    for name in _names(repo.backend, "data/", "index/", "snapshots/"):
+        head = client.head_object(Bucket="vault", Key=f"repo/{name}")
+        assert head.get("ObjectLockMode") == "COMPLIANCE", name
+    for name in _names(repo.backend, "keys/", "config"):
+        if name.startswith("keys/"):
+            assert "ObjectLockMode" not in client.head_object(Bucket="vault", Key=f"repo/{name}"), name
+
+    # the setting lives in the repository: a plain URL (no ?immutable-days) still applies it
+    repo = Repository.open(open_backend(url), PASSWORD)
+    assert repo.config.immutable_days == 1 and repo.retention_enforced
+    before = _names(repo.backend, "data/", "index/", "snapshots/")
+    report = forget(repo, KEEP_ONE)
+    assert report.retained == [old] and report.removed == []
+    _unreferenced_pack(repo)
+    before = _names(repo.backend, "data/", "index/", "snapshots/")
+    pr = prune(repo, max_unused=0.0)
+    assert pr.packs_retained == 1 and pr.packs_deleted == 0 and pr.index_files_retained >= 1
+    after = _names(repo.backend, "data/", "index/", "snapshots/")
+    # nothing retained went away; prune may only have added its consolidated index file
+    assert before <= after and {n for n in after - before if not n.startswith("index/")} == set()
+    assert check(repo, read_data=True).ok
+    assert not list(repo.backend.list("locks/")), "locks must stay deletable"
+    repo.close()
+
+    # the storage side: deleting a locked version is refused by the server itself
+    key = f"repo/snapshots/{old}"
+    version = client.list_object_versions(Bucket="vault", Prefix=key)["Versions"][0]["VersionId"]
+    with pytest.raises(client.exceptions.ClientError) as refused:
+        client.delete_object(Bucket="vault", Key=key, VersionId=version)
+    assert refused.value.response["Error"]["Code"] == "AccessDenied"
+
+
+@pytest.mark.integration
+def test_s3_without_object_lock_is_advisory(moto: S3Server, tmp_path: Path) -> None:
+    repo = Repository.init(open_backend(moto.url("plain", "repo")), PASSWORD, chunk_size=CHUNK, immutable_days=3)
+    assert not repo.retention_enforced
+    old, _new = _two_snapshots(repo, tmp_path)
+    assert forget(repo, KEEP_ONE).retained == [old]
+    assert old in repo.snapshot_ids()
+    repo.close()
+
+
+@pytest.mark.integration
+def test_cli_init_immutable_days(moto: S3Server, tmp_path: Path) -> None:
+    env = {**os.environ, **S3Server.client_env(), "VMVAULT_PASSWORD": PASSWORD.decode()}
+    for bucket, enforced in (("vault", True), ("plain", False)):
+        done = subprocess.run(
+            [sys.executable, "-m", "vmvault", "-r", moto.url(bucket, "cli"), "--json", "init", "--immutable-days", "7"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout)
+        assert doc["immutable_days"] == 7 and doc["retention_enforced"] is enforced
+
+
+# ---- advisory retention on a local repository ---------------------------------------------
+
+
+def _age(backend: LocalBackend, days: float) -> None:
+    """Move every object's time ``days`` into the past (what waiting would do)."""
+    then = time.time() - days * 86400
+    for o in backend.list(""):
+        path = os.path.join(backend.root, o.name)
+        os.utime(path, (then, then))
+
+
+def test_local_retention_declines_then_expires(tmp_path: Path) -> None:
+    backend = LocalBackend(str(tmp_path / "repo"))
+    repo = Repository.init(backend, PASSWORD, chunk_size=CHUNK, immutable_days=2)
+    assert not repo.retention_enforced
+    old, new = _two_snapshots(repo, tmp_path)
+    stored = _names(backend, "data/")
+
+    report = forget(repo, KEEP_ONE)
+    assert report.retained == [old] and report.removed == []
+    _age(backend, 1)  # still inside the period
+    assert forget(repo, KEEP_ONE).retained == [old]
+    _age(backend, 3)
+    report = forget(repo, KEEP_ONE)
+    assert report.removed == [old] and report.retained == []
+
+    # the old snapshot's chunks are in a pack of their own: while it is inside the period
+    # prune keeps it, indexed, so that check sees nothing amiss
+    assert len(stored) == 2
+    for name in stored:
+        os.utime(os.path.join(backend.root, name))
+    pr = prune(repo, max_unused=0.0)
+    assert pr.packs_retained == 1
+    assert check(repo, read_data=True).ok, "a retained pack must stay indexed: no warnings, no errors"
+    _age(backend, 3)
+    pr = prune(repo, max_unused=0.0)
+    assert pr.packs_retained == 0 and pr.packs_deleted >= 1
+    report_check = check(repo, read_data=True)
+    assert report_check.ok and not report_check.warnings, [p.to_dict() for p in report_check.problems]
+    assert repo.snapshot_ids() == [new]
+
+
+def test_config_mac_covers_immutable_days(tmp_path: Path) -> None:
+    backend = LocalBackend(str(tmp_path / "repo"))
+    Repository.init(backend, PASSWORD, immutable_days=30)
+    doc = json.loads(backend.get("config"))
+    doc["immutable_days"] = None  # an attacker lowering the period
+    backend.put("config", json.dumps(doc).encode())
+    with pytest.raises(Exception, match="MAC"):
+        Repository.open(backend, PASSWORD)
+
+
+# ---- backup-only keys --------------------------------------------------------------------
+
+
+def test_backup_only_key_refuses_destructive_operations(tmp_path: Path) -> None:
+    backend = LocalBackend(str(tmp_path / "repo"))
+    admin = Repository.init(backend, PASSWORD, chunk_size=CHUNK)
+    keys.add_key(backend, admin.key, b"backup-host-secret", kind="keyfile", role=keys.BACKUP_ONLY)
+    limited = Repository.open(LocalBackend(str(tmp_path / "repo")), b"backup-host-secret")
+    assert limited.role == keys.BACKUP_ONLY
+    old, _new = _two_snapshots(limited, tmp_path)
+    before = _names(backend, "")
+    for operation in (lambda: forget(limited, KEEP_ONE), lambda: prune(limited)):
+        with pytest.raises(ImmutableError, match="backup-only"):
+            operation()
+    assert _names(backend, "") == before
+    # the full key still can
+    assert forget(Repository.open(backend, PASSWORD), KEEP_ONE).removed == [old]
+
+    # the role is bound to the wrapped key: editing it away makes the key unopenable
+    (key_name,) = [o.name for o in backend.list("keys/") if json.loads(backend.get(o.name)).get("role")]
+    doc = json.loads(backend.get(key_name))
+    del doc["role"]
+    backend.put(key_name, json.dumps(doc).encode())
+    with pytest.raises(PasswordError):
+        Repository.open(backend, b"backup-host-secret")
+
+
+def test_cli_backup_only_key(tmp_path: Path) -> None:
+    repo_dir = tmp_path / "repo"
+    env = {**os.environ, "VMVAULT_PASSWORD": PASSWORD.decode(), "VMVAULT_TEST_CHEAP_KDF": "1"}
+    env.pop("VMVAULT_KEY_FILE", None)
+
+    def vmvault(*args: str, key_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+        extra = ["--key-file", str(key_file)] if key_file else []
+        return subprocess.run(
+            [sys.executable, "-m", "vmvault", "-r", str(repo_dir), *extra, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    assert vmvault("init").returncode == 0
+    limited = tmp_path / "backup.key"
+    done = vmvault("key", "add", "--role", "backup-only", "--new-key-file", str(limited))
+    assert done.returncode == 0, done.stderr
+    assert "backup-only" in vmvault("key", "list").stdout
+    img = _image(tmp_path / "vm.img", 1)
+    assert vmvault("backup", str(img), key_file=limited).returncode == 0
+    for args in (("forget", "--keep-last", "1", "--prune"), ("prune",), ("key", "add", "--new-key-file", "x")):
+        done = vmvault(*args, key_file=limited)
+        assert done.returncode == 1, (args, done.stderr)
+        assert "backup-only" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# ---- SFTP server without remove rights ----------------------------------------------------
+
+
+@pytest.mark.integration
+def test_sftp_without_remove_rights(tmp_path: Path) -> None:
+    with running_sshd(tmp_path / "full") as full:
+        # set the repository up with full rights (a snapshot to forget later) ...
+        repo = Repository.init(full.open_backend("repo"), PASSWORD, chunk_size=CHUNK)  # type: ignore[arg-type]
+        _two_snapshots(repo, tmp_path)
+        repo.close()
+        root = full.root
+    # ... then serve the same directory to a backup host that may not remove anything; the
+    # commands run as processes, as on a real backup host (a lock they cannot remove is then
+    # a dead process's lock, stale at once on this host)
+    with running_sshd(tmp_path / "limited", sftp_options="-P remove,rmdir") as limited:
+        limited.root.rmdir()
+        limited.root.symlink_to(root)
+        env = {**os.environ, **limited.env, "VMVAULT_PASSWORD": PASSWORD.decode()}
+        url = limited.url("repo")
+
+        def vmvault(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "vmvault", "-r", url, *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+
+        backend: Any = limited.open_backend("repo")
+        before = _names(backend, "data/", "index/", "snapshots/")
+        done = vmvault("backup", str(_image(tmp_path / "vm.img", 3)))
+        assert done.returncode == 0, done.stderr
+        # the backup could not remove its lock: it is left behind (stale: its process is gone)
+        assert len(list(backend.list("locks/"))) == 1
+        during = _names(backend, "data/", "index/", "snapshots/")
+        assert before < during and len(during - before) >= 3  # a pack, an index file, a snapshot
+        for args in (("prune",), ("forget", "--keep-last", "1"), ("forget", "--keep-last", "1", "--prune")):
+            done = vmvault(*args)
+            assert done.returncode == 1, (args, done.stderr)
+            assert "permission denied" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert _names(backend, "data/", "index/", "snapshots/") == during
+    # what it could not delete does no harm: with full rights the repository checks clean
+    # and prune clears the leftover locks
+    with running_sshd(tmp_path / "again") as again:
+        again.root.rmdir()
+        again.root.symlink_to(root)
+        repo = Repository.open(again.open_backend("repo"), PASSWORD)  # type: ignore[arg-type]
+        result = check(repo, read_data=True)
+        assert result.ok, [p.to_dict() for p in result.problems]
+        assert len(repo.snapshot_ids()) == 3
+        prune(repo)
+        assert not list(repo.backend.list("locks/"))
+        repo.close()
