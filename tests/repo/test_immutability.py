@@ -30,7 +30,7 @@ from vmvault.backends import open_backend
 from vmvault.backends.base import Backend
 from vmvault.backends.local import LocalBackend
 from vmvault.engine.backup import backup
-from vmvault.errors import ImmutableError, PasswordError
+from vmvault.errors import BackendPermissionError, ImmutableError, PasswordError
 from vmvault.hypervisors import open_source
 from vmvault.repo import keys
 from vmvault.repo._layout import BlobType
@@ -318,3 +318,82 @@ def test_sftp_without_remove_rights(tmp_path: Path) -> None:
         prune(repo)
         assert not list(repo.backend.list("locks/"))
         repo.close()
+
+
+# ---- S3: a backup-only IAM policy, enforced by the server --------------------------------
+
+#: the policy docs/storage.md gives for a backup host (bucket "fleet", repository "repo")
+BACKUP_ONLY_POLICY = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Sid": "SeeTheBucket",
+            "Effect": "Allow",
+            "Action": ["s3:ListBucket", "s3:GetBucketObjectLockConfiguration"],
+            "Resource": "arn:aws:s3:::fleet",
+        },
+        {
+            "Sid": "ReadAndAdd",
+            "Effect": "Allow",
+            "Action": ["s3:GetObject", "s3:PutObject", "s3:PutObjectRetention"],
+            "Resource": "arn:aws:s3:::fleet/repo/*",
+        },
+        {
+            "Sid": "RemoveOwnLocks",
+            "Effect": "Allow",
+            "Action": ["s3:DeleteObject"],
+            "Resource": "arn:aws:s3:::fleet/repo/locks/*",
+        },
+    ],
+}
+#: moto authorises HeadBucket as its own action "s3:HeadBucket" (AWS: s3:ListBucket)
+MOTO_HEAD_BUCKET = {"Effect": "Allow", "Action": ["s3:HeadBucket"], "Resource": "arn:aws:s3:::fleet"}
+
+
+@pytest.mark.integration
+def test_s3_backup_only_policy_is_enforced_by_the_server(tmp_path: Path) -> None:
+    """moto checks IAM user policies once INITIAL_NO_AUTH_ACTION_COUNT requests are spent.
+
+    moto 5 rejects the signature of ListObjectsV2 requests that carry a Prefix when it checks
+    credentials, so a whole backup cannot run against it this way; each kind of request a
+    backup and a prune make is tried on its own instead, through vmvault's S3 backend.
+    """
+    import boto3
+
+    from vmvault.backends.s3 import S3Backend
+
+    with running_s3(tmp_path / "moto", buckets=("fleet",), extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "6"}) as s3:
+        iam: Any = boto3.client(
+            "iam", endpoint_url=s3.endpoint, aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1"
+        )
+        everything = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        backup_policy = {**BACKUP_ONLY_POLICY, "Statement": [*BACKUP_ONLY_POLICY["Statement"], MOTO_HEAD_BUCKET]}
+        sessions: dict[str, Any] = {}
+        for user, policy in (("admin", everything), ("backup", backup_policy)):  # the six free requests
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="vmvault", PolicyDocument=json.dumps(policy))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            sessions[user] = boto3.session.Session(
+                aws_access_key_id=key["AccessKeyId"],
+                aws_secret_access_key=key["SecretAccessKey"],
+                region_name="us-east-1",
+            )
+        admin = S3Backend("fleet", "repo", endpoint_url=s3.endpoint, session=sessions["admin"])
+        host = S3Backend("fleet", "repo", endpoint_url=s3.endpoint, session=sessions["backup"])
+        for name in ("config", "keys/k1", "data/ab/ab01", "index/i1", "snapshots/s1"):
+            admin.put(name, b"written by the administrator")
+
+        # what a backup does: read anything, add objects, take and drop its lock
+        assert host.get("config") == b"written by the administrator"
+        for name in ("data/cd/cd02", "index/i2", "snapshots/s2", "locks/l1"):
+            host.put(name, b"added by the backup host")
+        assert host.modified("snapshots/s2") is not None
+        host.delete("locks/l1")
+        # what forget, prune and key removal do: refused by the server, with a clear error
+        for name in ("data/ab/ab01", "index/i1", "snapshots/s1", "keys/k1", "config"):
+            with pytest.raises(BackendPermissionError, match="access denied"):
+                host.delete(name)
+            assert admin.get(name) == b"written by the administrator"
+        # outside the repository's prefix it can do nothing at all
+        with pytest.raises(BackendPermissionError):
+            S3Backend("fleet", "other", endpoint_url=s3.endpoint, session=sessions["backup"]).put("x", b"1")
