@@ -99,8 +99,18 @@ class RepositoryLock:
         self.name = f"locks/{secrets.token_hex(16)}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: wall-clock time of the last successful write of the lock object
+        self._written = 0.0
+        #: set when a gap between writes was long enough for others to call the lock stale
+        self._lost = False
+        self.held = False
 
     def _write(self) -> None:
+        now = time.time()
+        if self._written and now - self._written > STALE_SECONDS - REFRESH_SECONDS:
+            # suspended (SIGSTOP, a paused VM) or the storage was unreachable: others may have
+            # ignored this lock meanwhile; rewriting it now does not undo what they did
+            self._lost = True
         doc = {
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
@@ -109,6 +119,25 @@ class RepositoryLock:
             "operation": self.operation,
         }
         self.backend.put(self.name, seal_envelope(self.key, json.dumps(doc).encode(), _aad(self.name)))
+        self._written = now
+
+    def verify(self, what: str) -> None:
+        """Raise LockedError unless the lock has been held without a gap since it was taken.
+
+        A backup calls this before writing its snapshot (repository-format.md, section 8):
+        if its lock went stale meanwhile, a prune may have deleted packs the backup reuses
+        or wrote, and a snapshot written now could name missing data.
+        """
+        if not self.held:
+            return
+        if self._lost or time.time() - self._written > STALE_SECONDS - REFRESH_SECONDS:
+            self._lost = True
+            raise LockedError(
+                f"stopped before {what}: this process's {'exclusive' if self.exclusive else 'shared'} lock was "
+                f"not refreshed for more than {(STALE_SECONDS - REFRESH_SECONDS) // 60} minutes (was the process "
+                "suspended, or the storage unreachable?), so a prune may have run meanwhile. Nothing "
+                "incomplete was written; run the command again (uploaded data that still exists is reused)."
+            )
 
     def acquire(self) -> None:
         self._write()
@@ -132,6 +161,7 @@ class RepositoryLock:
                 f"the repository is locked: {text}. Wait for it to finish; a lock from a process that died "
                 f"is ignored after {STALE_SECONDS // 60} minutes (or at once on the same host)."
             )
+        self.held = True
         self._thread = threading.Thread(target=self._refresh_loop, name="vmvault-lock", daemon=True)
         self._thread.start()
 
@@ -141,6 +171,7 @@ class RepositoryLock:
                 self._write()
 
     def release(self) -> None:
+        self.held = False
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

@@ -125,6 +125,8 @@ class Repository:
         self.role = keys.FULL
         #: True when the storage itself refuses to delete retained objects (S3 Object Lock)
         self.retention_enforced = False
+        #: locks taken through this object; save_snapshot verifies the held ones
+        self._locks: list[RepositoryLock] = []
         self.index = MasterIndex()
         self._index_files: set[bytes] = set()
         self._pack_cache: dict[str, bytes] = {}
@@ -306,6 +308,10 @@ class Repository:
     # ---- snapshots ---------------------------------------------------------------------
 
     def save_snapshot(self, snap: Snapshot) -> str:
+        # the snapshot makes its data live: only if no prune can have run since the lock was
+        # taken (repository-format.md, section 8: a backup resumed after a suspension)
+        for lock in self._locks:
+            lock.verify("writing the snapshot")
         if not snap.program:
             snap.program = f"vmvault {__version__}"
         payload = json.dumps(snap.to_dict(), sort_keys=True).encode()
@@ -367,7 +373,11 @@ class Repository:
     # ---- locks -------------------------------------------------------------------------
 
     def lock(self, *, exclusive: bool, operation: str) -> RepositoryLock:
-        return RepositoryLock(self.backend, self.key, exclusive=exclusive, operation=operation)
+        lock = RepositoryLock(self.backend, self.key, exclusive=exclusive, operation=operation)
+        # forget released ones: only held locks are verified, and a long-lived Repository
+        # (the scheduler daemon) takes one per job
+        self._locks = [held for held in self._locks if held.held] + [lock]
+        return lock
 
 
 def snapshot_metadata() -> dict[str, str]:
