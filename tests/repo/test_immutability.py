@@ -397,3 +397,26 @@ def test_s3_backup_only_policy_is_enforced_by_the_server(tmp_path: Path) -> None
         # outside the repository's prefix it can do nothing at all
         with pytest.raises(BackendPermissionError):
             S3Backend("fleet", "other", endpoint_url=s3.endpoint, session=sessions["backup"]).put("x", b"1")
+
+
+class _RecordingBackend(LocalBackend):
+    """A local backend that writes down every delete asked of it."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.deleted: list[str] = []
+
+    def delete(self, name: str) -> None:
+        self.deleted.append(name)
+        super().delete(name)
+
+
+def test_backup_deletes_nothing_but_its_own_lock(tmp_path: Path) -> None:
+    Repository.init(LocalBackend(str(tmp_path / "repo")), PASSWORD, chunk_size=CHUNK).close()
+    backend = _RecordingBackend(str(tmp_path / "repo"))
+    repo = Repository.open(backend, PASSWORD)
+    img = tmp_path / "vm.img"
+    for seed in (1, 2):  # a first backup and an incremental one
+        backend.deleted.clear()
+        backup(repo, open_source(str(_image(img, seed))))
+        assert len(backend.deleted) == 1 and backend.deleted[0].startswith("locks/"), backend.deleted
