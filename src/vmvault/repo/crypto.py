@@ -83,10 +83,10 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
-def seal_envelope(key: MasterKey, payload: bytes, aad: bytes, *, compress: bool = True) -> bytes:
+def seal_envelope(key: MasterKey, payload: bytes | memoryview, aad: bytes, *, compress: bool = True) -> bytes:
     """Compress (when it helps) and encrypt ``payload``; ``aad`` binds it to its identity."""
     flags = 0
-    body: bytes = payload
+    body: bytes | memoryview = payload
     if compress and payload:
         packed = _compressor().compress(payload)
         if len(packed) < len(payload) * (1 - _MIN_SAVING):

@@ -46,7 +46,7 @@ from vmvault.repo._layout import FORMAT_VERSION, BlobType
 from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
 from vmvault.repo.index import IndexFile, MasterIndex
 from vmvault.repo.locks import RepositoryLock
-from vmvault.repo.pack import BlobEntry, PackBuilder, open_blob, pack_name, seal_blob
+from vmvault.repo.pack import BlobEntry, PackBuilder, blob_aad, open_blob, pack_name
 from vmvault.repo.snapshot import Snapshot
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "BlobWriter", "RepoConfig", "Repository"]
@@ -417,13 +417,14 @@ class BlobWriter:
     def known(self, blob_id: bytes) -> bool:
         return blob_id in self.repo.index or blob_id in self._pending
 
-    def add(self, blob_type: BlobType, blob_id: bytes, data: bytes) -> bool:
+    def add(self, blob_type: BlobType, blob_id: bytes, data: bytes | memoryview) -> bool:
         """Store ``data`` unless a blob with this id exists; returns True when it was new."""
         if self._error is not None:
             raise self._error
         if self.known(blob_id):
             return False
-        sealed = seal_blob(self.repo.key, blob_type, blob_id, data)
+        # seal_blob's envelope, taking a view of the batch (the engine's chunks are not copied)
+        sealed = seal_envelope(self.repo.key, data, blob_aad(blob_type, blob_id))
         full: PackBuilder | None = None
         with self._lock:
             if blob_id in self._pending or blob_id in self.repo.index:
