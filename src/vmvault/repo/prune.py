@@ -420,6 +420,11 @@ def _prune_locked(
     report.packs_deleted = len(doomed)
 
     nothing_to_do = not doomed and not report.missing_packs and len(files) <= 1 and not superseded & set(files)
+    if not nothing_to_do and not doomed and not report.missing_packs and repo.config.immutable_days is not None:
+        # only index files would be merged, and if none of them may be deleted yet, a new
+        # index file would just be one more object under retention
+        names = [f"index/{i.hex()}" for i in files]
+        nothing_to_do = len(retained(repo, names)) == len(names)
     if dry_run or nothing_to_do:
         report.index_files_written = 0
         # for a dry run: an estimate (repacked blobs are counted at their current size)
