@@ -386,7 +386,9 @@ def backup(
     ``full=True`` ignores change tracking (every allocated byte is read; dedup still applies).
     """
     progress = progress or NullProgress()
-    workers = workers or max(2, os.cpu_count() or 2)
+    # twice the cores (at most 8): a worker waiting for its read leaves the core to one that
+    # hashes or compresses; on 2 cores 4 workers beat 2 in 7 of 8 paired runs (docs/benchmarks.md)
+    workers = workers or min(8, 2 * (os.cpu_count() or 1))
     started = time.monotonic()
     with repo.lock(exclusive=False, operation="backup"):
         # dedup only against what exists now: a prune may have run since the index was loaded,
