@@ -37,6 +37,7 @@ import pytest
 from tests.servers import S3Server, running_s3, s3_client_environment
 from vmvault.backends import open_backend
 from vmvault.engine.restore import restore
+from vmvault.repo.locks import list_locks
 from vmvault.repo.repository import Repository
 
 pytestmark = pytest.mark.integration
@@ -48,6 +49,9 @@ HOSTS = 3
 #: "together": everyone starts within 1.5 s; "prune-first": prune gets a head start
 ROUND_MODES = ("together", "prune-first", "together", "prune-first")
 ROUNDS = len(ROUND_MODES)
+#: who is killed in each round: the prune, or a randomly chosen backup
+VICTIMS = ("host", "prune", "host", "host")
+PACK_SIZE = 256 * 1024
 PASSWORD = "many-hosts-test-passphrase"
 EXIT_LOCKED = 11
 #: a backup adds at most this much besides its new chunks: its index block (one here)
@@ -137,8 +141,9 @@ def test_many_hosts_with_concurrent_prune(s3: S3Server, tmp_path: Path) -> None:
         hosts[h.name] = h
     admin = Host("admin", tmp_path / "admin", tmp_path / "admin" / "none")
     admin.workdir.mkdir()
-    done = _run(admin, "-r", url, "init", "--chunk-size", "64K")
-    assert done.returncode == 0, done.stderr
+    # through the API for a small pack size: a backup then uploads several packs and index
+    # files, so a kill lands between them
+    Repository.init(open_backend(url), PASSWORD.encode(), chunk_size=CHUNK, pack_size=PACK_SIZE).close()
 
     repo = _open(url)
     try:
@@ -168,8 +173,11 @@ def test_many_hosts_with_concurrent_prune(s3: S3Server, tmp_path: Path) -> None:
                 delays = {name: rng.uniform(1.0, 3.0) for name in order} | {"prune": 0.0}
             else:
                 delays = {name: rng.uniform(0.0, 1.5) for name in order}
-            victim = rng.choice(order) if rng.random() < 0.75 else None
-            kill_at = rng.uniform(1.5, 3.2)
+            # the victim is killed a random moment after it has taken its lock (its work
+            # lies between taking and releasing it)
+            victim = VICTIMS[rnd] if VICTIMS[rnd] == "prune" else rng.choice(list(hosts))
+            kill_after_lock = rng.uniform(0.0, 0.4)
+            kill_at: float | None = None
             pending = sorted(order, key=lambda n: delays[n])
             killed = False
             while pending or any(p.poll() is None for p in procs.values()):
@@ -181,9 +189,14 @@ def test_many_hosts_with_concurrent_prune(s3: S3Server, tmp_path: Path) -> None:
                     else:
                         h = hosts[name]
                         procs[name] = _vmvault(h, "-r", url, "--json", "backup", "--tag", name, str(h.image))
-                if victim in procs and not killed and now >= kill_at + delays[victim]:
-                    procs[victim].send_signal(signal.SIGKILL)
-                    killed = True
+                if victim in procs and not killed and procs[victim].poll() is None:
+                    if kill_at is None and any(
+                        lk.pid == procs[victim].pid for lk in list_locks(repo.backend, repo.key)
+                    ):
+                        kill_at = now + kill_after_lock
+                    if kill_at is not None and now >= kill_at:
+                        procs[victim].send_signal(signal.SIGKILL)
+                        killed = True
                 assert now < 90, "a round took longer than 90 s"
                 time.sleep(0.02)
 
@@ -247,6 +260,7 @@ def test_many_hosts_with_concurrent_prune(s3: S3Server, tmp_path: Path) -> None:
         assert stored <= raw_unique + data_blobs * 200 + len(snaps) * INDEX_SLACK, (stored, raw_unique, outcomes)
         assert data_blobs <= len(needed) + len(snaps), (data_blobs, len(needed))
         print("outcomes:", " ".join(outcomes))
+        assert any(o.endswith(":killed") for o in outcomes), outcomes
         # the schedule gives prune a head start twice: it must have run at least once
         assert any(o.endswith(":prune:ok") for o in outcomes), outcomes
     finally:

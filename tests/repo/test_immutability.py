@@ -132,6 +132,18 @@ def test_s3_object_lock_enforced_and_client_declines(moto: S3Server, tmp_path: P
 
 
 @pytest.mark.integration
+def test_s3_location_retention_is_declined_too(moto: S3Server, tmp_path: Path) -> None:
+    """``?immutable-days=N`` on the location (no repository setting): the objects are locked,
+    and forget declines to delete them rather than hide them behind delete markers."""
+    repo = Repository.init(open_backend(moto.url("vault", "by-url") + "?immutable-days=1"), PASSWORD, chunk_size=CHUNK)
+    assert repo.config.immutable_days is None and repo.retention_enforced
+    old, _new = _two_snapshots(repo, tmp_path)
+    assert forget(repo, KEEP_ONE).retained == [old]
+    assert old in repo.snapshot_ids()
+    repo.close()
+
+
+@pytest.mark.integration
 def test_s3_without_object_lock_is_advisory(moto: S3Server, tmp_path: Path) -> None:
     repo = Repository.init(open_backend(moto.url("plain", "repo")), PASSWORD, chunk_size=CHUNK, immutable_days=3)
     assert not repo.retention_enforced

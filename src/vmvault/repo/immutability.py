@@ -28,7 +28,7 @@ from vmvault.errors import ImmutableError
 from vmvault.repo import keys
 from vmvault.repo.repository import Repository
 
-__all__ = ["RETAINED_PREFIXES", "require_full_access", "retained"]
+__all__ = ["RETAINED_PREFIXES", "require_full_access", "retained", "retention_days"]
 
 #: objects that get retention
 RETAINED_PREFIXES = ("data/", "index/", "snapshots/")
@@ -45,10 +45,20 @@ def require_full_access(repo: Repository, operation: str) -> None:
         )
 
 
+def retention_days(repo: Repository) -> int | None:
+    """The repository's retention period, or the one an S3 location gives with
+    ``?immutable-days=N`` (its objects are then locked by the storage, so deleting them
+    would only hide them behind delete markers)."""
+    if repo.config.immutable_days is not None:
+        return repo.config.immutable_days
+    days = getattr(repo.backend, "retention_days", None)
+    return days if isinstance(days, int) else None
+
+
 def retained(repo: Repository, names: Iterable[str], *, now: float | None = None) -> set[str]:
     """The objects among ``names`` still inside the retention period (all of them when the
     storage cannot say when one was written: unknown counts as retained)."""
-    days = repo.config.immutable_days
+    days = retention_days(repo)
     if days is None:
         return set()
     now = time.time() if now is None else now

@@ -35,7 +35,7 @@ from typing import Any
 
 from vmvault.errors import IntegrityError, LockedError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
-from vmvault.repo.immutability import require_full_access, retained
+from vmvault.repo.immutability import require_full_access, retained, retention_days
 from vmvault.repo.index import IndexFile
 from vmvault.repo.locks import REFRESH_SECONDS, STALE_SECONDS, RepositoryLock, list_locks
 from vmvault.repo.pack import BlobEntry, open_blob, pack_name, parse_pack_header
@@ -411,7 +411,7 @@ def _prune_locked(
         repack = [p for p in repack if pack_name(p.id) not in held]
         orphans = [i for i in orphans if pack_name(i) not in held]
         report.packs_retained = len(held)
-        report.actions.append(f"kept {len(held)} packs still under retention ({repo.config.immutable_days} days)")
+        report.actions.append(f"kept {len(held)} packs still under retention ({retention_days(repo)} days)")
     report.orphan_packs = len(orphans)
     report.packs_repacked = len(repack)
     report.blobs_repacked = sum(len(p.keep) for p in repack)
@@ -420,7 +420,7 @@ def _prune_locked(
     report.packs_deleted = len(doomed)
 
     nothing_to_do = not doomed and not report.missing_packs and len(files) <= 1 and not superseded & set(files)
-    if not nothing_to_do and not doomed and not report.missing_packs and repo.config.immutable_days is not None:
+    if not nothing_to_do and not doomed and not report.missing_packs and retention_days(repo) is not None:
         # only index files would be merged, and if none of them may be deleted yet, a new
         # index file would just be one more object under retention
         names = [f"index/{i.hex()}" for i in files]

@@ -217,7 +217,8 @@ class Repository:
         if days is not None and callable(use):
             self.retention_enforced = bool(use(days))
         else:
-            self.retention_enforced = days is not None and self.backend.enforces_immutability
+            # the location may lock objects on its own (s3://...?immutable-days=N)
+            self.retention_enforced = self.backend.enforces_immutability
 
     def close(self) -> None:
         self.backend.close()
