@@ -9,15 +9,19 @@ credentials and a full quota are answers the proxy gives in moto's place (moto n
 revokes a key mid-session nor has quotas); they carry the codes AWS, MinIO and Ceph RGW
 send.
 
+Each fault is applied once the backup has written its first index file, with the backup
+process held still (SIGSTOP) meanwhile, so it surely lands in the middle of the backup.
 Whatever happens, a backup either completes or exits with a clear message, never leaves
 a snapshot that refers to missing data, and the next run reuses what was uploaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -80,13 +84,21 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def _when(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:
-    """Wait until ``condition`` holds while the backup still runs (else the fault came too late)."""
+@contextlib.contextmanager
+def _paused_when(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> Iterator[None]:
+    """Wait until ``condition`` holds, then hold the backup still (SIGSTOP) while the caller
+    breaks the storage, so that the fault surely lands in the middle of the backup."""
     deadline = time.monotonic() + 150
     while not condition():
         assert proc.poll() is None, f"the backup ended before {what}: {proc.communicate()}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        assert proc.poll() is None, f"the backup ended right after {what}: {proc.communicate()}"
+        yield
+    finally:
+        proc.send_signal(signal.SIGCONT)
 
 
 def _verify(backend: Backend, image: Path, tmp_path: Path, snapshots: int) -> None:
@@ -140,8 +152,8 @@ def test_sftp_server_killed_mid_backup_is_retried(sshd: SshServer, image: Path, 
     backend: Any = sshd.open_backend("killed")
     _init(backend)
     proc = _start_backup(sshd.url("killed"), image, sshd.env)
-    _when(_sftp_indexed(sshd, "killed"), proc, "the first index file")
-    sshd.kill()  # every session dies with it, as in a crash of the server
+    with _paused_when(_sftp_indexed(sshd, "killed"), proc, "the first index file"):
+        sshd.kill()  # every session dies with it, as in a crash of the server
     time.sleep(1.5)
     sshd.start()
     code, out, err = _finish(proc)
@@ -156,9 +168,9 @@ def test_sftp_credentials_revoked_mid_backup(sshd: SshServer, image: Path, tmp_p
     _init(backend)
     keys = sshd.authorized_keys.read_text()
     proc = _start_backup(sshd.url("revoked"), image, sshd.env)
-    _when(_sftp_indexed(sshd, "revoked"), proc, "the first index file")
-    sshd.authorized_keys.write_text("")
-    sshd.restart()  # drop the sessions: the client must log in again, and is refused
+    with _paused_when(_sftp_indexed(sshd, "revoked"), proc, "the first index file"):
+        sshd.authorized_keys.write_text("")
+        sshd.restart()  # drop the sessions: the client must log in again, and is refused
     code, _out, err = _finish(proc)
     assert code == EXIT_ERROR, err
     assert "refused key authentication" in err, err
@@ -198,9 +210,15 @@ def test_s3_endpoint_down_briefly_is_retried(
 ) -> None:
     url, backend = _s3_setup(moto, proxy, "brief")
     proc = _start_backup(url, image, S3Server.client_env())
-    _when(_s3_indexed(moto, "brief"), proc, "the first index file")
-    proxy.stop()  # connections refused from now on
+    with _paused_when(_s3_indexed(moto, "brief"), proc, "the first index file"):
+        # every request fails (as a load balancer answers for a server that is down), and
+        # new connections are refused
+        proxy.fail_next(10**9, 503, "ServiceUnavailable")
+        proxy.stop()
     time.sleep(1.0)
+    # back: connections already open are served again (a stopped http.server keeps serving
+    # keep-alive connections it had accepted), new ones reach the proxy on the same port
+    proxy.fail_next(0)
     back = FaultyHttpProxy(moto.port, port=proxy.port)
     back.start()
     try:
@@ -217,8 +235,8 @@ def test_s3_endpoint_down_for_good_fails_clearly(
 ) -> None:
     url, backend = _s3_setup(moto, proxy, "down")
     proc = _start_backup(url, image, S3Server.client_env())
-    _when(_s3_indexed(moto, "down"), proc, "the first index file")
-    proxy.fail_next(10**9, 503, "ServiceUnavailable")  # every request from now on
+    with _paused_when(_s3_indexed(moto, "down"), proc, "the first index file"):
+        proxy.fail_next(10**9, 503, "ServiceUnavailable")  # every request from now on
     code, _out, err = _finish(proc)
     assert code == EXIT_ERROR, err
     assert "kept failing" in err and "uploaded data is reused" in err, err
@@ -251,8 +269,8 @@ def test_s3_refusals_mid_backup(
     prefix = f"refused-{code.lower()}"
     url, backend = _s3_setup(moto, proxy, prefix)
     proc = _start_backup(url, image, S3Server.client_env())
-    _when(_s3_indexed(moto, prefix), proc, "the first index file")
-    proxy.fail_next(10**9, status, code)
+    with _paused_when(_s3_indexed(moto, prefix), proc, "the first index file"):
+        proxy.fail_next(10**9, status, code)
     started = time.monotonic()
     rc, _out, err = _finish(proc)
     assert rc == exit_code, err
