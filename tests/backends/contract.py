@@ -69,15 +69,6 @@ class BackendContract:
 
     def test_a_directory_is_not_an_object(self, store: StoreUnderTest, request: pytest.FixtureRequest) -> None:
         """Names are flat: the "directory" ``data/ab`` of ``data/ab/x`` is no object."""
-        if store.kind == "local":
-            # strict: once local.py is fixed this XPASSes and fails, so the marker goes
-            request.applymarker(
-                pytest.mark.xfail(
-                    strict=True,
-                    reason="LocalBackend treats directories as objects: exists() uses os.path.exists, "
-                    "get() and delete() raise BackendError (EISDIR) instead of not-found / no-op",
-                )
-            )
         b = store.backend
         b.put("data/ab/x", b"x")
         assert not b.exists("data/ab")

@@ -43,7 +43,8 @@ class LocalBackend(Backend):
             return StorageFullError(f"{self.url}: the repository's disk is full (writing {name})", name=name)
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return BackendPermissionError(text, name=name)
-        if exc.errno == errno.ENOENT:
+        if exc.errno in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
+            # names are flat: the "directory" data/ab of data/ab/x is no object
             return ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
         return BackendError(text, name=name)
 
@@ -104,7 +105,7 @@ class LocalBackend(Backend):
             os.close(fd)
 
     def exists(self, name: str) -> bool:
-        return os.path.exists(self._path(name))
+        return os.path.isfile(self._path(name))
 
     def modified(self, name: str) -> float | None:
         try:
@@ -137,9 +138,11 @@ class LocalBackend(Backend):
     def delete(self, name: str) -> None:
         try:
             os.unlink(self._path(name))
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            pass  # nothing of that name (a directory is no object)
         except OSError as exc:
+            if exc.errno == errno.EPERM and os.path.isdir(self._path(name)):
+                return  # Linux answers EPERM for unlink() of a directory
             raise self._error(exc, "delete", name) from exc
 
     def cleanup_temporary(self) -> int:
