@@ -34,7 +34,7 @@ from typing import Final
 
 from vmvault.disk import DISK_SUFFIXES, FORMATS, create_image, detect_format, open_image
 from vmvault.disk import _vhdx_layout as L
-from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, clip_extents, coalesce
+from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, clip_extents, coalesce, read_structure
 from vmvault.errors import ConfigError, FormatError, ParentError, SourceError, UnsupportedFormatError
 
 __all__ = [
@@ -620,21 +620,11 @@ def _braced(guid: uuid.UUID) -> str:
     return "{" + str(guid) + "}"
 
 
-def _pread_exact(fd: int, path: str, length: int, offset: int, structure: str) -> bytes:
-    try:
-        data = os.pread(fd, length, offset)
-    except OSError as exc:
-        raise SourceError(f"{path}: read of {structure} at {offset:#x} failed: {exc.strerror}") from exc
-    if len(data) != length:
-        raise FormatError("file is truncated", path=path, offset=offset, structure=structure)
-    return data
-
-
 def _vhdx_metadata(fd: int, path: str) -> tuple[int, int, L.MetadataTable]:
     """(metadata region offset, its length, the metadata table) of a clean VHDX."""
     for off in L.REGION_TABLE_OFFSETS:
         try:
-            table = L.RegionTable.unpack(_pread_exact(fd, path, L.REGION_TABLE_SIZE, off, "region table"))
+            table = L.RegionTable.unpack(read_structure(fd, path, off, L.REGION_TABLE_SIZE, "region table"))
             break
         except ValueError:
             continue
@@ -643,7 +633,7 @@ def _vhdx_metadata(fd: int, path: str) -> tuple[int, int, L.MetadataTable]:
     region = next((e for e in table.entries if e.guid == L.METADATA_REGION_GUID), None)
     if region is None:
         raise FormatError("no metadata region", path=path, structure="region table", offset=0x30000)
-    raw = _pread_exact(fd, path, L.METADATA_TABLE_SIZE, region.file_offset, "metadata table")
+    raw = read_structure(fd, path, region.file_offset, L.METADATA_TABLE_SIZE, "metadata table")
     try:
         meta = L.MetadataTable.unpack(raw)
     except ValueError as exc:
@@ -662,7 +652,7 @@ def _vhdx_locator(path: str) -> L.ParentLocator:
         entry = next((e for e in meta.entries if e.item_id == L.PARENT_LOCATOR_GUID), None)
         if entry is None:
             raise ParentError("no parent locator", path=path, structure="metadata parent locator")
-        raw = _pread_exact(fd, path, entry.length, base + entry.offset, "metadata parent locator")
+        raw = read_structure(fd, path, base + entry.offset, entry.length, "metadata parent locator")
         try:
             return L.ParentLocator.unpack(raw)
         except ValueError as exc:
@@ -693,7 +683,7 @@ def _vhdx_set_locator(path: str, entries: tuple[tuple[str, str], ...]) -> None:
         if idx is None:
             raise ParentError("no parent locator", path=path, structure="metadata parent locator")
         old = L.ParentLocator.unpack(
-            _pread_exact(fd, path, meta.entries[idx].length, base + meta.entries[idx].offset, "parent locator")
+            read_structure(fd, path, base + meta.entries[idx].offset, meta.entries[idx].length, "parent locator")
         )
         blob = L.ParentLocator(old.locator_type, entries).pack()
         live = sorted((e.offset, e.offset + e.length) for e in meta.entries if e.length)
@@ -755,7 +745,7 @@ def _vhd_set_parent(path: str, new_parent: str) -> None:
     except OSError as exc:
         raise SourceError(f"{path}: cannot open for writing: {exc.strerror}") from exc
     try:
-        header = DynamicHeader.unpack(_pread_exact(fd, path, DYNAMIC_HEADER_SIZE, data_offset, "VHD dynamic header"))
+        header = DynamicHeader.unpack(read_structure(fd, path, data_offset, DYNAMIC_HEADER_SIZE, "VHD dynamic header"))
         locators = list(header.locators)
         writes: list[tuple[int, bytes]] = []
         for i, loc in enumerate(locators):
@@ -795,7 +785,7 @@ def _vhd_set_parent(path: str, new_parent: str) -> None:
 
 def _qcow2_head(fd: int, path: str) -> tuple[bytes, int, int, int]:
     """(bytes up to the end of the backing name, its offset, its size, cluster size)."""
-    raw = _pread_exact(fd, path, 72, 0, "qcow2 header")
+    raw = read_structure(fd, path, 0, 72, "qcow2 header")
     if raw[:4] != b"QFI\xfb":
         raise FormatError("bad magic", path=path, offset=0, structure="qcow2 header")
     bfo = int.from_bytes(raw[8:16], "big")
@@ -803,7 +793,7 @@ def _qcow2_head(fd: int, path: str) -> tuple[bytes, int, int, int]:
     cbits = int.from_bytes(raw[20:24], "big")
     if not 9 <= cbits <= 21 or bfs > 1023 or bfo + bfs > (1 << cbits):
         raise FormatError("backing file name lies outside the first cluster", path=path, structure="qcow2 header")
-    head = _pread_exact(fd, path, bfo + bfs, 0, "qcow2 header") if bfo else raw
+    head = read_structure(fd, path, 0, bfo + bfs, "qcow2 header") if bfo else raw
     return head, bfo, bfs, 1 << cbits
 
 
