@@ -67,7 +67,7 @@ class BackendContract:
         b.delete("locks/a")
         b.delete("never/was")
 
-    def test_a_directory_is_not_an_object(self, store: StoreUnderTest, request: pytest.FixtureRequest) -> None:
+    def test_a_directory_is_not_an_object(self, store: StoreUnderTest) -> None:
         """Names are flat: the "directory" ``data/ab`` of ``data/ab/x`` is no object."""
         b = store.backend
         b.put("data/ab/x", b"x")
