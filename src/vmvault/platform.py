@@ -1,0 +1,578 @@
+"""The operating-system calls that differ between POSIX and Windows, in one place.
+
+Everything else in vmvault calls these instead of the POSIX-only ``os``/``fcntl`` functions, so
+that the core (disk formats, repository, engine) runs on a Hyper-V host too. On Linux every
+function is the POSIX call itself, byte for byte; the fallbacks are what Windows gets:
+
+==============================  ====================================  =====================================
+what                            POSIX                                 fallback (Windows)
+==============================  ====================================  =====================================
+:func:`pread` / :func:`pwrite`  ``os.pread`` / ``os.pwrite``          ``lseek`` + ``read``/``write`` under a
+                                                                      per-descriptor lock
+:func:`seek_data` /             ``lseek(SEEK_DATA / SEEK_HOLE)``      ``OSError(EOPNOTSUPP)``: callers read
+:func:`seek_hole`                                                     the whole file as data
+:func:`flush_data`              ``os.fdatasync``                      ``os.fsync`` (``_commit`` on Windows:
+                                                                      ``FlushFileBuffers``)
+:func:`lock`                    ``fcntl.flock`` (whole file)          ``msvcrt.locking`` of one byte at
+                                                                      :data:`LOCK_OFFSET`
+:func:`replace`                 ``os.replace``                        ``os.replace``, retried while another
+                                                                      process has the target open
+:func:`current_uid`             ``os.geteuid()``                      ``None`` (no numeric owner)
+:data:`O_BINARY`                0                                     ``os.O_BINARY`` (no CR/LF translation)
+:func:`open_nofollow`           ``os.open(O_NOFOLLOW)``               ``lstat`` before and after the open:
+                                                                      no link (:func:`is_link`), the same
+                                                                      file (:func:`same_file`)
+:func:`sync_dir`                ``fsync`` of the folder               nothing (NTFS journals it)
+:func:`keep_freed_memory`       glibc's ``mallopt``: freed buffers    nothing (another C library, or the
+                                of up to 32 MiB stay in the process   variables set in the environment)
+==============================  ====================================  =====================================
+
+``VMVAULT_PLATFORM_HIDE_POSIX=1`` in the environment (read once, at import) makes this module
+behave on Linux as if ``os.pread``, ``os.pwrite``, ``SEEK_DATA``/``SEEK_HOLE``, ``os.fdatasync``,
+``fcntl.flock`` and (for :func:`open_nofollow`) ``O_NOFOLLOW`` were absent, so the fallbacks run
+under the same tests as the POSIX path (``scripts/test.sh`` runs the engine, repository and disk tests that way).
+Hidden on Linux, :func:`lock` takes the same one-byte range lock through ``fcntl``'s
+open-file-description locks (``F_OFD_SETLK``), which, like Windows' ``LockFileEx``, belong to
+one open file and conflict between descriptors of one process; ``msvcrt`` itself only exists
+on Windows.
+
+What stays POSIX-only (docs/hyperv.md, "Running on Windows"): folder descriptors (``dir_fd``,
+``O_DIRECTORY``, ``O_NOFOLLOW`` relative to a folder), which the local backend and the restore
+target are built on. Windows' equivalent of opening without following (``CreateFileW`` with
+``FILE_FLAG_OPEN_REPARSE_POINT``) is not reachable through ``os.open``; the check that is
+reachable is :func:`is_link` on an ``lstat`` (a reparse point: symbolic link, junction, mount
+point) followed by :func:`same_file` on the opened descriptor, which leaves a window between
+the two that ``O_NOFOLLOW`` does not have.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import struct
+import sys
+import threading
+import time
+import unicodedata
+from collections.abc import Callable
+from typing import Any, Final
+
+__all__ = [
+    "HIDE_POSIX",
+    "LOCK_OFFSET",
+    "NO_FOLDER_DESCRIPTORS",
+    "O_BINARY",
+    "O_CLOEXEC",
+    "O_DIRECTORY",
+    "O_NOCTTY",
+    "O_NOFOLLOW",
+    "O_NONBLOCK",
+    "WINDOWS",
+    "WRITE_SLICE",
+    "allocated_bytes",
+    "current_uid",
+    "flush_data",
+    "free_bytes",
+    "give_owner",
+    "is_link",
+    "keep_freed_memory",
+    "lock",
+    "lock_folder",
+    "name_key",
+    "open_nofollow",
+    "others_can_change",
+    "pread",
+    "pwrite",
+    "replace",
+    "same_file",
+    "seek_data",
+    "seek_hole",
+    "set_blocking",
+    "sync_dir",
+    "user_id",
+    "windows_name_problem",
+]
+
+#: the switch that hides the POSIX-only calls (tests of the fallbacks on Linux); read once
+HIDE_POSIX: Final[bool] = os.environ.get("VMVAULT_PLATFORM_HIDE_POSIX", "") == "1"
+WINDOWS: Final[bool] = sys.platform == "win32"
+
+#: ``os.open`` flag for binary files: without it the Windows C runtime translates CR/LF
+O_BINARY: Final[int] = getattr(os, "O_BINARY", 0)
+#: ``os.open`` flag refusing a final symbolic link (0 where there is none: Windows)
+O_NOFOLLOW: Final[int] = getattr(os, "O_NOFOLLOW", 0)
+#: POSIX-only ``os.open`` flags, 0 on Windows (where Python makes every descriptor
+#: non-inheritable anyway, and there are no FIFOs or terminals to open by name)
+O_CLOEXEC: Final[int] = getattr(os, "O_CLOEXEC", 0)
+O_NONBLOCK: Final[int] = getattr(os, "O_NONBLOCK", 0)
+O_NOCTTY: Final[int] = getattr(os, "O_NOCTTY", 0)
+O_DIRECTORY: Final[int] = getattr(os, "O_DIRECTORY", 0)
+
+#: where :func:`lock`'s fallback locks one byte: a Windows byte-range lock also blocks reads
+#: of that range by other handles, so it sits far past any text a lock file holds
+LOCK_OFFSET: Final[int] = 1 << 30
+
+#: how long :func:`replace` keeps trying while the target is open elsewhere (Windows)
+REPLACE_TRIES: Final[int] = 20
+REPLACE_PAUSE: Final[float] = 0.05
+
+
+def _posix(obj: Any, name: str) -> Any:
+    return None if HIDE_POSIX else getattr(obj, name, None)
+
+
+_pread: Callable[[int, int, int], bytes] | None = _posix(os, "pread")
+_pwrite: Callable[[int, Any, int], int] | None = _posix(os, "pwrite")
+_fdatasync: Callable[[int], None] | None = _posix(os, "fdatasync")
+_SEEK_DATA: int | None = _posix(os, "SEEK_DATA")
+_SEEK_HOLE: int | None = _posix(os, "SEEK_HOLE")
+#: the flag :func:`open_nofollow` passes; hidden, it checks by ``lstat`` as on Windows
+_NOFOLLOW: int = 0 if HIDE_POSIX else O_NOFOLLOW
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None  # type: ignore[assignment]
+_flock: Callable[[int, int], None] | None = _posix(_fcntl, "flock") if _fcntl is not None else None
+
+
+# ------------------------------------------------------------------------- positional I/O
+
+_fd_locks: dict[int, threading.Lock] = {}
+_fd_locks_guard = threading.Lock()
+
+
+def _fd_lock(fd: int) -> threading.Lock:
+    """The lock that keeps one descriptor's seek and read/write together. Kept for the life of
+    the process: a reused descriptor number gets the same (free) lock, never a second one."""
+    with _fd_locks_guard:
+        found = _fd_locks.get(fd)
+        if found is None:
+            found = _fd_locks[fd] = threading.Lock()
+        return found
+
+
+#: the largest offset the system's calls take (``off_t`` is a signed 64-bit integer)
+MAX_OFFSET: Final = (1 << 63) - 1
+
+
+def pread(fd: int, length: int, offset: int) -> bytes:
+    """Read at most ``length`` bytes at ``offset`` (fewer at the end of the file), without
+    using a position another thread could move. Raises ``OSError``.
+
+    An offset past the largest a file can have (a damaged image's pointer) reads as the end of
+    the file, as ``pread`` does on Linux: ``lseek`` there fails with ``EINVAL`` instead (ext4
+    with 4 KiB blocks refuses 16 TiB and beyond), and so does a read running past 2**63 - 1.
+    ``EINVAL`` for a non-negative offset of a regular file means nothing else. An offset past
+    ``MAX_OFFSET`` (a 64-bit pointer field can hold one) is never handed to the system, which
+    could not take it (Python raises ``OverflowError``): it is past every file's end too."""
+    if offset > MAX_OFFSET and length >= 0:
+        return b""
+    try:
+        if _pread is not None:
+            return _pread(fd, length, offset)
+        with _fd_lock(fd):
+            os.lseek(fd, offset, os.SEEK_SET)
+            return os.read(fd, length)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL and offset >= 0 and length >= 0:
+            return b""
+        raise
+
+
+#: the most bytes callers that loop give one write: 1.3 GiB written 2-16 MiB a call cost Linux
+#: (6.x, ext4) 3-7 times the system time of the same bytes 1 MiB or 256 KiB a call, often 3 times
+#: the wall time (the page cache then takes 2 MiB pages, which it must first make free;
+#: measured: 0.3-0.5 s against 1.5-2.4 s)
+WRITE_SLICE: Final[int] = 1 << 20
+
+
+def pwrite(fd: int, data: Any, offset: int) -> int:
+    """Write ``data`` (bytes-like) at ``offset``; returns how many bytes were written, which
+    may be fewer (callers loop). Raises ``OSError``."""
+    if _pwrite is not None:
+        return _pwrite(fd, data, offset)
+    with _fd_lock(fd):
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+# ------------------------------------------------------------------------ holes, flushing
+
+
+def _no_holes() -> OSError:
+    return OSError(errno.EOPNOTSUPP, "hole detection is not available here")
+
+
+def seek_data(fd: int, offset: int) -> int:
+    """The first offset at or after ``offset`` that holds data (``lseek(SEEK_DATA)``); raises
+    ``OSError`` (``ENXIO``: only a hole follows; ``EOPNOTSUPP``: no hole detection here, read
+    everything as data)."""
+    if _SEEK_DATA is None:
+        raise _no_holes()
+    return os.lseek(fd, offset, _SEEK_DATA)
+
+
+def seek_hole(fd: int, offset: int) -> int:
+    """The first hole at or after ``offset`` (the end of the file counts as one); as
+    :func:`seek_data`."""
+    if _SEEK_HOLE is None:
+        raise _no_holes()
+    return os.lseek(fd, offset, _SEEK_HOLE)
+
+
+def flush_data(fd: int) -> None:
+    """Put a file's data on stable storage: ``fdatasync`` where it exists, else ``fsync``
+    (on Windows ``_commit``, i.e. ``FlushFileBuffers``, which flushes metadata too)."""
+    if _fdatasync is not None:
+        _fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+# ------------------------------------------------------------------------------- memory
+
+#: glibc's ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` sets
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEPT_ALLOCATION: Final[int] = 32 << 20
+KEPT_FREE: Final[int] = 32 << 20
+_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc reuse freed buffers of up to ``KEPT_ALLOCATION`` bytes instead of handing
+    them back to the kernel; True when it was set.
+
+    Backup and restore allocate a buffer per batch, pack range, decrypted and decompressed
+    chunk (256 KiB to 16 MiB each, gigabytes in all). glibc serves such sizes with a fresh
+    ``mmap`` or returns the top of a thread's heap once more than twice that is free, so each
+    new buffer's pages are faulted in and zeroed by the kernel again: restoring 1.3 GiB of
+    data took 85,000-93,000 page faults, with these settings 37,000-39,000 (0.1-0.3 s less
+    system time, the same peak RSS). At most ``KEPT_FREE`` bytes stay free at the top of each
+    heap. Nothing is changed under another C library, or when the environment sets glibc's
+    own variables (the user's choice wins).
+    """
+    if WINDOWS or HIDE_POSIX or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError):
+        return False  # not glibc
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEPT_ALLOCATION)) and bool(mallopt(_M_TRIM_THRESHOLD, KEPT_FREE))
+
+
+# ----------------------------------------------------------------------------- file locks
+
+if sys.platform == "win32":  # pragma: no cover - not run by the test suite (Linux)
+    import msvcrt
+
+    def _range_lock(fd: int, wait: bool) -> bool:
+        os.lseek(fd, LOCK_OFFSET, os.SEEK_SET)
+        while True:
+            try:
+                # LK_LOCK gives up after 10 tries a second apart; wait by retrying LK_NBLCK
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EDEADLK):
+                    raise
+                if not wait:
+                    return False
+                time.sleep(0.05)
+            else:
+                return True
+
+else:
+    #: struct flock of Linux (l_type, l_whence, l_start, l_len, l_pid), for F_OFD_SETLK
+    _FLOCK = struct.Struct("hhqqi4x")
+
+    def _range_lock(fd: int, wait: bool) -> bool:
+        # the Windows byte-range lock's stand-in where POSIX calls are hidden: a lock of the
+        # same byte that belongs to the open file, not the process (see the module docstring)
+        assert _fcntl is not None
+        writable = _fcntl.fcntl(fd, _fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY
+        kind = _fcntl.F_WRLCK if writable else _fcntl.F_RDLCK
+        request = _FLOCK.pack(kind, os.SEEK_SET, LOCK_OFFSET, 1, 0)
+        try:
+            _fcntl.fcntl(fd, _fcntl.F_OFD_SETLKW if wait else _fcntl.F_OFD_SETLK, request)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+
+def lock(fd: int, *, wait: bool) -> bool:
+    """Take an exclusive lock on the open file ``fd`` (released when it is closed, or when the
+    process ends). True when taken; False when another open file holds it and ``wait`` is
+    false. Other failures (a file system without locks) raise ``OSError``."""
+    if _flock is not None:
+        assert _fcntl is not None
+        try:
+            _flock(fd, _fcntl.LOCK_EX | (0 if wait else _fcntl.LOCK_NB))
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+    return _range_lock(fd, wait)
+
+
+def lock_folder(fd: int) -> bool:
+    """Take an exclusive lock on an open folder without waiting (``flock``): True when taken,
+    False when held elsewhere. POSIX only, and not hidden by ``VMVAULT_PLATFORM_HIDE_POSIX``:
+    a folder cannot be opened by ``os.open`` on Windows, so there is no fallback to test; the
+    code that locks folders (the restore target) is refused on Windows before it gets here."""
+    if _fcntl is None:  # pragma: no cover - Windows
+        raise OSError(errno.EOPNOTSUPP, "folders cannot be locked here")
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+#: what the modules built on folder descriptors (the local backend, the restore target) say
+#: on Windows, where ``os.open`` cannot open a folder and ``dir_fd`` is not supported
+NO_FOLDER_DESCRIPTORS: Final[str] = (
+    "is built on folder descriptors (openat, O_NOFOLLOW), which Windows does not offer through Python; "
+    'it is not ported yet (docs/hyperv.md, "Running on Windows")'
+)
+
+
+# -------------------------------------------------------------------------- replacement
+
+
+def replace(src: str, dst: str) -> None:
+    """Rename ``src`` over ``dst`` atomically (``os.replace``).
+
+    On Windows the rename fails with ``PermissionError`` while another process has ``dst``
+    open without ``FILE_SHARE_DELETE`` (a reader, a virus scanner, the indexer): that is
+    retried for about a second, then raised. Renaming ``dst`` aside first would leave a
+    moment with no ``dst`` at all, which a reader must never see, so it is not done; the
+    caller's error names the file and nothing is lost (``src`` is still complete).
+    On POSIX the rename never fails that way and the first error is raised.
+    """
+    for attempt in range(REPLACE_TRIES):
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if not (WINDOWS or HIDE_POSIX) or attempt == REPLACE_TRIES - 1:
+                raise
+            time.sleep(REPLACE_PAUSE)
+
+
+# --------------------------------------------------------------------------- ownership
+
+
+def current_uid() -> int | None:
+    """The effective user id, or None where files have no numeric owner (Windows): checks
+    of a file's owner are then skipped and said so by the caller."""
+    geteuid: Callable[[], int] | None = getattr(os, "geteuid", None)
+    return geteuid() if geteuid is not None else None
+
+
+def user_id(name: str) -> int | None:
+    """The user id of the account ``name``, or None: no such account, or no numeric owners
+    (Windows)."""
+    try:
+        import pwd
+    except ImportError:
+        return None
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def group_id(name: str) -> int | None:
+    """The group id of the group ``name``, or None: no such group, or no numeric groups (Windows)."""
+    try:
+        import grp
+    except ImportError:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def others_can_change(path: str, owners: set[int], *, container: bool = False) -> str | None:
+    """Why an account other than ``owners`` (user ids) could change ``path`` or put something
+    else in its place: the file or a folder above it writable by group or others (a sticky
+    folder above excepted), or owned by another account; None when only ``owners`` can (and
+    on Windows, where owners are not numeric). ``container``: ``path`` is a folder that only
+    holds entries of the caller's own making (a ``mkdtemp``), so it may be sticky too."""
+    if current_uid() is None:
+        return None
+    current = os.path.realpath(path)
+    first = not container
+    while True:
+        try:
+            st = os.stat(current)
+        except FileNotFoundError:
+            st = None  # what does not exist yet can be made only where the folder allows
+        if st is not None:
+            mode = stat.S_IMODE(st.st_mode)
+            sticky_folder = stat.S_ISDIR(st.st_mode) and mode & stat.S_ISVTX and not first
+            if st.st_uid not in owners:
+                return f"{current} belongs to user id {st.st_uid}"
+            if mode & 0o022 and not sticky_folder:
+                return f"{current} is writable by other users (mode {mode:04o})"
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current, first = parent, False
+
+
+# -------------------------------------------------------------------------- links, paths
+
+#: IO_REPARSE_TAG's name-surrogate bit (winnt.h, IsReparseTagNameSurrogate): the reparse
+#: point names another file (symbolic link, junction, mount point), unlike e.g. a
+#: deduplicated or cloud file, which is the file itself
+_NAME_SURROGATE: Final[int] = 0x20000000
+
+#: FILE_ATTRIBUTE_REPARSE_POINT (winnt.h), in ``st_file_attributes`` of a Windows ``lstat``
+_REPARSE_POINT: Final[int] = 0x400
+
+
+def is_link(st: os.stat_result) -> bool:
+    """Whether an ``lstat`` result is a link of any kind: a symbolic link, or on Windows any
+    reparse point (junctions and mount points are reparse points but not ``S_ISLNK``)."""
+    if stat.S_ISLNK(st.st_mode):
+        return True
+    reparse = getattr(st, "st_file_attributes", 0) & _REPARSE_POINT
+    return bool(reparse and getattr(st, "st_reparse_tag", 0) & _NAME_SURROGATE)
+
+
+def same_file(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether two stat results name the same file (device and inode; on Windows the volume
+    serial number and file index). The check after an open without ``O_NOFOLLOW``: ``lstat``
+    the name, refuse a link, open it, and refuse when ``fstat`` of the descriptor differs."""
+    return (before.st_dev, before.st_ino) == (after.st_dev, after.st_ino)
+
+
+def _link_error(path: str) -> OSError:
+    return OSError(errno.ELOOP, "is a link (not followed)", path)
+
+
+def open_nofollow(path: str, flags: int, mode: int = 0o777) -> int:
+    """``os.open`` that refuses a link in the last component with ``OSError(ELOOP)``.
+
+    With ``O_NOFOLLOW`` the kernel refuses it. Without (Windows): an existing name that
+    :func:`is_link` is refused before the open, and after it the name must still be no link
+    and the very file open on the descriptor (:func:`same_file`), or the descriptor is closed
+    and ``ELOOP`` raised. A link planted and removed again between those steps is caught by
+    the second check; what the open itself touched through it cannot be undone (for a new
+    file ``O_CREAT|O_EXCL`` fails on any existing name, a link included).
+    """
+    if _NOFOLLOW:
+        return os.open(path, flags | _NOFOLLOW, mode)
+    try:
+        if is_link(os.lstat(path)):
+            raise _link_error(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, flags, mode)
+    try:
+        now = os.lstat(path)
+        if is_link(now) or not same_file(now, os.fstat(fd)):
+            raise _link_error(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def sync_dir(path: str) -> None:
+    """Make a create, rename or unlink in the folder ``path`` durable: ``fsync`` of the folder
+    on POSIX. On Windows a folder cannot be opened by ``os.open`` and NTFS journals the
+    change itself, so there is nothing to do. Raises ``OSError``."""
+    if WINDOWS:  # pragma: no cover - not run by the test suite (Linux)
+        return
+    fd = os.open(path, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: str) -> int:
+    """Bytes free for an unprivileged user on the file system of ``path`` (``statvfs``'s
+    ``f_bavail * f_frsize``; ``GetDiskFreeSpaceExW`` on Windows). Raises ``OSError``."""
+    statvfs: Callable[[str], Any] | None = getattr(os, "statvfs", None)
+    if statvfs is None:  # pragma: no cover - Windows
+        return shutil.disk_usage(path).free
+    st = statvfs(path)
+    return int(st.f_bavail * st.f_frsize)
+
+
+def give_owner(path: str, uid: int, gid: int) -> None:
+    """``chown`` where files have numeric owners; on Windows nothing (a new file's owner is
+    the account that made it, and an NTFS owner is a SID, not a number). Raises ``OSError``."""
+    chown: Callable[[str, int, int], None] | None = getattr(os, "chown", None)
+    if chown is not None:
+        chown(path, uid, gid)
+
+
+def allocated_bytes(st: os.stat_result) -> int:
+    """The space a file takes on disk (``st_blocks``); its size where that is not reported."""
+    blocks: int | None = getattr(st, "st_blocks", None)
+    return st.st_size if blocks is None else blocks * 512
+
+
+def set_blocking(fd: int) -> None:
+    """Clear ``O_NONBLOCK`` (set to open a FIFO without hanging; a regular file is read
+    blocking). Windows has no such flag for files."""
+    if O_NONBLOCK:
+        os.set_blocking(fd, True)
+
+
+_RESERVED = frozenset(
+    {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"}
+    | {f"{dev}{n}" for dev in ("COM", "LPT") for n in (*"123456789", "¹", "²", "³")}
+)
+_FORBIDDEN_CHARS = frozenset('<>:"/\\|?*') | {chr(c) for c in range(32)}
+
+
+def windows_name_problem(name: str) -> str | None:
+    """Why ``name`` (one path component) cannot be a file name on Windows, or None.
+
+    Windows refuses (or silently changes) names with ``<>:"/\\|?*`` or control characters,
+    names ending in a dot or a space, and the device names (``CON``, ``NUL``, ``COM1``...,
+    with any extension: ``nul.txt`` is the device too). A ``:`` would name an alternate data
+    stream of another file (``a.vhdx:evil``), so a name from untrusted storage must be checked.
+    """
+    if name in ("", ".", ".."):
+        return "it is empty or a folder reference"
+    bad = sorted({c for c in name if c in _FORBIDDEN_CHARS})
+    if bad:
+        shown = ", ".join(repr(c) for c in bad)
+        return f"it contains {shown}, which Windows does not allow in a file name"
+    if name[-1] in ". ":
+        return "it ends in a dot or a space, which Windows strips"
+    if name.split(".", 1)[0].rstrip(" ").upper() in _RESERVED:
+        return "it is a Windows device name"
+    return None
+
+
+def name_key(name: str, *, case_insensitive: bool | None = None) -> str:
+    """The key under which two names are the same file: the name itself on a case-sensitive
+    file system (Linux), else (Windows, macOS, or ``case_insensitive``) its NFC-normalised case
+    fold (what NTFS and APFS compare, near enough to find every collision; a collision check
+    that refuses slightly too much is safe)."""
+    if case_insensitive is None:
+        case_insensitive = WINDOWS or sys.platform == "darwin"
+    if not case_insensitive:
+        return name
+    return unicodedata.normalize("NFC", name).casefold()
