@@ -1,6 +1,6 @@
 """Run forget + prune in a child process that SIGKILLs itself before its Nth storage write.
 
-Usage: python -m tests.repo._prune_child REPO_DIR KILL_AT [prune|repair]
+Usage: python -m tests.repo._prune_child REPO_DIR KILL_AT [prune|repair|salvage]
 ``KILL_AT`` = 0 runs to the end and prints how many writes (put/delete) it made and
 how long forget + prune took.
 The kill point is in the test's backend wrapper, not in the code under test.
@@ -59,6 +59,8 @@ def main() -> None:
     began = time.monotonic()
     if mode == "repair":
         repair_index(repo, from_scratch=True)
+    elif mode == "salvage":
+        repair_index(repo, read_data=True)
     else:
         forget(repo, RetentionPolicy(last=2))
         prune(repo, max_unused=0.0)

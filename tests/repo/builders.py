@@ -101,9 +101,12 @@ def backup(
     time: dt.datetime | None = None,
     tags: list[str] | None = None,
     host: str = "host1",
+    dedup: bool = True,
 ) -> Snapshot:
-    """One snapshot following the write order: packs, index files (flush), snapshot."""
-    writer = repo.writer(upload_threads=2, index_every=2)
+    """One snapshot following the write order: packs, index files (flush), snapshot.
+    ``dedup=False``: store every blob again, as a backup racing another one does (the same
+    blobs then sit in two packs)."""
+    writer = repo.writer(upload_threads=2, index_every=2, dedup=dedup)
     try:
         disks = [store_disk(repo, writer, n, d) for n, d in content.disks.items()]
         files = [store_file(repo, writer, n, d) for n, d in content.files.items()]

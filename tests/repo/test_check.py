@@ -24,8 +24,8 @@ from tests.repo.builders import (
 from vmvault.backends.local import LocalBackend
 from vmvault.errors import IntegrityError
 from vmvault.repo import check
-from vmvault.repo._layout import ZERO_ID, BlobType
 from vmvault.repo.check import select_subset
+from vmvault.repo.format import ZERO_ID, BlobType
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import Snapshot
@@ -47,8 +47,7 @@ def chunk_id_at(repo: Repository, snap: Snapshot, disk: str, k: int) -> bytes:
     rec = next(d for d in snap.disks if d.name == disk)
     block_id = rec.index[k // SPAN]
     assert block_id is not None
-    raw = repo.get_blob(BlobType.INDEX, bytes.fromhex(block_id))
-    entry = raw[(k % SPAN) * 32 : (k % SPAN + 1) * 32]
+    entry = repo.read_index_block(block_id)[k % SPAN]
     assert entry != ZERO_ID
     return entry
 

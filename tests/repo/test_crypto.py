@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -11,16 +14,48 @@ from hypothesis import strategies as st
 from tests.repo.builders import Content, backup, disk_image, make_repo
 from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import IntegrityError
-from vmvault.repo._layout import BlobType
-from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
+from vmvault.repo import crypto
+from vmvault.repo.crypto import BLAKE3, HMAC_SHA256, MasterKey, blake3_id_key, open_envelope, seal_envelope
+from vmvault.repo.format import BlobType
 from vmvault.repo.index import IndexFile
 from vmvault.repo.pack import BlobEntry, PackBuilder, open_blob, parse_pack_header, seal_blob
 
-KEYS = {"encrypted": MasterKey.generate(), "plain": MasterKey.unencrypted()}
+KEYS = {
+    "encrypted": MasterKey.generate(),
+    "plain": MasterKey.unencrypted(),
+    "encrypted-blake3": MasterKey.generate().with_id_function(BLAKE3),
+    "plain-blake3": MasterKey.unencrypted().with_id_function(BLAKE3),
+}
 keys = st.sampled_from(sorted(KEYS)).map(KEYS.__getitem__)
 payloads = st.one_of(
     st.binary(max_size=2000), st.builds(lambda n, b: b * n, st.integers(0, 3000), st.binary(min_size=1, max_size=3))
 )
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_sealing_into_a_buffer_writes_the_same_envelope_as_encrypting_then_joining(
+    monkeypatch: pytest.MonkeyPatch, compress: bool
+) -> None:
+    """Both ways of building an encrypted envelope (``encrypt_into`` where cryptography has
+    it, else ``header + encrypt``) give the same bytes, and it opens from bytes and views."""
+    key = KEYS["encrypted"]
+    payload = b"disk sector " * 30_000 + bytes(range(256)) * 40
+    monkeypatch.setattr(crypto.os, "urandom", lambda n: b"\x07" * n)
+    made = {}
+    for into in (False, True):
+        if into and not hasattr(crypto.AESGCM, "encrypt_into"):
+            pytest.skip("this cryptography has no encrypt_into (before 47): only the join is used")
+        monkeypatch.setattr(crypto, "_ENCRYPT_INTO", into)
+        made[into] = seal_envelope(key, payload, b"aad", compress=compress)
+        assert type(made[into]) is bytes
+    assert made[True] == made[False]
+    sealed = made[True]
+    for form in (sealed, memoryview(sealed), memoryview(b"junk" + sealed)[4:]):
+        assert open_envelope(key, form, b"aad", what="x") == payload
+    flipped = bytearray(sealed)
+    flipped[len(sealed) // 2] ^= 1
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        open_envelope(key, memoryview(flipped), b"aad", what="x")
 
 
 @settings(max_examples=300, deadline=None)
@@ -85,6 +120,130 @@ def test_keyed_ids_differ_from_plain_sha256() -> None:
     data = b"secret content"
     assert MasterKey.unencrypted().chunk_id(data) == hashlib.sha256(data).digest()
     assert MasterKey.generate().chunk_id(data) != hashlib.sha256(data).digest()
+
+
+# ---- chunk id functions (repository-format.md, sections 3 and 6) --------------------------
+
+#: BLAKE3's own test vectors (test_vectors/test_vectors.json of the BLAKE3 specification's
+#: repository): the input is the bytes 0, 1, ..., 250 repeated to ``input_len``; keyed_hash uses
+#: the key below; the first 32 bytes of each output are the default-length digest
+SPEC_KEY = b"whats the Elvish word for friend"
+SPEC_VECTORS = [
+    # input_len, hash, keyed_hash
+    (
+        0,
+        "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262",
+        "92b2b75604ed3c761f9d6f62392c8a9227ad0ea3f09573e783f1498a4ed60d26",
+    ),
+    (
+        1,
+        "2d3adedff11b61f14c886e35afa036736dcd87a74d27b5c1510225d0f592e213",
+        "6d7878dfff2f485635d39013278ae14f1454b8c0a3a2d34bc1ab38228a80c95b",
+    ),
+    (
+        1024,
+        "42214739f095a406f3fc83deb889744ac00df831c10daa55189b5d121c855af7",
+        "75c46f6f3d9eb4f55ecaaee480db732e6c2105546f1e675003687c31719c7ba4",
+    ),
+    (
+        1025,
+        "d00278ae47eb27b34faecf67b4fe263f82d5412916c1ffd97c8cb7fb814b8444",
+        "357dc55de0c7e382c900fd6e320acc04146be01db6a8ce7210b7189bd664ea69",
+    ),
+    (
+        4097,
+        "9b4052b38f1c5fc8b1f9ff7ac7b27cd242487b3d890d15c96a1c25b8aa0fb995",
+        "00df940cd36bb9fa7cbbc3556744e0dbc8191401afe70520ba292ee3ca80abbc",
+    ),
+]
+
+
+def spec_input(length: int) -> bytes:
+    return bytes(i % 251 for i in range(length))
+
+
+@pytest.mark.parametrize(("length", "plain", "keyed"), SPEC_VECTORS, ids=[str(v[0]) for v in SPEC_VECTORS])
+def test_blake3_ids_match_the_specifications_test_vectors(length: int, plain: str, keyed: str) -> None:
+    """The primitive as chunk_id calls it: keyed (an encrypted repository, here with the
+    specification's key in place of the derived one) and unkeyed (an unencrypted repository),
+    from bytes and from a view of a larger buffer (how the backup hands its batches over)."""
+    data = spec_input(length)
+    keyed_key = MasterKey(None, None, id_function=BLAKE3, blake3_key=SPEC_KEY)
+    unkeyed = MasterKey.unencrypted().with_id_function(BLAKE3)
+    view = memoryview(bytearray(b"x" * 7 + data + b"y" * 9))[7 : 7 + length]
+    for buffer in (data, view):
+        assert keyed_key.chunk_id(buffer).hex() == keyed
+        assert unkeyed.chunk_id(buffer).hex() == plain
+
+
+#: vmvault's derivation pinned: for the master key bytes 0..63 (enc_key 0..31, id_key 32..63),
+#: the keyed-BLAKE3 id key and the ids of the 1025-byte specification input and of nothing
+FIXED_MASTER = bytes(range(64))
+FIXED_BLAKE3_KEY = "45a48bd834271cba69de6407e8011e4de7bca37ead7c7129ab0dc2d37deab40e"
+FIXED_ID_1025 = "18d4fa5917047c4d074b1a692037d76d1734ad05f5a43e0b2c67e46049e6eb60"
+FIXED_ID_EMPTY = "8239c3f034df229b059754215b8b38cffea3c43d57e508b3bb5f77024cb8b575"
+
+
+def test_a_fixed_repository_key_gives_fixed_blake3_ids() -> None:
+    key = MasterKey.from_bytes(FIXED_MASTER).with_id_function(BLAKE3)
+    assert blake3_id_key(FIXED_MASTER[32:]).hex() == FIXED_BLAKE3_KEY
+    assert key.blake3_key is not None and key.blake3_key.hex() == FIXED_BLAKE3_KEY
+    assert key.chunk_id(spec_input(1025)).hex() == FIXED_ID_1025
+    assert key.chunk_id(b"").hex() == FIXED_ID_EMPTY
+    # the same master key under HMAC-SHA-256 ids: the id key itself, as before
+    hmac_key = MasterKey.from_bytes(FIXED_MASTER)
+    assert hmac_key.id_function == HMAC_SHA256
+    assert hmac_key.chunk_id(b"") == hmac.digest(FIXED_MASTER[32:], b"", "sha256")
+    assert hmac_key.with_id_function(HMAC_SHA256) == hmac_key
+
+
+def test_the_blake3_id_key_is_none_of_the_other_keys_and_ids_differ_by_function() -> None:
+    key = MasterKey.generate().with_id_function(BLAKE3)
+    assert key.blake3_key not in (key.enc_key, key.id_key, None)
+    assert "blake3_key" not in repr(key)
+    data = b"secret content"
+    ids = {
+        key.chunk_id(data),
+        key.with_id_function(HMAC_SHA256).chunk_id(data),
+        MasterKey.unencrypted().with_id_function(BLAKE3).chunk_id(data),
+        MasterKey.unencrypted().chunk_id(data),
+        MasterKey.generate().with_id_function(BLAKE3).chunk_id(data),  # another repository
+    }
+    assert len(ids) == 5
+    # the master key stored in keys/ is the same 64 bytes whatever the id function
+    assert key.to_bytes() == key.with_id_function(HMAC_SHA256).to_bytes()
+    with pytest.raises(ValueError, match="unknown chunk id function"):
+        key.with_id_function("sha3-256")
+
+
+def test_blake3_ids_let_other_threads_run_while_hashing() -> None:
+    """The backup hashes in worker threads: BLAKE3 must let go of the interpreter lock while it
+    hashes, as HMAC-SHA-256 does, or the workers hash one at a time. A thread hashes 128 MiB in
+    one call while this one counts: holding the lock, it would let this thread count nothing
+    during the call (``bytes.count``, which holds it, counts 0 here; BLAKE3 and HMAC-SHA-256
+    thousands). Tried three times, so a busy machine cannot fail it."""
+    key = MasterKey.generate().with_id_function(BLAKE3)
+    data = bytes(128 << 20)
+    for _attempt in range(3):
+        span: list[float] = []
+
+        def work(span: list[float] = span) -> None:
+            span.append(time.perf_counter())
+            key.chunk_id(data)
+            span.append(time.perf_counter())
+
+        seen: list[float] = []
+        worker = threading.Thread(target=work)
+        worker.start()
+        while worker.is_alive():
+            seen.append(time.perf_counter())
+        worker.join()
+        # the first half of the call only: a thread that held the lock through the call lets
+        # this one run after it, before it notes the end
+        start, end = span
+        if sum(1 for t in seen if start < t < start + (end - start) / 2) > 10:
+            return
+    pytest.fail("no other thread ran while BLAKE3 hashed 128 MiB: it holds the interpreter lock")
 
 
 def build_pack(key: MasterKey, blobs: list[bytes]) -> tuple[bytes, bytes]:

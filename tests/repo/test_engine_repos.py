@@ -11,7 +11,6 @@ from vmvault.engine.backup import backup
 from vmvault.engine.restore import restore
 from vmvault.hypervisors.files import FilesSource
 from vmvault.repo import Repository, RetentionPolicy, check, forget, prune
-from vmvault.repo._layout import ID_SIZE, BlobType
 from vmvault.repo.pack import pack_name
 
 CS = 16 * 1024
@@ -60,8 +59,7 @@ def test_forget_prune_check_on_engine_backups(tmp_path: Path) -> None:
     disk = next(d for d in newest.disks if d.name == "disk.raw")
     block_id = disk.index[k // disk.index_span]
     assert block_id is not None
-    raw = repo.get_blob(BlobType.INDEX, bytes.fromhex(block_id))
-    chunk = raw[(k % disk.index_span) * ID_SIZE : (k % disk.index_span + 1) * ID_SIZE]
+    chunk = repo.read_index_block(block_id)[k % disk.index_span]
     loc = repo.index.lookup(chunk)
     assert loc is not None
     path = Path(repo.backend.root) / pack_name(loc.pack_id)

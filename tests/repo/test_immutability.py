@@ -33,8 +33,8 @@ from vmvault.engine.backup import backup
 from vmvault.errors import BackendPermissionError, ImmutableError, PasswordError
 from vmvault.hypervisors import open_source
 from vmvault.repo import keys
-from vmvault.repo._layout import BlobType
 from vmvault.repo.check import check
+from vmvault.repo.format import BlobType
 from vmvault.repo.prune import forget, prune
 from vmvault.repo.repository import Repository
 from vmvault.repo.retention import RetentionPolicy

@@ -22,8 +22,8 @@ from vmvault.errors import (
 )
 from vmvault.repo import Repository, check
 from vmvault.repo import keys as repo_keys
-from vmvault.repo._layout import FORMAT_VERSION
 from vmvault.repo.crypto import seal_envelope
+from vmvault.repo.format import FORMAT_VERSION
 from vmvault.repo.locks import STALE_SECONDS, list_locks
 
 
@@ -84,7 +84,7 @@ def test_damaged_key_file_does_not_hide_a_good_one(tmp_path: Path) -> None:
     repo = make_repo(LocalBackend(str(tmp_path)))
     repo.backend.put("keys/" + "0" * 64, b"not json")
     assert Repository.open(repo.backend, PASS).key == repo.key
-    with pytest.raises(PasswordError, match="damaged key files"):
+    with pytest.raises(PasswordError, match="unusable key objects"):
         Repository.open(repo.backend, b"wrong")
 
 
@@ -153,7 +153,7 @@ def test_lock_from_another_host(monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(MemoryBackend())
 
     def foreign(age: float) -> str:
-        name = f"locks/foreign{int(age)}"
+        name = f"locks/{int(age):032x}"
         doc = {"hostname": "elsewhere", "pid": 1, "time": time.time() - age, "exclusive": True, "operation": "prune"}
         repo.backend.put(name, seal_envelope(repo.key, json.dumps(doc).encode(), b"lock " + name.encode()))
         return name
@@ -169,7 +169,8 @@ def test_lock_from_another_host(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unreadable_lock_is_treated_as_stale() -> None:
     repo = make_repo(MemoryBackend())
-    repo.backend.put("locks/garbage", b"\x00" * 40)
+    garbage = "locks/" + "0a" * 16
+    repo.backend.put(garbage, b"\x00" * 40)
     with repo.lock(exclusive=True, operation="prune"):
         pass
-    assert not repo.backend.exists("locks/garbage")
+    assert not repo.backend.exists(garbage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import IntegrityError, LockedError, SnapshotNotFoundError
 from vmvault.repo import RetentionPolicy, check, forget, forget_ids, prune, repair_index
 from vmvault.repo.crypto import seal_envelope
+from vmvault.repo.index import IndexFile
 from vmvault.repo.repository import Repository
 
 T0 = dt.datetime(2025, 3, 1, 12, tzinfo=dt.UTC)
@@ -86,6 +88,22 @@ def test_dry_run_changes_nothing(local_repo: Repository) -> None:
     assert state(repo) == listing
 
 
+def test_packs_decided_page_by_page_as_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prune reads its per-pack figures a page at a time (memory bounded by a page, not the
+    number of packs): with pages of two packs it decides as with pages of 10,000."""
+    prune_module = importlib.import_module("vmvault.repo.prune")  # the package exports the function
+    repo = make_repo(MemoryBackend())
+    history(repo, 4)
+    forget(repo, RetentionPolicy(last=1))
+    whole = prune(repo, dry_run=True, max_unused=0.0).to_dict()
+    assert whole["packs_before"] > 6 and whole["packs_deleted"] > 2
+    monkeypatch.setattr(prune_module, "_BATCH", 2)
+    paged = prune(repo, dry_run=True, max_unused=0.0).to_dict()
+    assert paged == whole
+    report = prune(repo, max_unused=0.0)
+    assert report.packs_deleted == whole["packs_deleted"] and check(reopen(repo), read_data=True).ok
+
+
 def test_forget_everything_then_prune_empties_data() -> None:
     repo = make_repo(MemoryBackend())
     history(repo, 2)
@@ -99,12 +117,17 @@ def test_forget_everything_then_prune_empties_data() -> None:
     assert check(repo).ok
 
 
+def copies(repo: Repository) -> int:
+    """How many copies of blobs the index lists (a blob in two packs: two)."""
+    return sum(len(repo.index.locations(blob_id)) for blob_id, _loc in repo.index.items())
+
+
 def test_orphan_packs_and_duplicates_are_removed() -> None:
     repo = make_repo(MemoryBackend())
     hist = history(repo, 2)
     # a killed backup: a pack uploaded, its index never written
     writer = repo.writer(index_every=1 << 20)
-    from vmvault.repo._layout import BlobType
+    from vmvault.repo.format import BlobType
 
     payload = b"orphan" * 1000
     writer.add(BlobType.DATA, repo.key.chunk_id(payload), payload)
@@ -116,16 +139,43 @@ def test_orphan_packs_and_duplicates_are_removed() -> None:
     repo.backend.put(pack_name(pack_id), data)
     writer.close(flush=False)
     # a concurrent backup stored the same chunks again (dedup raced): duplicate packs
-    dup = Repository(repo.backend, repo.config, repo.key, repo.key_id)  # empty index: stores everything again
-    backup(dup, hist[1][1], time=T0 + dt.timedelta(days=9))
+    backup(repo, hist[1][1], time=T0 + dt.timedelta(days=9), dedup=False)
     res = check(reopen(repo))
     assert res.ok and [p.kind for p in res.warnings] == ["orphan-pack"]
-    report = prune(repo)
+    assert copies(reopen(repo)) > len(list(repo.index.items()))
+    report = prune(repo, max_unused=0.0)  # every pack holding a dropped copy is repacked
     assert report.orphan_packs == 1
     res = check(reopen(repo), read_data=True)
     assert res.ok and not res.warnings
     fresh = reopen(repo)
+    assert copies(fresh) == len(list(fresh.index.items()))  # one copy of each blob stays
     for sid, content in hist:
+        assert restore_all(fresh, fresh.load_snapshot(sid)) == content
+
+
+def test_a_pack_listed_by_two_live_index_files_counts_each_blob_once() -> None:
+    """A killed prune or repair leaves packs listed twice: the second listing changes no
+    figure of prune's accounting, and prune still keeps every snapshot whole."""
+    repo = make_repo(MemoryBackend())
+    hist = history(repo, 4)
+    forget(repo, RetentionPolicy(last=2))
+    figures = ("blobs_used", "blobs_removed", "bytes_removed", "packs_deleted", "packs_repacked", "blobs_repacked")
+    once = prune(repo, dry_run=True, max_unused=0.0)
+    assert once.blobs_removed and once.packs_repacked
+    again = IndexFile(version=repo.index_version)
+    for file_id in repo.index.cache.live_files():
+        listed = repo.read_index_file(file_id)
+        again.packs.update(listed.packs)
+        again.lengths.update(listed.lengths)
+    repo.write_index_file(again)
+    twice = prune(reopen(repo), dry_run=True, max_unused=0.0)
+    assert twice.index_files_before == once.index_files_before + 1
+    assert [getattr(twice, f) for f in figures] == [getattr(once, f) for f in figures]
+    done = prune(reopen(repo), max_unused=0.0)
+    assert [getattr(done, f) for f in figures] == [getattr(once, f) for f in figures]
+    fresh = reopen(repo)
+    assert check(fresh, read_data=True).ok
+    for sid, content in hist[2:]:
         assert restore_all(fresh, fresh.load_snapshot(sid)) == content
 
 

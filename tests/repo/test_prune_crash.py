@@ -21,8 +21,8 @@ import pytest
 
 from tests.repo.builders import CHUNK, Content, backup, disk_image, make_repo, reopen, restore_all
 from vmvault.backends.local import LocalBackend
-from vmvault.repo import Repository, check, prune
-from vmvault.repo._layout import BlobType
+from vmvault.repo import Repository, check, prune, repair_index, repair_snapshots
+from vmvault.repo.format import BlobType
 from vmvault.repo.pack import pack_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,8 +41,7 @@ def build_template(path: Path) -> dict[str, Content]:
     other = Content(disks={"vdb": disk_image(77, 6)})
     contents[backup(repo, other, location="vm2", time=T0).id] = other
     # duplicates: a second writer that did not see the first one's blobs
-    twin = Repository(repo.backend, repo.config, repo.key, repo.key_id)
-    contents[backup(twin, other, location="vm2", time=T0 + dt.timedelta(days=1)).id] = other
+    contents[backup(repo, other, location="vm2", time=T0 + dt.timedelta(days=1), dedup=False).id] = other
     # an orphan pack: a killed backup's pack without its index file
     writer = repo.writer(index_every=1 << 20)
     data = os.urandom(CHUNK)
@@ -54,7 +53,7 @@ def build_template(path: Path) -> dict[str, Content]:
 
 
 def run_child(repo_dir: Path, kill_at: int, mode: str = "prune") -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
     return subprocess.run(
         [sys.executable, "-m", "tests.repo._prune_child", str(repo_dir), str(kill_at), mode],
         cwd=ROOT,
@@ -121,7 +120,7 @@ def test_kill_after_random_delays(template: tuple[Path, dict[str, Content]], tmp
     assert done.returncode == 0, done.stderr
     duration = float(done.stdout.split()[-1])
     rnd = random.Random(1234)
-    env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
     killed = 0
     for i in range(10):
         work = tmp_path / f"delay{i}"
@@ -163,4 +162,56 @@ def test_kill_repair_index_at_every_write(template: tuple[Path, dict[str, Conten
         res = run_child(work, n, "repair")
         assert res.returncode == -signal.SIGKILL, (n, res.returncode, res.stderr)
         assert_consistent(work, contents, min_snapshots=len(contents))
+        shutil.rmtree(work)
+
+
+def truncate_a_pack(repo_dir: Path) -> None:
+    """Cut the first indexed pack of two or more blobs after its first blob."""
+    repo = Repository.open(LocalBackend(str(repo_dir)), b"correct horse")
+    packs = repo.index.packs()
+    pack_id = min(p for p, es in packs.items() if len(es) >= 2)
+    first = min(packs[pack_id], key=lambda e: e.offset)
+    path = repo_dir / pack_name(pack_id)
+    path.write_bytes(path.read_bytes()[: first.offset + first.length])
+
+
+def repaired_outcome(repo_dir: Path) -> dict[str, bytes]:
+    """Finish the repair (index, then snapshots), prune, and return what each snapshot holds."""
+    repo = Repository.open(LocalBackend(str(repo_dir)), b"correct horse")
+    repair_index(repo, read_data=True)
+    repair_snapshots(repo, forget=True)
+    prune(repo, max_unused=0.0)
+    repo = reopen(repo)
+    report = check(repo, read_data=True)
+    assert report.ok and not report.warnings, report.to_dict()
+    out = {}
+    for sid in repo.snapshot_ids():
+        snap = repo.load_snapshot(sid)
+        content = restore_all(repo, snap)
+        key = snap.extra.get("repaired_from", sid)
+        out[key] = repr(sorted(content.disks.items())).encode() + repr(sorted(content.files.items())).encode()
+    return out
+
+
+@pytest.mark.slow
+def test_kill_repair_index_salvaging_a_truncated_pack_at_every_write(
+    template: tuple[Path, dict[str, Content]], tmp_path: Path
+) -> None:
+    tpl, _contents = template
+    full = tmp_path / "full"
+    shutil.copytree(tpl, full)
+    truncate_a_pack(full)
+    done = run_child(full, 0, "salvage")
+    assert done.returncode == 0, done.stderr
+    writes = int(done.stdout.split()[-2])
+    assert writes >= 6  # lock, the salvage pack, its index file, the new index, old index deletes, unlock
+    expected = repaired_outcome(full)
+    for n in range(1, writes + 1):
+        work = tmp_path / f"kill{n}"
+        shutil.copytree(tpl, work)
+        truncate_a_pack(work)
+        res = run_child(work, n, "salvage")
+        assert res.returncode == -signal.SIGKILL, (n, res.returncode, res.stderr)
+        # whatever the kill left, finishing the repair gives the same snapshots back
+        assert repaired_outcome(work) == expected, n
         shutil.rmtree(work)

@@ -6,7 +6,7 @@ import datetime as dt
 import hashlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from vmvault.errors import ConfigError
@@ -173,11 +173,83 @@ def test_daily_keeps_newest_per_day_for_n_days(items: list[tuple[int, str]], n: 
 def test_more_generous_policy_keeps_a_superset(
     items: list[tuple[int, str]], policy: RetentionPolicy, rule: str
 ) -> None:
+    assume(not policy.empty())  # the empty policy keeps all; adding a rule starts removing
     snaps = build(items)
     base = apply_policy(snaps, policy)
     bigger = RetentionPolicy(
         **{**policy.to_dict(), rule: getattr(policy, rule) + 1, "keep_tags": (), "group_by": ("location",)}
     )
-    if policy.empty():
-        return  # the empty policy keeps all; adding a rule starts removing
     assert ids(base.keep) <= ids(apply_policy(snaps, bigger).keep)
+
+
+# ---- never forget everything (repository-format.md, section 10.2 / issue: --keep-tag "") --------
+
+
+@pytest.mark.parametrize("spec", ["", " ", ",", "a,", ",a", "a,,b", " , "])
+def test_an_empty_tag_is_a_usage_error(spec: str) -> None:
+    with pytest.raises(ConfigError, match="empty tag"):
+        RetentionPolicy(keep_tags=(spec,))
+    with pytest.raises(ConfigError, match="empty tag"):
+        RetentionPolicy(last=1, keep_tags=("fine", spec))
+
+
+def test_a_tag_no_snapshot_carries_forgets_nothing() -> None:
+    snaps = [snap(T0 + dt.timedelta(days=i), tags=["daily"]) for i in range(4)]
+    with pytest.raises(ConfigError, match="every snapshot of vm vm1, location vm1"):
+        apply_policy(snaps, RetentionPolicy(keep_tags=("typo",)))
+    # a tag only one group carries: the other group would lose everything
+    other = [snap(T0 + dt.timedelta(days=i), "vmB") for i in range(2)]
+    with pytest.raises(ConfigError, match="vmB"):
+        apply_policy(snaps + other, RetentionPolicy(keep_tags=("daily",)))
+    # with a count the group keeps its newest, so the policy is fine
+    result = apply_policy(snaps + other, RetentionPolicy(last=1, keep_tags=("typo",)))
+    assert len(result.keep) == 2
+
+
+@pytest.mark.parametrize("rule", ["last", "hourly", "daily", "weekly", "monthly", "yearly"])
+@pytest.mark.parametrize("group_by", [("location",), ("host",), ("tags",), ("location", "host", "tags")])
+def test_every_rule_alone_keeps_the_newest_of_every_group(rule: str, group_by: tuple[str, ...]) -> None:
+    snaps = [
+        snap(T0 + dt.timedelta(days=40 * i), loc, tags=[t] if t else [], host=h)
+        for i, (loc, t, h) in enumerate(
+            [("vmA", "", "x"), ("vmA", "t", "x"), ("vmB", "", "y"), ("vmB", "t", "x"), ("vmC", "u", "y")] * 3
+        )
+    ]
+    result = apply_policy(snaps, RetentionPolicy(**{rule: 1}, group_by=group_by))
+    assert len(result.groups) > 1 and all(g.keep for g in result.groups)
+
+
+tag_specs = st.lists(st.sampled_from(["a", "b", "a,b", "c"]), max_size=2).map(tuple)
+tagged_items = st.lists(
+    st.tuples(
+        st.integers(0, 3 * 365 * 24 * 60),
+        st.sampled_from(["vmA", "vmB"]),
+        st.lists(st.sampled_from(["a", "b", "c"]), max_size=2),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tagged_items, policies, tag_specs, st.sampled_from([("location",), ("tags",), ("location", "host")]))
+def test_no_policy_forgets_every_snapshot_of_a_group(
+    items: list[tuple[int, str, list[str]]],
+    counts: RetentionPolicy,
+    keep_tags: tuple[str, ...],
+    group_by: tuple[str, ...],
+) -> None:
+    snaps = [
+        snap(T0 + dt.timedelta(minutes=m, microseconds=i), loc, tags=sorted(set(tags)))
+        for i, (m, loc, tags) in enumerate(items)
+    ]
+    policy = RetentionPolicy(**{**counts.to_dict(), "keep_tags": keep_tags, "group_by": group_by})
+    try:
+        result = apply_policy(snaps, policy)
+    except ConfigError:
+        # refused only when some group would really have kept nothing: tags alone, none present
+        assert all(getattr(policy, r) == 0 for r in ("last", "hourly", "daily", "weekly", "monthly", "yearly"))
+        assert policy.keep_tags
+        return
+    for g in result.groups:
+        assert g.keep, "a group lost every snapshot"

@@ -6,14 +6,16 @@ Public surface (see docs/design/repository-format.md for the format)::
     Snapshot, DiskRecord, FileRecord      snapshot manifests
     RetentionPolicy, apply_policy         which snapshots a GFS policy keeps (pure)
     forget, forget_ids, prune             remove snapshots, garbage-collect data (exclusive lock)
-    repair_index                          rebuild the index from the packs (exclusive lock)
+    repair_index, repair_snapshots        ways out of damage: rebuild the index from the packs,
+                                          cut lost data out of snapshots (exclusive lock)
     check                                 verify structure and, with read_data, every byte
 """
 
 from __future__ import annotations
 
 from vmvault.repo.check import Affected, CheckReport, Problem, check
-from vmvault.repo.prune import ForgetReport, PruneReport, RepairReport, forget, forget_ids, prune, repair_index
+from vmvault.repo.prune import ForgetReport, PruneReport, forget, forget_ids, prune
+from vmvault.repo.repair import RepairReport, SnapshotRepairReport, repair_index, repair_snapshots
 from vmvault.repo.repository import BlobWriter, RepoConfig, Repository
 from vmvault.repo.retention import RetentionPolicy, RetentionResult, apply_policy
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
@@ -33,10 +35,12 @@ __all__ = [
     "RetentionPolicy",
     "RetentionResult",
     "Snapshot",
+    "SnapshotRepairReport",
     "apply_policy",
     "check",
     "forget",
     "forget_ids",
     "prune",
     "repair_index",
+    "repair_snapshots",
 ]

@@ -10,25 +10,37 @@ import struct
 
 __all__ = [
     "BLOB_ENTRY",
+    "CHUNK_ID_VERSION",
     "ENVELOPE_HEADER",
     "FORMAT_VERSION",
     "ID_SIZE",
     "INDEX_HEADER",
     "INDEX_PACK",
+    "INDEX_PACK_V2",
+    "INDEX_V2_VERSION",
     "PACK_MAGIC",
     "PACK_TRAILER",
     "BlobType",
     "EnvelopeFlags",
 ]
 
-#: repository format version written by this vmvault; newer ones are refused
-FORMAT_VERSION = 1
+#: the newest repository format version this vmvault reads and writes; newer ones are refused
+#: (repository-format.md, section 11)
+FORMAT_VERSION = 3
+#: from version 2 on, index files record each pack's length (section 12.2); `vmvault migrate`
+#: brings a version-1 repository here, and a new repository with HMAC-SHA-256 ids is written in it
+INDEX_V2_VERSION = 2
+#: from version 3 on, the config names the chunk id function (section 4, ``chunk_id``): a new
+#: repository with BLAKE3 ids is written in it, so that a vmvault that knows only HMAC-SHA-256
+#: ids refuses it instead of computing other ids for the same data
+CHUNK_ID_VERSION = 3
 
 ID_SIZE = 32
 
 #: envelope around every stored payload: version u8, flags u8, reserved u16, nonce[12]
-#: followed by the AES-256-GCM ciphertext with its 16-byte tag (or, unencrypted, the
-#: payload followed by the first 16 bytes of SHA-256(aad || payload)).
+#: followed by the AES-256-GCM ciphertext with its 16-byte tag (or, unencrypted, the body
+#: (the payload, maybe zstd-compressed) followed by the first 16 bytes of
+#: SHA-256(aad || header || body); repository-format.md section 3).
 ENVELOPE_HEADER = struct.Struct("<BBH12s")
 assert ENVELOPE_HEADER.size == 16
 ENVELOPE_VERSION = 1
@@ -61,6 +73,9 @@ assert INDEX_HEADER.size == 16
 #: one pack in an index file: pack id, blob count u32
 INDEX_PACK = struct.Struct("<32sI")
 assert INDEX_PACK.size == 36
+#: ... in a version-2 index file: pack id, blob count u32, pack length u32 (0: not recorded)
+INDEX_PACK_V2 = struct.Struct("<32sII")
+assert INDEX_PACK_V2.size == 40
 
 #: special chunk-index entries
 ZERO_ID = bytes(ID_SIZE)  # the chunk reads as zeros; nothing stored

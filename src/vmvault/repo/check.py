@@ -21,27 +21,39 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
 import math
-from collections.abc import Callable, Iterator
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault.errors import IntegrityError, ObjectNotFoundError, SnapshotNotFoundError, VmvaultError
-from vmvault.repo._layout import FORMAT_VERSION, ID_SIZE, PACK_MAGIC, PACK_TRAILER, PARENT_ID, ZERO_ID, BlobType
-from vmvault.repo.crypto import MasterKey, seal_envelope
-from vmvault.repo.index import IndexFile
+from vmvault.repo._layout import FORMAT_VERSION, PACK_MAGIC, PACK_TRAILER, BlobType
+from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, MAX_SMALL_OBJECT, largest_blob, read_bounded
+from vmvault.repo.crypto import HMAC_SHA256
+from vmvault.repo.filters import SnapshotFilter
+from vmvault.repo.index import PackRecord, ParsedIndex, parse_index
+from vmvault.repo.index_block import IndexBlock
+from vmvault.repo.index_cache import Grouped, rows_digest, write_many
+from vmvault.repo.keys import list_keys
 from vmvault.repo.locks import list_locks
-from vmvault.repo.pack import BlobEntry, open_blob, pack_name, parse_pack_header
-from vmvault.repo.repository import Repository
+from vmvault.repo.names import index_id, key_id, lock_name, shown, snapshot_id, status_id
+from vmvault.repo.names import pack_id as parse_pack_id
+from vmvault.repo.pack import BlobEntry, expected_pack_size, open_blob, pack_name, parse_pack_header
+from vmvault.repo.progress import PhaseCallback
+from vmvault.repo.repository import ONE_LISTING, Repository
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
+from vmvault.repo.status import StatusStore
 
 __all__ = ["Affected", "CheckReport", "Problem", "check"]
 
-Progress = Callable[[str, int, int], None]
 
 ERROR = "error"
 WARNING = "warning"
+#: rows inserted into the scratch database per statement
+_BATCH = 10_000
 
 
 @dataclass
@@ -131,30 +143,65 @@ def check(
     *,
     read_data: bool = False,
     subset: float | None = None,
-    progress: Progress | None = None,
+    progress: PhaseCallback | None = None,
     seed: int = 0,
     lock: bool = True,
+    select: SnapshotFilter | None = None,
 ) -> CheckReport:
     """Check ``repo``; see the module docstring. ``subset`` (0..1] of the packs is read when
     ``read_data``; which ones depends only on ``seed`` and the pack ids, so a run can be
     repeated, and successive seeds cover different packs. ``lock=False`` skips taking a
-    shared lock (for read-only storage)."""
+    shared lock (for read-only storage). ``select``: ``read_data`` reads only the packs
+    holding data the snapshots it matches need (the structure is checked whole)."""
     if subset is not None and not 0.0 < subset <= 1.0:
         raise ValueError(f"subset must be in (0, 1], not {subset}")
     ctx = repo.lock(exclusive=False, operation="check") if lock else contextlib.nullcontext()
     with ctx as held:
         own = held.name if held is not None else None
-        return _Checker(repo, progress, own).run(read_data=read_data, subset=subset, seed=seed)
+        checker = _Checker(repo, progress, own)
+        checker.select = select
+        return checker.run(read_data=read_data, subset=subset, seed=seed)
 
 
 def select_subset(pack_ids: list[bytes], fraction: float, seed: int) -> list[bytes]:
     """ceil(fraction x n) packs, ranked by SHA-256(seed || pack id): deterministic, well spread."""
-    count = math.ceil(fraction * len(pack_ids))
-    ranked = sorted(pack_ids, key=lambda p: hashlib.sha256(seed.to_bytes(8, "little") + p).digest())
-    return sorted(ranked[:count])
+    return sorted(_smallest(iter(pack_ids), len(pack_ids), fraction, seed))
 
 
-def _merge(ranges: list[list[int]]) -> list[list[int]]:
+def _smallest(pack_ids: Iterator[bytes], n: int, fraction: float, seed: int) -> list[bytes]:
+    """The ceil(fraction x n) of ``n`` packs with the smallest SHA-256(seed || pack id), held
+    in a heap of that size (not all ``n``)."""
+    count = math.ceil(fraction * n)
+    prefix = seed.to_bytes(8, "little")
+    ranked = ((hashlib.sha256(prefix + p).digest(), p) for p in pack_ids)
+    return [p for _rank, p in heapq.nsmallest(count, ranked)]
+
+
+class _Rows:
+    """Blob ids appended to a scratch table in batches."""
+
+    def __init__(self, db: sqlite3.Connection, table: str) -> None:
+        self.db = db
+        self.table = table
+        self.batch: list[tuple[bytes]] = []
+        db.execute(f"CREATE TABLE {table}(id BLOB NOT NULL)")
+
+    def add(self, blob_id: bytes) -> None:
+        self.batch.append((blob_id,))
+        if len(self.batch) >= _BATCH:
+            self.flush()
+
+    def update(self, ids: Iterable[bytes]) -> None:
+        for blob_id in ids:
+            self.add(blob_id)
+
+    def flush(self) -> None:
+        write_many(self.db, f"INSERT INTO {self.table} VALUES (?)", self.batch)
+        self.batch = []
+
+
+def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
+    """``[start, end)`` ranges sorted, overlapping and touching ones merged."""
     out: list[list[int]] = []
     for start, end in sorted(ranges):
         if out and start <= out[-1][1]:
@@ -164,25 +211,23 @@ def _merge(ranges: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def _header_envelope_length(entries: list[BlobEntry]) -> int:
-    # The header is the entries in offset order, sealed like any payload; its length does
-    # not depend on the key (the GCM tag and the plain checksum are both 16 bytes).
-    header = b"".join(e.pack() for e in sorted(entries, key=lambda e: e.offset))
-    return len(seal_envelope(MasterKey.unencrypted(), header, b""))
-
-
 class _Checker:
-    def __init__(self, repo: Repository, progress: Progress | None, own_lock: str | None) -> None:
+    def __init__(self, repo: Repository, progress: PhaseCallback | None, own_lock: str | None) -> None:
         self.repo = repo
         self.backend = repo.backend
         self.progress = progress
         self.own_lock = own_lock
         self.problems: list[Problem] = []
         self.covered: set[bytes] = set()  # blobs some problem already reports
-        self.packs: dict[bytes, list[BlobEntry]] = {}
-        self.stored: dict[bytes, int] = {}
+        self._said: dict[tuple[str, str, str, str], Problem] = {}
         self.snapshots: list[Snapshot] = []
         self.stats: dict[str, int] = {}
+        #: read only the data of the snapshots this matches (``check --read-data --vm ...``)
+        self.select: SnapshotFilter | None = None
+        #: the scratch database (repo/index_cache.py): the packs in storage (``s.stored``), the
+        #: packs live index files list (``s.listed``), the index blocks and blobs the snapshots
+        #: need (``s.blocks``, ``s.needed``); nothing of that size is held in memory
+        self.db: sqlite3.Connection | None = None
 
     def add(
         self,
@@ -195,6 +240,10 @@ class _Checker:
         blobs: set[bytes] | None = None,
     ) -> Problem:
         p = Problem(severity, kind, obj, message, object_id=object_id, blob_ids=set(blobs or ()))
+        key = (severity, kind, obj, message)
+        if key in self._said:  # a pack listed twice, read twice: one problem
+            return self._said[key]
+        self._said[key] = p
         self.covered |= p.blob_ids
         self.problems.append(p)
         return p
@@ -209,32 +258,81 @@ class _Checker:
         self.check_config()
         self.check_keys()
         self.check_locks()
-        self.check_index_files()
-        self.check_pack_sizes()
-        self.load_snapshots()
-        self.walk_snapshots()
-        if read_data:
-            self.read_packs(subset, seed)
-        self.find_affected()
+        # this host's index cache, synced: where every blob is. Every index file is read again
+        # below and the cache compared with them: a cache that says otherwise is rebuilt once
+        self.repo.load_index(progress=lambda d, t: self.tick("index", d, t))
+        before = (len(self.problems), dict(self._said), set(self.covered))
+        wrong = self.check_structure(read_data, subset, seed, final=False)
+        if wrong is not None:
+            # what was found from the cache's view is dropped: the run starts again from the files
+            del self.problems[before[0] :]
+            self._said, self.covered = before[1], before[2]
+            path = self.repo.index.cache.path
+            self.repo.index.reset(f"it disagrees with the index files about {wrong}")
+            self.repo.load_index(progress=lambda d, t: self.tick("index", d, t))
+            self.add(
+                WARNING,
+                "index-cache-rebuilt",
+                path,
+                f"this host's index cache disagreed with the index files about {wrong} (damaged, or written by "
+                "someone else); rebuilt from the index files, and the repository checked against them",
+            )
+            self.check_structure(read_data, subset, seed, final=True)
         report = CheckReport(read_data=read_data, subset=subset, problems=self.problems, stats=self.stats)
         damaged = {a.snapshot for p in self.problems if p.severity == ERROR for a in p.affects}
         report.damaged_snapshots = sorted(damaged)
         report.intact_snapshots = sorted(s.id for s in self.snapshots if s.id not in damaged)
         return report
 
+    def check_structure(self, read_data: bool, subset: float | None, seed: int, *, final: bool) -> str | None:
+        """Everything from the listing of ``data/`` on. Returns, without going on, what this
+        host's index cache says otherwise than the index files (unless ``final``: then that is
+        an error, and the check goes on)."""
+        with self.repo.index.cache.scratch() as db:
+            self.db = db
+            try:
+                self.list_packs()
+                wrong = self.check_index_files()
+                if wrong is not None:
+                    if not final:
+                        return wrong
+                    self.add(
+                        ERROR,
+                        "index-cache-disagrees",
+                        self.repo.index.cache.path,
+                        f"this host's index cache disagrees with the index files about {wrong} even rebuilt (is "
+                        "another process writing it?): where blobs are was taken from it, so what is said below "
+                        "of missing blobs and what they affect may be wrong; remove it and check again",
+                    )
+                self.check_orphans()
+                self.load_snapshots()
+                self.check_names()
+                self.walk_snapshots()
+                if read_data:
+                    self.read_packs(subset, seed)
+                self.find_affected()
+            finally:
+                self.db = None
+        return None
+
     def check_config(self) -> None:
         try:
-            doc = json.loads(self.backend.get("config"))
+            doc = json.loads(read_bounded(self.backend, "config", MAX_SMALL_OBJECT, what="config"))
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
         except ObjectNotFoundError:
             self.add(ERROR, "config-missing", "config", "the config object is missing")
             return
+        except IntegrityError as exc:
+            self.add(ERROR, "config-damaged", "config", str(exc))
+            return
         except (ValueError, UnicodeDecodeError) as exc:
             self.add(ERROR, "config-damaged", "config", f"the config is not readable JSON: {exc}")
             return
         cfg = self.repo.config
-        if doc.get("id") != cfg.id or doc.get("chunk_size") != cfg.chunk_size:
+        # (a config before version 3 names no id function: HMAC-SHA-256, section 4)
+        now = (doc.get("id"), doc.get("chunk_size"), doc.get("chunk_id", HMAC_SHA256))
+        if now != (cfg.id, cfg.chunk_size, cfg.chunk_id):
             self.add(
                 ERROR, "config-changed", "config", "the config differs from the one read when the repository was opened"
             )
@@ -243,21 +341,19 @@ class _Checker:
             self.add(ERROR, "config-version", "config", f"unsupported format version {version!r}")
 
     def check_keys(self) -> None:
-        names = [o.name for o in self.backend.list("keys/")]
+        names = [o.name for o in self.backend.list("keys/") if key_id(o.name) is not None]
         self.stats["keys"] = len(names)
         if self.repo.config.encrypted and not names:
             self.add(ERROR, "keys-missing", "keys/", "the repository has no key files")
-        for name in names:
-            try:
-                doc = json.loads(self.backend.get(name))
-                if not isinstance(doc, dict) or not all(k in doc for k in ("salt", "data", "kdf_params")):
-                    raise ValueError("fields missing")
-            except (ValueError, UnicodeDecodeError, ObjectNotFoundError) as exc:
-                self.add(ERROR, "key-damaged", name, f"key file is not readable: {exc}")
+        # what opening would skip: damaged, planted, or KDF parameters out of bounds
+        for info in list_keys(self.backend):
+            if info.problem:
+                self.add(ERROR, "key-damaged", f"keys/{info.id}", info.problem)
 
     def check_locks(self) -> None:
         locks = list_locks(self.backend, self.repo.key)
-        self.stats["locks"] = len(locks)
+        # its own lock is not counted: "1 lock" in an idle repository would be check itself
+        self.stats["locks"] = sum(1 for lock in locks if lock.name != self.own_lock)
         for lock in locks:
             if lock.name == self.own_lock:
                 continue
@@ -268,99 +364,208 @@ class _Checker:
             else:
                 self.add(WARNING, "lock-held", lock.name, f"held: {lock.describe()}")
 
-    def check_index_files(self) -> None:
-        files: dict[bytes, IndexFile] = {}
-        names = [o.name for o in self.backend.list("index/")]
-        for n, name in enumerate(names):
-            self.tick("index", n, len(names))
+    def check_names(self) -> None:
+        """Objects in keys/, locks/, snapshots/ and status/ whose names vmvault never writes
+        (ignored by every reader and never deleted; index/ and data/ are reported as they are
+        read), status records that cannot be read, and what the storage's listings skipped:
+        links, FIFOs, names that are not UTF-8."""
+        for prefix, ours in (
+            ("keys/", lambda n: key_id(n) is not None),
+            ("locks/", lock_name),
+            ("snapshots/", lambda n: snapshot_id(n) is not None),
+            ("status/", lambda n: status_id(n) is not None),
+        ):
+            for obj in self.backend.list(prefix):
+                if not ours(obj.name):
+                    self.unexpected(obj.name)
+        for name, why in StatusStore(self.repo).read().problems:
+            self.add(WARNING, "status-record-unreadable", shown(name), f"{why}; dashboards ignore it")
+        for name, why in sorted(self.backend.skipped().items()):
+            self.add(WARNING, "unsafe-entry", name, f"skipped by every listing: {why}")
+
+    def unexpected(self, name: str) -> None:
+        self.add(
+            WARNING,
+            "unexpected-object",
+            shown(name),
+            "not a name vmvault writes: ignored, and never deleted by vmvault (remove it by hand if it is yours)",
+        )
+
+    @property
+    def sql(self) -> sqlite3.Connection:
+        assert self.db is not None
+        return self.db
+
+    def list_packs(self) -> None:
+        """``s.stored``: every pack in storage and its size. A repository of fewer than
+        ``ONE_LISTING`` packs is listed in one go (every odd name under ``data/`` is reported); a larger one
+        folder by folder, so that no listing holds more than 1/256 of its packs."""
+        db = self.sql
+        db.execute("CREATE TABLE s.stored(id BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
+        known = self.repo.index.cache.pack_count()
+        listings = ["data/"] if known < ONE_LISTING else [f"data/{n:02x}/" for n in range(256)]
+        batch: list[tuple[bytes, int]] = []
+        for prefix in listings:
+            for obj in self.backend.list(prefix):
+                pack_id = parse_pack_id(obj.name)
+                if pack_id is None:
+                    self.unexpected(obj.name)
+                    continue
+                batch.append((pack_id, obj.size))
+                if len(batch) >= _BATCH:
+                    write_many(db, "INSERT OR IGNORE INTO s.stored VALUES (?, ?)", batch)
+                    batch = []
+        write_many(db, "INSERT OR IGNORE INTO s.stored VALUES (?, ?)", batch)
+        count, size = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM s.stored").fetchone()
+        self.stats["packs_stored"] = count
+        self.stats["bytes_stored"] = size
+
+    def _stored_size(self, pack_id: bytes) -> int | None:
+        row = self.sql.execute("SELECT size FROM s.stored WHERE id = ?", (pack_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def live_files(self) -> Iterator[tuple[bytes, ParsedIndex]]:
+        """Every live index file, read again and parsed, one at a time (those that cannot be
+        read are reported by ``check_index_files``, and forgotten by the cache)."""
+        for file_id in self.repo.index.cache.live_files():
             try:
-                file_id = bytes.fromhex(name.removeprefix("index/"))
-                if len(file_id) != ID_SIZE:
-                    raise ValueError("bad name")
-            except ValueError:
-                self.add(WARNING, "unexpected-object", name, "not an index file name")
+                yield file_id, parse_index(self.repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
+            except (IntegrityError, ObjectNotFoundError):
                 continue
-            try:
-                files[file_id] = self.repo.read_index_file(file_id)
-            except ObjectNotFoundError:
-                continue
-            except IntegrityError as exc:
-                self.add(
-                    ERROR,
-                    "index-file-damaged",
-                    name,
-                    f"{exc}. The packs it lists are unknown to readers; blobs only it listed are reported "
-                    "missing below, and prune refuses to run until the index is repaired",
-                    object_id=file_id.hex(),
-                )
-        superseded = {s for f in files.values() for s in f.supersedes}
-        for file_id in sorted(superseded & set(files)):
+
+    def check_index_files(self) -> str | None:
+        """Read every index file: report the damaged ones (and make this host's cache forget
+        them) and the superseded ones; check every pack a live one lists against storage
+        (``s.listed``: each pack once). Returns what the cache says otherwise than the files
+        (which are live, and a digest of every row of each live one), or None."""
+        db = self.sql
+        db.execute("CREATE TABLE s.listed(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        cache = self.repo.index.cache
+        live = cache.present_files()  # ingested by the sync above: id -> live
+        listed = list(self.backend.list("index/"))
+        readable: set[bytes] = set()
+        damaged: list[bytes] = []
+        #: what the files say, to compare the cache with: the rows of each file the cache
+        #: holds, and the ids the files supersede
+        digests: dict[bytes, tuple[int, int] | None] = {}
+        replaced: set[bytes] = set()
+        pack_problems: list[tuple[str, Callable[[], Problem]]] = []
+        with Grouped(db) as group:
+            for n, obj in enumerate(listed):
+                self.tick("index", n, len(listed))
+                file_id = index_id(obj.name)
+                if file_id is None:
+                    self.unexpected(obj.name)
+                    continue
+                try:
+                    if obj.size > MAX_INDEX_FILE:
+                        raise IntegrityError(
+                            f"{obj.name} is {obj.size} bytes, more than any index file vmvault writes (damaged or "
+                            "planted); not read",
+                            name=obj.name,
+                        )
+                    parsed = parse_index(self.repo.read_index_payload(file_id), name=obj.name)
+                except ObjectNotFoundError:
+                    continue
+                except IntegrityError as exc:
+                    self.add(
+                        ERROR,
+                        "index-file-damaged",
+                        obj.name,
+                        f"{exc}. The packs it lists are unknown to readers; blobs only it listed are reported "
+                        "missing below, and prune refuses to run until the index is repaired",
+                        object_id=file_id.hex(),
+                    )
+                    # what this host's cache holds of it is not what other readers see
+                    damaged.append(file_id)
+                    continue
+                readable.add(file_id)
+                replaced.update(old for old in parsed.supersedes if old != file_id)
+                if file_id in live:  # (a superseded one too: it is live again if what supersedes it is damaged)
+                    digests[file_id] = rows_digest(parsed, cache.pack_numbers(rec.pack_id for rec in parsed.records))
+                if not live.get(file_id, True):
+                    self.add(
+                        WARNING,
+                        "index-file-superseded",
+                        obj.name,
+                        "superseded index file (left by an interrupted prune); the next prune deletes it",
+                        object_id=file_id.hex(),
+                    )
+                    continue
+                for rec in parsed.records:
+                    # every listing of a pack is checked (a second one may say something else)
+                    group.step()
+                    db.execute("INSERT OR IGNORE INTO s.listed VALUES (?)", (rec.pack_id,))
+                    found = self._check_pack_size(rec)
+                    if found is not None:
+                        pack_problems.append(found)
+        self.tick("index", len(listed), len(listed))
+        # a damaged file is forgotten, rows and all: this host's backups then store again what
+        # only it listed, as a host that never read it does (its next sync reports it); and
+        # no copy of a blob is counted below that only a damaged file lists
+        forgotten = [f for f in damaged if f in live]
+        cache.forget(forgotten)
+        if forgotten:
             self.add(
                 WARNING,
-                "index-file-superseded",
-                f"index/{file_id.hex()}",
-                "superseded index file (left by an interrupted prune); the next prune deletes it",
-                object_id=file_id.hex(),
+                "index-cache-forgot",
+                cache.path,
+                f"this host's index cache had read {len(forgotten)} index files before they were damaged in "
+                f"storage ({', '.join('index/' + f.hex() for f in forgotten)}); it no longer uses what they listed",
             )
-        for file_id, f in files.items():
-            if file_id in superseded:
-                continue
-            for pack_id, entries in f.packs.items():
-                have = self.packs.setdefault(pack_id, [])
-                seen = {(e.id, e.offset) for e in have}
-                have.extend(e for e in entries if (e.id, e.offset) not in seen)
-        self.stats["index_files"] = len(files)
-        self.stats["packs_indexed"] = len(self.packs)
-        # the repository's in-memory index must reflect the same files
-        self.repo.load_index()
-        self.stats["blobs_indexed"] = len(self.repo.index)
+        for _name, report in sorted(pack_problems, key=lambda p: p[0]):
+            report()
+        self.stats["index_files"] = len(readable)
+        self.stats["packs_indexed"] = db.execute("SELECT count(*) FROM s.listed").fetchone()[0]
+        # compared: the files the cache holds as present that read now (one gone since the
+        # sync, or damaged, is not the cache's fault)
+        read = {f: is_live for f, is_live in cache.present_files().items() if f in readable}
+        wrong = self.repo.index.disagreement(read, replaced, digests)
+        self.stats["blobs_indexed"] = self.repo.index.stats().blobs
+        return wrong
+
+    def _readable_copy(self, pack_id: bytes, entry: BlobEntry) -> bool:
+        """Whether the stored pack ``pack_id`` can still hold ``entry`` (present and long enough)."""
+        size = self._stored_size(pack_id)
+        return size is not None and entry.offset + entry.length <= size - PACK_TRAILER.size
 
     def _reads_from(self, pack_id: bytes, entries: list[BlobEntry]) -> set[bytes]:
-        """The blobs in ``entries`` that readers fetch from this pack (not another copy)."""
+        """The blobs in ``entries`` that are lost if this pack's copy is: no other indexed copy
+        lies in a pack that is present and long enough (readers fall back to other copies)."""
         out = set()
         for e in entries:
-            loc = self.repo.index.lookup(e.id)
-            if loc is not None and loc.pack_id == pack_id and loc.entry.offset == e.offset:
+            others = [loc for loc in self.repo.index.locations(e.id) if loc.pack_id != pack_id]
+            if not any(self._readable_copy(loc.pack_id, loc.entry) for loc in others):
                 out.add(e.id)
         return out
 
-    def check_pack_sizes(self) -> None:
-        for obj in self.backend.list("data/"):
-            try:
-                pack_id = bytes.fromhex(obj.name.rsplit("/", 1)[1])
-                if len(pack_id) != ID_SIZE or obj.name != pack_name(pack_id):
-                    raise ValueError("bad name")
-            except ValueError:
-                self.add(WARNING, "unexpected-object", obj.name, "not a pack name")
-                continue
-            self.stored[pack_id] = obj.size
-        self.stats["packs_stored"] = len(self.stored)
-        self.stats["bytes_stored"] = sum(self.stored.values())
-        for pack_id in sorted(set(self.stored) - set(self.packs)):
-            self.add(
-                WARNING,
-                "orphan-pack",
-                pack_name(pack_id),
-                "pack named by no index file (left by an interrupted backup or prune); the next prune deletes it",
+    def _check_pack_size(self, rec: PackRecord) -> tuple[str, Callable[[], Problem]] | None:
+        """The problem with one live pack's size, to report (sorted by pack), or None."""
+        pack_id = rec.pack_id
+        name = pack_name(pack_id)
+        size = self._stored_size(pack_id)
+        if size is not None and rec.length and size == rec.length:
+            return None  # the length the writer recorded (a version-2 index file): the common case
+        entries = rec.entries()
+        if size is None:
+            return name, lambda: self.add(
+                ERROR,
+                "pack-missing",
+                name,
+                f"indexed pack with {len(entries)} blobs is missing from storage",
                 object_id=pack_id.hex(),
+                blobs=self._reads_from(pack_id, entries),
             )
-        for pack_id, entries in sorted(self.packs.items()):
-            name = pack_name(pack_id)
-            size = self.stored.get(pack_id)
-            if size is None:
-                self.add(
-                    ERROR,
-                    "pack-missing",
-                    name,
-                    f"indexed pack with {len(entries)} blobs is missing from storage",
-                    object_id=pack_id.hex(),
-                    blobs=self._reads_from(pack_id, entries),
-                )
-                continue
-            blobs_end = max((e.offset + e.length for e in entries), default=0)
-            expected = blobs_end + _header_envelope_length(entries) + PACK_TRAILER.size
+        if rec.length:
+            # the length the writer recorded (a version-2 index file): nothing to recompute
+            expected = rec.length
             if size == expected:
-                continue
+                return None
+        else:
+            blobs_end = rec.blobs_end()
+            expected = expected_pack_size(entries)
+            if size == expected:
+                return None
             # another zstd version may compress the header differently: ask the trailer
             with contextlib.suppress(VmvaultError):
                 if size >= blobs_end + PACK_TRAILER.size:
@@ -368,26 +573,39 @@ class _Checker:
                         self.backend.get(name, size - PACK_TRAILER.size, PACK_TRAILER.size)
                     )
                     if magic == PACK_MAGIC and blobs_end + hlen + PACK_TRAILER.size == size:
-                        continue
-            if size < expected:
-                cut = {e.id for e in entries if e.offset + e.length > size}
-                self.add(
-                    ERROR,
-                    "pack-truncated",
-                    name,
-                    f"pack is {size} bytes, its index implies {expected}: truncated "
-                    f"({len(cut)} of {len(entries)} blobs cut off, and its header)",
-                    object_id=pack_id.hex(),
-                    blobs=cut & self._reads_from(pack_id, entries),
-                )
-            else:
-                self.add(
-                    ERROR,
-                    "pack-size",
-                    name,
-                    f"pack is {size} bytes, its index implies {expected} (its blobs are still readable)",
-                    object_id=pack_id.hex(),
-                )
+                        return None
+        if size < expected:
+            cut = {e.id for e in entries if e.offset + e.length > size}
+            return name, lambda: self.add(
+                ERROR,
+                "pack-truncated",
+                name,
+                f"pack is {size} bytes, its index implies {expected}: truncated "
+                f"({len(cut)} of {len(entries)} blobs cut off, and its header)",
+                object_id=pack_id.hex(),
+                blobs=cut & self._reads_from(pack_id, entries),
+            )
+        return name, lambda: self.add(
+            ERROR,
+            "pack-size",
+            name,
+            f"pack is {size} bytes, its index implies {expected} (its blobs are still readable)",
+            object_id=pack_id.hex(),
+        )
+
+    def check_orphans(self) -> None:
+        cur = self.sql.execute(
+            "SELECT id FROM s.stored st WHERE NOT EXISTS (SELECT 1 FROM s.listed l WHERE l.id = st.id) ORDER BY id"
+        )
+        for (raw,) in cur.fetchall():
+            pack_id = bytes(raw)
+            self.add(
+                WARNING,
+                "orphan-pack",
+                pack_name(pack_id),
+                "pack named by no index file (left by an interrupted backup or prune); the next prune deletes it",
+                object_id=pack_id.hex(),
+            )
 
     def load_snapshots(self) -> None:
         ids = self.repo.snapshot_ids()
@@ -401,20 +619,39 @@ class _Checker:
         self.stats["snapshots"] = len(ids)
 
     def walk_snapshots(self) -> None:
-        """Every index block must open and fit its disk; every blob a snapshot needs must be indexed."""
-        blocks: dict[bytes, tuple[int, bool] | None] = {}  # index block -> (entries, has PARENT_ID); None: unreadable
-        needed_data: set[bytes] = set()
-        for n, snap in enumerate(self.snapshots):
-            self.tick("snapshots", n, len(self.snapshots))
-            for disk in snap.disks:
-                self._walk_disk(snap, disk, blocks, needed_data)
-            for f in snap.files:
-                self._walk_file(snap, f, needed_data)
-        needed_data.discard(ZERO_ID)
-        needed_data.discard(PARENT_ID)
-        missing = sorted(b for b in needed_data if b not in self.repo.index and b not in self.covered)
-        orphans = len(set(self.stored) - set(self.packs))
-        hint = f"; {orphans} packs are in no index, `repair_index` may find it there" if orphans else ""
+        """Every index block must open and fit its disk; every blob a snapshot needs must be indexed.
+
+        ``s.blocks``: each distinct index block, read once (its entries and whether it defers
+        to a parent; no row for an unreadable one); ``s.needed``: every chunk they and the
+        snapshots' files name."""
+        db = self.sql
+        db.execute("CREATE TABLE s.blocks(id BLOB PRIMARY KEY, count INTEGER, defers INTEGER) WITHOUT ROWID")
+        needed = _Rows(db, "s.needed_all")
+        with Grouped(db) as self._group:
+            for n, snap in enumerate(self.snapshots):
+                self.tick("snapshots", n, len(self.snapshots))
+                for disk in snap.disks:
+                    self._walk_disk(snap, disk, needed)
+                for f in snap.files:
+                    self._walk_file(snap, f, needed)
+            needed.flush()
+        self.tick("snapshots", len(self.snapshots), len(self.snapshots))
+        needed.flush()
+        db.execute("CREATE TABLE s.needed(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        db.execute("INSERT OR IGNORE INTO s.needed SELECT id FROM s.needed_all ORDER BY id")
+        db.execute("DROP TABLE s.needed_all")
+        missing = [
+            bytes(r[0])
+            for r in db.execute(
+                "SELECT n.id FROM s.needed n WHERE NOT EXISTS (SELECT 1 FROM blobs b JOIN files f ON f.no = b.file"
+                " WHERE b.id = n.id AND f.live) ORDER BY n.id"
+            )
+        ]
+        missing = [b for b in missing if b not in self.covered and b not in self.repo.index]
+        orphans = db.execute(
+            "SELECT count(*) FROM s.stored st WHERE NOT EXISTS (SELECT 1 FROM s.listed l WHERE l.id = st.id)"
+        ).fetchone()[0]
+        hint = f"; {orphans} packs are in no index, `vmvault repair index` may find it there" if orphans else ""
         for blob_id in missing:
             self.add(
                 ERROR,
@@ -424,14 +661,14 @@ class _Checker:
                 object_id=blob_id.hex(),
                 blobs={blob_id},
             )
-        self.stats["index_blocks"] = len(blocks)
-        self.stats["data_blobs_referenced"] = len(needed_data)
+        self.stats["index_blocks"] = db.execute("SELECT count(*) FROM s.blocks").fetchone()[0]
+        self.stats["data_blobs_referenced"] = db.execute("SELECT count(*) FROM s.needed").fetchone()[0]
 
     def _inconsistent(self, snap: Snapshot, kind: str, name: str, start: int, end: int, message: str) -> None:
         p = self.add(ERROR, "snapshot-inconsistent", f"snapshots/{snap.id}", message, object_id=snap.id)
         p.affects.append(Affected(snap.id, snap.time, dict(snap.source), kind, name, [[start, end]]))
 
-    def _read_block(self, block_id: bytes) -> bytes | None:
+    def _read_block(self, block_id: bytes) -> IndexBlock | None:
         try:
             raw = self.repo.get_blob(BlobType.INDEX, block_id)
         except IntegrityError as exc:
@@ -439,21 +676,20 @@ class _Checker:
                 kind = "blob-missing" if block_id not in self.repo.index else "blob-damaged"
                 self.add(ERROR, kind, f"blob {block_id.hex()}", str(exc), object_id=block_id.hex(), blobs={block_id})
             return None
-        if len(raw) % ID_SIZE:
+        try:
+            return IndexBlock.decode(raw)
+        except IntegrityError as exc:
             self.add(
                 ERROR,
                 "index-block-damaged",
                 f"blob {block_id.hex()}",
-                f"index block of {len(raw)} bytes is not a whole number of entries",
+                str(exc),
                 object_id=block_id.hex(),
                 blobs={block_id},
             )
             return None
-        return raw
 
-    def _walk_disk(
-        self, snap: Snapshot, disk: DiskRecord, blocks: dict[bytes, tuple[int, bool] | None], needed: set[bytes]
-    ) -> None:
+    def _walk_disk(self, snap: Snapshot, disk: DiskRecord, needed: _Rows) -> None:
         cs, span = disk.chunk_size, disk.index_span
         if cs <= 0 or span <= 0 or disk.size < 0:
             self._inconsistent(snap, "disk", disk.name, 0, max(0, disk.size), "impossible chunk or index geometry")
@@ -478,19 +714,20 @@ class _Checker:
             except ValueError:
                 self._inconsistent(snap, "disk", disk.name, start, end, f"index block id {block!r} is not hex")
                 continue
-            if block_id not in blocks:
-                # each distinct block is read once: unchanged blocks are shared between snapshots
-                raw = self._read_block(block_id)
-                if raw is None:
-                    blocks[block_id] = None
-                else:
-                    entries = [raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE)]
-                    needed.update(entries)
-                    blocks[block_id] = (len(entries), PARENT_ID in entries)
-            meta = blocks[block_id]
+            meta = self.sql.execute("SELECT count, defers FROM s.blocks WHERE id = ?", (block_id,)).fetchone()
             if meta is None:
-                continue
+                # each distinct block is read once: unchanged blocks are shared between snapshots
+                found = self._read_block(block_id)
+                if found is None:
+                    meta = (None, None)
+                else:
+                    needed.update(found.chunk_ids())
+                    meta = (len(found), int(found.defers))
+                self._group.step()
+                self.sql.execute("INSERT INTO s.blocks VALUES (?, ?, ?)", (block_id, *meta))
             count, defers = meta
+            if count is None:
+                continue
             if count != min(span, n_chunks - b * span):
                 self._inconsistent(
                     snap, "disk", disk.name, start, end, f"disk {disk.name}: index block {b} has {count} entries"
@@ -500,7 +737,7 @@ class _Checker:
                     snap, "disk", disk.name, start, end, f"disk {disk.name} is not a layer but defers to a parent"
                 )
 
-    def _walk_file(self, snap: Snapshot, f: FileRecord, needed: set[bytes]) -> None:
+    def _walk_file(self, snap: Snapshot, f: FileRecord, needed: _Rows) -> None:
         cs = self.repo.config.chunk_size
         if len(f.chunks) != -(-f.size // cs):
             self._inconsistent(
@@ -528,35 +765,145 @@ class _Checker:
                     f"file {f.name}: chunk {k} is {loc.entry.raw_length} bytes, the file's size implies {want}",
                 )
 
+    def _select_wanted(self) -> None:
+        """``s.wanted``: the blobs (index blocks and chunks) the snapshots ``select`` matches
+        need; their index blocks are read again, each once."""
+        assert self.select is not None
+        db = self.sql
+        chosen = self.select.select(self.snapshots)
+        self.stats["snapshots_selected"] = len(chosen)
+        rows = _Rows(db, "s.wanted_all")
+        blocks: set[bytes] = set()  # one id per index block of the chosen snapshots
+        for snap in chosen:
+            for disk in snap.disks:
+                for block in disk.index:
+                    if block is None:
+                        continue
+                    with contextlib.suppress(ValueError):  # reported by walk_snapshots
+                        block_id = bytes.fromhex(block)
+                        if block_id in blocks:
+                            continue
+                        blocks.add(block_id)
+                        rows.add(block_id)
+                        found = self._read_block(block_id)
+                        if found is not None:
+                            rows.update(found.chunk_ids())
+            for f in snap.files:
+                for c in f.chunks:
+                    with contextlib.suppress(ValueError):
+                        rows.add(bytes.fromhex(c))
+        rows.flush()
+        db.execute("CREATE TABLE s.wanted(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        db.execute("INSERT OR IGNORE INTO s.wanted SELECT id FROM s.wanted_all ORDER BY id")
+        db.execute("DROP TABLE s.wanted_all")
+
     def read_packs(self, subset: float | None, seed: int) -> None:
-        candidates = sorted(p for p in self.packs if p in self.stored)
-        chosen = select_subset(candidates, subset, seed) if subset is not None else candidates
+        """Read the chosen packs (all, or the subset ``select_subset`` picks) while going
+        through the live index files again: each pack once, with the entries the first live
+        file lists for it. Memory: one pack, and the subset's size when there is a subset."""
+        db = self.sql
+        candidates = "SELECT l.id FROM s.listed l JOIN s.stored st ON st.id = l.id"
+        if self.select is not None:
+            # only packs holding a live copy of something the chosen snapshots need
+            self._select_wanted()
+            candidates += (
+                " WHERE l.id IN (SELECT p.id FROM s.wanted w JOIN blobs b ON b.id = w.id"
+                " JOIN files f ON f.no = b.file AND f.live JOIN packs p ON p.no = b.pack)"
+            )
+        db.execute("CREATE TABLE s.chosen(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        if subset is None:
+            db.execute(f"INSERT INTO s.chosen {candidates}")
+        else:
+            n = db.execute(f"SELECT count(*) FROM ({candidates})").fetchone()[0]
+            ranked = (bytes(r[0]) for r in db.execute(candidates).fetchall())
+            write_many(db, "INSERT INTO s.chosen VALUES (?)", ((p,) for p in _smallest(ranked, n, subset, seed)))
+        total = db.execute("SELECT count(*) FROM s.chosen").fetchone()[0]
+        db.execute("CREATE TABLE s.done(id BLOB PRIMARY KEY) WITHOUT ROWID")
         self.stats["packs_read"] = 0
         self.stats["blobs_read"] = 0
         self.stats["bytes_read"] = 0
-        for n, pack_id in enumerate(chosen):
-            self.tick("read-data", n, len(chosen))
-            self._read_pack(pack_id)
-        self.tick("read-data", len(chosen), len(chosen))
+        done = 0
+        with Grouped(db, every=256) as group:
+            for _file_id, parsed in self.live_files():
+                for rec in parsed.records:
+                    if db.execute("SELECT 1 FROM s.chosen WHERE id = ?", (rec.pack_id,)).fetchone() is None:
+                        continue
+                    # each listing is compared with the pack (a pack listed twice is read twice: rare)
+                    group.step()
+                    if db.execute("INSERT OR IGNORE INTO s.done VALUES (?)", (rec.pack_id,)).rowcount:
+                        self.tick("read-data", done, total)
+                        done += 1
+                    self._read_pack(rec.pack_id, rec.entries())
+        self.tick("read-data", total, total)
 
-    def _read_pack(self, pack_id: bytes) -> None:
+    def _read_pack(self, pack_id: bytes, entries: list[BlobEntry]) -> None:
         name = pack_name(pack_id)
-        entries = self.packs[pack_id]
-        try:
-            data = self.backend.get(name)
-        except ObjectNotFoundError:
-            if pack_id.hex() not in {p.object_id for p in self.problems}:
+        size = self._stored_size(pack_id) or 0
+        limit = self.repo.pack_limit
+        data: bytes | None = None
+        if size > limit:
+            # never read whole: its blobs are still read one by one, each bounded by the index
+            self.add(
+                ERROR,
+                "pack-oversized",
+                name,
+                f"pack is {size} bytes, larger than any pack of this repository ({limit}): damaged or planted; "
+                "not read whole",
+                object_id=pack_id.hex(),
+            )
+        else:
+            try:
+                data = self.backend.get(name, 0, limit + 1)
+            except ObjectNotFoundError:
+                if pack_id.hex() not in {p.object_id for p in self.problems}:
+                    self.add(
+                        ERROR,
+                        "pack-missing",
+                        name,
+                        "pack vanished while checking",
+                        object_id=pack_id.hex(),
+                        blobs=self._reads_from(pack_id, entries),
+                    )
+                return
+            self.stats["packs_read"] += 1
+            self.stats["bytes_read"] += len(data)
+            self._check_whole_pack(pack_id, data, entries)
+        reads_here = self._reads_from(pack_id, entries)
+        largest = largest_blob(self.repo.config.chunk_size)
+        for e in entries:
+            self.stats["blobs_read"] += 1
+            try:
+                if e.length > largest + ENVELOPE_OVERHEAD or e.raw_length > largest:
+                    raise IntegrityError(f"the index says blob {e.id.hex()} is {e.length} bytes, more than any blob")
+                if data is not None:
+                    sealed = data[e.offset : e.offset + e.length]
+                else:
+                    try:
+                        sealed = self.backend.get(name, e.offset, e.length)
+                    except ObjectNotFoundError:
+                        sealed = b""
+                    self.stats["bytes_read"] += len(sealed)
+                if len(sealed) != e.length:
+                    raise IntegrityError(f"blob {e.id.hex()} is cut off by the end of the pack")
+                plain = open_blob(self.repo.key, e.type, e.id, sealed, max_size=e.raw_length)
+                if len(plain) != e.raw_length:
+                    raise IntegrityError(f"blob {e.id.hex()} is {len(plain)} bytes, the index says {e.raw_length}")
+            except IntegrityError as exc:
+                if e.id in self.covered and e.id in reads_here:
+                    continue
+                what = "chunk" if e.type is BlobType.DATA else "index block"
+                extra = "" if e.id in reads_here else " (a duplicate copy: readers use another pack)"
                 self.add(
                     ERROR,
-                    "pack-missing",
-                    name,
-                    "pack vanished while checking",
-                    object_id=pack_id.hex(),
-                    blobs=self._reads_from(pack_id, entries),
+                    "blob-damaged",
+                    f"blob {e.id.hex()}",
+                    f"{what} in pack {pack_id.hex()} at offset {e.offset}: {exc}{extra}",
+                    object_id=e.id.hex(),
+                    blobs={e.id} & reads_here,
                 )
-            return
-        self.stats["packs_read"] += 1
-        self.stats["bytes_read"] += len(data)
+
+    def _check_whole_pack(self, pack_id: bytes, data: bytes, entries: list[BlobEntry]) -> None:
+        name = pack_name(pack_id)
         if hashlib.sha256(data).digest() != pack_id:
             self.add(
                 ERROR, "pack-damaged", name, "pack content does not match its name (SHA-256)", object_id=pack_id.hex()
@@ -580,29 +927,6 @@ class _Checker:
                     f"the pack header lists {len(header)} blobs, the index {len(entries)}, and they differ",
                     object_id=pack_id.hex(),
                 )
-        reads_here = self._reads_from(pack_id, entries)
-        for e in entries:
-            sealed = data[e.offset : e.offset + e.length]
-            self.stats["blobs_read"] += 1
-            try:
-                if len(sealed) != e.length:
-                    raise IntegrityError(f"blob {e.id.hex()} is cut off by the end of the pack")
-                plain = open_blob(self.repo.key, e.type, e.id, sealed)
-                if len(plain) != e.raw_length:
-                    raise IntegrityError(f"blob {e.id.hex()} is {len(plain)} bytes, the index says {e.raw_length}")
-            except IntegrityError as exc:
-                if e.id in self.covered and e.id in reads_here:
-                    continue
-                what = "chunk" if e.type is BlobType.DATA else "index block"
-                extra = "" if e.id in reads_here else " (a duplicate copy: readers use another pack)"
-                self.add(
-                    ERROR,
-                    "blob-damaged",
-                    f"blob {e.id.hex()}",
-                    f"{what} in pack {pack_id.hex()} at offset {e.offset}: {exc}{extra}",
-                    object_id=e.id.hex(),
-                    blobs={e.id} & reads_here,
-                )
 
     # ---- what is affected ------------------------------------------------------------
 
@@ -623,7 +947,7 @@ class _Checker:
                     merged.setdefault(key, []).extend(ranges)
             for (snap_id, kind, name), ranges in sorted(merged.items(), key=lambda kv: (snaps[kv[0][0]].time, kv[0])):
                 s = snaps[snap_id]
-                p.affects.append(Affected(s.id, s.time, dict(s.source), kind, name, _merge(ranges)))
+                p.affects.append(Affected(s.id, s.time, dict(s.source), kind, name, merge_ranges(ranges)))
 
     def _references(self, bad: set[bytes]) -> Iterator[tuple[str, str, str, int, int, bytes]]:
         """(snapshot, "disk"/"file", name, start, end, blob) for every reference to a bad blob."""
@@ -642,10 +966,9 @@ class _Checker:
                         continue
                     if block_id not in positions:
                         try:
-                            raw = self.repo.get_blob(BlobType.INDEX, block_id)
+                            entries = list(self.repo.read_index_block(block_id))
                         except IntegrityError:
-                            raw = b""  # reported already; its chunks cannot be known
-                        entries = (raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE))
+                            entries = []  # reported already; its chunks cannot be known
                         positions[block_id] = [(i, e) for i, e in enumerate(entries) if e in bad]
                     for i, blob_id in positions[block_id]:
                         k = first + i

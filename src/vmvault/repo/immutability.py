@@ -15,8 +15,8 @@ docs/storage.md:
   management with it. The role is ADVISORY too: whoever holds any key holds the master
   key. Enforcement needs storage credentials without delete rights (docs/storage.md).
 
-Locks and keys never get retention: locks must go away when released, and a leaked
-passphrase must be removable.
+Locks, keys and status records never get retention: locks must go away when released, a
+leaked passphrase must be removable, and a host's status record is replaced as it reports.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ def retention_days(repo: Repository) -> int | None:
     would only hide them behind delete markers)."""
     if repo.config.immutable_days is not None:
         return repo.config.immutable_days
-    days = getattr(repo.backend, "retention_days", None)
-    return days if isinstance(days, int) else None
+    return repo.backend.retention_days
 
 
 def retained(repo: Repository, names: Iterable[str], *, now: float | None = None) -> set[str]:

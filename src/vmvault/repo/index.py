@@ -1,28 +1,49 @@
-"""The repository index: which pack holds which blob.
+"""Index files: which pack holds which blob (repository-format.md, sections 4 and 12.2).
 
 Index files (``index/<id>``) are written by every backup as it goes, so a killed backup's
-finished packs are found and reused by the next run. Prune writes consolidated index files
-that name the ones they supersede; a reader ignores superseded files still present.
+finished packs are found and reused by the next run. Prune writes index files that name the
+ones they supersede; a reader ignores superseded files still present.
 
 ::
 
-    index file payload = INDEX_HEADER superseded_id* (INDEX_PACK BLOB_ENTRY*)*
+    index file payload = INDEX_HEADER superseded_id* pack_record*
+    pack_record        = INDEX_PACK BLOB_ENTRY*          (version 1)
+                       | INDEX_PACK_V2 BLOB_ENTRY*       (version 2: with the pack's length)
+
+:func:`parse_index` checks a payload and gives its pack records without making an object
+per entry (the per-host index cache ingests millions of them); :class:`IndexFile` is the
+same content as objects, for writers and small files. Where a blob is, for a reader, is
+``repo/index_cache.py`` and ``RepoIndex`` (repo/repository.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections.abc import Iterable, Iterator
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from vmvault.errors import IntegrityError
-from vmvault.repo._layout import BLOB_ENTRY, ID_SIZE, INDEX_HEADER, INDEX_MAGIC, INDEX_PACK
+from vmvault.repo._layout import BLOB_ENTRY, ID_SIZE, INDEX_HEADER, INDEX_MAGIC, INDEX_PACK, INDEX_PACK_V2, BlobType
 from vmvault.repo.pack import BlobEntry
 
-__all__ = ["BlobLocation", "IndexFile", "MasterIndex"]
+__all__ = [
+    "MAX_V2_PAYLOAD",
+    "BlobLocation",
+    "IndexFile",
+    "PackRecord",
+    "ParsedIndex",
+    "parse_index",
+]
 
-INDEX_VERSION = 1
+#: index file versions this vmvault reads
+VERSIONS = (1, 2)
+#: a version-2 index file is at most this big (writers split; section 12.2)
+MAX_V2_PAYLOAD = 64 << 20
+#: blobs end before the sealed header (at least an envelope's 32 bytes) and the 8-byte trailer
+_PACK_TAIL = 32 + 8
+_TYPES = frozenset(int(t) for t in BlobType)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,82 +52,120 @@ class BlobLocation:
     entry: BlobEntry
 
 
+class PackRecord(NamedTuple):
+    """One pack of an index file: its id, its length (0: not recorded), its entries as stored."""
+
+    pack_id: bytes
+    length: int
+    blobs: int
+    #: ``blobs`` BLOB_ENTRY structs, in header order
+    raw: memoryview
+
+    def rows(self) -> Iterator[tuple[int, bytes, int, int, int]]:
+        """``(type, id, offset, length, raw_length)`` of each entry."""
+        return BLOB_ENTRY.iter_unpack(self.raw)
+
+    def entries(self) -> list[BlobEntry]:
+        return [BlobEntry(BlobType(t), i, o, n, r) for t, i, o, n, r in self.rows()]
+
+    def blobs_end(self) -> int:
+        return max((o + n for _t, _i, o, n, _r in self.rows()), default=0)
+
+
+@dataclass
+class ParsedIndex:
+    version: int
+    supersedes: list[bytes]
+    records: list[PackRecord]
+
+    def blob_count(self) -> int:
+        return sum(r.blobs for r in self.records)
+
+
+def parse_index(data: bytes | memoryview, *, name: str) -> ParsedIndex:
+    """Check an index file's payload against the grammar and give its pack records.
+
+    Raises IntegrityError naming ``name`` for anything else: magic, version, counts that
+    exceed the payload, an unknown blob type, a blob beyond its pack's recorded length,
+    trailing bytes.
+    """
+    view = memoryview(data)
+    try:
+        magic, version, _reserved, n_sup, n_packs = INDEX_HEADER.unpack_from(view)
+    except struct.error:
+        raise IntegrityError(f"{name}: damaged index file: {len(view)} bytes", name=name) from None
+    if magic != INDEX_MAGIC:
+        raise IntegrityError(f"{name}: not an index file", name=name)
+    if version not in VERSIONS:
+        raise IntegrityError(f"{name}: unknown index version {version}", name=name)
+    record = INDEX_PACK if version == 1 else INDEX_PACK_V2
+    pos = INDEX_HEADER.size
+    # counts are checked against the payload before anything is built from them
+    if pos + n_sup * ID_SIZE > len(view) or n_packs * record.size > len(view):
+        raise IntegrityError(f"{name}: counts exceed the file ({n_sup} superseded, {n_packs} packs)", name=name)
+    supersedes = [bytes(view[pos + i * ID_SIZE : pos + (i + 1) * ID_SIZE]) for i in range(n_sup)]
+    pos += n_sup * ID_SIZE
+    records: list[PackRecord] = []
+    for _ in range(n_packs):
+        if pos + record.size > len(view):
+            raise IntegrityError(f"{name}: truncated", name=name)
+        if version == 1:
+            pack_id, count = INDEX_PACK.unpack_from(view, pos)
+            length = 0
+        else:
+            pack_id, count, length = INDEX_PACK_V2.unpack_from(view, pos)
+        pos += record.size
+        end = pos + count * BLOB_ENTRY.size
+        if end > len(view):
+            raise IntegrityError(f"{name}: truncated", name=name)
+        raw = view[pos:end]
+        if count and not _TYPES.issuperset(raw[0 :: BLOB_ENTRY.size]):
+            bad = next(t for t in raw[0 :: BLOB_ENTRY.size] if t not in _TYPES)
+            raise IntegrityError(f"{name}: unknown blob type {bad}", name=name)
+        rec = PackRecord(pack_id, length, count, raw)
+        if length and rec.blobs_end() > length - _PACK_TAIL:
+            raise IntegrityError(
+                f"{name}: pack {pack_id.hex()} is recorded as {length} bytes, too short for its blobs", name=name
+            )
+        records.append(rec)
+        pos = end
+    if pos != len(view):
+        raise IntegrityError(f"{name}: {len(view) - pos} trailing bytes", name=name)
+    return ParsedIndex(version, supersedes, records)
+
+
 @dataclass
 class IndexFile:
+    """An index file's content as objects. ``lengths``: pack lengths (version 2; 0 or absent:
+    not recorded)."""
+
     packs: dict[bytes, list[BlobEntry]] = field(default_factory=dict)
     supersedes: list[bytes] = field(default_factory=list)
+    lengths: dict[bytes, int] = field(default_factory=dict)
+    version: int = 1
 
     def encode(self) -> bytes:
-        parts = [INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0, len(self.supersedes), len(self.packs))]
+        if self.version not in VERSIONS:
+            raise ValueError(f"index file version {self.version}")
+        parts = [INDEX_HEADER.pack(INDEX_MAGIC, self.version, 0, len(self.supersedes), len(self.packs))]
         parts.extend(self.supersedes)
         for pack_id, entries in self.packs.items():
-            parts.append(INDEX_PACK.pack(pack_id, len(entries)))
+            if self.version == 1:
+                parts.append(INDEX_PACK.pack(pack_id, len(entries)))
+            else:
+                parts.append(INDEX_PACK_V2.pack(pack_id, len(entries), self.lengths.get(pack_id, 0)))
             parts.extend(e.pack() for e in entries)
         return b"".join(parts)
 
     @classmethod
     def decode(cls, data: bytes, *, name: str) -> IndexFile:
-        try:
-            magic, version, _r, n_sup, n_packs = INDEX_HEADER.unpack_from(data)
-            if magic != INDEX_MAGIC:
-                raise IntegrityError(f"{name}: not an index file", name=name)
-            if version != INDEX_VERSION:
-                raise IntegrityError(f"{name}: unknown index version {version}", name=name)
-            pos = INDEX_HEADER.size
-            sup = [data[pos + i * ID_SIZE : pos + (i + 1) * ID_SIZE] for i in range(n_sup)]
-            pos += n_sup * ID_SIZE
-            out = cls(supersedes=sup)
-            for _ in range(n_packs):
-                pack_id, count = INDEX_PACK.unpack_from(data, pos)
-                pos += INDEX_PACK.size
-                if pos + count * BLOB_ENTRY.size > len(data):
-                    raise IntegrityError(f"{name}: truncated", name=name)
-                out.packs[pack_id] = [BlobEntry.unpack(data, pos + i * BLOB_ENTRY.size) for i in range(count)]
-                pos += count * BLOB_ENTRY.size
-            if pos != len(data):
-                raise IntegrityError(f"{name}: {len(data) - pos} trailing bytes", name=name)
-            return out
-        except Exception as exc:  # struct.error and friends: all mean a damaged file
-            if isinstance(exc, IntegrityError):
-                raise
-            raise IntegrityError(f"{name}: damaged index file: {exc}", name=name) from exc
+        parsed = parse_index(data, name=name)
+        out = cls(supersedes=parsed.supersedes, version=parsed.version)
+        for rec in parsed.records:
+            out.packs[rec.pack_id] = rec.entries()
+            if rec.length:
+                out.lengths[rec.pack_id] = rec.length
+        return out
 
     def file_id(self) -> bytes:
         return hashlib.sha256(self.encode()).digest()
-
-
-class MasterIndex:
-    """Every known blob, in memory. Thread-safe.
-
-    Memory grows with the number of distinct chunks in the repository (about 150 bytes each),
-    not with the size of the disk being backed up.
-    """
-
-    def __init__(self) -> None:
-        self._blobs: dict[bytes, BlobLocation] = {}
-        self._lock = threading.Lock()
-
-    def add_pack(self, pack_id: bytes, entries: Iterable[BlobEntry]) -> None:
-        with self._lock:
-            for e in entries:
-                self._blobs.setdefault(e.id, BlobLocation(pack_id, e))
-
-    def lookup(self, blob_id: bytes) -> BlobLocation | None:
-        return self._blobs.get(blob_id)
-
-    def __contains__(self, blob_id: object) -> bool:
-        return blob_id in self._blobs
-
-    def __len__(self) -> int:
-        return len(self._blobs)
-
-    def items(self) -> Iterator[tuple[bytes, BlobLocation]]:
-        with self._lock:
-            snapshot = list(self._blobs.items())
-        return iter(snapshot)
-
-    def packs(self) -> dict[bytes, list[BlobEntry]]:
-        out: dict[bytes, list[BlobEntry]] = {}
-        for loc in self._blobs.values():
-            out.setdefault(loc.pack_id, []).append(loc.entry)
-        return out

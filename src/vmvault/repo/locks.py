@@ -7,12 +7,14 @@ other live lock exists. Because both sides write before they look, two conflicti
 processes can both back off, but never both proceed. Holders refresh their lock every
 ``REFRESH_SECONDS``; a lock not refreshed for ``STALE_SECONDS``, or one held by a dead
 process on this host, is stale and ignored (and removed by the next exclusive locker).
+
+Only names of the form ``locks/<32 hex>`` are locks (``repo/names.py``): anything else in
+``locks/`` was not written by vmvault, is ignored, and is never deleted, however unreadable.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import secrets
@@ -23,11 +25,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+from vmvault import times
 from vmvault.backends.base import Backend
 from vmvault.errors import BackendError, IntegrityError, LockedError, ObjectNotFoundError
+from vmvault.repo._limits import MAX_SMALL_OBJECT, read_bounded
 from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
+from vmvault.repo.names import lock_name
 
-__all__ = ["LockInfo", "RepositoryLock", "list_locks"]
+__all__ = ["LockInfo", "RepositoryLock", "list_locks", "remove_locks"]
 
 REFRESH_SECONDS = 300
 STALE_SECONDS = 1800
@@ -43,9 +48,19 @@ class LockInfo:
     operation: str
 
     def describe(self) -> str:
-        when = dt.datetime.fromtimestamp(self.time, dt.UTC).isoformat(timespec="seconds")
+        when = times.local(self.time) if self.time else "never"
         kind = "exclusive" if self.exclusive else "shared"
         return f"{kind} lock for {self.operation} by pid {self.pid} on {self.hostname} (refreshed {when})"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "time": times.iso_time(self.time),
+            "exclusive": self.exclusive,
+            "operation": self.operation,
+        }
 
     def is_stale(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
@@ -65,27 +80,58 @@ def _aad(name: str) -> bytes:
     return b"lock " + name.encode()
 
 
+#: a lock's time must lie in years vmvault can print (datetime ends in 9999)
+_LATEST_TIME = 253402300799.0
+
+
+def _lock_info(name: str, doc: object) -> LockInfo:
+    """A lock's fields, each checked: a pid that ``os.kill`` takes, a time that can be printed.
+    ValueError (or KeyError, TypeError) for anything else."""
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    pid = doc["pid"]
+    when = doc["time"]
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        raise ValueError(f"bad pid {pid!r}")
+    if not isinstance(when, int | float) or isinstance(when, bool) or not 0.0 <= when <= _LATEST_TIME:
+        raise ValueError(f"bad time {when!r}")
+    return LockInfo(
+        name, str(doc["hostname"]), pid, float(when), bool(doc["exclusive"]), str(doc.get("operation", "?"))
+    )
+
+
 def list_locks(backend: Backend, key: MasterKey) -> list[LockInfo]:
+    """Every lock object; names vmvault does not write are not locks and are left out."""
     out = []
     for obj in backend.list("locks/"):
+        if not lock_name(obj.name):
+            continue
         try:
-            doc = json.loads(open_envelope(key, backend.get(obj.name), _aad(obj.name), what=obj.name))
-            out.append(
-                LockInfo(
-                    obj.name,
-                    str(doc["hostname"]),
-                    int(doc["pid"]),
-                    float(doc["time"]),
-                    bool(doc["exclusive"]),
-                    str(doc.get("operation", "?")),
-                )
-            )
+            sealed = read_bounded(backend, obj.name, MAX_SMALL_OBJECT, what=obj.name)
+            doc = json.loads(open_envelope(key, sealed, _aad(obj.name), what=obj.name, max_size=MAX_SMALL_OBJECT))
+            out.append(_lock_info(obj.name, doc))
         except ObjectNotFoundError:
             continue  # removed while we listed
-        except (IntegrityError, ValueError, KeyError, TypeError):
+        except (IntegrityError, ValueError, KeyError, TypeError, OverflowError):
             # unreadable lock: treat as a stale one from an unknown process
             out.append(LockInfo(obj.name, "?", 0, 0.0, True, "unreadable"))
     return out
+
+
+def remove_locks(backend: Backend, key: MasterKey, *, every: bool = False) -> tuple[list[LockInfo], list[LockInfo]]:
+    """``vmvault unlock``: remove stale locks (and unreadable ones), or with ``every`` all locks,
+    live ones included (only when no vmvault process can be running: a live backup or prune
+    would lose its protection). Names vmvault does not write are never removed. Returns
+    ``(removed, kept)``."""
+    removed, kept = [], []
+    for lock in list_locks(backend, key):
+        if every or lock.is_stale():
+            with contextlib.suppress(ObjectNotFoundError):  # its owner released it meanwhile
+                backend.delete(lock.name)
+            removed.append(lock)
+        else:
+            kept.append(lock)
+    return removed, kept
 
 
 class RepositoryLock:
@@ -146,7 +192,7 @@ class RepositoryLock:
             if lock.name == self.name:
                 continue
             if lock.is_stale():
-                if self.exclusive:
+                if self.exclusive and lock_name(lock.name):  # never a name vmvault did not write
                     self.backend.delete(lock.name)
                 continue
             if self.exclusive or lock.exclusive:
@@ -159,7 +205,8 @@ class RepositoryLock:
             text = "; ".join(c.describe() for c in conflicts)
             raise LockedError(
                 f"the repository is locked: {text}. Wait for it to finish; a lock from a process that died "
-                f"is ignored after {STALE_SECONDS // 60} minutes (or at once on the same host)."
+                f"is ignored after {STALE_SECONDS // 60} minutes (or at once on the same host), and "
+                "`vmvault unlock --remove-all` removes every lock once you know no vmvault process runs."
             )
         self.held = True
         self._thread = threading.Thread(target=self._refresh_loop, name="vmvault-lock", daemon=True)

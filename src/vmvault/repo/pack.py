@@ -16,11 +16,20 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from vmvault.backends.base import Backend
 from vmvault.errors import IntegrityError
 from vmvault.repo._layout import BLOB_ENTRY, PACK_MAGIC, PACK_TRAILER, BlobType
-from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
+from vmvault.repo.crypto import MAX_PAYLOAD, MasterKey, open_envelope, seal_envelope
 
-__all__ = ["BlobEntry", "PackBuilder", "blob_aad", "pack_name", "parse_pack_header"]
+__all__ = [
+    "BlobEntry",
+    "PackBuilder",
+    "blob_aad",
+    "expected_pack_size",
+    "pack_name",
+    "parse_pack_header",
+    "read_pack_header",
+]
 
 _HEADER_AAD = b"pack header"
 
@@ -81,20 +90,67 @@ class PackBuilder:
         return hashlib.sha256(data).digest(), data
 
 
+def expected_pack_size(entries: list[BlobEntry]) -> int:
+    """The size of a pack holding exactly ``entries``, as the writer makes it.
+
+    The header is the entries in offset order, sealed like any payload; its length does not
+    depend on the key (the GCM tag and the plain checksum are both 16 bytes), only on how
+    zstd compresses it, which another zstd version may do differently (readers then ask the
+    pack's trailer).
+    """
+    blobs_end = max((e.offset + e.length for e in entries), default=0)
+    header = b"".join(e.pack() for e in sorted(entries, key=lambda e: e.offset))
+    return blobs_end + len(seal_envelope(MasterKey.unencrypted(), header, b"")) + PACK_TRAILER.size
+
+
 def parse_pack_header(key: MasterKey, data: bytes, *, name: str) -> list[BlobEntry]:
     """The blob entries of a whole pack's bytes, checking the trailer and every bound."""
-    if len(data) < PACK_TRAILER.size:
-        raise IntegrityError(f"pack {name} is truncated ({len(data)} bytes)", name=name)
-    hlen, magic = PACK_TRAILER.unpack_from(data, len(data) - PACK_TRAILER.size)
+    hlen = _trailer(data, len(data), name)
+    start = len(data) - PACK_TRAILER.size - hlen
+    return _open_header(key, data[start : start + hlen], start, name, max_size=len(data) * 2)
+
+
+def read_pack_header(backend: Backend, key: MasterKey, pack_id: bytes, size: int, *, limit: int) -> list[BlobEntry]:
+    """The blob entries of the stored pack ``pack_id`` of ``size`` bytes (as listed), read with
+    two bounded range reads (trailer, then header), never the whole pack.
+
+    A pack larger than ``limit`` (the repository's ``pack_limit``) is damaged or planted:
+    IntegrityError, nothing read.
+    """
+    name = pack_name(pack_id)
+    if size > limit:
+        raise IntegrityError(
+            f"pack {name} is {size} bytes, larger than any pack of this repository ({limit}): damaged or planted",
+            name=name,
+        )
+    hlen = _trailer(backend.get(name, max(0, size - PACK_TRAILER.size), PACK_TRAILER.size), size, name)
+    start = size - PACK_TRAILER.size - hlen
+    sealed = backend.get(name, start, hlen)
+    if len(sealed) != hlen:
+        raise IntegrityError(f"pack {name} changed size while its header was read", name=name)
+    return _open_header(key, sealed, start, name, max_size=limit)
+
+
+def _trailer(tail: bytes, size: int, name: str) -> int:
+    """The header length from a pack's last bytes (``tail`` ends at ``size``)."""
+    if size < PACK_TRAILER.size or len(tail) < PACK_TRAILER.size:
+        raise IntegrityError(f"pack {name} is truncated ({size} bytes)", name=name)
+    hlen, magic = PACK_TRAILER.unpack_from(tail, len(tail) - PACK_TRAILER.size)
     if magic != PACK_MAGIC:
         raise IntegrityError(f"pack {name} has no pack trailer (truncated or damaged)", name=name)
-    start = len(data) - PACK_TRAILER.size - hlen
-    if start < 0:
+    if hlen > size - PACK_TRAILER.size:
         raise IntegrityError(f"pack {name}: header length {hlen} exceeds the pack", name=name)
-    header = open_envelope(key, data[start : start + hlen], _HEADER_AAD, what=f"pack {name} header")
+    return int(hlen)
+
+
+def _open_header(key: MasterKey, sealed: bytes, start: int, name: str, *, max_size: int) -> list[BlobEntry]:
+    header = open_envelope(key, sealed, _HEADER_AAD, what=f"pack {name} header", max_size=max_size)
     if len(header) % BLOB_ENTRY.size:
         raise IntegrityError(f"pack {name}: header size {len(header)} is not a whole number of entries", name=name)
-    entries = [BlobEntry.unpack(header, i) for i in range(0, len(header), BLOB_ENTRY.size)]
+    try:
+        entries = [BlobEntry.unpack(header, i) for i in range(0, len(header), BLOB_ENTRY.size)]
+    except IntegrityError as exc:
+        raise IntegrityError(f"pack {name}: {exc}", name=name) from exc
     for e in entries:
         if e.offset + e.length > start:
             raise IntegrityError(f"pack {name}: blob {e.id.hex()} lies outside the pack", name=name)
@@ -105,10 +161,13 @@ def seal_blob(key: MasterKey, blob_type: BlobType, blob_id: bytes, data: bytes) 
     return seal_envelope(key, data, blob_aad(blob_type, blob_id))
 
 
-def open_blob(key: MasterKey, blob_type: BlobType, blob_id: bytes, sealed: bytes) -> bytes:
-    """Decrypt a blob and re-verify that its content hashes to its id."""
+def open_blob(
+    key: MasterKey, blob_type: BlobType, blob_id: bytes, sealed: bytes | memoryview, *, max_size: int = MAX_PAYLOAD
+) -> bytes:
+    """Decrypt a blob and re-verify that its content hashes to its id; ``max_size`` bounds its
+    decompressed length (the raw length the index states)."""
     what = f"{'chunk' if blob_type is BlobType.DATA else 'index block'} {blob_id.hex()}"
-    data = open_envelope(key, sealed, blob_aad(blob_type, blob_id), what=what)
+    data = open_envelope(key, sealed, blob_aad(blob_type, blob_id), what=what, max_size=max_size)
     if key.chunk_id(data) != blob_id:
         raise IntegrityError(f"{what}: content does not match its id", object_id=blob_id.hex())
     return data

@@ -28,65 +28,52 @@ objects that nothing live refers to any more:
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vmvault.errors import IntegrityError, LockedError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
-from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
+from vmvault.repo._layout import BlobType
+from vmvault.repo.filters import SnapshotFilter
 from vmvault.repo.immutability import require_full_access, retained, retention_days
-from vmvault.repo.index import IndexFile
+from vmvault.repo.index import parse_index
+from vmvault.repo.index_cache import Grouped, rows_digest, write_many
 from vmvault.repo.locks import REFRESH_SECONDS, STALE_SECONDS, RepositoryLock, list_locks
-from vmvault.repo.pack import BlobEntry, open_blob, pack_name, parse_pack_header
+from vmvault.repo.names import index_id
+from vmvault.repo.names import pack_id as parse_pack_id
+from vmvault.repo.pack import BlobEntry, expected_pack_size, open_blob, pack_name
+from vmvault.repo.progress import PhaseCallback
 from vmvault.repo.repository import Repository
 from vmvault.repo.retention import RetentionPolicy, RetentionResult, apply_policy
+from vmvault.repo.rewrite import IndexFileWriter
 from vmvault.repo.snapshot import Snapshot
 
 __all__ = [
     "DEFAULT_MAX_UNUSED",
     "ForgetReport",
     "PruneReport",
-    "RepairReport",
     "forget",
     "forget_ids",
     "prune",
     "referenced_blobs",
-    "repair_index",
 ]
 
 #: repack a pack when more than this share of its bytes is unused
 DEFAULT_MAX_UNUSED = 0.1
-
-Progress = Callable[[str, int, int], None]
 
 
 # ---- helpers -----------------------------------------------------------------------------
 
 
 def _object_id(name: str, prefix: str) -> bytes | None:
-    """The id in ``index/<hex>`` or ``data/<xx>/<hex>``; None for any other name (left alone)."""
-    try:
-        obj_id = bytes.fromhex(name.rsplit("/", 1)[1])
-    except ValueError:
-        return None
-    if len(obj_id) != ID_SIZE:
-        return None
-    if prefix == "data/" and name != pack_name(obj_id):
-        return None
-    return obj_id
+    """The id in ``index/<hex>`` or ``data/<xx>/<hex>``; None for any other name (left alone,
+    never deleted: repo/names.py)."""
+    return parse_pack_id(name) if prefix == "data/" else index_id(name)
 
 
-def _stored_packs(repo: Repository) -> dict[bytes, int]:
-    out = {}
-    for o in repo.backend.list("data/"):
-        pack_id = _object_id(o.name, "data/")
-        if pack_id is not None:
-            out[pack_id] = o.size
-    return out
-
-
-def _still_exclusive(repo: Repository, lock: RepositoryLock, what: str) -> None:
+def _still_exclusive(repo: Repository, lock: RepositoryLock, what: str, *, operation: str = "prune") -> None:
     """Refuse to go on unless our lock is still there and fresh and nobody else holds one.
 
     Holding the lock object is not enough: a process suspended for longer than
@@ -104,12 +91,12 @@ def _still_exclusive(repo: Repository, lock: RepositoryLock, what: str) -> None:
             others.append(info)
     if mine is None or now - mine.time > STALE_SECONDS - REFRESH_SECONDS:
         raise LockedError(
-            f"prune stopped before {what}: its exclusive lock went stale or was removed (was the process "
-            "suspended?). The repository is consistent; run prune again."
+            f"{operation} stopped before {what}: its exclusive lock went stale or was removed (was the process "
+            f"suspended?). The repository is consistent; run {operation} again."
         )
     if others:
         text = "; ".join(o.describe() for o in others)
-        raise LockedError(f"prune stopped before {what}: another process took a lock meanwhile ({text})")
+        raise LockedError(f"{operation} stopped before {what}: another process took a lock meanwhile ({text})")
 
 
 # ---- forget ------------------------------------------------------------------------------
@@ -144,12 +131,17 @@ class ForgetReport:
         }
 
 
-def forget(repo: Repository, policy: RetentionPolicy, *, dry_run: bool = False) -> ForgetReport:
-    """Delete the snapshot manifests ``policy`` does not keep (their data stays until ``prune``)."""
+def forget(
+    repo: Repository, policy: RetentionPolicy, *, dry_run: bool = False, select: SnapshotFilter | None = None
+) -> ForgetReport:
+    """Delete the snapshot manifests ``policy`` does not keep (their data stays until ``prune``).
+    ``select``: the policy judges only the snapshots this filter matches; others are untouched."""
     require_full_access(repo, "forget")
     with repo.lock(exclusive=True, operation="forget"):
         unreadable: list[tuple[str, str]] = []
         snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))))
+        if select is not None:
+            snaps = select.select(snaps)
         result = apply_policy(snaps, policy)
         report = ForgetReport(dry_run=dry_run, policy=policy, result=result, unreadable=unreadable)
         held = retained(repo, [f"snapshots/{s.id}" for s in result.remove])
@@ -189,10 +181,6 @@ def forget_ids(repo: Repository, refs: Iterable[str], *, dry_run: bool = False) 
 # ---- reachability ------------------------------------------------------------------------
 
 
-def iter_index_entries(raw: bytes) -> Iterable[bytes]:
-    return (raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE))
-
-
 def referenced_blobs(repo: Repository, snapshots: Iterable[Snapshot]) -> set[bytes]:
     """Every blob id the snapshots need: INDEX blobs, the DATA chunks they name, file chunks.
 
@@ -216,9 +204,8 @@ def _mark_snapshot(repo: Repository, snap: Snapshot, used: set[bytes]) -> None:
             block_id = bytes.fromhex(block)
             if block_id in used:
                 continue
-            raw = repo.get_blob(BlobType.INDEX, block_id)
+            used.update(repo.read_index_block(block_id).chunk_ids())
             used.add(block_id)
-            used.update(e for e in iter_index_entries(raw) if e != ZERO_ID and e != PARENT_ID)
     for f in snap.files:
         used.update(bytes.fromhex(c) for c in f.chunks)
 
@@ -257,39 +244,17 @@ class PruneReport:
         return asdict(self)
 
 
-@dataclass
-class _Pack:
-    id: bytes
-    entries: list[BlobEntry]
-    size: int | None  # in storage; None: missing
-    keep: list[BlobEntry] = field(default_factory=list)  # the copies of used blobs chosen here
-
-    @property
-    def blob_bytes(self) -> int:
-        return sum(e.length for e in self.entries)
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(e.length for e in self.keep)
+#: a live index file smaller than this is folded into the files prune writes (12.5)
+SMALL_INDEX_FILE = 4 << 20
+#: blob rows inserted into the scratch database per statement
+_BATCH = 10_000
 
 
-def _read_index_files(repo: Repository) -> dict[bytes, IndexFile]:
-    files: dict[bytes, IndexFile] = {}
-    for obj in repo.backend.list("index/"):
-        file_id = _object_id(obj.name, "index/")
-        if file_id is None:
-            continue  # not ours: left alone
-        try:
-            files[file_id] = repo.read_index_file(file_id)
-        except ObjectNotFoundError:
-            continue
-        except IntegrityError as exc:
-            raise IntegrityError(
-                f"prune stopped, nothing was changed: {exc}. Without every index file prune cannot tell "
-                "which packs are in use; run `vmvault check` and repair the index first.",
-                name=obj.name,
-            ) from exc
-    return files
+def _unreadable_index(problems: list[str]) -> IntegrityError:
+    return IntegrityError(
+        f"prune stopped, nothing was changed: {'; '.join(problems[:3])}. Without every index file prune cannot "
+        "tell which packs are in use; run `vmvault repair index` first."
+    )
 
 
 def prune(
@@ -297,12 +262,14 @@ def prune(
     *,
     dry_run: bool = False,
     max_unused: float = DEFAULT_MAX_UNUSED,
-    progress: Progress | None = None,
+    progress: PhaseCallback | None = None,
 ) -> PruneReport:
     """Remove every blob no snapshot references; see the module docstring for the order.
 
     ``max_unused`` (0..1): a pack holding used blobs is rewritten when more than this share
-    of its blob bytes is unused; wholly unused packs are always deleted.
+    of its blob bytes is unused; wholly unused packs are always deleted. Memory does not grow
+    with the repository: the working sets are tables of a scratch database on disk
+    (repository-format.md, section 12.5).
     """
     if not 0.0 <= max_unused <= 1.0:
         raise RepositoryError(f"max_unused must be between 0 and 1, not {max_unused}")
@@ -311,287 +278,484 @@ def prune(
         try:
             return _prune_locked(repo, lock, dry_run, max_unused, progress)
         finally:
-            # whatever happened, the in-memory index must describe the repository as it now is
+            # whatever happened, the index must describe the repository as it now is
             repo.load_index()
 
 
+def _tick(progress: PhaseCallback | None, phase: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(phase, done, total)
+
+
 def _prune_locked(
-    repo: Repository, lock: RepositoryLock, dry_run: bool, max_unused: float, progress: Progress | None
+    repo: Repository, lock: RepositoryLock, dry_run: bool, max_unused: float, progress: PhaseCallback | None
 ) -> PruneReport:
     report = PruneReport(dry_run=dry_run, max_unused=max_unused)
-    backend = repo.backend
-
-    # 1. everything that exists
-    files = _read_index_files(repo)
-    problems = repo.load_index()
-    if problems:  # an index file changed under us: give up rather than guess
-        raise IntegrityError(f"prune stopped, nothing was changed: {'; '.join(problems)}")
+    # 1. everything that exists: every index file (in this host's cache), every pack
+    problems = repo.load_index(progress=lambda d, t: _tick(progress, "index", d, t))
+    if problems:
+        raise _unreadable_index(problems)
+    files = repo.index.cache.present_files()  # id -> live
     report.index_files_before = len(files)
-    superseded = {s for f in files.values() for s in f.supersedes}
-    stored = _stored_packs(repo)
-    report.packs_before = len(stored)
-    report.bytes_before = sum(stored.values())
-
-    packs: dict[bytes, _Pack] = {}
-    for file_id, f in files.items():
-        if file_id in superseded:
-            continue
-        for pack_id, entries in f.packs.items():
-            p = packs.setdefault(pack_id, _Pack(pack_id, [], stored.get(pack_id)))
-            have = {(e.id, e.offset) for e in p.entries}
-            p.entries.extend(e for e in entries if (e.id, e.offset) not in have)
-
+    _require_cache_agrees(repo, files, progress)
+    files = repo.index.cache.present_files()
+    cache = repo.index.cache
     unreadable: list[str] = []
     snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append(f"{sid[:8]}: {exc}"))
     if unreadable:
         raise IntegrityError(
             "prune stopped, nothing was changed: unreadable snapshots (" + "; ".join(unreadable) + "). "
-            "Prune cannot tell which data they need; run `vmvault check`, then forget them."
+            "Prune cannot tell which data they need; remove them with `vmvault forget ID`."
         )
     report.snapshots = len(snaps)
+    with cache.scratch() as db:
+        _list_stored(repo, db, report, progress)
+        # 2. what the snapshots need
+        try:
+            _mark_used(repo, db, snaps, progress)
+        except (IntegrityError, SnapshotNotFoundError) as exc:
+            raise IntegrityError(
+                f"prune stopped, nothing was changed: {exc}. Run `vmvault check` to see which snapshots are "
+                "affected, then `vmvault repair index` and `vmvault repair snapshots --forget`."
+            ) from exc
+        report.blobs_used = db.execute("SELECT count(*) FROM s.used").fetchone()[0]
+        _require_every_used_blob(db)
+        # 3. per pack: what is used, which copy of a blob stored twice stays
+        _pack_accounting(db, progress)
+        _decide(repo, db, report, max_unused)
+        affected = _affected_files(db, files, report)
+        garbage = any(not live for live in files.values())  # superseded files still present
+        nothing_to_do = not report.packs_deleted and not report.missing_packs and not affected and not garbage
+        only_merging = not nothing_to_do and not report.packs_deleted and not report.missing_packs
+        if only_merging and retention_days(repo) is not None:
+            # only index files would be merged, and if none of them may be deleted yet, a new
+            # index file would just be one more object under retention
+            names = [f"index/{i.hex()}" for i in files]
+            nothing_to_do = len(retained(repo, names)) == len(names)
+        if dry_run or nothing_to_do:
+            report.index_files_written = 0
+            if dry_run:  # an estimate: repacked blobs are counted at their current size
+                removed = db.execute(
+                    "SELECT coalesce(sum(size), 0) FROM s.stored WHERE id IN (SELECT id FROM s.doomed)"
+                ).fetchone()[0]
+                report.packs_after = report.packs_before - report.packs_deleted
+                report.bytes_after = report.bytes_before - removed + report.bytes_repacked
+            else:
+                report.packs_after, report.bytes_after = report.packs_before, report.bytes_before
+            return report
+        # 4. repack: new packs, indexed by their own new index files, before anything is removed
+        repacked_files = _repack(repo, db, report, progress)
+        # 5. the packs of the affected index files that stay, into new index files, the last
+        # of which supersedes the affected ones
+        out = _relist(repo, db, affected, progress)
+        out.absorb(repacked_files)
+        superseded = out.finish(
+            set(affected) | set(repacked_files) | {f for f, live in files.items() if not live},
+            before=lambda: _still_exclusive(repo, lock, "writing the new index"),
+        )
+        report.index_files_written = len(out.written) + len(repacked_files)
+        # 6. superseded index files, then the packs nothing lists any more
+        old_index = [f"index/{i.hex()}" for i in superseded]
+        held_index = retained(repo, old_index)
+        report.index_files_retained = len(held_index)
+        for name in old_index:
+            if name not in held_index:  # a retained one stays, superseded: readers ignore it
+                repo.backend.delete(name)
+                report.index_files_removed += 1
+        _delete_packs(repo, db, lock, report, progress)
+    report.packs_after = 0
+    report.bytes_after = 0
+    for _pack_id, size in repo.iter_stored_packs():
+        report.packs_after += 1
+        report.bytes_after += size
+    return report
 
-    # 2. what the snapshots need
-    try:
-        used = referenced_blobs(repo, snaps)
-    except (IntegrityError, SnapshotNotFoundError) as exc:
-        raise IntegrityError(
-            f"prune stopped, nothing was changed: {exc}. Run `vmvault check` to see which snapshots are affected."
-        ) from exc
-    report.blobs_used = len(used)
 
-    # choose one stored copy of each used blob; prefer packs that are mostly used, so
-    # duplicates left by concurrent backups end up in packs that go away
-    order = sorted(
-        (p for p in packs.values() if p.size is not None),
-        key=lambda p: (-sum(1 for e in p.entries if e.id in used) / max(1, len(p.entries)), p.id),
-    )
-    placed: set[bytes] = set()
-    for p in order:
-        for e in p.entries:
-            if e.id in used and e.id not in placed:
-                p.keep.append(e)
-                placed.add(e.id)
-    missing = used - placed
+def _file_digests(
+    repo: Repository, files: dict[bytes, bool], progress: PhaseCallback | None
+) -> tuple[dict[bytes, tuple[int, int] | None], set[bytes]]:
+    """The cache holds what each file said when it was first read; the files themselves must
+    still read (another host without this cache depends on them): every one, one at a time.
+    What they say is kept as a digest (``rows_digest``, with the cache's numbers of their
+    packs), with the ids they supersede. Unreadable files stop prune."""
+    cache = repo.index.cache
+    problems: list[str] = []
+    digests: dict[bytes, tuple[int, int] | None] = {}
+    replaced: set[bytes] = set()  # superseded by a present file
+    for n, file_id in enumerate(files):
+        _tick(progress, "index files", n, len(files))
+        try:
+            parsed = parse_index(repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
+        except ObjectNotFoundError:
+            problems.append(f"index/{file_id.hex()} vanished while prune ran")
+            continue
+        except IntegrityError as exc:
+            problems.append(str(exc))
+            continue
+        digests[file_id] = rows_digest(parsed, cache.pack_numbers(rec.pack_id for rec in parsed.records))
+        replaced.update(old for old in parsed.supersedes if old != file_id)
+    if problems:
+        raise _unreadable_index(problems)
+    return digests, replaced
+
+
+def _require_cache_agrees(repo: Repository, files: dict[bytes, bool], progress: PhaseCallback | None) -> None:
+    """Stop unless this host's index cache says what the index files say: which files are
+    live, and every row of each (by digest). Prune deletes the packs the cache's rows leave
+    unused, so a row that lies (a damaged or tampered cache) could delete data a snapshot
+    needs. A cache that disagrees is rebuilt from the files once (and the files read again:
+    the digests name packs by the cache's numbers); disagreeing again, prune stops."""
+    for attempt in range(2):
+        digests, replaced = _file_digests(repo, files, progress)
+        wrong = repo.index.disagreement(files, replaced, digests)
+        if wrong is None:
+            return
+        if attempt:
+            raise IntegrityError(
+                f"prune stopped, nothing was changed: this host's index cache {repo.index.cache.path} disagrees "
+                f"with the index files ({wrong}) even rebuilt; remove it and run prune again"
+            )
+        repo.index.reset(f"it disagrees with the index files about {wrong}")
+        problems = repo.load_index()
+        if problems:
+            raise _unreadable_index(problems)
+        files = repo.index.cache.present_files()
+
+
+def _list_stored(repo: Repository, db: sqlite3.Connection, report: PruneReport, progress: PhaseCallback | None) -> None:
+    db.execute("CREATE TABLE s.stored(id BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
+    batch: list[tuple[bytes, int]] = []
+    for n, item in enumerate(repo.iter_stored_packs()):
+        batch.append(item)
+        if len(batch) >= _BATCH:
+            write_many(db, "INSERT OR IGNORE INTO s.stored VALUES (?, ?)", batch)
+            batch = []
+            _tick(progress, "list packs", n, 0)
+    write_many(db, "INSERT OR IGNORE INTO s.stored VALUES (?, ?)", batch)
+    report.packs_before, report.bytes_before = db.execute(
+        "SELECT count(*), coalesce(sum(size), 0) FROM s.stored"
+    ).fetchone()
+    # the cache's numbers of the packs in storage: the passes over every row look a pack up
+    # here by its number, in a table a few bytes a pack, not through its 32-byte id
+    db.execute("CREATE TABLE s.present(no INTEGER PRIMARY KEY)")
+    db.execute("INSERT INTO s.present SELECT p.no FROM packs p JOIN s.stored st ON st.id = p.id ORDER BY p.no")
+
+
+def _mark_used(repo: Repository, db: sqlite3.Connection, snaps: list[Snapshot], progress: PhaseCallback | None) -> None:
+    """Every blob the snapshots need into ``s.used``: their index blocks (each distinct one
+    read once), the chunks those name, their files' chunks."""
+    db.execute("CREATE TABLE s.used_all(id BLOB NOT NULL)")
+    db.execute("CREATE TABLE s.blocks(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    batch: list[tuple[bytes]] = []
+
+    def add(ids: Iterable[bytes]) -> None:
+        nonlocal batch
+        batch.extend((i,) for i in ids)
+        if len(batch) >= _BATCH:
+            write_many(db, "INSERT INTO s.used_all VALUES (?)", batch)
+            batch = []
+
+    with Grouped(db) as group:
+        for n, snap in enumerate(snaps):
+            _tick(progress, "snapshots", n, len(snaps))
+            try:
+                for disk in snap.disks:
+                    for block in disk.index:
+                        if block is None:
+                            continue
+                        block_id = bytes.fromhex(block)
+                        group.step()
+                        if db.execute("INSERT OR IGNORE INTO s.blocks VALUES (?)", (block_id,)).rowcount == 0:
+                            continue  # unchanged index blocks are shared between snapshots: read once
+                        add([block_id])
+                        add(repo.read_index_block(block_id).chunk_ids())
+                for f in snap.files:
+                    add(bytes.fromhex(c) for c in f.chunks)
+            except ValueError as exc:  # a manifest that authenticates but names an id that is not hex
+                raise IntegrityError(f"snapshot {snap.short_id}: malformed blob id: {exc}", object_id=snap.id) from exc
+    write_many(db, "INSERT INTO s.used_all VALUES (?)", batch)
+    _tick(progress, "snapshots", len(snaps), len(snaps))
+    db.execute("CREATE TABLE s.used(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    db.execute("INSERT OR IGNORE INTO s.used SELECT id FROM s.used_all ORDER BY id")
+    db.execute("DROP TABLE s.used_all")
+
+
+#: live rows of blobs in packs present in storage, one per (blob, pack)
+_LIVE_STORED = (
+    "SELECT DISTINCT b.id AS id, b.pack AS pack, b.type AS type, b.offset AS offset, b.length AS length,"
+    " b.raw_length AS raw_length FROM blobs b JOIN files f ON f.no = b.file JOIN s.present sp ON sp.no = b.pack"
+    " WHERE f.live"
+)
+#: a live row of the blob ``u.id`` in a pack present in storage
+_STORED_COPY = (
+    "SELECT 1 FROM blobs b JOIN files f ON f.no = b.file JOIN s.present sp ON sp.no = b.pack"
+    " WHERE b.id = u.id AND f.live"
+)
+
+
+def _require_every_used_blob(db: sqlite3.Connection) -> None:
+    missing = [
+        bytes(r[0]).hex() for r in db.execute(f"SELECT u.id FROM s.used u WHERE NOT EXISTS ({_STORED_COPY}) LIMIT 5")
+    ]
     if missing:
-        sample = ", ".join(sorted(m.hex() for m in missing)[:5])
+        count = db.execute(f"SELECT count(*) FROM s.used u WHERE NOT EXISTS ({_STORED_COPY})").fetchone()[0]
         raise IntegrityError(
-            f"prune stopped, nothing was changed: {len(missing)} blobs the snapshots need are in no index "
-            f"or only in missing packs (e.g. {sample}). Run `vmvault check` to see which snapshots are affected."
+            f"prune stopped, nothing was changed: {count} blobs the snapshots need are in no index "
+            f"or only in missing packs (e.g. {', '.join(sorted(missing))}). Run `vmvault check` to see which "
+            "snapshots are affected, then `vmvault repair index` and `vmvault repair snapshots --forget`."
         )
 
-    delete: list[bytes] = []
-    repack: list[_Pack] = []
-    keep: list[_Pack] = []
-    for p in sorted(packs.values(), key=lambda p: p.id):
-        if p.size is None:
-            report.missing_packs += 1
-            report.actions.append(f"drop missing pack {p.id.hex()} from the index (it held nothing needed)")
-            continue
-        if not p.keep:
-            delete.append(p.id)
-        elif p.blob_bytes and (p.blob_bytes - p.used_bytes) / p.blob_bytes > max_unused:
-            repack.append(p)
-        else:
-            keep.append(p)
-            continue
-        kept_ids = {e.id for e in p.keep}
-        report.blobs_removed += sum(1 for e in p.entries if e.id not in kept_ids)
-        report.bytes_removed += sum(e.length for e in p.entries if e.id not in kept_ids)
-    orphans = sorted(set(stored) - set(packs))
-    # retention: a pack still inside it stays, indexed as it is (an orphan stays an orphan)
-    held = retained(repo, [pack_name(i) for i in delete + [p.id for p in repack] + orphans])
-    if held:
-        for p in [packs[i] for i in delete] + repack:
-            if pack_name(p.id) in held:
-                keep.append(p)
-                kept_ids = {e.id for e in p.keep}
-                report.blobs_removed -= sum(1 for e in p.entries if e.id not in kept_ids)
-                report.bytes_removed -= sum(e.length for e in p.entries if e.id not in kept_ids)
-        delete = [i for i in delete if pack_name(i) not in held]
-        repack = [p for p in repack if pack_name(p.id) not in held]
-        orphans = [i for i in orphans if pack_name(i) not in held]
-        report.packs_retained = len(held)
-        report.actions.append(f"kept {len(held)} packs still under retention ({retention_days(repo)} days)")
-    report.orphan_packs = len(orphans)
-    report.packs_repacked = len(repack)
-    report.blobs_repacked = sum(len(p.keep) for p in repack)
-    report.bytes_repacked = sum(p.used_bytes for p in repack)
-    doomed = delete + [p.id for p in repack] + orphans
-    report.packs_deleted = len(doomed)
 
-    nothing_to_do = not doomed and not report.missing_packs and len(files) <= 1 and not superseded & set(files)
-    if not nothing_to_do and not doomed and not report.missing_packs and retention_days(repo) is not None:
-        # only index files would be merged, and if none of them may be deleted yet, a new
-        # index file would just be one more object under retention
-        names = [f"index/{i.hex()}" for i in files]
-        nothing_to_do = len(retained(repo, names)) == len(names)
-    if dry_run or nothing_to_do:
-        report.index_files_written = 0
-        # for a dry run: an estimate (repacked blobs are counted at their current size)
-        report.packs_after = report.packs_before - len(doomed) if dry_run else report.packs_before
-        removed = sum(stored[i] for i in doomed) - report.bytes_repacked
-        report.bytes_after = report.bytes_before - removed if dry_run else report.bytes_before
-        return report
-
-    # 3. repack: new packs (and an index file naming them) before anything is removed
-    new_entries: dict[bytes, list[BlobEntry]] = {}
-    written_index: set[bytes] = set()
-    if repack:
-        scratch = Repository(backend, repo.config, repo.key, repo.key_id)  # empty index: copy everything given
-        writer = scratch.writer(upload_threads=2, index_every=1 << 30)
-        try:
-            for n, p in enumerate(repack):
-                if progress is not None:
-                    progress("repack", n, len(repack))
-                name = pack_name(p.id)
-                data = backend.get(name)
-                if hashlib.sha256(data).digest() != p.id:
-                    raise IntegrityError(
-                        f"prune stopped before removing anything: pack {p.id.hex()} does not match its name "
-                        "(damaged); run `vmvault check --read-data`",
-                        name=name,
-                    )
-                for e in p.keep:
-                    try:
-                        plain = open_blob(repo.key, e.type, e.id, data[e.offset : e.offset + e.length])
-                    except IntegrityError as exc:
-                        raise IntegrityError(
-                            f"prune stopped before removing anything: {exc} (in pack {p.id.hex()}); "
-                            "run `vmvault check --read-data` to see which snapshots it affects",
-                            object_id=e.id.hex(),
-                            name=name,
-                        ) from exc
-                    writer.add(e.type, e.id, plain)
-            writer.flush()
-        finally:
-            writer.close(flush=False)
-        new_entries = {pid: sorted(es, key=lambda e: e.offset) for pid, es in scratch.index.packs().items()}
-        written_index = scratch.index_file_ids()
-        report.packs_written = len(new_entries)
-        report.actions.append(f"repacked {len(repack)} packs into {len(new_entries)}")
-
-    # 4. one index file that names everything that stays and supersedes every other index file
-    consolidated = IndexFile(
-        packs={p.id: sorted(p.entries, key=lambda e: e.offset) for p in keep} | new_entries,
-        supersedes=sorted(set(files) | written_index),
+def _pack_accounting(db: sqlite3.Connection, progress: PhaseCallback | None) -> None:
+    """``s.pstat``: per pack named by a live row, its blob bytes and the bytes of the used
+    blobs whose copy stays there; ``s.dropped``: copies of used blobs that do not stay (the
+    blob stays in the most used of its packs, as in restic)."""
+    _tick(progress, "packs", 0, 0)
+    # the blobs with more than one live row (listed by several files, or stored in several
+    # packs), in one pass over the rows in id order; few, in a repository pruned before
+    db.execute("CREATE TABLE s.multi(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    db.execute(
+        "INSERT INTO s.multi SELECT b.id FROM blobs b JOIN files f ON f.no = b.file WHERE f.live"
+        " GROUP BY b.id HAVING count(*) > 1"
     )
-    _still_exclusive(repo, lock, "writing the new index")
-    new_id = repo.write_index_file(consolidated)
-    report.index_files_written = 1
+    # a blob counts once in a pack however many live files list it there: a row of one of
+    # those blobs counts unless an earlier live file has the same (blob, pack, length). Only
+    # they are looked at twice; a DISTINCT of every row built a temporary B-tree of them all
+    # The rows are sorted by pack to be summed: the inner query hands the sort three integers a
+    # row (a subquery with a LIMIT is not merged into the outer one, whose sort took each row
+    # with the used blob's 32-byte id, only to test it for NULL): at 4 M chunks SQLite's
+    # temporary file for it is 40 MiB instead of 162, for the same CPU time
+    db.execute(
+        "CREATE TABLE s.pstat AS SELECT pack, sum(length) AS total, count(*) AS n, sum(used * length) AS used,"
+        " sum(used) AS n_used FROM (SELECT b.pack AS pack, b.length AS length, u.id IS NOT NULL AS used"
+        " FROM blobs b JOIN files f ON f.no = b.file LEFT JOIN s.used u ON u.id = b.id WHERE f.live"
+        " AND (b.id NOT IN (SELECT id FROM s.multi) OR NOT EXISTS (SELECT 1 FROM blobs e JOIN files ef"
+        " ON ef.no = e.file WHERE e.id = b.id AND e.file < b.file AND e.pack = b.pack AND e.length = b.length"
+        " AND ef.live)) LIMIT -1) GROUP BY pack"
+    )
+    db.execute("CREATE UNIQUE INDEX s.pstat_pack ON pstat(pack)")
+    db.execute("CREATE TABLE s.dropped(id BLOB NOT NULL, pack INTEGER NOT NULL, PRIMARY KEY(id, pack)) WITHOUT ROWID")
+    # the blobs with live copies in several stored packs: some of those with several rows
+    db.execute(
+        "CREATE TABLE s.dups AS SELECT b.id AS id FROM s.multi m JOIN blobs b ON b.id = m.id"
+        " JOIN files f ON f.no = b.file JOIN s.present sp ON sp.no = b.pack WHERE f.live"
+        " GROUP BY b.id HAVING count(DISTINCT b.pack) > 1"
+    )
+    dup_rows = db.execute(
+        f"SELECT l.id, l.pack, l.length, ps.used * 1.0 / max(ps.total, 1), p.id FROM"
+        f" ({_LIVE_STORED} AND b.id IN (SELECT id FROM s.dups)) l JOIN s.used u ON u.id = l.id"
+        " JOIN s.pstat ps ON ps.pack = l.pack JOIN packs p ON p.no = l.pack ORDER BY l.id"
+    )
+    group: list[tuple[bytes, int, int, float, bytes]] = []
 
-    # 5. superseded index files, then 6. unreferenced packs
-    old_index = [f"index/{i.hex()}" for i in sorted(set(files) | written_index) if i != new_id]
-    held_index = retained(repo, old_index)
-    report.index_files_retained = len(held_index)
-    for name in old_index:
-        if name not in held_index:  # a retained one stays, superseded: readers ignore it
-            backend.delete(name)
-            report.index_files_removed += 1
-    for n, pack_id in enumerate(doomed):
-        if progress is not None:
-            progress("delete", n, len(doomed))
-        if n % 256 == 0:
-            _still_exclusive(repo, lock, "deleting packs")
-        backend.delete(pack_name(pack_id))
+    def settle() -> None:
+        # the copy in the most used pack stays (ties: the smallest pack id)
+        best = min(group, key=lambda r: (-r[3], r[4]))
+        for blob_id, pack, length, _share, _pid in group:
+            if pack != best[1]:
+                db.execute("INSERT OR IGNORE INTO s.dropped VALUES (?, ?)", (blob_id, pack))
+                db.execute("UPDATE s.pstat SET used = used - ?, n_used = n_used - 1 WHERE pack = ?", (length, pack))
 
-    after = [o.size for o in backend.list("data/")]
-    report.packs_after = len(after)
-    report.bytes_after = sum(after)
-    return report
-
-
-# ---- repair ------------------------------------------------------------------------------
-
-
-@dataclass
-class RepairReport:
-    dry_run: bool
-    index_files_before: int = 0
-    index_files_damaged: list[str] = field(default_factory=list)
-    packs_kept: int = 0  # listed by a readable index file and present
-    packs_recovered: int = 0  # present, listed by no readable index file, header read
-    packs_unreadable: list[str] = field(default_factory=list)  # header damaged: not indexed
-    packs_dropped: list[str] = field(default_factory=list)  # indexed but missing from storage
-    index_files_written: int = 0
-    index_files_removed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def repair_index(repo: Repository, *, dry_run: bool = False, from_scratch: bool = False) -> RepairReport:
-    """Rebuild the index from the packs in storage, under the exclusive lock.
-
-    Packs named by a readable index file keep their entries (``from_scratch`` re-reads
-    every pack's header instead); every other pack's header is read from the pack. One
-    new index file supersedes every index file present, damaged ones included; only then
-    are the old files deleted, so a kill at any point leaves a usable index. Packs whose
-    header cannot be read are left out (prune deletes them; ``check`` then names what
-    they held). Indexed packs missing from storage are dropped from the index, so no
-    backup deduplicates against blobs that are gone.
-    """
-    require_full_access(repo, "index repair")
-    with repo.lock(exclusive=True, operation="repair-index") as lock:
-        try:
-            return _repair_locked(repo, lock, dry_run, from_scratch)
-        finally:
-            repo.load_index()
+    with Grouped(db) as grouped:
+        for row in dup_rows.fetchall():
+            item = (bytes(row[0]), int(row[1]), int(row[2]), float(row[3]), bytes(row[4]))
+            if group and group[0][0] != item[0]:
+                grouped.step()
+                settle()
+                group = []
+            group.append(item)
+        if group:
+            settle()
 
 
-def _repair_locked(repo: Repository, lock: RepositoryLock, dry_run: bool, from_scratch: bool) -> RepairReport:
-    backend = repo.backend
-    report = RepairReport(dry_run=dry_run)
-    present: list[bytes] = []
-    readable: dict[bytes, IndexFile] = {}
-    for obj in backend.list("index/"):
-        file_id = _object_id(obj.name, "index/")
-        if file_id is None:
-            continue
-        present.append(file_id)
-        try:
-            readable[file_id] = repo.read_index_file(file_id)
-        except ObjectNotFoundError:
-            present.pop()
-        except IntegrityError:
-            report.index_files_damaged.append(obj.name)
-    report.index_files_before = len(present)
-    superseded = {s for f in readable.values() for s in f.supersedes}
-    stored = _stored_packs(repo)
+def _pack_stats(db: sqlite3.Connection) -> Iterator[tuple[int, bytes, int | None, int, int, int, int]]:
+    """(pack number, pack id, stored size or None, total, blobs, used, used blobs) of every
+    pack of ``s.pstat`` in pack id order, read a page at a time after the last id seen: a list
+    of every pack would grow with the repository (about 240 bytes a pack)."""
+    page = (
+        "SELECT ps.pack, p.id, st.size, ps.total, ps.n, ps.used, ps.n_used FROM packs p"
+        " JOIN s.pstat ps ON ps.pack = p.no LEFT JOIN s.stored st ON st.id = p.id WHERE p.id > ? ORDER BY p.id LIMIT ?"
+    )
+    after = b""
+    while rows := db.execute(page, (after, _BATCH)).fetchall():
+        after = bytes(rows[-1][1])
+        yield from rows
 
-    packs: dict[bytes, list[BlobEntry]] = {}
-    if not from_scratch:
-        for file_id, f in readable.items():
-            if file_id in superseded:
+
+def _decide(repo: Repository, db: sqlite3.Connection, report: PruneReport, max_unused: float) -> None:
+    """``s.decision``: the packs deleted, repacked or dropped as missing; ``s.doomed``: the
+    stored packs to delete at the end (those, and orphans). Packs under retention stay."""
+    db.execute("CREATE TABLE s.decision(pack INTEGER PRIMARY KEY, action TEXT NOT NULL)")
+    db.execute("CREATE TABLE s.doomed(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    days = retention_days(repo)
+    with Grouped(db) as group:
+        for pack_no, raw_id, size, total, n, used, n_used in _pack_stats(db):
+            pack_id = bytes(raw_id)
+            if size is None:
+                report.missing_packs += 1
+                report.actions.append(f"drop missing pack {pack_id.hex()} from the index (it held nothing needed)")
+                group.step()
+                db.execute("INSERT INTO s.decision VALUES (?, 'missing')", (pack_no,))
                 continue
-            for pack_id, entries in f.packs.items():
-                if pack_id not in stored:
-                    if pack_id.hex() not in report.packs_dropped:
-                        report.packs_dropped.append(pack_id.hex())
-                    continue
-                have = packs.setdefault(pack_id, [])
-                seen = {(e.id, e.offset) for e in have}
-                have.extend(e for e in entries if (e.id, e.offset) not in seen)
-        report.packs_kept = len(packs)
-    for pack_id in sorted(set(stored) - set(packs)):
-        name = pack_name(pack_id)
-        try:
-            packs[pack_id] = parse_pack_header(repo.key, backend.get(name), name=name)
-            report.packs_recovered += 1
-        except (IntegrityError, ObjectNotFoundError):
-            report.packs_unreadable.append(pack_id.hex())
-    if dry_run:
-        return report
-    new_index = IndexFile(
-        packs={p: sorted(es, key=lambda e: e.offset) for p, es in sorted(packs.items())},
-        supersedes=sorted(present),
+            if n_used == 0:
+                action = "delete"
+            elif total and (total - used) / total > max_unused:
+                action = "repack"
+            else:
+                continue
+            if days is not None and retained(repo, [pack_name(pack_id)]):
+                report.packs_retained += 1
+                continue  # stays, indexed as it is
+            group.step()
+            db.execute("INSERT INTO s.decision VALUES (?, ?)", (pack_no, action))
+            db.execute("INSERT INTO s.doomed VALUES (?)", (pack_id,))
+            report.blobs_removed += n - n_used
+            report.bytes_removed += total - used
+            if action == "repack":
+                report.packs_repacked += 1
+                report.blobs_repacked += n_used
+                report.bytes_repacked += used
+    # orphans: stored packs that no live index file names (left by killed writers)
+    orphans = db.execute(
+        "SELECT st.id FROM s.stored st WHERE NOT EXISTS (SELECT 1 FROM packs p JOIN s.pstat ps ON ps.pack = p.no"
+        " WHERE p.id = st.id)"
+    ).fetchall()
+    for (raw_id,) in orphans:
+        if days is not None and retained(repo, [pack_name(bytes(raw_id))]):
+            report.packs_retained += 1
+            continue
+        db.execute("INSERT OR IGNORE INTO s.doomed VALUES (?)", (bytes(raw_id),))
+        report.orphan_packs += 1
+    if report.packs_retained:
+        report.actions.append(f"kept {report.packs_retained} packs still under retention ({days} days)")
+    report.packs_deleted = db.execute("SELECT count(*) FROM s.doomed").fetchone()[0]
+
+
+def _affected_files(db: sqlite3.Connection, files: dict[bytes, bool], report: PruneReport) -> list[bytes]:
+    """The live index files prune rewrites: those listing a pack deleted, repacked or missing,
+    and, when there are several, the small ones (folded into large files)."""
+    changed = {
+        bytes(r[0])
+        for r in db.execute(
+            "SELECT f.id FROM files f WHERE f.live AND f.no IN (SELECT DISTINCT b.file FROM blobs b"
+            " JOIN s.decision d ON d.pack = b.pack)"
+        )
+    }
+    small = [
+        bytes(r[0])
+        for r in db.execute("SELECT id FROM files WHERE live AND present AND blobs * 45 < ?", (SMALL_INDEX_FILE,))
+    ]
+    if len(small) > 1 or changed:
+        changed.update(small)
+    # (files already superseded are superseded again and deleted, never read)
+    return [f for f in files if f in changed and files[f]]
+
+
+def _repack(
+    repo: Repository, db: sqlite3.Connection, report: PruneReport, progress: PhaseCallback | None
+) -> list[bytes]:
+    """Copy the staying blobs of every pack to repack into new packs (their own index files);
+    returns those index files."""
+    repack = [
+        (int(r[0]), bytes(r[1]), int(r[2]))
+        for r in db.execute(
+            "SELECT d.pack, p.id, st.size FROM s.decision d JOIN packs p ON p.no = d.pack"
+            " JOIN s.stored st ON st.id = p.id WHERE d.action = 'repack' ORDER BY p.id"
+        )
+    ]
+    if not repack:
+        return []
+    db.execute(
+        "CREATE TABLE s.keep AS SELECT l.pack, l.id, l.type, l.offset, l.length, l.raw_length FROM"
+        f" ({_LIVE_STORED} AND b.pack IN (SELECT pack FROM s.decision WHERE action = 'repack')) l"
+        " JOIN s.used u ON u.id = l.id"
+        " WHERE NOT EXISTS (SELECT 1 FROM s.dropped x WHERE x.id = l.id AND x.pack = l.pack)"
     )
-    _still_exclusive(repo, lock, "writing the new index")
-    new_id = repo.write_index_file(new_index)
-    report.index_files_written = 1
-    old_index = [f"index/{i.hex()}" for i in sorted(present) if i != new_id]
-    held_index = retained(repo, old_index)
-    for name in old_index:
-        if name not in held_index:
-            backend.delete(name)
-            report.index_files_removed += 1
-    return report
+    db.execute("CREATE INDEX s.keep_pack ON keep(pack)")
+    writer = repo.writer(upload_threads=2, dedup=False)
+    backend = repo.backend
+    try:
+        for n, (pack_no, pack_id, size) in enumerate(repack):
+            _tick(progress, "repack", n, len(repack))
+            name = pack_name(pack_id)
+            # bounded by what a writer makes: an oversized pack fails the hash below unread
+            data = backend.get(name, 0, repo.pack_limit + 1) if size <= repo.pack_limit else b""
+            if hashlib.sha256(data).digest() != pack_id:
+                raise IntegrityError(
+                    f"prune stopped before removing anything: pack {pack_id.hex()} does not match its name "
+                    "(damaged); run `vmvault check --read-data`",
+                    name=name,
+                )
+            for raw_id, blob_type, offset, length, raw_length in db.execute(
+                "SELECT id, type, offset, length, raw_length FROM s.keep WHERE pack = ? ORDER BY offset", (pack_no,)
+            ).fetchall():
+                blob_id = bytes(raw_id)
+                try:
+                    plain = open_blob(
+                        repo.key, BlobType(blob_type), blob_id, data[offset : offset + length], max_size=raw_length
+                    )
+                except IntegrityError as exc:
+                    raise IntegrityError(
+                        f"prune stopped before removing anything: {exc} (in pack {pack_id.hex()}); "
+                        "run `vmvault check --read-data` to see which snapshots it affects",
+                        object_id=blob_id.hex(),
+                        name=name,
+                    ) from exc
+                writer.add(BlobType(blob_type), blob_id, plain)
+        writer.flush()
+    finally:
+        writer.close(flush=False)
+    report.packs_written = writer.packs_written
+    report.actions.append(f"repacked {len(repack)} packs into {writer.packs_written}")
+    _tick(progress, "repack", len(repack), len(repack))
+    return list(writer.index_files)
+
+
+def _relist(
+    repo: Repository, db: sqlite3.Connection, affected: list[bytes], progress: PhaseCallback | None
+) -> IndexFileWriter:
+    """Write the packs that stay of the affected files into new index files (at most 64 MiB
+    each); the last is left to ``finish``."""
+    out = IndexFileWriter(repo)
+    db.execute("CREATE TABLE s.relisted(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    with Grouped(db) as group:
+        for n, file_id in enumerate(affected):
+            _tick(progress, "index files", n, len(affected))
+            parsed = parse_index(repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
+            for rec in parsed.records:
+                row = db.execute(
+                    "SELECT d.action, st.size FROM packs p LEFT JOIN s.decision d ON d.pack = p.no"
+                    " LEFT JOIN s.stored st ON st.id = p.id WHERE p.id = ?",
+                    (rec.pack_id,),
+                ).fetchone()
+                if row is None or row[0] is not None or row[1] is None:
+                    continue  # deleted, repacked or missing (or unknown): not listed again
+                group.step()
+                if db.execute("INSERT OR IGNORE INTO s.relisted VALUES (?)", (rec.pack_id,)).rowcount == 0:
+                    continue  # already listed by an earlier affected file
+                entries = rec.entries()
+                out.add(rec.pack_id, entries, rec.length or _confirmed_length(entries, int(row[1])))
+    _tick(progress, "index files", len(affected), len(affected))
+    return out
+
+
+def _confirmed_length(entries: list[BlobEntry], size: int) -> int:
+    """A pack's length for a version-2 record when its listed size is the size its entries
+    predict (0, not recorded, otherwise: check reports the difference)."""
+    return size if expected_pack_size(entries) == size else 0
+
+
+def _delete_packs(
+    repo: Repository, db: sqlite3.Connection, lock: RepositoryLock, report: PruneReport, progress: PhaseCallback | None
+) -> None:
+    total = report.packs_deleted
+    cur = db.execute("SELECT id FROM s.doomed ORDER BY id")
+    n = 0
+    while batch := cur.fetchmany(_BATCH):
+        for (raw_id,) in batch:
+            _tick(progress, "delete", n, total)
+            if n % 256 == 0:
+                _still_exclusive(repo, lock, "deleting packs")
+            repo.backend.delete(pack_name(bytes(raw_id)))
+            n += 1
+    _tick(progress, "delete", total, total)

@@ -2,7 +2,7 @@
 
 Layout (see docs/design/repository-format.md)::
 
-    config              plaintext JSON: format, version, id, chunk size, encryption, MAC
+    config              plaintext JSON: format, version, id, chunk size, encryption, chunk ids, MAC
     keys/<id>           master key wrapped by a passphrase or key file
     data/<xx>/<id>      packs of sealed blobs (chunks and index blocks)
     index/<id>          which pack holds which blob
@@ -16,10 +16,10 @@ everything it refers to is durable (packs, then index files, then the snapshot).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import getpass
 import hashlib
-import hmac
 import json
 import os
 import socket
@@ -27,99 +27,130 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from vmvault import __version__
 from vmvault.backends.base import Backend
 from vmvault.errors import (
     IntegrityError,
-    NotARepositoryError,
     ObjectNotFoundError,
     RepositoryError,
     RepositoryExistsError,
     SnapshotNotFoundError,
-    UnsupportedVersionError,
+    TamperingError,
+    UnsafeStorageError,
 )
 from vmvault.repo import keys
-from vmvault.repo._layout import FORMAT_VERSION, BlobType
-from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
-from vmvault.repo.index import IndexFile, MasterIndex
+from vmvault.repo._layout import CHUNK_ID_VERSION, ID_SIZE, INDEX_V2_VERSION, PACK_TRAILER, BlobType
+from vmvault.repo._limits import (
+    ENVELOPE_OVERHEAD,
+    MAX_INDEX_FILE,
+    MAX_SNAPSHOT,
+    MAX_SNAPSHOT_PAYLOAD,
+    largest_blob,
+    pack_limit,
+    read_bounded,
+)
+from vmvault.repo.config import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PACK_SIZE,
+    RepoConfig,
+    StoredConfig,
+    check_settings,
+    encode_config,
+    read_config,
+)
+from vmvault.repo.crypto import (
+    BLAKE3,
+    HMAC_SHA256,
+    MasterKey,
+    open_envelope,
+    require_id_function,
+    seal_envelope,
+)
+from vmvault.repo.hostrecord import HostRecords, RepoRecord, now
+from vmvault.repo.index import MAX_V2_PAYLOAD, BlobLocation, IndexFile
+from vmvault.repo.index_block import IndexBlock
+from vmvault.repo.index_cache import IndexCache
 from vmvault.repo.locks import RepositoryLock
+from vmvault.repo.names import index_id, snapshot_id
+from vmvault.repo.names import pack_id as parse_pack_id
 from vmvault.repo.pack import BlobEntry, PackBuilder, blob_aad, open_blob, pack_name
+from vmvault.repo.repo_index import RepoIndex
 from vmvault.repo.snapshot import Snapshot
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "BlobWriter", "RepoConfig", "Repository"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_PACK_SIZE",
+    "ONE_LISTING",
+    "BlobWriter",
+    "LostData",
+    "RepoConfig",
+    "Repository",
+]
 
-#: chosen by measurement: docs/benchmarks.md, "chunk size"
-DEFAULT_CHUNK_SIZE = 256 * 1024
-#: target pack size: few objects for object stores, small enough to upload in parallel
-DEFAULT_PACK_SIZE = 16 * 1024 * 1024
-#: index blocks cover this many chunks (ID_SIZE bytes each: 128 KiB per index block)
-INDEX_SPAN = 4096
-_FORMAT_NAME = "vmvault-repository"
-
-
-@dataclass(frozen=True)
-class RepoConfig:
-    id: str
-    version: int
-    chunk_size: int
-    pack_size: int
-    encrypted: bool
-    created: str
-    #: data, index and snapshot objects are kept at least this many days (None: no retention)
-    immutable_days: int | None = None
-
-    def body(self) -> dict[str, Any]:
-        # immutable_days only when set, so the MAC of older configs stays what it was
-        extra: dict[str, Any] = {} if self.immutable_days is None else {"immutable_days": self.immutable_days}
-        return extra | {
-            "format": _FORMAT_NAME,
-            "version": self.version,
-            "id": self.id,
-            "chunk_size": self.chunk_size,
-            "pack_size": self.pack_size,
-            "encryption": "aes-256-gcm" if self.encrypted else "none",
-            "created": self.created,
-        }
+#: a repository with fewer packs (1 TiB of chunks in 16 MiB packs) is listed with one listing of
+#: ``data/``; a larger one folder by folder, so that no listing in memory holds more than this
+#: many names (about 10 MiB) or 1/256 of the packs (bench/scale.py measured a one-go listing
+#: of 625,000 packs at +93 MiB of peak RSS)
+ONE_LISTING = 1 << 16
 
 
-def _config_mac(key: MasterKey, body: dict[str, Any]) -> str:
-    assert key.id_key is not None
-    canonical = json.dumps(body, sort_keys=True).encode()
-    return hmac.new(key.id_key, b"config" + canonical, "sha256").hexdigest()
+def _record_unusable(records: HostRecords, exc: BaseException) -> str:
+    return (
+        f"this host's record of repositories ({records.root}) cannot be used: {exc}; the repository is not "
+        "checked against what this host saw of it before (docs/design/repository-format.md, section 10.1)"
+    )
 
 
-def _read_config(backend: Backend) -> dict[str, Any]:
-    try:
-        raw = backend.get("config")
-    except ObjectNotFoundError:
-        raise NotARepositoryError(
-            f"{backend.url} is not a vmvault repository (no config); create one with `vmvault init`"
-        ) from None
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT_NAME:
-            raise ValueError("not a vmvault config")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NotARepositoryError(f"{backend.url} is not a vmvault repository ({exc})") from exc
-    version = doc.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UnsupportedVersionError(
-            f"{backend.url} has repository format version {version}; this vmvault ({__version__}) "
-            f"reads versions up to {FORMAT_VERSION}. Upgrade vmvault."
+def _refuse_unauthenticated(
+    backend: Backend, stored: StoredConfig, *, given: bool, record: RepoRecord | None, records: HostRecords
+) -> None:
+    """A config without a MAC is accepted only when nothing says the repository is encrypted:
+    not the config, not a key object, not a secret the user gave, not this host's record."""
+    url, cfg = backend.url, stored.config
+    refuse = "Refusing to use it; nothing was written."
+    if cfg.encrypted:
+        raise TamperingError(f"{url}: the config says the repository is encrypted but carries no MAC. {refuse}")
+    if stored.authenticated:
+        raise TamperingError(f"{url}: the config says the repository is not encrypted but carries a MAC. {refuse}")
+    if next(iter(backend.list("keys/")), None) is not None:
+        raise TamperingError(
+            f"{url}: the config says the repository is not encrypted, but it holds key objects: the config was "
+            f"rewritten to switch encryption off. {refuse}"
         )
-    return doc
+    if given:
+        raise TamperingError(
+            f"{url}: the config says the repository is not encrypted, but a passphrase or key file was given: "
+            "vmvault stores nothing unencrypted for a user who expects encryption. " + refuse + " (If the "
+            "repository is meant to be unencrypted, give no passphrase or key file.)"
+        )
+    if record is not None and record.encrypted:
+        raise TamperingError(
+            f"{url}: this host saw repository {cfg.id[:8]} encrypted, and its config now says it is not (its keys "
+            f"deleted, its config rewritten). {refuse}"
+        )
+    known = (record.config_sha256, record.config_pending) if record is not None else ()
+    if record is not None and record.config_sha256 and stored.sha256 not in known:
+        raise TamperingError(
+            f"{url}: the config of unencrypted repository {cfg.id[:8]} changed since this host last read it (a "
+            f"config is never rewritten). {refuse} If you changed it yourself, remove {records.record_path(cfg.id)}."
+        )
+    stored.check_unknown(authenticated=False)
 
 
 class Repository:
     """An open repository. Thread-safe for reads; writes go through ``BlobWriter``."""
 
-    def __init__(self, backend: Backend, config: RepoConfig, key: MasterKey, key_id: str) -> None:
+    def __init__(
+        self, backend: Backend, config: RepoConfig, key: MasterKey, key_id: str, *, cache_root: str | None = None
+    ) -> None:
         self.backend = backend
+        #: this host's cache folder (repo/index_cache.py; None: the default, ``cache_root()``)
+        self.cache_root = cache_root
         self.config = config
-        self.key = key
+        #: the master key, computing chunk ids with the function the config names
+        self.key = key.with_id_function(config.chunk_id)
         self.key_id = key_id
         #: the opening key's role: "full" or "backup-only" (see repo/immutability.py)
         self.role = keys.FULL
@@ -127,10 +158,15 @@ class Repository:
         self.retention_enforced = False
         #: locks taken through this object; save_snapshot verifies the held ones
         self._locks: list[RepositoryLock] = []
-        self.index = MasterIndex()
+        #: where each blob is (repo/repo_index.py): the per-host index cache, opened and synced
+        #: at first use (opening the repository reads no index file)
+        self.index = RepoIndex(backend, self._open_cache, self._list_index_files, self._fetch_index_payload)
+        #: index files written through this object
         self._index_files: set[bytes] = set()
-        self._pack_cache: dict[str, bytes] = {}
-        self._pack_cache_lock = threading.Lock()
+        #: what the caller should tell the user: skipped key objects, vanished snapshots ...
+        self.warnings: list[str] = []
+        #: this host's record of repositories (repo/hostrecord.py); None once unusable
+        self._records: HostRecords | None = None
 
     # ---- opening -----------------------------------------------------------------------
 
@@ -144,126 +180,295 @@ class Repository:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         pack_size: int = DEFAULT_PACK_SIZE,
         immutable_days: int | None = None,
+        chunk_id: str = BLAKE3,
+        records: HostRecords | None = None,
+        cache_root: str | None = None,
     ) -> Repository:
         """Create a repository; ``secret=None`` makes an unencrypted one. ``immutable_days``:
-        keep every data, index and snapshot object at least that long (docs/storage.md)."""
+        keep every data, index and snapshot object at least that long (docs/storage.md).
+        ``chunk_id``: the chunk id function (crypto.CHUNK_ID_FUNCTIONS).
+        ``records``: this host's record of repositories (default: in the state folder)."""
         if backend.exists("config"):
             raise RepositoryExistsError(f"{backend.url} already holds a repository")
-        if chunk_size & (chunk_size - 1) or not 4096 <= chunk_size <= 64 << 20:
-            raise RepositoryError(f"chunk size {chunk_size} must be a power of two from 4 KiB to 64 MiB")
-        if immutable_days is not None and not 1 <= immutable_days <= 36500:
-            raise RepositoryError(f"immutable days must be from 1 to 36500, not {immutable_days}")
+        check_settings(chunk_size=chunk_size, pack_size=pack_size, immutable_days=immutable_days)
+        try:
+            require_id_function(chunk_id)  # before anything is written
+        except ValueError as exc:
+            raise RepositoryError(str(exc)) from None
         config = RepoConfig(
             id=os.urandom(16).hex(),
-            version=FORMAT_VERSION,
+            # the lowest version that says it all, so that an earlier vmvault reads a repository
+            # it would read right, and refuses one whose ids it would get wrong (section 11)
+            version=INDEX_V2_VERSION if chunk_id == HMAC_SHA256 else CHUNK_ID_VERSION,
             chunk_size=chunk_size,
             pack_size=pack_size,
             encrypted=secret is not None,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             immutable_days=immutable_days,
+            chunk_id=chunk_id,
         )
         key = MasterKey.generate() if secret is not None else MasterKey.unencrypted()
         key_id = ""
         if secret is not None:
             key_id = keys.add_key(backend, key, secret, kind=key_kind)
-        body = config.body()
-        if key.encrypted:
-            body["mac"] = _config_mac(key, config.body())
+        raw = encode_config(config, key)
         # config last: a repository without config is not a repository yet
-        backend.put("config", json.dumps(body, indent=1).encode())
-        repo = cls(backend, config, key, key_id)
+        backend.put("config", raw)
+        repo = cls(backend, config, key, key_id, cache_root=cache_root)
+        repo._records = HostRecords() if records is None else records
+        # a new repository at this location, by this host's own hand
+        repo._remember(hashlib.sha256(raw).hexdigest())
         repo._apply_retention()
         return repo
 
     @classmethod
-    def open(cls, backend: Backend, secret: Callable[[], bytes] | bytes | None) -> Repository:
-        """Open and load the index. ``secret`` may be a callable, asked only if needed."""
-        doc = _read_config(backend)
+    def open(
+        cls,
+        backend: Backend,
+        secret: Callable[[], bytes] | bytes | None,
+        *,
+        records: HostRecords | None = None,
+        load_index: bool = False,
+        cache_root: str | None = None,
+    ) -> Repository:
+        """Open a repository. No index file is read: the index (this host's cache of it) is
+        brought up to date at its first use, or by ``load_index()`` (``load_index=True``: now).
+
+        ``secret``: bytes when a passphrase or key file was *given*: the repository must then
+        be encrypted, whatever its config says. A callable is asked only if the repository
+        needs a secret (a prompt). None: no secret is available.
+        ``records``: this host's record of repositories (default: in the state folder).
+        ``cache_root``: this host's cache folder (default: ``index_cache.cache_root()``).
+
+        Refuses (TamperingError) an unauthenticated config when key objects exist, when a
+        secret was given, when this host saw the repository encrypted or its config
+        different, a repository other than the one this host saw at the location, and a
+        config of a lower format version than this host saw (an old config put back after a
+        migration) (docs/design/repository-format.md, sections 10.1 and 10.7)."""
+        stored = read_config(backend)
+        config = stored.config
+        warnings: list[str] = []
+        records = HostRecords() if records is None else records
+        record: RepoRecord | None = None
+        seen_id: str | None = None
+        records_usable = True
         try:
-            config = RepoConfig(
-                id=str(doc["id"]),
-                version=int(doc["version"]),
-                chunk_size=int(doc["chunk_size"]),
-                pack_size=int(doc.get("pack_size", DEFAULT_PACK_SIZE)),
-                encrypted=doc.get("encryption") != "none",
-                created=str(doc.get("created", "")),
-                immutable_days=int(doc["immutable_days"]) if doc.get("immutable_days") is not None else None,
+            with records.locked():
+                seen_id = records.location(backend.url)
+                record = records.load(config.id)
+        except (OSError, ValueError) as exc:
+            warnings.append(_record_unusable(records, exc))
+            records_usable = False
+        if seen_id is not None and seen_id != config.id:
+            raise TamperingError(
+                f"{backend.url} holds repository {config.id[:8]}, but this host last saw repository {seen_id[:8]} "
+                "there: the storage was replaced. Refusing to use it. If you replaced it yourself, remove "
+                f"{records.location_path(backend.url)} and run the command again."
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IntegrityError(f"{backend.url}: damaged config: {exc}", name="config") from exc
-        if config.encrypted:
+        if record is not None and config.version < record.version:
+            raise TamperingError(
+                f"{backend.url}: the config of repository {config.id[:8]} says format version {config.version}, but "
+                f"this host saw version {record.version}: an older config was put back (a migration is never "
+                "undone). Refusing to use it; nothing was written. If you restored the repository from an older "
+                f"copy yourself, remove {records.record_path(config.id)}."
+            )
+        if config.encrypted and stored.authenticated:
             if callable(secret):
                 secret = secret()
             if secret is None:
                 raise RepositoryError("the repository is encrypted: give a passphrase or key file")
-            key, key_id = keys.unlock(backend, secret)
-            if not hmac.compare_digest(str(doc.get("mac", "")), _config_mac(key, config.body())):
-                raise IntegrityError(
-                    f"{backend.url}: the config does not match its MAC (tampered or damaged)", name="config"
-                )
+            unlocked = keys.unlock(backend, secret, prefer=record.key_id if record else None)
+            stored.verify(unlocked.master)
+            key, key_id, role = unlocked.master, unlocked.key_id, unlocked.role
+            warnings += [f"key object {w} skipped" for w in unlocked.warnings]
         else:
-            key, key_id = MasterKey.unencrypted(), ""
-        repo = cls(backend, config, key, key_id)
-        if key_id:
-            repo.role = keys.key_role(backend, key_id)
+            _refuse_unauthenticated(backend, stored, given=isinstance(secret, bytes), record=record, records=records)
+            key, key_id, role = MasterKey.unencrypted(), "", keys.FULL
+        repo = cls(backend, config, key, key_id, cache_root=cache_root)
+        repo.warnings = warnings
+        repo.role = role
+        if records_usable:
+            repo._records = records
+            repo._remember(stored.sha256)
         repo._apply_retention()
-        repo.load_index()
+        if load_index:
+            repo.load_index()
+        repo._check_history()
         return repo
+
+    # ---- this host's record (repo/hostrecord.py) ---------------------------------------
+
+    def _edit_record(self, change: Callable[[RepoRecord], None], *, first: Callable[[], None] | None = None) -> None:
+        """Apply ``change`` to this host's record of the repository under the records' lock.
+        ``first`` (a storage change the record describes) runs inside the same lock, so that
+        a concurrent check never sees the storage changed and the record not yet; its errors
+        are raised, while a record that cannot be used is only a warning."""
+        with contextlib.ExitStack() as stack:
+            records = self._records
+            if records is not None:
+                try:
+                    stack.enter_context(records.locked())
+                except (OSError, ValueError) as exc:
+                    self._record_failed(records, exc)
+                    records = None
+            if first is not None:
+                first()
+            if records is None:
+                return
+            try:
+                rec = records.load(self.config.id) or RepoRecord(
+                    self.config.id, self.config.encrypted, "", first_seen=now()
+                )
+                change(rec)
+                records.save(rec)
+            except (OSError, ValueError) as exc:
+                self._record_failed(records, exc)
+
+    def _record_failed(self, records: HostRecords, exc: BaseException) -> None:
+        self.warnings.append(_record_unusable(records, exc))
+        self._records = None
+
+    def _remember(self, config_sha256: str) -> None:
+        def change(rec: RepoRecord) -> None:
+            rec.encrypted = self.config.encrypted
+            rec.config_sha256 = config_sha256
+            rec.config_pending = ""
+            rec.version = max(rec.version, self.config.version)
+            if self.key_id:
+                rec.key_id = self.key_id
+            rec.last_seen = now()
+            if self._records is not None and not self.backend.url.startswith("memory:"):
+                # (a memory backend lives and dies with its process: no location to remember)
+                self._records.set_location(self.backend.url, self.config.id)
+
+        self._edit_record(change)
+
+    def _check_history(self) -> None:
+        """Warn when snapshots this host wrote are gone without a forget from this host, or
+        snapshots it forgot are back. Entries recorded after the listing began are left out:
+        another process of this host may be writing or forgetting right now."""
+        if self._records is None:
+            return
+        listed_at = time.time()
+        present = set(self.snapshot_ids())
+        gone: list[tuple[float, str]] = []
+        back: list[str] = []
+
+        def change(rec: RepoRecord) -> None:
+            for snap_id, when in list(rec.written.items()):
+                if when < listed_at and snap_id not in present:
+                    gone.append((when, snap_id))
+                    del rec.written[snap_id]  # reported once
+            back.extend(s for s, when in rec.forgotten.items() if when < listed_at and s in present)
+
+        self._edit_record(change)
+        if gone:
+            when, newest = max(gone)
+            at = dt.datetime.fromtimestamp(when, dt.UTC).isoformat(timespec="seconds")
+            self.warnings.append(
+                f"{len(gone)} snapshots this host wrote are gone from {self.backend.url} though this host did not "
+                f"forget them (the newest, {newest[:8]}, written {at}): forgotten from another host, or withheld, "
+                "deleted or rolled back by the storage. (Reported once.)"
+            )
+        if back:
+            self.warnings.append(
+                f"{len(back)} snapshots this host forgot are back in {self.backend.url} "
+                f"({', '.join(s[:8] for s in back[:5])}): replayed by the storage; their data may have been "
+                "pruned (`vmvault check` tells). Forget them again."
+            )
 
     def _apply_retention(self) -> None:
         """Ask the storage to enforce ``immutable_days`` where it can (S3 Object Lock)."""
         days = self.config.immutable_days
-        use = getattr(self.backend, "use_retention", None)
-        if days is not None and callable(use):
-            self.retention_enforced = bool(use(days))
+        if days is not None:
+            self.retention_enforced = self.backend.use_retention(days)
         else:
             # the location may lock objects on its own (s3://...?immutable-days=N)
             self.retention_enforced = self.backend.enforces_immutability
 
     def close(self) -> None:
+        self.index.close()
         self.backend.close()
 
     # ---- index -------------------------------------------------------------------------
 
-    def load_index(self) -> list[str]:
-        """(Re)load every index file; returns problems found (damaged files are skipped)."""
-        problems: list[str] = []
-        self.index = MasterIndex()
-        files: dict[bytes, IndexFile] = {}
+    def _open_cache(self) -> IndexCache:
+        return IndexCache(self.config.id, self.backend.url, root=self.cache_root)
+
+    def _list_index_files(self) -> list[tuple[bytes, int, str]]:
+        out = []
         for obj in self.backend.list("index/"):
-            try:
-                file_id = bytes.fromhex(obj.name.removeprefix("index/"))
-            except ValueError:
-                continue  # not an index file (check warns about it); never fail opening over it
-            try:
-                files[file_id] = self.read_index_file(file_id)
-            except ObjectNotFoundError:
-                continue  # removed by a concurrent prune after we listed
-            except IntegrityError as exc:
-                problems.append(str(exc))
-        superseded = {s for f in files.values() for s in f.supersedes}
-        for file_id, f in files.items():
-            if file_id in superseded:
-                continue
-            for pack_id, entries in f.packs.items():
-                self.index.add_pack(pack_id, entries)
-        self._index_files = set(files)
+            file_id = index_id(obj.name)
+            if file_id is not None:  # not an index file: check warns about it, nothing else reads it
+                out.append((file_id, obj.size, obj.stamp))
+        return out
+
+    def _fetch_index_payload(self, file_id: bytes, size: int) -> bytes | None:
+        name = f"index/{file_id.hex()}"
+        if size > MAX_INDEX_FILE:
+            # judged by its listed size: never read into memory (check reports it, repair supersedes it)
+            raise IntegrityError(f"{name} is {size} bytes, more than any index file vmvault writes; skipped", name=name)
+        try:
+            return self.read_index_payload(file_id)
+        except ObjectNotFoundError:
+            return None  # removed by a concurrent prune after the listing
+
+    def load_index(self, *, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Bring this host's index cache up to date with the index files in storage (one listing
+        of ``index/``, and the files not seen before); returns problems found (unreadable files
+        are left out, and tried again next time)."""
+        problems = self.index.sync(progress=progress)
+        self.warnings.extend(w for w in self.index.warnings if w not in self.warnings)
+        self.index.warnings.clear()
         return problems
+
+    @property
+    def index_version(self) -> int:
+        """The index file version this repository is written with (section 12.2)."""
+        return 2 if self.config.version >= INDEX_V2_VERSION else 1
+
+    def read_index_payload(self, file_id: bytes) -> bytes:
+        """An index file's payload, verified (envelope, id) but not decoded."""
+        name = f"index/{file_id.hex()}"
+        sealed = read_bounded(self.backend, name, MAX_INDEX_FILE, what=name)
+        payload = open_envelope(self.key, sealed, name.encode(), what=name, max_size=MAX_INDEX_FILE)
+        if hashlib.sha256(payload).digest() != file_id:
+            raise IntegrityError(f"{name}: content does not match its name", name=name)
+        return payload
 
     def read_index_file(self, file_id: bytes) -> IndexFile:
         name = f"index/{file_id.hex()}"
-        payload = open_envelope(self.key, self.backend.get(name), name.encode(), what=name)
-        if hashlib.sha256(payload).digest() != file_id:
-            raise IntegrityError(f"{name}: content does not match its name", name=name)
-        return IndexFile.decode(payload, name=name)
+        return IndexFile.decode(self.read_index_payload(file_id), name=name)
 
     def write_index_file(self, index_file: IndexFile) -> bytes:
         payload = index_file.encode()
         file_id = hashlib.sha256(payload).digest()
         name = f"index/{file_id.hex()}"
-        self.backend.put(name, seal_envelope(self.key, payload, name.encode()))
+        sealed = seal_envelope(self.key, payload, name.encode())
+        self.backend.put(name, sealed)
         self._index_files.add(file_id)
+        self.index.ingested(file_id, payload, len(sealed))
         return file_id
+
+    def new_index_files(self, packs: dict[bytes, list[BlobEntry]], lengths: dict[bytes, int]) -> list[IndexFile]:
+        """Index files listing ``packs`` in this repository's index version, each below the
+        version's size bound (section 12.2)."""
+        version = self.index_version
+        out: list[IndexFile] = []
+        current = IndexFile(version=version)
+        size = 16
+        for pack_id, entries in packs.items():
+            record = 40 + 45 * len(entries)
+            if current.packs and version == 2 and size + record > MAX_V2_PAYLOAD:
+                out.append(current)
+                current, size = IndexFile(version=version), 16
+            current.packs[pack_id] = entries
+            if version == 2 and lengths.get(pack_id):
+                current.lengths[pack_id] = lengths[pack_id]
+            size += record
+        if current.packs:
+            out.append(current)
+        return out
 
     def index_file_ids(self) -> set[bytes]:
         return set(self._index_files)
@@ -273,22 +478,166 @@ class Repository:
     def has_blob(self, blob_id: bytes) -> bool:
         return blob_id in self.index
 
+    @property
+    def pack_limit(self) -> int:
+        """No pack this repository's writers produce is larger (repo/_limits.py)."""
+        return pack_limit(self.config.pack_size, self.config.chunk_size)
+
+    def stored_packs(self) -> dict[bytes, int]:
+        """Every pack in storage with its size: one listing of ``data/``. Other names are skipped."""
+        out: dict[bytes, int] = {}
+        for obj in self.backend.list("data/"):
+            found = parse_pack_id(obj.name)
+            if found is not None:
+                out[found] = obj.size
+        return out
+
+    def iter_stored_packs(self) -> Iterator[tuple[bytes, int]]:
+        """Every pack in storage with its size. A repository of fewer than ``ONE_LISTING`` packs
+        (by this host's index cache) is listed in one go; a larger one one ``data/xx/`` folder at a time,
+        so that no listing holds more than 1/256 of its packs. Other names are skipped."""
+        one = self.index.cache.pack_count() < ONE_LISTING
+        prefixes = ["data/"] if one else [f"data/{n:02x}/" for n in range(256)]
+        for prefix in prefixes:
+            for obj in self.backend.list(prefix):
+                found = parse_pack_id(obj.name)
+                if found is not None:
+                    yield found, obj.size
+
+    def forget_lost_packs(self, stored: dict[bytes, int] | None = None) -> LostData:
+        """Leave out of this object's index every blob copy whose pack is missing from storage,
+        or too short to hold it, so nothing deduplicates against (or reads) data that is gone.
+
+        ``stored`` is ``stored_packs()`` (listed now when not given). The list must be taken
+        after the index was synced: a pack is uploaded before any index file names it, so a
+        pack a concurrent backup indexed meanwhile is in the listing. Index files and the
+        cache are not changed (``repair_index`` does that). A pass over the whole index: for
+        maintenance; a backup confirms only the packs it uses (section 12.4).
+        """
+        if stored is None:
+            stored = self.stored_packs()
+        missing: set[bytes] = set()
+        short: dict[bytes, int] = {}
+        for pack_id, _length, end in self.index.live_packs():
+            size = stored.get(pack_id)
+            if size is None:
+                missing.add(pack_id)
+            elif end > size - PACK_TRAILER.size:  # blobs lie before the header and the trailer
+                short[pack_id] = size
+        self.index.note_stored(stored)
+        lost: set[bytes] = set()
+        if missing or short:
+            self.index.exclude(missing, short)
+            for blob_id, _loc in self._first_rows():
+                if not self.index.locations(blob_id):
+                    lost.add(blob_id)
+        return LostData(missing_packs=sorted(missing), short_packs=sorted(short), blobs=lost)
+
+    def _first_rows(self) -> Iterator[tuple[bytes, int]]:
+        last = None
+        for blob_id, row in self.index.cache.iter_live():
+            if blob_id != last:
+                last = blob_id
+                yield blob_id, row.file
+
     def get_blob(self, blob_type: BlobType, blob_id: bytes) -> bytes:
-        """A blob's plaintext, verified against its id. Raises IntegrityError naming it."""
-        loc = self.index.lookup(blob_id)
-        if loc is None:
+        """A blob's plaintext, verified against its id. Raises IntegrityError naming it.
+
+        Each indexed copy is tried in turn: a copy in a missing or damaged pack does not hide
+        a good one elsewhere. When none serves, the index cache is brought up to date (a prune
+        elsewhere may have moved the blob) and checked against the index files, and the copies
+        tried again, once.
+        """
+        first_error: IntegrityError | None = None
+        for attempt in range(2):
+            locations = self.index.locations(blob_id)
+            for loc in locations:
+                try:
+                    return self._read_blob(blob_type, blob_id, loc)
+                except IntegrityError as exc:
+                    first_error = first_error or exc
+            if attempt or not self._may_refresh(blob_id, bool(locations)):
+                break
+        if first_error is None:
             raise IntegrityError(
                 f"{'chunk' if blob_type is BlobType.DATA else 'index block'} {blob_id.hex()} is missing "
                 "from the repository index",
                 object_id=blob_id.hex(),
             )
-        name = pack_name(loc.pack_id)
+        raise first_error
+
+    def _may_refresh(self, blob_id: bytes, had_copies: bool) -> bool:
+        """After a blob could not be read: whether anything changed that makes a second try
+        worth it (the cache held a wrong row, or a sync found new index files)."""
+        if had_copies and not self.index.verify(blob_id):
+            return True
+        if time.monotonic() - self.index.synced_at < 30:
+            return False  # synced a moment ago: a loss, not a stale cache
+        self.load_index()
+        return True
+
+    def read_index_block(
+        self, block_id: bytes | str, *, count: int | None = None, what: str | None = None
+    ) -> IndexBlock:
+        """The index block ``block_id`` (bytes, or hex as a snapshot lists it), verified like
+        every blob and decoded; with ``count`` it must hold exactly that many entries.
+        IntegrityError (naming ``what``, by default the block) for anything else."""
+        if isinstance(block_id, str):
+            try:
+                raw_id = bytes.fromhex(block_id)
+            except ValueError:
+                raw_id = b""
+            if len(raw_id) != ID_SIZE:
+                raise IntegrityError(f"index block id {block_id!r:.80} is not an id", object_id=str(block_id)[:64])
+            block_id = raw_id
+        raw = self.get_blob(BlobType.INDEX, block_id)
+        try:
+            return IndexBlock.decode(raw, count=count, what=what or f"index block {block_id.hex()}")
+        except IntegrityError as exc:
+            raise IntegrityError(str(exc), object_id=block_id.hex()) from None
+
+    def index_block_ref(self, block: IndexBlock) -> str | None:
+        """What a snapshot lists for ``block``: the hex id of its INDEX blob (keyed like every
+        blob id), or None for a block of ZERO_ID entries only, which is never stored
+        (repository-format.md, section 4)."""
+        return None if block.empty else self.key.chunk_id(block.encode()).hex()
+
+    def _read_blob(self, blob_type: BlobType, blob_id: bytes, loc: BlobLocation) -> bytes:
+        name = self.check_location(blob_id, loc)
         try:
             sealed = self.backend.get(name, loc.entry.offset, loc.entry.length)
         except ObjectNotFoundError:
             raise IntegrityError(
                 f"pack {loc.pack_id.hex()} holding blob {blob_id.hex()} is missing", object_id=blob_id.hex(), name=name
             ) from None
+        except UnsafeStorageError as exc:  # a link planted where the pack belongs: as good as missing
+            raise IntegrityError(
+                f"pack {loc.pack_id.hex()} holding blob {blob_id.hex()} cannot be read: {exc}",
+                object_id=blob_id.hex(),
+                name=name,
+            ) from exc
+        return self.open_located(blob_type, blob_id, loc, sealed)
+
+    def check_location(self, blob_id: bytes, loc: BlobLocation) -> str:
+        """The name of the pack ``loc`` points into, once its entry's lengths are within what a
+        writer of this repository makes (the index is read from storage: never allocate or
+        fetch what it claims beyond that); IntegrityError otherwise."""
+        name = pack_name(loc.pack_id)
+        largest = largest_blob(self.config.chunk_size)
+        if loc.entry.raw_length > largest or loc.entry.length > largest + ENVELOPE_OVERHEAD:
+            raise IntegrityError(
+                f"index entry of blob {blob_id.hex()} in pack {loc.pack_id.hex()} claims {loc.entry.length} bytes, "
+                f"more than any blob of this repository ({largest + ENVELOPE_OVERHEAD})",
+                object_id=blob_id.hex(),
+                name=name,
+            )
+        return name
+
+    def open_located(self, blob_type: BlobType, blob_id: bytes, loc: BlobLocation, sealed: bytes | memoryview) -> bytes:
+        """The plaintext of the blob whose sealed bytes, read at ``loc``, are ``sealed``:
+        decrypted and verified against its id and the index entry's lengths (IntegrityError
+        naming the blob and the pack otherwise). ``check_location`` first."""
+        name = pack_name(loc.pack_id)
         if len(sealed) != loc.entry.length:
             raise IntegrityError(
                 f"pack {loc.pack_id.hex()} is truncated: blob {blob_id.hex()} cut short",
@@ -296,15 +645,17 @@ class Repository:
                 name=name,
             )
         try:
-            data = open_blob(self.key, blob_type, blob_id, sealed)
+            data = open_blob(self.key, blob_type, blob_id, sealed, max_size=loc.entry.raw_length)
         except IntegrityError as exc:
             raise IntegrityError(f"{exc} (in pack {loc.pack_id.hex()})", object_id=blob_id.hex(), name=name) from exc
         if len(data) != loc.entry.raw_length:
             raise IntegrityError(f"blob {blob_id.hex()} has the wrong length", object_id=blob_id.hex(), name=name)
         return data
 
-    def writer(self, *, upload_threads: int = 3, index_every: int = 8) -> BlobWriter:
-        return BlobWriter(self, upload_threads=upload_threads, index_every=index_every)
+    def writer(self, *, upload_threads: int = 3, index_every: int = 8, dedup: bool = True) -> BlobWriter:
+        """A writer of new blobs. ``dedup=False`` stores every blob given once per writer,
+        whatever the index holds (prune and repair copy blobs out of packs they delete)."""
+        return BlobWriter(self, upload_threads=upload_threads, index_every=index_every, dedup=dedup)
 
     # ---- snapshots ---------------------------------------------------------------------
 
@@ -320,15 +671,18 @@ class Repository:
         name = f"snapshots/{snap_id}"
         self.backend.put(name, seal_envelope(self.key, payload, b"snapshot"))
         snap.id = snap_id
+        self._edit_record(lambda rec: rec.wrote(snap_id))
         return snap_id
 
     def load_snapshot(self, snap_id: str) -> Snapshot:
         name = f"snapshots/{snap_id}"
         try:
-            sealed = self.backend.get(name)
+            sealed = read_bounded(self.backend, name, MAX_SNAPSHOT, what=f"snapshot {snap_id[:8]}")
         except ObjectNotFoundError:
             raise SnapshotNotFoundError(f"no snapshot {snap_id}") from None
-        payload = open_envelope(self.key, sealed, b"snapshot", what=f"snapshot {snap_id[:8]}")
+        payload = open_envelope(
+            self.key, sealed, b"snapshot", what=f"snapshot {snap_id[:8]}", max_size=MAX_SNAPSHOT_PAYLOAD
+        )
         if hashlib.sha256(payload).hexdigest() != snap_id:
             raise IntegrityError(f"snapshot {snap_id[:8]}: content does not match its name", object_id=snap_id)
         try:
@@ -338,7 +692,9 @@ class Repository:
         return Snapshot.from_dict(doc, snapshot_id=snap_id)
 
     def snapshot_ids(self) -> list[str]:
-        return [o.name.removeprefix("snapshots/") for o in self.backend.list("snapshots/")]
+        """The ids of ``snapshots/<id>`` objects; other names there are not snapshots (check reports them)."""
+        found = (snapshot_id(o.name) for o in self.backend.list("snapshots/"))
+        return [snap_id for snap_id in found if snap_id is not None]
 
     def list_snapshots(self, *, on_error: Callable[[str, Exception], None] | None = None) -> list[Snapshot]:
         """Every readable snapshot, oldest first. Damaged ones are reported to ``on_error``."""
@@ -369,7 +725,49 @@ class Repository:
         return self.load_snapshot(matches[0])
 
     def delete_snapshot(self, snap_id: str) -> None:
-        self.backend.delete(f"snapshots/{snap_id}")
+        if snapshot_id(f"snapshots/{snap_id}") is None:  # only a name vmvault writes is ever deleted
+            raise ValueError(f"not a snapshot id: {snap_id!r}")
+        self._edit_record(lambda rec: rec.forgot(snap_id), first=lambda: self.backend.delete(f"snapshots/{snap_id}"))
+
+    # ---- format version ----------------------------------------------------------------
+
+    def migrate(self) -> bool:
+        """Bring a version-1 repository to version 2, index files with pack lengths (section
+        12.7): the config is rewritten with the new version, under the exclusive lock; nothing
+        else changes. False when it is at that version or later already. Needs full access.
+
+        The chunk id function is never changed (it would change the id of every chunk): a
+        repository with HMAC-SHA-256 ids stays at version 2, readable by earlier vmvault."""
+        from vmvault.repo.immutability import require_full_access
+
+        require_full_access(self, "migrate")
+        with self.lock(exclusive=True, operation="migrate"):
+            stored = read_config(self.backend)
+            if stored.config.id != self.config.id:
+                raise TamperingError(
+                    f"{self.backend.url}: the config changed to another repository while it was open; nothing migrated"
+                )
+            if stored.config.chunk_id != self.config.chunk_id:
+                raise TamperingError(
+                    f"{self.backend.url}: the config changed its chunk id function while it was open; nothing migrated"
+                )
+            if self.config.encrypted and stored.authenticated:
+                stored.verify(self.key)
+            elif self.config.encrypted:
+                raise TamperingError(f"{self.backend.url}: the config lost its MAC while it was open; nothing migrated")
+            if stored.config.version >= INDEX_V2_VERSION:
+                self.config = stored.config
+                return False
+            new = dataclasses.replace(stored.config, version=INDEX_V2_VERSION)
+            raw = encode_config(new, self.key)
+            # recorded first: this host must not refuse the config it is about to write, nor,
+            # killed before writing it, the one still there
+            pending = hashlib.sha256(raw).hexdigest()
+            self._edit_record(lambda rec: setattr(rec, "config_pending", pending))
+            self.backend.put("config", raw)
+            self.config = new
+            self._remember(pending)  # and its version: never lower again
+            return True
 
     # ---- locks -------------------------------------------------------------------------
 
@@ -381,12 +779,44 @@ class Repository:
         return lock
 
 
+@dataclass
+class LostData:
+    """What ``forget_lost_packs`` dropped from the in-memory index."""
+
+    missing_packs: list[bytes] = field(default_factory=list)
+    #: present, but shorter than the index says (blobs past the end are gone)
+    short_packs: list[bytes] = field(default_factory=list)
+    #: blobs with no copy left
+    blobs: set[bytes] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing_packs or self.short_packs)
+
+    def describe(self) -> str:
+        parts = []
+        if self.missing_packs:
+            parts.append(f"{len(self.missing_packs)} packs named by the index are missing from storage")
+        if self.short_packs:
+            parts.append(f"{len(self.short_packs)} packs are shorter than the index says")
+        return f"{' and '.join(parts)} ({len(self.blobs)} chunks and index blocks with no other copy)"
+
+
 def snapshot_metadata() -> dict[str, str]:
     return {
         "time": dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"),
         "hostname": socket.gethostname(),
         "username": getpass.getuser(),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class SealedBlob:
+    """A blob compressed and encrypted by ``BlobWriter.seal``, not yet in a pack."""
+
+    type: BlobType
+    id: bytes
+    sealed: bytes
+    raw_length: int
 
 
 class BlobWriter:
@@ -398,8 +828,9 @@ class BlobWriter:
     reusable packs. ``flush`` uploads what remains and writes the final index file.
     """
 
-    def __init__(self, repo: Repository, *, upload_threads: int, index_every: int) -> None:
+    def __init__(self, repo: Repository, *, upload_threads: int, index_every: int, dedup: bool = True) -> None:
         self.repo = repo
+        self._dedup = dedup
         self._lock = threading.Lock()
         self._builder = PackBuilder()
         self._pending: set[bytes] = set()
@@ -407,6 +838,12 @@ class BlobWriter:
         self._pool = ThreadPoolExecutor(max_workers=upload_threads, thread_name_prefix="vmvault-upload")
         self._futures: list[Future[None]] = []
         self._unindexed: dict[bytes, list[BlobEntry]] = {}
+        self._lengths: dict[bytes, int] = {}
+        #: index files this writer wrote
+        self.index_files: list[bytes] = []
+        #: packs a writer without dedup uploaded: id -> entries (prune and repair account for
+        #: them; a backup's writer keeps none, its memory must not grow with the backup)
+        self.uploaded: dict[bytes, list[BlobEntry]] = {}
         self._index_every = index_every
         self._last_index = time.monotonic()
         self._error: BaseException | None = None
@@ -414,32 +851,64 @@ class BlobWriter:
         self.new_bytes = 0  # sealed bytes added
         self.new_raw_bytes = 0
         self.packs_written = 0
+        self.index_blocks_added = 0
 
     def known(self, blob_id: bytes) -> bool:
-        return blob_id in self.repo.index or blob_id in self._pending
+        """Whether ``blob_id`` is stored in a pack this writer uploaded or confirmed present
+        (section 7, backup rule 4), or is on its way into one."""
+        if blob_id in self._pending:
+            return True
+        return self._dedup and self.repo.index.has_present(blob_id)
 
     def add(self, blob_type: BlobType, blob_id: bytes, data: bytes | memoryview) -> bool:
         """Store ``data`` unless a blob with this id exists; returns True when it was new."""
+        sealed = self.seal(blob_type, blob_id, data)
+        return sealed is not None and self.place(sealed)
+
+    def seal(self, blob_type: BlobType, blob_id: bytes, data: bytes | memoryview) -> SealedBlob | None:
+        """Compress and encrypt ``data`` for ``place``, or None when the blob is known already.
+
+        Thread-safe and lock-free: workers seal in parallel, and the caller places what they
+        sealed in the order it chooses (the backup places a disk's chunks in disk order, so a
+        pack holds neighbouring chunks side by side and a restore reads them in long runs).
+        """
         if self._error is not None:
             raise self._error
         if self.known(blob_id):
-            return False
+            return None
         # seal_blob's envelope, taking a view of the batch (the engine's chunks are not copied)
         sealed = seal_envelope(self.repo.key, data, blob_aad(blob_type, blob_id))
+        return SealedBlob(blob_type, blob_id, sealed, len(data))
+
+    def place(self, blob: SealedBlob) -> bool:
+        """Put a sealed blob into the current pack unless a blob with its id was placed or
+        stored meanwhile; returns True when it was new. Uploads the pack when it is full."""
+        if self._error is not None:
+            raise self._error
         full: PackBuilder | None = None
         with self._lock:
-            if blob_id in self._pending or blob_id in self.repo.index:
+            if blob.id in self._pending or (self._dedup and self.repo.index.uploaded(blob.id)):
                 return False
-            self._pending.add(blob_id)
-            self._builder.add(blob_type, blob_id, sealed, len(data))
+            self._pending.add(blob.id)
+            self._builder.add(blob.type, blob.id, blob.sealed, blob.raw_length)
             self.new_blobs += 1
-            self.new_bytes += len(sealed)
-            self.new_raw_bytes += len(data)
+            self.new_bytes += len(blob.sealed)
+            self.new_raw_bytes += blob.raw_length
             if self._builder.size >= self.repo.config.pack_size:
                 full, self._builder = self._builder, PackBuilder()
         if full is not None:
             self._submit(full)
         return True
+
+    def add_index_block(self, block: IndexBlock) -> str | None:
+        """Store ``block`` unless a blob with its id exists; returns what a snapshot lists for
+        it (``Repository.index_block_ref``): its id in hex, or None for a block of ZERO_ID
+        entries only, which is not stored. ``index_blocks_added`` counts the new ones."""
+        ref = self.repo.index_block_ref(block)
+        if ref is not None and self.add(BlobType.INDEX, bytes.fromhex(ref), block.encode()):
+            with self._lock:
+                self.index_blocks_added += 1
+        return ref
 
     def _submit(self, builder: PackBuilder) -> None:
         self._slots.acquire()
@@ -460,12 +929,15 @@ class BlobWriter:
                 for e in builder.entries:
                     self._pending.discard(e.id)
                 self._unindexed[pack_id] = builder.entries
+                self._lengths[pack_id] = len(data)
+                if not self._dedup:
+                    self.uploaded[pack_id] = builder.entries
                 self.packs_written += 1
                 if len(self._unindexed) >= self._index_every or time.monotonic() - self._last_index > 30:
                     self._last_index = time.monotonic()
                     write_index, self._unindexed = self._unindexed, {}
             if write_index is not None:
-                self.repo.write_index_file(IndexFile(packs=write_index))
+                self._write_index(write_index)
         except BaseException as exc:
             self._error = exc
             raise
@@ -486,7 +958,15 @@ class BlobWriter:
         with self._lock:
             write_index, self._unindexed = self._unindexed, {}
         if write_index:
-            self.repo.write_index_file(IndexFile(packs=write_index))
+            self._write_index(write_index)
+
+    def _write_index(self, packs: dict[bytes, list[BlobEntry]]) -> None:
+        with self._lock:
+            lengths = {p: self._lengths.pop(p) for p in packs if p in self._lengths}
+        for index_file in self.repo.new_index_files(packs, lengths):
+            file_id = self.repo.write_index_file(index_file)
+            with self._lock:
+                self.index_files.append(file_id)
 
     def close(self, *, flush: bool = True) -> None:
         """Finish; without ``flush`` (a failed backup) still index every pack already uploaded,
@@ -500,9 +980,4 @@ class BlobWriter:
                 leftover, self._unindexed = self._unindexed, {}
             if leftover:
                 with contextlib.suppress(Exception):  # best effort: the storage may be what failed
-                    self.repo.write_index_file(IndexFile(packs=leftover))
-
-
-def iter_chunk_ids(index_block: bytes) -> Iterator[bytes]:
-    for i in range(0, len(index_block), 32):
-        yield index_block[i : i + 32]
+                    self._write_index(leftover)

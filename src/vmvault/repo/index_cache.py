@@ -1,0 +1,866 @@
+"""The per-host index cache: every live index entry of one repository, on disk (section 12.3).
+
+A SQLite database per repository and storage location in the cache folder
+(``$VMVAULT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vmvault``, else ``~/.cache/vmvault``)::
+
+    meta(key, value)                          schema version, repository id, location
+    files(no, id, present, live, ...)         every index file ingested
+    supersedes(file, old)                     the superseded ids each file lists
+    packs(no, id, length, end)                recorded length (0: unknown), end of its last blob
+    blobs(id, file, pack, type, offset,       one row per entry of each ingested file
+          length, raw_length)
+
+``sync`` brings it up to date from a listing of ``index/``: files not yet ingested are read
+(through the caller, which verifies them) and inserted, each file with all its rows in one
+transaction; ``present`` and ``live`` are recomputed in one more. A lookup reads rows of live
+files only. Memory is the page caches (a few MiB per connection), whatever the repository's
+size; lookups cost one B-tree descent. Every thread's lookups share one connection (one page
+cache): a connection per thread filled a page cache each once the cache was larger than them.
+
+Crash safety is SQLite's (WAL, ``synchronous=NORMAL``): killed at any instant, each file is
+in the cache whole or not at all. A database SQLite finds damaged, or whose schema or
+repository does not match, is deleted and built again (``IndexCache.reset``). Several
+processes of one host share a database (a sync holds ``<database>.lock``); each host has its
+own, and all converge on the repository's index files, which are immutable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import sqlite3
+import stat
+import tempfile
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
+from vmvault import platform
+from vmvault.errors import IntegrityError, RepositoryError
+from vmvault.repo.index import ParsedIndex, parse_index
+
+__all__ = ["CacheDamaged", "CachedRow", "Grouped", "IndexCache", "cache_root", "rows_digest", "write_many"]
+
+SCHEMA = 1
+#: page cache of the connection every thread's lookups share (KiB): lookups need a few levels
+#: of one B-tree
+_READ_CACHE_KIB = 4096
+#: page cache of a connection that syncs or runs maintenance queries
+_WRITE_CACHE_KIB = 16384
+#: rows staged before they are sorted into ``blobs`` in one transaction
+_BATCH_ROWS = 1_000_000
+#: rows of files that are gone are deleted once there are this many and half the live rows
+_COMPACT_MIN = 100_000
+#: a writer that waits longer than this for another process's transaction gives up
+_BUSY_SECONDS = 600
+
+_SCHEMA_SQL = (
+    "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS files(no INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, present INTEGER NOT NULL,"
+    " live INTEGER NOT NULL, version INTEGER NOT NULL, blobs INTEGER NOT NULL, has_rows INTEGER NOT NULL,"
+    " size INTEGER NOT NULL, stamp TEXT)",
+    "CREATE TABLE IF NOT EXISTS supersedes(file INTEGER NOT NULL, old BLOB NOT NULL, PRIMARY KEY(file, old))"
+    " WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS supersedes_old ON supersedes(old)",
+    "CREATE TABLE IF NOT EXISTS packs(no INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, length INTEGER NOT NULL,"
+    " end INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, file INTEGER NOT NULL, pack INTEGER NOT NULL,"
+    " type INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL,"
+    " PRIMARY KEY(id, file, pack)) WITHOUT ROWID",
+)
+
+#: live rows of one blob, the earliest ingested file first
+_LOOKUP = (
+    "SELECT p.id, b.type, b.offset, b.length, b.raw_length, p.length, p.end, b.file FROM blobs b"
+    " JOIN files f ON f.no = b.file JOIN packs p ON p.no = b.pack WHERE b.id = ? AND f.live ORDER BY b.file"
+)
+_CONTAINS = "SELECT 1 FROM blobs b JOIN files f ON f.no = b.file WHERE b.id = ? AND f.live LIMIT 1"
+_LIVE = (
+    "UPDATE files SET live = present AND NOT EXISTS (SELECT 1 FROM supersedes s JOIN files f2 ON f2.no = s.file"
+    " WHERE s.old = files.id AND f2.present AND f2.no != files.no)"
+)
+
+
+class CachedRow(NamedTuple):
+    """A live entry: where one copy of a blob is."""
+
+    pack_id: bytes
+    type: int
+    offset: int
+    length: int
+    raw_length: int
+    #: the pack's recorded length (0: not recorded) and the end of its last blob
+    pack_length: int
+    pack_end: int
+    #: the cache's number of the index file that lists it
+    file: int
+
+
+class CacheDamaged(Exception):
+    """The database is damaged or not this repository's; ``IndexCache.reset`` rebuilds it."""
+
+
+def cache_root() -> str:
+    """``$VMVAULT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vmvault``, else ``~/.cache/vmvault``."""
+    return os.environ.get("VMVAULT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmvault"
+    )
+
+
+def _private_dir(path: str) -> None:
+    """Create the cache folder ``path`` 0700 (and the cache root above it, when vmvault makes
+    it), or check that the existing one is a real folder of this user, narrowed to 0700.
+
+    Whoever can write the folder can plant rows a backup deduplicates against (a chunk
+    "stored" in a pack that does not hold it: the new snapshot would miss it), and whoever
+    can read it learns every chunk id: a folder of another user, or a link, is not used."""
+    with contextlib.suppress(FileExistsError):
+        os.makedirs(os.path.dirname(path), mode=0o700)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{path} is not a folder")
+    _own(path, st)
+
+
+def _own(path: str, st: os.stat_result) -> None:
+    """Refuse ``path`` unless it belongs to this user; narrow a wider mode (0700 or 0600)."""
+    uid = platform.current_uid()
+    if uid is None:
+        return  # Windows: a user's cache lies in their own profile
+    if st.st_uid != uid:
+        raise OSError(f"{path} belongs to another user (uid {st.st_uid}), who could change what it says")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700 if stat.S_ISDIR(st.st_mode) else 0o600)
+
+
+class IndexCache:
+    """The index cache of one repository at one location. Thread-safe: lookups of every
+    thread take turns on one connection (``close`` closes it); syncs and maintenance open
+    their own."""
+
+    def __init__(self, repo_id: str, location: str, *, root: str | None = None) -> None:
+        self.repo_id = repo_id
+        self.location = location
+        #: warnings for the user (a cache folder that cannot be used, a rebuilt cache)
+        self.warnings: list[str] = []
+        self._tmp: str | None = None
+        self._reader: sqlite3.Connection | None = None
+        #: held while the shared connection runs a statement and its rows are fetched
+        self._reading_lock = threading.Lock()
+        #: called before each commit of a sync (tests kill the process there)
+        self.before_commit: Callable[[str], None] | None = None
+        folder = os.path.join(root or cache_root(), "index")
+        name = f"{repo_id}-{hashlib.sha256(location.encode()).hexdigest()[:16]}.sqlite"
+        try:
+            _private_dir(folder)
+            self.path = os.path.join(folder, name)
+            self._lockfile = self.path + ".lock"
+            self._prepare()
+        except (OSError, sqlite3.Error, CacheDamaged) as exc:
+            self._tmp = tempfile.mkdtemp(prefix="vmvault-index-")
+            self.warnings.append(
+                f"the index cache folder {folder} cannot be used ({exc}); a temporary one is built for this run"
+            )
+            self.path = os.path.join(self._tmp, name)
+            self._lockfile = self.path + ".lock"
+            self._prepare()
+
+    # ---- the database file -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold this cache's lock (between processes; a sync holds it)."""
+        fd = platform.open_nofollow(self._lockfile, os.O_RDWR | os.O_CREAT | platform.O_CLOEXEC, 0o600)
+        try:
+            platform.lock(fd, wait=True)
+            yield
+        finally:
+            os.close(fd)
+
+    def _prepare(self) -> None:
+        """Create the database, or check the one there; a damaged or foreign one is replaced."""
+        with self.locked():
+            try:
+                self._check_or_create()
+            except CacheDamaged as exc:
+                self._remove_files()
+                self.warnings.append(f"the index cache {self.path} was unusable ({exc}); it is built again")
+                self._check_or_create()
+
+    def _check_or_create(self) -> None:
+        self._check_files()
+        fresh = not os.path.exists(self.path)
+        if fresh:
+            # created 0600 (SQLite gives its -wal and -shm files the same mode)
+            os.close(platform.open_nofollow(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | platform.O_CLOEXEC, 0o600))
+        try:
+            conn = self._connect(_WRITE_CACHE_KIB)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not _damage(exc):
+                raise
+            raise CacheDamaged(str(exc)) from exc
+        try:
+            try:
+                if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                    raise CacheDamaged("cannot use write-ahead logging")
+                existing = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not fresh and "meta" not in existing:
+                    raise CacheDamaged("not an index cache")
+                conn.execute("BEGIN IMMEDIATE")
+                for sql in _SCHEMA_SQL:
+                    conn.execute(sql)
+                if "stamp" not in {row[1] for row in conn.execute("PRAGMA table_info(files)")}:
+                    # made before stamps were kept: each file takes the stamp of its next listing
+                    conn.execute("ALTER TABLE files ADD COLUMN stamp TEXT")
+                meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+                want = {"schema": str(SCHEMA), "repository": self.repo_id, "location": self.location}
+                if not meta:
+                    conn.executemany("INSERT INTO meta VALUES (?, ?)", sorted(want.items()))
+                elif meta != want:
+                    raise CacheDamaged(f"it describes {meta.get('repository')} at {meta.get('location')}")
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if isinstance(exc, sqlite3.OperationalError) and not _damage(exc):
+                    raise
+                raise CacheDamaged(str(exc)) from exc
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            conn.close()
+
+    def _check_files(self) -> None:
+        """The database and SQLite's files beside it: regular files of this user, 0600 (a
+        folder that was wider before may hold files someone else put there); anything else
+        is damage, and the cache is built again."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                st = os.lstat(self.path + suffix)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise CacheDamaged(f"{self.path + suffix} is not a regular file")
+            try:
+                _own(self.path + suffix, st)
+            except OSError as exc:
+                raise CacheDamaged(str(exc)) from exc
+
+    def _connect(self, cache_kib: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=_BUSY_SECONDS, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA cache_size=-{cache_kib}")
+        conn.execute("PRAGMA cell_size_check=ON")
+        _temp_files_in(conn, os.path.dirname(self.path))
+        return conn
+
+    def _remove_files(self) -> None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + suffix)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection the lookups of every thread share, held by this thread until its
+        rows are read. One page cache for all: with a connection per thread, a backup's
+        workers each filled a page cache of their own once the cache outgrew one (+16 MiB
+        of peak memory at 4 M chunks); SQLite runs a lookup in a few microseconds, and the
+        workers spend their time hashing and compressing."""
+        with self._reading_lock, _translated(self):
+            if self._reader is None:
+                self._reader = self._connect(_READ_CACHE_KIB)
+            yield self._reader
+
+    def reset(self, why: str) -> None:
+        """Delete the database and start an empty one (the next sync fills it)."""
+        self.close()
+        with self.locked():
+            self._remove_files()
+            self.warnings.append(f"the index cache {self.path} was damaged ({why}); it is built again")
+            self._check_or_create()
+
+    def close(self) -> None:
+        with self._reading_lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(sqlite3.Error):
+                reader.close()
+
+    def discard(self) -> None:
+        """Close, and remove a temporary cache."""
+        self.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    # ---- sync --------------------------------------------------------------------------
+
+    def sync(
+        self,
+        listing: Iterable[tuple[bytes, int] | tuple[bytes, int, str]],
+        fetch: Callable[[bytes, int], bytes | None],
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> list[str]:
+        """Bring the cache up to date with ``listing`` (every index file's id, listed size and,
+        where the storage gives one, stamp: ``ObjectInfo.stamp``; taken now). ``fetch(id,
+        size)`` returns a file's verified payload, None when it has vanished, or raises
+        IntegrityError; unreadable files are returned as problems (and tried again by the next
+        sync)."""
+        listed: dict[bytes, int] = {}
+        stamps: dict[bytes, str] = {}
+        for file_id, size, *stamp in listing:
+            listed[file_id] = size
+            # the stamp comes from the storage's listing: a long one (an S3 server may send any
+            # ETag) is kept as its digest, so the cache's rows stay small
+            text = stamp[0] if stamp else ""
+            stamps[file_id] = text if len(text) <= 64 else hashlib.sha256(text.encode(errors="replace")).hexdigest()
+        problems: list[str] = []
+        with self.locked(), _translated(self):
+            conn = self._connect(_WRITE_CACHE_KIB)
+            try:
+                known = {bytes(r[0]): (int(r[1]), r[2]) for r in conn.execute("SELECT id, size, stamp FROM files")}
+                self._mark_present(conn, listed)
+                # a live file whose rows were compacted away (it came back) is read again
+                again = [bytes(r[0]) for r in conn.execute("SELECT id FROM files WHERE live AND NOT has_rows")]
+                # so is one whose size or stamp changed since it was read (written again in storage):
+                # its name is the hash of its content, so it reads only as the same content, and
+                # then keeps its rows; one that no longer reads is forgotten with them, and reported
+                changed = [
+                    i
+                    for i, (size, stamp) in known.items()
+                    if i in listed and i not in again and _changed(size, stamp, listed[i], stamps[i])
+                ]
+                unreadable = self._read_again(conn, changed, listed, stamps, fetch, problems)
+                again += unreadable
+                if again:
+                    self._forget_files(conn, again)
+                for file_id in again:
+                    known.pop(file_id, None)
+                new = sorted(i for i in listed if i not in known and i not in unreadable)
+                self._ingest_many(conn, new, listed, fetch, problems, progress)
+                self._mark_present(conn, listed)
+                self._take_stamps(conn, stamps)
+                self._compact(conn)
+            finally:
+                conn.close()
+        return problems
+
+    def _read_again(
+        self,
+        conn: sqlite3.Connection,
+        changed: list[bytes],
+        listed: dict[bytes, int],
+        stamps: dict[bytes, str],
+        fetch: Callable[[bytes, int], bytes | None],
+        problems: list[str],
+    ) -> list[bytes]:
+        """Read the ``changed`` files again (outside any transaction); record the size and stamp
+        of those that still read. Returns those that do not (their problems added)."""
+        same: list[tuple[int, str, bytes]] = []
+        unreadable: list[bytes] = []
+        for file_id in changed:
+            try:
+                if fetch(file_id, listed[file_id]) is not None:  # verified: the same content
+                    same.append((listed[file_id], stamps[file_id], file_id))
+            except IntegrityError as exc:
+                problems.append(f"{exc} (changed in storage since this host read it)")
+                unreadable.append(file_id)
+        if same:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("UPDATE files SET size = ?, stamp = ? WHERE id = ?", same)
+            self._commit(conn, "read again")
+        return unreadable
+
+    def _take_stamps(self, conn: sqlite3.Connection, stamps: dict[bytes, str]) -> None:
+        """Files without a stamp (just ingested, or from before stamps) take the listing's."""
+        unstamped = [bytes(r[0]) for r in conn.execute("SELECT id FROM files WHERE stamp IS NULL")]
+        taken = [(stamps[i], i) for i in unstamped if stamps.get(i)]
+        if taken:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("UPDATE files SET stamp = ? WHERE id = ? AND stamp IS NULL", taken)
+            self._commit(conn, "stamps")
+
+    def ingest(self, file_id: bytes, payload: bytes, size: int = 0) -> None:
+        """Add an index file this process has just written (its payload in hand, verified by
+        construction), so that it need not be downloaded again."""
+        parsed = parse_index(payload, name=f"index/{file_id.hex()}")
+        with _translated(self):
+            conn = self._connect(_WRITE_CACHE_KIB)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
+                    self._stage_file(conn, file_id, parsed, size)
+                    self._flush_stage(conn)
+                    # present (written now); it may supersede files this cache holds
+                    conn.execute("UPDATE files SET present = 1 WHERE id = ?", (file_id,))
+                    conn.execute(_LIVE)
+                self._commit(conn, "ingest")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, what: str) -> None:
+        if self.before_commit is not None:
+            self.before_commit(what)
+        conn.execute("COMMIT")
+
+    def _mark_present(self, conn: sqlite3.Connection, listed: dict[bytes, int]) -> None:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS listed(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("DELETE FROM temp.listed")
+        conn.executemany("INSERT OR IGNORE INTO temp.listed VALUES (?)", ((i,) for i in listed))
+        conn.execute("UPDATE files SET present = (id IN (SELECT id FROM temp.listed))")
+        conn.execute(_LIVE)
+        self._commit(conn, "present")
+
+    def _forget_files(self, conn: sqlite3.Connection, file_ids: Iterable[bytes]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        nos = [
+            int(row[0])
+            for file_id in file_ids
+            if (row := conn.execute("SELECT no FROM files WHERE id = ?", (file_id,)).fetchone()) is not None
+        ]
+        if nos:
+            # their rows too, in one pass over the table (which has no index on ``file``; files
+            # are forgotten only when their stored copy changed): the next file may get a number
+            marks = ",".join("?" * len(nos))
+            conn.execute(f"DELETE FROM blobs WHERE file IN ({marks})", nos)
+            conn.execute(f"DELETE FROM supersedes WHERE file IN ({marks})", nos)
+            conn.execute(f"DELETE FROM files WHERE no IN ({marks})", nos)
+            # what they superseded counts again, as for a reader that never read them
+            conn.execute(_LIVE)
+        self._commit(conn, "forget")
+
+    def forget(self, file_ids: Iterable[bytes]) -> None:
+        """Forget these index files and their rows (their stored copy no longer reads: what this
+        cache took from it is not what any other reader sees). The next sync reads them again,
+        and reports them while they do not read."""
+        wanted = list(file_ids)
+        if not wanted:
+            return
+        with self.locked(), _translated(self), contextlib.closing(self._connect(_WRITE_CACHE_KIB)) as conn:
+            try:
+                self._forget_files(conn, wanted)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
+    def _ingest_many(
+        self,
+        conn: sqlite3.Connection,
+        new: list[bytes],
+        listed: dict[bytes, int],
+        fetch: Callable[[bytes, int], bytes | None],
+        problems: list[str],
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """Ingest ``new`` files: read a batch of them (outside any transaction, so other
+        processes' writes are not held up by downloads), then insert the batch in one
+        transaction, sorted. Each transaction holds whole files.
+
+        An empty cache (a host's first sync, or a rebuild) takes every file in one transaction
+        instead, staged file by file and inserted in one sorted pass: batches into a large
+        table of random keys would rewrite most of its pages each time."""
+        if len(new) > 1 and conn.execute("SELECT NOT EXISTS (SELECT 1 FROM blobs)").fetchone()[0]:
+            self._ingest_fresh(conn, new, listed, fetch, problems, progress)
+            return
+        batch: list[tuple[bytes, ParsedIndex, int]] = []
+        rows = 0
+        for n, file_id in enumerate(new):
+            if progress is not None:
+                progress(n, len(new))
+            try:
+                payload = fetch(file_id, listed[file_id])
+                if payload is None:
+                    continue  # deleted by a prune since the listing
+                parsed = parse_index(payload, name=f"index/{file_id.hex()}")
+            except IntegrityError as exc:
+                problems.append(str(exc))
+                continue
+            batch.append((file_id, parsed, listed[file_id]))
+            rows += parsed.blob_count()
+            if rows >= _BATCH_ROWS:
+                self._insert_batch(conn, batch)
+                batch, rows = [], 0
+        if batch:
+            self._insert_batch(conn, batch)
+        if progress is not None:
+            progress(len(new), len(new))
+
+    def _ingest_fresh(
+        self,
+        conn: sqlite3.Connection,
+        new: list[bytes],
+        listed: dict[bytes, int],
+        fetch: Callable[[bytes, int], bytes | None],
+        problems: list[str],
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        """Every file of ``new`` into an empty cache: one transaction, one file in memory at a
+        time, the rows sorted once (killed, nothing is kept and the next sync starts again)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for n, file_id in enumerate(new):
+                if progress is not None:
+                    progress(n, len(new))
+                try:
+                    payload = fetch(file_id, listed[file_id])
+                    if payload is None:
+                        continue  # deleted by a prune since the listing
+                    parsed = parse_index(payload, name=f"index/{file_id.hex()}")
+                except IntegrityError as exc:
+                    problems.append(str(exc))
+                    continue
+                if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
+                    self._stage_file(conn, file_id, parsed, listed[file_id])
+            self._flush_stage(conn)
+            self._commit(conn, "files")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        if progress is not None:
+            progress(len(new), len(new))
+
+    def _insert_batch(self, conn: sqlite3.Connection, batch: list[tuple[bytes, ParsedIndex, int]]) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for file_id, parsed, size in batch:
+                if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
+                    self._stage_file(conn, file_id, parsed, size)
+            self._flush_stage(conn)
+            self._commit(conn, "files")
+        finally:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+    def _stage_file(self, conn: sqlite3.Connection, file_id: bytes, parsed: ParsedIndex, size: int) -> int:
+        """Insert a file's ``files``, ``supersedes`` and ``packs`` rows and stage its entries
+        (in the caller's transaction); returns the number of entries."""
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS stage(id BLOB, file INTEGER, pack INTEGER, type INTEGER,"
+            " offset INTEGER, length INTEGER, raw_length INTEGER)"
+        )
+        cur = conn.execute(
+            "INSERT INTO files(id, present, live, version, blobs, has_rows, size) VALUES (?, 1, 0, ?, ?, 1, ?)",
+            (file_id, parsed.version, parsed.blob_count(), size),
+        )
+        file_no = cur.lastrowid
+        conn.executemany(
+            "INSERT OR IGNORE INTO supersedes VALUES (?, ?)", ((file_no, old) for old in parsed.supersedes)
+        )
+        rows = 0
+        for rec in parsed.records:
+            end = rec.blobs_end()
+            found = conn.execute("SELECT no, length FROM packs WHERE id = ?", (rec.pack_id,)).fetchone()
+            if found is None:
+                pack_no = conn.execute(
+                    "INSERT INTO packs(id, length, end) VALUES (?, ?, ?)", (rec.pack_id, rec.length, end)
+                ).lastrowid
+            else:
+                pack_no = found[0]
+                if rec.length and not found[1]:
+                    conn.execute("UPDATE packs SET length = ? WHERE no = ?", (rec.length, pack_no))
+                conn.execute("UPDATE packs SET end = max(end, ?) WHERE no = ?", (end, pack_no))
+            conn.executemany(
+                "INSERT INTO temp.stage VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((i, file_no, pack_no, t, o, n, r) for t, i, o, n, r in rec.rows()),
+            )
+            rows += rec.blobs
+        return rows
+
+    def _flush_stage(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS stage(id BLOB, file INTEGER, pack INTEGER, type INTEGER,"
+            " offset INTEGER, length INTEGER, raw_length INTEGER)"
+        )
+        # sorted, the rows go into the B-tree leaf after leaf
+        conn.execute("INSERT OR IGNORE INTO blobs SELECT * FROM temp.stage ORDER BY id, file, pack")
+        conn.execute("DELETE FROM temp.stage")
+
+    def _compact(self, conn: sqlite3.Connection) -> None:
+        dead, live = conn.execute(
+            "SELECT coalesce(sum(CASE WHEN NOT live AND has_rows THEN blobs END), 0),"
+            " coalesce(sum(CASE WHEN live THEN blobs END), 0) FROM files"
+        ).fetchone()
+        conn.execute("BEGIN IMMEDIATE")
+        if dead >= _COMPACT_MIN and dead * 2 >= live:
+            conn.execute("DELETE FROM blobs WHERE file IN (SELECT no FROM files WHERE NOT live AND has_rows)")
+            conn.execute("UPDATE files SET has_rows = 0 WHERE NOT live")
+        # files gone from storage whose rows are gone too: nothing left to remember
+        gone = "SELECT no FROM files WHERE NOT present AND NOT has_rows"
+        conn.execute(f"DELETE FROM supersedes WHERE file IN ({gone})")
+        conn.execute(f"DELETE FROM files WHERE no IN ({gone})")
+        self._commit(conn, "compact")
+
+    # ---- lookups -----------------------------------------------------------------------
+
+    def rows(self, blob_id: bytes) -> list[CachedRow]:
+        """Every live row of ``blob_id``, earliest ingested file first."""
+        with self._reading() as conn:
+            return [CachedRow(bytes(r[0]), *r[1:]) for r in conn.execute(_LOOKUP, (blob_id,))]
+
+    def contains(self, blob_id: bytes) -> bool:
+        with self._reading() as conn:
+            return conn.execute(_CONTAINS, (blob_id,)).fetchone() is not None
+
+    def file_id(self, file_no: int) -> bytes | None:
+        with self._reading() as conn:
+            row = conn.execute("SELECT id FROM files WHERE no = ?", (file_no,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def pack_count(self) -> int:
+        """How many packs the cache has seen (an upper bound of the live ones)."""
+        with self._reading() as conn:
+            return int(conn.execute("SELECT count(*) FROM packs").fetchone()[0])
+
+    def pack_numbers(self, pack_ids: Iterable[bytes]) -> dict[bytes, int]:
+        """The cache's numbers of these packs, those it knows (``rows_digest`` takes them)."""
+        wanted = list(pack_ids)
+        out: dict[bytes, int] = {}
+        with self._reading() as conn:
+            for start in range(0, len(wanted), 500):
+                part = wanted[start : start + 500]
+                marks = ",".join("?" * len(part))
+                out.update(
+                    (bytes(r[0]), int(r[1]))
+                    for r in conn.execute(f"SELECT id, no FROM packs WHERE id IN ({marks})", part)
+                )
+        return out
+
+    def live_files(self) -> list[bytes]:
+        """The ids of the live index files, in ingest order."""
+        with self._reading() as conn:
+            return [bytes(r[0]) for r in conn.execute("SELECT id FROM files WHERE live ORDER BY no")]
+
+    def present_files(self) -> dict[bytes, bool]:
+        """Every index file of the last listing the cache ingested: id -> live."""
+        with self._reading() as conn:
+            rows = conn.execute("SELECT id, live FROM files WHERE present ORDER BY no")
+            return {bytes(r[0]): bool(r[1]) for r in rows}
+
+    def iter_live(self) -> Iterator[tuple[bytes, CachedRow]]:
+        """Every live row in blob id order (a blob in several packs: several rows)."""
+        with _translated(self):
+            cur = self._connect(_READ_CACHE_KIB).execute(
+                "SELECT b.id, p.id, b.type, b.offset, b.length, b.raw_length, p.length, p.end, b.file FROM blobs b"
+                " JOIN files f ON f.no = b.file JOIN packs p ON p.no = b.pack WHERE f.live ORDER BY b.id, b.file"
+            )
+            try:
+                while batch := cur.fetchmany(10_000):
+                    for r in batch:
+                        yield bytes(r[0]), CachedRow(bytes(r[1]), *r[2:])
+            finally:
+                cur.connection.close()
+
+    def live_digests(self) -> dict[bytes, tuple[int, int]]:
+        """Per live index file, ``rows_digest`` of its rows as this cache holds them: one pass
+        over the cache (check and prune compare them with the files themselves)."""
+        counts: defaultdict[int, int] = defaultdict(int)
+        sums: defaultdict[int, int] = defaultdict(int)
+        with _translated(self), contextlib.closing(self._connect(_WRITE_CACHE_KIB)) as conn:
+            # a row names its pack by the cache's number, not by id: a join with ``packs`` for
+            # every row was a random lookup each in a table larger than the page cache
+            cur = conn.execute(
+                "SELECT b.file, b.id, b.pack, b.type, b.offset, b.length, b.raw_length FROM blobs b"
+                " JOIN files f ON f.no = b.file WHERE f.live"
+            )
+            # the least Python per row: SQLite gives BLOBs as bytes, so row[1:] is the tuple
+            # rows_digest hashes; the sums are reduced to 64 bits once, at the end
+            while batch := cur.fetchmany(10_000):
+                for row in batch:
+                    counts[row[0]] += 1
+                    sums[row[0]] += hash(row[1:])
+            names = {int(r[0]): bytes(r[1]) for r in conn.execute("SELECT no, id FROM files WHERE live")}
+        return {names[no]: (count, sums[no] & _MASK) for no, count in counts.items() if no in names}
+
+    def live_packs(self) -> Iterator[tuple[bytes, int, int]]:
+        """(pack id, recorded length, end of its last blob) of every pack a live row names."""
+        with _translated(self):
+            conn = self._connect(_WRITE_CACHE_KIB)
+            try:
+                cur = conn.execute(
+                    "SELECT id, length, end FROM packs WHERE no IN"
+                    " (SELECT b.pack FROM blobs b JOIN files f ON f.no = b.file WHERE f.live) ORDER BY id"
+                )
+                while batch := cur.fetchmany(10_000):
+                    for r in batch:
+                        yield bytes(r[0]), int(r[1]), int(r[2])
+            finally:
+                conn.close()
+
+    def totals(self) -> tuple[int, int, int]:
+        """(distinct live blobs, distinct live DATA blobs, their plaintext bytes): one pass."""
+        with _translated(self), contextlib.closing(self._connect(_WRITE_CACHE_KIB)) as conn:
+            row = conn.execute(
+                "SELECT count(*), coalesce(sum(type = 1), 0), coalesce(sum(CASE WHEN type = 1 THEN raw END), 0)"
+                " FROM (SELECT b.id, min(b.type) type, min(b.raw_length) raw FROM blobs b"
+                " JOIN files f ON f.no = b.file WHERE f.live GROUP BY b.id)"
+            ).fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own (larger page cache) with a new, empty scratch database
+        attached as ``s``, for the working sets of check and prune; removed afterwards, and
+        by the next call if the process was killed. SQLite's temporary files are made in the
+        same folder (``_temp_files_in``)."""
+        folder = os.path.dirname(self.path)
+        for leftover in os.listdir(folder):
+            head, _, rest = leftover.partition(".scratch-")
+            pid = rest.split("-", 1)[0]
+            if rest and os.path.join(folder, head) == self.path and pid.isdigit() and not _alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, leftover))
+        path = f"{self.path}.scratch-{os.getpid()}-{os.urandom(4).hex()}"
+        os.close(platform.open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | platform.O_CLOEXEC, 0o600))
+        conn = self._connect(_WRITE_CACHE_KIB)
+        try:
+            with _translated(self):
+                conn.execute("ATTACH DATABASE ? AS s", (path,))
+                conn.execute("PRAGMA s.journal_mode=OFF")
+                conn.execute("PRAGMA s.synchronous=OFF")
+                conn.execute(f"PRAGMA s.cache_size=-{_WRITE_CACHE_KIB}")
+            yield conn
+        finally:
+            conn.close()
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path + suffix)
+
+    def maintenance(self) -> sqlite3.Connection:
+        """A connection of its own with a larger page cache, for check and prune (the caller
+        closes it)."""
+        return self._connect(_WRITE_CACHE_KIB)
+
+
+_MASK = (1 << 64) - 1
+
+_temp_lock = threading.Lock()
+_temp_folder: str | None = None
+
+
+def _temp_files_in(conn: sqlite3.Connection, folder: str) -> None:
+    """SQLite's temporary files (the sorts of check and prune, hundreds of MiB at 4 M chunks;
+    the rows a first sync stages) go to the cache folder, beside the scratch databases, not
+    to /var/tmp or /tmp (often a small RAM disk): the folder of the first cache the process
+    opens, unless ``SQLITE_TMPDIR`` says where. SQLite reads that variable when it starts,
+    which ``import sqlite3`` does, so only the (deprecated) ``temp_store_directory`` pragma
+    can still choose. It is set once and never changed: SQLite frees the previous value,
+    which another thread may be reading."""
+    global _temp_folder
+    with _temp_lock:
+        if _temp_folder is not None or os.environ.get("SQLITE_TMPDIR"):
+            return
+        _temp_folder = folder
+    conn.execute("PRAGMA temp_store_directory = '" + folder.replace("'", "''") + "'")
+
+
+def _changed(size: int, stamp: str | None, listed_size: int, listed_stamp: str) -> bool:
+    """Whether a file's listing differs from when it was read (0 and None: not recorded; "":
+    the storage gives no stamp)."""
+    return bool(size and listed_size != size) or bool(stamp and listed_stamp and listed_stamp != stamp)
+
+
+def rows_digest(parsed: ParsedIndex, numbers: dict[bytes, int]) -> tuple[int, int] | None:
+    """(rows, a sum of their hashes) of what an index file says, as ``live_digests`` computes
+    it from a cache's rows: equal unless the rows differ from the file. ``numbers``: the
+    cache's numbers of the file's packs (``IndexCache.pack_numbers``); a row names its pack by
+    that number, as the cache's rows do, so a row that names another pack, or a pack the cache
+    numbers otherwise, changes the sum (a pack the cache does not know is hashed as None, which
+    no row of the cache names). Python's hash is seeded afresh in each process, so rows cannot
+    be chosen to collide. None for a file that lists a pack twice or a blob twice in a pack
+    (the cache keeps one row of each: not comparable)."""
+    count = total = 0
+    packs: set[bytes] = set()
+    for rec in parsed.records:
+        if rec.pack_id in packs:
+            return None
+        packs.add(rec.pack_id)
+        pack_no = numbers.get(rec.pack_id)
+        ids: set[bytes] = set()
+        for blob_type, blob_id, offset, length, raw_length in rec.rows():
+            if blob_id in ids:
+                return None
+            ids.add(blob_id)
+            count += 1
+            total += hash((blob_id, pack_no, blob_type, offset, length, raw_length))
+    return count, total & _MASK
+
+
+class Grouped:
+    """Writes of one connection grouped into transactions of ``every`` statements (call
+    ``step`` before each): in autocommit mode every statement is a transaction of its own,
+    and check and prune make millions. The caller's ``with`` commits the last group (rolls it
+    back on an exception)."""
+
+    def __init__(self, conn: sqlite3.Connection, every: int = 20_000) -> None:
+        self.conn = conn
+        self.every = every
+        self.n = 0
+
+    def step(self) -> None:
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN")
+            self.n = 0
+        self.n += 1
+        if self.n > self.every:
+            self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN")
+            self.n = 1
+
+    def __enter__(self) -> Grouped:
+        return self
+
+    def __exit__(self, kind: object, *_rest: object) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def write_many(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+    """``executemany`` in one transaction (the caller's, when one is open)."""
+    if conn.in_transaction:
+        conn.executemany(sql, rows)
+        return
+    conn.execute("BEGIN")
+    try:
+        conn.executemany(sql, rows)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _damage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the database itself is damaged (not busy, not full)."""
+    text = str(exc).lower()
+    return not isinstance(exc, sqlite3.OperationalError) or any(
+        w in text for w in ("malformed", "not a database", "corrupt", "disk image")
+    )
+
+
+@contextlib.contextmanager
+def _translated(cache: IndexCache) -> Iterator[None]:
+    """SQLite's errors as vmvault's: damage is CacheDamaged (the caller rebuilds), anything
+    else (a full disk, a lock held too long) a RepositoryError naming the cache."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if _damage(exc):
+            raise CacheDamaged(str(exc)) from exc
+        raise RepositoryError(f"the index cache {cache.path}: {exc}") from exc

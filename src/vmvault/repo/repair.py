@@ -1,0 +1,511 @@
+"""Ways out of damage: rebuild the index from the packs present, cut lost data out of snapshots.
+
+Modelled on restic's ``repair index`` and ``repair snapshots`` (docs/design/repository-format.md,
+section 9, "Ways out of damage"). Both run under the exclusive lock.
+
+``repair_index`` makes the index list exactly the blobs that can be read:
+
+* entries of packs missing from storage are dropped (so nothing deduplicates against them);
+* packs present but named by no readable index file are indexed from their headers (two
+  bounded range reads each);
+* a pack whose size or header no longer matches its index entries, or (with ``read_data``)
+  whose bytes no longer match its name, is salvaged: every blob of it that still opens is
+  copied into a new pack, and the damaged pack is left out of the index (an orphan the next
+  prune deletes). Nothing is deleted but superseded index files, and only after the one new
+  index file that supersedes them is written.
+
+``repair_snapshots`` then rewrites each snapshot that needs a blob the index lacks (or a pack
+that is gone) as a new snapshot, tagged ``repaired``, with the lost data cut out: a disk keeps
+its size and layout, and each lost chunk, or each lost index block's whole range, reads as
+zeros; a file with a lost chunk is left out (a partial configuration file or NVRAM is worse
+than none). What was lost is listed in the new snapshot's ``extra.lost`` and warnings. The
+original is kept unless ``forget`` is given; it is removed only after its repaired copy is
+stored, so no readable data is lost by it. A snapshot whose manifest cannot be read cannot be
+repaired: it is reported, for ``vmvault forget ID``. As in restic, running ``backup`` again is
+better when the source still has the data: a backup after a loss stores the data again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vmvault import __version__
+from vmvault.errors import ConfigError, IntegrityError, ObjectNotFoundError, SnapshotNotFoundError, UnsafeStorageError
+from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, largest_blob
+from vmvault.repo.check import merge_ranges
+from vmvault.repo.immutability import require_full_access, retained
+from vmvault.repo.index import IndexFile
+from vmvault.repo.index_block import ZERO_ID, IndexBlock, IndexBlockBuilder, chunk_count, is_chunk
+from vmvault.repo.locks import RepositoryLock
+from vmvault.repo.pack import BlobEntry, expected_pack_size, open_blob, pack_name, read_pack_header
+from vmvault.repo.progress import PhaseCallback
+from vmvault.repo.prune import _object_id, _still_exclusive
+from vmvault.repo.repository import BlobWriter, Repository
+from vmvault.repo.rewrite import IndexFileWriter
+from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
+
+__all__ = [
+    "REPAIRED_TAG",
+    "RepairReport",
+    "SnapshotRepair",
+    "SnapshotRepairReport",
+    "repair_index",
+    "repair_snapshots",
+]
+
+#: the tag every snapshot written by repair_snapshots carries
+REPAIRED_TAG = "repaired"
+
+
+def _tick(progress: PhaseCallback | None, phase: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(phase, done, total)
+
+
+# ---- repair index --------------------------------------------------------------------------
+
+
+@dataclass
+class RepairReport:
+    dry_run: bool
+    read_data: bool = False
+    index_files_before: int = 0
+    index_files_damaged: list[str] = field(default_factory=list)
+    packs_kept: int = 0  # listed by a readable index file, present and matching it
+    packs_recovered: int = 0  # present, listed by no readable index file, header read
+    packs_unreadable: list[str] = field(default_factory=list)  # no usable header and unknown to the index
+    packs_dropped: list[str] = field(default_factory=list)  # indexed but missing from storage
+    #: damaged packs whose readable blobs were copied into new packs; left out of the index
+    packs_salvaged: list[str] = field(default_factory=list)
+    blobs_salvaged: int = 0
+    #: blobs of missing or salvaged packs that could not be read and have no other copy
+    blobs_lost: int = 0
+    packs_written: int = 0
+    index_files_written: int = 0
+    index_files_removed: int = 0
+
+    @property
+    def data_lost(self) -> bool:
+        """Whether data the index listed, or a pack held, is gone: snapshots may need repair."""
+        return bool(self.blobs_lost or self.packs_unreadable)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"data_lost": self.data_lost}
+
+
+def repair_index(
+    repo: Repository,
+    *,
+    dry_run: bool = False,
+    from_scratch: bool = False,
+    read_data: bool = False,
+    progress: PhaseCallback | None = None,
+) -> RepairReport:
+    """Rebuild the index from the packs in storage, under the exclusive lock (module docstring).
+
+    ``from_scratch`` reads every pack's header instead of trusting readable index files;
+    ``read_data`` downloads every pack (each bounded by the repository's pack limit) and
+    salvages those whose bytes do not match their name.
+    """
+    require_full_access(repo, "index repair")
+    with repo.lock(exclusive=True, operation="repair-index") as lock:
+        try:
+            return _repair_index_locked(repo, lock, dry_run, from_scratch, read_data, progress)
+        finally:
+            repo.load_index()
+
+
+def _matches_index(repo: Repository, pack_id: bytes, size: int, entries: list[BlobEntry]) -> bool:
+    """Whether the stored pack still is what its index entries describe (size, else header)."""
+    if size == expected_pack_size(entries):
+        return True
+    # another zstd version may seal the header to another length: ask the pack itself
+    try:
+        header = read_pack_header(repo.backend, repo.key, pack_id, size, limit=repo.pack_limit)
+    except (IntegrityError, ObjectNotFoundError, UnsafeStorageError):
+        return False
+    return {e.pack() for e in header} == {e.pack() for e in entries}
+
+
+def _whole_pack_intact(repo: Repository, pack_id: bytes, size: int) -> bool:
+    if size > repo.pack_limit:
+        return False
+    try:
+        data = repo.backend.get(pack_name(pack_id), 0, repo.pack_limit + 1)
+    except (ObjectNotFoundError, UnsafeStorageError):
+        return False
+    return hashlib.sha256(data).digest() == pack_id
+
+
+def _repair_index_locked(
+    repo: Repository,
+    lock: RepositoryLock,
+    dry_run: bool,
+    from_scratch: bool,
+    read_data: bool,
+    progress: PhaseCallback | None,
+) -> RepairReport:
+    backend = repo.backend
+    report = RepairReport(dry_run=dry_run, read_data=read_data)
+    present: list[bytes] = []
+    readable: dict[bytes, IndexFile] = {}
+    listed = list(backend.list("index/"))
+    for n, obj in enumerate(listed):
+        _tick(progress, "index files", n, len(listed))
+        file_id = _object_id(obj.name, "index/")
+        if file_id is None:
+            continue
+        present.append(file_id)
+        try:
+            if obj.size > MAX_INDEX_FILE:
+                raise IntegrityError(f"{obj.name} is {obj.size} bytes, more than any index file")
+            readable[file_id] = repo.read_index_file(file_id)
+        except ObjectNotFoundError:
+            present.pop()
+        except IntegrityError:
+            report.index_files_damaged.append(obj.name)
+    report.index_files_before = len(present)
+    superseded = {s for f in readable.values() for s in f.supersedes}
+    stored = repo.stored_packs()
+
+    indexed: dict[bytes, list[BlobEntry]] = {}
+    if not from_scratch:
+        for file_id, f in readable.items():
+            if file_id in superseded:
+                continue
+            for pack_id, entries in f.packs.items():
+                have = indexed.setdefault(pack_id, [])
+                seen = {(e.id, e.offset) for e in have}
+                have.extend(e for e in entries if (e.id, e.offset) not in seen)
+    report.packs_dropped = sorted(p.hex() for p in indexed if p not in stored)
+    # blobs of missing packs are lost unless another copy is indexed below
+    failed: set[bytes] = {e.id for p, entries in indexed.items() if p not in stored for e in entries}
+
+    packs: dict[bytes, list[BlobEntry]] = {}  # what the new index lists
+    damaged: dict[bytes, list[BlobEntry]] = {}  # to salvage: the entries known for them
+    for n, (pack_id, size) in enumerate(sorted(stored.items())):
+        _tick(progress, "packs", n, len(stored))
+        known = indexed.get(pack_id)
+        if known is not None:
+            intact = _matches_index(repo, pack_id, size, known)
+            if intact and read_data:
+                intact = _whole_pack_intact(repo, pack_id, size)
+            if intact:
+                packs[pack_id] = known
+                report.packs_kept += 1
+            else:
+                damaged[pack_id] = known
+            continue
+        try:
+            entries = read_pack_header(backend, repo.key, pack_id, size, limit=repo.pack_limit)
+        except (IntegrityError, ObjectNotFoundError, UnsafeStorageError):
+            report.packs_unreadable.append(pack_id.hex())
+            continue
+        if read_data and not _whole_pack_intact(repo, pack_id, size):
+            damaged[pack_id] = entries
+            continue
+        packs[pack_id] = entries
+        report.packs_recovered += 1
+    _tick(progress, "packs", len(stored), len(stored))
+
+    # salvage: every blob of a damaged pack that still opens goes into a new pack (indexed by
+    # the writer's own index files)
+    writer: BlobWriter | None = None if dry_run else repo.writer(upload_threads=2, dedup=False)
+    good = {e.id for entries in packs.values() for e in entries}
+    try:
+        for n, (pack_id, entries) in enumerate(sorted(damaged.items())):
+            _tick(progress, "salvage", n, len(damaged))
+            report.packs_salvaged.append(pack_id.hex())
+            for e, plain in _salvage(repo, pack_id, entries, failed):
+                report.blobs_salvaged += 1
+                good.add(e.id)
+                if writer is not None:
+                    writer.add(e.type, e.id, plain)
+        if writer is not None:
+            writer.flush()
+    finally:
+        if writer is not None:
+            writer.close(flush=False)
+    report.blobs_lost = len(failed - good)
+    if writer is None:
+        return report
+    report.packs_written = writer.packs_written
+
+    out = IndexFileWriter(repo)
+    for pack_id, entries in sorted(packs.items()):
+        # kept (its size matched its entries) or read from its header: its listed size is its length
+        out.add(pack_id, sorted(entries, key=lambda e: e.offset), stored[pack_id])
+    out.absorb(writer.index_files)
+    replaced = out.finish(
+        set(present) | set(writer.index_files),
+        before=lambda: _still_exclusive(repo, lock, "writing the new index", operation="repair index"),
+    )
+    report.index_files_written = len(out.written) + len(writer.index_files)
+    old_index = [f"index/{i.hex()}" for i in replaced]
+    held_index = retained(repo, old_index)
+    for name in old_index:
+        if name not in held_index:
+            backend.delete(name)
+            report.index_files_removed += 1
+    return report
+
+
+def _salvage(
+    repo: Repository, pack_id: bytes, entries: list[BlobEntry], failed: set[bytes]
+) -> Iterator[tuple[BlobEntry, bytes]]:
+    """Every blob of a damaged pack that still opens (one bounded range read each); the ids of
+    the others are added to ``failed``."""
+    name = pack_name(pack_id)
+    largest = largest_blob(repo.config.chunk_size)
+    for e in entries:
+        if e.length > largest + ENVELOPE_OVERHEAD or e.raw_length > largest:
+            failed.add(e.id)
+            continue
+        try:
+            sealed = repo.backend.get(name, e.offset, e.length)
+            if len(sealed) != e.length:
+                raise IntegrityError("cut short")
+            plain = open_blob(repo.key, e.type, e.id, sealed, max_size=e.raw_length)
+            if len(plain) != e.raw_length:
+                raise IntegrityError("wrong length")
+        except (IntegrityError, ObjectNotFoundError, UnsafeStorageError):
+            failed.add(e.id)
+            continue
+        yield e, plain
+
+
+# ---- repair snapshots ----------------------------------------------------------------------
+
+
+@dataclass
+class SnapshotRepair:
+    """One damaged snapshot: what it lost and what was done."""
+
+    snapshot: str
+    time: str
+    source: dict[str, str]
+    #: {"kind": "disk"|"file", "name", "ranges": [[start, end], ...], "bytes"}
+    lost: list[dict[str, Any]] = field(default_factory=list)
+    #: the repaired snapshot's id; None when nothing readable was left or in a dry run
+    new_snapshot: str | None = None
+    #: "repaired", "would repair", "nothing left", "already repaired"
+    action: str = ""
+    #: True once the original was deleted
+    forgotten: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SnapshotRepairReport:
+    dry_run: bool
+    forget: bool
+    checked: int = 0
+    intact: int = 0
+    repaired: list[SnapshotRepair] = field(default_factory=list)
+    #: manifests that cannot be read: (id, error); only `vmvault forget ID` removes them
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    index_blocks_written: int = 0
+
+    @property
+    def damaged_remaining(self) -> int:
+        """Snapshots still needing data that is gone once this run is over."""
+        left = sum(1 for r in self.repaired if not r.forgotten)
+        return left + len(self.unreadable)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "forget": self.forget,
+            "checked": self.checked,
+            "intact": self.intact,
+            "repaired": [r.to_dict() for r in self.repaired],
+            "unreadable": [{"id": i, "error": e} for i, e in self.unreadable],
+            "index_blocks_written": self.index_blocks_written,
+            "damaged_remaining": self.damaged_remaining,
+        }
+
+
+def repair_snapshots(
+    repo: Repository,
+    refs: Iterable[str] = (),
+    *,
+    forget: bool = False,
+    dry_run: bool = False,
+    progress: PhaseCallback | None = None,
+) -> SnapshotRepairReport:
+    """Rewrite every snapshot (or those named by ``refs``: ids or unique prefixes) that needs
+    data the repository no longer has; see the module docstring."""
+    require_full_access(repo, "snapshot repair")
+    with repo.lock(exclusive=True, operation="repair-snapshots"):
+        repo.load_index()
+        # blobs of packs that are gone count as gone, whatever the index files say
+        repo.forget_lost_packs()
+        report = SnapshotRepairReport(dry_run=dry_run, forget=forget)
+        unreadable: list[tuple[str, str]] = []
+        snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))))
+        wanted = _select(repo, list(refs), [s.id for s in snaps] + [u[0] for u in unreadable])
+        if wanted is not None:
+            snaps = [s for s in snaps if s.id in wanted]
+            unreadable = [u for u in unreadable if u[0] in wanted]
+        report.unreadable = unreadable
+        report.checked = len(snaps) + len(unreadable)
+        writer = None if dry_run else repo.writer(upload_threads=2)
+        fixes: list[tuple[SnapshotRepair, Snapshot | None]] = []
+        try:
+            for n, snap in enumerate(snaps):
+                _tick(progress, "snapshots", n, len(snaps))
+                fix = _cut(repo, snap, writer, report)
+                if fix is None:
+                    report.intact += 1
+                else:
+                    fixes.append(fix)
+            _tick(progress, "snapshots", len(snaps), len(snaps))
+            if writer is not None:
+                writer.flush()  # the new index blocks, and an index file naming them, first
+        finally:
+            if writer is not None:
+                writer.close(flush=False)
+        known = set(repo.snapshot_ids())
+        for item, new in fixes:
+            report.repaired.append(item)
+            if dry_run:
+                item.action = "would repair" if new is not None else "nothing left"
+                continue
+            if new is None:
+                item.action = "nothing left"
+            else:
+                payload_id = hashlib.sha256(_payload(new)).hexdigest()
+                item.action = "already repaired" if payload_id in known else "repaired"
+                item.new_snapshot = repo.save_snapshot(new)
+            if forget:
+                repo.delete_snapshot(item.snapshot)
+                item.forgotten = True
+        return report
+
+
+def _payload(snap: Snapshot) -> bytes:
+    """The stored JSON of ``snap``, as ``Repository.save_snapshot`` makes it (its id is the hash)."""
+    if not snap.program:
+        snap.program = f"vmvault {__version__}"
+    return json.dumps(snap.to_dict(), sort_keys=True).encode()
+
+
+def _select(repo: Repository, refs: list[str], ids: list[str]) -> set[str] | None:
+    if not refs:
+        return None
+    chosen: set[str] = set()
+    for ref in refs:
+        if not ref:
+            raise ConfigError("an empty snapshot id was given")
+        matches = [i for i in ids if i.startswith(ref)]
+        if len(matches) != 1:
+            raise SnapshotNotFoundError(
+                f"{ref!r} matches {len(matches)} snapshots" + ("; give more characters" if matches else "")
+            )
+        chosen.add(matches[0])
+    return chosen
+
+
+def _cut(
+    repo: Repository, snap: Snapshot, writer: BlobWriter | None, report: SnapshotRepairReport
+) -> tuple[SnapshotRepair, Snapshot | None] | None:
+    """The repair of ``snap`` and its repaired copy (None when nothing readable is left), or
+    None when it needs nothing that is gone."""
+    item = SnapshotRepair(snap.id, snap.time, dict(snap.source))
+    disks: list[DiskRecord] = []
+    for disk in snap.disks:
+        new_index, ranges = _cut_disk(repo, disk, writer, report)
+        if ranges:
+            item.lost.append(
+                {"kind": "disk", "name": disk.name, "ranges": ranges, "bytes": sum(e - s for s, e in ranges)}
+            )
+            disk = dataclasses.replace(disk, index=new_index)
+        disks.append(disk)
+    files: list[FileRecord] = []
+    for f in snap.files:
+        if all(_present(repo, c) for c in f.chunks):
+            files.append(f)
+        else:
+            item.lost.append({"kind": "file", "name": f.name, "ranges": [[0, f.size]], "bytes": f.size})
+    if not item.lost:
+        return None
+    has_data = files or any(b is not None for d in disks for b in d.index)
+    if not has_data:
+        return item, None
+    what = "; ".join(f"{x['kind']} {x['name']}: {x['bytes']} bytes" for x in item.lost)
+    new = dataclasses.replace(
+        snap,
+        disks=disks,
+        files=files,
+        tags=sorted(set(snap.tags) | {REPAIRED_TAG}),
+        warnings=[*snap.warnings, f"repaired from snapshot {snap.id[:8]}: lost data cut out ({what})"],
+        extra={**snap.extra, "repaired_from": snap.id, "lost": item.lost},
+        program="",
+    )
+    return item, new
+
+
+def _present(repo: Repository, chunk: str) -> bool:
+    try:
+        return bytes.fromhex(chunk) in repo.index
+    except (ValueError, TypeError):  # a manifest that authenticates but names no id
+        return False
+
+
+def _cut_disk(
+    repo: Repository, disk: DiskRecord, writer: BlobWriter | None, report: SnapshotRepairReport
+) -> tuple[list[str | None], list[list[int]]]:
+    """The disk's index with every lost chunk made ZERO_ID (a lost index block: all of its
+    range), and the lost byte ranges, merged."""
+    cs, span = disk.chunk_size, disk.index_span
+    try:
+        n_chunks = chunk_count(disk)
+    except IntegrityError:
+        n_chunks = 0  # impossible geometry: no block fits its disk, each one is lost
+    lost: list[list[int]] = []
+    new_index: list[str | None] = []
+    for b, block in enumerate(disk.index):
+        if block is None:
+            new_index.append(None)
+            continue
+        first = b * span
+        count = max(0, min(span, n_chunks - first))
+        found = _read_block(repo, block, count)
+        if found is None:
+            lost.append([first * cs, min(disk.size, (first + count) * cs)])
+            new_index.append(None)
+            continue
+        cut = IndexBlockBuilder.from_block(found)
+        changed = False
+        for i, ref in enumerate(found):
+            if is_chunk(ref) and ref not in repo.index:
+                cut.fill(i, i + 1, ZERO_ID)
+                changed = True
+                k = first + i
+                lost.append([k * cs, min(disk.size, (k + 1) * cs)])
+        if not changed:
+            new_index.append(block)
+        elif writer is None:
+            new_index.append(repo.index_block_ref(cut.build()))
+        else:
+            before = writer.index_blocks_added
+            new_index.append(writer.add_index_block(cut.build()))
+            report.index_blocks_written += writer.index_blocks_added - before
+    return new_index, merge_ranges(lost)
+
+
+def _read_block(repo: Repository, block: str, count: int) -> IndexBlock | None:
+    """The index block, or None when it cannot be read or does not hold ``count`` entries."""
+    if count <= 0:
+        return None
+    try:
+        return repo.read_index_block(block, count=count)
+    except IntegrityError:
+        return None

@@ -1,0 +1,353 @@
+"""Where each blob of a repository is: the per-host index cache, this process's own uploads,
+and which packs this process has confirmed present (repository-format.md, section 12.4).
+
+``Repository.index`` is a :class:`RepoIndex`. It opens the cache (repo/index_cache.py) at its
+first use and syncs it once (``sync`` again brings it up to date; commands do that after
+taking their lock). Lookups give every live copy of a blob (``locations``); a copy in a
+pack found missing or too short is left out. Deduplication asks ``has_present``: a copy in
+a pack this process uploaded, or confirmed with one small read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from vmvault.backends.base import Backend
+from vmvault.errors import ObjectNotFoundError, UnsafeStorageError
+from vmvault.repo._layout import PACK_TRAILER, BlobType
+from vmvault.repo.index import BlobLocation, PackRecord, parse_index
+from vmvault.repo.index_cache import CacheDamaged, CachedRow, IndexCache
+from vmvault.repo.pack import BlobEntry, pack_name
+
+__all__ = ["IndexStats", "LostPacks", "RepoIndex"]
+
+
+@dataclass
+class IndexStats:
+    blobs: int
+    data_blobs: int
+    #: plaintext bytes of the distinct DATA blobs
+    data_bytes: int
+
+
+@dataclass
+class LostPacks:
+    """Packs the index names that a presence check found gone or cut short."""
+
+    missing: set[bytes] = field(default_factory=set)
+    #: present, but shorter than the index says (blobs past the end are gone)
+    short: set[bytes] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.short)
+
+    def describe(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} packs named by the index are missing from storage")
+        if self.short:
+            parts.append(f"{len(self.short)} packs are shorter than the index says")
+        return " and ".join(parts)
+
+
+class RepoIndex:
+    """The index of one open repository. Thread-safe.
+
+    ``open_cache`` makes the IndexCache (at first use); ``listing`` lists ``index/`` as
+    (file id, size, stamp); ``fetch(id, size)`` reads and verifies one index file's payload (None
+    when it vanished).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        open_cache: Callable[[], IndexCache],
+        listing: Callable[[], Iterable[tuple[bytes, int, str]]],
+        fetch: Callable[[bytes, int], bytes | None],
+    ) -> None:
+        self._backend = backend
+        self._open_cache = open_cache
+        self._listing = listing
+        self._fetch = fetch
+        self._cache: IndexCache | None = None
+        self._lock = threading.RLock()
+        self._synced = False
+        #: blobs this process uploaded that no ingested index file names yet
+        self._overlay: dict[bytes, list[BlobLocation]] = {}
+        #: pack id -> confirmed present (True) or found gone/short (False)
+        self._confirmed: dict[bytes, bool] = {}
+        #: packs treated as gone whatever a check says (from a listing of data/)
+        self._excluded: set[bytes] = set()
+        #: packs found shorter than the index says: pack id -> stored size (blobs that end
+        #: before the trailer would start still read)
+        self._short: dict[bytes, int] = {}
+        #: time.monotonic() of the last sync (a reader that misses syncs again, not too often)
+        self.synced_at = float("-inf")
+        self.lost = LostPacks()
+        #: what the user should hear about the cache (a rebuilt or temporary cache)
+        self.warnings: list[str] = []
+
+    # ---- the cache ---------------------------------------------------------------------
+
+    @property
+    def cache(self) -> IndexCache:
+        with self._lock:
+            if self._cache is None:
+                self._cache = self._open_cache()
+                self._take_warnings()
+            return self._cache
+
+    def _take_warnings(self) -> None:
+        if self._cache is not None and self._cache.warnings:
+            self.warnings.extend(self._cache.warnings)
+            self._cache.warnings.clear()
+
+    def sync(self, *, progress: Callable[[int, int], None] | None = None) -> list[str]:
+        """Bring the cache up to date with the repository's index files; returns the problems
+        (unreadable index files). Confirmations of pack presence are forgotten."""
+        with self._lock:
+            try:
+                problems = self.cache.sync(self._listing(), self._fetch, progress=progress)
+            except CacheDamaged as exc:
+                self.cache.reset(str(exc))
+                problems = self.cache.sync(self._listing(), self._fetch, progress=progress)
+            self._take_warnings()
+            self._synced = True
+            self.synced_at = time.monotonic()
+            self._confirmed = {k: v for k, v in self._confirmed.items() if k in self._own}
+            return problems
+
+    @property
+    def _own(self) -> set[bytes]:
+        return {loc.pack_id for locs in self._overlay.values() for loc in locs}
+
+    def _ensure(self) -> IndexCache:
+        if not self._synced:
+            with self._lock:
+                if not self._synced:
+                    self.sync()
+        return self.cache
+
+    def _rows(self, blob_id: bytes) -> list[CachedRow]:
+        cache = self._ensure()
+        try:
+            return cache.rows(blob_id)
+        except CacheDamaged as exc:
+            with self._lock:
+                cache.reset(str(exc))
+                self._synced = False
+            return self._ensure().rows(blob_id)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._cache is not None:
+                self._cache.discard()
+                self._cache = None
+            self._synced = False
+
+    # ---- lookups -----------------------------------------------------------------------
+
+    def locations(self, blob_id: bytes) -> list[BlobLocation]:
+        """Every copy of ``blob_id`` this process knows: its own uploads first, then the live
+        index (one per pack), leaving out packs found gone."""
+        with self._lock:
+            out = list(self._overlay.get(blob_id, ()))
+        seen = {loc.pack_id for loc in out}
+        for row in self._rows(blob_id):
+            if row.pack_id in seen or self._gone(row.pack_id, row.offset + row.length):
+                continue
+            seen.add(row.pack_id)
+            out.append(BlobLocation(row.pack_id, BlobEntry(BlobType(row.type), blob_id, *row[2:5])))
+        return out
+
+    def _gone(self, pack_id: bytes, blob_end: int) -> bool:
+        if pack_id in self._excluded:
+            return True
+        cut = self._short.get(pack_id)
+        if cut is not None:
+            return blob_end > cut - PACK_TRAILER.size
+        return self._confirmed.get(pack_id) is False and pack_id in self.lost.missing
+
+    def lookup(self, blob_id: bytes) -> BlobLocation | None:
+        found = self.locations(blob_id)
+        return found[0] if found else None
+
+    def __contains__(self, blob_id: object) -> bool:
+        return isinstance(blob_id, bytes) and bool(self.locations(blob_id))
+
+    def uploaded(self, blob_id: bytes) -> bool:
+        """Whether this process uploaded ``blob_id`` and no ingested index file names it yet."""
+        return blob_id in self._overlay
+
+    def has_present(self, blob_id: bytes) -> bool:
+        """Whether a copy of ``blob_id`` is in a pack this process uploaded or confirmed
+        present and long enough (deduplication may rely on it: section 7, backup rule 4)."""
+        with self._lock:
+            if blob_id in self._overlay:
+                return True
+        for row in self._rows(blob_id):
+            if row.pack_id in self._excluded:
+                continue
+            if self.confirm(row.pack_id, row.pack_length, row.pack_end):
+                return True
+        return False
+
+    def confirm(self, pack_id: bytes, length: int, end: int) -> bool:
+        """Whether the pack is present and at least its recorded length (else long enough for
+        every blob listed in it), asked of the storage once per process."""
+        known = self._confirmed.get(pack_id)
+        if known is not None:
+            return known
+        need = length or end + PACK_TRAILER.size
+        try:
+            ok = len(self._backend.get(pack_name(pack_id), need - 1, 1)) == 1
+            missing = False
+        except (ObjectNotFoundError, UnsafeStorageError):
+            ok, missing = False, True
+        with self._lock:
+            self._confirmed[pack_id] = ok
+            if not ok:
+                (self.lost.missing if missing else self.lost.short).add(pack_id)
+        return ok
+
+    def exclude(self, packs: Iterable[bytes], short: dict[bytes, int] | None = None) -> None:
+        """Treat ``packs`` as gone, and the blobs of ``short`` packs (id -> stored size) that
+        end past the size as gone (a listing of ``data/`` found them missing or cut)."""
+        with self._lock:
+            self._excluded.update(packs)
+            self._short.update(short or {})
+            for pack_id in self._excluded | set(self._short):
+                self._confirmed[pack_id] = False
+
+    def note_stored(self, sizes: dict[bytes, int]) -> None:
+        """Confirmations from a listing of ``data/`` (pack id -> size) instead of one read each."""
+        with self._lock:
+            for pack_id, size in sizes.items():
+                self._confirmed.setdefault(pack_id, size > 0)
+
+    # ---- this process's uploads --------------------------------------------------------
+
+    def add_pack(self, pack_id: bytes, entries: Iterable[BlobEntry]) -> None:
+        """A pack this process has just uploaded: its blobs are known (and present) at once."""
+        with self._lock:
+            self._confirmed[pack_id] = True
+            for e in entries:
+                locs = self._overlay.setdefault(e.id, [])
+                if all(loc.pack_id != pack_id for loc in locs):
+                    locs.append(BlobLocation(pack_id, e))
+
+    def ingested(self, file_id: bytes, payload: bytes, size: int = 0) -> None:
+        """An index file this process has just written: into the cache, and its packs' blobs
+        out of the overlay (a failure to add it to the cache only keeps them in the overlay;
+        the next sync downloads it)."""
+        try:
+            self.cache.ingest(file_id, payload, size)
+        except CacheDamaged as exc:
+            with self._lock:
+                self.cache.reset(str(exc))
+                self._synced = False
+            return
+        except Exception:
+            return
+        records: list[PackRecord] = parse_index(payload, name=f"index/{file_id.hex()}").records
+        written = {rec.pack_id for rec in records}
+        with self._lock:
+            for blob_id in [b for b, locs in self._overlay.items() if any(loc.pack_id in written for loc in locs)]:
+                left = [loc for loc in self._overlay[blob_id] if loc.pack_id not in written]
+                if left:
+                    self._overlay[blob_id] = left
+                else:
+                    del self._overlay[blob_id]
+
+    # ---- whole-index views (maintenance, tests, the dashboard) -------------------------
+
+    def stats(self) -> IndexStats:
+        """Distinct live blobs, DATA blobs and their plaintext bytes: one pass over the cache."""
+        blobs, data, data_bytes = self._ensure().totals()
+        return IndexStats(blobs, data, data_bytes)
+
+    def __len__(self) -> int:
+        return self.stats().blobs
+
+    def packs(self) -> dict[bytes, list[BlobEntry]]:
+        """The first copy of every blob, by pack. The whole index in memory: for tests and
+        small repositories only (check and prune stream instead)."""
+        out: dict[bytes, list[BlobEntry]] = {}
+        seen: set[bytes] = set()
+        for blob_id, row in self._ensure().iter_live():
+            if blob_id in seen or self._gone(row.pack_id, row.offset + row.length):
+                continue
+            seen.add(blob_id)
+            out.setdefault(row.pack_id, []).append(BlobEntry(BlobType(row.type), blob_id, *row[2:5]))
+        with self._lock:
+            for blob_id, locs in self._overlay.items():
+                if blob_id not in seen:
+                    out.setdefault(locs[0].pack_id, []).append(locs[0].entry)
+        return out
+
+    def items(self) -> Iterator[tuple[bytes, BlobLocation]]:
+        """(blob id, its first copy) for every blob: a pass over the whole index."""
+        for pack_id, entries in self.packs().items():
+            for e in entries:
+                yield e.id, BlobLocation(pack_id, e)
+
+    def live_packs(self) -> Iterator[tuple[bytes, int, int]]:
+        """(pack id, recorded length or 0, end of its last blob) of every pack the live index
+        names: one pass over the cache."""
+        return self._ensure().live_packs()
+
+    def disagreement(
+        self, files: dict[bytes, bool], replaced: set[bytes], digests: dict[bytes, tuple[int, int] | None]
+    ) -> str | None:
+        """What this host's cache says otherwise than the index files, or None. ``files``: the
+        cache's present files (id -> live, ``IndexCache.present_files``); ``replaced``: the ids
+        that present files supersede, and ``digests`` their ``rows_digest``, read from the files
+        themselves. Compared: which files are live, and every row of each live one."""
+        live = {f for f in files if f not in replaced}
+        wrong = next((f"index/{f.hex()} live" for f in files if files[f] != (f in live)), None)
+        if wrong is not None:
+            return wrong
+        found = self._ensure().live_digests()
+        return next(
+            (
+                f"the rows of index/{f.hex()}"
+                for f in live
+                if f not in digests or (digests[f] is not None and found.get(f, (0, 0)) != digests[f])
+            ),
+            None,
+        )
+
+    def reset(self, why: str) -> None:
+        """Delete the cache and start an empty one, with a warning (the next sync fills it)."""
+        with self._lock:
+            self.cache.reset(why)
+            self._synced = False
+            self._take_warnings()
+
+    def verify(self, blob_id: bytes) -> bool:
+        """Whether the cache's rows of ``blob_id`` say what the index files they came from say
+        (a read through them failed: the cache may be damaged). False resets the cache."""
+        cache = self._ensure()
+        try:
+            for row in cache.rows(blob_id):
+                file_id = cache.file_id(row.file)
+                payload = None if file_id is None else self._fetch(file_id, 0)
+                if file_id is None or payload is None:
+                    continue  # gone meanwhile: the next sync drops it
+                parsed = parse_index(payload, name=f"index/{file_id.hex()}")
+                rec = next((r for r in parsed.records if r.pack_id == row.pack_id), None)
+                if rec is None or not any(
+                    (i, t, o, n, r) == (blob_id, row.type, row.offset, row.length, row.raw_length)
+                    for t, i, o, n, r in rec.rows()
+                ):
+                    raise CacheDamaged(f"its entry of blob {blob_id.hex()} is not what index/{file_id.hex()} says")
+        except CacheDamaged as exc:
+            with self._lock:
+                cache.reset(str(exc))
+                self._synced = False
+                self._take_warnings()
+            return False
+        return True

@@ -1,0 +1,81 @@
+"""Rewriting part of the index: new index files first, the superseding file last (prune and
+repair; repository-format.md, sections 7 and 12.5).
+
+Writers of many pack records (prune re-listing the packs that stay, repair listing every
+readable pack) add them one at a time to an :class:`IndexFileWriter`, which writes an index
+file each time the one it builds reaches the bound of section 12.2 (64 MiB), so memory holds
+at most one file. The last file written (``finish``) also supersedes the old files: a kill
+before it leaves the old files live beside the new ones (every pack listed twice, which
+readers allow), a kill after it only files to delete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from vmvault.repo.index import MAX_V2_PAYLOAD, IndexFile, parse_index
+from vmvault.repo.pack import BlobEntry
+from vmvault.repo.repository import Repository
+
+__all__ = ["IndexFileWriter"]
+
+_HEADER = 16
+_RECORD = 40  # the larger of the two versions' pack records
+_ENTRY = 45
+
+
+class IndexFileWriter:
+    """Writes pack records into new index files of this repository's version, each at most
+    ``limit`` bytes of payload."""
+
+    def __init__(self, repo: Repository, *, limit: int = MAX_V2_PAYLOAD) -> None:
+        self.repo = repo
+        self.limit = limit
+        self.written: list[bytes] = []
+        self.packs = 0
+        self._current = IndexFile(version=repo.index_version)
+        self._size = _HEADER
+
+    def add(self, pack_id: bytes, entries: list[BlobEntry], length: int = 0) -> None:
+        """List one pack (every entry of its header, in header order; ``length``: its size,
+        0 when not known)."""
+        record = _RECORD + _ENTRY * len(entries)
+        if self._current.packs and self._size + record > self.limit:
+            self.flush()
+        if pack_id in self._current.packs:
+            return
+        self._current.packs[pack_id] = entries
+        if length:
+            self._current.lengths[pack_id] = length
+        self._size += record
+        self.packs += 1
+
+    def absorb(self, file_ids: list[bytes]) -> None:
+        """List again the packs of these index files (written by this run's writer), so that
+        ``finish`` can supersede them too and the index does not keep a small file per run."""
+        for file_id in file_ids:
+            parsed = parse_index(self.repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
+            for rec in parsed.records:
+                self.add(rec.pack_id, rec.entries(), rec.length)
+
+    def flush(self) -> None:
+        if self._current.packs:
+            self.written.append(self.repo.write_index_file(self._current))
+        self._current = IndexFile(version=self.repo.index_version)
+        self._size = _HEADER
+
+    def finish(self, old: Iterable[bytes], *, keep: Iterable[bytes] = (), before: Callable[[], None]) -> list[bytes]:
+        """Write the last file: the packs still held, superseding ``old`` except ``keep`` and
+        the files this writer wrote (a new file may have the same content, hence the same id,
+        as an old one). ``before`` runs first (prune's lock check). Returns the ids superseded;
+        with nothing to supersede, only the packs held are written."""
+        doomed = sorted(set(old) - set(keep) - set(self.written))
+        if not doomed:
+            self.flush()
+            return []
+        before()
+        self._current.supersedes = doomed
+        self.written.append(self.repo.write_index_file(self._current))
+        self._current = IndexFile(version=self.repo.index_version)
+        self._size = _HEADER
+        return doomed
