@@ -1,7 +1,9 @@
 """Fixtures: every backend behind one ``store`` fixture, real servers for the remote ones.
 
-``store`` is parametrised over memory, local, sftp (a real OpenSSH server on loopback) and
-s3 (moto's S3 server on loopback); the contract suite in ``contract.py`` runs against each.
+``store`` is parametrised over memory, local, sftp (a real OpenSSH server on loopback, reached
+through an ``ssh`` child process), sftp-paramiko (the same server through paramiko's SSH), s3
+(moto's S3 server on loopback) and s3-rgw (Ceph's RADOS Gateway on a single-node cluster on
+loopback, ``tests/ceph.py``); the contract suite in ``contract.py`` runs against each.
 Every test gets its own empty directory / prefix on the session's servers.
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.ceph import CephCluster
 from tests.servers import S3Server, SshServer, s3_server, sshd_server
 from vmvault.backends.base import Backend
 from vmvault.backends.local import LocalBackend
@@ -76,37 +79,44 @@ def _local(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
     )
 
 
-def _sftp(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+def _sftp_store(kind: str, transport: str, request: pytest.FixtureRequest) -> StoreUnderTest:
     server: SshServer = request.getfixturevalue("sshd_server")
     sub = f"contract-{uuid.uuid4().hex[:12]}"
     directory = server.root / sub
 
     def make() -> Backend:
-        backend = server.open_backend(sub)
+        backend = server.open_backend(sub, transport=transport)
         assert isinstance(backend, Backend)
         return backend
 
     return StoreUnderTest(
-        "sftp",
+        kind,
         make(),
         open_again=make,
-        location=server.url(sub),
+        location=f"{server.url(sub)}?transport={transport}",
         env=server.env,
         upload_in_progress=lambda: upload_in_progress(directory),
     )
 
 
-def _s3(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+def _sftp(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+    return _sftp_store("sftp", "openssh", request)
+
+
+def _sftp_paramiko(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+    return _sftp_store("sftp-paramiko", "paramiko", request)
+
+
+def _s3_store(kind: str, client: Any, url: Callable[[str, str], str], env: dict[str, str]) -> StoreUnderTest:
+    """A fresh prefix in the contract bucket of an S3 server (``url(bucket, prefix)``)."""
     from vmvault.backends.s3 import open_s3
 
-    server: S3Server = request.getfixturevalue("s3_server")
-    client: Any = server.client()
     if CONTRACT_BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
         client.create_bucket(Bucket=CONTRACT_BUCKET)
     prefix = f"contract-{uuid.uuid4().hex[:12]}"
 
     def make() -> Backend:
-        return open_s3(server.url(CONTRACT_BUCKET, prefix), **S3_MULTIPART)
+        return open_s3(url(CONTRACT_BUCKET, prefix), **S3_MULTIPART)
 
     def in_progress() -> bool:
         answer = client.list_multipart_uploads(Bucket=CONTRACT_BUCKET, Prefix=prefix + "/")
@@ -116,21 +126,35 @@ def _s3(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
         )
 
     return StoreUnderTest(
-        "s3",
+        kind,
         make(),
         open_again=make,
-        location=server.url(CONTRACT_BUCKET, prefix)
+        location=url(CONTRACT_BUCKET, prefix)
         + f"?multipart-threshold={S3_MULTIPART['multipart_threshold']}&part-size={S3_MULTIPART['part_size']}",
-        env=S3Server.client_env(),
+        env=env,
         upload_in_progress=in_progress,
     )
+
+
+def _s3(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+    server: S3Server = request.getfixturevalue("s3_server")
+    return _s3_store("s3", server.client(), server.url, S3Server.client_env())
+
+
+def _s3_rgw(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:
+    # "rgw" puts the gateway's endpoint (https), certificate and credentials in the
+    # environment for this test, over moto's dummy credentials
+    cluster: CephCluster = request.getfixturevalue("rgw")
+    return _s3_store("s3-rgw", cluster.client(), cluster.url, cluster.client_env())
 
 
 _FACTORIES: dict[str, Callable[[Path, pytest.FixtureRequest], StoreUnderTest]] = {
     "memory": _memory,
     "local": _local,
     "sftp": _sftp,
+    "sftp-paramiko": _sftp_paramiko,
     "s3": _s3,
+    "s3-rgw": _s3_rgw,
 }
 
 
@@ -139,7 +163,9 @@ _FACTORIES: dict[str, Callable[[Path, pytest.FixtureRequest], StoreUnderTest]] =
         "memory",
         "local",
         pytest.param("sftp", marks=pytest.mark.integration),
+        pytest.param("sftp-paramiko", marks=pytest.mark.integration),
         pytest.param("s3", marks=pytest.mark.integration),
+        pytest.param("s3-rgw", marks=pytest.mark.integration),
     ]
 )
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:

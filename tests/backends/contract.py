@@ -2,7 +2,7 @@
 
 Subclass :class:`BackendContract` in a test module; it needs a ``store`` fixture yielding a
 :class:`tests.backends.conftest.StoreUnderTest`. ``tests/backends/test_contract.py`` runs it
-against memory, local, sftp and s3.
+against memory, local, sftp, s3 (moto) and s3-rgw (Ceph RADOS Gateway).
 """
 
 from __future__ import annotations
@@ -46,6 +46,25 @@ class BackendContract:
         assert b.exists("config")
         assert not b.exists("conf")
 
+    def test_requests_are_counted(self, store: StoreUnderTest) -> None:
+        """``requests`` counts each operation once, with the bytes it moved (the restore's
+        benchmarks and tests read it to count round trips)."""
+        b = store.backend
+        data = payload(3000, seed=7)
+        before = b.requests.to_dict()
+        b.put("data/aa/counted", data)
+        assert b.get("data/aa/counted", 1000, 500) == data[1000:1500]
+        assert b.get("data/aa/counted") == data
+        assert b.exists("data/aa/counted")
+        assert [o.name for o in b.list("data/")] == ["data/aa/counted"]
+        b.delete("data/aa/counted")
+        after = b.requests.to_dict()
+        delta = {k: after[k] - before[k] for k in after}
+        assert delta["put"] == 1 and delta["bytes_written"] == 3000
+        assert delta["get"] == 2 and delta["bytes_read"] == 3500
+        assert delta["stat"] >= 1 and delta["list"] == 1 and delta["delete"] == 1
+        assert b.requests.gets == after["get"]
+
     def test_get_missing_raises_object_not_found(self, store: StoreUnderTest) -> None:
         b = store.backend
         with pytest.raises(ObjectNotFoundError) as info:
@@ -88,6 +107,22 @@ class BackendContract:
         longer = payload(9000, seed=4)
         b.put("locks/host", longer)
         assert b.get("locks/host") == longer
+
+    def test_a_stamp_changes_when_an_object_is_written_again(self, store: StoreUnderTest) -> None:
+        """Where a listing stamps objects (``ObjectInfo.stamp``), the stamp stays while the object
+        does and changes when it is written again, even with other bytes of the same size: the
+        index cache reads such a file again."""
+        b = store.backend
+        b.put("index/stamped", payload(300, seed=5))
+        (first,) = b.list("index/")
+        (again,) = b.list("index/")
+        assert again.stamp == first.stamp
+        if not first.stamp:
+            return  # this storage says nothing
+        time.sleep(1.1)  # SFTP gives whole seconds
+        b.put("index/stamped", payload(300, seed=6))
+        (rewritten,) = b.list("index/")
+        assert rewritten.size == first.size and rewritten.stamp != first.stamp
 
     def test_empty_object(self, store: StoreUnderTest) -> None:
         b = store.backend
@@ -308,3 +343,32 @@ class BackendContract:
         for key in ("VMVAULT_SFTP_KEY", "AWS_SECRET_ACCESS_KEY"):
             if key in store.env:
                 assert store.env[key] not in url
+
+    # --- capabilities: declared on Backend, checked against the storage ----------------------
+
+    def test_declared_capabilities_match_a_location_without_retention(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        # the contract's locations ask for no retention: the storage gives none
+        assert b.retention_days is None and b.enforces_immutability is False
+        assert b.skipped() == {}
+
+    def test_modified_is_the_write_time_or_unknown(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        before = time.time()
+        b.put("data/00/written", b"x")
+        when = b.modified("data/00/written")
+        # servers on loopback share this clock; S3 stamps whole seconds
+        assert when is None or before - 2 <= when <= time.time() + 2, (before, when)
+        assert b.modified("data/00/never-written") is None
+
+    def test_use_retention_is_enforced_or_changes_nothing(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        enforced = b.use_retention(1)
+        assert isinstance(enforced, bool)
+        if enforced:  # (a store with Object Lock: nothing written after this may be deleted)
+            assert b.enforces_immutability and b.retention_days == 1
+            return
+        assert not b.enforces_immutability and b.retention_days is None
+        b.put("data/00/r", b"r")
+        b.delete("data/00/r")
+        assert not b.exists("data/00/r")

@@ -1,4 +1,4 @@
-"""The backend contract, run against memory, local, sftp (OpenSSH) and s3 (moto)."""
+"""The backend contract, run against memory, local, sftp (OpenSSH), s3 (moto) and s3-rgw (Ceph)."""
 
 from __future__ import annotations
 

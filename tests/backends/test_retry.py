@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import errno
+import socket
+from typing import Any
+
 import pytest
 
-from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry
+from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry, unreachable_reason
 from vmvault.errors import BackendConnectionError, BackendPermissionError
 
 FAST = RetryPolicy(attempts=4, initial_delay=0.001, max_delay=0.004)
+
+
+class _Wrapping(Exception):
+    """Shaped like paramiko's NoValidConnectionsError (``errors``) and botocore's
+    EndpointConnectionError (``kwargs["error"]``), or raised ``from`` a cause."""
+
+    def __init__(
+        self,
+        *,
+        errors: dict[Any, BaseException] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        super().__init__("wrapped")
+        if errors is not None:
+            self.errors = errors
+        if kwargs is not None:
+            self.kwargs = kwargs
+        self.__cause__ = cause
 
 
 def transient(exc: BaseException) -> bool:
@@ -71,3 +94,26 @@ def test_gives_up_with_a_connection_error_naming_the_cause() -> None:
     assert "ConnectionRefusedError" in message and "Connection refused" in message
     assert info.value.name == "data/x"
     assert isinstance(info.value.__cause__, TransientError)
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "connection refused"),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), "no route to host"),
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), "network unreachable"),
+        (socket.gaierror(-2, "Name or service not known"), "host name not found"),
+        (TimeoutError("timed out"), "timed out"),
+        # wrapped as the backends see them
+        (TransientError(ConnectionRefusedError(errno.ECONNREFUSED, "refused")), "connection refused"),
+        (_Wrapping(errors={("127.0.0.1", 22): ConnectionRefusedError(errno.ECONNREFUSED, "x")}), "connection refused"),
+        (_Wrapping(kwargs={"error": socket.gaierror(-2, "unknown")}), "host name not found"),
+        (_Wrapping(cause=OSError(errno.EHOSTUNREACH, "x")), "no route to host"),
+        # reached, then something else went wrong: not "unreachable"
+        (ConnectionResetError(errno.ECONNRESET, "reset"), None),
+        (EOFError(), None),
+        (PermissionError(errno.EACCES, "denied"), None),
+    ],
+)
+def test_unreachable_reason(exc: BaseException, reason: str | None) -> None:
+    assert unreachable_reason(exc) == reason

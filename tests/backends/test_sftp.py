@@ -1,4 +1,7 @@
-"""SFTP backend against a real OpenSSH server on loopback: trust, authentication, faults."""
+"""SFTP backend against a real OpenSSH server on loopback: trust, authentication, faults.
+
+Tests taking the ``transport`` fixture run twice: through an ``ssh`` child process and through
+paramiko's SSH; both must refuse, fail and recover in the same words."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from tests.backends.conftest import upload_in_progress
@@ -36,6 +40,11 @@ def backend(server: SshServer, path: str, **options: object) -> SftpBackend:
     return b
 
 
+@pytest.fixture(params=["openssh", "paramiko"])
+def transport(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
 def own_sshd(tmp_path: Path) -> Iterator[SshServer]:
     """A server this test alone may kill and restart."""
@@ -50,10 +59,10 @@ def temporaries(directory: Path) -> list[str]:
 # --- host keys -----------------------------------------------------------------------------
 
 
-def test_unknown_host_is_refused_with_keyscan_advice(sshd_server: SshServer, tmp_path: Path) -> None:
+def test_unknown_host_is_refused_with_keyscan_advice(sshd_server: SshServer, tmp_path: Path, transport: str) -> None:
     known = tmp_path / "known_hosts"
     known.write_text("")
-    b = backend(sshd_server, "unknown-host", known_hosts=str(known), retry=QUICK)
+    b = backend(sshd_server, "unknown-host", known_hosts=str(known), retry=QUICK, transport=transport)
     with pytest.raises(BackendPermissionError) as info:
         b.put("config", b"x")
     message = str(info.value)
@@ -68,22 +77,26 @@ def test_unknown_host_is_refused_with_keyscan_advice(sshd_server: SshServer, tmp
     assert not (sshd_server.root / "unknown-host").exists()
 
 
-def test_missing_known_hosts_file_is_refused_not_created(sshd_server: SshServer, tmp_path: Path) -> None:
+def test_missing_known_hosts_file_is_refused_not_created(
+    sshd_server: SshServer, tmp_path: Path, transport: str
+) -> None:
     known = tmp_path / "nowhere" / "known_hosts"
-    b = backend(sshd_server, "no-known-hosts", known_hosts=str(known), retry=QUICK)
+    b = backend(sshd_server, "no-known-hosts", known_hosts=str(known), retry=QUICK, transport=transport)
     with pytest.raises(BackendPermissionError, match="ssh-keyscan"):
         b.exists("config")
     assert not known.exists()
 
 
-def test_changed_host_key_is_refused(sshd_server: SshServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_changed_host_key_is_refused(
+    sshd_server: SshServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, transport: str
+) -> None:
     caplog.set_level(logging.WARNING, logger="vmvault.backends._retry")
     impostor = tmp_path / "other_host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
     public = Path(f"{impostor}.pub").read_text().split()
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{sshd_server.port} {public[0]} {public[1]}\n")
-    b = backend(sshd_server, "changed-key", known_hosts=str(known), retry=QUICK)
+    b = backend(sshd_server, "changed-key", known_hosts=str(known), retry=QUICK, transport=transport)
     with pytest.raises(BackendPermissionError) as info:
         b.put("config", b"x")
     assert not caplog.records, "a refused host key must not be retried"
@@ -93,12 +106,12 @@ def test_changed_host_key_is_refused(sshd_server: SshServer, tmp_path: Path, cap
     assert not (sshd_server.root / "changed-key").exists()
 
 
-def test_hashed_known_hosts_entry_is_accepted(sshd_server: SshServer, tmp_path: Path) -> None:
+def test_hashed_known_hosts_entry_is_accepted(sshd_server: SshServer, tmp_path: Path, transport: str) -> None:
     known = tmp_path / "known_hosts"
     known.write_text(sshd_server.known_hosts.read_text())
     subprocess.run(["ssh-keygen", "-H", "-f", str(known)], check=True, capture_output=True)
     assert "|1|" in known.read_text()
-    with backend(sshd_server, "hashed", known_hosts=str(known)) as b:
+    with backend(sshd_server, "hashed", known_hosts=str(known), transport=transport) as b:
         b.put("config", b"ok")
         assert b.get("config") == b"ok"
 
@@ -107,12 +120,12 @@ def test_hashed_known_hosts_entry_is_accepted(sshd_server: SshServer, tmp_path: 
 
 
 def test_wrong_key_gives_permission_error(
-    sshd_server: SshServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    sshd_server: SshServer, tmp_path: Path, caplog: pytest.LogCaptureFixture, transport: str
 ) -> None:
     caplog.set_level(logging.WARNING, logger="vmvault.backends._retry")
     stranger = tmp_path / "id_stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
-    b = backend(sshd_server, "wrong-key", key_filename=str(stranger), retry=QUICK)
+    b = backend(sshd_server, "wrong-key", key_filename=str(stranger), retry=QUICK, transport=transport)
     with pytest.raises(BackendPermissionError) as info:
         b.put("config", b"x")
     assert not caplog.records, "refused credentials must not be retried"
@@ -121,10 +134,34 @@ def test_wrong_key_gives_permission_error(
     assert str(stranger) in message and "authorized_keys" in message
 
 
-def test_no_key_at_all_gives_permission_error(sshd_server: SshServer) -> None:
-    b = backend(sshd_server, "no-key", key_filename=None, retry=QUICK)
+def test_no_key_at_all_gives_permission_error(sshd_server: SshServer, transport: str) -> None:
+    b = backend(sshd_server, "no-key", key_filename=None, retry=QUICK, transport=transport)
     with pytest.raises(BackendPermissionError, match="authorized_keys"):
         b.exists("x")
+
+
+def test_the_agent_is_used_only_when_allowed(
+    sshd_server: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transport: str
+) -> None:
+    """The key is only in an agent: found with ``use_agent``, refused without."""
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            assert time.monotonic() < deadline, "ssh-agent did not start"
+            time.sleep(0.02)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket_path)}
+        subprocess.run(["ssh-add", "-q", str(sshd_server.client_key)], env=env, check=True, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        with backend(sshd_server, "agent", key_filename=None, use_agent=True, transport=transport) as b:
+            b.put("config", b"by agent")
+        b = backend(sshd_server, "agent", key_filename=None, use_agent=False, retry=QUICK, transport=transport)
+        with pytest.raises(BackendPermissionError, match="authorized_keys"):
+            b.get("config")
+    finally:
+        agent.terminate()
+        agent.wait()
 
 
 def test_key_and_known_hosts_from_environment(
@@ -239,7 +276,7 @@ def test_full_disk_gives_storage_full(sshd_server: SshServer, small_disk: Path) 
 # --- pooling -----------------------------------------------------------------------------
 
 
-def test_concurrent_uploads_use_several_connections(own_sshd: SshServer) -> None:
+def test_concurrent_uploads_use_several_connections(own_sshd: SshServer, transport: str) -> None:
     assert own_sshd.process is not None
 
     def sftp_servers() -> int:
@@ -256,7 +293,7 @@ def test_concurrent_uploads_use_several_connections(own_sshd: SshServer) -> None
                 continue
         return count
 
-    with backend(own_sshd, "pool", connections=3) as b:
+    with backend(own_sshd, "pool", connections=3, transport=transport) as b:
         barrier = threading.Barrier(6)
 
         def upload(i: int) -> None:
@@ -338,11 +375,11 @@ def test_server_killed_mid_upload_then_back(own_sshd: SshServer, caplog: pytest.
 
 
 @pytest.mark.slow
-def test_server_gone_for_good_gives_connection_error(own_sshd: SshServer) -> None:
+def test_server_gone_for_good_gives_connection_error(own_sshd: SshServer, transport: str) -> None:
     data = os.urandom(64 * MiB)
     directory = own_sshd.root / "gone"
     policy = RetryPolicy(attempts=4, initial_delay=0.1, max_delay=0.3)
-    with backend(own_sshd, "gone", retry=policy, timeout=5) as b:
+    with backend(own_sshd, "gone", retry=policy, timeout=5, transport=transport) as b:
         b.put("data/small", b"before")
         errors: list[BaseException] = []
 
@@ -394,13 +431,15 @@ def test_cleanup_removes_only_old_temporary_files(sshd_server: SshServer) -> Non
 
 
 @pytest.mark.slow
-def test_server_killed_mid_download_then_back(own_sshd: SshServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_server_killed_mid_download_then_back(
+    own_sshd: SshServer, caplog: pytest.LogCaptureFixture, transport: str
+) -> None:
     caplog.set_level(logging.WARNING, logger="vmvault.backends._retry")
     data = os.urandom(192 * MiB)
     (own_sshd.root / "read").mkdir()
     (own_sshd.root / "read" / "big").write_bytes(data)
     patient = RetryPolicy(attempts=8, initial_delay=0.2, max_delay=1.0)
-    with backend(own_sshd, "read", retry=patient, timeout=10) as b:
+    with backend(own_sshd, "read", retry=patient, timeout=10, transport=transport) as b:
         assert b.exists("big")
         results: list[bytes] = []
         errors: list[BaseException] = []
@@ -424,7 +463,7 @@ def test_server_killed_mid_download_then_back(own_sshd: SshServer, caplog: pytes
     assert any("read big failed" in r.getMessage() for r in caplog.records), "the kill caused no retry"
 
 
-def test_a_hanging_sftp_session_is_an_error_not_a_wait(own_sshd: SshServer) -> None:
+def test_a_hanging_sftp_session_is_an_error_not_a_wait(own_sshd: SshServer, transport: str) -> None:
     """A server that accepts the login but never starts SFTP (e.g. a stuck login shell)."""
     own_sshd.stop()
     config = own_sshd.config.read_text().splitlines()
@@ -433,5 +472,44 @@ def test_a_hanging_sftp_session_is_an_error_not_a_wait(own_sshd: SshServer) -> N
     own_sshd.start()
     started = time.monotonic()
     with pytest.raises(BackendConnectionError, match="did not answer"):
-        backend(own_sshd, "hang", timeout=2, retry=RetryPolicy(attempts=2, initial_delay=0.1)).put("x", b"y")
+        backend(own_sshd, "hang", timeout=2, retry=RetryPolicy(attempts=2, initial_delay=0.1), transport=transport).put(
+            "x", b"y"
+        )
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.skipif(
+    not any(c.endswith("-gcm@openssh.com") for c in paramiko.Transport._preferred_ciphers),
+    reason="this paramiko has no AES-GCM (it came with 3.5; the floor 3.4.1 falls back to AES-CTR)",
+)
+def test_connections_use_aes_gcm_when_the_server_offers_it(sshd_server: SshServer) -> None:
+    """OpenSSH offers AES-GCM; reading through it costs half the client CPU of AES-CTR + HMAC."""
+    b = backend(sshd_server, "cipher", transport="paramiko")
+    try:
+        b.put("data/aa/x", b"x" * 100_000)
+        assert b.get("data/aa/x", 10, 20) == b"x" * 20
+        with b._pool.connection() as conn:
+            assert conn.client is not None
+            ssh = conn.client.get_transport()
+            assert ssh is not None
+            assert ssh.remote_cipher.endswith("-gcm@openssh.com")
+            assert ssh.local_cipher == ssh.remote_cipher
+    finally:
+        b.close()
+
+
+def test_a_server_without_aes_gcm_is_still_reached(own_sshd: SshServer) -> None:
+    own_sshd.stop()
+    # sshd takes the first value it reads for a keyword: this one, before the rest
+    own_sshd.config.write_text("Ciphers aes128-ctr,aes256-ctr\n" + own_sshd.config.read_text())
+    own_sshd.start()
+    b = backend(own_sshd, "ctr", transport="paramiko")
+    try:
+        b.put("data/aa/x", b"payload")
+        assert b.get("data/aa/x") == b"payload"
+        with b._pool.connection() as conn:
+            assert conn.client is not None
+            ssh = conn.client.get_transport()
+            assert ssh is not None and ssh.remote_cipher == "aes128-ctr"
+    finally:
+        b.close()

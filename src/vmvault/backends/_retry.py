@@ -6,12 +6,20 @@ growing, jittered delay. When the attempts are spent the caller gets a
 ``BackendConnectionError`` that says what was tried, for how long, and the last cause.
 Permanent errors (missing object, permission denied, full disk) are never retried: the
 caller's ``classify`` function decides which is which.
+
+A server that cannot be reached at all on the *first* connection (refused, no route, a name
+that does not resolve) is not a transient fault: it is a wrong location or a server that is
+down, and ``vmvault init`` or a backup should say so at once. Backends check
+:func:`unreachable_reason` on their first connection and raise without retrying; retries
+are for faults after the server has answered once.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +27,7 @@ from typing import TypeVar
 
 from vmvault.errors import BackendConnectionError
 
-__all__ = ["RetryPolicy", "TransientError", "call_with_retry"]
+__all__ = ["RetryPolicy", "TransientError", "call_with_retry", "unreachable_reason"]
 
 _log = logging.getLogger(__name__)
 
@@ -100,3 +108,42 @@ def _cause(exc: BaseException) -> str:
         exc = exc.cause
     text = str(exc) or "no details"
     return f"{type(exc).__name__}: {text}"
+
+
+_UNREACHABLE_ERRNOS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EHOSTDOWN: "host is down",
+    errno.EADDRNOTAVAIL: "address not available",
+}
+
+
+def unreachable_reason(exc: BaseException) -> str | None:
+    """A short reason when ``exc`` (or what caused it) says the server cannot be reached at
+    all: "connection refused", "no route to host", "host name not found", "timed out"; None
+    for anything else. Looks through ``TransientError``, ``__cause__``/``__context__``, the
+    arguments of wrapping exceptions and paramiko's per-address ``errors`` mapping."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, socket.gaierror):
+            return "host name not found"
+        if isinstance(item, TimeoutError | socket.timeout):
+            return "timed out"
+        if isinstance(item, OSError) and item.errno in _UNREACHABLE_ERRNOS:
+            return _UNREACHABLE_ERRNOS[item.errno]
+        if isinstance(item, TransientError):
+            todo.append(item.cause)
+        todo.extend((item.__cause__, item.__context__, *item.args))
+        errors = getattr(item, "errors", None)  # paramiko's NoValidConnectionsError
+        if isinstance(errors, dict):
+            todo.extend(errors.values())
+        kwargs = getattr(item, "kwargs", None)  # botocore keeps the cause in kwargs["error"]
+        if isinstance(kwargs, dict):
+            todo.append(kwargs.get("error"))
+    return None

@@ -8,38 +8,190 @@ contract test suite (``tests/backends/contract.py``):
   Writing a name that exists replaces it whole (the repository only does so for
   identical content, except for lock files).
 * ``get`` returns exactly the stored bytes (or a range of them) or raises ObjectNotFoundError.
-* ``list`` yields every object under a prefix (recursively), with its size.
+* ``list`` yields every object under a prefix (recursively), with its size (and a stamp
+  of its version where the listing gives one, ``ObjectInfo.stamp``).
 * ``delete`` of a missing object is not an error.
 
 Backends translate their own failures into ``BackendError`` subclasses: ENOSPC into
 ``StorageFullError``, EACCES into ``BackendPermissionError``, a dropped connection (after
 retries) into ``BackendConnectionError``.
+
+Backends on a file system (local, SFTP) never follow a symbolic link inside the repository
+(repository-format.md, section 10.3): ``list`` skips links, FIFOs, devices and sockets with
+a warning, and every other operation refuses them with ``UnsafeStorageError``. A repository
+whose top-level folders (``TOP_LEVEL_FOLDERS``) are links is refused whole, unless its
+location says ``follow-links=1``. A backend lists what is there; which names are objects
+is the repository's business (``vmvault.repo.names``).
 """
 
 from __future__ import annotations
 
+import logging
+import stat
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-__all__ = ["Backend", "ObjectInfo"]
+__all__ = [
+    "TOP_LEVEL_FOLDERS",
+    "Backend",
+    "ObjectInfo",
+    "RequestStats",
+    "describe_mode",
+    "note_skipped",
+    "shown",
+    "split_name",
+    "unsafe_why",
+]
+
+_log = logging.getLogger("vmvault.backends")
+
+#: the folders at a repository's top (repository-format.md, section 2): the only links a
+#: file-system backend follows, and only when its location says ``follow-links=1``
+TOP_LEVEL_FOLDERS = frozenset({"data", "index", "snapshots", "locks", "keys", "status"})
+
+
+def shown(name: str) -> str:
+    """A name read from the storage, safe in a message: control characters, anything not
+    ASCII and bytes that were not UTF-8 are escaped (it may have been made to rewrite the
+    terminal)."""
+    return ascii(name)[1:-1]
+
+
+def split_name(name: str) -> list[str]:
+    """The folders and leaf of object name ``name``; ValueError unless every part is a plain
+    name (no empty part, ``.``, ``..`` or NUL) and it is no temporary name (``.tmp-``)."""
+    parts = name.split("/")
+    if "\0" in name or ".tmp-" in name or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad object name {name!r}")
+    return parts
+
+
+def note_skipped(skipped: dict[str, str], url: str, name: str, why: str) -> None:
+    """Record an entry a listing skipped (a link, a FIFO, a name that is not UTF-8, ...) in a
+    backend's ``skipped`` record, warning once per entry."""
+    key = shown(name)
+    if key not in skipped:
+        skipped[key] = why
+        _log.warning("%s: skipped %s: %s", url, key, why)
+
+
+def unsafe_why(kind: str) -> str:
+    """Why an entry of ``kind`` (``describe_mode``) is skipped."""
+    return f"{kind}, never followed or opened (a repository holds only files and folders: was it planted?)"
+
+
+def describe_mode(mode: int) -> str:
+    """What a file-system entry that is not an object is: "a symbolic link", "a FIFO", ..."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISBLK(mode) or stat.S_ISCHR(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
     name: str
     size: int
+    #: what the listing says of this version of the object at no extra cost, "" when nothing:
+    #: the ETag (S3), modification and change times and inode (a local folder), the
+    #: modification time (SFTP, in seconds). The object written again, it changes (SFTP: at a
+    #: later second); damage below the storage's interface (bit rot) leaves it as it was.
+    #: Not compared: two listings of one object differ only in it when it was rewritten.
+    stamp: str = field(default="", compare=False)
+
+
+class RequestStats:
+    """Operations a backend was asked for, by kind, with the bytes they moved. Thread-safe.
+
+    One count is one call of an operation (``get``, ``put``, ``list``, ``exists``/``modified``
+    as ``stat``, ``delete``), whatever the protocol makes of it (an SFTP read is a stat, an open
+    and pipelined read requests; a retried call is counted once more under ``retries``). The
+    benchmarks and tests read it to see how many round trips a restore costs.
+    """
+
+    KINDS = ("get", "put", "list", "stat", "delete")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = dict.fromkeys(self.KINDS, 0)
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.retries = 0
+
+    def count(self, kind: str, *, written: int = 0) -> None:
+        """One call of ``kind`` (one of ``KINDS``), writing ``written`` bytes."""
+        with self._lock:
+            self.counts[kind] += 1
+            self.bytes_written += written
+
+    def read(self, data: bytes) -> bytes:
+        """Count ``data`` as read, and return it."""
+        with self._lock:
+            self.bytes_read += len(data)
+        return data
+
+    def retried(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+    @property
+    def gets(self) -> int:
+        return self.counts["get"]
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts = dict.fromkeys(self.KINDS, 0)
+            self.bytes_read = self.bytes_written = self.retries = 0
+
+    def to_dict(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                **self.counts,
+                "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written,
+                "retries": self.retries,
+            }
+
+
+_stats_lock = threading.Lock()
 
 
 class Backend(ABC):
+    """One kind of storage. Besides the five operations, a backend declares what it can do
+    (its capabilities, with the defaults of a storage that can do none of it), so callers
+    never probe for attributes by name; the contract suite checks each against the storage:
+
+    * ``enforces_immutability``: the storage itself refuses deletes of locked objects (S3
+      Object Lock); False when only the client declines;
+    * ``retention_days``: the retention every new data, index and snapshot object gets from
+      the storage, when the location asks for it (``s3://...?immutable-days=N``);
+    * ``use_retention(days)``: ask the storage to enforce the repository's retention from now
+      on; False (the default) when it cannot, and then nothing changes;
+    * ``modified(name)``: when an object was written, when the storage can say (None: unknown);
+    * ``skipped()``: entries a listing met that cannot be objects (file-system backends).
+    """
+
     #: a URL-ish description for messages (never contains secrets)
     url: str = "?"
 
     #: True when the storage itself refuses deletes of locked objects (S3 Object Lock);
     #: False when only the client declines.
     enforces_immutability: bool = False
+
+    #: days of retention the storage gives every new data, index and snapshot object (the
+    #: location's own ``immutable-days=N``, or what ``use_retention`` set); None: none
+    retention_days: int | None = None
 
     @abstractmethod
     def put(self, name: str, data: bytes) -> None:
@@ -59,11 +211,39 @@ class Backend(ABC):
     @abstractmethod
     def delete(self, name: str) -> None: ...
 
+    @property
+    def requests(self) -> RequestStats:
+        """What this backend object was asked to do so far (``RequestStats``)."""
+        stats = self.__dict__.get("_requests")
+        if not isinstance(stats, RequestStats):
+            with _stats_lock:
+                stats = self.__dict__.setdefault("_requests", RequestStats())
+            assert isinstance(stats, RequestStats)
+        return stats
+
+    def use_retention(self, days: int) -> bool:
+        """Have the storage keep every data, index and snapshot object written from now on for
+        ``days`` days (the repository's ``immutable_days``). True when the storage enforces it
+        (then ``enforces_immutability`` and ``retention_days`` say so); False when it cannot,
+        and nothing changes: retention is then only advisory (the client declines deletes)."""
+        return False
+
+    def skipped(self) -> dict[str, str]:
+        """Entries this backend's listings met and skipped because they cannot be objects (a
+        file-system backend's links, FIFOs, devices, sockets, names that are not UTF-8): the
+        name, escaped, and why. ``check`` reports them."""
+        return {}
+
     def modified(self, name: str) -> float | None:
         """When ``name`` was last written (seconds since the epoch), None when unknown.
 
         Used to tell whether an object is still under the repository's retention period
         (``immutable_days``); unknown counts as still retained."""
+        return None
+
+    def free_space(self) -> int | None:
+        """Bytes the storage can still take, None when it does not say (object stores, SFTP
+        servers without the statvfs extension). Dashboards estimate when it fills up."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -3,6 +3,26 @@
 Atomic put: write to a unique temporary file in the target directory, fsync it, rename it
 over the name, fsync the directory. A crash leaves either the old state or the new object,
 plus at worst a ``*.tmp-*`` file that ``list`` ignores and ``cleanup_temporary`` removes.
+
+Links (repository-format.md, section 10.3). Whoever can write the repository's directory
+can plant symbolic links in it; ``locks -> /some/folder`` once made ``forget`` delete every
+file under that folder. So no operation follows a link inside the repository: every name is
+resolved one component at a time from a descriptor of the root, each folder opened with
+``O_DIRECTORY | O_NOFOLLOW`` relative to its parent's descriptor and the object itself with
+``O_NOFOLLOW`` (and ``O_NONBLOCK``, so that a FIFO cannot hang a read). Folders are created
+with ``mkdir`` relative to a descriptor and then opened the same way, and listed with
+``scandir`` on a descriptor, where an entry's type is that of the entry itself.
+
+* The root path the user gave is resolved as the system resolves any path: it may be a link
+  the user chose (``/backup -> /mnt/disk``), and it lies outside what the storage's writer
+  controls. It is opened again for each operation, so a long-running process pins no mount.
+* The top-level folders ``data``, ``index``, ``snapshots``, ``locks`` and ``keys`` may be links
+  only when the location says so: ``file:///path?follow-links=1`` (``LocalBackend(root,
+  follow_links=True)``), for an administrator who put, say, ``data`` on another disk.
+  Otherwise a repository with such a link is refused whole, whatever the operation.
+* Every other link (a deeper folder, an object, ``config``), and every FIFO, device or socket,
+  is never followed nor opened: ``list`` skips it with a warning, every other operation
+  refuses it with ``UnsafeStorageError``.
 """
 
 from __future__ import annotations
@@ -10,81 +30,261 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
+import stat
+import time
 from collections.abc import Iterator
+from urllib.parse import parse_qs
 
-from vmvault.backends.base import Backend, ObjectInfo
+from vmvault import platform
+from vmvault.backends.base import (
+    TOP_LEVEL_FOLDERS,
+    Backend,
+    ObjectInfo,
+    describe_mode,
+    note_skipped,
+    shown,
+    split_name,
+    unsafe_why,
+)
 from vmvault.errors import (
     BackendError,
     BackendPermissionError,
+    ConfigError,
     ObjectNotFoundError,
     StorageFullError,
+    UnsafeStorageError,
 )
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "open_local"]
 
 _TMP_MARK = ".tmp-"
+#: the temporary names ``put`` makes: the object's name, the mark, 6 random bytes in hex
+_TMP_NAME = re.compile(r".+\.tmp-[0-9a-f]{12}")
+#: vmvault writes three levels (data/xx/id); deeper trees are someone else's and are not walked
+#: past this depth, so a planted tree cannot exhaust the stack or the descriptors
+_MAX_DEPTH = 32
+
+_DIR_FLAGS = os.O_RDONLY | platform.O_DIRECTORY | platform.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | platform.O_NOFOLLOW | platform.O_NONBLOCK | platform.O_NOCTTY | platform.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | platform.O_NOFOLLOW | platform.O_CLOEXEC
 
 
 class LocalBackend(Backend):
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, follow_links: bool = False) -> None:
+        if platform.WINDOWS:
+            raise BackendError(
+                f"{root}: a repository in a local folder {platform.NO_FOLDER_DESCRIPTORS}; use sftp:// or s3://"
+            )
         self.root = os.path.abspath(root)
+        #: follow links that replace the top-level folders (nothing deeper, ever)
+        self.follow_links = follow_links
         self.url = self.root
-        self._known_dirs: set[str] = set()
+        self._layout_checked = False
+        self._skipped: dict[str, str] = {}
 
-    def _path(self, name: str) -> str:
-        if name.startswith("/") or ".." in name.split("/"):
-            raise ValueError(f"bad object name {name!r}")
-        return os.path.join(self.root, name)
+    def skipped(self) -> dict[str, str]:
+        return dict(self._skipped)
+
+    def _skip(self, rel: str, why: str) -> None:
+        note_skipped(self._skipped, self.url, rel, why)
+
+    # --- names and errors -------------------------------------------------------------
+
+    @staticmethod
+    def _folder_parts(rel: str) -> list[str]:
+        parts = rel.split("/") if rel else []
+        if "\0" in rel or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"bad prefix {rel!r}")
+        return parts
 
     def _error(self, exc: OSError, action: str, name: str) -> BackendError:
-        text = f"{self.url}: cannot {action} {name}: {exc.strerror or exc}"
+        text = f"{self.url}: cannot {action} {shown(name)}: {exc.strerror or exc}"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return StorageFullError(f"{self.url}: the repository's disk is full (writing {name})", name=name)
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return BackendPermissionError(text, name=name)
-        if exc.errno in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
+        if action != "write" and exc.errno in (errno.ENOENT, errno.EISDIR, errno.ENOTDIR):
             # names are flat: the "directory" data/ab of data/ab/x is no object
-            return ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
+            return ObjectNotFoundError(f"{self.url}: no object {shown(name)}", name=name)
         return BackendError(text, name=name)
 
-    def _ensure_dir(self, directory: str) -> None:
-        if directory in self._known_dirs:
-            return
-        os.makedirs(directory, exist_ok=True)
-        self._known_dirs.add(directory)
+    def _unsafe(self, rel: str, mode: int) -> UnsafeStorageError:
+        what = describe_mode(mode)
+        if "/" not in rel and rel in TOP_LEVEL_FOLDERS and stat.S_ISLNK(mode):
+            return UnsafeStorageError(
+                f"{self.url}: the folder {rel} is a symbolic link. vmvault follows no link inside a "
+                "repository (one planted there could make it read, write or delete files anywhere), so it "
+                "refuses this repository. If you made the link yourself (a folder on another disk), give "
+                f"the location as file://{self.root}?follow-links=1",
+                name=rel,
+                kind=what,
+            )
+        return UnsafeStorageError(
+            f"{self.url}: {shown(rel)} is {what}, where the repository holds only files and folders; "
+            "vmvault never follows or opens one (was it planted?). Remove it, or put the object it stands "
+            "for in its place.",
+            name=rel,
+            kind=what,
+        )
+
+    def _refuse_if_unsafe(self, parent: int, component: str, rel: str) -> os.stat_result | None:
+        """Raise UnsafeStorageError when ``component`` of folder ``parent`` is a link or a
+        special file; its lstat otherwise (None when absent)."""
+        try:
+            st = os.stat(component, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise self._unsafe(rel, st.st_mode)
+        return st
+
+    # --- folders ----------------------------------------------------------------------
+
+    def _open_root(self, *, create: bool) -> int | None:
+        """A descriptor of the root folder; None when it does not exist and ``create`` is False."""
+        try:
+            fd = os.open(self.root, _DIR_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            if not create:
+                return None
+            os.makedirs(self.root, exist_ok=True)  # the user's own path: links in it are theirs
+            fd = os.open(self.root, _DIR_FLAGS)
+        if not self._layout_checked:
+            try:
+                self._check_layout(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def _check_layout(self, root: int) -> None:
+        """Refuse a repository whose top-level folders are links (unless told to follow them)."""
+        if not self.follow_links:
+            for top in sorted(TOP_LEVEL_FOLDERS):
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(top, dir_fd=root, follow_symlinks=False)
+                    if stat.S_ISLNK(st.st_mode):
+                        raise self._unsafe(top, st.st_mode)
+        self._layout_checked = True
+
+    def _open_dir(self, parent: int, component: str, rel: str, *, create: bool) -> int | None:
+        """Open folder ``component`` of ``parent`` without following a link (but a top-level
+        folder's link with ``follow_links``); None when it is absent and ``create`` is False."""
+        flags = _DIR_FLAGS
+        if not (self.follow_links and rel in TOP_LEVEL_FOLDERS):
+            flags |= platform.O_NOFOLLOW
+        try:
+            return os.open(component, flags, dir_fd=parent)
+        except FileNotFoundError:
+            if not create:
+                return None
+        except OSError:
+            self._refuse_if_unsafe(parent, component, rel)
+            raise
+        with contextlib.suppress(FileExistsError):  # another writer may make it meanwhile
+            os.mkdir(component, dir_fd=parent)
+            os.fsync(parent)
+        try:
+            return os.open(component, flags, dir_fd=parent)
+        except OSError:
+            # replaced by a link between mkdir and open: refused like any other
+            self._refuse_if_unsafe(parent, component, rel)
+            raise
+
+    @contextlib.contextmanager
+    def _descend(self, parts: list[str], *, create: bool = False, listing: bool = False) -> Iterator[int | None]:
+        """A descriptor of folder ``parts`` (``[]``: the root), reached from the root without
+        following links; None when a folder on the way does not exist (and ``create`` is
+        False). ``listing``: a file on the way, or a link below the top level (skipped with a
+        warning), also gives None instead of an error."""
+        fd = self._open_root(create=create)
+        try:
+            for depth in range(len(parts)):
+                if fd is None:
+                    break
+                here = "/".join(parts[: depth + 1])
+                try:
+                    sub = self._open_dir(fd, parts[depth], here, create=create)
+                except NotADirectoryError:
+                    if not listing:
+                        raise
+                    sub = None
+                except UnsafeStorageError as exc:
+                    if not listing or here in TOP_LEVEL_FOLDERS:
+                        raise
+                    self._skip(here, unsafe_why(exc.kind))
+                    sub = None
+                os.close(fd)
+                fd = sub
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    # --- the Backend interface ----------------------------------------------------------
 
     def put(self, name: str, data: bytes) -> None:
-        path = self._path(name)
-        directory = os.path.dirname(path)
-        tmp = f"{path}{_TMP_MARK}{secrets.token_hex(6)}"
+        self.requests.count("put", written=len(data))
+        parts = split_name(name)
+        leaf = parts[-1]
+        tmp = f"{leaf}{_TMP_MARK}{secrets.token_hex(6)}"
         try:
-            self._ensure_dir(directory)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            with self._descend(parts[:-1], create=True) as parent:
+                assert parent is not None
+                fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=parent)
+                try:
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            # (a 16 MiB pack in one call: 5-7 times the system time)
+                            written = os.write(fd, view[: platform.WRITE_SLICE])
+                            view = view[written:]
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    # rename would replace a link itself, not its target; still, a link where an
+                    # object belongs was planted, and is reported rather than silently replaced
+                    self._refuse_if_unsafe(parent, leaf, name)
+                    os.rename(tmp, leaf, src_dir_fd=parent, dst_dir_fd=parent)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp, dir_fd=parent)
+                    raise
+                os.fsync(parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise self._error(exc, "write", name) from exc
 
-    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+    def _open_object(self, name: str) -> int:
+        """A read descriptor of object ``name``, which is a regular file."""
+        parts = split_name(name)
         try:
-            fd = os.open(self._path(name), os.O_RDONLY)
+            with self._descend(parts[:-1]) as parent:
+                if parent is None:
+                    raise FileNotFoundError(errno.ENOENT, "no such object")
+                try:
+                    fd = os.open(parts[-1], _READ_FLAGS, dir_fd=parent)
+                except OSError:
+                    self._refuse_if_unsafe(parent, parts[-1], name)
+                    raise
         except OSError as exc:
             raise self._error(exc, "read", name) from exc
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            os.close(fd)
+            raise self._error(exc, "read", name) from exc
+        if stat.S_ISREG(mode):
+            return fd
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise ObjectNotFoundError(f"{self.url}: no object {shown(name)}", name=name)
+        raise self._unsafe(name, mode)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        self.requests.count("get")
+        fd = self._open_object(name)
         try:
             if length is None:
                 length = os.fstat(fd).st_size - offset
@@ -92,68 +292,172 @@ class LocalBackend(Backend):
             pos = offset
             remaining = length
             while remaining > 0:
-                part = os.pread(fd, remaining, pos)
+                part = platform.pread(fd, remaining, pos)
                 if not part:
                     break
                 chunks.append(part)
                 pos += len(part)
                 remaining -= len(part)
-            return b"".join(chunks)
+            return self.requests.read(b"".join(chunks))
         except OSError as exc:
             raise self._error(exc, "read", name) from exc
         finally:
             os.close(fd)
 
+    def _lstat(self, name: str, action: str) -> os.stat_result | None:
+        """The object's own status (never a link's target); None when there is no object."""
+        parts = split_name(name)
+        try:
+            with self._descend(parts[:-1]) as parent:
+                if parent is None:
+                    return None
+                st = self._refuse_if_unsafe(parent, parts[-1], name)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise self._error(exc, action, name) from exc
+        return st if st is not None and stat.S_ISREG(st.st_mode) else None
+
     def exists(self, name: str) -> bool:
-        return os.path.isfile(self._path(name))
+        self.requests.count("stat")
+        return self._lstat(name, "look up") is not None
 
     def modified(self, name: str) -> float | None:
-        try:
-            return os.stat(self._path(name)).st_mtime
-        except FileNotFoundError:
-            return None
+        self.requests.count("stat")
+        st = self._lstat(name, "look up")
+        return None if st is None else st.st_mtime
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        base = self._path(prefix.rstrip("/")) if prefix.rstrip("/") else self.root
-        if prefix and not prefix.endswith("/"):
-            base = os.path.dirname(base)
-        if not os.path.isdir(base):
-            return
-        out: list[ObjectInfo] = []
-        for dirpath, _dirs, files in os.walk(base):
-            for fname in files:
-                if _TMP_MARK in fname:
-                    continue
-                full = os.path.join(dirpath, fname)
-                name = os.path.relpath(full, self.root).replace(os.sep, "/")
-                if not name.startswith(prefix):
-                    continue
-                try:
-                    size = os.stat(full).st_size
-                except FileNotFoundError:
-                    continue
-                out.append(ObjectInfo(name, size))
-        yield from sorted(out, key=lambda o: o.name)
+    def free_space(self) -> int | None:
+        try:
+            with self._descend([]) as fd:
+                st = os.statvfs(fd) if fd is not None else None
+        except OSError:
+            return None
+        return None if st is None else st.f_bavail * st.f_frsize
 
     def delete(self, name: str) -> None:
+        self.requests.count("delete")
+        parts = split_name(name)
         try:
-            os.unlink(self._path(name))
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            pass  # nothing of that name (a directory is no object)
+            with self._descend(parts[:-1]) as parent:
+                if parent is None:
+                    return
+                st = self._refuse_if_unsafe(parent, parts[-1], name)
+                if st is None or stat.S_ISDIR(st.st_mode):
+                    return  # nothing of that name (a directory is no object)
+                os.unlink(parts[-1], dir_fd=parent)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
         except OSError as exc:
-            if exc.errno == errno.EPERM and os.path.isdir(self._path(name)):
-                return  # Linux answers EPERM for unlink() of a directory
             raise self._error(exc, "delete", name) from exc
 
-    def cleanup_temporary(self) -> int:
-        """Remove temporary files left by a killed writer; returns how many."""
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self.requests.count("list")
+        if prefix.startswith("/") or "\0" in prefix:
+            raise ValueError(f"bad prefix {prefix!r}")
+        start = prefix[: prefix.rfind("/")] if "/" in prefix else ""
+        out: list[ObjectInfo] = []
+        try:
+            with self._descend(self._folder_parts(start), listing=True) as fd:
+                if fd is not None:
+                    for _dir, _name, rel, st in self._walk(fd, start, prefix, temporary=False):
+                        out.append(ObjectInfo(rel, st.st_size, f"{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}"))
+        except OSError as exc:
+            raise self._error(exc, "list", prefix or "the repository") from exc
+        yield from sorted(out, key=lambda o: o.name)
+
+    def cleanup_temporary(self, older_than: float = 24 * 3600) -> int:
+        """Remove temporary files that killed writers left behind, if older than
+        ``older_than`` seconds (younger ones may belong to a write still running in another
+        process); returns how many were removed. Only names ``put`` makes, only regular files."""
+        cutoff = time.time() - older_than
         removed = 0
-        for dirpath, _dirs, files in os.walk(self.root):
-            for fname in files:
-                if _TMP_MARK in fname:
-                    try:
-                        os.unlink(os.path.join(dirpath, fname))
-                        removed += 1
-                    except OSError:
-                        pass
+        try:
+            with self._descend([]) as fd:
+                if fd is None:
+                    return 0
+                for parent, leaf, _rel, st in self._walk(fd, "", "", temporary=True):
+                    if st.st_mtime < cutoff:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(leaf, dir_fd=parent)
+                            removed += 1
+        except OSError as exc:
+            raise self._error(exc, "remove temporary files in", "the repository") from exc
         return removed
+
+    # --- walking ------------------------------------------------------------------------
+
+    def _walk(
+        self, fd: int, rel_dir: str, prefix: str, *, temporary: bool, depth: int = 0
+    ) -> Iterator[tuple[int, str, str, os.stat_result]]:
+        """(folder descriptor, name, relative name, lstat) of each regular file under folder
+        ``fd`` whose relative name starts with ``prefix``: temporary files or objects. Links
+        and special files are skipped with a warning, never followed."""
+        folders: list[tuple[str, str]] = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if not (rel.startswith(prefix) or prefix.startswith(rel + "/")):
+                    continue
+                try:
+                    entry.name.encode()
+                except UnicodeEncodeError:
+                    self._skip(rel, "not UTF-8, so no name vmvault writes")
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # removed while we listed
+                if stat.S_ISLNK(st.st_mode) and self.follow_links and rel in TOP_LEVEL_FOLDERS:
+                    folders.append((entry.name, rel))
+                elif stat.S_ISLNK(st.st_mode) and rel in TOP_LEVEL_FOLDERS:
+                    raise self._unsafe(rel, st.st_mode)
+                elif stat.S_ISDIR(st.st_mode):
+                    folders.append((entry.name, rel))
+                elif not stat.S_ISREG(st.st_mode):
+                    self._skip(rel, unsafe_why(describe_mode(st.st_mode)))
+                elif (_TMP_NAME.fullmatch(entry.name) if temporary else _TMP_MARK not in entry.name) and (
+                    rel.startswith(prefix)
+                ):
+                    yield fd, entry.name, rel, st
+        for name, rel in folders:
+            if depth + 1 >= _MAX_DEPTH:
+                self._skip(rel, "folders nested deeper than vmvault writes")
+                continue
+            try:
+                sub = self._open_dir(fd, name, rel, create=False)
+            except NotADirectoryError:
+                continue  # a top-level link to a file, or replaced by a file meanwhile
+            except UnsafeStorageError as exc:  # replaced by a link meanwhile
+                if rel in TOP_LEVEL_FOLDERS:
+                    raise
+                self._skip(rel, unsafe_why(exc.kind))
+                continue
+            if sub is None:
+                continue
+            try:
+                yield from self._walk(sub, rel, prefix, temporary=temporary, depth=depth + 1)
+            finally:
+                os.close(sub)
+
+
+def open_local(location: str) -> LocalBackend:
+    """``/path``, ``relative/path``, or ``file:///path[?follow-links=1]``.
+
+    ``follow-links=1`` lets the top-level folders (data, index, snapshots, locks, keys) be
+    symbolic links the administrator made; links anywhere deeper are never followed.
+    A ``file://`` location takes options after ``?``; a path with ``?`` in it is given plainly.
+    """
+    if not location.startswith("file://"):
+        return LocalBackend(location)
+    path, _, query = location.removeprefix("file://").partition("?")
+    if not path:
+        raise ConfigError(f"{location!r}: a file:// location needs a path (file:///srv/backup)")
+    options = parse_qs(query, keep_blank_values=True)
+    unknown = set(options) - {"follow-links"}
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(sorted(unknown))} in {location!r} (known: follow-links)")
+    follow = options.get("follow-links", ["0"])[-1]
+    if follow not in ("0", "1"):
+        raise ConfigError(f"follow-links must be 1 or 0, not {follow!r}, in {location!r}")
+    return LocalBackend(path, follow_links=follow == "1")

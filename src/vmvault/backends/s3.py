@@ -19,6 +19,15 @@ backoff; on top of that a bounded loop of our own retries connection drops (incl
 that stops half-way) and restarts a multipart upload the server forgot (NoSuchUpload, as
 after a server restart). What still fails becomes a ``BackendError`` subclass.
 
+Checksums: every PutObject and UploadPart carries the body's CRC-32 in the
+``x-amz-checksum-crc32`` header, computed here (a multipart upload declares CRC32 when it
+is created and lists each part's checksum when it is completed). botocore (1.36 and later) would otherwise
+compute it itself and, over https, send it as a trailer after an ``aws-chunked`` body
+(``STREAMING-UNSIGNED-PAYLOAD-TRAILER``), which older S3-compatible servers do not parse:
+Ceph RGW 16 (Debian 12) answers every such upload with ``400 MissingContentLength``. A
+header works everywhere: AWS verifies it (and asks for Content-MD5 or such a header on
+uploads with Object Lock parameters); servers that do not know it ignore it.
+
 Object Lock: with ``retention_days`` every put sets ``ObjectLockMode=COMPLIANCE`` and
 ``ObjectLockRetainUntilDate``; the bucket must have Object Lock enabled (checked at open),
 and then ``enforces_immutability`` is True. A delete in such a (versioned) bucket only adds a
@@ -27,28 +36,35 @@ delete marker; the locked version stays until its retention ends.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import ipaddress
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import boto3
-import botocore.exceptions
-from botocore.config import Config
-
-from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry
-from vmvault.backends.base import Backend, ObjectInfo
 from vmvault.errors import (
     BackendConnectionError,
     BackendError,
     BackendPermissionError,
+    BackendUnreachableError,
     ConfigError,
     ObjectNotFoundError,
     StorageFullError,
+    require,
 )
+
+require("boto3", purpose="s3:// repositories")  # and botocore, which boto3 imports
+
+import boto3  # noqa: E402
+import botocore.exceptions  # noqa: E402
+from botocore.config import Config  # noqa: E402
+
+from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry, unreachable_reason  # noqa: E402
+from vmvault.backends.base import Backend, ObjectInfo  # noqa: E402
 
 __all__ = ["S3Backend", "open_s3", "parse_s3_location"]
 
@@ -92,6 +108,42 @@ def _is_connection_failure(exc: BaseException) -> bool:
         | botocore.exceptions.IncompleteReadError
         | ConnectionError,
     )
+
+
+def _check_range(url: str, name: str, answer: dict[str, Any], offset: int, asked: str) -> None:
+    """Refuse the answer to a ranged read that does not start where asked: a server that
+    ignores the Range header sends the object from its start (more than asked is never read:
+    the caller reads at most ``length`` bytes of the body)."""
+    found = str(answer.get("ContentRange") or "")
+    start = found[len("bytes ") :].split("-", 1)[0] if found.startswith("bytes ") else ""
+    if (found and start != str(offset)) or (not found and offset):
+        raise BackendError(
+            f"{url}: the server answered a read of {name} ({asked}) with {found or 'the whole object'}: "
+            "not the range asked for",
+            name=name,
+        )
+
+
+def _read_at_most(body: Any, length: int) -> bytes:
+    """Up to ``length`` bytes of a response body. botocore checks the body against its
+    Content-Length only when a read comes back empty, so a short read is followed by another
+    until ``length`` or the end: a connection dropped half-way then raises (and the read is
+    retried) instead of passing a truncated answer on as the data."""
+    parts: list[bytes] = []
+    got = 0
+    while got < length:
+        piece = body.read(length - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def _crc32(data: bytes) -> str:
+    """The ``x-amz-checksum-crc32`` value: base64 of the big-endian CRC-32 (S3 API reference,
+    "Checking object integrity")."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode("ascii")
 
 
 def _is_loopback(host: str) -> bool:
@@ -162,12 +214,17 @@ class S3Backend(Backend):
             # custom endpoints (MinIO, RGW, moto) rarely have wildcard DNS for virtual hosts
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
-        self._client: Any = session.client(
+        region_name = region or session.region_name or ("us-east-1" if endpoint_url else None)
+        self._client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
+        # the first request goes out once, without botocore's retries: a server that cannot be
+        # reached at all (refused, no route, unknown name) is reported at once, not after a minute
+        probe: Any = session.client(
             "s3",
             endpoint_url=endpoint_url,
-            region_name=region or session.region_name or ("us-east-1" if endpoint_url else None),
-            config=config,
+            region_name=region_name,
+            config=config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1})),
         )
+        self._probe(probe)
         self._check_bucket()
         self.enforces_immutability = retention_days is not None
 
@@ -199,6 +256,7 @@ class S3Backend(Backend):
             policy=self.retry,
             is_transient=lambda exc: isinstance(exc, TransientError),
             describe=f"{self.url}: {describe}",
+            on_retry=lambda _exc: self.requests.retried(),
             name=name,
         )
 
@@ -223,6 +281,23 @@ class S3Backend(Backend):
                 f"{self.url}: the server kept failing to {describe} after retries ({code}: {message})", name=name
             )
         return BackendError(f"{self.url}: cannot {describe} ({code}: {message})", name=name)
+
+    def _probe(self, client: Any) -> None:
+        """Raise ``BackendUnreachableError`` when the endpoint cannot be connected to; any
+        other outcome is left to ``_check_bucket`` and its retries."""
+        try:
+            client.head_bucket(Bucket=self.bucket)
+        except botocore.exceptions.EndpointConnectionError as exc:
+            reason = unreachable_reason(exc) or "no connection"
+            where = self.endpoint_url or "the S3 endpoint"
+            raise BackendUnreachableError(
+                f"{self.url}: cannot connect to {where} ({reason}); check the endpoint's host name "
+                "and port, and that the server is running"
+            ) from exc
+        except Exception:
+            return
+        finally:
+            client.close()
 
     def _check_bucket(self) -> None:
         try:
@@ -274,9 +349,10 @@ class S3Backend(Backend):
         return True
 
     def _lock_args(self, name: str) -> dict[str, Any]:
-        # locks must be deletable (and are rewritten every few minutes) and keys must be
-        # removable when a passphrase leaks: neither gets retention
-        if self.retention_days is None or name.startswith(("locks/", "keys/")):
+        # locks must be deletable (and are rewritten every few minutes), keys must be
+        # removable when a passphrase leaks, and hosts' status records are replaced as they
+        # report: none of them gets retention
+        if self.retention_days is None or name.startswith(("locks/", "keys/", "status/")):
             return {}
         until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=self.retention_days)
         return {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
@@ -284,12 +360,22 @@ class S3Backend(Backend):
     # --- the Backend interface -----------------------------------------------------------
 
     def put(self, name: str, data: bytes) -> None:
+        self.requests.count("put", written=len(data))
         key = self._key(name)
         if len(data) <= self.multipart_threshold:
+            body = bytes(data)
+            checksum = _crc32(body)
             self._call(
                 f"write {name}",
                 name,
-                lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data), **self._lock_args(name)),
+                lambda: self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ChecksumAlgorithm="CRC32",
+                    ChecksumCRC32=checksum,
+                    **self._lock_args(name),
+                ),
             )
             return
         self._put_multipart(name, key, data)
@@ -311,7 +397,9 @@ class S3Backend(Backend):
             created = self._call(
                 f"start the upload of {name}",
                 name,
-                lambda: self._client.create_multipart_upload(Bucket=self.bucket, Key=key, **self._lock_args(name)),
+                lambda: self._client.create_multipart_upload(
+                    Bucket=self.bucket, Key=key, ChecksumAlgorithm="CRC32", **self._lock_args(name)
+                ),
             )
             upload_id: str = created["UploadId"]
             try:
@@ -335,14 +423,22 @@ class S3Backend(Backend):
         parts = []
         for number, start in enumerate(range(0, len(view), part_size), start=1):
             body = bytes(view[start : start + part_size])
+            checksum = _crc32(body)
 
-            def send(number: int = number, body: bytes = body) -> Any:
+            def send(number: int = number, body: bytes = body, checksum: str = checksum) -> Any:
                 return self._client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                    ChecksumAlgorithm="CRC32",
+                    ChecksumCRC32=checksum,
                 )
 
             answer = self._call(f"upload part {number} of {name}", name, send)
-            parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+            # an upload created with a checksum algorithm must name each part's checksum
+            parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32": checksum})
         done = self._call(
             f"complete the upload of {name}",
             name,
@@ -383,6 +479,7 @@ class S3Backend(Backend):
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        self.requests.count("get")
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length must not be negative")
         key = self._key(name)
@@ -404,11 +501,20 @@ class S3Backend(Backend):
                     return b""
                 raise
             # read inside the retried call: a body that stops half-way is retried whole
-            return bytes(answer["Body"].read())
+            body = answer["Body"]
+            try:
+                if "Range" in args:
+                    _check_range(self.url, name, answer, offset, args["Range"])
+                # never more than asked, whatever the server sends: the storage does not decide
+                # how much memory a read takes
+                return bytes(body.read()) if length is None else _read_at_most(body, length)
+            finally:
+                body.close()
 
-        return self._call(f"read {name}", name, op)
+        return self.requests.read(self._call(f"read {name}", name, op))
 
     def exists(self, name: str) -> bool:
+        self.requests.count("stat")
         key = self._key(name)
         try:
             self._call(f"look up {name}", name, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
@@ -417,6 +523,7 @@ class S3Backend(Backend):
         return True
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self.requests.count("list")
         if prefix.startswith("/") or ".." in prefix.split("/"):
             raise ValueError(f"bad prefix {prefix!r}")
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
@@ -430,12 +537,13 @@ class S3Backend(Backend):
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    found.append(ObjectInfo(item["Key"][strip:], int(item["Size"])))
+                    found.append(ObjectInfo(item["Key"][strip:], int(item["Size"]), str(item.get("ETag", ""))))
             return sorted(found, key=lambda o: o.name)
 
         yield from self._call(f"list {prefix or 'everything'}", None, op)
 
     def modified(self, name: str) -> float | None:
+        self.requests.count("stat")
         key = self._key(name)
         try:
             head = self._call(f"look up {name}", name, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
@@ -445,6 +553,7 @@ class S3Backend(Backend):
         return stamp.timestamp() if isinstance(stamp, datetime.datetime) else None
 
     def delete(self, name: str) -> None:
+        self.requests.count("delete")
         key = self._key(name)
         # DeleteObject of a missing key succeeds (204), as the contract wants
         self._call(f"delete {name}", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
