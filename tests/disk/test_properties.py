@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -30,7 +31,11 @@ from vmvault.disk.chain import apply, checkpoint, merge
 from vmvault.disk.qcow2 import create_qcow2, open_qcow2_for_write
 from vmvault.disk.vhdx import create_vhdx, open_vhdx_for_write
 
-pyvhdi = pytest.importorskip("pyvhdi", reason="libvhdi-python (PyPI) is the independent VHDX chain reader")
+
+def _pyvhdi() -> Any:
+    """libvhdi's module; only a test that reads through it is skipped without it."""
+    return pytest.importorskip("pyvhdi", reason="libvhdi-python (PyPI) is the independent VHDX chain reader")
+
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +153,7 @@ def qemu_check(path: str) -> None:
 def libvhdi_read(paths_leaf_first: list[str]) -> bytes:
     files = []
     for p in paths_leaf_first:
-        f = pyvhdi.file()
+        f = _pyvhdi().file()
         f.open(p)
         files.append(f)
     try:
@@ -277,7 +282,7 @@ def test_libvhdi_ignores_parent_linkage2(scratch: Path) -> None:
     ("mismatch in identifier"), so crash states are checked against the model, not libvhdi."""
     import uuid
 
-    from vmvault.disk.chain import _vhdx_locator, _vhdx_set_locator
+    from vmvault.disk.vhdx import read_locator, set_locator
 
     base = str(scratch / "disk.vhdx")
     with create_vhdx(base, SIZE, block_size=MIB) as w:
@@ -287,8 +292,8 @@ def test_libvhdi_ignores_parent_linkage2(scratch: Path) -> None:
         cw.write(SECTOR, b"B" * SECTOR)
     with open_image(base) as img:
         guid = str(img.info()["data_write_guid"])
-    keep = [(k, v) for k, v in _vhdx_locator(child).entries if k not in ("parent_linkage", "parent_linkage2")]
-    _vhdx_set_locator(
+    keep = [(k, v) for k, v in read_locator(child).entries if k not in ("parent_linkage", "parent_linkage2")]
+    set_locator(
         child, (("parent_linkage", "{" + str(uuid.uuid4()) + "}"), ("parent_linkage2", "{" + guid + "}"), *keep)
     )
     with open_image(child) as img:

@@ -6,14 +6,13 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import require_tool
+from tests.conftest import cpu_time_limit, require_tool
 from vmvault.disk._qcow2_layout import (
     BitmapDirectoryEntry,
     BitmapsExtension,
@@ -159,7 +158,7 @@ def samples() -> Iterator[Path]:
 
 
 @pytest.mark.integration
-@settings(max_examples=300, deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     name=st.sampled_from(["v2.qcow2", "v3.qcow2", "comp.qcow2", "ext.qcow2"]),
     data=st.data(),
@@ -177,7 +176,7 @@ def test_mutated_images_fail_cleanly(samples: Path, name: str, data: st.DataObje
     target = samples / ("mutant-" + name)
     target.write_bytes(raw)
     try:
-        with open_qcow2(str(target)) as img:
+        with cpu_time_limit(10), open_qcow2(str(target)) as img:
             size = min(img.size, 4 * 1024 * 1024)
             assert len(img.read(0, size)) == size
             exts = list(img.extents())

@@ -19,7 +19,7 @@ from tests.conftest import require_tool
 from vmvault.disk import ExtentKind, detect_format, open_image
 from vmvault.disk._vhd_layout import SECTOR, DynamicHeader, Footer, chs_geometry, vhd_checksum
 from vmvault.disk.vhd import VhdImage, create_vhd, open_vhd
-from vmvault.errors import FormatError, ParentError
+from vmvault.errors import FormatError, ParentError, TargetError
 
 MIB = 1024 * 1024
 
@@ -525,7 +525,7 @@ def test_writer_refuses_bad_arguments(tmp_path: Path) -> None:
         create_vhd(str(tmp_path / "x.vhd"), 1000)
     with pytest.raises(FormatError, match="power of two"):
         create_vhd(str(tmp_path / "x.vhd"), MIB, block_size=3000)
-    with pytest.raises(FormatError, match="cannot create"):
+    with pytest.raises(TargetError, match="cannot create"):
         create_vhd(str(tmp_path / "no" / "such" / "x.vhd"), MIB)
     with create_vhd(str(tmp_path / "p.vhd"), MIB):
         pass

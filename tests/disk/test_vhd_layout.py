@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import cpu_time_limit
 from vmvault.disk._vhd_layout import (
     MAX_CHS_SECTORS,
     DynamicHeader,
@@ -121,7 +121,7 @@ def _check_mutant(data: bytes, offset: int, value: int, folder: Path, name: str)
     target = folder / name
     target.write_bytes(mutated)
     try:
-        with open_vhd(str(target)) as img:
+        with cpu_time_limit(10), open_vhd(str(target)) as img:
             exts = list(img.extents())
             assert exts[-1].end == img.size if exts else img.size == 0
             for e in exts[:64]:
@@ -136,7 +136,7 @@ def _mutation_positions(size: int) -> st.SearchStrategy[int]:
     return st.one_of(st.integers(0, min(size, 8192) - 1), st.integers(size - 512, size - 1))
 
 
-@settings(max_examples=150, deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_real_headers_fail_cleanly(shared_dir: Path, sample_dir: Path, data: st.DataObject) -> None:
     tmp = sample_dir  # each mutant overwrites the previous one
@@ -147,7 +147,7 @@ def test_mutated_real_headers_fail_cleanly(shared_dir: Path, sample_dir: Path, d
         _check_mutant(raw, offset, value, tmp, src.name)
 
 
-@settings(max_examples=150, deadline=timedelta(seconds=10), suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_differencing_files_fail_cleanly(sample_dir: Path, data: st.DataObject) -> None:
     raw = (sample_dir / "child.vhd").read_bytes()

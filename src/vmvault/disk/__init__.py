@@ -1,111 +1,159 @@
 """Virtual disk formats: raw, VHDX (fixed, dynamic, differencing), VHD and qcow2.
 
 ``open_image`` detects the format and resolves parent chains; ``create_image`` makes a new,
-sparse image to write into. Every format module exposes ``open_<fmt>(path, ...)`` and
-``create_<fmt>(path, size, ...)``.
+sparse image to write into. Both go through the format registry (``vmvault.disk.registry``):
+one ``DiskFormat`` entry per format, defined in that format's module, from which the names,
+file suffixes and differencing formats below are derived.
 """
 
 from __future__ import annotations
 
 import os
 
-from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, clip_extents, coalesce
-from vmvault.errors import FormatError, SourceError, UnsupportedFormatError
+from vmvault import platform
+from vmvault.disk import registry
+from vmvault.disk._open import ANYWHERE, ParentRule, describe_mode, open_checked
+from vmvault.disk.base import (
+    DiskFormat,
+    DiskImage,
+    DiskWriter,
+    Extent,
+    ExtentKind,
+    Opener,
+    ParentReference,
+    clip_extents,
+    coalesce,
+)
+from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
 
 __all__ = [
     "DIFFERENCING_FORMATS",
     "DISK_SUFFIXES",
+    "FALLBACK_FORMAT",
     "FORMATS",
+    "QEMU_FORMATS",
+    "DiskFormat",
     "DiskImage",
     "DiskWriter",
     "Extent",
     "ExtentKind",
+    "Opener",
+    "ParentReference",
+    "ParentRule",
     "clip_extents",
     "coalesce",
     "create_image",
+    "describe_mode",
     "detect_format",
+    "detect_format_fd",
+    "disk_format",
+    "format_from_qemu",
+    "open_checked",
     "open_image",
 ]
 
 #: formats vmvault can read and write
-FORMATS = ("raw", "vhdx", "vhd", "qcow2")
+FORMATS: tuple[str, ...] = tuple(f.name for f in registry.ENTRIES)
 
 #: file name endings that mark a disk image in a VM folder
-DISK_SUFFIXES = (".raw", ".img", ".vhdx", ".avhdx", ".vhd", ".avhd", ".qcow2")
+DISK_SUFFIXES: tuple[str, ...] = tuple(s for f in registry.ENTRIES for s in f.suffixes)
+
+#: the format of a file no format recognises by content (raw): such files are known by name only
+FALLBACK_FORMAT: str = registry.FALLBACK.name
+
+#: the names qemu and libvirt give the formats vmvault reads ("vpc" is VHD)
+QEMU_FORMATS: tuple[str, ...] = tuple(f.qemu_name for f in registry.ENTRIES)
+
+#: formats that can hold a differencing child (a checkpoint layer)
+DIFFERENCING_FORMATS: tuple[str, ...] = tuple(f.name for f in registry.ENTRIES if f.can_be_child)
+
+
+def disk_format(name: str, *, path: str | None = None) -> DiskFormat:
+    """The registry entry of format ``name``; an unknown name is an ``UnsupportedFormatError``."""
+    return registry.get(name, path=path)
+
+
+def format_from_qemu(name: str) -> str:
+    """vmvault's name of the format qemu or libvirt calls ``name`` ("vpc": "vhd")."""
+    entry = registry.by_qemu_name(name)
+    if entry is None:
+        raise UnsupportedFormatError(f"qemu format {name!r} is not one vmvault reads", structure="format")
+    return entry.name
+
+
+def detect_format_fd(fd: int, path: str) -> str:
+    """The format of the image open on ``fd``, by content."""
+    try:
+        head = platform.pread(fd, 512, 0)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        tail = platform.pread(fd, 512, end - 512) if end >= 512 else b""
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc.strerror}") from exc
+    return registry.detect(head, tail).name
 
 
 def detect_format(path: str) -> str:
-    """The format of the image at ``path``, by content (never by name alone)."""
+    """The format of the image at ``path``, by content (never by name alone).
+
+    The file is opened like every image (``_open.open_checked``): a FIFO, socket or character
+    device is refused before a byte is read, so probing can never block.
+    """
+    fd, _st = open_checked(path)
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            tail = b""
-            if end >= 512:
-                f.seek(end - 512)
-                tail = f.read(512)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
-    if head.startswith(b"vhdxfile"):
-        return "vhdx"
-    if head.startswith(b"QFI\xfb"):
-        return "qcow2"
-    if head.startswith(b"conectix") or tail.startswith(b"conectix"):
-        return "vhd"
-    return "raw"
+        return detect_format_fd(fd, path)
+    finally:
+        os.close(fd)
 
 
-def open_image(path: str, *, format: str | None = None, parent: str | None = None) -> DiskImage:
+def open_image(
+    path: str,
+    *,
+    format: str | None = None,
+    parent: str | None = None,
+    rule: ParentRule | None = None,
+    expect: tuple[int, int] | None = None,
+) -> DiskImage:
     """Open ``path`` read-only; a differencing image opens its whole chain.
 
-    ``parent`` overrides where the direct parent is looked for (``--parent``).
+    ``parent`` overrides where the direct parent is looked for (``--parent``): the user named
+    it, so it may be anywhere, and its folder is added to ``rule``. ``rule`` says where parents
+    may lie; the default allows any folder, which suits images vmvault wrote itself or a
+    hypervisor manages. Callers that read images someone else controls (backups of VM
+    folders, ``vmvault disk``) pass ``ParentRule.beside(path, ...)``. Whatever the rule, a
+    parent is a regular file of the expected format with a matching identity
+    (``docs/design/disk-formats.md`` section 2). ``expect`` = ``(st_dev, st_ino)``: the file
+    must be that one and is opened without following a link (a folder scan saw it).
     """
-    fmt = format or detect_format(path)
-    if fmt == "raw":
-        from vmvault.disk.raw import open_raw
-
-        return open_raw(path)
-    if fmt == "vhdx":
-        from vmvault.disk.vhdx import open_vhdx
-
-        return open_vhdx(path, parent=parent)
-    if fmt == "vhd":
-        from vmvault.disk.vhd import open_vhd
-
-        return open_vhd(path, parent=parent)
-    if fmt == "qcow2":
-        from vmvault.disk.qcow2 import open_qcow2
-
-        return open_qcow2(path, parent=parent)
-    raise UnsupportedFormatError(f"unknown disk format {fmt!r}", path=path)
+    rule = rule or ANYWHERE
+    if parent is not None:
+        rule = rule.with_folder(os.path.dirname(os.path.realpath(parent)))
+    fd, _st = open_checked(path, nofollow=expect is not None, expect=expect)
+    try:
+        entry = registry.get(format or detect_format_fd(fd, path), path=path)
+        if parent is not None and not entry.can_be_child:
+            raise ParentError(f"parent {parent} given, but a {entry.name} image has no parent", path=path)
+    except BaseException:
+        os.close(fd)
+        raise
+    # from here the format's opener owns fd (and closes it if opening fails)
+    return entry.open_fd(path, fd, parent=parent, rule=rule)
 
 
-#: formats that can hold a differencing child (a checkpoint layer)
-DIFFERENCING_FORMATS = ("vhdx", "vhd", "qcow2")
-
-
-def create_image(path: str, format: str, size: int, *, parent: str | None = None) -> DiskWriter:
+def create_image(
+    path: str, format: str, size: int, *, parent: str | None = None, opener: Opener | None = None
+) -> DiskWriter:
     """A new, empty, sparse image of ``size`` virtual bytes in ``format``.
 
-    With ``parent``, a differencing child of that image: unwritten ranges read from the parent.
+    With ``parent``, a differencing child of that image: unwritten ranges read from the parent,
+    which the child names by its path relative to the child's folder (and, for VHDX and VHD,
+    also by its absolute path), so a restored chain stays whole when its folder is moved.
+
+    The file is created new: an existing name, a link too, is never replaced nor followed.
+    ``opener(path, flags) -> fd`` creates it somewhere else (a restore creates it under a
+    temporary name through a directory descriptor and renames it when complete); ``path``
+    is then the name the image will have, for messages and parent references.
     """
-    if parent is not None and format not in DIFFERENCING_FORMATS:
+    entry = registry.get(format, path=path)
+    if parent is not None and not entry.can_be_child:
         raise FormatError(f"format {format!r} cannot hold a differencing child", path=path)
-    if format == "raw":
-        from vmvault.disk.raw import create_raw
-
-        return create_raw(path, size)
-    if format == "vhdx":
-        from vmvault.disk.vhdx import create_vhdx
-
-        return create_vhdx(path, size, parent=parent)
-    if format == "vhd":
-        from vmvault.disk.vhd import create_vhd
-
-        return create_vhd(path, size, parent=parent)
-    if format == "qcow2":
-        from vmvault.disk.qcow2 import create_qcow2
-
-        return create_qcow2(path, size, backing=parent)
-    raise FormatError(f"cannot create format {format!r}; choose one of {', '.join(FORMATS)}", path=path)
+    return entry.create(path, size, parent=parent, opener=opener)

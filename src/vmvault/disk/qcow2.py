@@ -8,14 +8,18 @@ read from the backing file if there is one, else as zeros. Refcounts only matter
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import struct
 import threading
 import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
+from vmvault import platform
+from vmvault.disk._open import ANYWHERE, ParentRule, open_checked, open_parent, real_path
 from vmvault.disk._qcow2_layout import (
     HEADER_V2_SIZE,
     HEADER_V3_SIZE,
@@ -40,17 +44,44 @@ from vmvault.disk._qcow2_layout import (
     unpack_extension_header,
     unpack_feature_names,
 )
-from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, coalesce, is_zero, read_structure
+from vmvault.disk.base import (
+    DiskFormat,
+    DiskImage,
+    DiskWriter,
+    Extent,
+    ExtentKind,
+    Opener,
+    ParentReference,
+    coalesce,
+    is_zero,
+    open_new,
+    read_structure,
+    write_error,
+)
 from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
 
-__all__ = ["Qcow2Image", "Qcow2Writer", "create_qcow2", "open_qcow2", "open_qcow2_for_write"]
+if TYPE_CHECKING:
+    from vmvault.disk.metadata_check import MetadataCheck
+
+__all__ = [
+    "FORMAT",
+    "Qcow2Format",
+    "Qcow2Image",
+    "Qcow2Writer",
+    "create_qcow2",
+    "open_qcow2",
+    "open_qcow2_fd",
+    "open_qcow2_for_write",
+]
 
 #: qemu's own limit on the L1 table (QCOW_MAX_L1_SIZE); bounds memory for absurd virtual sizes
 MAX_L1_BYTES = 32 * 1024 * 1024
+#: qemu-img's default cluster size
+DEFAULT_CLUSTER_SIZE: Final = 64 * 1024
 #: how many L2 tables a reader keeps in memory (64 KiB each at the default cluster size)
 L2_CACHE_TABLES = 256
-#: qemu names these formats in the backing-format extension; vmvault calls "vpc" "vhd"
-_FORMAT_NAMES = {"qcow2": "qcow2", "raw": "raw", "vpc": "vhd", "vhd": "vhd", "vhdx": "vhdx", "file": "raw"}
+#: qemu's protocol driver for a plain file, which some backing format extensions name
+_QEMU_FILE_DRIVER = "file"
 _KNOWN_INCOMPATIBLE = (
     IncompatibleFeature.DIRTY
     | IncompatibleFeature.CORRUPT
@@ -328,7 +359,7 @@ class Qcow2Image(DiskImage):
     def _pread_data(self, host: int, n: int) -> bytes:
         want = max(0, min(n, self._file_size - host))
         try:
-            data = os.pread(self._fd, want, host)
+            data = platform.pread(self._fd, want, host)
         except OSError as exc:
             raise SourceError(f"{self._path}: read at offset {host:#x} failed: {exc.strerror}") from exc
         if len(data) == want < n:
@@ -461,7 +492,7 @@ def _read_bitmap_names(
     for _ in range(ext.nb_bitmaps):
         try:
             entry, pos = BitmapDirectoryEntry.unpack(raw, pos)
-        except (ValueError, IndexError) as exc:
+        except (ValueError, IndexError, struct.error) as exc:  # struct.error: an entry cut off by the directory's end
             raise FormatError(
                 f"bitmap directory entry {len(names)} is damaged: {exc}",
                 path=path,
@@ -472,7 +503,16 @@ def _read_bitmap_names(
     facts["bitmaps"] = names
 
 
-def _open_backing(path: str, name: str, fmt: str | None, override: str | None, seen: frozenset[str]) -> DiskImage:
+def _open_backing(
+    path: str, name: str, fmt: str | None, override: str | None, seen: frozenset[str], rule: ParentRule
+) -> DiskImage:
+    """Open the backing file ``name`` of ``path``.
+
+    qcow2 records no identity of its backing file, so what is checked is where it is and what
+    it is: a regular file where ``rule`` allows (``_open.open_parent``), read in the backing
+    format the header records (never probed then, as qemu does: a guest can write any header
+    into a raw disk), probed only when none is recorded or the user named the file.
+    """
     if override is not None:
         target = override
     else:
@@ -481,39 +521,59 @@ def _open_backing(path: str, name: str, fmt: str | None, override: str | None, s
                 f"backing file {name!r} uses a protocol vmvault cannot open", path=path, structure="qcow2 backing file"
             )
         target = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(path)), name)
-    if not os.path.exists(target) or os.path.isdir(target):
-        raise ParentError(
-            f"backing file {target} (named {name!r}) does not exist or is not a file",
-            path=path,
-            structure="qcow2 backing file",
+    recorded = _format_named(fmt) if fmt else None
+    if fmt and recorded is None:
+        raise UnsupportedFormatError(
+            f"backing format {fmt!r} is not one vmvault reads", path=path, structure="qcow2 backing format"
         )
-    if os.path.realpath(target) in seen:
+    fd = open_parent(target, child=path, rule=rule, named=override is not None)
+    if fd is None:
         raise ParentError(
-            f"backing chain is cyclic: {target} is already in the chain", path=path, structure="qcow2 backing file"
+            f"backing file {target} (named {name!r}) does not exist", path=path, structure="qcow2 backing file"
         )
-    from vmvault.disk import detect_format, open_image
+    from vmvault.disk import detect_format_fd, registry
 
-    # an override is probed by content: the recorded backing format describes the recorded file
-    kind = _FORMAT_NAMES.get(fmt, fmt) if fmt and override is None else detect_format(target)
-    if kind == "qcow2":
-        return _open(target, None, seen)
-    return open_image(target, format=kind)
-
-
-def _open(path: str, parent: str | None, seen: frozenset[str]) -> Qcow2Image:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
+        if real_path(fd, target) in seen:
+            raise ParentError(
+                f"backing chain is cyclic: {target} is already in the chain", path=path, structure="qcow2 backing file"
+            )
+        # an override is probed by content: the recorded backing format describes the recorded file
+        kind = recorded if recorded is not None and override is None else detect_format_fd(fd, target)
+    except BaseException:
+        os.close(fd)
+        raise
+    # each opener owns fd from here
+    if kind == FORMAT.name:
+        return _open(target, None, seen, rule, fd=fd)  # keeps the cycle check across qcow2 layers
+    return registry.get(kind).open_fd(target, fd, parent=None, rule=rule)
+
+
+def _format_named(name: str) -> str | None:
+    """vmvault's name for the format a backing format extension names (qemu's names: "vpc" is VHD)."""
+    from vmvault.disk import registry
+
+    if name == _QEMU_FILE_DRIVER:
+        return registry.FALLBACK.name  # a plain file: raw
+    entry = registry.by_qemu_name(name)
+    return entry.name if entry is not None else None
+
+
+def _open(
+    path: str, parent: str | None, seen: frozenset[str], rule: ParentRule | None = None, *, fd: int | None = None
+) -> Qcow2Image:
+    """Open ``path`` (or take over ``fd``, already opened and checked for it) and its chain."""
+    if fd is None:
+        fd, _st = open_checked(path)
     try:
-        return _open_fd(path, fd, parent, seen | {os.path.realpath(path)})
+        return _open_fd(path, fd, parent, seen | {real_path(fd, path)}, rule or ANYWHERE)
     except BaseException:
         os.close(fd)
         raise
 
 
-def _open_fd(path: str, fd: int, parent: str | None, seen: frozenset[str]) -> Qcow2Image:
-    file_size = os.fstat(fd).st_size
+def _read_header(fd: int, path: str) -> tuple[Header, bytes]:
+    """The header and its raw bytes (72 for v2, ``header_length`` for v3): magic and version checked."""
     raw = read_structure(fd, path, 0, HEADER_V2_SIZE, "qcow2 header")
     if raw[:4] != MAGIC:
         raise FormatError(f"bad magic {raw[:4]!r}", path=path, offset=0, structure="qcow2 header")
@@ -532,7 +592,13 @@ def _open_fd(path: str, fd: int, parent: str | None, seen: frozenset[str]) -> Qc
                 structure="qcow2 header",
             )
         raw = read_structure(fd, path, 0, hlen, "qcow2 header")
-    h = Header.unpack(raw)
+    return Header.unpack(raw), raw
+
+
+def _open_fd(path: str, fd: int, parent: str | None, seen: frozenset[str], rule: ParentRule) -> Qcow2Image:
+    file_size = os.fstat(fd).st_size
+    h, _raw = _read_header(fd, path)
+    version = h.version
     notes: list[str] = []
     facts: dict[str, object] = {"version": version}
 
@@ -610,7 +676,7 @@ def _open_fd(path: str, fd: int, parent: str | None, seen: frozenset[str]) -> Qc
         facts["backing_file"] = name
         if backing_format:
             facts["backing_format"] = backing_format
-        backing = _open_backing(path, name, backing_format, parent, seen)
+        backing = _open_backing(path, name, backing_format, parent, seen, rule)
         facts["backing_path"] = backing.path
     elif parent is not None:
         raise ParentError(
@@ -619,13 +685,19 @@ def _open_fd(path: str, fd: int, parent: str | None, seen: frozenset[str]) -> Qc
     return Qcow2Image(path, fd, file_size, h, l1, backing, facts, notes)
 
 
-def open_qcow2(path: str, *, parent: str | None = None) -> Qcow2Image:
+def open_qcow2(path: str, *, parent: str | None = None, rule: ParentRule | None = None) -> Qcow2Image:
     """Open a qcow2 image read-only, with its backing chain.
 
-    The backing file is resolved relative to the image's folder; ``parent`` overrides it.
-    Encrypted images and external data files raise UnsupportedFormatError.
+    The backing file is resolved relative to the image's folder; ``parent`` overrides it;
+    ``rule`` says where backing files may be (``vmvault.disk.open_image``). Encrypted images
+    and external data files raise UnsupportedFormatError.
     """
-    return _open(path, parent, frozenset())
+    return _open(path, parent, frozenset(), rule)
+
+
+def open_qcow2_fd(path: str, fd: int, *, parent: str | None = None, rule: ParentRule | None = None) -> Qcow2Image:
+    """``open_qcow2`` on a file the caller opened and checked (``_open.open_checked``); owns ``fd``."""
+    return _open(path, parent, frozenset(), rule, fd=fd)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -675,12 +747,13 @@ class Qcow2Writer(DiskWriter):
 
     # -- low level -----------------------------------------------------------------------------------
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
         try:
-            written = os.pwrite(self._fd, data, offset)
+            while view:
+                n = platform.pwrite(self._fd, view[: platform.WRITE_SLICE], offset)
+                view, offset = view[n:], offset + n
         except OSError as exc:
-            raise FormatError(f"write at offset {offset:#x} failed: {exc.strerror}", path=self._path) from exc
-        if written != len(data):
-            raise FormatError(f"short write at offset {offset:#x}", path=self._path)
+            raise write_error(exc, self._path, "write failed", offset) from exc
 
     def _write_header(self, *, dirty: bool, rt_off: int, rt_clusters: int) -> None:
         incompat = self._hdr.incompatible_features & ~int(IncompatibleFeature.DIRTY)
@@ -712,7 +785,7 @@ class Qcow2Writer(DiskWriter):
         try:
             os.fsync(self._fd)
         except OSError as exc:
-            raise FormatError(f"fsync failed: {exc.strerror}", path=self._path) from exc
+            raise write_error(exc, self._path, "flush failed") from exc
 
     def _alloc(self) -> int:
         off = self._eof
@@ -752,7 +825,7 @@ class Qcow2Writer(DiskWriter):
             return bytes(cs)
         host = entry & L2_OFFSET_MASK
         if host:
-            data = os.pread(self._fd, cs, host)
+            data = platform.pread(self._fd, cs, host)
             return data + bytes(cs - len(data))
         if self._backing is not None:
             data = self._backing.read(cstart, cs)
@@ -918,21 +991,24 @@ def _open_backing_for_write(path: str, backing: str, backing_format: str | None)
         raise ParentError(f"backing file {target} does not exist", path=path, structure="qcow2 backing file")
     from vmvault.disk import detect_format, open_image
 
-    fmt = _FORMAT_NAMES.get(backing_format, backing_format) if backing_format else detect_format(target)
-    return open_qcow2(target) if fmt == "qcow2" else open_image(target, format=fmt)
+    fmt = (_format_named(backing_format) or backing_format) if backing_format else detect_format(target)
+    return open_qcow2(target) if fmt == FORMAT.name else open_image(target, format=fmt)
 
 
 def create_qcow2(
     path: str,
     size: int,
     *,
-    cluster_size: int = 64 * 1024,
+    cluster_size: int = DEFAULT_CLUSTER_SIZE,
     backing: str | None = None,
     backing_format: str | None = None,
+    opener: Opener | None = None,
 ) -> Qcow2Writer:
     """A new qcow2 v3 image; with ``backing`` an overlay whose unwritten clusters read the backing file.
 
     ``backing`` is stored as given (relative names resolve against the new image's folder).
+    The file is created new (``opener``, by default at ``path``): an existing name, a link too,
+    is never replaced. ``path`` is the file's final name: relative backing names resolve from it.
     """
     if cluster_size < 512 or cluster_size & (cluster_size - 1) or cluster_size > 2 * 1024 * 1024:
         raise FormatError(f"cluster size {cluster_size} must be a power of two from 512 B to 2 MiB", path=path)
@@ -968,14 +1044,14 @@ def create_qcow2(
     )
     backing_img = _open_backing_for_write(path, backing, backing_format) if backing is not None else None
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    except OSError as exc:
+        fd = open_new(path, opener)
+    except BaseException:
         if backing_img is not None:
             backing_img.close()
-        raise FormatError(f"cannot create: {exc.strerror}", path=path) from exc
+        raise
     writer = Qcow2Writer(path, fd, header, head_end, [0] * l1_size, backing_img, None)
     try:
-        os.pwrite(fd, header.pack() + exts + name_raw, 0)
+        platform.pwrite(fd, header.pack() + exts + name_raw, 0)
         os.ftruncate(fd, l1_off + -(-(8 * l1_size) // cluster_size) * cluster_size)
         writer._eof = os.fstat(fd).st_size
         writer._l1_dirty = True
@@ -983,7 +1059,7 @@ def create_qcow2(
         writer._commit(dirty=True)
     except OSError as exc:
         writer._release()
-        raise FormatError(f"cannot write: {exc.strerror}", path=path) from exc
+        raise write_error(exc, path, "cannot write the new image's tables") from exc
     except BaseException:
         writer._release()
         raise
@@ -1017,7 +1093,7 @@ def open_qcow2_for_write(path: str) -> Qcow2Writer:
                 f"cannot write in place into an image with {why}", path=path, structure="qcow2 header"
             )
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR | platform.O_BINARY)
         except OSError as exc:
             raise FormatError(f"cannot open for writing: {exc.strerror}", path=path) from exc
     except BaseException:
@@ -1033,3 +1109,186 @@ def open_qcow2_for_write(path: str) -> Qcow2Writer:
         writer._release()
         raise
     return writer
+
+
+# -- the registry entry ---------------------------------------------------------------------------
+
+
+def _backing_area(fd: int, path: str) -> tuple[Header, bytes, list[tuple[int, bytes]]]:
+    """(header, its raw bytes, the header extensions) of an image with a backing file name.
+
+    The extensions are read up to the backing name, which must lie in the first cluster (spec
+    "Header": "must not exceed the first cluster").
+    """
+    h, raw = _read_header(fd, path)
+    if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
+        raise FormatError(
+            f"cluster_bits {h.cluster_bits} is out of range", path=path, offset=20, structure="qcow2 header"
+        )
+    bfo, bfs = h.backing_file_offset, h.backing_file_size
+    if not bfo:
+        return h, raw, []
+    if bfs > MAX_BACKING_NAME or bfo + bfs > 1 << h.cluster_bits or bfo < len(raw):
+        raise FormatError(
+            "backing file name lies outside the first cluster", path=path, offset=8, structure="qcow2 header"
+        )
+    area = read_structure(fd, path, 0, bfo + bfs, "qcow2 header")
+    exts: list[tuple[int, bytes]] = []
+    pos = len(raw)
+    while pos + 8 <= bfo:
+        etype, elen = unpack_extension_header(area[pos : pos + 8])
+        if etype == ExtensionType.END:
+            break
+        if pos + 8 + elen > bfo:
+            raise FormatError(
+                "header extension runs into the backing name", path=path, offset=pos, structure="qcow2 header extension"
+            )
+        exts.append((etype, area[pos + 8 : pos + 8 + elen]))
+        pos += 8 + elen + (-elen % 8)
+    return h, area, exts
+
+
+def _read_parent(path: str) -> ParentReference | None:
+    fd, _st = open_checked(path, block_devices=False, nofollow=True)
+    try:
+        h, area, exts = _backing_area(fd, path)
+    finally:
+        os.close(fd)
+    if not h.backing_file_offset:
+        return None
+    name = area[h.backing_file_offset : h.backing_file_offset + h.backing_file_size].decode("utf-8", "replace")
+    target = name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(path)), name)
+    recorded = next((d for t, d in exts if t == ExtensionType.BACKING_FORMAT), None)
+    fmt = _format_named(recorded.rstrip(b"\0").decode("utf-8", "replace")) if recorded is not None else None
+    # qcow2 records no identity of its backing file
+    return ParentReference((os.path.normpath(target),), None, fmt)
+
+
+def _set_backing(path: str, name: str, fmt: str) -> None:
+    """Rewrite a qcow2's backing file name and backing format extension in one ``pwrite``.
+
+    Everything that changes (header fields, the extension area, the name) lies in the first
+    cluster, so a single write switches from the old backing file to the new one. Other header
+    extensions are kept as they are.
+    """
+    from vmvault.disk import registry
+
+    raw_name = name.encode("utf-8")
+    fd, _st = open_checked(path, block_devices=False, writable=True)
+    try:
+        h, area, exts = _backing_area(fd, path)
+        if not h.backing_file_offset:
+            raise FormatError("image has no backing file to re-point", path=path, structure="qcow2 header")
+        hlen = h.header_length if h.version >= 3 else HEADER_V2_SIZE
+        kept = [pack_extension(t, d) for t, d in exts if t != ExtensionType.BACKING_FORMAT]
+        qemu_name = registry.get(fmt, path=path).qemu_name
+        new_area = b"".join(
+            [pack_extension(ExtensionType.BACKING_FORMAT, qemu_name.encode("ascii")), *kept]
+        ) + pack_extension(ExtensionType.END, b"")
+        new_bfo = hlen + len(new_area)
+        if new_bfo + len(raw_name) > 1 << h.cluster_bits or len(raw_name) > MAX_BACKING_NAME:
+            raise UnsupportedFormatError(f"backing name {name!r} does not fit in the header cluster", path=path)
+        packed = dataclasses.replace(h, backing_file_offset=new_bfo, backing_file_size=len(raw_name)).pack()
+        # header bytes this layout does not know (a longer v3 header) are kept as they were
+        known = min(len(packed), 105 if h.version >= 3 and hlen > 104 else len(packed))
+        head = packed[:known] + area[known:hlen]
+        platform.pwrite(fd, head + new_area + raw_name, 0)
+        os.fsync(fd)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot update the backing file name: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+def _refcount_overhead(size: int, cluster: int, units: int) -> int:
+    """Header, L1, L2 and refcount clusters of a file our writer makes holding ``units`` clusters."""
+    per_l2 = cluster // 8
+    l2_total = -(-size // (cluster * per_l2))
+    l1 = -(-8 * l2_total // cluster)
+    l2 = min(units, l2_total)
+    used = 1 + l1 + l2 + units
+    per_block = cluster * 8 // 16  # our writer's 16-bit refcounts
+    blocks = -(-(used + 2) // per_block) + 1
+    table = -(-8 * blocks // cluster) + 1
+    return (1 + l1 + l2 + blocks + table + 2) * cluster
+
+
+class Qcow2Format(DiskFormat):
+    """qcow2: an overlay names its backing file (of any format) by path, with no identity."""
+
+    name = "qcow2"
+    suffixes = (".qcow2",)
+    qemu_name = "qcow2"
+    can_be_child = True
+    parent_formats = None  # any format vmvault reads
+    checkpoint_format = "qcow2"
+    checkpoint_suffix = ".qcow2"
+
+    def probe(self, head: bytes, tail: bytes) -> bool:
+        return head.startswith(MAGIC)
+
+    def open_fd(self, path: str, fd: int, *, parent: str | None, rule: ParentRule) -> DiskImage:
+        return open_qcow2_fd(path, fd, parent=parent, rule=rule)
+
+    def create(
+        self, path: str, size: int, *, parent: str | None = None, unit: int | None = None, opener: Opener | None = None
+    ) -> DiskWriter:
+        from vmvault.disk import detect_format, registry
+
+        cluster = unit or DEFAULT_CLUSTER_SIZE
+        if parent is None:
+            return create_qcow2(path, size, cluster_size=cluster, opener=opener)
+        backing = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(path)))
+        # recorded in qemu's name, so qemu reads the chain too
+        backing_format = registry.get(detect_format(parent), path=parent).qemu_name
+        return create_qcow2(
+            path, size, cluster_size=cluster, backing=backing, backing_format=backing_format, opener=opener
+        )
+
+    def open_for_write(self, path: str) -> DiskWriter:
+        return open_qcow2_for_write(path)
+
+    def check_metadata(self, image: DiskImage, result: MetadataCheck) -> bool:
+        from vmvault.disk.metadata_check import check_qcow2
+
+        check_qcow2(image, result)
+        return True
+
+    def read_parent(self, path: str) -> ParentReference | None:
+        return _read_parent(path)
+
+    def set_parent(self, path: str, new_parent: str, rule: ParentRule) -> None:
+        from vmvault.disk import detect_format
+
+        rel = os.path.relpath(os.path.abspath(new_parent), os.path.dirname(os.path.abspath(path)))
+        _set_backing(path, rel, detect_format(new_parent))
+
+    def create_like(self, image: DiskImage, path: str, parent: DiskImage | None) -> DiskWriter:
+        from vmvault.disk import registry
+
+        assert isinstance(image, Qcow2Image)
+        h = image.header
+        if h.nb_snapshots:
+            raise UnsupportedFormatError(
+                f"{image.path} holds {h.nb_snapshots} internal snapshots, which a merge would lose", path=image.path
+            )
+        if parent is None:
+            return create_qcow2(path, image.size, cluster_size=image.cluster_size)
+        return create_qcow2(
+            path,
+            image.size,
+            cluster_size=image.cluster_size,
+            backing=os.path.relpath(os.path.abspath(parent.path), os.path.dirname(path)),
+            backing_format=registry.get(parent.format).qemu_name,
+        )
+
+    def allocation_unit(self, image: DiskImage) -> int | None:
+        assert isinstance(image, Qcow2Image)
+        return image.cluster_size
+
+    def layout_overhead(self, image: DiskImage, units: int, has_parent: bool) -> int:
+        assert isinstance(image, Qcow2Image)
+        return _refcount_overhead(image.size, image.cluster_size, units)
+
+
+FORMAT = Qcow2Format()

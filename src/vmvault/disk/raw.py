@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 
-from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind
-from vmvault.errors import FormatError, SourceError, StorageFullError, VmvaultError
+from vmvault import platform
+from vmvault.disk._open import ParentRule, open_checked
+from vmvault.disk.base import DiskFormat, DiskImage, DiskWriter, Extent, ExtentKind, Opener, open_new, write_error
+from vmvault.errors import FormatError, SourceError
 
-__all__ = ["RawImage", "RawWriter", "create_raw", "open_raw"]
+__all__ = ["FORMAT", "RawFormat", "RawImage", "RawWriter", "create_raw", "open_raw", "open_raw_fd"]
 
 
 class RawImage(DiskImage):
@@ -32,7 +35,7 @@ class RawImage(DiskImage):
         pos = 0
         while pos < self._size:
             try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+                data = platform.seek_data(self._fd, pos)
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
                     yield Extent(pos, self._size - pos, ExtentKind.ZERO)
@@ -47,7 +50,7 @@ class RawImage(DiskImage):
             if data >= self._size:
                 return
             try:
-                hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), self._size)
+                hole = min(platform.seek_hole(self._fd, data), self._size)
             except OSError:
                 hole = self._size
             yield Extent(data, hole - data, ExtentKind.DATA)
@@ -56,7 +59,7 @@ class RawImage(DiskImage):
     def read(self, offset: int, length: int) -> bytes:
         length = max(0, min(length, self._size - offset))
         try:
-            data = os.pread(self._fd, length, offset)
+            data = platform.pread(self._fd, length, offset)
         except OSError as exc:
             raise SourceError(f"{self._path}: read at offset {offset:#x} failed: {exc.strerror}") from exc
         if len(data) < length:
@@ -74,37 +77,42 @@ class RawImage(DiskImage):
 
 
 def open_raw(path: str) -> RawImage:
+    """Open a raw image (a regular file or a block device) read-only."""
+    fd, _st = open_checked(path)
+    return open_raw_fd(path, fd)
+
+
+def open_raw_fd(path: str, fd: int) -> RawImage:
+    """A raw image on ``fd``, opened and checked by the caller (``_open.open_checked``); owns ``fd``."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        st = os.fstat(fd)
+        size = st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            # block devices report st_size 0; ask the device
+            size = os.lseek(fd, 0, os.SEEK_END)
     except OSError as exc:
+        os.close(fd)
         raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
-    size = os.fstat(fd).st_size
-    if size == 0 and not os.path.isfile(path):
-        # block devices report st_size 0; ask the device
-        size = os.lseek(fd, 0, os.SEEK_END)
     return RawImage(path, fd, size)
 
 
 class RawWriter(DiskWriter):
     format = "raw"
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, *, opener: Opener | None = None) -> None:
         self._path = path
         self._size = size
+        self._fd = open_new(path, opener)
         try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, size)
         except OSError as exc:
-            raise FormatError(f"cannot create: {exc.strerror}", path=path) from exc
+            os.close(self._fd)
+            self._fd = -1
+            raise write_error(exc, path, f"cannot make it {size} bytes") from exc
 
     @property
     def size(self) -> int:
         return self._size
-
-    def _failed(self, exc: OSError, offset: int) -> VmvaultError:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return StorageFullError(f"{self._path}: No space left on the target disk (writing at {offset:#x})")
-        return FormatError(f"write failed: {exc.strerror}", path=self._path, offset=offset)
 
     def write(self, offset: int, data: bytes) -> None:
         if offset + len(data) > self._size:
@@ -113,16 +121,16 @@ class RawWriter(DiskWriter):
         pos = offset
         try:
             while view:
-                n = os.pwrite(self._fd, view, pos)
+                n = platform.pwrite(self._fd, view[: platform.WRITE_SLICE], pos)
                 view, pos = view[n:], pos + n
         except OSError as exc:
-            raise self._failed(exc, pos) from exc
+            raise write_error(exc, self._path, "write failed", pos) from exc
 
     def flush(self) -> None:
         try:
             os.fsync(self._fd)
         except OSError as exc:
-            raise self._failed(exc, 0) from exc
+            raise write_error(exc, self._path, "flush failed") from exc
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -133,6 +141,30 @@ class RawWriter(DiskWriter):
                 self._fd = -1
 
 
-def create_raw(path: str, size: int) -> RawWriter:
-    """A new sparse raw image of ``size`` bytes (all holes)."""
-    return RawWriter(path, size)
+def create_raw(path: str, size: int, *, opener: Opener | None = None) -> RawWriter:
+    """A new sparse raw image of ``size`` bytes (all holes); an existing name is never replaced."""
+    return RawWriter(path, size, opener=opener)
+
+
+class RawFormat(DiskFormat):
+    """Raw: no header, so nothing identifies it; what no other format claims is raw."""
+
+    name = "raw"
+    suffixes = (".raw", ".img")
+    qemu_name = "raw"
+    checkpoint_format = "qcow2"  # raw has no parent reference: a checkpoint is a qcow2 overlay
+    checkpoint_suffix = ".qcow2"
+    is_fallback = True
+
+    def open_fd(self, path: str, fd: int, *, parent: str | None, rule: ParentRule) -> DiskImage:
+        return open_raw_fd(path, fd)
+
+    def create(
+        self, path: str, size: int, *, parent: str | None = None, unit: int | None = None, opener: Opener | None = None
+    ) -> DiskWriter:
+        if parent is not None:
+            raise FormatError("a raw image cannot have a parent", path=path)
+        return create_raw(path, size, opener=opener)
+
+
+FORMAT = RawFormat()

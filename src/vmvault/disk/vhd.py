@@ -10,6 +10,7 @@ means "this sector is here", 0 means "read the parent".
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ntpath
 import os
@@ -18,7 +19,10 @@ import struct
 import time
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
+from vmvault import platform
+from vmvault.disk._open import ANYWHERE, ParentRule, open_checked, open_parent, real_path
 from vmvault.disk._vhd_layout import (
     BAT_UNUSED,
     DYNAMIC_HEADER_SIZE,
@@ -26,6 +30,7 @@ from vmvault.disk._vhd_layout import (
     FOOTER_COOKIE,
     FOOTER_SIZE,
     HEADER_COOKIE,
+    NIL_UUID,
     NO_DATA_OFFSET,
     SECTOR,
     VERSION_1_0,
@@ -37,10 +42,26 @@ from vmvault.disk._vhd_layout import (
     chs_geometry,
     vhd_checksum,
 )
-from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, coalesce, is_zero, read_structure
+from vmvault.disk.base import (
+    DiskFormat,
+    DiskImage,
+    DiskWriter,
+    Extent,
+    ExtentKind,
+    Opener,
+    ParentReference,
+    coalesce,
+    is_zero,
+    open_new,
+    read_structure,
+    write_error,
+)
 from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
 
-__all__ = ["VhdImage", "VhdWriter", "create_vhd", "open_vhd"]
+if TYPE_CHECKING:
+    from vmvault.disk.metadata_check import MetadataCheck
+
+__all__ = ["FORMAT", "VhdFormat", "VhdImage", "VhdWriter", "create_vhd", "open_vhd", "open_vhd_fd"]
 
 #: spec: a VHD holds at most 2040 GiB; refuse anything much larger before allocating tables
 MAX_VHD_SIZE = 2 * 1024**4
@@ -201,8 +222,8 @@ class VhdImage(DiskImage):
         pos, end = 0, self._size
         while pos < end:
             try:
-                data = min(os.lseek(self._fd, pos, os.SEEK_DATA), end)
-                hole = min(os.lseek(self._fd, data, os.SEEK_HOLE), end) if data < end else end
+                data = min(platform.seek_data(self._fd, pos), end)
+                hole = min(platform.seek_hole(self._fd, data), end) if data < end else end
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # only the footer (or nothing) after pos
                     yield Extent(pos, end - pos, ExtentKind.ZERO)
@@ -217,7 +238,7 @@ class VhdImage(DiskImage):
 
     def _data_pread(self, offset: int, length: int, what: str = "VHD data") -> bytes:
         try:
-            data = os.pread(self._fd, length, offset)
+            data = platform.pread(self._fd, length, offset)
         except OSError as exc:
             raise SourceError(f"{self._path}: read of {what} at offset {offset:#x} failed: {exc.strerror}") from exc
         if len(data) != length:
@@ -359,8 +380,13 @@ def _open_parent(
     candidates: list[tuple[str, str]],
     override: str | None,
     seen: frozenset[str],
+    rule: ParentRule,
 ) -> VhdImage:
+    """The first candidate that is a VHD, allowed by ``rule``, whose UniqueId is ParentUniqueId."""
     want = header.parent_unique_id
+    if want == NIL_UUID:
+        # a zero id names no file: it must never match (a crafted parent could carry zeros too)
+        raise ParentError("ParentUniqueId is zero, which identifies no parent", path=path, structure="VHD parent")
     tried: list[str] = []
     if override is not None:
         candidates = [("parent=", override)]
@@ -369,15 +395,37 @@ def _open_parent(
         if cand in done:
             continue
         done.add(cand)
-        if not os.path.exists(cand):
+        try:
+            fd = open_parent(cand, child=path, rule=rule, named=override is not None)
+        except ParentError as exc:
+            if override is not None:
+                raise
+            tried.append(f"{how}: {exc}")
+            continue
+        if fd is None:
             tried.append(f"{cand} ({how}: not found)")
             continue
-        real = os.path.realpath(cand)
+        real = real_path(fd, cand)
         if real in seen:
+            os.close(fd)
             raise ParentError(
                 f"parent chain is cyclic: {cand} is already in the chain", path=path, structure="VHD parent"
             )
-        parent = _open(cand, None, seen)
+        from vmvault.disk import detect_format_fd
+
+        try:
+            fmt = detect_format_fd(fd, cand)
+        except BaseException:
+            os.close(fd)
+            raise
+        if fmt != "vhd":
+            os.close(fd)
+            msg = f"{cand} ({how}: a {fmt} file; a VHD's parent must be a VHD)"
+            if override is not None:
+                raise ParentError(msg, path=path, structure="VHD parent")
+            tried.append(msg)
+            continue
+        parent = _open(cand, None, seen, rule, fd=fd)
         if parent.footer.unique_id != want:
             got = parent.footer.unique_id
             parent.close()
@@ -387,7 +435,7 @@ def _open_parent(
             tried.append(msg)
             continue
         return parent
-    names = ", ".join(tried) if tried else "no parent locator or name"
+    names = "; ".join(tried) if tried else "no parent locator or name"
     raise ParentError(
         f"parent {header.parent_unicode_name or '?'} (UniqueId {want}) not usable; tried: {names}",
         path=path,
@@ -395,19 +443,20 @@ def _open_parent(
     )
 
 
-def _open(path: str, parent: str | None, seen: frozenset[str]) -> VhdImage:
+def _open(
+    path: str, parent: str | None, seen: frozenset[str], rule: ParentRule | None = None, *, fd: int | None = None
+) -> VhdImage:
+    """Open ``path`` (or take over ``fd``, already opened and checked for it) and its chain."""
+    if fd is None:
+        fd, _st = open_checked(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
-    try:
-        return _open_fd(path, fd, parent, seen | {os.path.realpath(path)})
+        return _open_fd(path, fd, parent, seen | {real_path(fd, path)}, rule or ANYWHERE)
     except BaseException:
         os.close(fd)
         raise
 
 
-def _open_fd(path: str, fd: int, parent_override: str | None, seen: frozenset[str]) -> VhdImage:
+def _open_fd(path: str, fd: int, parent_override: str | None, seen: frozenset[str], rule: ParentRule) -> VhdImage:
     file_size = os.fstat(fd).st_size
     notes: list[str] = []
     footer, stale = _read_footer(fd, path, file_size, notes)
@@ -510,7 +559,7 @@ def _open_fd(path: str, fd: int, parent_override: str | None, seen: frozenset[st
     parent: VhdImage | None = None
     if dtype is DiskType.DIFFERENCING:
         candidates = _locator_paths(fd, path, file_size, header)
-        parent = _open_parent(path, header, candidates, parent_override, seen)
+        parent = _open_parent(path, header, candidates, parent_override, seen, rule)
         if parent.size != size:
             psize = parent.size
             parent.close()
@@ -522,14 +571,20 @@ def _open_fd(path: str, fd: int, parent_override: str | None, seen: frozenset[st
     return VhdImage(path, fd, file_size, footer, header, bat, parent, notes)
 
 
-def open_vhd(path: str, *, parent: str | None = None) -> VhdImage:
+def open_vhd(path: str, *, parent: str | None = None, rule: ParentRule | None = None) -> VhdImage:
     """Open a VHD read-only; a differencing disk opens its whole parent chain.
 
     The parent is looked for via the W2ru (relative) locator, then the W2ku locator's file name
     beside the child, then the ParentUnicodeName beside the child; ``parent`` overrides all of
-    these. The parent's UniqueId must equal the child's ParentUniqueId.
+    these. The parent must be a VHD whose UniqueId equals the child's (non-zero) ParentUniqueId,
+    and lie where ``rule`` allows (``vmvault.disk.open_image``).
     """
-    return _open(path, parent, frozenset())
+    return _open(path, parent, frozenset(), rule)
+
+
+def open_vhd_fd(path: str, fd: int, *, parent: str | None = None, rule: ParentRule | None = None) -> VhdImage:
+    """``open_vhd`` on a file the caller opened and checked (``_open.open_checked``); owns ``fd``."""
+    return _open(path, parent, frozenset(), rule, fd=fd)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -549,6 +604,8 @@ class VhdWriter(DiskWriter):
         parent: VhdImage | None,
         parent_path: str | None,
         unique_id: uuid.UUID | None = None,
+        *,
+        opener: Opener | None = None,
     ) -> None:
         if size <= 0 or size % SECTOR or size > MAX_VHD_SIZE:
             raise FormatError(f"size {size} must be a positive multiple of 512 up to {MAX_VHD_SIZE}", path=path)
@@ -588,10 +645,7 @@ class VhdWriter(DiskWriter):
             unique_id=unique_id or uuid.uuid4(),
             saved_state=0,
         )
-        try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        except OSError as exc:
-            raise FormatError(f"cannot create: {exc.strerror}", path=path) from exc
+        self._fd = open_new(path, opener)
         self._header: DynamicHeader | None = None
         try:
             if disk_type is DiskType.FIXED:
@@ -631,13 +685,14 @@ class VhdWriter(DiskWriter):
                     parent_unicode_name=pname,
                     locators=locators,
                 )
-                os.pwrite(self._fd, b"\xff" * (4 * self._nblocks), table_offset)
+                platform.pwrite(self._fd, b"\xff" * (4 * self._nblocks), table_offset)
                 if extra:
-                    os.pwrite(self._fd, extra, table_offset + bat_bytes)
+                    platform.pwrite(self._fd, extra, table_offset + bat_bytes)
                 os.ftruncate(self._fd, self._eof)
         except OSError as exc:
             os.close(self._fd)
-            raise FormatError(f"cannot write: {exc.strerror}", path=path) from exc
+            self._fd = -1
+            raise write_error(exc, path, "cannot write the new image's tables") from exc
 
     @property
     def size(self) -> int:
@@ -648,12 +703,13 @@ class VhdWriter(DiskWriter):
         return self._footer.unique_id
 
     def _write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
         try:
-            written = os.pwrite(self._fd, data, offset)
+            while view:
+                n = platform.pwrite(self._fd, view[: platform.WRITE_SLICE], offset)
+                view, offset = view[n:], offset + n
         except OSError as exc:
-            raise FormatError(f"write at offset {offset:#x} failed: {exc.strerror}", path=self._path) from exc
-        if written != len(data):
-            raise FormatError(f"short write at offset {offset:#x}", path=self._path)
+            raise write_error(exc, self._path, "write failed", offset) from exc
 
     def _allocate(self, block: int) -> int:
         start = self._eof
@@ -668,7 +724,7 @@ class VhdWriter(DiskWriter):
         try:
             os.ftruncate(self._fd, self._eof)
         except OSError as exc:
-            raise FormatError(f"cannot extend the file: {exc.strerror}", path=self._path) from exc
+            raise write_error(exc, self._path, "cannot extend the file") from exc
         return start
 
     def write(self, offset: int, data: bytes) -> None:
@@ -718,7 +774,7 @@ class VhdWriter(DiskWriter):
 
     def _current(self, block: int, data_base: int, bitmap: bytearray, sector: int) -> bytes:
         if bitmap[sector >> 3] & (0x80 >> (sector & 7)):
-            return os.pread(self._fd, SECTOR, data_base + sector * SECTOR)
+            return platform.pread(self._fd, SECTOR, data_base + sector * SECTOR)
         assert self._parent is not None
         return self._parent.read(block * self._bs + sector * SECTOR, SECTOR)
 
@@ -736,16 +792,22 @@ class VhdWriter(DiskWriter):
         self._write(self._header.pack(), FOOTER_SIZE)
         self._write(footer, self._eof)
 
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise write_error(exc, self._path, "flush failed") from exc
+
     def flush(self) -> None:
         self._write_tables()
-        os.fsync(self._fd)
+        self._fsync()
 
     def close(self) -> None:
         if self._fd < 0:
             return
         try:
             self._write_tables()
-            os.fsync(self._fd)
+            self._fsync()
         finally:
             os.close(self._fd)
             self._fd = -1
@@ -761,16 +823,19 @@ def create_vhd(
     parent: str | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     unique_id: uuid.UUID | None = None,
+    opener: Opener | None = None,
 ) -> VhdWriter:
     """A new VHD: dynamic (default), ``fixed``, or differencing over the VHD at ``parent``.
 
     A differencing disk takes its size from the parent (``size`` must match it) and records
     the parent as W2ku (absolute) and W2ru (relative) locators plus its file name.
     ``unique_id`` keeps a disk's identity (restoring in place); by default a new one is made.
+    The file is created new (``opener``, by default at ``path``): an existing name, a link too,
+    is never replaced.
     """
     if parent is None:
         kind = DiskType.FIXED if fixed else DiskType.DYNAMIC
-        return VhdWriter(path, size, kind, block_size, None, None, unique_id)
+        return VhdWriter(path, size, kind, block_size, None, None, unique_id, opener=opener)
     if fixed:
         raise FormatError("a differencing VHD cannot be fixed", path=path)
     pimg = open_vhd(parent)
@@ -778,7 +843,153 @@ def create_vhd(
         pimg.close()
         raise ParentError(f"parent {parent} is {pimg.size} bytes, not {size}", path=path, structure="VHD parent")
     try:
-        return VhdWriter(path, size, DiskType.DIFFERENCING, block_size, pimg, parent, unique_id)
+        return VhdWriter(path, size, DiskType.DIFFERENCING, block_size, pimg, parent, unique_id, opener=opener)
     except BaseException:
         pimg.close()
         raise
+
+
+# -- the registry entry ---------------------------------------------------------------------------
+
+
+def _read_parent(path: str) -> ParentReference | None:
+    """A differencing VHD's ParentUniqueId and the files its locators and parent name lead to."""
+    fd, st = open_checked(path, block_devices=False, nofollow=True)
+    try:
+        footer, _stale = _read_footer(fd, path, st.st_size, [])
+        if footer.disk_type != DiskType.DIFFERENCING:
+            return None
+        hoff = footer.data_offset
+        if hoff == NO_DATA_OFFSET or hoff + DYNAMIC_HEADER_SIZE > st.st_size:
+            raise FormatError(
+                f"dynamic header offset {hoff:#x} lies outside the file", path=path, structure="VHD footer"
+            )
+        header = DynamicHeader.unpack(read_structure(fd, path, hoff, DYNAMIC_HEADER_SIZE, "VHD dynamic header"))
+        paths = tuple(dict.fromkeys(p for _how, p in _locator_paths(fd, path, st.st_size, header)))
+    finally:
+        os.close(fd)
+    return ParentReference(paths, str(header.parent_unique_id), "vhd")
+
+
+def _set_parent(path: str, new_parent: str, rule: ParentRule) -> None:
+    """Point a differencing VHD at ``new_parent``: locator texts, then the dynamic header.
+
+    The locator texts are rewritten in their existing space first. Should a crash stop us
+    there, the header still names the old parent (ParentUniqueId and ParentUnicodeName), and a
+    reader that finds the new path's UniqueId wrong falls back to the old parent's name beside
+    the file. The header (ParentUniqueId, time stamp, name, locator lengths; spec "Dynamic Disk
+    Header Format") is then written with one ``pwrite`` of its 1024 bytes.
+    """
+    with open_vhd(new_parent) as p:
+        puid, pts = p.footer.unique_id, p.footer.timestamp
+    with open_vhd(path, rule=rule) as img:
+        data_offset = img.footer.data_offset
+    parent_abs = os.path.abspath(new_parent)
+    rel = os.path.relpath(parent_abs, os.path.dirname(os.path.abspath(path)))
+    texts = {
+        PlatformCode.W2KU.value: parent_abs.replace("/", "\\"),
+        PlatformCode.W2RU.value: (".\\" + rel if not rel.startswith("..") else rel).replace("/", "\\"),
+    }
+    fd, _st = open_checked(path, block_devices=False, writable=True)
+    try:
+        header = DynamicHeader.unpack(read_structure(fd, path, data_offset, DYNAMIC_HEADER_SIZE, "VHD dynamic header"))
+        locators = list(header.locators)
+        writes: list[tuple[int, bytes]] = []
+        for i, loc in enumerate(locators):
+            text = texts.get(loc.platform_code)
+            if text is None or loc.data_length == 0:
+                continue
+            data = text.encode("utf-16-le")
+            room = -(-loc.data_length // FOOTER_SIZE) * FOOTER_SIZE
+            if len(data) > room:
+                raise UnsupportedFormatError(
+                    f"the parent path {text!r} does not fit in the {room} bytes of parent locator {i}",
+                    path=path,
+                    structure="VHD parent locator",
+                )
+            writes.append((loc.data_offset, data.ljust(room, b"\0")))
+            locators[i] = dataclasses.replace(loc, data_length=len(data))
+        for off, data in writes:
+            platform.pwrite(fd, data, off)
+        os.fsync(fd)
+        new = dataclasses.replace(
+            header,
+            parent_unique_id=puid,
+            parent_timestamp=pts,
+            parent_unicode_name=os.path.basename(parent_abs),
+            locators=tuple(locators),
+        )
+        platform.pwrite(fd, new.pack(), data_offset)
+        os.fsync(fd)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot update the parent locators: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+class VhdFormat(DiskFormat):
+    """VHD: fixed, dynamic and differencing (``.avhd``); a child names its parent's UniqueId."""
+
+    name = "vhd"
+    suffixes = (".vhd", ".avhd")
+    qemu_name = "vpc"
+    can_be_child = True
+    parent_formats = frozenset({"vhd"})
+    checkpoint_format = "vhd"
+    checkpoint_suffix = ".avhd"
+
+    def probe(self, head: bytes, tail: bytes) -> bool:
+        # the footer is at the end; dynamic disks keep a copy at offset 0
+        return head.startswith(FOOTER_COOKIE) or tail.startswith(FOOTER_COOKIE)
+
+    def open_fd(self, path: str, fd: int, *, parent: str | None, rule: ParentRule) -> DiskImage:
+        return open_vhd_fd(path, fd, parent=parent, rule=rule)
+
+    def create(
+        self, path: str, size: int, *, parent: str | None = None, unit: int | None = None, opener: Opener | None = None
+    ) -> DiskWriter:
+        return create_vhd(path, size, parent=parent, block_size=unit or DEFAULT_BLOCK_SIZE, opener=opener)
+
+    def check_metadata(self, image: DiskImage, result: MetadataCheck) -> bool:
+        from vmvault.disk.metadata_check import check_vhd
+
+        check_vhd(image, result)
+        return True
+
+    def identity(self, image: DiskImage) -> str | None:
+        assert isinstance(image, VhdImage)
+        return str(image.footer.unique_id)
+
+    def read_parent(self, path: str) -> ParentReference | None:
+        return _read_parent(path)
+
+    def set_parent(self, path: str, new_parent: str, rule: ParentRule) -> None:
+        _set_parent(path, new_parent, rule)
+
+    def create_like(self, image: DiskImage, path: str, parent: DiskImage | None) -> DiskWriter:
+        assert isinstance(image, VhdImage)
+        return create_vhd(
+            path,
+            image.size,
+            fixed=image.disk_type is DiskType.FIXED,
+            parent=os.path.abspath(parent.path) if parent is not None else None,
+            block_size=image.block_size or DEFAULT_BLOCK_SIZE,
+            unique_id=image.footer.unique_id,
+        )
+
+    def is_fixed(self, image: DiskImage) -> bool:
+        assert isinstance(image, VhdImage)
+        return image.disk_type is DiskType.FIXED
+
+    def layout_overhead(self, image: DiskImage, units: int, has_parent: bool) -> int:
+        assert isinstance(image, VhdImage)
+        if image.disk_type is DiskType.FIXED:
+            return FOOTER_SIZE  # the data, then the footer
+        unit = image.block_size
+        blocks = -(-image.size // unit)
+        bitmap = _bitmap_bytes(unit // SECTOR)
+        # footer copy, dynamic header, BAT, each block's sector bitmap, footer
+        return FOOTER_SIZE + DYNAMIC_HEADER_SIZE + 4 * blocks + 511 + units * bitmap + FOOTER_SIZE
+
+
+FORMAT = VhdFormat()
