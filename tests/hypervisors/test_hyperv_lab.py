@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +20,28 @@ import pytest
 
 from vmvault.backends.memory import MemoryBackend
 from vmvault.disk import open_image
-from vmvault.disk.base import ExtentKind
+from vmvault.disk.base import DiskImage, Extent, ExtentKind
 from vmvault.engine.backup import backup
 from vmvault.engine.clone import restore_clone
 from vmvault.engine.restore import restore
-from vmvault.errors import VmvaultError
+from vmvault.errors import SourceError, VmvaultError
 from vmvault.hypervisors import open_source
 from vmvault.hypervisors.base import PreviousBackup
-from vmvault.hypervisors.hyperv_lab import RECOVERY_MARKER, LabHost, LabSource, RunningVm
+from vmvault.hypervisors.hyperv import RECOVERY_MARKER, register_restored
+from vmvault.hypervisors.hyperv import session as hyperv_session
 from vmvault.hypervisors.hyperv_model import HyperVVm, discover
 from vmvault.repo.repository import Repository
+from vmvault.testing.hyperv_lab import LabClock, LabHost, RunningVm, lab_source
 
 MIB = 1024 * 1024
 CS = 64 * 1024
 
 
 @pytest.fixture(autouse=True)
-def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+    monkeypatch.setenv("VMVAULT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("VMVAULT_LAB_FAULTS", raising=False)
 
 
 @pytest.fixture
@@ -98,8 +104,13 @@ def pyvhdi_read(chain: list[str]) -> bytes:
 def assert_same_vm(before: HyperVVm, after: HyperVVm) -> None:
     assert after.structure() == before.structure()
     assert not [c for c in after.checkpoints if c.is_recovery]
-    names = sorted(os.listdir(os.path.join(after.folder, "Virtual Hard Disks")))
-    assert names == sorted(os.listdir(os.path.join(before.folder, "Virtual Hard Disks")))
+    # the disk folder holds the VM's disks and their change maps (``<disk>.rct``), nothing left
+    # behind by the backup; a running VM saves its change map through ``<name>.<thread>.tmp``
+    folder = "Virtual Hard Disks"
+    names = {n for n in os.listdir(os.path.join(after.folder, folder)) if not n.endswith(".tmp")}
+    disks = {os.path.basename(d.rel) for d in before.disks.values() if os.path.dirname(d.rel) == folder}
+    maps = {os.path.splitext(d)[0] + ".rct" for d in disks}
+    assert disks <= names and names <= disks | maps, sorted(names - disks - maps)
 
 
 def leaf_matches_writer(host: LabHost, name: str, vm: RunningVm) -> None:
@@ -124,7 +135,7 @@ def test_live_backup_restores_every_layer(host: LabHost, repo: Repository, tmp_p
         running.stop()
     assert running.writes > 0
     snap = result.snapshot
-    assert snap.consistency == "crash-consistent"
+    assert snap.consistency == "application-consistent"  # the writer was paused for the checkpoint
     assert_same_vm(before, host.model("web"))
     leaf_matches_writer(host, "web", running)
     (cp_id,) = running.frozen  # one recovery checkpoint was taken
@@ -167,7 +178,7 @@ def host_for(folder: Path) -> LabHost:
 
 def test_clone_runs_beside_the_original(host: LabHost, repo: Repository, tmp_path: Path) -> None:
     build_tree(host)
-    snap = backup(repo, LabSource(host.root, "web")).snapshot
+    snap = backup(repo, lab_source(host, "web")).snapshot
     result = restore_clone(repo, snap, host.root, "web2")
     assert result.target == os.path.join(host.root, "web2")
     orig, clone = host.model("web"), host.model("web2")
@@ -193,7 +204,7 @@ def test_flatten_and_convert(host: LabHost, repo: Repository, tmp_path: Path, fm
     build_tree(host)
     expected = {slot: host.read_disk("web", slot) for slot in ("scsi0:0", "scsi0:1")}
     before = host.model("web")
-    snap = backup(repo, LabSource(host.root, "web")).snapshot
+    snap = backup(repo, lab_source(host, "web")).snapshot
     out = restore(repo, snap, str(tmp_path / "flat"), format=fmt, flatten=True)
     by_name = {d["name"]: d["path"] for d in out.disks}
     for slot, path in before.current.items():
@@ -207,52 +218,124 @@ def test_flatten_and_convert(host: LabHost, repo: Repository, tmp_path: Path, fm
 # ---- nothing is left behind, whatever fails --------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["create_checkpoint", "read", "convert"])
-def test_failures_leave_the_vm_as_it_was(host: LabHost, repo: Repository, fault: str) -> None:
+class _FailingImage(DiskImage):
+    """Wraps an image and fails once ``budget`` bytes were read (a share that goes away)."""
+
+    def __init__(self, inner: DiskImage, budget: int) -> None:
+        self.inner = inner
+        self.format = inner.format
+        self.budget = budget
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def path(self) -> str:
+        return self.inner.path
+
+    @property
+    def parent(self) -> DiskImage | None:
+        return self.inner.parent
+
+    def extents(self) -> Iterator[Extent]:
+        return self.inner.extents()
+
+    def read(self, offset: int, length: int) -> bytes:
+        with self._lock:
+            self.budget -= length
+            if self.budget < 0:
+                raise SourceError(f"{self.path}: injected read failure at offset {offset:#x}")
+        return self.inner.read(offset, length)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+#: every step of the connector after the checkpoint exists, failing before or after it acted
+FAULTS = [
+    "create",
+    "step:create_recovery",
+    "late:create_recovery",
+    "step:checkpoint_disks",
+    "late:checkpoint_disks",
+    "step:changes",
+    "read",
+    "step:host_of",
+    "migrate",
+    "step:convert",
+    "late:convert",
+]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_failures_leave_the_vm_as_it_was(
+    host: LabHost, repo: Repository, fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     build_tree(host)
+    before = host.model("web")
+    first = backup(repo, lab_source(host, "web"))  # so that the next one asks for changes
+    assert not first.warnings
+    host.write("web", "scsi0:0", 0, b"q" * 4096)
     before = host.model("web")
     running = host.start("web", seed=5)
     time.sleep(0.05)
-    source = LabSource(host.root, "web")
-    source.host.faults.add(fault)
+    source = lab_source(host, "web")
+    real_open = hyperv_session.open_image
+    if fault == "read":
+        monkeypatch.setattr(hyperv_session, "open_image", lambda p: _FailingImage(real_open(p), 2 * MIB))
+    else:
+        host.faults.add(fault)
     try:
-        with pytest.raises(VmvaultError, match="injected"):
-            backup(repo, source)
+        if fault == "step:changes":  # change tracking failing is a full read with a warning
+            result = backup(repo, source)
+            assert any("change tracking unusable" in w for w in result.warnings)
+        else:
+            with pytest.raises(VmvaultError, match=r"injected|LAB-HV02"):
+                backup(repo, source)
     finally:
         running.stop()
     assert_same_vm(before, host.model("web"))
     leaf_matches_writer(host, "web", running)
     # and the next backup works and keeps nothing either
-    source.host.faults.clear()
-    backup(repo, source)
+    host.faults.clear()
+    monkeypatch.setattr(hyperv_session, "open_image", real_open)
+    result = backup(repo, lab_source(host, "web"))
+    assert not [w for w in result.warnings if "interrupted" in w], result.warnings
     assert_same_vm(before, host.model("web"))
+    assert len(host.host_state(before.vm_id)["reference_points"]) <= 2  # old ones are destroyed
 
 
 @pytest.mark.integration
-def test_killed_backup_is_cleaned_up_by_the_next(host: LabHost, repo: Repository) -> None:
+@pytest.mark.parametrize("fault", ["hang-after-checkpoint", "hang-in-create"])
+def test_killed_backup_is_cleaned_up_by_the_next(host: LabHost, repo: Repository, fault: str) -> None:
+    """Killed with the checkpoint's ID journaled, or inside CreateSnapshot before the ID
+    came back: the next backup finds the checkpoint either way and removes only it."""
     build_tree(host)
+    foreign = host.create_recovery_checkpoint("web", "Veeam backup checkpoint")  # another product's
     before = host.model("web")
-    env = dict(os.environ, VMVAULT_LAB_FAULTS="hang-after-checkpoint")
+    env = dict(os.environ, VMVAULT_LAB_FAULTS=fault)
     code = (
-        "import sys; from vmvault.hypervisors.hyperv_lab import LabSource; "
-        "LabSource(sys.argv[1], 'web').open_session(None)"
+        "import sys; from vmvault.testing.hyperv_lab import LabHost, lab_source; "
+        "lab_source(LabHost(sys.argv[1]), 'web').open_session(None)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code, host.root], env=env)
     try:
         deadline = time.monotonic() + 60
-        while not [c for c in host.model("web").checkpoints if c.is_recovery]:
+        while len([c for c in host.model("web").checkpoints if c.is_recovery]) < 2:
             assert proc.poll() is None, "the backup process ended early"
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        time.sleep(0.2)
+        time.sleep(0.3)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    left = host.model("web")
-    assert [c for c in left.checkpoints if c.is_recovery]
-    result = backup(repo, LabSource(host.root, "web"))
+    assert len([c for c in host.model("web").checkpoints if c.is_recovery]) == 2
+    result = backup(repo, lab_source(host, "web"))
     assert any("interrupted backup" in w for w in result.warnings)
-    assert_same_vm(before, host.model("web"))
+    assert host.model("web").structure() == before.structure()  # the other product's checkpoint stays
+    assert [c.id for c in host.model("web").checkpoints if c.is_recovery] == [foreign]
 
 
 # ---- change tracking -----------------------------------------------------------------
@@ -263,7 +346,7 @@ def test_incremental_reads_only_changed_ranges(host: LabHost, repo: Repository, 
     host.create_vm("db", (size,))
     rng = random.Random(11)
     host.write("db", "scsi0:0", 0, rng.randbytes(size))
-    source = LabSource(host.root, "db")
+    source = lab_source(host, "db")
     first = backup(repo, source)
     assert first.snapshot.disks[0].stats["bytes_read"] == size
     # ~1 %: five 64 KiB writes
@@ -281,14 +364,14 @@ def test_incremental_reads_only_changed_ranges(host: LabHost, repo: Repository, 
 def test_lost_reference_point_means_full_read_with_warning(host: LabHost, repo: Repository) -> None:
     host.create_vm("app", (8 * MIB,))
     host.write("app", "scsi0:0", 0, os.urandom(4 * MIB))
-    source = LabSource(host.root, "app")
+    source = lab_source(host, "app")
     backup(repo, source)
     cp = host.checkpoint("app", "before-upgrade")
     host.write("app", "scsi0:0", 0, os.urandom(MIB))
     host.apply_checkpoint("app", cp)  # the disk jumps back: reference points are void
     host.delete_checkpoint("app", cp)
     second = backup(repo, source)
-    assert any("change-tracking reference" in w for w in second.warnings)
+    assert any("change tracking unusable" in w for w in second.warnings)
     assert second.snapshot.disks[0].stats["incremental"] == 0
 
 
@@ -324,7 +407,7 @@ def test_live_incremental_matches_the_frozen_view(host: LabHost, repo: Repositor
     host.write("live", "scsi0:0", 0, random.Random(2).randbytes(size))
     running = host.start("live", seed=4, max_write=16 * 1024, interval=0.005)
     try:
-        source = LabSource(host.root, "live")
+        source = lab_source(host, "live")
         first = backup(repo, source)
         time.sleep(0.1)
         second = backup(repo, source)
@@ -345,26 +428,23 @@ def test_live_incremental_matches_the_frozen_view(host: LabHost, repo: Repositor
     leaf_matches_writer(host, "live", running)
 
 
-def test_unreadable_configuration_falls_back_to_the_files(host: LabHost, repo: Repository, tmp_path: Path) -> None:
+def test_unreadable_configuration_fails_clearly_and_the_folder_backs_up(
+    host: LabHost, repo: Repository, tmp_path: Path
+) -> None:
+    """Hyper-V does not list a VM whose configuration it cannot read: the connector says so,
+    touching nothing; the stopped VM's folder still backs up as files (disks discovered from
+    their parent locators)."""
     build_tree(host)
     vm = host.model("web")
     assert vm.config_path is not None
-    damaged = Path(vm.config_path).read_bytes()[:200]
-    Path(vm.config_path).write_bytes(damaged)
+    Path(vm.config_path).write_bytes(Path(vm.config_path).read_bytes()[:200])
     files_before = {p: Path(p).read_bytes() for p in [vm.config_path, *vm.disks]}
-    result = backup(repo, LabSource(host.root, "web"))
-    assert any("discovered from the files" in w for w in result.warnings)
-    assert result.snapshot.consistency == "offline"
+    with pytest.raises(VmvaultError, match="no VM named 'web'"):
+        backup(repo, lab_source(host, "web"))
+    result = backup(repo, open_source(vm.folder))
     assert {p: Path(p).read_bytes() for p in files_before} == files_before  # nothing was touched
-    # every disk file is stored, chained by its parent locator
-    stored = {d.name: d.parent for d in result.snapshot.disks}
-    assert stored == {d.rel: (vm.disks[d.parent].rel if d.parent else None) for d in vm.disks.values()}
-    running = host.start("web")
-    try:
-        with pytest.raises(VmvaultError, match="configuration is unreadable"):
-            backup(repo, LabSource(host.root, "web"))
-    finally:
-        running.stop()
+    stored = {d.name for d in result.snapshot.disks}
+    assert {d.rel for d in vm.disks.values()} <= {n.split("/", 1)[-1] for n in stored} | stored
 
 
 def test_deleting_a_checkpoint_in_the_middle_of_a_chain(host: LabHost) -> None:
@@ -403,7 +483,7 @@ def test_crash_between_merge_and_configuration_update(host: LabHost, repo: Repos
     assert broken.missing and not broken.current
     with pytest.raises(VmvaultError, match="missing disks"):
         host.delete_checkpoint("c", broken.checkpoints[0].id)  # never deletes blindly
-    result = backup(repo, LabSource(host.root, "c"))
+    result = backup(repo, lab_source(host, "c"))
     assert any("interrupted backup" in w for w in result.warnings)
     assert_same_vm(before, host.model("c"))
     assert host.read_disk("c", "scsi0:0") == expected
@@ -422,7 +502,7 @@ def test_random_checkpoint_histories_back_up_and_restore(
     host.create_vm("r", (size,))
     current = bytearray(size)
     at: dict[str, bytes] = {}  # checkpoint id -> content when taken
-    source = LabSource(host.root, "r")
+    source = lab_source(host, "r")
     done: dict[str, int] = {}
     ops = ["write"] * 3 + ["checkpoint"] * 2 + ["apply"] * 2 + ["delete", "backup"]
     for _ in range(30):
@@ -435,11 +515,11 @@ def test_random_checkpoint_histories_back_up_and_restore(
         elif op == "checkpoint":
             at[host.checkpoint("r", f"cp{len(at)}")] = bytes(current)
         elif op == "apply" and at:
-            cp = rng.choice(sorted(at))
+            cp = rng.choice(list(at))  # insertion order: ids are random, the run must not be
             host.apply_checkpoint("r", cp)
             current[:] = at[cp]
         elif op == "delete" and at:
-            cp = rng.choice(sorted(at))
+            cp = rng.choice(list(at))  # insertion order: ids are random, the run must not be
             shape = host.model("r").structure()
             try:
                 host.delete_checkpoint("r", cp)
@@ -474,15 +554,108 @@ def test_random_checkpoint_histories_back_up_and_restore(
 
 def test_frozen_layers_are_reported_unchanged(host: LabHost, repo: Repository) -> None:
     build_tree(host)
-    source = LabSource(host.root, "web")
+    source = lab_source(host, "web")
     first = backup(repo, source).snapshot
-    frozen = {d.name for d in first.disks if d.cbt and "data_write_guid" in d.cbt}
     vm = host.model("web")
     leaves = {slot: vm.disks[p].rel for slot, p in vm.current.items()}
-    assert frozen and not frozen & set(leaves.values())
+    frozen = {d.name for d in first.disks if d.cbt and "data_write_guid" in d.cbt} - set(leaves.values())
+    assert len(frozen) == len(vm.disks) - len(leaves)
     host.write("web", "scsi0:0", 3 * MIB, b"z" * 4096)
     with source.open_session(PreviousBackup(first.id, {d.name: d.cbt for d in first.disks if d.cbt})) as s:
         by_name = {d.name: d for d in s.disks}
         assert all(by_name[n].changed == [] for n in frozen)
         assert by_name[leaves["scsi0:0"]].changed == [(3 * MIB, 64 * 1024)]  # the leaf's RCT ranges
         assert by_name[leaves["scsi0:1"]].changed == []
+
+
+# ---- the connector's decisions, end to end on the lab host ------------------------------
+
+
+def test_vss_failure_is_an_error_unless_crash_consistent_is_allowed(host: LabHost, repo: Repository) -> None:
+    host.create_vm("v", (4 * MIB,))
+    before = host.model("v")
+    running = host.start("v", seed=1)
+    host.faults.add("vss")
+    try:
+        with pytest.raises(VmvaultError, match=r"VSS writers.*allow_crash_consistent=1"):
+            backup(repo, lab_source(host, "v"))
+        assert_same_vm(before, host.model("v"))
+        result = backup(repo, lab_source(host, "v", "allow_crash_consistent=1"))
+    finally:
+        running.stop()
+    assert result.snapshot.consistency == "crash-consistent"
+    assert any(w.startswith("CRASH-CONSISTENT") for w in result.snapshot.warnings)
+    assert_same_vm(before, host.model("v"))
+    levels = [c["consistency_level"] for c in host.host_state(before.vm_id)["created"].values()]
+    assert levels == [2]  # the application-consistent attempts left nothing; one crash-consistent checkpoint
+
+
+def test_disks_hyper_v_cannot_checkpoint_are_named(host: LabHost, repo: Repository) -> None:
+    host.create_vm(
+        "pt",
+        (4 * MIB,),
+        extra_drives=(("scsi0:1", "dvd", "/isos/setup.iso"), ("scsi0:2", "passthrough", "Disk 3")),
+    )
+    result = backup(repo, lab_source(host, "pt"))
+    snap = result.snapshot
+    assert [d.name for d in snap.disks] == ["Virtual Hard Disks/pt.vhdx"]  # no ISO among the disks
+    assert snap.extra["hyperv"]["not_backed_up"] == [{"slot": "scsi0:2", "kind": "passthrough", "path": "Disk 3"}]
+    assert any(w.startswith("NOT BACKED UP: pass-through disk Disk 3") for w in result.warnings)
+    assert snap.extra["hyperv"]["guest_backup_type"] == "full"
+
+
+def test_vm_names_resolve_to_one_vm(host: LabHost, repo: Repository) -> None:
+    host.create_vm("web-a", (4 * MIB,), display_name="web")
+    host.create_vm("web-b", (4 * MIB,), display_name="web")
+    host.create_vm("web[1]", (4 * MIB,))
+    with pytest.raises(VmvaultError, match="2 VMs are named 'web'"):
+        backup(repo, lab_source(host, "web"))
+    with pytest.raises(VmvaultError, match=r"no VM named 'web\*'"):
+        backup(repo, lab_source(host, "web*"))
+    assert backup(repo, lab_source(host, "web[1]")).snapshot.vm["name"] == "web[1]"
+    by_id = backup(repo, lab_source(host, host.model("web-b").vm_id))
+    assert by_id.snapshot.vm["id"] == host.model("web-b").vm_id
+
+
+def test_another_hosts_checkpoint_is_left_alone_until_stale(tmp_path: Path, repo: Repository) -> None:
+    clock = LabClock()
+    (tmp_path / "h").mkdir()
+    host = LabHost(str(tmp_path / "h"), clock=clock)
+    host.create_vm("s", (4 * MIB,))
+    other = host.create_recovery_checkpoint("s", f"{RECOVERY_MARKER} run=x host=backup02 pid=4242 t={int(clock())}")
+    with pytest.raises(VmvaultError, match="another backup of VM s is running"):
+        backup(repo, lab_source(host, "s"))
+    assert [c.id for c in host.model("s").checkpoints] == [other]
+    clock.advance(25 * 3600)
+    result = backup(repo, lab_source(host, "s"))
+    assert any("interrupted backup" in w for w in result.warnings)
+    assert not host.model("s").checkpoints
+
+
+def test_merge_suspended_by_an_export_is_re_enabled(host: LabHost, repo: Repository) -> None:
+    vm = host.create_vm("m", (4 * MIB,))
+    state = host.host_state(vm.vm_id)
+    state["merge_enabled_state"] = 0
+    host.save_host_state(vm.vm_id, state)
+    result = backup(repo, lab_source(host, "m"))
+    assert any("merging was suspended" in w for w in result.warnings)
+    assert host.host_state(vm.vm_id)["merge_enabled_state"] == 1
+
+
+def test_restored_vm_is_registered_through_compare_import(host: LabHost, repo: Repository) -> None:
+    host.create_vm("orig", (4 * MIB,))
+    host.write("orig", "scsi0:0", 0, b"o" * MIB)
+    snap = backup(repo, lab_source(host, "orig")).snapshot
+    target = Path(host.root) / "copy"
+    restore(repo, snap, str(target))
+    src = lab_source(host, "orig")
+    (vmcx,) = (target / "Virtual Machines").glob("*.xml")
+    doc = register_restored(src, str(vmcx), str(target))
+    assert doc["imported"] and doc["id"] != snap.vm["id"]
+    assert host.read_disk("copy", "scsi0:0") == host.read_disk("orig", "scsi0:0")
+    with pytest.raises(VmvaultError, match="Import-VM refused"):
+        register_restored(src, str(tmp_outside(host) / "Virtual Machines" / "x.xml"), "/elsewhere")
+
+
+def tmp_outside(host: LabHost) -> Path:
+    return Path(host.root).parent / "elsewhere" / "vm"

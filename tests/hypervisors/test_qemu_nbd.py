@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -183,11 +184,44 @@ def test_connection_pool_under_threads(export: tuple[str, bytes]) -> None:
     assert img.connections == 0
 
 
-def test_import_libnbd_leaves_no_folder() -> None:
-    before = {p for p in os.listdir("/tmp") if p.startswith("vmvault-libnbd-")}
-    with contextlib.suppress(Exception):
-        import_libnbd()
-    assert {p for p in os.listdir("/tmp") if p.startswith("vmvault-libnbd-")} <= before
+class _NoSystemNbd:
+    """``import nbd`` fails unless the private folder import_libnbd links into is on sys.path."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "nbd" and not any("vmvault-import-nbd-" in entry for entry in sys.path):
+            raise ModuleNotFoundError("No module named 'nbd'", name="nbd")
+
+
+def test_import_libnbd_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Debian fallback really runs (a stand-in dist-packages with a pure-Python ``nbd.py``):
+    its private folder is made, imported from and removed, and sys.path is restored."""
+    dist = tmp_path / "dist-packages"
+    dist.mkdir()
+    (dist / "nbd.py").write_text("STAND_IN = True\n")
+    tag = f"cpython-{sys.version_info.major}{sys.version_info.minor}"
+    (dist / f"libnbdmod.{tag}-x86_64-linux-gnu.so").write_bytes(b"")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr("vmvault.hypervisors._debian.DIST_PACKAGES", str(dist))
+    monkeypatch.delitem(sys.modules, "nbd", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_NoSystemNbd(), *sys.meta_path])
+    made: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def spy(*args: object, **kwargs: object) -> str:
+        folder = mkdtemp(*args, **kwargs)  # type: ignore[call-overload]
+        made.append(str(folder))
+        return str(folder)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", spy)
+    path_before = list(sys.path)
+    module = import_libnbd()
+    sys.modules.pop("nbd", None)
+    assert module is not None and module.STAND_IN is True
+    assert len(made) == 1 and os.path.dirname(made[0]) == str(scratch)
+    assert not os.path.exists(made[0]) and os.listdir(scratch) == []
+    assert sys.path == path_before
 
 
 @pytest.mark.integration

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -84,3 +86,80 @@ def test_not_qmp_silent_and_dropped_sockets(tmp_path: Path) -> None:
     with pytest.raises(HypervisorError, match="not JSON"):
         QmpClient(str(tmp_path / "d.sock"), timeout=2).connect()
     t.join()
+
+
+#: answers that do not change while a stopped VM sits still
+_STABLE_QUERIES = ("query-version", "query-status", "query-block", "query-named-block-nodes", "query-commands")
+
+
+@pytest.mark.integration
+def test_replies_agree_with_qemu_qmp(make_vm: Callable[..., QemuVM]) -> None:
+    """qemu.qmp (QEMU's own Python client) is the oracle for our synchronous client: the same
+    commands on the same VM give the same replies, and the same errors (see _qmp.py)."""
+    qemu_qmp = pytest.importorskip("qemu.qmp", reason="qemu.qmp is the oracle for our QMP client")
+    vm = make_vm([DiskSpec("vda", "raw", MiB), DiskSpec("vdb", "qcow2", 2 * MiB)])
+    bad_calls: list[tuple[str, dict[str, object] | None]] = [
+        ("no-such-command", None),
+        ("block-dirty-bitmap-add", {"node": "nowhere", "name": "x"}),
+        ("query-status", {"unexpected": 1}),
+    ]
+
+    with QmpClient(vm.vmvault_sock).connect() as qmp:
+        qmp.execute("stop")
+        ours = {command: qmp.execute(command) for command in _STABLE_QUERIES}
+        our_errors = []
+        for command, arguments in bad_calls:
+            with pytest.raises(QmpError) as info:
+                qmp.execute(command, arguments)
+            our_errors.append((info.value.error_class, info.value.desc))
+
+    async def oracle() -> tuple[dict[str, object], list[tuple[str, str]]]:
+        client = qemu_qmp.QMPClient("vmvault-oracle")
+        await client.connect(vm.vmvault_sock)
+        try:
+            replies = {command: await client.execute(command) for command in _STABLE_QUERIES}
+            errors = []
+            for command, arguments in bad_calls:
+                try:
+                    await client.execute(command, arguments)
+                except qemu_qmp.ExecuteError as exc:
+                    errors.append((exc.error.error.class_, exc.error.error.desc))
+            return replies, errors
+        finally:
+            await client.disconnect()
+
+    theirs, their_errors = asyncio.run(oracle())
+    assert ours == theirs
+    assert our_errors == their_errors and len(our_errors) == len(bad_calls)
+
+
+def test_a_hostile_guest_agent_cannot_crash_or_flood_the_client(tmp_path: Path) -> None:
+    """The guest agent's socket carries what the guest sends (boot verification pings it): JSON
+    nested past the parser's depth and a line without end are errors, not a crash or a heap
+    that grows as long as the guest writes."""
+    from vmvault.hypervisors._qmp import MAX_LINE, GuestAgentClient
+
+    # the connection stays open a moment: closed at once, the client's guest-sync could meet a
+    # closed socket before it reads the line
+    t = serve_once(str(tmp_path / "deep.sock"), [b"[" * 200_000 + b"\n"], hold=1.0)
+    with pytest.raises(HypervisorError, match="not JSON"):
+        GuestAgentClient(str(tmp_path / "deep.sock"), timeout=5).connect()
+    t.join()
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp_path / "long.sock"))
+    server.listen(1)
+
+    def flood() -> None:  # a line without end, until the client hangs up
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):
+            while True:
+                conn.sendall(b"x" * (1 << 20))
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    started = time.monotonic()
+    with pytest.raises(HypervisorError, match=f"longer than {MAX_LINE >> 20} MiB"):
+        GuestAgentClient(str(tmp_path / "long.sock"), timeout=10).connect()
+    assert time.monotonic() - started < 5
+    t.join(5)
+    server.close()

@@ -1,16 +1,16 @@
 """VMCX/VMRS and XML configuration reading.
 
-No real VMCX file is available here, so ``build_vmcx`` writes a container in the layout
-vhdx-format.md Appendix B documents (headers with CRC-32, object table at 0x2000, key
-tables with typed entries, file objects for values of 0x800 bytes and more). The reader
-must give back the tree it was built from and fail with FormatError on damage.
+No real VMCX file is available here, so ``build_vmcx`` (``vmvault.testing.hyperv_host``)
+writes a container in the layout vhdx-format.md Appendix B documents (headers with CRC-32,
+object table at 0x2000, key tables with typed entries, file objects for values of 0x800
+bytes and more). The reader must give back the tree it was built from and fail with
+FormatError on damage.
 """
 
 from __future__ import annotations
 
 import random
 import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -30,92 +30,7 @@ from vmvault.hypervisors._vmcx import (
     render_xml_config,
 )
 from vmvault.hypervisors.hyperv_model import discover
-
-T_INT, T_UINT, T_DOUBLE, T_STRING, T_ARRAY, T_BOOL, T_NODE = 3, 4, 5, 6, 7, 8, 9
-KEY_TABLE_OFFSET = 0x10000
-
-
-def _entry(key: str, kind: int, value: bytes, parent: tuple[int, int], flags: int = 0) -> bytes:
-    name = key.encode() + b"\0"
-    size = 21 + len(name) + len(value)
-    header = struct.pack("<HIHIIIB", kind | flags << 8, size, parent[0], parent[1], 0, 0, len(name))
-    return header + name + value
-
-
-def _header(seq: int, *, log_offset: int, version: int = 0x400, good: bool = True) -> bytes:
-    fields = [0x01282014, 0, seq, version, 0, 0x1000, log_offset, 0x1000, 0x1000]
-    raw = bytearray(struct.pack("<IIHIQIQQI", *fields))
-    crc = zlib.crc32(bytes(raw)) & 0xFFFFFFFF
-    raw[4:8] = struct.pack("<I", crc if good else crc ^ 1)
-    return bytes(raw)
-
-
-def build_vmcx(
-    tree: dict[str, Any],
-    *,
-    seqs: tuple[int, int] = (1, 2),
-    bad_header: int | None = None,
-    version: int = 0x400,
-    dirty_log: bool = False,
-    large: int = 0x800,
-) -> bytes:
-    """A HyperVStorage container holding ``tree`` (one key table, index 1)."""
-    table = bytearray(struct.pack("<HHHI", 0x0002, 1, 1, 0))
-    files: list[bytes] = []
-    file_base = KEY_TABLE_OFFSET + 0x10000
-
-    def add(node: dict[str, Any], parent: tuple[int, int]) -> None:
-        for key, value in node.items():
-            pos = len(table)
-            if isinstance(value, dict):
-                table.extend(_entry(key, T_NODE, bytes(12), parent))
-                add(value, (1, pos))
-                continue
-            if isinstance(value, bool):
-                kind, raw = T_BOOL, struct.pack("<I", int(value))
-            elif isinstance(value, int):
-                kind, raw = (T_INT, struct.pack("<q", value)) if value < 0 else (T_UINT, struct.pack("<Q", value))
-            elif isinstance(value, float):
-                kind, raw = T_DOUBLE, struct.pack("<d", value)
-            elif isinstance(value, str):
-                kind, raw = T_STRING, value.encode("utf-16-le")
-            else:
-                kind, raw = T_ARRAY, bytes(value)
-            if kind in (T_STRING, T_ARRAY) and len(raw) >= large:
-                offset = file_base + sum(-(-len(f) // 0x1000) * 0x1000 for f in files)
-                files.append(raw)
-                table.extend(_entry(key, kind, struct.pack("<IQ", len(raw), offset), parent, flags=1))
-            elif kind in (T_STRING, T_ARRAY):
-                table.extend(_entry(key, kind, struct.pack("<I", len(raw)) + raw, parent))
-            else:
-                table.extend(_entry(key, kind, raw, parent))
-
-    add(tree, (0, 0))
-    table.extend(bytes(21))  # size 0 ends the table
-    objects = [(2, KEY_TABLE_OFFSET, -(-len(table) // 0x1000) * 0x1000)]
-    pos = file_base
-    for f in files:
-        objects.append((3, pos, -(-len(f) // 0x1000) * 0x1000))
-        pos += objects[-1][2]
-    size = max(pos, KEY_TABLE_OFFSET + objects[0][2])
-    out = bytearray(size)
-    log_offset = 0x3000
-    for slot, off in enumerate((0, 0x1000)):
-        out[off : off + 0x2E] = _header(
-            seqs[slot], log_offset=log_offset, version=version, good=bad_header not in (slot, -1)
-        )
-    out[log_offset : log_offset + 12] = struct.pack("<III", 0x01110003, 0, 1 if dirty_log else 0)
-    ot = bytearray(struct.pack("<II", 0x01110001, len(objects)))
-    for kind, off, n in objects:
-        ot += struct.pack("<BIQIB", kind, 0, off, n, 1)
-    out[0x2000 : 0x2000 + len(ot)] = ot
-    out[KEY_TABLE_OFFSET : KEY_TABLE_OFFSET + len(table)] = table
-    pos = file_base
-    for f in files:
-        out[pos : pos + len(f)] = f
-        pos += -(-len(f) // 0x1000) * 0x1000
-    return bytes(out)
-
+from vmvault.testing.hyperv_host import KEY_TABLE_OFFSET, build_vmcx
 
 SCSI_INSTANCE = "4E7D5B2A-1C3F-4A6B-8D9E-0F1A2B3C4D5E"
 IDE_INSTANCE = "9A8B7C6D-5E4F-4321-8765-43210FEDCBA9"
@@ -289,3 +204,14 @@ def test_vmcx_config_drives_the_model(tmp_path: Path) -> None:
     assert model.config_error is None and model.name == "web01" and model.generation == 2
     assert sorted(model.current) == ["scsi0:0", "scsi0:2"]
     assert [Path(p).name for p in model.orphans()] == ["leftover.vhdx"]
+
+
+def test_chained_object_tables_are_followed() -> None:
+    """An object-table entry of type 1 names the next object table (large files have several):
+    key tables listed only there are read, a loop or a bad table is a FormatError."""
+    tree = sample_tree()
+    assert parse_vmcx(build_vmcx(tree, chain="ok")) == tree
+    with pytest.raises(FormatError, match="loops"):
+        parse_vmcx(build_vmcx(tree, chain="loop"))
+    with pytest.raises(FormatError, match="bad signature"):
+        parse_vmcx(build_vmcx(tree, chain="bad"))

@@ -1,30 +1,48 @@
-"""Connectors: where a backup's data comes from. ``open_source`` parses a source argument."""
+"""Connectors: where a backup's data comes from.
+
+``open_source`` turns a source argument into a ``Source`` through the connector registry
+(``registry``: one entry per kind of source); ``BackupOptions`` say how to back it up and
+reach the connector with ``Source.open_session``.
+"""
 
 from __future__ import annotations
 
-from vmvault.errors import ConfigError
-from vmvault.hypervisors.base import BackupSession, PreviousBackup, Source, SourceDisk, SourceFile
+from vmvault.hypervisors.base import (
+    DEFAULT_OPTIONS,
+    BackupOptions,
+    BackupSession,
+    PreviousBackup,
+    Registration,
+    RestoredVm,
+    RestoreNote,
+    Source,
+    SourceDisk,
+    SourceFile,
+)
+from vmvault.hypervisors.registry import (
+    CONNECTORS,
+    Connector,
+    connector_for,
+    connector_for_kind,
+    expand_sources,
+    open_source,
+)
 
-__all__ = ["BackupSession", "PreviousBackup", "Source", "SourceDisk", "SourceFile", "open_source"]
-
-
-def open_source(spec: str) -> Source:
-    """A path (image file or VM folder), ``qemu+unix:///path/qmp.sock``, ``hyperv://[HOST]/VM``,
-    or ``hyperv-lab://DIR/VM``."""
-    if spec.startswith("qemu+unix://"):
-        from vmvault.hypervisors.qemu import QemuSource
-
-        return QemuSource(spec)
-    if spec.startswith("hyperv-lab://"):
-        from vmvault.hypervisors.hyperv_lab import open_lab_source
-
-        return open_lab_source(spec)
-    if spec.startswith("hyperv://"):
-        from vmvault.hypervisors.hyperv import HyperVSource
-
-        return HyperVSource(spec)
-    if "://" in spec:
-        raise ConfigError(f"unknown source {spec!r}: give a path, qemu+unix://, hyperv:// or hyperv-lab://")
-    from vmvault.hypervisors.files import FilesSource
-
-    return FilesSource(spec)
+__all__ = [
+    "CONNECTORS",
+    "DEFAULT_OPTIONS",
+    "BackupOptions",
+    "BackupSession",
+    "Connector",
+    "PreviousBackup",
+    "Registration",
+    "RestoreNote",
+    "RestoredVm",
+    "Source",
+    "SourceDisk",
+    "SourceFile",
+    "connector_for",
+    "connector_for_kind",
+    "expand_sources",
+    "open_source",
+]

@@ -8,7 +8,7 @@ NetworkBlockDevice/nbd repository): fixed newstyle handshake, ``NBD_OPT_STRUCTUR
 whatever the Python version; ``backend="libnbd"`` uses the libnbd bindings instead where
 they import (see ``import_libnbd``).
 
-The wire layout lives in the first section of this file: every field is big-endian.
+The wire layout is in ``nbd_layout`` (shared with vmvault's own server): every field is big-endian.
 ``NbdImage`` keeps a pool of connections, one per concurrently reading thread, because an
 NBD connection carries one request at a time here (requests are not pipelined).
 """
@@ -16,14 +16,10 @@ NBD connection carries one request at a time here (requests are not pipelined).
 from __future__ import annotations
 
 import contextlib
-import enum
-import glob
 import itertools
-import os
 import socket
 import struct
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,132 +27,42 @@ from typing import Any, Protocol
 
 from vmvault.disk.base import DiskImage, Extent, ExtentKind, coalesce
 from vmvault.errors import SourceError
+from vmvault.hypervisors._debian import import_system_module
+from vmvault.hypervisors.nbd_layout import (
+    BASE_ALLOCATION,
+    BLOCK_DESCRIPTOR,
+    CLIENT_FLAGS,
+    DIRTY_BITMAP_PREFIX,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    NBD_ERRNO,
+    NBDMAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY,
+    REP_ERROR_BIT,
+    REP_ERRORS,
+    REPLY_FLAG_DONE,
+    REPLY_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    SERVER_HELLO,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STATE_DIRTY,
+    STATE_ZERO,
+    STRUCTURED_REPLY,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    Info,
+    Opt,
+    Rep,
+    ReplyType,
+)
 
 __all__ = ["NbdConnection", "NbdImage", "import_libnbd"]
-
-# -- handshake ("Newstyle negotiation") --------------------------------------------------
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT": newstyle server, and the prefix of every option
-REPLY_MAGIC = 0x0003E889045565A9  # option reply magic
-
-FLAG_FIXED_NEWSTYLE = 1 << 0  # handshake flags (server) and client flags
-FLAG_NO_ZEROES = 1 << 1
-
-# -- transmission -------------------------------------------------------------------------
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-#: transmission flags (NBD_FLAG_*) announced in NBD_INFO_EXPORT
-TFLAG_HAS_FLAGS = 1 << 0
-TFLAG_READ_ONLY = 1 << 1
-
-#: NBD_REPLY_FLAG_DONE: the last chunk of a structured reply
-REPLY_FLAG_DONE = 1 << 0
-
-#: base:allocation flags ("base:allocation metadata context")
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
-#: qemu:dirty-bitmap:NAME flags (QEMU docs/interop/nbd.txt): bit 0 set = dirty
-STATE_DIRTY = 1 << 0
-
-BASE_ALLOCATION = "base:allocation"
-DIRTY_BITMAP_PREFIX = "qemu:dirty-bitmap:"
-
-
-class Opt(enum.IntEnum):
-    EXPORT_NAME = 1
-    ABORT = 2
-    LIST = 3
-    INFO = 6
-    GO = 7
-    STRUCTURED_REPLY = 8
-    LIST_META_CONTEXT = 9
-    SET_META_CONTEXT = 10
-
-
-class Rep(enum.IntEnum):
-    ACK = 1
-    SERVER = 2
-    INFO = 3
-    META_CONTEXT = 4
-
-
-#: option replies with bit 31 set are errors (NBD_REP_ERR_*)
-REP_ERROR_BIT = 1 << 31
-REP_ERRORS = {
-    REP_ERROR_BIT | 1: "unsupported option",
-    REP_ERROR_BIT | 2: "policy: refused by server",
-    REP_ERROR_BIT | 3: "invalid option",
-    REP_ERROR_BIT | 4: "platform",
-    REP_ERROR_BIT | 5: "TLS required",
-    REP_ERROR_BIT | 6: "unknown export",
-    REP_ERROR_BIT | 7: "server shutting down",
-    REP_ERROR_BIT | 8: "block size required",
-    REP_ERROR_BIT | 9: "too big",
-}
-
-
-class Info(enum.IntEnum):
-    EXPORT = 0
-    NAME = 1
-    DESCRIPTION = 2
-    BLOCK_SIZE = 3
-
-
-class Cmd(enum.IntEnum):
-    READ = 0
-    WRITE = 1
-    DISC = 2
-    FLUSH = 3
-    TRIM = 4
-    CACHE = 5
-    WRITE_ZEROES = 6
-    BLOCK_STATUS = 7
-
-
-class ReplyType(enum.IntEnum):
-    NONE = 0
-    OFFSET_DATA = 1
-    OFFSET_HOLE = 2
-    BLOCK_STATUS = 5
-    ERROR = (1 << 15) + 1
-    ERROR_OFFSET = (1 << 15) + 2
-
-
-#: errno values the server sends (NBD_EPERM ...), for messages
-NBD_ERRNO = {
-    1: "EPERM",
-    5: "EIO",
-    12: "ENOMEM",
-    22: "EINVAL",
-    28: "ENOSPC",
-    75: "EOVERFLOW",
-    95: "ENOTSUP",
-    108: "ESHUTDOWN",
-}
-
-# -- fixed headers --------------------------------------------------------------------------
-SERVER_HELLO = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
-assert SERVER_HELLO.size == 18
-CLIENT_FLAGS = struct.Struct(">I")
-assert CLIENT_FLAGS.size == 4
-OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
-assert OPTION_HEADER.size == 16
-OPTION_REPLY = struct.Struct(">QIII")  # REPLY_MAGIC, option, reply type, length
-assert OPTION_REPLY.size == 20
-INFO_EXPORT = struct.Struct(">HQH")  # NBD_INFO_EXPORT, size, transmission flags
-assert INFO_EXPORT.size == 12
-INFO_BLOCK_SIZE = struct.Struct(">HIII")  # NBD_INFO_BLOCK_SIZE, minimum, preferred, maximum
-assert INFO_BLOCK_SIZE.size == 14
-REQUEST = struct.Struct(">IHHQQI")  # magic, command flags, type, cookie, offset, length
-assert REQUEST.size == 28
-SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, cookie
-assert SIMPLE_REPLY.size == 16
-STRUCTURED_REPLY = struct.Struct(">IHHQI")  # magic, flags, type, cookie, payload length
-assert STRUCTURED_REPLY.size == 20
-BLOCK_DESCRIPTOR = struct.Struct(">II")  # extent length, status flags
-assert BLOCK_DESCRIPTOR.size == 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,44 +346,14 @@ class NbdConnection:
 
 # -- libnbd (optional) ---------------------------------------------------------------------------
 
-_LIBNBD_DIST = "/usr/lib/python3/dist-packages"
-
 
 def import_libnbd() -> Any | None:
     """The ``nbd`` module of libnbd's Python bindings, or None when it cannot be loaded.
 
-    Debian's python3-libnbd is built for the system Python only. When ours has the same
-    version, the two files are linked into a private temporary folder, imported from
-    there, and the folder is removed again (the loaded module no longer needs it). Adding
-    all of dist-packages to the path would pull in other system modules.
+    Debian's python3-libnbd is built for the system Python only; ``import_system_module``
+    loads it for ours when the versions match.
     """
-    try:
-        import nbd  # type: ignore[import-not-found,unused-ignore]
-
-        return nbd
-    except ImportError:
-        pass
-    tag = f"cpython-{sys.version_info.major}{sys.version_info.minor}"
-    libs = glob.glob(os.path.join(_LIBNBD_DIST, f"libnbdmod.{tag}-*.so"))
-    wrapper = os.path.join(_LIBNBD_DIST, "nbd.py")
-    if not libs or not os.path.exists(wrapper):
-        return None
-    folder = tempfile.mkdtemp(prefix="vmvault-libnbd-")
-    try:
-        for src in (wrapper, libs[0]):
-            os.symlink(src, os.path.join(folder, os.path.basename(src)))
-        sys.path.insert(0, folder)
-        try:
-            import nbd  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            return None
-        finally:
-            sys.path.remove(folder)
-        return nbd
-    finally:
-        for name in os.listdir(folder):
-            os.unlink(os.path.join(folder, name))
-        os.rmdir(folder)
+    return import_system_module("nbd", ("libnbdmod",))
 
 
 class LibnbdConnection:

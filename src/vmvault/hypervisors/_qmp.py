@@ -1,5 +1,12 @@
 """A small synchronous client for QEMU's JSON line protocols: QMP and the guest agent.
 
+Why our own and not qemu.qmp: qemu.qmp is asyncio-only (the engine runs in threads and
+would need an event loop per session), does not speak the guest agent's ``guest-sync``
+handshake, and is still a 0.0.x release whose API may change; this client is ~250 lines,
+synchronous, reports the peer's PID (SO_PEERCRED) and turns every failure into a
+``HypervisorError``. qemu.qmp is its test oracle: ``tests/hypervisors/test_qemu_qmp.py``
+sends the same commands through both to a real QEMU and compares replies and errors.
+
 Both speak one JSON object per line over a unix socket (QEMU docs/interop/qmp-spec.rst).
 QMP opens with a greeting and needs ``qmp_capabilities`` before anything else; replies
 carry the ``id`` we sent, and asynchronous events (``{"event": ...}``) may arrive between
@@ -45,6 +52,11 @@ class QmpError(HypervisorError):
         self.socket_path = socket_path
         where = f"{socket_path}: " if socket_path else ""
         super().__init__(f"{where}{command} failed: {error_class}: {desc}")
+
+
+#: the longest line accepted from QMP or the guest agent (QEMU's largest replies, such as
+#: query-named-block-nodes of many disks, stay far below)
+MAX_LINE = 16 << 20
 
 
 class _JsonLineSocket:
@@ -94,8 +106,15 @@ class _JsonLineSocket:
             raise HypervisorError(f"{self.path}: {self.what} connection lost while sending: {exc}") from exc
 
     def _recv(self, deadline: float) -> dict[str, Any]:
-        """The next JSON object, waiting at most until ``deadline`` (time.monotonic())."""
-        while b"\n" not in self._buf:
+        """The next JSON object, waiting at most until ``deadline`` (time.monotonic()). The peer
+        may be a guest (the guest agent): a line is at most :data:`MAX_LINE` bytes, and JSON
+        nested beyond what the parser takes is an error, not a crash."""
+        scanned = 0
+        while b"\n" not in self._buf[scanned:]:
+            scanned = len(self._buf)
+            if scanned > MAX_LINE:
+                self._drop()
+                raise HypervisorError(f"{self.path}: {self.what} sent a line longer than {MAX_LINE >> 20} MiB")
             if self._sock is None:
                 raise HypervisorError(f"{self.path}: {self.what} connection is closed")
             left = deadline - time.monotonic()
@@ -114,9 +133,12 @@ class _JsonLineSocket:
                 raise HypervisorError(f"{self.path}: {self.what} closed the connection")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
+        if len(line) > MAX_LINE:
+            self._drop()
+            raise HypervisorError(f"{self.path}: {self.what} sent a line longer than {MAX_LINE >> 20} MiB")
         try:
             obj = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise HypervisorError(f"{self.path}: {self.what} sent a line that is not JSON: {line[:200]!r}") from exc
         if not isinstance(obj, dict):
             raise HypervisorError(f"{self.path}: {self.what} sent a non-object: {line[:200]!r}")

@@ -12,7 +12,8 @@ cross-read with dissect.hypervisor's description of VmDataStore.dll):
   larger sequence number; the checksum is CRC-32 (zlib) over the header with the field zeroed;
 * version 0x400 only (the only version seen in real files);
 * an object table at 0x2000 (signature 0x01110001) listing key tables (type 2) and file
-  objects (type 3) by absolute offset and size;
+  objects (type 3) by absolute offset and size, and further object tables (type 1), which
+  are followed (a loop or a bad signature is a FormatError);
 * key tables (u16 signature 0x0002, u16 index, u16 sequence, u32 checksum) holding entries:
   u16 type|flags<<8, u32 size, u16 parent table index, u32 parent offset, u32 checksum,
   u32 insertion sequence, u8 data offset, then the key (UTF-8, NUL-terminated; ``data offset``
@@ -42,7 +43,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault.errors import FormatError
+from vmvault.disk import open_checked
+from vmvault.errors import FormatError, SourceError
 
 __all__ = [
     "IDE_CONTROLLER",
@@ -80,7 +82,8 @@ assert KEY_TABLE.size == 0xA
 KEY_ENTRY = struct.Struct("<HIHIIIB")  # type|flags, size, parent table, parent offset, checksum, seq, data off
 assert KEY_ENTRY.size == 21
 
-OBJ_KEY_TABLE, OBJ_FILE = 2, 3
+OBJ_OBJECT_TABLE, OBJ_KEY_TABLE, OBJ_FILE = 1, 2, 3
+MAX_OBJECT_TABLES = 64
 T_FREE, T_INT, T_UINT, T_DOUBLE, T_STRING, T_ARRAY, T_BOOL, T_NODE = 1, 3, 4, 5, 6, 7, 8, 9
 FLAG_FILE_OBJECT = 0x01
 MAX_CONFIG_SIZE = 64 * 1024 * 1024
@@ -213,28 +216,40 @@ def parse_vmcx(data: bytes, path: str = "<vmcx>") -> ConfigTree:
             # The file is dirty: Hyper-V would replay the log first; reading it as is could be stale.
             raise _bad(path, "replay log", header.replay_log_offset, f"{n_entries} unreplayed log entries")
 
-    # object table
-    raw = _read_exact(data, OBJECT_TABLE_OFFSET, OBJECT_TABLE.size, path, "object table")
-    sig, count = OBJECT_TABLE.unpack(raw)
-    if sig != OBJECT_TABLE_SIGNATURE:
-        raise _bad(path, "object table", OBJECT_TABLE_OFFSET, f"bad signature {sig:#x}")
-    if count > 65536:
-        raise _bad(path, "object table", OBJECT_TABLE_OFFSET, f"implausible entry count {count}")
+    # object tables: the first at 0x2000; an entry of type 1 points to the next one (a large
+    # file has several), so every table of the chain is read, each once
     key_tables: list[tuple[int, int]] = []
     objects: dict[int, int] = {}
-    for i in range(count):
-        pos = OBJECT_TABLE_OFFSET + OBJECT_TABLE.size + i * OBJECT_ENTRY.size
-        kind, _ck, off, size, allocated = OBJECT_ENTRY.unpack(
-            _read_exact(data, pos, OBJECT_ENTRY.size, path, "object table entry")
-        )
-        if not allocated:
-            continue
-        if off + size > len(data):
-            raise _bad(path, "object table entry", pos, f"object at {off:#x}+{size:#x} lies past the end")
-        if kind == OBJ_KEY_TABLE:
-            key_tables.append((off, size))
-        elif kind == OBJ_FILE:
-            objects[off] = size
+    pending, visited, total = [OBJECT_TABLE_OFFSET], set(), 0
+    while pending:
+        table_off = pending.pop(0)
+        if table_off in visited:
+            raise _bad(path, "object table", table_off, "the chain of object tables loops")
+        visited.add(table_off)
+        if len(visited) > MAX_OBJECT_TABLES:
+            raise _bad(path, "object table", table_off, f"more than {MAX_OBJECT_TABLES} chained object tables")
+        raw = _read_exact(data, table_off, OBJECT_TABLE.size, path, "object table")
+        sig, count = OBJECT_TABLE.unpack(raw)
+        if sig != OBJECT_TABLE_SIGNATURE:
+            raise _bad(path, "object table", table_off, f"bad signature {sig:#x}")
+        total += count
+        if count > 65536 or total > 65536:
+            raise _bad(path, "object table", table_off, f"implausible entry count {count}")
+        for i in range(count):
+            pos = table_off + OBJECT_TABLE.size + i * OBJECT_ENTRY.size
+            kind, _ck, off, size, allocated = OBJECT_ENTRY.unpack(
+                _read_exact(data, pos, OBJECT_ENTRY.size, path, "object table entry")
+            )
+            if not allocated:
+                continue
+            if off + size > len(data):
+                raise _bad(path, "object table entry", pos, f"object at {off:#x}+{size:#x} lies past the end")
+            if kind == OBJ_KEY_TABLE:
+                key_tables.append((off, size))
+            elif kind == OBJ_FILE:
+                objects[off] = size
+            elif kind == OBJ_OBJECT_TABLE:
+                pending.append(off)
     if not key_tables:
         raise _bad(path, "object table", OBJECT_TABLE_OFFSET, "no key tables")
 
@@ -367,7 +382,12 @@ def render_xml_config(tree: ConfigTree) -> bytes:
 def parse_config(path: str) -> ConfigTree:
     """Read ``path`` as VMCX/VMRS or XML, by content."""
     try:
-        with open(path, "rb") as f:
+        # a VM folder may hold a FIFO or a device under a configuration's name: never block on it
+        fd, _st = open_checked(path, block_devices=False, what="a VM configuration")
+    except SourceError as exc:
+        raise FormatError(str(exc), path=path) from exc
+    try:
+        with os.fdopen(fd, "rb") as f:
             data = f.read(MAX_CONFIG_SIZE + 1)
     except OSError as exc:
         raise FormatError(f"cannot read: {exc.strerror}", path=path) from exc

@@ -38,12 +38,30 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from vmvault.errors import ConfigError, HypervisorError, SourceError, VmvaultError
+from vmvault.errors import ConfigError, HypervisorError, SourceError
 from vmvault.hypervisors._nbd import NbdImage
 from vmvault.hypervisors._qmp import GuestAgentClient, QmpClient, QmpError
-from vmvault.hypervisors.base import BackupSession, PreviousBackup, Source, SourceDisk, SourceFile
+from vmvault.hypervisors.base import (
+    DEFAULT_OPTIONS,
+    BackupOptions,
+    BackupSession,
+    PreviousBackup,
+    Source,
+    SourceDisk,
+    SourceFile,
+    open_or_clean_up,
+)
 
-__all__ = ["BITMAP_PREFIX", "CBT_KIND", "QemuBackupSession", "QemuSource", "parse_location"]
+__all__ = [
+    "BITMAP_PREFIX",
+    "CBT_KIND",
+    "QemuBackupSession",
+    "QemuSource",
+    "QmpClient",
+    "QmpError",
+    "parse_location",
+    "scratch_space_warning",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +87,24 @@ def parse_location(location: str) -> tuple[str, dict[str, str]]:
             raise ConfigError(f"{location}: unknown option {key!r} (known: qga, scratch)")
         opts[key] = values[-1]
     return unquote(url.path), opts
+
+
+def scratch_space_warning(tempdir: str, worst: int) -> str | None:
+    """A warning when the folder of ``tempdir`` has less free space than ``worst`` bytes.
+
+    Fleecing overlays receive the old contents of every block the guest overwrites while a
+    backup runs, at worst the whole disks. QEMU's backup job (7.2) fails the *guest's*
+    write when it cannot copy a block out (ENOSPC), so a full scratch folder hurts the VM.
+    Shared by the QEMU and libvirt connectors.
+    """
+    free = shutil.disk_usage(tempdir).free
+    if free >= worst:
+        return None
+    return (
+        f"the scratch folder {os.path.dirname(tempdir)} has {free >> 20} MiB free, less than the "
+        f"{worst >> 20} MiB the disks could need if the guest rewrites them during the backup; "
+        "guest writes fail once it is full (choose another with --scratch-dir DIR)"
+    )
 
 
 @dataclass
@@ -153,26 +189,30 @@ class QemuSource(Source):
         self.timeout = timeout
         self.nbd_backend = nbd_backend
 
-    def open_session(self, previous: PreviousBackup | None) -> QemuBackupSession:
-        session = QemuBackupSession(self)
-        try:
-            session._open(previous)
-        except BaseException as exc:
-            try:
-                session.close()
-            except VmvaultError as cleanup:
-                exc.add_note(f"cleanup after the failure also failed: {cleanup}")
-            if isinstance(exc, VmvaultError) or not isinstance(exc, Exception):
-                raise
-            raise HypervisorError(f"{self.location}: opening the backup session failed: {exc!r}") from exc
-        return session
+    def open_session(
+        self, previous: PreviousBackup | None, options: BackupOptions = DEFAULT_OPTIONS
+    ) -> QemuBackupSession:
+        scratch = self.scratch_dir
+        if options.scratch_dir is not None:
+            if scratch is not None and os.path.abspath(scratch) != os.path.abspath(options.scratch_dir):
+                raise ConfigError(
+                    f"{self.location}: two scratch folders given, {scratch} (in the location) and "
+                    f"{options.scratch_dir} (the option); give one"
+                )
+            scratch = options.scratch_dir
+        if scratch is not None and not os.path.isdir(scratch):
+            raise ConfigError(f"{self.location}: the scratch folder {scratch} is not a folder")
+        session = QemuBackupSession(self, scratch)
+        return open_or_clean_up(session, lambda: session._open(previous), self.location)
 
 
 class QemuBackupSession(BackupSession):
     """A frozen, NBD-exported view of every disk of one running VM. Always ``close`` it."""
 
-    def __init__(self, source: QemuSource) -> None:
+    def __init__(self, source: QemuSource, scratch_dir: str | None = None) -> None:
         self.source = source
+        #: the folder for the fleecing overlays and the NBD socket (None: the system's temp folder)
+        self.scratch_dir = scratch_dir
         self.vm: dict[str, Any] = {"hypervisor": "qemu"}
         self.disks: list[SourceDisk] = []
         self.files: list[SourceFile] = []
@@ -219,7 +259,7 @@ class QemuBackupSession(BackupSession):
         if not disks:
             raise HypervisorError(f"{src.location}: the VM has no disk with a medium to back up")
         self._plan(disks, previous)
-        self.tempdir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=src.scratch_dir)
+        self.tempdir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.scratch_dir)
         self._share_with_qemu(self.tempdir)
         self._check_scratch_space(disks)
         for plan in self._plans:
@@ -257,21 +297,10 @@ class QemuBackupSession(BackupSession):
             self._warn(f"QEMU runs as uid {ids[0]} and cannot use {path} ({exc.strerror}); run vmvault as root")
 
     def _check_scratch_space(self, disks: list[_Disk]) -> None:
-        """Warn when the scratch folder could fill up during the backup.
-
-        The overlays receive the old contents of every block the guest overwrites while the
-        session is open, at worst the whole disks. QEMU's backup job (7.2) fails the *guest's*
-        write when it cannot copy a block out (ENOSPC), so a full scratch folder hurts the VM.
-        """
         assert self.tempdir is not None
-        free = shutil.disk_usage(self.tempdir).free
-        worst = sum(d.size for d in disks)
-        if free < worst:
-            self._warn(
-                f"the scratch folder {os.path.dirname(self.tempdir)} has {free >> 20} MiB free, less than the "
-                f"{worst >> 20} MiB the disks could need if the guest rewrites them during the backup; "
-                "guest writes fail once it is full (choose another with ?scratch=/dir)"
-            )
+        warning = scratch_space_warning(self.tempdir, sum(d.size for d in disks))
+        if warning:
+            self._warn(warning)
 
     def _discover(self) -> list[_Disk]:
         qmp = self.qmp

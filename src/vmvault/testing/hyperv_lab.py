@@ -1,32 +1,39 @@
-"""A Hyper-V "lab host": the host operations a backup depends on, done on real files.
+"""A Hyper-V "lab host" for tests and demos: the host side of the Hyper-V connector, done
+on real VHDX files. TEST MACHINERY: nothing in vmvault's production code imports this
+package (a test enforces it); ``hyperv-lab://DIR/VM`` reaches it through a lazy import.
 
 There is no Windows host here, so this module implements what Hyper-V does to a VM's files
 with our own VHDX engine, keeping the names, layout and parent locators Hyper-V uses:
 
 * a VM is a folder (``Virtual Machines/<ID>.xml``, ``Virtual Hard Disks/``, ``Snapshots/``),
-  see ``hyperv_model``; configurations are written in the XML form;
+  see ``vmvault.hypervisors.hyperv_model``; configurations are written in the XML form;
 * a **standard checkpoint** creates, for every disk, a child ``<base>_<GUID>.avhdx`` beside
   the current leaf and redirects writes to it; the frozen parent is never written again;
 * **apply** throws the current state's differencing files away and starts a new child of
   the checkpoint's frozen disks;
 * **delete** merges: the checkpoint's frozen file takes in its only child's data and the
-  child file disappears (what is left after a Hyper-V merge: the parent's file name);
-  configurations that named the child now name the parent;
-* a **recovery checkpoint** (a backup's) is the same, marked ``recovery``; ``convert`` merges
-  it back and keeps a change-tracking **reference point**, like ``ConvertToReferencePoint``;
+  child file disappears; configurations that named the child now name the parent;
+* a **recovery checkpoint** (a backup's) is the same, marked ``recovery``; converting it
+  merges it back and keeps a **reference point**, like ``ConvertToReferencePoint``;
 * **change tracking** (the analogue of RCT): every guest write is recorded, per disk, into
-  every open reference point (``<base disk>.rct``, JSON, 64 KiB granularity);
+  every open reference point (``<base disk>.rct``, JSON, 64 KiB granularity); reference points
+  stay until destroyed, as on Hyper-V;
 * a **running VM** is a thread writing random data into the leaf disks while a backup runs,
   keeping a model of what every disk must contain.
 
-Merges go through ``disk.chain.merge`` (crash-safe; the merged child's own children are
-re-pointed). Limit (said where it bites): deleting a checkpoint whose frozen layer has several
-children is refused (Hyper-V can; the lab does not need it).
+``LabTransport`` answers the Hyper-V connector's steps (``vmvault.hypervisors.hyperv.steps``)
+with these operations, so ``hyperv-lab://DIR/VM`` runs the real ``HyperVSession`` end to
+end. Faults (``LabHost.faults``, or ``VMVAULT_LAB_FAULTS`` for subprocesses, comma-separated):
+``step:NAME`` fails a step before it acts, ``late:NAME`` after it acted (a timeout whose work
+happened), ``create`` fails checkpoint creation midway (rolled back), ``vss`` fails an
+application-consistent checkpoint of a running VM, ``rename`` fails the naming of a recovery
+checkpoint, ``changes-stall`` makes change tracking process nothing, ``migrate`` moves the VM
+to another host, ``hang-in-create`` / ``hang-after-checkpoint`` stop the step for an hour
+(a test kills the process there).
 
-``open_lab_source("hyperv-lab://DIR/VMNAME")`` backs a lab VM up the way the Hyper-V
-connector backs up a real one: recovery checkpoint → read the frozen layers → changed ranges
-against the previous reference point (else a full read with a warning) → convert. Every
-failure removes the recovery checkpoint; ones left by a crashed run are removed at start.
+Limits (said where they bite): deleting a checkpoint whose frozen layer has several children
+is refused (Hyper-V can); there is no guest, so "application-consistent" means the writer
+thread was paused at a write boundary.
 """
 
 from __future__ import annotations
@@ -35,39 +42,55 @@ import contextlib
 import json
 import os
 import random
-import socket
 import struct
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import IO, Any, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
 
 from vmvault.disk import chain, open_image
-from vmvault.disk.base import DiskImage, Extent, ExtentKind
+from vmvault.disk.base import ExtentKind
 from vmvault.disk.vhdx import VhdxWriter, create_vhdx, open_vhdx, open_vhdx_for_write
-from vmvault.errors import ChangeTrackingError, ConfigError, HypervisorError, SourceError, VmvaultError
-from vmvault.hypervisors._vmcx import IDE_CONTROLLER, SCSI_CONTROLLER, ConfigTree, render_xml_config
-from vmvault.hypervisors.base import BackupSession, PreviousBackup, Source, SourceDisk, SourceFile
-from vmvault.hypervisors.hyperv_model import RCT_SUFFIX, Checkpoint, HyperVVm, discover
+from vmvault.errors import ChangeTrackingError, ConfigError, HypervisorError, SourceError
+from vmvault.hypervisors.audit import VmAudit
+from vmvault.hypervisors.base import RestoredVm, RestoreNote
+from vmvault.hypervisors.folder_audit import audit_folder
+from vmvault.hypervisors.hyperv.session import HyperVSource
+from vmvault.hypervisors.hyperv.steps import SUBTYPE_DVD, SUBTYPE_HARD_DISK, ParamValue
+from vmvault.hypervisors.hyperv_model import (
+    IDE_CONTROLLER,
+    RCT_SUFFIX,
+    SCSI_CONTROLLER,
+    Checkpoint,
+    ConfigTree,
+    HyperVVm,
+    discover,
+    discover_all,
+    render_xml_config,
+)
 
 __all__ = [
-    "RECOVERY_MARKER",
+    "FAULT_ENV",
+    "LabClock",
     "LabHost",
-    "LabSession",
-    "LabSource",
+    "LabTransport",
     "RunningVm",
+    "after_restore",
+    "audit",
+    "lab_source",
     "open_lab_source",
+    "parse_lab_spec",
 ]
 
 MIB = 1024 * 1024
-#: every recovery checkpoint vmvault creates is named with this prefix (found again after a crash)
-RECOVERY_MARKER = "vmvault-recovery"
 #: change-tracking granularity of the lab (Hyper-V's RCT tracks in blocks of similar size)
 RCT_BLOCK = 64 * 1024
-#: reference points kept per disk (older ones are dropped, as Hyper-V drops old RCT ids)
-RCT_KEEP = 4
+#: GetVirtualDiskChanges in the lab processes at most this much per call, so the
+#: connector's loop over partial answers runs
+CHANGES_WINDOW = 4 * MIB
 #: fault injection for tests, also from the environment (comma-separated) for subprocesses
 FAULT_ENV = "VMVAULT_LAB_FAULTS"
 
@@ -75,12 +98,34 @@ _running_lock = threading.Lock()
 _running: dict[str, RunningVm] = {}
 
 
+class LabClock:
+    """Seconds since the epoch that a test moves by hand (``advance``)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def rct_id(cp_id: str, slot: str) -> str:
+    """The lab's RCT id of ``slot`` at the reference point made from checkpoint ``cp_id``."""
+    return f"rctX:{cp_id.lower()}:{slot}"
+
+
+def _iso(t: float | None) -> str:
+    return "" if t is None else datetime.fromtimestamp(t, UTC).isoformat()
+
+
 def _new_id() -> str:
     return str(uuid.uuid4()).upper()
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.{threading.get_ident()}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -126,11 +171,15 @@ class RctFile:
         self.pending[ref] = set()
 
     def commit(self, ref: str) -> None:
+        # kept until destroyed (DestroyReferencePoint): Hyper-V does not drop them by itself
         if ref in self.pending:
             self.points[ref] = self.pending.pop(ref)
             self.order.append(ref)
-            while len(self.order) > RCT_KEEP:
-                self.points.pop(self.order.pop(0), None)
+
+    def drop(self, ref: str) -> None:
+        self.points.pop(ref, None)
+        self.pending.pop(ref, None)
+        self.order = [r for r in self.order if r != ref]
 
     def discard(self, ref: str) -> None:
         self.pending.pop(ref, None)
@@ -289,9 +338,41 @@ def _config_tree(
 class LabHost:
     """VMs in folders under ``root``, operated on the way Hyper-V operates on them."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, clock: Callable[[], float] = time.time, hostname: str = "LAB-HV01") -> None:
         self.root = os.path.abspath(root)
+        self.clock = clock
+        self.hostname = hostname
         self.faults: set[str] = {f for f in os.environ.get(FAULT_ENV, "").split(",") if f}
+
+    # ---- host state outside the VM folders (what Hyper-V keeps in its own store) -----------
+
+    def _state_path(self, vm_id: str) -> str:
+        return os.path.join(self.root, ".lab-host", f"{vm_id}.json")
+
+    def host_state(self, vm_id: str) -> dict[str, Any]:
+        try:
+            with open(self._state_path(vm_id), encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            doc = {}
+        doc.setdefault("merge_enabled_state", 1)
+        doc.setdefault("reference_points", {})
+        doc.setdefault("extra_drives", [])
+        return dict(doc)
+
+    def save_host_state(self, vm_id: str, doc: dict[str, Any]) -> None:
+        os.makedirs(os.path.dirname(self._state_path(vm_id)), exist_ok=True)
+        _atomic_write(self._state_path(vm_id), json.dumps(doc).encode())
+
+    def vm_by_id(self, vm_id: str) -> HyperVVm:
+        for vm in self.vms():
+            if vm.vm_id.upper() == vm_id.upper():
+                return vm
+        raise HypervisorError(f"lab host: no virtual machine with ID {vm_id}")
+
+    def vms(self) -> list[HyperVVm]:
+        """The VMs Hyper-V would list: folders whose configuration reads."""
+        return [vm for vm in discover_all(self.root) if vm.config_error is None]
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -369,8 +450,17 @@ class LabHost:
     # ---- VMs -----------------------------------------------------------------------------
 
     def create_vm(
-        self, name: str, disk_sizes: tuple[int, ...] = (64 * MIB,), *, generation: int = 2, block_size: int = 2 * MIB
+        self,
+        name: str,
+        disk_sizes: tuple[int, ...] = (64 * MIB,),
+        *,
+        generation: int = 2,
+        block_size: int = 2 * MIB,
+        display_name: str | None = None,
+        extra_drives: tuple[tuple[str, str, str], ...] = (),
     ) -> HyperVVm:
+        """A VM in folder ``name`` (shown as ``display_name``); ``extra_drives``: (slot, kind,
+        path) drives that are not virtual hard disks: ``dvd`` images, ``passthrough`` disks."""
         folder = self.folder(name)
         if os.path.exists(folder):
             raise ConfigError(f"{folder} exists")
@@ -387,16 +477,20 @@ class LabHost:
             RctFile(os.path.splitext(path)[0] + RCT_SUFFIX).save()
             drives[f"{kind}0:{i}"] = path
         tree = _config_tree(
-            name=name,
+            name=display_name or name,
             global_id=vm_id,
             generation=generation,
             drives=drives,
             parent_snapshot_id="",
-            created=time.time(),
+            created=self.clock(),
         )
         _atomic_write(os.path.join(folder, "Virtual Machines", f"{vm_id}.xml"), render_xml_config(tree))
         if generation == 2:  # the guest state file every gen-2 VM has (opaque to a backup)
             _atomic_write(os.path.join(folder, "Virtual Machines", f"{vm_id}.vmgs"), os.urandom(64 * 1024))
+        if extra_drives:
+            state = self.host_state(vm_id)
+            state["extra_drives"] = [list(d) for d in extra_drives]
+            self.save_host_state(vm_id, state)
         return self.model(name)
 
     def start(self, name: str, **kwargs: Any) -> RunningVm:
@@ -444,7 +538,7 @@ class LabHost:
             cp_id,
             cp_name,
             vm.parent_checkpoint_id,
-            time.time(),
+            self.clock(),
             kind,
             os.path.join(vm.folder, "Snapshots", f"{cp_id}.xml"),
         )
@@ -457,14 +551,14 @@ class LabHost:
                 create_vhdx(child, 0, parent=leaf, block_size=2 * MIB).close()
                 created.append(child)
                 new_leaves[slot] = child
-                self.fault("create_checkpoint")
-            self._write_cp_config(vm, cp, vm.current, cp.created or time.time())
+                self.fault("create")
+            self._write_cp_config(vm, cp, vm.current, cp.created or self.clock())
             created.append(cp.config_path)
             self._write_vm_config(vm, new_leaves, cp_id)
             if kind == "recovery":
                 for slot in vm.current:
                     rct = self._rct(vm, slot)
-                    rct.begin(cp_id)
+                    rct.begin(rct_id(cp_id, slot))
                     rct.save()
         except BaseException:
             # the host rolls a failed checkpoint back: nothing of it stays
@@ -549,22 +643,28 @@ class LabHost:
             if drives != c.disks or c.parent_id == cp.id:
                 if c.parent_id == cp.id:
                     c.parent_id = cp.parent_id
-                self._write_cp_config(vm, c, drives, c.created or time.time())
+                self._write_cp_config(vm, c, drives, c.created or self.clock())
         os.unlink(cp.config_path)
 
     # ---- backup operations (what the WMI snapshot service does for a backup application) ---
 
-    def create_recovery_checkpoint(self, name: str, marker: str) -> str:
+    def create_recovery_checkpoint(self, name: str, cp_name: str) -> str:
+        """A recovery checkpoint named ``cp_name`` (Hyper-V names it; the backup renames it)."""
         with self._quiesced(name) as running:
-            cp_id = self._checkpoint(name, marker, "recovery")
+            cp_id = self._checkpoint(name, cp_name, "recovery")
             if running is not None:  # what the frozen disks hold, for tests to compare with
                 running.frozen[cp_id] = {slot: bytes(m) for slot, m in running.models.items()}
                 running.writes_at[cp_id] = running.writes
             return cp_id
 
+    def rename_checkpoint(self, name: str, cp_id: str, new_name: str) -> None:
+        vm = self.model(name)
+        cp = vm.checkpoint(cp_id)
+        cp.name = new_name
+        self._write_cp_config(vm, cp, cp.disks, cp.created or self.clock())
+
     def convert_to_reference_point(self, name: str, cp_id: str) -> str:
         """Merge the recovery checkpoint back and keep its reference point; returns its id."""
-        self.fault("convert")
         with self._quiesced(name):
             vm = self.model(name)
             cp = vm.checkpoint(cp_id)
@@ -572,11 +672,31 @@ class LabHost:
                 raise HypervisorError(f"checkpoint {cp.name} is not a recovery checkpoint")
             self._delete(name, cp_id)
             vm = self.model(name)
+            point = f"Microsoft:{_new_id()}"
+            ids: dict[str, str] = {}
             for slot in vm.current:
                 rct = self._rct(vm, slot)
-                rct.commit(cp_id)
+                rct.commit(rct_id(cp_id, slot))
                 rct.save()
-        return cp_id
+                ids[slot] = rct_id(cp_id, slot)
+            state = self.host_state(vm.vm_id)
+            state["reference_points"][point] = {"checkpoint": cp_id, "rct_ids": ids}
+            self.save_host_state(vm.vm_id, state)
+        return point
+
+    def destroy_reference_point(self, name: str, point: str) -> bool:
+        with self._quiesced(name):
+            vm = self.model(name)
+            state = self.host_state(vm.vm_id)
+            entry = state["reference_points"].pop(point, None)
+            if entry is None:
+                return False
+            for slot in vm.current:
+                rct = self._rct(vm, slot)
+                rct.drop(str(entry["rct_ids"].get(slot, "")))
+                rct.save()
+            self.save_host_state(vm.vm_id, state)
+            return True
 
     def remove_recovery_checkpoint(self, name: str, cp_id: str) -> None:
         """Merge the recovery checkpoint back without keeping a reference point."""
@@ -596,26 +716,8 @@ class LabHost:
             vm = self.model(name)
             for slot in vm.current:
                 rct = self._rct(vm, slot)
-                rct.discard(cp_id)
+                rct.discard(rct_id(cp_id, slot))
                 rct.save()
-
-    def changes(self, name: str, slot: str, ref: str) -> list[tuple[int, int]] | None:
-        vm = self.model(name)
-        with open_image(vm.current[slot]) as img:
-            size = img.size
-        return self._rct(vm, slot).changes(ref, size)
-
-    def remove_stale_recovery_checkpoints(self, name: str) -> list[str]:
-        """Recovery checkpoints of ours whose backup process is gone; returns what was done."""
-        done: list[str] = []
-        for cp in self.model(name).checkpoints:
-            if not (cp.is_recovery and cp.name.startswith(RECOVERY_MARKER)):
-                continue
-            if _owner_alive(cp.name):
-                continue
-            self.remove_recovery_checkpoint(name, cp.id)
-            done.append(f"removed recovery checkpoint {cp.name!r} left behind by an interrupted backup")
-        return done
 
     # ---- registration (Import-VM) ----------------------------------------------------------
 
@@ -642,22 +744,8 @@ class LabHost:
         vm.name = name
         self._write_vm_config(vm, vm.current, vm.parent_checkpoint_id)
         for c in vm.checkpoints:
-            self._write_cp_config(vm, c, c.disks, c.created or time.time())
+            self._write_cp_config(vm, c, c.disks, c.created or self.clock())
         return self.model(name)
-
-
-def _owner_alive(marker: str) -> bool:
-    """``vmvault-recovery pid=N host=H ...``: is that backup process still running here?"""
-    fields = dict(p.split("=", 1) for p in marker.split() if "=" in p)
-    if fields.get("host") != socket.gethostname():
-        return False  # another machine's: it cannot be running against this host's files
-    try:
-        os.kill(int(fields.get("pid", "0")), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return int(fields.get("pid", "0")) > 0
 
 
 def _merge_into_parent(child: str, parent: str) -> None:
@@ -679,259 +767,237 @@ def _merge_into_parent(child: str, parent: str) -> None:
         raise HypervisorError(f"lab host: {child} merged into {merged}, expected {parent}")
 
 
-# ============================================================================ backup source
+# ============================================================================ the transport
 
 
-class _FailingImage(DiskImage):
-    """Wraps an image and fails once ``budget`` bytes were read (fault injection)."""
+class LabTransport:
+    """Answers the Hyper-V connector's steps on a ``LabHost``; replies cross as JSON."""
 
-    def __init__(self, inner: DiskImage, budget: int) -> None:
-        self.inner = inner
-        self.format = inner.format
-        self.budget = budget
-        self._lock = threading.Lock()
+    def __init__(self, lab: LabHost) -> None:
+        self.lab = lab
+        self.host = lab.hostname
+        self.calls: list[str] = []
 
-    @property
-    def size(self) -> int:
-        return self.inner.size
+    def run(self, step: str, params: Mapping[str, ParamValue], timeout: float) -> Any:
+        handler: Callable[[dict[str, Any]], Any] | None = getattr(self, f"_step_{step}", None)
+        if handler is None:
+            raise HypervisorError(f"{step}: the lab host does not answer this step")
+        self.calls.append(step)
+        self.lab.fault(f"step:{step}")
+        result = handler(dict(params))
+        if f"late:{step}" in self.lab.faults:
+            raise HypervisorError(f"{step}: no answer from the lab host within {timeout:.0f} s (injected)")
+        return json.loads(json.dumps(result))  # only JSON crosses a transport
 
-    @property
-    def path(self) -> str:
-        return self.inner.path
+    def _vm(self, params: Mapping[str, Any]) -> tuple[str, HyperVVm]:
+        vm = self.lab.vm_by_id(str(params["VmId"]))
+        return os.path.basename(vm.folder), vm
 
-    @property
-    def parent(self) -> DiskImage | None:
-        return self.inner.parent
+    def _step_resolve(self, p: dict[str, Any]) -> Any:
+        name = str(p["Name"]).casefold()  # -eq: literal, case-insensitive
+        return {"vms": [{"id": vm.vm_id, "name": vm.name} for vm in self.lab.vms() if vm.name.casefold() == name]}
 
-    def extents(self) -> Iterator[Extent]:
-        return self.inner.extents()
-
-    def read(self, offset: int, length: int) -> bytes:
-        with self._lock:
-            self.budget -= length
-            if self.budget < 0:
-                raise SourceError(f"{self.path}: injected read failure at offset {offset:#x}")
-        return self.inner.read(offset, length)
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def _file_opener(path: str) -> Callable[[], IO[bytes]]:
-    def opener() -> IO[bytes]:
-        try:
-            return open(path, "rb")
-        except OSError as exc:
-            raise SourceError(f"{path}: cannot open: {exc.strerror}") from exc
-
-    return opener
-
-
-def _bytes_opener(data: bytes) -> Callable[[], IO[bytes]]:
-    def opener() -> IO[bytes]:
-        # the engine fstat()s what it stores, so a real (anonymous) file, not a BytesIO
-        f = tempfile.TemporaryFile()  # noqa: SIM115 - returned open to the caller
-        f.write(data)
-        f.seek(0)
-        return f
-
-    return opener
-
-
-def checkpoint_record(vm: HyperVVm, skip: set[str]) -> dict[str, Any]:
-    """The checkpoint tree as stored in a snapshot's ``extra``."""
-    rel = {p: d.rel for p, d in vm.disks.items()}
-    return {
-        "vm_id": vm.vm_id,
-        "generation": vm.generation,
-        "parent_checkpoint": vm.parent_checkpoint_id,
-        "checkpoints": [
-            {
-                "id": c.id,
-                "name": c.name,
-                "parent": c.parent_id,
-                "created": c.created,
-                "type": c.type,
-                "disks": {s: rel.get(p, p) for s, p in c.disks.items()},
-            }
-            for c in vm.checkpoints
-            if c.id not in skip
-        ],
-    }
-
-
-class LabSession(BackupSession):
-    def __init__(self, source: LabSource, previous: PreviousBackup | None) -> None:
-        self.source = source
-        self.host = source.host
-        self.vm = {}
-        self.disks = []
-        self.files = []
-        self.warnings = []
-        self.extra = {}
-        self._images: list[DiskImage] = []
-        self._cp: str | None = None
-        self._converted = False
-        self._closed = False
-        try:
-            self._open(previous)
-        except BaseException:
-            self.close()
-            raise
-
-    def _open(self, previous: PreviousBackup | None) -> None:
-        host, name = self.host, self.source.name
-        self.warnings += host.remove_stale_recovery_checkpoints(name)
-        before = host.model(name)
-        running = host.running(name) is not None
-        if before.config_error is not None:
-            # Nothing to ask the host to freeze: a stopped VM's files are read as they are,
-            # disks found from the files and their parent locators; the folder is not touched.
-            if running:
-                raise HypervisorError(
-                    f"lab VM {name} is running but its configuration is unreadable ({before.config_error}); "
-                    "cannot take a recovery checkpoint"
-                )
-            self.consistency = "offline"
-            self.warnings += before.warnings
-            after, recovery_leaves, frozen_leaf = before, set(), {p: s for s, p in before.current.items()}
-            config_bytes = None
-            skip: set[str] = set()
-        else:
-            assert before.config_path is not None
-            with open(before.config_path, "rb") as f:
-                config_bytes = f.read()
-            # the lab has no guest to quiesce: a running VM's view is crash-consistent
-            self.consistency = "crash-consistent" if running else "offline"
-            marker = f"{RECOVERY_MARKER} pid={os.getpid()} host={socket.gethostname()} t={int(time.time())}"
-            self._cp = host.create_recovery_checkpoint(name, marker)
-            if "hang-after-checkpoint" in host.faults:
-                time.sleep(3600)  # a test kills the process here
-            after = host.model(name)
-            cp = after.checkpoint(self._cp)
-            recovery_leaves = set(after.current.values())
-            frozen_leaf = {p: s for s, p in cp.disks.items()}
-            skip = {os.path.abspath(cp.config_path)}
-        self.vm = {
-            "hypervisor": "hyperv-lab",
-            "name": after.name,
-            "id": after.vm_id,
-            "generation": after.generation,
-            "host": host.root,
+    def _step_describe(self, p: dict[str, Any]) -> Any:
+        folder, vm = self._vm(p)
+        state = self.lab.host_state(vm.vm_id)
+        drives = [{"slot": s, "kind": "hard", "path": path} for s, path in sorted(vm.current.items())]
+        drives += [{"slot": s, "kind": k, "path": path} for s, k, path in state["extra_drives"]]
+        ids = {vm.vm_id.upper()} | {c.id.upper() for c in vm.checkpoints}
+        files = []
+        for rel in vm.other_files:
+            stem = os.path.basename(rel).split(".", 1)[0].upper()
+            top = rel.split("/", 1)[0]
+            if stem in ids and top in ("Virtual Machines", "Snapshots") and not rel.lower().endswith(".vmrs"):
+                files.append(os.path.join(vm.folder, rel))
+        return {
+            "id": vm.vm_id,
+            "name": vm.name,
+            "generation": vm.generation,
+            "state": "Running" if self.lab.running(folder) is not None else "Off",
+            "host": self.lab.hostname,
+            "drives": drives,
+            "files": files,
+            "checkpoints": [
+                {
+                    "id": c.id,
+                    "name": c.name,
+                    "type": "Recovery" if c.is_recovery else "Standard",
+                    "parent": c.parent_id,
+                    "created": _iso(c.created),
+                    "disks": [path for _s, path in sorted(c.disks.items())],
+                }
+                for c in vm.checkpoints
+            ],
         }
-        prev_by_slot: dict[str, str] = {}
-        if previous is not None:
-            for cbt in previous.disks.values():
-                if cbt.get("vm_id") == after.vm_id and cbt.get("slot") and cbt.get("rct_id"):
-                    prev_by_slot[str(cbt["slot"])] = str(cbt["rct_id"])
-        budget = 2 * MIB if "read" in host.faults else -1
-        for path, d in sorted(after.disks.items()):
-            if path in recovery_leaves:
-                continue
-            if d.error is not None:
-                raise SourceError(f"{d.rel}: {d.error}")
-            img: DiskImage = open_image(path)
-            self._images.append(img)
-            guid = str(getattr(img, "data_write_guid", ""))
-            if budget >= 0:
-                img = _FailingImage(img, budget)
-            disk = SourceDisk(
-                name=d.rel,
-                image=img,
-                format="vhdx" if d.format == "vhdx" else d.format,
-                layer=d.parent is not None,
-                parent_name=after.disks[d.parent].rel if d.parent in after.disks else None,
-                meta={"file_size": d.file_size},
-            )
-            slot = frozen_leaf.get(path)
-            if slot is not None:
-                disk.meta["slot"] = slot
-                if self._cp is not None:
-                    disk.cbt = {"rct_id": self._cp, "slot": slot, "vm_id": after.vm_id}
-                ref = prev_by_slot.get(slot)
-                if ref is not None and self._cp is not None:
-                    disk.changed = host.changes(name, slot, ref)
-                    if disk.changed is None:
-                        self.warnings.append(
-                            f"{d.rel}: change-tracking reference {ref} is gone (reset by apply or lost); "
-                            "reading the whole disk, deduplication keeps the stored data small"
-                        )
-            elif guid:
-                # A checkpoint's frozen layer never changes while it has children; its
-                # DataWriteGuid proves it is the same file as last time: nothing changed.
-                # (The engine reads layers whole for now; this is ready for layer incrementals.)
-                disk.cbt = {"vm_id": after.vm_id, "data_write_guid": guid}
-                prev = previous.disks.get(d.rel) if previous is not None else None
-                if prev is not None and prev.get("data_write_guid") == guid:
-                    disk.changed = []
-            self.disks.append(disk)
-        for rel in after.other_files:
-            full = os.path.join(after.folder, rel)
-            if os.path.abspath(full) in skip:
-                continue
-            st = os.stat(full)
-            if config_bytes is not None and full == before.config_path:
-                opener, size = _bytes_opener(config_bytes), len(config_bytes)
-            else:
-                opener, size = _file_opener(full), st.st_size
-            self.files.append(SourceFile(rel, size, st.st_mode & 0o7777, st.st_mtime_ns, opener))
-        self.extra = {"hyperv": checkpoint_record(after, {self._cp} if self._cp else set())}
 
-    def complete(self, snapshot_id: str) -> None:
-        if self._cp is None or self._converted:
-            return
-        try:
-            self.host.convert_to_reference_point(self.source.name, self._cp)
-        except VmvaultError as exc:
+    def _step_enable_merge(self, p: dict[str, Any]) -> Any:
+        _folder, vm = self._vm(p)
+        state = self.lab.host_state(vm.vm_id)
+        before = int(state["merge_enabled_state"])
+        if before != 1:
+            state["merge_enabled_state"] = 1
+            self.lab.save_host_state(vm.vm_id, state)
+        return {"found": True, "was_enabled": before == 1, "state_before": before}
+
+    def _step_list_recovery(self, p: dict[str, Any]) -> Any:
+        _folder, vm = self._vm(p)
+        return {
+            "checkpoints": [
+                {"instance_id": f"Microsoft:{c.id}", "name": c.name, "created": _iso(c.created)}
+                for c in vm.checkpoints
+                if c.is_recovery
+            ]
+        }
+
+    def _step_create_recovery(self, p: dict[str, Any]) -> Any:
+        folder, vm = self._vm(p)
+        level, guest = int(p["ConsistencyLevel"]), int(p["GuestBackupType"])
+        if level not in (1, 2) or guest not in (0, 1, 2):
+            raise HypervisorError(f"CreateSnapshot failed with return value 4 (invalid parameter: {level}, {guest})")
+        if level == 1 and self.lab.running(folder) is not None and "vss" in self.lab.faults:
             raise HypervisorError(
-                f"snapshot {snapshot_id[:8]} is stored, but the reference point could not be kept ({exc}); "
-                "the recovery checkpoint was removed and the next backup reads everything"
-            ) from exc
-        self._converted = True
+                "CreateSnapshot failed: job state 10, error 32768: Could not create backup checkpoint for virtual "
+                f"machine '{vm.name}': the guest's VSS writers are not stable (0x800423F4)"
+            )
+        default = f"{vm.name} - Backup - ({datetime.fromtimestamp(self.lab.clock(), UTC):%m/%d/%Y - %H:%M:%S})"
+        cp_id = self.lab.create_recovery_checkpoint(folder, default)
+        state = self.lab.host_state(vm.vm_id)
+        state.setdefault("created", {})[cp_id] = {"consistency_level": level, "guest_backup_type": guest}
+        self.lab.save_host_state(vm.vm_id, state)
+        if "hang-in-create" in self.lab.faults:
+            time.sleep(3600)  # a test kills the process here, before the ID is returned
+        renamed, error = True, ""
+        try:
+            self.lab.fault("rename")
+            self.lab.rename_checkpoint(folder, cp_id, str(p["Marker"]))
+        except HypervisorError as exc:
+            renamed, error = False, f"ModifySystemSettings failed: {exc}"
+        return {
+            "instance_id": f"Microsoft:{cp_id}",
+            "name": str(p["Marker"]) if renamed else default,
+            "renamed": renamed,
+            "rename_error": error,
+        }
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for img in self._images:
-            img.close()
-        self._images = []
-        if self._cp is not None and not self._converted:
-            try:
-                self.host.remove_recovery_checkpoint(self.source.name, self._cp)
-            except VmvaultError as exc:
-                raise HypervisorError(
-                    f"lab VM {self.source.name}: the recovery checkpoint {self._cp} could not be removed: {exc}; "
-                    "the next backup removes it"
-                ) from exc
+    def _step_checkpoint_disks(self, p: dict[str, Any]) -> Any:
+        _folder, vm = self._vm(p)
+        cp = vm.checkpoint(str(p["CheckpointId"]))
+        if "hang-after-checkpoint" in self.lab.faults:
+            time.sleep(3600)  # a test kills the process here, the checkpoint's ID journaled
+        disks = [
+            {"instance_id": f"Microsoft:{cp.id}\\{slot}", "subtype": SUBTYPE_HARD_DISK, "path": path}
+            for slot, path in sorted(cp.disks.items())
+        ]
+        for slot, kind, path in self.lab.host_state(vm.vm_id)["extra_drives"]:
+            if kind == "dvd":  # an ISO in the DVD drive is a logical disk (ResourceType 31) too
+                disks.append({"instance_id": f"Microsoft:{cp.id}\\{slot}", "subtype": SUBTYPE_DVD, "path": path})
+        return {"disks": disks}
+
+    def _step_changes(self, p: dict[str, Any]) -> Any:
+        path, limit = str(p["Path"]), str(p["LimitId"])
+        offset, length = int(p["ByteOffset"]), int(p["ByteLength"])
+        for vm in self.lab.vms():
+            for slot, leaf in vm.current.items():
+                if os.path.abspath(path) in vm.chain(leaf):
+                    with open_image(path) as img:
+                        size = img.size
+                    if offset + length > size:
+                        raise HypervisorError("GetVirtualDiskChanges failed with return value 32773 (past the end)")
+                    ranges = self.lab._rct(vm, slot).changes(limit, size)
+                    if ranges is None:
+                        raise HypervisorError(
+                            "GetVirtualDiskChanges failed with return value 32773: the RCT id is unknown "
+                            "to this disk (reset or expired)"
+                        )
+                    processed = 0 if "changes-stall" in self.lab.faults else min(length, CHANGES_WINDOW)
+                    end = offset + processed
+                    clipped = [(max(o, offset), min(o + n, end)) for o, n in ranges if o < end and o + n > offset]
+                    return {
+                        "processed": processed,
+                        "offsets": [a for a, _b in clipped],
+                        "lengths": [b - a for a, b in clipped],
+                    }
+        raise HypervisorError(f"GetVirtualDiskChanges failed with return value 32779 (file not found: {path})")
+
+    def _step_host_of(self, p: dict[str, Any]) -> Any:
+        folder, _vm = self._vm(p)
+        moved = "migrate" in self.lab.faults
+        return {
+            "host": "LAB-HV02" if moved else self.lab.hostname,
+            "status": "Operating normally",
+            "state": "Running" if self.lab.running(folder) is not None else "Off",
+        }
+
+    def _step_convert(self, p: dict[str, Any]) -> Any:
+        folder, vm = self._vm(p)
+        self.lab.fault("convert")
+        point = self.lab.convert_to_reference_point(folder, str(p["CheckpointId"]).upper())
+        vm = self.lab.model(folder)
+        ids = self.lab.host_state(vm.vm_id)["reference_points"][point]["rct_ids"]
+        # the parallel arrays come in an order of their own: pairing is by disk id
+        slots = sorted(ids, reverse=True)
+        return {
+            "reference_point": point,
+            "disk_ids": [f"Microsoft:{vm.vm_id}\\{s}" for s in slots],
+            "rct_ids": [ids[s] for s in slots],
+            "disks": [{"instance_id": f"Microsoft:{vm.vm_id}\\{s}", "path": vm.current[s]} for s in sorted(ids)],
+        }
+
+    def _step_list_reference_points(self, p: dict[str, Any]) -> Any:
+        _folder, vm = self._vm(p)
+        points = self.lab.host_state(vm.vm_id)["reference_points"]
+        return {
+            "reference_points": [
+                {
+                    "instance_id": point,
+                    "disk_ids": [f"Microsoft:{vm.vm_id}\\{s}" for s in sorted(e["rct_ids"])],
+                    "rct_ids": [e["rct_ids"][s] for s in sorted(e["rct_ids"])],
+                }
+                for point, e in points.items()
+            ]
+        }
+
+    def _step_destroy_reference_point(self, p: dict[str, Any]) -> Any:
+        folder, _vm = self._vm(p)
+        return {"destroyed": self.lab.destroy_reference_point(folder, str(p["ReferencePointId"]))}
+
+    def _step_destroy_checkpoint(self, p: dict[str, Any]) -> Any:
+        folder, vm = self._vm(p)
+        wanted = str(p["CheckpointId"]).upper()
+        cp = next((c for c in vm.checkpoints if c.id.upper() == wanted), None)
+        if cp is None:
+            return {"destroyed": False}
+        if cp.is_recovery:
+            self.lab.remove_recovery_checkpoint(folder, cp.id)
+        else:
+            self.lab.delete_checkpoint(folder, cp.id)
+        return {"destroyed": True}
+
+    def _step_compare_import(self, p: dict[str, Any]) -> Any:
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(str(p["Path"]))))
+        if os.path.dirname(folder) != self.lab.root:
+            return {
+                "imported": False,
+                "id": "",
+                "name": "",
+                "incompatibilities": [{"id": "40000", "message": f"{folder} is not a folder of the lab host"}],
+            }
+        try:
+            vm = self.lab.import_vm(os.path.basename(folder), new_id=True)
+        except HypervisorError as exc:
+            problem = {"id": "40010", "message": str(exc)}
+            return {"imported": False, "id": "", "name": "", "incompatibilities": [problem]}
+        return {"imported": True, "id": vm.vm_id, "name": vm.name, "incompatibilities": []}
 
 
-class RestoreResultLike(Protocol):
-    target: str
-
-
-class SnapshotLike(Protocol):
-    vm: dict[str, Any]
-
-
-class LabSource(Source):
-    kind = "hyperv-lab"
-
-    def __init__(self, root: str, name: str) -> None:
-        self.host = LabHost(root)
-        self.name = name
-        self.location = f"hyperv-lab://{self.host.root}/{name}"
-        self.host.model(name)  # fails early when there is no such VM
-
-    def open_session(self, previous: PreviousBackup | None) -> BackupSession:
-        return LabSession(self, previous)
+# ============================================================================ the source
 
 
 def parse_lab_spec(spec: str) -> tuple[str, str | None]:
     """``hyperv-lab://DIR/VMNAME`` -> (DIR, VMNAME); ``hyperv-lab://DIR`` (a host folder) -> (DIR, None)."""
     if not spec.startswith("hyperv-lab://"):
         raise ConfigError(f"not a lab source: {spec!r}")
-    rest = spec[len("hyperv-lab://") :].rstrip("/")
+    rest = spec[len("hyperv-lab://") :].split("?", 1)[0].rstrip("/")
     if not rest:
         raise ConfigError("hyperv-lab:// needs a folder: hyperv-lab://DIR/VMNAME")
     rest = os.path.abspath(rest)
@@ -941,20 +1007,40 @@ def parse_lab_spec(spec: str) -> tuple[str, str | None]:
     return os.path.dirname(rest), os.path.basename(rest)
 
 
-def open_lab_source(spec: str) -> LabSource:
+def lab_source(lab: LabHost, name: str, query: str = "") -> HyperVSource:
+    """The real Hyper-V connector for VM ``name`` of ``lab``, over a ``LabTransport``."""
+    return HyperVSource(
+        f"hyperv-lab://lab/{quote(name)}" + (f"?{query}" if query else ""),
+        transport=LabTransport(lab),
+        kind="hyperv-lab",
+        clock=lab.clock,
+        location=f"hyperv-lab://{lab.root}/{name}",
+    )
+
+
+def open_lab_source(spec: str) -> HyperVSource:
     root, name = parse_lab_spec(spec)
     if name is None:
         raise ConfigError(f"{spec}: name a VM: hyperv-lab://DIR/VMNAME")
-    return LabSource(root, name)
+    if not os.path.isdir(root):
+        raise SourceError(f"lab host {root}: no such folder")
+    return lab_source(LabHost(root), name, spec.split("?", 1)[1] if "?" in spec else "")
 
 
-def lab_clone_hook(result: RestoreResultLike, snap: SnapshotLike, clone_name: str) -> None:
-    """Give a restored clone of a lab VM its own identity: new VM ID, configurations pointing
-    at the clone's disk files (``Import-VM -Copy -GenerateNewId``)."""
-    folder = result.target
-    old = str(snap.vm.get("cloned_from") or "")
-    LabHost(os.path.dirname(folder)).import_vm(os.path.basename(folder), new_id=True, renamed=(old, clone_name))
+def after_restore(restored: RestoredVm) -> RestoreNote:
+    """Give a restored clone of a lab VM its own identity: a new VM ID, configurations pointing
+    at the clone's disk files (``Import-VM -Copy -GenerateNewId``). A plain restore needs nothing."""
+    if restored.clone_name is None:
+        return RestoreNote()
+    folder = restored.folder
+    old = str(restored.vm.get("name") or "")
+    vm = LabHost(os.path.dirname(folder)).import_vm(
+        os.path.basename(folder), new_id=True, renamed=(old, restored.clone_name)
+    )
+    return RestoreNote(facts={"vm_id": vm.vm_id}, lines=[f"  imported on the lab host as {vm.name} ({vm.vm_id})"])
 
 
-#: found by ``vmvault.engine.clone`` for snapshots of kind "hyperv-lab"
-clone_hook = lab_clone_hook
+def audit(target: str, now: float) -> list[VmAudit]:
+    """``hyperv-lab://DIR[/VM]``: the lab host's VMs, read from their folders."""
+    root, name = parse_lab_spec(target)
+    return audit_folder(root if name is None else os.path.join(root, name), now)

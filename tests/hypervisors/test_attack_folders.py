@@ -1,0 +1,421 @@
+"""Hostile VM folders: links, special files, parents outside, files swapped during a backup.
+
+Threat model: ``docs/design/repository-format.md`` section 10.4. The repository here is
+unencrypted, so "the secret never reached the repository" is checked on every byte stored:
+the secret is random (incompressible), and no stored object may contain a piece of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import as_nobody, require_tool, within
+from vmvault.backends.memory import MemoryBackend
+from vmvault.disk import create_image
+from vmvault.disk.vhdx import create_vhdx
+from vmvault.engine.backup import BackupResult, backup
+from vmvault.errors import ConfigError, ParentError, SourceError
+from vmvault.hypervisors import open_source
+from vmvault.hypervisors.base import DEFAULT_OPTIONS, BackupOptions, BackupSession, PreviousBackup, Source
+from vmvault.hypervisors.files import FilesSource
+from vmvault.hypervisors.openers import checked_opener
+from vmvault.repo.format import BlobType, ChunkResolver
+from vmvault.repo.repository import Repository
+from vmvault.repo.snapshot import Snapshot
+
+CS = 64 * 1024
+MIB = 1024 * 1024
+#: what a host file holds; random, so compression cannot hide it in the stored objects
+SECRET = b"HOST-SECRET:" + os.urandom(16 * 1024)
+
+
+def qemu_img(*args: str) -> None:
+    subprocess.run([require_tool("qemu-img"), *args], check=True, capture_output=True)
+
+
+@pytest.fixture
+def repo() -> Repository:
+    return Repository.init(MemoryBackend(), None, chunk_size=CS)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(vm folder with a qcow2 disk and a config, outside folder holding a host secret and a disk)."""
+    vm = tmp_path / "vm"
+    outside = tmp_path / "outside"
+    (vm / "sub").mkdir(parents=True)
+    outside.mkdir()
+    with create_image(str(vm / "disk.qcow2"), "qcow2", MIB) as w:
+        w.write(0, b"D" * 65536)
+    (vm / "vm.conf").write_bytes(b"name=vm1\n")
+    (vm / "sub" / "nvram.bin").write_bytes(b"nv\n")
+    (outside / "secret").write_bytes(SECRET)
+    with create_image(str(outside / "data.qcow2"), "qcow2", MIB) as w:
+        w.write(0, SECRET)
+    yield vm, outside
+
+
+def leaked(repo: Repository) -> list[str]:
+    """Stored objects holding any 64-byte piece of the secret."""
+    pieces = [SECRET[i : i + 64] for i in range(0, len(SECRET) - 64, 4096)]
+    backend = repo.backend
+    out = []
+    for obj in backend.list(""):
+        data = backend.get(obj.name)
+        if any(p in data for p in pieces):
+            out.append(obj.name)
+    return out
+
+
+def stored_file(repo: Repository, snap: Snapshot, name: str) -> bytes:
+    rec = next(f for f in snap.files if f.name == name)
+    return b"".join(repo.get_blob(BlobType.DATA, bytes.fromhex(c)) for c in rec.chunks)
+
+
+def stored_disk(repo: Repository, snap: Snapshot, name: str) -> bytes:
+    rec = next(d for d in snap.disks if d.name == name)
+    assert not rec.layer
+    resolver = ChunkResolver(repo, snap, rec)
+    out = bytearray(rec.size)
+    for chunk in range(-(-rec.size // rec.chunk_size)):
+        chunk_id = resolver.chunk_id(chunk)
+        if chunk_id is not None:
+            out[chunk * rec.chunk_size : (chunk + 1) * rec.chunk_size] = resolver.fetch(chunk_id)
+    return bytes(out)
+
+
+def names(result: BackupResult) -> tuple[list[str], list[str]]:
+    snap = result.snapshot
+    return sorted(d.name for d in snap.disks), sorted(f.name for f in snap.files)
+
+
+# ============================================================================ what a folder holds
+
+
+def test_links_and_special_files_are_named_never_read(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, outside = tree
+    os.symlink(outside, vm / "Virtual Hard Disks")
+    os.symlink(outside / "secret", vm / "notes.txt")
+    os.symlink(outside / "data.qcow2", vm / "extra.qcow2")
+    os.symlink(vm / "absent", vm / "dangling.vhdx")
+    os.mkfifo(vm / "console.fifo")
+    os.mknod(vm / "sub" / "null-device", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(vm / "qmp.sock"))
+    try:
+        result = within(30, lambda: backup(repo, FilesSource(str(vm))))
+    finally:
+        sock.close()
+    assert names(result) == (["disk.qcow2"], ["sub/nvram.bin", "vm.conf"])
+    warnings = "\n".join(result.warnings)
+    for entry, why in [
+        ("Virtual Hard Disks", "is a link"),
+        ("notes.txt", "is a link"),
+        ("extra.qcow2", "is a link"),
+        ("dangling.vhdx", "is a link"),
+        ("console.fifo", "is a FIFO"),
+        ("sub/null-device", "is a character device"),
+        ("qmp.sock", "is a socket"),
+    ]:
+        assert f"{entry}: not backed up: it {why}" in warnings, (entry, warnings)
+    assert result.snapshot.warnings == result.warnings
+    assert leaked(repo) == []
+
+
+def test_symlinked_disk_folder_is_loud_and_can_be_followed_when_allowed(
+    repo: Repository, tree: tuple[Path, Path]
+) -> None:
+    """Issue 9, item 11: ``ln -s /data/disks "vm2/Virtual Hard Disks"``."""
+    vm, outside = tree
+    vm2 = vm.parent / "vm2"
+    vm2.mkdir()
+    (vm2 / "vm2.conf").write_text("name=vm2\n")
+    os.symlink(outside, vm2 / "Virtual Hard Disks")
+    result = backup(repo, FilesSource(str(vm2)))
+    assert names(result) == ([], ["vm2.conf"])
+    assert any("Virtual Hard Disks: not backed up: it is a link" in w for w in result.warnings)
+    assert any(w.startswith(f"no disk image found in {vm2}") for w in result.warnings)
+    # following is asked for, but the link leads outside: still named, still not read
+    result = backup(repo, FilesSource(str(vm2)), BackupOptions(follow_links=True))
+    assert names(result) == ([], ["vm2.conf"])
+    assert any("Virtual Hard Disks: not backed up: it is a link to" in w and "outside" in w for w in result.warnings)
+    assert leaked(repo) == []
+    # the administrator names the folder: the disks are backed up under the link's name
+    result = backup(repo, FilesSource(str(vm2)), BackupOptions(follow_links=True, allow_parent_dirs=(str(outside),)))
+    assert names(result) == (["Virtual Hard Disks/data.qcow2"], ["Virtual Hard Disks/secret", "vm2.conf"])
+    assert stored_disk(repo, result.snapshot, "Virtual Hard Disks/data.qcow2")[: len(SECRET)] == SECRET
+
+
+def test_followed_links_inside_the_folder_and_loops(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, _outside = tree
+    os.symlink("vm.conf", vm / "alias.conf")
+    os.symlink("..", vm / "sub" / "up")  # a loop back to the VM folder
+    result = backup(repo, FilesSource(str(vm)), BackupOptions(follow_links=True))
+    assert names(result) == (["disk.qcow2"], ["alias.conf", "sub/nvram.bin", "vm.conf"])
+    assert stored_file(repo, result.snapshot, "alias.conf") == b"name=vm1\n"
+    assert any("sub/up: not backed up: it is a link back to a folder that contains it" in w for w in result.warnings)
+
+
+def test_a_deeply_nested_folder_is_walked_without_recursion(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, _outside = tree
+    deep = vm
+    for _ in range(1500):  # deeper than Python's recursion limit
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "leaf.txt").write_text("deep\n")
+    result = backup(repo, FilesSource(str(vm)))
+    leaf = "/".join(["d"] * 1500) + "/leaf.txt"
+    try:
+        assert leaf in names(result)[1]
+        assert stored_file(repo, result.snapshot, leaf) == b"deep\n"
+    finally:
+        # pytest removes its temporary folders recursively and would exceed the recursion limit
+        os.unlink(deep / "leaf.txt")
+        while deep != vm:
+            os.rmdir(deep)
+            deep = deep.parent
+
+
+def test_a_folder_with_nothing_to_store_is_an_error(repo: Repository, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match=r"nothing to back up: no disk image and no file$"):
+        backup(repo, FilesSource(str(empty)))
+    os.symlink("/etc", empty / "etc")
+    with pytest.raises(SourceError, match=r"nothing to back up: no disk image and no file; etc: not backed up: it is"):
+        backup(repo, FilesSource(str(empty)))
+    assert repo.list_snapshots() == []
+
+
+def test_a_source_that_is_a_special_file_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "disk.img")
+    with pytest.raises(SourceError, match="is a FIFO; vmvault backs up VM folders and disk images"):
+        within(10, lambda: FilesSource(str(tmp_path / "disk.img")))
+    with pytest.raises(ConfigError, match="allowed parent folder"):
+        FilesSource(str(tmp_path)).open_session(None, BackupOptions(allow_parent_dirs=(str(tmp_path / "missing"),)))
+    with pytest.raises(ConfigError, match="applies to VM folders and image files, not to running QEMU VMs"):
+        open_source("qemu+unix:///run/x.qmp", BackupOptions(allow_parent_dirs=(str(tmp_path),)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user (root reads everything)")
+def test_unreadable_entries_are_named_and_an_unreadable_disk_fails() -> None:
+    root = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        root.chmod(0o755)
+        vm = root / "vm"
+        (vm / "locked").mkdir(parents=True)
+        with create_image(str(vm / "disk.qcow2"), "qcow2", MIB) as w:
+            w.write(0, b"d" * 4096)
+        (vm / "vm.conf").write_text("x\n")
+        (vm / "private.log").write_text("p\n")
+        (vm / "locked" / "inner").write_text("i\n")
+        for p in [vm, *vm.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (vm / "private.log").chmod(0o000)
+        (vm / "locked").chmod(0o000)
+
+        def scan() -> str:
+            with FilesSource(str(vm)).open_session(None) as session:
+                return "\n".join([*(f.name for f in session.files), *session.warnings])
+
+        text = as_nobody(scan)
+        assert "vm.conf" in text.splitlines()
+        assert "private.log: not backed up:" in text and "Permission denied" in text
+        assert "locked: not backed up: the folder cannot be listed (Permission denied)" in text
+        (vm / "disk.qcow2").chmod(0o000)
+        text = as_nobody(scan)
+        assert text.startswith("SourceError: disk.qcow2: a disk image that cannot be read"), text
+    finally:
+        shutil.rmtree(root)
+
+
+# ============================================================================ disk parents
+
+
+def test_backing_file_on_a_host_file_is_refused_naming_disk_and_parent(
+    repo: Repository, tree: tuple[Path, Path]
+) -> None:
+    """Issue 9, item 7: ``qemu-img create -f qcow2 -u -b /etc/shadow -F raw vm/disk.qcow2 1M``."""
+    vm, outside = tree
+    os.unlink(vm / "disk.qcow2")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-u", "-b", str(outside / "secret"), "-F", "raw", str(vm / "disk.qcow2"), "1M"
+    )
+    with pytest.raises(ParentError) as err:
+        backup(repo, FilesSource(str(vm)))
+    text = str(err.value)
+    assert str(vm / "disk.qcow2") in text and str(outside / "secret") in text and "--allow-parent-dir" in text
+    assert repo.list_snapshots() == [] and leaked(repo) == []
+    # named explicitly, the folder is read; the disk is stored merged, and the warning says why
+    result = backup(repo, FilesSource(str(vm)), BackupOptions(allow_parent_dirs=(str(outside),)))
+    assert any("disk.qcow2: its parent" in w and "outside the VM folder" in w for w in result.warnings)
+    assert stored_disk(repo, result.snapshot, "disk.qcow2")[: len(SECRET)] == SECRET
+
+
+def test_vhdx_parent_outside_the_folder_is_refused(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, outside = tree
+    base = outside / "base.vhdx"
+    with create_vhdx(str(base), 8 * MIB, block_size=MIB) as w:
+        w.write(0, SECRET)
+    create_vhdx(str(vm / "disk.avhdx"), 0, parent=str(base), block_size=MIB).close()
+    with pytest.raises(ParentError, match="outside the folders parents may be in"):
+        backup(repo, FilesSource(str(vm)))
+    assert leaked(repo) == []
+
+
+def test_parent_inside_the_folder_makes_a_layer(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, _outside = tree
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-u", "-b", "../disk.qcow2", "-F", "qcow2", str(vm / "sub" / "top.qcow2"), "1M"
+    )
+    result = backup(repo, FilesSource(str(vm)))
+    top = next(d for d in result.snapshot.disks if d.name == "sub/top.qcow2")
+    assert top.layer and top.parent == "disk.qcow2"
+
+
+def test_fifo_as_backing_file_never_hangs_a_backup(repo: Repository, tree: tuple[Path, Path]) -> None:
+    """Issue 9, item 7: ``mkfifo vm/base.img`` as a backing file hung ``backup`` (and kept its lock fresh)."""
+    vm, _outside = tree
+    os.mkfifo(vm / "base.img")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "base.img", "-F", "raw", str(vm / "over.qcow2"), "1M")
+    with pytest.raises(ParentError, match="a FIFO, not a file"):
+        within(30, lambda: backup(repo, FilesSource(str(vm))))
+
+
+def test_single_image_parents_stay_in_its_folder(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, outside = tree
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "disk.qcow2", "-F", "qcow2", str(vm / "top.qcow2"))
+    result = backup(repo, FilesSource(str(vm / "top.qcow2")))
+    assert names(result) == (["top.qcow2"], [])
+    assert stored_disk(repo, result.snapshot, "top.qcow2")[:65536] == b"D" * 65536
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-u", "-b", "../outside/data.qcow2", "-F", "qcow2", str(vm / "evil.qcow2"), "1M"
+    )
+    with pytest.raises(ParentError, match="outside"):
+        backup(repo, FilesSource(str(vm / "evil.qcow2")))
+    result = backup(repo, FilesSource(str(vm / "evil.qcow2")), BackupOptions(allow_parent_dirs=(str(outside),)))
+    assert stored_disk(repo, result.snapshot, "evil.qcow2")[: len(SECRET)] == SECRET
+
+
+def test_a_disk_named_raw_is_read_raw_whatever_its_first_bytes(repo: Repository, tree: tuple[Path, Path]) -> None:
+    """A guest writes its raw disk; a qcow2 header there must not make vmvault follow a backing name."""
+    vm, outside = tree
+    fake = vm / "fake.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", str(outside / "secret"), "-F", "raw", str(fake), "1M")
+    content = fake.read_bytes().ljust(MIB, b"\x01")
+    fake.unlink()
+    (vm / "guest.raw").write_bytes(content)
+    result = backup(repo, FilesSource(str(vm)))
+    rec = next(d for d in result.snapshot.disks if d.name == "guest.raw")
+    assert rec.format == "raw" and stored_disk(repo, result.snapshot, "guest.raw") == content
+    assert leaked(repo) == []
+
+
+# ============================================================================ swapped during the backup
+
+
+class Hooked(Source):
+    """A FilesSource with a hook between the folder scan and the reading of the data."""
+
+    def __init__(self, inner: FilesSource, hook: Callable[[], None]) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.location = inner.location
+        self.hook = hook
+
+    def open_session(self, previous: PreviousBackup | None, options: BackupOptions = DEFAULT_OPTIONS) -> BackupSession:
+        session = self.inner.open_session(previous, options)
+        self.hook()
+        return session
+
+
+def swap_for_link(path: Path, target: Path) -> None:
+    os.unlink(path)
+    os.symlink(target, path)
+
+
+def test_a_file_swapped_for_a_link_to_a_host_file_is_not_stored(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, outside = tree
+    result = backup(repo, Hooked(FilesSource(str(vm)), lambda: swap_for_link(vm / "vm.conf", outside / "secret")))
+    assert names(result) == (["disk.qcow2"], ["sub/nvram.bin"])
+    assert any(w.startswith("vm.conf: not backed up: it changed after the folder was scanned") for w in result.warnings)
+    assert result.snapshot.warnings == result.warnings
+    assert leaked(repo) == []
+
+
+def test_a_file_swapped_for_a_fifo_never_hangs(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, _outside = tree
+
+    def to_fifo() -> None:
+        os.unlink(vm / "vm.conf")
+        os.mkfifo(vm / "vm.conf")
+
+    result = within(30, lambda: backup(repo, Hooked(FilesSource(str(vm)), to_fifo)))
+    assert names(result) == (["disk.qcow2"], ["sub/nvram.bin"])
+    assert any("vm.conf: not backed up" in w for w in result.warnings)
+
+
+def test_a_file_replaced_by_another_file_is_not_stored(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, outside = tree
+
+    def replace() -> None:
+        shutil.copy(outside / "secret", vm / "new")
+        os.replace(vm / "new", vm / "vm.conf")
+
+    result = backup(repo, Hooked(FilesSource(str(vm)), replace))
+    assert "vm.conf" not in names(result)[1] and leaked(repo) == []
+
+
+def test_a_file_changed_in_place_is_stored_as_read_with_a_warning(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, _outside = tree
+
+    def append() -> None:
+        with open(vm / "vm.conf", "ab") as f:
+            f.write(b"memory=4096\n")
+
+    result = backup(repo, Hooked(FilesSource(str(vm)), append))
+    assert stored_file(repo, result.snapshot, "vm.conf") == b"name=vm1\nmemory=4096\n"
+    assert any(w.startswith("vm.conf: changed between the folder scan and its read") for w in result.warnings)
+
+
+def test_a_disk_swapped_after_the_scan_is_read_as_scanned(repo: Repository, tree: tuple[Path, Path]) -> None:
+    vm, outside = tree
+    result = backup(
+        repo, Hooked(FilesSource(str(vm)), lambda: swap_for_link(vm / "disk.qcow2", outside / "data.qcow2"))
+    )
+    assert stored_disk(repo, result.snapshot, "disk.qcow2")[:65536] == b"D" * 65536
+    assert leaked(repo) == []
+
+
+def test_checked_opener_reports_a_change_during_the_read(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 100)
+    warnings: list[str] = []
+    opener = checked_opener(str(path), "f", os.lstat(path), warnings)
+    fh = opener()
+    assert fh is not None
+    with fh:
+        assert fh.read(10) == b"a" * 10
+        with open(path, "ab") as f:
+            f.write(b"b")
+    assert warnings == ["f: changed while it was read; the stored copy may mix old and new content"]
+
+
+def test_a_fifo_named_like_a_hyperv_configuration_never_blocks(tmp_path: Path) -> None:
+    """``vmvault audit`` and the Hyper-V connectors read configurations from VM folders too."""
+    from vmvault.hypervisors.hyperv_model import discover
+
+    vm = tmp_path / "web"
+    (vm / "Virtual Machines").mkdir(parents=True)
+    os.mkfifo(vm / "Virtual Machines" / "0A1B2C3D-0000-0000-0000-000000000000.vmcx")
+    model = within(10, lambda: discover(str(vm)))
+    assert model.config_error is not None and "is a FIFO, not a VM configuration" in model.config_error

@@ -1,0 +1,75 @@
+"""Without the libvirt binding, a libvirt source is one line naming the install command, exit 2;
+with only Debian's python3-libvirt, it is loaded for our Python; locations parse strictly."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from vmvault.cli import EXIT, main
+from vmvault.errors import ConfigError
+from vmvault.hypervisors import _debian
+from vmvault.hypervisors.libvirt import INSTALL_HINT, import_libvirt, parse_location
+
+
+def test_missing_binding_is_one_line_with_the_install_command_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "libvirt", None)  # import libvirt raises ImportError
+    monkeypatch.setattr(_debian, "DIST_PACKAGES", str(tmp_path))  # and no Debian module either
+    monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+    monkeypatch.setenv("VMVAULT_PASSWORD", "correct horse")
+    repo = str(tmp_path / "repo")
+    assert main(["init", "-q", "-r", repo]) == 0
+    capsys.readouterr()
+    code = main(["backup", "-r", repo, "libvirt:///web01"])
+    err = capsys.readouterr().err
+    assert code == EXIT["usage"] == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "pip install libvirt-python" in lines[0] and "Traceback" not in err
+    with pytest.raises(ConfigError, match="libvirt-python"):
+        import_libvirt()
+    assert "apt-get install python3-libvirt" in INSTALL_HINT
+
+
+def test_debian_binding_is_loaded_for_our_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not os.path.exists(os.path.join(_debian.DIST_PACKAGES, "libvirt.py")):
+        pytest.skip("Debian's python3-libvirt is not installed")
+    if not any(
+        f.startswith(f"libvirtmod.cpython-{sys.version_info[0]}{sys.version_info[1]}")
+        for f in os.listdir(_debian.DIST_PACKAGES)
+    ):
+        pytest.skip("Debian's python3-libvirt is built for another Python version")
+    for name in ("libvirt", "libvirtmod"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if "site-packages" not in p])
+    module = import_libvirt()
+    assert module.__file__ is not None and hasattr(module, "virConnect")
+    assert not [
+        p for p in os.listdir("/tmp") if p.startswith("vmvault-libvirt-") and not os.listdir(os.path.join("/tmp", p))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "domain", "uri", "exclude"),
+    [
+        ("libvirt:///web01", "web01", None, set()),
+        ("libvirt:///", None, None, set()),
+        ("libvirt:///db%20one?uri=qemu%2Bssh%3A%2F%2Froot%40h%2Fsystem", "db one", "qemu+ssh://root@h/system", set()),
+        ("libvirt:///w?exclude=vdb,vdc", "w", None, {"vdb", "vdc"}),
+    ],
+)
+def test_locations(spec: str, domain: str | None, uri: str | None, exclude: set[str]) -> None:
+    loc = parse_location(spec)
+    assert (loc.domain, loc.uri, set(loc.exclude)) == (domain, uri, exclude)
+
+
+@pytest.mark.parametrize(
+    "spec", ["libvirt://host/web", "libvirt:///a/b", "libvirt:///w?bogus=1", "libvirt:///w?uri=", "qemu:///w"]
+)
+def test_bad_locations(spec: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_location(spec)
