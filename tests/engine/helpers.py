@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from vmvault.disk.base import DiskImage, Extent, ExtentKind, coalesce
-from vmvault.hypervisors.base import BackupSession, PreviousBackup, Source, SourceDisk
+from vmvault.hypervisors.base import DEFAULT_OPTIONS, BackupOptions, BackupSession, PreviousBackup, Source, SourceDisk
 
 
 class MemoryDisk(DiskImage):
@@ -77,7 +77,7 @@ class ScriptedSource(Source):
         self.last_previous: PreviousBackup | None = None
         self.sessions: list[ScriptedSession] = []
 
-    def open_session(self, previous: PreviousBackup | None) -> BackupSession:
+    def open_session(self, previous: PreviousBackup | None, options: BackupOptions = DEFAULT_OPTIONS) -> BackupSession:
         self.last_previous = previous
         self.token += 1
         cbt: dict[str, Any] = {"kind": "test", "token": self.token}

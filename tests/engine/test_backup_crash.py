@@ -39,7 +39,7 @@ def template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Pat
 
 
 def run_child(repo_dir: Path, image: Path, kill_at: int) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
     return subprocess.run(
         [sys.executable, "-m", "tests.engine._backup_child", str(repo_dir), str(image), str(kill_at)],
         env=env,

@@ -18,8 +18,8 @@ from vmvault.engine.copy import COPIED_FROM, CopyFilter, copy_snapshots, select_
 from vmvault.engine.restore import restore
 from vmvault.errors import RepositoryError, SnapshotNotFoundError
 from vmvault.hypervisors.files import FilesSource
-from vmvault.repo._layout import BlobType
 from vmvault.repo.check import check
+from vmvault.repo.format import BlobType
 from vmvault.repo.repository import Repository
 
 CS = 64 * 1024
@@ -164,7 +164,7 @@ def test_killed_copy_resumes_and_reuses_uploaded_packs(repos: tuple[Repository, 
     snap = backup(src, FilesSource(str(vm))).snapshot
     total = len(distinct_nonzero(disk, b"cfg\n"))
 
-    env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, VMVAULT_TEST_CHEAP_KDF="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
     # writes: 1 = lock, then packs (4 chunks each) and an index file after each pack
     proc = subprocess.run(
         [sys.executable, "-m", "tests.engine._copy_child", str(tmp_path / "src"), str(tmp_path / "dst"), "8"],

@@ -15,7 +15,7 @@ import pytest
 from tests.hypervisors.qemu_vm import DiskSpec, QemuVM, make_vm  # noqa: F401 - fixture
 from vmvault.backends.memory import MemoryBackend
 from vmvault.engine.backup import backup
-from vmvault.engine.progress import NullProgress
+from vmvault.engine.progress import NullReporter
 from vmvault.engine.restore import restore
 from vmvault.hypervisors import open_source
 from vmvault.repo.check import check
@@ -26,7 +26,7 @@ MiB = 1 << 20
 pytestmark = pytest.mark.integration
 
 
-class WritingProgress(NullProgress):
+class WritingProgress(NullReporter):
     """Injects a guest write every few advances, i.e. while the backup is reading."""
 
     def __init__(self, vm: QemuVM, device: str, size: int) -> None:
@@ -96,7 +96,7 @@ def test_failed_backup_keeps_tracking_for_the_next_incremental(
     backup(repo, source)
     vm.write("vda", 20 * MiB, 65536, 0x22)
 
-    class Boom(NullProgress):
+    class Boom(NullReporter):
         def advance(self, n: int) -> None:
             raise OSError(5, "injected read failure")
 

@@ -1,9 +1,10 @@
 """Copy snapshots from one repository to another (replication, e.g. local -> off-site).
 
-The two repositories have their own keys, so the same plaintext has a different chunk id in
-each (ids are keyed HMACs). Each chunk the target lacks is read from the source (decrypted
-and verified against its source id), given its target id, sealed with the target key and
-packed by the target's BlobWriter; each index block is rewritten with target ids. Chunk
+The two repositories have their own keys, and may have different chunk id functions (keyed
+BLAKE3, HMAC-SHA-256: repository-format.md, section 3), so the same plaintext has a different
+chunk id in each. Each chunk the target lacks is read from the source (decrypted and verified
+against its source id), given its target id by the target's function, sealed with the target
+key and packed by the target's BlobWriter; each index block is rewritten with target ids. Chunk
 boundaries must match, so both repositories must use the same chunk size (otherwise
 nothing could be deduplicated and every index would have to be re-cut; we refuse).
 
@@ -18,7 +19,10 @@ snapshot last. So:
   uploads nothing;
 * for snapshots already copied, the pairing of their index blocks (source block id ->
   target block id) is learnt from the two manifests, so an index block unchanged since the
-  last copied snapshot is taken over without reading any of its chunks.
+  last copied snapshot is taken over without reading any of its chunks from the source
+  (the target's block is read to check every chunk it names is still in the target);
+* nothing is deduplicated against target packs that are gone: each target pack a chunk is
+  found in is confirmed present once (repository-format.md, sections 10.2 and 12.4).
 
 Both repositories are held under a shared lock, like a backup: a prune of either waits.
 """
@@ -27,13 +31,15 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault.errors import IntegrityError, RepositoryError, SnapshotNotFoundError
-from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
+from vmvault.repo.filters import SnapshotFilter
+from vmvault.repo.format import BlobType, IndexBlock, block_length, is_chunk
+from vmvault.repo.progress import PhaseCallback
 from vmvault.repo.repository import BlobWriter, Repository
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 
@@ -43,7 +49,6 @@ __all__ = ["COPIED_FROM", "CopyFilter", "CopyReport", "copy_snapshots", "select_
 COPIED_FROM = "copied_from"
 
 #: (label, done, total) callbacks, like check's
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ class CopyFilter:
     tags: tuple[str, ...] = ()
     #: only the N newest snapshots of each source location (0 = all)
     latest: int = 0
+    #: ``--vm/--host/--tag/--source`` (repo/filters.py), applied before ``latest``
+    match: SnapshotFilter | None = None
 
 
 @dataclass
@@ -85,7 +92,7 @@ class CopyReport:
     blobs_added: int = 0  # every blob uploaded (data chunks and index blocks)
     bytes_added: int = 0  # sealed bytes uploaded (what the target's storage grew by, before pack overhead)
     packs_added: int = 0
-    index_blocks_reused: int = 0  # index blocks taken over from earlier copies without reading
+    index_blocks_reused: int = 0  # index blocks taken over from earlier copies (no chunk read from the source)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +131,8 @@ def select_snapshots(snaps: Sequence[Snapshot], filters: CopyFilter) -> list[Sna
         chosen = [s for s in chosen if s.source.get("location") in filters.sources]
     if filters.tags:
         chosen = [s for s in chosen if set(filters.tags).issubset(s.tags)]
+    if filters.match is not None:
+        chosen = filters.match.select(chosen)
     if filters.latest > 0:
         by_location: dict[str, list[Snapshot]] = {}
         for s in chosen:
@@ -152,7 +161,8 @@ class _Translator:
         self.chunks: dict[bytes, bytes] = {}
         self.blocks: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
-        # unencrypted repositories (or ones sharing an id key) give a chunk the same id in both:
+        # unencrypted repositories with the same id function (or ones sharing an id key and
+        # function) give a chunk the same id in both:
         # then a chunk the target holds needs no download to learn its target id
         probe = b"vmvault copy: are chunk ids keyed alike?"
         self.same_ids = src.key.chunk_id(probe) == dst.key.chunk_id(probe)
@@ -161,7 +171,7 @@ class _Translator:
         """Pair the blobs of a source snapshot and its earlier copy, position by position.
 
         Index blocks pair from the manifests alone. With ``chunks``, the two sides' index
-        blocks are read (small: ID_SIZE bytes per chunk) to pair chunk ids too, so a changed
+        blocks are read (small: 32 bytes per chunk) to pair chunk ids too, so a changed
         index block costs downloads only for the chunks that really changed."""
         dst_disks = {d.name: d for d in dst_snap.disks}
         for d in src_snap.disks:
@@ -173,13 +183,16 @@ class _Translator:
                     continue
                 a_id, b_id = bytes.fromhex(a), bytes.fromhex(b)
                 self.blocks[a_id] = b_id
-                if chunks and a_id in self.src.index and b_id in self.dst.index:
-                    a_raw = self.src.get_blob(BlobType.INDEX, a_id)
-                    b_raw = self.dst.get_blob(BlobType.INDEX, b_id)
-                    if len(a_raw) != len(b_raw):
+                # the target's block only from a pack confirmed present (a lost one is not read)
+                if chunks and a_id in self.src.index and self.dst.index.has_present(b_id):
+                    try:
+                        a_block = self.src.read_index_block(a_id)
+                        b_block = self.dst.read_index_block(b_id)
+                    except IntegrityError:
+                        continue  # nothing learnt: the blocks are translated the long way (and check reports it)
+                    if len(a_block) != len(b_block):
                         continue
-                    for i in range(0, len(a_raw), ID_SIZE):
-                        self.chunks[a_raw[i : i + ID_SIZE]] = b_raw[i : i + ID_SIZE]
+                    self.chunks.update(zip(a_block, b_block, strict=True))
         dst_files = {f.name: f for f in dst_snap.files}
         for f in src_snap.files:
             of = dst_files.get(f.name)
@@ -209,37 +222,43 @@ class _Translator:
 
     def chunks_of(self, ids: Iterable[bytes], pool: ThreadPoolExecutor) -> list[bytes]:
         ids = list(ids)
-        todo = sorted({i for i in ids if i != ZERO_ID and i != PARENT_ID})
+        todo = sorted({i for i in ids if is_chunk(i)})
         mapped = dict(zip(todo, pool.map(self.chunk, todo), strict=True))
         return [mapped.get(i, i) for i in ids]
 
-    def index_block(self, src_block: bytes, expected: int, what: str, pool: ThreadPoolExecutor) -> bytes:
+    def _all_known(self, dst_block: bytes) -> bool:
+        """Whether every chunk an earlier copy's index block names is still in the target: a
+        pack lost there (and its entries dropped by ``repair index``) must not be reused."""
+        try:
+            block = self.dst.read_index_block(dst_block)
+        except IntegrityError:
+            return False
+        return all(self.writer.known(chunk) for chunk in block.chunk_ids())
+
+    def index_block(self, src_block: bytes, expected: int, what: str, pool: ThreadPoolExecutor) -> str | None:
+        """The target's ref for the source's index block ``src_block`` (None: all zeros)."""
         known = self.blocks.get(src_block)
-        if known is not None and self.writer.known(known):
+        if known is not None and self.writer.known(known) and self._all_known(known):
             self.report.index_blocks_reused += 1
-            return known
-        raw = self.src.get_blob(BlobType.INDEX, src_block)
-        entries = [raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE)]
-        if len(entries) != expected:
-            raise IntegrityError(
-                f"{what}: index block {src_block.hex()} has {len(entries)} entries, expected {expected}",
-                object_id=src_block.hex(),
-            )
-        new_raw = b"".join(self.chunks_of(entries, pool))
-        dst_block = self.dst.key.chunk_id(new_raw)
-        self.writer.add(BlobType.INDEX, dst_block, new_raw)
-        self.blocks[src_block] = dst_block
-        return dst_block
+            return known.hex()
+        block = self.src.read_index_block(src_block, count=expected, what=f"{what}: index block {src_block.hex()}")
+        dst_ref = self.writer.add_index_block(IndexBlock.from_refs(self.chunks_of(block, pool)))
+        if dst_ref is not None:
+            self.blocks[src_block] = bytes.fromhex(dst_ref)
+        return dst_ref
 
     def disk(self, d: DiskRecord, what: str, pool: ThreadPoolExecutor) -> DiskRecord:
-        n_chunks = -(-d.size // d.chunk_size)
         index: list[str | None] = []
         for block, block_id in enumerate(d.index):
             if block_id is None:
                 index.append(None)
                 continue
-            expected = min(d.index_span, n_chunks - block * d.index_span)
-            index.append(self.index_block(bytes.fromhex(block_id), expected, f"{what} disk {d.name}", pool).hex())
+            expected = block_length(d, block)
+            try:
+                src_block = bytes.fromhex(block_id)
+            except ValueError:
+                raise IntegrityError(f"{what} disk {d.name}: index block id {block_id!r:.80} is not hex") from None
+            index.append(self.index_block(src_block, expected, f"{what} disk {d.name}", pool))
         # change-tracking state describes the source repository's chain; a backup into the
         # target must not trust it, so the copy carries none (the next backup there reads fully)
         return DiskRecord(
@@ -267,7 +286,7 @@ def copy_snapshots(
     dst_repo: Repository,
     *,
     filters: CopyFilter | None = None,
-    progress: Progress | None = None,
+    progress: PhaseCallback | None = None,
     workers: int = 4,
     index_every: int = 4,
 ) -> CopyReport:
@@ -288,7 +307,8 @@ def copy_snapshots(
         src_repo.lock(exclusive=False, operation="copy (source)"),
         dst_repo.lock(exclusive=False, operation="copy"),
     ):
-        # a prune may have run since the repositories were opened
+        # a prune may have run since the repositories were opened; the target's writer never
+        # deduplicates against a pack it has not confirmed present (repository-format.md, 12.4)
         src_repo.load_index()
         dst_repo.load_index()
         chosen = select_snapshots(src_repo.list_snapshots(), filters)

@@ -1,13 +1,17 @@
-"""How long-running engine work reports progress. The CLI renders it; tests count it."""
+"""How backup and restore report progress: a ``ProgressReporter`` gets phases, bytes done
+and warnings. The CLI's reporters (``vmvault.cli.progress``: terminal, quiet, JSON) render
+it; ``NullReporter`` keeps only the warnings (tests, the daemon). One name per concept:
+repository work (check, prune, repair, copy) reports through the simpler
+``vmvault.repo.progress.PhaseCallback``, and disk merges through a bytes-done callable."""
 
 from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["NullProgress", "Progress"]
+__all__ = ["NullReporter", "ProgressReporter"]
 
 
-class Progress(Protocol):
+class ProgressReporter(Protocol):
     def start(self, label: str, total: int) -> None:
         """A new phase of ``total`` bytes (0 = unknown) begins."""
 
@@ -21,7 +25,9 @@ class Progress(Protocol):
         """Something the user must hear about, shown even when quiet."""
 
 
-class NullProgress:
+class NullReporter:
+    """Shows nothing; collects warnings."""
+
     def __init__(self) -> None:
         self.warnings: list[str] = []
 

@@ -9,8 +9,8 @@ naming the chunk and where it belongs.
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import fnmatch
 import os
 import time
 from collections.abc import Iterator
@@ -18,18 +18,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault.disk import DISK_SUFFIXES, FORMATS, create_image
+from vmvault import platform
+from vmvault.disk import DIFFERENCING_FORMATS, DISK_SUFFIXES, FALLBACK_FORMAT, FORMATS, create_image, disk_format
 from vmvault.disk.base import DiskWriter
 from vmvault.errors import ConfigError, IntegrityError
-from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
+from vmvault.repo.fetch import BlobFetcher
+from vmvault.repo.format import ZERO_ID, BlobType, ChunkResolver, is_chunk
 from vmvault.repo.repository import Repository
-from vmvault.repo.snapshot import DiskRecord, Snapshot
+from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 
-from .progress import NullProgress, Progress
+from .progress import NullReporter, ProgressReporter
+from .target import RestoreTarget, write_all
 
-__all__ = ["ChunkResolver", "RestoreResult", "restore", "safe_relpath"]
-
-_SUFFIX = {"raw": ".raw", "vhdx": ".vhdx", "vhd": ".vhd", "qcow2": ".qcow2"}
+__all__ = ["RestoreResult", "restore", "restore_selected", "safe_relpath", "select"]
 
 
 @dataclass
@@ -39,82 +40,34 @@ class RestoreResult:
     files: list[str] = field(default_factory=list)
     bytes_written: int = 0
     seconds: float = 0.0
+    #: files an interrupted run of the same restore had completed, kept as they were
+    kept: list[str] = field(default_factory=list)
+    #: what else the restore found or did in the target (an interrupted run's leftovers)
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "target": self.target,
             "disks": self.disks,
             "files": self.files,
+            "kept": self.kept,
+            "notes": self.notes,
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
         }
 
 
 def safe_relpath(name: str) -> str:
-    """A stored name as a relative path that cannot escape the target folder."""
+    """A stored name as a ``/``-separated relative path that cannot escape the target folder."""
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if not parts or any(p == ".." for p in parts):
         raise IntegrityError(f"refusing to restore a file named {name!r}: it would escape the target folder")
-    return os.path.join(*parts)
-
-
-class ChunkResolver:
-    """Chunk ids of a disk record, resolving PARENT_ID entries through its parent layers."""
-
-    def __init__(self, repo: Repository, snap: Snapshot, record: DiskRecord) -> None:
-        self.repo = repo
-        self.by_name = {d.name: d for d in snap.disks}
-        self.record = record
-        self._cache: dict[tuple[str, int], list[bytes]] = {}
-
-    def block(self, record: DiskRecord, block: int) -> list[bytes]:
-        key = (record.name, block)
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
-        n_chunks = -(-record.size // record.chunk_size)
-        count = min(record.index_span, n_chunks - block * record.index_span)
-        block_id = record.index[block]
-        if block_id is None:
-            entries = [ZERO_ID] * count
-        else:
-            raw = self.repo.get_blob(BlobType.INDEX, bytes.fromhex(block_id))
-            entries = [raw[i : i + ID_SIZE] for i in range(0, len(raw), ID_SIZE)]
-            if len(entries) != count:
-                raise IntegrityError(
-                    f"index block {block_id} of disk {record.name} has {len(entries)} entries, expected {count}",
-                    object_id=block_id,
-                )
-        if len(self._cache) > 64:
-            self._cache.clear()
-        self._cache[key] = entries
-        return entries
-
-    def resolve(self, record: DiskRecord, chunk: int, *, flatten: bool) -> bytes:
-        entry = self.block(record, chunk // record.index_span)[chunk % record.index_span]
-        seen = {record.name}
-        while flatten and entry == PARENT_ID:
-            parent = self.by_name.get(record.parent or "")
-            if parent is None or parent.name in seen:
-                return ZERO_ID
-            seen.add(parent.name)
-            record = parent
-            entry = self.block(record, chunk // record.index_span)[chunk % record.index_span]
-        return entry
-
-    def entries(self, *, flatten: bool) -> Iterator[tuple[int, bytes]]:
-        rec = self.record
-        n_chunks = -(-rec.size // rec.chunk_size)
-        for block in range(len(rec.index)):
-            first = block * rec.index_span
-            entries = self.block(rec, block)
-            for i, entry in enumerate(entries):
-                chunk = first + i
-                if chunk >= n_chunks:
-                    return
-                if entry == PARENT_ID and flatten:
-                    entry = self.resolve(rec, chunk, flatten=True)
-                yield chunk, entry
+    if "\0" in name:
+        raise IntegrityError(f"refusing to restore a file named {name!r}: a name cannot hold a NUL byte")
+    problems = [platform.windows_name_problem(p) for p in parts] if platform.WINDOWS else []
+    if any(problems):  # "a.vhdx:x" would write a stream of a.vhdx, "nul" the device
+        raise IntegrityError(f"refusing to restore a file named {name!r}: {next(p for p in problems if p)}")
+    return "/".join(parts)
 
 
 def _pieces(
@@ -134,7 +87,7 @@ def _pieces(
                 pos += take
         return
     for chunk, entry in resolver.entries(flatten=flatten):
-        if entry in (ZERO_ID, PARENT_ID):
+        if not is_chunk(entry):
             continue
         yield chunk * cs, entry, 0, min(cs, record.size - chunk * cs)
 
@@ -147,50 +100,39 @@ def _write_disk(
     *,
     flatten: bool,
     layer_only: bool,
-    progress: Progress,
+    progress: ProgressReporter,
     pool: ThreadPoolExecutor,
-    max_in_flight: int,
-    path: str,
+    workers: int,
+    flush_fd: int,
 ) -> int:
     resolver = ChunkResolver(repo, snap, record)
-    fifo: collections.deque[tuple[int, int, int, Future[bytes] | None]] = collections.deque()
     written = 0
-    flusher = _Flusher(path)
-
-    def fetch(chunk_id: bytes, chunk_offset: int) -> bytes:
-        try:
-            return repo.get_blob(BlobType.DATA, chunk_id)
-        except IntegrityError as exc:
-            raise IntegrityError(
-                f"{exc} — needed by disk {record.name} at offset {chunk_offset:#x} of snapshot {snap.short_id}",
-                object_id=chunk_id.hex(),
-            ) from exc
-
-    def drain() -> None:
-        nonlocal written
-        offset, start, length, fut = fifo.popleft()
-        if fut is None:
-            data = bytes(length)
-        else:
-            data = fut.result()
-            if start or len(data) != length:  # slicing copies: only a part of the chunk is wanted
-                data = data[start : start + length]
-        if fut is not None and len(data) != length:
-            raise IntegrityError(f"chunk for disk {record.name} at offset {offset:#x} is shorter than expected")
-        writer.write(offset, data)
-        written += length
-        flusher.wrote(length)
-        progress.advance(length)
-
+    flusher = _Flusher(flush_fd)
+    pieces = _pieces(resolver, record, flatten=flatten, layer_only=layer_only)
+    # runs of chunks side by side in a pack come in one ranged read, ``workers`` reads at once
+    # (repo/fetch.py); chunks arrive in disk order, each verified as a read of it alone is
+    fetcher = BlobFetcher(repo, BlobType.DATA, max_requests=workers, executor=pool)
+    results = fetcher.fetch((p, None if p[1] == ZERO_ID else p[1]) for p in pieces)
     try:
-        for offset, entry, start, length in _pieces(resolver, record, flatten=flatten, layer_only=layer_only):
-            while len(fifo) >= max_in_flight:
-                drain()
-            fut = None if entry == ZERO_ID else pool.submit(fetch, entry, offset - start)
-            fifo.append((offset, start, length, fut))
-        while fifo:
-            drain()
+        for (offset, entry, start, length), data in results:
+            if isinstance(data, IntegrityError):
+                raise IntegrityError(
+                    f"{data} — needed by disk {record.name} at offset {offset - start:#x} of snapshot {snap.short_id}",
+                    object_id=entry.hex(),
+                ) from data
+            if data is None:
+                data = bytes(length)
+            elif start or len(data) != length:  # slicing copies: only a part of the chunk is wanted
+                data = data[start : start + length]
+                if len(data) != length:
+                    raise IntegrityError(f"chunk for disk {record.name} at offset {offset:#x} is shorter than expected")
+            writer.write(offset, data)
+            written += length
+            flusher.wrote(length)
+            progress.advance(length)
     finally:
+        results.close()  # after an error: the reads still queued for this disk are cancelled
+        fetcher.close()
         flusher.close()
     return written
 
@@ -202,18 +144,18 @@ class _Flusher:
     the writer's final fsync then writes all of it after the decrypting is done: reading,
     decrypting and writing to disk would run one after the other instead of at once.
     Every ``FLUSH_BYTES`` written, a background thread runs ``fdatasync`` on a second
-    descriptor of the same file (the page cache is per file, so it writes the writer's
-    pages). The writer's own fsync at close stays what makes the restore durable.
+    descriptor of the same file (a duplicate of the restore's own; the page cache is per file,
+    so it writes the writer's pages). The writer's own fsync at close stays what makes the restore durable.
     """
 
     FLUSH_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, fd: int) -> None:
         self._pending = 0
         self._future: Future[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
         try:
-            self._fd = os.open(path, os.O_RDONLY)
+            self._fd = os.dup(fd)
         except OSError:
             self._fd = -1  # only an optimisation: without it the final fsync does all the work
 
@@ -231,7 +173,7 @@ class _Flusher:
     def _flush(self) -> None:
         # a real write error surfaces again in the writer's own fsync at close
         with contextlib.suppress(OSError):
-            os.fdatasync(self._fd)
+            platform.flush_data(self._fd)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -267,6 +209,11 @@ def _ordered(snap: Snapshot) -> list[DiskRecord]:
     return out
 
 
+def _cannot_hold_layers(format: str | None) -> bool:
+    """Is ``format`` a format whose images have no parent (raw): layers must then be flattened."""
+    return format is not None and format in FORMATS and format not in DIFFERENCING_FORMATS
+
+
 def _target_name(name: str, fmt: str, original: str) -> str:
     """The restored file's name: the stored name, with the suffix of the format written.
 
@@ -274,11 +221,118 @@ def _target_name(name: str, fmt: str, original: str) -> str:
     (``web.vhdx`` restored as qcow2 is ``web.qcow2``); an unconverted file keeps its name.
     """
     base, ext = os.path.splitext(name)
+    suffix = disk_format(fmt).suffixes[0]
     if ext.lower() not in DISK_SUFFIXES:
-        return name + _SUFFIX[fmt]
+        return name + suffix
     if fmt == original:
         return name
-    return base + _SUFFIX[fmt]
+    return base + suffix
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``--include`` matching: a glob on the whole stored name, or a folder and all below it."""
+    return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern.rstrip("/") + "/")
+
+
+def select(snap: Snapshot, include: list[str] | None, *, flatten: bool) -> set[str] | None:
+    """The stored names of the disks and files ``include`` asks for (None: everything).
+
+    Every pattern must match something, and a checkpoint layer needs its parent layers
+    (unless ``flatten``, which restores each chain's newest layer as one whole disk).
+    """
+    if not include:
+        return None
+    leaves = {d.name for d in _leaves(snap)} if flatten else {d.name for d in snap.disks}
+    names = sorted(leaves) + [f.name for f in snap.files]
+    chosen: set[str] = set()
+    for pattern in include:
+        if not pattern:
+            raise ConfigError("--include needs a disk or file name (or a glob); an empty one matches nothing")
+        hit = {n for n in names if _matches(n, pattern)}
+        if not hit:
+            layers = [d.name for d in snap.disks if d.name not in leaves and _matches(d.name, pattern)]
+            if layers:
+                raise ConfigError(
+                    f"--include {pattern!r} names {layers[0]}, a parent layer of a checkpoint chain; with "
+                    f"--flatten only the newest layer of each chain is restored, as one disk"
+                )
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ConfigError(
+                f"--include {pattern!r} matches no disk or file of snapshot {snap.short_id} "
+                f"(it holds: {shown or 'nothing'})"
+            )
+        chosen |= hit
+    if not flatten:
+        by_name = {d.name: d for d in snap.disks}
+        for name in sorted(chosen):
+            d = by_name.get(name)
+            if d is not None and d.layer and d.parent and d.parent not in chosen:
+                raise ConfigError(
+                    f"{d.name} is a checkpoint layer whose parent {d.parent} is not included: "
+                    f"include its parent layers too, or add --flatten to restore its current state as one disk"
+                )
+    return chosen
+
+
+@dataclass
+class _Item:
+    """One disk or file to restore, and the relative path it gets in the target."""
+
+    rel: str
+    disk: DiskRecord | None = None
+    file: FileRecord | None = None
+    fmt: str = ""
+    layer_only: bool = False
+
+
+def _plan(snap: Snapshot, format: str | None, flatten: bool, selected: set[str] | None) -> list[_Item]:
+    disks = _leaves(snap) if flatten else _ordered(snap)
+    items: list[_Item] = []
+    for record in disks:
+        if selected is not None and record.name not in selected:
+            continue
+        fmt = format or (record.format if record.format in FORMATS else FALLBACK_FORMAT)
+        layer_only = record.layer and not flatten
+        if layer_only and fmt not in DIFFERENCING_FORMATS:
+            fmt = DIFFERENCING_FORMATS[0]  # a layer needs a format with parents (VHDX)
+        rel = safe_relpath(_target_name(record.name, fmt, record.format))
+        items.append(_Item(rel, disk=record, fmt=fmt, layer_only=layer_only))
+    for f in snap.files:
+        if selected is None or f.name in selected:
+            items.append(_Item(safe_relpath(f.name), file=f))
+    seen: dict[str, str] = {}  # by platform.name_key: case-insensitively where the file system is
+    folders = {platform.name_key(rel.rpartition("/")[0]) for rel in (i.rel for i in items)}
+    for item in items:
+        name = item.disk.name if item.disk else item.file.name if item.file else ""
+        key = platform.name_key(item.rel)
+        if key in seen or any(f == key or f.startswith(key + "/") for f in folders):
+            clash = f"{name} and {seen.get(key, 'a folder')} would both be restored as {item.rel}"
+            if format is not None:
+                raise ConfigError(f"{clash} with --format {format}: restore one of them with --include")
+            raise IntegrityError(f"snapshot {snap.short_id}: {clash}")
+        seen[key] = name
+    return items
+
+
+def _stored_mode(value: object, default: int) -> int:
+    return value & 0o7777 if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+def _stored_owner(uid: object, gid: object) -> tuple[int, int] | None:
+    if not isinstance(uid, int) or not isinstance(gid, int) or isinstance(uid, bool) or isinstance(gid, bool):
+        return None
+    # (uid_t)-1 means "leave unchanged" to chown: not an owner
+    return (uid, gid) if 0 <= uid < 2**32 - 1 and 0 <= gid < 2**32 - 1 else None
+
+
+def _mode_and_owner(
+    mode: int, owner: tuple[int, int] | None, numeric_owner: bool
+) -> tuple[int, tuple[int, int] | None]:
+    """The mode to give a restored file: never wider than stored; setuid, setgid and sticky only
+    when its stored owner is restored too."""
+    if numeric_owner and owner is not None:
+        return mode & 0o7777, owner
+    return mode & 0o777, None
 
 
 def restore(
@@ -289,89 +343,185 @@ def restore(
     format: str | None = None,
     flatten: bool = False,
     include: list[str] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressReporter | None = None,
     workers: int = 4,
+    numeric_owner: bool = False,
 ) -> RestoreResult:
-    """Restore ``snap`` into the folder ``target`` (created; existing files are never overwritten)."""
-    progress = progress or NullProgress()
+    """Restore ``snap`` into the folder ``target`` (created; existing names are never replaced).
+
+    ``include``: only the disks and files whose stored names match these globs (or lie under
+    these folders). ``numeric_owner``: give files and disks their stored uid/gid (needs root);
+    without it they belong to whoever restores and lose setuid/setgid/sticky. Modes are never
+    wider than stored; a disk whose mode was not stored gets 0600. A rerun after a kill or a
+    failure resumes (see ``vmvault.engine.target``).
+    """
+    flatten = flatten or (any(d.layer for d in snap.disks) and _cannot_hold_layers(format))
+    selected = select(snap, include, flatten=flatten)
+    return restore_selected(
+        repo,
+        snap,
+        target,
+        format=format,
+        flatten=flatten,
+        selected=selected,
+        progress=progress,
+        workers=workers,
+        numeric_owner=numeric_owner,
+    )
+
+
+def restore_selected(
+    repo: Repository,
+    snap: Snapshot,
+    target: str,
+    *,
+    format: str | None = None,
+    flatten: bool = False,
+    selected: set[str] | None = None,
+    subfolder: str | None = None,
+    progress: ProgressReporter | None = None,
+    workers: int = 4,
+    numeric_owner: bool = False,
+) -> RestoreResult:
+    """``restore`` of exactly the stored names ``selected`` (None: all) into ``target`` or its
+    ``subfolder`` (created; never a link)."""
+    progress = progress or NullReporter()
     if format is not None and format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if numeric_owner and platform.current_uid() != 0:
+        raise ConfigError("--numeric-owner restores the stored owners, which only root may give; run as root")
     started = time.monotonic()
-    result = RestoreResult(target=os.path.abspath(target))
-    os.makedirs(target, exist_ok=True)
-    has_layers = any(d.layer for d in snap.disks)
-    flatten = flatten or (has_layers and format == "raw")
-    disks = _leaves(snap) if flatten else _ordered(snap)
-    if include:
-        disks = [d for d in disks if d.name in include]
-    restored_paths: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-restore") as pool:
-        for record in disks:
-            fmt = format or (record.format if record.format in FORMATS else "raw")
-            layer_only = record.layer and not flatten
-            if layer_only and fmt == "raw":
-                fmt = "vhdx"
-            rel = safe_relpath(_target_name(record.name, fmt, record.format))
-            path = os.path.join(target, rel)
-            if os.path.exists(path):
-                raise ConfigError(f"{path} exists; restore into an empty folder (nothing was overwritten)")
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            parent_path = restored_paths.get(record.parent or "") if layer_only else None
-            if layer_only and parent_path is None:
-                raise IntegrityError(f"snapshot {snap.short_id}: layer {record.name} has no restored parent")
-            resolver = ChunkResolver(repo, snap, record)
-            todo = sum(p[3] for p in _pieces(resolver, record, flatten=flatten, layer_only=layer_only))
-            progress.start(rel, todo)
-            writer = create_image(path, fmt, record.size, parent=parent_path)
-            try:
-                written = _write_disk(
-                    repo,
-                    snap,
-                    record,
-                    writer,
-                    flatten=flatten,
-                    layer_only=layer_only,
-                    progress=progress,
-                    pool=pool,
-                    max_in_flight=2 * workers + 4,
-                    path=path,
-                )
-            except BaseException:
-                try:
-                    writer.close()
-                finally:
-                    os.unlink(path)  # never leave a half-restored disk that looks whole
-                raise
-            writer.close()
-            progress.finish()
-            restored_paths[record.name] = path
-            result.bytes_written += written
-            result.disks.append(
-                {"name": record.name, "path": path, "format": fmt, "size": record.size, "written": written}
-            )
-    for f in snap.files:
-        if include and f.name not in include:
-            continue
-        rel = safe_relpath(f.name)
-        path = os.path.join(target, rel)
-        if os.path.exists(path):
-            raise ConfigError(f"{path} exists; restore into an empty folder (nothing was overwritten)")
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = path + ".vmvault-partial"
-        with open(tmp, "wb") as fh:
-            for chunk_hex in f.chunks:
-                try:
-                    fh.write(repo.get_blob(BlobType.DATA, bytes.fromhex(chunk_hex)))
-                except IntegrityError as exc:
-                    fh.close()
-                    os.unlink(tmp)
-                    raise IntegrityError(f"{exc} — needed by file {f.name} of snapshot {snap.short_id}") from exc
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, f.mode)
-        os.utime(tmp, ns=(f.mtime_ns, f.mtime_ns))
-        os.rename(tmp, path)
-        result.files.append(path)
-        result.bytes_written += f.size
+    flatten = flatten or (any(d.layer for d in snap.disks) and _cannot_hold_layers(format))
+    items = _plan(snap, format, flatten, selected)
+    key = {
+        "snapshot": snap.id,
+        "format": format,
+        "flatten": flatten,
+        "numeric_owner": numeric_owner,
+        "items": [i.rel for i in items],
+    }
+    tgt = RestoreTarget.open(target, subfolder=subfolder)
+    result = RestoreResult(target=tgt.path)
+    try:
+        tgt.begin(key)
+        for item in items:
+            if not tgt.is_placed(item.rel):
+                tgt.check_free(item.rel)  # refuse before anything is written
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-restore") as pool:
+            restored_paths: dict[str, str] = {}
+            for item in items:
+                if item.disk is not None:
+                    _restore_disk(
+                        repo, snap, tgt, item, result, restored_paths, flatten, numeric_owner, progress, pool, workers
+                    )
+        for item in items:
+            if item.file is not None:
+                _restore_file(repo, snap, tgt, item, item.file, result, numeric_owner)
+        tgt.finish()
+    except BaseException:
+        tgt.abort()
+        raise
+    finally:
+        tgt.close()
+        result.notes = list(tgt.notes)
     result.seconds = time.monotonic() - started
     return result
+
+
+def _restore_disk(
+    repo: Repository,
+    snap: Snapshot,
+    tgt: RestoreTarget,
+    item: _Item,
+    result: RestoreResult,
+    restored_paths: dict[str, str],
+    flatten: bool,
+    numeric_owner: bool,
+    progress: ProgressReporter,
+    pool: ThreadPoolExecutor,
+    workers: int,
+) -> None:
+    record = item.disk
+    assert record is not None
+    path = tgt.shown(item.rel)
+    entry = {"name": record.name, "path": path, "format": item.fmt, "size": record.size, "written": 0}
+    if tgt.is_placed(item.rel):
+        restored_paths[record.name] = path
+        result.kept.append(path)
+        result.disks.append(entry)
+        return
+    parent_path = restored_paths.get(record.parent or "") if item.layer_only else None
+    if item.layer_only and parent_path is None:
+        raise IntegrityError(f"snapshot {snap.short_id}: layer {record.name} has no restored parent")
+    resolver = ChunkResolver(repo, snap, record)
+    todo = sum(p[3] for p in _pieces(resolver, record, flatten=flatten, layer_only=item.layer_only))
+    progress.start(item.rel, todo)
+    partial = tgt.new_partial()
+    writer = create_image(path, item.fmt, record.size, parent=parent_path, opener=tgt.opener(partial))
+    try:
+        written = _write_disk(
+            repo,
+            snap,
+            record,
+            writer,
+            flatten=flatten,
+            layer_only=item.layer_only,
+            progress=progress,
+            pool=pool,
+            workers=workers,
+            flush_fd=partial.fd,
+        )
+        writer.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the original error matters more
+            writer.close()
+        tgt.discard(partial)  # never leave a half-restored disk, under any name
+        raise
+    mode, owner = _mode_and_owner(
+        _stored_mode(record.meta.get("mode"), 0o600),
+        _stored_owner(record.meta.get("uid"), record.meta.get("gid")),
+        numeric_owner,
+    )
+    tgt.place(partial, item.rel, mode=mode, owner=owner, mtime_ns=None)
+    progress.finish()
+    restored_paths[record.name] = path
+    result.bytes_written += written
+    entry["written"] = written
+    result.disks.append(entry)
+
+
+def _restore_file(
+    repo: Repository,
+    snap: Snapshot,
+    tgt: RestoreTarget,
+    item: _Item,
+    f: FileRecord,
+    result: RestoreResult,
+    numeric_owner: bool,
+) -> None:
+    path = tgt.shown(item.rel)
+    if tgt.is_placed(item.rel):
+        result.kept.append(path)
+        result.files.append(path)
+        return
+    partial = tgt.new_partial()
+    try:
+        fd = tgt.create(partial, item.rel)
+        try:
+            with BlobFetcher(repo, BlobType.DATA) as fetcher:
+                for _, data in fetcher.fetch((None, bytes.fromhex(h)) for h in f.chunks):
+                    if isinstance(data, IntegrityError):
+                        raise IntegrityError(f"{data} — needed by file {f.name} of snapshot {snap.short_id}") from data
+                    assert data is not None
+                    write_all(fd, data, path)
+        finally:
+            os.close(fd)
+    except BaseException:
+        tgt.discard(partial)
+        raise
+    stored = snap.file_owners.get(f.name) if isinstance(snap.file_owners, dict) else None
+    uid, gid = stored if isinstance(stored, list) and len(stored) == 2 else (None, None)
+    mode, owner = _mode_and_owner(_stored_mode(f.mode, 0o600), _stored_owner(uid, gid), numeric_owner)
+    tgt.place(partial, item.rel, mode=mode, owner=owner, mtime_ns=f.mtime_ns)
+    result.files.append(path)
+    result.bytes_written += f.size

@@ -1,0 +1,183 @@
+"""The filesystem worker: runs the filesystem library on one disk's bytes, in its own process.
+
+Started by :mod:`vmvault.browse.isolated` as ``python -m vmvault.browse._worker`` with no
+repository, no key and no file descriptors but its pipes (and, when started as root, as the
+``nobody`` user where it can); before it reads anything it limits itself (no file may be
+written, a bounded address space, no core dump, no network, no privileges gained by exec).
+Every byte of the disk it reads is asked of the parent over stdout and answered on stdin; its
+answers are checked by the parent like any other untrusted data. If the library crashes or
+hangs on a hostile filesystem, only this process dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import sys
+from collections.abc import Iterator
+from typing import IO, Any
+
+from vmvault.errors import GuestError, GuestPathError
+
+from . import _wire
+from .filesystems import Entry, Filesystem, probe
+
+#: entries sent per answer to "walk_next", at most, and their JSON's size: far below the wire's
+#: bound on a message, so that a folder of any number of entries is listed in pieces
+BATCH = 2000
+BATCH_BYTES = 4 << 20
+#: walks (and listings) kept under way at once
+WALKS = 8
+
+
+class _ParentReadFailed(Exception):
+    """The parent could not read the disk (it knows why and reports it itself)."""
+
+
+def entry_doc(e: Entry) -> dict[str, Any]:
+    return {
+        "name": e.name,
+        "path": e.path,
+        "type": e.type,
+        "size": e.size,
+        "mtime_ns": e.mtime_ns,
+        "mode": e.mode,
+        "inode": e.inode,
+        "target": e.target,
+    }
+
+
+def _entry(doc: dict[str, Any]) -> Entry:
+    return Entry(
+        str(doc["name"]),
+        str(doc["path"]),
+        str(doc["type"]),
+        int(doc["size"]),
+        None if doc["mtime_ns"] is None else int(doc["mtime_ns"]),
+        int(doc["mode"]),
+        int(doc["inode"]),
+        None if doc["target"] is None else str(doc["target"]),
+    )
+
+
+class Worker:
+    def __init__(self, rx: IO[bytes], tx: IO[bytes]) -> None:
+        self.rx, self.tx = rx, tx
+        self.volumes: dict[int, Filesystem] = {}
+        self.walks: dict[int, Iterator[Entry]] = {}
+
+    def read(self, offset: int, length: int) -> bytes:
+        _wire.send(self.tx, {"read": [offset, length]})
+        header, data = _wire.recv(self.rx)
+        if "error" in header:
+            raise _ParentReadFailed(str(header["error"]))
+        return data
+
+    def handle(self, msg: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        op = msg.get("op")
+        if op == "probe":
+            found, fs = probe(self.read, int(msg["offset"]), int(msg["size"]))
+            doc: dict[str, Any] = {"kind": found.kind, "status": found.status, "note": found.note}
+            if fs is not None:
+                self.volumes[int(msg["volume"])] = fs
+                doc["fs"] = {"kind": fs.kind, "case_insensitive": fs.case_insensitive, "root": entry_doc(fs.root)}
+            return {"result": doc}, b""
+        fs = self.volumes[int(msg["volume"])]
+        if op == "lookup":
+            return {"result": entry_doc(fs.lookup(str(msg["path"])))}, b""
+        if op == "listdir":  # the first piece; the rest through "walk_next" with the same id
+            self.start_walk(int(msg["walk"]), iter(fs.listdir(_entry(msg["entry"]))))
+            return self.next_batch(int(msg["walk"]))
+        if op == "walk":
+            self.start_walk(int(msg["walk"]), fs.walk(_entry(msg["entry"])))
+            return {"result": None}, b""
+        if op == "walk_next":
+            return self.next_batch(int(msg["walk"]))
+        if op == "holes":
+            return {"result": fs.holes(_entry(msg["entry"]))}, b""
+        if op == "read":
+            data = fs.reader(_entry(msg["entry"]))(int(msg["offset"]), int(msg["length"]))
+            return {"result": None}, data
+        raise ValueError(f"unknown request {op!r}")
+
+    def start_walk(self, walk_id: int, entries: Iterator[Entry]) -> None:
+        """Keep ``entries`` for "walk_next"; a few walks may be under way at once (a listing
+        asked for while a search goes on), the oldest is dropped beyond :data:`WALKS`."""
+        self.walks[walk_id] = entries
+        while len(self.walks) > WALKS:
+            self.walks.pop(next(iter(self.walks)))
+
+    def next_batch(self, walk_id: int) -> tuple[dict[str, Any], bytes]:
+        """The next entries of walk ``walk_id`` (at most :data:`BATCH`, about :data:`BATCH_BYTES`)."""
+        walk = self.walks.get(walk_id)
+        if walk is None:
+            raise GuestError(f"more than {WALKS} listings were under way at once; this one was dropped")
+        batch: list[dict[str, Any]] = []
+        size = 0
+        end = True
+        for e in walk:
+            batch.append(entry_doc(e))
+            size += len(e.name) + len(e.path) + len(e.target or "") + 160
+            if len(batch) >= BATCH or size >= BATCH_BYTES:
+                end = False
+                break
+        if end:
+            self.walks.pop(walk_id, None)
+        return {"result": batch, "end": end}, b""
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg, _ = _wire.recv(self.rx)
+            except _wire.WireError:
+                return  # the parent is done
+            try:
+                reply, data = self.handle(msg)
+            except _ParentReadFailed:
+                reply, data = {"error": {"type": "read"}}, b""
+            except GuestPathError as exc:
+                reply, data = {"error": {"type": "path", "message": str(exc), "path": exc.path}}, b""
+            except GuestError as exc:
+                reply, data = {"error": {"type": "guest", "message": str(exc)}}, b""
+            _wire.send(self.tx, reply, data)
+
+
+#: the worker's address space: the library, one batch of entries and one read, with room
+MEMORY = 2 << 30
+
+
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def _leave_the_network(libc: ctypes.CDLL) -> bool:
+    """Move into a network namespace of its own, which has no interface but a loopback that is
+    down: no connection anywhere. Inside a new user namespace where the system allows one (that
+    also takes away root's capabilities on the host), else alone (root may); False if neither."""
+    return any(libc.unshare(flags) == 0 for flags in (_CLONE_NEWUSER | _CLONE_NEWNET, _CLONE_NEWNET))
+
+
+def confine() -> None:
+    """Limits the worker puts on itself before it parses anything a guest wrote."""
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # it never writes a file
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - a system without a C library to ask
+        return
+    libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no set-user-ID program can give it more rights
+    _leave_the_network(libc)
+
+
+def main() -> None:
+    confine()
+    rx, tx = _wire.binary_stdio()
+    sys.stdout = sys.stderr  # nothing but the wire may reach the parent's pipe
+    Worker(rx, tx).serve()
+
+
+if __name__ == "__main__":
+    main()

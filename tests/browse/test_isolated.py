@@ -1,0 +1,328 @@
+"""The filesystem library's worker process: same answers as in-process, and a worker that
+crashes, hangs, lies or is compromised cannot hurt vmvault."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.fsimages import GuestImages
+from vmvault.browse import disk_volumes, open_volume, probe
+from vmvault.browse import isolated as iso
+from vmvault.errors import GuestError, GuestPathError, IntegrityError
+
+pytest.importorskip("pytsk3", reason="pytsk3 is a dependency of vmvault (pyproject.toml)")
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _reader(path: Path) -> tuple[Callable[[int, int], bytes], int]:
+    fd = os.open(path, os.O_RDONLY)
+    return (lambda off, length: os.pread(fd, length, off)), os.fstat(fd).st_size
+
+
+def test_the_worker_answers_as_the_library_does_in_process(guest_images: GuestImages) -> None:
+    read, size = _reader(guest_images.disk("mbr"))
+    disk = iso.IsolatedDisk(read, size, name="mbr")
+    try:
+        remote_table, remote = disk_volumes(read, size, prober=disk.probe)
+        local_table, local = disk_volumes(read, size)
+        assert remote_table == local_table
+        assert [v for v, _ in remote] == [v for v, _ in local]
+        for (_, rfs), (_, lfs) in zip(remote, local, strict=True):
+            assert rfs is not None and lfs is not None
+            assert (rfs.kind, rfs.case_insensitive, rfs.root) == (lfs.kind, lfs.case_insensitive, lfs.root)
+            assert list(rfs.walk(rfs.root)) == list(lfs.walk(lfs.root))
+            entry = lfs.lookup("/docs/report.txt")
+            assert rfs.lookup("/DOCS/report.txt" if lfs.case_insensitive else "/docs/report.txt") == entry
+            assert rfs.listdir(lfs.lookup("/docs")) == lfs.listdir(lfs.lookup("/docs"))
+            assert rfs.reader(entry)(0, entry.size) == lfs.reader(entry)(0, entry.size)
+            assert rfs.holes(entry) == lfs.holes(entry)
+        _, fs = open_volume(read, size, 1, prober=disk.probe)
+        with pytest.raises(GuestPathError, match=r"/nothing: no such file or folder"):
+            fs.lookup("/nothing")
+        sparse = fs.lookup("/big/sparse.img")
+        assert fs.holes(sparse) and fs.reader(sparse)(sparse.size - 10, 100) == bytes(10)
+        assert disk.bytes_read > 0
+    finally:
+        disk.close()
+
+
+def test_a_damaged_chunk_under_the_worker_surfaces_as_itself(guest_images: GuestImages) -> None:
+    read, size = _reader(guest_images.filesystem("ntfs")[0])
+    calls = {"n": 0}
+
+    def failing(off: int, length: int) -> bytes:
+        calls["n"] += 1
+        if calls["n"] > 8:
+            raise IntegrityError("chunk 00ff is damaged — needed by disk d at offset 0x1000 of snapshot 1234")
+        return read(off, length)
+
+    disk = iso.IsolatedDisk(failing, size, name="d")
+    try:
+        with pytest.raises(IntegrityError, match="needed by disk d at offset 0x1000"):
+            _, fs = disk.probe(0, size)
+            assert fs is not None
+            list(fs.walk(fs.root))
+    finally:
+        disk.close()
+
+
+def _fake_worker(tmp_path: Path, body: str) -> list[str]:
+    """A worker program speaking the protocol with ``body`` as its request handler."""
+    script = tmp_path / "worker.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import os, sys, time
+            sys.path.insert(0, {src!r})
+            from vmvault.browse import _wire
+            rx, tx = _wire.binary_stdio()
+            def root():
+                return {{"name": "", "path": "/", "type": "dir", "size": 0, "mtime_ns": None, "mode": 0,
+                        "inode": 2, "target": None}}
+            while True:
+                msg, _ = _wire.recv(rx)
+                op = msg["op"]
+                if op == "probe":
+                    _wire.send(tx, {{"result": {{"kind": "ext4", "status": "ok", "note": "",
+                               "fs": {{"kind": "ext4", "case_insensitive": False, "root": root()}}}}}})
+                    continue
+            {body}
+            """
+        ).format(src=str(SRC), body=textwrap.indent(textwrap.dedent(body), "    "))
+    )
+    return [sys.executable, str(script)]
+
+
+def test_a_worker_that_crashes_is_a_clear_error(tmp_path: Path) -> None:
+    command = _fake_worker(tmp_path, "os.kill(os.getpid(), 11)")
+    disk = iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name="d", command=command)
+    found, fs = disk.probe(0, 1 << 20)
+    assert fs is not None and found.status == "ok"
+    with pytest.raises(GuestError, match="killed by signal 11 while it listed /: the filesystem is damaged or hostile"):
+        fs.listdir(fs.root)
+    with pytest.raises(GuestError, match="killed by signal 11"):
+        fs.lookup("/x")
+
+
+def test_a_worker_that_hangs_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(iso, "TIMEOUT", 1.0)
+    command = _fake_worker(tmp_path, "time.sleep(60)")
+    disk = iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name="d", command=command)
+    _, fs = disk.probe(0, 1 << 20)
+    assert fs is not None
+    with pytest.raises(GuestError, match="did not answer within 1 s while it listed /"):
+        fs.listdir(fs.root)
+    assert disk._proc.returncode is not None, "the hung worker is gone"
+
+
+def _within(seconds: float, call: Callable[[], object]) -> BaseException | None:
+    """Run ``call`` in a thread; the exception it raised, or a failure if it is still running after ``seconds``."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting on the worker after {seconds} s"
+    return raised[0] if raised else None
+
+
+def test_a_worker_that_stops_inside_a_message_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(iso, "TIMEOUT", 1.0)
+    body = """
+    tx.write((100).to_bytes(4, "big") + b'{"res'); tx.flush()
+    time.sleep(60)
+    """
+    disk = iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name="d", command=_fake_worker(tmp_path, body))
+    _, fs = disk.probe(0, 1 << 20)
+    assert fs is not None
+    exc = _within(20, lambda: fs.listdir(fs.root))
+    assert isinstance(exc, GuestError) and "did not answer within 1 s" in str(exc), exc
+    assert disk._proc.returncode is not None, "the stalled worker is gone"
+
+
+def test_a_worker_that_reads_without_end_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a loop in the library that keeps reading is never silent: the bytes one request may read are bounded
+    monkeypatch.setattr(iso, "READ_BUDGET", 64 << 20)
+    body = """
+    while True:
+        _wire.send(tx, {"read": [4096, 65536]})
+        _wire.recv(rx)
+    """
+    disk = iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name="d", command=_fake_worker(tmp_path, body))
+    _, fs = disk.probe(0, 1 << 20)
+    assert fs is not None
+    exc = _within(60, lambda: fs.listdir(fs.root))
+    assert isinstance(exc, GuestError) and "more than 64 MiB of the disk while it listed /" in str(exc), exc
+    assert disk._proc.returncode is not None
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ('{"name": "..", "path": "/..", "type": "file"}', "an entry named '..'"),
+        ('{"name": "a/b", "path": "/a/b", "type": "file"}', "an entry named 'a/b'"),
+        ('{"name": "x", "path": "/etc/x", "type": "file"}', "sent '/etc/x' as an entry of '/'"),
+        ('{"name": "x", "path": "/x", "type": "device"}', "malformed entry"),
+        ('{"name": "x", "path": "/../x", "type": "file"}', r"an entry at '/\.\./x'"),
+        ('{"name": "x", "path": "/y", "type": "file"}', "an entry at '/y'"),
+        ('{"name": "x", "path": "/x", "type": "file", "size": -1}', "bad numbers"),
+    ],
+)
+def test_a_lying_worker_cannot_make_names_that_climb_out(tmp_path: Path, answer: str, message: str) -> None:
+    body = f"""
+    doc = {{"name": "x", "path": "/x", "type": "file", "size": 1, "mtime_ns": None, "mode": 0, "inode": 5,
+           "target": None}}
+    doc.update({answer})
+    _wire.send(tx, {{"result": [doc]}})
+    """
+    disk = iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name="d", command=_fake_worker(tmp_path, body))
+    try:
+        _, fs = disk.probe(0, 1 << 20)
+        assert fs is not None
+        with pytest.raises(GuestError, match=message):
+            fs.listdir(fs.root)
+    finally:
+        disk.close()
+
+
+def test_a_worker_may_not_read_outside_limits_or_send_huge_headers(tmp_path: Path) -> None:
+    body = """
+    _wire.send(tx, {"read": [0, 1 << 40]})
+    """
+    disk = iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name="d", command=_fake_worker(tmp_path, body))
+    _, fs = disk.probe(0, 1 << 20)
+    assert fs is not None
+    with pytest.raises(GuestError, match="asked to read 1099511627776 bytes"):
+        fs.listdir(fs.root)
+    body = """
+    tx.write((1 << 31).to_bytes(4, "big")); tx.flush()
+    """
+    disk = iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name="d", command=_fake_worker(tmp_path, body))
+    _, fs = disk.probe(0, 1 << 20)
+    assert fs is not None
+    with pytest.raises(GuestError, match="the filesystem is damaged or hostile"):
+        fs.listdir(fs.root)
+
+
+def test_the_worker_confines_itself_before_parsing(tmp_path: Path) -> None:
+    victim = tmp_path / "written-by-worker"
+    program = f"""
+import resource, sys
+sys.path.insert(0, {str(SRC)!r})
+from vmvault.browse._worker import confine
+confine()
+print(resource.getrlimit(resource.RLIMIT_FSIZE), resource.getrlimit(resource.RLIMIT_AS)[0] >> 30, flush=True)
+with open({str(victim)!r}, "w") as f:
+    f.write("x" * 100)
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("(0, 0) 2"), proc.stdout
+    assert proc.returncode != 0, "writing a file must fail"
+    assert not victim.exists() or victim.stat().st_size == 0
+
+
+def _may_unshare_network() -> bool:
+    probe = "import ctypes; c = ctypes.CDLL(None); raise SystemExit(c.unshare(0x50000000) and c.unshare(0x40000000))"
+    return subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+
+
+def test_the_worker_has_no_network(tmp_path: Path, guest_images: GuestImages) -> None:
+    if not _may_unshare_network():
+        pytest.skip("this system lets a process make neither a user nor a network namespace")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        program = f"""
+import socket, sys
+sys.path.insert(0, {str(SRC)!r})
+from vmvault.browse._worker import confine
+confine()
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=5)
+except OSError as exc:
+    print("refused", exc.errno)
+else:
+    print("connected")
+"""
+        proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("refused"), proc.stdout + proc.stderr
+    read, size = _reader(guest_images.filesystem("ext4")[0])
+    disk = iso.IsolatedDisk(read, size, name="d")
+    try:
+        found, _ = disk.probe(0, size)  # it parses as before
+        assert found.kind == "ext4"
+        assert os.readlink(f"/proc/{disk._proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    finally:
+        disk.close()
+
+
+def test_the_worker_gets_only_its_pipes_and_a_small_environment(tmp_path: Path, guest_images: GuestImages) -> None:
+    read, size = _reader(guest_images.filesystem("ext4")[0])
+    secret = tmp_path / "secret"
+    secret.write_text("key")
+    keep = os.open(secret, os.O_RDONLY)  # a descriptor vmvault holds must not reach the worker
+    os.set_inheritable(keep, True)
+    os.environ["VMVAULT_PASSWORD"] = "must not leak"
+    try:
+        disk = iso.IsolatedDisk(read, size, name="d")
+        try:
+            found, _ = disk.probe(0, size)
+            assert found.kind == "ext4"
+            pid = disk._proc.pid
+            fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        finally:
+            disk.close()
+    finally:
+        os.close(keep)
+        del os.environ["VMVAULT_PASSWORD"]
+    assert fds == [0, 1, 2], fds
+    assert not [e for e in environ if e.startswith(b"VMVAULT")]
+    assert sorted(e.split(b"=")[0] for e in environ if e) == [b"LC_ALL", b"PATH", b"PYTHONPATH"]
+
+
+def test_in_process_and_worker_agree_on_what_cannot_be_read(guest_images: GuestImages) -> None:
+    read, size = _reader(guest_images.disk("odd"))
+    disk = iso.IsolatedDisk(read, size, name="odd")
+    try:
+        _, remote = disk_volumes(read, size, prober=disk.probe)
+        _, local = disk_volumes(read, size)
+        assert [v.probe for v, _ in remote] == [v.probe for v, _ in local]
+    finally:
+        disk.close()
+    assert probe(read, 0, 512)[0].status == "none"
+
+
+def test_a_lying_worker_cannot_walk_out_of_the_folder(tmp_path: Path) -> None:
+    body = """
+    if op == "walk":
+        _wire.send(tx, {"result": None})
+    else:
+        doc = {"name": "x", "path": "/docs/../../x", "type": "file", "size": 1, "mtime_ns": None, "mode": 0,
+               "inode": 5, "target": None}
+        _wire.send(tx, {"result": [doc], "end": True})
+    """
+    disk = iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name="d", command=_fake_worker(tmp_path, body))
+    try:
+        _, fs = disk.probe(0, 1 << 20)
+        assert fs is not None
+        docs = fs.root.__class__("docs", "/docs", "dir", 0, None, 0, 3, None)
+        with pytest.raises(GuestError, match=r"an entry at '/docs/\.\./\.\./x'"):
+            list(fs.walk(docs))
+    finally:
+        disk.close()

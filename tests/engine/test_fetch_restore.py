@@ -1,0 +1,205 @@
+"""Restores and disk readers read runs of chunks with few ranged reads: request counts,
+byte-identical results, a damaged chunk inside a run reported with its disk and offset, a
+connection dropped in the middle of a range retried, and a DiskReader's read-ahead coalesced."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.engine.helpers import MemoryDisk, ScriptedSource
+from tests.servers import FaultyHttpProxy, S3Server, running_s3, s3_client_environment
+from vmvault.backends.local import LocalBackend
+from vmvault.backends.s3 import open_s3
+from vmvault.engine.backup import backup
+from vmvault.engine.reader import DiskReader
+from vmvault.engine.restore import restore
+from vmvault.errors import IntegrityError
+from vmvault.repo.format import ChunkResolver
+from vmvault.repo.pack import BlobType, pack_name
+from vmvault.repo.repository import BlobWriter, Repository, SealedBlob
+from vmvault.repo.snapshot import Snapshot
+
+MiB = 1 << 20
+CS = 256 * 1024  # the default chunk size
+
+
+@pytest.fixture(autouse=True)
+def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+
+
+@pytest.fixture(scope="module")
+def disk64() -> MemoryDisk:
+    data = bytearray(os.urandom(64 * MiB))
+    data[8 * MiB : 9 * MiB] = bytes(MiB)  # zero chunks: never stored, never read
+    return MemoryDisk(data, [(0, len(data))])
+
+
+def _data_gets(repo: Repository) -> int:
+    return repo.backend.requests.gets
+
+
+def _restored(target: Path) -> bytes:
+    (name,) = os.listdir(target)
+    return (target / name).read_bytes()
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_a_64_mib_disk_restores_in_far_fewer_reads_than_chunks(
+    tmp_path: Path, disk64: MemoryDisk, workers: int
+) -> None:
+    """However many workers seal the chunks, the packs hold them in disk order."""
+    repo = Repository.init(LocalBackend(str(tmp_path / "repo")), b"passphrase", chunk_size=CS)
+    snap = backup(repo, ScriptedSource(disk64), workers=workers).snapshot
+    stored_chunks = 64 * MiB // CS - MiB // CS
+    before = repo.backend.requests.to_dict()
+    result = restore(repo, snap, str(tmp_path / "t"))
+    after = repo.backend.requests.to_dict()
+    gets = after["get"] - before["get"]
+    assert _restored(tmp_path / "t") == bytes(disk64.data)
+    assert result.bytes_written == 63 * MiB
+    # a read per run of a pack (at most 8 MiB; a run also ends where a pack or a 16 MiB plan
+    # ends) and one per index block, not one per chunk
+    assert gets <= 16, f"{gets} reads for {stored_chunks} chunks"
+    assert after["bytes_read"] - before["bytes_read"] < 66 * MiB, "gaps bridged between runs stay small"
+
+
+def test_packs_hold_a_disk_s_chunks_in_disk_order_whatever_the_workers_finish_first(
+    tmp_path: Path, disk64: MemoryDisk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers that finish out of order (the first of every four batches slowed down) still
+    leave each pack's chunks in the order of their offsets on the disk."""
+    slowed = BlobWriter.seal
+
+    def seal(self: BlobWriter, blob_type: BlobType, blob_id: bytes, data: bytes | memoryview) -> SealedBlob | None:
+        if threading.current_thread().name.endswith("_0"):
+            time.sleep(0.01)
+        return slowed(self, blob_type, blob_id, data)
+
+    monkeypatch.setattr(BlobWriter, "seal", seal)
+    repo = Repository.init(LocalBackend(str(tmp_path / "repo")), b"passphrase", chunk_size=CS)
+    snap = backup(repo, ScriptedSource(disk64), workers=4).snapshot
+    resolver = ChunkResolver(repo, snap, snap.disks[0])
+    placed: list[tuple[bytes, int, int]] = []  # (pack, offset in pack, chunk of the disk)
+    for chunk in range(snap.disks[0].size // CS):
+        chunk_id = resolver.chunk_id(chunk)
+        if chunk_id is not None:
+            loc = repo.index.locations(chunk_id)[0]
+            placed.append((loc.pack_id, loc.entry.offset, chunk))
+    assert len(placed) == 252
+    packs = {p for p, _, _ in placed}
+    for pack in packs:
+        chunks = [c for _, _, c in sorted(e for e in placed if e[0] == pack)]
+        assert chunks == sorted(chunks), "a pack's chunks in the order of the disk"
+
+
+def _damage_chunk(tmp_path: Path, repo: Repository, chunk_id: bytes) -> None:
+    loc = repo.index.locations(chunk_id)[0]
+    path = tmp_path / "repo" / pack_name(loc.pack_id)
+    with open(path, "r+b") as f:
+        f.seek(loc.entry.offset + loc.entry.length // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
+def _in_the_middle_of_a_run(repo: Repository, snap: Snapshot) -> tuple[int, bytes]:
+    """A stored chunk whose pack neighbours on both sides are chunks of the same disk."""
+    resolver = ChunkResolver(repo, snap, snap.disks[0])
+    n = snap.disks[0].size // CS
+    for chunk in range(n // 2, n - 1):
+        ids = [resolver.chunk_id(c) for c in (chunk - 1, chunk, chunk + 1)]
+        if None in ids:
+            continue
+        locs = [repo.index.locations(i)[0] for i in ids if i is not None]
+        if (
+            len({loc.pack_id for loc in locs}) == 1
+            and locs[0].entry.offset < locs[1].entry.offset < locs[2].entry.offset
+        ):
+            chunk_id = ids[1]
+            assert chunk_id is not None
+            return chunk, chunk_id
+    raise AssertionError("no chunk between two neighbours of its pack")
+
+
+def test_a_damaged_chunk_inside_a_run_is_reported_with_its_disk_and_offset(tmp_path: Path, disk64: MemoryDisk) -> None:
+    repo = Repository.init(LocalBackend(str(tmp_path / "repo")), b"passphrase", chunk_size=CS)
+    snap = backup(repo, ScriptedSource(disk64)).snapshot
+    chunk, chunk_id = _in_the_middle_of_a_run(repo, snap)
+    _damage_chunk(tmp_path, repo, chunk_id)
+    with pytest.raises(IntegrityError) as info:
+        restore(repo, snap, str(tmp_path / "t"))
+    message = str(info.value)
+    assert f"chunk {chunk_id.hex()}" in message and "authentication failed" in message
+    assert f"needed by disk vda at offset {chunk * CS:#x} of snapshot {snap.short_id}" in message
+    assert info.value.object_id == chunk_id.hex()
+    # the existing policy: the restore stops, and no half-restored disk is left under any name
+    assert not any(p.is_file() and p.suffix == ".raw" for p in (tmp_path / "t").rglob("*"))
+    # a reader reports the same chunk at the same offset, and reads its neighbours
+    with DiskReader(repo, snap, "vda") as reader:
+        assert reader.read((chunk - 1) * CS, CS) == bytes(disk64.data[(chunk - 1) * CS : chunk * CS])
+        with pytest.raises(IntegrityError, match=f"at offset {chunk * CS:#x}"):
+            reader.read((chunk - 1) * CS, 3 * CS)
+        assert reader.read((chunk + 1) * CS, CS) == bytes(disk64.data[(chunk + 1) * CS : (chunk + 2) * CS])
+
+
+def test_a_sequential_reader_reads_ahead_in_runs(tmp_path: Path, disk64: MemoryDisk) -> None:
+    repo = Repository.init(LocalBackend(str(tmp_path / "repo")), b"passphrase", chunk_size=CS)
+    snap = backup(repo, ScriptedSource(disk64)).snapshot
+    data = bytes(disk64.data)
+    before = _data_gets(repo)
+    with DiskReader(repo, snap, "vda") as reader:  # read-ahead of 32 chunks
+        for offset in range(0, len(data), 64 * 1024):  # small reads, as a file system makes them
+            assert reader.read(offset, 64 * 1024) == data[offset : offset + 64 * 1024]
+        fetched = reader.chunks_fetched
+        prefetched = reader.cache.stats.prefetched_chunks
+    gets = _data_gets(repo) - before
+    assert fetched == 252 and prefetched > 200
+    assert gets < fetched // 4, f"{gets} reads for {fetched} chunks"
+    # one large read of uncached chunks: together too
+    with DiskReader(repo, snap, "vda", readahead=0) as reader:
+        before = _data_gets(repo)
+        assert reader.read(16 * MiB, 32 * MiB) == data[16 * MiB : 48 * MiB]
+        assert _data_gets(repo) - before <= 128 // 8, "128 chunks in runs of up to 8 MiB of their packs"
+
+
+# ---- a connection dropped in the middle of a ranged read ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with s3_client_environment(), running_s3(tmp_path_factory.mktemp("moto"), buckets=("fetch",)) as server:
+        yield server
+
+
+@pytest.mark.integration
+def test_a_connection_dropped_mid_range_is_retried(
+    tmp_path: Path, moto: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in S3Server.client_env().items():
+        monkeypatch.setenv(key, value)
+    data = bytearray(os.urandom(24 * MiB))
+    disk = MemoryDisk(data, [(0, len(data))])
+    proxy = FaultyHttpProxy(moto.port)
+    proxy.start()
+    try:
+        backend = open_s3(proxy.url("fetch", "drop"))
+        repo = Repository.init(backend, b"passphrase", chunk_size=CS)
+        snap = backup(repo, ScriptedSource(disk)).snapshot
+        retries = backend.requests.retries
+        gets = backend.requests.gets
+        proxy.truncate_next(2)  # the first two answers: cut half-way, connection dropped
+        restore(repo, snap, str(tmp_path / "t"))
+        assert _restored(tmp_path / "t") == bytes(data)
+        assert proxy.truncated == 2
+        assert backend.requests.retries - retries >= 1
+        assert backend.requests.gets - gets <= 24 * MiB // CS // 8
+        repo.close()
+    finally:
+        proxy.stop()

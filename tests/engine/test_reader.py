@@ -1,0 +1,338 @@
+"""DiskReader: random access to a snapshot's disk through a shared, bounded chunk cache."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.engine.helpers import MemoryDisk, ScriptedSession, ScriptedSource
+from vmvault.backends.memory import MemoryBackend
+from vmvault.disk.base import Extent, ExtentKind
+from vmvault.engine.backup import backup
+from vmvault.engine.reader import MAX_READ, ChunkCache, DiskReader, find_disk
+from vmvault.engine.restore import ChunkResolver
+from vmvault.errors import ConfigError, IntegrityError
+from vmvault.hypervisors.base import DEFAULT_OPTIONS, BackupOptions, BackupSession, PreviousBackup, Source, SourceDisk
+from vmvault.repo.pack import pack_name
+from vmvault.repo.repository import Repository
+from vmvault.repo.snapshot import Snapshot
+
+CS = 64 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+
+
+def _disk(size: int, seed: int) -> MemoryDisk:
+    """Random data, zero runs inside allocated ranges, and holes."""
+    rng = random.Random(seed)
+    data = bytearray(size)
+    allocated = []
+    pos = 0
+    while pos < size:
+        length = min(size - pos, rng.choice([4096, CS // 2, CS, 3 * CS]))
+        kind = rng.random()
+        if kind < 0.5:
+            data[pos : pos + length] = rng.randbytes(length)
+            allocated.append((pos, length))
+        elif kind < 0.7:
+            allocated.append((pos, length))  # allocated but zero: a zero chunk, never stored
+        pos += length
+    return MemoryDisk(data, allocated)
+
+
+def _backed_up(disk: MemoryDisk, repo: Repository | None = None) -> tuple[Repository, Snapshot]:
+    repo = repo or Repository.init(MemoryBackend(), b"passphrase", chunk_size=CS)
+    return repo, backup(repo, ScriptedSource(disk)).snapshot
+
+
+@pytest.fixture(scope="module")
+def sample() -> tuple[Repository, Snapshot, bytes]:
+    disk = _disk(3 * 1024 * 1024 + 12345, 1)  # the last chunk is short
+    repo, snap = _backed_up(disk)
+    return repo, snap, bytes(disk.data)
+
+
+@given(ranges=st.lists(st.tuples(st.integers(0, 3 * 1024 * 1024 + 20000), st.integers(0, 400_000)), max_size=20))
+@settings(max_examples=60, deadline=None)
+def test_reads_equal_the_disk(sample: tuple[Repository, Snapshot, bytes], ranges: list[tuple[int, int]]) -> None:
+    repo, snap, data = sample
+    with DiskReader(repo, snap, "vda", cache_bytes=4 * CS) as reader:
+        assert reader.size == len(data)
+        for offset, length in ranges:
+            assert reader.read(offset, length) == data[offset : offset + length]
+
+
+def test_holes_and_zero_chunks_are_never_fetched(sample: tuple[Repository, Snapshot, bytes]) -> None:
+    repo, snap, data = sample
+    with DiskReader(repo, snap, "vda") as reader:
+        extents = reader.block_status()
+        assert sum(e.length for e in extents) == len(data)
+        assert extents[0].offset == 0 and all(a.end == b.offset for a, b in itertools.pairwise(extents))
+        for ext in extents:
+            if ext.kind is ExtentKind.ZERO:
+                assert reader.read(ext.offset, min(ext.length, MAX_READ)) == bytes(min(ext.length, MAX_READ))
+        assert reader.chunks_fetched == 0, "zeros are produced, not fetched"
+        data_chunks = {c for e in extents if e.kind is ExtentKind.DATA for c in range(e.offset // CS, -(-e.end // CS))}
+        for ext in extents:
+            if ext.kind is ExtentKind.DATA:
+                assert data[ext.offset : ext.end] == reader.read(ext.offset, ext.length)
+        # every chunk holding data is fetched once, none of the rest
+        assert reader.chunks_fetched == len(data_chunks)
+        # a DATA extent is a whole number of chunks holding some non-zero byte
+        for ext in extents:
+            chunk_bytes = data[ext.offset : ext.end]
+            if ext.kind is ExtentKind.ZERO:
+                assert chunk_bytes == bytes(len(chunk_bytes))
+        assert reader.block_status(CS + 10, 20) == [
+            Extent(CS + 10, 20, next(e.kind for e in extents if e.offset <= CS + 10 < e.end))
+        ]
+        assert reader.block_status(len(data), 10) == []
+
+
+def test_reads_past_the_end_are_short_and_bad_arguments_refused(sample: tuple[Repository, Snapshot, bytes]) -> None:
+    repo, snap, data = sample
+    with DiskReader(repo, snap, "vda") as reader:
+        assert reader.read(len(data) - 5, 100) == data[-5:]
+        assert reader.read(len(data), 100) == b""
+        assert reader.read(len(data) + 1 << 40, 100) == b""
+        with pytest.raises(ValueError):
+            reader.read(-1, 10)
+        with pytest.raises(ValueError):
+            reader.read(0, MAX_READ + 1)
+
+
+def test_an_unknown_disk_name_is_a_clear_error(sample: tuple[Repository, Snapshot, bytes]) -> None:
+    repo, snap, _ = sample
+    with pytest.raises(ConfigError, match=r"has no disk 'vdb'; its disks: 'vda'"):
+        DiskReader(repo, snap, "vdb")
+    assert find_disk(snap, "vda").name == "vda"
+
+
+# ---- checkpoint layers --------------------------------------------------------------------
+
+
+class _Layer(MemoryDisk):
+    """A checkpoint layer over ``base``: the given ranges are its own, the rest is the parent's."""
+
+    def __init__(self, base: MemoryDisk, own: list[tuple[int, bytes]]) -> None:
+        super().__init__(bytearray(base.data))
+        self.own = []
+        for off, data in own:
+            self.data[off : off + len(data)] = data
+            self.own.append((off, len(data)))
+
+    def extents(self) -> Iterator[Extent]:
+        pos, out = 0, []
+        for off, length in sorted(self.own):
+            if off > pos:
+                out.append(Extent(pos, off - pos, ExtentKind.PARENT))
+            kind = ExtentKind.ZERO if not any(self.data[off : off + length]) else ExtentKind.DATA
+            out.append(Extent(off, length, kind))
+            pos = off + length
+        if pos < self.size:
+            out.append(Extent(pos, self.size - pos, ExtentKind.PARENT))
+        return iter(out)
+
+
+class _ChainSource(Source):
+    kind, location = "test", "test://chain"
+
+    def __init__(self, layers: list[tuple[str, MemoryDisk]]) -> None:
+        self.layers = layers
+
+    def open_session(self, previous: PreviousBackup | None, options: BackupOptions = DEFAULT_OPTIONS) -> BackupSession:
+        disks = []
+        for i, (name, disk) in enumerate(self.layers):
+            parent = self.layers[i - 1][0] if i else None
+            disks.append(SourceDisk(name, disk, "raw", layer=bool(i), parent_name=parent))
+        return ScriptedSession(disks)
+
+
+def test_layers_read_as_their_merged_view() -> None:
+    size = 2 * 1024 * 1024
+    base = _disk(size, 2)
+    middle = _Layer(base, [(CS + 100, os.urandom(5000)), (4 * CS, bytes(CS))])  # new data; zeros over data
+    leaf = _Layer(middle, [(CS + 3000, os.urandom(CS)), (20 * CS, os.urandom(10))])
+    repo = Repository.init(MemoryBackend(), b"passphrase", chunk_size=CS)
+    snap = backup(repo, _ChainSource([("base.vhdx", base), ("mid.avhdx", middle), ("leaf.avhdx", leaf)])).snapshot
+    assert [d.layer for d in snap.disks] == [False, True, True]
+    cache = ChunkCache(max_bytes=1 << 20)
+    for name, disk in (("base.vhdx", base), ("mid.avhdx", middle), ("leaf.avhdx", leaf)):
+        reader = DiskReader(repo, snap, name, cache=cache)
+        assert reader.read(0, size) == bytes(disk.data), name
+        for offset in range(0, size, 7 * CS + 13):
+            assert reader.read(offset, 3 * CS) == bytes(disk.data[offset : offset + 3 * CS]), (name, offset)
+        reader.close()
+    assert cache.stats.hits > 0, "chunks the layers share are fetched once"
+    cache.close()
+
+
+# ---- damage -------------------------------------------------------------------------------
+
+
+def _damage_chunk(repo: Repository, snap: Snapshot, chunk: int) -> bytes:
+    record = snap.disks[0]
+    chunk_id = ChunkResolver(repo, snap, record).chunk_id(chunk)
+    assert chunk_id is not None
+    loc = repo.index.lookup(chunk_id)
+    assert loc is not None
+    backend = repo.backend
+    assert isinstance(backend, MemoryBackend)
+    name = pack_name(loc.pack_id)
+    data = bytearray(backend.get(name))
+    data[loc.entry.offset + loc.entry.length // 2] ^= 0x40
+    backend.put(name, bytes(data))
+    return chunk_id
+
+
+def test_a_damaged_chunk_names_snapshot_disk_and_offset_and_is_never_cached() -> None:
+    disk = MemoryDisk(bytearray(os.urandom(8 * CS)))
+    repo, snap = _backed_up(disk)
+    chunk_id = _damage_chunk(repo, snap, 5)
+    with DiskReader(repo, snap, "vda", readahead=0) as reader:
+        assert reader.read(0, 5 * CS) == bytes(disk.data[: 5 * CS])
+        for _ in range(2):  # the second read fails the same way: nothing damaged was kept
+            with pytest.raises(IntegrityError) as err:
+                reader.read(5 * CS + 10, 100)
+            text = str(err.value)
+            assert f"disk vda at offset {5 * CS:#x} of snapshot {snap.short_id}" in text
+            assert err.value.object_id == chunk_id.hex()
+        assert reader.read(6 * CS, 2 * CS) == bytes(disk.data[6 * CS :])
+
+
+def test_a_damaged_chunk_met_by_read_ahead_fails_only_the_read_that_needs_it() -> None:
+    disk = MemoryDisk(bytearray(os.urandom(16 * CS)))
+    repo, snap = _backed_up(disk)
+    _damage_chunk(repo, snap, 6)
+    with DiskReader(repo, snap, "vda", readahead=8) as reader:
+        for chunk in range(6):
+            assert reader.read(chunk * CS, CS) == bytes(disk.data[chunk * CS : (chunk + 1) * CS])
+        with pytest.raises(IntegrityError, match=f"offset {6 * CS:#x}"):
+            reader.read(6 * CS, CS)
+        assert reader.read(7 * CS, CS) == bytes(disk.data[7 * CS : 8 * CS])
+
+
+def test_a_manifest_whose_index_does_not_cover_the_disk_is_damage(sample: tuple[Repository, Snapshot, bytes]) -> None:
+    repo, snap, _ = sample
+    doc = snap.to_dict()
+    doc["disks"][0]["size"] = doc["disks"][0]["size"] * 4096 * 4  # more chunks than the index holds
+    bad = Snapshot.from_dict(doc, snapshot_id=snap.id)
+    with pytest.raises(IntegrityError, match="index blocks"):
+        DiskReader(repo, bad, "vda")
+    doc = snap.to_dict()
+    doc["disks"][0]["chunk_size"] = 1000
+    with pytest.raises(IntegrityError, match="chunk size"):
+        DiskReader(repo, Snapshot.from_dict(doc, snapshot_id=snap.id), "vda")
+
+
+# ---- cache and concurrency ----------------------------------------------------------------
+
+
+def test_the_cache_stays_within_its_bound(sample: tuple[Repository, Snapshot, bytes]) -> None:
+    repo, snap, data = sample
+    cache = ChunkCache(max_bytes=3 * CS)
+    reader = DiskReader(repo, snap, "vda", cache=cache)
+    for offset in range(0, len(data), CS // 2):
+        assert reader.read(offset, CS // 2) == data[offset : offset + CS // 2]
+        assert cache.cached_bytes <= 3 * CS
+    assert cache.stats.evicted_chunks > 0
+    reader.close()
+    assert cache.cached_bytes > 0, "closing a reader leaves a shared cache alone"
+    cache.close()
+    assert cache.cached_bytes == 0
+
+
+def test_a_shared_cache_serves_the_same_chunk_to_every_snapshot_once() -> None:
+    disk = MemoryDisk(bytearray(os.urandom(6 * CS)))
+    repo, first = _backed_up(disk)
+    _, second = _backed_up(disk, repo)
+    cache = ChunkCache()
+    with DiskReader(repo, first, "vda", cache=cache) as a, DiskReader(repo, second, "vda", cache=cache) as b:
+        assert a.read(0, 6 * CS) == b.read(0, 6 * CS) == bytes(disk.data)
+        assert a.chunks_fetched + b.chunks_fetched == 6
+    assert cache.stats.fetched_chunks == 6
+    cache.close()
+
+
+def test_sequential_reads_are_read_ahead(sample: tuple[Repository, Snapshot, bytes]) -> None:
+    repo, snap, data = sample
+    with DiskReader(repo, snap, "vda", readahead=8) as reader:
+        for offset in range(0, len(data), 16 * 1024):
+            assert reader.read(offset, 16 * 1024) == data[offset : offset + 16 * 1024]
+        stats = reader.cache.stats
+        assert stats.prefetched_chunks > 0
+        assert stats.fetched_chunks == reader.chunks_fetched
+    with DiskReader(repo, snap, "vda", readahead=8) as reader:
+        for offset in random.Random(3).sample(range(0, len(data), 16 * 1024), 40):
+            reader.read(offset, 16 * 1024)
+        assert reader.cache.stats.prefetched_chunks <= 8, "random reads get (almost) no read-ahead"
+
+
+def test_many_threads_read_correctly_and_each_chunk_is_fetched_once() -> None:
+    disk = _disk(2 * 1024 * 1024, 4)
+    repo, snap = _backed_up(disk)
+    data = bytes(disk.data)
+    calls: dict[bytes, int] = {}
+    lock = threading.Lock()
+    real_open = repo.open_located
+
+    # every chunk read (alone, or in a run of its pack) is opened through open_located
+    def slow_open(blob_type: object, blob_id: bytes, loc: object, sealed: object) -> bytes:
+        if getattr(blob_type, "name", "") == "DATA":  # index blocks are the resolvers' own business
+            with lock:
+                calls[blob_id] = calls.get(blob_id, 0) + 1
+            time.sleep(0.002)
+        return real_open(blob_type, blob_id, loc, sealed)  # type: ignore[arg-type]
+
+    repo.open_located = slow_open  # type: ignore[method-assign]
+    cache = ChunkCache(max_bytes=64 << 20)
+    readers = [DiskReader(repo, snap, "vda", cache=cache) for _ in range(2)]
+    errors: list[str] = []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        reader = readers[seed % 2]
+        for _ in range(60):
+            offset, length = rng.randrange(len(data)), rng.randrange(1, 3 * CS)
+            if reader.read(offset, length) != data[offset : offset + length]:
+                errors.append(f"{seed}: {offset} {length}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert calls and all(n == 1 for n in calls.values()), "one fetch per chunk however many threads ask"
+    cache.close()
+
+
+def test_memory_is_bounded_by_the_cache_not_the_disk() -> None:
+    size = 48 * 1024 * 1024
+    disk = MemoryDisk(bytearray(os.urandom(size)))
+    repo, snap = _backed_up(disk)
+    del disk
+    cache = ChunkCache(max_bytes=8 * CS)
+    with DiskReader(repo, snap, "vda", cache=cache, readahead=8) as reader:
+        tracemalloc.start()
+        try:
+            for offset in range(0, size, 256 * 1024):
+                reader.read(offset, 256 * 1024)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    cache.close()
+    # cache (8 chunks) + read-ahead in flight (2*2+8 chunks) + one read and its copy, with slack
+    assert peak < 8 * CS + 12 * CS + 4 * 256 * 1024 + (2 << 20), peak
