@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email
 import email.message
 import email.policy
 import http.server
 import json
+import os
 import socket
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,22 @@ def make_config(tmp_path: Path, body: str, *, concurrency: int = 1, max_jobs: in
     path = tmp_path / "vmvault.toml"
     path.write_text(text)
     return load_config(path)
+
+
+@contextlib.contextmanager
+def host_zone(name: str) -> Iterator[None]:
+    """The host's local time zone (``TZ``) set to ``name`` for the block."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = name
+    time.tzset()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
 
 
 class RecordingNotifier(Notifier):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import random
@@ -9,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.automation.conftest import make_config
+from tests.automation.conftest import host_zone, make_config
+from vmvault.automation.history import History
 from vmvault.backends.local import LocalBackend
 from vmvault.cli import main
 from vmvault.repo.repository import Repository
@@ -157,3 +160,48 @@ def test_daemon_stops_cleanly_on_sigterm(setup: tuple[Path, Path]) -> None:
             proc.wait()
     assert proc.returncode == 0, rest
     assert "SIGTERM received" in rest and "stopped" in rest
+    # a first start alerts for nothing: no job has been due yet (max_age 26h, never backed up)
+    assert "ALERT" not in "".join(lines) + rest
+    assert any("job web01: next run " in x and x.rstrip().endswith(":30 UTC") for x in lines), lines
+
+
+@pytest.fixture
+def host_in_new_york() -> Iterator[None]:
+    with host_zone("America/New_York"):
+        yield
+
+
+def test_jobs_and_history_read_one_clock_with_its_name(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str], host_in_new_york: None
+) -> None:
+    """`jobs` printed the schedule in the configured zone beside "next run" in host time."""
+    config, _vm = setup
+    config.write_text(config.read_text().replace('timezone = "UTC"', 'timezone = "Europe/Berlin"'))
+    history = History(str(config.parent / "history.sqlite"))
+    start = dt.datetime(2026, 11, 25, 0, 30, tzinfo=dt.UTC)
+    quick = history.start("web01", "backup", start)
+    history.finish(quick, start + dt.timedelta(seconds=0.23), "success", snapshot="ab" * 32, bytes_=4096)
+    slow = history.start("verify", "verify", start + dt.timedelta(hours=2))
+    history.finish(slow, start + dt.timedelta(hours=2, seconds=93784), "warning")
+    assert main(["jobs", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0] == "daemon: not running (no daemon has run with this history)"
+    assert lines[1] == "schedules and times: Europe/Berlin"
+    web01 = next(line for line in lines if line.startswith("web01 "))
+    # 01:30 in Berlin is the schedule "30 1 * * *": the same clock, named
+    assert " 01:30 CET " in web01 and "2026-11-25 01:30 CET" in web01 and " 0.23s " in web01
+    assert "EST" not in text and "EDT" not in text
+    assert main(["history", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("times: Europe/Berlin\n")
+    assert "2026-11-25 01:30:00 CET  0.23s" in text and "2026-11-25 03:30:00 CET  1d 2h 3m 4s" in text
+    assert "EST" not in text
+    code, doc = run_json(capsys, "history", "--config", str(config))
+    assert code == 0 and isinstance(doc, dict) and doc["runs"][1]["seconds"] == 0.23
+    assert doc["runs"][1]["start"] == "2026-11-25T00:30:00+00:00"
+    code, doc = run_json(capsys, "jobs", "--config", str(config))
+    assert code == 0 and isinstance(doc, dict) and doc["timezone"] == "Europe/Berlin"
+    assert doc["daemon"]["running"] is False
+    web = next(j for j in doc["jobs"] if j["job"] == "web01")
+    assert web["next_run"].endswith(":30:00+00:00")  # JSON: ISO 8601 with offset

@@ -126,5 +126,9 @@ def test_durations() -> None:
     assert parse_duration("90s") == 90
     assert parse_duration("1d12h") == 36 * 3600
     assert parse_duration("2w") == 14 * 86400
-    with pytest.raises(ValueError):
+    assert parse_duration("1.5H") == parse_duration(" 1h 30m ") == 5400
+    with pytest.raises(ValueError, match=r"has no unit: write e\.g\. 12h, 12m or 12s"):
         parse_duration("12")
+    for bad in ("", "h", "5x", "5h3", "-5m", "1e3s"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)

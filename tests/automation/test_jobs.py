@@ -14,7 +14,7 @@ from tests.automation.conftest import MailSink, RecordingNotifier, WebhookSink, 
 from vmvault.automation.config import AutomationConfig
 from vmvault.automation.history import FAILED, SUCCESS, History
 from vmvault.automation.notify import Notifier
-from vmvault.automation.runner import execute_job
+from vmvault.automation.runner import JobOutcome, execute_job
 from vmvault.automation.scheduler import FakeClock, Scheduler
 from vmvault.backends.local import LocalBackend
 from vmvault.repo.repository import Repository
@@ -43,7 +43,8 @@ def snapshot_ids(tmp_path: Path) -> set[str]:
     return set(Repository.open(LocalBackend(str(tmp_path / "repo")), b"repo pass").snapshot_ids())
 
 
-def backup_config(tmp_path: Path, vm: Path, notify: str = "") -> AutomationConfig:
+def backup_config(tmp_path: Path, vm: Path, extra: str = "") -> AutomationConfig:
+    """web01 backed up nightly into r, with retention; ``extra``: more tables (notifiers, jobs)."""
     return make_config(
         tmp_path,
         f"""
@@ -60,7 +61,7 @@ def backup_config(tmp_path: Path, vm: Path, notify: str = "") -> AutomationConfi
         [jobs.web01.retention]
         keep_last = 1
         min_good = 2
-        {notify}
+        {extra}
         """,
     )
 
@@ -140,7 +141,9 @@ def test_failed_backup_is_failed_with_its_cause_and_forget_is_skipped(
     sched.check_alerts(clock.now())
     sched.check_alerts(clock.now())
     alerts = [d for _h, d in hook.posts if d["kind"] == "alert"]
-    assert len(alerts) == 1 and str(vm) in alerts[0]["message"] and "more than the allowed" in alerts[0]["message"]
+    assert (
+        len(alerts) == 1 and str(vm) in alerts[0]["message"] and "more than the allowed 1d 2h" in alerts[0]["message"]
+    )
     assert len(mail.messages) == 2 and mail.messages[1]["Subject"].startswith("[vmvault] ALERT: web01")
 
     # the VM is back: success, and the alert clears
@@ -180,14 +183,56 @@ def test_a_notification_that_cannot_be_delivered_does_not_change_the_status(
     assert len(hook.posts) == 1  # it was tried; the 500 is logged, nothing else happens
 
 
-def test_never_backed_up_is_an_alert(tmp_path: Path, repo: Repository, vm: Path) -> None:
-    config = backup_config(tmp_path, vm)
+def test_never_backed_up_alerts_only_once_max_age_has_passed_since_it_was_first_due(
+    tmp_path: Path, repo: Repository, vm: Path
+) -> None:
+    """A first start alerted "no successful backup on record" for every job at once."""
+    config = backup_config(tmp_path, vm)  # schedule 01:00 daily, max_age 26h
     rec = RecordingNotifier()
-    sched = Scheduler(config, clock=FakeClock(NOW), notifiers=[rec])
+    clock = FakeClock(NOW)  # 10:00: first due tomorrow 01:00
+    sched = Scheduler(config, clock=clock, notifiers=[rec], execute=lambda c, j: JobOutcome(FAILED, error="down"))
+    clock.busy = lambda: bool(sched.running)
     sched.start()
     sched.tick()  # the first tick checks ages
-    assert [(s.kind, s.job) for s in rec.sent] == [("alert", "web01")]
-    assert "no successful backup on record" in rec.sent[0].message
+    assert rec.sent == []
+
+    def at(day: int, hh: int, mm: int = 0, ss: int = 0) -> None:
+        clock.advance(to=dt.datetime(2026, 11, day, hh, mm, ss, tzinfo=dt.UTC))
+        sched.tick()
+        sched.wait_idle(30)
+        sched.check_alerts(clock.now())
+
+    at(26, 1)  # the first run fails: a failure, not yet an RPO alert
+    at(27, 1)  # so does the second
+    at(27, 3)  # exactly 26 h since it was first due: still within
+    assert [(s.kind, s.status, s.alerts) for s in rec.sent] == [("run", FAILED, []), ("run", FAILED, [])]
+    at(27, 3, 0, 1)
+    assert [(s.kind, s.job) for s in rec.sent[2:]] == [("alert", "web01")]
+    assert rec.sent[2].message == (
+        f"{vm} has no successful backup on record: it was first due 2026-11-26 01:00:00 UTC, 1d 2h 1s ago, "
+        "more than the allowed 1d 2h (max_age of job web01)"
+    )
+    assert rec.sent[2].alerts[0]["counted_from"] == "2026-11-26T01:00:00+00:00"
+    sched.close()
+
+    # a daemon that starts again does not alert for it again, nor for a new job
+    config = backup_config(
+        tmp_path,
+        vm,
+        f"""
+        [jobs.db01]
+        type = "backup"
+        source = "{vm}"
+        repository = "r"
+        schedule = "0 4 * * *"
+        max_age = "1h"
+        """,
+    )
+    sched = Scheduler(config, clock=clock, notifiers=[rec], execute=lambda c, j: JobOutcome(FAILED, error="down"))
+    sched.start()
+    sched.check_alerts(clock.now())
+    assert len(rec.sent) == 3
+    sched.close()
 
 
 def test_a_successful_run_older_than_max_age_alerts_with_its_age(tmp_path: Path, repo: Repository, vm: Path) -> None:
@@ -196,12 +241,16 @@ def test_a_successful_run_older_than_max_age_alerts_with_its_age(tmp_path: Path,
     config = backup_config(tmp_path, vm)
     history = History(config.daemon.history)
     run_id = history.start("web01", "backup", NOW - dt.timedelta(hours=30))
-    history.finish(run_id, NOW - dt.timedelta(hours=29), SUCCESS, snapshot="ab" * 32)
+    history.finish(run_id, NOW - dt.timedelta(hours=29, seconds=5), SUCCESS, snapshot="ab" * 32)
     failed = history.start("web01", "backup", NOW - dt.timedelta(hours=2))
     history.finish(failed, NOW - dt.timedelta(hours=2), FAILED, error="storage full")
     alerts = max_age_alerts(config, history, NOW)
-    assert len(alerts) == 1 and "29.0 hours ago" in alerts[0].message
-    assert alerts[0].last_success == NOW - dt.timedelta(hours=29)
+    assert len(alerts) == 1
+    assert alerts[0].message == (
+        f"{vm} was last backed up successfully 2026-11-24 04:59:55 UTC, 1d 5h 5s ago, "
+        "more than the allowed 1d 2h (max_age of job web01)"
+    )
+    assert alerts[0].last_success == NOW - dt.timedelta(hours=29, seconds=5)
     assert max_age_alerts(config, history, NOW - dt.timedelta(hours=5)) == []
 
 

@@ -252,10 +252,19 @@ def test_an_executor_that_raises_is_a_failed_run_and_the_daemon_survives(tmp_pat
 
 
 def test_runs_left_running_by_a_dead_daemon_are_marked_interrupted(tmp_path: Path) -> None:
-    config = make_config(tmp_path, verify_job("j", "0 1 * * *"))
+    """Each ends at its last heartbeat: "took 0s" (or "until the next start") was wrong."""
+    config = make_config(tmp_path, verify_job("j", "0 1 * * *") + verify_job("k", "0 1 * * *"))
     history = History(config.daemon.history)
-    history.start("j", "verify", T0 - dt.timedelta(hours=1))
+    beating = history.start("j", "verify", T0 - dt.timedelta(hours=1))
+    history.heartbeat(beating, T0 - dt.timedelta(minutes=47, seconds=30))
+    history.start("k", "verify", T0 - dt.timedelta(hours=1))  # died before its first heartbeat
     sched = Scheduler(config, clock=FakeClock(T0), history=history, notifiers=[])
     sched.start()
-    run = history.runs()[0]
-    assert run.status == "interrupted" and run.end == T0 and run.error is not None
+    j, k = history.last("j"), history.last("k")
+    assert j is not None and k is not None
+    assert j.status == k.status == "interrupted"
+    assert j.end == T0 - dt.timedelta(minutes=47, seconds=30) and j.seconds == 750
+    assert j.error is not None and "seen running for 12m 30s, until its last heartbeat" in j.error
+    assert k.end == k.start and k.error is not None and "before its first heartbeat" in k.error
+    assert j.details["interrupted"]["noticed"] == T0.isoformat()
+    sched.close()

@@ -20,7 +20,10 @@ from typing import Any
 
 from vmvault.automation.cron import CronExpr, parse_cron
 from vmvault.errors import ConfigError
+from vmvault.hypervisors.base import DEFAULT_OPTIONS, TRACKING_SAMPLE, BackupOptions
+from vmvault.hypervisors.registry import check_options, connector_for
 from vmvault.repo.retention import RetentionPolicy
+from vmvault.repo.secret import given_secret
 
 __all__ = [
     "AutomationConfig",
@@ -32,12 +35,19 @@ __all__ = [
     "RepositoryConfig",
     "SourceConfig",
     "TimeWindow",
+    "VerifyBootJob",
     "VerifyJob",
+    "WebSettings",
     "load_config",
     "parse_duration",
+    "parse_listen",
+    "web_settings",
 ]
 
-JOB_TYPES = ("backup", "verify", "copy")
+JOB_TYPES = ("backup", "verify", "copy", "verify-boot")
+
+#: how old a missed firing may be and still be caught up, unless a job says otherwise
+DEFAULT_CATCH_UP_WITHIN = 86400.0
 
 
 # ---- values ---------------------------------------------------------------------------------
@@ -48,10 +58,17 @@ _UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
 def parse_duration(text: str) -> float:
-    """``"90s"``, ``"5m"``, ``"26h"``, ``"1d12h"``, ``"2w"`` -> seconds."""
+    """``"90s"``, ``"5m"``, ``"26h"``, ``"1.5h"``, ``"1d12h"``, ``"2w"`` -> seconds.
+
+    The one duration rule, for the configuration and the command line alike (README,
+    "Durations"): numbers each followed by a unit (s, m, h, d, w; any case), summed; spaces
+    are ignored. A bare number is refused: whether "26" means hours, minutes or seconds is
+    exactly the kind of guess a backup schedule must not make. Raises ``ValueError``."""
     t = text.strip().lower().replace(" ", "")
     if not t:
         raise ValueError("empty duration")
+    if re.fullmatch(r"\d+(?:\.\d+)?", t):
+        raise ValueError(f"{text!r} has no unit: write e.g. {t}h, {t}m or {t}s")
     pos, total = 0, 0.0
     for m in _DURATION.finditer(t):
         if m.start() != pos:
@@ -61,6 +78,10 @@ def parse_duration(text: str) -> float:
     if pos != len(t):
         raise ValueError(f"{text!r} is not a duration (use e.g. 90s, 5m, 26h, 1d12h, 2w)")
     return total
+
+
+#: the longest duration a setting may have
+_CENTURY = 100 * 366 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -123,34 +144,23 @@ class RepositoryConfig:
 
     def secret(self) -> bytes | None:
         """The passphrase or key-file secret; None when none is configured (unencrypted)."""
-        if self.key_file:
-            return _read_secret_file(self.key_file, "key file", strip=True)
-        if self.password_file:
-            return _read_secret_file(self.password_file, "password file", strip=False)
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if not value:
-                raise ConfigError(f"repository {self.name}: environment variable {self.password_env} is not set")
-            return value.encode()
-        return None
-
-
-def _read_secret_file(path: str, what: str, *, strip: bool) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
-    secret = raw.strip() if strip else raw.rstrip(b"\r\n")
-    if not secret:
-        raise ConfigError(f"{what} {path} is empty")
-    return secret
+        given = given_secret(
+            key_file=self.key_file,
+            password_file=self.password_file,
+            env=self.password_env,
+            label=f"repository {self.name}: ",
+        )
+        if given is None and self.password_env:
+            raise ConfigError(f"repository {self.name}: environment variable {self.password_env} is not set")
+        return given.value if given is not None else None
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     name: str
     location: str  # anything ``vmvault backup`` accepts
+    #: how to back it up: the keys named like ``BackupOptions``' fields (``vmvault backup`` flags)
+    options: BackupOptions = DEFAULT_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,10 @@ class Job:
     retry_delay: float  # seconds before the first retry; doubles each time
     repositories: tuple[str, ...]  # every repository the job uses (for per-repository limits)
     notify: tuple[str, ...]  # notifier names; empty = all
+    #: run a firing missed while no daemon ran, once, when the daemon starts again
+    catch_up: bool = False
+    #: ... if it was due at most this long ago (seconds)
+    catch_up_within: float = DEFAULT_CATCH_UP_WITHIN
 
 
 @dataclass(frozen=True)
@@ -181,6 +195,8 @@ class BackupJob(Job):
     retention: Retention | None = None
     #: alert when the source has had no successful backup for longer than this (seconds)
     max_age: float | None = None
+    #: as in ``SourceConfig``; for a named source, added to its options (``BackupOptions.merged``)
+    options: BackupOptions = DEFAULT_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -188,6 +204,25 @@ class VerifyJob(Job):
     repository: str = ""
     read_data: bool = False
     subset: float | None = None
+
+
+@dataclass(frozen=True)
+class VerifyBootJob(Job):
+    """Boot the latest snapshot of ``source`` from ``repository`` in an isolated VM
+    (``vmvault verify-boot``); docs/automation.md, "Boot verification jobs"."""
+
+    repository: str = ""
+    source: str = ""
+    timeout: float = 600.0
+    marker: str | None = None
+    #: None: the command's default (the agent, the marker when given, ...)
+    heartbeats: tuple[str, ...] | None = None
+    network: str = "none"
+    accel: str = "auto"
+    #: where screenshots are kept (absolute)
+    screenshots: str = ""
+    #: alert when the last successful boot verification is older than this (seconds)
+    max_age: float | None = None
 
 
 @dataclass(frozen=True)
@@ -225,9 +260,48 @@ class DaemonSettings:
     timezone: str | None = None  # None = the host's local time
     #: how often the daemon re-checks backup ages for alerts (seconds)
     alert_interval: float = 3600.0
+    #: how often the daemon writes its status record into its repositories (seconds; 0: only
+    #: at start and after each run)
+    status_interval: float = 600.0
 
     def tz(self) -> dt.tzinfo | None:
         return zoneinfo.ZoneInfo(self.timezone) if self.timezone else None
+
+
+#: the dashboard's default address: loopback only, so no TLS is needed (docs/web.md)
+DEFAULT_LISTEN = "127.0.0.1:8620"
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """The ``[web]`` section: the dashboard served by ``vmvault web`` and ``vmvault daemon``
+    (docs/web.md). Paths are absolute (relative ones are taken from the configuration's
+    folder)."""
+
+    listen: str = DEFAULT_LISTEN
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    users: str = ""
+    #: a session ends after this long without a request, and after ``session_max`` in any case
+    session_idle: float = 1800.0
+    session_max: float = 43200.0
+    #: failed logins (per user name and per client address) before a lockout of ``lockout``
+    login_attempts: int = 5
+    lockout: float = 900.0
+    #: folders operators may restore into, by name (nothing else can be a target)
+    restore_targets: tuple[tuple[str, str], ...] = ()
+    #: what the Audit page inspects: VM folders, folders of VMs, hyperv://HOST
+    audit: tuple[str, ...] = ()
+    #: a VM whose repository had no successful verification for this long is amber
+    verify_max_age: float = 8 * 86400.0
+    #: the RPO of VMs that no job of this host gives a max_age
+    max_age: float = 26 * 3600.0
+    #: a VM whose repository keeps nothing immutable is amber (else it is only shown)
+    require_immutable: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass
@@ -238,6 +312,8 @@ class AutomationConfig:
     sources: dict[str, SourceConfig] = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)
     notifiers: dict[str, NotifierConfig] = field(default_factory=dict)
+    #: None when the configuration has no ``[web]`` section
+    web: WebSettings | None = None
 
     def job(self, name: str) -> Job:
         try:
@@ -250,6 +326,11 @@ class AutomationConfig:
     def source_location(self, name: str) -> str:
         src = self.sources.get(name)
         return src.location if src is not None else name
+
+    def source_options(self, job: BackupJob) -> BackupOptions:
+        """The options a backup job backs its source up with: the source's, then the job's."""
+        src = self.sources.get(job.source)
+        return src.options.merged(job.options) if src is not None else job.options
 
 
 # ---- locating keys --------------------------------------------------------------------------
@@ -330,13 +411,21 @@ class _Table:
             raise self.error(key, f"{self.where}.{key} must be {what}, not {value!r}")
         return value
 
-    def text(self, key: str, default: str | None = None, *, required: bool = False) -> Any:
-        return self._get(key, (str,), "a string", default, required)
+    def text(self, key: str, default: str | None = None, *, required: bool = False, blank: bool = False) -> Any:
+        """A string; one given empty or blank is an error (as on the command line: an unset
+        variable in a generated configuration must not mean "the current folder" or "none")
+        unless ``blank``."""
+        value = self._get(key, (str,), "a string", default, required)
+        if key in self.data and not blank and not value.strip():
+            raise self.error(key, f"{self.where}.{key} is empty")
+        return value
 
-    def integer(self, key: str, default: int = 0, *, minimum: int | None = 0) -> int:
+    def integer(self, key: str, default: int = 0, *, minimum: int | None = 0, maximum: int = 10**9) -> int:
         value: int = self._get(key, (int,), "a whole number", default, False)
         if minimum is not None and value < minimum:
             raise self.error(key, f"{self.where}.{key} must be at least {minimum}, not {value}")
+        if value > maximum:
+            raise self.error(key, f"{self.where}.{key} must be at most {maximum}, not {value}")
         return value
 
     def flag(self, key: str, default: bool = False) -> bool:
@@ -349,18 +438,25 @@ class _Table:
             value = [value]
         if not all(isinstance(v, str) for v in value):
             raise self.error(key, f"{self.where}.{key} must be a list of strings")
+        if not all(v.strip() for v in value):
+            raise self.error(key, f"{self.where}.{key} holds an empty string")
         return tuple(value)
 
-    def duration(self, key: str, default: float | None = None) -> float | None:
+    def duration(self, key: str, default: float | None = None, *, minimum: float = 0.0) -> float | None:
+        """Seconds, from ``minimum`` to a century."""
         value = self._get(key, (str, int), "a duration such as 26h or 90m (or seconds)", None, False)
         if value is None:
             return default
         if isinstance(value, int):
-            return float(value)
-        try:
-            return parse_duration(value)
-        except ValueError as exc:
-            raise self.error(key, f"{self.where}.{key}: {exc}") from None
+            seconds = float(value)
+        else:
+            try:
+                seconds = parse_duration(value)
+            except ValueError as exc:
+                raise self.error(key, f"{self.where}.{key}: {exc}") from None
+        if not minimum <= seconds <= _CENTURY:
+            raise self.error(key, f"{self.where}.{key} must be from {minimum:g} s to 100 years, not {value!r}")
+        return seconds
 
     def table(self, key: str) -> _Table | None:
         self.used.add(key)
@@ -418,7 +514,7 @@ def load_config(path: str | os.PathLike[str]) -> AutomationConfig:
             location = t.text("location", required=True)
             if not location:
                 raise t.error("location", f"sources.{name}.location is empty")
-            cfg.sources[name] = SourceConfig(name, location)
+            cfg.sources[name] = SourceConfig(name, location, _backup_options(t, location, "location"))
             t.finish()
     notifiers = root.table("notifications")
     if notifiers is not None:
@@ -428,17 +524,71 @@ def load_config(path: str | os.PathLike[str]) -> AutomationConfig:
     if jobs is not None:
         for name, t in jobs.items():
             cfg.jobs[name] = _job(name, t, cfg)
+    web = root.table("web")
+    if web is not None:
+        cfg.web = _web(web, p)
     root.finish()
-    if not cfg.jobs:
+    if not cfg.jobs and cfg.web is None:
+        # a configuration with a [web] section and no jobs is a dashboard of its repositories
         raise ConfigError("no jobs are configured (add a [jobs.NAME] table)", path=p)
     return cfg
+
+
+#: the daemon's keys for ``BackupOptions`` (``full`` is left out: scheduled backups use change tracking)
+_OPTION_KEYS = (
+    "allow_crash_consistent",
+    "exclude",
+    "scratch_dir",
+    "allow_parent_dirs",
+    "follow_links",
+    "tracking_sample",
+)
+
+
+def _backup_options(
+    t: _Table, location: str, location_key: str, base: BackupOptions = DEFAULT_OPTIONS
+) -> BackupOptions:
+    """The ``BackupOptions`` keys of a ``[sources.NAME]`` or backup ``[jobs.NAME]`` table.
+
+    Checked added to ``base`` (a job's named source's options), so that a job cannot add what
+    the connector of ``location`` refuses; an unknown kind of location is an error here, not
+    at the first run.
+    """
+    try:
+        connector = connector_for(location)
+    except ConfigError as exc:
+        raise t.error(location_key, f"{t.where}.{location_key}: {exc}") from None
+    dirs = t.strs("allow_parent_dirs")
+    for d in dirs:
+        if not os.path.isabs(d):
+            raise t.error("allow_parent_dirs", f"{t.where}.allow_parent_dirs: {d!r} is not an absolute path")
+    scratch = t.text("scratch_dir")
+    if scratch is not None and not os.path.isabs(scratch):
+        raise t.error("scratch_dir", f"{t.where}.scratch_dir: {scratch!r} is not an absolute path")
+    try:
+        own = BackupOptions(
+            allow_crash_consistent=t.flag("allow_crash_consistent"),
+            exclude=t.strs("exclude"),
+            scratch_dir=scratch,
+            allow_parent_dirs=dirs,
+            follow_links=t.flag("follow_links"),
+            tracking_sample=t.integer("tracking_sample", TRACKING_SAMPLE, maximum=1 << 20),
+        )
+    except ConfigError as exc:
+        raise t.error("exclude", f"{t.where}: {exc}") from None
+    try:
+        check_options(connector, base.merged(own), location)
+    except ConfigError as exc:
+        wrong = next((k for k in _OPTION_KEYS if k in t.data), None)
+        raise t.error(wrong, f"{t.where}: {exc}") from None
+    return own
 
 
 def _daemon(t: _Table | None, path: str) -> DaemonSettings:
     default_history = str(Path(path).resolve().with_name(Path(path).stem + "-history.sqlite"))
     if t is None:
         return DaemonSettings(history=default_history)
-    concurrency = t.integer("concurrency", 1, minimum=1)
+    concurrency = t.integer("concurrency", 1, minimum=1, maximum=256)
     history = t.text("history", default_history)
     tz = t.text("timezone")
     if tz is not None:
@@ -446,10 +596,79 @@ def _daemon(t: _Table | None, path: str) -> DaemonSettings:
             zoneinfo.ZoneInfo(tz)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise t.error("timezone", f"unknown time zone {tz!r} (use an IANA name such as Europe/Berlin)") from None
-    alert_interval = t.duration("alert_interval", 3600.0)
+    # at least a minute: an interval of 0 would make the daemon check ages in a busy loop
+    alert_interval = t.duration("alert_interval", 3600.0, minimum=60.0)
+    status_interval = t.duration("status_interval", 600.0)
+    if status_interval and status_interval < 60:
+        raise t.error("status_interval", "daemon.status_interval must be 0 (off) or at least 60 s")
     t.finish()
-    assert alert_interval is not None
-    return DaemonSettings(concurrency=concurrency, history=history, timezone=tz, alert_interval=alert_interval)
+    assert alert_interval is not None and status_interval is not None
+    return DaemonSettings(
+        concurrency=concurrency, history=history, timezone=tz, alert_interval=alert_interval,
+        status_interval=status_interval,
+    )  # fmt: skip
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port); ValueError when malformed."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8620 or [::1]:8620)")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (1-65535)")
+    return host, port
+
+
+def web_settings(config: AutomationConfig) -> WebSettings:
+    """The ``[web]`` section, or its defaults for a configuration without one."""
+    if config.web is not None:
+        return config.web
+    return WebSettings(users=str(Path(config.path).resolve().with_name(Path(config.path).stem + "-users.json")))
+
+
+def _web(t: _Table, path: str) -> WebSettings:
+    base = Path(path).resolve().parent
+
+    def file(key: str) -> str | None:
+        value = t.text(key)
+        return None if value is None else str(base / value)
+
+    listen = t.text("listen", DEFAULT_LISTEN)
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        raise t.error("listen", f"web.listen: {exc}") from None
+    tls_cert, tls_key = file("tls_cert"), file("tls_key")
+    if (tls_cert is None) != (tls_key is None):
+        raise t.error("tls_cert" if tls_cert else "tls_key", "web: give both tls_cert and tls_key, or neither")
+    users = file("users") or str(Path(path).resolve().with_name(Path(path).stem + "-users.json"))
+    session_idle = t.duration("session_idle", 1800.0, minimum=60.0)
+    session_max = t.duration("session_max", 43200.0, minimum=60.0)
+    attempts = t.integer("login_attempts", 5, minimum=1, maximum=1000)
+    lockout = t.duration("lockout", 900.0, minimum=1.0)
+    targets: list[tuple[str, str]] = []
+    targets_t = t.table("restore_targets")
+    if targets_t is not None:
+        for name in list(targets_t.data):
+            folder = targets_t.text(name, required=True)
+            if not os.path.isabs(folder):
+                raise targets_t.error(name, f"web.restore_targets.{name} must be an absolute folder")
+            targets.append((name, os.path.normpath(folder)))
+        targets_t.finish()
+    audit = t.strs("audit")
+    verify_max_age = t.duration("verify_max_age", 8 * 86400.0, minimum=60.0)
+    max_age = t.duration("max_age", 26 * 3600.0, minimum=60.0)
+    require_immutable = t.flag("require_immutable", False)
+    t.finish()
+    assert None not in (session_idle, session_max, lockout, verify_max_age, max_age)
+    return WebSettings(
+        listen=listen, tls_cert=tls_cert, tls_key=tls_key, users=users,
+        session_idle=session_idle or 1800.0, session_max=session_max or 43200.0, login_attempts=attempts,
+        lockout=lockout or 900.0, restore_targets=tuple(targets), audit=audit,
+        verify_max_age=verify_max_age or 0.0, max_age=max_age or 0.0, require_immutable=require_immutable,
+    )  # fmt: skip
 
 
 def _repository(name: str, t: _Table) -> RepositoryConfig:
@@ -472,14 +691,15 @@ def _notifier(name: str, t: _Table) -> NotifierConfig:
     on = t.text("on", "failure")
     if on not in ("always", "failure"):
         raise t.error("on", f'notifications.{name}.on must be "always" or "failure", not {on!r}')
-    timeout = t.duration("timeout", 10.0)
+    timeout = t.duration("timeout", 10.0, minimum=1.0)
     assert timeout is not None
     if kind == "smtp":
         host = t.text("host", required=True)
         security = t.text("security", "none")
         if security not in ("none", "starttls", "ssl"):
             raise t.error("security", f"notifications.{name}.security must be none, starttls or ssl")
-        port = t.integer("port", 465 if security == "ssl" else 587 if security == "starttls" else 25, minimum=1)
+        default_port = 465 if security == "ssl" else 587 if security == "starttls" else 25
+        port = t.integer("port", default_port, minimum=1, maximum=65535)
         sender = t.text("from", required=True)
         recipients = t.strs("to")
         if not recipients:
@@ -501,7 +721,7 @@ def _notifier(name: str, t: _Table) -> NotifierConfig:
         headers: list[tuple[str, str]] = []
         if headers_t is not None:
             for hk in list(headers_t.data):
-                headers.append((hk, headers_t.text(hk, required=True)))
+                headers.append((hk, headers_t.text(hk, required=True, blank=True)))
             headers_t.finish()
         t.finish()
         return NotifierConfig(name, kind, on, url=url, headers=tuple(headers), timeout=timeout)
@@ -527,6 +747,8 @@ def _retention(t: _Table) -> Retention:
         for unit in ("last", "hourly", "daily", "weekly", "monthly", "yearly")
     }
     keep_tags = t.strs("keep_tags")
+    if any(not tag.strip() for spec in keep_tags for tag in spec.split(",")):
+        raise t.error("keep_tags", f"{t.where}.keep_tags holds an empty tag (tags are separated by commas)")
     min_good = t.integer("min_good", 1, minimum=1)
     prune = t.flag("prune", False)
     t.finish()
@@ -557,9 +779,17 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
             window = parse_window(window_text)
         except ValueError as exc:
             raise t.error("window", f"jobs.{name}.window: {exc}") from None
-    retries = t.integer("retries", 0)
+    retries = t.integer("retries", 0, maximum=100)
     retry_delay = t.duration("retry_delay", 300.0)
     assert retry_delay is not None
+    # a backup missed while the daemon was down is owed (its RPO is running); a verify or a
+    # copy can wait for its next firing unless asked
+    catch_up = t.flag("catch_up", kind == "backup")
+    if "catch_up" in t.data and catch_up and schedule is None:
+        raise t.error("catch_up", f"jobs.{name}.catch_up needs a schedule (a job without one misses nothing)")
+    catch_up_within = t.duration("catch_up_within", None, minimum=60.0)
+    if catch_up_within is not None and not catch_up:
+        raise t.error("catch_up_within", f"jobs.{name}: catch_up_within is given but catch_up is false")
     notify = t.strs("notify")
     for n in notify:
         if n not in cfg.notifiers:
@@ -572,8 +802,9 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
         return str(ref)
 
     common: dict[str, Any] = dict(
-        name=name, type=kind, schedule=schedule, window=window, retries=retries, retry_delay=retry_delay, notify=notify
-    )
+        name=name, type=kind, schedule=schedule, window=window, retries=retries, retry_delay=retry_delay, notify=notify,
+        catch_up=catch_up and schedule is not None, catch_up_within=catch_up_within or DEFAULT_CATCH_UP_WITHIN,
+    )  # fmt: skip
     job: Job
     if kind == "backup":
         source = t.text("source", required=True)
@@ -587,9 +818,12 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
         max_age = t.duration("max_age")
         ret_t = t.table("retention")
         retention = _retention(ret_t) if ret_t is not None else None
+        named = cfg.sources.get(source)
+        base = named.options if named is not None else DEFAULT_OPTIONS
+        options = _backup_options(t, cfg.source_location(source), "source", base)
         job = BackupJob(
             **common, repositories=(repository,), source=source, repository=repository, tags=tags,
-            retention=retention, max_age=max_age,
+            retention=retention, max_age=max_age, options=options,
         )  # fmt: skip
     elif kind == "verify":
         repository = repo("repository")
@@ -598,6 +832,8 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
         if subset is not None and not read_data:
             raise t.error("read_data", f"jobs.{name}: subset reads data; read_data = false contradicts it")
         job = VerifyJob(**common, repositories=(repository,), repository=repository, read_data=read_data, subset=subset)
+    elif kind == "verify-boot":
+        job = _verify_boot_job(name, t, cfg, common, repo("repository"))
     else:
         src = repo("from")
         dst = repo("to")
@@ -612,6 +848,45 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
         )  # fmt: skip
     t.finish()
     return job
+
+
+#: the heartbeats a boot verification job may name (engine/verify_boot.py, HEARTBEATS)
+_HEARTBEATS = ("agent", "marker", "screen")
+
+
+def _verify_boot_job(name: str, t: _Table, cfg: AutomationConfig, common: dict[str, Any], repository: str) -> Job:
+    source = t.text("source", required=True)
+    if source not in cfg.sources and "://" not in source and not os.path.isabs(source):
+        raise t.error(
+            "source", f"jobs.{name}.source names {source!r}, which is not in [sources] (nor an absolute path or URL)"
+        )
+    timeout = t.duration("timeout", 600.0, minimum=1.0)
+    assert timeout is not None
+    marker = t.text("marker")
+    heartbeats: tuple[str, ...] | None = None
+    if "heartbeats" in t.data:
+        heartbeats = t.strs("heartbeats")
+        unknown = [h for h in heartbeats if h not in _HEARTBEATS]
+        if unknown or not heartbeats:
+            raise t.error(
+                "heartbeats", f"jobs.{name}.heartbeats takes {', '.join(_HEARTBEATS)}, not {unknown or 'nothing'}"
+            )
+        if "marker" in heartbeats and marker is None:
+            raise t.error("heartbeats", f"jobs.{name}: the marker heartbeat needs marker = TEXT")
+    network = t.text("network", "none")
+    if network not in ("none", "restricted"):
+        raise t.error("network", f"jobs.{name}.network must be none or restricted, not {network!r}")
+    accel = t.text("accel", "auto")
+    if accel not in ("auto", "tcg", "kvm"):
+        raise t.error("accel", f"jobs.{name}.accel must be auto, tcg or kvm, not {accel!r}")
+    default_shots = os.path.join(os.path.dirname(cfg.daemon.history) or ".", "screenshots")
+    shots = t.text("screenshots", default_shots)
+    if not os.path.isabs(shots):
+        shots = str(Path(cfg.path).resolve().parent / shots)
+    return VerifyBootJob(
+        **common, repositories=(repository,), repository=repository, source=source, timeout=timeout, marker=marker,
+        heartbeats=heartbeats, network=network, accel=accel, screenshots=shots, max_age=t.duration("max_age"),
+    )  # fmt: skip
 
 
 EXAMPLE = """\

@@ -1,5 +1,11 @@
 """Cron expressions: parse the five classic fields and find the next time one fires.
 
+Why our own and not croniter: croniter (7.x) reads a range with equal ends ("5-5", "3-wed")
+as something other than that one value, and ORs the two day fields for ``*/2`` where
+crontab(5) does not (both found by ``tests/automation/test_cron.py``, which uses croniter as
+the test oracle with those two spellings bridged); ours also refuses an expression that can
+never fire and names the wrong field in a config error. It is 150 lines with no dependency.
+
 Grammar (as in Vixie cron, crontab(5))::
 
     expr   = minute hour day-of-month month day-of-week  |  @hourly @daily @midnight
@@ -93,6 +99,26 @@ class CronExpr:
                             return candidate
             day += dt.timedelta(days=1)
         raise ConfigError(f"cron expression {self.text!r} never fires")  # pragma: no cover - refused at parse
+
+    def last_at_or_before(self, when: dt.datetime, not_before: dt.datetime) -> dt.datetime | None:
+        """The last whole minute at or before ``when`` that matches, if it is not before
+        ``not_before`` (naive wall-clock times); None otherwise. The daemon's catch-up asks
+        this for the firing it missed; it costs a few steps per day between the two."""
+        end = when.replace(second=0, microsecond=0)
+        hours = sorted(self.hours, reverse=True)
+        minutes = sorted(self.minutes, reverse=True)
+        day = end.date()
+        while day >= not_before.date():
+            if self.day_matches(day):
+                for h in hours:
+                    if day == end.date() and h > end.hour:
+                        continue
+                    for m in minutes:
+                        candidate = dt.datetime(day.year, day.month, day.day, h, m)
+                        if candidate <= end:
+                            return candidate if candidate >= not_before else None
+            day -= dt.timedelta(days=1)
+        return None
 
 
 def _value(text: str, name: str, low: int, high: int, names: tuple[str, ...], expr: str) -> int:

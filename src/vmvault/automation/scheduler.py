@@ -17,27 +17,66 @@ Semantics:
 * A firing outside the job's window waits for the window to open (it is not lost).
 * A failed attempt is retried ``retries`` times, after ``retry_delay``, then 2x, 4x ...
   A retry that would start outside the window is abandoned: the run stays failed.
-* Each attempt is a history row; ONE notification is sent per run, after its last attempt.
+* Each attempt is a history row, with a heartbeat every ``HEARTBEAT_SECONDS`` while it runs;
+  ONE notification is sent per run, after its last attempt, listing every attempt. A run
+  that succeeds after failed runs (or while an alert was open) says it recovered.
+* Catch-up: at start, a backup job (or any job with ``catch_up = true``) whose latest
+  firing came while no daemon ran, after the daemon first scheduled it and at most
+  ``catch_up_within`` ago, and that no attempt has covered, runs once (not once per missed
+  firing). A daemon's first start catches nothing up and alerts for nothing.
+* Runs a dead process left ``running`` are marked ``interrupted`` at start, ending at
+  their last heartbeat (``status.settle_interrupted``).
+* One daemon per history file: ``start()`` takes the daemon lock (``locks.py``) and a second
+  daemon stops with ``LockedError``. Each attempt holds its job's lock, shared with
+  ``vmvault run``: a firing whose job is being run by ``vmvault run`` is skipped (logged),
+  as an overlapping firing is.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from vmvault.automation.config import AutomationConfig, Job
-from vmvault.automation.history import FAILED, History
-from vmvault.automation.notify import Notifier, Summary, send_all
+from vmvault.automation.history import FAILED, RUNNING, SUCCESS, WARNING, History, Watch
+from vmvault.automation.locks import StateLock, daemon_lock, job_lock
+from vmvault.automation.notify import Notifier, Summary, attempt_record, send_all
+from vmvault.automation.publish import StatusPublisher
 from vmvault.automation.runner import JobOutcome, execute_job
-from vmvault.automation.status import job_alert, max_age_alerts, next_run, to_local
+from vmvault.automation.status import (
+    from_local,
+    job_alert,
+    max_age_alerts,
+    next_run,
+    recovery,
+    settle_interrupted,
+    to_local,
+)
+from vmvault.automation.times import duration, local_time
+from vmvault.engine.progress import ProgressReporter
+from vmvault.errors import LockedError
 
-__all__ = ["Clock", "FakeClock", "Scheduler", "SystemClock", "run_and_record", "run_summary"]
+__all__ = ["Clock", "FakeClock", "Scheduler", "SystemClock", "conclude_run", "run_and_record"]
 
 log = logging.getLogger("vmvault.automation")
+
+#: a running attempt records a sign of life this often: a run whose process dies is known
+#: to have run until its last one (not "0s", not "until somebody looked")
+HEARTBEAT_SECONDS = 5.0
+#: the daemon's own sign of life, for ``vmvault jobs`` to say when a dead daemon was last seen
+DAEMON_HEARTBEAT_SECONDS = 30.0
+#: how far back the catch-up looks for the latest firing (beyond ``catch_up_within``, to name
+#: one that is too old in the log)
+_CATCH_UP_SEARCH_DAYS = 400
+#: a lock another process may hold for a moment (``vmvault jobs`` looking for dead runs) is
+#: waited for this long before a firing counts as taken
+LOCK_WAIT_SECONDS = 2.0
 
 Executor = Callable[[AutomationConfig, Job], JobOutcome]
 
@@ -96,23 +135,64 @@ class _Attempt:
     attempt: int
     #: the window this run started in closes here; retries must start before it
     window_closes: dt.datetime | None = None
+    #: the run's earlier attempts (``notify.attempt_record``)
+    tries: list[dict[str, Any]] = field(default_factory=list)
+    #: the firing this run catches up (missed while no daemon ran)
+    missed: dt.datetime | None = None
 
 
-def run_summary(job: Job, attempt: int, start: dt.datetime, end: dt.datetime, outcome: JobOutcome) -> Summary:
-    return Summary(
+def conclude_run(
+    config: AutomationConfig,
+    job: Job,
+    history: History,
+    tries: list[dict[str, Any]],
+    outcome: JobOutcome,
+) -> Summary:
+    """The one summary of a run after its last attempt (``tries``: every attempt, first to
+    last), with the job's RPO alert settled in the history: opened (and counted as sent,
+    since it goes out with this summary) or cleared. A run that did its work after failed
+    or interrupted runs, or while an alert was open, carries its ``recovered`` record."""
+    start = dt.datetime.fromisoformat(tries[0]["start"])
+    end = dt.datetime.fromisoformat(tries[-1]["end"])
+    after = "" if len(tries) == 1 else f" (after {len(tries)} attempts)"
+    summary = Summary(
         kind="run",
         job=job.name,
         job_type=job.type,
         status=outcome.status,
-        message=outcome.message or f"{job.type} job {job.name}: {outcome.status}",
-        start=start.isoformat(timespec="seconds"),
-        end=end.isoformat(timespec="seconds"),
-        attempts=attempt,
+        message=(outcome.message or f"{job.type} job {job.name}: {outcome.status}") + after,
+        start=tries[0]["start"],
+        end=tries[-1]["end"],
+        attempts=len(tries),
         snapshot=outcome.snapshot,
         bytes=outcome.bytes,
         error=outcome.error,
         details=outcome.details,
+        runs=list(tries),
+        tz=config.daemon.tz(),
     )
+    alert = job_alert(config, job, history, end)
+    cleared = None
+    if alert is None:
+        cleared = history.close_alert(job.name)
+    else:
+        history.open_alert(job.name, end, alert.message)
+        history.mark_alert_notified(job.name, end)
+        summary.alerts.append(alert.to_dict())
+    if outcome.ok and outcome.status in (SUCCESS, WARNING):
+        recovered = recovery(history, job.name, start, cleared)
+        if recovered is not None:
+            summary.recovered = recovered.to_dict()
+            log.info("job %s: recovered (%d failed attempts before)", job.name, recovered.failed_attempts)
+    return summary
+
+
+def _heartbeat(history: History, run_id: int, clock: Clock, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+            history.heartbeat(run_id, clock.now())
+        except Exception as exc:  # a missed heartbeat only makes an interrupted run look shorter
+            log.warning("run %d: could not record its heartbeat: %s", run_id, exc)
 
 
 def run_and_record(
@@ -123,20 +203,49 @@ def run_and_record(
     *,
     attempt: int = 1,
     execute: Executor | None = None,
+    command: str = "vmvault run",
+    progress: ProgressReporter | None = None,
+    note: dict[str, Any] | None = None,
 ) -> tuple[JobOutcome, dt.datetime, dt.datetime]:
-    """One attempt of ``job``, recorded in the history; returns (outcome, start, end)."""
-    start = clock.now()
-    run_id = history.start(job.name, job.type, start, attempt=attempt)
-    log.info("job %s: attempt %d started", job.name, attempt)
+    """One attempt of ``job``, recorded in the history; returns (outcome, start, end).
+
+    Holds the job's lock throughout: raises ``LockedError`` (and records nothing) when the
+    job is running in another process, the daemon or another ``vmvault run``. ``progress``
+    hears the job's phases (``execute_job`` only; a test's ``execute`` reports its own). The
+    row gets a heartbeat every ``HEARTBEAT_SECONDS`` while the job runs; ``note`` is added to
+    the run's details (a catch-up says which firing it makes up for)."""
+    lock = job_lock(history.path, job.name).acquire(wait=LOCK_WAIT_SECONDS, command=command, config=config.path)
     try:
-        outcome = (execute or execute_job)(config, job)
-    except Exception as exc:  # an executor that raises is still a failed run
-        outcome = JobOutcome(status=FAILED, error=f"{type(exc).__name__}: {exc}", exception=exc)
-    end = clock.now()
-    history.finish(
-        run_id, end, outcome.status, snapshot=outcome.snapshot, bytes_=outcome.bytes, error=outcome.error,
-        details=outcome.details,
-    )  # fmt: skip
+        start = clock.now()
+        # rows of this job still "running" were left by a process that died: nobody else
+        # can be running the job while its lock is ours
+        holder = lock.previous_holder
+        who = f"`{holder['command']}` (pid {holder.get('pid', '?')})" if holder.get("command") else ""
+        if history.mark_interrupted(start, job=job.name, holder=who):
+            log.warning("job %s: a run left unfinished by a stopped process is marked interrupted", job.name)
+        run_id = history.start(job.name, job.type, start, attempt=attempt)
+        log.info("job %s: attempt %d started", job.name, attempt)
+        stop_beat = threading.Event()
+        beat = threading.Thread(
+            target=_heartbeat, args=(history, run_id, clock, stop_beat), name=f"vmvault-heartbeat-{run_id}", daemon=True
+        )
+        beat.start()
+        try:
+            outcome = execute(config, job) if execute is not None else execute_job(config, job, progress=progress)
+        except Exception as exc:  # an executor that raises is still a failed run
+            outcome = JobOutcome(status=FAILED, error=f"{type(exc).__name__}: {exc}", exception=exc)
+        finally:
+            stop_beat.set()
+            beat.join()
+        if note:
+            outcome.details.update(note)
+        end = clock.now()
+        history.finish(
+            run_id, end, outcome.status, snapshot=outcome.snapshot, bytes_=outcome.bytes, error=outcome.error,
+            details=outcome.details,
+        )  # fmt: skip
+    finally:
+        lock.release()
     if outcome.ok:
         log.info("job %s: %s %s", job.name, outcome.status, outcome.message)
     else:
@@ -153,8 +262,17 @@ class Scheduler:
         history: History | None = None,
         notifiers: list[Notifier] | None = None,
         execute: Executor | None = None,
+        progress: Callable[[Job], ProgressReporter] | None = None,
+        publisher: StatusPublisher | None = None,
     ) -> None:
+        """``progress`` gives each attempt a ``ProgressReporter`` to report to (a live display);
+        ``publisher`` writes this host's status record into the repositories (at start, after
+        each run and every ``status_interval``)."""
         self.config = config
+        self.progress = progress
+        self.publisher = publisher
+        self._next_publish: dt.datetime | None = None
+        self._publishing: threading.Thread | None = None
         self.clock: Clock = clock or SystemClock()
         self.history = history or History(config.daemon.history)
         self.notifiers = notifiers if notifiers is not None else [Notifier(n) for n in config.notifiers.values()]
@@ -164,27 +282,103 @@ class Scheduler:
         self.queue: list[_Attempt] = []
         self.running: dict[str, threading.Thread] = {}
         self.skipped_firings: list[tuple[str, dt.datetime]] = []
+        #: (job, missed firing) caught up at start
+        self.caught_up: list[tuple[str, dt.datetime]] = []
         self._lock = threading.Lock()
         self.wake = threading.Event()
         self._stopping = threading.Event()
         self._next_alert_check: dt.datetime | None = None
         self._started = False
+        self._daemon_lock: StateLock | None = None
+        self._daemon_run: int | None = None
+        self._next_heartbeat: dt.datetime | None = None
 
     # ---- control ------------------------------------------------------------------------
 
+    def lock(self) -> None:
+        """Take the daemon lock of the history file: ``LockedError`` when another daemon
+        (of this configuration or another naming the same history) runs."""
+        if self._daemon_lock is None:
+            self._daemon_lock = daemon_lock(self.history.path).acquire(
+                wait=LOCK_WAIT_SECONDS, command="vmvault daemon", config=self.config.path
+            )
+
+    def close(self) -> None:
+        """Record the daemon's clean stop and release the daemon lock (``run`` does when it
+        returns)."""
+        if self._daemon_run is not None:
+            try:
+                self.history.daemon_stopped(self._daemon_run, self.clock.now())
+            except Exception as exc:  # the lock must be released whatever the history says
+                log.warning("could not record the daemon's stop: %s", exc)
+            self._daemon_run = None
+        if self._daemon_lock is not None:
+            self._daemon_lock.release()
+            self._daemon_lock = None
+
     def start(self) -> None:
-        """Compute first fire times from now; mark runs a dead daemon left ``running``."""
+        """Take the daemon lock; mark runs a dead process left ``running``; record this
+        daemon's start; compute first fire times from now; queue the firings missed while no
+        daemon ran (catch-up)."""
+        self.lock()
         now = self.clock.now()
-        stale = self.history.mark_interrupted(now)
-        if stale:
-            log.warning("%d job runs were left running by a previous daemon; marked interrupted", stale)
+        settle_interrupted(self.history, now, command="vmvault daemon (starting)")  # logs each job's
+        self._daemon_run = self.history.daemon_started(now, os.getpid(), socket.gethostname())
+        self._next_heartbeat = now + dt.timedelta(seconds=DAEMON_HEARTBEAT_SECONDS)
         for job in self.config.jobs.values():
             due = next_run(job, now, self.tz)
+            watch = self.history.watched(job.name)
+            if watch is None:
+                # from now on this daemon owes the job its schedule (and its RPO counts)
+                self.history.watch(job.name, now, due)
+            else:
+                missed = self._missed_firing(job, watch, now)
+                if missed is not None:
+                    fired, missed_due = missed
+                    self.caught_up.append((job.name, fired))
+                    log.warning(
+                        "job %s: the firing of %s was missed while no daemon ran; caught up %s",
+                        job.name, local_time(fired, self.tz, seconds=False),
+                        "now" if missed_due <= now else f"at {local_time(missed_due, self.tz, seconds=False)}",
+                    )  # fmt: skip
+                    with self._lock:
+                        self.queue.append(_Attempt(job, missed_due, 1, missed=fired))
             if due is not None:
                 self.next_due[job.name] = due
-                log.info("job %s: next run %s", job.name, due.isoformat(timespec="minutes"))
+                log.info("job %s: next run %s", job.name, local_time(due, self.tz, seconds=False))
         self._next_alert_check = now
         self._started = True
+        if self.publisher is not None:
+            self._next_publish = now
+
+    def _missed_firing(self, job: Job, watch: Watch, now: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+        """The latest firing of ``job`` at or before ``now`` that no attempt covered, after
+        the daemon began scheduling the job and due at most ``catch_up_within`` ago, as
+        (firing, due time: the firing moved into the window); None when there is none."""
+        if job.schedule is None or not job.catch_up:
+            return None
+        # far enough back to find (and name) the latest firing of a yearly schedule; a day
+        # costs a few steps
+        floor = max(watch.since, now - dt.timedelta(days=_CATCH_UP_SEARCH_DAYS))
+        local = job.schedule.last_at_or_before(to_local(now, self.tz), to_local(floor, self.tz))
+        if local is None:
+            return None
+        fired = from_local(local, self.tz)
+        if fired <= watch.since:
+            return None  # before the daemon scheduled the job: nothing was owed
+        due = from_local(job.window.next_open(local), self.tz) if job.window is not None else fired
+        # an interrupted attempt did not do the firing's work; a failed one did (its retries ran)
+        if self.history.started_since(job.name, fired, (SUCCESS, WARNING, FAILED, RUNNING)):
+            return None
+        late = (now - due).total_seconds()
+        if late > job.catch_up_within:
+            log.warning(
+                "job %s: the firing of %s was missed while no daemon ran, %s ago: more than its catch_up_within "
+                "(%s); not caught up",
+                job.name, local_time(fired, self.tz, seconds=False), duration(late), duration(job.catch_up_within),
+            )  # fmt: skip
+            return None
+        return fired, due
 
     def stop(self) -> None:
         """Start nothing new; ``run`` returns once running jobs have finished."""
@@ -196,14 +390,17 @@ class Scheduler:
         return self._stopping.is_set()
 
     def run(self) -> None:
-        if not self._started:
-            self.start()
-        while not self._stopping.is_set():
-            self.tick()
-            wait = self.seconds_until_next()
-            self.clock.sleep(wait, self.wake)
-            self.wake.clear()
-        self.wait_idle()
+        try:
+            if not self._started:
+                self.start()
+            while not self._stopping.is_set():
+                self.tick()
+                wait = self.seconds_until_next()
+                self.clock.sleep(wait, self.wake)
+                self.wake.clear()
+            self.wait_idle()
+        finally:
+            self.close()
         log.info("stopped")
 
     def wait_idle(self, timeout: float | None = None) -> None:
@@ -227,6 +424,10 @@ class Scheduler:
             times += [a.due for a in self.queue]
         if self._next_alert_check is not None:
             times.append(self._next_alert_check)
+        if self._next_publish is not None:
+            times.append(self._next_publish)
+        if self._next_heartbeat is not None:
+            times.append(self._next_heartbeat)
         wait = min(((t - now).total_seconds() for t in times), default=60.0)
         return min(60.0, max(0.0, wait))
 
@@ -234,6 +435,12 @@ class Scheduler:
         if not self._started:
             self.start()
         now = self.clock.now()
+        if self._daemon_run is not None and self._next_heartbeat is not None and now >= self._next_heartbeat:
+            self._next_heartbeat = now + dt.timedelta(seconds=DAEMON_HEARTBEAT_SECONDS)
+            try:
+                self.history.daemon_heartbeat(self._daemon_run, now)
+            except Exception as exc:  # a missed sign of life is no reason to stop scheduling
+                log.warning("could not record the daemon's heartbeat: %s", exc)
         for name, due in list(self.next_due.items()):
             if now < due:
                 continue
@@ -245,6 +452,35 @@ class Scheduler:
         if self._next_alert_check is not None and now >= self._next_alert_check:
             self._next_alert_check = now + dt.timedelta(seconds=self.config.daemon.alert_interval)
             self.check_alerts(now)
+        if self._next_publish is not None and now >= self._next_publish:
+            interval = self.config.daemon.status_interval
+            self._next_publish = now + dt.timedelta(seconds=interval) if interval else None
+            self.publish_in_background()
+
+    def publish_in_background(self, repositories: tuple[str, ...] | None = None) -> None:
+        """Write the status records in a thread of their own (slow storage never holds up
+        the loop); a publication still going on is not doubled."""
+        publisher = self.publisher
+        if publisher is None:
+            return
+        with self._lock:
+            if repositories is None and self._publishing is not None and self._publishing.is_alive():
+                return
+            t = threading.Thread(
+                target=publisher.publish,
+                args=(repositories,),
+                kwargs={"now": self.clock.now()},
+                name="vmvault-status",
+                daemon=True,
+            )
+            if repositories is None:
+                self._publishing = t
+        t.start()
+
+    def busy_jobs(self) -> set[str]:
+        """Jobs queued or running in this daemon."""
+        with self._lock:
+            return set(self.running) | {a.job.name for a in self.queue}
 
     def enqueue_now(self, job: Job) -> None:
         self._enqueue(job, self.clock.now())
@@ -256,7 +492,7 @@ class Scheduler:
                 self.queue.append(_Attempt(job, due, 1))
                 return
         self.skipped_firings.append((job.name, due))
-        log.warning("job %s: still queued or running; the firing due %s is skipped", job.name, due.isoformat())
+        log.warning("job %s: still queued or running; the firing due %s is skipped", job.name, local_time(due, self.tz))
 
     def _repo_busy(self, job: Job) -> bool:
         for repo in job.repositories:
@@ -282,12 +518,15 @@ class Scheduler:
                                 a.job.name, a.attempt - 1, window.text,
                             )  # fmt: skip
                             continue
-                        a.due = self._from_local(window.next_open(local))
+                        a.due = from_local(window.next_open(local), self.tz)
                         self.queue.append(a)
-                        log.info("job %s: outside its window %s; waits until %s", a.job.name, window.text, a.due)
+                        log.info(
+                            "job %s: outside its window %s; waits until %s",
+                            a.job.name, window.text, local_time(a.due, self.tz, seconds=False),
+                        )  # fmt: skip
                         continue
                     if a.window_closes is None:
-                        a.window_closes = self._from_local(window.closes_after(local))
+                        a.window_closes = from_local(window.closes_after(local), self.tz)
                 if len(self.running) >= self.config.daemon.concurrency:
                     break
                 if self._repo_busy(a.job):
@@ -297,36 +536,40 @@ class Scheduler:
                 self.running[a.job.name] = t
                 t.start()
 
-    def _from_local(self, naive: dt.datetime) -> dt.datetime:
-        from vmvault.automation.status import from_local
-
-        return from_local(naive, self.tz)
-
     def _run_attempt(self, a: _Attempt) -> None:
         try:
-            outcome, start, end = run_and_record(
-                self.config, a.job, self.history, self.clock, attempt=a.attempt, execute=self.execute
-            )
+            note = {"catch_up": {"missed_firing": a.missed.isoformat(timespec="seconds")}} if a.missed else None
+            try:
+                outcome, start, end = run_and_record(
+                    self.config, a.job, self.history, self.clock, attempt=a.attempt, execute=self.execute,
+                    command="vmvault daemon", progress=self.progress(a.job) if self.progress else None, note=note,
+                )  # fmt: skip
+            except LockedError as exc:
+                # `vmvault run` has it: this firing (or retry) is skipped, as an overlapping one is
+                self.skipped_firings.append((a.job.name, a.due))
+                log.warning("job %s: not started: %s", a.job.name, exc)
+                return
+            tries = [*a.tries, attempt_record(a.attempt, start, end, outcome.status, outcome.error)]
             retry_at = None
             if not outcome.ok and a.attempt <= a.job.retries and not self._stopping.is_set():
                 delay = a.job.retry_delay * 2 ** (a.attempt - 1)
                 retry_at = end + dt.timedelta(seconds=delay)
                 if a.window_closes is not None and retry_at >= a.window_closes:
                     log.error(
-                        "job %s: no retry: the next one (%s) would start after the window closes", a.job.name, retry_at
-                    )
+                        "job %s: no retry: the next one (%s) would start after the window closes",
+                        a.job.name, local_time(retry_at, self.tz),
+                    )  # fmt: skip
                     outcome.details.setdefault("warnings", []).append("no further retry: the window closes first")
                     retry_at = None
             if retry_at is not None:
-                log.info("job %s: retry %d at %s", a.job.name, a.attempt, retry_at.isoformat(timespec="seconds"))
+                log.info("job %s: retry %d at %s", a.job.name, a.attempt, local_time(retry_at, self.tz))
                 with self._lock:
-                    self.queue.append(_Attempt(a.job, retry_at, a.attempt + 1, a.window_closes))
+                    self.queue.append(_Attempt(a.job, retry_at, a.attempt + 1, a.window_closes, tries, a.missed))
             else:
-                summary = run_summary(a.job, a.attempt, start, end, outcome)
-                alert = self._update_alert(a.job, end)
-                if alert is not None:
-                    summary.alerts.append(alert)
+                summary = conclude_run(self.config, a.job, self.history, tries, outcome)
                 send_all(self._notifiers_for(a.job), summary)
+                if self.publisher is not None:
+                    self.publisher.publish(a.job.repositories, now=self.clock.now())
         except Exception:  # the daemon outlives any one job's bookkeeping failure
             log.exception("job %s: could not record or notify", a.job.name)
         finally:
@@ -341,15 +584,6 @@ class Scheduler:
 
     # ---- alerts -------------------------------------------------------------------------
 
-    def _update_alert(self, job: Job, now: dt.datetime) -> dict[str, object] | None:
-        alert = job_alert(self.config, job, self.history, now)
-        if alert is None:
-            self.history.close_alert(job.name)
-            return None
-        self.history.open_alert(job.name, now, alert.message)
-        self.history.mark_alert_notified(job.name, now)  # it goes out with this run's summary
-        return alert.to_dict()
-
     def check_alerts(self, now: dt.datetime) -> None:
         """Notify each alert once when it starts; clear alerts that no longer hold."""
         with self._lock:
@@ -363,8 +597,8 @@ class Scheduler:
             if self.history.open_alert(name, now, alert.message):
                 log.error("ALERT: %s", alert.message)
                 summary = Summary(
-                    kind="alert", job=name, job_type="backup", status="alert", message=alert.message,
-                    alerts=[alert.to_dict()],
+                    kind="alert", job=name, job_type=self.config.jobs[name].type, status="alert", message=alert.message,
+                    alerts=[alert.to_dict()], tz=self.tz,
                 )  # fmt: skip
                 send_all(self._notifiers_for(self.config.jobs[name]), summary)
                 self.history.mark_alert_notified(name, now)
