@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmvault.cli import EXIT, main
-from vmvault.repo._layout import FORMAT_VERSION
+from vmvault.repo.format import FORMAT_VERSION
 from vmvault.sample_vm import guest_writes, make_disk
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,14 +9,17 @@ appear only on a terminal. Exit codes are listed in ``EXIT`` and in the README.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
 
-from vmvault import __version__
+from vmvault import __version__, platform, times
 from vmvault.errors import (
     BackendConnectionError,
     BackendError,
+    BackendUnreachableError,
+    CleanupError,
     ConfigError,
     FormatError,
     HypervisorError,
@@ -26,10 +29,14 @@ from vmvault.errors import (
     PasswordError,
     SourceError,
     StorageFullError,
+    TargetError,
+    TargetFullError,
     VmvaultError,
 )
 
-from ._common import EXIT
+from ._args import Parser, harden
+from ._common import EXIT, CommonOptions
+from ._terminal import install_log_handler, terminal_safe
 
 __all__ = ["EXIT", "build_parser", "main"]
 
@@ -37,23 +44,60 @@ __all__ = ["EXIT", "build_parser", "main"]
 _COMMAND_MODULES = (
     "vmvault.cli.commands",
     "vmvault.cli.maintenance",
+    "vmvault.cli.inspect",
+    "vmvault.cli.tag",
     "vmvault.cli.demo",
     "vmvault.cli.disk",
+    "vmvault.cli.files",
+    "vmvault.cli.serve",
+    "vmvault.cli.mount",
+    "vmvault.cli.instant",
+    "vmvault.cli.verify_boot",
     "vmvault.cli.automation",
     "vmvault.cli.audit",
+    "vmvault.cli.web",
+    "vmvault.cli.user",
+    "vmvault.cli.service",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("global options")
-    g.add_argument("-r", "--repo", default=argparse.SUPPRESS, help="repository location (or VMVAULT_REPO)")
-    g.add_argument("--password-file", default=argparse.SUPPRESS, help="read the passphrase from this file")
-    g.add_argument("--key-file", default=argparse.SUPPRESS, help="use a key file instead of a passphrase")
+    # two groups of global options; a command's help shows only those it uses: the
+    # repository options for commands that open a repository, output options for all
+    output = Parser(add_help=False)
+    g = output.add_argument_group("output options")
     g.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print one JSON document")
     g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress or chatter")
+    g.add_argument(
+        "--utc",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show times in UTC instead of local time (or VMVAULT_UTC=1)",
+    )
+    repository = Parser(add_help=False)
+    g = repository.add_argument_group("repository options")
+    g.add_argument("-r", "--repo", default=argparse.SUPPRESS, help="repository location (or VMVAULT_REPO)")
+    g.add_argument(
+        "--password-file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="read the passphrase from this file (or VMVAULT_PASSWORD_FILE)",
+    )
+    g.add_argument(
+        "--password-command",
+        metavar="COMMAND",
+        default=argparse.SUPPRESS,
+        help="run COMMAND and use what it prints as the passphrase (or VMVAULT_PASSWORD_COMMAND)",
+    )
+    g.add_argument(
+        "--key-file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="use a key file instead of a passphrase (or VMVAULT_KEY_FILE)",
+    )
+    common = CommonOptions(repository, output)
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vmvault",
         description="Real backups of virtual machines: deduplicated, encrypted, verified; live or offline.",
         parents=[common],
@@ -68,10 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # a face not built yet
             raise
         module.register(sub, common)
+    harden(parser)  # empty or blank values are usage errors, for every command
     return parser
 
 
 def _exit_code(exc: VmvaultError) -> int:
+    if isinstance(exc, CleanupError):
+        return EXIT["incomplete"]
     if isinstance(exc, NotARepositoryError):
         return EXIT["no_repository"]
     if isinstance(exc, LockedError):
@@ -80,6 +127,10 @@ def _exit_code(exc: VmvaultError) -> int:
         return EXIT["password"]
     if isinstance(exc, StorageFullError):
         return EXIT["storage_full"]
+    if isinstance(exc, TargetFullError):
+        return EXIT["target_full"]
+    if isinstance(exc, TargetError):
+        return EXIT["usage"]  # the folder or file to write is not usable as given: choose another or clear it
     if isinstance(exc, SourceError | FormatError | HypervisorError):
         return EXIT["source"]
     if isinstance(exc, ConfigError):
@@ -90,6 +141,13 @@ def _exit_code(exc: VmvaultError) -> int:
 def _hint(exc: VmvaultError) -> str | None:
     if isinstance(exc, StorageFullError):
         return "free space on the repository's storage and run the backup again; stored data is reused"
+    if isinstance(exc, BackendUnreachableError):
+        return None  # the message says it all: nothing was started, nothing to reuse
+    if isinstance(exc, TargetFullError):
+        return (
+            "free space where the files are being written (or choose another target) and run the command "
+            "again; nothing half-written was left under a final name"
+        )
     if isinstance(exc, BackendConnectionError):
         return "the storage could not be reached; run the command again when it is back (uploaded data is reused)"
     if isinstance(exc, IntegrityError):
@@ -99,7 +157,19 @@ def _hint(exc: VmvaultError) -> str | None:
     return None
 
 
+def _tolerant_streams() -> None:
+    """Characters the terminal's encoding lacks are written as escapes, not a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):  # a closed or exotic stream: leave it
+                reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _tolerant_streams()
+    platform.keep_freed_memory()
+    install_log_handler()
     parser = build_parser()
     args = parser.parse_args(argv)
     # global options may be given before or after the command; SUPPRESS keeps the later
@@ -108,11 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("repo", None),
         ("password_file", None),
         ("key_file", None),
+        ("password_command", None),
         ("json", False),
         ("quiet", False),
+        ("utc", False),
     ):
         if not hasattr(args, name):
             setattr(args, name, default)
+    times.force_utc(True if args.utc else None)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT["usage"]
@@ -123,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\ninterrupted; nothing half-written is visible, and stored data is reused next time", file=sys.stderr)
         return EXIT["interrupted"]
     except VmvaultError as exc:
-        print(f"vmvault: error: {exc}", file=sys.stderr)
+        # one line, whatever the message quotes (names from the storage or a VM folder)
+        print(f"vmvault: error: {terminal_safe(str(exc))}", file=sys.stderr)
         hint = _hint(exc)
         if hint:
             print(f"vmvault: {hint}", file=sys.stderr)

@@ -7,22 +7,38 @@ import datetime as dt
 import logging
 import os
 import signal
-import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from vmvault import times
 from vmvault.automation.config import AutomationConfig, load_config
-from vmvault.automation.history import History
-from vmvault.automation.notify import Notifier, send_all
-from vmvault.automation.scheduler import Scheduler, SystemClock, run_and_record, run_summary
-from vmvault.automation.status import job_statuses
+from vmvault.automation.history import INTERRUPTED, RUNNING, History, Run
+from vmvault.automation.notify import Notifier, attempt_record, send_all
+from vmvault.automation.publish import StatusPublisher
+from vmvault.automation.scheduler import Scheduler, SystemClock, conclude_run, run_and_record
+from vmvault.automation.status import daemon_state, job_statuses, settle_interrupted
+from vmvault.automation.times import duration, local_time, zone_name
 from vmvault.backends import open_backend
 from vmvault.engine.copy import CopyFilter, copy_snapshots
 from vmvault.errors import ConfigError, VmvaultError
 from vmvault.repo.repository import Repository
+from vmvault.repo.secret import given_secret
 
-from ._common import EXIT, Output, open_repository, table
+from ._args import hex_prefix, whole_number
+from ._common import (
+    EXIT,
+    Output,
+    add_filter_args,
+    open_repository,
+    output_options,
+    plural,
+    report_warnings,
+    snapshot_filter,
+    table,
+)
+from ._terminal import SafeLogFormatter, StderrHandler, terminal_safe
 from .progress import human_bytes
 
 __all__ = ["register"]
@@ -31,30 +47,26 @@ __all__ = ["register"]
 # ---- copy ---------------------------------------------------------------------------------
 
 
-def _from_secret(args: argparse.Namespace) -> bytes:
+def _from_secret(args: argparse.Namespace) -> Callable[[], bytes] | bytes:
     """The source repository's secret: --from-key-file, --from-password-file,
-    VMVAULT_FROM_PASSWORD_FILE, VMVAULT_FROM_PASSWORD."""
-    for path, what, strip in (
-        (args.from_key_file or os.environ.get("VMVAULT_FROM_KEY_FILE"), "key file", True),
-        (args.from_password_file or os.environ.get("VMVAULT_FROM_PASSWORD_FILE"), "password file", False),
-    ):
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    raw = f.read()
-            except OSError as exc:
-                raise ConfigError(f"cannot read the source repository's {what} {path}: {exc.strerror}") from exc
-            secret = raw.strip() if strip else raw.rstrip(b"\r\n")
-            if not secret:
-                raise ConfigError(f"{what} {path} is empty")
-            return secret
-    env = os.environ.get("VMVAULT_FROM_PASSWORD")
-    if env:
-        return env.encode()
-    raise ConfigError(
-        "the source repository needs its own passphrase: use --from-password-file / --from-key-file "
-        "or set VMVAULT_FROM_PASSWORD(_FILE)"
+    VMVAULT_FROM_KEY_FILE, VMVAULT_FROM_PASSWORD_FILE, VMVAULT_FROM_PASSWORD (bytes: given, so
+    the source must be encrypted), or a callable that says none was given."""
+    given = given_secret(
+        key_file=args.from_key_file or os.environ.get("VMVAULT_FROM_KEY_FILE"),
+        password_file=args.from_password_file or os.environ.get("VMVAULT_FROM_PASSWORD_FILE"),
+        env="VMVAULT_FROM_PASSWORD",
+        label="the source repository's ",
     )
+    if given is not None:
+        return given.value
+
+    def missing() -> bytes:
+        raise ConfigError(
+            "the source repository needs its own passphrase: use --from-password-file / --from-key-file "
+            "or set VMVAULT_FROM_PASSWORD(_FILE)"
+        )
+
+    return missing
 
 
 def cmd_copy(args: argparse.Namespace) -> int:
@@ -62,13 +74,14 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if args.to:
         args.repo = args.to
     src_backend = open_backend(args.from_repo)
-    src = Repository.open(src_backend, lambda: _from_secret(args))
+    src = Repository.open(src_backend, _from_secret(args))
+    report_warnings(src)
     dst = open_repository(args)
+    match = snapshot_filter(args)
     filters = CopyFilter(
         snapshots=tuple(args.snapshot or ()),
-        sources=tuple(args.source or ()),
-        tags=tuple(args.tag or ()),
         latest=args.latest,
+        match=None if match.empty() else match,
     )
     bar = out.progress()
     state = {"label": ""}
@@ -88,11 +101,15 @@ def cmd_copy(args: argparse.Namespace) -> int:
         src.close()
         dst.close()
     lines = [
-        f"copied {len(report.copied)} snapshots, {len(report.skipped)} already in the target",
-        *(f"  {c.source_id[:8]} -> {c.target_id[:8]}  {c.time[:19]}  {c.location}" for c in report.copied),
-        f"read {report.chunks_read} chunks ({human_bytes(report.bytes_read)}) from the source; "
-        f"uploaded {report.chunks_added} new chunks ({human_bytes(report.bytes_added)} stored) "
-        f"in {report.seconds:.1f} s",
+        f"copied {plural(len(report.copied), 'snapshot')}, {len(report.skipped)} already in the target",
+        # locations come from the source repository's snapshots: each line escaped whole
+        *(
+            terminal_safe(f"  {c.source_id[:8]} -> {c.target_id[:8]}  {times.local(c.time)}  {c.location}")
+            for c in report.copied
+        ),
+        f"read {plural(report.chunks_read, 'chunk')} ({human_bytes(report.bytes_read)}) from the source; "
+        f"uploaded {plural(report.chunks_added, 'new chunk')} ({human_bytes(report.bytes_added)} stored) "
+        f"in {times.duration(report.seconds)}",
     ]
     out.result(report.to_dict(), "\n".join(lines))
     return EXIT["ok"]
@@ -102,8 +119,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    handler = StderrHandler()
+    # job names, errors and locations in log lines are escaped like every other output
+    handler.setFormatter(SafeLogFormatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
     root = logging.getLogger("vmvault")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -121,7 +139,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     config = _config(args)
     _setup_logging(args.verbose)
     log = logging.getLogger("vmvault.automation")
-    scheduler = Scheduler(config)
+    history = History(config.daemon.history)
+    # this host's status record goes into each repository: dashboards elsewhere see it
+    publisher = StatusPublisher(config, history, started=dt.datetime.now(dt.UTC))
+    board = None
+    if config.web is not None:
+        from vmvault.web import require_web
+        from vmvault.web.jobs import ProgressBoard
+
+        require_web()  # before anything starts: a missing package is a one-line error
+        board = ProgressBoard()
+    scheduler = Scheduler(
+        config, history=history, publisher=publisher, progress=board.progress_for if board is not None else None
+    )
+    scheduler.lock()  # one daemon per configuration: a second one stops here (exit 11)
+    web = None
+    if board is not None:
+        from .web import serve_in_daemon
+
+        web = serve_in_daemon(config, scheduler, board, history)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("%s received: finishing the running jobs, then stopping", signal.Signals(signum).name)
@@ -132,7 +168,14 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     if hasattr(signal, "SIGBREAK"):  # Windows service stop / Ctrl-Break
         signal.signal(signal.SIGBREAK, on_signal)
     log.info("vmvault daemon: %d jobs from %s, history %s", len(config.jobs), config.path, config.daemon.history)
-    scheduler.run()
+    try:
+        scheduler.run()
+    finally:
+        if web is not None:
+            background, stop = web
+            stop.set()
+            background.stop()
+        publisher.close()
     return EXIT["ok"]
 
 
@@ -147,25 +190,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     history = History(config.daemon.history)
     clock = SystemClock()
     attempt = 1
+    tries: list[dict[str, Any]] = []
     while True:
         outcome, start, end = run_and_record(config, job, history, clock, attempt=attempt)
+        tries.append(attempt_record(attempt, start, end, outcome.status, outcome.error))
         if outcome.ok or attempt > job.retries or args.no_retry:
             break
         delay = job.retry_delay * 2 ** (attempt - 1)
-        logging.getLogger("vmvault.automation").info("job %s: retrying in %.0f s", job.name, delay)
+        logging.getLogger("vmvault.automation").info("job %s: retrying in %s", job.name, duration(delay))
         time.sleep(delay)
         attempt += 1
-    summary = run_summary(job, attempt, start, end, outcome)
-    from vmvault.automation.status import job_alert
-
-    alert = job_alert(config, job, history, end)
-    if alert is not None:
-        summary.alerts.append(alert.to_dict())
+    summary = conclude_run(config, job, history, tries, outcome)
     failures = send_all([Notifier(n) for n in config.notifiers.values()], summary)
+    publisher = StatusPublisher(config, history)
+    publisher.publish(job.repositories)  # dashboards see this run, also without a daemon
+    publisher.close()
     doc = summary.to_dict()
     doc["notification_failures"] = failures
-    text = f"{job.name}: {outcome.status}: {outcome.error or outcome.message}"
-    out.result(doc, text)
+    text = f"{job.name}: {outcome.status}: {outcome.error or summary.message}"
+    if summary.recovered is not None and summary.recovered["failed_attempts"]:
+        n = summary.recovered["failed_attempts"]
+        text += f" (recovered after {n} failed attempt{'s' if n != 1 else ''})"
+    out.result(doc, terminal_safe(text))
     if outcome.ok:
         return EXIT["ok"]
     if isinstance(outcome.exception, VmvaultError):
@@ -176,32 +222,64 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ---- jobs / history -----------------------------------------------------------------------
 
 
-def _when(t: dt.datetime | None) -> str:
-    return t.astimezone().strftime("%Y-%m-%d %H:%M") if t else "-"
+def _took(run: Run, now: dt.datetime) -> str:
+    """How long a run took, as a person reads it: exact, and honest about runs still going
+    (``running 5m 3s``) and runs whose process died (seen running for at least that long)."""
+    if run.status == RUNNING:
+        return f"running {duration((now - run.start).total_seconds())}"
+    if run.seconds is None:
+        return "-"
+    if run.status == INTERRUPTED:
+        return f"at least {duration(run.seconds)}"
+    return duration(run.seconds)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     out = Output(args)
     config = _config(args)
     history = History(config.daemon.history)
-    statuses = job_statuses(config, history, dt.datetime.now(dt.UTC))
+    now = dt.datetime.now(dt.UTC)
+    # a run still "running" whose process is gone (kill -9) is shown as what it is
+    settle_interrupted(history, now, command="vmvault jobs")
+    daemon = daemon_state(history)
+    tz = config.daemon.tz()
+    statuses = job_statuses(config, history, now)
     rows: list[list[Any]] = []
     for s in statuses:
         last = s.last
+        note = ""
+        if s.alert:
+            note = "ALERT: " + s.alert.message
+        elif last is not None and last.error:
+            note = last.error
         rows.append(
             [
                 s.job.name,
                 s.job.type,
                 s.job.schedule.text if s.job.schedule else "(manual)",
-                _when(s.next_run),
+                local_time(s.next_run, tz, seconds=False) if s.next_run else "-",
                 s.status,
-                _when(last.end or last.start) if last else "-",
-                ("ALERT: " + s.alert.message) if s.alert else (last.error or "" if last else ""),
+                local_time(last.start, tz, seconds=False) if last else "-",
+                _took(last, now) if last else "-",
+                note,
             ]
         )
+    text = "\n".join(
+        [
+            f"daemon: {daemon.describe(tz)}",
+            f"schedules and times: {zone_name(tz)}",
+            "",
+            table(["Job", "Type", "Schedule", "Next run", "Last status", "Last run", "Took", "Note"], rows),
+        ]
+    )
     out.result(
-        {"config": config.path, "jobs": [s.to_dict() for s in statuses]},
-        table(["Job", "Type", "Schedule", "Next run", "Last status", "Last run", "Note"], rows),
+        {
+            "config": config.path,
+            "timezone": config.daemon.timezone,
+            "daemon": daemon.to_dict(),
+            "jobs": [s.to_dict() for s in statuses],
+        },
+        text,
     )
     return EXIT["ok"]
 
@@ -212,14 +290,17 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.job is not None:
         config.job(args.job)  # a typo is an error, not an empty list
     history = History(config.daemon.history)
+    now = dt.datetime.now(dt.UTC)
+    settle_interrupted(history, now, command="vmvault history")
+    tz = config.daemon.tz()
     runs = history.runs(job=args.job, limit=args.limit)
     rows = [
         [
             r.id,
             r.job,
             r.attempt,
-            _when(r.start),
-            f"{r.seconds:.0f}s" if r.seconds is not None else "-",
+            local_time(r.start, tz),
+            _took(r, now),
             r.status,
             (r.snapshot or "")[:8],
             human_bytes(r.bytes) if r.bytes is not None else "",
@@ -229,7 +310,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     ]
     out.result(
         {"runs": [r.to_dict() for r in runs]},
-        table(["Run", "Job", "Try", "Start", "Took", "Status", "Snapshot", "Added", "Error"], rows),
+        f"times: {zone_name(tz)}\n\n"
+        + table(["Run", "Job", "Try", "Start", "Took", "Status", "Snapshot", "Added", "Error"], rows),
     )
     return EXIT["ok"]
 
@@ -248,33 +330,54 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument("--to", metavar="REPO", help="target repository (default: -r/--repo)")
     p.add_argument("--from-password-file", metavar="FILE", help="passphrase of the source repository")
     p.add_argument("--from-key-file", metavar="FILE", help="key file of the source repository")
-    p.add_argument("--snapshot", action="append", metavar="ID", help="copy only these snapshots (repeatable)")
-    p.add_argument("--source", action="append", metavar="LOCATION", help="only snapshots of this source")
-    p.add_argument("--tag", action="append", metavar="TAG", help="only snapshots with this tag (all given)")
-    p.add_argument("--latest", type=int, default=0, metavar="N", help="only the N newest snapshots of each source")
+    p.add_argument(
+        "--snapshot",
+        action="append",
+        type=hex_prefix("snapshot id"),
+        metavar="ID",
+        help="copy only these snapshots (id or a prefix of 4+ digits; repeatable)",
+    )
+    add_filter_args(p, scope="Copy only the snapshots matching every option given.")
+    p.add_argument(
+        "--latest",
+        type=whole_number(0, 10**9, what="a number of snapshots"),
+        default=0,
+        metavar="N",
+        help="only the N newest snapshots of each source (0: all)",
+    )
     p.set_defaults(func=cmd_copy)
 
     def config_arg(q: argparse.ArgumentParser) -> None:
         q.add_argument("--config", "-c", metavar="FILE", help="the automation configuration (or VMVAULT_CONFIG)")
 
-    p = sub.add_parser("daemon", parents=[common], help="run configured jobs on their schedules (foreground)")
+    p = sub.add_parser(
+        "daemon", parents=[output_options(common)], help="run configured jobs on their schedules (foreground)"
+    )
     config_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_daemon)
 
-    p = sub.add_parser("run", parents=[common], help="run one configured job now (for cron / Task Scheduler)")
+    p = sub.add_parser(
+        "run", parents=[output_options(common)], help="run one configured job now (for cron / Task Scheduler)"
+    )
     p.add_argument("job", help="job name")
     config_arg(p)
     p.add_argument("--no-retry", action="store_true", help="do not retry a failed attempt")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("jobs", parents=[common], help="configured jobs: next run, last status, alerts")
+    p = sub.add_parser("jobs", parents=[output_options(common)], help="configured jobs: next run, last status, alerts")
     config_arg(p)
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("history", parents=[common], help="past job runs, newest first")
+    p = sub.add_parser("history", parents=[output_options(common)], help="past job runs, newest first")
     config_arg(p)
     p.add_argument("--job", help="only this job")
-    p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N runs (default 50)")
+    p.add_argument(
+        "--limit",
+        type=whole_number(1, 10**9, what="a number of runs"),
+        default=50,
+        metavar="N",
+        help="at most N runs (default 50)",
+    )
     p.set_defaults(func=cmd_history)

@@ -24,7 +24,8 @@ from vmvault.hypervisors.files import FilesSource
 from vmvault.repo.repository import Repository
 from vmvault.sample_vm import guest_writes, make_sample_vm
 
-from ._common import Output
+from ._args import whole_number
+from ._common import Output, output_options
 from .progress import human_bytes
 
 __all__ = ["register", "run_demo"]
@@ -176,8 +177,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("demo", parents=[common], help="back up, verify and restore a sample VM, with a summary")
+    p = sub.add_parser(
+        "demo", parents=[output_options(common)], help="back up, verify and restore a sample VM, with a summary"
+    )
     p.add_argument("--dir", default="vmvault-demo", help="working folder (default ./vmvault-demo)")
     p.add_argument("--clean", action="store_true", help="remove the working folder first")
-    p.add_argument("--disk-mib", type=int, default=384, help="size of the first sample disk in MiB")
+    p.add_argument(
+        "--disk-mib",
+        type=whole_number(16, 16384, what="a size in MiB"),
+        default=384,
+        help="size of the first sample disk in MiB (16 to 16384)",
+    )
     p.set_defaults(func=cmd_demo)

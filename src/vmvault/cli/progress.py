@@ -1,4 +1,8 @@
-"""Progress on a terminal: one bar per phase with throughput and ETA; silent otherwise."""
+"""The CLI's ProgressReporters (vmvault.engine.progress): one bar per phase with throughput and
+ETA on a terminal (TerminalReporter); warnings only (QuietReporter, JsonReporter) otherwise.
+
+Labels (disk and file names) and warnings come from the source or the storage: they are
+escaped with :func:`terminal_safe` before they are drawn."""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ import threading
 import time
 from typing import TextIO
 
-__all__ = ["JsonProgress", "TerminalProgress", "make_progress"]
+from vmvault import times
+
+from ._terminal import terminal_safe
+
+__all__ = ["JsonReporter", "QuietReporter", "TerminalReporter", "make_reporter"]
 
 
 def human_bytes(n: float) -> str:
@@ -20,14 +28,22 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def human_seconds(s: float) -> str:
-    s = int(s)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}:{s % 60:02d}"
+#: seconds of a phase before an ETA is shown: the first moments (an index loaded, holes
+#: skipped at once) say nothing about the rate of what follows
+ETA_AFTER = 3.0
 
 
-class TerminalProgress:
+def eta_text(done: int, total: int, elapsed: float) -> str:
+    """``ETA 1:05`` from the average rate since the phase started, once :data:`ETA_AFTER`
+    seconds have passed (``ETA -:--`` before, and while nothing is done)."""
+    if elapsed < ETA_AFTER or done <= 0:
+        return "ETA -:--"
+    if done >= total:
+        return "ETA 0:00"
+    return f"ETA {times.clock((total - done) * elapsed / done)}"
+
+
+class TerminalReporter:
     """Redraws at most 10 times a second on stderr; warnings are printed above the bar."""
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
@@ -42,7 +58,7 @@ class TerminalProgress:
 
     def start(self, label: str, total: int) -> None:
         with self._lock:
-            self.label, self.total, self.done = label, total, 0
+            self.label, self.total, self.done = terminal_safe(label), total, 0
             self.started = time.monotonic()
             self._last = 0.0
             self._draw(force=True)
@@ -64,7 +80,7 @@ class TerminalProgress:
         with self._lock:
             if self._drawn:
                 self.stream.write("\r\x1b[K")
-            self.stream.write(f"warning: {text}\n")
+            self.stream.write(f"warning: {terminal_safe(text)}\n")
             self._drawn = False
             self._draw(force=True)
 
@@ -80,10 +96,9 @@ class TerminalProgress:
         width = shutil.get_terminal_size((80, 20)).columns
         if self.total > 0:
             frac = min(1.0, self.done / self.total)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
             tail = (
                 f" {frac * 100:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)}"
-                f" {human_bytes(rate)}/s ETA {human_seconds(eta)}"
+                f" {human_bytes(rate)}/s {eta_text(self.done, self.total, elapsed)}"
             )
         else:
             frac = 0.0
@@ -97,7 +112,7 @@ class TerminalProgress:
         self._drawn = True
 
 
-class QuietProgress:
+class QuietReporter:
     """No bars (not a terminal, or --quiet); warnings still reach stderr."""
 
     def __init__(self, stream: TextIO = sys.stderr) -> None:
@@ -113,11 +128,11 @@ class QuietProgress:
         pass
 
     def warn(self, text: str) -> None:
-        self.stream.write(f"warning: {text}\n")
+        self.stream.write(f"warning: {terminal_safe(text)}\n")
         self.stream.flush()
 
 
-class JsonProgress(QuietProgress):
+class JsonReporter(QuietReporter):
     """``--json``: warnings as JSON lines on stderr so stdout holds only the result document."""
 
     def warn(self, text: str) -> None:
@@ -125,9 +140,9 @@ class JsonProgress(QuietProgress):
         self.stream.flush()
 
 
-def make_progress(*, quiet: bool, as_json: bool) -> TerminalProgress | QuietProgress:
+def make_reporter(*, quiet: bool, as_json: bool) -> TerminalReporter | QuietReporter:
     if as_json:
-        return JsonProgress()
+        return JsonReporter()
     if quiet or not sys.stderr.isatty():
-        return QuietProgress()
-    return TerminalProgress()
+        return QuietReporter()
+    return TerminalReporter()
