@@ -355,6 +355,8 @@ class FaultyHttpProxy:
         self.truncated = 0
         self._truncations_left = 0
         self._failures_left = 0
+        self._ranges_to_ignore = 0
+        self._more_next: list[int] = []
         self._status = 503
         self._code = "SlowDown"
         self._lock = threading.Lock()
@@ -397,7 +399,8 @@ class FaultyHttpProxy:
                     if self.command != "HEAD":
                         self.wfile.write(answer)
                     return
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                drop = {"transfer-encoding"} | ({"range"} if proxy._take(ignore_range=True) else set())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
                 headers["Content-Length"] = str(len(body))
                 upstream = http.client.HTTPConnection(*proxy.target, timeout=60)
                 try:
@@ -409,14 +412,24 @@ class FaultyHttpProxy:
                 with proxy._lock:
                     proxy.forwarded += 1
                 cut = self.command == "GET" and len(data) > 1 and proxy._take_truncation()
+                more = proxy._take(more=True) if self.command == "GET" else 0
                 self.send_response(response.status)
                 for key, value in response.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
                         self.send_header(key, value)
                 length = response.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", length or str(len(data)))
+                self.send_header("Content-Length", length or str(len(data) + more))
                 self.end_headers()
-                if cut:
+                if more:
+                    # the answer, then ``more`` bytes nobody asked for, until the client hangs up
+                    with contextlib.suppress(OSError):
+                        self.wfile.write(data)
+                        block = bytes(1 << 20)
+                        while more > 0:
+                            self.wfile.write(block[:more])
+                            more -= len(block)
+                    self.close_connection = True
+                elif cut:
                     # promise the whole body, send half, hang up: a connection dropped mid-read
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()
@@ -446,6 +459,26 @@ class FaultyHttpProxy:
         """Cut the body of the next ``count`` GET answers half-way and drop the connection."""
         with self._lock:
             self._truncations_left = count
+
+    def ignore_range_next(self, count: int) -> None:
+        """Forward the next ``count`` requests without their Range header: the server answers
+        with the whole object, as one that ignores ranges does."""
+        with self._lock:
+            self._ranges_to_ignore = count
+
+    def send_more_next(self, *extra: int) -> None:
+        """Answer the next GETs (one per value) with that many bytes more than the server sent."""
+        with self._lock:
+            self._more_next = list(extra)
+
+    def _take(self, *, ignore_range: bool = False, more: bool = False) -> int:
+        with self._lock:
+            if ignore_range and self._ranges_to_ignore > 0:
+                self._ranges_to_ignore -= 1
+                return 1
+            if more and self._more_next:
+                return self._more_next.pop(0)
+            return 0
 
     def _take_truncation(self) -> bool:
         with self._lock:
