@@ -30,6 +30,22 @@ class Run:
     returncode: int
     stdout: str
     stderr: str
+    #: user + system CPU seconds of the command's process tree (``timed_child`` only)
+    cpu_s: float = 0.0
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a timed command: this one, ``extra``, and Python's compiled modules kept.
+
+    An installed vmvault runs from modules compiled once (pip compiles them at install). With
+    ``PYTHONDONTWRITEBYTECODE`` set and a source tree without ``__pycache__``, every timed
+    command compiled all of vmvault first (0.35 s of CPU a command, measured on the 2-core
+    machine); the compiled modules go to ``bench/out/pycache`` instead, made by the first command.
+    """
+    env = {**os.environ, **(extra or {})}
+    if env.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        env.setdefault("PYTHONPYCACHEPREFIX", str(OUT / "pycache"))
+    return env
 
 
 def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None, check: bool = True) -> Run:
@@ -37,7 +53,7 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = 
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd,
-        env={**os.environ, **(env or {})},
+        env=child_env(env),
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -54,7 +70,8 @@ def run(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = 
 
 
 def timed_child(cmd: list[str], *, env: dict[str, str] | None = None, check: bool = True) -> Run:
-    """Like ``run`` but in a fresh helper process, so peak RSS belongs to this command alone.
+    """Like ``run`` but in a fresh helper process, so peak RSS and CPU time belong to this
+    command alone.
 
     The time includes a ``sync`` after the command: a backup (or restore) counts as done when
     its data is durable, whether the tool fsyncs as it goes or leaves dirty pages behind.
@@ -65,8 +82,39 @@ def timed_child(cmd: list[str], *, env: dict[str, str] | None = None, check: boo
     os.sync()
     r = Run(r.seconds + time.monotonic() - start, r.max_rss_mib, r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
-    rss = float(lines[-1].split()[-1]) if lines and lines[-1].startswith("max_rss_mib") else r.max_rss_mib
-    return Run(r.seconds, rss, r.returncode, r.stdout, "\n".join(lines[:-1]))
+    rss, cpu = r.max_rss_mib, 0.0
+    if lines and lines[-1].startswith("max_rss_mib"):
+        rss = float(lines.pop().split()[-1])
+    if lines and lines[-1].startswith("cpu_s"):
+        cpu = float(lines.pop().split()[-1])
+    return Run(r.seconds, rss, r.returncode, r.stdout, "\n".join(lines), cpu)
+
+
+#: the most ``fsync_write_seconds`` writes; a larger volume is timed from this much, scaled
+FLOOR_SAMPLE = 1 << 30
+
+
+def fsync_write_seconds(folder: Path, nbytes: int) -> float:
+    """The time to write ``nbytes`` of incompressible data into a new file in ``folder`` and
+    fsync it, like ``dd conv=fsync`` (4 MiB writes): the disk's floor for storing that much.
+    At most ``FLOOR_SAMPLE`` bytes are written (the development machines' disks are shared and
+    nearly full) and the time scaled to ``nbytes``."""
+    drop_caches()
+    block = os.urandom(4 << 20)
+    path = folder / "fsync-floor.tmp"
+    size = min(nbytes, FLOOR_SAMPLE)
+    start = time.monotonic()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        left = size
+        while left > 0:
+            left -= os.write(fd, memoryview(block)[: min(left, len(block))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        seconds = time.monotonic() - start
+        path.unlink(missing_ok=True)
+    return seconds * nbytes / max(1, size)
 
 
 def make_image(path: Path, size: str, seed: int = 1) -> None:

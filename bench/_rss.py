@@ -1,10 +1,12 @@
-"""Run a command and print its peak RSS (whole process tree waited for) on stderr's last line."""
+"""Run a command and print its CPU seconds and peak RSS (whole process tree waited for) on
+stderr's last two lines."""
 
 import resource
 import subprocess
 import sys
 
 proc = subprocess.run(sys.argv[1:])
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-print(f"max_rss_mib {rss:.1f}", file=sys.stderr)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"cpu_s {usage.ru_utime + usage.ru_stime:.3f}", file=sys.stderr)
+print(f"max_rss_mib {usage.ru_maxrss / 1024:.1f}", file=sys.stderr)
 sys.exit(proc.returncode)

@@ -7,17 +7,27 @@ second backup after the guest changed ~1 % of it (no change tracking: every tool
 file whose content changed), restore, repository size and growth, peak RSS. The image
 lives at one path for all tools; the page cache is dropped before every timed step (when
 run as root) so each tool reads from disk alike.
+
+The floors, measured in the same run for each tool: a full backup can be no faster than
+writing its repository's bytes to this disk with fsync (the disk floor: the same number of
+bytes written with ``fsync_write_seconds`` into the same folder right after the backup; at most
+1 GiB of it, scaled), nor
+than the CPU time it used divided by the cores (the CPU floor: user + system seconds of the
+backup's processes / ``os.cpu_count()``); a restore no faster than writing the restored
+disk's data with fsync, nor than its CPU time / cores. The floor is the larger of the two,
+and "time / floor" says how close each step came to this machine's limit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from _common import OUT, drop_caches, du, fresh, machine, make_image, mib, mutate, timed_child
+from _common import OUT, drop_caches, du, fresh, fsync_write_seconds, machine, make_image, mib, mutate, timed_child
 
 PASSWORD = "benchmark passphrase"
 
@@ -73,6 +83,7 @@ def bench_tool(tool: str, base: Path, changed: Path, scratch: Path) -> dict[str,
     drop_caches()
     full = timed_child(cmds["backup"], env=ENV)
     size1 = du(repo)
+    full_disk_floor = fsync_write_seconds(scratch, size1)
     place(changed, src)
     drop_caches()
     second = timed_child(cmds["backup"], env=ENV)
@@ -81,8 +92,18 @@ def bench_tool(tool: str, base: Path, changed: Path, scratch: Path) -> dict[str,
     rest = timed_child(cmds["restore"], env=ENV)
     restored = next(p for p in target.rglob("vm-disk.raw"))
     identical = subprocess.run(["cmp", "-s", str(restored), str(changed)]).returncode == 0
+    restored_bytes = du(restored)
+    shutil.rmtree(target, ignore_errors=True)  # room for the floor's file on a shared disk
+    restore_disk_floor = fsync_write_seconds(scratch, restored_bytes)
+    cores = os.cpu_count() or 1
     result = {
         "full_s": full.seconds,
+        "full_cpu_s": full.cpu_s,
+        "full_disk_floor": full_disk_floor,
+        "full_cpu_floor": full.cpu_s / cores,
+        "restore_cpu_s": rest.cpu_s,
+        "restore_disk_floor": restore_disk_floor,
+        "restore_cpu_floor": rest.cpu_s / cores,
         "incr_s": second.seconds,
         "restore_s": rest.seconds,
         "repo_bytes": size2,
@@ -103,6 +124,7 @@ def main() -> None:
     ap.add_argument("--tools", default="vmvault,borg,restic")
     ap.add_argument("--scratch", default=str(OUT / "compare"))
     ap.add_argument("--write", help="write the results section into this markdown file")
+    ap.add_argument("--section", default="comparison", help="the name of that section (<!-- bench:NAME -->)")
     args = ap.parse_args()
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -115,6 +137,7 @@ def main() -> None:
         (OUT / f"vm-{args.size}-changed.bytes").write_text(str(changed_bytes))
     changed_bytes = int((OUT / f"vm-{args.size}-changed.bytes").read_text())
     results = {}
+    load = os.getloadavg()[0]
     for tool in args.tools.split(","):
         if tool != "vmvault" and shutil.which(tool) is None:
             print(f"skipping {tool}: not installed (apt-get install borgbackup restic)", file=sys.stderr)
@@ -122,14 +145,20 @@ def main() -> None:
         print(f"== {tool}", file=sys.stderr)
         results[tool] = bench_tool(tool, base, changed, scratch)
         print(results[tool], file=sys.stderr)
-    text = render(results, args, changed_bytes, du(base), base.stat().st_size)
+        load = max(load, os.getloadavg()[0])
+    text = render(results, args, changed_bytes, du(base), base.stat().st_size, load)
     print(text)
     if args.write:
-        write_section(Path(args.write), "comparison", text)
+        write_section(Path(args.write), args.section, text)
 
 
 def render(
-    results: dict[str, dict[str, float]], args: argparse.Namespace, changed: int, allocated: int, size: int
+    results: dict[str, dict[str, float]],
+    args: argparse.Namespace,
+    changed: int,
+    allocated: int,
+    size: int,
+    load: float,
 ) -> str:
     v = results.get("vmvault")
     rows = []
@@ -140,9 +169,11 @@ def render(
             f"{'yes' if r['identical'] else 'NO'} |"
         )
     lines = [
-        f"Command: `python bench/compare.py --size {args.size} --percent {args.percent} --tools {args.tools}`",
+        f"Command: `python bench/compare.py --size {args.size} --percent {args.percent} --tools {args.tools}"
+        + ("" if args.section == "comparison" else f" --section {args.section}")
+        + "`",
         "",
-        f"Machine: {machine()}",
+        f"Machine: {machine()}; load average up to {load:.1f} (other work on the same cores)",
         "",
         f"Image: {size / 2**30:.1f} GiB virtual, {mib(allocated)} allocated (make_vm_disk.py, seed 1); "
         f"the guest then overwrote {mib(changed)} ({args.percent} %).",
@@ -152,6 +183,21 @@ def render(
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
+    lines += [
+        "",
+        f"Floors ({os.cpu_count()} cores; module docstring of bench/compare.py): disk = the same bytes written "
+        "with fsync into the same folder, CPU = the step's user + system seconds / cores; floor = the larger.",
+        "",
+        "| tool | step | time (s) | CPU (s) | CPU floor (s) | disk floor (s) | time / floor |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for tool, r in results.items():
+        for step, key in (("full backup", "full"), ("restore", "restore")):
+            floor = max(r[f"{key}_cpu_floor"], r[f"{key}_disk_floor"])
+            lines.append(
+                f"| {tool} | {step} | {r[f'{key}_s']:.1f} | {r[f'{key}_cpu_s']:.1f} | {r[f'{key}_cpu_floor']:.1f} | "
+                f"{r[f'{key}_disk_floor']:.1f} | {r[f'{key}_s'] / floor:.2f}× |"
+            )
     if v:
         lines += ["", "Ratios (other tool's time / vmvault's time; higher is better for vmvault):", ""]
         for tool, r in results.items():

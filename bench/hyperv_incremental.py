@@ -2,7 +2,7 @@
 
     python bench/hyperv_incremental.py --size 4G --write docs/benchmarks.md
 
-A lab VM (``vmvault.hypervisors.hyperv_lab``: Hyper-V's file operations done on real VHDX
+A lab VM (``vmvault.testing.hyperv_lab``: Hyper-V's file operations done on real VHDX
 files, change tracking at 64 KiB granularity) gets one dynamic VHDX of the test image's
 size, filled with the test image's allocated data. vmvault backs it up the way it backs up
 a Hyper-V VM (recovery checkpoint, read the frozen layer, convert to a reference point);
@@ -29,8 +29,8 @@ from vmvault.disk import open_image
 from vmvault.disk.base import ExtentKind
 from vmvault.engine.backup import BackupResult, backup
 from vmvault.hypervisors import open_source
-from vmvault.hypervisors.hyperv_lab import LabHost
 from vmvault.repo.repository import DEFAULT_CHUNK_SIZE, Repository
+from vmvault.testing.hyperv_lab import LabHost
 
 FILL_PIECE = 32 << 20
 SLOT = "scsi0:0"

@@ -120,10 +120,9 @@ def main() -> None:
 
 
 VIRTNBD_NOTE = (
-    "Debian 12 packages it (virtnbdbackup 1.9.15, with libvirt-daemon-system 9.0), but it backs up only "
-    "libvirt-managed domains (libvirtd and virtlogd running, the VM defined and started through libvirt, "
-    "libvirt checkpoints), while this benchmark drives QEMU directly over QMP as vmvault does; setting up "
-    "libvirt on the shared development machine was not done."
+    "it backs up only libvirt-managed domains, while this benchmark drives QEMU directly over QMP as "
+    "vmvault's qemu+unix:// connector does; bench/libvirt_compare.py compares the two on libvirt domains "
+    "(the libvirt-compare section)."
 )
 
 

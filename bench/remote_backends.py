@@ -1,19 +1,28 @@
-"""Backup of the test image to a local repository, over SFTP and to S3, on one machine.
+"""Backup and restore of the test image with a local repository, over SFTP and to S3, on one machine.
 
     python bench/remote_backends.py --size 4G --write docs/benchmarks.md
+    python bench/remote_backends.py --size 1G --backends local,sftp-openssh,sftp-paramiko
+
+``sftp`` takes the transport vmvault chooses by itself; ``sftp-openssh`` and ``sftp-paramiko``
+force one (``?transport=`` in the location).
 
 SFTP goes to an OpenSSH server on 127.0.0.1 (``tests/servers.py`` starts one with its own
 keys); S3 goes to a moto server on 127.0.0.1. Both servers run on the same machine, so
-their CPU time competes with the backup's: these figures are the protocol's and the
-client's overhead, not a network's. Each run is a full backup with the ``vmvault`` command
-(default settings, encryption on), timed to durability like ``compare.py``, and the
-repository is deleted afterwards.
+their CPU time competes with vmvault's: these figures are the protocol's and the client's
+overhead, not a network's. Each backup is a full backup with the ``vmvault`` command (default
+settings, encryption on); each restore restores that snapshot into an empty folder (cold page
+cache, default settings) through ``vmvault.engine.restore`` (what ``vmvault restore`` runs), in
+a child process that reports the storage operations it sent (``Backend.requests``). Both are
+timed to durability like ``compare.py``; the repository is deleted afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import filecmp
+import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -26,16 +35,105 @@ sys.path.insert(0, str(ROOT / "tests"))
 PASSWORD = "benchmark passphrase"
 
 
-def vmvault_backup(url: str, src: Path, env: dict[str, str]) -> tuple[float, float]:
+def restore_child(url: str, target: str) -> None:
+    """In the child: restore the latest snapshot of ``url`` into ``target``; print one JSON line
+    with the storage operations the restore sent."""
+    from vmvault.backends import open_backend
+    from vmvault.engine.restore import restore
+    from vmvault.repo.repository import Repository
+
+    backend = open_backend(url)
+    repo = Repository.open(backend, PASSWORD.encode())
+    snap = repo.find_snapshot("latest")
+    before = backend.requests.to_dict()
+    result = restore(repo, snap, target)
+    after = backend.requests.to_dict()
+    chunks = sum(1 for d in snap.disks for _ in _stored_chunks(repo, snap, d))
+    repo.close()  # ends and reaps the backend's ssh processes, if any
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(
+        json.dumps(
+            {
+                "requests": {k: after[k] - before[k] for k in after},
+                "chunks": chunks,
+                "bytes_written": result.bytes_written,
+                "cpu_s": usage.ru_utime + usage.ru_stime,
+                "ssh_cpu_s": children.ru_utime + children.ru_stime,
+            }
+        )
+    )
+
+
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds a server process has used, with its children (ended ones included once it
+    reaped them, as sshd does its sessions; live ones read from /proc)."""
+    if pid is None:
+        return 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime (fields 14-17 of stat; 11-14 after the name)
+        total += sum(int(f) for f in fields[11:15]) / tick
+        todo.extend(children.get(current, []))
+    return total
+
+
+def _stored_chunks(repo: object, snap: object, record: object) -> list[bytes]:
+    from vmvault.repo.format import ChunkResolver, is_chunk
+
+    resolver = ChunkResolver(repo, snap, record)  # type: ignore[arg-type]
+    return [e for _c, e in resolver.entries(flatten=True) if is_chunk(e)]
+
+
+def vmvault_run(url: str, src: Path, target: Path, env: dict[str, str], server: int | None = None) -> dict[str, float]:
     base = [sys.executable, "-m", "vmvault", "-r", url, "-q"]
     env = {**env, "VMVAULT_PASSWORD": PASSWORD}
     timed_child([*base, "init"], env=env)
     drop_caches()
-    run = timed_child([*base, "backup", str(src)], env=env)
-    return run.seconds, run.max_rss_mib
+    backup = timed_child([*base, "backup", str(src)], env=env)
+    drop_caches()
+    server_cpu = tree_cpu(server)
+    restore = timed_child([sys.executable, __file__, "--restore-child", url, str(target)], env=env)
+    server_cpu = tree_cpu(server) - server_cpu
+    report = json.loads(restore.stdout.strip().splitlines()[-1])
+    (restored,) = list(target.iterdir())
+    if not filecmp.cmp(restored, src, shallow=False):
+        raise SystemExit(f"{url}: the restored disk differs from the image")
+    shutil.rmtree(target, ignore_errors=True)
+    return {
+        "backup_s": backup.seconds,
+        "backup_rss": backup.max_rss_mib,
+        "restore_s": restore.seconds,
+        "restore_rss": restore.max_rss_mib,
+        "gets": report["requests"]["get"],
+        "bytes_read": report["requests"]["bytes_read"],
+        "retries": report["requests"]["retries"],
+        "chunks": report["chunks"],
+        "restore_cpu": report["cpu_s"],
+        "ssh_cpu": report["ssh_cpu_s"],
+        "server_cpu": server_cpu,
+    }
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--restore-child":
+        restore_child(sys.argv[2], sys.argv[3])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="4G")
     ap.add_argument("--backends", default="local,sftp,s3")
@@ -51,14 +149,16 @@ def main() -> None:
     tmp = scratch / "tmp"
     tmp.mkdir()
     os.environ["TMPDIR"] = str(tmp)
-    results: dict[str, tuple[float, float]] = {}
+    target = scratch / "restore"
+    results: dict[str, dict[str, float]] = {}
+    load = os.getloadavg()[0]
     try:
         for name in args.backends.split(","):
             print(f"== {name}", file=sys.stderr, flush=True)
             if name == "local":
-                results[name] = vmvault_backup(str(scratch / "local-repo"), src, {})
+                results[name] = vmvault_run(str(scratch / "local-repo"), src, target, {})
                 shutil.rmtree(scratch / "local-repo", ignore_errors=True)
-            elif name == "sftp":
+            elif name in ("sftp", "sftp-openssh", "sftp-paramiko"):
                 from servers import SshServer
 
                 ssh = SshServer(scratch / "sshd")
@@ -71,7 +171,9 @@ def main() -> None:
                 )
                 ssh.start()
                 try:
-                    results[name] = vmvault_backup(ssh.url("repo"), src, ssh.env)
+                    pid = ssh.process.pid if ssh.process else None
+                    url = ssh.url("repo") + (f"?transport={name[5:]}" if name != "sftp" else "")
+                    results[name] = vmvault_run(url, src, target, ssh.env, pid)
                 finally:
                     ssh.stop()
                     shutil.rmtree(scratch / "sshd", ignore_errors=True)
@@ -81,7 +183,8 @@ def main() -> None:
                 s3 = S3Server(scratch / "moto", buckets=("bench",))
                 s3.start()
                 try:
-                    results[name] = vmvault_backup(s3.url("bench", "repo"), src, S3Server.client_env())
+                    pid = s3.process.pid if s3.process else None
+                    results[name] = vmvault_run(s3.url("bench", "repo"), src, target, S3Server.client_env(), pid)
                 finally:
                     s3.stop()
                     shutil.rmtree(scratch / "moto", ignore_errors=True)
@@ -91,31 +194,49 @@ def main() -> None:
             time.sleep(1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    local = results.get("local")
-    rows = []
-    for name, (secs, rss) in results.items():
-        ratio = f"{secs / local[0]:.2f}×" if local else "–"
-        rows.append(f"| {name} | {secs:.1f} | {ratio} | {rss:.0f} |")
-    text = "\n".join(
-        [
-            f"Command: `python bench/remote_backends.py --size {args.size} --backends {args.backends}`",
-            "",
-            f"Machine: {machine()}",
-            "",
-            f"Full backup of the {args.size} test image ({src.stat().st_blocks * 512 / 2**30:.1f} GiB allocated) "
-            "with `vmvault backup`, default settings. SFTP: OpenSSH `sshd` (internal-sftp) on 127.0.0.1; "
-            "S3: moto server on 127.0.0.1 (both servers share the 2 cores with the backup). Peak RSS is vmvault's.",
-            "",
-            "| repository | full backup (s) | time / local | peak RSS (MiB) |",
-            "| --- | --- | --- | --- |",
-            *rows,
-        ]
-    )
+    load = max(load, os.getloadavg()[0])
+    text = render(args, src, results, load)
     print(text)
     if args.write:
         from compare import write_section
 
         write_section(Path(args.write), "remote-backends", text)
+
+
+def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, float]], load: float) -> str:
+    local = results.get("local")
+    rows = []
+    for name, r in results.items():
+        backup_ratio = f"{r['backup_s'] / local['backup_s']:.2f}×" if local else "–"
+        restore_ratio = f"{r['restore_s'] / local['restore_s']:.2f}×" if local else "–"
+        rows.append(
+            f"| {name} | {r['backup_s']:.1f} | {backup_ratio} | {r['restore_s']:.1f} | {restore_ratio} | "
+            f"{r['gets']:,.0f} | {r['chunks']:,.0f} | {r['bytes_read'] / 2**20:,.0f} | "
+            f"{r['restore_cpu']:.1f} | {r['ssh_cpu']:.1f} | {r['server_cpu']:.1f} | "
+            f"{max(r['backup_rss'], r['restore_rss']):.0f} |"
+        )
+    return "\n".join(
+        [
+            f"Command: `python bench/remote_backends.py --size {args.size} --backends {args.backends}`",
+            "",
+            f"Machine: {machine()}; load average {load:.1f} during the run (other work shares the 2 cores)",
+            "",
+            f"Full backup of the {args.size} test image ({src.stat().st_blocks * 512 / 2**30:.1f} GiB allocated) "
+            "with `vmvault backup`, then a restore of that snapshot into an empty folder (cold page cache, "
+            "byte-compared with the image afterwards), default settings. SFTP: OpenSSH `sshd` (internal-sftp) "
+            "on 127.0.0.1, reached through `ssh` child processes (`sftp`, `sftp-openssh`) or paramiko's SSH in "
+            "Python (`sftp-paramiko`); S3: moto server on 127.0.0.1 (both servers share the 2 cores with vmvault). "
+            "Reads: the storage operations the restore sent (`Backend.requests`: ranged GETs of packs, index and "
+            "snapshot reads), against the chunks it restored. CPU: seconds (user + system) of the restoring process, "
+            "of its ssh child processes (the OpenSSH transport's encryption), and of the server with its "
+            "session processes during the restore. Peak RSS is vmvault's.",
+            "",
+            "| repository | full backup (s) | backup / local | restore (s) | restore / local | restore reads "
+            "| chunks restored | MiB read | restore CPU (s) | its ssh CPU (s) | server CPU (s) | peak RSS (MiB) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Reading a disk through ``vmvault mount`` against restoring it.
+
+Backs up the benchmark test image (``--size``, the developers' generator when it is there)
+into a local repository, then, each from a cold start (a new process, an empty chunk cache):
+restores the snapshot with ``vmvault restore``; mounts it with ``vmvault mount`` and reads
+the disk sequentially in 1 MiB reads; reads it again with four readers at once, each a
+quarter; copies it out with ``qemu-img convert`` (which skips holes through SEEK_DATA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import OUT, ROOT, machine, make_image, run, timed_child
+
+MiB = 1 << 20
+
+
+def vmvault(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vmvault", *args]
+
+
+def serving(point: Path) -> bool:
+    if not os.path.ismount(point):
+        return False
+    try:
+        os.listdir(point)
+    except OSError:
+        return False
+    return True
+
+
+def mount(point: Path, env: dict[str, str], cache: str) -> subprocess.Popen[bytes]:
+    point.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        vmvault("mount", str(point), "--cache-size", cache),
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not serving(point):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("vmvault mount did not come up")
+        time.sleep(0.05)
+    return proc
+
+
+def unmount(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+def read_range(path: Path, start: int, end: int, piece: int = MiB) -> bytes:
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = start
+        while pos < end:
+            data = os.pread(fd, min(piece, end - pos), pos)
+            if not data:
+                break
+            h.update(data)
+            pos += len(data)
+    finally:
+        os.close(fd)
+    return h.digest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="2G", help="size of the test image (default 2G)")
+    ap.add_argument("--cache", default="64M", help="vmvault mount --cache-size (default 64M)")
+    ap.add_argument("--write", help="write the result section into this markdown file")
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mount-read-", dir=OUT))
+    env = {
+        "VMVAULT_REPO": str(work / "repo"),
+        "VMVAULT_PASSWORD": "benchmark passphrase",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    try:
+        image = OUT / f"test-{args.size}.raw"
+        make_image(image, args.size)
+        vm = work / "vm"
+        vm.mkdir()
+        os.link(image, vm / "disk.raw") if os.stat(image).st_dev == os.stat(vm).st_dev else shutil.copy(image, vm)
+        size = image.stat().st_size
+        allocated = image.stat().st_blocks * 512
+        run(vmvault("init", "-q"), env=env)
+        run(vmvault("backup", "-q", str(vm)), env=env)
+        rows = []
+        load_before = os.getloadavg()[0]
+
+        restored = timed_child(vmvault("restore", "-q", "latest", "--target", str(work / "restored")), env=env)
+        rows.append(("`vmvault restore` (written and synced)", restored.seconds))
+        shutil.rmtree(work / "restored")
+
+        point = work / "mnt"
+        proc = mount(point, env, args.cache)
+        disk = next((point / "by-vm").glob("*/latest")).resolve() / "disk.raw"
+        started = time.monotonic()
+        whole = read_range(disk, 0, size)
+        rows.append(("mount: one sequential reader, 1 MiB reads", time.monotonic() - started))
+        unmount(proc)
+        assert whole == read_range(image, 0, size), "the mounted disk differs from the image"
+
+        proc = mount(point, env, args.cache)
+        quarters = [(i * size // 4, (i + 1) * size // 4) for i in range(4)]
+        threads = [threading.Thread(target=read_range, args=(disk, a, b)) for a, b in quarters]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows.append(("mount: four readers at once, a quarter each", time.monotonic() - started))
+        unmount(proc)
+
+        if shutil.which("qemu-img"):
+            proc = mount(point, env, args.cache)
+            started = time.monotonic()
+            run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(disk), str(work / "copy.raw")])
+            os.sync()
+            seconds = time.monotonic() - started
+            rows.append(("mount: `qemu-img convert` to a local raw file (holes skipped, synced)", seconds))
+            unmount(proc)
+            (work / "copy.raw").unlink()
+
+        text = "\n".join(
+            [
+                f"Command: `python bench/mount_read.py --size {args.size} --cache {args.cache}`",
+                "",
+                f"Machine: {machine()}; load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at "
+                "the end (other work on the machine: compare rows of one run, not runs)",
+                "",
+                f"Disk: the {args.size} test image ({allocated / MiB:.0f} MiB allocated) in a local repository "
+                "(256 KiB chunks, default settings). Each row starts a new process with an empty chunk cache; "
+                "MiB/s is over the disk's whole size (holes read as zeros without fetching anything).",
+                "",
+                "| operation | seconds | MiB/s |",
+                "| --- | --- | --- |",
+                *[f"| {what} | {seconds:.1f} | {size / MiB / seconds:.0f} |" for what, seconds in rows],
+            ]
+        )
+        print(text)
+        if args.write:
+            from compare import write_section
+
+            write_section(Path(args.write), "mount-read", text)
+    finally:
+        for leftover in (work / "mnt",):
+            if os.path.ismount(leftover):
+                subprocess.run(["fusermount3", "-u", "-z", str(leftover)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

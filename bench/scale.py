@@ -1,0 +1,347 @@
+"""How vmvault's commands scale with the size of the repository's index.
+
+    python bench/scale.py --chunks N [--json] [--work DIR] [--disk-size 4G] [--keep] [--base DIR]
+
+Builds a repository whose index holds N chunks besides a real 4 GiB disk, then measures,
+each command in a process of its own (wall time, peak RSS from wait4): ``open`` (open the
+repository, bring this host's index cache up to date, read the first chunk of the newest
+snapshot), ``backup`` (the 4 GiB disk), ``backup_changed`` (again after a 1 % change),
+``restore``, ``snapshots``, ``check`` and ``prune`` (after forgetting the first backup).
+With ``--json`` the last line is one JSON object:
+``{"chunks": N, "ops": {"backup": {"seconds": ..., "peak_rss_mib": ..., "cpu_seconds": ...}, ...},
+"setup": {...}}``. CPU seconds (user + system, from wait4) are given beside the wall time:
+on a machine shared with other work the wall time is not the command's alone.
+
+What is synthetic, and what is not:
+
+* The N chunks are not stored. Their ids are random; they are listed in real, encrypted
+  index files (version 2, 131,072 chunks each, about 6 MiB: the size prune folds small
+  files into, so prune leaves them alone as it would after earlier prunes) in packs of 64
+  chunks of 160,000 sealed bytes (256 KiB chunks, 16 MiB packs). Each pack is a sparse file
+  of its recorded length: listing, sizes and presence checks see a real pack, but its bytes
+  are zeros, so ``check --read-data`` would fail on them (it is not measured).
+* Snapshots name every synthetic chunk: one per 4 M chunks (a 1 TiB disk), through real,
+  encrypted index blocks in real packs (128 KiB of ids per 4,096 chunks). So check and
+  prune read and account for every chunk, as at that size for real.
+* The 4 GiB disk, its backups, the restore and the pruned data are real.
+* The synthetic index files are stored without going through this host's index cache (added
+  to a growing cache one by one, they cost 89 GB of database writes before 10 M chunks); the
+  cache the commands use is then built from scratch by one sync: ``setup.cache_rebuild``,
+  the time a host that has never seen the repository needs, not part of any command.
+
+With ``--base DIR`` the synthetic repository and its cache, once built, are kept in DIR, and a
+later run with the same ``--chunks`` and ``--work`` starts from a copy of them (the build of
+4 M chunks takes minutes). The copy's objects are hard links, whose new ctimes a local
+listing reports as changed objects: one sync, not part of any command, reads the index files
+again (``setup.resync_seconds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import OUT, fresh, machine, make_image, mutate
+
+PASSWORD = "benchmark passphrase"
+CHUNK = 256 << 10
+PER_PACK = 64
+SEALED = 160_000
+#: chunks per synthetic index file (131,072 x 45 bytes: about 6 MiB, above prune's 4 MiB fold)
+PER_FILE = 2048 * PER_PACK
+#: chunks per synthetic snapshot (a 1 TiB disk)
+PER_SNAPSHOT = 4 << 20
+
+
+def _env(work: Path) -> dict[str, str]:
+    return {
+        "VMVAULT_PASSWORD": PASSWORD,
+        "VMVAULT_CACHE_DIR": str(work / "cache"),
+        "VMVAULT_STATE_DIR": str(work / "state"),
+        "VMVAULT_TEST_CHEAP_KDF": "",
+    }
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """Run ``cmd``: (wall seconds, CPU seconds, peak RSS in MiB, stdout), the last two from
+    wait4 for that process alone. CPU time is given because the wall time of a machine shared
+    with other work is not the command's alone."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=err)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.monotonic() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            tail = err.read().decode(errors="replace")[-4000:]
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+        return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.read().decode()
+
+
+def _cli(repo: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "vmvault", "-r", str(repo), "-q", *args]
+
+
+# ---- the synthetic part (run in a child: python scale.py --build-synthetic ...) ---------------
+
+
+def build_synthetic(repo_path: Path, chunks: int) -> None:
+    from vmvault.backends.local import LocalBackend
+    from vmvault.repo.crypto import seal_envelope
+    from vmvault.repo.format import INDEX_SPAN, BlobType, IndexBlockBuilder
+    from vmvault.repo.index import IndexFile
+    from vmvault.repo.pack import BlobEntry, pack_name
+    from vmvault.repo.repository import Repository
+    from vmvault.repo.snapshot import DiskRecord, Snapshot
+
+    repo = Repository.open(LocalBackend(str(repo_path)), PASSWORD.encode())
+
+    def store_index_file(index_file: IndexFile) -> None:
+        # sealed and named as Repository.write_index_file does, but not added to this host's
+        # cache: the cache is deleted after the build and built again from the stored files
+        payload = index_file.encode()
+        name = f"index/{hashlib.sha256(payload).hexdigest()}"
+        repo.backend.put(name, seal_envelope(repo.key, payload, name.encode()))
+
+    packs_done = 0
+    snap_no = 0
+    pending: list[bytes] = []  # chunk ids of the snapshot being built
+    current = IndexFile(version=2)
+    in_file = 0
+    pack_len = PER_PACK * SEALED + 32 + PER_PACK * 45 + 16 + 8  # blobs, sealed header, trailer
+
+    def flush_snapshot() -> None:
+        nonlocal pending, snap_no
+        if not pending:
+            return
+        writer = repo.writer(upload_threads=2)
+        index: list[str | None] = []
+        try:
+            for b in range(0, len(pending), INDEX_SPAN):
+                refs = pending[b : b + INDEX_SPAN]
+                builder = IndexBlockBuilder(len(refs))
+                builder.set(0, refs)
+                index.append(writer.add_index_block(builder.build()))
+        finally:
+            writer.close()
+        disk = DiskRecord(
+            name="synthetic.raw",
+            format="raw",
+            size=len(pending) * CHUNK,
+            chunk_size=CHUNK,
+            index_span=INDEX_SPAN,
+            index=index,
+        )
+        repo.save_snapshot(
+            Snapshot(
+                time=f"2026-01-01T00:00:{snap_no:02d}.000000+00:00",
+                hostname="synthetic",
+                username="bench",
+                source={"kind": "files", "location": f"synthetic-{snap_no}"},
+                tags=["synthetic"],
+                disks=[disk],
+            )
+        )
+        snap_no += 1
+        pending = []
+
+    left = chunks
+    with repo.lock(exclusive=False, operation="backup"):
+        while left:
+            n = min(PER_PACK, left)
+            ids = os.urandom(32 * n)
+            entries = [BlobEntry(BlobType.DATA, ids[i * 32 : i * 32 + 32], i * SEALED, SEALED, CHUNK) for i in range(n)]
+            pack_id = os.urandom(32)
+            path = repo_path / pack_name(pack_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            length = pack_len - (PER_PACK - n) * (SEALED + 45)
+            with open(path, "wb") as f:
+                f.truncate(length)
+            current.packs[pack_id] = entries
+            current.lengths[pack_id] = length
+            in_file += n
+            pending.extend(e.id for e in entries)
+            left -= n
+            packs_done += 1
+            if in_file >= PER_FILE or not left:
+                store_index_file(current)
+                current, in_file = IndexFile(version=2), 0
+            if len(pending) >= PER_SNAPSHOT:
+                flush_snapshot()
+        flush_snapshot()
+    repo.close()
+
+
+def open_and_read_first(repo_path: Path, *, read: bool = True) -> None:
+    """What every reading command does first: open, sync the cache, read a chunk."""
+    from vmvault.backends.local import LocalBackend
+    from vmvault.repo.format import BlobType, is_chunk
+    from vmvault.repo.repository import Repository
+
+    started = time.monotonic()
+    repo = Repository.open(LocalBackend(str(repo_path)), PASSWORD.encode())
+    repo.load_index()
+    if not read:
+        print(json.dumps({"sync_seconds": time.monotonic() - started}))
+        repo.close()
+        return
+    snaps = [repo.load_snapshot(s) for s in repo.snapshot_ids()]
+    newest = max((s for s in snaps if "synthetic" not in s.tags), key=lambda s: s.time)
+    disk = newest.disks[0]
+    block_id = next(b for b in disk.index if b is not None)
+    block = repo.read_index_block(block_id)
+    chunk = next(c for c in block.chunk_ids() if is_chunk(c))
+    data = repo.get_blob(BlobType.DATA, chunk)
+    print(json.dumps({"first_chunk_seconds": time.monotonic() - started, "bytes": len(data)}))
+    repo.close()
+
+
+# ---- the measured run ---------------------------------------------------------------------------
+
+
+def _build(chunks: int, work: Path, env: dict[str, str]) -> dict[str, float]:
+    """Init the repository, write the synthetic part, build this host's cache from nothing."""
+    repo = work / "repo"
+    setup: dict[str, float] = {}
+    timed(_cli(repo, "init"), env)
+    t = time.monotonic()
+    timed([sys.executable, __file__, "--build-synthetic", str(repo), "--chunks", str(chunks)], env)
+    setup["synthetic_build_seconds"] = time.monotonic() - t
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    wall, cpu, rss, _ = timed([sys.executable, __file__, "--sync", str(repo)], env)
+    setup["cache_rebuild_seconds"] = wall
+    setup["cache_rebuild_cpu_seconds"] = cpu
+    setup["cache_rebuild_peak_rss_mib"] = rss
+    return setup
+
+
+def _copy_base(src: Path, dst: Path) -> None:
+    """Copy a built repository and its host's cache and state. The repository's objects are
+    never changed in place (written under a temporary name, renamed, deleted), so hard links
+    share them; the cache's database is changed in place and is copied."""
+    subprocess.run(["cp", "-al", str(src / "repo"), str(dst / "repo")], check=True)
+    for folder in ("cache", "state"):
+        if (src / folder).exists():
+            subprocess.run(["cp", "-a", "--sparse=always", str(src / folder), str(dst / folder)], check=True)
+
+
+def measure(
+    chunks: int, work: Path, disk_size: str, *, keep: bool = False, base: Path | None = None
+) -> dict[str, object]:
+    env = _env(work)
+    repo = work / "repo"
+    src = work / "src" / "vm-disk.raw"
+    target = work / "restore"
+    fresh(work)
+    src.parent.mkdir()
+    setup: dict[str, float] = {}
+
+    t = time.monotonic()
+    make_image(src, disk_size, seed=11)  # made in place (no second copy on a full disk)
+    setup["image_seconds"] = time.monotonic() - t
+    if base is not None and (base / f"built-{chunks}").exists():
+        _copy_base(base, work)
+        # a link changes each object's ctime, part of its stamp in a local listing: one sync
+        # takes the new stamps (reading every index file again, keeping its rows)
+        setup["resync_seconds"] = timed([sys.executable, __file__, "--sync", str(work / "repo")], env)[0]
+    else:
+        setup.update(_build(chunks, work, env))
+        if base is not None:
+            fresh(base)
+            _copy_base(work, base)
+            (base / f"built-{chunks}").write_text(json.dumps(setup))
+    cache_bytes = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file())
+    setup["cache_mib"] = cache_bytes / 2**20
+
+    ops: dict[str, dict[str, float]] = {}
+
+    def op(name: str, cmd: list[str]) -> str:
+        wall, cpu, rss, out = timed(cmd, env)
+        ops[name] = {"seconds": round(wall, 2), "peak_rss_mib": round(rss, 1), "cpu_seconds": round(cpu, 2)}
+        print(f"  {name}: {wall:.1f} s ({cpu:.1f} s CPU), {rss:.0f} MiB", file=sys.stderr, flush=True)
+        return out
+
+    op("backup", _cli(repo, "backup", str(src)))
+    mutate(src, 1.0, seed=12)
+    op("backup_changed", _cli(repo, "backup", str(src)))
+    out = op("open", [sys.executable, __file__, "--open", str(repo)])
+    ops["open"]["first_chunk_seconds"] = round(json.loads(out.strip().splitlines()[-1])["first_chunk_seconds"], 2)
+    op("snapshots", _cli(repo, "snapshots"))
+    fresh(target)
+    op("restore", _cli(repo, "restore", "latest", "--target", str(target)))
+    restored = next(p for p in target.rglob("vm-disk.raw"))
+    if subprocess.run(["cmp", "-s", str(restored), str(src)]).returncode != 0:
+        raise SystemExit("the restored disk differs from the source")
+    shutil.rmtree(target)
+    op("check", _cli(repo, "check"))
+    listing = json.loads(
+        subprocess.run(
+            _cli(repo, "snapshots", "--json"), env={**os.environ, **env}, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    real = sorted((s for s in _snapshot_list(listing) if "synthetic" not in s.get("tags", [])), key=lambda s: s["time"])
+    subprocess.run(_cli(repo, "forget", real[0]["id"]), env={**os.environ, **env}, check=True, capture_output=True)
+    op("prune", _cli(repo, "prune"))
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"chunks": chunks, "ops": ops, "setup": {k: round(v, 2) for k, v in setup.items()}}
+
+
+def _snapshot_list(doc: object) -> list[dict[str, object]]:
+    if isinstance(doc, dict):
+        for key in ("snapshots", "items"):
+            if isinstance(doc.get(key), list):
+                return doc[key]  # type: ignore[no-any-return]
+    if isinstance(doc, list):
+        return doc
+    raise SystemExit(f"cannot read the snapshot list: {str(doc)[:200]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunks", type=int, default=0, help="synthetic chunks in the index (default 0)")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line")
+    ap.add_argument("--work", type=Path, default=OUT / "scale", help="scratch folder (emptied)")
+    ap.add_argument("--disk-size", default="4G", help="the real disk backed up (default 4G)")
+    ap.add_argument("--keep", action="store_true", help="leave the scratch folder (repository, cache) behind")
+    ap.add_argument(
+        "--base",
+        type=Path,
+        help="keep the built synthetic repository and its cache here, and start later runs with the "
+        "same --chunks and --work from a copy of them (hard links: on the file system of --work)",
+    )
+    ap.add_argument("--build-synthetic", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--open", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--sync", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.build_synthetic:
+        build_synthetic(args.build_synthetic, args.chunks)
+        return
+    if args.open or args.sync:
+        open_and_read_first(args.open or args.sync, read=bool(args.open))
+        return
+    print(f"machine: {machine()}", file=sys.stderr)
+    print(f"{args.chunks:,} synthetic chunks, a {args.disk_size} disk", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    result = measure(args.chunks, args.work, args.disk_size, keep=args.keep, base=args.base)
+    result["setup"]["total_seconds"] = round(time.monotonic() - started, 1)  # type: ignore[index]
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, r in result["ops"].items():  # type: ignore[attr-defined]
+            print(f"{name:15} {r['seconds']:8.1f} s {r['peak_rss_mib']:8.0f} MiB")
+        print(json.dumps(result["setup"]))
+
+
+if __name__ == "__main__":
+    main()
