@@ -377,7 +377,7 @@ def script_argv(script: str) -> list[str]:
     import shlex
 
     text = Path(script).read_text()
-    assert text.count("\n") == text.count("\\\n") + 3  # #!, one comment line, the command's last line
+    assert text.count("\n") == text.count("\\\n") + 4  # #!, a comment line, cd, the command's last line
     return shlex.split(text.split("exec ", 1)[1].replace("\\\n", " "))[:-1]
 
 

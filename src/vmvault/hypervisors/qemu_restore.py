@@ -6,7 +6,8 @@ cards with their MAC addresses, and, when the QMP peer's PID was known, the exac
 command line. ``write_restore_files`` turns that into
 
 * ``run-<name>.sh``: the QEMU command line with the disk paths pointing at the restored
-  files (extra arguments given to the script are appended);
+  files, run in the output folder (extra arguments given to the script are appended, and a
+  relative path among them is relative to that folder);
 * ``<name>.xml``: a libvirt domain (``virsh define``) with the same disks and cards.
 
 With ``as_clone=NAME`` the restored VM gets a new identity so that it can run beside the
@@ -110,11 +111,22 @@ _HOST_PROPS = frozenset(
 )  # fmt: skip
 #: -device drivers that pass a host device through or load host files
 _HOST_DEVICES = ("vfio", "usb-host", "pci-assign", "loader", "guest-loader", "vhost-scsi", "vhost-user", "ivshmem")
+#: network backends kept: none of their properties may name a host program, file or remote
+#: address once confined (``script=``, ``helper=``, ``smb=``, ``tftp=``, ``guestfwd=``, ``fd=``
+#: are host properties; ``hostfwd=`` is rewritten, ``ifname=`` left out: ``_Rewriter._netdev``).
+#: socket, stream, dgram, vde, l2tpv3, vhost-user, vhost-vdpa, netmap, af-xdp ... are left out.
 _NETDEVS = frozenset(["user", "tap", "bridge", "hubport", "none", "nic"])
+#: chardev backends kept; a socket on a network address and udp become unix sockets
 _CHARDEVS = frozenset(
-    ["socket", "pty", "null", "vc", "ringbuf", "memory", "spicevmc", "spiceport", "msmouse", "wctablet",
+    ["socket", "udp", "pty", "null", "vc", "ringbuf", "memory", "spicevmc", "spiceport", "msmouse", "wctablet",
      "braille", "testdev", "qemu-vdagent", "stdio", "mux"]
 )  # fmt: skip
+#: -chardev properties that give a network address (socket: host, port, to, ipv4, ipv6; udp:
+#: localaddr, localport; QEMU's qemu_chardev_opts)
+_NET_CHARDEV_KEYS = frozenset(["host", "port", "to", "ipv4", "ipv6", "localaddr", "localport"])
+#: -chardev socket properties a unix socket in the output folder keeps (``abstract=on`` would put
+#: it in the abstract namespace, where any local user may connect: no file, no permissions)
+_UNIX_CHARDEV_DROP = frozenset(["abstract", "tight"])
 _OBJECTS = frozenset(
     ["memory-backend-ram", "memory-backend-memfd", "iothread", "rng-builtin", "rng-random", "throttle-group",
      "main-loop", "thread-context", "cryptodev-backend-builtin", "secret"]
@@ -122,13 +134,18 @@ _OBJECTS = frozenset(
 _AUDIO = frozenset(["none", "pa", "pipewire", "spice", "sdl", "dbus"])
 #: options whose value is a character device target (``unix:PATH`` is moved to the output folder)
 _CHAR_OPTIONS = ("-serial", "-monitor", "-qmp", "-qmp-pretty", "-parallel")
-#: character device targets of -serial, -monitor, -qmp, -parallel that stay in QEMU
 #: what may follow a socket's address in -serial, -monitor, -qmp (``logfile=`` would write anywhere)
 _SOCKET_FLAG = re.compile(r"server|nowait|nodelay|(server|wait|nodelay|telnet)=(on|off)|reconnect=\d+")
-_SIMPLE_CHAR = re.compile(
-    r"(stdio|pty|null|none|vc(:\d+C?[xX]\d+C?)?|mon:stdio|chardev:[A-Za-z0-9_.-]+"
-    r"|(tcp|telnet):[A-Za-z0-9.:\[\]-]*(,(server|nowait|nodelay|(server|wait|nodelay|telnet)=(on|off)|reconnect=\d+))*)"
-)
+#: character device targets of -serial, -monitor, -qmp, -parallel that stay in QEMU (after an
+#: optional ``mon:``)
+_SIMPLE_CHAR = re.compile(r"stdio|pty|null|none|vc(:\d+C?[xX]\d+C?)?|chardev:[A-Za-z0-9_.-]+")
+#: the same targets' network forms (chardev/char.c, qemu_chr_parse_compat): each becomes a unix
+#: socket in the output folder, whatever follows the prefix
+_NET_CHAR = ("tcp:", "telnet:", "tn3270:", "websocket:", "udp:")
+#: a property value in QEMU's socket address syntax (``tcp:HOST:PORT``, ``inet:``, ``vsock:``)
+_NET_VALUE = re.compile(r"(mon:)?(tcp|udp|telnet|tn3270|websocket|inet|vsock|fd):", re.IGNORECASE)
+#: a user network's port forward: ``[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport``
+_HOSTFWD = re.compile(r"(tcp|udp)?:([0-9.]*):(\d{1,5})-([0-9.]*):(\d{1,5})")
 #: -blockdev drivers for the restored files and the nodes above them
 _BLOCK_DRIVERS = frozenset(["file", "qcow2", "raw", "throttle", "copy-on-read", "blkdebug"]) - {"blkdebug"}
 #: firmware as distributions install it
@@ -241,6 +258,7 @@ class _Rewriter:
         clone: bool,
         name: str,
         uuid: str,
+        reserved: frozenset[str] = frozenset(),
     ) -> None:
         self.clone = clone
         self.name = name
@@ -261,11 +279,23 @@ class _Rewriter:
         self.warnings: list[str] = []
         #: ids and node names of options left out: what uses them is left out too
         self._dropped: set[str] = set()
+        #: names in the output folder that a socket or the pid file must not take
+        self._taken = set(reserved) | {os.path.basename(p) for p in disks.values()}
 
     def _moved(self, path: str) -> str:
-        """A socket or pid file: the same file name, in the output folder (a recorded path could
-        name any host file, which QEMU would replace or unlink)."""
-        return os.path.join(self.out_dir, os.path.basename(path) or "socket")
+        """A socket or pid file: its file name, in the output folder (a recorded path could name
+        any host file, which QEMU would replace or unlink). The name is made of ``[A-Za-z0-9._-]``,
+        never hidden, and is one no restored disk, restore file, other socket or existing entry
+        has: QEMU unlinks a socket's path before it binds and truncates the pid file, so
+        ``-qmp unix:/x/disk.qcow2`` would otherwise delete the restored disk."""
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(path)).lstrip(".")[:64] or "socket"
+        stem, ext = os.path.splitext(base)
+        name, n = base, 1
+        while name in self._taken or os.path.lexists(os.path.join(self.out_dir, name)):
+            n += 1
+            name = f"{stem}-{n}{ext}"
+        self._taken.add(name)
+        return os.path.join(self.out_dir, name)
 
     def _leave(self, opt: str, value: str, why: str) -> None:
         self.warnings.append(f"{opt} {value[:120]!r} is left out: {why}")
@@ -275,7 +305,10 @@ class _Rewriter:
                 self._dropped.add(_unesc(val))
         if value.lstrip().startswith("{"):
             with contextlib.suppress(ValueError, RecursionError):
-                self._dropped.update(_json_names(json.loads(value)))
+                spec = json.loads(value)
+                self._dropped.update(_json_names(spec))
+                if isinstance(spec, dict) and isinstance(spec.get("id"), str):
+                    self._dropped.add(spec["id"])  # (-netdev {"type": ..., "id": ...})
 
     def confine(self, opt: str, value: str) -> str | None:
         """``value`` with what reaches the host taken out, or None: the option is left out."""
@@ -290,20 +323,13 @@ class _Rewriter:
             self._leave(opt, value, "it is not firmware installed on this host")
             return None
         if opt in _CHAR_OPTIONS:
-            if value.startswith("chardev:") and value[8:] in self._dropped:
-                self._leave(opt, value, f"it uses {value[8:]!r}, which is left out")
-                return None
-            unix = value.startswith("unix:") and all(_SOCKET_FLAG.fullmatch(p) for p in _split_keyval(value[5:])[1:])
-            if unix or _SIMPLE_CHAR.fullmatch(value):
-                return value  # a unix socket's path is moved to the output folder
-            self._leave(opt, value, "it names a host file or device")
-            return None
+            return self._char_target(opt, value)
         spec = _json_option(value)
         if spec is False:
             self._leave(opt, value, "its JSON form holds nested values or paths vmvault does not check")
             return None
         # the JSON form (-device {"driver": ...}) is checked as the same key=value pairs
-        parts = _split_keyval(value) if spec is None else [f"{k}={_esc(str(v))}" for k, v in spec.items()]
+        parts = _split_keyval(value) if spec is None else [f"{k}={_esc(_json_text(v))}" for k, v in spec.items()]
         pairs = [(key, _unesc(val)) for key, sep, val in (p.partition("=") for p in parts) if sep]
         gone = [v for k, v in pairs if k in _REFERENCES and v in self._dropped]
         if gone:
@@ -337,6 +363,8 @@ class _Rewriter:
             return None
         if opt == "-chardev":
             keys = frozenset(["logfile", "fd"])  # a socket's path is moved to the output folder
+        if opt == "-audiodev":
+            keys = _HOST_PROPS | {"server"}  # a sound server elsewhere (pa: server=tcp:HOST)
         if opt == "-object":
             named = {v for k, v in pairs if k == "filename"}
             if (kinds & {"secret"} and any(k == "file" for k, _v in pairs)) or not named <= RNG_DEVICES:
@@ -344,6 +372,10 @@ class _Rewriter:
                 return None
             keys = _HOST_PROPS - {"filename"}  # the kernel's random source, checked above
         kept, dropped = _without(parts, keys)
+        if opt in ("-netdev", "-nic", "-net"):
+            # a tap's script=no runs nothing (without it, QEMU runs this host's /etc/qemu-ifup)
+            kept += [d for d in dropped if d in ("script=no", "downscript=no")]
+            dropped = [d for d in dropped if d not in kept]
         # what the lists above do not know (a driver's own property for a host file): any
         # other property whose value is a path (a chardev socket's path= is moved, not dropped)
         moved = {"path"} if opt == "-chardev" else set()
@@ -357,13 +389,111 @@ class _Rewriter:
         dropped += pathlike
         for d in dropped:
             self.warnings.append(f"{opt} {value[:60]!r}: {d.split('=', 1)[0]}= is left out (a host file or program)")
+        # likewise any property whose value is a network address in QEMU's socket syntax (a
+        # port forward is rewritten: ``_netdev``)
+        netlike = [p for p in kept if _NET_VALUE.match(p.partition("=")[2]) and p.partition("=")[0] != "hostfwd"]
+        kept = [p for p in kept if p not in netlike]
+        for d in netlike:
+            self.warnings.append(f"{opt} {value[:60]!r}: {d.split('=', 1)[0]}= is left out (a network address)")
+        if opt in ("-netdev", "-nic", "-net"):
+            kept = self._netdev(opt, value, kept)
         if not kept:
             self._leave(opt, value, "nothing is left of it")
             return None
-        if spec is not None:
-            names = {p.partition("=")[0] for p in kept}
-            return json.dumps({k: v for k, v in spec.items() if k in names}, separators=(",", ":"))
+        if spec is not None and opt != "-chardev":  # (QEMU reads -chardev as key=value pairs only)
+            out: dict[str, Any] = {}
+            for p in kept:
+                key, _, val = p.partition("=")
+                out[key] = spec[key] if p == f"{key}={_esc(_json_text(spec[key]))}" else _unesc(val)
+            return json.dumps(out, separators=(",", ":"))
         return ",".join(kept)
+
+    def _char_target(self, opt: str, value: str) -> str | None:
+        """A -serial, -monitor, -qmp or -parallel target, rewritten, or None (left out). A
+        network one (``tcp:``, ``telnet:``, ``tn3270:``, ``websocket:``, ``udp:``) becomes a
+        listening unix socket in the output folder: a monitor or QMP on a TCP port is host
+        command execution for whoever connects, a client connects to a host the snapshot
+        chose. A ``unix:`` one moves to the output folder; host files and devices go."""
+        prefix, target = ("mon:", value[4:]) if value.startswith("mon:") else ("", value)
+        if target.startswith("chardev:") and target[8:] in self._dropped:
+            self._leave(opt, value, f"it uses {target[8:]!r}, which is left out")
+            return None
+        if target.startswith(_NET_CHAR):
+            sock = self._moved(f"{opt.lstrip('-')}.sock")
+            self.warnings.append(
+                f"{opt} {value[:120]!r} opens or connects a network socket: it is the unix socket {sock} instead"
+            )
+            rewritten = f"unix:{_esc(sock)},server=on,wait=off"
+        elif target.startswith("unix:") and all(_SOCKET_FLAG.fullmatch(p) for p in _split_keyval(target[5:])[1:]):
+            parts = _split_keyval(target[5:])
+            sock = self._moved(_unesc(parts[0]))
+            rewritten = "unix:" + ",".join([_esc(sock), *parts[1:]])
+        elif _SIMPLE_CHAR.fullmatch(target):
+            return value
+        else:
+            self._leave(opt, value, "it names a host file or device")
+            return None
+        if opt.startswith("-qmp") and self.qmp_socket is None:
+            self.qmp_socket = sock
+        return prefix + rewritten
+
+    def _chardev(self, value: str) -> str:
+        """A confined -chardev: a socket on a network address, or a udp one, becomes a listening
+        unix socket in the output folder (keeping only its id and mux); a unix socket's path
+        moves there, outside the abstract namespace."""
+        parts = _split_keyval(value)
+        keys = {p.partition("=")[0] for p in parts}
+        backend = _kind(parts, "backend")
+        if backend == "udp" or (backend == "socket" and (keys & _NET_CHARDEV_KEYS or "path" not in keys)):
+            ident = next((_unesc(p[3:]) for p in parts if p.startswith("id=")), "")
+            sock = self._moved(f"{ident if _ID.fullmatch(ident) else 'chardev'}.sock")
+            self.warnings.append(
+                f"-chardev {value[:120]!r} opens or connects a network socket: it is the unix socket {sock} instead"
+            )
+            kept = [p for p in parts if p.partition("=")[0] in ("id", "mux")]
+            return ",".join(["socket", *kept, f"path={_esc(sock)}", "server=on", "wait=off"])
+        out = []
+        for p in parts:
+            key, _, val = p.partition("=")
+            if key == "path":
+                p = f"path={_esc(self._moved(_unesc(val)))}"
+            elif key in _UNIX_CHARDEV_DROP | _NET_CHARDEV_KEYS:  # (unused by other backends: gone too)
+                self.warnings.append(f"-chardev {value[:60]!r}: {key}= is left out (a socket outside the folder)")
+                continue
+            out.append(p)
+        return ",".join(out)
+
+    def _netdev(self, opt: str, value: str, parts: list[str]) -> list[str]:
+        """A confined network backend's properties: a user network's ``hostfwd=`` listens on
+        127.0.0.1 only (in a plain restore; a clone beside the original leaves it out: the
+        original holds the port), and a tap's ``ifname=`` is left out (it could join another
+        VM's multiqueue tap; QEMU picks a new one)."""
+        out = []
+        for p in parts:
+            key, _, val = p.partition("=")
+            if key == "ifname":
+                self.warnings.append(f"{opt} {value[:60]!r}: ifname= is left out (QEMU names a new host interface)")
+                continue
+            if key != "hostfwd":
+                out.append(p)
+                continue
+            fwd = _HOSTFWD.fullmatch(_unesc(val))
+            if fwd is None:
+                self.warnings.append(f"{opt} {value[:60]!r}: hostfwd={val[:60]!r} is left out (not a port forward)")
+            elif self.clone:
+                self.warnings.append(
+                    f"{opt} {value[:60]!r}: hostfwd={val[:60]!r} is left out (a clone runs beside the original, "
+                    "which holds that port)"
+                )
+            else:
+                proto, host, port, guest, guest_port = fwd.groups()
+                if host != "127.0.0.1":
+                    self.warnings.append(
+                        f"{opt} {value[:60]!r}: hostfwd={val[:60]!r} listens on 127.0.0.1 only (it listened on "
+                        f"{host or 'every address'})"
+                    )
+                out.append(f"hostfwd={proto or 'tcp'}:127.0.0.1:{port}-{guest}:{guest_port}")
+        return out
 
     def _disk_confined(self, opt: str, value: str) -> str | None:
         """A rewritten disk option, kept when every file it names is a restored disk (or firmware,
@@ -433,20 +563,20 @@ class _Rewriter:
             return [opt, self.uuid]
         if opt in ("-device", "-nic") or (opt == "-net" and value.startswith("nic")):
             return [opt, self._nic(opt, value)]
-        if opt in _CHAR_OPTIONS and value.startswith("unix:"):
-            parts = _split_keyval(value[5:])
-            parts[0] = _esc(self._moved(_unesc(parts[0])))
-            if opt.startswith("-qmp") and self.qmp_socket is None:
-                self.qmp_socket = _unesc(parts[0])
-            return [opt, "unix:" + ",".join(parts)]
+        if opt in _CHAR_OPTIONS:
+            return [opt, value]  # rewritten by confine (``_char_target``)
         if opt == "-chardev":
-            parts = _split_keyval(value)
-            parts = [f"path={_esc(self._moved(_unesc(p[5:])))}" if p.startswith("path=") else p for p in parts]
-            return [opt, ",".join(parts)]
+            return [opt, self._chardev(value)]
         if opt == "-pidfile":
             return [opt, self._moved(value)]
-        if opt == "-vnc" and (self.clone or value.startswith("unix:")) and value != "none":
-            return [opt, f"unix:{_esc(os.path.join(self.out_dir, 'vnc.sock'))}"]
+        if (opt == "-vnc" and value != "none") or (opt == "-display" and value.startswith("vnc")):
+            # a VNC server on a network port hands the console to whoever connects (no password
+            # is recorded); reverse=on connects out to a host the snapshot chose
+            sock = self._moved("vnc.sock")
+            if not value.startswith("unix:"):
+                self.warnings.append(f"{opt} {value[:120]!r} listens or connects on the network: the display is "
+                                     f"the unix socket {sock} instead")  # fmt: skip
+            return ["-vnc", f"unix:{_esc(sock)}"]
         return [opt, value]
 
     def _blockdev(self, value: str) -> str:
@@ -531,7 +661,16 @@ def _json_option(value: str) -> dict[str, Any] | Literal[False] | None:
         return False
     if not isinstance(spec, dict) or any(isinstance(v, (dict, list)) or v is None for v in spec.values()):
         return False
+    if any("=" in k or "," in k for k in spec):
+        return False  # no key=value pair could say it
     return spec
+
+
+def _json_text(value: object) -> str:
+    """A JSON option's value as QEMU's key=value syntax writes it (``true`` is ``on``)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 #: what may stand before a path inside a property's value: ``unix:/run/x``, a D-Bus address's
@@ -606,7 +745,8 @@ def _program(recorded: str, emulator: str, warnings: list[str]) -> str:
     the snapshot gives (it could name any program, or a file the restore wrote)."""
     name = os.path.basename(recorded)
     if _EMULATOR.fullmatch(name):
-        return shutil.which(name) or os.path.join(os.path.dirname(emulator), name)
+        found = shutil.which(name)  # (a relative PATH entry would find a file the restore wrote)
+        return found if found and os.path.isabs(found) else os.path.join(os.path.dirname(emulator), name)
     warnings.append(f"the recorded program {recorded[:120]!r} is not a QEMU system emulator; {emulator} runs the VM")
     return emulator
 
@@ -753,7 +893,11 @@ def write_restore_files(
     os.makedirs(out_dir, exist_ok=True)
     out_dir = os.path.abspath(out_dir)
 
-    rw = _Rewriter(vm, disks, formats, out_dir, clone, name, uuid)
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    script = os.path.join(out_dir, f"run-{safe}.sh")
+    xml_path = os.path.join(out_dir, f"{safe}.xml")
+    reserved = frozenset([os.path.basename(script), os.path.basename(xml_path)])
+    rw = _Rewriter(vm, disks, formats, out_dir, clone, name, uuid, reserved)
     rw.warnings += warnings
     cmdline = vm.get("cmdline") or []
     if not isinstance(cmdline, list) or not all(isinstance(a, str) for a in cmdline):
@@ -783,12 +927,13 @@ def write_restore_files(
             n["mac"] = new_mac()
     macs = {n["id"]: n["mac"] for n in nics} | rw.macs
 
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    script = os.path.join(out_dir, f"run-{safe}.sh")
     _write_new(
         script,
         "#!/bin/sh\n"
         f"# {'Clone' if clone else 'Restore'} of QEMU VM {_PRINTABLE.sub('?', str(vm.get('name')))[:200]!r}\n"
+        # a relative name QEMU opens resolves in the output folder, never where the script is
+        # started from (the folder the recorded options were checked for)
+        + f"cd -- {shlex.quote(out_dir)} || exit 1\n"
         + "exec "
         + " \\\n    ".join(shlex.quote(a) for a in argv)
         + ' \\\n    "$@"\n',
@@ -803,7 +948,6 @@ def write_restore_files(
         }
         for d in vm.get("disks", [])
     ]
-    xml_path = os.path.join(out_dir, f"{safe}.xml")
     xml_text = domain_xml(vm, name, uuid, disk_facts, nics, emulator)
     _write_new(xml_path, xml_text, 0o644)
     return RestoredVM(name, uuid, argv, script, xml_path, macs, rw.qmp_socket, rw.warnings, xml_text)
