@@ -678,7 +678,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     )
     p.add_argument("--format", choices=FORMATS, help="convert disks to this format")
     p.add_argument("--flatten", action="store_true", help="current state only: no checkpoint chain")
-    p.add_argument("--as-clone", metavar="NAME", help="restore as a new VM with a new identity beside the original")
+    p.add_argument(
+        "--as-clone",
+        metavar="NAME",
+        help="restore as a new VM with a new identity beside the original (a VM folder's other files are "
+        "not edited: each that still names the original VM or its renamed disks is named in a warning)",
+    )
     p.add_argument(
         "--include",
         action="append",

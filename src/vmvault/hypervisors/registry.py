@@ -123,6 +123,7 @@ CONNECTORS: tuple[Connector, ...] = (
         summary="a VM folder, one disk image, or one VM (name or ID) of a Hyper-V host folder, offline "
         "(raw, VHDX, VHD, qcow2; checkpoint chains as layers)",
         source="vmvault.hypervisors.files:FilesSource",
+        after_restore="vmvault.hypervisors.files_restore:after_restore",
         audit="vmvault.hypervisors.folder_audit:audit_folder",
         audit_usage="FOLDER | HOSTFOLDER#VM",
         options=frozenset({"allow_parent_dirs", "follow_links"}),
