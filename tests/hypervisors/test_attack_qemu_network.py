@@ -206,6 +206,23 @@ def test_local_character_device_targets_are_kept(tmp_path: Path, value: str) -> 
     assert argv[argv.index("-serial") + 1] == value and not rv.warnings
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "gone"),
+    [
+        ("-display", "dbus,addr=tcp:host=attacker.example,port=1", "addr="),  # a D-Bus bus elsewhere
+        ("-device", "virtio-serial-pci,id=s0,x=inet:0.0.0.0:1", "x="),
+        ("-global", "driver=isa-serial,property=x,value=vsock:2:1", "value="),
+        ("-machine", "q35,x=fd:3", "x="),
+        ("-object", "iothread,id=io0,x=TCP:attacker.example:1", "x="),
+    ],
+)
+def test_a_property_in_socket_syntax_is_left_out(tmp_path: Path, option: str, value: str, gone: str) -> None:
+    rv = restore(tmp_path, option, value)
+    argv = script_argv(rv.script)
+    assert not [a for a in argv if gone in a and NET_FORM.search(a)], argv
+    assert [w for w in rv.warnings if f"{gone} is left out (a network address)" in w or "left out:" in w]
+
+
 # -- names in the output folder -----------------------------------------------------------------
 
 
