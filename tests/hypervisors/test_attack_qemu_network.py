@@ -452,6 +452,8 @@ _NET_OPTIONS = ["-chardev", "-serial", "-monitor", "-qmp", "-qmp-pretty", "-mon"
 @example(options=[("-serial", "mon:tcp:0.0.0.0:4444,server,nowait")], clone=False)
 @example(options=[("-netdev", "user,id=n0,hostfwd=tcp::2222-:22")], clone=True)
 @example(options=[("-chardev", '{"backend": "udp", "host": "attacker.example", "id": "c0"}')], clone=False)
+# a backend named under another option's key
+@example(options=[("-netdev", '{"backend": "user"}'), ("-chardev", "type=socket,host=0.0.0.0,port=1")], clone=False)
 def test_random_command_lines_open_no_network_socket(
     tmp_path: Path, options: list[tuple[str, str]], clone: bool
 ) -> None:

@@ -132,6 +132,10 @@ _OBJECTS = frozenset(
      "main-loop", "thread-context", "cryptodev-backend-builtin", "secret"]
 )  # fmt: skip
 _AUDIO = frozenset(["none", "pa", "pipewire", "spice", "sdl", "dbus"])
+#: the key that names the backend of an option whose backends are allow-listed (when it is
+#: not the first, key-less part)
+_KIND_KEY = {"-netdev": "type", "-nic": "type", "-net": "type", "-chardev": "backend", "-object": "qom-type",
+             "-audiodev": "driver", "-tpmdev": "type"}  # fmt: skip
 #: options whose value is a character device target (``unix:PATH`` is moved to the output folder)
 _CHAR_OPTIONS = ("-serial", "-monitor", "-qmp", "-qmp-pretty", "-parallel")
 #: what may follow a socket's address in -serial, -monitor, -qmp (``logfile=`` would write anywhere)
@@ -360,6 +364,10 @@ class _Rewriter:
                    "-object": _OBJECTS, "-audiodev": _AUDIO, "-tpmdev": frozenset(["emulator"])}.get(opt)  # fmt: skip
         if allowed is not None and not (kinds and kinds <= allowed):
             self._leave(opt, value, "its backend can reach host files, devices, sockets or programs")
+            return None
+        if allowed is not None and not _kind(parts, _KIND_KEY[opt]):
+            # (named under another option's key only: QEMU would not know which backend)
+            self._leave(opt, value, f"it names no backend (no {_KIND_KEY[opt]}=)")
             return None
         if opt == "-chardev":
             keys = frozenset(["logfile", "fd"])  # a socket's path is moved to the output folder
