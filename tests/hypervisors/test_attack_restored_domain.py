@@ -747,3 +747,34 @@ def test_host_references_in_other_syntaxes_are_left_out(tmp_path: Path, option: 
     rv = write_restore_files(record, {"vda": str(tmp_path / "vda.raw")}, str(tmp_path / "out"), formats={"vda": "raw"})
     assert host not in " ".join(script_argv(rv.script))
     assert any(w.startswith(f"{option} ") for w in rv.warnings)  # said
+
+
+PORT_FORWARD = ORDINARY.replace(
+    "<interface type='network'>\n      <mac address='52:54:00:aa:bb:cc'/><source network='default'/>",
+    "<interface type='user'>\n      <mac address='52:54:00:aa:bb:cc'/><backend type='passt'/>"
+    "<portForward proto='tcp' address='0.0.0.0'><range start='2222' to='22'/></portForward>"
+    "<portForward proto='udp'><range start='5353' end='5360' to='53'/></portForward>",
+).replace("<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>", "")  # (no swtpm in the tests)
+
+
+@pytest.mark.parametrize("clone", [None, "web02-clone"])
+def test_a_port_forward_of_a_user_interface_is_left_out(tmp_path: Path, clone: str | None) -> None:
+    """passt's forwards listen on every host address (and clash beside the original); without
+    <backend> (a host program, left out) libvirt uses slirp, which takes no <portForward>."""
+    assert PORT_FORWARD != ORDINARY
+    text, warnings, _ours = restored_domain(tmp_path, PORT_FORWARD, **({"as_clone": clone} if clone else {}))
+    iface = ET.fromstring(text).find("./devices/interface")
+    assert iface is not None and iface.get("type") == "user"
+    assert iface.find("portForward") is None and iface.find("backend") is None
+    assert len([w for w in warnings if "<portForward>" in w]) == 2
+
+
+@pytest.mark.integration
+def test_libvirt_defines_a_user_interface_that_had_port_forwards(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    text, _warnings, _ours = restored_domain(tmp_path, PORT_FORWARD)
+    dom = libvirtd.conn.defineXML(text)
+    try:
+        defined = dom.XMLDesc(0)
+    finally:
+        dom.undefineFlags(4)
+    assert "portForward" not in defined and "<interface type='user'>" in defined

@@ -363,6 +363,14 @@ def _confine_interface(el: ET.Element, warnings: list[str]) -> None:
         if kind == "user":
             for source in el.findall("source"):
                 el.remove(source)
+            # passt's forwards listen on host addresses the snapshot names (every one by
+            # default), and a clone's clash with the original's (design/repository-format.md 10.8)
+            for fwd in el.findall("portForward"):
+                el.remove(fwd)
+                warnings.append(
+                    f"the network card's <portForward> {fwd.get('proto', 'tcp')} from "
+                    f"{fwd.get('address') or 'every address'} is left out"
+                )
         return
     for child in list(el):
         if child.tag in ("source", "target", "virtualport", "tune", "ip", "route", "portForward"):
