@@ -23,6 +23,8 @@
     │   ├── BackendPermissionError
     │   ├── BackendConnectionError   network drop, server gone (after retries)
     │   │   └── BackendUnreachableError  the first connection failed: refused, no route, unknown name
+    │   ├── BackendProtocolError     the server broke its protocol (an SFTP packet too long, a reply
+    │   │                            to nothing asked, a malformed field): the connection is dropped
     │   └── UnsafeStorageError       a link (or FIFO, device, socket) where an object or folder belongs: never followed
     ├── SourceError                  what is being backed up: vanished, changed size, unreadable
     ├── CleanupError                 a backup is stored (its snapshot named), but undoing what it did on
@@ -56,6 +58,7 @@ __all__ = [
     "BackendConnectionError",
     "BackendError",
     "BackendPermissionError",
+    "BackendProtocolError",
     "BackendUnreachableError",
     "ChangeTrackingError",
     "CleanupError",
@@ -193,6 +196,12 @@ class BackendConnectionError(BackendError):
 
 class BackendUnreachableError(BackendConnectionError):
     """The storage's server could not be reached at all on the first connection; not retried."""
+
+
+class BackendProtocolError(BackendError):
+    """The storage's server answered outside its protocol (a length over the bound, a reply to no
+    request, a field past its packet's end). Not retried: a server that does this once is
+    broken or hostile, not passing through a fault."""
 
 
 class UnsafeStorageError(BackendError):

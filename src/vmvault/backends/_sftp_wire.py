@@ -1,0 +1,555 @@
+"""An SFTP version 3 client (draft-ietf-secsh-filexfer-02) over a byte stream: the subset the
+SFTP backend uses, with the OpenSSH extensions it needs (``_sftp_layout`` has the wire layout).
+
+Why ours and not paramiko's ``SFTPClient`` (which stays the test oracle, tests/backends):
+
+* Bounds. The server is untrusted. paramiko buffers a packet of whatever length the server
+  announces (up to 4 GiB) before looking at it; here a packet longer than this client asked for
+  (:data:`MAX_PACKET`, or the exact size a READ allows), a reply to a request that is not
+  outstanding, a count or a string that runs past its packet, or a reply of the wrong type is a
+  :class:`~vmvault.errors.BackendProtocolError` before anything is buffered, and the session is
+  closed. A server that stops sending meets the stream's timeout; one that closes mid-reply is
+  an ``EOFError`` (a dropped connection, which the backend retries).
+* CPU per byte. A ranged read sends its READ requests in one batch (all of them outstanding,
+  up to :data:`READ_WINDOW`) and receives each DATA payload straight into its place in one
+  buffer (``recv_into``): no per-packet message objects, locks or joins of pieces. Writes keep
+  up to a window of WRITE requests in flight, and every status is checked.
+
+Threading: a session is used by one thread at a time (the backend's pool hands it out).
+Errors: a status other than OK is a :class:`StatusError` (an ``OSError``; NO_SUCH_FILE is also a
+``FileNotFoundError``, PERMISSION_DENIED a ``PermissionError``), and the session stays usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import re
+from collections.abc import Iterator
+from typing import Protocol
+
+from vmvault.backends._sftp_layout import (
+    ATTR_ACMODTIME,
+    ATTR_EXTENDED,
+    ATTR_PERMISSIONS,
+    ATTR_SIZE,
+    ATTR_UIDGID,
+    HEADER,
+    MAX_HANDLE,
+    READ_ARGS,
+    STATVFS_FIELDS,
+    U32,
+    U64,
+    VERSION,
+    WRITE_ARGS,
+    Attrs,
+    OpenFlag,
+    Packet,
+    Status,
+    pack_string,
+)
+from vmvault.errors import BackendProtocolError
+
+__all__ = [
+    "MAX_PACKET",
+    "READ_WINDOW",
+    "NoSuchFileError",
+    "PermissionDeniedError",
+    "RecvStream",
+    "Session",
+    "StatusError",
+    "Stream",
+    "parse_attrs",
+    "parse_name",
+]
+
+#: the longest packet accepted from the server, but for DATA answering a READ (bounded by the
+#: length that READ asked for). OpenSSH's sftp-server sends at most 256 KiB
+#: (SFTP_MAX_MSG_LENGTH); READDIR answers hold up to 100 names of at most 255 bytes each.
+MAX_PACKET = 256 * 1024 + 1024
+#: READ requests outstanding at once in one ranged read (64 x 128 KiB = 8 MiB in flight)
+READ_WINDOW = 64
+#: what of a server's status message is kept (it goes into error messages)
+_MESSAGE_LIMIT = 200
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class Stream(Protocol):
+    """What a session needs of its transport: a socket's ``recv_into``/``sendall``/``close``."""
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int: ...
+
+    def sendall(self, data: bytes | memoryview, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _Recv(Protocol):
+    def recv(self, size: int, /) -> bytes: ...
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RecvStream:
+    """A :class:`Stream` over something that has only ``recv`` (paramiko's ``Channel``)."""
+
+    def __init__(self, inner: _Recv) -> None:
+        self.inner = inner
+
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int:
+        data = self.inner.recv(nbytes or len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def sendall(self, data: bytes | memoryview, /) -> None:
+        self.inner.sendall(data if isinstance(data, bytes) else bytes(data))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class StatusError(OSError):
+    """The server answered a request with an error status (section 7)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        super().__init__(_ERRNO.get(code), message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class NoSuchFileError(StatusError, FileNotFoundError):
+    pass
+
+
+class PermissionDeniedError(StatusError, PermissionError):
+    pass
+
+
+_ERRNO: dict[int, int] = {
+    Status.NO_SUCH_FILE: errno.ENOENT,
+    Status.PERMISSION_DENIED: errno.EACCES,
+    Status.OP_UNSUPPORTED: errno.EOPNOTSUPP,
+}
+
+
+def _status_error(code: int, message: bytes) -> StatusError:
+    text = _UNPRINTABLE.sub("?", message[:_MESSAGE_LIMIT].decode("utf-8", "replace")).strip()
+    try:
+        name = Status(code).name.lower().replace("_", " ")
+    except ValueError:
+        name = f"status {code}"
+    shown = f"{name}: {text}" if text and text.lower() != name else name
+    if code == Status.NO_SUCH_FILE:
+        return NoSuchFileError(code, shown)
+    if code == Status.PERMISSION_DENIED:
+        return PermissionDeniedError(code, shown)
+    return StatusError(code, shown)
+
+
+class _Cursor:
+    """Reads a packet's fields, each bounded by the packet's end."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes, pos: int = 0) -> None:
+        self.data = data
+        self.pos = pos
+
+    def _take(self, size: int, what: str) -> int:
+        start = self.pos
+        if size > len(self.data) - start:
+            raise BackendProtocolError(f"malformed SFTP reply: {what} runs past the end of its packet")
+        self.pos = start + size
+        return start
+
+    def u32(self, what: str = "a number") -> int:
+        value: int = U32.unpack_from(self.data, self._take(4, what))[0]
+        return value
+
+    def u64(self, what: str = "a number") -> int:
+        value: int = U64.unpack_from(self.data, self._take(8, what))[0]
+        return value
+
+    def string(self, what: str = "a string") -> bytes:
+        size = self.u32(what)
+        start = self._take(size, what)
+        return self.data[start : start + size]
+
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+
+def parse_attrs(cursor: _Cursor) -> Attrs:
+    """ATTRS (section 5) at the cursor."""
+    flags = cursor.u32("attribute flags")
+    size = cursor.u64("a size") if flags & ATTR_SIZE else None
+    uid = gid = None
+    if flags & ATTR_UIDGID:
+        uid, gid = cursor.u32("a uid"), cursor.u32("a gid")
+    mode = cursor.u32("permissions") if flags & ATTR_PERMISSIONS else None
+    atime = mtime = None
+    if flags & ATTR_ACMODTIME:
+        atime, mtime = cursor.u32("a time"), cursor.u32("a time")
+    if flags & ATTR_EXTENDED:
+        count = cursor.u32("an extended attribute count")
+        if count * 8 > cursor.left():  # each pair is at least two empty strings
+            raise BackendProtocolError(f"malformed SFTP reply: {count} extended attributes in {cursor.left()} bytes")
+        for _ in range(count):
+            cursor.string("an extended attribute")
+            cursor.string("an extended attribute")
+    return Attrs(size, uid, gid, mode, atime, mtime)
+
+
+def parse_name(cursor: _Cursor) -> list[tuple[bytes, Attrs]]:
+    """The entries of a NAME reply's body after the id (section 7): (file name, attributes);
+    the ``ls -l`` style long name is read past."""
+    count = cursor.u32("a name count")
+    if count * 12 > cursor.left():  # each entry has two strings and the attribute flags
+        raise BackendProtocolError(f"malformed SFTP reply: {count} names in {cursor.left()} bytes")
+    entries = []
+    for _ in range(count):
+        name = cursor.string("a file name")
+        cursor.string("a long name")
+        entries.append((name, parse_attrs(cursor)))
+    return entries
+
+
+class Session:
+    """One SFTP session on ``stream`` (its timeout set by the owner). Call :meth:`start` first.
+
+    After a :class:`~vmvault.errors.BackendProtocolError`, a timeout or the end of the stream
+    the session is :attr:`closed` (its stream too) and every call raises ``EOFError``."""
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+        self._next_id = 1
+        self.closed = False
+        #: extensions the server announced in VERSION (section 4): name -> data
+        self.extensions: dict[bytes, bytes] = {}
+        self._header = bytearray(HEADER.size)
+        self._header_view = memoryview(self._header)
+
+    # --- the stream ------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self._stream.close()
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """Whatever breaks the exchange (a protocol error, a timeout, a dropped stream) leaves
+        replies unread: the session cannot go on and is closed."""
+        if self.closed:
+            raise EOFError("the SFTP session is closed")
+        try:
+            yield
+        except StatusError:
+            raise  # raised once its reply was read whole: the exchange is intact
+        except BaseException:
+            self.close()
+            raise
+
+    def _recv_exact(self, view: memoryview) -> None:
+        got = 0
+        need = len(view)
+        while got < need:
+            n = self._stream.recv_into(view[got:], need - got)
+            if n <= 0:
+                raise EOFError("the SFTP server closed the connection" + (" in the middle of a reply" if got else ""))
+            got += n
+
+    def _send(self, kind: int, *fields: bytes) -> int:
+        """Send a request; returns its id."""
+        request_id = self._take_id()
+        body = b"".join(fields)
+        self._stream.sendall(HEADER.pack(len(body) + 5, kind, request_id) + body)
+        return request_id
+
+    def _take_id(self) -> int:
+        request_id = self._next_id
+        self._next_id = (request_id + 1) & 0xFFFFFFFF
+        return request_id
+
+    def _read_header(self) -> tuple[int, int, int]:
+        """(length of what follows the id, type, id) of the next packet. The length is checked
+        where the rest is read: against :data:`MAX_PACKET` (:meth:`_read_body`), or against
+        the READ it answers (:meth:`_read_data_length`)."""
+        self._recv_exact(self._header_view)
+        length, kind, request_id = HEADER.unpack(self._header)
+        if length < 5:
+            raise BackendProtocolError(f"malformed SFTP reply: a packet of {length} bytes")
+        return length - 5, kind, request_id
+
+    def _read_body(self, length: int) -> bytes:
+        if length > MAX_PACKET:
+            raise BackendProtocolError(
+                f"the SFTP server sent a packet of {length} bytes, over the {MAX_PACKET} this client accepts"
+            )
+        body = bytearray(length)
+        self._recv_exact(memoryview(body))
+        return bytes(body)
+
+    def _reply(self, request_id: int) -> tuple[int, _Cursor]:
+        """The reply to the one request outstanding."""
+        length, kind, got = self._read_header()
+        if got != request_id:
+            raise BackendProtocolError(
+                f"the SFTP server answered request {got}, which was not asked (expected {request_id})"
+            )
+        return kind, _Cursor(self._read_body(length))
+
+    def _call(self, kind: int, *fields: bytes, expect: int = Packet.STATUS) -> _Cursor:
+        """One request and its reply, which must be ``expect`` or a status: an error status
+        raises :class:`StatusError`, OK answers an ``expect`` of STATUS."""
+        with self._guard():
+            request_id = self._send(kind, *fields)
+            got, cursor = self._reply(request_id)
+            if got == Packet.STATUS:
+                code = cursor.u32("a status code")
+                if code == Status.OK and expect == Packet.STATUS:
+                    return cursor
+                message = cursor.string("a status message") if cursor.left() >= 4 else b""
+                if code == Status.OK:
+                    raise BackendProtocolError(f"the SFTP server answered OK where {Packet(expect).name} was due")
+                raise _status_error(code, message)
+            if got != expect:
+                raise BackendProtocolError(f"the SFTP server answered with packet type {got}, not {_name(expect)}")
+            return cursor
+
+    # --- operations ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """INIT and VERSION (section 4)."""
+        with self._guard():
+            self._stream.sendall(U32.pack(5) + bytes([Packet.INIT]) + U32.pack(VERSION))
+            self._recv_exact(self._header_view[:5])
+            length, kind = U32.unpack_from(self._header)[0], self._header[4]
+            if kind != Packet.VERSION or not 5 <= length <= MAX_PACKET:
+                # a login shell that prints text before the subsystem starts makes "length"
+                # out of its first four characters
+                raise BackendProtocolError(
+                    "the server's first answer is not SFTP (does the account's login shell print text, "
+                    "or is the sftp subsystem something else?)"
+                )
+            cursor = _Cursor(self._read_body(length - 1))
+            version = cursor.u32("the version")
+            if version != VERSION:
+                raise BackendProtocolError(f"the SFTP server speaks version {version}, not {VERSION}")
+            while cursor.left():
+                name = cursor.string("an extension name")
+                self.extensions[name] = cursor.string("an extension's data")
+
+    def stat(self, path: str) -> Attrs:
+        return parse_attrs(self._call(Packet.STAT, _path(path), expect=Packet.ATTRS))
+
+    def lstat(self, path: str) -> Attrs:
+        return parse_attrs(self._call(Packet.LSTAT, _path(path), expect=Packet.ATTRS))
+
+    def fstat(self, handle: bytes) -> Attrs:
+        return parse_attrs(self._call(Packet.FSTAT, pack_string(handle), expect=Packet.ATTRS))
+
+    def mkdir(self, path: str) -> None:
+        self._call(Packet.MKDIR, _path(path), Attrs().pack())
+
+    def remove(self, path: str) -> None:
+        self._call(Packet.REMOVE, _path(path))
+
+    def rename(self, old: str, new: str) -> None:
+        """RENAME (section 6.5): fails when ``new`` exists."""
+        self._call(Packet.RENAME, _path(old), _path(new))
+
+    def posix_rename(self, old: str, new: str) -> None:
+        """``posix-rename@openssh.com`` (OpenSSH PROTOCOL section 4.3): rename(2), replacing."""
+        self._call(Packet.EXTENDED, pack_string(b"posix-rename@openssh.com"), _path(old), _path(new))
+
+    def fsync(self, handle: bytes) -> None:
+        """``fsync@openssh.com`` (OpenSSH PROTOCOL section 4.6)."""
+        self._call(Packet.EXTENDED, pack_string(b"fsync@openssh.com"), pack_string(handle))
+
+    def statvfs(self, path: str) -> tuple[int, ...]:
+        """``statvfs@openssh.com`` (OpenSSH PROTOCOL section 4.4): its 11 fields."""
+        cursor = self._call(
+            Packet.EXTENDED, pack_string(b"statvfs@openssh.com"), _path(path), expect=Packet.EXTENDED_REPLY
+        )
+        return tuple(cursor.u64("a statvfs field") for _ in range(STATVFS_FIELDS))
+
+    def limits(self) -> tuple[int, int, int, int] | None:
+        """``limits@openssh.com`` (OpenSSH PROTOCOL section 4.8): max packet, read and write
+        lengths and open handles (0: no limit); None where the server does not offer it."""
+        if self.extensions.get(b"limits@openssh.com") is None:
+            return None
+        cursor = self._call(Packet.EXTENDED, pack_string(b"limits@openssh.com"), expect=Packet.EXTENDED_REPLY)
+        packet, read, write, handles = (cursor.u64("a limit") for _ in range(4))
+        return packet, read, write, handles
+
+    def open(self, path: str, flags: OpenFlag) -> bytes:
+        """OPEN (section 6.3): the handle."""
+        return _handle(self._call(Packet.OPEN, _path(path), U32.pack(flags), Attrs().pack(), expect=Packet.HANDLE))
+
+    def close_handle(self, handle: bytes) -> None:
+        self._call(Packet.CLOSE, pack_string(handle))
+
+    @contextlib.contextmanager
+    def closing(self, handle: bytes) -> Iterator[bytes]:
+        """Close ``handle`` afterwards; the CLOSE's status is checked unless the block failed
+        (closing a written file can report a late write error)."""
+        try:
+            yield handle
+        except BaseException:
+            if not self.closed:
+                with contextlib.suppress(OSError, BackendProtocolError, EOFError):
+                    self.close_handle(handle)
+            raise
+        self.close_handle(handle)
+
+    def listdir(self, path: str) -> list[tuple[bytes, Attrs]]:
+        """OPENDIR, READDIR until EOF, CLOSE (section 6.7): every entry, "." and ".." too."""
+        handle = _handle(self._call(Packet.OPENDIR, _path(path), expect=Packet.HANDLE))
+        entries: list[tuple[bytes, Attrs]] = []
+        try:
+            while True:
+                try:
+                    cursor = self._call(Packet.READDIR, pack_string(handle), expect=Packet.NAME)
+                except StatusError as exc:
+                    if exc.code == Status.EOF:
+                        break
+                    raise
+                entries += parse_name(cursor)
+        finally:
+            if not self.closed:
+                with contextlib.suppress(OSError, BackendProtocolError, EOFError):
+                    self.close_handle(handle)
+        return entries
+
+    def read(self, handle: bytes, offset: int, length: int, step: int) -> bytes:
+        """``length`` bytes from ``offset`` (fewer where the file ends), read with READ
+        requests of ``step`` bytes, up to :data:`READ_WINDOW` of them outstanding, each DATA
+        reply received in place into one buffer (section 6.4: a server may answer a READ with
+        fewer bytes, asked for again; EOF ends the file there)."""
+        out = bytearray(length)
+        view = memoryview(out)
+        with self._guard():
+            asked: dict[int, tuple[int, int]] = {}  # request id -> (position in out, bytes)
+            again: list[tuple[int, int]] = []  # short answers' remainders, asked again
+            next_pos = 0
+            end = length  # lowered where the server says EOF
+            failure: StatusError | None = None
+            while True:
+                batch = []
+                while len(asked) < READ_WINDOW and failure is None and (again or next_pos < end):
+                    if again:
+                        pos, size = again.pop()
+                    else:
+                        pos, size = next_pos, min(step, end - next_pos)
+                        next_pos += size
+                    if pos >= end:
+                        continue
+                    request_id = self._take_id()
+                    body = pack_string(handle) + READ_ARGS.pack(offset + pos, size)
+                    batch.append(HEADER.pack(len(body) + 5, Packet.READ, request_id) + body)
+                    asked[request_id] = (pos, size)
+                if batch:
+                    self._stream.sendall(b"".join(batch))
+                if not asked:
+                    break
+                length_left, kind, request_id = self._read_header()
+                place = asked.pop(request_id, None)
+                if place is None:
+                    raise BackendProtocolError(f"the SFTP server answered request {request_id}, which was not asked")
+                pos, size = place
+                if kind == Packet.DATA:
+                    got = self._read_data_length(length_left, size)
+                    self._recv_exact(view[pos : pos + got])
+                    if got < size:
+                        again.append((pos + got, size - got))
+                elif kind == Packet.STATUS:
+                    cursor = _Cursor(self._read_body(length_left))
+                    code = cursor.u32("a status code")
+                    if code == Status.EOF:
+                        end = min(end, pos)
+                    elif code == Status.OK:
+                        raise BackendProtocolError("the SFTP server answered a READ with OK and no data")
+                    elif failure is None:
+                        message = cursor.string("a status message") if cursor.left() >= 4 else b""
+                        failure = _status_error(code, message)
+                else:
+                    raise BackendProtocolError(f"the SFTP server answered a READ with packet type {kind}")
+            if failure is not None:
+                raise failure
+        return bytes(view[:end]) if end < length else bytes(out)
+
+    def _read_data_length(self, length_left: int, asked: int) -> int:
+        """DATA's string length (section 7), which must fill its packet and be 1 to ``asked``."""
+        if length_left < 4:
+            raise BackendProtocolError("malformed SFTP reply: a DATA packet without its length")
+        self._recv_exact(self._header_view[:4])
+        got: int = U32.unpack_from(self._header)[0]
+        if got != length_left - 4:
+            raise BackendProtocolError(
+                f"malformed SFTP reply: DATA of {got} bytes in a packet with room for {length_left - 4}"
+            )
+        if not 0 < got <= asked:
+            raise BackendProtocolError(f"the SFTP server answered a READ of {asked} bytes with {got}")
+        return got
+
+    def write(self, handle: bytes, data: bytes | memoryview, step: int, window: int) -> None:
+        """``data`` from offset 0, in WRITE requests of ``step`` bytes with up to ``window``
+        outstanding; every status is read, and the first error raised once all are in."""
+        view = memoryview(data).cast("B")
+        with self._guard():
+            asked: set[int] = set()
+            failure: StatusError | None = None
+            for pos in range(0, len(view), step):
+                while len(asked) >= window:
+                    error = self._write_ack(asked)
+                    failure = failure or error
+                if failure is not None:
+                    break
+                piece = view[pos : pos + step]
+                request_id = self._take_id()
+                head = pack_string(handle) + WRITE_ARGS.pack(pos, len(piece))
+                self._stream.sendall(HEADER.pack(len(head) + len(piece) + 5, Packet.WRITE, request_id) + head)
+                self._stream.sendall(piece)
+                asked.add(request_id)
+            while asked:
+                error = self._write_ack(asked)
+                failure = failure or error
+            if failure is not None:
+                raise failure
+
+    def _write_ack(self, asked: set[int]) -> StatusError | None:
+        length, kind, request_id = self._read_header()
+        if request_id not in asked:
+            raise BackendProtocolError(f"the SFTP server answered request {request_id}, which was not asked")
+        asked.discard(request_id)
+        if kind != Packet.STATUS:
+            raise BackendProtocolError(f"the SFTP server answered a WRITE with packet type {kind}")
+        cursor = _Cursor(self._read_body(length))
+        code = cursor.u32("a status code")
+        if code == Status.OK:
+            return None
+        return _status_error(code, cursor.string("a status message") if cursor.left() >= 4 else b"")
+
+
+def _name(kind: int) -> str:
+    try:
+        return Packet(kind).name
+    except ValueError:
+        return str(kind)
+
+
+def _path(path: str) -> bytes:
+    return pack_string(path.encode("utf-8"))
+
+
+def _handle(cursor: _Cursor) -> bytes:
+    handle = cursor.string("a handle")
+    if not 0 < len(handle) <= MAX_HANDLE:
+        raise BackendProtocolError(f"the SFTP server gave a handle of {len(handle)} bytes (at most {MAX_HANDLE})")
+    return handle

@@ -1,0 +1,471 @@
+"""vmvault's SFTP client (``_sftp_wire``) against a scripted peer that breaks the protocol: every
+length bounded before anything is buffered, replies to nothing asked refused, truncated and
+stalled replies ending the session, never a hang. The packet parser is checked with hypothesis,
+paramiko's SFTP message parsing as the oracle. (Against a real OpenSSH server, through both
+transports: test_sftp.py, test_sftp_openssh.py and the contract suite.)"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+import paramiko
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vmvault.backends._sftp_layout import Attrs, OpenFlag, Packet, Status, pack_string
+from vmvault.backends._sftp_wire import (
+    MAX_PACKET,
+    NoSuchFileError,
+    PermissionDeniedError,
+    RecvStream,
+    Session,
+    StatusError,
+    _Cursor,
+    parse_attrs,
+    parse_name,
+)
+from vmvault.errors import BackendProtocolError
+
+U32 = struct.Struct(">I")
+
+
+class Peer:
+    """The server's end of a socket pair, driven by a test's script."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_exact(self, size: int) -> bytes:
+        out = b""
+        while len(out) < size:
+            got = self.sock.recv(size - len(out))
+            if not got:
+                raise EOFError
+            out += got
+        return out
+
+    def request(self) -> tuple[int, int, bytes]:
+        """The next request: (type, id, the rest)."""
+        (length,) = U32.unpack(self.recv_exact(4))
+        packet = self.recv_exact(length)
+        return packet[0], U32.unpack_from(packet, 1)[0], packet[5:]
+
+    def handshake(self, extensions: dict[bytes, bytes] | None = None, version: int = 3) -> None:
+        kind, _version, _rest = self.request()
+        assert kind == Packet.INIT
+        body = U32.pack(version) + b"".join(pack_string(k) + pack_string(v) for k, v in (extensions or {}).items())
+        self.raw(U32.pack(len(body) + 1) + bytes([Packet.VERSION]) + body)
+
+    def reply(self, kind: int, request_id: int, body: bytes = b"") -> None:
+        self.raw(U32.pack(len(body) + 5) + bytes([kind]) + U32.pack(request_id) + body)
+
+    def status(self, request_id: int, code: int, message: bytes = b"") -> None:
+        self.reply(Packet.STATUS, request_id, U32.pack(code) + pack_string(message) + pack_string(b""))
+
+    def data(self, request_id: int, payload: bytes) -> None:
+        self.reply(Packet.DATA, request_id, pack_string(payload))
+
+    def raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+@contextmanager
+def scripted(script: Callable[[Peer], None], *, timeout: float = 5.0, start: bool = True) -> Iterator[Session]:
+    """A session whose server is ``script`` in a thread (the handshake done first when
+    ``start``); the script's own failures fail the test."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(timeout)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        peer = Peer(theirs)
+        try:
+            if start:
+                peer.handshake({b"limits@openssh.com": b"1"})
+            script(peer)
+        except (EOFError, OSError):
+            pass  # the client closed its end: expected in most scripts
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    session = Session(ours)
+    try:
+        if start:
+            session.start()
+        yield session
+    finally:
+        session.close()
+        thread.join(5)
+        theirs.close()
+    assert not thread.is_alive(), "the scripted server did not finish"
+    assert not errors, errors
+
+
+def idle(peer: Peer) -> None:
+    peer.recv_exact(1)  # until the client closes
+
+
+# --- what a well-behaved server gets ----------------------------------------------------------
+
+
+def test_status_errors_keep_the_session() -> None:
+    def script(peer: Peer) -> None:
+        kind, rid, rest = peer.request()
+        assert kind == Packet.LSTAT and rest == pack_string(b"/a")
+        peer.status(rid, Status.NO_SUCH_FILE, b"No such file")
+        _, rid, _ = peer.request()
+        peer.status(rid, Status.PERMISSION_DENIED, b"Permission denied")
+        _, rid, _ = peer.request()
+        peer.status(rid, Status.FAILURE, b"\x1b[31mdisk\nfull" + b"!" * 1000)
+        _, rid, _ = peer.request()
+        peer.reply(Packet.ATTRS, rid, Attrs(size=5, mode=0o100644, atime=1, mtime=2).pack())
+        idle(peer)
+
+    with scripted(script) as session:
+        with pytest.raises(NoSuchFileError) as missing:
+            session.lstat("/a")
+        assert isinstance(missing.value, FileNotFoundError)
+        with pytest.raises(PermissionDeniedError):
+            session.remove("/b")
+        with pytest.raises(StatusError) as failed:
+            session.mkdir("/c")
+        text = str(failed.value)
+        assert failed.value.code == Status.FAILURE and failed.value.errno is None
+        assert "\x1b" not in text and "\n" not in text and len(text) < 250
+        assert session.stat("/d") == Attrs(size=5, mode=0o100644, atime=1, mtime=2)
+        assert not session.closed
+
+
+def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof() -> None:
+    content = bytes(range(256)) * 40  # 10240 bytes
+
+    def script(peer: Peer) -> None:
+        kind, rid, _ = peer.request()
+        assert kind == Packet.OPEN
+        peer.reply(Packet.HANDLE, rid, pack_string(b"h1"))
+        asked = []
+        for _ in range(4):  # 12000 bytes asked as 4 x 3000
+            kind, rid, rest = peer.request()
+            assert kind == Packet.READ
+            offset, size = struct.unpack(">QI", rest[6:])
+            asked.append((rid, offset, size))
+        for rid, offset, size in reversed(asked):
+            piece = content[offset : offset + size]
+            if not piece:
+                peer.status(rid, Status.EOF)
+            else:
+                peer.data(rid, piece[: max(1, len(piece) // 2)])  # half of it: asked again
+        while True:
+            kind, rid, rest = peer.request()
+            if kind == Packet.CLOSE:
+                peer.status(rid, Status.OK)
+                break
+            offset, size = struct.unpack(">QI", rest[6:])
+            piece = content[offset : offset + size]
+            if piece:
+                peer.data(rid, piece)
+            else:
+                peer.status(rid, Status.EOF)
+        idle(peer)
+
+    with scripted(script) as session, session.closing(session.open("/f", OpenFlag.READ)) as handle:
+        assert session.read(handle, 100, 12000, 3000) == content[100:]
+
+
+def test_a_failed_write_reads_every_ack_and_keeps_the_session() -> None:
+    def script(peer: Peer) -> None:
+        ids = []
+        for _ in range(10):
+            kind, rid, _rest = peer.request()
+            assert kind == Packet.WRITE
+            ids.append(rid)
+        for n, rid in enumerate(ids):
+            peer.status(rid, Status.FAILURE if n == 3 else Status.OK, b"No space left on device")
+        kind, rid, _ = peer.request()
+        assert kind == Packet.LSTAT
+        peer.reply(Packet.ATTRS, rid, Attrs(size=1).pack())
+        idle(peer)
+
+    with scripted(script) as session:
+        with pytest.raises(StatusError, match="No space"):
+            session.write(b"h", b"x" * 10_000, 1000, 64)
+        assert session.lstat("/x").size == 1  # every ack was read: the next reply is this one's
+
+
+# --- what a hostile or broken server gets -----------------------------------------------------
+
+
+def test_an_announced_huge_packet_is_refused_before_any_buffering() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.raw(U32.pack(0xFFFFFFF0) + bytes([Packet.ATTRS]) + U32.pack(rid))
+        idle(peer)
+
+    with scripted(script) as session:
+        tracemalloc.start()
+        try:
+            with pytest.raises(BackendProtocolError, match="over the"):
+                session.stat("/a")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20
+        assert session.closed
+        with pytest.raises(EOFError):
+            session.stat("/a")
+
+
+def test_data_longer_than_the_read_asked_is_refused() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        # within MAX_PACKET, but more than the 1000 bytes asked
+        peer.data(rid, b"y" * 5000)
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError, match="READ of 1000 bytes with 5000"):
+        session.read(b"h", 0, 1000, 1000)
+    assert session.closed
+
+
+@pytest.mark.parametrize("length", [MAX_PACKET + 100, 0x7FFFFFFF])
+def test_an_oversized_data_packet_is_refused(length: int) -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.raw(U32.pack(length) + bytes([Packet.DATA]) + U32.pack(rid) + U32.pack(length - 9))
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError):
+        session.read(b"h", 0, 1000, 1000)
+
+
+def test_empty_data_is_refused_rather_than_asked_for_forever() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.data(rid, b"")
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError):
+        session.read(b"h", 0, 1000, 1000)
+
+
+@pytest.mark.parametrize("operation", ["stat", "read", "write"])
+def test_a_reply_to_a_request_never_sent_is_refused(operation: str) -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.status(rid + 1000, Status.OK)
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError, match="not asked"):
+        if operation == "stat":
+            session.stat("/a")
+        elif operation == "read":
+            session.read(b"h", 0, 100, 100)
+        else:
+            session.write(b"h", b"z" * 100, 100, 1)
+    assert session.closed
+
+
+def test_a_reply_of_the_wrong_type_is_refused() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.reply(Packet.HANDLE, rid, pack_string(b"h"))
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError, match=r"HANDLE|102"):
+        session.stat("/a")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",  # no attribute flags at all
+        U32.pack(0x1) + b"\x00\x00",  # a size cut short
+        U32.pack(0x80000000) + U32.pack(0xFFFFFFFF),  # four billion extended attributes
+        U32.pack(0x80000000) + U32.pack(1) + U32.pack(1000) + b"x",  # a string past the end
+    ],
+)
+def test_malformed_attributes_are_refused(body: bytes) -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.reply(Packet.ATTRS, rid, body)
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError, match="malformed"):
+        session.stat("/a")
+
+
+def test_a_listing_with_a_huge_count_is_refused() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.reply(Packet.HANDLE, rid, pack_string(b"d"))
+        _, rid, _ = peer.request()
+        peer.reply(Packet.NAME, rid, U32.pack(0xFFFFFFFF) + pack_string(b"a"))
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError, match="names in"):
+        session.listdir("/")
+
+
+def test_a_handle_over_256_bytes_is_refused() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.reply(Packet.HANDLE, rid, pack_string(b"h" * 257))
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError, match="handle of 257"):
+        session.open("/f", OpenFlag.READ)
+
+
+@pytest.mark.parametrize("cut", [2, 7, 20])
+def test_a_reply_cut_short_by_the_end_of_the_stream_is_a_dropped_connection(cut: int) -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        whole = U32.pack(4 + 1 + 4 + 50) + bytes([Packet.DATA]) + U32.pack(rid) + pack_string(b"d" * 50)
+        peer.raw(whole[:cut])
+        peer.sock.shutdown(socket.SHUT_WR)
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(EOFError):
+        session.read(b"h", 0, 50, 50)
+    assert session.closed
+
+
+def test_a_stalled_reply_times_out_instead_of_hanging() -> None:
+    def script(peer: Peer) -> None:
+        peer.request()
+        peer.raw(U32.pack(100) + bytes([Packet.DATA]))  # then nothing
+        idle(peer)
+
+    started = time.monotonic()
+    with scripted(script, timeout=0.5) as session, pytest.raises(TimeoutError):
+        session.read(b"h", 0, 100, 100)
+    assert session.closed
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (b"Welcome to the server!\n", "not SFTP"),  # a login shell talking
+        (U32.pack(5) + bytes([Packet.VERSION]) + U32.pack(6), "version 6"),
+        (U32.pack(0xFFFFFFF0) + bytes([Packet.VERSION]), "not SFTP"),
+    ],
+)
+def test_a_handshake_that_is_not_sftp_v3_is_refused(answer: bytes, match: str) -> None:
+    def script(peer: Peer) -> None:
+        peer.request()
+        peer.raw(answer)
+        idle(peer)
+
+    with scripted(script, start=False) as session:
+        with pytest.raises(BackendProtocolError, match=match):
+            session.start()
+        assert session.closed
+
+
+def test_limits_are_asked_only_of_a_server_that_offers_them() -> None:
+    def script(peer: Peer) -> None:
+        kind, rid, rest = peer.request()
+        assert kind == Packet.EXTENDED and rest == pack_string(b"limits@openssh.com")
+        peer.reply(Packet.EXTENDED_REPLY, rid, struct.pack(">4Q", 262144, 261120, 261120, 0))
+        idle(peer)
+
+    with scripted(script) as session:
+        assert session.limits() == (262144, 261120, 261120, 0)
+    with scripted(idle) as session:
+        session.extensions.clear()
+        assert session.limits() is None
+
+
+def test_the_paramiko_channel_adapter() -> None:
+    class FakeChannel:
+        def __init__(self) -> None:
+            self.sent = b""
+
+        def recv(self, size: int) -> bytes:
+            return b"abc"[:size]
+
+        def sendall(self, data: bytes) -> None:
+            assert isinstance(data, bytes)
+            self.sent += data
+
+        def close(self) -> None:
+            pass
+
+    channel = FakeChannel()
+    stream = RecvStream(channel)
+    buffer = bytearray(10)
+    assert stream.recv_into(memoryview(buffer), 2) == 2 and buffer[:2] == b"ab"
+    stream.sendall(memoryview(b"xyz")[1:])
+    assert channel.sent == b"yz"
+
+
+# --- the parser, paramiko's as the oracle -----------------------------------------------------
+
+u32 = st.integers(0, 0xFFFFFFFF)
+optional_u32 = st.none() | u32
+attrs_strategy = st.builds(
+    Attrs,
+    size=st.none() | st.integers(0, 0xFFFFFFFFFFFFFFFF),
+    uid=optional_u32,
+    gid=optional_u32,
+    mode=optional_u32,
+    atime=optional_u32,
+    mtime=optional_u32,
+).map(
+    # uid/gid and the two times travel in pairs: both or neither
+    lambda a: Attrs(
+        a.size,
+        a.uid if a.gid is not None else None,
+        a.gid if a.uid is not None else None,
+        a.mode,
+        a.atime if a.mtime is not None else None,
+        a.mtime if a.atime is not None else None,
+    )
+)
+extended_strategy = st.lists(st.tuples(st.binary(max_size=20), st.binary(max_size=20)), max_size=3).map(tuple)
+
+
+@given(attrs_strategy, extended_strategy)
+def test_attributes_round_trip_and_agree_with_paramiko(attrs: Attrs, extended: tuple[tuple[bytes, bytes], ...]) -> None:
+    packed = attrs.pack(extended)
+    cursor = _Cursor(packed)
+    assert parse_attrs(cursor) == attrs
+    assert cursor.left() == 0
+    oracle = paramiko.SFTPAttributes._from_msg(paramiko.Message(packed))
+    assert (oracle.st_size, oracle.st_uid, oracle.st_gid, oracle.st_mode, oracle.st_atime, oracle.st_mtime) == (
+        attrs.size,
+        attrs.uid,
+        attrs.gid,
+        attrs.mode,
+        attrs.atime,
+        attrs.mtime,
+    )
+
+
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=40), st.binary(max_size=40), attrs_strategy), max_size=8))
+def test_name_replies_parse_as_paramiko_builds_them(entries: list[tuple[bytes, bytes, Attrs]]) -> None:
+    message = paramiko.Message()
+    message.add_int(len(entries))
+    for name, long_name, attrs in entries:
+        message.add_string(name)
+        message.add_string(long_name)
+        message.add_bytes(attrs.pack())
+    assert parse_name(_Cursor(message.asbytes())) == [(name, attrs) for name, _long, attrs in entries]
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_any_bytes_parse_or_are_refused_cleanly(data: bytes) -> None:
+    for parse in (parse_attrs, parse_name):
+        with suppress(BackendProtocolError):
+            parse(_Cursor(data))
