@@ -2,8 +2,8 @@
 
 Why: paramiko encrypts and decrypts the SSH transport in Python, holding the GIL, so a restore
 from SFTP spent twice the CPU of a local one in the restoring process. An ``ssh -s sftp``
-child does that work in C, in a process of its own, on any core; paramiko's ``SFTPClient``
-still speaks SFTP, over a socket pair whose other end is the child's stdin and stdout.
+child does that work in C, in a process of its own, on any core; vmvault's SFTP client
+(``_sftp_wire``) speaks SFTP over a socket pair whose other end is the child's stdin and stdout.
 
 Security: the server is untrusted, and so is anything that could reach ssh's command line.
 ssh reads no configuration file (``-F none``), asks nothing (``BatchMode``), trusts only the
@@ -165,12 +165,10 @@ def command(
 
 
 class ChildChannel:
-    """What paramiko's ``SFTPClient`` uses of a channel (``send``, ``recv``, ``close``,
-    ``closed``, ``get_name``) over a socket pair to an ssh child; closing it ends the child.
-
-    Deliberately not a ``socket.socket``: paramiko polls a real socket with ``select`` in a
-    loop that never times out, while ``recv`` here raises ``TimeoutError`` after the timeout,
-    so a hung child or server is a connection failure like any other."""
+    """A byte stream over a socket pair to an ssh child (what the SFTP client uses:
+    ``recv_into``, ``sendall``, ``close``); closing it ends the child. Its reads raise
+    ``TimeoutError`` after the timeout, so a hung child or server is a connection failure like
+    any other."""
 
     def __init__(self, sock: socket.socket, process: subprocess.Popen[bytes], stderr: _StderrReader) -> None:
         self._sock = sock
@@ -178,15 +176,12 @@ class ChildChannel:
         self._stderr = stderr
         self.closed = False
 
-    def send(self, data: bytes) -> int:
-        return self._sock.send(data)
+    def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int:
+        """Straight into the caller's buffer: what the SFTP client reads replies with."""
+        return self._sock.recv_into(buffer, nbytes)
 
-    def recv(self, size: int) -> bytes:
-        return self._sock.recv(size)
-
-    def get_name(self) -> str:
-        """The name paramiko puts in its log lines."""
-        return f"ssh {self.process.pid}"
+    def sendall(self, data: bytes | memoryview, /) -> None:
+        self._sock.sendall(data)
 
     def settimeout(self, timeout: float | None) -> None:
         self._sock.settimeout(timeout)

@@ -8,8 +8,9 @@ Environment: ``VMVAULT_SFTP_KEY`` and ``VMVAULT_SFTP_KNOWN_HOSTS`` (the URL wins
 
 Transport: each connection is an OpenSSH ``ssh -s sftp`` child process where an ``ssh`` client
 is installed and the location's names can be handed to it safely (``_openssh``: encryption in
-C, outside this process and its GIL), else paramiko's SSH transport in Python. paramiko's
-SFTP client speaks SFTP over either. ``transport=`` forces one.
+C, outside this process and its GIL), else paramiko's SSH transport in Python. vmvault's own
+SFTP client (``_sftp_wire``: every length from the server bounded, replies received in place)
+speaks SFTP over either. ``transport=`` forces one.
 
 Security: only key authentication (an explicit key file, the SSH agent, ``~/.ssh/id_*``), the
 same on both transports. The server's host key must already be in known_hosts; an unknown or
@@ -25,7 +26,8 @@ its temporary file when it retries.
 
 Transfers: up to 64 write requests in flight per upload, every status checked (a short
 object must never be renamed into place); requests of 128 KiB where ``limits@openssh.com``
-(OpenSSH PROTOCOL section 4.8) allows it, else 32 KiB; reads pipelined the same way.
+(OpenSSH PROTOCOL section 4.8) allows it, else 32 KiB; a ranged read sends all its requests
+at once (up to 64 outstanding).
 
 Concurrency: a small pool of SSH connections, one SFTP session each, so that uploads from
 several threads do not queue behind one channel's window.
@@ -59,6 +61,7 @@ from vmvault.errors import (
     BackendConnectionError,
     BackendError,
     BackendPermissionError,
+    BackendProtocolError,
     BackendUnreachableError,
     ConfigError,
     ObjectNotFoundError,
@@ -70,20 +73,11 @@ from vmvault.errors import (
 require("paramiko", purpose="sftp:// repositories")
 
 import paramiko  # noqa: E402
-from paramiko.sftp import (  # noqa: E402
-    CMD_CLOSE,
-    CMD_HANDLE,
-    CMD_NAME,
-    CMD_OPENDIR,
-    CMD_READDIR,
-    CMD_STATUS,
-    CMD_WRITE,
-    SFTPError,
-    int64,
-)
 
 from vmvault.backends import _openssh  # noqa: E402
 from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry, unreachable_reason  # noqa: E402
+from vmvault.backends._sftp_layout import Attrs, OpenFlag  # noqa: E402
+from vmvault.backends._sftp_wire import RecvStream, Session, StatusError, Stream  # noqa: E402
 from vmvault.backends.base import (  # noqa: E402
     TOP_LEVEL_FOLDERS,
     Backend,
@@ -113,20 +107,18 @@ _TMP_NAME = re.compile(r".+\.tmp-[0-9a-f]{12}")
 #: vmvault writes three levels (data/xx/id); a planted deeper tree is not walked past this
 _MAX_DEPTH = 32
 
-# SFTP packet types and the OpenSSH extension replies we read ourselves (filexfer-02 section 3).
-_CMD_EXTENDED = 200
-_CMD_EXTENDED_REPLY = 201
-
 #: the request size every SFTP server accepts (filexfer-02 section 3: servers should take
 #: packets of at least 34000 bytes, i.e. 32 KiB of data plus headers)
 _BASE_REQUEST = 32768
-#: the largest request we send where the server allows it (OpenSSH answers up to 256 KiB);
-#: fewer, larger requests spend less of paramiko's per-packet Python time
+#: the largest request we send where the server allows it (OpenSSH answers up to 255 KiB)
 _LARGE_REQUEST = 128 * 1024
 
 #: write requests in flight per upload: enough to cover loopback and LAN round trips
 #: (64 x 128 KiB = 8 MiB), few enough to notice an error soon
 _WINDOW = 64
+
+#: how ``put`` opens its temporary file: a new file only, never one (or a link) already there
+_CREATE_NEW = OpenFlag.WRITE | OpenFlag.CREAT | OpenFlag.EXCL
 
 #: statvfs@openssh.com f_flag bit for a read-only mount (OpenSSH PROTOCOL section 4.4)
 _ST_RDONLY = 0x1
@@ -170,7 +162,7 @@ class _Connection:
 
     def __init__(
         self,
-        sftp: paramiko.SFTPClient,
+        sftp: Session,
         *,
         client: paramiko.SSHClient | None = None,
         child: _openssh.ChildChannel | None = None,
@@ -180,14 +172,15 @@ class _Connection:
         self.child = child
 
     def alive(self) -> bool:
+        if self.sftp.closed:
+            return False
         if self.child is not None:
             return self.child.alive()
         transport = self.client.get_transport() if self.client is not None else None
-        return transport is not None and transport.is_active() and not self.sftp.sock.closed
+        return transport is not None and transport.is_active()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.sftp.close()
+        self.sftp.close()
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.close()
@@ -235,7 +228,7 @@ class _Pool:
 
 def _is_connection_failure(exc: BaseException) -> bool:
     """True for errors of the transport, not of the file operation."""
-    if isinstance(exc, paramiko.AuthenticationException | paramiko.BadHostKeyException):
+    if isinstance(exc, paramiko.AuthenticationException | paramiko.BadHostKeyException | StatusError):
         return False
     if isinstance(exc, EOFError | paramiko.SSHException | ConnectionError | socket.timeout):
         return True
@@ -243,34 +236,10 @@ def _is_connection_failure(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno is None and "closed" in str(exc).lower()
 
 
-class _WriteAcks:
-    """Collects the status answers to our write requests (paramiko hands each answer to the
-    object given with the request, via ``_async_response``)."""
-
-    def __init__(self, sftp: paramiko.SFTPClient) -> None:
-        self._sftp = sftp
-        self.pending: set[int] = set()
-        self.error: BaseException | None = None
-
-    def _async_response(self, kind: int, msg: paramiko.Message, num: int) -> None:
-        self.pending.discard(num)
-        if kind != CMD_STATUS:
-            self.error = self.error or SFTPError(f"expected a status for write request {num}, got type {kind}")
-            return
-        try:
-            self._sftp._convert_status(msg)  # type: ignore[attr-defined]
-        except (OSError, EOFError) as exc:
-            self.error = self.error or exc
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-
 def _not_offered(exc: OSError) -> bool:
     """An extension the server lacks (OP_UNSUPPORTED) or its administrator banned
     (``sftp-server -P``, answered with PERMISSION_DENIED)."""
-    return exc.errno == errno.EACCES or (exc.errno is None and "unsupported" in str(exc).lower())
+    return exc.errno in (errno.EACCES, errno.EOPNOTSUPP)
 
 
 class SftpBackend(Backend):
@@ -369,17 +338,21 @@ class SftpBackend(Backend):
         self._reached = True
         return connection
 
-    def _open_sftp(self, channel: Any, close: Callable[[], None], waited: float) -> paramiko.SFTPClient:
-        """The SFTP version handshake on ``channel`` (its timeout, ``waited``, set), and the
+    def _open_sftp(self, stream: Stream, close: Callable[[], None], waited: float) -> Session:
+        """The SFTP version handshake on ``stream`` (its timeout, ``waited``, set), and the
         request size."""
+        sftp = Session(stream)
         try:
-            sftp = paramiko.SFTPClient(channel)
+            sftp.start()
         except TimeoutError as exc:
             close()
             raise BackendConnectionError(
                 f"{self.url}: the SFTP server on {self.host} did not answer within {waited:.0f} s "
                 "(is the sftp subsystem enabled, and does the login shell start cleanly?)"
             ) from exc
+        except BackendProtocolError as exc:
+            close()
+            raise BackendProtocolError(f"{self.url}: {exc}") from exc
         if self._request_size is None:
             self._request_size = self._negotiate_request_size(sftp)
         return sftp
@@ -498,7 +471,7 @@ class SftpBackend(Backend):
             channel = transport.open_session(timeout=self.timeout)
             channel.settimeout(self.timeout)
             channel.invoke_subsystem("sftp")
-            sftp = self._open_sftp(channel, client.close, self.timeout)
+            sftp = self._open_sftp(RecvStream(channel), client.close, self.timeout)
         except BackendError:
             client.close()
             raise
@@ -536,17 +509,17 @@ class SftpBackend(Backend):
         return _Connection(sftp, client=client)
 
     @staticmethod
-    def _negotiate_request_size(sftp: paramiko.SFTPClient) -> int:
+    def _negotiate_request_size(sftp: Session) -> int:
         """Ask ``limits@openssh.com`` (OpenSSH PROTOCOL section 4.8) how large a read or write
         may be; servers without it get the size every server must accept."""
         try:
-            kind, msg = sftp._request(_CMD_EXTENDED, "limits@openssh.com")  # type: ignore[attr-defined]
-        except Exception:
+            answer = sftp.limits()
+        except StatusError:
             return _BASE_REQUEST
-        if kind != _CMD_EXTENDED_REPLY:
+        if answer is None:
             return _BASE_REQUEST
         # max-packet-length, max-read-length, max-write-length, max-open-handles (0 = no limit)
-        _packet, max_read, max_write = (int(msg.get_int64()) for _ in range(3))
+        _packet, max_read, max_write, _handles = answer
         limits = [limit for limit in (max_read, max_write) if limit > 0]
         return max(_BASE_REQUEST, min([_LARGE_REQUEST, *limits]))
 
@@ -568,7 +541,7 @@ class SftpBackend(Backend):
             f"VMVAULT_SFTP_KEY or ?key=PATH"
         )
 
-    def _call(self, describe: str, name: str | None, op: Callable[[paramiko.SFTPClient], T], *, needed: int = 0) -> T:
+    def _call(self, describe: str, name: str | None, op: Callable[[Session], T], *, needed: int = 0) -> T:
         """Run ``op`` on a pooled connection, reconnecting and retrying when it drops.
 
         ``needed``: bytes the operation writes, to recognise a full disk behind SSH_FX_FAILURE."""
@@ -577,6 +550,11 @@ class SftpBackend(Backend):
             with self._pool.connection() as conn:
                 try:
                     return op(conn.sftp)
+                except BackendProtocolError as exc:
+                    # replies may be left unread: this connection is done (the session closed
+                    # itself); the server is not asked again
+                    conn.close()
+                    raise BackendProtocolError(f"{self.url}: cannot {describe}: {exc}", name=name) from exc
                 except BackendError:
                     raise
                 except Exception as exc:
@@ -597,7 +575,7 @@ class SftpBackend(Backend):
     # --- errors ------------------------------------------------------------------------
 
     def _translate(
-        self, exc: BaseException, describe: str, name: str | None, sftp: paramiko.SFTPClient, needed: int
+        self, exc: BaseException, describe: str, name: str | None, sftp: Session, needed: int
     ) -> BackendError:
         text = f"{self.url}: cannot {describe}: {exc}"
         if isinstance(exc, OSError):
@@ -613,17 +591,14 @@ class SftpBackend(Backend):
                 return StorageFullError(f"{self.url}: the server's disk is full or over quota ({describe})", name=name)
         return BackendError(text, name=name)
 
-    def _statvfs(self, sftp: paramiko.SFTPClient) -> tuple[int, int] | None:
+    def _statvfs(self, sftp: Session) -> tuple[int, int] | None:
         """Free bytes and mount flags under the repository, from ``statvfs@openssh.com``."""
         try:
-            kind, msg = sftp._request(_CMD_EXTENDED, "statvfs@openssh.com", self.root or ".")  # type: ignore[attr-defined]
+            fields = sftp.statvfs(self.root or ".")
         except Exception:
             return None
-        if kind != _CMD_EXTENDED_REPLY:
-            return None
         # f_bsize f_frsize f_blocks f_bfree f_bavail f_files f_ffree f_favail f_fsid f_flag
-        # f_namemax, all uint64 (OpenSSH PROTOCOL section 4.4)
-        fields = [msg.get_int64() for _ in range(11)]
+        # f_namemax (OpenSSH PROTOCOL section 4.4)
         return fields[1] * fields[4], fields[9]
 
     # --- paths -------------------------------------------------------------------------
@@ -668,43 +643,23 @@ class SftpBackend(Backend):
             kind=describe_mode(mode),
         )
 
-    def _listdir(self, sftp: paramiko.SFTPClient, path: str) -> list[paramiko.SFTPAttributes]:
-        """The entries of a folder with the attributes READDIR gives (OpenSSH: lstat's).
-
-        Not paramiko's ``listdir_attr``: it decodes names strictly, so one name that is not
-        UTF-8 would fail the whole listing (and leave the handle open). Such a name is never
-        one vmvault wrote; it is skipped with a warning."""
-        kind, msg = sftp._request(CMD_OPENDIR, path)  # type: ignore[attr-defined]
-        if kind != CMD_HANDLE:
-            raise SFTPError("expected a handle")
-        handle = msg.get_binary()
-        out: list[paramiko.SFTPAttributes] = []
-        try:
-            while True:
-                try:
-                    kind, msg = sftp._request(CMD_READDIR, handle)  # type: ignore[attr-defined]
-                except EOFError:
-                    break
-                if kind != CMD_NAME:
-                    raise SFTPError("expected a name response")
-                for _ in range(msg.get_int()):
-                    raw = msg.get_string()
-                    msg.get_string()  # the long name, ls -l style: not needed
-                    attrs = paramiko.SFTPAttributes._from_msg(msg)  # type: ignore[attr-defined]
-                    try:
-                        attrs.filename = raw.decode("utf-8")
-                    except UnicodeDecodeError:
-                        odd = f"{path}/{raw.decode('utf-8', 'surrogateescape')}".removeprefix(self.root + "/")
-                        self._skip(odd, "not UTF-8, so no name vmvault writes")
-                        continue
-                    if attrs.filename not in (".", ".."):
-                        out.append(attrs)
-        finally:
-            with contextlib.suppress(Exception):
-                sftp._request(CMD_CLOSE, handle)  # type: ignore[attr-defined]
+    def _listdir(self, sftp: Session, path: str) -> list[tuple[str, Attrs]]:
+        """The entries of a folder (name, attributes) with the attributes READDIR gives
+        (OpenSSH: lstat's). A name that is not UTF-8 is never one vmvault wrote; it is skipped
+        with a warning."""
+        out: list[tuple[str, Attrs]] = []
+        for raw, attrs in sftp.listdir(path):
+            try:
+                filename = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                odd = f"{path}/{raw.decode('utf-8', 'surrogateescape')}".removeprefix(self.root + "/")
+                self._skip(odd, "not UTF-8, so no name vmvault writes")
+                continue
+            if filename not in (".", ".."):
+                out.append((filename, attrs))
         return out
 
-    def _check_layout(self, sftp: paramiko.SFTPClient) -> None:
+    def _check_layout(self, sftp: Session) -> None:
         """Refuse a repository whose top-level folders are links (unless told to follow them)."""
         if self._layout_checked:
             return
@@ -712,24 +667,24 @@ class SftpBackend(Backend):
             entries = self._listdir(sftp, self.root)
         except FileNotFoundError:
             return  # no repository yet
-        for attrs in entries:
-            mode = attrs.st_mode or 0
-            if attrs.filename in TOP_LEVEL_FOLDERS:
+        for filename, attrs in entries:
+            mode = attrs.mode or 0
+            if filename in TOP_LEVEL_FOLDERS:
                 if stat.S_ISLNK(mode) and not self.follow_links:
-                    raise self._unsafe(attrs.filename, mode)
+                    raise self._unsafe(filename, mode)
                 if stat.S_ISDIR(mode):
-                    self._folders.add(attrs.filename)
+                    self._folders.add(filename)
         self._layout_checked = True
 
-    def _is_folder(self, sftp: paramiko.SFTPClient, rel: str) -> bool:
+    def _is_folder(self, sftp: Session, rel: str) -> bool:
         """Whether ``rel`` is a real folder (False: absent, or a file); UnsafeStorageError for a
         link (but a top-level folder's with ``follow_links``) or a special file."""
         if rel in self._folders:
             return True
         try:
-            mode = sftp.lstat(self._full(rel)).st_mode or 0
+            mode = sftp.lstat(self._full(rel)).mode or 0
             if stat.S_ISLNK(mode) and self.follow_links and rel in TOP_LEVEL_FOLDERS:
-                mode = sftp.stat(self._full(rel)).st_mode or 0
+                mode = sftp.stat(self._full(rel)).mode or 0
         except FileNotFoundError:
             return False
         if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
@@ -739,7 +694,7 @@ class SftpBackend(Backend):
             return True
         return False
 
-    def _reach(self, sftp: paramiko.SFTPClient, parts: list[str], *, create: bool = False) -> bool:
+    def _reach(self, sftp: Session, parts: list[str], *, create: bool = False) -> bool:
         """Check each folder on the way to ``parts[-1]`` (making missing ones with ``create``);
         False when one does not exist."""
         self._check_layout(sftp)
@@ -762,42 +717,42 @@ class SftpBackend(Backend):
                 raise BackendError(f"{self.url}: {rel} exists and is not a folder", name=rel)
         return True
 
-    def _object(self, sftp: paramiko.SFTPClient, name: str) -> paramiko.SFTPAttributes | None:
+    def _object(self, sftp: Session, name: str) -> Attrs | None:
         """The lstat of object ``name``: None when absent or a folder; UnsafeStorageError when a
         link or special file stands in its place."""
         try:
             attrs = sftp.lstat(self._path(name))
         except FileNotFoundError:
             return None
-        mode = attrs.st_mode or 0
+        mode = attrs.mode or 0
         if stat.S_ISDIR(mode):
             return None  # a directory is no object
         if not stat.S_ISREG(mode):
             raise self._unsafe(name, mode)
         return attrs
 
-    def _open_new(self, sftp: paramiko.SFTPClient, parts: list[str], path: str) -> paramiko.SFTPFile:
+    def _open_new(self, sftp: Session, parts: list[str], path: str) -> bytes:
+        """A handle on a new file ``path``: O_CREAT | O_EXCL, never through a link at that name."""
         self._reach(sftp, parts, create=True)
         try:
-            return sftp.open(path, "wxb")  # O_CREAT | O_EXCL: never through a link at that name
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+            return sftp.open(path, _CREATE_NEW)
+        except FileNotFoundError:
+            pass
         # no repository folder yet, or a folder was removed since it was checked: make them
         for depth in range(1, len(parts)):
             self._folders.discard("/".join(parts[:depth]))
         self._make_root(sftp)
         self._reach(sftp, parts, create=True)
-        return sftp.open(path, "wxb")
+        return sftp.open(path, _CREATE_NEW)
 
-    def _make_root(self, sftp: paramiko.SFTPClient) -> None:
+    def _make_root(self, sftp: Session) -> None:
         """``mkdir -p`` of the root. It is the user's own path, so links in it are theirs and
         are followed, as the server resolves any path."""
         missing: list[str] = []
         current = self.root
         while current and current not in ("/", "."):
             try:
-                if stat.S_ISDIR(sftp.stat(current).st_mode or 0):
+                if stat.S_ISDIR(sftp.stat(current).mode or 0):
                     break
                 raise BackendError(f"{self.url}: {current} exists and is not a directory")
             except FileNotFoundError:
@@ -809,13 +764,13 @@ class SftpBackend(Backend):
             except OSError:
                 # lost a race with another writer, or a real failure: stat tells which
                 try:
-                    made = stat.S_ISDIR(sftp.stat(path).st_mode or 0)
+                    made = stat.S_ISDIR(sftp.stat(path).mode or 0)
                 except FileNotFoundError:
                     made = False
                 if not made:
                     raise
 
-    def _rename_over(self, sftp: paramiko.SFTPClient, tmp: str, path: str) -> None:
+    def _rename_over(self, sftp: Session, tmp: str, path: str) -> None:
         if self._posix_rename:
             try:
                 sftp.posix_rename(tmp, path)
@@ -836,39 +791,17 @@ class SftpBackend(Backend):
         sftp.rename(tmp, path)
 
     @staticmethod
-    def _is_file(sftp: paramiko.SFTPClient, path: str) -> bool:
+    def _is_file(sftp: Session, path: str) -> bool:
         try:
-            return stat.S_ISREG(sftp.lstat(path).st_mode or 0)
+            return stat.S_ISREG(sftp.lstat(path).mode or 0)
         except FileNotFoundError:
             return False
 
-    def _write_all(self, sftp: paramiko.SFTPClient, fh: paramiko.SFTPFile, data: bytes) -> None:
-        """Write ``data`` with up to ``_WINDOW`` requests in flight, checking every status.
-
-        Not paramiko's pipelined mode: it drops the status of a write whose answer arrives
-        while it waits for something else, so a full disk could go unnoticed and leave a
-        short file that is then renamed into place as if it were whole.
-        """
-        step = self._request_size or _BASE_REQUEST
-        acks = _WriteAcks(sftp)
-        view = memoryview(data)
-        for pos in range(0, len(data), step):
-            while len(acks.pending) >= _WINDOW:
-                sftp._read_response()  # type: ignore[attr-defined]
-            acks.raise_error()
-            num = sftp._async_request(  # type: ignore[attr-defined]
-                acks, CMD_WRITE, fh.handle, int64(pos), bytes(view[pos : pos + step])
-            )
-            acks.pending.add(num)
-        while acks.pending:
-            sftp._read_response()  # type: ignore[attr-defined]
-        acks.raise_error()
-
-    def _fsync_file(self, sftp: paramiko.SFTPClient, handle: paramiko.SFTPFile) -> None:
+    def _fsync_file(self, sftp: Session, handle: bytes) -> None:
         if not self._fsync:
             return
         try:
-            sftp._request(_CMD_EXTENDED, "fsync@openssh.com", handle.handle)  # type: ignore[attr-defined]
+            sftp.fsync(handle)
         except OSError as exc:
             if not _not_offered(exc):
                 raise
@@ -883,7 +816,7 @@ class SftpBackend(Backend):
         path = self._path(name)
         leftovers: list[str] = []
 
-        def op(sftp: paramiko.SFTPClient) -> None:
+        def op(sftp: Session) -> None:
             # a previous attempt lost its connection mid-upload: remove its temporary file
             for stale in leftovers:
                 with contextlib.suppress(OSError):
@@ -892,9 +825,11 @@ class SftpBackend(Backend):
             tmp = f"{path}{_TMP_MARK}{secrets.token_hex(6)}"
             leftovers.append(tmp)
             try:
-                with self._open_new(sftp, parts, tmp) as fh:
-                    self._write_all(sftp, fh, data)
-                    self._fsync_file(sftp, fh)
+                with sftp.closing(self._open_new(sftp, parts, tmp)) as handle:
+                    # every write's status is checked: a short object must never be renamed
+                    # into place as if it were whole
+                    sftp.write(handle, data, self._request_size or _BASE_REQUEST, _WINDOW)
+                    self._fsync_file(sftp, handle)
                 # a rename replaces a link itself, not its target; still, a link where an object
                 # belongs was planted, and is reported rather than silently replaced
                 self._object(sftp, name)
@@ -916,29 +851,24 @@ class SftpBackend(Backend):
         parts = split_name(name)
         path = self._path(name)
 
-        def op(sftp: paramiko.SFTPClient) -> bytes:
+        def op(sftp: Session) -> bytes:
             attrs = self._object(sftp, name) if self._reach(sftp, parts) else None
             if attrs is None:
                 raise ObjectNotFoundError(f"{self.url}: no object {shown(name)}", name=name)
-            with sftp.open(path, "rb") as fh:
+            with sftp.closing(sftp.open(path, OpenFlag.READ)) as handle:
                 if length is None:
                     # a whole object may have been replaced since lstat (a lock is rewritten in
                     # place): the size is that of the file opened. A range is read from an
                     # object that never changes (a pack), so lstat's size serves.
-                    attrs = fh.stat()
-                    if not stat.S_ISREG(attrs.st_mode or 0):
+                    attrs = sftp.fstat(handle)
+                    if not stat.S_ISREG(attrs.mode or 0):
                         raise ObjectNotFoundError(f"{self.url}: no object {shown(name)}", name=name)
-                size = attrs.st_size or 0
+                size = attrs.size or 0
                 start = min(offset, size)
                 end = size if length is None else min(size, offset + length)
                 if end <= start:
                     return b""
-                # readv pipelines the reads instead of waiting for each in turn; asking for
-                # request-sized pieces avoids paramiko re-slicing one large buffer (quadratic)
-                step = self._request_size or _BASE_REQUEST
-                fh.MAX_REQUEST_SIZE = step
-                pieces = [(pos, min(step, end - pos)) for pos in range(start, end, step)]
-                out = b"".join(fh.readv(pieces))
+                out = sftp.read(handle, start, end - start, self._request_size or _BASE_REQUEST)
                 if len(out) != end - start:
                     raise BackendError(
                         f"{self.url}: short read of {name}: {len(out)} of {end - start} bytes at {start}", name=name
@@ -947,7 +877,7 @@ class SftpBackend(Backend):
 
         return self.requests.read(self._call(f"read {name}", name, op))
 
-    def _lstat(self, name: str) -> paramiko.SFTPAttributes | None:
+    def _lstat(self, name: str) -> Attrs | None:
         parts = split_name(name)
         return self._call(
             f"look up {name}", name, lambda sftp: self._object(sftp, name) if self._reach(sftp, parts) else None
@@ -960,13 +890,11 @@ class SftpBackend(Backend):
     def modified(self, name: str) -> float | None:
         self.requests.count("stat")
         attrs = self._lstat(name)
-        if attrs is None or attrs.st_mtime is None:
+        if attrs is None or attrs.mtime is None:
             return None
-        return float(attrs.st_mtime)
+        return float(attrs.mtime)
 
-    def _walk(
-        self, sftp: paramiko.SFTPClient, start: str, prefix: str
-    ) -> Iterator[tuple[str, paramiko.SFTPAttributes]]:
+    def _walk(self, sftp: Session, start: str, prefix: str) -> Iterator[tuple[str, Attrs]]:
         """(relative name, READDIR attributes) of every regular file under folder ``start``
         whose name starts with ``prefix``. Links and special files are skipped with a warning,
         never followed (a top-level folder's link is refused, or followed with follow_links)."""
@@ -989,11 +917,11 @@ class SftpBackend(Backend):
                 entries = self._listdir(sftp, self._full(rel_dir))
             except FileNotFoundError:
                 continue
-            for entry in entries:
-                rel = f"{rel_dir}/{entry.filename}" if rel_dir else entry.filename
+            for filename, entry in entries:
+                rel = f"{rel_dir}/{filename}" if rel_dir else filename
                 if not (rel.startswith(prefix) or prefix.startswith(rel + "/")):
                     continue
-                mode = entry.st_mode or 0
+                mode = entry.mode or 0
                 if stat.S_ISLNK(mode) and rel in TOP_LEVEL_FOLDERS:
                     if not self.follow_links:
                         raise self._unsafe(rel, mode)
@@ -1016,9 +944,9 @@ class SftpBackend(Backend):
             raise ValueError(f"bad prefix {prefix!r}")
         start = prefix.rstrip("/") if prefix.endswith("/") else posixpath.dirname(prefix)
 
-        def op(sftp: paramiko.SFTPClient) -> list[ObjectInfo]:
+        def op(sftp: Session) -> list[ObjectInfo]:
             found = [
-                ObjectInfo(rel, attrs.st_size or 0, "" if attrs.st_mtime is None else str(attrs.st_mtime))
+                ObjectInfo(rel, attrs.size or 0, "" if attrs.mtime is None else str(attrs.mtime))
                 for rel, attrs in self._walk(sftp, start, prefix)
                 if _TMP_MARK not in rel.rsplit("/", 1)[-1]
             ]
@@ -1031,7 +959,7 @@ class SftpBackend(Backend):
         parts = split_name(name)
         path = self._path(name)
 
-        def op(sftp: paramiko.SFTPClient) -> None:
+        def op(sftp: Session) -> None:
             if not self._reach(sftp, parts) or self._object(sftp, name) is None:
                 return  # nothing of that name (a directory is no object)
             with contextlib.suppress(FileNotFoundError):
@@ -1044,11 +972,11 @@ class SftpBackend(Backend):
         ``older_than`` seconds (younger ones may belong to an upload still running on another
         host); returns how many were removed. Only names ``put`` makes, only regular files."""
 
-        def op(sftp: paramiko.SFTPClient) -> int:
+        def op(sftp: Session) -> int:
             cutoff = time.time() - older_than
             removed = 0
             for rel, attrs in list(self._walk(sftp, "", "")):
-                if _TMP_NAME.fullmatch(rel.rsplit("/", 1)[-1]) and (attrs.st_mtime or 0) < cutoff:
+                if _TMP_NAME.fullmatch(rel.rsplit("/", 1)[-1]) and (attrs.mtime or 0) < cutoff:
                     with contextlib.suppress(FileNotFoundError):
                         sftp.remove(self._full(rel))
                         removed += 1
