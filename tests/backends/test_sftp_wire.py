@@ -13,6 +13,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -469,3 +470,35 @@ def test_any_bytes_parse_or_are_refused_cleanly(data: bytes) -> None:
     for parse in (parse_attrs, parse_name):
         with suppress(BackendProtocolError):
             parse(_Cursor(data))
+
+
+# --- through the backend ----------------------------------------------------------------------
+
+
+def test_the_backend_reports_a_protocol_error_with_its_url_and_does_not_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scripted server behind the backend's pool (no SSH): the error names the repository."""
+    from vmvault.backends import sftp
+
+    def script(peer: Peer) -> None:
+        kind, rid, _ = peer.request()
+        assert kind == Packet.OPENDIR  # the layout check's listing of the root
+        peer.raw(U32.pack(0x40000000) + bytes([Packet.HANDLE]) + U32.pack(rid))
+        idle(peer)
+
+    backend = sftp.SftpBackend("nas.example", "/srv/repo", transport="paramiko", known_hosts=str(tmp_path / "kh"))
+    connects: list[Session] = []
+    with scripted(script) as session:
+
+        def connect() -> sftp._Connection:
+            connects.append(session)
+            return sftp._Connection(session)
+
+        monkeypatch.setattr(backend._pool, "_factory", connect)
+        with pytest.raises(
+            BackendProtocolError, match=r"^sftp://.*nas\.example/srv/repo: cannot look up data/x: .*over"
+        ):
+            backend.exists("data/x")
+    assert len(connects) == 1
+    assert session.closed
