@@ -182,6 +182,23 @@ def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof() -> None
         assert session.read(handle, 100, 12000, 3000) == content[100:]
 
 
+def test_reads_share_the_session_buffer_but_never_each_others_bytes() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.data(rid, b"A" * 1000)
+        _, first, _ = peer.request()
+        _, second, _ = peer.request()
+        peer.data(first, b"B" * 500)
+        peer.status(second, Status.EOF)
+        idle(peer)
+
+    with scripted(script) as session:
+        whole = session.read(b"h", 0, 1000, 1000)
+        shorter = session.read(b"h", 0, 1000, 500)
+        assert whole == b"A" * 1000  # a copy: the next read did not change it
+        assert shorter == b"B" * 500  # the end of the file: nothing of the first read behind it
+
+
 def test_a_failed_write_reads_every_ack_and_keeps_the_session() -> None:
     def script(peer: Peer) -> None:
         ids = []

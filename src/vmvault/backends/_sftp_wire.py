@@ -51,6 +51,7 @@ from vmvault.backends._sftp_layout import (
 from vmvault.errors import BackendProtocolError
 
 __all__ = [
+    "KEEP_BUFFER",
     "MAX_PACKET",
     "READ_WINDOW",
     "NoSuchFileError",
@@ -69,6 +70,10 @@ __all__ = [
 MAX_PACKET = 256 * 1024 + 1024
 #: READ requests outstanding at once in one ranged read (64 x 128 KiB = 8 MiB in flight)
 READ_WINDOW = 64
+#: the receive buffer a session keeps between ranged reads (larger reads get one of their own):
+#: a fresh buffer per read cost more in page faults than all of the protocol's handling
+#: (4 MiB reads: 7 ms each, 1.8 ms per MiB, against about 1 ms per MiB for the rest)
+KEEP_BUFFER = 8 << 20
 #: what of a server's status message is kept (it goes into error messages)
 _MESSAGE_LIMIT = 200
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -232,6 +237,7 @@ class Session:
         self.extensions: dict[bytes, bytes] = {}
         self._header = bytearray(HEADER.size)
         self._header_view = memoryview(self._header)
+        self._buffer = bytearray()
 
     # --- the stream ------------------------------------------------------------------
 
@@ -432,8 +438,12 @@ class Session:
         requests of ``step`` bytes, up to :data:`READ_WINDOW` of them outstanding, each DATA
         reply received in place into one buffer (section 6.4: a server may answer a READ with
         fewer bytes, asked for again; EOF ends the file there)."""
-        out = bytearray(length)
-        view = memoryview(out)
+        if length <= KEEP_BUFFER:
+            if len(self._buffer) < length:
+                self._buffer = bytearray(max(length, min(2 * len(self._buffer), KEEP_BUFFER)))
+            view = memoryview(self._buffer)[:length]
+        else:
+            view = memoryview(bytearray(length))
         with self._guard():
             asked: dict[int, tuple[int, int]] = {}  # request id -> (position in out, bytes)
             again: list[tuple[int, int]] = []  # short answers' remainders, asked again
@@ -482,7 +492,7 @@ class Session:
                     raise BackendProtocolError(f"the SFTP server answered a READ with packet type {kind}")
             if failure is not None:
                 raise failure
-        return bytes(view[:end]) if end < length else bytes(out)
+        return bytes(view[:end])
 
     def _read_data_length(self, length_left: int, asked: int) -> int:
         """DATA's string length (section 7), which must fill its packet and be 1 to ``asked``."""
