@@ -429,3 +429,27 @@ def test_real_vhd_files_checkpoint_merge_convert(shared_dir: Path, tmp_path: Pat
     flat = tmp_path / "ext2.vhdx"
     convert(str(ext2), str(flat), "vhdx")
     assert compare(str(ext2), str(flat)) == []
+
+
+def test_names_as_parent_follows_the_reference_and_a_nul_names_nothing(tmp_path: Path) -> None:
+    """The merge's check of which grandchild still names the merged child: the parent reference
+    as the format stores it, resolved; a damaged name (a NUL in it) names no file at all."""
+    require_tool("qemu-img")
+    base, child, other = tmp_path / "base.qcow2", tmp_path / "child.qcow2", tmp_path / "other.qcow2"
+    for name in (base, other):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(name), "1M"], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "base.qcow2", str(child)], check=True
+    )
+    assert chain_module._names_as_parent(str(child), str(base), ())
+    assert not chain_module._names_as_parent(str(child), str(other), ())
+    assert not chain_module._names_as_parent(str(base), str(child), ())  # no parent at all
+    # through a link to the parent: the same file
+    (tmp_path / "alias.qcow2").symlink_to(base)
+    assert chain_module._names_as_parent(str(child), str(tmp_path / "alias.qcow2"), ())
+    # the stored name damaged: "base.qcow2" -> "bas\0.qcow2" names nothing, and raises nothing
+    data = bytearray(child.read_bytes())
+    at = data.index(b"base.qcow2")
+    data[at + 3] = 0
+    child.write_bytes(bytes(data))
+    assert not chain_module._names_as_parent(str(child), str(base), ())
