@@ -445,19 +445,21 @@ class _Rewriter:
             self.qmp_socket = sock
         return prefix + rewritten
 
-    def _chardev(self, value: str) -> str:
-        """A confined -chardev: a socket on a network address, or a udp one, becomes a listening
-        unix socket in the output folder (keeping only its id and mux); a unix socket's path
-        moves there, outside the abstract namespace."""
+    def _chardev(self, value: str, recorded: str) -> str:
+        """A confined -chardev (``recorded``, as the snapshot gave it, is what warnings name): a
+        socket on a network address, or a udp one, becomes a listening unix socket in the
+        output folder (keeping only its id and mux); a unix socket's path moves there, outside
+        the abstract namespace."""
         parts = _split_keyval(value)
         keys = {p.partition("=")[0] for p in parts}
         backend = _kind(parts, "backend")
         if backend == "udp" or (backend == "socket" and (keys & _NET_CHARDEV_KEYS or "path" not in keys)):
             ident = next((_unesc(p[3:]) for p in parts if p.startswith("id=")), "")
             sock = self._moved(f"{ident if _ID.fullmatch(ident) else 'chardev'}.sock")
-            self.warnings.append(
-                f"-chardev {value[:120]!r} opens or connects a network socket: it is the unix socket {sock} instead"
-            )
+            # (no address at all: libvirt's fd=N, left out as a host descriptor)
+            net = backend == "udp" or keys & _NET_CHARDEV_KEYS
+            what = "opens or connects a network socket" if net else "has no path"
+            self.warnings.append(f"-chardev {recorded[:120]!r} {what}: it is the unix socket {sock} instead")
             kept = [p for p in parts if p.partition("=")[0] in ("id", "mux")]
             return ",".join(["socket", *kept, f"path={_esc(sock)}", "server=on", "wait=off"])
         out = []
@@ -466,7 +468,7 @@ class _Rewriter:
             if key == "path":
                 p = f"path={_esc(self._moved(_unesc(val)))}"
             elif key in _UNIX_CHARDEV_DROP | _NET_CHARDEV_KEYS:  # (unused by other backends: gone too)
-                self.warnings.append(f"-chardev {value[:60]!r}: {key}= is left out (a socket outside the folder)")
+                self.warnings.append(f"-chardev {recorded[:60]!r}: {key}= is left out (a socket outside the folder)")
                 continue
             out.append(p)
         return ",".join(out)
@@ -548,6 +550,7 @@ class _Rewriter:
         """The rewritten ``[opt, value]`` (or nothing, to drop the option)."""
         if opt == "-incoming":
             return []  # a restored VM starts from its disks, not from a migration stream
+        recorded = value
         confined = self.confine(opt, value)
         if confined is None:
             return []
@@ -574,7 +577,7 @@ class _Rewriter:
         if opt in _CHAR_OPTIONS:
             return [opt, value]  # rewritten by confine (``_char_target``)
         if opt == "-chardev":
-            return [opt, self._chardev(value)]
+            return [opt, self._chardev(value, recorded)]
         if opt == "-pidfile":
             return [opt, self._moved(value)]
         if (opt == "-vnc" and value != "none") or (opt == "-display" and value.startswith("vnc")):
