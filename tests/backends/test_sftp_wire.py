@@ -333,6 +333,18 @@ def test_a_listing_with_a_huge_count_is_refused() -> None:
         session.listdir("/")
 
 
+def test_an_empty_listing_answer_is_refused_rather_than_asked_again_forever() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.reply(Packet.HANDLE, rid, pack_string(b"d"))
+        _, rid, _ = peer.request()
+        peer.reply(Packet.NAME, rid, U32.pack(0))
+        idle(peer)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError, match="no names"):
+        session.listdir("/")
+
+
 def test_a_handle_over_256_bytes_is_refused() -> None:
     def script(peer: Peer) -> None:
         _, rid, _ = peer.request()

@@ -426,7 +426,12 @@ class Session:
                     if exc.code == Status.EOF:
                         break
                     raise
-                entries += parse_name(cursor)
+                names = parse_name(cursor)
+                if not names:
+                    # section 6.7: one or more names, or a status; an empty answer repeated
+                    # forever would loop forever
+                    raise BackendProtocolError("the SFTP server answered READDIR with no names and no end")
+                entries += names
         finally:
             if not self.closed:
                 with contextlib.suppress(OSError, BackendProtocolError, EOFError):
