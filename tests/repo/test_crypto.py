@@ -246,6 +246,52 @@ def test_blake3_ids_let_other_threads_run_while_hashing() -> None:
     pytest.fail("no other thread ran while BLAKE3 hashed 128 MiB: it holds the interpreter lock")
 
 
+def test_compressed_envelopes_opened_in_many_threads_at_once_each_get_their_own_plaintext() -> None:
+    """A compressed body is decrypted into its thread's reused buffer: threads opening at once
+    must never see each other's bytes, and what is returned must not change afterwards."""
+    key = MasterKey.generate()
+    payloads = [bytes([n]) * 50_000 + n.to_bytes(4, "little") * 1000 for n in range(64)]
+    sealed = [seal_envelope(key, p, b"aad%d" % n) for n, p in enumerate(payloads)]
+    assert all(s[1] & 1 for s in sealed), "compressible: the zstd path"
+    wrong: list[int] = []
+    kept: dict[int, bytes] = {}
+
+    def work(offset: int) -> None:
+        for i in range(200):
+            n = (i + offset) % 64
+            try:
+                got = open_envelope(key, sealed[n], b"aad%d" % n, what="t")
+            except IntegrityError:
+                got = b""
+            if got != payloads[n]:
+                wrong.append(n)
+            kept.setdefault(n, got)
+
+    threads = [threading.Thread(target=work, args=(k * 7,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong and all(kept[n] == payloads[n] for n in kept)
+
+
+@pytest.mark.parametrize("size", [100, 3 << 20, (17 << 20) + 5])
+def test_a_damaged_compressed_envelope_of_any_size_is_refused_and_the_next_opens(size: int) -> None:
+    """The buffer a compressed body is decrypted into holds unauthenticated bytes when the tag
+    does not match: they are never returned, and the next envelope opens as if nothing had been."""
+    key = MasterKey.generate()
+    payload = (b"vmvault " * (size // 8 + 1))[:size]
+    sealed = bytearray(seal_envelope(key, payload, b"aad"))
+    assert sealed[1] & 1
+    good = bytes(sealed)
+    sealed[len(sealed) // 2] ^= 0x10
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        open_envelope(key, bytes(sealed), b"aad", what="t")
+    assert open_envelope(key, good, b"aad", what="t") == payload
+    # a body larger than the reused buffer's bound gets a buffer of its own
+    assert len(getattr(crypto._tls, "scratch", b"")) <= crypto._MAX_SCRATCH
+
+
 def build_pack(key: MasterKey, blobs: list[bytes]) -> tuple[bytes, bytes]:
     builder = PackBuilder()
     for b in blobs:
