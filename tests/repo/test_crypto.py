@@ -275,6 +275,24 @@ def test_compressed_envelopes_opened_in_many_threads_at_once_each_get_their_own_
     assert not wrong and all(kept[n] == payloads[n] for n in kept)
 
 
+@pytest.mark.parametrize("into", [False, True])
+def test_both_ways_of_opening_a_compressed_envelope_agree(monkeypatch: pytest.MonkeyPatch, into: bool) -> None:
+    """``decrypt_into`` a reused buffer where cryptography has it (47 and later), else a fresh
+    plaintext (the floor, 44): the same payload, and the same refusal of a damaged envelope."""
+    if into and not hasattr(crypto.AESGCM, "decrypt_into"):
+        pytest.skip("this cryptography has no decrypt_into (before 47): only the fallback is used")
+    monkeypatch.setattr(crypto, "_DECRYPT_INTO", into)
+    key = MasterKey.generate()
+    payload = b"restore me " * 20_000
+    sealed = seal_envelope(key, payload, b"aad")
+    assert sealed[1] & 1, "compressible: the zstd path"
+    assert open_envelope(key, memoryview(sealed), b"aad", what="t") == payload
+    flipped = bytearray(sealed)
+    flipped[-3] ^= 1
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        open_envelope(key, bytes(flipped), b"aad", what="t")
+
+
 @pytest.mark.parametrize("size", [100, 3 << 20, (17 << 20) + 5])
 def test_a_damaged_compressed_envelope_of_any_size_is_refused_and_the_next_opens(size: int) -> None:
     """The buffer a compressed body is decrypted into holds unauthenticated bytes when the tag

@@ -161,6 +161,8 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 #: ``AESGCM.encrypt_into`` (cryptography 47 and later) writes into a buffer the caller gives
 _ENCRYPT_INTO: Final[bool] = hasattr(AESGCM, "encrypt_into")
+#: ``AESGCM.decrypt_into`` likewise (older releases allocate each plaintext: the fallback)
+_DECRYPT_INTO: Final[bool] = hasattr(AESGCM, "decrypt_into")
 
 
 def seal_envelope(key: MasterKey, payload: bytes | memoryview, aad: bytes, *, compress: bool = True) -> bytes:
@@ -237,7 +239,7 @@ def open_envelope(
         # (views: slicing bytes would copy the whole chunk first, with the GIL held)
         ciphertext = memoryview(sealed)[ENVELOPE_HEADER.size :]
         try:
-            if flags & EnvelopeFlags.ZSTD:
+            if flags & EnvelopeFlags.ZSTD and _DECRYPT_INTO:
                 # the compressed body is needed only until it is decompressed: decrypted into
                 # this thread's buffer, not a new one each time (AES-GCM holds the GIL, and a
                 # fresh buffer's page faults would be taken while holding it)
