@@ -9,19 +9,24 @@ FormatError on damage.
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import cpu_time_limit
 from vmvault.disk.vhdx import create_vhdx
 from vmvault.errors import FormatError
 from vmvault.hypervisors._vmcx import (
     IDE_CONTROLLER,
+    KEY_TABLE,
     SCSI_CONTROLLER,
     VmConfig,
     parse_config,
@@ -215,3 +220,171 @@ def test_chained_object_tables_are_followed() -> None:
         parse_vmcx(build_vmcx(tree, chain="loop"))
     with pytest.raises(FormatError, match="bad signature"):
         parse_vmcx(build_vmcx(tree, chain="bad"))
+
+
+# ---------------------------------------------------------------------------------------- fuzzing
+# A VM folder is untrusted: its configuration may be damaged or made by an attacker. Whatever
+# its bytes, reading it (parse_config, then VmConfig.from_tree, as hyperv_model.discover does)
+# gives a tree or a FormatError, within a bounded amount of CPU time.
+
+#: CPU seconds one mutant may take (a real configuration reads in milliseconds)
+FUZZ_CPU_LIMIT = 5.0
+
+
+def _key_entries(data: bytes) -> list[int]:
+    """Offsets, relative to the key table, of the entries build_vmcx wrote."""
+    table = data[KEY_TABLE_OFFSET:]
+    out, pos = [], KEY_TABLE.size
+    while True:
+        (esize,) = struct.unpack_from("<I", table, pos + 2)
+        if esize == 0:
+            return out
+        out.append(pos)
+        pos += esize
+
+
+def _fix_header_crcs(buf: bytearray) -> None:
+    for off in (0, 0x1000):
+        raw = bytearray(buf[off : off + 0x2E])
+        raw[4:8] = bytes(4)
+        struct.pack_into("<I", buf, off + 4, zlib.crc32(bytes(raw)) & 0xFFFFFFFF)
+
+
+def _read_config(path: Path) -> None:
+    """What discovering a Hyper-V VM does with a configuration file; FormatError or a tree."""
+    try:
+        with cpu_time_limit(FUZZ_CPU_LIMIT):
+            VmConfig.from_tree(parse_config(str(path)), file_name=path.name, path=str(path))
+    except FormatError:
+        pass
+
+
+_edit = st.tuples(
+    st.sampled_from(["byte", "u16", "u32", "u64"]),
+    st.sampled_from(["headers", "object table", "key table", "anywhere"]),
+    st.integers(0, 2**32),
+    st.one_of(
+        st.integers(0, 255),
+        st.sampled_from([0, 1, 2, 9, 0x15, 0x16, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 2**64 - 1]),
+    ),
+)
+
+
+def _vmcx_mutant(siblings: int, chain: tuple[int, int], edits: list[tuple[str, str, int, int]], fix: bool) -> bytes:
+    """sample_tree() with ``siblings`` more nodes, a run of entries re-parented into a chain
+    (``chain``: where it starts, how long), then ``edits`` written over its bytes."""
+    tree = sample_tree()
+    tree["configuration"]["extra"] = {f"n{i}": {} for i in range(siblings)}
+    buf = bytearray(build_vmcx(tree))
+    entries = _key_entries(bytes(buf))
+    # re-parent a run of entries, each under the one before: nodes nested as deep as the run
+    start, length = chain
+    run = entries[start % len(entries) :][:length]
+    for before, entry in itertools.pairwise(run):
+        struct.pack_into("<HI", buf, KEY_TABLE_OFFSET + entry + 6, 1, before)
+    spots = {"headers": (0, 0x1030), "object table": (0x2000, 0x100), "key table": (KEY_TABLE_OFFSET, 0x1000)}
+    for kind, where, at, value in edits:
+        width = {"byte": 1, "u16": 2, "u32": 4, "u64": 8}[kind]
+        start_at, span = spots.get(where, (0, len(buf)))
+        pos = min(start_at + at % span, len(buf) - width)
+        buf[pos : pos + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
+    if fix:
+        _fix_header_crcs(buf)
+    return bytes(buf)
+
+
+def _vmcx_file(folder: Path, data: bytes) -> Path:
+    path = folder / "5E0A3C1B-8F1D-4F0E-9C57-2B7A1D0C9E11.vmcx"
+    path.write_bytes(data)
+    return path
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    # up to 100,000 nodes (~4 MB, read in ~0.8 s of CPU; a 64 MiB file holds ~2.9 million)
+    siblings=st.one_of(st.integers(0, 300), st.integers(0, 100_000)),
+    chain=st.tuples(st.integers(0, 2**32), st.one_of(st.integers(0, 300), st.integers(0, 100_000))),
+    edits=st.lists(_edit, max_size=4),
+    fix=st.booleans(),
+)
+def test_mutated_vmcx_reads_as_a_tree_or_a_format_error(
+    tmp_path_factory: pytest.TempPathFactory,
+    siblings: int,
+    chain: tuple[int, int],
+    edits: list[tuple[str, str, int, int]],
+    fix: bool,
+) -> None:
+    _read_config(_vmcx_file(tmp_path_factory.mktemp("vmcx-fuzz"), _vmcx_mutant(siblings, chain, edits, fix)))
+
+
+def test_a_wide_vmcx_reads_within_the_cpu_limit(tmp_path: Path) -> None:
+    """The campaign's example (siblings=131070, chain=(967, 1)): 131,070 sibling nodes, 5.3 MB,
+    read in ~1 s of CPU (it ran out of the 5 s only under hypothesis's tracing)."""
+    path = _vmcx_file(tmp_path, _vmcx_mutant(131070, (967, 1), [], False))
+    with cpu_time_limit(FUZZ_CPU_LIMIT):
+        cfg = VmConfig.from_tree(parse_config(str(path)), file_name=path.name, path=str(path))
+    assert cfg.name == "web01"
+
+
+def test_a_deep_chain_of_vmcx_nodes_is_refused_in_linear_time(tmp_path: Path) -> None:
+    """100,000 nodes each the parent of the next: checking the tree carried each node's set of
+    ancestors, quadratic in the depth (20,000 levels took 1.6 s of CPU, this minutes)."""
+    tree = sample_tree()
+    tree["configuration"]["extra"] = {}
+    first = len(_key_entries(build_vmcx(tree)))  # the entries of "extra"'s children follow
+    data = _vmcx_mutant(100_000, (first, 100_000), [], False)
+    with cpu_time_limit(FUZZ_CPU_LIMIT), pytest.raises(FormatError, match="nested deeper than 64"):
+        parse_config(str(_vmcx_file(tmp_path, data)))
+    # as deep as allowed still reads
+    assert parse_vmcx(_vmcx_mutant(100, (first, 60), [], False))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    depth=st.integers(0, 3000),
+    text=st.text(max_size=20),
+    edits=st.lists(st.tuples(st.integers(0, 2**32), st.binary(min_size=1, max_size=4)), max_size=3),
+)
+def test_mutated_xml_reads_as_a_tree_or_a_format_error(
+    tmp_path_factory: pytest.TempPathFactory, depth: int, text: str, edits: list[tuple[int, bytes]]
+) -> None:
+    path = tmp_path_factory.mktemp("xml-fuzz") / "5E0A3C1B-8F1D-4F0E-9C57-2B7A1D0C9E11.xml"
+    path.write_bytes(_xml_mutant(depth, text, edits))
+    _read_config(path)
+
+
+def _xml_mutant(depth: int, text: str, edits: list[tuple[int, bytes]]) -> bytes:
+    """sample_tree() as XML with elements nested ``depth`` deep, then ``edits`` written over it."""
+    buf = bytearray(render_xml_config(sample_tree()))
+    inner = ("<n>" * depth + "<v type='string'>" + escape(text) + "</v>" + "</n>" * depth).encode("utf-16-le")
+    close = "</configuration>".encode("utf-16-le")
+    at = buf.rfind(close)
+    buf[at:at] = inner
+    for where, data in edits:
+        pos = where % len(buf)
+        buf[pos : pos + len(data)] = data
+    return bytes(buf)
+
+
+def test_bytes_that_are_not_ascii_are_a_format_error(tmp_path: Path) -> None:
+    """The campaign's example (depth=0, text='0', edits=[(47639, b'\\x01')]): one byte of the
+    base64 text of creation_time became U+0141, and b64decode raised ValueError, not
+    binascii.Error: a traceback instead of "bytes are not base64"."""
+    path = tmp_path / "5E0A3C1B-8F1D-4F0E-9C57-2B7A1D0C9E11.xml"
+    path.write_bytes(_xml_mutant(0, "0", [(47639, b"\x01")]))
+    with pytest.raises(FormatError, match="not base64"):
+        parse_config(str(path))
+
+
+def test_a_deeply_nested_xml_configuration_is_a_format_error(tmp_path: Path) -> None:
+    """The campaign's class of example: elements nested ~1,000 deep made the conversion to a
+    tree recurse past Python's limit (RecursionError, a traceback); 2,000 levels here."""
+    inner = "<n>" * 2000 + "<v type='string'>x</v>" + "</n>" * 2000
+    path = tmp_path / "vm.xml"
+    head = "<configuration><properties><name type='string'>a</name></properties>"
+    path.write_bytes(f"{head}{inner}</configuration>".encode())
+    with pytest.raises(FormatError, match="nested deeper than 64"):
+        parse_config(str(path))
+    ok = "<n>" * 60 + "<v type='string'>x</v>" + "</n>" * 60
+    path.write_bytes(f"{head}{ok}</configuration>".encode())
+    assert VmConfig.from_tree(parse_config(str(path))).name == "a"
