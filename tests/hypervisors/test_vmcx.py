@@ -388,3 +388,24 @@ def test_a_deeply_nested_xml_configuration_is_a_format_error(tmp_path: Path) -> 
     ok = "<n>" * 60 + "<v type='string'>x</v>" + "</n>" * 60
     path.write_bytes(f"{head}{ok}</configuration>".encode())
     assert VmConfig.from_tree(parse_config(str(path))).name == "a"
+
+
+def test_an_encoding_xml_cannot_use_is_a_format_error(tmp_path: Path) -> None:
+    """The campaign's example (depth=92, text='\U00010000', edits=[(3446862, b'A')]): the
+    declaration's "UTF-16" became "ATF-16", and ElementTree raised LookupError."""
+    path = tmp_path / "5E0A3C1B-8F1D-4F0E-9C57-2B7A1D0C9E11.xml"
+    data = _xml_mutant(92, "\U00010000", [(3446862, b"A")])
+    assert 'encoding="ATF-16"'.encode("utf-16-le") in data
+    path.write_bytes(data)
+    with pytest.raises(FormatError, match="unusable encoding"):
+        parse_config(str(path))
+
+
+@pytest.mark.parametrize("encoding", ["ATF-16", "rot13", "UTF-32", "shift_jis", "idna", "punycode", "undefined"])
+def test_any_encoding_xml_cannot_use_is_a_format_error(tmp_path: Path, encoding: str) -> None:
+    path = tmp_path / "vm.xml"
+    path.write_bytes(
+        f'<?xml version="1.0" encoding="{encoding}"?><configuration>\x80</configuration>'.encode("latin-1")
+    )
+    with pytest.raises(FormatError, match="XML configuration"):
+        parse_config(str(path))

@@ -332,6 +332,11 @@ def parse_xml_config(data: bytes, path: str = "<xml>") -> ConfigTree:
         root = ET.fromstring(data)
     except ET.ParseError as exc:
         raise _bad(path, "XML configuration", None, f"not well-formed XML: {exc}") from exc
+    except (LookupError, ValueError) as exc:
+        # the declaration's encoding is the file's to name: unknown ("ATF-16", LookupError), not
+        # a text encoding ("rot13", LookupError), multi-byte ("UTF-32", ValueError) or failing
+        # to decode ("idna", "punycode": UnicodeError, a ValueError)
+        raise _bad(path, "XML configuration", None, f"unusable encoding: {exc}") from exc
     # convert() below recurses once per level: the depth is checked first, without recursion
     levels: list[tuple[ET.Element, int]] = [(root, 0)]
     while levels:
