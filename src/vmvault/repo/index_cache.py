@@ -472,17 +472,7 @@ class IndexCache:
             return
         batch: list[tuple[bytes, ParsedIndex, int]] = []
         rows = 0
-        for n, file_id in enumerate(new):
-            if progress is not None:
-                progress(n, len(new))
-            try:
-                payload = fetch(file_id, listed[file_id])
-                if payload is None:
-                    continue  # deleted by a prune since the listing
-                parsed = parse_index(payload, name=f"index/{file_id.hex()}")
-            except IntegrityError as exc:
-                problems.append(str(exc))
-                continue
+        for file_id, parsed in _fetched(new, listed, fetch, problems, progress):
             batch.append((file_id, parsed, listed[file_id]))
             rows += parsed.blob_count()
             if rows >= _BATCH_ROWS:
@@ -506,17 +496,7 @@ class IndexCache:
         time, the rows sorted once (killed, nothing is kept and the next sync starts again)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for n, file_id in enumerate(new):
-                if progress is not None:
-                    progress(n, len(new))
-                try:
-                    payload = fetch(file_id, listed[file_id])
-                    if payload is None:
-                        continue  # deleted by a prune since the listing
-                    parsed = parse_index(payload, name=f"index/{file_id.hex()}")
-                except IntegrityError as exc:
-                    problems.append(str(exc))
-                    continue
+            for file_id, parsed in _fetched(new, listed, fetch, problems, progress):
                 if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
                     self._stage_file(conn, file_id, parsed, listed[file_id])
             self._flush_stage(conn)
@@ -765,6 +745,29 @@ def _changed(size: int, stamp: str | None, listed_size: int, listed_stamp: str) 
     """Whether a file's listing differs from when it was read (0 and None: not recorded; "":
     the storage gives no stamp)."""
     return bool(size and listed_size != size) or bool(stamp and listed_stamp and listed_stamp != stamp)
+
+
+def _fetched(
+    new: list[bytes],
+    listed: dict[bytes, int],
+    fetch: Callable[[bytes, int], bytes | None],
+    problems: list[str],
+    progress: Callable[[int, int], None] | None,
+) -> Iterator[tuple[bytes, ParsedIndex]]:
+    """Each index file of ``new``, fetched and parsed one at a time (progress before each); one
+    deleted by a prune since the listing is skipped, a damaged one is added to ``problems``."""
+    for n, file_id in enumerate(new):
+        if progress is not None:
+            progress(n, len(new))
+        try:
+            payload = fetch(file_id, listed[file_id])
+            if payload is None:
+                continue  # deleted by a prune since the listing
+            parsed = parse_index(payload, name=f"index/{file_id.hex()}")
+        except IntegrityError as exc:
+            problems.append(str(exc))
+            continue
+        yield file_id, parsed
 
 
 def rows_digest(parsed: ParsedIndex, numbers: dict[bytes, int]) -> tuple[int, int] | None:
