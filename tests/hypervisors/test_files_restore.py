@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ from vmvault.backends.memory import MemoryBackend
 from vmvault.cli import main
 from vmvault.engine.backup import backup
 from vmvault.engine.clone import restore_vm
+from vmvault.hypervisors.base import RestoredVm
 from vmvault.hypervisors.files import FilesSource
-from vmvault.hypervisors.files_restore import SEARCHED_BYTES
+from vmvault.hypervisors.files_restore import SEARCHED_BYTES, after_restore
 from vmvault.repo.repository import Repository
 
 CS = 64 * 1024
@@ -99,3 +101,24 @@ def test_the_cli_prints_the_warning_and_json_carries_it(
     assert main(["restore", "latest", "--target", str(tmp_path / "j"), "--as-clone", "shop", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert {"file": "vm.conf", "names": ["web", "web-disk.raw", "web.nvram"]} in doc["not_rewritten"]
+
+
+def test_a_restored_file_swapped_for_a_fifo_is_not_read_and_nothing_hangs(tmp_path: Path) -> None:
+    """The restore target is not trusted: a file replaced by a FIFO after it was written is
+    reported as unreadable, never opened for a read that would wait for a writer."""
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    os.mkfifo(folder / "vm.conf")
+    (folder / "shop.raw").write_bytes(b"d")
+    restored = RestoredVm(
+        kind="files",
+        vm={"name": "web"},
+        folder=str(folder),
+        disks={"web.raw": str(folder / "shop.raw")},
+        formats={"web.raw": "raw"},
+        files={"vm.conf": str(folder / "vm.conf")},
+        clone_name="shop",
+    )
+    note = after_restore(restored)
+    assert note.facts == {"not_rewritten": []}
+    assert note.lines == ["  warning: vm.conf could not be read back to check it for the original's names"]

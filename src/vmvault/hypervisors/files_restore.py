@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 from vmvault import platform
 from vmvault.hypervisors.base import RestoredVm, RestoreNote
@@ -42,10 +43,15 @@ def _pattern(name: str) -> re.Pattern[bytes]:
 def _head(path: str) -> bytes | None:
     """Up to :data:`SEARCHED_BYTES` of a restored file, or None when it cannot be read."""
     try:
-        fd = platform.open_nofollow(path, os.O_RDONLY)
+        # the target is not trusted: a name swapped for a FIFO or a device since the restore
+        # wrote it must neither hang the open nor be read
+        fd = platform.open_nofollow(path, os.O_RDONLY | platform.O_NONBLOCK | platform.O_NOCTTY)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        platform.set_blocking(fd)
         chunks: list[bytes] = []
         got = 0
         while got < SEARCHED_BYTES:
