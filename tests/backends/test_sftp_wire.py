@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmvault.backends import _sftp_wire
 from vmvault.backends._sftp_layout import Attrs, OpenFlag, Packet, Status, pack_string
 from vmvault.backends._sftp_wire import (
     MAX_PACKET,
@@ -331,6 +332,30 @@ def test_a_listing_with_a_huge_count_is_refused() -> None:
 
     with scripted(script) as session, pytest.raises(BackendProtocolError, match="names in"):
         session.listdir("/")
+
+
+def test_a_listing_without_end_is_refused_at_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server answering every READDIR with more names (never EOF) fills no more memory than
+    MAX_LISTING entries (lowered here to 250: three answers of 100 go over it)."""
+    monkeypatch.setattr(_sftp_wire, "MAX_LISTING", 250)
+    answered = []
+
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.reply(Packet.HANDLE, rid, pack_string(b"d"))
+        while True:
+            kind, rid, _ = peer.request()
+            if kind == Packet.CLOSE:
+                peer.status(rid, Status.OK)
+                continue
+            n = len(answered) * 100
+            names = b"".join(pack_string(b"f%d" % (n + i)) + pack_string(b"") + U32.pack(0) for i in range(100))
+            peer.reply(Packet.NAME, rid, U32.pack(100) + names)
+            answered.append(rid)
+
+    with scripted(script) as session, pytest.raises(BackendProtocolError, match="more than 250 entries"):
+        session.listdir("/")
+    assert len(answered) == 3
 
 
 def test_an_empty_listing_answer_is_refused_rather_than_asked_again_forever() -> None:

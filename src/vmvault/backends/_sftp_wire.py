@@ -52,6 +52,7 @@ from vmvault.errors import BackendProtocolError
 
 __all__ = [
     "KEEP_BUFFER",
+    "MAX_LISTING",
     "MAX_PACKET",
     "READ_WINDOW",
     "NoSuchFileError",
@@ -74,6 +75,10 @@ READ_WINDOW = 64
 #: a fresh buffer per read cost more in page faults than all of the protocol's handling
 #: (4 MiB reads: 7 ms each, 1.8 ms per MiB, against about 1 ms per MiB for the rest)
 KEEP_BUFFER = 8 << 20
+#: the most entries one folder listing may hold: a repository's largest folder (one of the 256
+#: pack folders) holds ~26 thousand packs at 100 TiB; a server sending names without end would
+#: otherwise fill memory
+MAX_LISTING = 1 << 22
 #: what of a server's status message is kept (it goes into error messages)
 _MESSAGE_LIMIT = 200
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -432,6 +437,8 @@ class Session:
                     # forever would loop forever
                     raise BackendProtocolError("the SFTP server answered READDIR with no names and no end")
                 entries += names
+                if len(entries) > MAX_LISTING:
+                    raise BackendProtocolError(f"the SFTP server listed more than {MAX_LISTING} entries in one folder")
         finally:
             if not self.closed:
                 with contextlib.suppress(OSError, BackendProtocolError, EOFError):
