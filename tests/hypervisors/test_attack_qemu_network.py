@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -552,7 +553,8 @@ def free_port() -> int:
 def started(script: str, sock: Path, cwd: Path) -> Iterator[tuple[subprocess.Popen[bytes], Any]]:
     from vmvault.hypervisors._qmp import QmpClient
 
-    proc = subprocess.Popen([script], cwd=cwd, stderr=subprocess.PIPE)
+    # started with the widest umask: the script's own ``umask 077`` must make its sockets private
+    proc = subprocess.Popen(["sh", "-c", 'umask 000 && exec "$0"', script], cwd=cwd, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
         while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -624,5 +626,10 @@ def test_a_restored_vm_opens_no_network_socket_and_runs_in_its_folder(tmp_path: 
         with socket.socket(socket.AF_UNIX) as hmp:
             hmp.settimeout(10)
             hmp.connect(str(out / "hmp.sock"))
-            assert b"QEMU" in hmp.recv(4096)  # the monitor is there, for whoever may open the folder
+            assert b"QEMU" in hmp.recv(4096)  # the monitor is there, for its owner
+        runtime = [p for p in out.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)]
+        assert {"qmp.sock", "hmp.sock", "c1.sock", "vnc.sock"} <= {p.name for p in runtime}
+        # other local users cannot connect (that needs write permission on the socket)
+        open_to_others = {p.name: oct(p.lstat().st_mode & 0o077) for p in runtime if p.lstat().st_mode & 0o077}
+        assert open_to_others == {}
     attacker.close()

@@ -945,6 +945,9 @@ def write_restore_files(
         # a relative name QEMU opens resolves in the output folder, never where the script is
         # started from (the folder the recorded options were checked for)
         + f"cd -- {shlex.quote(out_dir)} || exit 1\n"
+        # the sockets and the pid file QEMU creates there (the monitor, QMP, serial ports,
+        # VNC) are its owner's alone: connecting to a unix socket needs write permission on it
+        + "umask 077\n"
         + "exec "
         + " \\\n    ".join(shlex.quote(a) for a in argv)
         + ' \\\n    "$@"\n',
