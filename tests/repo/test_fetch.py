@@ -7,7 +7,7 @@ import random
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 from hypothesis import given, settings
@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from vmvault.backends.base import Backend, ObjectInfo
 from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import BackendConnectionError, IntegrityError
+from vmvault.repo import fetch
 from vmvault.repo.fetch import BlobFetcher
 from vmvault.repo.format import BlobType
+from vmvault.repo.index import BlobLocation
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository
 
@@ -234,3 +236,31 @@ def test_reads_may_run_in_the_calling_thread() -> None:
     fetcher = BlobFetcher(repo, max_requests=0)
     assert [d for _, d in fetcher.fetch(enumerate(ids))] == datas
     assert _watched(repo).threads == {threading.get_ident()} and fetcher.stats.ranges == 1
+
+
+def test_the_index_is_asked_once_per_group_of_blobs_not_once_per_blob(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning looks blobs up in groups (one query each); each result is the one a lookup of
+    that blob alone gives, including blobs the index does not know and repeats."""
+    repo, ids, datas = _repo(40)
+    monkeypatch.setattr(fetch, "_LOOKUP_GROUP", 16)
+    asked: list[int] = []
+    many, one = repo.index.locations_many, repo.index.locations
+
+    def counted(blob_ids: Iterable[bytes]) -> dict[bytes, list[BlobLocation]]:
+        wanted = list(blob_ids)
+        asked.append(len(wanted))
+        found = many(wanted)
+        assert found == {b: one(b) for b in wanted}
+        return found
+
+    alone: list[bytes] = []
+    monkeypatch.setattr(repo.index, "locations", lambda b: alone.append(b) or one(b))
+    monkeypatch.setattr(repo.index, "locations_many", counted)
+    unknown = bytes(32)
+    wanted = [*ids, unknown, None, *ids[:3]]
+    with BlobFetcher(repo) as fetcher:
+        got = list(fetcher.fetch(enumerate(wanted)))
+    assert asked == [16, 16, 12]  # 45 pieces in groups of 16; one of the last 13 needs no blob
+    assert [d for _, d in got[:40]] == datas and [d for _, d in got[42:]] == datas[:3]
+    assert isinstance(got[40][1], IntegrityError) and got[41][1] is None
+    assert alone == [unknown], "only the blob the index does not know is looked up alone (get_blob)"

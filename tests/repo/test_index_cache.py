@@ -98,6 +98,12 @@ def assert_agrees(cache: IndexCache, store: Store) -> None:
     assert answers(cache, store.ids) == store.model()
     for bid in store.ids:
         assert cache.contains(bid) == (bid in store.model())
+    # the batched lookup says the same, row for row and in the same order, for ids known or
+    # not, repeated, and more of them than one query takes
+    unknown = [bytes([n]) * 32 for n in range(3)]
+    asked = [*store.ids, *unknown, *store.ids[:5]]
+    many = cache.rows_many(asked)
+    assert many == {bid: cache.rows(bid) for bid in asked if cache.rows(bid)}
 
 
 def new_cache(root: Path, repo_id: str = REPO_ID) -> IndexCache:
@@ -118,6 +124,7 @@ OPS = st.lists(
 def test_random_histories_agree_with_the_index_files(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch, ops: list[tuple[str, int]], compact: bool
 ) -> None:
+    monkeypatch.setattr(index_cache, "_LOOKUP_MANY_IDS", 7)  # batched lookups of several queries
     if compact:  # rows of removed files are deleted at every sync
         monkeypatch.setattr(index_cache, "_COMPACT_MIN", 1)
     root = tmp_path_factory.mktemp("cache")
@@ -489,6 +496,11 @@ def test_a_damaged_database_during_a_lookup_is_cache_damaged(tmp_path: Path) -> 
     with pytest.raises(CacheDamaged):
         for bid in store.ids:
             cache.rows(bid)
+        cache.totals()
+    cache.close()
+    cache = new_cache(tmp_path)
+    with pytest.raises(CacheDamaged):
+        cache.rows_many(store.ids)
         cache.totals()
     cache.close()
 

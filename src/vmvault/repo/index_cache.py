@@ -77,6 +77,14 @@ _LOOKUP = (
     "SELECT p.id, b.type, b.offset, b.length, b.raw_length, p.length, p.end, b.file FROM blobs b"
     " JOIN files f ON f.no = b.file JOIN packs p ON p.no = b.pack WHERE b.id = ? AND f.live ORDER BY b.file"
 )
+#: live rows of several blobs (``?`` stands for the list of ids), each blob's earliest ingested file first
+_LOOKUP_MANY = (
+    "SELECT b.id, p.id, b.type, b.offset, b.length, b.raw_length, p.length, p.end, b.file FROM blobs b"
+    " JOIN files f ON f.no = b.file JOIN packs p ON p.no = b.pack WHERE b.id IN ({marks}) AND f.live"
+    " ORDER BY b.id, b.file"
+)
+#: ids in one ``_LOOKUP_MANY`` (SQLite before 3.32 allows 999 parameters in a statement)
+_LOOKUP_MANY_IDS = 500
 _CONTAINS = "SELECT 1 FROM blobs b JOIN files f ON f.no = b.file WHERE b.id = ? AND f.live LIMIT 1"
 _LIVE = (
     "UPDATE files SET live = present AND NOT EXISTS (SELECT 1 FROM supersedes s JOIN files f2 ON f2.no = s.file"
@@ -584,6 +592,20 @@ class IndexCache:
         """Every live row of ``blob_id``, earliest ingested file first."""
         with self._reading() as conn:
             return [CachedRow(bytes(r[0]), *r[1:]) for r in conn.execute(_LOOKUP, (blob_id,))]
+
+    def rows_many(self, blob_ids: Iterable[bytes]) -> dict[bytes, list[CachedRow]]:
+        """``rows`` of each of ``blob_ids`` (a blob without live rows is left out), in one
+        query per ``_LOOKUP_MANY_IDS`` ids: a restore plans thousands of chunks at a time,
+        and a query each cost it a round through SQLite and the GIL per chunk."""
+        wanted = list(dict.fromkeys(blob_ids))
+        out: dict[bytes, list[CachedRow]] = {}
+        with self._reading() as conn:
+            for start in range(0, len(wanted), _LOOKUP_MANY_IDS):
+                part = wanted[start : start + _LOOKUP_MANY_IDS]
+                sql = _LOOKUP_MANY.format(marks=",".join("?" * len(part)))
+                for r in conn.execute(sql, part):
+                    out.setdefault(bytes(r[0]), []).append(CachedRow(bytes(r[1]), *r[2:]))
+        return out
 
     def contains(self, blob_id: bytes) -> bool:
         with self._reading() as conn:

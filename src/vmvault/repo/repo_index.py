@@ -141,6 +141,16 @@ class RepoIndex:
                 self._synced = False
             return self._ensure().rows(blob_id)
 
+    def _rows_many(self, blob_ids: list[bytes]) -> dict[bytes, list[CachedRow]]:
+        cache = self._ensure()
+        try:
+            return cache.rows_many(blob_ids)
+        except CacheDamaged as exc:
+            with self._lock:
+                cache.reset(str(exc))
+                self._synced = False
+            return self._ensure().rows_many(blob_ids)
+
     def close(self) -> None:
         with self._lock:
             if self._cache is not None:
@@ -154,9 +164,22 @@ class RepoIndex:
         """Every copy of ``blob_id`` this process knows: its own uploads first, then the live
         index (one per pack), leaving out packs found gone."""
         with self._lock:
-            out = list(self._overlay.get(blob_id, ()))
+            own = list(self._overlay.get(blob_id, ()))
+        return self._located(blob_id, own, self._rows(blob_id))
+
+    def locations_many(self, blob_ids: Iterable[bytes]) -> dict[bytes, list[BlobLocation]]:
+        """``locations`` of each of ``blob_ids`` (every id is a key; no copy: an empty list),
+        looked up in the cache with a few queries for all of them."""
+        wanted = list(dict.fromkeys(blob_ids))
+        with self._lock:
+            own = {b: list(self._overlay.get(b, ())) for b in wanted}
+        rows = self._rows_many(wanted)
+        return {b: self._located(b, own[b], rows.get(b, ())) for b in wanted}
+
+    def _located(self, blob_id: bytes, own: list[BlobLocation], rows: Iterable[CachedRow]) -> list[BlobLocation]:
+        out = own
         seen = {loc.pack_id for loc in out}
-        for row in self._rows(blob_id):
+        for row in rows:
             if row.pack_id in seen or self._gone(row.pack_id, row.offset + row.length):
                 continue
             seen.add(row.pack_id)
