@@ -78,10 +78,35 @@ class Peer:
         self.sock.sendall(data)
 
 
+class SocketChannel:
+    """A socket seen as paramiko's ``Channel`` is (``recv`` only, no ``recv_into``): what the
+    paramiko transport's :class:`RecvStream` wraps."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv(self, size: int) -> bytes:
+        return self.sock.recv(size)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+#: the two ways a session reads its transport: a socket's recv_into (the OpenSSH transport's
+#: socket pair) and RecvStream over a channel's recv (paramiko's)
+VIA = ["socket", "channel"]
+
+
 @contextmanager
-def scripted(script: Callable[[Peer], None], *, timeout: float = 5.0, start: bool = True) -> Iterator[Session]:
+def scripted(
+    script: Callable[[Peer], None], *, timeout: float = 5.0, start: bool = True, via: str = "socket"
+) -> Iterator[Session]:
     """A session whose server is ``script`` in a thread (the handshake done first when
-    ``start``); the script's own failures fail the test."""
+    ``start``), read through ``via`` (one of :data:`VIA`); the script's own failures fail the
+    test."""
     ours, theirs = socket.socketpair()
     ours.settimeout(timeout)
     errors: list[BaseException] = []
@@ -99,7 +124,7 @@ def scripted(script: Callable[[Peer], None], *, timeout: float = 5.0, start: boo
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    session = Session(ours)
+    session = Session(ours if via == "socket" else RecvStream(SocketChannel(ours)))
     try:
         if start:
             session.start()
@@ -147,7 +172,8 @@ def test_status_errors_keep_the_session() -> None:
         assert not session.closed
 
 
-def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof() -> None:
+@pytest.mark.parametrize("via", VIA)
+def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof(via: str) -> None:
     content = bytes(range(256)) * 40  # 10240 bytes
 
     def script(peer: Peer) -> None:
@@ -179,11 +205,12 @@ def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof() -> None
                 peer.status(rid, Status.EOF)
         idle(peer)
 
-    with scripted(script) as session, session.closing(session.open("/f", OpenFlag.READ)) as handle:
+    with scripted(script, via=via) as session, session.closing(session.open("/f", OpenFlag.READ)) as handle:
         assert session.read(handle, 100, 12000, 3000) == content[100:]
 
 
-def test_reads_share_the_session_buffer_but_never_each_others_bytes() -> None:
+@pytest.mark.parametrize("via", VIA)
+def test_reads_share_the_session_buffer_but_never_each_others_bytes(via: str) -> None:
     def script(peer: Peer) -> None:
         _, rid, _ = peer.request()
         peer.data(rid, b"A" * 1000)
@@ -193,7 +220,7 @@ def test_reads_share_the_session_buffer_but_never_each_others_bytes() -> None:
         peer.status(second, Status.EOF)
         idle(peer)
 
-    with scripted(script) as session:
+    with scripted(script, via=via) as session:
         whole = session.read(b"h", 0, 1000, 1000)
         shorter = session.read(b"h", 0, 1000, 500)
         assert whole == b"A" * 1000  # a copy: the next read did not change it
@@ -243,14 +270,18 @@ def test_an_announced_huge_packet_is_refused_before_any_buffering() -> None:
             session.stat("/a")
 
 
-def test_data_longer_than_the_read_asked_is_refused() -> None:
+@pytest.mark.parametrize("via", VIA)
+def test_data_longer_than_the_read_asked_is_refused(via: str) -> None:
     def script(peer: Peer) -> None:
         _, rid, _ = peer.request()
         # within MAX_PACKET, but more than the 1000 bytes asked
         peer.data(rid, b"y" * 5000)
         idle(peer)
 
-    with scripted(script) as session, pytest.raises(BackendProtocolError, match="READ of 1000 bytes with 5000"):
+    with (
+        scripted(script, via=via) as session,
+        pytest.raises(BackendProtocolError, match="READ of 1000 bytes with 5000"),
+    ):
         session.read(b"h", 0, 1000, 1000)
     assert session.closed
 
@@ -380,8 +411,9 @@ def test_a_handle_over_256_bytes_is_refused() -> None:
         session.open("/f", OpenFlag.READ)
 
 
+@pytest.mark.parametrize("via", VIA)
 @pytest.mark.parametrize("cut", [2, 7, 20])
-def test_a_reply_cut_short_by_the_end_of_the_stream_is_a_dropped_connection(cut: int) -> None:
+def test_a_reply_cut_short_by_the_end_of_the_stream_is_a_dropped_connection(cut: int, via: str) -> None:
     def script(peer: Peer) -> None:
         _, rid, _ = peer.request()
         whole = U32.pack(4 + 1 + 4 + 50) + bytes([Packet.DATA]) + U32.pack(rid) + pack_string(b"d" * 50)
@@ -389,7 +421,7 @@ def test_a_reply_cut_short_by_the_end_of_the_stream_is_a_dropped_connection(cut:
         peer.sock.shutdown(socket.SHUT_WR)
         idle(peer)
 
-    with scripted(script) as session, pytest.raises(EOFError):
+    with scripted(script, via=via) as session, pytest.raises(EOFError):
         session.read(b"h", 0, 50, 50)
     assert session.closed
 
@@ -462,6 +494,39 @@ def test_the_paramiko_channel_adapter() -> None:
     assert stream.recv_into(memoryview(buffer), 2) == 2 and buffer[:2] == b"ab"
     stream.sendall(memoryview(b"xyz")[1:])
     assert channel.sent == b"yz"
+
+
+def test_the_channel_adapter_takes_what_the_channel_holds_and_serves_small_reads_from_it() -> None:
+    class ScriptedChannel:
+        def __init__(self, pieces: list[bytes]) -> None:
+            self.pieces = pieces
+            self.asked: list[int] = []
+
+        def recv(self, size: int) -> bytes:
+            self.asked.append(size)
+            return self.pieces.pop(0)[:size] if self.pieces else b""
+
+        def sendall(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    # a header, a length and a payload arriving in one piece, then the rest of the payload
+    channel = ScriptedChannel([b"HEADER123" + b"LEN4" + b"p" * 100, b"q" * 50])
+    stream = RecvStream(channel)
+    buffer = bytearray(200)
+    view = memoryview(buffer)
+    assert stream.recv_into(view[:9], 9) == 9 and buffer[:9] == b"HEADER123"
+    assert stream.recv_into(view[:4], 4) == 4 and buffer[:4] == b"LEN4"
+    # one call of the channel so far, asking for all it may hold
+    assert channel.asked == [_sftp_wire.RECV_AHEAD]
+    # a read larger than what is kept gets what is kept, never more than its buffer
+    assert stream.recv_into(view[:150], 150) == 100 and buffer[:100] == b"p" * 100
+    assert stream.recv_into(view[:30], 30) == 30 and buffer[:30] == b"q" * 30
+    assert stream.recv_into(view, 0) == 20 and buffer[:20] == b"q" * 20  # nbytes 0: the buffer's size
+    assert len(channel.asked) == 2
+    assert stream.recv_into(view, 10) == 0  # the channel's end
 
 
 # --- the parser, paramiko's as the oracle -----------------------------------------------------

@@ -55,6 +55,7 @@ __all__ = [
     "MAX_LISTING",
     "MAX_PACKET",
     "READ_WINDOW",
+    "RECV_AHEAD",
     "NoSuchFileError",
     "PermissionDeniedError",
     "RecvStream",
@@ -75,6 +76,9 @@ READ_WINDOW = 64
 #: a fresh buffer per read cost more in page faults than all of the protocol's handling
 #: (4 MiB reads: 7 ms each, 1.8 ms per MiB, against about 1 ms per MiB for the rest)
 KEEP_BUFFER = 8 << 20
+#: the least a :class:`RecvStream` asks its channel for at once: more than paramiko's channel
+#: window (2 MiB), so one call takes all the channel holds (at most this much is kept ahead)
+RECV_AHEAD = 4 << 20
 #: the most entries one folder listing may hold: a repository's largest folder (one of the 256
 #: pack folders) holds ~26 thousand packs at 100 TiB; a server sending names without end would
 #: otherwise fill memory
@@ -103,15 +107,33 @@ class _Recv(Protocol):
 
 
 class RecvStream:
-    """A :class:`Stream` over something that has only ``recv`` (paramiko's ``Channel``)."""
+    """A :class:`Stream` over something that has only ``recv`` (paramiko's ``Channel``).
+
+    Every ``recv`` asks for at least :data:`RECV_AHEAD` bytes and keeps what the caller did not
+    want yet. paramiko's channel buffer hands out a read smaller than what it holds by cutting
+    it from the front of one array, which moves everything behind it: the 9-byte header and the
+    4-byte length of each DATA reply each moved up to the channel's window (2 MiB). Taking all
+    it holds at once empties it without a move, and small reads are served from here (224 MiB
+    read as 8 MiB ranges over 4 connections from OpenSSH on loopback: 10,027 reads of the
+    channel moved 604 MiB inside its buffer; now 3,901 reads and nothing moved)."""
 
     def __init__(self, inner: _Recv) -> None:
         self.inner = inner
+        self._ahead = memoryview(b"")
 
     def recv_into(self, buffer: memoryview, nbytes: int = 0, /) -> int:
-        data = self.inner.recv(nbytes or len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        want = min(nbytes or len(buffer), len(buffer))
+        if want <= 0:
+            return 0
+        if not self._ahead:
+            data = self.inner.recv(max(want, RECV_AHEAD))
+            if not data:
+                return 0
+            self._ahead = memoryview(data)
+        got = min(want, len(self._ahead))
+        buffer[:got] = self._ahead[:got]
+        self._ahead = self._ahead[got:]
+        return got
 
     def sendall(self, data: bytes | memoryview, /) -> None:
         self.inner.sendall(data if isinstance(data, bytes) else bytes(data))
