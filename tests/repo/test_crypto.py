@@ -8,6 +8,8 @@ import threading
 import time
 
 import pytest
+import zstandard
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +17,7 @@ from tests.repo.builders import Content, backup, disk_image, make_repo
 from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import IntegrityError
 from vmvault.repo import crypto
+from vmvault.repo._layout import ENVELOPE_HEADER, ENVELOPE_VERSION, TAG_SIZE
 from vmvault.repo.crypto import BLAKE3, HMAC_SHA256, MasterKey, blake3_id_key, open_envelope, seal_envelope
 from vmvault.repo.format import BlobType
 from vmvault.repo.index import IndexFile
@@ -87,6 +90,28 @@ def test_every_single_bit_flip_of_one_envelope(kind: str) -> None:
             bad[pos] ^= 1 << bit
             with pytest.raises(IntegrityError):
                 open_envelope(key, bytes(bad), b"aad", what="x")
+
+
+def _authentic(key: MasterKey, flags: int, body: bytes, aad: bytes) -> bytes:
+    """An envelope as a writer with the key seals it, with any flags (seal_envelope sets only ZSTD)."""
+    nonce = bytes(range(12))
+    header = ENVELOPE_HEADER.pack(ENVELOPE_VERSION, flags, 0, nonce if key.encrypted else bytes(12))
+    if key.enc_key is None:
+        return header + body + hashlib.sha256(aad + header + body).digest()[:TAG_SIZE]
+    return header + AESGCM(key.enc_key).encrypt(nonce, body, aad + header)
+
+
+@pytest.mark.parametrize("kind", sorted(KEYS))
+@pytest.mark.parametrize("flags", [0x02, 0x03, 0x80, 0xFF])
+def test_an_authentic_envelope_with_a_flag_this_reader_does_not_know_is_refused(kind: str, flags: int) -> None:
+    """repository-format.md: every flag bit but ZSTD MUST be 0 (a later flag may change what
+    the body means); with ZSTD set or not."""
+    key = KEYS[kind]
+    payload = b"vmvault " * 40
+    body = zstandard.ZstdCompressor().compress(payload) if flags & 1 else payload
+    assert open_envelope(key, _authentic(key, flags & 1, body, b"aad"), b"aad", what="x") == payload
+    with pytest.raises(IntegrityError, match=f"x: unknown envelope flags {flags:#x}"):
+        open_envelope(key, _authentic(key, flags, body, b"aad"), b"aad", what="x")
 
 
 @pytest.mark.parametrize("kind", sorted(KEYS))
