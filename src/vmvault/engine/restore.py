@@ -9,11 +9,9 @@ naming the chunk and where it belongs.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fnmatch
 import os
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -109,12 +107,12 @@ def _write_disk(
 ) -> int:
     resolver = ChunkResolver(repo, snap, record)
     written = 0
+    flusher = _Flusher(flush_fd)
     pieces = _pieces(resolver, record, flatten=flatten, layer_only=layer_only)
     # runs of chunks side by side in a pack come in one ranged read, ``workers`` reads at once
     # (repo/fetch.py); chunks arrive in disk order, each verified as a read of it alone is
     fetcher = BlobFetcher(repo, BlobType.DATA, max_requests=workers, executor=pool)
     results = fetcher.fetch((p, None if p[1] == ZERO_ID else p[1]) for p in pieces)
-    placer = _Placer(writer, _Flusher(flush_fd), progress)
     try:
         for (offset, entry, start, length), data in results:
             if isinstance(data, IntegrityError):
@@ -128,98 +126,15 @@ def _write_disk(
                 data = data[start : start + length]
                 if len(data) != length:
                     raise IntegrityError(f"chunk for disk {record.name} at offset {offset:#x} is shorter than expected")
-            placer.put(offset, data)
+            writer.write(offset, data)
             written += length
-        placer.finish()
+            flusher.wrote(length)
+            progress.advance(length)
     finally:
         results.close()  # after an error: the reads still queued for this disk are cancelled
         fetcher.close()
-        placer.close()
+        flusher.close()
     return written
-
-
-class _Placer:
-    """Writes the restored pieces into the disk in a thread of its own, in the order given.
-
-    The thread that takes the fetched chunks also plans the next reads; with the writes in
-    it too, a write that waits (the page cache's dirty limit, a busy disk) held back the
-    planning, and the readers then ran out of work. Here the writes wait on their own, at
-    most ``MAX_QUEUED`` bytes behind. A write error stops the restore: the next ``put`` or
-    ``finish`` raises it. Progress advances as pieces are written.
-    """
-
-    MAX_QUEUED = 32 * 1024 * 1024
-
-    def __init__(self, writer: DiskWriter, flusher: _Flusher, progress: ProgressReporter) -> None:
-        self._writer = writer
-        self._flusher = flusher
-        self._progress = progress
-        self._queue: collections.deque[tuple[int, bytes]] = collections.deque()
-        self._queued = 0
-        self._closing = False
-        #: ``close``: pieces not yet written are dropped, not written
-        self._dropping = False
-        self._error: BaseException | None = None
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="vmvault-place", daemon=True)
-        self._thread.start()
-
-    def put(self, offset: int, data: bytes) -> None:
-        with self._cond:
-            while self._queued >= self.MAX_QUEUED and self._error is None:
-                self._cond.wait()
-            self._raise()
-            self._queue.append((offset, data))
-            self._queued += len(data)
-            self._cond.notify_all()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._queue and not self._closing:
-                        self._cond.wait()
-                    if not self._queue:
-                        return
-                    items = list(self._queue)
-                    self._queue.clear()
-                done = 0
-                for offset, data in items:
-                    if self._dropping:
-                        return
-                    self._writer.write(offset, data)
-                    self._flusher.wrote(len(data))
-                    self._progress.advance(len(data))
-                    done += len(data)
-                with self._cond:
-                    self._queued -= done
-                    self._cond.notify_all()
-        except BaseException as exc:  # handed to the restoring thread, which raises it
-            with self._cond:
-                self._error = exc
-                self._queue.clear()
-                self._cond.notify_all()
-
-    def finish(self) -> None:
-        """Wait until every piece is written; raises a write's error."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join()
-        self._raise()
-
-    def close(self) -> None:
-        """Stop (pieces not yet written are dropped) and wait for the thread; idempotent."""
-        with self._cond:
-            self._closing = self._dropping = True
-            self._queue.clear()
-            self._cond.notify_all()
-        self._thread.join()
-        self._flusher.close()
 
 
 class _Flusher:
