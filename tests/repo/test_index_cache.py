@@ -386,10 +386,11 @@ def _damage_not_a_cache(path: Path) -> None:
     conn.close()
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["one-at-a-time", "batched"])
 @pytest.mark.parametrize(
     "damage", [_damage_garbage, _damage_truncated, _damage_pages, _damage_foreign, _damage_not_a_cache]
 )
-def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path: Path, damage: Callable[[Path], None]) -> None:
+def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path: Path, damage: Callable[[Path], None], many: bool) -> None:
     store = Store()
     for _ in range(30):
         store.add(packs=4, blobs=20)
@@ -410,8 +411,9 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path: Path, damage: Calla
     )
     try:
         model = store.model()
-        for bid in store.ids:
-            locs = index.locations(bid)
+        found = index.locations_many(store.ids) if many else {bid: index.locations(bid) for bid in store.ids}
+        assert list(found) == list(dict.fromkeys(store.ids))
+        for bid, locs in found.items():
             want = model.get(bid, set())
             assert {
                 (loc.pack_id, int(loc.entry.type), loc.entry.offset, loc.entry.length, loc.entry.raw_length)
