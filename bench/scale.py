@@ -1,6 +1,7 @@
 """How vmvault's commands scale with the size of the repository's index.
 
     python bench/scale.py --chunks N [--json] [--work DIR] [--disk-size 4G] [--keep] [--base DIR]
+                          [--ops backup,backup_changed,...] [--repeat K]
 
 Builds a repository whose index holds N chunks besides a real 4 GiB disk, then measures,
 each command in a process of its own (wall time, peak RSS from wait4): ``open`` (open the
@@ -9,8 +10,10 @@ snapshot), ``backup`` (the 4 GiB disk), ``backup_changed`` (again after a 1 % ch
 ``restore``, ``snapshots``, ``check`` and ``prune`` (after forgetting the first backup).
 With ``--json`` the last line is one JSON object:
 ``{"chunks": N, "ops": {"backup": {"seconds": ..., "peak_rss_mib": ..., "cpu_seconds": ...}, ...},
-"setup": {...}}``. CPU seconds (user + system, from wait4) are given beside the wall time:
-on a machine shared with other work the wall time is not the command's alone.
+"setup": {...}}`` (with ``--repeat K``, ``ops`` holds the means and ``runs`` each run's figures;
+each figure comes with the 1-minute load average at the command's end). CPU seconds (user +
+system, from wait4) are given beside the wall time: on a machine shared with other work the
+wall time is not the command's alone.
 
 What is synthetic, and what is not:
 
@@ -31,7 +34,10 @@ What is synthetic, and what is not:
 
 With ``--base DIR`` the synthetic repository and its cache, once built, are kept in DIR, and a
 later run with the same ``--chunks`` and ``--work`` starts from a copy of them (the build of
-4 M chunks takes minutes). The copy's objects are hard links, whose new ctimes a local
+4 M chunks takes minutes; 40 M, about 20). ``--ops`` measures only the commands named;
+``--repeat K`` runs them K times, each time from a fresh copy of the built state (with
+``--base``; else built again) and of the pristine disk image, so every full backup is one of
+new data into the same repository. The copy's objects are hard links, whose new ctimes a local
 listing reports as changed objects: one sync, not part of any command, reads the index files
 again (``setup.resync_seconds``).
 """
@@ -235,20 +241,29 @@ def _copy_base(src: Path, dst: Path) -> None:
             subprocess.run(["cp", "-a", "--sparse=always", str(src / folder), str(dst / folder)], check=True)
 
 
-def measure(
-    chunks: int, work: Path, disk_size: str, *, keep: bool = False, base: Path | None = None
-) -> dict[str, object]:
-    env = _env(work)
-    repo = work / "repo"
-    src = work / "src" / "vm-disk.raw"
-    target = work / "restore"
-    fresh(work)
-    src.parent.mkdir()
-    setup: dict[str, float] = {}
+#: every command measured, in the order they run
+OPS = ("backup", "backup_changed", "open", "snapshots", "restore", "check", "prune")
+#: the commands that need the first (full) backup of the real disk: it runs before them, measured
+#: only when chosen
+_NEED_BACKUP = frozenset({"backup_changed", "open", "restore", "prune"})
 
-    t = time.monotonic()
-    make_image(src, disk_size, seed=11)  # made in place (no second copy on a full disk)
-    setup["image_seconds"] = time.monotonic() - t
+
+def parse_ops(text: str) -> tuple[str, ...]:
+    """``--ops``: command names separated by commas, in any order (they run in ``OPS`` order);
+    empty for none (only the build)."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = names - set(OPS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown commands {', '.join(sorted(unknown))}; known: {', '.join(OPS)}")
+    return tuple(n for n in OPS if n in names)
+
+
+def _prepare(chunks: int, work: Path, env: dict[str, str], base: Path | None) -> dict[str, float]:
+    """The repository of ``chunks`` synthetic chunks and this host's cache in ``work``: a copy
+    of ``base`` when it holds one, else built (and kept in ``base`` when given)."""
+    setup: dict[str, float] = {}
+    for name in ("repo", "cache", "state", "restore"):
+        shutil.rmtree(work / name, ignore_errors=True)
     if base is not None and (base / f"built-{chunks}").exists():
         _copy_base(base, work)
         # a link changes each object's ctime, part of its stamp in a local listing: one sync
@@ -262,39 +277,122 @@ def measure(
             (base / f"built-{chunks}").write_text(json.dumps(setup))
     cache_bytes = sum(f.stat().st_size for f in (work / "cache").rglob("*") if f.is_file())
     setup["cache_mib"] = cache_bytes / 2**20
+    return setup
 
-    ops: dict[str, dict[str, float]] = {}
+
+def _run_ops(work: Path, env: dict[str, str], ops: tuple[str, ...], pristine: Path) -> dict[str, dict[str, float]]:
+    """One run of ``ops`` (and of the first backup when they need it) on the prepared ``work``."""
+    repo = work / "repo"
+    src = work / "src" / "vm-disk.raw"
+    target = work / "restore"
+    results: dict[str, dict[str, float]] = {}
 
     def op(name: str, cmd: list[str]) -> str:
         wall, cpu, rss, out = timed(cmd, env)
-        ops[name] = {"seconds": round(wall, 2), "peak_rss_mib": round(rss, 1), "cpu_seconds": round(cpu, 2)}
-        print(f"  {name}: {wall:.1f} s ({cpu:.1f} s CPU), {rss:.0f} MiB", file=sys.stderr, flush=True)
+        load = os.getloadavg()[0]
+        if name in ops:
+            results[name] = {
+                "seconds": round(wall, 2),
+                "peak_rss_mib": round(rss, 1),
+                "cpu_seconds": round(cpu, 2),
+                "load": round(load, 2),
+            }
+        measured = "" if name in ops else " (not measured)"
+        print(
+            f"  {name}: {wall:.1f} s ({cpu:.1f} s CPU), {rss:.1f} MiB, load {load:.1f}{measured}",
+            file=sys.stderr,
+            flush=True,
+        )
         return out
 
-    op("backup", _cli(repo, "backup", str(src)))
-    mutate(src, 1.0, seed=12)
-    op("backup_changed", _cli(repo, "backup", str(src)))
-    out = op("open", [sys.executable, __file__, "--open", str(repo)])
-    ops["open"]["first_chunk_seconds"] = round(json.loads(out.strip().splitlines()[-1])["first_chunk_seconds"], 2)
-    op("snapshots", _cli(repo, "snapshots"))
-    fresh(target)
-    op("restore", _cli(repo, "restore", "latest", "--target", str(target)))
-    restored = next(p for p in target.rglob("vm-disk.raw"))
-    if subprocess.run(["cmp", "-s", str(restored), str(src)]).returncode != 0:
-        raise SystemExit("the restored disk differs from the source")
-    shutil.rmtree(target)
-    op("check", _cli(repo, "check"))
-    listing = json.loads(
-        subprocess.run(
-            _cli(repo, "snapshots", "--json"), env={**os.environ, **env}, capture_output=True, text=True, check=True
-        ).stdout
-    )
-    real = sorted((s for s in _snapshot_list(listing) if "synthetic" not in s.get("tags", [])), key=lambda s: s["time"])
-    subprocess.run(_cli(repo, "forget", real[0]["id"]), env={**os.environ, **env}, check=True, capture_output=True)
-    op("prune", _cli(repo, "prune"))
+    real_backup = bool(set(ops) & (_NEED_BACKUP | {"backup"}))
+    if real_backup:
+        shutil.rmtree(src.parent, ignore_errors=True)
+        src.parent.mkdir(parents=True)
+        # the pristine image is copied (sparse): the 1 % change is made to the copy
+        subprocess.run(["cp", "--sparse=always", str(pristine), str(src)], check=True)
+        op("backup", _cli(repo, "backup", str(src)))
+    if "backup_changed" in ops:
+        mutate(src, 1.0, seed=12)
+        op("backup_changed", _cli(repo, "backup", str(src)))
+    if "open" in ops:
+        out = op("open", [sys.executable, __file__, "--open", str(repo)])
+        first = json.loads(out.strip().splitlines()[-1])["first_chunk_seconds"]
+        results["open"]["first_chunk_seconds"] = round(first, 2)
+    if "snapshots" in ops:
+        op("snapshots", _cli(repo, "snapshots"))
+    if "restore" in ops:
+        fresh(target)
+        op("restore", _cli(repo, "restore", "latest", "--target", str(target)))
+        restored = next(p for p in target.rglob("vm-disk.raw"))
+        if subprocess.run(["cmp", "-s", str(restored), str(src)]).returncode != 0:
+            raise SystemExit("the restored disk differs from the source")
+        shutil.rmtree(target)
+    if "check" in ops:
+        op("check", _cli(repo, "check"))
+    if "prune" in ops:
+        listing = json.loads(
+            subprocess.run(
+                _cli(repo, "snapshots", "--json"), env={**os.environ, **env}, capture_output=True, text=True, check=True
+            ).stdout
+        )
+        real = sorted(
+            (s for s in _snapshot_list(listing) if "synthetic" not in s.get("tags", [])), key=lambda s: s["time"]
+        )
+        subprocess.run(_cli(repo, "forget", real[0]["id"]), env={**os.environ, **env}, check=True, capture_output=True)
+        op("prune", _cli(repo, "prune"))
+    return results
+
+
+def _mean(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name in OPS:
+        mine = [r[name] for r in runs if name in r]
+        if mine:
+            out[name] = {k: round(sum(m[k] for m in mine) / len(mine), 2) for k in mine[0]}
+    return out
+
+
+def measure(
+    chunks: int,
+    work: Path,
+    disk_size: str,
+    *,
+    keep: bool = False,
+    base: Path | None = None,
+    ops: tuple[str, ...] = OPS,
+    repeat: int = 1,
+) -> dict[str, object]:
+    """``repeat`` runs of ``ops``, each from the same state: the built repository (copied from
+    ``base`` when given, else built again) and the pristine disk image."""
+    env = _env(work)
+    fresh(work)
+    pristine = work / "image" / "vm-disk.raw"
+    setup: dict[str, float] = {}
+    if set(ops) & (_NEED_BACKUP | {"backup"}):
+        t = time.monotonic()
+        make_image(pristine, disk_size, seed=11)  # made in place (no second copy on a full disk)
+        setup["image_seconds"] = time.monotonic() - t
+    runs: list[dict[str, dict[str, float]]] = []
+    for k in range(repeat):
+        if repeat > 1:
+            print(f" run {k + 1} of {repeat}", file=sys.stderr, flush=True)
+        prepared = _prepare(chunks, work, env, base)
+        if k == 0:
+            setup.update(prepared)
+        elif "resync_seconds" in prepared:
+            setup[f"resync_seconds_{k + 1}"] = prepared["resync_seconds"]
+        runs.append(_run_ops(work, env, ops, pristine))
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
-    return {"chunks": chunks, "ops": ops, "setup": {k: round(v, 2) for k, v in setup.items()}}
+    result: dict[str, object] = {
+        "chunks": chunks,
+        "ops": _mean(runs),
+        "setup": {k: round(v, 2) for k, v in setup.items()},
+    }
+    if repeat > 1:
+        result["runs"] = runs
+    return result
 
 
 def _snapshot_list(doc: object) -> list[dict[str, object]]:
@@ -320,6 +418,21 @@ def main() -> None:
         help="keep the built synthetic repository and its cache here, and start later runs with the "
         "same --chunks and --work from a copy of them (hard links: on the file system of --work)",
     )
+    ap.add_argument(
+        "--ops",
+        type=parse_ops,
+        default=OPS,
+        help=f"the commands to measure, separated by commas (default all: {','.join(OPS)}); "
+        "backup_changed, open, restore and prune need the first backup, which then runs unmeasured "
+        "when backup is not chosen",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of the commands, each from the same built state (with --base, a fresh copy of it); "
+        "each run and the mean are reported",
+    )
     ap.add_argument("--build-synthetic", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--open", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--sync", type=Path, help=argparse.SUPPRESS)
@@ -333,13 +446,21 @@ def main() -> None:
     print(f"machine: {machine()}", file=sys.stderr)
     print(f"{args.chunks:,} synthetic chunks, a {args.disk_size} disk", file=sys.stderr, flush=True)
     started = time.monotonic()
-    result = measure(args.chunks, args.work, args.disk_size, keep=args.keep, base=args.base)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    result = measure(
+        args.chunks, args.work, args.disk_size, keep=args.keep, base=args.base, ops=args.ops, repeat=args.repeat
+    )
     result["setup"]["total_seconds"] = round(time.monotonic() - started, 1)  # type: ignore[index]
     if args.json:
         print(json.dumps(result))
     else:
+        for k, run in enumerate(result.get("runs", [result["ops"]])):  # type: ignore[attr-defined]
+            for name, r in run.items():
+                cpu, rss = r["cpu_seconds"], r["peak_rss_mib"]
+                print(f"{k + 1:4} {name:15} {r['seconds']:8.1f} s {cpu:8.1f} s CPU {rss:8.1f} MiB")
         for name, r in result["ops"].items():  # type: ignore[attr-defined]
-            print(f"{name:15} {r['seconds']:8.1f} s {r['peak_rss_mib']:8.0f} MiB")
+            print(f"mean {name:15} {r['seconds']:8.1f} s {r['cpu_seconds']:8.1f} s CPU {r['peak_rss_mib']:8.1f} MiB")
         print(json.dumps(result["setup"]))
 
 
