@@ -12,8 +12,11 @@ chunks (<= ``BATCH_BYTES``) to a thread pool; workers read (``os.pread`` release
 hash (HMAC-SHA-256), compress and encrypt; the calling thread places the sealed chunks in
 disk order (a pack holds neighbouring chunks side by side, so restores and readers fetch them
 in long runs), and the BlobWriter uploads in its own threads. At most ``2 * workers + 2``
-batches are in flight, sealed or not, so memory stays bounded
-whatever the disk size. Runs of empty index blocks are planned as one step each: an empty
+batches are in flight, sealed or not, and one byte budget (``pipeline_budget``) bounds what the
+pipeline holds whatever the timing and the disk size: every batch in flight holds twice its
+bytes (the data read and its sealed chunks) until its chunks are placed, which hands their
+sealed bytes to the BlobWriter; the writer holds the pack being filled and, for each pack being
+written, the pack and the copy it is joined into. Runs of empty index blocks are planned as one step each: an empty
 disk costs one snapshot entry per index block (8 bytes per GiB at 256 KiB chunks), nothing
 per chunk.
 
@@ -55,6 +58,7 @@ from vmvault.hypervisors.base import (
     SourceFile,
 )
 from vmvault.hypervisors.registry import check_options, connector_for_kind
+from vmvault.repo.budget import MemoryBudget
 from vmvault.repo.format import (
     INDEX_SPAN,
     MAX_INDEX_BLOCKS,
@@ -69,10 +73,24 @@ from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 
 from .progress import NullReporter, ProgressReporter
 
-__all__ = ["BATCH_BYTES", "TRACKING_SAMPLE", "BackupPlan", "BackupResult", "backup", "chunk_runs", "plan_backup"]
+__all__ = [
+    "BATCHES_BUDGET",
+    "BATCH_BYTES",
+    "TRACKING_SAMPLE",
+    "BackupPlan",
+    "BackupResult",
+    "backup",
+    "chunk_runs",
+    "pipeline_budget",
+    "plan_backup",
+]
 
 #: one worker task reads at most this much
 BATCH_BYTES = 4 * 1024 * 1024
+#: the pipeline's budget for read batches and sealed chunks waiting for their turn, beside its
+#: packs (``pipeline_budget``): 8 batches in flight when no pack is being written, enough for
+#: 8 workers
+BATCHES_BUDGET = 64 * 1024 * 1024
 
 _KIND_ZERO, _KIND_PARENT, _KIND_DATA = "zero", "parent", "data"
 #: plan runs kept in memory after the first walk of a disk's map (about 100 bytes each)
@@ -108,6 +126,13 @@ class BackupResult:
                 for d in self.snapshot.disks
             ],
         }
+
+
+def pipeline_budget(pack_size: int) -> int:
+    """The bytes a backup's pipeline may hold at once with packs of ``pack_size``: the batches'
+    share, the pack being filled, and one pack being written with the copy it is joined into
+    (a second upload starts when the batches hold less than their share)."""
+    return BATCHES_BUDGET + 3 * pack_size
 
 
 def chunk_runs(extents: Iterable[Extent], size: int, chunk_size: int) -> Iterator[tuple[int, int, str]]:
@@ -240,6 +265,7 @@ class _DiskBackup:
         progress: ProgressReporter,
         max_in_flight: int,
         tracking_sample: int = 0,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.repo = repo
         self.writer = writer
@@ -251,6 +277,7 @@ class _DiskBackup:
         self.parent = parent
         self.progress = progress
         self.max_in_flight = max_in_flight
+        self.budget = budget if budget is not None else MemoryBudget(pipeline_budget(repo.config.pack_size))
         self.zero_chunk = bytes(self.chunk_size)
         self.bytes_read = 0
         self.data_chunks = 0
@@ -402,13 +429,19 @@ class _DiskBackup:
                 return
             _tag, fut, entries, pos, nbytes = item
             ids, sealed = fut.result()
+            # the batch's data is gone; its sealed chunks' bytes are handed to the writer
+            budget.give(2 * nbytes - sum(len(blob.sealed) for blob in sealed))
             for blob in sealed:
-                self.writer.place(blob)
+                self.writer.place(blob, charged=True)
             entries.set(pos, ids)
             in_flight -= 1
             self.bytes_read += nbytes
             self.progress.advance(nbytes)
 
+        budget = self.budget
+        # kept free when a batch is submitted: the writer may close a pack while the batches are
+        # placed (its joined copy) and a pack may pass its size by a chunk
+        room = self.repo.config.pack_size + cs
         run = next(runs, None)
         block = 0
         while block < n_blocks:
@@ -445,10 +478,12 @@ class _DiskBackup:
                     per_batch = max(1, BATCH_BYTES // cs)
                     for f in range(first, end, per_batch):
                         count = min(per_batch, end - f)
-                        while in_flight >= self.max_in_flight:
-                            drain_one()
-                        fut: Future[tuple[list[bytes], list[SealedBlob]]] = self.pool.submit(self._read_batch, f, count)
                         nbytes = min(count * cs, self.size - f * cs)
+                        while in_flight and (in_flight >= self.max_in_flight or not budget.fits(2 * nbytes + room)):
+                            drain_one()
+                        # with nothing in flight, what is held is the writer's: wait for its uploads
+                        budget.take(2 * nbytes, room=room)
+                        fut: Future[tuple[list[bytes], list[SealedBlob]]] = self.pool.submit(self._read_batch, f, count)
                         fifo.append(("batch", fut, entries, f - b_first, nbytes))
                         in_flight += 1
                         # place what is finished at the head now: sealed batches wait for
@@ -853,7 +888,8 @@ def _backup_session(
     for w in session.warnings:
         progress.warn(w)
     parent_disks = {d.name: d for d in prev_snap.disks} if prev_snap is not None else {}
-    writer = repo.writer()
+    budget = MemoryBudget(pipeline_budget(repo.config.pack_size))
+    writer = repo.writer(budget=budget)
     records: list[DiskRecord] = []
     disk_warnings: list[str] = []
     files: list[FileRecord] = []
@@ -866,7 +902,15 @@ def _backup_session(
                 if full:
                     disk.changed = None
                 job = _DiskBackup(
-                    repo, writer, pool, disk, parent_disks.get(disk.name), progress, 2 * workers + 2, tracking_sample
+                    repo,
+                    writer,
+                    pool,
+                    disk,
+                    parent_disks.get(disk.name),
+                    progress,
+                    2 * workers + 2,
+                    tracking_sample,
+                    budget=budget,
                 )
                 job.broken_known = broken.get(disk.name)
                 record = job.run()

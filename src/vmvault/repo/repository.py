@@ -51,6 +51,7 @@ from vmvault.repo._limits import (
     pack_limit,
     read_bounded,
 )
+from vmvault.repo.budget import MemoryBudget
 from vmvault.repo.config import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PACK_SIZE,
@@ -652,10 +653,13 @@ class Repository:
             raise IntegrityError(f"blob {blob_id.hex()} has the wrong length", object_id=blob_id.hex(), name=name)
         return data
 
-    def writer(self, *, upload_threads: int = 3, index_every: int = 8, dedup: bool = True) -> BlobWriter:
+    def writer(
+        self, *, upload_threads: int = 3, index_every: int = 8, dedup: bool = True, budget: MemoryBudget | None = None
+    ) -> BlobWriter:
         """A writer of new blobs. ``dedup=False`` stores every blob given once per writer,
-        whatever the index holds (prune and repair copy blobs out of packs they delete)."""
-        return BlobWriter(self, upload_threads=upload_threads, index_every=index_every, dedup=dedup)
+        whatever the index holds (prune and repair copy blobs out of packs they delete).
+        ``budget``: see ``BlobWriter``."""
+        return BlobWriter(self, upload_threads=upload_threads, index_every=index_every, dedup=dedup, budget=budget)
 
     # ---- snapshots ---------------------------------------------------------------------
 
@@ -826,10 +830,25 @@ class BlobWriter:
     ``upload_threads + 1`` packs are held at once; ``add`` blocks while uploads catch up.
     Every ``index_every`` packs an index file is written, so an interrupted backup leaves
     reusable packs. ``flush`` uploads what remains and writes the final index file.
+
+    With a ``budget`` (shared with the stages that feed the writer), the sealed bytes of the
+    pack being filled are held in it (charged as they are placed, or handed over already held:
+    ``place(charged=True)``), and a full pack takes its size once more for the copy it is
+    joined into while written; both are given back when its upload ends. A full pack waits for
+    the budget while other packs are being written.
     """
 
-    def __init__(self, repo: Repository, *, upload_threads: int, index_every: int, dedup: bool = True) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        *,
+        upload_threads: int,
+        index_every: int,
+        dedup: bool = True,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.repo = repo
+        self.budget = budget
         self._dedup = dedup
         self._lock = threading.Lock()
         self._builder = PackBuilder()
@@ -880,15 +899,22 @@ class BlobWriter:
         sealed = seal_envelope(self.repo.key, data, blob_aad(blob_type, blob_id))
         return SealedBlob(blob_type, blob_id, sealed, len(data))
 
-    def place(self, blob: SealedBlob) -> bool:
+    def place(self, blob: SealedBlob, *, charged: bool = False) -> bool:
         """Put a sealed blob into the current pack unless a blob with its id was placed or
-        stored meanwhile; returns True when it was new. Uploads the pack when it is full."""
+        stored meanwhile; returns True when it was new. Uploads the pack when it is full.
+        ``charged``: the blob's sealed bytes are held in the writer's budget already (handed
+        over by the caller; given back here when the blob is not new)."""
         if self._error is not None:
             raise self._error
         full: PackBuilder | None = None
+        budget = self.budget
         with self._lock:
             if blob.id in self._pending or (self._dedup and self.repo.index.uploaded(blob.id)):
+                if budget is not None and charged:
+                    budget.give(len(blob.sealed))
                 return False
+            if budget is not None and not charged:
+                budget.charge(len(blob.sealed))
             self._pending.add(blob.id)
             self._builder.add(blob.type, blob.id, blob.sealed, blob.raw_length)
             self.new_blobs += 1
@@ -911,25 +937,42 @@ class BlobWriter:
         return ref
 
     def _submit(self, builder: PackBuilder) -> None:
+        budget = self.budget
+        if budget is not None:
+            budget.take(builder.size)  # the copy the pack is joined into
+            budget.begin_release()
         self._slots.acquire()
         try:
             self._futures.append(self._pool.submit(self._upload, builder))
         except BaseException:
             self._slots.release()
+            if budget is not None:
+                budget.end_release(2 * builder.size)
             raise
         self._futures = [f for f in self._futures if not f.done() or f.exception() is not None]
 
     def _upload(self, builder: PackBuilder) -> None:
         try:
+            self._store_pack(builder)
+        finally:
+            self._slots.release()
+            # the pack's bytes and its joined copy are gone with _store_pack's frame
+            if self.budget is not None:
+                self.budget.end_release(2 * builder.size)
+
+    def _store_pack(self, builder: PackBuilder) -> None:
+        try:
             pack_id, data = builder.finish(self.repo.key)
             self.repo.backend.put(pack_name(pack_id), data)
+            length = len(data)
+            del data  # not held while the index file is written
             write_index: dict[bytes, list[BlobEntry]] | None = None
             with self._lock:
                 self.repo.index.add_pack(pack_id, builder.entries)
                 for e in builder.entries:
                     self._pending.discard(e.id)
                 self._unindexed[pack_id] = builder.entries
-                self._lengths[pack_id] = len(data)
+                self._lengths[pack_id] = length
                 if not self._dedup:
                     self.uploaded[pack_id] = builder.entries
                 self.packs_written += 1
@@ -941,8 +984,6 @@ class BlobWriter:
         except BaseException as exc:
             self._error = exc
             raise
-        finally:
-            self._slots.release()
 
     def flush(self) -> None:
         """Upload the current pack, wait for every upload, write the remaining index entries."""
