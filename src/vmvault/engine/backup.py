@@ -44,6 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmvault import platform
 from vmvault.disk.base import DiskImage, Extent, ExtentKind, coalesce
 from vmvault.errors import CleanupError, ConfigError, IntegrityError, SourceError
 from vmvault.hypervisors.base import (
@@ -735,6 +736,8 @@ def backup(
     # twice the cores (at most 8): a worker waiting for its read leaves the core to one that
     # hashes or compresses; on 2 cores 4 workers beat 2 in 7 of 8 paired runs (docs/benchmarks.md)
     workers = workers or min(8, 2 * (os.cpu_count() or 1))
+    # the pipeline's threads share one heap: its freed buffers are reused, not kept per thread
+    platform.one_malloc_arena()
     started = time.monotonic()
     with repo.lock(exclusive=False, operation="backup"):
         # dedup only against what exists now: a prune may have run since the index was loaded,
