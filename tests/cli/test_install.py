@@ -52,7 +52,12 @@ sys.meta_path.insert(0, _HideModules())
 #: module to hide -> (a command that needs it, the package the error names, the install command)
 OPTIONAL: dict[str, tuple[list[str], str, str]] = {
     # core dependencies: a broken install still gets one line, not a traceback
-    "paramiko": (["init", "-r", "sftp://127.0.0.1:1/srv/repo"], "paramiko", "python3 -m pip install 'paramiko"),
+    # (only the paramiko transport needs it: the default one runs OpenSSH's ssh)
+    "paramiko": (
+        ["init", "-r", "sftp://127.0.0.1:1/srv/repo?transport=paramiko"],
+        "paramiko",
+        "python3 -m pip install 'paramiko",
+    ),
     "boto3": (["init", "-r", "s3://127.0.0.1:1/bucket/repo"], "boto3", "python3 -m pip install 'boto3"),
     # boto3 present but its own dependency missing
     "botocore": (["init", "-r", "s3://127.0.0.1:1/bucket/repo"], "boto3", "python3 -m pip install 'boto3"),

@@ -377,7 +377,8 @@ def script_argv(script: str) -> list[str]:
     import shlex
 
     text = Path(script).read_text()
-    assert text.count("\n") == text.count("\\\n") + 4  # #!, a comment line, cd, the command's last line
+    # #!, a comment line, cd, umask, the command's last line
+    assert text.count("\n") == text.count("\\\n") + 5
     return shlex.split(text.split("exec ", 1)[1].replace("\\\n", " "))[:-1]
 
 
