@@ -4,7 +4,7 @@
                           [--ops backup,backup_changed,...] [--repeat K]
 
 Builds a repository whose index holds N chunks besides a real 4 GiB disk, then measures,
-each command in a process of its own (wall time, peak RSS from wait4): ``open`` (open the
+each command in a process of its own (wall time, its own peak RSS): ``open`` (open the
 repository, bring this host's index cache up to date, read the first chunk of the newest
 snapshot), ``backup`` (the 4 GiB disk), ``backup_changed`` (again after a 1 % change),
 ``restore``, ``snapshots``, ``check`` and ``prune`` (after forgetting the first backup).
@@ -77,21 +77,28 @@ def _env(work: Path) -> dict[str, str]:
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
-    """Run ``cmd``: (wall seconds, CPU seconds, peak RSS in MiB, stdout), the last two from
-    wait4 for that process alone. CPU time is given because the wall time of a machine shared
-    with other work is not the command's alone."""
+    """Run ``cmd``: (wall seconds, CPU seconds, peak RSS in MiB, stdout); CPU from wait4 (the
+    command and the small helper that starts it), peak RSS the command's own. CPU time is
+    given because the wall time of a machine shared with other work is not the command's alone."""
+    # through bench/_rss.py, a small process that forks the command and reports its peak RSS:
+    # exec folds the old address space's peak into the new program's, so a command started
+    # from this (large) process directly counted this one's RSS as its own (a floor of ~100 MiB)
+    helper = [sys.executable, str(Path(__file__).with_name("_rss.py")), *cmd]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=out, stderr=err)
+        proc = subprocess.Popen(helper, env={**os.environ, **env}, stdout=out, stderr=err)
         _pid, status, usage = os.wait4(proc.pid, 0)
         seconds = time.monotonic() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
+        stderr = err.read().decode(errors="replace")
         if proc.returncode != 0:
-            tail = err.read().decode(errors="replace")[-4000:]
-            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
-        return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.read().decode()
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr[-4000:]}")
+        last = stderr.strip().splitlines()[-1:] or [""]
+        if not last[0].startswith("max_rss_mib"):
+            raise SystemExit(f"{' '.join(cmd)}: no peak RSS reported by bench/_rss.py")
+        return seconds, usage.ru_utime + usage.ru_stime, float(last[0].split()[-1]), out.read().decode()
 
 
 def _cli(repo: Path, *args: str) -> list[str]:
