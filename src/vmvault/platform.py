@@ -244,6 +244,25 @@ KEPT_FREE: Final[int] = 32 << 20
 _MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
+def _mallopt(unless: tuple[str, ...], *settings: tuple[int, int]) -> bool:
+    """glibc's ``mallopt`` for each ``(parameter, value)``; True when every one was set. Nothing
+    is changed under another C library, with the POSIX calls hidden, or when the environment
+    names one of ``unless`` (the user's choice of glibc's own variables wins)."""
+    if WINDOWS or HIDE_POSIX or any(name in os.environ for name in unless):
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError):
+        return False  # not glibc
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return all([bool(mallopt(parameter, value)) for parameter, value in settings])
+
+
 def keep_freed_memory() -> bool:
     """Have glibc reuse freed buffers of up to ``KEPT_ALLOCATION`` bytes instead of handing
     them back to the kernel; True when it was set.
@@ -257,19 +276,7 @@ def keep_freed_memory() -> bool:
     heap. Nothing is changed under another C library, or when the environment sets glibc's
     own variables (the user's choice wins).
     """
-    if WINDOWS or HIDE_POSIX or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
-        return False
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, ValueError):
-        return False  # not glibc
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, KEPT_ALLOCATION)) and bool(mallopt(_M_TRIM_THRESHOLD, KEPT_FREE))
+    return _mallopt(_MALLOC_ENVIRONMENT, (_M_MMAP_THRESHOLD, KEPT_ALLOCATION), (_M_TRIM_THRESHOLD, KEPT_FREE))
 
 
 def one_malloc_arena() -> bool:
@@ -283,19 +290,7 @@ def one_malloc_arena() -> bool:
     so the threads seldom wait for a shared heap. Nothing is changed under another C library,
     or when the environment sets ``MALLOC_ARENA_MAX`` or ``GLIBC_TUNABLES``.
     """
-    if WINDOWS or HIDE_POSIX or any(name in os.environ for name in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")):
-        return False
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION"):
-            return False
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, ValueError):
-        return False  # not glibc
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, 1))
+    return _mallopt(("MALLOC_ARENA_MAX", "GLIBC_TUNABLES"), (_M_ARENA_MAX, 1))
 
 
 # ----------------------------------------------------------------------------- file locks

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from vmvault.backends.base import Backend
 from vmvault.errors import ObjectNotFoundError, UnsafeStorageError
@@ -21,6 +22,8 @@ from vmvault.repo._layout import PACK_TRAILER, BlobType
 from vmvault.repo.index import BlobLocation, PackRecord, parse_index
 from vmvault.repo.index_cache import CacheDamaged, CachedRow, IndexCache
 from vmvault.repo.pack import BlobEntry, pack_name
+
+T = TypeVar("T")
 
 __all__ = ["IndexStats", "LostPacks", "RepoIndex"]
 
@@ -131,25 +134,22 @@ class RepoIndex:
                     self.sync()
         return self.cache
 
-    def _rows(self, blob_id: bytes) -> list[CachedRow]:
+    def _asked(self, question: Callable[[IndexCache], T]) -> T:
+        """``question`` of the cache; a cache found damaged is reset, rebuilt and asked again."""
         cache = self._ensure()
         try:
-            return cache.rows(blob_id)
+            return question(cache)
         except CacheDamaged as exc:
             with self._lock:
                 cache.reset(str(exc))
                 self._synced = False
-            return self._ensure().rows(blob_id)
+            return question(self._ensure())
+
+    def _rows(self, blob_id: bytes) -> list[CachedRow]:
+        return self._asked(lambda cache: cache.rows(blob_id))
 
     def _rows_many(self, blob_ids: list[bytes]) -> dict[bytes, list[CachedRow]]:
-        cache = self._ensure()
-        try:
-            return cache.rows_many(blob_ids)
-        except CacheDamaged as exc:
-            with self._lock:
-                cache.reset(str(exc))
-                self._synced = False
-            return self._ensure().rows_many(blob_ids)
+        return self._asked(lambda cache: cache.rows_many(blob_ids))
 
     def close(self) -> None:
         with self._lock:
