@@ -14,6 +14,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,27 +95,68 @@ def timed_child(cmd: list[str], *, env: dict[str, str] | None = None, check: boo
 FLOOR_SAMPLE = 1 << 30
 
 
-def fsync_write_seconds(folder: Path, nbytes: int) -> float:
+def fsync_write_seconds(folder: Path, nbytes: int, *, reading: list[Path] | None = None, read_bytes: int = 0) -> float:
     """The time to write ``nbytes`` of incompressible data into a new file in ``folder`` and
     fsync it, like ``dd conv=fsync`` (4 MiB writes): the disk's floor for storing that much.
     At most ``FLOOR_SAMPLE`` bytes are written (the development machines' disks are shared and
-    nearly full) and the time scaled to ``nbytes``."""
+    nearly full) and the time scaled to ``nbytes``.
+
+    With ``reading``, the same disk also reads ``read_bytes`` of those files' data (cold, in
+    the same proportion to the sample) while it writes, and the time is until both are done:
+    the floor of a step that reads its input from the disk it writes to (a restore reads the
+    repository's packs; a backup, the image)."""
     drop_caches()
     block = os.urandom(4 << 20)
     path = folder / "fsync-floor.tmp"
     size = min(nbytes, FLOOR_SAMPLE)
+    scale = nbytes / max(1, size)
+    reader: threading.Thread | None = None
+    if reading:
+        reader = threading.Thread(target=read_data, args=(reading, int(read_bytes / scale)), daemon=True)
     start = time.monotonic()
+    if reader is not None:
+        reader.start()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         left = size
         while left > 0:
             left -= os.write(fd, memoryview(block)[: min(left, len(block))])
         os.fsync(fd)
+        if reader is not None:
+            reader.join()
     finally:
         os.close(fd)
         seconds = time.monotonic() - start
         path.unlink(missing_ok=True)
-    return seconds * nbytes / max(1, size)
+    return seconds * scale
+
+
+def read_data(paths: list[Path], limit: int) -> int:
+    """Read up to ``limit`` bytes of the data (not the holes) of ``paths``, in order, in 8 MiB
+    reads; the bytes read."""
+    done = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            end = os.fstat(fd).st_size
+            offset = 0
+            while offset < end and done < limit:
+                try:
+                    offset = os.lseek(fd, offset, os.SEEK_DATA)
+                    hole = os.lseek(fd, offset, os.SEEK_HOLE)
+                except OSError:  # no data past offset
+                    break
+                while offset < hole and done < limit:
+                    got = len(os.pread(fd, min(8 << 20, hole - offset, limit - done), offset))
+                    if not got:
+                        break
+                    offset += got
+                    done += got
+        finally:
+            os.close(fd)
+        if done >= limit:
+            break
+    return done
 
 
 def make_image(path: Path, size: str, seed: int = 1) -> None:
