@@ -131,6 +131,44 @@ def test_second_backup_of_unchanged_data_stores_nothing_and_zero_chunks_are_neve
     assert second.chunks_new == 0 and second.bytes_new == 0
 
 
+def test_the_index_is_asked_once_per_batch_not_once_per_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deduplication asks the index about a batch's chunks together (``RepoIndex.present_of``),
+    and a chunk repeated within a batch is sealed once; what is stored stays the same."""
+    from vmvault.engine import backup as engine_backup
+    from vmvault.repo import repo_index
+
+    monkeypatch.setattr(engine_backup, "BATCH_BYTES", 8 * CS)
+    data = bytearray(random.Random(3).randbytes(2 << 20))
+    data[: 4 * CS] = data[4 * CS : 8 * CS]  # four chunks repeated within the first batch
+    n_chunks = len(data) // CS
+    repo = new_repo()
+    asked: list[int] = []
+    alone: list[bytes] = []
+    together, one = repo_index.RepoIndex.present_of, repo_index.RepoIndex.has_present
+
+    def counted(self: repo_index.RepoIndex, blob_ids: Iterator[bytes]) -> set[bytes]:
+        wanted = list(blob_ids)
+        asked.append(len(wanted))
+        return together(self, wanted)
+
+    def counted_one(self: repo_index.RepoIndex, blob_id: bytes) -> bool:
+        alone.append(blob_id)
+        return one(self, blob_id)
+
+    monkeypatch.setattr(repo_index.RepoIndex, "present_of", counted)
+    monkeypatch.setattr(repo_index.RepoIndex, "has_present", counted_one)
+    first = backup(repo, ScriptedSource(MemoryDisk(data)))
+    assert len(asked) == n_chunks // 8 and sum(asked) == n_chunks
+    assert first.chunks_new == n_chunks - 4 + 1  # the chunks once each, and one index block
+    assert len(alone) <= 1, "only the index block is looked up alone"
+    asked.clear()
+    alone.clear()
+    second = backup(repo, ScriptedSource(MemoryDisk(data), location="test://other"))
+    assert second.chunks_new == 0 and len(asked) == n_chunks // 8 and len(alone) <= 1
+    monkeypatch.undo()
+    assert check(repo, read_data=True).ok
+
+
 def test_restore_refuses_to_overwrite(tmp_path: Path) -> None:
     disk = MemoryDisk(sample_bytes(1 << 20, 2))
     repo = new_repo()

@@ -23,8 +23,9 @@ per chunk.
 Nothing is deduplicated against data that is gone (repository-format.md, sections 10.2 and
 12.4): after the lock is taken, this host's index cache is synced, and a chunk counts as
 stored only in a pack this backup uploaded or has confirmed present (one small read per
-pack, ``RepoIndex.has_present``). Before the connector is asked for changes, the parent's
-index blocks an incremental may reuse are read and every chunk they name is looked up: when
+pack, ``RepoIndex.has_present``; a worker asks about its batch of chunks at once,
+``present_of``). Before the connector is asked for changes, the parent's index blocks an
+incremental may reuse are read and every chunk they name is looked up: when
 one's pack is gone, or an index file is unreadable, or the previous snapshot was cut by
 ``repair snapshots``, change tracking is not trusted and every allocated byte is read; the
 ranges of blocks naming chunks the index no longer holds are read again.
@@ -308,10 +309,11 @@ class _DiskBackup:
                 "(the disk changed size during the backup?)"
             )
         ids = []
-        sealed: list[SealedBlob] = []
+        chunks: list[tuple[bytes, memoryview]] = []
         # chunks are views into the batch: a slice copies each chunk into fresh memory, and on
         # a VM faulting fresh pages in costs ~1 ms/MiB (micro-benchmark), as much as hashing
         view = memoryview(data)
+        chunk_id_of = self.repo.key.chunk_id
         for i in range(0, length, cs):
             n = min(cs, length - i)
             # bytes.startswith is a memcmp; comparing memoryviews is 100x slower
@@ -319,12 +321,11 @@ class _DiskBackup:
                 ids.append(ZERO_ID)
                 continue
             raw = view[i : i + n]
-            chunk_id = self.repo.key.chunk_id(raw)
-            blob = self.writer.seal(BlobType.DATA, chunk_id, raw)
-            if blob is not None:
-                sealed.append(blob)
+            chunk_id = chunk_id_of(raw)
+            chunks.append((chunk_id, raw))
             ids.append(chunk_id)
-        return ids, sealed
+        # the index is asked about the whole batch at once, then the new chunks are sealed
+        return ids, self.writer.seal_new(BlobType.DATA, chunks) if chunks else []
 
     # -- planning -------------------------------------------------------------------------
 
@@ -855,7 +856,8 @@ def _broken_blocks(repo: Repository, parent: DiskRecord, pool: ThreadPoolExecuto
             with contextlib.suppress(ValueError):
                 repo.index.has_present(bytes.fromhex(block_id))
             return True
-        return not all(repo.index.has_present(chunk) for chunk in found.chunk_ids())
+        chunks = set(found.chunk_ids())
+        return len(repo.index.present_of(chunks)) != len(chunks)
 
     out: set[int] = set()
     window: collections.deque[tuple[int, Future[bool]]] = collections.deque()

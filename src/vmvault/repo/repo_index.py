@@ -218,6 +218,25 @@ class RepoIndex:
                 return True
         return False
 
+    def present_of(self, blob_ids: Iterable[bytes]) -> set[bytes]:
+        """Those of ``blob_ids`` that ``has_present`` holds true of, looked up in the cache with
+        a few queries for all of them: a backup asks about a batch of chunks at once, and a query
+        each cost it a round through SQLite, the cache's lock and the GIL per chunk."""
+        wanted = list(dict.fromkeys(blob_ids))
+        with self._lock:
+            found = {b for b in wanted if b in self._overlay}
+        rest = [b for b in wanted if b not in found]
+        if not rest:
+            return found
+        for blob_id, rows in self._rows_many(rest).items():
+            for row in rows:
+                if row.pack_id in self._excluded:
+                    continue
+                if self.confirm(row.pack_id, row.pack_length, row.pack_end):
+                    found.add(blob_id)
+                    break
+        return found
+
     def confirm(self, pack_id: bytes, length: int, end: int) -> bool:
         """Whether the pack is present and at least its recorded length (else long enough for
         every blob listed in it), asked of the storage once per process."""

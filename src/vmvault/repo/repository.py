@@ -25,7 +25,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -898,6 +898,23 @@ class BlobWriter:
         # seal_blob's envelope, taking a view of the batch (the engine's chunks are not copied)
         sealed = seal_envelope(self.repo.key, data, blob_aad(blob_type, blob_id))
         return SealedBlob(blob_type, blob_id, sealed, len(data))
+
+    def seal_new(self, blob_type: BlobType, blobs: Iterable[tuple[bytes, bytes | memoryview]]) -> list[SealedBlob]:
+        """``seal`` each ``(blob id, data)`` of ``blobs`` that is not known, in their order, asking
+        the index about all of them at once (``RepoIndex.present_of``); an id met twice is sealed
+        once. Thread-safe and lock-free, as ``seal``."""
+        if self._error is not None:
+            raise self._error
+        todo = [(blob_id, data) for blob_id, data in blobs if blob_id not in self._pending]
+        known = self.repo.index.present_of(blob_id for blob_id, _ in todo) if self._dedup and todo else set()
+        out: list[SealedBlob] = []
+        for blob_id, data in todo:
+            if blob_id in known:
+                continue
+            known.add(blob_id)
+            sealed = seal_envelope(self.repo.key, data, blob_aad(blob_type, blob_id))
+            out.append(SealedBlob(blob_type, blob_id, sealed, len(data)))
+        return out
 
     def place(self, blob: SealedBlob, *, charged: bool = False) -> bool:
         """Put a sealed blob into the current pack unless a blob with its id was placed or
