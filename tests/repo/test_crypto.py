@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import zstandard
@@ -18,7 +20,15 @@ from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import IntegrityError
 from vmvault.repo import crypto
 from vmvault.repo._layout import ENVELOPE_HEADER, ENVELOPE_VERSION, TAG_SIZE
-from vmvault.repo.crypto import BLAKE3, HMAC_SHA256, MasterKey, blake3_id_key, open_envelope, seal_envelope
+from vmvault.repo.crypto import (
+    BLAKE3,
+    HMAC_SHA256,
+    MasterKey,
+    blake3_id_key,
+    open_envelope,
+    seal_envelope,
+    seal_envelope_parts,
+)
 from vmvault.repo.format import BlobType
 from vmvault.repo.index import IndexFile
 from vmvault.repo.pack import BlobEntry, PackBuilder, open_blob, parse_pack_header, seal_blob
@@ -66,6 +76,30 @@ def test_sealing_into_a_buffer_writes_the_same_envelope_as_encrypting_then_joini
 def test_envelope_round_trip(key: MasterKey, payload: bytes, aad: bytes, compress: bool) -> None:
     sealed = seal_envelope(key, payload, aad, compress=compress)
     assert open_envelope(key, sealed, aad, what="x") == payload
+
+
+@settings(max_examples=300, deadline=None)
+@given(keys, payloads, st.binary(max_size=40))
+def test_envelope_parts_join_into_the_envelope(key: MasterKey, payload: bytes, aad: bytes) -> None:
+    """``seal_envelope_parts`` (a pack's blobs): the header and the sealed body, whose
+    concatenation is the envelope ``seal_envelope`` makes with the same nonce."""
+    header, body = seal_envelope_parts(key, payload, aad)
+    assert type(header) is bytes and type(body) is bytes
+    assert len(header) == ENVELOPE_HEADER.size
+    assert open_envelope(key, header + body, aad, what="x") == payload
+    nonce = header[-12:]
+    with _fixed_urandom(nonce):
+        assert seal_envelope(key, payload, aad) == header + body
+
+
+@contextlib.contextmanager
+def _fixed_urandom(value: bytes) -> Iterator[None]:
+    real = crypto.os.urandom
+    crypto.os.urandom = lambda n: value[:n]  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        crypto.os.urandom = real  # type: ignore[assignment]
 
 
 @settings(max_examples=500, deadline=None)
@@ -355,6 +389,22 @@ def test_pack_round_trip(key: MasterKey, blobs: list[bytes]) -> None:
     pack_id, data = build_pack(key, blobs)
     assert pack_id == hashlib.sha256(data).digest()
     assert read_whole_pack(key, data) == blobs
+
+
+def test_a_pack_of_envelope_parts_is_the_pack_of_the_envelopes() -> None:
+    """Blobs added as ``seal_envelope_parts`` (the backup's workers) give the same pack bytes
+    and entries as the same envelopes added whole."""
+    key = KEYS["encrypted"]
+    blobs = [b"chunk %d " % i * (i * 500 + 1) for i in range(5)]
+    whole, parted = PackBuilder(), PackBuilder()
+    for b in blobs:
+        blob_id = key.chunk_id(b)
+        header, body = seal_envelope_parts(key, b, b"aad")
+        whole.add(BlobType.DATA, blob_id, header + body, len(b))
+        parted.add(BlobType.DATA, blob_id, (header, body), len(b))
+    assert parted.size == whole.size and parted.entries == whole.entries
+    with _fixed_urandom(b"\x05" * 12):  # the pack header's nonce
+        assert parted.finish(key) == whole.finish(key)
 
 
 @pytest.mark.parametrize("kind", sorted(KEYS))

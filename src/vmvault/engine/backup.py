@@ -432,7 +432,7 @@ class _DiskBackup:
             _tag, fut, entries, pos, nbytes = item
             ids, sealed = fut.result()
             # the batch's data is gone; its sealed chunks' bytes are handed to the writer
-            budget.give(2 * nbytes - sum(len(blob.sealed) for blob in sealed))
+            budget.give(2 * nbytes - sum(blob.size for blob in sealed))
             for blob in sealed:
                 self.writer.place(blob, charged=True)
             entries.set(pos, ids)

@@ -46,6 +46,7 @@ __all__ = [
     "open_envelope",
     "require_id_function",
     "seal_envelope",
+    "seal_envelope_parts",
 ]
 
 #: the chunk id functions, as the config names them (repository-format.md, section 3):
@@ -169,15 +170,36 @@ _ENCRYPT_INTO: Final[bool] = hasattr(AESGCM, "encrypt_into")
 _DECRYPT_INTO: Final[bool] = hasattr(AESGCM, "decrypt_into")
 
 
-def seal_envelope(key: MasterKey, payload: bytes | memoryview, aad: bytes, *, compress: bool = True) -> bytes:
-    """Compress (when it helps) and encrypt ``payload``; ``aad`` binds it to its identity."""
-    flags = 0
-    body: bytes | memoryview = payload
+def _body(payload: bytes | memoryview, compress: bool) -> tuple[int, bytes | memoryview]:
+    """The envelope's flags and the body to seal: ``payload`` compressed when that helps."""
     if compress and payload:
         packed = _compressor().compress(payload)
         if len(packed) < len(payload) * (1 - _MIN_SAVING):
-            body = packed
-            flags |= _FLAG_ZSTD
+            return _FLAG_ZSTD, packed
+    return 0, payload
+
+
+def seal_envelope_parts(key: MasterKey, payload: bytes | memoryview, aad: bytes) -> tuple[bytes, bytes]:
+    """``seal_envelope`` of ``payload`` as two parts whose concatenation is the envelope: the
+    header, and the ciphertext with its tag.
+
+    For a caller that joins many envelopes anyway (a pack's blobs): the ciphertext is the one
+    buffer AES-GCM writes, with no zeroed buffer before it and no copy after it, which
+    ``seal_envelope`` needs to return one ``bytes``. Both hold the GIL (cryptography's AES-GCM
+    does), in every backup worker for every chunk.
+    """
+    flags, body = _body(payload, True)
+    if key.enc_key is None:
+        header = ENVELOPE_HEADER.pack(ENVELOPE_VERSION, flags, 0, bytes(12))
+        return header, bytes(body) + hashlib.sha256(aad + header + body).digest()[:TAG_SIZE]
+    nonce = os.urandom(12)
+    header = ENVELOPE_HEADER.pack(ENVELOPE_VERSION, flags, 0, nonce)
+    return header, _cipher(key.enc_key).encrypt(nonce, body, aad + header)
+
+
+def seal_envelope(key: MasterKey, payload: bytes | memoryview, aad: bytes, *, compress: bool = True) -> bytes:
+    """Compress (when it helps) and encrypt ``payload``; ``aad`` binds it to its identity."""
+    flags, body = _body(payload, compress)
     if key.enc_key is None:
         header = ENVELOPE_HEADER.pack(ENVELOPE_VERSION, flags, 0, bytes(12))
         tag = hashlib.sha256(aad + header + body).digest()[:TAG_SIZE]

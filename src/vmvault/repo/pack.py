@@ -72,10 +72,14 @@ class PackBuilder:
         self.entries: list[BlobEntry] = []
         self.size = 0
 
-    def add(self, blob_type: BlobType, blob_id: bytes, sealed: bytes, raw_length: int) -> None:
-        self.entries.append(BlobEntry(blob_type, blob_id, self.size, len(sealed), raw_length))
-        self._parts.append(sealed)
-        self.size += len(sealed)
+    def add(self, blob_type: BlobType, blob_id: bytes, sealed: bytes | tuple[bytes, ...], raw_length: int) -> None:
+        """Append a sealed blob: its envelope, or the parts the envelope is their concatenation
+        of (``seal_envelope_parts``: joined with the pack, not copied before)."""
+        parts = (sealed,) if isinstance(sealed, bytes) else sealed
+        length = sum(len(part) for part in parts)
+        self.entries.append(BlobEntry(blob_type, blob_id, self.size, length, raw_length))
+        self._parts.extend(parts)
+        self.size += length
 
     def __len__(self) -> int:
         return len(self.entries)

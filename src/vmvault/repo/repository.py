@@ -68,6 +68,7 @@ from vmvault.repo.crypto import (
     open_envelope,
     require_id_function,
     seal_envelope,
+    seal_envelope_parts,
 )
 from vmvault.repo.hostrecord import HostRecords, RepoRecord, now
 from vmvault.repo.index import MAX_V2_PAYLOAD, BlobLocation, IndexFile
@@ -819,8 +820,14 @@ class SealedBlob:
 
     type: BlobType
     id: bytes
-    sealed: bytes
+    #: the envelope's parts (``seal_envelope_parts``): a pack joins them, nothing copies them before
+    parts: tuple[bytes, ...]
     raw_length: int
+
+    @property
+    def size(self) -> int:
+        """The envelope's length."""
+        return sum(len(part) for part in self.parts)
 
 
 class BlobWriter:
@@ -896,8 +903,9 @@ class BlobWriter:
         if self.known(blob_id):
             return None
         # seal_blob's envelope, taking a view of the batch (the engine's chunks are not copied)
-        sealed = seal_envelope(self.repo.key, data, blob_aad(blob_type, blob_id))
-        return SealedBlob(blob_type, blob_id, sealed, len(data))
+        return SealedBlob(
+            blob_type, blob_id, seal_envelope_parts(self.repo.key, data, blob_aad(blob_type, blob_id)), len(data)
+        )
 
     def seal_new(self, blob_type: BlobType, blobs: Iterable[tuple[bytes, bytes | memoryview]]) -> list[SealedBlob]:
         """``seal`` each ``(blob id, data)`` of ``blobs`` that is not known, in their order, asking
@@ -912,7 +920,7 @@ class BlobWriter:
             if blob_id in known:
                 continue
             known.add(blob_id)
-            sealed = seal_envelope(self.repo.key, data, blob_aad(blob_type, blob_id))
+            sealed = seal_envelope_parts(self.repo.key, data, blob_aad(blob_type, blob_id))
             out.append(SealedBlob(blob_type, blob_id, sealed, len(data)))
         return out
 
@@ -925,17 +933,18 @@ class BlobWriter:
             raise self._error
         full: PackBuilder | None = None
         budget = self.budget
+        size = blob.size
         with self._lock:
             if blob.id in self._pending or (self._dedup and self.repo.index.uploaded(blob.id)):
                 if budget is not None and charged:
-                    budget.give(len(blob.sealed))
+                    budget.give(size)
                 return False
             if budget is not None and not charged:
-                budget.charge(len(blob.sealed))
+                budget.charge(size)
             self._pending.add(blob.id)
-            self._builder.add(blob.type, blob.id, blob.sealed, blob.raw_length)
+            self._builder.add(blob.type, blob.id, blob.parts, blob.raw_length)
             self.new_blobs += 1
-            self.new_bytes += len(blob.sealed)
+            self.new_bytes += size
             self.new_raw_bytes += blob.raw_length
             if self._builder.size >= self.repo.config.pack_size:
                 full, self._builder = self._builder, PackBuilder()
