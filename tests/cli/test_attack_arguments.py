@@ -130,8 +130,8 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> Engine:
     recorder = Engine()
     real = build_parser
 
-    def recording_parser() -> argparse.ArgumentParser:
-        parser = real()
+    def recording_parser(only: str | None = None) -> argparse.ArgumentParser:
+        parser = real(only)
         stack = [parser]
         while stack:
             p = stack.pop()
