@@ -7,7 +7,15 @@ Builds a repository whose index holds N chunks besides a real 4 GiB disk, then m
 each command in a process of its own (wall time, its own peak RSS): ``open`` (open the
 repository, bring this host's index cache up to date, read the first chunk of the newest
 snapshot), ``backup`` (the 4 GiB disk), ``backup_changed`` (again after a 1 % change),
-``restore``, ``snapshots``, ``check`` and ``prune`` (after forgetting the first backup).
+``restore``, ``snapshots``, ``check`` and ``prune`` (after forgetting the first backup), and
+the commands that read one snapshot: ``show`` (of the newest backup of the 4 GiB disk), ``copy``
+(that backup into a new, empty local repository; the measured process is the copy), ``files``
+(``files ls`` of a folder, then ``files restore`` of a 64 MiB file from it, compared with its
+source: two processes, the op's time and CPU their sums, its peak RSS the larger; each is that
+command's process or its filesystem worker, whichever peaked higher) and ``mount`` (``vmvault
+mount`` of the whole repository through the real FUSE device; the 4 GiB disk of that backup read
+whole through the mount in 1 MiB reads and compared with its source, then ``fusermount3 -u``,
+which ends the command; its peak RSS is that process's).
 With ``--json`` the last line is one JSON object:
 ``{"chunks": N, "ops": {"backup": {"seconds": ..., "peak_rss_mib": ..., "cpu_seconds": ...}, ...},
 "setup": {...}}`` (with ``--repeat K``, ``ops`` holds the means and ``runs`` each run's figures;
@@ -26,7 +34,11 @@ What is synthetic, and what is not:
 * Snapshots name every synthetic chunk: one per 4 M chunks (a 1 TiB disk), through real,
   encrypted index blocks in real packs (128 KiB of ids per 4,096 chunks). So check and
   prune read and account for every chunk, as at that size for real.
-* The 4 GiB disk, its backups, the restore and the pruned data are real.
+* The 4 GiB disk, its backups, the restore and the pruned data are real. So is the disk that
+  ``files`` reads: make_vm_disk.py's disk holds no filesystem, so, when ``files`` is measured, a
+  raw disk of 160 MiB with an ext4 filesystem (``mke2fs -d``, as the tests build theirs: one
+  folder of a 64 MiB file, 15 files of 1 MiB and 16 small ones, random bytes) is backed up too,
+  unmeasured, after the 4 GiB disk's backups.
 * The synthetic index files are stored without going through this host's index cache (added
   to a growing cache one by one, they cost 89 GB of database writes before 10 M chunks); the
   cache the commands use is then built from scratch by one sync: ``setup.cache_rebuild``,
@@ -45,15 +57,20 @@ again (``setup.resync_seconds``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 from _common import OUT, fresh, machine, make_image, mutate
 
@@ -76,10 +93,15 @@ def _env(work: Path) -> dict[str, str]:
     }
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+def timed(
+    cmd: list[str], env: dict[str, str], during: Callable[[subprocess.Popen[bytes]], None] | None = None
+) -> tuple[float, float, float, str]:
     """Run ``cmd``: (wall seconds, CPU seconds, peak RSS in MiB, stdout); CPU from wait4 (the
     command and the small helper that starts it), peak RSS the command's own. CPU time is
-    given because the wall time of a machine shared with other work is not the command's alone."""
+    given because the wall time of a machine shared with other work is not the command's alone.
+    ``during``, when given, is called with the helper's process once the command started and
+    must make it end (``mount``: read through it, then unmount); if it fails, the command is
+    stopped and the failure raised."""
     # through bench/_rss.py, a small process that forks the command and reports its peak RSS:
     # exec folds the old address space's peak into the new program's, so a command started
     # from this (large) process directly counted this one's RSS as its own (a floor of ~100 MiB)
@@ -87,6 +109,12 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.monotonic()
         proc = subprocess.Popen(helper, env={**os.environ, **env}, stdout=out, stderr=err)
+        if during is not None:
+            try:
+                during(proc)
+            except BaseException:
+                _stop(proc)
+                raise
         _pid, status, usage = os.wait4(proc.pid, 0)
         seconds = time.monotonic() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -99,6 +127,23 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, float, str
         if not last[0].startswith("max_rss_mib"):
             raise SystemExit(f"{' '.join(cmd)}: no peak RSS reported by bench/_rss.py")
         return seconds, usage.ru_utime + usage.ru_stime, float(last[0].split()[-1]), out.read().decode()
+
+
+def _stop(helper: subprocess.Popen[bytes]) -> None:
+    """End a command started through bench/_rss.py: SIGTERM to the command (the helper's
+    children), then the helper reaped."""
+    try:
+        children = Path(f"/proc/{helper.pid}/task/{helper.pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGTERM)
+    try:
+        helper.wait(60)
+    except subprocess.TimeoutExpired:
+        helper.kill()
+        helper.wait()
 
 
 def _cli(repo: Path, *args: str) -> list[str]:
@@ -249,10 +294,78 @@ def _copy_base(src: Path, dst: Path) -> None:
 
 
 #: every command measured, in the order they run
-OPS = ("backup", "backup_changed", "open", "snapshots", "restore", "check", "prune")
+OPS = (
+    "backup",
+    "backup_changed",
+    "open",
+    "snapshots",
+    "show",
+    "copy",
+    "files",
+    "mount",
+    "restore",
+    "check",
+    "prune",
+)
 #: the commands that need the first (full) backup of the real disk: it runs before them, measured
 #: only when chosen
-_NEED_BACKUP = frozenset({"backup_changed", "open", "restore", "prune"})
+_NEED_BACKUP = frozenset({"backup_changed", "open", "show", "copy", "mount", "restore", "prune"})
+#: the disk with a filesystem that ``files`` reads (see the docstring), and the file it restores
+FS_DISK = "fs-disk.raw"
+FS_FOLDER = "data"
+FS_FILE = "big.bin"
+MiB = 1 << 20
+
+
+def make_fs_disk(path: Path, seed: int = 21) -> Path:
+    """A raw disk of 160 MiB holding one ext4 filesystem (no partition table) built with
+    ``mke2fs -d`` from a folder of random files: /data/big.bin (64 MiB), 15 files of 1 MiB and 16
+    small text files. Returns the source of big.bin, to compare the restored file with."""
+    mke2fs = shutil.which("mke2fs") or shutil.which("mke2fs", path="/sbin:/usr/sbin")
+    if mke2fs is None:
+        raise SystemExit("files needs mke2fs (Debian: e2fsprogs) to build its disk")
+    src = fresh(path.parent / "fs-src")
+    folder = src / FS_FOLDER
+    folder.mkdir()
+    rng = random.Random(seed)
+    (folder / FS_FILE).write_bytes(rng.randbytes(64 * MiB))
+    for i in range(15):
+        (folder / f"file{i:02d}.bin").write_bytes(rng.randbytes(MiB))
+    for i in range(16):
+        (folder / f"note{i:02d}.txt").write_text(f"note {i}\n" * 50)
+    path.unlink(missing_ok=True)
+    # the same options as the tests' ext images (tests/fsimages.py): files owned by root
+    subprocess.run(
+        [mke2fs, "-q", "-F", "-t", "ext4", "-d", str(src), "-L", "guest", "-E", "root_owner=0:0", str(path), "160M"],
+        check=True,
+        capture_output=True,
+    )
+    return folder / FS_FILE
+
+
+def _sha256_file(path: Path, piece: int = MiB) -> str:
+    """The digest of a file read in ``piece``-byte preads, in order (through a mount: as a
+    sequential reader)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while data := os.pread(fd, piece, pos):
+            h.update(data)
+            pos += len(data)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def _serving(point: Path) -> bool:
+    if not os.path.ismount(point):
+        return False
+    try:
+        os.listdir(point)
+    except OSError:
+        return False
+    return True
 
 
 def parse_ops(text: str) -> tuple[str, ...]:
@@ -269,7 +382,7 @@ def _prepare(chunks: int, work: Path, env: dict[str, str], base: Path | None) ->
     """The repository of ``chunks`` synthetic chunks and this host's cache in ``work``: a copy
     of ``base`` when it holds one, else built (and kept in ``base`` when given)."""
     setup: dict[str, float] = {}
-    for name in ("repo", "cache", "state", "restore"):
+    for name in ("repo", "cache", "state", "restore", "copy-target", "files-restore"):
         shutil.rmtree(work / name, ignore_errors=True)
     if base is not None and (base / f"built-{chunks}").exists():
         _copy_base(base, work)
@@ -287,15 +400,17 @@ def _prepare(chunks: int, work: Path, env: dict[str, str], base: Path | None) ->
     return setup
 
 
-def _run_ops(work: Path, env: dict[str, str], ops: tuple[str, ...], pristine: Path) -> dict[str, dict[str, float]]:
-    """One run of ``ops`` (and of the first backup when they need it) on the prepared ``work``."""
+def _run_ops(
+    work: Path, env: dict[str, str], ops: tuple[str, ...], pristine: Path, fs_disk: Path | None = None
+) -> dict[str, dict[str, float]]:
+    """One run of ``ops`` (and of the first backup when they need it) on the prepared ``work``;
+    ``fs_disk``, the disk with a filesystem that ``files`` reads (backed up here, unmeasured)."""
     repo = work / "repo"
     src = work / "src" / "vm-disk.raw"
     target = work / "restore"
     results: dict[str, dict[str, float]] = {}
 
-    def op(name: str, cmd: list[str]) -> str:
-        wall, cpu, rss, out = timed(cmd, env)
+    def record(name: str, wall: float, cpu: float, rss: float) -> None:
         load = os.getloadavg()[0]
         if name in ops:
             results[name] = {
@@ -310,7 +425,18 @@ def _run_ops(work: Path, env: dict[str, str], ops: tuple[str, ...], pristine: Pa
             file=sys.stderr,
             flush=True,
         )
+
+    def op(name: str, cmd: list[str]) -> str:
+        wall, cpu, rss, out = timed(cmd, env)
+        record(name, wall, cpu, rss)
         return out
+
+    def newest_backup() -> str:
+        """The id of the newest backup of the 4 GiB disk."""
+        mine = [s for s in _real_snapshots(repo, env) if _location(s) == str(src)]
+        if not mine:
+            raise SystemExit(f"no backup of {src} in the repository")
+        return str(mine[-1]["id"])
 
     real_backup = bool(set(ops) & (_NEED_BACKUP | {"backup"}))
     if real_backup:
@@ -328,6 +454,19 @@ def _run_ops(work: Path, env: dict[str, str], ops: tuple[str, ...], pristine: Pa
         results["open"]["first_chunk_seconds"] = round(first, 2)
     if "snapshots" in ops:
         op("snapshots", _cli(repo, "snapshots"))
+    if "show" in ops:
+        snap = newest_backup()
+        if snap[:8] not in op("show", _cli(repo, "show", snap)):
+            raise SystemExit(f"show {snap} did not name the snapshot")
+    if "copy" in ops:
+        _copy(work, env, newest_backup(), record)
+    if "files" in ops:
+        if fs_disk is None:
+            raise SystemExit("files needs the disk with a filesystem")
+        figures = _files(work, env, fs_disk, record)
+        results["files"].update(figures)
+    if "mount" in ops:
+        results["mount"]["read_seconds"] = round(_mount(work, env, newest_backup(), src, record), 2)
     if "restore" in ops:
         fresh(target)
         op("restore", _cli(repo, "restore", "latest", "--target", str(target)))
@@ -338,17 +477,120 @@ def _run_ops(work: Path, env: dict[str, str], ops: tuple[str, ...], pristine: Pa
     if "check" in ops:
         op("check", _cli(repo, "check"))
     if "prune" in ops:
-        listing = json.loads(
-            subprocess.run(
-                _cli(repo, "snapshots", "--json"), env={**os.environ, **env}, capture_output=True, text=True, check=True
-            ).stdout
+        real = _real_snapshots(repo, env)
+        subprocess.run(
+            _cli(repo, "forget", str(real[0]["id"])), env={**os.environ, **env}, check=True, capture_output=True
         )
-        real = sorted(
-            (s for s in _snapshot_list(listing) if "synthetic" not in s.get("tags", [])), key=lambda s: s["time"]
-        )
-        subprocess.run(_cli(repo, "forget", real[0]["id"]), env={**os.environ, **env}, check=True, capture_output=True)
         op("prune", _cli(repo, "prune"))
     return results
+
+
+def _real_snapshots(repo: Path, env: dict[str, str]) -> list[dict[str, object]]:
+    """The repository's snapshots that are not synthetic, oldest first."""
+    listing = json.loads(
+        subprocess.run(
+            _cli(repo, "snapshots", "--json"), env={**os.environ, **env}, capture_output=True, text=True, check=True
+        ).stdout
+    )
+    real = [s for s in _snapshot_list(listing) if "synthetic" not in _tags(s)]
+    return sorted(real, key=lambda s: str(s["time"]))
+
+
+def _tags(snapshot: dict[str, object]) -> list[object]:
+    tags = snapshot.get("tags")
+    return tags if isinstance(tags, list) else []
+
+
+def _location(snapshot: dict[str, object]) -> str:
+    source = snapshot.get("source")
+    return str(source.get("location", "")) if isinstance(source, dict) else ""
+
+
+#: what an op reports: (name, wall seconds, CPU seconds, peak RSS in MiB)
+Record = Callable[[str, float, float, float], None]
+
+
+def _copy(work: Path, env: dict[str, str], snap: str, record: Record) -> None:
+    """``copy``: the snapshot ``snap`` into a new, empty local repository (made unmeasured);
+    the target must then hold one snapshot of the same size."""
+    into = work / "copy-target"
+    shutil.rmtree(into, ignore_errors=True)
+    timed(_cli(into, "init"), env)
+    copy_env = {**env, "VMVAULT_FROM_PASSWORD": PASSWORD}
+    wall, cpu, rss, _ = timed(_cli(into, "copy", "--from", str(work / "repo"), "--snapshot", snap), copy_env)
+    record("copy", wall, cpu, rss)
+    copied = _real_snapshots(into, env)
+    source = [s for s in _real_snapshots(work / "repo", env) if s["id"] == snap]
+    if len(copied) != 1 or not source or copied[0].get("size") != source[0].get("size"):
+        raise SystemExit(f"the copy of {snap} is not the one snapshot of the target")
+    shutil.rmtree(into)
+
+
+def _files(work: Path, env: dict[str, str], fs_disk: Path, record: Record) -> dict[str, float]:
+    """``files``: the disk with a filesystem backed up (unmeasured), then ``files ls`` of its
+    folder and ``files restore`` of its 64 MiB file, compared with the file's source. Returns
+    each command's own figures (the op's are their sums and the larger peak)."""
+    repo = work / "repo"
+    timed(_cli(repo, "backup", str(fs_disk)), env)
+    print("  files: the disk with a filesystem backed up (not measured)", file=sys.stderr, flush=True)
+    snap = next((s for s in reversed(_real_snapshots(repo, env)) if _location(s) == str(fs_disk)), None)
+    if snap is None:
+        raise SystemExit(f"no backup of {fs_disk} in the repository")
+    snap_id = str(snap["id"])
+    ls_wall, ls_cpu, ls_rss, listing = timed(_cli(repo, "files", "ls", snap_id, f"{FS_DISK}:/{FS_FOLDER}"), env)
+    if FS_FILE not in listing:
+        raise SystemExit(f"files ls did not list {FS_FILE}:\n{listing[:2000]}")
+    into = fresh(work / "files-restore")
+    where = f"{FS_DISK}:/{FS_FOLDER}/{FS_FILE}"
+    r_wall, r_cpu, r_rss, _ = timed(_cli(repo, "files", "restore", snap_id, where, "--target", str(into)), env)
+    restored = list(into.rglob(FS_FILE))
+    source = fs_disk.parent / "fs-src" / FS_FOLDER / FS_FILE
+    if len(restored) != 1 or _sha256_file(restored[0]) != _sha256_file(source):
+        raise SystemExit(f"files restore of {where} did not give back the file")
+    shutil.rmtree(into)
+    record("files", ls_wall + r_wall, ls_cpu + r_cpu, max(ls_rss, r_rss))
+    return {
+        "ls_seconds": round(ls_wall, 2),
+        "ls_peak_rss_mib": round(ls_rss, 1),
+        "restore_seconds": round(r_wall, 2),
+        "restore_peak_rss_mib": round(r_rss, 1),
+    }
+
+
+def _mount(work: Path, env: dict[str, str], snap: str, src: Path, record: Record) -> float:
+    """``mount``: ``vmvault mount`` of the whole repository (every snapshot, as a user mounts
+    it); once it serves, the 4 GiB disk of ``snap`` is read whole through it (1 MiB reads, one
+    reader) and compared with ``src``, then ``fusermount3 -u`` ends the command. Returns the
+    seconds of the read alone."""
+    point = fresh(work / "mnt")
+    expected = _sha256_file(src)
+    read_seconds = 0.0
+
+    def read_through(helper: subprocess.Popen[bytes]) -> None:
+        nonlocal read_seconds
+        deadline = time.monotonic() + 300
+        while not _serving(point):
+            if helper.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("vmvault mount did not come up")
+            time.sleep(0.05)
+        found = list((point / "by-vm").glob(f"*/*_{snap[:8]}/{src.name}"))
+        if len(found) != 1:
+            raise SystemExit(f"the mount does not show {src.name} of snapshot {snap[:8]} once: {found}")
+        started = time.monotonic()
+        digest = _sha256_file(found[0])
+        read_seconds = time.monotonic() - started
+        if digest != expected:
+            raise SystemExit("the disk read through the mount differs from the source")
+        subprocess.run(["fusermount3", "-u", str(point)], check=True, capture_output=True)
+
+    try:
+        wall, cpu, rss, _ = timed(_cli(work / "repo", "mount", str(point)), env, during=read_through)
+    finally:
+        if os.path.ismount(point):
+            subprocess.run(["fusermount3", "-u", "-z", str(point)], check=False, capture_output=True)
+    point.rmdir()
+    record("mount", wall, cpu, rss)
+    return read_seconds
 
 
 def _mean(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -380,6 +622,10 @@ def measure(
         t = time.monotonic()
         make_image(pristine, disk_size, seed=11)  # made in place (no second copy on a full disk)
         setup["image_seconds"] = time.monotonic() - t
+    fs_disk = None
+    if "files" in ops:
+        fs_disk = work / "image" / FS_DISK
+        make_fs_disk(fs_disk)
     runs: list[dict[str, dict[str, float]]] = []
     for k in range(repeat):
         if repeat > 1:
@@ -389,7 +635,7 @@ def measure(
             setup.update(prepared)
         elif "resync_seconds" in prepared:
             setup[f"resync_seconds_{k + 1}"] = prepared["resync_seconds"]
-        runs.append(_run_ops(work, env, ops, pristine))
+        runs.append(_run_ops(work, env, ops, pristine, fs_disk))
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
     result: dict[str, object] = {
@@ -458,15 +704,16 @@ def main() -> None:
     result = measure(
         args.chunks, args.work, args.disk_size, keep=args.keep, base=args.base, ops=args.ops, repeat=args.repeat
     )
-    result["setup"]["total_seconds"] = round(time.monotonic() - started, 1)  # type: ignore[index]
+    cast(dict[str, float], result["setup"])["total_seconds"] = round(time.monotonic() - started, 1)
     if args.json:
         print(json.dumps(result))
     else:
-        for k, run in enumerate(result.get("runs", [result["ops"]])):  # type: ignore[attr-defined]
+        means = cast(dict[str, dict[str, float]], result["ops"])
+        for k, run in enumerate(cast(list[dict[str, dict[str, float]]], result.get("runs", [means]))):
             for name, r in run.items():
                 cpu, rss = r["cpu_seconds"], r["peak_rss_mib"]
                 print(f"{k + 1:4} {name:15} {r['seconds']:8.1f} s {cpu:8.1f} s CPU {rss:8.1f} MiB")
-        for name, r in result["ops"].items():  # type: ignore[attr-defined]
+        for name, r in means.items():
             print(f"mean {name:15} {r['seconds']:8.1f} s {r['cpu_seconds']:8.1f} s CPU {r['peak_rss_mib']:8.1f} MiB")
         print(json.dumps(result["setup"]))
 
