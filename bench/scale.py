@@ -469,7 +469,8 @@ def _run_ops(
         results["mount"]["read_seconds"] = round(_mount(work, env, newest_backup(), src, record), 2)
     if "restore" in ops:
         fresh(target)
-        op("restore", _cli(repo, "restore", "latest", "--target", str(target)))
+        # by id: after ``files``, the newest snapshot is the disk with a filesystem's
+        op("restore", _cli(repo, "restore", newest_backup(), "--target", str(target)))
         restored = next(p for p in target.rglob("vm-disk.raw"))
         if subprocess.run(["cmp", "-s", str(restored), str(src)]).returncode != 0:
             raise SystemExit("the restored disk differs from the source")
