@@ -171,6 +171,39 @@ def test_freed_buffers_are_reused_not_faulted_in_again() -> None:
     assert _allocating_child("keep", VMVAULT_PLATFORM_HIDE_POSIX="1")[0] == "False"
 
 
+#: a child whose live memory swings by 96 MiB (a backup's batches and packs coming and going,
+#: 4 MiB buffers), printing whether the allocator was set and the page faults the swings took
+_SWINGING_CHILD = """
+import resource, sys
+from vmvault import platform
+applied = platform.keep_freed_memory(kept_free=int(sys.argv[1]))
+held = [b"w" * (4 << 20)]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    batch = [b"b" * (4 << 20) + bytes([n]) for n in range(24)]
+    del batch
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only")
+@pytest.mark.skipif(platform.HIDE_POSIX, reason="the allocator is left alone when the POSIX calls are hidden")
+def test_a_heap_kept_larger_than_the_swing_is_not_faulted_in_again() -> None:
+    def child(kept: int) -> tuple[str, int]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+        out = subprocess.run(
+            [sys.executable, "-c", _SWINGING_CHILD, str(kept)], env=clean, capture_output=True, text=True, check=True
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    applied, wide = child(256 << 20)
+    assert applied == "True"
+    _, default = child(platform.KEPT_FREE)
+    # each swing past KEPT_FREE gives the heap's top back, and the next one faults it in:
+    # about 24,000 faults a swing (96 MiB of 4 KiB pages), against the first swing's only
+    assert wide * 3 < default, (wide, default)
+
+
 #: eight threads, alive together, each in turn allocating 16 MiB in 100 KiB buffers and freeing
 #: them; prints whether one heap was set and the RSS the process grew by, in MiB, while they are
 #: all alive (the current VmRSS: ``ru_maxrss`` of a process started by a large one, such as the

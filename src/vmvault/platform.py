@@ -263,20 +263,21 @@ def _mallopt(unless: tuple[str, ...], *settings: tuple[int, int]) -> bool:
     return all([bool(mallopt(parameter, value)) for parameter, value in settings])
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(kept_free: int = KEPT_FREE) -> bool:
     """Have glibc reuse freed buffers of up to ``KEPT_ALLOCATION`` bytes instead of handing
-    them back to the kernel; True when it was set.
+    them back to the kernel; True when it was set. ``kept_free``: see below.
 
     Backup and restore allocate a buffer per batch, pack range, decrypted and decompressed
     chunk (256 KiB to 16 MiB each, gigabytes in all). glibc serves such sizes with a fresh
     ``mmap`` or returns the top of a thread's heap once more than twice that is free, so each
     new buffer's pages are faulted in and zeroed by the kernel again: restoring 1.3 GiB of
     data took 85,000-93,000 page faults, with these settings 37,000-39,000 (0.1-0.3 s less
-    system time, the same peak RSS). At most ``KEPT_FREE`` bytes stay free at the top of each
-    heap. Nothing is changed under another C library, or when the environment sets glibc's
-    own variables (the user's choice wins).
+    system time, the same peak RSS). At most ``kept_free`` bytes stay free at the top of each
+    heap (a backup keeps what its pipeline's budget moves, then sets the default back).
+    Nothing is changed under another C library, or when the environment sets glibc's own
+    variables (the user's choice wins).
     """
-    return _mallopt(_MALLOC_ENVIRONMENT, (_M_MMAP_THRESHOLD, KEPT_ALLOCATION), (_M_TRIM_THRESHOLD, KEPT_FREE))
+    return _mallopt(_MALLOC_ENVIRONMENT, (_M_MMAP_THRESHOLD, KEPT_ALLOCATION), (_M_TRIM_THRESHOLD, kept_free))
 
 
 def one_malloc_arena() -> bool:

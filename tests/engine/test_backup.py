@@ -169,6 +169,22 @@ def test_the_index_is_asked_once_per_batch_not_once_per_chunk(monkeypatch: pytes
     assert check(repo, read_data=True).ok
 
 
+def test_the_heap_keeps_the_pipelines_swing_while_the_backup_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heap's freed top is kept up to twice the pipeline's budget during a backup, and set
+    back to the default after it, also when the backup fails."""
+    from vmvault.engine.backup import pipeline_budget
+
+    calls: list[tuple[int, ...]] = []
+    monkeypatch.setattr(platform, "keep_freed_memory", lambda *a, **k: calls.append(tuple(k.values())) or True)
+    repo = new_repo()
+    backup(repo, ScriptedSource(MemoryDisk(sample_bytes(1 << 20, 4))))
+    assert calls == [(2 * pipeline_budget(repo.config.pack_size),), ()]
+    calls.clear()
+    with pytest.raises(SourceError):
+        backup(repo, ScriptedSource(ShrinkingDisk(sample_bytes(4 << 20, 5))))
+    assert calls == [(2 * pipeline_budget(repo.config.pack_size),), ()]
+
+
 def test_restore_refuses_to_overwrite(tmp_path: Path) -> None:
     disk = MemoryDisk(sample_bytes(1 << 20, 2))
     repo = new_repo()
