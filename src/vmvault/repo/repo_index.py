@@ -211,12 +211,7 @@ class RepoIndex:
         with self._lock:
             if blob_id in self._overlay:
                 return True
-        for row in self._rows(blob_id):
-            if row.pack_id in self._excluded:
-                continue
-            if self.confirm(row.pack_id, row.pack_length, row.pack_end):
-                return True
-        return False
+        return self._in_present_pack(self._rows(blob_id))
 
     def present_of(self, blob_ids: Iterable[bytes]) -> set[bytes]:
         """Those of ``blob_ids`` that ``has_present`` holds true of, looked up in the cache with
@@ -226,16 +221,16 @@ class RepoIndex:
         with self._lock:
             found = {b for b in wanted if b in self._overlay}
         rest = [b for b in wanted if b not in found]
-        if not rest:
-            return found
-        for blob_id, rows in self._rows_many(rest).items():
-            for row in rows:
-                if row.pack_id in self._excluded:
-                    continue
-                if self.confirm(row.pack_id, row.pack_length, row.pack_end):
-                    found.add(blob_id)
-                    break
+        if rest:
+            found.update(b for b, rows in self._rows_many(rest).items() if self._in_present_pack(rows))
         return found
+
+    def _in_present_pack(self, rows: list[CachedRow]) -> bool:
+        """Whether one of a blob's cached copies is in a pack not left out and confirmed present."""
+        return any(
+            row.pack_id not in self._excluded and self.confirm(row.pack_id, row.pack_length, row.pack_end)
+            for row in rows
+        )
 
     def confirm(self, pack_id: bytes, length: int, end: int) -> bool:
         """Whether the pack is present and at least its recorded length (else long enough for
