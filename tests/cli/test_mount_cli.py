@@ -23,6 +23,7 @@ import pytest
 
 from tests.fsimages import GuestImages
 from vmvault.cli import EXIT, main
+from vmvault.cli import mount as mount_cli
 from vmvault.repo.format import ChunkResolver
 from vmvault.repo.pack import pack_name
 
@@ -294,6 +295,22 @@ def test_no_snapshot_to_mount_is_one_line(env: Path, capsys: pytest.CaptureFixtu
     code = main(["mount", str(env / "mnt")])
     err = capsys.readouterr().err
     assert code == EXIT["error"] and "no snapshot matches; nothing to mount" in err and err.count("\n") == 1
+
+
+def test_the_mount_asks_for_one_heap_before_it_opens_the_repository(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmvault import platform
+    from vmvault.cli import _common
+
+    calls: list[str] = []
+    monkeypatch.setattr(platform, "one_malloc_arena", lambda: calls.append("one heap") or True)
+    opened = _common.open_repository
+    monkeypatch.setattr(mount_cli, "open_repository", lambda args: calls.append("open") or opened(args))
+    (env / "mnt").mkdir()
+    capsys.readouterr()
+    assert main(["mount", str(env / "mnt")]) == EXIT["error"]  # nothing to mount; the order is what counts
+    assert calls == ["one heap", "open"]
 
 
 def test_the_snapshot_filters_choose_what_is_mounted(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
