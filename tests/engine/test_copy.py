@@ -228,3 +228,47 @@ def test_filters(repos: tuple[Repository, Repository], tmp_path: Path) -> None:
     report = copy_snapshots(src, dst)
     assert sorted(c.source_id for c in report.copied) == sorted([a1.id, b1.id])
     assert report.skipped == [a2.id]
+
+
+def test_a_copy_reads_runs_of_chunks_not_one_request_each(repos: tuple[Repository, Repository], tmp_path: Path) -> None:
+    # a copy from remote storage paid one request per chunk; it now reads the runs of a pack's
+    # chunks side by side in one ranged read, as a restore does
+    src, dst = repos
+    disk = make_disk(21, 96)
+    vm = write_vm(tmp_path / "vm", disk, b"cfg\n")
+    backup(src, FilesSource(str(vm)))
+    src = Repository.open(LocalBackend(str(tmp_path / "src")), SRC_PASS)
+    before = src.backend.requests.to_dict()
+    report = copy_snapshots(src, dst)
+    gets = src.backend.requests.to_dict()["get"] - before["get"]
+    assert report.chunks_read == len(distinct_nonzero(disk)) + 1  # the disk's chunks and the config's
+    # 256 KiB packs hold three or four 64 KiB chunks: a read per pack, and a few for the
+    # snapshot, its index blocks and files; one per chunk would be over 70
+    assert gets <= report.chunks_read // 2, f"{gets} reads for {report.chunks_read} chunks"
+    dst = Repository.open(dst.backend, DST_PASS)
+    assert check(dst, read_data=True).ok
+    restore(dst, dst.load_snapshot(report.copied[0].target_id), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "disk.raw").read_bytes() == disk
+
+
+def test_a_damaged_chunk_in_the_source_fails_the_copy_and_names_it(
+    repos: tuple[Repository, Repository], tmp_path: Path
+) -> None:
+    from vmvault.errors import IntegrityError
+    from vmvault.repo.pack import pack_name
+
+    src, dst = repos
+    disk = make_disk(22, 16)
+    vm = write_vm(tmp_path / "vm", disk, b"cfg\n")
+    snap = backup(src, FilesSource(str(vm))).snapshot
+    # flip a byte inside one chunk's sealed bytes in its pack
+    victim = next(loc for _i, loc in src.index.items() if loc.entry.type is BlobType.DATA)
+    path = tmp_path / "src" / pack_name(victim.pack_id)
+    raw = bytearray(path.read_bytes())
+    raw[victim.entry.offset + victim.entry.length // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    src = Repository.open(LocalBackend(str(tmp_path / "src")), SRC_PASS)
+    with pytest.raises(IntegrityError):
+        copy_snapshots(src, dst)
+    dst = Repository.open(dst.backend, DST_PASS)
+    assert not [s for s in dst.list_snapshots() if s.extra.get(COPIED_FROM, {}).get("snapshot") == snap.id]

@@ -29,14 +29,16 @@ Both repositories are held under a shared lock, like a backup: a prune of either
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault.errors import IntegrityError, RepositoryError, SnapshotNotFoundError
+from vmvault.repo.fetch import BlobFetcher
 from vmvault.repo.filters import SnapshotFilter
 from vmvault.repo.format import BlobType, IndexBlock, block_length, is_chunk
 from vmvault.repo.progress import PhaseCallback
@@ -47,6 +49,9 @@ __all__ = ["COPIED_FROM", "CopyFilter", "CopyReport", "copy_snapshots", "select_
 
 #: key in ``Snapshot.extra`` naming the repository and snapshot a copy came from
 COPIED_FROM = "copied_from"
+
+#: plaintext a copy plans to read ahead from the source (``BlobFetcher``'s ``max_bytes``)
+_PLANNED_BYTES = 16 << 20
 
 #: (label, done, total) callbacks, like check's
 
@@ -201,14 +206,18 @@ class _Translator:
             for a, b in zip(f.chunks, of.chunks, strict=True):
                 self.chunks[bytes.fromhex(a)] = bytes.fromhex(b)
 
-    def chunk(self, src_id: bytes) -> bytes:
+    def _target_of(self, src_id: bytes) -> bytes | None:
+        """The target's id of a source chunk the target holds already (no download), or None."""
         with self._lock:
             known = self.chunks.get(src_id)
         if known is not None and self.writer.known(known):
             return known
         if self.same_ids and self.writer.known(src_id):
             return src_id
-        data = self.src.get_blob(BlobType.DATA, src_id)
+        return None
+
+    def _store(self, src_id: bytes, data: bytes) -> bytes:
+        """Add a source chunk's plaintext to the target; its id there."""
         dst_id = self.dst.key.chunk_id(data)
         added = self.writer.add(BlobType.DATA, dst_id, data)
         with self._lock:
@@ -221,9 +230,44 @@ class _Translator:
         return dst_id
 
     def chunks_of(self, ids: Iterable[bytes], pool: ThreadPoolExecutor) -> list[bytes]:
+        """The target's ids of ``ids`` (an index block's or a file's chunks, in their order),
+        copying the chunks the target lacks.
+
+        The chunks to download are read as a restore reads them (repo/fetch.py): runs of a
+        pack's chunks side by side in one ranged read, ``workers`` reads at once, at most
+        ``_PLANNED_BYTES`` planned ahead, each chunk verified as a read of it alone is; they are
+        hashed and added to the target in ``pool``, at most twice ``workers`` chunks waiting.
+        """
         ids = list(ids)
-        todo = sorted({i for i in ids if is_chunk(i)})
-        mapped = dict(zip(todo, pool.map(self.chunk, todo), strict=True))
+        mapped: dict[bytes, bytes] = {}
+        wanted: list[bytes] = []
+        for src_id in dict.fromkeys(i for i in ids if is_chunk(i)):
+            known = self._target_of(src_id)
+            if known is None:
+                wanted.append(src_id)
+            else:
+                mapped[src_id] = known
+        if not wanted:
+            return [mapped.get(i, i) for i in ids]
+        fetcher = BlobFetcher(self.src, BlobType.DATA, max_requests=self.workers, max_bytes=_PLANNED_BYTES)
+        waiting: collections.deque[tuple[bytes, Future[bytes]]] = collections.deque()
+        try:
+            for src_id, data in fetcher.fetch((i, i) for i in wanted):
+                if isinstance(data, IntegrityError):
+                    raise data
+                if data is None:  # only for a request without a blob id: none is made here
+                    raise IntegrityError(f"chunk {src_id.hex()} was not read", object_id=src_id.hex())
+                waiting.append((src_id, pool.submit(self._store, src_id, data)))
+                while len(waiting) > 2 * self.workers:
+                    done_id, future = waiting.popleft()
+                    mapped[done_id] = future.result()
+            while waiting:
+                done_id, future = waiting.popleft()
+                mapped[done_id] = future.result()
+        finally:
+            for _, future in waiting:
+                future.cancel()
+            fetcher.close()
         return [mapped.get(i, i) for i in ids]
 
     def _all_known(self, dst_block: bytes) -> bool:
