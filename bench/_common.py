@@ -159,6 +159,17 @@ def read_data(paths: list[Path], limit: int) -> int:
     return done
 
 
+def serving(point: Path) -> bool:
+    """Whether a FUSE file system is mounted at ``point`` and answers (a mount benchmark waits for it)."""
+    if not os.path.ismount(point):
+        return False
+    try:
+        os.listdir(point)
+    except OSError:
+        return False
+    return True
+
+
 def make_image(path: Path, size: str, seed: int = 1) -> None:
     if path.exists():
         return

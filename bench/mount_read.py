@@ -22,23 +22,13 @@ import threading
 import time
 from pathlib import Path
 
-from _common import OUT, ROOT, machine, make_image, run, timed_child
+from _common import OUT, ROOT, machine, make_image, run, serving, timed_child
 
 MiB = 1 << 20
 
 
 def vmvault(*args: str) -> list[str]:
     return [sys.executable, "-m", "vmvault", *args]
-
-
-def serving(point: Path) -> bool:
-    if not os.path.ismount(point):
-        return False
-    try:
-        os.listdir(point)
-    except OSError:
-        return False
-    return True
 
 
 def mount(point: Path, env: dict[str, str], cache: str) -> subprocess.Popen[bytes]:

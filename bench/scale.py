@@ -72,7 +72,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
-from _common import OUT, fresh, machine, make_image, mutate
+from _common import OUT, fresh, machine, make_image, mutate, serving
 
 PASSWORD = "benchmark passphrase"
 CHUNK = 256 << 10
@@ -358,16 +358,6 @@ def _sha256_file(path: Path, piece: int = MiB) -> str:
     return h.hexdigest()
 
 
-def _serving(point: Path) -> bool:
-    if not os.path.ismount(point):
-        return False
-    try:
-        os.listdir(point)
-    except OSError:
-        return False
-    return True
-
-
 def parse_ops(text: str) -> tuple[str, ...]:
     """``--ops``: command names separated by commas, in any order (they run in ``OPS`` order);
     empty for none (only the build)."""
@@ -570,7 +560,7 @@ def _mount(work: Path, env: dict[str, str], snap: str, src: Path, record: Record
     def read_through(helper: subprocess.Popen[bytes]) -> None:
         nonlocal read_seconds
         deadline = time.monotonic() + 300
-        while not _serving(point):
+        while not serving(point):
             if helper.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("vmvault mount did not come up")
             time.sleep(0.05)

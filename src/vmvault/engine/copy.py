@@ -255,8 +255,7 @@ class _Translator:
             for src_id, data in fetcher.fetch((i, i) for i in wanted):
                 if isinstance(data, IntegrityError):
                     raise data
-                if data is None:  # only for a request without a blob id: none is made here
-                    raise IntegrityError(f"chunk {src_id.hex()} was not read", object_id=src_id.hex())
+                assert data is not None  # None answers only a request without a blob id
                 waiting.append((src_id, pool.submit(self._store, src_id, data)))
                 while len(waiting) > 2 * self.workers:
                     done_id, future = waiting.popleft()
