@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import pytest
 
+from tests.pagecache import cached_pages, page_cache_droppable
 from vmvault import platform
 from vmvault.automation.locks import StateLock
 from vmvault.backends.local import LocalBackend
@@ -30,7 +31,7 @@ MIB = 1 << 20
 @pytest.fixture
 def hidden(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The platform module as it is with ``VMVAULT_PLATFORM_HIDE_POSIX=1`` (and on Windows)."""
-    for name in ("_pread", "_pwrite", "_fdatasync", "_SEEK_DATA", "_SEEK_HOLE", "_flock"):
+    for name in ("_pread", "_pwrite", "_fdatasync", "_SEEK_DATA", "_SEEK_HOLE", "_flock", "_fadvise"):
         monkeypatch.setattr(platform, name, None)
     monkeypatch.setattr(platform, "_NOFOLLOW", 0)
     monkeypatch.setattr(platform, "HIDE_POSIX", True)
@@ -310,6 +311,37 @@ def test_flush_is_fdatasync_else_fsync(monkeypatch: pytest.MonkeyPatch, data_fil
     assert calls == ["fdatasync True", "fsync True"]
 
 
+def test_drop_cached_frees_written_back_pages_and_keeps_dirty_ones(tmp_path: Path) -> None:
+    if why := page_cache_droppable(tmp_path):
+        pytest.skip(why)
+    path = tmp_path / "written"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, os.urandom(4 * MIB))
+        platform.drop_cached(fd)  # nothing written back yet: the dirty pages stay
+        assert cached_pages(path) == 1024
+        os.fsync(fd)
+        platform.drop_cached(fd, 0, 1 * MIB)  # (a large folio is freed whole or not at all)
+        assert cached_pages(path) >= 768
+        platform.drop_cached(fd)
+        assert cached_pages(path) == 0
+        assert os.pread(fd, 16, 4 * MIB - 16) != bytes(16)  # the data itself is there
+    finally:
+        os.close(fd)
+
+
+def test_drop_cached_is_only_advice(hidden: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "kept"
+    path.write_bytes(b"x" * 8192)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        platform.drop_cached(fd)  # hidden, as on Windows: nothing to call, nothing raised
+        monkeypatch.setattr(platform, "_fadvise", lambda *a: (_ for _ in ()).throw(OSError(errno.ESPIPE, "pipe")))
+        platform.drop_cached(fd)  # a descriptor the call refuses: ignored
+    finally:
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------- file locks
 
 
@@ -583,7 +615,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vmvault"
 POSIX_ONLY = {
     "pread", "pwrite", "preadv", "pwritev", "fdatasync", "SEEK_DATA", "SEEK_HOLE", "O_NOFOLLOW", "O_DIRECTORY",
     "O_CLOEXEC", "O_NONBLOCK", "O_NOCTTY", "O_NOATIME", "getuid", "geteuid", "getgid", "getegid", "statvfs",
-    "fchmod", "fchown", "lchown", "chown", "mkfifo", "setsid", "killpg", "posix_fadvise", "sync",
+    "fchmod", "fchown", "lchown", "chown", "mkfifo", "setsid", "killpg", "posix_fadvise", "POSIX_FADV_DONTNEED",
+    "sync",
 }  # fmt: skip
 POSIX_MODULES = {"fcntl", "pwd", "grp", "resource", "termios", "tty", "pty", "posix"}
 

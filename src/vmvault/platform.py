@@ -13,6 +13,7 @@ what                            POSIX                                 fallback (
 :func:`seek_hole`                                                     the whole file as data
 :func:`flush_data`              ``os.fdatasync``                      ``os.fsync`` (``_commit`` on Windows:
                                                                       ``FlushFileBuffers``)
+:func:`drop_cached`             ``posix_fadvise(DONTNEED)``           nothing (the cache manager decides)
 :func:`lock`                    ``fcntl.flock`` (whole file)          ``msvcrt.locking`` of one byte at
                                                                       :data:`LOCK_OFFSET`
 :func:`replace`                 ``os.replace``                        ``os.replace``, retried while another
@@ -31,6 +32,7 @@ what                            POSIX                                 fallback (
 
 ``VMVAULT_PLATFORM_HIDE_POSIX=1`` in the environment (read once, at import) makes this module
 behave on Linux as if ``os.pread``, ``os.pwrite``, ``SEEK_DATA``/``SEEK_HOLE``, ``os.fdatasync``,
+``os.posix_fadvise``,
 ``fcntl.flock`` and (for :func:`open_nofollow`) ``O_NOFOLLOW`` were absent, so the fallbacks run
 under the same tests as the POSIX path (``scripts/test.sh`` runs the engine, repository and disk tests that way).
 Hidden on Linux, :func:`lock` takes the same one-byte range lock through ``fcntl``'s
@@ -49,6 +51,7 @@ the two that ``O_NOFOLLOW`` does not have.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -75,6 +78,7 @@ __all__ = [
     "WRITE_SLICE",
     "allocated_bytes",
     "current_uid",
+    "drop_cached",
     "flush_data",
     "free_bytes",
     "give_owner",
@@ -131,6 +135,7 @@ _pwrite: Callable[[int, Any, int], int] | None = _posix(os, "pwrite")
 _fdatasync: Callable[[int], None] | None = _posix(os, "fdatasync")
 _SEEK_DATA: int | None = _posix(os, "SEEK_DATA")
 _SEEK_HOLE: int | None = _posix(os, "SEEK_HOLE")
+_fadvise: Callable[[int, int, int, int], None] | None = _posix(os, "posix_fadvise")
 #: the flag :func:`open_nofollow` passes; hidden, it checks by ``lstat`` as on Windows
 _NOFOLLOW: int = 0 if HIDE_POSIX else O_NOFOLLOW
 
@@ -233,6 +238,25 @@ def flush_data(fd: int) -> None:
         _fdatasync(fd)
     else:
         os.fsync(fd)
+
+
+def drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Tell the kernel that the file's written-back (clean) pages from ``offset``, ``length``
+    bytes (0: to the end), will not be read again soon, so it frees them now
+    (``posix_fadvise(POSIX_FADV_DONTNEED)``); pages still dirty stay, and are queued for writing.
+
+    For files vmvault writes once and does not read back (a restored disk, a pack): their pages
+    would otherwise push the host's own working set out of the page cache, and every page a long
+    write takes is one the kernel must first find free. On the development machines (virtual,
+    their freed memory handed back to the host) writing 2.5 GiB and fsyncing it took 7-8 s of
+    system time when every page was new to the guest, 0.7 s when the pages of each 64 MiB
+    written and flushed were freed for the next (measured with 4 MiB writes, three runs each).
+    Only advice: failures are ignored; nothing happens where there is no such call.
+    """
+    if _fadvise is None:
+        return
+    with contextlib.suppress(OSError):
+        _fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 # ------------------------------------------------------------------------------- memory

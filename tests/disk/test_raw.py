@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.pagecache import cached_pages, page_cache_droppable
 from vmvault import platform
 from vmvault.disk import ExtentKind, open_image
 from vmvault.disk.raw import create_raw, open_raw
@@ -103,3 +104,22 @@ def test_writer_round_trip_stays_sparse(tmp_path: Path) -> None:
     with open_image(str(path)) as img:
         assert img.format == "raw"
         assert img.read(MIB - 1, 7) == b"\0hello\0"
+
+
+def test_bytes_read_and_done_with_leave_the_page_cache(tmp_path: Path) -> None:
+    """A backup reads each byte once: what it is done with goes back to the kernel, the rest
+    of the file's cached pages stay."""
+    if why := page_cache_droppable(tmp_path):
+        pytest.skip(why)
+    path = tmp_path / "disk.raw"
+    with open(path, "wb") as f:
+        f.write(os.urandom(8 * MIB))
+        os.fsync(f.fileno())  # (dirty pages are never dropped)
+    with open_raw(str(path)) as img:
+        img.read(0, 8 * MIB)
+        assert cached_pages(path) == 2048
+        img.read_done(0, 4 * MIB)
+        assert 0 < cached_pages(path) <= 1024
+        img.read_done(4 * MIB, 4 * MIB)
+        assert cached_pages(path) == 0
+        assert img.read(8 * MIB - 4, 4) == path.read_bytes()[-4:]

@@ -242,6 +242,8 @@ class LocalBackend(Backend):
                             written = os.write(fd, view[: platform.WRITE_SLICE])
                             view = view[written:]
                         os.fsync(fd)
+                        # written once, read back seldom: its pages go back to the kernel
+                        platform.drop_cached(fd)
                     finally:
                         os.close(fd)
                     # rename would replace a link itself, not its target; still, a link where an

@@ -181,6 +181,13 @@ class DiskImage(ABC):
     def read(self, offset: int, length: int) -> bytes:
         """The merged (guest-visible) bytes; short only at the end of the disk."""
 
+    def read_done(self, offset: int, length: int) -> None:
+        """The caller has what it read of ``[offset, offset + length)`` and will not read it
+        again soon (a backup reads each byte once): an image that is one local file lets the
+        kernel free those pages of its cache (``platform.drop_cached``), instead of filling the
+        host's page cache with a whole disk. Other images keep theirs (the default)."""
+        return None
+
     def merged_extents(self) -> Iterator[Extent]:
         """The guest-visible map (DATA/ZERO only), resolving PARENT ranges through the chain."""
         parent = self.parent

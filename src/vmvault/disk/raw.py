@@ -70,6 +70,11 @@ class RawImage(DiskImage):
             )
         return data
 
+    def read_done(self, offset: int, length: int) -> None:
+        # a raw file's offsets are the disk's own
+        if self._fd >= 0:
+            platform.drop_cached(self._fd, offset, length)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -303,6 +303,7 @@ class _DiskBackup:
         offset = first * cs
         length = min(count * cs, self.size - offset)
         data = self.image.read(offset, length)
+        self.image.read_done(offset, length)
         if len(data) != length:
             raise SourceError(
                 f"{self.disk.name}: read {len(data)} of {length} bytes at offset {offset:#x} "
