@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool
+from tests.pagecache import cached_pages, page_cache_droppable
 from vmvault import platform
 from vmvault.disk import (
     DIFFERENCING_FORMATS,
@@ -29,6 +30,7 @@ from vmvault.disk import (
     open_image,
     registry,
 )
+from vmvault.disk.base import CacheRelease
 from vmvault.disk.chain import checkpoint, merge
 from vmvault.errors import FormatError, ParentError, UnsupportedFormatError
 
@@ -285,3 +287,25 @@ def test_a_child_accepts_its_rebuilt_parent_after_prepare_parent_swap(tmp_path: 
     os.replace(rebuilt, parent)
     with open_image(str(child)) as img:  # and on the rebuilt one
         assert img.read(MIB, 4096) == b"P" * 4096
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda f: f.name)
+def test_bytes_a_reader_is_done_with_leave_the_page_cache(
+    tmp_path: Path, entry: DiskFormat, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read_done`` (a backup's workers after each batch): a raw file frees those bytes' pages,
+    a format with a map its file's pages every ``CacheRelease.EVERY`` bytes; a child tells its
+    parent, whose pages go too."""
+    if why := page_cache_droppable(tmp_path):
+        pytest.skip(why)
+    monkeypatch.setattr(CacheRelease, "EVERY", MIB)
+    data = os.urandom(6 * MIB)
+    files = [make(tmp_path / f"disk{entry.suffixes[0]}", entry.name, data=data)]
+    if entry.can_be_child:  # and a child of it: the parent is told too
+        files.append(make(tmp_path / f"child{entry.suffixes[0]}", entry.name, parent=files[0], data=data[:MIB]))
+    os.sync()  # (dirty pages are never dropped)
+    with open_image(str(files[-1]), rule=ParentRule.beside(str(files[-1]))) as img:
+        assert img.read(0, SIZE) != bytes(SIZE)
+        assert all(cached_pages(f) > 0 for f in files)
+        img.read_done(0, SIZE)
+        assert {f.name: cached_pages(f) for f in files} == {f.name: 0 for f in files}

@@ -24,7 +24,7 @@ from vmvault import platform
 from vmvault.disk import _vhdx_layout as L
 from vmvault.disk._open import ANYWHERE, ParentRule, open_checked, open_parent, real_path
 from vmvault.disk._vhdx_log import check_log_location, find_active_sequence, replay
-from vmvault.disk.base import DiskImage, Extent, ExtentKind, coalesce, read_structure
+from vmvault.disk.base import CacheRelease, DiskImage, Extent, ExtentKind, coalesce, read_structure
 from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
 
 __all__ = ["VhdxImage", "find_locator", "locator_candidates", "open_vhdx", "open_vhdx_fd", "read_locator"]
@@ -75,6 +75,7 @@ class VhdxImage(DiskImage):
     def __init__(self, path: str, fd: int, *, writable: bool = False) -> None:
         self._path = path
         self._fd = fd
+        self._released = CacheRelease()
         self._writable = writable
         self._physical_size = os.fstat(fd).st_size
         self._eff_size = self._physical_size
@@ -791,6 +792,10 @@ class VhdxImage(DiskImage):
             }
         )
         return out
+
+    def read_done(self, offset: int, length: int) -> None:
+        self._released.done(self._fd, length)
+        super().read_done(offset, length)
 
     def close(self) -> None:
         if self._fd >= 0:

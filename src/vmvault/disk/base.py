@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CREATE_FLAGS",
+    "CacheRelease",
     "DiskFormat",
     "DiskImage",
     "DiskWriter",
@@ -152,6 +154,28 @@ def is_zero(data: bytes | memoryview) -> bool:
     return raw == bytes(len(raw))
 
 
+class CacheRelease:
+    """``read_done`` for an image format whose file offsets are not the disk's (qcow2, VHDX,
+    VHD): every ``EVERY`` bytes a reader is done with, the file's written-back cached pages are
+    freed, all of them (mapping each range to the file again would cost a walk of the format's
+    tables; the format's tables are read again from the file when needed). Thread-safe: the
+    backup's workers report their batches at once."""
+
+    EVERY = 64 << 20
+
+    def __init__(self) -> None:
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def done(self, fd: int, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
+            if self._done < self.EVERY or fd < 0:
+                return
+            self._done = 0
+        platform.drop_cached(fd)
+
+
 class DiskImage(ABC):
     """One readable layer of a virtual disk. Reads are positional and thread-safe."""
 
@@ -183,10 +207,13 @@ class DiskImage(ABC):
 
     def read_done(self, offset: int, length: int) -> None:
         """The caller has what it read of ``[offset, offset + length)`` and will not read it
-        again soon (a backup reads each byte once): an image that is one local file lets the
-        kernel free those pages of its cache (``platform.drop_cached``), instead of filling the
-        host's page cache with a whole disk. Other images keep theirs (the default)."""
-        return None
+        again soon (a backup reads each byte once): an image on a local file lets the kernel
+        free those pages of its cache (``platform.drop_cached``), instead of filling the host's
+        page cache with a whole disk; a raw file those bytes' pages, the formats with a map
+        their file's every ``CacheRelease.EVERY`` bytes (:class:`CacheRelease`). The parent
+        layer is told too (the default does only that)."""
+        if self.parent is not None:
+            self.parent.read_done(offset, length)
 
     def merged_extents(self) -> Iterator[Extent]:
         """The guest-visible map (DATA/ZERO only), resolving PARENT ranges through the chain."""

@@ -45,6 +45,7 @@ from vmvault.disk._qcow2_layout import (
     unpack_feature_names,
 )
 from vmvault.disk.base import (
+    CacheRelease,
     DiskFormat,
     DiskImage,
     DiskWriter,
@@ -133,6 +134,7 @@ class Qcow2Image(DiskImage):
         self._cx = 62 - (self._cbits - 8)
         self._l2_cache: OrderedDict[int, array[int]] = OrderedDict()
         self._lock = threading.Lock()
+        self._released = CacheRelease()
 
     # -- DiskImage ---------------------------------------------------------------------------------
     @property
@@ -158,6 +160,10 @@ class Qcow2Image(DiskImage):
         if self._notes:
             out["warnings"] = list(self._notes)
         return out
+
+    def read_done(self, offset: int, length: int) -> None:
+        self._released.done(self._fd, length)
+        super().read_done(offset, length)
 
     def close(self) -> None:
         if self._fd >= 0:

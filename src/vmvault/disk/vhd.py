@@ -43,6 +43,7 @@ from vmvault.disk._vhd_layout import (
     vhd_checksum,
 )
 from vmvault.disk.base import (
+    CacheRelease,
     DiskFormat,
     DiskImage,
     DiskWriter,
@@ -116,6 +117,7 @@ class VhdImage(DiskImage):
     ) -> None:
         self._path = path
         self._fd = fd
+        self._released = CacheRelease()
         self._file_size = file_size
         self.footer = footer
         self.header = header
@@ -293,6 +295,10 @@ class VhdImage(DiskImage):
             else:
                 out += self._parent_read(block_start + lo, hi - lo)
         return bytes(out)
+
+    def read_done(self, offset: int, length: int) -> None:
+        self._released.done(self._fd, length)
+        super().read_done(offset, length)
 
     def close(self) -> None:
         if self._fd >= 0:
