@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import importlib
 import re
-from importlib import metadata
 from types import ModuleType
 
 __all__ = [
@@ -304,6 +303,8 @@ class MissingDependencyError(ConfigError):
 def _requirement(package: str) -> str:
     """``package`` with the version range vmvault's metadata declares for it (any extra), or
     the bare name when vmvault itself is not installed as a distribution."""
+    from importlib import metadata  # (only on this error path: it costs every command 20 ms cold)
+
     try:
         declared = metadata.requires("vmvault") or []
     except metadata.PackageNotFoundError:

@@ -17,8 +17,6 @@ import struct
 import uuid
 from dataclasses import dataclass
 
-import crc32c as _crc32c
-
 __all__ = [
     "BAT_REGION_GUID",
     "DATA_SECTOR",
@@ -127,6 +125,10 @@ ZERO_GUID = uuid.UUID(int=0)
 
 def crc32c(data: bytes | bytearray | memoryview) -> int:
     """CRC-32C (Castagnoli), the checksum of every VHDX structure (section 2.2.2)."""
+    # imported when a VHDX is first read or written, not with the format registry: the
+    # package imports importlib.metadata, 8-20 ms of every command's start
+    import crc32c as _crc32c
+
     return int(_crc32c.crc32c(data))
 
 
