@@ -172,6 +172,14 @@ def test_freed_buffers_are_reused_not_faulted_in_again() -> None:
     assert _allocating_child("keep", VMVAULT_PLATFORM_HIDE_POSIX="1")[0] == "False"
 
 
+def test_kept_free_says_what_the_process_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform, "_kept_free", None)
+    monkeypatch.setattr(platform, "_mallopt", lambda unless, *settings: False)
+    assert not platform.keep_freed_memory() and platform.kept_free() is None  # not applied: not set
+    monkeypatch.setattr(platform, "_mallopt", lambda unless, *settings: True)
+    assert platform.keep_freed_memory(kept_free=96 << 20) and platform.kept_free() == 96 << 20
+
+
 #: a child whose live memory swings by 96 MiB (a backup's batches and packs coming and going,
 #: 4 MiB buffers), printing whether the allocator was set and the page faults the swings took
 _SWINGING_CHILD = """

@@ -84,6 +84,7 @@ __all__ = [
     "give_owner",
     "is_link",
     "keep_freed_memory",
+    "kept_free",
     "lock",
     "lock_folder",
     "name_key",
@@ -287,6 +288,17 @@ def _mallopt(unless: tuple[str, ...], *settings: tuple[int, int]) -> bool:
     return all([bool(mallopt(parameter, value)) for parameter, value in settings])
 
 
+#: what :func:`keep_freed_memory` last set in this process (None: never, the C library's own)
+_kept_free: int | None = None
+
+
+def kept_free() -> int | None:
+    """The ``kept_free`` that :func:`keep_freed_memory` last set in this process, or None when
+    it never did (a program that imports vmvault as a library keeps its own malloc settings:
+    the engine changes them only where the command line chose them)."""
+    return _kept_free
+
+
 def keep_freed_memory(kept_free: int = KEPT_FREE) -> bool:
     """Have glibc reuse freed buffers of up to ``KEPT_ALLOCATION`` bytes instead of handing
     them back to the kernel; True when it was set. ``kept_free``: see below.
@@ -301,7 +313,11 @@ def keep_freed_memory(kept_free: int = KEPT_FREE) -> bool:
     Nothing is changed under another C library, or when the environment sets glibc's own
     variables (the user's choice wins).
     """
-    return _mallopt(_MALLOC_ENVIRONMENT, (_M_MMAP_THRESHOLD, KEPT_ALLOCATION), (_M_TRIM_THRESHOLD, kept_free))
+    global _kept_free
+    applied = _mallopt(_MALLOC_ENVIRONMENT, (_M_MMAP_THRESHOLD, KEPT_ALLOCATION), (_M_TRIM_THRESHOLD, kept_free))
+    if applied:
+        _kept_free = kept_free
+    return applied
 
 
 def one_malloc_arena() -> bool:

@@ -738,8 +738,10 @@ def backup(
     # twice the cores (at most 8): a worker waiting for its read leaves the core to one that
     # hashes or compresses; on 2 cores 4 workers beat 2 in 7 of 8 paired runs (docs/benchmarks.md)
     workers = workers or min(8, 2 * (os.cpu_count() or 1))
-    # the pipeline's threads share one heap: its freed buffers are reused, not kept per thread
-    platform.one_malloc_arena()
+    if platform.kept_free() is not None:
+        # the pipeline's threads share one heap: its freed buffers are reused, not kept per
+        # thread (where the command line tuned malloc: a library caller's settings are its own)
+        platform.one_malloc_arena()
     started = time.monotonic()
     with _heap_kept(2 * pipeline_budget(repo.config.pack_size)), repo.lock(exclusive=False, operation="backup"):
         # dedup only against what exists now: a prune may have run since the index was loaded,
@@ -845,20 +847,25 @@ def backup(
 
 @contextlib.contextmanager
 def _heap_kept(nbytes: int) -> Iterator[None]:
-    """Keep up to ``nbytes`` freed at the top of the heap while the backup runs, then the default.
+    """Keep up to ``nbytes`` freed at the top of the heap while the backup runs, then what was kept.
 
     What the pipeline holds swings by up to its budget as batches and packs come and go; with
     glibc returning the heap's top once 32 MiB are free (``platform.KEPT_FREE``), the next
     batches faulted those pages in again, with the GIL held where Python allocates. Measured on
     the 4 GiB comparison image in 5 pairs: 47,000-54,000 minor page faults against
     122,000-292,000, peak RSS 137-164 MiB against 158-164; CPU and wall time the same within
-    the runs' spread on a loaded machine.
+    the runs' spread on a loaded machine. Only where the command line set glibc's thresholds
+    (``platform.kept_free``), and back to what it set: a library caller's malloc is its own.
     """
-    platform.keep_freed_memory(kept_free=nbytes)
+    before = platform.kept_free()
+    if before is None:
+        yield
+        return
+    platform.keep_freed_memory(kept_free=max(before, nbytes))
     try:
         yield
     finally:
-        platform.keep_freed_memory()
+        platform.keep_freed_memory(kept_free=before)
 
 
 def _broken_blocks(repo: Repository, parent: DiskRecord, pool: ThreadPoolExecutor, max_in_flight: int) -> set[int]:
