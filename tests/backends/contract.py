@@ -46,6 +46,18 @@ class BackendContract:
         assert b.exists("config")
         assert not b.exists("conf")
 
+    def test_parts_are_stored_as_their_concatenation(self, store: StoreUnderTest) -> None:
+        """``put_parts`` (a pack's sealed blobs) stores exactly what ``put`` of their join
+        would, counted as one write: parts of every size, empty ones, one past a write's slice."""
+        b = store.backend
+        parts = [payload(n, seed=n) for n in (16, 0, 180_000, 1, (1 << 20) + 5, 70_000, 0, 3)]
+        before = b.requests.to_dict()
+        b.put_parts("data/ab/parts", parts)
+        after = b.requests.to_dict()
+        assert b.get("data/ab/parts") == b"".join(parts)
+        assert after["put"] - before["put"] == 1
+        assert after["bytes_written"] - before["bytes_written"] == sum(map(len, parts))
+
     def test_requests_are_counted(self, store: StoreUnderTest) -> None:
         """``requests`` counts each operation once, with the bytes it moved (the restore's
         benchmarks and tests read it to count round trips)."""

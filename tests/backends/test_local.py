@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.pagecache import cached_pages, page_cache_droppable
+from vmvault import platform
+from vmvault.backends import local
 from vmvault.backends.local import LocalBackend
 
 
@@ -22,3 +24,23 @@ def test_a_written_object_leaves_the_page_cache_once_it_is_on_disk(tmp_path: Pat
     (path,) = (p for p in (tmp_path / "repo").rglob("*") if p.is_file() and p.stat().st_size == len(data))
     assert cached_pages(path) == 0
     assert backend.get("data/ab/" + "ab" * 32) == data
+
+
+def test_parts_are_written_whole_however_short_each_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pack's parts go to the file with ``writev``, at most a write's slice a call, and a
+    short write is carried on from where it stopped."""
+    calls: list[int] = []
+    real = os.writev
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        total = sum(len(b) for b in buffers)
+        assert total <= platform.WRITE_SLICE and len(buffers) <= 1024
+        calls.append(total)
+        return real(fd, [bytes(b"".join(buffers))[: max(1, total // 3)]])  # a third of it, at least a byte
+
+    monkeypatch.setattr(local.os, "writev", short_writev)
+    parts = [os.urandom(n) for n in (5, 0, 300_000, (1 << 20) + 7, 1, 90_000)]
+    backend = LocalBackend(str(tmp_path / "repo"))
+    backend.put_parts("data/cd/" + "cd" * 32, parts)
+    assert backend.get("data/cd/" + "cd" * 32) == b"".join(parts)
+    assert len(calls) > len(parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Sequence
 
 from vmvault.backends.base import Backend
 from vmvault.backends.local import LocalBackend
@@ -29,9 +30,9 @@ class KillingBackend(LocalBackend):
         if self.writes == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def put(self, name: str, data: bytes) -> None:
+    def put_parts(self, name: str, parts: Sequence[bytes]) -> None:  # (put too: it calls this)
         self._count()
-        super().put(name, data)
+        super().put_parts(name, parts)
 
     def delete(self, name: str) -> None:
         self._count()

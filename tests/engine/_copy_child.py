@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Sequence
 
 from vmvault.backends.local import LocalBackend
 from vmvault.engine.copy import copy_snapshots
@@ -21,11 +22,11 @@ class KillingBackend(LocalBackend):
         self.kill_at = kill_at
         self.writes = 0
 
-    def put(self, name: str, data: bytes) -> None:
+    def put_parts(self, name: str, parts: Sequence[bytes]) -> None:  # (put too: it calls this)
         self.writes += 1
         if self.writes == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        super().put(name, data)
+        super().put_parts(name, parts)
 
 
 def main() -> None:

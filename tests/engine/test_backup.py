@@ -7,7 +7,7 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -360,7 +360,7 @@ def test_permission_denied_on_the_repository(tmp_path: Path) -> None:
     disk = MemoryDisk(sample_bytes(1 << 20, 7))
 
     class ReadOnly(LocalBackend):
-        def put(self, name: str, data: bytes) -> None:
+        def put_parts(self, name: str, parts: Sequence[bytes]) -> None:  # (put too: it calls this)
             raise PermissionError(13, "Permission denied")
 
     ro = Repository.open(ReadOnly(str(repo_dir)), b"pw")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import time
 import tracemalloc
+from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -33,10 +34,10 @@ class SlowPacks(LocalBackend):
     """Packs take a while to store: the writer is the pipeline's slowest stage, so read and
     sealed batches would pile up behind it without a budget."""
 
-    def put(self, name: str, data: bytes) -> None:
+    def put_parts(self, name: str, parts: Sequence[bytes]) -> None:  # (put too: it calls this)
         if name.startswith("data/"):
             time.sleep(0.02)
-        super().put(name, data)
+        super().put_parts(name, parts)
 
 
 class Recorded(MemoryBudget):

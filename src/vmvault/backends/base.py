@@ -30,7 +30,7 @@ import logging
 import stat
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -196,6 +196,11 @@ class Backend(ABC):
     @abstractmethod
     def put(self, name: str, data: bytes) -> None:
         """Store ``data`` under ``name`` atomically and durably."""
+
+    def put_parts(self, name: str, parts: Sequence[bytes]) -> None:
+        """``put`` of the concatenation of ``parts`` (a pack's sealed blobs): a backend that
+        can write them one after another without joining them first overrides this."""
+        self.put(name, b"".join(parts))
 
     @abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:

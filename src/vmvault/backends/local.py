@@ -34,7 +34,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from urllib.parse import parse_qs
 
 from vmvault import platform
@@ -226,21 +226,20 @@ class LocalBackend(Backend):
     # --- the Backend interface ----------------------------------------------------------
 
     def put(self, name: str, data: bytes) -> None:
-        self.requests.count("put", written=len(data))
-        parts = split_name(name)
-        leaf = parts[-1]
+        self.put_parts(name, (data,))
+
+    def put_parts(self, name: str, parts: Sequence[bytes]) -> None:
+        self.requests.count("put", written=sum(len(part) for part in parts))
+        path = split_name(name)
+        leaf = path[-1]
         tmp = f"{leaf}{_TMP_MARK}{secrets.token_hex(6)}"
         try:
-            with self._descend(parts[:-1], create=True) as parent:
+            with self._descend(path[:-1], create=True) as parent:
                 assert parent is not None
                 fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=parent)
                 try:
                     try:
-                        view = memoryview(data)
-                        while view:
-                            # (a 16 MiB pack in one call: 5-7 times the system time)
-                            written = os.write(fd, view[: platform.WRITE_SLICE])
-                            view = view[written:]
+                        _write_parts(fd, parts)
                         os.fsync(fd)
                         # written once, read back seldom: its pages go back to the kernel
                         platform.drop_cached(fd)
@@ -463,3 +462,26 @@ def open_local(location: str) -> LocalBackend:
     if follow not in ("0", "1"):
         raise ConfigError(f"follow-links must be 1 or 0, not {follow!r}, in {location!r}")
     return LocalBackend(path, follow_links=follow == "1")
+
+
+def _write_parts(fd: int, parts: Sequence[bytes]) -> None:
+    """Write ``parts`` one after another, a few at a time with ``writev``, at most
+    ``platform.WRITE_SLICE`` bytes a call (a 16 MiB pack in one call: 5-7 times the system
+    time), never joining them first."""
+    views = [memoryview(part) for part in parts if len(part)]
+    while views:
+        batch: list[memoryview] = []
+        size = 0
+        for view in views:
+            if batch and size + len(view) > platform.WRITE_SLICE:
+                break
+            batch.append(view[: platform.WRITE_SLICE - size] if size + len(view) > platform.WRITE_SLICE else view)
+            size += len(batch[-1])
+        written = os.writev(fd, batch)
+        while written:
+            if written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][written:]
+                written = 0

@@ -85,13 +85,19 @@ class PackBuilder:
         return len(self.entries)
 
     def finish(self, key: MasterKey) -> tuple[bytes, bytes]:
+        pack_id, parts = self.finish_parts(key)
+        return pack_id, b"".join(parts)
+
+    def finish_parts(self, key: MasterKey) -> tuple[bytes, list[bytes]]:
         header = b"".join(e.pack() for e in self.entries)
         sealed = seal_envelope(key, header, _HEADER_AAD)
         self._parts.append(sealed)
         self._parts.append(PACK_TRAILER.pack(len(sealed), PACK_MAGIC))
-        data = b"".join(self._parts)
-        self._parts = []
-        return hashlib.sha256(data).digest(), data
+        parts, self._parts = self._parts, []
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        return digest.digest(), parts
 
 
 def expected_pack_size(entries: list[BlobEntry]) -> int:

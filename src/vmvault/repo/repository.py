@@ -988,10 +988,10 @@ class BlobWriter:
 
     def _store_pack(self, builder: PackBuilder) -> None:
         try:
-            pack_id, data = builder.finish(self.repo.key)
-            self.repo.backend.put(pack_name(pack_id), data)
-            length = len(data)
-            del data  # not held while the index file is written
+            pack_id, parts = builder.finish_parts(self.repo.key)
+            self.repo.backend.put_parts(pack_name(pack_id), parts)
+            length = sum(len(part) for part in parts)
+            del parts  # not held while the index file is written
             write_index: dict[bytes, list[BlobEntry]] | None = None
             with self._lock:
                 self.repo.index.add_pack(pack_id, builder.entries)
