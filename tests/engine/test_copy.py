@@ -157,6 +157,31 @@ def test_incremental_copy_reads_only_changed_chunks(repos: tuple[Repository, Rep
     assert (tmp_path / "out" / "disk.raw").read_bytes() == bytes(disk)
 
 
+def test_a_copy_asks_the_target_about_each_block_s_chunks_at_once(
+    repos: tuple[Repository, Repository], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which chunks the target has is one question per index block, not one per chunk."""
+    src, dst = repos
+    disk = bytearray(make_disk(6, 48))
+    vm = write_vm(tmp_path / "vm", bytes(disk), b"cfg\n")
+    backup(src, FilesSource(str(vm)))
+    copy_snapshots(src, dst)
+    disk[5 * CS : 6 * CS] = random.Random(3).randbytes(CS)
+    (vm / "disk.raw").write_bytes(bytes(disk))
+    backup(src, FilesSource(str(vm)))
+    asked: list[int] = []
+    one_by_one: list[bytes] = []
+    present_of, has_present = dst.index.present_of, dst.index.has_present
+    monkeypatch.setattr(dst.index, "present_of", lambda ids: present_of(asked.append(len(ids := list(ids))) or ids))
+    monkeypatch.setattr(dst.index, "has_present", lambda i: one_by_one.append(i) or has_present(i))
+    report = copy_snapshots(src, dst)
+    assert report.chunks_read == 1 and report.chunks_added == 1
+    # (one by one: the block's own id, and what ``add`` checks of the blobs it stores)
+    assert len(one_by_one) <= 6 and 0 < len(asked) <= 4 and max(asked) >= 30, (asked, len(one_by_one))
+    monkeypatch.undo()
+    assert check(Repository.open(dst.backend, DST_PASS), read_data=True).ok
+
+
 def test_killed_copy_resumes_and_reuses_uploaded_packs(repos: tuple[Repository, Repository], tmp_path: Path) -> None:
     src, dst = repos
     disk = make_disk(7, 48)

@@ -206,15 +206,20 @@ class _Translator:
             for a, b in zip(f.chunks, of.chunks, strict=True):
                 self.chunks[bytes.fromhex(a)] = bytes.fromhex(b)
 
-    def _target_of(self, src_id: bytes) -> bytes | None:
-        """The target's id of a source chunk the target holds already (no download), or None."""
+    def _targets_of(self, src_ids: list[bytes]) -> dict[bytes, bytes]:
+        """The target's ids of those source chunks the target holds already (no download),
+        with one question to the target's index for all of them."""
         with self._lock:
-            known = self.chunks.get(src_id)
-        if known is not None and self.writer.known(known):
-            return known
-        if self.same_ids and self.writer.known(src_id):
-            return src_id
-        return None
+            mapped = {src_id: self.chunks.get(src_id) for src_id in src_ids}
+        asked = [dst_id for dst_id in mapped.values() if dst_id is not None]
+        known = self.writer.known_of([*asked, *src_ids] if self.same_ids else asked)
+        out: dict[bytes, bytes] = {}
+        for src_id, dst_id in mapped.items():
+            if dst_id is not None and dst_id in known:
+                out[src_id] = dst_id
+            elif self.same_ids and src_id in known:
+                out[src_id] = src_id
+        return out
 
     def _store(self, src_id: bytes, data: bytes) -> bytes:
         """Add a source chunk's plaintext to the target; its id there."""
@@ -239,14 +244,9 @@ class _Translator:
         hashed and added to the target in ``pool``, at most twice ``workers`` chunks waiting.
         """
         ids = list(ids)
-        mapped: dict[bytes, bytes] = {}
-        wanted: list[bytes] = []
-        for src_id in dict.fromkeys(i for i in ids if is_chunk(i)):
-            known = self._target_of(src_id)
-            if known is None:
-                wanted.append(src_id)
-            else:
-                mapped[src_id] = known
+        chunks = list(dict.fromkeys(i for i in ids if is_chunk(i)))
+        mapped = self._targets_of(chunks)
+        wanted = [src_id for src_id in chunks if src_id not in mapped]
         if not wanted:
             return [mapped.get(i, i) for i in ids]
         fetcher = BlobFetcher(self.src, BlobType.DATA, max_requests=self.workers, max_bytes=_PLANNED_BYTES)
@@ -276,7 +276,8 @@ class _Translator:
             block = self.dst.read_index_block(dst_block)
         except IntegrityError:
             return False
-        return all(self.writer.known(chunk) for chunk in block.chunk_ids())
+        chunks = set(block.chunk_ids())
+        return len(self.writer.known_of(chunks)) == len(chunks)
 
     def index_block(self, src_block: bytes, expected: int, what: str, pool: ThreadPoolExecutor) -> str | None:
         """The target's ref for the source's index block ``src_block`` (None: all zeros)."""

@@ -886,6 +886,16 @@ class BlobWriter:
             return True
         return self._dedup and self.repo.index.has_present(blob_id)
 
+    def known_of(self, blob_ids: Iterable[bytes]) -> set[bytes]:
+        """Those of ``blob_ids`` that ``known`` holds true of, asking the index about all of them
+        at once (``RepoIndex.present_of``)."""
+        wanted = list(dict.fromkeys(blob_ids))
+        found = {blob_id for blob_id in wanted if blob_id in self._pending}
+        rest = [blob_id for blob_id in wanted if blob_id not in found]
+        if self._dedup and rest:
+            found |= self.repo.index.present_of(rest)
+        return found
+
     def add(self, blob_type: BlobType, blob_id: bytes, data: bytes | memoryview) -> bool:
         """Store ``data`` unless a blob with this id exists; returns True when it was new."""
         sealed = self.seal(blob_type, blob_id, data)
