@@ -908,14 +908,8 @@ class BlobWriter:
         sealed in the order it chooses (the backup places a disk's chunks in disk order, so a
         pack holds neighbouring chunks side by side and a restore reads them in long runs).
         """
-        if self._error is not None:
-            raise self._error
-        if self.known(blob_id):
-            return None
-        # seal_blob's envelope, taking a view of the batch (the engine's chunks are not copied)
-        return SealedBlob(
-            blob_type, blob_id, seal_envelope_parts(self.repo.key, data, blob_aad(blob_type, blob_id)), len(data)
-        )
+        sealed = self.seal_new(blob_type, [(blob_id, data)])
+        return sealed[0] if sealed else None
 
     def seal_new(self, blob_type: BlobType, blobs: Iterable[tuple[bytes, bytes | memoryview]]) -> list[SealedBlob]:
         """``seal`` each ``(blob id, data)`` of ``blobs`` that is not known, in their order, asking
@@ -923,13 +917,14 @@ class BlobWriter:
         once. Thread-safe and lock-free, as ``seal``."""
         if self._error is not None:
             raise self._error
-        todo = [(blob_id, data) for blob_id, data in blobs if blob_id not in self._pending]
-        known = self.repo.index.present_of(blob_id for blob_id, _ in todo) if self._dedup and todo else set()
+        todo = list(blobs)
+        known = self.known_of(blob_id for blob_id, _ in todo)
         out: list[SealedBlob] = []
         for blob_id, data in todo:
             if blob_id in known:
                 continue
             known.add(blob_id)
+            # seal_blob's envelope, taking a view of the batch (the engine's chunks are not copied)
             sealed = seal_envelope_parts(self.repo.key, data, blob_aad(blob_type, blob_id))
             out.append(SealedBlob(blob_type, blob_id, sealed, len(data)))
         return out
