@@ -11,6 +11,7 @@ from tests.pagecache import cached_pages, page_cache_droppable
 from vmvault import platform
 from vmvault.backends import local
 from vmvault.backends.local import LocalBackend
+from vmvault.errors import BackendError
 
 
 def test_a_written_object_leaves_the_page_cache_once_it_is_on_disk(tmp_path: Path) -> None:
@@ -44,3 +45,26 @@ def test_parts_are_written_whole_however_short_each_write(tmp_path: Path, monkey
     backend.put_parts("data/cd/" + "cd" * 32, parts)
     assert backend.get("data/cd/" + "cd" * 32) == b"".join(parts)
     assert len(calls) > len(parts)
+
+
+def test_a_pack_of_many_small_blobs_is_written_a_bounded_number_of_parts_a_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``writev`` takes at most IOV_MAX buffers (1024 on Linux): 5,000 small parts are written
+    a few hundred a call, not refused."""
+    calls: list[int] = []
+    real = os.writev
+    monkeypatch.setattr(local.os, "writev", lambda fd, buffers: calls.append(len(buffers)) or real(fd, buffers))
+    parts = [os.urandom(1 + n % 40) for n in range(5000)]
+    backend = LocalBackend(str(tmp_path / "repo"))
+    backend.put_parts("data/ef/" + "ef" * 32, parts)
+    assert backend.get("data/ef/" + "ef" * 32) == b"".join(parts)
+    assert max(calls) <= 256 and sum(calls) == 5000
+
+
+def test_a_write_that_takes_nothing_is_an_error_not_a_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local.os, "writev", lambda fd, buffers: 0)
+    backend = LocalBackend(str(tmp_path / "repo"))
+    with pytest.raises(BackendError, match="none of the bytes"):
+        backend.put("data/ef/" + "ef" * 32, b"x" * 100)
+    assert not any(p.is_file() for p in (tmp_path / "repo").rglob("*") if "ef" in p.name)

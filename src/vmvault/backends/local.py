@@ -464,20 +464,27 @@ def open_local(location: str) -> LocalBackend:
     return LocalBackend(path, follow_links=follow == "1")
 
 
+#: buffers given to one ``writev``, at most (POSIX allows IOV_MAX, 1024 on Linux, no fewer than 16)
+_WRITEV_BUFFERS = 256
+
+
 def _write_parts(fd: int, parts: Sequence[bytes]) -> None:
     """Write ``parts`` one after another, a few at a time with ``writev``, at most
-    ``platform.WRITE_SLICE`` bytes a call (a 16 MiB pack in one call: 5-7 times the system
-    time), never joining them first."""
+    ``platform.WRITE_SLICE`` bytes and ``_WRITEV_BUFFERS`` parts a call (a 16 MiB pack in one
+    call: 5-7 times the system time; a pack of small blobs has thousands of parts), never
+    joining them first."""
     views = [memoryview(part) for part in parts if len(part)]
     while views:
         batch: list[memoryview] = []
         size = 0
         for view in views:
-            if batch and size + len(view) > platform.WRITE_SLICE:
+            if batch and (size + len(view) > platform.WRITE_SLICE or len(batch) == _WRITEV_BUFFERS):
                 break
             batch.append(view[: platform.WRITE_SLICE - size] if size + len(view) > platform.WRITE_SLICE else view)
             size += len(batch[-1])
         written = os.writev(fd, batch)
+        if written <= 0:
+            raise OSError(errno.EIO, "the file system took none of the bytes written")
         while written:
             if written >= len(views[0]):
                 written -= len(views[0])
