@@ -319,16 +319,17 @@ def test_flush_is_fdatasync_else_fsync(monkeypatch: pytest.MonkeyPatch, data_fil
     assert calls == ["fdatasync True", "fsync True"]
 
 
-def test_drop_cached_frees_written_back_pages_and_keeps_dirty_ones(tmp_path: Path) -> None:
+def test_drop_cached_frees_written_back_pages(tmp_path: Path) -> None:
+    # (dirty pages are left, but the call also starts writing them back, so how many are left
+    # right after it depends on the disk's speed: not asserted)
     if why := page_cache_droppable(tmp_path):
         pytest.skip(why)
     path = tmp_path / "written"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.write(fd, os.urandom(4 * MIB))
-        platform.drop_cached(fd)  # nothing written back yet: the dirty pages stay
-        assert cached_pages(path) == 1024
         os.fsync(fd)
+        assert cached_pages(path) == 1024
         platform.drop_cached(fd, 0, 1 * MIB)  # (a large folio is freed whole or not at all)
         assert cached_pages(path) >= 768
         platform.drop_cached(fd)

@@ -64,8 +64,9 @@ def test_a_restore_frees_the_pages_it_wrote_back_as_it_goes(
     snap = backup(repo, ScriptedSource(disk64), workers=2).snapshot
     restore(repo, snap, str(tmp_path / "t"))
     (path,) = (tmp_path / "t").iterdir()
-    # what the last flushes had not reached yet may stay: a few 4 MiB steps, not the 63 MiB written
-    assert cached_pages(path) * 4096 <= 24 * MiB
+    # what the flushes had not reached when the restore ended stays (how much depends on the
+    # disk's speed: a flush starts only once the one before it is done), not the 63 MiB written
+    assert cached_pages(path) * 4096 <= 40 * MiB
     assert path.read_bytes() == bytes(disk64.data)
 
 

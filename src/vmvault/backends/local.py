@@ -27,6 +27,7 @@ with ``mkdir`` relative to a descriptor and then opened the same way, and listed
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
@@ -473,22 +474,20 @@ def _write_parts(fd: int, parts: Sequence[bytes]) -> None:
     ``platform.WRITE_SLICE`` bytes and ``_WRITEV_BUFFERS`` parts a call (a 16 MiB pack in one
     call: 5-7 times the system time; a pack of small blobs has thousands of parts), never
     joining them first."""
-    views = [memoryview(part) for part in parts if len(part)]
+    views = collections.deque(memoryview(part) for part in parts if len(part))
     while views:
         batch: list[memoryview] = []
         size = 0
         for view in views:
-            if batch and (size + len(view) > platform.WRITE_SLICE or len(batch) == _WRITEV_BUFFERS):
+            if size == platform.WRITE_SLICE or len(batch) == _WRITEV_BUFFERS:
                 break
-            batch.append(view[: platform.WRITE_SLICE - size] if size + len(view) > platform.WRITE_SLICE else view)
+            batch.append(view[: platform.WRITE_SLICE - size])
             size += len(batch[-1])
         written = os.writev(fd, batch)
         if written <= 0:
             raise OSError(errno.EIO, "the file system took none of the bytes written")
-        while written:
-            if written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
+        while written >= len(views[0]):
+            written -= len(views.popleft())
+            if not views:
+                return
+        views[0] = views[0][written:]

@@ -251,18 +251,20 @@ class _Translator:
             return [mapped.get(i, i) for i in ids]
         fetcher = BlobFetcher(self.src, BlobType.DATA, max_requests=self.workers, max_bytes=_PLANNED_BYTES)
         waiting: collections.deque[tuple[bytes, Future[bytes]]] = collections.deque()
+
+        def settle(keep: int) -> None:
+            while len(waiting) > keep:
+                done_id, future = waiting.popleft()
+                mapped[done_id] = future.result()
+
         try:
             for src_id, data in fetcher.fetch((i, i) for i in wanted):
                 if isinstance(data, IntegrityError):
                     raise data
                 assert data is not None  # None answers only a request without a blob id
                 waiting.append((src_id, pool.submit(self._store, src_id, data)))
-                while len(waiting) > 2 * self.workers:
-                    done_id, future = waiting.popleft()
-                    mapped[done_id] = future.result()
-            while waiting:
-                done_id, future = waiting.popleft()
-                mapped[done_id] = future.result()
+                settle(2 * self.workers)
+            settle(0)
         finally:
             for _, future in waiting:
                 future.cancel()

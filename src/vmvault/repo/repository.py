@@ -882,9 +882,7 @@ class BlobWriter:
     def known(self, blob_id: bytes) -> bool:
         """Whether ``blob_id`` is stored in a pack this writer uploaded or confirmed present
         (section 7, backup rule 4), or is on its way into one."""
-        if blob_id in self._pending:
-            return True
-        return self._dedup and self.repo.index.has_present(blob_id)
+        return bool(self.known_of([blob_id]))
 
     def known_of(self, blob_ids: Iterable[bytes]) -> set[bytes]:
         """Those of ``blob_ids`` that ``known`` holds true of, asking the index about all of them
