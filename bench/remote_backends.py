@@ -11,7 +11,8 @@ keys); S3 goes to a moto server on 127.0.0.1. Both servers run on the same machi
 their CPU time competes with vmvault's: these figures are the protocol's and the client's
 overhead, not a network's. Each backup is a full backup with the ``vmvault`` command (default
 settings, encryption on); each restore restores that snapshot into an empty folder (cold page
-cache, default settings) through ``vmvault.engine.restore`` (what ``vmvault restore`` runs), in
+cache, default settings) through ``vmvault.engine.restore`` (what ``vmvault restore`` runs, with the
+malloc settings the command sets), in
 a child process that reports the storage operations it sent (``Backend.requests``). Both are
 timed to durability like ``compare.py``; the repository is deleted afterwards.
 """
@@ -38,10 +39,12 @@ PASSWORD = "benchmark passphrase"
 def restore_child(url: str, target: str) -> None:
     """In the child: restore the latest snapshot of ``url`` into ``target``; print one JSON line
     with the storage operations the restore sent."""
+    from vmvault import platform
     from vmvault.backends import open_backend
     from vmvault.engine.restore import restore
     from vmvault.repo.repository import Repository
 
+    platform.keep_freed_memory()  # as `vmvault restore` does (cli.main), for every command
     backend = open_backend(url)
     repo = Repository.open(backend, PASSWORD.encode())
     snap = repo.find_snapshot("latest")

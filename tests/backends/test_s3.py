@@ -122,6 +122,20 @@ def test_no_server_is_an_unreachable_error_at_open_without_retries(
 
 
 @pytest.mark.integration
+def test_opening_asks_for_the_bucket_once(s3_buckets: S3Server) -> None:
+    """The probe's answer is the bucket check when it found the bucket: one round trip, not
+    two, before the first object is read (20-50 ms each to a store far away)."""
+    import boto3
+
+    session = boto3.session.Session()
+    asked: list[str] = []
+    session.events.register("before-call.s3.HeadBucket", lambda **kwargs: asked.append("HeadBucket"))
+    with open_s3(s3_buckets.url("plain-bucket", "once"), session=session):
+        pass
+    assert asked == ["HeadBucket"]
+
+
+@pytest.mark.integration
 def test_open_backend_dispatches_to_s3(s3_buckets: S3Server) -> None:
     with open_backend(s3_buckets.url("plain-bucket", "dispatch")) as b:
         assert isinstance(b, S3Backend)

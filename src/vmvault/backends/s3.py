@@ -224,8 +224,7 @@ class S3Backend(Backend):
             region_name=region_name,
             config=config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1})),
         )
-        self._probe(probe)
-        self._check_bucket()
+        self._check_bucket(present=self._probe(probe))
         self.enforces_immutability = retention_days is not None
 
     # --- calls and errors --------------------------------------------------------------
@@ -282,11 +281,12 @@ class S3Backend(Backend):
             )
         return BackendError(f"{self.url}: cannot {describe} ({code}: {message})", name=name)
 
-    def _probe(self, client: Any) -> None:
-        """Raise ``BackendUnreachableError`` when the endpoint cannot be connected to; any
-        other outcome is left to ``_check_bucket`` and its retries."""
+    def _probe(self, client: Any) -> bool:
+        """True when the bucket answered; raise ``BackendUnreachableError`` when the endpoint
+        cannot be connected to; any other outcome is left to ``_check_bucket`` and its retries."""
         try:
             client.head_bucket(Bucket=self.bucket)
+            return True
         except botocore.exceptions.EndpointConnectionError as exc:
             reason = unreachable_reason(exc) or "no connection"
             where = self.endpoint_url or "the S3 endpoint"
@@ -295,13 +295,16 @@ class S3Backend(Backend):
                 "and port, and that the server is running"
             ) from exc
         except Exception:
-            return
+            return False
         finally:
             client.close()
 
-    def _check_bucket(self) -> None:
+    def _check_bucket(self, *, present: bool = False) -> None:
+        """That the bucket exists (unless ``present``: the probe saw it, one round trip less to
+        a store far away) and, with ``retention_days``, has Object Lock."""
         try:
-            self._call("open the bucket", None, lambda: self._client.head_bucket(Bucket=self.bucket))
+            if not present:
+                self._call("open the bucket", None, lambda: self._client.head_bucket(Bucket=self.bucket))
         except ObjectNotFoundError as exc:
             # HeadBucket answers a bare 404 for a missing bucket
             raise BackendError(
