@@ -696,20 +696,44 @@ class Repository:
             raise IntegrityError(f"snapshot {snap_id[:8]}: {exc}", object_id=snap_id) from exc
         return Snapshot.from_dict(doc, snapshot_id=snap_id)
 
+    #: snapshots ``list_snapshots`` reads at once
+    SNAPSHOT_READS = 8
+
     def snapshot_ids(self) -> list[str]:
         """The ids of ``snapshots/<id>`` objects; other names there are not snapshots (check reports them)."""
         found = (snapshot_id(o.name) for o in self.backend.list("snapshots/"))
         return [snap_id for snap_id in found if snap_id is not None]
 
     def list_snapshots(self, *, on_error: Callable[[str, Exception], None] | None = None) -> list[Snapshot]:
-        """Every readable snapshot, oldest first. Damaged ones are reported to ``on_error``."""
-        out = []
-        for snap_id in self.snapshot_ids():
+        """Every readable snapshot, oldest first. Damaged ones are reported to ``on_error`` (in
+        the listing's order, from the calling thread).
+
+        Up to ``SNAPSHOT_READS`` are read at once: each is a round trip to the storage (5 ms a
+        snapshot measured on S3 over loopback; one after another, 2,000 snapshots on a store
+        30 ms away would keep ``restore latest`` waiting a minute before its first chunk)."""
+        ids = self.snapshot_ids()
+
+        def load(snap_id: str) -> Snapshot | IntegrityError | SnapshotNotFoundError:
             try:
-                out.append(self.load_snapshot(snap_id))
+                return self.load_snapshot(snap_id)
             except (IntegrityError, SnapshotNotFoundError) as exc:
-                if on_error is not None:
-                    on_error(snap_id, exc)
+                return exc
+
+        if len(ids) < 2:
+            results = [load(snap_id) for snap_id in ids]
+        else:
+            pool = ThreadPoolExecutor(min(self.SNAPSHOT_READS, len(ids)), thread_name_prefix="vmvault-snapshots")
+            try:
+                results = list(pool.map(load, ids))
+            finally:
+                # a storage error ends the listing: the reads not yet started are not sent
+                pool.shutdown(wait=True, cancel_futures=True)
+        out = []
+        for snap_id, result in zip(ids, results, strict=True):
+            if isinstance(result, Snapshot):
+                out.append(result)
+            elif on_error is not None:
+                on_error(snap_id, result)
         out.sort(key=lambda s: (s.time, s.id))
         return out
 
