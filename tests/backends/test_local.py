@@ -27,6 +27,30 @@ def test_a_written_object_leaves_the_page_cache_once_it_is_on_disk(tmp_path: Pat
     assert backend.get("data/ab/" + "ab" * 32) == data
 
 
+def test_a_pack_s_pages_leave_the_page_cache_once_read(tmp_path: Path) -> None:
+    """A pack's bytes are read once (vmvault keeps what it needs as plaintext): the pages of
+    the range read go back to the kernel; other objects' pages (snapshots, read by every
+    command) stay cached."""
+    if why := page_cache_droppable(tmp_path):
+        pytest.skip(why)
+    backend = LocalBackend(str(tmp_path / "repo"))
+    data = os.urandom(8 << 20)
+    name, snapshot = "data/cd/" + "cd" * 32, "snapshots/" + "ef" * 32
+    backend.put(name, data)
+    backend.put(snapshot, data[: 1 << 20])
+    path, snap_path = tmp_path / "repo" / name, tmp_path / "repo" / snapshot
+    page = os.sysconf("SC_PAGE_SIZE")
+    with path.open("rb") as f:
+        f.read()  # everything cached, as another reader of the file would leave it
+    assert cached_pages(path) == len(data) // page
+    assert backend.get(name, 1 << 20, 2 << 20) == data[1 << 20 : 3 << 20]
+    assert cached_pages(path) == len(data) // page - (2 << 20) // page, "the range read left the cache, only it"
+    assert backend.get(name) == data
+    assert cached_pages(path) == 0
+    assert backend.get(snapshot) == data[: 1 << 20]
+    assert cached_pages(snap_path) == (1 << 20) // page
+
+
 def test_parts_are_written_whole_however_short_each_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pack's parts go to the file with ``writev``, at most a write's slice a call, and a
     short write is carried on from where it stopped."""
