@@ -1,6 +1,8 @@
 """``Repository.list_snapshots`` reads the snapshots several at a time (a round trip each to a
 remote store), and returns and reports what reading them one after another did. The backend is
-test_fetch's ``Watched`` (a memory backend that counts concurrent reads, slows or fails them)."""
+test_fetch's ``Watched`` (a memory backend that counts concurrent reads, slows or fails them).
+These listings read the storage's copies (``kept=False``); test_snapshot_cache.py has this
+host's copies standing in for them."""
 
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def test_snapshots_are_read_several_at_a_time_in_the_same_order() -> None:
     ids = _snapshots(repo, 24)
     backend.delay = 0.05  # each read a round trip to a store far away
     started = time.monotonic()
-    listed = repo.list_snapshots()
+    listed = repo.list_snapshots(kept=False)
     took = time.monotonic() - started
     assert [s.id for s in listed] == ids  # oldest first, as before
     assert _snapshot_reads(backend) == 24
@@ -74,7 +76,7 @@ def test_damaged_and_vanished_snapshots_are_reported_in_the_listing_s_order() ->
     def report(snap_id: str, exc: Exception) -> None:
         reported.append((snap_id, type(exc).__name__, threading.current_thread().name))
 
-    listed = repo.list_snapshots(on_error=report)
+    listed = repo.list_snapshots(on_error=report, kept=False)
     assert [s.id for s in listed] == [i for i in ids if i not in (damaged, vanished)]
     here = threading.current_thread().name
     assert reported == [(damaged, "IntegrityError", here), (vanished, "SnapshotNotFoundError", here)]
@@ -87,6 +89,6 @@ def test_a_storage_error_ends_the_listing_and_sends_no_more_reads() -> None:
     backend.delay = 0.02
     backend.fail_reads_of = {f"snapshots/{sorted(ids)[0]}"}
     with pytest.raises(BackendConnectionError, match="connection reset"):
-        repo.list_snapshots()
+        repo.list_snapshots(kept=False)
     assert backend.running == 0, "no read is left running after the error"
     assert _snapshot_reads(backend) < 40, "the reads queued behind the error were not sent"

@@ -42,7 +42,16 @@ from vmvault import platform
 from vmvault.errors import IntegrityError, RepositoryError
 from vmvault.repo.index import ParsedIndex, parse_index
 
-__all__ = ["CacheDamaged", "CachedRow", "Grouped", "IndexCache", "cache_root", "rows_digest", "write_many"]
+__all__ = [
+    "CacheDamaged",
+    "CachedRow",
+    "Grouped",
+    "IndexCache",
+    "cache_root",
+    "private_dir",
+    "rows_digest",
+    "write_many",
+]
 
 SCHEMA = 1
 #: page cache of the connection every thread's lookups share (KiB): lookups need a few levels
@@ -118,7 +127,7 @@ def cache_root() -> str:
     )
 
 
-def _private_dir(path: str) -> None:
+def private_dir(path: str) -> None:
     """Create the cache folder ``path`` 0700 (and the cache root above it, when vmvault makes
     it), or check that the existing one is a real folder of this user, narrowed to 0700.
 
@@ -165,7 +174,7 @@ class IndexCache:
         folder = os.path.join(root or cache_root(), "index")
         name = f"{repo_id}-{hashlib.sha256(location.encode()).hexdigest()[:16]}.sqlite"
         try:
-            _private_dir(folder)
+            private_dir(folder)
             self.path = os.path.join(folder, name)
             self._lockfile = self.path + ".lock"
             self._prepare()

@@ -301,7 +301,9 @@ def _prune_locked(
     files = repo.index.cache.present_files()
     cache = repo.index.cache
     unreadable: list[str] = []
-    snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append(f"{sid[:8]}: {exc}"))
+    # (the storage's copies, as check reads them: a snapshot damaged there stops the prune even
+    # while this host's copy reads, since other hosts cannot read it)
+    snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append(f"{sid[:8]}: {exc}"), kept=False)
     if unreadable:
         raise IntegrityError(
             "prune stopped, nothing was changed: unreadable snapshots (" + "; ".join(unreadable) + "). "

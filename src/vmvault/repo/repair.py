@@ -349,7 +349,8 @@ def repair_snapshots(
         repo.forget_lost_packs()
         report = SnapshotRepairReport(dry_run=dry_run, forget=forget)
         unreadable: list[tuple[str, str]] = []
-        snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))))
+        # (the storage's copies: a snapshot damaged there is unreadable, whatever this host kept)
+        snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))), kept=False)
         wanted = _select(repo, list(refs), [s.id for s in snaps] + [u[0] for u in unreadable])
         if wanted is not None:
             snaps = [s for s in snaps if s.id in wanted]

@@ -80,6 +80,7 @@ from vmvault.repo.names import pack_id as parse_pack_id
 from vmvault.repo.pack import BlobEntry, PackBuilder, blob_aad, open_blob, pack_name
 from vmvault.repo.repo_index import RepoIndex
 from vmvault.repo.snapshot import Snapshot
+from vmvault.repo.snapshot_cache import SnapshotCache
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -169,6 +170,9 @@ class Repository:
         self.warnings: list[str] = []
         #: this host's record of repositories (repo/hostrecord.py); None once unusable
         self._records: HostRecords | None = None
+        #: this host's copies of the snapshots (repo/snapshot_cache.py), made at first use
+        self._snapshot_cache: SnapshotCache | None = None
+        self._snapshot_cache_lock = threading.Lock()
 
     # ---- opening -----------------------------------------------------------------------
 
@@ -674,17 +678,49 @@ class Repository:
         payload = json.dumps(snap.to_dict(), sort_keys=True).encode()
         snap_id = hashlib.sha256(payload).hexdigest()
         name = f"snapshots/{snap_id}"
-        self.backend.put(name, seal_envelope(self.key, payload, b"snapshot"))
+        sealed = seal_envelope(self.key, payload, b"snapshot")
+        self.backend.put(name, sealed)
+        self._snapshots_kept().put(snap_id, sealed)
         snap.id = snap_id
         self._edit_record(lambda rec: rec.wrote(snap_id))
         return snap_id
 
-    def load_snapshot(self, snap_id: str) -> Snapshot:
-        name = f"snapshots/{snap_id}"
+    def _snapshots_kept(self) -> SnapshotCache:
+        with self._snapshot_cache_lock:
+            if self._snapshot_cache is None:
+                self._snapshot_cache = SnapshotCache(
+                    self.config.id,
+                    self.backend.url,
+                    root=self.cache_root,
+                    # (a memory backend lives and dies with its process: nothing to keep)
+                    enabled=not self.backend.url.startswith("memory:"),
+                )
+            return self._snapshot_cache
+
+    def load_snapshot(self, snap_id: str, *, listed: bool = False) -> Snapshot:
+        """The snapshot ``snap_id``, read from the storage and checked (its envelope
+        authenticated, its content hashed to its name).
+
+        ``listed``: the caller has just seen ``snap_id`` in a listing of the storage, so this
+        host's copy of it (repo/snapshot_cache.py), checked the same way, may stand in for the
+        read. ``check``, ``prune`` and ``repair`` read the storage itself."""
+        kept = self._snapshots_kept() if listed else None
+        copy = kept.get(snap_id) if kept is not None else None
+        if kept is not None and copy is not None:
+            try:
+                return self._open_snapshot(snap_id, copy)
+            except IntegrityError:
+                kept.discard(snap_id)  # damaged here: read it from the storage
         try:
-            sealed = read_bounded(self.backend, name, MAX_SNAPSHOT, what=f"snapshot {snap_id[:8]}")
+            sealed = read_bounded(self.backend, f"snapshots/{snap_id}", MAX_SNAPSHOT, what=f"snapshot {snap_id[:8]}")
         except ObjectNotFoundError:
             raise SnapshotNotFoundError(f"no snapshot {snap_id}") from None
+        snap = self._open_snapshot(snap_id, sealed)
+        if kept is not None:
+            kept.put(snap_id, sealed)
+        return snap
+
+    def _open_snapshot(self, snap_id: str, sealed: bytes) -> Snapshot:
         payload = open_envelope(
             self.key, sealed, b"snapshot", what=f"snapshot {snap_id[:8]}", max_size=MAX_SNAPSHOT_PAYLOAD
         )
@@ -704,18 +740,27 @@ class Repository:
         found = (snapshot_id(o.name) for o in self.backend.list("snapshots/"))
         return [snap_id for snap_id in found if snap_id is not None]
 
-    def list_snapshots(self, *, on_error: Callable[[str, Exception], None] | None = None) -> list[Snapshot]:
+    def list_snapshots(
+        self, *, on_error: Callable[[str, Exception], None] | None = None, kept: bool = True
+    ) -> list[Snapshot]:
         """Every readable snapshot, oldest first. Damaged ones are reported to ``on_error`` (in
         the listing's order, from the calling thread).
 
-        Up to ``SNAPSHOT_READS`` are read at once: each is a round trip to the storage (5 ms a
-        snapshot measured on S3 over loopback; one after another, 2,000 snapshots on a store
-        30 ms away would keep ``restore latest`` waiting a minute before its first chunk)."""
+        With ``kept`` (the default), this host's copies of the listed snapshots stand in for
+        reading them (repo/snapshot_cache.py: each is checked as a read from the storage is),
+        and copies of snapshots no longer listed are deleted; ``kept=False`` reads every
+        snapshot from the storage (``prune``, ``repair snapshots``: it is the storage's copy
+        that other hosts read). Up to ``SNAPSHOT_READS`` are read at once: each is a round trip to
+        the storage (5 ms a snapshot measured on S3 over loopback; one after another, 2,000
+        snapshots on a store 30 ms away would keep ``restore latest`` waiting a minute before
+        its first chunk)."""
         ids = self.snapshot_ids()
+        if kept:
+            self._snapshots_kept().keep_only(set(ids))
 
         def load(snap_id: str) -> Snapshot | IntegrityError | SnapshotNotFoundError:
             try:
-                return self.load_snapshot(snap_id)
+                return self.load_snapshot(snap_id, listed=kept)
             except (IntegrityError, SnapshotNotFoundError) as exc:
                 return exc
 
@@ -751,12 +796,13 @@ class Repository:
             raise SnapshotNotFoundError(f"no snapshot matches {ref!r}")
         if len(matches) > 1:
             raise SnapshotNotFoundError(f"{ref!r} matches {len(matches)} snapshots; give more characters")
-        return self.load_snapshot(matches[0])
+        return self.load_snapshot(matches[0], listed=True)
 
     def delete_snapshot(self, snap_id: str) -> None:
         if snapshot_id(f"snapshots/{snap_id}") is None:  # only a name vmvault writes is ever deleted
             raise ValueError(f"not a snapshot id: {snap_id!r}")
         self._edit_record(lambda rec: rec.forgot(snap_id), first=lambda: self.backend.delete(f"snapshots/{snap_id}"))
+        self._snapshots_kept().discard(snap_id)
 
     # ---- format version ----------------------------------------------------------------
 

@@ -217,7 +217,7 @@ class RepoView:
                         del self._snaps[gone]
                     for snap_id in ids - set(self._snaps) - set(self._unreadable):
                         try:
-                            self._snaps[snap_id] = repo.load_snapshot(snap_id)
+                            self._snaps[snap_id] = repo.load_snapshot(snap_id, listed=True)
                         except (IntegrityError, SnapshotNotFoundError) as exc:
                             self._unreadable[snap_id] = str(exc)
                     self._listed = time.monotonic()
