@@ -81,7 +81,7 @@ def test_a_listing_reads_only_the_snapshots_this_host_has_not_kept(tmp_path: Pat
     assert len(fresh.list_snapshots()) == 8 and len(_snapshot_reads(backend)) == 8
 
 
-@pytest.mark.parametrize("how", ["flipped", "cut short", "empty", "another snapshot's", "a link", "a folder"])
+@pytest.mark.parametrize("how", ["flipped", "cut short", "empty", "another snapshot's", "a link", "a folder", "a FIFO"])
 def test_a_bad_copy_is_read_from_the_storage_again(how: str, tmp_path: Path) -> None:
     backend = Watched()
     repo = make_repo(backend)
@@ -101,9 +101,12 @@ def test_a_bad_copy_is_read_from_the_storage_again(how: str, tmp_path: Path) -> 
         outside.write_bytes(_kept(repo, ids[0]).read_bytes())
         path.unlink()
         path.symlink_to(outside)
-    else:
+    elif how == "a folder":
         path.unlink()
         path.mkdir()
+    else:  # opened without blocking, and refused: not a regular file
+        path.unlink()
+        os.mkfifo(path)
     backend.reads.clear()
     listed = Repository.open(backend, PASS).list_snapshots()
     assert [s.id for s in listed] == ids
