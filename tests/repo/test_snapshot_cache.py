@@ -213,3 +213,16 @@ def test_copies_are_private_and_a_memory_repository_keeps_none(tmp_path: Path) -
     _save(mem, 2)
     assert len(mem.list_snapshots()) == 2
     assert not (root / "snapshots").exists() or not any((root / "snapshots").rglob("*"))
+
+
+def test_only_snapshot_ids_name_copies(tmp_path: Path) -> None:
+    """Names that are not snapshot ids are never paths in the cache folder, whoever passes them."""
+    cache = SnapshotCache("r" * 32, "file:///x", root=str(tmp_path / "root"))
+    assert cache.folder is not None
+    (tmp_path / "root" / "victim").write_bytes(b"keep")
+    for name in ("../../victim", "A" * 64, "a" * 63, "a" * 64 + "/x", ""):
+        cache.put(name, b"sealed")
+        assert cache.get(name) is None
+        cache.discard(name)
+    assert os.listdir(cache.folder) == []
+    assert (tmp_path / "root" / "victim").read_bytes() == b"keep"

@@ -28,19 +28,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import secrets
 import stat
 
 from vmvault import platform
 from vmvault.repo._limits import MAX_SNAPSHOT
 from vmvault.repo.index_cache import cache_root, private_dir
+from vmvault.repo.names import snapshot_id
 
 __all__ = ["SnapshotCache"]
 
-_ID = re.compile(r"[0-9a-f]{64}")
 _READ_FLAGS = os.O_RDONLY | platform.O_NONBLOCK | platform.O_CLOEXEC | platform.O_BINARY
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | platform.O_CLOEXEC | platform.O_BINARY
+
+
+def _is_id(snap_id: str) -> bool:
+    """A snapshot id of the form vmvault names snapshots with (no other name is a path here)."""
+    return snapshot_id(f"snapshots/{snap_id}") == snap_id
 
 
 class SnapshotCache:
@@ -63,7 +67,7 @@ class SnapshotCache:
     def get(self, snap_id: str) -> bytes | None:
         """The sealed snapshot kept for ``snap_id``, not yet checked; None when there is none
         (or it is not a regular file of at most ``MAX_SNAPSHOT`` bytes)."""
-        if self.folder is None or not _ID.fullmatch(snap_id):
+        if self.folder is None or not _is_id(snap_id):
             return None
         try:
             fd = platform.open_nofollow(os.path.join(self.folder, snap_id), _READ_FLAGS)
@@ -89,7 +93,7 @@ class SnapshotCache:
 
     def put(self, snap_id: str, sealed: bytes) -> None:
         """Keep ``sealed`` as the snapshot ``snap_id`` (best effort)."""
-        if self.folder is None or not _ID.fullmatch(snap_id) or len(sealed) > MAX_SNAPSHOT:
+        if self.folder is None or not _is_id(snap_id) or len(sealed) > MAX_SNAPSHOT:
             return
         path = os.path.join(self.folder, snap_id)
         tmp = f"{path}.tmp-{secrets.token_hex(6)}"
@@ -111,7 +115,7 @@ class SnapshotCache:
 
     def discard(self, snap_id: str) -> None:
         """Forget the copy of ``snap_id`` (it failed its check)."""
-        if self.folder is not None and _ID.fullmatch(snap_id):
+        if self.folder is not None and _is_id(snap_id):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.folder, snap_id))
 
