@@ -269,9 +269,12 @@ def test_bitmaps_dirty_and_corrupt_flags(tmp_path: Path) -> None:
 
 
 def _create_luks(*args: str) -> None:
-    """qemu-img create of a LUKS-encrypted image; qemu times its key derivation by the thread's
-    CPU clock and gives up ("Unable to get accurate CPU usage") on a busy machine: tried again."""
-    for _ in range(4):
+    """qemu-img create of a LUKS-encrypted image. qemu times a first round of 32768 PBKDF2
+    iterations by the thread's CPU clock and gives up ("Unable to get accurate CPU usage") when it
+    reads 0 ms: with SHA-256 (hardware-assisted here) that round takes about a millisecond and a
+    third of the attempts failed on an idle machine, so the caller asks for SHA-512 (about 10 ms;
+    0 failures in 100) and the attempt is repeated should the clock still read nothing."""
+    for _ in range(10):
         done = run(*args, check=False)
         if done.returncode == 0 or "accurate CPU usage" not in done.stderr:
             break
@@ -288,7 +291,7 @@ def test_encrypted_and_external_data_are_unsupported(tmp_path: Path) -> None:
         "--object",
         "secret,id=sec0,data=secret",
         "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.hash-alg=sha512",
         str(luks),
         "1M",
     )
