@@ -46,6 +46,7 @@ def restore_child(url: str, target: str) -> None:
 
     platform.keep_freed_memory()  # as `vmvault restore` does (cli.main), for every command
     backend = open_backend(url)
+    backend.warm_up()  # as `vmvault restore` does (cli/_common.py open_repository)
     repo = Repository.open(backend, PASSWORD.encode())
     snap = repo.find_snapshot("latest")
     before = backend.requests.to_dict()
@@ -103,16 +104,19 @@ def _stored_chunks(repo: object, snap: object, record: object) -> list[bytes]:
     return [e for _c, e in resolver.entries(flatten=True) if is_chunk(e)]
 
 
-def vmvault_run(url: str, src: Path, target: Path, env: dict[str, str], server: int | None = None) -> dict[str, float]:
+def vmvault_run(
+    url: str, src: Path, target: Path, env: dict[str, str], server: int | None = None, servers: list[int] | None = None
+) -> dict[str, float]:
     base = [sys.executable, "-m", "vmvault", "-r", url, "-q"]
     env = {**env, "VMVAULT_PASSWORD": PASSWORD}
     timed_child([*base, "init"], env=env)
     drop_caches()
     backup = timed_child([*base, "backup", str(src)], env=env)
     drop_caches()
-    server_cpu = tree_cpu(server)
+    pids = servers if servers is not None else [server] if server is not None else []
+    server_cpu = sum(tree_cpu(pid) for pid in pids)
     restore = timed_child([sys.executable, __file__, "--restore-child", url, str(target)], env=env)
-    server_cpu = tree_cpu(server) - server_cpu
+    server_cpu = sum(tree_cpu(pid) for pid in pids) - server_cpu
     report = json.loads(restore.stdout.strip().splitlines()[-1])
     (restored,) = list(target.iterdir())
     if not filecmp.cmp(restored, src, shallow=False):
@@ -180,6 +184,17 @@ def main() -> None:
                 finally:
                     ssh.stop()
                     shutil.rmtree(scratch / "sshd", ignore_errors=True)
+            elif name == "s3-rgw":
+                sys.path.insert(0, str(ROOT))  # tests/ceph.py imports tests.servers
+                from ceph import running_ceph
+
+                with running_ceph() as cluster:
+                    cluster.create_bucket("bench")
+                    # the gateway and the OSD that holds the objects (in memory: memstore)
+                    pids = [cluster.processes[n].pid for n in cluster.processes if n in ("rgw", "osd.0")]
+                    results[name] = vmvault_run(
+                        cluster.url("bench", "repo"), src, target, cluster.client_env(), servers=pids
+                    )
             elif name == "s3":
                 from servers import S3Server
 

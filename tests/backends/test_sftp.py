@@ -24,6 +24,7 @@ from vmvault.backends.sftp import SftpBackend, open_sftp
 from vmvault.errors import (
     BackendConnectionError,
     BackendPermissionError,
+    BackendUnreachableError,
     ConfigError,
     StorageFullError,
 )
@@ -276,22 +277,26 @@ def test_full_disk_gives_storage_full(sshd_server: SshServer, small_disk: Path) 
 # --- pooling -----------------------------------------------------------------------------
 
 
+def served_connections(server: SshServer) -> int:
+    """SSH connections being served: the listener's direct children (one per connection; SFTP
+    runs inside them as internal-sftp, below a privilege-separated child)."""
+    assert server.process is not None
+    listener = server.process.pid
+    count = 0
+    for pid in process_tree(listener):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                count += int(fh.read().rsplit(")", 1)[1].split()[1]) == listener
+        except OSError:
+            continue
+    return count
+
+
 def test_concurrent_uploads_use_several_connections(own_sshd: SshServer, transport: str) -> None:
     assert own_sshd.process is not None
 
     def sftp_servers() -> int:
-        """SSH connections being served: the listener's direct children (one per connection; SFTP
-        runs inside them as internal-sftp, below a privilege-separated child)."""
-        assert own_sshd.process is not None
-        listener = own_sshd.process.pid
-        count = 0
-        for pid in process_tree(listener):
-            try:
-                with open(f"/proc/{pid}/stat") as fh:
-                    count += int(fh.read().rsplit(")", 1)[1].split()[1]) == listener
-            except OSError:
-                continue
-        return count
+        return served_connections(own_sshd)
 
     with backend(own_sshd, "pool", connections=3, transport=transport) as b:
         barrier = threading.Barrier(6)
@@ -312,6 +317,57 @@ def test_concurrent_uploads_use_several_connections(own_sshd: SshServer, transpo
     while sftp_servers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sftp_servers() == 0, "close() left sessions open"
+
+
+def test_warm_up_opens_the_connections_ahead_and_transfers_use_them(own_sshd: SshServer, transport: str) -> None:
+    """``warm_up`` returns at once and opens the pool's connections in the background; the
+    reads that follow run on them (no connection more is opened) and return the data."""
+    with backend(own_sshd, "warm", connections=3, transport=transport) as b:
+        b.put("data/obj", b"x" * MiB)
+    with backend(own_sshd, "warm", connections=3, transport=transport) as b:
+        deadline = time.monotonic() + 10
+        while served_connections(own_sshd):  # the writer's sessions are gone
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        started = time.monotonic()
+        b.warm_up()
+        assert time.monotonic() - started < 0.1, "warm_up must not wait for the handshakes"
+        assert b.get("data/obj", 10, 5) == b"xxxxx"  # the first read waits for a warm connection
+        while served_connections(own_sshd) < 3:
+            assert time.monotonic() < deadline, "the connections were not opened ahead"
+            time.sleep(0.02)
+        barrier = threading.Barrier(3)
+        got: list[bytes] = []
+
+        def read() -> None:
+            barrier.wait()
+            got.append(b.get("data/obj"))
+
+        threads = [threading.Thread(target=read) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == [b"x" * MiB] * 3
+        assert served_connections(own_sshd) == 3
+
+
+def test_warm_up_against_a_server_that_is_not_there_fails_as_before(tmp_path: Path, transport: str) -> None:
+    """Nothing listens: the first operation reports the server unreachable, once and at once,
+    the same with the connections opened ahead as without."""
+    with running_sshd(tmp_path / "sshd") as server:
+        b = backend(server, "none", transport=transport, timeout=5)
+    messages = []
+    for warm in (False, True):
+        if warm:
+            b.warm_up()
+        started = time.monotonic()
+        with pytest.raises(BackendUnreachableError) as caught:
+            b.get("config")
+        assert time.monotonic() - started < 5
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1]
+    b.close()
 
 
 # --- dropped connections ---------------------------------------------------------------------

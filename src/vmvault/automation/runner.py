@@ -58,6 +58,7 @@ class JobOutcome:
 def open_configured_repository(config: AutomationConfig, name: str) -> Repository:
     rc = config.repositories[name]
     backend = open_backend(rc.location)
+    backend.warm_up()  # every job moves data: its connections open while the key is derived
     try:
         repo = Repository.open(backend, rc.secret())
     except BaseException:

@@ -179,7 +179,8 @@ class Backend(ABC):
     * ``use_retention(days)``: ask the storage to enforce the repository's retention from now
       on; False (the default) when it cannot, and then nothing changes;
     * ``modified(name)``: when an object was written, when the storage can say (None: unknown);
-    * ``skipped()``: entries a listing met that cannot be objects (file-system backends).
+    * ``skipped()``: entries a listing met that cannot be objects (file-system backends);
+    * ``warm_up()``: open, in the background, the connections a transfer is about to use.
     """
 
     #: a URL-ish description for messages (never contains secrets)
@@ -250,6 +251,14 @@ class Backend(ABC):
         """Bytes the storage can still take, None when it does not say (object stores, SFTP
         servers without the statvfs extension). Dashboards estimate when it fills up."""
         return None
+
+    def warm_up(self) -> None:  # noqa: B027 - optional hook
+        """A transfer (a backup, a restore, a copy) is about to run from several threads: a
+        backend whose connections are slow to open (SFTP: an SSH handshake each, a quarter of
+        a second on loopback and several round trips over a network) opens the ones it would
+        open then now, in the background, while the caller unlocks the repository. Returns at
+        once and raises nothing: a connection that fails to open here is opened again, and its
+        failure reported, by the first transfer that needs it. The default does nothing."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

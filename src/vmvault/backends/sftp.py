@@ -200,39 +200,107 @@ class _Connection:
 
 
 class _Pool:
-    """At most ``size`` connections; idle ones are reused, broken ones are dropped."""
+    """At most ``size`` connections; idle ones are reused, broken ones are dropped.
+
+    ``warm`` opens the connections not yet open in background threads, one each, into the idle
+    list. A caller that finds no idle connection while some are being opened waits for one of
+    them rather than opening its own, so that there are never more than ``size``: every
+    connection is in use (or being opened by its user), idle, or being opened by ``warm``, and
+    ``warm`` opens only what is missing. When an opening it waited for fails, the caller gets
+    that failure, as if it had tried itself: a server that cannot be reached costs one wait
+    for the connection timeout, not two.
+    """
 
     def __init__(self, factory: Callable[[], _Connection], size: int) -> None:
         self._factory = factory
+        self._size = size
         self._slots = threading.BoundedSemaphore(size)
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._idle: list[_Connection] = []
+        self._busy = 0
+        #: connections ``warm`` is opening, and why those that failed did
+        self._opening = 0
+        self._failures: list[Exception] = []
+        self._closed = False
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[_Connection]:
         with self._slots:
-            conn: _Connection | None = None
-            with self._lock:
-                while self._idle and conn is None:
-                    candidate = self._idle.pop()
-                    if candidate.alive():
-                        conn = candidate
-                    else:
-                        candidate.close()
-            if conn is None:
-                conn = self._factory()
+            conn = self._take_idle()  # counted as busy from here, even while it is opened
             try:
+                if conn is None:
+                    conn = self._factory()
                 yield conn
             finally:
-                if conn.alive():
-                    with self._lock:
+                keep = conn is not None and conn.alive()
+                with self._cond:
+                    self._busy -= 1
+                    if keep:
+                        assert conn is not None
                         self._idle.append(conn)
-                else:
+                    self._cond.notify()
+                if conn is not None and not keep:
                     conn.close()
 
+    def _take_idle(self) -> _Connection | None:
+        """A live idle connection, waiting for one being opened by ``warm``; None when the
+        caller is to open its own. Either way the caller is counted busy."""
+        dead: list[_Connection] = []
+        waited = False
+        try:
+            with self._cond:
+                while True:
+                    while self._idle:
+                        candidate = self._idle.pop()
+                        if candidate.alive():
+                            self._busy += 1
+                            return candidate
+                        dead.append(candidate)
+                    if waited and self._failures:
+                        raise self._failures.pop()
+                    if not self._opening:
+                        self._failures.clear()  # nobody waited for them: the caller tries afresh
+                        self._busy += 1
+                        return None
+                    waited = True
+                    self._cond.wait()
+        finally:
+            for conn in dead:
+                conn.close()
+
+    def warm(self) -> None:
+        """Open, each in a thread of its own, the connections that would make ``size``."""
+        with self._cond:
+            missing = 0 if self._closed else self._size - self._busy - len(self._idle) - self._opening
+            self._opening += max(0, missing)
+        for _ in range(missing):
+            threading.Thread(target=self._open_one, name="vmvault-sftp-warm", daemon=True).start()
+
+    def _open_one(self) -> None:
+        conn: _Connection | None = None
+        failure: Exception | None = None
+        try:
+            conn = self._factory()
+        except Exception as exc:  # a caller waiting for it gets it; else it is tried again
+            _log.debug("a connection opened ahead failed: %s", exc)
+            failure = exc
+        with self._cond:
+            self._opening -= 1
+            keep = conn is not None and not self._closed
+            if keep:
+                assert conn is not None
+                self._idle.append(conn)
+            elif failure is not None:
+                self._failures.append(failure)
+            self._cond.notify_all()
+        if conn is not None and not keep:
+            conn.close()
+
     def close(self) -> None:
-        with self._lock:
+        with self._cond:
+            self._closed = True
             idle, self._idle = self._idle, []
+            self._cond.notify_all()
         for conn in idle:
             conn.close()
 
@@ -350,6 +418,12 @@ class SftpBackend(Backend):
             home = os.path.expanduser("~/.ssh")
             found += [p for p in (os.path.join(home, name) for name in _DEFAULT_KEYS) if os.path.isfile(p)]
         return found
+
+    def warm_up(self) -> None:
+        """Open the pool's connections in the background (``Backend.warm_up``): a restore's or
+        a backup's threads would otherwise each wait for an SSH handshake of their own when
+        they begin."""
+        self._pool.warm()
 
     def _connect(self) -> _Connection:
         connection = self._connect_openssh() if self.transport == "openssh" else self._connect_paramiko()

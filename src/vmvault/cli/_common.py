@@ -185,8 +185,13 @@ def report_warnings(repo: Repository) -> None:
         print(f"vmvault: warning: {terminal_safe(warning)}", file=sys.stderr)
 
 
-def open_repository(args: argparse.Namespace) -> Repository:
+def open_repository(args: argparse.Namespace, *, transfer: bool = False) -> Repository:
+    """The repository the command names, opened and unlocked. ``transfer``: the command moves
+    data (a backup, a restore, a copy, a read of every pack): the backend opens the connections
+    its threads will use while the key is derived (``Backend.warm_up``)."""
     backend = open_backend(repository_location(args))
+    if transfer:
+        backend.warm_up()
     # a secret that was given is passed as bytes: the repository must then be encrypted
     # (Repository.open); only a prompt waits until the repository turns out to need one
     given = given_secret(args)

@@ -74,9 +74,10 @@ def cmd_copy(args: argparse.Namespace) -> int:
     if args.to:
         args.repo = args.to
     src_backend = open_backend(args.from_repo)
+    src_backend.warm_up()
     src = Repository.open(src_backend, _from_secret(args))
     report_warnings(src)
-    dst = open_repository(args)
+    dst = open_repository(args, transfer=True)
     match = snapshot_filter(args)
     filters = CopyFilter(
         snapshots=tuple(args.snapshot or ()),

@@ -228,7 +228,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(specs)}: no domain to back up")
     if args.dry_run:
         return _backup_dry_run(args, out, sources, options, failed)
-    repo = open_repository(args)
+    repo = open_repository(args, transfer=True)
     progress = out.progress()
     for spec, source in sources:
         if source is None:
@@ -471,7 +471,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     out = Output(args)
     if args.as_clone is not None:
         check_clone_name(args.as_clone)  # before the passphrase is asked for
-    repo = open_repository(args)
+    repo = open_repository(args, transfer=True)
     snap = pick_snapshot(repo, args.snapshot, args)
     done = restore_vm(
         repo,

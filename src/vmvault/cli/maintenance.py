@@ -114,9 +114,9 @@ def _render_check(report: CheckReport, flt: SnapshotFilter | None = None) -> str
 
 def cmd_check(args: argparse.Namespace) -> int:
     out = Output(args)
-    repo = open_repository(args)
     if args.subset is not None and not args.read_data:
         args.read_data = True
+    repo = open_repository(args, transfer=args.read_data)
     flt = snapshot_filter(args)
     if not flt.empty() and not args.read_data:
         raise ConfigError("snapshot filters choose which data --read-data reads: give --read-data (or --subset) too")

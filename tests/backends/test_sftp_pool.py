@@ -1,0 +1,172 @@
+"""The SFTP backend's connection pool: connections opened ahead (``warm``) and on demand.
+
+A stand-in factory counts the connections that exist at once, so that the pool's bound holds
+whatever order warm-ups and callers meet in; tests/backends/test_sftp.py checks the same
+against a real OpenSSH server."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from vmvault.backends.sftp import _Pool
+from vmvault.errors import BackendUnreachableError
+
+
+class FakeConnection:
+    def __init__(self, factory: Factory) -> None:
+        self.factory = factory
+        self.closed = False
+
+    def alive(self) -> bool:
+        return not self.closed
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with self.factory.lock:
+                self.factory.existing -= 1
+
+
+class Factory:
+    """Opens connections after ``delay`` seconds (below 0: a random time up to -``delay``);
+    counts the ones that exist and the most at once."""
+
+    def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
+        self.delay = delay
+        self.fail = fail
+        self.lock = threading.Lock()
+        self.existing = 0
+        self.most = 0
+        self.calls = 0
+
+    def __call__(self) -> FakeConnection:
+        with self.lock:
+            self.calls += 1
+        time.sleep(-self.delay * random.random() if self.delay < 0 else self.delay)
+        if self.fail is not None:
+            raise self.fail
+        with self.lock:
+            self.existing += 1
+            self.most = max(self.most, self.existing)
+        return FakeConnection(self)
+
+
+def wait_for(condition: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_warm_opens_the_missing_connections_in_the_background() -> None:
+    factory = Factory(delay=0.2)
+    pool = _Pool(factory, 3)  # type: ignore[arg-type]
+    started = time.monotonic()
+    pool.warm()
+    assert time.monotonic() - started < 0.1, "warm must not wait for the connections"
+    wait_for(lambda: factory.existing == 3)
+    pool.warm()  # nothing is missing: nothing more is opened
+    with pool.connection(), pool.connection(), pool.connection():
+        pass
+    assert factory.calls == 3 and factory.most == 3
+    pool.close()
+    assert factory.existing == 0
+
+
+def test_a_caller_waits_for_a_connection_being_opened_instead_of_opening_another() -> None:
+    factory = Factory(delay=0.3)
+    pool = _Pool(factory, 2)  # type: ignore[arg-type]
+    pool.warm()
+    started = time.monotonic()
+    with pool.connection():
+        waited = time.monotonic() - started
+    # one opening, not two after each other, and no third connection
+    assert 0.2 < waited < 0.55
+    wait_for(lambda: factory.existing == 2)
+    assert factory.calls == 2
+    pool.close()
+
+
+def test_the_bound_holds_whatever_the_order() -> None:
+    """Callers and warm-ups racing, connections opening in random times: never more than the
+    pool's size exist, and every caller gets one of its own."""
+    for round_ in range(20):
+        random.seed(round_)
+        factory = Factory(delay=-0.02)
+        pool = _Pool(factory, 3)  # type: ignore[arg-type]
+        held: set[int] = set()
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def use(
+            pool: _Pool = pool, held: set[int] = held, lock: threading.Lock = lock, errors: list[BaseException] = errors
+        ) -> None:
+            try:
+                time.sleep(random.random() * 0.02)
+                with pool.connection() as conn:
+                    with lock:
+                        assert id(conn) not in held, "a connection handed to two callers at once"
+                        held.add(id(conn))
+                    time.sleep(random.random() * 0.01)
+                    with lock:
+                        held.remove(id(conn))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=use) for _ in range(8)]
+        threads.append(threading.Thread(target=pool.warm))
+        for t in threads:
+            t.start()
+        pool.warm()
+        for t in threads:
+            t.join(timeout=10)
+            assert not t.is_alive()
+        assert not errors, errors
+        assert factory.most <= 3, f"round {round_}: {factory.most} connections at once"
+        pool.close()
+        wait_for(lambda factory=factory: factory.existing == 0)
+
+
+def test_a_failed_opening_is_the_failure_of_the_caller_that_waited_for_it() -> None:
+    """A server that cannot be reached costs one wait for the timeout, not a second one by the
+    caller after the warm-ups gave up."""
+    refused = BackendUnreachableError("sftp://host/repo: cannot connect (timed out)")
+    factory = Factory(delay=0.3, fail=refused)
+    pool = _Pool(factory, 2)  # type: ignore[arg-type]
+    pool.warm()
+    started = time.monotonic()
+    with pytest.raises(BackendUnreachableError) as caught, pool.connection():
+        pass
+    assert caught.value is refused
+    assert time.monotonic() - started < 0.55
+    assert factory.calls == 2  # the two warm-ups; the caller opened nothing of its own
+    pool.close()
+
+
+def test_failures_nobody_waited_for_do_not_stand_for_later_attempts() -> None:
+    factory = Factory(fail=BackendUnreachableError("down"))
+    pool = _Pool(factory, 2)  # type: ignore[arg-type]
+    pool.warm()
+    wait_for(lambda: factory.calls == 2 and not pool._opening)
+    factory.fail = None  # the server came back
+    with pool.connection() as conn:
+        assert conn.alive()
+    assert factory.calls == 3
+    pool.close()
+
+
+def test_connections_opened_after_close_are_closed() -> None:
+    factory = Factory(delay=0.2)
+    pool = _Pool(factory, 3)  # type: ignore[arg-type]
+    pool.warm()
+    pool.close()
+    wait_for(lambda: factory.calls == 3)
+    time.sleep(0.3)
+    assert factory.existing == 0
+    pool.warm()  # a closed pool opens nothing ahead
+    time.sleep(0.05)
+    assert factory.calls == 3
