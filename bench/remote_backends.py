@@ -7,7 +7,9 @@
 force one (``?transport=`` in the location).
 
 SFTP goes to an OpenSSH server on 127.0.0.1 (``tests/servers.py`` starts one with its own
-keys); S3 goes to a moto server on 127.0.0.1. Both servers run on the same machine, so
+keys); S3 goes to a moto server on 127.0.0.1, ``s3-rgw`` to a single-node Ceph cluster's RADOS
+Gateway over https (``tests/ceph.py``: one monitor, one OSD holding the objects in memory,
+about 15 s to start; root and Debian's ceph packages). The servers run on the same machine, so
 their CPU time competes with vmvault's: these figures are the protocol's and the client's
 overhead, not a network's. Each backup is a full backup with the ``vmvault`` command (default
 settings, encryption on); each restore restores that snapshot into an empty folder (cold page
@@ -243,7 +245,9 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
             "with `vmvault backup`, then a restore of that snapshot into an empty folder (cold page cache, "
             "byte-compared with the image afterwards), default settings. SFTP: OpenSSH `sshd` (internal-sftp) "
             "on 127.0.0.1, reached through `ssh` child processes (`sftp`, `sftp-openssh`) or paramiko's SSH in "
-            "Python (`sftp-paramiko`); S3: moto server on 127.0.0.1 (both servers share the 2 cores with vmvault). "
+            "Python (`sftp-paramiko`); S3: moto server on 127.0.0.1, `s3-rgw`: Ceph's RADOS Gateway over https "
+            "with one memstore OSD (tests/ceph.py; its server CPU is the gateway's and the OSD's) "
+            "(the servers share the 2 cores with vmvault). "
             "Reads: the storage operations the restore sent (`Backend.requests`: ranged GETs of packs, index and "
             "snapshot reads), against the chunks it restored. CPU: seconds (user + system) of the restoring process, "
             "of its ssh child processes (the OpenSSH transport's encryption), and of the server with its "
