@@ -11,7 +11,7 @@ run as root) so each tool reads from disk alike.
 The floors, measured in the same run for each tool: a full backup can be no faster than
 writing its repository's bytes to this disk with fsync (the disk floor: the same number of
 bytes written with ``fsync_write_seconds`` into the same folder right after the backup; at most
-1 GiB of it, scaled), nor
+1 GiB of it, scaled; the fastest of three), nor
 than the CPU time it used divided by the cores (the CPU floor: user + system seconds of the
 backup's processes / ``os.cpu_count()``); a restore no faster than writing the restored
 disk's data with fsync, nor than its CPU time / cores. The floor is the larger of the two,
@@ -23,6 +23,14 @@ reads, at the same moment and in the same proportion to the sample, the image's 
 backup) or the repository's files (for the restore: nearly all of them are the snapshot's);
 "floor 2" is the larger of it and the CPU floor. It is an estimate of what the disk can do for
 both at once, not part of the issue's definition of the floor.
+
+``--repo-dir DIR`` puts the repositories on other storage than the image and the restore
+target (``/dev/shm``: memory, the one other file system of a one-disk machine): a repository
+belongs on separate storage, and there a restore's reads no longer share the target disk's
+bandwidth. The backup's disk floor is then the repository's bytes written with fsync into DIR;
+the restore's stays the restored data written into the scratch folder. Dropping the page
+cache does not empty a tmpfs: there the repository is read from memory, the most a separate
+storage can give.
 """
 
 from __future__ import annotations
@@ -77,8 +85,9 @@ def place(image: Path, work: Path) -> None:
     subprocess.run(["cp", "--sparse=always", str(image), str(work)], check=True)
 
 
-def bench_tool(tool: str, base: Path, changed: Path, scratch: Path) -> dict[str, float]:
-    repo = scratch / f"{tool}-repo"
+def bench_tool(tool: str, base: Path, changed: Path, scratch: Path, repo_dir: Path | None = None) -> dict[str, float]:
+    repo_root = repo_dir or scratch
+    repo = repo_root / f"{tool}-repo"
     target = scratch / f"{tool}-restore"
     shutil.rmtree(repo, ignore_errors=True)
     fresh(target)
@@ -90,8 +99,8 @@ def bench_tool(tool: str, base: Path, changed: Path, scratch: Path) -> dict[str,
     drop_caches()
     full = timed_child(cmds["backup"], env=ENV)
     size1 = du(repo)
-    full_disk_floor = fsync_write_seconds(scratch, size1)
-    full_io_floor = fsync_write_seconds(scratch, size1, reading=[src], read_bytes=du(src))
+    full_disk_floor = fsync_write_seconds(repo_root, size1)
+    full_io_floor = fsync_write_seconds(repo_root, size1, reading=[src], read_bytes=du(src))
     place(changed, src)
     drop_caches()
     second = timed_child(cmds["backup"], env=ENV)
@@ -137,9 +146,13 @@ def main() -> None:
     ap.add_argument("--scratch", default=str(OUT / "compare"))
     ap.add_argument("--write", help="write the results section into this markdown file")
     ap.add_argument("--section", default="comparison", help="the name of that section (<!-- bench:NAME -->)")
+    ap.add_argument("--repo-dir", help="put the repositories here, apart from the image and the restore (docstring)")
     args = ap.parse_args()
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
+    repo_dir = Path(args.repo_dir) if args.repo_dir else None
+    if repo_dir is not None:
+        repo_dir.mkdir(parents=True, exist_ok=True)
     base = OUT / f"vm-{args.size}.raw"
     make_image(base, args.size, seed=1)
     changed = OUT / f"vm-{args.size}-changed.raw"
@@ -155,7 +168,7 @@ def main() -> None:
             print(f"skipping {tool}: not installed (apt-get install borgbackup restic)", file=sys.stderr)
             continue
         print(f"== {tool}", file=sys.stderr)
-        results[tool] = bench_tool(tool, base, changed, scratch)
+        results[tool] = bench_tool(tool, base, changed, scratch, repo_dir)
         print(results[tool], file=sys.stderr)
         load = max(load, os.getloadavg()[0])
     text = render(results, args, changed_bytes, du(base), base.stat().st_size, load)
@@ -183,6 +196,7 @@ def render(
     lines = [
         f"Command: `python bench/compare.py --size {args.size} --percent {args.percent} --tools {args.tools}"
         + ("" if args.section == "comparison" else f" --section {args.section}")
+        + (f" --repo-dir {args.repo_dir}" if args.repo_dir else "")
         + "`",
         "",
         f"Machine: {machine()}; load average up to {load:.1f} (other work on the same cores)",
@@ -190,6 +204,15 @@ def render(
         f"Image: {size / 2**30:.1f} GiB virtual, {mib(allocated)} allocated (make_vm_disk.py, seed 1); "
         f"the guest then overwrote {mib(changed)} ({args.percent} %).",
         "",
+        *(
+            [
+                f"Repositories in {args.repo_dir} ({_fs_type(Path(args.repo_dir))}), apart from the image and the "
+                "restore target; the backup's disk floor is written there, the restore's into the target's folder.",
+                "",
+            ]
+            if args.repo_dir
+            else []
+        ),
         "| tool | full backup (s) | backup after change (s) | restore (s) | repository after full | growth "
         "| peak RSS (MiB) | restore identical |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -198,7 +221,8 @@ def render(
     lines += [
         "",
         f"Floors ({os.cpu_count()} cores; module docstring of bench/compare.py): disk = the same bytes written "
-        "with fsync into the same folder, CPU = the step's user + system seconds / cores; floor = the larger. "
+        "with fsync into the same folder (the fastest of three), CPU = the step's user + system seconds / cores; "
+        "floor = the larger. "
         "Disk, reading too = the same writes while the same disk reads the step's input (a backup the image's "
         "data, a restore the repository's files) at once; floor 2 = the larger of it and the CPU floor.",
         "",
@@ -225,6 +249,21 @@ def render(
                 f"{r['incr_s'] / v['incr_s']:.1f}×, restore {r['restore_s'] / v['restore_s']:.1f}×"
             )
     return "\n".join(lines)
+
+
+def _fs_type(path: Path) -> str:
+    """The file system type of the mount holding ``path`` (from /proc/mounts), or "?"."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "?"
+    resolved = str(path.resolve())
+    best = max(
+        (m for m in mounts if len(m) > 2 and (resolved == m[1] or resolved.startswith(m[1].rstrip("/") + "/"))),
+        key=lambda m: len(m[1]),
+        default=None,
+    )
+    return best[2] if best else "?"
 
 
 def write_section(path: Path, name: str, text: str) -> None:
