@@ -194,9 +194,12 @@ class Actions:
 
     # ---- running ------------------------------------------------------------------------
 
-    def _open(self, repository: str) -> Repository:
+    def _open(self, repository: str, *, transfer: bool = False) -> Repository:
+        """``transfer``: the action moves data; the backend opens its connections meanwhile."""
         rc = self.dashboard.repo(repository).config
         backend = open_backend(rc.location)
+        if transfer:
+            backend.warm_up()
         try:
             return Repository.open(backend, rc.secret())
         except BaseException:
@@ -244,7 +247,7 @@ class Actions:
                 self.dashboard.repo(plan.repository).snapshots(fresh=True)
 
     def _do(self, plan: Plan, progress: ProgressReporter) -> dict[str, Any]:
-        repo = self._open(plan.repository)
+        repo = self._open(plan.repository, transfer=plan.action in ("restore", "clone"))
         try:
             if plan.action in ("restore", "clone"):
                 snap = repo.find_snapshot(plan.params["snapshot"])
