@@ -255,6 +255,28 @@ class BackendContract:
         for name, data in jobs.items():
             assert b.get(name) == data, name
 
+    def test_warm_up_returns_at_once_and_transfers_follow(self, store: StoreUnderTest) -> None:
+        """``warm_up`` (connections opened ahead, where a backend has any to open) costs the
+        caller nothing and changes nothing: the same reads and writes from several threads
+        right after it, on a second client of the same storage where there is one."""
+        b = store.backend
+        jobs = {f"data/{i:02x}/warm": payload(300_000 + i, seed=300 + i) for i in range(6)}
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            list(pool.map(lambda item: b.put(*item), jobs.items()))
+        reader = store.open_again() if store.open_again is not None else b
+        try:
+            started = time.monotonic()
+            reader.warm_up()
+            assert time.monotonic() - started < 0.1, "warm_up must not wait for its connections"
+            with ThreadPoolExecutor(max_workers=6) as pool:
+                got = list(pool.map(lambda name: reader.get(name, 1000, 5000), jobs))
+            assert got == [data[1000:6000] for data in jobs.values()]
+            reader.warm_up()  # again, with every connection open: nothing changes
+            assert reader.get("data/00/warm") == jobs["data/00/warm"]
+        finally:
+            if reader is not b:
+                reader.close()
+
     def test_concurrent_puts_of_one_name(self, store: StoreUnderTest) -> None:
         """Writers racing on one name (lock files): the survivor is one of them, whole."""
         b = store.backend
