@@ -65,8 +65,9 @@ class SnapshotCache:
                 pass  # every snapshot is read from the storage
 
     def get(self, snap_id: str) -> bytes | None:
-        """The sealed snapshot kept for ``snap_id``, not yet checked; None when there is none
-        (or it is not a regular file of at most ``MAX_SNAPSHOT`` bytes)."""
+        """The sealed snapshot kept for ``snap_id``, not yet checked (a copy read short fails
+        its check); None when there is none (or it is not a regular file of at most
+        ``MAX_SNAPSHOT`` bytes)."""
         if self.folder is None or not _is_id(snap_id):
             return None
         try:
@@ -77,15 +78,7 @@ class SnapshotCache:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_SNAPSHOT:
                 return None
-            parts: list[bytes] = []
-            left = st.st_size
-            while left > 0:
-                part = os.read(fd, min(left, 1 << 20))
-                if not part:
-                    break
-                parts.append(part)
-                left -= len(part)
-            return b"".join(parts)
+            return platform.pread(fd, st.st_size, 0)
         except OSError:
             return None
         finally:
@@ -105,7 +98,7 @@ class SnapshotCache:
             try:
                 view = memoryview(sealed)
                 while view:
-                    view = view[os.write(fd, view) :]
+                    view = view[os.write(fd, view[: platform.WRITE_SLICE]) :]
             finally:
                 os.close(fd)
             platform.replace(tmp, path)
