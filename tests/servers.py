@@ -210,6 +210,31 @@ class SshServer:
             _kill_tree(self.process)
         self.process = None
 
+    def freeze(self) -> None:
+        """Hold sshd and every session process still (SIGSTOP): a transfer in flight stops where it
+        is, so a test can be sure it is still in flight when it kills the server."""
+        if self.process is not None and self.process.poll() is None:
+            for pid in process_tree(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+
+    def bytes_served(self) -> int:
+        """What the sftp-server processes have read so far (rchar of /proc/PID/io): how far a
+        download has come on the server's side."""
+        total = 0
+        if self.process is not None:
+            for pid in process_tree(self.process.pid):
+                try:
+                    with open(f"/proc/{pid}/comm") as fh:
+                        if fh.read().strip() != "sftp-server":
+                            continue
+                    with open(f"/proc/{pid}/io") as fh:
+                        fields = dict(line.split(": ") for line in fh.read().splitlines())
+                except OSError:
+                    continue
+                total += int(fields["rchar"])
+        return total
+
     def restart(self) -> None:
         self.kill()
         self.start()

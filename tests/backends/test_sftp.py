@@ -412,6 +412,8 @@ def test_server_killed_mid_upload_then_back(own_sshd: SshServer, caplog: pytest.
         while not upload_in_progress(directory):
             assert time.monotonic() < deadline and writer.is_alive(), "never caught the upload in flight"
             time.sleep(0.002)
+        own_sshd.freeze()
+        assert writer.is_alive(), "the upload finished before the server could be killed"
         own_sshd.kill()
         assert not final.exists()
         time.sleep(0.5)
@@ -508,7 +510,14 @@ def test_server_killed_mid_download_then_back(
 
         reader = threading.Thread(target=download)
         reader.start()
-        time.sleep(0.3)
+        # a 192 MiB download takes about half a second here: the server is held still once it
+        # has sent a tenth, so checking that the download is alive and killing are not a race
+        deadline = time.monotonic() + 30
+        while own_sshd.bytes_served() < 16 * MiB:
+            assert time.monotonic() < deadline and reader.is_alive(), "never caught the download in flight"
+            time.sleep(0.002)
+        own_sshd.freeze()
+        time.sleep(0.2)
         assert reader.is_alive(), "the download finished before the server could be killed"
         own_sshd.kill()
         time.sleep(0.5)
