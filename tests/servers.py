@@ -210,29 +210,35 @@ class SshServer:
             _kill_tree(self.process)
         self.process = None
 
-    def freeze(self) -> None:
-        """Hold sshd and every session process still (SIGSTOP): a transfer in flight stops where it
-        is, so a test can be sure it is still in flight when it kills the server."""
-        if self.process is not None and self.process.poll() is None:
-            for pid in process_tree(self.process.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
+    def processes(self) -> list[int]:
+        """sshd's process and every session process under it, as they are now."""
+        return process_tree(self.process.pid) if self.process is not None else []
 
-    def bytes_served(self) -> int:
-        """What the sftp-server processes have read so far (rchar of /proc/PID/io): how far a
-        download has come on the server's side."""
+    def freeze(self, pids: list[int] | None = None) -> None:
+        """Hold sshd and every session process (or ``pids``) still (SIGSTOP): a transfer in
+        flight stops where it is, so a test can be sure it is in flight when it kills the server."""
+        for pid in self.processes() if pids is None else pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self, pids: list[int] | None = None) -> None:
+        """Let what ``freeze`` held go on (SIGCONT)."""
+        for pid in self.processes() if pids is None else pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def bytes_read(self, pids: list[int] | None = None) -> int:
+        """What the session processes (or ``pids``) have read so far, files and sockets (rchar
+        of /proc/PID/io; SFTP runs inside them as internal-sftp): a download's progress on the
+        server's side is the growth of this figure."""
         total = 0
-        if self.process is not None:
-            for pid in process_tree(self.process.pid):
-                try:
-                    with open(f"/proc/{pid}/comm") as fh:
-                        if fh.read().strip() != "sftp-server":
-                            continue
-                    with open(f"/proc/{pid}/io") as fh:
-                        fields = dict(line.split(": ") for line in fh.read().splitlines())
-                except OSError:
-                    continue
-                total += int(fields["rchar"])
+        for pid in self.processes()[1:] if pids is None else pids:
+            try:
+                with open(f"/proc/{pid}/io") as fh:
+                    fields = dict(line.split(": ") for line in fh.read().splitlines())
+            except OSError:
+                continue
+            total += int(fields["rchar"])
         return total
 
     def restart(self) -> None:

@@ -508,15 +508,20 @@ def test_server_killed_mid_download_then_back(
             except BaseException as exc:
                 errors.append(exc)
 
+        # a 192 MiB download takes about half a second here, less than a busy machine may take
+        # to notice it began: the server is let run 5 ms at a time until it has read a tenth,
+        # so the download is surely in flight, and held still, when it is killed
+        sessions = own_sshd.processes()  # the connection of exists() serves the download too
+        before = own_sshd.bytes_read(sessions)
+        own_sshd.freeze(sessions)
         reader = threading.Thread(target=download)
         reader.start()
-        # a 192 MiB download takes about half a second here: the server is held still once it
-        # has sent a tenth, so checking that the download is alive and killing are not a race
         deadline = time.monotonic() + 30
-        while own_sshd.bytes_served() < 16 * MiB:
+        while own_sshd.bytes_read(sessions) - before < 16 * MiB:
             assert time.monotonic() < deadline and reader.is_alive(), "never caught the download in flight"
-            time.sleep(0.002)
-        own_sshd.freeze()
+            own_sshd.thaw(sessions)
+            time.sleep(0.005)
+            own_sshd.freeze(sessions)
         time.sleep(0.2)
         assert reader.is_alive(), "the download finished before the server could be killed"
         own_sshd.kill()
