@@ -2,6 +2,7 @@
 
     python bench/remote_backends.py --size 4G --write docs/benchmarks.md
     python bench/remote_backends.py --size 1G --backends local,sftp-openssh,sftp-paramiko
+    python bench/remote_backends.py --size 1G --backends local,sftp,s3 --rtt-ms 30
 
 ``sftp`` takes the transport vmvault chooses by itself; ``sftp-openssh`` and ``sftp-paramiko``
 force one (``?transport=`` in the location).
@@ -17,11 +18,16 @@ cache, default settings) through ``vmvault.engine.restore`` (what ``vmvault rest
 malloc settings the command sets), in
 a child process that reports the storage operations it sent (``Backend.requests``). Both are
 timed to durability like ``compare.py``; the repository is deleted afterwards.
+
+``--rtt-ms N`` puts each server N ms away: vmvault reaches it through a relay process that
+delays every byte by half of N each way (bench/_latency.py: latency only, no bandwidth limit,
+no loss; its CPU is shown apart). The local repository stays where it is.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
 import json
 import os
@@ -29,9 +35,11 @@ import resource
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from _common import OUT, ROOT, drop_caches, machine, make_image, timed_child
+from _latency import relay
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -106,8 +114,25 @@ def _stored_chunks(repo: object, snap: object, record: object) -> list[bytes]:
     return [e for _c, e in resolver.entries(flatten=True) if is_chunk(e)]
 
 
+@contextlib.contextmanager
+def far(port: int, rtt_ms: float) -> Iterator[tuple[int, list[int]]]:
+    """The port to reach the server on ``port`` by, ``rtt_ms`` away (the same port for 0), and
+    the relay's process id to count its CPU (none for 0)."""
+    if rtt_ms <= 0:
+        yield port, []
+        return
+    with relay(port, rtt_ms) as process:
+        yield process.port, [process.pid]  # type: ignore[attr-defined]
+
+
 def vmvault_run(
-    url: str, src: Path, target: Path, env: dict[str, str], server: int | None = None, servers: list[int] | None = None
+    url: str,
+    src: Path,
+    target: Path,
+    env: dict[str, str],
+    server: int | None = None,
+    servers: list[int] | None = None,
+    relays: list[int] | None = None,
 ) -> dict[str, float]:
     base = [sys.executable, "-m", "vmvault", "-r", url, "-q"]
     env = {**env, "VMVAULT_PASSWORD": PASSWORD}
@@ -117,8 +142,10 @@ def vmvault_run(
     drop_caches()
     pids = servers if servers is not None else [server] if server is not None else []
     server_cpu = sum(tree_cpu(pid) for pid in pids)
+    relay_cpu = sum(tree_cpu(pid) for pid in relays or [])
     restore = timed_child([sys.executable, __file__, "--restore-child", url, str(target)], env=env)
     server_cpu = sum(tree_cpu(pid) for pid in pids) - server_cpu
+    relay_cpu = sum(tree_cpu(pid) for pid in relays or []) - relay_cpu
     report = json.loads(restore.stdout.strip().splitlines()[-1])
     (restored,) = list(target.iterdir())
     if not filecmp.cmp(restored, src, shallow=False):
@@ -136,6 +163,7 @@ def vmvault_run(
         "restore_cpu": report["cpu_s"],
         "ssh_cpu": report["ssh_cpu_s"],
         "server_cpu": server_cpu,
+        "relay_cpu": relay_cpu,
     }
 
 
@@ -147,6 +175,7 @@ def main() -> None:
     ap.add_argument("--size", default="4G")
     ap.add_argument("--backends", default="local,sftp,s3")
     ap.add_argument("--scratch", default=str(OUT / "remote"))
+    ap.add_argument("--rtt-ms", type=float, default=0.0, help="put each server this far away (bench/_latency.py)")
     ap.add_argument("--write")
     args = ap.parse_args()
     src = OUT / f"vm-{args.size}.raw"
@@ -181,8 +210,13 @@ def main() -> None:
                 ssh.start()
                 try:
                     pid = ssh.process.pid if ssh.process else None
-                    url = ssh.url("repo") + (f"?transport={name[5:]}" if name != "sftp" else "")
-                    results[name] = vmvault_run(url, src, target, ssh.env, pid)
+                    with far(ssh.port, args.rtt_ms) as (port, relays):
+                        # the host key, known for the port vmvault connects to
+                        known = ssh.known_hosts.read_text()
+                        ssh.known_hosts.write_text(known + known.replace(f":{ssh.port} ", f":{port} "))
+                        url = ssh.url("repo").replace(f":{ssh.port}/", f":{port}/")
+                        url += f"?transport={name[5:]}" if name != "sftp" else ""
+                        results[name] = vmvault_run(url, src, target, ssh.env, pid, relays=relays)
                 finally:
                     ssh.stop()
                     shutil.rmtree(scratch / "sshd", ignore_errors=True)
@@ -197,9 +231,14 @@ def main() -> None:
                         cluster.create_bucket("bench")
                         # the gateway and the OSD that holds the objects (in memory: memstore)
                         pids = [cluster.processes[n].pid for n in cluster.processes if n in ("rgw", "osd.0")]
-                        results[name] = vmvault_run(
-                            cluster.url("bench", "repo"), src, target, cluster.client_env(), servers=pids
-                        )
+                        env = cluster.client_env()
+                        endpoint = env["VMVAULT_S3_ENDPOINT"]
+                        gateway = int(endpoint.rpartition(":")[2].rstrip("/"))
+                        with far(gateway, args.rtt_ms) as (port, relays):
+                            env["VMVAULT_S3_ENDPOINT"] = endpoint.replace(f":{gateway}", f":{port}")
+                            results[name] = vmvault_run(
+                                cluster.url("bench", "repo"), src, target, env, servers=pids, relays=relays
+                            )
                 except pytest.skip.Exception as exc:  # not root, or Ceph not installed: say why
                     raise SystemExit(f"s3-rgw: {exc}") from None
             elif name == "s3":
@@ -209,7 +248,9 @@ def main() -> None:
                 s3.start()
                 try:
                     pid = s3.process.pid if s3.process else None
-                    results[name] = vmvault_run(s3.url("bench", "repo"), src, target, S3Server.client_env(), pid)
+                    with far(s3.port, args.rtt_ms) as (port, relays):
+                        url = s3.url("bench", "repo").replace(f":{s3.port}/", f":{port}/")
+                        results[name] = vmvault_run(url, src, target, S3Server.client_env(), pid, relays=relays)
                 finally:
                     s3.stop()
                     shutil.rmtree(scratch / "moto", ignore_errors=True)
@@ -225,7 +266,7 @@ def main() -> None:
     if args.write:
         from compare import write_section
 
-        write_section(Path(args.write), "remote-backends", text)
+        write_section(Path(args.write), "remote-backends-far" if args.rtt_ms else "remote-backends", text)
 
 
 def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, float]], load: float) -> str:
@@ -238,11 +279,13 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
             f"| {name} | {r['backup_s']:.1f} | {backup_ratio} | {r['restore_s']:.1f} | {restore_ratio} | "
             f"{r['gets']:,.0f} | {r['chunks']:,.0f} | {r['bytes_read'] / 2**20:,.0f} | "
             f"{r['restore_cpu']:.1f} | {r['ssh_cpu']:.1f} | {r['server_cpu']:.1f} | "
-            f"{max(r['backup_rss'], r['restore_rss']):.0f} |"
+            + (f"{r['relay_cpu']:.1f} | " if args.rtt_ms else "")
+            + f"{max(r['backup_rss'], r['restore_rss']):.0f} |"
         )
     return "\n".join(
         [
-            f"Command: `python bench/remote_backends.py --size {args.size} --backends {args.backends}`",
+            f"Command: `python bench/remote_backends.py --size {args.size} --backends {args.backends}"
+            + (f" --rtt-ms {args.rtt_ms:g}`" if args.rtt_ms else "`"),
             "",
             f"Machine: {machine()}; load average {load:.1f} during the run (other work shares the 2 cores)",
             "",
@@ -256,11 +299,20 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
             "Reads: the storage operations the restore sent (`Backend.requests`: ranged GETs of packs, index and "
             "snapshot reads), against the chunks it restored. CPU: seconds (user + system) of the restoring process, "
             "of its ssh child processes (the OpenSSH transport's encryption), and of the server with its "
-            "session processes during the restore. Peak RSS is vmvault's.",
+            "session processes during the restore. Peak RSS is vmvault's."
+            + (
+                f" Every server is {args.rtt_ms:g} ms (round trip) away: reached through a relay process that delays "
+                "each byte by half of that each way (bench/_latency.py: latency only, no bandwidth limit or loss); "
+                "the relay's CPU during the restore is its own column. The local repository is not delayed."
+                if args.rtt_ms
+                else ""
+            ),
             "",
             "| repository | full backup (s) | backup / local | restore (s) | restore / local | restore reads "
-            "| chunks restored | MiB read | restore CPU (s) | its ssh CPU (s) | server CPU (s) | peak RSS (MiB) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| chunks restored | MiB read | restore CPU (s) | its ssh CPU (s) | server CPU (s) | "
+            + ("relay CPU (s) | " if args.rtt_ms else "")
+            + "peak RSS (MiB) |",
+            "| --- " * (13 if args.rtt_ms else 12) + "|",
             *rows,
         ]
     )
