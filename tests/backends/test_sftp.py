@@ -20,13 +20,16 @@ from tests.backends.conftest import upload_in_progress
 from tests.servers import SshServer, process_tree, running_sshd
 from vmvault.backends import open_backend
 from vmvault.backends._retry import RetryPolicy
+from vmvault.backends._sftp_wire import Session
 from vmvault.backends.sftp import SftpBackend, open_sftp
 from vmvault.errors import (
     BackendConnectionError,
     BackendPermissionError,
     BackendUnreachableError,
     ConfigError,
+    ObjectNotFoundError,
     StorageFullError,
+    UnsafeStorageError,
 )
 
 pytestmark = pytest.mark.integration
@@ -317,6 +320,45 @@ def test_concurrent_uploads_use_several_connections(own_sshd: SshServer, transpo
     while sftp_servers() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sftp_servers() == 0, "close() left sessions open"
+
+
+def test_ranges_of_a_pack_share_its_lstat_which_a_failure_forgets(
+    sshd_server: SshServer, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pack's lstat serves its further ranged reads (one round trip less each, its CLOSE not
+    waited for either); a pack gone since is ObjectNotFoundError, and the next read looks
+    again, so a link put in its place is refused. Whole reads, and objects that are not packs,
+    look every time."""
+    lstats: list[str] = []
+    real_lstat = Session.lstat
+
+    def counted(self: Session, path: str) -> object:
+        lstats.append(path.rsplit("/", 2)[-1])
+        return real_lstat(self, path)
+
+    monkeypatch.setattr(Session, "lstat", counted)
+    name = f"pack-stat-{transport}"
+    data = os.urandom(3 * MiB)
+    with backend(sshd_server, name, connections=1, transport=transport) as b:
+        b.put("data/ab/pack", data)
+        b.put("snapshots/snap", b"snapshot")
+        lstats.clear()
+        for offset in (0, MiB, 2 * MiB, 3 * MiB - 5):
+            assert b.get("data/ab/pack", offset, MiB) == data[offset : offset + MiB]
+        assert lstats == ["pack"], "one lstat for the four ranges"
+        assert b.get("data/ab/pack") == data
+        assert b.get("snapshots/snap", 0, 100) == b.get("snapshots/snap", 0, 100) == b"snapshot"
+        assert lstats == ["pack", "pack", "snap", "snap"]
+        pack = sshd_server.root / name / "data" / "ab" / "pack"
+        pack.unlink()
+        with pytest.raises(ObjectNotFoundError):
+            b.get("data/ab/pack", 0, 10)
+        (sshd_server.root / name / "elsewhere").write_bytes(data)
+        pack.symlink_to(sshd_server.root / name / "elsewhere")
+        with pytest.raises(UnsafeStorageError):
+            b.get("data/ab/pack", 0, 10)
+        # the sessions stayed in step: every CLOSE sent ahead was answered and passed over
+        assert b.get("snapshots/snap") == b"snapshot"
 
 
 def test_warm_up_opens_the_connections_ahead_and_transfers_use_them(own_sshd: SshServer, transport: str) -> None:

@@ -173,6 +173,85 @@ def test_status_errors_keep_the_session() -> None:
 
 
 @pytest.mark.parametrize("via", VIA)
+def test_a_close_sent_ahead_is_answered_before_the_next_reply_and_passed_over(via: str) -> None:
+    """``close_later`` sends CLOSE and goes on; its status, whatever it says, is taken before the
+    next request's reply (in order or not); past ``_CLOSES_AHEAD`` unanswered a close waits."""
+    ahead = _sftp_wire._CLOSES_AHEAD
+    closes: list[int] = []
+
+    def script(peer: Peer) -> None:
+        kind, rid, rest = peer.request()
+        assert kind == Packet.CLOSE and rest == pack_string(b"h1")
+        closes.append(rid)
+        kind, stat_id, _ = peer.request()
+        assert kind == Packet.LSTAT
+        peer.status(rid, Status.FAILURE, b"close failed")  # passed over: a read handle
+        peer.reply(Packet.ATTRS, stat_id, Attrs(size=7).pack())
+        # answered out of order: the next reply first, then the close's
+        kind, rid, _ = peer.request()
+        assert kind == Packet.CLOSE
+        kind, stat_id, _ = peer.request()
+        peer.reply(Packet.ATTRS, stat_id, Attrs(size=8).pack())
+        peer.status(rid, Status.OK)
+        # a run of closes, none answered, until one waits for its answer: the one above still
+        # counts (its answer is in the stream, not yet read), so the run's last one waits
+        for _ in range(ahead):
+            kind, rid, _ = peer.request()
+            assert kind == Packet.CLOSE
+            closes.append(rid)
+        for rid in closes[1:]:
+            peer.status(rid, Status.OK)
+        idle(peer)
+
+    with scripted(script, via=via) as session:
+        session.close_later(b"h1")
+        assert session.lstat("/a").size == 7
+        session.close_later(b"h2")
+        assert session.lstat("/b").size == 8
+        for i in range(ahead):
+            session.close_later(f"h{i + 3}".encode())
+        assert not session._closing and not session.closed
+
+
+def test_a_listing_closes_its_folder_without_waiting() -> None:
+    def script(peer: Peer) -> None:
+        kind, rid, _ = peer.request()
+        assert kind == Packet.OPENDIR
+        peer.reply(Packet.HANDLE, rid, pack_string(b"d"))
+        _, rid, _ = peer.request()
+        peer.reply(Packet.NAME, rid, U32.pack(1) + pack_string(b"f") + pack_string(b"") + U32.pack(0))
+        _, rid, _ = peer.request()
+        peer.status(rid, Status.EOF)
+        kind, close_id, rest = peer.request()  # sent before the listing returned
+        assert kind == Packet.CLOSE and rest == pack_string(b"d")
+        kind, rid, _ = peer.request()
+        assert kind == Packet.LSTAT
+        peer.status(close_id, Status.OK)
+        peer.reply(Packet.ATTRS, rid, Attrs(size=3).pack())
+        idle(peer)
+
+    with scripted(script) as session:
+        assert [name for name, _attrs in session.listdir("/")] == [b"f"]
+        assert session.lstat("/f").size == 3
+        assert not session._closing
+
+
+def test_a_close_sent_ahead_answered_with_anything_but_a_status_ends_the_session() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        _, stat_id, _ = peer.request()
+        peer.reply(Packet.HANDLE, rid, pack_string(b"x"))
+        peer.reply(Packet.ATTRS, stat_id, Attrs(size=7).pack())
+        idle(peer)
+
+    with scripted(script) as session:
+        session.close_later(b"h1")
+        with pytest.raises(BackendProtocolError, match="answered a CLOSE"):
+            session.lstat("/a")
+        assert session.closed
+
+
+@pytest.mark.parametrize("via", VIA)
 def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof(via: str) -> None:
     content = bytes(range(256)) * 40  # 10240 bytes
 

@@ -83,6 +83,8 @@ RECV_AHEAD = 4 << 20
 #: pack folders) holds ~26 thousand packs at 100 TiB; a server sending names without end would
 #: otherwise fill memory
 MAX_LISTING = 1 << 22
+#: CLOSEs of read handles left unanswered at once (Session.close_later)
+_CLOSES_AHEAD = 8
 #: what of a server's status message is kept (it goes into error messages)
 _MESSAGE_LIMIT = 200
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -265,6 +267,9 @@ class Session:
         self._header = bytearray(HEADER.size)
         self._header_view = memoryview(self._header)
         self._buffer = bytearray()
+        #: CLOSE requests of read handles sent without waiting (:meth:`close_later`), whose
+        #: statuses are taken as they come, before the reply a caller waits for
+        self._closing: set[int] = set()
 
     # --- the stream ------------------------------------------------------------------
 
@@ -312,12 +317,19 @@ class Session:
     def _read_header(self) -> tuple[int, int, int]:
         """(length of what follows the id, type, id) of the next packet. The length is checked
         where the rest is read: against :data:`MAX_PACKET` (:meth:`_read_body`), or against
-        the READ it answers (:meth:`_read_data_length`)."""
-        self._recv_exact(self._header_view)
-        length, kind, request_id = HEADER.unpack(self._header)
-        if length < 5:
-            raise BackendProtocolError(f"malformed SFTP reply: a packet of {length} bytes")
-        return length - 5, kind, request_id
+        the READ it answers (:meth:`_read_data_length`). The statuses of CLOSEs sent by
+        :meth:`close_later` are read and passed over here."""
+        while True:
+            self._recv_exact(self._header_view)
+            length, kind, request_id = HEADER.unpack(self._header)
+            if length < 5:
+                raise BackendProtocolError(f"malformed SFTP reply: a packet of {length} bytes")
+            if request_id not in self._closing:
+                return length - 5, kind, request_id
+            self._closing.discard(request_id)
+            self._read_body(length - 5)  # a read handle's close loses nothing, whatever it says
+            if kind != Packet.STATUS:
+                raise BackendProtocolError(f"the SFTP server answered a CLOSE with packet type {kind}")
 
     def _read_body(self, length: int) -> bytes:
         if length > MAX_PACKET:
@@ -428,10 +440,24 @@ class Session:
     def close_handle(self, handle: bytes) -> None:
         self._call(Packet.CLOSE, pack_string(handle))
 
+    def close_later(self, handle: bytes) -> None:
+        """CLOSE a handle opened for reading (a file or a folder) without waiting for the
+        answer: the server answers in turn and the next reply read takes it
+        (:meth:`_read_header`), so a read or a listing costs one round trip less (30 ms from a
+        server 30 ms away). Servers process requests in order (section 6.1: at least those on
+        one file), so nothing sent later finds the handle open. At most ``_CLOSES_AHEAD`` are
+        unanswered; beyond, this waits as :meth:`close_handle` does."""
+        if len(self._closing) >= _CLOSES_AHEAD:
+            self.close_handle(handle)
+            return
+        with self._guard():
+            self._closing.add(self._send(Packet.CLOSE, pack_string(handle)))
+
     @contextlib.contextmanager
-    def closing(self, handle: bytes) -> Iterator[bytes]:
+    def closing(self, handle: bytes, *, later: bool = False) -> Iterator[bytes]:
         """Close ``handle`` afterwards; the CLOSE's status is checked unless the block failed
-        (closing a written file can report a late write error)."""
+        (closing a written file can report a late write error). ``later``: a read handle,
+        closed by :meth:`close_later` when the block succeeds."""
         try:
             yield handle
         except BaseException:
@@ -439,10 +465,14 @@ class Session:
                 with contextlib.suppress(OSError, BackendProtocolError, EOFError):
                     self.close_handle(handle)
             raise
-        self.close_handle(handle)
+        if later:
+            self.close_later(handle)
+        else:
+            self.close_handle(handle)
 
     def listdir(self, path: str) -> list[tuple[bytes, Attrs]]:
-        """OPENDIR, READDIR until EOF, CLOSE (section 6.7): every entry, "." and ".." too."""
+        """OPENDIR, READDIR until EOF, CLOSE (section 6.7, not waited for: :meth:`close_later`):
+        every entry, "." and ".." too."""
         handle = _handle(self._call(Packet.OPENDIR, _path(path), expect=Packet.HANDLE))
         entries: list[tuple[bytes, Attrs]] = []
         try:
@@ -461,10 +491,12 @@ class Session:
                 entries += names
                 if len(entries) > MAX_LISTING:
                     raise BackendProtocolError(f"the SFTP server listed more than {MAX_LISTING} entries in one folder")
-        finally:
+        except BaseException:
             if not self.closed:
                 with contextlib.suppress(OSError, BackendProtocolError, EOFError):
                     self.close_handle(handle)
+            raise
+        self.close_later(handle)
         return entries
 
     def read(self, handle: bytes, offset: int, length: int, step: int) -> bytes:
