@@ -213,6 +213,48 @@ def test_a_close_sent_ahead_is_answered_before_the_next_reply_and_passed_over(vi
         assert not session._closing and not session.closed
 
 
+def test_the_end_of_an_upload_is_one_round_trip_answered_in_any_order() -> None:
+    """``finish_write`` sends fsync, CLOSE and LSTAT together and reads every answer before it
+    returns, whatever order they come in and whatever they say; without fsync only the two."""
+
+    def script(peer: Peer) -> None:
+        asked = [peer.request() for _ in range(3)]
+        assert [kind for kind, _rid, _rest in asked] == [Packet.EXTENDED, Packet.CLOSE, Packet.LSTAT]
+        assert asked[0][2] == pack_string(b"fsync@openssh.com") + pack_string(b"h")
+        assert asked[2][2] == pack_string(b"/final")
+        peer.reply(Packet.ATTRS, asked[2][1], Attrs(size=9, mode=0o100600).pack())
+        peer.status(asked[1][1], Status.OK)
+        peer.status(asked[0][1], Status.FAILURE, b"no space")
+        asked = [peer.request() for _ in range(2)]
+        assert [kind for kind, _rid, _rest in asked] == [Packet.CLOSE, Packet.LSTAT]
+        peer.status(asked[0][1], Status.PERMISSION_DENIED, b"late write error")
+        peer.status(asked[1][1], Status.NO_SUCH_FILE, b"absent")
+        idle(peer)
+
+    with scripted(script) as session:
+        synced, closed, looked = session.finish_write(b"h", "/final", fsync=True)
+        assert isinstance(synced, StatusError) and synced.code == Status.FAILURE
+        assert closed is None and looked == Attrs(size=9, mode=0o100600)
+        synced, closed, looked = session.finish_write(b"h", "/final", fsync=False)
+        assert synced is None and isinstance(closed, PermissionDeniedError)
+        assert isinstance(looked, NoSuchFileError)
+        assert not session.closed
+
+
+def test_an_exchange_answered_twice_or_for_something_not_asked_ends_the_session() -> None:
+    def script(peer: Peer) -> None:
+        _, first, _ = peer.request()
+        peer.request()
+        peer.status(first, Status.OK)
+        peer.status(first, Status.OK)
+        idle(peer)
+
+    with scripted(script) as session:
+        with pytest.raises(BackendProtocolError, match="not asked"):
+            session.exchange([(Packet.CLOSE, [pack_string(b"a")], Packet.STATUS)] * 2)
+        assert session.closed
+
+
 def test_a_listing_closes_its_folder_without_waiting() -> None:
     def script(peer: Peer) -> None:
         kind, rid, _ = peer.request()

@@ -355,17 +355,28 @@ class Session:
         with self._guard():
             request_id = self._send(kind, *fields)
             got, cursor = self._reply(request_id)
-            if got == Packet.STATUS:
-                code = cursor.u32("a status code")
-                if code == Status.OK and expect == Packet.STATUS:
-                    return cursor
-                message = cursor.string("a status message") if cursor.left() >= 4 else b""
-                if code == Status.OK:
-                    raise BackendProtocolError(f"the SFTP server answered OK where {Packet(expect).name} was due")
-                raise _status_error(code, message)
-            if got != expect:
-                raise BackendProtocolError(f"the SFTP server answered with packet type {got}, not {_name(expect)}")
-            return cursor
+            return _answer(got, cursor, expect)
+
+    def exchange(self, requests: list[tuple[int, list[bytes], int]]) -> list[_Cursor | StatusError]:
+        """Several requests ``(type, fields, expected reply)`` sent at once, and their replies,
+        in the order asked, taken as :meth:`_call` takes one: a cursor, or the StatusError an
+        error status is (returned, not raised: every reply is read first, so the session stays
+        in step). One round trip for them all; the server may answer in any order."""
+        with self._guard():
+            ids = [self._send(kind, *fields) for kind, fields, _expect in requests]
+            replies: dict[int, tuple[int, _Cursor]] = {}
+            while len(replies) < len(ids):
+                length, kind, request_id = self._read_header()
+                if request_id not in ids or request_id in replies:
+                    raise BackendProtocolError(f"the SFTP server answered request {request_id}, which was not asked")
+                replies[request_id] = (kind, _Cursor(self._read_body(length)))
+            out: list[_Cursor | StatusError] = []
+            for request_id, (_kind, _fields, expect) in zip(ids, requests, strict=True):
+                try:
+                    out.append(_answer(*replies[request_id], expect))
+                except StatusError as exc:
+                    out.append(exc)
+            return out
 
     # --- operations ------------------------------------------------------------------
 
@@ -413,10 +424,6 @@ class Session:
         """``posix-rename@openssh.com`` (OpenSSH PROTOCOL section 4.3): rename(2), replacing."""
         self._call(Packet.EXTENDED, pack_string(b"posix-rename@openssh.com"), _path(old), _path(new))
 
-    def fsync(self, handle: bytes) -> None:
-        """``fsync@openssh.com`` (OpenSSH PROTOCOL section 4.6)."""
-        self._call(Packet.EXTENDED, pack_string(b"fsync@openssh.com"), pack_string(handle))
-
     def statvfs(self, path: str) -> tuple[int, ...]:
         """``statvfs@openssh.com`` (OpenSSH PROTOCOL section 4.4): its 11 fields."""
         cursor = self._call(
@@ -440,6 +447,33 @@ class Session:
     def close_handle(self, handle: bytes) -> None:
         self._call(Packet.CLOSE, pack_string(handle))
 
+    def finish_write(
+        self, handle: bytes, look_at: str, *, fsync: bool
+    ) -> tuple[StatusError | None, StatusError | None, Attrs | StatusError]:
+        """The end of an upload in one round trip: ``fsync@openssh.com`` of ``handle`` (when
+        ``fsync``; OpenSSH PROTOCOL section 4.6), its CLOSE, and the LSTAT of ``look_at``.
+        Returns the fsync's and the close's errors (None: done) and the lstat's attributes or
+        error. Nothing is raised for a status: the caller decides, having every answer."""
+        requests: list[tuple[int, list[bytes], int]] = []
+        if fsync:
+            requests.append((Packet.EXTENDED, [pack_string(b"fsync@openssh.com"), pack_string(handle)], Packet.STATUS))
+        requests.append((Packet.CLOSE, [pack_string(handle)], Packet.STATUS))
+        requests.append((Packet.LSTAT, [_path(look_at)], Packet.ATTRS))
+        answers = self.exchange(requests)
+        synced = answers.pop(0) if fsync else None
+        closed, looked = answers
+        return (
+            synced if isinstance(synced, StatusError) else None,
+            closed if isinstance(closed, StatusError) else None,
+            looked if isinstance(looked, StatusError) else parse_attrs(looked),
+        )
+
+    def close_quietly(self, handle: bytes) -> None:
+        """CLOSE ``handle`` after a failure, raising nothing (the failure is what is reported)."""
+        if not self.closed:
+            with contextlib.suppress(OSError, BackendProtocolError, EOFError):
+                self.close_handle(handle)
+
     def close_later(self, handle: bytes) -> None:
         """CLOSE a handle opened for reading (a file or a folder) without waiting for the
         answer: the server answers in turn and the next reply read takes it
@@ -461,9 +495,7 @@ class Session:
         try:
             yield handle
         except BaseException:
-            if not self.closed:
-                with contextlib.suppress(OSError, BackendProtocolError, EOFError):
-                    self.close_handle(handle)
+            self.close_quietly(handle)
             raise
         if later:
             self.close_later(handle)
@@ -492,9 +524,7 @@ class Session:
                 if len(entries) > MAX_LISTING:
                     raise BackendProtocolError(f"the SFTP server listed more than {MAX_LISTING} entries in one folder")
         except BaseException:
-            if not self.closed:
-                with contextlib.suppress(OSError, BackendProtocolError, EOFError):
-                    self.close_handle(handle)
+            self.close_quietly(handle)
             raise
         self.close_later(handle)
         return entries
@@ -611,6 +641,22 @@ class Session:
         if code == Status.OK:
             return None
         return _status_error(code, cursor.string("a status message") if cursor.left() >= 4 else b"")
+
+
+def _answer(got: int, cursor: _Cursor, expect: int) -> _Cursor:
+    """A reply of type ``got``, which must be ``expect`` or a status: an error status raises
+    :class:`StatusError`, OK answers an ``expect`` of STATUS."""
+    if got == Packet.STATUS:
+        code = cursor.u32("a status code")
+        if code == Status.OK and expect == Packet.STATUS:
+            return cursor
+        message = cursor.string("a status message") if cursor.left() >= 4 else b""
+        if code == Status.OK:
+            raise BackendProtocolError(f"the SFTP server answered OK where {Packet(expect).name} was due")
+        raise _status_error(code, message)
+    if got != expect:
+        raise BackendProtocolError(f"the SFTP server answered with packet type {got}, not {_name(expect)}")
+    return cursor
 
 
 def _name(kind: int) -> str:

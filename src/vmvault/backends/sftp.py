@@ -850,6 +850,10 @@ class SftpBackend(Backend):
             attrs = sftp.lstat(self._path(name))
         except FileNotFoundError:
             return None
+        return self._checked_object(name, attrs)
+
+    def _checked_object(self, name: str, attrs: Attrs) -> Attrs | None:
+        """``_object`` of the lstat ``attrs`` of ``name``."""
         mode = attrs.mode or 0
         if stat.S_ISDIR(mode):
             return None  # a directory is no object
@@ -923,16 +927,24 @@ class SftpBackend(Backend):
         except FileNotFoundError:
             return False
 
-    def _fsync_file(self, sftp: Session, handle: bytes) -> None:
-        if not self._fsync:
-            return
-        try:
-            sftp.fsync(handle)
-        except OSError as exc:
-            if not _not_offered(exc):
-                raise
+    def _finish(self, sftp: Session, handle: bytes, name: str) -> None:
+        """fsync and close a written temporary file and look at ``name`` (``finish_write``):
+        raises the fsync's error, else the close's, else what ``_object`` raises for what
+        stands at ``name``. A rename replaces a link itself, not its target; still, a link where
+        an object belongs was planted, and is reported rather than silently replaced."""
+        synced, closed, looked = sftp.finish_write(handle, self._path(name), fsync=self._fsync)
+        if synced is not None:
+            if not _not_offered(synced):
+                raise synced
             # durability then rests on the server's own flushing; the rename is still atomic
             self._fsync = False
+        if closed is not None:
+            raise closed
+        if isinstance(looked, StatusError):
+            if not isinstance(looked, FileNotFoundError):
+                raise looked
+        else:
+            self._checked_object(name, looked)
 
     # --- the Backend interface -----------------------------------------------------------
 
@@ -952,14 +964,17 @@ class SftpBackend(Backend):
             tmp = f"{path}{_TMP_MARK}{secrets.token_hex(6)}"
             leftovers.append(tmp)
             try:
-                with sftp.closing(self._open_new(sftp, parts, tmp)) as handle:
+                handle = self._open_new(sftp, parts, tmp)
+                try:
                     # every write's status is checked: a short object must never be renamed
                     # into place as if it were whole
                     sftp.write(handle, data, self._request_size or _BASE_REQUEST, _WINDOW)
-                    self._fsync_file(sftp, handle)
-                # a rename replaces a link itself, not its target; still, a link where an object
-                # belongs was planted, and is reported rather than silently replaced
-                self._object(sftp, name)
+                except BaseException:
+                    sftp.close_quietly(handle)
+                    raise
+                # fsync, close and a look at the final name in one round trip (the handle is
+                # closed whatever it raises); the rename only once all three are right
+                self._finish(sftp, handle, name)
                 self._rename_over(sftp, tmp, path)
             except BaseException:
                 with contextlib.suppress(Exception):
