@@ -93,9 +93,9 @@ def run_relay(port: int, target: tuple[str, int], rtt: float) -> None:
 
 
 @contextlib.contextmanager
-def relay(target_port: int, rtt_ms: float, target_host: str = "127.0.0.1") -> Iterator[subprocess.Popen[bytes]]:
-    """A relay process to ``target_host:target_port`` adding ``rtt_ms``; its port is
-    ``process.port`` (an attribute set here)."""
+def relay(target_port: int, rtt_ms: float, target_host: str = "127.0.0.1") -> Iterator[tuple[int, int]]:
+    """A relay process to ``target_host:target_port`` adding ``rtt_ms``: (the port it listens
+    on, its process id)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from servers import free_port
 
@@ -106,8 +106,7 @@ def relay(target_port: int, rtt_ms: float, target_host: str = "127.0.0.1") -> It
         assert process.stdout is not None
         if process.stdout.readline().strip() != b"ready":
             raise SystemExit(f"the latency relay to port {target_port} did not start")
-        process.port = port  # type: ignore[attr-defined]
-        yield process
+        yield port, process.pid
     finally:
         process.kill()
         process.wait()

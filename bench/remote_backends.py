@@ -121,8 +121,8 @@ def far(port: int, rtt_ms: float) -> Iterator[tuple[int, list[int]]]:
     if rtt_ms <= 0:
         yield port, []
         return
-    with relay(port, rtt_ms) as process:
-        yield process.port, [process.pid]  # type: ignore[attr-defined]
+    with relay(port, rtt_ms) as (relay_port, pid):
+        yield relay_port, [pid]
 
 
 def vmvault_run(

@@ -70,11 +70,16 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to each of ``pids`` that still exists."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
     # collect the tree before killing: orphans are re-parented and could no longer be found
-    for pid in process_tree(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    _signal_all(process_tree(proc.pid), signal.SIGKILL)
     proc.wait(timeout=10)
 
 
@@ -217,15 +222,11 @@ class SshServer:
     def freeze(self, pids: list[int] | None = None) -> None:
         """Hold sshd and every session process (or ``pids``) still (SIGSTOP): a transfer in
         flight stops where it is, so a test can be sure it is in flight when it kills the server."""
-        for pid in self.processes() if pids is None else pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+        _signal_all(self.processes() if pids is None else pids, signal.SIGSTOP)
 
     def thaw(self, pids: list[int] | None = None) -> None:
         """Let what ``freeze`` held go on (SIGCONT)."""
-        for pid in self.processes() if pids is None else pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        _signal_all(self.processes() if pids is None else pids, signal.SIGCONT)
 
     def bytes_read(self, pids: list[int] | None = None) -> int:
         """What the session processes (or ``pids``) have read so far, files and sockets (rchar
