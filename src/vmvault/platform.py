@@ -14,6 +14,7 @@ what                            POSIX                                 fallback (
 :func:`flush_data`              ``os.fdatasync``                      ``os.fsync`` (``_commit`` on Windows:
                                                                       ``FlushFileBuffers``)
 :func:`drop_cached`             ``posix_fadvise(DONTNEED)``           nothing (the cache manager decides)
+:func:`set_direct`              ``fcntl(F_SETFL, O_DIRECT)``          nothing: writes go through the cache
 :func:`lock`                    ``fcntl.flock`` (whole file)          ``msvcrt.locking`` of one byte at
                                                                       :data:`LOCK_OFFSET`
 :func:`replace`                 ``os.replace``                        ``os.replace``, retried while another
@@ -65,6 +66,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 __all__ = [
+    "DIRECT_ALIGN",
     "HIDE_POSIX",
     "LOCK_OFFSET",
     "NO_FOLDER_DESCRIPTORS",
@@ -98,6 +100,7 @@ __all__ = [
     "seek_data",
     "seek_hole",
     "set_blocking",
+    "set_direct",
     "sync_dir",
     "user_id",
     "windows_name_problem",
@@ -145,6 +148,8 @@ try:
 except ImportError:  # pragma: no cover - Windows
     _fcntl = None  # type: ignore[assignment]
 _flock: Callable[[int, int], None] | None = _posix(_fcntl, "flock") if _fcntl is not None else None
+#: the flag that sends a descriptor's reads and writes past the page cache (Linux, FreeBSD)
+_O_DIRECT: int = 0 if HIDE_POSIX else getattr(os, "O_DIRECT", 0)
 
 
 # ------------------------------------------------------------------------- positional I/O
@@ -594,6 +599,31 @@ def allocated_bytes(st: os.stat_result) -> int:
     """The space a file takes on disk (``st_blocks``); its size where that is not reported."""
     blocks: int | None = getattr(st, "st_blocks", None)
     return st.st_size if blocks is None else blocks * 512
+
+
+#: what :func:`set_direct`'s writes must be aligned to: their offset, length and buffer address
+#: (4 KiB logical blocks are the largest in common use; a device with larger ones refuses the
+#: writes with ``EINVAL``, which callers take as "no ``O_DIRECT`` here")
+DIRECT_ALIGN: Final[int] = 4096
+
+
+def set_direct(fd: int, on: bool) -> bool:
+    """Switch the open file ``fd`` to writing past the page cache (``O_DIRECT``) or back;
+    returns whether it now writes past the page cache. Never where there is no such flag
+    (Windows, the fallbacks under test) or the file system refuses it (``EINVAL``: some network
+    and FUSE file systems).
+
+    While on, every write must start at a multiple of :data:`DIRECT_ALIGN`, be a multiple of it
+    long and come from a buffer aligned to it (an ``mmap``); a write that is not fails with
+    ``EINVAL``. The flag belongs to the open file, so it applies to every ``dup`` of ``fd``."""
+    if not _O_DIRECT or _fcntl is None:
+        return False
+    try:
+        flags = _fcntl.fcntl(fd, _fcntl.F_GETFL)
+        _fcntl.fcntl(fd, _fcntl.F_SETFL, (flags | _O_DIRECT) if on else (flags & ~_O_DIRECT))
+        return bool(_fcntl.fcntl(fd, _fcntl.F_GETFL) & _O_DIRECT)
+    except OSError:
+        return False
 
 
 def set_blocking(fd: int) -> None:

@@ -52,14 +52,30 @@ def _restored(target: Path) -> bytes:
     return (target / name).read_bytes()
 
 
-def test_a_restore_frees_the_pages_it_wrote_back_as_it_goes(
-    tmp_path: Path, disk64: MemoryDisk, monkeypatch: pytest.MonkeyPatch
+def _takes_direct(folder: Path) -> bool:
+    """Whether files in ``folder`` can be written past the page cache (O_DIRECT)."""
+    fd = os.open(folder / "direct-probe", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        return platform.set_direct(fd, True)
+    finally:
+        os.close(fd)
+        os.unlink(folder / "direct-probe")
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["past-the-cache", "through-the-cache"])
+def test_a_restore_leaves_no_page_it_wrote_in_the_page_cache(
+    tmp_path: Path, disk64: MemoryDisk, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    """A restore never reads what it wrote: every ``FLUSH_BYTES`` the pages written back are
-    freed, so a restore of hundreds of GiB does not take the host's page cache (nor ask the
-    kernel for a new page for every page it writes)."""
+    """A restore never reads what it wrote. Past the page cache (O_DIRECT) its pages never enter
+    it; through it (a file system without O_DIRECT), every ``FLUSH_BYTES`` the pages written back
+    are freed. Either way a restore of hundreds of GiB does not take the host's page cache (nor
+    ask the kernel for a new page for every page it writes)."""
     if why := page_cache_droppable(tmp_path):
         pytest.skip(why)
+    if direct and not _takes_direct(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} does not take O_DIRECT (or it is hidden)")
+    if not direct:
+        monkeypatch.setattr(platform, "set_direct", lambda fd, on: False)
     monkeypatch.setattr(_Flusher, "FLUSH_BYTES", 4 * MiB)
     repo = Repository.init(LocalBackend(str(tmp_path / "repo")), b"passphrase", chunk_size=CS)
     snap = backup(repo, ScriptedSource(disk64), workers=2).snapshot
@@ -73,9 +89,13 @@ def test_a_restore_frees_the_pages_it_wrote_back_as_it_goes(
     monkeypatch.setattr(platform, "drop_cached", recorded)
     restore(repo, snap, str(tmp_path / "t"))
     (path,) = (tmp_path / "t").iterdir()
-    # while it writes, by the flusher (a flush starts only once the one before it is done, so
-    # how many depends on the disk's speed), and once more after the final fsync
-    assert sum(name.startswith("vmvault-flush") for name in freed_by) >= 2, freed_by
+    flushes = sum(name.startswith("vmvault-flush") for name in freed_by)
+    if direct:
+        assert flushes == 0, "nothing dirty to write back as it goes"
+    else:
+        # while it writes, by the flusher (a flush starts only once the one before it is done,
+        # so how many depends on the disk's speed), and once more after the final fsync
+        assert flushes >= 2, freed_by
     assert freed_by[-1] == threading.current_thread().name, freed_by
     # the pages the flushes had not reached are freed after the final fsync too; a few may be
     # taken again by the kernel's own readahead or another process, never the 63 MiB written

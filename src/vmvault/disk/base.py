@@ -268,10 +268,18 @@ class DiskWriter(ABC):
 
     @abstractmethod
     def write(self, offset: int, data: bytes) -> None:
-        """Write guest-visible bytes at ``offset``. Not required to be thread-safe."""
+        """Write guest-visible bytes at ``offset``. Not required to be thread-safe. A writer
+        may queue the bytes: a failure to write them is then raised by a later ``write``,
+        ``flush`` or ``close``."""
 
     def flush(self) -> None:  # noqa: B027 - optional hook
         """Make everything written durable (fsync)."""
+
+    @property
+    def past_cache(self) -> bool:
+        """Whether the data written goes past the page cache (``O_DIRECT``): then there is no
+        dirty data to write back while writing, nor clean pages to free afterwards."""
+        return False
 
     @abstractmethod
     def close(self) -> None:

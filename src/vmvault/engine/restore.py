@@ -107,7 +107,8 @@ def _write_disk(
 ) -> int:
     resolver = ChunkResolver(repo, snap, record)
     written = 0
-    flusher = _Flusher(flush_fd)
+    # (a writer past the page cache leaves nothing dirty to write back as it goes)
+    flusher = _Flusher(-1 if writer.past_cache else flush_fd)
     pieces = _pieces(resolver, record, flatten=flatten, layer_only=layer_only)
     # runs of chunks side by side in a pack come in one ranged read, ``workers`` reads at once
     # (repo/fetch.py); chunks arrive in disk order, each verified as a read of it alone is
@@ -160,7 +161,7 @@ class _Flusher:
         self._future: Future[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
         try:
-            self._fd = os.dup(fd)
+            self._fd = os.dup(fd) if fd >= 0 else -1
         except OSError:
             self._fd = -1  # only an optimisation: without it the final fsync does all the work
 
