@@ -9,6 +9,7 @@ what                            POSIX                                 fallback (
 ==============================  ====================================  =====================================
 :func:`pread` / :func:`pwrite`  ``os.pread`` / ``os.pwrite``          ``lseek`` + ``read``/``write`` under a
                                                                       per-descriptor lock
+:func:`pread_into`              ``os.preadv``                         :func:`pread`, then a copy
 :func:`seek_data` /             ``lseek(SEEK_DATA / SEEK_HOLE)``      ``OSError(EOPNOTSUPP)``: callers read
 :func:`seek_hole`                                                     the whole file as data
 :func:`flush_data`              ``os.fdatasync``                      ``os.fsync`` (``_commit`` on Windows:
@@ -94,6 +95,7 @@ __all__ = [
     "open_nofollow",
     "others_can_change",
     "pread",
+    "pread_into",
     "pwrite",
     "replace",
     "same_file",
@@ -136,6 +138,7 @@ def _posix(obj: Any, name: str) -> Any:
 
 _pread: Callable[[int, int, int], bytes] | None = _posix(os, "pread")
 _pwrite: Callable[[int, Any, int], int] | None = _posix(os, "pwrite")
+_preadv: Callable[[int, list[Any], int], int] | None = _posix(os, "preadv")
 _fdatasync: Callable[[int], None] | None = _posix(os, "fdatasync")
 _SEEK_DATA: int | None = _posix(os, "SEEK_DATA")
 _SEEK_HOLE: int | None = _posix(os, "SEEK_HOLE")
@@ -194,6 +197,18 @@ def pread(fd: int, length: int, offset: int) -> bytes:
         if exc.errno == errno.EINVAL and offset >= 0 and length >= 0:
             return b""
         raise
+
+
+def pread_into(fd: int, buffer: memoryview, offset: int) -> int:
+    """Read at most ``len(buffer)`` bytes at ``offset`` into ``buffer`` (writable); how many
+    (fewer at the end of the file). Unlike :func:`pread`, every ``OSError`` is raised: a file
+    written past the page cache (:func:`set_direct`) refuses a read off its alignment with
+    ``EINVAL``, which the caller must see."""
+    if _preadv is not None:
+        return _preadv(fd, [buffer], offset)
+    data = pread(fd, len(buffer), offset)
+    buffer[: len(data)] = data
+    return len(data)
 
 
 #: the most bytes callers that loop give one write: 1.3 GiB written 2-16 MiB a call cost Linux
@@ -608,14 +623,15 @@ DIRECT_ALIGN: Final[int] = 4096
 
 
 def set_direct(fd: int, on: bool) -> bool:
-    """Switch the open file ``fd`` to writing past the page cache (``O_DIRECT``) or back;
-    returns whether it now writes past the page cache. Never where there is no such flag
+    """Switch the open file ``fd`` to reading and writing past the page cache (``O_DIRECT``) or
+    back; returns whether it now goes past the page cache. Never where there is no such flag
     (Windows, the fallbacks under test) or the file system refuses it (``EINVAL``: some network
     and FUSE file systems).
 
-    While on, every write must start at a multiple of :data:`DIRECT_ALIGN`, be a multiple of it
-    long and come from a buffer aligned to it (an ``mmap``); a write that is not fails with
-    ``EINVAL``. The flag belongs to the open file, so it applies to every ``dup`` of ``fd``."""
+    While on, every read and write must start at a multiple of :data:`DIRECT_ALIGN`, be a
+    multiple of it long and use a buffer aligned to it (an ``mmap``); one that is not fails with
+    ``EINVAL`` (a read may end early at the end of the file). The flag belongs to the open file,
+    so it applies to every ``dup`` of ``fd``."""
     if not _O_DIRECT or _fcntl is None:
         return False
     try:

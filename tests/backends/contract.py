@@ -7,6 +7,7 @@ against memory, local, sftp, s3 (moto) and s3-rgw (Ceph RADOS Gateway).
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import signal
@@ -166,6 +167,48 @@ class BackendContract:
         data = payload(1000, seed=5)
         store.backend.put("data/ab/range", data)
         assert store.backend.get("data/ab/range", offset, length) == data[expected]
+
+    @pytest.mark.parametrize(
+        ("offset", "length"),
+        [
+            (0, 12411),  # the whole object: three blocks of 4 KiB and a part
+            (0, 4096),
+            (4096, 8192),  # whole blocks
+            (10, 20),  # within one block
+            (4000, 200),  # across a block boundary
+            (4095, 8193),
+            (12000, 1000),  # short at the end
+            (12411, 10),  # starts at the end
+            (99999, 10),  # past it
+            (7, 0),
+        ],
+    )
+    def test_get_into_reads_what_get_reads(self, store: StoreUnderTest, offset: int, length: int) -> None:
+        """``get_into`` (a restore's ranged reads) returns ``get``'s bytes, whatever the range's
+        alignment, one buffer serving one call after another; one read each."""
+        b = store.backend
+        data = payload(12411, seed=6)
+        b.put("data/ab/into", data)
+        buffer = mmap.mmap(-1, 64 * 1024)
+        buffer.write(b"\xee" * len(buffer))  # left over from an earlier range: never returned
+        before = b.requests.to_dict()
+        for _ in range(2):
+            got = b.get_into("data/ab/into", offset, length, buffer)
+            assert bytes(got) == data[offset : offset + length]
+            del got
+        after = b.requests.to_dict()
+        assert after["get"] - before["get"] == 2
+        assert after["bytes_read"] - before["bytes_read"] == 2 * len(data[offset : offset + length])
+
+    def test_get_into_a_large_range(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        data = payload(3 * MiB + 5, seed=7)
+        b.put("data/ab/large", data)
+        buffer = mmap.mmap(-1, 4 * MiB)
+        for offset, length in ((0, len(data)), (5, 3 * MiB), (MiB - 1, MiB + 2)):
+            assert bytes(b.get_into("data/ab/large", offset, length, buffer)) == data[offset : offset + length]
+        with pytest.raises(ObjectNotFoundError):
+            b.get_into("data/00/missing", 0, 10, buffer)
 
     # --- list -----------------------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
 import os
 from pathlib import Path
 
@@ -92,3 +95,64 @@ def test_a_write_that_takes_nothing_is_an_error_not_a_loop(tmp_path: Path, monke
     with pytest.raises(BackendError, match="none of the bytes"):
         backend.put("data/ef/" + "ef" * 32, b"x" * 100)
     assert not any(p.is_file() for p in (tmp_path / "repo").rglob("*") if "ef" in p.name)
+
+
+def _pack(tmp_path: Path, size: int) -> tuple[LocalBackend, str, bytes, Path]:
+    backend = LocalBackend(str(tmp_path / "repo"))
+    data = os.urandom(size)
+    name = "data/ab/" + "ab" * 32
+    backend.put(name, data)
+    (path,) = (p for p in (tmp_path / "repo").rglob("*") if p.is_file() and p.stat().st_size == size)
+    return backend, name, data, path
+
+
+def _takes_direct(folder: Path) -> bool:
+    fd = os.open(folder / "direct-probe", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        return platform.set_direct(fd, True)
+    finally:
+        os.close(fd)
+        os.unlink(folder / "direct-probe")
+
+
+def test_a_pack_range_is_read_past_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``get_into`` reads a pack's range with O_DIRECT: the kernel keeps none of its pages, even
+    with the freeing of pages read through the cache switched off."""
+    if why := page_cache_droppable(tmp_path):
+        pytest.skip(why)
+    if not _takes_direct(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} does not take O_DIRECT")
+    backend, name, data, path = _pack(tmp_path, 8 << 20)
+    assert cached_pages(path) == 0
+    monkeypatch.setattr(platform, "drop_cached", lambda *args: None)
+    buffer = mmap.mmap(-1, 10 << 20)
+    assert bytes(backend.get_into(name, 12345, 5 << 20, buffer)) == data[12345 : 12345 + (5 << 20)]
+    assert cached_pages(path) == 0
+    assert backend.get(name, 12345, 100) == data[12345:12445]  # get reads through the cache
+    assert cached_pages(path) > 0
+
+
+def test_a_refused_direct_read_is_read_through_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that takes O_DIRECT and then refuses the read (EINVAL) is read as ``get``
+    reads; so is a range larger than the buffer."""
+    backend, name, data, _ = _pack(tmp_path, 3 << 20)
+    real = platform.pread_into
+    refused: list[int] = []
+
+    def pread_into(fd: int, view: memoryview, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, view, offset)
+
+    monkeypatch.setattr(platform, "pread_into", pread_into)
+    buffer = mmap.mmap(-1, 4 << 20)
+    assert bytes(backend.get_into(name, 100, 2 << 20, buffer)) == data[100 : 100 + (2 << 20)]
+    assert refused == ([] if not _takes_direct(tmp_path) else [0])
+    small = mmap.mmap(-1, 1 << 20)
+    assert bytes(backend.get_into(name, 7, 2 << 20, small)) == data[7 : 7 + (2 << 20)]
+    snapshot = "snapshots/" + "ef" * 32  # not a pack: read as ``get`` reads it
+    backend.put(snapshot, data[:5000])
+    before = backend.requests.gets
+    assert bytes(backend.get_into(snapshot, 10, 100, buffer)) == data[10:110]
+    assert backend.requests.gets == before + 1

@@ -27,6 +27,7 @@ is the repository's business (``vmvault.repo.names``).
 from __future__ import annotations
 
 import logging
+import mmap
 import stat
 import threading
 from abc import ABC, abstractmethod
@@ -137,9 +138,13 @@ class RequestStats:
 
     def read(self, data: bytes) -> bytes:
         """Count ``data`` as read, and return it."""
-        with self._lock:
-            self.bytes_read += len(data)
+        self.read_bytes(len(data))
         return data
+
+    def read_bytes(self, nbytes: int) -> None:
+        """Count ``nbytes`` as read."""
+        with self._lock:
+            self.bytes_read += nbytes
 
     def retried(self) -> None:
         with self._lock:
@@ -206,6 +211,14 @@ class Backend(ABC):
     @abstractmethod
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """The object's bytes, or ``length`` bytes from ``offset`` (short only at the end)."""
+
+    def get_into(self, name: str, offset: int, length: int, buffer: mmap.mmap) -> memoryview:
+        """What ``get(name, offset, length)`` returns, read into ``buffer`` where the backend can
+        (the view is then into ``buffer``: valid until ``buffer`` is next used). ``buffer`` is
+        page-aligned and at least ``length + 2 * platform.DIRECT_ALIGN`` bytes long, so a backend
+        may read whole aligned blocks around the range past the page cache. The default is
+        ``get``'s bytes."""
+        return memoryview(self.get(name, offset, length))
 
     @abstractmethod
     def exists(self, name: str) -> bool: ...

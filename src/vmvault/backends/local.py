@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import mmap
 import os
 import re
 import secrets
@@ -312,6 +313,42 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
+    def get_into(self, name: str, offset: int, length: int, buffer: mmap.mmap) -> memoryview:
+        """A pack's range read into ``buffer``, past the page cache where the file system takes
+        ``O_DIRECT``: the whole 4 KiB blocks around it, so the kernel neither copies the bytes nor
+        keeps them (a restore reads each pack once; 1.7 GiB of packs read 8 MiB at a time took
+        0.09-0.12 s of system time so, against 0.47-0.48 s through the cache and freed, two runs
+        each). Other objects, and ranges too large for ``buffer``, as ``get``."""
+        align = platform.DIRECT_ALIGN
+        if not name.startswith("data/") or length < 0 or len(buffer) < length + 2 * align:
+            return super().get_into(name, offset, length, buffer)
+        self.requests.count("get")
+        fd = self._open_object(name)
+        view = memoryview(buffer)
+        try:
+            start, got = offset, -1
+            if platform.set_direct(fd, True):
+                start = offset - offset % align
+                end = -(-(offset + length) // align) * align
+                try:
+                    got = _fill(fd, view[: end - start], start, align)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    platform.set_direct(fd, False)  # taken, then refused: read through the cache
+                    start = offset
+            if got < 0:
+                got = _fill(fd, view[:length], offset, 1)
+                platform.drop_cached(fd, offset, got)  # read once: see ``get``
+            head = offset - start
+            out = view[head : head + max(0, min(length, got - head))]
+            self.requests.read_bytes(len(out))
+            return out
+        except OSError as exc:
+            raise self._error(exc, "read", name) from exc
+        finally:
+            os.close(fd)
+
     def _lstat(self, name: str, action: str) -> os.stat_result | None:
         """The object's own status (never a link's target); None when there is no object."""
         parts = split_name(name)
@@ -497,3 +534,18 @@ def _write_parts(fd: int, parts: Sequence[bytes]) -> None:
             if not views:
                 return
         views[0] = views[0][written:]
+
+
+def _fill(fd: int, view: memoryview, offset: int, align: int) -> int:
+    """Read into ``view`` from ``offset`` until it is full or the file ends; the bytes read. A
+    read that ends off an ``align`` boundary is the end of the file (past the page cache the next
+    read could not start there)."""
+    got = 0
+    while got < len(view):
+        n = platform.pread_into(fd, view[got:], offset + got)
+        if n <= 0:
+            break
+        got += n
+        if n % align:
+            break
+    return got

@@ -21,13 +21,16 @@ when it was busy). A batch's
 blobs are grouped by pack (each blob's first indexed copy), sorted by offset and cut into
 ranges: a blob joins the range before it when at most ``max_gap`` unwanted bytes lie between
 them and the range stays within ``max_range`` bytes, sealed and plaintext. Each range is one
-``backend.get(pack, offset, length)``, run in a pool of ``max_requests`` threads, which then
-opens (decrypts, decompresses, verifies against its id) each of its blobs. Ranges are sent in
-the order the caller needs their first blob.
+``backend.get_into(pack, offset, length, buffer)``, run in a pool of ``max_requests`` threads,
+which then opens (decrypts, decompresses, verifies against its id) each of its blobs. Each thread
+reads into a buffer of its own, reused range after range (a local repository reads into it past
+the page cache; the others return their bytes). Ranges are sent in the order the caller needs
+their first blob.
 
 Memory, whatever the size of what is restored: at most ``max_bytes`` of plaintext planned
 ahead (being fetched, or fetched and not yet taken by the caller), plus one batch (96 MiB with
-the defaults); a range holds at most ``max_range`` sealed bytes while its blobs are opened.
+the defaults); a range holds at most ``max_range`` sealed bytes while its blobs are opened, in
+its thread's buffer (``max_range`` and 8 KiB, kept for the thread's life).
 
 Failures. A blob that does not open from its range (damaged, cut short, its pack missing or
 replaced by a link) is read again alone through ``Repository.get_blob``, which tries every
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import mmap
 import threading
 from collections.abc import Generator, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -48,6 +52,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Generic, TypeVar
 
+from vmvault import platform
 from vmvault.errors import IntegrityError, ObjectNotFoundError, UnsafeStorageError
 from vmvault.repo._layout import BlobType
 from vmvault.repo.index import BlobLocation
@@ -72,6 +77,21 @@ _MAX_BATCH = 4096
 _MAX_PENDING = 4 * _MAX_BATCH
 #: requests whose blobs are looked up in the index with one query
 _LOOKUP_GROUP = 500
+
+#: each reading thread's buffer for its ranges (``Backend.get_into``)
+_buffers = threading.local()
+
+
+def _read_buffer(length: int) -> mmap.mmap:
+    """This thread's page-aligned buffer for a range of ``length`` bytes: one per thread, reused
+    by its every range (a range's blobs are opened, into bytes of their own, before the thread
+    reads the next), made larger when a range needs it. A buffer replaced is never closed here:
+    it goes when the last view of it does."""
+    need = max(length, DEFAULT_MAX_RANGE) + 2 * platform.DIRECT_ALIGN
+    buffer: mmap.mmap | None = getattr(_buffers, "buffer", None)
+    if buffer is None or len(buffer) < need:
+        buffer = _buffers.buffer = mmap.mmap(-1, need)
+    return buffer
 
 
 @dataclass
@@ -230,7 +250,9 @@ class BlobFetcher:
         sealed: memoryview | None = None
         if not rng.alone:
             try:
-                sealed = memoryview(self.repo.backend.get(pack_name(rng.pack_id), rng.offset, rng.length))
+                sealed = self.repo.backend.get_into(
+                    pack_name(rng.pack_id), rng.offset, rng.length, _read_buffer(rng.length)
+                )
             except (ObjectNotFoundError, UnsafeStorageError):
                 sealed = None  # each blob alone: get_blob says what is wrong, or finds another copy
             used = sum(loc.entry.length for loc in rng.blobs.values() if loc is not None)
