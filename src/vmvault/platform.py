@@ -33,9 +33,9 @@ what                            POSIX                                 fallback (
 ==============================  ====================================  =====================================
 
 ``VMVAULT_PLATFORM_HIDE_POSIX=1`` in the environment (read once, at import) makes this module
-behave on Linux as if ``os.pread``, ``os.pwrite``, ``SEEK_DATA``/``SEEK_HOLE``, ``os.fdatasync``,
-``os.posix_fadvise``,
-``fcntl.flock`` and (for :func:`open_nofollow`) ``O_NOFOLLOW`` were absent, so the fallbacks run
+behave on Linux as if ``os.pread``, ``os.pwrite``, ``os.preadv``, ``SEEK_DATA``/``SEEK_HOLE``,
+``os.fdatasync``, ``os.posix_fadvise``, ``fcntl.flock``, ``O_DIRECT`` and (for
+:func:`open_nofollow`) ``O_NOFOLLOW`` were absent, so the fallbacks run
 under the same tests as the POSIX path (``scripts/test.sh`` runs the engine, repository and disk tests that way).
 Hidden on Linux, :func:`lock` takes the same one-byte range lock through ``fcntl``'s
 open-file-description locks (``F_OFD_SETLK``), which, like Windows' ``LockFileEx``, belong to
