@@ -1,7 +1,9 @@
-"""What the page cache holds of a file, for tests of code that frees it (``platform.drop_cached``)."""
+"""What the page cache holds of a file, for tests of code that frees it (``platform.drop_cached``)
+or goes past it (``platform.set_direct``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,3 +32,14 @@ def page_cache_droppable(folder: Path) -> str | None:
     if kind in ("tmpfs", "ramfs"):
         return f"{folder} is on {kind}, whose cached pages are the file itself"
     return None
+
+
+def takes_direct(folder: Path) -> bool:
+    """Whether files in ``folder`` can be read and written past the page cache (O_DIRECT)."""
+    probe = folder / "direct-probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        return platform.set_direct(fd, True)
+    finally:
+        os.close(fd)
+        probe.unlink()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pagecache import cached_pages, page_cache_droppable
+from tests.pagecache import cached_pages, page_cache_droppable, takes_direct
 from vmvault import platform
 from vmvault.backends import local
 from vmvault.backends.local import LocalBackend
@@ -106,21 +106,12 @@ def _pack(tmp_path: Path, size: int) -> tuple[LocalBackend, str, bytes, Path]:
     return backend, name, data, path
 
 
-def _takes_direct(folder: Path) -> bool:
-    fd = os.open(folder / "direct-probe", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        return platform.set_direct(fd, True)
-    finally:
-        os.close(fd)
-        os.unlink(folder / "direct-probe")
-
-
 def test_a_pack_range_is_read_past_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``get_into`` reads a pack's range with O_DIRECT: the kernel keeps none of its pages, even
     with the freeing of pages read through the cache switched off."""
     if why := page_cache_droppable(tmp_path):
         pytest.skip(why)
-    if not _takes_direct(tmp_path):
+    if not takes_direct(tmp_path):
         pytest.skip(f"the file system of {tmp_path} does not take O_DIRECT")
     backend, name, data, path = _pack(tmp_path, 8 << 20)
     assert cached_pages(path) == 0
@@ -148,7 +139,7 @@ def test_a_refused_direct_read_is_read_through_the_cache(tmp_path: Path, monkeyp
     monkeypatch.setattr(platform, "pread_into", pread_into)
     buffer = mmap.mmap(-1, 4 << 20)
     assert bytes(backend.get_into(name, 100, 2 << 20, buffer)) == data[100 : 100 + (2 << 20)]
-    assert refused == ([] if not _takes_direct(tmp_path) else [0])
+    assert refused == ([] if not takes_direct(tmp_path) else [0])
     small = mmap.mmap(-1, 1 << 20)
     assert bytes(backend.get_into(name, 7, 2 << 20, small)) == data[7 : 7 + (2 << 20)]
     snapshot = "snapshots/" + "ef" * 32  # not a pack: read as ``get`` reads it

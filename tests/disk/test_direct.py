@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,18 @@ def _direct_or_skip(fd: int, path: Path) -> DirectWrites:
         os.close(fd)
         pytest.skip(f"the file system of {path.parent} does not take O_DIRECT (or it is hidden)")
     return writes
+
+
+@pytest.fixture
+def opened(tmp_path: Path) -> Iterator[tuple[int, DirectWrites]]:
+    """A new 96 MiB file and its writes past the page cache (skipped where there are none)."""
+    path = tmp_path / "disk.raw"
+    fd = _new_file(path, 96 * MIB)
+    direct = _direct_or_skip(fd, path)
+    try:
+        yield fd, direct
+    finally:
+        os.close(fd)
 
 
 def _is_direct(fd: int) -> bool:
@@ -93,37 +106,27 @@ def test_every_byte_lands_where_it_was_written(
     assert _write_all(path, size, writes) == bytes(expected)
 
 
-def test_whole_blocks_go_past_the_cache_and_the_flag_is_cleared_at_close(tmp_path: Path) -> None:
-    path = tmp_path / "disk.raw"
-    fd = _new_file(path, 64 * MIB)
-    direct = _direct_or_skip(fd, path)
-    try:
-        assert _is_direct(fd)
-        data = os.urandom(3 * STAGE_BYTES + 5)  # three whole buffers and a tail
-        direct.write(ALIGN + 3, data)  # a head up to the next block, then whole blocks
-        direct.drain()
-        assert direct.direct
-        assert _is_direct(fd), "the flag is back on after the head and the tail"
-        direct.close()
-        assert not _is_direct(fd)
-        assert os.pread(fd, len(data), ALIGN + 3) == data
-    finally:
-        os.close(fd)
+def test_whole_blocks_go_past_the_cache_and_the_flag_is_cleared_at_close(opened: tuple[int, DirectWrites]) -> None:
+    fd, direct = opened
+    assert _is_direct(fd)
+    data = os.urandom(3 * STAGE_BYTES + 5)  # three whole buffers and a tail
+    direct.write(ALIGN + 3, data)  # a head up to the next block, then whole blocks
+    direct.drain()
+    assert direct.direct
+    assert _is_direct(fd), "the flag is back on after the head and the tail"
+    direct.close()
+    assert not _is_direct(fd)
+    assert os.pread(fd, len(data), ALIGN + 3) == data
 
 
-def test_memory_is_a_few_buffers_whatever_is_written(tmp_path: Path) -> None:
-    path = tmp_path / "disk.raw"
-    fd = _new_file(path, 96 * MIB)
-    direct = _direct_or_skip(fd, path)
-    try:
-        block = os.urandom(MIB)
-        for i in range(96):
-            direct.write(i * MIB, block)
-            assert len(direct._buffers) <= BUFFERS
-        direct.close()
-        assert direct._buffers == []
-    finally:
-        os.close(fd)
+def test_memory_is_a_few_buffers_whatever_is_written(opened: tuple[int, DirectWrites]) -> None:
+    _, direct = opened
+    block = os.urandom(MIB)
+    for i in range(96):
+        direct.write(i * MIB, block)
+        assert len(direct._buffers) <= BUFFERS
+    direct.close()
+    assert direct._buffers == []
 
 
 def test_a_file_system_refusing_o_direct_is_written_through_the_cache(
@@ -142,12 +145,10 @@ def test_a_file_system_refusing_o_direct_is_written_through_the_cache(
 
 
 def test_a_refused_direct_write_turns_to_the_cache_and_loses_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    opened: tuple[int, DirectWrites], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # some file systems take the flag, then refuse the writes (EINVAL): written through the cache
-    path = tmp_path / "disk.raw"
-    fd = _new_file(path, 32 * MIB)
-    direct = _direct_or_skip(fd, path)
+    fd, direct = opened
     real = platform.pwrite
 
     def pwrite(fd_: int, data: Any, offset: int) -> int:
@@ -156,23 +157,18 @@ def test_a_refused_direct_write_turns_to_the_cache_and_loses_nothing(
         return real(fd_, data, offset)
 
     monkeypatch.setattr(platform, "pwrite", pwrite)
-    try:
-        data = os.urandom(2 * STAGE_BYTES + 100)
-        direct.write(0, data)
-        direct.close()
-        assert not direct.direct
-        assert not _is_direct(fd)
-        assert os.pread(fd, len(data), 0) == data
-    finally:
-        os.close(fd)
+    data = os.urandom(2 * STAGE_BYTES + 100)
+    direct.write(0, data)
+    direct.close()
+    assert not direct.direct
+    assert not _is_direct(fd)
+    assert os.pread(fd, len(data), 0) == data
 
 
 def test_a_full_file_system_is_raised_with_its_offset_and_nothing_is_written_after(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    opened: tuple[int, DirectWrites], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "disk.raw"
-    fd = _new_file(path, 64 * MIB)
-    direct = _direct_or_skip(fd, path)
+    _, direct = opened
     real = platform.pwrite
     offsets: list[int] = []
 
@@ -183,42 +179,34 @@ def test_a_full_file_system_is_raised_with_its_offset_and_nothing_is_written_aft
         return real(fd_, data, offset)
 
     monkeypatch.setattr(platform, "pwrite", pwrite)
-    try:
-        with pytest.raises(TargetFullError, match=f"at offset {2 * STAGE_BYTES:#x}"):
-            for i in range(8):  # the failure surfaces at a later write, or at the drain
-                direct.write(i * STAGE_BYTES, os.urandom(STAGE_BYTES))
-            direct.drain()
-        assert max(offsets) == 2 * STAGE_BYTES, "nothing is written after the failure"
-        with pytest.raises(TargetFullError):
-            direct.write(7 * STAGE_BYTES, b"x" * ALIGN)
-        with pytest.raises(TargetFullError):
-            direct.close()
-        assert direct._buffers == [] and not direct._thread.is_alive()
-    finally:
-        os.close(fd)
+    with pytest.raises(TargetFullError, match=f"at offset {2 * STAGE_BYTES:#x}"):
+        for i in range(8):  # the failure surfaces at a later write, or at the drain
+            direct.write(i * STAGE_BYTES, os.urandom(STAGE_BYTES))
+        direct.drain()
+    assert max(offsets) == 2 * STAGE_BYTES, "nothing is written after the failure"
+    with pytest.raises(TargetFullError):
+        direct.write(7 * STAGE_BYTES, b"x" * ALIGN)
+    with pytest.raises(TargetFullError):
+        direct.close()
+    assert direct._buffers == [] and not direct._thread.is_alive()
 
 
 def test_an_unforeseen_error_in_the_thread_is_a_target_error_not_a_hang(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    opened: tuple[int, DirectWrites], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "disk.raw"
-    fd = _new_file(path, 32 * MIB)
-    direct = _direct_or_skip(fd, path)
+    _, direct = opened
 
     def broken(self: DirectWrites, view: memoryview, offset: int) -> None:
         raise RuntimeError("boom")
 
     monkeypatch.setattr(_direct.DirectWrites, "_write", broken)
-    try:
-        for i in range(6):  # more buffers than there are: each is given back all the same
-            try:
-                direct.write(i * STAGE_BYTES, bytes(STAGE_BYTES))
-            except TargetError:
-                break
-        with pytest.raises(TargetError, match="boom"):
-            direct.close()
-    finally:
-        os.close(fd)
+    for i in range(6):  # more buffers than there are: each is given back all the same
+        try:
+            direct.write(i * STAGE_BYTES, bytes(STAGE_BYTES))
+        except TargetError:
+            break
+    with pytest.raises(TargetError, match="boom"):
+        direct.close()
 
 
 def test_a_raw_writer_past_the_cache_writes_a_sparse_image(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.helpers import MemoryDisk, ScriptedSource
-from tests.pagecache import cached_pages, page_cache_droppable
+from tests.pagecache import cached_pages, page_cache_droppable, takes_direct
 from tests.servers import FaultyHttpProxy, S3Server, running_s3, s3_client_environment
 from vmvault import platform
 from vmvault.backends.local import LocalBackend
@@ -52,16 +52,6 @@ def _restored(target: Path) -> bytes:
     return (target / name).read_bytes()
 
 
-def _takes_direct(folder: Path) -> bool:
-    """Whether files in ``folder`` can be written past the page cache (O_DIRECT)."""
-    fd = os.open(folder / "direct-probe", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        return platform.set_direct(fd, True)
-    finally:
-        os.close(fd)
-        os.unlink(folder / "direct-probe")
-
-
 @pytest.mark.parametrize("direct", [True, False], ids=["past-the-cache", "through-the-cache"])
 def test_a_restore_leaves_no_page_it_wrote_in_the_page_cache(
     tmp_path: Path, disk64: MemoryDisk, monkeypatch: pytest.MonkeyPatch, direct: bool
@@ -72,7 +62,7 @@ def test_a_restore_leaves_no_page_it_wrote_in_the_page_cache(
     ask the kernel for a new page for every page it writes)."""
     if why := page_cache_droppable(tmp_path):
         pytest.skip(why)
-    if direct and not _takes_direct(tmp_path):
+    if direct and not takes_direct(tmp_path):
         pytest.skip(f"the file system of {tmp_path} does not take O_DIRECT (or it is hidden)")
     if not direct:
         monkeypatch.setattr(platform, "set_direct", lambda fd, on: False)
