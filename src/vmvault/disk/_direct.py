@@ -31,10 +31,12 @@ write cache, nor the file's metadata (its allocated blocks).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import queue
 import threading
+from collections.abc import Iterator
 from typing import Final
 
 from vmvault import platform
@@ -123,6 +125,20 @@ class DirectWrites:
         self._work.put(done)
         done.wait()
         self._check()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Everything queued written, and the descriptor through the page cache, for the length
+        of the block: a read of the file (which ``O_DIRECT`` would refuse from a buffer of
+        Python's) then sees every write made before it. From the writing thread."""
+        self.drain()
+        if self._direct:
+            platform.set_direct(self._fd, False)
+        try:
+            yield
+        finally:
+            if self._direct and not platform.set_direct(self._fd, True):
+                self._direct = False
 
     def close(self) -> None:
         """Write what is queued (raising the first failure), stop the thread, free the buffers

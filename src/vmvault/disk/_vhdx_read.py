@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import array
 import bisect
+import contextlib
 import itertools
 import os
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Final
 
 from vmvault import platform
@@ -75,6 +77,9 @@ class VhdxImage(DiskImage):
     def __init__(self, path: str, fd: int, *, writable: bool = False) -> None:
         self._path = path
         self._fd = fd
+        #: set by a writer that queues its writes past the page cache (``_vhdx_write``): every
+        #: read of the file runs inside it, so it sees every write made before it
+        self._reading: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
         self._released = CacheRelease()
         self._writable = writable
         self._physical_size = os.fstat(fd).st_size
@@ -168,7 +173,8 @@ class VhdxImage(DiskImage):
     def _pread(self, length: int, offset: int, structure: str) -> bytes:
         """Metadata read through the log overlay; zeros past EOF only where replay grew the file."""
         try:
-            data = platform.pread(self._fd, length, offset)
+            with self._reading():
+                data = platform.pread(self._fd, length, offset)
         except OSError as exc:
             raise SourceError(f"{self._path}: read of {structure} at {offset:#x} failed: {exc.strerror}") from exc
         if len(data) < length:
@@ -182,7 +188,8 @@ class VhdxImage(DiskImage):
     def _pread_raw(self, length: int, offset: int, structure: str) -> bytes:
         """The file's own bytes (short at EOF), without the overlay."""
         try:
-            return platform.pread(self._fd, length, offset)
+            with self._reading():
+                return platform.pread(self._fd, length, offset)
         except OSError as exc:
             raise SourceError(f"{self._path}: read of {structure} at {offset:#x} failed: {exc.strerror}") from exc
 
@@ -748,7 +755,8 @@ class VhdxImage(DiskImage):
 
     def _read_data(self, file_offset: int, length: int) -> bytes:
         try:
-            data = platform.pread(self._fd, length, file_offset)
+            with self._reading():
+                data = platform.pread(self._fd, length, file_offset)
         except OSError as exc:
             raise SourceError(f"{self._path}: read at {file_offset:#x} failed: {exc.strerror}") from exc
         if len(data) < length:

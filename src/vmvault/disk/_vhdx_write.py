@@ -12,6 +12,7 @@ the LogGuid. ``set_locator`` re-points a differencing file without the log, atom
 from __future__ import annotations
 
 import array
+import contextlib
 import dataclasses
 import os
 import sys
@@ -21,10 +22,11 @@ from typing import Final
 
 from vmvault import platform
 from vmvault.disk import _vhdx_layout as L
+from vmvault.disk._direct import DirectWrites
 from vmvault.disk._open import open_checked
 from vmvault.disk._vhdx_read import VhdxImage, _braced, _metadata_table, _open, _parse_braced_guid
 from vmvault.disk.base import DiskWriter, Opener, open_new, read_structure, write_error
-from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
+from vmvault.errors import FormatError, ParentError, SourceError, TargetError, UnsupportedFormatError
 
 __all__ = ["VhdxWriter", "create_vhdx", "open_vhdx_for_write", "set_locator"]
 
@@ -64,7 +66,15 @@ def _set_bits(bitmap: bytearray, first: int, last: int) -> None:
 
 
 class VhdxWriter(DiskWriter):
-    """A VHDX opened for writing; ``image`` reads what has been written so far."""
+    """A VHDX opened for writing; ``image`` reads what has been written so far.
+
+    A new file without a parent (a restored disk) is written past the page cache where the file
+    system takes ``O_DIRECT`` (disk/_direct.py): every write is queued, in order, and written
+    from one thread. Every fsync, and every read through ``image`` (which reads through the
+    cache), first waits for what was queued before it, so the order the format's crash safety
+    rests on (payload, fsync, log, fsync, BAT and bitmaps, fsync) holds as before. A
+    differencing file, or one opened again, is written through the cache (its writes read the
+    file back: sector bitmaps, the parent's data for partial sectors)."""
 
     format = "vhdx"
 
@@ -83,6 +93,9 @@ class VhdxWriter(DiskWriter):
         self._closed = False
         size = os.fstat(self._fd).st_size
         self._file_end = (size + MIB - 1) // MIB * MIB
+        self._direct = DirectWrites.open(self._fd, self._path) if fresh and not image.has_parent else None
+        if self._direct is not None:
+            image._reading = self._direct.paused
 
     @property
     def size(self) -> int:
@@ -91,6 +104,10 @@ class VhdxWriter(DiskWriter):
     @property
     def path(self) -> str:
         return self._path
+
+    @property
+    def past_cache(self) -> bool:
+        return self._direct is not None and self._direct.direct
 
     # ---------------------------------------------------------------------------- headers
 
@@ -116,6 +133,9 @@ class VhdxWriter(DiskWriter):
     # ---------------------------------------------------------------------------- I/O helpers
 
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if self._direct is not None:  # queued, in order (whole 4 KiB blocks past the cache)
+            self._direct.write(offset, data)
+            return
         try:
             view = memoryview(data)
             while len(view):
@@ -126,6 +146,8 @@ class VhdxWriter(DiskWriter):
             raise write_error(exc, self._path, "write failed", offset) from exc
 
     def _fsync(self) -> None:
+        if self._direct is not None:
+            self._direct.drain()
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -367,7 +389,16 @@ class VhdxWriter(DiskWriter):
                 self._update_headers(log_guid=L.ZERO_GUID)
         finally:
             self._closed = True
-            self.image.close()
+            direct, self._direct = self._direct, None
+            self.image._reading = contextlib.nullcontext
+            try:
+                if direct is not None:
+                    # the last fsync wrote everything queued: a failure here is one already
+                    # raised (by that fsync, or the write that failed before it)
+                    with contextlib.suppress(TargetError):
+                        direct.close()
+            finally:
+                self.image.close()
 
 
 def _replay_into_file(image: VhdxImage) -> None:
