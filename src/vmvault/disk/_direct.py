@@ -120,6 +120,9 @@ class DirectWrites:
 
     def drain(self) -> None:
         """Wait until everything queued is written; raise the first failure."""
+        if self._closed:  # the thread is gone; everything was written (or failed) at close
+            self._check()
+            return
         self._submit()
         done = threading.Event()
         self._work.put(done)
