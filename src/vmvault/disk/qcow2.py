@@ -8,6 +8,7 @@ read from the backing file if there is one, else as zeros. Refcounts only matter
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import struct
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 from vmvault import platform
+from vmvault.disk._direct import DirectWrites
 from vmvault.disk._open import ANYWHERE, ParentRule, open_checked, open_parent, real_path
 from vmvault.disk._qcow2_layout import (
     HEADER_V2_SIZE,
@@ -59,7 +61,7 @@ from vmvault.disk.base import (
     read_structure,
     write_error,
 )
-from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
+from vmvault.errors import FormatError, ParentError, SourceError, TargetError, UnsupportedFormatError
 
 if TYPE_CHECKING:
     from vmvault.disk.metadata_check import MetadataCheck
@@ -717,6 +719,12 @@ class Qcow2Writer(DiskWriter):
     ``flush``/``close`` write the tables, rebuild every refcount from the L1/L2 tables (so a
     cluster that nothing references any more simply gets refcount 0, never a leak), and then
     clear the bit.
+
+    A new image (``create_qcow2``) is written past the page cache where the file system takes
+    ``O_DIRECT`` (disk/_direct.py): every write queued in order and written from one thread;
+    each fsync first waits for what was queued, and each read of the file (an L2 table read
+    back, a cluster partly overwritten) runs with the queue drained and ``O_DIRECT`` off. The
+    order of ``flush``/``close`` (tables and refcounts, fsync, header, fsync) holds as before.
     """
 
     format = "qcow2"
@@ -746,13 +754,30 @@ class Qcow2Writer(DiskWriter):
         self._backing = backing
         self._reader = reader  # an existing image's reader: decompresses old compressed clusters
         self._eof = -(-os.fstat(fd).st_size // self._cs) * self._cs
+        self._direct: DirectWrites | None = None
 
     @property
     def size(self) -> int:
         return self._size
 
+    @property
+    def past_cache(self) -> bool:
+        return self._direct is not None and self._direct.direct
+
+    def _go_past_cache(self) -> None:
+        """Write past the page cache from now on, where the file system takes it (a new image,
+        once its first tables are written)."""
+        self._direct = DirectWrites.open(self._fd, self._path)
+
+    def _reading(self) -> contextlib.AbstractContextManager[None]:
+        """Around every read of the file: what was queued is written first (class docstring)."""
+        return self._direct.paused() if self._direct is not None else contextlib.nullcontext()
+
     # -- low level -----------------------------------------------------------------------------------
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if self._direct is not None:  # queued, in order (whole 4 KiB blocks past the cache)
+            self._direct.write(offset, data)
+            return
         view = memoryview(data)
         try:
             while view:
@@ -788,6 +813,8 @@ class Qcow2Writer(DiskWriter):
         self._pwrite(self._hdr.pack(), 0)
 
     def _sync(self) -> None:
+        if self._direct is not None:
+            self._direct.drain()
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -799,7 +826,8 @@ class Qcow2Writer(DiskWriter):
         return off
 
     def _load_l2(self, off: int) -> list[int]:
-        raw = array("Q", read_structure(self._fd, self._path, off, self._cs, "qcow2 L2 table"))
+        with self._reading():
+            raw = array("Q", read_structure(self._fd, self._path, off, self._cs, "qcow2 L2 table"))
         if _LITTLE:
             raw.byteswap()
         return raw.tolist()
@@ -831,7 +859,8 @@ class Qcow2Writer(DiskWriter):
             return bytes(cs)
         host = entry & L2_OFFSET_MASK
         if host:
-            data = platform.pread(self._fd, cs, host)
+            with self._reading():
+                data = platform.pread(self._fd, cs, host)
             return data + bytes(cs - len(data))
         if self._backing is not None:
             data = self._backing.read(cstart, cs)
@@ -981,6 +1010,12 @@ class Qcow2Writer(DiskWriter):
             self._release()
 
     def _release(self) -> None:
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            # after a commit, everything queued was written at its fsync; after a failure, the
+            # failure is the one already raised
+            with contextlib.suppress(TargetError):
+                direct.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -1063,6 +1098,7 @@ def create_qcow2(
         writer._l1_dirty = True
         # a valid (dirty) image from the start, so an interrupted restore is still repairable by qemu
         writer._commit(dirty=True)
+        writer._go_past_cache()
     except OSError as exc:
         writer._release()
         raise write_error(exc, path, "cannot write the new image's tables") from exc
