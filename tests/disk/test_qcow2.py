@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.pagecache import takes_direct
-from vmvault.disk import ExtentKind, detect_format, open_image
+from vmvault.disk import ExtentKind, _direct, detect_format, open_image
 from vmvault.disk.qcow2 import Qcow2Image, create_qcow2, open_qcow2, open_qcow2_for_write
 from vmvault.disk.raw import open_raw
 from vmvault.errors import FormatError, ParentError, TargetError, UnsupportedFormatError
@@ -345,6 +345,37 @@ def test_writer_passes_qemu_check(tmp_path: Path, cluster_size: int) -> None:
     info = json.loads(run("qemu-img", "info", "--output=json", str(path)).stdout)
     assert info["virtual-size"] == size and info["cluster-size"] == cluster_size
     assert info["format-specific"]["data"]["compat"] == "1.1"
+
+
+def test_tables_read_back_see_what_was_queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the page cache a writer's writes are queued; a commit that has written more L2 tables
+    than it keeps reads them back (to count references) right after queuing them: the reads must
+    see them, or the refcounts are wrong and qemu-img check fails. 512 tables of 512 B clusters;
+    the writing thread slowed down, so a read that did not wait for it would come too early."""
+    slow = _direct.DirectWrites._write
+
+    def slowed(self: _direct.DirectWrites, view: memoryview, offset: int) -> None:
+        time.sleep(0.002)
+        slow(self, view, offset)
+
+    monkeypatch.setattr(_direct.DirectWrites, "_write", slowed)
+    size = 16 * MIB
+    ref = bytearray(size)
+    path = tmp_path / "t.qcow2"
+    loaded: list[int] = []
+    with create_qcow2(str(path), size, cluster_size=512) as w:
+        assert w.past_cache == takes_direct(tmp_path)
+        load = w._load_l2
+        w._load_l2 = lambda off: loaded.append(off) or load(off)  # type: ignore[method-assign]
+        for i, off in enumerate(range(100, size, 32 * KIB)):  # one cluster under every L2 table
+            data = bytes([i % 250 + 1]) * 300
+            w.write(off, data)
+            ref[off : off + len(data)] = data
+    assert len(loaded) > 256, "the closing commit read its tables back"
+    check_clean(path)
+    rawp = tmp_path / "ref.raw"
+    rawp.write_bytes(ref)
+    assert "identical" in run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(path), str(rawp)).stdout
 
 
 def test_writer_skips_zeros_without_backing(tmp_path: Path) -> None:
