@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from vmvault import platform
-from vmvault.disk.base import write_error
+from vmvault.disk.base import write_at, write_error
 from vmvault.errors import TargetError
 
 __all__ = ["BUFFERS", "STAGE_BYTES", "DirectWrites"]
@@ -211,9 +211,11 @@ class DirectWrites:
                 done = self._write_direct(view[:whole], pos)
                 view, pos = view[done:], pos + done
             if len(view):
-                pos = self._write_cached(view, pos)
-        except OSError as exc:
+                self._write_cached(view, pos)
+        except OSError as exc:  # of a direct write
             self._error = write_error(exc, self._path, "write failed", pos)
+        except TargetError as exc:  # of a write through the cache, naming its offset
+            self._error = exc
 
     def _write_direct(self, view: memoryview, offset: int) -> int:
         """Write ``view`` (whole blocks, at a block boundary) with ``O_DIRECT``; the bytes it
@@ -241,11 +243,7 @@ class DirectWrites:
         if self._direct:
             platform.set_direct(self._fd, False)
         try:
-            while len(view):
-                n = platform.pwrite(self._fd, view[: platform.WRITE_SLICE], offset)
-                if n <= 0:
-                    raise OSError(errno.EIO, "the file system wrote nothing")
-                view, offset = view[n:], offset + n
+            offset = write_at(self._fd, view, offset, self._path)
         finally:
             if self._direct and not platform.set_direct(self._fd, True):
                 self._direct = False

@@ -25,7 +25,7 @@ from vmvault.disk import _vhdx_layout as L
 from vmvault.disk._direct import DirectWrites
 from vmvault.disk._open import open_checked
 from vmvault.disk._vhdx_read import VhdxImage, _braced, _metadata_table, _open, _parse_braced_guid
-from vmvault.disk.base import DiskWriter, Opener, open_new, read_structure, write_error
+from vmvault.disk.base import DiskWriter, Opener, open_new, read_structure, write_at, write_error
 from vmvault.errors import FormatError, ParentError, SourceError, TargetError, UnsupportedFormatError
 
 __all__ = ["VhdxWriter", "create_vhdx", "open_vhdx_for_write", "set_locator"]
@@ -136,14 +136,7 @@ class VhdxWriter(DiskWriter):
         if self._direct is not None:  # queued, in order (whole 4 KiB blocks past the cache)
             self._direct.write(offset, data)
             return
-        try:
-            view = memoryview(data)
-            while len(view):
-                n = platform.pwrite(self._fd, view[: platform.WRITE_SLICE], offset)
-                view = view[n:]
-                offset += n
-        except OSError as exc:
-            raise write_error(exc, self._path, "write failed", offset) from exc
+        write_at(self._fd, data, offset, self._path)
 
     def _fsync(self) -> None:
         if self._direct is not None:

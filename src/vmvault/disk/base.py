@@ -116,6 +116,22 @@ def open_new(path: str, opener: Opener | None) -> int:
         raise write_error(exc, path, "cannot create") from exc
 
 
+def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int, path: str) -> int:
+    """Write all of ``data`` at ``offset``, at most ``platform.WRITE_SLICE`` a call (the writers'
+    one loop); returns the offset after it. A failure is ``write_error``'s, naming the offset that
+    failed; a file system that writes nothing is one too (it would otherwise loop for ever)."""
+    view = memoryview(data)
+    try:
+        while len(view):
+            n = platform.pwrite(fd, view[: platform.WRITE_SLICE], offset)
+            if n <= 0:
+                raise OSError(errno.EIO, "the file system wrote nothing")
+            view, offset = view[n:], offset + n
+    except OSError as exc:
+        raise write_error(exc, path, "write failed", offset) from exc
+    return offset
+
+
 def write_error(exc: OSError, path: str, what: str, offset: int | None = None) -> TargetError:
     """The error for a failed create, write, grow or flush of a file being written.
 

@@ -59,6 +59,7 @@ from vmvault.disk.base import (
     is_zero,
     open_new,
     read_structure,
+    write_at,
     write_error,
 )
 from vmvault.errors import FormatError, ParentError, SourceError, TargetError, UnsupportedFormatError
@@ -778,13 +779,7 @@ class Qcow2Writer(DiskWriter):
         if self._direct is not None:  # queued, in order (whole 4 KiB blocks past the cache)
             self._direct.write(offset, data)
             return
-        view = memoryview(data)
-        try:
-            while view:
-                n = platform.pwrite(self._fd, view[: platform.WRITE_SLICE], offset)
-                view, offset = view[n:], offset + n
-        except OSError as exc:
-            raise write_error(exc, self._path, "write failed", offset) from exc
+        write_at(self._fd, data, offset, self._path)
 
     def _write_header(self, *, dirty: bool, rt_off: int, rt_clusters: int) -> None:
         incompat = self._hdr.incompatible_features & ~int(IncompatibleFeature.DIRTY)

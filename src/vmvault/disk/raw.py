@@ -10,7 +10,17 @@ from collections.abc import Iterator
 from vmvault import platform
 from vmvault.disk._direct import DirectWrites
 from vmvault.disk._open import ParentRule, open_checked
-from vmvault.disk.base import DiskFormat, DiskImage, DiskWriter, Extent, ExtentKind, Opener, open_new, write_error
+from vmvault.disk.base import (
+    DiskFormat,
+    DiskImage,
+    DiskWriter,
+    Extent,
+    ExtentKind,
+    Opener,
+    open_new,
+    write_at,
+    write_error,
+)
 from vmvault.errors import FormatError, SourceError
 
 __all__ = ["FORMAT", "RawFormat", "RawImage", "RawWriter", "create_raw", "open_raw", "open_raw_fd"]
@@ -135,14 +145,7 @@ class RawWriter(DiskWriter):
         if self._direct is not None:
             self._direct.write(offset, data)
             return
-        view = memoryview(data)
-        pos = offset
-        try:
-            while view:
-                n = platform.pwrite(self._fd, view[: platform.WRITE_SLICE], pos)
-                view, pos = view[n:], pos + n
-        except OSError as exc:
-            raise write_error(exc, self._path, "write failed", pos) from exc
+        write_at(self._fd, data, offset, self._path)
 
     def flush(self) -> None:
         if self._direct is not None:

@@ -55,6 +55,7 @@ from vmvault.disk.base import (
     is_zero,
     open_new,
     read_structure,
+    write_at,
     write_error,
 )
 from vmvault.errors import FormatError, ParentError, SourceError, UnsupportedFormatError
@@ -709,13 +710,7 @@ class VhdWriter(DiskWriter):
         return self._footer.unique_id
 
     def _write(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                n = platform.pwrite(self._fd, view[: platform.WRITE_SLICE], offset)
-                view, offset = view[n:], offset + n
-        except OSError as exc:
-            raise write_error(exc, self._path, "write failed", offset) from exc
+        write_at(self._fd, data, offset, self._path)
 
     def _allocate(self, block: int) -> int:
         start = self._eof
