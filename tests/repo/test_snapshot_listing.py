@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from tests.repo.builders import make_repo
+from tests.repo.builders import make_repo, reopen
 from tests.repo.test_fetch import Watched
 from vmvault.backends.base import ObjectInfo
+from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import BackendConnectionError
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import Snapshot
@@ -92,3 +94,51 @@ def test_a_storage_error_ends_the_listing_and_sends_no_more_reads() -> None:
         repo.list_snapshots(kept=False)
     assert backend.running == 0, "no read is left running after the error"
     assert _snapshot_reads(backend) < 40, "the reads queued behind the error were not sent"
+
+
+class _Lists(MemoryBackend):
+    """A memory backend that counts listings of ``snapshots/``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.snapshot_lists = 0
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        self.snapshot_lists += prefix == "snapshots/"
+        return super().list(prefix)
+
+
+def test_the_listing_opening_took_serves_the_command_that_opened_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``restore latest`` lists ``snapshots/`` once, not once to open and again to find the
+    newest; the next listing, a listing after a lock was taken (what ``prune`` and ``check`` run
+    under) or after a snapshot was written, and one past ``LISTING_REUSE`` go to the storage."""
+    backend = _Lists()
+    first = make_repo(backend)
+    ids = _snapshots(first, 3)
+    repo = reopen(first)
+    lists = backend.snapshot_lists
+    assert repo.find_snapshot("latest").id == ids[-1]
+    assert backend.snapshot_lists == lists, "the opening's listing served"
+    assert [s.id for s in repo.list_snapshots()] == ids
+    assert backend.snapshot_lists == lists + 1
+
+    # a snapshot written since the opening's listing is never missed
+    repo = reopen(first)
+    other = reopen(first)
+    newer = _snapshots(other, 1)[0]
+    lists = backend.snapshot_lists
+    repo.save_snapshot(Snapshot(time="2026-12-04T09:00:00+00:00", hostname="h", username="u", source={}))
+    assert newer in [s.id for s in repo.list_snapshots()]
+    assert backend.snapshot_lists == lists + 1
+
+    repo = reopen(first)
+    lists = backend.snapshot_lists
+    repo.lock(exclusive=False, operation="test")
+    repo.list_snapshots()
+    assert backend.snapshot_lists == lists + 1
+
+    monkeypatch.setattr(Repository, "LISTING_REUSE", 0.0)
+    repo = reopen(first)
+    lists = backend.snapshot_lists
+    repo.list_snapshots()
+    assert backend.snapshot_lists == lists + 1

@@ -173,6 +173,9 @@ class Repository:
         #: this host's copies of the snapshots (repo/snapshot_cache.py), made at first use
         self._snapshot_cache: SnapshotCache | None = None
         self._snapshot_cache_lock = threading.Lock()
+        #: the snapshot listing that opening took (``_check_history``) and when: the next
+        #: ``snapshot_ids`` within ``LISTING_REUSE`` seconds takes it instead of listing again
+        self._opening_listing: tuple[float, list[str]] | None = None
 
     # ---- opening -----------------------------------------------------------------------
 
@@ -356,7 +359,9 @@ class Repository:
         if self._records is None:
             return
         listed_at = time.time()
-        present = set(self.snapshot_ids())
+        ids = self.snapshot_ids()
+        self._opening_listing = (time.monotonic(), ids)
+        present = set(ids)
         gone: list[tuple[float, str]] = []
         back: list[str] = []
 
@@ -679,6 +684,7 @@ class Repository:
         snap_id = hashlib.sha256(payload).hexdigest()
         name = f"snapshots/{snap_id}"
         sealed = seal_envelope(self.key, payload, b"snapshot")
+        self._opening_listing = None
         self.backend.put(name, sealed)
         self._snapshots_kept().put(snap_id, sealed)
         snap.id = snap_id
@@ -735,10 +741,23 @@ class Repository:
     #: snapshots ``list_snapshots`` reads at once
     SNAPSHOT_READS = 8
 
+    #: how long the listing opening took serves the command that opened (``list_snapshots``)
+    LISTING_REUSE = 5.0
+
     def snapshot_ids(self) -> list[str]:
         """The ids of ``snapshots/<id>`` objects; other names there are not snapshots (check reports them)."""
         found = (snapshot_id(o.name) for o in self.backend.list("snapshots/"))
         return [snap_id for snap_id in found if snap_id is not None]
+
+    def _listed_ids(self) -> list[str]:
+        """``snapshot_ids``, or once within ``LISTING_REUSE`` seconds of opening the listing
+        opening took: ``restore latest`` would list again at once (a round trip to a remote
+        store, two over SFTP). Never after a lock was taken or a snapshot written or deleted
+        through this object (``prune`` and ``check`` list afresh, under their locks)."""
+        opening, self._opening_listing = self._opening_listing, None
+        if opening is not None and time.monotonic() - opening[0] < self.LISTING_REUSE:
+            return list(opening[1])
+        return self.snapshot_ids()
 
     def list_snapshots(
         self, *, on_error: Callable[[str, Exception], None] | None = None, kept: bool = True
@@ -754,7 +773,7 @@ class Repository:
         the storage (5 ms a snapshot measured on S3 over loopback; one after another, 2,000
         snapshots on a store 30 ms away would keep ``restore latest`` waiting a minute before
         its first chunk)."""
-        ids = self.snapshot_ids()
+        ids = self._listed_ids() if kept else self.snapshot_ids()
         if kept:
             self._snapshots_kept().keep_only(set(ids))
 
@@ -801,6 +820,7 @@ class Repository:
     def delete_snapshot(self, snap_id: str) -> None:
         if snapshot_id(f"snapshots/{snap_id}") is None:  # only a name vmvault writes is ever deleted
             raise ValueError(f"not a snapshot id: {snap_id!r}")
+        self._opening_listing = None
         self._edit_record(lambda rec: rec.forgot(snap_id), first=lambda: self.backend.delete(f"snapshots/{snap_id}"))
         self._snapshots_kept().discard(snap_id)
 
@@ -847,6 +867,7 @@ class Repository:
     # ---- locks -------------------------------------------------------------------------
 
     def lock(self, *, exclusive: bool, operation: str) -> RepositoryLock:
+        self._opening_listing = None  # what runs under the lock lists afresh
         lock = RepositoryLock(self.backend, self.key, exclusive=exclusive, operation=operation)
         # forget released ones: only held locks are verified, and a long-lived Repository
         # (the scheduler daemon) takes one per job
