@@ -278,6 +278,79 @@ def test_a_listing_closes_its_folder_without_waiting() -> None:
         assert not session._closing
 
 
+def _names(*names: bytes) -> bytes:
+    return U32.pack(len(names)) + b"".join(pack_string(n) + pack_string(b"") + U32.pack(0) for n in names)
+
+
+def test_a_listing_sends_its_readdirs_two_at_a_time() -> None:
+    """The second READDIR goes out with the first (the script takes both before it answers:
+    a client that waited for the first answer would hang here), pairs go on until the end, and
+    what the READDIR after the end got (an error, from a server that takes it amiss) is not
+    looked at."""
+    pairs = []
+
+    def script(peer: Peer) -> None:
+        kind, rid, _ = peer.request()
+        assert kind == Packet.OPENDIR
+        peer.reply(Packet.HANDLE, rid, pack_string(b"d"))
+        for first, second in ((_names(b"a", b"b"), _names(b"c")), (None, b"past the end")):
+            (k1, r1, _), (k2, r2, _) = peer.request(), peer.request()
+            assert k1 == k2 == Packet.READDIR
+            pairs.append((r1, r2))
+            if first is None:
+                peer.status(r1, Status.EOF)
+                peer.status(r2, Status.FAILURE, second)
+            else:
+                peer.reply(Packet.NAME, r1, first)
+                peer.reply(Packet.NAME, r2, second)
+        kind, rid, _ = peer.request()
+        assert kind == Packet.CLOSE
+        peer.status(rid, Status.OK)
+        idle(peer)
+
+    with scripted(script) as session:
+        assert [name for name, _attrs in session.listdir("/")] == [b"a", b"b", b"c"]
+    assert len(pairs) == 2
+
+
+def test_a_listing_whose_second_readdir_fails_is_refused() -> None:
+    def script(peer: Peer) -> None:
+        _, rid, _ = peer.request()
+        peer.reply(Packet.HANDLE, rid, pack_string(b"d"))
+        (_, r1, _), (_, r2, _) = peer.request(), peer.request()
+        peer.reply(Packet.NAME, r1, _names(b"a"))
+        peer.status(r2, Status.PERMISSION_DENIED, b"no")
+        kind, rid, _ = peer.request()
+        assert kind == Packet.CLOSE
+        peer.status(rid, Status.OK)
+        idle(peer)
+
+    with scripted(script) as session:
+        with pytest.raises(StatusError) as failed:
+            session.listdir("/")
+        assert failed.value.code == Status.PERMISSION_DENIED
+        assert not session.closed  # every answer was read: the session goes on
+
+
+def test_the_quickest_reply_is_the_round_trip_of_the_quickest_request() -> None:
+    """What the SFTP backend judges a server's distance by: the shortest time from a request
+    to its answer (a server that takes 30 ms to answer, then 5 ms)."""
+
+    def script(peer: Peer) -> None:
+        for delay in (0.03, 0.005):
+            _, rid, _ = peer.request()
+            time.sleep(delay)
+            peer.reply(Packet.ATTRS, rid, Attrs(size=1).pack())
+        idle(peer)
+
+    with scripted(script) as session:
+        assert session.quickest_reply == float("inf")
+        session.lstat("/a")
+        assert 0.03 <= session.quickest_reply < 0.5
+        session.lstat("/b")
+        assert 0.005 <= session.quickest_reply < 0.03
+
+
 def test_a_close_sent_ahead_answered_with_anything_but_a_status_ends_the_session() -> None:
     def script(peer: Peer) -> None:
         _, rid, _ = peer.request()
@@ -480,6 +553,8 @@ def test_a_listing_with_a_huge_count_is_refused() -> None:
         peer.reply(Packet.HANDLE, rid, pack_string(b"d"))
         _, rid, _ = peer.request()
         peer.reply(Packet.NAME, rid, U32.pack(0xFFFFFFFF) + pack_string(b"a"))
+        _, rid, _ = peer.request()  # the second READDIR, sent with the first
+        peer.status(rid, Status.EOF)
         idle(peer)
 
     with scripted(script) as session, pytest.raises(BackendProtocolError, match="names in"):
@@ -507,15 +582,17 @@ def test_a_listing_without_end_is_refused_at_its_bound(monkeypatch: pytest.Monke
 
     with scripted(script) as session, pytest.raises(BackendProtocolError, match="more than 250 entries"):
         session.listdir("/")
-    assert len(answered) == 3
+    # READDIRs go out two at a time: the third answer goes over, the fourth is not parsed
+    assert len(answered) == 4
 
 
 def test_an_empty_listing_answer_is_refused_rather_than_asked_again_forever() -> None:
     def script(peer: Peer) -> None:
         _, rid, _ = peer.request()
         peer.reply(Packet.HANDLE, rid, pack_string(b"d"))
-        _, rid, _ = peer.request()
-        peer.reply(Packet.NAME, rid, U32.pack(0))
+        for _ in range(2):  # READDIRs go out two at a time
+            _, rid, _ = peer.request()
+            peer.reply(Packet.NAME, rid, U32.pack(0))
         idle(peer)
 
     with scripted(script) as session, pytest.raises(BackendProtocolError, match="no names"):
