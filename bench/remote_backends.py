@@ -20,7 +20,7 @@ a child process that reports the storage operations it sent (``Backend.requests`
 timed to durability like ``compare.py``; the repository is deleted afterwards.
 
 ``--rtt-ms N`` puts each server N ms away: vmvault reaches it through a relay process that
-delays every byte by half of N each way (bench/_latency.py: latency only, no bandwidth limit,
+delays every byte by half of N each way (tests/latency.py: latency only, no bandwidth limit,
 no loss; its CPU is shown apart). The local repository stays where it is.
 """
 
@@ -39,9 +39,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from _common import OUT, ROOT, drop_caches, machine, make_image, timed_child
-from _latency import relay
 
 sys.path.insert(0, str(ROOT / "tests"))
+from latency import relay
 
 PASSWORD = "benchmark passphrase"
 
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--size", default="4G")
     ap.add_argument("--backends", default="local,sftp,s3")
     ap.add_argument("--scratch", default=str(OUT / "remote"))
-    ap.add_argument("--rtt-ms", type=float, default=0.0, help="put each server this far away (bench/_latency.py)")
+    ap.add_argument("--rtt-ms", type=float, default=0.0, help="put each server this far away (tests/latency.py)")
     ap.add_argument("--write")
     args = ap.parse_args()
     src = OUT / f"vm-{args.size}.raw"
@@ -302,7 +302,7 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
             "session processes during the restore. Peak RSS is vmvault's."
             + (
                 f" Every server is {args.rtt_ms:g} ms (round trip) away: reached through a relay process that delays "
-                "each byte by half of that each way (bench/_latency.py: latency only, no bandwidth limit or loss); "
+                "each byte by half of that each way (tests/latency.py: latency only, no bandwidth limit or loss); "
                 "the relay's CPU during the restore is its own column. The local repository is not delayed."
                 if args.rtt_ms
                 else ""

@@ -298,6 +298,21 @@ class BackendContract:
         for name, data in jobs.items():
             assert b.get(name) == data, name
 
+    def test_prepare_reads_names_a_few_reads_at_once_that_then_all_succeed(self, store: StoreUnderTest) -> None:
+        """``prepare_reads``: a small count (a restore starts that many threads), and that many
+        ranged reads at once return the data; asking again does not lower it."""
+        b = store.backend
+        data = payload(2_000_000, seed=77)
+        b.put("data/77/ranges", data)
+        assert b.get("data/77/ranges", 0, 10) == data[:10]  # the storage has answered once
+        at_once = b.prepare_reads()
+        assert 1 <= at_once <= 16
+        starts = [i * 100_000 for i in range(2 * at_once)]
+        with ThreadPoolExecutor(max_workers=at_once) as pool:
+            got = list(pool.map(lambda start: b.get("data/77/ranges", start, 150_000), starts))
+        assert got == [data[s : s + 150_000] for s in starts]
+        assert b.prepare_reads() >= at_once
+
     def test_warm_up_returns_at_once_and_transfers_follow(self, store: StoreUnderTest) -> None:
         """``warm_up`` (connections opened ahead, where a backend has any to open) costs the
         caller nothing and changes nothing: the same reads and writes from several threads

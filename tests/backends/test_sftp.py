@@ -17,6 +17,7 @@ import paramiko
 import pytest
 
 from tests.backends.conftest import upload_in_progress
+from tests.latency import relay
 from tests.servers import SshServer, process_tree, running_sshd
 from vmvault.backends import open_backend
 from vmvault.backends._retry import RetryPolicy
@@ -361,6 +362,45 @@ def test_ranges_of_a_pack_share_its_lstat_which_a_failure_forgets(
         assert b.get("snapshots/snap") == b"snapshot"
 
 
+def test_a_first_read_looks_up_its_folders_and_the_object_in_one_round_trip(
+    sshd_server: SshServer, transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend that has not met a pack's folder yet sends the folder's lstat and the pack's
+    at once; the folder's answer is judged first: a link in its place is refused, a missing one
+    is a missing object, whatever the pack's lstat found behind it."""
+    name = f"first-read-{transport}"
+    data = os.urandom(MiB)
+    with backend(sshd_server, name, transport=transport) as b:
+        b.put("data/ab/pack", data)
+    together: list[list[str]] = []
+    alone: list[str] = []
+    real_many, real_one = Session.lstat_many, Session.lstat
+
+    def many(self: Session, paths: list[str]) -> object:
+        together.append([p.rsplit("/", 2)[-1] if p.endswith("pack") else p.rsplit("/", 1)[-1] for p in paths])
+        return real_many(self, paths)
+
+    def one(self: Session, path: str) -> object:
+        alone.append(path.rsplit("/", 1)[-1])
+        return real_one(self, path)
+
+    monkeypatch.setattr(Session, "lstat_many", many)
+    monkeypatch.setattr(Session, "lstat", one)
+    with backend(sshd_server, name, transport=transport) as b:
+        assert b.get("data/ab/pack", 10, 100) == data[10:110]
+        assert len(together) == 1 and together[0][-2:] == ["ab", "pack"] and not alone
+        assert b.get("data/ab/pack", 0, 10) == data[:10]  # the pack's lstat serves
+        assert len(together) == 1 and not alone
+    root = sshd_server.root / name
+    (root / "data" / "cd").symlink_to(root / "data" / "ab")
+    with backend(sshd_server, name, transport=transport) as b:
+        with pytest.raises(UnsafeStorageError):
+            b.get("data/cd/pack", 0, 10)
+        with pytest.raises(ObjectNotFoundError):
+            b.get("data/ef/pack", 0, 10)
+        assert not b.exists("data/ef/pack") and b.exists("data/ab/pack")
+
+
 def test_warm_up_opens_the_connections_ahead_and_transfers_use_them(own_sshd: SshServer, transport: str) -> None:
     """``warm_up`` returns at once and opens the pool's connections in the background; the
     reads that follow run on them (no connection more is opened) and return the data."""
@@ -392,6 +432,56 @@ def test_warm_up_opens_the_connections_ahead_and_transfers_use_them(own_sshd: Ss
             t.join()
         assert got == [b"x" * MiB] * 3
         assert served_connections(own_sshd) == 3
+
+
+def test_a_far_server_gets_more_connections_to_read_from(own_sshd: SshServer, transport: str) -> None:
+    """``prepare_reads``: a server whose answers take 30 ms (reached through the relay of
+    tests/latency.py) gets 8 connections for a restore's reads, opened at once and all used;
+    on loopback 4 stay; ``connections=N`` stays whatever the distance, and before any answer
+    the distance is unknown."""
+    with backend(own_sshd, "far", transport=transport) as b:
+        b.put("data/obj", b"x" * MiB)
+        assert b.get("data/obj", 0, 1) == b"x"
+        assert b.prepare_reads() == 4
+    options: dict[str, object] = {
+        "key_filename": str(own_sshd.client_key),
+        "known_hosts": str(own_sshd.known_hosts),
+        "use_agent": False,
+        "look_for_keys": False,
+        "transport": transport,
+    }
+    with relay(own_sshd.port, 30) as (port, _pid):
+        known = own_sshd.known_hosts.read_text()
+        own_sshd.known_hosts.write_text(known + known.replace(f"]:{own_sshd.port} ", f"]:{port} "))
+        url = own_sshd.url("far").replace(f":{own_sshd.port}/", f":{port}/")
+        deadline = time.monotonic() + 20
+        while served_connections(own_sshd):  # the near backend's sessions are gone
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        with open_sftp(url, **options) as b:  # type: ignore[arg-type]
+            assert b.prepare_reads() == 4
+            assert b.get("data/obj", 0, 1) == b"x"
+            assert b.prepare_reads() == 8
+            while served_connections(own_sshd) < 8:
+                assert time.monotonic() < deadline, "the connections were not opened ahead"
+                time.sleep(0.02)
+            barrier = threading.Barrier(8)
+            got: list[bytes] = []
+
+            def read() -> None:
+                barrier.wait()
+                got.append(b.get("data/obj"))
+
+            threads = [threading.Thread(target=read) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert got == [b"x" * MiB] * 8
+            assert served_connections(own_sshd) == 8
+        with open_sftp(url + "?connections=2", **options) as b:  # type: ignore[arg-type]
+            assert b.get("data/obj", 0, 1) == b"x"
+            assert b.prepare_reads() == 2
 
 
 def test_warm_up_against_a_server_that_is_not_there_fails_as_before(tmp_path: Path, transport: str) -> None:

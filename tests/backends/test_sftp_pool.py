@@ -170,3 +170,52 @@ def test_connections_opened_after_close_are_closed() -> None:
     pool.warm()  # a closed pool opens nothing ahead
     time.sleep(0.05)
     assert factory.calls == 3
+
+
+def test_grow_raises_the_bound_opens_the_new_connections_and_frees_a_waiting_caller() -> None:
+    factory = Factory()
+    pool = _Pool(factory, 2)  # type: ignore[arg-type]
+    entered = threading.Event()
+    release = threading.Event()
+
+    def third() -> None:
+        with pool.connection():
+            entered.set()
+            release.wait(5)
+
+    with pool.connection(), pool.connection():
+        waiting = threading.Thread(target=third)
+        waiting.start()
+        assert not entered.wait(0.2), "a third caller must wait while the pool holds two"
+        pool.grow(1)  # a pool never shrinks
+        assert pool.size == 2 and not entered.wait(0.1)
+        pool.grow(4)
+        assert pool.size == 4
+        assert entered.wait(5), "the waiting caller gets a connection once the pool may hold more"
+        # the fourth is opened ahead
+        wait_for(lambda: factory.existing == 4)
+        release.set()
+        waiting.join(5)
+    assert factory.calls == 4 and factory.most == 4
+    pool.close()
+    assert factory.existing == 0
+
+
+def test_close_closes_the_idle_connections_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each close waits for the server (a round trip): four of 0.2 s each take about 0.2 s."""
+    factory = Factory()
+    pool = _Pool(factory, 4)  # type: ignore[arg-type]
+    pool.warm()
+    wait_for(lambda: factory.existing == 4)
+    quick_close = FakeConnection.close
+
+    def close(self: FakeConnection) -> None:
+        time.sleep(0.2)
+        quick_close(self)
+
+    monkeypatch.setattr(FakeConnection, "close", close)
+    started = time.monotonic()
+    pool.close()
+    took = time.monotonic() - started
+    assert factory.existing == 0
+    assert took < 0.6, f"closing four took {took:.2f} s"

@@ -4,6 +4,7 @@ connection dropped in the middle of a range retried, and a DiskReader's read-ahe
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -111,6 +112,46 @@ def test_a_64_mib_disk_restores_in_far_fewer_reads_than_chunks(
     # ends) and one per index block, not one per chunk
     assert gets <= 16, f"{gets} reads for {stored_chunks} chunks"
     assert after["bytes_read"] - before["bytes_read"] < 66 * MiB, "gaps bridged between runs stay small"
+
+
+class _Reads(LocalBackend):
+    """A local backend that serves ``at_once`` reads at once and records which threads read."""
+
+    at_once = 1
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.asked = 0
+        self.readers: set[str] = set()
+
+    def prepare_reads(self) -> int:
+        self.asked += 1
+        return self.at_once
+
+    def get_into(self, name: str, offset: int, length: int, buffer: mmap.mmap) -> memoryview:
+        if name.startswith("data/"):
+            self.readers.add(threading.current_thread().name)
+            time.sleep(0.01)  # long enough for the other threads to take the next ranges
+        return super().get_into(name, offset, length, buffer)
+
+
+@pytest.mark.parametrize("at_once", [1, 3])
+def test_a_restore_reads_as_many_ranges_at_once_as_the_storage_serves_best(
+    tmp_path: Path, disk64: MemoryDisk, at_once: int
+) -> None:
+    """``Backend.prepare_reads`` (8 for S3, 8 for an SFTP server far away) sets how many
+    threads read; ``workers`` given overrides it, and the storage is not asked."""
+    backend = _Reads(str(tmp_path / "repo"))
+    backend.at_once = at_once
+    repo = Repository.init(backend, b"passphrase", chunk_size=CS)
+    snap = backup(repo, ScriptedSource(disk64), workers=2).snapshot
+    restore(repo, snap, str(tmp_path / "t"))
+    assert _restored(tmp_path / "t") == bytes(disk64.data)
+    assert backend.asked == 1
+    assert len(backend.readers) == at_once, backend.readers
+    backend.readers.clear()
+    restore(repo, snap, str(tmp_path / "t2"), workers=2)
+    assert backend.asked == 1 and len(backend.readers) == 2
 
 
 def test_packs_hold_a_disk_s_chunks_in_disk_order_whatever_the_workers_finish_first(

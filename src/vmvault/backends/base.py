@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Self
 
 __all__ = [
+    "DEFAULT_READS_AT_ONCE",
     "TOP_LEVEL_FOLDERS",
     "Backend",
     "ObjectInfo",
@@ -53,6 +54,10 @@ _log = logging.getLogger("vmvault.backends")
 #: the folders at a repository's top (repository-format.md, section 2): the only links a
 #: file-system backend follows, and only when its location says ``follow-links=1``
 TOP_LEVEL_FOLDERS = frozenset({"data", "index", "snapshots", "locks", "keys", "status"})
+
+#: ranged reads at once of a long run of reads (``Backend.prepare_reads``) from storage near at
+#: hand: a local disk, or a server on the same network
+DEFAULT_READS_AT_ONCE = 4
 
 
 def shown(name: str) -> str:
@@ -272,6 +277,13 @@ class Backend(ABC):
         open then now, in the background, while the caller unlocks the repository. Returns at
         once and raises nothing: a connection that fails to open here is opened again, and its
         failure reported, by the first transfer that needs it. The default does nothing."""
+
+    def prepare_reads(self) -> int:
+        """How many ranged reads at once serve a long run of reads from this storage best (a
+        restore's): enough to keep the storage and the link busy, few enough not to crowd the
+        CPU the reads' decryption needs. A backend whose connections are opened ahead may open
+        more for them here. The default is 4."""
+        return DEFAULT_READS_AT_ONCE
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

@@ -76,6 +76,10 @@ DEFAULT_PART_SIZE = 16 * MiB
 #: S3's limits on parts (S3 API reference, UploadPart): 5 MiB minimum except the last, 10,000 parts
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
+#: ranged GETs at once of a restore (``prepare_reads``): each waits a round trip before its
+#: bytes come; on loopback (moto) 8 restored the 1 GiB test image as fast as 4, 30 ms away
+#: (tests/latency.py) in 1.6 s against 2.0 s, 16 no faster than 8
+READS_AT_ONCE = 8
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {
@@ -191,6 +195,8 @@ class S3Backend(Backend):
             raise ConfigError("s3: the multipart threshold must not be smaller than the part size")
         if retention_days is not None and retention_days < 1:
             raise ConfigError("s3: immutable-days must be at least 1")
+        if connections < 1:
+            raise ConfigError("s3: connections must be at least 1")
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
@@ -198,6 +204,7 @@ class S3Backend(Backend):
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.list_page_size = list_page_size
+        self.connections = connections
         # botocore already retries each request (with its own backoff); this outer loop only
         # adds a few rounds for connections that drop, so the product stays around a minute
         self.retry = retry or RetryPolicy(attempts=4, initial_delay=0.5, max_delay=8.0)
@@ -560,6 +567,9 @@ class S3Backend(Backend):
         key = self._key(name)
         # DeleteObject of a missing key succeeds (204), as the contract wants
         self._call(f"delete {name}", name, lambda: self._client.delete_object(Bucket=self.bucket, Key=key))
+
+    def prepare_reads(self) -> int:
+        return min(READS_AT_ONCE, self.connections)
 
     def close(self) -> None:
         self._client.close()

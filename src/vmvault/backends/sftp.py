@@ -39,13 +39,21 @@ object must never be renamed into place); requests of 128 KiB where ``limits@ope
 at once (up to 64 outstanding).
 
 Concurrency: a small pool of SSH connections, one SFTP session each, so that uploads from
-several threads do not queue behind one channel's window.
+several threads do not queue behind one channel's window. OpenSSH's client gives a session a
+2 MiB window, so one connection moves at most 2 MiB per round trip (66 MiB/s at 30 ms). A
+restore (``prepare_reads``) reads with as many ranged reads at once as there are connections:
+4, or 8 when the server is far (its quickest answer so far took ``_FAR_ROUND_TRIP`` or more);
+``connections=N`` fixes the number. 30 ms away (tests/latency.py) the 1 GiB test image
+restored in 2.8-2.9 s with 8 against 4.2 s with 4 (12 or 16 were no faster); on loopback 8 were
+slower than 4 (1.5-1.7 s against 1.2-1.5 s: more ssh processes sharing the CPU).
 
 Round trips of a ranged read of a pack: its ``lstat`` (a regular file, not a link: see
 "Links") is kept for ``_PACK_STAT_SECONDS`` and serves the pack's further ranges, and the
 handle is closed without waiting for the answer (``Session.close_later``): besides its READs,
-a range costs the OPEN's round trip, not three. From a server 30 ms away a 1 GiB restore took
-6.2-6.6 s against 7.7 s (docs/benchmarks.md, remote-backends-far).
+a range costs the OPEN's round trip, not three. A pack's first range sends the ``lstat`` of
+its folder (when not yet known) with the pack's, judged in that order (``_located``). From a
+server 30 ms away a 1 GiB restore took 6.2-6.6 s against 7.7 s (docs/benchmarks.md,
+remote-backends-far), before reads on 8 connections (below).
 
 Errors: SFTP v3 has few status codes (section 7). NO_SUCH_FILE and PERMISSION_DENIED map
 directly; a full disk arrives as the generic SSH_FX_FAILURE, so a failed write is followed by
@@ -61,6 +69,7 @@ import errno
 import getpass
 import hashlib
 import logging
+import math
 import os
 import posixpath
 import re
@@ -131,6 +140,13 @@ _MAX_DEPTH = 32
 _BASE_REQUEST = 32768
 #: the largest request we send where the server allows it (OpenSSH answers up to 255 KiB)
 _LARGE_REQUEST = 128 * 1024
+
+#: connections of a pool whose size was not given, near and far (module docstring)
+_NEAR_CONNECTIONS = 4
+_FAR_CONNECTIONS = 8
+#: a server whose quickest answer takes this long is far: at 5 ms four connections' windows
+#: still carry 1.6 GB/s, more than a restore's decryption takes in on two cores
+_FAR_ROUND_TRIP = 0.005
 
 #: write requests in flight per upload: enough to cover loopback and LAN round trips
 #: (64 x 128 KiB = 8 MiB), few enough to notice an error soon
@@ -236,7 +252,6 @@ class _Pool:
     def __init__(self, factory: Callable[[], _Connection], size: int) -> None:
         self._factory = factory
         self._size = size
-        self._slots = threading.BoundedSemaphore(size)
         self._cond = threading.Condition()
         self._idle: list[_Connection] = []
         self._busy = 0
@@ -245,33 +260,51 @@ class _Pool:
         self._failures: list[Exception] = []
         self._closed = False
 
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def grow(self, size: int) -> None:
+        """Allow ``size`` connections from now on (a pool never shrinks), and open the new ones
+        ahead (``warm``)."""
+        with self._cond:
+            if size <= self._size:
+                return
+            self._size = size
+            self._cond.notify_all()
+        self.warm()
+
     @contextlib.contextmanager
     def connection(self) -> Iterator[_Connection]:
-        with self._slots:
-            conn = self._take_idle()  # counted as busy from here, even while it is opened
-            try:
-                if conn is None:
-                    conn = self._factory()
-                yield conn
-            finally:
-                keep = conn is not None and conn.alive()
-                with self._cond:
-                    self._busy -= 1
-                    if keep:
-                        assert conn is not None
-                        self._idle.append(conn)
-                    self._cond.notify()
-                if conn is not None and not keep:
-                    conn.close()
+        conn = self._take_idle()  # counted as busy from here, even while it is opened
+        try:
+            if conn is None:
+                conn = self._factory()
+            yield conn
+        finally:
+            keep = conn is not None and conn.alive()
+            with self._cond:
+                self._busy -= 1
+                if keep:
+                    assert conn is not None
+                    self._idle.append(conn)
+                # (some wait for a free place, some for a connection being opened)
+                self._cond.notify_all()
+            if conn is not None and not keep:
+                conn.close()
 
     def _take_idle(self) -> _Connection | None:
         """A live idle connection, waiting for one being opened by ``warm``; None when the
-        caller is to open its own. Either way the caller is counted busy."""
+        caller is to open its own. Either way the caller is counted busy: at most ``size``
+        callers are, the others wait for one of them to finish."""
         dead: list[_Connection] = []
         waited = False
         try:
             with self._cond:
                 while True:
+                    if self._busy >= self._size:
+                        self._cond.wait()
+                        continue
                     while self._idle:
                         candidate = self._idle.pop()
                         if candidate.alive():
@@ -319,12 +352,20 @@ class _Pool:
             conn.close()
 
     def close(self) -> None:
+        """Close the idle connections, all at once: each ends with an exchange with the server
+        (a round trip), which one after the other cost a restore 30 ms away 0.25 s with four
+        connections and 0.48 s with eight."""
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
             self._cond.notify_all()
-        for conn in idle:
-            conn.close()
+        closing = [threading.Thread(target=conn.close, name="vmvault-sftp-close") for conn in idle[1:]]
+        for thread in closing:
+            thread.start()
+        if idle:
+            idle[0].close()
+        for thread in closing:
+            thread.join()
 
 
 def _is_connection_failure(exc: BaseException) -> bool:
@@ -364,7 +405,7 @@ class SftpBackend(Backend):
         known_hosts: str | None = None,
         use_agent: bool = True,
         look_for_keys: bool = True,
-        connections: int = 4,
+        connections: int | None = None,
         retry: RetryPolicy | None = None,
         timeout: float = 30.0,
         follow_links: bool = False,
@@ -374,7 +415,7 @@ class SftpBackend(Backend):
             raise ConfigError(f"sftp://{host}: give a directory for the repository, not the server's root")
         if key_filename is not None and not os.path.isfile(key_filename):
             raise ConfigError(f"SSH key file {key_filename} does not exist")
-        if connections < 1:
+        if connections is not None and connections < 1:
             raise ConfigError("sftp: connections must be at least 1")
         self.host = host
         self.port = port
@@ -389,7 +430,11 @@ class SftpBackend(Backend):
         self.timeout = timeout
         shown_path = self.root if self.root.startswith("/") else "/~/" + self.root
         self.url = f"sftp://{self.user}@{host}{'' if port == 22 else f':{port}'}{shown_path}"
-        self._pool = _Pool(self._connect, connections)
+        self._pool = _Pool(self._connect, connections or _NEAR_CONNECTIONS)
+        #: the number of connections was given (``connections=N``): never more
+        self._fixed_connections = connections is not None
+        #: the quickest answer of any session so far (seconds): about the round trip
+        self._quickest_reply = math.inf
         self._posix_rename = True
         #: bytes per SFTP read/write request, settled on the first connection
         self._request_size: int | None = None
@@ -449,6 +494,15 @@ class SftpBackend(Backend):
         a backup's threads would otherwise each wait for an SSH handshake of their own when
         they begin."""
         self._pool.warm()
+
+    def prepare_reads(self) -> int:
+        """As many reads at once as the pool has connections; a server found far away gets
+        ``_FAR_CONNECTIONS``, opened now (module docstring)."""
+        if not self._fixed_connections and _FAR_ROUND_TRIP <= self._quickest_reply < math.inf:
+            quickest = self._quickest_reply * 1e3
+            _log.debug("%s: answers take %.1f ms or more: %d connections", self.url, quickest, _FAR_CONNECTIONS)
+            self._pool.grow(_FAR_CONNECTIONS)
+        return self._pool.size
 
     def _connect(self) -> _Connection:
         connection = self._connect_openssh() if self.transport == "openssh" else self._connect_paramiko()
@@ -675,7 +729,9 @@ class SftpBackend(Backend):
         def attempt() -> T:
             with self._pool.connection() as conn:
                 try:
-                    return op(conn.sftp)
+                    out = op(conn.sftp)
+                    self._quickest_reply = min(self._quickest_reply, conn.sftp.quickest_reply)
+                    return out
                 except BackendProtocolError as exc:
                     # replies may be left unread: this connection is done (the session closed
                     # itself); the server is not asked again
@@ -809,10 +865,18 @@ class SftpBackend(Backend):
             return True
         try:
             mode = sftp.lstat(self._full(rel)).mode or 0
-            if stat.S_ISLNK(mode) and self.follow_links and rel in TOP_LEVEL_FOLDERS:
+            if self._followed(rel, mode):
                 mode = sftp.stat(self._full(rel)).mode or 0
         except FileNotFoundError:
             return False
+        return self._folder_mode(rel, mode)
+
+    def _followed(self, rel: str, mode: int) -> bool:
+        """Whether ``rel``, of lstat mode ``mode``, is a link this backend follows."""
+        return stat.S_ISLNK(mode) and self.follow_links and rel in TOP_LEVEL_FOLDERS
+
+    def _folder_mode(self, rel: str, mode: int) -> bool:
+        """``_is_folder`` of ``rel`` whose mode (not a followed link's) is ``mode``."""
         if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
             raise self._unsafe(rel, mode)
         if stat.S_ISDIR(mode):
@@ -842,6 +906,34 @@ class SftpBackend(Backend):
             if not self._is_folder(sftp, rel):
                 raise BackendError(f"{self.url}: {rel} exists and is not a folder", name=rel)
         return True
+
+    def _located(self, sftp: Session, parts: list[str], name: str) -> Attrs | None:
+        """``_object`` of ``name`` when the folders on its way are real (``_reach``), else None.
+
+        The lstats of the folders not yet known and the object's go out together: one round
+        trip, not one each (a restore's first read of each pack, 30 ms apiece from a server
+        30 ms away). The folders' answers are judged first, in order, and the object's only
+        when they all are real folders; a followed link takes the long way."""
+        self._check_layout(sftp)
+        on_the_way = ("/".join(parts[:depth]) for depth in range(1, len(parts)))
+        unknown = [rel for rel in on_the_way if rel not in self._folders]
+        if not unknown:
+            return self._object(sftp, name)
+        *folders, answer = sftp.lstat_many([*(self._full(rel) for rel in unknown), self._path(name)])
+        for rel, folder in zip(unknown, folders, strict=True):
+            if isinstance(folder, FileNotFoundError):
+                return None
+            if isinstance(folder, StatusError):
+                raise folder
+            if self._followed(rel, folder.mode or 0):
+                return self._object(sftp, name) if self._reach(sftp, parts) else None
+            if not self._folder_mode(rel, folder.mode or 0):
+                return None
+        if isinstance(answer, FileNotFoundError):
+            return None
+        if isinstance(answer, StatusError):
+            raise answer
+        return self._checked_object(name, answer)
 
     def _object(self, sftp: Session, name: str) -> Attrs | None:
         """The lstat of object ``name``: None when absent or a folder; UnsafeStorageError when a
@@ -1003,7 +1095,7 @@ class SftpBackend(Backend):
         def read(sftp: Session) -> bytes:
             attrs = self._known_pack(name) if length is not None else None
             if attrs is None:
-                attrs = self._object(sftp, name) if self._reach(sftp, parts) else None
+                attrs = self._located(sftp, parts, name)
                 if attrs is None:
                     raise ObjectNotFoundError(f"{self.url}: no object {shown(name)}", name=name)
                 if length is not None:
@@ -1057,9 +1149,7 @@ class SftpBackend(Backend):
 
     def _lstat(self, name: str) -> Attrs | None:
         parts = split_name(name)
-        return self._call(
-            f"look up {name}", name, lambda sftp: self._object(sftp, name) if self._reach(sftp, parts) else None
-        )
+        return self._call(f"look up {name}", name, lambda sftp: self._located(sftp, parts, name))
 
     def exists(self, name: str) -> bool:
         self.requests.count("stat")

@@ -333,11 +333,14 @@ def copy_snapshots(
     *,
     filters: CopyFilter | None = None,
     progress: PhaseCallback | None = None,
-    workers: int = 4,
+    workers: int | None = None,
     index_every: int = 4,
 ) -> CopyReport:
     """Copy the snapshots ``filters`` selects from ``src_repo`` to ``dst_repo``; see the module
-    docstring. Returns what was copied, skipped, read and uploaded."""
+    docstring. Returns what was copied, skipped, read and uploaded. ``workers``: ranged reads
+    of the source at once (None: as many as it serves best, ``Backend.prepare_reads``)."""
+    if workers is not None and workers < 1:
+        raise ValueError("workers must be at least 1")
     started = dt.datetime.now(dt.UTC)
     filters = filters or CopyFilter()
     if src_repo.config.id == dst_repo.config.id:
@@ -365,6 +368,7 @@ def copy_snapshots(
             if origin is not None:
                 copies.setdefault(origin[1], t)
         writer = dst_repo.writer(index_every=index_every)
+        workers = workers or src_repo.backend.prepare_reads()
         translator = _Translator(src_repo, dst_repo, writer, report, workers)
         # chunk-level pairs come from the newest copied snapshot of each source: the likeliest
         # parent of what is copied now (older copies still give index-block pairs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault import platform
+from vmvault.backends.base import DEFAULT_READS_AT_ONCE
 from vmvault.disk import DIFFERENCING_FORMATS, DISK_SUFFIXES, FALLBACK_FORMAT, FORMATS, create_image, disk_format
 from vmvault.disk.base import DiskWriter
 from vmvault.errors import ConfigError, IntegrityError
@@ -351,7 +352,7 @@ def restore(
     flatten: bool = False,
     include: list[str] | None = None,
     progress: ProgressReporter | None = None,
-    workers: int = 4,
+    workers: int | None = None,
     numeric_owner: bool = False,
 ) -> RestoreResult:
     """Restore ``snap`` into the folder ``target`` (created; existing names are never replaced).
@@ -387,16 +388,19 @@ def restore_selected(
     selected: set[str] | None = None,
     subfolder: str | None = None,
     progress: ProgressReporter | None = None,
-    workers: int = 4,
+    workers: int | None = None,
     numeric_owner: bool = False,
 ) -> RestoreResult:
     """``restore`` of exactly the stored names ``selected`` (None: all) into ``target`` or its
-    ``subfolder`` (created; never a link)."""
+    ``subfolder`` (created; never a link). ``workers``: ranged reads at once (None: as many as
+    the storage serves best, ``Backend.prepare_reads``)."""
     progress = progress or NullReporter()
     if format is not None and format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
     if numeric_owner and platform.current_uid() != 0:
         raise ConfigError("--numeric-owner restores the stored owners, which only root may give; run as root")
+    if workers is not None and workers < 1:
+        raise ValueError("workers must be at least 1")
     started = time.monotonic()
     flatten = flatten or (any(d.layer for d in snap.disks) and _cannot_hold_layers(format))
     items = _plan(snap, format, flatten, selected)
@@ -414,6 +418,9 @@ def restore_selected(
         for item in items:
             if not tgt.is_placed(item.rel):
                 tgt.check_free(item.rel)  # refuse before anything is written
+        if workers is None and any(item.disk is not None for item in items):
+            workers = repo.backend.prepare_reads()
+        workers = workers or DEFAULT_READS_AT_ONCE
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-restore") as pool:
             restored_paths: dict[str, str] = {}
             for item in items:

@@ -1,7 +1,8 @@
 """A TCP relay that delays every byte by half a round trip each way: a server "far away" on
-loopback, for benchmarks (``tc netem`` is not available on the development machines).
+loopback, for benchmarks (bench/remote_backends.py) and tests (``tc netem`` is not available on
+the development machines).
 
-    python bench/_latency.py --rtt-ms 30 --to 127.0.0.1:2222 --port 40000
+    python tests/latency.py --rtt-ms 30 --to 127.0.0.1:2222 --port 40000
 
 What it models: propagation delay. Whatever a side sends reaches the other side ``rtt / 2``
 later, so every exchange that waits for an answer (a TLS or SSH handshake, an HTTP request, an
@@ -25,7 +26,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 _READ = 1 << 20
 
@@ -96,8 +96,10 @@ def run_relay(port: int, target: tuple[str, int], rtt: float) -> None:
 def relay(target_port: int, rtt_ms: float, target_host: str = "127.0.0.1") -> Iterator[tuple[int, int]]:
     """A relay process to ``target_host:target_port`` adding ``rtt_ms``: (the port it listens
     on, its process id)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from servers import free_port
+    try:
+        from tests.servers import free_port
+    except ImportError:  # imported from bench/, with tests/ on the path
+        from servers import free_port  # type: ignore[import-not-found,no-redef]
 
     port = free_port()
     argv = [sys.executable, __file__, "--port", str(port), "--to", f"{target_host}:{target_port}"]
