@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.latency import relay
 from tests.servers import FaultyHttpProxy, S3Server, free_port, running_s3, s3_client_environment
 from vmvault.backends import open_backend
 from vmvault.backends._retry import RetryPolicy
@@ -133,6 +134,29 @@ def test_opening_asks_for_the_bucket_once(s3_buckets: S3Server) -> None:
     with open_s3(s3_buckets.url("plain-bucket", "once"), session=session):
         pass
     assert asked == ["HeadBucket"]
+
+
+@pytest.mark.integration
+def test_a_far_store_is_read_with_more_ranges_at_once(s3_buckets: S3Server) -> None:
+    """``prepare_reads``: 4 ranged GETs at once from moto over loopback (about 2 ms an
+    answer), 8 from the same server 30 ms away (the relay of tests/latency.py), never more than
+    ``connections``; before any answer the distance is unknown."""
+    with open_s3(s3_buckets.url("plain-bucket", "far")) as b:
+        b.put("data/00/obj", b"x" * 1000)
+        assert b.get("data/00/obj", 0, 10) == b"x" * 10
+        assert b.prepare_reads() == 4
+    with relay(s3_buckets.port, 30) as (port, _pid):
+        url = s3_buckets.url("plain-bucket", "far").replace(f":{s3_buckets.port}/", f":{port}/")
+        with open_s3(url) as b:
+            assert b.prepare_reads() == 4
+            assert b.get("data/00/obj", 0, 10) == b"x" * 10
+            assert b.prepare_reads() == 8
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda i: b.get("data/00/obj", i, 100), range(8)))
+            assert got == [b"x" * 100] * 8
+        with open_s3(url + "?connections=3") as b:
+            assert b.get("data/00/obj", 0, 10) == b"x" * 10
+            assert b.prepare_reads() == 3
 
 
 @pytest.mark.integration

@@ -139,7 +139,7 @@ class _Reads(LocalBackend):
 def test_a_restore_reads_as_many_ranges_at_once_as_the_storage_serves_best(
     tmp_path: Path, disk64: MemoryDisk, at_once: int
 ) -> None:
-    """``Backend.prepare_reads`` (8 for S3, 8 for an SFTP server far away) sets how many
+    """``Backend.prepare_reads`` (8 from an S3 or SFTP server far away, else 4) sets how many
     threads read; ``workers`` given overrides it, and the storage is not asked."""
     backend = _Reads(str(tmp_path / "repo"))
     backend.at_once = at_once

@@ -42,7 +42,7 @@ Concurrency: a small pool of SSH connections, one SFTP session each, so that upl
 several threads do not queue behind one channel's window. OpenSSH's client gives a session a
 2 MiB window, so one connection moves at most 2 MiB per round trip (66 MiB/s at 30 ms). A
 restore (``prepare_reads``) reads with as many ranged reads at once as there are connections:
-4, or 8 when the server is far (its quickest answer so far took ``_FAR_ROUND_TRIP`` or more);
+4, or 8 when the server is far (its quickest answer so far took ``base.FAR_ROUND_TRIP`` or more);
 ``connections=N`` fixes the number. 30 ms away (tests/latency.py) the 1 GiB test image
 restored in 2.8-2.9 s with 8 against 4.2 s with 4 (12 or 16 were no faster); on loopback 8 were
 slower than 4 (1.5-1.7 s against 1.2-1.5 s: more ssh processes sharing the CPU).
@@ -88,10 +88,13 @@ from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry
 from vmvault.backends._sftp_layout import Attrs, OpenFlag
 from vmvault.backends._sftp_wire import RecvStream, Session, StatusError, Stream
 from vmvault.backends.base import (
+    DEFAULT_READS_AT_ONCE,
+    FAR_READS_AT_ONCE,
     TOP_LEVEL_FOLDERS,
     Backend,
     ObjectInfo,
     describe_mode,
+    is_far,
     note_skipped,
     shown,
     split_name,
@@ -141,12 +144,6 @@ _BASE_REQUEST = 32768
 #: the largest request we send where the server allows it (OpenSSH answers up to 255 KiB)
 _LARGE_REQUEST = 128 * 1024
 
-#: connections of a pool whose size was not given, near and far (module docstring)
-_NEAR_CONNECTIONS = 4
-_FAR_CONNECTIONS = 8
-#: a server whose quickest answer takes this long is far: at 5 ms four connections' windows
-#: still carry 1.6 GB/s, more than a restore's decryption takes in on two cores
-_FAR_ROUND_TRIP = 0.005
 
 #: write requests in flight per upload: enough to cover loopback and LAN round trips
 #: (64 x 128 KiB = 8 MiB), few enough to notice an error soon
@@ -430,7 +427,7 @@ class SftpBackend(Backend):
         self.timeout = timeout
         shown_path = self.root if self.root.startswith("/") else "/~/" + self.root
         self.url = f"sftp://{self.user}@{host}{'' if port == 22 else f':{port}'}{shown_path}"
-        self._pool = _Pool(self._connect, connections or _NEAR_CONNECTIONS)
+        self._pool = _Pool(self._connect, connections or DEFAULT_READS_AT_ONCE)
         #: the number of connections was given (``connections=N``): never more
         self._fixed_connections = connections is not None
         #: the quickest answer of any session so far (seconds): about the round trip
@@ -497,11 +494,11 @@ class SftpBackend(Backend):
 
     def prepare_reads(self) -> int:
         """As many reads at once as the pool has connections; a server found far away gets
-        ``_FAR_CONNECTIONS``, opened now (module docstring)."""
-        if not self._fixed_connections and _FAR_ROUND_TRIP <= self._quickest_reply < math.inf:
+        ``FAR_READS_AT_ONCE``, opened now (module docstring)."""
+        if not self._fixed_connections and is_far(self._quickest_reply):
             quickest = self._quickest_reply * 1e3
-            _log.debug("%s: answers take %.1f ms or more: %d connections", self.url, quickest, _FAR_CONNECTIONS)
-            self._pool.grow(_FAR_CONNECTIONS)
+            _log.debug("%s: answers take %.1f ms or more: %d connections", self.url, quickest, FAR_READS_AT_ONCE)
+            self._pool.grow(FAR_READS_AT_ONCE)
         return self._pool.size
 
     def _connect(self) -> _Connection:
