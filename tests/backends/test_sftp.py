@@ -401,6 +401,28 @@ def test_a_first_read_looks_up_its_folders_and_the_object_in_one_round_trip(
         assert not b.exists("data/ef/pack") and b.exists("data/ab/pack")
 
 
+def read_on_each_connection(server: SshServer, b: SftpBackend, n: int, deadline: float) -> None:
+    """Wait (until ``deadline``) for ``n`` connections to be open, then read ``data/obj`` (1 MiB
+    of ``x``) from ``n`` threads at once: every read returns it, and no connection more opens."""
+    while served_connections(server) < n:
+        assert time.monotonic() < deadline, "the connections were not opened ahead"
+        time.sleep(0.02)
+    barrier = threading.Barrier(n)
+    got: list[bytes] = []
+
+    def read() -> None:
+        barrier.wait()
+        got.append(b.get("data/obj"))
+
+    threads = [threading.Thread(target=read) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [b"x" * MiB] * n
+    assert served_connections(server) == n
+
+
 def test_warm_up_opens_the_connections_ahead_and_transfers_use_them(own_sshd: SshServer, transport: str) -> None:
     """``warm_up`` returns at once and opens the pool's connections in the background; the
     reads that follow run on them (no connection more is opened) and return the data."""
@@ -415,23 +437,7 @@ def test_warm_up_opens_the_connections_ahead_and_transfers_use_them(own_sshd: Ss
         b.warm_up()
         assert time.monotonic() - started < 0.1, "warm_up must not wait for the handshakes"
         assert b.get("data/obj", 10, 5) == b"xxxxx"  # the first read waits for a warm connection
-        while served_connections(own_sshd) < 3:
-            assert time.monotonic() < deadline, "the connections were not opened ahead"
-            time.sleep(0.02)
-        barrier = threading.Barrier(3)
-        got: list[bytes] = []
-
-        def read() -> None:
-            barrier.wait()
-            got.append(b.get("data/obj"))
-
-        threads = [threading.Thread(target=read) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert got == [b"x" * MiB] * 3
-        assert served_connections(own_sshd) == 3
+        read_on_each_connection(own_sshd, b, 3, deadline)
 
 
 def test_a_far_server_gets_more_connections_to_read_from(own_sshd: SshServer, transport: str) -> None:
@@ -462,23 +468,7 @@ def test_a_far_server_gets_more_connections_to_read_from(own_sshd: SshServer, tr
             assert b.prepare_reads() == 4
             assert b.get("data/obj", 0, 1) == b"x"
             assert b.prepare_reads() == 8
-            while served_connections(own_sshd) < 8:
-                assert time.monotonic() < deadline, "the connections were not opened ahead"
-                time.sleep(0.02)
-            barrier = threading.Barrier(8)
-            got: list[bytes] = []
-
-            def read() -> None:
-                barrier.wait()
-                got.append(b.get("data/obj"))
-
-            threads = [threading.Thread(target=read) for _ in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert got == [b"x" * MiB] * 8
-            assert served_connections(own_sshd) == 8
+            read_on_each_connection(own_sshd, b, 8, deadline)
         with open_sftp(url + "?connections=2", **options) as b:  # type: ignore[arg-type]
             assert b.get("data/obj", 0, 1) == b"x"
             assert b.prepare_reads() == 2
