@@ -219,3 +219,47 @@ def test_close_closes_the_idle_connections_at_once(monkeypatch: pytest.MonkeyPat
     took = time.monotonic() - started
     assert factory.existing == 0
     assert took < 0.6, f"closing four took {took:.2f} s"
+
+
+def test_places_grow_adds_that_the_server_refuses_are_given_up_without_failing_anyone() -> None:
+    """A server that takes 3 connections (a limit per user): the pool grown from 2 to 6 gives
+    up the places it cannot fill, and the callers waiting for them go on with the connections
+    there are instead of getting the refusal."""
+    refused = BackendUnreachableError("too many connections")
+    factory = Factory(delay=0.05)
+    limit = 3
+    admitted = [0]  # connections the server let in (it never closes one here)
+
+    def limited() -> FakeConnection:
+        with factory.lock:
+            full = admitted[0] >= limit
+            admitted[0] += not full
+        if full:
+            time.sleep(0.05)
+            raise refused
+        return factory()
+
+    pool = _Pool(limited, 2)  # type: ignore[arg-type]
+    pool.warm()
+    wait_for(lambda: factory.existing == 2)
+    pool.grow(6)
+    results: list[object] = []
+
+    def use() -> None:
+        try:
+            with pool.connection() as conn:
+                time.sleep(0.05)
+                results.append(conn)
+        except BaseException as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 6 and not [r for r in results if isinstance(r, BaseException)], results
+    assert factory.most == limit
+    assert pool.size == limit
+    pool.close()
+    assert factory.existing == 0

@@ -144,7 +144,6 @@ _BASE_REQUEST = 32768
 #: the largest request we send where the server allows it (OpenSSH answers up to 255 KiB)
 _LARGE_REQUEST = 128 * 1024
 
-
 #: write requests in flight per upload: enough to cover loopback and LAN round trips
 #: (64 x 128 KiB = 8 MiB), few enough to notice an error soon
 _WINDOW = 64
@@ -249,6 +248,9 @@ class _Pool:
     def __init__(self, factory: Callable[[], _Connection], size: int) -> None:
         self._factory = factory
         self._size = size
+        #: the size asked for at first; places ``grow`` adds beyond it are given up again when
+        #: their connection cannot be opened
+        self._first_size = size
         self._cond = threading.Condition()
         self._idle: list[_Connection] = []
         self._busy = 0
@@ -262,14 +264,16 @@ class _Pool:
         return self._size
 
     def grow(self, size: int) -> None:
-        """Allow ``size`` connections from now on (a pool never shrinks), and open the new ones
-        ahead (``warm``)."""
+        """Allow ``size`` connections from now on, and open the new ones ahead (``warm``). A new
+        place whose connection cannot be opened (a server that takes only so many connections
+        per user, say) is given up again, its failure kept from the callers waiting: they go
+        on with the connections there are."""
         with self._cond:
             if size <= self._size:
                 return
             self._size = size
             self._cond.notify_all()
-        self.warm()
+        self.warm(extra=True)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[_Connection]:
@@ -320,15 +324,16 @@ class _Pool:
             for conn in dead:
                 conn.close()
 
-    def warm(self) -> None:
-        """Open, each in a thread of its own, the connections that would make ``size``."""
+    def warm(self, *, extra: bool = False) -> None:
+        """Open, each in a thread of its own, the connections that would make ``size``
+        (``extra``: for places ``grow`` added)."""
         with self._cond:
             missing = 0 if self._closed else self._size - self._busy - len(self._idle) - self._opening
             self._opening += max(0, missing)
         for _ in range(missing):
-            threading.Thread(target=self._open_one, name="vmvault-sftp-warm", daemon=True).start()
+            threading.Thread(target=self._open_one, args=(extra,), name="vmvault-sftp-warm", daemon=True).start()
 
-    def _open_one(self) -> None:
+    def _open_one(self, extra: bool = False) -> None:
         conn: _Connection | None = None
         failure: Exception | None = None
         try:
@@ -342,6 +347,8 @@ class _Pool:
             if keep:
                 assert conn is not None
                 self._idle.append(conn)
+            elif failure is not None and extra and self._size > self._first_size:
+                self._size -= 1  # a place ``grow`` added: given up, the callers go on without it
             elif failure is not None:
                 self._failures.append(failure)
             self._cond.notify_all()
