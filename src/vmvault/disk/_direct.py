@@ -40,10 +40,10 @@ from collections.abc import Iterator
 from typing import Final
 
 from vmvault import platform
-from vmvault.disk.base import write_at, write_error
+from vmvault.disk.base import fsync_file, write_at, write_error
 from vmvault.errors import TargetError
 
-__all__ = ["BUFFERS", "STAGE_BYTES", "DirectWrites"]
+__all__ = ["BUFFERS", "STAGE_BYTES", "DirectWrites", "drain_and_fsync", "write_or_queue"]
 
 #: the bytes gathered into one direct write, at most
 STAGE_BYTES: Final[int] = 8 << 20
@@ -248,3 +248,22 @@ class DirectWrites:
             if self._direct and not platform.set_direct(self._fd, True):
                 self._direct = False
         return offset
+
+
+def write_or_queue(
+    queue: DirectWrites | None, fd: int, data: bytes | bytearray | memoryview, offset: int, path: str
+) -> None:
+    """A writer's write of ``data`` at ``offset``: queued in order in ``queue`` for a writer
+    going past the page cache, else written now (``write_at``)."""
+    if queue is not None:
+        queue.write(offset, data)
+    else:
+        write_at(fd, data, offset, path)
+
+
+def drain_and_fsync(queue: DirectWrites | None, fd: int, path: str) -> None:
+    """A writer's fsync: what ``queue`` holds is written first (``drain``), so the order of
+    writes and fsyncs a format's crash safety rests on holds past the cache too."""
+    if queue is not None:
+        queue.drain()
+    fsync_file(fd, path)

@@ -22,10 +22,10 @@ from typing import Final
 
 from vmvault import platform
 from vmvault.disk import _vhdx_layout as L
-from vmvault.disk._direct import DirectWrites
+from vmvault.disk._direct import DirectWrites, drain_and_fsync, write_or_queue
 from vmvault.disk._open import open_checked
 from vmvault.disk._vhdx_read import VhdxImage, _braced, _metadata_table, _open, _parse_braced_guid
-from vmvault.disk.base import DiskWriter, Opener, open_new, read_structure, write_at, write_error
+from vmvault.disk.base import DiskWriter, Opener, open_new, read_structure, write_error
 from vmvault.errors import FormatError, ParentError, SourceError, TargetError, UnsupportedFormatError
 
 __all__ = ["VhdxWriter", "create_vhdx", "open_vhdx_for_write", "set_locator"]
@@ -133,18 +133,10 @@ class VhdxWriter(DiskWriter):
     # ---------------------------------------------------------------------------- I/O helpers
 
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        if self._direct is not None:  # queued, in order (whole 4 KiB blocks past the cache)
-            self._direct.write(offset, data)
-            return
-        write_at(self._fd, data, offset, self._path)
+        write_or_queue(self._direct, self._fd, data, offset, self._path)
 
     def _fsync(self) -> None:
-        if self._direct is not None:
-            self._direct.drain()
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise write_error(exc, self._path, "flush failed") from exc
+        drain_and_fsync(self._direct, self._fd, self._path)
 
     def _allocate(self, length: int) -> int:
         """New MiB-aligned space at the end of the file; it reads as zeros (sparse)."""

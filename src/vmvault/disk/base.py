@@ -46,6 +46,7 @@ __all__ = [
     "clip_extents",
     "coalesce",
     "create_file",
+    "fsync_file",
     "open_new",
     "write_error",
 ]
@@ -130,6 +131,14 @@ def write_at(fd: int, data: bytes | bytearray | memoryview, offset: int, path: s
     except OSError as exc:
         raise write_error(exc, path, "write failed", offset) from exc
     return offset
+
+
+def fsync_file(fd: int, path: str) -> None:
+    """The writers' fsync: a failure is ``write_error``'s ("flush failed")."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise write_error(exc, path, "flush failed") from exc
 
 
 def write_error(exc: OSError, path: str, what: str, offset: int | None = None) -> TargetError:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final
 
 from vmvault import platform
-from vmvault.disk._direct import DirectWrites
+from vmvault.disk._direct import DirectWrites, drain_and_fsync, write_or_queue
 from vmvault.disk._open import ANYWHERE, ParentRule, open_checked, open_parent, real_path
 from vmvault.disk._qcow2_layout import (
     HEADER_V2_SIZE,
@@ -59,7 +59,6 @@ from vmvault.disk.base import (
     is_zero,
     open_new,
     read_structure,
-    write_at,
     write_error,
 )
 from vmvault.errors import FormatError, ParentError, SourceError, TargetError, UnsupportedFormatError
@@ -776,10 +775,7 @@ class Qcow2Writer(DiskWriter):
 
     # -- low level -----------------------------------------------------------------------------------
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        if self._direct is not None:  # queued, in order (whole 4 KiB blocks past the cache)
-            self._direct.write(offset, data)
-            return
-        write_at(self._fd, data, offset, self._path)
+        write_or_queue(self._direct, self._fd, data, offset, self._path)
 
     def _write_header(self, *, dirty: bool, rt_off: int, rt_clusters: int) -> None:
         incompat = self._hdr.incompatible_features & ~int(IncompatibleFeature.DIRTY)
@@ -808,12 +804,7 @@ class Qcow2Writer(DiskWriter):
         self._pwrite(self._hdr.pack(), 0)
 
     def _sync(self) -> None:
-        if self._direct is not None:
-            self._direct.drain()
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise write_error(exc, self._path, "flush failed") from exc
+        drain_and_fsync(self._direct, self._fd, self._path)
 
     def _alloc(self) -> int:
         off = self._eof

@@ -8,7 +8,7 @@ import stat
 from collections.abc import Iterator
 
 from vmvault import platform
-from vmvault.disk._direct import DirectWrites
+from vmvault.disk._direct import DirectWrites, drain_and_fsync, write_or_queue
 from vmvault.disk._open import ParentRule, open_checked
 from vmvault.disk.base import (
     DiskFormat,
@@ -18,7 +18,6 @@ from vmvault.disk.base import (
     ExtentKind,
     Opener,
     open_new,
-    write_at,
     write_error,
 )
 from vmvault.errors import FormatError, SourceError
@@ -142,18 +141,10 @@ class RawWriter(DiskWriter):
     def write(self, offset: int, data: bytes) -> None:
         if offset + len(data) > self._size:
             raise ValueError(f"write past the end of {self._path}")
-        if self._direct is not None:
-            self._direct.write(offset, data)
-            return
-        write_at(self._fd, data, offset, self._path)
+        write_or_queue(self._direct, self._fd, data, offset, self._path)
 
     def flush(self) -> None:
-        if self._direct is not None:
-            self._direct.drain()
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise write_error(exc, self._path, "flush failed") from exc
+        drain_and_fsync(self._direct, self._fd, self._path)
 
     def close(self) -> None:
         if self._fd >= 0:

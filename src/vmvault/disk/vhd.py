@@ -52,6 +52,7 @@ from vmvault.disk.base import (
     Opener,
     ParentReference,
     coalesce,
+    fsync_file,
     is_zero,
     open_new,
     read_structure,
@@ -794,10 +795,7 @@ class VhdWriter(DiskWriter):
         self._write(footer, self._eof)
 
     def _fsync(self) -> None:
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            raise write_error(exc, self._path, "flush failed") from exc
+        fsync_file(self._fd, self._path)
 
     def flush(self) -> None:
         self._write_tables()
