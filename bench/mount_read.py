@@ -4,14 +4,18 @@
 Backs up the benchmark test image (``--size``, the developers' generator when it is there)
 into a local repository, then, each from a cold start (a new process, an empty chunk cache):
 restores the snapshot with ``vmvault restore``; mounts it with ``vmvault mount`` and reads
-the disk sequentially in 1 MiB reads; reads it again with four readers at once, each a
-quarter; copies it out with ``qemu-img convert`` (which skips holes through SEEK_DATA).
+the disk sequentially in 1 MiB reads, through the page cache and then with ``O_DIRECT``; reads
+it again with four readers at once, each a quarter; copies it out with ``qemu-img convert``
+(which skips holes through SEEK_DATA), through the page cache and with ``-T none`` (the source
+read with ``O_DIRECT``). Beside each mount row: the CPU seconds (user + system) of the
+``vmvault mount`` process, from ``/proc``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import mmap
 import os
 import shutil
 import signal
@@ -20,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _common import OUT, ROOT, machine, make_image, run, serving, timed_child
@@ -52,20 +57,31 @@ def unmount(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(60)
 
 
-def read_range(path: Path, start: int, end: int, piece: int = MiB) -> bytes:
+def read_range(path: Path, start: int, end: int, piece: int = MiB, *, direct: bool = False) -> bytes:
+    """The SHA-256 of ``path``'s bytes from ``start`` to ``end``, read ``piece`` bytes a call
+    (``direct``: with ``O_DIRECT``, into a page-aligned buffer)."""
     h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    buffer = mmap.mmap(-1, piece)
     try:
         pos = start
         while pos < end:
-            data = os.pread(fd, min(piece, end - pos), pos)
-            if not data:
+            n = os.preadv(fd, [buffer], pos)
+            if not n:
                 break
-            h.update(data)
-            pos += len(data)
+            n = min(n, end - pos)
+            h.update(memoryview(buffer)[:n])
+            pos += n
     finally:
         os.close(fd)
+        buffer.close()
     return h.digest()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system seconds of the process ``pid`` so far (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -91,42 +107,59 @@ def main() -> None:
         allocated = image.stat().st_blocks * 512
         run(vmvault("init", "-q"), env=env)
         run(vmvault("backup", "-q", str(vm)), env=env)
-        rows = []
+        rows: list[tuple[str, float, float | None]] = []
         load_before = os.getloadavg()[0]
 
         restored = timed_child(vmvault("restore", "-q", "latest", "--target", str(work / "restored")), env=env)
-        rows.append(("`vmvault restore` (written and synced)", restored.seconds))
+        rows.append(("`vmvault restore` (written and synced)", restored.seconds, restored.cpu_s or None))
         shutil.rmtree(work / "restored")
 
         point = work / "mnt"
-        proc = mount(point, env, args.cache)
-        disk = next((point / "by-vm").glob("*/latest")).resolve() / "disk.raw"
-        started = time.monotonic()
-        whole = read_range(disk, 0, size)
-        rows.append(("mount: one sequential reader, 1 MiB reads", time.monotonic() - started))
-        unmount(proc)
-        assert whole == read_range(image, 0, size), "the mounted disk differs from the image"
+        whole = read_range(image, 0, size)
 
-        proc = mount(point, env, args.cache)
-        quarters = [(i * size // 4, (i + 1) * size // 4) for i in range(4)]
-        threads = [threading.Thread(target=read_range, args=(disk, a, b)) for a, b in quarters]
-        started = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        rows.append(("mount: four readers at once, a quarter each", time.monotonic() - started))
-        unmount(proc)
+        def through_mount(what: str, read: Callable[[Path], bytes | None]) -> None:
+            """Mount, time ``read`` of the mounted disk, note the mount's CPU, unmount, and
+            compare what was read (its SHA-256, if it returns one) with the image."""
+            proc = mount(point, env, args.cache)
+            disk = next((point / "by-vm").glob("*/latest")).resolve() / "disk.raw"
+            started = time.monotonic()
+            digest = read(disk)
+            rows.append((what, time.monotonic() - started, cpu_seconds(proc.pid)))
+            unmount(proc)
+            assert digest in (None, whole), f"{what}: the mounted disk differs from the image"
+
+        through_mount("mount: one sequential reader, 1 MiB reads", lambda disk: read_range(disk, 0, size))
+        through_mount(
+            "mount: one sequential reader, 1 MiB reads with `O_DIRECT`",
+            lambda disk: read_range(disk, 0, size, direct=True),
+        )
+
+        def quarters(disk: Path) -> None:
+            bounds = [(i * size // 4, (i + 1) * size // 4) for i in range(4)]
+            threads = [threading.Thread(target=read_range, args=(disk, a, b)) for a, b in bounds]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        through_mount("mount: four readers at once, a quarter each", quarters)
 
         if shutil.which("qemu-img"):
-            proc = mount(point, env, args.cache)
-            started = time.monotonic()
-            run(["qemu-img", "convert", "-f", "raw", "-O", "raw", str(disk), str(work / "copy.raw")])
-            os.sync()
-            seconds = time.monotonic() - started
-            rows.append(("mount: `qemu-img convert` to a local raw file (holes skipped, synced)", seconds))
-            unmount(proc)
-            (work / "copy.raw").unlink()
+            copy = work / "copy.raw"
+            for cache, what in (
+                ("writeback", "holes skipped, synced"),
+                ("none", "the same, `-T none`: read with `O_DIRECT`"),
+            ):
+
+                def convert(disk: Path, cache: str = cache) -> None:
+                    run(["qemu-img", "convert", "-T", cache, "-f", "raw", "-O", "raw", str(disk), str(copy)])
+                    os.sync()
+
+                through_mount(f"mount: `qemu-img convert` to a local raw file ({what})", convert)
+                assert read_range(copy, 0, size) == whole, (
+                    f"qemu-img convert -T {cache}: the copy differs from the image"
+                )
+                copy.unlink()
 
         text = "\n".join(
             [
@@ -139,9 +172,12 @@ def main() -> None:
                 "(256 KiB chunks, default settings). Each row starts a new process with an empty chunk cache; "
                 "MiB/s is over the disk's whole size (holes read as zeros without fetching anything).",
                 "",
-                "| operation | seconds | MiB/s |",
-                "| --- | --- | --- |",
-                *[f"| {what} | {seconds:.1f} | {size / MiB / seconds:.0f} |" for what, seconds in rows],
+                "| operation | seconds | MiB/s | CPU (s): restore, or the mount process |",
+                "| --- | --- | --- | --- |",
+                *[
+                    f"| {what} | {seconds:.1f} | {size / MiB / seconds:.0f} | {'' if cpu is None else f'{cpu:.1f}'} |"
+                    for what, seconds, cpu in rows
+                ],
             ]
         )
         print(text)
