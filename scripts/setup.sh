@@ -23,7 +23,7 @@ if command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get install -y -q --no-install-recommends \
     qemu-utils qemu-system-x86 python3-libnbd libnbd-bin openssh-server openssh-client libvhdi-utils \
     ceph-mon ceph-osd radosgw openssl \
-    e2fsprogs dosfstools mtools ntfs-3g exfatprogs xfsprogs fdisk cryptsetup-bin \
+    e2fsprogs dosfstools mtools ntfs-3g exfatprogs xfsprogs btrfs-progs fdisk cryptsetup-bin \
     syslinux syslinux-common busybox-static qemu-guest-agent chromium chromium-driver \
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config ovmf virtnbdbackup \
     fuse3
