@@ -1,9 +1,10 @@
-"""Restores onto XFS and btrfs, each a real file system made in a file and mounted through a
-loop device by the test: the disk is written past the page cache (``O_DIRECT``, disk/_direct.py)
-where the file system takes it, byte for byte in raw, qcow2 and VHDX (read back by ``qemu-img``),
-and a file system that fills up stops the restore with ``TargetFullError`` and nothing left
-behind. XFS is the default file system of RHEL-family KVM hosts; btrfs checksums what
-``O_DIRECT`` writes. ext4 and tmpfs are what the rest of the suite writes to."""
+"""Restores onto XFS and btrfs, each a real file system made in a file and mounted through a loop
+device by the test: the disk is written past the page cache (``O_DIRECT``, disk/_direct.py)
+where the file system takes it, byte for byte in raw, qcow2 and VHDX (read back by
+``qemu-img``); a file system that fills up stops the restore with ``TargetFullError`` and
+nothing left behind; and a local repository there is read past the page cache too
+(``LocalBackend.get_into``). XFS is the default file system of RHEL-family KVM hosts; btrfs
+checksums what ``O_DIRECT`` writes. ext4 and tmpfs are what the rest of the suite writes to."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from tests.conftest import mounted_loop_filesystem, require_tool
 from tests.engine.helpers import MemoryDisk, ScriptedSource
 from tests.pagecache import cached_pages, page_cache_droppable
 from vmvault import platform
+from vmvault.backends import local
+from vmvault.backends.local import LocalBackend
 from vmvault.backends.memory import MemoryBackend
 from vmvault.disk import _direct
 from vmvault.engine.backup import backup
@@ -46,16 +49,21 @@ def filesystem(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]
 
 
 @pytest.fixture(scope="module")
-def backed_up() -> tuple[Repository, Snapshot, bytes]:
+def disk() -> MemoryDisk:
     """A 40 MiB disk and a bit: random data, a hole of 3 MiB, zero chunks, and a last 1.5 KiB
     that is not a whole 4 KiB block (written through the page cache after the direct writes)."""
     size = 40 * MiB + 1536
     data = bytearray(os.urandom(size))
     data[10 * MiB : 13 * MiB] = bytes(3 * MiB)
     data[20 * MiB : 20 * MiB + 2 * CS] = bytes(2 * CS)
-    disk = MemoryDisk(data, [(0, 10 * MiB), (13 * MiB, size - 13 * MiB)])
+    return MemoryDisk(data, [(0, 10 * MiB), (13 * MiB, size - 13 * MiB)])
+
+
+@pytest.fixture(scope="module")
+def backed_up(disk: MemoryDisk) -> tuple[Repository, Snapshot, bytes]:
+    """``disk`` backed up into a repository in memory."""
     repo = Repository.init(MemoryBackend(), b"passphrase", chunk_size=CS)
-    return repo, backup(repo, ScriptedSource(disk), workers=2).snapshot, bytes(data)
+    return repo, backup(repo, ScriptedSource(disk), workers=2).snapshot, bytes(disk.data)
 
 
 def _raw_bytes(path: Path, fmt: str, scratch: Path) -> bytes:
@@ -117,3 +125,24 @@ def test_a_full_xfs_or_btrfs_target_stops_the_restore_with_nothing_left(
     with pytest.raises(TargetFullError, match="No space left"):
         restore(repo, snap, str(filesystem / "t"))
     assert os.listdir(filesystem / "t") == [], "nothing is left: no final name, no partial file"
+
+
+def test_a_local_repository_on_xfs_or_btrfs_is_read_past_the_page_cache(
+    filesystem: Path, tmp_path: Path, disk: MemoryDisk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restore reads its ranges of packs whole 4 KiB blocks at a time with ``O_DIRECT``
+    (``LocalBackend.get_into``), never through the page cache, from a repository on XFS or btrfs."""
+    repo = Repository.init(LocalBackend(str(filesystem / "repo")), b"passphrase", chunk_size=CS)
+    snap = backup(repo, ScriptedSource(disk), workers=2).snapshot
+    fills: list[int] = []
+    fill = local._fill
+
+    def recorded(fd: int, view: memoryview, offset: int, align: int) -> int:
+        fills.append(align)
+        return fill(fd, view, offset, align)
+
+    monkeypatch.setattr(local, "_fill", recorded)
+    restore(repo, snap, str(tmp_path / "t"))
+    assert fills and set(fills) == {platform.DIRECT_ALIGN}, "every range was read past the page cache"
+    (path,) = (tmp_path / "t").iterdir()
+    assert path.read_bytes() == bytes(disk.data)
