@@ -138,9 +138,11 @@ def vmvault_run(
     env = {**env, "VMVAULT_PASSWORD": PASSWORD}
     timed_child([*base, "init"], env=env)
     drop_caches()
-    backup = timed_child([*base, "backup", str(src)], env=env)
-    drop_caches()
     pids = servers if servers is not None else [server] if server is not None else []
+    server_cpu = sum(tree_cpu(pid) for pid in pids)
+    backup = timed_child([*base, "backup", str(src)], env=env)
+    backup_server_cpu = sum(tree_cpu(pid) for pid in pids) - server_cpu
+    drop_caches()
     server_cpu = sum(tree_cpu(pid) for pid in pids)
     relay_cpu = sum(tree_cpu(pid) for pid in relays or [])
     restore = timed_child([sys.executable, __file__, "--restore-child", url, str(target)], env=env)
@@ -154,6 +156,8 @@ def vmvault_run(
     return {
         "backup_s": backup.seconds,
         "backup_rss": backup.max_rss_mib,
+        "backup_cpu": backup.cpu_s,
+        "backup_server_cpu": backup_server_cpu,
         "restore_s": restore.seconds,
         "restore_rss": restore.max_rss_mib,
         "gets": report["requests"]["get"],
@@ -276,7 +280,8 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
         backup_ratio = f"{r['backup_s'] / local['backup_s']:.2f}×" if local else "–"
         restore_ratio = f"{r['restore_s'] / local['restore_s']:.2f}×" if local else "–"
         rows.append(
-            f"| {name} | {r['backup_s']:.1f} | {backup_ratio} | {r['restore_s']:.1f} | {restore_ratio} | "
+            f"| {name} | {r['backup_s']:.1f} | {backup_ratio} | {r['backup_cpu']:.1f} | {r['backup_server_cpu']:.1f} | "
+            f"{r['restore_s']:.1f} | {restore_ratio} | "
             f"{r['gets']:,.0f} | {r['chunks']:,.0f} | {r['bytes_read'] / 2**20:,.0f} | "
             f"{r['restore_cpu']:.1f} | {r['ssh_cpu']:.1f} | {r['server_cpu']:.1f} | "
             + (f"{r['relay_cpu']:.1f} | " if args.rtt_ms else "")
@@ -297,9 +302,10 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
             "with one memstore OSD (tests/ceph.py; its server CPU is the gateway's and the OSD's) "
             "(the servers share the 2 cores with vmvault). "
             "Reads: the storage operations the restore sent (`Backend.requests`: ranged GETs of packs, index and "
-            "snapshot reads), against the chunks it restored. CPU: seconds (user + system) of the restoring process, "
-            "of its ssh child processes (the OpenSSH transport's encryption), and of the server with its "
-            "session processes during the restore. Peak RSS is vmvault's."
+            "snapshot reads), against the chunks it restored. CPU: seconds (user + system) of the backup's "
+            "`vmvault` process with its ssh child processes, and of the server with its session processes during "
+            "the backup; of the restoring process, of its ssh child processes (the OpenSSH transport's encryption), "
+            "and of the server during the restore. Peak RSS is vmvault's."
             + (
                 f" Every server is {args.rtt_ms:g} ms (round trip) away: reached through a relay process that delays "
                 "each byte by half of that each way (tests/latency.py: latency only, no bandwidth limit or loss); "
@@ -308,11 +314,12 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
                 else ""
             ),
             "",
-            "| repository | full backup (s) | backup / local | restore (s) | restore / local | restore reads "
+            "| repository | full backup (s) | backup / local | backup CPU (s) | server CPU, backup (s) "
+            "| restore (s) | restore / local | restore reads "
             "| chunks restored | MiB read | restore CPU (s) | its ssh CPU (s) | server CPU (s) | "
             + ("relay CPU (s) | " if args.rtt_ms else "")
             + "peak RSS (MiB) |",
-            "| --- " * (13 if args.rtt_ms else 12) + "|",
+            "| --- " * (15 if args.rtt_ms else 14) + "|",
             *rows,
         ]
     )
