@@ -59,9 +59,10 @@ def disk() -> MemoryDisk:
     return MemoryDisk(data, [(0, 10 * MiB), (13 * MiB, size - 13 * MiB)])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def backed_up(disk: MemoryDisk) -> tuple[Repository, Snapshot, bytes]:
-    """``disk`` backed up into a repository in memory."""
+    """``disk`` backed up into a repository in memory (for each test: opening a repository
+    writes this host's record, which each test keeps to itself)."""
     repo = Repository.init(MemoryBackend(), b"passphrase", chunk_size=CS)
     return repo, backup(repo, ScriptedSource(disk), workers=2).snapshot, bytes(disk.data)
 
