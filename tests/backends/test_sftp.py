@@ -447,7 +447,9 @@ def test_a_far_server_gets_more_connections_to_read_from(own_sshd: SshServer, tr
     the distance is unknown."""
     with backend(own_sshd, "far", transport=transport) as b:
         b.put("data/obj", b"x" * MiB)
-        assert b.get("data/obj", 0, 1) == b"x"
+        # (the quickest of many answers: a busy machine may keep one waiting for a core)
+        for _ in range(20):
+            assert b.get("data/obj", 0, 1) == b"x"
         assert b.prepare_reads() == 4
     options: dict[str, object] = {
         "key_filename": str(own_sshd.client_key),
