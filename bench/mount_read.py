@@ -4,7 +4,8 @@
 Backs up the benchmark test image (``--size``, the developers' generator when it is there)
 into a local repository, then, each from a cold start (a new process, an empty chunk cache):
 restores the snapshot with ``vmvault restore``; mounts it with ``vmvault mount`` and reads
-the disk sequentially in 1 MiB reads, through the page cache and then with ``O_DIRECT``; reads
+the disk sequentially in 1 MiB reads, through the page cache, then with ``O_DIRECT``, then with
+plain reads from ``vmvault mount --direct-io`` (FUSE's ``direct_io``); reads
 it again with four readers at once, each a quarter; copies it out with ``qemu-img convert``
 (which skips holes through SEEK_DATA), through the page cache and with ``-T none`` (the source
 read with ``O_DIRECT``). Beside each mount row: the CPU seconds (user + system) of the
@@ -36,10 +37,10 @@ def vmvault(*args: str) -> list[str]:
     return [sys.executable, "-m", "vmvault", *args]
 
 
-def mount(point: Path, env: dict[str, str], cache: str) -> subprocess.Popen[bytes]:
+def mount(point: Path, env: dict[str, str], cache: str, *options: str) -> subprocess.Popen[bytes]:
     point.mkdir(exist_ok=True)
     proc = subprocess.Popen(
-        vmvault("mount", str(point), "--cache-size", cache),
+        vmvault("mount", str(point), "--cache-size", cache, *options),
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -117,10 +118,10 @@ def main() -> None:
         point = work / "mnt"
         whole = read_range(image, 0, size)
 
-        def through_mount(what: str, read: Callable[[Path], bytes | None]) -> None:
-            """Mount, time ``read`` of the mounted disk, note the mount's CPU, unmount, and
-            compare what was read (its SHA-256, if it returns one) with the image."""
-            proc = mount(point, env, args.cache)
+        def through_mount(what: str, read: Callable[[Path], bytes | None], *options: str) -> None:
+            """Mount (with ``options``), time ``read`` of the mounted disk, note the mount's CPU,
+            unmount, and compare what was read (its SHA-256, if it returns one) with the image."""
+            proc = mount(point, env, args.cache, *options)
             disk = next((point / "by-vm").glob("*/latest")).resolve() / "disk.raw"
             started = time.monotonic()
             digest = read(disk)
@@ -132,6 +133,11 @@ def main() -> None:
         through_mount(
             "mount: one sequential reader, 1 MiB reads with `O_DIRECT`",
             lambda disk: read_range(disk, 0, size, direct=True),
+        )
+        through_mount(
+            "`mount --direct-io`: one sequential reader, 1 MiB plain reads (as `cp` makes them)",
+            lambda disk: read_range(disk, 0, size),
+            "--direct-io",
         )
 
         def quarters(disk: Path) -> None:

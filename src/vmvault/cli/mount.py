@@ -11,7 +11,7 @@ from vmvault.engine.reader import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
 from vmvault.errors import ConfigError, SnapshotNotFoundError
 
 from ._args import size, snapshot_ref, whole_number
-from ._common import EXIT, Output, add_filter_args, open_repository, pick_snapshot, snapshot_filter
+from ._common import EXIT, Output, add_filter_args, open_repository, pick_snapshot, plural, snapshot_filter
 from ._terminal import terminal_safe
 from .progress import human_bytes
 
@@ -63,10 +63,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        serve(view, mountpoint, allow_other=args.allow_other or group is not None, on_ready=ready)
+        serve(
+            view,
+            mountpoint,
+            allow_other=args.allow_other or group is not None,
+            direct_io=args.direct_io,
+            on_ready=ready,
+        )
     finally:
         view.close()
-    out.say(f"unmounted {terminal_safe(mountpoint)}")
+    out.say(
+        f"unmounted {terminal_safe(mountpoint)} ({plural(view.reads_served, 'read')} answered, "
+        f"{human_bytes(view.bytes_served)})"
+    )
     return EXIT["ok"]
 
 
@@ -97,6 +106,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         default=DEFAULT_READAHEAD,
         metavar="CHUNKS",
         help=f"chunks fetched ahead of a sequential reader, at most (default {DEFAULT_READAHEAD}; 0: none)",
+    )
+    p.add_argument(
+        "--direct-io",
+        action="store_true",
+        help="serve every read past the kernel's page cache (FUSE direct_io): whole-disk copies by any program "
+        "(cp, rsync) run as fast as with O_DIRECT; small reads lose the kernel's read-ahead, and the files "
+        "cannot be memory-mapped",
     )
     who = p.add_mutually_exclusive_group()
     who.add_argument(

@@ -158,6 +158,9 @@ class MountView:
         self._next_fh = 1
         self._lock = threading.Lock()
         self._logged: dict[str, float] = {}
+        #: read requests answered, and their bytes (the kernel's page cache answers the rest)
+        self.reads_served = 0
+        self.bytes_served = 0
         by_vm = self._dir(self.root, "by-vm", self.started_ns)
         newest: dict[str, tuple[int, str, str]] = {}
         for snap in snapshots:
@@ -310,8 +313,13 @@ class MountView:
         size = min(size, MAX_READ)
         try:
             if handle.node.kind == "disk":
-                return self._reader(handle).read(offset, size)
-            return self._read_file(handle.node, offset, size)
+                data = self._reader(handle).read(offset, size)
+            else:
+                data = self._read_file(handle.node, offset, size)
+            with self._lock:
+                self.reads_served += 1
+                self.bytes_served += len(data)
+            return data
         except Exception as exc:  # any failure of one read is EIO for it, never the mount's end
             self._failed(handle, offset, size, exc)
             raise OSError(errno.EIO, os.strerror(errno.EIO), handle.path) from exc
@@ -528,11 +536,18 @@ def serve(
     mountpoint: str,
     *,
     allow_other: bool = False,
+    direct_io: bool = False,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Mount ``view`` read-only at ``mountpoint`` and serve it (many requests at once) until it
     is unmounted: Ctrl-C, SIGTERM or ``fusermount3 -u``. Runs in the main thread (libfuse's
-    signal handlers)."""
+    signal handlers).
+
+    By default the kernel keeps the pages it read (the files never change) and reads ahead for
+    small sequential reads. ``direct_io`` (FUSE's own) passes the page cache for every reader:
+    each read comes here, copied by the kernel straight into the reader's buffer, which large
+    reads gain from as they would with ``O_DIRECT`` (docs/recovery.md); small reads lose the
+    kernel's read-ahead, and the files cannot be memory-mapped."""
     fuse = binding()
     mounted = threading.Event()
     logging.getLogger("mfusepy").setLevel(logging.CRITICAL)  # our own lines say what failed
@@ -544,7 +559,10 @@ def serve(
             if conn is not None:
                 conn.max_readahead = _KERNEL_READAHEAD  # fewer, larger requests for a sequential reader
             if config is not None:
-                config.kernel_cache = 1  # the files never change: the kernel may keep their pages
+                if direct_io:
+                    config.direct_io = 1  # every read comes here, past the page cache
+                else:
+                    config.kernel_cache = 1  # the files never change: the kernel may keep their pages
                 config.entry_timeout = config.attr_timeout = 3600.0
                 config.negative_timeout = 3600.0
             mounted.set()
