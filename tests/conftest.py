@@ -234,25 +234,25 @@ def _own_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     monkeypatch.setenv("VMVAULT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
 
 
-#: the Debian package that brings each file system's mkfs
-FILESYSTEM_PACKAGES = {"xfs": "xfsprogs", "btrfs": "btrfs-progs", "ext4": "e2fsprogs"}
+#: for each file system a test makes: the Debian package with its mkfs, and mkfs's quiet option
+_MKFS = {"xfs": ("xfsprogs", "-q"), "btrfs": ("btrfs-progs", "-q")}
 
 
 @contextlib.contextmanager
 def mounted_loop_filesystem(image: Path, mnt: Path, kind: str, size_mib: int) -> Iterator[Path]:
-    """A new ``kind`` file system (``xfs``, ``btrfs``, ``ext4``) of ``size_mib`` MiB made in the
-    sparse file ``image`` and mounted at the new folder ``mnt`` through a loop device; unmounted
-    and its loop device freed afterwards. Needs root, the file system's mkfs and loop devices:
-    the test is skipped, saying which is missing, otherwise."""
+    """A new ``kind`` file system (``xfs`` or ``btrfs``) of ``size_mib`` MiB made in the sparse
+    file ``image`` and mounted at the new folder ``mnt`` through a loop device; unmounted and its
+    loop device freed afterwards. Needs root, the file system's mkfs and loop devices: the test is
+    skipped, saying which is missing, otherwise."""
+    package, quiet = _MKFS[kind]
     if os.geteuid() != 0:
         pytest.skip(f"mounting a {kind} file system needs root")
     mkfs = shutil.which(f"mkfs.{kind}")
     if mkfs is None:
-        pytest.skip(f"mkfs.{kind} is not installed (apt-get install {FILESYSTEM_PACKAGES[kind]})")
+        pytest.skip(f"mkfs.{kind} is not installed (apt-get install {package})")
     with open(image, "wb") as f:
         f.truncate(size_mib << 20)
-    quiet = {"xfs": ["-q"], "btrfs": ["-q"], "ext4": ["-q", "-F"]}[kind]
-    made = subprocess.run([mkfs, *quiet, str(image)], capture_output=True, text=True)
+    made = subprocess.run([mkfs, quiet, str(image)], capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"mkfs.{kind} failed here: {made.stderr.strip()[:300]}")
     mnt.mkdir()
