@@ -7,7 +7,9 @@ Builds a repository whose index holds N chunks besides a real 4 GiB disk, then m
 each command in a process of its own (wall time, its own peak RSS): ``open`` (open the
 repository, bring this host's index cache up to date, read the first chunk of the newest
 snapshot), ``backup`` (the 4 GiB disk), ``backup_changed`` (again after a 1 % change),
-``restore``, ``snapshots``, ``check`` and ``prune`` (after forgetting the first backup), and
+``restore``, ``snapshots``, ``check``, ``prune`` (after forgetting the first backup) and
+``repair`` (``repair index``: every index file read, every pack's size compared with it, the
+index written again as one set of new files superseding the old ones), and
 the commands that read one snapshot: ``show`` (of the newest backup of the 4 GiB disk), ``copy``
 (that backup into a new, empty local repository; the measured process is the copy), ``files``
 (``files ls`` of a folder, then ``files restore`` of a 64 MiB file from it, compared with its
@@ -306,10 +308,11 @@ OPS = (
     "restore",
     "check",
     "prune",
+    "repair",
 )
 #: the commands that need the first (full) backup of the real disk: it runs before them, measured
 #: only when chosen
-_NEED_BACKUP = frozenset({"backup_changed", "open", "show", "copy", "mount", "restore", "prune"})
+_NEED_BACKUP = frozenset({"backup_changed", "open", "show", "copy", "mount", "restore", "prune", "repair"})
 #: the disk with a filesystem that ``files`` reads (see the docstring), and the file it restores
 FS_DISK = "fs-disk.raw"
 FS_FOLDER = "data"
@@ -473,6 +476,8 @@ def _run_ops(
             _cli(repo, "forget", str(real[0]["id"])), env={**os.environ, **env}, check=True, capture_output=True
         )
         op("prune", _cli(repo, "prune"))
+    if "repair" in ops:
+        op("repair", _cli(repo, "repair", "index"))
     return results
 
 
