@@ -147,3 +147,22 @@ def test_a_refused_direct_read_is_read_through_the_cache(tmp_path: Path, monkeyp
     before = backend.requests.gets
     assert bytes(backend.get_into(snapshot, 10, 100, buffer)) == data[10:110]
     assert backend.requests.gets == before + 1
+
+
+def test_a_bounded_read_of_a_small_object_does_not_allocate_the_bound(tmp_path: Path) -> None:
+    """Index files and snapshots are read with a bound of what a writer makes (up to 1 GiB):
+    the read asks for no more than the object holds."""
+    import tracemalloc
+
+    backend = LocalBackend(str(tmp_path / "repo"))
+    backend.put("index/" + "ab" * 32, b"x" * 1000)
+    tracemalloc.start()
+    try:
+        data = backend.get("index/" + "ab" * 32, 0, (1 << 30) + 1)
+        tail = backend.get("index/" + "ab" * 32, 990, 1 << 30)
+        past = backend.get("index/" + "ab" * 32, 5000, 1 << 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (data, tail, past) == (b"x" * 1000, b"x" * 10, b"")
+    assert peak < 1 << 20

@@ -289,11 +289,12 @@ class LocalBackend(Backend):
         self.requests.count("get")
         fd = self._open_object(name)
         try:
-            if length is None:
-                length = os.fstat(fd).st_size - offset
+            # never more than the object holds: a bounded read of a small object (an index file
+            # read with a limit of 1 GiB) must not allocate the limit
+            size = os.fstat(fd).st_size
+            remaining = max(0, size - offset) if length is None else min(length, max(0, size - offset))
             chunks = []
             pos = offset
-            remaining = length
             while remaining > 0:
                 part = platform.pread(fd, remaining, pos)
                 if not part:
