@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -34,6 +34,8 @@ __all__ = [
     "IndexFile",
     "PackRecord",
     "ParsedIndex",
+    "encode_index",
+    "encode_pack_record",
     "parse_index",
 ]
 
@@ -134,6 +136,26 @@ def parse_index(data: bytes | memoryview, *, name: str) -> ParsedIndex:
     return ParsedIndex(version, supersedes, records)
 
 
+def encode_pack_record(version: int, pack_id: bytes, entries: Sequence[BlobEntry], length: int = 0) -> bytes:
+    """One pack record of an index file of ``version`` (``length``: the pack's size, 0 when not
+    known; version 1 records none)."""
+    if version == 1:
+        head = INDEX_PACK.pack(pack_id, len(entries))
+    elif version == 2:
+        head = INDEX_PACK_V2.pack(pack_id, len(entries), length)
+    else:
+        raise ValueError(f"index file version {version}")
+    return b"".join([head, *(e.pack() for e in entries)])
+
+
+def encode_index(version: int, supersedes: Sequence[bytes], records: Sequence[bytes]) -> bytes:
+    """An index file's payload from its superseded ids and its encoded pack records
+    (:func:`encode_pack_record` of the same version)."""
+    if version not in VERSIONS:
+        raise ValueError(f"index file version {version}")
+    return b"".join([INDEX_HEADER.pack(INDEX_MAGIC, version, 0, len(supersedes), len(records)), *supersedes, *records])
+
+
 @dataclass
 class IndexFile:
     """An index file's content as objects. ``lengths``: pack lengths (version 2; 0 or absent:
@@ -145,17 +167,8 @@ class IndexFile:
     version: int = 1
 
     def encode(self) -> bytes:
-        if self.version not in VERSIONS:
-            raise ValueError(f"index file version {self.version}")
-        parts = [INDEX_HEADER.pack(INDEX_MAGIC, self.version, 0, len(self.supersedes), len(self.packs))]
-        parts.extend(self.supersedes)
-        for pack_id, entries in self.packs.items():
-            if self.version == 1:
-                parts.append(INDEX_PACK.pack(pack_id, len(entries)))
-            else:
-                parts.append(INDEX_PACK_V2.pack(pack_id, len(entries), self.lengths.get(pack_id, 0)))
-            parts.extend(e.pack() for e in entries)
-        return b"".join(parts)
+        records = [encode_pack_record(self.version, p, e, self.lengths.get(p, 0)) for p, e in self.packs.items()]
+        return encode_index(self.version, self.supersedes, records)
 
     @classmethod
     def decode(cls, data: bytes, *, name: str) -> IndexFile:

@@ -452,7 +452,10 @@ class Repository:
         return IndexFile.decode(self.read_index_payload(file_id), name=name)
 
     def write_index_file(self, index_file: IndexFile) -> bytes:
-        payload = index_file.encode()
+        return self.write_index_payload(index_file.encode())
+
+    def write_index_payload(self, payload: bytes) -> bytes:
+        """Store an encoded index file (``encode_index``); returns its id."""
         file_id = hashlib.sha256(payload).digest()
         name = f"index/{file_id.hex()}"
         sealed = seal_envelope(self.key, payload, name.encode())

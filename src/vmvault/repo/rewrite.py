@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from vmvault.repo.index import MAX_V2_PAYLOAD, IndexFile, parse_index
+from vmvault.repo.index import MAX_V2_PAYLOAD, encode_index, encode_pack_record, parse_index
 from vmvault.repo.pack import BlobEntry
 from vmvault.repo.repository import Repository
 
@@ -26,27 +26,30 @@ _ENTRY = 45
 
 class IndexFileWriter:
     """Writes pack records into new index files of this repository's version, each at most
-    ``limit`` bytes of payload."""
+    ``limit`` bytes of payload. The file being built is held encoded (45 bytes an entry), not
+    as objects."""
 
     def __init__(self, repo: Repository, *, limit: int = MAX_V2_PAYLOAD) -> None:
         self.repo = repo
         self.limit = limit
+        self.version = repo.index_version
         self.written: list[bytes] = []
         self.packs = 0
-        self._current = IndexFile(version=repo.index_version)
+        self._records: list[bytes] = []
+        self._ids: set[bytes] = set()
         self._size = _HEADER
 
     def add(self, pack_id: bytes, entries: list[BlobEntry], length: int = 0) -> None:
         """List one pack (every entry of its header, in header order; ``length``: its size,
-        0 when not known)."""
-        record = _RECORD + _ENTRY * len(entries)
-        if self._current.packs and self._size + record > self.limit:
-            self.flush()
-        if pack_id in self._current.packs:
+        0 when not known). A pack already in the file being built is not listed again; one
+        added again after its file was written is (readers allow a pack listed twice)."""
+        if pack_id in self._ids:
             return
-        self._current.packs[pack_id] = entries
-        if length:
-            self._current.lengths[pack_id] = length
+        record = _RECORD + _ENTRY * len(entries)
+        if self._records and self._size + record > self.limit:
+            self.flush()
+        self._ids.add(pack_id)
+        self._records.append(encode_pack_record(self.version, pack_id, entries, length))
         self._size += record
         self.packs += 1
 
@@ -59,10 +62,15 @@ class IndexFileWriter:
                 self.add(rec.pack_id, rec.entries(), rec.length)
 
     def flush(self) -> None:
-        if self._current.packs:
-            self.written.append(self.repo.write_index_file(self._current))
-        self._current = IndexFile(version=self.repo.index_version)
+        if self._records:
+            self._write([])
+
+    def _write(self, supersedes: list[bytes]) -> None:
+        payload = encode_index(self.version, supersedes, self._records)
+        self._records = []
+        self._ids = set()
         self._size = _HEADER
+        self.written.append(self.repo.write_index_payload(payload))
 
     def finish(self, old: Iterable[bytes], *, keep: Iterable[bytes] = (), before: Callable[[], None]) -> list[bytes]:
         """Write the last file: the packs still held, superseding ``old`` except ``keep`` and
@@ -74,8 +82,5 @@ class IndexFileWriter:
             self.flush()
             return []
         before()
-        self._current.supersedes = doomed
-        self.written.append(self.repo.write_index_file(self._current))
-        self._current = IndexFile(version=self.repo.index_version)
-        self._size = _HEADER
+        self._write(doomed)
         return doomed
