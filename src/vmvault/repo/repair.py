@@ -29,22 +29,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
+import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vmvault import __version__
 from vmvault.errors import ConfigError, IntegrityError, ObjectNotFoundError, SnapshotNotFoundError, UnsafeStorageError
+from vmvault.repo._layout import BlobType
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, largest_blob
 from vmvault.repo.check import merge_ranges
 from vmvault.repo.immutability import require_full_access, retained
-from vmvault.repo.index import IndexFile
+from vmvault.repo.index import parse_index
 from vmvault.repo.index_block import ZERO_ID, IndexBlock, IndexBlockBuilder, chunk_count, is_chunk
+from vmvault.repo.index_cache import write_many
 from vmvault.repo.locks import RepositoryLock
 from vmvault.repo.pack import BlobEntry, expected_pack_size, open_blob, pack_name, read_pack_header
 from vmvault.repo.progress import PhaseCallback
-from vmvault.repo.prune import _object_id, _still_exclusive
+from vmvault.repo.prune import _object_id, _still_exclusive, list_stored
 from vmvault.repo.repository import BlobWriter, Repository
 from vmvault.repo.rewrite import IndexFileWriter
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
@@ -142,6 +146,12 @@ def _whole_pack_intact(repo: Repository, pack_id: bytes, size: int) -> bool:
     return hashlib.sha256(data).digest() == pack_id
 
 
+#: rows inserted into the scratch database per statement
+_BATCH = 10_000
+#: the file number of rows read from a pack's own header (index files are numbered from 1)
+_HEADER = 0
+
+
 def _repair_index_locked(
     repo: Repository,
     lock: RepositoryLock,
@@ -150,113 +160,244 @@ def _repair_index_locked(
     read_data: bool,
     progress: PhaseCallback | None,
 ) -> RepairReport:
-    backend = repo.backend
+    """The working sets are tables of a scratch database on disk, as in check and prune
+    (repository-format.md, section 12.9): memory holds one index file, one pack's entries and
+    the ids of the index files, whatever the repository's size.
+
+    * ``s.rows``: every entry of every readable, live index file (none ``from_scratch``), with
+      its file's number; ``s.hdr``: the entries read from packs' own headers;
+    * ``s.stored``: the packs in storage; ``s.good``: those the new index lists; ``s.damaged``:
+      those to salvage;
+    * ``s.failed``: blobs that could not be read where the index put them; ``s.salvaged``:
+      blobs copied into new packs. A failed blob with no good copy is lost.
+    """
     report = RepairReport(dry_run=dry_run, read_data=read_data)
+    with repo.index.cache.scratch() as db:
+        db.execute(
+            "CREATE TABLE s.rows(file INTEGER NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL, id BLOB NOT NULL,"
+            " type INTEGER NOT NULL, length INTEGER NOT NULL, raw INTEGER NOT NULL)"
+        )
+        db.execute("CREATE TABLE s.hdr AS SELECT * FROM s.rows WHERE 0")
+        db.execute("CREATE TABLE s.files(no INTEGER PRIMARY KEY, id BLOB NOT NULL)")
+        db.execute("CREATE TABLE s.gone(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        for table in ("good", "damaged"):
+            db.execute(f"CREATE TABLE s.{table}(pack BLOB PRIMARY KEY) WITHOUT ROWID")
+        for table in ("failed", "salvaged"):
+            db.execute(f"CREATE TABLE s.{table}(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        present = _read_index_files(repo, db, report, from_scratch, progress)
+        stored, _bytes = list_stored(repo, db, progress)
+        # blobs of missing packs are lost unless another copy is found
+        report.packs_dropped = [
+            bytes(r[0]).hex()
+            for r in db.execute(
+                "SELECT DISTINCT pack FROM s.rows WHERE pack NOT IN (SELECT id FROM s.stored) ORDER BY pack"
+            )
+        ]
+        db.execute("INSERT OR IGNORE INTO s.failed SELECT id FROM s.rows WHERE pack NOT IN (SELECT id FROM s.stored)")
+        out = None if dry_run else IndexFileWriter(repo)
+        _sort_packs(repo, db, report, out, read_data, stored, progress)
+        writer = _salvage_damaged(repo, db, report, dry_run, progress)
+        report.blobs_lost = _count_lost(db)
+        if out is None or writer is None:
+            return report
+        report.packs_written = writer.packs_written
+        out.absorb(writer.index_files)
+        replaced = out.finish(
+            set(present) | set(writer.index_files),
+            before=lambda: _still_exclusive(repo, lock, "writing the new index", operation="repair index"),
+        )
+        report.index_files_written = len(out.written) + len(writer.index_files)
+    old_index = [f"index/{i.hex()}" for i in replaced]
+    held_index = retained(repo, old_index)
+    for name in old_index:
+        if name not in held_index:
+            repo.backend.delete(name)
+            report.index_files_removed += 1
+    return report
+
+
+def _read_index_files(
+    repo: Repository, db: sqlite3.Connection, report: RepairReport, from_scratch: bool, progress: PhaseCallback | None
+) -> list[bytes]:
+    """Every index file, one at a time: a readable one's entries into ``s.rows`` (unless
+    ``from_scratch``), a damaged one into the report. Returns the ids of the files present;
+    the rows of files another readable file supersedes are dropped at the end."""
     present: list[bytes] = []
-    readable: dict[bytes, IndexFile] = {}
-    listed = list(backend.list("index/"))
+    superseded: set[bytes] = set()
+    listed = list(repo.backend.list("index/"))
+    number = _HEADER
     for n, obj in enumerate(listed):
         _tick(progress, "index files", n, len(listed))
         file_id = _object_id(obj.name, "index/")
         if file_id is None:
             continue
-        present.append(file_id)
         try:
             if obj.size > MAX_INDEX_FILE:
                 raise IntegrityError(f"{obj.name} is {obj.size} bytes, more than any index file")
-            readable[file_id] = repo.read_index_file(file_id)
+            parsed = parse_index(repo.read_index_payload(file_id), name=obj.name)
         except ObjectNotFoundError:
-            present.pop()
+            continue
         except IntegrityError:
+            present.append(file_id)
             report.index_files_damaged.append(obj.name)
+            continue
+        present.append(file_id)
+        superseded.update(parsed.supersedes)
+        if from_scratch:
+            continue
+        number += 1
+        db.execute("INSERT INTO s.files VALUES (?, ?)", (number, file_id))
+        batch: list[tuple[int, bytes, int, bytes, int, int, int]] = []
+        for rec in parsed.records:
+            batch.extend((number, rec.pack_id, o, i, t, n_, r) for t, i, o, n_, r in rec.rows())
+            if len(batch) >= _BATCH:
+                write_many(db, "INSERT INTO s.rows VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
+                batch = []
+        write_many(db, "INSERT INTO s.rows VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
+    _tick(progress, "index files", len(listed), len(listed))
     report.index_files_before = len(present)
-    superseded = {s for f in readable.values() for s in f.supersedes}
-    stored = repo.stored_packs()
+    write_many(db, "INSERT OR IGNORE INTO s.gone VALUES (?)", [(f,) for f in superseded])
+    db.execute("DELETE FROM s.rows WHERE file IN (SELECT f.no FROM s.files f JOIN s.gone g ON g.id = f.id)")
+    # a pack's entries in offset order, the first file's copy of an entry listed twice first
+    db.execute("CREATE INDEX s.rows_by_pack ON rows(pack, offset, file)")
+    return present
 
-    indexed: dict[bytes, list[BlobEntry]] = {}
-    if not from_scratch:
-        for file_id, f in readable.items():
-            if file_id in superseded:
-                continue
-            for pack_id, entries in f.packs.items():
-                have = indexed.setdefault(pack_id, [])
-                seen = {(e.id, e.offset) for e in have}
-                have.extend(e for e in entries if (e.id, e.offset) not in seen)
-    report.packs_dropped = sorted(p.hex() for p in indexed if p not in stored)
-    # blobs of missing packs are lost unless another copy is indexed below
-    failed: set[bytes] = {e.id for p, entries in indexed.items() if p not in stored for e in entries}
 
-    packs: dict[bytes, list[BlobEntry]] = {}  # what the new index lists
-    damaged: dict[bytes, list[BlobEntry]] = {}  # to salvage: the entries known for them
-    for n, (pack_id, size) in enumerate(sorted(stored.items())):
-        _tick(progress, "packs", n, len(stored))
-        known = indexed.get(pack_id)
-        if known is not None:
-            intact = _matches_index(repo, pack_id, size, known)
+def _merged(rows: Iterable[tuple[int, bytes, int, int, int]]) -> list[BlobEntry]:
+    """``(type, id, offset, length, raw)`` rows of one pack, in offset order, as entries: an
+    entry listed by several index files once (the first file's)."""
+    seen: set[tuple[bytes, int]] = set()
+    out: list[BlobEntry] = []
+    for t, blob_id, offset, length, raw in rows:
+        key = (bytes(blob_id), offset)
+        if key not in seen:
+            seen.add(key)
+            out.append(BlobEntry(BlobType(t), key[0], offset, length, raw))
+    return out
+
+
+def _sort_packs(
+    repo: Repository,
+    db: sqlite3.Connection,
+    report: RepairReport,
+    out: IndexFileWriter | None,
+    read_data: bool,
+    stored: int,
+    progress: PhaseCallback | None,
+) -> None:
+    """Each pack in storage, in id order with the entries the index files give it: kept when
+    it still matches them, else to salvage; one they do not know is read from its header. The
+    good ones go straight into the new index files (``out``), which supersede nothing until
+    ``finish``: a run killed here leaves extra files that list present packs only."""
+    cur = db.execute(
+        "SELECT st.id, st.size, r.type, r.id, r.offset, r.length, r.raw FROM s.stored st"
+        " LEFT JOIN s.rows r ON r.pack = st.id ORDER BY st.id, r.offset, r.file"
+    )
+    good: list[tuple[bytes]] = []
+    damaged: list[tuple[bytes]] = []
+    hdr: list[tuple[int, bytes, int, bytes, int, int, int]] = []
+
+    def flush() -> None:
+        write_many(db, "INSERT INTO s.good VALUES (?)", good)
+        write_many(db, "INSERT INTO s.damaged VALUES (?)", damaged)
+        write_many(db, "INSERT INTO s.hdr VALUES (?, ?, ?, ?, ?, ?, ?)", hdr)
+        good.clear()
+        damaged.clear()
+        hdr.clear()
+
+    n = 0
+    for (pack_id, size), group in itertools.groupby(_fetched(cur), key=lambda r: (bytes(r[0]), r[1])):
+        _tick(progress, "packs", n, stored)
+        n += 1
+        rows = [r[2:] for r in group if r[2] is not None]
+        if rows:
+            entries = _merged(rows)
+            intact = _matches_index(repo, pack_id, size, entries)
             if intact and read_data:
                 intact = _whole_pack_intact(repo, pack_id, size)
-            if intact:
-                packs[pack_id] = known
-                report.packs_kept += 1
-            else:
-                damaged[pack_id] = known
-            continue
-        try:
-            entries = read_pack_header(backend, repo.key, pack_id, size, limit=repo.pack_limit)
-        except (IntegrityError, ObjectNotFoundError, UnsafeStorageError):
-            report.packs_unreadable.append(pack_id.hex())
-            continue
-        if read_data and not _whole_pack_intact(repo, pack_id, size):
-            damaged[pack_id] = entries
-            continue
-        packs[pack_id] = entries
-        report.packs_recovered += 1
-    _tick(progress, "packs", len(stored), len(stored))
+            if not intact:
+                damaged.append((pack_id,))
+                continue
+            report.packs_kept += 1
+        else:
+            try:
+                entries = read_pack_header(repo.backend, repo.key, pack_id, size, limit=repo.pack_limit)
+            except (IntegrityError, ObjectNotFoundError, UnsafeStorageError):
+                report.packs_unreadable.append(pack_id.hex())
+                continue
+            hdr.extend((_HEADER, pack_id, e.offset, e.id, e.type, e.length, e.raw_length) for e in entries)
+            if read_data and not _whole_pack_intact(repo, pack_id, size):
+                damaged.append((pack_id,))
+                continue
+            report.packs_recovered += 1
+        good.append((pack_id,))
+        if out is not None:
+            # kept (its size matched its entries) or read from its header: its listed size is its length
+            out.add(pack_id, entries, size)
+        if len(good) + len(damaged) + len(hdr) >= _BATCH:
+            flush()
+    flush()
+    _tick(progress, "packs", stored, stored)
 
-    # salvage: every blob of a damaged pack that still opens goes into a new pack (indexed by
-    # the writer's own index files)
+
+def _fetched(cur: sqlite3.Cursor) -> Iterator[Any]:
+    while batch := cur.fetchmany(_BATCH):
+        yield from batch
+
+
+def _salvage_damaged(
+    repo: Repository, db: sqlite3.Connection, report: RepairReport, dry_run: bool, progress: PhaseCallback | None
+) -> BlobWriter | None:
+    """Every blob of a damaged pack that still opens goes into a new pack (indexed by the
+    writer's own index files); the writer, closed, or None in a dry run."""
+    damaged = [bytes(r[0]) for r in db.execute("SELECT pack FROM s.damaged ORDER BY pack")]
+    if damaged:
+        db.execute("CREATE INDEX s.hdr_by_pack ON hdr(pack, offset)")
     writer: BlobWriter | None = None if dry_run else repo.writer(upload_threads=2, dedup=False)
-    good = {e.id for entries in packs.values() for e in entries}
     try:
-        for n, (pack_id, entries) in enumerate(sorted(damaged.items())):
+        for n, pack_id in enumerate(damaged):
             _tick(progress, "salvage", n, len(damaged))
             report.packs_salvaged.append(pack_id.hex())
-            for e, plain in _salvage(repo, pack_id, entries, failed):
+            rows = db.execute(
+                "SELECT type, id, offset, length, raw FROM (SELECT * FROM s.rows WHERE pack = ?1"
+                " UNION ALL SELECT * FROM s.hdr WHERE pack = ?1) ORDER BY offset, file",
+                (pack_id,),
+            ).fetchall()
+            failed: list[tuple[bytes]] = []
+            saved: list[tuple[bytes]] = []
+            for e, plain in _salvage(repo, pack_id, _merged(rows), failed):
                 report.blobs_salvaged += 1
-                good.add(e.id)
+                saved.append((e.id,))
                 if writer is not None:
                     writer.add(e.type, e.id, plain)
+            write_many(db, "INSERT OR IGNORE INTO s.failed VALUES (?)", failed)
+            write_many(db, "INSERT OR IGNORE INTO s.salvaged VALUES (?)", saved)
         if writer is not None:
             writer.flush()
     finally:
         if writer is not None:
             writer.close(flush=False)
-    report.blobs_lost = len(failed - good)
-    if writer is None:
-        return report
-    report.packs_written = writer.packs_written
+    return writer
 
-    out = IndexFileWriter(repo)
-    for pack_id, entries in sorted(packs.items()):
-        # kept (its size matched its entries) or read from its header: its listed size is its length
-        out.add(pack_id, sorted(entries, key=lambda e: e.offset), stored[pack_id])
-    out.absorb(writer.index_files)
-    replaced = out.finish(
-        set(present) | set(writer.index_files),
-        before=lambda: _still_exclusive(repo, lock, "writing the new index", operation="repair index"),
+
+def _count_lost(db: sqlite3.Connection) -> int:
+    """The failed blobs with no copy in a pack the new index lists and none salvaged. Looked up
+    by id only when some failed (the index that needs is built then)."""
+    if db.execute("SELECT NOT EXISTS (SELECT 1 FROM s.failed EXCEPT SELECT id FROM s.salvaged)").fetchone()[0]:
+        return 0
+    db.execute("CREATE INDEX s.rows_by_id ON rows(id)")
+    db.execute("CREATE INDEX s.hdr_by_id ON hdr(id)")
+    return int(
+        db.execute(
+            "SELECT count(*) FROM s.failed x WHERE x.id NOT IN (SELECT id FROM s.salvaged)"
+            " AND NOT EXISTS (SELECT 1 FROM s.rows r JOIN s.good g ON g.pack = r.pack WHERE r.id = x.id)"
+            " AND NOT EXISTS (SELECT 1 FROM s.hdr h JOIN s.good g ON g.pack = h.pack WHERE h.id = x.id)"
+        ).fetchone()[0]
     )
-    report.index_files_written = len(out.written) + len(writer.index_files)
-    old_index = [f"index/{i.hex()}" for i in replaced]
-    held_index = retained(repo, old_index)
-    for name in old_index:
-        if name not in held_index:
-            backend.delete(name)
-            report.index_files_removed += 1
-    return report
 
 
 def _salvage(
-    repo: Repository, pack_id: bytes, entries: list[BlobEntry], failed: set[bytes]
+    repo: Repository, pack_id: bytes, entries: list[BlobEntry], failed: list[tuple[bytes]]
 ) -> Iterator[tuple[BlobEntry, bytes]]:
     """Every blob of a damaged pack that still opens (one bounded range read each); the ids of
     the others are added to ``failed``."""
@@ -264,7 +405,7 @@ def _salvage(
     largest = largest_blob(repo.config.chunk_size)
     for e in entries:
         if e.length > largest + ENVELOPE_OVERHEAD or e.raw_length > largest:
-            failed.add(e.id)
+            failed.append((e.id,))
             continue
         try:
             sealed = repo.backend.get(name, e.offset, e.length)
@@ -274,7 +415,7 @@ def _salvage(
             if len(plain) != e.raw_length:
                 raise IntegrityError("wrong length")
         except (IntegrityError, ObjectNotFoundError, UnsafeStorageError):
-            failed.add(e.id)
+            failed.append((e.id,))
             continue
         yield e, plain
 

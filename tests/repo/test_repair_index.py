@@ -1,0 +1,169 @@
+"""``repair index`` in bounded memory (repository-format.md, section 12.9).
+
+The rebuild keeps its working sets in a scratch database: what each index file lists, the
+packs in storage, which packs the new index lists, the blobs that failed. These tests check
+that the listing it writes is the packs' own (one record per present pack, each entry once,
+whatever several or superseded index files said) and that its memory does not grow with
+the number of entries. tests/repo/test_attack_damage.py holds the damage cases (lost,
+truncated, flipped and unreadable packs, dry runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from tests.repo.builders import PASS, Content, backup, disk_image, make_repo, reopen, restore_all
+from vmvault.backends.local import LocalBackend
+from vmvault.repo import check, repair, repair_index
+from vmvault.repo._layout import BlobType
+from vmvault.repo.index import IndexFile, parse_index
+from vmvault.repo.pack import BlobEntry, expected_pack_size, pack_name, read_pack_header
+from vmvault.repo.repository import Repository
+from vmvault.repo.rewrite import IndexFileWriter
+
+
+def _listing(repo: Repository) -> dict[bytes, list[tuple[int, bytes, int, int, int]]]:
+    """What the live index files list: pack -> its rows, sorted (a pack listed twice fails)."""
+    fresh = reopen(repo)
+    live = fresh.index.cache.present_files()
+    out: dict[bytes, list[tuple[int, bytes, int, int, int]]] = {}
+    for file_id, is_live in live.items():
+        if not is_live:
+            continue
+        parsed = parse_index(fresh.read_index_payload(file_id), name=file_id.hex())
+        for rec in parsed.records:
+            assert rec.pack_id not in out, "a pack is listed by two live index files"
+            out[rec.pack_id] = sorted(rec.rows(), key=lambda r: r[2])
+    return out
+
+
+def _headers(repo: Repository) -> dict[bytes, list[tuple[int, bytes, int, int, int]]]:
+    return {
+        p: sorted(
+            (
+                (int(e.type), e.id, e.offset, e.length, e.raw_length)
+                for e in read_pack_header(repo.backend, repo.key, p, n, limit=repo.pack_limit)
+            ),
+            key=lambda r: r[2],
+        )
+        for p, n in repo.stored_packs().items()
+    }
+
+
+def test_the_new_index_lists_each_pack_once_as_its_header_does(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path / "repo")))
+    contents = []
+    for day in range(3):
+        content = Content(disks={"sda": disk_image(day, 24)}, files={"vm.conf": b"x" * (300 + day)})
+        contents.append((backup(repo, content), content))
+    packs = repo.index.packs()
+    first, unlisted = sorted(packs)[:2]
+    originals = [bytes.fromhex(o.name.split("/")[1]) for o in repo.backend.list("index/")]
+    listing_unlisted = [
+        f
+        for f in originals
+        if any(r.pack_id == unlisted for r in parse_index(repo.read_index_payload(f), name="").records)
+    ]
+    # every pack but one listed again by a second file, entries in another order
+    again = IndexFile(version=repo.index_version)
+    for p in reversed(sorted(packs)):
+        if p != unlisted:
+            again.packs[p] = list(reversed(packs[p]))
+    repo.write_index_file(again)
+    # a file listing a pack with an entry it does not hold, then a file superseding it and the
+    # files that list the one pack left out above: that pack is read from its header
+    liar = IndexFile(version=repo.index_version)
+    liar.packs[first] = [*packs[first], BlobEntry(BlobType.DATA, os.urandom(32), 1 << 20, 100, 100)]
+    liar_id = repo.write_index_file(liar)
+    repo.write_index_file(IndexFile(version=repo.index_version, supersedes=[liar_id, *listing_unlisted]))
+    before = len(list(repo.backend.list("index/")))
+
+    report = repair_index(reopen(repo))
+    assert (report.packs_kept, report.packs_recovered) == (len(packs) - 1, 1)
+    assert not report.data_lost and report.packs_salvaged == [] and report.packs_dropped == []
+    assert report.index_files_before == before and report.index_files_removed == before
+    assert _listing(repo) == _headers(repo)
+    fresh = reopen(repo)
+    for snap, content in contents:
+        assert restore_all(fresh, snap) == content
+    assert check(fresh, read_data=True).ok
+
+
+def test_from_scratch_then_a_missing_pack(tmp_path: Path) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path / "repo")))
+    for day in range(2):
+        backup(repo, Content(disks={"sda": disk_image(10 + day, 24)}, files={}))
+    packs = sorted(repo.stored_packs())
+    lost = {e.id for e in repo.index.packs()[packs[0]]}
+    repo.backend.delete(pack_name(packs[1]))
+    report = repair_index(reopen(repo), from_scratch=True)
+    # from scratch, the index files' entries are not read: the missing pack is unknown
+    assert report.packs_recovered == len(packs) - 1 and report.packs_dropped == [] and not report.data_lost
+    assert _listing(repo) == _headers(repo)
+    repo.backend.delete(pack_name(packs[0]))
+    report = repair_index(reopen(repo))
+    assert report.packs_dropped == [packs[0].hex()] and report.blobs_lost == len(lost) and report.data_lost
+    assert report.packs_kept == len(packs) - 2
+    assert _listing(repo) == _headers(repo)
+
+
+def _synthetic(repo: Repository, root: Path, entries: int, per_pack: int = 64) -> None:
+    """``entries`` random blob ids in packs of ``per_pack`` that are sparse files of the size
+    their entries give (repair compares sizes, not bytes), listed by index files of about
+    40,000 entries; this host's cache brought up to date afterwards."""
+    current = IndexFile(version=repo.index_version)
+    in_file = 0
+    for start in range(0, entries, per_pack):
+        n = min(per_pack, entries - start)
+        ids = os.urandom(32 * n)
+        listed = [BlobEntry(BlobType.DATA, ids[i * 32 : i * 32 + 32], i * 1000, 1000, 900) for i in range(n)]
+        pack_id = os.urandom(32)
+        path = root / pack_name(pack_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = expected_pack_size(listed)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        current.packs[pack_id] = listed
+        current.lengths[pack_id] = size
+        in_file += n
+        if in_file >= 40_000:
+            repo.write_index_file(current)
+            current, in_file = IndexFile(version=repo.index_version), 0
+    if current.packs:
+        repo.write_index_file(current)
+    repo.load_index()
+
+
+def _peak_of_repair(tmp_path: Path, entries: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    root = tmp_path / f"repo-{entries}"
+    repo = make_repo(LocalBackend(str(root)))
+    _synthetic(repo, root, entries)
+    repo = Repository.open(repo.backend, PASS)
+    repo.load_index()
+    # index files of 256 KiB: the one file being written is the only listing held (at the
+    # 64 MiB of a real file it would hide any growth of this size)
+    monkeypatch.setattr(repair, "IndexFileWriter", functools.partial(IndexFileWriter, limit=256 << 10))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        report = repair_index(repo)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.packs_kept == -(-entries // 64) and not report.data_lost
+    assert report.index_files_removed == -(-entries // 40_000)
+    return peak
+
+
+def test_repair_memory_does_not_grow_with_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small = _peak_of_repair(tmp_path, 20_000, monkeypatch)
+    large = _peak_of_repair(tmp_path, 200_000, monkeypatch)
+    # a listing held in memory costs at least 45 bytes an entry (about 130 as objects): 8 MiB
+    # or more for the 180,000 more entries
+    assert large - small < 3 << 20, f"peak {small / 2**20:.1f} MiB at 20,000 entries, {large / 2**20:.1f} at 200,000"
