@@ -160,7 +160,7 @@ def build_synthetic(repo_path: Path, chunks: int) -> None:
     from vmvault.repo.crypto import seal_envelope
     from vmvault.repo.format import INDEX_SPAN, BlobType, IndexBlockBuilder
     from vmvault.repo.index import IndexFile
-    from vmvault.repo.pack import BlobEntry, pack_name
+    from vmvault.repo.pack import BlobEntry, expected_pack_size, pack_name
     from vmvault.repo.repository import Repository
     from vmvault.repo.snapshot import DiskRecord, Snapshot
 
@@ -178,7 +178,6 @@ def build_synthetic(repo_path: Path, chunks: int) -> None:
     pending: list[bytes] = []  # chunk ids of the snapshot being built
     current = IndexFile(version=2)
     in_file = 0
-    pack_len = PER_PACK * SEALED + 32 + PER_PACK * 45 + 16 + 8  # blobs, sealed header, trailer
 
     def flush_snapshot() -> None:
         nonlocal pending, snap_no
@@ -224,7 +223,9 @@ def build_synthetic(repo_path: Path, chunks: int) -> None:
             pack_id = os.urandom(32)
             path = repo_path / pack_name(pack_id)
             path.parent.mkdir(parents=True, exist_ok=True)
-            length = pack_len - (PER_PACK - n) * (SEALED + 45)
+            # the length the writer gives a pack of these entries (the sealed header's size
+            # depends on how zstd takes it): repair index compares a pack's size with it
+            length = expected_pack_size(entries)
             with open(path, "wb") as f:
                 f.truncate(length)
             current.packs[pack_id] = entries
