@@ -20,7 +20,7 @@ import pytest
 
 from tests.repo.builders import PASS, Content, backup, disk_image, make_repo, reopen, restore_all
 from vmvault.backends.local import LocalBackend
-from vmvault.repo import check, repair, repair_index
+from vmvault.repo import check, repair, repair_index, repository
 from vmvault.repo._layout import BlobType
 from vmvault.repo.index import IndexFile, parse_index
 from vmvault.repo.pack import BlobEntry, expected_pack_size, pack_name, read_pack_header
@@ -167,3 +167,40 @@ def test_repair_memory_does_not_grow_with_the_index(tmp_path: Path, monkeypatch:
     # a listing held in memory costs at least 45 bytes an entry (about 130 as objects): 8 MiB
     # or more for the 180,000 more entries
     assert large - small < 3 << 20, f"peak {small / 2**20:.1f} MiB at 20,000 entries, {large / 2**20:.1f} at 200,000"
+
+
+def _peak_of_forget_lost(tmp_path: Path, packs: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    # listed a data/xx/ folder at a time, as a repository of more than ONE_LISTING packs is
+    # (one listing holds its 1/256th)
+    monkeypatch.setattr(repository, "ONE_LISTING", 1000)
+    # and into the scratch table 500 rows a statement (10,000 would be 1.6 MiB of either size)
+    monkeypatch.setattr(repository, "_SCRATCH_BATCH", 500)
+    root = tmp_path / f"lost-{packs}"
+    repo = make_repo(LocalBackend(str(root)))
+    _synthetic(repo, root, packs * 2, per_pack=2)
+    repo = Repository.open(repo.backend, PASS)
+    repo.load_index()
+    gone = sorted(repo.stored_packs())[packs // 2]
+    in_gone = {e.id for e in repo.index.packs()[gone]}
+    repo.backend.delete(pack_name(gone))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        lost = repo.forget_lost_packs()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert lost.missing_packs == [gone] and lost.short_packs == [] and lost.blobs == in_gone
+    assert not any(b in repo.index for b in in_gone)
+    return peak
+
+
+def test_repair_snapshots_finds_lost_packs_in_memory_that_does_not_grow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``repair snapshots`` starts by leaving the blobs of missing and short packs out
+    (``forget_lost_packs``): the listing of ``data/`` goes into a scratch table, not a dict."""
+    small = _peak_of_forget_lost(tmp_path, 2_000, monkeypatch)
+    large = _peak_of_forget_lost(tmp_path, 20_000, monkeypatch)
+    # a listing held in memory costs about 200 bytes a pack: 3.4 MiB for the 18,000 more
+    assert large - small < 1 << 20, f"peak {small / 2**20:.1f} MiB at 2,000 packs, {large / 2**20:.1f} at 20,000"

@@ -705,6 +705,40 @@ class IndexCache:
             finally:
                 conn.close()
 
+    def lost_packs(self, conn: sqlite3.Connection, *, tail: int) -> tuple[list[bytes], dict[bytes, int]]:
+        """On ``conn`` (from :meth:`scratch`, holding the listing ``s.stored``): the packs live
+        rows name that storage lacks, and those it holds too short for their last blob plus
+        ``tail`` bytes (id -> stored size); one pass over the live rows, both in id order."""
+        missing: list[bytes] = []
+        short: dict[bytes, int] = {}
+        with _translated(self):
+            cur = conn.execute(
+                "SELECT p.id, st.size FROM packs p LEFT JOIN s.stored st ON st.id = p.id"
+                " WHERE p.no IN (SELECT b.pack FROM blobs b JOIN files f ON f.no = b.file WHERE f.live)"
+                " AND (st.size IS NULL OR p.end > st.size - ?) ORDER BY p.id",
+                (tail,),
+            )
+            for pack_id, size in cur:
+                if size is None:
+                    missing.append(bytes(pack_id))
+                else:
+                    short[bytes(pack_id)] = int(size)
+        return missing, short
+
+    def live_blobs_in(self, conn: sqlite3.Connection, pack_ids: Iterable[bytes]) -> Iterator[bytes]:
+        """On ``conn`` (from :meth:`scratch`): the distinct ids of the live rows in these packs."""
+        with _translated(self):
+            conn.execute("CREATE TABLE IF NOT EXISTS s.chosen(id BLOB PRIMARY KEY) WITHOUT ROWID")
+            conn.execute("DELETE FROM s.chosen")
+            write_many(conn, "INSERT OR IGNORE INTO s.chosen VALUES (?)", ((p,) for p in pack_ids))
+            cur = conn.execute(
+                "SELECT DISTINCT b.id FROM s.chosen c JOIN packs p ON p.id = c.id JOIN blobs b ON b.pack = p.no"
+                " JOIN files f ON f.no = b.file WHERE f.live"
+            )
+            while batch := cur.fetchmany(10_000):
+                for row in batch:
+                    yield bytes(row[0])
+
     def totals(self) -> tuple[int, int, int]:
         """(distinct live blobs, distinct live DATA blobs, their plaintext bytes): one pass."""
         with _translated(self), contextlib.closing(self._connect(_WRITE_CACHE_KIB)) as conn:

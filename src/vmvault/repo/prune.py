@@ -424,24 +424,8 @@ def _require_cache_agrees(repo: Repository, files: dict[bytes, bool], progress: 
         files = repo.index.cache.present_files()
 
 
-def list_stored(repo: Repository, db: sqlite3.Connection, progress: PhaseCallback | None) -> tuple[int, int]:
-    """Every pack in storage into the scratch table ``s.stored`` (id, size), a ``data/xx/``
-    folder at a time (``Repository.iter_stored_packs``); returns (packs, bytes)."""
-    db.execute("CREATE TABLE s.stored(id BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
-    batch: list[tuple[bytes, int]] = []
-    for n, item in enumerate(repo.iter_stored_packs()):
-        batch.append(item)
-        if len(batch) >= _BATCH:
-            write_many(db, "INSERT OR IGNORE INTO s.stored VALUES (?, ?)", batch)
-            batch = []
-            _tick(progress, "list packs", n, 0)
-    write_many(db, "INSERT OR IGNORE INTO s.stored VALUES (?, ?)", batch)
-    count, size = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM s.stored").fetchone()
-    return int(count), int(size)
-
-
 def _list_stored(repo: Repository, db: sqlite3.Connection, report: PruneReport, progress: PhaseCallback | None) -> None:
-    report.packs_before, report.bytes_before = list_stored(repo, db, progress)
+    report.packs_before, report.bytes_before = repo.list_stored_into(db, progress)
     # the cache's numbers of the packs in storage: the passes over every row look a pack up
     # here by its number, in a table a few bytes a pack, not through its 32-byte id
     db.execute("CREATE TABLE s.present(no INTEGER PRIMARY KEY)")

@@ -48,7 +48,7 @@ from vmvault.repo.index_cache import write_many
 from vmvault.repo.locks import RepositoryLock
 from vmvault.repo.pack import BlobEntry, expected_pack_size, open_blob, pack_name, read_pack_header
 from vmvault.repo.progress import PhaseCallback
-from vmvault.repo.prune import _object_id, _still_exclusive, list_stored
+from vmvault.repo.prune import _object_id, _still_exclusive
 from vmvault.repo.repository import BlobWriter, Repository
 from vmvault.repo.rewrite import IndexFileWriter
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
@@ -185,7 +185,7 @@ def _repair_index_locked(
         for table in ("failed", "salvaged"):
             db.execute(f"CREATE TABLE s.{table}(id BLOB PRIMARY KEY) WITHOUT ROWID")
         present = _read_index_files(repo, db, report, from_scratch, progress)
-        stored, _bytes = list_stored(repo, db, progress)
+        stored, _bytes = repo.list_stored_into(db, progress)
         # blobs of missing packs are lost unless another copy is found
         report.packs_dropped = [
             bytes(r[0]).hex()
@@ -487,7 +487,7 @@ def repair_snapshots(
     with repo.lock(exclusive=True, operation="repair-snapshots"):
         repo.load_index()
         # blobs of packs that are gone count as gone, whatever the index files say
-        repo.forget_lost_packs()
+        repo.forget_lost_packs(progress)
         report = SnapshotRepairReport(dry_run=dry_run, forget=forget)
         unreadable: list[tuple[str, str]] = []
         # (the storage's copies: a snapshot damaged there is unreadable, whatever this host kept)

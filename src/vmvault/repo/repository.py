@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -73,11 +74,12 @@ from vmvault.repo.crypto import (
 from vmvault.repo.hostrecord import HostRecords, RepoRecord, now
 from vmvault.repo.index import MAX_V2_PAYLOAD, BlobLocation, IndexFile
 from vmvault.repo.index_block import IndexBlock
-from vmvault.repo.index_cache import IndexCache
+from vmvault.repo.index_cache import IndexCache, write_many
 from vmvault.repo.locks import RepositoryLock
 from vmvault.repo.names import index_id, snapshot_id
 from vmvault.repo.names import pack_id as parse_pack_id
 from vmvault.repo.pack import BlobEntry, PackBuilder, blob_aad, open_blob, pack_name
+from vmvault.repo.progress import PhaseCallback
 from vmvault.repo.repo_index import RepoIndex
 from vmvault.repo.snapshot import Snapshot
 from vmvault.repo.snapshot_cache import SnapshotCache
@@ -97,6 +99,8 @@ __all__ = [
 #: many names (about 10 MiB) or 1/256 of the packs (bench/scale.py measured a one-go listing
 #: of 625,000 packs at +93 MiB of peak RSS)
 ONE_LISTING = 1 << 16
+#: rows inserted into a scratch database per statement
+_SCRATCH_BATCH = 10_000
 
 
 def _record_unusable(records: HostRecords, exc: BaseException) -> str:
@@ -518,41 +522,46 @@ class Repository:
                 if found is not None:
                     yield found, obj.size
 
-    def forget_lost_packs(self, stored: dict[bytes, int] | None = None) -> LostData:
+    def list_stored_into(self, db: sqlite3.Connection, progress: PhaseCallback | None = None) -> tuple[int, int]:
+        """Every pack in storage into the table ``s.stored`` (id, size) of ``db``, a connection
+        from ``IndexCache.scratch``, a ``data/xx/`` folder at a time (``iter_stored_packs``);
+        returns (packs, bytes). Memory holds one batch of rows, not the listing."""
+        db.execute("CREATE TABLE s.stored(id BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
+        batch: list[tuple[bytes, int]] = []
+        for n, item in enumerate(self.iter_stored_packs()):
+            batch.append(item)
+            if len(batch) >= _SCRATCH_BATCH:
+                write_many(db, "INSERT OR IGNORE INTO s.stored VALUES (?, ?)", batch)
+                batch = []
+                if progress is not None:
+                    progress("list packs", n, 0)
+        write_many(db, "INSERT OR IGNORE INTO s.stored VALUES (?, ?)", batch)
+        count, size = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM s.stored").fetchone()
+        return int(count), int(size)
+
+    def forget_lost_packs(self, progress: PhaseCallback | None = None) -> LostData:
         """Leave out of this object's index every blob copy whose pack is missing from storage,
         or too short to hold it, so nothing deduplicates against (or reads) data that is gone.
 
-        ``stored`` is ``stored_packs()`` (listed now when not given). The list must be taken
-        after the index was synced: a pack is uploaded before any index file names it, so a
-        pack a concurrent backup indexed meanwhile is in the listing. Index files and the
-        cache are not changed (``repair_index`` does that). A pass over the whole index: for
-        maintenance; a backup confirms only the packs it uses (section 12.4).
+        Call it after the index was synced: a pack is uploaded before any index file names it,
+        so a pack a concurrent backup indexed meanwhile is in the listing taken here. Index
+        files and the cache are not changed (``repair_index`` does that). The listing and the
+        comparison are in a scratch database (one pass over the cache's live rows); memory
+        holds the packs found missing or short and the blobs of theirs with no other copy, the
+        damage, not the repository. For maintenance; a backup confirms only the packs it uses
+        (section 12.4).
         """
-        if stored is None:
-            stored = self.stored_packs()
-        missing: set[bytes] = set()
-        short: dict[bytes, int] = {}
-        for pack_id, _length, end in self.index.live_packs():
-            size = stored.get(pack_id)
-            if size is None:
-                missing.add(pack_id)
-            elif end > size - PACK_TRAILER.size:  # blobs lie before the header and the trailer
-                short[pack_id] = size
-        self.index.note_stored(stored)
-        lost: set[bytes] = set()
-        if missing or short:
-            self.index.exclude(missing, short)
-            for blob_id, _loc in self._first_rows():
-                if not self.index.locations(blob_id):
-                    lost.add(blob_id)
-        return LostData(missing_packs=sorted(missing), short_packs=sorted(short), blobs=lost)
-
-    def _first_rows(self) -> Iterator[tuple[bytes, int]]:
-        last = None
-        for blob_id, row in self.index.cache.iter_live():
-            if blob_id != last:
-                last = blob_id
-                yield blob_id, row.file
+        cache = self.index.cache
+        with cache.scratch() as db:
+            self.list_stored_into(db, progress)
+            missing, short = cache.lost_packs(db, tail=PACK_TRAILER.size)
+            lost: set[bytes] = set()
+            if missing or short:
+                self.index.exclude(missing, short)
+                for blob_id in cache.live_blobs_in(db, [*missing, *short]):
+                    if not self.index.locations(blob_id):
+                        lost.add(blob_id)
+        return LostData(missing_packs=missing, short_packs=sorted(short), blobs=lost)
 
     def get_blob(self, blob_type: BlobType, blob_id: bytes) -> bytes:
         """A blob's plaintext, verified against its id. Raises IntegrityError naming it.
