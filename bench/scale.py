@@ -9,7 +9,9 @@ repository, bring this host's index cache up to date, read the first chunk of th
 snapshot), ``backup`` (the 4 GiB disk), ``backup_changed`` (again after a 1 % change),
 ``restore``, ``snapshots``, ``check``, ``prune`` (after forgetting the first backup) and
 ``repair`` (``repair index``: every index file read, every pack's size compared with it, the
-index written again as one set of new files superseding the old ones), and
+index written again as one set of new files superseding the old ones), ``repair_snapshots``
+(``repair snapshots``: every snapshot and index block read, every chunk looked up; nothing is
+damaged, so nothing is written), and
 the commands that read one snapshot: ``show`` (of the newest backup of the 4 GiB disk), ``copy``
 (that backup into a new, empty local repository; the measured process is the copy), ``files``
 (``files ls`` of a folder, then ``files restore`` of a 64 MiB file from it, compared with its
@@ -310,10 +312,13 @@ OPS = (
     "check",
     "prune",
     "repair",
+    "repair_snapshots",
 )
 #: the commands that need the first (full) backup of the real disk: it runs before them, measured
 #: only when chosen
-_NEED_BACKUP = frozenset({"backup_changed", "open", "show", "copy", "mount", "restore", "prune", "repair"})
+_NEED_BACKUP = frozenset(
+    {"backup_changed", "open", "show", "copy", "mount", "restore", "prune", "repair", "repair_snapshots"}
+)
 #: the disk with a filesystem that ``files`` reads (see the docstring), and the file it restores
 FS_DISK = "fs-disk.raw"
 FS_FOLDER = "data"
@@ -479,6 +484,8 @@ def _run_ops(
         op("prune", _cli(repo, "prune"))
     if "repair" in ops:
         op("repair", _cli(repo, "repair", "index"))
+    if "repair_snapshots" in ops:
+        op("repair_snapshots", _cli(repo, "repair", "snapshots"))
     return results
 
 

@@ -624,17 +624,19 @@ def _cut_disk(
             lost.append([first * cs, min(disk.size, (first + count) * cs)])
             new_index.append(None)
             continue
-        cut = IndexBlockBuilder.from_block(found)
-        changed = False
-        for i, ref in enumerate(found):
-            if is_chunk(ref) and ref not in repo.index:
-                cut.fill(i, i + 1, ZERO_ID)
-                changed = True
-                k = first + i
-                lost.append([k * cs, min(disk.size, (k + 1) * cs)])
-        if not changed:
+        refs = list(found)
+        # the block's chunks looked up together (a few queries, not one per chunk)
+        copies = repo.index.locations_many(r for r in refs if is_chunk(r))
+        gone = [i for i, ref in enumerate(refs) if is_chunk(ref) and not copies[ref]]
+        if not gone:
             new_index.append(block)
-        elif writer is None:
+            continue
+        cut = IndexBlockBuilder.from_block(found)
+        for i in gone:
+            cut.fill(i, i + 1, ZERO_ID)
+            k = first + i
+            lost.append([k * cs, min(disk.size, (k + 1) * cs)])
+        if writer is None:
             new_index.append(repo.index_block_ref(cut.build()))
         else:
             before = writer.index_blocks_added
