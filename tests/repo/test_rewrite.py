@@ -9,9 +9,9 @@ import pytest
 from tests.repo.builders import make_repo
 from vmvault.backends.memory import MemoryBackend
 from vmvault.repo._layout import BlobType
-from vmvault.repo.index import IndexFile, encode_index, encode_pack_record, parse_index
+from vmvault.repo.index import MAX_V2_PAYLOAD, IndexFile, encode_index, encode_pack_record, parse_index
 from vmvault.repo.pack import BlobEntry
-from vmvault.repo.rewrite import IndexFileWriter
+from vmvault.repo.rewrite import REWRITE_LIMIT, IndexFileWriter
 
 
 def _pack(n: int) -> tuple[bytes, list[BlobEntry]]:
@@ -67,3 +67,11 @@ def test_nothing_to_supersede_writes_only_what_is_held() -> None:
     assert empty.finish(writer.written, keep=[], before=lambda: called.append(1)) == writer.written
     parsed = parse_index(repo.read_index_payload(empty.written[0]), name="x")
     assert parsed.records == [] and parsed.supersedes == writer.written and called == [1]
+
+
+def test_the_limit_is_within_the_format_s_bound() -> None:
+    repo = make_repo(MemoryBackend())
+    assert IndexFileWriter(repo).limit == REWRITE_LIMIT <= MAX_V2_PAYLOAD
+    for limit in (0, MAX_V2_PAYLOAD + 1):
+        with pytest.raises(ValueError):
+            IndexFileWriter(repo, limit=limit)
