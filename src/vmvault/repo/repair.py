@@ -383,7 +383,7 @@ def _salvage_damaged(
 def _count_lost(db: sqlite3.Connection) -> int:
     """The failed blobs with no copy in a pack the new index lists and none salvaged. Looked up
     by id only when some failed (the index that needs is built then)."""
-    if db.execute("SELECT NOT EXISTS (SELECT 1 FROM s.failed EXCEPT SELECT id FROM s.salvaged)").fetchone()[0]:
+    if db.execute("SELECT NOT EXISTS (SELECT id FROM s.failed EXCEPT SELECT id FROM s.salvaged)").fetchone()[0]:
         return 0
     db.execute("CREATE INDEX s.rows_by_id ON rows(id)")
     db.execute("CREATE INDEX s.hdr_by_id ON hdr(id)")

@@ -127,6 +127,10 @@ class RepoIndex:
     def _own(self) -> set[bytes]:
         return {loc.pack_id for locs in self._overlay.values() for loc in locs}
 
+    def synced_cache(self) -> IndexCache:
+        """The cache, synced first if this object never synced it."""
+        return self._ensure()
+
     def _ensure(self) -> IndexCache:
         if not self._synced:
             with self._lock:
@@ -258,12 +262,6 @@ class RepoIndex:
             self._short.update(short or {})
             for pack_id in self._excluded | set(self._short):
                 self._confirmed[pack_id] = False
-
-    def note_stored(self, sizes: dict[bytes, int]) -> None:
-        """Confirmations from a listing of ``data/`` (pack id -> size) instead of one read each."""
-        with self._lock:
-            for pack_id, size in sizes.items():
-                self._confirmed.setdefault(pack_id, size > 0)
 
     # ---- this process's uploads --------------------------------------------------------
 

@@ -551,7 +551,7 @@ class Repository:
         damage, not the repository. For maintenance; a backup confirms only the packs it uses
         (section 12.4).
         """
-        cache = self.index.cache
+        cache = self.index.synced_cache()
         with cache.scratch() as db:
             self.list_stored_into(db, progress)
             missing, short = cache.lost_packs(db, tail=PACK_TRAILER.size)
