@@ -265,17 +265,3 @@ def mounted_loop_filesystem(image: Path, mnt: Path, kind: str, size_mib: int) ->
         # (a plain umount frees the loop device that mount -o loop set up)
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(mnt: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` (``6m``) mounted at the new folder ``mnt``: a real file system that
-    fills up. Needs root; the test is skipped otherwise."""
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

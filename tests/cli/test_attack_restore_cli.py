@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import mounted_tmpfs
+from tests.conftest import small_tmpfs as mount_tmpfs
 from vmvault.cli import EXIT, main
 from vmvault.disk import create_image
 from vmvault.disk.chain import checkpoint
@@ -117,7 +117,7 @@ def test_as_clone_with_include_restores_only_what_is_asked(
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    with mounted_tmpfs(tmp_path / "tmpfs", "6m") as mnt:
+    with mount_tmpfs(tmp_path / "tmpfs", "6m") as mnt:
         yield mnt
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import mounted_tmpfs
+from tests.conftest import small_tmpfs
 from vmvault.disk import FORMATS, create_image, open_image
 from vmvault.errors import TargetError, TargetFullError
 
@@ -110,7 +110,7 @@ def test_a_child_names_its_parent_relative_to_its_final_name(tmp_path: Path, fmt
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    with mounted_tmpfs(tmp_path / "tmpfs", "3m") as mnt:
+    with small_tmpfs(tmp_path / "tmpfs", "3m") as mnt:
         yield mnt
 
 

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import mounted_tmpfs
+from tests.conftest import small_tmpfs as mount_tmpfs
 from vmvault.backends.memory import MemoryBackend
 from vmvault.disk import create_image, open_image
 from vmvault.disk.chain import checkpoint
@@ -556,7 +556,7 @@ def test_a_running_restores_work_folder_is_left_alone(tmp_path: Path, snap_repo:
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    with mounted_tmpfs(tmp_path / "tmpfs", "6m") as mnt:
+    with mount_tmpfs(tmp_path / "tmpfs", "6m") as mnt:
         yield mnt
 
 
