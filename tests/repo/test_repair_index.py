@@ -23,6 +23,7 @@ from vmvault.backends.local import LocalBackend
 from vmvault.repo import check, repair, repair_index, repository
 from vmvault.repo._layout import BlobType
 from vmvault.repo.index import IndexFile, parse_index
+from vmvault.repo.index_block import is_chunk
 from vmvault.repo.pack import BlobEntry, expected_pack_size, pack_name, read_pack_header
 from vmvault.repo.repository import Repository
 from vmvault.repo.rewrite import IndexFileWriter
@@ -231,3 +232,39 @@ def test_a_missing_pack_whose_blobs_have_other_copies_loses_nothing(tmp_path: Pa
     fresh = reopen(repo)
     assert restore_all(fresh, snap) == content
     assert _listing(fresh) == _headers(fresh, skip=frozenset([cut]))
+
+
+def test_repair_snapshots_reads_a_block_shared_by_snapshots_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = make_repo(LocalBackend(str(tmp_path / "repo")))
+    base = disk_image(3, 40)
+    snaps = []
+    for day in range(3):
+        disk = bytearray(base)
+        disk[day * 4096 : (day + 1) * 4096] = os.urandom(4096)  # one chunk differs a day
+        snaps.append(backup(repo, Content(disks={"sda": bytes(disk)}, files={})))
+    blocks = {b for s in snaps for b in s.disks[0].index if b is not None}
+    assert sum(b is not None for s in snaps for b in s.disks[0].index) > len(blocks)  # shared ones
+    looked: list[int] = []
+    real = repo.index.locations_many.__func__  # type: ignore[attr-defined]
+
+    def counting(self: object, ids: object) -> object:
+        looked.append(1)
+        return real(self, ids)
+
+    fresh = reopen(repo)
+    monkeypatch.setattr(type(fresh.index), "locations_many", counting)
+    report = repair.repair_snapshots(fresh)
+    assert report.intact == 3 and report.repaired == []
+    assert len(looked) == len(blocks)
+    # a chunk lost from a block all three share is found in each of them
+    shared = snaps[0].disks[0].index[-1]
+    assert shared is not None and all(s.disks[0].index[-1] == shared for s in snaps)
+    chunk = next(c for c in fresh.read_index_block(shared) if is_chunk(c))
+    loc = fresh.index.lookup(chunk)
+    assert loc is not None
+    repo.backend.delete(pack_name(loc.pack_id))
+    looked.clear()
+    report = repair.repair_snapshots(reopen(repo), dry_run=True)
+    assert sorted(r.snapshot for r in report.repaired) == sorted(s.id for s in snaps)

@@ -64,6 +64,8 @@ __all__ = [
 
 #: the tag every snapshot written by repair_snapshots carries
 REPAIRED_TAG = "repaired"
+#: index blocks repair_snapshots remembers as whole (about 150 bytes each)
+_INTACT_BLOCKS = 250_000
 
 
 def _tick(progress: PhaseCallback | None, phase: str, done: int, total: int) -> None:
@@ -500,10 +502,12 @@ def repair_snapshots(
         report.checked = len(snaps) + len(unreadable)
         writer = None if dry_run else repo.writer(upload_threads=2)
         fixes: list[tuple[SnapshotRepair, Snapshot | None]] = []
+        # index blocks found whole: snapshots of one disk share most of theirs
+        intact: set[str] = set()
         try:
             for n, snap in enumerate(snaps):
                 _tick(progress, "snapshots", n, len(snaps))
-                fix = _cut(repo, snap, writer, report)
+                fix = _cut(repo, snap, writer, report, intact)
                 if fix is None:
                     report.intact += 1
                 else:
@@ -556,14 +560,14 @@ def _select(repo: Repository, refs: list[str], ids: list[str]) -> set[str] | Non
 
 
 def _cut(
-    repo: Repository, snap: Snapshot, writer: BlobWriter | None, report: SnapshotRepairReport
+    repo: Repository, snap: Snapshot, writer: BlobWriter | None, report: SnapshotRepairReport, intact: set[str]
 ) -> tuple[SnapshotRepair, Snapshot | None] | None:
     """The repair of ``snap`` and its repaired copy (None when nothing readable is left), or
     None when it needs nothing that is gone."""
     item = SnapshotRepair(snap.id, snap.time, dict(snap.source))
     disks: list[DiskRecord] = []
     for disk in snap.disks:
-        new_index, ranges = _cut_disk(repo, disk, writer, report)
+        new_index, ranges = _cut_disk(repo, disk, writer, report, intact)
         if ranges:
             item.lost.append(
                 {"kind": "disk", "name": disk.name, "ranges": ranges, "bytes": sum(e - s for s, e in ranges)}
@@ -602,10 +606,12 @@ def _present(repo: Repository, chunk: str) -> bool:
 
 
 def _cut_disk(
-    repo: Repository, disk: DiskRecord, writer: BlobWriter | None, report: SnapshotRepairReport
+    repo: Repository, disk: DiskRecord, writer: BlobWriter | None, report: SnapshotRepairReport, intact: set[str]
 ) -> tuple[list[str | None], list[list[int]]]:
     """The disk's index with every lost chunk made ZERO_ID (a lost index block: all of its
-    range), and the lost byte ranges, merged."""
+    range), and the lost byte ranges, merged. ``intact``: blocks already found whole with as
+    many entries (``<id>/<count>``), not read again; those found whole are added, up to
+    ``_INTACT_BLOCKS``."""
     cs, span = disk.chunk_size, disk.index_span
     try:
         n_chunks = chunk_count(disk)
@@ -619,6 +625,10 @@ def _cut_disk(
             continue
         first = b * span
         count = max(0, min(span, n_chunks - first))
+        known = f"{block}/{count}"
+        if known in intact:
+            new_index.append(block)
+            continue
         found = _read_block(repo, block, count)
         if found is None:
             lost.append([first * cs, min(disk.size, (first + count) * cs)])
@@ -629,6 +639,8 @@ def _cut_disk(
         copies = repo.index.locations_many(r for r in refs if is_chunk(r))
         gone = [i for i, ref in enumerate(refs) if is_chunk(ref) and not copies[ref]]
         if not gone:
+            if len(intact) < _INTACT_BLOCKS:
+                intact.add(known)
             new_index.append(block)
             continue
         cut = IndexBlockBuilder.from_block(found)
