@@ -163,8 +163,9 @@ def _repair_index_locked(
     progress: PhaseCallback | None,
 ) -> RepairReport:
     """The working sets are tables of a scratch database on disk, as in check and prune
-    (repository-format.md, section 12.9): memory holds one index file, one pack's entries and
-    the ids of the index files, whatever the repository's size.
+    (repository-format.md, section 12.9): memory holds the index file being read, the one
+    being written (``IndexFileWriter``), one pack's entries and the ids of the index files,
+    whatever the repository's size.
 
     * ``s.rows``: every entry of every readable, live index file (none ``from_scratch``), with
       its file's number; ``s.hdr``: the entries read from packs' own headers;
