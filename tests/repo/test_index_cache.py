@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from vmvault.errors import IntegrityError
 from vmvault.repo import index_cache
 from vmvault.repo.format import BlobType
-from vmvault.repo.index import IndexFile
+from vmvault.repo.index import IndexFile, parse_index
 from vmvault.repo.index_cache import CacheDamaged, IndexCache
 from vmvault.repo.pack import BlobEntry
 from vmvault.repo.repo_index import RepoIndex
@@ -177,6 +177,84 @@ def test_a_sync_reads_only_files_it_has_not_seen(tmp_path: Path) -> None:
     cache.close()
 
 
+def _rows_held(cache: IndexCache) -> int:
+    with sqlite3.connect(cache.path) as conn:
+        return int(conn.execute("SELECT count(*) FROM blobs").fetchone()[0])
+
+
+def _rewrite(store: Store, files: int) -> list[bytes]:
+    """Prune's and repair's shape: ``files`` new files, the last superseding every old one."""
+    old = sorted(store.files)
+    new = [store.add(packs=3) for _ in range(files - 1)]
+    return [*new, store.add(packs=1, supersedes=old)]
+
+
+@pytest.mark.parametrize("everything", [True, False])
+def test_a_batch_goes_into_the_cache_whole_when_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, everything: bool
+) -> None:
+    """Files staged one after another are in no lookup until the batch commits, then all of
+    them are, in one commit; the rows of the files they supersede are gone from the table
+    (emptied whole when no other live file has rows). A batch closed uncommitted (a process
+    killed) leaves the cache as it was, and the next sync reads the files from storage."""
+    monkeypatch.setattr(index_cache, "_COMPACT_MIN", 1)
+    store = Store(seed=3)
+    for _ in range(6):
+        store.add()
+    cache = new_cache(tmp_path)
+    cache.sync(store.listing(), store.fetch)
+    before = store.model()
+    kept = sorted(store.files)[0]
+    if not everything:  # one old file stays live (prune's shape): its rows stay
+        payload = store.files.pop(kept)
+    written = _rewrite(store, 4)
+    if not everything:
+        store.files[kept] = payload
+    commits: list[str] = []
+    cache.before_commit = commits.append
+
+    dropped = cache.batch()
+    for file_id in written[:2]:
+        dropped.add(file_id, parse_index(store.files[file_id], name="x"))
+    dropped.close()  # killed before its commit
+    assert answers(cache, store.ids) == before and commits == []
+
+    with cache.batch() as batch:
+        for file_id in written:
+            batch.add(file_id, parse_index(store.files[file_id], name="x"), len(store.files[file_id]))
+            batch.add(file_id, parse_index(store.files[file_id], name="x"))  # staged once
+            assert answers(cache, store.ids) == before
+        assert batch.rows == sum(parse_index(store.files[f], name="x").blob_count() for f in written)
+        batch.commit()
+        first = {r.pack_id for r in parse_index(store.files[written[0]], name="x").records}
+        assert batch.staged_packs([b"\0" * 32, *first]) == first
+    assert commits == ["files"]
+    assert_agrees(cache, store)
+    live = [kept] if not everything else []
+    assert _rows_held(cache) == sum(parse_index(store.files[f], name="x").blob_count() for f in [*written, *live])
+    fetched = store.fetched
+    cache.sync(store.listing(), store.fetch)
+    assert store.fetched == fetched  # nothing left to download
+    assert_agrees(cache, store)
+    cache.close()
+
+    # uncommitted, the files are the next sync's to read
+    other = Store(seed=4)
+    for _ in range(3):
+        other.add()
+    cache = new_cache(tmp_path / "other")
+    cache.sync(other.listing(), other.fetch)
+    written = _rewrite(other, 3)
+    with cache.batch() as batch:
+        for file_id in written:
+            batch.add(file_id, parse_index(other.files[file_id], name="x"))
+    fetched = other.fetched
+    cache.sync(other.listing(), other.fetch)
+    assert other.fetched == fetched + 3
+    assert_agrees(cache, other)
+    cache.close()
+
+
 def test_unreadable_files_are_problems_tried_again_next_time(tmp_path: Path) -> None:
     store = Store()
     good, bad = store.add(), store.add()
@@ -304,6 +382,11 @@ def _run_killed_at(root: Path, store: Store, k: int) -> bool:
             cache.before_commit = die
             cache.sync(store.listing(), store.fetch)
             cache.ingest(*_extra(store))
+            # then prune's or repair's shape: new files staged, committed together
+            with cache.batch() as batch:
+                for file_id in _rewrite(store, 3):
+                    batch.add(file_id, parse_index(store.files[file_id], name="x"))
+                batch.commit()
         except BaseException:
             code = 1
         os._exit(code)
@@ -324,7 +407,12 @@ def _extra(store: Store) -> tuple[bytes, bytes]:
     return file_id, payload
 
 
-def test_killed_before_every_commit_the_next_sync_is_right(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compact", [False, True])
+def test_killed_before_every_commit_the_next_sync_is_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compact: bool
+) -> None:
+    if compact:  # every commit drops the rows of files no longer live (the batch's: all of them)
+        monkeypatch.setattr(index_cache, "_COMPACT_MIN", 1)
     for k in range(1, 100):
         store = Store(seed=k)
         for n in range(6):
@@ -336,7 +424,8 @@ def test_killed_before_every_commit_the_next_sync_is_right(tmp_path: Path) -> No
         first.close()
         store.add()
         killed = _run_killed_at(root, store, k)
-        _extra(store)  # the same file the child wrote and ingested (if it got that far)
+        _extra(store)  # the same files the child wrote and ingested (if it got that far)
+        _rewrite(store, 3)
         cache = new_cache(root)
         assert not cache.warnings  # a kill never damages it
         cache.sync(store.listing(), store.fetch)

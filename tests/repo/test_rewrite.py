@@ -75,3 +75,35 @@ def test_the_limit_is_within_the_format_s_bound() -> None:
     for limit in (0, MAX_V2_PAYLOAD + 1):
         with pytest.raises(ValueError):
             IndexFileWriter(repo, limit=limit)
+
+
+def test_the_files_written_go_into_the_cache_together_after_the_last() -> None:
+    """Each file is staged as it is written; ``finish`` puts them all into this host's cache
+    in one commit (the rows of the files they supersede dropped first). A writer closed
+    without ``finish`` leaves them to the next sync."""
+    repo = make_repo(MemoryBackend())
+    old = [repo.write_index_file(IndexFile(packs=dict([_pack(2)]), version=repo.index_version)) for _ in range(3)]
+    repo.index.sync()
+    cache = repo.index.cache
+    commits: list[str] = []
+    cache.before_commit = commits.append
+    packs = dict(_pack(10) for _ in range(40))
+    with IndexFileWriter(repo, limit=4096) as writer:
+        for pack_id, entries in packs.items():
+            writer.add(pack_id, entries, 5000)
+        assert len(writer.written) == 4 and not set(writer.written) & set(cache.live_files())
+        assert commits == [] and repo.index.locations(packs[next(iter(packs))][0].id) == []
+        writer.finish(old, before=lambda: None)
+    assert commits == ["files"] and set(cache.live_files()) == set(writer.written)
+    for pack_id, entries in packs.items():
+        for e in entries:
+            assert [loc.pack_id for loc in repo.index.locations(e.id)] == [pack_id]
+
+    left = IndexFileWriter(repo, limit=4096)
+    more = dict(_pack(10) for _ in range(10))
+    for pack_id, entries in more.items():
+        left.add(pack_id, entries, 5000)
+    left.close()  # an error before finish: the files written are in storage only
+    assert not set(left.written) & set(cache.live_files())
+    repo.index.sync()
+    assert set(left.written) <= set(cache.live_files())

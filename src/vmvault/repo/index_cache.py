@@ -47,6 +47,7 @@ __all__ = [
     "CachedRow",
     "Grouped",
     "IndexCache",
+    "IngestBatch",
     "cache_root",
     "private_dir",
     "rows_digest",
@@ -402,25 +403,17 @@ class IndexCache:
             conn.executemany("UPDATE files SET stamp = ? WHERE id = ? AND stamp IS NULL", taken)
             self._commit(conn, "stamps")
 
-    def ingest(self, file_id: bytes, payload: bytes, size: int = 0) -> None:
+    def ingest(self, file_id: bytes, payload: bytes | ParsedIndex, size: int = 0) -> None:
         """Add an index file this process has just written (its payload in hand, verified by
-        construction), so that it need not be downloaded again."""
-        parsed = parse_index(payload, name=f"index/{file_id.hex()}")
-        with _translated(self):
-            conn = self._connect(_WRITE_CACHE_KIB)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
-                    self._stage_file(conn, file_id, parsed, size)
-                    self._flush_stage(conn)
-                    # present (written now); it may supersede files this cache holds
-                    conn.execute("UPDATE files SET present = 1 WHERE id = ?", (file_id,))
-                    conn.execute(_LIVE)
-                self._commit(conn, "ingest")
-            finally:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                conn.close()
+        construction, or parsed), so that it need not be downloaded again."""
+        parsed = payload if isinstance(payload, ParsedIndex) else parse_index(payload, name=f"index/{file_id.hex()}")
+        with self.batch() as batch:
+            batch.add(file_id, parsed, size)
+            batch.commit("ingest")
+
+    def batch(self, conn: sqlite3.Connection | None = None) -> IngestBatch:
+        """An :class:`IngestBatch` on a connection of its own (else on ``conn``, the caller's)."""
+        return IngestBatch(self, conn)
 
     def _commit(self, conn: sqlite3.Connection, what: str) -> None:
         if self.before_commit is not None:
@@ -477,118 +470,27 @@ class IndexCache:
         problems: list[str],
         progress: Callable[[int, int], None] | None,
     ) -> None:
-        """Ingest ``new`` files: read a batch of them (outside any transaction, so other
-        processes' writes are not held up by downloads), then insert the batch in one
-        transaction, sorted. Each transaction holds whole files.
+        """Ingest ``new`` files: each read and staged (:class:`IngestBatch`) outside any
+        transaction, so other processes' writes are not held up by downloads; every
+        ``_BATCH_ROWS`` rows the staged files go in, in one transaction, sorted. Each
+        transaction holds whole files.
 
         An empty cache (a host's first sync, or a rebuild) takes every file in one transaction
-        instead, staged file by file and inserted in one sorted pass: batches into a large
-        table of random keys would rewrite most of its pages each time."""
-        if len(new) > 1 and conn.execute("SELECT NOT EXISTS (SELECT 1 FROM blobs)").fetchone()[0]:
-            self._ingest_fresh(conn, new, listed, fetch, problems, progress)
-            return
-        batch: list[tuple[bytes, ParsedIndex, int]] = []
-        rows = 0
-        for file_id, parsed in _fetched(new, listed, fetch, problems, progress):
-            batch.append((file_id, parsed, listed[file_id]))
-            rows += parsed.blob_count()
-            if rows >= _BATCH_ROWS:
-                self._insert_batch(conn, batch)
-                batch, rows = [], 0
-        if batch:
-            self._insert_batch(conn, batch)
-        if progress is not None:
-            progress(len(new), len(new))
-
-    def _ingest_fresh(
-        self,
-        conn: sqlite3.Connection,
-        new: list[bytes],
-        listed: dict[bytes, int],
-        fetch: Callable[[bytes, int], bytes | None],
-        problems: list[str],
-        progress: Callable[[int, int], None] | None,
-    ) -> None:
-        """Every file of ``new`` into an empty cache: one transaction, one file in memory at a
-        time, the rows sorted once (killed, nothing is kept and the next sync starts again)."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        instead, inserted in one sorted pass: batches into a large table of random keys would
+        rewrite most of its pages each time."""
+        fresh = len(new) > 1 and conn.execute("SELECT NOT EXISTS (SELECT 1 FROM blobs)").fetchone()[0]
+        with self.batch(conn) as batch:
             for file_id, parsed in _fetched(new, listed, fetch, problems, progress):
-                if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
-                    self._stage_file(conn, file_id, parsed, listed[file_id])
-            self._flush_stage(conn)
-            self._commit(conn, "files")
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                batch.add(file_id, parsed, listed[file_id])
+                if not fresh and batch.rows >= _BATCH_ROWS:
+                    batch.commit("files")
+            batch.commit("files")
         if progress is not None:
             progress(len(new), len(new))
-
-    def _insert_batch(self, conn: sqlite3.Connection, batch: list[tuple[bytes, ParsedIndex, int]]) -> None:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for file_id, parsed, size in batch:
-                if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
-                    self._stage_file(conn, file_id, parsed, size)
-            self._flush_stage(conn)
-            self._commit(conn, "files")
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-
-    def _stage_file(self, conn: sqlite3.Connection, file_id: bytes, parsed: ParsedIndex, size: int) -> int:
-        """Insert a file's ``files``, ``supersedes`` and ``packs`` rows and stage its entries
-        (in the caller's transaction); returns the number of entries."""
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS stage(id BLOB, file INTEGER, pack INTEGER, type INTEGER,"
-            " offset INTEGER, length INTEGER, raw_length INTEGER)"
-        )
-        cur = conn.execute(
-            "INSERT INTO files(id, present, live, version, blobs, has_rows, size) VALUES (?, 1, 0, ?, ?, 1, ?)",
-            (file_id, parsed.version, parsed.blob_count(), size),
-        )
-        file_no = cur.lastrowid
-        conn.executemany(
-            "INSERT OR IGNORE INTO supersedes VALUES (?, ?)", ((file_no, old) for old in parsed.supersedes)
-        )
-        rows = 0
-        for rec in parsed.records:
-            end = rec.blobs_end()
-            found = conn.execute("SELECT no, length FROM packs WHERE id = ?", (rec.pack_id,)).fetchone()
-            if found is None:
-                pack_no = conn.execute(
-                    "INSERT INTO packs(id, length, end) VALUES (?, ?, ?)", (rec.pack_id, rec.length, end)
-                ).lastrowid
-            else:
-                pack_no = found[0]
-                if rec.length and not found[1]:
-                    conn.execute("UPDATE packs SET length = ? WHERE no = ?", (rec.length, pack_no))
-                conn.execute("UPDATE packs SET end = max(end, ?) WHERE no = ?", (end, pack_no))
-            conn.executemany(
-                "INSERT INTO temp.stage VALUES (?, ?, ?, ?, ?, ?, ?)",
-                ((i, file_no, pack_no, t, o, n, r) for t, i, o, n, r in rec.rows()),
-            )
-            rows += rec.blobs
-        return rows
-
-    def _flush_stage(self, conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS stage(id BLOB, file INTEGER, pack INTEGER, type INTEGER,"
-            " offset INTEGER, length INTEGER, raw_length INTEGER)"
-        )
-        # sorted, the rows go into the B-tree leaf after leaf
-        conn.execute("INSERT OR IGNORE INTO blobs SELECT * FROM temp.stage ORDER BY id, file, pack")
-        conn.execute("DELETE FROM temp.stage")
 
     def _compact(self, conn: sqlite3.Connection) -> None:
-        dead, live = conn.execute(
-            "SELECT coalesce(sum(CASE WHEN NOT live AND has_rows THEN blobs END), 0),"
-            " coalesce(sum(CASE WHEN live THEN blobs END), 0) FROM files"
-        ).fetchone()
         conn.execute("BEGIN IMMEDIATE")
-        if dead >= _COMPACT_MIN and dead * 2 >= live:
-            conn.execute("DELETE FROM blobs WHERE file IN (SELECT no FROM files WHERE NOT live AND has_rows)")
-            conn.execute("UPDATE files SET has_rows = 0 WHERE NOT live")
+        _drop_dead_rows(conn)
         # files gone from storage whose rows are gone too: nothing left to remember
         gone = "SELECT no FROM files WHERE NOT present AND NOT has_rows"
         conn.execute(f"DELETE FROM supersedes WHERE file IN ({gone})")
@@ -782,6 +684,191 @@ class IndexCache:
         """A connection of its own with a larger page cache, for check and prune (the caller
         closes it)."""
         return self._connect(_WRITE_CACHE_KIB)
+
+
+class IngestBatch:
+    """Index files staged one after another, then put into the cache together, in one
+    transaction, their rows in one sorted pass (``commit``). Every ingest goes through one:
+    a sync's (in batches of ``_BATCH_ROWS`` rows; all at once into an empty cache), a written
+    file's, and those of prune and repair, which write the whole index again, a file at a
+    time: ingested one by one into a cache still holding the old rows, each file's rows were
+    spread over the whole table (at 40 M chunks ``repair index`` spent most of 1,188 s there).
+
+    Staging writes only temporary tables of the batch's connection (in a temporary file in
+    the cache folder, ``_temp_files_in``), never the cache: nothing is locked while files
+    are staged, and a process killed before ``commit`` leaves the cache as it was (its next
+    sync reads the files from storage). Memory holds no file: rows are staged as they are
+    parsed. A commit drops the rows of files the batch supersedes first
+    (``_drop_dead_rows``): when no other live file has rows, the table is emptied whole and
+    the new rows go into an empty B-tree, as in a first sync."""
+
+    def __init__(self, cache: IndexCache, conn: sqlite3.Connection | None = None) -> None:
+        self._cache = cache
+        self._own = conn is None
+        self._conn = conn
+        self._committed = False
+        #: rows staged since the last commit
+        self.rows = 0
+        with _translated(cache):
+            if self._conn is None:
+                self._conn = cache._connect(_WRITE_CACHE_KIB)
+            for sql in _STAGE_SQL:
+                self._conn.execute(sql)
+            self._clear()
+
+    def __enter__(self) -> IngestBatch:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("this ingest batch is closed")
+        return self._conn
+
+    @property
+    def closed(self) -> bool:
+        return self._conn is None
+
+    def close(self) -> None:
+        """Close the batch's own connection (its staged rows go with it); uncommitted files are
+        not in the cache."""
+        conn, self._conn = self._conn, None
+        if conn is not None and self._own:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _clear(self) -> None:
+        for table in _STAGE_TABLES:
+            self.conn.execute(f"DELETE FROM temp.{table}")
+        self.rows = 0
+        self._committed = False
+
+    def add(self, file_id: bytes, parsed: ParsedIndex, size: int = 0) -> None:
+        """Stage one index file (``size``: its stored size, 0 when not known); a file staged
+        already is not staged again."""
+        conn = self.conn
+        with _translated(self._cache):
+            if self._committed:
+                self._clear()
+            conn.execute("BEGIN")
+            try:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO temp.sfiles(id, version, blobs, size) VALUES (?, ?, ?, ?)",
+                    (file_id, parsed.version, parsed.blob_count(), size),
+                )
+                if cur.rowcount:
+                    ref = cur.lastrowid
+                    conn.executemany(
+                        "INSERT INTO temp.ssupersedes VALUES (?, ?)", ((ref, old) for old in parsed.supersedes)
+                    )
+                    for rec in parsed.records:
+                        # a pack listed by several files: its length where one records it, the
+                        # end of the last blob any of them lists
+                        pack = conn.execute(
+                            "INSERT INTO temp.spacks(id, length, end) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE"
+                            " SET length = CASE WHEN length THEN length ELSE excluded.length END,"
+                            " end = max(end, excluded.end) RETURNING ref",
+                            (rec.pack_id, rec.length, rec.blobs_end()),
+                        ).fetchone()[0]
+                        conn.executemany(
+                            "INSERT INTO temp.srows VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            ((i, ref, pack, t, o, n, r) for t, i, o, n, r in rec.rows()),
+                        )
+                    self.rows += parsed.blob_count()
+                conn.execute("COMMIT")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
+    def commit(self, what: str = "files") -> None:
+        """Put the staged files into the cache in one transaction (those it holds already
+        are left as they are): their ``files``, ``supersedes`` and ``packs`` rows, which files
+        are live, the rows of files no longer live when ``_drop_dead_rows`` says so, then the
+        staged rows sorted. ``what`` names the commit for ``IndexCache.before_commit``."""
+        conn = self.conn
+        with _translated(self._cache):
+            if self._committed or not conn.execute("SELECT EXISTS (SELECT 1 FROM temp.sfiles)").fetchone()[0]:
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                staged = conn.execute("SELECT ref, id, version, blobs, size FROM temp.sfiles ORDER BY ref").fetchall()
+                for ref, file_id, version, blobs, size in staged:
+                    if conn.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
+                        no = conn.execute(
+                            "INSERT INTO files(id, present, live, version, blobs, has_rows, size)"
+                            " VALUES (?, 1, 0, ?, ?, 1, ?)",
+                            (file_id, version, blobs, size),
+                        ).lastrowid
+                        conn.execute("UPDATE temp.sfiles SET no = ? WHERE ref = ?", (no, ref))
+                conn.execute(
+                    "INSERT OR IGNORE INTO supersedes SELECT f.no, s.old FROM temp.ssupersedes s"
+                    " JOIN temp.sfiles f ON f.ref = s.ref WHERE f.no IS NOT NULL"
+                )
+                conn.execute(
+                    "UPDATE packs SET length = CASE WHEN packs.length THEN packs.length ELSE s.length END,"
+                    " end = max(packs.end, s.end) FROM temp.spacks s WHERE packs.id = s.id"
+                )
+                conn.execute("INSERT OR IGNORE INTO packs(id, length, end) SELECT id, length, end FROM temp.spacks")
+                conn.execute("UPDATE temp.spacks SET no = (SELECT no FROM packs WHERE packs.id = spacks.id)")
+                # new files are present (listed now, or written now); they may supersede others
+                conn.execute(_LIVE)
+                _drop_dead_rows(conn, new="SELECT no FROM temp.sfiles WHERE no IS NOT NULL")
+                # sorted, the rows go into the B-tree leaf after leaf
+                conn.execute(
+                    "INSERT OR IGNORE INTO blobs SELECT r.id, f.no, p.no, r.type, r.offset, r.length, r.raw_length"
+                    " FROM temp.srows r JOIN temp.sfiles f ON f.ref = r.file JOIN temp.spacks p ON p.ref = r.pack"
+                    " WHERE f.no IS NOT NULL ORDER BY r.id, f.no, p.no"
+                )
+                self._cache._commit(conn, what)
+                self._committed = True
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+
+    def staged_packs(self, pack_ids: Iterable[bytes]) -> set[bytes]:
+        """Which of ``pack_ids`` the files staged (or committed last) list."""
+        with _translated(self._cache):
+            return {
+                p
+                for p in pack_ids
+                if self.conn.execute("SELECT 1 FROM temp.spacks WHERE id = ?", (p,)).fetchone() is not None
+            }
+
+
+_STAGE_TABLES = ("sfiles", "ssupersedes", "spacks", "srows")
+_STAGE_SQL = (
+    "CREATE TEMP TABLE IF NOT EXISTS sfiles(ref INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE,"
+    " version INTEGER NOT NULL, blobs INTEGER NOT NULL, size INTEGER NOT NULL, no INTEGER)",
+    "CREATE TEMP TABLE IF NOT EXISTS ssupersedes(ref INTEGER NOT NULL, old BLOB NOT NULL)",
+    "CREATE TEMP TABLE IF NOT EXISTS spacks(ref INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, length INTEGER NOT NULL,"
+    " end INTEGER NOT NULL, no INTEGER)",
+    "CREATE TEMP TABLE IF NOT EXISTS srows(id BLOB, file INTEGER, pack INTEGER, type INTEGER, offset INTEGER,"
+    " length INTEGER, raw_length INTEGER)",
+)
+
+
+def _drop_dead_rows(conn: sqlite3.Connection, new: str = "SELECT NULL WHERE 0") -> None:
+    """In the caller's transaction: delete the rows of files no longer live once there are
+    ``_COMPACT_MIN`` of them and half as many as live ones (``new``: a query of the numbers
+    of files whose rows are about to be inserted, counted as live). When no live file other
+    than those has rows, every row is dead: the table is emptied whole, which SQLite does
+    page by page without reading a row, rather than searched row by row."""
+    dead, live = conn.execute(
+        "SELECT coalesce(sum(CASE WHEN NOT live AND has_rows THEN blobs END), 0),"
+        " coalesce(sum(CASE WHEN live THEN blobs END), 0) FROM files"
+    ).fetchone()
+    if dead < _COMPACT_MIN or dead * 2 < live:
+        return
+    if conn.execute(
+        f"SELECT NOT EXISTS (SELECT 1 FROM files WHERE live AND has_rows AND no NOT IN ({new}))"
+    ).fetchone()[0]:
+        conn.execute("DELETE FROM blobs")
+    else:
+        conn.execute("DELETE FROM blobs WHERE file IN (SELECT no FROM files WHERE NOT live AND has_rows)")
+    conn.execute("UPDATE files SET has_rows = 0 WHERE NOT live")
 
 
 _MASK = (1 << 64) - 1

@@ -349,13 +349,13 @@ def _prune_locked(
         repacked_files = _repack(repo, db, report, progress)
         # 5. the packs of the affected index files that stay, into new index files, the last
         # of which supersedes the affected ones
-        out = _relist(repo, db, affected, progress)
-        out.absorb(repacked_files)
-        superseded = out.finish(
-            set(affected) | set(repacked_files) | {f for f, live in files.items() if not live},
-            before=lambda: _still_exclusive(repo, lock, "writing the new index"),
-        )
-        report.index_files_written = len(out.written) + len(repacked_files)
+        with _relist(repo, db, affected, progress) as out:
+            out.absorb(repacked_files)
+            superseded = out.finish(
+                set(affected) | set(repacked_files) | {f for f, live in files.items() if not live},
+                before=lambda: _still_exclusive(repo, lock, "writing the new index"),
+            )
+            report.index_files_written = len(out.written) + len(repacked_files)
         # 6. superseded index files, then the packs nothing lists any more
         old_index = [f"index/{i.hex()}" for i in superseded]
         held_index = retained(repo, old_index)
@@ -705,27 +705,31 @@ def _repack(
 def _relist(
     repo: Repository, db: sqlite3.Connection, affected: list[bytes], progress: PhaseCallback | None
 ) -> IndexFileWriter:
-    """Write the packs that stay of the affected files into new index files (at most 64 MiB
-    each); the last is left to ``finish``."""
+    """Write the packs that stay of the affected files into new index files (at most
+    ``REWRITE_LIMIT`` each); the last is left to ``finish``."""
     out = IndexFileWriter(repo)
-    db.execute("CREATE TABLE s.relisted(id BLOB PRIMARY KEY) WITHOUT ROWID")
-    with Grouped(db) as group:
-        for n, file_id in enumerate(affected):
-            _tick(progress, "index files", n, len(affected))
-            parsed = parse_index(repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
-            for rec in parsed.records:
-                row = db.execute(
-                    "SELECT d.action, st.size FROM packs p LEFT JOIN s.decision d ON d.pack = p.no"
-                    " LEFT JOIN s.stored st ON st.id = p.id WHERE p.id = ?",
-                    (rec.pack_id,),
-                ).fetchone()
-                if row is None or row[0] is not None or row[1] is None:
-                    continue  # deleted, repacked or missing (or unknown): not listed again
-                group.step()
-                if db.execute("INSERT OR IGNORE INTO s.relisted VALUES (?)", (rec.pack_id,)).rowcount == 0:
-                    continue  # already listed by an earlier affected file
-                entries = rec.entries()
-                out.add(rec.pack_id, entries, rec.length or _confirmed_length(entries, int(row[1])))
+    try:
+        db.execute("CREATE TABLE s.relisted(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        with Grouped(db) as group:
+            for n, file_id in enumerate(affected):
+                _tick(progress, "index files", n, len(affected))
+                parsed = parse_index(repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
+                for rec in parsed.records:
+                    row = db.execute(
+                        "SELECT d.action, st.size FROM packs p LEFT JOIN s.decision d ON d.pack = p.no"
+                        " LEFT JOIN s.stored st ON st.id = p.id WHERE p.id = ?",
+                        (rec.pack_id,),
+                    ).fetchone()
+                    if row is None or row[0] is not None or row[1] is None:
+                        continue  # deleted, repacked or missing (or unknown): not listed again
+                    group.step()
+                    if db.execute("INSERT OR IGNORE INTO s.relisted VALUES (?)", (rec.pack_id,)).rowcount == 0:
+                        continue  # already listed by an earlier affected file
+                    entries = rec.entries()
+                    out.add(rec.pack_id, entries, rec.length or _confirmed_length(entries, int(row[1])))
+    except BaseException:
+        out.close()
+        raise
     _tick(progress, "index files", len(affected), len(affected))
     return out
 

@@ -27,6 +27,7 @@ better when the source still has the data: a backup after a loss stores the data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -197,19 +198,20 @@ def _repair_index_locked(
             )
         ]
         db.execute("INSERT OR IGNORE INTO s.failed SELECT id FROM s.rows WHERE pack NOT IN (SELECT id FROM s.stored)")
-        out = None if dry_run else IndexFileWriter(repo)
-        _sort_packs(repo, db, report, out, read_data, stored, progress)
-        writer = _salvage_damaged(repo, db, report, dry_run, progress)
-        report.blobs_lost = _count_lost(db)
-        if out is None or writer is None:
-            return report
-        report.packs_written = writer.packs_written
-        out.absorb(writer.index_files)
-        replaced = out.finish(
-            set(present) | set(writer.index_files),
-            before=lambda: _still_exclusive(repo, lock, "writing the new index", operation="repair index"),
-        )
-        report.index_files_written = len(out.written) + len(writer.index_files)
+        with contextlib.ExitStack() as stack:
+            out = None if dry_run else stack.enter_context(IndexFileWriter(repo))
+            _sort_packs(repo, db, report, out, read_data, stored, progress)
+            writer = _salvage_damaged(repo, db, report, dry_run, progress)
+            report.blobs_lost = _count_lost(db)
+            if out is None or writer is None:
+                return report
+            report.packs_written = writer.packs_written
+            out.absorb(writer.index_files)
+            replaced = out.finish(
+                set(present) | set(writer.index_files),
+                before=lambda: _still_exclusive(repo, lock, "writing the new index", operation="repair index"),
+            )
+            report.index_files_written = len(out.written) + len(writer.index_files)
     old_index = [f"index/{i.hex()}" for i in replaced]
     held_index = retained(repo, old_index)
     for name in old_index:

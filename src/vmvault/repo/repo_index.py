@@ -19,8 +19,8 @@ from typing import TypeVar
 from vmvault.backends.base import Backend
 from vmvault.errors import ObjectNotFoundError, UnsafeStorageError
 from vmvault.repo._layout import PACK_TRAILER, BlobType
-from vmvault.repo.index import BlobLocation, PackRecord, parse_index
-from vmvault.repo.index_cache import CacheDamaged, CachedRow, IndexCache
+from vmvault.repo.index import BlobLocation, parse_index
+from vmvault.repo.index_cache import CacheDamaged, CachedRow, IndexCache, IngestBatch
 from vmvault.repo.pack import BlobEntry, pack_name
 
 T = TypeVar("T")
@@ -274,21 +274,64 @@ class RepoIndex:
                 if all(loc.pack_id != pack_id for loc in locs):
                     locs.append(BlobLocation(pack_id, e))
 
-    def ingested(self, file_id: bytes, payload: bytes, size: int = 0) -> None:
+    def ingested(self, file_id: bytes, payload: bytes, size: int = 0, *, batch: IngestBatch | None = None) -> None:
         """An index file this process has just written: into the cache, and its packs' blobs
         out of the overlay (a failure to add it to the cache only keeps them in the overlay;
-        the next sync downloads it)."""
+        the next sync downloads it). With a ``batch`` (:meth:`batch`), it is only staged there,
+        and goes into the cache with the batch's other files (:meth:`commit_batch`)."""
         try:
-            self.cache.ingest(file_id, payload, size)
-        except CacheDamaged as exc:
+            parsed = parse_index(payload, name=f"index/{file_id.hex()}")
+            if batch is not None:
+                if not batch.closed:
+                    batch.add(file_id, parsed, size)
+                return
+            self.cache.ingest(file_id, parsed, size)
+        except Exception as exc:
+            self._cache_failed(exc, batch)
+            return
+        self._out_of_overlay({rec.pack_id for rec in parsed.records})
+
+    def batch(self) -> IngestBatch | None:
+        """A batch for the index files this process is about to write one after another (prune
+        and repair writing the index again), None when the cache cannot make one (the files
+        are then downloaded by the next sync)."""
+        try:
+            return self.cache.batch()
+        except Exception as exc:
+            self._cache_failed(exc, None)
+            return None
+
+    def commit_batch(self, batch: IngestBatch | None) -> None:
+        """Put the files staged in ``batch`` into the cache, and their packs' blobs out of the
+        overlay; the batch is closed."""
+        if batch is None:
+            return
+        try:
+            if batch.closed:
+                return
+            batch.commit()
+            with self._lock:
+                overlaid = {loc.pack_id for locs in self._overlay.values() for loc in locs}
+            self._out_of_overlay(batch.staged_packs(overlaid))
+        except Exception as exc:
+            self._cache_failed(exc, batch)
+        finally:
+            batch.close()
+
+    def _cache_failed(self, exc: Exception, batch: IngestBatch | None) -> None:
+        """Adding written files to the cache failed: a damaged cache is built again (the next
+        sync fills it), anything else (a full disk) is left to the next sync."""
+        if batch is not None:
+            batch.close()
+        if isinstance(exc, CacheDamaged):
             with self._lock:
                 self.cache.reset(str(exc))
                 self._synced = False
+
+    def _out_of_overlay(self, written: set[bytes]) -> None:
+        """Forget this process's own locations in the ``written`` packs (the cache has them)."""
+        if not written:
             return
-        except Exception:
-            return
-        records: list[PackRecord] = parse_index(payload, name=f"index/{file_id.hex()}").records
-        written = {rec.pack_id for rec in records}
         with self._lock:
             for blob_id in [b for b, locs in self._overlay.items() if any(loc.pack_id in written for loc in locs)]:
                 left = [loc for loc in self._overlay[blob_id] if loc.pack_id not in written]

@@ -74,7 +74,7 @@ from vmvault.repo.crypto import (
 from vmvault.repo.hostrecord import HostRecords, RepoRecord, now
 from vmvault.repo.index import MAX_V2_PAYLOAD, BlobLocation, IndexFile
 from vmvault.repo.index_block import IndexBlock
-from vmvault.repo.index_cache import IndexCache, write_many
+from vmvault.repo.index_cache import IndexCache, IngestBatch, write_many
 from vmvault.repo.locks import RepositoryLock
 from vmvault.repo.names import index_id, snapshot_id
 from vmvault.repo.names import pack_id as parse_pack_id
@@ -458,14 +458,15 @@ class Repository:
     def write_index_file(self, index_file: IndexFile) -> bytes:
         return self.write_index_payload(index_file.encode())
 
-    def write_index_payload(self, payload: bytes) -> bytes:
-        """Store an encoded index file (``encode_index``); returns its id."""
+    def write_index_payload(self, payload: bytes, *, batch: IngestBatch | None = None) -> bytes:
+        """Store an encoded index file (``encode_index``); returns its id. It goes into this
+        host's cache at once, or with the other files of ``batch`` (``RepoIndex.batch``)."""
         file_id = hashlib.sha256(payload).digest()
         name = f"index/{file_id.hex()}"
         sealed = seal_envelope(self.key, payload, name.encode())
         self.backend.put(name, sealed)
         self._index_files.add(file_id)
-        self.index.ingested(file_id, payload, len(sealed))
+        self.index.ingested(file_id, payload, len(sealed), batch=batch)
         return file_id
 
     def new_index_files(self, packs: dict[bytes, list[BlobEntry]], lengths: dict[bytes, int]) -> list[IndexFile]:

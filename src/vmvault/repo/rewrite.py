@@ -7,6 +7,11 @@ file each time the one it builds reaches ``REWRITE_LIMIT`` (16 MiB, below the 64
 section 12.2), so memory holds at most one file. The last file written (``finish``) also
 supersedes the old files: a kill before it leaves the old files live beside the new ones
 (every pack listed twice, which readers allow), a kill after it only files to delete.
+
+The files written are staged in one ``IngestBatch`` and go into this host's index cache
+together after the last (``finish``), in one sorted pass that first drops the rows of the
+files they supersede: a kill before that leaves the cache as it was, and the next sync
+downloads them.
 """
 
 from __future__ import annotations
@@ -20,12 +25,10 @@ from vmvault.repo.repository import Repository
 __all__ = ["REWRITE_LIMIT", "IndexFileWriter"]
 
 #: the payload of each index file prune and repair write. A file is held while it is built,
-#: then joined, compressed, sealed and ingested into this host's cache at once: at 64 MiB
-#: (the format's bound) ``repair index`` peaked at 345 MiB of RSS at 4 M chunks and 368 at
-#: 40 M, at 16 MiB at 144-147 and 149 MiB. Smaller files cost time, as each file's rows are
-#: ingested into the cache on their own: 5-10 % at 4 M (two pairs), 1,188 against 884 s at
-#: 40 M (one pair). 16 MiB is still four times the size below which prune folds a file into
-#: others (``prune.SMALL_INDEX_FILE``), and about a thousand files per 400 M chunks
+#: then joined, compressed, sealed and staged for this host's cache: at 64 MiB (the format's
+#: bound) ``repair index`` peaked at 345 MiB of RSS at 4 M chunks and 368 at 40 M, at 16 MiB
+#: at 144-147 and 149 MiB. 16 MiB is still four times the size below which prune folds a file
+#: into others (``prune.SMALL_INDEX_FILE``), and about a thousand files per 400 M chunks
 REWRITE_LIMIT = 16 << 20
 
 _HEADER = 16
@@ -46,6 +49,7 @@ class IndexFileWriter:
         self.version = repo.index_version
         self.written: list[bytes] = []
         self.packs = 0
+        self._batch = repo.index.batch()
         self._records: list[bytes] = []
         self._ids: set[bytes] = set()
         self._size = _HEADER
@@ -81,7 +85,19 @@ class IndexFileWriter:
         self._records = []
         self._ids = set()
         self._size = _HEADER
-        self.written.append(self.repo.write_index_payload(payload))
+        self.written.append(self.repo.write_index_payload(payload, batch=self._batch))
+
+    def __enter__(self) -> IndexFileWriter:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Forget the files staged for the cache and not committed (``finish`` commits them;
+        after an error the next sync downloads them)."""
+        if self._batch is not None:
+            self._batch.close()
 
     def finish(self, old: Iterable[bytes], *, keep: Iterable[bytes] = (), before: Callable[[], None]) -> list[bytes]:
         """Write the last file: the packs still held, superseding ``old`` except ``keep`` and
@@ -91,7 +107,8 @@ class IndexFileWriter:
         doomed = sorted(set(old) - set(keep) - set(self.written))
         if not doomed:
             self.flush()
-            return []
-        before()
-        self._write(doomed)
+        else:
+            before()
+            self._write(doomed)
+        self.repo.index.commit_batch(self._batch)
         return doomed
