@@ -766,13 +766,22 @@ class IngestBatch:
                     )
                     for rec in parsed.records:
                         # a pack listed by several files: its length where one records it, the
-                        # end of the last blob any of them lists
-                        pack = conn.execute(
-                            "INSERT INTO temp.spacks(id, length, end) VALUES (?, ?, ?) ON CONFLICT(id) DO UPDATE"
-                            " SET length = CASE WHEN length THEN length ELSE excluded.length END,"
-                            " end = max(end, excluded.end) RETURNING ref",
-                            (rec.pack_id, rec.length, rec.blobs_end()),
-                        ).fetchone()[0]
+                        # end of the last blob any of them lists (no RETURNING: the SQLite 3.34 of
+                        # RHEL 9 lacks it)
+                        end = rec.blobs_end()
+                        found = conn.execute("SELECT ref FROM temp.spacks WHERE id = ?", (rec.pack_id,)).fetchone()
+                        if found is None:
+                            pack = conn.execute(
+                                "INSERT INTO temp.spacks(id, length, end) VALUES (?, ?, ?)",
+                                (rec.pack_id, rec.length, end),
+                            ).lastrowid
+                        else:
+                            pack = found[0]
+                            conn.execute(
+                                "UPDATE temp.spacks SET length = CASE WHEN length THEN length ELSE ? END,"
+                                " end = max(end, ?) WHERE ref = ?",
+                                (rec.length, end, pack),
+                            )
                         conn.executemany(
                             "INSERT INTO temp.srows VALUES (?, ?, ?, ?, ?, ?, ?)",
                             ((i, ref, pack, t, o, n, r) for t, i, o, n, r in rec.rows()),
@@ -807,9 +816,12 @@ class IngestBatch:
                     "INSERT OR IGNORE INTO supersedes SELECT f.no, s.old FROM temp.ssupersedes s"
                     " JOIN temp.sfiles f ON f.ref = s.ref WHERE f.no IS NOT NULL"
                 )
+                # packs the cache knows: their length where it had none, the end of their last blob
+                # (no UPDATE ... FROM: SQLite 3.31 of Ubuntu 20.04 lacks it)
+                length, end = (f"(SELECT s.{c} FROM temp.spacks s WHERE s.id = packs.id)" for c in ("length", "end"))
                 conn.execute(
-                    "UPDATE packs SET length = CASE WHEN packs.length THEN packs.length ELSE s.length END,"
-                    " end = max(packs.end, s.end) FROM temp.spacks s WHERE packs.id = s.id"
+                    f"UPDATE packs SET length = CASE WHEN length THEN length ELSE {length} END, end = max(end, {end})"
+                    " WHERE id IN (SELECT id FROM temp.spacks)"
                 )
                 conn.execute("INSERT OR IGNORE INTO packs(id, length, end) SELECT id, length, end FROM temp.spacks")
                 conn.execute("UPDATE temp.spacks SET no = (SELECT no FROM packs WHERE packs.id = spacks.id)")
