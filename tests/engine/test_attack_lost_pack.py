@@ -53,7 +53,7 @@ def lose_packs(repo: Repository, count: int = 1, *, data_only: bool = False) -> 
     packs = repo.index.packs()
     gone = [
         p
-        for p in sorted(repo.stored_packs())
+        for p in sorted(dict(repo.iter_stored_packs()))
         if not data_only or all(e.type is BlobType.DATA for e in packs.get(p, []))
     ][:count]
     for pack_id in gone:

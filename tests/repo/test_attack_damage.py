@@ -137,7 +137,7 @@ def with_recording(repo: Repository) -> tuple[Repository, RecordingBackend]:
 def test_forget_lost_packs_drops_missing_and_short_packs_and_keeps_the_rest(tmp_path: Path) -> None:
     repo = local(tmp_path)
     hist = history(repo)
-    packs = sorted(repo.stored_packs())
+    packs = sorted(dict(repo.iter_stored_packs()))
     gone, short = packs[0], packs[1]
     repo.backend.delete(pack_name(gone))
     path = pack_file(repo, short)
@@ -192,7 +192,7 @@ def test_repair_index_reads_only_headers_of_unindexed_packs(tmp_path: Path) -> N
         repo.backend.delete(o.name)
     repo, rec = with_recording(repo)
     report = repair_index(repo)
-    assert report.packs_recovered == len(repo.stored_packs()) and not report.data_lost
+    assert report.packs_recovered == len(dict(repo.iter_stored_packs())) and not report.data_lost
     assert rec.unbounded_reads("data/") == []
     header_reads = [r for r in rec.reads if r[0].startswith("data/")]
     assert len(header_reads) == 2 * report.packs_recovered  # the trailer, then the header
@@ -260,7 +260,7 @@ def test_repair_index_read_data_salvages_a_pack_with_a_flipped_byte(tmp_path: Pa
 def test_repair_index_reports_packs_without_a_readable_header(tmp_path: Path) -> None:
     repo = local(tmp_path)
     history(repo, 1)
-    victim = sorted(repo.stored_packs())[0]
+    victim = sorted(dict(repo.iter_stored_packs()))[0]
     for o in list(repo.backend.list("index/")):
         repo.backend.delete(o.name)
     path = pack_file(repo, victim)
@@ -274,7 +274,7 @@ def test_repair_index_reports_packs_without_a_readable_header(tmp_path: Path) ->
 def test_repair_index_dry_run_changes_nothing(tmp_path: Path) -> None:
     repo = local(tmp_path)
     history(repo)
-    repo.backend.delete(pack_name(sorted(repo.stored_packs())[0]))
+    repo.backend.delete(pack_name(sorted(dict(repo.iter_stored_packs()))[0]))
     before = {o.name: repo.backend.get(o.name) for o in repo.backend.list("") if not o.name.startswith("locks/")}
     report = repair_index(reopen(repo), dry_run=True)
     assert report.packs_dropped and report.index_files_written == 0
@@ -288,7 +288,7 @@ def test_repair_index_dry_run_changes_nothing(tmp_path: Path) -> None:
 def test_check_read_data_does_not_read_a_pack_extended_to_8_gib(tmp_path: Path) -> None:
     repo = local(tmp_path)
     hist = history(repo, 1)
-    victim = sorted(repo.stored_packs())[0]
+    victim = sorted(dict(repo.iter_stored_packs()))[0]
     os.truncate(pack_file(repo, victim), BIG)
     repo, rec = with_recording(repo)
     report = check(repo, read_data=True)
@@ -327,7 +327,7 @@ def test_prune_does_not_read_an_oversized_pack_it_would_repack(tmp_path: Path) -
     hist = history(repo)
     forget_ids(repo, [hist[0][0].id, hist[1][0].id])
     repo = reopen(repo)
-    doomed_or_repacked = sorted(repo.stored_packs())
+    doomed_or_repacked = sorted(dict(repo.iter_stored_packs()))
     for pack_id in doomed_or_repacked:
         os.truncate(pack_file(repo, pack_id), BIG)
     repo, rec = with_recording(repo)
@@ -380,7 +380,7 @@ def test_an_oversized_config_is_a_clear_error(tmp_path: Path) -> None:
 def test_an_index_entry_claiming_a_huge_blob_is_refused_unread(tmp_path: Path) -> None:
     repo = local(tmp_path)
     history(repo, 1)
-    pack_id = sorted(repo.stored_packs())[0]
+    pack_id = sorted(dict(repo.iter_stored_packs()))[0]
     blob_id = hashlib.sha256(b"claims 4 GiB").digest()
     huge = BlobEntry(BlobType.DATA, blob_id, 0, 0xFFFF_FFF0, 0xFFFF_FFF0)
     repo.write_index_file(IndexFile(packs={pack_id: [huge]}))
@@ -551,7 +551,7 @@ def test_repair_snapshots_reports_unreadable_manifests_and_selects_by_id(tmp_pat
     raw = bytearray(path.read_bytes())
     raw[20] ^= 1
     path.write_bytes(bytes(raw))
-    everything = sorted(repo.stored_packs())
+    everything = sorted(dict(repo.iter_stored_packs()))
     for pack_id in everything:
         repo.backend.delete(pack_name(pack_id))
     repo = reopen(repo)

@@ -92,7 +92,7 @@ def test_check_and_prune_list_folder_by_folder_above_one_listing(
     keep = Content(disks={"d": disk_image(2, 40)})
     backup(repo, Content(disks={"d": disk_image(1, 40)}), location="vm1")
     snap = backup(repo, keep, location="vm1")
-    stored_before = len(repo.stored_packs())
+    stored_before = len(dict(repo.iter_stored_packs()))
     listed: list[str] = []
     original = LocalBackend.list
 

@@ -55,7 +55,7 @@ def _headers(
             ),
             key=lambda r: r[2],
         )
-        for p, n in repo.stored_packs().items()
+        for p, n in dict(repo.iter_stored_packs()).items()
         if p not in skip
     }
 
@@ -103,7 +103,7 @@ def test_from_scratch_then_a_missing_pack(tmp_path: Path) -> None:
     repo = make_repo(LocalBackend(str(tmp_path / "repo")))
     for day in range(2):
         backup(repo, Content(disks={"sda": disk_image(10 + day, 24)}, files={}))
-    packs = sorted(repo.stored_packs())
+    packs = sorted(dict(repo.iter_stored_packs()))
     lost = {e.id for e in repo.index.packs()[packs[0]]}
     repo.backend.delete(pack_name(packs[1]))
     report = repair_index(reopen(repo), from_scratch=True)
@@ -184,7 +184,7 @@ def _peak_of_forget_lost(tmp_path: Path, packs: int, monkeypatch: pytest.MonkeyP
     _synthetic(repo, root, packs * 2, per_pack=2)
     repo = Repository.open(repo.backend, PASS)
     repo.load_index()
-    gone = sorted(repo.stored_packs())[packs // 2]
+    gone = sorted(dict(repo.iter_stored_packs()))[packs // 2]
     in_gone = {e.id for e in repo.index.packs()[gone]}
     repo.backend.delete(pack_name(gone))
     gc.collect()
@@ -214,7 +214,7 @@ def test_a_missing_pack_whose_blobs_have_other_copies_loses_nothing(tmp_path: Pa
     repo = make_repo(LocalBackend(str(tmp_path / "repo")))
     content = Content(disks={"sda": disk_image(7, 16)}, files={"vm.conf": b"conf" * 100})
     snap = backup(repo, content)
-    first = set(repo.stored_packs())
+    first = set(dict(repo.iter_stored_packs()))
     # every blob stored a second time, as a backup after a loss (or a concurrent one) does
     writer = repo.writer(upload_threads=1, dedup=False)
     for blob_id, loc in list(repo.index.items()):

@@ -502,15 +502,6 @@ class Repository:
         """No pack this repository's writers produce is larger (repo/_limits.py)."""
         return pack_limit(self.config.pack_size, self.config.chunk_size)
 
-    def stored_packs(self) -> dict[bytes, int]:
-        """Every pack in storage with its size: one listing of ``data/``. Other names are skipped."""
-        out: dict[bytes, int] = {}
-        for obj in self.backend.list("data/"):
-            found = parse_pack_id(obj.name)
-            if found is not None:
-                out[found] = obj.size
-        return out
-
     def iter_stored_packs(self) -> Iterator[tuple[bytes, int]]:
         """Every pack in storage with its size. A repository of fewer than ``ONE_LISTING`` packs
         (by this host's index cache) is listed in one go; a larger one one ``data/xx/`` folder at a time,
