@@ -247,14 +247,14 @@ def test_repair_snapshots_reads_a_block_shared_by_snapshots_once(
     blocks = {b for s in snaps for b in s.disks[0].index if b is not None}
     assert sum(b is not None for s in snaps for b in s.disks[0].index) > len(blocks)  # shared ones
     looked: list[int] = []
-    real = repo.index.locations_many.__func__  # type: ignore[attr-defined]
+    real = repo.index.located_of.__func__  # type: ignore[attr-defined]
 
     def counting(self: object, ids: object) -> object:
         looked.append(1)
         return real(self, ids)
 
     fresh = reopen(repo)
-    monkeypatch.setattr(type(fresh.index), "locations_many", counting)
+    monkeypatch.setattr(type(fresh.index), "located_of", counting)
     report = repair.repair_snapshots(fresh)
     assert report.intact == 3 and report.repaired == []
     assert len(looked) == len(blocks)

@@ -1,4 +1,4 @@
-"""RepoIndex lookups: the batched presence question answers as the one-blob one does."""
+"""RepoIndex lookups: the batched presence questions answer as the one-blob ones do."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def test_present_of_is_has_present_of_each_blob(tmp_path: Path) -> None:
         together = repo.index.present_of(wanted)
         one_by_one = {b for b in wanted if repo.index.has_present(b)}
         assert together == one_by_one
+        # any copy at all, as ``locations`` gives them: the lost pack's blobs are left out too
+        assert repo.index.located_of(wanted) == {b for b in wanted if repo.index.locations(b)} == together
         assert mine_id in together and not together & gone and not together & set(unknown)
         assert set(stored) - gone <= together
         assert data_packs[0] in repo.index.lost.missing
@@ -62,5 +64,6 @@ def test_present_of_is_has_present_of_each_blob(tmp_path: Path) -> None:
     other = Repository.open(backend, b"passphrase")
     other.load_index()
     assert other.index.present_of(wanted) == (set(stored) - gone) | {mine_id}  # its index file was written
+    assert other.index.located_of(wanted) == (set(stored) - gone) | {mine_id}
     assert other.index.lost.missing == {data_packs[0]}
-    assert other.index.present_of([]) == set()
+    assert other.index.present_of([]) == set() == other.index.located_of([])

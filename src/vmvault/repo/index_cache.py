@@ -93,6 +93,11 @@ _LOOKUP_MANY = (
     " JOIN files f ON f.no = b.file JOIN packs p ON p.no = b.pack WHERE b.id IN ({marks}) AND f.live"
     " ORDER BY b.id, b.file"
 )
+#: where the live rows of several blobs end: (blob id, pack id, end of the blob in the pack)
+_ENDS_MANY = (
+    "SELECT b.id, p.id, b.offset + b.length FROM blobs b JOIN files f ON f.no = b.file JOIN packs p ON p.no = b.pack"
+    " WHERE b.id IN ({marks}) AND f.live"
+)
 #: ids in one ``_LOOKUP_MANY`` (SQLite before 3.32 allows 999 parameters in a statement)
 _LOOKUP_MANY_IDS = 500
 _CONTAINS = "SELECT 1 FROM blobs b JOIN files f ON f.no = b.file WHERE b.id = ? AND f.live LIMIT 1"
@@ -516,6 +521,17 @@ class IndexCache:
                 sql = _LOOKUP_MANY.format(marks=",".join("?" * len(part)))
                 for r in conn.execute(sql, part):
                     out.setdefault(bytes(r[0]), []).append(CachedRow(bytes(r[1]), *r[2:]))
+        return out
+
+    def ends_many(self, blob_ids: Iterable[bytes]) -> list[tuple[bytes, bytes, int]]:
+        """(blob id, pack id, end of the blob in the pack) of each live row of ``blob_ids``: what
+        a check for a copy needs, without building rows (a third of ``rows_many``'s time)."""
+        wanted = list(dict.fromkeys(blob_ids))
+        out: list[tuple[bytes, bytes, int]] = []
+        with self._reading() as conn:
+            for start in range(0, len(wanted), _LOOKUP_MANY_IDS):
+                part = wanted[start : start + _LOOKUP_MANY_IDS]
+                out.extend(conn.execute(_ENDS_MANY.format(marks=",".join("?" * len(part))), part))
         return out
 
     def contains(self, blob_id: bytes) -> bool:

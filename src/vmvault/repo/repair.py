@@ -639,8 +639,8 @@ def _cut_disk(
             continue
         refs = list(found)
         # the block's chunks looked up together (a few queries, not one per chunk)
-        copies = repo.index.locations_many(r for r in refs if is_chunk(r))
-        gone = [i for i, ref in enumerate(refs) if is_chunk(ref) and not copies[ref]]
+        have = repo.index.located_of(r for r in refs if is_chunk(r))
+        gone = [i for i, ref in enumerate(refs) if is_chunk(ref) and ref not in have]
         if not gone:
             if len(intact) < _INTACT_BLOCKS:
                 intact.add(known)

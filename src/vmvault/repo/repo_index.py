@@ -180,6 +180,18 @@ class RepoIndex:
         rows = self._rows_many(wanted)
         return {b: self._located(b, own[b], rows.get(b, ())) for b in wanted}
 
+    def located_of(self, blob_ids: Iterable[bytes]) -> set[bytes]:
+        """Those of ``blob_ids`` that ``locations`` gives a copy of, without building the copies
+        (``repair snapshots`` asks about every chunk of every snapshot)."""
+        wanted = list(dict.fromkeys(blob_ids))
+        with self._lock:
+            found = {b for b in wanted if self._overlay.get(b)}
+        rest = [b for b in wanted if b not in found]
+        if rest:
+            ends = self._asked(lambda cache: cache.ends_many(rest))
+            found.update(blob_id for blob_id, pack_id, end in ends if not self._gone(pack_id, end))
+        return found
+
     def _located(self, blob_id: bytes, own: list[BlobLocation], rows: Iterable[CachedRow]) -> list[BlobLocation]:
         out = own
         seen = {loc.pack_id for loc in out}
