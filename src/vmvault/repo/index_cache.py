@@ -36,7 +36,7 @@ import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from vmvault import platform
 from vmvault.errors import IntegrityError, RepositoryError
@@ -483,13 +483,14 @@ class IndexCache:
         An empty cache (a host's first sync, or a rebuild) takes every file in one transaction
         instead, inserted in one sorted pass: batches into a large table of random keys would
         rewrite most of its pages each time."""
-        fresh = len(new) > 1 and conn.execute("SELECT NOT EXISTS (SELECT 1 FROM blobs)").fetchone()[0]
-        with self.batch(conn) as batch:
-            for file_id, parsed in _fetched(new, listed, fetch, problems, progress):
-                batch.add(file_id, parsed, listed[file_id])
-                if not fresh and batch.rows >= _BATCH_ROWS:
-                    batch.commit("files")
-            batch.commit("files")
+        if new:  # (a sync that finds nothing new makes no batch)
+            fresh = len(new) > 1 and conn.execute("SELECT NOT EXISTS (SELECT 1 FROM blobs)").fetchone()[0]
+            with self.batch(conn) as batch:
+                for file_id, parsed in _fetched(new, listed, fetch, problems, progress):
+                    batch.add(file_id, parsed, listed[file_id])
+                    if not fresh and batch.rows >= _BATCH_ROWS:
+                        batch.commit("files")
+                batch.commit("files")
         if progress is not None:
             progress(len(new), len(new))
 
@@ -513,26 +514,17 @@ class IndexCache:
         """``rows`` of each of ``blob_ids`` (a blob without live rows is left out), in one
         query per ``_LOOKUP_MANY_IDS`` ids: a restore plans thousands of chunks at a time,
         and a query each cost it a round through SQLite and the GIL per chunk."""
-        wanted = list(dict.fromkeys(blob_ids))
         out: dict[bytes, list[CachedRow]] = {}
         with self._reading() as conn:
-            for start in range(0, len(wanted), _LOOKUP_MANY_IDS):
-                part = wanted[start : start + _LOOKUP_MANY_IDS]
-                sql = _LOOKUP_MANY.format(marks=",".join("?" * len(part)))
-                for r in conn.execute(sql, part):
-                    out.setdefault(bytes(r[0]), []).append(CachedRow(bytes(r[1]), *r[2:]))
+            for r in _in_parts(conn, _LOOKUP_MANY, blob_ids):
+                out.setdefault(bytes(r[0]), []).append(CachedRow(bytes(r[1]), *r[2:]))
         return out
 
     def ends_many(self, blob_ids: Iterable[bytes]) -> list[tuple[bytes, bytes, int]]:
         """(blob id, pack id, end of the blob in the pack) of each live row of ``blob_ids``: what
         a check for a copy needs, without building rows (a third of ``rows_many``'s time)."""
-        wanted = list(dict.fromkeys(blob_ids))
-        out: list[tuple[bytes, bytes, int]] = []
         with self._reading() as conn:
-            for start in range(0, len(wanted), _LOOKUP_MANY_IDS):
-                part = wanted[start : start + _LOOKUP_MANY_IDS]
-                out.extend(conn.execute(_ENDS_MANY.format(marks=",".join("?" * len(part))), part))
-        return out
+            return list(_in_parts(conn, _ENDS_MANY, blob_ids))
 
     def contains(self, blob_id: bytes) -> bool:
         with self._reading() as conn:
@@ -550,17 +542,11 @@ class IndexCache:
 
     def pack_numbers(self, pack_ids: Iterable[bytes]) -> dict[bytes, int]:
         """The cache's numbers of these packs, those it knows (``rows_digest`` takes them)."""
-        wanted = list(pack_ids)
-        out: dict[bytes, int] = {}
         with self._reading() as conn:
-            for start in range(0, len(wanted), 500):
-                part = wanted[start : start + 500]
-                marks = ",".join("?" * len(part))
-                out.update(
-                    (bytes(r[0]), int(r[1]))
-                    for r in conn.execute(f"SELECT id, no FROM packs WHERE id IN ({marks})", part)
-                )
-        return out
+            return {
+                bytes(r[0]): int(r[1])
+                for r in _in_parts(conn, "SELECT id, no FROM packs WHERE id IN ({marks})", pack_ids)
+            }
 
     def live_files(self) -> list[bytes]:
         """The ids of the live index files, in ingest order."""
@@ -897,6 +883,15 @@ def _drop_dead_rows(conn: sqlite3.Connection, new: str = "SELECT NULL WHERE 0") 
     else:
         conn.execute("DELETE FROM blobs WHERE file IN (SELECT no FROM files WHERE NOT live AND has_rows)")
     conn.execute("UPDATE files SET has_rows = 0 WHERE NOT live")
+
+
+def _in_parts(conn: sqlite3.Connection, sql: str, ids: Iterable[bytes]) -> Iterator[tuple[Any, ...]]:
+    """The rows of ``sql`` (its ``{marks}`` standing for a list of ids) for ``ids``, repeats
+    left out, asked ``_LOOKUP_MANY_IDS`` at a time."""
+    wanted = list(dict.fromkeys(ids))
+    for start in range(0, len(wanted), _LOOKUP_MANY_IDS):
+        part = wanted[start : start + _LOOKUP_MANY_IDS]
+        yield from conn.execute(sql.format(marks=",".join("?" * len(part))), part)
 
 
 _MASK = (1 << 64) - 1
