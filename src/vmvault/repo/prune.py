@@ -349,7 +349,8 @@ def _prune_locked(
         repacked_files = _repack(repo, db, report, progress)
         # 5. the packs of the affected index files that stay, into new index files, the last
         # of which supersedes the affected ones
-        with _relist(repo, db, affected, progress) as out:
+        with IndexFileWriter(repo) as out:
+            _relist(repo, db, affected, out, progress)
             out.absorb(repacked_files)
             superseded = out.finish(
                 set(affected) | set(repacked_files) | {f for f, live in files.items() if not live},
@@ -703,35 +704,33 @@ def _repack(
 
 
 def _relist(
-    repo: Repository, db: sqlite3.Connection, affected: list[bytes], progress: PhaseCallback | None
-) -> IndexFileWriter:
-    """Write the packs that stay of the affected files into new index files (at most
+    repo: Repository,
+    db: sqlite3.Connection,
+    affected: list[bytes],
+    out: IndexFileWriter,
+    progress: PhaseCallback | None,
+) -> None:
+    """Write the packs that stay of the affected files into new index files (``out``, at most
     ``REWRITE_LIMIT`` each); the last is left to ``finish``."""
-    out = IndexFileWriter(repo)
-    try:
-        db.execute("CREATE TABLE s.relisted(id BLOB PRIMARY KEY) WITHOUT ROWID")
-        with Grouped(db) as group:
-            for n, file_id in enumerate(affected):
-                _tick(progress, "index files", n, len(affected))
-                parsed = parse_index(repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
-                for rec in parsed.records:
-                    row = db.execute(
-                        "SELECT d.action, st.size FROM packs p LEFT JOIN s.decision d ON d.pack = p.no"
-                        " LEFT JOIN s.stored st ON st.id = p.id WHERE p.id = ?",
-                        (rec.pack_id,),
-                    ).fetchone()
-                    if row is None or row[0] is not None or row[1] is None:
-                        continue  # deleted, repacked or missing (or unknown): not listed again
-                    group.step()
-                    if db.execute("INSERT OR IGNORE INTO s.relisted VALUES (?)", (rec.pack_id,)).rowcount == 0:
-                        continue  # already listed by an earlier affected file
-                    entries = rec.entries()
-                    out.add(rec.pack_id, entries, rec.length or _confirmed_length(entries, int(row[1])))
-    except BaseException:
-        out.close()
-        raise
+    db.execute("CREATE TABLE s.relisted(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    with Grouped(db) as group:
+        for n, file_id in enumerate(affected):
+            _tick(progress, "index files", n, len(affected))
+            parsed = parse_index(repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
+            for rec in parsed.records:
+                row = db.execute(
+                    "SELECT d.action, st.size FROM packs p LEFT JOIN s.decision d ON d.pack = p.no"
+                    " LEFT JOIN s.stored st ON st.id = p.id WHERE p.id = ?",
+                    (rec.pack_id,),
+                ).fetchone()
+                if row is None or row[0] is not None or row[1] is None:
+                    continue  # deleted, repacked or missing (or unknown): not listed again
+                group.step()
+                if db.execute("INSERT OR IGNORE INTO s.relisted VALUES (?)", (rec.pack_id,)).rowcount == 0:
+                    continue  # already listed by an earlier affected file
+                entries = rec.entries()
+                out.add(rec.pack_id, entries, rec.length or _confirmed_length(entries, int(row[1])))
     _tick(progress, "index files", len(affected), len(affected))
-    return out
 
 
 def _confirmed_length(entries: list[BlobEntry], size: int) -> int:
