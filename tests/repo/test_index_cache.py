@@ -769,3 +769,22 @@ def test_sqlite_temporary_files_of_a_scratch_are_in_the_cache_folder(tmp_path: P
         [sys.executable, "-c", _SORT_IN_SCRATCH, str(tmp_path)], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == repr([str(tmp_path / "index")])
+
+
+@given(
+    entries=st.lists(
+        st.one_of(st.binary(min_size=32, max_size=32), st.sampled_from([bytes(32), b"\xff" * 32])), max_size=300
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_packed_ids_are_split_as_the_entries_they_are(entries: list[bytes]) -> None:
+    """``ScratchRows.add_packed`` (SQLite splitting an index block) stores exactly the ids a
+    per-id loop would, as blobs, leaving out the entries named."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.execute("ATTACH ':memory:' AS s")
+    rows = index_cache.ScratchRows(db, "s.ids")
+    rows.add_packed(b"".join(entries), 32, (bytes(32), b"\xff" * 32))
+    got = [(bytes(r[0]), r[1]) for r in db.execute("SELECT id, typeof(id) FROM s.ids")]
+    assert sorted(got) == sorted((e, "blob") for e in entries if e not in (bytes(32), b"\xff" * 32))
+    rows.add_packed(b"".join(entries), 32)
+    assert db.execute("SELECT count(*) FROM s.ids").fetchone()[0] == len(got) + len(entries)

@@ -15,6 +15,7 @@ import gc
 import os
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ from vmvault.repo import check, repair, repair_index, repository
 from vmvault.repo._layout import BlobType
 from vmvault.repo.index import IndexFile, parse_index
 from vmvault.repo.index_block import is_chunk
+from vmvault.repo.index_cache import IndexCache
 from vmvault.repo.pack import BlobEntry, expected_pack_size, pack_name, read_pack_header
 from vmvault.repo.repository import Repository
 from vmvault.repo.rewrite import IndexFileWriter
@@ -246,25 +248,42 @@ def test_repair_snapshots_reads_a_block_shared_by_snapshots_once(
         snaps.append(backup(repo, Content(disks={"sda": bytes(disk)}, files={})))
     blocks = {b for s in snaps for b in s.disks[0].index if b is not None}
     assert sum(b is not None for s in snaps for b in s.disks[0].index) > len(blocks)  # shared ones
-    looked: list[int] = []
-    real = repo.index.located_of.__func__  # type: ignore[attr-defined]
+    reads: list[int] = []
+    lookups: list[int] = []
+    read_block = Repository.read_index_block
+    ends_many = IndexCache.ends_many
 
-    def counting(self: object, ids: object) -> object:
-        looked.append(1)
-        return real(self, ids)
+    def reading(self: Repository, *args: Any, **kwargs: Any) -> Any:
+        reads.append(1)
+        return read_block(self, *args, **kwargs)
 
-    fresh = reopen(repo)
-    monkeypatch.setattr(type(fresh.index), "located_of", counting)
-    report = repair.repair_snapshots(fresh)
+    def looking(self: IndexCache, ids: Any) -> Any:
+        ids = list(ids)
+        lookups.append(len(ids))
+        return ends_many(self, ids)
+
+    monkeypatch.setattr(Repository, "read_index_block", reading)
+    monkeypatch.setattr(IndexCache, "ends_many", looking)
+    report = repair.repair_snapshots(reopen(repo))
     assert report.intact == 3 and report.repaired == []
-    assert len(looked) == len(blocks)
+    # each distinct block read once; every chunk found in the one pass in id order, none
+    # asked on its own
+    assert len(reads) == len(blocks) and lookups == []
     # a chunk lost from a block all three share is found in each of them
     shared = snaps[0].disks[0].index[-1]
     assert shared is not None and all(s.disks[0].index[-1] == shared for s in snaps)
+    fresh = reopen(repo)
     chunk = next(c for c in fresh.read_index_block(shared) if is_chunk(c))
     loc = fresh.index.lookup(chunk)
     assert loc is not None
+    named = {c for b in blocks for c in fresh.read_index_block(b) if is_chunk(c)}
     repo.backend.delete(pack_name(loc.pack_id))
-    looked.clear()
+    reads.clear()
     report = repair.repair_snapshots(reopen(repo), dry_run=True)
     assert sorted(r.snapshot for r in report.repaired) == sorted(s.id for s in snaps)
+    # the blocks read again to cut the chunk out (once per snapshot naming it at most, those
+    # found whole once); only the chunks without a copy outside the lost pack asked about on
+    # their own
+    naming = sum(b is not None for s in snaps for b in s.disks[0].index)
+    assert len(blocks) < len(reads) <= len(blocks) + naming
+    assert 0 < sum(lookups) < len(named) // 4

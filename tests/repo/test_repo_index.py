@@ -10,6 +10,7 @@ import pytest
 from vmvault.backends.memory import MemoryBackend
 from vmvault.engine.backup import backup
 from vmvault.hypervisors.files import FilesSource
+from vmvault.repo._layout import PACK_TRAILER
 from vmvault.repo.format import BlobType
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository
@@ -67,3 +68,53 @@ def test_present_of_is_has_present_of_each_blob(tmp_path: Path) -> None:
     assert other.index.located_of(wanted) == (set(stored) - gone) | {mine_id}
     assert other.index.lost.missing == {data_packs[0]}
     assert other.index.present_of([]) == set() == other.index.located_of([])
+
+
+def test_lacking_is_what_located_of_leaves_out(tmp_path: Path) -> None:
+    """The one pass in id order (``lacking``) over a scratch table finds exactly the ids that
+    ``located_of`` gives no copy of: blobs of a pack gone from storage, of a pack cut short
+    (those ending before the cut still count), this process's own uploads, unknown ids and ids
+    of odd lengths at both ends of the id space."""
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "disk.raw").write_bytes(random.Random(4).randbytes(3 << 20))
+    backend = MemoryBackend()
+    repo = Repository.init(backend, b"passphrase", chunk_size=CS, pack_size=256 * 1024)
+    backup(repo, FilesSource(str(vm)))
+    packs = repo.index.packs()
+    data_packs = sorted(p for p, entries in packs.items() if all(e.type is BlobType.DATA for e in entries))
+    assert len(data_packs) >= 3
+    backend.delete(pack_name(data_packs[0]))
+    short = data_packs[1]
+    first_end = min(e.offset + e.length for e in packs[short])
+    stored = [e.id for entries in packs.values() for e in entries]
+
+    repo = Repository.open(backend, b"passphrase")
+    repo.load_index()
+    repo.forget_lost_packs()
+    # the short pack as a listing of data/ would find it: its first blob still whole
+    repo.index.exclude([], {short: first_end + PACK_TRAILER.size})
+    writer = repo.writer()
+    try:
+        mine = random.Random(5).randbytes(1000)
+        mine_id = repo.key.chunk_id(mine)
+        writer.add(BlobType.DATA, mine_id, mine)
+        writer.flush()
+        odd = [b"", b"\x00", b"\xff", b"\xff" * 33, b"\x7f" * 31, bytes(32), b"\xff" * 32]
+        wanted = [*stored, mine_id, *odd, *(random.Random(6).randbytes(32) for _ in range(50))]
+        with repo.index.synced_cache().scratch() as db:
+            db.execute("CREATE TABLE s.asked(id BLOB PRIMARY KEY) WITHOUT ROWID")
+            db.executemany("INSERT OR IGNORE INTO s.asked VALUES (?)", ((b,) for b in wanted))
+            steps: list[tuple[int, int]] = []
+            batches = list(repo.index.lacking(db, "s.asked", lambda done, total: steps.append((done, total))))
+        found = [b for batch in batches for b in batch]
+        expected = set(wanted) - repo.index.located_of(wanted)
+        assert found == sorted(expected)  # each once, in id order
+        assert set(odd) <= expected and mine_id not in expected
+        assert {e.id for e in packs[data_packs[0]]} <= expected
+        # the short pack: its blobs past the cut are gone, the first is not
+        assert {e.id for e in packs[short] if e.offset + e.length > first_end} <= expected
+        assert min(packs[short], key=lambda e: e.offset).id not in expected
+        assert steps[-1] == (256, 256) and len(steps) == 256
+    finally:
+        writer.close()

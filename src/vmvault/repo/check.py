@@ -25,18 +25,18 @@ import heapq
 import json
 import math
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault.errors import IntegrityError, ObjectNotFoundError, SnapshotNotFoundError, VmvaultError
-from vmvault.repo._layout import FORMAT_VERSION, PACK_MAGIC, PACK_TRAILER, BlobType
+from vmvault.repo._layout import FORMAT_VERSION, ID_SIZE, PACK_MAGIC, PACK_TRAILER, BlobType
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, MAX_SMALL_OBJECT, largest_blob, read_bounded
 from vmvault.repo.crypto import HMAC_SHA256
 from vmvault.repo.filters import SnapshotFilter
 from vmvault.repo.index import PackRecord, ParsedIndex, parse_index
-from vmvault.repo.index_block import IndexBlock
-from vmvault.repo.index_cache import Grouped, rows_digest, write_many
+from vmvault.repo.index_block import NOT_CHUNKS, IndexBlock
+from vmvault.repo.index_cache import Grouped, ScratchRows, rows_digest, write_many
 from vmvault.repo.keys import list_keys
 from vmvault.repo.locks import list_locks
 from vmvault.repo.names import index_id, key_id, lock_name, shown, snapshot_id, status_id
@@ -175,29 +175,6 @@ def _smallest(pack_ids: Iterator[bytes], n: int, fraction: float, seed: int) -> 
     prefix = seed.to_bytes(8, "little")
     ranked = ((hashlib.sha256(prefix + p).digest(), p) for p in pack_ids)
     return [p for _rank, p in heapq.nsmallest(count, ranked)]
-
-
-class _Rows:
-    """Blob ids appended to a scratch table in batches."""
-
-    def __init__(self, db: sqlite3.Connection, table: str) -> None:
-        self.db = db
-        self.table = table
-        self.batch: list[tuple[bytes]] = []
-        db.execute(f"CREATE TABLE {table}(id BLOB NOT NULL)")
-
-    def add(self, blob_id: bytes) -> None:
-        self.batch.append((blob_id,))
-        if len(self.batch) >= _BATCH:
-            self.flush()
-
-    def update(self, ids: Iterable[bytes]) -> None:
-        for blob_id in ids:
-            self.add(blob_id)
-
-    def flush(self) -> None:
-        write_many(self.db, f"INSERT INTO {self.table} VALUES (?)", self.batch)
-        self.batch = []
 
 
 def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
@@ -626,7 +603,7 @@ class _Checker:
         snapshots' files name."""
         db = self.sql
         db.execute("CREATE TABLE s.blocks(id BLOB PRIMARY KEY, count INTEGER, defers INTEGER) WITHOUT ROWID")
-        needed = _Rows(db, "s.needed_all")
+        needed = ScratchRows(db, "s.needed_all")
         with Grouped(db) as self._group:
             for n, snap in enumerate(self.snapshots):
                 self.tick("snapshots", n, len(self.snapshots))
@@ -689,7 +666,7 @@ class _Checker:
             )
             return None
 
-    def _walk_disk(self, snap: Snapshot, disk: DiskRecord, needed: _Rows) -> None:
+    def _walk_disk(self, snap: Snapshot, disk: DiskRecord, needed: ScratchRows) -> None:
         cs, span = disk.chunk_size, disk.index_span
         if cs <= 0 or span <= 0 or disk.size < 0:
             self._inconsistent(snap, "disk", disk.name, 0, max(0, disk.size), "impossible chunk or index geometry")
@@ -721,7 +698,7 @@ class _Checker:
                 if found is None:
                     meta = (None, None)
                 else:
-                    needed.update(found.chunk_ids())
+                    needed.add_packed(found.encode(), ID_SIZE, NOT_CHUNKS)
                     meta = (len(found), int(found.defers))
                 self._group.step()
                 self.sql.execute("INSERT INTO s.blocks VALUES (?, ?, ?)", (block_id, *meta))
@@ -737,7 +714,7 @@ class _Checker:
                     snap, "disk", disk.name, start, end, f"disk {disk.name} is not a layer but defers to a parent"
                 )
 
-    def _walk_file(self, snap: Snapshot, f: FileRecord, needed: _Rows) -> None:
+    def _walk_file(self, snap: Snapshot, f: FileRecord, needed: ScratchRows) -> None:
         cs = self.repo.config.chunk_size
         if len(f.chunks) != -(-f.size // cs):
             self._inconsistent(
@@ -772,7 +749,7 @@ class _Checker:
         db = self.sql
         chosen = self.select.select(self.snapshots)
         self.stats["snapshots_selected"] = len(chosen)
-        rows = _Rows(db, "s.wanted_all")
+        rows = ScratchRows(db, "s.wanted_all")
         blocks: set[bytes] = set()  # one id per index block of the chosen snapshots
         for snap in chosen:
             for disk in snap.disks:
@@ -787,7 +764,7 @@ class _Checker:
                         rows.add(block_id)
                         found = self._read_block(block_id)
                         if found is not None:
-                            rows.update(found.chunk_ids())
+                            rows.add_packed(found.encode(), ID_SIZE, NOT_CHUNKS)
             for f in snap.files:
                 for c in f.chunks:
                     with contextlib.suppress(ValueError):

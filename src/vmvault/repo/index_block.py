@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INDEX_SPAN",
+    "NOT_CHUNKS",
     "PARENT_ID",
     "ZERO_ID",
     "ChunkResolver",
@@ -47,7 +48,8 @@ __all__ = [
 INDEX_SPAN = 4096
 assert INDEX_SPAN <= MAX_INDEX_SPAN
 
-_SPECIAL = (ZERO_ID, PARENT_ID)
+#: the entries that name no stored chunk
+NOT_CHUNKS = (ZERO_ID, PARENT_ID)
 
 
 def is_chunk(ref: bytes) -> bool:
@@ -166,7 +168,7 @@ class IndexBlock(Sequence[bytes]):
 
     def chunk_ids(self) -> Iterator[bytes]:
         """The DATA blob ids the block names, in entry order (a repeated chunk repeats)."""
-        return (ref for ref in self if ref not in _SPECIAL)
+        return (ref for ref in self if ref not in NOT_CHUNKS)
 
 
 class IndexBlockBuilder:

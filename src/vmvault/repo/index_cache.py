@@ -35,7 +35,7 @@ import stat
 import tempfile
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 from vmvault import platform
@@ -48,7 +48,9 @@ __all__ = [
     "Grouped",
     "IndexCache",
     "IngestBatch",
+    "ScratchRows",
     "cache_root",
+    "in_parts",
     "private_dir",
     "rows_digest",
     "write_many",
@@ -516,7 +518,7 @@ class IndexCache:
         and a query each cost it a round through SQLite and the GIL per chunk."""
         out: dict[bytes, list[CachedRow]] = {}
         with self._reading() as conn:
-            for r in _in_parts(conn, _LOOKUP_MANY, blob_ids):
+            for r in in_parts(conn, _LOOKUP_MANY, blob_ids):
                 out.setdefault(bytes(r[0]), []).append(CachedRow(bytes(r[1]), *r[2:]))
         return out
 
@@ -524,7 +526,7 @@ class IndexCache:
         """(blob id, pack id, end of the blob in the pack) of each live row of ``blob_ids``: what
         a check for a copy needs, without building rows (a third of ``rows_many``'s time)."""
         with self._reading() as conn:
-            return list(_in_parts(conn, _ENDS_MANY, blob_ids))
+            return list(in_parts(conn, _ENDS_MANY, blob_ids))
 
     def contains(self, blob_id: bytes) -> bool:
         with self._reading() as conn:
@@ -545,7 +547,7 @@ class IndexCache:
         with self._reading() as conn:
             return {
                 bytes(r[0]): int(r[1])
-                for r in _in_parts(conn, "SELECT id, no FROM packs WHERE id IN ({marks})", pack_ids)
+                for r in in_parts(conn, "SELECT id, no FROM packs WHERE id IN ({marks})", pack_ids)
             }
 
     def live_files(self) -> list[bytes]:
@@ -642,6 +644,41 @@ class IndexCache:
             while batch := cur.fetchmany(10_000):
                 for row in batch:
                     yield bytes(row[0])
+
+    def without_copy(
+        self,
+        conn: sqlite3.Connection,
+        table: str,
+        leave_out: Iterable[bytes],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Iterator[list[bytes]]:
+        """On ``conn`` (from :meth:`scratch`): the ids of ``table`` (a scratch table whose primary
+        key is ``id``) that no live row names outside the packs ``leave_out``, in batches, in id
+        order. Both are walked in id order, a 256th of the id space at a time (the
+        ``progress(done, 256)`` steps), so each page of the cache is read once, where a lookup
+        per id reads pages all over it."""
+        absent = (
+            f"SELECT n.id FROM {table} n WHERE {{within}} AND NOT EXISTS (SELECT 1 FROM blobs b JOIN files f"
+            " ON f.no = b.file WHERE b.id = n.id AND f.live AND b.pack NOT IN (SELECT no FROM s.left_out))"
+            " ORDER BY n.id"
+        )
+        with _translated(self):
+            conn.execute("DROP TABLE IF EXISTS s.left_out")
+            conn.execute("CREATE TABLE s.left_out(no INTEGER PRIMARY KEY)")
+            write_many(
+                conn, "INSERT OR IGNORE INTO s.left_out SELECT no FROM packs WHERE id = ?", ((p,) for p in leave_out)
+            )
+            for first in range(256):
+                # by the first byte; the first range also takes an empty id, the last one has no end
+                low = bytes([first]) if first else b""
+                if first == 255:
+                    cur = conn.execute(absent.format(within="n.id >= ?"), (low,))
+                else:
+                    cur = conn.execute(absent.format(within="n.id >= ? AND n.id < ?"), (low, bytes([first + 1])))
+                while batch := cur.fetchmany(_LOOKUP_MANY_IDS):
+                    yield [bytes(r[0]) for r in batch]
+                if progress is not None:
+                    progress(first + 1, 256)
 
     def totals(self) -> tuple[int, int, int]:
         """(distinct live blobs, distinct live DATA blobs, their plaintext bytes): one pass."""
@@ -885,7 +922,7 @@ def _drop_dead_rows(conn: sqlite3.Connection, new: str = "SELECT NULL WHERE 0") 
     conn.execute("UPDATE files SET has_rows = 0 WHERE NOT live")
 
 
-def _in_parts(conn: sqlite3.Connection, sql: str, ids: Iterable[bytes]) -> Iterator[tuple[Any, ...]]:
+def in_parts(conn: sqlite3.Connection, sql: str, ids: Iterable[bytes]) -> Iterator[tuple[Any, ...]]:
     """The rows of ``sql`` (its ``{marks}`` standing for a list of ids) for ``ids``, repeats
     left out, asked ``_LOOKUP_MANY_IDS`` at a time."""
     wanted = list(dict.fromkeys(ids))
@@ -998,6 +1035,43 @@ class Grouped:
     def __exit__(self, kind: object, *_rest: object) -> None:
         if self.conn.in_transaction:
             self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+class ScratchRows:
+    """Blob ids appended to a new table of a scratch database (``IndexCache.scratch``) in
+    batches of ``every``."""
+
+    def __init__(self, db: sqlite3.Connection, table: str, every: int = 10_000) -> None:
+        self.db = db
+        self.table = table
+        self.every = every
+        self.batch: list[tuple[bytes]] = []
+        db.execute(f"CREATE TABLE {table}(id BLOB NOT NULL)")
+
+    def add(self, blob_id: bytes) -> None:
+        self.batch.append((blob_id,))
+        if len(self.batch) >= self.every:
+            self.flush()
+
+    def update(self, ids: Iterable[bytes]) -> None:
+        for blob_id in ids:
+            self.add(blob_id)
+
+    def add_packed(self, raw: bytes, size: int, leave_out: Sequence[bytes] = ()) -> None:
+        """The ids packed back to back in ``raw`` (``size`` bytes each; an index block), but
+        those in ``leave_out``, split by SQLite: a third of the time of a tuple per id."""
+        if not raw:
+            return
+        skip = f" WHERE id NOT IN ({','.join('?' * len(leave_out))})" if leave_out else ""
+        self.db.execute(
+            f"INSERT INTO {self.table} SELECT id FROM (WITH RECURSIVE k(i) AS (SELECT 0 UNION ALL SELECT i + 1"
+            f" FROM k WHERE i + 1 < ?) SELECT substr(?, i * ? + 1, ?) AS id FROM k){skip}",
+            (-(-len(raw) // size), raw, size, size, *leave_out),
+        )
+
+    def flush(self) -> None:
+        write_many(self.db, f"INSERT INTO {self.table} VALUES (?)", self.batch)
+        self.batch = []
 
 
 def write_many(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[object, ...]]) -> None:

@@ -39,13 +39,13 @@ from typing import Any
 
 from vmvault import __version__
 from vmvault.errors import ConfigError, IntegrityError, ObjectNotFoundError, SnapshotNotFoundError, UnsafeStorageError
-from vmvault.repo._layout import BlobType
+from vmvault.repo._layout import ID_SIZE, BlobType
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, largest_blob
 from vmvault.repo.check import merge_ranges
 from vmvault.repo.immutability import require_full_access, retained
 from vmvault.repo.index import parse_index
-from vmvault.repo.index_block import ZERO_ID, IndexBlock, IndexBlockBuilder, chunk_count, is_chunk
-from vmvault.repo.index_cache import write_many
+from vmvault.repo.index_block import NOT_CHUNKS, ZERO_ID, IndexBlock, IndexBlockBuilder, chunk_count, is_chunk
+from vmvault.repo.index_cache import Grouped, ScratchRows, in_parts, write_many
 from vmvault.repo.locks import RepositoryLock
 from vmvault.repo.pack import BlobEntry, expected_pack_size, open_blob, pack_name, read_pack_header
 from vmvault.repo.progress import PhaseCallback
@@ -503,24 +503,30 @@ def repair_snapshots(
             unreadable = [u for u in unreadable if u[0] in wanted]
         report.unreadable = unreadable
         report.checked = len(snaps) + len(unreadable)
-        writer = None if dry_run else repo.writer(upload_threads=2)
         fixes: list[tuple[SnapshotRepair, Snapshot | None]] = []
-        # index blocks found whole: snapshots of one disk share most of theirs
-        intact: set[str] = set()
-        try:
-            for n, snap in enumerate(snaps):
-                _tick(progress, "snapshots", n, len(snaps))
-                fix = _cut(repo, snap, writer, report, intact)
-                if fix is None:
-                    report.intact += 1
-                else:
-                    fixes.append(fix)
-            _tick(progress, "snapshots", len(snaps), len(snaps))
-            if writer is not None:
-                writer.flush()  # the new index blocks, and an index file naming them, first
-        finally:
-            if writer is not None:
-                writer.close(flush=False)
+        with repo.index.synced_cache().scratch() as db:
+            unreadable_parts = _walk(repo, snaps, db, progress)
+            gone = _Gone(repo, db, progress)
+            if not unreadable_parts and not gone.count:
+                report.intact = len(snaps)  # the usual answer, without reading the blocks again
+                return report
+            writer = None if dry_run else repo.writer(upload_threads=2)
+            # index blocks found whole: snapshots of one disk share most of theirs
+            intact: set[str] = set()
+            try:
+                for n, snap in enumerate(snaps):
+                    _tick(progress, "repair", n, len(snaps))
+                    fix = _cut(repo, snap, gone, writer, report, intact)
+                    if fix is None:
+                        report.intact += 1
+                    else:
+                        fixes.append(fix)
+                _tick(progress, "repair", len(snaps), len(snaps))
+                if writer is not None:
+                    writer.flush()  # the new index blocks, and an index file naming them, first
+            finally:
+                if writer is not None:
+                    writer.close(flush=False)
         known = set(repo.snapshot_ids())
         for item, new in fixes:
             report.repaired.append(item)
@@ -562,15 +568,88 @@ def _select(repo: Repository, refs: list[str], ids: list[str]) -> set[str] | Non
     return chosen
 
 
+def _blocks(disk: DiskRecord) -> Iterator[tuple[int, str | None, int]]:
+    """(first chunk, block id, entries it must hold) of each index block of ``disk``; a block
+    of a disk whose geometry is impossible must hold more than it can (it is lost)."""
+    try:
+        n_chunks = chunk_count(disk)
+    except IntegrityError:
+        n_chunks = 0  # impossible geometry: no block fits its disk, each one is lost
+    for b, block in enumerate(disk.index):
+        first = b * disk.index_span
+        yield first, block, max(0, min(disk.index_span, n_chunks - first))
+
+
+def _walk(repo: Repository, snaps: list[Snapshot], db: sqlite3.Connection, progress: PhaseCallback | None) -> bool:
+    """``s.needed``: every chunk the snapshots name, each once (each distinct index block read
+    once); whether some index block or file chunk reference could not be read (then the
+    snapshots are walked again to cut it out). Memory holds a batch of ids, not the chunks."""
+    db.execute("CREATE TABLE s.blocks(id TEXT PRIMARY KEY) WITHOUT ROWID")
+    needed = ScratchRows(db, "s.needed_all")
+    unreadable = False
+    with Grouped(db) as group:
+        for n, snap in enumerate(snaps):
+            _tick(progress, "snapshots", n, len(snaps))
+            for disk in snap.disks:
+                for _first, block, count in _blocks(disk):
+                    if block is None:
+                        continue
+                    group.step()
+                    if db.execute("INSERT OR IGNORE INTO s.blocks VALUES (?)", (f"{block}/{count}",)).rowcount == 0:
+                        continue  # unchanged blocks are shared between snapshots
+                    found = _read_block(repo, block, count)
+                    if found is None:
+                        unreadable = True
+                    else:
+                        needed.add_packed(found.encode(), ID_SIZE, NOT_CHUNKS)
+            for f in snap.files:
+                for c in f.chunks:
+                    chunk = _chunk_id(c)
+                    if chunk is None:
+                        unreadable = True
+                    else:
+                        needed.add(chunk)
+        needed.flush()
+    _tick(progress, "snapshots", len(snaps), len(snaps))
+    db.execute("CREATE TABLE s.needed(id BLOB PRIMARY KEY) WITHOUT ROWID")
+    db.execute("INSERT OR IGNORE INTO s.needed SELECT id FROM s.needed_all ORDER BY id")
+    db.execute("DROP TABLE s.needed_all")
+    return unreadable
+
+
+class _Gone:
+    """The chunks of ``s.needed`` that have no copy left (``s.gone``), found in one pass in id
+    order (``RepoIndex.lacking``); ``of`` answers for a block's chunks from that table."""
+
+    def __init__(self, repo: Repository, db: sqlite3.Connection, progress: PhaseCallback | None) -> None:
+        self.db = db
+        self.count = 0
+        db.execute("CREATE TABLE s.gone(id BLOB PRIMARY KEY) WITHOUT ROWID")
+        for ids in repo.index.lacking(db, "s.needed", lambda done, total: _tick(progress, "chunks", done, total)):
+            write_many(db, "INSERT OR IGNORE INTO s.gone VALUES (?)", ((i,) for i in ids))
+            self.count += len(ids)
+
+    def of(self, refs: Iterable[bytes]) -> set[bytes]:
+        """Those of ``refs`` that are gone."""
+        if not self.count:
+            return set()
+        return {bytes(r[0]) for r in in_parts(self.db, "SELECT id FROM s.gone WHERE id IN ({marks})", refs)}
+
+
 def _cut(
-    repo: Repository, snap: Snapshot, writer: BlobWriter | None, report: SnapshotRepairReport, intact: set[str]
+    repo: Repository,
+    snap: Snapshot,
+    gone: _Gone,
+    writer: BlobWriter | None,
+    report: SnapshotRepairReport,
+    intact: set[str],
 ) -> tuple[SnapshotRepair, Snapshot | None] | None:
     """The repair of ``snap`` and its repaired copy (None when nothing readable is left), or
     None when it needs nothing that is gone."""
     item = SnapshotRepair(snap.id, snap.time, dict(snap.source))
     disks: list[DiskRecord] = []
     for disk in snap.disks:
-        new_index, ranges = _cut_disk(repo, disk, writer, report, intact)
+        new_index, ranges = _cut_disk(repo, disk, gone, writer, report, intact)
         if ranges:
             item.lost.append(
                 {"kind": "disk", "name": disk.name, "ranges": ranges, "bytes": sum(e - s for s, e in ranges)}
@@ -579,7 +658,8 @@ def _cut(
         disks.append(disk)
     files: list[FileRecord] = []
     for f in snap.files:
-        if all(_present(repo, c) for c in f.chunks):
+        ids = [_chunk_id(c) for c in f.chunks]
+        if None not in ids and not gone.of(i for i in ids if i is not None):
             files.append(f)
         else:
             item.lost.append({"kind": "file", "name": f.name, "ranges": [[0, f.size]], "bytes": f.size})
@@ -601,33 +681,33 @@ def _cut(
     return item, new
 
 
-def _present(repo: Repository, chunk: str) -> bool:
+def _chunk_id(chunk: object) -> bytes | None:
+    """A file's chunk id as bytes; None for a manifest that authenticates but names no id."""
     try:
-        return bytes.fromhex(chunk) in repo.index
-    except (ValueError, TypeError):  # a manifest that authenticates but names no id
-        return False
+        return bytes.fromhex(chunk)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return None
 
 
 def _cut_disk(
-    repo: Repository, disk: DiskRecord, writer: BlobWriter | None, report: SnapshotRepairReport, intact: set[str]
+    repo: Repository,
+    disk: DiskRecord,
+    gone: _Gone,
+    writer: BlobWriter | None,
+    report: SnapshotRepairReport,
+    intact: set[str],
 ) -> tuple[list[str | None], list[list[int]]]:
     """The disk's index with every lost chunk made ZERO_ID (a lost index block: all of its
     range), and the lost byte ranges, merged. ``intact``: blocks already found whole with as
     many entries (``<id>/<count>``), not read again; those found whole are added, up to
     ``_INTACT_BLOCKS``."""
-    cs, span = disk.chunk_size, disk.index_span
-    try:
-        n_chunks = chunk_count(disk)
-    except IntegrityError:
-        n_chunks = 0  # impossible geometry: no block fits its disk, each one is lost
+    cs = disk.chunk_size
     lost: list[list[int]] = []
     new_index: list[str | None] = []
-    for b, block in enumerate(disk.index):
+    for first, block, count in _blocks(disk):
         if block is None:
             new_index.append(None)
             continue
-        first = b * span
-        count = max(0, min(span, n_chunks - first))
         known = f"{block}/{count}"
         if known in intact:
             new_index.append(block)
@@ -638,19 +718,18 @@ def _cut_disk(
             new_index.append(None)
             continue
         refs = list(found)
-        # the block's chunks looked up together (a few queries, not one per chunk)
-        have = repo.index.located_of(r for r in refs if is_chunk(r))
-        gone = [i for i, ref in enumerate(refs) if is_chunk(ref) and ref not in have]
-        if not gone:
+        lacking = gone.of(r for r in refs if is_chunk(r))
+        if not lacking:
             if len(intact) < _INTACT_BLOCKS:
                 intact.add(known)
             new_index.append(block)
             continue
         cut = IndexBlockBuilder.from_block(found)
-        for i in gone:
-            cut.fill(i, i + 1, ZERO_ID)
-            k = first + i
-            lost.append([k * cs, min(disk.size, (k + 1) * cs)])
+        for i, ref in enumerate(refs):
+            if ref in lacking:
+                cut.fill(i, i + 1, ZERO_ID)
+                k = first + i
+                lost.append([k * cs, min(disk.size, (k + 1) * cs)])
         if writer is None:
             new_index.append(repo.index_block_ref(cut.build()))
         else:

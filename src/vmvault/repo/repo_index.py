@@ -10,6 +10,7 @@ a pack this process uploaded, or confirmed with one small read.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -191,6 +192,25 @@ class RepoIndex:
             ends = self._asked(lambda cache: cache.ends_many(rest))
             found.update(blob_id for blob_id, pack_id, end in ends if not self._gone(pack_id, end))
         return found
+
+    def lacking(
+        self, conn: sqlite3.Connection, table: str, progress: Callable[[int, int], None] | None = None
+    ) -> Iterator[list[bytes]]:
+        """On ``conn`` (from the cache's ``scratch``): the ids of ``table`` (a scratch table whose
+        primary key is ``id``) that ``locations`` gives no copy of, in batches, in id order.
+
+        The table and the cache are walked together in id order (``IndexCache.without_copy``),
+        which yields the ids with no live row outside the packs this object may count as gone
+        (left out, short, or found missing); those few are then asked as ``located_of`` does.
+        ``repair snapshots`` asks this of every chunk of every snapshot: a lookup per id read
+        the cache's pages in random order, growing faster than the repository."""
+        cache = self._ensure()
+        with self._lock:
+            doubtful = self._excluded | set(self._short) | {p for p, ok in self._confirmed.items() if not ok}
+        for batch in cache.without_copy(conn, table, doubtful, progress):
+            have = self.located_of(batch)
+            if gone := [b for b in batch if b not in have]:
+                yield gone
 
     def _located(self, blob_id: bytes, own: list[BlobLocation], rows: Iterable[CachedRow]) -> list[BlobLocation]:
         out = own
