@@ -45,6 +45,14 @@ def test_refs_survive_encode_and_decode(entries: list[bytes]) -> None:
     assert again.defers == (PARENT_ID in entries)
 
 
+def test_a_parent_id_across_two_entries_is_not_a_deferral() -> None:
+    """``defers`` searches the bytes: 32 bytes of 0xff spanning two entries are no PARENT_ID."""
+    half = b"\x01" * 16 + b"\xff" * 16, b"\xff" * 16 + b"\x02" * 16
+    assert not IndexBlock.from_refs([*half, *half]).defers
+    assert IndexBlock.from_refs([*half, PARENT_ID]).defers
+    assert IndexBlock.from_refs([b"\xff" * 31 + b"\x00", PARENT_ID, ZERO_ID]).defers
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.integers(1, 40).flatmap(

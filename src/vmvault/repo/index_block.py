@@ -163,8 +163,12 @@ class IndexBlock(Sequence[bytes]):
 
     @property
     def defers(self) -> bool:
-        """Some entry is PARENT_ID (only a layer's block may defer to its parent)."""
-        return any(ref == PARENT_ID for ref in self)
+        """Some entry is PARENT_ID (only a layer's block may defer to its parent); searched in
+        the bytes, a match counting where an entry starts (check asks it of every block)."""
+        at = self._raw.find(PARENT_ID)
+        while at >= 0 and at % ID_SIZE:
+            at = self._raw.find(PARENT_ID, at + 1)
+        return at >= 0
 
     def chunk_ids(self) -> Iterator[bytes]:
         """The DATA blob ids the block names, in entry order (a repeated chunk repeats)."""
