@@ -78,7 +78,7 @@ def apply_retention(repo: Repository, location: str, retention: Retention) -> di
         unreadable: list[str] = []
         snaps = [
             s
-            for s in repo.list_snapshots(on_error=lambda sid, exc: unreadable.append(sid))
+            for s in repo.list_snapshots(on_error=lambda sid, exc: unreadable.append(sid), summaries=True)
             if s.source.get("location") == location
         ]
         result = apply_policy(snaps, policy)

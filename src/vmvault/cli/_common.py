@@ -245,10 +245,10 @@ def pick_snapshot(repo: Repository, ref: str, args: argparse.Namespace) -> Snaps
     (which VM it picked is said on stderr when several match); an id must match them too."""
     flt = snapshot_filter(args)
     if ref == "latest":
-        picked = latest(repo.list_snapshots(), flt)
+        picked = latest(repo.list_snapshots(summaries=True), flt)
         if picked.note and not getattr(args, "quiet", False):
             print(f"vmvault: note: {terminal_safe(picked.note)}", file=sys.stderr)
-        return picked.snapshot
+        return repo.load_snapshot(picked.snapshot.id, listed=True)
     return require_match(repo.find_snapshot(ref), flt)
 
 

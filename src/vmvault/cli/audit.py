@@ -51,7 +51,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     reports = audit(args.target, now)
     with_repo = bool(getattr(args, "repo", None) or os.environ.get("VMVAULT_REPO"))
     if with_repo:
-        add_backup_ages(reports, open_repository(args).list_snapshots(), args.max_age, now)
+        add_backup_ages(reports, open_repository(args).list_snapshots(summaries=True), args.max_age, now)
     problems = sum(len(r.problems) for r in reports)
     rows = [
         [

@@ -380,7 +380,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     out = Output(args)
     repo = open_repository(args)
     problems: list[str] = []
-    snaps = repo.list_snapshots(on_error=lambda sid, exc: problems.append(f"{sid[:8]}: {exc}"))
+    snaps = repo.list_snapshots(on_error=lambda sid, exc: problems.append(f"{sid[:8]}: {exc}"), summaries=True)
     snaps = snapshot_filter(args).select(snaps)
     if out.json:
         out.result([snapshot_summary(s) for s in snaps])

@@ -702,8 +702,10 @@ def plan_backup(repo: Repository | None, source: Source, options: BackupOptions 
 
 
 def _previous(repo: Repository, location: str) -> Snapshot | None:
-    snaps = [s for s in repo.list_snapshots() if s.source.get("location") == location]
-    return snaps[-1] if snaps else None
+    """The newest snapshot of ``location``, whole (the others listed as summaries: a
+    repository of many snapshots costs a few KiB each, not their index block ids)."""
+    snaps = [s for s in repo.list_snapshots(summaries=True) if s.source.get("location") == location]
+    return repo.load_snapshot(snaps[-1].id, listed=True) if snaps else None
 
 
 def backup(

@@ -139,7 +139,7 @@ def forget(
     require_full_access(repo, "forget")
     with repo.lock(exclusive=True, operation="forget"):
         unreadable: list[tuple[str, str]] = []
-        snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))))
+        snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))), summaries=True)
         if select is not None:
             snaps = select.select(snaps)
         result = apply_policy(snaps, policy)

@@ -764,10 +764,15 @@ class Repository:
         return self.snapshot_ids()
 
     def list_snapshots(
-        self, *, on_error: Callable[[str, Exception], None] | None = None, kept: bool = True
+        self, *, on_error: Callable[[str, Exception], None] | None = None, kept: bool = True, summaries: bool = False
     ) -> list[Snapshot]:
         """Every readable snapshot, oldest first. Damaged ones are reported to ``on_error`` (in
         the listing's order, from the calling thread).
+
+        With ``summaries``, each is a ``Snapshot.summary()``, without its index block and chunk
+        ids (about 120 bytes per GiB of disk): what listing, selecting and retention need, so
+        memory grows by a few KiB per snapshot, not with their disks' sizes. Load the one a
+        command goes on with whole (``load_snapshot``).
 
         With ``kept`` (the default), this host's copies of the listed snapshots stand in for
         reading them (repo/snapshot_cache.py: each is checked as a read from the storage is),
@@ -783,9 +788,10 @@ class Repository:
 
         def load(snap_id: str) -> Snapshot | IntegrityError | SnapshotNotFoundError:
             try:
-                return self.load_snapshot(snap_id, listed=kept)
+                snap = self.load_snapshot(snap_id, listed=kept)
             except (IntegrityError, SnapshotNotFoundError) as exc:
                 return exc
+            return snap.summary() if summaries else snap
 
         if len(ids) < 2:
             results = [load(snap_id) for snap_id in ids]
@@ -808,12 +814,12 @@ class Repository:
     def find_snapshot(self, ref: str, *, source: str | None = None) -> Snapshot:
         """``latest``, a full id, or a unique id prefix."""
         if ref == "latest":
-            snaps = self.list_snapshots()
+            snaps = self.list_snapshots(summaries=True)
             if source is not None:
                 snaps = [s for s in snaps if s.source.get("location") == source]
             if not snaps:
                 raise SnapshotNotFoundError("the repository has no snapshots" + (f" of {source}" if source else ""))
-            return snaps[-1]
+            return self.load_snapshot(snaps[-1].id, listed=True)
         matches = [s for s in self.snapshot_ids() if s.startswith(ref)]
         if not matches:
             raise SnapshotNotFoundError(f"no snapshot matches {ref!r}")

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from vmvault.errors import IntegrityError
 
-__all__ = ["DiskRecord", "FileRecord", "Snapshot"]
+__all__ = ["DiskRecord", "FileRecord", "Snapshot", "UnloadedIds"]
 
 #: Snapshot fields to_dict does not deep-copy (``id`` is not stored at all)
 _SHALLOW = ("id", "disks", "files")
@@ -106,6 +107,55 @@ class Snapshot:
 
     def total_size(self) -> int:
         return sum(d.size for d in self.disks) + sum(f.size for f in self.files)
+
+    def summary(self) -> Snapshot:
+        """This snapshot without its disks' index block ids and its files' chunk ids (each an
+        ``UnloadedIds`` that knows how many there were and refuses to be read): what a listing,
+        a selection and retention need, a few KiB, where the ids take about 120 bytes per GiB
+        of disk (a snapshot of 2 TiB of disks, 240 KiB). Saving a summary fails."""
+        return dataclasses.replace(
+            self,
+            disks=[dataclasses.replace(d, index=_unloaded(self, d.index)) for d in self.disks],
+            files=[dataclasses.replace(f, chunks=_unloaded(self, f.chunks)) for f in self.files],
+            id=self.id,
+        )
+
+    @property
+    def is_summary(self) -> bool:
+        return any(isinstance(d.index, UnloadedIds) for d in self.disks) or any(
+            isinstance(f.chunks, UnloadedIds) for f in self.files
+        )
+
+
+class UnloadedIds(Sequence[Any]):
+    """The ids of a snapshot loaded as a summary: their number, nothing else. Reading them
+    (indexing, iterating, saving) raises: load the snapshot whole (``Repository.load_snapshot``)."""
+
+    __slots__ = ("_count", "_snapshot")
+
+    def __init__(self, count: int, snapshot: str) -> None:
+        self._count = count
+        self._snapshot = snapshot
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: Any) -> NoReturn:
+        self._refuse()
+
+    def __iter__(self) -> Iterator[Any]:
+        self._refuse()
+
+    def __deepcopy__(self, memo: Any) -> NoReturn:
+        self._refuse()
+
+    def _refuse(self) -> NoReturn:
+        raise RuntimeError(f"snapshot {self._snapshot[:8]} was loaded as a summary: its ids are not loaded")
+
+
+def _unloaded(snap: Snapshot, ids: Sequence[Any]) -> Any:
+    # typed as the list it stands in for: every read of it raises instead of reading nothing
+    return UnloadedIds(len(ids), snap.id)
 
 
 def _record_dict(record: DiskRecord | FileRecord, ids: str) -> dict[str, Any]:
