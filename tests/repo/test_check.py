@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
+import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -267,3 +270,43 @@ def test_inconsistent_manifest_is_reported(tmp_path: Path) -> None:
         (bad.id, "file", "f"),
     }
     assert report.intact_snapshots == [good.id] and report.damaged_snapshots == [bad.id]
+
+
+def test_check_holds_one_snapshot_whole_at_a_time(
+    two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Check keeps the snapshots as summaries (repository-format.md 12.10) and reads each again
+    whole while it walks it: at most one whole snapshot is alive then, also while it finds
+    what a lost chunk affects."""
+    repo, snap_a, _snap_b, _a, _b = two_vms
+    for hour in (2, 3, 4):
+        backup(
+            repo,
+            Content(disks={"vdc": disk_image(hour, 8)}, files={}),
+            location="vmC",
+            time=T0 + dt.timedelta(hours=hour),
+        )
+    repo = reopen(repo)
+    wholes: list[weakref.ref[Snapshot]] = []
+    most = [0]
+    load = Repository.load_snapshot
+
+    def loading(self: Repository, snap_id: str, **kwargs: Any) -> Snapshot:
+        snap = load(self, snap_id, **kwargs)
+        wholes.append(weakref.ref(snap))
+        gc.collect()
+        most[0] = max(most[0], sum(1 for w in wholes if (s := w()) is not None and not s.is_summary))
+        return snap
+
+    monkeypatch.setattr(Repository, "load_snapshot", loading)
+    report = check(repo)
+    assert report.ok and len(report.intact_snapshots) == 5
+    assert most[0] <= 2  # the one being walked and the one just read
+    # a lost chunk: the snapshots it affects are found walking them one at a time again
+    lost = chunk_id_at(repo, snap_a, "sda", 3)
+    loc = repo.index.lookup(lost)
+    assert loc is not None
+    pack_path(repo, loc.pack_id).unlink()
+    most[0] = 0
+    report = check(reopen(repo))
+    assert snap_a.id in report.damaged_snapshots and most[0] <= 2

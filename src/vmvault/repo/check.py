@@ -25,7 +25,7 @@ import heapq
 import json
 import math
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -585,15 +585,31 @@ class _Checker:
             )
 
     def load_snapshots(self) -> None:
+        """``self.snapshots``: every readable snapshot as a summary (section 12.10 of
+        repository-format.md): its ids are read again, one snapshot at a time, by ``_whole``."""
         ids = self.repo.snapshot_ids()
+        self.snapshots = []  # (a second pass after the cache was rebuilt starts again)
         for snap_id in ids:
             try:
-                self.snapshots.append(self.repo.load_snapshot(snap_id))
+                self.snapshots.append(self.repo.load_snapshot(snap_id).summary())
             except (IntegrityError, SnapshotNotFoundError) as exc:
                 p = self.add(ERROR, "snapshot-damaged", f"snapshots/{snap_id}", str(exc), object_id=snap_id)
                 p.affects.append(Affected(snap_id, "?", {}, "snapshot", "(manifest)", []))
         self.snapshots.sort(key=lambda s: (s.time, s.id))
         self.stats["snapshots"] = len(ids)
+
+    def _whole(self, summaries: Iterable[Snapshot]) -> Iterator[Snapshot]:
+        """The snapshots read again whole, one at a time, so one snapshot's index block ids
+        are in memory at once, not every snapshot's. One that no longer reads is an error (one
+        gone meanwhile, possible only without the lock, is passed over)."""
+        for summary in summaries:
+            try:
+                yield self.repo.load_snapshot(summary.id)
+            except SnapshotNotFoundError:
+                continue
+            except IntegrityError as exc:
+                p = self.add(ERROR, "snapshot-damaged", f"snapshots/{summary.id}", str(exc), object_id=summary.id)
+                p.affects.append(Affected(summary.id, summary.time, dict(summary.source), "snapshot", "(manifest)", []))
 
     def walk_snapshots(self) -> None:
         """Every index block must open and fit its disk; every blob a snapshot needs must be indexed.
@@ -605,7 +621,7 @@ class _Checker:
         db.execute("CREATE TABLE s.blocks(id BLOB PRIMARY KEY, count INTEGER, defers INTEGER) WITHOUT ROWID")
         needed = ScratchRows(db, "s.needed_all")
         with Grouped(db) as self._group:
-            for n, snap in enumerate(self.snapshots):
+            for n, snap in enumerate(self._whole(self.snapshots)):
                 self.tick("snapshots", n, len(self.snapshots))
                 for disk in snap.disks:
                     self._walk_disk(snap, disk, needed)
@@ -751,7 +767,7 @@ class _Checker:
         self.stats["snapshots_selected"] = len(chosen)
         rows = ScratchRows(db, "s.wanted_all")
         blocks: set[bytes] = set()  # one id per index block of the chosen snapshots
-        for snap in chosen:
+        for snap in self._whole(chosen):
             for disk in snap.disks:
                 for block in disk.index:
                     if block is None:
@@ -929,7 +945,7 @@ class _Checker:
     def _references(self, bad: set[bytes]) -> Iterator[tuple[str, str, str, int, int, bytes]]:
         """(snapshot, "disk"/"file", name, start, end, blob) for every reference to a bad blob."""
         positions: dict[bytes, list[tuple[int, bytes]]] = {}  # index block -> [(entry no, bad id)]
-        for snap in self.snapshots:
+        for snap in self._whole(self.snapshots):
             for disk in snap.disks:
                 cs, span = disk.chunk_size, disk.index_span
                 for b, block in enumerate(disk.index):
