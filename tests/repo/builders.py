@@ -7,6 +7,7 @@ a reader written here from the format rules checks the format, not the engine's 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import os
 import random
@@ -15,7 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 from vmvault.backends.base import Backend
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
@@ -181,3 +184,25 @@ def write_dead_lock(repo: Repository, *, exclusive: bool) -> str:
     }
     repo.backend.put(name, seal_envelope(repo.key, json.dumps(doc).encode(), b"lock " + name.encode()))
     return name
+
+
+class WholeSnapshots:
+    """Watches ``Repository.load_snapshot`` (patched through ``monkeypatch``): ``most`` is the
+    largest number of whole snapshots (not summaries) it returned that were alive at once, as
+    seen at each load; a command that walks every snapshot one at a time keeps it at 2 (the one
+    being walked and the one just read)."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.most = 0
+        self._loaded: list[weakref.ref[Snapshot]] = []
+        load = Repository.load_snapshot
+
+        def loading(repo: Repository, snap_id: str, **kwargs: Any) -> Snapshot:
+            snap = load(repo, snap_id, **kwargs)
+            self._loaded.append(weakref.ref(snap))
+            gc.collect()
+            alive = sum(1 for w in self._loaded if (s := w()) is not None and not s.is_summary)
+            self.most = max(self.most, alive)
+            return snap
+
+        monkeypatch.setattr(Repository, "load_snapshot", loading)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import gc
 import json
 import os
-import weakref
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,6 +14,7 @@ from tests.repo.builders import (
     CHUNK,
     SPAN,
     Content,
+    WholeSnapshots,
     backup,
     disk_image,
     make_repo,
@@ -287,26 +285,15 @@ def test_check_holds_one_snapshot_whole_at_a_time(
             time=T0 + dt.timedelta(hours=hour),
         )
     repo = reopen(repo)
-    wholes: list[weakref.ref[Snapshot]] = []
-    most = [0]
-    load = Repository.load_snapshot
-
-    def loading(self: Repository, snap_id: str, **kwargs: Any) -> Snapshot:
-        snap = load(self, snap_id, **kwargs)
-        wholes.append(weakref.ref(snap))
-        gc.collect()
-        most[0] = max(most[0], sum(1 for w in wholes if (s := w()) is not None and not s.is_summary))
-        return snap
-
-    monkeypatch.setattr(Repository, "load_snapshot", loading)
+    watched = WholeSnapshots(monkeypatch)
     report = check(repo)
     assert report.ok and len(report.intact_snapshots) == 5
-    assert most[0] <= 2  # the one being walked and the one just read
+    assert watched.most <= 2  # the one being walked and the one just read
     # a lost chunk: the snapshots it affects are found walking them one at a time again
     lost = chunk_id_at(repo, snap_a, "sda", 3)
     loc = repo.index.lookup(lost)
     assert loc is not None
     pack_path(repo, loc.pack_id).unlink()
-    most[0] = 0
+    watched.most = 0
     report = check(reopen(repo))
-    assert snap_a.id in report.damaged_snapshots and most[0] <= 2
+    assert snap_a.id in report.damaged_snapshots and watched.most <= 2

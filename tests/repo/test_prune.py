@@ -10,11 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.repo.builders import Content, backup, disk_image, make_repo, reopen, restore_all, storage_bytes
+from tests.repo.builders import (
+    Content,
+    WholeSnapshots,
+    backup,
+    disk_image,
+    make_repo,
+    reopen,
+    restore_all,
+    storage_bytes,
+)
 from vmvault.backends.local import LocalBackend
 from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import IntegrityError, LockedError, SnapshotNotFoundError
-from vmvault.repo import RetentionPolicy, check, forget, forget_ids, prune, repair_index
+from vmvault.repo import RetentionPolicy, check, forget, forget_ids, prune, repair_index, repair_snapshots
 from vmvault.repo.crypto import seal_envelope
 from vmvault.repo.index import IndexFile
 from vmvault.repo.repository import Repository
@@ -330,3 +339,22 @@ def test_objects_that_are_not_ours_are_left_alone() -> None:
     assert sorted(p.object for p in result.warnings) == ["data/README", "data/zz/nothex", "index/notes.txt"]
     fresh = reopen(repo)
     assert restore_all(fresh, fresh.load_snapshot(hist[-1][0])) == hist[-1][1]
+
+
+def test_prune_and_repair_hold_one_snapshot_whole_at_a_time(
+    local_repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prune and ``repair snapshots`` list the snapshots as summaries and read each again whole
+    while they walk it (repository-format.md 12.10); the result is what it was."""
+    repo = local_repo
+    hist = history(repo, 6)
+    forget_ids(repo, [hist[0][0]])
+    watched = WholeSnapshots(monkeypatch)
+    report = prune(reopen(repo), max_unused=0.0)
+    assert report.packs_deleted > 0 and watched.most <= 2
+    fresh = reopen(repo)
+    for sid, content in hist[1:]:
+        assert restore_all(fresh, fresh.load_snapshot(sid)) == content
+    watched.most = 0
+    fixed = repair_snapshots(reopen(repo))
+    assert fixed.intact == 5 and not fixed.repaired and watched.most <= 2

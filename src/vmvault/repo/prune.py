@@ -35,11 +35,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vmvault.errors import IntegrityError, LockedError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
-from vmvault.repo._layout import BlobType
+from vmvault.repo._layout import ID_SIZE, BlobType
 from vmvault.repo.filters import SnapshotFilter
 from vmvault.repo.immutability import require_full_access, retained, retention_days
 from vmvault.repo.index import parse_index
-from vmvault.repo.index_cache import Grouped, rows_digest, write_many
+from vmvault.repo.index_block import NOT_CHUNKS
+from vmvault.repo.index_cache import Grouped, ScratchRows, rows_digest
 from vmvault.repo.locks import REFRESH_SECONDS, STALE_SECONDS, RepositoryLock, list_locks
 from vmvault.repo.names import index_id
 from vmvault.repo.names import pack_id as parse_pack_id
@@ -303,7 +304,9 @@ def _prune_locked(
     unreadable: list[str] = []
     # (the storage's copies, as check reads them: a snapshot damaged there stops the prune even
     # while this host's copy reads, since other hosts cannot read it)
-    snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append(f"{sid[:8]}: {exc}"), kept=False)
+    snaps = repo.list_snapshots(
+        on_error=lambda sid, exc: unreadable.append(f"{sid[:8]}: {exc}"), kept=False, summaries=True
+    )
     if unreadable:
         raise IntegrityError(
             "prune stopped, nothing was changed: unreadable snapshots (" + "; ".join(unreadable) + "). "
@@ -434,21 +437,13 @@ def _list_stored(repo: Repository, db: sqlite3.Connection, report: PruneReport, 
 
 
 def _mark_used(repo: Repository, db: sqlite3.Connection, snaps: list[Snapshot], progress: PhaseCallback | None) -> None:
-    """Every blob the snapshots need into ``s.used``: their index blocks (each distinct one
-    read once), the chunks those name, their files' chunks."""
-    db.execute("CREATE TABLE s.used_all(id BLOB NOT NULL)")
+    """Every blob the snapshots (summaries) need into ``s.used``: their index blocks (each
+    distinct one read once), the chunks those name, their files' chunks. Each snapshot is read
+    again whole while it is walked, one at a time (repository-format.md 12.10)."""
     db.execute("CREATE TABLE s.blocks(id BLOB PRIMARY KEY) WITHOUT ROWID")
-    batch: list[tuple[bytes]] = []
-
-    def add(ids: Iterable[bytes]) -> None:
-        nonlocal batch
-        batch.extend((i,) for i in ids)
-        if len(batch) >= _BATCH:
-            write_many(db, "INSERT INTO s.used_all VALUES (?)", batch)
-            batch = []
-
+    used = ScratchRows(db, "s.used_all", _BATCH)
     with Grouped(db) as group:
-        for n, snap in enumerate(snaps):
+        for n, snap in enumerate(repo.whole(snaps)):
             _tick(progress, "snapshots", n, len(snaps))
             try:
                 for disk in snap.disks:
@@ -459,13 +454,13 @@ def _mark_used(repo: Repository, db: sqlite3.Connection, snaps: list[Snapshot], 
                         group.step()
                         if db.execute("INSERT OR IGNORE INTO s.blocks VALUES (?)", (block_id,)).rowcount == 0:
                             continue  # unchanged index blocks are shared between snapshots: read once
-                        add([block_id])
-                        add(repo.read_index_block(block_id).chunk_ids())
+                        used.add(block_id)
+                        used.add_packed(repo.read_index_block(block_id).encode(), ID_SIZE, NOT_CHUNKS)
                 for f in snap.files:
-                    add(bytes.fromhex(c) for c in f.chunks)
+                    used.update(bytes.fromhex(c) for c in f.chunks)
             except ValueError as exc:  # a manifest that authenticates but names an id that is not hex
                 raise IntegrityError(f"snapshot {snap.short_id}: malformed blob id: {exc}", object_id=snap.id) from exc
-    write_many(db, "INSERT INTO s.used_all VALUES (?)", batch)
+        used.flush()
     _tick(progress, "snapshots", len(snaps), len(snaps))
     db.execute("CREATE TABLE s.used(id BLOB PRIMARY KEY) WITHOUT ROWID")
     db.execute("INSERT OR IGNORE INTO s.used SELECT id FROM s.used_all ORDER BY id")

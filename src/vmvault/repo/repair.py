@@ -496,7 +496,9 @@ def repair_snapshots(
         report = SnapshotRepairReport(dry_run=dry_run, forget=forget)
         unreadable: list[tuple[str, str]] = []
         # (the storage's copies: a snapshot damaged there is unreadable, whatever this host kept)
-        snaps = repo.list_snapshots(on_error=lambda sid, exc: unreadable.append((sid, str(exc))), kept=False)
+        snaps = repo.list_snapshots(
+            on_error=lambda sid, exc: unreadable.append((sid, str(exc))), kept=False, summaries=True
+        )
         wanted = _select(repo, list(refs), [s.id for s in snaps] + [u[0] for u in unreadable])
         if wanted is not None:
             snaps = [s for s in snaps if s.id in wanted]
@@ -514,7 +516,7 @@ def repair_snapshots(
             # index blocks found whole: snapshots of one disk share most of theirs
             intact: set[str] = set()
             try:
-                for n, snap in enumerate(snaps):
+                for n, snap in enumerate(repo.whole(snaps)):
                     _tick(progress, "repair", n, len(snaps))
                     fix = _cut(repo, snap, gone, writer, report, intact)
                     if fix is None:
@@ -581,14 +583,15 @@ def _blocks(disk: DiskRecord) -> Iterator[tuple[int, str | None, int]]:
 
 
 def _walk(repo: Repository, snaps: list[Snapshot], db: sqlite3.Connection, progress: PhaseCallback | None) -> bool:
-    """``s.needed``: every chunk the snapshots name, each once (each distinct index block read
-    once); whether some index block or file chunk reference could not be read (then the
-    snapshots are walked again to cut it out). Memory holds a batch of ids, not the chunks."""
+    """``s.needed``: every chunk the snapshots (summaries, each read again whole while it is
+    walked) name, each once (each distinct index block read once); whether some index block or
+    file chunk reference could not be read (then the snapshots are walked again to cut it out).
+    Memory holds a batch of ids and one snapshot, not the chunks."""
     db.execute("CREATE TABLE s.blocks(id TEXT PRIMARY KEY) WITHOUT ROWID")
     needed = ScratchRows(db, "s.needed_all")
     unreadable = False
     with Grouped(db) as group:
-        for n, snap in enumerate(snaps):
+        for n, snap in enumerate(repo.whole(snaps)):
             _tick(progress, "snapshots", n, len(snaps))
             for disk in snap.disks:
                 for _first, block, count in _blocks(disk):

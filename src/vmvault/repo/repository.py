@@ -811,6 +811,13 @@ class Repository:
         out.sort(key=lambda s: (s.time, s.id))
         return out
 
+    def whole(self, snaps: Iterable[Snapshot], *, listed: bool = False) -> Iterator[Snapshot]:
+        """``snaps`` (summaries, or whole) read again whole from the storage (``listed``: as
+        ``load_snapshot`` says), one at a time: a command that walks every snapshot holds one
+        snapshot's ids at once, not every snapshot's (repository-format.md 12.10)."""
+        for snap in snaps:
+            yield self.load_snapshot(snap.id, listed=listed)
+
     def find_snapshot(self, ref: str, *, source: str | None = None) -> Snapshot:
         """``latest``, a full id, or a unique id prefix."""
         if ref == "latest":
