@@ -12,7 +12,7 @@ from vmvault.engine.backup import backup
 from vmvault.hypervisors.files import FilesSource
 from vmvault.repo._layout import PACK_TRAILER
 from vmvault.repo.format import BlobType
-from vmvault.repo.pack import pack_name
+from vmvault.repo.pack import BlobEntry, pack_name
 from vmvault.repo.repository import Repository
 
 CS = 64 * 1024
@@ -23,17 +23,24 @@ def _cheap_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
 
 
-def test_present_of_is_has_present_of_each_blob(tmp_path: Path) -> None:
-    """Stored blobs, blobs of a pack gone from storage, unknown ids, repeats and this process's
-    own uploads: ``present_of`` holds exactly the ids ``has_present`` holds true of."""
+def _backed_up(tmp_path: Path, seed: int, size: int) -> tuple[MemoryBackend, dict[bytes, list[BlobEntry]], list[bytes]]:
+    """A repository in memory holding a backup of one random disk of ``size`` bytes: its
+    backend, its packs' entries and the ids of the packs holding only data, sorted."""
     vm = tmp_path / "vm"
     vm.mkdir()
-    (vm / "disk.raw").write_bytes(random.Random(1).randbytes(2 << 20))
+    (vm / "disk.raw").write_bytes(random.Random(seed).randbytes(size))
     backend = MemoryBackend()
     repo = Repository.init(backend, b"passphrase", chunk_size=CS, pack_size=256 * 1024)
     backup(repo, FilesSource(str(vm)))
     packs = repo.index.packs()
     data_packs = sorted(p for p, entries in packs.items() if all(e.type is BlobType.DATA for e in entries))
+    return backend, packs, data_packs
+
+
+def test_present_of_is_has_present_of_each_blob(tmp_path: Path) -> None:
+    """Stored blobs, blobs of a pack gone from storage, unknown ids, repeats and this process's
+    own uploads: ``present_of`` holds exactly the ids ``has_present`` holds true of."""
+    backend, packs, data_packs = _backed_up(tmp_path, 1, 2 << 20)
     assert len(data_packs) >= 2
     backend.delete(pack_name(data_packs[0]))
     gone = {e.id for e in packs[data_packs[0]]}
@@ -75,14 +82,7 @@ def test_lacking_is_what_located_of_leaves_out(tmp_path: Path) -> None:
     ``located_of`` gives no copy of: blobs of a pack gone from storage, of a pack cut short
     (those ending before the cut still count), this process's own uploads, unknown ids and ids
     of odd lengths at both ends of the id space."""
-    vm = tmp_path / "vm"
-    vm.mkdir()
-    (vm / "disk.raw").write_bytes(random.Random(4).randbytes(3 << 20))
-    backend = MemoryBackend()
-    repo = Repository.init(backend, b"passphrase", chunk_size=CS, pack_size=256 * 1024)
-    backup(repo, FilesSource(str(vm)))
-    packs = repo.index.packs()
-    data_packs = sorted(p for p, entries in packs.items() if all(e.type is BlobType.DATA for e in entries))
+    backend, packs, data_packs = _backed_up(tmp_path, 4, 3 << 20)
     assert len(data_packs) >= 3
     backend.delete(pack_name(data_packs[0]))
     short = data_packs[1]
