@@ -34,8 +34,9 @@ def _new_tags(snap: Snapshot, add: list[str], remove: list[str], set_to: list[st
 
 
 def retag(repo: Repository, snaps: list[Snapshot], changes: dict[str, list[str]]) -> list[tuple[Snapshot, str]]:
-    """Write each snapshot of ``snaps`` whose id ``changes`` maps to new tags as a new manifest
-    with those tags, then remove the old one. Returns ``(old, new id)`` pairs. Under an
+    """Write each snapshot of ``snaps`` (summaries will do: each is read again whole) whose id
+    ``changes`` maps to new tags as a new manifest with those tags, then remove the old one.
+    Returns ``(old, new id)`` pairs. Under an
     exclusive lock; a snapshot under the repository's retention period is refused before
     anything is written (the old manifest could not be removed)."""
     require_full_access(repo, "tag")
@@ -56,7 +57,8 @@ def retag(repo: Repository, snaps: list[Snapshot], changes: dict[str, list[str]]
         for snap in todo:
             extra = dict(snap.extra)
             extra.setdefault(ORIGINAL, snap.id)
-            new = dataclasses.replace(snap, tags=changes[snap.id], extra=extra, id="")
+            whole = repo.load_snapshot(snap.id, listed=True)
+            new = dataclasses.replace(whole, tags=changes[snap.id], extra=extra, id="")
             new_id = repo.save_snapshot(new)
             if new_id != snap.id:
                 repo.delete_snapshot(snap.id)
@@ -76,7 +78,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if not args.ids and flt.empty():
         raise ConfigError("name the snapshots to tag: their ids, or --vm/--host/--tag/--source")
     repo = open_repository(args)
-    snaps = flt.select(repo.list_snapshots())
+    snaps = flt.select(repo.list_snapshots(summaries=True))
     if args.ids:
         chosen = []
         for ref in args.ids:
