@@ -239,3 +239,28 @@ def test_many_readers_at_once_share_a_bounded_cache(
         assert view.cache.stats.hits > 0, "readers of the same chunks share them"
     finally:
         view.close()
+
+
+def test_a_view_of_summaries_reads_each_opened_file_from_its_whole_snapshot(
+    repo_snaps: tuple[Repository, list[Snapshot], dict[str, bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``vmvault mount`` of every snapshot gives the view summaries (repository-format.md
+    12.10): an opened disk or file reads its snapshot again whole, held by the open file only;
+    a snapshot that no longer reads makes the open EIO, logged, and the rest still reads."""
+    repo, _snaps, content = repo_snaps
+    summaries = repo.list_snapshots(summaries=True)
+    assert all(s.is_summary for s in summaries)
+    view = MountView(repo, summaries)
+    try:
+        first, second = (folder_of(view, s) for s in summaries)
+        assert read_all(view, f"{first}/disk.raw") == content["disk.raw"]
+        assert read_all(view, f"{first}/sub/config.xml") == content["sub/config.xml"]
+        assert read_all(view, f"{second}/notes.txt") == b"changed\n"
+        repo.backend.delete(f"snapshots/{summaries[0].id}")
+        repo._snapshots_kept().discard(summaries[0].id)  # and this host's copy of it
+        with caplog.at_level(logging.ERROR), pytest.raises(OSError) as err:
+            view.open(f"{first}/notes.txt", os.O_RDONLY)
+        assert err.value.errno == errno.EIO and summaries[0].short_id in caplog.text
+        assert read_all(view, f"{second}/disk.raw") == content["disk.raw"]
+    finally:
+        view.close()

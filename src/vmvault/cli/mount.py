@@ -43,7 +43,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         snaps = [pick_snapshot(repo, args.snapshot, args)]
     else:
         problems: list[str] = []
-        snaps = repo.list_snapshots(on_error=lambda sid, exc: problems.append(f"{sid[:8]}: {exc}"))
+        # summaries: each file opened reads its snapshot whole again (repository-format.md 12.10)
+        snaps = repo.list_snapshots(on_error=lambda sid, exc: problems.append(f"{sid[:8]}: {exc}"), summaries=True)
         for p in problems:
             out.progress().warn(f"unreadable snapshot left out: {p}")
         snaps = snapshot_filter(args).select(snaps)

@@ -84,6 +84,8 @@ class _Node:
     snapshot: Snapshot | None = None
     disk: DiskRecord | None = None
     file: FileRecord | None = None
+    #: the record's place in its snapshot's disks or files (to find it in the whole snapshot)
+    position: int = 0
     target: str = ""
 
 
@@ -193,10 +195,11 @@ class MountView:
         self.snapshots += 1
         if vm not in newest or (ns, snap.id) > newest[vm][:2]:
             newest[vm] = (ns, snap.id, folder)
-        for record in snap.disks:
-            self._place(snap, node, _disk_file_name(record.name), _Node("disk", ns, size=record.size, disk=record))
-        for f in snap.files:
-            self._place(snap, node, f.name, _Node("file", f.mtime_ns, size=f.size, file=f))
+        for n, record in enumerate(snap.disks):
+            leaf = _Node("disk", ns, size=record.size, disk=record, position=n)
+            self._place(snap, node, _disk_file_name(record.name), leaf)
+        for n, f in enumerate(snap.files):
+            self._place(snap, node, f.name, _Node("file", f.mtime_ns, size=f.size, file=f, position=n))
         for leaf in _leaves(node):
             leaf.snapshot = snap
 
@@ -278,12 +281,30 @@ class MountView:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), path)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
-        handle = _Handle(node, path)
+        handle = _Handle(node, path, *self._whole(node, path))
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = handle
         return fh
+
+    def _whole(self, node: _Node, path: str) -> tuple[Snapshot, DiskRecord | None, FileRecord | None]:
+        """The node's snapshot and record with their ids: those placed, when the view was given
+        whole snapshots; else (a view of every snapshot holds summaries, repository-format.md
+        12.10) the snapshot read again whole from this host's copy, held by the handle while it
+        is open, not by the view. A snapshot that no longer reads is EIO, logged."""
+        snap = node.snapshot
+        assert snap is not None
+        if not snap.is_summary:
+            return snap, node.disk, node.file
+        try:
+            whole = self.repo.load_snapshot(snap.id, listed=True)
+        except VmvaultError as exc:
+            log.error("cannot open %s: snapshot %s no longer reads: %s", path, snap.short_id, exc)
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path) from exc
+        if node.kind == "disk":
+            return whole, whole.disks[node.position], None
+        return whole, None, whole.files[node.position]
 
     def _handle(self, fh: int) -> _Handle:
         with self._lock:
@@ -301,9 +322,9 @@ class MountView:
     def _reader(self, handle: _Handle) -> DiskReader:
         with handle.lock:
             if handle.reader is None:
-                assert handle.node.snapshot is not None and handle.node.disk is not None
+                assert handle.disk is not None
                 handle.reader = DiskReader(
-                    self.repo, handle.node.snapshot, handle.node.disk, cache=self.cache, readahead=self.readahead
+                    self.repo, handle.snapshot, handle.disk, cache=self.cache, readahead=self.readahead
                 )
             return handle.reader
 
@@ -315,7 +336,7 @@ class MountView:
             if handle.node.kind == "disk":
                 data = self._reader(handle).read(offset, size)
             else:
-                data = self._read_file(handle.node, offset, size)
+                data = self._read_file(handle, offset, size)
             with self._lock:
                 self.reads_served += 1
                 self.bytes_served += len(data)
@@ -344,10 +365,10 @@ class MountView:
             self._logged[key] = now
         log.error("%s", line)
 
-    def _read_file(self, node: _Node, offset: int, size: int) -> bytes:
+    def _read_file(self, handle: _Handle, offset: int, size: int) -> bytes:
         """A VM file: its chunks are the repository's chunk size each, the last one shorter."""
-        f = node.file
-        assert f is not None and node.snapshot is not None
+        f = handle.file
+        assert f is not None
         end = min(offset + size, f.size)
         if offset >= end:
             return b""
@@ -411,9 +432,13 @@ class MountView:
 
 
 class _Handle:
-    def __init__(self, node: _Node, path: str) -> None:
+    def __init__(
+        self, node: _Node, path: str, snapshot: Snapshot, disk: DiskRecord | None, file: FileRecord | None
+    ) -> None:
         self.node = node
         self.path = path
+        #: whole (with the ids), where the node may hold a summary
+        self.snapshot, self.disk, self.file = snapshot, disk, file
         self.reader: DiskReader | None = None
         self.lock = threading.Lock()
 
