@@ -232,7 +232,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     out = Output(args)
     repo = open_repository(args)
     problems: list[str] = []
-    snaps = snapshot_filter(args).select(repo.list_snapshots(on_error=lambda sid, exc: problems.append(sid[:8])))
+    snaps = snapshot_filter(args).select(
+        repo.list_snapshots(on_error=lambda sid, exc: problems.append(sid[:8]), summaries=True)
+    )
     rows, total = usage(repo, snaps)
     storage = sum(o.size for o in repo.backend.list(""))
 

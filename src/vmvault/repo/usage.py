@@ -15,51 +15,57 @@ repository's row also gives the storage's total).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import functools
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vmvault.repo.filters import vm_name
 from vmvault.repo.index_block import ChunkResolver, is_chunk
+from vmvault.repo.index_cache import write_many
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import Snapshot
 
-__all__ = ["SnapshotUsage", "UsageRow", "snapshot_usage", "usage"]
+__all__ = ["UsageRow", "snapshot_logical", "usage"]
+
+#: chunk references written to the scratch table at a time
+_BATCH = 10_000
+#: distinct chunks looked up at a time
+_LOOKUPS = 500
 
 
-@dataclass
-class SnapshotUsage:
-    """One snapshot: its logical bytes and the distinct chunks it references."""
-
-    logical: int = 0
-    #: chunk id -> plaintext length
-    chunks: dict[bytes, int] = field(default_factory=dict)
-
-
-def snapshot_usage(repo: Repository, snap: Snapshot) -> SnapshotUsage:
-    """Reads each disk's index blocks once (verified); no chunk is read."""
-    out = SnapshotUsage()
+def _walk(repo: Repository, snap: Snapshot, chunk: Callable[[bytes, int], object]) -> int:
+    """Calls ``chunk(id, plaintext length)`` for every chunk ``snap`` references (repeats
+    included) and returns its logical bytes. Reads each disk's index blocks once (verified);
+    no chunk is read."""
+    logical = 0
     parents = {d.parent for d in snap.disks if d.layer and d.parent}
     for record in snap.disks:
         if record.name in parents:
             continue  # a layer below another: the top of its chain reads through it
         resolver = ChunkResolver(repo, snap, record)
         cs = record.chunk_size
-        for chunk, entry in resolver.entries(flatten=True):
+        for k, entry in resolver.entries(flatten=True):
             if not is_chunk(entry):
                 continue
-            length = min(cs, record.size - chunk * cs)
-            out.logical += length
-            out.chunks.setdefault(entry, length)
+            length = min(cs, record.size - k * cs)
+            logical += length
+            chunk(entry, length)
     for f in snap.files:
-        out.logical += f.size
+        logical += f.size
         cs = repo.config.chunk_size
         for k, hexid in enumerate(f.chunks):
             try:
-                out.chunks.setdefault(bytes.fromhex(hexid), min(cs, f.size - k * cs))
+                chunk(bytes.fromhex(hexid), min(cs, f.size - k * cs))
             except ValueError:
                 continue  # check reports a malformed id
-    return out
+    return logical
+
+
+def snapshot_logical(repo: Repository, snap: Snapshot) -> int:
+    """The snapshot's logical bytes, holding none of its chunk ids."""
+    return _walk(repo, snap, lambda _id, _length: None)
 
 
 @dataclass
@@ -97,29 +103,53 @@ class UsageRow:
         }
 
 
-def _row(repo: Repository, name: str, usages: Iterable[SnapshotUsage]) -> UsageRow:
-    row = UsageRow(name)
-    seen: dict[bytes, int] = {}
-    for u in usages:
-        row.snapshots += 1
-        row.logical += u.logical
-        seen.update(u.chunks)
-    for chunk_id, length in seen.items():
-        loc = repo.index.lookup(chunk_id)
-        row.chunks += 1
-        if loc is None:
-            row.unindexed += 1
-            continue
-        row.unique += loc.entry.raw_length or length
-        row.stored += loc.entry.length
-    return row
-
-
 def usage(repo: Repository, snaps: Sequence[Snapshot]) -> tuple[list[UsageRow], UsageRow]:
-    """One row per VM (by :func:`vm_name`, sorted by name) and one for all of ``snaps``."""
-    per_snap = {s.id: snapshot_usage(repo, s) for s in snaps}
-    by_vm: dict[str, list[SnapshotUsage]] = {}
-    for s in snaps:
-        by_vm.setdefault(vm_name(s), []).append(per_snap[s.id])
-    rows = [_row(repo, name, by_vm[name]) for name in sorted(by_vm)]
-    return rows, _row(repo, "all", per_snap.values())
+    """One row per VM (by :func:`vm_name`, sorted by name) and one for all of ``snaps``
+    (summaries will do: each is read again whole, one at a time).
+
+    Every chunk reference goes to a scratch table (``IndexCache.scratch``) with its VM; each
+    group's distinct chunks are then read back in id order and looked up 500 at a time, so
+    memory holds a batch of ids, not the chunks (a dict of every chunk before: about 100 bytes
+    a chunk, 4 GiB at 40 M chunks)."""
+    names = sorted({vm_name(s) for s in snaps})
+    group = {name: n for n, name in enumerate(names)}
+    rows = [UsageRow(name) for name in names]
+    total = UsageRow("all")
+    with repo.index.synced_cache().scratch() as db:
+        db.execute("CREATE TABLE s.refs(grp INTEGER NOT NULL, id BLOB NOT NULL, length INTEGER NOT NULL)")
+        batch: list[tuple[int, bytes, int]] = []
+
+        def add(grp: int, chunk_id: bytes, length: int) -> None:
+            batch.append((grp, chunk_id, length))
+            if len(batch) >= _BATCH:
+                write_many(db, "INSERT INTO s.refs VALUES (?, ?, ?)", batch)
+                batch.clear()
+
+        for snap in repo.whole(snaps, listed=True):
+            g = group[vm_name(snap)]
+            logical = _walk(repo, snap, functools.partial(add, g))
+            for row in (rows[g], total):
+                row.snapshots += 1
+                row.logical += logical
+        write_many(db, "INSERT INTO s.refs VALUES (?, ?, ?)", batch)
+        db.execute("CREATE INDEX s.refs_by_group ON refs(grp, id)")
+        for g, row in enumerate(rows):
+            _count(repo, db.execute("SELECT id, min(length) FROM s.refs WHERE grp = ? GROUP BY id", (g,)), row)
+        _count(repo, db.execute("SELECT id, min(length) FROM s.refs GROUP BY id"), total)
+    return rows, total
+
+
+def _count(repo: Repository, distinct: sqlite3.Cursor, row: UsageRow) -> None:
+    """Adds each (chunk id, length) of ``distinct`` (each chunk once) to ``row``, looked up in
+    batches: its unique bytes (the stored copy's plaintext length), stored bytes, unindexed."""
+    while batch := distinct.fetchmany(_LOOKUPS):
+        found = repo.index.locations_many([bytes(r[0]) for r in batch])
+        for chunk_id, length in batch:
+            row.chunks += 1
+            locations = found.get(bytes(chunk_id))
+            if not locations:
+                row.unindexed += 1
+                continue
+            entry = locations[0].entry
+            row.unique += entry.raw_length or length
+            row.stored += entry.length

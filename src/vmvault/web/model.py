@@ -42,7 +42,7 @@ from vmvault.repo.repository import Repository
 from vmvault.repo.schema import snapshot_summary
 from vmvault.repo.snapshot import Snapshot
 from vmvault.repo.status import StatusReport, StatusStore
-from vmvault.repo.usage import snapshot_usage
+from vmvault.repo.usage import snapshot_logical
 
 __all__ = ["Dashboard", "RepoStats", "RepoView", "parse_since"]
 
@@ -303,7 +303,7 @@ class RepoView:
 
 def _logical_size(repo: Repository, snap: Snapshot) -> int:
     """Bytes of a snapshot as a guest reads it (repo/usage.py, as ``vmvault stats`` counts)."""
-    return snapshot_usage(repo, snap).logical
+    return snapshot_logical(repo, snap)
 
 
 def regression_full(samples: list[Sample], now: dt.datetime) -> dt.datetime | None:
