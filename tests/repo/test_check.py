@@ -23,7 +23,7 @@ from tests.repo.builders import (
     write_dead_lock,
 )
 from vmvault.backends.local import LocalBackend
-from vmvault.errors import IntegrityError
+from vmvault.errors import IntegrityError, SnapshotNotFoundError
 from vmvault.repo import check
 from vmvault.repo.check import select_subset
 from vmvault.repo.format import ZERO_ID, BlobType
@@ -297,3 +297,27 @@ def test_check_holds_one_snapshot_whole_at_a_time(
     watched.most = 0
     report = check(reopen(repo))
     assert snap_a.id in report.damaged_snapshots and watched.most <= 2
+
+
+def test_a_snapshot_that_stops_reading_while_check_walks_it_is_reported(
+    two_vms: tuple[Repository, Snapshot, Snapshot, Content, Content], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Check lists summaries, then reads each snapshot again (``Repository.whole``): one that
+    no longer authenticates then is an error naming it, one gone then is passed over."""
+    repo, snap_a, snap_b, _a, _b = two_vms
+    load = Repository.load_snapshot
+    calls: dict[str, int] = {}
+
+    def flaky(self: Repository, snap_id: str, **kwargs: object) -> Snapshot:
+        calls[snap_id] = calls.get(snap_id, 0) + 1
+        if calls[snap_id] > 1 and snap_id == snap_a.id:
+            raise IntegrityError(f"snapshot {snap_id[:8]}: damaged meanwhile", object_id=snap_id)
+        if calls[snap_id] > 1 and snap_id == snap_b.id:
+            raise SnapshotNotFoundError(f"no snapshot {snap_id}")
+        return load(self, snap_id, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Repository, "load_snapshot", flaky)
+    report = check(repo)
+    damaged = [p for p in report.errors if p.kind == "snapshot-damaged"]
+    assert [p.object_id for p in damaged] == [snap_a.id] and "meanwhile" in damaged[0].message
+    assert report.damaged_snapshots == [snap_a.id]

@@ -599,17 +599,16 @@ class _Checker:
         self.stats["snapshots"] = len(ids)
 
     def _whole(self, summaries: Iterable[Snapshot]) -> Iterator[Snapshot]:
-        """The snapshots read again whole, one at a time, so one snapshot's index block ids
-        are in memory at once, not every snapshot's. One that no longer reads is an error (one
-        gone meanwhile, possible only without the lock, is passed over)."""
-        for summary in summaries:
-            try:
-                yield self.repo.load_snapshot(summary.id)
-            except SnapshotNotFoundError:
-                continue
-            except IntegrityError as exc:
-                p = self.add(ERROR, "snapshot-damaged", f"snapshots/{summary.id}", str(exc), object_id=summary.id)
-                p.affects.append(Affected(summary.id, summary.time, dict(summary.source), "snapshot", "(manifest)", []))
+        """The snapshots read again whole, one at a time (``Repository.whole``), so one
+        snapshot's index block ids are in memory at once, not every snapshot's. One that no
+        longer reads is an error (one gone meanwhile, possible only without the lock, is
+        passed over)."""
+        return self.repo.whole(summaries, on_error=self._unreadable_again)
+
+    def _unreadable_again(self, summary: Snapshot, exc: IntegrityError | SnapshotNotFoundError) -> None:
+        if isinstance(exc, IntegrityError):
+            p = self.add(ERROR, "snapshot-damaged", f"snapshots/{summary.id}", str(exc), object_id=summary.id)
+            p.affects.append(Affected(summary.id, summary.time, dict(summary.source), "snapshot", "(manifest)", []))
 
     def walk_snapshots(self) -> None:
         """Every index block must open and fit its disk; every blob a snapshot needs must be indexed.

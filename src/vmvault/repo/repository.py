@@ -811,12 +811,26 @@ class Repository:
         out.sort(key=lambda s: (s.time, s.id))
         return out
 
-    def whole(self, snaps: Iterable[Snapshot], *, listed: bool = False) -> Iterator[Snapshot]:
+    def whole(
+        self,
+        snaps: Iterable[Snapshot],
+        *,
+        listed: bool = False,
+        on_error: Callable[[Snapshot, IntegrityError | SnapshotNotFoundError], None] | None = None,
+    ) -> Iterator[Snapshot]:
         """``snaps`` (summaries, or whole) read again whole from the storage (``listed``: as
         ``load_snapshot`` says), one at a time: a command that walks every snapshot holds one
-        snapshot's ids at once, not every snapshot's (repository-format.md 12.10)."""
+        snapshot's ids at once, not every snapshot's (repository-format.md 12.10). One that no
+        longer reads raises, or with ``on_error`` is passed to it and skipped."""
         for snap in snaps:
-            yield self.load_snapshot(snap.id, listed=listed)
+            try:
+                whole = self.load_snapshot(snap.id, listed=listed)
+            except (IntegrityError, SnapshotNotFoundError) as exc:
+                if on_error is None:
+                    raise
+                on_error(snap, exc)
+                continue
+            yield whole
 
     def find_snapshot(self, ref: str, *, source: str | None = None) -> Snapshot:
         """``latest``, a full id, or a unique id prefix."""
