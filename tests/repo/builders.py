@@ -105,13 +105,15 @@ def backup(
     tags: list[str] | None = None,
     host: str = "host1",
     dedup: bool = True,
+    span: int = SPAN,
+    parent: str | None = None,
 ) -> Snapshot:
     """One snapshot following the write order: packs, index files (flush), snapshot.
     ``dedup=False``: store every blob again, as a backup racing another one does (the same
-    blobs then sit in two packs)."""
+    blobs then sit in two packs). ``span``: chunks per index block."""
     writer = repo.writer(upload_threads=2, index_every=2, dedup=dedup)
     try:
-        disks = [store_disk(repo, writer, n, d) for n, d in content.disks.items()]
+        disks = [store_disk(repo, writer, n, d, span=span) for n, d in content.disks.items()]
         files = [store_file(repo, writer, n, d) for n, d in content.files.items()]
     finally:
         writer.close()
@@ -122,6 +124,7 @@ def backup(
         username="tester",
         source={"kind": "files", "location": location},
         tags=list(tags or []),
+        parent=parent,
         disks=disks,
         files=files,
     )

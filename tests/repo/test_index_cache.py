@@ -788,3 +788,27 @@ def test_packed_ids_are_split_as_the_entries_they_are(entries: list[bytes]) -> N
     assert sorted(got) == sorted((e, "blob") for e in entries if e not in (bytes(32), b"\xff" * 32))
     rows.add_packed(b"".join(entries), 32)
     assert db.execute("SELECT count(*) FROM s.ids").fetchone()[0] == len(got) + len(entries)
+
+
+@given(
+    steps=st.lists(
+        st.lists(st.tuples(st.binary(min_size=1, max_size=3), st.binary(min_size=0, max_size=33)), max_size=700),
+        max_size=6,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_a_scratch_map_answers_as_a_dict(steps: list[list[tuple[bytes, bytes]]]) -> None:
+    """``ScratchMap`` (copy's pairings on disk) against a dict: later puts replace earlier
+    ones, ``get_many`` of more keys than one question asks (500) answers each once."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.execute("ATTACH ':memory:' AS s")
+    pairs = index_cache.ScratchMap(db, "s.pairs")
+    model: dict[bytes, bytes] = {}
+    for step in steps:
+        pairs.put(iter(step))
+        model.update(step)
+        asked = [k for k, _ in step] + [b"\x00never", *model]
+        assert pairs.get_many(asked) == {k: model[k] for k in asked if k in model}
+        for key in list(model)[:5]:
+            assert pairs.get(key) == model[key]
+        assert pairs.get(b"\x00never") is None

@@ -20,7 +20,15 @@ snapshot last. So:
 * for snapshots already copied, the pairing of their index blocks (source block id ->
   target block id) is learnt from the two manifests, so an index block unchanged since the
   last copied snapshot is taken over without reading any of its chunks from the source
-  (the target's block is read to check every chunk it names is still in the target);
+  (the target's block is read to check every chunk it names is still in the target). The
+  pairs come from the newest copied snapshot of every source location (a clone of another
+  VM shares its blocks) and from the copy each snapshot follows (its parent's, else its
+  location's newest); a block that changed has its chunks paired with the earlier copy's
+  block at the same place, so only the chunks that really changed are downloaded;
+* memory holds no pairing: they go to tables of a scratch database in the target's cache
+  folder (about 80 bytes a chunk on disk; a dict took about 140 bytes a chunk of memory,
+  1.5 GiB for a 2 TiB disk), snapshots are listed as summaries and read whole one at a time
+  (repository-format.md, 12.10);
 * nothing is deduplicated against target packs that are gone: each target pack a chunk is
   found in is confirmed present once (repository-format.md, sections 10.2 and 12.4).
 
@@ -31,8 +39,9 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +50,7 @@ from vmvault.errors import IntegrityError, RepositoryError, SnapshotNotFoundErro
 from vmvault.repo.fetch import BlobFetcher
 from vmvault.repo.filters import SnapshotFilter
 from vmvault.repo.format import BlobType, IndexBlock, block_length, is_chunk
+from vmvault.repo.index_cache import ScratchMap
 from vmvault.repo.progress import PhaseCallback
 from vmvault.repo.repository import BlobWriter, Repository
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
@@ -154,74 +164,123 @@ def _origin(snap: Snapshot) -> tuple[str, str] | None:
     return None
 
 
-class _Translator:
-    """Maps source blob ids to target blob ids, copying what the target lacks."""
+def _hex(ref: str | None) -> bytes | None:
+    """An id of a manifest as bytes; None for a hole or an id that is not hex (a pairing
+    learnt from it is only a saving, so a bad one is skipped: translating says what is wrong)."""
+    if ref is None:
+        return None
+    try:
+        return bytes.fromhex(ref)
+    except (TypeError, ValueError):
+        return None
 
-    def __init__(self, src: Repository, dst: Repository, writer: BlobWriter, report: CopyReport, workers: int) -> None:
+
+class _Translator:
+    """Maps source blob ids to target blob ids, copying what the target lacks.
+
+    The pairings (source id -> target id) are kept in tables of a scratch database, not in
+    memory: a copy of a 2 TiB disk pairs 8 M chunks, about 1.5 GiB as a dict."""
+
+    def __init__(
+        self,
+        src: Repository,
+        dst: Repository,
+        writer: BlobWriter,
+        report: CopyReport,
+        workers: int,
+        scratch: sqlite3.Connection,
+    ) -> None:
         self.src = src
         self.dst = dst
         self.writer = writer
         self.report = report
         self.workers = workers
-        self.chunks: dict[bytes, bytes] = {}
-        self.blocks: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
         # unencrypted repositories with the same id function (or ones sharing an id key and
         # function) give a chunk the same id in both:
-        # then a chunk the target holds needs no download to learn its target id
+        # then a chunk the target holds needs no download to learn its target id, and no
+        # chunk pairing is kept
         probe = b"vmvault copy: are chunk ids keyed alike?"
         self.same_ids = src.key.chunk_id(probe) == dst.key.chunk_id(probe)
+        #: source index block -> the target's, from earlier copies' manifests and this copy
+        self.blocks = ScratchMap(scratch, "s.blocks")
+        #: source chunk -> the target's, from earlier copies' index blocks and this copy
+        self.chunks = ScratchMap(scratch, "s.chunks")
+        #: per disk name, that disk in the earlier copy the snapshot being copied follows
+        #: (source record, target record), for pairing the chunks of a changed block
+        self.previous: dict[str, tuple[DiskRecord, DiskRecord]] = {}
+        #: source blocks of ``previous`` whose chunks are paired already
+        self._paired: set[bytes] = set()
 
-    def learn(self, src_snap: Snapshot, dst_snap: Snapshot, *, chunks: bool) -> None:
-        """Pair the blobs of a source snapshot and its earlier copy, position by position.
-
-        Index blocks pair from the manifests alone. With ``chunks``, the two sides' index
-        blocks are read (small: 32 bytes per chunk) to pair chunk ids too, so a changed
-        index block costs downloads only for the chunks that really changed."""
+    def learn_blocks(self, src_snap: Snapshot, dst_snap: Snapshot) -> dict[str, tuple[DiskRecord, DiskRecord]]:
+        """Pair the index blocks of a source snapshot and its earlier copy, position by
+        position, from the two manifests alone; returns the disks that pair by name."""
+        paired: dict[str, tuple[DiskRecord, DiskRecord]] = {}
         dst_disks = {d.name: d for d in dst_snap.disks}
         for d in src_snap.disks:
             other = dst_disks.get(d.name)
             if other is None or len(other.index) != len(d.index) or other.chunk_size != d.chunk_size:
                 continue
-            for a, b in zip(d.index, other.index, strict=True):
-                if a is None or b is None:
-                    continue
-                a_id, b_id = bytes.fromhex(a), bytes.fromhex(b)
-                self.blocks[a_id] = b_id
-                # the target's block only from a pack confirmed present (a lost one is not read)
-                if chunks and a_id in self.src.index and self.dst.index.has_present(b_id):
-                    try:
-                        a_block = self.src.read_index_block(a_id)
-                        b_block = self.dst.read_index_block(b_id)
-                    except IntegrityError:
-                        continue  # nothing learnt: the blocks are translated the long way (and check reports it)
-                    if len(a_block) != len(b_block):
-                        continue
-                    self.chunks.update(zip(a_block, b_block, strict=True))
+            paired[d.name] = (d, other)
+            pairs = ((_hex(a), _hex(b)) for a, b in zip(d.index, other.index, strict=True))
+            self.blocks.put((a, b) for a, b in pairs if a is not None and b is not None)
+        return paired
+
+    def follow(self, pair: tuple[Snapshot, Snapshot] | None) -> None:
+        """Learn from the earlier copy the next snapshot most likely follows (a source snapshot
+        and its copy; None: there is none): its index blocks (an unchanged block is then taken
+        over), its files' chunks by name, and where its disks' blocks are, so that a block that
+        changed has its chunks paired with the earlier block at the same place
+        (``index_block``), not every block of every disk."""
+        self._paired.clear()
+        self.previous = {}
+        if pair is None:
+            return
+        src_snap, dst_snap = pair
+        self.previous = self.learn_blocks(src_snap, dst_snap)
+        if self.same_ids:
+            return
         dst_files = {f.name: f for f in dst_snap.files}
         for f in src_snap.files:
             of = dst_files.get(f.name)
             if of is None or len(of.chunks) != len(f.chunks):
                 continue
-            for a, b in zip(f.chunks, of.chunks, strict=True):
-                self.chunks[bytes.fromhex(a)] = bytes.fromhex(b)
+            pairs = ((_hex(a), _hex(b)) for a, b in zip(f.chunks, of.chunks, strict=True))
+            self.chunks.put((a, b) for a, b in pairs if a is not None and b is not None)
+
+    def _pair_chunks_at(self, disk: str, block: int) -> None:
+        """Pair the chunks of the earlier copy's index block at this place (read from both
+        repositories, 32 bytes a chunk): a changed block then costs downloads only for the
+        chunks that really changed."""
+        earlier = self.previous.get(disk)
+        if self.same_ids or earlier is None or block >= len(earlier[0].index):
+            return
+        a_id, b_id = _hex(earlier[0].index[block]), _hex(earlier[1].index[block])
+        if a_id is None or b_id is None or a_id in self._paired:
+            return
+        self._paired.add(a_id)
+        # the target's block only from a pack confirmed present (a lost one is not read)
+        if a_id not in self.src.index or not self.dst.index.has_present(b_id):
+            return
+        try:
+            a_block = self.src.read_index_block(a_id)
+            b_block = self.dst.read_index_block(b_id)
+        except IntegrityError:
+            return  # nothing learnt: the chunks are translated the long way (and check reports it)
+        if len(a_block) == len(b_block):
+            self.chunks.put((a, b) for a, b in zip(a_block, b_block, strict=True) if is_chunk(a) and is_chunk(b))
 
     def _targets_of(self, src_ids: list[bytes]) -> dict[bytes, bytes]:
         """The target's ids of those source chunks the target holds already (no download),
         with one question to the target's index for all of them."""
-        with self._lock:
-            mapped = {src_id: self.chunks.get(src_id) for src_id in src_ids}
-        asked = [dst_id for dst_id in mapped.values() if dst_id is not None]
-        known = self.writer.known_of([*asked, *src_ids] if self.same_ids else asked)
-        out: dict[bytes, bytes] = {}
-        for src_id, dst_id in mapped.items():
-            if dst_id is not None and dst_id in known:
-                out[src_id] = dst_id
-            elif self.same_ids and src_id in known:
-                out[src_id] = src_id
-        return out
+        if self.same_ids:
+            known = self.writer.known_of(src_ids)
+            return {src_id: src_id for src_id in src_ids if src_id in known}
+        mapped = self.chunks.get_many(src_ids)
+        known = self.writer.known_of(list(mapped.values()))
+        return {src_id: dst_id for src_id, dst_id in mapped.items() if dst_id in known}
 
-    def _store(self, src_id: bytes, data: bytes) -> bytes:
+    def _store(self, data: bytes) -> bytes:
         """Add a source chunk's plaintext to the target; its id there."""
         dst_id = self.dst.key.chunk_id(data)
         added = self.writer.add(BlobType.DATA, dst_id, data)
@@ -231,7 +290,6 @@ class _Translator:
             if added:
                 self.report.chunks_added += 1
                 self.report.raw_bytes_added += len(data)
-            self.chunks[src_id] = dst_id
         return dst_id
 
     def chunks_of(self, ids: Iterable[bytes], pool: ThreadPoolExecutor) -> list[bytes]:
@@ -251,24 +309,28 @@ class _Translator:
             return [mapped.get(i, i) for i in ids]
         fetcher = BlobFetcher(self.src, BlobType.DATA, max_requests=self.workers, max_bytes=_PLANNED_BYTES)
         waiting: collections.deque[tuple[bytes, Future[bytes]]] = collections.deque()
+        fresh: list[tuple[bytes, bytes]] = []
 
         def settle(keep: int) -> None:
             while len(waiting) > keep:
                 done_id, future = waiting.popleft()
                 mapped[done_id] = future.result()
+                fresh.append((done_id, mapped[done_id]))
 
         try:
             for src_id, data in fetcher.fetch((i, i) for i in wanted):
                 if isinstance(data, IntegrityError):
                     raise data
                 assert data is not None  # None answers only a request without a blob id
-                waiting.append((src_id, pool.submit(self._store, src_id, data)))
+                waiting.append((src_id, pool.submit(self._store, data)))
                 settle(2 * self.workers)
             settle(0)
         finally:
             for _, future in waiting:
                 future.cancel()
             fetcher.close()
+        if not self.same_ids:
+            self.chunks.put(fresh)
         return [mapped.get(i, i) for i in ids]
 
     def _all_known(self, dst_block: bytes) -> bool:
@@ -281,16 +343,20 @@ class _Translator:
         chunks = set(block.chunk_ids())
         return len(self.writer.known_of(chunks)) == len(chunks)
 
-    def index_block(self, src_block: bytes, expected: int, what: str, pool: ThreadPoolExecutor) -> str | None:
-        """The target's ref for the source's index block ``src_block`` (None: all zeros)."""
+    def index_block(
+        self, src_block: bytes, expected: int, where: tuple[str, int], what: str, pool: ThreadPoolExecutor
+    ) -> str | None:
+        """The target's ref for the source's index block ``src_block`` (None: all zeros),
+        block number ``where[1]`` of disk ``where[0]``."""
         known = self.blocks.get(src_block)
         if known is not None and self.writer.known(known) and self._all_known(known):
             self.report.index_blocks_reused += 1
             return known.hex()
+        self._pair_chunks_at(*where)
         block = self.src.read_index_block(src_block, count=expected, what=f"{what}: index block {src_block.hex()}")
         dst_ref = self.writer.add_index_block(IndexBlock.from_refs(self.chunks_of(block, pool)))
         if dst_ref is not None:
-            self.blocks[src_block] = bytes.fromhex(dst_ref)
+            self.blocks.put([(src_block, bytes.fromhex(dst_ref))])
         return dst_ref
 
     def disk(self, d: DiskRecord, what: str, pool: ThreadPoolExecutor) -> DiskRecord:
@@ -300,11 +366,10 @@ class _Translator:
                 index.append(None)
                 continue
             expected = block_length(d, block)
-            try:
-                src_block = bytes.fromhex(block_id)
-            except ValueError:
-                raise IntegrityError(f"{what} disk {d.name}: index block id {block_id!r:.80} is not hex") from None
-            index.append(self.index_block(src_block, expected, f"{what} disk {d.name}", pool))
+            src_block = _hex(block_id)
+            if src_block is None:
+                raise IntegrityError(f"{what} disk {d.name}: index block id {block_id!r:.80} is not hex")
+            index.append(self.index_block(src_block, expected, (d.name, block), f"{what} disk {d.name}", pool))
         # change-tracking state describes the source repository's chain; a backup into the
         # target must not trust it, so the copy carries none (the next backup there reads fully)
         return DiskRecord(
@@ -322,9 +387,71 @@ class _Translator:
             stats=dict(d.stats),
         )
 
-    def file(self, f: FileRecord, pool: ThreadPoolExecutor) -> FileRecord:
-        chunks = self.chunks_of((bytes.fromhex(c) for c in f.chunks), pool)
+    def file(self, f: FileRecord, what: str, pool: ThreadPoolExecutor) -> FileRecord:
+        ids = [_hex(c) for c in f.chunks]
+        if None in ids:
+            raise IntegrityError(f"{what} file {f.name}: a chunk id is not hex")
+        chunks = self.chunks_of((i for i in ids if i is not None), pool)
         return FileRecord(name=f.name, size=f.size, mode=f.mode, mtime_ns=f.mtime_ns, chunks=[c.hex() for c in chunks])
+
+
+class _Earlier:
+    """The earlier copies a copy learns from, each pair (the source snapshot, its copy in the
+    target) read whole when it is used, one pair at a time: memory holds summaries of the
+    snapshots (repository-format.md, 12.10), not every earlier copy's ids."""
+
+    def __init__(self, src: Repository, dst: Repository, listed: Sequence[Snapshot], copies: dict[str, str]) -> None:
+        self.src = src
+        self.dst = dst
+        #: source snapshots (summaries) by id
+        self.by_id = {s.id: s for s in listed}
+        #: source snapshot id -> the id of its copy in the target
+        self.copies = copies
+        #: per source location, its newest snapshot copied already (a summary)
+        self.newest: dict[str, Snapshot] = {}
+        for src_id in copies:
+            if src_id in self.by_id:
+                self._note(self.by_id[src_id])
+        #: the pair copied last, still whole: the next snapshot of its location most likely follows it
+        self.last: tuple[Snapshot, Snapshot] | None = None
+
+    def _note(self, snap: Snapshot) -> None:
+        loc = snap.source.get("location", "")
+        if loc not in self.newest or (self.newest[loc].time, self.newest[loc].id) < (snap.time, snap.id):
+            self.newest[loc] = snap
+
+    def pair(self, src_id: str) -> tuple[Snapshot, Snapshot] | None:
+        """The source snapshot ``src_id`` and its copy, whole; None if either no longer reads
+        (nothing is learnt from it: its chunks are translated the long way)."""
+        if self.last is not None and self.last[0].id == src_id:
+            return self.last
+        try:
+            return (
+                self.src.load_snapshot(src_id, listed=True),
+                self.dst.load_snapshot(self.copies[src_id], listed=True),
+            )
+        except (IntegrityError, SnapshotNotFoundError):
+            return None
+
+    def newest_pairs(self) -> Iterator[tuple[Snapshot, Snapshot]]:
+        """The newest copied snapshot of each source location with its copy, one pair at a time:
+        an index block a VM shares with another one (a clone of a template) is taken over."""
+        for snap in list(self.newest.values()):
+            pair = self.pair(snap.id)
+            if pair is not None:
+                yield pair
+
+    def before(self, snap: Snapshot) -> tuple[Snapshot, Snapshot] | None:
+        """The copied pair ``snap`` most likely follows: its parent's, else its location's newest."""
+        if snap.parent in self.copies and snap.parent in self.by_id:
+            return self.pair(snap.parent)
+        newest = self.newest.get(snap.source.get("location", ""))
+        return self.pair(newest.id) if newest is not None else None
+
+    def copied(self, src_snap: Snapshot, dst_snap: Snapshot) -> None:
+        self.copies[src_snap.id] = dst_snap.id
+        self._note(self.by_id.get(src_snap.id, src_snap))
+        self.last = (src_snap, dst_snap)
 
 
 def copy_snapshots(
@@ -360,43 +487,42 @@ def copy_snapshots(
         # deduplicates against a pack it has not confirmed present (repository-format.md, 12.4)
         src_repo.load_index()
         dst_repo.load_index()
-        chosen = select_snapshots(src_repo.list_snapshots(), filters)
-        src_by_id = {s.id: s for s in src_repo.list_snapshots()} if chosen else {}
-        copies: dict[str, Snapshot] = {}  # source snapshot id -> its copy in the target
-        for t in dst_repo.list_snapshots():
+        listed = src_repo.list_snapshots(summaries=True)
+        chosen = select_snapshots(listed, filters)
+        copies: dict[str, str] = {}  # source snapshot id -> the id of its copy in the target
+        for t in dst_repo.list_snapshots(summaries=True):
             origin = _origin(t)
             if origin is not None:
-                copies.setdefault(origin[1], t)
+                copies.setdefault(origin[1], t.id)
+        if not any(s.id not in copies for s in chosen):
+            report.skipped = [s.id for s in chosen]
+            if progress is not None:
+                progress("copy", len(chosen), len(chosen))
+            report.seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
+            return report
         writer = dst_repo.writer(index_every=index_every)
         workers = workers or src_repo.backend.prepare_reads()
-        translator = _Translator(src_repo, dst_repo, writer, report, workers)
-        # chunk-level pairs come from the newest copied snapshot of each source: the likeliest
-        # parent of what is copied now (older copies still give index-block pairs)
-        newest: dict[str, Snapshot] = {}
-        for src_id in copies:
-            earlier = src_by_id.get(src_id)
-            if earlier is not None:
-                loc = earlier.source.get("location", "")
-                if loc not in newest or (newest[loc].time, newest[loc].id) < (earlier.time, earlier.id):
-                    newest[loc] = earlier
-        pending = [s for s in chosen if s.id not in copies]
-        for src_id, dst_snap in copies.items():
-            earlier = src_by_id.get(src_id)
-            if earlier is not None:
-                loc = earlier.source.get("location", "")
-                translator.learn(earlier, dst_snap, chunks=bool(pending) and newest[loc].id == src_id)
+        earlier = _Earlier(src_repo, dst_repo, listed, copies)
         ok = False
         try:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-copy") as pool:
-                for n, snap in enumerate(chosen):
+            with (
+                dst_repo.index.synced_cache().scratch() as scratch,
+                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-copy") as pool,
+            ):
+                translator = _Translator(src_repo, dst_repo, writer, report, workers, scratch)
+                for pair in earlier.newest_pairs():
+                    translator.learn_blocks(*pair)
+                for n, listed_snap in enumerate(chosen):
                     if progress is not None:
                         progress("copy", n, len(chosen))
-                    if snap.id in copies:
-                        report.skipped.append(snap.id)
+                    if listed_snap.id in copies:
+                        report.skipped.append(listed_snap.id)
                         continue
+                    translator.follow(earlier.before(listed_snap))
+                    snap = src_repo.load_snapshot(listed_snap.id, listed=True)
                     what = f"snapshot {snap.short_id}"
                     disks = [translator.disk(d, what, pool) for d in snap.disks]
-                    files = [translator.file(f, pool) for f in snap.files]
+                    files = [translator.file(f, what, pool) for f in snap.files]
                     # every blob the new snapshot names must be durable before the snapshot is
                     writer.flush()
                     parent = copies.get(snap.parent) if snap.parent else None
@@ -408,7 +534,7 @@ def copy_snapshots(
                         username=snap.username,
                         source=dict(snap.source),
                         tags=list(snap.tags),
-                        parent=parent.id if parent is not None else None,
+                        parent=parent,
                         vm=dict(snap.vm),
                         consistency=snap.consistency,
                         warnings=list(snap.warnings),
@@ -419,7 +545,7 @@ def copy_snapshots(
                         program=snap.program,
                     )
                     dst_repo.save_snapshot(new)
-                    copies[snap.id] = new
+                    earlier.copied(snap, new)
                     report.copied.append(CopiedSnapshot(snap.id, new.id, snap.source.get("location", ""), snap.time))
                 if progress is not None:
                     progress("copy", len(chosen), len(chosen))

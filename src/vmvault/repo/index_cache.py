@@ -48,6 +48,7 @@ __all__ = [
     "Grouped",
     "IndexCache",
     "IngestBatch",
+    "ScratchMap",
     "ScratchRows",
     "cache_root",
     "in_parts",
@@ -1072,6 +1073,30 @@ class ScratchRows:
     def flush(self) -> None:
         write_many(self.db, f"INSERT INTO {self.table} VALUES (?)", self.batch)
         self.batch = []
+
+
+class ScratchMap:
+    """Blob ids mapped to blob ids in a new table of a scratch database (``IndexCache.scratch``):
+    a dict whose entries live on disk, for pairings that grow with the data (``copy``'s source
+    id -> target id). A later ``put`` of a key replaces the earlier value, as a dict's does.
+    Use it from one thread."""
+
+    def __init__(self, db: sqlite3.Connection, table: str) -> None:
+        self.db = db
+        self.table = table
+        db.execute(f"CREATE TABLE {table}(k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID")
+
+    def put(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        write_many(self.db, f"INSERT OR REPLACE INTO {self.table} VALUES (?, ?)", pairs)
+
+    def get(self, key: bytes) -> bytes | None:
+        row = self.db.execute(f"SELECT v FROM {self.table} WHERE k = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, bytes]:
+        """The entries of those ``keys`` that have one, asked ``_LOOKUP_MANY_IDS`` at a time."""
+        sql = f"SELECT k, v FROM {self.table} WHERE k IN ({{marks}})"
+        return {bytes(k): bytes(v) for k, v in in_parts(self.db, sql, keys)}
 
 
 def write_many(conn: sqlite3.Connection, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
