@@ -694,9 +694,11 @@ class IndexCache:
     @contextlib.contextmanager
     def scratch(self) -> Iterator[sqlite3.Connection]:
         """A connection of its own (larger page cache) with a new, empty scratch database
-        attached as ``s``, for the working sets of check and prune; removed afterwards, and
-        by the next call if the process was killed. SQLite's temporary files are made in the
-        same folder (``_temp_files_in``)."""
+        attached as ``s``, for the working sets of check, prune, repair, stats and copy;
+        removed afterwards, and by the next call if the process was killed. SQLite's
+        temporary files are made in the same folder (``_temp_files_in``). An SQLite error
+        in the ``with`` body (the folder full, above all) is a RepositoryError saying what
+        to do (``_scratch_error``)."""
         folder = os.path.dirname(self.path)
         for leftover in os.listdir(folder):
             head, _, rest = leftover.partition(".scratch-")
@@ -713,7 +715,10 @@ class IndexCache:
                 conn.execute("PRAGMA s.journal_mode=OFF")
                 conn.execute("PRAGMA s.synchronous=OFF")
                 conn.execute(f"PRAGMA s.cache_size=-{_WRITE_CACHE_KIB}")
-            yield conn
+            try:
+                yield conn
+            except sqlite3.Error as exc:
+                raise _scratch_error(self, exc) from exc
         finally:
             conn.close()
             for suffix in ("", "-journal", "-wal", "-shm"):
@@ -1131,6 +1136,31 @@ def _damage(exc: sqlite3.Error) -> bool:
     )
 
 
+def _scratch_error(cache: IndexCache, exc: sqlite3.Error) -> RepositoryError:
+    """What an SQLite error while a scratch database is in use means to the user: a full
+    folder (the usual one; the command stops as a kill would, which each of them survives),
+    or a damaged cache, which holds nothing that cannot be read again from the repository."""
+    if not _damage(exc):
+        return RepositoryError(f"the scratch database in {os.path.dirname(cache.path)}: {exc}{_room_hint(exc)}")
+    return RepositoryError(
+        f"the index cache {cache.path} or its scratch database is damaged ({exc}); the cache holds only what"
+        " is read again from the repository: remove that file and run the command again"
+    )
+
+
+def _room_hint(exc: sqlite3.Error) -> str:
+    """What to do when SQLite's error says the folder is full (a full tmpfs says "disk I/O
+    error" as often as "database or disk is full")."""
+    if not any(w in str(exc).lower() for w in ("full", "disk i/o")):
+        return ""
+    return (
+        ". That folder holds this host's index cache (about 70 bytes a chunk of the repository) and"
+        " the working sets of check, prune, repair, stats and copy (up to about 140 bytes a chunk more"
+        " while they run): free space there or set VMVAULT_CACHE_DIR to a folder with room, then run"
+        " the command again"
+    )
+
+
 @contextlib.contextmanager
 def _translated(cache: IndexCache) -> Iterator[None]:
     """SQLite's errors as vmvault's: damage is CacheDamaged (the caller rebuilds), anything
@@ -1140,4 +1170,4 @@ def _translated(cache: IndexCache) -> Iterator[None]:
     except sqlite3.Error as exc:
         if _damage(exc):
             raise CacheDamaged(str(exc)) from exc
-        raise RepositoryError(f"the index cache {cache.path}: {exc}") from exc
+        raise RepositoryError(f"the index cache {cache.path}: {exc}{_room_hint(exc)}") from exc
