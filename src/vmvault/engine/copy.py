@@ -24,9 +24,11 @@ snapshot last. So:
   pairs come from the newest copied snapshot of every source location (a clone of another
   VM shares its blocks) and from the copy each snapshot follows (its parent's, else its
   location's newest); a block that changed has its chunks paired with the earlier copy's
-  block at the same place, so only the chunks that really changed are downloaded;
-* memory holds no pairing: they go to tables of a scratch database in the target's cache
-  folder (about 80 bytes a chunk on disk; a dict took about 140 bytes a chunk of memory,
+  block at the same place (held for that block only), so only the chunks that really
+  changed are downloaded;
+* memory holds no pairing beyond one block's: the index block pairs and the chunks this
+  copy downloads go to tables of a scratch database in the target's cache folder (about 80
+  bytes a chunk on disk; a dict of every pairing took about 140 bytes a chunk of memory,
   1.5 GiB for a 2 TiB disk), snapshots are listed as summaries and read whole one at a time
   (repository-format.md, 12.10);
 * nothing is deduplicated against target packs that are gone: each target pack a chunk is
@@ -179,7 +181,8 @@ class _Translator:
     """Maps source blob ids to target blob ids, copying what the target lacks.
 
     The pairings (source id -> target id) are kept in tables of a scratch database, not in
-    memory: a copy of a 2 TiB disk pairs 8 M chunks, about 1.5 GiB as a dict."""
+    memory (a copy of a 2 TiB disk pairs 8 M chunks, about 1.5 GiB as a dict), but for those
+    of the earlier block at the place being copied (``_pairs_at``)."""
 
     def __init__(
         self,
@@ -204,13 +207,11 @@ class _Translator:
         self.same_ids = src.key.chunk_id(probe) == dst.key.chunk_id(probe)
         #: source index block -> the target's, from earlier copies' manifests and this copy
         self.blocks = ScratchMap(scratch, "s.blocks")
-        #: source chunk -> the target's, from earlier copies' index blocks and this copy
+        #: source chunk -> the target's, for the chunks this copy downloaded and earlier copies' files
         self.chunks = ScratchMap(scratch, "s.chunks")
         #: per disk name, that disk in the earlier copy the snapshot being copied follows
         #: (source record, target record), for pairing the chunks of a changed block
         self.previous: dict[str, tuple[DiskRecord, DiskRecord]] = {}
-        #: source blocks of ``previous`` whose chunks are paired already
-        self._paired: set[bytes] = set()
 
     def learn_blocks(self, src_snap: Snapshot, dst_snap: Snapshot) -> dict[str, tuple[DiskRecord, DiskRecord]]:
         """Pair the index blocks of a source snapshot and its earlier copy, position by
@@ -232,7 +233,6 @@ class _Translator:
         over), its files' chunks by name, and where its disks' blocks are, so that a block that
         changed has its chunks paired with the earlier block at the same place
         (``index_block``), not every block of every disk."""
-        self._paired.clear()
         self.previous = {}
         if pair is None:
             return
@@ -248,35 +248,37 @@ class _Translator:
             pairs = ((_hex(a), _hex(b)) for a, b in zip(f.chunks, of.chunks, strict=True))
             self.chunks.put((a, b) for a, b in pairs if a is not None and b is not None)
 
-    def _pair_chunks_at(self, disk: str, block: int) -> None:
-        """Pair the chunks of the earlier copy's index block at this place (read from both
+    def _pairs_at(self, disk: str, block: int) -> dict[bytes, bytes]:
+        """The chunks of the earlier copy's index block at this place, paired (read from both
         repositories, 32 bytes a chunk): a changed block then costs downloads only for the
-        chunks that really changed."""
+        chunks that really changed. Held for this block only (at most ``INDEX_SPAN`` pairs):
+        put into the scratch table, the pairs of every changed block cost more time than the
+        downloads they save (an incremental copy changes most blocks a little)."""
         earlier = self.previous.get(disk)
         if self.same_ids or earlier is None or block >= len(earlier[0].index):
-            return
+            return {}
         a_id, b_id = _hex(earlier[0].index[block]), _hex(earlier[1].index[block])
-        if a_id is None or b_id is None or a_id in self._paired:
-            return
-        self._paired.add(a_id)
         # the target's block only from a pack confirmed present (a lost one is not read)
-        if a_id not in self.src.index or not self.dst.index.has_present(b_id):
-            return
+        if a_id is None or b_id is None or a_id not in self.src.index or not self.dst.index.has_present(b_id):
+            return {}
         try:
             a_block = self.src.read_index_block(a_id)
             b_block = self.dst.read_index_block(b_id)
         except IntegrityError:
-            return  # nothing learnt: the chunks are translated the long way (and check reports it)
-        if len(a_block) == len(b_block):
-            self.chunks.put((a, b) for a, b in zip(a_block, b_block, strict=True) if is_chunk(a) and is_chunk(b))
+            return {}  # nothing learnt: the chunks are translated the long way (and check reports it)
+        if len(a_block) != len(b_block):
+            return {}
+        return {a: b for a, b in zip(a_block, b_block, strict=True) if is_chunk(a) and is_chunk(b)}
 
-    def _targets_of(self, src_ids: list[bytes]) -> dict[bytes, bytes]:
+    def _targets_of(self, src_ids: list[bytes], nearby: dict[bytes, bytes]) -> dict[bytes, bytes]:
         """The target's ids of those source chunks the target holds already (no download),
-        with one question to the target's index for all of them."""
+        with one question to the target's index for all of them. ``nearby``: pairs from the
+        earlier block at this place, asked before the scratch table."""
         if self.same_ids:
             known = self.writer.known_of(src_ids)
             return {src_id: src_id for src_id in src_ids if src_id in known}
-        mapped = self.chunks.get_many(src_ids)
+        mapped = {src_id: nearby[src_id] for src_id in src_ids if src_id in nearby}
+        mapped.update(self.chunks.get_many(src_id for src_id in src_ids if src_id not in mapped))
         known = self.writer.known_of(list(mapped.values()))
         return {src_id: dst_id for src_id, dst_id in mapped.items() if dst_id in known}
 
@@ -292,7 +294,9 @@ class _Translator:
                 self.report.raw_bytes_added += len(data)
         return dst_id
 
-    def chunks_of(self, ids: Iterable[bytes], pool: ThreadPoolExecutor) -> list[bytes]:
+    def chunks_of(
+        self, ids: Iterable[bytes], pool: ThreadPoolExecutor, nearby: dict[bytes, bytes] | None = None
+    ) -> list[bytes]:
         """The target's ids of ``ids`` (an index block's or a file's chunks, in their order),
         copying the chunks the target lacks.
 
@@ -303,7 +307,7 @@ class _Translator:
         """
         ids = list(ids)
         chunks = list(dict.fromkeys(i for i in ids if is_chunk(i)))
-        mapped = self._targets_of(chunks)
+        mapped = self._targets_of(chunks, nearby or {})
         wanted = [src_id for src_id in chunks if src_id not in mapped]
         if not wanted:
             return [mapped.get(i, i) for i in ids]
@@ -352,9 +356,9 @@ class _Translator:
         if known is not None and self.writer.known(known) and self._all_known(known):
             self.report.index_blocks_reused += 1
             return known.hex()
-        self._pair_chunks_at(*where)
+        nearby = self._pairs_at(*where)
         block = self.src.read_index_block(src_block, count=expected, what=f"{what}: index block {src_block.hex()}")
-        dst_ref = self.writer.add_index_block(IndexBlock.from_refs(self.chunks_of(block, pool)))
+        dst_ref = self.writer.add_index_block(IndexBlock.from_refs(self.chunks_of(block, pool, nearby)))
         if dst_ref is not None:
             self.blocks.put([(src_block, bytes.fromhex(dst_ref))])
         return dst_ref
