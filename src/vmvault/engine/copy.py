@@ -268,7 +268,8 @@ class _Translator:
             return {}  # nothing learnt: the chunks are translated the long way (and check reports it)
         if len(a_block) != len(b_block):
             return {}
-        return {a: b for a, b in zip(a_block, b_block, strict=True) if is_chunk(a) and is_chunk(b)}
+        # (pairs of zero or parent references too: cheaper than leaving them out, never asked)
+        return dict(zip(a_block, b_block, strict=True))
 
     def _targets_of(self, src_ids: list[bytes], nearby: dict[bytes, bytes]) -> dict[bytes, bytes]:
         """The target's ids of those source chunks the target holds already (no download),
