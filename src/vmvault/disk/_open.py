@@ -31,7 +31,16 @@ from dataclasses import dataclass
 from vmvault import platform
 from vmvault.errors import ParentError, SourceError
 
-__all__ = ["ANYWHERE", "ParentRule", "describe_mode", "in_pseudo_fs", "open_checked", "open_parent", "real_path"]
+__all__ = [
+    "ANYWHERE",
+    "ParentRule",
+    "describe_mode",
+    "in_pseudo_fs",
+    "names_a_file",
+    "open_checked",
+    "open_parent",
+    "real_path",
+]
 
 
 def _inside(real: str, folder: str) -> bool:
@@ -57,6 +66,14 @@ def _pseudo_devices() -> frozenset[int]:
         if dev != root:
             devs.add(dev)
     return frozenset(devs)
+
+
+def names_a_file(path: str) -> bool:
+    """Whether ``path`` can name a file at all. A parent reference read from an image or a
+    merge journal is untrusted: one holding a NUL byte, which no file name can, is damaged
+    (and the system calls and ``os.path.realpath`` raise ValueError for it). The one test of
+    this, for every place such a name is used."""
+    return "\0" not in path
 
 
 def in_pseudo_fs(real: str, st: os.stat_result) -> bool:
@@ -220,7 +237,7 @@ def open_parent(path: str, *, child: str, rule: ParentRule, named: bool = False)
                 "refused: allow its folder explicitly (--allow-parent-dir) if it is trusted"
             )
 
-    if "\0" in path:
+    if not names_a_file(path):
         # a name read from a hostile file; the system calls below would raise ValueError
         raise refuse("holds a NUL byte, which no file name can: the reference is damaged")
     try:

@@ -34,7 +34,7 @@ from typing import Final
 
 from vmvault import platform
 from vmvault.disk import DISK_SUFFIXES, FORMATS, ParentRule, create_image, detect_format, disk_format, open_image
-from vmvault.disk._open import open_checked
+from vmvault.disk._open import names_a_file, open_checked
 from vmvault.disk.base import DiskImage, DiskWriter, Extent, ExtentKind, clip_extents, coalesce
 from vmvault.errors import ConfigError, FormatError, SourceError, UnsupportedFormatError
 
@@ -504,8 +504,7 @@ def _read_journal(path: str, rule: ParentRule) -> tuple[str, list[str], str] | N
     ):
         raise SourceError(f"{path}: merge journal is not what vmvault writes")
     for named in [doc["parent"], *doc["grandchildren"]]:
-        # a NUL names no file (and os.path.realpath raises ValueError for it)
-        if "\0" in named or not os.path.isabs(named) or not rule.allows(os.path.realpath(named)):
+        if not names_a_file(named) or not os.path.isabs(named) or not rule.allows(os.path.realpath(named)):
             raise SourceError(
                 f"{path}: merge journal names {named!r}, which is not where this merge's files may be "
                 f"({rule.describe()}); not finishing it"
@@ -550,8 +549,8 @@ def _names_as_parent(path: str, target: str, allow_dirs: Sequence[str]) -> bool:
     """
     ref = disk_format(detect_format(path), path=path).read_parent(path)
     real = os.path.realpath(target)
-    # a name holding a NUL (a damaged reference) names no file: not the target either
-    return ref is not None and any("\0" not in p and os.path.realpath(p) == real for p in ref.paths)
+    # a damaged reference names no file: not the target either
+    return ref is not None and any(names_a_file(p) and os.path.realpath(p) == real for p in ref.paths)
 
 
 def _check_repointable(path: str, parent_fmt: str) -> None:
