@@ -197,12 +197,17 @@ def serving(point: Path) -> bool:
 
 
 def make_image(path: Path, size: str, seed: int = 1) -> None:
+    """The test image at ``path``, made once and kept: made under a temporary name and renamed
+    when complete, so that a run killed while making it leaves no half-written image that
+    later runs would take for the whole one."""
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
     if SHARED_MAKER.exists():
         subprocess.run(
-            [sys.executable, str(SHARED_MAKER), "create", str(path), "--size", size, "--seed", str(seed)],
+            [sys.executable, str(SHARED_MAKER), "create", str(partial), "--size", size, "--seed", str(seed)],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -210,7 +215,8 @@ def make_image(path: Path, size: str, seed: int = 1) -> None:
         from vmvault.sample_vm import make_disk
 
         units = {"M": 1 << 20, "G": 1 << 30}
-        make_disk(str(path), int(float(size[:-1]) * units[size[-1].upper()]), seed=seed, fill=0.6)
+        make_disk(str(partial), int(float(size[:-1]) * units[size[-1].upper()]), seed=seed, fill=0.6)
+    partial.rename(path)
 
 
 def mutate(path: Path, percent: float, seed: int = 2) -> int:
