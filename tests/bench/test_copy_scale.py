@@ -4,28 +4,17 @@ reads only the changed chunks the second time, and restores the changed disk fro
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench import run_bench
 
 
 @pytest.mark.slow
 def test_both_copies_measured_on_a_small_disk(tmp_path: Path) -> None:
-    src = BENCH.parent / "src"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     args = ["--size", "64M", "--chunk-size", "16K", "--work", str(tmp_path / "w"), "--image-dir", str(tmp_path)]
-    out = subprocess.run(
-        [sys.executable, str(BENCH / "copy_scale.py"), *args, "--json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    out = run_bench("copy_scale.py", *args, "--json")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     first, again = result["steps"]["first copy"], result["steps"]["copy after change"]

@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench import BENCH, run_bench
 
 
 @pytest.fixture
@@ -60,16 +60,8 @@ def test_show_copy_files_and_mount_measured_at_n0(tmp_path: Path) -> None:
     pytest.importorskip("mfusepy", reason="mfusepy is vmvault's mount extra")
     if shutil.which("mke2fs") is None:
         pytest.skip("files needs mke2fs (e2fsprogs) to build its disk")
-    src = BENCH.parent / "src"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     args = ["--chunks", "0", "--disk-size", "64M", "--work", str(tmp_path / "w"), "--json"]
-    out = subprocess.run(
-        [sys.executable, str(BENCH / "scale.py"), *args, "--ops", "show,copy,files,mount,restore"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    out = run_bench("scale.py", *args, "--ops", "show,copy,files,mount,restore")
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     ops = result["ops"]
