@@ -6,6 +6,7 @@ every snapshot reads back. A real tmpfs, filled to its last few KiB."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from vmvault.backends.local import LocalBackend
 from vmvault.engine.copy import copy_snapshots
 from vmvault.errors import RepositoryError
 from vmvault.repo.check import check
+from vmvault.repo.index_cache import IndexCache
 from vmvault.repo.prune import forget_ids, prune
 from vmvault.repo.repair import repair_snapshots
 from vmvault.repo.repository import Repository
@@ -95,3 +97,26 @@ def test_a_full_cache_folder_is_a_clear_error_and_loses_nothing(
     target = Repository.open(target.backend, PASS)
     (copy,) = target.list_snapshots()
     assert read_disk(target, copy.disks[0]) == disks[1]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (sqlite3.OperationalError("database or disk is full"), r"scratch database in .*full\. .*VMVAULT_CACHE_DIR"),
+        (sqlite3.OperationalError("database is locked"), r"scratch database in .*: database is locked$"),
+        (sqlite3.DatabaseError("database disk image is malformed"), r"is damaged .*remove that file"),
+        (sqlite3.ProgrammingError("Incorrect number of bindings supplied"), None),
+        (sqlite3.IntegrityError("NOT NULL constraint failed: pairs.v"), None),
+    ],
+)
+def test_what_an_sqlite_error_in_a_scratch_database_becomes(
+    tmp_path: Path, error: sqlite3.Error, expected: str | None
+) -> None:
+    """A full folder, a lock and damage are the user's to act on (one line saying what to do);
+    a misuse of SQLite (a bug) keeps its own exception and traceback. The scratch file goes."""
+    cache = IndexCache("ab" * 16, "file:///somewhere", root=str(tmp_path))
+    raised = pytest.raises(RepositoryError, match=expected) if expected else pytest.raises(type(error))
+    with raised as caught, cache.scratch():
+        raise error
+    assert caught.value is not None and "\n" not in str(caught.value)
+    assert _scratch_files(tmp_path) == []

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -718,7 +719,10 @@ class IndexCache:
             try:
                 yield conn
             except sqlite3.Error as exc:
-                raise _scratch_error(self, exc) from exc
+                translated = _scratch_error(self, exc)
+                if translated is None:
+                    raise  # a misuse of SQLite is a bug in vmvault: its traceback is wanted
+                raise translated from exc
         finally:
             conn.close()
             for suffix in ("", "-journal", "-wal", "-shm"):
@@ -1128,24 +1132,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: what SQLite's messages about a damaged database say
+_DAMAGE_WORDS = re.compile("malformed|not a database|corrupt|disk image", re.IGNORECASE)
+
+
 def _damage(exc: sqlite3.Error) -> bool:
     """Whether SQLite says the database itself is damaged (not busy, not full)."""
-    text = str(exc).lower()
-    return not isinstance(exc, sqlite3.OperationalError) or any(
-        w in text for w in ("malformed", "not a database", "corrupt", "disk image")
-    )
+    return not isinstance(exc, sqlite3.OperationalError) or bool(_DAMAGE_WORDS.search(str(exc)))
 
 
-def _scratch_error(cache: IndexCache, exc: sqlite3.Error) -> RepositoryError:
+def _scratch_error(cache: IndexCache, exc: sqlite3.Error) -> RepositoryError | None:
     """What an SQLite error while a scratch database is in use means to the user: a full
     folder (the usual one; the command stops as a kill would, which each of them survives),
-    or a damaged cache, which holds nothing that cannot be read again from the repository."""
-    if not _damage(exc):
+    or a damaged cache, which holds nothing that cannot be read again from the repository.
+    None for a misuse of SQLite (a bug, not the user's to solve)."""
+    if isinstance(exc, sqlite3.DatabaseError) and _DAMAGE_WORDS.search(str(exc)):
+        return RepositoryError(
+            f"the index cache {cache.path} or its scratch database is damaged ({exc}); the cache holds only"
+            " what is read again from the repository: remove that file and run the command again"
+        )
+    if isinstance(exc, sqlite3.OperationalError):
         return RepositoryError(f"the scratch database in {os.path.dirname(cache.path)}: {exc}{_room_hint(exc)}")
-    return RepositoryError(
-        f"the index cache {cache.path} or its scratch database is damaged ({exc}); the cache holds only what"
-        " is read again from the repository: remove that file and run the command again"
-    )
+    return None
 
 
 def _room_hint(exc: sqlite3.Error) -> str:
