@@ -20,7 +20,7 @@ import pytest
 
 from tests.ceph import CephCluster
 from tests.servers import S3Server, SshServer, s3_server, sshd_server
-from vmvault.backends.base import Backend
+from vmvault.backends.base import FAR_ROUND_TRIP, Backend
 from vmvault.backends.local import LocalBackend
 from vmvault.backends.memory import MemoryBackend
 
@@ -62,6 +62,19 @@ def upload_in_progress(directory: Path) -> bool:
                 except FileNotFoundError:
                     continue
     return False
+
+
+def read_until_near(backend: Backend, name: str, length: int, tries: int = 300) -> float:
+    """Read the first ``length`` bytes of ``name`` until an answer comes quicker than
+    ``FAR_ROUND_TRIP`` (at most ``tries`` times): the distance a backend judges is its quickest
+    answer so far, and a busy machine keeps a server on loopback waiting for a core now and then
+    (CI saw three answers in a row, and once the quickest of 32, slower than 5 ms). Returns the
+    quickest answer, in seconds."""
+    for _ in range(tries):
+        assert len(backend.get(name, 0, length)) == length
+        if backend._quickest_reply < FAR_ROUND_TRIP:  # type: ignore[attr-defined]
+            break
+    return float(backend._quickest_reply)  # type: ignore[attr-defined]
 
 
 def _memory(tmp_path: Path, request: pytest.FixtureRequest) -> StoreUnderTest:

@@ -16,7 +16,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from tests.backends.conftest import upload_in_progress
+from tests.backends.conftest import read_until_near, upload_in_progress
 from tests.latency import relay
 from tests.servers import SshServer, process_tree, running_sshd
 from vmvault.backends import open_backend
@@ -447,10 +447,8 @@ def test_a_far_server_gets_more_connections_to_read_from(own_sshd: SshServer, tr
     the distance is unknown."""
     with backend(own_sshd, "far", transport=transport) as b:
         b.put("data/obj", b"x" * MiB)
-        # (the quickest of many answers: a busy machine may keep one waiting for a core)
-        for _ in range(20):
-            assert b.get("data/obj", 0, 1) == b"x"
-        assert b.prepare_reads() == 4
+        quickest = read_until_near(b, "data/obj", 1)
+        assert b.prepare_reads() == 4, f"the quickest of 300 answers took {quickest * 1000:.1f} ms"
     options: dict[str, object] = {
         "key_filename": str(own_sshd.client_key),
         "known_hosts": str(own_sshd.known_hosts),
