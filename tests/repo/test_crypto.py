@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -480,3 +481,32 @@ def test_object_swapped_under_another_name_is_caught() -> None:
     repo.backend.put(f"snapshots/{a.id}", repo.backend.get(f"snapshots/{b.id}"))
     with pytest.raises(IntegrityError, match="does not match its name"):
         repo.load_snapshot(a.id)
+
+
+def test_a_threads_decryption_buffer_starts_at_what_it_needs_and_doubles() -> None:
+    """A thread that opens only small envelopes (a copy's index block readers) holds 64 KiB
+    for them, not the 1 MiB each held before; a larger body at least doubles the buffer, and
+    one past ``_MAX_SCRATCH`` gets a buffer of its own."""
+    key = MasterKey.generate()
+    rnd = random.Random(5)
+    lengths: list[tuple[int, int]] = []
+
+    def run() -> None:
+        for n in (1_000, 150_000, 400_000, 2_000_000, 40 << 20):
+            # half random, half zeros: compressed, so opened through the thread's buffer
+            payload = rnd.randbytes(n // 2) + bytes(n - n // 2)
+            sealed = seal_envelope(key, payload, b"aad")
+            assert sealed[1] & 1
+            assert open_envelope(key, sealed, b"aad", what="t") == payload
+            lengths.append((len(sealed), len(crypto._tls.scratch)))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    (_, first), (s2, second), (s3, third), (s4, fourth), (_, last) = lengths
+    assert first == crypto._MIN_SCRATCH
+    assert second == 2 * crypto._MIN_SCRATCH and s2 < second
+    # (a body is the sealed envelope less its header, nonce and tag)
+    assert third == 2 * second > s3  # a 200 KB body: doubled
+    assert s4 - TAG_SIZE - 32 <= fourth <= s4 and fourth > 2 * third  # a 1 MB body: what it needs
+    assert last == fourth  # 20 MiB of body: a buffer of its own, the thread's kept

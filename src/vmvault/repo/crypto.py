@@ -226,16 +226,21 @@ def _cipher(enc_key: bytes) -> AESGCM:
 
 #: a thread's decryption buffer grows to at most this; a larger envelope gets its own buffer
 _MAX_SCRATCH = 16 << 20
+#: and starts at least this large
+_MIN_SCRATCH = 64 << 10
 
 
 def _scratch(size: int) -> memoryview:
     """A writable view of ``size`` bytes of this thread's decryption buffer, valid until this
-    thread's next call: for plaintext that is consumed at once (a compressed body)."""
+    thread's next call: for plaintext that is consumed at once (a compressed body). The buffer
+    starts at what the first envelope needs (a thread that opens only small index blocks holds
+    no MiB for them) and at least doubles when it grows."""
     if size > _MAX_SCRATCH:
         return memoryview(bytearray(size))
     buf: bytearray | None = getattr(_tls, "scratch", None)
     if buf is None or len(buf) < size:
-        buf = _tls.scratch = bytearray(max(size, 1 << 20))
+        grown = max(size, _MIN_SCRATCH, 2 * len(buf) if buf is not None else 0)
+        buf = _tls.scratch = bytearray(min(grown, _MAX_SCRATCH))
     return memoryview(buf)[:size]
 
 
