@@ -177,6 +177,16 @@ def _hex(ref: str | None) -> bytes | None:
         return None
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One source index block, read ahead (``_Translator._prepare``): the target block to name
+    again, or the block's entries and the pairs of the earlier block at its place."""
+
+    reuse: bytes | None = None
+    block: IndexBlock | None = None
+    nearby: dict[bytes, bytes] = field(default_factory=dict)
+
+
 class _Translator:
     """Maps source blob ids to target blob ids, copying what the target lacks.
 
@@ -348,33 +358,86 @@ class _Translator:
         chunks = set(block.chunk_ids())
         return len(self.writer.known_of(chunks)) == len(chunks)
 
-    def index_block(
-        self, src_block: bytes, expected: int, where: tuple[str, int], what: str, pool: ThreadPoolExecutor
-    ) -> str | None:
-        """The target's ref for the source's index block ``src_block`` (None: all zeros),
-        block number ``where[1]`` of disk ``where[0]``."""
-        known = self.blocks.get(src_block)
-        if known is not None and self.writer.known(known) and self._all_known(known):
-            self.report.index_blocks_reused += 1
-            return known.hex()
+    def _reusable(self, dst_block: bytes | None) -> bool:
+        """Whether the target's index block ``dst_block`` (an earlier translation of a source
+        block) can be named again: it and every chunk it names are stored in the target."""
+        return dst_block is not None and self.writer.known(dst_block) and self._all_known(dst_block)
+
+    def _prepare(
+        self, src_block: bytes, candidate: bytes | None, expected: int, where: tuple[str, int], what: str
+    ) -> _Prepared:
+        """What translating one source index block needs from storage, read ahead in a thread
+        of its own (``disk``): whether ``candidate`` (the block's pairing when it was planned)
+        is reusable, else the source block and the pairs of the earlier block at its place."""
+        if self._reusable(candidate):
+            return _Prepared(reuse=candidate)
         nearby = self._pairs_at(*where)
         block = self.src.read_index_block(src_block, count=expected, what=f"{what}: index block {src_block.hex()}")
-        dst_ref = self.writer.add_index_block(IndexBlock.from_refs(self.chunks_of(block, pool, nearby)))
+        return _Prepared(block=block, nearby=nearby)
+
+    def _finish(
+        self, src_block: bytes, candidate: bytes | None, prepared: Future[_Prepared], pool: ThreadPoolExecutor
+    ) -> str | None:
+        """The target's ref for ``src_block`` from what ``_prepare`` read: its pairing taken
+        over, or its chunks translated (copying the ones the target lacks) into a new block."""
+        # a block of this copy may have been paired since the read was planned (a disk that
+        # repeats a block): that pairing is asked too, the long way
+        known = self.blocks.get(src_block)
+        try:
+            ready = prepared.result()
+        except IntegrityError:
+            if known == candidate or not self._reusable(known):
+                raise
+            ready = _Prepared(reuse=known)
+        if ready.reuse is None and known != candidate and self._reusable(known):
+            ready = _Prepared(reuse=known)
+        if ready.reuse is not None:
+            self.report.index_blocks_reused += 1
+            return ready.reuse.hex()
+        assert ready.block is not None
+        dst_ref = self.writer.add_index_block(IndexBlock.from_refs(self.chunks_of(ready.block, pool, ready.nearby)))
         if dst_ref is not None:
             self.blocks.put([(src_block, bytes.fromhex(dst_ref))])
         return dst_ref
 
-    def disk(self, d: DiskRecord, what: str, pool: ThreadPoolExecutor) -> DiskRecord:
+    def disk(self, d: DiskRecord, what: str, pool: ThreadPoolExecutor, reads: ThreadPoolExecutor) -> DiskRecord:
+        """The disk record of the copy of ``d``. Each index block's reads (the target's block
+        it was paired with, to confirm its chunks; else the source's block and the earlier
+        block at its place) are made in ``reads``, up to ``2 * workers`` blocks ahead: one
+        after another they cost a round trip each, 2,048 of them a run for a 2 TiB disk."""
         index: list[str | None] = []
-        for block, block_id in enumerate(d.index):
+        what = f"{what} disk {d.name}"
+        ahead: collections.deque[tuple[bytes, bytes | None, Future[_Prepared]] | None] = collections.deque()
+        planned = iter(enumerate(d.index))
+
+        def plan() -> bool:
+            item = next(planned, None)
+            if item is None:
+                return False
+            block, block_id = item
             if block_id is None:
-                index.append(None)
-                continue
-            expected = block_length(d, block)
+                ahead.append(None)
+                return True
             src_block = _hex(block_id)
             if src_block is None:
-                raise IntegrityError(f"{what} disk {d.name}: index block id {block_id!r:.80} is not hex")
-            index.append(self.index_block(src_block, expected, (d.name, block), f"{what} disk {d.name}", pool))
+                raise IntegrityError(f"{what}: index block id {block_id!r:.80} is not hex")
+            candidate = self.blocks.get(src_block)
+            expected = block_length(d, block)
+            future = reads.submit(self._prepare, src_block, candidate, expected, (d.name, block), what)
+            ahead.append((src_block, candidate, future))
+            return True
+
+        try:
+            while len(ahead) < 2 * self.workers and plan():
+                pass
+            while ahead:
+                head = ahead.popleft()
+                index.append(None if head is None else self._finish(*head, pool))
+                plan()
+        finally:
+            for head in ahead:
+                if head is not None:
+                    head[2].cancel()
         # change-tracking state describes the source repository's chain; a backup into the
         # target must not trust it, so the copy carries none (the next backup there reads fully)
         return DiskRecord(
@@ -417,7 +480,8 @@ class _Earlier:
         for src_id in copies:
             if src_id in self.by_id:
                 self._note(self.by_id[src_id])
-        #: the pair copied last, still whole: the next snapshot of its location most likely follows it
+        #: the pair copied (or learnt from) last, still whole: the next snapshot to copy most
+        #: likely follows it
         self.last: tuple[Snapshot, Snapshot] | None = None
 
     def _note(self, snap: Snapshot) -> None:
@@ -438,20 +502,36 @@ class _Earlier:
         except (IntegrityError, SnapshotNotFoundError):
             return None
 
-    def newest_pairs(self) -> Iterator[tuple[Snapshot, Snapshot]]:
+    def newest_pairs(self, first: Snapshot | None) -> Iterator[tuple[Snapshot, Snapshot]]:
         """The newest copied snapshot of each source location with its copy, one pair at a time:
-        an index block a VM shares with another one (a clone of a template) is taken over."""
-        for snap in list(self.newest.values()):
+        an index block a VM shares with another one (a clone of a template) is taken over.
+        The pair ``first`` (the first snapshot to copy) follows comes last and is kept whole,
+        so that it is not read again."""
+        follows = self._follows(first) if first is not None else None
+        snaps = sorted(self.newest.values(), key=lambda s: s.id == follows)
+        for snap in snaps:
             pair = self.pair(snap.id)
             if pair is not None:
+                self.last = pair
                 yield pair
 
-    def before(self, snap: Snapshot) -> tuple[Snapshot, Snapshot] | None:
-        """The copied pair ``snap`` most likely follows: its parent's, else its location's newest."""
+    def _follows(self, snap: Snapshot) -> str | None:
+        """The id of the copied snapshot ``snap`` most likely follows: its parent, else its
+        location's newest."""
         if snap.parent in self.copies and snap.parent in self.by_id:
-            return self.pair(snap.parent)
+            return snap.parent
         newest = self.newest.get(snap.source.get("location", ""))
-        return self.pair(newest.id) if newest is not None else None
+        return newest.id if newest is not None else None
+
+    def before(self, snap: Snapshot) -> tuple[Snapshot, Snapshot] | None:
+        """The copied pair ``snap`` most likely follows: its parent's, else (or when that pair
+        no longer reads) its location's newest."""
+        follows = self._follows(snap)
+        pair = self.pair(follows) if follows is not None else None
+        newest = self.newest.get(snap.source.get("location", ""))
+        if pair is None and newest is not None and newest.id != follows:
+            pair = self.pair(newest.id)
+        return pair
 
     def copied(self, src_snap: Snapshot, dst_snap: Snapshot) -> None:
         self.copies[src_snap.id] = dst_snap.id
@@ -513,9 +593,11 @@ def copy_snapshots(
             with (
                 dst_repo.index.synced_cache().scratch() as scratch,
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-copy") as pool,
+                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-copy-blocks") as reads,
             ):
                 translator = _Translator(src_repo, dst_repo, writer, report, workers, scratch)
-                for pair in earlier.newest_pairs():
+                first = next((s for s in chosen if s.id not in copies), None)
+                for pair in earlier.newest_pairs(first):
                     translator.learn_blocks(*pair)
                 for n, listed_snap in enumerate(chosen):
                     if progress is not None:
@@ -526,7 +608,7 @@ def copy_snapshots(
                     translator.follow(earlier.before(listed_snap))
                     snap = src_repo.load_snapshot(listed_snap.id, listed=True)
                     what = f"snapshot {snap.short_id}"
-                    disks = [translator.disk(d, what, pool) for d in snap.disks]
+                    disks = [translator.disk(d, what, pool, reads) for d in snap.disks]
                     files = [translator.file(f, what, pool) for f in snap.files]
                     # every blob the new snapshot names must be durable before the snapshot is
                     writer.flush()

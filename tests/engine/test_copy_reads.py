@@ -1,0 +1,149 @@
+"""What ``copy`` reads from storage per index block and per earlier copy: the blocks' reads are
+made ahead, several at once (one after another they cost a round trip each); the pair a
+snapshot follows is read once; a parent copy that no longer reads gives way to the location's
+newest copy."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.repo.builders import CHUNK, Content, backup, disk_image, make_repo, read_disk, reopen
+from vmvault.backends.local import LocalBackend
+from vmvault.engine.copy import copy_snapshots
+from vmvault.errors import IntegrityError
+from vmvault.repo.check import check
+from vmvault.repo.repository import Repository
+
+
+def _repos(tmp_path: Path) -> tuple[Repository, Repository]:
+    return make_repo(LocalBackend(str(tmp_path / "src"))), make_repo(LocalBackend(str(tmp_path / "dst")))
+
+
+def _changed(disk: bytes, chunk: int, seed: int) -> bytes:
+    fresh = disk_image(seed, 1, zero_every=0)
+    return disk[: chunk * CHUNK] + fresh + disk[(chunk + 1) * CHUNK :]
+
+
+def _copy_of(dst: Repository, source_id: str) -> str:
+    return next(s.id for s in reopen(dst).list_snapshots() if s.extra["copied_from"]["snapshot"] == source_id)
+
+
+def test_the_target_blocks_a_copy_takes_over_are_read_several_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 index blocks taken over, each read from a target 20 ms away: the reads overlap (one
+    at a time before, 100 round trips in a row) and the copy reads back and checks clean."""
+    src, dst = _repos(tmp_path)
+    disk = disk_image(11, 400)
+    first = backup(src, Content(disks={"sda": disk}))
+    copy_snapshots(src, dst, workers=4)
+    changed = _changed(disk, 7, 12)
+    second = backup(src, Content(disks={"sda": changed}), parent=first.id)
+    busy = {"now": 0, "most": 0, "reads": 0}
+    lock = threading.Lock()
+    read = dst.read_index_block
+
+    def far(block_id: bytes, **kwargs: object) -> object:
+        with lock:
+            busy["now"] += 1
+            busy["reads"] += 1
+            busy["most"] = max(busy["most"], busy["now"])
+        try:
+            time.sleep(0.02)
+            return read(block_id, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                busy["now"] -= 1
+
+    monkeypatch.setattr(dst, "read_index_block", far)
+    report = copy_snapshots(src, dst, workers=4)
+    assert report.index_blocks_reused == sum(b is not None for b in second.disks[0].index) - 1
+    assert report.chunks_read == 1
+    assert busy["reads"] >= report.index_blocks_reused
+    assert busy["most"] >= 3, busy
+    monkeypatch.undo()
+    dst = reopen(dst)
+    copy = dst.load_snapshot(_copy_of(dst, second.id))
+    assert read_disk(dst, copy.disks[0]) == changed
+    assert check(dst, read_data=True).ok
+
+
+def test_the_pair_a_snapshot_follows_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot copied after its parent's copy: the parent and its copy are read whole once
+    (twice before: once for their blocks, again for the pair the snapshot follows)."""
+    src, dst = _repos(tmp_path)
+    disk = disk_image(13, 200)
+    first = backup(src, Content(disks={"sda": disk}))
+    copy_snapshots(src, dst)
+    second = backup(src, Content(disks={"sda": _changed(disk, 3, 14)}), parent=first.id)
+    loads: dict[str, list[str]] = {"src": [], "dst": []}
+    listing = threading.Event()  # loads made by a listing are its own (summaries)
+    for name, repo in (("src", src), ("dst", dst)):
+        load, list_snapshots = repo.load_snapshot, repo.list_snapshots
+
+        def counting(snap_id: str, *, load: object = load, name: str = name, **kwargs: object) -> object:
+            if not listing.is_set():
+                loads[name].append(snap_id)
+            return load(snap_id, **kwargs)  # type: ignore[operator]
+
+        def listed(*, list_snapshots: object = list_snapshots, **kwargs: object) -> object:
+            listing.set()
+            try:
+                return list_snapshots(**kwargs)  # type: ignore[operator]
+            finally:
+                listing.clear()
+
+        monkeypatch.setattr(repo, "load_snapshot", counting)
+        monkeypatch.setattr(repo, "list_snapshots", listed)
+    report = copy_snapshots(src, dst)
+    assert [c.source_id for c in report.copied] == [second.id]
+    assert sorted(loads["src"]) == sorted([first.id, second.id]), loads
+    assert len(loads["dst"]) == 1, loads
+    assert report.chunks_read == 1
+
+
+def test_a_parent_copy_that_no_longer_reads_gives_way_to_the_newest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C's parent is A, whose copy in the target was listed but no longer reads (damaged since,
+    on a host that kept no copy of it); B (A with one chunk changed) is the location's newest
+    copy. C, B with one more chunk of the same index block changed, follows B: one chunk is
+    downloaded (52 before: the block's every chunk, nothing learnt for its place)."""
+    src, dst = _repos(tmp_path)
+    disk_a = disk_image(15, 256)
+    a = backup(src, Content(disks={"sda": disk_a}), span=64)
+    copy_snapshots(src, dst)
+    disk_b = _changed(disk_a, 10, 16)
+    b = backup(src, Content(disks={"sda": disk_b}), span=64, parent=a.id)
+    copy_snapshots(src, dst)
+    copy_a = _copy_of(dst, a.id)
+    disk_c = _changed(disk_b, 12, 17)
+    c = backup(src, Content(disks={"sda": disk_c}), span=64, parent=a.id)
+    listing = threading.Event()
+    load, list_snapshots = dst.load_snapshot, dst.list_snapshots
+
+    def damaged(snap_id: str, **kwargs: object) -> object:
+        if snap_id == copy_a and not listing.is_set():
+            raise IntegrityError(f"snapshot {snap_id}: damaged")
+        return load(snap_id, **kwargs)  # type: ignore[arg-type]
+
+    def listed(**kwargs: object) -> object:
+        listing.set()
+        try:
+            return list_snapshots(**kwargs)  # type: ignore[arg-type]
+        finally:
+            listing.clear()
+
+    monkeypatch.setattr(dst, "load_snapshot", damaged)
+    monkeypatch.setattr(dst, "list_snapshots", listed)
+    report = copy_snapshots(src, dst)
+    assert [x.source_id for x in report.copied] == [c.id]
+    assert report.chunks_read == 1, report.chunks_read
+    monkeypatch.undo()
+    dst = reopen(dst)
+    assert read_disk(dst, dst.load_snapshot(_copy_of(dst, c.id)).disks[0]) == disk_c
+    assert read_disk(dst, dst.load_snapshot(_copy_of(dst, b.id)).disks[0]) == disk_b
