@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from vmvault.engine.copy import copy_snapshots
 from vmvault.errors import IntegrityError
 from vmvault.repo.check import check
 from vmvault.repo.repository import Repository
+from vmvault.repo.snapshot import Snapshot
 
 
 def _repos(tmp_path: Path) -> tuple[Repository, Repository]:
@@ -30,6 +33,28 @@ def _changed(disk: bytes, chunk: int, seed: int) -> bytes:
 
 def _copy_of(dst: Repository, source_id: str) -> str:
     return next(s.id for s in reopen(dst).list_snapshots() if s.extra["copied_from"]["snapshot"] == source_id)
+
+
+def _on_whole_loads(repo: Repository, monkeypatch: pytest.MonkeyPatch, seen: Callable[[str], None]) -> None:
+    """Call ``seen`` with the id of each snapshot ``repo`` loads whole, before it is loaded (it
+    may raise), but for the loads a listing makes (summaries)."""
+    listing = threading.Event()
+    load, list_snapshots = repo.load_snapshot, repo.list_snapshots
+
+    def loading(snap_id: str, **kwargs: Any) -> Snapshot:
+        if not listing.is_set():
+            seen(snap_id)
+        return load(snap_id, **kwargs)
+
+    def listed(**kwargs: Any) -> list[Snapshot]:
+        listing.set()
+        try:
+            return list_snapshots(**kwargs)
+        finally:
+            listing.clear()
+
+    monkeypatch.setattr(repo, "load_snapshot", loading)
+    monkeypatch.setattr(repo, "list_snapshots", listed)
 
 
 def test_the_target_blocks_a_copy_takes_over_are_read_several_at_once(
@@ -81,24 +106,8 @@ def test_the_pair_a_snapshot_follows_is_read_once(tmp_path: Path, monkeypatch: p
     copy_snapshots(src, dst)
     second = backup(src, Content(disks={"sda": _changed(disk, 3, 14)}), parent=first.id)
     loads: dict[str, list[str]] = {"src": [], "dst": []}
-    listing = threading.Event()  # loads made by a listing are its own (summaries)
-    for name, repo in (("src", src), ("dst", dst)):
-        load, list_snapshots = repo.load_snapshot, repo.list_snapshots
-
-        def counting(snap_id: str, *, load: object = load, name: str = name, **kwargs: object) -> object:
-            if not listing.is_set():
-                loads[name].append(snap_id)
-            return load(snap_id, **kwargs)  # type: ignore[operator]
-
-        def listed(*, list_snapshots: object = list_snapshots, **kwargs: object) -> object:
-            listing.set()
-            try:
-                return list_snapshots(**kwargs)  # type: ignore[operator]
-            finally:
-                listing.clear()
-
-        monkeypatch.setattr(repo, "load_snapshot", counting)
-        monkeypatch.setattr(repo, "list_snapshots", listed)
+    _on_whole_loads(src, monkeypatch, loads["src"].append)
+    _on_whole_loads(dst, monkeypatch, loads["dst"].append)
     report = copy_snapshots(src, dst)
     assert [c.source_id for c in report.copied] == [second.id]
     assert sorted(loads["src"]) == sorted([first.id, second.id]), loads
@@ -123,23 +132,12 @@ def test_a_parent_copy_that_no_longer_reads_gives_way_to_the_newest(
     copy_a = _copy_of(dst, a.id)
     disk_c = _changed(disk_b, 12, 17)
     c = backup(src, Content(disks={"sda": disk_c}), span=64, parent=a.id)
-    listing = threading.Event()
-    load, list_snapshots = dst.load_snapshot, dst.list_snapshots
 
-    def damaged(snap_id: str, **kwargs: object) -> object:
-        if snap_id == copy_a and not listing.is_set():
+    def damaged(snap_id: str) -> None:
+        if snap_id == copy_a:
             raise IntegrityError(f"snapshot {snap_id}: damaged")
-        return load(snap_id, **kwargs)  # type: ignore[arg-type]
 
-    def listed(**kwargs: object) -> object:
-        listing.set()
-        try:
-            return list_snapshots(**kwargs)  # type: ignore[arg-type]
-        finally:
-            listing.clear()
-
-    monkeypatch.setattr(dst, "load_snapshot", damaged)
-    monkeypatch.setattr(dst, "list_snapshots", listed)
+    _on_whole_loads(dst, monkeypatch, damaged)
     report = copy_snapshots(src, dst)
     assert [x.source_id for x in report.copied] == [c.id]
     assert report.chunks_read == 1, report.chunks_read

@@ -202,12 +202,15 @@ class _Translator:
         report: CopyReport,
         workers: int,
         scratch: sqlite3.Connection,
+        ahead: int,
     ) -> None:
         self.src = src
         self.dst = dst
         self.writer = writer
         self.report = report
         self.workers = workers
+        #: index blocks whose reads are made ahead of the one being copied (``disk``)
+        self.ahead = ahead
         self._lock = threading.Lock()
         # unencrypted repositories with the same id function (or ones sharing an id key and
         # function) give a chunk the same id in both:
@@ -403,8 +406,8 @@ class _Translator:
     def disk(self, d: DiskRecord, what: str, pool: ThreadPoolExecutor, reads: ThreadPoolExecutor) -> DiskRecord:
         """The disk record of the copy of ``d``. Each index block's reads (the target's block
         it was paired with, to confirm its chunks; else the source's block and the earlier
-        block at its place) are made in ``reads``, up to ``2 * workers`` blocks ahead: one
-        after another they cost a round trip each, 2,048 of them a run for a 2 TiB disk."""
+        block at its place) are made in ``reads``, up to ``ahead`` blocks ahead: one after
+        another they cost a round trip each, 2,048 of them a run for a 2 TiB disk."""
         index: list[str | None] = []
         what = f"{what} disk {d.name}"
         ahead: collections.deque[tuple[bytes, bytes | None, Future[_Prepared]] | None] = collections.deque()
@@ -428,7 +431,7 @@ class _Translator:
             return True
 
         try:
-            while len(ahead) < 2 * self.workers and plan():
+            while len(ahead) < self.ahead and plan():
                 pass
             while ahead:
                 head = ahead.popleft()
@@ -587,15 +590,17 @@ def copy_snapshots(
             return report
         writer = dst_repo.writer(index_every=index_every)
         workers = workers or src_repo.backend.prepare_reads()
+        # index blocks are read from both repositories: as many at once as the farther serves best
+        block_reads = max(workers, dst_repo.backend.prepare_reads())
         earlier = _Earlier(src_repo, dst_repo, listed, copies)
         ok = False
         try:
             with (
                 dst_repo.index.synced_cache().scratch() as scratch,
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-copy") as pool,
-                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmvault-copy-blocks") as reads,
+                ThreadPoolExecutor(max_workers=block_reads, thread_name_prefix="vmvault-copy-blocks") as reads,
             ):
-                translator = _Translator(src_repo, dst_repo, writer, report, workers, scratch)
+                translator = _Translator(src_repo, dst_repo, writer, report, workers, scratch, 2 * block_reads)
                 first = next((s for s in chosen if s.id not in copies), None)
                 for pair in earlier.newest_pairs(first):
                     translator.learn_blocks(*pair)
