@@ -46,6 +46,39 @@ class MemoryDisk(DiskImage):
         return bytes(self.data[offset : offset + length])
 
 
+class SparseDisk(DiskImage):
+    """A large disk holding only ``pieces`` (offset -> bytes); zeros elsewhere."""
+
+    format = "raw"
+
+    def __init__(self, size: int, pieces: dict[int, bytes]) -> None:
+        self._size = size
+        self.pieces = pieces
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def extents(self) -> Iterator[Extent]:
+        out, pos = [], 0
+        for off, data in sorted(self.pieces.items()):
+            if off > pos:
+                out.append(Extent(pos, off - pos, ExtentKind.ZERO))
+            out.append(Extent(off, len(data), ExtentKind.DATA))
+            pos = off + len(data)
+        if pos < self._size:
+            out.append(Extent(pos, self._size - pos, ExtentKind.ZERO))
+        return coalesce(out)
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray(length)
+        for off, data in self.pieces.items():
+            first, end = max(off, offset), min(off + len(data), offset + length)
+            if first < end:
+                out[first - offset : end - offset] = data[first - off : end - off]
+        return bytes(out)
+
+
 class ScriptedSession(BackupSession):
     def __init__(self, disks: list[SourceDisk]) -> None:
         self.vm = {"name": "test-vm", "hypervisor": "test"}

@@ -40,7 +40,7 @@ import os
 import random
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,6 +200,49 @@ def _changed_chunks(changed: list[tuple[int, int]], size: int, chunk_size: int) 
         else:
             out.append((first, end))
     return out
+
+
+def _blocks_touched(runs: Iterable[tuple[int, int, str]], span: int) -> Iterator[int]:
+    """The index blocks that ordered chunk ``runs`` fall into, in order, each once."""
+    last = -1
+    for first, end, _kind in runs:
+        for block in range(max(first // span, last + 1), (end - 1) // span + 1):
+            yield block
+            last = block
+
+
+class _ReadAhead:
+    """Index blocks of the parent that an incremental changes, read in ``pool`` up to
+    ``window`` blocks ahead of the one being built: one after another, each cost the main
+    thread a round trip to the repository (2,048 of them for a 2 TiB disk changed all over,
+    a minute from a store 30 ms away). Memory: ``window`` blocks (128 KiB each at most)."""
+
+    def __init__(
+        self, blocks: Iterator[int], read: Callable[[int], IndexBlockBuilder], pool: ThreadPoolExecutor, window: int
+    ) -> None:
+        self._blocks = blocks
+        self._read = read
+        self._pool = pool
+        self._window = window
+        self._ahead: collections.OrderedDict[int, Future[IndexBlockBuilder]] = collections.OrderedDict()
+
+    def get(self, block: int) -> IndexBlockBuilder:
+        """Block ``block``'s entries, read ahead if it was planned (else read now)."""
+        while self._ahead and next(iter(self._ahead)) < block:
+            self._ahead.popitem(last=False)[1].cancel()  # (not asked for: never the case)
+        while len(self._ahead) < self._window:
+            upcoming = next(self._blocks, None)
+            if upcoming is None:
+                break
+            if upcoming >= block:
+                self._ahead[upcoming] = self._pool.submit(self._read, upcoming)
+        planned = self._ahead.pop(block, None)
+        return planned.result() if planned is not None else self._read(block)
+
+    def cancel(self) -> None:
+        for planned in self._ahead.values():
+            planned.cancel()
+        self._ahead.clear()
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -376,6 +419,7 @@ class _DiskBackup:
                 self.warnings.append(self.tracking_failed)
                 incremental = False
         runs: Iterator[tuple[int, int, str]]
+        parent_blocks: _ReadAhead | None = None
         if incremental:
             assert self.disk.changed is not None
             dirty = _changed_chunks(self.disk.changed, self.size, cs)
@@ -406,6 +450,12 @@ class _DiskBackup:
                     dirty_runs = sorted(dirty_runs + list(_intersect(healed, self._plan_full())))
             todo_bytes = sum(min(e * cs, self.size) - f * cs for f, e, k in dirty_runs if k == _KIND_DATA)
             runs = iter(dirty_runs)
+            parent_blocks = _ReadAhead(
+                _blocks_touched(dirty_runs, span),
+                lambda b: self._parent_entries(b, min((b + 1) * span, n_chunks) - b * span),
+                self.pool,
+                self.max_in_flight,
+            )
         else:
             todo_bytes, runs = self._plan_with_total()
         self.progress.start(self.disk.name, todo_bytes)
@@ -465,11 +515,8 @@ class _DiskBackup:
                 fifo.append(("empty", stop - block))
                 block = stop
                 continue
-            if incremental:
-                assert self.parent is not None
-                entries = self._parent_entries(block, b_end - b_first)
-            else:
-                entries = IndexBlockBuilder(b_end - b_first)
+            # (an incremental changes its parent's block, read ahead; a full backup builds one)
+            entries = parent_blocks.get(block) if parent_blocks is not None else IndexBlockBuilder(b_end - b_first)
             while run is not None and run[0] < b_end:
                 first, end, kind = max(run[0], b_first), min(run[1], b_end), run[2]
                 if kind == _KIND_PARENT:
