@@ -229,7 +229,7 @@ class _ReadAhead:
     def get(self, block: int) -> IndexBlockBuilder:
         """Block ``block``'s entries, read ahead if it was planned (else read now)."""
         while self._ahead and next(iter(self._ahead)) < block:
-            self._ahead.popitem(last=False)[1].cancel()  # (not asked for: never the case)
+            self._ahead.popitem(last=False)[1].cancel()  # (planned, not asked for: not expected)
         while len(self._ahead) < self._window:
             upcoming = next(self._blocks, None)
             if upcoming is None:
@@ -240,6 +240,7 @@ class _ReadAhead:
         return planned.result() if planned is not None else self._read(block)
 
     def cancel(self) -> None:
+        """Drop the reads not started yet."""
         for planned in self._ahead.values():
             planned.cancel()
         self._ahead.clear()
@@ -495,59 +496,67 @@ class _DiskBackup:
         # kept free when a batch is submitted: the writer may close a pack while the batches are
         # placed (its joined copy) and a pack may pass its size by a chunk
         room = self.repo.config.pack_size + cs
-        run = next(runs, None)
-        block = 0
-        while block < n_blocks:
-            b_first, b_end = block * span, min((block + 1) * span, n_chunks)
-            # skip ahead past runs that end before this block
-            while run is not None and run[1] <= b_first:
-                run = next(runs, None)
-            block_touched = run is not None and run[0] < b_end
-            if incremental and not block_touched:
-                # every block up to the one the next run starts in keeps the parent's id
-                stop = n_blocks if run is None else run[0] // span
-                fifo.append(("reuse", block, stop))
-                block = stop
-                continue
-            if not incremental and (run is None or (run[2] == _KIND_ZERO and run[0] <= b_first and run[1] >= b_end)):
-                # blocks wholly inside a zero run: no entries are built, one FIFO item for the run
-                stop = n_blocks if run is None or run[1] >= n_chunks else run[1] // span
-                fifo.append(("empty", stop - block))
-                block = stop
-                continue
-            # (an incremental changes its parent's block, read ahead; a full backup builds one)
-            entries = parent_blocks.get(block) if parent_blocks is not None else IndexBlockBuilder(b_end - b_first)
-            while run is not None and run[0] < b_end:
-                first, end, kind = max(run[0], b_first), min(run[1], b_end), run[2]
-                if kind == _KIND_PARENT:
-                    entries.fill(first - b_first, end - b_first, PARENT_ID)
-                elif kind == _KIND_ZERO:
-                    # (a no-op on a fresh block; in an incremental it replaces the parent's entry)
-                    entries.fill(first - b_first, end - b_first, ZERO_ID)
-                elif kind == _KIND_DATA:
-                    per_batch = max(1, BATCH_BYTES // cs)
-                    for f in range(first, end, per_batch):
-                        count = min(per_batch, end - f)
-                        nbytes = min(count * cs, self.size - f * cs)
-                        while in_flight and (in_flight >= self.max_in_flight or not budget.fits(2 * nbytes + room)):
-                            drain_one()
-                        # with nothing in flight, what is held is the writer's: wait for its uploads
-                        budget.take(2 * nbytes, room=room)
-                        fut: Future[tuple[list[bytes], list[SealedBlob]]] = self.pool.submit(self._read_batch, f, count)
-                        fifo.append(("batch", fut, entries, f - b_first, nbytes))
-                        in_flight += 1
-                        # place what is finished at the head now: sealed batches wait for
-                        # their turn in memory, so keep that queue short
-                        while fifo and (fifo[0][0] != "batch" or fifo[0][1].done()):
-                            drain_one()
-                if run[1] <= b_end:
+        try:
+            run = next(runs, None)
+            block = 0
+            while block < n_blocks:
+                b_first, b_end = block * span, min((block + 1) * span, n_chunks)
+                # skip ahead past runs that end before this block
+                while run is not None and run[1] <= b_first:
                     run = next(runs, None)
-                else:
-                    break
-            fifo.append(("block", entries))
-            block += 1
-        while fifo:
-            drain_one()
+                block_touched = run is not None and run[0] < b_end
+                if incremental and not block_touched:
+                    # every block up to the one the next run starts in keeps the parent's id
+                    stop = n_blocks if run is None else run[0] // span
+                    fifo.append(("reuse", block, stop))
+                    block = stop
+                    continue
+                if not incremental and (
+                    run is None or (run[2] == _KIND_ZERO and run[0] <= b_first and run[1] >= b_end)
+                ):
+                    # blocks wholly inside a zero run: no entries are built, one FIFO item for the run
+                    stop = n_blocks if run is None or run[1] >= n_chunks else run[1] // span
+                    fifo.append(("empty", stop - block))
+                    block = stop
+                    continue
+                # (an incremental changes its parent's block, read ahead; a full backup builds one)
+                entries = parent_blocks.get(block) if parent_blocks is not None else IndexBlockBuilder(b_end - b_first)
+                while run is not None and run[0] < b_end:
+                    first, end, kind = max(run[0], b_first), min(run[1], b_end), run[2]
+                    if kind == _KIND_PARENT:
+                        entries.fill(first - b_first, end - b_first, PARENT_ID)
+                    elif kind == _KIND_ZERO:
+                        # (a no-op on a fresh block; in an incremental it replaces the parent's entry)
+                        entries.fill(first - b_first, end - b_first, ZERO_ID)
+                    elif kind == _KIND_DATA:
+                        per_batch = max(1, BATCH_BYTES // cs)
+                        for f in range(first, end, per_batch):
+                            count = min(per_batch, end - f)
+                            nbytes = min(count * cs, self.size - f * cs)
+                            while in_flight and (in_flight >= self.max_in_flight or not budget.fits(2 * nbytes + room)):
+                                drain_one()
+                            # with nothing in flight, what is held is the writer's: wait for its uploads
+                            budget.take(2 * nbytes, room=room)
+                            fut: Future[tuple[list[bytes], list[SealedBlob]]] = self.pool.submit(
+                                self._read_batch, f, count
+                            )
+                            fifo.append(("batch", fut, entries, f - b_first, nbytes))
+                            in_flight += 1
+                            # place what is finished at the head now: sealed batches wait for
+                            # their turn in memory, so keep that queue short
+                            while fifo and (fifo[0][0] != "batch" or fifo[0][1].done()):
+                                drain_one()
+                    if run[1] <= b_end:
+                        run = next(runs, None)
+                    else:
+                        break
+                fifo.append(("block", entries))
+                block += 1
+            while fifo:
+                drain_one()
+        finally:
+            if parent_blocks is not None:
+                parent_blocks.cancel()  # a failed backup reads no more of them
         self.progress.finish()
         for w in self.warnings:
             self.progress.warn(w)
