@@ -7,6 +7,7 @@ runs and machines), else from vmvault's own sample generator.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,3 +285,91 @@ def machine() -> str:
 
 def mib(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
+
+
+def revision(src: Path) -> str:
+    """``src`` (a vmvault source folder) with the short commit of the checkout holding it."""
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown"
+    return f"{rev} ({src})"
+
+
+def report(result: dict[str, object], text: str, *, as_json: bool, write: str | None, section: str) -> None:
+    """Print a benchmark's result (one JSON line, or its markdown ``text``) and, with ``write``,
+    put ``text`` into that markdown file's ``section``."""
+    import json
+
+    print(json.dumps(result) if as_json else text)
+    if write:
+        from compare import write_section
+
+        write_section(Path(write), section, text)
+
+
+@contextlib.contextmanager
+def far_sftp(workdir: Path, rtt_ms: float) -> Iterator[tuple[str, dict[str, str]]]:
+    """A repository location on OpenSSH's ``sshd`` (internal-sftp: no login shell runs per
+    session) on 127.0.0.1 with its own keys (``tests/servers.py``), reached through a relay
+    that delays every byte by half of ``rtt_ms`` each way (``tests/latency.py``); yields the
+    location and the environment a client needs (its key and known_hosts)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from latency import relay
+    from servers import SshServer
+
+    ssh = SshServer(workdir)
+    config = ssh.config.read_text().splitlines()
+    ssh.config.write_text(
+        "\n".join("Subsystem sftp internal-sftp" if c.startswith("Subsystem sftp") else c for c in config) + "\n"
+    )
+    ssh.start()
+    try:
+        with relay(ssh.port, rtt_ms) as (port, _pid):
+            # the host key, known for the port clients connect to
+            known = ssh.known_hosts.read_text()
+            ssh.known_hosts.write_text(known + known.replace(f":{ssh.port} ", f":{port} "))
+            yield ssh.url("repo").replace(f":{ssh.port}/", f":{port}/"), dict(ssh.env)
+    finally:
+        ssh.stop()
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read 8 MiB at a time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def far_arguments(description: str | None, work: str, section: str) -> argparse.Namespace:
+    """The command line of a benchmark against a repository far away (``far_sftp``), each
+    ``--code`` timed in turn ``--runs`` times on a disk of ``--blocks`` index blocks."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rtt-ms", type=float, default=30.0, help="round trip added to every SFTP exchange")
+    ap.add_argument("--blocks", type=int, default=256, help="index blocks of the disk (16 MiB each)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--code", action="append", default=[], help="a vmvault src folder to time (repeatable)")
+    ap.add_argument("--work", default=str(OUT / work), help="scratch folder (emptied, then removed)")
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    ap.add_argument("--write", help=f"write the table into this markdown file (section {section})")
+    args = ap.parse_args()
+    if args.blocks < 1 or args.runs < 1 or args.rtt_ms <= 0:
+        ap.error("--blocks and --runs must be at least 1, --rtt-ms above 0")
+    return args
+
+
+def far_header(script: str, result: dict[str, object]) -> list[str]:
+    """The first lines of a far benchmark's table: the command that made it and the machine."""
+    return [
+        f"Command: `python bench/{script} --rtt-ms {result['rtt_ms']} --blocks {result['blocks']}`"
+        " (with `--code` once per version compared)",
+        "",
+        f"Machine: {machine()}",
+        "",
+    ]

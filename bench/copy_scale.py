@@ -21,15 +21,13 @@ them on disk does not. Run it once per version (``PYTHONPATH=OTHER/src``) to com
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from _common import OUT, fresh, machine, make_image, mutate, timed_child
+from _common import OUT, fresh, machine, make_image, mutate, report, revision, sha256_file, timed_child
 
 PASSWORD = "benchmark passphrase"
 
@@ -38,25 +36,10 @@ def _cli(repo: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "vmvault", "-r", str(repo), *args]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _revision() -> str:
     import vmvault
 
-    src = Path(vmvault.__file__).resolve().parents[2]
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    return f"{rev} ({src})"
+    return revision(Path(vmvault.__file__).resolve().parents[2])
 
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
@@ -93,7 +76,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     out = work / "restored"
     timed_child(_cli(dst, "-q", "restore", "latest", "--target", str(out)), env=env)
     restored = [p for p in out.rglob("*") if p.is_file() and p.stat().st_size == disk.stat().st_size]
-    if len(restored) != 1 or _sha256(restored[0]) != _sha256(disk):
+    if len(restored) != 1 or sha256_file(restored[0]) != sha256_file(disk):
         raise SystemExit("the copy of the second backup does not restore the changed disk")
     shutil.rmtree(work)
     return {
@@ -137,12 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1] / "src"))
     result = measure(args)
-    text = render(result)
-    print(json.dumps(result) if args.json else text)
-    if args.write:
-        from compare import write_section
-
-        write_section(Path(args.write), "copy-scale", text)
+    report(result, render(result), as_json=args.json, write=args.write, section="copy-scale")
 
 
 if __name__ == "__main__":

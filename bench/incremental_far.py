@@ -32,22 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import OUT, ROOT, fresh, machine
-
-sys.path.insert(0, str(ROOT / "tests"))
-from latency import relay
+from _common import ROOT, far_arguments, far_header, far_sftp, fresh, report, revision
 
 PASSWORD = b"benchmark passphrase"
-
-
-def _revision(src: Path) -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "unknown"
-    return f"{rev} ({src})"
 
 
 def child(url: str, run: int, blocks: int) -> None:
@@ -80,55 +67,41 @@ def child(url: str, run: int, blocks: int) -> None:
 
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
-    from servers import SshServer
-
     codes = [Path(c).resolve() for c in args.code] or [ROOT / "src"]
     work = fresh(Path(args.work))
-    ssh = SshServer(work / "sshd")
-    config = ssh.config.read_text().splitlines()
-    ssh.config.write_text(
-        "\n".join("Subsystem sftp internal-sftp" if c.startswith("Subsystem sftp") else c for c in config) + "\n"
-    )
-    ssh.start()
-    runs: dict[str, list[float]] = {_revision(c): [] for c in codes}
-    try:
-        with relay(ssh.port, args.rtt_ms) as (port, _pid):
-            known = ssh.known_hosts.read_text()
-            ssh.known_hosts.write_text(known + known.replace(f":{ssh.port} ", f":{port} "))
-            url = ssh.url("repo").replace(f":{ssh.port}/", f":{port}/")
-            env = {
-                **os.environ,
-                **ssh.env,
-                # cheap passphrase derivation: the unlocking is not what is measured
-                "VMVAULT_TEST_CHEAP_KDF": "1",
-                "VMVAULT_CACHE_DIR": str(work / "cache"),
-                "VMVAULT_STATE_DIR": str(work / "state"),
-            }
+    runs: dict[str, list[float]] = {revision(c): [] for c in codes}
+    with far_sftp(work / "sshd", args.rtt_ms) as (url, client_env):
+        env = {
+            **os.environ,
+            **client_env,
+            # cheap passphrase derivation: the unlocking is not what is measured
+            "VMVAULT_TEST_CHEAP_KDF": "1",
+            "VMVAULT_CACHE_DIR": str(work / "cache"),
+            "VMVAULT_STATE_DIR": str(work / "state"),
+        }
 
-            def backup_with(code: Path, run: int) -> dict[str, float]:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--child", url, str(run), str(args.blocks)],
-                    env={**env, "PYTHONPATH": str(code)},
-                    capture_output=True,
-                    text=True,
-                )
-                if out.returncode:
-                    raise SystemExit(f"backup {run} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
-                result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
-                if bool(result["incremental"]) != bool(run):
-                    raise SystemExit(f"backup {run} was {'not ' if run else ''}an incremental")
-                return result
+        def backup_with(code: Path, run: int) -> dict[str, float]:
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", url, str(run), str(args.blocks)],
+                env={**env, "PYTHONPATH": str(code)},
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode:
+                raise SystemExit(f"backup {run} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+            result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+            if bool(result["incremental"]) != bool(run):
+                raise SystemExit(f"backup {run} was {'not ' if run else ''}an incremental")
+            return result
 
-            print(f"  full backup: {backup_with(codes[0], 0)['seconds']} s", file=sys.stderr, flush=True)
-            run = 1
-            for _ in range(args.runs):
-                for code in codes:
-                    seconds = backup_with(code, run)["seconds"]
-                    runs[_revision(code)].append(seconds)
-                    print(f"  {_revision(code)}: {seconds} s", file=sys.stderr, flush=True)
-                    run += 1
-    finally:
-        ssh.stop()
+        print(f"  full backup: {backup_with(codes[0], 0)['seconds']} s", file=sys.stderr, flush=True)
+        run = 1
+        for _ in range(args.runs):
+            for code in codes:
+                seconds = backup_with(code, run)["seconds"]
+                runs[revision(code)].append(seconds)
+                print(f"  {revision(code)}: {seconds} s", file=sys.stderr, flush=True)
+                run += 1
     shutil.rmtree(work)
     return {"rtt_ms": args.rtt_ms, "blocks": args.blocks, "runs": runs}
 
@@ -137,11 +110,7 @@ def render(result: dict[str, object]) -> str:
     runs = result["runs"]
     assert isinstance(runs, dict)
     lines = [
-        f"Command: `python bench/incremental_far.py --rtt-ms {result['rtt_ms']} --blocks {result['blocks']}`"
-        " (with `--code` once per version compared)",
-        "",
-        f"Machine: {machine()}",
-        "",
+        *far_header("incremental_far.py", result),
         "| code | incremental backup (s), each run |",
         "| --- | --- |",
     ]
@@ -154,24 +123,9 @@ def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rtt-ms", type=float, default=30.0, help="round trip added to every SFTP exchange")
-    ap.add_argument("--blocks", type=int, default=256, help="index blocks of the disk (16 MiB each)")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--code", action="append", default=[], help="a vmvault src folder to time (repeatable)")
-    ap.add_argument("--work", default=str(OUT / "incremental-far"), help="scratch folder (emptied, then removed)")
-    ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    ap.add_argument("--write", help="write the table into this markdown file (section incremental-far)")
-    args = ap.parse_args()
-    if args.blocks < 1 or args.runs < 1 or args.rtt_ms <= 0:
-        ap.error("--blocks and --runs must be at least 1, --rtt-ms above 0")
+    args = far_arguments(__doc__, "incremental-far", "incremental-far")
     result = measure(args)
-    text = render(result)
-    print(json.dumps(result) if args.json else text)
-    if args.write:
-        from compare import write_section
-
-        write_section(Path(args.write), "incremental-far", text)
+    report(result, render(result), as_json=args.json, write=args.write, section="incremental-far")
 
 
 if __name__ == "__main__":

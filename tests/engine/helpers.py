@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from vmvault.disk.base import DiskImage, Extent, ExtentKind, coalesce
@@ -77,6 +78,31 @@ class SparseDisk(DiskImage):
             if first < end:
                 out[first - offset : end - offset] = data[first - off : end - off]
         return bytes(out)
+
+
+class Far:
+    """``call`` made slow, as over a link ``delay`` seconds long, counting its calls and the
+    most of them under way at once (what reading ahead is judged by)."""
+
+    def __init__(self, call: Callable[..., Any], delay: float = 0.02) -> None:
+        self._call = call
+        self._delay = delay
+        self._lock = threading.Lock()
+        self._now = 0
+        self.calls = 0
+        self.most = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            self._now += 1
+            self.calls += 1
+            self.most = max(self.most, self._now)
+        try:
+            time.sleep(self._delay)
+            return self._call(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._now -= 1
 
 
 class ScriptedSession(BackupSession):

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import random
-import threading
-import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.engine.helpers import ScriptedSource, SparseDisk
+from tests.engine.helpers import Far, ScriptedSource, SparseDisk
 from vmvault.backends.memory import MemoryBackend
 from vmvault.engine import backup as backup_module
 from vmvault.engine.backup import _blocks_touched, backup
@@ -42,27 +40,12 @@ def test_the_parent_blocks_an_incremental_changes_are_read_several_at_once(monke
     # the check of the parent's blocks before the session reads them several at once already:
     # left out, every read below is one the incremental makes to change a block
     monkeypatch.setattr(backup_module, "_broken_blocks", lambda *args, **kwargs: set())
-    busy = {"now": 0, "most": 0, "reads": 0}
-    lock = threading.Lock()
-    read = repo.read_index_block
-
-    def far(block_id: bytes, **kwargs: object) -> object:
-        with lock:
-            busy["now"] += 1
-            busy["reads"] += 1
-            busy["most"] = max(busy["most"], busy["now"])
-        try:
-            time.sleep(0.02)
-            return read(block_id, **kwargs)  # type: ignore[arg-type]
-        finally:
-            with lock:
-                busy["now"] -= 1
-
+    far = Far(repo.read_index_block)
     monkeypatch.setattr(repo, "read_index_block", far)
     second = backup(repo, source).snapshot
     assert second.disks[0].stats["incremental"] == 1
-    assert busy["reads"] == blocks
-    assert busy["most"] >= 3, busy
+    assert far.calls == blocks
+    assert far.most >= 3, far.most
     monkeypatch.undo()
     full = backup(repo, source, BackupOptions(full=True)).snapshot
     assert second.disks[0].index == full.disks[0].index

@@ -6,13 +6,13 @@ newest copy."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.engine.helpers import Far
 from tests.repo.builders import CHUNK, Content, backup, disk_image, make_repo, read_disk, reopen
 from vmvault.backends.local import LocalBackend
 from vmvault.engine.copy import copy_snapshots
@@ -68,28 +68,13 @@ def test_the_target_blocks_a_copy_takes_over_are_read_several_at_once(
     copy_snapshots(src, dst, workers=4)
     changed = _changed(disk, 7, 12)
     second = backup(src, Content(disks={"sda": changed}), parent=first.id)
-    busy = {"now": 0, "most": 0, "reads": 0}
-    lock = threading.Lock()
-    read = dst.read_index_block
-
-    def far(block_id: bytes, **kwargs: object) -> object:
-        with lock:
-            busy["now"] += 1
-            busy["reads"] += 1
-            busy["most"] = max(busy["most"], busy["now"])
-        try:
-            time.sleep(0.02)
-            return read(block_id, **kwargs)  # type: ignore[arg-type]
-        finally:
-            with lock:
-                busy["now"] -= 1
-
+    far = Far(dst.read_index_block)
     monkeypatch.setattr(dst, "read_index_block", far)
     report = copy_snapshots(src, dst, workers=4)
     assert report.index_blocks_reused == sum(b is not None for b in second.disks[0].index) - 1
     assert report.chunks_read == 1
-    assert busy["reads"] >= report.index_blocks_reused
-    assert busy["most"] >= 3, busy
+    assert far.calls >= report.index_blocks_reused
+    assert far.most >= 3, far.most
     monkeypatch.undo()
     dst = reopen(dst)
     copy = dst.load_snapshot(_copy_of(dst, second.id))
