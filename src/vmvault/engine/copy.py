@@ -25,12 +25,14 @@ snapshot last. So:
   VM shares its blocks) and from the copy each snapshot follows (its parent's, else its
   location's newest); a block that changed has its chunks paired with the earlier copy's
   block at the same place (held for that block only), so only the chunks that really
-  changed are downloaded;
-* memory holds no pairing beyond one block's: the index block pairs and the chunks this
-  copy downloads go to tables of a scratch database in the target's cache folder (about 80
-  bytes a chunk on disk; a dict of every pairing took about 140 bytes a chunk of memory,
-  1.5 GiB for a 2 TiB disk), snapshots are listed as summaries and read whole one at a time
-  (repository-format.md, 12.10);
+  changed are downloaded; each block's reads from both repositories are made ahead of the
+  block being copied, several at once (``_Translator.disk``): one after another, each cost a
+  round trip to a repository far away;
+* memory holds no pairing beyond those of the blocks read ahead (16 at most): the index
+  block pairs and the chunks this copy downloads go to tables of a scratch database in the
+  target's cache folder (about 80 bytes a chunk on disk; a dict of every pairing took about
+  140 bytes a chunk of memory, 1.5 GiB for a 2 TiB disk), snapshots are listed as summaries
+  and read whole one at a time (repository-format.md, 12.10);
 * nothing is deduplicated against target packs that are gone: each target pack a chunk is
   found in is confirmed present once (repository-format.md, sections 10.2 and 12.4).
 
@@ -192,7 +194,7 @@ class _Translator:
 
     The pairings (source id -> target id) are kept in tables of a scratch database, not in
     memory (a copy of a 2 TiB disk pairs 8 M chunks, about 1.5 GiB as a dict), but for those
-    of the earlier block at the place being copied (``_pairs_at``)."""
+    of the earlier blocks at the places being copied or read ahead (``_pairs_at``)."""
 
     def __init__(
         self,
@@ -264,7 +266,8 @@ class _Translator:
     def _pairs_at(self, disk: str, block: int) -> dict[bytes, bytes]:
         """The chunks of the earlier copy's index block at this place, paired (read from both
         repositories, 32 bytes a chunk): a changed block then costs downloads only for the
-        chunks that really changed. Held for this block only (at most ``INDEX_SPAN`` pairs):
+        chunks that really changed. Held for this block only (at most ``INDEX_SPAN`` pairs,
+        from when it is read ahead until it is copied):
         put into the scratch table, the pairs of every changed block cost more time than the
         downloads they save (an incremental copy changes most blocks a little)."""
         earlier = self.previous.get(disk)
