@@ -118,3 +118,73 @@ def test_lacking_is_what_located_of_leaves_out(tmp_path: Path) -> None:
         assert steps[-1] == (256, 256) and len(steps) == 256
     finally:
         writer.close()
+
+
+def _many_packs(tmp_path: Path) -> tuple[MemoryBackend, dict[bytes, list[BlobEntry]]]:
+    """A repository in memory holding a backup of 4 MiB of random data in 4 KiB chunks, one
+    chunk a pack: about 1,030 packs, four or so in each of the 256 folders of ``data/``."""
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "disk.raw").write_bytes(random.Random(7).randbytes(4 << 20))
+    backend = MemoryBackend()
+    repo = Repository.init(backend, b"passphrase", chunk_size=4096, pack_size=4096)
+    backup(repo, FilesSource(str(vm)))
+    return backend, repo.index.packs()
+
+
+def test_many_packs_are_confirmed_by_listing_their_folders(tmp_path: Path) -> None:
+    """An incremental of a large disk asks about every pack of its parent. Once the one-byte
+    reads asked in a folder of ``data/`` cost what listing it does, the folder is listed: far
+    fewer requests than packs, and the same answers, the packs found gone or cut short
+    included (one of each in two folders)."""
+    backend, packs = _many_packs(tmp_path)
+    assert len(packs) > 1000
+    ordered = sorted(packs)
+    missing, short = ordered[10], ordered[500]
+    backend.delete(pack_name(missing))
+    backend.put(pack_name(short), backend.get(pack_name(short))[:-1])
+    lost = {e.id for p in (missing, short) for e in packs[p]}
+    stored = [e.id for entries in packs.values() for e in entries]
+
+    repo = Repository.open(backend, b"passphrase")
+    repo.load_index()
+    backend.requests.reset()
+    assert repo.index.present_of(stored) == set(stored) - lost
+    asked = backend.requests.to_dict()
+    # a read for the first pack asked in each folder, then the folder's listing
+    assert asked["get"] <= 256 and asked["list"] <= 256, asked
+    assert asked["get"] + asked["list"] < len(packs) / 2, asked
+    assert repo.index.lost.missing == {missing} and repo.index.lost.short == {short}
+    # asked again, one blob at a time: answered without the storage
+    backend.requests.reset()
+    assert {b for b in stored if repo.index.has_present(b)} == set(stored) - lost
+    assert backend.requests.to_dict()["get"] == backend.requests.to_dict()["list"] == 0
+
+
+def test_a_folder_listing_reports_only_the_packs_asked_about(tmp_path: Path) -> None:
+    """A pack gone from a listed folder is a loss only once a question needs it (a backup
+    that never builds on it must not read its whole disk again); the listing answers for
+    it then, without another read. A sync forgets the listings: a pack deleted after its
+    folder was listed is found gone after the next sync."""
+    backend, packs = _many_packs(tmp_path)
+    by_folder: dict[int, list[bytes]] = {}
+    for pack_id in sorted(packs):
+        by_folder.setdefault(pack_id[0], []).append(pack_id)
+    folder = next(ids for ids in by_folder.values() if len(ids) >= 4)
+    first, second, gone, later = folder[:4]
+    backend.delete(pack_name(gone))
+
+    repo = Repository.open(backend, b"passphrase")
+    repo.load_index()
+    assert repo.index.present_of([packs[first][0].id]) == {packs[first][0].id}
+    assert repo.index.present_of([packs[second][0].id]) == {packs[second][0].id}  # the folder listed
+    assert not repo.index.lost
+    backend.requests.reset()
+    assert repo.index.present_of([packs[gone][0].id]) == set()
+    assert repo.index.lost.missing == {gone}
+    assert backend.requests.to_dict()["get"] == 0  # the listing said so
+
+    backend.delete(pack_name(later))
+    repo.index.sync()
+    assert repo.index.present_of([packs[later][0].id]) == set()
+    assert later in repo.index.lost.missing

@@ -210,7 +210,8 @@ class Backend(ABC):
       on; False (the default) when it cannot, and then nothing changes;
     * ``modified(name)``: when an object was written, when the storage can say (None: unknown);
     * ``skipped()``: entries a listing met that cannot be objects (file-system backends);
-    * ``warm_up()``: open, in the background, the connections a transfer is about to use.
+    * ``warm_up()``: open, in the background, the connections a transfer is about to use;
+    * ``names_per_read``: what listing a folder costs, against one small read.
     """
 
     #: a URL-ish description for messages (never contains secrets)
@@ -223,6 +224,12 @@ class Backend(ABC):
     #: days of retention the storage gives every new data, index and snapshot object (the
     #: location's own ``immutable-days=N``, or what ``use_retention`` set); None: none
     retention_days: int | None = None
+
+    #: how many names a listing of a folder returns for the cost of one small read (a pack's
+    #: presence confirmed with a one-byte read, repository-format.md section 12.4): 1,000 by
+    #: default, one page of an S3 listing (ListObjectsV2); a backend whose listing costs more
+    #: per name says so
+    names_per_read: int = 1000
 
     @abstractmethod
     def put(self, name: str, data: bytes) -> None:

@@ -398,6 +398,10 @@ def _not_offered(exc: OSError) -> bool:
 class SftpBackend(Backend):
     """A repository directory on an SFTP server. See the module docstring for the guarantees."""
 
+    #: OpenSSH's sftp-server answers a READDIR with at most 100 names (sftp-server.c,
+    #: ``process_readdir``: "send up to 100 entries in one message"), each with its size
+    names_per_read = 100
+
     def __init__(
         self,
         host: str,

@@ -544,6 +544,19 @@ class IndexCache:
         with self._reading() as conn:
             return int(conn.execute("SELECT count(*) FROM packs").fetchone()[0])
 
+    def packs_in_folder(self, folder: int) -> list[tuple[bytes, int, int]]:
+        """(pack id, recorded length, end of its last blob) of every pack the cache has seen
+        whose id begins with the byte ``folder``: the packs of ``data/<folder as hex>/``."""
+        if not 0 <= folder <= 255:
+            raise ValueError(f"a folder of data/ is a byte, not {folder}")
+        query = "SELECT id, length, end FROM packs WHERE id >= ?"
+        bounds: tuple[bytes, ...] = (bytes([folder]),)
+        if folder < 255:
+            query += " AND id < ?"
+            bounds += (bytes([folder + 1]),)
+        with self._reading() as conn:
+            return [(bytes(r[0]), int(r[1]), int(r[2])) for r in conn.execute(query, bounds)]
+
     def pack_numbers(self, pack_ids: Iterable[bytes]) -> dict[bytes, int]:
         """The cache's numbers of these packs, those it knows (``rows_digest`` takes them)."""
         with self._reading() as conn:

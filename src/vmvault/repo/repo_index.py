@@ -6,6 +6,15 @@ first use and syncs it once (``sync`` again brings it up to date; commands do th
 taking their lock). Lookups give every live copy of a blob (``locations``); a copy in a
 pack found missing or too short is left out. Deduplication asks ``has_present``: a copy in
 a pack this process uploaded, or confirmed with one small read.
+
+An incremental backup of a large disk confirms every pack its parent's chunks are in: a
+disk of 2 TiB stored in 16 MiB packs asks about 100,000 packs, one round trip each to an
+object store. Once the packs asked about in one folder of ``data/`` (the 256 folders named by
+a pack id's first byte) cost as many reads as listing that folder would
+(``Backend.names_per_read``), the folder is listed instead, once per sync, and its packs the
+cache knows are judged from the listing: missing, or shorter than the one-byte read would
+need (section 12.4). A listing's size is the storage's word as a one-byte read's answer is.
+Memory holds one folder's listing while it is judged, then only the packs it found gone.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from vmvault.errors import ObjectNotFoundError, UnsafeStorageError
 from vmvault.repo._layout import PACK_TRAILER, BlobType
 from vmvault.repo.index import BlobLocation, parse_index
 from vmvault.repo.index_cache import CacheDamaged, CachedRow, IndexCache, IngestBatch
+from vmvault.repo.names import pack_id as pack_id_of
 from vmvault.repo.pack import BlobEntry, pack_name
 
 T = TypeVar("T")
@@ -83,6 +93,17 @@ class RepoIndex:
         self._overlay: dict[bytes, list[BlobLocation]] = {}
         #: pack id -> confirmed present (True) or found gone/short (False)
         self._confirmed: dict[bytes, bool] = {}
+        #: folders of data/ listed since the last sync (first byte of their packs' ids) -> the
+        #: packs the cache knows there that the listing found missing (True) or short (False)
+        self._listed: dict[int, dict[bytes, bool]] = {}
+        #: single confirmations made per folder since the last sync
+        self._asked_in: dict[int, int] = {}
+        #: one lock per folder being listed (a second thread waits for the first's listing)
+        self._listing_gates: dict[int, threading.Lock] = {}
+        #: packs per folder the cache knows (estimated at the first confirmation after a sync)
+        self._per_folder: float | None = None
+        #: counts syncs: a listing taken before a sync is not kept after it
+        self._generation = 0
         #: packs treated as gone whatever a check says (from a listing of data/)
         self._excluded: set[bytes] = set()
         #: packs found shorter than the index says: pack id -> stored size (blobs that end
@@ -122,6 +143,10 @@ class RepoIndex:
             self._synced = True
             self.synced_at = time.monotonic()
             self._confirmed = {k: v for k, v in self._confirmed.items() if k in self._own}
+            self._listed.clear()
+            self._asked_in.clear()
+            self._per_folder = None
+            self._generation += 1
             return problems
 
     @property
@@ -275,16 +300,61 @@ class RepoIndex:
         if known is not None:
             return known
         need = length or end + PACK_TRAILER.size
-        try:
-            ok = len(self._backend.get(pack_name(pack_id), need - 1, 1)) == 1
-            missing = False
-        except (ObjectNotFoundError, UnsafeStorageError):
-            ok, missing = False, True
+        listed = self._folder_listed(pack_id[0]) if pack_id else None
+        if listed is not None:
+            ok, missing = pack_id not in listed, listed.get(pack_id, False)
+        else:
+            try:
+                ok = len(self._backend.get(pack_name(pack_id), need - 1, 1)) == 1
+                missing = False
+            except (ObjectNotFoundError, UnsafeStorageError):
+                ok, missing = False, True
         with self._lock:
             self._confirmed[pack_id] = ok
             if not ok:
                 (self.lost.missing if missing else self.lost.short).add(pack_id)
         return ok
+
+    def _folder_listed(self, folder: int) -> dict[bytes, bool] | None:
+        """The packs of ``data/<folder>/`` found missing (True) or short (False) by listing
+        the folder, listed now when the confirmations asked there have cost as many reads as
+        the listing does; None while they have not (module docstring)."""
+        per_folder = self._per_folder
+        if per_folder is None:
+            per_folder = self._per_folder = self._asked(lambda cache: cache.pack_count()) / 256
+        with self._lock:
+            found = self._listed.get(folder)
+            if found is not None:
+                return found
+            asked = self._asked_in[folder] = self._asked_in.get(folder, 0) + 1
+            if asked <= max(1.0, per_folder / max(1, self._backend.names_per_read)):
+                return None
+            gate = self._listing_gates.setdefault(folder, threading.Lock())
+            generation = self._generation
+        with gate:
+            with self._lock:
+                found = self._listed.get(folder)
+            if found is None:
+                found = self._list_folder(folder)
+                with self._lock:
+                    if generation == self._generation:
+                        self._listed[folder] = found
+        return found
+
+    def _list_folder(self, folder: int) -> dict[bytes, bool]:
+        """Every pack of ``data/<folder>/`` the cache knows that the folder's listing lacks
+        (True) or lists shorter than a confirmation would need (False)."""
+        sizes: dict[bytes, int] = {}
+        for info in self._backend.list(f"data/{folder:02x}/"):
+            found = pack_id_of(info.name)
+            if found is not None:
+                sizes[found] = info.size
+        gone: dict[bytes, bool] = {}
+        for pack_id, length, end in self._asked(lambda cache: cache.packs_in_folder(folder)):
+            size = sizes.get(pack_id)
+            if size is None or size < (length or end + PACK_TRAILER.size):
+                gone[pack_id] = size is None
+        return gone
 
     def exclude(self, packs: Iterable[bytes], short: dict[bytes, int] | None = None) -> None:
         """Treat ``packs`` as gone, and the blobs of ``short`` packs (id -> stored size) that
