@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -347,10 +347,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def far_arguments(description: str | None, work: str, section: str) -> argparse.Namespace:
+def far_arguments(
+    description: str | None,
+    work: str,
+    section: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """The command line of a benchmark against a repository far away (``far_sftp``), each
-    ``--code`` timed in turn ``--runs`` times on a disk of ``--blocks`` index blocks."""
+    ``--code`` timed in turn ``--runs`` times on a disk of ``--blocks`` index blocks;
+    ``extra`` adds the benchmark's own options."""
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if extra is not None:
+        extra(ap)
     ap.add_argument("--rtt-ms", type=float, default=30.0, help="round trip added to every SFTP exchange")
     ap.add_argument("--blocks", type=int, default=256, help="index blocks of the disk (16 MiB each)")
     ap.add_argument("--runs", type=int, default=3)
@@ -366,8 +374,9 @@ def far_arguments(description: str | None, work: str, section: str) -> argparse.
 
 def far_header(script: str, result: dict[str, object]) -> list[str]:
     """The first lines of a far benchmark's table: the command that made it and the machine."""
+    options = f" {result['options']}" if result.get("options") else ""
     return [
-        f"Command: `python bench/{script} --rtt-ms {result['rtt_ms']} --blocks {result['blocks']}`"
+        f"Command: `python bench/{script} --rtt-ms {result['rtt_ms']} --blocks {result['blocks']}{options}`"
         " (with `--code` once per version compared)",
         "",
         f"Machine: {machine()}",

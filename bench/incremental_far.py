@@ -1,8 +1,8 @@
 """An incremental backup into an SFTP repository far away, of a disk changed in every index
 block.
 
-    python bench/incremental_far.py [--rtt-ms 30] [--blocks 256] [--runs 3] [--code SRC ...]
-                                    [--json] [--write docs/benchmarks.md]
+    python bench/incremental_far.py [--rtt-ms 30] [--blocks 256] [--packs N] [--runs 3]
+                                    [--code SRC ...] [--json] [--write docs/benchmarks.md]
 
 The source is a synthetic sparse disk of ``--blocks`` index blocks (4 KiB chunks, so a block
 spans 16 MiB: 8 KiB of random data at the start of each, the rest a hole) handed to the backup
@@ -18,6 +18,13 @@ What this measures is the round trips an incremental spends per index block: it 
 the parent's blocks to confirm that the chunks it names are still stored, and reads each block
 it changes again to change it. The data is tiny (one chunk a block); a real disk adds its
 changed data's reads and uploads.
+
+``--packs N`` (2 or more) measures the packs' confirmations besides: each block starts with N
+chunks of random data and the repository's packs hold one chunk each (a pack size of 4 KiB),
+so the parent's chunks are in ``--blocks`` × N packs, each confirmed present once per backup,
+as the 16 MiB packs of a disk of ``--blocks`` × N × 16 MiB would be. The full backup is then
+written straight into the server's folder (uploading thousands of packs 30 ms away is not
+what is measured) and the index synced over SFTP once, untimed.
 """
 
 from __future__ import annotations
@@ -31,15 +38,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from _common import ROOT, far_arguments, far_header, far_sftp, fresh, report, revision
 
 PASSWORD = b"benchmark passphrase"
 
 
-def child(url: str, run: int, blocks: int) -> None:
+def child(url: str, run: int, blocks: int, packs: int) -> None:
     """In a child: backup number ``run`` (0: the first, full) of the disk as it is after ``run``
-    changes; print one JSON line with its seconds."""
+    changes; print one JSON line with its seconds. ``run`` -1: sync the index, nothing else."""
     sys.path.insert(0, str(ROOT))
     from tests.engine.helpers import ScriptedSource, SparseDisk
 
@@ -48,19 +56,26 @@ def child(url: str, run: int, blocks: int) -> None:
     from vmvault.repo.index_block import INDEX_SPAN
     from vmvault.repo.repository import Repository
 
+    if run < 0:
+        Repository.open(open_backend(url), PASSWORD).load_index()
+        return
     chunk = 4096
     span = INDEX_SPAN * chunk
     first = random.Random(1)
-    pieces = {b * span: first.randbytes(2 * chunk) for b in range(blocks)}
+    pieces = {b * span: first.randbytes(max(2, packs) * chunk) for b in range(blocks)}
     for done in range(1, run + 1):
         change = random.Random(100 + done)
         for b in range(blocks):
-            pieces[b * span] = pieces[b * span][:chunk] + change.randbytes(chunk)
+            old = pieces[b * span]
+            pieces[b * span] = old[:chunk] + change.randbytes(chunk) + old[2 * chunk :]
     source = ScriptedSource(SparseDisk(blocks * span, pieces))  # type: ignore[arg-type]
     source.changed = [(b * span + chunk, chunk) for b in range(blocks)] if run else None
     started = time.monotonic()
     storage = open_backend(url)
-    repo = Repository.init(storage, PASSWORD, chunk_size=chunk) if run == 0 else Repository.open(storage, PASSWORD)
+    if run == 0:
+        repo = Repository.init(storage, PASSWORD, chunk_size=chunk, **({"pack_size": chunk} if packs > 1 else {}))
+    else:
+        repo = Repository.open(storage, PASSWORD)
     result = backup(repo, source)
     seconds = time.monotonic() - started
     print(json.dumps({"seconds": round(seconds, 2), "incremental": result.snapshot.disks[0].stats["incremental"]}))
@@ -80,21 +95,28 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             "VMVAULT_STATE_DIR": str(work / "state"),
         }
 
-        def backup_with(code: Path, run: int) -> dict[str, float]:
+        def backup_with(code: Path, run: int, where: str = url) -> dict[str, float]:
             out = subprocess.run(
-                [sys.executable, __file__, "--child", url, str(run), str(args.blocks)],
+                [sys.executable, __file__, "--child", where, str(run), str(args.blocks), str(args.packs)],
                 env={**env, "PYTHONPATH": str(code)},
                 capture_output=True,
                 text=True,
             )
             if out.returncode:
                 raise SystemExit(f"backup {run} failed ({out.returncode}): {out.stderr.strip()[-2000:]}")
+            if run < 0:
+                return {}
             result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
             if bool(result["incremental"]) != bool(run):
                 raise SystemExit(f"backup {run} was {'not ' if run else ''}an incremental")
             return result
 
-        print(f"  full backup: {backup_with(codes[0], 0)['seconds']} s", file=sys.stderr, flush=True)
+        if args.packs > 1:
+            # thousands of one-chunk packs: written where the server keeps them, then synced
+            print(f"  full backup: {backup_with(codes[0], 0, urlparse(url).path)['seconds']} s", file=sys.stderr)
+            backup_with(codes[0], -1)
+        else:
+            print(f"  full backup: {backup_with(codes[0], 0)['seconds']} s", file=sys.stderr, flush=True)
         run = 1
         for _ in range(args.runs):
             for code in codes:
@@ -103,7 +125,8 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                 print(f"  {revision(code)}: {seconds} s", file=sys.stderr, flush=True)
                 run += 1
     shutil.rmtree(work)
-    return {"rtt_ms": args.rtt_ms, "blocks": args.blocks, "runs": runs}
+    options = f"--packs {args.packs}" if args.packs > 1 else ""
+    return {"rtt_ms": args.rtt_ms, "blocks": args.blocks, "packs": args.packs, "options": options, "runs": runs}
 
 
 def render(result: dict[str, object]) -> str:
@@ -119,11 +142,17 @@ def render(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _packs_option(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument(
+        "--packs", type=int, default=0, help="chunks of random data per block, a pack each (module docstring)"
+    )
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
         return
-    args = far_arguments(__doc__, "incremental-far", "incremental-far")
+    args = far_arguments(__doc__, "incremental-far", "incremental-far", _packs_option)
     result = measure(args)
     report(result, render(result), as_json=args.json, write=args.write, section="incremental-far")
 
