@@ -133,10 +133,10 @@ def _many_packs(tmp_path: Path) -> tuple[MemoryBackend, dict[bytes, list[BlobEnt
 
 
 def test_many_packs_are_confirmed_by_listing_their_folders(tmp_path: Path) -> None:
-    """An incremental of a large disk asks about every pack of its parent. Once the one-byte
-    reads asked in a folder of ``data/`` cost what listing it does, the folder is listed: far
-    fewer requests than packs, and the same answers, the packs found gone or cut short
-    included (one of each in two folders)."""
+    """An incremental of a large disk asks about every pack of its parent. A folder of
+    ``data/`` where the packs asked about would cost more one-byte reads than listing it is
+    listed instead: far fewer requests than packs, and the same answers, the packs found gone
+    or cut short included (one of each in two folders)."""
     backend, packs = _many_packs(tmp_path)
     assert len(packs) > 1000
     ordered = sorted(packs)
@@ -151,9 +151,11 @@ def test_many_packs_are_confirmed_by_listing_their_folders(tmp_path: Path) -> No
     backend.requests.reset()
     assert repo.index.present_of(stored) == set(stored) - lost
     asked = backend.requests.to_dict()
-    # a read for the first pack asked in each folder, then the folder's listing
-    assert asked["get"] <= 256 and asked["list"] <= 256, asked
-    assert asked["get"] + asked["list"] < len(packs) / 2, asked
+    # asked in one go: each folder holding two packs or more listed, the others' packs read
+    in_folder = [sum(1 for p in packs if p[0] == folder) for folder in range(256)]
+    assert asked["list"] == sum(1 for n in in_folder if n > 1), asked
+    assert asked["get"] == sum(1 for n in in_folder if n == 1), asked
+    assert asked["get"] + asked["list"] < len(packs) / 3, asked
     assert repo.index.lost.missing == {missing} and repo.index.lost.short == {short}
     # asked again, one blob at a time: answered without the storage
     backend.requests.reset()
@@ -176,8 +178,11 @@ def test_a_folder_listing_reports_only_the_packs_asked_about(tmp_path: Path) -> 
 
     repo = Repository.open(backend, b"passphrase")
     repo.load_index()
+    backend.requests.reset()
     assert repo.index.present_of([packs[first][0].id]) == {packs[first][0].id}
-    assert repo.index.present_of([packs[second][0].id]) == {packs[second][0].id}  # the folder listed
+    assert (backend.requests.counts["get"], backend.requests.counts["list"]) == (1, 0)  # one read
+    assert repo.index.present_of([packs[second][0].id]) == {packs[second][0].id}
+    assert (backend.requests.counts["get"], backend.requests.counts["list"]) == (1, 1)  # then the listing
     assert not repo.index.lost
     backend.requests.reset()
     assert repo.index.present_of([packs[gone][0].id]) == set()

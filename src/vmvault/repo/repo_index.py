@@ -283,8 +283,21 @@ class RepoIndex:
             found = {b for b in wanted if b in self._overlay}
         rest = [b for b in wanted if b not in found]
         if rest:
-            found.update(b for b, rows in self._rows_many(rest).items() if self._in_present_pack(rows))
+            rows = self._rows_many(rest)
+            self._list_ahead(row.pack_id for copies in rows.values() for row in copies)
+            found.update(b for b, copies in rows.items() if self._in_present_pack(copies))
         return found
+
+    def _list_ahead(self, packs: Iterable[bytes]) -> None:
+        """Before confirming ``packs`` one after another: list each folder where they alone
+        would cost more single reads than its listing (``_folder_listed``)."""
+        unknown = {p for p in packs if p and p not in self._confirmed}
+        per_folder: dict[int, int] = {}
+        for pack_id in unknown:
+            per_folder[pack_id[0]] = per_folder.get(pack_id[0], 0) + 1
+        for folder, coming in per_folder.items():
+            if coming > 1:
+                self._folder_listed(folder, coming)
 
     def _in_present_pack(self, rows: list[CachedRow]) -> bool:
         """Whether one of a blob's cached copies is in a pack not left out and confirmed present."""
@@ -315,10 +328,12 @@ class RepoIndex:
                 (self.lost.missing if missing else self.lost.short).add(pack_id)
         return ok
 
-    def _folder_listed(self, folder: int) -> dict[bytes, bool] | None:
+    def _folder_listed(self, folder: int, coming: int = 1) -> dict[bytes, bool] | None:
         """The packs of ``data/<folder>/`` found missing (True) or short (False) by listing
-        the folder, listed now when the confirmations asked there have cost as many reads as
-        the listing does; None while they have not (module docstring)."""
+        the folder, listed now when the confirmations asked there, with the ``coming`` ones,
+        cost more reads than the listing does; None while they do not (module docstring).
+        Only a single confirmation (``coming`` 1) counts as asked: it is read when this
+        returns None."""
         per_folder = self._per_folder
         if per_folder is None:
             per_folder = self._per_folder = self._asked(lambda cache: cache.pack_count()) / 256
@@ -326,8 +341,10 @@ class RepoIndex:
             found = self._listed.get(folder)
             if found is not None:
                 return found
-            asked = self._asked_in[folder] = self._asked_in.get(folder, 0) + 1
+            asked = self._asked_in.get(folder, 0) + coming
             if asked <= max(1.0, per_folder / max(1, self._backend.names_per_read)):
+                if coming == 1:
+                    self._asked_in[folder] = asked
                 return None
             gate = self._listing_gates.setdefault(folder, threading.Lock())
             generation = self._generation
