@@ -455,11 +455,11 @@ def fail_once_on(repo: Repository, monkeypatch: pytest.MonkeyPatch, chunk_hex: s
     real_get, real_open = repo.get_blob, repo.open_located
     state = {"failed": False}
 
-    def get_blob(kind: Any, blob_id: bytes) -> bytes:
+    def get_blob(kind: Any, blob_id: bytes, **how: Any) -> bytes:
         if blob_id.hex() == chunk_hex and not state["failed"]:
             state["failed"] = True
             raise IntegrityError("simulated damage", object_id=chunk_hex)
-        return real_get(kind, blob_id)
+        return real_get(kind, blob_id, **how)
 
     def open_located(kind: Any, blob_id: bytes, loc: Any, sealed: Any) -> bytes:
         if blob_id.hex() == chunk_hex and not state["failed"]:

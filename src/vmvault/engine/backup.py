@@ -625,7 +625,7 @@ class _DiskBackup:
             # a broken block's whole range is read again: every entry is replaced
             return IndexBlockBuilder(count)
         what = f"index block {block} of disk {self.disk.name} in the parent snapshot"
-        return IndexBlockBuilder.from_block(self.repo.read_index_block(block_id, count=count, what=what))
+        return IndexBlockBuilder.from_block(self.repo.read_index_block(block_id, count=count, what=what, kept=True))
 
 
 def _store_file(repo: Repository, writer: BlobWriter, f: SourceFile, owners: dict[str, list[int]]) -> FileRecord | None:
@@ -935,7 +935,7 @@ def _broken_blocks(repo: Repository, parent: DiskRecord, pool: ThreadPoolExecuto
 
     def broken(block: int, block_id: str) -> bool:
         try:
-            found = repo.read_index_block(block_id, count=block_length(parent, block))
+            found = repo.read_index_block(block_id, count=block_length(parent, block), kept=True)
         except IntegrityError:
             # a block whose pack is gone is a loss (recorded in repo.index.lost: the whole disk
             # is read), not only a block to re-read

@@ -278,8 +278,8 @@ class _Translator:
         if a_id is None or b_id is None or a_id not in self.src.index or not self.dst.index.has_present(b_id):
             return {}
         try:
-            a_block = self.src.read_index_block(a_id)
-            b_block = self.dst.read_index_block(b_id)
+            a_block = self.src.read_index_block(a_id, kept=True)
+            b_block = self.dst.read_index_block(b_id, kept=True)
         except IntegrityError:
             return {}  # nothing learnt: the chunks are translated the long way (and check reports it)
         if len(a_block) != len(b_block):
@@ -358,7 +358,7 @@ class _Translator:
         """Whether every chunk an earlier copy's index block names is still in the target: a
         pack lost there (and its entries dropped by ``repair index``) must not be reused."""
         try:
-            block = self.dst.read_index_block(dst_block)
+            block = self.dst.read_index_block(dst_block, kept=True)
         except IntegrityError:
             return False
         chunks = set(block.chunk_ids())
@@ -378,7 +378,9 @@ class _Translator:
         if self._reusable(candidate):
             return _Prepared(reuse=candidate)
         nearby = self._pairs_at(*where)
-        block = self.src.read_index_block(src_block, count=expected, what=f"{what}: index block {src_block.hex()}")
+        block = self.src.read_index_block(
+            src_block, count=expected, what=f"{what}: index block {src_block.hex()}", kept=True
+        )
         return _Prepared(block=block, nearby=nearby)
 
     def _finish(

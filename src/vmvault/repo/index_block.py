@@ -252,7 +252,9 @@ class ChunkResolver:
         if ref is None:
             found = IndexBlockBuilder(count).build()
         else:
-            found = self.repo.read_index_block(ref, count=count, what=f"index block {ref} of disk {record.name}")
+            found = self.repo.read_index_block(
+                ref, count=count, what=f"index block {ref} of disk {record.name}", kept=True
+            )
         with self._lock:
             if len(self._cache) > 64:
                 self._cache.clear()

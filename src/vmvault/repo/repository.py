@@ -26,7 +26,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -75,6 +75,7 @@ from vmvault.repo.hostrecord import HostRecords, RepoRecord, now
 from vmvault.repo.index import MAX_V2_PAYLOAD, BlobLocation, IndexFile
 from vmvault.repo.index_block import IndexBlock
 from vmvault.repo.index_cache import IndexCache, IngestBatch, write_many
+from vmvault.repo.kept import KeptBlocks
 from vmvault.repo.locks import RepositoryLock
 from vmvault.repo.names import index_id, snapshot_id
 from vmvault.repo.names import pack_id as parse_pack_id
@@ -176,6 +177,8 @@ class Repository:
         self._records: HostRecords | None = None
         #: this host's copies of the snapshots (repo/snapshot_cache.py), made at first use
         self._snapshot_cache: SnapshotCache | None = None
+        #: this host's copies of the index blocks (repo/kept.py, section 12.11), made at first use
+        self._blocks_cache: KeptBlocks | None = None
         self._snapshot_cache_lock = threading.Lock()
         #: the snapshot listing that opening took (``_check_history``) and when: the next
         #: ``snapshot_ids`` within ``LISTING_REUSE`` seconds takes it instead of listing again
@@ -555,20 +558,30 @@ class Repository:
                         lost.add(blob_id)
         return LostData(missing_packs=missing, short_packs=sorted(short), blobs=lost)
 
-    def get_blob(self, blob_type: BlobType, blob_id: bytes) -> bytes:
+    def get_blob(self, blob_type: BlobType, blob_id: bytes, *, kept: bool = False) -> bytes:
         """A blob's plaintext, verified against its id. Raises IntegrityError naming it.
 
         Each indexed copy is tried in turn: a copy in a missing or damaged pack does not hide
         a good one elsewhere. When none serves, the index cache is brought up to date (a prune
         elsewhere may have moved the blob) and checked against the index files, and the copies
         tried again, once.
+
+        ``kept`` (index blocks): this host's copy of the block (section 12.11), checked as the
+        storage's is, stands in for the read while the index lists the block in a pack
+        confirmed present; a block read from the storage is kept. ``check``, ``prune`` and
+        ``repair`` read the storage.
         """
+        keep = self._blocks_kept() if kept and blob_type is BlobType.INDEX else None
+        if keep is not None:
+            found = self._read_kept(keep, blob_type, blob_id)
+            if found is not None:
+                return found
         first_error: IntegrityError | None = None
         for attempt in range(2):
             locations = self.index.locations(blob_id)
             for loc in locations:
                 try:
-                    return self._read_blob(blob_type, blob_id, loc)
+                    return self._read_blob(blob_type, blob_id, loc, keep)
                 except IntegrityError as exc:
                     first_error = first_error or exc
             if attempt or not self._may_refresh(blob_id, bool(locations)):
@@ -591,12 +604,48 @@ class Repository:
         self.load_index()
         return True
 
+    def _read_kept(self, keep: KeptBlocks, blob_type: BlobType, blob_id: bytes) -> bytes | None:
+        """The plaintext of this host's copy of ``blob_id`` when it is kept, the index lists the
+        blob in a pack confirmed present, and the copy opens as the stored one must (a copy
+        that does not is deleted); None otherwise."""
+        sealed = keep.get(blob_id.hex())
+        if sealed is None or not self.index.has_present(blob_id):
+            return None
+        locations = self.index.locations(blob_id)
+        if locations:
+            raw_length = locations[0].entry.raw_length
+            with contextlib.suppress(IntegrityError):
+                data = open_blob(self.key, blob_type, blob_id, sealed, max_size=raw_length)
+                if len(data) == raw_length:
+                    return data
+        keep.discard(blob_id.hex())
+        return None
+
+    def _blocks_kept(self) -> KeptBlocks:
+        with self._snapshot_cache_lock:
+            if self._blocks_cache is None:
+                self._blocks_cache = KeptBlocks(
+                    self.config.id, self.backend.url, root=self.cache_root, enabled=self._keeps_copies
+                )
+            return self._blocks_cache
+
+    @property
+    def _keeps_copies(self) -> bool:
+        # (a memory backend lives and dies with its process: nothing to keep)
+        return not self.backend.url.startswith("memory:")
+
+    def keep_block(self, blob_id: bytes, sealed: Sequence[bytes]) -> None:
+        """Keep the envelope (its parts) of the index block ``blob_id`` this process has just
+        sealed (section 12.11)."""
+        self._blocks_kept().put(blob_id.hex(), sealed)
+
     def read_index_block(
-        self, block_id: bytes | str, *, count: int | None = None, what: str | None = None
+        self, block_id: bytes | str, *, count: int | None = None, what: str | None = None, kept: bool = False
     ) -> IndexBlock:
         """The index block ``block_id`` (bytes, or hex as a snapshot lists it), verified like
         every blob and decoded; with ``count`` it must hold exactly that many entries.
-        IntegrityError (naming ``what``, by default the block) for anything else."""
+        IntegrityError (naming ``what``, by default the block) for anything else. ``kept``:
+        this host's copy may stand in (``get_blob``)."""
         if isinstance(block_id, str):
             try:
                 raw_id = bytes.fromhex(block_id)
@@ -605,7 +654,7 @@ class Repository:
             if len(raw_id) != ID_SIZE:
                 raise IntegrityError(f"index block id {block_id!r:.80} is not an id", object_id=str(block_id)[:64])
             block_id = raw_id
-        raw = self.get_blob(BlobType.INDEX, block_id)
+        raw = self.get_blob(BlobType.INDEX, block_id, kept=kept)
         try:
             return IndexBlock.decode(raw, count=count, what=what or f"index block {block_id.hex()}")
         except IntegrityError as exc:
@@ -617,7 +666,9 @@ class Repository:
         (repository-format.md, section 4)."""
         return None if block.empty else self.key.chunk_id(block.encode()).hex()
 
-    def _read_blob(self, blob_type: BlobType, blob_id: bytes, loc: BlobLocation) -> bytes:
+    def _read_blob(
+        self, blob_type: BlobType, blob_id: bytes, loc: BlobLocation, keep: KeptBlocks | None = None
+    ) -> bytes:
         name = self.check_location(blob_id, loc)
         try:
             sealed = self.backend.get(name, loc.entry.offset, loc.entry.length)
@@ -631,7 +682,10 @@ class Repository:
                 object_id=blob_id.hex(),
                 name=name,
             ) from exc
-        return self.open_located(blob_type, blob_id, loc, sealed)
+        data = self.open_located(blob_type, blob_id, loc, sealed)
+        if keep is not None:
+            keep.put(blob_id.hex(), sealed)
+        return data
 
     def check_location(self, blob_id: bytes, loc: BlobLocation) -> str:
         """The name of the pack ``loc`` points into, once its entry's lengths are within what a
@@ -699,11 +753,7 @@ class Repository:
         with self._snapshot_cache_lock:
             if self._snapshot_cache is None:
                 self._snapshot_cache = SnapshotCache(
-                    self.config.id,
-                    self.backend.url,
-                    root=self.cache_root,
-                    # (a memory backend lives and dies with its process: nothing to keep)
-                    enabled=not self.backend.url.startswith("memory:"),
+                    self.config.id, self.backend.url, root=self.cache_root, enabled=self._keeps_copies
                 )
             return self._snapshot_cache
 
@@ -1082,9 +1132,13 @@ class BlobWriter:
         it (``Repository.index_block_ref``): its id in hex, or None for a block of ZERO_ID
         entries only, which is not stored. ``index_blocks_added`` counts the new ones."""
         ref = self.repo.index_block_ref(block)
-        if ref is not None and self.add(BlobType.INDEX, bytes.fromhex(ref), block.encode()):
+        if ref is None:
+            return None
+        sealed = self.seal(BlobType.INDEX, bytes.fromhex(ref), block.encode())
+        if sealed is not None and self.place(sealed):
             with self._lock:
                 self.index_blocks_added += 1
+            self.repo.keep_block(sealed.id, sealed.parts)
         return ref
 
     def _submit(self, builder: PackBuilder) -> None:
