@@ -615,6 +615,7 @@ class Repository:
         if locations:
             raw_length = locations[0].entry.raw_length
             with contextlib.suppress(IntegrityError):
+                self.check_location(blob_id, locations[0])  # the lengths a writer of this repository makes
                 data = open_blob(self.key, blob_type, blob_id, sealed, max_size=raw_length)
                 if len(data) == raw_length:
                     return data
