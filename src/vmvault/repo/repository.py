@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from vmvault import __version__
 from vmvault.backends.base import Backend
@@ -75,7 +76,7 @@ from vmvault.repo.hostrecord import HostRecords, RepoRecord, now
 from vmvault.repo.index import MAX_V2_PAYLOAD, BlobLocation, IndexFile
 from vmvault.repo.index_block import IndexBlock
 from vmvault.repo.index_cache import IndexCache, IngestBatch, write_many
-from vmvault.repo.kept import KeptBlocks
+from vmvault.repo.kept import KeptBlocks, KeptCopies
 from vmvault.repo.locks import RepositoryLock
 from vmvault.repo.names import index_id, snapshot_id
 from vmvault.repo.names import pack_id as parse_pack_id
@@ -94,6 +95,9 @@ __all__ = [
     "RepoConfig",
     "Repository",
 ]
+
+#: a kind of this host's copies (repo/kept.py)
+K = TypeVar("K", bound=KeptCopies)
 
 #: a repository with fewer packs (1 TiB of chunks in 16 MiB packs) is listed with one listing of
 #: ``data/``; a larger one folder by folder, so that no listing in memory holds more than this
@@ -175,11 +179,10 @@ class Repository:
         self.warnings: list[str] = []
         #: this host's record of repositories (repo/hostrecord.py); None once unusable
         self._records: HostRecords | None = None
-        #: this host's copies of the snapshots (repo/snapshot_cache.py), made at first use
-        self._snapshot_cache: SnapshotCache | None = None
-        #: this host's copies of the index blocks (repo/kept.py, section 12.11), made at first use
-        self._blocks_cache: KeptBlocks | None = None
-        self._snapshot_cache_lock = threading.Lock()
+        #: this host's copies of the snapshots (repo/snapshot_cache.py) and of the index blocks
+        #: (repo/kept.py, section 12.11), each made at first use
+        self._kept_copies: dict[type[KeptCopies], KeptCopies] = {}
+        self._kept_lock = threading.Lock()
         #: the snapshot listing that opening took (``_check_history``) and when: the next
         #: ``snapshot_ids`` within ``LISTING_REUSE`` seconds takes it instead of listing again
         self._opening_listing: tuple[float, list[str]] | None = None
@@ -623,17 +626,20 @@ class Repository:
         return None
 
     def _blocks_kept(self) -> KeptBlocks:
-        with self._snapshot_cache_lock:
-            if self._blocks_cache is None:
-                self._blocks_cache = KeptBlocks(
-                    self.config.id, self.backend.url, root=self.cache_root, enabled=self._keeps_copies
-                )
-            return self._blocks_cache
+        return self._kept(KeptBlocks)
 
-    @property
-    def _keeps_copies(self) -> bool:
-        # (a memory backend lives and dies with its process: nothing to keep)
-        return not self.backend.url.startswith("memory:")
+    def _kept(self, kind: type[K]) -> K:
+        """This host's copies of this repository's objects of ``kind`` (repo/kept.py)."""
+        with self._kept_lock:
+            found = self._kept_copies.get(kind)
+            if found is None:
+                # (a memory backend lives and dies with its process: nothing to keep)
+                enabled = not self.backend.url.startswith("memory:")
+                found = self._kept_copies[kind] = kind(
+                    self.config.id, self.backend.url, root=self.cache_root, enabled=enabled
+                )
+            assert isinstance(found, kind)
+            return found
 
     def keep_block(self, blob_id: bytes, sealed: Sequence[bytes]) -> None:
         """Keep the envelope (its parts) of the index block ``blob_id`` this process has just
@@ -751,12 +757,7 @@ class Repository:
         return snap_id
 
     def _snapshots_kept(self) -> SnapshotCache:
-        with self._snapshot_cache_lock:
-            if self._snapshot_cache is None:
-                self._snapshot_cache = SnapshotCache(
-                    self.config.id, self.backend.url, root=self.cache_root, enabled=self._keeps_copies
-                )
-            return self._snapshot_cache
+        return self._kept(SnapshotCache)
 
     def load_snapshot(self, snap_id: str, *, listed: bool = False) -> Snapshot:
         """The snapshot ``snap_id``, read from the storage and checked (its envelope
