@@ -398,8 +398,9 @@ def _not_offered(exc: OSError) -> bool:
 class SftpBackend(Backend):
     """A repository directory on an SFTP server. See the module docstring for the guarantees."""
 
-    #: OpenSSH's sftp-server answers a READDIR with at most 100 names (sftp-server.c,
-    #: ``process_readdir``: "send up to 100 entries in one message"), each with its size
+    #: OpenSSH's sftp-server answers a READDIR with at most 100 names, each with its size
+    #: (Debian 12's OpenSSH 9.2 here: a folder of 250 packs came as 100, 100 and 52 with "."
+    #: and "..")
     names_per_read = 100
 
     def __init__(
