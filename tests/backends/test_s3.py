@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from tests.servers import FaultyHttpProxy, S3Server, free_port, running_s3, s3_c
 from vmvault.backends import open_backend
 from vmvault.backends._retry import RetryPolicy
 from vmvault.backends.s3 import DEFAULT_MULTIPART_THRESHOLD, S3Backend, open_s3, parse_s3_location
+from vmvault.engine.backup import backup
 from vmvault.errors import (
     BackendConnectionError,
     BackendError,
@@ -29,6 +31,9 @@ from vmvault.errors import (
     ConfigError,
     ObjectNotFoundError,
 )
+from vmvault.hypervisors.files import FilesSource
+from vmvault.repo.pack import pack_name
+from vmvault.repo.repository import Repository
 
 MiB = 1 << 20
 QUICK = RetryPolicy(attempts=3, initial_delay=0.05, max_delay=0.2)
@@ -438,3 +443,37 @@ def test_server_gone_mid_multipart_gives_connection_error(own_s3: S3Server) -> N
         assert "gave up on" in str(errors[0]) and "data/big" in str(errors[0])
         with pytest.raises(BackendConnectionError):
             b.exists("data/big")
+
+
+@pytest.mark.integration
+def test_a_repository_confirms_many_packs_with_listings_of_their_folders(
+    s3_buckets: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """repository-format.md 12.4 against a real S3 listing (moto, pages of 50 names): the
+    packs asked about at once are confirmed by listing each folder of ``data/`` holding two or
+    more of them (one read each for the rest), the answers those of one read per pack, a pack
+    deleted from the bucket reported missing."""
+    monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+    vm = tmp_path / "vm"
+    vm.mkdir()
+    (vm / "disk.raw").write_bytes(random.Random(9).randbytes(2 * MiB))
+    url = s3_buckets.url("plain-bucket", "folders")
+    with open_s3(url, list_page_size=50) as b:
+        assert b.names_per_read == 50
+        repo = Repository.init(b, b"passphrase", chunk_size=4096, pack_size=4096)
+        backup(repo, FilesSource(str(vm)))
+        packs = repo.index.packs()
+    gone = sorted(packs)[7]
+    s3_buckets.client().delete_object(Bucket="plain-bucket", Key=f"folders/{pack_name(gone)}")
+    stored = [e.id for entries in packs.values() for e in entries]
+    with open_s3(url, list_page_size=50) as b:
+        repo = Repository.open(b, b"passphrase")
+        repo.load_index()
+        b.requests.reset()
+        assert repo.index.present_of(stored) == {e.id for p, es in packs.items() if p != gone for e in es}
+        asked = b.requests.to_dict()
+    in_folder = [sum(1 for p in packs if p[0] == folder) for folder in range(256)]
+    assert asked["list"] == sum(1 for n in in_folder if n > 1), asked
+    assert asked["get"] == sum(1 for n in in_folder if n == 1), asked
+    assert asked["get"] + asked["list"] < len(packs) / 2, (asked, len(packs))
+    assert repo.index.lost.missing == {gone}

@@ -208,6 +208,8 @@ class S3Backend(Backend):
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.list_page_size = list_page_size
+        #: a page of a listing costs what one small read does
+        self.names_per_read = list_page_size
         self.connections = connections
         #: the quickest request so far, in seconds, answer read (``prepare_reads``)
         self._quickest_reply = math.inf
