@@ -153,6 +153,8 @@ def main() -> None:
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
         return
     args = far_arguments(__doc__, "incremental-far", "incremental-far", _packs_option)
+    if not 0 <= args.packs <= 4096:
+        raise SystemExit("--packs must be from 0 to 4096 (the chunks of one index block)")
     result = measure(args)
     report(result, render(result), as_json=args.json, write=args.write, section="incremental-far")
 
