@@ -193,3 +193,30 @@ def test_a_folder_listing_reports_only_the_packs_asked_about(tmp_path: Path) -> 
     repo.index.sync()
     assert repo.index.present_of([packs[later][0].id]) == set()
     assert later in repo.index.lost.missing
+
+
+def test_a_listing_taken_across_a_sync_is_not_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync forgets the listings; one under way while a sync ran is used for the question
+    that asked for it, not kept for later ones: a pack deleted after that listing was taken is
+    found gone by the next question."""
+    backend, packs = _many_packs(tmp_path)
+    by_folder: dict[int, list[bytes]] = {}
+    for pack_id in sorted(packs):
+        by_folder.setdefault(pack_id[0], []).append(pack_id)
+    first, second, later = next(ids for ids in by_folder.values() if len(ids) >= 3)[:3]
+    repo = Repository.open(backend, b"passphrase")
+    repo.load_index()
+    listing = repo.index._list_folder
+
+    def listed_then_synced(folder: int) -> dict[bytes, bool]:
+        found = listing(folder)
+        backend.delete(pack_name(later))  # gone after the listing saw it
+        repo.index.sync()
+        return found
+
+    monkeypatch.setattr(repo.index, "_list_folder", listed_then_synced)
+    assert repo.index.present_of([packs[first][0].id]) == {packs[first][0].id}  # a read
+    assert repo.index.present_of([packs[second][0].id]) == {packs[second][0].id}  # the listing
+    monkeypatch.undo()
+    assert repo.index.present_of([packs[later][0].id]) == set()
+    assert later in repo.index.lost.missing
