@@ -220,3 +220,24 @@ def test_a_listing_taken_across_a_sync_is_not_kept(tmp_path: Path, monkeypatch: 
     monkeypatch.undo()
     assert repo.index.present_of([packs[later][0].id]) == set()
     assert later in repo.index.lost.missing
+
+
+def test_names_the_index_does_not_know_change_no_answer(tmp_path: Path) -> None:
+    """A storage may list anything in a folder of ``data/``: packs no index file names, names
+    of other forms, a known pack's name in the wrong folder. None of it stands in for a pack
+    the index knows, and none of it is held (only the known packs are judged)."""
+    backend, packs = _many_packs(tmp_path)
+    ordered = sorted(packs)
+    gone = ordered[20]
+    folder = f"data/{gone[0]:02x}/"
+    backend.delete(pack_name(gone))
+    for i in range(2000):  # packs no index file names
+        backend.put(f"{folder}{gone[0]:02x}{i:062x}", b"x")
+    backend.put(f"{folder}{gone.hex().upper()}", b"x" * 100_000)  # not our form
+    other = f"{(gone[0] + 1) % 256:02x}"
+    backend.put(f"data/{other}/{gone.hex()}", b"x" * 100_000)  # the right name, the wrong folder
+    stored = [e.id for entries in packs.values() for e in entries]
+    repo = Repository.open(backend, b"passphrase")
+    repo.load_index()
+    assert repo.index.present_of(stored) == {e.id for p, es in packs.items() if p != gone for e in es}
+    assert repo.index.lost.missing == {gone} and not repo.index.lost.short

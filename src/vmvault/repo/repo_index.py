@@ -360,17 +360,21 @@ class RepoIndex:
 
     def _list_folder(self, folder: int) -> dict[bytes, bool]:
         """Every pack of ``data/<folder>/`` the cache knows that the folder's listing lacks
-        (True) or lists shorter than a confirmation would need (False)."""
-        sizes: dict[bytes, int] = {}
+        (True) or lists shorter than a confirmation would need (False). Only the packs the
+        cache knows are held while the listing streams by: whatever else the storage lists
+        there (it may list anything) costs no memory."""
+        need = {
+            pack_id: length or end + PACK_TRAILER.size
+            for pack_id, length, end in self._asked(lambda cache: cache.packs_in_folder(folder))
+        }
+        gone = dict.fromkeys(need, True)
         for info in self._backend.list(f"data/{folder:02x}/"):
             found = pack_id_of(info.name)
-            if found is not None:
-                sizes[found] = info.size
-        gone: dict[bytes, bool] = {}
-        for pack_id, length, end in self._asked(lambda cache: cache.packs_in_folder(folder)):
-            size = sizes.get(pack_id)
-            if size is None or size < (length or end + PACK_TRAILER.size):
-                gone[pack_id] = size is None
+            if found in need:
+                if info.size >= need[found]:
+                    gone.pop(found, None)
+                else:
+                    gone[found] = False
         return gone
 
     def exclude(self, packs: Iterable[bytes], short: dict[bytes, int] | None = None) -> None:
