@@ -33,6 +33,7 @@ from vmvault import platform
 from vmvault.repo._layout import ID_SIZE
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_SPAN
 from vmvault.repo.index_cache import cache_root, private_dir
+from vmvault.repo.names import is_hex_id
 
 __all__ = ["BLOCKS_KEPT", "KeptBlocks", "KeptCopies"]
 
@@ -52,9 +53,10 @@ LEAVE_FREE = 256 << 20
 class KeptCopies:
     """Sealed copies of one repository's objects of one kind, at one location (module
     docstring). Every method is safe from any thread and never raises for the folder's own
-    failures. A subclass names its ``kind``, the largest copy it keeps (``max_size``), which
-    names are ids (``is_name``) and, with ``limit``, the bytes it keeps at most: then a read
-    marks a copy as used and a write past the limit deletes the least recently used."""
+    failures. Copies are named by their objects' ids (64 hex digits, ``names.is_hex_id``: no
+    other name is ever a path here). A subclass names its ``kind``, the largest copy it keeps
+    (``max_size``) and, with ``limit``, the bytes it keeps at most: then a read marks a copy as
+    used and a write past the limit deletes the least recently used."""
 
     kind = "objects"
     max_size = 0
@@ -76,15 +78,11 @@ class KeptCopies:
             except OSError:
                 pass  # every object is read from the storage
 
-    def is_name(self, name: str) -> bool:
-        """Whether ``name`` is an id of this kind (no other name is ever a path here)."""
-        raise NotImplementedError
-
     def get(self, name: str) -> bytes | None:
         """The sealed copy kept as ``name``, not yet checked (a copy read short fails its
         check); None when there is none (or it is not a regular file of at most ``max_size``
         bytes)."""
-        if self.folder is None or not self.is_name(name):
+        if self.folder is None or not is_hex_id(name):
             return None
         try:
             fd = platform.open_nofollow(os.path.join(self.folder, name), _READ_FLAGS)
@@ -108,7 +106,7 @@ class KeptCopies:
         effort)."""
         parts = [sealed] if isinstance(sealed, bytes | bytearray | memoryview) else list(sealed)
         size = sum(len(p) for p in parts)
-        if self.folder is None or not self.is_name(name) or size > self.max_size:
+        if self.folder is None or not is_hex_id(name) or size > self.max_size:
             return
         try:
             if shutil.disk_usage(self.folder).free < LEAVE_FREE + size:
@@ -139,7 +137,7 @@ class KeptCopies:
 
     def discard(self, name: str) -> None:
         """Forget the copy of ``name`` (it failed its check)."""
-        if self.folder is not None and self.is_name(name):
+        if self.folder is not None and is_hex_id(name):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.folder, name))
 
@@ -195,10 +193,6 @@ class KeptCopies:
         return held
 
 
-def _is_blob_id(name: str) -> bool:
-    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
-
-
 class KeptBlocks(KeptCopies):
     """This host's copies of a repository's index blocks (INDEX blobs), named by their ids in
     hex, ``BLOCKS_KEPT`` bytes at most (section 12.11)."""
@@ -206,6 +200,3 @@ class KeptBlocks(KeptCopies):
     kind = "blocks"
     max_size = MAX_INDEX_SPAN * ID_SIZE + ENVELOPE_OVERHEAD
     limit = BLOCKS_KEPT
-
-    def is_name(self, name: str) -> bool:
-        return _is_blob_id(name)

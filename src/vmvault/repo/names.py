@@ -25,7 +25,7 @@ import re
 
 from vmvault.backends.base import shown
 
-__all__ = ["index_id", "key_id", "lock_name", "pack_id", "shown", "snapshot_id", "status_id"]
+__all__ = ["index_id", "is_hex_id", "key_id", "lock_name", "pack_id", "shown", "snapshot_id", "status_id"]
 
 _ID = re.compile(r"[0-9a-f]{64}")
 _LOCK = re.compile(r"locks/[0-9a-f]{32}")
@@ -36,6 +36,11 @@ def _hex_id(name: str, folder: str) -> str | None:
     if not name.startswith(folder) or not _ID.fullmatch(name, len(folder)):
         return None
     return name[len(folder) :]
+
+
+def is_hex_id(name: str) -> bool:
+    """Whether ``name`` is an id as the names above hold it: 64 lower-case hex digits."""
+    return _ID.fullmatch(name) is not None
 
 
 def key_id(name: str) -> str | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from vmvault.repo._limits import MAX_SNAPSHOT
 from vmvault.repo.kept import KeptCopies
-from vmvault.repo.names import snapshot_id
 
 __all__ = ["SnapshotCache"]
 
@@ -35,7 +34,3 @@ class SnapshotCache(KeptCopies):
 
     kind = "snapshots"
     max_size = MAX_SNAPSHOT
-
-    def is_name(self, name: str) -> bool:
-        """A snapshot id of the form vmvault names snapshots with."""
-        return snapshot_id(f"snapshots/{name}") == name
