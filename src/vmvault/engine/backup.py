@@ -824,15 +824,15 @@ def backup(
         if problems:
             full = True
         broken: dict[str, set[int]] = {}
-        if prev_snap is not None and not full:
+        tracked = [d for d in prev_snap.disks if d.cbt] if prev_snap is not None and not full else []
+        if tracked:
             # ... and only against packs that are still there: every chunk the parent's blocks
             # name is looked up, and each pack holding one confirmed (section 12.4), with as
             # many reads at once as the storage serves best (eight from a server far away)
-            reads = max(workers, repo.backend.prepare_reads()) if any(d.cbt for d in prev_snap.disks) else workers
+            reads = max(workers, repo.backend.prepare_reads())
             with ThreadPoolExecutor(max_workers=reads, thread_name_prefix="vmvault-parent") as pool:
-                for d in prev_snap.disks:
-                    if d.cbt:
-                        broken[d.name] = _broken_blocks(repo, d, pool, 2 * reads + 2)
+                for d in tracked:
+                    broken[d.name] = _broken_blocks(repo, d, pool, 2 * reads + 2)
         if repo.index.lost:
             repo_warnings.append(
                 f"{repo.index.lost.describe()}: this backup stores again whatever of it the source still has, "
