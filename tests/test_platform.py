@@ -379,6 +379,36 @@ def test_a_lock_excludes_another_open_file_of_the_same_process(
                 os.close(fd)
 
 
+@pytest.mark.parametrize("hide", [False, True], ids=["posix", "fallback"])
+def test_shared_locks_share_and_exclude_an_exclusive_one(
+    request: pytest.FixtureRequest, tmp_path: Path, hide: bool
+) -> None:
+    """Any number of shared locks at once (index caches in use, index_cache.hold_in_use), none
+    with an exclusive one (``vmvault cache`` removing the cache)."""
+    if hide:
+        request.getfixturevalue("hidden")
+    path = tmp_path / "use"
+    path.touch()
+    first, second = os.open(path, os.O_RDONLY), os.open(path, os.O_RDONLY)
+    alone = os.open(path, os.O_RDWR)
+    try:
+        assert platform.lock_shared(first, wait=False) and platform.lock_shared(second, wait=True)
+        assert not platform.lock(alone, wait=False)
+        os.close(first)
+        first = -1
+        assert not platform.lock(alone, wait=False)
+        os.close(second)
+        second = -1
+        assert platform.lock(alone, wait=False)
+        third = os.open(path, os.O_RDONLY)
+        assert not platform.lock_shared(third, wait=False)
+        os.close(third)
+    finally:
+        for fd in (first, second, alone):
+            if fd >= 0:
+                os.close(fd)
+
+
 def test_a_blocking_lock_waits_for_the_holder(hidden: None, tmp_path: Path) -> None:
     path = tmp_path / "lock"
     path.touch()

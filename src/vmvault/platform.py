@@ -90,6 +90,7 @@ __all__ = [
     "kept_free",
     "lock",
     "lock_folder",
+    "lock_shared",
     "name_key",
     "one_malloc_arena",
     "open_nofollow",
@@ -400,12 +401,33 @@ def lock(fd: int, *, wait: bool) -> bool:
     false. Other failures (a file system without locks) raise ``OSError``."""
     if _flock is not None:
         assert _fcntl is not None
-        try:
-            _flock(fd, _fcntl.LOCK_EX | (0 if wait else _fcntl.LOCK_NB))
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return False
-            raise
+        return _flock_unless_held(fd, _fcntl.LOCK_EX, wait)
+    return _range_lock(fd, wait)
+
+
+def _flock_unless_held(fd: int, operation: int, wait: bool) -> bool:
+    """``flock(fd, operation)``, not waiting unless ``wait``: False when another holds it."""
+    assert _flock is not None and _fcntl is not None
+    try:
+        _flock(fd, operation | (0 if wait else _fcntl.LOCK_NB))
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def lock_shared(fd: int, *, wait: bool) -> bool:
+    """Take a shared lock on the open file ``fd``: any number of them at once, never with
+    :func:`lock`'s exclusive one (released when ``fd`` is closed). True when taken, False when
+    an exclusive lock is held and ``wait`` is false. Where POSIX calls are hidden, ``fd`` must
+    be open for reading only (a read lock). On Windows, whose ``msvcrt`` has no shared locks,
+    True without a lock: what the callers guard (a file deleted while another process uses it)
+    Windows refuses by itself while the file is open."""
+    if _flock is not None:
+        assert _fcntl is not None
+        return _flock_unless_held(fd, _fcntl.LOCK_SH, wait)
+    if WINDOWS:  # pragma: no cover - not run by the test suite (Linux)
         return True
     return _range_lock(fd, wait)
 
