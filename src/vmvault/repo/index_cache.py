@@ -21,7 +21,10 @@ Crash safety is SQLite's (WAL, ``synchronous=NORMAL``): killed at any instant, e
 in the cache whole or not at all. A database SQLite finds damaged, or whose schema or
 repository does not match, is deleted and built again (``IndexCache.reset``). Several
 processes of one host share a database (a sync holds ``<database>.lock``); each host has its
-own, and all converge on the repository's index files, which are immutable.
+own, and all converge on the repository's index files, which are immutable. Each process that
+has the database open holds a shared lock on ``<database>.use`` (:func:`hold_in_use`), so
+``vmvault cache`` removes only caches no process uses (SQLite's files deleted under an open
+connection can damage the database that replaces them).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import sqlite3
 import stat
 import tempfile
 import threading
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -44,6 +48,8 @@ from vmvault.errors import IntegrityError, RepositoryError
 from vmvault.repo.index import ParsedIndex, parse_index
 
 __all__ = [
+    "TEMPORARY_PREFIX",
+    "USE_SUFFIX",
     "CacheDamaged",
     "CachedRow",
     "Grouped",
@@ -52,7 +58,9 @@ __all__ = [
     "ScratchMap",
     "ScratchRows",
     "cache_root",
+    "hold_in_use",
     "in_parts",
+    "lock_unused",
     "private_dir",
     "rows_digest",
     "write_many",
@@ -130,6 +138,12 @@ class CacheDamaged(Exception):
     """The database is damaged or not this repository's; ``IndexCache.reset`` rebuilds it."""
 
 
+#: the name a temporary cache folder starts with (in the system's temporary folder), made when
+#: the cache folder cannot be used; removed when the command ends, by ``vmvault cache clean``
+#: when a killed command left it
+TEMPORARY_PREFIX = "vmvault-index-"
+
+
 def cache_root() -> str:
     """``$VMVAULT_CACHE_DIR``, else ``$XDG_CACHE_HOME/vmvault``, else ``~/.cache/vmvault``."""
     return os.environ.get("VMVAULT_CACHE_DIR") or os.path.join(
@@ -165,6 +179,54 @@ def _own(path: str, st: os.stat_result) -> None:
         os.chmod(path, 0o700 if stat.S_ISDIR(st.st_mode) else 0o600)
 
 
+#: beside each database: a shared lock on ``<database>.use`` says a process has it open, and
+#: its modification time is the last opening (``vmvault cache``, repo/host_cache.py)
+USE_SUFFIX = ".use"
+
+
+def hold_in_use(db_path: str) -> int | None:
+    """Say that this process uses the cache at ``db_path`` until the returned descriptor is
+    closed: a shared lock on ``<database>.use``, its modification time set to now. A lock
+    taken on a file that :func:`lock_unused`'s caller removed meanwhile is taken again on the
+    new one. None where the lock cannot be had (a file system without locks): the cache is
+    used all the same, and ``vmvault cache``, unable to lock it either, leaves it alone."""
+    path = db_path + USE_SUFFIX
+    for _ in range(100):
+        try:
+            fd = platform.open_nofollow(path, os.O_RDONLY | os.O_CREAT | platform.O_CLOEXEC, 0o600)
+        except OSError:
+            return None
+        try:
+            platform.lock_shared(fd, wait=True)
+            if platform.same_file(os.fstat(fd), os.lstat(path)):
+                with contextlib.suppress(OSError):
+                    os.utime(fd) if os.utime in os.supports_fd else os.utime(path)
+                return fd
+        except OSError:
+            pass  # removed while this process waited (lstat) or no locks here: try again
+        os.close(fd)
+    return None
+
+
+def lock_unused(db_path: str, *, create: bool = True) -> int | None:
+    """An exclusive lock on the cache at ``db_path``, without waiting: its descriptor while no
+    process holds the cache (:func:`hold_in_use` waits until it is closed), else None. The
+    caller removes the cache's files, ``<database>.use`` last, then closes the descriptor.
+    ``OSError`` where the file system takes no locks, and ``FileNotFoundError`` without
+    ``create`` when no process ever held the cache (a question that must not make the file:
+    its modification time is the cache's last use)."""
+    path = db_path + USE_SUFFIX
+    fd = platform.open_nofollow(path, os.O_RDWR | (os.O_CREAT if create else 0) | platform.O_CLOEXEC, 0o600)
+    try:
+        if platform.lock(fd, wait=False) and platform.same_file(os.fstat(fd), os.lstat(path)):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
 class IndexCache:
     """The index cache of one repository at one location. Thread-safe: lookups of every
     thread take turns on one connection (``close`` closes it); syncs and maintenance open
@@ -183,19 +245,32 @@ class IndexCache:
         self.before_commit: Callable[[str], None] | None = None
         folder = os.path.join(root or cache_root(), "index")
         name = f"{repo_id}-{hashlib.sha256(location.encode()).hexdigest()[:16]}.sqlite"
+        #: closes the descriptor of the shared lock on ``<database>.use``, held while this
+        #: process uses the cache (at ``discard``, or when the object is collected unclosed)
+        self._use: weakref.finalize[[int], IndexCache] | None = None
         try:
             private_dir(folder)
-            self.path = os.path.join(folder, name)
-            self._lockfile = self.path + ".lock"
-            self._prepare()
+            self._open_at(os.path.join(folder, name))
         except (OSError, sqlite3.Error, CacheDamaged) as exc:
-            self._tmp = tempfile.mkdtemp(prefix="vmvault-index-")
+            self._tmp = tempfile.mkdtemp(prefix=TEMPORARY_PREFIX)
             self.warnings.append(
                 f"the index cache folder {folder} cannot be used ({exc}); a temporary one is built for this run"
             )
-            self.path = os.path.join(self._tmp, name)
-            self._lockfile = self.path + ".lock"
-            self._prepare()
+            self._open_at(os.path.join(self._tmp, name))
+
+    def _open_at(self, path: str) -> None:
+        self._release()
+        self.path = path
+        self._lockfile = path + ".lock"
+        held = hold_in_use(path)
+        if held is not None:
+            self._use = weakref.finalize(self, os.close, held)
+        self._prepare()
+
+    def _release(self) -> None:
+        if self._use is not None:
+            self._use()
+            self._use = None
 
     # ---- the database file -------------------------------------------------------------
 
@@ -318,11 +393,13 @@ class IndexCache:
                 reader.close()
 
     def discard(self) -> None:
-        """Close, and remove a temporary cache."""
+        """Close, remove a temporary cache, and leave the cache to others (``vmvault cache``
+        may remove it from now on)."""
         self.close()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        self._release()
 
     # ---- sync --------------------------------------------------------------------------
 
