@@ -58,6 +58,7 @@ _COMMAND_MODULES = (
     "vmvault.cli.web",
     "vmvault.cli.user",
     "vmvault.cli.service",
+    "vmvault.cli.cache",
 )
 
 #: the module of ``_COMMAND_MODULES`` that registers each command (tests/cli check it against
@@ -80,6 +81,7 @@ _MODULE_OF = {
     "web": "vmvault.cli.web",
     "user": "vmvault.cli.user",
     "service": "vmvault.cli.service",
+    "cache": "vmvault.cli.cache",
 }
 #: global options that take a value, and those that take none (``build_parser``)
 _VALUE_OPTIONS = frozenset(("-r", "--repo", "--password-file", "--password-command", "--key-file"))

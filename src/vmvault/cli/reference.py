@@ -73,7 +73,8 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
         "VMVAULT_CACHE_DIR",
         "the cache folder: this host's index cache of each repository, rebuilt when missing, and its "
         "copies of the snapshots and index blocks (each checked as a read from the storage is); a cache "
-        "folder of another user is not used (default `$XDG_CACHE_HOME/vmvault`, else `~/.cache/vmvault`)",
+        "folder of another user is not used; `vmvault cache` lists and removes them (default "
+        "`$XDG_CACHE_HOME/vmvault`, else `~/.cache/vmvault`)",
     ),
     ("XDG_CACHE_HOME", "see `VMVAULT_CACHE_DIR`"),
     (
