@@ -100,3 +100,12 @@ def test_clean_removes_what_was_unused_for_max_age_days(env: Path, capsys: pytes
     assert code == 0 and f"removed {old['name']}" in text and "1 cache removed" in text
     assert [e["name"] for e in run_json(capsys, "cache")[1]["caches"]] == [entry["name"]]
     assert run(capsys, "cache", "clean", "--max-age", "-1")[0] == EXIT["usage"]
+
+
+def test_a_blocks_limit_that_is_no_size_is_a_usage_error(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _vmvault("init")
+    monkeypatch.setenv("VMVAULT_CACHE_BLOCKS", "a lot")
+    code, _, err = run(capsys, "snapshots")
+    assert code == EXIT["usage"] and "VMVAULT_CACHE_BLOCKS='a lot' is no size" in err and "Traceback" not in err

@@ -19,7 +19,7 @@ from tests.repo.builders import PASS
 from tests.repo.test_fetch import Watched
 from vmvault.engine.backup import backup
 from vmvault.engine.restore import restore
-from vmvault.errors import IntegrityError
+from vmvault.errors import ConfigError, IntegrityError
 from vmvault.repo import kept as kept_module
 from vmvault.repo.check import check
 from vmvault.repo.index_block import INDEX_SPAN
@@ -164,8 +164,9 @@ def test_check_reads_the_stored_blocks_whatever_is_kept(tmp_path: Path) -> None:
 def test_the_copies_stay_within_their_limit_least_recently_used_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(KeptBlocks, "limit", 10 * 1000)
+    monkeypatch.setenv("VMVAULT_CACHE_BLOCKS", "10000")
     kept = KeptBlocks("r" * 32, "file:///x", root=str(tmp_path))
+    assert kept.limit == 10 * 1000
     assert kept.folder is not None
     names = [f"{i:064x}" for i in range(20)]
     for i, name in enumerate(names):
@@ -192,3 +193,23 @@ def test_a_nearly_full_cache_folder_keeps_nothing(tmp_path: Path, monkeypatch: p
         if b is not None:
             repo.read_index_block(b, kept=True)
     assert _block_reads(backend) == BLOCKS
+
+
+def test_the_setting_sets_the_limit_and_zero_keeps_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``VMVAULT_CACHE_BLOCKS``: a size with K, M, G or T; 0 keeps no block and reads each from
+    the storage; a value that is no size stops the opening of the repository, before any work."""
+    for text, limit in (("4G", 4 << 30), ("512 MiB", 512 << 20), ("64k", 64 << 10), ("123", 123), ("", 1 << 30)):
+        monkeypatch.setenv("VMVAULT_CACHE_BLOCKS", text)
+        assert kept_module.blocks_limit() == limit
+    monkeypatch.setenv("VMVAULT_CACHE_BLOCKS", "0")
+    backend, source, _first = _backed_up(tmp_path)
+    here = Repository.open(backend, PASS, cache_root=str(tmp_path / "host"))
+    assert _kept(here).folder is None
+    _change(source)
+    backend.reads.clear()
+    assert backup(here, source).snapshot.disks[0].stats["incremental"] == 1
+    assert _block_reads(backend) == 2 * BLOCKS  # each parent block read to confirm it, and to change it
+    for bad in ("-1", "1.5G", "lots", "4X"):
+        monkeypatch.setenv("VMVAULT_CACHE_BLOCKS", bad)
+        with pytest.raises(ConfigError, match="VMVAULT_CACHE_BLOCKS"):
+            Repository.open(backend, PASS, cache_root=str(tmp_path / "host"))

@@ -78,6 +78,11 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ),
     ("XDG_CACHE_HOME", "see `VMVAULT_CACHE_DIR`"),
     (
+        "VMVAULT_CACHE_BLOCKS",
+        "the index blocks kept per repository in the cache folder (`blocks/`), least recently used out "
+        "past it: bytes, or with K, M, G or T (default 1G, the blocks of 8 TiB of disks; 0 keeps and uses none)",
+    ),
+    (
         "SQLITE_TMPDIR",
         "where SQLite makes its temporary files (the sorts of `check` and `prune`); default: the cache folder",
     ),

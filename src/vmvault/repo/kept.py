@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -30,12 +31,13 @@ import threading
 from collections.abc import Sequence
 
 from vmvault import platform
+from vmvault.errors import ConfigError
 from vmvault.repo._layout import ID_SIZE
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_SPAN
 from vmvault.repo.index_cache import cache_root, private_dir
 from vmvault.repo.names import is_hex_id
 
-__all__ = ["BLOCKS_KEPT", "KeptBlocks", "KeptCopies"]
+__all__ = ["BLOCKS_KEPT", "BLOCKS_SETTING", "KeptBlocks", "KeptCopies", "blocks_limit"]
 
 _READ_FLAGS = os.O_RDONLY | platform.O_NONBLOCK | platform.O_CLOEXEC | platform.O_BINARY
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | platform.O_CLOEXEC | platform.O_BINARY
@@ -44,6 +46,26 @@ _TEMPORARY = ".tmp-"
 #: the bytes of index blocks kept per repository and location: the blocks of 8 TiB of disks
 #: (128 KiB each per GiB), the least recently used deleted past it
 BLOCKS_KEPT = 1 << 30
+
+#: the environment variable that sets another limit than ``BLOCKS_KEPT`` (``blocks_limit``)
+BLOCKS_SETTING = "VMVAULT_CACHE_BLOCKS"
+
+_SIZE = re.compile(r"(\d{1,15})\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def blocks_limit() -> int:
+    """The bytes of index blocks to keep per repository and location: ``$VMVAULT_CACHE_BLOCKS``
+    (bytes, or with K, M, G or T: powers of 1024; 0 keeps none), else ``BLOCKS_KEPT``. A value
+    that is no size is a ``ConfigError``."""
+    text = os.environ.get(BLOCKS_SETTING, "").strip()
+    if not text:
+        return BLOCKS_KEPT
+    found = _SIZE.fullmatch(text)
+    if found is None:
+        raise ConfigError(f"{BLOCKS_SETTING}={text!r} is no size (bytes, or with K, M, G or T, e.g. 4G; 0 keeps none)")
+    return int(found[1]) << _SHIFT[found[2].upper()]
+
 
 #: room a copy leaves free in the cache folder's file system: the index cache and the scratch
 #: databases of check, prune and copy need it more (a copy only saves a read)
@@ -195,8 +217,14 @@ class KeptCopies:
 
 class KeptBlocks(KeptCopies):
     """This host's copies of a repository's index blocks (INDEX blobs), named by their ids in
-    hex, ``BLOCKS_KEPT`` bytes at most (section 12.11)."""
+    hex, ``limit`` bytes at most (``blocks_limit()`` unless given; section 12.11)."""
 
     kind = "blocks"
     max_size = MAX_INDEX_SPAN * ID_SIZE + ENVELOPE_OVERHEAD
     limit = BLOCKS_KEPT
+
+    def __init__(
+        self, repo_id: str, location: str, *, root: str | None = None, enabled: bool = True, limit: int | None = None
+    ) -> None:
+        self.limit = blocks_limit() if limit is None else limit
+        super().__init__(repo_id, location, root=root, enabled=enabled and self.limit > 0)

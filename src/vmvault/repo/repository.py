@@ -76,7 +76,7 @@ from vmvault.repo.hostrecord import HostRecords, RepoRecord, now
 from vmvault.repo.index import MAX_V2_PAYLOAD, BlobLocation, IndexFile
 from vmvault.repo.index_block import IndexBlock
 from vmvault.repo.index_cache import IndexCache, IngestBatch, write_many
-from vmvault.repo.kept import KeptBlocks, KeptCopies
+from vmvault.repo.kept import KeptBlocks, KeptCopies, blocks_limit
 from vmvault.repo.locks import RepositoryLock
 from vmvault.repo.names import index_id, snapshot_id
 from vmvault.repo.names import pack_id as parse_pack_id
@@ -160,6 +160,7 @@ class Repository:
         self.backend = backend
         #: this host's cache folder (repo/index_cache.py; None: the default, ``cache_root()``)
         self.cache_root = cache_root
+        blocks_limit()  # a VMVAULT_CACHE_BLOCKS that is no size is said now, not halfway through a backup
         self.config = config
         #: the master key, computing chunk ids with the function the config names
         self.key = key.with_id_function(config.chunk_id)
