@@ -4,6 +4,7 @@ killed mid-copy, abort."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -304,7 +305,8 @@ def test_the_test_guest_boots_from_the_repository_while_it_is_copied(tmp_path: P
     instant.start(str(repo_dir), PASS, snap, target, instant.InstantOptions(accel="tcg", memory_mb=256, speed=8 << 20))
     try:
         serial = target / "serial.log"
-        _wait_for(lambda: MARKER in serial.read_text(errors="replace"), 240)
+        # the console is moved out of QEMU's ring into serial.log whenever the VM is looked at
+        _wait_for(lambda: instant.status(target) and MARKER in _text(serial), 240)
         assert instant.status(target)["live"]["vm"] == "running"
         assert instant.watch(target, timeout=240)["phase"] == "done"
         assert "first read served" in (target / "serve.log").read_text()
@@ -312,6 +314,41 @@ def test_the_test_guest_boots_from_the_repository_while_it_is_copied(tmp_path: P
         instant.abort(target)
     r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(g.disk), str(target / "disk0.qcow2")])
     assert r.returncode == 0, "the guest wrote nothing to its disk: the local copy is the backed-up disk"
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_a_guest_printing_without_end_costs_the_host_two_megabytes(setup: Setup) -> None:
+    """The serial console is a ring buffer inside QEMU, moved into DIR/serial.log when the VM
+    is looked at; past 1 MiB the log becomes serial.log.1. What the guest prints is written
+    into that ring (QMP ringbuf-write: the bytes the guest's serial port would put there)."""
+    setup.start()
+    log, older = setup.target / "serial.log", setup.target / "serial.log.1"
+    written = b""
+
+    def guest_prints(data: bytes) -> None:
+        with setup.qmp() as qmp:  # one QMP client at a time: closed before the VM is looked at
+            qmp.execute("ringbuf-write", {"device": instant.SERIAL_DEVICE, "data": base64.b64encode(data).decode(),
+                                          "format": "base64"})  # fmt: skip
+
+    for n in range(12):  # 5.5 MiB in all, the VM looked at after each part
+        piece = (f"line {n:04d} ".encode() + os.urandom(96).hex().encode() + b"\n") * 2300
+        guest_prints(piece)
+        written += piece
+        assert instant.status(setup.target)["live"]["vm"] == "running"
+        assert log.stat().st_size <= instant.SERIAL_LOG_BYTES
+        assert not older.exists() or older.stat().st_size <= instant.SERIAL_LOG_BYTES
+    kept = older.read_bytes() + log.read_bytes()
+    assert len(kept) <= 2 * instant.SERIAL_LOG_BYTES and written.endswith(kept)  # the newest, whole
+    assert len(kept) >= instant.SERIAL_LOG_BYTES
+    # more between two looks than the ring holds: the oldest is lost, never the host's disk
+    for _ in range(3):
+        guest_prints(b"x" * (instant.SERIAL_RING - 1) + b"\n")
+    instant.abort(setup.target)  # takes the console's last words before QEMU quits
+    assert log.stat().st_size <= instant.SERIAL_LOG_BYTES and log.read_bytes().endswith(b"x\n")
+    assert older.stat().st_size <= instant.SERIAL_LOG_BYTES
 
 
 def test_every_disk_of_a_two_disk_vm_ends_local(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ after repair, abort."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -32,6 +33,18 @@ def _guest_write(libvirtd: Libvirtd, name: str, setup: Setup, offset: int, lengt
     setup.data[offset : offset + length] = bytes([byte]) * length
 
 
+def _qemu_argv(name: str) -> list[str]:
+    """The command line of the QEMU process running the domain ``name``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"qemu-system-x86_64") and any(name.encode() in a for a in argv):
+            return [a.decode(errors="replace") for a in argv]
+    raise AssertionError(f"no QEMU runs {name}")
+
+
 def test_a_libvirt_domain_runs_from_the_repository_and_ends_on_local_disks(libvirtd: Libvirtd, tmp_path: Path) -> None:
     setup = Setup(tmp_path)
     try:
@@ -41,6 +54,11 @@ def test_a_libvirt_domain_runs_from_the_repository_and_ends_on_local_disks(libvi
         assert dom.isActive() and not dom.isPersistent(), "a transient domain: nothing left defined"
         xml = dom.XMLDesc(0)
         assert "rerror_policy='stop'" in xml and "protocol='nbd'" in xml
+        # the serial console's file is virtlogd's (libvirt's default stdio_handler), which rotates
+        # it: QEMU was handed a descriptor (an fdset), not the file's name, so a guest printing
+        # without end cannot fill DIR's file system
+        serial = [a for a in _qemu_argv(name) if "serial" in a and a.startswith("file,")]
+        assert serial and all("/dev/fdset/" in a for a in serial), serial
         _guest_write(libvirtd, name, setup, 20 << 20, 3 * CS, 0xAA)
         progress: list[tuple[int, int]] = []
         done = instant.watch(setup.target, on_progress=lambda d, t: progress.append((d, t)), timeout=180)

@@ -30,6 +30,7 @@ Processes are recognised by PID *and* start time (``/proc/PID/stat``), never by 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -74,6 +75,13 @@ PHASES = ("starting", "copying", "paused", "done", "aborted")
 RECONNECT_DELAY = 30
 #: a unix socket path is at most 107 bytes on Linux
 _MAX_SOCKET_PATH = 107
+#: the guest's serial console (QEMU runner): a ring buffer of this many bytes inside QEMU (a
+#: power of two), moved into DIR/serial.log whenever the VM is looked at (``_QemuRunner.console``)
+SERIAL_DEVICE = "serial0"
+SERIAL_RING = 1 << 20
+#: DIR/serial.log's size at most: past it, it becomes serial.log.1 (replacing the one before)
+#: and a new one starts, so a guest printing without end costs the host two of these
+SERIAL_LOG_BYTES = 1 << 20
 
 ProgressFn = Callable[[int, int], None]
 
@@ -312,7 +320,8 @@ class _QemuRunner(_Runner):
             "-daemonize",
             "-pidfile", str(target / "qemu.pid"),
             "-qmp", f"unix:{_esc(str(target / 'qmp.sock'))},server=on,wait=off",
-            "-serial", f"file:{target / 'serial.log'}",
+            "-chardev", f"ringbuf,id={SERIAL_DEVICE},size={SERIAL_RING}",
+            "-serial", f"chardev:{SERIAL_DEVICE}",
         ]  # fmt: skip
         for i, disk in enumerate(self.disks):
             nbd = {
@@ -376,7 +385,26 @@ class _QemuRunner(_Runner):
         ids = {f"vmvault-stream{i}": i for i in range(len(self.disks))}
         return {ids[j["device"]]: j for j in self.qmp.execute("query-block-jobs") if j.get("device") in ids}
 
+    def console(self) -> None:
+        """Move what the guest printed on its serial console out of QEMU's ring buffer into
+        DIR/serial.log (``append_bounded``). A QEMU started by an earlier version (its console a
+        file of its own) has no ring: nothing to move."""
+        for _ in range(64):  # a guest printing faster than this reads is cut, never followed
+            try:
+                text = self.qmp.execute(
+                    "ringbuf-read", {"device": SERIAL_DEVICE, "size": SERIAL_RING, "format": "base64"}
+                )
+            except QmpError:
+                return
+            data = base64.b64decode(str(text or ""))
+            if not data:
+                return
+            append_bounded(self.target / "serial.log", data, SERIAL_LOG_BYTES)
+            if len(data) < SERIAL_RING:
+                return
+
     def poll(self) -> _Poll:
+        self.console()
         jobs = self._jobs()
         p = _Poll(vm=str(self.qmp.execute("query-status").get("status")), copied=0, total=0, backed=self._backed())
         for i, disk in enumerate(self.disks):
@@ -431,6 +459,8 @@ class _QemuRunner(_Runner):
         if not self.alive():
             return
         pid = int(self.state["qemu"]["pid"])
+        with contextlib.suppress(HypervisorError):
+            self.console()  # its last words
         try:
             self.qmp.execute("quit")
         except HypervisorError:
@@ -588,6 +618,26 @@ class _LibvirtRunner(_Runner):
         dom = self._domain()
         if dom is not None and dom.isActive():
             self._call("stopping the domain", dom.destroy)
+
+
+def append_bounded(path: Path, data: bytes, limit: int) -> None:
+    """Append ``data`` to the log ``path``, which stays under ``limit`` bytes: past it the log
+    becomes ``<path>.1`` (replacing the one before) and a new one starts; of ``data`` longer
+    than ``limit`` the end is kept. No link is followed (the folder is this user's, checked)."""
+    data = data[-limit:]
+    try:
+        size = os.lstat(path).st_size
+    except FileNotFoundError:
+        size = 0
+    if size and size + len(data) > limit:
+        platform.replace(str(path), f"{path}.1")
+    fd = platform.open_nofollow(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT | platform.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
 
 
 def _runner(target: Path, state: dict[str, Any]) -> _Runner:
