@@ -19,7 +19,8 @@ be this user's (``index_cache.private_dir``).
 
 Temporary caches (``$TMPDIR/vmvault-index-*``, made when the cache folder cannot be used and
 removed when the command ends) are left behind by a killed command: :func:`leftovers` finds
-those of this user that no process holds.
+those of this user that no process holds and nothing changed for ten minutes (a command makes
+the folder a moment before it locks the cache in it).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import shutil
 import sqlite3
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -51,6 +53,9 @@ _NAME = re.compile(r"([0-9a-f]{8,64})-([0-9a-f]{16})")
 #: the files of an index cache beside ``<name>.sqlite``: SQLite's, the sync lock, the use lock
 #: (last), and scratch databases of check, prune, repair and copy (``.scratch-<pid>-<hex>``)
 _INDEX_SUFFIXES: Final[tuple[str, ...]] = ("", "-wal", "-shm", "-journal", ".lock")
+#: seconds a temporary cache folder is left alone after its last change: a command makes it,
+#: then locks the cache in it (``hold_in_use``), a moment later
+_STARTING: Final[float] = 600.0
 _SCRATCH = re.compile(r"\.scratch-\d+-[0-9a-f]+(-journal|-wal|-shm)?")
 
 
@@ -184,6 +189,8 @@ def leftovers(folder: str | None = None) -> list[tuple[str, int, float]]:
         if any(_in_use(db) is not False for db in _databases(path)):
             continue
         size, newest = _measure(path, st)
+        if time.time() - newest < _STARTING:
+            continue  # made a moment ago: a command may not hold it yet
         out.append((path, size, newest))
     return sorted(out)
 
@@ -269,8 +276,11 @@ def _related(index_folder: str, name: str, *, use: bool = True) -> list[str]:
 
 
 def _databases(folder: str) -> list[str]:
+    """The index caches in a temporary cache folder: each ``<name>.sqlite`` or its use lock
+    alone (a process holds the lock before it makes the database)."""
     with contextlib.suppress(OSError):
-        return [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".sqlite")]
+        names = {n.removesuffix(USE_SUFFIX) for n in os.listdir(folder)}
+        return sorted(os.path.join(folder, n) for n in names if n.endswith(".sqlite"))
     return []
 
 
