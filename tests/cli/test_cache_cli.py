@@ -109,3 +109,18 @@ def test_a_blocks_limit_that_is_no_size_is_a_usage_error(
     monkeypatch.setenv("VMVAULT_CACHE_BLOCKS", "a lot")
     code, _, err = run(capsys, "snapshots")
     assert code == EXIT["usage"] and "VMVAULT_CACHE_BLOCKS='a lot' is no size" in err and "Traceback" not in err
+
+
+def test_a_cache_folder_that_cannot_be_used_is_a_clear_error(
+    env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_folder = env / "cache-file"
+    not_a_folder.write_text("a file")
+    monkeypatch.setenv("VMVAULT_CACHE_DIR", str(not_a_folder))
+    for argv in (("cache",), ("cache", "clean"), ("cache", "remove", "--all")):
+        code, _, err = run(capsys, *argv)
+        assert code == EXIT["usage"] and "cannot be used" in err and "Traceback" not in err
+    assert not_a_folder.read_text() == "a file"
+    monkeypatch.setenv("VMVAULT_CACHE_DIR", str(env / "none-yet"))
+    code, text, _ = run(capsys, "cache")
+    assert code == 0 and text.startswith("0 caches, 0 B") and not (env / "none-yet").exists()
