@@ -94,6 +94,13 @@ def test_clean_removes_what_was_unused_for_max_age_days(env: Path, capsys: pytes
     code, doc, _ = run_json(capsys, "cache", "clean", "--dry-run")
     assert code == 0 and doc["dry_run"] and [e["name"] for e in doc["removed"]] == [old["name"]]
     assert len(run_json(capsys, "cache")[1]["caches"]) == 2
+    code, _, err = run(capsys, "snapshots")
+    assert code == 0 and "note" not in err  # not on a terminal: scripts and cron hear nothing of it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys.stderr, "isatty", lambda: True)
+        code, _, err = run(capsys, "snapshots")
+        assert code == 0 and "1 cache of repositories unused for 30 days" in err and "`vmvault cache clean`" in err
+        assert "note" not in run(capsys, "snapshots", "--json")[2]
     code, text, _ = run(capsys, "cache", "clean", "--max-age", "50")
     assert code == 0 and "0 caches removed" in text
     code, text, _ = run(capsys, "cache", "clean")

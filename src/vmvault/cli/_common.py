@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from vmvault.repo.snapshot import Snapshot
 
 from ._args import Parser
 from ._terminal import terminal_safe
-from .progress import QuietReporter, TerminalReporter, make_reporter
+from .progress import QuietReporter, TerminalReporter, human_bytes, make_reporter
 
 __all__ = [
     "EXIT",
@@ -197,7 +198,28 @@ def open_repository(args: argparse.Namespace, *, transfer: bool = False) -> Repo
     given = given_secret(args)
     repo = Repository.open(backend, given.value if given is not None else secret.prompt_passphrase)
     report_warnings(repo)
+    if not (getattr(args, "json", False) or getattr(args, "quiet", False)) and sys.stderr.isatty():
+        note_unused_caches()
     return repo
+
+
+def note_unused_caches() -> None:
+    """On a terminal, say when this host keeps caches of repositories unused for 30 days, and
+    how to remove them (``vmvault cache clean``), as restic does: they hold about 70 bytes a
+    chunk each and nothing else ever removes them."""
+    from vmvault.repo.host_cache import CLEAN_AFTER_DAYS, unused_since
+    from vmvault.repo.index_cache import cache_root
+
+    try:
+        count, size = unused_since(time.time() - CLEAN_AFTER_DAYS * 86400)
+    except OSError:
+        return
+    if count:
+        print(
+            f"vmvault: note: {plural(count, 'cache')} of repositories unused for {CLEAN_AFTER_DAYS} days "
+            f"({human_bytes(size)}) in {terminal_safe(cache_root())}: `vmvault cache clean` removes them",
+            file=sys.stderr,
+        )
 
 
 def add_filter_args(parser: argparse.ArgumentParser, *, scope: str | None = None) -> None:

@@ -14,7 +14,15 @@ import time
 
 from vmvault import times
 from vmvault.errors import ConfigError
-from vmvault.repo.host_cache import KINDS, CacheEntry, entries, leftovers, remove_entry, remove_leftover
+from vmvault.repo.host_cache import (
+    CLEAN_AFTER_DAYS,
+    KINDS,
+    CacheEntry,
+    entries,
+    leftovers,
+    remove_entry,
+    remove_leftover,
+)
 from vmvault.repo.index_cache import cache_root
 
 from ._args import whole_number
@@ -23,8 +31,7 @@ from .progress import human_bytes
 
 __all__ = ["register"]
 
-#: ``clean``'s default: entries unused for this many days go
-DEFAULT_MAX_AGE_DAYS = 30
+DEFAULT_MAX_AGE_DAYS = CLEAN_AFTER_DAYS
 
 
 def _state(entry: CacheEntry) -> str:

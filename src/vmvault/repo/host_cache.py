@@ -41,7 +41,19 @@ from typing import Final
 from vmvault import platform
 from vmvault.repo.index_cache import TEMPORARY_PREFIX, USE_SUFFIX, cache_root, lock_unused, private_dir
 
-__all__ = ["KINDS", "CacheEntry", "entries", "leftovers", "remove_entry", "remove_leftover"]
+__all__ = [
+    "CLEAN_AFTER_DAYS",
+    "KINDS",
+    "CacheEntry",
+    "entries",
+    "leftovers",
+    "remove_entry",
+    "remove_leftover",
+    "unused_since",
+]
+
+#: ``vmvault cache clean`` removes caches unused for this many days unless told otherwise
+CLEAN_AFTER_DAYS: Final[int] = 30
 
 #: the kinds of cache each entry may have, in the order they are listed
 KINDS: Final[tuple[str, ...]] = ("index", "snapshots", "blocks")
@@ -110,13 +122,14 @@ def entries(root: str | None = None) -> list[CacheEntry]:
             entry.sizes[kind] = entry.sizes.get(kind, 0) + size
             entry.last_used = max(entry.last_used, newest)
     index_folder = os.path.join(root, "index")
+    listed = _listing(index_folder)
     for entry in found.values():
         if "index" not in entry.sizes:
             entry.in_use = False
             continue
         db = os.path.join(index_folder, entry.name + ".sqlite")
         entry.location = _location(db)
-        for related in _related(index_folder, entry.name):
+        for related in _related(index_folder, entry.name, listed=listed):
             with contextlib.suppress(OSError):
                 st = os.lstat(related)
                 entry.sizes["index"] += st.st_size if stat.S_ISREG(st.st_mode) else 0
@@ -124,6 +137,27 @@ def entries(root: str | None = None) -> list[CacheEntry]:
                     entry.last_used = max(entry.last_used, st.st_mtime)
         entry.in_use = _in_use(db)
     return sorted(found.values(), key=lambda e: (-e.last_used, e.name))
+
+
+def unused_since(cutoff: float, root: str | None = None) -> tuple[int, int]:
+    """How many index caches in ``root`` no process used since ``cutoff`` (POSIX seconds), and
+    their bytes: a look at the index folder alone (its files' times and sizes), cheap enough
+    for every command (``vmvault cache list`` measures everything)."""
+    root = root or cache_root()
+    index_folder = os.path.join(root, "index")
+    count = size = 0
+    listed = _listing(index_folder)
+    for name, _path, st in _names_in(index_folder, ".sqlite"):
+        newest, total = st.st_mtime, st.st_size
+        for related in _related(index_folder, name, listed=listed):
+            with contextlib.suppress(OSError):
+                other = os.lstat(related)
+                total += other.st_size
+                if not related.endswith("-shm"):
+                    newest = max(newest, other.st_mtime)
+        if newest < cutoff:
+            count, size = count + 1, size + total
+    return count, size
 
 
 def remove_entry(name: str, root: str | None = None) -> bool:
@@ -262,17 +296,28 @@ def _measure(path: str, st: os.stat_result) -> tuple[int, float]:
     return size, newest
 
 
-def _related(index_folder: str, name: str, *, use: bool = True) -> list[str]:
+def _related(index_folder: str, name: str, *, use: bool = True, listed: list[str] | None = None) -> list[str]:
     """The files of the index cache ``name`` other than ``<name>.sqlite``: SQLite's, the sync
-    lock, the use lock (unless not ``use``) and scratch databases."""
+    lock, the use lock (unless not ``use``) and scratch databases. ``listed``: the folder's
+    names, when the caller listed it already (one listing for every entry)."""
     base = name + ".sqlite"
     suffixes = _INDEX_SUFFIXES[1:] + ((USE_SUFFIX,) if use else ())
-    out = [os.path.join(index_folder, base + s) for s in suffixes]
-    with contextlib.suppress(OSError):
-        for item in os.listdir(index_folder):
-            if item.startswith(base) and _SCRATCH.fullmatch(item[len(base) :]):
-                out.append(os.path.join(index_folder, item))
-    return [p for p in out if os.path.lexists(p)]
+    if listed is None:
+        try:
+            listed = os.listdir(index_folder)
+        except OSError:
+            listed = []
+    present = set(listed)
+    out = [base + s for s in suffixes if base + s in present]
+    out += [item for item in listed if item.startswith(base) and _SCRATCH.fullmatch(item[len(base) :])]
+    return [os.path.join(index_folder, item) for item in out]
+
+
+def _listing(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 def _databases(folder: str) -> list[str]:
