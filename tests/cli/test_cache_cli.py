@@ -70,12 +70,12 @@ def test_a_cache_in_use_is_left(env: Path, capsys: pytest.CaptureFixture[str]) -
         before = sorted(p for p in _cache().rglob("*"))
         assert run_json(capsys, "cache")[1]["caches"][0]["in_use"] is True
         code, text, _ = run(capsys, "cache", "remove", "--all")
-        assert code == EXIT["problems"] and "a running command uses it" in text and "1 cache in use left" in text
+        assert code == EXIT["problems"] and "a running command uses it" in text and "1 cache left" in text
         assert sorted(p for p in _cache().rglob("*")) == before
     finally:
         os.close(held)
     code, doc, _ = run_json(capsys, "cache", "remove", "--all")
-    assert code == 0 and len(doc["removed"]) == 1 and doc["in_use"] == 0
+    assert code == 0 and len(doc["removed"]) == 1 and doc["left"] == 0
 
 
 def test_clean_removes_what_was_unused_for_max_age_days(env: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -31,8 +31,6 @@ from .progress import human_bytes
 
 __all__ = ["register"]
 
-DEFAULT_MAX_AGE_DAYS = CLEAN_AFTER_DAYS
-
 
 def _state(entry: CacheEntry) -> str:
     return {True: "in use", None: "unknown"}.get(entry.in_use, "")
@@ -77,10 +75,13 @@ def _chosen(found: list[CacheEntry], wanted: list[str]) -> list[CacheEntry]:
 
 
 def _remove(out: Output, root: str, chosen: list[CacheEntry], dry_run: bool) -> tuple[list[CacheEntry], int]:
-    """Remove ``chosen`` (or say what would go): the entries removed, and how many were in use."""
+    """Remove ``chosen`` (or say what would go): the entries removed, and how many were left."""
     done: list[CacheEntry] = []
     for entry in chosen:
         where = entry.location or "no location recorded"
+        if entry.in_use is None:
+            out.say(f"left {entry.name} ({where}): this file system takes no locks, so its use cannot be told")
+            continue
         try:
             removed = entry.in_use is False and (dry_run or remove_entry(entry.name, root))
         except OSError as exc:
@@ -136,13 +137,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
         else f"{count} removed, freed {human_bytes(freed)}"
     )
     if left:
-        summary += f"; {plural(left, 'cache')} in use left"
+        summary += f"; {plural(left, 'cache')} left (above: in use, or not removable)"
     doc = {
         "root": root,
         "dry_run": dry_run,
         "removed": [{**e.public(), "why": why} for e in done],
         "temporary": [{"path": p, "bytes": n, "last_used": t} for p, n, t in temporaries],
-        "in_use": left,
+        "left": left,
         "bytes": freed,
     }
     out.result(doc, summary)
@@ -171,9 +172,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     q.add_argument(
         "--max-age",
         type=whole_number(0, 36500, what="a number of days"),
-        default=DEFAULT_MAX_AGE_DAYS,
+        default=CLEAN_AFTER_DAYS,
         metavar="DAYS",
-        help=f"remove caches unused for this many days (default: {DEFAULT_MAX_AGE_DAYS})",
+        help=f"remove caches unused for this many days (default: {CLEAN_AFTER_DAYS})",
     )
     q.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
     q.set_defaults(func=cmd_cache)
