@@ -399,7 +399,10 @@ class _QemuRunner(_Runner):
             data = base64.b64decode(str(text or ""))
             if not data:
                 return
-            append_bounded(self.target / "serial.log", data, SERIAL_LOG_BYTES)
+            try:
+                append_bounded(self.target / "serial.log", data, SERIAL_LOG_BYTES)
+            except OSError:
+                return  # DIR full or unwritable: the console's text is lost, the VM and its copy go on
             if len(data) < SERIAL_RING:
                 return
 
