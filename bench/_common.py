@@ -336,6 +336,26 @@ def far_sftp(workdir: Path, rtt_ms: float) -> Iterator[tuple[str, dict[str, str]
         ssh.stop()
 
 
+@contextlib.contextmanager
+def far_s3(workdir: Path, rtt_ms: float) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A repository location in a bucket of a moto S3 server on 127.0.0.1 (``tests/servers.py``),
+    reached through a relay that delays every byte by half of ``rtt_ms`` each way
+    (``tests/latency.py``); yields the location near (the server's own port, for writing what
+    is not measured), the location far away, and the environment a client needs."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from latency import relay
+    from servers import S3Server
+
+    server = S3Server(workdir, buckets=("bench",))
+    server.start()
+    try:
+        with relay(server.port, rtt_ms) as (port, _pid):
+            near = server.url("bench", "repo")
+            yield near, near.replace(f":{server.port}/", f":{port}/"), S3Server.client_env()
+    finally:
+        server.stop()
+
+
 def sha256_file(path: Path) -> str:
     """The SHA-256 of a file's bytes (hex), read 8 MiB at a time."""
     import hashlib
@@ -359,7 +379,7 @@ def far_arguments(
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if extra is not None:
         extra(ap)
-    ap.add_argument("--rtt-ms", type=float, default=30.0, help="round trip added to every SFTP exchange")
+    ap.add_argument("--rtt-ms", type=float, default=30.0, help="round trip added to every exchange with the server")
     ap.add_argument("--blocks", type=int, default=256, help="index blocks of the disk (16 MiB each)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--code", action="append", default=[], help="a vmvault src folder to time (repeatable)")

@@ -1,15 +1,16 @@
-"""An incremental backup into an SFTP repository far away, of a disk changed in every index
-block.
+"""An incremental backup into a repository far away (SFTP, or S3 with ``--backend s3``), of a
+disk changed in every index block.
 
-    python bench/incremental_far.py [--rtt-ms 30] [--blocks 256] [--packs N] [--runs 3]
-                                    [--code SRC ...] [--json] [--write docs/benchmarks.md]
+    python bench/incremental_far.py [--backend sftp|s3] [--rtt-ms 30] [--blocks 256] [--packs N]
+                                    [--runs 3] [--code SRC ...] [--json] [--write docs/benchmarks.md]
 
 The source is a synthetic sparse disk of ``--blocks`` index blocks (4 KiB chunks, so a block
 spans 16 MiB: 8 KiB of random data at the start of each, the rest a hole) handed to the backup
 engine with scripted change tracking (``tests/engine/helpers.py``: the change tracking a
 hypervisor reports, without one). The repository is on OpenSSH's ``sshd`` (internal-sftp) on
-127.0.0.1 (``tests/servers.py``), reached through a relay that delays every byte by half of
-``--rtt-ms`` each way (``tests/latency.py``). After a full backup, ``--runs`` times for each
+127.0.0.1 (``tests/servers.py``), or with ``--backend s3`` in a bucket of a moto S3 server on
+127.0.0.1, reached through a relay that delays every byte by half of ``--rtt-ms`` each way
+(``tests/latency.py``). After a full backup, ``--runs`` times for each
 ``--code`` in turn (a vmvault ``src`` folder; default this checkout's): 4 KiB of every block
 changes, and an incremental backup of it is timed in a process of its own, from opening the
 repository to the snapshot written.
@@ -24,12 +25,14 @@ chunks of random data and the repository's packs hold one chunk each (a pack siz
 so the parent's chunks are in ``--blocks`` × N packs, each confirmed present once per backup,
 as the 16 MiB packs of a disk of ``--blocks`` × N × 16 MiB would be. The full backup is then
 written straight into the server's folder (uploading thousands of packs 30 ms away is not
-what is measured) and the index synced over SFTP once, untimed.
+what is measured; into S3 through the server's own port, without the relay) and the index
+synced from far away once, untimed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -37,10 +40,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from _common import ROOT, far_arguments, far_header, far_sftp, fresh, report, revision
+from _common import ROOT, far_arguments, far_header, far_s3, far_sftp, fresh, report, revision
 
 PASSWORD = b"benchmark passphrase"
 
@@ -85,7 +89,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     codes = [Path(c).resolve() for c in args.code] or [ROOT / "src"]
     work = fresh(Path(args.work))
     runs: dict[str, list[float]] = {revision(c): [] for c in codes}
-    with far_sftp(work / "sshd", args.rtt_ms) as (url, client_env):
+    with _far(args.backend, work, args.rtt_ms) as (near, url, client_env):
         env = {
             **os.environ,
             **client_env,
@@ -113,7 +117,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
 
         if args.packs > 1:
             # thousands of one-chunk packs: written where the server keeps them, then synced
-            print(f"  full backup: {backup_with(codes[0], 0, urlparse(url).path)['seconds']} s", file=sys.stderr)
+            print(f"  full backup: {backup_with(codes[0], 0, near)['seconds']} s", file=sys.stderr)
             backup_with(codes[0], -1)
         else:
             print(f"  full backup: {backup_with(codes[0], 0)['seconds']} s", file=sys.stderr, flush=True)
@@ -125,8 +129,29 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                 print(f"  {revision(code)}: {seconds} s", file=sys.stderr, flush=True)
                 run += 1
     shutil.rmtree(work)
-    options = f"--packs {args.packs}" if args.packs > 1 else ""
-    return {"rtt_ms": args.rtt_ms, "blocks": args.blocks, "packs": args.packs, "options": options, "runs": runs}
+    options = " ".join(
+        [f"--backend {args.backend}"] * (args.backend != "sftp") + [f"--packs {args.packs}"] * (args.packs > 1)
+    )
+    return {
+        "backend": args.backend,
+        "rtt_ms": args.rtt_ms,
+        "blocks": args.blocks,
+        "packs": args.packs,
+        "options": options,
+        "runs": runs,
+    }
+
+
+@contextlib.contextmanager
+def _far(backend: str, work: Path, rtt_ms: float) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """The repository far away: (where the untimed full backup of ``--packs`` writes, where the
+    incrementals go, the client's environment)."""
+    if backend == "s3":
+        with far_s3(work / "moto", rtt_ms) as found:
+            yield found
+    else:
+        with far_sftp(work / "sshd", rtt_ms) as (url, env):
+            yield urlparse(url).path, url, env
 
 
 def render(result: dict[str, object]) -> str:
@@ -142,17 +167,18 @@ def render(result: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def _packs_option(ap: argparse.ArgumentParser) -> None:
+def _options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--packs", type=int, default=0, help="chunks of random data per block, a pack each (module docstring)"
     )
+    ap.add_argument("--backend", choices=("sftp", "s3"), default="sftp", help="the repository's storage")
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--child"]:
         child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
         return
-    args = far_arguments(__doc__, "incremental-far", "incremental-far", _packs_option)
+    args = far_arguments(__doc__, "incremental-far", "incremental-far", _options)
     if not 0 <= args.packs <= 4096:
         raise SystemExit("--packs must be from 0 to 4096 (the chunks of one index block)")
     result = measure(args)

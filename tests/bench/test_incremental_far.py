@@ -1,6 +1,6 @@
 """bench/incremental_far.py: one cheap run (8 index blocks, 10 ms away) times an incremental
-backup of each code given into a real SFTP server behind the delaying relay; with ``--packs``
-the parent's chunks fill a pack each, written into the server's folder first."""
+backup of each code given into a real SFTP server (or a moto S3 server) behind the delaying
+relay; with ``--packs`` the parent's chunks fill a pack each, written near the server first."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from tests.bench import BENCH, run_bench
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("packs", [[], ["--packs", "16"]], ids=["one-pack", "a-pack-a-chunk"])
-def test_an_incremental_into_a_far_sftp_repository_is_timed_per_code(tmp_path: Path, packs: list[str]) -> None:
-    if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
+@pytest.mark.parametrize(
+    "packs",
+    [[], ["--packs", "16"], ["--backend", "s3", "--packs", "16"]],
+    ids=["one-pack", "a-pack-a-chunk", "s3-a-pack-a-chunk"],
+)
+def test_an_incremental_into_a_far_repository_is_timed_per_code(tmp_path: Path, packs: list[str]) -> None:
+    if "s3" not in packs and shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
         pytest.skip("OpenSSH's server is not installed (apt-get install openssh-server)")
     src = str(BENCH.parent / "src")
     args = ["--rtt-ms", "10", "--blocks", "8", "--runs", "2", "--work", str(tmp_path / "w"), "--code", src, *packs]
