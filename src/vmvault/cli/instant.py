@@ -124,7 +124,10 @@ def cmd_instant(args: argparse.Namespace) -> int:
     target = Path(args.target)
     started = time.monotonic()
     instant.start(location, secret, snap, target, options, on_event=out.say)
-    out.say(f"VM running {time.monotonic() - started:.1f} s after the start; serial console in {target}/serial.log")
+    out.say(
+        f"VM running {time.monotonic() - started:.1f} s after the start; serial console in {target}/serial.log"
+        " (its newest MiB, brought up to date whenever vmvault looks at the VM: --status)"
+    )
     if args.no_wait:
         return _report(out, instant.load_state(target.absolute()), target)
     return _follow(out, target)
