@@ -228,3 +228,21 @@ def test_a_cache_collected_without_being_closed_is_no_longer_held(tmp_path: Path
     fd = lock_unused(db)
     assert fd is not None
     os.close(fd)
+
+
+def test_without_locks_the_cache_works_and_is_not_held(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that takes no locks: the cache is used all the same, at once (not after
+    a hundred tries), and holds no descriptor."""
+    import errno
+
+    calls: list[int] = []
+
+    def refuse(fd: int, *, wait: bool) -> bool:
+        calls.append(fd)
+        raise OSError(errno.ENOLCK, "no locks here")
+
+    monkeypatch.setattr(platform, "lock_shared", refuse)
+    cache = IndexCache("34" * 16, "memory://nolocks", root=str(tmp_path))
+    assert len(calls) == 1 and cache._use is None and not cache.warnings
+    assert cache.pack_count() == 0
+    cache.discard()

@@ -113,29 +113,21 @@ def entries(root: str | None = None) -> list[CacheEntry]:
     if not os.path.lexists(root):
         return []
     _check_root(root)
+    index_folder = os.path.join(root, "index")
+    listed = _listing(index_folder)
     for kind in KINDS:
         for name, path, st in _names_in(os.path.join(root, kind), ".sqlite" if kind == "index" else ""):
             entry = found.get(name)
             if entry is None:
                 entry = found[name] = CacheEntry(name, name.split("-")[0])
-            size, newest = _measure(path, st)
+            size, newest = _index_measure(index_folder, name, st, listed) if kind == "index" else _measure(path, st)
             entry.sizes[kind] = entry.sizes.get(kind, 0) + size
             entry.last_used = max(entry.last_used, newest)
-    index_folder = os.path.join(root, "index")
-    listed = _listing(index_folder)
     for entry in found.values():
-        if "index" not in entry.sizes:
-            entry.in_use = False
-            continue
-        db = os.path.join(index_folder, entry.name + ".sqlite")
-        entry.location = _location(db)
-        for related in _related(index_folder, entry.name, listed=listed):
-            with contextlib.suppress(OSError):
-                st = os.lstat(related)
-                entry.sizes["index"] += st.st_size if stat.S_ISREG(st.st_mode) else 0
-                if not related.endswith("-shm"):  # SQLite's readers write it: a look is no use
-                    entry.last_used = max(entry.last_used, st.st_mtime)
-        entry.in_use = _in_use(db)
+        if "index" in entry.sizes:
+            db = os.path.join(index_folder, entry.name + ".sqlite")
+            entry.location = _location(db)
+            entry.in_use = _in_use(db)
     return sorted(found.values(), key=lambda e: (-e.last_used, e.name))
 
 
@@ -143,18 +135,11 @@ def unused_since(cutoff: float, root: str | None = None) -> tuple[int, int]:
     """How many index caches in ``root`` no process used since ``cutoff`` (POSIX seconds), and
     their bytes: a look at the index folder alone (its files' times and sizes), cheap enough
     for every command (``vmvault cache list`` measures everything)."""
-    root = root or cache_root()
-    index_folder = os.path.join(root, "index")
-    count = size = 0
+    index_folder = os.path.join(root or cache_root(), "index")
     listed = _listing(index_folder)
+    count = size = 0
     for name, _path, st in _names_in(index_folder, ".sqlite"):
-        newest, total = st.st_mtime, st.st_size
-        for related in _related(index_folder, name, listed=listed):
-            with contextlib.suppress(OSError):
-                other = os.lstat(related)
-                total += other.st_size
-                if not related.endswith("-shm"):
-                    newest = max(newest, other.st_mtime)
+        total, newest = _index_measure(index_folder, name, st, listed)
         if newest < cutoff:
             count, size = count + 1, size + total
     return count, size
@@ -293,6 +278,20 @@ def _measure(path: str, st: os.stat_result) -> tuple[int, float]:
                 newest = max(newest, child.st_mtime)
                 if stat.S_ISREG(child.st_mode):
                     size += child.st_size
+    return size, newest
+
+
+def _index_measure(index_folder: str, name: str, st: os.stat_result, listed: list[str]) -> tuple[int, float]:
+    """The bytes of the index cache ``name`` (its database, whose ``lstat`` is ``st``, and the
+    files beside it) and its last use: the newest of their modification times but ``-shm``'s,
+    which SQLite's readers write (a look is no use)."""
+    size, newest = st.st_size, st.st_mtime
+    for related in _related(index_folder, name, listed=listed):
+        with contextlib.suppress(OSError):
+            other = os.lstat(related)
+            size += other.st_size if stat.S_ISREG(other.st_mode) else 0
+            if not related.endswith("-shm"):
+                newest = max(newest, other.st_mtime)
     return size, newest
 
 

@@ -198,12 +198,16 @@ def hold_in_use(db_path: str) -> int | None:
             return None
         try:
             platform.lock_shared(fd, wait=True)
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return None
+        try:
             if platform.same_file(os.fstat(fd), os.lstat(path)):
                 with contextlib.suppress(OSError):
                     os.utime(fd) if os.utime in os.supports_fd else os.utime(path)
                 return fd
-        except OSError:
-            pass  # removed while this process waited (lstat) or no locks here: try again
+        except FileNotFoundError:
+            pass  # removed while this process waited: lock the new one
         os.close(fd)
     return None
 
