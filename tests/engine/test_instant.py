@@ -5,6 +5,7 @@ killed mid-copy, abort."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -24,7 +25,7 @@ from vmvault.engine import instant
 from vmvault.engine.backup import backup
 from vmvault.engine.export import ServeProcess, process_start_time
 from vmvault.engine.restore import ChunkResolver
-from vmvault.errors import ConfigError, TargetError
+from vmvault.errors import ConfigError, HypervisorError, TargetError
 from vmvault.hypervisors import open_source
 from vmvault.hypervisors.qemu import QmpClient
 from vmvault.repo.pack import pack_name
@@ -426,3 +427,67 @@ def test_a_comma_in_the_target_is_part_of_the_path(tmp_path: Path) -> None:
         runner.stop(10)
         runner.close()
     assert not runner.alive()
+
+
+def _bare_runner(target: Path, qemu_args: list[str]) -> instant._QemuRunner:
+    instant._prepare_target(target)
+    state: dict[str, Any] = {
+        "disks": [],
+        "vm_config": {"name": "bare", "accel": "tcg", "memory_mb": 64, "cpus": 1, "qemu_args": qemu_args},
+    }
+    return instant._QemuRunner(target, state)
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def test_qemu_runs_in_a_seccomp_sandbox_detached_and_what_it_prints_later_goes_nowhere(tmp_path: Path) -> None:
+    """The VM is untrusted: QEMU gets its seccomp filter (no new programs, no change of user);
+    it is nobody's child but init's, in a session of its own; its output after it started
+    (here TCG's log of every block it runs, on stderr, while the firmware starts again)
+    neither grows qemu.log nor stops it: the writes fail (EPIPE; QEMU ignores SIGPIPE)."""
+    runner = _bare_runner(tmp_path / "vm", [])
+    try:
+        assert runner.launch().endswith("in a seccomp sandbox")
+        pid = int(runner.state["qemu"]["pid"])
+        status = _proc_status(pid)
+        assert status["Seccomp"] == "2" and int(status["Seccomp_filters"]) >= 1, status
+        assert int(status["PPid"]) != os.getpid()
+        assert os.getsid(pid) != os.getsid(0)
+        log = tmp_path / "vm" / "qemu.log"
+        before = log.stat().st_size if log.exists() else 0
+        runner.qmp.execute("human-monitor-command", {"command-line": "log in_asm,exec"})
+        runner.qmp.execute("system_reset")
+        time.sleep(2.0)
+        assert runner.alive() and runner.qmp.execute("query-status")["status"] == "running"
+        assert (log.stat().st_size if log.exists() else 0) == before
+    finally:
+        runner.stop(10)
+        runner.close()
+    assert not runner.alive()
+
+
+def test_qemu_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path: Path) -> None:
+    runner = _bare_runner(tmp_path / "vm", ["-no-such-option"])
+    with pytest.raises(HypervisorError, match=r"QEMU could not be started: .*no-such-option"):
+        runner.launch()
+    assert "qemu" not in runner.state
+    mine = str(tmp_path / "vm").encode()
+    for entry in Path("/proc").iterdir():  # no QEMU of this folder (nor its starter) left
+        with contextlib.suppress(OSError):
+            assert mine not in (entry / "cmdline").read_bytes(), entry
+    assert b"no-such-option" in (tmp_path / "vm" / "qemu.log").read_bytes()
+
+
+def test_a_sandbox_option_of_the_user_replaces_vmvaults(tmp_path: Path) -> None:
+    """A network whose helper QEMU must run (``-netdev bridge``, ``tap`` with ``script=``)
+    needs QEMU to start programs: ``--qemu-arg=-sandbox --qemu-arg=off`` says so."""
+    runner = _bare_runner(tmp_path / "vm", ["-sandbox", "off"])
+    try:
+        assert runner.launch().endswith("not sandboxed (see qemu.log)")
+        assert _proc_status(int(runner.state["qemu"]["pid"]))["Seccomp"] == "0"
+    finally:
+        runner.stop(10)
+        runner.close()

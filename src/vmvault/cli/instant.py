@@ -189,7 +189,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         action="append",
         default=[],
         metavar="ARG",
-        help="an extra QEMU argument (repeat; e.g. --qemu-arg=-vnc --qemu-arg=:1, --qemu-arg=-nic --qemu-arg=user)",
+        help=(
+            "an extra QEMU argument (repeat; e.g. --qemu-arg=-vnc --qemu-arg=:1, --qemu-arg=-nic --qemu-arg=user); "
+            "QEMU runs in its seccomp sandbox unless these give -sandbox (a bridge or tap helper needs -sandbox off)"
+        ),
     )
     p.add_argument("--speed", type=size(0, 1 << 40), default=0, metavar="SIZE", help="copy at most SIZE per second")
     p.add_argument(

@@ -7,7 +7,8 @@
   the VM's disks in place);
 * a qcow2 overlay per disk whose backing file is that export (``nbd+unix:///?socket=...``):
   the guest's writes stay local, its reads of what it has not written go to the repository;
-* the VM running from the overlays: a QEMU process (daemonized, its own session), or with
+* the VM running from the overlays: a QEMU process (detached, its own session, in QEMU's
+  seccomp sandbox where it has one: :meth:`_QemuRunner.launch`), or with
   ``libvirt_uri`` a transient libvirt domain; every disk with ``werror=stop,rerror=stop``: an
   I/O error (the repository unreadable, the export gone for longer than the NBD client's 30 s
   reconnect delay) *pauses* the VM instead of handing the guest an error, so nothing the guest
@@ -36,9 +37,11 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -52,6 +55,7 @@ from vmvault.engine.nbd import nbd_uri
 from vmvault.errors import ConfigError, HypervisorError, TargetError, VmvaultError
 from vmvault.hypervisors.libvirt import connect, error_message, import_libvirt
 from vmvault.hypervisors.qemu import QmpClient, QmpError
+from vmvault.hypervisors.qemu_boot import SANDBOX, supports_sandbox
 from vmvault.repo.snapshot import Snapshot
 
 __all__ = [
@@ -82,6 +86,18 @@ SERIAL_RING = 1 << 20
 #: DIR/serial.log's size at most: past it, it becomes serial.log.1 (replacing the one before)
 #: and a new one starts, so a guest printing without end costs the host two of these
 SERIAL_LOG_BYTES = 1 << 20
+#: what QEMU prints while it starts, kept in DIR/qemu.log (at most this much a start)
+QEMU_LOG_BYTES = 1 << 16
+#: seconds QEMU may take to answer on its QMP socket
+LAUNCH_TIMEOUT = 120
+#: the starter of QEMU: a new session (``start_new_session``), a fork, the parent gone at once,
+#: so that QEMU is nobody's child but init's (as ``-daemonize`` leaves it)
+_DETACH = (
+    "import os, sys\n"
+    "if os.fork():\n    os._exit(0)\n"
+    "try:\n    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "except OSError as exc:\n    sys.stderr.write(f'{sys.argv[1]}: {exc}\\n')\n    os._exit(127)\n"
+)
 
 ProgressFn = Callable[[int, int], None]
 
@@ -282,7 +298,7 @@ class _Runner:
 
 
 class _QemuRunner(_Runner):
-    """QEMU started by vmvault (``-daemonize``), driven over its QMP socket in DIR."""
+    """QEMU started by vmvault (detached, sandboxed: :meth:`launch`), driven over its QMP socket in DIR."""
 
     def __init__(self, target: Path, state: dict[str, Any], *, qemu: str = "qemu-system-x86_64") -> None:
         super().__init__(target, state)
@@ -317,7 +333,6 @@ class _QemuRunner(_Runner):
             "-smp", str(cpus),
             "-nodefaults",
             "-display", "none",
-            "-daemonize",
             "-pidfile", str(target / "qemu.pid"),
             "-qmp", f"unix:{_esc(str(target / 'qmp.sock'))},server=on,wait=off",
             "-chardev", f"ringbuf,id={SERIAL_DEVICE},size={SERIAL_RING}",
@@ -350,26 +365,78 @@ class _QemuRunner(_Runner):
         for name in ("qemu.pid", "qmp.sock"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.target / name)
-        with open(self.target / "qemu.log", "ab") as log:
-            try:
-                # -daemonize: the command returns once QEMU is set up (QMP listening), or fails with why
-                proc = subprocess.run(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, timeout=120, start_new_session=True
-                )
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise HypervisorError(f"QEMU could not be started: {exc}") from exc
-        if proc.returncode != 0:
-            tail = (self.target / "qemu.log").read_text(errors="replace").strip().splitlines()[-3:]
-            raise HypervisorError(f"QEMU could not be started: {' / '.join(tail) or f'exit status {proc.returncode}'}")
-        try:
-            pid = int((self.target / "qemu.pid").read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise HypervisorError("QEMU started but wrote no PID file") from exc
-        start_time = process_start_time(pid)
-        if start_time is None:
-            raise HypervisorError("QEMU ended as soon as it started (see qemu.log)")
+        sandbox = "-sandbox" not in argv and supports_sandbox(self.qemu)
+        if sandbox:
+            argv[1:1] = ["-sandbox", SANDBOX]
+        output, ready = self._start_detached(argv)
+        with contextlib.suppress(OSError):  # (its words are in the error below, if it failed)
+            append_bounded(self.target / "qemu.log", output, QEMU_LOG_BYTES)
+        pid = self._pid()
+        if not ready:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            lines = output.decode("utf-8", "replace").strip().splitlines()[-3:]
+            why = " / ".join(lines) or f"its QMP socket did not answer within {LAUNCH_TIMEOUT} s"
+            raise HypervisorError(f"QEMU could not be started: {why}")
+        start_time = None if pid is None else process_start_time(pid)
+        if pid is None or start_time is None:
+            raise HypervisorError("QEMU started but wrote no PID file, or ended at once (see qemu.log)")
         self.state["qemu"] = {"pid": pid, "start_time": start_time, "qmp": str(self.target / "qmp.sock")}
-        return f"QEMU PID {pid}"
+        return f"QEMU PID {pid}, " + ("in a seccomp sandbox" if sandbox else "not sandboxed (see qemu.log)")
+
+    def _start_detached(self, argv: list[str]) -> tuple[bytes, bool]:
+        """Start QEMU as a daemon of its own session (not vmvault's child) and wait until its QMP
+        socket answers, or it ends, or LAUNCH_TIMEOUT passes; what it printed meanwhile (at
+        most QEMU_LOG_BYTES) and whether it answered.
+
+        Not QEMU's ``-daemonize``: its sandbox's ``spawn=deny`` and ``elevateprivileges=deny``
+        forbid the fork and setsid that needs (QEMU 7.2 is killed or exits). A short-lived
+        Python process starts a new session, forks QEMU and exits. QEMU's output goes into a
+        pipe read here until it answers; the pipe is closed then, so what it prints later
+        fails to be written (QEMU ignores SIGPIPE) instead of growing a file without bound."""
+        read_end, write_end = os.pipe()
+        try:
+            try:
+                starter = subprocess.Popen(
+                    [sys.executable, "-I", "-S", "-c", _DETACH, *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=write_end,
+                    stderr=write_end,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise HypervisorError(f"QEMU could not be started: {exc}") from exc
+            finally:
+                os.close(write_end)
+            starter.wait()
+            output = bytearray()
+            ended = False
+            deadline = time.monotonic() + LAUNCH_TIMEOUT
+            while time.monotonic() < deadline:
+                if not ended and select.select([read_end], [], [], 0.1)[0]:
+                    part = os.read(read_end, 65536)
+                    ended = not part
+                    output += part[: max(0, QEMU_LOG_BYTES - len(output))]
+                    continue
+                if ended:  # every writer gone: QEMU ended (its pipe closes with it)
+                    return bytes(output), False
+                if (self.target / "qmp.sock").exists():
+                    try:
+                        self._client = QmpClient(str(self.target / "qmp.sock"), timeout=2.0).connect()
+                        return bytes(output), True
+                    except HypervisorError:
+                        pass  # not serving yet (it answers once it is set up)
+            return bytes(output), False
+        finally:
+            os.close(read_end)
+
+    def _pid(self) -> int | None:
+        try:
+            return int((self.target / "qemu.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     def _backed(self) -> set[int]:
         """Overlays that still have a backing file (query-block; not query-named-block-nodes,

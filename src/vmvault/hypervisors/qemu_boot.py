@@ -58,6 +58,7 @@ __all__ = [
     "AGENT_PORT",
     "BUSES",
     "FAILURE_REASONS",
+    "SANDBOX",
     "BootDisk",
     "BootMachine",
     "BootOutcome",
@@ -68,6 +69,7 @@ __all__ = [
     "ovmf_code",
     "parse_ppm",
     "png",
+    "supports_sandbox",
 ]
 
 #: the virtio-serial port name qemu-ga listens on
@@ -83,6 +85,9 @@ MAX_PIXELS = 16 << 20
 #: what a file QEMU writes may take beyond ``max_writes``: qcow2 metadata, a screen dump
 #: (``MAX_PIXELS`` * 3 bytes), a 4 MiB variable store
 FILE_SLACK = 64 << 20
+#: QEMU's seccomp filter with every optional restriction: no obsolete system calls, no change
+#: of user or session, no new process or program, no change of priorities or CPU affinity
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 #: firmware texts that mean "nothing to boot" (SeaBIOS, OVMF)
 _NO_BOOT = ("No bootable device", "No bootable option or device was found", "Boot failed: not a bootable disk")
@@ -376,7 +381,7 @@ def _command(qemu: str, machine: BootMachine, work: str, *, sandbox: bool) -> li
     else:
         cmd += ["-nic", "none"]
     if sandbox:
-        cmd += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        cmd += ["-sandbox", SANDBOX]
     for name in ("qmp", "serial", "firmware", "agent"):
         cmd += ["-chardev", f"socket,id={name},path={_esc(sock[name])},server=on,wait=off"]
     cmd += ["-mon", "chardev=qmp,mode=control", "-serial", "chardev:serial"]
@@ -421,7 +426,7 @@ def _prepare(qemu: str, machine: BootMachine, work: str) -> None:
             shutil.copyfile(found[1], os.path.join(work, "vars.fd"))
 
 
-def _supports_sandbox(qemu: str) -> bool:
+def supports_sandbox(qemu: str) -> bool:
     """QEMU built with seccomp lists ``-sandbox`` (asked of QEMU itself, without a guest)."""
     try:
         proc = subprocess.run(
@@ -466,7 +471,7 @@ class _Run:
 
     def start(self) -> None:
         _prepare(self.qemu, self.machine, self.work)
-        self.sandbox = _supports_sandbox(self.qemu)
+        self.sandbox = supports_sandbox(self.qemu)
         self.command = _command(self.qemu, self.machine, self.work, sandbox=self.sandbox)
         wrapper = shutil.which("setpriv")
         argv = [wrapper, "--pdeathsig", "KILL", "--", *self.command] if wrapper else self.command
