@@ -4,6 +4,7 @@ crashes, hangs, lies or is compromised cannot hurt vmvault."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fsimages import GuestImages
-from vmvault.browse import disk_volumes, open_volume, probe
+from vmvault.browse import _seccomp, disk_volumes, open_volume, probe
 from vmvault.browse import isolated as iso
 from vmvault.errors import GuestError, GuestPathError, IntegrityError
 
@@ -237,6 +238,89 @@ with open({str(victim)!r}, "w") as f:
     assert not victim.exists() or victim.stat().st_size == 0
 
 
+def test_a_worker_taken_over_after_confine_cannot_reach_outside_itself(tmp_path: Path) -> None:
+    """Code a hostile filesystem got to run in the worker (here: Python after ``confine``, as
+    the worker is once it parses) reads no host file, changes none, starts no program, opens
+    no socket, signals no process; it still computes, with threads."""
+    secret, victim, sock = tmp_path / "secret", tmp_path / "victim", tmp_path / "s.sock"
+    secret.write_text("key")
+    victim.write_text("keep me")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    program = f"""
+import ctypes, os, socket, subprocess, sys, threading
+sys.path.insert(0, {str(SRC)!r})
+from vmvault.browse._worker import confine
+confine()
+def unshare():
+    if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS
+        raise OSError(ctypes.get_errno(), "unshare")
+tries = {{
+    "read": lambda: open({str(secret)!r}).read(),
+    "open by /proc": lambda: open("/proc/self/environ", "rb").read(),
+    "unlink": lambda: os.unlink({str(victim)!r}),
+    "rename": lambda: os.rename({str(victim)!r}, {str(victim)!r} + ".2"),
+    "chmod": lambda: os.chmod({str(victim)!r}, 0o777),
+    "truncate": lambda: os.truncate({str(victim)!r}, 0),
+    "mkdir": lambda: os.mkdir({str(tmp_path / "made")!r}),
+    "symlink": lambda: os.symlink("/", {str(tmp_path / "link")!r}),
+    "program": lambda: subprocess.run(["true"]),
+    "fork": lambda: os.fork(),
+    "unix socket": lambda: socket.socket(socket.AF_UNIX).connect({str(sock)!r}),
+    "socketpair": lambda: socket.socketpair(),
+    "signal": lambda: os.kill({sleeper.pid}, 9),
+    "namespace": unshare,
+}}
+for name, attempt in tries.items():
+    try:
+        attempt()
+        print(name, "DONE")
+    except OSError as exc:
+        print(name, "refused", exc.errno)
+out = []
+t = threading.Thread(target=lambda: out.append(sum(range(1000))))
+t.start()
+t.join()
+print("thread", out)
+"""
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(sock))
+        listener.listen()
+        try:
+            proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+        finally:
+            alive = sleeper.poll() is None
+            sleeper.kill()
+            sleeper.wait()
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == "thread [499500]", proc.stdout + proc.stderr
+    refused = [line for line in lines[:-1] if " refused 1" in line]  # EPERM
+    assert len(refused) == 14 == len(lines) - 1, proc.stdout
+    assert alive and victim.read_text() == "keep me" and oct(victim.stat().st_mode)[-3:] != "777"
+    assert not (tmp_path / "made").exists() and not (tmp_path / "link").is_symlink()
+
+
+def test_the_filter_numbers_are_the_kernels() -> None:
+    """The denied calls' numbers, against the kernel headers of this machine (x86-64's own
+    table and the generic one AArch64 uses)."""
+    headers = {
+        "x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+        "aarch64": "/usr/include/asm-generic/unistd.h",
+    }
+    checked = 0
+    for machine, header in headers.items():
+        if not os.path.exists(header):
+            continue
+        text = Path(header).read_text()
+        table = {m.group(2): int(m.group(3)) for m in re.finditer(r"#define __NR(3264)?_(\w+)\s+(\d+)", text)}
+        for name, number in _seccomp.DENIED[machine].items():
+            if name in table:  # (calls newer than these headers are checked where they are known)
+                assert table[name] == number, (machine, name)
+                checked += 1
+    if not checked:
+        pytest.skip("no kernel headers here (Debian: linux-libc-dev)")
+    assert checked > 150
+
+
 def _may_unshare_network() -> bool:
     probe = "import ctypes; c = ctypes.CDLL(None); raise SystemExit(c.unshare(0x50000000) and c.unshare(0x40000000))"
     return subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
@@ -286,12 +370,14 @@ def test_the_worker_gets_only_its_pipes_and_a_small_environment(tmp_path: Path, 
             pid = disk._proc.pid
             fds = sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
         finally:
             disk.close()
     finally:
         os.close(keep)
         del os.environ["VMVAULT_PASSWORD"]
     assert fds == [0, 1, 2], fds
+    assert status["Seccomp"] == "2", status  # its filter (vmvault.browse._seccomp)
     assert not [e for e in environ if e.startswith(b"VMVAULT")]
     assert sorted(e.split(b"=")[0] for e in environ if e) == [b"LC_ALL", b"PATH", b"PYTHONPATH"]
 

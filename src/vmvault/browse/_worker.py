@@ -3,7 +3,9 @@
 Started by :mod:`vmvault.browse.isolated` as ``python -m vmvault.browse._worker`` with no
 repository, no key and no file descriptors but its pipes (and, when started as root, as the
 ``nobody`` user where it can); before it reads anything it limits itself (no file may be
-written, a bounded address space, no core dump, no network, no privileges gained by exec).
+written, a bounded address space, no core dump, no network, no privileges gained by exec,
+and a seccomp filter that refuses opening files, changing the file system, starting
+programs, sockets and reaching other processes: :mod:`vmvault.browse._seccomp`).
 Every byte of the disk it reads is asked of the parent over stdout and answered on stdin; its
 answers are checked by the parent like any other untrusted data. If the library crashes or
 hangs on a hostile filesystem, only this process dies.
@@ -11,16 +13,17 @@ hangs on a hostile filesystem, only this process dies.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import resource
 import sys
 from collections.abc import Iterator
 from typing import IO, Any
 
-from vmvault.errors import GuestError, GuestPathError
+from vmvault.errors import GuestError, GuestPathError, VmvaultError
 
-from . import _wire
-from .filesystems import Entry, Filesystem, probe
+from . import _seccomp, _wire
+from .filesystems import Entry, Filesystem, library, probe
 
 #: entries sent per answer to "walk_next", at most, and their JSON's size: far below the wire's
 #: bound on a message, so that a folder of any number of entries is listed in pieces
@@ -170,6 +173,10 @@ def confine() -> None:
         return
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no set-user-ID program can give it more rights
     _leave_the_network(libc)
+    # everything it will run is loaded now: the filter refuses every open from here on
+    with contextlib.suppress(VmvaultError):
+        library()  # (a broken install is reported by the first probe, as before)
+    _seccomp.install()
 
 
 def main() -> None:

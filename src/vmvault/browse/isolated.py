@@ -4,7 +4,9 @@ The Sleuth Kit parses what a guest wrote, and a crafted filesystem may crash it,
 worse. So vmvault runs it in a worker process (:mod:`vmvault.browse._worker`) that holds
 nothing worth taking: no repository, no key, no descriptors but two pipes, an environment of
 three variables, no right to create files (``RLIMIT_FSIZE`` 0), a bounded address space, no
-network (a network namespace of its own, where the system allows one), and,
+network (a network namespace of its own, where the system allows one), a seccomp filter that
+refuses opening files, changing the file system, programs, sockets and other processes
+(:mod:`vmvault.browse._seccomp`), and,
 when vmvault runs as root and the Python installation is readable by others, the ``nobody``
 user. The worker asks this process for every byte of the disk it reads; what it
 answers (names, sizes, paths, file contents) is checked here before use. A worker that dies,

@@ -1,0 +1,180 @@
+"""A seccomp filter for the filesystem worker: the system calls a hostile filesystem could use
+once it runs code in the worker are refused.
+
+The worker (:mod:`vmvault.browse._worker`) has imported everything it needs and holds only its
+two pipes when it installs this filter; from then on it computes and talks over those pipes.
+The filter refuses, with ``EPERM``, every call that reaches anything outside the process:
+
+* opening any file (``open``, ``openat``, ``openat2``, ``creat``, by handle): the files its user
+  may read are out of reach, not only the ones ``nobody`` may not read;
+* changing the file system (unlink, rename, mkdir, rmdir, link, symlink, chmod, chown,
+  truncate, mknod, times, extended attributes): ``RLIMIT_FSIZE`` stops writing a file's bytes,
+  not these, and a worker that kept root's user id could otherwise remove any file;
+* starting programs or processes (``execve``, ``fork``, ``vfork``, a ``clone`` that is not a
+  thread's; ``clone3`` answers ``ENOSYS`` so the C library starts threads with ``clone``);
+* the network and local sockets (``socket``, ``socketpair``, ``connect``, ``bind``, ``listen``,
+  ``accept``): the network namespace already has no route, and this also closes unix sockets;
+* other processes (``ptrace``, ``process_vm_readv``/``writev``, ``kill``, ``tkill``,
+  ``tgkill``, the ``pidfd`` calls);
+* namespaces, mounts, changes of user or group, and the kernel's larger attack surface
+  (``bpf``, ``perf_event_open``, ``userfaultfd``, ``io_uring``, ``keyctl``, modules, kexec,
+  reboot, swap, the clock, ``personality``).
+
+A call made with another architecture's numbering (``int 0x80`` on x86-64) kills the process,
+as does the x32 numbering: the numbers above would not hold there. The filter is written for
+x86-64 and AArch64 (numbers checked against the kernel headers by the tests); elsewhere, or where
+the kernel refuses it, the worker goes on with its other limits.
+
+A denylist, not an allowlist: what Python and the library need to compute (memory, the pipes,
+signals, time, threads) is left alone, so a call that neither reaches outside nor was foreseen
+cannot break a listing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import platform
+import struct
+from typing import Final
+
+__all__ = ["DENIED", "install", "program"]
+
+#: the refused calls with their numbers on each architecture (``uname -m``); AArch64 has no
+#: ``open``, ``fork``, ``unlink`` and the like (its C library uses the ``*at`` forms)
+DENIED: Final[dict[str, dict[str, int]]] = {
+    "x86_64": {
+        "open": 2, "openat": 257, "openat2": 437, "creat": 85, "open_by_handle_at": 304,
+        "name_to_handle_at": 303, "execve": 59, "execveat": 322, "fork": 57, "vfork": 58,
+        "socket": 41, "socketpair": 53, "connect": 42, "bind": 49, "listen": 50, "accept": 43,
+        "accept4": 288, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "kill": 62,
+        "tkill": 200, "tgkill": 234, "pidfd_open": 434, "pidfd_getfd": 438, "pidfd_send_signal": 424,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "unshare": 272, "setns": 308,
+        "mount_setattr": 442, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
+        "move_mount": 429, "open_tree": 428, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+        "keyctl": 250, "add_key": 248, "request_key": 249, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "init_module": 175, "finit_module": 313, "delete_module": 176,
+        "kexec_load": 246, "kexec_file_load": 320, "reboot": 169, "swapon": 167, "swapoff": 168,
+        "iopl": 172, "ioperm": 173, "quotactl": 179, "acct": 163, "settimeofday": 164,
+        "clock_settime": 227, "clock_adjtime": 305, "adjtimex": 159, "sethostname": 170,
+        "setdomainname": 171, "personality": 135, "unlink": 87, "unlinkat": 263, "rename": 82,
+        "renameat": 264, "renameat2": 316, "mkdir": 83, "mkdirat": 258, "rmdir": 84, "link": 86,
+        "linkat": 265, "symlink": 88, "symlinkat": 266, "chmod": 90, "fchmod": 91, "fchmodat": 268,
+        "fchmodat2": 452, "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "truncate": 76,
+        "ftruncate": 77, "mknod": 133, "mknodat": 259, "utime": 132, "utimes": 235, "utimensat": 280,
+        "futimesat": 261, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
+        "lremovexattr": 198, "fremovexattr": 199, "setuid": 105, "setgid": 106, "setreuid": 113,
+        "setregid": 114, "setresuid": 117, "setresgid": 119, "setgroups": 116, "setfsuid": 122,
+        "setfsgid": 123, "fanotify_init": 300,
+    },
+    "aarch64": {
+        "openat": 56, "openat2": 437, "open_by_handle_at": 265, "name_to_handle_at": 264, "execve": 221,
+        "execveat": 281, "socket": 198, "socketpair": 199, "connect": 203, "bind": 200, "listen": 201,
+        "accept": 202, "accept4": 242, "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271,
+        "kill": 129, "tkill": 130, "tgkill": 131, "pidfd_open": 434, "pidfd_getfd": 438,
+        "pidfd_send_signal": 424, "mount": 40, "umount2": 39, "pivot_root": 41, "chroot": 51,
+        "unshare": 97, "setns": 268, "mount_setattr": 442, "fsopen": 430, "fsconfig": 431,
+        "fsmount": 432, "fspick": 433, "move_mount": 429, "open_tree": 428, "bpf": 280,
+        "perf_event_open": 241, "userfaultfd": 282, "keyctl": 219, "add_key": 217, "request_key": 218,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "init_module": 105,
+        "finit_module": 273, "delete_module": 106, "kexec_load": 104, "kexec_file_load": 294,
+        "reboot": 142, "swapon": 224, "swapoff": 225, "quotactl": 60, "acct": 89, "settimeofday": 170,
+        "clock_settime": 112, "clock_adjtime": 266, "adjtimex": 171, "sethostname": 161,
+        "setdomainname": 162, "personality": 92, "unlinkat": 35, "renameat": 38, "renameat2": 276,
+        "mkdirat": 34, "linkat": 37, "symlinkat": 36, "fchmod": 52, "fchmodat": 53, "fchmodat2": 452,
+        "fchown": 55, "fchownat": 54, "truncate": 45, "ftruncate": 46, "mknodat": 33, "utimensat": 88,
+        "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15,
+        "fremovexattr": 16, "setuid": 146, "setgid": 144, "setreuid": 145, "setregid": 143,
+        "setresuid": 147, "setresgid": 149, "setgroups": 159, "setfsuid": 151, "setfsgid": 152,
+        "fanotify_init": 262,
+    },
+}  # fmt: skip
+
+#: ``clone`` and ``clone3`` per architecture: a clone is allowed when it makes a thread
+_CLONE: Final[dict[str, tuple[int, int]]] = {"x86_64": (56, 435), "aarch64": (220, 435)}
+#: ``AUDIT_ARCH_*`` (linux/audit.h)
+_AUDIT_ARCH: Final[dict[str, int]] = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+#: x86-64's x32 numbering sets this bit
+_X32_BIT: Final[int] = 0x40000000
+_CLONE_THREAD: Final[int] = 0x00010000
+
+# classic BPF (linux/filter.h, linux/seccomp.h)
+_LD_W_ABS: Final[int] = 0x20
+_JEQ_K: Final[int] = 0x15
+_JGE_K: Final[int] = 0x35
+_JSET_K: Final[int] = 0x45
+_RET_K: Final[int] = 0x06
+_RET_ALLOW: Final[int] = 0x7FFF0000
+_RET_KILL_PROCESS: Final[int] = 0x80000000
+_RET_ERRNO: Final[int] = 0x00050000
+# struct seccomp_data: int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]
+_NR: Final[int] = 0
+_ARCH: Final[int] = 4
+_ARG0_LOW: Final[int] = 16  # little-endian: the low 32 bits of args[0]
+_PR_SET_SECCOMP: Final[int] = 22
+_SECCOMP_MODE_FILTER: Final[int] = 2
+
+_Insn = tuple[int, int, int, int]
+
+
+def program(machine: str | None = None) -> list[_Insn]:
+    """The filter for ``machine`` (``platform.machine()``) as ``(code, jt, jf, k)`` instructions;
+    ValueError for an architecture it is not written for."""
+    machine = machine or platform.machine()
+    if machine not in DENIED:
+        raise ValueError(f"no seccomp filter is written for {machine}")
+    numbers = sorted(set(DENIED[machine].values()))
+    clone, clone3 = _CLONE[machine]
+    # load arch, check it, load nr, [x32], the denied numbers, clone3, clone, its flags, and
+    # the four returns the jumps go to (counted from the next instruction)
+    total = 3 + (machine == "x86_64") + len(numbers) + 4 + 4
+    allow_at, enosys_at, eperm_at, kill_at = total - 4, total - 3, total - 2, total - 1
+    out: list[_Insn] = []
+
+    def jump(to: int) -> int:
+        distance = to - (len(out) + 1)
+        if not 0 <= distance <= 255:  # pragma: no cover - the tables are far below this
+            raise ValueError("seccomp program too long for its jumps")
+        return distance
+
+    out.append((_LD_W_ABS, 0, 0, _ARCH))
+    out.append((_JEQ_K, 0, jump(kill_at), _AUDIT_ARCH[machine]))
+    out.append((_LD_W_ABS, 0, 0, _NR))
+    if machine == "x86_64":
+        out.append((_JGE_K, jump(kill_at), 0, _X32_BIT))
+    for nr in numbers:
+        out.append((_JEQ_K, jump(eperm_at), 0, nr))
+    out.append((_JEQ_K, jump(enosys_at), 0, clone3))
+    out.append((_JEQ_K, 0, jump(allow_at), clone))
+    out.append((_LD_W_ABS, 0, 0, _ARG0_LOW))
+    out.append((_JSET_K, jump(allow_at), jump(eperm_at), _CLONE_THREAD))
+    out.append((_RET_K, 0, 0, _RET_ALLOW))
+    out.append((_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS))
+    out.append((_RET_K, 0, 0, _RET_ERRNO | errno.EPERM))
+    out.append((_RET_K, 0, 0, _RET_KILL_PROCESS))
+    assert len(out) == total
+    return out
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install() -> str | None:
+    """Install the filter on this process (for good: no call removes it); None when it is in
+    place, else why not (another architecture, a kernel without seccomp, ``no_new_privs``
+    not set). Threads started afterwards inherit it; threads already running do not."""
+    try:
+        insns = program()
+    except ValueError as exc:
+        return str(exc)
+    raw = b"".join(struct.pack("=HBBI", *insn) for insn in insns)
+    buffer = ctypes.create_string_buffer(raw, len(raw))
+    prog = _SockFprog(len(insns), ctypes.cast(buffer, ctypes.c_void_p))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as exc:  # pragma: no cover - a system without a C library to ask
+        return f"no C library: {exc}"
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        return f"the kernel refused the seccomp filter: {errno.errorcode.get(ctypes.get_errno(), '?')}"
+    return None
