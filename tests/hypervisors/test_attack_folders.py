@@ -317,7 +317,53 @@ def test_a_disk_named_raw_is_read_raw_whatever_its_first_bytes(repo: Repository,
     result = backup(repo, FilesSource(str(vm)))
     rec = next(d for d in result.snapshot.disks if d.name == "guest.raw")
     assert rec.format == "raw" and stored_disk(repo, result.snapshot, "guest.raw") == content
+    # the same disk backed up alone, its header naming a disk beside it (allowed for a parent)
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "disk.qcow2", "-F", "qcow2", str(fake), "1M")
+    content = fake.read_bytes().ljust(2 * MIB, b"\x02")
+    fake.unlink()
+    (vm / "guest.raw").write_bytes(content)
+    result = backup(repo, FilesSource(str(vm / "guest.raw")))
+    (rec,) = result.snapshot.disks
+    assert (rec.format, rec.size) == ("raw", 2 * MIB)  # before: a 1 MiB qcow2 reading disk.qcow2
+    assert stored_disk(repo, result.snapshot, "guest.raw") == content
     assert leaked(repo) == []
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_an_img_disk_recorded_raw_stays_raw_when_the_guest_writes_a_header(
+    repo: Repository, tree: tuple[Path, Path], single: bool
+) -> None:
+    """``.img`` names raw disks and qcow2 ones alike, so its first backup goes by its content;
+    later ones read it in the format the previous snapshot recorded when that was raw (the
+    guest writes a raw disk's first bytes), with a warning, in a ``--full`` backup too."""
+    vm, _ = tree
+    disk = vm / "guest.img"
+    original = bytes(4096) + os.urandom(MIB - 4096)
+    disk.write_bytes(original)
+    source = lambda: FilesSource(str(disk if single else vm))  # noqa: E731
+    first = backup(repo, source())
+    assert next(d for d in first.snapshot.disks if d.name == "guest.img").format == "raw"
+    fake = vm / "fake.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "disk.qcow2", "-F", "qcow2", str(fake), "1M")
+    header = fake.read_bytes()
+    fake.unlink()
+    with open(disk, "r+b") as f:  # what the guest wrote at the start of its disk
+        f.write(header)
+    changed = header + original[len(header) :]
+    for options in (DEFAULT_OPTIONS, BackupOptions(full=True)):
+        result = backup(repo, source(), options)
+        rec = next(d for d in result.snapshot.disks if d.name == "guest.img")
+        assert rec.format == "raw" and stored_disk(repo, result.snapshot, "guest.img") == changed
+        assert any("guest.img: read as raw, as snapshot" in w for w in result.warnings), result.warnings
+    # a file that was qcow2 and now reads raw (its header gone) is read as it is, said aloud
+    with create_image(str(vm / "other.img"), "qcow2", MIB) as w:
+        w.write(0, b"Q" * 4096)
+    backup(repo, FilesSource(str(vm)))
+    with open(vm / "other.img", "r+b") as f:
+        f.write(bytes(512))
+    result = backup(repo, FilesSource(str(vm)))
+    assert next(d for d in result.snapshot.disks if d.name == "other.img").format == "raw"
+    assert any("other.img: snapshot" in w and "recorded it as qcow2" in w for w in result.warnings)
 
 
 # ============================================================================ swapped during the backup

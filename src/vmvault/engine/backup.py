@@ -843,8 +843,12 @@ def backup(
         for w in repo_warnings:
             progress.warn(w)
         previous = None
-        if prev_snap is not None and not full:
-            previous = PreviousBackup(prev_snap.id, {d.name: d.cbt for d in prev_snap.disks if d.cbt})
+        if prev_snap is not None and (not full or source.formats_pinned):
+            previous = PreviousBackup(
+                prev_snap.id,
+                {d.name: d.cbt for d in prev_snap.disks if d.cbt} if not full else {},
+                formats={d.name: d.format for d in prev_snap.disks},
+            )
         session = source.open_session(previous, options)
         seen = 0
         saved: BackupResult | None = None

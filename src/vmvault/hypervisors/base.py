@@ -164,6 +164,9 @@ class PreviousBackup:
     snapshot_id: str
     #: disk name -> the ``cbt`` state recorded for it
     disks: dict[str, dict[str, Any]]
+    #: disk name -> the format the snapshot recorded it in (a source that tells formats by
+    #: content keeps a raw disk raw: ``Source.formats_pinned``)
+    formats: dict[str, str] = field(default_factory=dict)
 
 
 class BackupSession(ABC):
@@ -226,6 +229,11 @@ class Source(ABC):
     kind: str
     #: canonical location; snapshots of the same location form one history
     location: str
+    #: whether ``open_session`` is given the previous snapshot also for a backup that reads
+    #: every byte (``--full``), with no change tracking state: a source without change
+    #: tracking that tells a disk's format by its content reads it in the recorded format
+    #: (a guest writes the content of its raw disk, and could make it look like another format)
+    formats_pinned: bool = False
 
     @abstractmethod
     def open_session(self, previous: PreviousBackup | None, options: BackupOptions = DEFAULT_OPTIONS) -> BackupSession:

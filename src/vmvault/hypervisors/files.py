@@ -24,6 +24,9 @@ Whoever writes the folder is not trusted (``docs/design/repository-format.md`` s
   warned about; one holding nothing to store at all is an error.
 * With ``follow_links``, a link is followed only when it leads inside the VM folder or an
   allowed folder.
+* A guest writes its raw disk's first bytes and can make them look like another format: a
+  disk named ``.raw`` is read raw whatever they say; one of another name (``.img``) that the
+  previous snapshot recorded as raw is read raw again, with a warning (``_format_of``).
 * Disk parents (backing files, parent locators) must lie inside the VM folder, or inside a
   folder given in ``allow_parent_dirs``; for a single image, inside the image's own folder
   (``vmvault.disk.ParentRule``). Anything else is refused with an error naming the disk and
@@ -77,7 +80,13 @@ _DISK_NAMES = DISK_SUFFIXES
 
 class FilesSession(BackupSession):
     def __init__(
-        self, root: str, *, single: bool, allow_parent_dirs: Sequence[str] = (), follow_links: bool = False
+        self,
+        root: str,
+        *,
+        single: bool,
+        allow_parent_dirs: Sequence[str] = (),
+        follow_links: bool = False,
+        previous: PreviousBackup | None = None,
     ) -> None:
         self.vm = {"hypervisor": "files", "name": os.path.basename(root.rstrip("/")) or root}
         self.disks = []
@@ -87,12 +96,19 @@ class FilesSession(BackupSession):
         self.extra = {}
         self._images: list[DiskImage] = []
         self._follow_links = follow_links
+        self._previous = previous
         home = os.path.dirname(root) if single else root
         #: where disk parents, and followed links, may lead
         self._rule = ParentRule.inside([home, *allow_parent_dirs])
         try:
             if single:
-                self._add_disk(root, os.path.basename(root), None, None)
+                name = os.path.basename(root)
+                fd, _ = open_checked(root, block_devices=True)
+                try:
+                    probed = detect_format_fd(fd, root)
+                finally:
+                    os.close(fd)
+                self._add_disk(root, name, None, self._format_of(name, probed))
             else:
                 self._scan(root)
         except BaseException:
@@ -220,12 +236,8 @@ class FilesSession(BackupSession):
             fmt = detect_format_fd(fd, path)
         finally:
             os.close(fd)
-        if rel.lower().endswith(".raw"):
-            # named raw: read raw whatever the first bytes say. A guest writes the content of its
-            # raw disk and could make it look like a qcow2 with a backing file (qemu's probing issue)
-            disks.append((path, rel, st, FALLBACK_FORMAT))
-        elif fmt != FALLBACK_FORMAT or rel.lower().endswith(_RAW_SUFFIXES):
-            disks.append((path, rel, st, None))
+        if fmt != FALLBACK_FORMAT or rel.lower().endswith(_RAW_SUFFIXES):
+            disks.append((path, rel, st, self._format_of(rel, fmt)))
         else:
             self.files.append(
                 SourceFile(
@@ -236,6 +248,30 @@ class FilesSession(BackupSession):
                     checked_opener(path, rel, st, self.warnings),
                 )
             )
+
+    def _format_of(self, rel: str, probed: str) -> str | None:
+        """The format to read disk ``rel`` in, its content said ``probed``; None: the content's.
+
+        A guest writes the content of its raw disk and can make it begin like a qcow2 (with a
+        backing file naming another VM's disk), a VHD or a VHDX: qemu's format probing issue.
+        So a disk named ``.raw`` is read raw whatever its first bytes say, and so is one the
+        previous snapshot recorded as raw (an ``.img``); any other change of format since that
+        snapshot is read as the content says, with a warning."""
+        if rel.lower().endswith(".raw"):
+            return FALLBACK_FORMAT
+        was = self._previous.formats.get(rel) if self._previous is not None else None
+        if was is None or was == probed:
+            return None
+        snap = self._previous.snapshot_id[:8] if self._previous is not None else "?"
+        if was == FALLBACK_FORMAT:
+            self.warnings.append(
+                f"{rel}: read as raw, as snapshot {snap} recorded it, though it now begins like a {probed} image "
+                f"(a guest can write such a header into its raw disk; if the file was converted to {probed}, "
+                f"give it that format's name, e.g. .{probed})"
+            )
+            return FALLBACK_FORMAT
+        self.warnings.append(f"{rel}: snapshot {snap} recorded it as {was}; it now reads as {probed}")
+        return None
 
     # ---------------------------------------------------------------------------- disks
 
@@ -300,13 +336,22 @@ class HostVmSession(FilesSession):
     """One VM of a host folder: its files only, stored as a VM folder (see the module
     documentation)."""
 
-    def __init__(self, host: HostFolder, vm: HyperVVm, *, allow_parent_dirs: Sequence[str], follow_links: bool) -> None:
+    def __init__(
+        self,
+        host: HostFolder,
+        vm: HyperVVm,
+        *,
+        allow_parent_dirs: Sequence[str],
+        follow_links: bool,
+        previous: PreviousBackup | None = None,
+    ) -> None:
         self._members = _host_members(host, vm)
         super().__init__(
             host.root,
             single=False,
             allow_parent_dirs=[*host.disk_folders[1:], *allow_parent_dirs],
             follow_links=follow_links,
+            previous=previous,
         )
         self.vm = {"hypervisor": "files", "name": vm.name, "id": vm.vm_id, "generation": vm.generation}
         self.extra = {"hyperv_host_folder": {"folder": host.root, "configuration": vm.config_path}}
@@ -361,6 +406,7 @@ class FilesSource(Source):
     links lead when ``follow_links``."""
 
     kind = "files"
+    formats_pinned = True
 
     def __init__(self, path: str) -> None:
         self._host_vm: tuple[str, str] | None = None
@@ -404,5 +450,13 @@ class FilesSource(Source):
 
             host = discover_host(self._host_vm[0], disk_folders=tuple(allow))
             vm = host.select(self._host_vm[1])
-            return HostVmSession(host, vm, allow_parent_dirs=allow, follow_links=options.follow_links)
-        return FilesSession(self.path, single=self._single, allow_parent_dirs=allow, follow_links=options.follow_links)
+            return HostVmSession(
+                host, vm, allow_parent_dirs=allow, follow_links=options.follow_links, previous=previous
+            )
+        return FilesSession(
+            self.path,
+            single=self._single,
+            allow_parent_dirs=allow,
+            follow_links=options.follow_links,
+            previous=previous,
+        )
