@@ -413,9 +413,11 @@ class _QemuRunner(_Runner):
             starter.wait()
             output = bytearray()
             ended = False
+            waiter = select.poll()  # (not select(): a daemon may hold descriptors past 1024)
+            waiter.register(read_end, select.POLLIN)
             deadline = time.monotonic() + LAUNCH_TIMEOUT
             while time.monotonic() < deadline:
-                if not ended and select.select([read_end], [], [], 0.1)[0]:
+                if not ended and waiter.poll(100):
                     part = os.read(read_end, 65536)
                     ended = not part
                     output += part[: max(0, QEMU_LOG_BYTES - len(output))]
