@@ -241,13 +241,14 @@ with open({str(victim)!r}, "w") as f:
 def test_a_worker_taken_over_after_confine_cannot_reach_outside_itself(tmp_path: Path) -> None:
     """Code a hostile filesystem got to run in the worker (here: Python after ``confine``, as
     the worker is once it parses) reads no host file, changes none, starts no program, opens
-    no socket, signals no process; it still computes, with threads."""
+    no socket, signals no process nor changes its limits or priority; it still computes, with
+    threads, and reads its own limits."""
     secret, victim, sock = tmp_path / "secret", tmp_path / "victim", tmp_path / "s.sock"
     secret.write_text("key")
     victim.write_text("keep me")
     sleeper = subprocess.Popen(["sleep", "60"])
     program = f"""
-import ctypes, os, socket, subprocess, sys, threading
+import ctypes, os, resource, socket, subprocess, sys, threading
 sys.path.insert(0, {str(SRC)!r})
 from vmvault.browse._worker import confine
 confine()
@@ -268,6 +269,8 @@ tries = {{
     "unix socket": lambda: socket.socket(socket.AF_UNIX).connect({str(sock)!r}),
     "socketpair": lambda: socket.socketpair(),
     "signal": lambda: os.kill({sleeper.pid}, 9),
+    "its limits": lambda: resource.prlimit({sleeper.pid}, resource.RLIMIT_NOFILE, (3, 3)),
+    "its priority": lambda: os.setpriority(os.PRIO_PROCESS, {sleeper.pid}, 19),
     "namespace": unshare,
 }}
 for name, attempt in tries.items():
@@ -280,7 +283,7 @@ out = []
 t = threading.Thread(target=lambda: out.append(sum(range(1000))))
 t.start()
 t.join()
-print("thread", out)
+print("thread", out, resource.getrlimit(resource.RLIMIT_FSIZE))
 """
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(str(sock))
@@ -289,12 +292,16 @@ print("thread", out)
             proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
         finally:
             alive = sleeper.poll() is None
+            limits = Path(f"/proc/{sleeper.pid}/limits").read_text() if alive else ""
+            nice = int(Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) if alive else 0
             sleeper.kill()
             sleeper.wait()
     lines = proc.stdout.splitlines()
-    assert lines[-1] == "thread [499500]", proc.stdout + proc.stderr
+    assert lines[-1] == "thread [499500] (0, 0)", proc.stdout + proc.stderr  # its own limits: read
     refused = [line for line in lines[:-1] if " refused 1" in line]  # EPERM
-    assert len(refused) == 14 == len(lines) - 1, proc.stdout
+    assert len(refused) == 16 == len(lines) - 1, proc.stdout
+    match = re.search(r"Max open files\s+(\d+)", limits)
+    assert match is not None and match.group(1) != "3" and nice == 0
     assert alive and victim.read_text() == "keep me" and oct(victim.stat().st_mode)[-3:] != "777"
     assert not (tmp_path / "made").exists() and not (tmp_path / "link").is_symlink()
 

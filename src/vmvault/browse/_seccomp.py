@@ -15,7 +15,9 @@ The filter refuses, with ``EPERM``, every call that reaches anything outside the
 * the network and local sockets (``socket``, ``socketpair``, ``connect``, ``bind``, ``listen``,
   ``accept``): the network namespace already has no route, and this also closes unix sockets;
 * other processes (``ptrace``, ``process_vm_readv``/``writev``, ``kill``, ``tkill``,
-  ``tgkill``, the ``pidfd`` calls);
+  ``tgkill``, ``rt_sigqueueinfo``, the ``pidfd`` calls, ``kcmp``, ``process_madvise``,
+  ``move_pages``) and their share of the machine (``setpriority``, the scheduler and I/O
+  priority calls, ``setrlimit``, and ``prlimit64`` but on itself);
 * namespaces, mounts, changes of user or group, and the kernel's larger attack surface
   (``bpf``, ``perf_event_open``, ``userfaultfd``, ``io_uring``, ``keyctl``, modules, kexec,
   reboot, swap, the clock, ``personality``).
@@ -65,7 +67,10 @@ DENIED: Final[dict[str, dict[str, int]]] = {
         "futimesat": 261, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
         "lremovexattr": 198, "fremovexattr": 199, "setuid": 105, "setgid": 106, "setreuid": 113,
         "setregid": 114, "setresuid": 117, "setresgid": 119, "setgroups": 116, "setfsuid": 122,
-        "setfsgid": 123, "fanotify_init": 300,
+        "setfsgid": 123, "fanotify_init": 300, "setrlimit": 160, "setpriority": 141,
+        "sched_setaffinity": 203, "sched_setscheduler": 144, "sched_setparam": 142, "sched_setattr": 314,
+        "ioprio_set": 251, "migrate_pages": 256, "move_pages": 279, "process_madvise": 440, "kcmp": 312,
+        "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
     },
     "aarch64": {
         "openat": 56, "openat2": 437, "open_by_handle_at": 265, "name_to_handle_at": 264, "execve": 221,
@@ -86,12 +91,17 @@ DENIED: Final[dict[str, dict[str, int]]] = {
         "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14, "lremovexattr": 15,
         "fremovexattr": 16, "setuid": 146, "setgid": 144, "setreuid": 145, "setregid": 143,
         "setresuid": 147, "setresgid": 149, "setgroups": 159, "setfsuid": 151, "setfsgid": 152,
-        "fanotify_init": 262,
+        "fanotify_init": 262, "setrlimit": 164, "setpriority": 140, "sched_setaffinity": 122,
+        "sched_setscheduler": 119, "sched_setparam": 118, "sched_setattr": 274, "ioprio_set": 30,
+        "migrate_pages": 238, "move_pages": 239, "process_madvise": 440, "kcmp": 272, "rt_sigqueueinfo": 138,
+        "rt_tgsigqueueinfo": 240,
     },
 }  # fmt: skip
 
 #: ``clone`` and ``clone3`` per architecture: a clone is allowed when it makes a thread
 _CLONE: Final[dict[str, tuple[int, int]]] = {"x86_64": (56, 435), "aarch64": (220, 435)}
+#: ``prlimit64``: allowed on the worker itself only
+_PRLIMIT: Final[dict[str, int]] = {"x86_64": 302, "aarch64": 261}
 #: ``AUDIT_ARCH_*`` (linux/audit.h)
 _AUDIT_ARCH: Final[dict[str, int]] = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 #: x86-64's x32 numbering sets this bit
@@ -123,36 +133,41 @@ def program(machine: str | None = None) -> list[_Insn]:
     machine = machine or platform.machine()
     if machine not in DENIED:
         raise ValueError(f"no seccomp filter is written for {machine}")
-    numbers = sorted(set(DENIED[machine].values()))
     clone, clone3 = _CLONE[machine]
-    # load arch, check it, load nr, [x32], the denied numbers, clone3, clone, its flags, and
-    # the four returns the jumps go to (counted from the next instruction)
-    total = 3 + (machine == "x86_64") + len(numbers) + 4 + 4
-    allow_at, enosys_at, eperm_at, kill_at = total - 4, total - 3, total - 2, total - 1
-    out: list[_Insn] = []
-
-    def jump(to: int) -> int:
-        distance = to - (len(out) + 1)
-        if not 0 <= distance <= 255:  # pragma: no cover - the tables are far below this
-            raise ValueError("seccomp program too long for its jumps")
-        return distance
-
-    out.append((_LD_W_ABS, 0, 0, _ARCH))
-    out.append((_JEQ_K, 0, jump(kill_at), _AUDIT_ARCH[machine]))
-    out.append((_LD_W_ABS, 0, 0, _NR))
+    prlimit = _PRLIMIT[machine]
+    # (code, true label, false label, k): a label is where a jump goes, None the next instruction
+    Step = tuple[int, str | None, str | None, int]
+    steps: list[Step | str] = [(_LD_W_ABS, None, None, _ARCH), (_JEQ_K, None, "kill", _AUDIT_ARCH[machine])]
+    steps.append((_LD_W_ABS, None, None, _NR))
     if machine == "x86_64":
-        out.append((_JGE_K, jump(kill_at), 0, _X32_BIT))
-    for nr in numbers:
-        out.append((_JEQ_K, jump(eperm_at), 0, nr))
-    out.append((_JEQ_K, jump(enosys_at), 0, clone3))
-    out.append((_JEQ_K, 0, jump(allow_at), clone))
-    out.append((_LD_W_ABS, 0, 0, _ARG0_LOW))
-    out.append((_JSET_K, jump(allow_at), jump(eperm_at), _CLONE_THREAD))
-    out.append((_RET_K, 0, 0, _RET_ALLOW))
-    out.append((_RET_K, 0, 0, _RET_ERRNO | errno.ENOSYS))
-    out.append((_RET_K, 0, 0, _RET_ERRNO | errno.EPERM))
-    out.append((_RET_K, 0, 0, _RET_KILL_PROCESS))
-    assert len(out) == total
+        steps.append((_JGE_K, "kill", None, _X32_BIT))
+    steps += [(_JEQ_K, "eperm", None, nr) for nr in sorted(set(DENIED[machine].values()))]
+    steps += [(_JEQ_K, "enosys", None, clone3), (_JEQ_K, "clone", None, clone), (_JEQ_K, None, "allow", prlimit)]
+    # prlimit64 on itself only (pid 0: glibc's getrlimit and setrlimit); on another process it
+    # would lower that one's limits (vmvault's own, when the worker kept root's user id)
+    steps += [(_LD_W_ABS, None, None, _ARG0_LOW), (_JEQ_K, None, "eperm", 0)]
+    steps += [(_LD_W_ABS, None, None, _ARG0_LOW + 4), (_JEQ_K, "allow", "eperm", 0)]
+    steps += ["clone", (_LD_W_ABS, None, None, _ARG0_LOW), (_JSET_K, "allow", "eperm", _CLONE_THREAD)]
+    steps += ["allow", (_RET_K, None, None, _RET_ALLOW), "enosys", (_RET_K, None, None, _RET_ERRNO | errno.ENOSYS)]
+    steps += ["eperm", (_RET_K, None, None, _RET_ERRNO | errno.EPERM), "kill", (_RET_K, None, None, _RET_KILL_PROCESS)]
+    labels: dict[str, int] = {}
+    for step in steps:
+        if isinstance(step, str):
+            labels[step] = sum(not isinstance(s, str) for s in steps[: steps.index(step)])
+    out: list[_Insn] = []
+    for step in steps:
+        if isinstance(step, str):
+            continue
+        code, true, false, k = step
+        here = len(out) + 1  # jumps count from the next instruction
+
+        def offset(label: str | None, here: int = here) -> int:
+            distance = 0 if label is None else labels[label] - here
+            if not 0 <= distance <= 255:  # pragma: no cover - the tables are far below this
+                raise ValueError("seccomp program too long for its jumps")
+            return distance
+
+        out.append((code, offset(true), offset(false), k))
     return out
 
 
