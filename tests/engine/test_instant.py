@@ -481,6 +481,29 @@ def test_qemu_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path: Pa
     assert b"no-such-option" in (tmp_path / "vm" / "qemu.log").read_bytes()
 
 
+def test_qemu_that_never_answers_is_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Deaf(QmpClient):
+        def connect(self) -> Deaf:
+            raise HypervisorError("no answer")
+
+    started: list[int] = []
+    real = instant._QemuRunner._start_detached
+
+    def watched(self: instant._QemuRunner, argv: list[str]) -> tuple[int | None, bytes, str]:
+        pid, output, outcome = real(self, argv)
+        started.append(pid or 0)
+        return pid, output, outcome
+
+    monkeypatch.setattr(instant, "QmpClient", Deaf)
+    monkeypatch.setattr(instant, "LAUNCH_TIMEOUT", 3)
+    monkeypatch.setattr(instant._QemuRunner, "_start_detached", watched)
+    runner = _bare_runner(tmp_path / "vm", [])
+    with pytest.raises(HypervisorError, match="did not answer within 3 s"):
+        runner.launch()
+    assert started and started[0] > 0
+    _wait_for(lambda: process_start_time(started[0]) is None, timeout=10)  # killed, not left running
+
+
 def test_a_sandbox_option_of_the_user_replaces_vmvaults(tmp_path: Path) -> None:
     """A network whose helper QEMU must run (``-netdev bridge``, ``tap`` with ``script=``)
     needs QEMU to start programs: ``--qemu-arg=-sandbox --qemu-arg=off`` says so."""

@@ -91,12 +91,16 @@ QEMU_LOG_BYTES = 1 << 16
 #: seconds QEMU may take to answer on its QMP socket
 LAUNCH_TIMEOUT = 120
 #: the starter of QEMU: a new session (``start_new_session``), a fork, the parent gone at once,
-#: so that QEMU is nobody's child but init's (as ``-daemonize`` leaves it)
+#: so that QEMU is nobody's child but init's (as ``-daemonize`` leaves it); the child's PID
+#: written on the descriptor named first (then closed in the child)
 _DETACH = (
     "import os, sys\n"
-    "if os.fork():\n    os._exit(0)\n"
-    "try:\n    os.execvp(sys.argv[1], sys.argv[1:])\n"
-    "except OSError as exc:\n    sys.stderr.write(f'{sys.argv[1]}: {exc}\\n')\n    os._exit(127)\n"
+    "report = int(sys.argv[1])\n"
+    "pid = os.fork()\n"
+    "if pid:\n    os.write(report, str(pid).encode())\n    os._exit(0)\n"
+    "os.close(report)\n"
+    "try:\n    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as exc:\n    sys.stderr.write(f'{sys.argv[2]}: {exc}\\n')\n    os._exit(127)\n"
 )
 
 ProgressFn = Callable[[int, int], None]
@@ -368,27 +372,27 @@ class _QemuRunner(_Runner):
         sandbox = "-sandbox" not in argv and supports_sandbox(self.qemu)
         if sandbox:
             argv[1:1] = ["-sandbox", SANDBOX]
-        output, ready = self._start_detached(argv)
+        pid, output, outcome = self._start_detached(argv)
         with contextlib.suppress(OSError):  # (its words are in the error below, if it failed)
             append_bounded(self.target / "qemu.log", output, QEMU_LOG_BYTES)
-        pid = self._pid()
-        if not ready:
-            if pid is not None:
+        start_time = None if pid is None else process_start_time(pid)
+        if outcome != "ready":
+            if outcome == "timeout" and pid is not None:  # still holding its output pipe: stuck
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             lines = output.decode("utf-8", "replace").strip().splitlines()[-3:]
             why = " / ".join(lines) or f"its QMP socket did not answer within {LAUNCH_TIMEOUT} s"
             raise HypervisorError(f"QEMU could not be started: {why}")
-        start_time = None if pid is None else process_start_time(pid)
         if pid is None or start_time is None:
-            raise HypervisorError("QEMU started but wrote no PID file, or ended at once (see qemu.log)")
+            raise HypervisorError("QEMU answered, then ended at once (see qemu.log)")
         self.state["qemu"] = {"pid": pid, "start_time": start_time, "qmp": str(self.target / "qmp.sock")}
         return f"QEMU PID {pid}, " + ("in a seccomp sandbox" if sandbox else "not sandboxed (see qemu.log)")
 
-    def _start_detached(self, argv: list[str]) -> tuple[bytes, bool]:
+    def _start_detached(self, argv: list[str]) -> tuple[int | None, bytes, str]:
         """Start QEMU as a daemon of its own session (not vmvault's child) and wait until its QMP
-        socket answers, or it ends, or LAUNCH_TIMEOUT passes; what it printed meanwhile (at
-        most QEMU_LOG_BYTES) and whether it answered.
+        socket answers ("ready"), or it ends ("ended"), or LAUNCH_TIMEOUT passes ("timeout"):
+        its PID (None if it was never started), what it printed meanwhile (at most
+        QEMU_LOG_BYTES), and which of the three.
 
         Not QEMU's ``-daemonize``: its sandbox's ``spawn=deny`` and ``elevateprivileges=deny``
         forbid the fork and setsid that needs (QEMU 7.2 is killed or exits). A short-lived
@@ -396,21 +400,26 @@ class _QemuRunner(_Runner):
         pipe read here until it answers; the pipe is closed then, so what it prints later
         fails to be written (QEMU ignores SIGPIPE) instead of growing a file without bound."""
         read_end, write_end = os.pipe()
+        pid_read, pid_write = os.pipe()
         try:
             try:
                 starter = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _DETACH, *argv],
+                    [sys.executable, "-I", "-S", "-c", _DETACH, str(pid_write), *argv],
                     stdin=subprocess.DEVNULL,
                     stdout=write_end,
                     stderr=write_end,
                     start_new_session=True,
                     close_fds=True,
+                    pass_fds=(pid_write,),
                 )
             except OSError as exc:
                 raise HypervisorError(f"QEMU could not be started: {exc}") from exc
             finally:
                 os.close(write_end)
+                os.close(pid_write)
             starter.wait()
+            reported = os.read(pid_read, 32)
+            pid = int(reported) if reported.isdigit() else None
             output = bytearray()
             ended = False
             waiter = select.poll()  # (not select(): a daemon may hold descriptors past 1024)
@@ -422,23 +431,18 @@ class _QemuRunner(_Runner):
                     ended = not part
                     output += part[: max(0, QEMU_LOG_BYTES - len(output))]
                     continue
-                if ended:  # every writer gone: QEMU ended (its pipe closes with it)
-                    return bytes(output), False
+                if ended:  # every writer gone: QEMU ended, or never started (its pipe closes with it)
+                    return pid, bytes(output), "ended"
                 if (self.target / "qmp.sock").exists():
                     try:
                         self._client = QmpClient(str(self.target / "qmp.sock"), timeout=2.0).connect()
-                        return bytes(output), True
+                        return pid, bytes(output), "ready"
                     except HypervisorError:
                         pass  # not serving yet (it answers once it is set up)
-            return bytes(output), False
+            return pid, bytes(output), "timeout"
         finally:
             os.close(read_end)
-
-    def _pid(self) -> int | None:
-        try:
-            return int((self.target / "qemu.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
+            os.close(pid_read)
 
     def _backed(self) -> set[int]:
         """Overlays that still have a backing file (query-block; not query-named-block-nodes,
