@@ -200,6 +200,31 @@ def test_qcow2_recorded_raw_backing_is_never_probed(layout: tuple[Path, Path]) -
         assert img.read(0, 4) == b"QFI\xfb"  # the guest's bytes, as the guest wrote them
 
 
+def test_an_image_named_raw_is_raw_whatever_its_first_bytes(layout: tuple[Path, Path]) -> None:
+    """``vmvault disk info/convert/checkpoint guest.raw`` after the guest wrote a qcow2 header
+    naming another disk of its folder as backing file: read, converted and checkpointed as
+    the raw disk it is (it was a 1 MiB qcow2 showing the other disk)."""
+    vm, _outside = layout
+    other = vm / "other.raw"
+    other.write_bytes(b"O" * MIB)
+    fake = vm / "fake.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "other.raw", "-F", "raw", str(fake), "1M")
+    guest = vm / "guest.raw"
+    content = fake.read_bytes().ljust(2 * MIB, b"G")
+    guest.write_bytes(content)
+    fake.unlink()
+    assert detect_format(str(guest)) == "raw"
+    with open_image(str(guest), rule=beside(guest)) as img:
+        assert (img.format, img.size, img.parent) == ("raw", 2 * MIB, None)
+        assert img.read(0, 2 * MIB) == content
+    convert(str(guest), str(vm / "guest.vhdx"), "vhdx")
+    with open_image(str(vm / "guest.vhdx")) as img:
+        assert img.size == 2 * MIB and img.read(0, 2 * MIB) == content
+    child = checkpoint(str(guest))
+    with open_image(child, rule=beside(Path(child))) as img:
+        assert img.parent is not None and img.parent.format == "raw" and img.read(0, 2 * MIB) == content
+
+
 def test_qcow2_backing_chain_cycle_through_a_link_is_refused(layout: tuple[Path, Path]) -> None:
     vm, _outside = layout
     a = vm / "a.qcow2"

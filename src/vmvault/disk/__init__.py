@@ -82,7 +82,11 @@ def format_from_qemu(name: str) -> str:
 
 
 def detect_format_fd(fd: int, path: str) -> str:
-    """The format of the image open on ``fd``, by content."""
+    """The format of the image open on ``fd``, by content; a file named ``.raw`` is raw
+    whatever its first bytes say (a guest writes them, and could make its raw disk look like a
+    qcow2 whose backing file is another disk: qemu's format probing issue)."""
+    if path.lower().endswith(".raw"):
+        return registry.FALLBACK.name
     try:
         head = platform.pread(fd, 512, 0)
         end = os.lseek(fd, 0, os.SEEK_END)
@@ -93,7 +97,8 @@ def detect_format_fd(fd: int, path: str) -> str:
 
 
 def detect_format(path: str) -> str:
-    """The format of the image at ``path``, by content (never by name alone).
+    """The format of the image at ``path``, by content (never by name alone, but that a
+    ``.raw`` name is raw: ``detect_format_fd``).
 
     The file is opened like every image (``_open.open_checked``): a FIFO, socket or character
     device is refused before a byte is read, so probing can never block.

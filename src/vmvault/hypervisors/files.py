@@ -254,11 +254,9 @@ class FilesSession(BackupSession):
 
         A guest writes the content of its raw disk and can make it begin like a qcow2 (with a
         backing file naming another VM's disk), a VHD or a VHDX: qemu's format probing issue.
-        So a disk named ``.raw`` is read raw whatever its first bytes say, and so is one the
-        previous snapshot recorded as raw (an ``.img``); any other change of format since that
-        snapshot is read as the content says, with a warning."""
-        if rel.lower().endswith(".raw"):
-            return FALLBACK_FORMAT
+        A disk named ``.raw`` is raw whatever its first bytes say (``detect_format_fd``); one
+        the previous snapshot recorded as raw (an ``.img``) is read raw again; any other change
+        of format since that snapshot is read as the content says, with a warning."""
         was = self._previous.formats.get(rel) if self._previous is not None else None
         if was is None or was == probed:
             return None
