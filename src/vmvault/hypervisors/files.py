@@ -256,8 +256,16 @@ class FilesSession(BackupSession):
         backing file naming another VM's disk), a VHD or a VHDX: qemu's format probing issue.
         A disk named ``.raw`` is raw whatever its first bytes say (``detect_format_fd``); one
         the previous snapshot recorded as raw (an ``.img``) is read raw again; any other change
-        of format since that snapshot is read as the content says, with a warning."""
+        of format since that snapshot is read as the content says, with a warning, as is an
+        ``.img`` that is not raw at its first backup."""
         was = self._previous.formats.get(rel) if self._previous is not None else None
+        if was is None and probed != FALLBACK_FORMAT and rel.lower().endswith(_RAW_SUFFIXES):
+            # its first backup: nothing tells a qcow2 named .img from a raw disk whose guest
+            # wrote a qcow2 header, so say it once (later backups keep what this one records)
+            self.warnings.append(
+                f"{rel}: read as a {probed} image, as its content says; if it is a raw disk, what its guest "
+                "wrote decided that: name raw disks .raw"
+            )
         if was is None or was == probed:
             return None
         snap = self._previous.snapshot_id[:8] if self._previous is not None else "?"
