@@ -151,24 +151,26 @@ def program(machine: str | None = None) -> list[_Insn]:
     steps += ["allow", (_RET_K, None, None, _RET_ALLOW), "enosys", (_RET_K, None, None, _RET_ERRNO | errno.ENOSYS)]
     steps += ["eperm", (_RET_K, None, None, _RET_ERRNO | errno.EPERM), "kill", (_RET_K, None, None, _RET_KILL_PROCESS)]
     labels: dict[str, int] = {}
+    count = 0
     for step in steps:
         if isinstance(step, str):
-            labels[step] = sum(not isinstance(s, str) for s in steps[: steps.index(step)])
+            labels[step] = count
+        else:
+            count += 1
     out: list[_Insn] = []
     for step in steps:
-        if isinstance(step, str):
-            continue
-        code, true, false, k = step
-        here = len(out) + 1  # jumps count from the next instruction
-
-        def offset(label: str | None, here: int = here) -> int:
-            distance = 0 if label is None else labels[label] - here
-            if not 0 <= distance <= 255:  # pragma: no cover - the tables are far below this
-                raise ValueError("seccomp program too long for its jumps")
-            return distance
-
-        out.append((code, offset(true), offset(false), k))
+        if not isinstance(step, str):
+            code, true, false, k = step
+            here = len(out) + 1  # jumps count from the next instruction
+            out.append((code, _jump(labels, true, here), _jump(labels, false, here), k))
     return out
+
+
+def _jump(labels: dict[str, int], label: str | None, here: int) -> int:
+    distance = 0 if label is None else labels[label] - here
+    if not 0 <= distance <= 255:  # pragma: no cover - the tables are far below this
+        raise ValueError("seccomp program too long for its jumps")
+    return distance
 
 
 class _SockFprog(ctypes.Structure):
