@@ -747,3 +747,17 @@ def test_group_ids_by_name() -> None:
     mine = grp.getgrgid(os.getgid()).gr_name
     assert platform.group_id(mine) == os.getgid()
     assert platform.group_id("no-such-group-vmvault") is None
+
+
+@pytest.mark.skipif(platform.WINDOWS, reason="numeric ids are POSIX")
+def test_ids_named_in_the_user_or_group_database() -> None:
+    import grp
+    import pwd
+
+    assert platform.id_named(0)  # root
+    named = {e.pw_uid for e in pwd.getpwall()} | {e.gr_gid for e in grp.getgrall()}
+    only_group = next((g.gr_gid for g in grp.getgrall() if g.gr_gid not in {e.pw_uid for e in pwd.getpwall()}), None)
+    if only_group is not None:
+        assert platform.id_named(only_group)  # a group without a user of the same number
+    free = next(n for n in range(2_139_999_999, 2_100_000_000, -1) if n not in named)
+    assert not platform.id_named(free)

@@ -85,6 +85,7 @@ __all__ = [
     "flush_data",
     "free_bytes",
     "give_owner",
+    "id_named",
     "is_link",
     "keep_freed_memory",
     "kept_free",
@@ -622,6 +623,23 @@ def free_bytes(path: str) -> int:
         return shutil.disk_usage(path).free
     st = statvfs(path)
     return int(st.f_bavail * st.f_frsize)
+
+
+def id_named(number: int) -> bool:
+    """Whether a user or a group of the user and group databases has the id ``number`` (False
+    where ids are not numeric: Windows)."""
+    try:
+        import grp
+        import pwd
+    except ImportError:
+        return False
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(number)
+            return True
+        except KeyError:
+            pass
+    return False
 
 
 def give_owner(path: str, uid: int, gid: int) -> None:

@@ -24,7 +24,7 @@ from vmvault.backends.local import LocalBackend
 from vmvault.engine.backup import backup
 from vmvault.engine.verify_boot import VerifyBootOptions, verify_boot
 from vmvault.hypervisors.files import FilesSource
-from vmvault.hypervisors.qemu_boot import ovmf_code
+from vmvault.hypervisors.qemu_boot import TRANSIENT_IDS, ovmf_code
 from vmvault.repo.format import ChunkResolver
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository
@@ -108,8 +108,9 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def _qemu_processes(marker: str) -> list[int]:
-    """PIDs of processes whose command line mentions ``marker`` (a private folder)."""
+def _qemu_processes(folder: str) -> list[int]:
+    """PIDs of QEMU processes working in ``folder`` or below (QEMU is given the names of its
+    files relative to its working folder, the verification's private one)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -117,9 +118,10 @@ def _qemu_processes(marker: str) -> list[int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 cmdline = f.read()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
         except OSError:
             continue
-        if marker.encode() in cmdline and b"qemu-system" in cmdline:
+        if b"qemu-system" in cmdline and (cwd + "/").startswith(folder.rstrip("/") + "/"):
             found.append(int(entry))
     return found
 
@@ -135,6 +137,9 @@ def test_the_guest_passes_on_guest_ping_with_a_screenshot_and_nothing_left(guest
     assert result.heartbeats == ("agent",)
     assert result.accel == "tcg"  # /dev/kvm here cannot run a stock kernel (no vmx/svm)
     assert result.sandbox
+    if os.geteuid() == 0:  # QEMU ran under ids of its own, not as root
+        assert result.qemu_uid in TRANSIENT_IDS
+        assert result.to_dict()["vm"]["qemu_uid"] == result.qemu_uid
     assert MARKER in result.serial_tail  # the guest did boot to its /init
     assert result.screenshot is not None
     assert _png_size(result.screenshot) == (720, 400)  # VGA text mode

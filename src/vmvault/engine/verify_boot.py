@@ -41,6 +41,7 @@ from vmvault.hypervisors.qemu_boot import (
     Heartbeats,
     boot_check,
     kvm_usable,
+    transient_ids,
 )
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import DiskRecord, Snapshot
@@ -129,6 +130,8 @@ class VerifyBootResult:
     network: str
     sandbox: bool
     serial_tail: str
+    #: the user id QEMU ran as when vmvault, running as root, gave it ids of its own
+    qemu_uid: int | None = None
     screenshot: bytes | None = field(default=None, repr=False)
     #: where the screenshot was written, if it was
     screenshot_path: str | None = None
@@ -153,6 +156,7 @@ class VerifyBootResult:
                 "accel": self.accel,
                 "network": self.network,
                 "sandbox": self.sandbox,
+                "qemu_uid": self.qemu_uid,
             },
             "serial_tail": self.serial_tail,
             "screenshot": self.screenshot_path,
@@ -309,7 +313,7 @@ class ServedDisk:
 
 @contextlib.contextmanager
 def served_disks(
-    repo: Repository, snap: Snapshot, disks: Sequence[DiskRecord], folder: str
+    repo: Repository, snap: Snapshot, disks: Sequence[DiskRecord], folder: str, *, group: int | None = None
 ) -> Iterator[list[ServedDisk]]:
     """Each disk of ``disks`` (the merged view of its chain) as a read-only QEMU block node
     (a ``-blockdev`` protocol node as a dict), for as long as the block runs.
@@ -321,6 +325,10 @@ def served_disks(
     108-byte limit of a socket's path; QEMU, which runs in a folder inside it
     (:func:`~vmvault.hypervisors.qemu_boot.boot_check`), is given them as ``../diskN.sock``.
     This is the one place that decides how a verification VM reaches the repository's data.
+
+    ``group``: the group of a QEMU that runs under ids of its own (vmvault running as root). It
+    may then look names up in ``folder`` (not list or change it) and connect to the sockets;
+    no one else may.
     """
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     cache = ChunkCache(max_bytes=DEFAULT_CACHE_BYTES)
@@ -332,6 +340,12 @@ def served_disks(
                 server = stack.enter_context(serve_disk(repo, snap, record.name, socket_path, cache=cache))
                 node = {"driver": "nbd", "server": {"type": "unix", "path": f"../disk{i}.sock"}, "export": ""}
                 served.append(ServedDisk(record.name, node, server))
+                if group is not None:
+                    os.chown(f"disk{i}.sock", 0, group, dir_fd=dir_fd, follow_symlinks=False)
+                    os.chmod(f"disk{i}.sock", 0o660, dir_fd=dir_fd)
+            if group is not None:
+                os.fchown(dir_fd, 0, group)
+                os.fchmod(dir_fd, 0o710)
             yield served
     finally:
         cache.close()
@@ -416,7 +430,8 @@ def verify_boot(
     try:
         os.chmod(folder, 0o700)
         _claim(folder)
-        outcome = _boot(repo, snap, plan, heartbeats, options, accel, folder, qemu, on_started)
+        run_as = transient_ids() if uid == 0 else None
+        outcome = _boot(repo, snap, plan, heartbeats, options, accel, folder, qemu, on_started, run_as)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     flags = (("agent", heartbeats.agent), ("marker", heartbeats.marker is not None), ("screen", heartbeats.screen))
@@ -434,6 +449,7 @@ def verify_boot(
         accel=accel,
         network=options.network,
         sandbox=outcome.sandbox,
+        qemu_uid=outcome.uid,
         serial_tail=tail,
         screenshot=outcome.screenshot,
     )
@@ -449,8 +465,10 @@ def _boot(
     folder: str,
     qemu: str | None,
     on_started: Callable[[int], None] | None,
+    run_as: tuple[int, int] | None,
 ) -> BootOutcome:
-    with served_disks(repo, snap, plan.disks, folder) as served:
+    group = None if run_as is None else run_as[1]
+    with served_disks(repo, snap, plan.disks, folder, group=group) as served:
         machine = BootMachine(
             disks=tuple(
                 BootDisk(name=d.name, base=disk.node, size=d.size, format="raw", bus=plan.bus)
@@ -465,7 +483,13 @@ def _boot(
             max_writes=options.max_writes,
         )
         outcome = boot_check(
-            machine, heartbeats, timeout=options.timeout, work_dir=folder, qemu=qemu, on_started=on_started
+            machine,
+            heartbeats,
+            timeout=options.timeout,
+            work_dir=folder,
+            qemu=qemu,
+            on_started=on_started,
+            run_as=run_as,
         )
         failed = {d.name: d.server.stats.errors.get("EIO", 0) for d in served}
     if any(failed.values()):

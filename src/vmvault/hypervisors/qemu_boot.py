@@ -21,9 +21,18 @@ the timeout, and when the guest writes more to its overlays than ``max_writes`` 
 Isolation: ``-nodefaults -no-user-config``, no network card (``-nic none``) or a user-mode
 one with ``restrict=on``, ``-sandbox on`` with every optional restriction when QEMU has
 seccomp, no host file but the overlays and the base images (read-only), every socket and the
-overlays in a private 0700 folder that is removed afterwards. QEMU runs in its own session
+overlays in a private folder that is removed afterwards. When vmvault runs as root, QEMU does
+not: it runs under ids of its own (``run_as``; :func:`transient_ids` picks an unused pair for
+each run) without supplementary groups (but /dev/kvm's when it uses KVM) or capabilities, so a
+guest that broke out of QEMU's device emulation holds no right over the host's files, the
+repository or its key. It then reaches only what it is given: its sockets are bound by
+vmvault and handed over as open descriptors, the work folder is root's (open to QEMU's group
+to look up names in, not to list or change), and only the overlays, the variable store and
+the screen dump's file, made beforehand, are QEMU's own. Names in that folder are given to it
+relative to its working folder, so that no folder above needs to be open to it. QEMU runs in its own session
 (a Ctrl-C on the terminal reaches vmvault, which stops it) with the parent-death signal set
-(``setpriv --pdeathsig KILL``), so it dies with the thread that started it even when
+(``setpriv --pdeathsig KILL``, set after the change of ids, which clears it), so it dies
+with the thread that started it even when
 vmvault is killed with SIGKILL, and under ``prlimit`` (no file it writes past ``max_writes``
 plus :data:`FILE_SLACK`, no core dump).
 
@@ -38,6 +47,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -51,6 +61,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmvault import platform
 from vmvault.errors import ConfigError, HypervisorError
 from vmvault.hypervisors._qmp import GuestAgentClient, QmpClient
 
@@ -70,6 +81,7 @@ __all__ = [
     "parse_ppm",
     "png",
     "supports_sandbox",
+    "transient_ids",
 ]
 
 #: the virtio-serial port name qemu-ga listens on
@@ -88,6 +100,16 @@ FILE_SLACK = 64 << 20
 #: QEMU's seccomp filter with every optional restriction: no obsolete system calls, no change
 #: of user or session, no new process or program, no change of priorities or CPU affinity
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: the user and group ids QEMU may be given when vmvault runs as root (:func:`transient_ids`):
+#: above the ranges Debian, systemd's dynamic users and the usual container mappings use, below
+#: 2**31 (which some tools take for negative)
+TRANSIENT_IDS = range(2_100_000_000, 2_140_000_000)
+#: the ranges of user and group ids given to user namespaces (shadow's subordinate ids)
+_SUBORDINATE_IDS = ("/etc/subuid", "/etc/subgid")
+#: the sockets QEMU serves, bound by vmvault in the work folder
+_SOCKETS = ("qmp", "serial", "firmware", "agent")
+#: the screen dump's file in the work folder
+_SCREEN = "screen.ppm"
 
 #: firmware texts that mean "nothing to boot" (SeaBIOS, OVMF)
 _NO_BOOT = ("No bootable device", "No bootable option or device was found", "Boot failed: not a bootable disk")
@@ -165,6 +187,8 @@ class BootOutcome:
     screenshot: bytes | None = field(default=None, repr=False)
     command: list[str] = field(default_factory=list)
     sandbox: bool = False
+    #: the user id QEMU ran as, when it was not vmvault's (``boot_check``'s ``run_as``)
+    uid: int | None = None
 
 
 # ---- host facilities ------------------------------------------------------------------------
@@ -348,9 +372,9 @@ def _esc(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def _drive_args(index: int, disk: BootDisk, work: str) -> list[str]:
+def _drive_args(index: int, disk: BootDisk) -> list[str]:
     base = f"base{index}"
-    overlay = os.path.join(work, f"overlay{index}.qcow2")
+    overlay = f"overlay{index}.qcow2"  # in QEMU's working folder
     base_node = {**disk.base, "node-name": base, "read-only": True}
     fmt_node = {"driver": disk.format, "file": base, "node-name": f"{base}-fmt", "read-only": True}
     file_node = {"driver": "file", "filename": overlay, "node-name": f"overlay{index}-file"}
@@ -368,10 +392,9 @@ def _drive_args(index: int, disk: BootDisk, work: str) -> list[str]:
     return args
 
 
-def _command(qemu: str, machine: BootMachine, work: str, *, sandbox: bool) -> list[str]:
-    # relative to QEMU's working folder (``work``): a socket's path has a length limit (108 bytes)
-    # that a deep work folder would pass; vmvault reaches them through /proc/self/fd (``_Run.path``)
-    sock = {name: f"{name}.sock" for name in ("qmp", "serial", "firmware", "agent")}
+def _command(qemu: str, machine: BootMachine, sockets: dict[str, int], *, sandbox: bool) -> list[str]:
+    """QEMU's command line; ``sockets`` holds the descriptors of the listening sockets it
+    serves. Files are named relative to its working folder (the work folder)."""
     cmd = [qemu, "-name", "vmvault-verify-boot", "-nodefaults", "-no-user-config", "-S"]
     cmd += ["-accel", machine.accel, "-machine", machine.machine, "-m", f"{max(64, machine.memory >> 20)}M"]
     cmd += ["-smp", str(machine.cpus), "-display", "none", "-vga", "std"]
@@ -382,8 +405,8 @@ def _command(qemu: str, machine: BootMachine, work: str, *, sandbox: bool) -> li
         cmd += ["-nic", "none"]
     if sandbox:
         cmd += ["-sandbox", SANDBOX]
-    for name in ("qmp", "serial", "firmware", "agent"):
-        cmd += ["-chardev", f"socket,id={name},path={_esc(sock[name])},server=on,wait=off"]
+    for name in _SOCKETS:
+        cmd += ["-chardev", f"socket,id={name},fd={sockets[name]},server=on,wait=off"]
     cmd += ["-mon", "chardev=qmp,mode=control", "-serial", "chardev:serial"]
     cmd += ["-device", "isa-debugcon,iobase=0x402,chardev=firmware"]
     cmd += ["-device", "virtio-serial-pci,id=vser0", "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}"]
@@ -396,11 +419,11 @@ def _command(qemu: str, machine: BootMachine, work: str, *, sandbox: bool) -> li
             )
         code, _ = found
         cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_esc(code)}"]
-        cmd += ["-drive", f"if=pflash,format=raw,unit=1,file={_esc(os.path.join(work, 'vars.fd'))}"]
+        cmd += ["-drive", "if=pflash,format=raw,unit=1,file=vars.fd"]
     if any(d.bus == "scsi" for d in machine.disks):
         cmd += ["-device", "virtio-scsi-pci,id=scsi0"]
     for i, disk in enumerate(machine.disks):
-        cmd += _drive_args(i, disk, work)
+        cmd += _drive_args(i, disk)
     return cmd
 
 
@@ -424,6 +447,53 @@ def _prepare(qemu: str, machine: BootMachine, work: str) -> None:
         found = ovmf_code()
         if found is not None:
             shutil.copyfile(found[1], os.path.join(work, "vars.fd"))
+    os.close(os.open(os.path.join(work, _SCREEN), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+
+
+def _give(work: str, run_as: tuple[int, int]) -> None:
+    """Open the work folder to QEMU running as ``run_as``: the folder stays root's, its group
+    may look names up in it (not list or change it); the files QEMU writes become its own."""
+    uid, gid = run_as
+    for name in os.listdir(work):
+        if name.endswith(".qcow2") or name in ("vars.fd", _SCREEN):
+            os.chown(os.path.join(work, name), uid, gid, follow_symlinks=False)
+    os.chown(work, 0, gid)
+    os.chmod(work, 0o710)
+
+
+def _ids_in_use() -> tuple[set[int], list[range]]:
+    """The user and group ids of running processes, and the ranges of /etc/subuid and
+    /etc/subgid (ids that user namespaces' processes take), as far as they can be read."""
+    held: set[int] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{entry}")
+                    held.update((st.st_uid, st.st_gid))
+    ranges = []
+    for table in _SUBORDINATE_IDS:
+        with contextlib.suppress(OSError), open(table, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                    ranges.append(range(int(parts[1]), int(parts[1]) + int(parts[2])))
+    return held, ranges
+
+
+def transient_ids() -> tuple[int, int]:
+    """A user id and an equal group id for one QEMU, drawn at random from
+    :data:`TRANSIENT_IDS`: named in no user or group database, held by no running process, in
+    no subordinate id range. No file outside the run's work folder belongs to them, and two
+    verifications at once draw different ones (but for a chance of one in tens of millions)."""
+    held, ranges = _ids_in_use()
+    for _ in range(256):
+        n = TRANSIENT_IDS.start + secrets.randbelow(len(TRANSIENT_IDS))
+        if n not in held and not any(n in r for r in ranges) and not platform.id_named(n):
+            return n, n
+    raise HypervisorError(
+        f"no unused user id between {TRANSIENT_IDS.start} and {TRANSIENT_IDS.stop - 1} for QEMU to run as"
+    )
 
 
 def supports_sandbox(qemu: str) -> bool:
@@ -446,9 +516,13 @@ def supports_sandbox(qemu: str) -> bool:
 class _Run:
     """One verification VM; :meth:`close` always leaves nothing running and nothing on disk."""
 
-    def __init__(self, qemu: str, machine: BootMachine, work_dir: str | None) -> None:
+    def __init__(
+        self, qemu: str, machine: BootMachine, work_dir: str | None, run_as: tuple[int, int] | None = None
+    ) -> None:
         self.qemu = qemu
         self.machine = machine
+        #: (uid, gid) QEMU runs as, if not vmvault's own
+        self.run_as = run_as
         base = work_dir or tempfile.gettempdir()
         self.work = tempfile.mkdtemp(prefix="vmvault-boot-", dir=base)
         os.chmod(self.work, 0o700)
@@ -472,41 +546,26 @@ class _Run:
     def start(self) -> None:
         _prepare(self.qemu, self.machine, self.work)
         self.sandbox = supports_sandbox(self.qemu)
-        self.command = _command(self.qemu, self.machine, self.work, sandbox=self.sandbox)
-        wrapper = shutil.which("setpriv")
-        argv = [wrapper, "--pdeathsig", "KILL", "--", *self.command] if wrapper else self.command
-        limits = shutil.which("prlimit")
-        if limits:
-            # a hard bound below the polled one: no file QEMU writes (an overlay above all) grows
-            # past it between two looks, and no core dump spills the guest's memory
-            argv = [limits, f"--fsize={self.file_limit}", "--core=0", "--", *argv]
+        with contextlib.ExitStack() as listening:
+            sockets = {}
+            for name in _SOCKETS:
+                sock = listening.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                sock.bind(self.path(f"{name}.sock"))
+                sock.listen(1)
+                sockets[name] = sock.fileno()
+            if self.run_as is not None:
+                _give(self.work, self.run_as)
+            self.command = _command(self.qemu, self.machine, sockets, sandbox=self.sandbox)
+            self.proc = self._spawn(tuple(sockets.values()))
+        # only QEMU listens now: when it ends, a connection to its sockets fails at once
         try:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                cwd=self.work,
-            )
-        except OSError as exc:
-            raise HypervisorError(f"cannot start {self.qemu}: {exc}") from exc
-        qmp_path = self.path("qmp.sock")
-        deadline = time.monotonic() + 30
-        while True:
-            # the socket's name appears when QEMU binds it, a moment before it listens
+            self.qmp = QmpClient(self.path("qmp.sock"), timeout=30).connect()
+        except HypervisorError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
             if self.proc.poll() is not None:
-                raise HypervisorError(f"QEMU could not start the verification VM: {self._stderr_line()}")
-            if os.path.exists(qmp_path):
-                try:
-                    self.qmp = QmpClient(qmp_path, timeout=30).connect()
-                    break
-                except HypervisorError:
-                    if time.monotonic() > deadline:
-                        raise
-            elif time.monotonic() > deadline:
-                raise HypervisorError("QEMU did not open its QMP socket within 30 s")
-            time.sleep(0.05)
+                raise HypervisorError(f"QEMU could not start the verification VM: {self._stderr_line()}") from None
+            raise
         try:
             self.serial = _Console(self.path("serial.sock"), "serial console")
             self.firmware = _Console(self.path("firmware.sock"), "firmware log")
@@ -516,6 +575,43 @@ class _Run:
                 raise HypervisorError(f"QEMU could not start the verification VM: {self._stderr_line()}") from None
             raise
 
+    def _spawn(self, fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        """QEMU started with the listening sockets ``fds``: as ``run_as`` if given, with the
+        parent-death signal, under the file size limit."""
+        wrapper = shutil.which("setpriv")
+        argv = self.command
+        if self.run_as is not None:
+            if wrapper is None:
+                raise ConfigError(
+                    "running QEMU under ids of its own needs setpriv (Debian: apt-get install util-linux)"
+                )
+            uid, gid = self.run_as
+            groups = ["--clear-groups"]
+            if self.machine.accel == "kvm":
+                with contextlib.suppress(OSError):
+                    groups = ["--groups", str(os.stat("/dev/kvm").st_gid)]
+            ids = ["--reuid", str(uid), "--regid", str(gid), *groups, "--inh-caps=-all", "--no-new-privs"]
+            argv = [wrapper, *ids, "--pdeathsig", "KILL", "--", *argv]
+        elif wrapper:
+            argv = [wrapper, "--pdeathsig", "KILL", "--", *argv]
+        limits = shutil.which("prlimit")
+        if limits:
+            # a hard bound below the polled one: no file QEMU writes (an overlay above all) grows
+            # past it between two looks, and no core dump spills the guest's memory
+            argv = [limits, f"--fsize={self.file_limit}", "--core=0", "--", *argv]
+        try:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                cwd=self.work,
+                pass_fds=fds,
+            )
+        except OSError as exc:
+            raise HypervisorError(f"cannot start {self.qemu}: {exc}") from exc
+
     def _stderr_line(self) -> str:
         if self.proc is not None and self.proc.stderr is not None and self.proc.poll() is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -524,21 +620,25 @@ class _Run:
         return lines[-1][:500] if lines else f"exit status {self.proc.returncode if self.proc else '?'}"
 
     def screen(self) -> Screen | None:
+        """The screen now, or None: its dump's file (made before QEMU started, and QEMU's
+        when it runs under ids of its own) is emptied, dumped into by QEMU, then read."""
         if self.qmp is None:
             return None
-        path = os.path.join(self.work, "screen.ppm")
         try:
-            self.qmp.execute("screendump", {"filename": "screen.ppm"}, timeout=15)  # in QEMU's working folder
-            size = os.path.getsize(path)
+            fd = os.open(_SCREEN, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        except OSError:
+            return None
+        try:
+            os.ftruncate(fd, 0)  # a dump that failed must not show the screen before it
+            self.qmp.execute("screendump", {"filename": _SCREEN}, timeout=15)  # in QEMU's working folder
+            size = os.fstat(fd).st_size
             if size > MAX_PIXELS * 3 + 64:
                 raise HypervisorError("the screen dump is larger than any screen vmvault accepts")
-            with open(path, "rb") as f:
-                return parse_ppm(f.read())
+            return parse_ppm(os.pread(fd, size, 0))
         except (HypervisorError, OSError):
             return None
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            os.close(fd)
 
     def ping_agent(self, timeout: float) -> bool:
         try:
@@ -609,9 +709,13 @@ def boot_check(
     work_dir: str | None = None,
     qemu: str | None = None,
     on_started: Callable[[int], None] | None = None,
+    run_as: tuple[int, int] | None = None,
 ) -> BootOutcome:
     """Boot ``machine`` and wait for a heartbeat (see the module documentation). Never leaves
-    QEMU running or a file behind, also when interrupted. ``on_started`` hears QEMU's PID."""
+    QEMU running or a file behind, also when interrupted. ``on_started`` hears QEMU's PID.
+    ``run_as`` (uid, gid; vmvault running as root) has QEMU run under those ids: a base image
+    it reads must then be open to them (``work_dir``, where a base's socket may lie, is made
+    open to the group for name lookups by the caller)."""
     if not machine.disks:
         raise ConfigError("there is no disk to boot")
     if not (heartbeats.agent or heartbeats.marker or heartbeats.screen):
@@ -620,7 +724,7 @@ def boot_check(
         if disk.bus not in BUSES:
             raise ConfigError(f"disk {disk.name}: unknown bus {disk.bus!r} (one of {', '.join(BUSES)})")
     binary = _qemu_binary(qemu)
-    run = _Run(binary, machine, work_dir)
+    run = _Run(binary, machine, work_dir, run_as)
     try:
         started = time.monotonic()
         run.start()
@@ -652,6 +756,7 @@ def _watch(run: _Run, hb: Heartbeats, started: float, timeout: float) -> BootOut
             screenshot=png(shot) if shot is not None else None,
             command=run.command,
             sandbox=run.sandbox,
+            uid=None if run.run_as is None else run.run_as[0],
         )
 
     while True:
