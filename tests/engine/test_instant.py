@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from vmvault.engine.restore import ChunkResolver
 from vmvault.errors import ConfigError, HypervisorError, TargetError
 from vmvault.hypervisors import open_source
 from vmvault.hypervisors.qemu import QmpClient
+from vmvault.hypervisors.qemu_boot import TRANSIENT_IDS, transient_ids
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import Snapshot
@@ -123,9 +125,29 @@ def _wait_for(predicate: object, timeout: float = 30.0) -> None:
     raise AssertionError("timed out")
 
 
+def _confinement(state: dict[str, Any], target: Path) -> tuple[int, int]:
+    """QEMU, started by vmvault as root, runs under the state's transient ids with no group or
+    capability; DIR and the overlays stay root's (DIR open to QEMU's group for name lookups
+    only; the overlays reach QEMU as descriptors). Its ids."""
+    uid, gid = state["qemu_ids"]
+    assert uid in TRANSIENT_IDS and gid == uid
+    status = _proc_status(int(state["qemu"]["pid"]))
+    assert status["Uid"].split() == [str(uid)] * 4 and status["Gid"].split() == [str(gid)] * 4, status
+    assert status["Groups"] == "" and int(status["CapEff"], 16) == 0 and status["NoNewPrivs"] == "1"
+    st = target.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o710)
+    overlays = list(target.glob("disk*.qcow2"))
+    assert overlays and all(o.stat().st_uid == 0 and not o.stat().st_mode & 0o022 for o in overlays)
+    for sock in target.glob("nbd-*.sock"):
+        assert (sock.stat().st_uid, sock.stat().st_gid, sock.stat().st_mode & 0o777) == (0, gid, 0o660)
+    return uid, gid
+
+
 def test_guest_writes_during_the_copy_are_kept_and_the_vm_ends_on_local_disks(setup: Setup) -> None:
     state = setup.start(speed=4 << 20)
     assert state["phase"] == "copying"
+    if os.geteuid() == 0:
+        _confinement(state, setup.target)  # type: ignore[arg-type]
     serve = ServeProcess.from_doc(state["serve"])  # type: ignore[arg-type]
     assert serve.alive()
     setup.guest_write(0, 4096, 0xBB)  # where the copy has been
@@ -474,10 +496,10 @@ def test_qemu_that_cannot_start_says_why_and_leaves_nothing_running(tmp_path: Pa
     with pytest.raises(HypervisorError, match=r"QEMU could not be started: .*no-such-option"):
         runner.launch()
     assert "qemu" not in runner.state
-    mine = str(tmp_path / "vm").encode()
-    for entry in Path("/proc").iterdir():  # no QEMU of this folder (nor its starter) left
+    mine = str(tmp_path / "vm")
+    for entry in Path("/proc").iterdir():  # no QEMU of this folder (it runs in DIR), nor its starter, left
         with contextlib.suppress(OSError):
-            assert mine not in (entry / "cmdline").read_bytes(), entry
+            assert os.readlink(entry / "cwd") != mine, (entry / "cmdline").read_bytes()
     assert b"no-such-option" in (tmp_path / "vm" / "qemu.log").read_bytes()
 
 
@@ -489,8 +511,8 @@ def test_qemu_that_never_answers_is_killed(tmp_path: Path, monkeypatch: pytest.M
     started: list[int] = []
     real = instant._QemuRunner._start_detached
 
-    def watched(self: instant._QemuRunner, argv: list[str]) -> tuple[int | None, bytes, str]:
-        pid, output, outcome = real(self, argv)
+    def watched(self: instant._QemuRunner, argv: list[str], fds: tuple[int, ...]) -> tuple[int | None, bytes, str]:
+        pid, output, outcome = real(self, argv, fds)
         started.append(pid or 0)
         return pid, output, outcome
 
@@ -514,3 +536,41 @@ def test_a_sandbox_option_of_the_user_replaces_vmvaults(tmp_path: Path) -> None:
     finally:
         runner.stop(10)
         runner.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving QEMU other ids needs root")
+def test_qemu_under_ids_of_its_own_cannot_open_roots_files(tmp_path: Path) -> None:
+    """A file a --qemu-arg names that only root may read is refused to QEMU by the kernel, and
+    the error says what to do; readable by others, it is opened; ``--qemu-as-root`` keeps root."""
+    folder = Path(tempfile.mkdtemp(prefix="vmvault-instant-ids-", dir="/tmp"))
+    try:
+        folder.chmod(0o755)
+        image = folder / "extra.raw"
+        image.write_bytes(bytes(1 << 20))
+        image.chmod(0o600)
+        runner = _bare_runner(tmp_path / "vm", ["-drive", f"file={image},format=raw,if=virtio,readonly=on"])
+        runner.state["qemu_ids"] = list(transient_ids())
+        with pytest.raises(HypervisorError, match=r"Permission denied.*not root.*--qemu-as-root"):
+            runner.launch()
+        image.chmod(0o644)
+        try:
+            assert " as user id " in runner.launch()
+            uid = runner.state["qemu_ids"][0]
+            assert _proc_status(int(runner.state["qemu"]["pid"]))["Uid"].split() == [str(uid)] * 4
+            assert runner.qmp.execute("query-status")["status"] in ("running", "prelaunch")
+        finally:
+            runner.stop(10)
+            runner.close()
+        forged = _bare_runner(tmp_path / "forged", [])
+        forged.state["qemu_ids"] = [0, 0]  # a state naming root's ids (or any outside the range) is refused
+        with pytest.raises(ConfigError, match="QEMU ids are malformed"):
+            forged.launch()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="vmvault as root")
+def test_qemu_as_root_when_asked(setup: Setup) -> None:
+    state = setup.start(qemu_as_root=True)
+    assert "qemu_ids" not in state
+    assert _proc_status(int(state["qemu"]["pid"]))["Uid"].split() == ["0"] * 4  # type: ignore[index]

@@ -120,6 +120,7 @@ def cmd_instant(args: argparse.Namespace) -> int:
         speed=args.speed,
         cache_bytes=args.cache_size,
         libvirt_uri=args.libvirt_uri,
+        qemu_as_root=args.qemu_as_root,
     )
     target = Path(args.target)
     started = time.monotonic()
@@ -192,6 +193,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         help=(
             "an extra QEMU argument (repeat; e.g. --qemu-arg=-vnc --qemu-arg=:1, --qemu-arg=-nic --qemu-arg=user); "
             "QEMU runs in its seccomp sandbox unless these give -sandbox (a bridge or tap helper needs -sandbox off)"
+        ),
+    )
+    p.add_argument(
+        "--qemu-as-root",
+        action="store_true",
+        help=(
+            "run plain QEMU as root when vmvault runs as root (by default it runs under transient ids of its own, "
+            "with no groups or capabilities: a file --qemu-arg names must then be readable by others)"
         ),
     )
     p.add_argument("--speed", type=size(0, 1 << 40), default=0, metavar="SIZE", help="copy at most SIZE per second")

@@ -8,7 +8,8 @@
 * a qcow2 overlay per disk whose backing file is that export (``nbd+unix:///?socket=...``):
   the guest's writes stay local, its reads of what it has not written go to the repository;
 * the VM running from the overlays: a QEMU process (detached, its own session, in QEMU's
-  seccomp sandbox where it has one: :meth:`_QemuRunner.launch`), or with
+  seccomp sandbox where it has one, and, when vmvault runs as root, under transient ids of its
+  own, handed its QMP socket and overlays as descriptors: :meth:`_QemuRunner.launch`), or with
   ``libvirt_uri`` a transient libvirt domain; every disk with ``werror=stop,rerror=stop``: an
   I/O error (the repository unreadable, the export gone for longer than the NBD client's 30 s
   reconnect delay) *pauses* the VM instead of handing the guest an error, so nothing the guest
@@ -40,6 +41,8 @@ import secrets
 import select
 import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -55,7 +58,7 @@ from vmvault.engine.nbd import nbd_uri
 from vmvault.errors import ConfigError, HypervisorError, TargetError, VmvaultError
 from vmvault.hypervisors.libvirt import connect, error_message, import_libvirt
 from vmvault.hypervisors.qemu import QmpClient, QmpError
-from vmvault.hypervisors.qemu_boot import SANDBOX, supports_sandbox
+from vmvault.hypervisors.qemu_boot import SANDBOX, TRANSIENT_IDS, run_as_ids, supports_sandbox, transient_ids
 from vmvault.repo.snapshot import Snapshot
 
 __all__ = [
@@ -90,6 +93,8 @@ SERIAL_LOG_BYTES = 1 << 20
 QEMU_LOG_BYTES = 1 << 16
 #: seconds QEMU may take to answer on its QMP socket
 LAUNCH_TIMEOUT = 120
+#: the first of QEMU's descriptor sets (``-add-fd``) that hold the overlays, one set a disk
+FDSET_BASE = 100
 #: the starter of QEMU: a new session (``start_new_session``), a fork, the parent gone at once,
 #: so that QEMU is nobody's child but init's (as ``-daemonize`` leaves it); the child's PID
 #: written on the descriptor named first (then closed in the child)
@@ -120,6 +125,7 @@ class InstantOptions:
         cache_bytes: int = 64 << 20,
         qemu: str = "qemu-system-x86_64",
         libvirt_uri: str | None = None,
+        qemu_as_root: bool = False,
     ) -> None:
         if accel not in ("tcg", "kvm"):
             raise ConfigError(f"--accel is tcg or kvm, not {accel!r}")
@@ -131,6 +137,8 @@ class InstantOptions:
         self.cache_bytes = cache_bytes
         self.qemu = qemu
         self.libvirt_uri = libvirt_uri
+        #: run QEMU as root (vmvault running as root) rather than under transient ids of its own
+        self.qemu_as_root = qemu_as_root
 
 
 # ---------------------------------------------------------------------------- state file
@@ -325,9 +333,15 @@ class _QemuRunner(_Runner):
         pid, start = qemu.get("pid"), qemu.get("start_time")
         return isinstance(pid, int) and isinstance(start, int) and process_start_time(pid) == start
 
-    def argv(self) -> list[str]:
+    def ids(self) -> tuple[int, int] | None:
+        return _qemu_ids(self.target, self.state)
+
+    def argv(self, qmp: int, overlays: list[tuple[int, int]]) -> list[str]:
+        """QEMU's command line. It serves QMP on the listening socket ``qmp`` and reads and
+        writes each overlay through the descriptors of ``overlays`` (read-write, read-only), so
+        that it needs no right on DIR's files; it reaches the exports by their names, relative
+        to its working folder (DIR), and needs no right on the folders above DIR."""
         name, accel, memory, cpus, extra = _checked_config(self.target, self.state.get("vm_config"))
-        target = self.target
         argv = [
             self.qemu,
             "-name", name,
@@ -337,23 +351,26 @@ class _QemuRunner(_Runner):
             "-smp", str(cpus),
             "-nodefaults",
             "-display", "none",
-            "-pidfile", str(target / "qemu.pid"),
-            "-qmp", f"unix:{_esc(str(target / 'qmp.sock'))},server=on,wait=off",
+            "-chardev", f"socket,id=vmvault-qmp,fd={qmp},server=on,wait=off",
+            "-mon", "chardev=vmvault-qmp,mode=control",
             "-chardev", f"ringbuf,id={SERIAL_DEVICE},size={SERIAL_RING}",
             "-serial", f"chardev:{SERIAL_DEVICE}",
         ]  # fmt: skip
         for i, disk in enumerate(self.disks):
+            fdset = FDSET_BASE + i
+            for fd in overlays[i]:
+                argv += ["-add-fd", f"fd={fd},set={fdset}"]
             nbd = {
                 "driver": "nbd",
                 "node-name": f"vmvault-nbd{i}",
-                "server": {"type": "unix", "path": disk["socket"]},
+                "server": {"type": "unix", "path": os.path.basename(disk["socket"])},
                 "read-only": True,
                 "reconnect-delay": RECONNECT_DELAY,
             }
             overlay = {
                 "driver": "qcow2",
                 "node-name": f"vmvault-disk{i}",
-                "file": {"driver": "file", "filename": disk["overlay"]},
+                "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"},
                 "backing": f"vmvault-nbd{i}",
             }
             argv += ["-blockdev", json.dumps(nbd), "-blockdev", json.dumps(overlay)]
@@ -364,15 +381,31 @@ class _QemuRunner(_Runner):
         return argv + extra
 
     def launch(self) -> str:
-        argv = self.argv()
         self.close()
-        for name in ("qemu.pid", "qmp.sock"):
+        ids = self.ids()
+        accel = _checked_config(self.target, self.state.get("vm_config"))[1]
+        for name in ("qemu.pid", "qmp.sock"):  # (qemu.pid: what an earlier version had QEMU write)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.target / name)
-        sandbox = "-sandbox" not in argv and supports_sandbox(self.qemu)
-        if sandbox:
-            argv[1:1] = ["-sandbox", SANDBOX]
-        pid, output, outcome = self._start_detached(argv)
+        _open_exports(self.target, self.state)
+        with contextlib.ExitStack() as held:  # vmvault's copies of what QEMU is handed
+            qmp = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            qmp.bind(str(self.target / "qmp.sock"))
+            qmp.listen(1)
+            overlays = []
+            for disk in self.disks:
+                pair = (_open_overlay(disk["overlay"], os.O_RDWR), _open_overlay(disk["overlay"], os.O_RDONLY))
+                for fd in pair:
+                    held.callback(os.close, fd)
+                overlays.append(pair)
+            argv = self.argv(qmp.fileno(), overlays)
+            sandbox = "-sandbox" not in argv and supports_sandbox(self.qemu)
+            if sandbox:
+                argv[1:1] = ["-sandbox", SANDBOX]
+            if ids is not None:
+                argv = run_as_ids(argv, ids, kvm=accel == "kvm", pdeathsig=False)
+            fds = (qmp.fileno(), *(fd for pair in overlays for fd in pair))
+            pid, output, outcome = self._start_detached(argv, fds)
         with contextlib.suppress(OSError):  # (its words are in the error below, if it failed)
             append_bounded(self.target / "qemu.log", output, QEMU_LOG_BYTES)
         start_time = None if pid is None else process_start_time(pid)
@@ -382,17 +415,24 @@ class _QemuRunner(_Runner):
                     os.kill(pid, signal.SIGKILL)
             lines = output.decode("utf-8", "replace").strip().splitlines()[-3:]
             why = " / ".join(lines) or f"its QMP socket did not answer within {LAUNCH_TIMEOUT} s"
+            if ids is not None and b"Permission denied" in output:
+                why += (
+                    f" (QEMU runs as user id {ids[0]}, not root: a file named in --qemu-arg must be readable by "
+                    "others, or give --qemu-as-root)"
+                )
             raise HypervisorError(f"QEMU could not be started: {why}")
         if pid is None or start_time is None:
             raise HypervisorError("QEMU answered, then ended at once (see qemu.log)")
         self.state["qemu"] = {"pid": pid, "start_time": start_time, "qmp": str(self.target / "qmp.sock")}
-        return f"QEMU PID {pid}, " + ("in a seccomp sandbox" if sandbox else "not sandboxed (see qemu.log)")
+        who = "" if ids is None else f" as user id {ids[0]}"
+        return f"QEMU PID {pid}{who}, " + ("in a seccomp sandbox" if sandbox else "not sandboxed (see qemu.log)")
 
-    def _start_detached(self, argv: list[str]) -> tuple[int | None, bytes, str]:
+    def _start_detached(self, argv: list[str], fds: tuple[int, ...] = ()) -> tuple[int | None, bytes, str]:
         """Start QEMU as a daemon of its own session (not vmvault's child) and wait until its QMP
         socket answers ("ready"), or it ends ("ended"), or LAUNCH_TIMEOUT passes ("timeout"):
         its PID (None if it was never started), what it printed meanwhile (at most
-        QEMU_LOG_BYTES), and which of the three.
+        QEMU_LOG_BYTES), and which of the three. QEMU inherits the descriptors ``fds``; it
+        runs in DIR.
 
         Not QEMU's ``-daemonize``: its sandbox's ``spawn=deny`` and ``elevateprivileges=deny``
         forbid the fork and setsid that needs (QEMU 7.2 is killed or exits). A short-lived
@@ -410,7 +450,8 @@ class _QemuRunner(_Runner):
                     stderr=write_end,
                     start_new_session=True,
                     close_fds=True,
-                    pass_fds=(pid_write,),
+                    pass_fds=(pid_write, *fds),
+                    cwd=self.target,
                 )
             except OSError as exc:
                 raise HypervisorError(f"QEMU could not be started: {exc}") from exc
@@ -716,6 +757,43 @@ def append_bounded(path: Path, data: bytes, limit: int) -> None:
         os.close(fd)
 
 
+def _open_overlay(path: str, flags: int) -> int:
+    try:
+        return platform.open_nofollow(path, flags | platform.O_CLOEXEC)
+    except OSError as exc:
+        raise HypervisorError(f"cannot open the overlay {path}: {exc.strerror or exc}") from exc
+
+
+def _qemu_ids(target: Path, state: dict[str, Any]) -> tuple[int, int] | None:
+    """The user and group ids QEMU runs under (``qemu_ids`` in the state), or None: as vmvault
+    (a state of an earlier version, ``--qemu-as-root``, vmvault not root, libvirt)."""
+    ids = state.get("qemu_ids")
+    if ids is None:
+        return None
+    # (type, not isinstance: a bool is not an id)
+    if not (isinstance(ids, list) and len(ids) == 2 and all(type(n) is int and n in TRANSIENT_IDS for n in ids)):
+        raise ConfigError(f"{target}: the state's QEMU ids are malformed")
+    return ids[0], ids[1]
+
+
+def _open_exports(target: Path, state: dict[str, Any]) -> None:
+    """For a QEMU under ids of its own (``qemu_ids``): DIR stays root's, and its group may look
+    names up in it (not list, add or remove them) and connect to the exports' sockets; no one
+    else may. Again whenever the export starts (it makes its sockets anew)."""
+    ids = _qemu_ids(target, state)
+    if ids is None:
+        return
+    gid = ids[1]
+    for disk in state["disks"]:
+        path = disk["socket"]  # in DIR (load_state), which no one else can change
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.chown(path, 0, gid, follow_symlinks=False)
+                os.chmod(path, 0o660)
+    os.chown(target, 0, gid)
+    os.chmod(target, 0o710)
+
+
 def _runner(target: Path, state: dict[str, Any]) -> _Runner:
     config = state.get("vm_config") or {}
     if isinstance(config, dict) and config.get("libvirt_uri"):
@@ -811,6 +889,9 @@ def start(
         "disks": disks,
         "vm_config": _vm_config(snap, options),
     }
+    if options.libvirt_uri is None and not options.qemu_as_root and platform.current_uid() == 0:
+        # the VM is untrusted: a guest that takes QEMU over must not hold root's rights
+        state["qemu_ids"] = list(transient_ids())
     save_state(target, state)
     try:
         serve = ServeProcess.start(
@@ -828,6 +909,7 @@ def start(
         raise
     state["serve"] = serve.to_doc()
     save_state(target, state)
+    _open_exports(target, state)
     say(f"serving {len(disks)} disk(s) of snapshot {snap.short_id} from the repository")
     runner = _QemuRunner(target, state, qemu=options.qemu) if options.libvirt_uri is None else _runner(target, state)
     with runner:
@@ -970,6 +1052,7 @@ def resume(
         )
         state["serve"] = serve.to_doc()
         save_state(target, state)
+        _open_exports(target, state)
         say("the NBD export was not running; restarted it")
     with _runner(target, state) as runner:
         if not runner.alive():

@@ -80,6 +80,7 @@ __all__ = [
     "ovmf_code",
     "parse_ppm",
     "png",
+    "run_as_ids",
     "supports_sandbox",
     "transient_ids",
 ]
@@ -496,6 +497,24 @@ def transient_ids() -> tuple[int, int]:
     )
 
 
+def run_as_ids(argv: list[str], ids: tuple[int, int], *, kvm: bool, pdeathsig: bool) -> list[str]:
+    """``argv`` run under the user and group ids ``ids`` (vmvault running as root): no
+    supplementary group but /dev/kvm's when ``kvm``, no capability, no new privileges (util-linux
+    ``setpriv``); with ``pdeathsig``, killed when the thread that started it ends (set after the
+    change of ids, which clears it)."""
+    wrapper = shutil.which("setpriv")
+    if wrapper is None:
+        raise ConfigError("running QEMU under ids of its own needs setpriv (Debian: apt-get install util-linux)")
+    groups = ["--clear-groups"]
+    if kvm:
+        with contextlib.suppress(OSError):
+            groups = ["--groups", str(os.stat("/dev/kvm").st_gid)]
+    options = ["--reuid", str(ids[0]), "--regid", str(ids[1]), *groups, "--inh-caps=-all", "--no-new-privs"]
+    if pdeathsig:
+        options += ["--pdeathsig", "KILL"]
+    return [wrapper, *options, "--", *argv]
+
+
 def supports_sandbox(qemu: str) -> bool:
     """QEMU built with seccomp lists ``-sandbox`` (asked of QEMU itself, without a guest)."""
     try:
@@ -578,22 +597,11 @@ class _Run:
     def _spawn(self, fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
         """QEMU started with the listening sockets ``fds``: as ``run_as`` if given, with the
         parent-death signal, under the file size limit."""
-        wrapper = shutil.which("setpriv")
-        argv = self.command
         if self.run_as is not None:
-            if wrapper is None:
-                raise ConfigError(
-                    "running QEMU under ids of its own needs setpriv (Debian: apt-get install util-linux)"
-                )
-            uid, gid = self.run_as
-            groups = ["--clear-groups"]
-            if self.machine.accel == "kvm":
-                with contextlib.suppress(OSError):
-                    groups = ["--groups", str(os.stat("/dev/kvm").st_gid)]
-            ids = ["--reuid", str(uid), "--regid", str(gid), *groups, "--inh-caps=-all", "--no-new-privs"]
-            argv = [wrapper, *ids, "--pdeathsig", "KILL", "--", *argv]
-        elif wrapper:
-            argv = [wrapper, "--pdeathsig", "KILL", "--", *argv]
+            argv = run_as_ids(self.command, self.run_as, kvm=self.machine.accel == "kvm", pdeathsig=True)
+        else:
+            wrapper = shutil.which("setpriv")
+            argv = [wrapper, "--pdeathsig", "KILL", "--", *self.command] if wrapper else self.command
         limits = shutil.which("prlimit")
         if limits:
             # a hard bound below the polled one: no file QEMU writes (an overlay above all) grows
