@@ -138,6 +138,8 @@ def _confinement(state: dict[str, Any], target: Path) -> tuple[int, int]:
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o710)
     overlays = list(target.glob("disk*.qcow2"))
     assert overlays and all(o.stat().st_uid == 0 and not o.stat().st_mode & 0o022 for o in overlays)
+    for name in ("serve.log", "serve.lease", instant.STATE_FILE):  # nothing else of DIR is open to it
+        assert not (target / name).stat().st_mode & 0o077, name
     for sock in target.glob("nbd-*.sock"):
         assert (sock.stat().st_uid, sock.stat().st_gid, sock.stat().st_mode & 0o777) == (0, gid, 0o660)
     return uid, gid

@@ -31,6 +31,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmvault import platform
 from vmvault.engine.nbd import NbdServer
 from vmvault.engine.reader import DEFAULT_CACHE_BYTES, ChunkCache, DiskReader, find_disk
 from vmvault.errors import ConfigError, VmvaultError
@@ -134,16 +135,22 @@ class ServeProcess:
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith("VMVAULT_PASSWORD")}
         env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
-        with open(log, "ab") as log_file:
+        # this user's alone (in an instant restore's DIR, QEMU's group may look names up), no link followed
+        log_fd = platform.open_nofollow(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | platform.O_CLOEXEC, 0o600)
+        try:
+            with contextlib.suppress(OSError):
+                os.fchmod(log_fd, 0o600)  # one an earlier version made was open to everyone
             proc = subprocess.Popen(
                 [sys.executable, "-m", "vmvault.engine._serve_child"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                stderr=log_file,
+                stderr=log_fd,
                 env=env,
                 start_new_session=True,
                 close_fds=True,
             )
+        finally:
+            os.close(log_fd)
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write(json.dumps(spec).encode() + b"\n")
