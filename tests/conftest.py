@@ -179,6 +179,35 @@ def cpu_time_limit(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGPROF, old)
 
 
+@contextlib.contextmanager
+def descriptors_taken(below: int = 1100) -> Iterator[None]:
+    """Every free descriptor number below ``below`` taken (by copies of /dev/null), so that
+    the descriptors the block opens lie past 1023, where ``select`` fails: a daemon or the web
+    server holding many connections is there."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < below + 64:
+        pytest.skip(f"the hard descriptor limit ({hard}) is below {below + 64}")
+    resource.setrlimit(
+        resource.RLIMIT_NOFILE, (max(soft, below + 64) if soft != resource.RLIM_INFINITY else soft, hard)
+    )
+    taken = []
+    try:
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        taken.append(null)
+        while True:
+            fd = os.dup(null)
+            taken.append(fd)
+            if fd >= below - 1:
+                break
+        yield
+    finally:
+        for fd in taken:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.fixture(autouse=True)
 def _vmvault_logger_restored() -> Any:
     """Commands run in-process configure the ``vmvault`` logger (handlers, level, no

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, cast
 
 import pytest
 
+from tests.conftest import descriptors_taken
 from tests.pagecache import cached_pages, page_cache_droppable
 from vmvault import platform
 from vmvault.automation.locks import StateLock
@@ -761,3 +763,25 @@ def test_ids_named_in_the_user_or_group_database() -> None:
         assert platform.id_named(only_group)  # a group without a user of the same number
     free = next(n for n in range(2_139_999_999, 2_100_000_000, -1) if n not in named)
     assert not platform.id_named(free)
+
+
+def test_a_descriptor_past_1023_is_waited_on() -> None:
+    """``select`` refuses descriptors past 1023 (ValueError); a daemon or the web server holding
+    many connections has them."""
+    with descriptors_taken():
+        r, w = os.pipe()
+        try:
+            assert r > 1023
+            started = time.monotonic()
+            assert not platform.wait_readable(r, 0.05)
+            assert time.monotonic() - started >= 0.04
+            os.write(w, b"x")
+            assert platform.wait_readable(r, 1.0)
+            assert os.read(r, 1) == b"x"
+            os.close(w)
+            w = -1
+            assert platform.wait_readable(r, 1.0) and os.read(r, 1) == b""  # the other end closed
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)

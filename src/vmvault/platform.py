@@ -55,7 +55,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
+import select
 import shutil
 import stat
 import struct
@@ -107,6 +109,7 @@ __all__ = [
     "set_direct",
     "sync_dir",
     "user_id",
+    "wait_readable",
     "windows_name_problem",
 ]
 
@@ -680,6 +683,18 @@ def set_direct(fd: int, on: bool) -> bool:
         return bool(_fcntl.fcntl(fd, _fcntl.F_GETFL) & _O_DIRECT)
     except OSError:
         return False
+
+
+def wait_readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` has bytes to read, or its other end closed, within ``timeout`` seconds.
+    ``poll`` where there is one: ``select`` refuses a descriptor past 1023, which a daemon or
+    the web server holding many connections reaches; Windows has ``select`` alone."""
+    poll = getattr(select, "poll", None)
+    if poll is not None:
+        waiter = poll()
+        waiter.register(fd, select.POLLIN)
+        return bool(waiter.poll(max(0, math.ceil(timeout * 1000))))  # (milliseconds)
+    return bool(select.select([fd], [], [], max(0.0, timeout))[0])
 
 
 def set_blocking(fd: int) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import descriptors_taken
 from tests.fsimages import GuestImages
 from vmvault.browse import _seccomp, disk_volumes, open_volume, probe
 from vmvault.browse import isolated as iso
@@ -55,6 +56,21 @@ def test_the_worker_answers_as_the_library_does_in_process(guest_images: GuestIm
         assert disk.bytes_read > 0
     finally:
         disk.close()
+
+
+def test_the_worker_is_heard_on_descriptors_past_1023(guest_images: GuestImages) -> None:
+    """The web server browses with many connections open: the worker's pipes may lie past
+    1023, where ``select`` fails (ValueError)."""
+    read, size = _reader(guest_images.disk("mbr"))
+    with descriptors_taken():
+        disk = iso.IsolatedDisk(read, size, name="mbr")
+        try:
+            assert disk._rx.fileno() > 1023
+            _, volumes = disk_volumes(read, size, prober=disk.probe)
+            fs = next(fs for _, fs in volumes if fs is not None)
+            assert fs.lookup("/docs/report.txt").size > 0
+        finally:
+            disk.close()
 
 
 def test_a_damaged_chunk_under_the_worker_surfaces_as_itself(guest_images: GuestImages) -> None:

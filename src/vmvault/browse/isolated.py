@@ -25,7 +25,6 @@ import contextlib
 import importlib.util
 import os
 import re
-import select
 import signal
 import stat
 import subprocess
@@ -34,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+from vmvault import platform
 from vmvault.errors import GuestError, GuestPathError
 
 from . import _wire
@@ -136,8 +136,7 @@ class IsolatedDisk:
             out = bytearray()
             while len(out) < n:
                 left = deadline - time.monotonic()
-                ready, _, _ = select.select([stream], [], [], max(0.0, left))
-                if not ready:
+                if not platform.wait_readable(stream.fileno(), left):
                     raise TimeoutError
                 part = stream.read(min(n - len(out), 1 << 20))
                 if not part:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import ssl
 import subprocess
@@ -161,7 +160,7 @@ class ServeProcess:
         deadline = time.monotonic() + READY_TIMEOUT
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            if left <= 0 or not platform.wait_readable(proc.stdout.fileno(), left):
                 break
             part = os.read(proc.stdout.fileno(), 4096)
             if not part:

@@ -38,7 +38,6 @@ import json
 import os
 import re
 import secrets
-import select
 import shutil
 import signal
 import socket
@@ -463,11 +462,9 @@ class _QemuRunner(_Runner):
             pid = int(reported) if reported.isdigit() else None
             output = bytearray()
             ended = False
-            waiter = select.poll()  # (not select(): a daemon may hold descriptors past 1024)
-            waiter.register(read_end, select.POLLIN)
             deadline = time.monotonic() + LAUNCH_TIMEOUT
             while time.monotonic() < deadline:
-                if not ended and waiter.poll(100):
+                if not ended and platform.wait_readable(read_end, 0.1):
                     part = os.read(read_end, 65536)
                     ended = not part
                     output += part[: max(0, QEMU_LOG_BYTES - len(output))]
