@@ -5,6 +5,7 @@ packages in scripts/test.sh)."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import errno
 import os
 import subprocess
@@ -785,3 +786,69 @@ def test_a_descriptor_past_1023_is_waited_on() -> None:
             os.close(r)
             if w >= 0:
                 os.close(w)
+
+
+def test_transient_ids_are_named_nowhere_and_held_by_no_process() -> None:
+    ids = platform.transient_ids()
+    assert ids is not None
+    uid, gid = ids
+    assert uid == gid and uid in platform.TRANSIENT_IDS
+    assert not platform.id_named(uid)
+    held = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                held.add(os.stat(f"/proc/{entry}").st_uid)
+    assert uid not in held
+
+
+def test_ids_named_in_the_user_database_or_held_by_a_process_are_never_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform, "TRANSIENT_IDS", range(0, 1))  # root: in /etc/passwd
+    assert platform.transient_ids() is None
+    if os.geteuid() != 0:
+        return
+    unnamed = 2_100_000_007
+    assert not platform.id_named(unnamed)
+    holder = subprocess.Popen(
+        ["setpriv", "--reuid", str(unnamed), "--regid", str(unnamed), "--clear-groups", "sleep", "30"]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while os.stat(f"/proc/{holder.pid}").st_uid != unnamed:  # (setpriv changes ids, then runs sleep)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        monkeypatch.setattr(platform, "TRANSIENT_IDS", range(unnamed, unnamed + 1))
+        assert platform.transient_ids() is None  # a running process holds it
+    finally:
+        holder.kill()
+        holder.wait()
+    assert platform.transient_ids() == (unnamed, unnamed)
+
+
+def test_subordinate_id_ranges_are_left_to_user_namespaces(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A container runtime's mappings (/etc/subuid, /etc/subgid) cover most of the range: only
+    the ids outside both are given."""
+    start = 2_100_000_000
+    monkeypatch.setattr(platform, "TRANSIENT_IDS", range(start, start + 64))
+    (tmp_path / "subuid").write_text(f"lxd:{start}:40\nbroken line\n")
+    (tmp_path / "subgid").write_text(f"lxd:{start + 48}:16\n")
+    monkeypatch.setattr(platform, "_SUBORDINATE_IDS", (str(tmp_path / "subuid"), str(tmp_path / "subgid")))
+    given = set()
+    for _ in range(200):
+        ids = platform.transient_ids()
+        assert ids is not None
+        given.add(ids[0])
+    assert given <= set(range(start + 40, start + 48)) and len(given) > 1
+
+
+def test_no_ids_where_the_user_namespace_maps_none_of_the_range(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A rootless container's namespace maps a few thousand ids (here 0-65535): the process
+    could not take any id of the range, so none is given."""
+    maps = tmp_path / "uid_map"
+    maps.write_text("         0     100000      65536\n")
+    monkeypatch.setattr(platform, "_ID_MAPS", (str(maps), str(maps)))
+    assert platform.transient_ids() is None
+    maps.write_text("         0     100000      65536\n2100000000 200000 40000000\n")
+    assert platform.transient_ids() is not None

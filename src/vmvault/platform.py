@@ -57,6 +57,7 @@ import contextlib
 import errno
 import math
 import os
+import secrets
 import select
 import shutil
 import stat
@@ -79,6 +80,7 @@ __all__ = [
     "O_NOCTTY",
     "O_NOFOLLOW",
     "O_NONBLOCK",
+    "TRANSIENT_IDS",
     "WINDOWS",
     "WRITE_SLICE",
     "allocated_bytes",
@@ -108,6 +110,7 @@ __all__ = [
     "set_blocking",
     "set_direct",
     "sync_dir",
+    "transient_ids",
     "user_id",
     "wait_readable",
     "windows_name_problem",
@@ -643,6 +646,68 @@ def id_named(number: int) -> bool:
         except KeyError:
             pass
     return False
+
+
+#: the user and group ids a process vmvault starts as root may be given to run under instead
+#: (:func:`transient_ids`): above the ranges Debian, systemd's dynamic users and the usual
+#: container mappings use, below 2**31 (which some tools take for negative)
+TRANSIENT_IDS = range(2_100_000_000, 2_140_000_000)
+#: the ranges of user and group ids given to user namespaces (shadow's subordinate ids)
+_SUBORDINATE_IDS = ("/etc/subuid", "/etc/subgid")
+#: the ids this process's user namespace maps (Linux; a container's may map only a few)
+_ID_MAPS = ("/proc/self/uid_map", "/proc/self/gid_map")
+
+
+def _mapped(n: int) -> bool:
+    """Whether ``n`` is a user and a group id this user namespace maps (True where there are
+    no maps to read)."""
+    for table in _ID_MAPS:
+        try:
+            with open(table, encoding="ascii", errors="replace") as f:
+                fields = [line.split() for line in f]
+        except OSError:
+            continue
+        usable = [x for x in fields if len(x) == 3 and all(map(str.isdigit, x))]
+        if not any(int(x[0]) <= n < int(x[0]) + int(x[2]) for x in usable):
+            return False
+    return True
+
+
+def _ids_in_use() -> tuple[set[int], list[range]]:
+    """The user and group ids of running processes, and the ranges of /etc/subuid and
+    /etc/subgid (ids that user namespaces' processes take), as far as they can be read."""
+    held: set[int] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{entry}")
+                    held.update((st.st_uid, st.st_gid))
+    ranges = []
+    for table in _SUBORDINATE_IDS:
+        with contextlib.suppress(OSError), open(table, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                    ranges.append(range(int(parts[1]), int(parts[1]) + int(parts[2])))
+    return held, ranges
+
+
+def transient_ids() -> tuple[int, int] | None:
+    """A user id and an equal group id for one process that should hold no right of vmvault's
+    (QEMU, the filesystem worker), drawn at random from :data:`TRANSIENT_IDS`: named in no user
+    or group database, held by no running process, in no subordinate id range. None if none was
+    found in 256 draws, or this user namespace (a container's) does not map the range. No file
+    belongs to them, and two processes at once draw different ones (but for a chance of one in
+    tens of millions)."""
+    if not _mapped(TRANSIENT_IDS.start) or not _mapped(TRANSIENT_IDS.stop - 1):
+        return None  # a container's user namespace that maps no id of the range
+    held, ranges = _ids_in_use()
+    for _ in range(256):
+        n = TRANSIENT_IDS.start + secrets.randbelow(len(TRANSIENT_IDS))
+        if n not in held and not any(n in r for r in ranges) and not id_named(n):
+            return n, n
+    return None
 
 
 def give_owner(path: str, uid: int, gid: int) -> None:

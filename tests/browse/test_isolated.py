@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import descriptors_taken
 from tests.fsimages import GuestImages
+from vmvault import platform
 from vmvault.browse import _seccomp, disk_volumes, open_volume, probe
 from vmvault.browse import isolated as iso
 from vmvault.errors import GuestError, GuestPathError, IntegrityError
@@ -401,6 +402,10 @@ def test_the_worker_gets_only_its_pipes_and_a_small_environment(tmp_path: Path, 
         del os.environ["VMVAULT_PASSWORD"]
     assert fds == [0, 1, 2], fds
     assert status["Seccomp"] == "2", status  # its filter (vmvault.browse._seccomp)
+    if os.geteuid() == 0:  # started as root (from a Python under /root, too), it gave itself ids of its own
+        assert disk.ids is not None and disk.ids[0] in platform.TRANSIENT_IDS
+        assert status["Uid"].split() == [str(disk.ids[0])] * 4 and status["Gid"].split() == [str(disk.ids[1])] * 4
+        assert status["Groups"].strip() == "" and int(status["CapEff"], 16) == 0
     assert not [e for e in environ if e.startswith(b"VMVAULT")]
     assert sorted(e.split(b"=")[0] for e in environ if e) == [b"LC_ALL", b"PATH", b"PYTHONPATH"]
 

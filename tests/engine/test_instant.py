@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from vmvault import platform
 from vmvault.backends.local import LocalBackend
 from vmvault.engine import instant
 from vmvault.engine.backup import backup
@@ -29,7 +30,7 @@ from vmvault.engine.restore import ChunkResolver
 from vmvault.errors import ConfigError, HypervisorError, TargetError
 from vmvault.hypervisors import open_source
 from vmvault.hypervisors.qemu import QmpClient
-from vmvault.hypervisors.qemu_boot import TRANSIENT_IDS, transient_ids
+from vmvault.platform import TRANSIENT_IDS
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import Snapshot
@@ -551,7 +552,9 @@ def test_qemu_under_ids_of_its_own_cannot_open_roots_files(tmp_path: Path) -> No
         image.write_bytes(bytes(1 << 20))
         image.chmod(0o600)
         runner = _bare_runner(tmp_path / "vm", ["-drive", f"file={image},format=raw,if=virtio,readonly=on"])
-        runner.state["qemu_ids"] = list(transient_ids())
+        ids = platform.transient_ids()
+        assert ids is not None
+        runner.state["qemu_ids"] = list(ids)
         with pytest.raises(HypervisorError, match=r"Permission denied.*not root.*--qemu-as-root"):
             runner.launch()
         image.chmod(0o644)
@@ -576,3 +579,19 @@ def test_qemu_as_root_when_asked(setup: Setup) -> None:
     state = setup.start(qemu_as_root=True)
     assert "qemu_ids" not in state
     assert _proc_status(int(state["qemu"]["pid"]))["Uid"].split() == ["0"] * 4  # type: ignore[index]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="vmvault as root")
+def test_in_a_namespace_that_maps_no_unused_id_qemu_keeps_root_and_says_so(
+    setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rootless container maps a few thousand ids: none of the transient range exists there."""
+    mapping = tmp_path / "map"
+    mapping.write_text("         0     100000      65536\n")
+    monkeypatch.setattr(platform, "_ID_MAPS", (str(mapping), str(mapping)))
+    said: list[str] = []
+    options = instant.InstantOptions(**OPTIONS)  # type: ignore[arg-type]
+    state = instant.start(str(setup.repo_dir), PASS, setup.snap, setup.target, options, on_event=said.append)
+    assert "qemu_ids" not in state
+    assert any("QEMU runs as root: this user namespace maps no unused id" in line for line in said), said
+    assert _proc_status(int(state["qemu"]["pid"]))["Uid"].split() == ["0"] * 4

@@ -24,7 +24,8 @@ from vmvault.backends.local import LocalBackend
 from vmvault.engine.backup import backup
 from vmvault.engine.verify_boot import VerifyBootOptions, verify_boot
 from vmvault.hypervisors.files import FilesSource
-from vmvault.hypervisors.qemu_boot import TRANSIENT_IDS, ovmf_code
+from vmvault.hypervisors.qemu_boot import ovmf_code
+from vmvault.platform import TRANSIENT_IDS
 from vmvault.repo.format import ChunkResolver
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository

@@ -1,6 +1,6 @@
-"""QEMU under ids of its own (``qemu_boot.boot_check``'s ``run_as``): the ids are unused ones,
-QEMU holds them with no group or capability, and a file only root may read stays closed to it
-while the same file, once readable by others, is booted."""
+"""QEMU under ids of its own (``qemu_boot.boot_check``'s ``run_as``): QEMU holds them with no
+group or capability, and a file only root may read stays closed to it while the same file,
+once readable by others, is booted. (How the ids are drawn: tests/test_platform.py.)"""
 
 from __future__ import annotations
 
@@ -12,47 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from vmvault import platform
 from vmvault.errors import HypervisorError
-from vmvault.hypervisors import qemu_boot
-from vmvault.hypervisors.qemu_boot import (
-    TRANSIENT_IDS,
-    BootDisk,
-    BootMachine,
-    Heartbeats,
-    boot_check,
-    transient_ids,
-)
-
-
-def test_transient_ids_are_named_nowhere_and_held_by_no_process() -> None:
-    uid, gid = transient_ids()
-    assert uid == gid and uid in TRANSIENT_IDS
-    held = {os.stat(f"/proc/{p}").st_uid for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}")}
-    assert uid not in held
-
-
-def test_ids_named_in_the_user_database_or_held_by_a_process_are_never_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(qemu_boot, "TRANSIENT_IDS", range(0, 1))  # root: in /etc/passwd, and running
-    with pytest.raises(HypervisorError, match="no unused user id between 0 and 0"):
-        transient_ids()
-    me = os.getpid()
-    monkeypatch.setattr(
-        qemu_boot, "TRANSIENT_IDS", range(os.stat(f"/proc/{me}").st_uid, os.stat(f"/proc/{me}").st_uid + 1)
-    )
-    with pytest.raises(HypervisorError, match="no unused user id"):
-        transient_ids()
-
-
-def test_subordinate_id_ranges_are_left_to_user_namespaces(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A container runtime's mappings (/etc/subuid, /etc/subgid) cover most of the range: only
-    the ids outside both are given."""
-    start = 2_100_000_000
-    monkeypatch.setattr(qemu_boot, "TRANSIENT_IDS", range(start, start + 64))
-    (tmp_path / "subuid").write_text(f"lxd:{start}:40\nbroken line\n")
-    (tmp_path / "subgid").write_text(f"lxd:{start + 48}:16\n")
-    monkeypatch.setattr(qemu_boot, "_SUBORDINATE_IDS", (str(tmp_path / "subuid"), str(tmp_path / "subgid")))
-    given = {transient_ids()[0] for _ in range(200)}
-    assert given <= set(range(start + 40, start + 48)) and len(given) > 1
+from vmvault.hypervisors.qemu_boot import BootDisk, BootMachine, Heartbeats, boot_check
 
 
 @pytest.fixture
@@ -78,7 +40,8 @@ def test_qemu_under_ids_of_its_own_cannot_read_roots_files(open_folder: Path, tm
         f.truncate(1 << 20)
     disk = BootDisk(name="blank", base={"driver": "file", "filename": str(image)}, size=1 << 20)
     machine = BootMachine(disks=(disk,), memory=128 << 20, machine="pc", max_writes=64 << 20)
-    ids = transient_ids()
+    ids = platform.transient_ids()
+    assert ids is not None
     seen: dict[str, str] = {}
 
     def started(pid: int) -> None:

@@ -1,10 +1,10 @@
 """The filesystem worker: runs the filesystem library on one disk's bytes, in its own process.
 
 Started by :mod:`vmvault.browse.isolated` as ``python -m vmvault.browse._worker`` with no
-repository, no key and no file descriptors but its pipes (and, when started as root, as the
-``nobody`` user where it can); before it reads anything it limits itself (no file may be
-written, a bounded address space, no core dump, no network, no privileges gained by exec,
-and a seccomp filter that refuses opening files, changing the file system, starting
+repository, no key and no file descriptors but its pipes; before it reads anything it limits
+itself (no file may be written, a bounded address space, no core dump, no network, no
+privileges gained by exec, started as root the transient ids ``--ids=UID:GID`` instead of
+root's, and a seccomp filter that refuses opening files, changing the file system, starting
 programs, sockets and reaching other processes: :mod:`vmvault.browse._seccomp`).
 Every byte of the disk it reads is asked of the parent over stdout and answered on stdin; its
 answers are checked by the parent like any other untrusted data. If the library crashes or
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import resource
 import sys
 from collections.abc import Iterator
@@ -161,8 +162,10 @@ def _leave_the_network(libc: ctypes.CDLL) -> bool:
     return any(libc.unshare(flags) == 0 for flags in (_CLONE_NEWUSER | _CLONE_NEWNET, _CLONE_NEWNET))
 
 
-def confine() -> None:
-    """Limits the worker puts on itself before it parses anything a guest wrote."""
+def confine(ids: tuple[int, int] | None = None) -> None:
+    """Limits the worker puts on itself before it parses anything a guest wrote. ``ids``: the
+    user and group ids it takes instead of root's (started as root), once everything it runs is
+    loaded (a Python installed under /root is not readable by them)."""
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # it never writes a file
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -172,15 +175,33 @@ def confine() -> None:
     except OSError:  # pragma: no cover - a system without a C library to ask
         return
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no set-user-ID program can give it more rights
-    _leave_the_network(libc)
-    # everything it will run is loaded now: the filter refuses every open from here on
+    # everything it will run is loaded now: from here on it reads no file (its ids, then the filter)
     with contextlib.suppress(VmvaultError):
         library()  # (a broken install is reported by the first probe, as before)
+    if ids is None:
+        _leave_the_network(libc)
+    else:
+        # as root it may leave the network alone (in a user namespace it could not change its ids)
+        libc.unshare(_CLONE_NEWNET)
+        try:
+            os.setgroups([])
+            os.setresgid(ids[1], ids[1], ids[1])
+            os.setresuid(ids[0], ids[0], ids[0])
+        except OSError:  # a root without the right to change ids (a container's): as before, root's
+            _leave_the_network(libc)
     _seccomp.install()
 
 
+def _ids(argv: list[str]) -> tuple[int, int] | None:
+    for arg in argv:
+        if arg.startswith("--ids="):
+            uid, _, gid = arg[len("--ids=") :].partition(":")
+            return int(uid), int(gid)
+    return None
+
+
 def main() -> None:
-    confine()
+    confine(_ids(sys.argv[1:]))
     rx, tx = _wire.binary_stdio()
     sys.stdout = sys.stderr  # nothing but the wire may reach the parent's pipe
     Worker(rx, tx).serve()

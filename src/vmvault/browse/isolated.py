@@ -1,19 +1,19 @@
 """The filesystem library in a separate, confined process.
 
 The Sleuth Kit parses what a guest wrote, and a crafted filesystem may crash it, hang it, or
-worse. So vmvault runs it in a worker process (:mod:`vmvault.browse._worker`) that holds
-nothing worth taking: no repository, no key, no descriptors but two pipes, an environment of
-three variables, no right to create files (``RLIMIT_FSIZE`` 0), a bounded address space, no
-network (a network namespace of its own, where the system allows one), a seccomp filter that
-refuses opening files, changing the file system, programs, sockets and other processes
-(:mod:`vmvault.browse._seccomp`), and,
-when vmvault runs as root and the Python installation is readable by others, the ``nobody``
-user. The worker asks this process for every byte of the disk it reads; what it
-answers (names, sizes, paths, file contents) is checked here before use. A worker that dies,
-answers garbage, stays silent for :data:`TIMEOUT` seconds (or stops inside a message) or asks
-for more than :data:`READ_BUDGET` bytes of the disk for one request (a loop that keeps reading
-is never silent) is killed, and the operation fails with a ``GuestError`` naming the volume;
-nothing is retried with the same input.
+worse. So vmvault runs it in a worker process (:mod:`vmvault.browse._worker`) that holds nothing
+worth taking: no repository, no key, no descriptors but two pipes, an environment of three
+variables, no right to create files (``RLIMIT_FSIZE`` 0), a bounded address space, no network (a
+network namespace of its own, where the system allows one), a seccomp filter that refuses
+opening files, changing the file system, programs, sockets and other processes
+(:mod:`vmvault.browse._seccomp`), and, when vmvault runs as root, not root's user: once it has
+loaded what it runs it gives itself transient ids of its own
+(:func:`vmvault.platform.transient_ids`), with no group or capability. The worker asks this
+process for every byte of the disk it reads; what it answers (names, sizes, paths, file
+contents) is checked here before use. A worker that dies, answers garbage, stays silent for
+:data:`TIMEOUT` seconds (or stops inside a message) or asks for more than :data:`READ_BUDGET`
+bytes of the disk for one request (a loop that keeps reading is never silent) is killed, and the
+operation fails with a ``GuestError`` naming the volume; nothing is retried with the same input.
 
 :class:`IsolatedDisk` is one worker for one disk; its volumes are :class:`RemoteFilesystem`
 objects with the methods of :class:`~vmvault.browse.filesystems.Filesystem`.
@@ -22,11 +22,9 @@ objects with the methods of :class:`~vmvault.browse.filesystems.Filesystem`.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -55,33 +53,6 @@ _TYPES = ("file", "dir", "symlink", "other")
 _MAX_PATH = 64 * 1024
 
 
-def _readable_by_others(path: str) -> bool:
-    """Can the ``nobody`` user reach and read ``path`` (every folder on the way searchable)?"""
-    path = os.path.realpath(path)
-    try:
-        if not os.stat(path).st_mode & stat.S_IROTH:
-            return False
-        head = os.path.dirname(path)
-        while head and head != os.path.dirname(head):
-            if not os.stat(head).st_mode & stat.S_IXOTH:
-                return False
-            head = os.path.dirname(head)
-    except OSError:
-        return False
-    return True
-
-
-def _drop_to_nobody(src: str) -> bool:
-    """Run the worker as ``nobody`` when vmvault runs as root and the interpreter, vmvault and
-    the library can be read by others (a Python installed under /root cannot)."""
-    if os.geteuid() != 0:
-        return False
-    spec = importlib.util.find_spec("pytsk3")
-    library = spec.origin if spec is not None and spec.origin else ""
-    paths = (sys.executable, os.path.join(src, "vmvault", "browse", "_worker.py"), library)
-    return all(p and _readable_by_others(p) for p in paths)
-
-
 class IsolatedDisk:
     """One worker process reading one disk through ``read``."""
 
@@ -95,20 +66,18 @@ class IsolatedDisk:
         # the worker runs this very vmvault (not another copy on the path) and nothing else
         src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": src, "LC_ALL": "C.UTF-8"}
-        nobody: dict[str, Any] = {}
-        if _drop_to_nobody(src):
-            nobody = {"user": 65534, "group": 65534, "extra_groups": []}
-        #: whether the worker runs as ``nobody``
-        self.unprivileged = bool(nobody) or os.geteuid() != 0
+        #: the user and group ids the worker gives itself once it has loaded what it runs (vmvault
+        #: running as root); None: it keeps vmvault's
+        self.ids = platform.transient_ids() if platform.current_uid() == 0 else None
+        argv = list(command) + ([f"--ids={self.ids[0]}:{self.ids[1]}"] if self.ids is not None else [])
         self._proc = subprocess.Popen(
-            list(command),
+            argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             close_fds=True,
             cwd="/",
             env=env,
-            **nobody,
         )
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._tx: IO[bytes] = self._proc.stdin

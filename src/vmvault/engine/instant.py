@@ -57,7 +57,7 @@ from vmvault.engine.nbd import nbd_uri
 from vmvault.errors import ConfigError, HypervisorError, TargetError, VmvaultError
 from vmvault.hypervisors.libvirt import connect, error_message, import_libvirt
 from vmvault.hypervisors.qemu import QmpClient, QmpError
-from vmvault.hypervisors.qemu_boot import SANDBOX, TRANSIENT_IDS, run_as_ids, supports_sandbox, transient_ids
+from vmvault.hypervisors.qemu_boot import SANDBOX, run_as_ids, supports_sandbox
 from vmvault.repo.snapshot import Snapshot
 
 __all__ = [
@@ -333,7 +333,7 @@ class _QemuRunner(_Runner):
         return isinstance(pid, int) and isinstance(start, int) and process_start_time(pid) == start
 
     def ids(self) -> tuple[int, int] | None:
-        return _qemu_ids(self.target, self.state)
+        return _recorded_ids(self.target, self.state)
 
     def argv(self, qmp: int, overlays: list[tuple[int, int]]) -> list[str]:
         """QEMU's command line. It serves QMP on the listening socket ``qmp`` and reads and
@@ -761,14 +761,16 @@ def _open_overlay(path: str, flags: int) -> int:
         raise HypervisorError(f"cannot open the overlay {path}: {exc.strerror or exc}") from exc
 
 
-def _qemu_ids(target: Path, state: dict[str, Any]) -> tuple[int, int] | None:
+def _recorded_ids(target: Path, state: dict[str, Any]) -> tuple[int, int] | None:
     """The user and group ids QEMU runs under (``qemu_ids`` in the state), or None: as vmvault
     (a state of an earlier version, ``--qemu-as-root``, vmvault not root, libvirt)."""
     ids = state.get("qemu_ids")
     if ids is None:
         return None
     # (type, not isinstance: a bool is not an id)
-    if not (isinstance(ids, list) and len(ids) == 2 and all(type(n) is int and n in TRANSIENT_IDS for n in ids)):
+    if not (
+        isinstance(ids, list) and len(ids) == 2 and all(type(n) is int and n in platform.TRANSIENT_IDS for n in ids)
+    ):
         raise ConfigError(f"{target}: the state's QEMU ids are malformed")
     return ids[0], ids[1]
 
@@ -777,7 +779,7 @@ def _open_exports(target: Path, state: dict[str, Any]) -> None:
     """For a QEMU under ids of its own (``qemu_ids``): DIR stays root's, and its group may look
     names up in it (not list, add or remove them) and connect to the exports' sockets; no one
     else may. Again whenever the export starts (it makes its sockets anew)."""
-    ids = _qemu_ids(target, state)
+    ids = _recorded_ids(target, state)
     if ids is None:
         return
     gid = ids[1]
@@ -888,7 +890,11 @@ def start(
     }
     if options.libvirt_uri is None and not options.qemu_as_root and platform.current_uid() == 0:
         # the VM is untrusted: a guest that takes QEMU over must not hold root's rights
-        state["qemu_ids"] = list(transient_ids())
+        ids = platform.transient_ids()
+        if ids is None:
+            say("QEMU runs as root: this user namespace maps no unused id for it (a container's?)")
+        else:
+            state["qemu_ids"] = list(ids)
     save_state(target, state)
     try:
         serve = ServeProcess.start(

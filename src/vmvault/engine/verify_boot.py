@@ -20,6 +20,7 @@ block node to put an overlay on.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -41,7 +42,6 @@ from vmvault.hypervisors.qemu_boot import (
     Heartbeats,
     boot_check,
     kvm_usable,
-    transient_ids,
 )
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import DiskRecord, Snapshot
@@ -63,6 +63,8 @@ __all__ = [
     "verify_boot",
     "write_screenshot",
 ]
+
+log = logging.getLogger(__name__)
 
 #: the heartbeats a verification can wait for
 HEARTBEATS = ("agent", "marker", "screen")
@@ -430,7 +432,9 @@ def verify_boot(
     try:
         os.chmod(folder, 0o700)
         _claim(folder)
-        run_as = transient_ids() if uid == 0 else None
+        run_as = platform.transient_ids() if uid == 0 else None
+        if uid == 0 and run_as is None:
+            log.warning("QEMU runs as root: this user namespace maps no unused id for it (a container's?)")
         outcome = _boot(repo, snap, plan, heartbeats, options, accel, folder, qemu, on_started, run_as)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -18,23 +18,23 @@ panics (its text on the serial console, or the ``pvpanic`` device's ``GUEST_PANI
 event), when the guest powers itself off, when QEMU dies, and when no heartbeat came within
 the timeout, and when the guest writes more to its overlays than ``max_writes`` allows.
 
-Isolation: ``-nodefaults -no-user-config``, no network card (``-nic none``) or a user-mode
-one with ``restrict=on``, ``-sandbox on`` with every optional restriction when QEMU has
-seccomp, no host file but the overlays and the base images (read-only), every socket and the
-overlays in a private folder that is removed afterwards. When vmvault runs as root, QEMU does
-not: it runs under ids of its own (``run_as``; :func:`transient_ids` picks an unused pair for
-each run) without supplementary groups (but /dev/kvm's when it uses KVM) or capabilities, so a
-guest that broke out of QEMU's device emulation holds no right over the host's files, the
-repository or its key. It then reaches only what it is given: its sockets are bound by
-vmvault and handed over as open descriptors, the work folder is root's (open to QEMU's group
-to look up names in, not to list or change), and only the overlays, the variable store and
-the screen dump's file, made beforehand, are QEMU's own. Names in that folder are given to it
-relative to its working folder, so that no folder above needs to be open to it. QEMU runs in its own session
-(a Ctrl-C on the terminal reaches vmvault, which stops it) with the parent-death signal set
-(``setpriv --pdeathsig KILL``, set after the change of ids, which clears it), so it dies
-with the thread that started it even when
-vmvault is killed with SIGKILL, and under ``prlimit`` (no file it writes past ``max_writes``
-plus :data:`FILE_SLACK`, no core dump).
+Isolation: ``-nodefaults -no-user-config``, no network card (``-nic none``) or a user-mode one
+with ``restrict=on``, ``-sandbox on`` with every optional restriction when QEMU has seccomp, no
+host file but the overlays and the base images (read-only), every socket and the overlays in a
+private folder that is removed afterwards. When vmvault runs as root, QEMU does not: it runs
+under ids of its own (``run_as``; :func:`vmvault.platform.transient_ids` picks an unused pair
+for each run; in a container's user namespace that maps none, QEMU keeps root's) without
+supplementary groups (but /dev/kvm's when it uses KVM) or capabilities, so a guest that broke
+out of QEMU's device emulation holds no right over the host's files, the repository or its key.
+It then reaches only what it is given: its sockets are bound by vmvault and handed over as open
+descriptors, the work folder is root's (open to QEMU's group to look up names in, not to list or
+change), and only the overlays, the variable store and the screen dump's file, made beforehand,
+are QEMU's own. Names in that folder are given to it relative to its working folder, so that no
+folder above needs to be open to it. QEMU runs in its own session (a Ctrl-C on the terminal
+reaches vmvault, which stops it) with the parent-death signal set (``setpriv --pdeathsig KILL``,
+set after the change of ids, which clears it), so it dies with the thread that started it even
+when vmvault is killed with SIGKILL, and under ``prlimit`` (no file it writes past
+``max_writes`` plus :data:`FILE_SLACK`, no core dump).
 
 The guest is untrusted: what it prints is kept bounded (the last :data:`SERIAL_KEEP`
 bytes are searched and reported), screen dumps are size-checked before they are parsed,
@@ -47,7 +47,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -61,7 +60,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault import platform
 from vmvault.errors import ConfigError, HypervisorError
 from vmvault.hypervisors._qmp import GuestAgentClient, QmpClient
 
@@ -82,7 +80,6 @@ __all__ = [
     "png",
     "run_as_ids",
     "supports_sandbox",
-    "transient_ids",
 ]
 
 #: the virtio-serial port name qemu-ga listens on
@@ -101,12 +98,6 @@ FILE_SLACK = 64 << 20
 #: QEMU's seccomp filter with every optional restriction: no obsolete system calls, no change
 #: of user or session, no new process or program, no change of priorities or CPU affinity
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-#: the user and group ids QEMU may be given when vmvault runs as root (:func:`transient_ids`):
-#: above the ranges Debian, systemd's dynamic users and the usual container mappings use, below
-#: 2**31 (which some tools take for negative)
-TRANSIENT_IDS = range(2_100_000_000, 2_140_000_000)
-#: the ranges of user and group ids given to user namespaces (shadow's subordinate ids)
-_SUBORDINATE_IDS = ("/etc/subuid", "/etc/subgid")
 #: the sockets QEMU serves, bound by vmvault in the work folder
 _SOCKETS = ("qmp", "serial", "firmware", "agent")
 #: the screen dump's file in the work folder
@@ -460,41 +451,6 @@ def _give(work: str, run_as: tuple[int, int]) -> None:
             os.chown(os.path.join(work, name), uid, gid, follow_symlinks=False)
     os.chown(work, 0, gid)
     os.chmod(work, 0o710)
-
-
-def _ids_in_use() -> tuple[set[int], list[range]]:
-    """The user and group ids of running processes, and the ranges of /etc/subuid and
-    /etc/subgid (ids that user namespaces' processes take), as far as they can be read."""
-    held: set[int] = set()
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    st = os.stat(f"/proc/{entry}")
-                    held.update((st.st_uid, st.st_gid))
-    ranges = []
-    for table in _SUBORDINATE_IDS:
-        with contextlib.suppress(OSError), open(table, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.strip().split(":")
-                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                    ranges.append(range(int(parts[1]), int(parts[1]) + int(parts[2])))
-    return held, ranges
-
-
-def transient_ids() -> tuple[int, int]:
-    """A user id and an equal group id for one QEMU, drawn at random from
-    :data:`TRANSIENT_IDS`: named in no user or group database, held by no running process, in
-    no subordinate id range. No file outside the run's work folder belongs to them, and two
-    verifications at once draw different ones (but for a chance of one in tens of millions)."""
-    held, ranges = _ids_in_use()
-    for _ in range(256):
-        n = TRANSIENT_IDS.start + secrets.randbelow(len(TRANSIENT_IDS))
-        if n not in held and not any(n in r for r in ranges) and not platform.id_named(n):
-            return n, n
-    raise HypervisorError(
-        f"no unused user id between {TRANSIENT_IDS.start} and {TRANSIENT_IDS.stop - 1} for QEMU to run as"
-    )
 
 
 def run_as_ids(argv: list[str], ids: tuple[int, int], *, kvm: bool, pdeathsig: bool) -> list[str]:
