@@ -24,6 +24,7 @@ from vmvault.disk import create_image
 from vmvault.disk.vhdx import create_vhdx
 from vmvault.engine.backup import BackupResult, backup
 from vmvault.errors import ConfigError, ParentError, SourceError
+from vmvault.hypervisors import files as files_module
 from vmvault.hypervisors import open_source
 from vmvault.hypervisors.base import DEFAULT_OPTIONS, BackupOptions, BackupSession, PreviousBackup, Source
 from vmvault.hypervisors.files import FilesSource
@@ -366,6 +367,40 @@ def test_an_img_disk_recorded_raw_stays_raw_when_the_guest_writes_a_header(
     result = backup(repo, FilesSource(str(vm)))
     assert next(d for d in result.snapshot.disks if d.name == "other.img").format == "raw"
     assert any("other.img: snapshot" in w and "recorded it as qcow2" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_header_the_guest_writes_after_the_probe_does_not_change_the_format(
+    repo: Repository, tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, first: bool
+) -> None:
+    """The folder scan probes each file's format, then the file is opened again to be read: a
+    guest writing a qcow2 header into its raw ``.img`` in between is read raw, as the probe (at
+    its first backup) or the previous snapshot decided, not as qcow2 with a backing file."""
+    vm, _ = tree
+    disk = vm / "guest.img"
+    original = bytes(4096) + os.urandom(MIB - 4096)
+    disk.write_bytes(original)
+    if not first:
+        before = backup(repo, FilesSource(str(vm))).snapshot
+        assert next(d for d in before.disks if d.name == "guest.img").format == "raw"
+    fake = vm / "fake.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "disk.qcow2", "-F", "qcow2", str(fake), "1M")
+    header = fake.read_bytes()
+    fake.unlink()
+    real = files_module.detect_format_fd
+
+    def probe_then_guest_writes(fd: int, path: str) -> str:
+        found = real(fd, path)
+        if path.endswith("guest.img"):
+            with open(disk, "r+b") as f:
+                f.write(header)
+        return found
+
+    monkeypatch.setattr(files_module, "detect_format_fd", probe_then_guest_writes)
+    result = backup(repo, FilesSource(str(vm)))
+    rec = next(d for d in result.snapshot.disks if d.name == "guest.img")
+    assert rec.format == "raw"  # before: a qcow2 of 1 MiB reading disk.qcow2 beside it
+    assert stored_disk(repo, result.snapshot, "guest.img") == header + original[len(header) :]
 
 
 # ============================================================================ swapped during the backup

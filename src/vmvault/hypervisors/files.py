@@ -26,7 +26,9 @@ Whoever writes the folder is not trusted (``docs/design/repository-format.md`` s
   allowed folder.
 * A guest writes its raw disk's first bytes and can make them look like another format: a
   disk named ``.raw`` is read raw whatever they say; one of another name (``.img``) that the
-  previous snapshot recorded as raw is read raw again, with a warning (``_format_of``).
+  previous snapshot recorded as raw is read raw again, with a warning (``_format_of``). The
+  format decided when the folder is scanned is the one the file is read in: a header the guest
+  writes between that look and the reading changes nothing.
 * Disk parents (backing files, parent locators) must lie inside the VM folder, or inside a
   folder given in ``allow_parent_dirs``; for a single image, inside the image's own folder
   (``vmvault.disk.ParentRule``). Anything else is refused with an error naming the disk and
@@ -249,8 +251,10 @@ class FilesSession(BackupSession):
                 )
             )
 
-    def _format_of(self, rel: str, probed: str) -> str | None:
-        """The format to read disk ``rel`` in, its content said ``probed``; None: the content's.
+    def _format_of(self, rel: str, probed: str) -> str:
+        """The format to read disk ``rel`` in, its content said ``probed``. Always a format
+        named, never "the content's" again: the file is opened once more to be read, and a guest
+        writing its disk meanwhile must not change what it is read as after this was decided.
 
         A guest writes the content of its raw disk and can make it begin like a qcow2 (with a
         backing file naming another VM's disk), a VHD or a VHDX: qemu's format probing issue.
@@ -267,7 +271,7 @@ class FilesSession(BackupSession):
                 "wrote decided that: name raw disks .raw"
             )
         if was is None or was == probed:
-            return None
+            return probed
         snap = self._previous.snapshot_id[:8] if self._previous is not None else "?"
         if was == FALLBACK_FORMAT:
             self.warnings.append(
@@ -277,7 +281,7 @@ class FilesSession(BackupSession):
             )
             return FALLBACK_FORMAT
         self.warnings.append(f"{rel}: snapshot {snap} recorded it as {was}; it now reads as {probed}")
-        return None
+        return probed
 
     # ---------------------------------------------------------------------------- disks
 
