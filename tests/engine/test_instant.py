@@ -167,6 +167,8 @@ def test_guest_writes_during_the_copy_are_kept_and_the_vm_ends_on_local_disks(se
     setup.guest_write(8 << 20, 4096, 0xDD)  # the VM goes on writing to its local disk
     aborted = instant.abort(setup.target)
     assert "local disks are kept" in aborted["message"]
+    st = setup.target.stat()  # QEMU gone, DIR is open to its group no more
+    assert (st.st_gid, st.st_mode & 0o777) == (os.getgid(), 0o700)
     assert setup.local_disk() == bytes(setup.data)
 
 

@@ -1110,6 +1110,9 @@ def abort(target: Path, *, remove_disks: bool = False, timeout: float = 30.0) ->
         serve.stop()
     with contextlib.suppress(FileNotFoundError):
         os.unlink(target / "serve.lease")
+    if _recorded_ids(target, state) is not None:  # QEMU is gone: DIR is this user's alone again
+        os.chown(target, -1, os.getgid())
+        os.chmod(target, 0o700)
     removed = []
     if remove_disks:
         for disk in state["disks"]:
