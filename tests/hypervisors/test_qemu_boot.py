@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from vmvault import platform
-from vmvault.errors import HypervisorError
+from vmvault.errors import ConfigError, HypervisorError
+from vmvault.hypervisors import qemu_boot
 from vmvault.hypervisors.qemu_boot import BootDisk, BootMachine, Heartbeats, boot_check
 
 
@@ -68,3 +69,17 @@ def test_qemu_under_ids_of_its_own_cannot_read_roots_files(open_folder: Path, tm
     # as root (no ids given) the same file is opened
     outcome = boot_check(machine, Heartbeats(agent=False, marker="never"), timeout=120, work_dir=str(tmp_path))
     assert outcome.reason == "no-bootable-disk" and outcome.uid is None
+
+
+def test_a_work_folder_that_cannot_be_given_away_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NFS with root_squash keeps root from giving files to another user: one line, no traceback."""
+    (tmp_path / "overlay0.qcow2").write_bytes(b"")
+
+    def refused(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(qemu_boot.os, "chown", refused)
+    with pytest.raises(ConfigError, match=r"cannot give QEMU's files to the user .*local file system"):
+        qemu_boot._give(str(tmp_path), (2_100_000_001, 2_100_000_001))

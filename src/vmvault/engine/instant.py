@@ -783,14 +783,20 @@ def _open_exports(target: Path, state: dict[str, Any]) -> None:
     if ids is None:
         return
     gid = ids[1]
-    for disk in state["disks"]:
-        path = disk["socket"]  # in DIR (load_state), which no one else can change
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.chown(path, 0, gid, follow_symlinks=False)
-                os.chmod(path, 0o660)
-    os.chown(target, 0, gid)
-    os.chmod(target, 0o710)
+    try:
+        for disk in state["disks"]:
+            path = disk["socket"]  # in DIR (load_state), which no one else can change
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.chown(path, 0, gid, follow_symlinks=False)
+                    os.chmod(path, 0o660)
+        os.chown(target, 0, gid)
+        os.chmod(target, 0o710)
+    except OSError as exc:  # a file system that keeps root from giving files away (NFS's root_squash)
+        raise TargetError(
+            f"{target}: cannot open the exports to QEMU's user ({exc.strerror}); use a folder on a local "
+            "file system, or --qemu-as-root"
+        ) from exc
 
 
 def _runner(target: Path, state: dict[str, Any]) -> _Runner:

@@ -342,12 +342,18 @@ def served_disks(
                 server = stack.enter_context(serve_disk(repo, snap, record.name, socket_path, cache=cache))
                 node = {"driver": "nbd", "server": {"type": "unix", "path": f"../disk{i}.sock"}, "export": ""}
                 served.append(ServedDisk(record.name, node, server))
-                if group is not None:
-                    os.chown(f"disk{i}.sock", 0, group, dir_fd=dir_fd, follow_symlinks=False)
-                    os.chmod(f"disk{i}.sock", 0o660, dir_fd=dir_fd)
             if group is not None:
-                os.fchown(dir_fd, 0, group)
-                os.fchmod(dir_fd, 0o710)
+                try:
+                    for i in range(len(served)):
+                        os.chown(f"disk{i}.sock", 0, group, dir_fd=dir_fd, follow_symlinks=False)
+                        os.chmod(f"disk{i}.sock", 0o660, dir_fd=dir_fd)
+                    os.fchown(dir_fd, 0, group)
+                    os.fchmod(dir_fd, 0o710)
+                except OSError as exc:  # a file system that keeps root from giving files away
+                    raise ConfigError(
+                        f"{folder}: cannot open the exports to QEMU's user ({exc.strerror}); "
+                        "give a --work-dir on a local file system"
+                    ) from exc
             yield served
     finally:
         cache.close()

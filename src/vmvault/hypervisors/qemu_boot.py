@@ -446,11 +446,17 @@ def _give(work: str, run_as: tuple[int, int]) -> None:
     """Open the work folder to QEMU running as ``run_as``: the folder stays root's, its group
     may look names up in it (not list or change it); the files QEMU writes become its own."""
     uid, gid = run_as
-    for name in os.listdir(work):
-        if name.endswith(".qcow2") or name in ("vars.fd", _SCREEN):
-            os.chown(os.path.join(work, name), uid, gid, follow_symlinks=False)
-    os.chown(work, 0, gid)
-    os.chmod(work, 0o710)
+    try:
+        for name in os.listdir(work):
+            if name.endswith(".qcow2") or name in ("vars.fd", _SCREEN):
+                os.chown(os.path.join(work, name), uid, gid, follow_symlinks=False)
+        os.chown(work, 0, gid)
+        os.chmod(work, 0o710)
+    except OSError as exc:  # a file system that keeps root from giving files away (NFS's root_squash)
+        raise ConfigError(
+            f"{work}: cannot give QEMU's files to the user it runs as ({exc.strerror}); "
+            "give a --work-dir on a local file system"
+        ) from exc
 
 
 def run_as_ids(argv: list[str], ids: tuple[int, int], *, kvm: bool, pdeathsig: bool) -> list[str]:
