@@ -41,7 +41,6 @@ import secrets
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ from vmvault.engine.nbd import nbd_uri
 from vmvault.errors import ConfigError, HypervisorError, TargetError, VmvaultError
 from vmvault.hypervisors.libvirt import connect, error_message, import_libvirt
 from vmvault.hypervisors.qemu import QmpClient, QmpError
-from vmvault.hypervisors.qemu_boot import SANDBOX, run_as_ids, supports_sandbox
+from vmvault.hypervisors.qemu_boot import SANDBOX, open_to_qemu, run_as_ids, supports_sandbox
 from vmvault.repo.snapshot import Snapshot
 
 __all__ = [
@@ -782,16 +781,8 @@ def _open_exports(target: Path, state: dict[str, Any]) -> None:
     ids = _recorded_ids(target, state)
     if ids is None:
         return
-    gid = ids[1]
-    try:
-        for disk in state["disks"]:
-            path = disk["socket"]  # in DIR (load_state), which no one else can change
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(path).st_mode):
-                    os.chown(path, 0, gid, follow_symlinks=False)
-                    os.chmod(path, 0o660)
-        os.chown(target, 0, gid)
-        os.chmod(target, 0o710)
+    try:  # (every socket the state names is in DIR: load_state)
+        open_to_qemu(str(target), ids, connect=[os.path.basename(d["socket"]) for d in state["disks"]])
     except OSError as exc:  # a file system that keeps root from giving files away (NFS's root_squash)
         raise TargetError(
             f"{target}: cannot open the exports to QEMU's user ({exc.strerror}); use a folder on a local "

@@ -42,6 +42,7 @@ from vmvault.hypervisors.qemu_boot import (
     Heartbeats,
     boot_check,
     kvm_usable,
+    open_to_qemu,
 )
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import DiskRecord, Snapshot
@@ -315,7 +316,12 @@ class ServedDisk:
 
 @contextlib.contextmanager
 def served_disks(
-    repo: Repository, snap: Snapshot, disks: Sequence[DiskRecord], folder: str, *, group: int | None = None
+    repo: Repository,
+    snap: Snapshot,
+    disks: Sequence[DiskRecord],
+    folder: str,
+    *,
+    run_as: tuple[int, int] | None = None,
 ) -> Iterator[list[ServedDisk]]:
     """Each disk of ``disks`` (the merged view of its chain) as a read-only QEMU block node
     (a ``-blockdev`` protocol node as a dict), for as long as the block runs.
@@ -328,9 +334,9 @@ def served_disks(
     (:func:`~vmvault.hypervisors.qemu_boot.boot_check`), is given them as ``../diskN.sock``.
     This is the one place that decides how a verification VM reaches the repository's data.
 
-    ``group``: the group of a QEMU that runs under ids of its own (vmvault running as root). It
-    may then look names up in ``folder`` (not list or change it) and connect to the sockets;
-    no one else may.
+    ``run_as``: the ids of a QEMU that runs under ids of its own (vmvault running as root). Its
+    group may then look names up in ``folder`` (not list or change it) and connect to the
+    sockets; no one else may (:func:`~vmvault.hypervisors.qemu_boot.open_to_qemu`).
     """
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     cache = ChunkCache(max_bytes=DEFAULT_CACHE_BYTES)
@@ -342,13 +348,9 @@ def served_disks(
                 server = stack.enter_context(serve_disk(repo, snap, record.name, socket_path, cache=cache))
                 node = {"driver": "nbd", "server": {"type": "unix", "path": f"../disk{i}.sock"}, "export": ""}
                 served.append(ServedDisk(record.name, node, server))
-            if group is not None:
+            if run_as is not None:
                 try:
-                    for i in range(len(served)):
-                        os.chown(f"disk{i}.sock", 0, group, dir_fd=dir_fd, follow_symlinks=False)
-                        os.chmod(f"disk{i}.sock", 0o660, dir_fd=dir_fd)
-                    os.fchown(dir_fd, 0, group)
-                    os.fchmod(dir_fd, 0o710)
+                    open_to_qemu(folder, run_as, connect=[f"disk{i}.sock" for i in range(len(served))])
                 except OSError as exc:  # a file system that keeps root from giving files away
                     raise ConfigError(
                         f"{folder}: cannot open the exports to QEMU's user ({exc.strerror}); "
@@ -477,8 +479,7 @@ def _boot(
     on_started: Callable[[int], None] | None,
     run_as: tuple[int, int] | None,
 ) -> BootOutcome:
-    group = None if run_as is None else run_as[1]
-    with served_disks(repo, snap, plan.disks, folder, group=group) as served:
+    with served_disks(repo, snap, plan.disks, folder, run_as=run_as) as served:
         machine = BootMachine(
             disks=tuple(
                 BootDisk(name=d.name, base=disk.node, size=d.size, format="raw", bus=plan.bus)

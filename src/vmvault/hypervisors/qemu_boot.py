@@ -50,6 +50,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -75,6 +76,7 @@ __all__ = [
     "Screen",
     "boot_check",
     "kvm_usable",
+    "open_to_qemu",
     "ovmf_code",
     "parse_ppm",
     "png",
@@ -442,16 +444,29 @@ def _prepare(qemu: str, machine: BootMachine, work: str) -> None:
     os.close(os.open(os.path.join(work, _SCREEN), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
 
 
+def open_to_qemu(folder: str, ids: tuple[int, int], *, give: Sequence[str] = (), connect: Sequence[str] = ()) -> None:
+    """Open ``folder`` (root's, no one else's to change) to a QEMU running as ``ids``: the folder
+    stays root's and QEMU's group may look names up in it (0710: not list, add or remove them);
+    the files named in ``give`` become QEMU's own, the sockets named in ``connect`` its group's
+    (0660). Raises ``OSError`` (a file system that keeps root from giving files away)."""
+    uid, gid = ids
+    for name in give:
+        os.chown(os.path.join(folder, name), uid, gid, follow_symlinks=False)
+    for name in connect:
+        path = os.path.join(folder, name)
+        with contextlib.suppress(FileNotFoundError):  # (an export not serving yet makes it later)
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.chown(path, 0, gid, follow_symlinks=False)
+                os.chmod(path, 0o660)
+    os.chown(folder, 0, gid)
+    os.chmod(folder, 0o710)
+
+
 def _give(work: str, run_as: tuple[int, int]) -> None:
-    """Open the work folder to QEMU running as ``run_as``: the folder stays root's, its group
-    may look names up in it (not list or change it); the files QEMU writes become its own."""
-    uid, gid = run_as
+    """The work folder opened to QEMU running as ``run_as``: what it writes becomes its own."""
     try:
-        for name in os.listdir(work):
-            if name.endswith(".qcow2") or name in ("vars.fd", _SCREEN):
-                os.chown(os.path.join(work, name), uid, gid, follow_symlinks=False)
-        os.chown(work, 0, gid)
-        os.chmod(work, 0o710)
+        own = [n for n in os.listdir(work) if n.endswith(".qcow2") or n in ("vars.fd", _SCREEN)]
+        open_to_qemu(work, run_as, give=own)
     except OSError as exc:  # a file system that keeps root from giving files away (NFS's root_squash)
         raise ConfigError(
             f"{work}: cannot give QEMU's files to the user it runs as ({exc.strerror}); "
