@@ -438,7 +438,8 @@ def test_a_folder_of_another_user_is_refused_for_every_operation(tmp_path: Path)
 @pytest.mark.integration
 def test_a_comma_in_the_target_is_part_of_the_path(tmp_path: Path) -> None:
     """QEMU's option syntax: ``unix:PATH,server=on`` with a comma in PATH would end the path
-    there and start another key."""
+    there and start another key. (DIR's path is in no option now: QEMU is handed descriptors
+    and names relative to DIR; this keeps it so.)"""
     target = tmp_path / "vm,server=off,x=y"
     instant._prepare_target(target)
     state: dict[str, Any] = {

@@ -202,11 +202,6 @@ def load_state(target: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- the VM
 
 
-def _esc(value: str) -> str:
-    """A value inside a QEMU option: a comma is doubled (one would start another key)."""
-    return value.replace(",", ",,")
-
-
 def _serve(state: dict[str, Any]) -> ServeProcess | None:
     doc = state.get("serve")
     return ServeProcess.from_doc(doc) if isinstance(doc, dict) else None
@@ -388,8 +383,11 @@ class _QemuRunner(_Runner):
         _open_exports(self.target, self.state)
         with contextlib.ExitStack() as held:  # vmvault's copies of what QEMU is handed
             qmp = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            qmp.bind(str(self.target / "qmp.sock"))
-            qmp.listen(1)
+            try:
+                qmp.bind(str(self.target / "qmp.sock"))
+                qmp.listen(1)
+            except OSError as exc:
+                raise HypervisorError(f"cannot make QEMU's QMP socket in {self.target}: {exc.strerror}") from exc
             overlays = []
             for disk in self.disks:
                 pair = (_open_overlay(disk["overlay"], os.O_RDWR), _open_overlay(disk["overlay"], os.O_RDONLY))
@@ -1108,8 +1106,9 @@ def abort(target: Path, *, remove_disks: bool = False, timeout: float = 30.0) ->
     with contextlib.suppress(FileNotFoundError):
         os.unlink(target / "serve.lease")
     if _recorded_ids(target, state) is not None:  # QEMU is gone: DIR is this user's alone again
-        os.chown(target, -1, os.getgid())
-        os.chmod(target, 0o700)
+        with contextlib.suppress(OSError):
+            os.chown(target, -1, os.getgid())
+            os.chmod(target, 0o700)
     removed = []
     if remove_disks:
         for disk in state["disks"]:
