@@ -700,14 +700,12 @@ def transient_ids() -> tuple[int, int] | None:
     found in 256 draws, or this user namespace (a container's) does not map the range. No file
     belongs to them, and two processes at once draw different ones (but for a chance of one in
     tens of millions)."""
-    if not _mapped(TRANSIENT_IDS.start) or not _mapped(TRANSIENT_IDS.stop - 1):
-        return None  # a container's user namespace that maps no id of the range
     held, ranges = _ids_in_use()
     for _ in range(256):
         n = TRANSIENT_IDS.start + secrets.randbelow(len(TRANSIENT_IDS))
-        if n not in held and not any(n in r for r in ranges) and not id_named(n):
+        if n not in held and not any(n in r for r in ranges) and not id_named(n) and _mapped(n):
             return n, n
-    return None
+    return None  # (a container's user namespace maps no id of the range, or all were taken)
 
 
 def give_owner(path: str, uid: int, gid: int) -> None:

@@ -123,7 +123,7 @@ class FilesSession(BackupSession):
         self.warnings.append(f"{rel}: not backed up: {why}")
 
     def _scan(self, root: str) -> None:
-        disks: list[tuple[str, str, os.stat_result, str | None]] = []
+        disks: list[tuple[str, str, os.stat_result, str]] = []
         skipped_before = len(self.warnings)
         self._gather(root, disks)
         for path, rel, st, fmt in disks:
@@ -139,7 +139,7 @@ class FilesSession(BackupSession):
                 "is this the VM's folder?"
             )
 
-    def _gather(self, root: str, disks: list[tuple[str, str, os.stat_result, str | None]]) -> None:
+    def _gather(self, root: str, disks: list[tuple[str, str, os.stat_result, str]]) -> None:
         """Every entry of the VM: here, the whole folder."""
         try:
             top = os.stat(root)
@@ -151,7 +151,7 @@ class FilesSession(BackupSession):
         self,
         root: str,
         top: tuple[int, int],
-        disks: list[tuple[str, str, os.stat_result, str | None]],
+        disks: list[tuple[str, str, os.stat_result, str]],
     ) -> None:
         """Every entry below ``root``: a folder's files before its subfolders, names sorted.
 
@@ -224,7 +224,7 @@ class FilesSession(BackupSession):
         return real, st
 
     def _classify(
-        self, path: str, rel: str, st: os.stat_result, disks: list[tuple[str, str, os.stat_result, str | None]]
+        self, path: str, rel: str, st: os.stat_result, disks: list[tuple[str, str, os.stat_result, str]]
     ) -> None:
         disk_name = rel.lower().endswith(_DISK_NAMES)
         try:
@@ -285,7 +285,7 @@ class FilesSession(BackupSession):
 
     # ---------------------------------------------------------------------------- disks
 
-    def _add_disk(self, path: str, rel: str, expect: tuple[int, int] | None, fmt: str | None) -> None:
+    def _add_disk(self, path: str, rel: str, expect: tuple[int, int] | None, fmt: str) -> None:
         try:
             img = open_image(path, format=fmt, rule=self._rule, expect=expect)
         except VmvaultError:
@@ -367,7 +367,7 @@ class HostVmSession(FilesSession):
         self.extra = {"hyperv_host_folder": {"folder": host.root, "configuration": vm.config_path}}
         self.warnings[:0] = vm.warnings
 
-    def _gather(self, root: str, disks: list[tuple[str, str, os.stat_result, str | None]]) -> None:
+    def _gather(self, root: str, disks: list[tuple[str, str, os.stat_result, str]]) -> None:
         for member, rel in self._members:
             found = self._examine(member, rel)
             if found is None:
