@@ -479,6 +479,32 @@ def test_a_disk_swapped_after_the_scan_is_read_as_scanned(repo: Repository, tree
     assert leaked(repo) == []
 
 
+def test_a_single_image_swapped_after_its_probe_is_read_as_probed(
+    repo: Repository, tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image named alone is opened by its name once: whoever writes its folder swapping the
+    name for a link to a host file between the format probe and the read changes nothing (it
+    was opened a second time, following the link, and the host file was stored)."""
+    vm, outside = tree
+    image = vm / "alone.raw"
+    original = os.urandom(MIB)
+    image.write_bytes(original)
+    os.chmod(image, 0o640)
+    real = files_module.detect_format_fd
+
+    def probe_then_swap(fd: int, path: str) -> str:
+        found = real(fd, path)
+        swap_for_link(image, outside / "secret")
+        return found
+
+    monkeypatch.setattr(files_module, "detect_format_fd", probe_then_swap)
+    result = backup(repo, FilesSource(str(image)))
+    assert stored_disk(repo, result.snapshot, "alone.raw") == original
+    assert leaked(repo) == []
+    meta = result.snapshot.disks[0].meta
+    assert (meta["file_size"], meta["mode"]) == (MIB, 0o640)  # the image's, not the host file's
+
+
 def test_checked_opener_reports_a_change_during_the_read(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"a" * 100)

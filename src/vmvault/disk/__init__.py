@@ -117,6 +117,7 @@ def open_image(
     parent: str | None = None,
     rule: ParentRule | None = None,
     expect: tuple[int, int] | None = None,
+    fd: int | None = None,
 ) -> DiskImage:
     """Open ``path`` read-only; a differencing image opens its whole chain.
 
@@ -127,12 +128,15 @@ def open_image(
     folders, ``vmvault disk``) pass ``ParentRule.beside(path, ...)``. Whatever the rule, a
     parent is a regular file of the expected format with a matching identity
     (``docs/design/disk-formats.md`` section 2). ``expect`` = ``(st_dev, st_ino)``: the file
-    must be that one and is opened without following a link (a folder scan saw it).
+    must be that one and is opened without following a link (a folder scan saw it). ``fd``: the
+    image is already open (by ``open_checked``, whose checks it passed) and is not opened by
+    its name again; it is this image's from the call on, closed with it or when opening fails.
     """
     rule = rule or ANYWHERE
     if parent is not None:
         rule = rule.with_folder(os.path.dirname(os.path.realpath(parent)))
-    fd, _st = open_checked(path, nofollow=expect is not None, expect=expect)
+    if fd is None:
+        fd, _st = open_checked(path, nofollow=expect is not None, expect=expect)
     try:
         entry = registry.get(format or detect_format_fd(fd, path), path=path)
         if parent is not None and not entry.can_be_child:

@@ -36,7 +36,8 @@ Whoever writes the folder is not trusted (``docs/design/repository-format.md`` s
 * Every file is opened without following a link in its last component and without blocking,
   and must be the very file the scan saw (device and inode). A file replaced after the scan is
   not stored (a warning says so); one whose size or modification time changed is stored as
-  read, with a warning.
+  read, with a warning. An image backed up alone is opened by its name once (a link there is
+  followed: the user named it) and probed, read and described through that descriptor.
 """
 
 from __future__ import annotations
@@ -104,13 +105,16 @@ class FilesSession(BackupSession):
         self._rule = ParentRule.inside([home, *allow_parent_dirs])
         try:
             if single:
+                # opened by its name once: probed and read through the same descriptor, so
+                # a name replaced meanwhile (by a link elsewhere, say) changes nothing
                 name = os.path.basename(root)
-                fd, _ = open_checked(root, block_devices=True)
+                fd, st = open_checked(root, block_devices=True)
                 try:
-                    probed = detect_format_fd(fd, root)
-                finally:
+                    fmt = self._format_of(name, detect_format_fd(fd, root))
+                except BaseException:
                     os.close(fd)
-                self._add_disk(root, name, None, self._format_of(name, probed))
+                    raise
+                self._add_disk(root, name, st, fmt, fd=fd)
             else:
                 self._scan(root)
         except BaseException:
@@ -127,7 +131,7 @@ class FilesSession(BackupSession):
         skipped_before = len(self.warnings)
         self._gather(root, disks)
         for path, rel, st, fmt in disks:
-            self._add_disk(path, rel, (st.st_dev, st.st_ino), fmt)
+            self._add_disk(path, rel, st, fmt)
         self._link_layers(root)
         skipped = len(self.warnings) - skipped_before
         if not self.disks and not self.files:
@@ -285,18 +289,20 @@ class FilesSession(BackupSession):
 
     # ---------------------------------------------------------------------------- disks
 
-    def _add_disk(self, path: str, rel: str, expect: tuple[int, int] | None, fmt: str) -> None:
+    def _add_disk(self, path: str, rel: str, st: os.stat_result, fmt: str, *, fd: int | None = None) -> None:
+        """Store the image at ``path`` as disk ``rel``: the very file ``st`` describes (the one
+        the scan saw, or the one open as ``fd``, which this takes over); its mode, owner and
+        times are recorded from ``st``, never from another look at the name."""
         try:
-            img = open_image(path, format=fmt, rule=self._rule, expect=expect)
+            if fd is None:
+                img = open_image(path, format=fmt, rule=self._rule, expect=(st.st_dev, st.st_ino))
+            else:
+                img = open_image(path, format=fmt, rule=self._rule, fd=fd)
         except VmvaultError:
             raise
         except OSError as exc:
             raise SourceError(f"{path}: {exc.strerror}") from exc
         self._images.append(img)
-        try:
-            st = os.stat(path)
-        except OSError as exc:
-            raise SourceError(f"{path}: {exc.strerror}") from exc
         self.disks.append(
             SourceDisk(
                 name=rel,
