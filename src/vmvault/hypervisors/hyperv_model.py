@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault.disk import ParentRule, detect_format, open_checked, open_image
+from vmvault.disk import ParentRule, open_checked, open_image
 from vmvault.errors import ConfigError, FormatError, SourceError, VmvaultError
 
 # the configuration layout's public face: read here, written by whoever stands in for a host
@@ -297,11 +297,10 @@ def discover(folder: str, *, renamed: tuple[str, str] | None = None) -> HyperVVm
         rel = os.path.relpath(path, folder).replace(os.sep, "/")
         fsize = os.path.getsize(path)
         try:
-            fmt = detect_format(path)
             with open_image(path) as img:
                 parent = img.parent
                 disks[path] = DiskFile(
-                    path, rel, fmt, os.path.abspath(parent.path) if parent else None, img.size, fsize
+                    path, rel, img.format, os.path.abspath(parent.path) if parent else None, img.size, fsize
                 )
         except VmvaultError as exc:
             warnings.append(f"{rel}: cannot be opened: {exc}")
