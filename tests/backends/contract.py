@@ -453,6 +453,24 @@ class BackendContract:
         assert when is None or before - 2 <= when <= time.time() + 2, (before, when)
         assert b.modified("data/00/never-written") is None
 
+    def test_a_listing_gives_the_write_time_or_nothing(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        before = time.time()
+        b.put("data/00/listed", b"x")
+        (found,) = [o for o in b.list("data/00/") if o.name == "data/00/listed"]
+        assert found.modified is None or before - 2 <= found.modified <= time.time() + 2, (before, found)
+
+    def test_retention_of_a_store_that_locks_nothing(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        b.put("data/00/kept", b"k")
+        # the contract's locations lock nothing: no retention is read, none can be given
+        assert b.retention_of("data/00/kept") is None
+        assert b.retain("data/00/kept", time.time() + 86400) is False
+        b.delete("data/00/kept")
+        assert not b.exists("data/00/kept")
+        with pytest.raises(ObjectNotFoundError):
+            b.retention_of("data/00/never-written")
+
     def test_use_retention_is_enforced_or_changes_nothing(self, store: StoreUnderTest) -> None:
         b = store.backend
         enforced = b.use_retention(1)

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
+from vmvault.errors import ObjectNotFoundError
+
 __all__ = [
     "DEFAULT_READS_AT_ONCE",
     "FAR_READS_AT_ONCE",
@@ -137,6 +139,9 @@ class ObjectInfo:
     #: later second); damage below the storage's interface (bit rot) leaves it as it was.
     #: Not compared: two listings of one object differ only in it when it was rewritten.
     stamp: str = field(default="", compare=False)
+    #: when the object was written (seconds since the epoch), where the listing says so at no
+    #: extra cost (S3's LastModified); None elsewhere (``Backend.modified`` asks)
+    modified: float | None = field(default=None, compare=False)
 
 
 class RequestStats:
@@ -211,6 +216,8 @@ class Backend(ABC):
     * ``use_retention(days)``: ask the storage to enforce the repository's retention from now
       on; False (the default) when it cannot, and then nothing changes;
     * ``modified(name)``: when an object was written, when the storage can say (None: unknown);
+    * ``retention_of(name)``, ``retain(name, until)``: the storage's own retention of one
+      object, read and extended (Object Lock: ``vmvault check`` and ``repair locks``);
     * ``skipped()``: entries a listing met that cannot be objects (file-system backends);
     * ``warm_up()``: open, in the background, the connections a transfer is about to use;
     * ``names_per_read``: what listing a folder costs, against one small read.
@@ -293,6 +300,21 @@ class Backend(ABC):
         Used to tell whether an object is still under the repository's retention period
         (``immutable_days``); unknown counts as still retained."""
         return None
+
+    def retention_of(self, name: str) -> float | None:
+        """When the storage's own retention of ``name`` ends (seconds since the epoch): until
+        then it refuses to delete or overwrite that version of it, whoever asks. None when it
+        keeps none of it (every storage that enforces nothing). ObjectNotFoundError when there
+        is no such object."""
+        if not self.exists(name):
+            raise ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
+        return None
+
+    def retain(self, name: str, until: float) -> bool:
+        """Have the storage keep ``name`` (its current version) until ``until`` (seconds since
+        the epoch) whoever asks to delete it: True when it does from now on (``retention_of``
+        then says at least ``until``), False when this storage cannot, and nothing changed."""
+        return False
 
     def free_space(self) -> int | None:
         """Bytes the storage can still take, None when it does not say (object stores, SFTP

@@ -211,6 +211,9 @@ class S3Backend(Backend):
         #: a page of a listing costs what one small read does
         self.names_per_read = list_page_size
         self.connections = connections
+        #: whether these credentials may read Object Lock retention (``retention_of``); None:
+        #: not asked yet
+        self._retention_readable: bool | None = None
         #: the quickest request so far, in seconds, answer read (``prepare_reads``)
         self._quickest_reply = math.inf
         #: found far away by ``prepare_reads``
@@ -233,15 +236,16 @@ class S3Backend(Backend):
         )
         region_name = region or session.region_name or ("us-east-1" if endpoint_url else None)
         self._client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
-        # the first request goes out once, without botocore's retries: a server that cannot be
-        # reached at all (refused, no route, unknown name) is reported at once, not after a minute
-        probe: Any = session.client(
+        #: a client whose requests go out once, without botocore's retries
+        self._single_attempt: Callable[[], Any] = lambda: session.client(
             "s3",
             endpoint_url=endpoint_url,
             region_name=region_name,
             config=config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1})),
         )
-        self._check_bucket(present=self._probe(probe))
+        # the first request goes out once: a server that cannot be reached at all (refused, no
+        # route, unknown name) is reported at once, not after a minute
+        self._check_bucket(present=self._probe(self._single_attempt()))
         self.enforces_immutability = retention_days is not None
 
     # --- calls and errors --------------------------------------------------------------
@@ -483,14 +487,16 @@ class S3Backend(Backend):
         )
         if head.get("ObjectLockMode") == "COMPLIANCE":
             return
-        lock = self._lock_args(name)
+        self._put_retention(name, key, self._lock_args(name)["ObjectLockRetainUntilDate"], version_args)
+
+    def _put_retention(self, name: str, key: str, until: datetime.datetime, version_args: dict[str, str]) -> None:
         self._call(
             f"set the retention of {name}",
             name,
             lambda: self._client.put_object_retention(
                 Bucket=self.bucket,
                 Key=key,
-                Retention={"Mode": lock["ObjectLockMode"], "RetainUntilDate": lock["ObjectLockRetainUntilDate"]},
+                Retention={"Mode": "COMPLIANCE", "RetainUntilDate": until},
                 **version_args,
             ),
         )
@@ -560,7 +566,15 @@ class S3Backend(Backend):
             )
             for page in pages:
                 for item in page.get("Contents", []):
-                    found.append(ObjectInfo(item["Key"][strip:], int(item["Size"]), str(item.get("ETag", ""))))
+                    written = item.get("LastModified")
+                    found.append(
+                        ObjectInfo(
+                            item["Key"][strip:],
+                            int(item["Size"]),
+                            str(item.get("ETag", "")),
+                            written.timestamp() if isinstance(written, datetime.datetime) else None,
+                        )
+                    )
             return sorted(found, key=lambda o: o.name)
 
         yield from self._call(f"list {prefix or 'everything'}", None, op)
@@ -574,6 +588,54 @@ class S3Backend(Backend):
             return None
         stamp = head.get("LastModified")
         return stamp.timestamp() if isinstance(stamp, datetime.datetime) else None
+
+    def retention_of(self, name: str) -> float | None:
+        """The end of ``name``'s COMPLIANCE retention, from HeadObject's ``ObjectLockMode`` and
+        ``ObjectLockRetainUntilDate``. GOVERNANCE retention counts as none: whoever may bypass
+        it can delete the object, and vmvault never sets it.
+
+        S3 leaves those headers out for a caller without ``s3:GetObjectRetention`` (HeadObject,
+        Amazon S3 API Reference), which would read as "unlocked": the first object that looks
+        unlocked is asked about once more with GetObjectRetention, and a refusal there is a
+        BackendPermissionError saying so (then and for every later object). Any other answer
+        (none found, a retention, a server that cannot answer it) vouches for the headers."""
+        self.requests.count("stat")
+        key = self._key(name)
+        head = self._call(f"look up {name}", name, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        until = head.get("ObjectLockRetainUntilDate")
+        if head.get("ObjectLockMode") == "COMPLIANCE" and isinstance(until, datetime.datetime):
+            return until.timestamp()
+        if self._retention_readable is None:
+            self._retention_readable = self._may_read_retention(key)
+        if not self._retention_readable:
+            raise BackendPermissionError(
+                f"{self.url}: these credentials may not read the objects' Object Lock retention "
+                "(s3:GetObjectRetention), so whether the storage holds them locked cannot be told",
+                name=name,
+            )
+        return None
+
+    def _may_read_retention(self, key: str) -> bool:
+        """Whether GetObjectRetention on ``key`` is allowed: asked once, never retried."""
+        client = self._single_attempt()
+        try:
+            client.get_object_retention(Bucket=self.bucket, Key=key)
+        except botocore.exceptions.ClientError as exc:
+            return not (_code(exc) in _DENIED or _status(exc) == 403)
+        except Exception:  # only a refusal says no: after anything else the headers are taken as read
+            return True
+        finally:
+            client.close()
+        return True
+
+    def retain(self, name: str, until: float) -> bool:
+        """PutObjectRetention (COMPLIANCE) on the current version of ``name``; False, and
+        nothing asked, where the bucket has no Object Lock."""
+        if not self.enforces_immutability:
+            return False
+        when = datetime.datetime.fromtimestamp(math.ceil(until), datetime.UTC)
+        self._put_retention(name, self._key(name), when, {})
+        return True
 
     def delete(self, name: str) -> None:
         self.requests.count("delete")
