@@ -34,14 +34,15 @@ import pytest
 
 from tests.ceph import CephCluster
 from tests.engine.test_network_faults import _finish, _init, _paused_when, _start_backup, _verify
-from tests.repo.test_immutability import CHUNK, KEEP_ONE, PASSWORD, _names, _two_snapshots, _unreferenced_pack
+from tests.repo.test_immutability import CHUNK, KEEP_ONE, PASSWORD, _image, _names, _two_snapshots, _unreferenced_pack
 from vmvault.backends import open_backend
 from vmvault.backends._retry import RetryPolicy
 from vmvault.backends.s3 import S3Backend, open_s3
 from vmvault.engine.backup import backup
 from vmvault.errors import BackendPermissionError, ConfigError, StorageFullError
 from vmvault.hypervisors import open_source
-from vmvault.repo.check import check
+from vmvault.repo.check import UNLOCKED, check
+from vmvault.repo.immutability import lock_objects, unlocked_objects
 from vmvault.repo.prune import forget, prune
 from vmvault.repo.repository import Repository
 
@@ -206,7 +207,22 @@ def test_repository_retention_on_the_gateway(rgw: CephCluster, tmp_path: Path) -
     assert _names(repo.backend, "data/", "index/", "snapshots/") == before
     result = check(repo, read_data=True)
     assert result.ok, [p.to_dict() for p in result.problems]
+    # check looked each object's lock up on the gateway (HeadObject's Object Lock fields)
+    assert result.stats["objects_lock_checked"] >= len(objects)
     assert not list(repo.backend.list("locks/")), "locks must stay deletable"
+    # a backup whose uploads asked for no retention (as to a server that ignores it): check
+    # names what the gateway left unlocked, and repair locks it (PutObjectRetention)
+    backend: Any = repo.backend
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backend, "_lock_args", lambda name: {})
+        patch.setattr(backend, "_ensure_retention", lambda name, key, version: None)
+        backup(repo, open_source(str(_image(tmp_path / "late.img", 9))))
+    unlocked = {p.object for p in check(repo).errors if p.kind == UNLOCKED}
+    assert unlocked and all(_retention(client, "vault", f"repo/{n}")[0] is None for n in unlocked)
+    found, _looked = unlocked_objects(repo)
+    assert lock_objects(repo, found) == len(unlocked)
+    assert check(repo).ok
+    assert all(_retention(client, "vault", f"repo/{n}")[0] == "COMPLIANCE" for n in unlocked)
     repo.close()
 
     key = f"repo/snapshots/{old}"

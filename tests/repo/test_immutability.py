@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import pytest
 
 from tests.servers import S3Server, running_s3, running_sshd, s3_client_environment
@@ -33,8 +34,9 @@ from vmvault.engine.backup import backup
 from vmvault.errors import BackendPermissionError, ImmutableError, PasswordError
 from vmvault.hypervisors import open_source
 from vmvault.repo import keys
-from vmvault.repo.check import check
+from vmvault.repo.check import UNLOCKED, check
 from vmvault.repo.format import BlobType
+from vmvault.repo.immutability import lock_objects, unlocked_objects
 from vmvault.repo.prune import forget, prune
 from vmvault.repo.repository import Repository
 from vmvault.repo.retention import RetentionPolicy
@@ -167,6 +169,163 @@ def test_cli_init_immutable_days(moto: S3Server, tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         doc = json.loads(done.stdout)
         assert doc["immutable_days"] == 7 and doc["retention_enforced"] is enforced
+
+
+# ---- objects the storage should lock and does not -----------------------------------------
+
+
+def _vmvault(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmvault", *args], env=env, capture_output=True, text=True, check=False, timeout=120
+    )
+
+
+@pytest.mark.integration
+def test_objects_the_storage_left_unlocked_are_found_by_check_and_locked_by_repair(
+    moto: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that ignores the lock headers of an upload, or a process killed between a
+    multipart upload's completion and its PutObjectRetention, leaves an object unlocked:
+    anyone with the storage's credentials may delete it, and nothing said so. ``check`` now
+    names each such object; ``repair locks`` gives it the retention it should have had."""
+    url = moto.url("vault", "unlocked")
+    repo = Repository.init(open_backend(url), PASSWORD, chunk_size=CHUNK, immutable_days=2)
+    first = backup(repo, open_source(str(_image(tmp_path / "vm.img", 1)))).snapshot.id
+    locked_before = _names(repo.backend, "data/", "index/", "snapshots/")
+    assert check(repo).ok
+    assert unlocked_objects(repo) == ([], len(locked_before))
+    # the second backup's uploads get no retention, as from a server that ignored it
+    backend: Any = repo.backend
+    monkeypatch.setattr(backend, "_lock_args", lambda name: {})
+    monkeypatch.setattr(backend, "_ensure_retention", lambda name, key, version: None)
+    second = backup(repo, open_source(str(_image(tmp_path / "vm.img", 2)))).snapshot.id
+    monkeypatch.undo()
+    unlocked = _names(repo.backend, "data/", "index/", "snapshots/") - locked_before
+    assert f"snapshots/{second}" in unlocked and any(n.startswith("data/") for n in unlocked)
+
+    report = check(repo)
+    assert not report.ok
+    assert {p.object for p in report.errors} == unlocked
+    assert {p.kind for p in report.problems} == {UNLOCKED}
+    assert all("has no Object Lock retention" in p.message and "repair locks" in p.message for p in report.errors)
+    assert report.damaged_snapshots == [] and set(report.intact_snapshots) == {first, second}
+    # the storage really lets them go: a version of an unlocked object can be deleted
+    client: Any = moto.client()
+    versions = client.list_object_versions(Bucket="vault", Prefix=f"unlocked/snapshots/{second}")["Versions"]
+    assert "ObjectLockMode" not in client.head_object(Bucket="vault", Key=f"unlocked/snapshots/{second}")
+
+    # one of them locked, but too briefly: still named, with the date its lock ends
+    short = sorted(unlocked)[0]
+    assert repo.backend.retain(short, time.time() + 120)
+    found, _ = unlocked_objects(repo)
+    brief = next(o for o in found if o.name == short)
+    assert brief.until is not None and "is locked only until" in brief.describe()
+
+    # objects past the retention period need no lock any more: none is even looked up
+    assert unlocked_objects(repo, now=time.time() + 3 * 86400) == ([], 0)
+
+    assert lock_objects(repo, found) == len(unlocked)
+    assert check(repo).ok
+    for name in unlocked:
+        head = client.head_object(Bucket="vault", Key=f"unlocked/{name}")
+        assert head["ObjectLockMode"] == "COMPLIANCE", name
+        written = head["LastModified"].timestamp()
+        assert head["ObjectLockRetainUntilDate"].timestamp() >= written + 2 * 86400 - 1, name
+    with pytest.raises(client.exceptions.ClientError):
+        client.delete_object(Bucket="vault", Key=f"unlocked/snapshots/{second}", VersionId=versions[0]["VersionId"])
+    repo.close()
+
+
+@pytest.mark.integration
+def test_cli_check_names_unlocked_objects_and_repair_locks_them(
+    moto: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = moto.url("vault", "cli-locks")
+    repo = Repository.init(open_backend(url), PASSWORD, chunk_size=CHUNK, immutable_days=1)
+    backend: Any = repo.backend
+    monkeypatch.setattr(backend, "_lock_args", lambda name: {})
+    monkeypatch.setattr(backend, "_ensure_retention", lambda name, key, version: None)
+    backup(repo, open_source(str(_image(tmp_path / "vm.img", 1))))
+    monkeypatch.undo()
+    unlocked = _names(repo.backend, "data/", "index/", "snapshots/")
+    repo.close()
+    env = {**os.environ, **S3Server.client_env(), "VMVAULT_PASSWORD": PASSWORD.decode(), "VMVAULT_TEST_CHEAP_KDF": "1"}
+
+    done = _vmvault(env, "-r", url, "check")
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.count("error: object-not-locked: ") == len(unlocked)
+    assert "`vmvault repair locks` locks them" in done.stdout and "repair index" not in done.stdout
+
+    done = _vmvault(env, "-r", url, "--json", "repair", "locks", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert {o["name"] for o in doc["unlocked"]} == unlocked and doc["locked"] == 0 and doc["dry_run"]
+    assert _vmvault(env, "-r", url, "check").returncode == 3
+
+    done = _vmvault(env, "-r", url, "repair", "locks")
+    assert done.returncode == 0, done.stderr
+    assert f"{len(unlocked)} objects locked, of {len(unlocked)} looked up" in done.stdout
+    done = _vmvault(env, "-r", url, "check")
+    assert done.returncode == 0, done.stdout
+    assert f"Object Lock retention of {len(unlocked)} objects still inside the retention period" in done.stdout
+
+    # a storage that locks nothing has nothing to repair: said plainly, no traceback
+    local = str(tmp_path / "local")
+    assert _vmvault(env, "-r", local, "init", "--immutable-days", "1").returncode == 0
+    done = _vmvault(env, "-r", local, "repair", "locks")
+    assert done.returncode == 2 and "locks no object" in done.stderr and "Traceback" not in done.stderr
+
+
+class _RefusesRetention:
+    """A client for a caller without ``s3:GetObjectRetention``, as the Amazon S3 API Reference
+    describes it: HeadObject answers without ``ObjectLockMode`` and ``ObjectLockRetainUntilDate``
+    ("only returned if the requester has the s3:GetObjectRetention permission"), and
+    GetObjectRetention is refused with ``AccessDenied``."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def head_object(self, **kwargs: Any) -> Any:
+        answer = dict(self._client.head_object(**kwargs))
+        answer.pop("ObjectLockMode", None)
+        answer.pop("ObjectLockRetainUntilDate", None)
+        return answer
+
+    def get_object_retention(self, **kwargs: Any) -> Any:
+        raise botocore.exceptions.ClientError(
+            {
+                "Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+                "ResponseMetadata": {"HTTPStatusCode": 403},
+            },
+            "GetObjectRetention",
+        )
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+@pytest.mark.integration
+def test_credentials_that_may_not_read_retention_are_a_warning_not_unlocked_objects(
+    moto: S3Server, tmp_path: Path
+) -> None:
+    """Without ``s3:GetObjectRetention`` every object would look unlocked to HeadObject: check
+    says instead that it could not tell (a warning), and ``repair locks`` refuses to guess."""
+    repo = Repository.init(open_backend(moto.url("vault", "no-read")), PASSWORD, chunk_size=CHUNK, immutable_days=1)
+    backup(repo, open_source(str(_image(tmp_path / "vm.img", 1))))
+    backend: Any = repo.backend
+    refusing = _RefusesRetention(backend._client)
+    backend._client = refusing
+    backend._single_attempt = lambda: refusing
+    report = check(repo)
+    assert report.ok, [p.to_dict() for p in report.problems]
+    (warning,) = report.warnings
+    assert warning.kind == "object-locks-not-checked" and "s3:GetObjectRetention" in warning.message
+    with pytest.raises(BackendPermissionError, match="s3:GetObjectRetention"):
+        unlocked_objects(repo)
+    repo.close()
 
 
 # ---- advisory retention on a local repository ---------------------------------------------
@@ -348,7 +507,7 @@ BACKUP_ONLY_POLICY = {
         {
             "Sid": "ReadAndAdd",
             "Effect": "Allow",
-            "Action": ["s3:GetObject", "s3:PutObject", "s3:PutObjectRetention"],
+            "Action": ["s3:GetObject", "s3:PutObject", "s3:PutObjectRetention", "s3:GetObjectRetention"],
             "Resource": "arn:aws:s3:::fleet/repo/*",
         },
         {

@@ -84,8 +84,7 @@ def test_a_killed_runs_scratch_database_is_removed_by_the_next(tmp_path: Path) -
 def test_check_and_prune_list_folder_by_folder_above_one_listing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # (``vmvault.repo.check`` the module, not the function the package exports by that name)
-    monkeypatch.setattr(sys.modules["vmvault.repo.check"], "ONE_LISTING", 1)
+    # (check, prune and the backup's listing all ask ``Repository.pack_listings``)
     monkeypatch.setattr(sys.modules["vmvault.repo.repository"], "ONE_LISTING", 1)
     path = tmp_path / "repo"
     repo = make_repo(LocalBackend(str(path)))

@@ -8,9 +8,9 @@ from typing import Any
 from vmvault import times
 from vmvault.automation.config import parse_duration
 from vmvault.errors import ConfigError
-from vmvault.repo.check import CheckReport, check
+from vmvault.repo.check import UNLOCKED, CheckReport, check
 from vmvault.repo.filters import SnapshotFilter
-from vmvault.repo.immutability import require_full_access
+from vmvault.repo.immutability import lock_objects, require_full_access, unlocked_objects
 from vmvault.repo.locks import remove_locks
 from vmvault.repo.prune import ForgetReport, PruneReport, forget, forget_ids, prune
 from vmvault.repo.repair import RepairReport, SnapshotRepairReport, repair_index, repair_snapshots
@@ -85,6 +85,11 @@ def _render_check(report: CheckReport, flt: SnapshotFilter | None = None) -> str
         )
     others = st.get("locks", 0)
     lines.append(f"  {plural(others, 'lock')} of other processes" if others else "  no other process holds a lock")
+    if "objects_lock_checked" in st:
+        lines.append(
+            f"  Object Lock retention of {plural(st['objects_lock_checked'], 'object')} still inside the "
+            "retention period looked up"
+        )
     for p in report.problems:
         # names and messages quote the storage: each problem is one line, escaped whole
         lines.append(terminal_safe(f"{p.severity}: {p.kind}: {p.object}: {p.message}"))
@@ -105,10 +110,17 @@ def _render_check(report: CheckReport, flt: SnapshotFilter | None = None) -> str
             f"{', '.join(s[:8] for s in report.damaged_snapshots) or '-'}; "
             f"intact snapshots: {len(report.intact_snapshots)}"
         )
-        lines.append(
-            "ways out: back up the sources again (lost data is stored again), then `vmvault repair index` and "
-            "`vmvault repair snapshots` (repository-format.md, section 9)"
-        )
+        unlocked = [p for p in report.errors if p.kind == UNLOCKED]
+        if len(unlocked) < len(report.errors):
+            lines.append(
+                "ways out: back up the sources again (lost data is stored again), then `vmvault repair index` and "
+                "`vmvault repair snapshots` (repository-format.md, section 9)"
+            )
+        if unlocked:
+            lines.append(
+                f"{plural(len(unlocked), 'object is', 'objects are')} not locked by the storage as the repository's "
+                "retention asks: `vmvault repair locks` locks them (docs/storage.md, Object Lock)"
+            )
     return "\n".join(lines)
 
 
@@ -373,6 +385,36 @@ def cmd_repair_index(args: argparse.Namespace) -> int:
     return EXIT["problems"] if report.data_lost else EXIT["ok"]
 
 
+def cmd_repair_locks(args: argparse.Namespace) -> int:
+    out = Output(args)
+    repo = open_repository(args)
+    if not repo.backend.enforces_immutability:
+        raise ConfigError(
+            f"{repo.backend.url}: this storage locks no object (only S3 with Object Lock and immutable-days "
+            "does): there is nothing to repair; retention here is kept by vmvault declining deletes"
+        )
+    bars = _CheckBars(out.progress())
+    with repo.lock(exclusive=False, operation="repair locks"):
+        repo.load_index()
+        found, looked = unlocked_objects(repo, progress=lambda done, total: bars("looking up", done, total))
+        if bars.label is not None:
+            bars.bar.finish()
+        locked = 0 if args.dry_run else lock_objects(repo, found)
+    doc = {
+        "looked_up": looked,
+        "unlocked": [{"name": o.name, "written": o.written, "due": o.due, "until": o.until} for o in found],
+        "locked": locked,
+        "dry_run": bool(args.dry_run),
+    }
+    lines = [terminal_safe(f"{o.name}: {o.describe()}") for o in found]
+    if args.dry_run:
+        lines.append(f"{plural(len(found), 'object')} to lock, of {looked} looked up; dry run: nothing was changed")
+    else:
+        lines.append(f"{plural(locked, 'object')} locked, of {looked} looked up")
+    out.result(doc, "\n".join(lines))
+    return EXIT["ok"]
+
+
 def _render_repair_snapshots(r: SnapshotRepairReport) -> str:
     lines = []
     for item in r.repaired:
@@ -525,7 +567,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     )
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("repair", parents=[common], help="ways out of damage: rebuild the index, cut lost data out")
+    p = sub.add_parser(
+        "repair",
+        parents=[common],
+        help="ways out of damage: rebuild the index, cut lost data out, lock what the storage left unlocked",
+    )
     rsub = p.add_subparsers(dest="repair_command", metavar="WHAT", required=True)
     q = rsub.add_parser(
         "index", parents=[common], help="rebuild the index from the packs present (drop missing, salvage damaged)"
@@ -539,3 +585,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     q.add_argument("--forget", action="store_true", help="remove each original once its repaired copy is stored")
     q.add_argument("--dry-run", action="store_true", help="show what would happen; change nothing")
     q.set_defaults(func=cmd_repair_snapshots)
+    q = rsub.add_parser(
+        "locks",
+        parents=[common],
+        help="give every object the storage should still hold locked (S3 Object Lock) the retention it lacks",
+    )
+    q.add_argument("--dry-run", action="store_true", help="show what would be locked; change nothing")
+    q.set_defaults(func=cmd_repair_locks)

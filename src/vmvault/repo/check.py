@@ -11,6 +11,10 @@ them.
 checks that its SHA-256 is its name, parses its header, compares the header with the index,
 and opens every blob (decrypt, decompress, re-hash against its id).
 
+Where the storage enforces retention (S3 Object Lock), every data, index and snapshot object
+still inside the retention period must be locked by it: one that is not is an error
+(``object-not-locked``; ``vmvault repair locks`` locks it).
+
 Every problem names the damaged object and everything it affects: each snapshot (id, time,
 source) and each disk or file in it, with the byte ranges (chunk index x chunk size) that
 can no longer be restored. A damaged object nothing references is still an error: a later
@@ -29,11 +33,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault.errors import IntegrityError, ObjectNotFoundError, SnapshotNotFoundError, VmvaultError
+from vmvault.errors import (
+    BackendPermissionError,
+    IntegrityError,
+    ObjectNotFoundError,
+    SnapshotNotFoundError,
+    VmvaultError,
+)
 from vmvault.repo._layout import FORMAT_VERSION, ID_SIZE, PACK_MAGIC, PACK_TRAILER, BlobType
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, MAX_SMALL_OBJECT, largest_blob, read_bounded
 from vmvault.repo.crypto import HMAC_SHA256
 from vmvault.repo.filters import SnapshotFilter
+from vmvault.repo.immutability import unlocked_objects
 from vmvault.repo.index import PackRecord, ParsedIndex, parse_index
 from vmvault.repo.index_block import NOT_CHUNKS, IndexBlock
 from vmvault.repo.index_cache import Grouped, ScratchRows, rows_digest, write_many
@@ -43,15 +54,17 @@ from vmvault.repo.names import index_id, key_id, lock_name, shown, snapshot_id, 
 from vmvault.repo.names import pack_id as parse_pack_id
 from vmvault.repo.pack import BlobEntry, expected_pack_size, open_blob, pack_name, parse_pack_header
 from vmvault.repo.progress import PhaseCallback
-from vmvault.repo.repository import ONE_LISTING, Repository
+from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 from vmvault.repo.status import StatusStore
 
-__all__ = ["Affected", "CheckReport", "Problem", "check"]
+__all__ = ["UNLOCKED", "Affected", "CheckReport", "Problem", "check"]
 
 
 ERROR = "error"
 WARNING = "warning"
+#: the kind of problem of an object the storage should hold locked and does not
+UNLOCKED = "object-not-locked"
 #: rows inserted into the scratch database per statement
 _BATCH = 10_000
 
@@ -255,6 +268,7 @@ class _Checker:
                 "someone else); rebuilt from the index files, and the repository checked against them",
             )
             self.check_structure(read_data, subset, seed, final=True)
+        self.check_object_locks()
         report = CheckReport(read_data=read_data, subset=subset, problems=self.problems, stats=self.stats)
         damaged = {a.snapshot for p in self.problems if p.severity == ERROR for a in p.affects}
         report.damaged_snapshots = sorted(damaged)
@@ -291,6 +305,20 @@ class _Checker:
             finally:
                 self.db = None
         return None
+
+    def check_object_locks(self) -> None:
+        """Where the storage enforces retention (S3 Object Lock): every object it should still
+        hold locked is (``immutability.unlocked_objects``). One that is not is an error: its
+        data is intact, but not protected as the repository says it is."""
+        try:
+            found, looked = unlocked_objects(self.repo, progress=lambda done, total: self.tick("locks", done, total))
+        except BackendPermissionError as exc:
+            self.add(WARNING, "object-locks-not-checked", self.backend.url, f"{exc}; give them that right to check")
+            return
+        if looked:
+            self.stats["objects_lock_checked"] = looked
+        for obj in found:
+            self.add(ERROR, UNLOCKED, obj.name, f"{obj.describe()}; `vmvault repair locks` locks it")
 
     def check_config(self) -> None:
         try:
@@ -374,15 +402,12 @@ class _Checker:
         return self.db
 
     def list_packs(self) -> None:
-        """``s.stored``: every pack in storage and its size. A repository of fewer than
-        ``ONE_LISTING`` packs is listed in one go (every odd name under ``data/`` is reported); a larger one
-        folder by folder, so that no listing holds more than 1/256 of its packs."""
+        """``s.stored``: every pack in storage and its size, listed as ``Repository.pack_listings``
+        says (every odd name under ``data/`` is reported)."""
         db = self.sql
         db.execute("CREATE TABLE s.stored(id BLOB PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
-        known = self.repo.index.cache.pack_count()
-        listings = ["data/"] if known < ONE_LISTING else [f"data/{n:02x}/" for n in range(256)]
         batch: list[tuple[bytes, int]] = []
-        for prefix in listings:
+        for prefix in self.repo.pack_listings():
             for obj in self.backend.list(prefix):
                 pack_id = parse_pack_id(obj.name)
                 if pack_id is None:

@@ -17,18 +17,38 @@ docs/storage.md:
 
 Locks, keys and status records never get retention: locks must go away when released, a
 leaked passphrase must be removable, and a host's status record is replaced as it reports.
+
+Where the storage enforces retention, whether it really holds each object is checked, not
+assumed (``unlocked_objects``, run by ``check``): a server that ignored the lock headers of an
+upload, a process killed between a multipart upload's completion and its PutObjectRetention,
+or an object written by a client that asked for no retention leaves an object anyone holding
+the storage credentials may delete. ``lock_objects`` (``vmvault repair locks``) gives each
+the retention it should have had.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from vmvault.errors import ImmutableError
+from vmvault import times
+from vmvault.backends.base import ObjectInfo
+from vmvault.errors import ImmutableError, ObjectNotFoundError
 from vmvault.repo import keys
 from vmvault.repo.repository import Repository
 
-__all__ = ["RETAINED_PREFIXES", "require_full_access", "retained", "retention_days"]
+__all__ = [
+    "LOCK_SLACK",
+    "RETAINED_PREFIXES",
+    "Unlocked",
+    "lock_objects",
+    "require_full_access",
+    "retained",
+    "retention_days",
+    "unlocked_objects",
+]
 
 #: objects that get retention
 RETAINED_PREFIXES = ("data/", "index/", "snapshots/")
@@ -69,3 +89,106 @@ def retained(repo: Repository, names: Iterable[str], *, now: float | None = None
         if written is None or written + days * 86400 > now:
             out.add(name)
     return out
+
+
+#: how much shorter than its period an object's retention may end and still count as whole:
+#: the storage's clock and this host's differ a little, and a multipart object's time is when
+#: its upload began while its retention was counted from when it was asked for
+LOCK_SLACK = 3600.0
+#: objects looked up at once
+_LOOKUPS = 500
+
+
+@dataclass(frozen=True)
+class Unlocked:
+    """An object the storage should still keep locked, and does not or not long enough."""
+
+    name: str
+    #: when it was written (seconds since the epoch)
+    written: float
+    #: when the repository's retention of it ends: ``written`` + ``immutable_days``
+    due: float
+    #: when the storage's retention of it ends; None: it has none
+    until: float | None
+
+    def describe(self) -> str:
+        held = (
+            "has no Object Lock retention" if self.until is None else f"is locked only until {times.local(self.until)}"
+        )
+        return (
+            f"written {times.local(self.written)}, it must be kept until {times.local(self.due)} but {held}: "
+            "anyone holding the storage's credentials can delete it"
+        )
+
+
+def unlocked_objects(
+    repo: Repository,
+    *,
+    now: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[Unlocked], int]:
+    """The data, index and snapshot objects the storage should still hold locked (written
+    less than the retention period ago) whose own retention is missing or ends early, and
+    how many objects were looked up. Empty where the storage enforces nothing (advisory
+    retention has nothing to check). Listings give each object's time where they can; each
+    object still inside the period costs one lookup of its retention."""
+    days = retention_days(repo)
+    if days is None or not repo.backend.enforces_immutability:
+        return [], 0
+    now = time.time() if now is None else now
+    period = days * 86400.0
+    found: list[Unlocked] = []
+    looked = 0
+    with ThreadPoolExecutor(repo.backend.prepare_reads(), thread_name_prefix="vmvault-locks") as pool:
+        for batch in _batches(_retained_listing(repo), _LOOKUPS):
+            due = [(obj, written + period) for obj, written in batch if written + period - LOCK_SLACK > now]
+            for (obj, must), until in zip(due, pool.map(lambda item: _retention(repo, item[0].name), due), strict=True):
+                looked += 1
+                if until is not False and (until is None or until < must - LOCK_SLACK):
+                    found.append(Unlocked(obj.name, must - period, must, until))
+            if progress is not None:
+                progress(looked, 0)
+    return found, looked
+
+
+def lock_objects(repo: Repository, objects: Iterable[Unlocked]) -> int:
+    """Give each of ``objects`` the retention it should have (until its ``due``); the number
+    locked. An object gone meanwhile is skipped; a refusal of the storage is raised."""
+    done = 0
+    for obj in objects:
+        try:
+            if not repo.backend.retain(obj.name, obj.due):
+                raise ImmutableError(f"{repo.backend.url}: this storage cannot lock objects")
+        except ObjectNotFoundError:
+            continue
+        done += 1
+    return done
+
+
+def _retained_listing(repo: Repository) -> Iterator[tuple[ObjectInfo, float]]:
+    """Every object under the retained prefixes with when it was written (the listing's time,
+    else a lookup; unknown counts as now)."""
+    for prefix in ["snapshots/", "index/", *repo.pack_listings()]:
+        for obj in repo.backend.list(prefix):
+            written = obj.modified if obj.modified is not None else repo.backend.modified(obj.name)
+            yield obj, time.time() if written is None else written
+
+
+def _retention(repo: Repository, name: str) -> float | bool | None:
+    """The storage's retention of ``name``; False when it is gone (a prune of an expired
+    object, or a rewritten index, since the listing)."""
+    try:
+        return repo.backend.retention_of(name)
+    except ObjectNotFoundError:
+        return False
+
+
+def _batches(items: Iterable[tuple[ObjectInfo, float]], size: int) -> Iterator[list[tuple[ObjectInfo, float]]]:
+    batch: list[tuple[ObjectInfo, float]] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -509,13 +509,18 @@ class Repository:
         """No pack this repository's writers produce is larger (repo/_limits.py)."""
         return pack_limit(self.config.pack_size, self.config.chunk_size)
 
+    def pack_listings(self) -> list[str]:
+        """The listings that name every pack: ``data/`` in one go for a repository of fewer than
+        ``ONE_LISTING`` packs (by this host's index cache), else one ``data/xx/`` folder each, so
+        that no listing holds more than 1/256 of its packs."""
+        if self.index.cache.pack_count() < ONE_LISTING:
+            return ["data/"]
+        return [f"data/{n:02x}/" for n in range(256)]
+
     def iter_stored_packs(self) -> Iterator[tuple[bytes, int]]:
-        """Every pack in storage with its size. A repository of fewer than ``ONE_LISTING`` packs
-        (by this host's index cache) is listed in one go; a larger one one ``data/xx/`` folder at a time,
-        so that no listing holds more than 1/256 of its packs. Other names are skipped."""
-        one = self.index.cache.pack_count() < ONE_LISTING
-        prefixes = ["data/"] if one else [f"data/{n:02x}/" for n in range(256)]
-        for prefix in prefixes:
+        """Every pack in storage with its size, listed as ``pack_listings`` says. Other names are
+        skipped."""
+        for prefix in self.pack_listings():
             for obj in self.backend.list(prefix):
                 found = parse_pack_id(obj.name)
                 if found is not None:
