@@ -471,6 +471,14 @@ class BackendContract:
         with pytest.raises(ObjectNotFoundError):
             b.retention_of("data/00/never-written")
 
+    def test_a_store_without_versions_keeps_nothing_deleted(self, store: StoreUnderTest) -> None:
+        b = store.backend
+        b.put("data/00/gone", b"g")
+        b.put("data/00/stays", b"s")
+        b.delete("data/00/gone")
+        # the contract's locations keep no versions: a delete hides nothing, it removes
+        assert list(b.hidden("data/00/")) == []
+
     def test_use_retention_is_enforced_or_changes_nothing(self, store: StoreUnderTest) -> None:
         b = store.backend
         enforced = b.use_retention(1)

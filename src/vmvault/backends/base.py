@@ -45,6 +45,7 @@ __all__ = [
     "FAR_ROUND_TRIP",
     "TOP_LEVEL_FOLDERS",
     "Backend",
+    "HiddenObject",
     "ObjectInfo",
     "RequestStats",
     "describe_mode",
@@ -142,6 +143,20 @@ class ObjectInfo:
     #: when the object was written (seconds since the epoch), where the listing says so at no
     #: extra cost (S3's LastModified); None elsewhere (``Backend.modified`` asks)
     modified: float | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class HiddenObject:
+    """An object a delete hid and the storage still keeps (a versioned bucket): its newest
+    kept version lies under one or more delete markers."""
+
+    name: str
+    #: the newest version that is not a delete marker
+    version: str
+    #: when that version was written (seconds since the epoch)
+    written: float
+    #: the delete markers above it, newest first
+    markers: tuple[str, ...]
 
 
 class RequestStats:
@@ -301,11 +316,11 @@ class Backend(ABC):
         (``immutable_days``); unknown counts as still retained."""
         return None
 
-    def retention_of(self, name: str) -> float | None:
-        """When the storage's own retention of ``name`` ends (seconds since the epoch): until
-        then it refuses to delete or overwrite that version of it, whoever asks. None when it
-        keeps none of it (every storage that enforces nothing). ObjectNotFoundError when there
-        is no such object."""
+    def retention_of(self, name: str, version: str | None = None) -> float | None:
+        """When the storage's own retention of ``name`` (its current version, or ``version``)
+        ends (seconds since the epoch): until then it refuses to delete or overwrite that
+        version, whoever asks. None when it keeps none of it (every storage that enforces
+        nothing). ObjectNotFoundError when there is no such object."""
         if not self.exists(name):
             raise ObjectNotFoundError(f"{self.url}: no object {name}", name=name)
         return None
@@ -314,6 +329,16 @@ class Backend(ABC):
         """Have the storage keep ``name`` (its current version) until ``until`` (seconds since
         the epoch) whoever asks to delete it: True when it does from now on (``retention_of``
         then says at least ``until``), False when this storage cannot, and nothing changed."""
+        return False
+
+    def hidden(self, prefix: str) -> Iterator[HiddenObject]:
+        """Every object under ``prefix`` that a delete hid while the storage kept it (a
+        versioned bucket's delete markers). None on storage that keeps nothing deleted."""
+        return iter(())
+
+    def unhide(self, hidden: HiddenObject) -> bool:
+        """Bring ``hidden`` back: remove the delete markers above its kept version. True when
+        done, False when this storage cannot (nothing changed)."""
         return False
 
     def free_space(self) -> int | None:

@@ -70,6 +70,7 @@ from vmvault.backends.base import (  # noqa: E402
     DEFAULT_READS_AT_ONCE,
     FAR_READS_AT_ONCE,
     Backend,
+    HiddenObject,
     ObjectInfo,
     is_far,
 )
@@ -551,12 +552,16 @@ class S3Backend(Backend):
             return False
         return True
 
-    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+    def _listing(self, prefix: str) -> tuple[str, int]:
+        """The key prefix a listing of ``prefix`` asks for, and how much of each key to strip."""
         self.requests.count("list")
         if prefix.startswith("/") or ".." in prefix.split("/"):
             raise ValueError(f"bad prefix {prefix!r}")
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
-        strip = len(self.prefix) + 1 if self.prefix else 0
+        return full, len(self.prefix) + 1 if self.prefix else 0
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        full, strip = self._listing(prefix)
 
         def op() -> list[ObjectInfo]:
             found = []
@@ -589,7 +594,7 @@ class S3Backend(Backend):
         stamp = head.get("LastModified")
         return stamp.timestamp() if isinstance(stamp, datetime.datetime) else None
 
-    def retention_of(self, name: str) -> float | None:
+    def retention_of(self, name: str, version: str | None = None) -> float | None:
         """The end of ``name``'s COMPLIANCE retention, from HeadObject's ``ObjectLockMode`` and
         ``ObjectLockRetainUntilDate``. GOVERNANCE retention counts as none: whoever may bypass
         it can delete the object, and vmvault never sets it.
@@ -601,7 +606,10 @@ class S3Backend(Backend):
         (none found, a retention, a server that cannot answer it) vouches for the headers."""
         self.requests.count("stat")
         key = self._key(name)
-        head = self._call(f"look up {name}", name, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        which = {"VersionId": version} if version else {}
+        head = self._call(
+            f"look up {name}", name, lambda: self._client.head_object(Bucket=self.bucket, Key=key, **which)
+        )
         until = head.get("ObjectLockRetainUntilDate")
         if head.get("ObjectLockMode") == "COMPLIANCE" and isinstance(until, datetime.datetime):
             return until.timestamp()
@@ -626,6 +634,57 @@ class S3Backend(Backend):
             return True
         finally:
             client.close()
+        return True
+
+    def hidden(self, prefix: str) -> Iterator[HiddenObject]:
+        """ListObjectVersions: each key whose latest entry (``IsLatest``) is a delete marker and
+        that still has a version; its newest version, and the markers written since."""
+        full, strip = self._listing(prefix)
+
+        def op() -> list[HiddenObject]:
+            # per key: whether its latest entry is a delete marker, its versions newest first
+            # (the order S3 lists them in), its delete markers; a key's entries may span pages
+            latest_is_marker: dict[str, bool] = {}
+            versions: dict[str, list[tuple[float, str]]] = {}
+            markers: dict[str, list[tuple[float, str]]] = {}
+            for page in self._client.get_paginator("list_object_versions").paginate(
+                Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": self.list_page_size}
+            ):
+                for is_marker, items in ((True, page.get("DeleteMarkers", [])), (False, page.get("Versions", []))):
+                    for item in items:
+                        key = str(item["Key"])
+                        when = item.get("LastModified")
+                        entry = (
+                            when.timestamp() if isinstance(when, datetime.datetime) else 0.0,
+                            str(item["VersionId"]),
+                        )
+                        (markers if is_marker else versions).setdefault(key, []).append(entry)
+                        if item.get("IsLatest"):
+                            latest_is_marker[key] = is_marker
+            found = []
+            for key, is_marker in latest_is_marker.items():
+                kept = versions.get(key)
+                if not is_marker or not kept:
+                    continue
+                written, version = kept[0]
+                # the markers above it (a marker of the same second counts: deletes follow writes)
+                above = sorted((m for m in markers[key] if m[0] >= written), reverse=True)
+                found.append(HiddenObject(key[strip:], version, written, tuple(v for _, v in above)))
+            return sorted(found, key=lambda h: h.name)
+
+        yield from self._call(f"list the versions of {prefix or 'everything'}", None, op)
+
+    def unhide(self, hidden: HiddenObject) -> bool:
+        """DeleteObject of each delete marker above the kept version (needs
+        ``s3:DeleteObjectVersion``): the kept version is the current one again."""
+        key = self._key(hidden.name)
+        for marker in hidden.markers:
+            self.requests.count("delete")
+
+            def remove(marker: str = marker) -> Any:
+                return self._client.delete_object(Bucket=self.bucket, Key=key, VersionId=marker)
+
+            self._call(f"remove a delete marker of {hidden.name}", hidden.name, remove)
         return True
 
     def retain(self, name: str, until: float) -> bool:
