@@ -41,8 +41,8 @@ from vmvault.backends.s3 import S3Backend, open_s3
 from vmvault.engine.backup import backup
 from vmvault.errors import BackendPermissionError, ConfigError, StorageFullError
 from vmvault.hypervisors import open_source
-from vmvault.repo.check import UNLOCKED, check
-from vmvault.repo.immutability import lock_objects, unlocked_objects
+from vmvault.repo.check import DELETED, UNLOCKED, check
+from vmvault.repo.immutability import deleted_objects, lock_objects, undelete_objects, unlocked_objects
 from vmvault.repo.prune import forget, prune
 from vmvault.repo.repository import Repository
 
@@ -223,6 +223,12 @@ def test_repository_retention_on_the_gateway(rgw: CephCluster, tmp_path: Path) -
     assert lock_objects(repo, found) == len(unlocked)
     assert check(repo).ok
     assert all(_retention(client, "vault", f"repo/{n}")[0] == "COMPLIANCE" for n in unlocked)
+    # a snapshot deleted with the storage's credentials: the gateway keeps the locked version
+    # under a delete marker; check names it and repair undelete brings it back
+    client.delete_object(Bucket="vault", Key=f"repo/snapshots/{old}")
+    assert [p.object for p in check(repo).errors if p.kind == DELETED] == [f"snapshots/{old}"]
+    assert undelete_objects(repo, deleted_objects(repo)) == 1
+    assert check(repo).ok and old in Repository.open(open_backend(rgw.url("vault", "repo")), PASSWORD).snapshot_ids()
     repo.close()
 
     key = f"repo/snapshots/{old}"

@@ -35,6 +35,7 @@ SKIPPED = {
     "vmvault files ": "needs a guest filesystem inside the disk (tests/cli/test_files_cli.py builds them)",
     "vmvault copy --from /mnt/backup/vmvault --to s3://": "needs an S3 bucket (tests/backends run a local S3 server)",
     "vmvault repair locks": "needs an S3 bucket with Object Lock (tests/repo/test_immutability.py runs it on moto)",
+    "vmvault repair undelete": "needs an S3 bucket with Object Lock (tests/repo/test_immutability.py runs it on moto)",
     "vmvault serve ": "runs until stopped (tests/engine/test_nbd.py, tests/cli/test_serve_cli.py)",
     "vmvault mount ": "runs until unmounted and needs /dev/fuse (the mount tests mount through it)",
     "vmvault instant-restore ": "starts a VM (the instant-recovery tests run one under QEMU)",

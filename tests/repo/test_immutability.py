@@ -31,12 +31,13 @@ from vmvault.backends import open_backend
 from vmvault.backends.base import Backend
 from vmvault.backends.local import LocalBackend
 from vmvault.engine.backup import backup
+from vmvault.engine.restore import restore
 from vmvault.errors import BackendPermissionError, ImmutableError, PasswordError
 from vmvault.hypervisors import open_source
 from vmvault.repo import keys
-from vmvault.repo.check import UNLOCKED, check
+from vmvault.repo.check import DELETED, UNLOCKED, check
 from vmvault.repo.format import BlobType
-from vmvault.repo.immutability import lock_objects, unlocked_objects
+from vmvault.repo.immutability import deleted_objects, lock_objects, unlocked_objects
 from vmvault.repo.prune import forget, prune
 from vmvault.repo.repository import Repository
 from vmvault.repo.retention import RetentionPolicy
@@ -274,6 +275,58 @@ def test_cli_check_names_unlocked_objects_and_repair_locks_them(
     assert _vmvault(env, "-r", local, "init", "--immutable-days", "1").returncode == 0
     done = _vmvault(env, "-r", local, "repair", "locks")
     assert done.returncode == 2 and "locks no object" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.integration
+def test_objects_deleted_under_object_lock_are_named_by_check_and_brought_back(moto: S3Server, tmp_path: Path) -> None:
+    """Whoever holds the storage's credentials deletes a snapshot and a pack: Object Lock keeps
+    the versions, S3 only puts delete markers over them, and the repository silently lacks a
+    backup (a deleted snapshot was found by nothing). ``check`` names both (a delete of what
+    the storage holds locked is never vmvault's: it deletes nothing inside the retention
+    period); ``repair undelete`` removes the markers and the backup restores again."""
+    url = moto.url("vault", "deleted")
+    repo = Repository.init(open_backend(url), PASSWORD, chunk_size=CHUNK, immutable_days=1)
+    image = _image(tmp_path / "vm.img", 1)
+    first = backup(repo, open_source(str(image))).snapshot.id
+    original = image.read_bytes()
+    second = backup(repo, open_source(str(_image(image, 2)))).snapshot.id
+    repo.close()
+    pack = sorted(_names(repo.backend, "data/"))[0]
+    client: Any = moto.client()
+    for name in (f"snapshots/{first}", pack):
+        client.delete_object(Bucket="vault", Key=f"deleted/{name}")
+    repo = Repository.open(open_backend(url), PASSWORD)
+    assert repo.snapshot_ids() == [second]
+
+    report = check(repo)
+    gone = {p.object: p.message for p in report.errors if p.kind == DELETED}
+    assert set(gone) == {f"snapshots/{first}", pack}
+    assert all("not by vmvault" in m and "repair undelete" in m for m in gone.values())
+    assert any(p.kind == "pack-missing" for p in report.errors)  # what the hidden pack means
+
+    env = {**os.environ, **S3Server.client_env(), "VMVAULT_PASSWORD": PASSWORD.decode(), "VMVAULT_TEST_CHEAP_KDF": "1"}
+    done = _vmvault(env, "-r", url, "check")
+    assert done.returncode == 3 and "first `vmvault repair undelete` brings them back" in done.stdout
+    assert "`vmvault repair index` and" not in done.stdout  # it would drop the hidden pack from the index
+    done = _vmvault(env, "-r", url, "--json", "repair", "undelete", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert {d["name"] for d in json.loads(done.stdout)["deleted"]} == set(gone)
+    assert len(deleted_objects(repo)) == 2
+    done = _vmvault(env, "-r", url, "repair", "undelete")
+    assert done.returncode == 0 and "2 objects brought back" in done.stdout, done.stderr
+    repo.close()
+
+    repo = Repository.open(open_backend(url), PASSWORD)
+    assert sorted(repo.snapshot_ids()) == sorted([first, second])
+    assert check(repo, read_data=True).ok
+    target = tmp_path / "restored"
+    restore(repo, repo.load_snapshot(first), str(target))
+    assert (target / "vm.img").read_bytes() == original
+    # deletes of versions the storage no longer holds locked (prune's, once the period is
+    # over) are no one's concern
+    client.delete_object(Bucket="vault", Key=f"deleted/snapshots/{first}")
+    assert deleted_objects(repo, now=time.time() + 2 * 86400) == []
+    repo.close()
 
 
 class _RefusesRetention:

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from vmvault import times
 from vmvault.automation.config import parse_duration
 from vmvault.errors import ConfigError
-from vmvault.repo.check import UNLOCKED, CheckReport, check
+from vmvault.repo.check import DELETED, UNLOCKED, CheckReport, check
 from vmvault.repo.filters import SnapshotFilter
-from vmvault.repo.immutability import lock_objects, require_full_access, unlocked_objects
+from vmvault.repo.immutability import (
+    deleted_objects,
+    lock_objects,
+    require_full_access,
+    undelete_objects,
+    unlocked_objects,
+)
 from vmvault.repo.locks import remove_locks
 from vmvault.repo.prune import ForgetReport, PruneReport, forget, forget_ids, prune
 from vmvault.repo.repair import RepairReport, SnapshotRepairReport, repair_index, repair_snapshots
@@ -111,7 +119,14 @@ def _render_check(report: CheckReport, flt: SnapshotFilter | None = None) -> str
             f"intact snapshots: {len(report.intact_snapshots)}"
         )
         unlocked = [p for p in report.errors if p.kind == UNLOCKED]
-        if len(unlocked) < len(report.errors):
+        deleted = [p for p in report.errors if p.kind == DELETED]
+        if deleted:
+            lines.append(
+                f"{plural(len(deleted), 'object was', 'objects were')} deleted while the storage holds them locked: "
+                "first `vmvault repair undelete` brings them back (before any `repair index`, which would drop "
+                "their packs from the index), then check again"
+            )
+        elif len(unlocked) < len(report.errors):
             lines.append(
                 "ways out: back up the sources again (lost data is stored again), then `vmvault repair index` and "
                 "`vmvault repair snapshots` (repository-format.md, section 9)"
@@ -385,17 +400,27 @@ def cmd_repair_index(args: argparse.Namespace) -> int:
     return EXIT["problems"] if report.data_lost else EXIT["ok"]
 
 
-def cmd_repair_locks(args: argparse.Namespace) -> int:
-    out = Output(args)
+@contextlib.contextmanager
+def _object_lock_repair(args: argparse.Namespace, operation: str, nothing: str) -> Iterator[Repository]:
+    """The repository of ``repair locks`` or ``repair undelete``, under a shared lock (both only
+    add protection back), its index loaded; a ConfigError saying ``nothing`` on storage that
+    locks nothing."""
     repo = open_repository(args)
     if not repo.backend.enforces_immutability:
         raise ConfigError(
             f"{repo.backend.url}: this storage locks no object (only S3 with Object Lock and immutable-days "
-            "does): there is nothing to repair; retention here is kept by vmvault declining deletes"
+            f"does): {nothing}"
         )
-    bars = _CheckBars(out.progress())
-    with repo.lock(exclusive=False, operation="repair locks"):
+    with repo.lock(exclusive=False, operation=operation):
         repo.load_index()
+        yield repo
+
+
+def cmd_repair_locks(args: argparse.Namespace) -> int:
+    out = Output(args)
+    bars = _CheckBars(out.progress())
+    nothing = "there is nothing to repair; retention here is kept by vmvault declining deletes"
+    with _object_lock_repair(args, "repair locks", nothing) as repo:
         found, looked = unlocked_objects(repo, progress=lambda done, total: bars("looking up", done, total))
         if bars.label is not None:
             bars.bar.finish()
@@ -404,15 +429,38 @@ def cmd_repair_locks(args: argparse.Namespace) -> int:
         "looked_up": looked,
         "unlocked": [{"name": o.name, "written": o.written, "due": o.due, "until": o.until} for o in found],
         "locked": locked,
-        "dry_run": bool(args.dry_run),
     }
-    lines = [terminal_safe(f"{o.name}: {o.describe()}") for o in found]
+    said = [(o.name, o.describe()) for o in found]
     if args.dry_run:
-        lines.append(f"{plural(len(found), 'object')} to lock, of {looked} looked up; dry run: nothing was changed")
-    else:
-        lines.append(f"{plural(locked, 'object')} locked, of {looked} looked up")
-    out.result(doc, "\n".join(lines))
+        return _repaired(out, doc, said, f"{plural(len(found), 'object')} to lock, of {looked} looked up", True)
+    return _repaired(out, doc, said, f"{plural(locked, 'object')} locked, of {looked} looked up", False)
+
+
+def _repaired(out: Output, doc: dict[str, Any], said: list[tuple[str, str]], summary: str, dry_run: bool) -> int:
+    """The result of ``repair locks`` or ``repair undelete``: one line per object, a summary."""
+    lines = [terminal_safe(f"{name}: {text}") for name, text in said]
+    lines.append(summary + ("; dry run: nothing was changed" if dry_run else ""))
+    out.result({**doc, "dry_run": dry_run}, "\n".join(lines))
     return EXIT["ok"]
+
+
+def cmd_repair_undelete(args: argparse.Namespace) -> int:
+    out = Output(args)
+    with _object_lock_repair(args, "repair undelete", "nothing deleted is kept for vmvault to bring back") as repo:
+        found = deleted_objects(repo)
+        done = 0 if args.dry_run else undelete_objects(repo, found)
+    doc = {
+        "deleted": [
+            {"name": d.hidden.name, "version": d.hidden.version, "written": d.hidden.written, "until": d.until}
+            for d in found
+        ],
+        "brought_back": done,
+    }
+    said = [(d.hidden.name, d.describe()) for d in found]
+    if args.dry_run:
+        return _repaired(out, doc, said, f"{plural(len(found), 'object')} to bring back", True)
+    summary = f"{plural(done, 'object')} brought back" + ("; `vmvault check` next" if done else "")
+    return _repaired(out, doc, said, summary, False)
 
 
 def _render_repair_snapshots(r: SnapshotRepairReport) -> str:
@@ -570,7 +618,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p = sub.add_parser(
         "repair",
         parents=[common],
-        help="ways out of damage: rebuild the index, cut lost data out, lock what the storage left unlocked",
+        help="ways out of damage: rebuild the index, cut lost data out; S3 Object Lock: lock, undelete",
     )
     rsub = p.add_subparsers(dest="repair_command", metavar="WHAT", required=True)
     q = rsub.add_parser(
@@ -585,10 +633,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     q.add_argument("--forget", action="store_true", help="remove each original once its repaired copy is stored")
     q.add_argument("--dry-run", action="store_true", help="show what would happen; change nothing")
     q.set_defaults(func=cmd_repair_snapshots)
-    q = rsub.add_parser(
-        "locks",
-        parents=[common],
-        help="give every object the storage should still hold locked (S3 Object Lock) the retention it lacks",
-    )
-    q.add_argument("--dry-run", action="store_true", help="show what would be locked; change nothing")
-    q.set_defaults(func=cmd_repair_locks)
+    for what, does, shown, func in (
+        (
+            "locks",
+            "give every object S3 Object Lock should still hold the retention it lacks",
+            "locked",
+            cmd_repair_locks,
+        ),
+        (
+            "undelete",
+            "bring back objects a delete hid while S3 Object Lock holds them (remove the delete markers)",
+            "brought back",
+            cmd_repair_undelete,
+        ),
+    ):
+        q = rsub.add_parser(what, parents=[common], help=does)
+        q.add_argument("--dry-run", action="store_true", help=f"show what would be {shown}; change nothing")
+        q.set_defaults(func=func)

@@ -13,7 +13,9 @@ and opens every blob (decrypt, decompress, re-hash against its id).
 
 Where the storage enforces retention (S3 Object Lock), every data, index and snapshot object
 still inside the retention period must be locked by it: one that is not is an error
-(``object-not-locked``; ``vmvault repair locks`` locks it).
+(``object-not-locked``; ``vmvault repair locks`` locks it), and one hidden by a delete marker
+while the storage holds it locked was deleted by someone else (``object-deleted``; ``vmvault
+repair undelete`` brings it back).
 
 Every problem names the damaged object and everything it affects: each snapshot (id, time,
 source) and each disk or file in it, with the byte ranges (chunk index x chunk size) that
@@ -44,7 +46,7 @@ from vmvault.repo._layout import FORMAT_VERSION, ID_SIZE, PACK_MAGIC, PACK_TRAIL
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, MAX_SMALL_OBJECT, largest_blob, read_bounded
 from vmvault.repo.crypto import HMAC_SHA256
 from vmvault.repo.filters import SnapshotFilter
-from vmvault.repo.immutability import unlocked_objects
+from vmvault.repo.immutability import deleted_objects, unlocked_objects
 from vmvault.repo.index import PackRecord, ParsedIndex, parse_index
 from vmvault.repo.index_block import NOT_CHUNKS, IndexBlock
 from vmvault.repo.index_cache import Grouped, ScratchRows, rows_digest, write_many
@@ -58,13 +60,15 @@ from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 from vmvault.repo.status import StatusStore
 
-__all__ = ["UNLOCKED", "Affected", "CheckReport", "Problem", "check"]
+__all__ = ["DELETED", "UNLOCKED", "Affected", "CheckReport", "Problem", "check"]
 
 
 ERROR = "error"
 WARNING = "warning"
 #: the kind of problem of an object the storage should hold locked and does not
 UNLOCKED = "object-not-locked"
+#: ... of one a delete hid while the storage holds it locked
+DELETED = "object-deleted"
 #: rows inserted into the scratch database per statement
 _BATCH = 10_000
 
@@ -308,17 +312,26 @@ class _Checker:
 
     def check_object_locks(self) -> None:
         """Where the storage enforces retention (S3 Object Lock): every object it should still
-        hold locked is (``immutability.unlocked_objects``). One that is not is an error: its
-        data is intact, but not protected as the repository says it is."""
+        hold locked is (``immutability.unlocked_objects``), and no delete hid one it holds
+        locked (``immutability.deleted_objects``). One unlocked is an error: its data is intact,
+        but not protected as the repository says it is. One hidden is an error too: the
+        repository misses it (as a missing pack or snapshot) until it is brought back."""
         try:
             found, looked = unlocked_objects(self.repo, progress=lambda done, total: self.tick("locks", done, total))
         except BackendPermissionError as exc:
             self.add(WARNING, "object-locks-not-checked", self.backend.url, f"{exc}; give them that right to check")
+        else:
+            if looked:
+                self.stats["objects_lock_checked"] = looked
+            for obj in found:
+                self.add(ERROR, UNLOCKED, obj.name, f"{obj.describe()}; `vmvault repair locks` locks it")
+        try:
+            deleted = deleted_objects(self.repo)
+        except BackendPermissionError as exc:
+            self.add(WARNING, "deleted-objects-not-checked", self.backend.url, f"{exc}")
             return
-        if looked:
-            self.stats["objects_lock_checked"] = looked
-        for obj in found:
-            self.add(ERROR, UNLOCKED, obj.name, f"{obj.describe()}; `vmvault repair locks` locks it")
+        for gone in deleted:
+            self.add(ERROR, DELETED, gone.hidden.name, f"{gone.describe()}; `vmvault repair undelete` brings it back")
 
     def check_config(self) -> None:
         try:

@@ -23,7 +23,10 @@ assumed (``unlocked_objects``, run by ``check``): a server that ignored the lock
 upload, a process killed between a multipart upload's completion and its PutObjectRetention,
 or an object written by a client that asked for no retention leaves an object anyone holding
 the storage credentials may delete. ``lock_objects`` (``vmvault repair locks``) gives each
-the retention it should have had.
+the retention it should have had. Likewise an object hidden by a delete marker while the
+storage still holds its deleted version locked was deleted by someone else than vmvault
+(``deleted_objects``, also run by ``check``); ``undelete_objects`` (``vmvault repair
+undelete``) removes the markers, and the object is back.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from vmvault import times
-from vmvault.backends.base import ObjectInfo
+from vmvault.backends.base import HiddenObject, ObjectInfo
 from vmvault.errors import ImmutableError, ObjectNotFoundError
 from vmvault.repo import keys
 from vmvault.repo.repository import Repository
@@ -42,11 +45,14 @@ from vmvault.repo.repository import Repository
 __all__ = [
     "LOCK_SLACK",
     "RETAINED_PREFIXES",
+    "Deleted",
     "Unlocked",
+    "deleted_objects",
     "lock_objects",
     "require_full_access",
     "retained",
     "retention_days",
+    "undelete_objects",
     "unlocked_objects",
 ]
 
@@ -161,6 +167,53 @@ def lock_objects(repo: Repository, objects: Iterable[Unlocked]) -> int:
                 raise ImmutableError(f"{repo.backend.url}: this storage cannot lock objects")
         except ObjectNotFoundError:
             continue
+        done += 1
+    return done
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """An object a delete hid while the storage holds the deleted version locked."""
+
+    hidden: HiddenObject
+    #: when the storage's retention of the hidden version ends
+    until: float
+
+    def describe(self) -> str:
+        return (
+            f"deleted (a delete marker hides it), though the storage holds the version written "
+            f"{times.local(self.hidden.written)} locked until {times.local(self.until)}: not by vmvault, which "
+            "deletes nothing before its retention ends"
+        )
+
+
+def deleted_objects(repo: Repository, *, now: float | None = None) -> list[Deleted]:
+    """The data, index and snapshot objects hidden by delete markers whose kept version the
+    storage still holds locked: deleted by someone else than vmvault (its forget and prune
+    decline everything inside the retention period) and still to be had back. Empty where
+    the storage enforces nothing. One listing of the versions per listing of the objects, and
+    one lookup per hidden object."""
+    if retention_days(repo) is None or not repo.backend.enforces_immutability:
+        return []
+    now = time.time() if now is None else now
+    found = []
+    for prefix in ["snapshots/", "index/", *repo.pack_listings()]:
+        for hidden in repo.backend.hidden(prefix):
+            try:
+                until = repo.backend.retention_of(hidden.name, hidden.version)
+            except ObjectNotFoundError:
+                continue
+            if until is not None and until > now:
+                found.append(Deleted(hidden, until))
+    return found
+
+
+def undelete_objects(repo: Repository, objects: Iterable[Deleted]) -> int:
+    """Bring each of ``objects`` back (its delete markers removed); the number brought back."""
+    done = 0
+    for obj in objects:
+        if not repo.backend.unhide(obj.hidden):
+            raise ImmutableError(f"{repo.backend.url}: this storage keeps nothing deleted")
         done += 1
     return done
 
