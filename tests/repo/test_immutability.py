@@ -554,13 +554,19 @@ BACKUP_ONLY_POLICY = {
         {
             "Sid": "SeeTheBucket",
             "Effect": "Allow",
-            "Action": ["s3:ListBucket", "s3:GetBucketObjectLockConfiguration"],
+            "Action": ["s3:ListBucket", "s3:ListBucketVersions", "s3:GetBucketObjectLockConfiguration"],
             "Resource": "arn:aws:s3:::fleet",
         },
         {
             "Sid": "ReadAndAdd",
             "Effect": "Allow",
-            "Action": ["s3:GetObject", "s3:PutObject", "s3:PutObjectRetention", "s3:GetObjectRetention"],
+            "Action": [
+                "s3:GetObject",
+                "s3:GetObjectVersion",
+                "s3:PutObject",
+                "s3:PutObjectRetention",
+                "s3:GetObjectRetention",
+            ],
             "Resource": "arn:aws:s3:::fleet/repo/*",
         },
         {
