@@ -667,8 +667,10 @@ class S3Backend(Backend):
                 if not is_marker or not kept:
                     continue
                 written, version = kept[0]
-                # the markers above it (a marker of the same second counts: deletes follow writes)
-                above = sorted((m for m in markers[key] if m[0] >= written), reverse=True)
+                # the markers above it (a marker of the same second counts: deletes follow writes);
+                # never an id the listing also gives as a version: only markers are ever removed
+                ids = {v for _, v in kept}
+                above = sorted((m for m in markers[key] if m[0] >= written and m[1] not in ids), reverse=True)
                 found.append(HiddenObject(key[strip:], version, written, tuple(v for _, v in above)))
             return sorted(found, key=lambda h: h.name)
 

@@ -31,6 +31,8 @@ undelete``) removes the markers, and the object is back.
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -146,11 +148,12 @@ def unlocked_objects(
     found: list[Unlocked] = []
     looked = 0
     with ThreadPoolExecutor(repo.backend.prepare_reads(), thread_name_prefix="vmvault-locks") as pool:
-        for batch in _batches(_retained_listing(repo), _LOOKUPS):
+        listing = _retained_listing(repo)
+        while batch := list(itertools.islice(listing, _LOOKUPS)):
             due = [(obj, written + period) for obj, written in batch if written + period - LOCK_SLACK > now]
             for (obj, must), until in zip(due, pool.map(lambda item: _retention(repo, item[0].name), due), strict=True):
                 looked += 1
-                if until is not False and (until is None or until < must - LOCK_SLACK):
+                if until is None or until < must - LOCK_SLACK:
                     found.append(Unlocked(obj.name, must - period, must, until))
             if progress is not None:
                 progress(looked, 0)
@@ -197,7 +200,7 @@ def deleted_objects(repo: Repository, *, now: float | None = None) -> list[Delet
         return []
     now = time.time() if now is None else now
     found = []
-    for prefix in ["snapshots/", "index/", *repo.pack_listings()]:
+    for prefix in _retained_listings(repo):
         for hidden in repo.backend.hidden(prefix):
             try:
                 until = repo.backend.retention_of(hidden.name, hidden.version)
@@ -218,30 +221,25 @@ def undelete_objects(repo: Repository, objects: Iterable[Deleted]) -> int:
     return done
 
 
+def _retained_listings(repo: Repository) -> list[str]:
+    """The listings that name every object under ``RETAINED_PREFIXES`` (packs as
+    ``Repository.pack_listings`` lists them)."""
+    return [*(p for p in RETAINED_PREFIXES if p != "data/"), *repo.pack_listings()]
+
+
 def _retained_listing(repo: Repository) -> Iterator[tuple[ObjectInfo, float]]:
     """Every object under the retained prefixes with when it was written (the listing's time,
     else a lookup; unknown counts as now)."""
-    for prefix in ["snapshots/", "index/", *repo.pack_listings()]:
+    for prefix in _retained_listings(repo):
         for obj in repo.backend.list(prefix):
             written = obj.modified if obj.modified is not None else repo.backend.modified(obj.name)
             yield obj, time.time() if written is None else written
 
 
-def _retention(repo: Repository, name: str) -> float | bool | None:
-    """The storage's retention of ``name``; False when it is gone (a prune of an expired
-    object, or a rewritten index, since the listing)."""
+def _retention(repo: Repository, name: str) -> float | None:
+    """The storage's retention of ``name``; infinite when it is gone since the listing (a prune
+    of an expired object): nothing is left to lock."""
     try:
         return repo.backend.retention_of(name)
     except ObjectNotFoundError:
-        return False
-
-
-def _batches(items: Iterable[tuple[ObjectInfo, float]], size: int) -> Iterator[list[tuple[ObjectInfo, float]]]:
-    batch: list[tuple[ObjectInfo, float]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        return math.inf
