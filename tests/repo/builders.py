@@ -15,6 +15,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -193,16 +194,24 @@ class WholeSnapshots:
     """Watches ``Repository.load_snapshot`` (patched through ``monkeypatch``): ``most`` is the
     largest number of whole snapshots (not summaries) it returned that were alive at once, as
     seen at each load; a command that walks every snapshot one at a time keeps it at 2 (the one
-    being walked and the one just read)."""
+    being walked and the one just read).
+
+    Counted at the loads of the thread that made the watcher (the walk's): a listing's threads
+    each hold the snapshot they load until they have made its summary, a moment in which
+    another thread's count would take them for kept. Whole snapshots they leave behind are
+    still counted at the walk's next load."""
 
     def __init__(self, monkeypatch: Any) -> None:
         self.most = 0
         self._loaded: list[weakref.ref[Snapshot]] = []
+        walker = threading.get_ident()
         load = Repository.load_snapshot
 
         def loading(repo: Repository, snap_id: str, **kwargs: Any) -> Snapshot:
             snap = load(repo, snap_id, **kwargs)
             self._loaded.append(weakref.ref(snap))
+            if threading.get_ident() != walker:
+                return snap
             gc.collect()
             alive = sum(1 for w in self._loaded if (s := w()) is not None and not s.is_summary)
             self.most = max(self.most, alive)
