@@ -39,7 +39,7 @@ from ._common import (
     table,
 )
 from ._terminal import SafeLogFormatter, StderrHandler, terminal_safe
-from .progress import human_bytes
+from .progress import PhaseBars, human_bytes
 
 __all__ = ["register"]
 
@@ -84,21 +84,10 @@ def cmd_copy(args: argparse.Namespace) -> int:
         latest=args.latest,
         match=None if match.empty() else match,
     )
-    bar = out.progress()
-    state = {"label": ""}
-
-    def progress(label: str, done: int, total: int) -> None:
-        if state["label"] != label:
-            bar.start(f"{label} snapshots", total)
-            state["label"] = label
-        bar.advance(done - bar_done[0])
-        bar_done[0] = done
-
-    bar_done = [0]
     try:
-        report = copy_snapshots(src, dst, filters=filters, progress=progress)
+        with PhaseBars(out.progress(), suffix=" snapshots") as bars:
+            report = copy_snapshots(src, dst, filters=filters, progress=bars)
     finally:
-        bar.finish()
         src.close()
         dst.close()
     lines = [

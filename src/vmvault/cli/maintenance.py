@@ -27,7 +27,7 @@ from vmvault.repo.retention import GROUP_KEYS, RetentionPolicy
 
 from ._args import hex_prefix, percentage, whole_number
 from ._common import EXIT, Output, add_filter_args, open_repository, plural, snapshot_filter, table, terminal_safe
-from .progress import QuietReporter, TerminalReporter, human_bytes
+from .progress import PhaseBars, human_bytes
 
 __all__ = ["register"]
 
@@ -47,24 +47,6 @@ def _tag_set(text: str) -> str:
     if any(not t.strip() for t in text.split(",")):
         raise argparse.ArgumentTypeError(f"an empty tag in {text!r} (give tags separated by commas)")
     return text
-
-
-class _CheckBars:
-    """Adapts ``(label, done, total)`` callbacks (check, repair) to one bar per phase."""
-
-    def __init__(self, bar: TerminalReporter | QuietReporter) -> None:
-        self.bar = bar
-        self.label: str | None = None
-        self.done = 0
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        if self.label != label:
-            if self.label is not None:
-                self.bar.finish()
-            self.bar.start(label, total)
-            self.label, self.done = label, 0
-        self.bar.advance(done - self.done)
-        self.done = done
 
 
 def _render_check(report: CheckReport, flt: SnapshotFilter | None = None) -> str:
@@ -147,16 +129,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     flt = snapshot_filter(args)
     if not flt.empty() and not args.read_data:
         raise ConfigError("snapshot filters choose which data --read-data reads: give --read-data (or --subset) too")
-    bars = _CheckBars(out.progress())
-    report = check(
-        repo,
-        read_data=args.read_data,
-        subset=args.subset,
-        progress=bars,
-        seed=args.seed,
-        select=None if flt.empty() else flt,
-    )
-    bars.bar.finish()
+    with PhaseBars(out.progress()) as bars:
+        report = check(
+            repo,
+            read_data=args.read_data,
+            subset=args.subset,
+            progress=bars,
+            seed=args.seed,
+            select=None if flt.empty() else flt,
+        )
     out.result(report.to_dict(), _render_check(report, flt))
     return EXIT["ok"] if report.ok else EXIT["problems"]
 
@@ -253,7 +234,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     report = forget(repo, policy, dry_run=args.dry_run, select=None if flt.empty() else flt)
     doc: dict[str, Any] = {"forget": report.to_dict() | {"filter": flt.to_dict()}}
-    out.result(doc, _then_prune(args, repo, doc, _render_forget(report, dry_run=args.dry_run)))
+    out.result(doc, _then_prune(args, repo, out, doc, _render_forget(report, dry_run=args.dry_run)))
     return 0
 
 
@@ -288,11 +269,17 @@ def render_prune(r: PruneReport) -> str:
     return "\n".join(lines)
 
 
-def _then_prune(args: argparse.Namespace, repo: Repository, doc: dict[str, Any], text: str) -> str:
+def _prune(args: argparse.Namespace, repo: Repository, out: Output) -> PruneReport:
+    """Prune with a bar per phase (index, snapshots, packs, repack, index files, delete)."""
+    with PhaseBars(out.progress()) as bars:
+        return prune(repo, dry_run=args.dry_run, max_unused=args.max_unused, progress=bars)
+
+
+def _then_prune(args: argparse.Namespace, repo: Repository, out: Output, doc: dict[str, Any], text: str) -> str:
     """``forget --prune``: prune after forgetting, its report added to ``doc`` and ``text``."""
     if not args.prune:
         return text
-    pr = prune(repo, dry_run=args.dry_run, max_unused=args.max_unused)
+    pr = _prune(args, repo, out)
     doc["prune"] = pr.to_dict()
     return text + "\n" + render_prune(pr)
 
@@ -304,14 +291,14 @@ def _forget_ids(args: argparse.Namespace, out: Output) -> int:
     doc: dict[str, Any] = {"forget": {"dry_run": args.dry_run, "removed": removed}}
     verb = "would remove" if args.dry_run else "removed"
     text = "\n".join(terminal_safe(f"{verb} snapshot {sid}") for sid in removed)
-    out.result(doc, _then_prune(args, repo, doc, text))
+    out.result(doc, _then_prune(args, repo, out, doc, text))
     return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     out = Output(args)
     repo = open_repository(args)
-    report = prune(repo, dry_run=args.dry_run, max_unused=args.max_unused)
+    report = _prune(args, repo, out)
     out.result(report.to_dict(), render_prune(report))
     return 0
 
@@ -390,12 +377,10 @@ def _render_repair_index(r: RepairReport) -> str:
 def cmd_repair_index(args: argparse.Namespace) -> int:
     out = Output(args)
     repo = open_repository(args)
-    bars = _CheckBars(out.progress())
-    report = repair_index(
-        repo, dry_run=args.dry_run, from_scratch=args.read_all_packs, read_data=args.read_data, progress=bars
-    )
-    if bars.label is not None:
-        bars.bar.finish()
+    with PhaseBars(out.progress()) as bars:
+        report = repair_index(
+            repo, dry_run=args.dry_run, from_scratch=args.read_all_packs, read_data=args.read_data, progress=bars
+        )
     out.result(report.to_dict(), _render_repair_index(report))
     return EXIT["problems"] if report.data_lost else EXIT["ok"]
 
@@ -418,12 +403,10 @@ def _object_lock_repair(args: argparse.Namespace, operation: str, nothing: str) 
 
 def cmd_repair_locks(args: argparse.Namespace) -> int:
     out = Output(args)
-    bars = _CheckBars(out.progress())
     nothing = "there is nothing to repair; retention here is kept by vmvault declining deletes"
     with _object_lock_repair(args, "repair locks", nothing) as repo:
-        found, looked = unlocked_objects(repo, progress=lambda done, total: bars("looking up", done, total))
-        if bars.label is not None:
-            bars.bar.finish()
+        with PhaseBars(out.progress()) as bars:
+            found, looked = unlocked_objects(repo, progress=lambda done, total: bars("looking up", done, total))
         locked = 0 if args.dry_run else lock_objects(repo, found)
     doc = {
         "looked_up": looked,
@@ -500,10 +483,8 @@ def _render_repair_snapshots(r: SnapshotRepairReport) -> str:
 def cmd_repair_snapshots(args: argparse.Namespace) -> int:
     out = Output(args)
     repo = open_repository(args)
-    bars = _CheckBars(out.progress())
-    report = repair_snapshots(repo, args.ids, forget=args.forget, dry_run=args.dry_run, progress=bars)
-    if bars.label is not None:
-        bars.bar.finish()
+    with PhaseBars(out.progress()) as bars:
+        report = repair_snapshots(repo, args.ids, forget=args.forget, dry_run=args.dry_run, progress=bars)
     out.result(report.to_dict(), _render_repair_snapshots(report))
     return EXIT["problems"] if report.damaged_remaining else EXIT["ok"]
 

@@ -400,6 +400,7 @@ def _file_digests(
             continue
         digests[file_id] = rows_digest(parsed, cache.pack_numbers(rec.pack_id for rec in parsed.records))
         replaced.update(old for old in parsed.supersedes if old != file_id)
+    _tick(progress, "index files", len(files), len(files))
     if problems:
         raise _unreadable_index(problems)
     return digests, replaced
