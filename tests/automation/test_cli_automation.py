@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.automation.conftest import host_zone, make_config
-from vmvault.automation.history import History
+from vmvault.automation.config import load_config
+from vmvault.automation.history import History, Progress
+from vmvault.automation.locks import job_lock
 from vmvault.backends.local import LocalBackend
 from vmvault.cli import main
 from vmvault.repo.repository import Repository
@@ -205,3 +208,25 @@ def test_jobs_and_history_read_one_clock_with_its_name(
     assert doc["daemon"]["running"] is False
     web = next(j for j in doc["jobs"] if j["job"] == "web01")
     assert web["next_run"].endswith(":30:00+00:00")  # JSON: ISO 8601 with offset
+
+
+def test_a_run_going_on_elsewhere_shows_where_it_is(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``vmvault jobs`` and ``history`` while another process runs a job: how far it got at
+    its last heartbeat."""
+    config, _vm = setup
+    history = History(load_config(str(config)).daemon.history)
+    lock = job_lock(history.path, "web01").acquire(command="vmvault run")  # the other process's
+    try:
+        now = dt.datetime.now(dt.UTC)
+        run_id = history.start("web01", "backup", now - dt.timedelta(minutes=5))
+        history.heartbeat(run_id, now, Progress("disk.raw", 2, 5, 1))
+        assert main(["history", "--config", str(config)]) == 0
+        assert re.search(r"running 5m( \d+s)?, disk\.raw 40%", capsys.readouterr().out)
+        assert main(["jobs", "--config", str(config)]) == 0
+        assert "disk.raw 40%" in capsys.readouterr().out
+        _code, doc = run_json(capsys, "history", "--config", str(config))
+        assert isinstance(doc, dict) and doc["runs"][0]["details"]["progress"]["done"] == 2
+    finally:
+        lock.release()

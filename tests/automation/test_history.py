@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vmvault.automation import history as history_module
-from vmvault.automation.history import SCHEMA_VERSION, SUCCESS, History
+from vmvault.automation.history import SCHEMA_VERSION, SUCCESS, History, Progress
 from vmvault.errors import ConfigError
 
 T0 = dt.datetime(2026, 11, 20, 3, 0, tzinfo=dt.UTC)
@@ -114,3 +114,50 @@ def test_a_later_migration_runs_once_and_a_failed_one_changes_nothing(
     assert "host" in [row[1] for row in db.execute("PRAGMA table_info(runs)")]
     db.close()
     assert len(history.runs()) == 1
+
+
+def test_a_heartbeat_records_where_the_run_is_and_an_interrupted_run_says_it(tmp_path: Path) -> None:
+    history = History(str(tmp_path / "h.db"))
+    run_id = history.start("web01", "backup", T0)
+    history.heartbeat(run_id, T0 + dt.timedelta(seconds=4))  # a sign of life alone
+    history.heartbeat(run_id, T0 + dt.timedelta(seconds=8), Progress("web01.raw", 40, 100, 1))
+    history.heartbeat(run_id, T0 + dt.timedelta(seconds=12))
+    run = history.last("web01")
+    assert run is not None and run.heartbeat == T0 + dt.timedelta(seconds=12)
+    assert run.progress == Progress("web01.raw", 40, 100, 1) and run.progress.describe() == "web01.raw 40%"
+    assert run.to_dict()["details"]["progress"] == {"phase": "web01.raw", "done": 40, "total": 100, "phases": 1}
+    assert history.mark_interrupted(T0 + dt.timedelta(minutes=5), job="web01") == 1
+    run = history.last("web01")
+    assert run is not None and run.error is not None
+    assert "until its last heartbeat, in web01.raw 40%)" in run.error
+
+
+def test_a_finished_run_takes_no_more_heartbeats(tmp_path: Path) -> None:
+    history = History(str(tmp_path / "h.db"))
+    run_id = history.start("web01", "backup", T0)
+    history.finish(run_id, T0 + dt.timedelta(seconds=3), SUCCESS, details={"files": 1})
+    history.heartbeat(run_id, T0 + dt.timedelta(seconds=4), Progress("web01.raw", 1, 2, 1))
+    run = history.last("web01")
+    assert run is not None and run.details == {"files": 1} and run.heartbeat is None
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        None,
+        "web01.raw 40%",
+        {"phase": "x", "done": 1, "total": 2},
+        {"phase": 7, "done": 1, "total": 2, "phases": 1},
+        {"phase": "x", "done": -1, "total": 2, "phases": 1},
+        {"phase": "x", "done": "1", "total": 2, "phases": 1},
+        {"phase": "x", "done": True, "total": 2, "phases": 1},
+    ],
+)
+def test_a_progress_that_is_not_one_is_none(doc: object) -> None:
+    assert Progress.from_dict(doc) is None
+
+
+def test_a_progress_of_unknown_size_and_a_long_phase_name() -> None:
+    p = Progress.from_dict({"phase": "d" * 1000, "done": 5, "total": 0, "phases": 2})
+    assert p is not None and p.percent is None and p.describe() == "d" * 200
+    assert Progress("x", 7, 5, 1).percent == 100.0

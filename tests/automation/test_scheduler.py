@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.automation.conftest import T0, RecordingNotifier, make_config
+from vmvault.automation import scheduler
 from vmvault.automation.config import AutomationConfig, Job
-from vmvault.automation.history import FAILED, SUCCESS, History
+from vmvault.automation.history import FAILED, SUCCESS, History, Progress
 from vmvault.automation.runner import JobOutcome
-from vmvault.automation.scheduler import FakeClock, Scheduler
+from vmvault.automation.scheduler import FakeClock, Scheduler, run_and_record
+from vmvault.engine.progress import NullReporter, ProgressReporter
 
 
 def at(hh: int, mm: int, ss: int = 0, day: int = 25) -> dt.datetime:
@@ -268,3 +274,59 @@ def test_runs_left_running_by_a_dead_daemon_are_marked_interrupted(tmp_path: Pat
     assert k.end == k.start and k.error is not None and "before its first heartbeat" in k.error
     assert j.details["interrupted"]["noticed"] == T0.isoformat()
     sched.close()
+
+
+def test_an_attempt_writes_its_progress_into_its_row_while_it_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What another process (``vmvault jobs``, a dashboard serving apart) reads, while the job
+    runs: through the reporter the job gets, forwarded to the live display as before."""
+    monkeypatch.setattr(scheduler, "PROGRESS_SECONDS", 0.02)
+    config = make_config(tmp_path, verify_job("v", "0 1 * * *"))
+    history = History(config.daemon.history)
+    display = RecordingReporter()
+    seen: list[object] = []
+
+    def row_progress() -> object:
+        run = history.last("v")
+        return run.progress if run is not None else None
+
+    def execute_job(config: AutomationConfig, job: Job, progress: ProgressReporter) -> JobOutcome:
+        progress.start("web01.raw", 100)
+        progress.advance(40)
+        seen.append(wait_until(lambda: row_progress() == Progress("web01.raw", 40, 100, 1)))
+        progress.finish()
+        progress.start("check", 0)
+        seen.append(wait_until(lambda: row_progress() == Progress("check", 0, 0, 2)))
+        return JobOutcome(SUCCESS, message="ok")
+
+    monkeypatch.setattr(scheduler, "execute_job", execute_job)
+    outcome, _start, _end = run_and_record(config, config.jobs["v"], history, FakeClock(T0), progress=display)
+    assert outcome.status == SUCCESS and seen == [True, True]
+    assert display.calls == [("start", "web01.raw", 100), ("advance", 40), ("finish",), ("start", "check", 0)]
+    run = history.last("v")
+    assert run is not None and run.status == SUCCESS and "progress" not in run.details  # its details replace it
+
+
+class RecordingReporter(NullReporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[object, ...]] = []
+
+    def start(self, label: str, total: int) -> None:
+        self.calls.append(("start", label, total))
+
+    def advance(self, n: int) -> None:
+        self.calls.append(("advance", n))
+
+    def finish(self) -> None:
+        self.calls.append(("finish",))
+
+
+def wait_until(ready: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        time.sleep(0.01)
+    return False

@@ -1,7 +1,9 @@
 """Job history in SQLite: one row per attempt (job, start, end, status, snapshot, bytes, error).
 
 A row is inserted as ``running`` when an attempt starts, gets a heartbeat every few
-seconds while it runs, and is updated when it ends, so a daemon killed mid-job leaves a
+seconds while it runs (with how far it got: ``details["progress"]``, which other processes,
+``vmvault jobs`` and a dashboard serving apart from the daemon, show), and is updated when it
+ends, so a daemon killed mid-job leaves a
 visible ``running`` row; it is marked ``interrupted``, ending at its last heartbeat, by
 whoever finds nobody holding the job's lock: the next daemon start, the next run of that
 job, ``vmvault jobs`` and ``vmvault history`` (``status.settle_interrupted``), so a run going
@@ -44,6 +46,7 @@ __all__ = [
     "Action",
     "DaemonRun",
     "History",
+    "Progress",
     "Run",
     "Sample",
     "Watch",
@@ -210,6 +213,11 @@ class Run:
     heartbeat: dt.datetime | None = None
 
     @property
+    def progress(self) -> Progress | None:
+        """How far the attempt had got at its last heartbeat (None: not said)."""
+        return Progress.from_dict(self.details.get("progress"))
+
+    @property
     def seconds(self) -> float | None:
         """How long it took; for an ``interrupted`` run, how long it was seen running."""
         return (self.end - self.start).total_seconds() if self.end else None
@@ -230,6 +238,45 @@ class Run:
             "details": self.details,
             "heartbeat": _iso(self.heartbeat) if self.heartbeat else None,
         }
+
+
+#: the longest phase name a heartbeat records (a phase is named after a disk of the source)
+_PHASE_CHARS = 200
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a running attempt is: its phase (a disk, a step of a check), how much of the
+    phase is done of how much (bytes or objects; ``total`` 0: unknown), and how many phases
+    have begun."""
+
+    phase: str
+    done: int
+    total: int
+    phases: int
+
+    @property
+    def percent(self) -> float | None:
+        return min(100.0, 100.0 * self.done / self.total) if self.total > 0 else None
+
+    def describe(self) -> str:
+        """``web01.raw 45%``, or the phase alone while its size is unknown."""
+        pct = self.percent
+        return self.phase if pct is None else f"{self.phase} {pct:.0f}%"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase[:_PHASE_CHARS], "done": self.done, "total": self.total, "phases": self.phases}
+
+    @classmethod
+    def from_dict(cls, doc: object) -> Progress | None:
+        """A recorded progress, or None for anything else (a row of an older vmvault)."""
+        if not isinstance(doc, dict):
+            return None
+        phase, numbers = doc.get("phase"), [doc.get(k) for k in ("done", "total", "phases")]
+        counts = [n for n in numbers if type(n) is int and n >= 0]
+        if not isinstance(phase, str) or len(counts) != 3:
+            return None
+        return cls(phase[:_PHASE_CHARS], counts[0], counts[1], counts[2])
 
 
 @dataclass(frozen=True)
@@ -363,10 +410,25 @@ class History:
         with self._connect() as db:
             return [r[0] for r in db.execute("SELECT DISTINCT job FROM runs WHERE status = ?", (RUNNING,))]
 
-    def heartbeat(self, run_id: int, when: dt.datetime) -> None:
-        """A running attempt's sign of life (``scheduler.HEARTBEAT_SECONDS`` apart)."""
+    def heartbeat(self, run_id: int, when: dt.datetime, progress: Progress | None = None) -> None:
+        """A running attempt's sign of life (``scheduler.HEARTBEAT_SECONDS`` apart), with where
+        it is (``details["progress"]``) when ``progress`` is given. Only the process running
+        the attempt writes its row until it ends."""
         with self._connect() as db:
-            db.execute("UPDATE runs SET heartbeat = ? WHERE id = ? AND status = ?", (_iso_ms(when), run_id, RUNNING))
+            if progress is None:
+                db.execute(
+                    "UPDATE runs SET heartbeat = ? WHERE id = ? AND status = ?", (_iso_ms(when), run_id, RUNNING)
+                )
+                return
+            row = db.execute("SELECT details FROM runs WHERE id = ? AND status = ?", (run_id, RUNNING)).fetchone()
+            if row is None:
+                return
+            details = json.loads(row[0] or "{}")
+            details["progress"] = progress.to_dict()
+            db.execute(
+                "UPDATE runs SET heartbeat = ?, details = ? WHERE id = ? AND status = ?",
+                (_iso_ms(when), json.dumps(details, default=str), run_id, RUNNING),
+            )
 
     def mark_interrupted(
         self,
@@ -399,8 +461,10 @@ class History:
                 run = self._run(row)
                 end = run.heartbeat or run.start
                 seen = (end - run.start).total_seconds()
+                last = run.progress
                 error = f"interrupted: {who} stopped before the run finished" + (
-                    f" (seen running for {duration(seen)}, until its last heartbeat)"
+                    f" (seen running for {duration(seen)}, until its last heartbeat"
+                    + (f", in {last.describe()})" if last is not None else ")")
                     if run.heartbeat
                     else " (it stopped before its first heartbeat)"
                 )

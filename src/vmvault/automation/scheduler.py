@@ -39,12 +39,13 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vmvault.automation.config import AutomationConfig, Job
-from vmvault.automation.history import FAILED, RUNNING, SUCCESS, WARNING, History, Watch
+from vmvault.automation.history import FAILED, RUNNING, SUCCESS, WARNING, History, Progress, Watch
 from vmvault.automation.locks import StateLock, daemon_lock, job_lock
 from vmvault.automation.notify import Notifier, Summary, attempt_record, send_all
 from vmvault.automation.publish import StatusPublisher
@@ -69,6 +70,9 @@ log = logging.getLogger("vmvault.automation")
 #: a running attempt records a sign of life this often: a run whose process dies is known
 #: to have run until its last one (not "0s", not "until somebody looked")
 HEARTBEAT_SECONDS = 5.0
+#: how often a running attempt's progress is written to its history row when it moved (what
+#: ``vmvault jobs`` and a dashboard in another process show)
+PROGRESS_SECONDS = 2.0
 #: the daemon's own sign of life, for ``vmvault jobs`` to say when a dead daemon was last seen
 DAEMON_HEARTBEAT_SECONDS = 30.0
 #: how far back the catch-up looks for the latest firing (beyond ``catch_up_within``, to name
@@ -187,10 +191,64 @@ def conclude_run(
     return summary
 
 
-def _heartbeat(history: History, run_id: int, clock: Clock, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_SECONDS):
+class _Followed:
+    """The ProgressReporter an attempt reports to: passes everything on to ``inner`` (a live
+    display, or nothing) and keeps where the attempt is, for its heartbeats to record."""
+
+    def __init__(self, inner: ProgressReporter | None) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        self._where = Progress("starting", 0, 0, 0)
+        self.changes = 0
+
+    def start(self, label: str, total: int) -> None:
+        with self._lock:
+            self._where = Progress(label, 0, max(0, total), self._where.phases + 1)
+            self.changes += 1
+        if self.inner is not None:
+            self.inner.start(label, total)
+
+    def advance(self, n: int) -> None:
+        with self._lock:
+            w = self._where
+            self._where = Progress(w.phase, w.done + n, w.total, w.phases)
+            self.changes += 1
+        if self.inner is not None:
+            self.inner.advance(n)
+
+    def finish(self) -> None:
+        with self._lock:
+            w = self._where
+            self._where = Progress(w.phase, max(w.done, w.total), w.total, w.phases)
+            self.changes += 1
+        if self.inner is not None:
+            self.inner.finish()
+
+    def warn(self, text: str) -> None:
+        if self.inner is not None:
+            self.inner.warn(text)
+
+    def where(self) -> tuple[int, Progress]:
+        """(how many changes so far, where the attempt is)."""
+        with self._lock:
+            return self.changes, self._where
+
+
+def _heartbeat(history: History, run_id: int, clock: Clock, stop: threading.Event, followed: _Followed) -> None:
+    """Every ``PROGRESS_SECONDS`` the attempt's progress when it moved, and a heartbeat at
+    least every ``HEARTBEAT_SECONDS``."""
+    written, last = 0, time.monotonic()
+    while True:
+        due = last + HEARTBEAT_SECONDS
+        if stop.wait(max(0.0, min(PROGRESS_SECONDS, due - time.monotonic()))):
+            return
+        changes, where = followed.where()
+        if changes == written and time.monotonic() < due:
+            continue
+        last = time.monotonic()  # (also after a failed write: tried again in an interval, not at once)
         try:
-            history.heartbeat(run_id, clock.now())
+            history.heartbeat(run_id, clock.now(), where if changes != written else None)
+            written = changes
         except Exception as exc:  # a missed heartbeat only makes an interrupted run look shorter
             log.warning("run %d: could not record its heartbeat: %s", run_id, exc)
 
@@ -226,12 +284,16 @@ def run_and_record(
         run_id = history.start(job.name, job.type, start, attempt=attempt)
         log.info("job %s: attempt %d started", job.name, attempt)
         stop_beat = threading.Event()
+        followed = _Followed(progress)
         beat = threading.Thread(
-            target=_heartbeat, args=(history, run_id, clock, stop_beat), name=f"vmvault-heartbeat-{run_id}", daemon=True
+            target=_heartbeat,
+            args=(history, run_id, clock, stop_beat, followed),
+            name=f"vmvault-heartbeat-{run_id}",
+            daemon=True,
         )
         beat.start()
         try:
-            outcome = execute(config, job) if execute is not None else execute_job(config, job, progress=progress)
+            outcome = execute(config, job) if execute is not None else execute_job(config, job, progress=followed)
         except Exception as exc:  # an executor that raises is still a failed run
             outcome = JobOutcome(status=FAILED, error=f"{type(exc).__name__}: {exc}", exception=exc)
         finally:

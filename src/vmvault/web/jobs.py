@@ -5,6 +5,11 @@ own (holding the job's lock, like ``vmvault run``), and ``vmvault daemon`` hands
 scheduler, whose job threads report progress here. The board keeps, per job, the phase
 being worked on (a disk, a step of a check, a copy) and how far it is; the Jobs page
 follows it through server-sent events.
+
+Jobs another process runs (the daemon while ``vmvault web`` serves apart from it, or a
+``vmvault run``) are followed through the job history: the process running an attempt
+writes its progress into the attempt's row every ``scheduler.PROGRESS_SECONDS`` while it
+moves, and the board takes it from there (``Elsewhere``), each second at most.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vmvault.automation.config import AutomationConfig, Job
-from vmvault.automation.history import History
+from vmvault.automation.history import RUNNING, History
 from vmvault.automation.locks import job_lock
 from vmvault.automation.publish import StatusPublisher
-from vmvault.automation.scheduler import Scheduler, SystemClock, run_and_record
+from vmvault.automation.scheduler import HEARTBEAT_SECONDS, Scheduler, SystemClock, run_and_record
 from vmvault.engine.progress import ProgressReporter
 from vmvault.errors import LockedError
 
-__all__ = ["DaemonControl", "JobControl", "ProgressBoard", "StandaloneControl"]
+__all__ = ["DaemonControl", "Elsewhere", "JobControl", "ProgressBoard", "StandaloneControl"]
 
 log = logging.getLogger("vmvault.web")
 
@@ -157,6 +162,55 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+#: how often the history is read for runs of other processes (the event stream asks 4 times a second)
+FOLLOW_SECONDS = 1.0
+#: a running row without a heartbeat for this long is a process that died: not shown as
+#: running (``vmvault jobs`` and the next run mark it interrupted)
+_SILENT_SECONDS = 3 * HEARTBEAT_SECONDS
+
+
+class Elsewhere:
+    """The board's view of attempts another process runs: each ``running`` row of the
+    history whose job this process does not run, with the progress its heartbeats record;
+    finished on the board when its row ends."""
+
+    def __init__(self, board: ProgressBoard, history: History) -> None:
+        self.board = board
+        self.history = history
+        self.jobs: set[str] = set()
+        self._next = 0.0
+
+    def follow(self, own: set[str]) -> None:
+        """Bring the board up to date (``own``: the jobs this process runs or queued)."""
+        if time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + FOLLOW_SECONDS
+        now = dt.datetime.now(dt.UTC)
+        running = {}
+        for run in reversed(self.history.runs(statuses=(RUNNING,))):  # the newest row of each job last
+            seen = run.heartbeat or run.start
+            if run.job not in own and (now - seen).total_seconds() < _SILENT_SECONDS:
+                running[run.job] = run
+        for job, run in running.items():
+            where = run.progress
+
+            def change(s: JobState, run: Any = run, where: Any = where) -> None:
+                s.state, s.status, s.by = "running", None, "another process"
+                s.started = run.start.isoformat(timespec="seconds")
+                s.phase, s.done, s.total, s.phases = (
+                    (where.phase, where.done, where.total, where.phases) if where else ("running", 0, 0, 0)
+                )
+
+            self.board.update(job, change)
+            self.jobs.add(job)
+        for job in sorted(self.jobs - running.keys()):
+            self.jobs.discard(job)
+            if job in own:
+                continue  # (this process runs it now: its own reports take over)
+            last = self.history.last(job)
+            self.board.finished(job, last.status if last is not None and last.status != RUNNING else "interrupted")
+
+
 class JobControl(Protocol):
     board: ProgressBoard
 
@@ -179,6 +233,7 @@ class StandaloneControl:
         self.board = ProgressBoard()
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        self._elsewhere = Elsewhere(self.board, history)
 
     def run_now(self, job: Job, user: str) -> None:
         with self._lock:
@@ -216,7 +271,9 @@ class StandaloneControl:
                 self.publisher.publish(job.repositories)
 
     def sync(self) -> None:
-        return None
+        with self._lock:
+            own = {name for name, t in self._threads.items() if t.is_alive()}
+        self._elsewhere.follow(own)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the running jobs (tests, and stopping)."""
@@ -235,6 +292,7 @@ class DaemonControl:
         self.board = board
         self._active: set[str] = set()
         self._lock = threading.Lock()
+        self._elsewhere = Elsewhere(board, scheduler.history)
 
     def _busy(self) -> set[str]:
         return self.scheduler.busy_jobs()
@@ -252,8 +310,10 @@ class DaemonControl:
 
     def sync(self) -> None:
         busy = self._busy()
+        self._elsewhere.follow(busy)
         with self._lock:
-            for name in list(self._active | {s["job"] for s in self.board.states() if s["state"] != "finished"}):
+            shown = {s["job"] for s in self.board.states() if s["state"] != "finished"} - self._elsewhere.jobs
+            for name in list(self._active | shown):
                 if name in busy:
                     self._active.add(name)
                     continue

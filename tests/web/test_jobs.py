@@ -1,0 +1,125 @@
+"""Jobs another process runs (the daemon while `vmvault web` serves apart, a `vmvault run`):
+their progress reaches the dashboard through the job history, and they end there."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.web.conftest import Site, close_site, make_site
+from vmvault.automation import scheduler as scheduler_module
+from vmvault.automation.config import AutomationConfig, Job
+from vmvault.automation.history import SUCCESS, History, Progress
+from vmvault.automation.runner import JobOutcome
+from vmvault.automation.scheduler import FakeClock, Scheduler, SystemClock, run_and_record
+from vmvault.engine.progress import ProgressReporter
+from vmvault.web import jobs as jobs_module
+from vmvault.web.jobs import DaemonControl, ProgressBoard
+
+from .test_api import _auth
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    monkeypatch.setattr(jobs_module, "FOLLOW_SECONDS", 0.0)
+    monkeypatch.setattr(scheduler_module, "PROGRESS_SECONDS", 0.02)
+    s = make_site(tmp_path / "site")
+    yield s
+    close_site(s)
+
+
+def wait_for(what: str, ready: Callable[[], Any], seconds: float = 20.0) -> Any:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = ready()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {seconds} s")
+
+
+def state_of(site: Site, job: str) -> dict[str, Any] | None:
+    r = site.client.get("/api/v1/progress", headers=_auth(site, "vera"))
+    assert r.status_code == 200
+    return next((p for p in r.json()["progress"] if p["job"] == job), None)
+
+
+def test_a_job_run_elsewhere_shows_its_progress_and_its_end(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def execute_job(config: AutomationConfig, job: Job, progress: ProgressReporter) -> JobOutcome:
+        progress.start("web01.raw", 200)
+        progress.advance(80)
+        release.wait(30)
+        progress.finish()
+        return JobOutcome(SUCCESS, message="ok")
+
+    monkeypatch.setattr(scheduler_module, "execute_job", execute_job)
+    job = site.config.jobs["web01-nightly"]
+    # the other process: its own History on the same file, its own job lock (vmvault run)
+    other = threading.Thread(
+        target=run_and_record,
+        args=(site.config, job, History(site.config.daemon.history), SystemClock()),
+        kwargs={"command": "vmvault run"},
+    )
+    other.start()
+    try:
+
+        def running() -> dict[str, Any] | None:
+            p = state_of(site, "web01-nightly")
+            return p if p and p["state"] == "running" and p["phase"] == "web01.raw" else None
+
+        p = wait_for("the run's progress on the board", running)
+        assert p["percent"] == 40.0 and p["done"] == 80 and p["total"] == 200
+        page = site.login("vera").get("/jobs").text
+        assert "running 40 %" in page and "web01.raw" in page
+        token = _auth(site, "otto")
+        assert site.client.post("/api/v1/jobs/web01-nightly/run", headers=token).status_code == 409
+    finally:
+        release.set()
+        other.join(30)
+
+    def finished() -> dict[str, Any] | None:
+        p = state_of(site, "web01-nightly")
+        return p if p and p["state"] == "finished" else None
+
+    assert wait_for("the run's end on the board", finished)["status"] == SUCCESS
+
+
+def test_a_run_without_a_heartbeat_for_long_is_not_shown_running(site: Site) -> None:
+    """A process that died leaves its row ``running`` until someone marks it: the board does
+    not show it as going on."""
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
+    run_id = site.history.start("web01-nightly", "backup", long_ago)
+    site.history.heartbeat(run_id, long_ago + dt.timedelta(seconds=4), Progress("web01.raw", 1, 2, 1))
+    assert state_of(site, "web01-nightly") is None
+
+
+def test_the_daemons_board_follows_runs_of_other_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's own sync must not end them (its scheduler does not run them) before they end."""
+    monkeypatch.setattr(jobs_module, "FOLLOW_SECONDS", 0.0)
+    s = make_site(tmp_path / "site")
+    try:
+        sched = Scheduler(s.config, clock=FakeClock(dt.datetime.now(dt.UTC)), history=s.history, notifiers=[])
+        board = ProgressBoard()
+        control = DaemonControl(sched, board)
+        now = dt.datetime.now(dt.UTC)
+        run_id = s.history.start("web01-nightly", "backup", now)
+        s.history.heartbeat(run_id, now, Progress("web01.raw", 3, 4, 1))
+        for _ in range(2):
+            control.sync()
+            state = board.state("web01-nightly")
+            assert state is not None and (state.state, state.phase, state.percent) == ("running", "web01.raw", 75.0)
+        s.history.finish(run_id, now + dt.timedelta(seconds=1), SUCCESS)
+        control.sync()
+        state = board.state("web01-nightly")
+        assert state is not None and (state.state, state.status) == ("finished", SUCCESS)
+        sched.close()
+    finally:
+        close_site(s)
