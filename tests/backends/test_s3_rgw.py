@@ -219,7 +219,7 @@ def test_repository_retention_on_the_gateway(rgw: CephCluster, tmp_path: Path) -
         backup(repo, open_source(str(_image(tmp_path / "late.img", 9))))
     unlocked = {p.object for p in check(repo).errors if p.kind == UNLOCKED}
     assert unlocked and all(_retention(client, "vault", f"repo/{n}")[0] is None for n in unlocked)
-    found, _looked = unlocked_objects(repo)
+    found = unlocked_objects(repo).unlocked
     assert lock_objects(repo, found) == len(unlocked)
     assert check(repo).ok
     assert all(_retention(client, "vault", f"repo/{n}")[0] == "COMPLIANCE" for n in unlocked)

@@ -37,7 +37,7 @@ from vmvault.hypervisors import open_source
 from vmvault.repo import keys
 from vmvault.repo.check import DELETED, UNLOCKED, check
 from vmvault.repo.format import BlobType
-from vmvault.repo.immutability import deleted_objects, lock_objects, unlocked_objects
+from vmvault.repo.immutability import LockReview, deleted_objects, lock_objects, unlocked_objects
 from vmvault.repo.prune import forget, prune
 from vmvault.repo.repository import Repository
 from vmvault.repo.retention import RetentionPolicy
@@ -194,7 +194,7 @@ def test_objects_the_storage_left_unlocked_are_found_by_check_and_locked_by_repa
     first = backup(repo, open_source(str(_image(tmp_path / "vm.img", 1)))).snapshot.id
     locked_before = _names(repo.backend, "data/", "index/", "snapshots/")
     assert check(repo).ok
-    assert unlocked_objects(repo) == ([], len(locked_before))
+    assert unlocked_objects(repo, remember=False) == LockReview([], len(locked_before), 0)
     # the second backup's uploads get no retention, as from a server that ignored it
     backend: Any = repo.backend
     monkeypatch.setattr(backend, "_lock_args", lambda name: {})
@@ -218,12 +218,12 @@ def test_objects_the_storage_left_unlocked_are_found_by_check_and_locked_by_repa
     # one of them locked, but too briefly: still named, with the date its lock ends
     short = sorted(unlocked)[0]
     assert repo.backend.retain(short, time.time() + 120)
-    found, _ = unlocked_objects(repo)
+    found = unlocked_objects(repo).unlocked
     brief = next(o for o in found if o.name == short)
     assert brief.until is not None and "is locked only until" in brief.describe()
 
     # objects past the retention period need no lock any more: none is even looked up
-    assert unlocked_objects(repo, now=time.time() + 3 * 86400) == ([], 0)
+    assert unlocked_objects(repo, now=time.time() + 3 * 86400) == LockReview([], 0, 0)
 
     assert lock_objects(repo, found) == len(unlocked)
     assert check(repo).ok
@@ -358,6 +358,47 @@ class _RefusesRetention:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
+
+
+def test_a_lock_seen_once_is_not_asked_about_again_until_its_object_is_written_again(
+    moto: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A COMPLIANCE lock cannot be shortened: once seen on a version of an object, this host
+    asks no more about that version (the nightly check of a large repository with a long
+    retention period would otherwise ask about every object, every night). The same name
+    written again is another version (another listing time): asked about, and named."""
+    repo = Repository.init(open_backend(moto.url("vault", "memo")), PASSWORD, chunk_size=CHUNK, immutable_days=2)
+    snap = backup(repo, open_source(str(_image(tmp_path / "vm.img", 1)))).snapshot.id
+    objects = _names(repo.backend, "data/", "index/", "snapshots/")
+    asked: list[str] = []
+    backend: Any = repo.backend
+    real = backend.retention_of
+
+    def retention_of(name: str, version: str | None = None) -> float | None:
+        asked.append(name)
+        return real(name, version)
+
+    monkeypatch.setattr(backend, "retention_of", retention_of)
+    assert unlocked_objects(repo) == LockReview([], len(objects), 0)
+    assert sorted(asked) == sorted(objects)
+    asked.clear()
+    report = check(repo)
+    assert report.ok and asked == [] and report.stats["objects_lock_checked"] == len(objects)
+    assert report.stats["objects_lock_looked_up"] == 0
+    assert unlocked_objects(repo, remember=False).looked_up == len(objects)  # trusting nothing kept
+    asked.clear()
+
+    # the snapshot's name written again, the same bytes, without retention (a client without
+    # immutable-days, a server ignoring the headers): its listing time tells the versions apart
+    time.sleep(1.1)
+    client: Any = moto.client()
+    key = f"memo/snapshots/{snap}"
+    body = client.get_object(Bucket="vault", Key=key)["Body"].read()
+    client.put_object(Bucket="vault", Key=key, Body=body)
+    review = unlocked_objects(repo)
+    assert [o.name for o in review.unlocked] == [f"snapshots/{snap}"] and asked == [f"snapshots/{snap}"]
+    assert review.known == len(objects) - 1
+    repo.close()
 
 
 @pytest.mark.integration

@@ -406,17 +406,20 @@ def cmd_repair_locks(args: argparse.Namespace) -> int:
     nothing = "there is nothing to repair; retention here is kept by vmvault declining deletes"
     with _object_lock_repair(args, "repair locks", nothing) as repo:
         with PhaseBars(out.progress()) as bars:
-            found, looked = unlocked_objects(repo, progress=lambda done, total: bars("looking up", done, total))
+            review = unlocked_objects(repo, progress=lambda done, total: bars("looking up", done, total))
+        found = review.unlocked
         locked = 0 if args.dry_run else lock_objects(repo, found)
     doc = {
-        "looked_up": looked,
+        "looked_up": review.looked_up,
+        "known_locked": review.known,
         "unlocked": [{"name": o.name, "written": o.written, "due": o.due, "until": o.until} for o in found],
         "locked": locked,
     }
     said = [(o.name, o.describe()) for o in found]
+    of = f"of {review.looked_up} looked up" + (f" ({review.known} known locked here)" if review.known else "")
     if args.dry_run:
-        return _repaired(out, doc, said, f"{plural(len(found), 'object')} to lock, of {looked} looked up", True)
-    return _repaired(out, doc, said, f"{plural(locked, 'object')} locked, of {looked} looked up", False)
+        return _repaired(out, doc, said, f"{plural(len(found), 'object')} to lock, {of}", True)
+    return _repaired(out, doc, said, f"{plural(locked, 'object')} locked, {of}", False)
 
 
 def _repaired(out: Output, doc: dict[str, Any], said: list[tuple[str, str]], summary: str, dry_run: bool) -> int:

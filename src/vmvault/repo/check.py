@@ -317,13 +317,14 @@ class _Checker:
         but not protected as the repository says it is. One hidden is an error too: the
         repository misses it (as a missing pack or snapshot) until it is brought back."""
         try:
-            found, looked = unlocked_objects(self.repo, progress=lambda done, total: self.tick("locks", done, total))
+            review = unlocked_objects(self.repo, progress=lambda done, total: self.tick("locks", done, total))
         except BackendPermissionError as exc:
             self.add(WARNING, "object-locks-not-checked", self.backend.url, f"{exc}; give them that right to check")
         else:
-            if looked:
-                self.stats["objects_lock_checked"] = looked
-            for obj in found:
+            if review.checked:
+                self.stats["objects_lock_checked"] = review.checked
+                self.stats["objects_lock_looked_up"] = review.looked_up
+            for obj in review.unlocked:
                 self.add(ERROR, UNLOCKED, obj.name, f"{obj.describe()}; `vmvault repair locks` locks it")
         try:
             deleted = deleted_objects(self.repo)

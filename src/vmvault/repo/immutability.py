@@ -48,6 +48,7 @@ __all__ = [
     "LOCK_SLACK",
     "RETAINED_PREFIXES",
     "Deleted",
+    "LockReview",
     "Unlocked",
     "deleted_objects",
     "lock_objects",
@@ -129,35 +130,72 @@ class Unlocked:
         )
 
 
+@dataclass(frozen=True)
+class LockReview:
+    """What ``unlocked_objects`` found: the objects not locked as they should be, how many
+    objects it asked the storage about, and how many it knew locked from this host's earlier
+    lookups (the index cache's record of COMPLIANCE locks: section 12.3)."""
+
+    unlocked: list[Unlocked]
+    looked_up: int
+    known: int
+
+    @property
+    def checked(self) -> int:
+        return self.looked_up + self.known
+
+
 def unlocked_objects(
     repo: Repository,
     *,
     now: float | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[Unlocked], int]:
+    remember: bool = True,
+) -> LockReview:
     """The data, index and snapshot objects the storage should still hold locked (written
-    less than the retention period ago) whose own retention is missing or ends early, and
-    how many objects were looked up. Empty where the storage enforces nothing (advisory
-    retention has nothing to check). Listings give each object's time where they can; each
-    object still inside the period costs one lookup of its retention."""
+    less than the retention period ago) whose own retention is missing or ends early. Empty
+    where the storage enforces nothing (advisory retention has nothing to check). Listings
+    give each object's time where they can; each object still inside the period costs one
+    lookup of its retention, once: a COMPLIANCE lock long enough is recorded in this host's
+    index cache with the version's listing stamp and time (nobody can shorten it), and that
+    version is not asked about again (``remember=False``: every object is asked)."""
     days = retention_days(repo)
     if days is None or not repo.backend.enforces_immutability:
-        return [], 0
+        return LockReview([], 0, 0)
     now = time.time() if now is None else now
     period = days * 86400.0
     found: list[Unlocked] = []
-    looked = 0
+    looked = known = 0
+    cache = repo.index.cache if remember else None
     with ThreadPoolExecutor(repo.backend.prepare_reads(), thread_name_prefix="vmvault-locks") as pool:
         listing = _retained_listing(repo)
         while batch := list(itertools.islice(listing, _LOOKUPS)):
-            due = [(obj, written + period) for obj, written in batch if written + period - LOCK_SLACK > now]
-            for (obj, must), until in zip(due, pool.map(lambda item: _retention(repo, item[0].name), due), strict=True):
+            due = [(obj, written, written + period) for obj, written in batch if written + period - LOCK_SLACK > now]
+            seen = cache.known_locks((o.name, o.stamp, w) for o, w, _ in due if _versioned(o)) if cache else {}
+            ask = [
+                (obj, written, must) for obj, written, must in due if seen.get(obj.name, -math.inf) < must - LOCK_SLACK
+            ]
+            known += len(due) - len(ask)
+            learned: list[tuple[str, str, float, float]] = []
+            for (obj, written, must), until in zip(
+                ask, pool.map(lambda item: _retention(repo, item[0].name), ask), strict=True
+            ):
                 looked += 1
                 if until is None or until < must - LOCK_SLACK:
-                    found.append(Unlocked(obj.name, must - period, must, until))
+                    found.append(Unlocked(obj.name, written, must, until))
+                elif until != math.inf and _versioned(obj):
+                    learned.append((obj.name, obj.stamp, written, until))
+            if cache is not None:
+                cache.remember_locks(learned, now=now)
             if progress is not None:
-                progress(looked, 0)
-    return found, looked
+                progress(looked + known, 0)
+    return LockReview(found, looked, known)
+
+
+def _versioned(obj: ObjectInfo) -> bool:
+    """Whether the listing names this version of ``obj`` (its stamp, S3's ETag, and its time):
+    a lock is remembered only for a version told apart from any later one."""
+    return bool(obj.stamp) and obj.modified is not None
 
 
 def lock_objects(repo: Repository, objects: Iterable[Unlocked]) -> int:

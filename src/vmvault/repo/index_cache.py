@@ -92,6 +92,10 @@ _SCHEMA_SQL = (
     "CREATE TABLE IF NOT EXISTS blobs(id BLOB NOT NULL, file INTEGER NOT NULL, pack INTEGER NOT NULL,"
     " type INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL,"
     " PRIMARY KEY(id, file, pack)) WITHOUT ROWID",
+    # COMPLIANCE retention this host saw on a version of an object (name, the listing's stamp
+    # and time of that version): a later check need not ask again (section 12.3)
+    "CREATE TABLE IF NOT EXISTS locks(name TEXT PRIMARY KEY, stamp TEXT NOT NULL, written REAL NOT NULL,"
+    " until REAL NOT NULL) WITHOUT ROWID",
 )
 
 #: live rows of one blob, the earliest ingested file first
@@ -645,6 +649,35 @@ class IndexCache:
                 bytes(r[0]): int(r[1])
                 for r in in_parts(conn, "SELECT id, no FROM packs WHERE id IN ({marks})", pack_ids)
             }
+
+    def known_locks(self, objects: Iterable[tuple[str, str, float]]) -> dict[str, float]:
+        """Of ``objects`` (name, the listing's stamp and time of its version), those this host
+        saw locked (``remember_locks``) as that very version: name -> when the lock ends."""
+        with self._reading() as conn:
+            found: dict[str, float] = {}
+            for name, stamp, written in objects:
+                row = conn.execute(
+                    "SELECT until FROM locks WHERE name = ? AND stamp = ? AND written = ?", (name, stamp, written)
+                ).fetchone()
+                if row is not None:
+                    found[name] = float(row[0])
+            return found
+
+    def remember_locks(self, locks: Sequence[tuple[str, str, float, float]], *, now: float) -> None:
+        """Record (name, stamp, written, until): the storage holds that version of the object
+        under COMPLIANCE retention until ``until``, which nobody can shorten. Records of locks
+        ended before ``now`` go (their objects are no longer looked up)."""
+        if not locks:
+            return
+        with _translated(self), contextlib.closing(self._connect(_WRITE_CACHE_KIB)) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?)", locks)
+                conn.execute("DELETE FROM locks WHERE until < ?", (now,))
+                self._commit(conn, "locks")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
 
     def live_files(self) -> list[bytes]:
         """The ids of the live index files, in ingest order."""
