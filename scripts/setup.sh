@@ -3,7 +3,8 @@
 # OpenSSH (SFTP tests), libvhdi, Ceph's monitor, OSD and RADOS Gateway (a single-node S3 store
 # the tests start on loopback: tests/ceph.py; ~60 MB download, ~320 MB installed, ~20 s), the
 # tools that build guest filesystems and a bootable guest without mounts (tests/fsimages.py,
-# tests/guests.py: e2fsprogs, dosfstools, mtools, ntfs-3g, exfatprogs, xfsprogs, fdisk,
+# tests/guests.py: e2fsprogs, dosfstools, mtools, ntfs-3g, exfatprogs and exfat-fuse (exFAT images
+# are filled through it on a loop device), xfsprogs, fdisk,
 # cryptsetup, syslinux, busybox-static, Debian's kernel and qemu-guest-agent; ~75 MB download,
 # 2-4.5 min on a shared 2-core machine, most of it unpacking the kernel's modules and
 # initramfs-tools rebuilding an initrd the tests do not use), Chromium and its WebDriver (the
@@ -23,7 +24,7 @@ if command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get install -y -q --no-install-recommends \
     qemu-utils qemu-system-x86 python3-libnbd libnbd-bin openssh-server openssh-client libvhdi-utils \
     ceph-mon ceph-osd radosgw openssl \
-    e2fsprogs dosfstools mtools ntfs-3g exfatprogs xfsprogs btrfs-progs fdisk cryptsetup-bin \
+    e2fsprogs dosfstools mtools ntfs-3g exfatprogs exfat-fuse xfsprogs btrfs-progs fdisk cryptsetup-bin \
     syslinux syslinux-common busybox-static qemu-guest-agent chromium chromium-driver \
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config ovmf virtnbdbackup \
     fuse3

@@ -1,12 +1,15 @@
-"""Guest filesystem images for the file-level restore tests, built with Debian tools, no mounts.
+"""Guest filesystem images for the file-level restore tests, built with Debian tools (one mount:
+exFAT's).
 
 * ext2/3/4: ``mke2fs -d`` copies a folder tree in (names, modes, mtimes, symbolic links, sparse
   files); ``debugfs -w`` changes a file in an existing image (the checkpoint-layer tests).
 * FAT12/16/32: ``mkfs.vfat``, then ``mmd`` and ``mcopy -m`` (mtimes kept) from mtools.
 * NTFS: ``mkntfs``, folders made through libntfs-3g (the library ``ntfscp`` itself uses; the
   ntfs-3g package has no folder tool), files copied with ``ntfscp -t`` (mtimes kept).
-* exFAT: ``mkfs.exfat`` only. exfatprogs has no way to put files into an image without mounting
-  it, so exFAT images hold an empty root (listing and the filesystem's detection are tested).
+* exFAT: ``mkfs.exfat``, then the tree copied in through exfat-fuse (another exFAT
+  implementation than the one vmvault reads with) on a loop device: exfatprogs has no way to
+  put files into an image without mounting it, and this kernel has no exFAT driver. Needs root
+  and ``/dev/loop-control`` (else the tests that need files in it skip, saying so).
 * XFS: ``mkfs.xfs -p PROTOFILE`` (the library cannot read XFS: it must be reported as such).
 * LUKS: ``cryptsetup luksFormat`` on a file. LVM and BitLocker volumes are synthesized from
   their published signatures (``pvcreate`` refuses files; BitLocker needs Windows).
@@ -48,6 +51,8 @@ TOOLS = {
     "mkntfs": "ntfs-3g",
     "ntfscp": "ntfs-3g",
     "mkfs.exfat": "exfatprogs",
+    "mount.exfat-fuse": "exfat-fuse",
+    "losetup": "mount",
     "mkfs.xfs": "xfsprogs",
     "sfdisk": "fdisk",
     "cryptsetup": "cryptsetup-bin",
@@ -236,13 +241,50 @@ def ntfs_write(image: Path, local: str | os.PathLike[str], guest_path: str) -> N
     run("ntfscp", "-q", "-t", "-f", image, local, guest_path)
 
 
-def exfat_image(out: Path, size: int) -> Path:
+def exfat_image(out: Path, src: Path | None, size: int) -> Path:
+    """exFAT holding the tree ``src`` (nothing: an empty root, no mount), mtimes kept."""
     need("mkfs.exfat")
     out.unlink(missing_ok=True)
     with open(out, "wb") as f:
         f.truncate(size)
     run("mkfs.exfat", "-L", "GUEST", out)
+    if src is not None:
+        try:
+            _copy_in_through_exfat_fuse(out, src)
+        except BaseException:
+            out.unlink(missing_ok=True)  # never left half filled for the next test to take
+            raise
     return out
+
+
+def _copy_in_through_exfat_fuse(image: Path, src: Path) -> None:
+    need("mount.exfat-fuse", "losetup")
+    if os.geteuid() != 0 or not os.path.exists("/dev/loop-control") or not os.path.exists("/dev/fuse"):
+        pytest.skip("filling an exFAT image needs root, /dev/loop-control and /dev/fuse (a loop device for exfat-fuse)")
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", os.fspath(image)], capture_output=True, text=True, check=False
+    )
+    if loop.returncode != 0:
+        pytest.skip(f"no loop device for the exFAT image: {loop.stderr.strip()}")
+    device = loop.stdout.strip()
+    mnt = image.with_suffix(".mnt")
+    mnt.mkdir(exist_ok=True)
+    try:
+        run("mount.exfat-fuse", device, mnt)
+        try:
+            for dirpath, dirnames, filenames in sorted(os.walk(src)):
+                rel = os.path.relpath(dirpath, src)
+                for d in sorted(dirnames):
+                    (mnt / rel / d).mkdir()
+                for name in sorted(filenames):
+                    shutil.copyfile(os.path.join(dirpath, name), mnt / rel / name)
+                    mtime = os.stat(os.path.join(dirpath, name)).st_mtime
+                    os.utime(mnt / rel / name, (mtime, mtime))
+        finally:
+            run("umount", mnt)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+        mnt.rmdir()
 
 
 def xfs_image(out: Path, src: Path, size: int) -> Path:
@@ -422,6 +464,7 @@ _FS = {
     "fat16": (16 * MiB, "fat"),
     "fat32": (40 * MiB, "fat"),
     "ntfs": (24 * MiB, "ntfs"),
+    "exfat": (8 * MiB, "ntfs"),
 }
 
 #: disks: name -> (scheme, [(filesystem kind or special, partition type)], logical_from)
@@ -462,8 +505,8 @@ class GuestImages:
         return src, self._trees[variant]
 
     def filesystem(self, kind: str) -> tuple[Path, dict[str, Expected]]:
-        """A filesystem image of ``kind`` and the tree it holds (empty for exFAT and the
-        volumes vmvault cannot read)."""
+        """A filesystem image of ``kind`` and the tree it holds (empty for the volumes vmvault
+        cannot read)."""
         out = self.root / f"fs-{kind}.img"
         if kind in _FS:
             size, variant = _FS[kind]
@@ -473,13 +516,13 @@ class GuestImages:
                     ext_image(out, src, size, kind=kind)
                 elif kind.startswith("fat"):
                     fat_image(out, src, size, bits=int(kind[3:]))
+                elif kind == "exfat":
+                    exfat_image(out, src, size)
                 else:
                     ntfs_image(out, src, size)
             return out, tree
         if not out.exists():
-            if kind == "exfat":
-                exfat_image(out, 8 * MiB)
-            elif kind == "xfs":
+            if kind == "xfs":
                 xfs_image(out, self.tree("ext")[0], 320 * MiB)
             elif kind == "luks":
                 luks_image(out, 20 * MiB)

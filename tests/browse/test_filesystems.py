@@ -39,7 +39,7 @@ def _content(fs: Filesystem, path: str) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("kind", ["ext2", "ext3", "ext4", "fat12", "fat16", "fat32", "ntfs"])
+@pytest.mark.parametrize("kind", ["ext2", "ext3", "ext4", "fat12", "fat16", "fat32", "ntfs", "exfat"])
 def test_every_entry_reads_back_as_it_was_put_in(guest_images: GuestImages, kind: str) -> None:
     image, tree = guest_images.filesystem(kind)
     fs = _open(image)
@@ -129,7 +129,7 @@ def test_volumes_the_library_cannot_read_are_named(
     assert (found.status, found.note) == (status, note)
     assert (fs is not None) == (status == "ok")
     if kind == "exfat":
-        assert fs is not None and fs.kind == "exfat" and fs.listdir(fs.root) == []
+        assert fs is not None and fs.kind == "exfat" and "hello.txt" in {e.name for e in fs.listdir(fs.root)}
 
 
 def test_a_damaged_superblock_is_reported_as_damage(guest_images: GuestImages, tmp_path: Path) -> None:

@@ -318,6 +318,7 @@ def test_restore_from_exfat_fat12_ext2_and_ext3(
     backed_up(capsys, disk.parent)
     _, fat = guest_images.filesystem("fat12")
     _, ext = guest_images.filesystem("ext2")
+    _, exfat = guest_images.filesystem("exfat")
     target = env / "out"
     parts = {k: guest_images.partition_of("odd", k) for k in ("exfat", "fat12", "ext2", "ext3")}
     code, doc = run_json(
@@ -326,7 +327,12 @@ def test_restore_from_exfat_fat12_ext2_and_ext3(
         f"odd.qcow2:{parts['ext3']}:/hello.txt", "--target", str(target),
     )  # fmt: skip
     assert code == 0, doc
-    assert os.listdir(target / f"odd.qcow2-{parts['exfat']}") == []  # exFAT images hold an empty root
+    root = target / f"odd.qcow2-{parts['exfat']}"
+    restored = {"/" + str(p.relative_to(root)) for p in root.rglob("*")}
+    assert restored == set(exfat)
+    for path, want in exfat.items():
+        if want.type == "file":
+            assert _sha(root / path[1:]) == want.sha256 and int((root / path[1:]).stat().st_mtime) == want.mtime, path
     assert _sha(target / "docs" / "report.txt") == fat["/docs/report.txt"].sha256
     assert int((target / "docs" / "report.txt").stat().st_mtime) == fat["/docs/report.txt"].mtime
     assert os.readlink(target / "links" / "abs") == ext["/links/abs"].target
