@@ -214,7 +214,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _took(run: Run, now: dt.datetime) -> str:
     """How long a run took, as a person reads it: exact, and honest about runs still going
-    (``running 5m 3s, web01.raw 45%``) and runs whose process died (seen running for at least that long)."""
+    (``running 5m 3s, web01.raw 45%``) and runs whose process died (seen running for at least
+    that long)."""
     if run.status == RUNNING:
         where = run.progress  # (as of its last heartbeat)
         return f"running {duration((now - run.start).total_seconds())}" + (f", {where.describe()}" if where else "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -186,8 +187,13 @@ class Elsewhere:
             return
         self._next = time.monotonic() + FOLLOW_SECONDS
         now = dt.datetime.now(dt.UTC)
+        try:
+            rows = self.history.runs(statuses=(RUNNING,))
+        except sqlite3.Error as exc:  # (the board stays as it was: the next call tries again)
+            log.warning("the job history %s could not be read: %s", self.history.path, exc)
+            return
         running = {}
-        for run in reversed(self.history.runs(statuses=(RUNNING,))):  # the newest row of each job last
+        for run in reversed(rows):  # the newest row of each job last
             seen = run.heartbeat or run.start
             if run.job not in own and (now - seen).total_seconds() < _SILENT_SECONDS:
                 running[run.job] = run
