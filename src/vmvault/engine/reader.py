@@ -11,7 +11,9 @@ least-recently-used cache bounded in bytes, keyed by chunk id (so every reader o
 repository can share one: the same chunk in two snapshots or two disks is fetched once), with
 at most one fetch of a chunk at a time however many threads ask for it. A reader that reads
 sequentially gets read-ahead: the chunks after the one read are fetched in the background,
-the window doubling with each sequential read up to ``readahead`` chunks. Chunks wanted
+the window doubling with each sequential read up to ``readahead`` chunks (a read starting a
+few chunks before or after where the last one ended counts as sequential: a kernel's
+requests arrive out of order). Chunks wanted
 together (a window of read-ahead, the chunks of one large read) are fetched together through
 :class:`~vmvault.repo.fetch.BlobFetcher`: side by side in a pack, they come in one ranged
 read, which matters against remote storage where each read is a round trip.
@@ -47,6 +49,11 @@ DEFAULT_CACHE_BYTES = 64 << 20
 MAX_READ = 64 << 20
 #: chunks fetched ahead of a sequential reader, at most
 DEFAULT_READAHEAD = 32
+#: how many chunks before or after where a sequential reader's next read was expected a read
+#: may start and still count as sequential: a kernel reading ahead (a mount's, an NBD
+#: client's) sends its requests through several threads, and they arrive in another order
+#: (a 4 GiB disk read through a mount: one read in eight; each reset the read-ahead)
+_REORDER_CHUNKS = 4
 
 #: fetches several chunks at once: chunk ids -> ``(id, plaintext, or the IntegrityError a read of
 #: it alone raises)`` in the order given (``BlobFetcher.fetch``)
@@ -415,9 +422,10 @@ class DiskReader:
             return
         n_chunks = -(-self.size // self.chunk_size)
         with self._lock:
-            sequential = offset == self._next
+            slack = _REORDER_CHUNKS * self.chunk_size
+            sequential = self._next >= 0 and self._next - slack <= offset <= self._next + slack
             self._window = min(self.readahead, max(1, self._window * 2)) if sequential else 0
-            self._next = end
+            self._next = max(self._next, end) if sequential else end
             window = self._window
             if not window:
                 self._ahead = -1
