@@ -351,6 +351,32 @@ def test_a_cache_from_before_stamps_is_kept(tmp_path: Path) -> None:
         again.close()
 
 
+def test_locks_seen_are_kept_per_version_and_go_when_they_end(tmp_path: Path) -> None:
+    """The record of COMPLIANCE locks (section 12.3): a version (stamp and time) another than
+    the one seen is not known; a record of a lock that ended goes; a cache from before the
+    record gets its table when opened."""
+    cache = new_cache(tmp_path)
+    try:
+        cache.remember_locks([("data/aa/p1", '"e1"', 100.0, 5000.0), ("index/i1", '"e2"', 200.0, 900.0)])
+        asked = [("data/aa/p1", '"e1"', 100.0), ("index/i1", '"e2"', 200.0), ("data/aa/p1", '"e1"', 101.0)]
+        assert cache.known_locks(asked) == {"data/aa/p1": 5000.0, "index/i1": 900.0}
+        assert cache.known_locks([("data/aa/p1", '"other"', 100.0), ("data/aa/p1", '"e1"', 101.0)]) == {}
+        cache.remember_locks([], expired_before=1000.0)
+        assert cache.known_locks(asked) == {"data/aa/p1": 5000.0}
+        path = cache.path
+    finally:
+        cache.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE locks")
+    db.commit()
+    db.close()
+    again = new_cache(tmp_path)
+    try:
+        assert not again.warnings and again.known_locks([("data/aa/p1", '"e1"', 100.0)]) == {}
+    finally:
+        again.close()
+
+
 def test_a_file_that_vanishes_between_listing_and_read_is_skipped(tmp_path: Path) -> None:
     store = Store()
     keep, vanish = store.add(), store.add()

@@ -101,6 +101,17 @@ def test_a_run_without_a_heartbeat_for_long_is_not_shown_running(site: Site) -> 
     assert state_of(site, "web01-nightly") is None
 
 
+def test_a_run_followed_that_falls_silent_ends_as_interrupted(site: Site) -> None:
+    now = dt.datetime.now(dt.UTC)
+    run_id = site.history.start("web01-nightly", "backup", now)
+    site.history.heartbeat(run_id, now, Progress("web01.raw", 1, 4, 1))
+    p = state_of(site, "web01-nightly")
+    assert p is not None and (p["state"], p["percent"]) == ("running", 25.0)
+    site.history.heartbeat(run_id, now - dt.timedelta(minutes=1))  # its process stopped beating
+    p = state_of(site, "web01-nightly")
+    assert p is not None and (p["state"], p["status"]) == ("finished", "interrupted")
+
+
 def test_the_daemons_board_follows_runs_of_other_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon's own sync must not end them (its scheduler does not run them) before they end."""
     monkeypatch.setattr(jobs_module, "FOLLOW_SECONDS", 0.0)

@@ -186,9 +186,11 @@ def unlocked_objects(
                 elif until != math.inf and _versioned(obj):
                     learned.append((obj.name, obj.stamp, written, until))
             if cache is not None:
-                cache.remember_locks(learned, now=now)
+                cache.remember_locks(learned)
             if progress is not None:
                 progress(looked + known, 0)
+    if cache is not None:
+        cache.remember_locks([], expired_before=now)
     return LockReview(found, looked, known)
 
 

@@ -663,17 +663,21 @@ class IndexCache:
                     found[name] = float(row[0])
             return found
 
-    def remember_locks(self, locks: Sequence[tuple[str, str, float, float]], *, now: float) -> None:
+    def remember_locks(
+        self, locks: Sequence[tuple[str, str, float, float]], *, expired_before: float | None = None
+    ) -> None:
         """Record (name, stamp, written, until): the storage holds that version of the object
-        under COMPLIANCE retention until ``until``, which nobody can shorten. Records of locks
-        ended before ``now`` go (their objects are no longer looked up)."""
-        if not locks:
+        under COMPLIANCE retention until ``until``, which nobody can shorten. With
+        ``expired_before``, the records of locks that ended before it go too (their objects are
+        no longer looked up)."""
+        if not locks and expired_before is None:
             return
         with _translated(self), contextlib.closing(self._connect(_WRITE_CACHE_KIB)) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany("INSERT OR REPLACE INTO locks VALUES (?, ?, ?, ?)", locks)
-                conn.execute("DELETE FROM locks WHERE until < ?", (now,))
+                if expired_before is not None:
+                    conn.execute("DELETE FROM locks WHERE until < ?", (expired_before,))
                 self._commit(conn, "locks")
             finally:
                 if conn.in_transaction:

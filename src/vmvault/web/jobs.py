@@ -189,6 +189,7 @@ class Elsewhere:
         now = dt.datetime.now(dt.UTC)
         try:
             rows = self.history.runs(statuses=(RUNNING,))
+            ended = {job: self.history.last(job) for job in self.jobs - {r.job for r in rows} - own}
         except sqlite3.Error as exc:  # (the board stays as it was: the next call tries again)
             log.warning("the job history %s could not be read: %s", self.history.path, exc)
             return
@@ -213,7 +214,7 @@ class Elsewhere:
             self.jobs.discard(job)
             if job in own:
                 continue  # (this process runs it now: its own reports take over)
-            last = self.history.last(job)
+            last = ended.get(job)  # (None also for a row still running but silent: a process that died)
             self.board.finished(job, last.status if last is not None and last.status != RUNNING else "interrupted")
 
 
