@@ -23,32 +23,28 @@ def drawn(stream: io.StringIO) -> list[str]:
     return [part for part in re.split(r"\r\x1b\[K", stream.getvalue()) if part.strip()]
 
 
-def test_a_byte_phase_is_drawn_in_bytes() -> None:
+def last_drawn(label: str, total: int, done: int, *, counted: bool = False) -> str:
+    """What a terminal shows last of a phase of ``total`` with ``done`` of it done."""
     stream = io.StringIO()
     bar = TerminalReporter(stream)
-    bar.start("web01.raw", 4 << 30)
+    bar.start(label, total, counted=counted)
+    bar.advance(done)
     bar.finish()
-    assert "0 B/4.0 GiB" in drawn(stream)[-1]
+    return drawn(stream)[-1]
+
+
+def test_a_byte_phase_is_drawn_in_bytes() -> None:
+    assert "0 B/4.0 GiB" in last_drawn("web01.raw", 4 << 30, 0)
 
 
 def test_a_counted_phase_is_drawn_as_a_count_with_a_rate_per_second() -> None:
-    stream = io.StringIO()
-    bar = TerminalReporter(stream)
-    bar.start("packs", 3000, counted=True)
-    bar.advance(1500)
-    bar.finish()
-    last = drawn(stream)[-1]
+    last = last_drawn("packs", 3000, 1500, counted=True)
     assert "1,500/3,000" in last and "50.0%" in last
     assert re.search(r" [\d,.]+/s ", last) and "B/s" not in last and "KiB" not in last
 
 
 def test_a_phase_of_unknown_length_shows_what_is_done() -> None:
-    stream = io.StringIO()
-    bar = TerminalReporter(stream)
-    bar.start("list packs", 0, counted=True)
-    bar.advance(12345)
-    bar.finish()
-    last = drawn(stream)[-1]
+    last = last_drawn("list packs", 0, 12345, counted=True)
     assert "12,345 " in last and "%" not in last and "ETA" not in last
 
 

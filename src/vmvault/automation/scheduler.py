@@ -193,34 +193,34 @@ def conclude_run(
 
 class _Followed:
     """The ProgressReporter an attempt reports to: passes everything on to ``inner`` (a live
-    display, or nothing) and keeps where the attempt is, for its heartbeats to record."""
+    display, or nothing) and keeps where the attempt is, for its heartbeats to record. A
+    backup's every batch of chunks comes through ``advance``: it only adds under a lock."""
 
     def __init__(self, inner: ProgressReporter | None) -> None:
         self.inner = inner
         self._lock = threading.Lock()
-        self._where = Progress("starting", 0, 0, 0)
-        self.changes = 0
+        self._phase, self._done, self._total, self._phases = "starting", 0, 0, 0
+        self._changes = 0
 
     def start(self, label: str, total: int) -> None:
         with self._lock:
-            self._where = Progress(label, 0, max(0, total), self._where.phases + 1)
-            self.changes += 1
+            self._phase, self._done, self._total = label, 0, max(0, total)
+            self._phases += 1
+            self._changes += 1
         if self.inner is not None:
             self.inner.start(label, total)
 
     def advance(self, n: int) -> None:
         with self._lock:
-            w = self._where
-            self._where = Progress(w.phase, w.done + n, w.total, w.phases)
-            self.changes += 1
+            self._done += n
+            self._changes += 1
         if self.inner is not None:
             self.inner.advance(n)
 
     def finish(self) -> None:
         with self._lock:
-            w = self._where
-            self._where = Progress(w.phase, max(w.done, w.total), w.total, w.phases)
-            self.changes += 1
+            self._done = max(self._done, self._total)
+            self._changes += 1
         if self.inner is not None:
             self.inner.finish()
 
@@ -231,7 +231,7 @@ class _Followed:
     def where(self) -> tuple[int, Progress]:
         """(how many changes so far, where the attempt is)."""
         with self._lock:
-            return self.changes, self._where
+            return self._changes, Progress(self._phase, self._done, self._total, self._phases)
 
 
 def _heartbeat(history: History, run_id: int, clock: Clock, stop: threading.Event, followed: _Followed) -> None:
