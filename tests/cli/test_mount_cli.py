@@ -233,12 +233,14 @@ def test_a_damaged_chunk_is_eio_and_a_log_line_and_the_mount_goes_on(
 def test_direct_io_brings_every_read_to_the_mount(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--direct-io``: every read of a mounted file comes to the mount, past the kernel's page
     cache (FUSE direct_io): a 4 MiB disk read twice through one descriptor is answered twice, 8 MiB,
-    where the default mount, whose pages the kernel keeps, answers it once; both read back equal.
-    The counts are the ones the command prints when it is unmounted."""
+    where the default mount, whose pages the kernel keeps, answers it once; both read back equal,
+    a VM file's short reads too. The counts are the ones the command prints when it is unmounted."""
     vm = env / "vm01"
     vm.mkdir()
     data = os.urandom(4 * MiB)
     (vm / "disk.raw").write_bytes(data)
+    notes = os.urandom(230_000)  # a VM file of several chunks, the last one short
+    (vm / "notes.bin").write_bytes(notes)
     backed_up(capsys, vm)
     answered = {}
     for args in ((), ("--direct-io",)):
@@ -257,6 +259,44 @@ def test_direct_io_brings_every_read_to_the_mount(env: Path, capsys: pytest.Capt
             answered[args] = found.group(2)
     assert answered[("--direct-io",)] == "8.0 MiB", answered
     assert answered[()] == "4.0 MiB", answered
+    for args in ((), ("--direct-io",)):
+        with mounted(env / f"mnt{len(args)}", *args) as m:
+            fd = os.open(snapshot_folder(m.point, "vm01") / "notes.bin", os.O_RDONLY)
+            try:
+                for pos, size in ((0, 300_000), (65_000, 1_000), (229_990, 100), (230_000, 10)):
+                    assert os.pread(fd, size, pos) == notes[pos : pos + size], (pos, size)
+            finally:
+                os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the kernel's read-ahead of a mount is raised through /sys by root only")
+def test_a_sequential_reader_is_answered_in_requests_of_a_mebibyte(
+    env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The kernel reads ahead of a FUSE mount's readers 128 KiB at a time, whatever libfuse
+    asks for; the mount raises its device's ``read_ahead_kb`` to 1 MiB: an 8 MiB disk read
+    through the page cache in 1 MiB reads is answered in about 8 requests, not 64."""
+    vm = env / "vm01"
+    vm.mkdir()
+    data = os.urandom(8 * MiB)
+    (vm / "disk.raw").write_bytes(data)
+    backed_up(capsys, vm)
+    with mounted(env / "mnt", "--cache-size", "16M") as m:
+        device = os.stat(m.point).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+        assert bdi.read_text().strip() == "1024"
+        fd = os.open(snapshot_folder(m.point, "vm01") / "disk.raw", os.O_RDONLY)
+        try:
+            assert b"".join(os.pread(fd, MiB, pos) for pos in range(0, len(data), MiB)) == data
+        finally:
+            os.close(fd)
+        assert m.stop() == 0
+        assert m.proc.stdout is not None
+        out = m.proc.stdout.read().decode()
+    found = re.search(r"unmounted .* \(([\d,]+) reads? answered, ([\d.]+ \w+)\)", out)
+    assert found, out
+    assert found.group(2) == "8.0 MiB", out
+    assert int(found.group(1).replace(",", "")) <= 12, out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -8,7 +8,7 @@ import random
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -74,6 +74,24 @@ def test_reads_equal_the_disk(sample: tuple[Repository, Snapshot, bytes], ranges
             assert reader.read(offset, length) == data[offset : offset + length]
 
 
+@given(ranges=st.lists(st.tuples(st.integers(0, 3 * 1024 * 1024 + 20000), st.integers(0, 400_000)), max_size=20))
+@settings(max_examples=60, deadline=None)
+def test_reads_into_a_used_buffer_fill_it_holes_included_and_nothing_past_the_end(
+    sample: tuple[Repository, Snapshot, bytes], ranges: list[tuple[int, int]]
+) -> None:
+    """``read_into`` writes into a buffer that held something else (a FUSE request's, reused):
+    zeros where the disk has holes or zero chunks, and nothing past what it reports filled."""
+    repo, snap, data = sample
+    with DiskReader(repo, snap, "vda", cache_bytes=4 * CS) as reader:
+        for offset, length in ranges:
+            buf = bytearray(b"\xa5" * length)
+            filled = reader.read_into(offset, memoryview(buf))
+            expected = data[offset : offset + length]
+            assert filled == len(expected)
+            assert buf[:filled] == expected
+            assert buf[filled:] == b"\xa5" * (length - filled)
+
+
 def test_holes_and_zero_chunks_are_never_fetched(sample: tuple[Repository, Snapshot, bytes]) -> None:
     repo, snap, data = sample
     with DiskReader(repo, snap, "vda") as reader:
@@ -111,6 +129,10 @@ def test_reads_past_the_end_are_short_and_bad_arguments_refused(sample: tuple[Re
             reader.read(-1, 10)
         with pytest.raises(ValueError):
             reader.read(0, MAX_READ + 1)
+        with pytest.raises(ValueError):
+            reader.read_into(0, bytearray(MAX_READ + 1))
+        with pytest.raises(ValueError):
+            reader.read_into(-1, bytearray(10))
 
 
 def test_an_unknown_disk_name_is_a_clear_error(sample: tuple[Repository, Snapshot, bytes]) -> None:
@@ -278,6 +300,39 @@ def test_sequential_reads_are_read_ahead(sample: tuple[Repository, Snapshot, byt
         for offset in random.Random(3).sample(range(0, len(data), 16 * 1024), 40):
             reader.read(offset, 16 * 1024)
         assert reader.cache.stats.prefetched_chunks <= 8, "random reads get (almost) no read-ahead"
+
+
+def test_a_window_of_read_ahead_is_fetched_by_several_threads_at_once() -> None:
+    """Chunks read ahead together come in runs of their packs, but one task decoding a whole
+    window held a reader to one core: the window is shared out between the cache's threads,
+    a few chunks (one ranged read) each."""
+    running = peak = 0
+    lock = threading.Lock()
+    calls: list[int] = []
+
+    def fetch_many(ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes | IntegrityError | None]]:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            calls.append(len(ids))
+        try:
+            time.sleep(0.2)
+            for chunk_id in ids:
+                yield chunk_id, chunk_id * 4
+        finally:
+            with lock:
+                running -= 1
+
+    ids = [i.to_bytes(8, "big") for i in range(16)]
+    cache = ChunkCache(max_bytes=1 << 20, readahead_threads=4)
+    try:
+        assert cache.prefetch(ids, lambda c: c * 4, limit=64, fetch_many=fetch_many) == 16
+        assert all(cache.get(c, lambda c: b"") == c * 4 for c in ids)
+    finally:
+        cache.close()
+    assert sorted(calls) == [4, 4, 4, 4]
+    assert peak == 4
 
 
 def test_many_threads_read_correctly_and_each_chunk_is_fetched_once() -> None:

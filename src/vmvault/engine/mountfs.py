@@ -32,10 +32,12 @@ The FUSE side is :func:`serve`, through ``mfusepy`` (ctypes over libfuse 3, Debi
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import errno
 import logging
 import os
+import re
 import stat
 import subprocess
 import threading
@@ -330,19 +332,25 @@ class MountView:
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         """``size`` bytes at ``offset`` of an open file; a failure is logged and is EIO."""
+        buf = bytearray(max(0, min(size, MAX_READ)))
+        return bytes(memoryview(buf)[: self.read_into(fh, buf, offset)])
+
+    def read_into(self, fh: int, buf: bytearray | memoryview, offset: int) -> int:
+        """Fill ``buf`` (at most :data:`MAX_READ` of it) with the bytes at ``offset`` of an open
+        file; how many were filled (fewer at its end). A failure is logged and is EIO."""
         handle = self._handle(fh)
-        size = min(size, MAX_READ)
+        out = memoryview(buf).cast("B")[:MAX_READ]
         try:
             if handle.node.kind == "disk":
-                data = self._reader(handle).read(offset, size)
+                filled = self._reader(handle).read_into(offset, out)
             else:
-                data = self._read_file(handle, offset, size)
+                filled = self._read_file_into(handle, offset, out)
             with self._lock:
                 self.reads_served += 1
-                self.bytes_served += len(data)
-            return data
+                self.bytes_served += filled
+            return filled
         except Exception as exc:  # any failure of one read is EIO for it, never the mount's end
-            self._failed(handle, offset, size, exc)
+            self._failed(handle, offset, len(out), exc)
             raise OSError(errno.EIO, os.strerror(errno.EIO), handle.path) from exc
 
     def _failed(self, handle: _Handle, offset: int, size: int, exc: Exception) -> None:
@@ -365,17 +373,18 @@ class MountView:
             self._logged[key] = now
         log.error("%s", line)
 
-    def _read_file(self, handle: _Handle, offset: int, size: int) -> bytes:
+    def _read_file_into(self, handle: _Handle, offset: int, out: memoryview) -> int:
         """A VM file: its chunks are the repository's chunk size each, the last one shorter."""
         f = handle.file
         assert f is not None
-        end = min(offset + size, f.size)
+        if offset < 0:
+            raise ValueError(f"cannot read at offset {offset}")
+        end = min(offset + len(out), f.size)
         if offset >= end:
-            return b""
+            return 0
         cs = self.repo.config.chunk_size
         if len(f.chunks) != -(-f.size // cs):
             raise IntegrityError(f"file {f.name} has {len(f.chunks)} chunks for {f.size} bytes")
-        out = bytearray()
         for i in range(offset // cs, (end - 1) // cs + 1):
             try:
                 chunk_id = bytes.fromhex(f.chunks[i])
@@ -386,8 +395,9 @@ class MountView:
             if len(data) != want:
                 raise IntegrityError(f"chunk {chunk_id.hex()} holds {len(data)} bytes where file {f.name} needs {want}")
             base = i * cs
-            out += memoryview(data)[max(offset, base) - base : min(end, base + cs) - base]
-        return bytes(out)
+            lo, hi = max(offset, base) - base, min(end, base + cs) - base
+            out[base + lo - offset : base + hi - offset] = memoryview(data)[lo:hi]
+        return end - offset
 
     def _fetch_data(self, chunk_id: bytes) -> bytes:
         return self.repo.get_blob(BlobType.DATA, chunk_id)
@@ -458,9 +468,10 @@ def _leaves(node: _Node) -> Iterator[_Node]:
 # ------------------------------------------------------------------------------------- mount point
 
 
-def _mount_types() -> dict[str, str]:
-    """Mount point -> file system type, from ``/proc/self/mountinfo``."""
-    out: dict[str, str] = {}
+def _mounts() -> dict[str, tuple[str, str]]:
+    """Mount point -> (file system type, its device ``major:minor``), from
+    ``/proc/self/mountinfo`` (the last mount on a point, the one on top, wins)."""
+    out: dict[str, tuple[str, str]] = {}
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:
@@ -468,10 +479,37 @@ def _mount_types() -> dict[str, str]:
                 fields, rest = left.split(), right.split()
                 if len(fields) >= 5 and rest:
                     point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-                    out[point.replace("\\134", "\\")] = rest[0]
+                    out[point.replace("\\134", "\\")] = (rest[0], fields[2])
     except OSError:
         pass
     return out
+
+
+def _mount_types() -> dict[str, str]:
+    """Mount point -> file system type."""
+    return {point: fstype for point, (fstype, _device) in _mounts().items()}
+
+
+def raise_readahead(mountpoint: str, kib: int = _KERNEL_READAHEAD >> 10) -> bool:
+    """Let the kernel read ahead ``kib`` KiB of a reader of the vmvault mount at ``mountpoint``
+    (its real path, resolved before it was mounted on: resolving it now would ask the mount,
+    which may not answer yet); whether it now does. A FUSE mount starts at the kernel's default
+    of 128 KiB whatever libfuse asks for (the kernel takes the smaller), so a sequential
+    reader's requests are 128 KiB each; the mount's ``read_ahead_kb`` in ``/sys/class/bdi``
+    raises it, where this process may write there (root). Never lowered."""
+    found = _mounts().get(mountpoint)
+    if found is None or found[0] != FSTYPE or not re.fullmatch(r"\d+:\d+", found[1]):
+        return False
+    path = f"/sys/class/bdi/{found[1]}/read_ahead_kb"
+    try:
+        with open(path, "r+", encoding="ascii") as f:
+            if int(f.read().strip()) < kib:
+                f.seek(0)
+                f.write(f"{kib}\n")
+    except (OSError, ValueError) as exc:
+        log.debug("the kernel's read-ahead of %s stays as it is: %s: %s", mountpoint, path, exc)
+        return False
+    return True
 
 
 def check_mountpoint(path: str, *, notes: list[str] | None = None) -> str:
@@ -575,6 +613,7 @@ def serve(
     kernel's read-ahead, and the files cannot be memory-mapped."""
     fuse = binding()
     mounted = threading.Event()
+    point = os.path.realpath(mountpoint)
     logging.getLogger("mfusepy").setLevel(logging.CRITICAL)  # our own lines say what failed
 
     class Operations(fuse.Operations):  # type: ignore[misc,name-defined]
@@ -583,6 +622,7 @@ def serve(
         def init_with_config(self, conn: Any, config: Any) -> None:
             if conn is not None:
                 conn.max_readahead = _KERNEL_READAHEAD  # fewer, larger requests for a sequential reader
+                raise_readahead(point)  # what the kernel does with it
             if config is not None:
                 if direct_io:
                     config.direct_io = 1  # every read comes here, past the page cache
@@ -607,7 +647,7 @@ def serve(
             return view.open(path, flags)
 
         def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-            return view.read(fh, size, offset)
+            return view.read(fh, size, offset)  # registers the callback; reads come to Fuse.read
 
         def release(self, path: str, fh: int) -> int:
             view.release(fh)
@@ -626,6 +666,14 @@ def serve(
             return 0
 
     class Fuse(fuse.FUSE):  # type: ignore[misc,name-defined]
+        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+            # straight into libfuse's buffer for the reply: mfusepy's own read takes bytes from
+            # Operations.read and copies them there (two more copies of every byte read)
+            address = ctypes.cast(buf, ctypes.c_void_p).value
+            if size <= 0 or not address:
+                return 0
+            return view.read_into(fip.contents.fh, memoryview((ctypes.c_ubyte * size).from_address(address)), offset)
+
         # mfusepy 3.1 declares libfuse 3's lseek callback but passes it on to no method: this
         # does (a later mfusepy that passes it on itself is used as it is)
         if not hasattr(fuse.FUSE, "lseek") and not hasattr(fuse.FUSE, "lseek_fuse_3"):
@@ -647,7 +695,7 @@ def serve(
     if allow_other:
         options["allow_other"] = True
     try:
-        Fuse(Operations(), mountpoint, **options)
+        Fuse(Operations(), point, **options)
     except RuntimeError as exc:
         if mounted.is_set():
             return  # served, then stopped by a signal: libfuse's loop reports the signal as an error

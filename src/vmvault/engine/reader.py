@@ -4,19 +4,20 @@
 for one disk of one snapshot as the guest saw it: checkpoint layers resolved through their
 PARENT entries (:class:`~vmvault.repo.format.ChunkResolver`, the same resolver restore
 uses), holes and zero chunks as zeros that are never fetched. It serves file-level restore
-(``vmvault files``) and is meant to serve the FUSE mount, the NBD export and instant recovery.
+(``vmvault files``), the FUSE mount, the NBD export and so instant recovery.
 
 Chunks are fetched, decrypted and verified on demand through a :class:`ChunkCache`: a
-least-recently-used cache bounded in bytes, keyed by chunk id (so every reader of one
-repository can share one: the same chunk in two snapshots or two disks is fetched once), with
-at most one fetch of a chunk at a time however many threads ask for it. A reader that reads
-sequentially gets read-ahead: the chunks after the one read are fetched in the background,
-the window doubling with each sequential read up to ``readahead`` chunks (a read starting a
-few chunks before or after where the last one ended counts as sequential: a kernel's
-requests arrive out of order). Chunks wanted
-together (a window of read-ahead, the chunks of one large read) are fetched together through
-:class:`~vmvault.repo.fetch.BlobFetcher`: side by side in a pack, they come in one ranged
-read, which matters against remote storage where each read is a round trip.
+least-recently-used cache bounded in bytes, keyed by chunk id (so every reader of one repository
+can share one: the same chunk in two snapshots or two disks is fetched once), with at most one
+fetch of a chunk at a time however many threads ask for it. A reader that reads sequentially
+gets read-ahead: the chunks after the one read are fetched in the background, the window
+doubling with each sequential read up to ``readahead`` chunks (a read starting a few chunks
+before or after where the last one ended counts as sequential: a kernel's requests arrive out of
+order). Chunks wanted together (a window of read-ahead, the chunks of one large read) are
+fetched together through :class:`~vmvault.repo.fetch.BlobFetcher`: side by side in a pack, they
+come in one ranged read, which matters against remote storage where each read is a round trip; a
+window is shared out between the read-ahead threads in pieces of a few chunks, read and decoded
+at once. ``read_into`` fills a caller's buffer (a FUSE request's) with one copy of each byte.
 
 Memory is bounded whatever the disk's size: the cache's ``max_bytes``, plus the read-ahead
 fetches in flight (at most ``2 × readahead_threads + readahead`` chunks), plus what one read
@@ -54,6 +55,26 @@ DEFAULT_READAHEAD = 32
 #: client's) sends its requests through several threads, and they arrive in another order
 #: (a 4 GiB disk read through a mount: one read in eight; each reset the read-ahead)
 _REORDER_CHUNKS = 4
+
+#: the fewest chunks one read-ahead task fetches (one ranged read where they lie side by side
+#: in a pack); a window is shared out between the threads in pieces of at least this many
+_PIECE_CHUNKS = 4
+
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+def _zero(out: memoryview) -> None:
+    for at in range(0, len(out), len(_ZEROS)):
+        part = out[at : at + len(_ZEROS)]
+        part[:] = _ZEROS[: len(part)]
+
+
+def _check_read(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise ValueError(f"cannot read {length} bytes at offset {offset}")
+    if length > MAX_READ:
+        raise ValueError(f"a read is at most {MAX_READ} bytes, not {length}")
+
 
 #: fetches several chunks at once: chunk ids -> ``(id, plaintext, or the IntegrityError a read of
 #: it alone raises)`` in the order given (``BlobFetcher.fetch``)
@@ -126,8 +147,10 @@ class ChunkCache:
         ``limit`` read-ahead fetches are pending; returns how many were started.
 
         With ``fetch_many`` (chunk ids -> ``(id, plaintext or IntegrityError)`` in order, as
-        ``BlobFetcher`` gives them) the chunks started together are fetched by one background
-        task, in as few ranged reads as their places in the packs allow; else one by one."""
+        ``BlobFetcher`` gives them) the chunks started together are shared out between the
+        threads, a piece of consecutive ones each (at least :data:`_PIECE_CHUNKS`), each piece
+        in as few ranged reads as its places in the packs allow, so that several are read and
+        decoded at once; else one by one."""
         if fetch_many is not None:
             with self._lock:
                 claimed = self._claim(chunk_ids, limit=limit - self._prefetching)
@@ -135,7 +158,10 @@ class ChunkCache:
                     return 0
                 self._prefetching += len(claimed)
                 pool = self._ensure_pool()
-            pool.submit(self._fetch_many_into, claimed, fetch_many, prefetch=True)
+            items = list(claimed.items())
+            step = max(_PIECE_CHUNKS, -(-len(items) // self.readahead_threads))
+            for at in range(0, len(items), step):
+                pool.submit(self._fetch_many_into, dict(items[at : at + step]), fetch_many, prefetch=True)
             return len(claimed)
         started = 0
         for chunk_id in chunk_ids:
@@ -386,13 +412,21 @@ class DiskReader:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (fewer at the end of the disk, none past it)."""
-        if offset < 0 or length < 0:
-            raise ValueError(f"cannot read {length} bytes at offset {offset}")
-        if length > MAX_READ:
-            raise ValueError(f"a read is at most {MAX_READ} bytes, not {length}")
+        _check_read(offset, length)
+        buf = bytearray(max(0, min(length, self.size - offset)))
+        self.read_into(offset, buf)
+        return bytes(buf)
+
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> int:
+        """Fill ``buf`` with the bytes at ``offset``; how many were filled: ``len(buf)``, fewer
+        at the end of the disk, none past it. One copy of each byte, from the cache into
+        ``buf`` (a FUSE request's own buffer: ``engine/mountfs.py``)."""
+        out = memoryview(buf).cast("B")
+        length = len(out)
+        _check_read(offset, length)
         end = min(offset + length, self.size)
         if offset >= end:
-            return b""
+            return 0
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
         self._read_ahead(offset, end, last)
@@ -402,20 +436,19 @@ class DiskReader:
             wanted = [c for c in (self._known_chunk_id(chunk) for chunk in range(first, last + 1)) if c is not None]
             if len(wanted) > 1:
                 self.cache.load(wanted, self._fetch_many)
-        out = bytearray()
         for chunk in range(first, last + 1):
             base = chunk * cs
             lo, hi = max(offset, base) - base, min(end, base + cs) - base
+            at = base + lo - offset
             data = self._chunk(chunk)
             if data is None:
-                out += bytes(hi - lo)
-            elif lo == 0 and hi == len(data):
-                out += data
+                _zero(out[at : at + hi - lo])
             else:
-                out += memoryview(data)[lo:hi]
+                out[at : at + hi - lo] = memoryview(data)[lo:hi]
+        filled = end - offset
         with self._lock:
-            self.bytes_read += len(out)
-        return bytes(out)
+            self.bytes_read += filled
+        return filled
 
     def _read_ahead(self, offset: int, end: int, last: int) -> None:
         if not self.readahead:
