@@ -16,6 +16,7 @@ from tests.web.conftest import Site, close_site, make_site
 from vmvault.automation import scheduler as scheduler_module
 from vmvault.automation.config import AutomationConfig, Job
 from vmvault.automation.history import SUCCESS, History, Progress
+from vmvault.automation.locks import job_lock
 from vmvault.automation.runner import JobOutcome
 from vmvault.automation.scheduler import FakeClock, Scheduler, SystemClock, run_and_record
 from vmvault.engine.progress import ProgressReporter
@@ -108,6 +109,26 @@ def test_a_run_followed_that_falls_silent_ends_as_interrupted(site: Site) -> Non
     p = state_of(site, "web01-nightly")
     assert p is not None and (p["state"], p["percent"]) == ("running", 25.0)
     site.history.heartbeat(run_id, now - dt.timedelta(minutes=1))  # its process stopped beating
+    p = state_of(site, "web01-nightly")
+    assert p is not None and (p["state"], p["status"]) == ("finished", "interrupted")
+
+
+def test_a_silent_run_whose_process_holds_its_lock_stays_running(site: Site) -> None:
+    """A process slow to write its heartbeats (a busy disk, a paused machine) still holds its
+    job's lock: the board keeps it running rather than showing it interrupted, then running
+    again. Once the lock is free (the process is gone) the run ends as interrupted."""
+    now = dt.datetime.now(dt.UTC)
+    run_id = site.history.start("web01-nightly", "backup", now)
+    site.history.heartbeat(run_id, now, Progress("web01.raw", 1, 4, 1))
+    lock = job_lock(site.history.path, "web01-nightly").acquire(command="vmvault run")
+    try:
+        p = state_of(site, "web01-nightly")
+        assert p is not None and (p["state"], p["percent"]) == ("running", 25.0)
+        site.history.heartbeat(run_id, now - dt.timedelta(minutes=1))
+        p = state_of(site, "web01-nightly")
+        assert p is not None and (p["state"], p["percent"]) == ("running", 25.0)
+    finally:
+        lock.release()
     p = state_of(site, "web01-nightly")
     assert p is not None and (p["state"], p["status"]) == ("finished", "interrupted")
 

@@ -29,7 +29,7 @@ from vmvault.automation.locks import job_lock
 from vmvault.automation.publish import StatusPublisher
 from vmvault.automation.scheduler import HEARTBEAT_SECONDS, Scheduler, SystemClock, run_and_record
 from vmvault.engine.progress import ProgressReporter
-from vmvault.errors import LockedError
+from vmvault.errors import LockedError, VmvaultError
 
 __all__ = ["DaemonControl", "Elsewhere", "JobControl", "ProgressBoard", "StandaloneControl"]
 
@@ -165,8 +165,9 @@ def _now() -> str:
 
 #: how often the history is read for runs of other processes (the event stream asks 4 times a second)
 FOLLOW_SECONDS = 1.0
-#: a running row without a heartbeat for this long is a process that died: not shown as
-#: running (``vmvault jobs`` and the next run mark it interrupted)
+#: a running row without a heartbeat for this long may be a process that died: it is shown as
+#: running only while its job's lock is held (``vmvault jobs`` and the next run mark a dead
+#: process's row interrupted)
 _SILENT_SECONDS = 3 * HEARTBEAT_SECONDS
 
 
@@ -196,7 +197,7 @@ class Elsewhere:
         running = {}
         for run in reversed(rows):  # the newest row of each job last
             seen = run.heartbeat or run.start
-            if run.job not in own and (now - seen).total_seconds() < _SILENT_SECONDS:
+            if run.job not in own and ((now - seen).total_seconds() < _SILENT_SECONDS or self._alive(run.job)):
                 running[run.job] = run
         for job, run in running.items():
             where = run.progress
@@ -214,8 +215,17 @@ class Elsewhere:
             self.jobs.discard(job)
             if job in own:
                 continue  # (this process runs it now: its own reports take over)
-            last = ended.get(job)  # (None also for a row still running but silent: a process that died)
+            last = ended.get(job)  # (None also for a row still running, silent, its lock free: a process that died)
             self.board.finished(job, last.status if last is not None and last.status != RUNNING else "interrupted")
+
+    def _alive(self, job: str) -> bool:
+        """Whether a process holds ``job``'s lock: a row without heartbeats for a while is a
+        process that is slow to write its history (a busy disk, a paused machine), not gone."""
+        try:
+            return job_lock(self.history.path, job).holder() is not None
+        except (OSError, VmvaultError) as exc:
+            log.debug("the lock of job %s could not be looked at: %s", job, exc)
+            return False
 
 
 class JobControl(Protocol):
