@@ -20,7 +20,7 @@ from vmvault.disk.base import Extent, ExtentKind
 from vmvault.engine.backup import backup
 from vmvault.engine.reader import MAX_READ, ChunkCache, DiskReader, find_disk
 from vmvault.engine.restore import ChunkResolver
-from vmvault.errors import ConfigError, IntegrityError
+from vmvault.errors import ConfigError, IntegrityError, VmvaultError
 from vmvault.hypervisors.base import DEFAULT_OPTIONS, BackupOptions, BackupSession, PreviousBackup, Source, SourceDisk
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository
@@ -333,6 +333,42 @@ def test_a_window_of_read_ahead_is_fetched_by_several_threads_at_once() -> None:
         cache.close()
     assert sorted(calls) == [4, 4, 4, 4]
     assert peak == 4
+
+
+def test_a_reader_waiting_for_read_ahead_that_close_cancels_gets_an_error_not_a_hang() -> None:
+    """``close`` cancels read-ahead that has not started; a reader waiting for one of its
+    chunks is told so rather than waiting for ever."""
+    started, release = threading.Event(), threading.Event()
+
+    def fetch_many(ids: Sequence[bytes]) -> Iterator[tuple[bytes, bytes | IntegrityError | None]]:
+        started.set()
+        release.wait(10)
+        for chunk_id in ids:
+            yield chunk_id, chunk_id * 4
+
+    ids = [i.to_bytes(8, "big") for i in range(8)]
+    cache = ChunkCache(max_bytes=1 << 20, readahead_threads=1)
+    assert cache.prefetch(ids[:4], lambda c: c * 4, limit=64, fetch_many=fetch_many) == 4
+    assert started.wait(10)
+    assert cache.prefetch(ids[4:], lambda c: c * 4, limit=64, fetch_many=fetch_many) == 4  # queued
+    got: list[object] = []
+
+    def reader() -> None:
+        try:
+            got.append(cache.get(ids[5], lambda c: b"never asked: the chunk is in flight"))
+        except VmvaultError as exc:
+            got.append(exc)
+
+    waiting = threading.Thread(target=reader, daemon=True)
+    waiting.start()
+    closing = threading.Thread(target=cache.close, daemon=True)
+    closing.start()
+    time.sleep(0.2)
+    release.set()
+    closing.join(10)
+    waiting.join(10)
+    assert not waiting.is_alive(), "the reader still waits for a chunk nobody fetches"
+    assert len(got) == 1 and isinstance(got[0], VmvaultError) and "closed" in str(got[0])
 
 
 def test_many_threads_read_correctly_and_each_chunk_is_fetched_once() -> None:

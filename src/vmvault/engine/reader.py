@@ -34,9 +34,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from vmvault.disk.base import Extent, ExtentKind, coalesce
-from vmvault.errors import ConfigError, IntegrityError
+from vmvault.errors import ConfigError, IntegrityError, VmvaultError
 from vmvault.repo.fetch import BlobFetcher
 from vmvault.repo.format import BlobType, ChunkResolver
 from vmvault.repo.repository import Repository
@@ -161,7 +162,8 @@ class ChunkCache:
             items = list(claimed.items())
             step = max(_PIECE_CHUNKS, -(-len(items) // self.readahead_threads))
             for at in range(0, len(items), step):
-                pool.submit(self._fetch_many_into, dict(items[at : at + step]), fetch_many, prefetch=True)
+                piece = dict(items[at : at + step])
+                self._submit(pool, piece, self._fetch_many_into, piece, fetch_many, prefetch=True)
             return len(claimed)
         started = 0
         for chunk_id in chunk_ids:
@@ -174,9 +176,38 @@ class ChunkCache:
                 self._inflight[chunk_id] = future
                 self._prefetching += 1
                 pool = self._ensure_pool()
-            pool.submit(self._prefetch_one, chunk_id, fetch, future)
+            self._submit(pool, {chunk_id: future}, self._prefetch_one, chunk_id, fetch, future)
             started += 1
         return started
+
+    def _submit(
+        self,
+        pool: ThreadPoolExecutor,
+        claimed: dict[bytes, Future[bytes]],
+        task: Callable[..., None],
+        *args: Any,
+        **kw: Any,
+    ) -> None:
+        """Run a read-ahead ``task`` that settles ``claimed`` in ``pool``. A task the pool never
+        runs (it was closed meanwhile: ``close`` cancels what has not started) settles them
+        itself, so that no reader waits for a chunk nobody fetches."""
+
+        def dropped(done: Future[None]) -> None:
+            if done.cancelled():
+                self._abandon(claimed)
+
+        try:
+            pool.submit(task, *args, **kw).add_done_callback(dropped)
+        except RuntimeError:  # (the pool was shut down between taking it and this call)
+            self._abandon(claimed)
+
+    def _abandon(self, claimed: dict[bytes, Future[bytes]]) -> None:
+        for chunk_id, future in claimed.items():
+            self._settle(
+                chunk_id, future, VmvaultError(f"chunk {chunk_id.hex()} was not read: the chunk cache was closed")
+            )
+        with self._lock:
+            self._prefetching -= len(claimed)
 
     def load(self, chunk_ids: Sequence[bytes], fetch_many: FetchMany) -> int:
         """Fetch, in the calling thread, those of ``chunk_ids`` neither cached nor in flight,
