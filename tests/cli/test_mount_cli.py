@@ -230,6 +230,28 @@ def test_a_damaged_chunk_is_eio_and_a_log_line_and_the_mount_goes_on(
         assert m.stop() == 0
 
 
+def read_in_mebibytes(path: Path, size: int, *, times: int = 1) -> bytes:
+    """``path`` read ``times`` times through one descriptor in reads of 1 MiB; what the last
+    read gave (each must be the same)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reads = [b"".join(os.pread(fd, MiB, pos) for pos in range(0, size, MiB)) for _ in range(times)]
+    finally:
+        os.close(fd)
+    assert all(r == reads[0] for r in reads)
+    return reads[-1]
+
+
+def stop_and_count(m: Mount) -> tuple[int, str]:
+    """Unmount; how many reads the command says it answered, and how much."""
+    assert m.stop() == 0
+    assert m.proc.stdout is not None
+    out = m.proc.stdout.read().decode()
+    found = re.search(r"unmounted .* \(([\d,]+) reads? answered, ([\d.]+ \w+)\)", out)
+    assert found, out
+    return int(found.group(1).replace(",", "")), found.group(2)
+
+
 def test_direct_io_brings_every_read_to_the_mount(env: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--direct-io``: every read of a mounted file comes to the mount, past the kernel's page
     cache (FUSE direct_io): a 4 MiB disk read twice through one descriptor is answered twice, 8 MiB,
@@ -245,18 +267,8 @@ def test_direct_io_brings_every_read_to_the_mount(env: Path, capsys: pytest.Capt
     answered = {}
     for args in ((), ("--direct-io",)):
         with mounted(env / f"mnt{len(args)}", *args) as m:
-            fd = os.open(snapshot_folder(m.point, "vm01") / "disk.raw", os.O_RDONLY)
-            try:
-                for _ in range(2):
-                    assert b"".join(os.pread(fd, MiB, pos) for pos in range(0, len(data), MiB)) == data
-            finally:
-                os.close(fd)
-            assert m.stop() == 0
-            assert m.proc.stdout is not None
-            out = m.proc.stdout.read().decode()
-            found = re.search(r"unmounted .* \(([\d,]+) reads? answered, ([\d.]+ \w+)\)", out)
-            assert found, out
-            answered[args] = found.group(2)
+            assert read_in_mebibytes(snapshot_folder(m.point, "vm01") / "disk.raw", len(data), times=2) == data
+            answered[args] = stop_and_count(m)[1]
     assert answered[("--direct-io",)] == "8.0 MiB", answered
     assert answered[()] == "4.0 MiB", answered
     for args in ((), ("--direct-io",)):
@@ -285,18 +297,10 @@ def test_a_sequential_reader_is_answered_in_requests_of_a_mebibyte(
         device = os.stat(m.point).st_dev
         bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
         assert bdi.read_text().strip() == "1024"
-        fd = os.open(snapshot_folder(m.point, "vm01") / "disk.raw", os.O_RDONLY)
-        try:
-            assert b"".join(os.pread(fd, MiB, pos) for pos in range(0, len(data), MiB)) == data
-        finally:
-            os.close(fd)
-        assert m.stop() == 0
-        assert m.proc.stdout is not None
-        out = m.proc.stdout.read().decode()
-    found = re.search(r"unmounted .* \(([\d,]+) reads? answered, ([\d.]+ \w+)\)", out)
-    assert found, out
-    assert found.group(2) == "8.0 MiB", out
-    assert int(found.group(1).replace(",", "")) <= 12, out
+        assert read_in_mebibytes(snapshot_folder(m.point, "vm01") / "disk.raw", len(data)) == data
+        reads, amount = stop_and_count(m)
+    assert amount == "8.0 MiB"
+    assert reads <= 12
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
