@@ -93,13 +93,22 @@ def test_a_job_run_elsewhere_shows_its_progress_and_its_end(site: Site, monkeypa
     assert wait_for("the run's end on the board", finished)["status"] == SUCCESS
 
 
-def test_a_run_without_a_heartbeat_for_long_is_not_shown_running(site: Site) -> None:
+def test_a_run_without_a_heartbeat_for_long_is_not_shown_running(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
     """A process that died leaves its row ``running`` until someone marks it: the board does
-    not show it as going on."""
+    not show it as going on, and looks at its job's lock once, not at every refresh."""
+    looked: list[str] = []
+
+    def counted(history: str, job: str) -> Any:
+        looked.append(job)
+        return job_lock(history, job)
+
+    monkeypatch.setattr(jobs_module, "job_lock", counted)
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=10)
     run_id = site.history.start("web01-nightly", "backup", long_ago)
     site.history.heartbeat(run_id, long_ago + dt.timedelta(seconds=4), Progress("web01.raw", 1, 2, 1))
-    assert state_of(site, "web01-nightly") is None
+    for _ in range(3):
+        assert state_of(site, "web01-nightly") is None
+    assert looked == ["web01-nightly"]
 
 
 def test_a_run_followed_that_falls_silent_ends_as_interrupted(site: Site) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from vmvault.automation.config import AutomationConfig, Job
-from vmvault.automation.history import RUNNING, History
+from vmvault.automation.history import RUNNING, History, Run
 from vmvault.automation.locks import job_lock
 from vmvault.automation.publish import StatusPublisher
 from vmvault.automation.scheduler import HEARTBEAT_SECONDS, Scheduler, SystemClock, run_and_record
@@ -181,6 +181,7 @@ class Elsewhere:
         self.history = history
         self.jobs: set[str] = set()
         self._next = 0.0
+        self._dead: set[int] = set()  # ids of running rows whose process is gone
 
     def follow(self, own: set[str]) -> None:
         """Bring the board up to date (``own``: the jobs this process runs or queued)."""
@@ -197,7 +198,7 @@ class Elsewhere:
         running = {}
         for run in reversed(rows):  # the newest row of each job last
             seen = run.heartbeat or run.start
-            if run.job not in own and ((now - seen).total_seconds() < _SILENT_SECONDS or self._alive(run.job)):
+            if run.job not in own and ((now - seen).total_seconds() < _SILENT_SECONDS or self._alive(run)):
                 running[run.job] = run
         for job, run in running.items():
             where = run.progress
@@ -218,14 +219,21 @@ class Elsewhere:
             last = ended.get(job)  # (None also for a row still running, silent, its lock free: a process that died)
             self.board.finished(job, last.status if last is not None and last.status != RUNNING else "interrupted")
 
-    def _alive(self, job: str) -> bool:
-        """Whether a process holds ``job``'s lock: a row without heartbeats for a while is a
-        process that is slow to write its history (a busy disk, a paused machine), not gone."""
-        try:
-            return job_lock(self.history.path, job).holder() is not None
-        except (OSError, VmvaultError) as exc:
-            log.debug("the lock of job %s could not be looked at: %s", job, exc)
+    def _alive(self, run: Run) -> bool:
+        """Whether a process holds the lock of ``run``'s job: a row without heartbeats for a
+        while may be a process slow to write its history (a busy disk, a paused machine), not
+        gone. A row found without one stays dead (its process is gone; a later run has a row of
+        its own), so its lock is looked at once, not at every call."""
+        if run.id in self._dead:
             return False
+        try:
+            alive = job_lock(self.history.path, run.job).holder() is not None
+        except (OSError, VmvaultError) as exc:  # (not known dead: looked at again next time)
+            log.debug("the lock of job %s could not be looked at: %s", run.job, exc)
+            return False
+        if not alive:
+            self._dead.add(run.id)
+        return alive
 
 
 class JobControl(Protocol):
