@@ -9,12 +9,15 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.engine.helpers import MemoryDisk, ScriptedSession, ScriptedSource
+from vmvault.backends.base import Backend
+from vmvault.backends.local import LocalBackend
 from vmvault.backends.memory import MemoryBackend
 from vmvault.disk.base import Extent, ExtentKind
 from vmvault.engine.backup import backup
@@ -302,10 +305,14 @@ def test_sequential_reads_are_read_ahead(sample: tuple[Repository, Snapshot, byt
         assert reader.cache.stats.prefetched_chunks <= 8, "random reads get (almost) no read-ahead"
 
 
-def test_a_window_of_read_ahead_is_fetched_by_several_threads_at_once() -> None:
+@pytest.mark.parametrize(("split", "pieces"), [(True, [4, 4, 4, 4]), (False, [16])])
+def test_a_window_of_read_ahead_from_local_storage_is_fetched_by_several_threads_at_once(
+    split: bool, pieces: list[int]
+) -> None:
     """Chunks read ahead together come in runs of their packs, but one task decoding a whole
-    window held a reader to one core: the window is shared out between the cache's threads,
-    a few chunks (one ranged read) each."""
+    window held a reader to one core: from local storage (``split``) the window is shared out
+    between the cache's threads, a few chunks (one ranged read) each; from remote storage,
+    where each read is a request, it stays one run."""
     running = peak = 0
     lock = threading.Lock()
     calls: list[int] = []
@@ -327,12 +334,12 @@ def test_a_window_of_read_ahead_is_fetched_by_several_threads_at_once() -> None:
     ids = [i.to_bytes(8, "big") for i in range(16)]
     cache = ChunkCache(max_bytes=1 << 20, readahead_threads=4)
     try:
-        assert cache.prefetch(ids, lambda c: c * 4, limit=64, fetch_many=fetch_many) == 16
+        assert cache.prefetch(ids, lambda c: c * 4, limit=64, fetch_many=fetch_many, split=split) == 16
         assert all(cache.get(c, lambda c: b"") == c * 4 for c in ids)
     finally:
         cache.close()
-    assert sorted(calls) == [4, 4, 4, 4]
-    assert peak == 4
+    assert sorted(calls) == pieces
+    assert peak == len(pieces)
 
 
 def test_a_reader_waiting_for_read_ahead_that_close_cancels_gets_an_error_not_a_hang() -> None:
@@ -369,6 +376,17 @@ def test_a_reader_waiting_for_read_ahead_that_close_cancels_gets_an_error_not_a_
     waiting.join(10)
     assert not waiting.is_alive(), "the reader still waits for a chunk nobody fetches"
     assert len(got) == 1 and isinstance(got[0], VmvaultError) and "closed" in str(got[0])
+
+
+def test_readers_split_read_ahead_only_where_reads_cost_no_round_trip(tmp_path: Path) -> None:
+    from vmvault.backends.s3 import S3Backend
+    from vmvault.backends.sftp import SftpBackend
+
+    assert MemoryBackend.local_reads and LocalBackend.local_reads
+    assert not (Backend.local_reads or S3Backend.local_reads or SftpBackend.local_reads)
+    repo, snap = _backed_up(_disk(4 * CS, 5), Repository.init(LocalBackend(str(tmp_path)), b"pw", chunk_size=CS))
+    with DiskReader(repo, snap, "vda") as reader:
+        assert reader._split
 
 
 def test_many_threads_read_correctly_and_each_chunk_is_fetched_once() -> None:

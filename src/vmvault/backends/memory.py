@@ -12,6 +12,8 @@ __all__ = ["MemoryBackend"]
 
 
 class MemoryBackend(Backend):
+    local_reads = True
+
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
         self._objects: dict[str, bytes] = {}

@@ -15,9 +15,9 @@ doubling with each sequential read up to ``readahead`` chunks (a read starting a
 before or after where the last one ended counts as sequential: a kernel's requests arrive out of
 order). Chunks wanted together (a window of read-ahead, the chunks of one large read) are
 fetched together through :class:`~vmvault.repo.fetch.BlobFetcher`: side by side in a pack, they
-come in one ranged read, which matters against remote storage where each read is a round trip; a
-window is shared out between the read-ahead threads in pieces of a few chunks, read and decoded
-at once. ``read_into`` fills a caller's buffer (a FUSE request's) with one copy of each byte.
+come in one ranged read, which matters against remote storage where each read is a round trip;
+from local storage a window is shared out between the read-ahead threads in pieces of a few
+chunks, read and decoded at once. ``read_into`` fills a caller's buffer (a FUSE request's) with one copy of each byte.
 
 Memory is bounded whatever the disk's size: the cache's ``max_bytes``, plus the read-ahead
 fetches in flight (at most ``2 × readahead_threads + readahead`` chunks), plus what one read
@@ -143,15 +143,17 @@ class ChunkCache:
         *,
         limit: int,
         fetch_many: FetchMany | None = None,
+        split: bool = False,
     ) -> int:
         """Start fetching those of ``chunk_ids`` not cached or in flight, while fewer than
         ``limit`` read-ahead fetches are pending; returns how many were started.
 
         With ``fetch_many`` (chunk ids -> ``(id, plaintext or IntegrityError)`` in order, as
-        ``BlobFetcher`` gives them) the chunks started together are shared out between the
-        threads, a piece of consecutive ones each (at least :data:`_PIECE_CHUNKS`), each piece
-        in as few ranged reads as its places in the packs allow, so that several are read and
-        decoded at once; else one by one."""
+        ``BlobFetcher`` gives them) the chunks started together are fetched by one background
+        task, in as few ranged reads as their places in the packs allow, or with ``split``
+        (storage whose reads cost no round trip: ``Backend.local_reads``) shared out between
+        the threads, a piece of consecutive ones each (at least :data:`_PIECE_CHUNKS`), so that
+        several are read and decoded at once; without ``fetch_many`` one by one."""
         if fetch_many is not None:
             with self._lock:
                 claimed = self._claim(chunk_ids, limit=limit - self._prefetching)
@@ -160,7 +162,7 @@ class ChunkCache:
                 self._prefetching += len(claimed)
                 pool = self._ensure_pool()
             items = list(claimed.items())
-            step = max(_PIECE_CHUNKS, -(-len(items) // self.readahead_threads))
+            step = max(_PIECE_CHUNKS, -(-len(items) // self.readahead_threads)) if split else len(items)
             for at in range(0, len(items), step):
                 piece = dict(items[at : at + step])
                 self._submit(pool, piece, self._fetch_many_into, piece, fetch_many, prefetch=True)
@@ -379,6 +381,7 @@ class DiskReader:
         self._resolver = ChunkResolver(repo, snap, record)
         # reads in the calling thread (read-ahead runs in the cache's pool already)
         self._fetcher = BlobFetcher(repo, BlobType.DATA, max_requests=0, max_bytes=MAX_READ)
+        self._split = repo.backend.local_reads  # read-ahead in pieces read at once
         self._own_cache = cache is None
         self.cache = cache if cache is not None else ChunkCache(max_bytes=cache_bytes)
         self._lock = threading.Lock()
@@ -515,6 +518,7 @@ class DiskReader:
                 self._fetch,
                 limit=2 * self.cache.readahead_threads + self.readahead,
                 fetch_many=self._fetch_many,
+                split=self._split,
             )
 
     def _known_chunk_id(self, chunk: int) -> bytes | None:
