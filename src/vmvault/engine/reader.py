@@ -17,7 +17,8 @@ order). Chunks wanted together (a window of read-ahead, the chunks of one large 
 fetched together through :class:`~vmvault.repo.fetch.BlobFetcher`: side by side in a pack, they
 come in one ranged read, which matters against remote storage where each read is a round trip;
 from local storage a window is shared out between the read-ahead threads in pieces of a few
-chunks, read and decoded at once. ``read_into`` fills a caller's buffer (a FUSE request's) with one copy of each byte.
+chunks, read and decoded at once. ``read_into`` fills a caller's buffer (a FUSE request's) with
+one copy of each byte.
 
 Memory is bounded whatever the disk's size: the cache's ``max_bytes``, plus the read-ahead
 fetches in flight (at most ``2 × readahead_threads + readahead`` chunks), plus what one read
