@@ -238,6 +238,24 @@ def test_reads_may_run_in_the_calling_thread() -> None:
     assert _watched(repo).threads == {threading.get_ident()} and fetcher.stats.ranges == 1
 
 
+def test_a_fetch_whose_shared_pool_is_shut_down_reads_its_ranges_itself() -> None:
+    """A reader's fetcher runs its ranges in a pool its cache owns; a cache closed while a read
+    is under way shuts that pool down. The fetch then reads what is left in the calling thread:
+    every blob delivered, no "cannot schedule new futures" or cancelled range escapes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo, ids, datas = _repo(60, pack_size=8 * CS)
+    pool = ThreadPoolExecutor(2)
+    fetcher = BlobFetcher(repo, max_requests=2, max_range=2 * CS, max_bytes=8 * CS, executor=pool)
+    got = []
+    for n, (_key, data) in enumerate(fetcher.fetch(enumerate(ids))):
+        got.append(data)
+        if n == 3:  # ranges are queued and planned ahead: some are cancelled, the rest refused
+            pool.shutdown(wait=False, cancel_futures=True)
+    assert got == datas
+    assert fetcher.stats.retried_alone == 0
+
+
 def test_the_index_is_asked_once_per_group_of_blobs_not_once_per_blob(monkeypatch: pytest.MonkeyPatch) -> None:
     """Planning looks blobs up in groups (one query each); each result is the one a lookup of
     that blob alone gives, including blobs the index does not know and repeats."""

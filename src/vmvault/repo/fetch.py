@@ -280,7 +280,10 @@ class BlobFetcher:
     def _submit(self, rng: _Range) -> None:
         if self._executor is None:
             return  # read when the caller reaches it
-        rng.future = self._executor.submit(self._read, rng)
+        try:
+            rng.future = self._executor.submit(self._read, rng)
+        except RuntimeError:  # a pool shut down (its owner is closing): read when the caller reaches it
+            rng.future = None
 
     def fetch(self, wanted: Iterable[tuple[K, bytes | None]]) -> Generator[tuple[K, Result], None, None]:
         """``(key, result)`` for each of ``wanted``, in its order (module docstring)."""
@@ -319,7 +322,7 @@ class BlobFetcher:
                 if rng is None or request.blob_id is None:
                     yield request.key, None
                     continue
-                if rng.future is None:
+                if rng.future is None or rng.future.cancelled():  # (cancelled: a pool shut down)
                     rng.future = Future()
                     rng.future.set_result(self._read(rng))
                 results = rng.future.result()
