@@ -20,7 +20,7 @@ from vmvault import platform
 from vmvault.backends.local import LocalBackend
 from vmvault.backends.s3 import open_s3
 from vmvault.engine.backup import backup
-from vmvault.engine.reader import DiskReader
+from vmvault.engine.reader import FAR_READAHEAD, DiskReader
 from vmvault.engine.restore import _Flusher, restore
 from vmvault.errors import IntegrityError
 from vmvault.repo.format import ChunkResolver
@@ -284,6 +284,38 @@ def test_a_connection_dropped_mid_range_is_retried(
         assert proxy.truncated == 2
         assert backend.requests.retries - retries >= 1
         assert backend.requests.gets - gets <= 24 * MiB // CS // 8
+        repo.close()
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.integration
+def test_a_reader_from_s3_reads_ahead_in_runs_and_survives_a_dropped_connection(
+    tmp_path: Path, moto: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What ``mount``, ``serve`` and ``files`` read with, from S3: a large window of read-ahead
+    whose ranged reads go out at once (a pool the reader's cache owns), each connection's
+    failure retried, every byte right."""
+    for key, value in S3Server.client_env().items():
+        monkeypatch.setenv(key, value)
+    data = bytes(os.urandom(24 * MiB))
+    disk = MemoryDisk(bytearray(data), [(0, len(data))])
+    proxy = FaultyHttpProxy(moto.port)
+    proxy.start()
+    try:
+        backend = open_s3(proxy.url("fetch", "reader"))
+        repo = Repository.init(backend, b"passphrase", chunk_size=CS)
+        snap = backup(repo, ScriptedSource(disk)).snapshot
+        gets, retries = backend.requests.gets, backend.requests.retries
+        proxy.truncate_next(2)
+        with DiskReader(repo, snap, "vda") as reader:
+            assert reader.readahead == FAR_READAHEAD
+            for offset in range(0, len(data), MiB):
+                assert reader.read(offset, MiB) == data[offset : offset + MiB]
+            assert reader.cache.stats.prefetched_chunks > len(data) // CS // 2
+        assert proxy.truncated == 2
+        assert backend.requests.retries - retries >= 1
+        assert backend.requests.gets - gets <= len(data) // CS // 4, "runs of a pack's chunks"
         repo.close()
     finally:
         proxy.stop()

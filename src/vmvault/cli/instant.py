@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vmvault.backends import open_backend
+from vmvault.engine.reader import DEFAULT_CACHE_BYTES, FAR_CACHE_BYTES
 from vmvault.errors import ConfigError
 from vmvault.repo import secret as secrets
 from vmvault.repo.repository import Repository
@@ -205,7 +206,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     )
     p.add_argument("--speed", type=size(0, 1 << 40), default=0, metavar="SIZE", help="copy at most SIZE per second")
     p.add_argument(
-        "--cache-size", type=size(0, 1 << 40), default=64 << 20, metavar="SIZE", help="the export's chunk cache"
+        "--cache-size",
+        type=size(0, 1 << 40),
+        metavar="SIZE",
+        help=f"the export's chunk cache (default {DEFAULT_CACHE_BYTES >> 20}M from a local repository, "
+        f"{FAR_CACHE_BYTES >> 20}M from SFTP or S3)",
     )
     add_filter_args(p, scope="'latest' is the newest snapshot matching every option given (an id must match them).")
     p.set_defaults(func=cmd_instant)

@@ -7,7 +7,7 @@ import sys
 
 from vmvault import platform
 from vmvault.engine.mountfs import MountView, binding, check_mountpoint, serve
-from vmvault.engine.reader import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD
+from vmvault.engine.reader import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD, FAR_CACHE_BYTES, FAR_READAHEAD
 from vmvault.errors import ConfigError, SnapshotNotFoundError
 
 from ._args import size, snapshot_ref, whole_number
@@ -59,7 +59,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     def ready() -> None:
         out.say(
             f"mounted {view.snapshots} snapshots of {len(view.root.children['by-vm'].children)} VMs read-only at "
-            f"{mountpoint} (cache {human_bytes(args.cache_size)}); Ctrl-C, SIGTERM or fusermount3 -u unmounts"
+            f"{mountpoint} (cache {human_bytes(view.cache.max_bytes)}); Ctrl-C, SIGTERM or fusermount3 -u unmounts"
         )
         sys.stdout.flush()
 
@@ -97,16 +97,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument(
         "--cache-size",
         type=size(0, 1 << 40),
-        default=DEFAULT_CACHE_BYTES,
         metavar="SIZE",
-        help=f"memory for decrypted chunks, shared by every reader (default {DEFAULT_CACHE_BYTES >> 20}M)",
+        help=f"memory for decrypted chunks, shared by every reader (default {DEFAULT_CACHE_BYTES >> 20}M from a "
+        f"local repository, {FAR_CACHE_BYTES >> 20}M from SFTP or S3)",
     )
     p.add_argument(
         "--readahead",
         type=whole_number(0, 256, what="a chunk count"),
-        default=DEFAULT_READAHEAD,
         metavar="CHUNKS",
-        help=f"chunks fetched ahead of a sequential reader, at most (default {DEFAULT_READAHEAD}; 0: none)",
+        help=f"chunks fetched ahead of a sequential reader, at most (default {DEFAULT_READAHEAD} from a local "
+        f"repository, {FAR_READAHEAD} from SFTP or S3, where they come in several reads at once; at most half "
+        "the cache; 0: none)",
     )
     p.add_argument(
         "--direct-io",

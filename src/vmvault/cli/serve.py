@@ -12,7 +12,7 @@ from types import FrameType
 
 from vmvault.engine.export import export_label, running_disks
 from vmvault.engine.nbd import NbdServer, nbd_uri
-from vmvault.engine.reader import DiskReader, find_disk
+from vmvault.engine.reader import DEFAULT_CACHE_BYTES, FAR_CACHE_BYTES, DiskReader, find_disk
 from vmvault.errors import ConfigError
 from vmvault.repo.snapshot import Snapshot
 
@@ -141,9 +141,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument(
         "--cache-size",
         type=size(0, 1 << 40),
-        default=64 << 20,
         metavar="SIZE",
-        help="memory for decrypted chunks (default 64M)",
+        help=f"memory for decrypted chunks (default {DEFAULT_CACHE_BYTES >> 20}M from a local repository, "
+        f"{FAR_CACHE_BYTES >> 20}M from SFTP or S3)",
     )
     add_filter_args(p, scope="'latest' is the newest snapshot matching every option given (an id must match them).")
     p.set_defaults(func=cmd_serve)

@@ -20,7 +20,7 @@ from typing import Any
 from vmvault.backends import open_backend
 from vmvault.engine.export import export_label
 from vmvault.engine.nbd import NbdServer
-from vmvault.engine.reader import ChunkCache, DiskReader
+from vmvault.engine.reader import ChunkCache, DiskReader, cache_bytes_for
 from vmvault.errors import VmvaultError
 from vmvault.repo.repository import Repository
 
@@ -32,7 +32,8 @@ def _serve(spec: dict[str, Any], stop: threading.Event) -> None:
     secret = bytes.fromhex(spec["secret"]) if spec.get("secret") else None
     repo = Repository.open(open_backend(str(spec["location"])), secret)
     snap = repo.load_snapshot(str(spec["snapshot"]))
-    cache = ChunkCache(max_bytes=int(spec.get("cache_bytes", 64 << 20)))
+    wanted = spec.get("cache_bytes")
+    cache = ChunkCache(max_bytes=cache_bytes_for(repo, None if wanted is None else int(wanted)))
     lease = str(spec["lease"])
     with ExitStack() as stack:
         stack.callback(cache.close)

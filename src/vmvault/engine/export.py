@@ -32,7 +32,7 @@ from pathlib import Path
 
 from vmvault import platform
 from vmvault.engine.nbd import NbdServer
-from vmvault.engine.reader import DEFAULT_CACHE_BYTES, ChunkCache, DiskReader, find_disk
+from vmvault.engine.reader import ChunkCache, DiskReader, find_disk
 from vmvault.errors import ConfigError, VmvaultError
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import DiskRecord, Snapshot
@@ -62,7 +62,7 @@ def serve_disk(
     socket_path: str,
     *,
     cache: ChunkCache | None = None,
-    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    cache_bytes: int | None = None,
     tls: ssl.SSLContext | None = None,
 ) -> Iterator[NbdServer]:
     """Serve ``disk`` of ``snap`` read-only on a new unix socket while the block runs;
@@ -114,7 +114,7 @@ class ServeProcess:
         *,
         lease: str,
         log: str,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_bytes: int | None = None,
     ) -> ServeProcess:
         """Start a child serving each disk named in ``sockets`` on its socket; returns once it
         listens. ``lease`` is created here; the child ends when it disappears."""

@@ -23,7 +23,7 @@ from vmvault.errors import ConfigError, GuestError, GuestPathError
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import DiskRecord, Snapshot
 
-from .reader import DEFAULT_CACHE_BYTES, ChunkCache, DiskReader, find_disk
+from .reader import ChunkCache, DiskReader, cache_bytes_for, find_disk
 
 __all__ = ["FindHit", "Location", "SnapshotFiles", "disk_doc", "entry_doc", "parse_location"]
 
@@ -89,10 +89,10 @@ class SnapshotFiles:
     """The filesystems in one snapshot's disks, opened on demand and kept open until
     :meth:`close`. Not thread-safe (the filesystem library is not)."""
 
-    def __init__(self, repo: Repository, snap: Snapshot, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(self, repo: Repository, snap: Snapshot, *, cache_bytes: int | None = None) -> None:
         self.repo = repo
         self.snapshot = snap
-        self.cache = ChunkCache(max_bytes=cache_bytes)
+        self.cache = ChunkCache(max_bytes=cache_bytes_for(repo, cache_bytes))
         self._readers: dict[str, DiskReader] = {}
         self._workers: dict[str, IsolatedDisk] = {}
         self._views: dict[str, DiskView] = {}

@@ -120,7 +120,7 @@ class InstantOptions:
         cpus: int | None = None,
         qemu_args: list[str] | None = None,
         speed: int = 0,
-        cache_bytes: int = 64 << 20,
+        cache_bytes: int | None = None,
         qemu: str = "qemu-system-x86_64",
         libvirt_uri: str | None = None,
         qemu_as_root: bool = False,
@@ -1046,7 +1046,7 @@ def resume(
             sockets,
             lease=str(target / "serve.lease"),
             log=str(target / "serve.log"),
-            cache_bytes=int(state.get("cache_bytes", 64 << 20)),
+            cache_bytes=None if state.get("cache_bytes") is None else int(state["cache_bytes"]),
         )
         state["serve"] = serve.to_doc()
         save_state(target, state)

@@ -53,7 +53,7 @@ from vmvault.repo.format import BlobType
 from vmvault.repo.repository import Repository
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 
-from .reader import DEFAULT_CACHE_BYTES, DEFAULT_READAHEAD, MAX_READ, ChunkCache, DiskReader
+from .reader import MAX_READ, ChunkCache, DiskReader, cache_bytes_for
 
 __all__ = ["FSTYPE", "MountView", "binding", "check_mountpoint", "serve"]
 
@@ -144,12 +144,12 @@ class MountView:
         repo: Repository,
         snapshots: list[Snapshot],
         *,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-        readahead: int = DEFAULT_READAHEAD,
+        cache_bytes: int | None = None,
+        readahead: int | None = None,
         group: int | None = None,
     ) -> None:
         self.repo = repo
-        self.cache = ChunkCache(max_bytes=cache_bytes, readahead_threads=_FETCH_THREADS)
+        self.cache = ChunkCache(max_bytes=cache_bytes_for(repo, cache_bytes), readahead_threads=_FETCH_THREADS)
         self.readahead = readahead
         self.uid, self.gid = os.getuid(), os.getgid() if group is None else group
         #: permission bits of files and folders: none for "other" when a group is named

@@ -49,7 +49,7 @@ from vmvault.repo.snapshot import DiskRecord, Snapshot
 
 from .export import process_start_time, running_disks, serve_disk
 from .nbd import NbdServer
-from .reader import DEFAULT_CACHE_BYTES, ChunkCache
+from .reader import ChunkCache, cache_bytes_for
 from .target import write_all
 
 __all__ = [
@@ -339,7 +339,7 @@ def served_disks(
     sockets; no one else may (:func:`~vmvault.hypervisors.qemu_boot.open_to_qemu`).
     """
     dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    cache = ChunkCache(max_bytes=DEFAULT_CACHE_BYTES)
+    cache = ChunkCache(max_bytes=cache_bytes_for(repo))
     try:
         with contextlib.ExitStack() as stack:
             served = []
