@@ -19,6 +19,12 @@ malloc settings the command sets), in
 a child process that reports the storage operations it sent (``Backend.requests``). Both are
 timed to durability like ``compare.py``; the repository is deleted afterwards.
 
+Then the disk is read from start to end through a :class:`~vmvault.engine.reader.DiskReader`
+(what ``vmvault mount``, ``serve`` and ``files`` read with), 1 MiB at a time as a kernel reads
+through a mount, in a child process from a cold page cache and a new cache of chunks: the time
+from the reader's opening to its last byte, and the storage operations it sent. The first MiB of
+every 64 is kept and compared with the image afterwards.
+
 ``--rtt-ms N`` puts each server N ms away: vmvault reaches it through a relay process that
 delays every byte by half of N each way (tests/latency.py: latency only, no bandwidth limit,
 no loss; its CPU is shown apart). The local repository stays where it is.
@@ -74,6 +80,47 @@ def restore_child(url: str, target: str) -> None:
                 "bytes_written": result.bytes_written,
                 "cpu_s": usage.ru_utime + usage.ru_stime,
                 "ssh_cpu_s": children.ru_utime + children.ru_stime,
+            }
+        )
+    )
+
+
+def read_child(url: str, source: str) -> None:
+    """In the child: read the latest snapshot's disk of ``url`` through a ``DiskReader``, 1 MiB
+    at a time; print one JSON line with the time, the storage operations and the CPU."""
+    from vmvault import platform
+    from vmvault.backends import open_backend
+    from vmvault.engine.reader import DiskReader
+    from vmvault.repo.repository import Repository
+
+    platform.keep_freed_memory()
+    backend = open_backend(url)
+    backend.warm_up()
+    repo = Repository.open(backend, PASSWORD.encode())
+    snap = repo.find_snapshot("latest")
+    before = backend.requests.to_dict()
+    buf = bytearray(1 << 20)
+    samples: dict[int, bytes] = {}
+    start = time.monotonic()
+    with DiskReader(repo, snap, snap.disks[0]) as reader:
+        for offset in range(0, reader.size, len(buf)):
+            n = reader.read_into(offset, buf)
+            if offset % (64 << 20) == 0:
+                samples[offset] = bytes(buf[:n])
+    seconds = time.monotonic() - start
+    after = backend.requests.to_dict()
+    repo.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    with open(source, "rb") as image:
+        for offset, data in samples.items():
+            if os.pread(image.fileno(), len(data), offset) != data:
+                raise SystemExit(f"{url}: the disk read differs from the image at offset {offset:#x}")
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "requests": {k: after[k] - before[k] for k in after},
+                "cpu_s": usage.ru_utime + usage.ru_stime,
             }
         )
     )
@@ -153,6 +200,9 @@ def vmvault_run(
     if not filecmp.cmp(restored, src, shallow=False):
         raise SystemExit(f"{url}: the restored disk differs from the image")
     shutil.rmtree(target, ignore_errors=True)
+    drop_caches()
+    reading = timed_child([sys.executable, __file__, "--read-child", url, str(src)], env=env)
+    read = json.loads(reading.stdout.strip().splitlines()[-1])
     return {
         "backup_s": backup.seconds,
         "backup_rss": backup.max_rss_mib,
@@ -168,12 +218,18 @@ def vmvault_run(
         "ssh_cpu": report["ssh_cpu_s"],
         "server_cpu": server_cpu,
         "relay_cpu": relay_cpu,
+        "read_s": read["seconds"],
+        "read_gets": read["requests"]["get"],
+        "read_rss": reading.max_rss_mib,
     }
 
 
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--restore-child":
         restore_child(sys.argv[2], sys.argv[3])
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--read-child":
+        read_child(sys.argv[2], sys.argv[3])
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="4G")
@@ -285,7 +341,8 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
             f"{r['gets']:,.0f} | {r['chunks']:,.0f} | {r['bytes_read'] / 2**20:,.0f} | "
             f"{r['restore_cpu']:.1f} | {r['ssh_cpu']:.1f} | {r['server_cpu']:.1f} | "
             + (f"{r['relay_cpu']:.1f} | " if args.rtt_ms else "")
-            + f"{max(r['backup_rss'], r['restore_rss']):.0f} |"
+            + f"{max(r['backup_rss'], r['restore_rss']):.0f} | "
+            f"{r['read_s']:.1f} | {r['read_s'] / r['restore_s']:.2f}× | {r['read_gets']:,.0f} | {r['read_rss']:.0f} |"
         )
     return "\n".join(
         [
@@ -305,7 +362,10 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
             "snapshot reads), against the chunks it restored. CPU: seconds (user + system) of the backup's "
             "`vmvault` process with its ssh child processes, and of the server with its session processes during "
             "the backup; of the restoring process, of its ssh child processes (the OpenSSH transport's encryption), "
-            "and of the server during the restore. Peak RSS is vmvault's."
+            "and of the server during the restore. Peak RSS is vmvault's (backup and restore). "
+            "Disk read: the disk read from start to end through a `DiskReader` (what `mount`, `serve` and "
+            "`files` read with), 1 MiB at a time, cold page cache, a new cache of chunks (default size); its storage "
+            "operations and the peak RSS of its process."
             + (
                 f" Every server is {args.rtt_ms:g} ms (round trip) away: reached through a relay process that delays "
                 "each byte by half of that each way (tests/latency.py: latency only, no bandwidth limit or loss); "
@@ -318,8 +378,8 @@ def render(args: argparse.Namespace, src: Path, results: dict[str, dict[str, flo
             "| restore (s) | restore / local | restore reads "
             "| chunks restored | MiB read | restore CPU (s) | its ssh CPU (s) | server CPU (s) | "
             + ("relay CPU (s) | " if args.rtt_ms else "")
-            + "peak RSS (MiB) |",
-            "| --- " * (15 if args.rtt_ms else 14) + "|",
+            + "peak RSS (MiB) | disk read (s) | read / restore | read requests | read peak RSS (MiB) |",
+            "| --- " * (19 if args.rtt_ms else 18) + "|",
             *rows,
         ]
     )
