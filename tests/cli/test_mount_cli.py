@@ -441,3 +441,42 @@ def test_other_users_read_the_decrypted_disks_only_when_let_in(
                     assert "every user of this host can read the decrypted disks" in m.stderr()
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+@pytest.mark.integration
+def test_a_repository_on_s3_mounts_with_the_remote_defaults_and_reads_back_equal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mount of a repository on S3 (moto): the cache and read-ahead are remote storage's
+    (128 MiB; ranged reads at once in a pool the mount's readers share), and a disk read
+    through the real FUSE device, in two files at once, is the disk."""
+    from tests.servers import S3Server, running_s3, s3_client_environment
+
+    with s3_client_environment(), running_s3(tmp_path / "moto", buckets=("mount",)) as s3:
+        for key, value in S3Server.client_env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+        monkeypatch.setenv("VMVAULT_PASSWORD", "correct horse")
+        monkeypatch.setenv("VMVAULT_REPO", s3.url("mount", "repo"))
+        assert main(["init", "-q", "--chunk-size", "64K"]) == 0
+        vm = tmp_path / "vm01"
+        vm.mkdir()
+        disks = {"a.raw": os.urandom(12 * MiB), "b.raw": os.urandom(8 * MiB)}
+        for name, data in disks.items():
+            (vm / name).write_bytes(data)
+        backed_up(capsys, vm)
+        with mounted(tmp_path / "mnt") as m:
+            folder = snapshot_folder(m.point, "vm01")
+            got: dict[str, bytes] = {}
+            readers = [
+                threading.Thread(target=lambda n=n: got.__setitem__(n, read_in_mebibytes(folder / n, len(disks[n]))))
+                for n in disks
+            ]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join(120)
+            assert got == disks
+            assert m.stop() == 0
+            assert m.proc.stdout is not None
+            assert "(cache 128.0 MiB)" in m.proc.stdout.read().decode()
