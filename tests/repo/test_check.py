@@ -6,6 +6,9 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ from tests.repo.builders import (
     write_dead_lock,
 )
 from vmvault.backends.local import LocalBackend
-from vmvault.errors import IntegrityError, SnapshotNotFoundError
+from vmvault.errors import BackendConnectionError, IntegrityError, SnapshotNotFoundError
 from vmvault.repo import check
 from vmvault.repo.check import select_subset
 from vmvault.repo.format import ZERO_ID, BlobType
@@ -321,3 +324,90 @@ def test_a_snapshot_that_stops_reading_while_check_walks_it_is_reported(
     damaged = [p for p in report.errors if p.kind == "snapshot-damaged"]
     assert [p.object_id for p in damaged] == [snap_a.id] and "meanwhile" in damaged[0].message
     assert report.damaged_snapshots == [snap_a.id]
+
+
+class _WatchedPacks(LocalBackend):
+    """Reads of whole packs take a while; counts how many run at once and the most bytes of
+    packs asked for at once."""
+
+    reads_at_once = 4
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.running = self.most_running = 0
+        self.fail_pack: str | None = None
+        self.asked: list[str] = []
+        self._watch = threading.Lock()
+
+    def prepare_reads(self) -> int:
+        return self.reads_at_once
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if not name.startswith("data/") or offset:
+            return super().get(name, offset, length)
+        with self._watch:
+            self.asked.append(name)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            time.sleep(0.02)
+            if name == self.fail_pack:
+                raise BackendConnectionError(f"gave up on reading {name}: connection reset", name=name)
+            return super().get(name, offset, length)
+        finally:
+            with self._watch:
+                self.running -= 1
+
+
+def test_read_data_reads_packs_at_once_within_its_bound_and_reports_as_one_at_a_time_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``check --read-data`` once read one pack after another: from remote storage a round
+    trip each, and one core verifying. Packs are now read and verified as many at once as the
+    storage serves best, at most READ_DATA_BYTES of them (at least one); what is found is the
+    same, reported in the same order."""
+    backend = _WatchedPacks(str(tmp_path / "repo"))
+    repo = make_repo(backend)
+    content = Content(disks={"sda": disk_image(1, 40), "sdb": disk_image(2, 30)})
+    snap = backup(repo, content)
+    repo = reopen(repo)
+    for disk, k in (("sda", 3), ("sdb", 21), ("sda", 33)):
+        loc = repo.index.lookup(chunk_id_at(repo, snap, disk, k))
+        assert loc is not None
+        flip(pack_path(repo, loc.pack_id), loc.entry.offset + loc.entry.length // 2)
+    module = sys.modules["vmvault.repo.check"]
+
+    def found(reads: int, held: int) -> tuple[list[dict[str, object]], int, dict[str, int]]:
+        backend.reads_at_once, backend.most_running = reads, 0
+        monkeypatch.setattr(module, "READ_DATA_BYTES", held)
+        report = check(reopen(repo), read_data=True)
+        return [p.to_dict() for p in report.problems], backend.most_running, report.stats
+
+    one, most, stats = found(1, 128 << 20)
+    assert most == 1 and stats["packs_read"] > 8
+    assert sum(p["kind"] == "blob-damaged" for p in one) == 3
+    together, most, stats_together = found(4, 128 << 20)
+    assert together == one and stats_together == stats
+    assert most == 4, "as many reads at once as the storage serves best"
+    bounded, most, _ = found(4, 1)
+    assert bounded == one and most == 1, "never more than READ_DATA_BYTES of packs, always one"
+
+
+def test_read_data_stops_at_a_storage_error_and_reads_nothing_more(tmp_path: Path) -> None:
+    """A pack the storage cannot give (its retries spent) stops the check with that error, as
+    when packs were read one at a time: the reads queued behind it are dropped."""
+    backend = _WatchedPacks(str(tmp_path / "repo"))
+    repo = make_repo(backend)
+    backup(repo, Content(disks={"sda": disk_image(1, 120)}))
+    repo = reopen(repo)
+    assert check(repo, read_data=True).ok
+    order = list(backend.asked)
+    assert len(order) > 15
+    backend.asked.clear()
+    backend.fail_pack = order[2]
+    with pytest.raises(BackendConnectionError, match="connection reset"):
+        check(reopen(repo), read_data=True)
+    asked = len(backend.asked)
+    time.sleep(0.2)
+    assert len(backend.asked) == asked, "no read goes out after the error"
+    assert asked <= 3 + 2 * backend.reads_at_once < len(order)

@@ -25,6 +25,7 @@ backup would deduplicate against it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import heapq
@@ -32,6 +33,7 @@ import json
 import math
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +205,24 @@ def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
         else:
             out.append([start, end])
     return out
+
+
+#: bytes of packs ``check --read-data`` holds at once, at most (always at least one pack)
+READ_DATA_BYTES = 128 << 20
+
+
+@dataclass
+class _PackRead:
+    """What reading one pack found (``_Checker._read_pack``)."""
+
+    missing: bool = False
+    oversized: bool = False
+    bytes_read: int = 0
+    blobs_read: int = 0
+    #: ``(kind, message)`` of the pack's own problems (its name, its header)
+    pack_problems: list[tuple[str, str]] = field(default_factory=list)
+    #: the blobs that did not open, with why
+    damaged: list[tuple[BlobEntry, IntegrityError]] = field(default_factory=list)
 
 
 class _Checker:
@@ -831,7 +851,8 @@ class _Checker:
     def read_packs(self, subset: float | None, seed: int) -> None:
         """Read the chosen packs (all, or the subset ``select_subset`` picks) while going
         through the live index files again: each pack once, with the entries the first live
-        file lists for it. Memory: one pack, and the subset's size when there is a subset."""
+        file lists for it. Memory: the packs being read (at most :data:`READ_DATA_BYTES`, at
+        least one), and the subset's size when there is a subset."""
         db = self.sql
         candidates = "SELECT l.id FROM s.listed l JOIN s.stored st ON st.id = l.id"
         if self.select is not None:
@@ -853,56 +874,69 @@ class _Checker:
         self.stats["packs_read"] = 0
         self.stats["blobs_read"] = 0
         self.stats["bytes_read"] = 0
+        limit = self.repo.pack_limit
+        # packs are read and verified ``reads`` at a time, as many as the storage serves best (a
+        # restore's count), and never more than READ_DATA_BYTES of them (at least one) at once;
+        # what they show is reported here, in the order the index files list them
+        reads = max(1, self.backend.prepare_reads())
+        pending: collections.deque[tuple[Future[_PackRead], bytes, list[BlobEntry], int, bool]] = collections.deque()
+        held = 0
         done = 0
-        with Grouped(db, every=256) as group:
-            for _file_id, parsed in self.live_files():
-                for rec in parsed.records:
-                    if db.execute("SELECT 1 FROM s.chosen WHERE id = ?", (rec.pack_id,)).fetchone() is None:
-                        continue
-                    # each listing is compared with the pack (a pack listed twice is read twice: rare)
-                    group.step()
-                    if db.execute("INSERT OR IGNORE INTO s.done VALUES (?)", (rec.pack_id,)).rowcount:
-                        self.tick("read-data", done, total)
-                        done += 1
-                    self._read_pack(rec.pack_id, rec.entries())
+
+        def finish() -> None:
+            nonlocal held, done
+            future, pack_id, entries, size, first = pending.popleft()
+            held -= size
+            self._report_pack(pack_id, entries, future.result())
+            if first:
+                done += 1
+                self.tick("read-data", done, total)
+
+        self.tick("read-data", 0, total)
+        with ThreadPoolExecutor(reads, thread_name_prefix="vmvault-check") as pool, Grouped(db, every=256) as group:
+            try:
+                for _file_id, parsed in self.live_files():
+                    for rec in parsed.records:
+                        if db.execute("SELECT 1 FROM s.chosen WHERE id = ?", (rec.pack_id,)).fetchone() is None:
+                            continue
+                        # each listing is compared with the pack (a pack listed twice is read twice: rare)
+                        group.step()
+                        first = bool(db.execute("INSERT OR IGNORE INTO s.done VALUES (?)", (rec.pack_id,)).rowcount)
+                        size = self._stored_size(rec.pack_id) or 0
+                        weight = min(size, limit + 1)
+                        while pending and (len(pending) >= reads or held + weight > READ_DATA_BYTES):
+                            finish()
+                        entries = rec.entries()
+                        future = pool.submit(self._read_pack, rec.pack_id, entries, size)
+                        pending.append((future, rec.pack_id, entries, weight, first))
+                        held += weight
+                while pending:
+                    finish()
+            finally:
+                for future, *_ in pending:  # an error stops the reading: nothing more is fetched
+                    future.cancel()
         self.tick("read-data", total, total)
 
-    def _read_pack(self, pack_id: bytes, entries: list[BlobEntry]) -> None:
+    def _read_pack(self, pack_id: bytes, entries: list[BlobEntry], size: int) -> _PackRead:
+        """Read one pack and open each of ``entries`` from it (in a reading thread: what it finds
+        is returned, and reported by ``_report_pack``)."""
         name = pack_name(pack_id)
-        size = self._stored_size(pack_id) or 0
-        limit = self.repo.pack_limit
+        out = _PackRead()
         data: bytes | None = None
-        if size > limit:
+        if size > self.repo.pack_limit:
             # never read whole: its blobs are still read one by one, each bounded by the index
-            self.add(
-                ERROR,
-                "pack-oversized",
-                name,
-                f"pack is {size} bytes, larger than any pack of this repository ({limit}): damaged or planted; "
-                "not read whole",
-                object_id=pack_id.hex(),
-            )
+            out.oversized = True
         else:
             try:
-                data = self.backend.get(name, 0, limit + 1)
+                data = self.backend.get(name, 0, self.repo.pack_limit + 1)
             except ObjectNotFoundError:
-                if pack_id.hex() not in {p.object_id for p in self.problems}:
-                    self.add(
-                        ERROR,
-                        "pack-missing",
-                        name,
-                        "pack vanished while checking",
-                        object_id=pack_id.hex(),
-                        blobs=self._reads_from(pack_id, entries),
-                    )
-                return
-            self.stats["packs_read"] += 1
-            self.stats["bytes_read"] += len(data)
-            self._check_whole_pack(pack_id, data, entries)
-        reads_here = self._reads_from(pack_id, entries)
+                out.missing = True
+                return out
+            out.bytes_read += len(data)
+            out.pack_problems = self._whole_pack_problems(pack_id, data, entries)
         largest = largest_blob(self.repo.config.chunk_size)
         for e in entries:
-            self.stats["blobs_read"] += 1
+            out.blobs_read += 1
             try:
                 if e.length > largest + ENVELOPE_OVERHEAD or e.raw_length > largest:
                     raise IntegrityError(f"the index says blob {e.id.hex()} is {e.length} bytes, more than any blob")
@@ -913,51 +947,80 @@ class _Checker:
                         sealed = self.backend.get(name, e.offset, e.length)
                     except ObjectNotFoundError:
                         sealed = b""
-                    self.stats["bytes_read"] += len(sealed)
+                    out.bytes_read += len(sealed)
                 if len(sealed) != e.length:
                     raise IntegrityError(f"blob {e.id.hex()} is cut off by the end of the pack")
                 plain = open_blob(self.repo.key, e.type, e.id, sealed, max_size=e.raw_length)
                 if len(plain) != e.raw_length:
                     raise IntegrityError(f"blob {e.id.hex()} is {len(plain)} bytes, the index says {e.raw_length}")
             except IntegrityError as exc:
-                if e.id in self.covered and e.id in reads_here:
-                    continue
-                what = "chunk" if e.type is BlobType.DATA else "index block"
-                extra = "" if e.id in reads_here else " (a duplicate copy: readers use another pack)"
-                self.add(
-                    ERROR,
-                    "blob-damaged",
-                    f"blob {e.id.hex()}",
-                    f"{what} in pack {pack_id.hex()} at offset {e.offset}: {exc}{extra}",
-                    object_id=e.id.hex(),
-                    blobs={e.id} & reads_here,
-                )
+                out.damaged.append((e, exc))
+        return out
 
-    def _check_whole_pack(self, pack_id: bytes, data: bytes, entries: list[BlobEntry]) -> None:
+    def _report_pack(self, pack_id: bytes, entries: list[BlobEntry], read: _PackRead) -> None:
+        """Report what reading one pack found (``_read_pack``), in the checking thread."""
         name = pack_name(pack_id)
-        if hashlib.sha256(data).digest() != pack_id:
-            self.add(
-                ERROR, "pack-damaged", name, "pack content does not match its name (SHA-256)", object_id=pack_id.hex()
-            )
-        try:
-            header = parse_pack_header(self.repo.key, data, name=name)
-        except IntegrityError as exc:
+        if read.oversized:
             self.add(
                 ERROR,
-                "pack-header-damaged",
+                "pack-oversized",
                 name,
-                f"{exc} (blobs are read through the index, so those below that open are intact)",
+                f"pack is {self._stored_size(pack_id)} bytes, larger than any pack of this repository "
+                f"({self.repo.pack_limit}): damaged or planted; not read whole",
                 object_id=pack_id.hex(),
             )
-        else:
-            if {e.pack() for e in header} != {e.pack() for e in entries}:
+        if read.missing:
+            if pack_id.hex() not in {p.object_id for p in self.problems}:
                 self.add(
                     ERROR,
-                    "pack-index-mismatch",
+                    "pack-missing",
                     name,
-                    f"the pack header lists {len(header)} blobs, the index {len(entries)}, and they differ",
+                    "pack vanished while checking",
                     object_id=pack_id.hex(),
+                    blobs=self._reads_from(pack_id, entries),
                 )
+            return
+        if not read.oversized:
+            self.stats["packs_read"] += 1
+        self.stats["bytes_read"] += read.bytes_read
+        self.stats["blobs_read"] += read.blobs_read
+        for kind, message in read.pack_problems:
+            self.add(ERROR, kind, name, message, object_id=pack_id.hex())
+        # the blobs lost with this pack (no other readable copy): looked up only if one is damaged
+        reads_here = self._reads_from(pack_id, [e for e, _ in read.damaged]) if read.damaged else set()
+        for e, exc in read.damaged:
+            if e.id in self.covered and e.id in reads_here:
+                continue
+            what = "chunk" if e.type is BlobType.DATA else "index block"
+            extra = "" if e.id in reads_here else " (a duplicate copy: readers use another pack)"
+            self.add(
+                ERROR,
+                "blob-damaged",
+                f"blob {e.id.hex()}",
+                f"{what} in pack {pack_id.hex()} at offset {e.offset}: {exc}{extra}",
+                object_id=e.id.hex(),
+                blobs={e.id} & reads_here,
+            )
+
+    def _whole_pack_problems(self, pack_id: bytes, data: bytes, entries: list[BlobEntry]) -> list[tuple[str, str]]:
+        """``(kind, message)`` of each problem of a pack read whole: its name, its header."""
+        out = []
+        if hashlib.sha256(data).digest() != pack_id:
+            out.append(("pack-damaged", "pack content does not match its name (SHA-256)"))
+        try:
+            header = parse_pack_header(self.repo.key, data, name=pack_name(pack_id))
+        except IntegrityError as exc:
+            intact = "blobs are read through the index, so those below that open are intact"
+            out.append(("pack-header-damaged", f"{exc} ({intact})"))
+        else:
+            if {e.pack() for e in header} != {e.pack() for e in entries}:
+                out.append(
+                    (
+                        "pack-index-mismatch",
+                        f"the pack header lists {len(header)} blobs, the index {len(entries)}, and they differ",
+                    )
+                )
+        return out
 
     # ---- what is affected ------------------------------------------------------------
 
