@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmvault.backends.base import Backend
+from vmvault.backends.local import LocalBackend
+from vmvault.errors import BackendConnectionError
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
 from vmvault.repo.crypto import seal_envelope
 from vmvault.repo.repository import BlobWriter, Repository
@@ -218,3 +220,36 @@ class WholeSnapshots:
             return snap
 
         monkeypatch.setattr(Repository, "load_snapshot", loading)
+
+
+class WatchedPacks(LocalBackend):
+    """Reads of whole packs take a while; counts how many run at once and the most bytes of
+    packs asked for at once."""
+
+    reads_at_once = 4
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.running = self.most_running = 0
+        self.fail_pack: str | None = None
+        self.asked: list[str] = []
+        self._watch = threading.Lock()
+
+    def prepare_reads(self) -> int:
+        return self.reads_at_once
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if not name.startswith("data/") or offset:
+            return super().get(name, offset, length)
+        with self._watch:
+            self.asked.append(name)
+            self.running += 1
+            self.most_running = max(self.most_running, self.running)
+        try:
+            time.sleep(0.02)
+            if name == self.fail_pack:
+                raise BackendConnectionError(f"gave up on reading {name}: connection reset", name=name)
+            return super().get(name, offset, length)
+        finally:
+            with self._watch:
+                self.running -= 1

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tests.repo.builders import (
     CHUNK,
     SPAN,
     Content,
+    WatchedPacks,
     WholeSnapshots,
     backup,
     disk_image,
@@ -326,39 +326,6 @@ def test_a_snapshot_that_stops_reading_while_check_walks_it_is_reported(
     assert report.damaged_snapshots == [snap_a.id]
 
 
-class _WatchedPacks(LocalBackend):
-    """Reads of whole packs take a while; counts how many run at once and the most bytes of
-    packs asked for at once."""
-
-    reads_at_once = 4
-
-    def __init__(self, root: str) -> None:
-        super().__init__(root)
-        self.running = self.most_running = 0
-        self.fail_pack: str | None = None
-        self.asked: list[str] = []
-        self._watch = threading.Lock()
-
-    def prepare_reads(self) -> int:
-        return self.reads_at_once
-
-    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        if not name.startswith("data/") or offset:
-            return super().get(name, offset, length)
-        with self._watch:
-            self.asked.append(name)
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
-        try:
-            time.sleep(0.02)
-            if name == self.fail_pack:
-                raise BackendConnectionError(f"gave up on reading {name}: connection reset", name=name)
-            return super().get(name, offset, length)
-        finally:
-            with self._watch:
-                self.running -= 1
-
-
 def test_read_data_reads_packs_at_once_within_its_bound_and_reports_as_one_at_a_time_would(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,7 +333,7 @@ def test_read_data_reads_packs_at_once_within_its_bound_and_reports_as_one_at_a_
     trip each, and one core verifying. Packs are now read and verified as many at once as the
     storage serves best, at most READ_DATA_BYTES of them (at least one); what is found is the
     same, reported in the same order."""
-    backend = _WatchedPacks(str(tmp_path / "repo"))
+    backend = WatchedPacks(str(tmp_path / "repo"))
     repo = make_repo(backend)
     content = Content(disks={"sda": disk_image(1, 40), "sdb": disk_image(2, 30)})
     snap = backup(repo, content)
@@ -396,7 +363,7 @@ def test_read_data_reads_packs_at_once_within_its_bound_and_reports_as_one_at_a_
 def test_read_data_stops_at_a_storage_error_and_reads_nothing_more(tmp_path: Path) -> None:
     """A pack the storage cannot give (its retries spent) stops the check with that error, as
     when packs were read one at a time: the reads queued behind it are dropped."""
-    backend = _WatchedPacks(str(tmp_path / "repo"))
+    backend = WatchedPacks(str(tmp_path / "repo"))
     repo = make_repo(backend)
     backup(repo, Content(disks={"sda": disk_image(1, 120)}))
     repo = reopen(repo)

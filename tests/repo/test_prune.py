@@ -12,6 +12,7 @@ import pytest
 
 from tests.repo.builders import (
     Content,
+    WatchedPacks,
     WholeSnapshots,
     backup,
     disk_image,
@@ -358,3 +359,26 @@ def test_prune_and_repair_hold_one_snapshot_whole_at_a_time(
     watched.most = 0
     fixed = repair_snapshots(reopen(repo))
     assert fixed.intact == 5 and not fixed.repaired and watched.most <= 2
+
+
+def test_repack_reads_packs_at_once_and_the_result_is_the_same(tmp_path: Path) -> None:
+    """Prune's repack once read the packs to repack one after another (a round trip each from
+    remote storage, and one core opening them); they are now read and opened as many at once
+    as the storage serves best, their blobs written in the same order."""
+    results = {}
+    for reads in (1, 4):
+        backend = WatchedPacks(str(tmp_path / f"repo{reads}"))
+        backend.reads_at_once = reads
+        repo = make_repo(backend)
+        hist = history(repo, 6)
+        forget(repo, RetentionPolicy(last=2))
+        backend.asked.clear()
+        report = prune(repo, max_unused=0.0)
+        assert report.packs_repacked >= 4
+        assert backend.most_running == reads
+        fresh = reopen(repo)
+        for sid, content in hist[-2:]:
+            assert restore_all(fresh, fresh.load_snapshot(sid)) == content
+        assert check(fresh, read_data=True).ok
+        results[reads] = (report.packs_repacked, report.blobs_repacked, report.packs_written)
+    assert results[1] == results[4]

@@ -25,7 +25,6 @@ backup would deduplicate against it.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import heapq
@@ -33,7 +32,6 @@ import json
 import math
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +45,7 @@ from vmvault.errors import (
 from vmvault.repo._layout import FORMAT_VERSION, ID_SIZE, PACK_MAGIC, PACK_TRAILER, BlobType
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, MAX_SMALL_OBJECT, largest_blob, read_bounded
 from vmvault.repo.crypto import HMAC_SHA256
+from vmvault.repo.fetch import PACKS_AHEAD, ahead
 from vmvault.repo.filters import SnapshotFilter
 from vmvault.repo.immutability import deleted_objects, unlocked_objects
 from vmvault.repo.index import PackRecord, ParsedIndex, parse_index
@@ -208,7 +207,7 @@ def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
 
 
 #: bytes of packs ``check --read-data`` holds at once, at most (always at least one pack)
-READ_DATA_BYTES = 128 << 20
+READ_DATA_BYTES = PACKS_AHEAD
 
 
 @dataclass
@@ -875,46 +874,34 @@ class _Checker:
         self.stats["blobs_read"] = 0
         self.stats["bytes_read"] = 0
         limit = self.repo.pack_limit
-        # packs are read and verified ``reads`` at a time, as many as the storage serves best (a
-        # restore's count), and never more than READ_DATA_BYTES of them (at least one) at once;
-        # what they show is reported here, in the order the index files list them
-        reads = max(1, self.backend.prepare_reads())
-        pending: collections.deque[tuple[Future[_PackRead], bytes, list[BlobEntry], int, bool]] = collections.deque()
-        held = 0
         done = 0
 
-        def finish() -> None:
-            nonlocal held, done
-            future, pack_id, entries, size, first = pending.popleft()
-            held -= size
-            self._report_pack(pack_id, entries, future.result())
-            if first:
-                done += 1
-                self.tick("read-data", done, total)
+        def chosen(group: Grouped) -> Iterator[tuple[tuple[bytes, list[BlobEntry], int, bool], int]]:
+            for _file_id, parsed in self.live_files():
+                for rec in parsed.records:
+                    if db.execute("SELECT 1 FROM s.chosen WHERE id = ?", (rec.pack_id,)).fetchone() is None:
+                        continue
+                    # each listing is compared with the pack (a pack listed twice is read twice: rare)
+                    group.step()
+                    first = bool(db.execute("INSERT OR IGNORE INTO s.done VALUES (?)", (rec.pack_id,)).rowcount)
+                    size = self._stored_size(rec.pack_id) or 0
+                    yield (rec.pack_id, rec.entries(), size, first), min(size, limit + 1)
 
         self.tick("read-data", 0, total)
-        with ThreadPoolExecutor(reads, thread_name_prefix="vmvault-check") as pool, Grouped(db, every=256) as group:
-            try:
-                for _file_id, parsed in self.live_files():
-                    for rec in parsed.records:
-                        if db.execute("SELECT 1 FROM s.chosen WHERE id = ?", (rec.pack_id,)).fetchone() is None:
-                            continue
-                        # each listing is compared with the pack (a pack listed twice is read twice: rare)
-                        group.step()
-                        first = bool(db.execute("INSERT OR IGNORE INTO s.done VALUES (?)", (rec.pack_id,)).rowcount)
-                        size = self._stored_size(rec.pack_id) or 0
-                        weight = min(size, limit + 1)
-                        while pending and (len(pending) >= reads or held + weight > READ_DATA_BYTES):
-                            finish()
-                        entries = rec.entries()
-                        future = pool.submit(self._read_pack, rec.pack_id, entries, size)
-                        pending.append((future, rec.pack_id, entries, weight, first))
-                        held += weight
-                while pending:
-                    finish()
-            finally:
-                for future, *_ in pending:  # an error stops the reading: nothing more is fetched
-                    future.cancel()
+        # packs are read and verified as many at once as the storage serves best (a restore's
+        # count), at most READ_DATA_BYTES of them (at least one); what each shows is reported
+        # here, in the order the index files list them
+        with Grouped(db, every=256) as group:
+            for (pack_id, entries, _size, first), read in ahead(
+                chosen(group),
+                lambda item: self._read_pack(*item[:3]),
+                workers=self.backend.prepare_reads(),
+                max_weight=READ_DATA_BYTES,
+            ):
+                self._report_pack(pack_id, entries, read)
+                if first:
+                    done += 1
+                    self.tick("read-data", done, total)
         self.tick("read-data", total, total)
 
     def _read_pack(self, pack_id: bytes, entries: list[BlobEntry], size: int) -> _PackRead:

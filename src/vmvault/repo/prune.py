@@ -36,6 +36,7 @@ from typing import Any
 
 from vmvault.errors import IntegrityError, LockedError, ObjectNotFoundError, RepositoryError, SnapshotNotFoundError
 from vmvault.repo._layout import ID_SIZE, BlobType
+from vmvault.repo.fetch import PACKS_AHEAD, ahead
 from vmvault.repo.filters import SnapshotFilter
 from vmvault.repo.immutability import require_full_access, retained, retention_days
 from vmvault.repo.index import parse_index
@@ -639,6 +640,36 @@ def _affected_files(db: sqlite3.Connection, files: dict[bytes, bool], report: Pr
     return [f for f in files if f in changed and files[f]]
 
 
+def _open_kept(
+    repo: Repository, pack_id: bytes, size: int, rows: list[tuple[bytes, int, int, int, int]]
+) -> list[tuple[BlobType, bytes, bytes]]:
+    """Read one pack to repack whole and open the blobs that stay (``rows``: id, type, offset,
+    length, raw length); in a reading thread of ``_repack``."""
+    name = pack_name(pack_id)
+    # bounded by what a writer makes: an oversized pack fails the hash below unread
+    data = repo.backend.get(name, 0, repo.pack_limit + 1) if size <= repo.pack_limit else b""
+    if hashlib.sha256(data).digest() != pack_id:
+        raise IntegrityError(
+            f"prune stopped before removing anything: pack {pack_id.hex()} does not match its name "
+            "(damaged); run `vmvault check --read-data`",
+            name=name,
+        )
+    out = []
+    for blob_id, blob_type, offset, length, raw_length in rows:
+        try:
+            sealed = data[offset : offset + length]
+            plain = open_blob(repo.key, BlobType(blob_type), blob_id, sealed, max_size=raw_length)
+        except IntegrityError as exc:
+            raise IntegrityError(
+                f"prune stopped before removing anything: {exc} (in pack {pack_id.hex()}); "
+                "run `vmvault check --read-data` to see which snapshots it affects",
+                object_id=blob_id.hex(),
+                name=name,
+            ) from exc
+        out.append((BlobType(blob_type), blob_id, plain))
+    return out
+
+
 def _repack(
     repo: Repository, db: sqlite3.Connection, report: PruneReport, progress: PhaseCallback | None
 ) -> list[bytes]:
@@ -661,35 +692,29 @@ def _repack(
     )
     db.execute("CREATE INDEX s.keep_pack ON keep(pack)")
     writer = repo.writer(upload_threads=2, dedup=False)
-    backend = repo.backend
-    try:
-        for n, (pack_no, pack_id, size) in enumerate(repack):
-            _tick(progress, "repack", n, len(repack))
-            name = pack_name(pack_id)
-            # bounded by what a writer makes: an oversized pack fails the hash below unread
-            data = backend.get(name, 0, repo.pack_limit + 1) if size <= repo.pack_limit else b""
-            if hashlib.sha256(data).digest() != pack_id:
-                raise IntegrityError(
-                    f"prune stopped before removing anything: pack {pack_id.hex()} does not match its name "
-                    "(damaged); run `vmvault check --read-data`",
-                    name=name,
-                )
-            for raw_id, blob_type, offset, length, raw_length in db.execute(
+
+    def kept() -> Iterator[tuple[tuple[bytes, int, list[tuple[bytes, int, int, int, int]]], int]]:
+        for pack_no, pack_id, size in repack:
+            rows = db.execute(
                 "SELECT id, type, offset, length, raw_length FROM s.keep WHERE pack = ? ORDER BY offset", (pack_no,)
-            ).fetchall():
-                blob_id = bytes(raw_id)
-                try:
-                    plain = open_blob(
-                        repo.key, BlobType(blob_type), blob_id, data[offset : offset + length], max_size=raw_length
-                    )
-                except IntegrityError as exc:
-                    raise IntegrityError(
-                        f"prune stopped before removing anything: {exc} (in pack {pack_id.hex()}); "
-                        "run `vmvault check --read-data` to see which snapshots it affects",
-                        object_id=blob_id.hex(),
-                        name=name,
-                    ) from exc
-                writer.add(BlobType(blob_type), blob_id, plain)
+            ).fetchall()
+            entries = [(bytes(r[0]), int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]
+            yield (pack_id, size, entries), min(size, repo.pack_limit + 1)
+
+    try:
+        # packs are read and opened as many at once as the storage serves best, at most
+        # PACKS_AHEAD bytes of them (at least one); their blobs are written in the packs' order
+        for n, ((_pack_id, _size, _rows), blobs) in enumerate(
+            ahead(
+                kept(),
+                lambda item: _open_kept(repo, *item),
+                workers=repo.backend.prepare_reads(),
+                max_weight=PACKS_AHEAD,
+            )
+        ):
+            _tick(progress, "repack", n, len(repack))
+            for blob_type, blob_id, plain in blobs:
+                writer.add(blob_type, blob_id, plain)
         writer.flush()
     finally:
         writer.close(flush=False)
