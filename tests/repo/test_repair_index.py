@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import shutil
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.repo.builders import PASS, Content, backup, disk_image, make_repo, reopen, restore_all
+from tests.repo.builders import PASS, Content, WatchedPacks, backup, disk_image, make_repo, reopen, restore_all
 from vmvault.backends.local import LocalBackend
 from vmvault.repo import check, repair, repair_index, repository
 from vmvault.repo._layout import BlobType
@@ -287,3 +288,25 @@ def test_repair_snapshots_reads_a_block_shared_by_snapshots_once(
     naming = sum(b is not None for s in snaps for b in s.disks[0].index)
     assert len(blocks) < len(reads) <= len(blocks) + naming
     assert 0 < sum(lookups) < len(named) // 4
+
+
+def test_packs_are_looked_at_several_at_once_and_the_rebuilt_index_is_the_same(tmp_path: Path) -> None:
+    """A rebuild once read each pack (its header, or with ``read_data`` all of it) one after
+    another, a round trip each from remote storage; now as many at once as the storage serves
+    best, and what it writes is what one at a time wrote (the same repository, copied)."""
+    repo = make_repo(LocalBackend(str(tmp_path / "repo")))
+    content = Content(disks={"sda": disk_image(5, 60)})
+    snap = backup(repo, content)
+    listings = {}
+    for reads in (1, 4):
+        shutil.copytree(tmp_path / "repo", tmp_path / f"repo{reads}")
+        backend = WatchedPacks(str(tmp_path / f"repo{reads}"))
+        backend.reads_at_once = reads
+        copy = Repository.open(backend, PASS)
+        report = repair_index(copy, from_scratch=True, read_data=True)
+        assert report.packs_recovered > 8 and not report.packs_salvaged
+        assert backend.most_running == reads
+        fresh = reopen(copy)
+        assert restore_all(fresh, fresh.load_snapshot(snap.id)) == content
+        listings[reads] = _listing(copy)
+    assert listings[1] == listings[4]

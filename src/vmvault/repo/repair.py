@@ -42,6 +42,7 @@ from vmvault.errors import ConfigError, IntegrityError, ObjectNotFoundError, Sna
 from vmvault.repo._layout import ID_SIZE, BlobType
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, largest_blob
 from vmvault.repo.check import merge_ranges
+from vmvault.repo.fetch import PACKS_AHEAD, ahead
 from vmvault.repo.immutability import require_full_access, retained
 from vmvault.repo.index import parse_index
 from vmvault.repo.index_block import NOT_CHUNKS, ZERO_ID, IndexBlock, IndexBlockBuilder, chunk_count, is_chunk
@@ -310,30 +311,46 @@ def _sort_packs(
         damaged.clear()
         hdr.clear()
 
-    n = 0
-    for (pack_id, size), group in itertools.groupby(_fetched(cur), key=lambda r: (bytes(r[0]), r[1])):
-        _tick(progress, "packs", n, stored)
-        n += 1
-        rows = [r[2:] for r in group if r[2] is not None]
+    def packs() -> Iterator[tuple[tuple[bytes, int, list[Any]], int]]:
+        for (pack_id, size), group in itertools.groupby(_fetched(cur), key=lambda r: (bytes(r[0]), r[1])):
+            rows = [r[2:] for r in group if r[2] is not None]
+            # a pack read whole weighs its bytes; one whose header (at most) is read, nothing
+            yield (pack_id, size, rows), min(size, repo.pack_limit + 1) if read_data else 0
+
+    def look(item: tuple[bytes, int, list[Any]]) -> tuple[str, list[BlobEntry]]:
+        """What a pack is (in a reading thread): kept, recovered (from its header), damaged
+        (its entries from the index or its header) or unreadable."""
+        pack_id, size, rows = item
         if rows:
             entries = _merged(rows)
             intact = _matches_index(repo, pack_id, size, entries)
             if intact and read_data:
                 intact = _whole_pack_intact(repo, pack_id, size)
-            if not intact:
-                damaged.append((pack_id,))
-                continue
+            return ("kept" if intact else "damaged"), entries
+        try:
+            entries = read_pack_header(repo.backend, repo.key, pack_id, size, limit=repo.pack_limit)
+        except (IntegrityError, ObjectNotFoundError, UnsafeStorageError):
+            return "unreadable", []
+        if read_data and not _whole_pack_intact(repo, pack_id, size):
+            return "damaged-header", entries
+        return "recovered", entries
+
+    # each pack's header or bytes come as many at once as the storage serves best (a round trip
+    # each from remote storage), at most PACKS_AHEAD bytes of them; what they are is written here
+    looked = ahead(packs(), look, workers=repo.backend.prepare_reads(), max_weight=PACKS_AHEAD)
+    for n, ((pack_id, size, _rows), (found, entries)) in enumerate(looked):
+        _tick(progress, "packs", n, stored)
+        if found in ("recovered", "damaged-header"):
+            hdr.extend((_HEADER, pack_id, e.offset, e.id, e.type, e.length, e.raw_length) for e in entries)
+        if found == "unreadable":
+            report.packs_unreadable.append(pack_id.hex())
+            continue
+        if found in ("damaged", "damaged-header"):
+            damaged.append((pack_id,))
+            continue
+        if found == "kept":
             report.packs_kept += 1
         else:
-            try:
-                entries = read_pack_header(repo.backend, repo.key, pack_id, size, limit=repo.pack_limit)
-            except (IntegrityError, ObjectNotFoundError, UnsafeStorageError):
-                report.packs_unreadable.append(pack_id.hex())
-                continue
-            hdr.extend((_HEADER, pack_id, e.offset, e.id, e.type, e.length, e.raw_length) for e in entries)
-            if read_data and not _whole_pack_intact(repo, pack_id, size):
-                damaged.append((pack_id,))
-                continue
             report.packs_recovered += 1
         good.append((pack_id,))
         if out is not None:
