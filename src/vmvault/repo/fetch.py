@@ -46,7 +46,7 @@ import collections
 import itertools
 import mmap
 import threading
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Generator, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -59,19 +59,9 @@ from vmvault.repo.index import BlobLocation
 from vmvault.repo.pack import pack_name
 from vmvault.repo.repository import Repository
 
-__all__ = [
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_MAX_GAP",
-    "DEFAULT_MAX_RANGE",
-    "PACKS_AHEAD",
-    "BlobFetcher",
-    "FetchStats",
-    "ahead",
-]
+__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_GAP", "DEFAULT_MAX_RANGE", "BlobFetcher", "FetchStats"]
 
 K = TypeVar("K")
-T = TypeVar("T")
-R = TypeVar("R")
 
 #: the largest ranged read, sealed and plaintext
 DEFAULT_MAX_RANGE = 8 << 20
@@ -79,9 +69,6 @@ DEFAULT_MAX_RANGE = 8 << 20
 DEFAULT_MAX_GAP = 1 << 20
 #: plaintext planned ahead of the caller, at most
 DEFAULT_MAX_BYTES = 64 << 20
-#: bytes of whole packs read ahead of their caller at once, at most (``ahead``: check's
-#: ``--read-data``, prune's repack)
-PACKS_AHEAD = 128 << 20
 
 Result = bytes | IntegrityError | None
 
@@ -105,40 +92,6 @@ def _read_buffer(length: int) -> mmap.mmap:
     if buffer is None or len(buffer) < need:
         buffer = _buffers.buffer = mmap.mmap(-1, need)
     return buffer
-
-
-def ahead(
-    items: Iterable[tuple[T, int]], work: Callable[[T], R], *, workers: int, max_weight: int
-) -> Generator[tuple[T, R], None, None]:
-    """``(item, work(item))`` for each ``(item, weight)`` of ``items``, in their order, with
-    ``work`` running ahead of the caller in ``workers`` threads: at most ``workers`` items at
-    once, whose weights (their bytes, say) add up to at most ``max_weight`` (always at least
-    one). For whole objects read and verified one after another (``check --read-data``'s packs,
-    prune's repack), where each read is a round trip and each verification a core's work.
-
-    ``items`` is advanced in the caller's thread, only as room frees up (it may do work that
-    must stay in that thread, such as queries of a database). An exception of ``work`` is
-    raised where its item is reached; then, or when the caller stops early, the items queued
-    behind it are dropped (those already running finish)."""
-    source = iter(items)
-    pending: collections.deque[tuple[T, int, Future[R]]] = collections.deque()
-    held = 0
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vmvault-ahead") as pool:
-        try:
-            for item, weight in source:
-                while pending and (len(pending) >= max(1, workers) or held + weight > max_weight):
-                    done, done_weight, future = pending.popleft()
-                    held -= done_weight
-                    yield done, future.result()
-                pending.append((item, weight, pool.submit(work, item)))
-                held += weight
-            while pending:
-                done, done_weight, future = pending.popleft()
-                held -= done_weight
-                yield done, future.result()
-        finally:
-            for _item, _weight, future in pending:
-                future.cancel()
 
 
 @dataclass

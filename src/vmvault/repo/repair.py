@@ -41,8 +41,8 @@ from vmvault import __version__
 from vmvault.errors import ConfigError, IntegrityError, ObjectNotFoundError, SnapshotNotFoundError, UnsafeStorageError
 from vmvault.repo._layout import ID_SIZE, BlobType
 from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, largest_blob
+from vmvault.repo.ahead import PACKS_AHEAD, ahead
 from vmvault.repo.check import merge_ranges
-from vmvault.repo.fetch import PACKS_AHEAD, ahead
 from vmvault.repo.immutability import require_full_access, retained
 from vmvault.repo.index import parse_index
 from vmvault.repo.index_block import NOT_CHUNKS, ZERO_ID, IndexBlock, IndexBlockBuilder, chunk_count, is_chunk
