@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import json
+import mmap
 import os
 import random
 import secrets
@@ -223,28 +224,54 @@ class WholeSnapshots:
 
 
 class WatchedPacks(LocalBackend):
-    """Reads of whole packs take a while; counts how many run at once and the most bytes of
-    packs asked for at once."""
+    """Storage whose reads of packs take a while (a round trip): counts how many whole packs
+    are read at once (``most_running``) and, apart, how many ranged reads inside packs
+    (``most_ranged``); with ``slow_folders`` the reads of index files and snapshots too, by
+    folder (``most_in``); ``reads_at_once`` is what it says it serves best."""
 
     reads_at_once = 4
 
     def __init__(self, root: str) -> None:
         super().__init__(root)
         self.running = self.most_running = 0
+        self.ranged = self.most_ranged = 0
         self.fail_pack: str | None = None
         self.asked: list[str] = []
+        #: reads of index files and snapshots take a while too, counted by folder
+        self.slow_folders = False
+        self.in_folder: dict[str, int] = {}
+        self.most_in: dict[str, int] = {}
         self._watch = threading.Lock()
 
     def prepare_reads(self) -> int:
         return self.reads_at_once
 
+    def get_into(self, name: str, offset: int, length: int, buffer: mmap.mmap) -> memoryview:
+        return memoryview(self.get(name, offset, length))  # (counted, as every read of a pack)
+
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        if not name.startswith("data/") or offset:
+        folder = name.split("/", 1)[0]
+        if folder in ("index", "snapshots") and self.slow_folders:
+            with self._watch:
+                self.in_folder[folder] = self.in_folder.get(folder, 0) + 1
+                self.most_in[folder] = max(self.most_in.get(folder, 0), self.in_folder[folder])
+            try:
+                time.sleep(0.01)
+                return super().get(name, offset, length)
+            finally:
+                with self._watch:
+                    self.in_folder[folder] -= 1
+        if folder != "data":
             return super().get(name, offset, length)
+        whole = not offset and (length is None or length >= os.path.getsize(os.path.join(self.root, name)))
         with self._watch:
-            self.asked.append(name)
-            self.running += 1
-            self.most_running = max(self.most_running, self.running)
+            if whole:
+                self.asked.append(name)
+                self.running += 1
+                self.most_running = max(self.most_running, self.running)
+            else:
+                self.ranged += 1
+                self.most_ranged = max(self.most_ranged, self.ranged)
         try:
             time.sleep(0.02)
             if name == self.fail_pack:
@@ -252,4 +279,7 @@ class WatchedPacks(LocalBackend):
             return super().get(name, offset, length)
         finally:
             with self._watch:
-                self.running -= 1
+                if whole:
+                    self.running -= 1
+                else:
+                    self.ranged -= 1

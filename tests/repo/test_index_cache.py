@@ -177,6 +177,49 @@ def test_a_sync_reads_only_files_it_has_not_seen(tmp_path: Path) -> None:
     cache.close()
 
 
+def test_a_sync_reads_new_files_several_at_once_and_ingests_them_as_one_at_a_time_does(tmp_path: Path) -> None:
+    """A host's first sync reads every index file: one after another that was a round trip
+    each from remote storage (thousands on a large repository). They are read as many at once
+    as the storage serves best (``reads``, asked only when there are files to read), parsed
+    and ingested one at a time in the same order, a damaged one reported as before."""
+    store = Store(3)
+    for _ in range(30):
+        store.add()
+    bad = sorted(store.files)[7]
+    running = most = 0
+    lock = threading.Lock()
+
+    def fetch(file_id: bytes, size: int) -> bytes | None:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            threading.Event().wait(0.01)
+            if file_id == bad:
+                raise IntegrityError(f"index/{file_id.hex()}: damaged")
+            return store.fetch(file_id, size)
+        finally:
+            with lock:
+                running -= 1
+
+    asked: list[int] = []
+    one = new_cache(tmp_path / "one")
+    problems_one = one.sync(store.listing(), fetch)
+    assert most == 1
+    many = new_cache(tmp_path / "many")
+    problems_many = many.sync(store.listing(), fetch, reads=lambda: asked.append(4) or 4)
+    assert most == 4 and asked == [4]
+    assert problems_one == problems_many == [f"index/{bad.hex()}: damaged"]
+    assert one.live_files() == many.live_files()
+    store.files.pop(bad)
+    assert_agrees(many, store)
+    many.sync(store.listing(), fetch, reads=lambda: asked.append(4) or 4)
+    assert asked == [4], "nothing new to read: the storage is not asked how many reads it serves"
+    one.close()
+    many.close()
+
+
 def _rows_held(cache: IndexCache) -> int:
     with sqlite3.connect(cache.path) as conn:
         return int(conn.execute("SELECT count(*) FROM blobs").fetchone()[0])

@@ -43,9 +43,10 @@ from vmvault.errors import (
     VmvaultError,
 )
 from vmvault.repo._layout import FORMAT_VERSION, ID_SIZE, PACK_MAGIC, PACK_TRAILER, BlobType
-from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_INDEX_FILE, MAX_SMALL_OBJECT, largest_blob, read_bounded
+from vmvault.repo._limits import ENVELOPE_OVERHEAD, MAX_SMALL_OBJECT, largest_blob, read_bounded
+from vmvault.repo.ahead import PACKS_AHEAD, ahead
 from vmvault.repo.crypto import HMAC_SHA256
-from vmvault.repo.fetch import PACKS_AHEAD, ahead
+from vmvault.repo.fetch import BlobFetcher
 from vmvault.repo.filters import SnapshotFilter
 from vmvault.repo.immutability import deleted_objects, unlocked_objects
 from vmvault.repo.index import PackRecord, ParsedIndex, parse_index
@@ -204,6 +205,25 @@ def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
         else:
             out.append([start, end])
     return out
+
+
+#: uses of index blocks gathered before their blocks are read, together (``_Checker._check_blocks``)
+_BLOCK_GROUP = 1024
+
+
+@dataclass
+class _BlockUse:
+    """One index block of a disk of a snapshot, to check once the block is read."""
+
+    snap: Snapshot  # (a summary: its id, time and source)
+    disk: str
+    layer: bool
+    block: int
+    start: int
+    end: int
+    #: the entries the block must have there
+    expected: int
+    block_id: bytes
 
 
 #: bytes of packs ``check --read-data`` holds at once, at most (always at least one pack)
@@ -462,11 +482,10 @@ class _Checker:
     def live_files(self) -> Iterator[tuple[bytes, ParsedIndex]]:
         """Every live index file, read again and parsed, one at a time (those that cannot be
         read are reported by ``check_index_files``, and forgotten by the cache)."""
-        for file_id in self.repo.index.cache.live_files():
-            try:
-                yield file_id, parse_index(self.repo.read_index_payload(file_id), name=f"index/{file_id.hex()}")
-            except (IntegrityError, ObjectNotFoundError):
-                continue
+        for file_id, payload in self.repo.index_payloads(self.repo.index.cache.live_files_sized()):
+            if isinstance(payload, bytes):
+                with contextlib.suppress(IntegrityError):
+                    yield file_id, parse_index(payload, name=f"index/{file_id.hex()}")
 
     def check_index_files(self) -> str | None:
         """Read every index file: report the damaged ones (and make this host's cache forget
@@ -485,28 +504,25 @@ class _Checker:
         digests: dict[bytes, tuple[int, int] | None] = {}
         replaced: set[bytes] = set()
         pack_problems: list[tuple[str, Callable[[], Problem]]] = []
+        for obj in listed:
+            if index_id(obj.name) is None:
+                self.unexpected(obj.name)
+        files = [(file_id, obj.size) for obj in listed if (file_id := index_id(obj.name)) is not None]
         with Grouped(db) as group:
-            for n, obj in enumerate(listed):
-                self.tick("index", n, len(listed))
-                file_id = index_id(obj.name)
-                if file_id is None:
-                    self.unexpected(obj.name)
-                    continue
+            for n, (file_id, payload) in enumerate(self.repo.index_payloads(files)):
+                self.tick("index", n, len(files))
+                name = f"index/{file_id.hex()}"
                 try:
-                    if obj.size > MAX_INDEX_FILE:
-                        raise IntegrityError(
-                            f"{obj.name} is {obj.size} bytes, more than any index file vmvault writes (damaged or "
-                            "planted); not read",
-                            name=obj.name,
-                        )
-                    parsed = parse_index(self.repo.read_index_payload(file_id), name=obj.name)
-                except ObjectNotFoundError:
-                    continue
+                    if isinstance(payload, ObjectNotFoundError):
+                        continue  # removed since the listing
+                    if not isinstance(payload, bytes):
+                        raise payload
+                    parsed = parse_index(payload, name=name)
                 except IntegrityError as exc:
                     self.add(
                         ERROR,
                         "index-file-damaged",
-                        obj.name,
+                        name,
                         f"{exc}. The packs it lists are unknown to readers; blobs only it listed are reported "
                         "missing below, and prune refuses to run until the index is repaired",
                         object_id=file_id.hex(),
@@ -522,7 +538,7 @@ class _Checker:
                     self.add(
                         WARNING,
                         "index-file-superseded",
-                        obj.name,
+                        name,
                         "superseded index file (left by an interrupted prune); the next prune deletes it",
                         object_id=file_id.hex(),
                     )
@@ -534,7 +550,7 @@ class _Checker:
                     found = self._check_pack_size(rec)
                     if found is not None:
                         pack_problems.append(found)
-        self.tick("index", len(listed), len(listed))
+        self.tick("index", len(files), len(files))
         # a damaged file is forgotten, rows and all: this host's backups then store again what
         # only it listed, as a host that never read it does (its next sync reports it); and
         # no copy of a blob is counted below that only a damaged file lists
@@ -677,13 +693,17 @@ class _Checker:
         db = self.sql
         db.execute("CREATE TABLE s.blocks(id BLOB PRIMARY KEY, count INTEGER, defers INTEGER) WITHOUT ROWID")
         needed = ScratchRows(db, "s.needed_all")
-        with Grouped(db) as self._group:
+        reads = self.backend.prepare_reads()
+        with Grouped(db) as self._group, BlobFetcher(self.repo, BlobType.INDEX, max_requests=reads) as self._blocks:
+            self._uses: list[_BlockUse] = []
             for n, snap in enumerate(self._whole(self.snapshots)):
                 self.tick("snapshots", n, len(self.snapshots))
+                summary = snap.summary()
                 for disk in snap.disks:
-                    self._walk_disk(snap, disk, needed)
+                    self._walk_disk(summary, disk, needed)
                 for f in snap.files:
                     self._walk_file(snap, f, needed)
+            self._check_blocks(needed)
             needed.flush()
         self.tick("snapshots", len(self.snapshots), len(self.snapshots))
         needed.flush()
@@ -720,11 +740,19 @@ class _Checker:
 
     def _read_block(self, block_id: bytes) -> IndexBlock | None:
         try:
-            raw = self.repo.get_blob(BlobType.INDEX, block_id)
+            raw: bytes | IntegrityError = self.repo.get_blob(BlobType.INDEX, block_id)
         except IntegrityError as exc:
+            raw = exc
+        return self._block_from(block_id, raw)
+
+    def _block_from(self, block_id: bytes, raw: bytes | IntegrityError | None) -> IndexBlock | None:
+        """The index block read as ``raw`` (or the error reading it alone raised), or None
+        when it is unreadable (reported)."""
+        if not isinstance(raw, bytes):
             if block_id not in self.covered:
                 kind = "blob-missing" if block_id not in self.repo.index else "blob-damaged"
-                self.add(ERROR, kind, f"blob {block_id.hex()}", str(exc), object_id=block_id.hex(), blobs={block_id})
+                message = str(raw or f"index block {block_id.hex()} was not read")
+                self.add(ERROR, kind, f"blob {block_id.hex()}", message, object_id=block_id.hex(), blobs={block_id})
             return None
         try:
             return IndexBlock.decode(raw)
@@ -764,28 +792,54 @@ class _Checker:
             except ValueError:
                 self._inconsistent(snap, "disk", disk.name, start, end, f"index block id {block!r} is not hex")
                 continue
-            meta = self.sql.execute("SELECT count, defers FROM s.blocks WHERE id = ?", (block_id,)).fetchone()
-            if meta is None:
-                # each distinct block is read once: unchanged blocks are shared between snapshots
-                found = self._read_block(block_id)
-                if found is None:
-                    meta = (None, None)
-                else:
-                    needed.add_packed(found.encode(), ID_SIZE, NOT_CHUNKS)
-                    meta = (len(found), int(found.defers))
-                self._group.step()
-                self.sql.execute("INSERT INTO s.blocks VALUES (?, ?, ?)", (block_id, *meta))
-            count, defers = meta
+            expected = min(span, n_chunks - b * span)
+            self._uses.append(_BlockUse(snap, disk.name, disk.layer, b, start, end, expected, block_id))
+            if len(self._uses) >= _BLOCK_GROUP:
+                self._check_blocks(needed)
+
+    def _check_blocks(self, needed: ScratchRows) -> None:
+        """Read the blocks the uses gathered so far name (those not read before) and check each
+        use: its block has as many entries as its place in the disk, and defers to a parent
+        only in a layer. Gathered across disks and snapshots, so that reads go out together."""
+        uses, self._uses = self._uses, []
+        self._read_blocks([u.block_id for u in uses], needed)
+        for u in uses:
+            count, defers = self.sql.execute(
+                "SELECT count, defers FROM s.blocks WHERE id = ?", (u.block_id,)
+            ).fetchone()
             if count is None:
                 continue
-            if count != min(span, n_chunks - b * span):
+            if count != u.expected:
                 self._inconsistent(
-                    snap, "disk", disk.name, start, end, f"disk {disk.name}: index block {b} has {count} entries"
+                    u.snap, "disk", u.disk, u.start, u.end, f"disk {u.disk}: index block {u.block} has {count} entries"
                 )
-            if defers and not disk.layer:
+            if defers and not u.layer:
                 self._inconsistent(
-                    snap, "disk", disk.name, start, end, f"disk {disk.name} is not a layer but defers to a parent"
+                    u.snap, "disk", u.disk, u.start, u.end, f"disk {u.disk} is not a layer but defers to a parent"
                 )
+
+    def _read_blocks(self, block_ids: list[bytes], needed: ScratchRows) -> None:
+        """Read those of ``block_ids`` not read before, each once (unchanged blocks are shared
+        between snapshots), together: runs of a pack's blocks in one ranged read, as many reads
+        at once as the storage serves best (``self._blocks``). Each gets its row in ``s.blocks``
+        (its entries and whether it defers to a parent; none for an unreadable one) and the
+        chunks it names go into ``needed``."""
+        todo = [
+            block_id
+            for block_id in dict.fromkeys(block_ids)
+            if self.sql.execute("SELECT 1 FROM s.blocks WHERE id = ?", (block_id,)).fetchone() is None
+        ]
+        if not todo:
+            return
+        for block_id, raw in self._blocks.fetch((b, b) for b in todo):
+            found = self._block_from(block_id, raw)
+            if found is None:
+                meta: tuple[int | None, int | None] = (None, None)
+            else:
+                needed.add_packed(found.encode(), ID_SIZE, NOT_CHUNKS)
+                meta = (len(found), int(found.defers))
+            self._group.step()
+            self.sql.execute("INSERT INTO s.blocks VALUES (?, ?, ?)", (block_id, *meta))
 
     def _walk_file(self, snap: Snapshot, f: FileRecord, needed: ScratchRows) -> None:
         cs = self.repo.config.chunk_size

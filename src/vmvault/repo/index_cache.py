@@ -45,6 +45,8 @@ from typing import Any, NamedTuple
 
 from vmvault import platform
 from vmvault.errors import IntegrityError, RepositoryError
+from vmvault.repo._limits import MAX_INDEX_FILE
+from vmvault.repo.ahead import PACKS_AHEAD, ahead
 from vmvault.repo.index import ParsedIndex, parse_index
 
 __all__ = [
@@ -417,12 +419,14 @@ class IndexCache:
         fetch: Callable[[bytes, int], bytes | None],
         *,
         progress: Callable[[int, int], None] | None = None,
+        reads: Callable[[], int] | None = None,
     ) -> list[str]:
         """Bring the cache up to date with ``listing`` (every index file's id, listed size and,
         where the storage gives one, stamp: ``ObjectInfo.stamp``; taken now). ``fetch(id,
         size)`` returns a file's verified payload, None when it has vanished, or raises
-        IntegrityError; unreadable files are returned as problems (and tried again by the next
-        sync)."""
+        IntegrityError (it is called from ``reads()`` threads at once, asked only when there are
+        files to read); unreadable files are
+        returned as problems (and tried again by the next sync)."""
         listed: dict[bytes, int] = {}
         stamps: dict[bytes, str] = {}
         for file_id, size, *stamp in listing:
@@ -454,7 +458,7 @@ class IndexCache:
                 for file_id in again:
                     known.pop(file_id, None)
                 new = sorted(i for i in listed if i not in known and i not in unreadable)
-                self._ingest_many(conn, new, listed, fetch, problems, progress)
+                self._ingest_many(conn, new, listed, fetch, problems, progress, reads)
                 self._mark_present(conn, listed)
                 self._take_stamps(conn, stamps)
                 self._compact(conn)
@@ -563,8 +567,9 @@ class IndexCache:
         fetch: Callable[[bytes, int], bytes | None],
         problems: list[str],
         progress: Callable[[int, int], None] | None,
+        reads: Callable[[], int] | None = None,
     ) -> None:
-        """Ingest ``new`` files: each read and staged (:class:`IngestBatch`) outside any
+        """Ingest ``new`` files: each read (``reads`` at once) and staged (:class:`IngestBatch`) outside any
         transaction, so other processes' writes are not held up by downloads; every
         ``_BATCH_ROWS`` rows the staged files go in, in one transaction, sorted. Each
         transaction holds whole files.
@@ -575,7 +580,8 @@ class IndexCache:
         if new:  # (a sync that finds nothing new makes no batch)
             fresh = len(new) > 1 and conn.execute("SELECT NOT EXISTS (SELECT 1 FROM blobs)").fetchone()[0]
             with self.batch(conn) as batch:
-                for file_id, parsed in _fetched(new, listed, fetch, problems, progress):
+                at_once = reads() if reads is not None and len(new) > 1 else 1
+                for file_id, parsed in _fetched(new, listed, fetch, problems, progress, at_once):
                     batch.add(file_id, parsed, listed[file_id])
                     if not fresh and batch.rows >= _BATCH_ROWS:
                         batch.commit("files")
@@ -687,6 +693,16 @@ class IndexCache:
         """The ids of the live index files, in ingest order."""
         with self._reading() as conn:
             return [bytes(r[0]) for r in conn.execute("SELECT id FROM files WHERE live ORDER BY no")]
+
+    def file_sizes(self) -> dict[bytes, int]:
+        """The size of every present index file in storage when it was read (0: not known)."""
+        with self._reading() as conn:
+            return {bytes(r[0]): int(r[1]) for r in conn.execute("SELECT id, size FROM files WHERE present")}
+
+    def live_files_sized(self) -> list[tuple[bytes, int]]:
+        """``live_files`` with the size each had in storage when it was read."""
+        with self._reading() as conn:
+            return [(bytes(r[0]), int(r[1])) for r in conn.execute("SELECT id, size FROM files WHERE live ORDER BY no")]
 
     def present_files(self) -> dict[bytes, bool]:
         """Every index file of the last listing the cache ingested: id -> live."""
@@ -1106,16 +1122,29 @@ def _fetched(
     fetch: Callable[[bytes, int], bytes | None],
     problems: list[str],
     progress: Callable[[int, int], None] | None,
+    reads: int,
 ) -> Iterator[tuple[bytes, ParsedIndex]]:
-    """Each index file of ``new``, fetched and parsed one at a time (progress before each); one
-    deleted by a prune since the listing is skipped, a damaged one is added to ``problems``."""
-    for n, file_id in enumerate(new):
+    """Each index file of ``new``, fetched (``reads`` at once) and parsed one at a time, in
+    order (progress before each); one deleted by a prune since the listing is skipped, a damaged
+    one is added to ``problems``."""
+
+    def read(file_id: bytes) -> bytes | IntegrityError | None:
+        try:
+            return fetch(file_id, listed[file_id])
+        except IntegrityError as exc:
+            return exc
+
+    # read ``reads`` at once ahead of the parsing (a round trip each from remote storage), at
+    # most PACKS_AHEAD bytes of them; parsed here, one at a time, in the order given
+    files = ((f, min(listed[f], MAX_INDEX_FILE) if listed[f] > 0 else PACKS_AHEAD) for f in new)
+    for n, (file_id, payload) in enumerate(ahead(files, read, workers=reads, max_weight=PACKS_AHEAD)):
         if progress is not None:
             progress(n, len(new))
+        if payload is None:
+            continue  # deleted by a prune since the listing
         try:
-            payload = fetch(file_id, listed[file_id])
-            if payload is None:
-                continue  # deleted by a prune since the listing
+            if isinstance(payload, IntegrityError):
+                raise payload
             parsed = parse_index(payload, name=f"index/{file_id.hex()}")
         except IntegrityError as exc:
             problems.append(str(exc))

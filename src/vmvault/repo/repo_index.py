@@ -134,11 +134,13 @@ class RepoIndex:
         """Bring the cache up to date with the repository's index files; returns the problems
         (unreadable index files). Confirmations of pack presence are forgotten."""
         with self._lock:
+            # new files are read as many at once as the storage serves best
+            reads = None if self._backend is None else self._backend.prepare_reads
             try:
-                problems = self.cache.sync(self._listing(), self._fetch, progress=progress)
+                problems = self.cache.sync(self._listing(), self._fetch, progress=progress, reads=reads)
             except CacheDamaged as exc:
                 self.cache.reset(str(exc))
-                problems = self.cache.sync(self._listing(), self._fetch, progress=progress)
+                problems = self.cache.sync(self._listing(), self._fetch, progress=progress, reads=reads)
             self._take_warnings()
             self._synced = True
             self.synced_at = time.monotonic()

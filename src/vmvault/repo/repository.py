@@ -41,6 +41,7 @@ from vmvault.errors import (
     SnapshotNotFoundError,
     TamperingError,
     UnsafeStorageError,
+    VmvaultError,
 )
 from vmvault.repo import keys
 from vmvault.repo._layout import CHUNK_ID_VERSION, ID_SIZE, INDEX_V2_VERSION, PACK_TRAILER, BlobType
@@ -53,6 +54,7 @@ from vmvault.repo._limits import (
     pack_limit,
     read_bounded,
 )
+from vmvault.repo.ahead import PACKS_AHEAD, ahead
 from vmvault.repo.budget import MemoryBudget
 from vmvault.repo.config import (
     DEFAULT_CHUNK_SIZE,
@@ -106,6 +108,9 @@ K = TypeVar("K", bound=KeptCopies)
 ONE_LISTING = 1 << 16
 #: rows inserted into a scratch database per statement
 _SCRATCH_BATCH = 10_000
+#: what one index block or chunk id of a snapshot takes in memory, about (a str of 64 hex
+#: digits, and its place in a list), for ``Repository.whole``'s bound
+_ID_BYTES = 128
 
 
 def _record_unusable(records: HostRecords, exc: BaseException) -> str:
@@ -431,7 +436,7 @@ class Repository:
             # judged by its listed size: never read into memory (check reports it, repair supersedes it)
             raise IntegrityError(f"{name} is {size} bytes, more than any index file vmvault writes; skipped", name=name)
         try:
-            return self.read_index_payload(file_id)
+            return self.read_index_payload(file_id, size)
         except ObjectNotFoundError:
             return None  # removed by a concurrent prune after the listing
 
@@ -449,14 +454,45 @@ class Repository:
         """The index file version this repository is written with (section 12.2)."""
         return 2 if self.config.version >= INDEX_V2_VERSION else 1
 
-    def read_index_payload(self, file_id: bytes) -> bytes:
-        """An index file's payload, verified (envelope, id) but not decoded."""
+    def read_index_payload(self, file_id: bytes, size: int = 0) -> bytes:
+        """An index file's payload, verified (envelope, id) but not decoded. ``size``: its size
+        in a listing, when known (a file is never rewritten: one larger than listed is not read)."""
         name = f"index/{file_id.hex()}"
-        sealed = read_bounded(self.backend, name, MAX_INDEX_FILE, what=name)
+        if 0 < size < MAX_INDEX_FILE:
+            sealed = self.backend.get(name, 0, size + 1)
+            if len(sealed) > size:
+                raise IntegrityError(f"{name} is larger than the {size} bytes its listing says: not read", name=name)
+        else:
+            sealed = read_bounded(self.backend, name, MAX_INDEX_FILE, what=name)
         payload = open_envelope(self.key, sealed, name.encode(), what=name, max_size=MAX_INDEX_FILE)
         if hashlib.sha256(payload).digest() != file_id:
             raise IntegrityError(f"{name}: content does not match its name", name=name)
         return payload
+
+    def index_payloads(self, files: Iterable[tuple[bytes, int]]) -> Iterator[tuple[bytes, bytes | VmvaultError]]:
+        """``(id, payload, or why it does not read)`` of each of ``files`` (id, listed size or 0),
+        in their order: read as many at once as the storage serves best, ahead of the caller (a
+        round trip each from remote storage), at most ``PACKS_AHEAD`` bytes of them (a file of
+        unknown size alone), so that the caller parses them one at a time."""
+
+        def read(item: tuple[bytes, int]) -> bytes | VmvaultError:
+            file_id, size = item
+            if size > MAX_INDEX_FILE:
+                return IntegrityError(
+                    f"index/{file_id.hex()} is {size} bytes, more than any index file vmvault writes (damaged or "
+                    "planted); not read",
+                    name=f"index/{file_id.hex()}",
+                )
+            try:
+                return self.read_index_payload(file_id, size)
+            except (IntegrityError, ObjectNotFoundError) as exc:
+                return exc
+
+        weighed = ((item, min(item[1], MAX_INDEX_FILE) if item[1] > 0 else PACKS_AHEAD) for item in files)
+        for (file_id, _size), payload in ahead(
+            weighed, read, workers=self.backend.prepare_reads(), max_weight=PACKS_AHEAD
+        ):
+            yield file_id, payload
 
     def read_index_file(self, file_id: bytes) -> IndexFile:
         name = f"index/{file_id.hex()}"
@@ -802,6 +838,8 @@ class Repository:
 
     #: snapshots ``list_snapshots`` reads at once
     SNAPSHOT_READS = 8
+    #: the ids of the snapshots ``whole`` reads ahead of its caller, at most (bytes in memory)
+    SNAPSHOTS_AHEAD = 64 << 20
 
     #: how long the listing opening took serves the command that opened (``list_snapshots``)
     LISTING_REUSE = 5.0
@@ -877,16 +915,27 @@ class Repository:
         on_error: Callable[[Snapshot, IntegrityError | SnapshotNotFoundError], None] | None = None,
     ) -> Iterator[Snapshot]:
         """``snaps`` (summaries, or whole) read again whole from the storage (``listed``: as
-        ``load_snapshot`` says), one at a time: a command that walks every snapshot holds one
-        snapshot's ids at once, not every snapshot's (repository-format.md 12.10). One that no
-        longer reads raises, or with ``on_error`` is passed to it and skipped."""
-        for snap in snaps:
+        ``load_snapshot`` says), given one at a time in their order: a command that walks every
+        snapshot holds a few snapshots' ids at once, not every snapshot's (repository-format.md
+        12.10). They are read as many at once as the storage serves best, ahead of the caller (a
+        round trip each from remote storage), their ids at most ``SNAPSHOTS_AHEAD`` bytes (a
+        summary knows how many ids its snapshot has; its id is the hash of its content, so the
+        whole one has as many). One that no longer reads raises, or with ``on_error`` is passed
+        to it and skipped."""
+
+        def load(snap: Snapshot) -> Snapshot | IntegrityError | SnapshotNotFoundError:
             try:
-                whole = self.load_snapshot(snap.id, listed=listed)
+                return self.load_snapshot(snap.id, listed=listed)
             except (IntegrityError, SnapshotNotFoundError) as exc:
+                return exc
+
+        weighed = ((snap, _ID_BYTES * snap.id_count()) for snap in snaps)
+        reads = self.backend.prepare_reads()
+        for snap, whole in ahead(weighed, load, workers=reads, max_weight=self.SNAPSHOTS_AHEAD):
+            if not isinstance(whole, Snapshot):
                 if on_error is None:
-                    raise
-                on_error(snap, exc)
+                    raise whole
+                on_error(snap, whole)
                 continue
             yield whole
 

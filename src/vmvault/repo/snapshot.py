@@ -108,6 +108,10 @@ class Snapshot:
     def total_size(self) -> int:
         return sum(d.size for d in self.disks) + sum(f.size for f in self.files)
 
+    def id_count(self) -> int:
+        """How many index block and chunk ids the whole snapshot holds (a summary knows it)."""
+        return sum(len(d.index) for d in self.disks) + sum(len(f.chunks) for f in self.files)
+
     def summary(self) -> Snapshot:
         """This snapshot without its disks' index block ids and its files' chunk ids (each an
         ``UnloadedIds`` that knows how many there were and refuses to be read): what a listing,
