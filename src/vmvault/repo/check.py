@@ -688,7 +688,7 @@ class _Checker:
         """Every index block must open and fit its disk; every blob a snapshot needs must be indexed.
 
         ``s.blocks``: each distinct index block, read once (its entries and whether it defers
-        to a parent; no row for an unreadable one); ``s.needed``: every chunk they and the
+        to a parent; NULL both for an unreadable one); ``s.needed``: every chunk they and the
         snapshots' files name."""
         db = self.sql
         db.execute("CREATE TABLE s.blocks(id BLOB PRIMARY KEY, count INTEGER, defers INTEGER) WITHOUT ROWID")
@@ -822,7 +822,7 @@ class _Checker:
         """Read those of ``block_ids`` not read before, each once (unchanged blocks are shared
         between snapshots), together: runs of a pack's blocks in one ranged read, as many reads
         at once as the storage serves best (``self._blocks``). Each gets its row in ``s.blocks``
-        (its entries and whether it defers to a parent; none for an unreadable one) and the
+        (its entries and whether it defers to a parent; NULL both for an unreadable one) and the
         chunks it names go into ``needed``."""
         todo = [
             block_id

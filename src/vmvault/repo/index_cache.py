@@ -425,8 +425,8 @@ class IndexCache:
         where the storage gives one, stamp: ``ObjectInfo.stamp``; taken now). ``fetch(id,
         size)`` returns a file's verified payload, None when it has vanished, or raises
         IntegrityError (it is called from ``reads()`` threads at once, asked only when there are
-        files to read); unreadable files are
-        returned as problems (and tried again by the next sync)."""
+        files to read); unreadable files are returned as problems (and tried again by the next
+        sync)."""
         listed: dict[bytes, int] = {}
         stamps: dict[bytes, str] = {}
         for file_id, size, *stamp in listing:
@@ -569,8 +569,8 @@ class IndexCache:
         progress: Callable[[int, int], None] | None,
         reads: Callable[[], int] | None = None,
     ) -> None:
-        """Ingest ``new`` files: each read (``reads`` at once) and staged (:class:`IngestBatch`) outside any
-        transaction, so other processes' writes are not held up by downloads; every
+        """Ingest ``new`` files: each read (``reads()`` at once) and staged (:class:`IngestBatch`)
+        outside any transaction, so other processes' writes are not held up by downloads; every
         ``_BATCH_ROWS`` rows the staged files go in, in one transaction, sorted. Each
         transaction holds whole files.
 
