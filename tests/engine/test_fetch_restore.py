@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -262,50 +263,49 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
 
 
-@pytest.mark.integration
-def test_a_connection_dropped_mid_range_is_retried(
-    tmp_path: Path, moto: S3Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextmanager
+def _backed_up_through_proxy(
+    moto: S3Server, monkeypatch: pytest.MonkeyPatch, prefix: str
+) -> Iterator[tuple[FaultyHttpProxy, Repository, Snapshot, bytes]]:
+    """24 MiB of random data backed up to S3 (moto) through a proxy that can cut answers."""
     for key, value in S3Server.client_env().items():
         monkeypatch.setenv(key, value)
-    data = bytearray(os.urandom(24 * MiB))
-    disk = MemoryDisk(data, [(0, len(data))])
+    data = os.urandom(24 * MiB)
     proxy = FaultyHttpProxy(moto.port)
     proxy.start()
     try:
-        backend = open_s3(proxy.url("fetch", "drop"))
-        repo = Repository.init(backend, b"passphrase", chunk_size=CS)
-        snap = backup(repo, ScriptedSource(disk)).snapshot
-        retries = backend.requests.retries
-        gets = backend.requests.gets
-        proxy.truncate_next(2)  # the first two answers: cut half-way, connection dropped
-        restore(repo, snap, str(tmp_path / "t"))
-        assert _restored(tmp_path / "t") == bytes(data)
-        assert proxy.truncated == 2
-        assert backend.requests.retries - retries >= 1
-        assert backend.requests.gets - gets <= 24 * MiB // CS // 8
+        repo = Repository.init(open_s3(proxy.url("fetch", prefix)), b"passphrase", chunk_size=CS)
+        snap = backup(repo, ScriptedSource(MemoryDisk(bytearray(data), [(0, len(data))]))).snapshot
+        yield proxy, repo, snap, data
         repo.close()
     finally:
         proxy.stop()
 
 
 @pytest.mark.integration
-def test_a_reader_from_s3_reads_ahead_in_runs_and_survives_a_dropped_connection(
+def test_a_connection_dropped_mid_range_is_retried(
     tmp_path: Path, moto: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with _backed_up_through_proxy(moto, monkeypatch, "drop") as (proxy, repo, snap, data):
+        backend = repo.backend
+        retries, gets = backend.requests.retries, backend.requests.gets
+        proxy.truncate_next(2)  # the first two answers: cut half-way, connection dropped
+        restore(repo, snap, str(tmp_path / "t"))
+        assert _restored(tmp_path / "t") == data
+        assert proxy.truncated == 2
+        assert backend.requests.retries - retries >= 1
+        assert backend.requests.gets - gets <= 24 * MiB // CS // 8
+
+
+@pytest.mark.integration
+def test_a_reader_from_s3_reads_ahead_in_runs_and_survives_a_dropped_connection(
+    moto: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What ``mount``, ``serve`` and ``files`` read with, from S3: a large window of read-ahead
     whose ranged reads go out at once (a pool the reader's cache owns), each connection's
     failure retried, every byte right."""
-    for key, value in S3Server.client_env().items():
-        monkeypatch.setenv(key, value)
-    data = bytes(os.urandom(24 * MiB))
-    disk = MemoryDisk(bytearray(data), [(0, len(data))])
-    proxy = FaultyHttpProxy(moto.port)
-    proxy.start()
-    try:
-        backend = open_s3(proxy.url("fetch", "reader"))
-        repo = Repository.init(backend, b"passphrase", chunk_size=CS)
-        snap = backup(repo, ScriptedSource(disk)).snapshot
+    with _backed_up_through_proxy(moto, monkeypatch, "reader") as (proxy, repo, snap, data):
+        backend = repo.backend
         gets, retries = backend.requests.gets, backend.requests.retries
         proxy.truncate_next(2)
         with DiskReader(repo, snap, "vda") as reader:
@@ -316,6 +316,3 @@ def test_a_reader_from_s3_reads_ahead_in_runs_and_survives_a_dropped_connection(
         assert proxy.truncated == 2
         assert backend.requests.retries - retries >= 1
         assert backend.requests.gets - gets <= len(data) // CS // 4, "runs of a pack's chunks"
-        repo.close()
-    finally:
-        proxy.stop()
