@@ -60,7 +60,9 @@ def restore_child(url: str, target: str) -> None:
     from vmvault.engine.restore import restore
     from vmvault.repo.repository import Repository
 
-    platform.keep_freed_memory()  # as `vmvault restore` does (cli.main), for every command
+    # as the command line does (cli.main) for every command
+    platform.keep_freed_memory()
+    platform.one_malloc_arena()
     backend = open_backend(url)
     backend.warm_up()  # as `vmvault restore` does (cli/_common.py open_repository)
     repo = Repository.open(backend, PASSWORD.encode())
@@ -94,6 +96,7 @@ def read_child(url: str, source: str) -> None:
     from vmvault.repo.repository import Repository
 
     platform.keep_freed_memory()
+    platform.one_malloc_arena()
     backend = open_backend(url)
     backend.warm_up()
     repo = Repository.open(backend, PASSWORD.encode())

@@ -67,6 +67,26 @@ def test_init_backup_snapshots_show_restore(vm: Path, env: Path, capsys: pytest.
     assert main(["check", "--read-data"]) == 0
 
 
+def test_every_command_tunes_malloc_before_it_opens_the_repository(
+    vm: Path, env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command line keeps freed buffers for reuse and has every thread share one heap before
+    a command opens the repository (a library caller keeps its own settings: tests/engine)."""
+    from vmvault import platform
+    from vmvault.repo.repository import Repository
+
+    assert main(["init"]) == 0
+    calls: list[str] = []
+    monkeypatch.setattr(platform, "keep_freed_memory", lambda *a, **k: calls.append("kept") or True)
+    monkeypatch.setattr(platform, "one_malloc_arena", lambda: calls.append("one heap") or True)
+    opened = Repository.open
+    monkeypatch.setattr(Repository, "open", lambda *a, **k: calls.append("open") or opened(*a, **k))
+    for argv in (["backup", str(vm)], ["snapshots"], ["restore", "latest", "--target", str(env / "restored")]):
+        calls.clear()
+        assert main(argv) == 0
+        assert calls[:3] == ["kept", "one heap", "open"], argv
+
+
 def test_wrong_passphrase_missing_repository_and_usage(
     vm: Path, env: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -172,21 +172,20 @@ def test_the_index_is_asked_once_per_batch_not_once_per_chunk(monkeypatch: pytes
 def test_the_heap_keeps_the_pipelines_swing_while_the_backup_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the command line tuned malloc, the heap's freed top is kept up to twice the
     pipeline's budget during a backup and set back to what it was after it, also when the
-    backup fails; the pipeline's threads share one heap."""
+    backup fails (the command line has every thread share one heap: tests/cli/test_cli.py)."""
     from vmvault.engine.backup import pipeline_budget
 
-    calls: list[tuple[int, ...] | str] = []
+    calls: list[tuple[int, ...]] = []
     monkeypatch.setattr(platform, "keep_freed_memory", lambda *a, **k: calls.append(tuple(k.values())) or True)
-    monkeypatch.setattr(platform, "one_malloc_arena", lambda: calls.append("one heap") or True)
     monkeypatch.setattr(platform, "kept_free", lambda: platform.KEPT_FREE)
     repo = new_repo()
     swing = 2 * pipeline_budget(repo.config.pack_size)
     backup(repo, ScriptedSource(MemoryDisk(sample_bytes(1 << 20, 4))))
-    assert calls == ["one heap", (swing,), (platform.KEPT_FREE,)]
+    assert calls == [(swing,), (platform.KEPT_FREE,)]
     calls.clear()
     with pytest.raises(SourceError):
         backup(repo, ScriptedSource(ShrinkingDisk(sample_bytes(4 << 20, 5))))
-    assert calls == ["one heap", (swing,), (platform.KEPT_FREE,)]
+    assert calls == [(swing,), (platform.KEPT_FREE,)]
 
 
 def test_a_library_callers_malloc_settings_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -213,6 +213,12 @@ def _tolerant_streams() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _tolerant_streams()
     platform.keep_freed_memory()
+    # every command's threads share one heap (a backup's pipeline, the fetch and decode threads
+    # of a restore and of a disk reader): a heap per thread kept its freed buffers apart, so the
+    # peak RSS followed the thread count, not what was held (a 1 GiB disk read from S3 30 ms
+    # away through a DiskReader 338-348 MiB against 261-265 MiB; a restore from moto 161-231
+    # against 136 MiB, no slower; docs/benchmarks.md)
+    platform.one_malloc_arena()
     install_log_handler()
     parser = build_parser(command_module(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)

@@ -34,10 +34,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     group = None if args.allow_group is None else group_id(args.allow_group)
     binding()  # a missing library says so before anything else
     mountpoint = check_mountpoint(args.mountpoint, notes=notes)  # before asking for a passphrase
-    # the FUSE and fetch threads share one heap (as a backup's do): reading the 4 GiB disk of
-    # bench/scale.py through the mount peaked at 124-128 MiB so, 190-195 MiB with a heap per
-    # thread (four runs each, docs/benchmarks.md)
-    platform.one_malloc_arena()
     repo = open_repository(args)
     if args.snapshot is not None:
         snaps = [pick_snapshot(repo, args.snapshot, args)]

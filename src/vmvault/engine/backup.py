@@ -796,10 +796,6 @@ def backup(
     # twice the cores (at most 8): a worker waiting for its read leaves the core to one that
     # hashes or compresses; on 2 cores 4 workers beat 2 in 7 of 8 paired runs (docs/benchmarks.md)
     workers = workers or min(8, 2 * (os.cpu_count() or 1))
-    if platform.kept_free() is not None:
-        # the pipeline's threads share one heap: its freed buffers are reused, not kept per
-        # thread (where the command line tuned malloc: a library caller's settings are its own)
-        platform.one_malloc_arena()
     started = time.monotonic()
     with _heap_kept(2 * pipeline_budget(repo.config.pack_size)), repo.lock(exclusive=False, operation="backup"):
         # dedup only against what exists now: a prune may have run since the index was loaded,
