@@ -362,6 +362,23 @@ def test_ranges_of_a_pack_share_its_lstat_which_a_failure_forgets(
         assert b.get("snapshots/snap") == b"snapshot"
 
 
+def test_a_range_is_received_into_the_callers_buffer(sshd_server: SshServer, transport: str) -> None:
+    """``get_into`` (a restore's ranged reads) returns a view of the caller's buffer, no copy of
+    the range; a range longer than the buffer is read as ``get`` reads it."""
+    import mmap
+
+    data = os.urandom(3 * MiB)
+    buffer = mmap.mmap(-1, 2 * MiB)
+    with backend(sshd_server, f"into-{transport}", connections=1, transport=transport) as b:
+        b.put("data/ab/pack", data)
+        got = b.get_into("data/ab/pack", 12345, MiB, buffer)
+        assert got == data[12345 : 12345 + MiB] and got.obj is buffer
+        assert buffer[:MiB] == data[12345 : 12345 + MiB]
+        del got
+        longer = b.get_into("data/ab/pack", 0, 3 * MiB, buffer)
+        assert longer == data and longer.obj is not buffer
+
+
 def test_a_first_read_looks_up_its_folders_and_the_object_in_one_round_trip(
     sshd_server: SshServer, transport: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -366,8 +366,11 @@ def test_a_close_sent_ahead_answered_with_anything_but_a_status_ends_the_session
         assert session.closed
 
 
+@pytest.mark.parametrize("into", [False, True], ids=["copy", "into"])
 @pytest.mark.parametrize("via", VIA)
-def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof(via: str) -> None:
+def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof(via: str, into: bool) -> None:
+    """Also received straight into a caller's buffer (``Backend.get_into``): what is returned
+    is then a view of that buffer, not a copy."""
     content = bytes(range(256)) * 40  # 10240 bytes
 
     def script(peer: Peer) -> None:
@@ -399,8 +402,19 @@ def test_a_read_assembles_short_and_reordered_replies_and_stops_at_eof(via: str)
                 peer.status(rid, Status.EOF)
         idle(peer)
 
+    buffer = bytearray(12345)
     with scripted(script, via=via) as session, session.closing(session.open("/f", OpenFlag.READ)) as handle:
-        assert session.read(handle, 100, 12000, 3000) == content[100:]
+        got = session.read(handle, 100, 12000, 3000, memoryview(buffer) if into else None)
+        assert got == content[100:]
+        if into:
+            assert isinstance(got, memoryview) and got.obj is buffer and buffer[: len(got)] == content[100:]
+        else:
+            assert isinstance(got, bytes) and not any(buffer)
+
+
+def test_a_read_into_a_buffer_shorter_than_the_range_is_refused() -> None:
+    with scripted(idle) as session, pytest.raises(ValueError, match="shorter"):
+        session.read(b"h", 0, 1000, 1000, memoryview(bytearray(999)))
 
 
 @pytest.mark.parametrize("via", VIA)

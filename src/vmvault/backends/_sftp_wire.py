@@ -553,12 +553,20 @@ class Session:
         self.close_later(handle)
         return entries
 
-    def read(self, handle: bytes, offset: int, length: int, step: int) -> bytes:
+    def read(
+        self, handle: bytes, offset: int, length: int, step: int, into: memoryview | None = None
+    ) -> bytes | memoryview:
         """``length`` bytes from ``offset`` (fewer where the file ends), read with READ
         requests of ``step`` bytes, up to :data:`READ_WINDOW` of them outstanding, each DATA
         reply received in place into one buffer (section 6.4: a server may answer a READ with
-        fewer bytes, asked for again; EOF ends the file there)."""
-        if length <= KEEP_BUFFER:
+        fewer bytes, asked for again; EOF ends the file there). With ``into`` (at least
+        ``length`` bytes) the replies are received there and a view of it is returned, not a
+        copy."""
+        if into is not None:
+            if len(into) < length:
+                raise ValueError("the buffer is shorter than the range")
+            view = into[:length]
+        elif length <= KEEP_BUFFER:
             if len(self._buffer) < length:
                 self._buffer = bytearray(max(length, min(2 * len(self._buffer), KEEP_BUFFER)))
             view = memoryview(self._buffer)[:length]
@@ -612,7 +620,7 @@ class Session:
                     raise BackendProtocolError(f"the SFTP server answered a READ with packet type {kind}")
             if failure is not None:
                 raise failure
-        return bytes(view[:end])
+        return view[:end] if into is not None else bytes(view[:end])
 
     def _read_data_length(self, length_left: int, asked: int) -> int:
         """DATA's string length (section 7), which must fill its packet and be 1 to ``asked``."""

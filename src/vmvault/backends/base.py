@@ -35,7 +35,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from vmvault.errors import ObjectNotFoundError
 
@@ -57,6 +57,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("vmvault.backends")
+
+#: what a read returned: counted and handed on as it is (bytes, or a view into a buffer)
+_Read = TypeVar("_Read", bound=bytes | memoryview)
 
 #: the folders at a repository's top (repository-format.md, section 2): the only links a
 #: file-system backend follows, and only when its location says ``follow-links=1``
@@ -183,7 +186,7 @@ class RequestStats:
             self.counts[kind] += 1
             self.bytes_written += written
 
-    def read(self, data: bytes) -> bytes:
+    def read(self, data: _Read) -> _Read:
         """Count ``data`` as read, and return it."""
         self.read_bytes(len(data))
         return data

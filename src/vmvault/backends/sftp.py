@@ -115,6 +115,8 @@ from vmvault.errors import (
 )
 
 if TYPE_CHECKING:
+    import mmap
+
     # imported where a connection goes through paramiko (``_paramiko``): with the OpenSSH
     # transport only a refused host key's message reads known_hosts with it, and the import
     # alone cost 0.11 s of CPU per command (measured: a third of opening an SFTP repository)
@@ -1088,20 +1090,30 @@ class SftpBackend(Backend):
         self._call(f"write {name}", name, op, needed=len(data))
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return bytes(self._get(name, offset, length, None))
+
+    def get_into(self, name: str, offset: int, length: int, buffer: mmap.mmap) -> memoryview:
+        """A range read with the DATA replies received straight into ``buffer`` (no copy of
+        the range is made); a range longer than ``buffer`` as ``get``."""
+        if length < 0 or len(buffer) < length:
+            return super().get_into(name, offset, length, buffer)
+        return memoryview(self._get(name, offset, length, memoryview(buffer)))
+
+    def _get(self, name: str, offset: int, length: int | None, into: memoryview | None) -> bytes | memoryview:
         self.requests.count("get")
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length must not be negative")
         parts = split_name(name)
         path = self._path(name)
 
-        def op(sftp: Session) -> bytes:
+        def op(sftp: Session) -> bytes | memoryview:
             try:
                 return read(sftp)
             except BaseException:
                 self._forget_pack(name)  # gone since (pruned), cut short or replaced: look again
                 raise
 
-        def read(sftp: Session) -> bytes:
+        def read(sftp: Session) -> bytes | memoryview:
             attrs = self._known_pack(name) if length is not None else None
             if attrs is None:
                 attrs = self._located(sftp, parts, name)
@@ -1122,7 +1134,7 @@ class SftpBackend(Backend):
                 end = size if length is None else min(size, offset + length)
                 if end <= start:
                     return b""
-                out = sftp.read(handle, start, end - start, self._request_size or _BASE_REQUEST)
+                out = sftp.read(handle, start, end - start, self._request_size or _BASE_REQUEST, into)
                 if len(out) != end - start:
                     raise BackendError(
                         f"{self.url}: short read of {name}: {len(out)} of {end - start} bytes at {start}", name=name
