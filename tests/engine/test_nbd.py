@@ -226,6 +226,34 @@ def test_many_clients_read_at_once(backed_up: Backed, tmp_path: Path) -> None:
         assert server.stats.clients >= 9
 
 
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_one_connections_reads_share_a_buffer_and_never_each_others_bytes(
+    backed_up: Backed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, structured: bool
+) -> None:
+    """A connection's reads are filled into one kept buffer (a larger one into a buffer of its
+    own) and sent from it: small after large, large after small, and after a read that failed,
+    each reply is exactly its range."""
+    from vmvault.engine import nbd
+
+    repo, snap, _disk, data = backed_up
+    monkeypatch.setattr(nbd, "KEPT_READ_BUFFER", 3 * CS)
+    _damage_chunk(repo, snap, tmp_path / "repo", 2)
+    sock = str(tmp_path / "s.sock")
+    with serve_disk(repo, snap, "disk.raw", sock) as server:
+        client = RawClient(sock, structured=structured)
+        assert client.go() == SIZE
+        for offset, length in [(5, 100), (4 * CS + 1, 5 * CS), (3 * CS, 10), (4 * CS, 3 * CS), (7, 2 * CS - 7)]:
+            client.request(0, offset, length)
+            assert client.reply(length) == (0, data[offset : offset + length]), (offset, length)
+        client.request(0, 2 * CS - 10, 3 * CS)  # the damaged chunk: an error, no data
+        err, _message = client.reply()
+        assert err == errno.EIO
+        client.request(0, 2 * CS - 10, 9)  # its first bytes, before the damage
+        assert client.reply(9) == (0, data[2 * CS - 10 : 2 * CS - 1])
+        client.close()
+        assert server.stats.bytes_read == 100 + 5 * CS + 10 + 3 * CS + 2 * CS - 7 + 9
+
+
 @needs_qemu_img
 def test_a_damaged_chunk_is_eio_for_its_range_only(
     backed_up: Backed, tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -123,6 +123,9 @@ MAX_OPTIONS = 64
 MAX_QUERIES = 16
 #: the most one BLOCK_STATUS reply describes (a client asks again for the rest)
 MAX_STATUS_SPAN = 1 << 30
+#: a connection's buffer for its reads' data, kept between requests up to this size (a larger
+#: request has a buffer of its own): the source fills it and the reply is sent from it
+KEPT_READ_BUFFER = 4 << 20
 #: clients served at once; more are closed at once
 MAX_CLIENTS = 16
 #: seconds a client has to finish negotiating
@@ -135,7 +138,7 @@ class ExportSource(Protocol):
     @property
     def size(self) -> int: ...
 
-    def read(self, offset: int, length: int) -> bytes: ...
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> int: ...
 
     def block_status(self, offset: int = 0, length: int | None = None) -> list[Extent]: ...
 
@@ -399,6 +402,7 @@ class _Session:
         self.meta = False
         self.tls_done = server.tls is None
         self.no_zeroes = False
+        self._read_buffer = bytearray()
 
     # -- bytes
 
@@ -419,7 +423,7 @@ class _Session:
             buf += part
         return bytes(buf)
 
-    def send(self, *parts: bytes) -> None:
+    def send(self, *parts: bytes | memoryview) -> None:
         for part in parts:
             self.sock.sendall(part)
 
@@ -638,14 +642,15 @@ class _Session:
 
     def read(self, handle: int, offset: int, length: int) -> None:
         server = self.server
+        data = self._buffer(length)
         try:
-            data = server.source.read(offset, length)
+            got = server.source.read_into(offset, data)
         except VmvaultError as exc:
             log.error("%s: read of %d bytes at offset %#x failed: %s", server.label, length, offset, exc)
             self.error(handle, errno.EIO, f"{server.label}: {exc}")
             return
-        if len(data) != length:  # the source is shorter than it said: never send a short read
-            log.error("%s: read of %d bytes at offset %#x gave %d", server.label, length, offset, len(data))
+        if got != length:  # the source is shorter than it said: never send a short read
+            log.error("%s: read of %d bytes at offset %#x gave %d", server.label, length, offset, got)
             self.error(handle, errno.EIO, f"{server.label}: short read at {offset:#x}")
             return
         with server._lock:
@@ -665,6 +670,16 @@ class _Session:
             )
         else:
             self.send(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data)
+
+    def _buffer(self, length: int) -> memoryview:
+        """Room for a read's ``length`` bytes: the connection's kept buffer, or one of its own
+        for a request larger than :data:`KEPT_READ_BUFFER` (a reply is sent before the next
+        request is read, so one buffer serves them all)."""
+        if length > KEPT_READ_BUFFER:
+            return memoryview(bytearray(length))
+        if len(self._read_buffer) < length:
+            self._read_buffer = bytearray(max(length, min(2 * len(self._read_buffer), KEPT_READ_BUFFER)))
+        return memoryview(self._read_buffer)[:length]
 
     def block_status(self, handle: int, offset: int, length: int, *, one: bool) -> None:
         server = self.server
