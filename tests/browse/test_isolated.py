@@ -3,6 +3,7 @@ crashes, hangs, lies or is compromised cannot hurt vmvault."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import socket
@@ -258,20 +259,38 @@ with open({str(victim)!r}, "w") as f:
 def test_a_worker_taken_over_after_confine_cannot_reach_outside_itself(tmp_path: Path) -> None:
     """Code a hostile filesystem got to run in the worker (here: Python after ``confine``, as
     the worker is once it parses) reads no host file, changes none, starts no program, opens
-    no socket, signals no process nor changes its limits or priority; it still computes, with
-    threads, and reads its own limits."""
+    no socket, signals no process nor changes its limits or priority, neither reads nor changes
+    extended attributes (also through Linux 6.13's ``*xattrat`` calls), reaches no shared memory
+    of the host's; it still computes, with threads, and reads its own limits."""
     secret, victim, sock = tmp_path / "secret", tmp_path / "victim", tmp_path / "s.sock"
     secret.write_text("key")
     victim.write_text("keep me")
+    try:
+        os.setxattr(victim, "user.keep", b"1")
+    except OSError as exc:
+        pytest.skip(f"no user extended attributes on {tmp_path}: {exc}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    shm_key = 0x766D0000 + os.getpid() % 0xFFFF
+    shm_id = libc.shmget(shm_key, 4096, 0o1600)  # IPC_CREAT, this user only
+    assert shm_id >= 0, os.strerror(ctypes.get_errno())
+    numbers = _seccomp.DENIED[os.uname().machine]
     sleeper = subprocess.Popen(["sleep", "60"])
     program = f"""
 import ctypes, os, resource, socket, subprocess, sys, threading
 sys.path.insert(0, {str(SRC)!r})
 from vmvault.browse._worker import confine
 confine()
+libc = ctypes.CDLL(None, use_errno=True)
+def call(result):
+    if result < 0:
+        raise OSError(ctypes.get_errno(), "refused")
 def unshare():
-    if ctypes.CDLL(None, use_errno=True).unshare(0x00020000) != 0:  # CLONE_NEWNS
-        raise OSError(ctypes.get_errno(), "unshare")
+    call(libc.unshare(0x00020000))  # CLONE_NEWNS
+class XattrArgs(ctypes.Structure):
+    _fields_ = [("value", ctypes.c_uint64), ("size", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+value = ctypes.create_string_buffer(b"2")
+args = XattrArgs(ctypes.addressof(value), 1, 0)
+path = {str(victim).encode()!r}
 tries = {{
     "read": lambda: open({str(secret)!r}).read(),
     "open by /proc": lambda: open("/proc/self/environ", "rb").read(),
@@ -289,6 +308,18 @@ tries = {{
     "its limits": lambda: resource.prlimit({sleeper.pid}, resource.RLIMIT_NOFILE, (3, 3)),
     "its priority": lambda: os.setpriority(os.PRIO_PROCESS, {sleeper.pid}, 19),
     "namespace": unshare,
+    "read an attribute": lambda: os.getxattr(path, "user.keep"),
+    "list attributes": lambda: os.listxattr(path),
+    "set an attribute (setxattrat)": lambda: call(
+        libc.syscall({numbers["setxattrat"]}, -100, path, 0, b"user.new", ctypes.byref(args), 16)
+    ),
+    "remove an attribute (removexattrat)": lambda: call(
+        libc.syscall({numbers["removexattrat"]}, -100, path, 0, b"user.keep")
+    ),
+    "shared memory": lambda: call(libc.shmget({shm_key}, 0, 0)),
+    "watch a file": lambda: call(libc.inotify_init1(0)),
+    "the kernel log": lambda: call(libc.klogctl(10, None, 0)),
+    "sync the disks": lambda: call(libc.syscall({numbers["sync"]})),
 }}
 for name, attempt in tries.items():
     try:
@@ -313,10 +344,12 @@ print("thread", out, resource.getrlimit(resource.RLIMIT_FSIZE))
             nice = int(Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) if alive else 0
             sleeper.kill()
             sleeper.wait()
+            libc.shmctl(shm_id, 0, None)  # IPC_RMID
     lines = proc.stdout.splitlines()
     assert lines[-1] == "thread [499500] (0, 0)", proc.stdout + proc.stderr  # its own limits: read
     refused = [line for line in lines[:-1] if " refused 1" in line]  # EPERM
-    assert len(refused) == 16 == len(lines) - 1, proc.stdout
+    assert len(refused) == 24 == len(lines) - 1, proc.stdout
+    assert os.getxattr(victim, "user.keep") == b"1" and os.listxattr(victim) == ["user.keep"]
     match = re.search(r"Max open files\s+(\d+)", limits)
     assert match is not None and match.group(1) != "3" and nice == 0
     assert alive and victim.read_text() == "keep me" and oct(victim.stat().st_mode)[-3:] != "777"
@@ -351,6 +384,7 @@ def _may_unshare_network() -> bool:
 
 
 def test_the_worker_has_no_network(tmp_path: Path, guest_images: GuestImages) -> None:
+    """... and an IPC namespace of its own: no System V IPC object of the host's."""
     if not _may_unshare_network():
         pytest.skip("this system lets a process make neither a user nor a network namespace")
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -374,7 +408,8 @@ else:
     try:
         found, _ = disk.probe(0, size)  # it parses as before
         assert found.kind == "ext4"
-        assert os.readlink(f"/proc/{disk._proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        for kind in ("net", "ipc"):
+            assert os.readlink(f"/proc/{disk._proc.pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}"), kind
     finally:
         disk.close()
 

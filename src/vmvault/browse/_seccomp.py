@@ -8,8 +8,16 @@ The filter refuses, with ``EPERM``, every call that reaches anything outside the
 * opening any file (``open``, ``openat``, ``openat2``, ``creat``, by handle): the files its user
   may read are out of reach, not only the ones ``nobody`` may not read;
 * changing the file system (unlink, rename, mkdir, rmdir, link, symlink, chmod, chown,
-  truncate, mknod, times, extended attributes): ``RLIMIT_FSIZE`` stops writing a file's bytes,
+  truncate, mknod, times, extended attributes, with Linux 6.13's ``setxattrat`` and
+  ``removexattrat`` and 6.17's ``file_setattr``): ``RLIMIT_FSIZE`` stops writing a file's bytes,
   not these, and a worker that kept root's user id could otherwise remove any file;
+* reading what a path holds besides its bytes: extended attributes (``getxattr``,
+  ``listxattr``, their ``l`` and ``*at`` forms, ``file_getattr``), watches on files
+  (``inotify``, ``fanotify_mark``), the mount table (``statmount``, ``listmount``, ``listns``),
+  the kernel's log (``syslog``);
+* System V IPC and POSIX message queues (``shmget``, ``shmat``, ``semop``, ``msgrcv``,
+  ``mq_open`` and the rest): shared memory, semaphores and queues of the user's other
+  processes (the worker also takes an IPC namespace of its own where the system allows);
 * starting programs or processes (``execve``, ``fork``, ``vfork``, a ``clone`` that is not a
   thread's; ``clone3`` answers ``ENOSYS`` so the C library starts threads with ``clone``);
 * the network and local sockets (``socket``, ``socketpair``, ``connect``, ``bind``, ``listen``,
@@ -20,7 +28,8 @@ The filter refuses, with ``EPERM``, every call that reaches anything outside the
   priority calls, ``setrlimit``, and ``prlimit64`` but on itself);
 * namespaces, mounts, changes of user or group, and the kernel's larger attack surface
   (``bpf``, ``perf_event_open``, ``userfaultfd``, ``io_uring``, ``keyctl``, modules, kexec,
-  reboot, swap, the clock, ``personality``).
+  reboot, swap, the clock, ``personality``, ``modify_ldt``, ``uselib``, ``lookup_dcookie``,
+  ``vhangup``, quotas), and the machine's disks (``sync``, ``syncfs``).
 
 A call made with another architecture's numbering (``int 0x80`` on x86-64) kills the process,
 as does the x32 numbering: the numbers above would not hold there. The filter is written for
@@ -29,7 +38,11 @@ the kernel refuses it, the worker goes on with its other limits.
 
 A denylist, not an allowlist: what Python and the library need to compute (memory, the pipes,
 signals, time, threads) is left alone, so a call that neither reaches outside nor was foreseen
-cannot break a listing.
+cannot break a listing. What stays open of the host is whether a path exists and its
+metadata (``newfstatat``, which glibc's ``fstat`` of the worker's own pipes goes through, so
+the two cannot be told apart; ``statx``, ``readlink``, ``access``): names, sizes and times,
+never a byte of a file. A call added to Linux after these tables is allowed until it is added
+here: each new one is checked against the list when the tables are updated.
 """
 
 from __future__ import annotations
@@ -71,6 +84,16 @@ DENIED: Final[dict[str, dict[str, int]]] = {
         "sched_setaffinity": 203, "sched_setscheduler": 144, "sched_setparam": 142, "sched_setattr": 314,
         "ioprio_set": 251, "migrate_pages": 256, "move_pages": 279, "process_madvise": 440, "kcmp": 312,
         "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+        "shmget": 29, "shmat": 30, "shmctl": 31, "shmdt": 67, "semget": 64, "semop": 65, "semctl": 66,
+        "semtimedop": 220, "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "mq_open": 240,
+        "mq_unlink": 241, "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244,
+        "mq_getsetattr": 245, "getxattr": 191, "lgetxattr": 192, "listxattr": 194, "llistxattr": 195,
+        "setxattrat": 463, "getxattrat": 464, "listxattrat": 465, "removexattrat": 466,
+        "file_getattr": 468, "file_setattr": 469, "open_tree_attr": 467, "statmount": 457,
+        "listmount": 458, "listns": 470, "quotactl_fd": 443, "inotify_init": 253,
+        "inotify_add_watch": 254, "inotify_init1": 294, "fanotify_mark": 301, "syslog": 103,
+        "uselib": 134, "modify_ldt": 154, "lookup_dcookie": 212, "vhangup": 153, "sync": 162,
+        "syncfs": 306,
     },
     "aarch64": {
         "openat": 56, "openat2": 437, "open_by_handle_at": 265, "name_to_handle_at": 264, "execve": 221,
@@ -94,7 +117,15 @@ DENIED: Final[dict[str, dict[str, int]]] = {
         "fanotify_init": 262, "setrlimit": 164, "setpriority": 140, "sched_setaffinity": 122,
         "sched_setscheduler": 119, "sched_setparam": 118, "sched_setattr": 274, "ioprio_set": 30,
         "migrate_pages": 238, "move_pages": 239, "process_madvise": 440, "kcmp": 272, "rt_sigqueueinfo": 138,
-        "rt_tgsigqueueinfo": 240,
+        "rt_tgsigqueueinfo": 240, "shmget": 194, "shmctl": 195, "shmat": 196, "shmdt": 197,
+        "semget": 190, "semctl": 191, "semtimedop": 192, "semop": 193, "msgget": 186, "msgctl": 187,
+        "msgrcv": 188, "msgsnd": 189, "mq_open": 180, "mq_unlink": 181, "mq_timedsend": 182,
+        "mq_timedreceive": 183, "mq_notify": 184, "mq_getsetattr": 185, "getxattr": 8, "lgetxattr": 9,
+        "listxattr": 11, "llistxattr": 12, "setxattrat": 463, "getxattrat": 464, "listxattrat": 465,
+        "removexattrat": 466, "file_getattr": 468, "file_setattr": 469, "open_tree_attr": 467,
+        "statmount": 457, "listmount": 458, "listns": 470, "quotactl_fd": 443, "inotify_init1": 26,
+        "inotify_add_watch": 27, "fanotify_mark": 263, "syslog": 116, "lookup_dcookie": 18,
+        "vhangup": 58, "sync": 81, "syncfs": 267,
     },
 }  # fmt: skip
 

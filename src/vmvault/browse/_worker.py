@@ -152,14 +152,20 @@ MEMORY = 2 << 30
 
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWIPC = 0x08000000
 _PR_SET_NO_NEW_PRIVS = 38
 
 
-def _leave_the_network(libc: ctypes.CDLL) -> bool:
+def _leave_the_network(libc: ctypes.CDLL, *, user: bool = True) -> bool:
     """Move into a network namespace of its own, which has no interface but a loopback that is
-    down: no connection anywhere. Inside a new user namespace where the system allows one (that
-    also takes away root's capabilities on the host), else alone (root may); False if neither."""
-    return any(libc.unshare(flags) == 0 for flags in (_CLONE_NEWUSER | _CLONE_NEWNET, _CLONE_NEWNET))
+    down: no connection anywhere; with an IPC namespace of its own too, where the system allows
+    (no System V IPC object or POSIX message queue of the host's). Inside a new user namespace
+    where the system allows one and ``user`` (that also takes away root's capabilities on the
+    host), else alone (root may); False if no network namespace could be had."""
+    attempts = [_CLONE_NEWNET | _CLONE_NEWIPC, _CLONE_NEWNET]
+    if user:
+        attempts = [_CLONE_NEWUSER | flags for flags in attempts] + attempts
+    return any(libc.unshare(flags) == 0 for flags in attempts)
 
 
 def confine(ids: tuple[int, int] | None = None) -> None:
@@ -182,7 +188,7 @@ def confine(ids: tuple[int, int] | None = None) -> None:
         _leave_the_network(libc)
     else:
         # as root it may leave the network alone (in a user namespace it could not change its ids)
-        libc.unshare(_CLONE_NEWNET)
+        _leave_the_network(libc, user=False)
         try:
             os.setgroups([])
             os.setresgid(ids[1], ids[1], ids[1])

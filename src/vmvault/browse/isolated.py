@@ -3,13 +3,13 @@
 The Sleuth Kit parses what a guest wrote, and a crafted filesystem may crash it, hang it, or
 worse. So vmvault runs it in a worker process (:mod:`vmvault.browse._worker`) that holds nothing
 worth taking: no repository, no key, no descriptors but two pipes, an environment of three
-variables, no right to create files (``RLIMIT_FSIZE`` 0), a bounded address space, no network (a
-network namespace of its own, where the system allows one), a seccomp filter that refuses
-opening files, changing the file system, programs, sockets and other processes
-(:mod:`vmvault.browse._seccomp`), and, when vmvault runs as root, not root's user: once it has
-loaded what it runs it gives itself transient ids of its own
-(:func:`vmvault.platform.transient_ids`), with no group or capability. The worker asks this
-process for every byte of the disk it reads; what it answers (names, sizes, paths, file
+variables, no right to create files (``RLIMIT_FSIZE`` 0), a bounded address space, no network
+and none of the host's System V IPC (network and IPC namespaces of its own, where the system
+allows), a seccomp filter that refuses opening files, changing the file system, programs,
+sockets, shared memory and other processes (:mod:`vmvault.browse._seccomp`), and, when vmvault
+runs as root, not root's user: once it has loaded what it runs it gives itself transient ids of
+its own (:func:`vmvault.platform.transient_ids`), with no group or capability. The worker asks
+this process for every byte of the disk it reads; what it answers (names, sizes, paths, file
 contents) is checked here before use. A worker that dies, answers garbage, stays silent for
 :data:`TIMEOUT` seconds (or stops inside a message) or asks for more than :data:`READ_BUDGET`
 bytes of the disk for one request (a loop that keeps reading is never silent) is killed, and the
