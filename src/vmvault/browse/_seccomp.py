@@ -41,8 +41,11 @@ signals, time, threads) is left alone, so a call that neither reaches outside no
 cannot break a listing. What stays open of the host is whether a path exists and its
 metadata (``newfstatat``, which glibc's ``fstat`` of the worker's own pipes goes through, so
 the two cannot be told apart; ``statx``, ``readlink``, ``access``): names, sizes and times,
-never a byte of a file. A call added to Linux after these tables is allowed until it is added
-here: each new one is checked against the list when the tables are updated.
+never a byte of a file. A call added to Linux after the kernel these tables were checked
+against (:data:`NEWEST`) is refused with ``ENOSYS``, as a kernel without it answers, so the C
+library falls back to the older calls it uses there: a new call that reaches outside the process
+is not open until someone has looked at it (Linux 6.13's ``setxattrat`` was, before 6 December
+2026).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import platform
 import struct
 from typing import Final
 
-__all__ = ["DENIED", "install", "program"]
+__all__ = ["DENIED", "NEWEST", "install", "program"]
 
 #: the refused calls with their numbers on each architecture (``uname -m``); AArch64 has no
 #: ``open``, ``fork``, ``unlink`` and the like (its C library uses the ``*at`` forms)
@@ -133,6 +136,9 @@ DENIED: Final[dict[str, dict[str, int]]] = {
 _CLONE: Final[dict[str, tuple[int, int]]] = {"x86_64": (56, 435), "aarch64": (220, 435)}
 #: ``prlimit64``: allowed on the worker itself only
 _PRLIMIT: Final[dict[str, int]] = {"x86_64": 302, "aarch64": 261}
+#: the newest call of the kernel tables these lists were checked against (Linux 6.19: ``listns``,
+#: 470, on both architectures): every call numbered above it is refused with ``ENOSYS``
+NEWEST: Final[dict[str, int]] = {"x86_64": 470, "aarch64": 470}
 #: ``AUDIT_ARCH_*`` (linux/audit.h)
 _AUDIT_ARCH: Final[dict[str, int]] = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
 #: x86-64's x32 numbering sets this bit
@@ -172,6 +178,7 @@ def program(machine: str | None = None) -> list[_Insn]:
     steps.append((_LD_W_ABS, None, None, _NR))
     if machine == "x86_64":
         steps.append((_JGE_K, "kill", None, _X32_BIT))
+    steps.append((_JGE_K, "enosys", None, NEWEST[machine] + 1))
     steps += [(_JEQ_K, "eperm", None, nr) for nr in sorted(set(DENIED[machine].values()))]
     steps += [(_JEQ_K, "enosys", None, clone3), (_JEQ_K, "clone", None, clone), (_JEQ_K, None, "allow", prlimit)]
     # prlimit64 on itself only (pid 0: glibc's getrlimit and setrlimit); on another process it
