@@ -4,6 +4,7 @@ crashes, hangs, lies or is compromised cannot hurt vmvault."""
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import socket
@@ -220,6 +221,32 @@ def test_a_lying_worker_cannot_make_names_that_climb_out(tmp_path: Path, answer:
         disk.close()
 
 
+def test_a_worker_found_without_its_limits_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the kernel shows a worker lacks once it answers (here one that never limits itself:
+    no filter, the host's network) is a warning, once per process for every disk."""
+    if not os.path.exists("/proc/self/ns/net"):
+        pytest.skip("no /proc to look into a worker with")
+    monkeypatch.setattr(iso, "_said", set())
+    disks = [
+        iso.IsolatedDisk(lambda o, n: bytes(n), 1 << 20, name=f"d{i}", command=_fake_worker(tmp_path, ""))
+        for i in range(2)
+    ]
+    try:
+        with caplog.at_level(logging.WARNING, logger="vmvault.browse"):
+            for disk in disks:
+                assert disk.missing is None  # not looked at before it answers
+                disk.probe(0, 1 << 20)
+                assert disk.missing is not None and len(disk.missing) == 2
+        said = [r.getMessage() for r in caplog.records if r.name == "vmvault.browse"]
+        assert len(said) == 2, said
+        assert "without its seccomp filter" in said[0] and "without a network namespace of its own" in said[1]
+    finally:
+        for disk in disks:
+            disk.close()
+
+
 def test_a_worker_may_not_read_outside_limits_or_send_huge_headers(tmp_path: Path) -> None:
     body = """
     _wire.send(tx, {"read": [0, 1 << 40]})
@@ -408,6 +435,7 @@ else:
     try:
         found, _ = disk.probe(0, size)  # it parses as before
         assert found.kind == "ext4"
+        assert disk.missing == [], "the kernel shows every limit in place"
         for kind in ("net", "ipc"):
             assert os.readlink(f"/proc/{disk._proc.pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}"), kind
     finally:

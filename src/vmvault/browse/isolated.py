@@ -22,6 +22,7 @@ objects with the methods of :class:`~vmvault.browse.filesystems.Filesystem`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -50,6 +51,37 @@ READ_BUDGET = 16 << 30
 WORKER = (sys.executable, "-s", "-P", "-m", "vmvault.browse._worker")
 
 _TYPES = ("file", "dir", "symlink", "other")
+
+_log = logging.getLogger("vmvault.browse")
+#: the limits a worker of this process was found without, each said once per process
+_said: set[str] = set()
+
+
+def missing_limits(pid: int) -> list[str]:
+    """What the kernel shows that worker ``pid`` lacks of its limits once it serves requests:
+    its seccomp filter (``/proc/PID/status``) and a network namespace of its own. Read from the
+    kernel, not asked of the worker, which may be lying; nothing where ``/proc`` cannot tell
+    (another system, or a worker this process may not look into)."""
+    missing: list[str] = []
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            status = f.read()
+    except OSError:
+        return missing
+    mode = re.search(r"^Seccomp:\s*(\d+)", status, re.MULTILINE)
+    if mode is not None and mode.group(1) != "2":
+        missing.append(
+            "its seccomp filter (none is in place on this system: code a hostile filesystem ran in "
+            "it could make every system call its user may, such as opening files and sockets)"
+        )
+    with contextlib.suppress(OSError):
+        if os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            missing.append(
+                "a network namespace of its own (this system allows it none: only its filter keeps it off the network)"
+            )
+    return missing
+
+
 _MAX_PATH = 64 * 1024
 
 
@@ -86,6 +118,8 @@ class IsolatedDisk:
         #: bytes the worker asked for
         self.bytes_read = 0
         self._call_read = 0
+        #: what the worker was found without (:func:`missing_limits`), once it first answered
+        self.missing: list[str] | None = None
 
     # ------------------------------------------------------------------------------- protocol
 
@@ -136,6 +170,8 @@ class IsolatedDisk:
             if "read" in header:
                 self._serve_read(header["read"], what)
                 continue
+            if self.missing is None:
+                self._check_limits()
             err, self._error = self._error, None
             if err is not None:
                 # the disk itself could not be read (a damaged chunk): say that, whatever the
@@ -144,6 +180,15 @@ class IsolatedDisk:
             if "error" in header:
                 raise _rebuild(header["error"])
             return header.get("result"), data, header
+
+    def _check_limits(self) -> None:
+        """Once the worker answers it has limited itself (it does so before it reads a request):
+        a limit the kernel shows missing is said once per process, as a warning."""
+        self.missing = missing_limits(self._proc.pid)
+        for limit in self.missing:
+            if limit not in _said:
+                _said.add(limit)
+                _log.warning("the filesystem worker runs without %s", limit)
 
     def _serve_read(self, request: Any, what: str) -> None:
         if (
