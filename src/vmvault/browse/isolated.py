@@ -51,6 +51,7 @@ READ_BUDGET = 16 << 30
 WORKER = (sys.executable, "-s", "-P", "-m", "vmvault.browse._worker")
 
 _TYPES = ("file", "dir", "symlink", "other")
+_MAX_PATH = 64 * 1024
 
 _log = logging.getLogger("vmvault.browse")
 #: the limits a worker of this process was found without, each said once per process
@@ -80,9 +81,6 @@ def missing_limits(pid: int) -> list[str]:
                 "a network namespace of its own (this system allows it none: only its filter keeps it off the network)"
             )
     return missing
-
-
-_MAX_PATH = 64 * 1024
 
 
 class IsolatedDisk:
