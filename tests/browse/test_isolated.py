@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -283,7 +283,20 @@ with open({str(victim)!r}, "w") as f:
     assert not victim.exists() or victim.stat().st_size == 0
 
 
-def test_a_worker_taken_over_after_confine_cannot_reach_outside_itself(tmp_path: Path) -> None:
+@pytest.fixture
+def host_shared_memory() -> Iterator[int]:
+    """The key of a System V shared memory segment of this user's (0600), removed afterwards."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x766D0000 + os.getpid() % 0xFFFF
+    shm_id = libc.shmget(key, 4096, 0o1600)  # IPC_CREAT, this user only
+    assert shm_id >= 0, os.strerror(ctypes.get_errno())
+    try:
+        yield key
+    finally:
+        libc.shmctl(shm_id, 0, None)  # IPC_RMID
+
+
+def test_a_worker_taken_over_after_confine_cannot_reach_outside_itself(tmp_path: Path, host_shared_memory: int) -> None:
     """Code a hostile filesystem got to run in the worker (here: Python after ``confine``, as
     the worker is once it parses) reads no host file, changes none, starts no program, opens
     no socket, signals no process nor changes its limits or priority, neither reads nor changes
@@ -296,10 +309,6 @@ def test_a_worker_taken_over_after_confine_cannot_reach_outside_itself(tmp_path:
         os.setxattr(victim, "user.keep", b"1")
     except OSError as exc:
         pytest.skip(f"no user extended attributes on {tmp_path}: {exc}")
-    libc = ctypes.CDLL(None, use_errno=True)
-    shm_key = 0x766D0000 + os.getpid() % 0xFFFF
-    shm_id = libc.shmget(shm_key, 4096, 0o1600)  # IPC_CREAT, this user only
-    assert shm_id >= 0, os.strerror(ctypes.get_errno())
     numbers = _seccomp.DENIED[os.uname().machine]
     sleeper = subprocess.Popen(["sleep", "60"])
     program = f"""
@@ -343,7 +352,7 @@ tries = {{
     "remove an attribute (removexattrat)": lambda: call(
         libc.syscall({numbers["removexattrat"]}, -100, path, 0, b"user.keep")
     ),
-    "shared memory": lambda: call(libc.shmget({shm_key}, 0, 0)),
+    "shared memory": lambda: call(libc.shmget({host_shared_memory}, 0, 0)),
     "watch a file": lambda: call(libc.inotify_init1(0)),
     "the kernel log": lambda: call(libc.klogctl(10, None, 0)),
     "sync the disks": lambda: call(libc.syscall({numbers["sync"]})),
@@ -371,7 +380,6 @@ print("thread", out, resource.getrlimit(resource.RLIMIT_FSIZE))
             nice = int(Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) if alive else 0
             sleeper.kill()
             sleeper.wait()
-            libc.shmctl(shm_id, 0, None)  # IPC_RMID
     lines = proc.stdout.splitlines()
     assert lines[-1] == "thread [499500] (0, 0)", proc.stdout + proc.stderr  # its own limits: read
     refused = [line for line in lines[:-1] if " refused 1" in line]  # EPERM
