@@ -15,13 +15,22 @@ from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-__all__ = ["PACKS_AHEAD", "ahead"]
+from vmvault.repo._limits import MAX_INDEX_FILE
+
+__all__ = ["PACKS_AHEAD", "ahead", "index_file_weight"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 #: bytes of whole objects (packs, index files) read ahead of their caller at once, at most
 PACKS_AHEAD = 128 << 20
+
+
+def index_file_weight(listed_size: int) -> int:
+    """What an index file of ``listed_size`` bytes (0: not known) weighs read ahead: its size,
+    at most what any index file may be; one of unknown size all of :data:`PACKS_AHEAD` (read
+    alone)."""
+    return min(listed_size, MAX_INDEX_FILE) if listed_size > 0 else PACKS_AHEAD
 
 
 def ahead(

@@ -45,8 +45,7 @@ from typing import Any, NamedTuple
 
 from vmvault import platform
 from vmvault.errors import IntegrityError, RepositoryError
-from vmvault.repo._limits import MAX_INDEX_FILE
-from vmvault.repo.ahead import PACKS_AHEAD, ahead
+from vmvault.repo.ahead import PACKS_AHEAD, ahead, index_file_weight
 from vmvault.repo.index import ParsedIndex, parse_index
 
 __all__ = [
@@ -1136,7 +1135,7 @@ def _fetched(
 
     # read ``reads`` at once ahead of the parsing (a round trip each from remote storage), at
     # most PACKS_AHEAD bytes of them; parsed here, one at a time, in the order given
-    files = ((f, min(listed[f], MAX_INDEX_FILE) if listed[f] > 0 else PACKS_AHEAD) for f in new)
+    files = ((f, index_file_weight(listed[f])) for f in new)
     for n, (file_id, payload) in enumerate(ahead(files, read, workers=reads, max_weight=PACKS_AHEAD)):
         if progress is not None:
             progress(n, len(new))

@@ -54,7 +54,7 @@ from vmvault.repo._limits import (
     pack_limit,
     read_bounded,
 )
-from vmvault.repo.ahead import PACKS_AHEAD, ahead
+from vmvault.repo.ahead import PACKS_AHEAD, ahead, index_file_weight
 from vmvault.repo.budget import MemoryBudget
 from vmvault.repo.config import (
     DEFAULT_CHUNK_SIZE,
@@ -431,10 +431,6 @@ class Repository:
         return out
 
     def _fetch_index_payload(self, file_id: bytes, size: int) -> bytes | None:
-        name = f"index/{file_id.hex()}"
-        if size > MAX_INDEX_FILE:
-            # judged by its listed size: never read into memory (check reports it, repair supersedes it)
-            raise IntegrityError(f"{name} is {size} bytes, more than any index file vmvault writes; skipped", name=name)
         try:
             return self.read_index_payload(file_id, size)
         except ObjectNotFoundError:
@@ -456,8 +452,15 @@ class Repository:
 
     def read_index_payload(self, file_id: bytes, size: int = 0) -> bytes:
         """An index file's payload, verified (envelope, id) but not decoded. ``size``: its size
-        in a listing, when known (a file is never rewritten: one larger than listed is not read)."""
+        in a listing, when known (a file is never rewritten: one larger than listed is not read,
+        and one listed larger than any index file vmvault writes not at all: check reports it,
+        repair supersedes it)."""
         name = f"index/{file_id.hex()}"
+        if size > MAX_INDEX_FILE:
+            raise IntegrityError(
+                f"{name} is {size} bytes, more than any index file vmvault writes (damaged or planted); not read",
+                name=name,
+            )
         if 0 < size < MAX_INDEX_FILE:
             sealed = self.backend.get(name, 0, size + 1)
             if len(sealed) > size:
@@ -476,19 +479,12 @@ class Repository:
         unknown size alone), so that the caller parses them one at a time."""
 
         def read(item: tuple[bytes, int]) -> bytes | VmvaultError:
-            file_id, size = item
-            if size > MAX_INDEX_FILE:
-                return IntegrityError(
-                    f"index/{file_id.hex()} is {size} bytes, more than any index file vmvault writes (damaged or "
-                    "planted); not read",
-                    name=f"index/{file_id.hex()}",
-                )
             try:
-                return self.read_index_payload(file_id, size)
+                return self.read_index_payload(*item)
             except (IntegrityError, ObjectNotFoundError) as exc:
                 return exc
 
-        weighed = ((item, min(item[1], MAX_INDEX_FILE) if item[1] > 0 else PACKS_AHEAD) for item in files)
+        weighed = ((item, index_file_weight(item[1])) for item in files)
         for (file_id, _size), payload in ahead(
             weighed, read, workers=self.backend.prepare_reads(), max_weight=PACKS_AHEAD
         ):
