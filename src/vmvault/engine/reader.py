@@ -29,7 +29,8 @@ Memory is bounded whatever the disk's size: the cache's ``max_bytes``, plus the 
 fetches in flight (at most ``2 × readahead_threads + readahead`` chunks, the window at most half
 the cache), plus from remote storage the ranges being read (``prepare_reads`` of at most 8 MiB
 sealed), plus what one read returns (at most :data:`MAX_READ` bytes). The 1 GiB test image read
-30 ms away from S3 or SFTP peaked at 356-403 MiB RSS with the 128 MiB cache (138 MiB locally).
+30 ms away from S3 or SFTP peaked at 272-277 MiB RSS with the 128 MiB cache, of which 129 MiB
+before the first read (131 MiB locally; the command line's one malloc heap).
 
 A damaged chunk raises ``IntegrityError`` naming the snapshot, the disk and the offset; nothing
 damaged is cached, so a later read of the same range fails again rather than returning something
