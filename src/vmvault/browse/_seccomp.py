@@ -38,14 +38,15 @@ the kernel refuses it, the worker goes on with its other limits.
 
 A denylist, not an allowlist: what Python and the library need to compute (memory, the pipes,
 signals, time, threads) is left alone, so a call that neither reaches outside nor was foreseen
-cannot break a listing. What stays open of the host is whether a path exists and its
-metadata (``newfstatat``, which glibc's ``fstat`` of the worker's own pipes goes through, so
-the two cannot be told apart; ``statx``, ``readlink``, ``access``): names, sizes and times,
-never a byte of a file. A call added to Linux after the kernel these tables were checked
-against (:data:`NEWEST`) is refused with ``ENOSYS``, as a kernel without it answers, so the C
-library falls back to the older calls it uses there: a new call that reaches outside the process
-is not open until someone has looked at it (Linux 6.13's ``setxattrat`` was, before 6 December
-2026).
+cannot break a listing. The calls that read a path's metadata stay open (``newfstatat``, which
+glibc's ``fstat`` of the worker's own pipes goes through, so the two cannot be told apart;
+``statx``, ``readlink``, ``access``): they find nothing, for the worker's root is a removed
+empty folder (:func:`vmvault.browse._worker.confine`) where the system allows it one, and where
+it does not they tell whether a host path exists, its size and times, never a byte of a file. A
+call added to Linux after the kernel these tables were checked against (:data:`NEWEST`) is
+refused with ``ENOSYS``, as a kernel without it answers, so the C library falls back to the
+older calls it uses there: a new call that reaches outside the process is not open until someone
+has looked at it (Linux 6.13's ``setxattrat`` was, before 6 December 2026).
 """
 
 from __future__ import annotations

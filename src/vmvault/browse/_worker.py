@@ -3,9 +3,10 @@
 Started by :mod:`vmvault.browse.isolated` as ``python -m vmvault.browse._worker`` with no
 repository, no key and no file descriptors but its pipes; before it reads anything it limits
 itself (no file may be written, a bounded address space, no core dump, no network, no
-privileges gained by exec, started as root the transient ids ``--ids=UID:GID`` instead of
-root's, and a seccomp filter that refuses opening files, changing the file system, starting
-programs, sockets and reaching other processes: :mod:`vmvault.browse._seccomp`).
+privileges gained by exec, a removed empty folder as its root, started as root the transient ids
+``--ids=UID:GID`` instead of root's, and a seccomp filter that refuses opening files, changing
+the file system, starting programs, sockets and reaching other processes:
+:mod:`vmvault.browse._seccomp`).
 Every byte of the disk it reads is asked of the parent over stdout and answered on stdin; its
 answers are checked by the parent like any other untrusted data. If the library crashes or
 hangs on a hostile filesystem, only this process dies.
@@ -18,6 +19,7 @@ import ctypes
 import os
 import resource
 import sys
+import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -168,10 +170,39 @@ def _leave_the_network(libc: ctypes.CDLL, *, user: bool = True) -> bool:
     return any(libc.unshare(flags) == 0 for flags in attempts)
 
 
+def _enter_an_empty_folder() -> bool:
+    """Make a folder of its own, step into it and remove it: an empty folder nothing can be made
+    in, and no path leads to; False (and back at ``/``) where none could be made."""
+    try:
+        folder = tempfile.mkdtemp(prefix="vmvault-worker-")
+    except OSError:
+        return False
+    try:
+        os.chdir(folder)
+        os.rmdir(folder)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.chdir("/")
+            os.rmdir(folder)
+        return False
+    return True
+
+
+def _take_the_empty_root(libc: ctypes.CDLL, emptied: bool) -> bool:
+    """Make the removed folder it stands in (:func:`_enter_an_empty_folder`) its root: no host
+    path exists for it any more, so it cannot even learn which do, nor their sizes and times
+    (calls the filter cannot refuse: glibc's ``fstat`` of its pipes is ``newfstatat``). Needs
+    root's right to (root, or inside a user namespace of its own)."""
+    return emptied and libc.chroot(b".") == 0
+
+
 def confine(ids: tuple[int, int] | None = None) -> None:
     """Limits the worker puts on itself before it parses anything a guest wrote. ``ids``: the
     user and group ids it takes instead of root's (started as root), once everything it runs is
     loaded (a Python installed under /root is not readable by them)."""
+    # made first: before any user namespace (where a user without ids on the host may make
+    # nothing) and the limit on files (the temporary folder is found by writing a file there)
+    emptied = _enter_an_empty_folder()
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
     resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # it never writes a file
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -181,20 +212,24 @@ def confine(ids: tuple[int, int] | None = None) -> None:
     except OSError:  # pragma: no cover - a system without a C library to ask
         return
     libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no set-user-ID program can give it more rights
-    # everything it will run is loaded now: from here on it reads no file (its ids, then the filter)
+    # everything it will run is loaded now: from here on it reads no file (its root, its ids, then
+    # the filter)
     with contextlib.suppress(VmvaultError):
         library()  # (a broken install is reported by the first probe, as before)
-    if ids is None:
-        _leave_the_network(libc)
-    else:
+    rooted = False
+    if ids is not None:
         # as root it may leave the network alone (in a user namespace it could not change its ids)
         _leave_the_network(libc, user=False)
         try:
             os.setgroups([])
             os.setresgid(ids[1], ids[1], ids[1])
+            rooted = _take_the_empty_root(libc, emptied)  # while it is root
             os.setresuid(ids[0], ids[0], ids[0])
         except OSError:  # a root without the right to change ids (a container's): as before, root's
-            _leave_the_network(libc)
+            ids = None
+    if ids is None:
+        _leave_the_network(libc)  # (a user namespace is refused to a process that changed its root)
+        rooted = rooted or _take_the_empty_root(libc, emptied)
     _seccomp.install()
 
 

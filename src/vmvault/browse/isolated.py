@@ -5,11 +5,12 @@ worse. So vmvault runs it in a worker process (:mod:`vmvault.browse._worker`) th
 worth taking: no repository, no key, no descriptors but two pipes, an environment of three
 variables, no right to create files (``RLIMIT_FSIZE`` 0), a bounded address space, no network
 and none of the host's System V IPC (network and IPC namespaces of its own, where the system
-allows), a seccomp filter that refuses opening files, changing the file system, programs,
-sockets, shared memory and other processes (:mod:`vmvault.browse._seccomp`), and, when vmvault
-runs as root, not root's user: once it has loaded what it runs it gives itself transient ids of
-its own (:func:`vmvault.platform.transient_ids`), with no group or capability. The worker asks
-this process for every byte of the disk it reads; what it answers (names, sizes, paths, file
+allows), a removed empty folder as its root (no host path exists for it, not even to ``stat``),
+a seccomp filter that refuses opening files, changing the file system, programs, sockets, shared
+memory and other processes (:mod:`vmvault.browse._seccomp`), and, when vmvault runs as root, not
+root's user: once it has loaded what it runs it gives itself transient ids of its own
+(:func:`vmvault.platform.transient_ids`), with no group or capability. The worker asks this
+process for every byte of the disk it reads; what it answers (names, sizes, paths, file
 contents) is checked here before use. A worker that dies, answers garbage, stays silent for
 :data:`TIMEOUT` seconds (or stops inside a message) or asks for more than :data:`READ_BUDGET`
 bytes of the disk for one request (a loop that keeps reading is never silent) is killed, and the
@@ -60,9 +61,9 @@ _said: set[str] = set()
 
 def missing_limits(pid: int) -> list[str]:
     """What the kernel shows that worker ``pid`` lacks of its limits once it serves requests:
-    its seccomp filter (``/proc/PID/status``) and a network namespace of its own. Read from the
-    kernel, not asked of the worker, which may be lying; nothing where ``/proc`` cannot tell
-    (another system, or a worker this process may not look into)."""
+    its seccomp filter (``/proc/PID/status``), a network namespace of its own and a root of its
+    own. Read from the kernel, not asked of the worker, which may be lying; nothing where
+    ``/proc`` cannot tell (another system, or a worker this process may not look into)."""
     missing: list[str] = []
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
@@ -79,6 +80,13 @@ def missing_limits(pid: int) -> list[str]:
         if os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):
             missing.append(
                 "a network namespace of its own (this system allows it none: only its filter keeps it off the network)"
+            )
+    with contextlib.suppress(OSError):
+        theirs, ours = os.stat(f"/proc/{pid}/root"), os.stat("/proc/self/root")
+        if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+            missing.append(
+                "an empty root of its own (this system allows it none: code a hostile filesystem ran in it "
+                "could learn which host paths exist, and their sizes and times)"
             )
     return missing
 
