@@ -6,6 +6,10 @@ import errno
 import fcntl
 import mmap
 import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -166,3 +170,86 @@ def test_a_bounded_read_of_a_small_object_does_not_allocate_the_bound(tmp_path: 
         tracemalloc.stop()
     assert (data, tail, past) == (b"x" * 1000, b"x" * 10, b"")
     assert peak < 1 << 20
+
+
+def test_a_repository_folder_found_once_is_never_made_again(tmp_path: Path) -> None:
+    """The first write makes a missing folder (``init``); once an operation found it, a folder
+    removed while the command runs is an error for every operation, and nothing is made."""
+    root = tmp_path / "repo"
+    b = LocalBackend(str(root))
+    assert not b.exists("config") and not root.exists()  # nothing found, nothing made
+    b.put("config", b"c")
+    shutil.rmtree(root)
+    for operation in (
+        lambda: b.put("data/ab/abc", b"x"),
+        lambda: b.get("config"),
+        lambda: b.exists("config"),
+        lambda: list(b.list("data/")),
+        lambda: b.delete("config"),
+    ):
+        with pytest.raises(BackendError, match="the repository folder is gone, or is another folder"):
+            operation()
+    assert not root.exists()
+
+
+def test_another_folder_at_the_repository_s_path_is_neither_read_nor_written(tmp_path: Path) -> None:
+    """The path leads to another folder than the one found first (as a disk unmounted leaves
+    its empty mount point there): refused, and the other folder stays empty."""
+    root = tmp_path / "repo"
+    b = LocalBackend(str(root))
+    b.put("config", b"c")
+    root.rename(tmp_path / "elsewhere")
+    root.mkdir()
+    with pytest.raises(BackendError, match="is gone, or is another folder than the one this command opened"):
+        b.put("data/ab/abc", b"x")
+    with pytest.raises(BackendError, match="another folder"):
+        b.exists("config")
+    assert list(root.iterdir()) == []
+    assert LocalBackend(str(root)).exists("config") is False  # a new command finds what is there
+
+
+@pytest.fixture
+def mount_point(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs mounted on an empty folder (root only), unmounted afterwards if still mounted."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(point)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield point
+    finally:
+        if os.path.ismount(point):
+            subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_a_disk_unmounted_under_a_backup_fails_it_and_nothing_lands_on_the_mount_point(mount_point: Path) -> None:
+    """A repository on its own disk (a real mount); the disk unmounted while a backup runs: the
+    backup fails with the reason, and the empty mount point on the other disk gets nothing (it
+    used to get a fresh repository folder holding the rest of the backup: a backup "done" into no
+    repository, hidden once the disk was mounted again)."""
+    from tests.engine.helpers import MemoryDisk, ScriptedSource
+    from vmvault.engine.backup import backup
+    from vmvault.repo.repository import Repository
+
+    location = mount_point / "vmvault"
+    repo = Repository.init(LocalBackend(str(location)), b"pw", chunk_size=64 * 1024)
+    unmounted = threading.Event()
+    once = threading.Lock()
+
+    class UnmountedMidway(MemoryDisk):
+        def read(self, offset: int, length: int) -> bytes:
+            if offset >= self.size // 2:
+                with once:
+                    if not unmounted.is_set():
+                        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+                        unmounted.set()
+            return super().read(offset, length)
+
+    disk = UnmountedMidway(bytearray(os.urandom(16 << 20)))
+    with pytest.raises(BackendError, match="the repository folder is gone"):
+        backup(repo, ScriptedSource(disk))
+    assert unmounted.is_set() and not os.path.ismount(mount_point)
+    assert list(mount_point.iterdir()) == []

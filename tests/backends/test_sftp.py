@@ -25,6 +25,7 @@ from vmvault.backends._sftp_wire import Session
 from vmvault.backends.sftp import SftpBackend, open_sftp
 from vmvault.errors import (
     BackendConnectionError,
+    BackendError,
     BackendPermissionError,
     BackendUnreachableError,
     ConfigError,
@@ -625,6 +626,23 @@ def test_cleanup_removes_only_old_temporary_files(sshd_server: SshServer) -> Non
         assert b.cleanup_temporary(older_than=0) == 1
         assert temporaries(sshd_server.root / "cleanup") == []
         assert b.get("data/ab/object") == b"kept"
+
+
+def test_a_repository_folder_found_once_is_never_made_again(sshd_server: SshServer, transport: str) -> None:
+    """A folder removed on the server (or its disk unmounted there) while the command runs is
+    not made afresh by the next write: that backup would land in no repository."""
+    folder = sshd_server.root / "gone"
+    with backend(sshd_server, "gone", transport=transport) as b:
+        b.put("data/ab/object", b"x")  # the first write makes it
+        (folder / "data" / "ab" / "object").unlink()
+        (folder / "data" / "ab").rmdir()
+        b.put("data/ab/object", b"x")  # a folder inside it is made again, as before
+        for entry in sorted(folder.rglob("*"), reverse=True):
+            entry.unlink() if entry.is_file() else entry.rmdir()
+        folder.rmdir()
+        with pytest.raises(BackendError, match="the repository folder is gone"):
+            b.put("data/cd/other", b"y")
+        assert not folder.exists()
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self, TypeVar
 
-from vmvault.errors import ObjectNotFoundError
+from vmvault.errors import BackendError, ObjectNotFoundError
 
 __all__ = [
     "DEFAULT_READS_AT_ONCE",
@@ -51,6 +51,7 @@ __all__ = [
     "describe_mode",
     "is_far",
     "note_skipped",
+    "root_gone",
     "shown",
     "split_name",
     "unsafe_why",
@@ -111,6 +112,21 @@ def note_skipped(skipped: dict[str, str], url: str, name: str, why: str) -> None
     if key not in skipped:
         skipped[key] = why
         _log.warning("%s: skipped %s: %s", url, key, why)
+
+
+def root_gone(url: str) -> BackendError:
+    """The error of a file-system backend whose repository folder, found by an earlier operation
+    of the same command, is gone or another folder now: its disk unmounted (the path now leads to
+    the empty mount point, or nowhere), or the folder removed or replaced while the command ran.
+    Nothing is made there, written there or read from there: a backup carried on into a folder
+    it made afresh would end "complete" in no repository, on the disk the repository was kept off,
+    hidden once the disk is mounted again."""
+    return BackendError(
+        f"{url}: the repository folder is gone, or is another folder than the one this command opened "
+        "(was its disk unmounted, or the folder removed or replaced, while the command ran?); nothing more "
+        "is written there or read from there. Mount the disk again (or put the folder back) and run the "
+        "command again."
+    )
 
 
 def unsafe_why(kind: str) -> str:

@@ -15,7 +15,11 @@ with ``mkdir`` relative to a descriptor and then opened the same way, and listed
 
 * The root path the user gave is resolved as the system resolves any path: it may be a link
   the user chose (``/backup -> /mnt/disk``), and it lies outside what the storage's writer
-  controls. It is opened again for each operation, so a long-running process pins no mount.
+  controls. It is opened again for each operation, so a long-running process pins no mount;
+  the folder it leads to must be the one the backend first found there (device and inode), and
+  once found it is never made again: a disk unmounted under a running backup leaves the path
+  leading to the empty mount point (or nowhere), and writing on would store the backup on
+  another disk, in no repository (``root_gone``).
 * The top-level folders ``data``, ``index``, ``snapshots``, ``locks`` and ``keys`` may be links
   only when the location says so: ``file:///path?follow-links=1`` (``LocalBackend(root,
   follow_links=True)``), for an administrator who put, say, ``data`` on another disk.
@@ -46,6 +50,7 @@ from vmvault.backends.base import (
     ObjectInfo,
     describe_mode,
     note_skipped,
+    root_gone,
     shown,
     split_name,
     unsafe_why,
@@ -90,6 +95,8 @@ class LocalBackend(Backend):
         self.url = self.root
         self._layout_checked = False
         self._skipped: dict[str, str] = {}
+        #: the device and inode of the root folder, once an operation found it
+        self._root_id: tuple[int, int] | None = None
 
     def skipped(self) -> dict[str, str]:
         return dict(self._skipped)
@@ -154,16 +161,23 @@ class LocalBackend(Backend):
         try:
             fd = os.open(self.root, _DIR_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
+            if self._root_id is not None:
+                raise root_gone(self.url) from None
             if not create:
                 return None
             os.makedirs(self.root, exist_ok=True)  # the user's own path: links in it are theirs
             fd = os.open(self.root, _DIR_FLAGS)
-        if not self._layout_checked:
-            try:
+        try:
+            st = os.fstat(fd)
+            if self._root_id is None:
+                self._root_id = (st.st_dev, st.st_ino)
+            elif (st.st_dev, st.st_ino) != self._root_id:
+                raise root_gone(self.url)
+            if not self._layout_checked:
                 self._check_layout(fd)
-            except BaseException:
-                os.close(fd)
-                raise
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def _check_layout(self, root: int) -> None:

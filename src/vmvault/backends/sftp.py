@@ -96,6 +96,7 @@ from vmvault.backends.base import (
     describe_mode,
     is_far,
     note_skipped,
+    root_gone,
     shown,
     split_name,
     unsafe_why,
@@ -895,7 +896,7 @@ class SftpBackend(Backend):
             return True
         return False
 
-    def _reach(self, sftp: Session, parts: list[str], *, create: bool = False) -> bool:
+    def _reach(self, sftp: Session, parts: list[str], *, create: bool = False, again: bool = True) -> bool:
         """Check each folder on the way to ``parts[-1]`` (making missing ones with ``create``);
         False when one does not exist."""
         self._check_layout(sftp)
@@ -908,10 +909,11 @@ class SftpBackend(Backend):
             try:
                 sftp.mkdir(self._full(rel))
             except FileNotFoundError:
-                if depth == 1:  # no repository folder yet
+                if again:  # no repository folder yet, or a folder on the way removed since it was checked
+                    for above in range(1, depth):
+                        self._folders.discard("/".join(parts[:above]))
                     self._make_root(sftp)
-                    with contextlib.suppress(OSError):
-                        sftp.mkdir(self._full(rel))
+                    return self._reach(sftp, parts, create=True, again=False)
             except OSError:
                 pass  # lost a race with another writer, or failed: look
             if not self._is_folder(sftp, rel):
@@ -980,7 +982,9 @@ class SftpBackend(Backend):
 
     def _make_root(self, sftp: Session) -> None:
         """``mkdir -p`` of the root. It is the user's own path, so links in it are theirs and
-        are followed, as the server resolves any path."""
+        are followed, as the server resolves any path. A root this backend found before is
+        never made again (``root_gone``: its disk was unmounted on the server, or the folder
+        removed, while the command ran)."""
         missing: list[str] = []
         current = self.root
         while current and current not in ("/", "."):
@@ -989,6 +993,8 @@ class SftpBackend(Backend):
                     break
                 raise BackendError(f"{self.url}: {current} exists and is not a directory")
             except FileNotFoundError:
+                if current == self.root and self._layout_checked:  # (it was listed)
+                    raise root_gone(self.url) from None
                 missing.append(current)
                 current = posixpath.dirname(current)
         for path in reversed(missing):
