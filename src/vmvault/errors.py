@@ -130,6 +130,11 @@ class NotARepositoryError(RepositoryError):
     pass
 
 
+class NoConfigError(NotARepositoryError):
+    """The location holds no repository config at all: nothing there yet, or no more (a disk
+    not mounted, a folder moved)."""
+
+
 class RepositoryExistsError(RepositoryError):
     pass
 

@@ -260,6 +260,20 @@ def test_init_at_a_location_replaces_what_this_host_knew(tmp_path: Path) -> None
     assert Repository.open(LocalBackend(str(here)), PASS).config.id == fresh.config.id
 
 
+def test_a_repository_this_host_used_found_missing_is_not_sent_to_init(tmp_path: Path) -> None:
+    """No config where this host used a repository (its disk not mounted: the mount point is
+    empty): the error names that repository and asks whether its disk is mounted, where a location
+    never used is told to ``init`` (which, there, would put the next backups on the wrong disk)."""
+    here = tmp_path / "mnt" / "vmvault"
+    made = make_repo(LocalBackend(str(here)))
+    shutil.rmtree(here)
+    with pytest.raises(NotARepositoryError, match=f"this host used repository {made.config.id[:8]} there") as info:
+        Repository.open(LocalBackend(str(here)), PASS)
+    assert "(last on 20" in str(info.value) and "Is the disk or share that holds it mounted" in str(info.value)
+    with pytest.raises(NotARepositoryError, match="no config\\); create one with `vmvault init`"):
+        Repository.open(LocalBackend(str(tmp_path / "never-used")), PASS)
+
+
 def test_unencrypted_config_change_is_caught_by_a_host_that_saw_it(tmp_path: Path) -> None:
     plain = make_repo(LocalBackend(str(tmp_path / "repo")), encrypted=False)
     rewrite_config(plain.backend, _set("chunk_size", 8192))

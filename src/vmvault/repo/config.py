@@ -30,6 +30,7 @@ from vmvault import __version__
 from vmvault.backends.base import Backend
 from vmvault.errors import (
     IntegrityError,
+    NoConfigError,
     NotARepositoryError,
     ObjectNotFoundError,
     RepositoryError,
@@ -222,7 +223,7 @@ def read_config(backend: Backend) -> StoredConfig:
     try:
         raw = read_bounded(backend, "config", MAX_SMALL_OBJECT, what=f"{backend.url}: the config")
     except ObjectNotFoundError:
-        raise NotARepositoryError(
+        raise NoConfigError(
             f"{backend.url} is not a vmvault repository (no config); create one with `vmvault init`"
         ) from None
     try:

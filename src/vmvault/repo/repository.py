@@ -35,6 +35,7 @@ from vmvault import __version__
 from vmvault.backends.base import Backend
 from vmvault.errors import (
     IntegrityError,
+    NoConfigError,
     ObjectNotFoundError,
     RepositoryError,
     RepositoryExistsError,
@@ -117,6 +118,25 @@ def _record_unusable(records: HostRecords, exc: BaseException) -> str:
     return (
         f"this host's record of repositories ({records.root}) cannot be used: {exc}; the repository is not "
         "checked against what this host saw of it before (docs/design/repository-format.md, section 10.1)"
+    )
+
+
+def _no_config_where_one_was(backend: Backend, records: HostRecords, exc: NoConfigError) -> NoConfigError:
+    """``exc`` (no config at ``backend``), saying so when this host used a repository there
+    before: its disk is likely not mounted, and the advice to ``init`` would put the next
+    backups on the mount point's disk instead."""
+    try:
+        seen_id = records.location(backend.url)
+        record = records.load(seen_id) if seen_id is not None else None
+    except (OSError, ValueError):
+        return exc
+    if seen_id is None:
+        return exc
+    when = f" (last on {record.last_seen[:10]})" if record is not None and record.last_seen else ""
+    return NoConfigError(
+        f"{backend.url} holds no vmvault repository (no config), but this host used repository {seen_id[:8]} "
+        f"there{when}. Is the disk or share that holds it mounted, and the path right? If the repository "
+        "moved, give its new location; only if it is gone for good, make a new one there with `vmvault init`."
     )
 
 
@@ -270,10 +290,13 @@ class Repository:
         different, a repository other than the one this host saw at the location, and a
         config of a lower format version than this host saw (an old config put back after a
         migration) (docs/design/repository-format.md, sections 10.1 and 10.7)."""
-        stored = read_config(backend)
+        records = HostRecords() if records is None else records
+        try:
+            stored = read_config(backend)
+        except NoConfigError as exc:
+            raise _no_config_where_one_was(backend, records, exc) from None
         config = stored.config
         warnings: list[str] = []
-        records = HostRecords() if records is None else records
         record: RepoRecord | None = None
         seen_id: str | None = None
         records_usable = True
