@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.browse.test_seccomp import REFUSED
 from tests.conftest import descriptors_taken
 from tests.fsimages import GuestImages
 from vmvault import platform
@@ -321,7 +322,7 @@ def test_a_worker_taken_over_after_confine_cannot_reach_outside_itself(
         os.setxattr(victim, "user.keep", b"1")
     except OSError as exc:
         pytest.skip(f"no user extended attributes on {tmp_path}: {exc}")
-    numbers = _seccomp.DENIED[os.uname().machine]
+    numbers = REFUSED[os.uname().machine]
     sleeper = subprocess.Popen(["sleep", "60"])
     program = f"""
 import ctypes, os, resource, socket, subprocess, sys, threading
@@ -368,6 +369,8 @@ tries = {{
     "watch a file": lambda: call(libc.inotify_init1(0)),
     "the kernel log": lambda: call(libc.klogctl(10, None, 0)),
     "sync the disks": lambda: call(libc.syscall({numbers["sync"]})),
+    "a pipe of its own": lambda: os.pipe(),
+    "memory as a file": lambda: os.memfd_create("x"),
     "stat a host file": lambda: os.stat({str(secret)!r}),
     "stat the host's /etc": lambda: os.stat("/etc"),
     "ask whether a host path exists": lambda: call(libc.access(b"/etc/passwd", 0)),
@@ -399,10 +402,12 @@ print("thread", out, resource.getrlimit(resource.RLIMIT_FSIZE))
     lines = proc.stdout.splitlines()
     assert lines[-1] == "thread [499500] (0, 0)", proc.stdout + proc.stderr  # its own limits: read
     refused = {name: int(code) for name, _, code in (line.rpartition(" refused ") for line in lines[:-1]) if name}
-    assert len(refused) == len(lines) - 1 == 28, proc.stdout
+    assert len(refused) == len(lines) - 1 == 30, proc.stdout
     paths = [name for name in refused if name.startswith(("stat ", "ask whether", "read a link"))]
-    # no host path exists for it (ENOENT; EACCES for the transient ids, in a root only root may search)
-    assert len(paths) == 4 and all(refused.pop(name) in (errno.ENOENT, errno.EACCES) for name in paths), proc.stdout
+    # refused by the filter, or no host path exists for it (ENOENT; EACCES for the transient ids,
+    # in a root only root may search): newfstatat is allowed, for glibc's fstat
+    assert len(paths) == 4 and all(refused.pop(name) in (errno.EPERM, errno.ENOENT, errno.EACCES) for name in paths)
+    assert "stat the host's /etc refused 1" not in lines, proc.stdout  # (the empty root answers it)
     assert set(refused.values()) == {errno.EPERM}, proc.stdout
     assert os.getxattr(victim, "user.keep") == b"1" and os.listxattr(victim) == ["user.keep"]
     match = re.search(r"Max open files\s+(\d+)", limits)
@@ -412,8 +417,8 @@ print("thread", out, resource.getrlimit(resource.RLIMIT_FSIZE))
 
 
 def test_the_filter_numbers_are_the_kernels() -> None:
-    """The denied calls' numbers, against the kernel headers of this machine (x86-64's own
-    table and the generic one AArch64 uses)."""
+    """The allowed calls' numbers, and those of the refused ones the tests try, against the
+    kernel headers of this machine (x86-64's own table and the generic one AArch64 uses)."""
     headers = {
         "x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
         "aarch64": "/usr/include/asm-generic/unistd.h",
@@ -424,13 +429,13 @@ def test_the_filter_numbers_are_the_kernels() -> None:
             continue
         text = Path(header).read_text()
         table = {m.group(2): int(m.group(3)) for m in re.finditer(r"#define __NR(3264)?_(\w+)\s+(\d+)", text)}
-        for name, number in _seccomp.DENIED[machine].items():
+        for name, number in [*_seccomp.ALLOWED[machine].items(), *REFUSED[machine].items()]:
             if name in table:  # (calls newer than these headers are checked where they are known)
                 assert table[name] == number, (machine, name)
                 checked += 1
     if not checked:
         pytest.skip("no kernel headers here (Debian: linux-libc-dev)")
-    assert checked > 150
+    assert checked > 150, checked
 
 
 def _may_unshare_network() -> bool:

@@ -2,14 +2,13 @@
 
 Started by :mod:`vmvault.browse.isolated` as ``python -m vmvault.browse._worker`` with no
 repository, no key and no file descriptors but its pipes; before it reads anything it limits
-itself (no file may be written, a bounded address space, no core dump, no network, no
-privileges gained by exec, a removed empty folder as its root, started as root the transient ids
-``--ids=UID:GID`` instead of root's, and a seccomp filter that refuses opening files, changing
-the file system, starting programs, sockets and reaching other processes:
-:mod:`vmvault.browse._seccomp`).
-Every byte of the disk it reads is asked of the parent over stdout and answered on stdin; its
-answers are checked by the parent like any other untrusted data. If the library crashes or
-hangs on a hostile filesystem, only this process dies.
+itself (no file may be written, a bounded address space, no core dump, no network, no privileges
+gained by exec, a removed empty folder as its root, started as root the transient ids
+``--ids=UID:GID`` instead of root's, and a seccomp filter that allows only the calls computing
+needs (no file opened, no file system changed, no program, no socket, no other process reached):
+:mod:`vmvault.browse._seccomp`). Every byte of the disk it reads is asked of the parent over
+stdout and answered on stdin; its answers are checked by the parent like any other untrusted
+data. If the library crashes or hangs on a hostile filesystem, only this process dies.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ worth taking: no repository, no key, no descriptors but two pipes, an environmen
 variables, no right to create files (``RLIMIT_FSIZE`` 0), a bounded address space, no network
 and none of the host's System V IPC (network and IPC namespaces of its own, where the system
 allows), a removed empty folder as its root (no host path exists for it, not even to ``stat``),
-a seccomp filter that refuses opening files, changing the file system, programs, sockets, shared
-memory and other processes (:mod:`vmvault.browse._seccomp`), and, when vmvault runs as root, not
-root's user: once it has loaded what it runs it gives itself transient ids of its own
+a seccomp filter that allows only the calls computing needs (no file opened, no file system
+changed, no program, no socket, no shared memory, no other process reached)
+(:mod:`vmvault.browse._seccomp`), and, when vmvault runs as root, not root's user: once it has
+loaded what it runs it gives itself transient ids of its own
 (:func:`vmvault.platform.transient_ids`), with no group or capability. The worker asks this
 process for every byte of the disk it reads; what it answers (names, sizes, paths, file
 contents) is checked here before use. A worker that dies, answers garbage, stays silent for
