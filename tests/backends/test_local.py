@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import small_tmpfs
 from tests.pagecache import cached_pages, page_cache_droppable, takes_direct
 from vmvault import platform
 from vmvault.backends import local
@@ -211,18 +212,8 @@ def test_another_folder_at_the_repository_s_path_is_neither_read_nor_written(tmp
 @pytest.fixture
 def mount_point(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs mounted on an empty folder (root only), unmounted afterwards if still mounted."""
-    point = tmp_path / "disk"
-    point.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(point)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "64m") as point:
         yield point
-    finally:
-        if os.path.ismount(point):
-            subprocess.run(["umount", "-l", str(point)], check=False)
 
 
 def test_a_disk_unmounted_under_a_backup_fails_it_and_nothing_lands_on_the_mount_point(mount_point: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import as_nobody
+from tests.conftest import as_nobody, small_tmpfs
 from tests.engine.helpers import MemoryDisk, ScriptedSource
 from vmvault import platform
 from vmvault.backends.base import Backend, ObjectInfo
@@ -376,17 +376,10 @@ def test_list_objects_ignore_temporary_files(tmp_path: Path) -> None:
     assert list(backend.list("data/")) == [ObjectInfo("data/ab/abc", 1)]
 
 
-@pytest.fixture()
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode().strip()}")
-    try:
+@pytest.fixture(name="small_tmpfs")
+def small_tmpfs_fixture(tmp_path: Path) -> Iterator[Path]:
+    with small_tmpfs(tmp_path / "tmpfs", "24m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.integration

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import small_tmpfs
 from tests.hypervisors.qemu_vm import (
     DiskSpec,
     MiB,
@@ -325,15 +325,8 @@ def test_thaw_after_failed_transaction(agent_vm: tuple[QemuVM, Path], monkeypatc
 @pytest.fixture
 def tiny_scratch(tmp_path: Path) -> Iterator[Path]:
     """A 3 MiB tmpfs as scratch folder (needs root to mount; skipped otherwise)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {res.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "tiny", "3M") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_scratch_folder_too_small(make_vm: Callable[..., QemuVM], tiny_scratch: Path) -> None:
