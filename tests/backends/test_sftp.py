@@ -17,6 +17,7 @@ import paramiko
 import pytest
 
 from tests.backends.conftest import read_until_near, upload_in_progress
+from tests.conftest import small_tmpfs
 from tests.latency import relay
 from tests.servers import SshServer, process_tree, running_sshd
 from vmvault.backends import open_backend
@@ -643,6 +644,20 @@ def test_a_repository_folder_found_once_is_never_made_again(sshd_server: SshServ
         with pytest.raises(BackendError, match="the repository folder is gone"):
             b.put("data/cd/other", b"y")
         assert not folder.exists()
+
+
+def test_a_disk_unmounted_on_the_server_is_not_written_through(sshd_server: SshServer, transport: str) -> None:
+    """The repository's disk is unmounted on the server while the command runs: the path now
+    leads to the empty mount point, on another file system. The next write that finds a known
+    folder gone fails with the reason instead of making the repository's folders there."""
+    point = sshd_server.root / f"mounted-{transport}"
+    with small_tmpfs(point, "16m"), backend(sshd_server, point.name, transport=transport) as b:
+        b.put("data/ab/object", b"x")
+        subprocess.run(["umount", "-l", str(point)], check=True)
+        for name in ("data/ab/other", "data/cd/other"):  # a known folder, and one not yet made
+            with pytest.raises(BackendError, match="the repository folder is gone, or is another folder"):
+                b.put(name, b"y")
+        assert list(point.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -459,6 +459,9 @@ class SftpBackend(Backend):
         self._pack_stats: collections.OrderedDict[str, tuple[float, Attrs]] = collections.OrderedDict()
         self._pack_stats_lock = threading.Lock()
         self._layout_checked = False
+        #: the server's id (``f_fsid``) of the file system holding the root, once listed; None
+        #: where the server tells none (no ``statvfs@openssh.com``, or 0)
+        self._root_fs: int | None = None
         self._skipped: dict[str, str] = {}
         #: set once a connection succeeded: from then on a failed connect is retried
         self._reached = False
@@ -868,7 +871,22 @@ class SftpBackend(Backend):
                     raise self._unsafe(filename, mode)
                 if stat.S_ISDIR(mode):
                     self._folders.add(filename)
+        self._root_fs = self._file_system(sftp)
         self._layout_checked = True
+
+    def _file_system(self, sftp: Session) -> int | None:
+        """The server's id of the file system holding the root (``f_fsid``), or None."""
+        try:
+            return sftp.statvfs(self.root)[8] or None
+        except Exception:
+            return None
+
+    def _folder_gone(self, sftp: Session) -> None:
+        """A folder this backend found is gone: ``root_gone`` when the root is now on another file
+        system than when it was listed (its disk unmounted on the server, so that the path leads
+        to the empty mount point); the caller makes the folder again otherwise."""
+        if self._root_fs is not None and self._file_system(sftp) not in (None, self._root_fs):
+            raise root_gone(self.url)
 
     def _is_folder(self, sftp: Session, rel: str) -> bool:
         """Whether ``rel`` is a real folder (False: absent, or a file); UnsafeStorageError for a
@@ -910,6 +928,7 @@ class SftpBackend(Backend):
                 sftp.mkdir(self._full(rel))
             except FileNotFoundError:
                 if again:  # no repository folder yet, or a folder on the way removed since it was checked
+                    self._folder_gone(sftp)
                     for above in range(1, depth):
                         self._folders.discard("/".join(parts[:above]))
                     self._make_root(sftp)
@@ -974,6 +993,7 @@ class SftpBackend(Backend):
         except FileNotFoundError:
             pass
         # no repository folder yet, or a folder was removed since it was checked: make them
+        self._folder_gone(sftp)
         for depth in range(1, len(parts)):
             self._folders.discard("/".join(parts[:depth]))
         self._make_root(sftp)
