@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import secrets
 import time
 from pathlib import Path
 
@@ -20,11 +23,11 @@ from vmvault.errors import (
     RepositoryExistsError,
     UnsupportedVersionError,
 )
-from vmvault.repo import Repository, check
+from vmvault.repo import Repository, check, locks
 from vmvault.repo import keys as repo_keys
 from vmvault.repo.crypto import seal_envelope
 from vmvault.repo.format import FORMAT_VERSION
-from vmvault.repo.locks import STALE_SECONDS, list_locks
+from vmvault.repo.locks import STALE_SECONDS, list_locks, remove_locks
 
 
 def data_objects(repo: Repository) -> dict[str, bytes]:
@@ -165,6 +168,61 @@ def test_lock_from_another_host(monkeypatch: pytest.MonkeyPatch) -> None:
     foreign(STALE_SECONDS + 60)  # not refreshed for too long: its holder is gone
     with repo.lock(exclusive=False, operation="backup"):
         pass
+
+
+def _lock_of_another_host(repo: Repository, *, claims: float, exclusive: bool) -> str:
+    """A lock written now by a process on another host whose clock says ``claims``."""
+    name = f"locks/{secrets.token_hex(16)}"
+    doc = {"hostname": "elsewhere", "pid": 7, "time": claims, "exclusive": exclusive, "operation": "backup"}
+    repo.backend.put(name, seal_envelope(repo.key, json.dumps(doc).encode(), b"lock " + name.encode()))
+    return name
+
+
+def test_a_live_lock_of_a_host_whose_clock_is_behind_is_live(tmp_path: Path) -> None:
+    """A backup on a host whose clock is two hours behind has just written its lock: a prune
+    here, an unlock and a check see it held (its claimed time looked stale: the prune removed
+    it and went on deleting what the backup was writing)."""
+    repo = make_repo(LocalBackend(str(tmp_path / "repo")))
+    name = _lock_of_another_host(repo, claims=time.time() - 7200, exclusive=False)
+    with pytest.raises(LockedError, match="shared lock for backup by pid 7 on elsewhere"):
+        repo.lock(exclusive=True, operation="prune").acquire()
+    removed, kept = remove_locks(repo.backend, repo.key)
+    assert removed == [] and [lock.name for lock in kept] == [name]
+    assert [lock.name for lock in list_locks(repo.backend, repo.key)] == [name]  # (and no clock probe left)
+    report = check(repo)  # (under its own shared lock)
+    assert [p.kind for p in report.problems if p.object == name] == ["lock-held"]
+
+
+def test_a_dead_host_s_lock_claiming_a_future_time_goes_stale_by_the_storage_s_clock(tmp_path: Path) -> None:
+    """A host whose clock was two hours ahead died holding a lock the storage last wrote more
+    than STALE_SECONDS ago: stale (by the time it claims it would never have been)."""
+    repo = make_repo(LocalBackend(str(tmp_path / "repo")))
+    name = _lock_of_another_host(repo, claims=time.time() + 7200, exclusive=True)
+    then = time.time() - STALE_SECONDS - 60
+    os.utime(tmp_path / "repo" / name, (then, then))
+    with repo.lock(exclusive=True, operation="prune"):
+        pass
+    assert not repo.backend.exists(name)
+
+
+def test_a_storage_clock_an_hour_ahead_is_said_once_and_locks_are_judged_by_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class AheadOfUs(LocalBackend):
+        def modified(self, name: str) -> float | None:
+            stored = super().modified(name)
+            return None if stored is None else stored + 3600
+
+    monkeypatch.setattr(locks, "_skews_said", set())
+    repo = make_repo(AheadOfUs(str(tmp_path / "repo")))
+    fresh = _lock_of_another_host(repo, claims=time.time(), exclusive=False)
+    with caplog.at_level(logging.WARNING, logger="vmvault.repo"):
+        for _ in range(2):
+            with pytest.raises(LockedError, match="elsewhere"):
+                repo.lock(exclusive=True, operation="prune").acquire()
+    said = [r.getMessage() for r in caplog.records if "clock" in r.getMessage()]
+    assert len(said) == 1 and "60 minutes behind the storage's" in said[0], said
+    repo.backend.delete(fresh)
 
 
 def test_unreadable_lock_is_treated_as_stale() -> None:

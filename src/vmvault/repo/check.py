@@ -412,12 +412,14 @@ class _Checker:
         locks = list_locks(self.backend, self.repo.key)
         # its own lock is not counted: "1 lock" in an idle repository would be check itself
         self.stats["locks"] = sum(1 for lock in locks if lock.name != self.own_lock)
+        # the storage's time of check's own lock (taken or refreshed minutes ago at most)
+        stored = next((lock.stored for lock in locks if lock.name == self.own_lock), None)
         for lock in locks:
             if lock.name == self.own_lock:
                 continue
             if lock.operation == "unreadable":
                 self.add(WARNING, "lock-unreadable", lock.name, "unreadable lock; an exclusive locker removes it")
-            elif lock.is_stale():
+            elif lock.is_stale(storage_now=stored):
                 self.add(WARNING, "lock-stale", lock.name, f"stale {lock.describe()}; ignored and removed by prune")
             else:
                 self.add(WARNING, "lock-held", lock.name, f"held: {lock.describe()}")

@@ -8,6 +8,15 @@ processes can both back off, but never both proceed. Holders refresh their lock 
 ``REFRESH_SECONDS``; a lock not refreshed for ``STALE_SECONDS``, or one held by a dead
 process on this host, is stale and ignored (and removed by the next exclusive locker).
 
+How long a lock went unrefreshed is measured on the storage's clock where the storage keeps the
+time each object was written (a local folder, SFTP, S3): the time the storage gave the lock
+against the time it gave the reader's own lock, written just before. Hosts' clocks disagree
+(a Hyper-V host without time sync, a VM that drifted): measured by the time a lock claims
+against the reader's clock, a live lock of a host 40 minutes behind looked stale to every other
+host, whose prune then removed it and deleted data the running backup was writing, and a dead
+host's lock claiming a future time was never stale. The claimed time is used only where the
+storage keeps none (a memory backend), and is what ``describe`` shows.
+
 Only names of the form ``locks/<32 hex>`` are locks (``repo/names.py``): anything else in
 ``locks/`` was not written by vmvault, is ignored, and is never deleted, however unreadable.
 """
@@ -15,7 +24,9 @@ Only names of the form ``locks/<32 hex>`` are locks (``repo/names.py``): anythin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import secrets
 import socket
@@ -32,7 +43,9 @@ from vmvault.repo._limits import MAX_SMALL_OBJECT, read_bounded
 from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
 from vmvault.repo.names import lock_name
 
-__all__ = ["LockInfo", "RepositoryLock", "list_locks", "remove_locks"]
+__all__ = ["LockInfo", "RepositoryLock", "list_locks", "remove_locks", "storage_now"]
+
+_log = logging.getLogger("vmvault.repo")
 
 REFRESH_SECONDS = 300
 STALE_SECONDS = 1800
@@ -46,6 +59,8 @@ class LockInfo:
     time: float
     exclusive: bool
     operation: str
+    #: when the storage last wrote the lock object (its own clock), None where it keeps no time
+    stored: float | None = None
 
     def describe(self) -> str:
         when = times.local(self.time) if self.time else "never"
@@ -62,9 +77,16 @@ class LockInfo:
             "operation": self.operation,
         }
 
-    def is_stale(self, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        if now - self.time > STALE_SECONDS:
+    def is_stale(self, now: float | None = None, *, storage_now: float | None = None) -> bool:
+        """Not refreshed for ``STALE_SECONDS``: by the storage's clock when both this lock's
+        stored time and ``storage_now`` (the storage's time of an object the caller just wrote)
+        are known, else by the time the lock claims against ``now`` (this host's clock); or held
+        by a process of this host that is gone."""
+        if self.stored is not None and storage_now is not None:
+            age = storage_now - self.stored
+        else:
+            age = (time.time() if now is None else now) - self.time
+        if age > STALE_SECONDS:
             return True
         if self.hostname == socket.gethostname():
             try:
@@ -101,15 +123,17 @@ def _lock_info(name: str, doc: object) -> LockInfo:
 
 
 def list_locks(backend: Backend, key: MasterKey) -> list[LockInfo]:
-    """Every lock object; names vmvault does not write are not locks and are left out."""
+    """Every lock object, with the time the storage wrote it; names vmvault does not write are
+    not locks and are left out."""
     out = []
     for obj in backend.list("locks/"):
         if not lock_name(obj.name):
             continue
         try:
+            stored = backend.modified(obj.name)
             sealed = read_bounded(backend, obj.name, MAX_SMALL_OBJECT, what=obj.name)
             doc = json.loads(open_envelope(key, sealed, _aad(obj.name), what=obj.name, max_size=MAX_SMALL_OBJECT))
-            out.append(_lock_info(obj.name, doc))
+            out.append(dataclasses.replace(_lock_info(obj.name, doc), stored=stored))
         except ObjectNotFoundError:
             continue  # removed while we listed
         except (IntegrityError, ValueError, KeyError, TypeError, OverflowError):
@@ -118,20 +142,57 @@ def list_locks(backend: Backend, key: MasterKey) -> list[LockInfo]:
     return out
 
 
+def storage_now(backend: Backend, key: MasterKey) -> float | None:
+    """The storage's clock now: the time it gives a lock object written for the purpose (then
+    removed; where it cannot be removed, it goes stale like any other). None where the storage
+    keeps no times."""
+    probe = RepositoryLock(backend, key, exclusive=False, operation="clock")
+    probe.write()
+    try:
+        return backend.modified(probe.name)
+    finally:
+        with contextlib.suppress(BackendError):
+            backend.delete(probe.name)
+
+
 def remove_locks(backend: Backend, key: MasterKey, *, every: bool = False) -> tuple[list[LockInfo], list[LockInfo]]:
     """``vmvault unlock``: remove stale locks (and unreadable ones), or with ``every`` all locks,
     live ones included (only when no vmvault process can be running: a live backup or prune
     would lose its protection). Names vmvault does not write are never removed. Returns
     ``(removed, kept)``."""
     removed, kept = [], []
+    now = None if every else storage_now(backend, key)
     for lock in list_locks(backend, key):
-        if every or lock.is_stale():
+        if every or lock.is_stale(storage_now=now):
             with contextlib.suppress(ObjectNotFoundError):  # its owner released it meanwhile
                 backend.delete(lock.name)
             removed.append(lock)
         else:
             kept.append(lock)
     return removed, kept
+
+
+#: a difference between this host's clock and the storage's worth a warning (locks are judged
+#: by the storage's clock; snapshot times and retention by this host's)
+SKEW_SECONDS = 300
+_skews_said: set[str] = set()
+
+
+def _say_skew(backend: Backend, stored: float | None) -> None:
+    """Warn, once per storage and process, when the storage's clock (the time it gave an
+    object just written) and this host's differ by more than ``SKEW_SECONDS``."""
+    if stored is None or backend.url in _skews_said:
+        return
+    skew = time.time() - stored
+    if abs(skew) > SKEW_SECONDS:
+        _skews_said.add(backend.url)
+        _log.warning(
+            "this host's clock is %d minutes %s the storage's (%s): locks are judged by the storage's clock, "
+            "but snapshot times and retention by this host's; set the clock right (NTP)",
+            round(abs(skew) / 60),
+            "ahead of" if skew > 0 else "behind",
+            backend.url,
+        )
 
 
 class RepositoryLock:
@@ -151,7 +212,8 @@ class RepositoryLock:
         self._lost = False
         self.held = False
 
-    def _write(self) -> None:
+    def write(self) -> None:
+        """Write (or rewrite) the lock object."""
         now = time.time()
         if self._written and now - self._written > STALE_SECONDS - REFRESH_SECONDS:
             # suspended (SIGSTOP, a paused VM) or the storage was unreachable: others may have
@@ -186,12 +248,14 @@ class RepositoryLock:
             )
 
     def acquire(self) -> None:
-        self._write()
+        self.write()
+        now = self.backend.modified(self.name)  # the storage's clock (None: it keeps none)
+        _say_skew(self.backend, now)
         conflicts = []
         for lock in list_locks(self.backend, self.key):
             if lock.name == self.name:
                 continue
-            if lock.is_stale():
+            if lock.is_stale(storage_now=now):
                 if self.exclusive and lock_name(lock.name):  # never a name vmvault did not write
                     self.backend.delete(lock.name)
                 continue
@@ -215,7 +279,7 @@ class RepositoryLock:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(REFRESH_SECONDS):
             with contextlib.suppress(Exception):  # a failed refresh is retried at the next interval
-                self._write()
+                self.write()
 
     def release(self) -> None:
         self.held = False

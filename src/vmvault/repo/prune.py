@@ -84,13 +84,12 @@ def _still_exclusive(repo: Repository, lock: RepositoryLock, what: str, *, opera
     destructive step is preceded by this check.
     """
     now = time.time()
-    mine = None
-    others = []
-    for info in list_locks(repo.backend, repo.key):
-        if info.name == lock.name:
-            mine = info
-        elif not info.is_stale(now):
-            others.append(info)
+    infos = list_locks(repo.backend, repo.key)
+    mine = next((info for info in infos if info.name == lock.name), None)
+    # the storage's time of this lock's last refresh: at most REFRESH_SECONDS behind the storage's
+    # clock, so another lock's age is if anything taken as shorter than it is
+    stored = mine.stored if mine is not None else None
+    others = [info for info in infos if info.name != lock.name and not info.is_stale(now, storage_now=stored)]
     if mine is None or now - mine.time > STALE_SECONDS - REFRESH_SECONDS:
         raise LockedError(
             f"{operation} stopped before {what}: its exclusive lock went stale or was removed (was the process "
