@@ -244,3 +244,29 @@ def test_a_disk_unmounted_under_a_backup_fails_it_and_nothing_lands_on_the_mount
         backup(repo, ScriptedSource(disk))
     assert unmounted.is_set() and not os.path.ismount(mount_point)
     assert list(mount_point.iterdir()) == []
+
+
+def test_threads_writing_first_into_a_folder_not_made_yet_all_succeed(tmp_path: Path) -> None:
+    """The first writes of several threads into a repository folder that does not exist yet:
+    one makes it; none takes the others' making it for the folder having gone (a thread that
+    found it missing before another made it once did)."""
+    for attempt in range(40):
+        b = LocalBackend(str(tmp_path / f"repo{attempt}"))
+        start = threading.Barrier(8)
+        errors: list[BaseException] = []
+
+        def put(
+            i: int, b: LocalBackend = b, start: threading.Barrier = start, errors: list[BaseException] = errors
+        ) -> None:
+            start.wait()
+            try:
+                b.put(f"data/{i:02x}/x", b"x")
+            except BaseException as exc:  # (a thread's error is seen here, not raised)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=put, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(list(b.list("data/"))) == 8, attempt

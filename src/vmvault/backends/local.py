@@ -158,10 +158,11 @@ class LocalBackend(Backend):
 
     def _open_root(self, *, create: bool) -> int | None:
         """A descriptor of the root folder; None when it does not exist and ``create`` is False."""
+        known = self._root_id  # (before looking: another thread may make the root meanwhile)
         try:
             fd = os.open(self.root, _DIR_FLAGS)
         except (FileNotFoundError, NotADirectoryError):
-            if self._root_id is not None:
+            if known is not None:
                 raise root_gone(self.url) from None
             if not create:
                 return None
