@@ -1006,6 +1006,7 @@ class SftpBackend(Backend):
         never made again (``root_gone``: its disk was unmounted on the server, or the folder
         removed, while the command ran)."""
         missing: list[str] = []
+        listed = self._layout_checked  # (before looking: another thread may make and list it meanwhile)
         current = self.root
         while current and current not in ("/", "."):
             try:
@@ -1013,7 +1014,7 @@ class SftpBackend(Backend):
                     break
                 raise BackendError(f"{self.url}: {current} exists and is not a directory")
             except FileNotFoundError:
-                if current == self.root and self._layout_checked:  # (it was listed)
+                if current == self.root and listed:
                     raise root_gone(self.url) from None
                 missing.append(current)
                 current = posixpath.dirname(current)
