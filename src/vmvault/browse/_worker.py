@@ -228,7 +228,8 @@ def confine(ids: tuple[int, int] | None = None) -> None:
             ids = None
     if ids is None:
         _leave_the_network(libc)  # (a user namespace is refused to a process that changed its root)
-        rooted = rooted or _take_the_empty_root(libc, emptied)
+        if not rooted:
+            _take_the_empty_root(libc, emptied)
     _seccomp.install()
 
 
