@@ -4,6 +4,7 @@ types them: output, exit codes, files written, and real servers that answer and 
 from __future__ import annotations
 
 import getpass
+import http.client
 import json
 import os
 import re
@@ -121,6 +122,8 @@ def test_web_refuses_what_it_cannot_serve_safely(tmp_path: Path, capsys: pytest.
     assert "only over TLS" in err and "vmvault web cert" in err and len(err.strip().splitlines()) == 1
     assert main(["web", "--config", config, "--tls-cert", "x.crt"]) == EXIT["usage"]
     assert "give both --tls-cert and --tls-key" in capsys.readouterr().err
+    assert main(["web", "--config", config, "--name", "backup example"]) == EXIT["usage"]
+    assert "--name: 'backup example' is not a host name" in capsys.readouterr().err
 
 
 def test_web_cert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -191,6 +194,10 @@ def test_the_dashboard_serves_and_stops(tmp_path: Path, command: str) -> None:
                                 stdout=out, stderr=out)  # fmt: skip
     try:
         _wait_for(f"http://127.0.0.1:{port}/login", proc, log)
+        rebound = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        rebound.request("GET", "/login", headers={"Host": f"rebound.example:{port}"})
+        assert rebound.getresponse().status == 421  # a name that is not the dashboard's (DNS rebinding)
+        rebound.close()
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/api/v1/jobs/check/run",
             method="POST",
@@ -211,3 +218,4 @@ def test_the_dashboard_serves_and_stops(tmp_path: Path, command: str) -> None:
     text = log.read_text()
     assert "dashboard on http://127.0.0.1" in text and token not in text and "a-good-password" not in text
     assert "Traceback" not in text
+    assert "refused requests for the name 'rebound.example:" in text

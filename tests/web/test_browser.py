@@ -57,7 +57,7 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Any, str], None
     return take
 
 
-def _driver(width: int = 1280, height: int = 900, *, phone: bool = False) -> Any:
+def _driver(width: int = 1280, height: int = 900, *, phone: bool = False, extra: tuple[str, ...] = ()) -> Any:
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
         if not os.path.exists(path):
             pytest.skip(f"{path} is missing: apt-get install {package} (scripts/setup.sh installs it)")
@@ -67,7 +67,7 @@ def _driver(width: int = 1280, height: int = 900, *, phone: bool = False) -> Any
     for arg in (
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}", f"--window-size={width},{height}",
+        f"--user-data-dir={profile}", f"--window-size={width},{height}", *extra,
     ):  # fmt: skip
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -292,6 +292,38 @@ def test_a_viewer_is_refused_an_operator_action(live: tuple[Site, str], shots: C
         assert any(a.user == "vera" and a.action == "denied" for a in site.history.actions())
         d.get(base + "/users")
         assert d.find_element(By.TAG_NAME, "h1").text == "Not allowed"
+    finally:
+        _quit(d)
+
+
+def test_a_page_under_a_rebound_name_reaches_nothing(live: tuple[Site, str]) -> None:
+    """DNS rebinding: a name of the attacker's resolves to the dashboard's address, so its page's
+    script shares an origin with whatever answers there. The browser resolves ``rebound.test``
+    to 127.0.0.1 here, as the attacker's DNS would once the page has loaded."""
+    site, base = live
+    port = base.rsplit(":", 1)[1]
+    d = _driver(extra=("--host-resolver-rules=MAP rebound.test 127.0.0.1",))
+    try:
+        d.get(f"http://rebound.test:{port}/login")
+        assert "does not answer to the name" in d.find_element(By.TAG_NAME, "body").text
+        assert not d.find_elements(By.ID, "username")
+        # what the attacker's script would send from that origin: guesses that would lock ada out
+        statuses = d.execute_script(
+            """
+            const guess = () => fetch('/login', {method: 'POST', body: new URLSearchParams(
+                {username: 'ada', password: 'guess', login_token: 'x', next: '/'})}).then(r => r.status);
+            const all = [fetch('/api/v1/vms').then(r => r.status)];
+            for (let i = 0; i < 6; i++) all.push(guess());
+            return Promise.all(all);
+            """
+        )
+        assert statuses == [421] * 7
+    finally:
+        _quit(d)
+    assert not [a for a in site.history.actions(action="login") if a.user == "ada" and a.result != "ok"]
+    d = _driver()
+    try:
+        _login(d, base, "ada")  # not locked out
     finally:
         _quit(d)
 

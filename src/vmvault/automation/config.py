@@ -38,6 +38,7 @@ __all__ = [
     "VerifyBootJob",
     "VerifyJob",
     "WebSettings",
+    "host_name",
     "load_config",
     "parse_duration",
     "parse_listen",
@@ -298,6 +299,9 @@ class WebSettings:
     max_age: float = 26 * 3600.0
     #: a VM whose repository keeps nothing immutable is amber (else it is only shown)
     require_immutable: bool = False
+    #: names browsers may reach the dashboard by, besides localhost, any address, the listen
+    #: name and the certificate's names (web/hosts.py): anything else is refused (DNS rebinding)
+    hosts: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -621,6 +625,19 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, port
 
 
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_HOST_NAME = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
+
+
+def host_name(text: str) -> str:
+    """A DNS name as a browser sends it in ``Host`` (lower case, no trailing dot, no port), or
+    ``*.`` and a name for any one label before it; ValueError for anything else."""
+    name = text.strip().lower().rstrip(".")
+    if len(name) > 253 or not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"{text!r} is not a host name (such as backup.example.com or *.example.com)")
+    return name
+
+
 def web_settings(config: AutomationConfig) -> WebSettings:
     """The ``[web]`` section, or its defaults for a configuration without one."""
     if config.web is not None:
@@ -661,6 +678,12 @@ def _web(t: _Table, path: str) -> WebSettings:
     verify_max_age = t.duration("verify_max_age", 8 * 86400.0, minimum=60.0)
     max_age = t.duration("max_age", 26 * 3600.0, minimum=60.0)
     require_immutable = t.flag("require_immutable", False)
+    hosts: list[str] = []
+    for text in t.strs("hosts"):
+        try:
+            hosts.append(host_name(text))
+        except ValueError as exc:
+            raise t.error("hosts", f"web.hosts: {exc}") from None
     t.finish()
     assert None not in (session_idle, session_max, lockout, verify_max_age, max_age)
     return WebSettings(
@@ -668,6 +691,7 @@ def _web(t: _Table, path: str) -> WebSettings:
         session_idle=session_idle or 1800.0, session_max=session_max or 43200.0, login_attempts=attempts,
         lockout=lockout or 900.0, restore_targets=tuple(targets), audit=audit,
         verify_max_age=verify_max_age or 0.0, max_age=max_age or 0.0, require_immutable=require_immutable,
+        hosts=tuple(hosts),
     )  # fmt: skip
 
 

@@ -7,13 +7,14 @@ dashboard beside the scheduler) lives here too: :func:`start_dashboard`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
 import signal
 import threading
 from typing import Any
 
-from vmvault.automation.config import AutomationConfig, WebSettings, web_settings
+from vmvault.automation.config import AutomationConfig, WebSettings, host_name, web_settings
 from vmvault.automation.history import History
 from vmvault.automation.publish import StatusPublisher
 from vmvault.errors import ConfigError
@@ -31,9 +32,13 @@ STATS_INTERVAL = 900.0
 
 
 def _settings(config: AutomationConfig, args: argparse.Namespace) -> WebSettings:
-    import dataclasses
-
     settings = web_settings(config)
+    if getattr(args, "name", None):
+        try:
+            names = tuple(host_name(name) for name in args.name)
+        except ValueError as exc:
+            raise ConfigError(f"--name: {exc}") from None
+        settings = dataclasses.replace(settings, hosts=settings.hosts + names)
     if getattr(args, "tls_cert", None) or getattr(args, "tls_key", None):
         if not (args.tls_cert and args.tls_key):
             raise ConfigError("give both --tls-cert and --tls-key")
@@ -74,6 +79,8 @@ def start_dashboard(
     from vmvault.web.users import UserStore
 
     host, port = resolve_listen(settings, listen)
+    if listen:  # the names the dashboard answers to include the one it listens on
+        settings = dataclasses.replace(settings, listen=listen)
     users = UserStore(settings.users)
     if not users.users():
         raise ConfigError(
@@ -168,6 +175,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: [web] listen)")
     p.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM, mode 0600)")
+    p.add_argument(
+        "--name",
+        action="append",
+        metavar="HOST",
+        help="a name browsers reach the dashboard by, besides localhost, addresses, the listen name and the "
+        "certificate's names (repeatable; adds to [web] hosts); other names are refused (DNS rebinding)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_web)
     ws = p.add_subparsers(dest="web_command", metavar="cert")

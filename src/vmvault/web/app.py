@@ -16,7 +16,9 @@ Guards, applied to every route by :meth:`WebApp.route` (never by the handlers th
   session's CSRF token (form field ``csrf_token`` or header ``X-CSRF-Token``) and, when the
   browser sends an ``Origin``, that origin is the dashboard's own. A bearer token needs no
   CSRF token: no browser sends one by itself;
-* bodies over 64 KiB: 413.
+* bodies over 64 KiB: 413;
+* before all of these, a ``Host`` that is not one of the dashboard's names (web/hosts.py: DNS
+  rebinding): 421.
 
 Every page is rendered by Jinja2 with autoescaping on, under a Content-Security-Policy that
 allows no inline script and nothing from another origin: a name from a VM folder or the
@@ -66,6 +68,7 @@ from vmvault.repo.snapshot import Snapshot
 from . import browse, charts, openapi
 from .actions import Actions, Plan
 from .auth import LoginLimiter, Session, SessionStore
+from .hosts import KnownHosts, dashboard_names
 from .jobs import JobControl
 from .model import OUTCOMES, TASKS, Dashboard, human_age, parse_since
 from .users import ROLES, UserStore, check_name, check_password, check_role, role_allows
@@ -394,7 +397,8 @@ class WebApp:
             r("/api/v1/users", "admin", api=True)(self.api_users),
         ]
         app = Starlette(routes=routes)
-        app.add_middleware(_SecurityHeaders, tls=self.tls)
+        app.add_middleware(KnownHosts, names=dashboard_names(self.settings))
+        app.add_middleware(_SecurityHeaders, tls=self.tls)  # the outermost: on 421 answers too
         return app
 
     # ---- login / logout ------------------------------------------------------------------------
