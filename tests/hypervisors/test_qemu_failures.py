@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -192,6 +194,34 @@ def test_vmvault_crash_leftovers_are_swept(tracked: Tracked) -> None:
         assert any("interrupted vmvault backup" in w for w in s2.warnings)
         assert any("left by an earlier, unfinished backup" in w for w in s2.warnings)
     assert not os.path.exists(crashed_dir)
+    tracked.assert_clean_and_tracking()
+
+
+def test_a_node_cannot_get_a_folder_elsewhere_removed(tracked: Tracked, tmp_path: Path) -> None:
+    """The sweep takes a node's file name from QEMU, which runs what a guest may have taken over
+    (as does anyone holding its QMP socket): nodes named like vmvault's scratch nodes, with files
+    in folders named like scratch folders but elsewhere, or another user's, keep those folders."""
+    elsewhere = tmp_path / "elsewhere" / "vmvault-qemu-precious"
+    theirs = tracked.scratch / "vmvault-qemu-theirs"
+    for i, folder in enumerate((elsewhere, theirs)):
+        folder.mkdir(parents=True)
+        (folder / "keep.txt").write_text("mine")
+        image = folder / "x.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+        tracked.vm.q(
+            "blockdev-add",
+            **{
+                "node-name": f"vmvault-fl{7 + i}-evil",
+                "driver": "qcow2",
+                "file": {"driver": "file", "filename": str(image)},
+            },
+        )
+    os.chown(theirs, 65534, 65534)
+    with tracked.source.open_session(tracked.prev) as s:
+        for folder in (elsewhere, theirs):
+            assert any(f"not removing {folder}" in w for w in s.warnings), s.warnings
+    assert (elsewhere / "keep.txt").read_text() == (theirs / "keep.txt").read_text() == "mine"
+    shutil.rmtree(theirs)
     tracked.assert_clean_and_tracking()
 
 

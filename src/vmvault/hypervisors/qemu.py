@@ -30,6 +30,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -51,6 +52,7 @@ from vmvault.hypervisors.base import (
     SourceFile,
     open_or_clean_up,
 )
+from vmvault.platform import current_uid
 
 __all__ = [
     "BITMAP_PREFIX",
@@ -427,9 +429,30 @@ class QemuBackupSession(BackupSession):
             if name.startswith(_OBJ_PREFIX + "fl"):
                 self._warn(f"removing node {name} ({node.get('file')}) left by an interrupted vmvault backup")
                 qmp.execute("blockdev-del", {"node-name": name})
-                path = _scratch_path(str(node.get("file") or ""))
-                if os.path.basename(os.path.dirname(path)).startswith(_TEMP_PREFIX):
-                    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+                folder = os.path.dirname(_scratch_path(str(node.get("file") or "")))
+                if self._is_own_scratch(folder):
+                    shutil.rmtree(folder, ignore_errors=True)
+                elif folder:
+                    self._warn(f"not removing {folder}, named by that node: not a scratch folder of this user's "
+                               f"in {self._scratch_parent()} (remove it yourself if it is vmvault's)")  # fmt: skip
+
+    def _scratch_parent(self) -> str:
+        return self.scratch_dir or tempfile.gettempdir()
+
+    def _is_own_scratch(self, folder: str) -> bool:
+        """Whether ``folder`` is one this session could have made: a real folder of this user's
+        named ``vmvault-qemu-*`` directly in the scratch folder. A node's file name is QEMU's
+        word, and QEMU runs what the guest may have taken over: it could name any folder."""
+        if not os.path.basename(folder).startswith(_TEMP_PREFIX):
+            return False
+        above = os.path.dirname(folder)
+        if above != os.path.normpath(above) or os.path.realpath(above) != os.path.realpath(self._scratch_parent()):
+            return False
+        try:
+            st = os.lstat(folder)
+        except OSError:
+            return False
+        return stat.S_ISDIR(st.st_mode) and st.st_uid == current_uid()
 
     def _plan(self, disks: list[_Disk], previous: PreviousBackup | None) -> None:
         uuid = self.vm.get("uuid")
