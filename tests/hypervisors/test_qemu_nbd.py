@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -28,6 +31,25 @@ from vmvault.hypervisors._nbd import (
     NbdImage,
     ReplyChunk,
     import_libnbd,
+)
+from vmvault.hypervisors.nbd_layout import (
+    CLIENT_FLAGS,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    NBDMAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY,
+    REPLY_FLAG_DONE,
+    REPLY_MAGIC,
+    REQUEST,
+    SERVER_HELLO,
+    Info,
+    Opt,
+    Rep,
+    ReplyType,
 )
 
 MiB = 1024 * 1024
@@ -253,3 +275,100 @@ def test_reply_chunk_round_trip(flags: int, rtype: int, cookie: int, length: int
     assert chunk.done is bool(flags & 1)
     with pytest.raises(ValueError, match="magic"):
         ReplyChunk.unpack(b"\0" + raw[1:])
+
+
+class _HostileServer:
+    """An NBD server that negotiates as QEMU does and then answers as a QEMU taken over by its
+    guest might: ``mode`` names the lie. It counts what it sent, and streams until the client
+    hangs up."""
+
+    def __init__(self, path: str, mode: str) -> None:
+        self.mode = mode
+        self.sent = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _send(self, conn: socket.socket, data: bytes) -> None:
+        conn.sendall(data)
+        self.sent += len(data)
+
+    def _endless(self, conn: socket.socket, piece: bytes) -> None:
+        while True:
+            self._send(conn, piece)
+
+    def _recv(self, conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            got = conn.recv(n - len(data))
+            if not got:
+                raise ConnectionResetError
+            data += got
+        return data
+
+    def _reply(self, conn: socket.socket, opt: int, rtype: int, payload: bytes = b"") -> None:
+        self._send(conn, OPTION_REPLY.pack(REPLY_MAGIC, opt, rtype, len(payload)) + payload)
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn, contextlib.suppress(OSError):
+            self._send(conn, SERVER_HELLO.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+            self._recv(conn, CLIENT_FLAGS.size)
+            while True:
+                _magic, opt, length = OPTION_HEADER.unpack(self._recv(conn, OPTION_HEADER.size))
+                self._recv(conn, length)
+                if opt == Opt.STRUCTURED_REPLY and self.mode == "a huge option reply":
+                    self._send(conn, OPTION_REPLY.pack(REPLY_MAGIC, opt, Rep.ACK, 512 * MiB))
+                    self._endless(conn, bytes(MiB))
+                if opt != Opt.GO:
+                    self._reply(conn, opt, Rep.ACK)
+                    continue
+                if self.mode == "option replies without end":
+                    self._endless(conn, OPTION_REPLY.pack(REPLY_MAGIC, opt, Rep.INFO, 6) + b"\0\1name")
+                self._reply(conn, opt, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, 1 << 30, 1))
+                if self.mode == "a 1 GiB minimum block":
+                    self._reply(conn, opt, Rep.INFO, INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, 1 << 30, 1 << 30, 1 << 30))
+                self._reply(conn, opt, Rep.ACK)
+                break
+            _m, _f, _cmd, cookie, offset, length = REQUEST.unpack(self._recv(conn, REQUEST.size))
+            if self.mode == "a huge reply chunk":
+                self._send(conn, ReplyChunk(REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS, cookie, 512 * MiB).pack())
+                self._endless(conn, bytes(MiB))
+            if self.mode == "data chunks without end":
+                data = ReplyChunk(0, ReplyType.OFFSET_DATA, cookie, 8 + length).pack() + struct.pack(">Q", offset)
+                self._endless(conn, data + bytes(length))
+            if self.mode == "a short hole chunk":
+                self._send(conn, ReplyChunk(REPLY_FLAG_DONE, ReplyType.OFFSET_HOLE, cookie, 4).pack() + bytes(4))
+                conn.recv(1)
+
+
+@pytest.mark.parametrize(
+    ("mode", "says"),
+    [
+        ("a huge option reply", "option reply of 536870912 bytes"),
+        ("option replies without end", "more than 1024 replies to GO"),
+        ("a 1 GiB minimum block", "gives 1073741824 bytes as its minimum block size"),
+        ("a huge reply chunk", "holds more than"),
+        ("data chunks without end", "answered more than its 4096 bytes"),
+        ("a short hole chunk", "hole chunk of 4 bytes"),
+    ],
+)
+def test_a_hostile_server_gets_an_error_not_our_memory(tmp_path: Path, mode: str, says: str) -> None:
+    """The NBD server is QEMU, which runs what its guest may have taken over. What it claims is
+    never allocated or read beyond the protocol's bounds: the client ends the connection with an
+    error naming the lie, at once, and reads a few MiB at most (before: 512 MiB allocated and
+    read, or a loop without end, or a traceback)."""
+    server = _HostileServer(str(tmp_path / "nbd.sock"), mode)
+    started = time.monotonic()
+    with pytest.raises(SourceError, match=re.escape(says)):
+        conn = NbdConnection(str(tmp_path / "nbd.sock"), "disk", timeout=10)
+        try:
+            conn.read(0, 4096)
+        finally:
+            conn.close()
+    assert time.monotonic() - started < 5
+    server.thread.join(10)
+    assert not server.thread.is_alive()
+    assert server.sent < MAX_READ + 8 * MiB  # what the sockets' buffers took besides what was read

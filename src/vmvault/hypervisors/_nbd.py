@@ -93,6 +93,17 @@ class ReplyChunk:
 
 #: QEMU's NBD server refuses payloads over 32 MiB (NBD_MAX_BUFFER_SIZE in include/block/nbd.h)
 MAX_READ = 32 * 1024 * 1024
+#: the server is QEMU, which runs what its guest may have taken over: what it may make vmvault
+#: read is bounded. An option reply holds a string of at most 4 KiB (proto.md, "Option reply
+#: types") and a few fields;
+MAX_OPTION_REPLY = 64 * 1024
+#: the largest minimum block size the NBD protocol allows (a power of two up to 64 KiB)
+MAX_MIN_BLOCK = 64 * 1024
+#: replies to one option before the server's last word (ACK or an error)
+MAX_OPTION_REPLIES = 1024
+#: one reply's bytes besides the data read into the caller's buffer: chunk headers, holes,
+#: block status descriptors (8 bytes per extent: 4 M extents), error messages
+MAX_REPLY_METADATA = MAX_READ + (1 << 20)
 #: block status is asked for in steps well inside the 32-bit length field
 STATUS_STEP = 1 << 30
 #: most connections one image keeps open at once (one per reading thread)
@@ -172,7 +183,18 @@ class NbdConnection:
         magic, ropt, rtype, length = OPTION_REPLY.unpack(self._recv_exact(OPTION_REPLY.size))
         if magic != REPLY_MAGIC or ropt != opt:
             raise NbdConnectionLost(f"{self.url}: bad option reply (magic {magic:#x}, option {ropt})")
+        if length > MAX_OPTION_REPLY:
+            raise NbdConnectionLost(f"{self.url}: option reply of {length} bytes (at most {MAX_OPTION_REPLY})")
         return rtype, self._recv_exact(length) if length else b""
+
+    def _option_replies(self, opt: Opt) -> Iterator[tuple[int, bytes]]:
+        """The replies to ``opt`` up to and including its ACK or error, at most MAX_OPTION_REPLIES."""
+        for _ in range(MAX_OPTION_REPLIES):
+            rtype, payload = self._option_reply(opt)
+            yield rtype, payload
+            if rtype == Rep.ACK or rtype & REP_ERROR_BIT:
+                return
+        raise NbdConnectionLost(f"{self.url}: more than {MAX_OPTION_REPLIES} replies to {opt.name}")
 
     def _option_error(self, opt: Opt, rtype: int, payload: bytes) -> SourceError:
         what = REP_ERRORS.get(rtype, f"error {rtype & ~REP_ERROR_BIT}")
@@ -199,10 +221,7 @@ class NbdConnection:
             queries = b"".join(struct.pack(">I", len(q.encode())) + q.encode() for q in contexts)
             data = struct.pack(">I", len(name)) + name + struct.pack(">I", len(contexts)) + queries
             self._send_option(Opt.SET_META_CONTEXT, data)
-            while True:
-                rtype, payload = self._option_reply(Opt.SET_META_CONTEXT)
-                if rtype == Rep.ACK:
-                    break
+            for rtype, payload in self._option_replies(Opt.SET_META_CONTEXT):
                 if rtype & REP_ERROR_BIT:
                     raise self._option_error(Opt.SET_META_CONTEXT, rtype, payload)
                 if rtype == Rep.META_CONTEXT and len(payload) >= 4:
@@ -215,10 +234,7 @@ class NbdConnection:
         data = struct.pack(">I", len(name)) + name + struct.pack(">HH", 1, Info.BLOCK_SIZE)
         self._send_option(Opt.GO, data)
         have_export = False
-        while True:
-            rtype, payload = self._option_reply(Opt.GO)
-            if rtype == Rep.ACK:
-                break
+        for rtype, payload in self._option_replies(Opt.GO):
             if rtype & REP_ERROR_BIT:
                 raise self._option_error(Opt.GO, rtype, payload)
             if rtype != Rep.INFO or len(payload) < 2:
@@ -229,6 +245,8 @@ class NbdConnection:
                 have_export = True
             elif info == Info.BLOCK_SIZE and len(payload) >= INFO_BLOCK_SIZE.size:
                 _, minimum, _preferred, maximum = INFO_BLOCK_SIZE.unpack_from(payload)
+                if minimum & (minimum - 1) or minimum > MAX_MIN_BLOCK:  # proto.md, "Block size constraints"
+                    raise SourceError(f"{self.url}: NBD server gives {minimum} bytes as its minimum block size")
                 self.min_block = max(1, minimum)
                 self.max_block = max(self.min_block, min(maximum, MAX_READ))
         if not have_export:
@@ -248,6 +266,7 @@ class NbdConnection:
         raises once the reply is complete, so the stream stays in step.
         """
         error: str | None = None
+        budget = MAX_REPLY_METADATA
         while True:
             head = self._recv_exact(4)
             (magic,) = struct.unpack(">I", head)
@@ -264,7 +283,14 @@ class NbdConnection:
             chunk = ReplyChunk.unpack(head + self._recv_exact(STRUCTURED_REPLY.size - 4))
             if chunk.cookie != cookie:
                 raise NbdConnectionLost(f"{self.url}: reply for unknown request {chunk.cookie}")
-            if chunk.type == ReplyType.OFFSET_DATA and target is not None and chunk.length >= 8:
+            data = chunk.type == ReplyType.OFFSET_DATA and target is not None and chunk.length >= 8
+            budget -= STRUCTURED_REPLY.size + (8 if data else chunk.length)
+            if budget < 0:
+                raise NbdConnectionLost(
+                    f"{self.url}: the reply to one request holds more than {MAX_REPLY_METADATA} bytes besides its data"
+                )
+            if data:
+                assert target is not None
                 (off,) = struct.unpack(">Q", self._recv_exact(8))
                 start, view = target
                 rel, n = off - start, chunk.length - 8
@@ -308,11 +334,15 @@ class NbdConnection:
             if rtype == ReplyType.OFFSET_DATA:
                 covered += n
             elif rtype == ReplyType.OFFSET_HOLE:
+                if len(payload) != 12:
+                    raise NbdConnectionLost(f"{self.url}: hole chunk of {len(payload)} bytes (12 expected)")
                 off, hole = struct.unpack_from(">QI", payload)
                 if off < offset or off + hole > offset + length:
                     raise NbdConnectionLost(f"{self.url}: hole chunk at {off:#x} outside the request")
                 view[off - offset : off - offset + hole] = bytes(hole)
                 covered += hole
+            if covered > length:  # chunks overlap: a server that could answer without end
+                raise NbdConnectionLost(f"{self.url}: read at {offset:#x} answered more than its {length} bytes")
         if covered != length:
             raise NbdConnectionLost(f"{self.url}: read at {offset:#x} answered {covered} of {length} bytes")
 
