@@ -284,7 +284,7 @@ def test_failures_leave_the_vm_as_it_was(
     source = lab_source(host, "web")
     real_open = hyperv_session.open_image
     if fault == "read":
-        monkeypatch.setattr(hyperv_session, "open_image", lambda p: _FailingImage(real_open(p), 2 * MIB))
+        monkeypatch.setattr(hyperv_session, "open_image", lambda p, **kw: _FailingImage(real_open(p, **kw), 2 * MIB))
     else:
         host.faults.add(fault)
     try:

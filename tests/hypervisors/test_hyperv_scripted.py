@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -604,3 +605,79 @@ def test_host_paths_with_dot_parts_are_refused(mnt: Path) -> None:
         with pytest.raises(HypervisorError, match=r"'\.\.' parts is refused"):
             src.open_session(None)
         assert "create_recovery" not in src.transport.steps()  # type: ignore[attr-defined]
+
+
+def _checkpoint_disk_at(path: str) -> str:
+    """The checkpoint_disks reply with its virtual hard disk at ``path``."""
+    reply = result_of("checkpoint_disks")
+    reply["disks"][0]["path"] = path
+    return line(reply)
+
+
+@pytest.mark.parametrize("named", ["/etc/passwd", "D:\\secret.vhdx", "\\\\HV02\\C$\\other.vhdx"])
+def test_a_file_the_host_names_outside_path_map_is_never_read(mnt: Path, named: str) -> None:
+    """A remote host taken over names a file of this machine as its disk: refused before it is
+    opened (it was read as a raw disk and stored), and the checkpoint is removed."""
+    host = Host(checkpoint_disks=[_checkpoint_disk_at(named)])
+    with pytest.raises(SourceError, match=r"under no path_map prefix \(c:\\hyper-v\\\)"):
+        source(mnt, host).open_session(None)
+    assert host.steps()[-1] == "destroy_checkpoint"
+
+
+def test_a_link_on_the_hosts_share_leading_here_is_never_followed(mnt: Path, tmp_path: Path) -> None:
+    """The share shows links the host made: a disk, its parent and a configuration file (through
+    a linked folder) that lead out of the mapped folder are refused; they were read before."""
+    vm = mnt / ROOT.rsplit("\\", 1)[1]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = create_vhdx(str(outside / "secret.vhdx"), SIZE)
+    secret.write(0, b"a file of the backup host" * 100)
+    secret.close()
+    disks = vm / "Virtual Hard Disks"
+    # the disk itself is a link to a file here
+    avhdx = disks / AVHDX.rsplit("\\", 1)[1]
+    kept = avhdx.read_bytes()
+    avhdx.unlink()
+    avhdx.symlink_to(outside / "secret.vhdx")
+    host = Host()
+    with pytest.raises(SourceError, match="is a link, not a virtual disk"):
+        source(mnt, host).open_session(None)
+    assert host.steps()[-1] == "destroy_checkpoint"
+    # the folder holding the disks is a link to a folder here holding a disk of that name
+    avhdx.unlink()
+    avhdx.write_bytes(kept)
+    disks.rename(vm / "real disks")
+    (outside / AVHDX.rsplit("\\", 1)[1]).write_bytes(kept)
+    (outside / VHDX.rsplit("\\", 1)[1]).write_bytes((vm / "real disks" / VHDX.rsplit("\\", 1)[1]).read_bytes())
+    disks.symlink_to(outside, target_is_directory=True)
+    host = Host()
+    with pytest.raises(SourceError, match="outside the path_map folders"):
+        source(mnt, host).open_session(None)
+    assert host.steps()[-1] == "destroy_checkpoint"
+    # the configuration folder is such a link
+    disks.unlink()
+    (vm / "real disks").rename(disks)
+    configs = vm / "Virtual Machines"
+    configs.rename(vm / "real configs")
+    shutil.copytree(vm / "real configs", outside / "configs")
+    configs.symlink_to(outside / "configs", target_is_directory=True)
+    host = Host()
+    with pytest.raises(SourceError, match="outside the path_map folders"):
+        source(mnt, host).open_session(None)
+    assert "create_recovery" not in host.steps()  # configurations are read before the checkpoint
+    # with every link gone the same VM backs up
+    configs.unlink()
+    (vm / "real configs").rename(configs)
+    with source(mnt, Host()).open_session(None) as s:
+        assert s.disks
+
+
+def test_the_lab_and_the_local_host_read_paths_as_named(mnt: Path) -> None:
+    from vmvault.hypervisors.hyperv import PathMap
+
+    assert PathMap(None)("/srv/vms/web.vhdx") == "/srv/vms/web.vhdx"  # the local host (Windows), the lab
+    assert not PathMap(None).strict and PathMap(None, strict=True).strict
+    with pytest.raises(SourceError, match="none given"):
+        PathMap(None, strict=True)("C:\\Hyper-V\\web.vhdx")
+    assert HyperVSource("hyperv://HV01/x", transport=Host()).path_map.strict
+    assert not HyperVSource("hyperv:///x", transport=Host()).path_map.strict

@@ -12,7 +12,7 @@ import os
 
 from vmvault import platform
 from vmvault.disk import registry
-from vmvault.disk._open import ANYWHERE, ParentRule, describe_mode, open_checked
+from vmvault.disk._open import ANYWHERE, ParentRule, describe_mode, open_checked, real_path
 from vmvault.disk.base import (
     DiskFormat,
     DiskImage,
@@ -50,6 +50,7 @@ __all__ = [
     "format_from_qemu",
     "open_checked",
     "open_image",
+    "real_path",
 ]
 
 #: formats vmvault can read and write

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from vmvault.disk import open_checked, open_image
+from vmvault.disk import ParentRule, open_checked, open_image, real_path
 from vmvault.disk.base import DiskImage
 from vmvault.errors import ConfigError, HypervisorError, SourceError, VmvaultError
 from vmvault.hypervisors.base import (
@@ -100,14 +100,24 @@ MAX_CONFIG_BYTES = 64 * 1024 * 1024
 
 
 class PathMap:
-    """Host paths (``C:\\Hyper-V\\web.vhdx``) as paths readable here."""
+    """Host paths (``C:\\Hyper-V\\web.vhdx``) as paths readable here.
 
-    def __init__(self, spec: str | None) -> None:
+    ``strict`` (a remote host): the host names its files, and a host taken over could name any
+    path (``/etc/shadow``, ``C:\\Windows\\...`` of this machine) or put links on its share that
+    lead here. Then every path must lie under a ``path_map`` prefix, and every file opened must
+    really lie in the folder it is mapped to (the kernel's path of the open file, links
+    resolved), its parents too. Without ``strict`` (the local host, the lab) paths open as they
+    are.
+    """
+
+    def __init__(self, spec: str | None, *, strict: bool = False) -> None:
+        self.strict = strict
         self.pairs: list[tuple[str, str]] = []
         for item in (spec or "").split(";"):
             if "=" in item:
                 win, local = item.split("=", 1)
                 self.pairs.append((win.replace("/", "\\").lower(), local))
+        self.rule = ParentRule.inside(local for _win, local in self.pairs) if strict else ParentRule()
 
     def __call__(self, host_path: str) -> str:
         norm = host_path.replace("/", "\\")
@@ -118,7 +128,38 @@ class PathMap:
                 if any(p in (".", "..") for p in parts):
                     raise SourceError(f"{host_path}: a host path with '.' or '..' is refused")
                 return os.path.join(local, *parts)
+        if self.strict:
+            prefixes = ", ".join(win for win, _local in self.pairs) or "none given"
+            raise SourceError(
+                f"{host_path}: the host named a file under no path_map prefix ({prefixes}); a remote host's "
+                "files are read only where path_map maps them"
+            )
         return host_path  # on Windows, local and UNC paths open as they are
+
+    def check_opened(self, host_path: str, local: str, fd: int) -> None:
+        """Raise SourceError when ``strict`` and the file open on ``fd`` is outside every mapped folder."""
+        if not self.strict:
+            return
+        real = real_path(fd, local)
+        if not self.rule.allows(real):
+            raise SourceError(
+                f"{host_path} (read as {local}) is {real}, outside the path_map folders ({self.rule.describe()}): "
+                "a link on the host's share leads out of it"
+            )
+
+    def open(self, host_path: str, *, what: str) -> tuple[str, int, os.stat_result]:
+        """(local path, fd, fstat) of a host file (not a link, a regular file), checked as above."""
+        local = self(host_path)
+        try:
+            fd, st = open_checked(local, block_devices=False, nofollow=True, what=what)
+        except SourceError as exc:
+            raise SourceError(f"{host_path} (read as {local}): {exc}; check path_map and share rights") from exc
+        try:
+            self.check_opened(host_path, local, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return local, fd, st
 
 
 def _flag(value: str | None) -> bool:
@@ -153,7 +194,8 @@ class HyperVSource(Source):
         if kind is not None:
             self.kind = kind
         opts = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        self.path_map = PathMap(opts.get("path_map"))
+        # the lab's "host" is a folder here; a named host is another machine, which may be taken over
+        self.path_map = PathMap(opts.get("path_map"), strict=bool(self.host) and parts.scheme == "hyperv")
         #: the location's own ``allow_crash_consistent=1``; ``BackupOptions.allow_crash_consistent``
         #: (``--allow-crash-consistent``) allows it for one session
         self.allow_crash = _flag(opts.get("allow_crash_consistent"))
@@ -332,6 +374,8 @@ class HyperVSession(BackupSession):
                     self._add_chain(p, seen)
         for f in files:
             local = self.source.path_map(f)
+            if self.source.path_map.strict:  # it must lie in its mapped folder (raises if not)
+                os.close(self.source.path_map.open(f, what="a VM file")[1])
             try:
                 st = os.lstat(local)
             except OSError as exc:
@@ -373,11 +417,7 @@ class HyperVSession(BackupSession):
         for f in files:
             if not f.lower().endswith((".vmcx", ".xml")):
                 continue  # .vmgs/.vmrs are read later: large, and not re-pointed by a checkpoint
-            local = self.source.path_map(f)
-            try:
-                fd, _st = open_checked(local, block_devices=False, what="a VM configuration")
-            except SourceError as exc:
-                raise SourceError(f"{f} (read as {local}): {exc}; check path_map and share rights") from exc
+            local, fd, _st = self.source.path_map.open(f, what="a VM configuration")
             try:
                 with os.fdopen(fd, "rb") as fh:
                     data = fh.read(MAX_CONFIG_BYTES + 1)
@@ -536,12 +576,13 @@ class HyperVSession(BackupSession):
     # ---- disks ----------------------------------------------------------------------------
 
     def _add_chain(self, host_path: str, seen: dict[str, SourceDisk]) -> SourceDisk:
-        local = self.source.path_map(host_path)
-        key = os.path.realpath(local)
+        local, fd, _st = self.source.path_map.open(host_path, what="a virtual disk")
+        key = real_path(fd, local)
         if key in seen:
+            os.close(fd)
             return seen[key]
         try:
-            img = open_image(local)
+            img = open_image(local, fd=fd, rule=self.source.path_map.rule)  # owns fd from here
         except VmvaultError as exc:
             raise SourceError(f"{host_path} (read as {local}): {exc}; check path_map and share rights") from exc
         self._images.append(img)
