@@ -219,6 +219,8 @@ User={_systemd_word(spec.user or "root")}
 Nice=10
 IOSchedulingClass=best-effort
 IOSchedulingPriority=7
+# should the host run out of memory, the kernel ends this before any VM
+OOMScoreAdjust=500
 ProtectSystem=full
 PrivateTmp=true
 NoNewPrivileges=true
