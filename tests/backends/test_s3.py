@@ -20,6 +20,7 @@ from tests.backends.conftest import read_until_near
 from tests.latency import relay
 from tests.servers import FaultyHttpProxy, S3Server, free_port, running_s3, s3_client_environment
 from vmvault.backends import open_backend
+from vmvault.backends import s3 as s3_module
 from vmvault.backends._retry import RetryPolicy
 from vmvault.backends.s3 import DEFAULT_MULTIPART_THRESHOLD, S3Backend, open_s3, parse_s3_location
 from vmvault.engine.backup import backup
@@ -27,6 +28,7 @@ from vmvault.errors import (
     BackendConnectionError,
     BackendError,
     BackendPermissionError,
+    BackendProtocolError,
     BackendUnreachableError,
     ConfigError,
     ObjectNotFoundError,
@@ -200,6 +202,20 @@ def test_list_paginates(s3_buckets: S3Server) -> None:
         listed = list(b.list("data/"))
         assert [o.name for o in listed] == sorted(names)
         assert all(o.size == len(o.name) for o in listed)
+
+
+def test_a_listing_without_end_is_refused_at_its_bound(s3_buckets: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server listing keys without end (a new continuation token each page) fills no more
+    memory than MAX_LISTING entries (lowered here to 120: pages of 50 go over it in the third)."""
+    monkeypatch.setattr(s3_module, "MAX_LISTING", 120)
+    with open_s3(s3_buckets.url("plain-bucket", "endless"), list_page_size=50) as b:
+        names = [f"data/00/{i:05d}" for i in range(121)]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: b.put(n, b"x"), names))
+        with pytest.raises(BackendProtocolError, match="listed more than 120 objects under 'endless/data/'"):
+            list(b.list("data/"))
+        b.delete(names[-1])
+        assert len(list(b.list("data/"))) == 120
 
 
 @pytest.mark.integration

@@ -50,6 +50,7 @@ from vmvault.backends._sftp_layout import (
     Status,
     pack_string,
 )
+from vmvault.backends.base import MAX_LISTING
 from vmvault.errors import BackendProtocolError
 
 __all__ = [
@@ -81,10 +82,6 @@ KEEP_BUFFER = 8 << 20
 #: the least a :class:`RecvStream` asks its channel for at once: more than paramiko's channel
 #: window (2 MiB), so one call takes all the channel holds (at most this much is kept ahead)
 RECV_AHEAD = 4 << 20
-#: the most entries one folder listing may hold: a repository's largest folder (one of the 256
-#: pack folders) holds ~26 thousand packs at 100 TiB; a server sending names without end would
-#: otherwise fill memory
-MAX_LISTING = 1 << 22
 #: CLOSEs of read handles left unanswered at once (Session.close_later)
 _CLOSES_AHEAD = 8
 #: what of a server's status message is kept (it goes into error messages)

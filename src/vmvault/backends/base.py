@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_READS_AT_ONCE",
     "FAR_READS_AT_ONCE",
     "FAR_ROUND_TRIP",
+    "MAX_LISTING",
     "TOP_LEVEL_FOLDERS",
     "Backend",
     "HiddenObject",
@@ -58,6 +59,11 @@ __all__ = [
 ]
 
 _log = logging.getLogger("vmvault.backends")
+
+#: the most entries one listing may hold: a repository's largest folder (one of the 256 pack
+#: folders) holds ~26 thousand packs at 100 TiB; a server sending names without end would
+#: otherwise fill memory
+MAX_LISTING = 1 << 22
 
 #: what a read returned: counted and handed on as it is (bytes, or a view into a buffer)
 _Read = TypeVar("_Read", bound=bytes | memoryview)

@@ -52,6 +52,7 @@ from vmvault.errors import (
     BackendConnectionError,
     BackendError,
     BackendPermissionError,
+    BackendProtocolError,
     BackendUnreachableError,
     ConfigError,
     ObjectNotFoundError,
@@ -69,6 +70,7 @@ from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry
 from vmvault.backends.base import (  # noqa: E402
     DEFAULT_READS_AT_ONCE,
     FAR_READS_AT_ONCE,
+    MAX_LISTING,
     Backend,
     HiddenObject,
     ObjectInfo,
@@ -564,13 +566,17 @@ class S3Backend(Backend):
         full, strip = self._listing(prefix)
 
         def op() -> list[ObjectInfo]:
-            found = []
+            found: list[ObjectInfo] = []
             paginator = self._client.get_paginator("list_objects_v2")
             pages = paginator.paginate(
                 Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": self.list_page_size}
             )
             for page in pages:
                 for item in page.get("Contents", []):
+                    if len(found) >= MAX_LISTING:
+                        raise BackendProtocolError(
+                            f"{self.url}: the S3 server listed more than {MAX_LISTING} objects under {full!r}"
+                        )
                     written = item.get("LastModified")
                     found.append(
                         ObjectInfo(
