@@ -216,6 +216,12 @@ def test_a_listing_without_end_is_refused_at_its_bound(s3_buckets: S3Server, mon
             list(b.list("data/"))
         b.delete(names[-1])
         assert len(list(b.list("data/"))) == 120
+    # the versions' listing too: 121 versions of objects in a versioned bucket
+    with open_s3(s3_buckets.url("locked-bucket", "endless"), list_page_size=50) as b:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: b.put(n, b"x"), names))
+        with pytest.raises(BackendProtocolError, match="listed more than 120 versions under 'endless/data/'"):
+            list(b.hidden("data/"))
 
 
 @pytest.mark.integration

@@ -653,11 +653,17 @@ class S3Backend(Backend):
             latest_is_marker: dict[str, bool] = {}
             versions: dict[str, list[tuple[float, str]]] = {}
             markers: dict[str, list[tuple[float, str]]] = {}
+            entries = 0
             for page in self._client.get_paginator("list_object_versions").paginate(
                 Bucket=self.bucket, Prefix=full, PaginationConfig={"PageSize": self.list_page_size}
             ):
                 for is_marker, items in ((True, page.get("DeleteMarkers", [])), (False, page.get("Versions", []))):
                     for item in items:
+                        entries += 1
+                        if entries > MAX_LISTING:
+                            raise BackendProtocolError(
+                                f"{self.url}: the S3 server listed more than {MAX_LISTING} versions under {full!r}"
+                            )
                         key = str(item["Key"])
                         when = item.get("LastModified")
                         entry = (
