@@ -123,6 +123,9 @@ class WebhookSink:
     def __init__(self) -> None:
         self.posts: list[tuple[dict[str, str], Any]] = []
         self.status = 204
+        #: answer with a body without end (what was sent is counted in ``sent``)
+        self.endless = False
+        self.sent = 0
 
 
 @pytest.fixture
@@ -136,6 +139,12 @@ def webhook_server() -> Iterator[tuple[str, WebhookSink]]:
             sink.posts.append((dict(self.headers.items()), json.loads(body)))
             self.send_response(sink.status)
             self.end_headers()
+            while sink.endless:
+                try:
+                    self.wfile.write(bytes(1 << 20))
+                except OSError:
+                    return
+                sink.sent += 1 << 20
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

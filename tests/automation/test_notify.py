@@ -8,14 +8,15 @@ import datetime as dt
 import email.message
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.automation.conftest import MailSink, WebhookSink, make_config
-from vmvault.automation.config import AutomationConfig, Job, load_config
+from vmvault.automation.config import AutomationConfig, Job, NotifierConfig, load_config
 from vmvault.automation.history import FAILED, SUCCESS
-from vmvault.automation.notify import Summary
+from vmvault.automation.notify import Notifier, Summary
 from vmvault.automation.runner import JobOutcome
 from vmvault.automation.scheduler import FakeClock, Scheduler
 
@@ -203,3 +204,20 @@ def test_the_webhook_payload_is_documented() -> None:
     documented = {name for cell in first_cells for name in re.findall(r"`([a-z_]+)`", cell)}
     keys = set(Summary(kind="run", job="j", status=SUCCESS, message="").to_dict())
     assert documented == keys
+
+
+def test_a_webhook_answering_without_end_is_not_read_to_its_end(webhook_server: tuple[str, WebhookSink]) -> None:
+    """The answer's body is not wanted: a little of it is read, never more, so an endpoint that
+    answers without end costs neither memory nor the daemon's time (it was read to its end)."""
+    url, hook = webhook_server
+    hook.status, hook.endless = 200, True
+    notifier = Notifier(NotifierConfig(name="hook", type="webhook", on="always", url=url, timeout=10.0))
+    with ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(notifier.send, Summary(kind="run", job="j", status=SUCCESS, message="ok"))
+        try:
+            sending.result(timeout=10)
+            sent = hook.sent
+        finally:
+            hook.endless = False  # lets a sender still reading end
+    assert len(hook.posts) == 1
+    assert sent < 64 << 20  # the socket buffers' worth, not the body

@@ -278,8 +278,11 @@ class Notifier:
         headers.update(dict(c.headers))
         req = urllib.request.Request(c.url, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(req, timeout=c.timeout) as resp:
-            resp.read()
+            resp.read(MAX_ANSWER)  # the answer is not wanted, nor read to an end it may not have
 
+
+#: what of a webhook's answer is read
+MAX_ANSWER = 64 << 10
 
 #: the largest screenshot attached to a mail (a bigger one is only named)
 MAX_ATTACHMENT = 4 << 20
