@@ -17,7 +17,15 @@ from vmvault.backends.memory import MemoryBackend
 from vmvault.engine.backup import backup
 from vmvault.engine.restore import restore
 from vmvault.errors import ConfigError, HypervisorError
-from vmvault.hypervisors.hyperv import STEPS, HyperVSource, LocalPowerShell, WinRmOptions, WinRmTransport, script
+from vmvault.hypervisors.hyperv import (
+    STEPS,
+    HyperVSource,
+    LocalPowerShell,
+    WinRmOptions,
+    WinRmTransport,
+    script,
+    transports,
+)
 from vmvault.hypervisors.hyperv.session import winrm_or_local
 from vmvault.hypervisors.hyperv.transports import MAX_COMMAND_LINE, encoded_command
 from vmvault.repo.repository import Repository
@@ -213,6 +221,27 @@ def test_winrm_stops_a_step_that_does_not_finish() -> None:
     with pytest.raises(HypervisorError, match="no answer from hv01 within 1 s; stopped"):
         t.run("host_of", sample_params("host_of"), 1)
     assert pool.pipelines[0].stopped and time.monotonic() - started < 5
+
+
+def test_winrm_stops_a_host_answering_without_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host taken over sends output without end: it is weighed at every poll and the step
+    is stopped past MAX_REPLY (lowered here to 8 MiB), not gathered until the step's time is up."""
+    monkeypatch.setattr(transports, "MAX_REPLY", 8 << 20)
+
+    class Endless(FakePipeline):
+        def poll_invoke(self, timeout: int) -> None:
+            super().poll_invoke(timeout)
+            self.output.append("x" * (1 << 20))
+
+    class EndlessPool(FakePool):
+        def powershell(self) -> FakePipeline:
+            return Endless(self)
+
+    pool = EndlessPool("", polls_needed=10**9)
+    t = WinRmTransport("hv01", WinRmOptions(), pool_factory=pool)
+    with pytest.raises(HypervisorError, match="hv01 answered more than 8 MiB; stopped"):
+        t.run("host_of", sample_params("host_of"), 600)
+    assert pool.pipelines[0].stopped and pool.pipelines[0].polls == 9
 
 
 def test_winrm_errors_are_one_line() -> None:

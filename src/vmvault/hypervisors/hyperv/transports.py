@@ -43,6 +43,9 @@ __all__ = [
 
 #: Windows' limit on a command line (CreateProcess), in characters
 MAX_COMMAND_LINE = 32767
+#: the most a step's reply may hold, in characters: the largest, GetVirtualDiskChanges over
+#: 1 TiB in 1 MiB blocks every other one changed, is ~15 MiB of JSON
+MAX_REPLY = 256 << 20
 AUTH_METHODS = ("negotiate", "kerberos", "ntlm", "credssp")
 
 
@@ -190,12 +193,22 @@ class WinRmTransport:
             for name, value in params.items():
                 ps.add_parameter(name, value)
             ps.begin_invoke()
-            while ps.running:
+            counted, size = 0, 0
+            while True:
+                # a host taken over could answer without end: what it sent is weighed at every poll
+                got = ps.output
+                size += sum(len(str(o)) for o in got[counted:])
+                counted = len(got)
+                if size > MAX_REPLY:
+                    ps.stop()
+                    raise HypervisorError(f"{step}: {self.host} answered more than {MAX_REPLY >> 20} MiB; stopped")
+                if not ps.running:
+                    break
                 if time.monotonic() > deadline:
                     ps.stop()
                     raise HypervisorError(f"{step}: no answer from {self.host} within {timeout:.0f} s; stopped")
                 ps.poll_invoke(timeout=max(1, min(POLL_SECONDS, int(deadline - time.monotonic()) + 1)))
-            output = "\n".join(str(o) for o in ps.output)
+            output = "\n".join(str(o) for o in got)
             if ps.had_errors and not output.strip():
                 raise HypervisorError(f"{step} on {self.host}: {'; '.join(ps.errors)[:300]}")
         return decode_reply(step, output)
