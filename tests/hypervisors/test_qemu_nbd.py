@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from tests.conftest import require_tool
 from vmvault.disk.base import Extent, ExtentKind
 from vmvault.errors import SourceError
+from vmvault.hypervisors import nbd_layout as wire
 from vmvault.hypervisors._nbd import (
     BASE_ALLOCATION,
     MAX_READ,
@@ -31,25 +32,6 @@ from vmvault.hypervisors._nbd import (
     NbdImage,
     ReplyChunk,
     import_libnbd,
-)
-from vmvault.hypervisors.nbd_layout import (
-    CLIENT_FLAGS,
-    FLAG_FIXED_NEWSTYLE,
-    FLAG_NO_ZEROES,
-    IHAVEOPT,
-    INFO_BLOCK_SIZE,
-    INFO_EXPORT,
-    NBDMAGIC,
-    OPTION_HEADER,
-    OPTION_REPLY,
-    REPLY_FLAG_DONE,
-    REPLY_MAGIC,
-    REQUEST,
-    SERVER_HELLO,
-    Info,
-    Opt,
-    Rep,
-    ReplyType,
 )
 
 MiB = 1024 * 1024
@@ -309,38 +291,50 @@ class _HostileServer:
         return data
 
     def _reply(self, conn: socket.socket, opt: int, rtype: int, payload: bytes = b"") -> None:
-        self._send(conn, OPTION_REPLY.pack(REPLY_MAGIC, opt, rtype, len(payload)) + payload)
+        self._send(conn, wire.OPTION_REPLY.pack(wire.REPLY_MAGIC, opt, rtype, len(payload)) + payload)
 
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
         with conn, contextlib.suppress(OSError):
-            self._send(conn, SERVER_HELLO.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
-            self._recv(conn, CLIENT_FLAGS.size)
+            self._send(
+                conn,
+                wire.SERVER_HELLO.pack(wire.NBDMAGIC, wire.IHAVEOPT, wire.FLAG_FIXED_NEWSTYLE | wire.FLAG_NO_ZEROES),
+            )
+            self._recv(conn, wire.CLIENT_FLAGS.size)
             while True:
-                _magic, opt, length = OPTION_HEADER.unpack(self._recv(conn, OPTION_HEADER.size))
+                _magic, opt, length = wire.OPTION_HEADER.unpack(self._recv(conn, wire.OPTION_HEADER.size))
                 self._recv(conn, length)
-                if opt == Opt.STRUCTURED_REPLY and self.mode == "a huge option reply":
-                    self._send(conn, OPTION_REPLY.pack(REPLY_MAGIC, opt, Rep.ACK, 512 * MiB))
+                if opt == wire.Opt.STRUCTURED_REPLY and self.mode == "a huge option reply":
+                    self._send(conn, wire.OPTION_REPLY.pack(wire.REPLY_MAGIC, opt, wire.Rep.ACK, 512 * MiB))
                     self._endless(conn, bytes(MiB))
-                if opt != Opt.GO:
-                    self._reply(conn, opt, Rep.ACK)
+                if opt != wire.Opt.GO:
+                    self._reply(conn, opt, wire.Rep.ACK)
                     continue
                 if self.mode == "option replies without end":
-                    self._endless(conn, OPTION_REPLY.pack(REPLY_MAGIC, opt, Rep.INFO, 6) + b"\0\1name")
-                self._reply(conn, opt, Rep.INFO, INFO_EXPORT.pack(Info.EXPORT, 1 << 30, 1))
+                    self._endless(conn, wire.OPTION_REPLY.pack(wire.REPLY_MAGIC, opt, wire.Rep.INFO, 6) + b"\0\1name")
+                self._reply(conn, opt, wire.Rep.INFO, wire.INFO_EXPORT.pack(wire.Info.EXPORT, 1 << 30, 1))
                 if self.mode == "a 1 GiB minimum block":
-                    self._reply(conn, opt, Rep.INFO, INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, 1 << 30, 1 << 30, 1 << 30))
-                self._reply(conn, opt, Rep.ACK)
+                    self._reply(
+                        conn,
+                        opt,
+                        wire.Rep.INFO,
+                        wire.INFO_BLOCK_SIZE.pack(wire.Info.BLOCK_SIZE, 1 << 30, 1 << 30, 1 << 30),
+                    )
+                self._reply(conn, opt, wire.Rep.ACK)
                 break
-            _m, _f, _cmd, cookie, offset, length = REQUEST.unpack(self._recv(conn, REQUEST.size))
+            _m, _f, _cmd, cookie, offset, length = wire.REQUEST.unpack(self._recv(conn, wire.REQUEST.size))
             if self.mode == "a huge reply chunk":
-                self._send(conn, ReplyChunk(REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS, cookie, 512 * MiB).pack())
+                self._send(
+                    conn, ReplyChunk(wire.REPLY_FLAG_DONE, wire.ReplyType.BLOCK_STATUS, cookie, 512 * MiB).pack()
+                )
                 self._endless(conn, bytes(MiB))
             if self.mode == "data chunks without end":
-                data = ReplyChunk(0, ReplyType.OFFSET_DATA, cookie, 8 + length).pack() + struct.pack(">Q", offset)
+                data = ReplyChunk(0, wire.ReplyType.OFFSET_DATA, cookie, 8 + length).pack() + struct.pack(">Q", offset)
                 self._endless(conn, data + bytes(length))
             if self.mode == "a short hole chunk":
-                self._send(conn, ReplyChunk(REPLY_FLAG_DONE, ReplyType.OFFSET_HOLE, cookie, 4).pack() + bytes(4))
+                self._send(
+                    conn, ReplyChunk(wire.REPLY_FLAG_DONE, wire.ReplyType.OFFSET_HOLE, cookie, 4).pack() + bytes(4)
+                )
                 conn.recv(1)
 
 
