@@ -363,6 +363,75 @@ def test_qemu_running_as_another_user(make_vm: Callable[..., QemuVM], tmp_path: 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+#: a Python that another user may run (this one may live in root's home)
+SYSTEM_PYTHON = "/usr/bin/python3"
+#: run as QEMU's user: plant a link to VICTIM under each scratch file's name in every vmvault
+#: scratch folder that appears in SCRATCH, as a QEMU taken over by its guest could
+_PLANTER = """
+import os, sys, time
+scratch, victim = sys.argv[1], sys.argv[2]
+planted = set()
+until = time.monotonic() + 60
+while time.monotonic() < until and not os.path.exists(os.path.join(scratch, "stop")):
+    for entry in os.listdir(scratch):
+        if entry.startswith("vmvault-qemu-"):
+            for name in ("scratch-vda.qcow2", "scratch-vdb.qcow2", "nbd.sock"):
+                try:
+                    os.symlink(victim, os.path.join(scratch, entry, name))
+                    planted.add(name)
+                except OSError:
+                    pass
+print(" ".join(sorted(planted)) or "nothing", flush=True)
+"""
+
+
+def test_a_qemu_taken_over_cannot_get_a_host_file_changed(make_vm: Callable[..., QemuVM]) -> None:
+    """QEMU runs as another user (libvirt's qemu user; nobody here) and what runs in it is the
+    guest's: it must not be able to put a link where vmvault, as root, makes or hands over a
+    file. The scratch folder was QEMU's, and vmvault then created ``scratch-vdb.qcow2`` in it
+    and chowned it, following a link QEMU had put there: the host file it named was truncated
+    and given to QEMU's user (its root, in effect). Now the folder stays root's (0711): QEMU
+    reaches the files handed to it and makes its NBD socket in a folder of its own."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start QEMU with -runas and to hand files to another user")
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' to run QEMU as")
+    vm = make_vm(
+        [DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "raw", 16 * MiB)], extra_args=["-runas", "nobody"]
+    )
+    scratch = Path(tempfile.mkdtemp(prefix="vmvault-test-scratch-"))
+    victims = Path(tempfile.mkdtemp(prefix="vmvault-test-victim-"))
+    victim = victims / "root-only"
+    try:
+        scratch.chmod(0o755)
+        victims.chmod(0o755)
+        victim.write_bytes(b"root's own file\n")
+        victim.chmod(0o600)
+        planter = subprocess.Popen(
+            [SYSTEM_PYTHON, "-c", _PLANTER, str(scratch), str(victim)],
+            user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            with QemuSource(f"{vm.location}?scratch={scratch}").open_session(None) as s:
+                assert s.tempdir is not None
+                folder = os.stat(s.tempdir)
+                assert (folder.st_uid, folder.st_mode & 0o777) == (0, 0o711)
+                handed = {name: os.lstat(os.path.join(s.tempdir, name)).st_uid for name in os.listdir(s.tempdir)}
+                assert handed == {"scratch-vda.qcow2": nobody.pw_uid, "scratch-vdb.qcow2": nobody.pw_uid,
+                                  "nbd": nobody.pw_uid}  # fmt: skip
+                assert len(s.disks) == 2 and all(len(read_disk(d)) == 16 * MiB for d in s.disks)
+        finally:
+            (scratch / "stop").touch()
+            out, _ = planter.communicate(timeout=30)
+        assert out.strip() == "nothing"
+        assert victim.read_bytes() == b"root's own file\n" and victim.stat().st_uid == 0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(victims, ignore_errors=True)
+
+
 def test_disk_on_a_backing_chain(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
     """A linked clone (qcow2 overlay on a base image): the backup is the merged disk."""
     base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"

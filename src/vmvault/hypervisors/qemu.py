@@ -262,7 +262,11 @@ class QemuBackupSession(BackupSession):
             raise HypervisorError(f"{src.location}: the VM has no disk with a medium to back up")
         self._plan(disks, previous)
         self.tempdir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.scratch_dir)
-        self._share_with_qemu(self.tempdir)
+        if self._other_qemu_ids() is not None:
+            # QEMU may pass through to the files handed to it, never list or change the folder:
+            # whatever runs in QEMU (the guest, taken over) could plant a link where vmvault,
+            # as root, creates a scratch file next
+            os.chmod(self.tempdir, 0o711)
         self._check_scratch_space(disks)
         for plan in self._plans:
             self._add_fleece_node(plan)
@@ -287,14 +291,23 @@ class QemuBackupSession(BackupSession):
             return None
         return (ids["Uid"], ids["Gid"]) if len(ids) == 2 else None
 
-    def _share_with_qemu(self, path: str) -> None:
-        """Give QEMU the scratch folder and files when it runs as another user (libvirt's
-        qemu user): it opens the overlay and creates the NBD socket there."""
+    def _other_qemu_ids(self) -> tuple[int, int] | None:
+        """QEMU's (uid, gid) when it runs as another user than vmvault (libvirt's qemu user)."""
         ids = self._qemu_ids()
-        if ids is None or ids[0] == os.geteuid():
+        return None if ids is None or ids[0] == current_uid() else ids
+
+    def _share_with_qemu(self, path: str) -> None:
+        """Hand ``path`` (a scratch file or the NBD socket's folder vmvault just made in its own
+        folder) to QEMU when it runs as another user: by the open file, never following a link."""
+        ids = self._other_qemu_ids()
+        if ids is None:
             return
         try:
-            os.chown(path, *ids)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchown(fd, *ids)
+            finally:
+                os.close(fd)
         except OSError as exc:
             self._warn(f"QEMU runs as uid {ids[0]} and cannot use {path} ({exc.strerror}); run vmvault as root")
 
@@ -645,7 +658,14 @@ class QemuBackupSession(BackupSession):
     def _start_exports(self) -> None:
         assert self.tempdir is not None
         qmp = self.qmp
-        self.nbd_socket = os.path.join(self.tempdir, "nbd.sock")
+        folder = self.tempdir
+        if self._other_qemu_ids() is not None:  # QEMU makes the socket: in a folder of its own
+            folder = os.path.join(self.tempdir, "nbd")
+            os.mkdir(folder, 0o700)
+            self._share_with_qemu(folder)
+        # The socket's folder is QEMU's: a link there may lead the client to another socket. It
+        # says nothing before the server's NBD greeting, which only an NBD server sends.
+        self.nbd_socket = os.path.join(folder, "nbd.sock")
         addr = {"addr": {"type": "unix", "data": {"path": self.nbd_socket}}}
         try:
             qmp.execute("nbd-server-start", addr)
