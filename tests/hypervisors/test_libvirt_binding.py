@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from vmvault.cli import EXIT, main
 from vmvault.errors import ConfigError
 from vmvault.hypervisors import _debian
-from vmvault.hypervisors.libvirt import INSTALL_HINT, import_libvirt, parse_location
+from vmvault.hypervisors.libvirt import _OWNER_FILE, INSTALL_HINT, _read_owner, import_libvirt, parse_location
 
 
 def test_missing_binding_is_one_line_with_the_install_command_and_exit_2(
@@ -73,3 +74,19 @@ def test_locations(spec: str, domain: str | None, uri: str | None, exclude: set[
 def test_bad_locations(spec: str) -> None:
     with pytest.raises(ConfigError):
         parse_location(spec)
+
+
+def test_an_owner_file_that_is_not_a_file_is_no_owner(tmp_path: Path) -> None:
+    """A scratch folder may be QEMU's, and what runs in QEMU may put a FIFO or a link under the
+    owner file's name: the sweep of the next backup read it, and hung for ever on the FIFO."""
+    fine, fifo, link = (tmp_path / n for n in ("fine", "fifo", "link"))
+    for folder in (fine, fifo, link):
+        folder.mkdir()
+    (fine / _OWNER_FILE).write_text("host1\n1234\nuuid-1\n")
+    os.mkfifo(fifo / _OWNER_FILE)
+    (link / _OWNER_FILE).symlink_to(fine / _OWNER_FILE)
+    assert _read_owner(str(fine)) == ("host1", 1234, "uuid-1")
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(_read_owner, str(fifo)).result(timeout=10) is None
+    assert _read_owner(str(link)) is None
+    assert _read_owner(str(tmp_path / "missing")) is None

@@ -1072,13 +1072,24 @@ class LibvirtSession(BackupSession):
 
 
 def _read_owner(folder: str) -> tuple[str, int, str] | None:
-    """(host, pid, domain UUID) written into a scratch folder by the session that made it."""
+    """(host, pid, domain UUID) written into a scratch folder by the session that made it.
+
+    The folder may be QEMU's (it makes its NBD socket there), and what runs in QEMU may have
+    put a link, a FIFO or a device under the name: such a file is no owner file, and is never
+    opened so that it could block or read a device."""
     try:
-        with open(os.path.join(folder, _OWNER_FILE), encoding="utf-8") as f:
-            host, pid, uuid = ([*f.read(4096).splitlines(), "", "", ""])[:3]
+        fd = os.open(os.path.join(folder, _OWNER_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        host, pid, uuid = ([*os.read(fd, 4096).decode("utf-8").splitlines(), "", "", ""])[:3]
         return host, int(pid), uuid
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 # -- audit (vmvault audit libvirt:///) -----------------------------------------------------------
