@@ -72,6 +72,20 @@ def test_the_lockout_ends(site: Site) -> None:
     assert _login(c, "vera", PASSWORDS["vera"]).status_code == 303  # type: ignore[attr-defined]
 
 
+def test_lockouts_of_many_addresses_are_forgotten_when_they_end() -> None:
+    """A flood from ever new addresses (an IPv6 /64 has plenty) keeps no record of lockouts
+    that ended: the limiter's memory stays bounded."""
+    now = [0.0]
+    limiter = LoginLimiter(1, 60, clock=lambda: now[0])
+    for i in range(10001):
+        limiter.failed(f"addr:2001:db8::{i:x}")
+    assert len(limiter._locked_until) == 10001
+    now[0] += 61
+    limiter.failed("addr:2001:db8::1:0")
+    assert len(limiter._locked_until) == 1
+    assert limiter.retry_after("addr:2001:db8::1:0") == 60
+
+
 def test_sessions_end(site: Site) -> None:
     now = [0.0]
     site.app.sessions = SessionStore(idle=600, maximum=3600, clock=lambda: now[0])

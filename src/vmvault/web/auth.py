@@ -113,6 +113,10 @@ class LoginLimiter:
             if len(self._failures) > 10000:  # a flood of names: forget the oldest windows
                 for k in list(self._failures)[:5000]:
                     del self._failures[k]
+            if len(self._locked_until) > 10000:  # a flood of addresses: forget lockouts that ended
+                for k, until in list(self._locked_until.items()):
+                    if until <= now:
+                        del self._locked_until[k]
             for k in keys:
                 q = self._failures.setdefault(k, deque())
                 q.append(now)
