@@ -93,9 +93,9 @@ class ReplyChunk:
 
 #: QEMU's NBD server refuses payloads over 32 MiB (NBD_MAX_BUFFER_SIZE in include/block/nbd.h)
 MAX_READ = 32 * 1024 * 1024
-#: the server is QEMU, which runs what its guest may have taken over: what it may make vmvault
-#: read is bounded. An option reply holds a string of at most 4 KiB (proto.md, "Option reply
-#: types") and a few fields;
+#: The server is QEMU, which runs what its guest may have taken over: what it may make vmvault
+#: read is bounded. An option reply holds a string of at most 4 KiB (proto.md, "Conventions")
+#: and a few fields.
 MAX_OPTION_REPLY = 64 * 1024
 #: the largest minimum block size the NBD protocol allows (a power of two up to 64 KiB)
 MAX_MIN_BLOCK = 64 * 1024

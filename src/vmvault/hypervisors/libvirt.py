@@ -1075,8 +1075,8 @@ def _read_owner(folder: str) -> tuple[str, int, str] | None:
     """(host, pid, domain UUID) written into a scratch folder by the session that made it.
 
     The folder may be QEMU's (it makes its NBD socket there), and what runs in QEMU may have
-    put a link, a FIFO or a device under the name: such a file is no owner file, and is never
-    opened so that it could block or read a device."""
+    put a link or a FIFO under the name: the name is opened without following a link and
+    without blocking, and read only when it is a regular file."""
     try:
         fd = os.open(os.path.join(folder, _OWNER_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
