@@ -7,7 +7,10 @@ root that only this namespace sees. A host's own libvirt (if any) keeps its conf
 domains, sockets and state; the tests talk to theirs through
 ``qemu+unix:///system?socket=<root>/run/libvirt-sock``. ``qemu.conf`` runs QEMU as root
 (``/dev/kvm`` is root-only here and libvirt would otherwise re-probe QEMU's capabilities for
-a minute), without cgroups or per-domain namespaces, which a container may not offer.
+a minute), without cgroups or per-domain namespaces, which a container may not offer. Files
+are labelled as on a stock host (``dynamic_ownership``): a domain made with ``run_as`` runs
+its QEMU as that user (a per-domain DAC label, as Debian's default ``libvirt-qemu`` does) and
+libvirtd hands it the disks and backup scratch files.
 
 A holder process (``sleep``) keeps the namespace alive, so libvirtd can be restarted in it
 (``restart``) while QEMU processes keep running, as after a host's ``systemctl restart``.
@@ -60,7 +63,7 @@ log_outputs = "3:file:/var/log/libvirt/libvirtd.log"
 _QEMU_CONF = """\
 user = "root"
 group = "root"
-dynamic_ownership = 0
+dynamic_ownership = 1
 remember_owner = 0
 namespaces = []
 cgroup_controllers = []
@@ -300,6 +303,7 @@ class LibvirtVM:
         extra_devices: str = "",
         os_xml: str = "",
         memory_mib: int = 64,
+        run_as: tuple[int, int] | None = None,
     ) -> None:
         self.daemon = daemon
         self.workdir = workdir
@@ -310,6 +314,7 @@ class LibvirtVM:
         self.extra_devices = extra_devices
         self.os_xml = os_xml
         self.memory_mib = memory_mib
+        self.run_as = run_as
         self.uuid = str(uuidlib.uuid4())
         self.paths: dict[str, str] = {}
         self.model: dict[str, bytearray] = {}
@@ -347,8 +352,15 @@ class LibvirtVM:
             "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
             f"{disks}<interface type='user'><mac address='{self.mac}'/><model type='e1000'/></interface>"
             f"{agent}<controller type='usb' model='none'/><memballoon model='none'/>"
-            f"<video><model type='none'/></video>{self.extra_devices}</devices></domain>"
+            f"<video><model type='none'/></video>{self.extra_devices}</devices>{self._seclabel()}</domain>"
         )
+
+    def _seclabel(self) -> str:
+        """QEMU's user when ``run_as`` is given (the images' folder must let it pass)."""
+        if self.run_as is None:
+            return ""
+        uid, gid = self.run_as
+        return f"<seclabel type='static' model='dac' relabel='yes'><label>+{uid}:+{gid}</label></seclabel>"
 
     @property
     def dom(self) -> Any:
@@ -472,11 +484,15 @@ class LibvirtVM:
 
 @pytest.fixture
 def make_domain(libvirtd: Libvirtd, tmp_path: Path) -> Iterator[Callable[..., LibvirtVM]]:
-    """Define and start domains in ``tmp_path``; each is destroyed and undefined afterwards."""
+    """Define and start domains in ``tmp_path`` (or ``workdir``); each is destroyed and undefined
+    afterwards."""
     made: list[LibvirtVM] = []
 
-    def make(disks: list[Disk], *, start: bool = True, name: str | None = None, **kw: Any) -> LibvirtVM:
-        vm = LibvirtVM(libvirtd, tmp_path, name or f"vmvault-test-{len(made)}-{os.urandom(2).hex()}", disks, **kw)
+    def make(
+        disks: list[Disk], *, start: bool = True, name: str | None = None, workdir: Path | None = None, **kw: Any
+    ) -> LibvirtVM:
+        name = name or f"vmvault-test-{len(made)}-{os.urandom(2).hex()}"
+        vm = LibvirtVM(libvirtd, workdir or tmp_path, name, disks, **kw)
         made.append(vm)
         if vm.transient:
             vm.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -29,6 +30,19 @@ from vmvault.hypervisors._qmp import QmpClient
 from vmvault.hypervisors.base import BackupSession, PreviousBackup, SourceDisk
 
 MiB = 1024 * 1024
+#: a Python that another user may run (this one may live in root's home)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def other_user() -> pwd.struct_passwd:
+    """``nobody``: the user to run QEMU as, as libvirt's qemu user or ``-runas`` do, and what a
+    QEMU taken over by its guest would do. Skips when this test session cannot switch users."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run QEMU as another user and to hand files to it")
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user 'nobody' to run QEMU as")
 
 
 @dataclass

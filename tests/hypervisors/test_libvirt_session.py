@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from tests.hypervisors.qemu_vm import covers, read_disk
-from tests.libvirtd import Disk, LibvirtVM, libvirtd, make_domain
+from tests.hypervisors.qemu_vm import SYSTEM_PYTHON, covers, other_user, read_disk
+from tests.libvirtd import Disk, Libvirtd, LibvirtVM, libvirtd, make_domain
 from vmvault.errors import HypervisorError, SourceError
 from vmvault.hypervisors.base import BackupOptions, PreviousBackup
 from vmvault.hypervisors.libvirt import LibvirtSession, LibvirtSource
@@ -184,9 +187,28 @@ def test_offline_backup_reads_the_files_and_refuses_a_domain_started_meanwhile(
     assert vm.checkpoints() == []
 
 
-def test_a_killed_run_is_cleaned_up_by_the_next(make_domain: Callable[..., LibvirtVM], tmp_path: Path) -> None:
-    vm = make_domain([Disk("vda", "qcow2", 16 * MiB)])
-    scratch = tmp_path / "scratch"
+@pytest.fixture(params=["root", "another user"])
+def placed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A folder for a domain's images and scratch folder, and ``make_domain``'s arguments, with
+    QEMU run as root or as another user (whom the folders must let through)."""
+    if request.param == "root":
+        yield tmp_path, {}
+        return
+    nobody = other_user()
+    base = Path(tempfile.mkdtemp(prefix="vmvault-test-libvirt-runas-"))
+    try:
+        base.chmod(0o755)
+        yield base, {"workdir": base, "run_as": (nobody.pw_uid, nobody.pw_gid)}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_killed_run_is_cleaned_up_by_the_next(
+    placed: tuple[Path, dict[str, Any]], make_domain: Callable[..., LibvirtVM]
+) -> None:
+    folder, how = placed
+    vm = make_domain([Disk("vda", "qcow2", 16 * MiB)], **how)
+    scratch = folder / "scratch"
     scratch.mkdir()
     script = (
         "import sys, time\n"
@@ -210,9 +232,12 @@ def test_a_killed_run_is_cleaned_up_by_the_next(make_domain: Callable[..., Libvi
     assert_nothing_left(vm, scratch, cp)
 
 
-def test_a_second_run_while_one_is_open_is_refused(make_domain: Callable[..., LibvirtVM], tmp_path: Path) -> None:
-    vm = make_domain([Disk("vda", "qcow2", 16 * MiB)])
-    scratch = tmp_path / "scratch"
+def test_a_second_run_while_one_is_open_is_refused(
+    placed: tuple[Path, dict[str, Any]], make_domain: Callable[..., LibvirtVM]
+) -> None:
+    folder, how = placed
+    vm = make_domain([Disk("vda", "qcow2", 16 * MiB)], **how)
+    scratch = folder / "scratch"
     with source_for(vm, scratch).open_session(None):
         with pytest.raises(HypervisorError, match="another vmvault backup"):
             source_for(vm, scratch).open_session(None)
@@ -316,3 +341,84 @@ def test_offline_qcow2_with_a_backing_chain_is_one_disk(make_domain: Callable[..
         # the engine stores the merged view of a disk that is not a layer: backing data included
         assert image.read(0, image.size) == bytes(expected)
         assert sum(e.length for e in image.merged_extents() if e.kind.value == "data") >= MiB + 64 * KiB
+
+
+#: run as QEMU's user: put a link to VICTIM under each NAME in FOLDER (moving a file there
+#: aside first), as a QEMU taken over by its guest could; prints what it planted
+_PLANT = """
+import os, sys
+folder, victim, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+planted = []
+for name in names:
+    path = os.path.join(folder, name)
+    try:
+        if os.path.lexists(path):
+            os.rename(path, path + ".moved")
+        os.symlink(victim, path)
+        planted.append(name)
+    except OSError:
+        pass
+print(" ".join(planted) or "nothing", flush=True)
+"""
+
+
+def test_a_qemu_taken_over_cannot_get_a_host_file_changed(libvirtd: Libvirtd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt runs QEMU as its own user (Debian's ``libvirt-qemu``; ``nobody`` here) and what
+    runs in QEMU is the guest's. libvirtd, as root, creates each backup scratch file by name
+    (following a link, with O_TRUNC) and chowns it to QEMU's user by name. The scratch folder
+    was handed to QEMU's user, so a link it planted there had libvirtd make a file where QEMU
+    may not (a root-only folder here; ``/etc/ld.so.preload`` would do) and give it to QEMU's
+    user. Now the folder stays root's (0711), QEMU makes its NBD socket in a folder of its own,
+    and nothing can be planted or swapped in, before the job or while it runs."""
+    nobody = other_user()
+    base = Path(tempfile.mkdtemp(prefix="vmvault-test-libvirt-runas-"))
+    images, scratch, victims = base / "images", base / "scratch", base / "victims"
+    made, theirs = victims / "made-by-root", victims / "someone-elses"
+    planted: list[str] = []
+
+    def plant(folder: str, victim: Path) -> str:
+        out = subprocess.run(
+            [SYSTEM_PYTHON, "-c", _PLANT, folder, str(victim), "scratch-vda.qcow2"],
+            user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[], capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    begin = LibvirtSession._quiesce_and_begin
+
+    def plant_then_begin(self: LibvirtSession, *args: Any) -> None:
+        # between the scratch folder's making and libvirtd's creating the scratch file in it
+        assert self.tempdir is not None
+        planted.append(plant(self.tempdir, made))
+        begin(self, *args)
+
+    monkeypatch.setattr(LibvirtSession, "_quiesce_and_begin", plant_then_begin)
+    vm: LibvirtVM | None = None
+    try:
+        base.chmod(0o755)
+        for folder in (images, scratch, victims):
+            folder.mkdir(mode=0o755)
+        theirs.write_bytes(b"another user's file\n")
+        os.chown(theirs, 4242, 4242)
+        name, ids = f"vmvault-test-runas-{os.urandom(2).hex()}", (nobody.pw_uid, nobody.pw_gid)
+        vm = LibvirtVM(libvirtd, images, name, [Disk("vda", "qcow2", 16 * MiB)], run_as=ids).define().start()
+        pid = int((libvirtd.root / "run" / "qemu" / f"{vm.name}.pid").read_text())
+        assert os.stat(f"/proc/{pid}").st_uid == nobody.pw_uid
+        vm.write("vda", 0, MiB, 0x31)
+        with LibvirtSource(f"{vm.location}&scratch={quote(str(scratch), safe='')}").open_session(None) as s:
+            assert s.tempdir is not None
+            folder = os.stat(s.tempdir)
+            assert (folder.st_uid, folder.st_mode & 0o777) == (0, 0o711)
+            owners = {name: os.lstat(os.path.join(s.tempdir, name)).st_uid for name in os.listdir(s.tempdir)}
+            assert owners == {"owner": 0, "nbd": nobody.pw_uid, "scratch-vda.qcow2": nobody.pw_uid}
+            # during the backup: swap the scratch file for a link to another user's file
+            planted.append(plant(s.tempdir, theirs))
+            assert read_disk(s.disks[0])[:MiB] == b"\x31" * MiB
+        assert planted == ["nothing", "nothing"]
+        assert not os.path.lexists(made)
+        assert theirs.read_bytes() == b"another user's file\n" and theirs.stat().st_uid == 4242
+        assert list(scratch.iterdir()) == []
+    finally:
+        if vm is not None:
+            vm.remove()
+        shutil.rmtree(base, ignore_errors=True)

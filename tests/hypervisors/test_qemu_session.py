@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -14,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.hypervisors.qemu_vm import (
+    SYSTEM_PYTHON,
     DiskSpec,
     MiB,
     QemuVM,
     assert_nothing_left,
     covers,
     make_vm,
+    other_user,
     previous_of,
     read_disk,
 )
@@ -341,12 +342,7 @@ def test_legacy_drive_and_empty_cdrom(make_vm: Callable[..., QemuVM], tmp_path: 
 
 def test_qemu_running_as_another_user(make_vm: Callable[..., QemuVM], tmp_path: Path) -> None:
     """Like libvirt's qemu user: the scratch folder and files are handed to QEMU's uid."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to start QEMU with -runas and to hand files to another user")
-    try:
-        pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no user 'nobody' to run QEMU as")
+    other_user()
     vm = make_vm([DiskSpec("vda", "qcow2", 16 * MiB)], extra_args=["-runas", "nobody"])
     vm.write("vda", 0, MiB, 0x31)
     # a scratch folder QEMU can reach (pytest's tmp_path is private to root)
@@ -363,8 +359,6 @@ def test_qemu_running_as_another_user(make_vm: Callable[..., QemuVM], tmp_path: 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-#: a Python that another user may run (this one may live in root's home)
-SYSTEM_PYTHON = "/usr/bin/python3"
 #: run as QEMU's user: plant a link to VICTIM under each scratch file's name in every vmvault
 #: scratch folder that appears in SCRATCH, as a QEMU taken over by its guest could
 _PLANTER = """
@@ -392,12 +386,7 @@ def test_a_qemu_taken_over_cannot_get_a_host_file_changed(make_vm: Callable[...,
     and chowned it, following a link QEMU had put there: the host file it named was truncated
     and given to QEMU's user (its root, in effect). Now the folder stays root's (0711): QEMU
     reaches the files handed to it and makes its NBD socket in a folder of its own."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to start QEMU with -runas and to hand files to another user")
-    try:
-        nobody = pwd.getpwnam("nobody")
-    except KeyError:
-        pytest.skip("no user 'nobody' to run QEMU as")
+    nobody = other_user()
     vm = make_vm(
         [DiskSpec("vda", "qcow2", 16 * MiB), DiskSpec("vdb", "raw", 16 * MiB)], extra_args=["-runas", "nobody"]
     )

@@ -56,7 +56,8 @@ from vmvault.hypervisors.base import (
     open_or_clean_up,
 )
 from vmvault.hypervisors.openers import bytes_opener, checked_opener
-from vmvault.hypervisors.qemu import scratch_space_warning
+from vmvault.hypervisors.qemu import SOCKET_FOLDER, make_scratch_folder, scratch_space_warning, socket_folder
+from vmvault.platform import current_uid
 
 __all__ = [
     "CBT_KIND",
@@ -580,8 +581,8 @@ class LibvirtSession(BackupSession):
         """End a backup job and remove scratch folders that a killed vmvault run left."""
         sock = self._job_socket()
         if sock is not None:
-            folder = os.path.dirname(sock)
-            if not os.path.basename(folder).startswith(TEMP_PREFIX):
+            folder = _scratch_folder_of(sock)
+            if folder is None:
                 raise HypervisorError(
                     f"{self.source.location}: another tool's backup job is running on the domain (NBD socket "
                     f"{sock or 'not on a UNIX socket'}); vmvault starts when it has ended"
@@ -688,21 +689,18 @@ class LibvirtSession(BackupSession):
                     f"{d.target}: a {d.format} disk cannot carry a libvirt checkpoint; it is read whole every time "
                     "(convert it to qcow2 for incremental backups)"
                 )
-        self.tempdir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=self.scratch_dir)
+        ids = _qemu_ids(live)
+        other = ids if ids is not None and ids[0] != current_uid() else None
+        # libvirtd, as root, creates each scratch file in this folder (following a link, with
+        # O_TRUNC) and chowns it to QEMU's user by name: a folder QEMU could change would let
+        # whatever runs in QEMU have a host file truncated, made or given to it
+        self.tempdir = make_scratch_folder(TEMP_PREFIX, self.scratch_dir, other)
         with open(os.path.join(self.tempdir, _OWNER_FILE), "w", encoding="utf-8") as f:
             f.write(f"{socket.gethostname()}\n{os.getpid()}\n{self._uuid}\n")
-        ids = _qemu_ids(live)
-        if ids is not None and ids[0] != os.geteuid():
-            try:
-                os.chown(self.tempdir, *ids)
-            except OSError as exc:
-                raise HypervisorError(
-                    f"QEMU runs as uid {ids[0]} and cannot use {self.tempdir} ({exc.strerror}); run vmvault as root"
-                ) from exc
         warning = scratch_space_warning(self.tempdir, sum(d.size for d in usable))
         if warning:
             self._warn(warning)
-        job = _Job(os.path.join(self.tempdir, "nbd.sock"))
+        job = _Job(os.path.join(socket_folder(self.tempdir, other), "nbd.sock"))
         checkpointed = [d for d in usable if d.format in _CHECKPOINT_FORMATS]
         backup_xml, checkpoint_xml = self._job_xml(job, disks, base, checkpointed)
         self._quiesce_and_begin(live, backup_xml, checkpoint_xml, job, disks, base, checkpointed)
@@ -1071,12 +1069,21 @@ class LibvirtSession(BackupSession):
         return True
 
 
+def _scratch_folder_of(sock: str) -> str | None:
+    """The vmvault scratch folder a backup job's NBD socket lies in (directly, or in the socket
+    folder of a QEMU running as another user), or None when the job is not vmvault's."""
+    folder = os.path.dirname(sock)
+    if os.path.basename(folder) == SOCKET_FOLDER:
+        folder = os.path.dirname(folder)
+    return folder if os.path.basename(folder).startswith(TEMP_PREFIX) else None
+
+
 def _read_owner(folder: str) -> tuple[str, int, str] | None:
     """(host, pid, domain UUID) written into a scratch folder by the session that made it.
 
-    The folder may be QEMU's (it makes its NBD socket there), and what runs in QEMU may have
-    put a link or a FIFO under the name: the name is opened without following a link and
-    without blocking, and read only when it is a regular file."""
+    A folder left by an older vmvault may be QEMU's (it handed the whole folder over), and what
+    runs in QEMU may have put a link or a FIFO under the name: the name is opened without
+    following a link and without blocking, and read only when it is a regular file."""
     try:
         fd = os.open(os.path.join(folder, _OWNER_FILE), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -1178,8 +1185,8 @@ def _audit_domain(lv: Any, dom: Any, loc: Location, now: float) -> VmAudit:
             desc = _parse_xml(dom.backupGetXMLDesc(), "a backup description")
             server = desc.find("server")
             sock = str(server.get("socket", "")) if server is not None else ""
-            folder = os.path.dirname(sock)
-            if os.path.basename(folder).startswith(TEMP_PREFIX):
+            folder = _scratch_folder_of(sock)
+            if folder is not None:
                 owner_info = _read_owner(folder)
                 alive = owner_info is not None and owner_info[0] == socket.gethostname() and _pid_alive(owner_info[1])
                 if not alive:

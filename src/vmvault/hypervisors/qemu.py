@@ -109,6 +109,55 @@ def scratch_space_warning(tempdir: str, worst: int) -> str | None:
     )
 
 
+#: the folder, in a scratch folder, where a QEMU running as another user makes its NBD socket
+SOCKET_FOLDER = "nbd"
+
+
+def make_scratch_folder(prefix: str, parent: str | None, qemu_ids: tuple[int, int] | None) -> str:
+    """A new scratch folder for one backup, in ``parent`` (the temporary folder by default).
+
+    When QEMU runs as another user (``qemu_ids``; libvirt's qemu user, ``-runas``) the folder
+    stays vmvault's and others may only pass through it (0711): QEMU opens the files handed to
+    it by name but can neither list nor change the folder. Whatever runs in QEMU (the guest,
+    taken over) could otherwise plant a link under the name where vmvault or libvirtd, both
+    root, create and chown a scratch file next, and have a host file truncated or given to it.
+    Shared by the QEMU and libvirt connectors.
+    """
+    folder = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    if qemu_ids is not None:
+        os.chmod(folder, 0o711)
+    return folder
+
+
+def hand_to_qemu(path: str, qemu_ids: tuple[int, int]) -> None:
+    """Give ``path`` (a file or folder vmvault just made in its own scratch folder) to QEMU's
+    user, by the open file: a link is never followed. Raises OSError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, *qemu_ids)
+    finally:
+        os.close(fd)
+
+
+def socket_folder(tempdir: str, qemu_ids: tuple[int, int] | None) -> str:
+    """The folder QEMU makes its NBD socket in: ``tempdir`` itself, or when QEMU runs as
+    another user a folder of QEMU's own in it (QEMU must create the socket; the scratch folder
+    stays closed to it). A link there may lead vmvault's client to another socket: the client
+    says nothing before the server's NBD greeting, which only an NBD server sends."""
+    if qemu_ids is None:
+        return tempdir
+    folder = os.path.join(tempdir, SOCKET_FOLDER)
+    os.mkdir(folder, 0o700)
+    try:
+        hand_to_qemu(folder, qemu_ids)
+    except OSError as exc:
+        raise HypervisorError(
+            f"QEMU runs as uid {qemu_ids[0]} and cannot make its NBD socket in {folder} ({exc.strerror}); "
+            "run vmvault as root"
+        ) from exc
+    return folder
+
+
 @dataclass
 class _Disk:
     """One disk device of the VM as QMP describes it."""
@@ -261,12 +310,7 @@ class QemuBackupSession(BackupSession):
         if not disks:
             raise HypervisorError(f"{src.location}: the VM has no disk with a medium to back up")
         self._plan(disks, previous)
-        self.tempdir = tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=self.scratch_dir)
-        if self._other_qemu_ids() is not None:
-            # QEMU may pass through to the files handed to it, never list or change the folder:
-            # whatever runs in QEMU (the guest, taken over) could plant a link where vmvault,
-            # as root, creates a scratch file next
-            os.chmod(self.tempdir, 0o711)
+        self.tempdir = make_scratch_folder(_TEMP_PREFIX, self.scratch_dir, self._other_qemu_ids())
         self._check_scratch_space(disks)
         for plan in self._plans:
             self._add_fleece_node(plan)
@@ -297,17 +341,13 @@ class QemuBackupSession(BackupSession):
         return None if ids is None or ids[0] == current_uid() else ids
 
     def _share_with_qemu(self, path: str) -> None:
-        """Hand ``path`` (a scratch file or the NBD socket's folder vmvault just made in its own
-        folder) to QEMU when it runs as another user: by the open file, never following a link."""
+        """Hand ``path`` (a scratch file vmvault just made in its own folder) to QEMU when it runs
+        as another user (``hand_to_qemu``)."""
         ids = self._other_qemu_ids()
         if ids is None:
             return
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fchown(fd, *ids)
-            finally:
-                os.close(fd)
+            hand_to_qemu(path, ids)
         except OSError as exc:
             self._warn(f"QEMU runs as uid {ids[0]} and cannot use {path} ({exc.strerror}); run vmvault as root")
 
@@ -658,14 +698,7 @@ class QemuBackupSession(BackupSession):
     def _start_exports(self) -> None:
         assert self.tempdir is not None
         qmp = self.qmp
-        folder = self.tempdir
-        if self._other_qemu_ids() is not None:  # QEMU makes the socket: in a folder of its own
-            folder = os.path.join(self.tempdir, "nbd")
-            os.mkdir(folder, 0o700)
-            self._share_with_qemu(folder)
-        # The socket's folder is QEMU's: a link there may lead the client to another socket. It
-        # says nothing before the server's NBD greeting, which only an NBD server sends.
-        self.nbd_socket = os.path.join(folder, "nbd.sock")
+        self.nbd_socket = os.path.join(socket_folder(self.tempdir, self._other_qemu_ids()), "nbd.sock")
         addr = {"addr": {"type": "unix", "data": {"path": self.nbd_socket}}}
         try:
             qmp.execute("nbd-server-start", addr)
