@@ -649,6 +649,41 @@ def test_sync_dir_and_set_blocking(tmp_path: Path) -> None:
         os.close(w)
 
 
+@pytest.mark.parametrize("posix", [True, False], ids=["descriptor", "by-name"])
+def test_list_folder_lists_only_the_folder_it_was_told_of(
+    tmp_path: Path, request: pytest.FixtureRequest, posix: bool
+) -> None:
+    if not posix:
+        request.getfixturevalue("hidden")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"bb")
+    (tmp_path / "sub" / "a").mkdir()
+    os.symlink("nowhere", tmp_path / "sub" / "c")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "secret").write_bytes(b"s")
+    top = platform.list_folder(str(tmp_path))
+    assert [n for n, _ in top] == ["elsewhere", "sub"]
+    seen = dict(top)["sub"]
+    assert isinstance(seen, os.stat_result)
+    listed = platform.list_folder(str(tmp_path / "sub"), seen)
+    assert [n for n, _ in listed] == ["a", "b", "c"]
+    kinds = [st.st_mode >> 12 for _, st in listed if isinstance(st, os.stat_result)]
+    assert kinds == [0o04, 0o10, 0o12]  # a folder, a file, a link (not followed)
+    # the folder swapped for a link, or for another folder, after the listing above saw it
+    os.rename(tmp_path / "sub", tmp_path / "sub.away")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "sub")
+    with pytest.raises(OSError) as link:
+        platform.list_folder(str(tmp_path / "sub"), seen)
+    assert link.value.errno == errno.ELOOP
+    os.unlink(tmp_path / "sub")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(OSError) as other:
+        platform.list_folder(str(tmp_path / "sub"), seen)
+    assert other.value.errno == errno.ESTALE
+    # without a look from above (a folder the user named), a link is followed
+    assert [n for n, _ in platform.list_folder(str(tmp_path / "sub.away"))] == ["a", "b", "c"]
+
+
 # ------------------------------------------------------- every POSIX-only call goes through here
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "vmvault"

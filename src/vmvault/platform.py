@@ -26,6 +26,9 @@ what                            POSIX                                 fallback (
                                                                       no link (:func:`is_link`), the same
                                                                       file (:func:`same_file`)
 :func:`sync_dir`                ``fsync`` of the folder               nothing (NTFS journals it)
+:func:`list_folder`             listed and examined through one       by name, the folder checked before
+                                descriptor of the folder              and after (:func:`is_link`,
+                                                                      :func:`same_file`)
 :func:`keep_freed_memory`       glibc's ``mallopt``: freed buffers    nothing (another C library, or the
                                 of up to 32 MiB stay in the process   variables set in the environment)
 :func:`one_malloc_arena`        glibc's ``mallopt``: threads share    nothing (another C library, or the
@@ -93,6 +96,7 @@ __all__ = [
     "is_link",
     "keep_freed_memory",
     "kept_free",
+    "list_folder",
     "lock",
     "lock_folder",
     "lock_shared",
@@ -606,6 +610,57 @@ def open_nofollow(path: str, flags: int, mode: int = 0o777) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def list_folder(path: str, seen: os.stat_result | None = None) -> list[tuple[str, os.stat_result | OSError]]:
+    """The entries of the folder ``path``, sorted by name, each with its ``lstat`` (or the
+    error that look raised: an entry removed meanwhile, say).
+
+    ``seen``: the folder's own ``lstat`` from the listing of the folder above it. The folder
+    must still be that one and no link, else ``OSError`` (``ELOOP`` for a link, ``ESTALE`` for
+    anything else): whoever writes the folder above could swap it for a link to a host folder
+    between the two looks, and a scan by name would go where the link leads. On POSIX the
+    folder is opened once (``O_DIRECTORY``, and ``O_NOFOLLOW`` with ``seen``) and listed and
+    examined through that descriptor, so a swap after the check changes nothing. Windows
+    (and ``VMVAULT_PLATFORM_HIDE_POSIX``): by name, the folder checked before and after the
+    listing, which leaves a window a folder descriptor does not.
+    """
+
+    def check(now: os.stat_result) -> None:
+        if seen is None:
+            return
+        if is_link(now):
+            raise _link_error(path)
+        if not same_file(seen, now) or not stat.S_ISDIR(now.st_mode):
+            raise OSError(errno.ESTALE, "was replaced after it was listed", path)
+
+    def sorted_entries(
+        names: list[str], look: Callable[[str], os.stat_result]
+    ) -> list[tuple[str, os.stat_result | OSError]]:
+        out: list[tuple[str, os.stat_result | OSError]] = []
+        for name in sorted(names):
+            try:
+                out.append((name, look(name)))
+            except OSError as exc:
+                out.append((name, exc))
+        return out
+
+    if _NOFOLLOW and os.stat in os.supports_dir_fd:
+        try:
+            fd = os.open(path, os.O_RDONLY | O_CLOEXEC | O_DIRECTORY | (_NOFOLLOW if seen is not None else 0))
+        except OSError as exc:
+            if seen is not None and exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                check(os.lstat(path))  # a link (ELOOP) or anything else (ESTALE) in its place
+            raise
+        try:
+            check(os.fstat(fd))
+            return sorted_entries(os.listdir(fd), lambda name: os.stat(name, dir_fd=fd, follow_symlinks=False))
+        finally:
+            os.close(fd)
+    check(os.lstat(path))
+    entries = sorted_entries(os.listdir(path), lambda name: os.lstat(os.path.join(path, name)))
+    check(os.lstat(path))
+    return entries
 
 
 def sync_dir(path: str) -> None:

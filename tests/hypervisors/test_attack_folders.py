@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import as_nobody, require_tool, within
 from vmvault.backends.memory import MemoryBackend
-from vmvault.disk import create_image
+from vmvault.disk import ParentRule, create_image
 from vmvault.disk.vhdx import create_vhdx
 from vmvault.engine.backup import BackupResult, backup
 from vmvault.errors import ConfigError, ParentError, SourceError
@@ -503,6 +503,81 @@ def test_a_single_image_swapped_after_its_probe_is_read_as_probed(
     assert leaked(repo) == []
     meta = result.snapshot.disks[0].meta
     assert (meta["file_size"], meta["mode"]) == (MIB, 0o640)  # the image's, not the host file's
+
+
+def test_a_folder_swapped_for_a_link_during_the_scan_is_not_entered(
+    repo: Repository, tree: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever writes the VM folder can race the scan: ``sub`` is listed as a folder, then
+    swapped for a link to a host folder before the scan goes into it. The scan went where the
+    link led (by name) and stored the host's files as the VM's: ``sub/secret`` and the disk
+    ``sub/data.qcow2``. Now a folder is listed through a descriptor of the very folder listed
+    above, and one that became a link is named, never entered."""
+    vm, outside = tree
+    examine = files_module.FilesSession._examine
+
+    def examine_then_swap(self: files_module.FilesSession, path: str, rel: str, *rest: os.stat_result) -> object:
+        found = examine(self, path, rel, *rest)
+        if rel == "sub":
+            os.rename(vm / "sub", vm / "sub.away")
+            os.symlink(outside, vm / "sub")
+        return found
+
+    monkeypatch.setattr(files_module.FilesSession, "_examine", examine_then_swap)
+    result = backup(repo, FilesSource(str(vm)))
+    assert names(result) == (["disk.qcow2"], ["vm.conf"])
+    assert "sub: not backed up: the folder cannot be listed (is a link (not followed))" in result.warnings
+    assert leaked(repo) == []
+
+
+def test_a_host_folder_swapped_for_a_link_after_discovery_is_not_read(
+    repo: Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A VM of a Hyper-V host folder is stored by the files the host's model names, examined by
+    name: a folder on their way swapped for a link to a host folder (one holding files of those
+    names) made the backup store the host's files. Now each file must lie, by the real path of
+    the open file, in the host folder or an allowed folder."""
+    from vmvault.testing.hyperv_host import HostFolderBuilder
+
+    b = HostFolderBuilder(str(tmp_path / "host"), config_format="xml")
+    b.checkpoint(b.create_vm("web"), "before update")
+    snapshots, outside = Path(b.root) / "Snapshots", tmp_path / "outside"
+    outside.mkdir()
+    taken = sorted(f.name for f in snapshots.iterdir())
+    assert taken
+    for name in taken:
+        (outside / name).write_bytes(SECRET)
+    gather = files_module.HostVmSession._gather
+
+    def swap_then_gather(self: files_module.HostVmSession, root: str, disks: list[object]) -> None:
+        os.rename(snapshots, snapshots.with_name("Snapshots.away"))
+        os.symlink(outside, snapshots)
+        gather(self, root, disks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files_module.HostVmSession, "_gather", swap_then_gather)
+    result = backup(repo, FilesSource(f"{b.root}#web"))
+    assert not [f for f in names(result)[1] if f.startswith("Snapshots/")]
+    warned = [w for w in result.warnings if w.startswith("Snapshots/")]
+    assert len(warned) == len(taken) and all(f"lies at {outside}/" in w for w in warned), result.warnings
+    assert leaked(repo) == []
+
+
+def test_checked_opener_refuses_a_file_reached_through_a_swapped_folder(tmp_path: Path) -> None:
+    home, outside = tmp_path / "home", tmp_path / "outside"
+    (home / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "f").write_bytes(SECRET)
+    os.rename(home / "sub", home / "sub.away")
+    os.symlink(outside, home / "sub")
+    path = home / "sub" / "f"
+    warnings: list[str] = []
+    opener = checked_opener(str(path), "sub/f", os.lstat(path), warnings, inside=ParentRule.inside([str(home)]))
+    assert opener() is None
+    assert warnings == [
+        f"sub/f: not backed up: it changed after the folder was scanned ({path}: lies at {outside}/f, outside "
+        f"inside {home} (a folder on its way was replaced by a link); not read)"
+    ]
+    assert checked_opener(str(path), "sub/f", os.lstat(path), [])() is not None  # the same without a place
 
 
 def test_checked_opener_reports_a_change_during_the_read(tmp_path: Path) -> None:

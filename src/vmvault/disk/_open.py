@@ -176,13 +176,16 @@ def open_checked(
     writable: bool = False,
     nofollow: bool = False,
     expect: tuple[int, int] | None = None,
+    inside: ParentRule | None = None,
     what: str = "a disk image",
 ) -> tuple[int, os.stat_result]:
     """Open a file vmvault was told to read: ``(fd, fstat)``; raises SourceError if it is not a file.
 
     Regular files are accepted, block devices when ``block_devices``. With ``nofollow`` a link
     in the last component is refused; with ``expect`` the file must be that ``(st_dev, st_ino)``
-    (the one a folder scan saw).
+    (the one a folder scan saw); with ``inside`` the open file must lie in the rule's folders
+    by its real path, as the kernel has it (a folder on the way swapped for a link to a host
+    folder leads the name elsewhere, and the scan's ``lstat`` went there too).
     """
     try:
         st = os.lstat(path) if nofollow else os.stat(path)
@@ -208,6 +211,12 @@ def open_checked(
             raise SourceError(f"{path}: is {describe_mode(st.st_mode)}, not {what}; not read")
         if expect is not None and (st.st_dev, st.st_ino) != expect:
             raise SourceError(f"{path}: was replaced by another file after the folder was scanned; not read")
+        if inside is not None:
+            real = real_path(fd, path)
+            if not inside.allows(real):
+                where = "cannot be placed" if real.startswith("\0") else f"lies at {real}"
+                raise SourceError(f"{path}: {where}, outside {inside.describe()} (a folder on its way was "
+                                  "replaced by a link); not read")  # fmt: skip
         platform.set_blocking(fd)
     except BaseException:
         os.close(fd)

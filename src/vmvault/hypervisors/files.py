@@ -47,6 +47,7 @@ import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from vmvault import platform
 from vmvault.disk import (
     DISK_SUFFIXES,
     FALLBACK_FORMAT,
@@ -161,22 +162,27 @@ class FilesSession(BackupSession):
 
         Iterative: a hostile folder may be nested thousands deep.
         """
-        # (folder, name prefix, (device, inode) of the folders that contain it)
-        stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [(root, "", frozenset({top}))]
+        # (folder, name prefix, its lstat as listed (None: the root), (device, inode) of the
+        # folders that contain it)
+        Pending = tuple[str, str, os.stat_result | None, frozenset[tuple[int, int]]]
+        stack: list[Pending] = [(root, "", None, frozenset({top}))]
         while stack:
-            folder, prefix, above = stack.pop()
+            folder, prefix, seen, above = stack.pop()
             try:
-                with os.scandir(folder) as it:
-                    entries = sorted(it, key=lambda e: e.name)
+                # the very folder listed above, never where a link swapped in since leads
+                entries = platform.list_folder(folder, seen)
             except OSError as exc:
                 if folder == root:
                     raise SourceError(f"{root}: cannot list: {exc.strerror}") from exc
                 self._skip(prefix.rstrip("/"), f"the folder cannot be listed ({exc.strerror})")
                 continue
-            below: list[tuple[str, str, frozenset[tuple[int, int]]]] = []
-            for entry in entries:
-                rel = prefix + entry.name
-                found = self._examine(entry.path, rel)
+            below: list[Pending] = []
+            for name, looked in entries:
+                rel = prefix + name
+                if isinstance(looked, OSError):
+                    self._skip(rel, f"cannot be examined ({looked.strerror})")
+                    continue
+                found = self._examine(os.path.join(folder, name), rel, looked)
                 if found is None:
                     continue
                 path, st = found
@@ -185,18 +191,19 @@ class FilesSession(BackupSession):
                     if key in above:
                         self._skip(rel, "it is a link back to a folder that contains it (a loop)")
                         continue
-                    below.append((path, rel + "/", above | {key}))
+                    below.append((path, rel + "/", st, above | {key}))
                 elif stat.S_ISREG(st.st_mode):
                     self._classify(path, rel, st, disks)
                 else:
                     self._skip(rel, f"it is {describe_mode(st.st_mode)}; only regular files and folders are")
             stack.extend(reversed(below))
 
-    def _examine(self, path: str, rel: str) -> tuple[str, os.stat_result] | None:
-        """(path, stat) of an entry, a link followed where allowed; None (and a warning) when
-        it cannot be examined or is a link not followed."""
+    def _examine(self, path: str, rel: str, st: os.stat_result | None = None) -> tuple[str, os.stat_result] | None:
+        """(path, stat) of an entry (``st``: its ``lstat``, when the listing took it), a link
+        followed where allowed; None (and a warning) when it cannot be examined or is a link
+        not followed."""
         try:
-            st = os.lstat(path)
+            st = st or os.lstat(path)
         except OSError as exc:
             self._skip(rel, f"cannot be examined ({exc.strerror})")
             return None
@@ -232,7 +239,9 @@ class FilesSession(BackupSession):
     ) -> None:
         disk_name = rel.lower().endswith(_DISK_NAMES)
         try:
-            fd, _ = open_checked(path, block_devices=False, nofollow=True, expect=(st.st_dev, st.st_ino))
+            fd, _ = open_checked(
+                path, block_devices=False, nofollow=True, expect=(st.st_dev, st.st_ino), inside=self._rule
+            )
         except SourceError as exc:
             if disk_name:
                 raise SourceError(f"{rel}: a disk image that cannot be read: {exc}") from exc
@@ -251,7 +260,7 @@ class FilesSession(BackupSession):
                     st.st_size,
                     stat.S_IMODE(st.st_mode),
                     st.st_mtime_ns,
-                    checked_opener(path, rel, st, self.warnings),
+                    checked_opener(path, rel, st, self.warnings, inside=self._rule),
                 )
             )
 

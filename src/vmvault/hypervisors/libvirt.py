@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
-from vmvault.disk import QEMU_FORMATS, format_from_qemu, open_image
+from vmvault.disk import QEMU_FORMATS, ParentRule, format_from_qemu, open_image
 from vmvault.disk.base import DiskImage
 from vmvault.errors import ConfigError, HypervisorError, SourceError
 from vmvault.hypervisors._debian import import_system_module
@@ -542,13 +542,16 @@ class LibvirtSession(BackupSession):
             if not os.path.isdir(folder):
                 self._warn(f"TPM state folder {folder} not found; the snapshot has no TPM state")
                 continue
+            # swtpm's user owns the folder: a folder in it swapped for a link during the walk
+            # leads elsewhere, so each file must lie in it by the real path of the open file
+            inside = ParentRule.inside([folder])
             for root, _dirs, files in os.walk(folder):
                 for f in sorted(files):
                     path = os.path.join(root, f)
                     rel = os.path.relpath(path, folder).replace(os.sep, "/")
-                    self._add_file(f"tpm/{rel}", path, "TPM state")
+                    self._add_file(f"tpm/{rel}", path, "TPM state", inside)
 
-    def _add_file(self, name: str, path: str, what: str) -> None:
+    def _add_file(self, name: str, path: str, what: str, inside: ParentRule | None = None) -> None:
         try:
             st = os.lstat(path)
         except OSError as exc:
@@ -557,7 +560,7 @@ class LibvirtSession(BackupSession):
         if not stat.S_ISREG(st.st_mode):
             self._warn(f"{what} {path} is not a regular file; it is not in the snapshot")
             return
-        opener = checked_opener(path, name, st, self.warnings)
+        opener = checked_opener(path, name, st, self.warnings, inside=inside)
         self.files.append(SourceFile(name, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, opener))
 
     # -- leftovers of a killed run --------------------------------------------------------------

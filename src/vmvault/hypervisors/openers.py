@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from typing import IO
 
-from vmvault.disk import open_checked
+from vmvault.disk import ParentRule, open_checked
 from vmvault.errors import SourceError
 
 __all__ = ["bytes_opener", "checked_opener"]
@@ -40,13 +40,14 @@ class _CheckedReader(io.BufferedReader):
 
 
 def checked_opener(
-    path: str, name: str, scanned: os.stat_result, warnings: list[str]
+    path: str, name: str, scanned: os.stat_result, warnings: list[str], *, inside: ParentRule | None = None
 ) -> Callable[[], IO[bytes] | None]:
     """An opener for ``SourceFile.open``: the file a scan saw at ``path``, or None (and a warning).
 
     The file is opened without following a link and without blocking, and must still be the
-    scanned file (device and inode); a replaced or vanished file is not stored. A size or
-    modification time different from the scan's, at the open or after the read, is reported.
+    scanned file (device and inode) and, with ``inside``, lie in the rule's folders by the real
+    path of the open file; a replaced or vanished file is not stored. A size or modification
+    time different from the scan's, at the open or after the read, is reported.
     """
 
     def changed(st: os.stat_result) -> bool:
@@ -55,7 +56,12 @@ def checked_opener(
     def opener() -> IO[bytes] | None:
         try:
             fd, st = open_checked(
-                path, block_devices=False, nofollow=True, expect=(scanned.st_dev, scanned.st_ino), what="a regular file"
+                path,
+                block_devices=False,
+                nofollow=True,
+                expect=(scanned.st_dev, scanned.st_ino),
+                inside=inside,
+                what="a regular file",
             )
         except SourceError as exc:
             warnings.append(f"{name}: not backed up: it changed after the folder was scanned ({exc})")
