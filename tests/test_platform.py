@@ -682,6 +682,10 @@ def test_list_folder_lists_only_the_folder_it_was_told_of(
     assert other.value.errno == errno.ESTALE
     # without a look from above (a folder the user named), a link is followed
     assert [n for n, _ in platform.list_folder(str(tmp_path / "sub.away"))] == ["a", "b", "c"]
+    assert len(platform.list_folder(str(tmp_path / "sub.away"), limit=3)) == 3
+    with pytest.raises(OSError) as many:
+        platform.list_folder(str(tmp_path / "sub.away"), limit=2)
+    assert many.value.errno == errno.E2BIG and "holds more than 2 entries" in str(many.value)
 
 
 # ------------------------------------------------------- every POSIX-only call goes through here

@@ -612,9 +612,12 @@ def open_nofollow(path: str, flags: int, mode: int = 0o777) -> int:
     return fd
 
 
-def list_folder(path: str, seen: os.stat_result | None = None) -> list[tuple[str, os.stat_result | OSError]]:
+def list_folder(
+    path: str, seen: os.stat_result | None = None, *, limit: int | None = None
+) -> list[tuple[str, os.stat_result | OSError]]:
     """The entries of the folder ``path``, sorted by name, each with its ``lstat`` (or the
-    error that look raised: an entry removed meanwhile, say).
+    error that look raised: an entry removed meanwhile, say). A folder of more than ``limit``
+    entries is ``OSError(E2BIG)``, found before more than ``limit + 1`` names are held.
 
     ``seen``: the folder's own ``lstat`` from the listing of the folder above it. The folder
     must still be that one and no link, else ``OSError`` (``ELOOP`` for a link, ``ESTALE`` for
@@ -635,8 +638,14 @@ def list_folder(path: str, seen: os.stat_result | None = None) -> list[tuple[str
             raise OSError(errno.ESTALE, "was replaced after it was listed", path)
 
     def sorted_entries(
-        names: list[str], look: Callable[[str], os.stat_result]
+        listed: int | str, look: Callable[[str], os.stat_result]
     ) -> list[tuple[str, os.stat_result | OSError]]:
+        names: list[str] = []
+        with os.scandir(listed) as it:
+            for entry in it:
+                names.append(entry.name)
+                if limit is not None and len(names) > limit:
+                    raise OSError(errno.E2BIG, f"holds more than {limit:,} entries", path)
         out: list[tuple[str, os.stat_result | OSError]] = []
         for name in sorted(names):
             try:
@@ -654,11 +663,11 @@ def list_folder(path: str, seen: os.stat_result | None = None) -> list[tuple[str
             raise
         try:
             check(os.fstat(fd))
-            return sorted_entries(os.listdir(fd), lambda name: os.stat(name, dir_fd=fd, follow_symlinks=False))
+            return sorted_entries(fd, lambda name: os.stat(name, dir_fd=fd, follow_symlinks=False))
         finally:
             os.close(fd)
     check(os.lstat(path))
-    entries = sorted_entries(os.listdir(path), lambda name: os.lstat(os.path.join(path, name)))
+    entries = sorted_entries(path, lambda name: os.lstat(os.path.join(path, name)))
     check(os.lstat(path))
     return entries
 

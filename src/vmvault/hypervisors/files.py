@@ -42,6 +42,7 @@ Whoever writes the folder is not trusted (``docs/design/repository-format.md`` s
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -80,6 +81,10 @@ __all__ = ["FilesSource"]
 _RAW_SUFFIXES = disk_format(FALLBACK_FORMAT).suffixes
 #: names that mark a disk image of some format: such a file that cannot be read fails the backup
 _DISK_NAMES = DISK_SUFFIXES
+#: entries (files, folders, anything) a folder scan examines at most: a VM folder holds a few
+#: dozen, and each costs memory until the snapshot is saved (about 3 KiB), so whoever writes
+#: the folder could otherwise have a backup take any amount of the host's memory
+MAX_ENTRIES = 100_000
 
 
 class FilesSession(BackupSession):
@@ -166,17 +171,24 @@ class FilesSession(BackupSession):
         # folders that contain it)
         Pending = tuple[str, str, os.stat_result | None, frozenset[tuple[int, int]]]
         stack: list[Pending] = [(root, "", None, frozenset({top}))]
+        examined = 0
         while stack:
             folder, prefix, seen, above = stack.pop()
             try:
                 # the very folder listed above, never where a link swapped in since leads
-                entries = platform.list_folder(folder, seen)
+                entries = platform.list_folder(folder, seen, limit=MAX_ENTRIES - examined)
             except OSError as exc:
+                if exc.errno == errno.E2BIG:
+                    raise SourceError(
+                        f"{root}: more than {MAX_ENTRIES:,} files and folders; a VM folder holds a few dozen: "
+                        "is this the VM's folder? Nothing was backed up"
+                    ) from exc
                 if folder == root:
                     raise SourceError(f"{root}: cannot list: {exc.strerror}") from exc
                 self._skip(prefix.rstrip("/"), f"the folder cannot be listed ({exc.strerror})")
                 continue
             below: list[Pending] = []
+            examined += len(entries)
             for name, looked in entries:
                 rel = prefix + name
                 if isinstance(looked, OSError):
