@@ -90,3 +90,44 @@ def test_an_owner_file_that_is_not_a_file_is_no_owner(tmp_path: Path) -> None:
         assert pool.submit(_read_owner, str(fifo)).result(timeout=10) is None
     assert _read_owner(str(link)) is None
     assert _read_owner(str(tmp_path / "missing")) is None
+
+
+def test_tpm_state_is_walked_without_leaving_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """swtpm's user owns a domain's TPM state folder: whatever runs as that user (swtpm taken
+    over) can put links there and swap its folders for links during the walk. Only the state's
+    own regular files are stored; a folder swapped for a link after the walk saw it is named,
+    never entered (``os.walk``, used before, looks for a link and then lists the folder by
+    name: a swap between the two went where the link led)."""
+    import xml.etree.ElementTree as ET
+
+    from vmvault.hypervisors import libvirt as lv
+    from vmvault.hypervisors import walk
+
+    uuid = "6b0c6f4e-6d1e-4a4b-9a51-3f7c1c7c0a01"
+    state, outside = tmp_path / "swtpm", tmp_path / "outside"
+    (state / uuid / "tpm2").mkdir(parents=True)
+    (state / uuid / "tpm2" / "tpm2-00.permall").write_bytes(b"permall")
+    (state / uuid / "tpm2" / "lock").mkdir()
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"host secret")
+    os.symlink(outside / "secret", state / uuid / "tpm2" / "linked")
+    monkeypatch.setattr(lv, "SWTPM_STATE", str(state))
+    session = lv.LibvirtSession.__new__(lv.LibvirtSession)
+    session.files, session.warnings, session._uuid = [], [], uuid
+    live = ET.fromstring("<domain><devices><tpm><backend type='emulator'/></tpm></devices></domain>")
+    list_folder = walk.platform.list_folder
+
+    def list_then_swap(path: str, seen: os.stat_result | None = None, *, limit: int | None = None) -> object:
+        listed = list_folder(path, seen, limit=limit)
+        if path == str(state / uuid / "tpm2"):  # "lock" was seen as a folder: now a link
+            os.rmdir(state / uuid / "tpm2" / "lock")
+            os.symlink(outside, state / uuid / "tpm2" / "lock")
+        return listed
+
+    monkeypatch.setattr(walk.platform, "list_folder", list_then_swap)
+    session._add_state_files(live)
+    assert [f.name for f in session.files] == ["tpm/tpm2/tpm2-00.permall"]
+    opened = session.files[0].open()
+    assert opened is not None and opened.read() == b"permall"
+    opened.close()
+    assert session.warnings == [f"{state / uuid / 'tpm2' / 'lock'}: cannot list: is a link (not followed)"]

@@ -61,6 +61,7 @@ from vmvault.disk import (
 )
 from vmvault.disk.base import DiskImage
 from vmvault.errors import ConfigError, SourceError, VmvaultError
+from vmvault.hypervisors import walk
 from vmvault.hypervisors.base import (
     DEFAULT_OPTIONS,
     BackupOptions,
@@ -71,6 +72,7 @@ from vmvault.hypervisors.base import (
     SourceFile,
 )
 from vmvault.hypervisors.openers import checked_opener
+from vmvault.hypervisors.walk import MAX_ENTRIES
 
 if TYPE_CHECKING:
     from vmvault.hypervisors.hyperv_model import HostFolder, HyperVVm
@@ -81,10 +83,6 @@ __all__ = ["FilesSource"]
 _RAW_SUFFIXES = disk_format(FALLBACK_FORMAT).suffixes
 #: names that mark a disk image of some format: such a file that cannot be read fails the backup
 _DISK_NAMES = DISK_SUFFIXES
-#: entries (files, folders, anything) a folder scan examines at most: a VM folder holds a few
-#: dozen, and each costs memory until the snapshot is saved (about 3 KiB), so whoever writes
-#: the folder could otherwise have a backup take any amount of the host's memory
-MAX_ENTRIES = 100_000
 
 
 class FilesSession(BackupSession):
@@ -178,11 +176,8 @@ class FilesSession(BackupSession):
                 # the very folder listed above, never where a link swapped in since leads
                 entries = platform.list_folder(folder, seen, limit=MAX_ENTRIES - examined)
             except OSError as exc:
-                if exc.errno == errno.E2BIG:
-                    raise SourceError(
-                        f"{root}: more than {MAX_ENTRIES:,} files and folders; a VM folder holds a few dozen: "
-                        "is this the VM's folder? Nothing was backed up"
-                    ) from exc
+                if exc.errno == errno.E2BIG:  # each entry costs memory until the snapshot is saved
+                    raise walk.too_many(root, MAX_ENTRIES) from exc
                 if folder == root:
                     raise SourceError(f"{root}: cannot list: {exc.strerror}") from exc
                 self._skip(prefix.rstrip("/"), f"the folder cannot be listed ({exc.strerror})")

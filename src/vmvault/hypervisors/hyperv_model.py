@@ -41,6 +41,7 @@ are the ones the lab host writes; real VMCX files have not been checked for them
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -49,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmvault import platform
 from vmvault.disk import ParentRule, open_checked, open_image
 from vmvault.errors import ConfigError, FormatError, SourceError, VmvaultError
 
@@ -62,6 +64,7 @@ from vmvault.hypervisors._vmcx import (
     parse_config,
     render_xml_config,
 )
+from vmvault.hypervisors.walk import MAX_ENTRIES, regular_files, too_many
 
 __all__ = [
     "CONFIG_SUFFIXES",
@@ -253,12 +256,14 @@ def _read_config(path: str) -> VmConfig:
 
 def _config_files(folder: str) -> list[str]:
     try:
-        names = sorted(os.listdir(folder))
+        entries = platform.list_folder(folder, limit=MAX_ENTRIES)
     except FileNotFoundError:
         return []
     except OSError as exc:
+        if exc.errno == errno.E2BIG:
+            raise too_many(folder, MAX_ENTRIES) from exc
         raise SourceError(f"{folder}: {exc.strerror}") from exc
-    return [os.path.join(folder, n) for n in names if n.lower().endswith(CONFIG_SUFFIXES)]
+    return [os.path.join(folder, n) for n, _ in entries if n.lower().endswith(CONFIG_SUFFIXES)]
 
 
 def discover(folder: str, *, renamed: tuple[str, str] | None = None) -> HyperVVm:
@@ -272,25 +277,14 @@ def discover(folder: str, *, renamed: tuple[str, str] | None = None) -> HyperVVm
     warnings: list[str] = []
     disk_paths: list[str] = []
     others: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for fname in sorted(filenames):
-            full = os.path.join(dirpath, fname)
-            low = fname.lower()
-            if low.endswith((*TRACKING_SUFFIXES, ".tmp")):
-                continue  # change-tracking state and files being replaced are no part of the VM
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise SourceError(f"{full}: {exc.strerror}") from exc
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            if low.endswith(DISK_FILE_SUFFIXES):
-                disk_paths.append(full)
-            else:
-                others.append(os.path.relpath(full, folder).replace(os.sep, "/"))
+    for full, _st in regular_files([folder], warnings):
+        low = os.path.basename(full).lower()
+        if low.endswith((*TRACKING_SUFFIXES, ".tmp")):
+            continue  # change-tracking state and files being replaced are no part of the VM
+        if low.endswith(DISK_FILE_SUFFIXES):
+            disk_paths.append(full)
+        else:
+            others.append(os.path.relpath(full, folder).replace(os.sep, "/"))
 
     disks: dict[str, DiskFile] = {}
     for path in disk_paths:
@@ -595,37 +589,10 @@ class HostFolder:
 
 def _scan_disk_files(folders: list[str], warnings: list[str]) -> list[str]:
     """Disk files below ``folders`` (regular files only; links are not followed), each once.
-    Iterative: a hostile folder may be nested thousands deep."""
-    found: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    stack = list(reversed(folders))
-    while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            if folder == folders[0]:
-                raise SourceError(f"{folder}: cannot list: {exc.strerror}") from exc
-            warnings.append(f"{folder}: cannot list: {exc.strerror}")
-            continue
-        below = []
-        for e in entries:
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                below.append(e.path)
-            elif (
-                stat.S_ISREG(st.st_mode)
-                and e.name.lower().endswith(DISK_FILE_SUFFIXES)
-                and (st.st_dev, st.st_ino) not in seen
-            ):
-                seen.add((st.st_dev, st.st_ino))
-                found.append(e.path)
-        stack.extend(reversed(below))
-    return found
+    A host folder holds a few dozen files per VM, and disk folders may be big: at most ten times
+    a VM folder's entries are examined."""
+    found = regular_files(folders, warnings, limit=10 * MAX_ENTRIES)
+    return [path for path, _st in found if os.path.basename(path).lower().endswith(DISK_FILE_SUFFIXES)]
 
 
 def _resolver(index: dict[str, list[tuple[str, str]]], warnings: list[str]) -> Callable[[str], str | None]:

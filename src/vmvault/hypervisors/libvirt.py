@@ -57,6 +57,7 @@ from vmvault.hypervisors.base import (
 )
 from vmvault.hypervisors.openers import bytes_opener, checked_opener
 from vmvault.hypervisors.qemu import SOCKET_FOLDER, make_scratch_folder, scratch_space_warning, socket_folder
+from vmvault.hypervisors.walk import regular_files
 from vmvault.platform import current_uid
 
 __all__ = [
@@ -86,6 +87,8 @@ CHECKPOINT_PREFIX = "vmvault-"
 #: private folders for the NBD socket and the scratch files: leftovers are recognisable
 TEMP_PREFIX = "vmvault-libvirt-"
 _OWNER_FILE = "owner"
+#: where libvirt keeps each domain's TPM state (swtpm's, in a folder named by the domain's UUID)
+SWTPM_STATE = "/var/lib/libvirt/swtpm"
 #: per-disk ``backupmode``/``incremental`` in the backup XML (mixing full and incremental disks)
 MIN_LIBVIRT = (7, 6, 0)
 INSTALL_HINT = (
@@ -538,22 +541,28 @@ class LibvirtSession(BackupSession):
             backend = tpm.find("backend")
             if backend is None or backend.get("type") != "emulator":
                 continue
-            folder = os.path.join("/var/lib/libvirt/swtpm", self._uuid)
+            folder = os.path.join(SWTPM_STATE, self._uuid)
             if not os.path.isdir(folder):
                 self._warn(f"TPM state folder {folder} not found; the snapshot has no TPM state")
                 continue
-            # swtpm's user owns the folder: a folder in it swapped for a link during the walk
-            # leads elsewhere, so each file must lie in it by the real path of the open file
+            # swtpm's user owns the folder: a folder in it swapped for a link leads elsewhere,
+            # so it is walked by descriptors and each file must lie in it when it is opened
             inside = ParentRule.inside([folder])
-            for root, _dirs, files in os.walk(folder):
-                for f in sorted(files):
-                    path = os.path.join(root, f)
-                    rel = os.path.relpath(path, folder).replace(os.sep, "/")
-                    self._add_file(f"tpm/{rel}", path, "TPM state", inside)
+            try:
+                found = list(regular_files([folder], self.warnings))
+            except SourceError as exc:
+                self._warn(f"TPM state folder {folder}: {exc}; the snapshot has no TPM state")
+                continue
+            for path, st in found:
+                rel = os.path.relpath(path, folder).replace(os.sep, "/")
+                self._add_file(f"tpm/{rel}", path, "TPM state", inside, st)
 
-    def _add_file(self, name: str, path: str, what: str, inside: ParentRule | None = None) -> None:
+    def _add_file(
+        self, name: str, path: str, what: str, inside: ParentRule | None = None, st: os.stat_result | None = None
+    ) -> None:
+        """``path`` stored as ``name`` (``st``: its ``lstat``, when a walk took it)."""
         try:
-            st = os.lstat(path)
+            st = st or os.lstat(path)
         except OSError as exc:
             self._warn(f"{what} {path} cannot be read ({exc.strerror}); it is not in the snapshot")
             return
