@@ -505,6 +505,32 @@ def test_write_in_place_refusals(tmp_path: Path) -> None:
         assert path.read_bytes() == before  # a refused image is left untouched
 
 
+def test_write_in_place_into_a_name_swapped_after_its_checks_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The image is checked through one open and written through a second, by name: a name
+    swapped in between (a link to another image, whoever writes the folder) got the other file
+    marked dirty. The second open must be the file checked."""
+    from vmvault.disk import qcow2 as module
+
+    path, other = tmp_path / "vm.qcow2", tmp_path / "another-vm.qcow2"
+    for p in (path, other):
+        create_qcow2(str(p), 1 * MIB).close()
+    before = other.read_bytes()
+    checked = module.open_qcow2
+
+    def check_then_swap(name: str, **kw: Any) -> Qcow2Image:
+        image = checked(name, **kw)
+        os.rename(path, tmp_path / "vm.away")
+        os.symlink(other, path)
+        return image
+
+    monkeypatch.setattr(module, "open_qcow2", check_then_swap)
+    with pytest.raises(FormatError, match="was replaced by another file while it was opened for writing"):
+        open_qcow2_for_write(str(path))
+    assert other.read_bytes() == before
+
+
 def test_concurrent_reads(tmp_path: Path) -> None:
     """Readers share one image from several threads (the engine's pool); the L2 cache must hold up."""
     from concurrent.futures import ThreadPoolExecutor

@@ -1121,9 +1121,18 @@ def open_qcow2_for_write(path: str) -> Qcow2Writer:
                 f"cannot write in place into an image with {why}", path=path, structure="qcow2 header"
             )
         try:
-            fd = os.open(path, os.O_RDWR | platform.O_BINARY)
+            fd = os.open(path, os.O_RDWR | platform.O_BINARY | platform.O_CLOEXEC)
         except OSError as exc:
             raise FormatError(f"cannot open for writing: {exc.strerror}", path=path) from exc
+        # opened by name a second time: it must be the file just checked, not one swapped in
+        # under the name since (a link to a host file would get the header written into it)
+        try:
+            same = platform.same_file(os.fstat(reader._fd), os.fstat(fd))
+        except OSError:
+            same = False
+        if not same:
+            os.close(fd)
+            raise FormatError("was replaced by another file while it was opened for writing; not written", path=path)
     except BaseException:
         reader.close()
         raise
