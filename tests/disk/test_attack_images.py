@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_tool, within
-from vmvault.disk import ParentRule, create_image, detect_format, open_image
+from vmvault.disk import ParentRule, create_image, detect_format, disk_format, open_image
 from vmvault.disk import _vhdx_layout as L
 from vmvault.disk._open import open_checked
 from vmvault.disk.chain import MERGE_JOURNAL_SUFFIX, checkpoint, convert, merge, open_chain
@@ -535,3 +535,43 @@ def test_errors_are_vmvault_errors_with_one_line(layout: tuple[Path, Path]) -> N
     with pytest.raises(ParentError):
         open_image(str(disk), rule=beside(disk))
     assert time.monotonic() - started < 5
+
+
+# ============================================================================ a name swapped between two opens
+
+
+@pytest.mark.parametrize("fmt", ["vhdx", "vhd"])
+def test_repointing_a_child_swapped_between_its_two_opens_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Re-pointing a child (a merge's grandchildren, ``disk`` commands) checks it through one
+    open and writes its locator through a second, by name: a name swapped in between for a link
+    to another VM's child had that file's locator rewritten. The second open must be the file
+    the first one checked."""
+    from vmvault.disk import _vhdx_write, vhd
+
+    base, child, other = (tmp_path / f"{n}.{fmt}" for n in ("base", "child", "other"))
+    if fmt == "vhdx":
+        create_vhdx(str(base), 8 * MIB, block_size=MIB).close()
+        for c in (child, other):
+            create_vhdx(str(c), 0, parent=str(base), block_size=MIB).close()
+        module, name = _vhdx_write, "open_vhdx_for_write"
+    else:
+        create_vhd(str(base), 4 * MIB).close()
+        for c in (child, other):
+            create_vhd(str(c), 4 * MIB, parent=str(base)).close()
+        module, name = vhd, "open_vhd"
+    before = other.read_bytes()
+    first_open = getattr(module, name)
+
+    def open_then_swap(path: str, **kw: object) -> object:
+        opened = first_open(path, **kw)
+        if os.path.abspath(path) == str(child):
+            os.rename(child, tmp_path / "child.away")
+            os.symlink(other, child)
+        return opened
+
+    monkeypatch.setattr(module, name, open_then_swap)
+    with pytest.raises(SourceError, match="was replaced by another file since it was examined"):
+        disk_format(fmt).set_parent(str(child), str(base), ParentRule.inside([str(tmp_path)]))
+    assert other.read_bytes() == before

@@ -210,7 +210,7 @@ def open_checked(
         if not acceptable(st.st_mode):
             raise SourceError(f"{path}: is {describe_mode(st.st_mode)}, not {what}; not read")
         if expect is not None and (st.st_dev, st.st_ino) != expect:
-            raise SourceError(f"{path}: was replaced by another file after the folder was scanned; not read")
+            raise SourceError(f"{path}: was replaced by another file since it was examined; not used")
         if inside is not None:
             real = real_path(fd, path)
             if not inside.allows(real):

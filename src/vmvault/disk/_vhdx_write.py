@@ -569,8 +569,11 @@ def set_locator(path: str, entries: tuple[tuple[str, str], ...]) -> None:
     metadata table entry that names it change (a single 32-byte entry inside one sector), so
     either the old or the new locator is in force at every instant.
     """
-    open_vhdx_for_write(path).close()
-    fd, _st = open_checked(path, block_devices=False, writable=True)
+    writer = open_vhdx_for_write(path)
+    checked = os.fstat(writer._fd)
+    writer.close()
+    # opened by name again: it must be the file just checked and made clean, not one swapped in
+    fd, _st = open_checked(path, block_devices=False, writable=True, expect=(checked.st_dev, checked.st_ino))
     try:
         base, length, meta = _metadata_table(fd, path)
         idx = next((i for i, e in enumerate(meta.entries) if e.item_id == L.PARENT_LOCATOR_GUID), None)

@@ -883,13 +883,15 @@ def _set_parent(path: str, new_parent: str, rule: ParentRule) -> None:
         puid, pts = p.footer.unique_id, p.footer.timestamp
     with open_vhd(path, rule=rule) as img:
         data_offset = img.footer.data_offset
+        checked = os.fstat(img._fd)
     parent_abs = os.path.abspath(new_parent)
     rel = os.path.relpath(parent_abs, os.path.dirname(os.path.abspath(path)))
     texts = {
         PlatformCode.W2KU.value: parent_abs.replace("/", "\\"),
         PlatformCode.W2RU.value: (".\\" + rel if not rel.startswith("..") else rel).replace("/", "\\"),
     }
-    fd, _st = open_checked(path, block_devices=False, writable=True)
+    # opened by name again: it must be the file just checked, not one swapped in since
+    fd, _st = open_checked(path, block_devices=False, writable=True, expect=(checked.st_dev, checked.st_ino))
     try:
         header = DynamicHeader.unpack(read_structure(fd, path, data_offset, DYNAMIC_HEADER_SIZE, "VHD dynamic header"))
         locators = list(header.locators)
