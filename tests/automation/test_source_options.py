@@ -94,7 +94,7 @@ def test_options_on_a_hypervisor_source_are_refused(tmp_path: Path) -> None:
         source = "db"
         repository = "r"
         """
-    with pytest.raises(ConfigError, match="applies to VM folders and image files, not to running QEMU VMs"):
+    with pytest.raises(ConfigError, match="applies to VM folders and image files, and libvirt domains, not to running"):
         make_config(tmp_path, body)
 
 

@@ -141,6 +141,7 @@ def test_allow_parent_dir_is_refused_for_sources_it_cannot_apply_to(
     env: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _out, err = run(capsys, "backup", "qemu+unix:///run/none.qmp", "--allow-parent-dir", str(env))
-    assert code == EXIT["usage"] and "applies to VM folders and image files, not to running QEMU VMs" in err
+    assert code == EXIT["usage"]
+    assert "applies to VM folders and image files, and libvirt domains, not to running QEMU VMs" in err
     code, _out, err = run(capsys, "backup", str(env / "vm"), "--allow-parent-dir", str(env / "missing"))
     assert code == EXIT["usage"] and "is not a folder" in err

@@ -230,7 +230,7 @@ def test_a_source_that_is_a_special_file_is_refused(tmp_path: Path) -> None:
         within(10, lambda: FilesSource(str(tmp_path / "disk.img")))
     with pytest.raises(ConfigError, match="allowed parent folder"):
         FilesSource(str(tmp_path)).open_session(None, BackupOptions(allow_parent_dirs=(str(tmp_path / "missing"),)))
-    with pytest.raises(ConfigError, match="applies to VM folders and image files, not to running QEMU VMs"):
+    with pytest.raises(ConfigError, match="applies to VM folders and image files, and libvirt domains, not to running"):
         open_source("qemu+unix:///run/x.qmp", BackupOptions(allow_parent_dirs=(str(tmp_path),)))
 
 

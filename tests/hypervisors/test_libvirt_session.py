@@ -16,7 +16,7 @@ import pytest
 
 from tests.hypervisors.qemu_vm import SYSTEM_PYTHON, covers, other_user, read_disk
 from tests.libvirtd import Disk, Libvirtd, LibvirtVM, libvirtd, make_domain
-from vmvault.errors import HypervisorError, SourceError
+from vmvault.errors import HypervisorError, ParentError, SourceError
 from vmvault.hypervisors.base import BackupOptions, PreviousBackup
 from vmvault.hypervisors.libvirt import LibvirtSession, LibvirtSource
 
@@ -341,6 +341,25 @@ def test_offline_qcow2_with_a_backing_chain_is_one_disk(make_domain: Callable[..
         # the engine stores the merged view of a disk that is not a layer: backing data included
         assert image.read(0, image.size) == bytes(expected)
         assert sum(e.length for e in image.merged_extents() if e.kind.value == "data") >= MiB + 64 * KiB
+
+
+def test_offline_backing_file_on_a_host_file_is_refused(make_domain: Callable[..., LibvirtVM], tmp_path: Path) -> None:
+    """QEMU writes its image's header, so whatever runs in it (the guest, taken over) can make
+    the image name any host file as its backing file. The offline backup, reading as root,
+    stored that file as the disk's unwritten part. Now a backing file must lie in the image's
+    folder or an ``--allow-parent-dir`` folder (as for VM folders)."""
+    images, outside = tmp_path / "images", tmp_path / "outside"
+    images.mkdir()
+    outside.mkdir()
+    vm = make_domain([Disk("vda", "qcow2", 8 * MiB)], start=False, workdir=images)
+    secret = outside / "shadow"
+    secret.write_bytes(b"root:$y$j9T$secret\n".ljust(8 * MiB, b"\0"))
+    subprocess.run(["qemu-img", "rebase", "-q", "-u", "-b", str(secret), "-F", "raw", vm.paths["vda"]], check=True)
+    with pytest.raises(ParentError, match=rf"parent {secret} .*inside {images}"):
+        source_for(vm, tmp_path / "scratch").open_session(None)
+    allowed = BackupOptions(allow_parent_dirs=(str(outside),))
+    with source_for(vm, tmp_path / "scratch").open_session(None, allowed) as s:
+        assert s.disks[0].image.read(0, 18) == b"root:$y$j9T$secret"
 
 
 #: run as QEMU's user: put a link to VICTIM under each NAME in FOLDER (moving a file there

@@ -87,7 +87,11 @@ def test_connector_options_are_refused_where_they_mean_nothing(tmp_path: Path) -
         ConfigError, match=r"--scratch-dir \(scratch_dir\) applies to running QEMU VMs and libvirt domains, not to VM"
     ):
         check_options(files, BackupOptions(scratch_dir="/tmp"), str(tmp_path))
-    with pytest.raises(ConfigError, match=r"--allow-parent-dir .* and --follow-links .* apply to VM folders"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--allow-parent-dir \(allow_parent_dirs\) applies to VM folders and image files, and libvirt "
+        r"domains; --follow-links \(follow_links\) applies to VM folders and image files, not to running QEMU VMs$",
+    ):
         check_options(qemu, BackupOptions(allow_parent_dirs=("/srv",), follow_links=True), "qemu+unix:///x")
     # options for every source, and an option a connector lists, pass
     general = BackupOptions(allow_crash_consistent=True, exclude=("*.iso",), full=True)

@@ -642,7 +642,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
         action="append",
         metavar="DIR",
         help="disk parents (backing files) may also be in DIR (repeatable); by default only inside the VM folder "
-        "or, for one image, its own folder",
+        "or, for one image and a shut-off libvirt domain's disk, its own folder",
     )
     p.add_argument(
         "--follow-links",

@@ -12,6 +12,7 @@ connector documents.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -94,6 +95,15 @@ class BackupOptions:
             or not (0 <= self.tracking_sample <= 1 << 20)
         ):
             raise ConfigError(f"tracking sample {self.tracking_sample!r}: give a number of chunks from 0 to {1 << 20}")
+
+    def parent_folders(self) -> list[str]:
+        """``allow_parent_dirs`` as absolute paths; ConfigError for one that is not a folder."""
+        found: list[str] = []
+        for d in self.allow_parent_dirs:
+            if not os.path.isdir(d):
+                raise ConfigError(f"allowed parent folder {d!r} is not a folder")
+            found.append(os.path.abspath(d))
+        return found
 
     def given(self) -> frozenset[str]:
         """The names of the options set to something other than their default."""

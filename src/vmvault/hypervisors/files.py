@@ -60,7 +60,7 @@ from vmvault.disk import (
     open_image,
 )
 from vmvault.disk.base import DiskImage
-from vmvault.errors import ConfigError, SourceError, VmvaultError
+from vmvault.errors import SourceError, VmvaultError
 from vmvault.hypervisors import walk
 from vmvault.hypervisors.base import (
     DEFAULT_OPTIONS,
@@ -470,11 +470,7 @@ class FilesSource(Source):
         self._single = not stat.S_ISDIR(st.st_mode)
 
     def open_session(self, previous: PreviousBackup | None, options: BackupOptions = DEFAULT_OPTIONS) -> BackupSession:
-        allow: list[str] = []
-        for d in options.allow_parent_dirs:
-            if not os.path.isdir(d):
-                raise ConfigError(f"allowed parent folder {d!r} is not a folder")
-            allow.append(os.path.abspath(d))
+        allow = options.parent_folders()
         # Offline files have no change tracking: every backup reads all allocated data and
         # stores only new chunks.
         if self._host_vm is not None:

@@ -393,6 +393,8 @@ class LibvirtSession(BackupSession):
     def __init__(self, source: LibvirtSource, options: BackupOptions = DEFAULT_OPTIONS) -> None:
         self.source = source
         self.scratch_dir = options.scratch_dir or source.scratch_dir
+        #: where an offline disk's backing files may be besides its own folder
+        self.allow_parent_dirs = options.parent_folders()
         self.allow_crash_consistent = options.allow_crash_consistent
         self.patterns = options.exclude
         self.vm: dict[str, Any] = {"hypervisor": "libvirt"}
@@ -885,7 +887,11 @@ class LibvirtSession(BackupSession):
                 continue
             try:
                 self._offline.append(_FileState.of(d.source))
-                image = open_image(d.source, format=format_from_qemu(d.format))
+                # the image's header names its backing files, and whatever runs in QEMU (the
+                # guest, taken over) writes that header: vmvault, as root, reads the chain only
+                # in the image's folder and the allowed ones, never a host file it names
+                rule = ParentRule.beside(d.source, self.allow_parent_dirs)
+                image = open_image(d.source, format=format_from_qemu(d.format), rule=rule)
             except OSError as exc:
                 raise SourceError(f"{d.target}: {d.source}: {exc.strerror}") from exc
             self._images.append(image)

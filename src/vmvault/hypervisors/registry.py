@@ -154,7 +154,7 @@ CONNECTORS: tuple[Connector, ...] = (
         define="vmvault.hypervisors.libvirt_restore:after_restore",
         audit="vmvault.hypervisors.libvirt:audit",
         audit_usage="libvirt:///[DOMAIN][?uri=URI]",
-        options=frozenset({"scratch_dir"}),
+        options=frozenset({"scratch_dir", "allow_parent_dirs"}),
         extra="libvirt",
     ),
     Connector(
@@ -212,6 +212,15 @@ def connector_for_kind(kind: str) -> Connector | None:
     return next((c for c in CONNECTORS if kind in c.kinds), None)
 
 
+def _listed(nouns: list[str]) -> str:
+    """``a and b``, ``a, b and c``; with a comma before the last ``and`` when a noun holds one
+    (``VM folders and image files, and libvirt domains``)."""
+    if len(nouns) == 1:
+        return nouns[0]
+    last = ", and " if any(" and " in n for n in nouns) else " and "
+    return ", ".join(nouns[:-1]) + last + nouns[-1]
+
+
 def check_options(connector: Connector, options: BackupOptions, where: str) -> None:
     """Refuse connector-specific options ``connector`` does not honour (ConfigError naming them)."""
     foreign = sorted((options.given() & CONNECTOR_OPTIONS) - connector.options)
@@ -220,7 +229,7 @@ def check_options(connector: Connector, options: BackupOptions, where: str) -> N
     by_takers: dict[str, list[str]] = {}
     for name in foreign:
         takers = [c.noun for c in CONNECTORS if name in c.options and not c.demo] or ["no source"]
-        by_takers.setdefault(" and ".join(takers), []).append(OPTION_NAMES.get(name, name))
+        by_takers.setdefault(_listed(takers), []).append(OPTION_NAMES.get(name, name))
     parts = [
         f"{' and '.join(names)} {'apply' if len(names) > 1 else 'applies'} to {takers}"
         for takers, names in by_takers.items()
