@@ -379,3 +379,38 @@ def test_install_refuses_what_other_users_can_change(
     assert install(with_secret, "--name", "as-nobody", "--user", "nobody")[0] == 0
     code, err = install(with_secret, "--name", "as-nobody", "--user", "no such user")
     assert code == 2 and "no such account" in err
+
+
+def test_commands_that_run_jobs_refuse_a_configuration_others_can_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The installer's checks held only for a service it installs: `vmvault daemon` or `run`
+    started by hand or from cron, as root, ran whatever a configuration in a folder others may
+    write said (its repository, its sources, its secrets). Now they refuse it, and name the
+    secrets others could read; commands that only read it (`jobs`) do not."""
+    if os.geteuid() != 0:
+        pytest.skip("the checks compare owners with root's and this user's ids")
+    open_folder = tmp_path / "shared"
+    open_folder.mkdir()
+    open_folder.chmod(0o777)  # not sticky: anyone may rename the configuration away and put theirs
+    cfg = open_folder / "vmvault.toml"
+    cfg.write_text(CONFIG)
+
+    def run(*argv: str) -> tuple[int, str]:
+        capsys.readouterr()
+        code = main([*argv, "--config", str(cfg)])
+        return code, capsys.readouterr().err
+
+    for command in (["run", "nightly"], ["daemon"]):
+        code, err = run(*command)
+        assert code == 2 and f"{open_folder} is writable by other users (mode 0777); whoever can change it" in err
+        assert f"decides what `vmvault {command[0]}` backs up" in err and len(err.strip().splitlines()) == 1
+    assert run("jobs")[0] == 0
+    open_folder.chmod(0o755)
+    secret = tmp_path / "local.pass"
+    secret.write_text("correct horse\n")
+    secret.chmod(0o644)
+    cfg.write_text(CONFIG.replace('password_env = "PW"', f'password_file = "{secret}"'))
+    code, err = run("run", "nightly", "--no-retry")
+    assert f"vmvault: warning: {secret} (named by {cfg}): is open to other users (mode 0644)" in err
+    assert code != 2  # it ran (the job fails: there is no /vms/web01 here)

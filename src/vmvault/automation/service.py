@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from vmvault import platform
-from vmvault.automation.config import load_config
+from vmvault.automation.config import AutomationConfig, load_config
 from vmvault.errors import ConfigError, ServiceError
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "ServiceSpec",
     "SystemdService",
     "TaskService",
+    "check_running_config",
     "check_service_files",
     "daemon_command",
     "default_kind",
@@ -162,13 +163,21 @@ def check_service_files(command: Sequence[str], config_path: str, user: str | No
                 f"{path}: {why}; the service would run what they write as {user or 'root'}: "
                 "fix the permissions first (nothing was installed)"
             )
+    for secret, why in secret_problems(config, owners):
+        raise ConfigError(f"{secret} (named by {config_path}): {why}; nothing was installed")
+
+
+def secret_problems(config: AutomationConfig, owners: set[int]) -> list[tuple[str, str]]:
+    """(file, why) for each secret the configuration names (password or key file, TLS key)
+    that an account other than ``owners`` could read or change."""
     secrets = [r.password_file for r in config.repositories.values()] + [
         r.key_file for r in config.repositories.values()
     ]
     secrets += [n.password_file for n in config.notifiers.values()]
     secrets += [config.web.tls_key] if config.web is not None else []
+    found: list[tuple[str, str]] = []
     for secret in secrets:
-        if not secret:
+        if not secret or platform.WINDOWS:
             continue
         try:
             st = os.stat(secret)
@@ -178,7 +187,26 @@ def check_service_files(command: Sequence[str], config_path: str, user: str | No
         why = f"is open to other users (mode {mode:04o}): chmod 600 it" if mode & 0o077 else None
         why = why or platform.others_can_change(secret, owners)
         if why is not None:
-            raise ConfigError(f"{secret} (named by {config_path}): {why}; nothing was installed")
+            found.append((secret, why))
+    return found
+
+
+def check_running_config(config_path: str, config: AutomationConfig, *, command: str) -> list[str]:
+    """Before ``command`` (the daemon, ``run``, the dashboard) runs jobs from the configuration
+    at ``config_path``: refuse one that another local account could change (whoever writes it
+    decides what is backed up where, and with which secrets, run as this user, often root);
+    return warnings for the secrets it names that others could read or change."""
+    uid = platform.current_uid()
+    if uid is None:
+        return []  # Windows: ACLs, not mode bits
+    owners = {0, uid}
+    why = platform.others_can_change(config_path, owners)
+    if why is not None:
+        raise ConfigError(
+            f"{config_path}: {why}; whoever can change it decides what `vmvault {command}` backs up, where to, "
+            "and with which secrets: fix the permissions first (nothing was run)"
+        )
+    return [f"{secret} (named by {config_path}): {why}" for secret, why in secret_problems(config, owners)]
 
 
 # ------------------------------------------------------------------------------- systemd

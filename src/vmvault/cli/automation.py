@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -118,15 +119,23 @@ def _setup_logging(verbose: bool) -> None:
     root.propagate = False
 
 
-def _config(args: argparse.Namespace) -> AutomationConfig:
+def _config(args: argparse.Namespace, *, runs_jobs: str | None = None) -> AutomationConfig:
+    """The configuration the command names. ``runs_jobs`` (the command's name): it runs jobs
+    from it, so one that others could change is refused, and secrets others could read named."""
     path = args.config or os.environ.get("VMVAULT_CONFIG")
     if not path:
         raise ConfigError("no configuration given: use --config vmvault.toml or set VMVAULT_CONFIG")
-    return load_config(path)
+    config = load_config(path)
+    if runs_jobs is not None:
+        from vmvault.automation.service import check_running_config
+
+        for warning in check_running_config(path, config, command=runs_jobs):
+            print(f"vmvault: warning: {terminal_safe(warning)}", file=sys.stderr)
+    return config
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = _config(args, runs_jobs="daemon")
     _setup_logging(args.verbose)
     log = logging.getLogger("vmvault.automation")
     history = History(config.daemon.history)
@@ -173,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from vmvault.cli import _exit_code
 
     out = Output(args)
-    config = _config(args)
+    config = _config(args, runs_jobs="run")
     job = config.job(args.job)
     if not args.json:
         _setup_logging(args.verbose)

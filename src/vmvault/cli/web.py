@@ -103,7 +103,7 @@ def cmd_web(args: argparse.Namespace) -> int:
     from .automation import _config
 
     require_web()  # a missing package is named before anything else is looked at
-    config = _config(args)
+    config = _config(args, runs_jobs="web")
     settings = _settings(config, args)
     _logging(args.verbose)
     history = History(config.daemon.history)
