@@ -779,3 +779,35 @@ def test_libvirt_defines_a_user_interface_that_had_port_forwards(libvirtd: Libvi
     finally:
         dom.undefineFlags(4)
     assert "portForward" not in defined and "<interface type='user'>" in defined
+
+
+def test_a_domain_is_not_defined_from_a_folder_others_can_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``restore --define --start`` into a folder another account may write: libvirtd chowns
+    each restored disk to QEMU's user by its name and QEMU opens it by name, so a disk swapped
+    for a link to a host file between the restore and the start would have been given to QEMU
+    (and written by the guest). Nothing is defined from such a folder; from a sticky one (only
+    the owner may rename what it holds) and from a private one it is."""
+    if os.geteuid() != 0:
+        pytest.skip("the check compares owners with root's and this user's ids")
+    from vmvault.hypervisors import libvirt_restore
+
+    defined: list[str] = []
+    monkeypatch.setattr(libvirt_restore, "define_domain", lambda domain, uri, start: defined.append(domain.name))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    vm = RestoredVm("libvirt", {"name": "web01"}, str(shared), {}, {}, {}, register=Registration(start=True))
+    domain = libvirt_restore.RestoredDomain("web01", "6b0c6f4e-6d1e-4a4b-9a51-3f7c1c7c0a02", str(shared / "web01.xml"))
+    for mode, ok in ((0o777, False), (0o775, False), (0o1777, True), (0o700, True)):
+        shared.chmod(mode)
+        if ok:
+            libvirt_restore._register(domain, vm)
+        else:
+            with pytest.raises(ConfigError, match=rf"{shared} is writable by other users .*nothing was defined"):
+                libvirt_restore._register(domain, vm)
+    assert defined == ["web01", "web01"]
+    shared.chmod(0o700)
+    os.chown(shared, 4242, 4242)
+    with pytest.raises(ConfigError, match="belongs to user id 4242"):
+        libvirt_restore._register(domain, vm)
