@@ -525,14 +525,18 @@ def group_id(name: str) -> int | None:
         return None
 
 
-def others_can_change(path: str, owners: set[int], *, container: bool = False) -> str | None:
-    """Why an account other than ``owners`` (user ids) could change ``path`` or put something
-    else in its place: the file or a folder above it writable by group or others (a sticky
-    folder above excepted), or owned by another account; None when only ``owners`` can (and
-    on Windows, where owners are not numeric). ``container``: ``path`` is a folder that only
-    holds entries of the caller's own making (a ``mkdtemp``), so it may be sticky too."""
-    if current_uid() is None:
+def others_can_change(path: str, owners: set[int] | None = None, *, container: bool = False) -> str | None:
+    """Why an account other than ``owners`` (user ids; by default root and this process's user)
+    could change ``path`` or put something else in its place: the file or a folder above it
+    writable by group or others (a sticky folder above excepted), or owned by another account;
+    None when only ``owners`` can (and on Windows, where owners are not numeric).
+    ``container``: ``path`` is a folder that only holds entries of the caller's own making (a
+    ``mkdtemp``), so it may be sticky too."""
+    uid = current_uid()
+    if uid is None:
         return None
+    if owners is None:
+        owners = {0, uid}
     current = os.path.realpath(path)
     first = not container
     while True:

@@ -200,7 +200,7 @@ def check_running_config(config_path: str, config: AutomationConfig, *, command:
     if uid is None:
         return []  # Windows: ACLs, not mode bits
     owners = {0, uid}
-    why = platform.others_can_change(config_path, owners)
+    why = platform.others_can_change(config_path)
     if why is not None:
         raise ConfigError(
             f"{config_path}: {why}; whoever can change it decides what `vmvault {command}` backs up, where to, "

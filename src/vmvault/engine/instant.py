@@ -803,7 +803,7 @@ def _private(target: Path, *, exists: bool = True) -> None:
     where they could rename it away and put theirs: they could swap the overlays (the guest's
     decrypted disks) for links, read them, or forge the state vmvault acts on (PIDs it stops)."""
     uid = platform.current_uid()
-    why = platform.others_can_change(str(target.parent), {0} if uid is None else {0, uid}, container=True)
+    why = platform.others_can_change(str(target.parent), container=True)
     if why is not None:
         raise TargetError(f"{target}: {why}; give a folder only this user can change")
     st = os.lstat(target) if exists else None

@@ -430,7 +430,7 @@ def verify_boot(
         raise ConfigError(f"accel is auto, tcg or kvm, not {options.accel!r}")
     base = options.work_dir or tempfile.gettempdir()
     uid = platform.current_uid()
-    why = platform.others_can_change(base, {0} if uid is None else {0, uid}, container=True)
+    why = platform.others_can_change(base, container=True)
     if why is not None:
         # whoever can rename the private folder away can put links where the overlays go
         raise ConfigError(f"the work folder {base}: {why}; give a folder only this user can change (--work-dir)")

@@ -603,8 +603,7 @@ def _register(domain: RestoredDomain, restored: RestoredVm) -> None:
     # libvirtd, as root, chowns each disk to QEMU's user by its name (dynamic_ownership) and QEMU
     # opens it by name: in a folder another account can change, a disk swapped for a link to a
     # host file after the restore would be given to QEMU, and written by the guest
-    uid = platform.current_uid()
-    why = platform.others_can_change(restored.folder, {0} if uid is None else {0, uid}, container=True)
+    why = platform.others_can_change(restored.folder, container=True)
     if why is not None:
         raise ConfigError(
             f"{restored.folder}: {why}; libvirt would take the restored disks there by their names: nothing was "
