@@ -14,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.web.conftest import ROLES, Site
-from vmvault.web.app import SESSION_COOKIE
+from vmvault.web.app import DEVICE_COOKIE, SESSION_COOKIE
 from vmvault.web.openapi import spec
 
 RANK = {"viewer": 0, "operator": 1, "admin": 2}
@@ -331,10 +331,11 @@ def test_session_cookie_attributes(backed_up: Site) -> None:
         data={"username": "vera", "password": "viewer-pass-1", "login_token": token.group(1)},
         follow_redirects=False,
     )
-    cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(SESSION_COOKIE))
-    attrs = {a.strip().lower() for a in cookie.split(";")}
-    assert "httponly" in attrs and "samesite=strict" in attrs and "path=/" in attrs
-    assert "secure" not in attrs  # no TLS on loopback: a Secure cookie would never come back
+    for name in (SESSION_COOKIE, DEVICE_COOKIE):
+        cookie = next(v for k, v in r.headers.multi_items() if k == "set-cookie" and v.startswith(name))
+        attrs = {a.strip().lower() for a in cookie.split(";")}
+        assert "httponly" in attrs and "samesite=strict" in attrs and "path=/" in attrs
+        assert "secure" not in attrs  # no TLS on loopback: a Secure cookie would never come back
 
 
 def test_audit_reports_checkpoints_and_backup_ages(site: Site, tmp_path: Path) -> None:

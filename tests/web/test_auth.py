@@ -9,7 +9,7 @@ import re
 from starlette.testclient import TestClient
 
 from tests.web.conftest import PASSWORDS, Site
-from vmvault.web.app import SESSION_COOKIE
+from vmvault.web.app import DEVICE_COOKIE, SESSION_COOKIE
 from vmvault.web.auth import LoginLimiter, SessionStore
 
 
@@ -59,6 +59,42 @@ def test_wrong_passwords_lock_the_name_and_the_address(site: Site) -> None:
     site.app.limiter = LoginLimiter(5, 900)
     r = _login(c, "nobody", "wrong-password")
     assert r.status_code == 401 and "wrong user name or password" in r.text  # type: ignore[attr-defined]
+
+
+def test_a_strangers_wrong_passwords_do_not_lock_out_a_browser_that_logged_in_before(site: Site) -> None:
+    """Anyone who reaches the login form could lock a user out by failing five times for the
+    name. A browser that logged in as the user before carries a device cookie and is counted
+    on its own: the stranger locks only browsers without one (and their own address); the
+    user's browser locks itself only with its own failures."""
+    ada = TestClient(site.app.build(), base_url="http://127.0.0.1:8620")
+    assert _login(ada, "ada", PASSWORDS["ada"]).status_code == 303  # type: ignore[attr-defined]
+    assert ada.cookies.get(DEVICE_COOKIE, "").startswith("ada:")
+    stranger = TestClient(site.app.build(), base_url="http://127.0.0.1:8620")
+    for _ in range(5):
+        assert _login(stranger, "ada", "wrong-password").status_code == 401  # type: ignore[attr-defined]
+    assert _login(stranger, "ada", PASSWORDS["ada"]).status_code == 429  # type: ignore[attr-defined]
+    # a browser never used by ada is refused for her name, and from the stranger's address
+    # (the test client's, shared by all of them here)
+    fresh = TestClient(site.app.build(), base_url="http://127.0.0.1:8620")
+    assert _login(fresh, "ada", PASSWORDS["ada"]).status_code == 429  # type: ignore[attr-defined]
+    assert _login(fresh, "vera", PASSWORDS["vera"]).status_code == 429  # type: ignore[attr-defined]
+    # ada's own browser logs in (again, as after a restart), even from the locked address
+    ada.cookies.delete(SESSION_COOKIE)
+    assert _login(ada, "ada", PASSWORDS["ada"]).status_code == 303  # type: ignore[attr-defined]
+    assert ada.get("/api/v1/whoami").json()["user"] == "ada"
+    # its cookie is worth nothing for another name: vera shares the address's count
+    ada.cookies.delete(SESSION_COOKIE)
+    assert _login(ada, "vera", PASSWORDS["vera"]).status_code == 429  # type: ignore[attr-defined]
+    # the stranger copying the cookie's shape but not its MAC gains nothing
+    name, nonce, issued, _ = ada.cookies.get(DEVICE_COOKIE, "").split(":")
+    stranger.cookies.set(DEVICE_COOKIE, f"{name}:{nonce}:{issued}:{'0' * 64}")
+    assert _login(stranger, "ada", PASSWORDS["ada"]).status_code == 429  # type: ignore[attr-defined]
+    # the browser's own failures lock it, and only it
+    for _ in range(5):
+        assert _login(ada, "ada", "wrong-password").status_code == 401  # type: ignore[attr-defined]
+    assert _login(ada, "ada", PASSWORDS["ada"]).status_code == 429  # type: ignore[attr-defined]
+    results = [a.result for a in site.history.actions(action="login")]
+    assert results.count("failed") == 10 and results.count("done") == 2
 
 
 def test_the_lockout_ends(site: Site) -> None:

@@ -95,8 +95,9 @@ def test_https_with_secure_cookies(site: Site, tmp_path: Path) -> None:
         r = conn.getresponse()
         r.read()
         assert r.status == 303, r.status
-        session = [v for k, v in r.getheaders() if k.lower() == "set-cookie" and v.startswith("vmvault_session=")]
-        assert session and "Secure" in session[0]
+        for name in ("vmvault_session=", "vmvault_device="):
+            cookie = [v for k, v in r.getheaders() if k.lower() == "set-cookie" and v.startswith(name)]
+            assert cookie and "Secure" in cookie[0], name
         # plain HTTP to the TLS port gets nothing
         with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
             plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmvault.errors import ConfigError
-from vmvault.web.users import UserStore, role_allows
+from vmvault.web.users import DEVICE_MAX_AGE, UserStore, role_allows
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +114,43 @@ def test_a_link_or_damage_in_place_of_the_file_is_refused(tmp_path: Path) -> Non
         (tmp_path / "users.json").write_bytes(damage)
         with pytest.raises(ConfigError, match="damaged"):
             UserStore(str(tmp_path / "users.json")).users()
+
+
+def test_a_device_cookie_holds_for_its_user_until_the_password_changes(tmp_path: Path) -> None:
+    """A device cookie is good only for the name it was issued to, only as issued, only
+    for ``DEVICE_MAX_AGE``, and only while the user keeps the password (and exists)."""
+    store = UserStore(str(tmp_path / "users.json"))
+    ada = store.add("ada", "admin", "admin-pass-1")
+    otto = store.add("otto", "operator", "operator-pass-1")
+    now = 1_800_000_000.0
+    cookie = store.device_cookie(ada, now)
+    device = store.device_of(cookie, "ada", now + 60)
+    assert device is not None and device == cookie.split(":")[1]
+    assert store.device_cookie(ada, now) != cookie  # each login a new id
+    assert store.device_of(cookie, "otto", now) is None  # another name
+    assert store.device_of(cookie, "ada", now + DEVICE_MAX_AGE + 1) is None  # too old
+    assert store.device_of(cookie, "ada", now - 3600) is None  # from the future
+    name, nonce, issued, mac = cookie.split(":")
+    for forged in (
+        f"{name}:{nonce}:{int(issued) + DEVICE_MAX_AGE}:{mac}",  # made to last longer
+        f"{name}:{'A' * 16}:{issued}:{mac}",  # another id: a count of its own
+        f"{name}:{nonce}:{issued}:{'0' * 64}",
+        f"otto:{nonce}:{issued}:{mac}",
+        store.device_cookie(otto, now).replace("otto", "ada", 1),
+        "",
+        None,
+        cookie + ":",
+    ):
+        assert store.device_of(forged, "ada", now) is None, forged
+    store.set_password("ada", "admin-pass-2")
+    assert store.device_of(cookie, "ada", now) is None  # a new password voids it
+    cookie = store.device_cookie(store.get("ada"), now)  # type: ignore[arg-type]
+    store.remove("otto")
+    assert store.device_of(cookie, "ada", now) is not None
+    other = store.add("zoe", "admin", "admin-pass-3")
+    store.remove("ada")
+    assert store.device_of(cookie, "ada", now) is None  # nor is the user there
+    assert store.device_of(store.device_cookie(other, now), "zoe", now) is not None
 
 
 def test_roles() -> None:

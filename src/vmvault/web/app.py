@@ -71,7 +71,7 @@ from .auth import LoginLimiter, Session, SessionStore
 from .hosts import KnownHosts, dashboard_names
 from .jobs import JobControl
 from .model import OUTCOMES, TASKS, Dashboard, human_age, parse_since
-from .users import ROLES, UserStore, check_name, check_password, check_role, role_allows
+from .users import DEVICE_MAX_AGE, ROLES, UserStore, check_name, check_password, check_role, role_allows
 
 __all__ = ["SESSION_COOKIE", "WebApp"]
 
@@ -79,6 +79,7 @@ log = logging.getLogger("vmvault.web")
 
 SESSION_COOKIE = "vmvault_session"
 LOGIN_COOKIE = "vmvault_login"
+DEVICE_COOKIE = "vmvault_device"
 MAX_BODY = 64 * 1024
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -437,7 +438,10 @@ class WebApp:
         address = request.client.host if request.client else ""
         if not cookie or not secrets.compare_digest(cookie.encode(), token.encode()) or not self._origin_ok(request):
             return self._login_form(request, error="the login form expired; please try again", status=403, name=name)
-        keys = (f"user:{name.lower()}", f"addr:{address}")
+        # a browser that logged in as this user before counts its failures on its own; all
+        # others share the name's and their address's counts (web/users.py, docs/web.md)
+        device = self.users.device_of(request.cookies.get(DEVICE_COOKIE), name, time.time())
+        keys = (f"device:{device}",) if device else (f"user:{name.lower()}", f"addr:{address}")
         wait = self.limiter.retry_after(*keys)
         if wait > 0:
             self._record(request, None, "login", name, "locked")
@@ -449,14 +453,15 @@ class WebApp:
             locked = self.limiter.failed(*keys)
             self._record(request, None, "login", name, "failed")
             if locked:
-                log.warning("login: too many failures for %r or from %s; locked for %.0f s", name, address,
-                            self.settings.lockout)  # fmt: skip
+                where = "from a browser it used before" if device else f"or from {address}"
+                log.warning("login: too many failures for %r %s; locked for %.0f s", name, where, self.settings.lockout)
             return self._login_form(request, error="wrong user name or password", status=401, name=name)
-        self.limiter.succeeded(f"user:{name.lower()}")
+        self.limiter.succeeded(keys[0])  # not the address's count: one's own account would reset it
         session = self.sessions.create(user.name, user.role)
         self._record(request, Who(user.name, user.role, session), "login", user.name, "done")
         response = RedirectResponse(_safe_next(str(form.get("next") or "")), status_code=303)
         self._cookie(response, SESSION_COOKIE, session.id, max_age=None)
+        self._cookie(response, DEVICE_COOKIE, self.users.device_cookie(user, time.time()), max_age=DEVICE_MAX_AGE)
         response.delete_cookie(LOGIN_COOKIE, path="/")
         return response
 

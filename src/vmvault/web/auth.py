@@ -11,7 +11,9 @@
 * Failed logins are counted per user name and per client address: after
   ``login_attempts`` failures within ``lockout`` seconds, further attempts from that address
   or for that name are refused for ``lockout`` seconds, without checking the password (so a
-  locked account costs no key derivation either).
+  locked account costs no key derivation either). A browser with a good device cookie for
+  the name (web/users.py) is counted on its own instead, by the cookie's id: it is not
+  locked out by others' failures, nor they by its.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class SessionStore:
 
 @dataclass
 class LoginLimiter:
-    """Failures per key (``user:NAME``, ``addr:ADDRESS``) within a sliding window."""
+    """Failures per key (``user:NAME``, ``addr:ADDRESS``, ``device:ID``) within a sliding window."""
 
     attempts: int
     lockout: float

@@ -14,6 +14,11 @@ is JSON, mode 0600, replaced atomically on every change and never opened through
   the same derivation, so timing does not tell which names exist.
 * An API token is ``vvt_<8 hex id>_<43 characters>`` (256 random bits). Only its SHA-256
   is stored (it is random, so no stretching is needed); it is shown once, when made.
+* A browser that logged in as a user carries a *device cookie* for that user (its name, a
+  random id, when it was issued and a MAC keyed by a key derived from the user's password
+  hash). The login rate limit counts such a browser's failures on their own, so a stranger's
+  wrong passwords cannot lock the user out of a browser they used before. Changing the
+  password or removing the user makes every device cookie of theirs worthless.
 * Roles: ``viewer`` reads; ``operator`` also runs jobs, verifications and restores into the
   configured targets; ``admin`` also manages users and runs forget and prune.
 """
@@ -49,6 +54,9 @@ MIN_PASSWORD = 8
 MAX_PASSWORD = 1024
 #: a user has at most this many API tokens
 MAX_TOKENS = 20
+#: a device cookie is honoured for this long after it was issued (each login issues a new one)
+DEVICE_MAX_AGE = 90 * 86400
+_DEVICE = re.compile(r"([A-Za-z0-9][A-Za-z0-9._@-]{0,63}):([A-Za-z0-9_-]{16}):([0-9]{1,12}):([0-9a-f]{64})")
 
 
 def role_allows(role: str, needed: str) -> bool:
@@ -91,6 +99,13 @@ class User:
             "created": self.created,
             "tokens": [t.public() for t in self.tokens],
         }
+
+
+def _device_mac(user: User, body: str) -> str:
+    """The MAC of a device cookie's ``body``, keyed by the user's password hash (secret: the
+    users file is private), so a new password or a removed user voids every cookie."""
+    key = hmac.new(str(user.password.get("hash", "")).encode(), b"vmvault web device cookie 1", hashlib.sha256)
+    return hmac.new(key.digest(), body.encode(), hashlib.sha256).hexdigest()
 
 
 def check_name(name: str) -> str:
@@ -204,6 +219,22 @@ class UserStore:
                 if t.id == m.group(1) and hmac.compare_digest(t.sha256, digest):
                     found = user
         return found
+
+    def device_cookie(self, user: User, now: float) -> str:
+        """A new device cookie for ``user``, issued at ``now`` (seconds since the epoch)."""
+        body = f"{user.name}:{secrets.token_urlsafe(12)}:{int(now)}"
+        return f"{body}:{_device_mac(user, body)}"
+
+    def device_of(self, cookie: str | None, name: str, now: float) -> str | None:
+        """The random id of ``cookie`` when it is a device cookie of user ``name`` that is
+        still good (issued within ``DEVICE_MAX_AGE`` under the user's current password);
+        None for anything else."""
+        m = _DEVICE.fullmatch(cookie or "")
+        if m is None or m.group(1) != name or not 0 <= now - int(m.group(3)) <= DEVICE_MAX_AGE:
+            return None
+        user = self.get(name)
+        body = m.group(0)[: m.start(4) - 1]
+        return m.group(2) if user is not None and hmac.compare_digest(_device_mac(user, body), m.group(4)) else None
 
     # ---- changing -------------------------------------------------------------------------
 
