@@ -27,6 +27,7 @@ from vmvault.hypervisors import nbd_layout as wire
 from vmvault.hypervisors._nbd import (
     BASE_ALLOCATION,
     MAX_READ,
+    MIN_STATUS_STEP,
     STRUCTURED_REPLY,
     NbdConnection,
     NbdImage,
@@ -267,6 +268,9 @@ class _HostileServer:
     def __init__(self, path: str, mode: str) -> None:
         self.mode = mode
         self.sent = 0
+        self.requests = 0
+        self.contexts: list[str] = []
+        self._last_option = b""
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)
@@ -293,6 +297,33 @@ class _HostileServer:
     def _reply(self, conn: socket.socket, opt: int, rtype: int, payload: bytes = b"") -> None:
         self._send(conn, wire.OPTION_REPLY.pack(wire.REPLY_MAGIC, opt, rtype, len(payload)) + payload)
 
+    def _meta_contexts(self, conn: socket.socket, opt: int, data: bytes) -> None:
+        """Grant every context asked for, numbered from 1 in the order asked."""
+        (name_length,) = struct.unpack_from(">I", data)
+        pos = 4 + name_length
+        (count,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        for i in range(count):
+            (n,) = struct.unpack_from(">I", data, pos)
+            self.contexts.append(data[pos + 4 : pos + 4 + n].decode())
+            self._reply(conn, opt, wire.Rep.META_CONTEXT, struct.pack(">I", i + 1) + data[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        self._reply(conn, opt, wire.Rep.ACK)
+
+    def _crawl(self, conn: socket.socket) -> None:
+        """Answer every block status with one descriptor of one byte, per context: zeros that
+        are not dirty, so that a client taking what it is told would ask again for every byte
+        of the export (a thousand million requests for 1 GiB). Fall silent after 100,000."""
+        for _ in range(100_000):
+            _m, _f, cmd, cookie, _offset, _length = wire.REQUEST.unpack(self._recv(conn, wire.REQUEST.size))
+            if cmd != wire.Cmd.BLOCK_STATUS:
+                return
+            self.requests += 1
+            for i, _name in enumerate(self.contexts):
+                body = struct.pack(">I", i + 1) + wire.BLOCK_DESCRIPTOR.pack(1, wire.STATE_ZERO)
+                last = wire.REPLY_FLAG_DONE if i == len(self.contexts) - 1 else 0
+                self._send(conn, ReplyChunk(last, wire.ReplyType.BLOCK_STATUS, cookie, len(body)).pack() + body)
+
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
         with conn, contextlib.suppress(OSError):
@@ -303,10 +334,13 @@ class _HostileServer:
             self._recv(conn, wire.CLIENT_FLAGS.size)
             while True:
                 _magic, opt, length = wire.OPTION_HEADER.unpack(self._recv(conn, wire.OPTION_HEADER.size))
-                self._recv(conn, length)
+                self._last_option = self._recv(conn, length)
                 if opt == wire.Opt.STRUCTURED_REPLY and self.mode == "a huge option reply":
                     self._send(conn, wire.OPTION_REPLY.pack(wire.REPLY_MAGIC, opt, wire.Rep.ACK, 512 * MiB))
                     self._endless(conn, bytes(MiB))
+                if opt == wire.Opt.SET_META_CONTEXT:
+                    self._meta_contexts(conn, opt, self._last_option)
+                    continue
                 if opt != wire.Opt.GO:
                     self._reply(conn, opt, wire.Rep.ACK)
                     continue
@@ -322,6 +356,8 @@ class _HostileServer:
                     )
                 self._reply(conn, opt, wire.Rep.ACK)
                 break
+            if self.mode == "block status a byte at a time":
+                self._crawl(conn)
             _m, _f, _cmd, cookie, offset, length = wire.REQUEST.unpack(self._recv(conn, wire.REQUEST.size))
             if self.mode == "a huge reply chunk":
                 self._send(
@@ -336,6 +372,33 @@ class _HostileServer:
                     conn, ReplyChunk(wire.REPLY_FLAG_DONE, wire.ReplyType.OFFSET_HOLE, cookie, 4).pack() + bytes(4)
                 )
                 conn.recv(1)
+
+
+def test_a_server_answering_a_byte_at_a_time_cannot_stall_a_backup(tmp_path: Path) -> None:
+    """A server may answer a block status for less than was asked (the NBD protocol allows
+    it), and the client asks again from where the answer ended. A QEMU taken over by its guest
+    that answered one byte each time would have the backup ask once per byte of the disk
+    (before: after 100,000 requests the server fell silent and the backup timed out; at that
+    pace a 1 TiB disk would take years). An answer covering less than ``MIN_STATUS_STEP`` is
+    completed with what is always safe to assume, data and dirty, so the requests are
+    bounded by the size over that step, and nothing is taken for zeros or clean that was
+    not said to be."""
+    server = _HostileServer(str(tmp_path / "nbd.sock"), "block status a byte at a time")
+    image = NbdImage(str(tmp_path / "nbd.sock"), "disk", bitmap="b0")
+    try:
+        extents = list(image.extents())
+        dirty = image.dirty_extents()
+    finally:
+        image.close()
+    size, step = 1 << 30, MIN_STATUS_STEP
+    assert server.requests == 2 * size // step
+    # one byte at the start of each step as the server said, the rest as data
+    assert extents == [
+        e
+        for pos in range(0, size, step)
+        for e in (Extent(pos, 1, ExtentKind.ZERO), Extent(pos + 1, step - 1, ExtentKind.DATA))
+    ]
+    assert dirty == [(pos + 1, step - 1) for pos in range(0, size, step)]
 
 
 @pytest.mark.parametrize(

@@ -106,6 +106,10 @@ MAX_OPTION_REPLIES = 1024
 MAX_REPLY_METADATA = MAX_READ + (1 << 20)
 #: block status is asked for in steps well inside the 32-bit length field
 STATUS_STEP = 1 << 30
+#: an answer to a block status may cover less than was asked (a server choice the protocol
+#: allows); one covering less than this is completed with the safe flags, so that a server
+#: answering a byte at a time cannot make a backup ask once per byte
+MIN_STATUS_STEP = 1 << 20
 #: most connections one image keeps open at once (one per reading thread)
 MAX_CONNECTIONS = 16
 
@@ -540,22 +544,32 @@ class NbdImage(DiskImage):
             return result
         raise AssertionError("unreachable")
 
-    def _status(self, context: str) -> Iterator[tuple[int, int, int]]:
+    def _status(self, context: str, safe: int) -> Iterator[tuple[int, int, int]]:
+        """(offset, length, flags) of ``context`` over the whole export, in order. Where an
+        answer covers less than ``MIN_STATUS_STEP``, the rest of that step gets the flags
+        ``safe`` (data, dirty) rather than another request: at most size / 1 MiB requests
+        whatever the server does."""
         pos = 0
         while pos < self._size:
             step = min(STATUS_STEP, self._size - pos)
             got = self._call("block_status", context, pos, step)
+            end = pos
             for off, n, flags in got:
                 n = min(n, self._size - off)
                 if n > 0:
                     yield off, n, flags
-            pos = max(pos + 1, min(self._size, got[-1][0] + got[-1][1]))
+                    end = off + n
+            least = pos + min(step, MIN_STATUS_STEP)
+            if end < least:
+                yield end, least - end, safe
+                end = least
+            pos = end
 
     def extents(self) -> Iterator[Extent]:
         """DATA where the export stores bytes, ZERO where ``base:allocation`` says reads give zeros."""
 
         def raw() -> Iterator[Extent]:
-            for off, n, flags in self._status(BASE_ALLOCATION):
+            for off, n, flags in self._status(BASE_ALLOCATION, safe=0):
                 yield Extent(off, n, ExtentKind.ZERO if flags & STATE_ZERO else ExtentKind.DATA)
 
         yield from coalesce(raw())
@@ -569,7 +583,7 @@ class NbdImage(DiskImage):
         if context not in self._contexts:
             raise SourceError(f"{self.path}: bitmap {name} was not negotiated on this connection")
         out: list[tuple[int, int]] = []
-        for off, n, flags in self._status(context):
+        for off, n, flags in self._status(context, safe=STATE_DIRTY):
             if not flags & STATE_DIRTY:
                 continue
             if out and out[-1][0] + out[-1][1] == off:
