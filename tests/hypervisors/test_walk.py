@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vmvault.errors import SourceError
-from vmvault.hypervisors.walk import regular_files
+from vmvault.hypervisors.walk import HINT_DISKS, regular_files
 
 
 def test_regular_files_in_order_each_once_links_passed_over(tmp_path: Path) -> None:
@@ -31,8 +31,11 @@ def test_a_walk_is_bounded_and_its_first_folder_must_list(tmp_path: Path) -> Non
     for i in range(3):
         (tmp_path / "sub" / f"f{i}").write_bytes(b"")
     assert len(list(regular_files([str(tmp_path)], [], limit=4))) == 3
-    with pytest.raises(SourceError, match=r"more than 3 files and folders"):
+    # the error names the folder whose listing went past the bound, and what it should hold
+    with pytest.raises(SourceError, match=rf"^{tmp_path / 'sub'}: more than 3 files and folders; a VM folder holds"):
         list(regular_files([str(tmp_path)], [], limit=3))
+    with pytest.raises(SourceError, match=r"more than 3 files and folders; a disk folder holds a few files per disk"):
+        list(regular_files([str(tmp_path / "sub"), str(tmp_path)], [], limit=3, hint=HINT_DISKS))
     with pytest.raises(SourceError, match=r"missing: cannot list: No such file"):
         list(regular_files([str(tmp_path / "missing")], []))
     warnings: list[str] = []

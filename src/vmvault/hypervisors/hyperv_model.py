@@ -64,7 +64,7 @@ from vmvault.hypervisors._vmcx import (
     parse_config,
     render_xml_config,
 )
-from vmvault.hypervisors.walk import MAX_ENTRIES, regular_files, too_many
+from vmvault.hypervisors.walk import HINT_DISKS, HINT_HOST, HINT_VM, MAX_ENTRIES, regular_files, too_many
 
 __all__ = [
     "CONFIG_SUFFIXES",
@@ -254,14 +254,14 @@ def _read_config(path: str) -> VmConfig:
     return VmConfig.from_tree(tree, file_name=os.path.basename(path), path=path)
 
 
-def _config_files(folder: str) -> list[str]:
+def _config_files(folder: str, hint: str = HINT_VM) -> list[str]:
     try:
         entries = platform.list_folder(folder, limit=MAX_ENTRIES)
     except FileNotFoundError:
         return []
     except OSError as exc:
         if exc.errno == errno.E2BIG:
-            raise too_many(folder, MAX_ENTRIES) from exc
+            raise too_many(folder, MAX_ENTRIES, hint) from exc
         raise SourceError(f"{folder}: {exc.strerror}") from exc
     return [os.path.join(folder, n) for n, _ in entries if n.lower().endswith(CONFIG_SUFFIXES)]
 
@@ -591,7 +591,7 @@ def _scan_disk_files(folders: list[str], warnings: list[str]) -> list[str]:
     """Disk files below ``folders`` (regular files only; links are not followed), each once.
     A host folder holds a few dozen files per VM, and disk folders may be big: at most ten times
     a VM folder's entries are examined."""
-    found = regular_files(folders, warnings, limit=10 * MAX_ENTRIES)
+    found = regular_files(folders, warnings, limit=10 * MAX_ENTRIES, hint=HINT_DISKS)
     return [path for path, _st in found if os.path.basename(path).lower().endswith(DISK_FILE_SUFFIXES)]
 
 
@@ -719,7 +719,7 @@ def discover_host(root: str, *, disk_folders: tuple[str, ...] = ()) -> HostFolde
     # checkpoint configurations, each with the VM it names (if it names one)
     checkpoints: list[tuple[Checkpoint, str]] = []
     referenced: set[str] = set()
-    for cpath in _config_files(cp_dir):
+    for cpath in _config_files(cp_dir, HINT_HOST):
         try:
             cc, owner = _read_tree(cpath)
         except FormatError as exc:
@@ -743,7 +743,7 @@ def discover_host(root: str, *, disk_folders: tuple[str, ...] = ()) -> HostFolde
     # one VM per configuration
     vms: list[HyperVVm] = []
     unreadable_without_names: list[HyperVVm] = []
-    for cfg_path in _config_files(vm_dir):
+    for cfg_path in _config_files(vm_dir, HINT_HOST):
         stem = _stem(os.path.basename(cfg_path))
         vm_warnings: list[str] = []
         try:

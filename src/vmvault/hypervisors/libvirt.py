@@ -57,7 +57,7 @@ from vmvault.hypervisors.base import (
 )
 from vmvault.hypervisors.openers import bytes_opener, checked_opener
 from vmvault.hypervisors.qemu import SOCKET_FOLDER, make_scratch_folder, scratch_space_warning, socket_folder
-from vmvault.hypervisors.walk import regular_files
+from vmvault.hypervisors.walk import HINT_TPM, regular_files
 from vmvault.platform import current_uid
 
 __all__ = [
@@ -551,7 +551,7 @@ class LibvirtSession(BackupSession):
             # so it is walked by descriptors and each file must lie in it when it is opened
             inside = ParentRule.inside([folder])
             try:
-                found = list(regular_files([folder], self.warnings))
+                found = list(regular_files([folder], self.warnings, hint=HINT_TPM))
             except SourceError as exc:
                 self._warn(f"TPM state folder {folder}: {exc}; the snapshot has no TPM state")
                 continue

@@ -21,23 +21,28 @@ from collections.abc import Iterator, Sequence
 from vmvault import platform
 from vmvault.errors import SourceError
 
-__all__ = ["MAX_ENTRIES", "regular_files", "too_many"]
+__all__ = ["HINT_DISKS", "HINT_HOST", "HINT_TPM", "HINT_VM", "MAX_ENTRIES", "regular_files", "too_many"]
 
 #: entries (files, folders, anything) one walk examines at most: a VM folder holds a few
 #: dozen, a host folder a few dozen per VM
 MAX_ENTRIES = 100_000
 
 
-def too_many(root: str, limit: int) -> SourceError:
-    """The error of a walk below ``root`` that found more than ``limit`` entries."""
-    return SourceError(
-        f"{root}: more than {limit:,} files and folders; a VM folder holds a few dozen: is this the VM's folder? "
-        "Nothing was backed up"
-    )
+#: what a walk's "too many" error asks, by the kind of folder walked
+HINT_VM = "a VM folder holds a few dozen: is this the VM's folder? Nothing was backed up"
+HINT_HOST = "a host folder holds a few dozen per VM: is this where the host keeps its VMs? Nothing was backed up"
+HINT_DISKS = "a disk folder holds a few files per disk: are these where the host keeps its disks? Nothing was backed up"
+HINT_TPM = "swtpm keeps a few files per VM"
+
+
+def too_many(root: str, limit: int, hint: str = HINT_VM) -> SourceError:
+    """The error of a walk below ``root`` that found more than ``limit`` entries; ``hint``
+    says what such a folder usually holds (``HINT_VM``, ``HINT_HOST``, …)."""
+    return SourceError(f"{root}: more than {limit:,} files and folders; {hint}")
 
 
 def regular_files(
-    folders: Sequence[str], warnings: list[str], *, limit: int = MAX_ENTRIES
+    folders: Sequence[str], warnings: list[str], *, limit: int = MAX_ENTRIES, hint: str = HINT_VM
 ) -> Iterator[tuple[str, os.stat_result]]:
     """``(path, lstat)`` of every regular file below ``folders``, each walked in turn: a
     folder's files in name order, then its subfolders'; a file reached twice (hard links,
@@ -46,7 +51,8 @@ def regular_files(
     Links, and anything that is neither a regular file nor a folder, are passed over. A
     subfolder that cannot be listed (or was swapped since it was seen) is named in
     ``warnings``; the first folder that cannot be listed, and more than ``limit`` entries in
-    all, are a SourceError. Iterative: a hostile folder may be nested thousands deep.
+    all (``too_many`` with ``hint``, naming the folder whose listing went past), are a
+    SourceError. Iterative: a hostile folder may be nested thousands deep.
     """
     seen_files: set[tuple[int, int]] = set()
     examined = 0
@@ -58,7 +64,7 @@ def regular_files(
             entries = platform.list_folder(folder, seen, limit=limit - examined)
         except OSError as exc:
             if exc.errno == errno.E2BIG:
-                raise too_many(folders[0], limit) from exc
+                raise too_many(folder, limit, hint) from exc
             if folder == folders[0]:
                 raise SourceError(f"{folder}: cannot list: {exc.strerror}") from exc
             warnings.append(f"{folder}: cannot list: {exc.strerror}")
