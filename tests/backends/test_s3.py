@@ -370,6 +370,29 @@ def test_a_server_that_sends_more_than_asked_is_read_no_further(proxy: FaultyHtt
         assert peak < 32 * MiB, f"{peak / MiB:.0f} MiB held for reads of 1 and 2 MiB"
 
 
+@pytest.mark.integration
+def test_an_answer_without_end_is_read_no_further_than_its_bound(proxy: FaultyHttpProxy) -> None:
+    """botocore reads every answer but an object's data whole before parsing it. A hostile
+    server answering a listing with 512 MiB more than the page had 512 MiB held (and read);
+    now the answer is read to ``MAX_ANSWER`` and refused, and the next listing works."""
+    import tracemalloc
+
+    with open_s3(proxy.url("plain-bucket", "long-answer")) as b:
+        b.put("data/x", b"x")
+        proxy.send_more_next(512 * MiB)
+        tracemalloc.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(BackendProtocolError, match="answer to a GET request is longer than 8 MiB"):
+                list(b.list("data/"))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert time.monotonic() - started < 20
+        assert peak < 3 * s3_module.MAX_ANSWER, f"{peak / MiB:.0f} MiB held for a listing"
+        assert [o.name for o in b.list("data/")] == ["data/x"]
+
+
 # --- the server killed mid-upload ------------------------------------------------------------
 
 

@@ -64,6 +64,8 @@ require("boto3", purpose="s3:// repositories")  # and botocore, which boto3 impo
 
 import boto3  # noqa: E402
 import botocore.exceptions  # noqa: E402
+import urllib3.exceptions  # noqa: E402
+from botocore.awsrequest import AWSResponse  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
 from vmvault.backends._retry import RetryPolicy, TransientError, call_with_retry, unreachable_reason  # noqa: E402
@@ -87,6 +89,9 @@ DEFAULT_PART_SIZE = 16 * MiB
 #: S3's limits on parts (S3 API reference, UploadPart): 5 MiB minimum except the last, 10,000 parts
 MIN_PART_SIZE = 5 * MiB
 MAX_PARTS = 10_000
+#: the largest answer read whole: a listing page (1,000 keys: about 300 KB), an error, any
+#: answer but an object's data (which ``get`` reads as far as it asked)
+MAX_ANSWER = 8 * MiB
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {
@@ -133,6 +138,54 @@ def _check_range(url: str, name: str, answer: dict[str, Any], offset: int, asked
             "not the range asked for",
             name=name,
         )
+
+
+class _ReadAlready:
+    """An answer's body read already, where botocore reads one (``raw.stream()``)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def stream(self, *_args: Any, **_kwargs: Any) -> Iterator[bytes]:
+        yield self.body
+
+
+def _bound_answers(client: Any, url: str) -> Any:
+    """``client``, made to read no answer body beyond ``MAX_ANSWER`` bytes, except an object's
+    data (a successful GetObject), which ``get`` reads only as far as it asked.
+
+    botocore reads every other answer whole into memory before it parses it, however long
+    the server makes it: a listing page that never ends would take the host's memory. This
+    sends each request itself (through the client's own connection pool, so retries,
+    timeouts and TLS stay botocore's) and reads the answer up to the bound."""
+    http = client._endpoint.http_session
+
+    def send(request: Any, **_: Any) -> Any:
+        streamed = request.stream_output
+        request.stream_output = True
+        response = http.send(request)
+        if streamed and response.status_code < 300:
+            return response
+        raw, body = response.raw, bytearray()
+        try:
+            for piece in raw.stream(1 << 16):
+                body += piece
+                if len(body) > MAX_ANSWER:
+                    raw.close()  # the rest is not read: this connection is not used again
+                    raise BackendProtocolError(
+                        f"{url}: the S3 server's answer to a {request.method} request is longer than "
+                        f"{MAX_ANSWER // MiB} MiB; not read further"
+                    )
+        except urllib3.exceptions.ReadTimeoutError as exc:  # as botocore's own reading maps them
+            raise botocore.exceptions.ReadTimeoutError(endpoint_url=request.url, error=exc) from exc
+        except urllib3.exceptions.ProtocolError as exc:
+            raise botocore.exceptions.ConnectionClosedError(
+                error=exc, request=request, endpoint_url=request.url
+            ) from exc
+        return AWSResponse(response.url, response.status_code, response.headers, _ReadAlready(bytes(body)))
+
+    client.meta.events.register("before-send.s3", send)
+    return client
 
 
 def _read_at_most(body: Any, length: int) -> bytes:
@@ -238,13 +291,18 @@ class S3Backend(Backend):
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
         region_name = region or session.region_name or ("us-east-1" if endpoint_url else None)
-        self._client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config)
+        self._client: Any = _bound_answers(
+            session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config), self.url
+        )
         #: a client whose requests go out once, without botocore's retries
-        self._single_attempt: Callable[[], Any] = lambda: session.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region_name,
-            config=config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1})),
+        self._single_attempt: Callable[[], Any] = lambda: _bound_answers(
+            session.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                region_name=region_name,
+                config=config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1})),
+            ),
+            self.url,
         )
         # the first request goes out once: a server that cannot be reached at all (refused, no
         # route, unknown name) is reported at once, not after a minute
