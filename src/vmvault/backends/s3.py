@@ -19,6 +19,10 @@ backoff; on top of that a bounded loop of our own retries connection drops (incl
 that stops half-way) and restarts a multipart upload the server forgot (NoSuchUpload, as
 after a server restart). What still fails becomes a ``BackendError`` subclass.
 
+Answers: the storage is not trusted, so no answer is read without bound: an object's data
+only as far as ``get`` asked, every other answer (listings, errors) to ``MAX_ANSWER``
+(``_bound_answers``), a listing to ``MAX_LISTING`` entries.
+
 Checksums: every PutObject and UploadPart carries the body's CRC-32 in the
 ``x-amz-checksum-crc32`` header, computed here (a multipart upload declares CRC32 when it
 is created and lists each part's checksum when it is completed). botocore (1.36 and later) would otherwise
