@@ -621,6 +621,46 @@ def test_checked_opener_reports_a_change_during_the_read(tmp_path: Path) -> None
     assert warnings == ["f: changed while it was read; the stored copy may mix old and new content"]
 
 
+@pytest.mark.parametrize("layout", ["VM folder", "host folder"])
+def test_a_hyperv_disk_swapped_for_a_link_after_the_walk_is_not_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
+) -> None:
+    """The Hyper-V model (``vmvault audit``, the dashboard's Audit page, a host folder's VMs)
+    opens each disk file the walk found to read its header. It opened it by name: a disk
+    swapped for a link to a host disk or device after the walk had that read (as root) and
+    shown as the VM's. Now it must be the file the walk saw."""
+    from vmvault.hypervisors import hyperv_model
+    from vmvault.testing.hyperv_host import HostFolderBuilder
+
+    host_disk = tmp_path / "host.vhdx"
+    create_vhdx(str(host_disk), 7 * MIB).close()
+    if layout == "VM folder":
+        root = tmp_path / "web"
+        (root / "Virtual Hard Disks").mkdir(parents=True)
+        create_vhdx(str(root / "Virtual Hard Disks" / "web.vhdx"), 2 * MIB).close()
+    else:
+        b = HostFolderBuilder(str(tmp_path / "host"), config_format="xml")
+        b.create_vm("web", (2 * MIB,))
+        root = Path(b.root)
+    walk = hyperv_model.regular_files
+
+    def walk_then_swap(*args: object, **kwargs: object) -> Iterator[tuple[str, os.stat_result]]:
+        found = list(walk(*args, **kwargs))  # type: ignore[arg-type]
+        for path, _st in found:
+            if path.endswith(".vhdx"):
+                os.rename(path, path + ".away")
+                os.symlink(host_disk, path)
+        return iter(found)
+
+    monkeypatch.setattr(hyperv_model, "regular_files", walk_then_swap)
+    model: hyperv_model.HyperVVm | hyperv_model.HostFolder
+    model = hyperv_model.discover(str(root)) if layout == "VM folder" else hyperv_model.discover_host(str(root))
+    assert model.disks, "the walk found no disk"
+    for disk in model.disks.values():
+        assert disk.virtual_size != 7 * MIB, f"{disk.rel}: the host's disk was read as the VM's"
+        assert disk.error is not None and "is a link, not a disk image; not opened" in disk.error, disk
+
+
 def test_a_fifo_named_like_a_hyperv_configuration_never_blocks(tmp_path: Path) -> None:
     """``vmvault audit`` and the Hyper-V connectors read configurations from VM folders too."""
     from vmvault.hypervisors.hyperv_model import discover

@@ -275,31 +275,32 @@ def discover(folder: str, *, renamed: tuple[str, str] | None = None) -> HyperVVm
     if not os.path.isdir(folder):
         raise SourceError(f"{folder}: no such VM folder")
     warnings: list[str] = []
-    disk_paths: list[str] = []
+    disk_paths: list[tuple[str, os.stat_result]] = []
     others: list[str] = []
-    for full, _st in regular_files([folder], warnings):
+    for full, st in regular_files([folder], warnings):
         low = os.path.basename(full).lower()
         if low.endswith((*TRACKING_SUFFIXES, ".tmp")):
             continue  # change-tracking state and files being replaced are no part of the VM
         if low.endswith(DISK_FILE_SUFFIXES):
-            disk_paths.append(full)
+            disk_paths.append((full, st))
         else:
             others.append(os.path.relpath(full, folder).replace(os.sep, "/"))
 
     disks: dict[str, DiskFile] = {}
-    for path in disk_paths:
+    for path, st in disk_paths:
         rel = os.path.relpath(path, folder).replace(os.sep, "/")
-        fsize = os.path.getsize(path)
         try:
-            with open_image(path) as img:
+            # the file the walk saw, not what its name leads to now (the folder's owner may
+            # have swapped in a link to a host file or device since)
+            with open_image(path, expect=(st.st_dev, st.st_ino)) as img:
                 parent = img.parent
                 disks[path] = DiskFile(
-                    path, rel, img.format, os.path.abspath(parent.path) if parent else None, img.size, fsize
+                    path, rel, img.format, os.path.abspath(parent.path) if parent else None, img.size, st.st_size
                 )
         except VmvaultError as exc:
             warnings.append(f"{rel}: cannot be opened: {exc}")
-            disks[path] = DiskFile(path, rel, "vhdx", None, 0, fsize, error=str(exc))
-    index = {os.path.basename(p).lower(): p for p in disk_paths}
+            disks[path] = DiskFile(path, rel, "vhdx", None, 0, st.st_size, error=str(exc))
+    index = {os.path.basename(p).lower(): p for p, _st in disk_paths}
 
     vm_configs = _config_files(os.path.join(folder, VM_FOLDER))
     config_path: str | None = None
@@ -587,12 +588,12 @@ class HostFolder:
         raise SourceError(f"{self.root}: no VM named {selector!r} (VMs: {known})")
 
 
-def _scan_disk_files(folders: list[str], warnings: list[str]) -> list[str]:
-    """Disk files below ``folders`` (regular files only; links are not followed), each once.
-    A host folder holds a few dozen files per VM, and disk folders may be big: at most ten times
-    a VM folder's entries are examined."""
+def _scan_disk_files(folders: list[str], warnings: list[str]) -> list[tuple[str, os.stat_result]]:
+    """Disk files below ``folders`` with their ``lstat`` (regular files only; links are not
+    followed), each once. A host folder holds a few dozen files per VM, and disk folders may be
+    big: at most ten times a VM folder's entries are examined."""
     found = regular_files(folders, warnings, limit=10 * MAX_ENTRIES, hint=HINT_DISKS)
-    return [path for path, _st in found if os.path.basename(path).lower().endswith(DISK_FILE_SUFFIXES)]
+    return [(path, st) for path, st in found if os.path.basename(path).lower().endswith(DISK_FILE_SUFFIXES)]
 
 
 def _resolver(index: dict[str, list[tuple[str, str]]], warnings: list[str]) -> Callable[[str], str | None]:
@@ -691,12 +692,12 @@ def discover_host(root: str, *, disk_folders: tuple[str, ...] = ()) -> HostFolde
 
     disks: dict[str, DiskFile] = {}
     index: dict[str, list[tuple[str, str]]] = {}
-    for path in _scan_disk_files(folders, warnings):
+    for path, st in _scan_disk_files(folders, warnings):
         inside = os.path.commonpath([root, path]) == root
         rel = os.path.relpath(path, root).replace(os.sep, "/") if inside else path
-        fsize = os.lstat(path).st_size
+        fsize = st.st_size
         try:
-            with open_image(path, rule=rule) as img:
+            with open_image(path, rule=rule, expect=(st.st_dev, st.st_ino)) as img:
                 parent = img.parent
                 disks[path] = DiskFile(
                     path, rel, img.format, os.path.abspath(parent.path) if parent else None, img.size, fsize
