@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterator, Sequence
+import datetime as dt
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from vmvault import times
 from vmvault.errors import IntegrityError
 
 __all__ = ["DiskRecord", "FileRecord", "Snapshot", "UnloadedIds"]
@@ -93,8 +95,14 @@ class Snapshot:
         return doc
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any], *, snapshot_id: str = "") -> Snapshot:
+    def from_dict(cls, doc: Any, *, snapshot_id: str = "") -> Snapshot:
+        """The snapshot ``doc`` describes. Every field this reader knows must have its type
+        (``_FIELDS``): a manifest is written by whoever can write the repository, and one of
+        the wrong shape is an IntegrityError here, not a failure wherever a field is used."""
         try:
+            problem = _shape_problem(doc)
+            if problem is not None:
+                raise TypeError(problem)
             disks = [DiskRecord(**d) for d in doc.get("disks", [])]
             files = [FileRecord(**f) for f in doc.get("files", [])]
             rest = {k: v for k, v in doc.items() if k not in ("disks", "files")}
@@ -160,6 +168,133 @@ class UnloadedIds(Sequence[Any]):
 def _unloaded(snap: Snapshot, ids: Sequence[Any]) -> Any:
     # typed as the list it stands in for: every read of it raises instead of reading nothing
     return UnloadedIds(len(ids), snap.id)
+
+
+# -- the manifest's shape, checked when it is read ---------------------------------------------
+
+#: the largest size, offset or count a manifest may give (a file offset's range)
+_INT_LIMIT = 1 << 63
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and 0 <= value < _INT_LIMIT
+
+
+def _positive(value: Any) -> bool:
+    return type(value) is int and 0 < value < _INT_LIMIT
+
+
+def _integer(value: Any) -> bool:
+    return type(value) is int and -_INT_LIMIT <= value < _INT_LIMIT
+
+
+def _text(value: Any) -> bool:
+    return type(value) is str
+
+
+def _texts(value: Any) -> bool:
+    return type(value) is list and all(type(v) is str for v in value)
+
+
+def _object(value: Any) -> bool:
+    return type(value) is dict
+
+
+def _text_map(value: Any) -> bool:
+    return _object(value) and all(type(v) is str for v in value.values())
+
+
+def _counts(value: Any) -> bool:
+    return _object(value) and all(map(_count, value.values()))
+
+
+def _time(value: Any) -> bool:
+    """An ISO 8601 time that converts to UTC and to epoch seconds (what listings do with it)."""
+    try:
+        times.as_datetime(value).astimezone(dt.UTC).timestamp()
+    except (ValueError, OverflowError, TypeError):
+        return False
+    return type(value) is str
+
+
+def _text_or_none(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+def _owners(value: Any) -> bool:
+    return _object(value) and all(map(_pair, value.values()))
+
+
+def _pair(value: Any) -> bool:
+    return type(value) is list and len(value) == 2 and all(map(_count, value))
+
+
+def _extent(value: Any) -> bool:
+    return type(value) is list and len(value) in (2, 3) and all(map(_count, value))
+
+
+def _ranges(value: Any) -> bool:
+    """A layer map: ``[offset, length, kind]`` per extent (``[offset, length]`` before kinds)."""
+    return value is None or (type(value) is list and all(map(_extent, value)))
+
+
+def _index(value: Any) -> bool:
+    return type(value) is list and all(i is None or type(i) is str for i in value)
+
+
+def _flag(value: Any) -> bool:
+    return type(value) is bool
+
+
+def _object_or_none(value: Any) -> bool:
+    return value is None or type(value) is dict
+
+
+#: what each field a reader knows must be; fields it does not know are left alone (a newer
+#: writer's), missing ones take their defaults or, when they have none, make it unreadable
+_FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "snapshot": {
+        "time": _time, "hostname": _text, "username": _text, "source": _text_map, "tags": _texts,
+        "parent": _text_or_none, "vm": _object, "consistency": _text, "warnings": _texts,
+        "extra": _object, "stats": _object, "program": _text, "file_owners": _owners,
+    },
+    "disk": {
+        "name": _text, "format": _text, "size": _count, "chunk_size": _positive, "index_span": _positive,
+        "index": _index, "layer": _flag, "parent": _text_or_none, "layer_map": _ranges, "cbt": _object_or_none,
+        "meta": _object, "stats": _counts,
+    },
+    "file": {"name": _text, "size": _count, "mode": _count, "mtime_ns": _integer, "chunks": _texts},
+}  # fmt: skip
+
+
+def _shape_problem(doc: Any) -> str | None:
+    """What is wrong with the shape of manifest ``doc``; None when nothing is."""
+
+    def fields(what: str, record: Any) -> str | None:
+        if not _object(record):
+            return f"a {what} record is a {type(record).__name__}, not an object"
+        for name, ok in _FIELDS[what].items():
+            if name in record and not ok(record[name]):
+                return f"the {what} field {name!r} holds {_describe(record[name])}"
+        return None
+
+    problem = fields("snapshot", doc)
+    if problem is not None:
+        return problem
+    for what, key in (("disk", "disks"), ("file", "files")):
+        records = doc.get(key, [])
+        if type(records) is not list:
+            return f"{key!r} is a {type(records).__name__}, not a list"
+        for record in records:
+            problem = fields(what, record)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'…' if len(text) > 40 else ''}"
 
 
 def _record_dict(record: DiskRecord | FileRecord, ids: str) -> dict[str, Any]:
