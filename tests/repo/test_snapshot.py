@@ -57,7 +57,7 @@ def test_a_manifest_of_the_right_shape_loads_whole() -> None:
 @pytest.mark.parametrize(
     ("where", "value", "says"),
     [
-        ((), [], "a snapshot record is a list, not an object"),
+        ((), [], "a snapshot record is list [], not an object"),
         (("time",), "yesterday", "'time' holds str 'yesterday'"),
         (("time",), 1733560000, "'time' holds int"),
         (("source",), 1.5, "'source' holds float"),
@@ -67,8 +67,8 @@ def test_a_manifest_of_the_right_shape_loads_whole() -> None:
         (("parent",), 5, "'parent' holds int"),
         (("vm",), "web01", "'vm' holds str"),
         (("file_owners", "web01.xml"), [0], "'file_owners'"),
-        (("disks",), {}, "'disks' is a dict, not a list"),
-        (("disks", 0), "vda", "a disk record is a str, not an object"),
+        (("disks",), {}, "the snapshot field 'disks' holds dict {}"),
+        (("disks", 0), "vda", "a disk record is str 'vda', not an object"),
         (("disks", 0, "size"), -1, "the disk field 'size' holds int -1"),
         (("disks", 0, "size"), True, "the disk field 'size' holds bool True"),
         (("disks", 0, "size"), 1 << 64, "the disk field 'size'"),

@@ -27,6 +27,23 @@ from vmvault.repo.status import MAX_RECORD_SIZE, StatusRecord, StatusStore, read
 T0 = dt.datetime(2026, 11, 25, 1, 30, tzinfo=dt.UTC)
 
 
+#: entries as vmvault writes them (Run.to_dict, Alert.to_dict, job_record)
+RUN = {
+    "id": 3, "job": "other-nightly", "type": "backup", "attempt": 1, "start": "2026-12-07T01:30:00+00:00",
+    "end": "2026-12-07T01:31:00+00:00", "seconds": 60.5, "status": "failed", "snapshot": None, "bytes": None,
+    "error": "boom", "details": {"warnings": ["w"]}, "heartbeat": None,
+}  # fmt: skip
+ALERT = {
+    "job": "other-nightly", "source": "/vm/other", "message": "no successful backup for 30 h",
+    "last_success": "2026-12-06T01:31:00+00:00", "counted_from": None, "max_age": 93600, "age": 108000.0,
+}  # fmt: skip
+JOB = {
+    "job": "other-nightly", "type": "backup", "schedule": "30 1 * * *", "window": None,
+    "next_run": "2026-12-08T01:30:00+00:00", "status": "failed", "last_run": RUN, "last_success": None,
+    "alert": ALERT, "repositories": ["local"], "source": "/vm/other", "max_age": 93600, "tags": ["gold"],
+}  # fmt: skip
+
+
 def record(host: str, minutes: int = 0, **kw: object) -> StatusRecord:
     return StatusRecord(host=host, time=T0 + dt.timedelta(minutes=minutes), **kw)  # type: ignore[arg-type]
 
@@ -108,6 +125,27 @@ def test_damaged_moved_and_forged_records_are_skipped_and_reported(tmp_path: Pat
     assert len(report.problems) == 8
     kinds = [p.kind for p in check(reopen(repo)).warnings]
     assert kinds.count("status-record-unreadable") == 8
+
+
+def test_entries_must_have_the_shape_vmvault_writes(local_repo: Repository) -> None:
+    """Another host's dashboard reads every field of these entries; one of another type makes
+    the record unreadable (named, the other hosts' records used), never a failing page."""
+    good = record("hv02", jobs=[JOB], alerts=[ALERT], runs=trimmed_runs([RUN]))
+    write_status(local_repo, good)
+    assert read_statuses(reopen(local_repo)).host("hv02") == good
+    for host, change, says in (
+        ("a", {"jobs": [JOB | {"last_run": [1]}]}, "the job field 'last_run' holds list [1]"),
+        ("b", {"jobs": [JOB | {"repositories": "local"}]}, "the job field 'repositories' holds str 'local'"),
+        ("c", {"jobs": [{"type": "backup"}]}, "a job record has no 'job'"),
+        ("d", {"alerts": [{"job": "x"}]}, "an alert record has no 'message'"),
+        ("e", {"alerts": [ALERT | {"age": "1 h"}]}, "the alert field 'age' holds str '1 h'"),
+        ("f", {"runs": [RUN | {"details": {"warnings": "w"}}]}, "the run field 'details' holds dict"),
+        ("g", {"runs": [RUN | {"start": "yesterday"}]}, "the run field 'start' holds str 'yesterday'"),
+    ):
+        write_status(local_repo, record(host, **change))  # type: ignore[arg-type]
+        report = read_statuses(reopen(local_repo))
+        assert report.host(host) is None and report.host("hv02") == good
+        assert any(says in why for _name, why in report.problems), (says, report.problems)
 
 
 def test_oversized_objects_are_not_fetched(local_repo: Repository, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,9 +275,13 @@ def test_any_record_round_trips_within_bounds(
     rec = StatusRecord(host=host, time=T0, sequence=seq, jobs=jobs, alerts=alerts)  # type: ignore[arg-type]
     rec_id = StatusStore(local_repo).write(rec)
     back = StatusStore(local_repo).read()
-    got = next(r for r in back.records if r.id == rec_id)
-    assert got.host == host[:255] and got.sequence == seq
-    assert got.jobs == rec.jobs and got.alerts == rec.alerts
+    got = next((r for r in back.records if r.id == rec_id), None)
+    if got is None:
+        # entries not of the shape vmvault writes them (most of these): unreadable, and why
+        assert [why for name, why in back.problems if name == f"status/{rec_id}"], back.problems
+    else:
+        assert got.host == host[:255] and got.sequence == seq
+        assert got.jobs == rec.jobs and got.alerts == rec.alerts
     for obj in local_repo.backend.list("status/"):
         assert obj.size <= MAX_RECORD_SIZE
     for obj in list(local_repo.backend.list("status/")):

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime as dt
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-from vmvault import times
+from vmvault import shape
 from vmvault.errors import IntegrityError
 
 __all__ = ["DiskRecord", "FileRecord", "Snapshot", "UnloadedIds"]
@@ -172,129 +171,41 @@ def _unloaded(snap: Snapshot, ids: Sequence[Any]) -> Any:
 
 # -- the manifest's shape, checked when it is read ---------------------------------------------
 
-#: the largest size, offset or count a manifest may give (a file offset's range)
-_INT_LIMIT = 1 << 63
-
-
-def _count(value: Any) -> bool:
-    return type(value) is int and 0 <= value < _INT_LIMIT
-
-
-def _positive(value: Any) -> bool:
-    return type(value) is int and 0 < value < _INT_LIMIT
-
-
-def _integer(value: Any) -> bool:
-    return type(value) is int and -_INT_LIMIT <= value < _INT_LIMIT
-
-
-def _text(value: Any) -> bool:
-    return type(value) is str
-
-
-def _texts(value: Any) -> bool:
-    return type(value) is list and all(type(v) is str for v in value)
-
-
-def _object(value: Any) -> bool:
-    return type(value) is dict
-
-
-def _text_map(value: Any) -> bool:
-    return _object(value) and all(type(v) is str for v in value.values())
-
-
-def _counts(value: Any) -> bool:
-    return _object(value) and all(map(_count, value.values()))
-
-
-def _time(value: Any) -> bool:
-    """An ISO 8601 time that converts to UTC and to epoch seconds (what listings do with it)."""
-    try:
-        times.as_datetime(value).astimezone(dt.UTC).timestamp()
-    except (ValueError, OverflowError, TypeError):
-        return False
-    return type(value) is str
-
-
-def _text_or_none(value: Any) -> bool:
-    return value is None or type(value) is str
-
-
-def _owners(value: Any) -> bool:
-    return _object(value) and all(map(_pair, value.values()))
-
-
-def _pair(value: Any) -> bool:
-    return type(value) is list and len(value) == 2 and all(map(_count, value))
-
-
-def _extent(value: Any) -> bool:
-    return type(value) is list and len(value) in (2, 3) and all(map(_count, value))
-
-
-def _ranges(value: Any) -> bool:
-    """A layer map: ``[offset, length, kind]`` per extent (``[offset, length]`` before kinds)."""
-    return value is None or (type(value) is list and all(map(_extent, value)))
-
-
-def _index(value: Any) -> bool:
-    return type(value) is list and all(i is None or type(i) is str for i in value)
-
-
-def _flag(value: Any) -> bool:
-    return type(value) is bool
-
-
-def _object_or_none(value: Any) -> bool:
-    return value is None or type(value) is dict
-
-
+_EXTENTS = shape.optional(shape.list_of(shape.list_of(shape.count, sizes=(2, 3))))
 #: what each field a reader knows must be; fields it does not know are left alone (a newer
-#: writer's), missing ones take their defaults or, when they have none, make it unreadable
-_FIELDS: dict[str, dict[str, Callable[[Any], bool]]] = {
+#: writer's), missing ones take their defaults or, when they have none, make it unreadable.
+#: A layer map is ``[offset, length, kind]`` per extent (``[offset, length]`` before kinds).
+_FIELDS: dict[str, dict[str, shape.Check]] = {
     "snapshot": {
-        "time": _time, "hostname": _text, "username": _text, "source": _text_map, "tags": _texts,
-        "parent": _text_or_none, "vm": _object, "consistency": _text, "warnings": _texts,
-        "extra": _object, "stats": _object, "program": _text, "file_owners": _owners,
+        "time": shape.time, "hostname": shape.text, "username": shape.text,
+        "source": shape.map_of(shape.text), "tags": shape.list_of(shape.text), "parent": shape.optional(shape.text),
+        "vm": shape.obj, "consistency": shape.text, "warnings": shape.list_of(shape.text), "extra": shape.obj,
+        "stats": shape.obj, "program": shape.text,
+        "file_owners": shape.map_of(shape.list_of(shape.count, sizes=(2,))),
     },
     "disk": {
-        "name": _text, "format": _text, "size": _count, "chunk_size": _positive, "index_span": _positive,
-        "index": _index, "layer": _flag, "parent": _text_or_none, "layer_map": _ranges, "cbt": _object_or_none,
-        "meta": _object, "stats": _counts,
+        "name": shape.text, "format": shape.text, "size": shape.count, "chunk_size": shape.positive,
+        "index_span": shape.positive, "index": shape.list_of(shape.optional(shape.text)), "layer": shape.flag,
+        "parent": shape.optional(shape.text), "layer_map": _EXTENTS, "cbt": shape.optional(shape.obj),
+        "meta": shape.obj, "stats": shape.map_of(shape.count),
     },
-    "file": {"name": _text, "size": _count, "mode": _count, "mtime_ns": _integer, "chunks": _texts},
+    "file": {
+        "name": shape.text, "size": shape.count, "mode": shape.count, "mtime_ns": shape.integer,
+        "chunks": shape.list_of(shape.text),
+    },
 }  # fmt: skip
 
 
 def _shape_problem(doc: Any) -> str | None:
     """What is wrong with the shape of manifest ``doc``; None when nothing is."""
-
-    def fields(what: str, record: Any) -> str | None:
-        if not _object(record):
-            return f"a {what} record is a {type(record).__name__}, not an object"
-        for name, ok in _FIELDS[what].items():
-            if name in record and not ok(record[name]):
-                return f"the {what} field {name!r} holds {_describe(record[name])}"
-        return None
-
-    problem = fields("snapshot", doc)
-    if problem is not None:
-        return problem
+    found = shape.problem("snapshot", doc, _FIELDS["snapshot"])
     for what, key in (("disk", "disks"), ("file", "files")):
-        records = doc.get(key, [])
+        records = doc.get(key, []) if found is None else []
         if type(records) is not list:
-            return f"{key!r} is a {type(records).__name__}, not a list"
+            return f"the snapshot field {key!r} holds {shape.describe(records)}"
         for record in records:
-            problem = fields(what, record)
-            if problem is not None:
-                return problem
-    return None
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:40]}{'…' if len(text) > 40 else ''}"
+            found = found or shape.problem(what, record, _FIELDS[what])
+    return found
 
 
 def _record_dict(record: DiskRecord | FileRecord, ids: str) -> dict[str, Any]:

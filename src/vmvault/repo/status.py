@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmvault import __version__
+from vmvault import __version__, shape
 from vmvault.errors import BackendError, IntegrityError, ObjectNotFoundError, RepositoryError
 from vmvault.repo._layout import ENVELOPE_HEADER, EnvelopeFlags
 from vmvault.repo.crypto import open_envelope, seal_envelope
@@ -141,6 +141,11 @@ class StatusRecord:
             value = doc.get(key, [])
             if not isinstance(value, list) or len(value) > limit or not all(isinstance(v, dict) for v in value):
                 raise IntegrityError(f"{what}: {key} is not a list of at most {limit} objects", object_id=record_id)
+            # each entry as this host's writer makes it: another host's dashboard reads them
+            for entry in value:
+                problem = shape.problem(key[:-1], entry, *_ENTRIES[key])
+                if problem is not None:
+                    raise IntegrityError(f"{what}: {problem}", object_id=record_id)
             lists[key] = value
         program = doc.get("program", "")
         return cls(
@@ -157,6 +162,36 @@ class StatusRecord:
 
     def encode(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=True).encode()
+
+
+#: a run as ``Run.to_dict`` makes it, an alert as ``Alert.to_dict``, a job as ``job_record``
+#: (automation/publish.py): the fields a dashboard reads, each with its type
+_RUN: dict[str, shape.Check] = {
+    "id": shape.count, "job": shape.text, "type": shape.text, "attempt": shape.optional(shape.count),
+    "start": shape.time, "end": shape.optional(shape.time), "seconds": shape.optional(shape.number),
+    "status": shape.text, "snapshot": shape.optional(shape.text), "bytes": shape.optional(shape.count),
+    "error": shape.optional(shape.text), "details": shape.obj, "heartbeat": shape.optional(shape.time),
+}  # fmt: skip
+_ALERT: dict[str, shape.Check] = {
+    "job": shape.text, "source": shape.optional(shape.text), "message": shape.text,
+    "last_success": shape.optional(shape.time), "counted_from": shape.optional(shape.time),
+    "max_age": shape.optional(shape.number), "age": shape.number,
+}  # fmt: skip
+_JOB: dict[str, shape.Check] = {
+    "job": shape.text, "type": shape.text, "schedule": shape.optional(shape.text),
+    "window": shape.optional(shape.text), "next_run": shape.optional(shape.time), "status": shape.optional(shape.text),
+    "last_run": shape.optional(shape.record(_RUN)),
+    "last_success": shape.optional(shape.time), "alert": shape.optional(shape.record(_ALERT, ("message",))),
+    "repositories": shape.list_of(shape.text), "source": shape.optional(shape.text),
+    "max_age": shape.optional(shape.number), "tags": shape.list_of(shape.text),
+}  # fmt: skip
+_RUN_IN_RECORD = _RUN | {"details": shape.record({"warnings": shape.list_of(shape.text)})}
+#: each list's entries: their fields and those that must be there
+_ENTRIES: dict[str, tuple[dict[str, shape.Check], tuple[str, ...]]] = {
+    "jobs": (_JOB, ("job",)),
+    "alerts": (_ALERT, ("message",)),
+    "runs": (_RUN_IN_RECORD, ()),
+}
 
 
 def _parse_time(value: Any) -> dt.datetime | None:
