@@ -14,6 +14,7 @@ A check is a predicate on one JSON value; :func:`record`, :func:`list_of`, :func
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "flag",
     "integer",
     "list_of",
+    "loads",
     "map_of",
     "number",
     "obj",
@@ -40,6 +42,17 @@ __all__ = [
 ]
 
 Check = Callable[[Any], bool]
+
+
+def loads(raw: bytes | str) -> Any:
+    """``json.loads``, with JSON nested too deeply for the parser (``[[[[…``: a RecursionError,
+    which callers catching ValueError let through as a traceback) a ValueError like any other
+    text that is not JSON."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
 
 #: the largest size, offset or count a document may give (a file offset's range)
 INT_LIMIT = 1 << 63

@@ -17,6 +17,10 @@ from vmvault.repo.crypto import open_envelope, seal_envelope
 from vmvault.repo.repository import Repository
 from vmvault.sample_vm import make_disk
 
+#: a manifest nested deeper than the JSON parser goes (a RecursionError, which escaped as a
+#: traceback where a ValueError was expected)
+NESTED: dict[str, object] = {"nested": True}
+
 
 def _forge(repo_path: Path, snap_id: str, change: dict[str, object]) -> str:
     """Rewrite snapshot ``snap_id`` with ``change`` applied to its document and its first disk
@@ -29,7 +33,7 @@ def _forge(repo_path: Path, snap_id: str, change: dict[str, object]) -> str:
             doc["disks"][0][key[5:]] = value
         else:
             doc[key] = value
-    payload = json.dumps(doc).encode()
+    payload = b"[" * 60000 if change == NESTED else json.dumps(doc).encode()
     forged = hashlib.sha256(payload).hexdigest()
     repo.backend.put(f"snapshots/{forged}", seal_envelope(repo.key, payload, b"snapshot"))
     repo.backend.delete(name)
@@ -43,8 +47,9 @@ def _forge(repo_path: Path, snap_id: str, change: dict[str, object]) -> str:
         {"time": "x"},  # show, ls: Invalid isoformat string
         {"disk.stats": {"bytes_read": []}},  # show: bad operand type for abs()
         {"disk.size": 1 << 70},
+        NESTED,
     ],
-    ids=["source", "time", "disk-stats", "disk-size"],
+    ids=["source", "time", "disk-stats", "disk-size", "nested"],
 )
 def test_a_forged_manifest_is_reported_unreadable_by_every_command(
     env: Path,  # noqa: F811
@@ -63,7 +68,8 @@ def test_a_forged_manifest_is_reported_unreadable_by_every_command(
     first, second = (s["id"] for s in json.loads(out))
     forged = _forge(repo, first, change)
     (env / "out").mkdir()
-    unreadable = f"snapshot {forged[:8]}: unreadable manifest: "
+    why = "JSON nested too deeply" if change == NESTED else "unreadable manifest: "
+    unreadable = f"snapshot {forged[:8]}: {why}"
     for argv, expected, says in (
         (["snapshots"], 3, "1 snapshot\n"),  # the other one listed
         (["show", forged[:8]], 1, unreadable),

@@ -529,6 +529,21 @@ def test_a_journal_naming_a_file_that_was_replaced_is_not_trusted(
     assert (t / "disk.qcow2").read_bytes() == b"someone else's"
 
 
+def test_a_work_folder_with_a_journal_nested_too_deeply_is_not_trusted(
+    tmp_path: Path, snap_repo: tuple[Repository, Snapshot]
+) -> None:
+    """Whoever can write the target may plant a work folder; its journal is JSON nested
+    deeper than the parser goes (a RecursionError escaped as a traceback): it is no journal."""
+    repo, snap = snap_repo
+    t = tmp_path / "t"
+    planted = t / f"{WORK_PREFIX}00000000000000bb"
+    planted.mkdir(parents=True, mode=0o700)
+    (planted / "journal.json").write_text("[" * 60000)
+    result = restore(repo, snap, str(t))
+    assert any("00000000000000bb" in n and "no journal" in n for n in result.notes), result.notes
+    assert (t / "disk.qcow2").is_file()
+
+
 def test_a_running_restores_work_folder_is_left_alone(tmp_path: Path, snap_repo: tuple[Repository, Snapshot]) -> None:
     repo, snap = snap_repo
     t = tmp_path / "t"

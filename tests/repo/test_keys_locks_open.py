@@ -229,6 +229,10 @@ def test_unreadable_lock_is_treated_as_stale() -> None:
     repo = make_repo(MemoryBackend())
     garbage = "locks/" + "0a" * 16
     repo.backend.put(garbage, b"\x00" * 40)
+    # sealed by a key holder, JSON nested deeper than the parser goes: a RecursionError,
+    # which escaped as a traceback from every command that takes a lock
+    nested = "locks/" + "0b" * 16
+    repo.backend.put(nested, seal_envelope(repo.key, b"[" * 60000, b"lock " + nested.encode()))
     with repo.lock(exclusive=True, operation="prune"):
         pass
-    assert not repo.backend.exists(garbage)
+    assert not repo.backend.exists(garbage) and not repo.backend.exists(nested)

@@ -116,15 +116,20 @@ def test_damaged_moved_and_forged_records_are_skipped_and_reported(tmp_path: Pat
         repo.backend.put(
             f"status/{hashlib.sha256(payload).hexdigest()}", seal_envelope(repo.key, payload, b"status", compress=False)
         )
+    # JSON nested deeper than the parser goes (a RecursionError, not a ValueError: a traceback)
+    payload = b"[" * 60000
+    nested = hashlib.sha256(payload).hexdigest()
+    repo.backend.put(f"status/{nested}", seal_envelope(repo.key, payload, b"status", compress=False))
     report = read_statuses(reopen(repo))
     assert [r.host for r in report.records] == ["hv01"]
     whys = dict(report.problems)
     assert "authentication failed" in whys[f"status/{bad}"]
     assert "does not match its name" in whys[f"status/{moved}"]
     assert "compressed" in whys[f"status/{zipped}"]
-    assert len(report.problems) == 8
+    assert "nested too deeply" in whys[f"status/{nested}"]
+    assert len(report.problems) == 9
     kinds = [p.kind for p in check(reopen(repo)).warnings]
-    assert kinds.count("status-record-unreadable") == 8
+    assert kinds.count("status-record-unreadable") == 9
 
 
 def test_entries_must_have_the_shape_vmvault_writes(local_repo: Repository) -> None:

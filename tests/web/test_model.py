@@ -119,7 +119,8 @@ def test_vms_of_other_hosts_and_their_staleness(quiet_site: Site) -> None:
         StatusRecord(
             host="hv-far", time=NOW - dt.timedelta(hours=3),
             jobs=[{"job": "far-nightly", "type": "backup", "source": "/srv/vms/far", "max_age": 48 * 3600,
-                   "repositories": ["central"], "status": "success", "last_run": {"status": "success", "start": "2026-11-25T01:30:00+00:00"}}],
+                   "repositories": ["central"], "status": "success",
+                   "last_run": {"status": "success", "start": "2026-11-25T01:30:00+00:00"}}],
         ),
     )  # fmt: skip
     repo.close()

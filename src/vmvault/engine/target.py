@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vmvault import platform
+from vmvault import platform, shape
 from vmvault.disk.base import Opener, write_error
 from vmvault.errors import TargetError
 
@@ -691,7 +691,7 @@ def _read_journal(dir_fd: int) -> dict[str, Any] | None:
             return None
         data = platform.pread(fd, _MAX_JOURNAL + 1, 0)
         first, _, rest = data.partition(b"\n")
-        doc = json.loads(first)
+        doc = shape.loads(first)
         if isinstance(doc, dict) and doc.get("version") == 2:
             doc["placed"] = _journal_lines(rest)
     except (OSError, ValueError):
@@ -725,7 +725,7 @@ def _journal_lines(data: bytes) -> list[Any] | None:
         if not raw:
             continue
         try:
-            line = json.loads(raw)
+            line = shape.loads(raw)
         except ValueError:
             if i == len(lines) - 1:
                 break  # cut short by a kill while it was appended: its file was never renamed

@@ -28,13 +28,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import heapq
-import json
 import math
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vmvault import shape
 from vmvault.errors import (
     BackendPermissionError,
     IntegrityError,
@@ -375,7 +375,7 @@ class _Checker:
 
     def check_config(self) -> None:
         try:
-            doc = json.loads(read_bounded(self.backend, "config", MAX_SMALL_OBJECT, what="config"))
+            doc = shape.loads(read_bounded(self.backend, "config", MAX_SMALL_OBJECT, what="config"))
             if not isinstance(doc, dict):
                 raise ValueError("not a JSON object")
         except ObjectNotFoundError:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from vmvault import times
+from vmvault import shape, times
 from vmvault.backends.base import Backend
 from vmvault.errors import BackendError, IntegrityError, LockedError, ObjectNotFoundError
 from vmvault.repo._limits import MAX_SMALL_OBJECT, read_bounded
@@ -132,7 +132,7 @@ def list_locks(backend: Backend, key: MasterKey) -> list[LockInfo]:
         try:
             stored = backend.modified(obj.name)
             sealed = read_bounded(backend, obj.name, MAX_SMALL_OBJECT, what=obj.name)
-            doc = json.loads(open_envelope(key, sealed, _aad(obj.name), what=obj.name, max_size=MAX_SMALL_OBJECT))
+            doc = shape.loads(open_envelope(key, sealed, _aad(obj.name), what=obj.name, max_size=MAX_SMALL_OBJECT))
             out.append(dataclasses.replace(_lock_info(obj.name, doc), stored=stored))
         except ObjectNotFoundError:
             continue  # removed while we listed

@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from vmvault import __version__
+from vmvault import __version__, shape
 from vmvault.backends.base import Backend
 from vmvault.errors import (
     IntegrityError,
@@ -850,7 +850,7 @@ class Repository:
         if hashlib.sha256(payload).hexdigest() != snap_id:
             raise IntegrityError(f"snapshot {snap_id[:8]}: content does not match its name", object_id=snap_id)
         try:
-            doc = json.loads(payload)
+            doc = shape.loads(payload)
         except ValueError as exc:
             raise IntegrityError(f"snapshot {snap_id[:8]}: {exc}", object_id=snap_id) from exc
         return Snapshot.from_dict(doc, snapshot_id=snap_id)

@@ -266,7 +266,7 @@ class StatusStore:
         if hashlib.sha256(payload).hexdigest() != record_id:
             raise IntegrityError(f"{name}: content does not match its name", name=name)
         try:
-            doc = json.loads(payload)
+            doc = shape.loads(payload)
         except ValueError as exc:
             raise IntegrityError(f"{name}: not JSON: {exc}", name=name) from exc
         return StatusRecord.from_dict(doc, record_id=record_id)
