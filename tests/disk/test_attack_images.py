@@ -498,6 +498,17 @@ def test_merge_journal_naming_a_nul_is_refused(layout: tuple[Path, Path]) -> Non
         merge(str(child))
 
 
+def test_merge_journal_nested_too_deeply_is_refused(layout: tuple[Path, Path]) -> None:
+    """JSON deeper than the parser goes raised a RecursionError, not the SourceError."""
+    vm, _outside = layout
+    base = vm / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(base), "1M")
+    child = Path(checkpoint(str(base)))
+    Path(str(child) + MERGE_JOURNAL_SUFFIX).write_text("[" * 60000)
+    with pytest.raises(SourceError, match=r"unreadable merge journal"):
+        merge(str(child))
+
+
 def test_merge_journal_fifo_never_blocks(layout: tuple[Path, Path]) -> None:
     vm, _outside = layout
     base = vm / "base.qcow2"

@@ -542,6 +542,8 @@ def test_decode_reply() -> None:
         decode_reply("describe", R["garbage"])
     with pytest.raises(HypervisorError, match="printed nothing"):
         decode_reply("describe", " \n ")
+    with pytest.raises(HypervisorError, match="not JSON"):  # nested too deeply: was a RecursionError
+        decode_reply("describe", "[" * 60000)
     with pytest.raises(HypervisorError, match="unexpected reply"):
         decode_reply("describe", '{"result": 1}')
     with pytest.raises(HypervisorError, match="line one line two"):

@@ -354,3 +354,14 @@ def test_audit_reports_checkpoints_and_backup_ages(site: Site, tmp_path: Path) -
     assert "no snapshot of this VM in the repository" in vm["problems"]
     page = site.login("vera").get("/audit")
     assert page.status_code == 200 and "sql01" in page.text and "no snapshot of this VM" in page.text
+
+
+def test_an_action_body_that_is_not_a_json_object_is_refused(backed_up: Site) -> None:
+    """400 for text that is not JSON, JSON nested deeper than the parser goes (a
+    RecursionError, which was a 500) and JSON that is not an object; nothing is done."""
+    snap = _snap(backed_up)
+    url = f"/api/v1/snapshots/local/{snap}/restore"
+    for body, says in ((b"{", "must be JSON"), (b"[" * 60000, "must be JSON"), (b"[1]", "must be a JSON object")):
+        r = backed_up.client.post(url, content=body, headers=_auth(backed_up, "otto"))
+        assert r.status_code == 400 and says in r.text, (body[:10], r.status_code, r.text[:200])
+

@@ -32,7 +32,7 @@ import stat
 import time
 from typing import Any
 
-from vmvault import platform
+from vmvault import platform, shape
 from vmvault.errors import ConfigError, LockedError
 
 __all__ = ["StateLock", "daemon_lock", "describe_holder", "job_lock", "locks_folder", "open_private"]
@@ -170,7 +170,7 @@ def _read_holder(fd: int) -> dict[str, Any]:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         raw = os.read(fd, 4096)
-        doc = json.loads(raw.decode("utf-8", "replace") or "{}")
+        doc = shape.loads(raw.decode("utf-8", "replace") or "{}")
     except (OSError, ValueError):
         return {}
     return doc if isinstance(doc, dict) else {}

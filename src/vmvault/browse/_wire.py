@@ -49,7 +49,7 @@ def recv(stream: IO[bytes], exact: Callable[[IO[bytes], int], bytes] = _exact) -
         raise WireError(f"a header of {length} bytes")
     try:
         header = json.loads(exact(stream, length))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (nested too deeply for the parser)
         raise WireError(f"a header that is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise WireError("a header that is not an object")

@@ -494,7 +494,7 @@ def _read_journal(path: str, rule: ParentRule) -> tuple[str, list[str], str] | N
         os.close(fd)
     try:
         doc = json.loads(raw) if len(raw) <= MAX_JOURNAL_BYTES else None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # (nested too deeply for the parser)
         raise SourceError(f"{path}: unreadable merge journal: {exc}") from exc
     if (
         not isinstance(doc, dict)

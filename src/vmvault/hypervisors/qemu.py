@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import secrets
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+from vmvault import shape
 from vmvault.errors import ConfigError, HypervisorError, SourceError
 from vmvault.hypervisors._nbd import NbdImage
 from vmvault.hypervisors._qmp import GuestAgentClient, QmpClient, QmpError
@@ -202,7 +202,7 @@ def _scratch_path(filename: str) -> str:
     if not filename.startswith("json:"):
         return filename
     try:
-        return str(json.loads(filename[5:])["file"]["filename"])
+        return str(shape.loads(filename[5:])["file"]["filename"])
     except (ValueError, KeyError, TypeError):
         return ""
 

@@ -49,7 +49,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vmvault import __version__
+from vmvault import __version__, shape
 from vmvault.automation.config import AutomationConfig, WebSettings
 from vmvault.automation.history import FAILED, SUCCESS, WARNING, History
 from vmvault.errors import (
@@ -803,7 +803,7 @@ class WebApp:
         p = request.path_params
         self._need_admin(who, p["action"])
         try:
-            body = await request.json() if await request.body() else {}
+            body = shape.loads(await request.body() or b"{}")
         except ValueError:
             raise _Denied(400, "the body must be JSON") from None
         if not isinstance(body, dict):

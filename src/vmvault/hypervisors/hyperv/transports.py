@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from vmvault import shape
 from vmvault.errors import ConfigError, HypervisorError, require
 from vmvault.hypervisors.hyperv.scripts import script
 from vmvault.hypervisors.hyperv.steps import ParamValue
@@ -55,7 +56,7 @@ def decode_reply(step: str, text: str) -> Any:
     if not lines:
         raise HypervisorError(f"{step}: PowerShell printed nothing")
     try:
-        doc = json.loads(lines[-1])
+        doc = shape.loads(lines[-1])
     except ValueError as exc:
         raise HypervisorError(f"{step}: PowerShell output is not JSON: {lines[-1][:200]!r}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("ok"), bool):
