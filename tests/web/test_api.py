@@ -364,4 +364,3 @@ def test_an_action_body_that_is_not_a_json_object_is_refused(backed_up: Site) ->
     for body, says in ((b"{", "must be JSON"), (b"[" * 60000, "must be JSON"), (b"[1]", "must be a JSON object")):
         r = backed_up.client.post(url, content=body, headers=_auth(backed_up, "otto"))
         assert r.status_code == 400 and says in r.text, (body[:10], r.status_code, r.text[:200])
-
