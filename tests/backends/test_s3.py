@@ -130,6 +130,64 @@ def test_no_server_is_an_unreachable_error_at_open_without_retries(
     assert not [r for r in caplog.records if "retrying" in r.getMessage()]
 
 
+_NESTED = b"<a>" * 100_000 + b"</a>" * 100_000
+#: what a hostile server answers a listing with: (status, body)
+_HOSTILE_ANSWERS = {
+    "an error nested deeper than the parser goes": (500, b"<Error><Code>" + _NESTED + b"</Code></Error>"),
+    "an entry without a size": (200, b"<ListBucketResult><Contents><Key>p/data/x</Key></Contents></ListBucketResult>"),
+    "a size that is no number": (
+        200, b"<ListBucketResult><Contents><Key>p/data/x</Key><Size>big</Size></Contents></ListBucketResult>",
+    ),
+    "a key outside the prefix": (
+        200, b"<ListBucketResult><Contents><Key>elsewhere</Key><Size>1</Size></Contents></ListBucketResult>",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("lie", sorted(_HOSTILE_ANSWERS))
+def test_a_listing_botocore_cannot_parse_or_that_lists_no_objects_is_refused(
+    lie: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storage is not trusted: an answer botocore cannot parse (before: a RecursionError)
+    or a listing of entries that are no objects (before: a KeyError or ValueError) is a
+    ``BackendProtocolError``, each at once and without a traceback."""
+    import http.server
+
+    status, body = _HOSTILE_ANSWERS[lie]
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_HEAD(self) -> None:  # the bucket is there
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"s3://127.0.0.1:{server.server_address[1]}/bucket/p"
+        with (
+            open_s3(url, retry=QUICK, botocore_attempts=1) as b,
+            pytest.raises(BackendProtocolError, match=r"cannot be read|listed an entry that is no object"),
+        ):
+            list(b.list("data/"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.mark.integration
 def test_opening_asks_for_the_bucket_once(s3_buckets: S3Server) -> None:
     """The probe's answer is the bucket check when it found the bucket: one round trip, not

@@ -68,6 +68,7 @@ require("boto3", purpose="s3:// repositories")  # and botocore, which boto3 impo
 
 import boto3  # noqa: E402
 import botocore.exceptions  # noqa: E402
+import botocore.parsers  # noqa: E402
 import urllib3.exceptions  # noqa: E402
 from botocore.awsrequest import AWSResponse  # noqa: E402
 from botocore.config import Config  # noqa: E402
@@ -334,6 +335,14 @@ class S3Backend(Backend):
                     f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or give the host an instance role",
                     name=name,
                 ) from exc
+            except (RecursionError, ValueError, botocore.parsers.ResponseParserError) as exc:
+                # botocore could not parse the answer: XML nested deeper than its parser goes,
+                # a number that is none, or no XML at all (nothing of ours raises these here)
+                raise BackendProtocolError(
+                    f"{self.url}: the S3 server's answer to {describe} cannot be read ({type(exc).__name__}: "
+                    f"{str(exc)[:120]})",
+                    name=name,
+                ) from None
             except Exception as exc:
                 if _is_connection_failure(exc):
                     raise TransientError(exc) from exc
@@ -624,6 +633,20 @@ class S3Backend(Backend):
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         return full, len(self.prefix) + 1 if self.prefix else 0
 
+    def _check_listed(self, item: Any, full: str, needed: str) -> None:
+        """That a listing's ``item`` is an object under ``full`` with its ``needed`` field (a
+        size that is a count, a version that is text), as S3 lists them; a server that lists
+        anything else is refused, not followed into a KeyError."""
+        key, value = (item.get("Key"), item.get(needed)) if isinstance(item, dict) else (None, None)
+        if needed == "Size":
+            fits = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:
+            fits = isinstance(value, str)
+        if not isinstance(key, str) or not key.startswith(full) or not fits:
+            raise BackendProtocolError(
+                f"{self.url}: the S3 server listed an entry that is no object under {full!r}: {str(item)[:200]}"
+            )
+
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         full, strip = self._listing(prefix)
 
@@ -639,6 +662,7 @@ class S3Backend(Backend):
                         raise BackendProtocolError(
                             f"{self.url}: the S3 server listed more than {MAX_LISTING} objects under {full!r}"
                         )
+                    self._check_listed(item, full, "Size")
                     written = item.get("LastModified")
                     found.append(
                         ObjectInfo(
@@ -726,6 +750,7 @@ class S3Backend(Backend):
                             raise BackendProtocolError(
                                 f"{self.url}: the S3 server listed more than {MAX_LISTING} versions under {full!r}"
                             )
+                        self._check_listed(item, full, "VersionId")
                         key = str(item["Key"])
                         when = item.get("LastModified")
                         entry = (
