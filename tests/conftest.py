@@ -95,6 +95,16 @@ def small_tmpfs(folder: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The path (keys and indexes) of every value inside JSON ``value``, outermost first: what
+    the fuzzers of documents someone else writes pick from to change."""
+    found = [prefix] if prefix else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, inner in items:
+        found += json_paths(inner, (*prefix, key))
+    return found
+
+
 def require_tool(name: str) -> str:
     """The path of an external program, or skip the test saying which package brings it."""
     path = shutil.which(name)

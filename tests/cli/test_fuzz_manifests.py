@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.cli.admin import env, run  # noqa: F401  (env: the fixture)
-from tests.conftest import CAMPAIGN_SCALE, RANDOM_EXAMPLES
+from tests.conftest import CAMPAIGN_SCALE, RANDOM_EXAMPLES, json_paths
 from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
 from vmvault.sample_vm import make_disk
 
@@ -41,17 +41,9 @@ VALUES: list[Any] = [
 EXITS = {0, 1, 2, 3, 10, 12, 13}
 
 
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [prefix] if prefix else []
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
-    for key, inner in items:
-        found += _paths(inner, (*prefix, key))
-    return found
-
-
 def _mutate_json(doc: Any, rng: random.Random) -> Any:
     for _ in range(rng.randint(1, 3)):
-        path = rng.choice(_paths(doc))
+        path = rng.choice(json_paths(doc))
         parent = doc
         for key in path[:-1]:
             parent = parent[key]

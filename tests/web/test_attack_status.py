@@ -10,6 +10,7 @@ import datetime as dt
 import random
 from typing import Any
 
+from tests.conftest import json_paths
 from tests.repo.test_status import ALERT, JOB, RUN
 from tests.web.conftest import REPO_PASS, Site
 from vmvault.backends.local import LocalBackend
@@ -18,14 +19,6 @@ from vmvault.repo.status import StatusRecord, StatusStore
 
 VALUES: list[Any] = [-1, 2**70, 1.5, "x", "", None, True, [], {}, [1], {"a": 1}, ["x"], [{}], [None], [[1]]]
 PAGES = ("/", "/fleet", "/jobs", "/history", "/api/v1/hosts", "/api/v1/vms", "/api/v1/tasks", "/api/v1/jobs")
-
-
-def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [prefix] if prefix else []
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
-    for key, inner in items:
-        found += _paths(inner, (*prefix, key))
-    return found
 
 
 def test_status_records_of_any_shape_leave_every_page_working(site: Site) -> None:
@@ -39,7 +32,7 @@ def test_status_records_of_any_shape_leave_every_page_working(site: Site) -> Non
     for round_ in range(40):
         doc = copy.deepcopy(good)
         for _ in range(rng.randint(1, 3)):
-            path = rng.choice([p for p in _paths(doc) if len(p) > 1])
+            path = rng.choice([p for p in json_paths(doc) if len(p) > 1])
             parent: Any = doc
             for key in path[:-1]:
                 parent = parent[key] if isinstance(parent, dict | list) else None

@@ -193,6 +193,10 @@ def _bound_answers(client: Any, url: str) -> Any:
     return client
 
 
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_at_most(body: Any, length: int) -> bytes:
     """Up to ``length`` bytes of a response body. botocore checks the body against its
     Content-Length only when a read comes back empty, so a short read is followed by another
@@ -633,16 +637,12 @@ class S3Backend(Backend):
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         return full, len(self.prefix) + 1 if self.prefix else 0
 
-    def _check_listed(self, item: Any, full: str, needed: str) -> None:
-        """That a listing's ``item`` is an object under ``full`` with its ``needed`` field (a
-        size that is a count, a version that is text), as S3 lists them; a server that lists
-        anything else is refused, not followed into a KeyError."""
-        key, value = (item.get("Key"), item.get(needed)) if isinstance(item, dict) else (None, None)
-        if needed == "Size":
-            fits = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-        else:
-            fits = isinstance(value, str)
-        if not isinstance(key, str) or not key.startswith(full) or not fits:
+    def _check_listed(self, item: Any, full: str, needed: str, fits: Callable[[Any], bool]) -> None:
+        """That a listing's ``item`` is an object under ``full`` whose ``needed`` field ``fits``,
+        as S3 lists them; a server that lists anything else is refused, not followed into a
+        KeyError."""
+        key = item.get("Key") if isinstance(item, dict) else None
+        if not isinstance(key, str) or not key.startswith(full) or not fits(item.get(needed)):
             raise BackendProtocolError(
                 f"{self.url}: the S3 server listed an entry that is no object under {full!r}: {str(item)[:200]}"
             )
@@ -662,7 +662,7 @@ class S3Backend(Backend):
                         raise BackendProtocolError(
                             f"{self.url}: the S3 server listed more than {MAX_LISTING} objects under {full!r}"
                         )
-                    self._check_listed(item, full, "Size")
+                    self._check_listed(item, full, "Size", _is_size)
                     written = item.get("LastModified")
                     found.append(
                         ObjectInfo(
@@ -750,7 +750,7 @@ class S3Backend(Backend):
                             raise BackendProtocolError(
                                 f"{self.url}: the S3 server listed more than {MAX_LISTING} versions under {full!r}"
                             )
-                        self._check_listed(item, full, "VersionId")
+                        self._check_listed(item, full, "VersionId", lambda v: isinstance(v, str))
                         key = str(item["Key"])
                         when = item.get("LastModified")
                         entry = (

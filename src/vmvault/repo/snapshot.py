@@ -199,13 +199,17 @@ _FIELDS: dict[str, dict[str, shape.Check]] = {
 def _shape_problem(doc: Any) -> str | None:
     """What is wrong with the shape of manifest ``doc``; None when nothing is."""
     found = shape.problem("snapshot", doc, _FIELDS["snapshot"])
+    if found is not None:
+        return found
     for what, key in (("disk", "disks"), ("file", "files")):
-        records = doc.get(key, []) if found is None else []
+        records = doc.get(key, [])
         if type(records) is not list:
             return f"the snapshot field {key!r} holds {shape.describe(records)}"
         for record in records:
-            found = found or shape.problem(what, record, _FIELDS[what])
-    return found
+            found = shape.problem(what, record, _FIELDS[what])
+            if found is not None:
+                return found
+    return None
 
 
 def _record_dict(record: DiskRecord | FileRecord, ids: str) -> dict[str, Any]:
