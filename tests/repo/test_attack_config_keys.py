@@ -454,6 +454,27 @@ def test_malformed_key_objects_are_skipped(repo: Repository, tmp_path: Path, raw
         Repository.open(repo.backend, b"wrong passphrase", records=other_host(tmp_path))
 
 
+@pytest.mark.parametrize("damage", ["flipped", "cut"])
+def test_a_repository_whose_every_key_is_damaged_does_not_call_the_passphrase_wrong(
+    repo: Repository, tmp_path: Path, damage: str
+) -> None:
+    """The only key object damaged on the storage: the passphrase met no key to be tried
+    against, and "wrong passphrase" (exit 12) would send the administrator looking for
+    another one. It is named as damage (exit 1) with the object, whatever the host recorded."""
+    (name,) = [o.name for o in repo.backend.list("keys/")]
+    raw = bytearray(repo.backend.get(name))
+    if damage == "flipped":
+        raw[len(raw) // 2] ^= 1
+    else:
+        del raw[len(raw) // 2 :]
+    repo.backend.put(name, bytes(raw))
+    for records in (None, other_host(tmp_path)):
+        for secret_ in (PASS, b"wrong passphrase"):
+            with pytest.raises(IntegrityError, match="passphrase or key file was not tried") as info:
+                Repository.open(repo.backend, secret_, **({"records": records} if records else {}))
+            assert not isinstance(info.value, PasswordError) and name in str(info.value)
+
+
 def test_keys_are_tried_cheapest_first(repo: Repository, tmp_path: Path) -> None:
     """An in-bounds but costly planted key (1 GiB, 16 passes) is never derived before the
     genuine one; nor are several keys at the default cost."""

@@ -249,10 +249,13 @@ def unlock(backend: Backend, secret: bytes, *, prefer: str | None = None) -> Unl
     if not names:
         raise RepositoryError(f"{backend.url}: the repository has no keys")
     skipped: list[str] = []
+    tried = 0
 
     def attempt(obj: KeyObject) -> Unlocked | None:
+        nonlocal tried
         try:
             master = _try(obj, secret)
+            tried += 1
         except MemoryError:
             skipped.append(f"{obj.id[:8]}: not enough memory for its KDF parameters {obj.params}")
             return None
@@ -290,6 +293,15 @@ def unlock(backend: Backend, secret: bytes, *, prefer: str | None = None) -> Unl
             untried += 1
         elif (opened := attempt(obj)) is not None:
             return opened
+    if not tried and not untried:
+        # the secret met no key it could be tried against: saying it is wrong would send the
+        # administrator looking for another passphrase
+        if not skipped:
+            raise RepositoryError(f"{backend.url}: the repository has no keys")
+        raise IntegrityError(
+            f"no key object in {backend.url} could be used, so the passphrase or key file was not tried "
+            f"({'; '.join(skipped[:5])}); a damaged key object can be put back from a copy of the repository"
+        )
     hints = []
     if skipped:
         hints.append(f"{len(skipped)} unusable key objects: {'; '.join(skipped[:5])}")
