@@ -22,13 +22,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 __all__ = [
     "FaultyHttpProxy",
+    "Mangle",
     "S3Server",
     "SshServer",
     "free_port",
@@ -368,6 +369,10 @@ class S3Server:
         self.kill()
 
 
+#: an answer rewritten by FaultyHttpProxy.mangle
+Mangle = Callable[[str, str, int, list[tuple[str, str]], bytes], tuple[int, list[tuple[str, str]], bytes]]
+
+
 class FaultyHttpProxy:
     """An HTTP/1.1 proxy in front of a server (moto) that can answer the next requests with an
     S3 error (503 SlowDown, 500 InternalError ...) instead of forwarding them: the server-side
@@ -392,6 +397,9 @@ class FaultyHttpProxy:
         self._status = 503
         self._code = "SlowDown"
         self._lock = threading.Lock()
+        #: rewrites each forwarded answer: (method, path, status, headers, body) -> (status,
+        #: headers, body); a HEAD answer's Content-Length is the one among the headers
+        self.mangle: Mangle | None = None
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -445,11 +453,15 @@ class FaultyHttpProxy:
                     proxy.forwarded += 1
                 cut = self.command == "GET" and len(data) > 1 and proxy._take_truncation()
                 more = proxy._take(more=True) if self.command == "GET" else 0
-                self.send_response(response.status)
-                for key, value in response.getheaders():
+                status, answered = response.status, response.getheaders()
+                if proxy.mangle is not None:
+                    status, answered, data = proxy.mangle(self.command, self.path, status, answered, data)
+                self.send_response(status)
+                for key, value in answered:
                     if key.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
                         self.send_header(key, value)
-                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                lengths = [v for k, v in answered if k.lower() == "content-length"]
+                length = lengths[0] if self.command == "HEAD" and lengths else None
                 self.send_header("Content-Length", length or str(len(data) + more))
                 self.end_headers()
                 if more:

@@ -451,6 +451,79 @@ def test_an_answer_without_end_is_read_no_further_than_its_bound(proxy: FaultyHt
         assert [o.name for o in b.list("data/")] == ["data/x"]
 
 
+def _answer(status: int | None = None, *, cut: int | None = None, body: bytes | None = None, drop: str = "") -> Any:
+    """A proxy ``mangle`` changing GET answers: their status, their body cut to ``cut`` bytes (a
+    Content-Length to match), or replaced, or a header left out."""
+
+    def mangle(method: str, _path: str, was: int, headers: list[tuple[str, str]], data: bytes) -> Any:
+        if method != "GET":
+            return was, headers, data
+        headers = [h for h in headers if h[0].lower() != drop.lower()]
+        return status or was, headers, body if body is not None else data[:cut]
+
+    return mangle
+
+
+@pytest.mark.integration
+def test_a_range_answered_short_before_the_end_is_refused(proxy: FaultyHttpProxy) -> None:
+    """A hostile server sends fewer bytes than the range with a Content-Length to match: the
+    Content-Range says where the object ends, and the read is refused unless it is there."""
+    data = os.urandom(MiB)
+    with open_s3(proxy.url("plain-bucket", "short"), retry=QUICK) as b:
+        b.put("data/x", data)
+        proxy.mangle = _answer(cut=1000)
+        try:
+            with pytest.raises(BackendProtocolError, match=r"with 1000 .*short before the object.s end"):
+                b.get("data/x", 100, 4096)
+            proxy.mangle = _answer(status=416, body=b"")
+            with pytest.raises(BackendProtocolError, match="out of range, yet the object holds 1048576 bytes"):
+                b.get("data/x", 100, 4096)
+            proxy.mangle = None
+            # at the end, short is the end
+            assert b.get("data/x", MiB - 10, 4096) == data[-10:]
+            assert b.get("data/x", MiB + 10, 4096) == b""
+        finally:
+            proxy.mangle = None
+
+
+@pytest.mark.integration
+def test_a_server_answering_a_read_from_the_start_with_the_whole_object_is_read(proxy: FaultyHttpProxy) -> None:
+    """A server may ignore the Range header and send the whole object: read from the start,
+    an object shorter than the range is then its whole length, not a short answer."""
+    with open_s3(proxy.url("plain-bucket", "whole"), retry=QUICK) as b:
+        b.put("data/x", b"small object")
+        proxy.ignore_range_next(1)
+        assert b.get("data/x", 0, 4096) == b"small object"
+
+
+@pytest.mark.integration
+def test_answers_botocore_trips_over_are_protocol_errors(proxy: FaultyHttpProxy) -> None:
+    """A listing entry that is text where an object is expected raised a KeyError or TypeError
+    in botocore's handlers, a date no parser reads a RuntimeError: tracebacks, now storage
+    errors."""
+    with open_s3(proxy.url("plain-bucket", "trips"), retry=QUICK) as b:
+        b.put("data/x", b"x")
+        listing = (
+            b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>plain-bucket</Name>'
+            b"<Prefix>trips/data/</Prefix><KeyCount>1</KeyCount><EncodingType>url</EncodingType>"
+            b"<IsTruncated>false</IsTruncated><Contents>text</Contents></ListBucketResult>"
+        )
+        try:
+            proxy.mangle = _answer(body=listing)
+            with pytest.raises(BackendProtocolError, match=r"cannot be read \((TypeError|KeyError)"):
+                list(b.list("data/"))
+
+            def bad_date(method: str, _path: str, was: int, headers: list[tuple[str, str]], data: bytes) -> Any:
+                kept = [h for h in headers if h[0].lower() != "last-modified"]
+                return was, [*kept, ("Last-Modified", "123456789012345678901234567890")], data
+
+            proxy.mangle = bad_date
+            with pytest.raises(BackendProtocolError, match=r"cannot be read \(RuntimeError"):
+                b.modified("data/x")
+        finally:
+            proxy.mangle = None
+
+
 # --- the server killed mid-upload ------------------------------------------------------------
 
 

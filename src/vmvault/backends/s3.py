@@ -86,6 +86,9 @@ from vmvault.backends.base import (  # noqa: E402
 
 __all__ = ["S3Backend", "open_s3", "parse_s3_location"]
 
+#: botocore's modules that take answers apart (_unreadable_answer)
+_PARSING = frozenset(["botocore.parsers", "botocore.handlers"])
+
 T = TypeVar("T")
 
 MiB = 1 << 20
@@ -143,6 +146,42 @@ def _check_range(url: str, name: str, answer: dict[str, Any], offset: int, asked
             "not the range asked for",
             name=name,
         )
+
+
+def _check_length(url: str, name: str, answer: dict[str, Any], offset: int, length: int, got: int) -> None:
+    """Refuse a ranged read answered with fewer bytes than asked before the object's end: the
+    end is where the answer's ``Content-Range`` puts the object's size (or, for a server that
+    answered a read from the start with the whole object, its length). A server that sends
+    less with a Content-Length to match is otherwise indistinguishable from the end."""
+    if got >= length:
+        return
+    found = str(answer.get("ContentRange") or "")
+    stated = found.rpartition("/")[2] if found else str(answer.get("ContentLength", "") if offset == 0 else "")
+    if not (stated.isdigit() and offset + got == int(stated)):
+        raise BackendProtocolError(
+            f"{url}: the server answered a read of {length} bytes of {name} at {offset} with {got} "
+            f"({found or 'no Content-Range'}): short before the object's end",
+            name=name,
+        )
+
+
+def _unreadable_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` says botocore could not take the server's answer apart: XML nested
+    deeper than its parser goes (``RecursionError``), a number that is none (``ValueError``; nothing
+    of ours raises either inside a call), no XML at all (``ResponseParserError``), or whatever
+    Python raises where botocore's parsers and handlers meet a shape they did not expect (a
+    listed entry that is text where an object was expected: ``TypeError``; a date no date
+    parser reads: ``RuntimeError``), when raised from botocore's code and not from ours."""
+    if isinstance(exc, RecursionError | ValueError | botocore.parsers.ResponseParserError):
+        return True
+    if isinstance(exc, MemoryError):
+        return False
+    modules = []
+    tb = exc.__traceback__
+    while tb is not None:
+        modules.append(str(tb.tb_frame.f_globals.get("__name__", "")))
+        tb = tb.tb_next
+    return bool(modules) and not modules[-1].startswith("vmvault.") and not _PARSING.isdisjoint(modules)
 
 
 class _ReadAlready:
@@ -339,18 +378,20 @@ class S3Backend(Backend):
                     f"AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or give the host an instance role",
                     name=name,
                 ) from exc
-            except (RecursionError, ValueError, botocore.parsers.ResponseParserError) as exc:
-                # botocore could not parse the answer: XML nested deeper than its parser goes,
-                # a number that is none, or no XML at all (nothing of ours raises these here)
+            except botocore.exceptions.FlexibleChecksumError as exc:
+                # the body does not match the checksum S3 stored with it: changed on the way
+                # (read again) or by the server (refused after the retries)
+                raise TransientError(exc) from exc
+            except Exception as exc:
+                if _is_connection_failure(exc):
+                    raise TransientError(exc) from exc
+                if not _unreadable_answer(exc):
+                    raise
                 raise BackendProtocolError(
                     f"{self.url}: the S3 server's answer to {describe} cannot be read ({type(exc).__name__}: "
                     f"{str(exc)[:120]})",
                     name=name,
                 ) from None
-            except Exception as exc:
-                if _is_connection_failure(exc):
-                    raise TransientError(exc) from exc
-                raise
 
         return call_with_retry(
             attempt,
@@ -605,6 +646,7 @@ class S3Backend(Backend):
             except botocore.exceptions.ClientError as exc:
                 # a range that starts at or past the end (also of an empty object) is a 416
                 if _code(exc) == "InvalidRange" or _status(exc) == 416:
+                    self._past_the_end(name, key, offset, exc)
                     return b""
                 raise
             # read inside the retried call: a body that stops half-way is retried whole
@@ -614,11 +656,34 @@ class S3Backend(Backend):
                     _check_range(self.url, name, answer, offset, args["Range"])
                 # never more than asked, whatever the server sends: the storage does not decide
                 # how much memory a read takes
-                return bytes(body.read()) if length is None else _read_at_most(body, length)
+                if length is None:
+                    return bytes(body.read())
+                data = _read_at_most(body, length)
+                _check_length(self.url, name, answer, offset, length, len(data))
+                return data
             finally:
                 body.close()
 
         return self.requests.read(self._call(f"read {name}", name, op))
+
+    def _past_the_end(self, name: str, key: str, offset: int, exc: botocore.exceptions.ClientError) -> None:
+        """That a read refused as out of range (416) starts at or past the object's end: the
+        size the refusal states (S3's ``ActualObjectSize``), else the object's own (HeadObject).
+        A server refusing a range inside the object would pass "no bytes here" on as the end."""
+        stated = str(exc.response.get("Error", {}).get("ActualObjectSize") or "")
+        if stated.isdigit():
+            size = int(stated)
+        else:
+            head = self._client.head_object(Bucket=self.bucket, Key=key)
+            size = head.get("ContentLength")
+            if not isinstance(size, int):
+                raise BackendProtocolError(f"{self.url}: the S3 server states no size of {name}", name=name)
+        if offset < size:
+            raise BackendProtocolError(
+                f"{self.url}: the server refused a read of {name} at {offset} as out of range, "
+                f"yet the object holds {size} bytes",
+                name=name,
+            )
 
     def exists(self, name: str) -> bool:
         self.requests.count("stat")
