@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -103,6 +105,35 @@ def json_paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]
     for key, inner in items:
         found += json_paths(inner, (*prefix, key))
     return found
+
+
+#: what the fuzzers of documents put in place of a value
+JSON_VALUES: list[Any] = [
+    -1, 0, 1, 2**31, 2**63, 2**64 + 5, 1.5, 1e308, "x", "", None, True, [], {}, [1, 2], {"a": 1},
+    "../../../etc/passwd", "a" * 5000, "\u0000", "00" * 32, "zz" * 32, 4096, 3 << 20,
+]  # fmt: skip
+
+
+def mutate_json(doc: Any, rng: random.Random) -> Any:
+    """``doc`` changed in place by its structure, one to three times: a field removed, a list
+    entry repeated or dropped, a value replaced by one of ``JSON_VALUES``; returned (a document
+    with nothing inside is replaced whole)."""
+    for _ in range(rng.randint(1, 3)):
+        paths = json_paths(doc)
+        if not paths:
+            return copy.deepcopy(rng.choice(JSON_VALUES))
+        path = rng.choice(paths)
+        parent = doc
+        for key in path[:-1]:
+            parent = parent[key]
+        last, roll = path[-1], rng.random()
+        if roll < 0.15 and isinstance(parent, dict):
+            del parent[last]
+        elif roll < 0.25 and isinstance(parent, list):
+            parent.append(copy.deepcopy(parent[last])) if rng.random() < 0.5 else parent.pop(last)
+        else:
+            parent[last] = copy.deepcopy(rng.choice(JSON_VALUES))
+    return doc
 
 
 def require_tool(name: str) -> str:

@@ -10,7 +10,6 @@ forget and diff failed with AttributeError, TypeError, ValueError).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.cli.admin import env, run  # noqa: F401  (env: the fixture)
-from tests.conftest import CAMPAIGN_SCALE, RANDOM_EXAMPLES, json_paths
+from tests.conftest import CAMPAIGN_SCALE, RANDOM_EXAMPLES, mutate_json
 from vmvault.repo.crypto import MasterKey, open_envelope, seal_envelope
 from vmvault.sample_vm import make_disk
 
@@ -33,28 +32,8 @@ ROUNDS = 60 * CAMPAIGN_SCALE
 SEED = int(os.environ.get("VMVAULT_MANIFEST_FUZZ_SEED", "0")) or (
     random.SystemRandom().randrange(1, 1 << 32) if RANDOM_EXAMPLES else 29
 )
-VALUES: list[Any] = [
-    -1, 0, 1, 2**31, 2**63, 2**64 + 5, 1.5, 1e308, "x", "", None, True, [], {}, [1, 2], {"a": 1},
-    "../../../etc/passwd", "a" * 5000, "\u0000", "00" * 32, "zz" * 32, 4096, 3 << 20,
-]  # fmt: skip
 #: every exit code README.md documents for a command that ran (not 130, not a traceback)
 EXITS = {0, 1, 2, 3, 10, 12, 13}
-
-
-def _mutate_json(doc: Any, rng: random.Random) -> Any:
-    for _ in range(rng.randint(1, 3)):
-        path = rng.choice(json_paths(doc))
-        parent = doc
-        for key in path[:-1]:
-            parent = parent[key]
-        last, roll = path[-1], rng.random()
-        if roll < 0.15 and isinstance(parent, dict):
-            del parent[last]
-        elif roll < 0.25 and isinstance(parent, list):
-            parent.append(copy.deepcopy(parent[last])) if rng.random() < 0.5 else parent.pop(last)
-        else:
-            parent[last] = copy.deepcopy(rng.choice(VALUES))
-    return doc
 
 
 def _mutate_bytes(data: bytes, rng: random.Random) -> bytes:
@@ -113,7 +92,7 @@ def test_forged_manifests_and_index_files_end_every_command_with_an_exit_code(
         snaps = sorted((env / "repo" / "snapshots").iterdir())
         if rng.random() < 0.6:
             victim = rng.choice(snaps)
-            forged = _forge(victim, lambda p: json.dumps(_mutate_json(json.loads(p), rng)).encode())
+            forged = _forge(victim, lambda p: json.dumps(mutate_json(json.loads(p), rng)).encode())
         else:
             victim = rng.choice(sorted((env / "repo" / "index").iterdir()))
             forged = _forge(victim, lambda p: _mutate_bytes(p, rng))

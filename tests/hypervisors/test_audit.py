@@ -10,15 +10,51 @@ from typing import Any
 
 import pytest
 
-from vmvault.errors import ConfigError
+from vmvault.errors import ConfigError, HypervisorError
 from vmvault.hypervisors.audit import VmAudit, add_backup_ages, audit, format_age
 from vmvault.hypervisors.hyperv import decode_reply
 from vmvault.hypervisors.hyperv.connector import audit_inventory
+from vmvault.hypervisors.hyperv.session import inventory
 from vmvault.testing.hyperv_lab import LabHost
 
 MIB = 1024 * 1024
 RECORDED = json.loads((Path(__file__).parent / "scripted" / "hyperv_web.json").read_text())
 NOW = 1795700000.0
+
+
+class _Replies:
+    """A transport answering ``inventory`` with ``doc``."""
+
+    host = "HV01"
+
+    def __init__(self, doc: Any) -> None:
+        self.doc = doc
+
+    def run(self, step: str, _params: Any, _timeout: float) -> Any:
+        return decode_reply(step, json.dumps({"ok": True, "result": self.doc}))
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "named"),
+    [
+        (("vms", 0, "disks", 0, "size"), "4 GB", r"reply.vms\[0\].disks\[0\].size is"),
+        (("vms", 0, "disks", 1), "C:\\x.vhdx", r"reply.vms\[0\].disks\[1\] is"),
+        (("vms", 0, "checkpoints", 0, "created"), [1], r"reply.vms\[0\].checkpoints\[0\].created is"),
+        (("orphans", 0, "size"), {"a": 1}, r"reply.orphans\[0\].size is"),
+    ],
+)
+def test_an_inventory_field_of_another_type_is_named_not_a_traceback(
+    where: tuple[Any, ...], value: Any, named: str
+) -> None:
+    """What ``audit`` reads of the host's inventory is checked field by field: a disk's size
+    that was text made ``int()`` fail with a traceback."""
+    doc = json.loads(RECORDED["replies"]["inventory"])["result"]
+    inner = doc
+    for key in where[:-1]:
+        inner = inner[key]
+    inner[where[-1]] = value
+    with pytest.raises(HypervisorError, match=named):
+        inventory("hyperv://HV01", transport=_Replies(doc))  # type: ignore[arg-type]
 
 
 def test_hyperv_host_inventory() -> None:

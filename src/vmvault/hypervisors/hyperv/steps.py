@@ -462,16 +462,28 @@ class HostClient:
         return r.flag("destroyed")
 
     def inventory(self) -> dict[str, Any]:
+        """The reply rebuilt from its checked fields, each of the type the script writes: what
+        ``audit`` reads is only ever that (a disk's size that was text had it fail)."""
         r = self._run("inventory")
-        for vm in r.objects("vms"):  # the shape audit relies on
-            vm.text("name")
-            vm.objects("disks")
-            vm.objects("checkpoints")
-            vm.texts("recovery")
-        for o in r.objects("orphans"):
-            o.text("path", empty=False)
-        r.texts("problems")
-        return dict(r.value)
+        vms = [
+            {
+                "id": vm.text("id"),
+                "name": vm.text("name"),
+                "path": vm.text("path"),
+                "disks": [
+                    {"path": d.text("path"), "size": d.integer("size"), "parent": d.text("parent")}
+                    for d in vm.objects("disks")
+                ],
+                "checkpoints": [
+                    {key: c.text(key) for key in ("id", "name", "parent", "type", "created")}
+                    for c in vm.objects("checkpoints")
+                ],
+                "recovery": vm.texts("recovery"),
+            }
+            for vm in r.objects("vms")
+        ]
+        orphans = [{"path": o.text("path", empty=False), "size": o.integer("size")} for o in r.objects("orphans")]
+        return {"host": r.text("host"), "vms": vms, "orphans": orphans, "problems": r.texts("problems")}
 
     def compare_import(self, path: str, vm_path: str, vhd_destination: str, vhd_source: str) -> Imported:
         r = self._run(
