@@ -197,6 +197,28 @@ def test_vmvault_crash_leftovers_are_swept(tracked: Tracked) -> None:
     tracked.assert_clean_and_tracking()
 
 
+def test_a_teardown_that_fails_unforeseen_still_lets_go_of_qmp(
+    tracked: Tracked, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU serves one QMP client at a time: a teardown failing with what no handler foresaw
+    had left the connection open, and every later backup of the VM in a daemon that lives on
+    was refused ("no answer from QMP"). The next session sweeps what the teardown left."""
+
+    def broken(self: QemuBackupSession, step: Any) -> None:
+        raise RuntimeError("unforeseen")
+
+    monkeypatch.setattr(QemuBackupSession, "_teardown_qemu", broken)
+    session = tracked.source.open_session(tracked.prev)
+    with pytest.raises(RuntimeError, match="unforeseen"):
+        session.close()
+    monkeypatch.undo()
+    with QmpClient(tracked.vm.vmvault_sock, timeout=5).connect() as qmp:
+        assert qmp.execute("query-status")["status"] == "running"
+    with tracked.source.open_session(tracked.prev) as s:
+        assert any("interrupted vmvault backup" in w for w in s.warnings)
+    tracked.assert_clean_and_tracking()
+
+
 def test_a_node_cannot_get_a_folder_elsewhere_removed(tracked: Tracked, tmp_path: Path) -> None:
     """The sweep takes a node's file name from QEMU, which runs what a guest may have taken over
     (as does anyone holding its QMP socket): nodes named like vmvault's scratch nodes, with files

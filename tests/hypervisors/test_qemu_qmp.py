@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import socket
 import threading
 import time
@@ -85,6 +87,82 @@ def test_not_qmp_silent_and_dropped_sockets(tmp_path: Path) -> None:
     t = serve_once(str(tmp_path / "d.sock"), [b"not json\n"])
     with pytest.raises(HypervisorError, match="not JSON"):
         QmpClient(str(tmp_path / "d.sock"), timeout=2).connect()
+    t.join()
+
+
+def _scripted(path: str, *messages: dict[str, object]) -> threading.Thread:
+    """A QMP peer: the greeting, ``qmp_capabilities`` answered, then ``messages`` sent ahead of
+    the commands (each reply's ``id`` that of the next command; events as they are)."""
+    lines = [b'{"QMP": {"version": {}, "capabilities": []}}\n', b'{"return": {}, "id": "vmvault-1"}\n']
+    replies = itertools.count(2)
+    for message in messages:
+        doc = message if "event" in message else message | {"id": f"vmvault-{next(replies)}"}
+        lines.append(json.dumps(doc).encode() + b"\n")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def run() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"".join(lines))
+            while conn.recv(65536):  # the commands, until the client hangs up (no reset)
+                pass
+        server.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize(
+    ("command", "reply", "named"),
+    [
+        ("query-block-jobs", [{"device": 5}], "query-block-jobs with list"),
+        ("query-block-exports", [{"type": "nbd"}], "query-block-exports with list"),
+        ("query-version", {"qemu": {"major": "7", "minor": 2}}, "query-version with dict"),
+        ("query-status", {"running": True}, "query-status with dict"),
+        ("query-memory-size-summary", {"base-memory": -1}, "query-memory-size-summary with dict"),
+        ("query-block", [{"device": "vda", "inserted": {"node-name": "n"}}], "query-block with list"),
+        (
+            "query-named-block-nodes",
+            [{"node-name": "n", "dirty-bitmaps": [{"name": "b", "granularity": "64K"}]}],
+            "query-named-block-nodes with list",
+        ),
+        ("qom-list", {"name": "x"}, "qom-list with dict"),
+    ],
+)
+def test_a_reply_of_another_shape_is_refused_naming_the_command(
+    tmp_path: Path, command: str, reply: object, named: str
+) -> None:
+    """What QEMU answers is read as its QAPI schema documents (``_qmp.REPLIES``): a QEMU taken
+    over by its guest answering otherwise had a backup fail with a KeyError or TypeError (one
+    in the teardown left the QMP connection open, refusing every later backup of the VM)."""
+    t = _scripted(str(tmp_path / "q.sock"), {"return": reply})
+    with (
+        QmpClient(str(tmp_path / "q.sock"), timeout=2).connect() as qmp,
+        pytest.raises(HypervisorError, match=f"QEMU answered {named}"),
+    ):
+        qmp.execute(command)
+    t.join()
+
+
+def test_an_error_or_an_event_of_another_shape_is_read_as_what_it_holds(tmp_path: Path) -> None:
+    t = _scripted(
+        str(tmp_path / "q.sock"),
+        {"error": "text where an object belongs"},
+        {"event": "BLOCK_JOB_CANCELLED", "data": ["a", "list"]},
+        {"event": "BLOCK_JOB_CANCELLED", "data": {"device": "vmvault-job"}},
+        {"return": []},
+    )
+    with QmpClient(str(tmp_path / "q.sock"), timeout=2).connect() as qmp:
+        with pytest.raises(QmpError) as info:
+            qmp.execute("block-job-cancel")
+        assert info.value.error_class == "?"
+        # the event whose data is a list is queued, not handed to the matcher as one
+        event = qmp.wait_event("BLOCK_JOB_CANCELLED", lambda d: d.get("device") == "vmvault-job")
+        assert event["data"] == {"device": "vmvault-job"}
+        assert qmp.execute("query-block-jobs") == []
     t.join()
 
 

@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
+from vmvault import shape
 from vmvault.errors import HypervisorError
 
 __all__ = ["GuestAgentClient", "QmpClient", "QmpError"]
@@ -52,6 +53,103 @@ class QmpError(HypervisorError):
         self.socket_path = socket_path
         where = f"{socket_path}: " if socket_path else ""
         super().__init__(f"{where}{command} failed: {error_class}: {desc}")
+
+
+# -- the replies vmvault reads, as QEMU's QAPI schema documents them ----------------------------
+# (qapi/block-core.json, block-export.json, misc.json, machine.json, qom.json; only the fields
+# vmvault reads, which must then have their documented type; other fields are left alone)
+
+_BITMAP = shape.record(
+    {
+        "name": shape.optional(shape.text),
+        "granularity": shape.positive,
+        "persistent": shape.flag,
+        "recording": shape.flag,
+        "busy": shape.flag,
+        "inconsistent": shape.flag,
+    }
+)
+_IMAGE = shape.record(
+    {
+        "filename": shape.text,
+        "format": shape.text,
+        "virtual-size": shape.count,
+        "format-specific": shape.record({"data": shape.obj}),
+    }
+)
+_INSERTED = shape.record(
+    {
+        "node-name": shape.text,
+        "file": shape.text,
+        "drv": shape.text,
+        "ro": shape.flag,
+        "image": _IMAGE,
+    },
+    required=("node-name", "image"),
+)
+_NAMED = shape.optional(shape.text)
+#: a successful reply's "return", per command; commands not listed are not read beyond success
+REPLIES: dict[str, shape.Check] = {
+    "query-name": shape.record({"name": _NAMED}),
+    "query-uuid": shape.record({"UUID": shape.text}, required=("UUID",)),
+    "query-version": shape.record(
+        {
+            "qemu": shape.record({"major": shape.count, "minor": shape.count, "micro": shape.count}),
+            "package": shape.text,
+        },
+        required=("qemu",),
+    ),
+    "query-status": shape.record({"status": shape.text, "running": shape.flag}, required=("status",)),
+    "query-memory-size-summary": shape.record({"base-memory": shape.count}, required=("base-memory",)),
+    "query-cpus-fast": shape.list_of(shape.obj),
+    "query-block": shape.list_of(
+        shape.record({"device": shape.text, "qdev": shape.text, "inserted": _INSERTED}, required=("device",))
+    ),
+    "query-named-block-nodes": shape.list_of(
+        shape.record(
+            {"node-name": shape.text, "file": shape.text, "dirty-bitmaps": shape.list_of(_BITMAP)},
+            required=("node-name",),
+        )
+    ),
+    "query-block-exports": shape.list_of(shape.record({"id": shape.text}, required=("id",))),
+    "query-block-jobs": shape.list_of(
+        shape.record(
+            {
+                "device": shape.text,
+                "offset": shape.count,
+                "len": shape.count,
+                "status": shape.text,
+                "ready": shape.flag,
+            },
+            required=("device",),
+        )
+    ),
+    "qom-list": shape.list_of(shape.record({"name": shape.text, "type": shape.text}, required=("name", "type"))),
+}
+
+
+def checked_reply(path: str, command: str, reply: Any) -> Any:
+    """``reply`` to ``command`` if it has the documented shape (``REPLIES``); a HypervisorError
+    naming the command otherwise: whatever QEMU (or something that took it over) answers is
+    read as the schema says, never followed into a KeyError or TypeError."""
+    check = REPLIES.get(command)
+    if check is not None and not check(reply):
+        raise HypervisorError(
+            f"{path}: QEMU answered {command} with {shape.describe(reply)}, not the reply its schema documents"
+        )
+    return reply
+
+
+def _data(event: dict[str, Any]) -> dict[str, Any]:
+    """An event's ``data``: an object, else nothing (what matchers look into is then absent)."""
+    data = event.get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def _refusal(command: str, reply: dict[str, Any], path: str) -> QmpError:
+    """The ``QmpError`` of an error reply (its class and description, whatever their type)."""
+    err = reply["error"] if isinstance(reply["error"], dict) else {}
+    return QmpError(command, str(err.get("class", "?")), str(err.get("desc", "?")), socket_path=path)
 
 
 #: the longest line accepted from QMP or the guest agent (QEMU's largest replies, such as
@@ -187,7 +285,7 @@ class QmpClient(_JsonLineSocket):
                         f"{exc} (a QMP socket serves one client at a time: is libvirt, another backup "
                         "or another tool connected to it?)"
                     ) from exc
-                if "QMP" not in greeting:
+                if not isinstance(greeting.get("QMP"), dict):
                     raise HypervisorError(f"{self.path}: not a QMP socket (greeting {str(greeting)[:200]})")
                 self.greeting = greeting["QMP"]
                 self.execute("qmp_capabilities")
@@ -213,11 +311,8 @@ class QmpClient(_JsonLineSocket):
                 if obj.get("id") != ident:
                     continue  # a reply to somebody else's id cannot happen on our own connection; ignore
                 if "error" in obj:
-                    err = obj["error"]
-                    raise QmpError(
-                        command, str(err.get("class", "?")), str(err.get("desc", "?")), socket_path=self.path
-                    )
-                return obj.get("return")
+                    raise _refusal(command, obj, self.path)
+                return checked_reply(self.path, command, obj.get("return"))
 
     def wait_event(
         self,
@@ -229,7 +324,7 @@ class QmpClient(_JsonLineSocket):
         """Take the first queued or arriving event called ``name`` for which ``match`` holds."""
         with self._lock:
             for ev in list(self.events):
-                if ev.get("event") == name and (match is None or match(ev.get("data", {}))):
+                if ev.get("event") == name and (match is None or match(_data(ev))):
                     self.events.remove(ev)
                     return ev
             deadline = time.monotonic() + (timeout if timeout is not None else self.timeout)
@@ -237,7 +332,7 @@ class QmpClient(_JsonLineSocket):
                 obj = self._recv(deadline)
                 if "event" not in obj:
                     continue
-                if obj.get("event") == name and (match is None or match(obj.get("data", {}))):
+                if obj.get("event") == name and (match is None or match(_data(obj))):
                     return obj
                 self.events.append(obj)
 
@@ -274,6 +369,5 @@ class GuestAgentClient(_JsonLineSocket):
             self._send(msg)
             obj = self._recv(time.monotonic() + (timeout if timeout is not None else self.timeout))
             if "error" in obj:
-                err = obj["error"]
-                raise QmpError(command, str(err.get("class", "?")), str(err.get("desc", "?")), socket_path=self.path)
+                raise _refusal(command, obj, self.path)
             return obj.get("return")

@@ -814,20 +814,24 @@ class QemuBackupSession(BackupSession):
             except (QmpError, SourceError, OSError) as exc:
                 failures.append(f"{what}: {exc}")
 
-        for image in self._images:
-            step("closing NBD connections", image.close)
-        if self._guest_frozen:
-            self._thaw()
-        if self._qmp is not None:  # None: the QMP connection never opened, nothing was added
-            try:
-                self._teardown_or_confirm_gone(step)
-            except HypervisorError as exc:
-                failures.append(str(exc))
-        if self.tempdir is not None and os.path.exists(self.tempdir):
-            step("removing the scratch folder", lambda: shutil.rmtree(str(self.tempdir)))
-        if self._qmp is not None:
-            self._qmp.close()
-        self._closed = True
+        try:
+            for image in self._images:
+                step("closing NBD connections", image.close)
+            if self._guest_frozen:
+                self._thaw()
+            if self._qmp is not None:  # None: the QMP connection never opened, nothing was added
+                try:
+                    self._teardown_or_confirm_gone(step)
+                except HypervisorError as exc:
+                    failures.append(str(exc))
+            if self.tempdir is not None and os.path.exists(self.tempdir):
+                step("removing the scratch folder", lambda: shutil.rmtree(str(self.tempdir)))
+        finally:
+            # whatever went wrong above: QEMU serves one QMP client at a time, and a connection
+            # left open would refuse every later backup of this VM by a daemon that lives on
+            if self._qmp is not None:
+                self._qmp.close()
+            self._closed = True
         if failures:
             for f in failures:
                 self._warn(f"cleanup: {f}")
