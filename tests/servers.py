@@ -548,6 +548,13 @@ class FaultyHttpProxy:
         self._server.server_close()
         self._thread.join()
 
+    def __enter__(self) -> FaultyHttpProxy:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
 
 @contextlib.contextmanager
 def running_sshd(workdir: Path, sftp_options: str = "") -> Iterator[SshServer]:

@@ -103,13 +103,11 @@ def _mangler(rng: random.Random, share: float) -> Mangle:
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> Iterator[FaultyHttpProxy]:
     """Its own moto server (its bucket's objects are the test's), behind a proxy."""
-    with running_s3(tmp_path_factory.mktemp("moto-fuzz"), buckets=("fuzz-bucket",)) as server:
-        proxy = FaultyHttpProxy(server.port)
-        proxy.start()
-        try:
-            yield proxy
-        finally:
-            proxy.stop()
+    with (
+        running_s3(tmp_path_factory.mktemp("moto-fuzz"), buckets=("fuzz-bucket",)) as server,
+        FaultyHttpProxy(server.port) as proxy,
+    ):
+        yield proxy
 
 
 def test_changed_answers_end_each_call_in_a_storage_error_or_the_bytes_asked_for(moto: FaultyHttpProxy) -> None:

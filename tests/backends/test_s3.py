@@ -348,12 +348,8 @@ def test_wrong_credentials_give_permission_error(tmp_path: Path, caplog: pytest.
 
 @pytest.fixture
 def proxy(s3_buckets: S3Server) -> Iterator[FaultyHttpProxy]:
-    p = FaultyHttpProxy(s3_buckets.port)
-    p.start()
-    try:
+    with FaultyHttpProxy(s3_buckets.port) as p:
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.mark.integration
