@@ -440,7 +440,7 @@ class WebApp:
             return self._login_form(request, error="the login form expired; please try again", status=403, name=name)
         # a browser that logged in as this user before counts its failures on its own; all
         # others share the name's and their address's counts (web/users.py, docs/web.md)
-        device = self.users.device_of(request.cookies.get(DEVICE_COOKIE), name, time.time())
+        device = await run_in_threadpool(self.users.device_of, request.cookies.get(DEVICE_COOKIE), name, time.time())
         keys = (f"device:{device}",) if device else (f"user:{name.lower()}", f"addr:{address}")
         wait = self.limiter.retry_after(*keys)
         if wait > 0:
