@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,38 @@ def test_a_teardown_that_fails_unforeseen_still_lets_go_of_qmp(
         assert qmp.execute("query-status")["status"] == "running"
     with tracked.source.open_session(tracked.prev) as s:
         assert any("interrupted vmvault backup" in w for w in s.warnings)
+    tracked.assert_clean_and_tracking()
+
+
+def test_a_qemu_silent_in_the_teardown_is_not_taken_for_gone(tracked: Tracked) -> None:
+    """A QEMU that takes the connection but does not answer (stopped here; stuck on its storage
+    or busy elsewhere) is still running the session's copy-before-write filter and exports. The
+    teardown had taken it for gone: a warning that nothing remained, the scratch folder removed
+    under QEMU's open files, and the backup reported clean. Now an error names what may remain,
+    the folder is kept, and the next session removes both once QEMU answers."""
+    source = QemuSource(tracked.source.location + f"?scratch={tracked.scratch}", timeout=30.0)
+    session = source.open_session(tracked.prev)
+    read_disk(session.disks[0])
+    assert session._qmp is not None and session.tempdir is not None
+    source.timeout = session._qmp.timeout = 1.0
+    pid = tracked.vm.proc.pid if tracked.vm.proc is not None else 0
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(HypervisorError) as caught:
+            session.close()
+        assert time.monotonic() - started < 15
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    message = str(caught.value)
+    assert "did not answer" in message and "copy-before-write node vmvault-fl0-" in message, message
+    assert f"the scratch folder {session.tempdir} is kept" in message
+    assert not any("nothing of this session remains" in w for w in session.warnings)
+    assert os.path.isdir(session.tempdir)
+    assert any(n.startswith("vmvault-fl") for n in tracked.vm.node_names())  # the error told the truth
+    with tracked.source.open_session(tracked.prev) as s:
+        assert any("interrupted vmvault backup" in w for w in s.warnings)
+    assert not os.path.exists(session.tempdir)
     tracked.assert_clean_and_tracking()
 
 

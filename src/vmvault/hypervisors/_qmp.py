@@ -36,7 +36,7 @@ from typing import Any, Self
 from vmvault import shape
 from vmvault.errors import HypervisorError
 
-__all__ = ["GuestAgentClient", "QmpClient", "QmpError"]
+__all__ = ["GuestAgentClient", "NoAnswer", "QmpClient", "QmpError"]
 
 #: struct ucred from <sys/socket.h>: pid, uid, gid (native int layout on Linux)
 _UCRED = struct.Struct("=iII")
@@ -53,6 +53,11 @@ class QmpError(HypervisorError):
         self.socket_path = socket_path
         where = f"{socket_path}: " if socket_path else ""
         super().__init__(f"{where}{command} failed: {error_class}: {desc}")
+
+
+class NoAnswer(HypervisorError):
+    """The peer holds the connection open but sent nothing in time: it is there (stopped,
+    stuck or busy), not gone, so whatever was asked of it may still take effect."""
 
 
 # -- the replies vmvault reads, as QEMU's QAPI schema documents them ----------------------------
@@ -217,12 +222,12 @@ class _JsonLineSocket:
                 raise HypervisorError(f"{self.path}: {self.what} connection is closed")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise HypervisorError(f"{self.path}: no answer from {self.what} within {self.timeout:g} s")
+                raise NoAnswer(f"{self.path}: no answer from {self.what} within {self.timeout:g} s")
             self._sock.settimeout(left)
             try:
                 chunk = self._sock.recv(65536)
             except TimeoutError as exc:
-                raise HypervisorError(f"{self.path}: no answer from {self.what} within {self.timeout:g} s") from exc
+                raise NoAnswer(f"{self.path}: no answer from {self.what} within {self.timeout:g} s") from exc
             except OSError as exc:
                 self._drop()
                 raise HypervisorError(f"{self.path}: {self.what} connection lost: {exc}") from exc
@@ -277,11 +282,9 @@ class QmpClient(_JsonLineSocket):
             try:
                 try:
                     greeting = self._recv(time.monotonic() + self.timeout)
-                except HypervisorError as exc:
-                    if not self.connected:
-                        raise
+                except NoAnswer as exc:
                     # QEMU serves one client per QMP socket; others wait in the backlog unanswered.
-                    raise HypervisorError(
+                    raise NoAnswer(
                         f"{exc} (a QMP socket serves one client at a time: is libvirt, another backup "
                         "or another tool connected to it?)"
                     ) from exc

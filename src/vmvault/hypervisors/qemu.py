@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from vmvault import shape
 from vmvault.errors import ConfigError, HypervisorError, SourceError
 from vmvault.hypervisors._nbd import NbdImage
-from vmvault.hypervisors._qmp import GuestAgentClient, QmpClient, QmpError
+from vmvault.hypervisors._qmp import GuestAgentClient, NoAnswer, QmpClient, QmpError
 from vmvault.hypervisors.base import (
     DEFAULT_OPTIONS,
     BackupOptions,
@@ -285,6 +285,8 @@ class QemuBackupSession(BackupSession):
         self._guest_frozen = False
         self._completed = False
         self._closed = False
+        #: QEMU went silent during the teardown: it may still write into the scratch folder
+        self._qemu_holds_scratch = False
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -824,7 +826,7 @@ class QemuBackupSession(BackupSession):
                     self._teardown_or_confirm_gone(step)
                 except HypervisorError as exc:
                     failures.append(str(exc))
-            if self.tempdir is not None and os.path.exists(self.tempdir):
+            if self.tempdir is not None and os.path.exists(self.tempdir) and not self._qemu_holds_scratch:
                 step("removing the scratch folder", lambda: shutil.rmtree(str(self.tempdir)))
         finally:
             # whatever went wrong above: QEMU serves one QMP client at a time, and a connection
@@ -844,8 +846,11 @@ class QemuBackupSession(BackupSession):
 
         If QEMU cannot be reached again it has exited, and everything the session added
         lived in that process (a persistent bitmap QEMU stored on the way out is removed by
-        the next session as a leftover). The teardown looks at what is present before each
-        removal, so running it again after a partial run is safe.
+        the next session as a leftover). A QEMU that takes the connection but does not answer
+        is still there (stopped, stuck on its storage, or another client holds its QMP
+        socket): what the session added may remain, and the error says what. The teardown
+        looks at what is present before each removal, so running it again after a partial run
+        is safe.
         """
         assert self._qmp is not None
         for attempt in (1, 2):
@@ -853,6 +858,8 @@ class QemuBackupSession(BackupSession):
                 self._qmp.close()
                 try:
                     self._qmp = QmpClient(self.source.socket_path, timeout=self.source.timeout).connect()
+                except NoAnswer as exc:
+                    raise self._silent(exc) from exc
                 except HypervisorError as exc:
                     self._warn(f"QEMU is no longer reachable, so nothing of this session remains in it ({exc})")
                     return
@@ -861,9 +868,31 @@ class QemuBackupSession(BackupSession):
                 return
             except QmpError:
                 raise
+            except NoAnswer as exc:
+                if attempt == 2:
+                    raise self._silent(exc) from exc
             except HypervisorError:
                 if attempt == 2:
                     raise
+
+    def _silent(self, exc: NoAnswer) -> HypervisorError:
+        """The error of a teardown QEMU did not answer, naming what may remain in the VM. The
+        scratch folder is kept: QEMU may still write into its files, and space used by a
+        removed file it holds open would be seen nowhere."""
+        self._qemu_holds_scratch = True
+        added = [
+            *(f"NBD export {e}" for e in self._exports),
+            *(["its NBD server"] if self._nbd_started else []),
+            *(f"block job {j}" for j in self._jobs),
+            *(f"copy-before-write node {n} (the guest's writes are slower while it stays)" for n in self._fleece_added),
+            *(f"dirty bitmap {name}" for _, name in [*self._frozen, *([] if self._completed else self._new)]),
+        ]
+        kept = f"; the scratch folder {self.tempdir} is kept, as QEMU may still write into it" if self.tempdir else ""
+        return HypervisorError(
+            f"{exc}: QEMU is still there (stopped, stuck or busy) but did not answer, so what this backup "
+            f"added may remain in the VM: {', '.join(added) or 'nothing known'}{kept}. The next backup of this "
+            "VM removes it once QEMU answers again."
+        )
 
     def _teardown_qemu(self, step: Callable[[str, Callable[[], object]], None]) -> None:
         qmp = self.qmp
