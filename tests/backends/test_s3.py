@@ -472,8 +472,10 @@ def test_a_range_answered_short_before_the_end_is_refused(proxy: FaultyHttpProxy
             with pytest.raises(BackendProtocolError, match=r"with 1000 .*short before the object.s end"):
                 b.get("data/x", 100, 4096)
             proxy.mangle = _answer(status=416, body=b"")
+            stats = b.requests.counts["stat"]
             with pytest.raises(BackendProtocolError, match="out of range, yet the object holds 1048576 bytes"):
                 b.get("data/x", 100, 4096)
+            assert b.requests.counts["stat"] > stats  # the HeadObject that found the size is counted
             proxy.mangle = None
             # at the end, short is the end
             assert b.get("data/x", MiB - 10, 4096) == data[-10:]

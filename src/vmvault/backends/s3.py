@@ -674,6 +674,7 @@ class S3Backend(Backend):
         if stated.isdigit():
             size = int(stated)
         else:
+            self.requests.count("stat")
             head = self._client.head_object(Bucket=self.bucket, Key=key)
             size = head.get("ContentLength")
             if not isinstance(size, int):
