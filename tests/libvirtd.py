@@ -442,6 +442,21 @@ class LibvirtVM:
     def checkpoints(self) -> list[str]:
         return sorted(c.getName() for c in self.dom.listAllCheckpoints(0))
 
+    def qemu_pid(self) -> int:
+        """The PID of the domain's QEMU process (found by its ``-name guest=`` argument)."""
+        wanted = f"guest={self.name},".encode()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if argv and b"qemu-system" in argv[0] and any(a.startswith(wanted) for a in argv):
+                return int(entry)
+        raise LookupError(f"no QEMU process runs domain {self.name}")
+
     def has_job(self) -> bool:
         try:
             return bool(self.dom.jobStats().get("operation") == 9)

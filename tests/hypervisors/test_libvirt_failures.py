@@ -4,6 +4,9 @@ vmvault checkpoint but the one bound to the newest snapshot; the next backup is 
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,11 +14,12 @@ from urllib.parse import quote
 
 import pytest
 
+from tests.hypervisors.qemu_vm import read_disk
 from tests.libvirtd import Disk, Libvirtd, LibvirtVM, libvirtd, make_domain
 from vmvault.backends.memory import MemoryBackend
 from vmvault.engine.backup import backup
 from vmvault.engine.restore import restore
-from vmvault.errors import VmvaultError
+from vmvault.errors import HypervisorError, VmvaultError
 from vmvault.hypervisors import libvirt as connector
 from vmvault.hypervisors.libvirt import LibvirtSource
 from vmvault.repo.repository import Repository
@@ -167,3 +171,43 @@ def test_libvirtd_restarted_during_a_backup(
     result = backup(repo, source)
     assert not vm.has_job() and list(scratch.iterdir()) == []
     assert _vmvault_checkpoints(vm) == [result.snapshot.extra["libvirt"]["checkpoint"]]
+
+
+def test_a_qemu_that_stops_answering_costs_a_bounded_wait_and_says_what_remains(
+    make_domain: Callable[..., LibvirtVM], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libvirt waits for QEMU's monitor without a limit: with the domain's QEMU stopped (as one
+    stuck on its storage is), the teardown's first question about the job never returned, and a
+    backup (a daemon's whole schedule with it) hung for good. Now each call is bounded: the
+    session ends with an error naming what may remain, keeps the scratch folder QEMU may still
+    write into, and the next backup, once QEMU answers, ends the job and removes the folder."""
+    monkeypatch.setattr(connector, "CALL_LIMIT", 3.0)
+    monkeypatch.setattr(connector, "QUICK_LIMIT", 1.0)
+    vm = make_domain([Disk("vda", "qcow2", 16 * MiB)])
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    source = LibvirtSource(f"{vm.location}&scratch={quote(str(scratch), safe='')}")
+    session = source.open_session(None)
+    read_disk(session.disks[0])
+    folder = session.tempdir
+    assert folder is not None
+    pid = vm.qemu_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(HypervisorError) as caught:
+            session.close()
+        waited = time.monotonic() - started
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    message = str(caught.value)
+    assert "libvirt did not answer within 3 s" in message, message
+    assert f"the backup job (virsh domjobabort {vm.name})" in message and f"{folder} is kept" in message
+    assert waited < 10, waited  # the first unanswered call, then nothing asked again at length
+    assert os.path.isdir(folder) and vm.has_job()  # the error told the truth
+    with source.open_session(None) as s:
+        assert any("interrupted vmvault run" in w for w in s.warnings), s.warnings
+        assert not os.path.exists(folder)
+        s.complete("3" * 64)
+    assert not vm.has_job() and list(scratch.iterdir()) == []
+    assert _vmvault_checkpoints(vm) == [s.checkpoint]

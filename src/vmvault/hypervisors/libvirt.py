@@ -33,8 +33,10 @@ import shutil
 import socket
 import stat
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlparse
@@ -44,6 +46,7 @@ from vmvault.disk.base import DiskImage
 from vmvault.errors import ConfigError, HypervisorError, SourceError
 from vmvault.hypervisors._debian import import_system_module
 from vmvault.hypervisors._nbd import NbdImage
+from vmvault.hypervisors._qmp import NoAnswer
 from vmvault.hypervisors.audit import CheckpointSummary, VmAudit
 from vmvault.hypervisors.base import (
     DEFAULT_OPTIONS,
@@ -89,6 +92,11 @@ TEMP_PREFIX = "vmvault-libvirt-"
 _OWNER_FILE = "owner"
 #: where libvirt keeps each domain's TPM state (swtpm's, in a folder named by the domain's UUID)
 SWTPM_STATE = "/var/lib/libvirt/swtpm"
+#: seconds a call on a domain may take. libvirt waits for QEMU's monitor without a limit: a
+#: QEMU stopped or stuck on its storage held a backup (and a daemon's whole schedule) forever
+CALL_LIMIT = 300.0
+#: seconds a call may take after one went unanswered (``Bounded``)
+QUICK_LIMIT = 10.0
 #: per-disk ``backupmode``/``incremental`` in the backup XML (mixing full and incremental disks)
 MIN_LIBVIRT = (7, 6, 0)
 INSTALL_HINT = (
@@ -172,6 +180,70 @@ def error_message(exc: BaseException) -> str:
     get = getattr(exc, "get_error_message", None)
     text = get() if callable(get) else None
     return str(text or exc).strip().replace("\n", " ")
+
+
+def within(limit: float, what: str, call: Callable[[], Any]) -> Any:
+    """``call()``'s result, or ``NoAnswer`` when it has not returned after ``limit`` seconds.
+
+    The binding cannot cancel a call: it is left to end in its own thread (a daemon thread,
+    so a command can still exit), and the caller goes on knowing what it asked may still
+    happen."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the caller's thread
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=run, name=f"libvirt {what}", daemon=True)
+    worker.start()
+    worker.join(limit)
+    if not outcome:
+        raise NoAnswer(f"{what}: libvirt did not answer within {limit:g} s (is the domain's QEMU stopped or stuck?)")
+    done, value = outcome[0]
+    if done:
+        return value
+    raise value
+
+
+class Bounded:
+    """A libvirt domain (or checkpoint) whose every call ends within ``CALL_LIMIT`` seconds
+    (``within``), the checkpoints it hands out bounded alike. Once a call went unanswered,
+    the next ones get ``QUICK_LIMIT`` until one is answered in time: a teardown after a QEMU
+    that stopped answering costs seconds, not ``CALL_LIMIT`` for every step."""
+
+    def __init__(self, obj: Any, where: str, silent: list[bool] | None = None) -> None:
+        self._obj = obj
+        self._where = where
+        #: shared by a domain and its checkpoints: whether the last call went unanswered
+        self._silent = silent if silent is not None else [False]
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._obj, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            limit = min(QUICK_LIMIT, CALL_LIMIT) if self._silent[0] else CALL_LIMIT
+            try:
+                result = within(limit, f"{self._where}: {name}()", lambda: attr(*args, **kwargs))
+            except NoAnswer:
+                self._silent[0] = True
+                raise
+            except BaseException:
+                self._silent[0] = False  # answered, if with an error
+                raise
+            self._silent[0] = False
+            if isinstance(result, list):
+                return [self._wrapped(r) for r in result]
+            return self._wrapped(result)
+
+        return call
+
+    def _wrapped(self, result: Any) -> Any:
+        is_libvirt_object = type(result).__name__.startswith("virDomain")
+        return Bounded(result, self._where, self._silent) if is_libvirt_object else result
 
 
 def connect(lv: Any, uri: str) -> Any:
@@ -354,6 +426,8 @@ class LibvirtSource(Source):
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # no process: a folder its run gave up (``_abandon_owner``)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -416,6 +490,8 @@ class LibvirtSession(BackupSession):
         self._frozen_fs = False
         self._offline: list[_FileState] | None = None
         self._completed = False
+        #: a teardown went unanswered while the job may run: QEMU may still use the scratch folder
+        self._scratch_held = False
         self._closed = False
 
     # -- helpers ------------------------------------------------------------------------------
@@ -438,7 +514,7 @@ class LibvirtSession(BackupSession):
         version = self._conn.getLibVersion()
         have = (version // 1_000_000, version // 1000 % 1000, version % 1000)
         try:
-            self._dom = self._conn.lookupByName(src.domain)
+            self._dom = Bounded(self._conn.lookupByName(src.domain), src.location)
         except lv.libvirtError as exc:
             if error_code(exc) == _ERR_NO_DOMAIN:
                 raise HypervisorError(f"{src.location}: no domain named {src.domain!r} on {src.uri}") from exc
@@ -770,7 +846,11 @@ class LibvirtSession(BackupSession):
         quiesced = False
         if _agent_channel(live):
             try:
-                frozen = dom.fsFreeze()
+                try:
+                    frozen = dom.fsFreeze()
+                except NoAnswer:
+                    self._frozen_fs = True  # it may have frozen them: the teardown thaws
+                    raise
                 self._frozen_fs = True
                 quiesced = isinstance(frozen, int) and frozen > 0
                 if not quiesced:
@@ -788,6 +868,10 @@ class LibvirtSession(BackupSession):
         try:
             try:
                 dom.backupBegin(backup_xml, checkpoint_xml, 0)
+            except NoAnswer:
+                # the job and its checkpoint may yet begin: the teardown ends what it finds
+                self._job, self._checkpoint_made = job, checkpoint_xml is not None
+                raise
             except lv.libvirtError as exc:
                 if base is None or error_code(exc) != _ERR_CHECKPOINT_INCONSISTENT:
                     raise self._fail("starting the backup job", exc) from exc
@@ -799,6 +883,9 @@ class LibvirtSession(BackupSession):
                 backup_xml, checkpoint_xml = self._job_xml(job, disks, None, checkpointed)
                 try:
                     dom.backupBegin(backup_xml, checkpoint_xml, 0)
+                except NoAnswer:
+                    self._job, self._checkpoint_made = job, checkpoint_xml is not None
+                    raise
                 except lv.libvirtError as exc2:
                     raise self._fail("starting the backup job", exc2) from exc2
             self._job = job
@@ -1028,12 +1115,15 @@ class LibvirtSession(BackupSession):
                 try:
                     self._teardown()
                     break
+                except NoAnswer as exc:  # asked again, it would wait as long
+                    failures.append(self._left_unanswered(exc))
+                    break
                 except Exception as exc:  # libvirtError or ours
                     if attempt == 2:
                         failures.append(error_message(exc))
                     else:
                         self._reconnect(exc)  # acts only when the connection is gone
-        if self.tempdir is not None and os.path.exists(self.tempdir):
+        if self.tempdir is not None and os.path.exists(self.tempdir) and not self._scratch_held:
             try:
                 shutil.rmtree(self.tempdir)
             except OSError as exc:
@@ -1048,6 +1138,28 @@ class LibvirtSession(BackupSession):
             raise HypervisorError(
                 f"{self.source.location}: the backup session left things behind: " + "; ".join(failures)
             )
+
+    def _left_unanswered(self, exc: NoAnswer) -> str:
+        """What a teardown libvirt stopped answering may leave, for the error. While the job
+        may run the scratch folder is kept (QEMU writes into its files; removed, their space
+        would be used by files seen nowhere), marked as no live run's so the next backup
+        removes it."""
+        name = self.source.domain
+        left = [
+            *([f"the guest's file systems frozen (virsh domfsthaw {name})"] if self._frozen_fs else []),
+            *([f"the backup job (virsh domjobabort {name})"] if self._job is not None else []),
+            *([f"checkpoint {self.checkpoint}"] if self._checkpoint_made and not self._completed else []),
+        ]
+        kept = ""
+        if self._job is not None and self.tempdir is not None:
+            self._scratch_held = True
+            with contextlib.suppress(OSError):
+                _abandon_owner(self.tempdir, self._uuid)
+            kept = f"; the scratch folder {self.tempdir} is kept, as QEMU may still write into it"
+        return (
+            f"{exc}: what this backup began may remain: {', '.join(left) or 'nothing known'}{kept}. The next "
+            "backup of this domain removes them once libvirt answers again"
+        )
 
     def _teardown(self) -> None:
         if self._frozen_fs:
@@ -1079,7 +1191,7 @@ class LibvirtSession(BackupSession):
             self._conn.close()
         try:
             self._conn = connect(lv, self.source.uri)
-            self._dom = self._conn.lookupByUUIDString(self._uuid)
+            self._dom = Bounded(self._conn.lookupByUUIDString(self._uuid), self.source.location)
         except (HypervisorError, lv.libvirtError) as err:
             self._warn(f"libvirt cannot be reached again to clean up ({error_message(err)})")
             return False
@@ -1094,6 +1206,17 @@ def _scratch_folder_of(sock: str) -> str | None:
     if os.path.basename(folder) == SOCKET_FOLDER:
         folder = os.path.dirname(folder)
     return folder if os.path.basename(folder).startswith(TEMP_PREFIX) else None
+
+
+def _abandon_owner(folder: str, uuid: str) -> None:
+    """Mark the scratch folder ``folder``, made by this process for the domain ``uuid``, as
+    no running session's (pid 0): kept after a teardown libvirt did not answer, it is the next
+    backup's to remove, even in a daemon whose process made it."""
+    fd = os.open(os.path.join(folder, _OWNER_FILE), os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, f"{socket.gethostname()}\n0\n{uuid}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def _read_owner(folder: str) -> tuple[str, int, str] | None:
@@ -1134,7 +1257,10 @@ def audit(target: str, now: float) -> list[VmAudit]:
             doms = [conn.lookupByName(loc.domain)] if loc.domain else conn.listAllDomains(0)
         except lv.libvirtError as exc:
             raise HypervisorError(f"{target}: {error_message(exc)}") from exc
-        return [_audit_domain(lv, dom, loc, now) for dom in sorted(doms, key=lambda d: str(d.name()))]
+        return [
+            _audit_domain(lv, Bounded(dom, loc.for_domain(str(dom.name()))), loc, now)
+            for dom in sorted(doms, key=lambda d: str(d.name()))
+        ]
     finally:
         with contextlib.suppress(Exception):
             conn.close()
@@ -1156,7 +1282,7 @@ def _audit_domain(lv: Any, dom: Any, loc: Location, now: float) -> VmAudit:
     try:
         snapshots = dom.listAllSnapshots(0)
         checkpoints = dom.listAllCheckpoints(0)
-    except lv.libvirtError as exc:
+    except (lv.libvirtError, HypervisorError) as exc:
         report.problems.append(f"libvirt could not list the domain's snapshots and checkpoints: {error_message(exc)}")
         return report
     depth: dict[str, int] = {}
