@@ -217,7 +217,20 @@ def add_key(backend: Backend, master: MasterKey, secret: bytes, *, kind: str = P
         doc["role"] = role
     raw = json.dumps(doc, indent=1).encode()
     key_id = hashlib.sha256(raw).hexdigest()
-    backend.put(f"keys/{key_id}", raw)
+    name = f"keys/{key_id}"
+    backend.put(name, raw)
+    # read back before anything relies on it: `key passwd` removes the key in use next, and a
+    # storage keeping other bytes would leave no key that opens the repository
+    try:
+        kept = bytes(backend.get(name, 0, len(raw) + 1))
+    except ObjectNotFoundError:
+        kept = None
+    if kept != raw:
+        raise IntegrityError(
+            f"{name}: the new key did not read back as written ({'missing' if kept is None else f'{len(kept)} bytes'}"
+            f" where {len(raw)} were stored): the storage does not keep what it is given; no key was removed",
+            name=name,
+        )
     return key_id
 
 
