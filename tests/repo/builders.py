@@ -24,6 +24,7 @@ from typing import Any
 
 from vmvault.backends.base import Backend
 from vmvault.backends.local import LocalBackend
+from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import BackendConnectionError
 from vmvault.repo._layout import ID_SIZE, PARENT_ID, ZERO_ID, BlobType
 from vmvault.repo.crypto import seal_envelope
@@ -221,6 +222,20 @@ class WholeSnapshots:
             return snap
 
         monkeypatch.setattr(Repository, "load_snapshot", loading)
+
+
+class KeepsOtherBytes(MemoryBackend):
+    """Storage that, once ``garble`` is set, keeps the objects under ``prefix`` cut short and
+    says nothing of it (a server not reporting a full disk, a faulty gateway)."""
+
+    garble = False
+    prefix = "data/"
+
+    def put(self, name: str, data: bytes) -> None:
+        super().put(name, bytes(data)[:-10] if self.garble and name.startswith(self.prefix) else data)
+
+    def put_parts(self, name: str, parts: list[bytes]) -> None:
+        self.put(name, b"".join(parts))
 
 
 class WatchedPacks(LocalBackend):

@@ -18,10 +18,9 @@ from typing import Any
 
 import pytest
 
-from tests.repo.builders import PASS, Content, backup, disk_image, make_repo
+from tests.repo.builders import PASS, Content, KeepsOtherBytes, backup, disk_image, make_repo
 from vmvault.backends.base import Backend
 from vmvault.backends.local import LocalBackend
-from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import (
     ConfigError,
     IntegrityError,
@@ -553,22 +552,12 @@ def test_the_last_full_key_cannot_be_removed(repo: Repository) -> None:
     assert Repository.open(repo.backend, PASS).role == keys.FULL
 
 
-class KeepsOtherBytes(MemoryBackend):
-    """Storage that stores key objects cut short and says nothing (a proxy, a full disk that
-    lies, a buggy server)."""
-
-    garble = False
-
-    def put(self, name: str, data: bytes | memoryview) -> None:
-        super().put(name, bytes(data)[:-10] if self.garble and name.startswith("keys/") else data)
-
-
 def test_a_new_key_that_does_not_read_back_never_replaces_the_key_in_use(tmp_path: Path) -> None:
     """`key passwd` adds the new key, then removes the one in use: had the storage kept other
     bytes, no key would open the repository any more. The new key is read back first."""
     backend = KeepsOtherBytes()
     repo = make_repo(backend)
-    backend.garble = True
+    backend.garble, backend.prefix = True, "keys/"
     with pytest.raises(IntegrityError, match=r"did not read back as written .* no key was removed"):
         keys.replace_key(backend, repo.key, current=repo.key_id, secret=b"new passphrase 1")
     with pytest.raises(IntegrityError, match="did not read back"):

@@ -12,6 +12,7 @@ import pytest
 
 from tests.repo.builders import (
     Content,
+    KeepsOtherBytes,
     WatchedPacks,
     WholeSnapshots,
     backup,
@@ -382,3 +383,44 @@ def test_repack_reads_packs_at_once_and_the_result_is_the_same(tmp_path: Path) -
         assert check(fresh, read_data=True).ok
         results[reads] = (report.packs_repacked, report.blobs_repacked, report.packs_written)
     assert results[1] == results[4]
+
+
+@pytest.mark.parametrize("prefix", ["data/", "index/"])
+def test_prune_deletes_nothing_when_what_it_wrote_does_not_read_back(prefix: str) -> None:
+    """Prune copies the blobs still used out of packs it deletes, and writes one index file
+    superseding the others. Had the storage kept other bytes of those new packs, the old packs
+    went and the data with them; a new index file that does not read back would have replaced
+    the index files still good. What prune wrote is read back before anything is deleted."""
+    backend = KeepsOtherBytes()
+    repo = make_repo(backend)
+    hist = history(repo)
+    forget(repo, RetentionPolicy(last=2))
+    backend.garble, backend.prefix = True, prefix
+    before = state(repo)
+    with pytest.raises(IntegrityError, match=r"prune stopped before deleting anything: .* removed again"):
+        prune(repo, max_unused=0.0)
+    assert state(repo) == before  # as it was: what prune wrote was removed again
+    backend.garble = False
+    fresh = reopen(repo)
+    for sid, content in hist[3:]:
+        assert restore_all(fresh, fresh.load_snapshot(sid)) == content
+    report = prune(fresh, max_unused=0.0)
+    assert report.packs_deleted > 0
+    assert check(reopen(fresh), read_data=True).ok
+
+
+def test_repair_index_deletes_nothing_when_its_new_index_does_not_read_back() -> None:
+    """`repair index` writes one index file superseding the others, then deletes them: a new
+    file the storage kept other bytes of would have left no index. It is read back first."""
+    backend = KeepsOtherBytes()
+    repo = make_repo(backend)
+    hist = history(repo, 3)
+    backend.garble, backend.prefix = True, "index/"
+    before = state(repo)
+    with pytest.raises(IntegrityError, match=r"repair index stopped before deleting anything: .* removed again"):
+        repair_index(repo, from_scratch=True)
+    assert state(repo) == before
+    backend.garble = False
+    fresh = reopen(repo)
+    for sid, content in hist:
+        assert restore_all(fresh, fresh.load_snapshot(sid)) == content

@@ -349,7 +349,7 @@ def _prune_locked(
                 report.packs_after, report.bytes_after = report.packs_before, report.bytes_before
             return report
         # 4. repack: new packs, indexed by their own new index files, before anything is removed
-        repacked_files = _repack(repo, db, report, progress)
+        repacked_packs, repacked_files = _repack(repo, db, report, progress)
         # 5. the packs of the affected index files that stay, into new index files, the last
         # of which supersedes the affected ones
         with IndexFileWriter(repo) as out:
@@ -360,6 +360,7 @@ def _prune_locked(
                 before=lambda: _still_exclusive(repo, lock, "writing the new index"),
             )
             report.index_files_written = len(out.written) + len(repacked_files)
+        repo.confirm_written({}, out.written, operation="prune", earlier=(repacked_packs, repacked_files))
         # 6. superseded index files, then the packs nothing lists any more
         old_index = [f"index/{i.hex()}" for i in superseded]
         held_index = retained(repo, old_index)
@@ -676,9 +677,9 @@ def _open_kept(
 
 def _repack(
     repo: Repository, db: sqlite3.Connection, report: PruneReport, progress: PhaseCallback | None
-) -> list[bytes]:
+) -> tuple[dict[bytes, int], list[bytes]]:
     """Copy the staying blobs of every pack to repack into new packs (their own index files);
-    returns those index files."""
+    returns the new packs (id -> length) and those index files, read back."""
     repack = [
         (int(r[0]), bytes(r[1]), int(r[2]))
         for r in db.execute(
@@ -687,7 +688,7 @@ def _repack(
         )
     ]
     if not repack:
-        return []
+        return {}, []
     db.execute(
         "CREATE TABLE s.keep AS SELECT l.pack, l.id, l.type, l.offset, l.length, l.raw_length FROM"
         f" ({_LIVE_STORED} AND b.pack IN (SELECT pack FROM s.decision WHERE action = 'repack')) l"
@@ -722,10 +723,11 @@ def _repack(
         writer.flush()
     finally:
         writer.close(flush=False)
+    repo.confirm_written(writer.uploaded_lengths, writer.index_files, operation="prune")
     report.packs_written = writer.packs_written
     report.actions.append(f"repacked {len(repack)} packs into {writer.packs_written}")
     _tick(progress, "repack", len(repack), len(repack))
-    return list(writer.index_files)
+    return dict(writer.uploaded_lengths), list(writer.index_files)
 
 
 def _relist(

@@ -213,6 +213,7 @@ def _repair_index_locked(
                 before=lambda: _still_exclusive(repo, lock, "writing the new index", operation="repair index"),
             )
             report.index_files_written = len(out.written) + len(writer.index_files)
+            repo.confirm_written(writer.uploaded_lengths, [*writer.index_files, *out.written], operation="repair index")
     old_index = [f"index/{i.hex()}" for i in replaced]
     held_index = retained(repo, old_index)
     for name in old_index:

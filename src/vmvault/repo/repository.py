@@ -26,7 +26,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -530,6 +530,63 @@ class Repository:
         self._index_files.add(file_id)
         self.index.ingested(file_id, payload, len(sealed), batch=batch)
         return file_id
+
+    def confirm_written(
+        self,
+        packs: Mapping[bytes, int],
+        index_files: Iterable[bytes],
+        *,
+        operation: str,
+        earlier: tuple[Mapping[bytes, int], Iterable[bytes]] = ({}, ()),
+    ) -> None:
+        """Read back the packs (id -> length) and index files ``operation`` (prune, repair) just
+        wrote, before it deletes anything they replace: a pack whole, its SHA-256 against its
+        name, an index file through its envelope and name. A storage keeping other bytes than
+        it was given (a full disk a server does not report, a faulty gateway) would otherwise
+        have the last good copy deleted. As many are read at once as the storage serves best,
+        at most ``PACKS_AHEAD`` bytes.
+
+        When one does not read back, every object the operation wrote (these and ``earlier``)
+        is deleted again as far as the storage allows (under its exclusive lock nothing else
+        uses them: the repository is left as it was), and ``IntegrityError`` names it."""
+
+        def confirm(item: tuple[str, bytes, int]) -> None:
+            kind, object_id, size = item
+            name = pack_name(object_id) if kind == "pack" else f"index/{object_id.hex()}"
+            try:
+                if kind == "index":
+                    self.read_index_payload(object_id)
+                    return
+                data = self.backend.get(name, 0, size + 1)
+            except (IntegrityError, ObjectNotFoundError) as exc:
+                raise IntegrityError(f"{name}, just written, does not read back: {exc}", name=name) from exc
+            if len(data) != size or hashlib.sha256(data).digest() != object_id:
+                raise IntegrityError(
+                    f"{name}, just written ({size} bytes), reads back as {len(data)} other bytes", name=name
+                )
+
+        index_files = list(index_files)
+        items = [(("pack", pack_id, size), size) for pack_id, size in packs.items()]
+        items += [(("index", file_id, 0), index_file_weight(0)) for file_id in index_files]
+        try:
+            for _item, _done in ahead(
+                iter(items), confirm, workers=self.backend.prepare_reads(), max_weight=PACKS_AHEAD
+            ):
+                pass
+        except IntegrityError as exc:
+            names = [f"index/{f.hex()}" for f in [*index_files, *earlier[1]]]
+            names += [pack_name(p) for p in [*packs, *earlier[0]]]
+            removed = 0
+            for name in names:
+                with contextlib.suppress(VmvaultError):
+                    self.backend.delete(name)
+                    removed += 1
+            raise IntegrityError(
+                f"{operation} stopped before deleting anything: {exc}: the storage does not keep what it is given. "
+                f"Of the {len(names)} objects {operation} wrote, {removed} were removed again; check the storage "
+                f"(free space, the server's log), then run {operation} again",
+                name=exc.name,
+            ) from exc
 
     def new_index_files(self, packs: dict[bytes, list[BlobEntry]], lengths: dict[bytes, int]) -> list[IndexFile]:
         """Index files listing ``packs`` in this repository's index version, each below the
@@ -1118,6 +1175,8 @@ class BlobWriter:
         #: packs a writer without dedup uploaded: id -> entries (prune and repair account for
         #: them; a backup's writer keeps none, its memory must not grow with the backup)
         self.uploaded: dict[bytes, list[BlobEntry]] = {}
+        #: their lengths, for reading them back (``Repository.confirm_written``)
+        self.uploaded_lengths: dict[bytes, int] = {}
         self._index_every = index_every
         self._last_index = time.monotonic()
         self._error: BaseException | None = None
@@ -1256,6 +1315,7 @@ class BlobWriter:
                 self._lengths[pack_id] = length
                 if not self._dedup:
                     self.uploaded[pack_id] = builder.entries
+                    self.uploaded_lengths[pack_id] = length
                 self.packs_written += 1
                 if len(self._unindexed) >= self._index_every or time.monotonic() - self._last_index > 30:
                     self._last_index = time.monotonic()
