@@ -558,9 +558,9 @@ def test_a_new_key_that_does_not_read_back_never_replaces_the_key_in_use(tmp_pat
     backend = KeepsOtherBytes()
     repo = make_repo(backend)
     backend.garble, backend.prefix = True, "keys/"
-    with pytest.raises(IntegrityError, match=r"did not read back as written .* no key was removed"):
+    with pytest.raises(IntegrityError, match=r"read back: the storage does not keep .*; no key was removed"):
         keys.replace_key(backend, repo.key, current=repo.key_id, secret=b"new passphrase 1")
-    with pytest.raises(IntegrityError, match="did not read back"):
+    with pytest.raises(IntegrityError, match="other bytes read back"):
         keys.add_key(backend, repo.key, b"another passphrase")
     backend.garble = False
     assert Repository.open(backend, PASS, records=other_host(tmp_path)).key_id == repo.key_id

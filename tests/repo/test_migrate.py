@@ -3,6 +3,7 @@ and `vmvault migrate` moves them to version 2 (repository-format.md, sections 12
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from tests.repo.builders import PASS, Content, backup, disk_image, restore_all
 from vmvault.backends.local import LocalBackend
 from vmvault.cli import main
-from vmvault.errors import ImmutableError, UnsupportedVersionError
+from vmvault.errors import ImmutableError, IntegrityError, UnsupportedVersionError
 from vmvault.repo import check, forget, prune, repository
 from vmvault.repo import config as config_module
 from vmvault.repo.config import read_config
@@ -127,3 +128,43 @@ def test_the_migrate_command(
     assert doc["migrate"] == {"from_version": 1, "version": 2, "changed": True}
     assert main(["migrate"]) == 0
     assert "already" in capsys.readouterr().out
+
+
+class CutsConfigs(LocalBackend):
+    """A folder whose next ``cut`` writes of the config keep it 10 bytes short, silently."""
+
+    cut = 0
+
+    def put(self, name: str, data: bytes) -> None:
+        if name == "config" and self.cut > 0:
+            self.cut -= 1
+            data = data[:-10]
+        super().put(name, data)
+
+
+def test_a_config_that_does_not_read_back_is_never_left_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config is the one object every command needs: migrate rewrites it in place, and a
+    storage keeping other bytes left a repository no command could open. It is read back: the
+    earlier config goes back (the repository as it was), and when even that does not read
+    back the error carries its bytes. A new repository whose config does not read back is not
+    made at all."""
+    path = tmp_path / "repo"
+    old_repo(path, monkeypatch)
+    original = (path / "config").read_bytes()
+    backend = CutsConfigs(str(path))
+    backend.cut = 1
+    with pytest.raises(IntegrityError, match=r"other bytes read back: .* the earlier config is back, nothing migrated"):
+        Repository.open(backend, PASS).migrate()
+    assert (path / "config").read_bytes() == original
+    assert Repository.open(LocalBackend(str(path)), PASS).config.version == 1
+    backend.cut = 2
+    with pytest.raises(IntegrityError, match="putting the earlier config back failed too") as caught:
+        Repository.open(backend, PASS).migrate()
+    assert base64.b64decode(str(caught.value).rsplit(" ", 1)[1]) == original
+    new = CutsConfigs(str(tmp_path / "new"))
+    new.cut = 1
+    with pytest.raises(IntegrityError, match="no repository was made"):
+        Repository.init(new, PASS)
+    assert list(new.list("")) == []

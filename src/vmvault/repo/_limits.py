@@ -11,7 +11,7 @@ it; an object above its bound is damaged or planted, and says so.
 from __future__ import annotations
 
 from vmvault.backends.base import Backend
-from vmvault.errors import IntegrityError
+from vmvault.errors import IntegrityError, ObjectNotFoundError
 from vmvault.repo._layout import BLOB_ENTRY, ENVELOPE_HEADER, ID_SIZE, PACK_TRAILER, TAG_SIZE
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "MAX_SNAPSHOT_PAYLOAD",
     "largest_blob",
     "pack_limit",
+    "put_confirmed",
     "read_bounded",
 ]
 
@@ -82,3 +83,22 @@ def read_bounded(backend: Backend, name: str, limit: int, *, what: str) -> bytes
             name=name,
         )
     return data
+
+
+def put_confirmed(backend: Backend, name: str, data: bytes) -> None:
+    """Store ``data`` as ``name`` and read it back (one byte more at most), for the objects
+    everything hangs on (a key object, the config) before anything relies on them. Raises
+    ``IntegrityError`` naming the object when the storage kept other bytes (a server not
+    reporting a full disk, a faulty gateway)."""
+    backend.put(name, data)
+    try:
+        kept: bytes | None = bytes(backend.get(name, 0, len(data) + 1))
+    except ObjectNotFoundError:
+        kept = None
+    if kept != data:
+        got = "nothing" if kept is None else f"{len(kept)} other bytes"
+        raise IntegrityError(
+            f"{backend.url}: {name}: {len(data)} bytes written, {got} read back: the storage does not keep what "
+            "it is given",
+            name=name,
+        )

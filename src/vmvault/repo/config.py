@@ -148,6 +148,8 @@ class StoredConfig:
     #: hex SHA-256 of the object's bytes (a config is written once and never changes)
     sha256: str
     url: str
+    #: the object's bytes, as read
+    raw: bytes = b""
 
     @property
     def authenticated(self) -> bool:
@@ -270,4 +272,4 @@ def read_config(backend: Backend) -> StoredConfig:
     except (KeyError, ValueError, RepositoryError) as exc:
         what = f"field {exc} is missing" if isinstance(exc, KeyError) else str(exc)
         raise IntegrityError(f"{backend.url}: damaged config: {what}", name="config") from exc
-    return StoredConfig(config=config, doc=doc, sha256=hashlib.sha256(raw).hexdigest(), url=backend.url)
+    return StoredConfig(config=config, doc=doc, sha256=hashlib.sha256(raw).hexdigest(), url=backend.url, raw=raw)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmvault.backends.base import Backend
 from vmvault.errors import IntegrityError, ObjectNotFoundError, PasswordError, RepositoryError
-from vmvault.repo._limits import MAX_SMALL_OBJECT, read_bounded
+from vmvault.repo._limits import MAX_SMALL_OBJECT, put_confirmed, read_bounded
 from vmvault.repo.crypto import MasterKey, check_kdf_params, derive_passphrase_key
 from vmvault.repo.names import key_id as parse_key_id
 from vmvault.repo.secret import KEYFILE, PASSPHRASE
@@ -217,20 +217,12 @@ def add_key(backend: Backend, master: MasterKey, secret: bytes, *, kind: str = P
         doc["role"] = role
     raw = json.dumps(doc, indent=1).encode()
     key_id = hashlib.sha256(raw).hexdigest()
-    name = f"keys/{key_id}"
-    backend.put(name, raw)
     # read back before anything relies on it: `key passwd` removes the key in use next, and a
     # storage keeping other bytes would leave no key that opens the repository
     try:
-        kept = bytes(backend.get(name, 0, len(raw) + 1))
-    except ObjectNotFoundError:
-        kept = None
-    if kept != raw:
-        raise IntegrityError(
-            f"{name}: the new key did not read back as written ({'missing' if kept is None else f'{len(kept)} bytes'}"
-            f" where {len(raw)} were stored): the storage does not keep what it is given; no key was removed",
-            name=name,
-        )
+        put_confirmed(backend, f"keys/{key_id}", raw)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{exc}; no key was removed", name=exc.name) from exc
     return key_id
 
 

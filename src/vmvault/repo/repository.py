@@ -15,6 +15,7 @@ everything it refers to is durable (packs, then index files, then the snapshot).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime as dt
@@ -53,6 +54,7 @@ from vmvault.repo._limits import (
     MAX_SNAPSHOT_PAYLOAD,
     largest_blob,
     pack_limit,
+    put_confirmed,
     read_bounded,
 )
 from vmvault.repo.ahead import PACKS_AHEAD, ahead, index_file_weight
@@ -257,8 +259,15 @@ class Repository:
         if secret is not None:
             key_id = keys.add_key(backend, key, secret, kind=key_kind)
         raw = encode_config(config, key)
-        # config last: a repository without config is not a repository yet
-        backend.put("config", raw)
+        # config last: a repository without config is not a repository yet; read back, for a
+        # storage that keeps other bytes would leave a location no command could open
+        try:
+            put_confirmed(backend, "config", raw)
+        except IntegrityError as exc:
+            for name in ("config", *([f"keys/{key_id}"] if key_id else [])):
+                with contextlib.suppress(VmvaultError):
+                    backend.delete(name)
+            raise IntegrityError(f"{exc}; no repository was made", name="config") from exc
         repo = cls(backend, config, key, key_id, cache_root=cache_root)
         repo._records = HostRecords() if records is None else records
         # a new repository at this location, by this host's own hand
@@ -1073,7 +1082,20 @@ class Repository:
             # killed before writing it, the one still there
             pending = hashlib.sha256(raw).hexdigest()
             self._edit_record(lambda rec: setattr(rec, "config_pending", pending))
-            self.backend.put("config", raw)
+            try:
+                put_confirmed(self.backend, "config", raw)
+            except IntegrityError as exc:
+                # the config read when migrate began goes back: the repository stays as it was
+                try:
+                    put_confirmed(self.backend, "config", stored.raw)
+                except VmvaultError as again:
+                    raise IntegrityError(
+                        f"{exc}; putting the earlier config back failed too ({again}): the repository cannot be "
+                        f"opened until its config is restored; its {len(stored.raw)} bytes, in base64: "
+                        f"{base64.b64encode(stored.raw).decode()}",
+                        name="config",
+                    ) from exc
+                raise IntegrityError(f"{exc}; the earlier config is back, nothing migrated", name="config") from exc
             self.config = new
             self._remember(pending)  # and its version: never lower again
             return True
