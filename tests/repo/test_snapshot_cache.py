@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.repo.builders import PASS, make_repo
+from tests.repo.builders import PASS, KeepsOtherBytes, make_repo
 from tests.repo.test_fetch import Watched
 from vmvault.backends.memory import MemoryBackend
 from vmvault.errors import IntegrityError, SnapshotNotFoundError
@@ -226,3 +226,20 @@ def test_only_snapshot_ids_name_copies(tmp_path: Path) -> None:
         cache.discard(name)
     assert os.listdir(cache.folder) == []
     assert (tmp_path / "root" / "victim").read_bytes() == b"keep"
+
+
+def test_a_snapshot_the_storage_does_not_keep_is_not_saved(tmp_path: Path) -> None:
+    """This host reads its own copy of a snapshot in place of the storage's: a snapshot object
+    the storage kept other bytes of read well here and failed only on another host, the one a
+    restore after losing this host runs on. It is read back when written: an error, and no
+    snapshot, neither in the storage nor in this host's copies."""
+    backend = KeepsOtherBytes()
+    repo = make_repo(backend)
+    backend.garble, backend.prefix = True, "snapshots/"
+    with pytest.raises(IntegrityError, match=r"other bytes read back: .*; the snapshot was not saved"):
+        _save(repo, 1)
+    assert list(backend.list("snapshots/")) == []
+    assert repo.list_snapshots() == [] and _other_host(backend, tmp_path).list_snapshots() == []
+    backend.garble = False
+    saved = _save(repo, 1)
+    assert [s.id for s in _other_host(backend, tmp_path, "third").list_snapshots()] == saved

@@ -40,6 +40,8 @@ def _snapshots(repo: Repository, n: int) -> list[str]:
             tags=[f"n{i}"],
         )
         ids.append(repo.save_snapshot(snap))
+    if isinstance(repo.backend, Watched):
+        repo.backend.reads.clear()  # each save reads its object back; the tests count listings' reads
     return ids
 
 
@@ -162,6 +164,8 @@ def _big_snapshots(repo: Repository, n: int, blocks: int) -> list[str]:
             files=[FileRecord("vm.conf", 10, 0o644, 0, ["ab" * 32])],
         )
         ids.append(repo.save_snapshot(snap))
+    if isinstance(repo.backend, Watched):
+        repo.backend.reads.clear()  # each save reads its object back; the tests count listings' reads
     return ids
 
 

@@ -877,7 +877,15 @@ class Repository:
         name = f"snapshots/{snap_id}"
         sealed = seal_envelope(self.key, payload, b"snapshot")
         self._opening_listing = None
-        self.backend.put(name, sealed)
+        # read back: this host keeps its own copy and reads it in place of the storage's, so
+        # a snapshot the storage kept other bytes of would fail only on another host (the one
+        # a restore after losing this one runs on)
+        try:
+            put_confirmed(self.backend, name, sealed)
+        except IntegrityError as exc:
+            with contextlib.suppress(VmvaultError):
+                self.backend.delete(name)
+            raise IntegrityError(f"{exc}; the snapshot was not saved", name=name) from exc
         self._snapshots_kept().put(snap_id, sealed)
         snap.id = snap_id
         self._edit_record(lambda rec: rec.wrote(snap_id))
