@@ -78,6 +78,7 @@ __all__ = [
     "expand",
     "import_libvirt",
     "parse_location",
+    "within",
 ]
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,9 @@ def error_message(exc: BaseException) -> str:
     return str(text or exc).strip().replace("\n", " ")
 
 
-def within(limit: float, what: str, call: Callable[[], Any]) -> Any:
-    """``call()``'s result, or ``NoAnswer`` when it has not returned after ``limit`` seconds.
+def within(limit: float | None, what: str, call: Callable[[], Any]) -> Any:
+    """``call()``'s result, or ``NoAnswer`` when it has not returned after ``limit`` seconds
+    (None: ``CALL_LIMIT``).
 
     The binding cannot cancel a call: it is left to end in its own thread (a daemon thread,
     so a command can still exit), and the caller goes on knowing what it asked may still
@@ -196,6 +198,8 @@ def within(limit: float, what: str, call: Callable[[], Any]) -> Any:
         except BaseException as exc:  # handed to the caller's thread
             outcome.append((False, exc))
 
+    if limit is None:
+        limit = CALL_LIMIT
     worker = threading.Thread(target=run, name=f"libvirt {what}", daemon=True)
     worker.start()
     worker.join(limit)
