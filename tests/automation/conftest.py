@@ -126,6 +126,8 @@ class WebhookSink:
         #: answer with a body without end (what was sent is counted in ``sent``)
         self.endless = False
         self.sent = 0
+        #: answer a byte every tenth of a second while set (a body announced as 1 GB)
+        self.trickle = False
 
 
 @pytest.fixture
@@ -138,7 +140,16 @@ def webhook_server() -> Iterator[tuple[str, WebhookSink]]:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             sink.posts.append((dict(self.headers.items()), json.loads(body)))
             self.send_response(sink.status)
+            if sink.trickle:
+                self.send_header("Content-Length", str(10**9))
             self.end_headers()
+            while sink.trickle:
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.1)
             while sink.endless:
                 try:
                     self.wfile.write(bytes(1 << 20))

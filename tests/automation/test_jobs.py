@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from tests.automation.conftest import MailSink, RecordingNotifier, WebhookSink, make_config
 from vmvault.automation.config import AutomationConfig
 from vmvault.automation.history import FAILED, SUCCESS, History
-from vmvault.automation.notify import Notifier
+from vmvault.automation.notify import Notifier, Summary
 from vmvault.automation.runner import JobOutcome, execute_job
 from vmvault.automation.scheduler import FakeClock, Scheduler
 from vmvault.backends.local import LocalBackend
@@ -139,7 +141,9 @@ def test_failed_backup_is_failed_with_its_cause_and_forget_is_skipped(
     # 27 h after the last good backup the max-age alert fires, once
     clock.advance(26 * 3600)
     sched.check_alerts(clock.now())
+    sched.wait_idle(30)  # alerts are told in a thread of their own
     sched.check_alerts(clock.now())
+    sched.wait_idle(30)  # alerts are told in a thread of their own
     alerts = [d for _h, d in hook.posts if d["kind"] == "alert"]
     assert (
         len(alerts) == 1 and str(vm) in alerts[0]["message"] and "more than the allowed 1d 2h" in alerts[0]["message"]
@@ -151,6 +155,7 @@ def test_failed_backup_is_failed_with_its_cause_and_forget_is_skipped(
     run_now(sched, "web01")
     assert sched.history.runs()[0].status == SUCCESS
     sched.check_alerts(clock.now())
+    sched.wait_idle(30)  # alerts are told in a thread of their own
     assert len([d for _h, d in hook.posts if d["kind"] == "alert"]) == 1
 
 
@@ -201,6 +206,7 @@ def test_never_backed_up_alerts_only_once_max_age_has_passed_since_it_was_first_
         sched.tick()
         sched.wait_idle(30)
         sched.check_alerts(clock.now())
+        sched.wait_idle(30)  # alerts are told in a thread of their own
 
     at(26, 1)  # the first run fails: a failure, not yet an RPO alert
     at(27, 1)  # so does the second
@@ -231,6 +237,7 @@ def test_never_backed_up_alerts_only_once_max_age_has_passed_since_it_was_first_
     sched = Scheduler(config, clock=clock, notifiers=[rec], execute=lambda c, j: JobOutcome(FAILED, error="down"))
     sched.start()
     sched.check_alerts(clock.now())
+    sched.wait_idle(30)  # alerts are told in a thread of their own
     assert len(rec.sent) == 3
     sched.close()
 
@@ -252,6 +259,36 @@ def test_a_successful_run_older_than_max_age_alerts_with_its_age(tmp_path: Path,
     )
     assert alerts[0].last_success == NOW - dt.timedelta(hours=29, seconds=5)
     assert max_age_alerts(config, history, NOW - dt.timedelta(hours=5)) == []
+
+
+def test_an_alert_whose_notifier_hangs_does_not_hold_up_the_schedule(
+    tmp_path: Path, repo: Repository, vm: Path
+) -> None:
+    """Alerts were told in the loop that starts the jobs: a mail server or webhook answering
+    slowly held every job back for as long. They are told in a thread of their own."""
+    release = threading.Event()
+
+    class Hanging(RecordingNotifier):
+        def send(self, summary: Summary) -> None:
+            release.wait(30)
+            super().send(summary)
+
+    config = backup_config(tmp_path, vm)
+    history = History(config.daemon.history)
+    run_id = history.start("web01", "backup", NOW - dt.timedelta(hours=30))
+    history.finish(run_id, NOW - dt.timedelta(hours=29), SUCCESS, snapshot="ab" * 32)
+    rec = Hanging()
+    sched = Scheduler(config, clock=FakeClock(NOW), notifiers=[rec], execute=lambda c, j: JobOutcome(SUCCESS))
+    sched.start()
+    try:
+        started = time.monotonic()
+        sched.check_alerts(NOW)
+        assert time.monotonic() - started < 5 and rec.sent == []
+    finally:
+        release.set()
+    sched.wait_idle(30)
+    assert [(s.kind, s.job) for s in rec.sent] == [("alert", "web01")]
+    sched.close()
 
 
 def test_verify_job_reports_damage_as_failed(tmp_path: Path, repo: Repository, vm: Path) -> None:

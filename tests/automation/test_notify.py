@@ -8,6 +8,7 @@ import datetime as dt
 import email.message
 import json
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from tests.automation.conftest import MailSink, WebhookSink, make_config
 from vmvault.automation.config import AutomationConfig, Job, NotifierConfig, load_config
 from vmvault.automation.history import FAILED, SUCCESS
-from vmvault.automation.notify import Notifier, Summary
+from vmvault.automation.notify import Notifier, Summary, send_all
 from vmvault.automation.runner import JobOutcome
 from vmvault.automation.scheduler import FakeClock, Scheduler
 
@@ -175,6 +176,7 @@ def test_an_alert_is_exact_and_its_end_is_told(
     drive(sched, clock, at(26, 0, 30))
     clock.advance(to=at(26, 0, 32, 3))
     sched.check_alerts(clock.now())
+    sched.wait_idle(30)  # alerts are told in a thread of their own
     alert = hook.posts[-1][1]
     assert alert["kind"] == "alert" and alert["status"] == "alert"
     assert alert["message"] == (
@@ -221,3 +223,22 @@ def test_a_webhook_answering_without_end_is_not_read_to_its_end(webhook_server: 
             hook.endless = False  # lets a sender still reading end
     assert len(hook.posts) == 1
     assert sent < 64 << 20  # the socket buffers' worth, not the body
+
+
+def test_a_webhook_answering_a_byte_at_a_time_is_given_up(webhook_server: tuple[str, WebhookSink]) -> None:
+    """The timeout bounds each wait on the server: an endpoint sending a byte every tenth of a
+    second never let it expire, and its 64 KiB were read for two hours while the job that
+    notified counted as running. A notification now ends within six times its timeout."""
+    url, hook = webhook_server
+    hook.status, hook.trickle = 200, True
+    notifier = Notifier(NotifierConfig(name="hook", type="webhook", on="always", url=url, timeout=1.0))
+    started = time.monotonic()
+    with ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(send_all, [notifier], Summary(kind="run", job="j", status=SUCCESS, message="ok"))
+        try:
+            failures = sending.result(timeout=30)
+        finally:
+            hook.trickle = False  # lets a sender still reading end
+    assert time.monotonic() - started < 15
+    assert failures == ["notification hook (webhook) failed: not delivered within 6 s (the server answers too slowly); "
+                        "given up"]  # fmt: skip

@@ -168,6 +168,7 @@ def test_the_daemon_verifies_boots_with_history_mail_screenshot_alert_and_recove
     # with no successful boot verification for more than max_age, an alert
     clock.advance(9 * 86400)
     sched.check_alerts(clock.now())
+    sched.wait_idle(30)  # alerts are told in a thread of their own
     alerts = [d for _h, d in hook.posts if d["kind"] == "alert"]
     assert len(alerts) == 1 and alerts[0]["type"] == "verify-boot"
     assert "no successful boot verification on record" in alerts[0]["message"]

@@ -23,6 +23,7 @@ import os
 import smtplib
 import socket
 import ssl
+import threading
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -306,17 +307,43 @@ def _screenshot(summary: Summary) -> tuple[str, bytes] | None:
     return os.path.basename(path), data
 
 
+#: a notification is given up after this many times its ``timeout`` in all: the timeout bounds
+#: each wait on the server, and a server sending a byte now and then never lets one expire
+TOTAL_TIMEOUTS = 6
+
+
 def send_all(notifiers: Sequence[Notifier], summary: Summary) -> list[str]:
-    """Send ``summary`` to each notifier that wants it; returns the failures (also logged)."""
+    """Send ``summary`` to each notifier that wants it; returns the failures (also logged).
+    Each delivery ends within ``TOTAL_TIMEOUTS`` times its timeout: one still going on then is
+    left to its thread and counted as failed."""
     failures = []
     for n in notifiers:
         if not n.wants(summary):
             continue
         try:
-            n.send(summary)
+            _send_within(n, summary, TOTAL_TIMEOUTS * n.config.timeout)
             log.info("notification %s sent for %s (%s)", n.config.name, summary.job, summary.status)
         except Exception as exc:  # whatever breaks in delivery must not stop the daemon
             text = f"notification {n.config.name} ({n.config.type}) failed: {exc}"
             log.error("%s", text)
             failures.append(text)
     return failures
+
+
+def _send_within(notifier: Notifier, summary: Summary, seconds: float) -> None:
+    failed: list[BaseException] = []
+    done = threading.Event()
+
+    def send() -> None:
+        try:
+            notifier.send(summary)
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=send, name=f"vmvault-notify-{notifier.config.name}", daemon=True).start()
+    if not done.wait(seconds):
+        raise TimeoutError(f"not delivered within {seconds:g} s (the server answers too slowly); given up")
+    if failed:
+        raise failed[0]

@@ -343,6 +343,8 @@ class Scheduler:
         self.next_due: dict[str, dt.datetime] = {}
         self.queue: list[_Attempt] = []
         self.running: dict[str, threading.Thread] = {}
+        #: threads telling alerts (``check_alerts``)
+        self._alerting: list[threading.Thread] = []
         self.skipped_firings: list[tuple[str, dt.datetime]] = []
         #: (job, missed firing) caught up at start
         self.caught_up: list[tuple[str, dt.datetime]] = []
@@ -466,10 +468,10 @@ class Scheduler:
         log.info("stopped")
 
     def wait_idle(self, timeout: float | None = None) -> None:
-        """Wait for the running jobs (tests, and stopping)."""
+        """Wait for the running jobs and the alerts being told (tests, and stopping)."""
         while True:
             with self._lock:
-                threads = list(self.running.values())
+                threads = [*self.running.values(), *(a for a in self._alerting if a.is_alive())]
             if not threads:
                 return
             for t in threads:
@@ -655,6 +657,7 @@ class Scheduler:
         for job in self.config.jobs.values():
             if job.name not in alerts and job.name not in busy:
                 self.history.close_alert(job.name)
+        told: list[tuple[str, Summary]] = []
         for name, alert in alerts.items():
             if self.history.open_alert(name, now, alert.message):
                 log.error("ALERT: %s", alert.message)
@@ -662,5 +665,19 @@ class Scheduler:
                     kind="alert", job=name, job_type=self.config.jobs[name].type, status="alert", message=alert.message,
                     alerts=[alert.to_dict()], tz=self.tz,
                 )  # fmt: skip
+                told.append((name, summary))
+        if told:
+            # in a thread of its own: a mail server or webhook that answers slowly never holds
+            # up the loop that starts the jobs
+            t = threading.Thread(target=self._tell_alerts, args=(told, now), name="vmvault-alerts", daemon=True)
+            with self._lock:
+                self._alerting = [a for a in self._alerting if a.is_alive()] + [t]
+            t.start()
+
+    def _tell_alerts(self, told: list[tuple[str, Summary]], now: dt.datetime) -> None:
+        for name, summary in told:
+            try:
                 send_all(self._notifiers_for(self.config.jobs[name]), summary)
                 self.history.mark_alert_notified(name, now)
+            except Exception:  # the daemon outlives a failure to record
+                log.exception("job %s: could not record the alert's notification", name)
