@@ -670,9 +670,9 @@ class Scheduler:
             # in a thread of its own: a mail server or webhook that answers slowly never holds
             # up the loop that starts the jobs
             t = threading.Thread(target=self._tell_alerts, args=(told, now), name="vmvault-alerts", daemon=True)
+            t.start()  # before it is listed: ``wait_idle`` waits for the listed ones alive
             with self._lock:
                 self._alerting = [a for a in self._alerting if a.is_alive()] + [t]
-            t.start()
 
     def _tell_alerts(self, told: list[tuple[str, Summary]], now: dt.datetime) -> None:
         for name, summary in told:
