@@ -23,7 +23,6 @@ import os
 import smtplib
 import socket
 import ssl
-import threading
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from vmvault import __version__, platform
 from vmvault.automation.config import NotifierConfig
 from vmvault.automation.history import FAILED, INTERRUPTED, SUCCESS, WARNING
 from vmvault.automation.times import duration, local_time
+from vmvault.waits import within
 
 __all__ = ["Notifier", "Summary", "attempt_record", "send_all"]
 
@@ -321,7 +321,7 @@ def send_all(notifiers: Sequence[Notifier], summary: Summary) -> list[str]:
         if not n.wants(summary):
             continue
         try:
-            _send_within(n, summary, TOTAL_TIMEOUTS * n.config.timeout)
+            _deliver(n, summary)
             log.info("notification %s sent for %s (%s)", n.config.name, summary.job, summary.status)
         except Exception as exc:  # whatever breaks in delivery must not stop the daemon
             text = f"notification {n.config.name} ({n.config.type}) failed: {exc}"
@@ -330,20 +330,11 @@ def send_all(notifiers: Sequence[Notifier], summary: Summary) -> list[str]:
     return failures
 
 
-def _send_within(notifier: Notifier, summary: Summary, seconds: float) -> None:
-    failed: list[BaseException] = []
-    done = threading.Event()
-
-    def send() -> None:
-        try:
-            notifier.send(summary)
-        except BaseException as exc:  # handed to the caller's thread
-            failed.append(exc)
-        finally:
-            done.set()
-
-    threading.Thread(target=send, name=f"vmvault-notify-{notifier.config.name}", daemon=True).start()
-    if not done.wait(seconds):
-        raise TimeoutError(f"not delivered within {seconds:g} s (the server answers too slowly); given up")
-    if failed:
-        raise failed[0]
+def _deliver(notifier: Notifier, summary: Summary) -> None:
+    seconds = TOTAL_TIMEOUTS * notifier.config.timeout
+    within(
+        seconds,
+        lambda: notifier.send(summary),
+        name=f"vmvault-notify-{notifier.config.name}",
+        late=lambda: TimeoutError(f"not delivered within {seconds:g} s (the server answers too slowly); given up"),
+    )

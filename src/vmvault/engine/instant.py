@@ -54,7 +54,7 @@ from vmvault import platform
 from vmvault.engine.export import ServeProcess, process_start_time, running_disks
 from vmvault.engine.nbd import nbd_uri
 from vmvault.errors import ConfigError, HypervisorError, TargetError, VmvaultError
-from vmvault.hypervisors.libvirt import connect, error_message, import_libvirt, within
+from vmvault.hypervisors.libvirt import call_within, connect, error_message, import_libvirt
 from vmvault.hypervisors.qemu import QmpClient, QmpError
 from vmvault.hypervisors.qemu_boot import SANDBOX, open_to_qemu, run_as_ids, supports_sandbox
 from vmvault.repo.snapshot import Snapshot
@@ -614,7 +614,7 @@ class _LibvirtRunner(_Runner):
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:  # bounded: libvirt waits for a stopped or stuck QEMU without a limit
-            return within(None, f"libvirt: {what} of {self.name}", lambda: fn(*args))
+            return call_within(None, f"libvirt: {what} of {self.name}", lambda: fn(*args))
         except self.lv.libvirtError as exc:
             raise HypervisorError(f"libvirt: {what} of {self.name} failed: {error_message(exc)}") from exc
 

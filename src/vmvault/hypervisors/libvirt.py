@@ -33,7 +33,6 @@ import shutil
 import socket
 import stat
 import tempfile
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -62,6 +61,7 @@ from vmvault.hypervisors.openers import bytes_opener, checked_opener
 from vmvault.hypervisors.qemu import SOCKET_FOLDER, make_scratch_folder, scratch_space_warning, socket_folder
 from vmvault.hypervisors.walk import HINT_TPM, regular_files
 from vmvault.platform import current_uid
+from vmvault.waits import within
 
 __all__ = [
     "CBT_KIND",
@@ -70,6 +70,7 @@ __all__ = [
     "LibvirtSession",
     "LibvirtSource",
     "audit",
+    "call_within",
     "connect",
     "default_uri",
     "domain_names",
@@ -78,7 +79,6 @@ __all__ = [
     "expand",
     "import_libvirt",
     "parse_location",
-    "within",
 ]
 
 log = logging.getLogger(__name__)
@@ -183,37 +183,24 @@ def error_message(exc: BaseException) -> str:
     return str(text or exc).strip().replace("\n", " ")
 
 
-def within(limit: float | None, what: str, call: Callable[[], Any]) -> Any:
+def call_within(limit: float | None, what: str, call: Callable[[], Any]) -> Any:
     """``call()``'s result, or ``NoAnswer`` when it has not returned after ``limit`` seconds
-    (None: ``CALL_LIMIT``).
-
-    The binding cannot cancel a call: it is left to end in its own thread (a daemon thread,
-    so a command can still exit), and the caller goes on knowing what it asked may still
-    happen."""
-    outcome: list[tuple[bool, Any]] = []
-
-    def run() -> None:
-        try:
-            outcome.append((True, call()))
-        except BaseException as exc:  # handed to the caller's thread
-            outcome.append((False, exc))
-
-    if limit is None:
-        limit = CALL_LIMIT
-    worker = threading.Thread(target=run, name=f"libvirt {what}", daemon=True)
-    worker.start()
-    worker.join(limit)
-    if not outcome:
-        raise NoAnswer(f"{what}: libvirt did not answer within {limit:g} s (is the domain's QEMU stopped or stuck?)")
-    done, value = outcome[0]
-    if done:
-        return value
-    raise value
+    (None: ``CALL_LIMIT``). The binding cannot cancel a call: it is left to end in its own
+    thread (``vmvault.waits.within``)."""
+    seconds = CALL_LIMIT if limit is None else limit
+    return within(
+        seconds,
+        call,
+        name=f"libvirt {what}",
+        late=lambda: NoAnswer(
+            f"{what}: libvirt did not answer within {seconds:g} s (is the domain's QEMU stopped or stuck?)"
+        ),
+    )
 
 
 class Bounded:
     """A libvirt domain (or checkpoint) whose every call ends within ``CALL_LIMIT`` seconds
-    (``within``), the checkpoints it hands out bounded alike. Once a call went unanswered,
+    (``call_within``), the checkpoints it hands out bounded alike. Once a call went unanswered,
     the next ones get ``QUICK_LIMIT`` until one is answered in time: a teardown after a QEMU
     that stopped answering costs seconds, not ``CALL_LIMIT`` for every step."""
 
@@ -231,7 +218,7 @@ class Bounded:
         def call(*args: Any, **kwargs: Any) -> Any:
             limit = min(QUICK_LIMIT, CALL_LIMIT) if self._silent[0] else CALL_LIMIT
             try:
-                result = within(limit, f"{self._where}: {name}()", lambda: attr(*args, **kwargs))
+                result = call_within(limit, f"{self._where}: {name}()", lambda: attr(*args, **kwargs))
             except NoAnswer:
                 self._silent[0] = True
                 raise
