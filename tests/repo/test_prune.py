@@ -7,6 +7,7 @@ import importlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,7 @@ from vmvault.repo import RetentionPolicy, check, forget, forget_ids, prune, repa
 from vmvault.repo.crypto import seal_envelope
 from vmvault.repo.index import IndexFile
 from vmvault.repo.repository import Repository
+from vmvault.repo.rewrite import IndexFileWriter
 
 T0 = dt.datetime(2025, 3, 1, 12, tzinfo=dt.UTC)
 
@@ -385,8 +387,10 @@ def test_repack_reads_packs_at_once_and_the_result_is_the_same(tmp_path: Path) -
     assert results[1] == results[4]
 
 
-@pytest.mark.parametrize("prefix", ["data/", "index/"])
-def test_prune_deletes_nothing_when_what_it_wrote_does_not_read_back(prefix: str) -> None:
+@pytest.mark.parametrize("prefix", ["data/", "index/", "the superseding index file"])
+def test_prune_deletes_nothing_when_what_it_wrote_does_not_read_back(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Prune copies the blobs still used out of packs it deletes, and writes one index file
     superseding the others. Had the storage kept other bytes of those new packs, the old packs
     went and the data with them; a new index file that does not read back would have replaced
@@ -395,12 +399,22 @@ def test_prune_deletes_nothing_when_what_it_wrote_does_not_read_back(prefix: str
     repo = make_repo(backend)
     hist = history(repo)
     forget(repo, RetentionPolicy(last=2))
-    backend.garble, backend.prefix = True, prefix
+    if prefix == "the superseding index file":  # the repacked packs and their index files read back
+        finish = IndexFileWriter.finish
+
+        def garbled_finish(self: IndexFileWriter, *args: Any, **kwargs: Any) -> list[bytes]:
+            backend.garble, backend.prefix = True, "index/"
+            return finish(self, *args, **kwargs)
+
+        monkeypatch.setattr(IndexFileWriter, "finish", garbled_finish)
+    else:
+        backend.garble, backend.prefix = True, prefix
     before = state(repo)
     with pytest.raises(IntegrityError, match=r"prune stopped before deleting anything: .* removed again"):
         prune(repo, max_unused=0.0)
     assert state(repo) == before  # as it was: what prune wrote was removed again
     backend.garble = False
+    monkeypatch.undo()
     fresh = reopen(repo)
     for sid, content in hist[3:]:
         assert restore_all(fresh, fresh.load_snapshot(sid)) == content

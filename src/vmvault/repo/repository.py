@@ -264,9 +264,7 @@ class Repository:
         try:
             put_confirmed(backend, "config", raw)
         except IntegrityError as exc:
-            for name in ("config", *([f"keys/{key_id}"] if key_id else [])):
-                with contextlib.suppress(VmvaultError):
-                    backend.delete(name)
+            _remove_quietly(backend, ["config", *([f"keys/{key_id}"] if key_id else [])])
             raise IntegrityError(f"{exc}; no repository was made", name="config") from exc
         repo = cls(backend, config, key, key_id, cache_root=cache_root)
         repo._records = HostRecords() if records is None else records
@@ -585,11 +583,7 @@ class Repository:
         except IntegrityError as exc:
             names = [f"index/{f.hex()}" for f in [*index_files, *earlier[1]]]
             names += [pack_name(p) for p in [*packs, *earlier[0]]]
-            removed = 0
-            for name in names:
-                with contextlib.suppress(VmvaultError):
-                    self.backend.delete(name)
-                    removed += 1
+            removed = _remove_quietly(self.backend, names)
             raise IntegrityError(
                 f"{operation} stopped before deleting anything: {exc}: the storage does not keep what it is given. "
                 f"Of the {len(names)} objects {operation} wrote, {removed} were removed again; check the storage "
@@ -883,8 +877,7 @@ class Repository:
         try:
             put_confirmed(self.backend, name, sealed)
         except IntegrityError as exc:
-            with contextlib.suppress(VmvaultError):
-                self.backend.delete(name)
+            _remove_quietly(self.backend, [name])
             raise IntegrityError(f"{exc}; the snapshot was not saved", name=name) from exc
         self._snapshots_kept().put(snap_id, sealed)
         snap.id = snap_id
@@ -1117,6 +1110,18 @@ class Repository:
         # (the scheduler daemon) takes one per job
         self._locks = [held for held in self._locks if held.held] + [lock]
         return lock
+
+
+def _remove_quietly(backend: Backend, names: Iterable[str]) -> int:
+    """Delete objects this process wrote and found not to read back (``put_confirmed``,
+    ``Repository.confirm_written``), as far as the storage allows (retention may hold them);
+    returns how many went. The error that follows says what matters."""
+    removed = 0
+    for name in names:
+        with contextlib.suppress(VmvaultError):
+            backend.delete(name)
+            removed += 1
+    return removed
 
 
 @dataclass
