@@ -5,6 +5,7 @@ open redirect after login."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 from starlette.testclient import TestClient
 
@@ -179,3 +180,28 @@ def test_a_large_body_is_refused(site: Site) -> None:
     c = site.login("otto")
     r = c.post("/jobs/verify-local/run", content=b"x" * (65 * 1024), headers={"X-CSRF-Token": site.csrf(c)})
     assert r.status_code == 413
+
+
+def test_a_large_chunked_body_is_refused_as_it_arrives(site: Site) -> None:
+    """A chunked body carries no Content-Length: it is counted as it arrives (64 KiB), on the
+    login form, on a page's form and on the API, and is never read whole."""
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(4096):  # 64 MiB if it were all read
+            yield b"x" * (16 << 10)
+
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    c = TestClient(site.app.build(), base_url="http://127.0.0.1:8620")
+    assert c.post("/login", content=chunks(), headers=form).status_code == 413
+    c = site.login("otto")
+    assert c.post("/jobs/verify-local/run", content=chunks(), headers=form).status_code == 413  # the CSRF field
+    token = site.users.add_token("otto", "chunked")[1]
+    r = c.post("/api/v1/snapshots/main/latest/verify", content=chunks(), headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 413 and r.json()["error"] == "the request is too large"
+
+
+def test_an_unreadable_form_of_a_logged_in_user_is_a_400(site: Site) -> None:
+    c = site.login("otto")
+    files = {"upload": ("a.txt", b"a file", "text/plain")}  # forms take no files
+    r = c.post("/jobs/verify-local/run", files=files, data={"csrf_token": site.csrf(c)})
+    assert r.status_code == 400 and "unreadable form" in r.text

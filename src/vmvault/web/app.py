@@ -16,7 +16,7 @@ Guards, applied to every route by :meth:`WebApp.route` (never by the handlers th
   session's CSRF token (form field ``csrf_token`` or header ``X-CSRF-Token``) and, when the
   browser sends an ``Origin``, that origin is the dashboard's own. A bearer token needs no
   CSRF token: no browser sends one by itself;
-* bodies over 64 KiB: 413;
+* bodies over 64 KiB: 413 (counted as they arrive: a chunked body has no length);
 * before all of these, a ``Host`` that is not one of the dashboard's names (web/hosts.py: DNS
   rebinding): 421.
 
@@ -43,7 +43,7 @@ import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -124,6 +124,50 @@ class _SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, wrapped)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _BodyLimit:
+    """Bodies count against ``MAX_BODY`` as they arrive, whatever ``Content-Length`` says (a
+    chunked body has none): past it the request gets 413. A client gone mid-body (or cut off by
+    web/clients.py) ends its request quietly, not as an application error."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > MAX_BODY:
+                    raise _TooLarge
+            return message
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await JSONResponse({"error": "the request is too large", "status": 413}, status_code=413)(
+                    scope, receive, send
+                )
+        except ClientDisconnect:
+            pass
 
 
 @dataclass
@@ -288,7 +332,10 @@ class WebApp:
                 if request.method == "POST":
                     form = None
                     if not api:
-                        form = await self._form(request)
+                        try:
+                            form = await self._form(request)
+                        except _Denied as exc:
+                            return self._deny(request, api, exc.status, exc.message, who)
                         request.state.form = form
                     if who.session is not None:
                         token = request.headers.get("x-csrf-token") or (
@@ -311,6 +358,8 @@ class WebApp:
     async def _form(self, request: Request) -> FormData:
         try:
             return await request.form(max_files=0, max_fields=50)
+        except (_TooLarge, ClientDisconnect):
+            raise
         except Exception as exc:  # a malformed body is the client's problem, never a traceback
             raise _Denied(400, f"unreadable form: {type(exc).__name__}") from exc
 
@@ -398,6 +447,7 @@ class WebApp:
             r("/api/v1/users", "admin", api=True)(self.api_users),
         ]
         app = Starlette(routes=routes)
+        app.add_middleware(_BodyLimit)
         app.add_middleware(KnownHosts, names=dashboard_names(self.settings))
         app.add_middleware(_SecurityHeaders, tls=self.tls)  # the outermost: on 421 answers too
         return app
