@@ -39,5 +39,5 @@ env -u PYTHONPATH VMVAULT_TEST_CHEAP_KDF=1 "$venv/bin/python" -m pytest -q -p no
   tests/repo/test_crypto.py tests/repo/test_keys_locks_open.py tests/repo/test_format_frozen.py \
   tests/engine/test_chunk_ids.py tests/disk/test_vhdx_layout.py \
   tests/backends/test_sftp.py tests/backends/test_sftp_wire.py tests/backends/test_s3.py tests/cli/test_install.py \
-  tests/web/test_api.py tests/web/test_auth.py tests/web/test_server.py \
+  tests/web/test_api.py tests/web/test_auth.py tests/web/test_server.py tests/web/test_clients.py \
   -k "not fresh_install" "$@"

@@ -47,6 +47,9 @@ audit = ["/srv/hyperv"]
 verify_max_age = "2d"
 max_age = "30h"
 require_immutable = true
+max_connections = 64
+max_connections_per_address = 8
+client_timeout = "10s"
 
 [web.restore_targets]
 scratch = "/srv/restore/"
@@ -61,6 +64,7 @@ lab = "/mnt/lab"
     assert web.restore_targets == (("scratch", "/srv/restore"), ("lab", "/mnt/lab"))
     assert web.audit == ("/srv/hyperv",) and web.verify_max_age == 172800 and web.max_age == 108000
     assert web.require_immutable
+    assert (web.max_connections, web.max_connections_per_address, web.client_timeout) == (64, 8, 10)
 
 
 @pytest.mark.parametrize(
@@ -72,6 +76,9 @@ lab = "/mnt/lab"
         ('[web]\nlisten = ""', "empty"),
         ('[web]\nsession_idle = "5s"', "from 60 s"),
         ("[web]\nlogin_attempts = 0", "at least 1"),
+        ("[web]\nmax_connections = 2", "at least 4"),
+        ("[web]\nmax_connections_per_address = 0", "at least 1"),
+        ('[web]\nclient_timeout = "0s"', "from 1 s"),
         ('[web]\nmax_age = "soon"', "not a duration"),
         ('[web]\ncolour = "blue"', "unknown key 'colour'"),
         ('[web.restore_targets]\nscratch = "relative/folder"', "absolute folder"),

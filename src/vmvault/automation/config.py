@@ -302,6 +302,11 @@ class WebSettings:
     #: names browsers may reach the dashboard by, besides localhost, any address, the listen
     #: name and the certificate's names (web/hosts.py): anything else is refused (DNS rebinding)
     hosts: tuple[str, ...] = ()
+    #: connections open at once, in all and from one address, and the time a client has to
+    #: send a request or to read on in an answer (web/clients.py)
+    max_connections: int = 256
+    max_connections_per_address: int = 32
+    client_timeout: float = 30.0
 
     @property
     def tls(self) -> bool:
@@ -684,14 +689,18 @@ def _web(t: _Table, path: str) -> WebSettings:
             hosts.append(host_name(text))
         except ValueError as exc:
             raise t.error("hosts", f"web.hosts: {exc}") from None
+    connections = t.integer("max_connections", 256, minimum=4, maximum=100_000)
+    per_address = t.integer("max_connections_per_address", 32, minimum=1, maximum=100_000)
+    client_timeout = t.duration("client_timeout", 30.0, minimum=1.0)
     t.finish()
-    assert None not in (session_idle, session_max, lockout, verify_max_age, max_age)
+    assert None not in (session_idle, session_max, lockout, verify_max_age, max_age, client_timeout)
     return WebSettings(
         listen=listen, tls_cert=tls_cert, tls_key=tls_key, users=users,
         session_idle=session_idle or 1800.0, session_max=session_max or 43200.0, login_attempts=attempts,
         lockout=lockout or 900.0, restore_targets=tuple(targets), audit=audit,
         verify_max_age=verify_max_age or 0.0, max_age=max_age or 0.0, require_immutable=require_immutable,
-        hosts=tuple(hosts),
+        hosts=tuple(hosts), max_connections=connections, max_connections_per_address=per_address,
+        client_timeout=client_timeout or 30.0,
     )  # fmt: skip
 
 

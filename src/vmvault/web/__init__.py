@@ -12,10 +12,13 @@ Modules::
     charts.py    server-side SVG charts
     openapi.py   the API's OpenAPI document
     app.py       the ASGI application (Starlette): routes, guards, pages, API
+    hosts.py     the names it answers to (DNS rebinding)
+    clients.py   limits on clients: connections in all and per address, slow requests and readers
     server.py    serving it (uvicorn): TLS, the loopback rule, self-signed certificates
 
 The web framework is an optional dependency (``pip install 'vmvault[web]'``): only
-``app.py`` and ``server.py`` import it, and :func:`require_web` names what is missing.
+``app.py``, ``hosts.py``, ``clients.py`` and ``server.py`` import it, and :func:`require_web`
+names what is missing.
 """
 
 from __future__ import annotations

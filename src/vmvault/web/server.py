@@ -6,6 +6,7 @@
 * The key file must not be readable by other users.
 * ``vmvault web cert`` makes a self-signed pair (ECDSA P-256) for the host's names; the
   browser then shows the certificate's SHA-256 fingerprint, which ``cert`` prints, to compare.
+* Connections are limited in number and in the time a client may take (web/clients.py).
 * The server runs in the process's main thread (``vmvault web``) or in a thread beside the
   scheduler (``vmvault daemon`` with ``[web]``); jobs never run on its event loop.
 """
@@ -25,7 +26,9 @@ from typing import Any
 from vmvault.automation.config import WebSettings, parse_listen
 from vmvault.errors import ConfigError
 
-__all__ = ["is_loopback", "make_certificate", "make_server", "resolve_listen"]
+from .clients import ClientLimits, guarded_protocol, listen_sockets
+
+__all__ = ["Background", "DashboardServer", "is_loopback", "make_certificate", "make_server", "resolve_listen"]
 
 log = logging.getLogger("vmvault.web")
 
@@ -70,15 +73,26 @@ def resolve_listen(settings: WebSettings, override: str | None = None) -> tuple[
     return host, port
 
 
-def make_server(app: Any, settings: WebSettings, host: str, port: int) -> Any:
-    """A uvicorn server for ``app`` (not started). Forwarded-for headers are not trusted:
-    the login rate limit counts the real peer address."""
+def make_server(app: Any, settings: WebSettings, host: str, port: int) -> DashboardServer:
+    """A server for ``app`` (not started), already listening on ``host:port`` with the client
+    limits of ``settings`` (web/clients.py); ``ConfigError`` when it cannot listen there.
+    Forwarded-for headers are not trusted: the login rate limit counts the real peer address."""
     import uvicorn
 
+    limits = ClientLimits(
+        total=settings.max_connections, per_address=settings.max_connections_per_address,
+        timeout=settings.client_timeout,
+    )  # fmt: skip
+    try:
+        sockets = listen_sockets(host, port, limits)
+    except OSError as exc:
+        raise ConfigError(f"the dashboard cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=guarded_protocol(limits),
+        ws="none",
         log_config=None,
         access_log=True,
         proxy_headers=False,
@@ -87,13 +101,37 @@ def make_server(app: Any, settings: WebSettings, host: str, port: int) -> Any:
         ssl_keyfile=settings.tls_key,
         timeout_graceful_shutdown=5,
     )
-    return uvicorn.Server(config)
+    return DashboardServer(uvicorn.Server(config), sockets, limits)
+
+
+class DashboardServer:
+    """A uvicorn server and the sockets it serves (bound by :func:`make_server`)."""
+
+    def __init__(self, server: Any, sockets: list[socket.socket], limits: ClientLimits) -> None:
+        self.server = server
+        self.sockets = sockets
+        self.limits = limits
+
+    @property
+    def started(self) -> bool:
+        return bool(self.server.started)
+
+    def run(self) -> None:
+        """Serve until stopped (SIGINT or SIGTERM in the main thread, or :meth:`stop`)."""
+        try:
+            self.server.run(sockets=self.sockets)
+        finally:
+            for sock in self.sockets:
+                sock.close()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
 
 
 class Background:
-    """A uvicorn server in a thread of its own (the daemon's scheduler keeps the main one)."""
+    """A dashboard server in a thread of its own (the daemon's scheduler keeps the main one)."""
 
-    def __init__(self, server: Any) -> None:
+    def __init__(self, server: DashboardServer) -> None:
         self.server = server
         self.thread = threading.Thread(target=server.run, name="vmvault-web", daemon=True)
 
@@ -107,7 +145,7 @@ class Background:
             raise ConfigError("the dashboard could not start listening (see the log above)")
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.stop()
         self.thread.join(10)
 
 
