@@ -211,3 +211,41 @@ def test_a_qemu_that_stops_answering_costs_a_bounded_wait_and_says_what_remains(
         s.complete("3" * 64)
     assert not vm.has_job() and list(scratch.iterdir()) == []
     assert _vmvault_checkpoints(vm) == [s.checkpoint]
+
+
+def test_a_libvirtd_that_stops_answering_costs_a_bounded_wait(
+    libvirtd: Libvirtd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A libvirtd stopped or stuck accepts a connection and answers nothing: opening one, and a
+    restore's define (a dashboard's restore thread with it), waited without end. Now opening
+    and every call on the connection are bounded."""
+    from vmvault.hypervisors import libvirt_restore
+
+    monkeypatch.setattr(connector, "OPEN_LIMIT", 2.0)
+    monkeypatch.setattr(connector, "CALL_LIMIT", 2.0)
+    monkeypatch.setattr(connector, "QUICK_LIMIT", 1.0)
+    pid = int((libvirtd.root / "libvirtd.pid").read_text())
+    stopped = []
+
+    def connect_then_stop(lv: Any, uri: str) -> Any:
+        conn = connector.connect(lv, uri)
+        os.kill(pid, signal.SIGSTOP)
+        stopped.append(pid)
+        return conn
+
+    monkeypatch.setattr(libvirt_restore, "connect", connect_then_stop)
+    uuid = "0b0a3d7c-0000-4000-8000-000000000001"
+    restored = libvirt_restore.RestoredDomain("never", uuid, str(tmp_path / "never.xml"), text="<domain/>")
+    try:
+        started = time.monotonic()
+        with pytest.raises(HypervisorError, match="libvirt did not answer within 2 s"):
+            libvirt_restore.define_domain(restored, libvirtd.uri)
+        assert time.monotonic() - started < 8 and not restored.defined
+        started = time.monotonic()
+        with pytest.raises(HypervisorError, match=r"connecting to .*: libvirt did not answer within 2 s"):
+            connector.connect(connector.import_libvirt(), libvirtd.uri)
+        assert time.monotonic() - started < 5
+    finally:
+        for p in stopped:
+            os.kill(p, signal.SIGCONT)
+    assert "never" not in [d.name() for d in libvirtd.conn.listAllDomains(0)]

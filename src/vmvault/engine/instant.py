@@ -603,7 +603,7 @@ class _LibvirtRunner(_Runner):
     @property
     def conn(self) -> Any:
         if self._conn is None:
-            self._conn = connect(self.lv, self.uri)
+            self._conn = connect(self.lv, self.uri).unbounded  # ``_call`` bounds the calls that matter
         return self._conn
 
     def close(self) -> None:

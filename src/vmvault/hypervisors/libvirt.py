@@ -98,6 +98,8 @@ SWTPM_STATE = "/var/lib/libvirt/swtpm"
 CALL_LIMIT = 300.0
 #: seconds a call may take after one went unanswered (``Bounded``)
 QUICK_LIMIT = 10.0
+#: seconds opening a connection may take (a libvirtd stopped or stuck accepts and never answers)
+OPEN_LIMIT = 60.0
 #: per-disk ``backupmode``/``incremental`` in the backup XML (mixing full and incremental disks)
 MIN_LIBVIRT = (7, 6, 0)
 INSTALL_HINT = (
@@ -193,7 +195,8 @@ def call_within(limit: float | None, what: str, call: Callable[[], Any]) -> Any:
         call,
         name=f"libvirt {what}",
         late=lambda: NoAnswer(
-            f"{what}: libvirt did not answer within {seconds:g} s (is the domain's QEMU stopped or stuck?)"
+            f"{what}: libvirt did not answer within {seconds:g} s (is libvirtd, or the domain's QEMU, stopped or "
+            "stuck?)"
         ),
     )
 
@@ -205,10 +208,15 @@ class Bounded:
     that stopped answering costs seconds, not ``CALL_LIMIT`` for every step."""
 
     def __init__(self, obj: Any, where: str, silent: list[bool] | None = None) -> None:
-        self._obj = obj
+        self._obj = obj.unbounded if isinstance(obj, Bounded) else obj
         self._where = where
         #: shared by a domain and its checkpoints: whether the last call went unanswered
         self._silent = silent if silent is not None else [False]
+
+    @property
+    def unbounded(self) -> Any:
+        """The binding's own object, for a caller that bounds its calls itself."""
+        return self._obj
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._obj, name)
@@ -237,14 +245,16 @@ class Bounded:
         return Bounded(result, self._where, self._silent) if is_libvirt_object else result
 
 
-def connect(lv: Any, uri: str) -> Any:
+def connect(lv: Any, uri: str) -> Bounded:
+    """A connection to ``uri`` whose every call (and every domain it hands out) is bounded
+    (``Bounded``); opening it may take ``OPEN_LIMIT`` seconds."""
     try:
-        conn = lv.open(uri)
+        conn = call_within(OPEN_LIMIT, f"connecting to {uri}", lambda: lv.open(uri))
     except lv.libvirtError as exc:
         raise HypervisorError(f"cannot connect to libvirt at {uri}: {error_message(exc)}") from exc
     if conn is None:
         raise HypervisorError(f"cannot connect to libvirt at {uri}")
-    return conn
+    return Bounded(conn, uri)
 
 
 def expand(spec: str) -> list[str]:
