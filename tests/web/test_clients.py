@@ -5,10 +5,12 @@ the limits are closed as they arrive, and everyone else is still answered."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import ssl
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from starlette.routing import Route
 
 from vmvault.automation.config import WebSettings
 from vmvault.errors import ConfigError
-from vmvault.web.clients import address_of
+from vmvault.web.clients import ClientLimits, address_of, listen_sockets
 from vmvault.web.server import Background, make_certificate, make_server
 
 TIMEOUT = 1.0
@@ -208,6 +210,21 @@ def test_a_tls_handshake_that_never_ends_is_closed_and_counted(tmp_path: Path) -
             assert _get(tls).endswith(b"hello 0")
     finally:
         background.stop()
+
+
+def test_a_connection_lost_without_close_gives_its_place_back() -> None:
+    """Counted at the socket: one dropped unclosed must not hold its place for good."""
+    limits = ClientLimits(total=4, per_address=2, timeout=TIMEOUT)
+    (listening,) = listen_sockets("127.0.0.1", 0, limits)
+    with listening, socket.create_connection(listening.getsockname()) as client:
+        accepted, _peer = listening.accept()
+        assert limits.open_count() == 1 and limits.open_count("127.0.0.1") == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del accepted
+            gc.collect()
+        assert limits.open_count() == 0
+        assert client.recv(1) == b""  # and the descriptor was closed
 
 
 def test_an_ipv6_client_is_counted_by_its_64() -> None:

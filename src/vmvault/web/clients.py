@@ -52,8 +52,13 @@ class ClientLimits:
         self.total = total
         self.per_address = per_address
         self.timeout = timeout
-        self._lock = threading.Lock()
-        self._open: dict[int, _Accepted] = {}  # by file descriptor
+        # reentrant: a connection dropped without ``close`` gives its place back when collected,
+        # which may happen while this thread holds the lock
+        self._lock = threading.RLock()
+        #: the open connections' addresses by file descriptor (not the sockets: one asyncio lost
+        #: without closing it must stay collectable)
+        self._open: dict[int, str] = {}
+        self._served: set[int] = set()
         self._by_address: Counter[str] = Counter()
         self._logged: set[tuple[str, str]] = set()
 
@@ -68,32 +73,33 @@ class ClientLimits:
             elif self._by_address[sock.address] >= self.per_address:
                 refused = "the limit for one address (max_connections_per_address)"
             else:
-                self._open[sock.fileno()] = sock
+                self._open[sock.fd] = sock.address
                 self._by_address[sock.address] += 1
                 return True
         self.note(sock.address, "refused", "refused connections from %s: %s is reached", refused)
         return False
 
-    def _release(self, sock: _Accepted) -> None:
+    def _release(self, fd: int) -> None:
         with self._lock:
-            if self._open.get(sock.fd) is sock:
-                del self._open[sock.fd]
-                self._by_address[sock.address] -= 1
-                if not self._by_address[sock.address]:
-                    del self._by_address[sock.address]
+            address = self._open.pop(fd, None)
+            self._served.discard(fd)
+            if address is not None:
+                self._by_address[address] -= 1
+                if not self._by_address[address]:
+                    del self._by_address[address]
 
-    def _served(self, fd: int) -> None:
+    def _reached_http(self, fd: int) -> None:
         """The connection on ``fd`` reached the HTTP protocol (its TLS handshake is done)."""
         with self._lock:
-            sock = self._open.get(fd)
-        if sock is not None:
-            sock.served = True
+            if fd in self._open:
+                self._served.add(fd)
 
     def _handshake_over(self, sock: _Accepted) -> None:
         """Close an accepted connection that never reached HTTP (a TLS handshake that does not
         end). ``shutdown`` rather than ``close``: asyncio owns the descriptor and closes it."""
-        if sock.served or sock.fd == -1:
-            return
+        with self._lock:
+            if sock.fd == -1 or sock.fd in self._served:
+                return
         self.note(sock.address, "handshake", "closed a connection from %s: no TLS handshake in %.0f s", self.timeout)
         with contextlib.suppress(OSError):  # already gone
             sock.shutdown(socket.SHUT_RDWR)
@@ -122,18 +128,24 @@ def address_of(host: str) -> str:
 
 
 class _Accepted(socket.socket):
-    """An accepted connection that gives its place back when closed."""
+    """An accepted connection that gives its place back when closed (or collected unclosed)."""
 
     limits: ClientLimits
     address: str
-    fd: int
-    served: bool
+    fd: int = -1
 
     def close(self) -> None:
-        if getattr(self, "fd", -1) != -1:
-            self.limits._release(self)
-            self.fd = -1
+        self._give_back()
         super().close()
+
+    def __del__(self) -> None:
+        self._give_back()
+        super().__del__()  # type: ignore[misc]  # the socket's own finalizer closes the descriptor
+
+    def _give_back(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd != -1:
+            self.limits._release(fd)
 
 
 class _Listening(socket.socket):
@@ -146,9 +158,9 @@ class _Listening(socket.socket):
         for _ in range(_REFUSED_PER_CALL):
             fd, peer = self._accept()  # type: ignore[attr-defined]  # BlockingIOError ends asyncio's loop
             sock = _Accepted(self.family, self.type, self.proto, fileno=fd)
-            sock.limits, sock.address, sock.fd, sock.served = self.limits, address_of(str(peer[0])), fd, False
+            sock.limits, sock.address, sock.fd = self.limits, address_of(str(peer[0])), fd
             if not self.limits._admit(sock):
-                sock.fd = -1
+                sock.fd = -1  # never counted
                 sock.close()
                 continue
             try:
@@ -198,7 +210,7 @@ def guarded_protocol(limits: ClientLimits) -> type[asyncio.Protocol]:
             super().connection_made(transport)
             sock = transport.get_extra_info("socket")
             if sock is not None:
-                limits._served(sock.fileno())
+                limits._reached_http(sock.fileno())
             self._wait("request")
 
         def data_received(self, data: bytes) -> None:
