@@ -394,6 +394,8 @@ class FaultyHttpProxy:
         self._failures_left = 0
         self._ranges_to_ignore = 0
         self._more_next: list[int] = []
+        self._trickles_left = 0
+        self._trickle_gap = 0.0
         self._status = 503
         self._code = "SlowDown"
         self._lock = threading.Lock()
@@ -451,6 +453,7 @@ class FaultyHttpProxy:
                     upstream.close()
                 with proxy._lock:
                     proxy.forwarded += 1
+                gap = proxy._take_trickle() if self.command in ("GET", "HEAD") else 0.0
                 cut = self.command == "GET" and len(data) > 1 and proxy._take_truncation()
                 more = proxy._take(more=True) if self.command == "GET" else 0
                 status, answered = response.status, response.getheaders()
@@ -464,7 +467,15 @@ class FaultyHttpProxy:
                 length = lengths[0] if self.command == "HEAD" and lengths else None
                 self.send_header("Content-Length", length or str(len(data) + more))
                 self.end_headers()
-                if more:
+                if gap and self.command == "GET":
+                    # the body a byte at a time, each well within the client's timeout
+                    with contextlib.suppress(OSError):
+                        for i in range(len(data)):
+                            self.wfile.write(data[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(gap)
+                    self.close_connection = True
+                elif more:
                     # the answer, then ``more`` bytes nobody asked for, until the client hangs up
                     with contextlib.suppress(OSError):
                         self.wfile.write(data)
@@ -514,6 +525,18 @@ class FaultyHttpProxy:
         """Answer the next GETs (one per value) with that many bytes more than the server sent."""
         with self._lock:
             self._more_next = list(extra)
+
+    def trickle_next(self, count: int, gap: float) -> None:
+        """Send the body of the next ``count`` GET answers a byte every ``gap`` seconds."""
+        with self._lock:
+            self._trickles_left, self._trickle_gap = count, gap
+
+    def _take_trickle(self) -> float:
+        with self._lock:
+            if self._trickles_left <= 0:
+                return 0.0
+            self._trickles_left -= 1
+            return self._trickle_gap
 
     def _take(self, *, ignore_range: bool = False, more: bool = False) -> int:
         with self._lock:

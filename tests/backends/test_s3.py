@@ -375,6 +375,28 @@ def test_body_cut_off_mid_read_is_retried(proxy: FaultyHttpProxy) -> None:
 
 
 @pytest.mark.integration
+def test_a_body_sent_a_byte_at_a_time_is_given_up_and_read_again(
+    proxy: FaultyHttpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each byte well within the 1 s timeout, so botocore waits on: the body as a whole must
+    arrive within the timeout plus its length at MIN_RATE (here 1 s + 4 KiB at 2 KiB/s)."""
+    monkeypatch.setattr(s3_module, "MIN_RATE", 2048)
+    data = os.urandom(4096)
+    with open_s3(proxy.url("plain-bucket", "trickled"), timeout=1.0) as b:
+        b.put("data/x", data)
+        proxy.trickle_next(1, 0.1)  # 4096 bytes at ten a second: 7 minutes
+        started = time.monotonic()
+        assert b.get("data/x", 0, 4096) == data  # given up after 3 s, then read again
+        assert 2.5 < time.monotonic() - started < 15
+        assert b.requests.retries >= 1
+        proxy.trickle_next(100, 0.1)
+        started = time.monotonic()
+        with pytest.raises(BackendConnectionError, match="sent data/x too slowly"):
+            b.get("data/x")
+        assert time.monotonic() - started < 60
+
+
+@pytest.mark.integration
 def test_persistent_server_errors_give_up_cleanly(proxy: FaultyHttpProxy) -> None:
     with open_s3(proxy.url("plain-bucket", "broken"), botocore_attempts=4, retry=QUICK) as b:
         proxy.fail_next(1000, 500, "InternalError")

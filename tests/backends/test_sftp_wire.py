@@ -651,6 +651,50 @@ def test_a_stalled_reply_times_out_instead_of_hanging() -> None:
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("via", VIA)
+def test_a_reply_sent_a_byte_at_a_time_is_given_up(via: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each byte within the stream's timeout (0.5 s), the packet never: it must arrive within
+    the patience plus its length at MIN_RATE (here 0.3 s + 100 bytes at 1 KiB/s)."""
+    monkeypatch.setattr(_sftp_wire, "MIN_RATE", 1024)
+
+    def script(peer: Peer) -> None:
+        _kind, rid, _ = peer.request()
+        packet = U32.pack(4 + 5 + 100) + bytes([Packet.DATA]) + U32.pack(rid) + U32.pack(100) + bytes(100)
+        with suppress(OSError):
+            for i in range(len(packet)):
+                peer.raw(packet[i : i + 1])
+                time.sleep(0.05)
+        idle(peer)
+
+    started = time.monotonic()
+    with scripted(script, timeout=0.5, via=via) as session:
+        session.patience = 0.3
+        with pytest.raises(TimeoutError, match="given up as too slow"):
+            session.read(b"h", 0, 100, 100)
+    assert session.closed
+    assert time.monotonic() - started < 3  # 100 bytes at one per 0.05 s would take 5.7 s
+
+
+def test_a_read_answered_a_byte_per_reply_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each reply whole and in time, but a byte each: the read as a whole meets MIN_RATE."""
+    monkeypatch.setattr(_sftp_wire, "MIN_RATE", 1024)
+
+    def script(peer: Peer) -> None:
+        with suppress(OSError, EOFError):
+            while True:
+                _kind, rid, _ = peer.request()
+                time.sleep(0.05)
+                peer.data(rid, b"x")
+        idle(peer)
+
+    started = time.monotonic()
+    with scripted(script, timeout=0.5) as session:
+        session.patience = 0.3
+        with pytest.raises(TimeoutError, match="given up as too slow"):
+            session.read(b"h", 0, 100, 100)
+    assert time.monotonic() - started < 3
+
+
 @pytest.mark.parametrize(
     ("answer", "match"),
     [

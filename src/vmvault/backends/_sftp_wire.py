@@ -8,8 +8,11 @@ Why ours and not paramiko's ``SFTPClient`` (which stays the test oracle, tests/b
   (:data:`MAX_PACKET`, or the exact size a READ allows), a reply to a request that is not
   outstanding, a count or a string that runs past its packet, or a reply of the wrong type is a
   :class:`~vmvault.errors.BackendProtocolError` before anything is buffered, and the session is
-  closed. A server that stops sending meets the stream's timeout; one that closes mid-reply is
-  an ``EOFError`` (a dropped connection, which the backend retries).
+  closed. A server that stops sending meets the stream's timeout; one that sends a reply a
+  byte now and then (each wait within the timeout) meets :data:`MIN_RATE`: a packet must arrive
+  whole within the session's :attr:`~Session.patience` plus its length at that rate, and a
+  ranged read likewise, else it is a ``TimeoutError``. One that closes mid-reply is an
+  ``EOFError`` (a dropped connection, which the backend retries).
 * CPU per byte. A ranged read sends its READ requests in one batch (all of them outstanding,
   up to :data:`READ_WINDOW`) and receives each DATA payload straight into its place in one
   buffer (``recv_into``): no per-packet message objects, locks or joins of pieces. Writes keep
@@ -251,6 +254,11 @@ def parse_name(cursor: _Cursor) -> list[tuple[bytes, Attrs]]:
     return entries
 
 
+#: bytes a second below which a packet that has begun to arrive is given up (after
+#: :attr:`Session.patience`): 256 KiB, the largest reply, may take the patience plus 16 s
+MIN_RATE = 16 * 1024
+
+
 class Session:
     """One SFTP session on ``stream`` (its timeout set by the owner). Call :meth:`start` first.
 
@@ -261,6 +269,9 @@ class Session:
         self._stream = stream
         self._next_id = 1
         self.closed = False
+        #: seconds a packet may take beyond its length at :data:`MIN_RATE` (the owner sets the
+        #: stream's timeout here)
+        self.patience = 60.0
         #: extensions the server announced in VERSION (section 4): name -> data
         self.extensions: dict[bytes, bytes] = {}
         #: the quickest answer to a single request so far, in seconds (``math.inf`` before the
@@ -298,11 +309,21 @@ class Session:
     def _recv_exact(self, view: memoryview) -> None:
         got = 0
         need = len(view)
+        deadline = 0.0
         while got < need:
             n = self._stream.recv_into(view[got:], need - got)
             if n <= 0:
                 raise EOFError("the SFTP server closed the connection" + (" in the middle of a reply" if got else ""))
             got += n
+            if got < need:  # each wait is bounded by the stream's timeout, the whole packet here
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + self.patience + need / MIN_RATE
+                elif now > deadline:
+                    raise TimeoutError(
+                        f"the SFTP server sent {got} bytes of a {need}-byte packet in over "
+                        f"{self.patience + need / MIN_RATE:.0f} s; given up as too slow"
+                    )
 
     def _send(self, kind: int, *fields: bytes) -> int:
         """Send a request; returns its id."""
@@ -575,7 +596,14 @@ class Session:
             next_pos = 0
             end = length  # lowered where the server says EOF
             failure: StatusError | None = None
+            # a server answering each READ with a byte, each reply within the stream's timeout
+            limit = self.patience + length / MIN_RATE
+            started = time.monotonic()
             while True:
+                if time.monotonic() - started > limit:
+                    raise TimeoutError(
+                        f"the SFTP server sent no more than {length} bytes in over {limit:.0f} s; given up as too slow"
+                    )
                 batch = []
                 while len(asked) < READ_WINDOW and failure is None and (again or next_pos < end):
                     if again:

@@ -21,7 +21,10 @@ after a server restart). What still fails becomes a ``BackendError`` subclass.
 
 Answers: the storage is not trusted, so no answer is read without bound: an object's data
 only as far as ``get`` asked, every other answer (listings, errors) to ``MAX_ANSWER``
-(``_bound_answers``), a listing to ``MAX_LISTING`` entries.
+(``_bound_answers``), a listing to ``MAX_LISTING`` entries. Nor without end: each wait on
+the connection is bounded by the timeout, and a body that has begun must arrive whole within
+the timeout plus its length at ``MIN_RATE`` (``_Deadline``), else its connection is shut and
+the read retried: a server sending a byte now and then no longer holds a read for ever.
 
 Checksums: every PutObject and UploadPart carries the body's CRC-32 in the
 ``x-amz-checksum-crc32`` header, computed here (a multipart upload declares CRC32 when it
@@ -46,6 +49,7 @@ import datetime
 import ipaddress
 import math
 import os
+import socket
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -63,6 +67,7 @@ from vmvault.errors import (
     StorageFullError,
     require,
 )
+from vmvault.waits import alarm
 
 require("boto3", purpose="s3:// repositories")  # and botocore, which boto3 imports
 
@@ -100,6 +105,9 @@ MAX_PARTS = 10_000
 #: the largest answer read whole: a listing page (1,000 keys: about 300 KB), an error, any
 #: answer but an object's data (which ``get`` reads as far as it asked)
 MAX_ANSWER = 8 * MiB
+#: bytes a second below which an answer's body is given up (after the timeout): a 16 MiB pack
+#: may take the timeout plus 17 minutes
+MIN_RATE = 16 * 1024
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {
@@ -194,7 +202,43 @@ class _ReadAlready:
         yield self.body
 
 
-def _bound_answers(client: Any, url: str) -> Any:
+def _socket_of(raw: Any) -> Any:
+    """The socket under a urllib3 response (where botocore's ``set_socket_timeout`` finds it),
+    or None."""
+    return getattr(getattr(getattr(getattr(raw, "_fp", None), "fp", None), "raw", None), "_sock", None)
+
+
+class _Deadline:
+    """Shuts the connection of a response down when its body has not been read within
+    ``seconds``: each wait on the socket is bounded by the timeout, the whole body here. The read
+    then ends (as a dropped connection) and leaving the block says why."""
+
+    def __init__(self, raw: Any, seconds: float, url: str, what: str) -> None:
+        self.message = f"{url}: the S3 server sent {what} too slowly (not whole within {seconds:.0f} s); given up"
+        sock = _socket_of(raw)
+        self._alarm = None if sock is None else alarm(seconds, lambda: _shut(sock))
+
+    def __enter__(self) -> _Deadline:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if self._alarm is not None:
+            self._alarm.cancel()
+            if self._alarm.fired:
+                raise TransientError(BackendConnectionError(self.message)) from exc
+
+
+def _shut(sock: Any) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _patience(timeout: float, length: int | None, bound: int) -> float:
+    """Seconds a body of ``length`` bytes (None: unknown, at most ``bound``) may take."""
+    return timeout + (bound if length is None else min(length, bound)) / MIN_RATE
+
+
+def _bound_answers(client: Any, url: str, timeout: float) -> Any:
     """``client``, made to read no answer body beyond ``MAX_ANSWER`` bytes, except an object's
     data (a successful GetObject), which ``get`` reads only as far as it asked.
 
@@ -211,15 +255,18 @@ def _bound_answers(client: Any, url: str) -> Any:
         if streamed and response.status_code < 300:
             return response
         raw, body = response.raw, bytearray()
+        stated = response.headers.get("content-length", "")
+        seconds = _patience(timeout, int(stated) if stated.isdigit() else None, MAX_ANSWER)
         try:
-            for piece in raw.stream(1 << 16):
-                body += piece
-                if len(body) > MAX_ANSWER:
-                    raw.close()  # the rest is not read: this connection is not used again
-                    raise BackendProtocolError(
-                        f"{url}: the S3 server's answer to a {request.method} request is longer than "
-                        f"{MAX_ANSWER // MiB} MiB; not read further"
-                    )
+            with _Deadline(raw, seconds, url, f"its answer to a {request.method} request"):
+                for piece in raw.stream(1 << 16):
+                    body += piece
+                    if len(body) > MAX_ANSWER:
+                        raw.close()  # the rest is not read: this connection is not used again
+                        raise BackendProtocolError(
+                            f"{url}: the S3 server's answer to a {request.method} request is longer than "
+                            f"{MAX_ANSWER // MiB} MiB; not read further"
+                        )
         except urllib3.exceptions.ReadTimeoutError as exc:  # as botocore's own reading maps them
             raise botocore.exceptions.ReadTimeoutError(endpoint_url=request.url, error=exc) from exc
         except urllib3.exceptions.ProtocolError as exc:
@@ -326,6 +373,7 @@ class S3Backend(Backend):
         # adds a few rounds for connections that drop, so the product stays around a minute
         self.retry = retry or RetryPolicy(attempts=4, initial_delay=0.5, max_delay=8.0)
         where = endpoint_url.split("://", 1)[-1] + "/" if endpoint_url else ""
+        self.timeout = timeout
         self.url = f"s3://{where}{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         session = session or boto3.session.Session()
         config = Config(
@@ -340,7 +388,7 @@ class S3Backend(Backend):
         )
         region_name = region or session.region_name or ("us-east-1" if endpoint_url else None)
         self._client: Any = _bound_answers(
-            session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config), self.url
+            session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=config), self.url, timeout
         )
         #: a client whose requests go out once, without botocore's retries
         self._single_attempt: Callable[[], Any] = lambda: _bound_answers(
@@ -351,6 +399,7 @@ class S3Backend(Backend):
                 config=config.merge(Config(retries={"mode": "standard", "total_max_attempts": 1})),
             ),
             self.url,
+            timeout,
         )
         # the first request goes out once: a server that cannot be reached at all (refused, no
         # route, unknown name) is reported at once, not after a minute
@@ -651,16 +700,19 @@ class S3Backend(Backend):
                 raise
             # read inside the retried call: a body that stops half-way is retried whole
             body = answer["Body"]
+            stated = answer.get("ContentLength")
+            seconds = _patience(self.timeout, length if length is not None else stated, 1 << 40)
             try:
-                if "Range" in args:
-                    _check_range(self.url, name, answer, offset, args["Range"])
-                # never more than asked, whatever the server sends: the storage does not decide
-                # how much memory a read takes
-                if length is None:
-                    return bytes(body.read())
-                data = _read_at_most(body, length)
-                _check_length(self.url, name, answer, offset, length, len(data))
-                return data
+                with _Deadline(getattr(body, "_raw_stream", None), seconds, self.url, f"{name}"):
+                    if "Range" in args:
+                        _check_range(self.url, name, answer, offset, args["Range"])
+                    # never more than asked, whatever the server sends: the storage does not
+                    # decide how much memory a read takes
+                    if length is None:
+                        return bytes(body.read())
+                    data = _read_at_most(body, length)
+                    _check_length(self.url, name, answer, offset, length, len(data))
+                    return data
             finally:
                 body.close()
 

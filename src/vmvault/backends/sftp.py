@@ -528,6 +528,7 @@ class SftpBackend(Backend):
         """The SFTP version handshake on ``stream`` (its timeout, ``waited``, set), and the
         request size."""
         sftp = Session(stream)
+        sftp.patience = self.timeout
         try:
             sftp.start()
         except TimeoutError as exc:
