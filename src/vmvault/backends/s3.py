@@ -108,6 +108,8 @@ MAX_ANSWER = 8 * MiB
 #: bytes a second below which an answer's body is given up (after the timeout): a 16 MiB pack
 #: may take the timeout plus 17 minutes
 MIN_RATE = 16 * 1024
+#: the body a whole-object read without a stated length is given time for (at ``MIN_RATE``)
+_LARGEST_BODY = 4 << 30
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {
@@ -229,8 +231,10 @@ class _Deadline:
 
 
 def _shut(sock: Any) -> None:
+    # the plain socket's shutdown, also under TLS: ``SSLSocket.shutdown`` would drop the TLS
+    # state that the reading thread is using
     with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _patience(timeout: float, length: int | None, bound: int) -> float:
@@ -701,7 +705,7 @@ class S3Backend(Backend):
             # read inside the retried call: a body that stops half-way is retried whole
             body = answer["Body"]
             stated = answer.get("ContentLength")
-            seconds = _patience(self.timeout, length if length is not None else stated, 1 << 40)
+            seconds = _patience(self.timeout, length if length is not None else stated, _LARGEST_BODY)
             try:
                 with _Deadline(getattr(body, "_raw_stream", None), seconds, self.url, f"{name}"):
                     if "Range" in args:

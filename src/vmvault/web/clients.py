@@ -10,17 +10,18 @@ anywhere that reaches its port would leave the daemon without descriptors, and i
 would fail with "Too many open files". So:
 
 * at most ``max_connections`` connections are open at once and at most
-  ``max_connections_per_address`` from one address (an IPv6 client: its /64); more are closed as they are accepted
-  (before TLS), and each refusing address is logged (up to 1,000 of them);
+  ``max_connections_per_address`` from one address (an IPv6 client: its /64); more are closed
+  as they are accepted (before TLS), and each refusing address is logged (up to 1,000 of them);
 * a connection must deliver a complete request, head and body, within ``client_timeout`` of
   being accepted or of its previous answer (a TLS handshake included), and must go on reading
   an answer (the server's send buffer drains) within ``client_timeout``; otherwise it is
   closed. A connection left idle is closed quietly; one that stalled mid-request or mid-answer
   is logged (once per address).
 
-Both are counted per connection at the socket: the listening socket's ``accept`` admits or
-refuses, an accepted socket's ``close`` gives its place back. The request and answer timers sit
-in a subclass of uvicorn's h11 protocol and read only h11's public connection states.
+Connections are counted at the socket: the listening socket's ``accept`` admits or refuses,
+an accepted socket's ``close`` (or its collection, unclosed) gives its place back. The request
+and answer timers sit in a subclass of uvicorn's h11 protocol and read only h11's public
+connection states.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def guarded_protocol(limits: ClientLimits) -> type[asyncio.Protocol]:
             what, self._timer, self._waiting = self._waiting or "request", None, None
             if self.transport.is_closing():
                 return
-            address = self.client[0] if self.client else "?"
+            address = address_of(str(self.client[0])) if self.client else "?"
             if what == "reading":
                 limits.note(address, what, "closed a connection from %s: it read no answer for %.0f s", limits.timeout)
             elif self.conn.their_state is h11.SEND_BODY or self.conn.trailing_data[0]:
