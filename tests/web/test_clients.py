@@ -110,7 +110,8 @@ def test_a_connection_that_sends_nothing_is_closed(served: tuple[Background, int
 def test_a_request_sent_a_byte_at_a_time_is_cut_off(
     served: tuple[Background, int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """uvicorn waits for a request's head and body without a limit: each byte restarts no clock here."""
+    """uvicorn waits for a request's head and body without a limit; here a byte restarts no
+    clock."""
     _background, port = served
     caplog.set_level(logging.WARNING, logger="vmvault.web")
     head = _connect(port)
