@@ -53,7 +53,7 @@ from vmvault.backends._sftp_layout import (
     Status,
     pack_string,
 )
-from vmvault.backends.base import MAX_LISTING
+from vmvault.backends.base import MAX_LISTING, MIN_RATE
 from vmvault.errors import BackendProtocolError
 
 __all__ = [
@@ -252,11 +252,6 @@ def parse_name(cursor: _Cursor) -> list[tuple[bytes, Attrs]]:
         cursor.string("a long name")
         entries.append((name, parse_attrs(cursor)))
     return entries
-
-
-#: bytes a second below which a packet that has begun to arrive is given up (after
-#: :attr:`Session.patience`): 256 KiB, the largest reply, may take the patience plus 16 s
-MIN_RATE = 16 * 1024
 
 
 class Session:

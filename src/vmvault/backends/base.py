@@ -44,6 +44,7 @@ __all__ = [
     "FAR_READS_AT_ONCE",
     "FAR_ROUND_TRIP",
     "MAX_LISTING",
+    "MIN_RATE",
     "TOP_LEVEL_FOLDERS",
     "Backend",
     "HiddenObject",
@@ -64,6 +65,11 @@ _log = logging.getLogger("vmvault.backends")
 #: folders) holds ~26 thousand packs at 100 TiB; a server sending names without end would
 #: otherwise fill memory
 MAX_LISTING = 1 << 22
+#: bytes a second below which a remote backend gives up an answer that has begun to arrive
+#: (after its timeout), then retries it: a server sending a byte now and then would otherwise
+#: hold a read for ever, each wait within the timeout. Low enough for a slow link shared by
+#: every read at once (``FAR_READS_AT_ONCE``, 8 of them at 4 KiB/s: 256 kbit/s in all)
+MIN_RATE = 4 * 1024
 
 #: what a read returned: counted and handed on as it is (bytes, or a view into a buffer)
 _Read = TypeVar("_Read", bound=bytes | memoryview)

@@ -83,6 +83,7 @@ from vmvault.backends.base import (  # noqa: E402
     DEFAULT_READS_AT_ONCE,
     FAR_READS_AT_ONCE,
     MAX_LISTING,
+    MIN_RATE,
     Backend,
     HiddenObject,
     ObjectInfo,
@@ -105,9 +106,6 @@ MAX_PARTS = 10_000
 #: the largest answer read whole: a listing page (1,000 keys: about 300 KB), an error, any
 #: answer but an object's data (which ``get`` reads as far as it asked)
 MAX_ANSWER = 8 * MiB
-#: bytes a second below which an answer's body is given up (after the timeout): a 16 MiB pack
-#: may take the timeout plus 17 minutes
-MIN_RATE = 16 * 1024
 #: the body a whole-object read without a stated length is given time for (at ``MIN_RATE``)
 _LARGEST_BODY = 4 << 30
 
