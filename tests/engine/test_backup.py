@@ -23,7 +23,7 @@ from vmvault.backends.memory import MemoryBackend
 from vmvault.disk.base import Extent, ExtentKind
 from vmvault.engine.backup import backup, chunk_runs
 from vmvault.engine.restore import restore
-from vmvault.errors import SourceError, StorageFullError
+from vmvault.errors import BackendConnectionError, SourceError, StorageFullError
 from vmvault.hypervisors.base import BackupOptions
 from vmvault.hypervisors.files import FilesSource
 from vmvault.repo.check import check
@@ -477,3 +477,28 @@ def test_layer_incrementals_read_only_changed_chunks_and_restore_the_chain(tmp_p
     out = tmp_path / "flat"
     restore(repo, second.snapshot, str(out), flatten=True, format="raw")
     assert (out / "leaf.avhdx").read_bytes() == bytes(leaf.data)
+
+
+class DropsSnapshotReads(MemoryBackend):
+    """Storage that keeps every snapshot it is given but drops the connection on the next
+    ``drops`` reads of one (a network that fails just after the upload)."""
+
+    drops = 0
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if name.startswith("snapshots/") and self.drops:
+            self.drops -= 1
+            raise BackendConnectionError(f"{self.url}: the connection dropped reading {name}")
+        return super().get(name, offset, length)
+
+
+def test_a_snapshot_stored_whose_read_back_fails_is_a_warning_not_a_failed_backup() -> None:
+    """The snapshot was stored (only confirming it failed): the backup had failed although its
+    snapshot was there for the next one to build on."""
+    backend = DropsSnapshotReads()
+    repo = new_repo(backend)
+    backend.drops = 1
+    result = backup(repo, ScriptedSource(MemoryDisk(sample_bytes(1 << 20, 3))))
+    assert any("is stored, but reading it back to confirm it failed" in w for w in result.warnings), result.warnings
+    assert [s.id for s in Repository.open(backend, b"passphrase").list_snapshots()] == [result.snapshot.id]
+    assert check(Repository.open(backend, b"passphrase"), read_data=True).ok

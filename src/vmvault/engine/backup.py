@@ -1045,6 +1045,7 @@ def _backup_session(
         }
         | ({"excluded": excluded} if excluded else {}),
     )
+    warned = len(repo.warnings)
     repo.save_snapshot(snap)
     return BackupResult(
         snapshot=snap,
@@ -1052,6 +1053,6 @@ def _backup_session(
         bytes_new=writer.new_bytes,
         raw_new=writer.new_raw_bytes,
         chunks_new=writer.new_blobs,
-        warnings=list(session.warnings) + disk_warnings,
+        warnings=list(session.warnings) + disk_warnings + repo.warnings[warned:],
         excluded=excluded,
     )

@@ -22,6 +22,7 @@ __all__ = [
     "MAX_SMALL_OBJECT",
     "MAX_SNAPSHOT",
     "MAX_SNAPSHOT_PAYLOAD",
+    "confirm_stored",
     "largest_blob",
     "pack_limit",
     "put_confirmed",
@@ -91,6 +92,12 @@ def put_confirmed(backend: Backend, name: str, data: bytes) -> None:
     ``IntegrityError`` naming the object when the storage kept other bytes (a server not
     reporting a full disk, a faulty gateway)."""
     backend.put(name, data)
+    confirm_stored(backend, name, data)
+
+
+def confirm_stored(backend: Backend, name: str, data: bytes) -> None:
+    """That ``name`` reads back as ``data`` (one byte more at most): ``IntegrityError`` naming
+    the object when the storage kept other bytes; the storage's own errors as they come."""
     try:
         kept: bytes | None = bytes(backend.get(name, 0, len(data) + 1))
     except ObjectNotFoundError:

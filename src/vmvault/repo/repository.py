@@ -35,6 +35,7 @@ from typing import TypeVar
 from vmvault import __version__, shape
 from vmvault.backends.base import Backend
 from vmvault.errors import (
+    BackendError,
     IntegrityError,
     NoConfigError,
     ObjectNotFoundError,
@@ -52,6 +53,7 @@ from vmvault.repo._limits import (
     MAX_INDEX_FILE,
     MAX_SNAPSHOT,
     MAX_SNAPSHOT_PAYLOAD,
+    confirm_stored,
     largest_blob,
     pack_limit,
     put_confirmed,
@@ -874,11 +876,17 @@ class Repository:
         # read back: this host keeps its own copy and reads it in place of the storage's, so
         # a snapshot the storage kept other bytes of would fail only on another host (the one
         # a restore after losing this one runs on)
+        self.backend.put(name, sealed)
         try:
-            put_confirmed(self.backend, name, sealed)
+            confirm_stored(self.backend, name, sealed)
         except IntegrityError as exc:
             _remove_quietly(self.backend, [name])
             raise IntegrityError(f"{exc}; the snapshot was not saved", name=name) from exc
+        except BackendError as exc:  # the storage took it; only reading it back failed
+            self.warnings.append(
+                f"snapshot {snap_id[:8]} is stored, but reading it back to confirm it failed ({exc}); "
+                "`vmvault check` reads it again"
+            )
         self._snapshots_kept().put(snap_id, sealed)
         snap.id = snap_id
         self._edit_record(lambda rec: rec.wrote(snap_id))
