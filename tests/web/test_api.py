@@ -25,11 +25,13 @@ def _snap(site: Site) -> str:
     return str(snaps[0]["id"])
 
 
-_TOKENS: dict[tuple[int, str], str] = {}
+_TOKENS: dict[tuple[str, str], str] = {}
 
 
 def _auth(site: Site, user: str) -> dict[str, str]:
-    key = (id(site), user)
+    # by the users file, not by id(site): a later test's site may get a freed one's id, and
+    # with it a token its own users file never had (401)
+    key = (str(site.users.path), user)
     if key not in _TOKENS:
         _TOKENS[key] = site.users.add_token(user, "tests")[1]
     return {"Authorization": f"Bearer {_TOKENS[key]}"}
