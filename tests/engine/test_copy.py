@@ -297,3 +297,19 @@ def test_a_damaged_chunk_in_the_source_fails_the_copy_and_names_it(
         copy_snapshots(src, dst)
     dst = Repository.open(dst.backend, DST_PASS)
     assert not [s for s in dst.list_snapshots() if s.extra.get(COPIED_FROM, {}).get("snapshot") == snap.id]
+
+
+def test_a_copied_snapshot_whose_read_back_fails_is_kept_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.engine.test_backup import DropsSnapshotReads
+
+    src = Repository.init(LocalBackend(str(tmp_path / "src")), SRC_PASS, chunk_size=CS)
+    target = DropsSnapshotReads()
+    dst = Repository.init(target, DST_PASS, chunk_size=CS)
+    snap = backup(src, FilesSource(str(write_vm(tmp_path / "vm", make_disk(4, 8), b"x\n")))).snapshot
+    target.drops = 1
+    report = copy_snapshots(src, dst)
+    assert [c.source_id for c in report.copied] == [snap.id]
+    assert "is stored, but reading it back to confirm it failed" in caplog.text
+    assert len(Repository.open(target, DST_PASS).list_snapshots()) == 1

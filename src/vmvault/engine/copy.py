@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -60,6 +61,8 @@ from vmvault.repo.repository import BlobWriter, Repository
 from vmvault.repo.snapshot import DiskRecord, FileRecord, Snapshot
 
 __all__ = ["COPIED_FROM", "CopyFilter", "CopyReport", "copy_snapshots", "select_snapshots"]
+
+log = logging.getLogger("vmvault.copy")
 
 #: key in ``Snapshot.extra`` naming the repository and snapshot a copy came from
 COPIED_FROM = "copied_from"
@@ -641,7 +644,10 @@ def copy_snapshots(
                         stats=dict(snap.stats),
                         program=snap.program,
                     )
+                    warned = len(dst_repo.warnings)
                     dst_repo.save_snapshot(new)
+                    for w in dst_repo.warnings[warned:]:  # stored, but its read-back failed
+                        log.warning("%s", w)
                     earlier.copied(snap, new)
                     report.copied.append(CopiedSnapshot(snap.id, new.id, snap.source.get("location", ""), snap.time))
                 if progress is not None:
