@@ -68,6 +68,7 @@ __all__ = [
     "HypervisorError",
     "ImmutableError",
     "IntegrityError",
+    "JobCancelled",
     "LockedError",
     "MissingDependencyError",
     "NotARepositoryError",
@@ -235,6 +236,12 @@ class CleanupError(VmvaultError):
         self.snapshot_id = snapshot_id
         self.left = left
         super().__init__(message)
+
+
+class JobCancelled(VmvaultError):
+    """A job's run was stopped before it finished: somebody cancelled it (``vmvault cancel``,
+    the dashboard) or it reached its ``time_limit``. Raised where the run next reports
+    progress; what it had begun is undone as after any other failure."""
 
 
 class GuestError(VmvaultError):

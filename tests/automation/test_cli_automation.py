@@ -230,3 +230,117 @@ def test_a_run_going_on_elsewhere_shows_where_it_is(
         assert isinstance(doc, dict) and doc["runs"][0]["details"]["progress"]["done"] == 2
     finally:
         lock.release()
+
+
+#: `vmvault run` in a process of its own, each batch of its backup slowed by a quarter second
+#: (as a slow disk would), so another process can cancel it midway
+_SLOW_RUN = """
+import sys, time
+from vmvault.automation import scheduler
+
+real = scheduler.execute_job
+
+
+class Slow:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def start(self, label, total):
+        self.inner.start(label, total)
+
+    def advance(self, n):
+        time.sleep(0.25)
+        self.inner.advance(n)
+
+    def finish(self):
+        self.inner.finish()
+
+    def warn(self, text):
+        self.inner.warn(text)
+
+
+def execute_job(config, job, progress=None, **kw):
+    return real(config, job, progress=Slow(progress), **kw)
+
+
+scheduler.execute_job = execute_job
+from vmvault.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cancel_stops_a_run_in_another_process_and_waits_for_its_end(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, vm = setup
+    (vm / "disk.raw").write_bytes(random.Random(4).randbytes(64 * 1024 * 1024))  # 16 batches: 4 s
+    history = History(load_config(str(config)).daemon.history)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, "run", "web01", "--config", str(config), "--json"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not history.running_jobs():
+            time.sleep(0.05)
+        assert history.running_jobs() == ["web01"]
+        started = time.monotonic()
+        code = main(["cancel", "web01", "--config", str(config), "--reason", "host maintenance"])
+        took = time.monotonic() - started
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert re.match(r"web01: run \d+ failed: cancelled by cli:\S+ at .*: host maintenance", text), text
+    assert took < 3.5  # it stopped at the next batch, not at the end of the disk
+    # the run itself: failed, said who stopped it, exit 130 as after Ctrl-C, not retried
+    assert proc.returncode == 130, err
+    doc = json.loads(out)
+    assert doc["status"] == "failed" and doc["attempts"] == 1 and doc["error"].startswith("cancelled by cli:")
+    (run,) = history.runs(job="web01")
+    assert run.details["cancelled"]["reason"] == "host maintenance"
+    (action,) = history.actions(action="cancel")
+    assert action.user.startswith("cli:") and action.result == "requested"
+
+
+def test_cancel_of_a_job_that_is_not_running(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    config, _vm = setup
+    assert main(["cancel", "web01", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "web01: not running; nothing to cancel"
+    code, doc = run_json(capsys, "cancel", "verify", "--config", str(config))
+    assert code == 0 and doc == {"job": "verify", "running": False, "runs": []}
+    assert main(["cancel", "nope", "--config", str(config)]) == 2
+    assert "no job 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["cancel", "web01", "--config", str(config), "--timeout", "0s"])
+    assert exc.value.code == 2 and "above zero" in capsys.readouterr().err
+
+
+def test_cancel_says_when_a_run_has_not_stopped_within_its_wait(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose process never looks (here: a row and a lock held by the test) is reported
+    still running after the wait, with where it is, and the exit status says so."""
+    config, _vm = setup
+    history = History(load_config(str(config)).daemon.history)
+    lock = job_lock(history.path, "web01").acquire(command="vmvault run")
+    try:
+        run_id = history.start("web01", "backup", dt.datetime.now(dt.UTC))
+        history.heartbeat(run_id, dt.datetime.now(dt.UTC), Progress("disk.raw", 1, 4, 1))
+        assert main(["cancel", "web01", "--config", str(config), "--timeout", "0.3s"]) == 1
+        text = capsys.readouterr().out
+        assert "asked to stop, still running after 0.3s (disk.raw 25%)" in text
+        assert history.cancel_request(run_id) is not None
+        assert main(["cancel", "web01", "--config", str(config), "--no-wait", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["running"] is True and doc["runs"][0]["id"] == run_id
+    finally:
+        lock.release()

@@ -11,7 +11,7 @@ from vmvault.cli import build_parser
 REPOSITORY_OPTIONS = {"--repo", "--password-file", "--password-command", "--key-file"}
 OUTPUT_OPTIONS = {"--json", "--quiet", "--utc"}
 #: commands that open no repository (their own configuration, a disk image, a demo folder)
-WITHOUT_REPOSITORY = {"demo", "disk", "daemon", "run", "jobs", "history", "web", "user", "service", "cache"}
+WITHOUT_REPOSITORY = {"demo", "disk", "daemon", "run", "cancel", "jobs", "history", "web", "user", "service", "cache"}
 
 
 def commands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:

@@ -41,6 +41,7 @@ SKIPPED = {
     "vmvault instant-restore ": "starts a VM (the instant-recovery tests run one under QEMU)",
     "vmvault verify-boot ": "boots a guest (the boot-verification tests build and boot one)",
     "vmvault daemon ": "runs until stopped (tests/automation run the daemon under a controllable clock)",
+    "vmvault cancel ": "stops a job running elsewhere (tests/automation/test_cancel.py, test_cli_automation.py)",
     "vmvault user add": "asks for a password on a terminal and serves a dashboard (tests/web)",
     "vmvault service install": "writes a systemd unit and starts it (tests/automation/test_service.py, scripted)",
 }

@@ -21,9 +21,13 @@ from typing import Any
 import pytest
 
 from tests.web.conftest import PASSWORDS, XSS, Site, close_site, make_site
-from vmvault.automation.config import WebSettings
+from vmvault.automation import scheduler as scheduler_module
+from vmvault.automation.config import AutomationConfig, Job, WebSettings
+from vmvault.automation.history import SUCCESS
+from vmvault.automation.runner import JobOutcome
 from vmvault.backends.local import LocalBackend
 from vmvault.engine.backup import backup
+from vmvault.engine.progress import ProgressReporter
 from vmvault.hypervisors import open_source
 from vmvault.repo.repository import Repository
 from vmvault.sample_vm import make_sample_vm
@@ -349,3 +353,52 @@ def test_admin_pages_and_a_phone(live: tuple[Site, str], shots: Callable[[Any, s
         shots(phone, "phone-overview")
     finally:
         _quit(phone)
+
+
+def test_a_running_job_is_stopped_with_its_stop_button(live: tuple[Site, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop appears while the job runs (server-sent events, no reload), and pressing it ends
+    the run failed, naming who stopped it; then Stop goes away again."""
+    site, base = live
+
+    def execute_job(config: AutomationConfig, job: Job, progress: ProgressReporter) -> JobOutcome:
+        progress.start("slow phase", 3000)
+        for _ in range(3000):  # at most a minute
+            progress.advance(1)
+            time.sleep(0.02)
+        return JobOutcome(SUCCESS, message="ran to its end")
+
+    monkeypatch.setattr(scheduler_module, "execute_job", execute_job)
+    job = "verify-local"
+
+    def stop_form(dr: Any) -> Any:
+        return next(
+            f for f in dr.find_elements(By.CSS_SELECTOR, "form[data-stop-of]") if f.get_attribute("data-stop-of") == job
+        )
+
+    d = _driver()
+    try:
+        _login(d, base, "otto")
+        d.get(base + "/jobs")
+        assert not stop_form(d).is_displayed()
+        run_now = [b for b in d.find_elements(By.CSS_SELECTOR, "button.run-now") if b.get_attribute("data-run") == job]
+        run_now[0].click()
+        _wait(d, lambda dr: dr.find_elements(By.ID, "notice"))  # the page after the redirect
+        _wait(d, lambda dr: stop_form(dr).is_displayed())
+        form = stop_form(d)
+        form.find_element(By.CSS_SELECTOR, "button.cancel").click()
+        _wait(d, lambda dr: "Asked to stop" in dr.find_element(By.ID, "notice").text)
+
+        def finished(dr: Any) -> str | None:
+            for box in dr.find_elements(By.CSS_SELECTOR, "[data-progress]"):
+                if box.get_attribute("data-progress") == job and box.get_attribute("data-state") == "finished":
+                    return str(box.find_element(By.CSS_SELECTOR, ".pct").text)
+            return None
+
+        assert _wait(d, finished).endswith("(failed)")
+        form = stop_form(d)
+        _wait(d, lambda _d: not form.is_displayed())
+    finally:
+        _quit(d)
+    site.control.wait(30)
+    run = site.history.runs(job=job, limit=1)[0]
+    assert run.status == "failed" and run.error is not None and run.error.startswith("cancelled by otto")

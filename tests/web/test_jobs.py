@@ -4,6 +4,7 @@ their progress reaches the dashboard through the job history, and they end there
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ import pytest
 from tests.web.conftest import Site, close_site, make_site
 from vmvault.automation import scheduler as scheduler_module
 from vmvault.automation.config import AutomationConfig, Job
-from vmvault.automation.history import SUCCESS, History, Progress
+from vmvault.automation.history import FAILED, SUCCESS, History, Progress
 from vmvault.automation.locks import job_lock
 from vmvault.automation.runner import JobOutcome
 from vmvault.automation.scheduler import FakeClock, Scheduler, SystemClock, run_and_record
@@ -164,3 +165,50 @@ def test_the_daemons_board_follows_runs_of_other_processes(tmp_path: Path, monke
         sched.close()
     finally:
         close_site(s)
+
+
+def test_a_job_run_elsewhere_is_stopped_from_the_dashboard(site: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Stop button (and its API) reach a run in another process through the job history:
+    the run stops at its next progress report and says who stopped it."""
+    reports = threading.Event()
+
+    def execute_job(config: AutomationConfig, job: Job, progress: ProgressReporter) -> JobOutcome:
+        progress.start("web01.raw", 1000)
+        for _ in range(1000):  # at most 20 s
+            progress.advance(1)
+            reports.set()
+            time.sleep(0.02)
+        return JobOutcome(SUCCESS, message="ran to its end")
+
+    monkeypatch.setattr(scheduler_module, "execute_job", execute_job)
+    job = site.config.jobs["web01-nightly"]
+    done: list[JobOutcome] = []
+    elsewhere = History(site.config.daemon.history)  # the other process's
+    other = threading.Thread(
+        target=lambda: done.append(run_and_record(site.config, job, elsewhere, SystemClock(), command="vmvault run")[0])
+    )
+    other.start()
+    try:
+        assert reports.wait(20)
+        wait_for("the run on the board", lambda: (state_of(site, "web01-nightly") or {}).get("state") == "running")
+        vera, otto = site.login("vera"), site.login("otto")
+        assert 'data-stop-of="web01-nightly">' not in vera.get("/jobs").text  # a viewer has no Stop
+        page = otto.get("/jobs").text
+        assert re.search(r'action="/jobs/web01-nightly/cancel" data-stop-of="web01-nightly">', page)  # shown
+        assert re.search(r'action="/jobs/verify-local/cancel" data-stop-of="verify-local" hidden>', page)
+        assert vera.post("/jobs/web01-nightly/cancel", data={"csrf_token": site.csrf(vera)}).status_code == 403
+        r = otto.post("/jobs/web01-nightly/cancel", data={"csrf_token": site.csrf(otto)}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == "/jobs?notice=cancelling&job=web01-nightly"
+        other.join(20)
+        assert not other.is_alive()
+    finally:
+        other.join(30)
+    (outcome,) = done
+    assert outcome.status == FAILED and outcome.error is not None and outcome.error.startswith("cancelled by otto")
+    (action,) = site.history.actions(action="cancel")
+    assert (action.user, action.target, action.result) == ("otto", "web01-nightly", "requested")
+    # nothing runs now: the API says so
+    r = site.client.post("/api/v1/jobs/web01-nightly/cancel", headers=_auth(site, "otto"))
+    assert r.status_code == 409 and r.json()["error"] == "job 'web01-nightly' is not running"
+    assert site.client.post("/api/v1/jobs/nosuch/cancel", headers=_auth(site, "otto")).status_code == 404
+    assert site.login("otto").get("/jobs?notice=not-running").text.count("Not running: nothing to cancel") == 1

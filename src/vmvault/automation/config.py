@@ -186,6 +186,8 @@ class Job:
     catch_up: bool = False
     #: ... if it was due at most this long ago (seconds)
     catch_up_within: float = DEFAULT_CATCH_UP_WITHIN
+    #: an attempt still running after this long (seconds) is stopped (None: no limit)
+    time_limit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -823,6 +825,7 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
     catch_up_within = t.duration("catch_up_within", None, minimum=60.0)
     if catch_up_within is not None and not catch_up:
         raise t.error("catch_up_within", f"jobs.{name}: catch_up_within is given but catch_up is false")
+    time_limit = t.duration("time_limit", None, minimum=60.0)
     notify = t.strs("notify")
     for n in notify:
         if n not in cfg.notifiers:
@@ -837,6 +840,7 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
     common: dict[str, Any] = dict(
         name=name, type=kind, schedule=schedule, window=window, retries=retries, retry_delay=retry_delay, notify=notify,
         catch_up=catch_up and schedule is not None, catch_up_within=catch_up_within or DEFAULT_CATCH_UP_WITHIN,
+        time_limit=time_limit,
     )  # fmt: skip
     job: Job
     if kind == "backup":
@@ -952,6 +956,7 @@ schedule = "30 1 * * *"
 window = "22:00-06:00"
 retries = 3
 retry_delay = "10m"
+time_limit = "6h"                   # an attempt still running after 6 h is stopped
 max_age = "26h"
 tags = ["nightly"]
 

@@ -44,6 +44,7 @@ __all__ = [
     "SUCCESS",
     "WARNING",
     "Action",
+    "CancelRequest",
     "DaemonRun",
     "History",
     "Progress",
@@ -128,6 +129,16 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             first_due TEXT
         )""",
     ),
+    (
+        # 4: requests to stop a running attempt (``vmvault cancel``, the dashboard), for the
+        # process running it, whichever it is, to find at its next look
+        """CREATE TABLE IF NOT EXISTS cancels (
+            run_id INTEGER PRIMARY KEY,
+            time TEXT NOT NULL,
+            user TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT ''
+        )""",
+    ),
 )
 
 #: the schema version this vmvault writes
@@ -194,6 +205,19 @@ class Sample:
             "snapshots": self.snapshots,
             "free": self.free,
         }
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """Somebody asked a running attempt to stop: who, when, and why if they said."""
+
+    run_id: int
+    time: dt.datetime
+    user: str
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run": self.run_id, "time": _iso(self.time), "user": self.user, "reason": self.reason}
 
 
 @dataclass
@@ -430,6 +454,31 @@ class History:
                 (_iso_ms(when), json.dumps(details, default=str), run_id, RUNNING),
             )
 
+    def request_cancel(self, job: str, when: dt.datetime, user: str, reason: str = "") -> list[Run]:
+        """Ask every running attempt of ``job`` to stop; returns them (none: nothing runs). The
+        process running an attempt looks for the request every ``scheduler.PROGRESS_SECONDS``
+        (``cancel_request``) and stops at the attempt's next progress report. A request already
+        made for an attempt stands: who asked first is who stopped it."""
+        with self._connect() as db:
+            rows = db.execute(f"SELECT {self._COLUMNS} FROM runs WHERE job = ? AND status = ?", (job, RUNNING))
+            runs = [self._run(r) for r in rows.fetchall()]
+            for run in runs:
+                db.execute(
+                    "INSERT OR IGNORE INTO cancels (run_id, time, user, reason) VALUES (?, ?, ?, ?)",
+                    (run.id, _iso_ms(when), user, reason[:500]),
+                )
+        return runs
+
+    def cancel_request(self, run_id: int) -> CancelRequest | None:
+        """The request to stop attempt ``run_id``, if one was made."""
+        with self._connect() as db:
+            row = db.execute("SELECT time, user, reason FROM cancels WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        when = _time(row[0])
+        assert when is not None
+        return CancelRequest(run_id, when, row[1], row[2])
+
     def mark_interrupted(
         self,
         now: dt.datetime,
@@ -528,6 +577,12 @@ class History:
         return Run(
             r[0], r[1], r[2], r[3], start, _time(r[5]), r[6], r[7], r[8], r[9], json.loads(r[10] or "{}"), _time(r[11])
         )  # fmt: skip
+
+    def run(self, run_id: int) -> Run | None:
+        """Attempt ``run_id`` as it stands now (None: no such row)."""
+        with self._connect() as db:
+            row = db.execute(f"SELECT {self._COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return None if row is None else self._run(row)
 
     def last(self, job: str) -> Run | None:
         runs = self.runs(job=job, limit=1)

@@ -17,6 +17,10 @@ Semantics:
 * A firing outside the job's window waits for the window to open (it is not lost).
 * A failed attempt is retried ``retries`` times, after ``retry_delay``, then 2x, 4x ...
   A retry that would start outside the window is abandoned: the run stays failed.
+* A running attempt stops when somebody cancels it (``History.request_cancel``: ``vmvault
+  cancel``, the dashboard) or when it has run for its job's ``time_limit``: the process
+  running it looks every ``PROGRESS_SECONDS`` and the attempt raises ``JobCancelled`` at its
+  next progress report. It ends ``failed`` with who stopped it, and is not retried.
 * Each attempt is a history row, with a heartbeat every ``HEARTBEAT_SECONDS`` while it runs;
   ONE notification is sent per run, after its last attempt, listing every attempt. A run
   that succeeds after failed runs (or while an alert was open) says it recovered.
@@ -61,9 +65,9 @@ from vmvault.automation.status import (
 )
 from vmvault.automation.times import duration, local_time
 from vmvault.engine.progress import ProgressReporter
-from vmvault.errors import LockedError
+from vmvault.errors import JobCancelled, LockedError, VmvaultError
 
-__all__ = ["Clock", "FakeClock", "Scheduler", "SystemClock", "conclude_run", "run_and_record"]
+__all__ = ["Clock", "FakeClock", "Scheduler", "Stop", "SystemClock", "cancelled", "conclude_run", "run_and_record"]
 
 log = logging.getLogger("vmvault.automation")
 
@@ -191,18 +195,43 @@ def conclude_run(
     return summary
 
 
+def cancelled(outcome: JobOutcome) -> bool:
+    """Whether the attempt was stopped (cancelled, or at its time limit): such an attempt is
+    not retried."""
+    return "cancelled" in outcome.details
+
+
 class _Followed:
     """The ProgressReporter an attempt reports to: passes everything on to ``inner`` (a live
     display, or nothing) and keeps where the attempt is, for its heartbeats to record. A
-    backup's every batch of chunks comes through ``advance``: it only adds under a lock."""
+    backup's every batch of chunks comes through ``advance``: it only adds under a lock.
+
+    Once ``stop`` was called, the next ``start`` or ``advance`` made by the thread that runs
+    the attempt raises ``JobCancelled``: there the engine is between two pieces of work and
+    undoes what it began as after any failure. Reports from other threads (a pool's) pass:
+    an exception there could be taken for damage where it is caught."""
 
     def __init__(self, inner: ProgressReporter | None) -> None:
         self.inner = inner
         self._lock = threading.Lock()
         self._phase, self._done, self._total, self._phases = "starting", 0, 0, 0
         self._changes = 0
+        self._runner = threading.get_ident()
+        #: why the attempt is to stop, once it is
+        self.stopped: Stop | None = None
+
+    def stop(self, why: Stop) -> None:
+        with self._lock:
+            if self.stopped is None:
+                self.stopped = why
+
+    def _heed(self) -> None:
+        why = self.stopped
+        if why is not None and threading.get_ident() == self._runner:
+            raise JobCancelled(why.message)
 
     def start(self, label: str, total: int) -> None:
+        self._heed()
         with self._lock:
             self._phase, self._done, self._total = label, 0, max(0, total)
             self._phases += 1
@@ -211,6 +240,7 @@ class _Followed:
             self.inner.start(label, total)
 
     def advance(self, n: int) -> None:
+        self._heed()
         with self._lock:
             self._done += n
             self._changes += 1
@@ -234,14 +264,62 @@ class _Followed:
             return self._changes, Progress(self._phase, self._done, self._total, self._phases)
 
 
-def _heartbeat(history: History, run_id: int, clock: Clock, stop: threading.Event, followed: _Followed) -> None:
+@dataclass(frozen=True)
+class Stop:
+    """Why a running attempt is to stop: a person's request, or its job's time limit."""
+
+    message: str
+    by: str  # the user who asked, or "time_limit"
+    time: dt.datetime
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"by": self.by, "time": self.time.isoformat(timespec="seconds"), "reason": self.reason}
+
+
+def _stop_due(
+    history: History, run_id: int, job: Job, clock: Clock, started: float, tz: dt.tzinfo | None
+) -> Stop | None:
+    """Whether attempt ``run_id`` (started at ``time.monotonic()`` ``started``) is to stop now."""
+    if job.time_limit is not None and time.monotonic() - started >= job.time_limit:
+        limit = duration(job.time_limit)
+        return Stop(f"stopped: the job's time limit of {limit} was reached", "time_limit", clock.now(), limit)
+    try:
+        asked = history.cancel_request(run_id)
+    except Exception as exc:  # looked for again at the next beat
+        log.warning("run %d: could not look for a request to cancel it: %s", run_id, exc)
+        return None
+    if asked is None:
+        return None
+    why = f": {asked.reason}" if asked.reason else ""
+    return Stop(f"cancelled by {asked.user} at {local_time(asked.time, tz)}{why}", asked.user, asked.time, asked.reason)
+
+
+def _heartbeat(
+    history: History,
+    run_id: int,
+    clock: Clock,
+    stop: threading.Event,
+    followed: _Followed,
+    job: Job,
+    tz: dt.tzinfo | None,
+) -> None:
     """Every ``PROGRESS_SECONDS`` the attempt's progress when it moved, and a heartbeat at
-    least every ``HEARTBEAT_SECONDS``."""
+    least every ``HEARTBEAT_SECONDS``; and whether it is to stop (``_stop_due``)."""
     written, last = 0, time.monotonic()
+    started = last
     while True:
         due = last + HEARTBEAT_SECONDS
-        if stop.wait(max(0.0, min(PROGRESS_SECONDS, due - time.monotonic()))):
+        wait = min(PROGRESS_SECONDS, due - time.monotonic())
+        if job.time_limit is not None and followed.stopped is None:
+            wait = min(wait, started + job.time_limit - time.monotonic())
+        if stop.wait(max(0.0, wait)):
             return
+        if followed.stopped is None:
+            why = _stop_due(history, run_id, job, clock, started, tz)
+            if why is not None:
+                log.warning("job %s: run %d is to stop: %s", job.name, run_id, why.message)
+                followed.stop(why)
         changes, where = followed.where()
         if changes == written and time.monotonic() < due:
             continue
@@ -287,7 +365,7 @@ def run_and_record(
         followed = _Followed(progress)
         beat = threading.Thread(
             target=_heartbeat,
-            args=(history, run_id, clock, stop_beat, followed),
+            args=(history, run_id, clock, stop_beat, followed, job, config.daemon.tz()),
             name=f"vmvault-heartbeat-{run_id}",
             daemon=True,
         )
@@ -295,10 +373,16 @@ def run_and_record(
         try:
             outcome = execute(config, job) if execute is not None else execute_job(config, job, progress=followed)
         except Exception as exc:  # an executor that raises is still a failed run
-            outcome = JobOutcome(status=FAILED, error=f"{type(exc).__name__}: {exc}", exception=exc)
+            error = str(exc) if isinstance(exc, VmvaultError) else f"{type(exc).__name__}: {exc}"
+            outcome = JobOutcome(status=FAILED, error=error, exception=exc)
         finally:
             stop_beat.set()
             beat.join()
+        if followed.stopped is not None:
+            if isinstance(outcome.exception, JobCancelled):
+                outcome.details["cancelled"] = followed.stopped.to_dict()
+            else:  # it finished (or failed) before it came to a point where it could stop
+                outcome.details["cancel_unheeded"] = followed.stopped.to_dict()
         if note:
             outcome.details.update(note)
         end = clock.now()
@@ -615,7 +699,7 @@ class Scheduler:
                 return
             tries = [*a.tries, attempt_record(a.attempt, start, end, outcome.status, outcome.error)]
             retry_at = None
-            if not outcome.ok and a.attempt <= a.job.retries and not self._stopping.is_set():
+            if not outcome.ok and a.attempt <= a.job.retries and not self._stopping.is_set() and not cancelled(outcome):
                 delay = a.job.retry_delay * 2 ** (a.attempt - 1)
                 retry_at = end + dt.timedelta(seconds=delay)
                 if a.window_closes is not None and retry_at >= a.window_closes:

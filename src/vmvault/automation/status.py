@@ -33,6 +33,7 @@ __all__ = [
     "DaemonState",
     "JobStatus",
     "Recovery",
+    "cancel_job",
     "daemon_state",
     "from_local",
     "job_alert",
@@ -243,6 +244,21 @@ def settle_interrupted(history: History, now: dt.datetime, *, command: str = "vm
     return marked
 
 
+def cancel_job(
+    history: History, job: str, now: dt.datetime, user: str, *, reason: str = "", address: str = "", command: str
+) -> list[Run]:
+    """Ask the running attempt of ``job`` to stop, whichever process runs it, and record who
+    asked in the activity log; returns the attempts asked (none: the job was not running).
+    A row left ``running`` by a dead process is settled first, not asked."""
+    settle_interrupted(history, now, command=command)
+    runs = history.request_cancel(job, now, user, reason)
+    history.record_action(
+        now, user, "cancel", job, "requested" if runs else "not running", address=address,
+        details={"runs": [r.id for r in runs], **({"reason": reason} if reason else {})},
+    )  # fmt: skip
+    return runs
+
+
 @dataclass(frozen=True)
 class DaemonState:
     """Whether a daemon runs on this history now, and what the history knows of the last one."""
@@ -309,6 +325,7 @@ class JobStatus:
             "type": j.type,
             "schedule": j.schedule.text if j.schedule else None,
             "window": j.window.text if j.window else None,
+            "time_limit": j.time_limit,
             "next_run": self.next_run.isoformat() if self.next_run else None,
             "status": self.status,
             "last_run": self.last.to_dict() if self.last else None,

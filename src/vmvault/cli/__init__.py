@@ -24,6 +24,7 @@ from vmvault.errors import (
     FormatError,
     HypervisorError,
     IntegrityError,
+    JobCancelled,
     LockedError,
     NotARepositoryError,
     PasswordError,
@@ -76,7 +77,7 @@ _MODULE_OF = {
     "mount": "vmvault.cli.mount",
     "instant-restore": "vmvault.cli.instant",
     "verify-boot": "vmvault.cli.verify_boot",
-    **dict.fromkeys(("copy", "daemon", "run", "jobs", "history"), "vmvault.cli.automation"),
+    **dict.fromkeys(("copy", "daemon", "run", "cancel", "jobs", "history"), "vmvault.cli.automation"),
     "audit": "vmvault.cli.audit",
     "web": "vmvault.cli.web",
     "user": "vmvault.cli.user",
@@ -163,6 +164,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _exit_code(exc: VmvaultError) -> int:
     if isinstance(exc, CleanupError):
         return EXIT["incomplete"]
+    if isinstance(exc, JobCancelled):
+        return EXIT["interrupted"]  # stopped on request, as by Ctrl-C
     if isinstance(exc, NotARepositoryError):
         return EXIT["no_repository"]
     if isinstance(exc, LockedError):

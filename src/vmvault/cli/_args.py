@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from vmvault.automation.config import parse_duration
+
 from ._terminal import terminal_safe
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "hex_prefix",
     "new_tag",
     "percentage",
+    "positive_duration",
     "size",
     "snapshot_ref",
     "whole_number",
@@ -151,6 +154,18 @@ def percentage(*, zero: bool) -> Callable[[str], float]:
         return value
 
     return percent
+
+
+def positive_duration(text: str) -> float:
+    """A duration by the one rule (``parse_duration``: ``90s``, ``26h``, ``1d12h``; README,
+    "Durations"), more than zero -> seconds."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"a duration above zero is needed, not {text!r}")
+    return seconds
 
 
 # ---- names ----------------------------------------------------------------------------------

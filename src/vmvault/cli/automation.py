@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import getpass
 import logging
 import os
 import signal
@@ -18,8 +19,8 @@ from vmvault.automation.config import AutomationConfig, load_config
 from vmvault.automation.history import INTERRUPTED, RUNNING, History, Run
 from vmvault.automation.notify import Notifier, attempt_record, send_all
 from vmvault.automation.publish import StatusPublisher
-from vmvault.automation.scheduler import Scheduler, SystemClock, conclude_run, run_and_record
-from vmvault.automation.status import daemon_state, job_statuses, settle_interrupted
+from vmvault.automation.scheduler import Scheduler, SystemClock, cancelled, conclude_run, run_and_record
+from vmvault.automation.status import cancel_job, daemon_state, job_statuses, settle_interrupted
 from vmvault.automation.times import duration, local_time, zone_name
 from vmvault.backends import open_backend
 from vmvault.engine.copy import CopyFilter, copy_snapshots
@@ -27,7 +28,7 @@ from vmvault.errors import ConfigError, VmvaultError
 from vmvault.repo.repository import Repository
 from vmvault.repo.secret import given_secret
 
-from ._args import hex_prefix, whole_number
+from ._args import hex_prefix, positive_duration, whole_number
 from ._common import (
     EXIT,
     Output,
@@ -193,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     while True:
         outcome, start, end = run_and_record(config, job, history, clock, attempt=attempt)
         tries.append(attempt_record(attempt, start, end, outcome.status, outcome.error))
-        if outcome.ok or attempt > job.retries or args.no_retry:
+        if outcome.ok or attempt > job.retries or args.no_retry or cancelled(outcome):
             break
         delay = job.retry_delay * 2 ** (attempt - 1)
         logging.getLogger("vmvault.automation").info("job %s: retrying in %s", job.name, duration(delay))
@@ -216,6 +217,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     if isinstance(outcome.exception, VmvaultError):
         return _exit_code(outcome.exception)
     return EXIT["error"]
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    out = Output(args)
+    config = _config(args)
+    job = config.job(args.job)
+    history = History(config.daemon.history)
+    asked = cancel_job(
+        history, job.name, dt.datetime.now(dt.UTC), f"cli:{getpass.getuser()}", reason=args.reason or "",
+        command="vmvault cancel",
+    )  # fmt: skip
+    doc: dict[str, Any] = {"job": job.name, "running": bool(asked), "runs": []}
+    if not asked:
+        out.result(doc, f"{job.name}: not running; nothing to cancel")
+        return EXIT["ok"]
+    if args.no_wait:
+        doc["runs"] = [r.to_dict() for r in asked]
+        out.result(doc, f"{job.name}: asked to stop (run {', '.join(str(r.id) for r in asked)})")
+        return EXIT["ok"]
+    # the process running it looks every PROGRESS_SECONDS, then stops at its next progress report
+    deadline = time.monotonic() + args.timeout
+    ids = [r.id for r in asked]
+    while True:
+        runs = [r for r in (history.run(i) for i in ids) if r is not None]
+        if all(r.status != RUNNING for r in runs) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    doc["runs"] = [r.to_dict() for r in runs]
+    still = [r for r in runs if r.status == RUNNING]
+    if still:
+        out.result(
+            doc,
+            f"{job.name}: asked to stop, still running after {duration(args.timeout)} "
+            f"({still[0].progress.describe() if still[0].progress else 'no progress reported yet'}): it stops at "
+            "its next progress report, once a call waiting on the storage or the hypervisor has ended "
+            "(`vmvault jobs` shows when)",
+        )
+        return EXIT["error"]
+    lines = [f"{job.name}: run {r.id} {r.status}: {r.error or 'finished before it could stop'}" for r in runs]
+    out.result(doc, terminal_safe("\n".join(lines)))
+    return EXIT["ok"]
 
 
 # ---- jobs / history -----------------------------------------------------------------------
@@ -366,6 +408,29 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument("--no-retry", action="store_true", help="do not retry a failed attempt")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "cancel",
+        parents=[output_options(common)],
+        help="stop a running job (in the daemon or a `vmvault run`)",
+        description="Ask the running attempt of JOB to stop, whichever process runs it, and wait until it has. "
+        "It stops at its next progress report (a backup between two batches of chunks, a check between two "
+        "objects) and ends failed, saying who cancelled it; it is not retried. What it had begun is undone "
+        "as after any failure: the VM is left as it was, no snapshot is saved, chunks already stored are "
+        "reused by the next backup.",
+    )
+    p.add_argument("job", help="job name")
+    config_arg(p)
+    p.add_argument("--reason", metavar="TEXT", help="why, for the history and the notification")
+    p.add_argument("--no-wait", action="store_true", help="ask and return at once")
+    p.add_argument(
+        "--timeout",
+        type=positive_duration,
+        default=120.0,
+        metavar="DURATION",
+        help="how long to wait for the run to stop (default 2m; exit 1 if it has not)",
+    )
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("jobs", parents=[output_options(common)], help="configured jobs: next run, last status, alerts")
     config_arg(p)

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from vmvault import times
-from vmvault.automation.config import parse_duration
 from vmvault.errors import ConfigError
 from vmvault.repo.check import DELETED, UNLOCKED, CheckReport, check
 from vmvault.repo.filters import SnapshotFilter
@@ -25,7 +24,7 @@ from vmvault.repo.repair import RepairReport, SnapshotRepairReport, repair_index
 from vmvault.repo.repository import Repository
 from vmvault.repo.retention import GROUP_KEYS, RetentionPolicy
 
-from ._args import hex_prefix, percentage, whole_number
+from ._args import hex_prefix, percentage, positive_duration, whole_number
 from ._common import EXIT, Output, add_filter_args, open_repository, plural, snapshot_filter, table, terminal_safe
 from .progress import PhaseBars, human_bytes
 
@@ -495,17 +494,6 @@ def cmd_repair_snapshots(args: argparse.Namespace) -> int:
 _KEEP = whole_number(-1, 10**9, what="a number of snapshots (or -1 for all)")
 
 
-def _duration(text: str) -> float:
-    """A --keep-within* value: the one duration rule (README, "Durations"), more than zero."""
-    try:
-        seconds = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if seconds <= 0:
-        raise argparse.ArgumentTypeError(f"a duration above zero is needed, not {text!r}")
-    return seconds
-
-
 _UNUSED = percentage(zero=True)
 _SNAPSHOT_ID = hex_prefix("snapshot id")
 
@@ -542,7 +530,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
             )
         g.add_argument(
             "--keep-within",
-            type=_duration,
+            type=positive_duration,
             metavar="DURATION",
             help="keep every snapshot taken less than DURATION before the newest of its group (e.g. 7d, 36h)",
         )
@@ -550,7 +538,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
             period = unit.removeprefix("within_")
             g.add_argument(
                 f"--keep-{unit.replace('_', '-')}",
-                type=_duration,
+                type=positive_duration,
                 metavar="DURATION",
                 help=f"keep the newest snapshot of each {_PERIOD[period]} within DURATION of the newest",
             )

@@ -52,6 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vmvault import __version__, shape
 from vmvault.automation.config import AutomationConfig, WebSettings
 from vmvault.automation.history import FAILED, SUCCESS, WARNING, History
+from vmvault.automation.status import cancel_job
 from vmvault.errors import (
     ConfigError,
     GuestError,
@@ -405,6 +406,7 @@ class WebApp:
             r("/", "viewer")(self.overview),
             r("/jobs", "viewer")(self.jobs_page),
             r("/jobs/{name}/run", "operator", methods=("POST",))(self.run_job_form),
+            r("/jobs/{name}/cancel", "operator", methods=("POST",))(self.cancel_job_form),
             r("/history", "viewer")(self.history_page),
             r("/repositories", "viewer")(self.repositories_page),
             r("/repositories/{name}/refresh", "operator", methods=("POST",))(self.refresh_form),
@@ -427,6 +429,7 @@ class WebApp:
             r("/api/v1/vms", "viewer", api=True)(self.api_vms),
             r("/api/v1/jobs", "viewer", api=True)(self.api_jobs),
             r("/api/v1/jobs/{name}/run", "operator", methods=("POST",), api=True)(self.api_run_job),
+            r("/api/v1/jobs/{name}/cancel", "operator", methods=("POST",), api=True)(self.api_cancel_job),
             r("/api/v1/progress", "viewer", api=True)(self.api_progress),
             r("/api/v1/events", "viewer", api=True)(self.api_events),
             r("/api/v1/history", "viewer", api=True)(self.api_history),
@@ -560,6 +563,22 @@ class WebApp:
             self._record(request, who, "run", name, "refused", error=str(exc))
             raise
         self._record(request, who, "run", name, "queued")
+
+    async def cancel_job_form(self, request: Request, who: Who) -> Response:
+        name = request.path_params["name"]
+        asked = await run_in_threadpool(self._cancel_job, request, who, name)
+        notice = "cancelling" if asked else "not-running"
+        return RedirectResponse(f"/jobs?{urlencode({'notice': notice, 'job': name})}", status_code=303)
+
+    def _cancel_job(self, request: Request, who: Who, name: str) -> list[int]:
+        """Ask the job's running attempt to stop, whichever process runs it; the ids asked."""
+        if name not in self.config.jobs:
+            raise _Denied(404, f"no job {name!r}")
+        runs = cancel_job(
+            self.history, name, dt.datetime.now(dt.UTC), who.user,
+            address=request.client.host if request.client else "", command="vmvault web",
+        )  # fmt: skip
+        return [r.id for r in runs]
 
     async def history_page(self, request: Request, who: Who) -> Response:
         q = request.query_params
@@ -770,6 +789,13 @@ class WebApp:
         name = request.path_params["name"]
         await run_in_threadpool(self._run_job, request, who, name)
         return JSONResponse({"job": name, "state": "queued"}, status_code=202)
+
+    async def api_cancel_job(self, request: Request, who: Who) -> Response:
+        name = request.path_params["name"]
+        asked = await run_in_threadpool(self._cancel_job, request, who, name)
+        if not asked:
+            return JSONResponse({"error": f"job {name!r} is not running", "status": 409, "job": name}, status_code=409)
+        return JSONResponse({"job": name, "state": "cancelling", "runs": asked}, status_code=202)
 
     async def api_progress(self, request: Request, who: Who) -> Response:
         await run_in_threadpool(self.control.sync)

@@ -122,6 +122,7 @@ _SCHEMAS: dict[str, Any] = {
             "type": {"enum": ["backup", "verify", "copy"]},
             "schedule": {"type": ["string", "null"]},
             "window": {"type": ["string", "null"]},
+            "time_limit": {"type": ["number", "null"], "description": "seconds an attempt may run, then stopped"},
             "next_run": _TIME,
             "status": {"type": "string"},
             "last_run": {"oneOf": [_ref("Run"), {"type": "null"}]},
@@ -217,6 +218,7 @@ def _obj(**props: Any) -> dict[str, Any]:
 
 def spec(version: str) -> dict[str, Any]:
     started = _obj(task={"type": "string"}, plan=_ref("Plan"))
+    run_ids = {"type": "array", "items": {"type": "integer"}}
     paths: dict[str, Any] = {
         "/api/v1/whoami": {"get": _get("who this session or token is", "viewer", _obj(user={}, role={}, via={}))},
         "/api/v1/vms": {
@@ -237,6 +239,19 @@ def spec(version: str) -> dict[str, Any]:
                 extra={
                     "404": {"description": "no such job"},
                     "409": {"description": "the job is queued or running already (here or elsewhere)"},
+                },
+            )
+            | {"parameters": [_p("name", "the job's name")]}
+        },
+        "/api/v1/jobs/{name}/cancel": {
+            "post": _post(
+                "stop the job's running attempt (here or in another process); it stops at its next progress "
+                "report and ends failed, saying who cancelled it",
+                "operator",
+                _obj(job={"type": "string"}, state={"type": "string"}, runs=run_ids),
+                extra={
+                    "404": {"description": "no such job"},
+                    "409": {"description": "the job is not running"},
                 },
             )
             | {"parameters": [_p("name", "the job's name")]}

@@ -19,6 +19,9 @@
         if (phase) { phase.textContent = s.phase || ""; }
         box.setAttribute("data-state", s.state);
       });
+      document.querySelectorAll("[data-stop-of]").forEach(function (form) {
+        if (form.getAttribute("data-stop-of") === s.job) { form.hidden = s.state !== "running"; }
+      });
       if (s.state === "finished" && s.status) {
         document.querySelectorAll("[data-status-of]").forEach(function (cell) {
           if (cell.getAttribute("data-status-of") !== s.job) { return; }
