@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.automation.conftest import make_config
+from tests.automation.conftest import RecordingNotifier, make_config
 from tests.hypervisors.qemu_vm import DiskSpec, MiB, QemuVM, assert_nothing_left, make_vm
 from vmvault.automation import scheduler as scheduler_module
 from vmvault.automation.config import AutomationConfig, Job
@@ -114,8 +114,9 @@ class CancelAtFirstBatch:
     cancelled (as `vmvault cancel` in another process would) and holds the job until the
     request was seen. Counts what it was told."""
 
-    def __init__(self, history: History, job: str, stopped: Stopped, *, user: str = "alice") -> None:
+    def __init__(self, history: History, job: str, stopped: Stopped, *, user: str = "alice", clock: Any = None) -> None:
         self.history, self.job, self.stopped, self.user = history, job, stopped, user
+        self.clock = clock or SystemClock()
         self.batches = 0
 
     def start(self, label: str, total: int) -> None:
@@ -125,7 +126,7 @@ class CancelAtFirstBatch:
         self.batches += 1
         if self.batches == 1:
             asked = cancel_job(
-                self.history, self.job, dt.datetime.now(dt.UTC), self.user, reason="maintenance", command="test"
+                self.history, self.job, self.clock.now(), self.user, reason="maintenance", command="test"
             )
             assert len(asked) == 1
             assert self.stopped.told.wait(20), "the running attempt did not see the request"
@@ -144,8 +145,8 @@ def test_a_cancelled_backup_fails_says_who_is_not_retried_and_loses_nothing(
     config = config_for(tmp_path, str(vm))
     stopped = Stopped(monkeypatch)
     history = History(config.daemon.history)
-    display = CancelAtFirstBatch(history, "web01", stopped)
-    clock = FakeClock(NOW)
+    clock = FakeClock(NOW)  # (the daemon's time and the request's: one clock, as on a host)
+    display = CancelAtFirstBatch(history, "web01", stopped, clock=clock)
     sched = Scheduler(config, clock=clock, history=history, notifiers=[], progress=lambda job: display)
     clock.busy = lambda: bool(sched.running)
     sched.enqueue_now(config.jobs["web01"])
@@ -173,6 +174,7 @@ def test_a_cancelled_backup_fails_says_who_is_not_retried_and_loses_nothing(
     finally:
         r.close()
     display.batches = 2  # no more requests
+    clock.advance(1)  # a run queued after the request is not touched by it
     sched.enqueue_now(config.jobs["web01"])
     sched.tick()
     sched.wait_idle(60)
@@ -205,6 +207,37 @@ class Slow:
 
     def warn(self, text: str) -> None:
         pass
+
+
+def test_a_cancel_keeps_the_daemon_from_starting_a_queued_retry(tmp_path: Path) -> None:
+    """A job failing with retries left: `vmvault cancel` while its retry waits means the retry
+    does not start; the run ends with one summary saying so, and later firings run."""
+    config = config_for(tmp_path, str(tmp_path / "vms" / "missing"))
+    clock = FakeClock(NOW)
+    notifier = RecordingNotifier()
+    sched = Scheduler(config, clock=clock, notifiers=[notifier])
+    clock.busy = lambda: bool(sched.running)
+    sched.enqueue_now(config.jobs["web01"])
+    sched.tick()
+    sched.wait_idle(60)
+    assert [a.attempt for a in sched.queue] == [2] and not notifier.sent  # the retry waits 1 s
+    cancel_job(sched.history, "web01", NOW + dt.timedelta(seconds=0.5), "gina", reason="VM retired", command="test")
+    sched.tick()  # (before the retry is due: it is dropped at the daemon's next look)
+    sched.wait_idle(60)
+    assert not sched.queue and not sched.running
+    assert [r.attempt for r in sched.history.runs()] == [1]
+    (summary,) = notifier.sent
+    assert summary.status == FAILED and summary.attempts == 1
+    assert summary.error is not None and summary.error.endswith(
+        "; no further retry: cancelled by gina at 2026-11-25 10:00:00 UTC: VM retired"
+    )
+    assert summary.details["retries_cancelled"]["by"] == "gina"
+    # a run asked for after the request is not touched by it
+    clock.advance(5)
+    sched.enqueue_now(config.jobs["web01"])
+    sched.tick()
+    sched.wait_idle(60)
+    assert [r.attempt for r in sched.history.runs()] == [1, 1]
 
 
 @pytest.mark.integration
@@ -317,6 +350,11 @@ def test_cancel_requests_reach_running_attempts_only_and_the_first_stands(tmp_pa
     req = history.cancel_request(running)
     assert req is not None and (req.user, req.reason, req.time) == ("erin", "disk swap", NOW + dt.timedelta(minutes=2))
     assert history.cancel_request(other) is None
+    # what a daemon queued of the job before the newest request does not start; after it, it does
+    since = history.cancelled_since("web01", NOW + dt.timedelta(minutes=2))
+    assert since is not None and since.user == "frank"
+    assert history.cancelled_since("web01", NOW + dt.timedelta(minutes=3, seconds=1)) is None
+    assert history.cancelled_since("db01", NOW) is None
     got = history.run(running)
     assert got is not None and got.id == running and history.run(10**6) is None
 

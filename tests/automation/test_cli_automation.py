@@ -314,7 +314,9 @@ def test_cancel_stops_a_run_in_another_process_and_waits_for_its_end(
 def test_cancel_of_a_job_that_is_not_running(setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     config, _vm = setup
     assert main(["cancel", "web01", "--config", str(config)]) == 0
-    assert capsys.readouterr().out.strip() == "web01: not running; nothing to cancel"
+    assert capsys.readouterr().out.strip() == (
+        "web01: not running; an attempt the daemon has queued (a retry waiting) will not start"
+    )
     code, doc = run_json(capsys, "cancel", "verify", "--config", str(config))
     assert code == 0 and doc == {"job": "verify", "running": False, "runs": []}
     assert main(["cancel", "nope", "--config", str(config)]) == 2

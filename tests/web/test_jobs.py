@@ -207,8 +207,9 @@ def test_a_job_run_elsewhere_is_stopped_from_the_dashboard(site: Site, monkeypat
     assert outcome.status == FAILED and outcome.error is not None and outcome.error.startswith("cancelled by otto")
     (action,) = site.history.actions(action="cancel")
     assert (action.user, action.target, action.result) == ("otto", "web01-nightly", "requested")
+    assert action.details["runs"] == [site.history.runs(job="web01-nightly")[0].id]
     # nothing runs now: the API says so
     r = site.client.post("/api/v1/jobs/web01-nightly/cancel", headers=_auth(site, "otto"))
-    assert r.status_code == 409 and r.json()["error"] == "job 'web01-nightly' is not running"
+    assert r.status_code == 202 and r.json() == {"job": "web01-nightly", "state": "not running", "runs": []}
     assert site.client.post("/api/v1/jobs/nosuch/cancel", headers=_auth(site, "otto")).status_code == 404
-    assert site.login("otto").get("/jobs?notice=not-running").text.count("Not running: nothing to cancel") == 1
+    assert "Not running; an attempt waiting" in site.login("otto").get("/jobs?notice=not-running").text

@@ -130,14 +130,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
     ),
     (
-        # 4: requests to stop a running attempt (``vmvault cancel``, the dashboard), for the
-        # process running it, whichever it is, to find at its next look
+        # 4: requests to stop a job (``vmvault cancel``, the dashboard): one per running attempt
+        # asked, for the process running it, whichever it is, to find at its next look; and one
+        # for the job (``run_id`` NULL), for a daemon not to start what it had queued before
         """CREATE TABLE IF NOT EXISTS cancels (
-            run_id INTEGER PRIMARY KEY,
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            job TEXT NOT NULL,
+            run_id INTEGER,
             time TEXT NOT NULL,
             user TEXT NOT NULL,
             reason TEXT NOT NULL DEFAULT ''
         )""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS cancels_run ON cancels (run_id)",
+        "CREATE INDEX IF NOT EXISTS cancels_job_time ON cancels (job, time)",
     ),
 )
 
@@ -209,15 +214,11 @@ class Sample:
 
 @dataclass(frozen=True)
 class CancelRequest:
-    """Somebody asked a running attempt to stop: who, when, and why if they said."""
+    """Somebody asked a job to stop: when, who, and why if they said."""
 
-    run_id: int
     time: dt.datetime
     user: str
     reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"run": self.run_id, "time": _iso(self.time), "user": self.user, "reason": self.reason}
 
 
 @dataclass
@@ -455,17 +456,20 @@ class History:
             )
 
     def request_cancel(self, job: str, when: dt.datetime, user: str, reason: str = "") -> list[Run]:
-        """Ask every running attempt of ``job`` to stop; returns them (none: nothing runs). The
-        process running an attempt looks for the request every ``scheduler.PROGRESS_SECONDS``
-        (``cancel_request``) and stops at the attempt's next progress report. A request already
-        made for an attempt stands: who asked first is who stopped it."""
+        """Ask every running attempt of ``job`` to stop, and a daemon not to start an attempt of
+        it queued before ``when`` (a retry waiting, a firing waiting for its window); returns
+        the running attempts asked (none: the job was not running). The process running an
+        attempt looks for the request every ``scheduler.PROGRESS_SECONDS`` (``cancel_request``)
+        and stops at the attempt's next progress report; a daemon looks before it starts a
+        queued attempt (``cancelled_since``). For a running attempt the first request stands."""
+        reason = reason[:500]
         with self._connect() as db:
             rows = db.execute(f"SELECT {self._COLUMNS} FROM runs WHERE job = ? AND status = ?", (job, RUNNING))
             runs = [self._run(r) for r in rows.fetchall()]
-            for run in runs:
+            for run_id in [*(r.id for r in runs), None]:
                 db.execute(
-                    "INSERT OR IGNORE INTO cancels (run_id, time, user, reason) VALUES (?, ?, ?, ?)",
-                    (run.id, _iso_ms(when), user, reason[:500]),
+                    "INSERT OR IGNORE INTO cancels (job, run_id, time, user, reason) VALUES (?, ?, ?, ?, ?)",
+                    (job, run_id, _iso_ms(when), user, reason),
                 )
         return runs
 
@@ -473,11 +477,26 @@ class History:
         """The request to stop attempt ``run_id``, if one was made."""
         with self._connect() as db:
             row = db.execute("SELECT time, user, reason FROM cancels WHERE run_id = ?", (run_id,)).fetchone()
+        return self._request(row)
+
+    def cancelled_since(self, job: str, since: dt.datetime) -> CancelRequest | None:
+        """The newest request to stop ``job`` made at or after ``since`` (an attempt queued
+        then is not to start)."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT time, user, reason FROM cancels WHERE job = ? AND run_id IS NULL AND time >= ? "
+                "ORDER BY time DESC, id DESC LIMIT 1",
+                (job, _iso_ms(since)),
+            ).fetchone()
+        return self._request(row)
+
+    @staticmethod
+    def _request(row: tuple[Any, ...] | None) -> CancelRequest | None:
         if row is None:
             return None
         when = _time(row[0])
         assert when is not None
-        return CancelRequest(run_id, when, row[1], row[2])
+        return CancelRequest(when, row[1], row[2])
 
     def mark_interrupted(
         self,

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vmvault.automation.config import AutomationConfig, Job
-from vmvault.automation.history import FAILED, RUNNING, SUCCESS, WARNING, History, Progress, Watch
+from vmvault.automation.history import FAILED, RUNNING, SUCCESS, WARNING, CancelRequest, History, Progress, Watch
 from vmvault.automation.locks import StateLock, daemon_lock, job_lock
 from vmvault.automation.notify import Notifier, Summary, attempt_record, send_all
 from vmvault.automation.publish import StatusPublisher
@@ -147,6 +147,10 @@ class _Attempt:
     tries: list[dict[str, Any]] = field(default_factory=list)
     #: the firing this run catches up (missed while no daemon ran)
     missed: dt.datetime | None = None
+    #: when it was queued: a request to cancel the job made since means it does not start
+    queued: dt.datetime | None = None
+    #: a retry's: how the attempt before it ended
+    last: JobOutcome | None = None
 
 
 def conclude_run(
@@ -289,8 +293,10 @@ def _stop_due(
     except Exception as exc:  # looked for again at the next beat
         log.warning("run %d: could not look for a request to cancel it: %s", run_id, exc)
         return None
-    if asked is None:
-        return None
+    return None if asked is None else _stop_asked(asked, tz)
+
+
+def _stop_asked(asked: CancelRequest, tz: dt.tzinfo | None) -> Stop:
     why = f": {asked.reason}" if asked.reason else ""
     return Stop(f"cancelled by {asked.user} at {local_time(asked.time, tz)}{why}", asked.user, asked.time, asked.reason)
 
@@ -490,7 +496,7 @@ class Scheduler:
                         "now" if missed_due <= now else f"at {local_time(missed_due, self.tz, seconds=False)}",
                     )  # fmt: skip
                     with self._lock:
-                        self.queue.append(_Attempt(job, missed_due, 1, missed=fired))
+                        self.queue.append(_Attempt(job, missed_due, 1, missed=fired, queued=now))
             if due is not None:
                 self.next_due[job.name] = due
                 log.info("job %s: next run %s", job.name, local_time(due, self.tz, seconds=False))
@@ -637,7 +643,7 @@ class Scheduler:
         with self._lock:
             busy = job.name in self.running or any(a.job.name == job.name for a in self.queue)
             if not busy:
-                self.queue.append(_Attempt(job, due, 1))
+                self.queue.append(_Attempt(job, due, 1, queued=self.clock.now()))
                 return
         self.skipped_firings.append((job.name, due))
         log.warning("job %s: still queued or running; the firing due %s is skipped", job.name, local_time(due, self.tz))
@@ -650,9 +656,15 @@ class Scheduler:
         return False
 
     def _dispatch(self, now: dt.datetime) -> None:
+        dropped: list[tuple[_Attempt, Stop]] = []
         with self._lock:
             self.queue.sort(key=lambda a: (a.due, a.job.name))
             for a in list(self.queue):
+                why = self._cancelled_while_queued(a)
+                if why is not None:
+                    self.queue.remove(a)
+                    dropped.append((a, why))
+                    continue
                 if a.due > now:
                     continue
                 window = a.job.window
@@ -683,6 +695,34 @@ class Scheduler:
                 t = threading.Thread(target=self._run_attempt, args=(a,), name=f"vmvault-job-{a.job.name}", daemon=True)
                 self.running[a.job.name] = t
                 t.start()
+        for a, why in dropped:
+            self._conclude_dropped(a, why)
+
+    def _cancelled_while_queued(self, a: _Attempt) -> Stop | None:
+        """Why ``a`` is not to start: the job was cancelled after it was queued."""
+        if a.queued is None:
+            return None
+        try:
+            asked = self.history.cancelled_since(a.job.name, a.queued)
+        except Exception as exc:  # looked for again at its next dispatch
+            log.warning("job %s: could not look for a request to cancel it: %s", a.job.name, exc)
+            return None
+        return None if asked is None else _stop_asked(asked, self.tz)
+
+    def _conclude_dropped(self, a: _Attempt, why: Stop) -> None:
+        """A queued attempt the job's cancel keeps from starting. A retry's run ends with the
+        attempt before it (one summary, as after the last retry); a first attempt never ran."""
+        what = f"retry {a.attempt - 1}" if a.attempt > 1 else "queued run"
+        log.warning("job %s: %s not started: %s", a.job.name, what, why.message)
+        if a.last is None or not a.tries:
+            return
+        a.last.details["retries_cancelled"] = why.to_dict()
+        a.last.error = f"{a.last.error}; no further retry: {why.message}"
+        try:
+            summary = conclude_run(self.config, a.job, self.history, a.tries, a.last)
+            send_all(self._notifiers_for(a.job), summary)
+        except Exception:  # the daemon outlives any one job's bookkeeping failure
+            log.exception("job %s: could not record or notify", a.job.name)
 
     def _run_attempt(self, a: _Attempt) -> None:
         try:
@@ -712,7 +752,9 @@ class Scheduler:
             if retry_at is not None:
                 log.info("job %s: retry %d at %s", a.job.name, a.attempt, local_time(retry_at, self.tz))
                 with self._lock:
-                    self.queue.append(_Attempt(a.job, retry_at, a.attempt + 1, a.window_closes, tries, a.missed))
+                    self.queue.append(
+                        _Attempt(a.job, retry_at, a.attempt + 1, a.window_closes, tries, a.missed, end, outcome)
+                    )
             else:
                 summary = conclude_run(self.config, a.job, self.history, tries, outcome)
                 send_all(self._notifiers_for(a.job), summary)

@@ -247,13 +247,14 @@ def settle_interrupted(history: History, now: dt.datetime, *, command: str = "vm
 def cancel_job(
     history: History, job: str, now: dt.datetime, user: str, *, reason: str = "", address: str = "", command: str
 ) -> list[Run]:
-    """Ask the running attempt of ``job`` to stop, whichever process runs it, and record who
-    asked in the activity log; returns the attempts asked (none: the job was not running).
-    A row left ``running`` by a dead process is settled first, not asked."""
+    """Ask the running attempt of ``job`` to stop, whichever process runs it, and a daemon not
+    to start what it had queued of it (``History.request_cancel``); record who asked in the
+    activity log. Returns the running attempts asked (none: the job was not running). A row
+    left ``running`` by a dead process is settled first, not asked."""
     settle_interrupted(history, now, command=command)
     runs = history.request_cancel(job, now, user, reason)
     history.record_action(
-        now, user, "cancel", job, "requested" if runs else "not running", address=address,
+        now, user, "cancel", job, "requested", address=address,
         details={"runs": [r.id for r in runs], **({"reason": reason} if reason else {})},
     )  # fmt: skip
     return runs

@@ -230,7 +230,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     )  # fmt: skip
     doc: dict[str, Any] = {"job": job.name, "running": bool(asked), "runs": []}
     if not asked:
-        out.result(doc, f"{job.name}: not running; nothing to cancel")
+        out.result(doc, f"{job.name}: not running; an attempt the daemon has queued (a retry waiting) will not start")
         return EXIT["ok"]
     if args.no_wait:
         doc["runs"] = [r.to_dict() for r in asked]
@@ -412,12 +412,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p = sub.add_parser(
         "cancel",
         parents=[output_options(common)],
-        help="stop a running job (in the daemon or a `vmvault run`)",
+        help="stop a running job (in the daemon or a `vmvault run`) and its queued retries",
         description="Ask the running attempt of JOB to stop, whichever process runs it, and wait until it has. "
         "It stops at its next progress report (a backup between two batches of chunks, a check between two "
         "objects) and ends failed, saying who cancelled it; it is not retried. What it had begun is undone "
         "as after any failure: the VM is left as it was, no snapshot is saved, chunks already stored are "
-        "reused by the next backup.",
+        "reused by the next backup. An attempt of JOB the daemon has queued (a retry waiting, a firing "
+        "waiting for its window) does not start; later firings run as scheduled.",
     )
     p.add_argument("job", help="job name")
     config_arg(p)

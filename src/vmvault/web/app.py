@@ -571,13 +571,15 @@ class WebApp:
         return RedirectResponse(f"/jobs?{urlencode({'notice': notice, 'job': name})}", status_code=303)
 
     def _cancel_job(self, request: Request, who: Who, name: str) -> list[int]:
-        """Ask the job's running attempt to stop, whichever process runs it; the ids asked."""
+        """Ask the job's running attempt to stop, whichever process runs it, and the daemon not
+        to start what it queued of it; the ids of the running attempts asked."""
         if name not in self.config.jobs:
             raise _Denied(404, f"no job {name!r}")
         runs = cancel_job(
             self.history, name, dt.datetime.now(dt.UTC), who.user,
             address=request.client.host if request.client else "", command="vmvault web",
         )  # fmt: skip
+        self.control.cancelled(self.config.jobs[name])
         return [r.id for r in runs]
 
     async def history_page(self, request: Request, who: Who) -> Response:
@@ -793,9 +795,8 @@ class WebApp:
     async def api_cancel_job(self, request: Request, who: Who) -> Response:
         name = request.path_params["name"]
         asked = await run_in_threadpool(self._cancel_job, request, who, name)
-        if not asked:
-            return JSONResponse({"error": f"job {name!r} is not running", "status": 409, "job": name}, status_code=409)
-        return JSONResponse({"job": name, "state": "cancelling", "runs": asked}, status_code=202)
+        state = "cancelling" if asked else "not running"
+        return JSONResponse({"job": name, "state": state, "runs": asked}, status_code=202)
 
     async def api_progress(self, request: Request, who: Who) -> Response:
         await run_in_threadpool(self.control.sync)

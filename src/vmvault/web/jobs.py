@@ -245,6 +245,9 @@ class JobControl(Protocol):
     def sync(self) -> None:
         """Mark jobs that ended since the last call as finished on the board."""
 
+    def cancelled(self, job: Job) -> None:
+        """``job`` was just cancelled (``status.cancel_job``): let go of what was queued of it."""
+
 
 class StandaloneControl:
     """``vmvault web`` without a daemon: each run in a thread of its own, holding the job's
@@ -300,6 +303,9 @@ class StandaloneControl:
             own = {name for name, t in self._threads.items() if t.is_alive()}
         self._elsewhere.follow(own)
 
+    def cancelled(self, job: Job) -> None:
+        pass  # (nothing is queued here: a run starts at once or is refused)
+
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the running jobs (tests, and stopping)."""
         with self._lock:
@@ -332,6 +338,9 @@ class DaemonControl:
             self._active.add(job.name)
         self.scheduler.enqueue_now(job)
         self.scheduler.wake.set()
+
+    def cancelled(self, job: Job) -> None:
+        self.scheduler.wake.set()  # its next look drops what it queued of the job
 
     def sync(self) -> None:
         busy = self._busy()

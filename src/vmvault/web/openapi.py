@@ -245,14 +245,12 @@ def spec(version: str) -> dict[str, Any]:
         },
         "/api/v1/jobs/{name}/cancel": {
             "post": _post(
-                "stop the job's running attempt (here or in another process); it stops at its next progress "
-                "report and ends failed, saying who cancelled it",
+                "stop the job's running attempt (here or in another process) and its queued retries; it stops at "
+                "its next progress report and ends failed, saying who cancelled it. `state`: `cancelling`, or "
+                "`not running` (`runs` empty)",
                 "operator",
                 _obj(job={"type": "string"}, state={"type": "string"}, runs=run_ids),
-                extra={
-                    "404": {"description": "no such job"},
-                    "409": {"description": "the job is not running"},
-                },
+                extra={"404": {"description": "no such job"}},
             )
             | {"parameters": [_p("name", "the job's name")]}
         },

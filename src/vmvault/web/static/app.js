@@ -20,7 +20,7 @@
         box.setAttribute("data-state", s.state);
       });
       document.querySelectorAll("[data-stop-of]").forEach(function (form) {
-        if (form.getAttribute("data-stop-of") === s.job) { form.hidden = s.state !== "running"; }
+        if (form.getAttribute("data-stop-of") === s.job) { form.hidden = s.state !== "running" && s.state !== "queued"; }
       });
       if (s.state === "finished" && s.status) {
         document.querySelectorAll("[data-status-of]").forEach(function (cell) {
