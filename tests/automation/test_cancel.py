@@ -24,6 +24,8 @@ from vmvault.automation.runner import JobOutcome
 from vmvault.automation.scheduler import FakeClock, Scheduler, SystemClock, run_and_record
 from vmvault.automation.status import cancel_job
 from vmvault.backends.local import LocalBackend
+from vmvault.engine import backup as backup_module
+from vmvault.engine import copy as copy_module
 from vmvault.engine.reader import DiskReader
 from vmvault.errors import ConfigError, JobCancelled
 from vmvault.repo.check import check
@@ -277,6 +279,56 @@ def test_a_verify_job_stops_between_packs(
     assert outcome.details["cancelled"]["by"] == "bob"
 
 
+@pytest.mark.integration
+def test_a_copy_job_stops_inside_a_snapshot(
+    tmp_path: Path, repo: Repository, vm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One snapshot of 32 MiB in index blocks of 1 MiB: the copy stops at the block after the
+    request, not after the whole snapshot, and the target keeps no snapshot."""
+    monkeypatch.setattr(backup_module, "INDEX_SPAN", 16)
+    Repository.init(LocalBackend(str(tmp_path / "offsite")), b"repo pass", chunk_size=CS).close()
+    config = config_for(
+        tmp_path,
+        str(vm),
+        f"""
+        [repositories.offsite]
+        location = "{tmp_path / "offsite"}"
+        password_env = "VMVAULT_TEST_REPO_PW"
+
+        [jobs.offsite]
+        type = "copy"
+        from = "r"
+        to = "offsite"
+        """,
+    )
+    history = History(config.daemon.history)
+    first, _s, _e = run_and_record(config, config.jobs["web01"], history, SystemClock())
+    assert first.status == SUCCESS, first.error
+    stopped = Stopped(monkeypatch)
+    real = copy_module._Translator._finish
+    blocks: list[int] = []
+
+    def finish(translator: Any, *args: Any) -> Any:
+        blocks.append(1)
+        if len(blocks) == 1:  # the copy's first index block: asked to stop, and held until seen
+            cancel_job(history, "offsite", dt.datetime.now(dt.UTC), "hank", command="test")
+            assert stopped.told.wait(20)
+        return real(translator, *args)
+
+    monkeypatch.setattr(copy_module._Translator, "_finish", finish)
+    outcome, _s, _e = run_and_record(config, config.jobs["offsite"], history, SystemClock(), progress=Slow(0))
+    assert outcome.status == FAILED and isinstance(outcome.exception, JobCancelled), outcome.error
+    assert len(blocks) == 1  # of 32
+    monkeypatch.setattr(copy_module._Translator, "_finish", real)
+    target = Repository.open(LocalBackend(str(tmp_path / "offsite")), b"repo pass")
+    try:
+        assert target.snapshot_ids() == [] and check(target).ok
+    finally:
+        target.close()
+    again, _s, _e = run_and_record(config, config.jobs["offsite"], history, SystemClock())
+    assert again.status == SUCCESS and again.details["copy"]["copied"], again.error
+
+
 def test_a_run_that_finishes_before_it_can_stop_keeps_its_result_and_says_so(tmp_path: Path) -> None:
     """A job with no progress report left (here: one that reports none) ends as it ends; the
     run says it was asked to stop and did not come to a point where it could."""
@@ -334,6 +386,22 @@ def test_only_the_thread_running_the_attempt_is_stopped() -> None:
     with pytest.raises(JobCancelled):
         followed.start("next", 1)
     followed.finish()  # (a finally may still close a phase)
+
+
+def test_a_report_that_completes_its_phase_does_not_stop_the_run() -> None:
+    """The last report of a phase says its work is done (a copy's last snapshot saved, a
+    check's last pack read): a run stopped there would be called cancelled although finished.
+    The next phase stops; a sign of life (``advance(0)``) inside a phase is a place to stop."""
+    followed = scheduler_module._Followed(None)
+    followed.start("copy", 3)
+    followed.advance(0)
+    followed.stop(scheduler_module.Stop("cancelled by ivy", "ivy", NOW))
+    with pytest.raises(JobCancelled):
+        followed.advance(0)
+    followed.advance(3)
+    assert followed.where()[1].done == 3
+    with pytest.raises(JobCancelled):
+        followed.start("next", 1)
 
 
 def test_cancel_requests_reach_running_attempts_only_and_the_first_stands(tmp_path: Path) -> None:

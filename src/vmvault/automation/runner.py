@@ -168,6 +168,8 @@ def _phases(progress: ProgressReporter | None) -> PhaseCallback | None:
         if done > state["done"]:
             progress.advance(done - state["done"])
             state["done"] = done
+        else:  # the same place said again (a copy's sign of life within a snapshot): a run may stop here
+            progress.advance(0)
 
     return report
 

@@ -213,7 +213,10 @@ class _Followed:
     Once ``stop`` was called, the next ``start`` or ``advance`` made by the thread that runs
     the attempt raises ``JobCancelled``: there the engine is between two pieces of work and
     undoes what it began as after any failure. Reports from other threads (a pool's) pass:
-    an exception there could be taken for damage where it is caught."""
+    an exception there could be taken for damage where it is caught. So does an ``advance``
+    that completes its phase: that work is done (a copy's last snapshot saved, a check's last
+    pack read), and stopping there would call a finished run cancelled. ``advance(0)`` is a
+    sign of life: a place to stop, nothing done."""
 
     def __init__(self, inner: ProgressReporter | None) -> None:
         self.inner = inner
@@ -244,7 +247,12 @@ class _Followed:
             self.inner.start(label, total)
 
     def advance(self, n: int) -> None:
-        self._heed()
+        with self._lock:
+            ends = self._total > 0 and self._done + n >= self._total
+        if not ends:  # (a report that completes its phase says the work is done: the next phase may stop)
+            self._heed()
+        if not n:
+            return  # (a sign of life, nothing done)
         with self._lock:
             self._done += n
             self._changes += 1

@@ -43,10 +43,11 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import functools
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -411,11 +412,19 @@ class _Translator:
             self.blocks.put([(src_block, bytes.fromhex(dst_ref))])
         return dst_ref
 
-    def disk(self, d: DiskRecord, what: str, pool: ThreadPoolExecutor, reads: ThreadPoolExecutor) -> DiskRecord:
+    def disk(
+        self,
+        d: DiskRecord,
+        what: str,
+        pool: ThreadPoolExecutor,
+        reads: ThreadPoolExecutor,
+        on_block: Callable[[], None] | None = None,
+    ) -> DiskRecord:
         """The disk record of the copy of ``d``. Each index block's reads (the target's block
         it was paired with, to confirm its chunks; else the source's block and the earlier
         block at its place) are made in ``reads``, up to ``ahead`` blocks ahead: one after
-        another they cost a round trip each, 2,048 of them a run for a 2 TiB disk."""
+        another they cost a round trip each, 2,048 of them a run for a 2 TiB disk.
+        ``on_block`` is called after each block is copied (a sign of life: a job may stop there)."""
         index: list[str | None] = []
         what = f"{what} disk {d.name}"
         ahead: collections.deque[tuple[bytes, bytes | None, Future[_Prepared]] | None] = collections.deque()
@@ -444,6 +453,8 @@ class _Translator:
             while ahead:
                 head = ahead.popleft()
                 index.append(None if head is None else self._finish(*head, pool))
+                if on_block is not None:
+                    on_block()
                 plan()
         finally:
             for head in ahead:
@@ -621,7 +632,8 @@ def copy_snapshots(
                     translator.follow(earlier.before(listed_snap))
                     snap = src_repo.load_snapshot(listed_snap.id, listed=True)
                     what = f"snapshot {snap.short_id}"
-                    disks = [translator.disk(d, what, pool, reads) for d in snap.disks]
+                    tick = functools.partial(progress, "copy", n, len(chosen)) if progress is not None else None
+                    disks = [translator.disk(d, what, pool, reads, tick) for d in snap.disks]
                     files = [translator.file(f, what, pool) for f in snap.files]
                     # every blob the new snapshot names must be durable before the snapshot is
                     writer.flush()
