@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import random
+import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +27,10 @@ from vmvault.automation.runner import JobOutcome
 from vmvault.automation.scheduler import FakeClock, Scheduler, SystemClock, run_and_record
 from vmvault.automation.status import cancel_job
 from vmvault.backends.local import LocalBackend
+from vmvault.cli import automation as cli_automation
 from vmvault.engine import backup as backup_module
 from vmvault.engine import copy as copy_module
+from vmvault.engine.progress import ProgressReporter
 from vmvault.engine.reader import DiskReader
 from vmvault.errors import ConfigError, JobCancelled
 from vmvault.repo.check import check
@@ -477,3 +482,42 @@ def test_a_cancelled_live_backup_leaves_the_vm_as_it_was(
         assert disk_bytes(r, last.snapshot or "") == vm.snapshot_model()["vda"]
     finally:
         r.close()
+
+
+def test_a_second_stop_signal_cancels_the_running_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM lets the running job finish; a second SIGTERM or SIGINT cancels it, and the
+    daemon ends within moments instead of being killed mid-backup."""
+    config = config_for(tmp_path, "/srv/vms/web01")
+    reports = threading.Event()
+
+    def execute_job(config: AutomationConfig, job: Job, progress: ProgressReporter) -> JobOutcome:
+        progress.start("web01.raw", 3000)
+        for _ in range(3000):  # at most a minute
+            progress.advance(1)
+            reports.set()
+            time.sleep(0.02)
+        return JobOutcome(SUCCESS, message="ran to its end")
+
+    monkeypatch.setattr(scheduler_module, "execute_job", execute_job)
+    sched = Scheduler(config, notifiers=[])
+    on_signal = cli_automation._stopping(sched, logging.getLogger("test"))
+    sched.enqueue_now(config.jobs["web01"])
+    daemon = threading.Thread(target=sched.run)
+    daemon.start()
+    try:
+        assert reports.wait(20)
+        on_signal(signal.SIGTERM, None)
+        time.sleep(0.3)
+        assert daemon.is_alive() and sched.running  # the first: the job goes on
+        asked = time.monotonic()
+        on_signal(signal.SIGINT, None)
+        daemon.join(20)
+        assert not daemon.is_alive() and time.monotonic() - asked < 5
+    finally:
+        sched.stop(cancel_running="the test ends")
+        daemon.join(60)
+    (run,) = sched.history.runs()
+    assert run.status == FAILED and run.error is not None
+    assert re.fullmatch(
+        r"cancelled by vmvault daemon at .*: the daemon was told to stop twice \(SIGTERM, SIGINT\)", run.error
+    ), run.error

@@ -55,6 +55,7 @@ from vmvault.automation.notify import Notifier, Summary, attempt_record, send_al
 from vmvault.automation.publish import StatusPublisher
 from vmvault.automation.runner import JobOutcome, execute_job
 from vmvault.automation.status import (
+    cancel_job,
     from_local,
     job_alert,
     max_age_alerts,
@@ -441,6 +442,8 @@ class Scheduler:
         self.next_due: dict[str, dt.datetime] = {}
         self.queue: list[_Attempt] = []
         self.running: dict[str, threading.Thread] = {}
+        #: why the running jobs are to be cancelled as the daemon stops (``stop``)
+        self._cancel_running: str | None = None
         #: threads telling alerts (``check_alerts``)
         self._alerting: list[threading.Thread] = []
         self.skipped_firings: list[tuple[str, dt.datetime]] = []
@@ -542,8 +545,12 @@ class Scheduler:
             return None
         return fired, due
 
-    def stop(self) -> None:
-        """Start nothing new; ``run`` returns once running jobs have finished."""
+    def stop(self, *, cancel_running: str | None = None) -> None:
+        """Start nothing new; ``run`` returns once running jobs have finished. With
+        ``cancel_running`` (the reason), the running jobs are also cancelled, as by ``vmvault
+        cancel``: each stops at its next progress report, undoing what it began."""
+        if cancel_running is not None:
+            self._cancel_running = cancel_running
         self._stopping.set()
         self.wake.set()
 
@@ -560,10 +567,40 @@ class Scheduler:
                 wait = self.seconds_until_next()
                 self.clock.sleep(wait, self.wake)
                 self.wake.clear()
-            self.wait_idle()
+            self._wind_down()
         finally:
             self.close()
         log.info("stopped")
+
+    def _wind_down(self) -> None:
+        """Wait for the running jobs; once ``stop(cancel_running=…)`` was called, ask them to
+        stop (once), through the history as ``vmvault cancel`` does."""
+        asked = False
+        while True:
+            reason = self._cancel_running
+            if reason is not None and not asked:
+                asked = True
+                with self._lock:
+                    names = sorted(self.running)
+                for name in names:
+                    try:
+                        cancel_job(
+                            self.history,
+                            name,
+                            self.clock.now(),
+                            "vmvault daemon",
+                            reason=reason,
+                            command="vmvault daemon",
+                        )
+                        log.warning("job %s: cancelled: %s", name, reason)
+                    except Exception as exc:  # it then finishes, as without the request
+                        log.error("job %s: could not be cancelled: %s", name, exc)
+            with self._lock:
+                if not self.running:
+                    break
+            self.wake.wait(0.5)
+            self.wake.clear()
+        self.wait_idle()
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait for the running jobs and the alerts being told (tests, and stopping)."""

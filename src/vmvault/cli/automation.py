@@ -135,6 +135,25 @@ def _config(args: argparse.Namespace, *, runs_jobs: str | None = None) -> Automa
     return config
 
 
+def _stopping(scheduler: Scheduler, log: logging.Logger) -> Callable[[int, FrameType | None], None]:
+    """The daemon's SIGTERM/SIGINT handler: the first signal lets the running jobs finish
+    (nothing new starts); a second cancels them, as `vmvault cancel` does, so the daemon ends
+    within moments with the VMs left as they were, rather than being killed mid-backup."""
+    told: list[str] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        told.append(name)
+        if len(told) == 1:
+            log.info("%s received: finishing the running jobs, then stopping (send it again to cancel them)", name)
+            scheduler.stop()
+        else:
+            log.warning("%s received again: cancelling the running jobs, then stopping", name)
+            scheduler.stop(cancel_running=f"the daemon was told to stop twice ({', '.join(told[:2])})")
+
+    return on_signal
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     config = _config(args, runs_jobs="daemon")
     _setup_logging(args.verbose)
@@ -159,10 +178,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
         web = serve_in_daemon(config, scheduler, board, history)
 
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("%s received: finishing the running jobs, then stopping", signal.Signals(signum).name)
-        scheduler.stop()
-
+    on_signal = _stopping(scheduler, log)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if hasattr(signal, "SIGBREAK"):  # Windows service stop / Ctrl-Break
