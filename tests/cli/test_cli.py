@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,25 @@ def test_demo_runs_end_to_end(
     assert doc["verified"]["restore_identical"] and doc["verified"]["check_ok"]
     b1, b2 = doc["backups"]
     assert b2["bytes_added"] < b1["bytes_added"] / 3
+
+
+def test_the_demo_says_how_to_go_on_from_any_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The summary's `export` line names absolute paths, quoted for the shell: pasted in
+    another folder, `vmvault snapshots` finds the repository and its passphrase."""
+    monkeypatch.setenv("VMVAULT_TEST_CHEAP_KDF", "1")
+    monkeypatch.delenv("VMVAULT_PASSWORD", raising=False)
+    (tmp_path / "my demo").mkdir()
+    monkeypatch.chdir(tmp_path / "my demo")
+    assert main(["demo", "--dir", "run 1", "--disk-mib", "16"]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("export ")]
+    words = shlex.split(line)
+    assert words[0] == "export"
+    for assignment in words[1:]:
+        key, _, value = assignment.partition("=")
+        assert os.path.isabs(value), line
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["snapshots", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2

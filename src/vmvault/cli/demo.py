@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import os
+import shlex
 import shutil
 import time
 from typing import Any
@@ -116,7 +117,7 @@ def run_demo(workdir: str, out: Output, *, disk_mib: int = 384) -> dict[str, Any
     stored_raw = first.raw_new + second.raw_new
     doc = {
         "workdir": os.path.abspath(workdir),
-        "passphrase_file": pw_file,
+        "passphrase_file": os.path.abspath(pw_file),
         "vm": {
             "disks": len(vm.disks),
             "formats": [os.path.splitext(d)[1].lstrip(".") for d in vm.disks],
@@ -160,7 +161,8 @@ def _summary(doc: dict[str, Any]) -> str:
         f"  files            {doc['workdir']} (passphrase in {doc['passphrase_file']})",
         "",
         "Try it yourself:",
-        f"  export VMVAULT_REPO={doc['workdir']}/repository VMVAULT_PASSWORD_FILE={doc['passphrase_file']}",
+        f"  export VMVAULT_REPO={shlex.quote(os.path.join(doc['workdir'], 'repository'))} "
+        f"VMVAULT_PASSWORD_FILE={shlex.quote(doc['passphrase_file'])}",
         "  vmvault snapshots; vmvault show latest; vmvault check --read-data",
     ]
     return "\n".join(lines)
