@@ -23,6 +23,7 @@ from tests.hypervisors.qemu_vm import DiskSpec, MiB, QemuVM, assert_nothing_left
 from vmvault.automation import scheduler as scheduler_module
 from vmvault.automation.config import AutomationConfig, Job
 from vmvault.automation.history import FAILED, RUNNING, SUCCESS, WARNING, History
+from vmvault.automation.notify import Summary
 from vmvault.automation.runner import JobOutcome
 from vmvault.automation.scheduler import FakeClock, Scheduler, SystemClock, run_and_record
 from vmvault.automation.status import cancel_job
@@ -239,6 +240,7 @@ def test_a_cancel_keeps_the_daemon_from_starting_a_queued_retry(tmp_path: Path) 
         "; no further retry: cancelled by gina at 2026-11-25 10:00:00 UTC: VM retired"
     )
     assert summary.details["retries_cancelled"]["by"] == "gina"
+    assert summary.subject().startswith("[vmvault] CANCELLED: web01 on ")
     # a run asked for after the request is not touched by it
     clock.advance(5)
     sched.enqueue_now(config.jobs["web01"])
@@ -521,3 +523,12 @@ def test_a_second_stop_signal_cancels_the_running_jobs(tmp_path: Path, monkeypat
     assert re.fullmatch(
         r"cancelled by vmvault daemon at .*: the daemon was told to stop twice \(SIGTERM, SIGINT\)", run.error
     ), run.error
+
+
+def test_a_notification_says_cancelled_when_a_person_stopped_the_run() -> None:
+    """Still a failed run (it did not do its work), but a person's stop is named as such in the
+    subject; a time limit reached is a failure like any other."""
+    by_person = Summary(kind="run", job="j", status=FAILED, message="", details={"cancelled": {"by": "ada"}})
+    by_limit = Summary(kind="run", job="j", status=FAILED, message="", details={"cancelled": {"by": "time_limit"}})
+    assert by_person.subject().startswith("[vmvault] CANCELLED: j on ") and by_person.is_failure
+    assert by_limit.subject().startswith("[vmvault] FAILED: j on ")

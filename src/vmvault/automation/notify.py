@@ -89,6 +89,9 @@ class Summary:
         word = {SUCCESS: "OK", FAILED: "FAILED", INTERRUPTED: "INTERRUPTED"}.get(self.status, self.status.upper())
         if self.recovered is not None and self.status in (SUCCESS, WARNING):
             word = "RECOVERED"
+        stopped = self.details.get("cancelled") or self.details.get("retries_cancelled")
+        if self.status == FAILED and isinstance(stopped, dict) and stopped.get("by") != "time_limit":
+            word = "CANCELLED"  # somebody stopped it (still a failed run: it did not do its work)
         return f"[vmvault] {word}: {self.job} on {self.host}"
 
     def to_dict(self) -> dict[str, Any]:
