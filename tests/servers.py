@@ -378,8 +378,15 @@ class FaultyHttpProxy:
     S3 error (503 SlowDown, 500 InternalError ...) instead of forwarding them: the server-side
     throttling and failures that a real store produces and moto does not."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1", port: int | None = None) -> None:
-        """``port``: listen there (e.g. the port of a proxy that was stopped, to bring it back)."""
+    def __init__(
+        self,
+        target_port: int,
+        target_host: str = "127.0.0.1",
+        port: int | None = None,
+        receive_buffer: int | None = None,
+    ) -> None:
+        """``port``: listen there (e.g. the port of a proxy that was stopped, to bring it back);
+        ``receive_buffer``: the kernel's receive buffer of each connection (SO_RCVBUF)."""
         import http.client
         import http.server
         import threading
@@ -396,6 +403,8 @@ class FaultyHttpProxy:
         self._more_next: list[int] = []
         self._trickles_left = 0
         self._trickle_gap = 0.0
+        #: the next request bodies taken in slowly: (bytes per second, how many bytes so)
+        self._slow_bodies: list[tuple[float, int]] = []
         self._status = 503
         self._code = "SlowDown"
         self._lock = threading.Lock()
@@ -422,6 +431,19 @@ class FaultyHttpProxy:
                         parts.append(self.rfile.read(size))
                         self.rfile.readline()
                 length = int(self.headers.get("Content-Length") or 0)
+                slow = proxy._take_slow_body() if length else None
+                if slow is not None:
+                    rate, slow_bytes = slow
+                    parts, got, started = [], 0, time.monotonic()
+                    while got < length:
+                        if got < slow_bytes:
+                            time.sleep(max(0.0, started + got / rate - time.monotonic()))
+                        part = self.rfile.read1(min(16384, length - got))
+                        if not part:
+                            break
+                        parts.append(part)
+                        got += len(part)
+                    return b"".join(parts)
                 return self.rfile.read(length) if length else b""
 
             def _handle(self) -> None:
@@ -496,6 +518,8 @@ class FaultyHttpProxy:
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 
         self._server = http.server.ThreadingHTTPServer((self.host, self.port), Handler)
+        if receive_buffer is not None:  # (connections accepted from now on inherit it)
+            self._server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -525,6 +549,17 @@ class FaultyHttpProxy:
         """Answer the next GETs (one per value) with that many bytes more than the server sent."""
         with self._lock:
             self._more_next = list(extra)
+
+    def slow_bodies_next(self, count: int, rate: float, slow_bytes: int) -> None:
+        """Take in the first ``slow_bytes`` of the next ``count`` request bodies at ``rate``
+        bytes a second, the rest at once: a slow link (give the proxy a small
+        ``receive_buffer``, or the kernel takes in megabytes for it)."""
+        with self._lock:
+            self._slow_bodies = [(rate, slow_bytes)] * count
+
+    def _take_slow_body(self) -> tuple[float, int] | None:
+        with self._lock:
+            return self._slow_bodies.pop(0) if self._slow_bodies else None
 
     def trickle_next(self, count: int, gap: float) -> None:
         """Send the body of the next ``count`` GET answers a byte every ``gap`` seconds."""

@@ -673,3 +673,43 @@ def test_a_repository_confirms_many_packs_with_listings_of_their_folders(
     assert asked["get"] == sum(1 for n in in_folder if n == 1), asked
     assert asked["get"] + asked["list"] < len(packs) / 2, (asked, len(packs))
     assert repo.index.lost.missing == {gone}
+
+
+@pytest.fixture
+def narrow_proxy(s3_buckets: S3Server) -> Iterator[FaultyHttpProxy]:
+    """A proxy whose connections have a 64 KiB receive buffer: a body it takes in slowly
+    holds the client's sending (the loopback's buffers would take in megabytes at once)."""
+    with FaultyHttpProxy(s3_buckets.port, receive_buffer=64 * 1024) as p:
+        yield p
+
+
+@pytest.mark.integration
+def test_an_upload_over_a_link_slower_than_its_length_per_timeout_goes_through(
+    narrow_proxy: FaultyHttpProxy,
+) -> None:
+    """16 MiB whose first 12 MiB the server takes in at 4 MB/s: 3 s, twice the 1.5 s timeout.
+    A steady link is not taken for a slow server: each block goes within the timeout, and the
+    whole is allowed the timeout plus its length at MIN_RATE."""
+    data = os.urandom(16 * MiB)
+    with open_s3(narrow_proxy.url("plain-bucket", "slow-link"), timeout=1.5, retry=QUICK) as b:
+        narrow_proxy.slow_bodies_next(1, 4e6, 12 * MiB)
+        b.put("data/x", data)
+        assert b.get("data/x") == data
+        assert b.requests.retries == 0
+
+
+@pytest.mark.integration
+def test_an_upload_the_server_takes_in_too_slowly_is_given_up(
+    narrow_proxy: FaultyHttpProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each block well within the 2 s timeout, the whole never: a body must be taken in within
+    the timeout plus its length at MIN_RATE (here 2 s + 16 MiB at 8 MiB/s = 4 s, where the
+    server would take 11 s)."""
+    monkeypatch.setattr(s3_module, "MIN_RATE", 8 * MiB)
+    data = os.urandom(16 * MiB)
+    with open_s3(narrow_proxy.url("plain-bucket", "slow-taker"), timeout=2.0, retry=QUICK) as b:
+        narrow_proxy.slow_bodies_next(10, 1.5e6, 16 * MiB)
+        started = time.monotonic()
+        with pytest.raises(BackendConnectionError, match=r"took a 16777216-byte PUT body in too slowly"):
+            b.put("data/x", data)
+        assert time.monotonic() - started < 30

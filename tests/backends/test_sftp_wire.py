@@ -877,3 +877,26 @@ def test_the_backend_reports_a_protocol_error_with_its_url_and_does_not_retry(
             backend.exists("data/x")
     assert len(connects) == 1
     assert session.closed
+
+
+def test_a_write_taken_in_a_little_at_a_time_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each WRITE acknowledged in time, but slowly: the write as a whole meets MIN_RATE (here
+    0.3 s + 100 kB at 1 MiB/s, where the server would take 5 s)."""
+    monkeypatch.setattr(_sftp_wire, "MIN_RATE", 1 << 20)
+
+    def script(peer: Peer) -> None:
+        with suppress(OSError, EOFError):
+            while True:
+                kind, rid, _ = peer.request()
+                assert kind == Packet.WRITE
+                time.sleep(0.05)
+                peer.status(rid, Status.OK)
+        idle(peer)
+
+    started = time.monotonic()
+    with scripted(script, timeout=0.5) as session:
+        session.patience = 0.3
+        with pytest.raises(TimeoutError, match=r"took \d+ of 100000 bytes written in over 0 s; given up as too slow"):
+            session.write(b"h", b"x" * 100_000, 1000, 1)
+        assert session.closed
+    assert time.monotonic() - started < 3

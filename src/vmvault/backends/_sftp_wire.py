@@ -11,8 +11,9 @@ Why ours and not paramiko's ``SFTPClient`` (which stays the test oracle, tests/b
   closed. A server that stops sending meets the stream's timeout; one that sends a reply a
   byte now and then (each wait within the timeout) meets :data:`MIN_RATE`: a packet must arrive
   whole within the session's :attr:`~Session.patience` plus its length at that rate, and a
-  ranged read likewise, else it is a ``TimeoutError``. One that closes mid-reply is an
-  ``EOFError`` (a dropped connection, which the backend retries).
+  ranged read likewise, and a write (sent and acknowledged), else it is a ``TimeoutError``.
+  One that closes mid-reply is an ``EOFError`` (a dropped connection, which the backend
+  retries).
 * CPU per byte. A ranged read sends its READ requests in one batch (all of them outstanding,
   up to :data:`READ_WINDOW`) and receives each DATA payload straight into its place in one
   buffer (``recv_into``): no per-packet message objects, locks or joins of pieces. Writes keep
@@ -658,8 +659,21 @@ class Session:
 
     def write(self, handle: bytes, data: bytes | memoryview, step: int, window: int) -> None:
         """``data`` from offset 0, in WRITE requests of ``step`` bytes with up to ``window``
-        outstanding; every status is read, and the first error raised once all are in."""
+        outstanding; every status is read, and the first error raised once all are in. Each
+        wait is bounded by the stream's timeout, the whole write by the :attr:`patience` plus
+        its length at :data:`MIN_RATE` (a server taking it in, or acknowledging it, a little
+        now and then is given up as too slow: ``TimeoutError``)."""
         view = memoryview(data).cast("B")
+        limit = self.patience + len(view) / MIN_RATE
+        deadline = time.monotonic() + limit
+
+        def in_time(done: int) -> None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the SFTP server took {done} of {len(view)} bytes written in over {limit:.0f} s; "
+                    "given up as too slow"
+                )
+
         with self._guard():
             asked: set[int] = set()
             failure: StatusError | None = None
@@ -667,6 +681,7 @@ class Session:
                 while len(asked) >= window:
                     error = self._write_ack(asked)
                     failure = failure or error
+                    in_time(pos)
                 if failure is not None:
                     break
                 piece = view[pos : pos + step]
@@ -675,9 +690,11 @@ class Session:
                 self._stream.sendall(HEADER.pack(len(head) + len(piece) + 5, Packet.WRITE, request_id) + head)
                 self._stream.sendall(piece)
                 asked.add(request_id)
+                in_time(pos)
             while asked:
                 error = self._write_ack(asked)
                 failure = failure or error
+                in_time(len(view))
             if failure is not None:
                 raise failure
 

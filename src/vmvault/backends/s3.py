@@ -24,7 +24,9 @@ only as far as ``get`` asked, every other answer (listings, errors) to ``MAX_ANS
 (``_bound_answers``), a listing to ``MAX_LISTING`` entries. Nor without end: each wait on
 the connection is bounded by the timeout, and a body that has begun must arrive whole within
 the timeout plus its length at ``MIN_RATE`` (``_Deadline``), else its connection is shut and
-the read retried: a server sending a byte now and then no longer holds a read for ever.
+the read retried: a server sending a byte now and then no longer holds a read for ever. A
+request body likewise goes out a block at a time, each within the timeout and the whole
+within the timeout plus its length at ``MIN_RATE`` (``_PacedBody``).
 
 Checksums: every PutObject and UploadPart carries the body's CRC-32 in the
 ``x-amz-checksum-crc32`` header, computed here (a multipart upload declares CRC32 when it
@@ -235,6 +237,49 @@ def _shut(sock: Any) -> None:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
+class _PacedBody:
+    """A request body (the file-like object botocore makes of an upload's bytes), which
+    http.client and urllib3 read and send a block (8 or 16 KiB) at a time, each within the
+    timeout (each wait on the socket is): here also the whole within the timeout plus its
+    length at ``MIN_RATE``. Past that the next block is refused (``late``) and the request
+    fails, so a server that takes a body in a little now and then does not hold an upload for
+    ever (it held it as long as each block went within the timeout)."""
+
+    def __init__(self, source: Any, length: int, timeout: float) -> None:
+        self._source = source
+        self.length = length
+        self.seconds = timeout + length / MIN_RATE
+        self._deadline: float | None = None
+        self.late = False
+
+    def read(self, size: int = -1) -> bytes:
+        now = time.monotonic()
+        if self._deadline is None:
+            self._deadline = now + self.seconds
+        elif now > self._deadline:
+            self.late = True
+            raise TimeoutError(f"the request body was not taken in within {self.seconds:.0f} s")
+        piece: bytes = self._source.read(size)
+        return piece
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._deadline = None
+        position: int = self._source.seek(offset, whence)
+        return position
+
+    def tell(self) -> int:
+        position: int = self._source.tell()
+        return position
+
+
+def _paced(request: Any, timeout: float) -> _PacedBody | None:
+    """``request``'s body as a :class:`_PacedBody`, when it is a file-like one of a stated length."""
+    body, stated = request.body, request.headers.get("Content-Length", "")
+    if body is None or not hasattr(body, "read") or isinstance(body, _PacedBody) or not str(stated).isdigit():
+        return None
+    return _PacedBody(body, int(stated), timeout)
+
+
 def _patience(timeout: float, length: int | None, bound: int) -> float:
     """Seconds a body of ``length`` bytes (None: unknown, at most ``bound``) may take."""
     return timeout + (bound if length is None else min(length, bound)) / MIN_RATE
@@ -253,7 +298,23 @@ def _bound_answers(client: Any, url: str, timeout: float) -> Any:
     def send(request: Any, **_: Any) -> Any:
         streamed = request.stream_output
         request.stream_output = True
-        response = http.send(request)
+        body = request.body
+        paced = _paced(request, timeout)
+        if paced is not None:
+            request.body = paced
+        try:
+            response = http.send(request)
+        except Exception as exc:
+            if paced is not None and paced.late:
+                raise TransientError(
+                    BackendConnectionError(
+                        f"{url}: the S3 server took a {paced.length}-byte {request.method} body in too slowly "
+                        f"(not whole within {paced.seconds:.0f} s); given up"
+                    )
+                ) from exc
+            raise
+        finally:
+            request.body = body  # (botocore's own retries rewind it and send it again)
         if streamed and response.status_code < 300:
             return response
         raw, body = response.raw, bytearray()
