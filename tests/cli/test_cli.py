@@ -233,3 +233,18 @@ def test_the_demo_says_how_to_go_on_from_any_folder(
     monkeypatch.chdir(tmp_path)
     assert main(["snapshots", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_a_login_without_a_name_is_named_by_its_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The activity log's name for a person at the command line, also where the login has no
+    name (a container's uid without a passwd entry: getpass raises)."""
+    from vmvault.cli import _common
+
+    monkeypatch.setattr(_common.getpass, "getuser", lambda: "ada")
+    assert _common.cli_user() == "cli:ada"
+
+    def nameless() -> str:
+        raise OSError("No username set in the environment")
+
+    monkeypatch.setattr(_common.getpass, "getuser", nameless)
+    assert _common.cli_user() == f"cli:uid {os.getuid()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ __all__ = [
     "Output",
     "add_filter_args",
     "chosen_credentials",
+    "cli_user",
     "given_secret",
     "open_repository",
     "output_options",
@@ -272,6 +274,15 @@ def pick_snapshot(repo: Repository, ref: str, args: argparse.Namespace) -> Snaps
             print(f"vmvault: note: {terminal_safe(picked.note)}", file=sys.stderr)
         return repo.load_snapshot(picked.snapshot.id, listed=True)
     return require_match(repo.find_snapshot(ref), flt)
+
+
+def cli_user() -> str:
+    """Who runs this command, as the activity log names a person at the command line:
+    ``cli:LOGIN`` (``cli:uid N`` where the login has no name, as in some containers)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return f"cli:uid {os.getuid()}" if hasattr(os, "getuid") else "cli:?"
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:

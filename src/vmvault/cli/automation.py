@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import getpass
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from ._common import (
     EXIT,
     Output,
     add_filter_args,
+    cli_user,
     open_repository,
     output_options,
     plural,
@@ -241,7 +241,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     job = config.job(args.job)
     history = History(config.daemon.history)
     asked = cancel_job(
-        history, job.name, dt.datetime.now(dt.UTC), f"cli:{getpass.getuser()}", reason=args.reason or "",
+        history, job.name, dt.datetime.now(dt.UTC), cli_user(), reason=args.reason or "",
         command="vmvault cancel",
     )  # fmt: skip
     doc: dict[str, Any] = {"job": job.name, "running": bool(asked), "runs": []}
@@ -265,10 +265,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if still:
         out.result(
             doc,
-            f"{job.name}: asked to stop, still running after {duration(args.timeout)} "
-            f"({still[0].progress.describe() if still[0].progress else 'no progress reported yet'}): it stops at "
-            "its next progress report, once a call waiting on the storage or the hypervisor has ended "
-            "(`vmvault jobs` shows when)",
+            terminal_safe(
+                f"{job.name}: asked to stop, still running after {duration(args.timeout)} "
+                f"({still[0].progress.describe() if still[0].progress else 'no progress reported yet'}): it stops "
+                "at its next progress report, once a call waiting on the storage or the hypervisor has ended "
+                "(`vmvault jobs` shows when)"
+            ),
         )
         return EXIT["error"]
     lines = [f"{job.name}: run {r.id} {r.status}: {r.error or 'finished before it could stop'}" for r in runs]

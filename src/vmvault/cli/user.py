@@ -17,7 +17,7 @@ from vmvault.automation.config import web_settings
 from vmvault.automation.history import History
 from vmvault.errors import ConfigError
 
-from ._common import EXIT, Output, output_options, table
+from ._common import EXIT, Output, cli_user, output_options, table
 
 __all__ = ["register"]
 
@@ -57,9 +57,7 @@ def _password(args: argparse.Namespace) -> str:
 
 def _record(history: History | None, action: str, target: str, **details: str) -> None:
     if history is not None:
-        history.record_action(
-            dt.datetime.now(dt.UTC), f"cli:{getpass.getuser()}", action, target, "done", details=details
-        )
+        history.record_action(dt.datetime.now(dt.UTC), cli_user(), action, target, "done", details=details)
 
 
 def cmd_user(args: argparse.Namespace) -> int:
