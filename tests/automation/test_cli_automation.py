@@ -348,3 +348,36 @@ def test_cancel_says_when_a_run_has_not_stopped_within_its_wait(
         assert doc["running"] is True and doc["runs"][0]["id"] == run_id
     finally:
         lock.release()
+
+
+def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(setup: tuple[Path, Path]) -> None:
+    """`vmvault run` under `kill` or `systemctl stop`: the backup undoes what it began, the run
+    is recorded interrupted at once (not left running for the next look), exit 130."""
+    config, vm = setup
+    (vm / "disk.raw").write_bytes(random.Random(5).randbytes(64 * 1024 * 1024))
+    history = History(load_config(str(config)).daemon.history)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, "run", "web01", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not history.running_jobs():
+            time.sleep(0.05)
+        assert history.running_jobs() == ["web01"]
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    (run,) = history.runs(job="web01")
+    assert run.status == "interrupted" and run.end is not None
+    assert run.error == "interrupted: `vmvault run` was stopped (Ctrl-C or a signal) before the run finished"
+    assert not history.running_jobs()

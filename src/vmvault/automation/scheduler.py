@@ -38,6 +38,7 @@ Semantics:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -49,7 +50,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vmvault.automation.config import AutomationConfig, Job
-from vmvault.automation.history import FAILED, RUNNING, SUCCESS, WARNING, CancelRequest, History, Progress, Watch
+from vmvault.automation.history import (
+    FAILED,
+    INTERRUPTED,
+    RUNNING,
+    SUCCESS,
+    WARNING,
+    CancelRequest,
+    History,
+    Progress,
+    Watch,
+)
 from vmvault.automation.locks import StateLock, daemon_lock, job_lock
 from vmvault.automation.notify import Notifier, Summary, attempt_record, send_all
 from vmvault.automation.publish import StatusPublisher
@@ -390,6 +401,18 @@ def run_and_record(
         except Exception as exc:  # an executor that raises is still a failed run
             error = str(exc) if isinstance(exc, VmvaultError) else f"{type(exc).__name__}: {exc}"
             outcome = JobOutcome(status=FAILED, error=error, exception=exc)
+        except KeyboardInterrupt:
+            # `vmvault run` stopped by Ctrl-C or a signal (the engine has undone what it began):
+            # said now, not left for the next look to take for a dead process
+            stop_beat.set()
+            beat.join()
+            with contextlib.suppress(Exception):
+                history.finish(
+                    run_id, clock.now(), INTERRUPTED,
+                    error=f"interrupted: `{command}` was stopped (Ctrl-C or a signal) before the run finished",
+                    details={"interrupted": {"holder": command, "by": "signal"}, **(note or {})},
+                )  # fmt: skip
+            raise
         finally:
             stop_beat.set()
             beat.join()

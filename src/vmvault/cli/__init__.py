@@ -36,7 +36,7 @@ from vmvault.errors import (
 )
 
 from ._args import Parser, harden
-from ._common import EXIT, CommonOptions
+from ._common import EXIT, CommonOptions, signals_interrupt
 from ._terminal import install_log_handler, terminal_safe
 
 __all__ = ["EXIT", "build_parser", "main"]
@@ -84,6 +84,8 @@ _MODULE_OF = {
     "service": "vmvault.cli.service",
     "cache": "vmvault.cli.cache",
 }
+#: commands that handle the stop signals themselves (the others: ``signals_interrupt``)
+_OWN_SIGNALS = frozenset(("daemon", "web", "serve", "mount", "instant-restore"))
 #: global options that take a value, and those that take none (``build_parser``)
 _VALUE_OPTIONS = frozenset(("-r", "--repo", "--password-file", "--password-command", "--key-file"))
 _FLAG_OPTIONS = frozenset(("--json", "-q", "--quiet", "--utc"))
@@ -243,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT["usage"]
     try:
-        code: int = args.func(args)
+        if args.command in _OWN_SIGNALS:
+            code: int = args.func(args)
+        else:
+            with signals_interrupt():
+                code = args.func(args)
         return code
     except KeyboardInterrupt:
         print("\ninterrupted; nothing half-written is visible, and stored data is reused next time", file=sys.stderr)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import Any
 
 from vmvault.backends import open_backend
@@ -25,6 +29,7 @@ from .progress import QuietReporter, TerminalReporter, human_bytes, make_reporte
 
 __all__ = [
     "EXIT",
+    "STOP_SIGNALS",
     "CommonOptions",
     "Output",
     "add_filter_args",
@@ -36,6 +41,7 @@ __all__ = [
     "pick_snapshot",
     "plural",
     "report_warnings",
+    "signals_interrupt",
     "snapshot_filter",
     "table",
     "terminal_safe",
@@ -274,6 +280,37 @@ def pick_snapshot(repo: Repository, ref: str, args: argparse.Namespace) -> Snaps
             print(f"vmvault: note: {terminal_safe(picked.note)}", file=sys.stderr)
         return repo.load_snapshot(picked.snapshot.id, listed=True)
     return require_match(repo.find_snapshot(ref), flt)
+
+
+#: the signals that stop a command: Ctrl-C, ``kill``/``systemctl stop``/``timeout``, a closed terminal
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def signals_interrupt(*, then_ignore: bool = False) -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the command as Ctrl-C does (``KeyboardInterrupt``): what it
+    began is undone (a live backup's overlays and exports, a restore's partial files) before it
+    exits 130; by default SIGTERM ended the process where it stood. A second signal of any of
+    them quits at once (what was begun is swept up by the next run), or with ``then_ignore`` is
+    ignored, so that the cleanup cannot be cut short (a booted VM stopped, its files removed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        for s in STOP_SIGNALS:  # the next one ends the process, or is ignored
+            signal.signal(s, signal.SIG_IGN if then_ignore else signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        again = "further signals wait for it" if then_ignore else "send it again to quit at once"
+        print(f"\nvmvault: {name}: stopping, undoing what was begun ({again})", file=sys.stderr)
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def cli_user() -> str:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import threading
-from collections.abc import Iterator
-from types import FrameType
 
 from vmvault.errors import TargetError
 
 from ._args import size, snapshot_ref, whole_number
-from ._common import EXIT, Output, add_filter_args, open_repository, pick_snapshot
+from ._common import EXIT, Output, add_filter_args, open_repository, pick_snapshot, signals_interrupt
 from .progress import human_bytes
 
 __all__ = ["HEARTBEATS", "register"]
@@ -21,29 +16,6 @@ __all__ = ["HEARTBEATS", "register"]
 #: what --heartbeat takes: engine/verify_boot.py's HEARTBEATS, kept here so that building the
 #: parser does not load the QEMU connector (a test holds the two equal)
 HEARTBEATS = ("agent", "marker", "screen")
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM, SIGHUP and Ctrl-C stop the verification: the VM is stopped and its files removed
-    before vmvault exits (130). Further signals are ignored while that cleanup runs, so a second
-    Ctrl-C cannot cut it short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
-
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        for s in signals:
-            signal.signal(s, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    old = {s: signal.signal(s, interrupt) for s in signals}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 def cmd_verify_boot(args: argparse.Namespace) -> int:
@@ -71,7 +43,7 @@ def cmd_verify_boot(args: argparse.Namespace) -> int:
     repo = open_repository(args)
     snap = pick_snapshot(repo, args.snapshot, args)
     out.say(f"booting snapshot {snap.short_id} ({snap.source.get('location', '?')}, {snap.time}) ...")
-    with _sigterm_interrupts():
+    with signals_interrupt(then_ignore=True):  # the VM is stopped and its files removed first
         result = verify_boot(repo, snap, options)
     if shot is not None and result.screenshot is not None:
         result.screenshot_path = write_screenshot(result.screenshot, shot)
