@@ -346,6 +346,9 @@ def test_cancel_says_when_a_run_has_not_stopped_within_its_wait(
         assert main(["cancel", "web01", "--config", str(config), "--no-wait", "--json"]) == 0
         doc = json.loads(capsys.readouterr().out)
         assert doc["running"] is True and doc["runs"][0]["id"] == run_id
+        # what `vmvault jobs` and `history` say of it meanwhile
+        assert main(["jobs", "--config", str(config)]) == 0
+        assert re.search(r"running [^\n]*25%, stopping: cancelled by cli:", capsys.readouterr().out)
     finally:
         lock.release()
 

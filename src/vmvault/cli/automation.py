@@ -281,13 +281,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 # ---- jobs / history -----------------------------------------------------------------------
 
 
-def _took(run: Run, now: dt.datetime) -> str:
+def _took(run: Run, now: dt.datetime, history: History) -> str:
     """How long a run took, as a person reads it: exact, and honest about runs still going
-    (``running 5m 3s, web01.raw 45%``) and runs whose process died (seen running for at least
-    that long)."""
+    (``running 5m 3s, web01.raw 45%``, ``…, stopping: cancelled by cli:ada``) and runs whose
+    process died (seen running for at least that long)."""
     if run.status == RUNNING:
         where = run.progress  # (as of its last heartbeat)
-        return f"running {duration((now - run.start).total_seconds())}" + (f", {where.describe()}" if where else "")
+        asked = history.cancel_request(run.id)
+        return (
+            f"running {duration((now - run.start).total_seconds())}"
+            + (f", {where.describe()}" if where else "")
+            + (f", stopping: cancelled by {asked.user}" if asked else "")
+        )
     if run.seconds is None:
         return "-"
     if run.status == INTERRUPTED:
@@ -321,7 +326,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 local_time(s.next_run, tz, seconds=False) if s.next_run else "-",
                 s.status,
                 local_time(last.start, tz, seconds=False) if last else "-",
-                _took(last, now) if last else "-",
+                _took(last, now, history) if last else "-",
                 note,
             ]
         )
@@ -361,7 +366,7 @@ def cmd_history(args: argparse.Namespace) -> int:
             r.job,
             r.attempt,
             local_time(r.start, tz),
-            _took(r, now),
+            _took(r, now, history),
             r.status,
             (r.snapshot or "")[:8],
             human_bytes(r.bytes) if r.bytes is not None else "",
