@@ -532,3 +532,40 @@ def test_a_notification_says_cancelled_when_a_person_stopped_the_run() -> None:
     by_limit = Summary(kind="run", job="j", status=FAILED, message="", details={"cancelled": {"by": "time_limit"}})
     assert by_person.subject().startswith("[vmvault] CANCELLED: j on ") and by_person.is_failure
     assert by_limit.subject().startswith("[vmvault] FAILED: j on ")
+
+
+def test_a_run_still_going_when_its_window_closes_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`stop_at_window_end`: an attempt the daemon started inside the job's window is stopped
+    when the window closes (a failure, not a person's cancel: FAILED, not retried)."""
+    config = config_for(tmp_path, "/srv/vms/web01", 'window = "22:00-23:00"\nstop_at_window_end = true')
+    reports = threading.Event()
+
+    def execute_job(config: AutomationConfig, job: Job, progress: ProgressReporter) -> JobOutcome:
+        progress.start("web01.raw", 3000)
+        for _ in range(3000):  # at most a minute
+            progress.advance(1)
+            reports.set()
+            time.sleep(0.02)
+        return JobOutcome(SUCCESS, message="ran to its end")
+
+    monkeypatch.setattr(scheduler_module, "execute_job", execute_job)
+    clock = FakeClock(dt.datetime(2026, 11, 25, 22, 30, tzinfo=dt.UTC))
+    notifier = RecordingNotifier()
+    sched = Scheduler(config, clock=clock, notifiers=[notifier])
+    sched.enqueue_now(config.jobs["web01"])
+    sched.tick()
+    assert reports.wait(20)
+    clock.advance(to=dt.datetime(2026, 11, 25, 23, 0, 1, tzinfo=dt.UTC))
+    sched.wait_idle(30)
+    assert not sched.running and not sched.queue  # (retries = 2: none for a stopped run)
+    (run,) = sched.history.runs()
+    assert run.status == FAILED
+    assert run.error == "stopped: its window 22:00-23:00 closed at 2026-11-25 23:00 UTC"
+    assert run.details["cancelled"]["by"] == "window"
+    (summary,) = notifier.sent
+    assert summary.subject().startswith("[vmvault] FAILED: web01")
+
+
+def test_stop_at_window_end_needs_a_window(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="stop_at_window_end needs a window"):
+        config_for(tmp_path, "/srv/vms/web01", "stop_at_window_end = true")

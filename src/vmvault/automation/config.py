@@ -188,6 +188,8 @@ class Job:
     catch_up_within: float = DEFAULT_CATCH_UP_WITHIN
     #: an attempt still running after this long (seconds) is stopped (None: no limit)
     time_limit: float | None = None
+    #: an attempt the daemon started in the job's window is stopped when the window closes
+    stop_at_window_end: bool = False
 
 
 @dataclass(frozen=True)
@@ -826,6 +828,9 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
     if catch_up_within is not None and not catch_up:
         raise t.error("catch_up_within", f"jobs.{name}: catch_up_within is given but catch_up is false")
     time_limit = t.duration("time_limit", None, minimum=60.0)
+    stop_at_window_end = t.flag("stop_at_window_end", False)
+    if stop_at_window_end and window is None:
+        raise t.error("stop_at_window_end", f"jobs.{name}.stop_at_window_end needs a window")
     notify = t.strs("notify")
     for n in notify:
         if n not in cfg.notifiers:
@@ -840,7 +845,7 @@ def _job(name: str, t: _Table, cfg: AutomationConfig) -> Job:
     common: dict[str, Any] = dict(
         name=name, type=kind, schedule=schedule, window=window, retries=retries, retry_delay=retry_delay, notify=notify,
         catch_up=catch_up and schedule is not None, catch_up_within=catch_up_within or DEFAULT_CATCH_UP_WITHIN,
-        time_limit=time_limit,
+        time_limit=time_limit, stop_at_window_end=stop_at_window_end,
     )  # fmt: skip
     job: Job
     if kind == "backup":

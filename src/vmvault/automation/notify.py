@@ -90,7 +90,7 @@ class Summary:
         if self.recovered is not None and self.status in (SUCCESS, WARNING):
             word = "RECOVERED"
         stopped = self.details.get("cancelled") or self.details.get("retries_cancelled")
-        if self.status == FAILED and isinstance(stopped, dict) and stopped.get("by") != "time_limit":
+        if self.status == FAILED and isinstance(stopped, dict) and stopped.get("by") not in ("time_limit", "window"):
             word = "CANCELLED"  # somebody stopped it (still a failed run: it did not do its work)
         return f"[vmvault] {word}: {self.job} on {self.host}"
 

@@ -18,7 +18,8 @@ Semantics:
 * A failed attempt is retried ``retries`` times, after ``retry_delay``, then 2x, 4x ...
   A retry that would start outside the window is abandoned: the run stays failed.
 * A running attempt stops when somebody cancels it (``History.request_cancel``: ``vmvault
-  cancel``, the dashboard) or when it has run for its job's ``time_limit``: the process
+  cancel``, the dashboard), when it has run for its job's ``time_limit``, or when its window
+  closes (``stop_at_window_end``, attempts the daemon started): the process
   running it looks every ``PROGRESS_SECONDS`` and the attempt raises ``JobCancelled`` at its
   next progress report. It ends ``failed`` with who stopped it, and is not retried.
 * Each attempt is a history row, with a heartbeat every ``HEARTBEAT_SECONDS`` while it runs;
@@ -302,12 +303,22 @@ class Stop:
 
 
 def _stop_due(
-    history: History, run_id: int, job: Job, clock: Clock, started: float, tz: dt.tzinfo | None
+    history: History,
+    run_id: int,
+    job: Job,
+    clock: Clock,
+    started: float,
+    tz: dt.tzinfo | None,
+    window_closes: dt.datetime | None,
 ) -> Stop | None:
     """Whether attempt ``run_id`` (started at ``time.monotonic()`` ``started``) is to stop now."""
     if job.time_limit is not None and time.monotonic() - started >= job.time_limit:
         limit = duration(job.time_limit)
         return Stop(f"stopped: the job's time limit of {limit} was reached", "time_limit", clock.now(), limit)
+    if window_closes is not None and clock.now() >= window_closes:
+        text = job.window.text if job.window is not None else ""
+        closed = local_time(window_closes, tz, seconds=False)
+        return Stop(f"stopped: its window {text} closed at {closed}", "window", clock.now(), text)
     try:
         asked = history.cancel_request(run_id)
     except Exception as exc:  # looked for again at the next beat
@@ -329,6 +340,7 @@ def _heartbeat(
     followed: _Followed,
     job: Job,
     tz: dt.tzinfo | None,
+    window_closes: dt.datetime | None,
 ) -> None:
     """Every ``PROGRESS_SECONDS`` the attempt's progress when it moved, and a heartbeat at
     least every ``HEARTBEAT_SECONDS``; and whether it is to stop (``_stop_due``)."""
@@ -342,7 +354,7 @@ def _heartbeat(
         if stop.wait(max(0.0, wait)):
             return
         if followed.stopped is None:
-            why = _stop_due(history, run_id, job, clock, started, tz)
+            why = _stop_due(history, run_id, job, clock, started, tz, window_closes)
             if why is not None:
                 log.warning("job %s: run %d is to stop: %s", job.name, run_id, why.message)
                 followed.stop(why)
@@ -368,6 +380,7 @@ def run_and_record(
     command: str = "vmvault run",
     progress: ProgressReporter | None = None,
     note: dict[str, Any] | None = None,
+    window_closes: dt.datetime | None = None,
 ) -> tuple[JobOutcome, dt.datetime, dt.datetime]:
     """One attempt of ``job``, recorded in the history; returns (outcome, start, end).
 
@@ -375,7 +388,9 @@ def run_and_record(
     job is running in another process, the daemon or another ``vmvault run``. ``progress``
     hears the job's phases (``execute_job`` only; a test's ``execute`` reports its own). The
     row gets a heartbeat every ``HEARTBEAT_SECONDS`` while the job runs; ``note`` is added to
-    the run's details (a catch-up says which firing it makes up for)."""
+    the run's details (a catch-up says which firing it makes up for). The attempt is stopped
+    at ``window_closes`` (a job with ``stop_at_window_end``), at its ``time_limit``, or on
+    request (``History.request_cancel``)."""
     lock = job_lock(history.path, job.name).acquire(wait=LOCK_WAIT_SECONDS, command=command, config=config.path)
     try:
         start = clock.now()
@@ -391,7 +406,7 @@ def run_and_record(
         followed = _Followed(progress)
         beat = threading.Thread(
             target=_heartbeat,
-            args=(history, run_id, clock, stop_beat, followed, job, config.daemon.tz()),
+            args=(history, run_id, clock, stop_beat, followed, job, config.daemon.tz(), window_closes),
             name=f"vmvault-heartbeat-{run_id}",
             daemon=True,
         )
@@ -799,6 +814,7 @@ class Scheduler:
                 outcome, start, end = run_and_record(
                     self.config, a.job, self.history, self.clock, attempt=a.attempt, execute=self.execute,
                     command="vmvault daemon", progress=self.progress(a.job) if self.progress else None, note=note,
+                    window_closes=a.window_closes if a.job.stop_at_window_end else None,
                 )  # fmt: skip
             except LockedError as exc:
                 # `vmvault run` has it: this firing (or retry) is skipped, as an overlapping one is
