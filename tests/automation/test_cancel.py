@@ -486,21 +486,27 @@ def test_a_cancelled_live_backup_leaves_the_vm_as_it_was(
         r.close()
 
 
-def test_a_second_stop_signal_cancels_the_running_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SIGTERM lets the running job finish; a second SIGTERM or SIGINT cancels it, and the
-    daemon ends within moments instead of being killed mid-backup."""
-    config = config_for(tmp_path, "/srv/vms/web01")
+def slow_jobs(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Every job a minute of progress reports, 20 ms apart; the event is set at the first."""
     reports = threading.Event()
 
     def execute_job(config: AutomationConfig, job: Job, progress: ProgressReporter) -> JobOutcome:
         progress.start("web01.raw", 3000)
-        for _ in range(3000):  # at most a minute
+        for _ in range(3000):
             progress.advance(1)
             reports.set()
             time.sleep(0.02)
         return JobOutcome(SUCCESS, message="ran to its end")
 
     monkeypatch.setattr(scheduler_module, "execute_job", execute_job)
+    return reports
+
+
+def test_a_second_stop_signal_cancels_the_running_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM lets the running job finish; a second SIGTERM or SIGINT cancels it, and the
+    daemon ends within moments instead of being killed mid-backup."""
+    config = config_for(tmp_path, "/srv/vms/web01")
+    reports = slow_jobs(monkeypatch)
     sched = Scheduler(config, notifiers=[])
     on_signal = cli_automation._stopping(sched, logging.getLogger("test"))
     sched.enqueue_now(config.jobs["web01"])
@@ -538,17 +544,7 @@ def test_a_run_still_going_when_its_window_closes_is_stopped(tmp_path: Path, mon
     """`stop_at_window_end`: an attempt the daemon started inside the job's window is stopped
     when the window closes (a failure, not a person's cancel: FAILED, not retried)."""
     config = config_for(tmp_path, "/srv/vms/web01", 'window = "22:00-23:00"\nstop_at_window_end = true')
-    reports = threading.Event()
-
-    def execute_job(config: AutomationConfig, job: Job, progress: ProgressReporter) -> JobOutcome:
-        progress.start("web01.raw", 3000)
-        for _ in range(3000):  # at most a minute
-            progress.advance(1)
-            reports.set()
-            time.sleep(0.02)
-        return JobOutcome(SUCCESS, message="ran to its end")
-
-    monkeypatch.setattr(scheduler_module, "execute_job", execute_job)
+    reports = slow_jobs(monkeypatch)
     clock = FakeClock(dt.datetime(2026, 11, 25, 22, 30, tzinfo=dt.UTC))
     notifier = RecordingNotifier()
     sched = Scheduler(config, clock=clock, notifiers=[notifier])

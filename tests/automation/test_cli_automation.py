@@ -270,25 +270,34 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_cancel_stops_a_run_in_another_process_and_waits_for_its_end(
-    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    config, vm = setup
-    (vm / "disk.raw").write_bytes(random.Random(4).randbytes(64 * 1024 * 1024))  # 16 batches: 4 s
-    history = History(load_config(str(config)).daemon.history)
+def start_slow_run(config: Path, vm: Path, history: History, *args: str) -> subprocess.Popen[str]:
+    """`vmvault run web01` in a process of its own (``_SLOW_RUN``) on 64 MiB of new data (16
+    batches: 4 s), returned once its attempt is running."""
+    (vm / "disk.raw").write_bytes(random.Random(4).randbytes(64 * 1024 * 1024))
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_RUN, "run", "web01", "--config", str(config), "--json"],
+        [sys.executable, "-c", _SLOW_RUN, "run", "web01", "--config", str(config), *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not history.running_jobs() and proc.poll() is None:
+        time.sleep(0.05)
+    if history.running_jobs() != ["web01"]:
+        proc.kill()
+        raise AssertionError(f"the run did not start: {proc.communicate()}")
+    return proc
+
+
+def test_cancel_stops_a_run_in_another_process_and_waits_for_its_end(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, vm = setup
+    history = History(load_config(str(config)).daemon.history)
+    proc = start_slow_run(config, vm, history, "--json")
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not history.running_jobs():
-            time.sleep(0.05)
-        assert history.running_jobs() == ["web01"]
         started = time.monotonic()
         code = main(["cancel", "web01", "--config", str(config), "--reason", "host maintenance"])
         took = time.monotonic() - started
@@ -357,21 +366,9 @@ def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(setup: tuple[Path, 
     """`vmvault run` under `kill` or `systemctl stop`: the backup undoes what it began, the run
     is recorded interrupted at once (not left running for the next look), exit 130."""
     config, vm = setup
-    (vm / "disk.raw").write_bytes(random.Random(5).randbytes(64 * 1024 * 1024))
     history = History(load_config(str(config)).daemon.history)
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_RUN, "run", "web01", "--config", str(config)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_slow_run(config, vm, history)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not history.running_jobs():
-            time.sleep(0.05)
-        assert history.running_jobs() == ["web01"]
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=60)
     finally:
