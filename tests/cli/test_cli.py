@@ -247,4 +247,4 @@ def test_a_login_without_a_name_is_named_by_its_uid(monkeypatch: pytest.MonkeyPa
         raise OSError("No username set in the environment")
 
     monkeypatch.setattr(_common.getpass, "getuser", nameless)
-    assert _common.cli_user() == f"cli:uid {os.getuid()}"
+    assert _common.cli_user() == f"cli:uid {os.geteuid()}"

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
+from vmvault import platform
 from vmvault.backends import open_backend
 from vmvault.errors import ConfigError
 from vmvault.repo import secret
@@ -319,7 +320,8 @@ def cli_user() -> str:
     try:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):
-        return f"cli:uid {os.getuid()}" if hasattr(os, "getuid") else "cli:?"
+        uid = platform.current_uid()
+        return "cli:?" if uid is None else f"cli:uid {uid}"
 
 
 def plural(count: int, word: str, many: str | None = None) -> str:
