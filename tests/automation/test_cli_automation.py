@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -381,3 +382,32 @@ def test_a_run_stopped_by_sigterm_is_recorded_as_interrupted(setup: tuple[Path, 
     assert run.status == "interrupted" and run.end is not None
     assert run.error == "interrupted: `vmvault run` was stopped (Ctrl-C or a signal) before the run finished"
     assert not history.running_jobs()
+
+
+def test_cancel_says_how_each_run_asked_ended_one_line_each(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, _vm = setup
+    history = History(load_config(str(config)).daemon.history)
+    lock = job_lock(history.path, "web01").acquire(command="vmvault run")
+    try:
+        now = dt.datetime.now(dt.UTC)
+        ids = [history.start("web01", "backup", now), history.start("web01", "backup", now)]
+
+        def end_them() -> None:  # as the process running them would, once it saw the request
+            while history.cancel_request(ids[-1]) is None:
+                time.sleep(0.02)
+            for n, run_id in enumerate(ids):
+                history.finish(run_id, dt.datetime.now(dt.UTC), "failed", error=f"cancelled by cli:test ({n})")
+
+        ender = threading.Thread(target=end_them)
+        ender.start()
+        assert main(["cancel", "web01", "--config", str(config)]) == 0
+        ender.join(10)
+    finally:
+        lock.release()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"web01: run {ids[0]} failed: cancelled by cli:test (0)",
+        f"web01: run {ids[1]} failed: cancelled by cli:test (1)",
+    ]

@@ -263,18 +263,17 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     doc["runs"] = [r.to_dict() for r in runs]
     still = [r for r in runs if r.status == RUNNING]
     if still:
+        # (Output.result makes the text terminal-safe: a disk's name comes from the VM folder)
         out.result(
             doc,
-            terminal_safe(
-                f"{job.name}: asked to stop, still running after {duration(args.timeout)} "
-                f"({still[0].progress.describe() if still[0].progress else 'no progress reported yet'}): it stops "
-                "at its next progress report, once a call waiting on the storage or the hypervisor has ended "
-                "(`vmvault jobs` shows when)"
-            ),
+            f"{job.name}: asked to stop, still running after {duration(args.timeout)} "
+            f"({still[0].progress.describe() if still[0].progress else 'no progress reported yet'}): it stops "
+            "at its next progress report, once a call waiting on the storage or the hypervisor has ended "
+            "(`vmvault jobs` shows when)",
         )
         return EXIT["error"]
     lines = [f"{job.name}: run {r.id} {r.status}: {r.error or 'finished before it could stop'}" for r in runs]
-    out.result(doc, terminal_safe("\n".join(lines)))
+    out.result(doc, "\n".join(lines))
     return EXIT["ok"]
 
 
