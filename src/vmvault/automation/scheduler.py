@@ -261,12 +261,10 @@ class _Followed:
 
     def advance(self, n: int) -> None:
         with self._lock:
-            ends = self._total > 0 and self._done + n >= self._total
-        if not ends:  # (a report that completes its phase says the work is done: the next phase may stop)
-            self._heed()
-        if not n:
-            return  # (a sign of life, nothing done)
-        with self._lock:
+            if not (self._total > 0 and self._done + n >= self._total):
+                self._heed()  # (a report that completes its phase says its work is done: the next may stop)
+            if not n:
+                return  # (a sign of life, nothing done)
             self._done += n
             self._changes += 1
         if self.inner is not None:
